@@ -1,0 +1,28 @@
+#include <nanobind/nanobind.h>
+
+#include "flashlm/core/error.h"
+
+namespace nb = nanobind;
+
+namespace flashlm::bindings {
+void bind_core(nb::module_& m);
+void bind_gguf(nb::module_& m);
+}  // namespace flashlm::bindings
+
+NB_MODULE(_C, m) {
+  m.doc() = "flashlm native kernels (libflashlm); use flashlm.ops, not this module";
+  // Translators run most-recently-registered first, so the generic one goes first.
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const flashlm::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const flashlm::NotImplementedError& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what());
+    } catch (const flashlm::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+  flashlm::bindings::bind_core(m);
+  flashlm::bindings::bind_gguf(m);
+}

@@ -1,0 +1,64 @@
+// Dequantization dispatcher: checks the views, then routes on device (CPU / CUDA) and, on the CPU, on the
+// run-time ISA (AVX2 / scalar), splitting the blocks over the library's thread pool.
+#include "flashlm/gguf/dequantize.h"
+
+#include <string>
+
+#include "dequantize_block.h"
+#include "dequantize_kernels.h"
+#include "flashlm/core/cpu_features.h"
+#include "flashlm/core/cuda.h"
+#include "flashlm/core/error.h"
+#include "flashlm/core/thread_pool.h"
+
+namespace flashlm {
+
+bool dequantize_supported(DType type) {
+  if (type == DType::F32 || type == DType::F16 || type == DType::BF16) return true;
+  return gguf::detail::dispatch_block_type(type, [](auto) {});
+}
+
+void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
+  FLASHLM_CHECK(dequantize_supported(src.dtype), "dequantize: source type ", dtype_name(src.dtype),
+                " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,"
+                " IQ4_NL, IQ4_XS are)");
+  FLASHLM_CHECK(dst.dtype == DType::F32 || dst.dtype == DType::F16 || dst.dtype == DType::BF16,
+                "dequantize: output dtype must be F32, F16 or BF16, got ", dtype_name(dst.dtype));
+  FLASHLM_CHECK(src.device == dst.device, "dequantize: source and output must be on the same device");
+  FLASHLM_CHECK(src.is_contiguous(), "dequantize: source must be contiguous");
+  FLASHLM_CHECK(dst.is_contiguous(), "dequantize: output must be contiguous");
+  const int64_t n = dst.numel();
+  FLASHLM_CHECK(src.numel() == n, "dequantize: source has ", src.numel(), " elements, output ", n);
+  const DTypeInfo& info = dtype_info(src.dtype);
+  const int64_t inner = dst.ndim ? dst.shape[dst.ndim - 1] : 1;
+  FLASHLM_CHECK(inner % info.block_size == 0, "dequantize: the innermost dimension (", inner, ") of a ", info.name,
+                " tensor must be a multiple of its block size ", info.block_size);
+  const int64_t n_blocks = n / info.block_size;
+  if (n_blocks == 0) return;
+  FLASHLM_CHECK(src.data && dst.data, "dequantize: null data pointer");
+  const auto* in = static_cast<const uint8_t*>(src.data);
+
+  if (dst.device.is_cuda()) {
+    FLASHLM_CHECK(cuda_compiled(), "dequantize: flashlm was built without CUDA; cannot run on ", "cuda:", dst.device.index);
+    gguf::detail::dequantize_cuda(src.dtype, in, n_blocks, dst.data, dst.dtype, stream);
+    return;
+  }
+  // Ranges of >= 64 KiB of output: long enough that a task's cost dwarfs handing it to a thread.
+  const int64_t out_bytes_per_block = info.block_size * (dst.dtype == DType::F32 ? 4 : 2);
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / out_bytes_per_block);
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  parallel_for(n_blocks, grain, [&](int64_t begin, int64_t end) {
+    if (avx2 && gguf::detail::dequantize_avx2(src.dtype, in, begin, end, dst.data, dst.dtype)) return;
+    gguf::detail::dequantize_scalar(src.dtype, in, begin, end, dst.data, dst.dtype);
+  });
+}
+
+}  // namespace flashlm
+
+#ifndef FLASHLM_WITH_CUDA
+namespace flashlm::gguf::detail {
+void dequantize_cuda(DType, const uint8_t*, int64_t, void*, DType, void*) {
+  throw NotImplementedError("dequantize: flashlm was built without CUDA");
+}
+}  // namespace flashlm::gguf::detail
+#endif

@@ -1,0 +1,372 @@
+// Per-type block decoders, shared by the scalar CPU kernels and the CUDA kernels so that ggml's bit
+// layout is written down once. `Decoder<T>::chunk8(block, c, y)` writes elements [8c, 8c + 8) of one
+// block as float32, computed in exactly ggml's order of operations (a separate multiply and add/sub, never
+// a fused multiply-add, which would round differently): this is what makes the output bit-exact.
+// Reference: ggml-quants.c dequantize_row_* and gguf-py's quants.py.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flashlm/core/dtype.h"
+#include "flashlm/gguf/blocks.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define FLASHLM_HD __host__ __device__ static __forceinline__
+#else
+#include <cstring>
+#define FLASHLM_HD static inline
+#endif
+
+namespace flashlm::gguf::detail {
+
+// Loads that work at any alignment, on the host and the device (blocks are packed without padding and a
+// caller's buffer may start anywhere).
+FLASHLM_HD uint32_t ld_u16(const uint8_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 8); }
+FLASHLM_HD uint32_t ld_u32(const uint8_t* p) {
+  return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
+}
+
+FLASHLM_HD float bits_to_f32(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+FLASHLM_HD uint32_t f32_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+#endif
+}
+
+// IEEE half -> float, exact for every input (subnormals, infinities, NaN payloads).
+FLASHLM_HD float f16_to_f32(uint32_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(h)));
+#else
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in float
+    float v = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return bits_to_f32(f32_to_bits(v) | sign);
+  }
+  if (exp == 31) return bits_to_f32(sign | 0x7F800000u | (mant << 13));
+  return bits_to_f32(sign | ((exp + 112) << 23) | (mant << 13));
+#endif
+}
+
+FLASHLM_HD float bf16_to_f32(uint32_t b) { return bits_to_f32(b << 16); }
+
+// float -> bf16, round to nearest even; NaN becomes 0x7FC0 as in torch.
+FLASHLM_HD uint16_t f32_to_bf16(float f) {
+  uint32_t bits = f32_to_bits(f);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// float -> IEEE half, round to nearest even, overflow to infinity (as torch and F16C do).
+FLASHLM_HD uint16_t f32_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  uint32_t bits = f32_to_bits(f);
+  uint32_t sign = (bits >> 16) & 0x8000u;
+  uint32_t abs = bits & 0x7FFFFFFFu;
+  if (abs > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((abs >> 13) & 0x3FFu));  // NaN
+  if (abs >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: infinity
+  if (abs < 0x38800000u) {  // below the smallest normal half (2^-14): subnormal or zero
+    if (abs < 0x33000000u) return static_cast<uint16_t>(sign);  // below half the smallest subnormal
+    uint32_t e = abs >> 23, m = (abs & 0x7FFFFFu) | 0x800000u;
+    uint32_t shift = 126 - e;  // m * 2^(e-150) = q * 2^-24 with q = m >> (126 - e)
+    uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
+    return static_cast<uint16_t>(sign | q);
+  }
+  uint32_t h = ((abs >> 13) - (112u << 10));  // rebias exponent 127 -> 15
+  uint32_t rem = abs & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is correct
+  return static_cast<uint16_t>(sign | h);
+#endif
+}
+
+// Multiply, then add: kept apart so no compiler fuses them (CUDA contracts a*b+c by default).
+FLASHLM_HD float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FLASHLM_HD float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FLASHLM_HD float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Q4_K/Q5_K: the 6-bit scale and min of sub-block j (ggml's get_scale_min_k4).
+FLASHLM_HD void scale_min_k4(int j, const uint8_t* q, uint32_t* sc, uint32_t* m) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// kvalues_iq4nl[q], packed into two words so device code can use it without a __constant__ table.
+FLASHLM_HD int iq4nl_value(uint32_t q) {
+  constexpr uint64_t kLow = 0xF6EADDCFBFAD9881ull, kHigh = 0x7159453526190D01ull;
+  uint64_t w = q < 8 ? kLow : kHigh;
+  return static_cast<int8_t>(static_cast<uint8_t>(w >> (8 * (q & 7))));
+}
+
+template <DType T>
+struct Decoder;
+
+#define FLASHLM_DECODER_SIZES(block_t, n)            \
+  static constexpr int kBlock = n;                   \
+  static constexpr int kBytes = sizeof(block_t);     \
+  static constexpr int kChunks = n / 8;
+
+template <>
+struct Decoder<DType::Q4_0> {
+  FLASHLM_DECODER_SIZES(block_q4_0, QK4_0)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q4_0, d)));
+    const uint8_t* qs = b + offsetof(block_q4_0, qs) + (c & 1) * 8;
+    int shift = (c >> 1) * 4;
+    for (int k = 0; k < 8; ++k) y[k] = mul(static_cast<float>(int((qs[k] >> shift) & 0xF) - 8), d);
+  }
+};
+
+template <>
+struct Decoder<DType::Q4_1> {
+  FLASHLM_DECODER_SIZES(block_q4_1, QK4_1)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q4_1, d)));
+    float m = f16_to_f32(ld_u16(b + offsetof(block_q4_1, m)));
+    const uint8_t* qs = b + offsetof(block_q4_1, qs) + (c & 1) * 8;
+    int shift = (c >> 1) * 4;
+    for (int k = 0; k < 8; ++k) y[k] = add(mul(static_cast<float>((qs[k] >> shift) & 0xF), d), m);
+  }
+};
+
+template <>
+struct Decoder<DType::Q5_0> {
+  FLASHLM_DECODER_SIZES(block_q5_0, QK5_0)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q5_0, d)));
+    uint32_t qh = ld_u32(b + offsetof(block_q5_0, qh));
+    const uint8_t* qs = b + offsetof(block_q5_0, qs) + (c & 1) * 8;
+    int shift = (c >> 1) * 4;
+    for (int k = 0; k < 8; ++k) {
+      int j = 8 * c + k;
+      int q = ((qs[k] >> shift) & 0xF) | (((qh >> j) & 1) << 4);
+      y[k] = mul(static_cast<float>(q - 16), d);
+    }
+  }
+};
+
+template <>
+struct Decoder<DType::Q5_1> {
+  FLASHLM_DECODER_SIZES(block_q5_1, QK5_1)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q5_1, d)));
+    float m = f16_to_f32(ld_u16(b + offsetof(block_q5_1, m)));
+    uint32_t qh = ld_u32(b + offsetof(block_q5_1, qh));
+    const uint8_t* qs = b + offsetof(block_q5_1, qs) + (c & 1) * 8;
+    int shift = (c >> 1) * 4;
+    for (int k = 0; k < 8; ++k) {
+      int j = 8 * c + k;
+      int q = ((qs[k] >> shift) & 0xF) | (((qh >> j) & 1) << 4);
+      y[k] = add(mul(static_cast<float>(q), d), m);
+    }
+  }
+};
+
+template <>
+struct Decoder<DType::Q8_0> {
+  FLASHLM_DECODER_SIZES(block_q8_0, QK8_0)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q8_0, d)));
+    const uint8_t* qs = b + offsetof(block_q8_0, qs) + 8 * c;
+    for (int k = 0; k < 8; ++k) y[k] = mul(static_cast<float>(static_cast<int8_t>(qs[k])), d);
+  }
+};
+
+// Q2_K: element e sits in qs[32 * (e / 128) + e % 32] at bits 2 * ((e % 128) / 32); scales[e / 16].
+template <>
+struct Decoder<DType::Q2_K> {
+  FLASHLM_DECODER_SIZES(block_q2_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q2_K, d)));
+    float dmin = f16_to_f32(ld_u16(b + offsetof(block_q2_K, dmin)));
+    int e = 8 * c;
+    uint32_t sc = b[offsetof(block_q2_K, scales) + e / 16];
+    float dl = mul(d, static_cast<float>(sc & 0xF)), ml = mul(dmin, static_cast<float>(sc >> 4));
+    const uint8_t* q = b + offsetof(block_q2_K, qs) + 32 * (e / 128) + e % 32;
+    int shift = 2 * ((e % 128) / 32);
+    for (int k = 0; k < 8; ++k) y[k] = sub(mul(dl, static_cast<float>((q[k] >> shift) & 3)), ml);
+  }
+};
+
+// Q3_K: low 2 bits as Q2_K; the high bit of element e is bit e / 32 of hmask[e % 32] and, when clear,
+// subtracts 4. The 16 6-bit scales: low nibbles in scales[0..7] (both halves), high pairs in scales[8..11].
+template <>
+struct Decoder<DType::Q3_K> {
+  FLASHLM_DECODER_SIZES(block_q3_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d_all = f16_to_f32(ld_u16(b + offsetof(block_q3_K, d)));
+    const uint8_t* scales = b + offsetof(block_q3_K, scales);
+    int e = 8 * c, s = e / 16;
+    uint32_t lo = s < 8 ? scales[s] & 0xF : scales[s - 8] >> 4;
+    uint32_t hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+    float dl = mul(d_all, static_cast<float>(int(lo | (hi << 4)) - 32));
+    const uint8_t* q = b + offsetof(block_q3_K, qs) + 32 * (e / 128) + e % 32;
+    const uint8_t* hm = b + offsetof(block_q3_K, hmask) + e % 32;
+    int shift = 2 * ((e % 128) / 32), hbit = e / 32;
+    for (int k = 0; k < 8; ++k) {
+      int v = int((q[k] >> shift) & 3) - (((hm[k] >> hbit) & 1) ? 0 : 4);
+      y[k] = mul(dl, static_cast<float>(v));
+    }
+  }
+};
+
+// Q4_K: sub-block j = e / 32 reads nibble j % 2 of qs[32 * (j / 2) + e % 32].
+template <>
+struct Decoder<DType::Q4_K> {
+  FLASHLM_DECODER_SIZES(block_q4_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q4_K, d)));
+    float dmin = f16_to_f32(ld_u16(b + offsetof(block_q4_K, dmin)));
+    int e = 8 * c, j = e / 32;
+    uint32_t sc, m;
+    scale_min_k4(j, b + offsetof(block_q4_K, scales), &sc, &m);
+    float d1 = mul(d, static_cast<float>(sc)), m1 = mul(dmin, static_cast<float>(m));
+    const uint8_t* q = b + offsetof(block_q4_K, qs) + 32 * (j / 2) + e % 32;
+    int shift = 4 * (j % 2);
+    for (int k = 0; k < 8; ++k) y[k] = sub(mul(d1, static_cast<float>((q[k] >> shift) & 0xF)), m1);
+  }
+};
+
+// Q5_K: Q4_K plus bit j = e / 32 of qh[e % 32] as the fifth bit.
+template <>
+struct Decoder<DType::Q5_K> {
+  FLASHLM_DECODER_SIZES(block_q5_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q5_K, d)));
+    float dmin = f16_to_f32(ld_u16(b + offsetof(block_q5_K, dmin)));
+    int e = 8 * c, j = e / 32;
+    uint32_t sc, m;
+    scale_min_k4(j, b + offsetof(block_q5_K, scales), &sc, &m);
+    float d1 = mul(d, static_cast<float>(sc)), m1 = mul(dmin, static_cast<float>(m));
+    const uint8_t* q = b + offsetof(block_q5_K, qs) + 32 * (j / 2) + e % 32;
+    const uint8_t* qh = b + offsetof(block_q5_K, qh) + e % 32;
+    int shift = 4 * (j % 2);
+    for (int k = 0; k < 8; ++k) {
+      uint32_t v = ((q[k] >> shift) & 0xF) | (((qh[k] >> j) & 1) << 4);
+      y[k] = sub(mul(d1, static_cast<float>(v)), m1);
+    }
+  }
+};
+
+// Q6_K: in half h = e / 128, quarter t = (e % 128) / 32, l = e % 32: the low nibble t / 2 of
+// ql[64h + 32(t % 2) + l], the 2 high bits at 2t of qh[32h + l]; scale scales[e / 16]; value - 32.
+template <>
+struct Decoder<DType::Q6_K> {
+  FLASHLM_DECODER_SIZES(block_q6_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_q6_K, d)));
+    int e = 8 * c, h = e / 128, t = (e % 128) / 32, l = e % 32;
+    float ds = mul(d, static_cast<float>(static_cast<int8_t>(b[offsetof(block_q6_K, scales) + e / 16])));
+    const uint8_t* ql = b + offsetof(block_q6_K, ql) + 64 * h + 32 * (t % 2) + l;
+    const uint8_t* qh = b + offsetof(block_q6_K, qh) + 32 * h + l;
+    int lshift = 4 * (t / 2), hshift = 2 * t;
+    for (int k = 0; k < 8; ++k) {
+      int v = int(((ql[k] >> lshift) & 0xF) | (((qh[k] >> hshift) & 3) << 4)) - 32;
+      y[k] = mul(ds, static_cast<float>(v));
+    }
+  }
+};
+
+template <>
+struct Decoder<DType::Q8_K> {
+  FLASHLM_DECODER_SIZES(block_q8_K, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = bits_to_f32(ld_u32(b + offsetof(block_q8_K, d)));
+    const uint8_t* qs = b + offsetof(block_q8_K, qs) + 8 * c;
+    for (int k = 0; k < 8; ++k) y[k] = mul(d, static_cast<float>(static_cast<int8_t>(qs[k])));
+  }
+};
+
+template <>
+struct Decoder<DType::IQ4_NL> {
+  FLASHLM_DECODER_SIZES(block_iq4_nl, QK4_NL)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_iq4_nl, d)));
+    const uint8_t* qs = b + offsetof(block_iq4_nl, qs) + (c & 1) * 8;
+    int shift = (c >> 1) * 4;
+    for (int k = 0; k < 8; ++k) y[k] = mul(d, static_cast<float>(iq4nl_value((qs[k] >> shift) & 0xF)));
+  }
+};
+
+// IQ4_XS: sub-block j = e / 32 has a 6-bit scale (low nibble in scales_l, 2 high bits in scales_h) and
+// its 32 elements laid out as one IQ4_NL block's quants at qs[16 j].
+template <>
+struct Decoder<DType::IQ4_XS> {
+  FLASHLM_DECODER_SIZES(block_iq4_xs, QK_K)
+  FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
+    float d = f16_to_f32(ld_u16(b + offsetof(block_iq4_xs, d)));
+    uint32_t scales_h = ld_u16(b + offsetof(block_iq4_xs, scales_h));
+    int j = c / 4, cc = c % 4;
+    uint32_t ls = ((b[offsetof(block_iq4_xs, scales_l) + j / 2] >> (4 * (j % 2))) & 0xF) | (((scales_h >> (2 * j)) & 3) << 4);
+    float dl = mul(d, static_cast<float>(int(ls) - 32));
+    const uint8_t* qs = b + offsetof(block_iq4_xs, qs) + 16 * j + (cc & 1) * 8;
+    int shift = (cc >> 1) * 4;
+    for (int k = 0; k < 8; ++k) y[k] = mul(dl, static_cast<float>(iq4nl_value((qs[k] >> shift) & 0xF)));
+  }
+};
+
+#undef FLASHLM_DECODER_SIZES
+
+// Calls f(Decoder<T>{}) for a block type with a decoder; returns false for any other type. The one place
+// a run-time dtype becomes a template argument.
+template <class F>
+bool dispatch_block_type(DType t, F&& f) {
+  switch (t) {
+    case DType::Q4_0: f(Decoder<DType::Q4_0>{}); return true;
+    case DType::Q4_1: f(Decoder<DType::Q4_1>{}); return true;
+    case DType::Q5_0: f(Decoder<DType::Q5_0>{}); return true;
+    case DType::Q5_1: f(Decoder<DType::Q5_1>{}); return true;
+    case DType::Q8_0: f(Decoder<DType::Q8_0>{}); return true;
+    case DType::Q2_K: f(Decoder<DType::Q2_K>{}); return true;
+    case DType::Q3_K: f(Decoder<DType::Q3_K>{}); return true;
+    case DType::Q4_K: f(Decoder<DType::Q4_K>{}); return true;
+    case DType::Q5_K: f(Decoder<DType::Q5_K>{}); return true;
+    case DType::Q6_K: f(Decoder<DType::Q6_K>{}); return true;
+    case DType::Q8_K: f(Decoder<DType::Q8_K>{}); return true;
+    case DType::IQ4_NL: f(Decoder<DType::IQ4_NL>{}); return true;
+    case DType::IQ4_XS: f(Decoder<DType::IQ4_XS>{}); return true;
+    default: return false;
+  }
+}
+
+}  // namespace flashlm::gguf::detail

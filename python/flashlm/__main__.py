@@ -1,0 +1,3 @@
+from flashlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from flashlm import build_info
+
+    info = build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, list):
+            value = " ".join(value) or "-"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _short(value, max_items: int) -> str:
+    if isinstance(value, list):
+        head = ", ".join(_short(v, max_items) for v in value[:max_items])
+        more = f", ... ({len(value)} items)" if len(value) > max_items else ""
+        return f"[{head}{more}]"
+    if isinstance(value, str):
+        text = value if len(value) <= 80 else value[:77] + "..."
+        return json.dumps(text, ensure_ascii=False)
+    return repr(value)
+
+
+def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
+    from flashlm.gguf import GGUFFile
+
+    with GGUFFile(args.file) as f:
+        if args.json:
+            out = {
+                "version": f.version,
+                "alignment": f.alignment,
+                "data_offset": f.data_offset,
+                "metadata": {k: {"type": f.metadata_types[k], "value": v} for k, v in f.metadata.items()},
+                "tensors": [
+                    {"name": t.name, "type": t.ggml_type, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
+                    for t in f.tensors
+                ],
+            }
+            print(json.dumps(out, indent=2, ensure_ascii=False))
+            return 0
+        metadata, types = f.metadata, f.metadata_types
+        print(f"{args.file}: GGUF v{f.version}, {len(metadata)} metadata keys, {len(f.tensors)} tensors, "
+              f"alignment {f.alignment}, data at byte {f.data_offset}")
+        print("\nmetadata:")
+        key_width = max((len(k) for k in metadata), default=0)
+        for key, value in metadata.items():
+            print(f"  {key:<{key_width}}  {types[key]:<14} {_short(value, args.max_items)}")
+        print("\ntensors:")
+        name_width = max((len(t.name) for t in f.tensors), default=4)
+        print(f"  {'name':<{name_width}}  {'type':<8} {'shape (torch order)':<24} {'offset':>12} {'bytes':>12}")
+        for t in f.tensors:
+            shape = "[" + ", ".join(map(str, t.shape)) + "]"
+            print(f"  {t.name:<{name_width}}  {t.ggml_type:<8} {shape:<24} {t.offset:>12} {t.nbytes:>12}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from flashlm.demo import run_demo
+
+    return run_demo(device=args.device, blocks=args.blocks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="how flashlm was built and what it found on this machine")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_cmd_info)
+
+    gguf = sub.add_parser("gguf", help="GGUF files")
+    gguf_sub = gguf.add_subparsers(dest="gguf_command", required=True)
+    inspect = gguf_sub.add_parser("inspect", help="print a GGUF file's header, metadata and tensor table")
+    inspect.add_argument("file")
+    inspect.add_argument("--json", action="store_true", help="print JSON (every value in full)")
+    inspect.add_argument("--max-items", type=int, default=8, help="array items to show (default 8)")
+    inspect.set_defaults(func=_cmd_gguf_inspect)
+
+    demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
+                                       "and time the dequantization against gguf-py")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--blocks", type=int, default=65536, help="blocks per tensor (default 65536)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from flashlm.ops import GGUFError
+
+    try:
+        return args.func(args)
+    except (GGUFError, FileNotFoundError) as e:
+        print(f"flashlm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

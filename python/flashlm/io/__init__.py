@@ -1,0 +1,1 @@
+"""Model and weight file formats."""

@@ -1,0 +1,45 @@
+"""Torch-facing wrappers of the native kernels. The only Python code that imports flashlm._C."""
+
+import os
+
+import torch
+
+from flashlm import _C
+from flashlm.ops.dequant import dequantize, dequantize_supported
+
+__version__ = _C.__version__
+GGUFError = _C.GGUFError
+GGUFReader = _C.GGUFReader
+
+# Share the machine with torch instead of oversubscribing it: unless FLASHLM_NUM_THREADS says otherwise,
+# flashlm's pool uses as many threads as torch's intra-op pool.
+if not os.environ.get("FLASHLM_NUM_THREADS"):
+    _C.set_num_threads(torch.get_num_threads())
+
+num_threads = _C.num_threads
+set_num_threads = _C.set_num_threads
+cpu_isa = _C.cpu_isa
+set_cpu_isa = _C.set_cpu_isa
+cpu_isa_supported = _C.cpu_isa_supported
+
+
+def build_info() -> dict:
+    """How flashlm was built and what it found on this machine."""
+    info = dict(_C.build_info())
+    info["cpu_features"] = [name for name, present in _C.cpu_features().items() if present]
+    info["cpu_isa"] = _C.cpu_isa()
+    info["threads"] = _C.num_threads()
+    info["cuda_devices"] = _C.cuda_device_count()
+    info["cuda_status"] = _C.cuda_status()
+    return info
+
+
+def cmake_prefix_path() -> str:
+    # libflashlm, its headers and its CMake config are installed next to the native module (flashlm/lib).
+    return os.path.join(os.path.dirname(os.path.abspath(_C.__file__)), "lib", "cmake")
+
+
+__all__ = [
+    "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
+    "dequantize_supported", "num_threads", "set_cpu_isa", "set_num_threads",
+]

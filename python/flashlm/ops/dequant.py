@@ -1,0 +1,48 @@
+"""GGUF block dequantization."""
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+from flashlm import _C
+from flashlm.ops._util import cuda_stream
+
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dequantize_supported(ggml_type: Union[str, int]) -> bool:
+    """Whether `dequantize` reads this GGML type (a name such as "Q4_K" or a ggml type id)."""
+    return _C.dequantize_supported(ggml_type)
+
+
+def dequantize(
+    raw: torch.Tensor,
+    ggml_type: Union[str, int],
+    shape: Sequence[int],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode GGML blocks into a float tensor, bit-exact with ggml.
+
+    raw: uint8 tensor of blocks (CPU or CUDA), as stored in a GGUF file.
+    ggml_type: a type name ("Q4_0", "Q4_K", "IQ4_XS", "F16", ...) or a ggml type id.
+    shape: the output's shape in torch order; its last dimension must hold whole blocks.
+    out_dtype: torch.float32, torch.float16 or torch.bfloat16.
+    """
+    if not isinstance(raw, torch.Tensor):
+        raise TypeError(f"raw: expected a torch.Tensor, got {type(raw).__name__}")
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"raw: expected a uint8 tensor of blocks, got {raw.dtype}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype: must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise ValueError(f"shape: expected a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: sizes must be >= 0, got {shape}")
+    if isinstance(ggml_type, str):
+        ggml_type = ggml_type.upper()
+    out = torch.empty(shape, dtype=out_dtype, device=raw.device)
+    _C.dequantize(raw.reshape(-1).contiguous(), ggml_type, out, cuda_stream(raw))
+    return out
