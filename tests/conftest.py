@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def devices():
+    """Parameters for tests that run on every device: CPU always, CUDA marked (skipped without a GPU)."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

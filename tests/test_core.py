@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+import flashlm
+from flashlm import ops
+
+
+def test_version_and_build_info():
+    assert flashlm.__version__.count(".") == 2
+    info = flashlm.build_info()
+    for key in ("version", "compiler", "cuda", "cuda_archs", "nccl", "cpu_features", "cpu_isa", "threads",
+                "cuda_devices", "cuda_status"):
+        assert key in info, key
+    assert info["version"] == flashlm.__version__
+    assert info["threads"] >= 1
+    assert info["cpu_isa"] in ("scalar", "avx2")
+    if info["cuda"]:
+        assert "80" in info["cuda_archs"] and "90" in info["cuda_archs"]
+
+
+def test_cuda_build_imports_without_a_driver():
+    # Whatever the build, asking for devices never raises; without a GPU it reports zero and why.
+    info = flashlm.build_info()
+    assert isinstance(info["cuda_devices"], int) and info["cuda_devices"] >= 0
+    if info["cuda_devices"] == 0:
+        assert info["cuda_status"]
+
+
+def test_num_threads_follows_the_environment():
+    code = "import flashlm; print(flashlm.build_info()['threads'])"
+    env = dict(os.environ, FLASHLM_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "3"
+    env["FLASHLM_NUM_THREADS"] = "lots"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FLASHLM_NUM_THREADS" in bad.stderr
+
+
+def test_set_num_threads_round_trip():
+    before = ops.num_threads()
+    try:
+        ops.set_num_threads(3)
+        assert ops.num_threads() == 3
+        with pytest.raises(ValueError, match="num_threads"):
+            ops.set_num_threads(0)
+    finally:
+        ops.set_num_threads(before)
+
+
+def test_cpu_isa_switch():
+    before = ops.cpu_isa()
+    try:
+        ops.set_cpu_isa("scalar")
+        assert ops.cpu_isa() == "scalar"
+        with pytest.raises(ValueError, match="isa"):
+            ops.set_cpu_isa("sse9")
+    finally:
+        ops.set_cpu_isa(before)
