@@ -39,8 +39,10 @@ void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
   const auto* in = static_cast<const uint8_t*>(src.data);
 
   if (dst.device.is_cuda()) {
-    FLASHLM_CHECK(cuda_compiled(), "dequantize: flashlm was built without CUDA; cannot run on ", "cuda:", dst.device.index);
-    gguf::detail::dequantize_cuda(src.dtype, in, n_blocks, dst.data, dst.dtype, stream);
+    if (!cuda_compiled()) throw NotImplementedError("dequantize: flashlm was built without CUDA");
+    FLASHLM_CHECK(dst.device.index >= 0 && dst.device.index < cuda_device_count(), "dequantize: no CUDA device ",
+                  dst.device.index, " (", cuda_status(), ")");
+    gguf::detail::dequantize_cuda(src.dtype, in, n_blocks, dst.data, dst.dtype, dst.device.index, stream);
     return;
   }
   // Ranges of >= 64 KiB of output: long enough that a task's cost dwarfs handing it to a thread.
@@ -57,7 +59,7 @@ void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
 
 #ifndef FLASHLM_WITH_CUDA
 namespace flashlm::gguf::detail {
-void dequantize_cuda(DType, const uint8_t*, int64_t, void*, DType, void*) {
+void dequantize_cuda(DType, const uint8_t*, int64_t, void*, DType, int, void*) {
   throw NotImplementedError("dequantize: flashlm was built without CUDA");
 }
 }  // namespace flashlm::gguf::detail

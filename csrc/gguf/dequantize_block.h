@@ -11,11 +11,12 @@
 #include "flashlm/core/dtype.h"
 #include "flashlm/gguf/blocks.h"
 
+#include <cstring>
+
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
 #define FLASHLM_HD __host__ __device__ static __forceinline__
 #else
-#include <cstring>
 #define FLASHLM_HD static inline
 #endif
 

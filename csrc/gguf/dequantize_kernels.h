@@ -14,7 +14,7 @@ void dequantize_scalar(DType type, const uint8_t* src, int64_t begin, int64_t en
 // Returns false where there is no AVX2 kernel for `type` (the caller falls back to scalar).
 bool dequantize_avx2(DType type, const uint8_t* src, int64_t begin, int64_t end, void* dst, DType out);
 
-// All `n_blocks` blocks on the current CUDA device, queued on `stream`.
-void dequantize_cuda(DType type, const uint8_t* src, int64_t n_blocks, void* dst, DType out, void* stream);
+// All `n_blocks` blocks on CUDA device `device`, queued on `stream`.
+void dequantize_cuda(DType type, const uint8_t* src, int64_t n_blocks, void* dst, DType out, int device, void* stream);
 
 }  // namespace flashlm::gguf::detail
