@@ -98,6 +98,17 @@ FLASHLM_HD uint16_t f32_to_f16(float f) {
 #endif
 }
 
+// A small integer (|q| < 2^22) as a float, exactly. On the GPU the I2F conversion runs on the narrow
+// conversion pipe, which the dequantization kernels would otherwise saturate; adding q to the bits of
+// 1.5 * 2^23 and subtracting 1.5 * 2^23 again is two full-rate instructions with the same result.
+FLASHLM_HD float i2f(int q) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(__int_as_float(0x4B400000 + q), 12582912.0f);
+#else
+  return static_cast<float>(q);
+#endif
+}
+
 // Multiply, then add: kept apart so no compiler fuses them (CUDA contracts a*b+c by default).
 FLASHLM_HD float mul(float a, float b) {
 #if defined(__CUDA_ARCH__)
@@ -154,7 +165,7 @@ struct Decoder<DType::Q4_0> {
     float d = f16_to_f32(ld_u16(b + offsetof(block_q4_0, d)));
     const uint8_t* qs = b + offsetof(block_q4_0, qs) + (c & 1) * 8;
     int shift = (c >> 1) * 4;
-    for (int k = 0; k < 8; ++k) y[k] = mul(static_cast<float>(int((qs[k] >> shift) & 0xF) - 8), d);
+    for (int k = 0; k < 8; ++k) y[k] = mul(i2f(int((qs[k] >> shift) & 0xF) - 8), d);
   }
 };
 
@@ -166,7 +177,7 @@ struct Decoder<DType::Q4_1> {
     float m = f16_to_f32(ld_u16(b + offsetof(block_q4_1, m)));
     const uint8_t* qs = b + offsetof(block_q4_1, qs) + (c & 1) * 8;
     int shift = (c >> 1) * 4;
-    for (int k = 0; k < 8; ++k) y[k] = add(mul(static_cast<float>((qs[k] >> shift) & 0xF), d), m);
+    for (int k = 0; k < 8; ++k) y[k] = add(mul(i2f((qs[k] >> shift) & 0xF), d), m);
   }
 };
 
@@ -181,7 +192,7 @@ struct Decoder<DType::Q5_0> {
     for (int k = 0; k < 8; ++k) {
       int j = 8 * c + k;
       int q = ((qs[k] >> shift) & 0xF) | (((qh >> j) & 1) << 4);
-      y[k] = mul(static_cast<float>(q - 16), d);
+      y[k] = mul(i2f(q - 16), d);
     }
   }
 };
@@ -198,7 +209,7 @@ struct Decoder<DType::Q5_1> {
     for (int k = 0; k < 8; ++k) {
       int j = 8 * c + k;
       int q = ((qs[k] >> shift) & 0xF) | (((qh >> j) & 1) << 4);
-      y[k] = add(mul(static_cast<float>(q), d), m);
+      y[k] = add(mul(i2f(q), d), m);
     }
   }
 };
@@ -209,7 +220,7 @@ struct Decoder<DType::Q8_0> {
   FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
     float d = f16_to_f32(ld_u16(b + offsetof(block_q8_0, d)));
     const uint8_t* qs = b + offsetof(block_q8_0, qs) + 8 * c;
-    for (int k = 0; k < 8; ++k) y[k] = mul(static_cast<float>(static_cast<int8_t>(qs[k])), d);
+    for (int k = 0; k < 8; ++k) y[k] = mul(i2f(static_cast<int8_t>(qs[k])), d);
   }
 };
 
@@ -222,10 +233,10 @@ struct Decoder<DType::Q2_K> {
     float dmin = f16_to_f32(ld_u16(b + offsetof(block_q2_K, dmin)));
     int e = 8 * c;
     uint32_t sc = b[offsetof(block_q2_K, scales) + e / 16];
-    float dl = mul(d, static_cast<float>(sc & 0xF)), ml = mul(dmin, static_cast<float>(sc >> 4));
+    float dl = mul(d, i2f(sc & 0xF)), ml = mul(dmin, i2f(sc >> 4));
     const uint8_t* q = b + offsetof(block_q2_K, qs) + 32 * (e / 128) + e % 32;
     int shift = 2 * ((e % 128) / 32);
-    for (int k = 0; k < 8; ++k) y[k] = sub(mul(dl, static_cast<float>((q[k] >> shift) & 3)), ml);
+    for (int k = 0; k < 8; ++k) y[k] = sub(mul(dl, i2f((q[k] >> shift) & 3)), ml);
   }
 };
 
@@ -240,13 +251,13 @@ struct Decoder<DType::Q3_K> {
     int e = 8 * c, s = e / 16;
     uint32_t lo = s < 8 ? scales[s] & 0xF : scales[s - 8] >> 4;
     uint32_t hi = (scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-    float dl = mul(d_all, static_cast<float>(int(lo | (hi << 4)) - 32));
+    float dl = mul(d_all, i2f(int(lo | (hi << 4)) - 32));
     const uint8_t* q = b + offsetof(block_q3_K, qs) + 32 * (e / 128) + e % 32;
     const uint8_t* hm = b + offsetof(block_q3_K, hmask) + e % 32;
     int shift = 2 * ((e % 128) / 32), hbit = e / 32;
     for (int k = 0; k < 8; ++k) {
       int v = int((q[k] >> shift) & 3) - (((hm[k] >> hbit) & 1) ? 0 : 4);
-      y[k] = mul(dl, static_cast<float>(v));
+      y[k] = mul(dl, i2f(v));
     }
   }
 };
@@ -261,10 +272,10 @@ struct Decoder<DType::Q4_K> {
     int e = 8 * c, j = e / 32;
     uint32_t sc, m;
     scale_min_k4(j, b + offsetof(block_q4_K, scales), &sc, &m);
-    float d1 = mul(d, static_cast<float>(sc)), m1 = mul(dmin, static_cast<float>(m));
+    float d1 = mul(d, i2f(sc)), m1 = mul(dmin, i2f(m));
     const uint8_t* q = b + offsetof(block_q4_K, qs) + 32 * (j / 2) + e % 32;
     int shift = 4 * (j % 2);
-    for (int k = 0; k < 8; ++k) y[k] = sub(mul(d1, static_cast<float>((q[k] >> shift) & 0xF)), m1);
+    for (int k = 0; k < 8; ++k) y[k] = sub(mul(d1, i2f((q[k] >> shift) & 0xF)), m1);
   }
 };
 
@@ -278,13 +289,13 @@ struct Decoder<DType::Q5_K> {
     int e = 8 * c, j = e / 32;
     uint32_t sc, m;
     scale_min_k4(j, b + offsetof(block_q5_K, scales), &sc, &m);
-    float d1 = mul(d, static_cast<float>(sc)), m1 = mul(dmin, static_cast<float>(m));
+    float d1 = mul(d, i2f(sc)), m1 = mul(dmin, i2f(m));
     const uint8_t* q = b + offsetof(block_q5_K, qs) + 32 * (j / 2) + e % 32;
     const uint8_t* qh = b + offsetof(block_q5_K, qh) + e % 32;
     int shift = 4 * (j % 2);
     for (int k = 0; k < 8; ++k) {
       uint32_t v = ((q[k] >> shift) & 0xF) | (((qh[k] >> j) & 1) << 4);
-      y[k] = sub(mul(d1, static_cast<float>(v)), m1);
+      y[k] = sub(mul(d1, i2f(v)), m1);
     }
   }
 };
@@ -297,13 +308,13 @@ struct Decoder<DType::Q6_K> {
   FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
     float d = f16_to_f32(ld_u16(b + offsetof(block_q6_K, d)));
     int e = 8 * c, h = e / 128, t = (e % 128) / 32, l = e % 32;
-    float ds = mul(d, static_cast<float>(static_cast<int8_t>(b[offsetof(block_q6_K, scales) + e / 16])));
+    float ds = mul(d, i2f(static_cast<int8_t>(b[offsetof(block_q6_K, scales) + e / 16])));
     const uint8_t* ql = b + offsetof(block_q6_K, ql) + 64 * h + 32 * (t % 2) + l;
     const uint8_t* qh = b + offsetof(block_q6_K, qh) + 32 * h + l;
     int lshift = 4 * (t / 2), hshift = 2 * t;
     for (int k = 0; k < 8; ++k) {
       int v = int(((ql[k] >> lshift) & 0xF) | (((qh[k] >> hshift) & 3) << 4)) - 32;
-      y[k] = mul(ds, static_cast<float>(v));
+      y[k] = mul(ds, i2f(v));
     }
   }
 };
@@ -314,7 +325,7 @@ struct Decoder<DType::Q8_K> {
   FLASHLM_HD void chunk8(const uint8_t* b, int c, float* y) {
     float d = bits_to_f32(ld_u32(b + offsetof(block_q8_K, d)));
     const uint8_t* qs = b + offsetof(block_q8_K, qs) + 8 * c;
-    for (int k = 0; k < 8; ++k) y[k] = mul(d, static_cast<float>(static_cast<int8_t>(qs[k])));
+    for (int k = 0; k < 8; ++k) y[k] = mul(d, i2f(static_cast<int8_t>(qs[k])));
   }
 };
 
@@ -325,7 +336,7 @@ struct Decoder<DType::IQ4_NL> {
     float d = f16_to_f32(ld_u16(b + offsetof(block_iq4_nl, d)));
     const uint8_t* qs = b + offsetof(block_iq4_nl, qs) + (c & 1) * 8;
     int shift = (c >> 1) * 4;
-    for (int k = 0; k < 8; ++k) y[k] = mul(d, static_cast<float>(iq4nl_value((qs[k] >> shift) & 0xF)));
+    for (int k = 0; k < 8; ++k) y[k] = mul(d, i2f(iq4nl_value((qs[k] >> shift) & 0xF)));
   }
 };
 
@@ -339,10 +350,10 @@ struct Decoder<DType::IQ4_XS> {
     uint32_t scales_h = ld_u16(b + offsetof(block_iq4_xs, scales_h));
     int j = c / 4, cc = c % 4;
     uint32_t ls = ((b[offsetof(block_iq4_xs, scales_l) + j / 2] >> (4 * (j % 2))) & 0xF) | (((scales_h >> (2 * j)) & 3) << 4);
-    float dl = mul(d, static_cast<float>(int(ls) - 32));
+    float dl = mul(d, i2f(int(ls) - 32));
     const uint8_t* qs = b + offsetof(block_iq4_xs, qs) + 16 * j + (cc & 1) * 8;
     int shift = (cc >> 1) * 4;
-    for (int k = 0; k < 8; ++k) y[k] = mul(dl, static_cast<float>(iq4nl_value((qs[k] >> shift) & 0xF)));
+    for (int k = 0; k < 8; ++k) y[k] = mul(dl, i2f(iq4nl_value((qs[k] >> shift) & 0xF)));
   }
 };
 

@@ -1,9 +1,17 @@
-// CUDA block dequantization. Each CTA owns a tile of 8192 output elements (256 blocks of 32, or 32 blocks
+// CUDA block dequantization. Each CTA owns a tile of 4096 output elements (128 blocks of 32, or 16 blocks
 // of 256): it stages the tile's blocks into shared memory with 16-byte loads (blocks are 18, 34, 144, ...
 // bytes, so they are not 16-byte aligned in global memory), then each thread decodes 8 consecutive
-// elements at a time with the decoders shared with the CPU (dequantize_block.h) and writes them with one
-// or two 16-byte stores, so a warp writes 512 contiguous bytes (f32) per instruction.
-// Reference: the scalar CPU path (bit-exact: decoders use __fmul_rn/__fadd_rn, never contracted FMAs).
+// elements at a time with the decoders shared with the CPU (dequantize_block.h).
+//
+// The stores decide the speed. With f32 output a thread's 8 elements are two 16-byte stores, and a warp
+// storing "first halves" then "second halves" touches 32 half-filled sectors per instruction: 67% of copy
+// bandwidth on an H100 for Q4_0. Exchanging halves between lanes with shuffles first makes every store
+// instruction cover 512 contiguous bytes: 95-96% for Q4_0, Q8_0, Q4_K and Q6_K (bench/cuda/
+// dequantize_dev.cu, versions v1-v5, figures in bench/RESULTS.md). A persistent, cp.async double-buffered
+// grid (v5) was slower (87-90%).
+// Reference: the scalar CPU path, bit for bit (the decoders use __fmul_rn/__fadd_rn, never fused FMAs).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <string>
@@ -16,54 +24,72 @@ namespace flashlm::gguf::detail {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileElems = 8192;  // 32 elements per thread: enough bytes in flight per SM to saturate HBM
+constexpr int kTileElems = 4096;
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw Error(std::string("dequantize: ") + what + ": " + cudaGetErrorString(err));
 }
 
 template <DType Out>
-struct OutType {
-  using type = uint16_t;  // f16 / bf16 bits
-};
-template <>
-struct OutType<DType::F32> {
-  using type = float;
-};
+using OutT = std::conditional_t<Out == DType::F32, float, uint16_t>;  // f16/bf16 as bits
 
+// Two floats -> packed f16/bf16 with one paired conversion (F2FP), round to nearest even.
 template <DType Out>
-__device__ __forceinline__ void store8(typename OutType<Out>::type* dst, const float* y, bool vector) {
-  if constexpr (Out == DType::F32) {
-    if (vector) {
-      reinterpret_cast<float4*>(dst)[0] = make_float4(y[0], y[1], y[2], y[3]);
-      reinterpret_cast<float4*>(dst)[1] = make_float4(y[4], y[5], y[6], y[7]);
-    } else {
-      for (int k = 0; k < 8; ++k) dst[k] = y[k];
-    }
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  if constexpr (Out == DType::F16) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
   } else {
-    uint16_t h[8];
-    for (int k = 0; k < 8; ++k) h[k] = Out == DType::F16 ? f32_to_f16(y[k]) : f32_to_bf16(y[k]);
-    if (vector) {
-      uint4 v;
-      v.x = h[0] | (uint32_t(h[1]) << 16);
-      v.y = h[2] | (uint32_t(h[3]) << 16);
-      v.z = h[4] | (uint32_t(h[5]) << 16);
-      v.w = h[6] | (uint32_t(h[7]) << 16);
-      *reinterpret_cast<uint4*>(dst) = v;
-    } else {
-      for (int k = 0; k < 8; ++k) dst[k] = h[k];
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+// One thread's 8 elements, stored on their own (used where the output is not 16-byte aligned).
+template <DType Out>
+__device__ __forceinline__ void store8_scalar(OutT<Out>* dst, const float* y, int count) {
+  for (int k = 0; k < count; ++k) {
+    if constexpr (Out == DType::F32) dst[k] = y[k];
+    else if constexpr (Out == DType::F16) dst[k] = __half_as_ushort(__float2half_rn(y[k]));
+    else dst[k] = __bfloat16_as_ushort(__float2bfloat16_rn(y[k]));
+  }
+}
+
+// A warp's 32 chunks of 8 elements (lane l holds chunk base + l in y; `chunks` bounds them), written to
+// out + 8 * base with 16-byte stores that each cover 512 contiguous bytes.
+template <DType Out>
+__device__ __forceinline__ void store_warp(OutT<Out>* out, int base, int chunks, const float* y, int lane) {
+  if constexpr (Out == DType::F32) {
+    // Float4 number l of the warp's 256 floats is half (l % 2) of chunk l / 2; float4 number 32 + l is
+    // half (l % 2) of chunk 16 + l / 2.
+    float a[4], b[4];
+    const bool odd = lane & 1;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      float lo0 = __shfl_sync(0xffffffffu, y[k], lane / 2), hi0 = __shfl_sync(0xffffffffu, y[k + 4], lane / 2);
+      float lo1 = __shfl_sync(0xffffffffu, y[k], 16 + lane / 2), hi1 = __shfl_sync(0xffffffffu, y[k + 4], 16 + lane / 2);
+      a[k] = odd ? hi0 : lo0;
+      b[k] = odd ? hi1 : lo1;
+    }
+    float4* o = reinterpret_cast<float4*>(out + 8 * base);
+    if (base + lane / 2 < chunks) o[lane] = make_float4(a[0], a[1], a[2], a[3]);
+    if (base + 16 + lane / 2 < chunks) o[32 + lane] = make_float4(b[0], b[1], b[2], b[3]);
+  } else {
+    if (base + lane < chunks) {  // 8 halves are one 16-byte store already
+      uint4 v = make_uint4(pack2<Out>(y[0], y[1]), pack2<Out>(y[2], y[3]), pack2<Out>(y[4], y[5]), pack2<Out>(y[6], y[7]));
+      *reinterpret_cast<uint4*>(out + 8 * (base + lane)) = v;
     }
   }
 }
 
-// Copies bytes [begin, end) of global memory into smem so that smem[lead + i] = begin[i], where lead is
-// begin's offset inside its 16-byte line. Whole lines are read with 16-byte loads; a line that reaches
-// outside [lo, hi) (the source buffer) is read byte by byte, so nothing outside the buffer is touched.
+// Copies bytes [begin, end) into smem so that smem[lead + i] = begin[i], lead being begin's offset in its
+// 16-byte line. Whole lines move with 16-byte loads; a line reaching outside [lo, hi) (the source
+// buffer) is copied byte by byte, so nothing outside the buffer is read.
 __device__ __forceinline__ void stage(uint8_t* smem, const uint8_t* begin, const uint8_t* end, const uint8_t* lo,
                                       const uint8_t* hi) {
   const uint8_t* first_line = reinterpret_cast<const uint8_t*>(reinterpret_cast<uintptr_t>(begin) & ~uintptr_t(15));
   const int lines = static_cast<int>((end - first_line + 15) / 16);
-  for (int i = threadIdx.x; i < lines; i += blockDim.x) {
+  for (int i = threadIdx.x; i < lines; i += kThreads) {
     const uint8_t* line = first_line + 16 * i;
     if (line >= lo && line + 16 <= hi) {
       *reinterpret_cast<uint4*>(smem + 16 * i) = __ldg(reinterpret_cast<const uint4*>(line));
@@ -76,11 +102,9 @@ __device__ __forceinline__ void stage(uint8_t* smem, const uint8_t* begin, const
 
 template <class D, DType Out>
 __global__ void __launch_bounds__(kThreads) dequantize_blocks_kernel(const uint8_t* __restrict__ src, int64_t n_blocks,
-                                                                     typename OutType<Out>::type* __restrict__ dst,
-                                                                     bool vector_stores) {
+                                                                     OutT<Out>* __restrict__ dst, bool aligned) {
   constexpr int kBlocksPerTile = kTileElems / D::kBlock;
-  constexpr int kTileBytes = kBlocksPerTile * D::kBytes;
-  __shared__ __align__(16) uint8_t smem[kTileBytes + 32];
+  __shared__ __align__(16) uint8_t smem[kBlocksPerTile * D::kBytes + 32];
 
   const int64_t first_block = static_cast<int64_t>(blockIdx.x) * kBlocksPerTile;
   const int blocks = static_cast<int>(n_blocks - first_block < kBlocksPerTile ? n_blocks - first_block : kBlocksPerTile);
@@ -89,86 +113,92 @@ __global__ void __launch_bounds__(kThreads) dequantize_blocks_kernel(const uint8
   __syncthreads();
 
   const uint8_t* tile = smem + (reinterpret_cast<uintptr_t>(begin) & 15);
-  const int chunks = blocks * D::kChunks;
+  OutT<Out>* out = dst + first_block * D::kBlock;
+  const int chunks = blocks * D::kChunks, lane = threadIdx.x & 31;
   float y[8];
-  for (int c = threadIdx.x; c < chunks; c += kThreads) {
-    const int b = c / D::kChunks, sub = c % D::kChunks;
-    D::chunk8(tile + b * D::kBytes, sub, y);
-    store8<Out>(dst + (first_block + b) * D::kBlock + 8 * sub, y, vector_stores);
+  for (int base = threadIdx.x - lane; base < chunks; base += kThreads) {  // whole warps, for the shuffles
+    const int c = base + lane;
+    if (c < chunks) D::chunk8(tile + (c / D::kChunks) * D::kBytes, c % D::kChunks, y);
+    if (aligned) store_warp<Out>(out, base, chunks, y, lane);
+    else if (c < chunks) store8_scalar<Out>(out + 8 * c, y, 8);
   }
 }
 
-// F32/F16/BF16 sources: one thread per 8 elements (the last thread of a ragged end takes fewer).
+// F32/F16/BF16 sources: a thread per 8 elements (the last one of a ragged end takes fewer).
 template <DType In, DType Out>
 __global__ void __launch_bounds__(kThreads) convert_kernel(const uint8_t* __restrict__ src, int64_t n,
-                                                           typename OutType<Out>::type* __restrict__ dst,
-                                                           bool vector_stores) {
+                                                           OutT<Out>* __restrict__ dst, bool aligned) {
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 8;
-  if (first >= n) return;
-  const int count = static_cast<int>(n - first < 8 ? n - first : 8);
-  float y[8];
+  const int count = first < n ? static_cast<int>(n - first < 8 ? n - first : 8) : 0;
+  float y[8] = {};
   for (int k = 0; k < count; ++k) {
-    const int64_t i = first + k;
     if constexpr (In == DType::F32) {
-      y[k] = reinterpret_cast<const float*>(src)[i];
+      y[k] = reinterpret_cast<const float*>(src)[first + k];
     } else {
-      uint32_t bits = reinterpret_cast<const uint16_t*>(src)[i];
+      uint32_t bits = reinterpret_cast<const uint16_t*>(src)[first + k];
       y[k] = In == DType::F16 ? f16_to_f32(bits) : bf16_to_f32(bits);
     }
   }
-  if (count == 8) {
-    store8<Out>(dst + first, y, vector_stores);
-  } else {
-    for (int k = 0; k < count; ++k) {
-      if constexpr (Out == DType::F32) dst[first + k] = y[k];
-      else dst[first + k] = Out == DType::F16 ? f32_to_f16(y[k]) : f32_to_bf16(y[k]);
-    }
+  // The whole block's range is full (and aligned): use the coalesced warp store.
+  const int64_t block_first = static_cast<int64_t>(blockIdx.x) * kThreads * 8;
+  if (aligned && block_first + kThreads * 8 <= n) {
+    const int lane = threadIdx.x & 31;
+    store_warp<Out>(dst + block_first, threadIdx.x - lane, kThreads, y, lane);
+  } else if (count > 0) {
+    store8_scalar<Out>(dst + first, y, count);
   }
 }
 
 template <DType Out>
 void launch(DType type, const uint8_t* src, int64_t n_blocks, void* dst, cudaStream_t stream) {
-  using T = typename OutType<Out>::type;
-  T* out = static_cast<T*>(dst);
-  const bool vector_stores = reinterpret_cast<uintptr_t>(dst) % 16 == 0;
+  auto* out = static_cast<OutT<Out>*>(dst);
+  const bool aligned = reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   if (type == DType::F32 || type == DType::F16 || type == DType::BF16) {
-    const unsigned grid = static_cast<unsigned>((n_blocks + 8 * kThreads - 1) / (8 * kThreads));
-    // An F16 -> F16 (etc.) "dequantization" is a conversion kernel too: it keeps the vector stores.
-    if (type == DType::F32) convert_kernel<DType::F32, Out><<<grid, kThreads, 0, stream>>>(src, n_blocks, out, vector_stores);
-    if (type == DType::F16) convert_kernel<DType::F16, Out><<<grid, kThreads, 0, stream>>>(src, n_blocks, out, vector_stores);
-    if (type == DType::BF16) convert_kernel<DType::BF16, Out><<<grid, kThreads, 0, stream>>>(src, n_blocks, out, vector_stores);
+    const int64_t grid = (n_blocks + 8 * kThreads - 1) / (8 * kThreads);
+    FLASHLM_CHECK(grid <= 0x7FFFFFFF, "dequantize: tensor too large for one launch");
+    const unsigned g = static_cast<unsigned>(grid);
+    if (type == DType::F32) convert_kernel<DType::F32, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
+    if (type == DType::F16) convert_kernel<DType::F16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
+    if (type == DType::BF16) convert_kernel<DType::BF16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
     return;
   }
   bool ok = dispatch_block_type(type, [&](auto decoder) {
     using D = decltype(decoder);
     constexpr int kBlocksPerTile = kTileElems / D::kBlock;
     const int64_t tiles = (n_blocks + kBlocksPerTile - 1) / kBlocksPerTile;
-    if (tiles > 0x7FFFFFFF) throw ValueError("dequantize: tensor too large for one launch");
-    dequantize_blocks_kernel<D, Out><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(src, n_blocks, out, vector_stores);
+    FLASHLM_CHECK(tiles <= 0x7FFFFFFF, "dequantize: tensor too large for one launch");
+    dequantize_blocks_kernel<D, Out><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(src, n_blocks, out, aligned);
   });
-  if (!ok) throw ValueError(std::string("dequantize: no CUDA kernel for ") + dtype_name(type));
+  FLASHLM_CHECK(ok, "dequantize: no CUDA kernel for ", dtype_name(type));
 }
+
+// Makes `device` current for its lifetime and restores the previous one.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
 
 }  // namespace
 
 void dequantize_cuda(DType type, const uint8_t* src, int64_t n_blocks, void* dst, DType out, int device, void* stream) {
-  int previous = -1;
-  check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  DeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
-  try {
-    switch (out) {
-      case DType::F32: launch<DType::F32>(type, src, n_blocks, dst, s); break;
-      case DType::F16: launch<DType::F16>(type, src, n_blocks, dst, s); break;
-      case DType::BF16: launch<DType::BF16>(type, src, n_blocks, dst, s); break;
-      default: throw ValueError("dequantize: output dtype must be F32, F16 or BF16");
-    }
-    check_cuda(cudaGetLastError(), "kernel launch");
-  } catch (...) {
-    if (previous != device) cudaSetDevice(previous);
-    throw;
+  switch (out) {
+    case DType::F32: launch<DType::F32>(type, src, n_blocks, dst, s); break;
+    case DType::F16: launch<DType::F16>(type, src, n_blocks, dst, s); break;
+    case DType::BF16: launch<DType::BF16>(type, src, n_blocks, dst, s); break;
+    default: throw ValueError("dequantize: output dtype must be F32, F16 or BF16");
   }
-  if (previous != device) check_cuda(cudaSetDevice(previous), "cudaSetDevice");
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 }  // namespace flashlm::gguf::detail

@@ -69,7 +69,7 @@ def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flashlm.demo import run_demo
 
-    return run_demo(device=args.device, blocks=args.blocks)
+    return run_demo(device=args.device, rows=args.rows, cols=args.cols)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    demo.add_argument("--blocks", type=int, default=65536, help="blocks per tensor (default 65536)")
+    demo.add_argument("--rows", type=int, default=1024, help="rows per tensor (default 1024)")
+    demo.add_argument("--cols", type=int, default=4096, help="columns per tensor, a multiple of 256 (default 4096)")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -1,7 +1,7 @@
 """GGUF block dequantization."""
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -21,6 +21,8 @@ def dequantize(
     ggml_type: Union[str, int],
     shape: Sequence[int],
     out_dtype: torch.dtype = torch.float32,
+    *,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decode GGML blocks into a float tensor, bit-exact with ggml.
 
@@ -28,6 +30,7 @@ def dequantize(
     ggml_type: a type name ("Q4_0", "Q4_K", "IQ4_XS", "F16", ...) or a ggml type id.
     shape: the output's shape in torch order; its last dimension must hold whole blocks.
     out_dtype: torch.float32, torch.float16 or torch.bfloat16.
+    out: optional contiguous tensor of that shape, dtype and device to write into (and return).
     """
     if not isinstance(raw, torch.Tensor):
         raise TypeError(f"raw: expected a torch.Tensor, got {type(raw).__name__}")
@@ -43,6 +46,10 @@ def dequantize(
         raise ValueError(f"shape: sizes must be >= 0, got {shape}")
     if isinstance(ggml_type, str):
         ggml_type = ggml_type.upper()
-    out = torch.empty(shape, dtype=out_dtype, device=raw.device)
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=raw.device)
+    elif out.shape != shape or out.dtype != out_dtype or out.device != raw.device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {out_dtype} tensor of shape {shape} on {raw.device}, got "
+                         f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} {tuple(out.shape)} on {out.device}")
     _C.dequantize(raw.reshape(-1).contiguous(), ggml_type, out, cuda_stream(raw))
     return out
