@@ -12,6 +12,16 @@
 #include "flashlm/core/thread_pool.h"
 
 namespace flashlm {
+namespace {
+
+// Outputs at least this large are written with streaming stores (AVX2 kernels): they skip reading the
+// destination into the cache, a third of the traffic of a large f32 output, but leave none of it cached
+// for whoever reads it next. Measured on a 2-core EPYC with a 32 MiB L3 (Q4_0/Q4_K to f32, 2 threads):
+// rewriting one buffer, plain stores are 1.3-1.6x faster up to 32 MiB (it stays in the L3) and streaming
+// stores 1.2x faster at 48 MiB, 2x at 128 MiB; a cold destination favours streaming at every size.
+constexpr int64_t kNontemporalBytes = 32 << 20;
+
+}  // namespace
 
 bool dequantize_supported(DType type) {
   if (type == DType::F32 || type == DType::F16 || type == DType::BF16) return true;
@@ -47,8 +57,9 @@ void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
   const int64_t out_bytes_per_block = info.block_size * (dst.dtype == DType::F32 ? 4 : 2);
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / out_bytes_per_block);
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const bool nontemporal = n_blocks * out_bytes_per_block >= kNontemporalBytes;
   parallel_for(n_blocks, grain, [&](int64_t begin, int64_t end) {
-    if (avx2 && gguf::detail::dequantize_avx2(src.dtype, in, begin, end, dst.data, dst.dtype)) return;
+    if (avx2 && gguf::detail::dequantize_avx2(src.dtype, in, begin, end, dst.data, dst.dtype, nontemporal)) return;
     gguf::detail::dequantize_scalar(src.dtype, in, begin, end, dst.data, dst.dtype);
   });
 }
