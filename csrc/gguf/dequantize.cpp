@@ -16,9 +16,10 @@ namespace {
 
 // Outputs at least this large are written with streaming stores (AVX2 kernels): they skip reading the
 // destination into the cache, a third of the traffic of a large f32 output, but leave none of it cached
-// for whoever reads it next. Measured on a 2-core EPYC with a 32 MiB L3 (Q4_0/Q4_K to f32, 2 threads):
-// rewriting one buffer, plain stores are 1.3-1.6x faster up to 32 MiB (it stays in the L3) and streaming
-// stores 1.2x faster at 48 MiB, 2x at 128 MiB; a cold destination favours streaming at every size.
+// for whoever reads it next. Measured on a 2-core EPYC with a 32 MiB L3 (Q4_0/Q4_K/Q6_K to f32):
+// rewriting one buffer, plain stores are 1.25-1.8x faster from 1 to 32 MiB (it stays in the L3) and
+// streaming stores 1.2-1.3x faster at 48-64 MiB, 2x at 128 MiB; into a cold destination streaming
+// stores are 1.2-1.5x faster at every size from 1 to 32 MiB.
 constexpr int64_t kNontemporalBytes = 32 << 20;
 
 // The shortest range of output handed to a thread: waking a worker costs ~5-10 us, and the AVX2
