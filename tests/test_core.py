@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import flashlm
 from flashlm import ops
@@ -59,3 +60,32 @@ def test_cpu_isa_switch():
             ops.set_cpu_isa("sse9")
     finally:
         ops.set_cpu_isa(before)
+
+
+def _dequantize_in_child(queue):
+    import torch
+
+    from flashlm import ops
+
+    blocks = 65536  # 8 MiB of output: many ranges, so the pool's workers take part
+    raw = torch.arange(18 * blocks, dtype=torch.int64).remainder(251).to(torch.uint8)
+    raw.view(blocks, 18)[:, :2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)  # d = 1.0 in every block
+    queue.put(ops.dequantize(raw, "Q4_0", (blocks * 32,)).sum().item())
+
+
+def test_thread_pool_works_in_a_forked_child():
+    # A forked child inherits the pool's state but not its threads; the pool must start afresh there.
+    import multiprocessing
+
+    ops.set_num_threads(2)
+    ops.dequantize(torch.zeros(18 * 4096, dtype=torch.uint8), "Q4_0", (4096 * 32,))  # pool is running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_dequantize_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0, "child failed or hung"
+    result = queue.get(timeout=5)
+    expected_queue = ctx.Queue()
+    _dequantize_in_child(expected_queue)
+    assert result == expected_queue.get(timeout=5)
