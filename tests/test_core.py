@@ -63,14 +63,18 @@ def test_cpu_isa_switch():
 
 
 def _dequantize_in_child(queue):
+    # numpy for everything but the op: torch's own OpenMP pool is not fork-safe, flashlm's must be.
+    import numpy as np
     import torch
 
     from flashlm import ops
 
+    ops.set_num_threads(3)  # joins the pool's workers: they must be the child's own, not the parent's
     blocks = 65536  # 8 MiB of output: many ranges, so the pool's workers take part
-    raw = torch.arange(18 * blocks, dtype=torch.int64).remainder(251).to(torch.uint8)
-    raw.view(blocks, 18)[:, :2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)  # d = 1.0 in every block
-    queue.put(ops.dequantize(raw, "Q4_0", (blocks * 32,)).sum().item())
+    raw = (np.arange(18 * blocks) % 251).astype(np.uint8)
+    raw.reshape(blocks, 18)[:, :2] = [0x00, 0x3C]  # d = 1.0 in every block
+    out = ops.dequantize(torch.from_numpy(raw), "Q4_0", (blocks * 32,))
+    queue.put(float(out.numpy().astype(np.float64).sum()))
 
 
 def test_thread_pool_works_in_a_forked_child():

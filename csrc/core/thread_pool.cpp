@@ -43,10 +43,19 @@ struct Job {
   int workers = 0;           // workers inside run_chunks; guarded by the pool's mutex
 };
 
+std::atomic<bool> g_forked{false};
+
 class Pool {
  public:
   static Pool& get() {
-    static Pool* pool = new Pool();  // never destroyed: worker threads may outlive static destructors
+    static Pool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { g_forked.store(true); });
+      return new Pool();  // never destroyed: worker threads may outlive static destructors
+    }();
+    // A forked child inherits the pool's memory but none of its threads, and its mutexes and condition
+    // variables may record waiters that do not exist there (a broadcast would wait for them forever):
+    // abandon the whole pool and start a new one. The child is single-threaded until then.
+    if (g_forked.exchange(false)) pool = new Pool();
     return *pool;
   }
 
@@ -60,7 +69,6 @@ class Pool {
     FLASHLM_CHECK(n >= 1, "num_threads must be >= 1, got ", n);
     std::lock_guard<std::mutex> run_lock(run_mutex_);  // no job in flight
     std::lock_guard<std::mutex> lock(config_mutex_);
-    if (forked_) ensure_started();
     stop_workers();
     start_workers(n);
   }
@@ -93,18 +101,9 @@ class Pool {
   }
 
  private:
-  Pool() {
-    pthread_atfork(nullptr, nullptr, [] { Pool::get().forked_ = true; });
-  }
+  Pool() = default;
 
   void ensure_started() {
-    if (forked_) {
-      // A forked child has the pool's memory but none of its threads: abandon them and start over.
-      new std::vector<std::thread>(std::move(workers_));
-      workers_.clear();
-      started_ = false;
-      forked_ = false;
-    }
     if (!started_) start_workers(default_num_threads());
   }
 
@@ -168,7 +167,6 @@ class Pool {
   std::vector<std::thread> workers_;
   int size_ = 1;
   bool started_ = false, stopping_ = false;
-  std::atomic<bool> forked_{false};
   uint64_t generation_ = 0;
   Job* current_ = nullptr;
 };
