@@ -260,10 +260,7 @@ class Parser {
     f_.data_offset_ = data;
     for (size_t k = 0; k < f_.tensors_.size(); ++k) {
       TensorInfo& t = f_.tensors_[k];
-      if (t.nbytes == 0) {
-        t.offset = std::min<uint64_t>(data, size_);
-        continue;
-      }
+      // Empty tensors too: their offset is reported, and a view of zero bytes must still point into the file.
       uint64_t begin, end;
       if (__builtin_add_overflow(data, t.offset, &begin) || __builtin_add_overflow(begin, t.nbytes, &end) || end > size_)
         fail("tensor '" + t.name + "' data [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
