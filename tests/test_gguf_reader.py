@@ -314,3 +314,15 @@ def test_a_directory_is_not_a_gguf_file(tmp_path):
 
 def test_error_type():
     assert issubclass(GGUFError, ValueError)
+
+
+def test_empty_tensors_load(tmp_path):
+    # Zero-element tensors of any shape: torch may give [4, 0] strides [1, 1], which is still contiguous.
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(gb.with_tensors([("a", (0, 4), gb.F32), ("b", (256, 0), gb.Q4_K), ("c", (0,), gb.Q8_0),
+                                      ("d", (32, 0, 3), gb.F16)]))
+    with GGUFFile(path) as f:
+        for name, shape in [("a", (4, 0)), ("b", (0, 256)), ("c", (0,)), ("d", (3, 0, 32))]:
+            assert f.tensor(name).shape == shape and f.tensor(name).nbytes == 0
+            out = f.load(name, dtype=torch.bfloat16)
+            assert out.shape == shape and out.dtype == torch.bfloat16
