@@ -310,9 +310,17 @@ def test_too_many_dims(tmp_path, n_dims):
     ((2**32, 2**32), "more elements than int64", 1), ((2**62, 2), "more elements than int64", 1),
     ((3, 5, 7, 2**61), "more elements than int64", 3), ((2**63,), "beyond int64", 0),
     ((1, 2**64 - 1), "beyond int64", 1),
+    # No elements, but strides (a zero dimension counting as 1) would overflow: nothing could view it.
+    ((0, 2**62, 4), "more elements than int64", 2), ((2**40, 0, 2**40), "more elements than int64", 2),
 ])
 def test_dimension_overflow(tmp_path, dims, match, dim):
     expect_error(tmp_path, one_tensor(dims, gb.F32, 0, bytes(64)), match, at=DIMS_AT + 4 + 8 * dim)
+
+
+@pytest.mark.parametrize("dims", [(0, 2**61, 2), (2**62, 0), (0, 0, 0, 2**63 - 1)])
+def test_large_empty_tensors_load(tmp_path, dims):
+    f = parse(tmp_path, one_tensor(dims, gb.F32, 0, b""))  # parse() loads every tensor
+    assert f["tensors"][0].nbytes == 0 and f["tensors"][0].shape == tuple(reversed(dims))
 
 
 def test_byte_size_overflow(tmp_path):

@@ -2,6 +2,7 @@
 // pairs, the tensor infos, padding to `general.alignment`, then the tensor data. Every read goes through
 // Parser::need, which checks the bytes are there; every count is checked against the bytes left before
 // anything is reserved, so memory use is bounded by the file's size, not by what a count claims.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <unordered_set>
@@ -244,16 +245,19 @@ class Parser {
       uint32_t n_dims = read<uint32_t>("tensor dimension count");
       if (n_dims > kMaxDimsGGUF)
         fail(label + " has " + std::to_string(n_dims) + " dimensions; GGUF allows at most " + std::to_string(kMaxDimsGGUF), dims_at);
-      int64_t numel = 1;
+      // The product counts a zero dimension as 1: strides are computed that way (by torch and TensorView),
+      // so [2^62, 0, 4] has no elements but cannot be viewed either.
+      int64_t strided = 1;
       for (uint32_t d = 0; d < n_dims; ++d) {
         uint64_t dim_at = pos_;
         uint64_t dim = read<uint64_t>("tensor dimension");
         if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
           fail(label + " dimension " + std::to_string(d) + " is " + std::to_string(dim) + ", beyond int64", dim_at);
         t.dims.push_back(static_cast<int64_t>(dim));
-        if (__builtin_mul_overflow(numel, static_cast<int64_t>(dim), &numel))
+        if (__builtin_mul_overflow(strided, std::max<int64_t>(static_cast<int64_t>(dim), 1), &strided))
           fail(label + " has more elements than int64 can count", dim_at);
       }
+      const int64_t numel = t.numel();  // <= strided: cannot overflow
       uint64_t type_at = pos_;
       t.ggml_type = read<uint32_t>("tensor type");
       auto dtype = dtype_from_ggml(t.ggml_type);
