@@ -1,6 +1,7 @@
 """flashlm.gguf.GGUFFile on well-formed files, checked against what was written and against gguf-py's reader
 (gguf.GGUFReader) and dequantizer (gguf.quants.dequantize)."""
 
+import gc
 import math
 
 import gguf
@@ -233,8 +234,6 @@ def test_raw_view_outlives_close(model):
     f.close()
     assert f.closed
     del f
-    import gc
-
     gc.collect()
     assert raw.numpy().tobytes() == expected
     assert raw.clone().sum().item() == sum(expected)
