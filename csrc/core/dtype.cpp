@@ -7,7 +7,8 @@
 namespace flashlm {
 namespace {
 
-// Indexed by DType. Block sizes and bytes are ggml's (ggml-common.h); gguf-py's GGML_QUANT_SIZES agrees.
+// Indexed by DType. Block sizes and bytes are ggml's (ggml-common.h). gguf-py's GGML_QUANT_SIZES agrees except
+// for Q8_1, which it lists as 40 bytes (float d and s); ggml's block_q8_1 holds two halves: 36 bytes.
 constexpr DTypeInfo kInfo[kNumDTypes] = {
     {"F32", 0, 1, 4},         {"F16", 1, 1, 2},        {"BF16", 30, 1, 2},     {"F64", 28, 1, 8},
     {"I8", 24, 1, 1},         {"U8", -1, 1, 1},        {"I16", 25, 1, 2},      {"I32", 26, 1, 4},

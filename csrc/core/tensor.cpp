@@ -37,6 +37,9 @@ int64_t TensorView::numel() const {
 int64_t TensorView::nbytes() const { return storage_bytes(dtype, numel()); }
 
 bool TensorView::is_contiguous() const {
+  // An empty view has no element to be out of place (torch agrees, whatever its strides: [4, 0] may have
+  // strides [1, 1]); the product below would otherwise drop to zero and reject it.
+  if (numel() == 0) return true;
   int64_t stride = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     if (shape[d] != 1 && strides[d] != stride) return false;

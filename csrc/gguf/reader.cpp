@@ -2,6 +2,7 @@
 // pairs, the tensor infos, padding to `general.alignment`, then the tensor data. Every read goes through
 // Parser::need, which checks the bytes are there; every count is checked against the bytes left before
 // anything is reserved, so memory use is bounded by the file's size, not by what a count claims.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <unordered_set>
@@ -49,6 +50,30 @@ bool valid_utf8(const uint8_t* s, uint64_t n) {
     i += len;
   }
   return true;
+}
+
+// A key or tensor name for an error message, in quotes: control characters (C0, DEL, C1) escaped so that a
+// hostile name can neither break the one-line message nor drive a terminal, and cut after about 80 bytes.
+// Names reach here validated as UTF-8, so cutting before a non-continuation byte keeps whole characters.
+std::string quoted(std::string_view name) {
+  constexpr size_t kMaxQuoted = 80;
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "'";
+  for (size_t i = 0; i < name.size(); ++i) {
+    auto c = static_cast<uint8_t>(name[i]);
+    if (i >= kMaxQuoted && (c & 0xC0) != 0x80) return out + "'...";
+    // C1 controls (U+0080..U+009F) are 0xC2 0x80..0x9F in UTF-8.
+    bool c1 = c == 0xC2 && i + 1 < name.size() && (static_cast<uint8_t>(name[i + 1]) & 0xE0) == 0x80;
+    if (c1) c = static_cast<uint8_t>(name[++i]);
+    if (c < 0x20 || c == 0x7F || c1 || c == '\\' || c == '\'') {
+      out += c1 ? "\\u00" : "\\x";
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + "'";
 }
 
 }  // namespace
@@ -194,7 +219,7 @@ class Parser {
     for (uint64_t k = 0; k < n_kv_; ++k) {
       uint64_t at = pos_;
       std::string_view key = read_string("metadata key");
-      if (!keys.insert(key).second) fail("duplicate metadata key '" + std::string(key) + "'", at);
+      if (!keys.insert(key).second) fail("duplicate metadata key " + quoted(key), at);
       f_.metadata_.emplace_back(std::string(key), Value{});
       Value& v = f_.metadata_.back().second;
       parse_value(v, read_value_type("metadata value type"), 0);
@@ -212,24 +237,27 @@ class Parser {
     for (uint64_t k = 0; k < n_tensors_; ++k) {
       uint64_t at = pos_;
       std::string_view name = read_string("tensor name");
-      if (!names.insert(name).second) fail("duplicate tensor name '" + std::string(name) + "'", at);
+      if (!names.insert(name).second) fail("duplicate tensor name " + quoted(name), at);
       TensorInfo t;
       t.name = std::string(name);
-      const std::string label = "tensor '" + t.name + "'";
+      const std::string label = "tensor " + quoted(t.name);
       uint64_t dims_at = pos_;
       uint32_t n_dims = read<uint32_t>("tensor dimension count");
       if (n_dims > kMaxDimsGGUF)
         fail(label + " has " + std::to_string(n_dims) + " dimensions; GGUF allows at most " + std::to_string(kMaxDimsGGUF), dims_at);
-      int64_t numel = 1;
+      // The product counts a zero dimension as 1: strides are computed that way (by torch and TensorView),
+      // so [2^62, 0, 4] has no elements but cannot be viewed either.
+      int64_t strided = 1;
       for (uint32_t d = 0; d < n_dims; ++d) {
         uint64_t dim_at = pos_;
         uint64_t dim = read<uint64_t>("tensor dimension");
         if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
           fail(label + " dimension " + std::to_string(d) + " is " + std::to_string(dim) + ", beyond int64", dim_at);
         t.dims.push_back(static_cast<int64_t>(dim));
-        if (__builtin_mul_overflow(numel, static_cast<int64_t>(dim), &numel))
+        if (__builtin_mul_overflow(strided, std::max<int64_t>(static_cast<int64_t>(dim), 1), &strided))
           fail(label + " has more elements than int64 can count", dim_at);
       }
+      const int64_t numel = t.numel();  // <= strided: cannot overflow
       uint64_t type_at = pos_;
       t.ggml_type = read<uint32_t>("tensor type");
       auto dtype = dtype_from_ggml(t.ggml_type);
@@ -260,13 +288,10 @@ class Parser {
     f_.data_offset_ = data;
     for (size_t k = 0; k < f_.tensors_.size(); ++k) {
       TensorInfo& t = f_.tensors_[k];
-      if (t.nbytes == 0) {
-        t.offset = std::min<uint64_t>(data, size_);
-        continue;
-      }
+      // Empty tensors too: their offset is reported, and a view of zero bytes must still point into the file.
       uint64_t begin, end;
       if (__builtin_add_overflow(data, t.offset, &begin) || __builtin_add_overflow(begin, t.nbytes, &end) || end > size_)
-        fail("tensor '" + t.name + "' data [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
+        fail("tensor " + quoted(t.name) + " data [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
                  ") relative to the data section at " + std::to_string(data) + " lies outside the file",
              offset_positions_[k]);
       t.offset = begin;

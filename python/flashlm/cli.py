@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 
@@ -22,6 +24,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """Text from a file, safe to print: control characters (newlines, terminal escapes) are escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _short(value, max_items: int) -> str:
     if isinstance(value, list):
         head = ", ".join(_short(v, max_items) for v in value[:max_items])
@@ -29,8 +38,17 @@ def _short(value, max_items: int) -> str:
         return f"[{head}{more}]"
     if isinstance(value, str):
         text = value if len(value) <= 80 else value[:77] + "..."
-        return json.dumps(text, ensure_ascii=False)
+        return _printable(json.dumps(text, ensure_ascii=False))
     return repr(value)
+
+
+def _json_safe(value):
+    """Strict JSON has no NaN or infinities: write them as the strings "NaN", "Infinity", "-Infinity"."""
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
 
 
 def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
@@ -42,27 +60,27 @@ def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
                 "version": f.version,
                 "alignment": f.alignment,
                 "data_offset": f.data_offset,
-                "metadata": {k: {"type": f.metadata_types[k], "value": v} for k, v in f.metadata.items()},
+                "metadata": {k: {"type": f.metadata_types[k], "value": _json_safe(v)} for k, v in f.metadata.items()},
                 "tensors": [
                     {"name": t.name, "type": t.ggml_type, "shape": list(t.shape), "offset": t.offset, "nbytes": t.nbytes}
                     for t in f.tensors
                 ],
             }
-            print(json.dumps(out, indent=2, ensure_ascii=False))
+            print(json.dumps(out, indent=2, ensure_ascii=False, allow_nan=False))
             return 0
         metadata, types = f.metadata, f.metadata_types
-        print(f"{args.file}: GGUF v{f.version}, {len(metadata)} metadata keys, {len(f.tensors)} tensors, "
+        print(f"{_printable(args.file)}: GGUF v{f.version}, {len(metadata)} metadata keys, {len(f.tensors)} tensors, "
               f"alignment {f.alignment}, data at byte {f.data_offset}")
         print("\nmetadata:")
-        key_width = max((len(k) for k in metadata), default=0)
+        key_width = max((len(_printable(k)) for k in metadata), default=0)
         for key, value in metadata.items():
-            print(f"  {key:<{key_width}}  {types[key]:<14} {_short(value, args.max_items)}")
+            print(f"  {_printable(key):<{key_width}}  {types[key]:<14} {_short(value, args.max_items)}")
         print("\ntensors:")
-        name_width = max((len(t.name) for t in f.tensors), default=4)
+        name_width = max([4] + [len(_printable(t.name)) for t in f.tensors])  # at least as wide as "name"
         print(f"  {'name':<{name_width}}  {'type':<8} {'shape (torch order)':<24} {'offset':>12} {'bytes':>12}")
         for t in f.tensors:
             shape = "[" + ", ".join(map(str, t.shape)) + "]"
-            print(f"  {t.name:<{name_width}}  {t.ggml_type:<8} {shape:<24} {t.offset:>12} {t.nbytes:>12}")
+            print(f"  {_printable(t.name):<{name_width}}  {t.ggml_type:<8} {shape:<24} {t.offset:>12} {t.nbytes:>12}")
     return 0
 
 
@@ -103,8 +121,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (GGUFError, FileNotFoundError) as e:
-        print(f"flashlm: error: {e}", file=sys.stderr)
+    except (GGUFError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `flashlm gguf inspect x.gguf | head`: the reader left, fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
         return 1
 
 
