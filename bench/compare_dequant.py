@@ -7,7 +7,8 @@ decoded to float32 by
   gguf-py   gguf.quants.dequantize (llama.cpp's Python package, numpy, one thread, always on the CPU),
 and set against a plain copy of the same output size, torch `dst.copy_(src)` of float32 tensors on the
 same device. Before timing, flashlm's output is checked bit for bit against gguf-py's (the script stops
-with a message if they differ). Each measurement warms up, then takes the median of --reps runs; CUDA
+with a message if they differ). Each measurement warms up, then takes the median of --reps runs; the
+three take turns run by run, so that background load on a shared machine falls on all of them alike. CUDA
 runs are timed with CUDA events.
 
 GB/s: flashlm and gguf-py count the blocks read plus the float32 output written; the copy counts its
@@ -67,7 +68,8 @@ def keep_freed_memory():
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 40))
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int value: 1 << 40 would wrap to 0 (trim always)
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -131,25 +133,31 @@ def check_bit_exact(name, got, want):
 
 # --- timing ----------------------------------------------------------------------------------------------
 
-def median_seconds(fn, reps, warmup, device):
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(reps):
-            start.record()
+def median_seconds(fns, reps, warmup):
+    """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
+    so that on a shared machine every one of them sees the same background load (and their ratios hold)."""
+    for fn, _ in fns.values():
+        for _ in range(warmup):
             fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) * 1e-3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {label: [] for label in fns}
+    events = None
+    for _ in range(reps):
+        for label, (fn, device) in fns.items():
+            if device == "cuda":
+                if events is None:
+                    torch.cuda.synchronize()
+                    events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, stop = events
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times[label].append(start.elapsed_time(stop) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -248,12 +256,14 @@ def main():
         if got is not None:
             check_bit_exact(name, got.cpu().numpy(), want)
 
-        t_flashlm = median_seconds(run_flashlm, args.reps, args.warmup, args.device) if got is not None else None
-        t_gguf = None
+        fns = {"copy": (lambda: dst.copy_(src), args.device)}
+        if got is not None:
+            fns["flashlm"] = (run_flashlm, args.device)
         if ref_name == "gguf-py":
             qtype = GGMLQuantizationType[name]
-            t_gguf = median_seconds(lambda: gguf.quants.dequantize(raw_2d, qtype), args.reps, args.warmup, "cpu")
-        t_copy = median_seconds(lambda: dst.copy_(src), args.reps, args.warmup, args.device)
+            fns["gguf-py"] = (lambda: gguf.quants.dequantize(raw_2d, qtype), "cpu")
+        medians = median_seconds(fns, args.reps, args.warmup)
+        t_flashlm, t_gguf, t_copy = medians.get("flashlm"), medians.get("gguf-py"), medians["copy"]
 
         gbs = lambda nbytes, t: None if t is None else nbytes / t / 1e9  # noqa: E731
         flashlm_gbs, copy_gbs = gbs(in_bytes + out_bytes, t_flashlm), gbs(2 * out_bytes, t_copy)
@@ -271,8 +281,8 @@ def main():
               "% copy"]
     print(hardware_line(args.device))
     print(versions_line())
-    print(f"{n} elements -> float32, shape {list(shape)} ({n * 4 / 2**20:.0f} MiB out); median of {args.reps} runs "
-          f"after {args.warmup} warm-up; CPU memory {'reused between calls' if reuse else 'freshly allocated per call'}")
+    print(f"{n} elements -> float32, shape {list(shape)} ({n * 4 / 2**20:.3g} MiB out); median of {args.reps} "
+          f"interleaved runs after {args.warmup} warm-up; CPU memory {'reused between calls' if reuse else 'freshly allocated per call'}")
     print()
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
