@@ -22,7 +22,8 @@ Columns
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
   cmake --build build/bench -j --target bench_dequant
-  build/bench/bench/bench_dequant --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  build/bench/bench/bench_dequant --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
+      --benchmark_report_aggregates_only=true          # medians; interleaving spreads background load
   build/bench/bench/bench_dequant --benchmark_filter='Q4_K|memcpy'              # a subset
   build/bench/bench/bench_dequant --elements=1048576 --benchmark_min_time=0.01  # smoke run, seconds
   (libbenchmark 1.7 takes --benchmark_min_time in plain seconds, without the "s" suffix of 1.8.)
