@@ -8,8 +8,8 @@ decoded to float32 by
 and set against a plain copy of the same output size, torch `dst.copy_(src)` of float32 tensors on the
 same device. Before timing, flashlm's output is checked bit for bit against gguf-py's (the script stops
 with a message if they differ). Each measurement warms up, then takes the median of --reps runs; the
-three take turns run by run, so that background load on a shared machine falls on all of them alike. CUDA
-runs are timed with CUDA events.
+three take turns run by run, so that background load on a shared machine falls on all of them alike, with
+a 10 ms pause after each (see SETTLE_S). CUDA runs are timed with CUDA events.
 
 GB/s: flashlm and gguf-py count the blocks read plus the float32 output written; the copy counts its
 read plus its write. "x gguf-py" is gguf-py's median time over flashlm's; "% copy" is flashlm's GB/s as a
@@ -133,6 +133,12 @@ def check_bit_exact(name, got, want):
 
 # --- timing ----------------------------------------------------------------------------------------------
 
+# Pause after each timed run: torch's OpenMP workers keep spinning for a few ms after a parallel op and
+# then take a core from flashlm's own pool (2 cores: flashlm's Q4_K 12.5 ms right after a torch copy,
+# 8.1 ms on its own or 10 ms later).
+SETTLE_S = 0.01
+
+
 def median_seconds(fns, reps, warmup):
     """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
     so that on a shared machine every one of them sees the same background load (and their ratios hold)."""
@@ -157,6 +163,7 @@ def median_seconds(fns, reps, warmup):
                 t0 = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
     return {label: statistics.median(t) for label, t in times.items()}
 
 
