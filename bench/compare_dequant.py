@@ -15,10 +15,9 @@ GB/s: flashlm and gguf-py count the blocks read plus the float32 output written;
 read plus its write. "x gguf-py" is gguf-py's median time over flashlm's; "% copy" is flashlm's GB/s as a
 share of the copy's.
 
-flashlm.ops.dequantize returns a new tensor per call, and a fresh 64 MiB CPU allocation costs more page
-faults than the decoding itself. To measure steady state (as torch's caching allocator gives on CUDA),
-the script asks glibc to keep freed memory for reuse (mallopt: no mmap, no trim); --fresh-alloc turns that
-off. The kernel alone, without Python or allocation, is measured by bench/bench_dequant.cpp.
+flashlm writes into one preallocated output (`out=`): a fresh 64 MiB CPU allocation per call costs more
+page faults than the decoding itself, and an engine keeps its buffers. The kernel alone, without Python,
+is measured by bench/bench_dequant.cpp.
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_dequant.py                          # CPU, all types, 16M elements
@@ -28,7 +27,6 @@ Run (from the repository root, with flashlm installed):
 """
 
 import argparse
-import ctypes
 import importlib.metadata
 import os
 import platform
@@ -59,17 +57,6 @@ SCALE_FIELDS = {
     "Q8_K": [(0, "f32")],
     "IQ4_NL": [(0, "f16")], "IQ4_XS": [(0, "f16")],
 }
-
-
-def keep_freed_memory():
-    """Let glibc reuse freed memory instead of returning it to the OS (no page faults per call)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # an int value: 1 << 40 would wrap to 0 (trim always)
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -206,8 +193,6 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs before each measurement")
     ap.add_argument("--types", default=",".join(ALL_TYPES), help="comma-separated GGML types")
     ap.add_argument("--quick", action="store_true", help="tiny tensors and few runs: a smoke test in seconds")
-    ap.add_argument("--fresh-alloc", action="store_true",
-                    help="let every call's output allocation fault in fresh pages (glibc's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.quick:
@@ -220,7 +205,6 @@ def main():
         ap.error("--reps must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("compare_dequant: --device cuda, but torch sees no CUDA device")
-    reuse = not args.fresh_alloc and keep_freed_memory()
 
     # Rows of 4096 elements where the tensor is that large (a weight matrix's shape); whole 256-blocks always.
     n = max(256, (args.elements + 255) // 256 * 256)
@@ -245,9 +229,10 @@ def main():
         raw_2d = raw.reshape(shape[0], -1)
         in_bytes, out_bytes = raw.nbytes, n * 4
         raw_t = torch.from_numpy(raw_2d).to(device)
+        out_t = torch.empty(shape, dtype=torch.float32, device=device)
 
         def run_flashlm():
-            return flashlm.ops.dequantize(raw_t, name, shape)
+            return flashlm.ops.dequantize(raw_t, name, shape, out=out_t)
 
         want = reference(raw_2d, name)
         ref_name = "gguf-py"
@@ -289,7 +274,7 @@ def main():
     print(hardware_line(args.device))
     print(versions_line())
     print(f"{n} elements -> float32, shape {list(shape)} ({n * 4 / 2**20:.3g} MiB out); median of {args.reps} "
-          f"interleaved runs after {args.warmup} warm-up; CPU memory {'reused between calls' if reuse else 'freshly allocated per call'}")
+          f"interleaved runs after {args.warmup} warm-up")
     print()
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
