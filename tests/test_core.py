@@ -45,7 +45,7 @@ def test_set_num_threads_round_trip():
     try:
         ops.set_num_threads(3)
         assert ops.num_threads() == 3
-        with pytest.raises(ValueError, match="num_threads"):
+        with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):  # the number too
             ops.set_num_threads(0)
     finally:
         ops.set_num_threads(before)

@@ -1,7 +1,5 @@
 #include "flashlm/core/tensor.h"
 
-#include <sstream>
-
 #include "flashlm/core/error.h"
 
 namespace flashlm {
@@ -49,11 +47,9 @@ bool TensorView::is_contiguous() const {
 }
 
 std::string TensorView::shape_string() const {
-  std::ostringstream out;
-  out << '[';
-  for (int d = 0; d < ndim; ++d) out << (d ? ", " : "") << shape[d];
-  out << ']';
-  return out.str();
+  std::string out = "[";
+  for (int d = 0; d < ndim; ++d) out += (d ? ", " : "") + std::to_string(shape[d]);
+  return out + "]";
 }
 
 }  // namespace flashlm

@@ -2,10 +2,10 @@
 // ValueError -> ValueError, NotImplementedError -> NotImplementedError, anything else -> RuntimeError.
 #pragma once
 
-#include <sstream>
 #include <stdexcept>
 #include <string>
-#include <utility>
+#include <string_view>
+#include <type_traits>
 
 #include "flashlm/core/export.h"
 
@@ -32,11 +32,20 @@ class FLASHLM_API NotImplementedError : public Error {
 };
 
 namespace detail {
+// Error messages are built by appending strings, never with iostreams: a process may hold two copies of
+// libstdc++ (one linked statically into a library), and iostreams' shared locale state breaks across them.
+inline void append(std::string& out, std::string_view s) { out.append(s.data(), s.size()); }
+inline void append(std::string& out, char c) { out.push_back(c); }
+template <class T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& out, T v) {
+  out += std::to_string(v);
+}
+
 template <class... Args>
-std::string concat(Args&&... args) {
-  std::ostringstream out;
-  (out << ... << std::forward<Args>(args));
-  return out.str();
+std::string concat(const Args&... args) {
+  std::string out;
+  (append(out, args), ...);
+  return out;
 }
 }  // namespace detail
 
