@@ -124,18 +124,21 @@ __global__ void __launch_bounds__(kThreads) dequantize_blocks_kernel(const uint8
   }
 }
 
-// F32/F16/BF16 sources: a thread per 8 elements (the last one of a ragged end takes fewer).
+// F32/F16/BF16 sources: a thread per 8 elements (the last one of a ragged end takes fewer). A source
+// that does not start at a multiple of its element size (a byte view into a larger buffer) is read byte by
+// byte: a typed load from there faults on the GPU.
 template <DType In, DType Out>
 __global__ void __launch_bounds__(kThreads) convert_kernel(const uint8_t* __restrict__ src, int64_t n,
-                                                           OutT<Out>* __restrict__ dst, bool aligned) {
+                                                           OutT<Out>* __restrict__ dst, bool src_aligned,
+                                                           bool aligned) {
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * 8;
   const int count = first < n ? static_cast<int>(n - first < 8 ? n - first : 8) : 0;
   float y[8] = {};
   for (int k = 0; k < count; ++k) {
     if constexpr (In == DType::F32) {
-      y[k] = reinterpret_cast<const float*>(src)[first + k];
+      y[k] = src_aligned ? reinterpret_cast<const float*>(src)[first + k] : bits_to_f32(ld_u32(src + 4 * (first + k)));
     } else {
-      uint32_t bits = reinterpret_cast<const uint16_t*>(src)[first + k];
+      uint32_t bits = src_aligned ? reinterpret_cast<const uint16_t*>(src)[first + k] : ld_u16(src + 2 * (first + k));
       y[k] = In == DType::F16 ? f16_to_f32(bits) : bf16_to_f32(bits);
     }
   }
@@ -157,9 +160,10 @@ void launch(DType type, const uint8_t* src, int64_t n_blocks, void* dst, cudaStr
     const int64_t grid = (n_blocks + 8 * kThreads - 1) / (8 * kThreads);
     FLASHLM_CHECK(grid <= 0x7FFFFFFF, "dequantize: tensor too large for one launch");
     const unsigned g = static_cast<unsigned>(grid);
-    if (type == DType::F32) convert_kernel<DType::F32, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
-    if (type == DType::F16) convert_kernel<DType::F16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
-    if (type == DType::BF16) convert_kernel<DType::BF16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, aligned);
+    const bool src_aligned = reinterpret_cast<uintptr_t>(src) % dtype_info(type).block_bytes == 0;
+    if (type == DType::F32) convert_kernel<DType::F32, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, src_aligned, aligned);
+    if (type == DType::F16) convert_kernel<DType::F16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, src_aligned, aligned);
+    if (type == DType::BF16) convert_kernel<DType::BF16, Out><<<g, kThreads, 0, stream>>>(src, n_blocks, out, src_aligned, aligned);
     return;
   }
   bool ok = dispatch_block_type(type, [&](auto decoder) {
