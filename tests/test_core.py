@@ -93,3 +93,17 @@ def test_thread_pool_works_in_a_forked_child():
     expected_queue = ctx.Queue()
     _dequantize_in_child(expected_queue)
     assert result == expected_queue.get(timeout=5)
+
+
+def test_dtype_table_matches_gguf_py():
+    # Every GGML type gguf-py knows has the same id, block size and block bytes in flashlm.
+    import gguf
+
+    from flashlm import _C
+
+    ours = {name: (ggml_id, block, nbytes) for name, ggml_id, block, nbytes in _C.dtypes() if ggml_id >= 0}
+    for qtype, (block, nbytes) in gguf.GGML_QUANT_SIZES.items():
+        if qtype.name == "Q8_1":  # gguf-py says 40 bytes; ggml's block_q8_1 (half d, half s, int8 qs[32]) is 36
+            assert ours["Q8_1"] == (qtype.value, 32, 36)
+            continue
+        assert ours.get(qtype.name) == (qtype.value, block, nbytes), qtype.name

@@ -17,9 +17,9 @@ enum class DType : int32_t {
   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1,
   Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,
   IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, IQ1_M,
-  TQ1_0, TQ2_0, MXFP4,
+  TQ1_0, TQ2_0, MXFP4, NVFP4, Q1_0,
 };
-constexpr int kNumDTypes = static_cast<int>(DType::MXFP4) + 1;
+constexpr int kNumDTypes = static_cast<int>(DType::Q1_0) + 1;
 
 struct DTypeInfo {
   const char* name;     // "F32", "Q4_K": the names ggml and gguf-py use
