@@ -2,6 +2,7 @@
 // run-time ISA (AVX2 / scalar), splitting the blocks over the library's thread pool.
 #include "flashlm/gguf/dequantize.h"
 
+#include <algorithm>
 #include <string>
 
 #include "dequantize_block.h"
