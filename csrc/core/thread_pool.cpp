@@ -54,8 +54,9 @@ class Pool {
     }();
     // A forked child inherits the pool's memory but none of its threads, and its mutexes and condition
     // variables may record waiters that do not exist there (a broadcast would wait for them forever):
-    // abandon the whole pool and start a new one. The child is single-threaded until then.
-    if (g_forked.exchange(false)) pool = new Pool();
+    // abandon the whole pool and start a new one. The child is single-threaded until then. (A plain load
+    // first: every parallel_for comes through here, and an exchange would write a shared cache line.)
+    if (g_forked.load(std::memory_order_relaxed) && g_forked.exchange(false)) pool = new Pool();
     return *pool;
   }
 
