@@ -34,10 +34,19 @@ bool dequantize_supported(DType type) {
   return gguf::detail::dispatch_block_type(type, [](auto) {});
 }
 
+namespace {
+// "F32, F16, ...": the supported types, for error messages, derived so it cannot drift from the kernels.
+std::string supported_names() {
+  std::string names;
+  for (int i = 0; i < kNumDTypes; ++i)
+    if (dequantize_supported(static_cast<DType>(i))) names += std::string(names.empty() ? "" : ", ") + dtype_name(static_cast<DType>(i));
+  return names;
+}
+}  // namespace
+
 void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
   FLASHLM_CHECK(dequantize_supported(src.dtype), "dequantize: source type ", dtype_name(src.dtype),
-                " is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K,"
-                " IQ4_NL, IQ4_XS are)");
+                " is not supported (", supported_names(), " are)");
   FLASHLM_CHECK(dst.dtype == DType::F32 || dst.dtype == DType::F16 || dst.dtype == DType::BF16,
                 "dequantize: output dtype must be F32, F16 or BF16, got ", dtype_name(dst.dtype));
   FLASHLM_CHECK(src.device == dst.device, "dequantize: source and output must be on the same device");
