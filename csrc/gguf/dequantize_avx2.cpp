@@ -278,8 +278,9 @@ FLASHLM_AVX2_INLINE __m256 load8(const uint8_t* p) {
   }
 }
 
-// Elements [begin, end) of a plain source, 32 at a time, the rest one by one as the scalar path does.
-// Plain stores only: a range may start anywhere, and these conversions are not the hot path.
+// Elements [begin, end) of a plain source, 32 at a time; the last < 32 go to the scalar kernel (a call into
+// dequantize_scalar.cpp, compiled without AVX2). Plain stores only: a range may start anywhere, and these
+// conversions are not the hot path.
 template <DType In, DType Out>
 void convert(const uint8_t* src, int64_t begin, int64_t end, void* dst) {
   constexpr int kIn = In == DType::F32 ? 4 : 2, kOut = Out == DType::F32 ? 4 : 2;
@@ -289,20 +290,7 @@ void convert(const uint8_t* src, int64_t begin, int64_t end, void* dst) {
     const uint8_t* p = src + i * kIn;
     out.put32(load8<In>(p), load8<In>(p + 8 * kIn), load8<In>(p + 16 * kIn), load8<In>(p + 24 * kIn));
   }
-  for (; i < end; ++i) {
-    float v;
-    if constexpr (In == DType::F32) {
-      std::memcpy(&v, src + 4 * i, 4);
-    } else {
-      v = In == DType::F16 ? f16_to_f32(ld_u16(src + 2 * i)) : bf16_to_f32(ld_u16(src + 2 * i));
-    }
-    if constexpr (Out == DType::F32) {
-      std::memcpy(static_cast<uint8_t*>(dst) + 4 * i, &v, 4);
-    } else {
-      const uint16_t h = Out == DType::F16 ? f32_to_f16(v) : f32_to_bf16(v);
-      std::memcpy(static_cast<uint8_t*>(dst) + 2 * i, &h, 2);
-    }
-  }
+  if (i < end) dequantize_scalar(In, src, i, end, dst, Out);
 }
 
 template <DType In>
