@@ -41,54 +41,12 @@ import flashlm
 import flashlm.ops
 import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from flashlm.io.random_blocks import TYPES, random_blocks
 
-ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-             "IQ4_NL", "IQ4_XS", "F16", "BF16"]
-
-# Byte offsets of the floating-point fields inside one block (ggml-common.h; csrc/include/flashlm/gguf/blocks.h).
-SCALE_FIELDS = {
-    "Q4_0": [(0, "f16")], "Q4_1": [(0, "f16"), (2, "f16")],
-    "Q5_0": [(0, "f16")], "Q5_1": [(0, "f16"), (2, "f16")],
-    "Q8_0": [(0, "f16")],
-    "Q2_K": [(80, "f16"), (82, "f16")],  # scales[16], qs[64], d, dmin
-    "Q3_K": [(108, "f16")],              # hmask[32], qs[64], scales[12], d
-    "Q4_K": [(0, "f16"), (2, "f16")], "Q5_K": [(0, "f16"), (2, "f16")],
-    "Q6_K": [(208, "f16")],              # ql[128], qh[64], scales[16], d
-    "Q8_K": [(0, "f32")],
-    "IQ4_NL": [(0, "f16")], "IQ4_XS": [(0, "f16")],
-}
+ALL_TYPES = TYPES  # every type flashlm.io.random_blocks can make
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
-
-def random_scales(rng, count, kind):
-    """Bit patterns of finite normal numbers in +-[2^-8, 2^2): every dequantized value stays finite."""
-    r = rng.integers(0, 1 << 32, size=count, dtype=np.uint64)
-    sign, exp = (r & 1), 7 + ((r >> 1) & 7)
-    if kind == "f16":
-        return ((sign << 15) | (exp << 10) | ((r >> 4) & 0x3FF)).astype(np.uint16).view(np.uint8).reshape(count, 2)
-    exp = exp + (127 - 15)
-    return ((sign << 31) | (exp << 23) | ((r >> 4) & 0x7FFFFF)).astype(np.uint32).view(np.uint8).reshape(count, 4)
-
-
-def random_blocks(name, n, seed):
-    """n elements of GGML type `name` as raw uint8 blocks."""
-    rng = np.random.default_rng(seed)
-    block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
-    if name in ("F16", "BF16"):  # any finite value: the exponent is not all ones
-        r = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
-        if name == "F16":
-            bits = (r & 0x8000) | (((r >> 16) % 31) << 10) | ((r >> 40) & 0x3FF)
-        else:
-            bits = (r & 0x8000) | (((r >> 16) % 255) << 7) | ((r >> 40) & 0x7F)
-        return bits.astype(np.uint16).view(np.uint8)
-    raw = rng.integers(0, 256, size=n // block_size * type_size, dtype=np.uint8)
-    blocks = raw.reshape(-1, type_size)
-    for offset, kind in SCALE_FIELDS[name]:
-        scales = random_scales(rng, blocks.shape[0], kind)
-        blocks[:, offset:offset + scales.shape[1]] = scales
-    return raw
-
 
 def reference(raw_2d, name):
     """gguf-py's float32 decoding; None where gguf-py has none (Q8_K)."""

@@ -19,24 +19,18 @@ from tqdm import tqdm
 
 import flashlm
 from flashlm.gguf import GGUFFile
+from flashlm.io.random_blocks import random_blocks
 
 _QUANTIZED_BY_GGUF_PY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-# The types gguf-py cannot quantize get random blocks, with finite fp16 scales at these byte offsets.
-_RANDOM_BLOCK_SCALES = {
-    "IQ4_NL": (0,), "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_XS": (0,),
-}
+# The types gguf-py cannot quantize get random blocks with finite scales.
+_RANDOM_BLOCK_TYPES = ("IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
 
 
 def _make_tensor(name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    qtype = gguf.GGMLQuantizationType[name]
     if name in _QUANTIZED_BY_GGUF_PY:
-        return gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32), qtype)
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, size=(rows * cols // block_size, type_size), dtype=np.uint8)
-    scale = rng.uniform(1e-3, 1e-2, size=(len(blocks), 1)).astype(np.float16).view(np.uint8)
-    for offset in _RANDOM_BLOCK_SCALES[name]:
-        blocks[:, offset:offset + 2] = scale
-    return blocks.reshape(rows, -1)
+        x = rng.standard_normal((rows, cols), dtype=np.float32)
+        return gguf.quants.quantize(x, gguf.GGMLQuantizationType[name])
+    return random_blocks(name, rows * cols, rng).reshape(rows, -1)
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -58,7 +52,7 @@ def run_demo(device: str = "cpu", rows: int = 1024, cols: int = 4096, reps: int 
     print(f"flashlm {flashlm.__version__}: {info['cpu_isa']} CPU kernels on {info['threads']} threads, "
           f"CUDA {'built' if info['cuda'] else 'not built'} ({info['cuda_status']})")
     rng = np.random.default_rng(0)
-    types = list(_QUANTIZED_BY_GGUF_PY) + list(_RANDOM_BLOCK_SCALES)
+    types = list(_QUANTIZED_BY_GGUF_PY) + list(_RANDOM_BLOCK_TYPES)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "demo.gguf"
         writer = gguf.GGUFWriter(str(path), "flashlm-demo")
