@@ -290,36 +290,32 @@ std::string gpu_name() {
 
 // --- registration -----------------------------------------------------------------------------------------
 
-void register_all() {
-  for (DType type : kTypes) {
-    const std::string name = std::string("dequant_cpu/") + flashlm::dtype_name(type) + "/";
-    benchmark::RegisterBenchmark((name + "f32").c_str(), BM_dequant_cpu, type, DType::F32)->UseRealTime();
-  }
-  for (DType type : kTypesWith16BitOut) {
-    const std::string name = std::string("dequant_cpu/") + flashlm::dtype_name(type) + "/";
-    for (DType out : {DType::F16, DType::BF16})
-      benchmark::RegisterBenchmark((name + out_name(out)).c_str(), BM_dequant_cpu, type, out)->UseRealTime();
-  }
+using DequantBench = void (*)(benchmark::State&, DType, DType);
+using CopyBench = void (*)(benchmark::State&, DType);
+
+// One device's set: every type to f32, some to f16/bf16, and the copy ceilings. CPU runs are timed by the
+// wall clock, CUDA runs by the events each benchmark records (manual time).
+void register_device(const std::string& device, DequantBench dequant, CopyBench copy, bool manual_time) {
+  auto timing = [&](benchmark::internal::Benchmark* b) { manual_time ? b->UseManualTime() : b->UseRealTime(); };
+  auto add = [&](DType type, DType out) {
+    const std::string name = "dequant_" + device + "/" + flashlm::dtype_name(type) + "/" + out_name(out);
+    timing(benchmark::RegisterBenchmark(name.c_str(), dequant, type, out));
+  };
+  for (DType type : kTypes) add(type, DType::F32);
+  for (DType type : kTypesWith16BitOut)
+    for (DType out : {DType::F16, DType::BF16}) add(type, out);
   for (DType out : {DType::F32, DType::F16})
-    benchmark::RegisterBenchmark((std::string("memcpy_cpu/") + out_name(out)).c_str(), BM_memcpy_cpu, out)
-        ->UseRealTime();
+    timing(benchmark::RegisterBenchmark(("memcpy_" + device + "/" + out_name(out)).c_str(), copy, out));
+}
+
+void register_all() {
+  register_device("cpu", BM_dequant_cpu, BM_memcpy_cpu, false);
 
   std::string cuda = flashlm::cuda_status();
 #ifdef FLASHLM_WITH_CUDA
   if (flashlm::cuda_device_count() > 0) {
     cuda = gpu_name() + " (" + cuda + ")";
-    for (DType type : kTypes) {
-      const std::string name = std::string("dequant_cuda/") + flashlm::dtype_name(type) + "/";
-      benchmark::RegisterBenchmark((name + "f32").c_str(), BM_dequant_cuda, type, DType::F32)->UseManualTime();
-    }
-    for (DType type : kTypesWith16BitOut) {
-      const std::string name = std::string("dequant_cuda/") + flashlm::dtype_name(type) + "/";
-      for (DType out : {DType::F16, DType::BF16})
-        benchmark::RegisterBenchmark((name + out_name(out)).c_str(), BM_dequant_cuda, type, out)->UseManualTime();
-    }
-    for (DType out : {DType::F32, DType::F16})
-      benchmark::RegisterBenchmark((std::string("memcpy_cuda/") + out_name(out)).c_str(), BM_memcpy_cuda, out)
-          ->UseManualTime();
+    register_device("cuda", BM_dequant_cuda, BM_memcpy_cuda, true);
   } else {
     cuda += "; CUDA benchmarks not run";
   }
