@@ -5,6 +5,7 @@
 namespace nb = nanobind;
 
 namespace flashlm::bindings {
+void bind_attention(nb::module_& m);
 void bind_core(nb::module_& m);
 void bind_gguf(nb::module_& m);
 }  // namespace flashlm::bindings
@@ -23,6 +24,7 @@ NB_MODULE(_C, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
+  flashlm::bindings::bind_attention(m);
   flashlm::bindings::bind_core(m);
   flashlm::bindings::bind_gguf(m);
 }

@@ -1,6 +1,7 @@
 // The public C++ API of libflashlm: include this and link flashlm::flashlm.
 #pragma once
 
+#include "flashlm/attention/flash_attention.h"
 #include "flashlm/core/build_info.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"

@@ -1,0 +1,110 @@
+// Helpers shared by the CPU attention kernels (scalar and AVX2): where a sequence's rows are, which keys
+// a query sees, and f32 <-> bf16 element access.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "attention_params.h"
+
+namespace flashlm::attention::cpu {
+
+// One sequence of the batch: its first query and key rows in the (possibly packed) tensors and its lengths.
+struct Sequence {
+  int64_t q0 = 0, k0 = 0;  // first row (packed batches) or 0 (padded)
+  int64_t sq = 0, sk = 0;
+};
+
+inline Sequence sequence(const Params& p, int b) {
+  Sequence s;
+  if (p.packed()) {
+    s.q0 = p.cu_seqlens_q[b];
+    s.k0 = p.cu_seqlens_k[b];
+    s.sq = p.cu_seqlens_q[b + 1] - s.q0;
+    s.sk = p.cu_seqlens_k[b + 1] - s.k0;
+  } else {
+    s.sq = p.seqlen_q;
+    s.sk = p.seqlen_k;
+  }
+  return s;
+}
+
+// The keys [first, last) that query i of a sequence sees (first >= last: none).
+struct KeyRange {
+  int64_t first, last;
+};
+
+inline KeyRange visible_keys(const Params& p, const Sequence& s, int64_t i) {
+  const int64_t diag = i + s.sk - s.sq;  // the key aligned with query i
+  int64_t first = p.window_left >= 0 ? std::max<int64_t>(0, diag - p.window_left) : 0;
+  int64_t last = p.window_right >= 0 ? std::min<int64_t>(s.sk, diag + p.window_right + 1) : s.sk;
+  return {first, std::max(first, last)};
+}
+
+// The keys any query of rows [i0, i1) sees (the union of their ranges; i0 < i1).
+inline KeyRange visible_keys(const Params& p, const Sequence& s, int64_t i0, int64_t i1) {
+  KeyRange a = visible_keys(p, s, i0), b = visible_keys(p, s, i1 - 1);
+  return {std::min(a.first, b.first), std::max(a.last, b.last)};
+}
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t bits = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+// n elements of a row of `dtype` (F32 or BF16) to f32, and back.
+inline void load_row(const void* src, DType dtype, int64_t n, float* dst) {
+  if (dtype == DType::F32) {
+    std::memcpy(dst, src, size_t(n) * 4);
+  } else {
+    const auto* s = static_cast<const uint16_t*>(src);
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
+  }
+}
+
+inline void store_row(const float* src, int64_t n, void* dst, DType dtype) {
+  if (dtype == DType::F32) {
+    std::memcpy(dst, src, size_t(n) * 4);
+  } else {
+    auto* t = static_cast<uint16_t*>(dst);
+    for (int64_t d = 0; d < n; ++d) t[d] = f32_to_bf16(src[d]);
+  }
+}
+
+// Address of element (row, head, 0) of a tensor given as (base, batch, strides) and its element size.
+inline const void* row_ptr(const void* base, DType dtype, int64_t batch_off, int64_t row, int64_t row_stride,
+                           int64_t head, int64_t head_stride) {
+  const int64_t elem = dtype == DType::F32 ? 4 : 2;
+  return static_cast<const char*>(base) + (batch_off + row * row_stride + head * head_stride) * elem;
+}
+inline void* row_ptr(void* base, DType dtype, int64_t batch_off, int64_t row, int64_t row_stride, int64_t head,
+                     int64_t head_stride) {
+  return const_cast<void*>(row_ptr(static_cast<const void*>(base), dtype, batch_off, row, row_stride, head, head_stride));
+}
+
+// The score of a raw dot product x = q.k, and ds/dx given the score (for the backward pass).
+inline float score(const Params& p, float x) {
+  return p.softcap > 0.f ? p.softcap * std::tanh(x * p.scale / p.softcap) : x * p.scale;
+}
+inline float score_grad(const Params& p, float s) {
+  if (p.softcap > 0.f) {
+    const float t = s / p.softcap;  // tanh(scale * x / softcap)
+    return p.scale * (1.f - t * t);
+  }
+  return p.scale;
+}
+
+}  // namespace flashlm::attention::cpu

@@ -1,0 +1,60 @@
+// Exact attention that never materialises the Sq x Sk score matrix (FlashAttention), forward and backward,
+// on the CPU (f32, bf16) and on CUDA (f16, bf16).
+//
+// Layout (the flash-attn convention): padded batches have q/out [B, Sq, H, D] and k/v [B, Sk, Hkv, D];
+// packed variable-length batches have q/out [total_q, H, D] and k/v [total_k, Hkv, D] with int32
+// cu_seqlens_q/k [B + 1] (cumulative lengths, on the tensors' device). H % Hkv == 0 (GQA/MQA). The last
+// dimension must be contiguous; the other strides are free. The row logsumexp `lse` is f32 and contiguous,
+// [B, H, Sq] for padded batches and [H, total_q] for packed ones.
+//
+// Masking: query i of a sequence with Sq queries and Sk keys sits at key position i + Sk - Sq (bottom-right
+// alignment) and sees key j when  i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right, a negative
+// window side being unbounded. causal is window_right = 0. A row that sees no key gets out = 0 and
+// lse = +inf (its gradients are 0).
+//
+// Scores: s = scale * q.k, or with softcap > 0, s = softcap * tanh(scale * q.k / softcap).
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/export.h"
+#include "flashlm/core/tensor.h"
+
+namespace flashlm {
+
+struct AttentionOptions {
+  float softmax_scale = 0.f;  // > 0; flash-attn's default is 1/sqrt(D)
+  bool causal = false;
+  int64_t window_left = -1;   // -1: unbounded
+  int64_t window_right = -1;  // -1: unbounded (causal forces 0)
+  float softcap = 0.f;        // 0: off
+  int version = 2;            // 1: FlashAttention-1 loop order (K/V outer); 2: FlashAttention-2 (Q outer)
+};
+
+struct AttentionForwardParams {
+  TensorView q, k, v;  // inputs
+  TensorView out;      // output, same shape and dtype as q
+  TensorView lse;      // output, f32
+  // Packed variable-length batch when cu_seqlens_q.data is set (then cu_seqlens_k must be too).
+  TensorView cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // packed batches only: the longest sequence
+  AttentionOptions options;
+};
+
+struct AttentionBackwardParams {
+  TensorView dout, q, k, v, out, lse;  // dout: the gradient of out; out and lse from the forward pass
+  TensorView dq, dk, dv;               // outputs, shaped and typed as q, k, v
+  TensorView delta;                    // output (scratch), f32, shaped as lse: rowsum(dout * out)
+  TensorView cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  AttentionOptions options;            // as in the forward pass (version is ignored: the backward is v2)
+};
+
+// CPU work runs on the library's thread pool; CUDA work is queued on `stream` (a cudaStream_t).
+FLASHLM_API void flash_attention_forward(const AttentionForwardParams& params, void* stream = nullptr);
+FLASHLM_API void flash_attention_backward(const AttentionBackwardParams& params, void* stream = nullptr);
+
+// The head dimensions the CUDA kernels take (others raise): every multiple of 8 up to 256.
+FLASHLM_API bool flash_attention_cuda_supports_head_dim(int64_t head_dim);
+
+}  // namespace flashlm
