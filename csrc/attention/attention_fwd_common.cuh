@@ -1,0 +1,164 @@
+// The forward pass's per-tile steps, shared by both loop orders (attention_fwd_cuda.cu: FlashAttention-2,
+// Q tiles outer; attention_fwd_v1_cuda.cu: FlashAttention-1, K/V tiles outer): tile configuration, scores
+// in the log2 domain, masking, the online softmax and the final normalisation.
+#pragma once
+
+#include "attention_cuda_common.cuh"
+
+namespace flashlm::attention::cuda {
+
+// kBlockM query rows x kBlockN keys per step, kWarps warps each owning kMT 16-row m-tiles (rows warp * 16 kMT
+// ..). Choices (after flash-attn's for A100/H100, whose mma.sync kernels are what torch's flash backend runs):
+//  * d <= 128: kBlockM = 128 with 4 warps of 2 m-tiles each. A warp reuses every K/V fragment it loads from
+//    smem for two m-tiles: one m16n8k16 needs a 256-byte B fragment, and at 16 rows per warp the ldmatrix
+//    traffic alone would cap the tensor cores well below their peak. O takes kDT x 2 x 4 f32 registers per
+//    thread (128 at d = 128), S kNT x 2 x 4; 128 threads x 255 registers still fit 2 CTAs per SM.
+//    kBlockN = 64 for d <= 96; 32 at d = 128, where 64 needs more than 255 registers (ptxas spills in the
+//    main loop). Smem traffic per mma is the same for both (Q fragments are re-read per K tile either way);
+//    the smaller tile only pays the per-tile barriers and softmax bookkeeping twice as often.
+//  * d = 192, 256: 128 x 64 with 8 warps of one m-tile each (O at d = 256 is 32 x 4 = 128 f32 per thread).
+// Shared memory: Q (kBlockM rows) + one K and one V tile (kBlockN rows each), rows padded by 16 bytes:
+// 51 KiB at d = 128, 135 KiB at d = 256 (A100 allows 163 KiB, H100 227 KiB).
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_>
+struct FwdConfig {
+  static constexpr int kHeadDim = kHeadDim_, kBlockM = kBlockM_, kBlockN = kBlockN_, kWarps = kWarps_;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMT = kBlockM / (16 * kWarps);  // 16-row m-tiles per warp
+  static constexpr int kNT = kBlockN / 8;              // 8-key n-blocks of S
+  static constexpr int kDT = kHeadDim / 8;             // 8-column n-blocks of O
+  static constexpr int kStride = kHeadDim + kPad;      // smem row stride, elements
+  static constexpr size_t kSmemBytes = size_t(kBlockM + 2 * kBlockN) * kStride * 2;
+  static_assert(kHeadDim % 16 == 0 && kBlockN % 16 == 0 && kMT >= 1 && kBlockM == kMT * 16 * kWarps,
+                "bad forward tile configuration");
+};
+template <int kHeadDim>
+using FwdConfigFor = std::conditional_t<(kHeadDim <= 96), FwdConfig<kHeadDim, 128, 64, 4>,
+                                        std::conditional_t<(kHeadDim <= 128), FwdConfig<kHeadDim, 128, 32, 4>,
+                                                           FwdConfig<kHeadDim, 128, 64, 8>>>;
+
+// How raw dot products x become log2-domain scores: t = log2(e) * scale * x, or with the softcap
+// t = log2(e) * softcap * tanh(scale * x / softcap).
+struct ScoreMap {
+  float scale2, cap2, cap_in;
+  bool softcap;
+  __device__ __forceinline__ explicit ScoreMap(const Params& p)
+      : scale2(p.scale * kLog2e),
+        cap2(p.softcap * kLog2e),
+        cap_in(p.softcap > 0.f ? p.scale / p.softcap : 0.f),
+        softcap(p.softcap > 0.f) {}
+};
+
+template <int kMT, int kNT>
+__device__ __forceinline__ void scores_log2(float (&s)[kMT][kNT][4], const ScoreMap& sm) {
+  if (sm.softcap) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = sm.cap2 * tanhf(s[mt][nt][e] * sm.cap_in);
+  } else {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] *= sm.scale2;
+  }
+}
+
+// Sets the scores a query does not see to -inf. row0: the query index of the warp's first row; j0: the key
+// index of the tile's first column. Rows outside the sequence are masked entirely.
+template <int kMT, int kNT>
+__device__ __forceinline__ void mask_rows(float (&s)[kMT][kNT][4], const tiles::Band& band, int64_t row0, int64_t j0,
+                                          int lane) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const tiles::Cols c = tiles::key_cols(band, row0 + mt * 16 + (lane >> 2) + 8 * h, j0, kNT * 8);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nt * 8 + 2 * (lane & 3) + e;
+          if (col < c.lo || col >= c.hi) s[mt][nt][2 * h + e] = -INFINITY;
+        }
+    }
+}
+
+// One online-softmax step: folds the tile's scores into the running max m (quad-uniform) and this lane's
+// partial sum l, rescales O, and turns s into p = 2^(t - m). A row with no visible key so far keeps m = -inf
+// and contributes nothing (the exponent base is 0 then, never -inf - -inf). Once the running maxima settle,
+// most tiles leave every row's max unchanged; the warp then skips the O rescale (a vote, 2 kDT kMT FMULs
+// saved per lane).
+template <int kMT, int kNT, int kDT>
+__device__ __forceinline__ void online_softmax(float (&s)[kMT][kNT][4], float (&o)[kMT][kDT][4], float (&m)[kMT][2],
+                                               float (&l)[kMT][2]) {
+  float alpha[kMT][2];
+  bool rescale = false;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m[mt][h];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+      mx = quad_max(mx);
+      const float base = mx == -INFINITY ? 0.f : mx;
+      alpha[mt][h] = exp2_approx(m[mt][h] - base);
+      rescale |= alpha[mt][h] != 1.f;
+      m[mt][h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = exp2_approx(s[mt][nt][2 * h + e] - base);
+          s[mt][nt][2 * h + e] = pe;
+          sum += pe;
+        }
+      l[mt][h] = l[mt][h] * alpha[mt][h] + sum;
+    }
+  if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[mt][dt][e] *= alpha[mt][e >> 1];
+  }
+}
+
+// The end of a row: inv = 1 / rowsum (0 for a row that saw no key) and lse = ln(sum exp(s)) = (m + log2 l)
+// ln 2 (+inf for a row that saw no key). l is per lane on entry.
+template <int kMT>
+__device__ __forceinline__ void finish_rows(const float (&m)[kMT][2], const float (&l)[kMT][2], float (&inv)[kMT][2],
+                                            float (&lse)[kMT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float sum = quad_sum(l[mt][h]);
+      inv[mt][h] = sum > 0.f ? 1.f / sum : 0.f;
+      lse[mt][h] = sum > 0.f ? (m[mt][h] + log2f(sum)) * kLn2 : INFINITY;
+    }
+}
+
+// Writes the rows' lse (lane 0 of each quad): row r of the tile at lse_row0[r], for r < rows.
+template <int kMT>
+__device__ __forceinline__ void store_lse(float* lse_row0, const float (&lse)[kMT][2], int row0, int rows, int lane) {
+  if ((lane & 3) != 0) return;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + mt * 16 + (lane >> 2) + 8 * h;
+      if (r < rows) lse_row0[r] = lse[mt][h];
+    }
+}
+
+// FlashAttention-1 loop order (attention_fwd_v1_cuda.cu), called by forward_cuda for p.version == 1.
+void forward_v1_cuda(const Params& p, bool aligned, cudaStream_t stream);
+
+}  // namespace flashlm::attention::cuda
