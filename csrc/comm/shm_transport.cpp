@@ -53,9 +53,10 @@ namespace flashlm::comm {
 namespace detail {
 namespace {
 
-// 256 KiB slices, 4 in flight per edge (1 MiB per segment): the fastest of 64 KiB..1 MiB x 2..8 slots for
-// 64 MiB allreduces with 2-4 ranks on a 2-core EPYC (bench/compare_allreduce.py, bench/RESULTS_ALLREDUCE.md):
-// a slice stays in the L2/L3 between the writer's copy and the reader's reduction.
+// 256 KiB slices, 4 in flight per edge (1 MiB per segment). Measured with 64 MiB allreduces of 2-4 ranks
+// on a shared 2-core EPYC: 64 KiB slices are clearly slower (1.3-1.5 vs 2-3 GB/s busbw: more hand-offs);
+// 128 KiB-1 MiB and 2-8 slots all fell within the machine's run-to-run noise, and 256 KiB x 4 keeps a
+// slice well inside the L2 between the writer's copy and the reader's reduction.
 constexpr int64_t kDefaultSliceBytes = 256 << 10;
 constexpr int kDefaultSlots = 4;
 constexpr uint64_t kMagic = 0x676e69726d6c6873ull;  // "shlmring"

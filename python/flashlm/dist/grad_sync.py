@@ -10,7 +10,9 @@ its bucket; when a bucket is complete and every bucket before it has been launch
 (on a background thread for CPU tensors, so the ring runs while autograd computes the next gradients; on
 the current CUDA stream for GPU tensors). Buckets are launched strictly in order so every rank runs the
 same sequence of collectives. After wait() each .grad is a view into its bucket, so the next backward
-accumulates straight into it and the copy is skipped.
+accumulates straight into it and the copy is skipped. Between backward and wait() the background thread
+owns the ring: run no other flashlm.dist collective on the same device then (the ranks could interleave
+them in different orders; the shared-memory ring detects that and raises).
 """
 
 import contextlib
