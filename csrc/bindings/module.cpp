@@ -6,6 +6,7 @@ namespace nb = nanobind;
 
 namespace flashlm::bindings {
 void bind_attention(nb::module_& m);
+void bind_comm(nb::module_& m);
 void bind_core(nb::module_& m);
 void bind_gguf(nb::module_& m);
 }  // namespace flashlm::bindings
@@ -25,6 +26,7 @@ NB_MODULE(_C, m) {
     }
   });
   flashlm::bindings::bind_attention(m);
+  flashlm::bindings::bind_comm(m);
   flashlm::bindings::bind_core(m);
   flashlm::bindings::bind_gguf(m);
 }

@@ -16,6 +16,7 @@
 
 #include <string>
 
+#include "../core/cuda_guard.h"
 #include "dequantize_block.h"
 #include "dequantize_kernels.h"
 #include "flashlm/core/error.h"
@@ -176,25 +177,10 @@ void launch(DType type, const uint8_t* src, int64_t n_blocks, void* dst, cudaStr
   FLASHLM_CHECK(ok, "dequantize: no CUDA kernel for ", dtype_name(type));
 }
 
-// Makes `device` current for its lifetime and restores the previous one.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 }  // namespace
 
 void dequantize_cuda(DType type, const uint8_t* src, int64_t n_blocks, void* dst, DType out, int device, void* stream) {
-  DeviceGuard guard(device);
+  CudaDeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
   switch (out) {
     case DType::F32: launch<DType::F32>(type, src, n_blocks, dst, s); break;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "flashlm/attention/flash_attention.h"
+#include "flashlm/comm/ring.h"
 #include "flashlm/core/build_info.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
