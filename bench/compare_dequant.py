@@ -9,7 +9,7 @@ and set against a plain copy of the same output size, torch `dst.copy_(src)` of 
 same device. Before timing, flashlm's output is checked bit for bit against gguf-py's (the script stops
 with a message if they differ). Each measurement warms up, then takes the median of --reps runs; the
 three take turns run by run, so that background load on a shared machine falls on all of them alike, with
-a 10 ms pause after each (see SETTLE_S). CUDA runs are timed with CUDA events.
+a 10 ms pause after each (see bench_util.SETTLE_S). CUDA runs are timed with CUDA events.
 
 GB/s: flashlm and gguf-py count the blocks read plus the float32 output written; the copy counts its
 read plus its write. "x gguf-py" is gguf-py's median time over flashlm's; "% copy" is flashlm's GB/s as a
@@ -28,11 +28,8 @@ Run (from the repository root, with flashlm installed):
 
 import argparse
 import importlib.metadata
-import os
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -42,6 +39,7 @@ import flashlm.ops
 import gguf
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from flashlm.io.random_blocks import TYPES, random_blocks
+from bench_util import fmt, hardware_line, median_seconds, print_table
 
 ALL_TYPES = TYPES  # every type flashlm.io.random_blocks can make
 
@@ -76,71 +74,11 @@ def check_bit_exact(name, got, want):
                  f" (0x{want_bits[i]:08x}). Not timing a wrong kernel.")
 
 
-# --- timing ----------------------------------------------------------------------------------------------
-
-# Pause after each timed run: torch's OpenMP workers keep spinning for a few ms after a parallel op and
-# then take a core from flashlm's own pool (2 cores: flashlm's Q4_K 12.5 ms right after a torch copy,
-# 8.1 ms on its own or 10 ms later).
-SETTLE_S = 0.01
-
-
-def median_seconds(fns, reps, warmup):
-    """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
-    so that on a shared machine every one of them sees the same background load (and their ratios hold)."""
-    for fn, _ in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {label: [] for label in fns}
-    events = None
-    for _ in range(reps):
-        for label, (fn, device) in fns.items():
-            if device == "cuda":
-                if events is None:
-                    torch.cuda.synchronize()
-                    events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start, stop = events
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times[label].append(start.elapsed_time(stop) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[label].append(time.perf_counter() - t0)
-            time.sleep(SETTLE_S)
-    return {label: statistics.median(t) for label, t in times.items()}
-
-
 # --- report ----------------------------------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware_line(device):
-    cpu = (f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.ops.num_threads()} threads "
-           f"(ISA {flashlm.ops.cpu_isa()}), torch {torch.get_num_threads()} threads, gguf-py/numpy 1 thread")
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        return f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}\n{cpu}"
-    return cpu
-
 
 def versions_line():
     return (f"flashlm {flashlm.__version__}, gguf-py {importlib.metadata.version('gguf')}, "
             f"numpy {np.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
-
-
-def fmt(x, spec, missing="n/a"):
-    return missing if x is None else format(x, spec)
 
 
 def main():
@@ -229,16 +167,12 @@ def main():
     header = ["type", "bits/elem", "bit-exact", f"flashlm {args.device} ms", "flashlm GB/s",
               f"gguf-py{gguf_where} ms", f"gguf-py{gguf_where} GB/s", "x gguf-py", f"copy {args.device} GB/s",
               "% copy"]
-    print(hardware_line(args.device))
+    print(hardware_line(args.device, flashlm.ops, f"torch {torch.get_num_threads()} threads, gguf-py/numpy 1 thread"))
     print(versions_line())
     print(f"{n} elements -> float32, shape {list(shape)} ({n * 4 / 2**20:.3g} MiB out); median of {args.reps} "
           f"interleaved runs after {args.warmup} warm-up")
     print()
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    print_table(header, rows)
     for note in notes:
         print(f"- {note}")
 

@@ -156,32 +156,41 @@ void check_device(const Device& device, const char* op) {
                 cuda_status(), ")");
 }
 
-bool empty_problem(const Params& p) { return p.batch == 0 || p.seqlen_q == 0; }
-
 }  // namespace
 
 bool flash_attention_cuda_supports_head_dim(int64_t head_dim) { return head_dim >= 8 && head_dim <= 256 && head_dim % 8 == 0; }
 
-void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
-  Params p = make_params(a.q, a.k, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.options);
+namespace {
+
+// Checks q, k, v, out and lse (shared by the forward and backward passes) and fills their part of Params.
+// Returns the shapes of q and k, for the tensors shaped like them.
+void fill_inputs(Params& p, const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& out,
+                 const TensorView& lse, int64_t* q_shape, int64_t* kv_shape) {
   const bool packed = p.packed();
-  const int64_t q_shape[4] = {a.q.shape[0], a.q.shape[1], a.q.shape[2], packed ? 0 : a.q.shape[3]};
-  const int64_t kv_shape[4] = {a.k.shape[0], a.k.shape[1], a.k.shape[2], packed ? 0 : a.k.shape[3]};
-  const Strides qs = check_qkv(a.q, "q", packed, a.q, nullptr);
-  const Strides ks = check_qkv(a.k, "k", packed, a.q, nullptr);
-  const Strides vs = check_qkv(a.v, "v", packed, a.q, kv_shape);
-  const Strides os = check_qkv(a.out, "out", packed, a.q, q_shape);
-  check_stats(a.lse, "lse", p, a.q.device);
-  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data;
-  p.lse = static_cast<float*>(a.lse.data);
+  for (int d = 0; d < q.ndim; ++d) q_shape[d] = q.shape[d], kv_shape[d] = k.shape[d];
+  const Strides qs = check_qkv(q, "q", packed, q, nullptr);
+  const Strides ks = check_qkv(k, "k", packed, q, nullptr);
+  const Strides vs = check_qkv(v, "v", packed, q, kv_shape);
+  const Strides os = check_qkv(out, "out", packed, q, q_shape);
+  check_stats(lse, "lse", p, q.device);
+  p.q = q.data, p.k = k.data, p.v = v.data, p.out = out.data;
+  p.lse = static_cast<float*>(lse.data);
   p.q_batch_stride = qs.batch, p.q_row_stride = qs.row, p.q_head_stride = qs.head;
   p.k_batch_stride = ks.batch, p.k_row_stride = ks.row, p.k_head_stride = ks.head;
   p.v_batch_stride = vs.batch, p.v_row_stride = vs.row, p.v_head_stride = vs.head;
   p.o_batch_stride = os.batch, p.o_row_stride = os.row, p.o_head_stride = os.head;
   p.lse_batch_stride = packed ? 0 : int64_t(p.heads) * p.seqlen_q;
   p.lse_head_stride = packed ? p.total_q : p.seqlen_q;
+}
+
+}  // namespace
+
+void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
+  Params p = make_params(a.q, a.k, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.options);
+  int64_t q_shape[4], kv_shape[4];
+  fill_inputs(p, a.q, a.k, a.v, a.out, a.lse, q_shape, kv_shape);
   check_device(a.q.device, "flash_attention_forward");
-  if (empty_problem(p)) return;
+  if (p.batch == 0 || p.seqlen_q == 0) return;
   if (a.q.device.is_cuda()) {
     attention::forward_cuda(p, a.q.device.index, stream);
     return;
@@ -192,33 +201,20 @@ void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
 
 void flash_attention_backward(const AttentionBackwardParams& a, void* stream) {
   Params p = make_params(a.q, a.k, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.options);
+  int64_t q_shape[4], kv_shape[4];
+  fill_inputs(p, a.q, a.k, a.v, a.out, a.lse, q_shape, kv_shape);
   const bool packed = p.packed();
-  const int64_t q_shape[4] = {a.q.shape[0], a.q.shape[1], a.q.shape[2], packed ? 0 : a.q.shape[3]};
-  const int64_t kv_shape[4] = {a.k.shape[0], a.k.shape[1], a.k.shape[2], packed ? 0 : a.k.shape[3]};
-  const Strides qs = check_qkv(a.q, "q", packed, a.q, nullptr);
-  const Strides ks = check_qkv(a.k, "k", packed, a.q, nullptr);
-  const Strides vs = check_qkv(a.v, "v", packed, a.q, kv_shape);
-  const Strides os = check_qkv(a.out, "out", packed, a.q, q_shape);
   const Strides dos = check_qkv(a.dout, "dout", packed, a.q, q_shape);
   const Strides dqs = check_qkv(a.dq, "dq", packed, a.q, q_shape);
   const Strides dks = check_qkv(a.dk, "dk", packed, a.q, kv_shape);
   const Strides dvs = check_qkv(a.dv, "dv", packed, a.q, kv_shape);
-  check_stats(a.lse, "lse", p, a.q.device);
   check_stats(a.delta, "delta", p, a.q.device);
-  p.q = a.q.data, p.k = a.k.data, p.v = a.v.data, p.out = a.out.data, p.dout = a.dout.data;
-  p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data;
-  p.lse = static_cast<float*>(a.lse.data);
+  p.dout = a.dout.data, p.dq = a.dq.data, p.dk = a.dk.data, p.dv = a.dv.data;
   p.delta = static_cast<float*>(a.delta.data);
-  p.q_batch_stride = qs.batch, p.q_row_stride = qs.row, p.q_head_stride = qs.head;
-  p.k_batch_stride = ks.batch, p.k_row_stride = ks.row, p.k_head_stride = ks.head;
-  p.v_batch_stride = vs.batch, p.v_row_stride = vs.row, p.v_head_stride = vs.head;
-  p.o_batch_stride = os.batch, p.o_row_stride = os.row, p.o_head_stride = os.head;
   p.do_batch_stride = dos.batch, p.do_row_stride = dos.row, p.do_head_stride = dos.head;
   p.dq_batch_stride = dqs.batch, p.dq_row_stride = dqs.row, p.dq_head_stride = dqs.head;
   p.dk_batch_stride = dks.batch, p.dk_row_stride = dks.row, p.dk_head_stride = dks.head;
   p.dv_batch_stride = dvs.batch, p.dv_row_stride = dvs.row, p.dv_head_stride = dvs.head;
-  p.lse_batch_stride = packed ? 0 : int64_t(p.heads) * p.seqlen_q;
-  p.lse_head_stride = packed ? p.total_q : p.seqlen_q;
   p.version = 2;
   check_device(a.q.device, "flash_attention_backward");
   if (p.batch == 0) return;

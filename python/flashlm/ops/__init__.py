@@ -5,7 +5,16 @@ import os
 import torch
 
 from flashlm import _C
+from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
 from flashlm.ops.dequant import dequantize, dequantize_supported
+from flashlm.ops.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 __version__ = _C.__version__
 GGUFError = _C.GGUFError
@@ -41,5 +50,7 @@ def cmake_prefix_path() -> str:
 
 __all__ = [
     "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
-    "dequantize_supported", "num_threads", "set_cpu_isa", "set_num_threads",
+    "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func", "num_threads", "set_cpu_isa", "set_num_threads",
 ]

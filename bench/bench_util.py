@@ -1,0 +1,76 @@
+"""Timing and reporting shared by the bench/compare_*.py scripts (run as scripts, so they import this by name)."""
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# Pause after each timed run: torch's OpenMP workers keep spinning for a few ms after a parallel op and
+# then take a core from flashlm's own pool (2 cores: flashlm's Q4_K dequantization 12.5 ms right after a
+# torch copy, 8.1 ms on its own or 10 ms later).
+SETTLE_S = 0.01
+
+
+def median_seconds(fns, reps, warmup):
+    """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
+    so that on a shared machine every one of them sees the same background load (and their ratios hold).
+    CUDA runs are timed with CUDA events."""
+    for fn, _ in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {label: [] for label in fns}
+    events = None
+    for _ in range(reps):
+        for label, (fn, device) in fns.items():
+            if device == "cuda":
+                if events is None:
+                    torch.cuda.synchronize()
+                    events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, stop = events
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                times[label].append(start.elapsed_time(stop) * 1e-3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - t0)
+            time.sleep(SETTLE_S)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_line(device, flashlm_ops, peers):
+    """The machine, and the threads flashlm and its peers (a string such as "torch 2 threads") use."""
+    cpu = (f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm_ops.num_threads()} threads "
+           f"(ISA {flashlm_ops.cpu_isa()}), {peers}")
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}\n{cpu}"
+    return cpu
+
+
+def fmt(x, spec, missing="n/a"):
+    return missing if x is None else format(x, spec)
+
+
+def print_table(header, rows):
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""compare_attention: flashlm's flash attention against torch's scaled_dot_product_attention, one table per run.
+
+For each (seqlen, head_dim, causal) at batch 1 and 16 heads (S = Sq = Sk), random q, k, v go through
+  flashlm   flashlm.flash_attn_interface.flash_attn_func, layout [B, S, H, D], v2 tiling (and v1, forward only),
+  torch     torch.nn.functional.scaled_dot_product_attention, layout [B, H, S, D] (its own; on CUDA forced to
+            its flash backend),
+forward alone and forward + backward. Each side gets its native layout, prepared before timing. Before
+timing, flashlm's output is checked against torch's (the script stops if they differ beyond the dtype's
+tolerance). Medians of --reps interleaved runs after warm-up (bench_util.median_seconds).
+
+FLOPs count the matmuls: forward 4 * B * H * D * (visible query-key pairs), forward + backward 3.5 times that
+(the backward's five matmuls against the forward's two); causal pairs are S (S + 1) / 2. "x torch" is torch's
+median time over flashlm's. The ceiling is a large torch matmul in the same dtype on the same device
+(CPU: float32, torch's MKL/oneDNN on its threads; CUDA: bf16 on the tensor cores).
+
+Run (from the repository root, with flashlm installed):
+  python bench/compare_attention.py                            # CPU float32, S 512/2048/4096, D 64/128
+  python bench/compare_attention.py --seqlens 2048 --dtype bf16
+  python bench/compare_attention.py --device cuda --dtype bf16  # needs flashlm's CUDA kernels and a GPU
+  python bench/compare_attention.py --quick                    # a few seconds: CI smoke
+"""
+
+import argparse
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import flashlm
+import flashlm.ops
+from bench_util import fmt, hardware_line, median_seconds, print_table
+from flashlm.flash_attn_interface import flash_attn_func
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # max |flashlm - torch|
+
+
+def matmul_peak(device, dtype, n=4096, reps=5):
+    """FLOP/s of an n x n x n torch matmul: the ceiling attention's matmuls work against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median_seconds({"mm": (lambda: torch.mm(a, b), device)}, reps, 2)["mm"]
+    return 2 * n**3 / t
+
+
+def visible_pairs(s, causal):
+    return s * (s + 1) // 2 if causal else s * s
+
+
+def torch_sdpa_context(device):
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def run_case(args, s, d, causal, dtype):
+    """Times one configuration; returns {label: seconds}."""
+    b, h, device = 1, args.heads, args.device
+    g = torch.Generator().manual_seed(s * 1000 + d)
+    q, k, v, dout = (torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    # torch's own layout, [B, H, S, D], contiguous.
+    qt, kt, vt, doutt = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    qtl, ktl, vtl = (t.clone().requires_grad_() for t in (qt, kt, vt))
+
+    with torch_sdpa_context(device):
+        ours = flash_attn_func(q, k, v, causal=causal)
+        theirs = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+        err = (ours.float() - theirs.float()).abs().max().item()
+        if err > TOLERANCE[dtype]:
+            sys.exit(f"compare_attention: S={s} D={d} causal={causal}: flashlm differs from torch by {err:.3g} "
+                     f"(> {TOLERANCE[dtype]}). Not timing a wrong kernel.")
+
+        def fwd_bwd_flashlm():
+            for t in (ql, kl, vl):
+                t.grad = None
+            flash_attn_func(ql, kl, vl, causal=causal).backward(dout)
+
+        def fwd_bwd_torch():
+            for t in (qtl, ktl, vtl):
+                t.grad = None
+            F.scaled_dot_product_attention(qtl, ktl, vtl, is_causal=causal).backward(doutt)
+
+        fns = {
+            "flashlm fwd": (lambda: flash_attn_func(q, k, v, causal=causal), device),
+            "torch fwd": (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), device),
+            "flashlm fwd+bwd": (fwd_bwd_flashlm, device),
+            "torch fwd+bwd": (fwd_bwd_torch, device),
+        }
+        if args.v1:
+            fns["flashlm v1 fwd"] = (lambda: flash_attn_func(q, k, v, causal=causal, version=1), device)
+        with torch.no_grad():
+            fwd = median_seconds({k_: v_ for k_, v_ in fns.items() if "bwd" not in k_}, args.reps, args.warmup)
+        both = median_seconds({k_: v_ for k_, v_ in fns.items() if "bwd" in k_}, args.reps, args.warmup)
+    return {**fwd, **both}, err
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: f32 on the CPU, bf16 on CUDA")
+    ap.add_argument("--seqlens", default="512,2048,4096")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    ap.add_argument("--no-v1", dest="v1", action="store_false", help="skip the v1 (FlashAttention-1 order) forward")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default: 5 CPU, 20 CUDA)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and few runs: a smoke test in seconds")
+    args = ap.parse_args()
+    dtype = DTYPES[args.dtype or ("f32" if args.device == "cpu" else "bf16")]
+    if args.device == "cpu" and dtype == torch.float16:
+        ap.error("--dtype f16: flashlm's CPU kernels take f32 and bf16")
+    if args.device == "cuda" and dtype == torch.float32:
+        ap.error("--dtype f32: flashlm's CUDA kernels take f16 and bf16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_attention: --device cuda, but torch sees no CUDA device")
+    args.reps = args.reps or (5 if args.device == "cpu" else 20)
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    head_dims = [int(x) for x in args.head_dims.split(",")]
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    if args.quick:
+        seqlens, head_dims, args.reps, args.warmup, args.heads = [128], [64], 3, 1, 2
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+
+    peak = matmul_peak(args.device, dtype, n=512 if args.quick else 4096)
+    unit, scale = ("TFLOP/s", 1e12) if args.device == "cuda" else ("GFLOP/s", 1e9)
+    cases = [(s, d, c) for s in seqlens for d in head_dims for c in causals]
+    try:
+        from tqdm import tqdm
+        cases = tqdm(cases, desc="configs", leave=False, disable=None, file=sys.stderr)
+    except ImportError:
+        pass
+    rows = []
+    for s, d, causal in cases:
+        t, err = run_case(args, s, d, causal, dtype)
+        flops = 4 * args.heads * d * visible_pairs(s, causal)
+        for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+            ours, theirs = t[f"flashlm {mode}"], t[f"torch {mode}"]
+            v1 = t.get(f"flashlm v1 {mode}")
+            rows.append([
+                f"{s}", f"{d}", "yes" if causal else "no", mode,
+                f"{ours * 1e3:.2f}", f"{flops * mult / ours / scale:.1f}",
+                f"{theirs * 1e3:.2f}", f"{flops * mult / theirs / scale:.1f}", f"{theirs / ours:.2f}",
+                f"{flops * mult / ours / peak * 100:.0f}", fmt(v1 and v1 * 1e3, ".2f", "-"), f"{err:.1e}",
+            ])
+    print(hardware_line(args.device, flashlm.ops, f"torch {torch.get_num_threads()} threads"))
+    print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"B=1, H={args.heads}, Sq=Sk=S, {str(dtype).replace('torch.', '')}; median of {args.reps} interleaved runs "
+          f"after {args.warmup} warm-up; ceiling: torch matmul {peak / scale:.1f} {unit}")
+    print()
+    print_table(["S", "D", "causal", "pass", "flashlm ms", f"flashlm {unit}", "torch ms", f"torch {unit}",
+                 "x torch", "% peak", "v1 ms", "max |diff|"], rows)
+
+
+if __name__ == "__main__":
+    main()
