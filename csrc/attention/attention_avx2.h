@@ -143,9 +143,11 @@ FLASHLM_AVX2_INLINE void gemm_rows(const AView<kT>& a, const float* b, int64_t l
   if (n0 < n) gemm_tile<MR, 1>(a, b, ldb, kdim, m0, n0, epi);
 }
 
-// The whole product for m rows and n columns (n a multiple of 8): 6-row panels, then the 1..5 left.
+// The whole product for m rows and n columns (n a multiple of 8): 6-row panels, then the 1..5 left. Kept
+// out of line: inlined into its callers, the microkernel's loop counters spilled to the stack (the callers
+// hold many values), which cost 5% of the forward pass at D = 64 and 128.
 template <bool kT, class Epi>
-void gemm(const AView<kT>& a, const float* b, int64_t ldb, int64_t kdim, int64_t m, int64_t n, Epi& epi) {
+__attribute__((noinline)) void gemm(const AView<kT>& a, const float* b, int64_t ldb, int64_t kdim, int64_t m, int64_t n, Epi& epi) {
   int64_t m0 = 0;
   for (; m0 + 6 <= m; m0 += 6) gemm_rows<6>(a, b, ldb, kdim, m0, n, epi);
   switch (m - m0) {
@@ -295,9 +297,34 @@ FLASHLM_AVX2_INLINE void store_row_scaled(const float* src, float mul, int64_t d
   }
 }
 
-// Column c of a [dp x ld] transposed tile = the row (f32, dp elements).
-FLASHLM_AVX2_INLINE void put_column(const float* row, int64_t dp, float* tile, int64_t ld, int64_t c) {
-  for (int64_t d = 0; d < dp; ++d) tile[d * ld + c] = row[d];
+// Columns c0 .. c0 + rows of a [dp x ld] tile = the rows of src [rows x dp] (rows and dp multiples of 8),
+// 8 x 8 blocks at a time.
+FLASHLM_AVX2_INLINE void transpose_into(const float* src, int64_t rows, int64_t dp, float* tile, int64_t ld,
+                                        int64_t c0) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    for (int64_t d = 0; d < dp; d += 8) {
+      const float* s = src + r * dp + d;
+      __m256 a0 = _mm256_loadu_ps(s), a1 = _mm256_loadu_ps(s + dp), a2 = _mm256_loadu_ps(s + 2 * dp),
+             a3 = _mm256_loadu_ps(s + 3 * dp), a4 = _mm256_loadu_ps(s + 4 * dp), a5 = _mm256_loadu_ps(s + 5 * dp),
+             a6 = _mm256_loadu_ps(s + 6 * dp), a7 = _mm256_loadu_ps(s + 7 * dp);
+      const __m256 b0 = _mm256_unpacklo_ps(a0, a1), b1 = _mm256_unpackhi_ps(a0, a1), b2 = _mm256_unpacklo_ps(a2, a3),
+                   b3 = _mm256_unpackhi_ps(a2, a3), b4 = _mm256_unpacklo_ps(a4, a5), b5 = _mm256_unpackhi_ps(a4, a5),
+                   b6 = _mm256_unpacklo_ps(a6, a7), b7 = _mm256_unpackhi_ps(a6, a7);
+      a0 = _mm256_shuffle_ps(b0, b2, 0x44), a1 = _mm256_shuffle_ps(b0, b2, 0xEE);
+      a2 = _mm256_shuffle_ps(b1, b3, 0x44), a3 = _mm256_shuffle_ps(b1, b3, 0xEE);
+      a4 = _mm256_shuffle_ps(b4, b6, 0x44), a5 = _mm256_shuffle_ps(b4, b6, 0xEE);
+      a6 = _mm256_shuffle_ps(b5, b7, 0x44), a7 = _mm256_shuffle_ps(b5, b7, 0xEE);
+      float* t = tile + d * ld + c0 + r;
+      _mm256_storeu_ps(t, _mm256_permute2f128_ps(a0, a4, 0x20));
+      _mm256_storeu_ps(t + ld, _mm256_permute2f128_ps(a1, a5, 0x20));
+      _mm256_storeu_ps(t + 2 * ld, _mm256_permute2f128_ps(a2, a6, 0x20));
+      _mm256_storeu_ps(t + 3 * ld, _mm256_permute2f128_ps(a3, a7, 0x20));
+      _mm256_storeu_ps(t + 4 * ld, _mm256_permute2f128_ps(a0, a4, 0x31));
+      _mm256_storeu_ps(t + 5 * ld, _mm256_permute2f128_ps(a1, a5, 0x31));
+      _mm256_storeu_ps(t + 6 * ld, _mm256_permute2f128_ps(a2, a6, 0x31));
+      _mm256_storeu_ps(t + 7 * ld, _mm256_permute2f128_ps(a3, a7, 0x31));
+    }
+  }
 }
 
 // ---- Scratch ---------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 // AVX2/FMA attention forward, in the two loop orders of the FlashAttention papers. Computes what
 // attention_scalar.cpp (the reference) computes, in f32 with a different summation order.
 //
-//   v2 (FlashAttention-2): one task per (batch, K/V head, block of kBlockM queries) that takes the queries
-//       of every head of the GQA group, so each K/V block is packed once for G x kBlockM query rows. The
-//       task walks the K/V blocks its queries can see (blocks outside the causal/window band are never
-//       touched), keeping the running max m, sum l and the unnormalised output in a task-local tile, and
-//       normalises once at the end.
+//   v2 (FlashAttention-2): a query block is kBlockM rows of every head of a GQA group, so each K/V block
+//       serves G x kBlockM query rows. Tasks are (batch, K/V head, chunk), chunk c taking query blocks c,
+//       c + nchunks, ... (as many chunks as keep the pool busy; interleaved so that under a causal mask each
+//       chunk gets long and short blocks alike). A task packs the keys its blocks see once; each block then
+//       walks the K/V blocks it can see (blocks outside the causal/window band are never touched), keeping
+//       the running max m, sum l and the unnormalised output in a task-local tile, and normalises once.
 //   v1 (FlashAttention-1): one task per (batch, head); the outer loop walks K/V blocks, the inner loop the
 //       query blocks, and each query block's output (f32), m and l are read and written back for every K/V
 //       block; normalised at the end.
@@ -14,12 +15,14 @@
 //   S^T = K . Q^T (log2 units, masked)  ->  m, alpha, P^T = exp2(S^T - m), l  ->  O = alpha O + P . V
 // Tiles are f32 and padded to multiples of 8 in head_dim (zeros); see attention_avx2.h for the layouts.
 //
-// Block sizes (B=1, H=16, S=2048, f32, 2 threads, causal and not; bench/bench_attention.cpp):
-//   kBlockN = 64 keys: K and V blocks of 16 KiB each at D = 64 (32 KiB at D = 128) stay in L1/L2 while
-//     every query column passes over them; 32 was 3-6% slower (more softmax passes and rescales of O),
-//     128 about the same at D = 64 and 4% slower at D = 128.
-//   kBlockM = 64 query rows per head (v2), fewer when the GQA group is large (G x rows <= 256): packing
-//     K/V costs 1/(G kBlockM) of the work; 32 rows was 3% slower, 128 the same but half the tasks.
+// Block sizes: measured on this project's 2-vCPU Zen 3 machine with one thread (CPU time, so that the
+// shared machine's load does not blur the comparison), B=1, H=16, S=2048, f32, not causal; medians of three
+// interleaved rounds, GFLOP/s at D = 64 / 128 (before the GEMM was kept out of line, +5% everywhere):
+//   kBlockN (keys per K/V block) 32: 68.6 / 69.4, 64: 70.7 / 73.8, 128: 69.0 / 71.9. 64 keys make K and V
+//     blocks of 16 KiB at D = 64: one of them stays in L1 while all query columns pass over it.
+//   kBlockM (query rows per head and block) 32: 70.6 / 70.4, 48: 70.7, 64: 70.7 / 73.8, 128: 69.0 / 71.4.
+// With those, the GEMMs take 81% of the time at about the speed of a large torch matmul on one thread
+// (90-93 GFLOP/s), the online softmax (mostly exp2) 10%, packing 4% (perf, bench_attention).
 #include "attention_avx2.h"
 #include "attention_kernels.h"
 #include "flashlm/core/thread_pool.h"
@@ -65,25 +68,24 @@ void pack_kv(const Params& p, int b, const Sequence& s, int kvh, int64_t j0, int
   }
 }
 
-// Queries i0 .. i0 + n of head h as columns c0 .. c0 + n of a [dp x ld] tile, with their key ranges.
-void pack_queries(const Params& p, int b, const Sequence& s, int h, int64_t i0, int64_t n, int64_t dp, float* row,
+// Queries i0 .. i0 + n of head h as columns c0 .. c0 + round_up(n, 8) of a [dp x ld] tile, with their key
+// ranges; the padding columns are zero queries that see no key. rows: scratch [round_up(n, 8) x dp].
+void pack_queries(const Params& p, int b, const Sequence& s, int h, int64_t i0, int64_t n, int64_t dp, float* rows,
                   float* qt, int64_t ld, int64_t c0, const ColumnRanges& ranges) {
-  for (int64_t i = 0; i < n; ++i) {
-    load_row_f32(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i0 + i, p.q_row_stride, h, p.q_head_stride),
-                 p.dtype, p.head_dim, dp, row);
-    put_column(row, dp, qt, ld, c0 + i);
-    const cpu::KeyRange keys = cpu::visible_keys(p, s, i0 + i);
-    ranges.first[c0 + i] = int32_t(keys.first);
-    ranges.last[c0 + i] = int32_t(keys.last);
+  const int64_t np = round_up(n, 8);
+  for (int64_t i = 0; i < np; ++i) {
+    if (i < n) {
+      load_row_f32(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i0 + i, p.q_row_stride, h, p.q_head_stride),
+                   p.dtype, p.head_dim, dp, rows + i * dp);
+      const cpu::KeyRange keys = cpu::visible_keys(p, s, i0 + i);
+      ranges.first[c0 + i] = int32_t(keys.first);
+      ranges.last[c0 + i] = int32_t(keys.last);
+    } else {
+      std::memset(rows + i * dp, 0, size_t(dp) * 4);
+      ranges.first[c0 + i] = ranges.last[c0 + i] = 0;
+    }
   }
-}
-
-// Pads columns [from, to) of a query tile: zero queries that see no key.
-void pad_columns(float* qt, int64_t dp, int64_t ld, int64_t from, int64_t to, const ColumnRanges& ranges) {
-  for (int64_t c = from; c < to; ++c) {
-    for (int64_t d = 0; d < dp; ++d) qt[d * ld + c] = 0.f;
-    ranges.first[c] = ranges.last[c] = 0;
-  }
+  transpose_into(rows, np, dp, qt, ld, c0);
 }
 
 void init_state(const QueryTile& t, int64_t dp) {
@@ -184,34 +186,41 @@ QueryTile carve_query_tile(Carver& c, int64_t cols, int64_t dp) {
   return t;
 }
 
-// v2: queries [qb * bm, +bm) of every head sharing K/V head kvh.
-void forward_v2_task(const Params& p, int b, int kvh, int64_t qb, int64_t bm, Scratch& scratch) {
+// v2: the query blocks qb = chunk, chunk + nchunks, ... (last first) of every head sharing K/V head kvh.
+// The keys those blocks see are packed once, then each block walks them.
+void forward_v2_task(const Params& p, int b, int kvh, int64_t chunk, int64_t nchunks, int64_t bm, Scratch& scratch) {
   const Sequence s = cpu::sequence(p, b);
-  const int64_t i0 = qb * bm, n = min64(s.sq, i0 + bm) - i0;
-  if (n <= 0) return;
+  const int64_t nqb = (s.sq + bm - 1) / bm;
+  if (chunk >= nqb) return;
   const int G = p.group();
-  const int64_t dp = round_up(p.head_dim, 8), cols = round_up(G * n, 8);
+  const int64_t dp = round_up(p.head_dim, 8), cols = G * round_up(min64(bm, s.sq), 8);
+  const int64_t last_qb = chunk + (nqb - 1 - chunk) / nchunks * nchunks;
+  const cpu::KeyRange keys = cpu::visible_keys(p, s, chunk * bm, min64(s.sq, (last_qb + 1) * bm));
+  const int64_t nk = max64(0, keys.last - keys.first);
   const int64_t s_floats = kBlockN * cols * (p.softcap > 0.f ? 2 : 1);
-  Carver c{scratch.get(query_tile_floats(cols, dp) + 2 * kBlockN * dp + dp + s_floats + 64)};
+  Carver c{scratch.get(query_tile_floats(cols, dp) + 2 * round_up(nk * dp, 16) + round_up(bm, 8) * dp + s_floats + 64)};
   QueryTile t = carve_query_tile(c, cols, dp);
-  float* k = c.take(kBlockN * dp);
-  float* v = c.take(kBlockN * dp);
-  float* row = c.take(dp);
+  float* k = c.take(nk * dp);
+  float* v = c.take(nk * dp);
+  float* rows = c.take(round_up(bm, 8) * dp);
   float* sbuf = c.take(s_floats);
-  for (int g = 0; g < G; ++g)
-    pack_queries(p, b, s, kvh * G + g, i0, n, dp, row, const_cast<float*>(t.qt), cols, g * n, t.ranges);
-  pad_columns(const_cast<float*>(t.qt), dp, cols, G * n, cols, t.ranges);
-  init_state(t, dp);
-  const cpu::KeyRange keys = cpu::visible_keys(p, s, i0, i0 + n);
-  t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
-  t.last_min = cpu::visible_keys(p, s, i0).last;
-  for (int64_t j0 = keys.first; j0 < keys.last; j0 += kBlockN) {
-    const int64_t bn = min64(kBlockN, keys.last - j0);
-    pack_kv(p, b, s, kvh, j0, bn, dp, k, v);
-    block_step(p, t, KvBlock{k, v, j0, bn}, dp, sbuf);
+  pack_kv(p, b, s, kvh, keys.first, nk, dp, k, v);
+  for (int64_t qb = last_qb; qb >= chunk; qb -= nchunks) {
+    const int64_t i0 = qb * bm, n = min64(s.sq, i0 + bm) - i0, np = round_up(n, 8);
+    t.cols = G * np;
+    for (int g = 0; g < G; ++g)
+      pack_queries(p, b, s, kvh * G + g, i0, n, dp, rows, const_cast<float*>(t.qt), t.cols, g * np, t.ranges);
+    init_state(t, dp);
+    const cpu::KeyRange mine = cpu::visible_keys(p, s, i0, i0 + n);
+    t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
+    t.last_min = cpu::visible_keys(p, s, i0).last;
+    for (int64_t j0 = mine.first; j0 < mine.last; j0 += kBlockN) {
+      const int64_t off = (j0 - keys.first) * dp;
+      block_step(p, t, KvBlock{k + off, v + off, j0, min64(kBlockN, mine.last - j0)}, dp, sbuf);
+    }
+    for (int g = 0; g < G; ++g)
+      for (int64_t i = 0; i < n; ++i) finish_column(p, t, g * np + i, dp, b, s, kvh * G + g, i0 + i);
   }
-  for (int g = 0; g < G; ++g)
-    for (int64_t i = 0; i < n; ++i) finish_column(p, t, g * n + i, dp, b, s, kvh * G + g, i0 + i);
 }
 
 // v1: head h of sequence b; K/V blocks outer, query blocks inner.
@@ -222,10 +231,10 @@ void forward_v1_task(const Params& p, int b, int h, Scratch& scratch) {
   const int64_t nqb = (s.sq + bm - 1) / bm;
   const int64_t s_floats = kBlockN * bm * (p.softcap > 0.f ? 2 : 1);
   Carver c{scratch.get(nqb * (query_tile_floats(bm, dp) + int64_t(sizeof(QueryTile) / 4) + 32) +
-                       2 * kBlockN * dp + dp + s_floats + 64)};
+                       2 * kBlockN * dp + bm * dp + s_floats + 64)};
   float* k = c.take(kBlockN * dp);
   float* v = c.take(kBlockN * dp);
-  float* row = c.take(dp);
+  float* rows = c.take(bm * dp);
   float* sbuf = c.take(s_floats);
   // One query tile per block of kBlockM rows (the last one narrower), all kept for the whole pass.
   QueryTile* tiles = reinterpret_cast<QueryTile*>(c.take(nqb * int64_t(sizeof(QueryTile) / 4 + 1)));
@@ -233,8 +242,7 @@ void forward_v1_task(const Params& p, int b, int h, Scratch& scratch) {
     const int64_t i0 = qb * bm, n = min64(s.sq, i0 + bm) - i0;
     QueryTile& t = tiles[qb];
     t = carve_query_tile(c, round_up(n, 8), dp);
-    pack_queries(p, b, s, h, i0, n, dp, row, const_cast<float*>(t.qt), t.cols, 0, t.ranges);
-    pad_columns(const_cast<float*>(t.qt), dp, t.cols, n, t.cols, t.ranges);
+    pack_queries(p, b, s, h, i0, n, dp, rows, const_cast<float*>(t.qt), t.cols, 0, t.ranges);
     init_state(t, dp);
     t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
     t.last_min = cpu::visible_keys(p, s, i0).last;
@@ -269,12 +277,15 @@ bool forward_avx2(const Params& p) {
   const int G = p.group();
   const int64_t bm = max64(8, min64(kBlockM, kMaxColumns / G / 8 * 8));
   const int64_t nqb = (p.seqlen_q + bm - 1) / bm;  // of the longest sequence
-  // Tasks in the order (batch, K/V head, query block from the last): under causal masks the late blocks
-  // are the long ones, and starting them first evens out the threads' shares.
-  parallel_for(int64_t(p.batch) * p.kv_heads * nqb, 1, [&](int64_t begin, int64_t end) {
+  // Enough tasks for the pool's 4 ranges per thread; each (batch, K/V head) is split into chunks that take
+  // every nchunks-th query block, so under a causal mask every chunk gets as many long blocks as short ones.
+  const int64_t pairs = int64_t(p.batch) * p.kv_heads;
+  const int64_t nchunks = max64(1, min64(nqb, (4 * int64_t(num_threads()) + pairs - 1) / pairs));
+  parallel_for(pairs * nchunks, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t t = begin; t < end; ++t)
-      forward_v2_task(p, int(t / (p.kv_heads * nqb)), int(t / nqb % p.kv_heads), nqb - 1 - t % nqb, bm, scratch);
+      forward_v2_task(p, int(t / (p.kv_heads * nchunks)), int(t / nchunks % p.kv_heads), t % nchunks, nchunks, bm,
+                      scratch);
   });
   return true;
 }
