@@ -10,6 +10,9 @@
 #include "attention_params.h"
 
 namespace flashlm::attention::cpu {
+// Internal linkage: the AVX2 kernels include these too, and a copy compiled with AVX2 flags must never be
+// the one that callers on other CPUs get (see attention_avx2.h).
+namespace {
 
 // One sequence of the batch: its first query and key rows in the (possibly packed) tensors and its lengths.
 struct Sequence {
@@ -107,4 +110,5 @@ inline float score_grad(const Params& p, float s) {
   return p.scale;
 }
 
+}  // namespace
 }  // namespace flashlm::attention::cpu
