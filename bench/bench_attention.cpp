@@ -38,11 +38,8 @@ Own flags, taken out before Google Benchmark's: --heads=N (default 16), --thread
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "flashlm/flashlm.h"
-
-#ifdef FLASHLM_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 namespace {
 
@@ -70,16 +67,6 @@ void set_flops(benchmark::State& state, double flops_per_iter) {
 }
 
 // Random values in [-1, 1) stored as f32, bf16 or f16 bits (round to nearest; the values need no care).
-struct SplitMix64 {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-};
-
 uint16_t f32_to_half_bits(float f, DType t) {
   uint32_t x;
   std::memcpy(&x, &f, 4);
@@ -93,7 +80,7 @@ uint16_t f32_to_half_bits(float f, DType t) {
 
 std::vector<uint8_t> random_tensor(int64_t n, DType t, uint64_t seed) {
   std::vector<uint8_t> data(static_cast<size_t>(n * elem_bytes(t)));
-  SplitMix64 rng{seed};
+  bench::SplitMix64 rng{seed};
   for (int64_t i = 0; i < n; ++i) {
     const float f = float(rng.next() >> 40) / float(1 << 23) - 1.f;
     if (t == DType::F32) {
@@ -182,49 +169,8 @@ void BM_attention_cpu(benchmark::State& state, Pass pass, DType dtype, int64_t s
 // --- CUDA -------------------------------------------------------------------------------------------------
 
 #ifdef FLASHLM_WITH_CUDA
-#define BENCH_CUDA_CHECK(call)                                                                  \
-  do {                                                                                          \
-    cudaError_t err_ = (call);                                                                  \
-    if (err_ != cudaSuccess)                                                                    \
-      throw std::runtime_error(std::string(#call) + ": " + cudaGetErrorString(err_));           \
-  } while (0)
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) { BENCH_CUDA_CHECK(cudaMalloc(&ptr, bytes)); }
-  DeviceBuffer(const void* host, size_t bytes) : DeviceBuffer(bytes) {
-    BENCH_CUDA_CHECK(cudaMemcpy(ptr, host, bytes, cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
-
-// A stream and a pair of events; `time(fn)` returns the seconds the GPU spent on what fn queued.
-struct CudaTimer {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  CudaTimer() {
-    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    BENCH_CUDA_CHECK(cudaEventCreate(&start));
-    BENCH_CUDA_CHECK(cudaEventCreate(&stop));
-  }
-  ~CudaTimer() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cudaStreamDestroy(stream);
-  }
-  template <class Fn>
-  double time(Fn&& fn) {
-    BENCH_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn();
-    BENCH_CUDA_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    return ms * 1e-3;
-  }
-};
+using bench::CudaTimer;
+using bench::DeviceBuffer;
 
 void BM_attention_cuda(benchmark::State& state, Pass pass, DType dtype, int64_t s, int64_t d, bool causal) {
   try {
@@ -250,11 +196,6 @@ void BM_attention_cuda(benchmark::State& state, Pass pass, DType dtype, int64_t 
   }
 }
 
-std::string gpu_name() {
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) return "?";
-  return std::string(prop.name) + ", " + std::to_string(prop.totalGlobalMem >> 30) + " GiB";
-}
 #endif  // FLASHLM_WITH_CUDA
 
 // --- registration -----------------------------------------------------------------------------------------
@@ -281,20 +222,11 @@ void register_device(const std::string& device, AttentionBench bench, std::initi
 void register_all() {
   register_device("cpu", BM_attention_cpu, {Pass::FwdV1, Pass::FwdV2, Pass::Bwd}, {DType::F32, DType::BF16}, false);
 
-  std::string cuda = flashlm::cuda_status();
+  bench::register_cuda_and_context([] {
 #ifdef FLASHLM_WITH_CUDA
-  if (flashlm::cuda_device_count() > 0) {
-    cuda = gpu_name() + " (" + cuda + ")";
     register_device("cuda", BM_attention_cuda, {Pass::FwdV2, Pass::Bwd}, {DType::F16, DType::BF16}, true);
-  } else {
-    cuda += "; CUDA benchmarks not run";
-  }
-#else
-  cuda += "; CUDA benchmarks not built";
 #endif
-  benchmark::AddCustomContext("flashlm_cuda", cuda);
-  benchmark::AddCustomContext("flashlm_cpu_isa", flashlm::cpu_isa_name(flashlm::cpu_isa()));
-  benchmark::AddCustomContext("flashlm_threads", std::to_string(flashlm::num_threads()));
+  });
   benchmark::AddCustomContext("flashlm_shape", "B=1 H=" + std::to_string(g_heads) + " Sq=Sk=S [B, S, H, D]");
 }
 
@@ -309,7 +241,7 @@ bool parse_positive(const std::string& arg, size_t prefix, int* out) {
   return true;
 }
 
-// Takes this program's own flags out of argv (Google Benchmark rejects flags it does not know).
+// This program's own flags, taken out of argv.
 bool parse_own_flags(int* argc, char** argv) {
   int kept = 1;
   for (int i = 1; i < *argc; ++i) {
@@ -321,15 +253,7 @@ bool parse_own_flags(int* argc, char** argv) {
       if (!parse_positive(arg, 10, &n)) return false;
       flashlm::set_num_threads(n);
     } else if (arg.rfind("--isa=", 0) == 0) {
-      const std::string isa = arg.substr(6);
-      try {
-        if (isa == "scalar") flashlm::set_cpu_isa(flashlm::CpuIsa::Scalar);
-        else if (isa == "avx2") flashlm::set_cpu_isa(flashlm::CpuIsa::AVX2);
-        else throw std::runtime_error("--isa must be scalar or avx2, got '" + isa + "'");
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "bench_attention: %s\n", e.what());
-        return false;
-      }
+      if (!bench::set_isa_flag(arg.substr(6), "bench_attention")) return false;
     } else {
       if (arg == "--help")
         std::printf("bench_attention [--heads=N (default 16)] [--threads=N] [--isa=scalar|avx2] [Google Benchmark flags]\n");
@@ -342,12 +266,4 @@ bool parse_own_flags(int* argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!parse_own_flags(&argc, argv)) return 2;
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
-  register_all();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::run_main(argc, argv, parse_own_flags, register_all); }

@@ -44,16 +44,14 @@ The peer comparison (gguf-py, torch copy) lives in bench/compare_dequant.py; res
 #include <string>
 #include <vector>
 
+#include "bench_common.h"
 #include "flashlm/flashlm.h"
-
-#ifdef FLASHLM_WITH_CUDA
-#include <cuda_runtime.h>
-#endif
 
 namespace {
 
 using flashlm::DType;
 namespace gg = flashlm::gguf;
+using bench::SplitMix64;
 
 int64_t g_elements = int64_t{1} << 24;  // 16M: 64 MiB of f32 output
 
@@ -67,16 +65,6 @@ int64_t out_elem_bytes(DType out) { return out == DType::F32 ? 4 : 2; }
 const char* out_name(DType out) { return out == DType::F32 ? "f32" : out == DType::F16 ? "f16" : "bf16"; }
 
 // --- random blocks --------------------------------------------------------------------------------------
-
-struct SplitMix64 {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-};
 
 // Random bit patterns of finite, normal numbers with magnitudes in [2^-8, 2^2): scales of that size keep
 // every dequantized value finite, so outputs can be compared bit for bit.
@@ -200,46 +188,8 @@ void BM_memcpy_cpu(benchmark::State& state, DType out) {
 // --- CUDA -------------------------------------------------------------------------------------------------
 
 #ifdef FLASHLM_WITH_CUDA
-#define BENCH_CUDA_CHECK(call)                                                                  \
-  do {                                                                                          \
-    cudaError_t err_ = (call);                                                                  \
-    if (err_ != cudaSuccess)                                                                    \
-      throw std::runtime_error(std::string(#call) + ": " + cudaGetErrorString(err_));           \
-  } while (0)
-
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) { BENCH_CUDA_CHECK(cudaMalloc(&ptr, bytes)); }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
-
-// A stream and a pair of events; `time(fn)` returns the seconds the GPU spent on what fn queued.
-struct CudaTimer {
-  cudaStream_t stream = nullptr;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  CudaTimer() {
-    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    BENCH_CUDA_CHECK(cudaEventCreate(&start));
-    BENCH_CUDA_CHECK(cudaEventCreate(&stop));
-  }
-  ~CudaTimer() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cudaStreamDestroy(stream);
-  }
-  template <class Fn>
-  double time(Fn&& fn) {
-    BENCH_CUDA_CHECK(cudaEventRecord(start, stream));
-    fn();
-    BENCH_CUDA_CHECK(cudaEventRecord(stop, stream));
-    BENCH_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    BENCH_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    return ms * 1e-3;
-  }
-};
+using bench::CudaTimer;
+using bench::DeviceBuffer;
 
 void BM_dequant_cuda(benchmark::State& state, DType type, DType out) {
   try {
@@ -281,11 +231,6 @@ void BM_memcpy_cuda(benchmark::State& state, DType out) {
   }
 }
 
-std::string gpu_name() {
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess) return "?";
-  return std::string(prop.name) + ", " + std::to_string(prop.totalGlobalMem >> 30) + " GiB";
-}
 #endif  // FLASHLM_WITH_CUDA
 
 // --- registration -----------------------------------------------------------------------------------------
@@ -311,24 +256,15 @@ void register_device(const std::string& device, DequantBench dequant, CopyBench 
 void register_all() {
   register_device("cpu", BM_dequant_cpu, BM_memcpy_cpu, false);
 
-  std::string cuda = flashlm::cuda_status();
+  bench::register_cuda_and_context([] {
 #ifdef FLASHLM_WITH_CUDA
-  if (flashlm::cuda_device_count() > 0) {
-    cuda = gpu_name() + " (" + cuda + ")";
     register_device("cuda", BM_dequant_cuda, BM_memcpy_cuda, true);
-  } else {
-    cuda += "; CUDA benchmarks not run";
-  }
-#else
-  cuda += "; CUDA benchmarks not built";
 #endif
-  benchmark::AddCustomContext("flashlm_cuda", cuda);
-  benchmark::AddCustomContext("flashlm_cpu_isa", flashlm::cpu_isa_name(flashlm::cpu_isa()));
-  benchmark::AddCustomContext("flashlm_threads", std::to_string(flashlm::num_threads()));
+  });
   benchmark::AddCustomContext("flashlm_elements", std::to_string(g_elements));
 }
 
-// Takes this program's own flags out of argv (Google Benchmark rejects flags it does not know).
+// This program's own flags, taken out of argv.
 bool parse_own_flags(int* argc, char** argv) {
   int kept = 1;
   for (int i = 1; i < *argc; ++i) {
@@ -342,15 +278,7 @@ bool parse_own_flags(int* argc, char** argv) {
       }
       g_elements = (n + 255) / 256 * 256;  // whole blocks of every type
     } else if (arg.rfind("--isa=", 0) == 0) {
-      const std::string isa = arg.substr(6);
-      try {
-        if (isa == "scalar") flashlm::set_cpu_isa(flashlm::CpuIsa::Scalar);
-        else if (isa == "avx2") flashlm::set_cpu_isa(flashlm::CpuIsa::AVX2);
-        else throw std::runtime_error("--isa must be scalar or avx2, got '" + isa + "'");
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "bench_dequant: %s\n", e.what());
-        return false;
-      }
+      if (!bench::set_isa_flag(arg.substr(6), "bench_dequant")) return false;
     } else {
       if (arg == "--help")
         std::printf("bench_dequant [--elements=N (default 16777216)] [--isa=scalar|avx2] [Google Benchmark flags]\n");
@@ -363,12 +291,4 @@ bool parse_own_flags(int* argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!parse_own_flags(&argc, argv)) return 2;
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
-  register_all();
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::run_main(argc, argv, parse_own_flags, register_all); }

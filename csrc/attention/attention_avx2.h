@@ -270,6 +270,17 @@ FLASHLM_AVX2_INLINE void load_row_f32(const void* src, DType dtype, int64_t d, i
   for (; i < dp; ++i) dst[i] = 0.f;
 }
 
+// Keys j0 .. j0 + n of K/V head kvh of sequence s as f32 rows of dp floats (zero-padded).
+FLASHLM_AVX2_INLINE void pack_kv(const Params& p, int b, const cpu::Sequence& s, int kvh, int64_t j0, int64_t n,
+                                 int64_t dp, float* k, float* v) {
+  for (int64_t j = 0; j < n; ++j) {
+    load_row_f32(cpu::row_ptr(p.k, p.dtype, b * p.k_batch_stride, s.k0 + j0 + j, p.k_row_stride, kvh, p.k_head_stride),
+                 p.dtype, p.head_dim, dp, k + j * dp);
+    load_row_f32(cpu::row_ptr(p.v, p.dtype, b * p.v_batch_stride, s.k0 + j0 + j, p.v_row_stride, kvh, p.v_head_stride),
+                 p.dtype, p.head_dim, dp, v + j * dp);
+  }
+}
+
 // f32 -> bf16 bits in the low half of each 32-bit lane, rounding to nearest even as cpu::f32_to_bf16
 // (NaN stays NaN).
 FLASHLM_AVX2_INLINE __m128i bf16_from_f32(__m256 v) {
@@ -354,6 +365,17 @@ class Scratch {
  private:
   float* data_ = nullptr;
   int64_t size_ = 0;
+};
+
+// Consecutive float arrays carved out of one scratch allocation (each start 64-byte aligned).
+struct Carver {
+  float* base;
+  int64_t used = 0;
+  float* take(int64_t n) {
+    float* r = base + used;
+    used += round_up(n, 16);
+    return r;
+  }
 };
 
 }  // namespace

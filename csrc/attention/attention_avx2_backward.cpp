@@ -41,16 +41,6 @@ struct QueryBlock {
   int64_t keys_first, keys_last;  // the keys any row of the block sees
 };
 
-struct Carver {
-  float* base;
-  int64_t used = 0;
-  float* take(int64_t n) {
-    float* r = base + used;
-    used += round_up(n, 16);
-    return r;
-  }
-};
-
 int64_t query_block_floats(int64_t cols, int64_t dp) { return 4 * round_up(cols * dp, 16) + 4 * round_up(cols, 16); }
 
 // Packs rows [i0, i0 + n) of head h and computes their delta (stored to p.delta when write_delta).
@@ -168,12 +158,7 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
     qb.ranges.first = reinterpret_cast<int32_t*>(c.take(qb.cols));
     qb.ranges.last = reinterpret_cast<int32_t*>(c.take(qb.cols));
   }
-  for (int64_t j = 0; j < nk; ++j) {
-    load_row_f32(cpu::row_ptr(p.k, p.dtype, b * p.k_batch_stride, s.k0 + ka + j, p.k_row_stride, kvh, p.k_head_stride),
-                 p.dtype, p.head_dim, dp, k + j * dp);
-    load_row_f32(cpu::row_ptr(p.v, p.dtype, b * p.v_batch_stride, s.k0 + ka + j, p.v_row_stride, kvh, p.v_head_stride),
-                 p.dtype, p.head_dim, dp, v + j * dp);
-  }
+  pack_kv(p, b, s, kvh, ka, nk, dp, k, v);
   std::memset(dk, 0, size_t(nk * dp) * 4);
   std::memset(dv, 0, size_t(nk * dp) * 4);
 

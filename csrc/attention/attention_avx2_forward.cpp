@@ -58,16 +58,6 @@ struct KvBlock {
   int64_t j0, bn;
 };
 
-void pack_kv(const Params& p, int b, const Sequence& s, int kvh, int64_t j0, int64_t bn, int64_t dp, float* k,
-             float* v) {
-  for (int64_t j = 0; j < bn; ++j) {
-    load_row_f32(cpu::row_ptr(p.k, p.dtype, b * p.k_batch_stride, s.k0 + j0 + j, p.k_row_stride, kvh, p.k_head_stride),
-                 p.dtype, p.head_dim, dp, k + j * dp);
-    load_row_f32(cpu::row_ptr(p.v, p.dtype, b * p.v_batch_stride, s.k0 + j0 + j, p.v_row_stride, kvh, p.v_head_stride),
-                 p.dtype, p.head_dim, dp, v + j * dp);
-  }
-}
-
 // Queries i0 .. i0 + n of head h as columns c0 .. c0 + round_up(n, 8) of a [dp x ld] tile, with their key
 // ranges; the padding columns are zero queries that see no key. rows: scratch [round_up(n, 8) x dp].
 void pack_queries(const Params& p, int b, const Sequence& s, int h, int64_t i0, int64_t n, int64_t dp, float* rows,
@@ -159,17 +149,6 @@ void finish_column(const Params& p, const QueryTile& t, int64_t c, int64_t dp, i
     *lse = __builtin_inff();
   }
 }
-
-// Carves consecutive float arrays out of one scratch allocation.
-struct Carver {
-  float* base;
-  int64_t used = 0;
-  float* take(int64_t n) {
-    float* r = base + used;
-    used += round_up(n, 16);
-    return r;
-  }
-};
 
 int64_t query_tile_floats(int64_t cols, int64_t dp) { return 2 * round_up(cols * dp, 16) + 5 * round_up(cols, 16); }
 
