@@ -15,8 +15,11 @@ from flashlm import _C
 from flashlm.ops._util import cuda_stream
 
 
-def _lse_shape(q: torch.Tensor, packed: bool) -> tuple:
-    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+def _forward_outputs(q: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (out, lse) for q: out like q, lse float32 [batch, heads, seqlen_q] or, packed, [heads, total_q]."""
+    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(lse_shape, dtype=torch.float32, device=q.device))
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
@@ -42,8 +45,7 @@ def flash_attn_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward: returns (out, lse)."""
     q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
+    out, lse = _forward_outputs(q, cu_seqlens_q is not None)
     _C.flash_attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_left, window_right, softcap, version, cuda_stream(q))
     return out, lse
@@ -52,9 +54,7 @@ def flash_attn_forward(
 @flash_attn_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
       window_right, softcap, version):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32, device=q.device)
-    return out, lse
+    return _forward_outputs(q, cu_seqlens_q is not None)
 
 
 @torch.library.custom_op("flashlm::flash_attn_backward", mutates_args=(), device_types=("cpu", "cuda"))
