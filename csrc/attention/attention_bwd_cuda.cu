@@ -343,15 +343,13 @@ void backward_cuda(const Params& p, int device, void* stream) {
   using namespace cuda;
   DeviceGuard guard(device);
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool aligned = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && aligned16(p.dout) && aligned16(p.dq) &&
-                       aligned16(p.dk) && aligned16(p.dv) &&
-                       strides8(p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-                       strides8(p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-                       strides8(p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
-                       strides8(p.do_batch_stride, p.do_row_stride, p.do_head_stride) &&
-                       strides8(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) &&
-                       strides8(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) &&
-                       strides8(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+  const bool aligned = vector_ok(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+                       vector_ok(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+                       vector_ok(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
+                       vector_ok(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride) &&
+                       vector_ok(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) &&
+                       vector_ok(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) &&
+                       vector_ok(p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   dispatch_dtype(p.dtype, [&](auto bf16) {
     constexpr bool kBf16 = decltype(bf16)::value;
     if (p.seqlen_q > 0) {

@@ -335,8 +335,10 @@ class DeviceGuard {
 // row/head/batch strides are multiples of 8 elements (every row then starts on one). Other layouts (odd
 // strides, offset views) are still supported: the kernels then load element by element (slower, same
 // results), so no layout the contract allows is rejected.
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-inline bool strides8(int64_t a, int64_t b, int64_t c) { return a % 8 == 0 && b % 8 == 0 && c % 8 == 0; }
+inline bool vector_ok(const void* ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && batch_stride % 8 == 0 && row_stride % 8 == 0 &&
+         head_stride % 8 == 0;
+}
 
 // Sets the dynamic shared memory limit of `kernel` when it needs more than the default 48 KiB.
 template <class Kernel>
