@@ -231,6 +231,25 @@ __device__ __forceinline__ void zero(float (&acc)[kMT][kNT][4]) {
 // ---------------------------------------------------------------------------------------------------------
 // Tile loads and stores.
 
+// One 16-byte chunk (8 elements) global -> shared, zero-filled when !pred (src must still be a valid address).
+// `aligned`: src and dst are 16-byte aligned and the copy is an asynchronous cp.async; otherwise the chunk is
+// read element by element and stored synchronously.
+template <class T>
+__device__ __forceinline__ void load_chunk(T* dst, const T* src, bool pred, bool aligned) {
+  if (aligned) {
+    cp_async_16(smem_addr(dst), src, pred);
+  } else {
+    uint16_t u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (pred) {
+      const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) u[k] = s16[k];
+    }
+    *reinterpret_cast<uint4*>(dst) = make_uint4(u[0] | (uint32_t(u[1]) << 16), u[2] | (uint32_t(u[3]) << 16),
+                                                u[4] | (uint32_t(u[5]) << 16), u[6] | (uint32_t(u[7]) << 16));
+  }
+}
+
 // Copies rows [0, rows) x columns [0, d) of a tile (row r at src + r * row_stride) into smem [kRows][kHeadDim
 // + kPad] and zero-fills the rest of the kRows x kHeadDim tile, so padding rows and columns contribute 0 to
 // every product. `aligned`: src and row_stride allow 16-byte cp.async (see check_alignment); otherwise the
@@ -247,21 +266,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
   for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
     const int idx = it * kThreads + int(threadIdx.x);
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    T* dst = smem + r * (kHeadDim + kPad) + c;
     const bool pred = r < rows && c < d;
-    const T* s = pred ? src + r * row_stride + c : fallback;
-    if (aligned) {
-      cp_async_16(smem_addr(dst), s, pred);
-    } else {
-      uint16_t u[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (pred) {
-        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) u[k] = s16[k];
-      }
-      *reinterpret_cast<uint4*>(dst) = make_uint4(u[0] | (uint32_t(u[1]) << 16), u[2] | (uint32_t(u[3]) << 16),
-                                                  u[4] | (uint32_t(u[5]) << 16), u[6] | (uint32_t(u[7]) << 16));
-    }
+    load_chunk(smem + r * (kHeadDim + kPad) + c, pred ? src + r * row_stride + c : fallback, pred, aligned);
   }
 }
 

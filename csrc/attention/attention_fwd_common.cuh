@@ -46,6 +46,8 @@ struct ScoreMap {
         cap2(p.softcap * kLog2e),
         cap_in(p.softcap > 0.f ? p.scale / p.softcap : 0.f),
         softcap(p.softcap > 0.f) {}
+  __device__ __forceinline__ ScoreMap(float scale, float cap)
+      : scale2(scale * kLog2e), cap2(cap * kLog2e), cap_in(cap > 0.f ? scale / cap : 0.f), softcap(cap > 0.f) {}
 };
 
 template <int kMT, int kNT>
@@ -156,6 +158,75 @@ __device__ __forceinline__ void store_lse(float* lse_row0, const float (&lse)[kM
       const int r = row0 + mt * 16 + (lane >> 2) + 8 * h;
       if (r < rows) lse_row0[r] = lse[mt][h];
     }
+}
+
+// One query tile of the FlashAttention-2 loop order (attention_fwd_cuda.cu, and the paged prefill of
+// csrc/kvcache): the rows [i0, i0 + rows) of a sequence (row r of Q at q + r * q_row_stride, of out at out +
+// r * o_row_stride, its lse at lse_row0[r] unless lse_row0 is null) against every K/V tile that any of them
+// sees under `band`. The caller says where keys live: load_k(dst, j0) and load_v(dst, j0) issue, without a
+// commit, the cp.async copies of the K or V tile whose first key is j0 into the smem tile dst, zero-filling
+// rows past the sequence's end (load_tile does for a strided tensor). Pipeline, with one K and one V buffer:
+// V(n) is loaded while S = Q K(n)^T is computed, and K(n + 1) while the softmax and O += P V(n) run, so a
+// load is always in flight behind the math.
+template <class Cfg, bool kBf16, class LoadK, class LoadV>
+__device__ __forceinline__ void forward_q_tile(unsigned char* smem, const Elem<kBf16>* q, int64_t q_row_stride,
+                                               Elem<kBf16>* out, int64_t o_row_stride, float* lse_row0,
+                                               const tiles::Band& band, int64_t i0, int rows, int d,
+                                               const ScoreMap& score_map, bool aligned, LoadK&& load_k,
+                                               LoadV&& load_v) {
+  using T = Elem<kBf16>;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
+  constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kDT = Cfg::kDT;
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBlockM * kStride;
+  T* sV = sK + kBlockN * kStride;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const tiles::Range n_tiles = tiles::tile_range(band.keys(i0, i0 + rows), kBlockN);
+
+  float o[kMT][kDT][4];
+  float m[kMT][2], l[kMT][2];
+  zero(o);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
+
+  const int row0 = warp * kMT * 16;  // the warp's first row in the tile
+  const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK), v_base = smem_addr(sV);
+
+  if (n_tiles.begin < n_tiles.end) {
+    load_tile<kBlockM, Cfg::kHeadDim, Cfg::kThreads>(sQ, q, q_row_stride, rows, d, aligned, q);
+    load_k(sK, n_tiles.begin * kBlockN);
+    cp_async_commit();
+  }
+  for (int64_t n = n_tiles.begin; n < n_tiles.end; ++n) {
+    const int64_t j0 = n * kBlockN;
+    cp_async_wait<0>();  // Q and K(n) have landed
+    __syncthreads();     // ... for every thread, and every warp is done with V(n - 1)
+    load_v(sV, j0);
+    cp_async_commit();
+
+    float s[kMT][kNT][4];
+    zero(s);
+    mma_abt<kBf16, kMT, kNT, Cfg::kHeadDim, kStride, kStride>(s, q_base, k_base, lane);
+
+    cp_async_wait<0>();  // V(n) has landed
+    __syncthreads();     // ... for every thread, and every warp is done with K(n)
+    if (n + 1 < n_tiles.end) {
+      load_k(sK, j0 + kBlockN);
+      cp_async_commit();
+    }
+
+    scores_log2(s, score_map);
+    if (!band.tile_full(i0, i0 + rows, j0, j0 + kBlockN)) mask_rows(s, band, i0 + row0, j0, lane);
+    online_softmax(s, o, m, l);
+    uint32_t pa[kMT][kNT / 2][4];
+    acc_to_a<kBf16>(pa, s);
+    mma_pv<kBf16, kMT, kNT / 2, kDT, kStride>(o, pa, v_base, lane);
+  }
+
+  float inv[kMT][2], lse[kMT][2];
+  finish_rows(m, l, inv, lse);
+  store_acc<kBf16>(out, o_row_stride, o, inv, row0, 0, rows, d, aligned, lane);
+  if (lse_row0 != nullptr) store_lse(lse_row0, lse, row0, rows, lane);
 }
 
 // FlashAttention-1 loop order (attention_fwd_v1_cuda.cu), called by forward_cuda for p.version == 1.
