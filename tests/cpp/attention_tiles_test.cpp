@@ -7,20 +7,9 @@
 
 #include "attention_cpu.h"
 #include "attention_tiles.h"
+#include "expect.h"
 
 using namespace flashlm::attention;
-
-static int failures = 0;
-#define EXPECT(cond, ...)                                            \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      if (++failures <= 20) {                                        \
-        std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                                    \
-        std::printf("\n");                                           \
-      }                                                              \
-    }                                                                \
-  } while (0)
 
 static bool sees(const Params& p, const cpu::Sequence& s, int64_t i, int64_t j) {
   const cpu::KeyRange r = cpu::visible_keys(p, s, i);
