@@ -219,7 +219,11 @@ struct StreamScratch {
 template <class Cfg, bool kBf16>
 void launch_decode(const PagedParams& p, bool aligned, cudaStream_t stream) {
   const int head_tiles = int(tiles::ceil_div(p.group(), Cfg::kHeads));
-  const dim3 grid = make_grid(p.num_seqs, int64_t(p.kv_heads) * head_tiles, p.num_splits, "paged attention decode");
+  const int64_t head_blocks = int64_t(p.kv_heads) * head_tiles;
+  // head_blocks <= heads, which is grid y of the merge.
+  FLASHLM_CHECK(p.heads <= 65535 && p.num_splits <= 65535, "paged_attention: ", p.heads, " heads and ",
+                p.num_splits, " splits exceed the CUDA grid (65535 each)");
+  const dim3 grid(unsigned(p.num_seqs), unsigned(head_blocks), unsigned(p.num_splits));
   SplitScratch scratch{nullptr, nullptr};
   StreamScratch owner{nullptr, stream};
   if (p.num_splits > 1) {
@@ -234,7 +238,7 @@ void launch_decode(const PagedParams& p, bool aligned, cudaStream_t stream) {
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, head_tiles, aligned, scratch);
   check_cuda(cudaGetLastError(), "paged decode kernel launch");
   if (p.num_splits > 1) {
-    const dim3 rgrid = make_grid(p.num_seqs, p.heads, 1, "paged attention decode merge");
+    const dim3 rgrid(unsigned(p.num_seqs), unsigned(p.heads));
     paged_decode_reduce_kernel<kBf16><<<rgrid, 64, 0, stream>>>(p, aligned, scratch);
     check_cuda(cudaGetLastError(), "paged decode merge kernel launch");
   }
