@@ -78,6 +78,39 @@ static void check_query_rows() {
   EXPECT(ok.q0 == 7 && ok.sq == 2, "q0=%lld sq=%lld", (ll)ok.q0, (ll)ok.sq);
 }
 
+// The prefill kernel's reads under arbitrary device-side inputs: whatever cu_seqlens_q and seq_lens hold, the
+// query rows it reads lie in q, the key tiles it loads lie in the context (so every row has a slot inside the
+// cache), and queries sit bottom-right aligned on the clamped context.
+static void check_prefill_bounds(std::mt19937& rng) {
+  constexpr int kBlockM = 128, kBlockN = 64;
+  const int64_t num_tokens = 300, max_seqlen_q = 200;
+  const tiles::CacheShape c{7, 5, 16};
+  const int64_t max_seq_len = c.max_blocks_per_seq * c.block_size;
+  std::uniform_int_distribution<int32_t> wild(-50, 400);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int32_t cu[2] = {wild(rng), wild(rng)};
+    const int64_t wl = trial % 3 == 0 ? -1 : trial % 37, wr = trial % 2 == 0 ? 0 : -1;
+    const tiles::QueryRows qr = tiles::query_rows(cu, 0, num_tokens, max_seqlen_q);
+    const int64_t sk = tiles::context_len(wild(rng), max_seq_len, c);
+    EXPECT(qr.q0 >= 0 && qr.sq >= 0 && qr.q0 + qr.sq <= num_tokens && qr.sq <= max_seqlen_q, "trial %d", trial);
+    EXPECT(sk >= 0 && sk <= max_seq_len, "trial %d sk=%lld", trial, (ll)sk);
+    const tiles::Band band{qr.sq, sk, wl, wr};
+    for (int64_t i0 = 0; i0 < qr.sq; i0 += kBlockM) {
+      const int64_t i1 = tiles::min64(qr.sq, i0 + kBlockM);
+      const tiles::Range keys = band.keys(i0, i1);
+      const tiles::Range nt = tiles::tile_range(keys, kBlockN);
+      for (int64_t n = nt.begin; n < nt.end; ++n) {
+        const int64_t j0 = n * kBlockN, rows = tiles::min64(sk - j0, kBlockN);
+        EXPECT(j0 >= 0 && rows >= 1 && j0 + rows <= sk, "trial %d tile %lld of sk=%lld", trial, (ll)n, (ll)sk);
+      }
+      // Query i sits at position sk - sq + i: with a causal mask it sees no key past that position.
+      if (wr == 0)
+        for (int64_t i = i0; i < i1; ++i)
+          EXPECT(band.end_key(i) <= tiles::max64(0, sk - qr.sq + i + 1), "trial %d query %lld", trial, (ll)i);
+    }
+  }
+}
+
 // The decode kernel's schedule: splits own consecutive runs of key tiles, warps take a split's tiles
 // round-robin, and each tile masks the columns outside the visible keys. Every visible key is attended
 // exactly once and no other key is.
@@ -126,6 +159,7 @@ int main() {
   check_token_slot(rng);
   check_slot_mapping();
   check_query_rows();
+  check_prefill_bounds(rng);
   check_decode_schedule();
   if (failures) {
     std::printf("%d failures\n", failures);
