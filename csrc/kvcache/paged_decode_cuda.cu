@@ -13,8 +13,10 @@
 // paged_decode_cuda allocates on the stream, and paged_decode_reduce_kernel merges the splits by lse.
 //
 // Shared memory per CTA: Q (16 rows) + 4 warps x 2 stages x (K + V) tiles of 16 rows, rows padded by 16
-// bytes: 38 KiB at d = 64, 74 KiB at d = 128, 147 KiB at d = 256 (3, 3 and 1 CTAs per H100 SM). The merge
-// reuses the K/V buffers for the warps' f32 O.
+// bytes: 38 KiB at d = 64, 72 KiB at d = 128, 140 KiB at d = 256; with ptxas's 115, 166 and 252 registers
+// per thread that is 4, 3 and 1 CTAs per H100 SM, so (one K/V stage in flight per warp) about 74, 104 and
+// 67 KiB of loads in flight per SM, well above what HBM latency x bandwidth needs (~25 KiB per SM). The
+// merge reuses the K/V buffers for the warps' f32 O.
 #include "../core/cuda_guard.h"
 #include "paged_cuda_common.cuh"
 
