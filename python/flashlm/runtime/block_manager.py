@@ -1,0 +1,456 @@
+"""The KV-cache block manager: which physical cache blocks each sequence's tokens live in.
+
+The paged KV cache is, per layer, K and V tensors [num_blocks, block_size, kv_heads, head_dim]. Token t of a
+sequence lives in block block_table[t // block_size] at offset t % block_size. This class owns the
+bookkeeping only (free lists, reference counts, prefix hashes); the model runner owns the tensors, and the
+scheduler decides whom to admit, defer or preempt by asking `can_allocate` / `can_append`.
+
+    bm = BlockManager(num_blocks=1024, block_size=16)
+    cached = bm.allocate(seq_id=0, token_ids=prompt)   # prompt tokens [0, cached) are already in the cache
+    slots = bm.slot_mapping(0, cached, len(prompt))    # where the runner writes the others' K and V
+    copies = bm.append(0, next_token)                  # (src, dst) block copies to do before writing
+    tables = bm.block_tables_tensor([0, 1])            # int32 [2, max_blocks], zero-padded
+    bm.free(0)
+
+Timing contract. The tokens given to `allocate` (from the first uncached one) and to `append` are the
+tokens whose K/V the runner writes in its next forward step, at `slot_mapping(...)`. A block is entered in
+the prefix cache as soon as it is full, so another sequence may hit it from then on: the runner must write
+it in that same step, before or while the other sequence reads it (true of one batched forward, where each
+layer writes the cache before attending). A prefill split into chunks is `allocate(first_chunk)` followed
+by `append(next_chunk)` per step; the prefix lookup covers the first chunk.
+
+Prefix caching (as vLLM's). A full block is named by a chained hash, blake2b-256 of (the previous block's
+hash, the block's token ids as little-endian int64), so a name stands for the whole prefix up to the block's
+end. The cache maps a name to one physical block, which also stores its previous block's hash and its own
+token ids; a hit compares both, so a hash collision in the last link cannot share wrong content (one deeper
+in the chain would need a blake2b-256 collision). A block that becomes full with a name already in the
+cache (the same content computed twice) stays out of the cache and is freed normally.
+Blocks whose sequences are all freed keep their name and wait in an LRU pool; a later hit revives them. A
+fresh block comes from the never-named free blocks first and only then from the LRU pool's oldest end,
+which drops its name (eviction). A sequence's blocks enter the pool tail first, so a prefix outlives its
+longer continuations.
+
+Copy-on-write. `fork` shares all of the parent's blocks. Full blocks are never written again, so only a
+shared, partly filled last block needs copying: `append` then moves the sequence to a fresh block and
+returns the (src, dst) pair, which the runner must copy (every layer, K and V, the whole block) before it
+writes the new tokens.
+
+Every call checks its arguments and either does all of its work or raises and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+TokenIds = Union[int, Iterable[int]]
+
+_MAX_TOKEN_ID = (1 << 63) - 1
+
+
+class NoFreeBlocksError(RuntimeError):
+    """Not enough free blocks for the request; nothing was changed (the scheduler defers or preempts)."""
+
+
+class BlockTableOverflowError(ValueError):
+    """A sequence would need more blocks than max_blocks_per_seq."""
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prefix-cache hits over successful `allocate` calls (failed ones count nothing)."""
+
+    queries: int = 0          # allocate calls
+    queried_tokens: int = 0   # prompt tokens offered to the cache
+    hit_tokens: int = 0       # of those, the tokens found cached (sum of the calls' num_cached_tokens)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+class _Block:
+    __slots__ = ("ref_count", "hash", "parent_hash", "token_ids")
+
+    def __init__(self):
+        self.ref_count = 0
+        self.hash: Optional[bytes] = None          # set only while the cache maps this hash to this block
+        self.parent_hash: Optional[bytes] = None   # with hash: the previous block's hash (None for the first)
+        self.token_ids: Optional[tuple] = None     # with hash: this block's tokens, compared on a hit
+
+
+class _Sequence:
+    __slots__ = ("token_ids", "block_table", "block_hashes", "num_cached_tokens")
+
+    def __init__(self, token_ids, block_table, block_hashes, num_cached_tokens):
+        self.token_ids = token_ids        # list[int], every token, computed or about to be
+        self.block_table = block_table    # list[int], physical block ids
+        self.block_hashes = block_hashes  # list[bytes], the chained hash of each full block (with caching)
+        self.num_cached_tokens = num_cached_tokens
+
+
+def block_hash(parent_hash: Optional[bytes], token_ids: Sequence[int]) -> bytes:
+    """The chained name of a full block: blake2b-256 over the parent's hash and the tokens as int64 LE."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(parent_hash if parent_hash is not None else b"\0" * 32)
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+def _check_seq_id(seq_id) -> int:
+    try:
+        return operator.index(seq_id)
+    except TypeError:
+        raise TypeError(f"seq_id must be an int, got {type(seq_id).__name__}") from None
+
+
+def _is_iterable(x) -> bool:
+    return hasattr(x, "__iter__") and not isinstance(x, (str, bytes))
+
+
+def _token_list(token_ids: TokenIds, name: str, allow_single: bool) -> list:
+    """The token ids as a list of Python ints, checked; one int is a list of one where allow_single."""
+    try:
+        if allow_single and not _is_iterable(token_ids):
+            tokens = [operator.index(token_ids)]
+        else:
+            tokens = [operator.index(t) for t in token_ids]
+    except TypeError:
+        single = "an int or " if allow_single else ""
+        raise TypeError(f"{name} must be {single}a sequence of ints, got {type(token_ids).__name__}") from None
+    for t in tokens:
+        if not 0 <= t <= _MAX_TOKEN_ID:
+            raise ValueError(f"{name} holds {t}, outside [0, 2^63)")
+    return tokens
+
+
+class BlockManager:
+    """Allocates KV-cache blocks to sequences, with reference counting, copy-on-write and prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_blocks_per_seq: Optional[int] = None):
+        if operator.index(num_blocks) < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if operator.index(block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_blocks_per_seq is not None and operator.index(max_blocks_per_seq) < 1:
+            raise ValueError(f"max_blocks_per_seq must be >= 1 or None, got {max_blocks_per_seq}")
+        self.num_blocks = int(num_blocks)
+        self.block_size = int(block_size)
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.max_blocks_per_seq = None if max_blocks_per_seq is None else int(max_blocks_per_seq)
+        self._blocks = [_Block() for _ in range(self.num_blocks)]
+        self._free = deque(range(self.num_blocks))   # ref 0, no hash
+        self._evictable: OrderedDict = OrderedDict()  # ref 0, hashed; oldest first
+        self._cache: dict = {}                         # hash -> block id
+        self._seqs: dict = {}
+        self.stats = PrefixCacheStats()
+
+    # ---- queries -------------------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a new allocation can take: never-named free blocks plus cached blocks no sequence uses."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def usage(self) -> float:
+        """The fraction of blocks some sequence holds."""
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks named in the prefix cache, in use or not."""
+        return len(self._cache)
+
+    def __contains__(self, seq_id) -> bool:
+        return seq_id in self._seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def seq_ids(self) -> list:
+        """The ids of the allocated sequences, in allocation order."""
+        return list(self._seqs)
+
+    def block_table(self, seq_id: int) -> list:
+        return list(self._seq(seq_id).block_table)
+
+    def seq_len(self, seq_id: int) -> int:
+        return len(self._seq(seq_id).token_ids)
+
+    def token_ids(self, seq_id: int) -> list:
+        return list(self._seq(seq_id).token_ids)
+
+    def num_cached_tokens(self, seq_id: int) -> int:
+        """The prompt tokens `allocate` found in the prefix cache (the runner skips them); kept by `fork`."""
+        return self._seq(seq_id).num_cached_tokens
+
+    def ref_count(self, block_id: int) -> int:
+        return self._blocks[self._check_block_id(block_id)].ref_count
+
+    def is_cached(self, block_id: int) -> bool:
+        """Whether the block is named in the prefix cache (a later prompt with its prefix can hit it)."""
+        return self._blocks[self._check_block_id(block_id)].hash is not None
+
+    def free_block_ids(self) -> list:
+        """Unused blocks with no name, in the order they will be handed out."""
+        return list(self._free)
+
+    def evictable_block_ids(self) -> list:
+        """Unused cached blocks, the next to be evicted first."""
+        return list(self._evictable)
+
+    # ---- capacity ------------------------------------------------------------------------------------------
+
+    def can_allocate(self, prompt: Union[int, Iterable[int]]) -> bool:
+        """Whether `allocate` of a prompt would find enough blocks. Given a token count it assumes no prefix
+        hit (conservative); given the token ids it counts the hits exactly, as `allocate` would."""
+        if not _is_iterable(prompt):
+            num_tokens = operator.index(prompt)
+            if num_tokens < 1:
+                raise ValueError(f"prompt length must be >= 1, got {num_tokens}")
+            return self._blocks_for(num_tokens) <= self.num_free_blocks
+        tokens = _token_list(prompt, "prompt", allow_single=False)
+        if not tokens:
+            raise ValueError("prompt is empty")
+        hits, _ = self._lookup(tokens)
+        return self._free_blocks_needed_for_prompt(len(tokens), hits) <= self.num_free_blocks
+
+    def can_append(self, seq_id: int, num_new_tokens: int = 1) -> bool:
+        """Whether `append` of num_new_tokens tokens to the sequence would find enough blocks."""
+        if num_new_tokens < 1:
+            raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+        return self._fresh_needed_for_append(self._seq(seq_id), num_new_tokens) <= self.num_free_blocks
+
+    # ---- sequence lifetime ---------------------------------------------------------------------------------
+
+    def allocate(self, seq_id: int, token_ids: Iterable[int]) -> int:
+        """Gives a new sequence the blocks for its prompt, reusing cached blocks of its longest cached prefix.
+        Returns the number of prompt tokens already in the cache: a whole number of blocks, at most
+        len(token_ids) - 1 so that the last token is computed (its logits are needed)."""
+        seq_id = _check_seq_id(seq_id)
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id} is already allocated")
+        tokens = _token_list(token_ids, "token_ids", allow_single=False)
+        if not tokens:
+            raise ValueError(f"token_ids of sequence {seq_id} is empty")
+        self._check_table_size(seq_id, self._blocks_for(len(tokens)))
+        hits, hashes = self._lookup(tokens)
+        needed = self._free_blocks_needed_for_prompt(len(tokens), hits)
+        if needed > self.num_free_blocks:
+            raise NoFreeBlocksError(f"sequence {seq_id} needs {needed} free blocks for {len(tokens)} prompt "
+                                    f"tokens ({len(hits)} cached), {self.num_free_blocks} free")
+        # Revive the hits first, so that taking fresh blocks cannot evict them.
+        for b in hits:
+            self._incref(b)
+        fresh = self._blocks_for(len(tokens)) - len(hits)
+        table = hits + [self._take_free_block() for _ in range(fresh)]
+        seq = _Sequence(tokens, table, hashes[:len(hits)], len(hits) * self.block_size)
+        if self.enable_prefix_caching:
+            for i in range(len(hits), len(tokens) // self.block_size):
+                self._register_full_block(seq, i)
+        self._seqs[seq_id] = seq
+        self.stats.queries += 1
+        self.stats.queried_tokens += len(tokens)
+        self.stats.hit_tokens += seq.num_cached_tokens
+        return seq.num_cached_tokens
+
+    def append(self, seq_id: int, token_ids: TokenIds) -> list:
+        """Grows a sequence by new tokens (one int or several), taking blocks as the last one fills.
+        Returns the block copies [(src, dst), ...] the runner must do before writing the new tokens: at most
+        one, when the partly filled last block is shared with a fork (copy-on-write)."""
+        seq = self._seq(seq_id)
+        tokens = _token_list(token_ids, "token_ids", allow_single=True)
+        if not tokens:
+            raise ValueError(f"token_ids appended to sequence {seq_id} is empty")
+        self._check_table_size(seq_id, self._blocks_for(len(seq.token_ids) + len(tokens)))
+        fresh = self._fresh_needed_for_append(seq, len(tokens))
+        if fresh > self.num_free_blocks:
+            raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {len(tokens)} "
+                                    f"tokens, {self.num_free_blocks} free")
+        copies = []
+        if self._last_block_is_shared_partial(seq):
+            src = seq.block_table[-1]
+            dst = self._take_free_block()
+            self._blocks[src].ref_count -= 1  # still >= 1: another sequence holds it
+            seq.block_table[-1] = dst
+            copies.append((src, dst))
+        bs = self.block_size
+        for t in tokens:
+            if len(seq.token_ids) % bs == 0:
+                seq.block_table.append(self._take_free_block())
+            seq.token_ids.append(t)
+            if self.enable_prefix_caching and len(seq.token_ids) % bs == 0:
+                self._register_full_block(seq, len(seq.token_ids) // bs - 1)
+        return copies
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """Makes child_id a copy of parent_id that shares all its blocks (copy-on-write on `append`). Fork
+        after the parent's tokens are computed: the child reads the same cache entries."""
+        parent = self._seq(parent_id)
+        child_id = _check_seq_id(child_id)
+        if child_id in self._seqs:
+            raise ValueError(f"sequence {child_id} (fork child) is already allocated")
+        for b in parent.block_table:
+            self._blocks[b].ref_count += 1
+        self._seqs[child_id] = _Sequence(list(parent.token_ids), list(parent.block_table),
+                                         list(parent.block_hashes), parent.num_cached_tokens)
+
+    def free(self, seq_id: int) -> None:
+        """Releases a sequence's blocks. Named blocks that no sequence holds any more wait in the LRU pool."""
+        seq_id = _check_seq_id(seq_id)
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise KeyError(f"cannot free sequence {seq_id}: not allocated (never, or already freed)")
+        # Tail first, so that a prefix shared by more prompts is evicted after its continuations.
+        for b in reversed(seq.block_table):
+            block = self._blocks[b]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached name (e.g. after the weights change). Unused cached blocks become free; blocks
+        in use stay with their sequences, uncached. Statistics are kept (see `reset_stats`)."""
+        for b in self._cache.values():
+            block = self._blocks[b]
+            block.hash = block.parent_hash = block.token_ids = None
+        self._cache.clear()
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+
+    def reset_stats(self) -> None:
+        self.stats = PrefixCacheStats()
+
+    # ---- what the kernels read -----------------------------------------------------------------------------
+
+    def slot_mapping(self, seq_id: int, start: int, end: Optional[int] = None) -> list:
+        """Cache slots (block * block_size + offset) of the sequence's tokens [start, end), end defaulting to
+        its length: where the runner writes their K and V (int64 slot_mapping of write_kv_cache)."""
+        seq = self._seq(seq_id)
+        n = len(seq.token_ids)
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"slot range [{start}, {end}) of sequence {seq_id} is outside [0, {n}]")
+        bs, table = self.block_size, seq.block_table
+        return [table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    def block_tables_tensor(self, seq_ids: Sequence[int], max_blocks: Optional[int] = None):
+        """The block tables of a batch as int32 [len(seq_ids), max_blocks] (default: the longest table), padded
+        with 0. The kernels read only the first ceil(seq_len / block_size) entries of a row, and 0 is a valid
+        block, so the padding is never used and could not read out of bounds if it were."""
+        import torch
+
+        tables = [self._seq(s).block_table for s in seq_ids]
+        longest = max((len(t) for t in tables), default=0)
+        if max_blocks is None:
+            max_blocks = max(longest, 1)
+        elif max_blocks < longest:
+            raise ValueError(f"max_blocks={max_blocks} is less than the longest block table ({longest} blocks)")
+        if not tables:
+            return torch.zeros((0, max_blocks), dtype=torch.int32)
+        # One conversion of padded lists: much cheaper than a small tensor per row for large batches.
+        return torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+
+    def seq_lens_tensor(self, seq_ids: Sequence[int]):
+        """The batch's sequence lengths as int32 [len(seq_ids)] (seq_lens of paged_attention)."""
+        import torch
+
+        return torch.tensor([len(self._seq(s).token_ids) for s in seq_ids], dtype=torch.int32)
+
+    # ---- internals -----------------------------------------------------------------------------------------
+
+    def _seq(self, seq_id) -> _Sequence:
+        seq = self._seqs.get(_check_seq_id(seq_id))
+        if seq is None:
+            raise KeyError(f"unknown sequence {seq_id} (never allocated, or freed)")
+        return seq
+
+    def _check_block_id(self, block_id) -> int:
+        block_id = operator.index(block_id)
+        if not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block_id {block_id} is outside [0, {self.num_blocks})")
+        return block_id
+
+    def _check_table_size(self, seq_id: int, num_blocks: int) -> None:
+        if self.max_blocks_per_seq is not None and num_blocks > self.max_blocks_per_seq:
+            raise BlockTableOverflowError(f"sequence {seq_id} would need {num_blocks} blocks, more than "
+                                          f"max_blocks_per_seq={self.max_blocks_per_seq}")
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _lookup(self, tokens: list):
+        """The cached blocks of the prompt's longest cached prefix (at most len - 1 tokens), and the chained
+        hashes computed on the way (those of the hit blocks first). Changes nothing."""
+        if not self.enable_prefix_caching:
+            return [], []
+        bs = self.block_size
+        hits, hashes, parent = [], [], None
+        for i in range((len(tokens) - 1) // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = block_hash(parent, chunk)
+            b = self._cache.get(h)
+            if b is None:
+                break
+            block = self._blocks[b]
+            if block.token_ids != chunk or block.parent_hash != parent:
+                break  # a hash collision: different content under the same name
+            hits.append(b)
+            hashes.append(h)
+            parent = h
+        return hits, hashes
+
+    def _free_blocks_needed_for_prompt(self, num_tokens: int, hits: list) -> int:
+        """Fresh blocks, plus the hits that revive a block of the LRU pool (it stops counting as free)."""
+        revived = sum(1 for b in hits if self._blocks[b].ref_count == 0)
+        return self._blocks_for(num_tokens) - len(hits) + revived
+
+    def _fresh_needed_for_append(self, seq: _Sequence, num_new: int) -> int:
+        n = len(seq.token_ids)
+        grow = self._blocks_for(n + num_new) - len(seq.block_table)
+        return grow + (1 if self._last_block_is_shared_partial(seq) else 0)
+
+    def _last_block_is_shared_partial(self, seq: _Sequence) -> bool:
+        return len(seq.token_ids) % self.block_size != 0 and self._blocks[seq.block_table[-1]].ref_count > 1
+
+    def _incref(self, b: int) -> None:
+        block = self._blocks[b]
+        if block.ref_count == 0:
+            del self._evictable[b]
+        block.ref_count += 1
+
+    def _take_free_block(self) -> int:
+        """A block with ref count 1 and no name: a never-named free one, else the least recently used cached
+        one (evicted). Callers have checked num_free_blocks."""
+        if self._free:
+            b = self._free.popleft()
+        else:
+            b, _ = self._evictable.popitem(last=False)
+            block = self._blocks[b]
+            del self._cache[block.hash]
+            block.hash = block.parent_hash = block.token_ids = None
+        self._blocks[b].ref_count = 1
+        return b
+
+    def _register_full_block(self, seq: _Sequence, index: int) -> None:
+        """Names the sequence's full block `index` and enters it in the cache unless the name is taken."""
+        bs = self.block_size
+        parent = seq.block_hashes[index - 1] if index > 0 else None
+        chunk = tuple(seq.token_ids[index * bs:(index + 1) * bs])
+        h = block_hash(parent, chunk)
+        seq.block_hashes.append(h)
+        if h in self._cache:
+            return  # the same content computed twice (or a collision): the cached block keeps the name
+        b = seq.block_table[index]
+        block = self._blocks[b]  # just filled, so held by this sequence alone (copy-on-write) and unnamed
+        block.hash, block.parent_hash, block.token_ids = h, parent, chunk
+        self._cache[h] = b
