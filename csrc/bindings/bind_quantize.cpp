@@ -24,9 +24,10 @@ void bind_quantize(nb::module_& m) {
     std::optional<DType> type = dtype_from_name(name);
     return type.has_value() && quantize_supported(*type);
   }, nb::arg("ggml_type"));
-  m.def("gguf_quantize", [](nb::ndarray<> src, const std::string& ggml_type, nb::ndarray<> out) {
+  // The source may be read-only (a memory-mapped file's weights).
+  m.def("gguf_quantize", [](nb::ndarray<nb::ro> src, const std::string& ggml_type, nb::ndarray<> out) {
     const DType type = quant_type(ggml_type);
-    const TensorView src_view = to_view(src, "data"), out_view = to_view(out, "out");
+    const TensorView src_view = to_view(nb::ndarray<>(src), "data"), out_view = to_view(out, "out");
     nb::gil_scoped_release release;
     gguf_quantize(src_view, type, out_view);
   }, nb::arg("data"), nb::arg("ggml_type"), nb::arg("out"),
