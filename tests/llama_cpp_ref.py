@@ -62,8 +62,8 @@ def _unpack(src: str, dest: str) -> str:
                    or m.name.endswith("/ggml/src/ggml-quants.c"))]
         if not any(m.name.endswith("ggml-quants.c") for m in wanted):
             raise FileNotFoundError(f"{src}: no vendor/llama.cpp/ggml/src/ggml-quants.c in the sdist")
-        tar.extractall(dest, members=wanted, filter="data") if hasattr(tarfile, "data_filter") else \
-            tar.extractall(dest, members=wanted)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12 and backports
+        tar.extractall(dest, members=wanted, **safe)
     quants = next(os.path.join(dest, m.name) for m in wanted if m.name.endswith("ggml-quants.c"))
     return os.path.dirname(os.path.dirname(quants))
 
