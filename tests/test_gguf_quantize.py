@@ -5,6 +5,7 @@
 - llama.cpp's own reference quantizers (quantize_row_*_ref, compiled from the llama-cpp-python sdist by
   tests/llama_cpp_ref.py), bit for bit, for every type including the K-quants; skipped only where the
   sources are absent (`.ci/run` provides them);
+- the AVX2 scale search of Q2_K/Q4_K/Q5_K against the scalar one, bit for bit;
 - round trips through gguf-py's `gguf.quants.dequantize`, with a relative RMS error bound per type.
 Inputs are fresh random rows of several distributions with awkward blocks: all-zero and constant
 blocks, values near the all-zero threshold, outliers, several blocks per row.
@@ -19,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as GQT
 
 import llama_cpp_ref
+from flashlm import ops
 from flashlm.quant import GGUF_QUANT_TYPES, quantize_gguf
 
 GGUF_PY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
@@ -133,6 +135,22 @@ def test_half_inputs_quantize_as_their_f32_values(llama_ref, name):
         assert not mismatch(quantize_gguf(t, name), ref), (dtype, mismatch(quantize_gguf(t, name), ref))
     x16 = x.astype(np.float16)
     assert not mismatch(quantize_gguf(x16, name), llama_ref.quantize(x16.astype(np.float32), name))
+
+
+@pytest.mark.skipif(not ops.cpu_isa_supported("avx2"), reason="this CPU has no AVX2")
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_avx2_matches_scalar(name, dist):
+    x = make_rows(dist, 6, 512, 256, rng_for("avx2", name, dist))
+    before = ops.cpu_isa()
+    try:
+        ops.set_cpu_isa("scalar")
+        scalar = quantize_gguf(x, name)
+        ops.set_cpu_isa("avx2")
+        avx2 = quantize_gguf(x, name)
+    finally:
+        ops.set_cpu_isa(before)
+    assert not mismatch(avx2, scalar), mismatch(avx2, scalar)
 
 
 @pytest.mark.parametrize("name", list(RMS_BOUNDS))

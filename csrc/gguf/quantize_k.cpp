@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "dequantize_block.h"
+#include "flashlm/core/cpu_features.h"
 #include "quantize_rows.h"
 
 namespace flashlm::gguf::detail {
@@ -171,6 +172,39 @@ float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, ui
   return scale;
 }
 
+bool use_avx2() {
+#ifdef FLASHLM_HAVE_AVX2_KERNELS
+  return cpu_isa() == CpuIsa::AVX2;
+#else
+  return false;
+#endif
+}
+
+// make_qkx2_quants on 8 consecutive sub-blocks of n values (sub-block k at x + k * n, its weights at
+// weights + k * n): with AVX2, all 8 at once (lane k = sub-block k, the same bits); else one by one.
+void make_qkx2_quants_8(bool avx2, int n, int nmax, const float* x, const float* weights, uint8_t* L, float* mins,
+                        float* scales, float rmin, float rdelta, int nstep, bool use_mad) {
+#ifdef FLASHLM_HAVE_AVX2_KERNELS
+  if (avx2) {
+    float x8[8 * 32], w8[8 * 32];
+    int32_t L8[8 * 32];
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < n; ++i) {
+        x8[8 * i + k] = x[k * n + i];
+        w8[8 * i + k] = weights[k * n + i];
+      }
+    make_qkx2_quants_x8(n, nmax, x8, w8, L8, mins, scales, rmin, rdelta, nstep, use_mad);
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < n; ++i) L[k * n + i] = static_cast<uint8_t>(L8[8 * i + k]);
+    return;
+  }
+#endif
+  (void)avx2;
+  uint8_t Laux[32];
+  for (int k = 0; k < 8; ++k)
+    scales[k] = make_qkx2_quants(n, nmax, x + k * n, weights + k * n, L + k * n, &mins[k], Laux, rmin, rdelta, nstep, use_mad);
+}
+
 // Q2_K/Q3_K pack 2-bit levels four to a byte: byte l of each 32-byte group holds elements l, l + 32,
 // l + 64 and l + 96 of its 128-element half.
 void pack_2bit(const uint8_t* L, uint8_t* qs) {
@@ -207,16 +241,17 @@ void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
 // sqrt(mean x^2) + |x|, scales and mins quantized to 6 bits against max / 63, then every element
 // requantized to [0, nmax] against the stored scale and min. Fills scales, d, dmin and L.
 template <class Block>
-void quantize_scale_min_k4(const float* x, Block& y, uint8_t* L, int nmax, float rmin, float rdelta, int nstep) {
-  float mins[QK_K / 32], scales[QK_K / 32], weights[32];
-  uint8_t Laux[32];
-  float max_scale = 0, max_min = 0;  // the min is subtracted, so scales are positive
+void quantize_scale_min_k4(bool avx2, const float* x, Block& y, uint8_t* L, int nmax, float rmin, float rdelta, int nstep) {
+  float mins[QK_K / 32], scales[QK_K / 32], weights[QK_K];
   for (int j = 0; j < QK_K / 32; ++j) {
     float sum_x2 = 0;
     for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
     const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(x[32 * j + l]);
-    scales[j] = make_qkx2_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, rmin, rdelta, nstep, false);
+    for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + std::fabs(x[32 * j + l]);
+  }
+  make_qkx2_quants_8(avx2, 32, nmax, x, weights, L, mins, scales, rmin, rdelta, nstep, false);
+  float max_scale = 0, max_min = 0;  // the min is subtracted, so scales are positive
+  for (int j = 0; j < QK_K / 32; ++j) {
     if (scales[j] > max_scale) max_scale = scales[j];
     if (mins[j] > max_min) max_min = mins[j];
   }
@@ -255,14 +290,17 @@ void for_each_superblock(const float* x, void* y, int64_t n, Fn&& fn) {
 }  // namespace
 
 void quantize_row_q2_k(const float* x, void* y, int64_t n) {
-  for_each_superblock<block_q2_K>(x, y, n, [](const float* v, block_q2_K& b) {
-    uint8_t L[QK_K], Laux[16];
-    float weights[16], mins[QK_K / 16], scales[QK_K / 16];
+  const bool avx2 = use_avx2();
+  for_each_superblock<block_q2_K>(x, y, n, [avx2](const float* v, block_q2_K& b) {
+    uint8_t L[QK_K];
+    float weights[QK_K], mins[QK_K / 16], scales[QK_K / 16];
     const float q4scale = 15.f;
+    for (int l = 0; l < QK_K; ++l) weights[l] = std::fabs(v[l]);
+    for (int half = 0; half < 2; ++half)
+      make_qkx2_quants_8(avx2, 16, 3, v + 128 * half, weights + 128 * half, L + 128 * half, mins + 8 * half,
+                         scales + 8 * half, -0.5f, 0.1f, 15, true);
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < QK_K / 16; ++j) {
-      for (int l = 0; l < 16; ++l) weights[l] = std::fabs(v[16 * j + l]);
-      scales[j] = make_qkx2_quants(16, 3, v + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, true);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }
@@ -340,9 +378,10 @@ void quantize_row_q3_k(const float* x, void* y, int64_t n) {
 }
 
 void quantize_row_q4_k(const float* x, void* y, int64_t n) {
-  for_each_superblock<block_q4_K>(x, y, n, [](const float* v, block_q4_K& b) {
+  const bool avx2 = use_avx2();
+  for_each_superblock<block_q4_K>(x, y, n, [avx2](const float* v, block_q4_K& b) {
     uint8_t L[QK_K];
-    quantize_scale_min_k4(v, b, L, 15, -1.f, 0.1f, 20);
+    quantize_scale_min_k4(avx2, v, b, L, 15, -1.f, 0.1f, 20);
     // 64 elements per 32 bytes: element l in the low nibble of byte l, element l + 32 in its high nibble.
     for (int j = 0; j < QK_K; j += 64)
       for (int l = 0; l < 32; ++l) b.qs[j / 2 + l] = static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 4));
@@ -350,9 +389,10 @@ void quantize_row_q4_k(const float* x, void* y, int64_t n) {
 }
 
 void quantize_row_q5_k(const float* x, void* y, int64_t n) {
-  for_each_superblock<block_q5_K>(x, y, n, [](const float* v, block_q5_K& b) {
+  const bool avx2 = use_avx2();
+  for_each_superblock<block_q5_K>(x, y, n, [avx2](const float* v, block_q5_K& b) {
     uint8_t L[QK_K];
-    quantize_scale_min_k4(v, b, L, 31, -0.5f, 0.1f, 15);
+    quantize_scale_min_k4(avx2, v, b, L, 31, -0.5f, 0.1f, 15);
     // As Q4_K for the low 4 bits; bit 4 of elements l and l + 32 of the k-th 64 in bits 2k and 2k + 1
     // of qh[l].
     std::memset(b.qh, 0, QK_K / 8);

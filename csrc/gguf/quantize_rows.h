@@ -20,6 +20,12 @@ void quantize_row_q4_k(const float* x, void* y, int64_t n);
 void quantize_row_q5_k(const float* x, void* y, int64_t n);
 void quantize_row_q6_k(const float* x, void* y, int64_t n);
 
+// make_qkx2_quants (quantize_k.cpp) on 8 sub-blocks of n <= 32 values at once, bit-identical, in AVX2:
+// x8[8 * i + k] and w8[8 * i + k] are value and weight i of sub-block k; writes levels L8[8 * i + k],
+// the_min8[k] and scale8[k]. Only in builds with AVX2 kernels, and only to be called on AVX2 CPUs.
+void make_qkx2_quants_x8(int n, int nmax, const float* x8, const float* w8, int32_t* L8, float* the_min8, float* scale8,
+                         float rmin, float rdelta, int nstep, bool use_mad);
+
 using QuantizeRowFn = void (*)(const float*, void*, int64_t);
 
 // The row quantizer of a block type, or nullptr where there is none.
