@@ -5,7 +5,7 @@
 - llama.cpp's own reference quantizers (quantize_row_*_ref, compiled from the llama-cpp-python sdist by
   tests/llama_cpp_ref.py), bit for bit, for every type including the K-quants; skipped only where the
   sources are absent (`.ci/run` provides them);
-- the AVX2 scale search of Q2_K/Q4_K/Q5_K against the scalar one, bit for bit;
+- the AVX2 scale searches of Q2_K/Q4_K/Q5_K/Q6_K against the scalar ones, bit for bit;
 - round trips through gguf-py's `gguf.quants.dequantize`, with a relative RMS error bound per type.
 Inputs are fresh random rows of several distributions with awkward blocks: all-zero and constant
 blocks, values near the all-zero threshold, outliers, several blocks per row.
@@ -139,7 +139,7 @@ def test_half_inputs_quantize_as_their_f32_values(llama_ref, name):
 
 @pytest.mark.skipif(not ops.cpu_isa_supported("avx2"), reason="this CPU has no AVX2")
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
-@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_avx2_matches_scalar(name, dist):
     x = make_rows(dist, 6, 512, 256, rng_for("avx2", name, dist))
     before = ops.cpu_isa()

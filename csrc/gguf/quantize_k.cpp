@@ -180,6 +180,12 @@ bool use_avx2() {
 #endif
 }
 
+// Sub-blocks k = 0..7 of n values at src + k * n, transposed to dst[8 * i + k] for the AVX2 searches.
+void transpose_8(const float* src, int n, float* dst) {
+  for (int k = 0; k < 8; ++k)
+    for (int i = 0; i < n; ++i) dst[8 * i + k] = src[k * n + i];
+}
+
 // make_qkx2_quants on 8 consecutive sub-blocks of n values (sub-block k at x + k * n, its weights at
 // weights + k * n): with AVX2, all 8 at once (lane k = sub-block k, the same bits); else one by one.
 void make_qkx2_quants_8(bool avx2, int n, int nmax, const float* x, const float* weights, uint8_t* L, float* mins,
@@ -188,11 +194,8 @@ void make_qkx2_quants_8(bool avx2, int n, int nmax, const float* x, const float*
   if (avx2) {
     float x8[8 * 32], w8[8 * 32];
     int32_t L8[8 * 32];
-    for (int k = 0; k < 8; ++k)
-      for (int i = 0; i < n; ++i) {
-        x8[8 * i + k] = x[k * n + i];
-        w8[8 * i + k] = weights[k * n + i];
-      }
+    transpose_8(x, n, x8);
+    transpose_8(weights, n, w8);
     make_qkx2_quants_x8(n, nmax, x8, w8, L8, mins, scales, rmin, rdelta, nstep, use_mad);
     for (int k = 0; k < 8; ++k)
       for (int i = 0; i < n; ++i) L[k * n + i] = static_cast<uint8_t>(L8[8 * i + k]);
@@ -203,6 +206,23 @@ void make_qkx2_quants_8(bool avx2, int n, int nmax, const float* x, const float*
   uint8_t Laux[32];
   for (int k = 0; k < 8; ++k)
     scales[k] = make_qkx2_quants(n, nmax, x + k * n, weights + k * n, L + k * n, &mins[k], Laux, rmin, rdelta, nstep, use_mad);
+}
+
+// make_qx_quants on 8 consecutive sub-blocks of n values, as make_qkx2_quants_8.
+void make_qx_quants_8(bool avx2, int n, int nmax, const float* x, int8_t* L, float* scales) {
+#ifdef FLASHLM_HAVE_AVX2_KERNELS
+  if (avx2) {
+    float x8[8 * 32];
+    int32_t L8[8 * 32];
+    transpose_8(x, n, x8);
+    make_qx_quants_x8(n, nmax, x8, L8, scales);
+    for (int k = 0; k < 8; ++k)
+      for (int i = 0; i < n; ++i) L[k * n + i] = static_cast<int8_t>(L8[8 * i + k]);
+    return;
+  }
+#endif
+  (void)avx2;
+  for (int k = 0; k < 8; ++k) scales[k] = make_qx_quants(n, nmax, x + k * n, L + k * n);
 }
 
 // Q2_K/Q3_K pack 2-bit levels four to a byte: byte l of each 32-byte group holds elements l, l + 32,
@@ -414,10 +434,11 @@ void quantize_row_q5_k(const float* x, void* y, int64_t n) {
 }
 
 void quantize_row_q6_k(const float* x, void* y, int64_t n) {
-  for_each_superblock<block_q6_K>(x, y, n, [](const float* v, block_q6_K& b) {
+  const bool avx2 = use_avx2();
+  for_each_superblock<block_q6_K>(x, y, n, [avx2](const float* v, block_q6_K& b) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    for (int ib = 0; ib < QK_K / 16; ++ib) scales[ib] = make_qx_quants(16, 32, v + 16 * ib, L + 16 * ib);
+    for (int half = 0; half < 2; ++half) make_qx_quants_8(avx2, 16, 32, v + 128 * half, L + 128 * half, scales + 8 * half);
     float max_abs_scale;
     const float max_scale = signed_absmax(scales, QK_K / 16, &max_abs_scale);
     if (max_abs_scale < kGroupMaxEps) return;  // all zero, d = +0

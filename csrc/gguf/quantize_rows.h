@@ -26,6 +26,10 @@ void quantize_row_q6_k(const float* x, void* y, int64_t n);
 void make_qkx2_quants_x8(int n, int nmax, const float* x8, const float* w8, int32_t* L8, float* the_min8, float* scale8,
                          float rmin, float rdelta, int nstep, bool use_mad);
 
+// make_qx_quants with x^2 weights (Q6_K's search) on 8 sub-blocks of n <= 32 values, likewise; writes
+// L8[8 * i + k] = level + nmax and scale8[k].
+void make_qx_quants_x8(int n, int nmax, const float* x8, int32_t* L8, float* scale8);
+
 using QuantizeRowFn = void (*)(const float*, void*, int64_t);
 
 // The row quantizer of a block type, or nullptr where there is none.
