@@ -96,6 +96,17 @@ def test_matches_gguf_py(name, dist):
     assert not mismatch(ours, ref), mismatch(ours, ref)
 
 
+def test_q8_0_rounds_ties_away_from_zero():
+    # a block max of 127 makes the scale exactly 1, so the quantizer rounds the values themselves:
+    # quarters (ties at .5) and their float neighbours, against gguf-py's np_roundf
+    v = np.arange(-127 * 4, 127 * 4 + 1, dtype=np.float32) / 4
+    x = np.concatenate([v, np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))])
+    x = x[: len(x) // 32 * 32].reshape(-1, 32).astype(np.float32)
+    x[:, 0] = 127
+    ours, ref = quantize_gguf(x, "Q8_0"), gguf.quants.quantize(x, GQT.Q8_0)
+    assert not mismatch(ours, ref), mismatch(ours, ref)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # gguf-py's own f16 cast of 65520
 @pytest.mark.parametrize("name", ["F16", "BF16"])
 def test_float_outputs_match_gguf_py(name):

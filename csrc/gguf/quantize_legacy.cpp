@@ -38,6 +38,16 @@ float signed_step(const float* x, int half_levels, Block& b) {
   return d != 0.0f ? 1.0f / d : 0.0f;
 }
 
+// roundf (half away from zero) as an int8, without a libm call: truncate, then step away from zero when
+// the dropped fraction is at least one half; v - trunc(v) is exact below 2^22. Larger values and NaN
+// (never reached by finite inputs) take roundf itself, so the result is always ggml's.
+int8_t round_to_int8(float v) {
+  if (!(std::fabs(v) < 4194304.f)) return static_cast<int8_t>(std::round(v));
+  const int t = static_cast<int>(v);
+  const float frac = v - static_cast<float>(t);
+  return static_cast<int8_t>(t + (frac >= 0.5f) - (frac <= -0.5f));
+}
+
 template <class Block, class Fn>
 void for_each_block(const float* x, void* y, int64_t n, int block, Fn&& fn) {
   auto* out = static_cast<uint8_t*>(y);
@@ -116,7 +126,7 @@ void quantize_row_q8_0(const float* x, void* y, int64_t n) {
     const float d = amax / 127;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     b.d = f32_to_f16(d);
-    for (int j = 0; j < QK8_0; ++j) b.qs[j] = static_cast<int8_t>(std::round(v[j] * id));  // half away from zero
+    for (int j = 0; j < QK8_0; ++j) b.qs[j] = round_to_int8(v[j] * id);
   });
 }
 
