@@ -4,7 +4,8 @@
 // minimises a weighted squared (or absolute) error; the scales are then quantized to 4, 6 or 8 bits
 // against one f16 super-block scale, and the elements requantized against the stored scales. Float
 // expressions keep ggml's order and the library builds with -ffp-contract=off: a different rounding
-// anywhere can change which candidate wins, and so the bytes.
+// anywhere can change which candidate wins, and so the bytes. On AVX2 CPUs the searches of Q2_K, Q4_K,
+// Q5_K and Q6_K run 8 sub-blocks at a time in quantize_k_avx2.cpp, with the same bits.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
