@@ -166,6 +166,21 @@ def test_mix_types_bytes_and_values(model, tmp_path, mix):
         assert err <= RMS_BOUNDS[t], f"{name} ({t}): relative RMS error {err:.4g} > {RMS_BOUNDS[t]}"
 
 
+def test_flashlm_reads_what_it_wrote(model, tmp_path):
+    # flashlm's own reader and dequantizer decode the written file exactly as gguf-py does
+    from flashlm.gguf import GGUFFile
+
+    src, tensors = model
+    out = tmp_path / "q5km.gguf"
+    quantize_file(str(src), str(out), "Q5_K_M", progress=False)
+    _, back = read_back(out)
+    with GGUFFile(str(out)) as f:
+        for name in tensors:
+            t, shape, data = back[name]
+            want = data.reshape(shape) if t == "F32" else gguf.quants.dequantize(data, GQT[t]).reshape(shape)
+            assert np.array_equal(f.load(name).numpy(), want), name
+
+
 def test_tied_embeddings_and_stored_types(tmp_path):
     # no output.weight: token_embd is the output projection and gets Q6_K; F16/Q8_0 inputs are accepted,
     # a Q8_0 input is decoded and quantized again (with a warning), a kept norm stays F32
