@@ -277,6 +277,43 @@ def test_hf_llama_directory(tmp_path):
     assert rel_rms(values("blk.0.ffn_up.weight"), bf16.float().numpy()) <= RMS_BOUNDS["Q8_0"]
 
 
+def test_hf_gpt2_directory(tmp_path):
+    # GPT-2 names (with the "transformer." prefix some checkpoints have), Conv1D weights stored [in, out]
+    rng = np.random.default_rng(12)
+    e = HIDDEN
+    hf = {"transformer.wte.weight": rng.standard_normal((VOCAB, e)), "transformer.wpe.weight": rng.standard_normal((32, e)),
+          "transformer.ln_f.weight": np.ones(e), "transformer.ln_f.bias": np.zeros(e),
+          "transformer.h.0.ln_1.weight": np.ones(e), "transformer.h.0.ln_1.bias": np.zeros(e),
+          "transformer.h.0.attn.c_attn.weight": rng.standard_normal((e, 3 * e)),
+          "transformer.h.0.attn.c_attn.bias": rng.standard_normal(3 * e),
+          "transformer.h.0.attn.c_proj.weight": rng.standard_normal((e, e)),
+          "transformer.h.0.attn.bias": np.ones((1, 1, 4, 4)),  # the causal-mask buffer: not a weight
+          "transformer.h.0.ln_2.weight": np.ones(e), "transformer.h.0.ln_2.bias": np.zeros(e),
+          "transformer.h.0.mlp.c_fc.weight": rng.standard_normal((e, 4 * e)),
+          "transformer.h.0.mlp.c_proj.weight": rng.standard_normal((4 * e, e))}
+    model_dir = tmp_path / "gpt2"
+    model_dir.mkdir()
+    _write_safetensors(model_dir / "model.safetensors", {k: ("F32", v.astype(np.float32)) for k, v in hf.items()})
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": e, "n_head": 4, "n_ctx": 32,
+        "layer_norm_epsilon": 1e-5}))
+    out = tmp_path / "gpt2.gguf"
+    quantize_file(str(model_dir), str(out), "Q4_K_M", progress=False)
+    reader, back = read_back(out)
+    assert reader.get_field("gpt2.feed_forward_length").contents() == 4 * e
+    types = {name: t for name, (t, _, _) in back.items()}
+    # tied embeddings -> Q6_K; use_more_bits(0, 1) holds -> attn_qkv and ffn_down Q6_K; wpe and 1-D kept
+    assert types == {"position_embd.weight": "F32", "token_embd.weight": "Q6_K", "output_norm.weight": "F32",
+                     "output_norm.bias": "F32", "blk.0.attn_norm.weight": "F32", "blk.0.attn_norm.bias": "F32",
+                     "blk.0.attn_qkv.weight": "Q6_K", "blk.0.attn_qkv.bias": "F32", "blk.0.attn_output.weight": "Q4_K",
+                     "blk.0.ffn_norm.weight": "F32", "blk.0.ffn_norm.bias": "F32", "blk.0.ffn_up.weight": "Q4_K",
+                     "blk.0.ffn_down.weight": "Q6_K"}, types
+    t, shape, data = back["blk.0.attn_qkv.weight"]
+    assert shape == (3 * e, e)
+    want = hf["transformer.h.0.attn.c_attn.weight"].T
+    assert rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(shape), want) <= RMS_BOUNDS["Q6_K"]
+
+
 def test_cli(model, tmp_path, capsys):
     src, tensors = model
     out = tmp_path / "cli.gguf"

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = sub.add_parser("quantize", help="quantize a GGUF file or an HF safetensors model directory to a GGUF "
                                                "file, with llama.cpp's type mixes")
-    quantize.add_argument("input", help="a GGUF file, or an HF model directory (llama, mistral, qwen2)")
+    quantize.add_argument("input", help="a GGUF file, or an HF model directory (llama, mistral, qwen2, gpt2)")
     quantize.add_argument("output", help="the GGUF file to write")
     quantize.add_argument("--type", required=True, type=str.upper, choices=list(MIXES), metavar="TYPE",
                           help=f"the mix: {', '.join(MIXES)}")

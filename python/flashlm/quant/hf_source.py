@@ -1,10 +1,11 @@
-"""An HF safetensors model directory as a source of GGUF tensors (llama-style checkpoints).
+"""An HF safetensors model directory as a source of GGUF tensors (llama-style and GPT-2 checkpoints).
 
 Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
-MistralForCausalLM and Qwen2ForCausalLM models, renames the tensors as llama.cpp's convert_hf_to_gguf.py
-does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), permutes the q/k projections of
-llama models into the row order of ggml's rope, and gives the architecture's hyperparameters as GGUF
-metadata. The tokenizer is not converted.
+MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
+convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
+`h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
+the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
+hyperparameters as GGUF metadata. The tokenizer is not converted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from gguf import GGUFValueType
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-                 "Qwen2ForCausalLM": ("qwen2", False)}
+                 "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
@@ -27,11 +28,33 @@ _PER_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
+_GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+_GPT2_PER_LAYER = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                   "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_GPT2_LAYER_RE = re.compile(r"h\.(\d+)\.(.+)\.(weight|bias)$")
+_GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 _ST_DTYPES = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 
 
+def gpt2_gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of a GPT-2 tensor, or None for the attention-mask buffers llama.cpp does not load."""
+    name = hf_name.removeprefix("transformer.")
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    if name == "lm_head.weight":
+        return "output.weight"
+    stem, _, kind = name.rpartition(".")
+    if stem in _GPT2_TOP_LEVEL and kind in ("weight", "bias"):
+        return f"{_GPT2_TOP_LEVEL[stem]}.{kind}"
+    m = _GPT2_LAYER_RE.match(name)
+    if m and m.group(2) in _GPT2_PER_LAYER:
+        return f"blk.{m.group(1)}.{_GPT2_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"{hf_name}: no GGUF name for this GPT-2 tensor")
+
+
 def gguf_name(hf_name: str) -> str | None:
-    """The GGUF name of an HF tensor, or None for tensors llama.cpp does not load (rotary inv_freq)."""
+    """The GGUF name of a llama-style HF tensor, or None for tensors llama.cpp does not load (inv_freq)."""
     if hf_name in _TOP_LEVEL:
         return _TOP_LEVEL[hf_name]
     m = _LAYER_RE.match(hf_name)
@@ -66,21 +89,27 @@ class HFSource:
         if not archs or archs[0] not in ARCHITECTURES:
             raise ValueError(f"{path}: architecture {archs} is not supported (supported: {', '.join(ARCHITECTURES)})")
         self.arch, self._permute = ARCHITECTURES[archs[0]]
-        self.n_head = int(cfg["num_attention_heads"])
+        self.n_head = int(cfg["n_head"] if self.arch == "gpt2" else cfg["num_attention_heads"])
         self.n_head_kv = int(cfg.get("num_key_value_heads", self.n_head))
+        to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise ValueError(f"{path}: no .safetensors files")
-        self._entries = {}  # gguf name -> (file, data offset, dtype name, numpy dtype, shape, hf name)
+        self._entries = {}  # gguf name -> (file, data offset, numpy dtype, stored shape, transposed)
+        self.tensors = []  # (gguf name, shape in torch order, type name); no output.weight: tied embeddings
         for fname in files:
             full = os.path.join(path, fname)
             header, base = _read_safetensors_header(full)
-            for hf_name, meta in header.items():
+            # in sorted name order within each file, as convert_hf_to_gguf.py writes them (the mix's
+            # attn_v/ffn_down counters follow the file order)
+            for hf_name, meta in sorted(header.items()):
                 if hf_name == "__metadata__":
                     continue
-                name = gguf_name(hf_name)
+                name = to_gguf(hf_name)
                 if name is None:
                     continue
+                if name in self._entries:
+                    raise ValueError(f"{full}: {hf_name}: a second tensor named {name}")
                 if meta["dtype"] not in _ST_DTYPES:
                     raise ValueError(f"{full}: {hf_name} has dtype {meta['dtype']} (F32, F16 and BF16 are supported)")
                 begin, end = meta["data_offsets"]
@@ -88,14 +117,21 @@ class HFSource:
                 shape = tuple(int(s) for s in meta["shape"])
                 if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
                     raise ValueError(f"{full}: {hf_name}: data size does not match its shape {shape}")
-                self._entries[name] = (full, base + begin, type_name, np_dtype, shape, hf_name)
-        # output.weight absent: tied to the embedding, as llama.cpp reads it
-        self.tensors = [(name, e[4], e[2]) for name, e in self._entries.items()]
+                transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
+                self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
+                self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
         self.metadata = self._hparams(os.path.basename(os.path.normpath(path)))
 
     def _hparams(self, name: str) -> list:
         cfg, a = self.config, self.arch
         u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+        if a == "gpt2":  # convert_hf_to_gguf's GPT2Model.set_gguf_parameters
+            return [("general.name", name, GGUFValueType.STRING, None),
+                    ("gpt2.block_count", cfg["n_layer"], u32, None), ("gpt2.context_length", cfg["n_ctx"], u32, None),
+                    ("gpt2.embedding_length", cfg["n_embd"], u32, None),
+                    ("gpt2.feed_forward_length", 4 * cfg["n_embd"], u32, None),
+                    ("gpt2.attention.head_count", self.n_head, u32, None),
+                    ("gpt2.attention.layer_norm_epsilon", float(cfg.get("layer_norm_epsilon", 1e-5)), f32, None)]
         meta = [("general.name", name, GGUFValueType.STRING, None),
                 (f"{a}.block_count", cfg["num_hidden_layers"], u32, None),
                 (f"{a}.context_length", cfg.get("max_position_embeddings", 2048), u32, None),
@@ -113,13 +149,16 @@ class HFSource:
         return meta
 
     def info(self):
-        return self.arch, int(self.config["num_hidden_layers"]), self.n_head, self.n_head_kv
+        n_layer = self.config["n_layer"] if self.arch == "gpt2" else self.config["num_hidden_layers"]
+        return self.arch, int(n_layer), self.n_head, self.n_head_kv
 
     def load(self, index: int):
         """Tensor `index` as a numpy array in torch order (BF16 as its raw uint16 bits)."""
         name = self.tensors[index][0]
-        path, offset, _, np_dtype, shape, _ = self._entries[name]
+        path, offset, np_dtype, shape, transpose = self._entries[name]
         data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
         if self._permute and name.endswith(("attn_q.weight", "attn_k.weight")):
             data = _permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
+        if transpose:
+            data = np.ascontiguousarray(np.asarray(data).T)
         return data
