@@ -47,10 +47,12 @@ def model_tensors(rng):
     return {k: (0.02 * v if v.ndim == 2 else v).astype(np.float32) for k, v in t.items()}
 
 
-def write_model(path, tensors, stored=None):
+def write_model(path, tensors, stored=None, alignment=None):
     """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0)."""
     stored = stored or {}
     w = gguf.GGUFWriter(str(path), "llama")
+    if alignment:
+        w.add_custom_alignment(alignment)
     w.add_name("tiny")
     w.add_block_count(N_LAYER)
     w.add_context_length(128)
@@ -188,11 +190,13 @@ def test_tied_embeddings_and_stored_types(tmp_path):
     del tensors["output.weight"]
     stored = {"blk.0.attn_q.weight": "F16", "blk.1.attn_q.weight": "Q8_0"}
     src = tmp_path / "in.gguf"
-    write_model(src, tensors, stored)
+    write_model(src, tensors, stored, alignment=64)  # and a custom alignment, kept
     out = tmp_path / "out.gguf"
     with pytest.warns(UserWarning, match="1 tensors are already quantized"):
         quantize_file(str(src), str(out), "Q4_K_M", progress=False)
-    _, back = read_back(out)
+    reader, back = read_back(out)
+    assert reader.alignment == 64 and reader.get_field("general.alignment").contents() == 64
+    assert all(t.data_offset % 64 == 0 for t in reader.tensors)
     assert back["token_embd.weight"][0] == "Q6_K"
     for name in stored:
         t, _, data = back[name]

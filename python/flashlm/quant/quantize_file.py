@@ -25,8 +25,9 @@ from flashlm.quant.hf_source import HFSource
 from flashlm.quant.mix import MIXES, MixPlanner, ModelInfo
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
-# Keys the writer sets itself.
-_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version")
+# Keys the writer sets itself (general.alignment through add_custom_alignment, so that the padding it
+# writes is the one the key announces).
+_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
 class GGUFSource:
@@ -47,6 +48,8 @@ class GGUFSource:
             self.metadata.append((field.name, field.contents(), vtype, sub))
         self.tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
                         for t in self.reader.tensors]
+        alignment = self.reader.get_field("general.alignment")
+        self.alignment = int(alignment.contents()) if alignment is not None else None
 
     def _int(self, key: str, default: int = 0) -> int:
         field = self.reader.get_field(key)
@@ -123,6 +126,8 @@ def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True)
                       stacklevel=2)
 
     writer = GGUFWriter(dst_path, source.arch)
+    if getattr(source, "alignment", None):
+        writer.add_custom_alignment(source.alignment)
     for key, value, vtype, sub in source.metadata:
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_file_type(int(MIXES[mix][1]))
