@@ -1,4 +1,5 @@
-"""The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm demo`."""
+"""The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
+`flashlm demo`."""
 
 from __future__ import annotations
 
@@ -90,6 +91,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(device=args.device, rows=args.rows, cols=args.cols)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from flashlm.quant.quantize_file import quantize_file
+
+    try:
+        report = quantize_file(args.input, args.output, args.type, progress=not args.quiet)
+    except ValueError as e:
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        counts = Counter(out for _, _, out in report)
+        size = os.path.getsize(args.output)
+        print(f"{_printable(args.output)}: {len(report)} tensors ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), "
+              f"{size / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print JSON (every value in full)")
     inspect.add_argument("--max-items", type=int, default=8, help="array items to show (default 8)")
     inspect.set_defaults(func=_cmd_gguf_inspect)
+
+    from flashlm.quant.mix import MIXES
+
+    quantize = sub.add_parser("quantize", help="quantize a GGUF file or an HF safetensors model directory to a GGUF "
+                                               "file, with llama.cpp's type mixes")
+    quantize.add_argument("input", help="a GGUF file, or an HF model directory (llama, mistral, qwen2, gpt2)")
+    quantize.add_argument("output", help="the GGUF file to write")
+    quantize.add_argument("--type", required=True, type=str.upper, choices=list(MIXES), metavar="TYPE",
+                          help=f"the mix: {', '.join(MIXES)}")
+    quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    quantize.set_defaults(func=_cmd_quantize)
 
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")

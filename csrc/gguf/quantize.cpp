@@ -1,0 +1,99 @@
+// Quantization dispatcher: checks the views, then quantizes whole rows on the library's thread pool.
+// F16/BF16 rows are widened to f32 first (exactly), so every input type goes through the same
+// quantizer; F32/F16/BF16 outputs are plain conversions, rounding to nearest even.
+#include "flashlm/gguf/quantize.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "dequantize_block.h"
+#include "flashlm/core/error.h"
+#include "flashlm/core/thread_pool.h"
+#include "quantize_rows.h"
+
+namespace flashlm {
+namespace {
+
+// Rows handed to one thread cover at least this many elements: at 10-70 M elements/s per thread (K-quants
+// to legacy types, bench/compare_quantize.py) a task takes 0.5-3 ms, far above the ~10 us a wake-up
+// costs, and a 4096-wide matrix still splits into tasks of 8 rows.
+constexpr int64_t kGrainElements = 1 << 15;
+
+bool is_float_type(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+// One row of `n` elements as f32: a view of src when it already is f32, else widened into `buf`.
+const float* row_as_f32(const uint8_t* src, DType type, int64_t n, std::vector<float>& buf) {
+  if (type == DType::F32) return reinterpret_cast<const float*>(src);
+  buf.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = gguf::detail::ld_u16(src + 2 * i);
+    buf[i] = type == DType::F16 ? gguf::detail::f16_to_f32(bits) : gguf::detail::bf16_to_f32(bits);
+  }
+  return buf.data();
+}
+
+void convert_row(const float* x, int64_t n, DType out_type, uint8_t* out) {
+  if (out_type == DType::F32) {
+    std::memcpy(out, x, static_cast<size_t>(n) * 4);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t h = out_type == DType::F16 ? gguf::detail::f32_to_f16(x[i]) : gguf::detail::f32_to_bf16(x[i]);
+    out[2 * i] = static_cast<uint8_t>(h);
+    out[2 * i + 1] = static_cast<uint8_t>(h >> 8);
+  }
+}
+
+std::string supported_names() {
+  std::string names;
+  for (int i = 0; i < kNumDTypes; ++i)
+    if (quantize_supported(static_cast<DType>(i))) names += std::string(names.empty() ? "" : ", ") + dtype_name(static_cast<DType>(i));
+  return names;
+}
+
+}  // namespace
+
+bool quantize_supported(DType type) { return is_float_type(type) || gguf::detail::quantize_row_fn(type) != nullptr; }
+
+void gguf_quantize(const TensorView& src, DType type, const TensorView& dst) {
+  FLASHLM_CHECK(quantize_supported(type), "gguf_quantize: type ", dtype_name(type), " is not supported (",
+                supported_names(), " are)");
+  FLASHLM_CHECK(is_float_type(src.dtype), "gguf_quantize: source must be F32, F16 or BF16, got ", dtype_name(src.dtype));
+  FLASHLM_CHECK(dst.dtype == DType::U8, "gguf_quantize: output must be U8, got ", dtype_name(dst.dtype));
+  FLASHLM_CHECK(src.device.is_cpu() && dst.device.is_cpu(), "gguf_quantize: source and output must be CPU tensors");
+  FLASHLM_CHECK(src.is_contiguous(), "gguf_quantize: source must be contiguous");
+  FLASHLM_CHECK(dst.is_contiguous(), "gguf_quantize: output must be contiguous");
+  FLASHLM_CHECK(src.ndim >= 1, "gguf_quantize: source must have at least one dimension");
+  const DTypeInfo& info = dtype_info(type);
+  const int64_t row = src.shape[src.ndim - 1];
+  FLASHLM_CHECK(row % info.block_size == 0, "gguf_quantize: the row length (", row, ") must be a multiple of ",
+                info.name, "'s block size ", info.block_size);
+  const int64_t n = src.numel();
+  const int64_t out_bytes = storage_bytes(type, n);
+  FLASHLM_CHECK(dst.numel() == out_bytes, "gguf_quantize: output has ", dst.numel(), " bytes, ", info.name, " needs ",
+                out_bytes, " for ", n, " elements");
+  if (n == 0) return;
+  FLASHLM_CHECK(src.data && dst.data, "gguf_quantize: null data pointer");
+
+  const int64_t rows = n / row;
+  const int64_t in_row_bytes = row * (src.dtype == DType::F32 ? 4 : 2);
+  const int64_t out_row_bytes = out_bytes / rows;
+  const auto* in = static_cast<const uint8_t*>(src.data);
+  auto* out = static_cast<uint8_t*>(dst.data);
+  const gguf::detail::QuantizeRowFn quantize_row = gguf::detail::quantize_row_fn(type);
+  parallel_for(rows, std::max<int64_t>(1, kGrainElements / row), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = row_as_f32(in + r * in_row_bytes, src.dtype, row, buf);
+      if (quantize_row) {
+        quantize_row(x, out + r * out_row_bytes, row);
+      } else {
+        convert_row(x, row, type, out + r * out_row_bytes);
+      }
+    }
+  });
+}
+
+}  // namespace flashlm

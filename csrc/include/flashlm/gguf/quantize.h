@@ -1,0 +1,21 @@
+// GGUF quantization: float rows (f32, f16 or bf16) to GGML blocks, on the CPU. The bytes are exactly
+// those of ggml's reference quantizers (quantize_row_*_ref in ggml-quants.c, no importance matrix), so
+// a file written with them matches one written by llama.cpp's quantize tool for the same weights.
+#pragma once
+
+#include "flashlm/core/dtype.h"
+#include "flashlm/core/export.h"
+#include "flashlm/core/tensor.h"
+
+namespace flashlm {
+
+// The types `gguf_quantize` writes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, and the
+// plain F32, F16 and BF16 (a conversion, rounding to nearest even).
+FLASHLM_API bool quantize_supported(DType type);
+
+// src: a contiguous CPU tensor of F32, F16 or BF16 whose innermost dimension (a row) holds whole blocks
+// of `type`; dst: a contiguous CPU U8 tensor of exactly storage_bytes(type, src.numel()) bytes, rows
+// packed one after another as in a GGUF file. Rows are split over the library's thread pool.
+FLASHLM_API void gguf_quantize(const TensorView& src, DType type, const TensorView& dst);
+
+}  // namespace flashlm

@@ -1,0 +1,58 @@
+"""GGUF quantization of float weights, byte-identical to ggml's reference quantizers.
+
+`quantize_gguf(data, "Q4_K")` returns the rows of `data` as GGML blocks, the bytes llama.cpp's quantize
+tool writes for the same weights without an importance matrix (and gguf-py's `gguf.quants.quantize` for
+the types it implements).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashlm import ops
+
+# name -> (elements per block, bytes per block), for the types `quantize_gguf` writes.
+GGUF_QUANT_TYPES = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+
+
+def _as_array(data):
+    """A contiguous 2-D CPU array or tensor of float32/float16/bfloat16 (torch bf16 stays torch: numpy has none)."""
+    if isinstance(data, np.ndarray):
+        if data.dtype not in (np.float32, np.float16):
+            raise ValueError(f"data: expected float32, float16 or bfloat16 values, got numpy {data.dtype}")
+        return np.ascontiguousarray(data)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(data, torch.Tensor):
+        if data.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"data: expected float32, float16 or bfloat16 values, got torch {data.dtype}")
+        return data.detach().to("cpu").contiguous()
+    raise TypeError(f"data: expected a numpy array or a torch tensor, got {type(data).__name__}")
+
+
+def quantize_gguf(data, ggml_type: str) -> np.ndarray:
+    """Quantize a 2-D float array [rows, n] to GGML blocks: a uint8 array [rows, bytes_per_row].
+
+    data: numpy float32/float16 or torch float32/float16/bfloat16 (CPU or CUDA; copied to the CPU), 2-D,
+        its last dimension a multiple of the type's block size (32, or 256 for the K-quants).
+    ggml_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
+        "BF16" or "F32".
+    """
+    if not isinstance(ggml_type, str) or ggml_type.upper() not in GGUF_QUANT_TYPES:
+        raise ValueError(f"ggml_type: expected one of {', '.join(GGUF_QUANT_TYPES)}, got {ggml_type!r}")
+    ggml_type = ggml_type.upper()
+    arr = _as_array(data)
+    if arr.ndim != 2:
+        raise ValueError(f"data: expected a 2-D array [rows, n], got shape {tuple(arr.shape)}")
+    rows, n = (int(s) for s in arr.shape)
+    block, block_bytes = GGUF_QUANT_TYPES[ggml_type]
+    if n % block:
+        raise ValueError(f"data: the row length {n} is not a multiple of {ggml_type}'s block size {block}")
+    out = np.empty((rows, n // block * block_bytes), dtype=np.uint8)
+    return ops.gguf_quantize(arr, ggml_type, out)

@@ -1,0 +1,164 @@
+"""An HF safetensors model directory as a source of GGUF tensors (llama-style and GPT-2 checkpoints).
+
+Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
+convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
+`h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
+the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
+hyperparameters as GGUF metadata. The tokenizer is not converted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+
+import numpy as np
+from gguf import GGUFValueType
+
+# HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
+ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
+                 "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
+
+_TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+              "lm_head.weight": "output.weight"}
+_PER_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
+_GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
+_GPT2_PER_LAYER = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                   "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_GPT2_LAYER_RE = re.compile(r"h\.(\d+)\.(.+)\.(weight|bias)$")
+_GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+_ST_DTYPES = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
+
+
+def gpt2_gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of a GPT-2 tensor, or None for the attention-mask buffers llama.cpp does not load."""
+    name = hf_name.removeprefix("transformer.")
+    if name.endswith((".attn.bias", ".attn.masked_bias")):
+        return None
+    if name == "lm_head.weight":
+        return "output.weight"
+    stem, _, kind = name.rpartition(".")
+    if stem in _GPT2_TOP_LEVEL and kind in ("weight", "bias"):
+        return f"{_GPT2_TOP_LEVEL[stem]}.{kind}"
+    m = _GPT2_LAYER_RE.match(name)
+    if m and m.group(2) in _GPT2_PER_LAYER:
+        return f"blk.{m.group(1)}.{_GPT2_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ValueError(f"{hf_name}: no GGUF name for this GPT-2 tensor")
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF name of a llama-style HF tensor, or None for tensors llama.cpp does not load (inv_freq)."""
+    if hf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[hf_name]
+    m = _LAYER_RE.match(hf_name)
+    if m and m.group(2) in _PER_LAYER:
+        return f"blk.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"{hf_name}: no GGUF name for this tensor (supported: {', '.join(ARCHITECTURES)})")
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        if n > os.path.getsize(path) - 8 or n > 100 << 20:
+            raise ValueError(f"{path}: safetensors header of {n} bytes does not fit the file")
+        return json.loads(f.read(n)), 8 + n
+
+
+def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half row order -> ggml's interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class HFSource:
+    def __init__(self, path: str):
+        with open(os.path.join(path, "config.json")) as f:
+            self.config = cfg = json.load(f)
+        archs = cfg.get("architectures") or []
+        if not archs or archs[0] not in ARCHITECTURES:
+            raise ValueError(f"{path}: architecture {archs} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        self.arch, self._permute = ARCHITECTURES[archs[0]]
+        self.n_head = int(cfg["n_head"] if self.arch == "gpt2" else cfg["num_attention_heads"])
+        self.n_head_kv = int(cfg.get("num_key_value_heads", self.n_head))
+        to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"{path}: no .safetensors files")
+        self._entries = {}  # gguf name -> (file, data offset, numpy dtype, stored shape, transposed)
+        self.tensors = []  # (gguf name, shape in torch order, type name); no output.weight: tied embeddings
+        for fname in files:
+            full = os.path.join(path, fname)
+            header, base = _read_safetensors_header(full)
+            # in sorted name order within each file, as convert_hf_to_gguf.py writes them (the mix's
+            # attn_v/ffn_down counters follow the file order)
+            for hf_name, meta in sorted(header.items()):
+                if hf_name == "__metadata__":
+                    continue
+                name = to_gguf(hf_name)
+                if name is None:
+                    continue
+                if name in self._entries:
+                    raise ValueError(f"{full}: {hf_name}: a second tensor named {name}")
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{full}: {hf_name} has dtype {meta['dtype']} (F32, F16 and BF16 are supported)")
+                begin, end = meta["data_offsets"]
+                type_name, np_dtype = _ST_DTYPES[meta["dtype"]]
+                shape = tuple(int(s) for s in meta["shape"])
+                if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
+                    raise ValueError(f"{full}: {hf_name}: data size does not match its shape {shape}")
+                transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
+                self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
+                self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
+        self.metadata = self._hparams(os.path.basename(os.path.normpath(path)))
+
+    def _hparams(self, name: str) -> list:
+        cfg, a = self.config, self.arch
+        u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+        if a == "gpt2":  # convert_hf_to_gguf's GPT2Model.set_gguf_parameters
+            return [("general.name", name, GGUFValueType.STRING, None),
+                    ("gpt2.block_count", cfg["n_layer"], u32, None), ("gpt2.context_length", cfg["n_ctx"], u32, None),
+                    ("gpt2.embedding_length", cfg["n_embd"], u32, None),
+                    ("gpt2.feed_forward_length", 4 * cfg["n_embd"], u32, None),
+                    ("gpt2.attention.head_count", self.n_head, u32, None),
+                    ("gpt2.attention.layer_norm_epsilon", float(cfg.get("layer_norm_epsilon", 1e-5)), f32, None)]
+        meta = [("general.name", name, GGUFValueType.STRING, None),
+                (f"{a}.block_count", cfg["num_hidden_layers"], u32, None),
+                (f"{a}.context_length", cfg.get("max_position_embeddings", 2048), u32, None),
+                (f"{a}.embedding_length", cfg["hidden_size"], u32, None),
+                (f"{a}.feed_forward_length", cfg["intermediate_size"], u32, None),
+                (f"{a}.attention.head_count", self.n_head, u32, None),
+                (f"{a}.attention.head_count_kv", self.n_head_kv, u32, None),
+                (f"{a}.rope.freq_base", float(cfg.get("rope_theta", 10000.0)), f32, None),
+                (f"{a}.attention.layer_norm_rms_epsilon", float(cfg.get("rms_norm_eps", 1e-6)), f32, None)]
+        if "vocab_size" in cfg:
+            meta.append((f"{a}.vocab_size", cfg["vocab_size"], u32, None))
+        if a == "llama":
+            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_head
+            meta.append((f"{a}.rope.dimension_count", head_dim, u32, None))
+        return meta
+
+    def info(self):
+        n_layer = self.config["n_layer"] if self.arch == "gpt2" else self.config["num_hidden_layers"]
+        return self.arch, int(n_layer), self.n_head, self.n_head_kv
+
+    def load(self, index: int):
+        """Tensor `index` as a numpy array in torch order (BF16 as its raw uint16 bits)."""
+        name = self.tensors[index][0]
+        path, offset, np_dtype, shape, transpose = self._entries[name]
+        data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
+        if self._permute and name.endswith(("attn_q.weight", "attn_k.weight")):
+            data = _permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
+        if transpose:
+            data = np.ascontiguousarray(np.asarray(data).T)
+        return data

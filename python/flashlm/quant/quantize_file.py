@@ -1,0 +1,171 @@
+"""`flashlm quantize IN OUT.gguf --type Q4_K_M`: a model to a quantized GGUF file.
+
+IN is a GGUF file or an HF safetensors model directory (flashlm.quant.hf_source). Every tensor gets the
+type the mix assigns it (flashlm.quant.mix, llama.cpp's rules); F32/F16/BF16 tensors are quantized with
+flashlm's quantizers (the bytes of ggml's reference quantizers); tensors already stored in a quantized type
+are decoded to float32 with flashlm's dequantizer and quantized again (each round loses accuracy: a
+warning says how many), unless their type is already the target, when their bytes are copied. Metadata
+is copied, with general.file_type and general.quantization_version set. The file is written tensor by
+tensor, so memory holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from flashlm import ops
+from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
+from flashlm.quant.hf_source import HFSource
+from flashlm.quant.mix import MIXES, MixPlanner, ModelInfo
+
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+# Keys the writer sets itself (general.alignment through add_custom_alignment, so that the padding it
+# writes is the one the key announces).
+_SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+class GGUFSource:
+    """A GGUF file's metadata and tensors, read with gguf-py."""
+
+    def __init__(self, path: str):
+        self.reader = GGUFReader(path)
+        arch = self.reader.get_field("general.architecture")
+        if arch is None:
+            raise ValueError(f"{path}: no general.architecture key")
+        self.arch = arch.contents()
+        self.metadata = []
+        for field in self.reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in _SKIP_KEYS:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+            self.metadata.append((field.name, field.contents(), vtype, sub))
+        self.tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+                        for t in self.reader.tensors]
+        alignment = self.reader.get_field("general.alignment")
+        self.alignment = int(alignment.contents()) if alignment is not None else None
+
+    def _int(self, key: str, default: int = 0) -> int:
+        field = self.reader.get_field(key)
+        return int(field.contents()) if field is not None else default
+
+    def info(self):
+        n_layer = self._int(f"{self.arch}.block_count")
+        if not n_layer:  # count the blocks instead
+            n_layer = len({n.split(".")[1] for n, _, _ in self.tensors if n.startswith("blk.")})
+        return (self.arch, n_layer, self._int(f"{self.arch}.attention.head_count"),
+                self._int(f"{self.arch}.attention.head_count_kv"))
+
+    def load(self, index: int) -> np.ndarray:
+        """The tensor's data: floats in torch order (BF16 as uint16 bits), or blocks as uint8 [..., row bytes]."""
+        t = self.reader.tensors[index]
+        if t.tensor_type == GGMLQuantizationType.BF16:
+            return np.asarray(t.data).view(np.uint16).reshape(self.tensors[index][1])
+        return np.asarray(t.data)
+
+
+def open_source(path: str):
+    if os.path.isdir(path):
+        return HFSource(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"input: {path} is neither a GGUF file nor a model directory")
+    return GGUFSource(path)
+
+
+def _as_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...]):
+    """A [rows, ncols] float view of a tensor for the quantizer (bf16 as a torch tensor)."""
+    ncols = shape[-1] if shape else 1
+    if type_name == "BF16":
+        # a copy: torch will not wrap a read-only (memory-mapped) array
+        return torch.from_numpy(np.array(data, dtype=np.uint16).reshape(-1, ncols)).view(torch.bfloat16)
+    if type_name in ("F32", "F16"):
+        return np.ascontiguousarray(data).reshape(-1, ncols)
+    # a quantized type: decode with flashlm's dequantizer
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1))
+    return ops.dequantize(raw, type_name, (int(np.prod(shape[:-1], dtype=np.int64)), ncols)).numpy()
+
+
+def _byte_shape(shape: tuple[int, ...], block: int, block_bytes: int) -> tuple[int, ...]:
+    """The shape GGUFWriter takes for raw bytes: torch order, the last dimension in bytes."""
+    return (*shape[:-1], shape[-1] // block * block_bytes)
+
+
+def plan(source, mix: str) -> list[str]:
+    """The GGML type of every tensor of `source` under `mix`, in file order."""
+    arch, n_layer, n_head, n_head_kv = source.info()
+    names = [name for name, _, _ in source.tensors]
+    planner = MixPlanner(mix, ModelInfo(arch, n_layer, n_head, n_head_kv), names)
+    return [planner.type_for(name, shape, current) for name, shape, current in source.tensors]
+
+
+def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True) -> list[tuple[str, str, str]]:
+    """Write `src_path` (GGUF file or HF model directory) to `dst_path` quantized with `mix` ("Q4_K_M", ...).
+
+    Returns [(tensor name, type in, type out)] in file order.
+    """
+    mix = mix.upper()
+    if mix not in MIXES:
+        raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
+    if os.path.abspath(src_path) == os.path.abspath(dst_path):
+        raise ValueError("output: must not be the input file")
+    source = open_source(src_path)
+    targets = plan(source, mix)
+    for (name, _, current), target in zip(source.tensors, targets):
+        if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:
+            raise ValueError(f"{name}: stored as {current}, which flashlm cannot decode to quantize to {target}")
+    requantized = [n for (n, _, c), t in zip(source.tensors, targets) if c != t and c not in _FLOAT_TYPES]
+    if requantized:
+        warnings.warn(f"{len(requantized)} tensors are already quantized and are decoded and quantized again, "
+                      f"which adds error (first: {requantized[0]}); quantize from F32/F16/BF16 weights where possible",
+                      stacklevel=2)
+
+    writer = GGUFWriter(dst_path, source.arch)
+    if getattr(source, "alignment", None):
+        writer.add_custom_alignment(source.alignment)
+    for key, value, vtype, sub in source.metadata:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.add_file_type(int(MIXES[mix][1]))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    for (name, shape, _), target in zip(source.tensors, targets):
+        qtype = GGMLQuantizationType[target]
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        writer.add_tensor_info(name, _byte_shape(shape, block, block_bytes), np.dtype(np.uint8),
+                               int(np.prod(shape, dtype=np.int64)) // block * block_bytes, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+    bar = _progress(sum(int(np.prod(s, dtype=np.int64)) for _, s, _ in source.tensors), progress)
+    report = []
+    for index, ((name, shape, current), target) in enumerate(zip(source.tensors, targets)):
+        if bar is not None:
+            bar.set_postfix_str(f"{name} -> {target}", refresh=False)
+        data = source.load(index)
+        if target == current:  # kept as stored
+            out = np.ascontiguousarray(data).view(np.uint8)
+        else:
+            out = quantize_gguf(_as_rows(data, current, shape), target)
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[target]]
+        out = out.reshape(_byte_shape(shape, block, block_bytes))
+        writer.write_tensor_data(out)
+        report.append((name, current, target))
+        if bar is not None:
+            bar.update(int(np.prod(shape, dtype=np.int64)))
+    if bar is not None:
+        bar.close()
+    writer.close()
+    return report
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="el", unit_scale=True, desc="quantize", file=sys.stderr, disable=None)

@@ -1,0 +1,122 @@
+"""llama.cpp's own reference quantizers, compiled from its C sources for byte-for-byte comparison.
+
+The sources come from the llama-cpp-python sdist on PyPI (vendor/llama.cpp/ggml/...): `.ci/run` downloads
+it (download only, nothing is built with pip) and points FLASHLM_LLAMA_CPP_SRC at the .tar.gz or at an
+unpacked tree; without the variable, ~/.cache/flashlm is searched for an sdist. `load()` unpacks what is
+needed, compiles ggml-quants.c with a few stubs for the functions it calls from ggml.c (none on the paths
+used here) into a shared library with -ffp-contract=off (as ggml's reference is meant to round), caches
+it, and returns a `Reference`, or None when no source can be found.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+
+ENV_VAR = "FLASHLM_LLAMA_CPP_SRC"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "flashlm")
+
+# name -> (elements per block, bytes per block) of the reference row quantizers compared here.
+TYPES = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+
+# ggml-quants.c calls these from ggml.c only outside the reference row quantizers.
+_STUBS = r"""
+#include <stdlib.h>
+#include "ggml.h"
+void ggml_abort(const char * file, int line, const char * fmt, ...) { (void)file; (void)line; (void)fmt; abort(); }
+size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void)type; (void)ne; abort(); }
+size_t ggml_type_size(enum ggml_type type) { (void)type; abort(); }
+const char * ggml_type_name(enum ggml_type type) { (void)type; abort(); }
+"""
+
+
+def find_source() -> str | None:
+    """The sdist (.tar.gz) or unpacked llama-cpp-python tree to use, or None."""
+    path = os.environ.get(ENV_VAR)
+    if path:
+        return path if os.path.exists(path) else None
+    found = sorted(glob.glob(os.path.join(CACHE_DIR, "llama_cpp_python-*.tar.gz")))
+    return found[-1] if found else None
+
+
+def _unpack(src: str, dest: str) -> str:
+    """The ggml directory of the source, unpacked under dest when src is an sdist."""
+    if os.path.isdir(src):
+        hits = glob.glob(os.path.join(src, "**", "ggml", "src", "ggml-quants.c"), recursive=True)
+        if not hits:
+            raise FileNotFoundError(f"{ENV_VAR}={src}: no ggml/src/ggml-quants.c below it")
+        return os.path.dirname(os.path.dirname(hits[0]))
+    with tarfile.open(src) as tar:
+        wanted = [m for m in tar.getmembers() if m.isfile() and "/vendor/llama.cpp/ggml/" in m.name and
+                  (m.name.endswith(".h") and ("/ggml/include/" in m.name or m.name.count("/src/") == 1)
+                   or m.name.endswith("/ggml/src/ggml-quants.c"))]
+        if not any(m.name.endswith("ggml-quants.c") for m in wanted):
+            raise FileNotFoundError(f"{src}: no vendor/llama.cpp/ggml/src/ggml-quants.c in the sdist")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.12 and backports
+        tar.extractall(dest, members=wanted, **safe)
+    quants = next(os.path.join(dest, m.name) for m in wanted if m.name.endswith("ggml-quants.c"))
+    return os.path.dirname(os.path.dirname(quants))
+
+
+def _compile(src: str) -> str:
+    """Path of the compiled reference library, built once per source file and cached."""
+    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src))).encode()).hexdigest()[:16]
+    build = os.path.join(CACHE_DIR, f"ggml-ref-{digest}")
+    lib = os.path.join(build, "libggmlref.so")
+    if os.path.exists(lib):
+        return lib
+    tmp = build + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ggml = _unpack(src, tmp)
+    with open(os.path.join(tmp, "stubs.c"), "w") as f:
+        f.write(_STUBS)
+    inc = [f"-I{ggml}/include", f"-I{ggml}/src", f"-I{ggml}/src/ggml-cpu"]
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-DNDEBUG",
+           *inc, f"{ggml}/src/ggml-quants.c", os.path.join(tmp, "stubs.c"), "-o", os.path.join(tmp, "libggmlref.so"),
+           "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    os.makedirs(build, exist_ok=True)
+    os.replace(os.path.join(tmp, "libggmlref.so"), lib)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return lib
+
+
+class Reference:
+    """ggml's quantize_row_<type>_ref for each name in TYPES."""
+
+    def __init__(self, lib_path: str):
+        self.lib = ctypes.CDLL(lib_path)
+        self._fns = {}
+        for name in TYPES:
+            fn = getattr(self.lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            fn.restype = None
+            self._fns[name] = fn
+
+    def quantize(self, x: np.ndarray, name: str) -> np.ndarray:
+        """Rows of a 2-D float32 array to a uint8 array [rows, bytes_per_row], one reference call per row."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        block, block_bytes = TYPES[name]
+        rows, n = x.shape
+        out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+        for r in range(rows):
+            self._fns[name](x[r].ctypes.data, out[r].ctypes.data, n)
+        return out
+
+
+def load() -> Reference | None:
+    src = find_source()
+    if src is None:
+        return None
+    return Reference(_compile(src))

@@ -1,0 +1,329 @@
+"""`flashlm quantize` (flashlm.quant.quantize_file): a small llama-style model, written with gguf-py, is
+quantized with several mixes and read back with gguf-py's GGUFReader.
+
+Checked: every tensor's type against llama.cpp's mix rules, worked out by hand below for this model
+(8 layers, so use_more_bits picks layers 0, 3, 6 and 7; ffn rows of 288, which no 256-block divides, so
+ffn_down falls back to a 32-block type); the bytes against quantize_gguf of the same weights; the
+dequantized values against the originals within the per-type error bounds of test_gguf_quantize; the
+metadata copied and general.file_type set. Also: already-quantized inputs, an HF safetensors directory
+(names, q/k rope permutation, hyperparameters), and the command line.
+"""
+
+import json
+import os
+import struct
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GQT
+
+from flashlm.cli import main as cli_main
+from flashlm.quant import quantize_gguf
+from flashlm.quant.quantize_file import quantize_file
+from test_gguf_quantize import RMS_BOUNDS
+
+N_LAYER, HIDDEN, FFN, VOCAB, N_HEAD, N_HEAD_KV = 8, 256, 288, 64, 4, 2
+MORE_BITS = {0, 3, 6, 7}  # use_more_bits(i, 8): i < 1, i >= 7, (i - 1) % 3 == 2
+
+
+def model_tensors(rng):
+    """{gguf name: float32 array in torch order}, in file order."""
+    t = {"token_embd.weight": rng.standard_normal((VOCAB, HIDDEN))}
+    kv = HIDDEN // N_HEAD * N_HEAD_KV
+    for i in range(N_LAYER):
+        t[f"blk.{i}.attn_norm.weight"] = 1 + 0.1 * rng.standard_normal(HIDDEN)
+        t[f"blk.{i}.attn_q.weight"] = rng.standard_normal((HIDDEN, HIDDEN))
+        t[f"blk.{i}.attn_k.weight"] = rng.standard_normal((kv, HIDDEN))
+        t[f"blk.{i}.attn_v.weight"] = rng.standard_normal((kv, HIDDEN))
+        t[f"blk.{i}.attn_output.weight"] = rng.standard_normal((HIDDEN, HIDDEN))
+        t[f"blk.{i}.ffn_norm.weight"] = 1 + 0.1 * rng.standard_normal(HIDDEN)
+        t[f"blk.{i}.ffn_gate.weight"] = rng.standard_normal((FFN, HIDDEN))
+        t[f"blk.{i}.ffn_up.weight"] = rng.standard_normal((FFN, HIDDEN))
+        t[f"blk.{i}.ffn_down.weight"] = rng.standard_normal((HIDDEN, FFN))
+    t["output_norm.weight"] = 1 + 0.1 * rng.standard_normal(HIDDEN)
+    t["output.weight"] = rng.standard_normal((VOCAB, HIDDEN))
+    return {k: (0.02 * v if v.ndim == 2 else v).astype(np.float32) for k, v in t.items()}
+
+
+def write_model(path, tensors, stored=None, alignment=None):
+    """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0)."""
+    stored = stored or {}
+    w = gguf.GGUFWriter(str(path), "llama")
+    if alignment:
+        w.add_custom_alignment(alignment)
+    w.add_name("tiny")
+    w.add_block_count(N_LAYER)
+    w.add_context_length(128)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(N_HEAD)
+    w.add_head_count_kv(N_HEAD_KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
+    for name, x in tensors.items():
+        kind = stored.get(name, "F32")
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            raw = gguf.quants.quantize(x, GQT[kind])
+            w.add_tensor(name, raw, raw_dtype=GQT[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def expected_types(mix):
+    """Hand-derived from llama.cpp's llama_tensor_get_type for this model."""
+    base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K"}.get(mix, mix)
+    fallback = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+    float_mix = mix in ("F16", "BF16", "F32")
+    out = {}
+    for name in model_tensors(np.random.default_rng(0)):
+        if name.endswith("norm.weight"):
+            out[name] = "F32"
+            continue
+        t = base
+        layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        if float_mix:
+            pass
+        elif name == "output.weight":
+            t = "Q8_0" if base == "Q8_0" else "Q6_K"
+        elif name.endswith("attn_v.weight"):
+            if mix in ("Q4_K_M", "Q5_K_M") and layer in MORE_BITS:
+                t = "Q6_K"
+            elif mix == "Q4_K_S" and layer < 4:
+                t = "Q5_K"
+            elif mix == "Q3_K_M":
+                t = "Q5_K" if layer < 2 else "Q4_K"
+            elif mix == "Q2_K":
+                t = "Q3_K"  # n_head / n_head_kv = 2 < 4
+        elif name.endswith("ffn_down.weight"):
+            if mix in ("Q4_K_M", "Q5_K_M") and layer in MORE_BITS:
+                t = "Q6_K"
+            elif mix == "Q4_K_S" and layer < 1:
+                t = "Q5_K"
+            elif mix == "Q3_K_M":
+                t = "Q4_K"  # layer >= 8 / 16 = 0 and not falcon
+            elif mix == "Q2_K":
+                t = "Q3_K"
+            if FFN % gguf.GGML_QUANT_SIZES[GQT[t]][0]:
+                t = fallback[t]
+        elif name.endswith("attn_output.weight"):
+            t = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(mix, t)
+        out[name] = t
+    return out
+
+
+def rel_rms(a, b):
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+def read_back(path):
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        out[t.name] = (t.tensor_type.name, shape, np.asarray(t.data))
+    return r, out
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tensors = model_tensors(np.random.default_rng(7))
+    path = tmp_path_factory.mktemp("model") / "tiny-f32.gguf"
+    write_model(path, tensors)
+    return path, tensors
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0", "Q8_0", "Q6_K", "F16"])
+def test_mix_types_bytes_and_values(model, tmp_path, mix):
+    src, tensors = model
+    out = tmp_path / f"tiny-{mix}.gguf"
+    report = quantize_file(str(src), str(out), mix, progress=False)
+    reader, back = read_back(out)
+    want = expected_types(mix)
+    got = {name: t for name, (t, _, _) in back.items()}
+    assert got == want, {n: (got.get(n), want[n]) for n in want if got.get(n) != want[n]}
+    assert [name for name, _, _ in report] == list(tensors)
+    assert reader.get_field("general.file_type").contents() == int(gguf.LlamaFileType[
+        "ALL_F32" if mix == "F32" else f"MOSTLY_{mix}"])
+    assert reader.get_field("llama.block_count").contents() == N_LAYER
+    assert reader.get_field("tokenizer.ggml.tokens").contents()[:2] == ["t0", "t1"]
+    for name, x in tensors.items():
+        t, shape, data = back[name]
+        assert shape == x.shape, (name, shape, x.shape)
+        if t == "F32":
+            assert np.array_equal(data.reshape(x.shape), x), name
+            continue
+        rows = x.reshape(-1, x.shape[-1])
+        assert np.array_equal(data.reshape(rows.shape[0], -1).view(np.uint8), quantize_gguf(rows, t)), name
+        err = rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(x.shape), x)
+        assert err <= RMS_BOUNDS[t], f"{name} ({t}): relative RMS error {err:.4g} > {RMS_BOUNDS[t]}"
+
+
+def test_flashlm_reads_what_it_wrote(model, tmp_path):
+    # flashlm's own reader and dequantizer decode the written file exactly as gguf-py does
+    from flashlm.gguf import GGUFFile
+
+    src, tensors = model
+    out = tmp_path / "q5km.gguf"
+    quantize_file(str(src), str(out), "Q5_K_M", progress=False)
+    _, back = read_back(out)
+    with GGUFFile(str(out)) as f:
+        for name in tensors:
+            t, shape, data = back[name]
+            want = data.reshape(shape) if t == "F32" else gguf.quants.dequantize(data, GQT[t]).reshape(shape)
+            assert np.array_equal(f.load(name).numpy(), want), name
+
+
+def test_tied_embeddings_and_stored_types(tmp_path):
+    # no output.weight: token_embd is the output projection and gets Q6_K; F16/Q8_0 inputs are accepted,
+    # a Q8_0 input is decoded and quantized again (with a warning), a kept norm stays F32
+    tensors = model_tensors(np.random.default_rng(3))
+    del tensors["output.weight"]
+    stored = {"blk.0.attn_q.weight": "F16", "blk.1.attn_q.weight": "Q8_0"}
+    src = tmp_path / "in.gguf"
+    write_model(src, tensors, stored, alignment=64)  # and a custom alignment, kept
+    out = tmp_path / "out.gguf"
+    with pytest.warns(UserWarning, match="1 tensors are already quantized"):
+        quantize_file(str(src), str(out), "Q4_K_M", progress=False)
+    reader, back = read_back(out)
+    assert reader.alignment == 64 and reader.get_field("general.alignment").contents() == 64
+    assert all(t.data_offset % 64 == 0 for t in reader.tensors)
+    assert back["token_embd.weight"][0] == "Q6_K"
+    for name in stored:
+        t, _, data = back[name]
+        assert t == "Q4_K"
+        x = tensors[name]
+        err = rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(x.shape), x)
+        assert err <= RMS_BOUNDS["Q4_K"] * 1.1, (name, err)  # Q8_0's own error (~0.005) adds in quadrature
+
+
+def test_same_type_is_copied(model, tmp_path):
+    src, tensors = model
+    q8 = tmp_path / "q8.gguf"
+    quantize_file(str(src), str(q8), "Q8_0", progress=False)
+    again = tmp_path / "q8-again.gguf"
+    quantize_file(str(q8), str(again), "Q8_0", progress=False)
+    _, a = read_back(q8)
+    _, b = read_back(again)
+    for name in tensors:
+        assert a[name][0] == b[name][0] and np.array_equal(a[name][2], b[name][2]), name
+
+
+def _write_safetensors(path, arrays):
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, arr) in arrays.items():
+        raw = arr.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_hf_llama_directory(tmp_path):
+    rng = np.random.default_rng(11)
+    kv = HIDDEN // N_HEAD * N_HEAD_KV
+    hf = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN)), "model.norm.weight": np.ones(HIDDEN),
+          "lm_head.weight": rng.standard_normal((VOCAB, HIDDEN))}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        hf |= {p + "self_attn.q_proj.weight": rng.standard_normal((HIDDEN, HIDDEN)),
+               p + "self_attn.k_proj.weight": rng.standard_normal((kv, HIDDEN)),
+               p + "self_attn.v_proj.weight": rng.standard_normal((kv, HIDDEN)),
+               p + "self_attn.o_proj.weight": rng.standard_normal((HIDDEN, HIDDEN)),
+               p + "mlp.gate_proj.weight": rng.standard_normal((FFN, HIDDEN)),
+               p + "mlp.up_proj.weight": rng.standard_normal((FFN, HIDDEN)),
+               p + "mlp.down_proj.weight": rng.standard_normal((HIDDEN, FFN)),
+               p + "input_layernorm.weight": np.ones(HIDDEN), p + "post_attention_layernorm.weight": np.ones(HIDDEN)}
+    hf = {k: v.astype(np.float32) for k, v in hf.items()}
+    model_dir = tmp_path / "hf"
+    model_dir.mkdir()
+    bf16 = torch.from_numpy(hf["model.layers.0.mlp.up_proj.weight"]).to(torch.bfloat16)
+    arrays = {k: ("F32", v) for k, v in hf.items()}
+    arrays["model.layers.0.mlp.up_proj.weight"] = ("BF16", bf16.view(torch.int16).numpy())
+    _write_safetensors(model_dir / "model.safetensors", arrays)
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": HIDDEN,
+        "intermediate_size": FFN, "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD_KV,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": VOCAB}))
+    out = tmp_path / "hf-q8.gguf"
+    quantize_file(str(model_dir), str(out), "Q8_0", progress=False)
+    reader, back = read_back(out)
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("llama.attention.head_count_kv").contents() == N_HEAD_KV
+    assert reader.get_field("llama.rope.dimension_count").contents() == HIDDEN // N_HEAD
+    assert abs(reader.get_field("llama.rope.freq_base").contents() - 500000.0) < 1e-3
+    assert back["blk.1.ffn_down.weight"][0] == "Q8_0" and back["output_norm.weight"][0] == "F32"
+
+    def permuted(w, n_head):  # convert_hf_to_gguf's permute, written out: rows (h, half, i) -> (h, i, half)
+        d = w.shape[0] // n_head // 2
+        return np.stack([w.reshape(n_head, 2, d, -1)[:, j] for j in range(2)], axis=2).reshape(w.shape)
+
+    def values(name):
+        t, shape, data = back[name]
+        return gguf.quants.dequantize(data, GQT[t]).reshape(shape)
+
+    q = hf["model.layers.1.self_attn.q_proj.weight"]
+    k = hf["model.layers.1.self_attn.k_proj.weight"]
+    assert rel_rms(values("blk.1.attn_q.weight"), permuted(q, N_HEAD)) <= RMS_BOUNDS["Q8_0"]
+    assert rel_rms(values("blk.1.attn_k.weight"), permuted(k, N_HEAD_KV)) <= RMS_BOUNDS["Q8_0"]
+    assert rel_rms(values("blk.1.attn_q.weight"), q) > 0.5  # the permutation did happen
+    assert rel_rms(values("blk.0.ffn_up.weight"), bf16.float().numpy()) <= RMS_BOUNDS["Q8_0"]
+
+
+def test_hf_gpt2_directory(tmp_path):
+    # GPT-2 names (with the "transformer." prefix some checkpoints have), Conv1D weights stored [in, out]
+    rng = np.random.default_rng(12)
+    e = HIDDEN
+    hf = {"transformer.wte.weight": rng.standard_normal((VOCAB, e)), "transformer.wpe.weight": rng.standard_normal((32, e)),
+          "transformer.ln_f.weight": np.ones(e), "transformer.ln_f.bias": np.zeros(e),
+          "transformer.h.0.ln_1.weight": np.ones(e), "transformer.h.0.ln_1.bias": np.zeros(e),
+          "transformer.h.0.attn.c_attn.weight": rng.standard_normal((e, 3 * e)),
+          "transformer.h.0.attn.c_attn.bias": rng.standard_normal(3 * e),
+          "transformer.h.0.attn.c_proj.weight": rng.standard_normal((e, e)),
+          "transformer.h.0.attn.bias": np.ones((1, 1, 4, 4)),  # the causal-mask buffer: not a weight
+          "transformer.h.0.ln_2.weight": np.ones(e), "transformer.h.0.ln_2.bias": np.zeros(e),
+          "transformer.h.0.mlp.c_fc.weight": rng.standard_normal((e, 4 * e)),
+          "transformer.h.0.mlp.c_proj.weight": rng.standard_normal((4 * e, e))}
+    model_dir = tmp_path / "gpt2"
+    model_dir.mkdir()
+    _write_safetensors(model_dir / "model.safetensors", {k: ("F32", v.astype(np.float32)) for k, v in hf.items()})
+    (model_dir / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": e, "n_head": 4, "n_ctx": 32,
+        "layer_norm_epsilon": 1e-5}))
+    out = tmp_path / "gpt2.gguf"
+    quantize_file(str(model_dir), str(out), "Q4_K_M", progress=False)
+    reader, back = read_back(out)
+    assert reader.get_field("gpt2.feed_forward_length").contents() == 4 * e
+    types = {name: t for name, (t, _, _) in back.items()}
+    # tied embeddings -> Q6_K; use_more_bits(0, 1) holds -> attn_qkv and ffn_down Q6_K; wpe and 1-D kept
+    assert types == {"position_embd.weight": "F32", "token_embd.weight": "Q6_K", "output_norm.weight": "F32",
+                     "output_norm.bias": "F32", "blk.0.attn_norm.weight": "F32", "blk.0.attn_norm.bias": "F32",
+                     "blk.0.attn_qkv.weight": "Q6_K", "blk.0.attn_qkv.bias": "F32", "blk.0.attn_output.weight": "Q4_K",
+                     "blk.0.ffn_norm.weight": "F32", "blk.0.ffn_norm.bias": "F32", "blk.0.ffn_up.weight": "Q4_K",
+                     "blk.0.ffn_down.weight": "Q6_K"}, types
+    t, shape, data = back["blk.0.attn_qkv.weight"]
+    assert shape == (3 * e, e)
+    want = hf["transformer.h.0.attn.c_attn.weight"].T
+    assert rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(shape), want) <= RMS_BOUNDS["Q6_K"]
+
+
+def test_cli(model, tmp_path, capsys):
+    src, tensors = model
+    out = tmp_path / "cli.gguf"
+    assert cli_main(["quantize", str(src), str(out), "--type", "q4_k_m"]) == 0
+    assert f"{len(tensors)} tensors" in capsys.readouterr().out
+    assert cli_main(["quantize", str(tmp_path / "missing.gguf"), str(out), "--type", "Q4_0"]) == 1
+    assert "neither a GGUF file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["quantize", str(src), str(out), "--type", "Q7_K"])
