@@ -29,18 +29,30 @@ constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128;
 
 FLASHLM_AVX2_INLINE int64_t quads(int64_t K) { return (K + 3) / 4; }
 
-// Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`.
+// Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`: four bytes of a
+// row at a time, then |w| of each quad with two vector instructions.
 FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel) {
-  const int64_t nq = quads(a.K);
-  std::memset(panel, 0, size_t(nq * kQuadBytes));
-  for (int64_t c = 0; c < kCols && n0 + c < a.N; ++c) {
-    const int8_t* w = a.w + (n0 + c) * a.K;
+  const int64_t nq = quads(a.K), full = a.K / 4;
+  for (int64_t c = 0; c < kCols; ++c) {
     int8_t* dst = panel + (c / 8) * 32 + (c % 8) * 4;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const int8_t v = w[k];
-      int8_t* q = dst + (k / 4) * kQuadBytes + (k % 4);
-      q[0] = v;
-      q[64] = static_cast<int8_t>(v < 0 ? -int(v) : int(v));  // |-128| = 128 reads back right as a uint8
+    if (n0 + c >= a.N) {
+      for (int64_t q = 0; q < nq; ++q) std::memset(dst + q * kQuadBytes, 0, 4);
+      continue;
+    }
+    const int8_t* w = a.w + (n0 + c) * a.K;
+    for (int64_t q = 0; q < full; ++q) std::memcpy(dst + q * kQuadBytes, w + 4 * q, 4);
+    if (full < nq) {
+      int8_t tail[4] = {0, 0, 0, 0};
+      std::memcpy(tail, w + 4 * full, size_t(a.K - 4 * full));
+      std::memcpy(dst + full * kQuadBytes, tail, 4);
+    }
+  }
+  // |-128| = 128 reads back right as the unsigned operand.
+  for (int64_t q = 0; q < nq; ++q) {
+    int8_t* p = panel + q * kQuadBytes;
+    for (int j = 0; j < 2; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 64 + 32 * j), _mm256_abs_epi8(w));
     }
   }
 }
