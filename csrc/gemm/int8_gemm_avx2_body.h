@@ -106,8 +106,47 @@ FLASHLM_AVX2_INLINE void rows(const Int8Args& a, int64_t m, int64_t n0, const in
   for (int r = 0; r < R; ++r) store_tile(a, m + r, n0, acc[r], w_scales, bias);
 }
 
+// M < 4 (decode): no packing, which would cost as much as the product; each weight row is read once, 32
+// bytes at a time, against every row of x, and reduced horizontally at the end.
+template <int R, class Dot>
+void int8_gemv(const Int8Args& a, int64_t n_begin, int64_t n_end) {
+  const int64_t k32 = a.K / 32 * 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w = a.w + n * a.K;
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < k32; k += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m256i av = _mm256_abs_epi8(wv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.x + r * a.x_stride + k));
+        acc[r] = Dot::dot(acc[r], av, _mm256_sign_epi8(xv, wv));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+      const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+      int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, _MM_SHUFFLE(2, 3, 0, 1))));
+      for (int64_t k = k32; k < a.K; ++k) sum += int32_t(a.x[r * a.x_stride + k]) * int32_t(w[k]);
+      float y = float(sum) * a.x_scales[r] * a.w_scales[n];
+      if (a.bias) y = y + a.bias[n];
+      if (a.out_dtype == DType::F32) {
+        static_cast<float*>(a.out)[r * a.N + n] = y;
+      } else {
+        static_cast<uint16_t*>(a.out)[r * a.N + n] = gguf::detail::f32_to_bf16(y);
+      }
+    }
+  }
+}
+
 template <class Dot>
 void int8_gemm_panels(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel) {
+  switch (a.M) {
+    case 1: return int8_gemv<1, Dot>(a, n_begin, n_end);
+    case 2: return int8_gemv<2, Dot>(a, n_begin, n_end);
+    case 3: return int8_gemv<3, Dot>(a, n_begin, n_end);
+    default: break;
+  }
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
     pack_panel(a, n0, panel);
     float w_scales[kCols] = {}, bias[kCols] = {};
