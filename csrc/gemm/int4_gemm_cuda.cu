@@ -43,12 +43,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(Int4Args a) 
   const int64_t n = int64_t(blockIdx.x) * kGemvWarps + threadIdx.x / 32;
   if (n >= a.N) return;
   const int M = static_cast<int>(a.M);
-  const int64_t K = a.K, half = a.group / 2, groups = K / a.group;
-  const uint8_t* w = a.w + n * (K / 2);
+  const int64_t K = a.K, groups = K / a.group;
+  // Offsets within a row fit 32 bits (checked on the host); group / 2 is a power of two: shifts, not divisions.
+  const int half = static_cast<int>(a.group / 2), half_shift = __ffs(half) - 1, row_bytes = static_cast<int>(K / 2);
+  const uint8_t* w = a.w + n * row_bytes;
   const T* x = static_cast<const T*>(a.x);
   float acc[kGemvMaxM] = {};
-  for (int64_t o = int64_t(lane) * 16; o < K / 2; o += 32 * 16) {
-    const int64_t g = o / half, lo = g * a.group + o % half;  // first low-nibble element
+  for (int o = lane * 16; o < row_bytes; o += 32 * 16) {
+    const int g = o >> half_shift, lo = g * 2 * half + (o & (half - 1));  // first low-nibble element
     const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
     const uint4 raw = load16<kVec>(w + o);
     const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw);
@@ -156,6 +158,7 @@ void launch(const Int4Args& a, cudaStream_t s) {
 }  // namespace
 
 void int4_gemm_cuda(const Int4Args& a, int device, void* stream) {
+  FLASHLM_CHECK(a.K < (int64_t(1) << 31), "x: K = ", a.K, " is too large for the CUDA int4 kernels (< 2^31)");
   CudaDeviceGuard guard(device);
   auto s = static_cast<cudaStream_t>(stream);
   const bool vec = aligned16(a.x) && aligned16(a.w);
