@@ -237,3 +237,17 @@ void int8_gemm_vnni(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* p
 }
 }  // namespace flashlm::gemm
 #endif
+#ifndef FLASHLM_HAVE_AVX2_KERNELS
+// Builds for other CPUs link these; cpu_isa() never picks AVX2 there, so they are never called.
+namespace flashlm::gemm {
+void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
+  quantize_per_token_scalar(a, m_begin, m_end);
+}
+int64_t int8_panel_bytes(int64_t) { return 0; }
+void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t*) { int8_gemm_scalar(a, n_begin, n_end); }
+int64_t int4_scratch_floats(int64_t, int64_t) { return 0; }
+void int4_gemm_avx2(const Int4Args& a, const float*, int64_t n_begin, int64_t n_end, float*) {
+  int4_gemm_scalar(a, n_begin, n_end);
+}
+}  // namespace flashlm::gemm
+#endif
