@@ -20,7 +20,7 @@ namespace {
 
 using namespace cuda;
 
-constexpr int kGemvMaxM = 8, kGemvWarps = 4;
+constexpr int kGemvMaxM = 8, kGemvWarps = 4, kUnroll = 4;
 constexpr int kTile = 64, kTileK = 32, kRowElems = kTileK + 8, kMmaThreads = 128;
 
 // 16 consecutive elements of x (f16/bf16) as f32.
@@ -49,27 +49,39 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(Int4Args a) 
   const uint8_t* w = a.w + n * row_bytes;
   const T* x = static_cast<const T*>(a.x);
   float acc[kGemvMaxM] = {};
-  for (int o = lane * 16; o < row_bytes; o += 32 * 16) {
-    const int g = o >> half_shift, lo = g * 2 * half + (o & (half - 1));  // first low-nibble element
-    const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
-    const uint4 raw = load16<kVec>(w + o);
-    const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw);
-    float wl[16], wh[16];
+  // kUnroll chunks per lane are loaded before any is used: enough bytes in flight to cover the memory
+  // latency (a 4096-wide row is exactly 4 chunks per lane).
+  for (int o0 = lane * 16; o0 < row_bytes; o0 += kUnroll * 32 * 16) {
+    uint4 raw[kUnroll];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      wl[i] = float(b[i] & 15) - z;
-      wh[i] = float(b[i] >> 4) - z;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int o = o0 + u * 32 * 16;
+      raw[u] = o < row_bytes ? load16<kVec>(w + o) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int m = 0; m < kGemvMaxM; ++m) {
-      if (m < M) {
-        float xl[16], xh[16];
-        load_x16<T, kVec>(x + m * K + lo, xl);
-        load_x16<T, kVec>(x + m * K + lo + half, xh);
-        float dot = 0.f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int o = o0 + u * 32 * 16;
+      if (o >= row_bytes) break;
+      const int g = o >> half_shift, lo = g * 2 * half + (o & (half - 1));  // first low-nibble element
+      const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
+      const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw[u]);
+      float wl[16], wh[16];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) dot += wl[i] * xl[i] + wh[i] * xh[i];
-        acc[m] += dot * s;
+      for (int i = 0; i < 16; ++i) {
+        wl[i] = float(b[i] & 15) - z;
+        wh[i] = float(b[i] >> 4) - z;
+      }
+#pragma unroll
+      for (int m = 0; m < kGemvMaxM; ++m) {
+        if (m < M) {
+          float xl[16], xh[16];
+          load_x16<T, kVec>(x + m * K + lo, xl);
+          load_x16<T, kVec>(x + m * K + lo + half, xh);
+          float dot = 0.f;
+#pragma unroll
+          for (int i = 0; i < 16; ++i) dot += wl[i] * xl[i] + wh[i] * xh[i];
+          acc[m] += dot * s;
+        }
       }
     }
   }
