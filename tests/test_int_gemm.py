@@ -316,9 +316,9 @@ def test_int4_linear_module(symmetric, m):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 16, 128, 300])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 128, 300])
 def test_int8_cuda(dtype, m):
-    k, n = 1000, 200
+    k, n = (1024 if m % 2 == 0 else 1000), 200  # K % 16 == 0 takes the 16-byte loads, others the byte loads
     x = torch.randn(m, k).to(dtype)
     w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
     bias = torch.randn(n)
@@ -358,3 +358,22 @@ def test_custom_ops_register_fake():
     torch.library.opcheck(_quantize_per_token, (x,))
     torch.library.opcheck(_int8_gemm, (x_q, x_s, w_q, w_s, torch.randn(24), torch.float32))
     torch.library.opcheck(_int4_gemm, (x, packed, scales, zeros, None, 64))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 40])
+def test_int4_cuda_unaligned(m):
+    # x and w one element off 16-byte alignment: the kernels' byte-load variants.
+    k, n, group = 256, 72, 64
+    x = torch.randn(m * k + 1).to(torch.float16)[1:].view(m, k)
+    packed, scales, zeros = random_int4(n, k, group, False)
+    w_buf = torch.empty(n * k // 2 + 1, dtype=torch.uint8, device="cuda")
+    w = w_buf[1:].view(n, k // 2)
+    w.copy_(packed)
+    x_buf = torch.empty(m * k + 1, dtype=torch.float16, device="cuda")
+    x_cuda = x_buf[1:].view(m, k)
+    x_cuda.copy_(x)
+    y = ops.int4_linear(x_cuda, w, scales.cuda(), zeros.cuda(), group).cpu()
+    ref, mag = int4_reference(x, packed, scales, zeros, group, None)
+    tol = 4 * math.sqrt(k) * EPS[torch.float32] * mag + 2 * EPS[torch.float16] * mag + EPS[torch.float16] * ref.abs()
+    assert_within(y, ref, tol, f"int4 cuda unaligned m={m}")
