@@ -377,3 +377,18 @@ def test_int4_cuda_unaligned(m):
     ref, mag = int4_reference(x, packed, scales, zeros, group, None)
     tol = 4 * math.sqrt(k) * EPS[torch.float32] * mag + 2 * EPS[torch.float16] * mag + EPS[torch.float16] * ref.abs()
     assert_within(y, ref, tol, f"int4 cuda unaligned m={m}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_shapes(isa):
+    # No rows: an empty output. K = 0: every dot product is 0, so y is the bias.
+    _C.set_cpu_isa(isa)
+    bias = torch.randn(3)
+    assert ops.int8_linear(torch.randn(0, 8), torch.zeros(3, 8, dtype=torch.int8), torch.ones(3)).shape == (0, 3)
+    assert ops.int4_linear(torch.randn(0, 64), torch.zeros(3, 32, dtype=torch.uint8), torch.ones(3, 2),
+                           group_size=32).shape == (0, 3)
+    y8 = ops.int8_linear(torch.randn(2, 0), torch.zeros(3, 0, dtype=torch.int8), torch.ones(3), bias)
+    y4 = ops.int4_linear(torch.randn(2, 0), torch.zeros(3, 0, dtype=torch.uint8), torch.ones(3, 0), None, 32, bias)
+    assert torch.equal(y8, bias.expand(2, 3)) and torch.equal(y4, bias.expand(2, 3))
+    q, s = ops.quantize_per_token(torch.randn(4, 0))
+    assert q.shape == (4, 0) and torch.equal(s, torch.zeros(4))

@@ -29,6 +29,11 @@ def _check_x(x: torch.Tensor, allow_cuda_f32: bool) -> None:
         raise ValueError("x: expected at least one dimension [..., K]")
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] (explicit M: reshape(-1, K) is ambiguous when K == 0)."""
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
+
+
 def _bias_f32(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
     if bias is None:
         return None
@@ -57,7 +62,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization of x [..., K]: returns (q int8 [..., K], scales float32 [...]) with
     scale = absmax / 127 and q = round_half_even(x * 127 / absmax) in [-127, 127]."""
     _check_x(x, allow_cuda_f32=True)
-    q, scales = _quantize_per_token(x.reshape(-1, x.shape[-1]))
+    q, scales = _quantize_per_token(_rows(x))
     return q.reshape(x.shape), scales.reshape(x.shape[:-1])
 
 
@@ -86,8 +91,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"x: last dimension {x.shape[-1]} differs from w_int8's K = {k}")
     if w_scales.shape != (n,):
         raise ValueError(f"w_scales: expected shape ({n},), got {tuple(w_scales.shape)}")
-    x2 = x.reshape(-1, k)
-    x_q, x_scales = _quantize_per_token(x2)
+    x_q, x_scales = _quantize_per_token(_rows(x))
     y = _int8_gemm(x_q, x_scales, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
                    _bias_f32(bias, n, x.device), x.dtype)
     return y.reshape(*x.shape[:-1], n)
@@ -126,6 +130,6 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, z
         if zeros.shape != scales.shape:
             raise ValueError(f"zeros: expected shape {tuple(scales.shape)}, got {tuple(zeros.shape)}")
         zeros = zeros.to(torch.float32).contiguous()
-    y = _int4_gemm(x.reshape(-1, k).contiguous(), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
+    y = _int4_gemm(_rows(x).contiguous(), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
                    zeros, _bias_f32(bias, n, x.device), group_size)
     return y.reshape(*x.shape[:-1], n)
