@@ -53,11 +53,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(Int4Args a) 
   // latency (a 4096-wide row is exactly 4 chunks per lane).
   for (int o0 = lane * 16; o0 < row_bytes; o0 += kUnroll * 32 * 16) {
     uint4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int o = o0 + u * 32 * 16;
-      raw[u] = o < row_bytes ? load16<kVec>(w + o) : make_uint4(0, 0, 0, 0);
-    }
+    load16_unrolled<kUnroll, kVec>(w, o0, 32 * 16, row_bytes, raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int o = o0 + u * 32 * 16;

@@ -22,7 +22,7 @@ namespace {
 using namespace cuda;
 
 constexpr int kQuantThreads = 256;
-constexpr int kGemvMaxM = 8, kGemvWarps = 4;
+constexpr int kGemvMaxM = 8, kGemvWarps = 4, kUnroll = 4;
 constexpr int kTile = 64, kTileK = 64, kRowBytes = kTileK + 16, kMmaThreads = 128;
 
 // ---- quantize_per_token ---------------------------------------------------------------------------------
@@ -72,16 +72,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(Int8Args a, 
   const int8_t* w = a.w + n * K;
   int32_t acc[kGemvMaxM] = {};
   if constexpr (kVec) {
-    for (int k = lane * 16; k < K; k += 32 * 16) {
-      const uint4 wv = load16<true>(w + k);
+    // kUnroll chunks of W per lane are loaded before any is used: more bytes in flight against the latency.
+    for (int k0 = lane * 16; k0 < K; k0 += kUnroll * 32 * 16) {
+      uint4 wv[kUnroll];
+      load16_unrolled<kUnroll, true>(w, k0, 32 * 16, K, wv);
 #pragma unroll
-      for (int m = 0; m < kGemvMaxM; ++m) {
-        if (m < M) {
-          const uint4 xv = load16<true>(a.x + int64_t(m) * K + k);
-          acc[m] = __dp4a(int(xv.x), int(wv.x), acc[m]);
-          acc[m] = __dp4a(int(xv.y), int(wv.y), acc[m]);
-          acc[m] = __dp4a(int(xv.z), int(wv.z), acc[m]);
-          acc[m] = __dp4a(int(xv.w), int(wv.w), acc[m]);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int k = k0 + u * 32 * 16;
+        if (k >= K) break;
+#pragma unroll
+        for (int m = 0; m < kGemvMaxM; ++m) {
+          if (m < M) {
+            const uint4 xv = load16<true>(a.x + int64_t(m) * K + k);
+            acc[m] = __dp4a(int(xv.x), int(wv[u].x), acc[m]);
+            acc[m] = __dp4a(int(xv.y), int(wv[u].y), acc[m]);
+            acc[m] = __dp4a(int(xv.z), int(wv[u].z), acc[m]);
+            acc[m] = __dp4a(int(xv.w), int(wv[u].w), acc[m]);
+          }
         }
       }
     }

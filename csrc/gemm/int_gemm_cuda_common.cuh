@@ -86,6 +86,17 @@ __device__ __forceinline__ void warp_for_each_32x32(const Acc (&acc)[2][4][4], i
       for (int i = 0; i < 4; ++i) fn(m0 + mi * 16 + g + (i / 2) * 8, n0 + ni * 8 + 2 * t + (i % 2), acc[mi][ni][i]);
 }
 
+// The GEMV kernels' prefetch: out[u] = the 16 bytes at p + o0 + u * step for every u with o0 + u * step < end
+// (zeros past it), all loads issued before any is used.
+template <int kUnroll, bool kAligned>
+__device__ __forceinline__ void load16_unrolled(const void* p, int o0, int step, int end, uint4 (&out)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int o = o0 + u * step;
+    out[u] = o < end ? load16<kAligned>(static_cast<const uint8_t*>(p) + o) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Calls fn(T{}) with T the CUDA element type of `dtype` (F32, F16 or BF16).
