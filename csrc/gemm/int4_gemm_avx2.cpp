@@ -90,29 +90,59 @@ void gemv(const Int4Args& a, const float* group_sums, int64_t n_begin, int64_t n
   }
 }
 
-// Dequantizes columns [n0, n0 + 16) x K [k0, k0 + kc) into buf[k][16] (zeros for columns past N).
-// `row` is scratch for kc floats.
-void dequantize_panel(const Int4Args& a, int64_t n0, int64_t k0, int64_t kc, float* buf, float* row) {
+// In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 floats.
+FLASHLM_AVX2_INLINE void transpose8(__m256 (&v)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Dequantizes columns [n0, n0 + 16) x K [k0, k0 + kc) into buf[k][16] (zeros for columns past N): 8 columns
+// x 8 values of K at a time, turned k-major by an 8 x 8 transpose (a third of the time of scalar stores).
+void dequantize_panel(const Int4Args& a, int64_t n0, int64_t k0, int64_t kc, float* buf) {
   const int64_t groups = a.K / a.group, half = a.group / 2;
-  for (int64_t c = 0; c < kCols; ++c) {
-    const int64_t n = n0 + c;
-    if (n >= a.N) {
-      for (int64_t k = 0; k < kc; ++k) buf[k * kCols + c] = 0.f;
-      continue;
-    }
+  for (int64_t cb = 0; cb < kCols; cb += 8) {
     for (int64_t gk = 0; gk < kc; gk += a.group) {
       const int64_t g = (k0 + gk) / a.group;
-      const __m256 s = _mm256_set1_ps(a.scales[n * groups + g]);
-      const __m256 z = _mm256_set1_ps(a.zeros ? a.zeros[n * groups + g] : 8.f);
-      const uint8_t* b = a.w + n * (a.K / 2) + g * half;
+      __m256 s[8], z[8];
+      const uint8_t* rows[8];
+      for (int c = 0; c < 8; ++c) {
+        const int64_t n = n0 + cb + c < a.N ? n0 + cb + c : -1;
+        s[c] = _mm256_set1_ps(n < 0 ? 0.f : a.scales[n * groups + g]);
+        z[c] = _mm256_set1_ps(n < 0 || !a.zeros ? 8.f : a.zeros[n * groups + g]);
+        rows[c] = n < 0 ? nullptr : a.w + n * (a.K / 2) + g * half;
+      }
       for (int64_t j = 0; j < half; j += 8) {
-        __m256 lo, hi;
-        unpack8(b + j, lo, hi);
-        _mm256_storeu_ps(row + gk + j, _mm256_mul_ps(_mm256_sub_ps(lo, z), s));
-        _mm256_storeu_ps(row + gk + half + j, _mm256_mul_ps(_mm256_sub_ps(hi, z), s));
+        __m256 lo[8], hi[8];
+        for (int c = 0; c < 8; ++c) {
+          if (rows[c]) {
+            unpack8(rows[c] + j, lo[c], hi[c]);
+            lo[c] = _mm256_mul_ps(_mm256_sub_ps(lo[c], z[c]), s[c]);
+            hi[c] = _mm256_mul_ps(_mm256_sub_ps(hi[c], z[c]), s[c]);
+          } else {
+            lo[c] = hi[c] = _mm256_setzero_ps();
+          }
+        }
+        transpose8(lo);
+        transpose8(hi);
+        for (int i = 0; i < 8; ++i) {
+          _mm256_storeu_ps(buf + (gk + j + i) * kCols + cb, lo[i]);
+          _mm256_storeu_ps(buf + (gk + half + j + i) * kCols + cb, hi[i]);
+        }
       }
     }
-    for (int64_t k = 0; k < kc; ++k) buf[k * kCols + c] = row[k];
   }
 }
 
@@ -140,15 +170,14 @@ FLASHLM_AVX2_INLINE void micro_tile(const float* x, int64_t K, const float* buf,
 
 void gemm(const Int4Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
   const auto* x = static_cast<const float*>(a.x);
-  float* buf = scratch;              // kKc x 16
-  float* row = buf + kKc * kCols;    // kKc
-  float* acc = row + kKc;            // M x 16
+  float* buf = scratch;            // kKc x 16
+  float* acc = buf + kKc * kCols;  // M x 16
   // kKc is a multiple of every group size, so a chunk never splits a group.
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
     std::memset(acc, 0, size_t(a.M * kCols) * sizeof(float));
     for (int64_t k0 = 0; k0 < a.K; k0 += kKc) {
       const int64_t kc = a.K - k0 < kKc ? a.K - k0 : kKc;
-      dequantize_panel(a, n0, k0, kc, buf, row);
+      dequantize_panel(a, n0, k0, kc, buf);
       int64_t m = 0;
       for (; m + kRows <= a.M; m += kRows) micro_tile<kRows>(x + m * a.K + k0, a.K, buf, kc, acc + m * kCols);
       switch (a.M - m) {
@@ -166,7 +195,7 @@ void gemm(const Int4Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
 
 }  // namespace
 
-int64_t int4_scratch_floats(int64_t M, int64_t) { return kKc * kCols + kKc + M * kCols; }
+int64_t int4_scratch_floats(int64_t M, int64_t) { return kKc * kCols + M * kCols; }
 
 void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
   switch (a.M) {
