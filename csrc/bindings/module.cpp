@@ -10,6 +10,7 @@ void bind_comm(nb::module_& m);
 void bind_core(nb::module_& m);
 void bind_gguf(nb::module_& m);
 void bind_quantize(nb::module_& m);
+void bind_int_gemm(nb::module_& m);
 }  // namespace flashlm::bindings
 
 NB_MODULE(_C, m) {
@@ -31,4 +32,5 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_core(m);
   flashlm::bindings::bind_gguf(m);
   flashlm::bindings::bind_quantize(m);
+  flashlm::bindings::bind_int_gemm(m);
 }

@@ -1,0 +1,61 @@
+// Integer GEMMs (W8A8, W4A16) and the per-token activation quantizer. Outputs are allocated by the caller
+// (flashlm.ops) and written in place; see int_gemm.h for the layouts.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+
+#include <optional>
+
+#include "convert.h"
+#include "flashlm/gemm/int_gemm.h"
+
+namespace nb = nanobind;
+
+namespace flashlm::bindings {
+namespace {
+
+using OptionalArray = std::optional<nb::ndarray<>>;
+
+TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
+
+void quantize(nb::ndarray<> x, nb::ndarray<> q, nb::ndarray<> scales, uintptr_t stream) {
+  QuantizePerTokenParams p;
+  p.x = to_view(x, "x"), p.q = to_view(q, "q"), p.scales = to_view(scales, "scales");
+  nb::gil_scoped_release release;
+  quantize_per_token(p, reinterpret_cast<void*>(stream));
+}
+
+void int8(nb::ndarray<> x, nb::ndarray<> x_scales, nb::ndarray<> w, nb::ndarray<> w_scales, OptionalArray bias,
+          nb::ndarray<> out, uintptr_t stream) {
+  Int8GemmParams p;
+  p.x = to_view(x, "x"), p.x_scales = to_view(x_scales, "x_scales");
+  p.w = to_view(w, "w"), p.w_scales = to_view(w_scales, "w_scales");
+  p.bias = optional_view(bias, "bias"), p.out = to_view(out, "out");
+  nb::gil_scoped_release release;
+  int8_gemm(p, reinterpret_cast<void*>(stream));
+}
+
+void int4(nb::ndarray<> x, nb::ndarray<> w, nb::ndarray<> scales, OptionalArray zeros, OptionalArray bias,
+          nb::ndarray<> out, int64_t group_size, uintptr_t stream) {
+  Int4GemmParams p;
+  p.x = to_view(x, "x"), p.w = to_view(w, "w"), p.scales = to_view(scales, "scales");
+  p.zeros = optional_view(zeros, "zeros"), p.bias = optional_view(bias, "bias"), p.out = to_view(out, "out");
+  p.group_size = group_size;
+  nb::gil_scoped_release release;
+  int4_gemm(p, reinterpret_cast<void*>(stream));
+}
+
+}  // namespace
+
+void bind_int_gemm(nb::module_& m) {
+  m.def("quantize_per_token", &quantize, nb::arg("x"), nb::arg("q"), nb::arg("scales"), nb::arg("stream") = 0,
+        "x [M, K] -> int8 q [M, K] and f32 scales [M] (absmax / 127), written in place");
+  m.def("int8_gemm", &int8, nb::arg("x"), nb::arg("x_scales"), nb::arg("w"), nb::arg("w_scales"),
+        nb::arg("bias").none(), nb::arg("out"), nb::arg("stream") = 0,
+        "out = (x @ w.T) * x_scales[:, None] * w_scales[None, :] + bias, int32 accumulation");
+  m.def("int4_gemm", &int4, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("zeros").none(),
+        nb::arg("bias").none(), nb::arg("out"), nb::arg("group_size"), nb::arg("stream") = 0,
+        "out = x @ dequantize(w).T + bias, w packed int4 (see int_gemm.h)");
+}
+
+}  // namespace flashlm::bindings

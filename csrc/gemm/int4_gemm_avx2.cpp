@@ -1,0 +1,210 @@
+// AVX2 W4A16 GEMM: int4 weights (layout in int_gemm.h) times f32 activations, dequantized on the fly.
+// Compiled with -mavx2 -mfma -mf16c, called only after a run-time CPU check. Reference:
+// int4_gemm_scalar; tested by tests/test_int_gemm.py against it and against float64.
+//
+// Two paths:
+// - M <= 4 (decode): a GEMV that streams each weight row once. The zero point leaves the inner loop:
+//   sum_k (u - z) s x = s (sum_k u x - z sum_k x), and the group sums of x are computed once per call, so
+//   the inner loop is unpack, convert, FMA. It is bound by memory bandwidth (bench/compare_gemm.py).
+// - M > 4: a panel of 16 columns x kKc values of K is dequantized into a small f32 buffer, k-major
+//   (buf[k][16]), and every row of x runs over it with a 4 x 16 outer-product micro-kernel (8 f32
+//   accumulators), so the dequantization is paid once per panel, not once per row.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../gguf/dequantize_block.h"
+#include "int_gemm_kernels.h"
+
+#define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
+
+namespace flashlm::gemm {
+namespace {
+
+constexpr int64_t kCols = 16, kRows = 4, kGemvMaxRows = 4;
+constexpr int64_t kKc = 512;  // K per panel chunk: 16 x 512 f32 = 32 KiB, the size of the L1 data cache
+
+FLASHLM_AVX2_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+FLASHLM_AVX2_INLINE void store_out(const Int4Args& a, int64_t m, int64_t n, float y) {
+  if (a.out_dtype == DType::F32) {
+    static_cast<float*>(a.out)[m * a.N + n] = y;
+  } else {
+    static_cast<uint16_t*>(a.out)[m * a.N + n] = gguf::detail::f32_to_bf16(y);
+  }
+}
+
+// 8 weight bytes -> elements j .. j + 7 (low nibbles) and j + group/2 .. (high nibbles) of a group, as f32 u.
+FLASHLM_AVX2_INLINE void unpack8(const uint8_t* b, __m256& lo, __m256& hi) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+// GEMV for R rows of x: y[r, n] = sum_g s_g (sum_k u x - z_g sum_g x) + bias.
+template <int R>
+void gemv(const Int4Args& a, const float* group_sums, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = a.K / a.group, half = a.group / 2;
+  const auto* x = static_cast<const float*>(a.x);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = a.w + n * (a.K / 2);
+    __m256 total[R];
+    float zero_part[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps(), zero_part[r] = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
+      const uint8_t* b = w + g * half;
+      const float* xg = x + g * a.group;
+      __m256 acc[R][4];
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < half; j += 16) {  // half is 16, 32 or 64
+        __m256 lo0, hi0, lo1, hi1;
+        unpack8(b + j, lo0, hi0);
+        unpack8(b + j + 8, lo1, hi1);
+        for (int r = 0; r < R; ++r) {
+          const float* xr = xg + r * a.K + j;
+          acc[r][0] = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(xr), acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xr + half), acc[r][1]);
+          acc[r][2] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xr + 8), acc[r][2]);
+          acc[r][3] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xr + half + 8), acc[r][3]);
+        }
+      }
+      const __m256 vs = _mm256_set1_ps(s);
+      for (int r = 0; r < R; ++r) {
+        const __m256 dot = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+        total[r] = _mm256_fmadd_ps(dot, vs, total[r]);
+        zero_part[r] += s * z * group_sums[r * groups + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float y = hsum(total[r]) - zero_part[r];
+      if (a.bias) y += a.bias[n];
+      store_out(a, r, n, y);
+    }
+  }
+}
+
+// In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 floats.
+FLASHLM_AVX2_INLINE void transpose8(__m256 (&v)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// Dequantizes columns [n0, n0 + 16) x K [k0, k0 + kc) into buf[k][16] (zeros for columns past N): 8 columns
+// x 8 values of K at a time, turned k-major by an 8 x 8 transpose (a third of the time of scalar stores).
+void dequantize_panel(const Int4Args& a, int64_t n0, int64_t k0, int64_t kc, float* buf) {
+  const int64_t groups = a.K / a.group, half = a.group / 2;
+  for (int64_t cb = 0; cb < kCols; cb += 8) {
+    for (int64_t gk = 0; gk < kc; gk += a.group) {
+      const int64_t g = (k0 + gk) / a.group;
+      __m256 s[8], z[8];
+      const uint8_t* rows[8];
+      for (int c = 0; c < 8; ++c) {
+        const int64_t n = n0 + cb + c < a.N ? n0 + cb + c : -1;
+        s[c] = _mm256_set1_ps(n < 0 ? 0.f : a.scales[n * groups + g]);
+        z[c] = _mm256_set1_ps(n < 0 || !a.zeros ? 8.f : a.zeros[n * groups + g]);
+        rows[c] = n < 0 ? nullptr : a.w + n * (a.K / 2) + g * half;
+      }
+      for (int64_t j = 0; j < half; j += 8) {
+        __m256 lo[8], hi[8];
+        for (int c = 0; c < 8; ++c) {
+          if (rows[c]) {
+            unpack8(rows[c] + j, lo[c], hi[c]);
+            lo[c] = _mm256_mul_ps(_mm256_sub_ps(lo[c], z[c]), s[c]);
+            hi[c] = _mm256_mul_ps(_mm256_sub_ps(hi[c], z[c]), s[c]);
+          } else {
+            lo[c] = hi[c] = _mm256_setzero_ps();
+          }
+        }
+        transpose8(lo);
+        transpose8(hi);
+        for (int i = 0; i < 8; ++i) {
+          _mm256_storeu_ps(buf + (gk + j + i) * kCols + cb, lo[i]);
+          _mm256_storeu_ps(buf + (gk + half + j + i) * kCols + cb, hi[i]);
+        }
+      }
+    }
+  }
+}
+
+// acc[m][16] += x[m, k0 .. k0 + kc) @ buf for R <= 4 rows starting at m.
+template <int R>
+FLASHLM_AVX2_INLINE void micro_tile(const float* x, int64_t K, const float* buf, int64_t kc, float* acc) {
+  __m256 c[kRows][2];
+  for (int r = 0; r < R; ++r) {
+    c[r][0] = _mm256_loadu_ps(acc + r * kCols);
+    c[r][1] = _mm256_loadu_ps(acc + r * kCols + 8);
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(buf + k * kCols), b1 = _mm256_loadu_ps(buf + k * kCols + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+      c[r][0] = _mm256_fmadd_ps(xv, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(xv, b1, c[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * kCols, c[r][0]);
+    _mm256_storeu_ps(acc + r * kCols + 8, c[r][1]);
+  }
+}
+
+void gemm(const Int4Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
+  const auto* x = static_cast<const float*>(a.x);
+  float* buf = scratch;            // kKc x 16
+  float* acc = buf + kKc * kCols;  // M x 16
+  // kKc is a multiple of every group size, so a chunk never splits a group.
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
+    std::memset(acc, 0, size_t(a.M * kCols) * sizeof(float));
+    for (int64_t k0 = 0; k0 < a.K; k0 += kKc) {
+      const int64_t kc = a.K - k0 < kKc ? a.K - k0 : kKc;
+      dequantize_panel(a, n0, k0, kc, buf);
+      int64_t m = 0;
+      for (; m + kRows <= a.M; m += kRows) micro_tile<kRows>(x + m * a.K + k0, a.K, buf, kc, acc + m * kCols);
+      switch (a.M - m) {
+        case 3: micro_tile<3>(x + m * a.K + k0, a.K, buf, kc, acc + m * kCols); break;
+        case 2: micro_tile<2>(x + m * a.K + k0, a.K, buf, kc, acc + m * kCols); break;
+        case 1: micro_tile<1>(x + m * a.K + k0, a.K, buf, kc, acc + m * kCols); break;
+        default: break;
+      }
+    }
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t c = 0; c < kCols && n0 + c < a.N; ++c)
+        store_out(a, m, n0 + c, a.bias ? acc[m * kCols + c] + a.bias[n0 + c] : acc[m * kCols + c]);
+  }
+}
+
+}  // namespace
+
+int64_t int4_scratch_floats(int64_t M, int64_t) { return kKc * kCols + M * kCols; }
+
+void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
+  switch (a.M) {
+    case 1: gemv<1>(a, x_group_sums, n_begin, n_end); return;
+    case 2: gemv<2>(a, x_group_sums, n_begin, n_end); return;
+    case 3: gemv<3>(a, x_group_sums, n_begin, n_end); return;
+    case kGemvMaxRows: gemv<kGemvMaxRows>(a, x_group_sums, n_begin, n_end); return;
+    default: gemm(a, n_begin, n_end, scratch);
+  }
+}
+
+}  // namespace flashlm::gemm

@@ -1,0 +1,169 @@
+// The W8A8 AVX2 kernel body, shared by int8_gemm_avx2.cpp (maddubs + madd) and int8_gemm_vnni.cpp
+// (AVX-VNNI vpdpbusd), which differ only in the dot product `Dot`. Include only from files compiled with
+// AVX2 flags; everything here has internal linkage (see dequantize_avx2_common.h for why).
+//
+// Work: a panel of 16 output columns at a time. The panel's W rows are packed k-quad-major: for each
+// k-quad q (k = 4q .. 4q + 3), 128 bytes: w[col 0..7][4], w[col 8..15][4], then |w| in the same order.
+// One 32-bit broadcast of x[m, 4q .. 4q + 3] against those gives 8 columns' partial sums per instruction
+// with no horizontal reduction. The micro-tile is 4 rows x 16 columns: 8 int32 accumulators.
+//
+// Sign trick: the dot products take an unsigned and a signed operand, so they get |w| and x * sign(w)
+// (vpsignb). Each maddubs pair sums to at most 2 * 128 * 127 = 32512 and cannot saturate, provided that
+// x is never -128 (vpsignb cannot negate it): the quantizer writes [-127, 127], the dispatcher checks.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../gguf/dequantize_block.h"
+#include "int_gemm_kernels.h"
+
+#define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
+
+namespace flashlm::gemm {
+namespace {
+
+constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128;
+
+FLASHLM_AVX2_INLINE int64_t quads(int64_t K) { return (K + 3) / 4; }
+
+// Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`: four bytes of a
+// row at a time, then |w| of each quad with two vector instructions.
+FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel) {
+  const int64_t nq = quads(a.K), full = a.K / 4;
+  for (int64_t c = 0; c < kCols; ++c) {
+    int8_t* dst = panel + (c / 8) * 32 + (c % 8) * 4;
+    if (n0 + c >= a.N) {
+      for (int64_t q = 0; q < nq; ++q) std::memset(dst + q * kQuadBytes, 0, 4);
+      continue;
+    }
+    const int8_t* w = a.w + (n0 + c) * a.K;
+    for (int64_t q = 0; q < full; ++q) std::memcpy(dst + q * kQuadBytes, w + 4 * q, 4);
+    if (full < nq) {
+      int8_t tail[4] = {0, 0, 0, 0};
+      std::memcpy(tail, w + 4 * full, size_t(a.K - 4 * full));
+      std::memcpy(dst + full * kQuadBytes, tail, 4);
+    }
+  }
+  // |-128| = 128 reads back right as the unsigned operand.
+  for (int64_t q = 0; q < nq; ++q) {
+    int8_t* p = panel + q * kQuadBytes;
+    for (int j = 0; j < 2; ++j) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 64 + 32 * j), _mm256_abs_epi8(w));
+    }
+  }
+}
+
+// acc[r][j] (columns 8j .. 8j + 7) += sum over the panel's k of x[r, k] * w[col, k], for R <= 4 rows.
+template <int R, class Dot>
+FLASHLM_AVX2_INLINE void micro_tile(const int8_t* x, int64_t x_stride, const int8_t* panel, int64_t nq,
+                                    __m256i (&acc)[kRows][2]) {
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < nq; ++q) {
+    const int8_t* p = panel + q * kQuadBytes;
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+    const __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64));
+    const __m256i a1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 96));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * x_stride + q * 4, 4);
+      const __m256i xb = _mm256_set1_epi32(four);
+      acc[r][0] = Dot::dot(acc[r][0], a0, _mm256_sign_epi8(xb, w0));
+      acc[r][1] = Dot::dot(acc[r][1], a1, _mm256_sign_epi8(xb, w1));
+    }
+  }
+}
+
+// y = acc * x_scale * w_scale (+ bias), in the scalar kernel's order of operations, for the columns that
+// exist.
+FLASHLM_AVX2_INLINE void store_tile(const Int8Args& a, int64_t m, int64_t n0, const __m256i (&acc)[2],
+                                    const float* w_scales, const float* bias) {
+  alignas(32) float y[kCols];
+  const __m256 sx = _mm256_set1_ps(a.x_scales[m]);
+  for (int j = 0; j < 2; ++j) {
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[j]), sx), _mm256_loadu_ps(w_scales + 8 * j));
+    if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * j));
+    _mm256_store_ps(y + 8 * j, v);
+  }
+  const int64_t cols = a.N - n0 < kCols ? a.N - n0 : kCols;
+  if (a.out_dtype == DType::F32) {
+    std::memcpy(static_cast<float*>(a.out) + m * a.N + n0, y, size_t(cols) * 4);
+  } else {
+    uint16_t* out = static_cast<uint16_t*>(a.out) + m * a.N + n0;
+    for (int64_t c = 0; c < cols; ++c) out[c] = gguf::detail::f32_to_bf16(y[c]);
+  }
+}
+
+template <int R, class Dot>
+FLASHLM_AVX2_INLINE void rows(const Int8Args& a, int64_t m, int64_t n0, const int8_t* panel, const float* w_scales,
+                              const float* bias) {
+  __m256i acc[kRows][2];
+  micro_tile<R, Dot>(a.x + m * a.x_stride, a.x_stride, panel, quads(a.K), acc);
+  for (int r = 0; r < R; ++r) store_tile(a, m + r, n0, acc[r], w_scales, bias);
+}
+
+// M < 4 (decode): no packing, which would cost as much as the product; each weight row is read once, 32
+// bytes at a time, against every row of x, and reduced horizontally at the end.
+template <int R, class Dot>
+void int8_gemv(const Int8Args& a, int64_t n_begin, int64_t n_end) {
+  const int64_t k32 = a.K / 32 * 32;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w = a.w + n * a.K;
+    __m256i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < k32; k += 32) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      const __m256i av = _mm256_abs_epi8(wv);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.x + r * a.x_stride + k));
+        acc[r] = Dot::dot(acc[r], av, _mm256_sign_epi8(xv, wv));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc[r]), _mm256_extracti128_si256(acc[r], 1));
+      const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+      int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, _MM_SHUFFLE(2, 3, 0, 1))));
+      for (int64_t k = k32; k < a.K; ++k) sum += int32_t(a.x[r * a.x_stride + k]) * int32_t(w[k]);
+      float y = float(sum) * a.x_scales[r] * a.w_scales[n];
+      if (a.bias) y = y + a.bias[n];
+      if (a.out_dtype == DType::F32) {
+        static_cast<float*>(a.out)[r * a.N + n] = y;
+      } else {
+        static_cast<uint16_t*>(a.out)[r * a.N + n] = gguf::detail::f32_to_bf16(y);
+      }
+    }
+  }
+}
+
+template <class Dot>
+void int8_gemm_panels(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel) {
+  switch (a.M) {
+    case 1: return int8_gemv<1, Dot>(a, n_begin, n_end);
+    case 2: return int8_gemv<2, Dot>(a, n_begin, n_end);
+    case 3: return int8_gemv<3, Dot>(a, n_begin, n_end);
+    default: break;
+  }
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
+    pack_panel(a, n0, panel);
+    float w_scales[kCols] = {}, bias[kCols] = {};
+    for (int64_t c = 0; c < kCols && n0 + c < a.N; ++c) {
+      w_scales[c] = a.w_scales[n0 + c];
+      if (a.bias) bias[c] = a.bias[n0 + c];
+    }
+    int64_t m = 0;
+    for (; m + kRows <= a.M; m += kRows) rows<kRows, Dot>(a, m, n0, panel, w_scales, bias);
+    switch (a.M - m) {
+      case 3: rows<3, Dot>(a, m, n0, panel, w_scales, bias); break;
+      case 2: rows<2, Dot>(a, m, n0, panel, w_scales, bias); break;
+      case 1: rows<1, Dot>(a, m, n0, panel, w_scales, bias); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace flashlm::gemm

@@ -1,0 +1,81 @@
+// Scalar references of the integer GEMM kernels (int_gemm_kernels.h): the oracle for the AVX2 and CUDA
+// kernels. Plain loops, float32 (int32 for W8A8) accumulation; the epilogues use the same float operations
+// in the same order as the AVX2 kernels, so W8A8 and the quantizer match them bit for bit.
+#include <cmath>
+
+#include "../gguf/dequantize_block.h"
+#include "int_gemm_kernels.h"
+
+namespace flashlm::gemm {
+namespace {
+
+using gguf::detail::bf16_to_f32;
+using gguf::detail::f32_to_bf16;
+
+float load(const void* p, DType dtype, int64_t i) {
+  if (dtype == DType::F32) return static_cast<const float*>(p)[i];
+  return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+void store(void* p, DType dtype, int64_t i, float v) {
+  if (dtype == DType::F32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  }
+}
+
+}  // namespace
+
+void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    float absmax = 0.f;
+    for (int64_t k = 0; k < a.K; ++k) absmax = std::fmax(absmax, std::fabs(load(a.x, a.x_dtype, m * a.K + k)));
+    const float inv = absmax > 0.f ? 127.f / absmax : 0.f;
+    a.scales[m] = absmax / 127.f;
+    for (int64_t k = 0; k < a.K; ++k) {
+      float r = std::nearbyint(load(a.x, a.x_dtype, m * a.K + k) * inv);  // round half to even
+      r = r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f;               // NaN -> -127, as the AVX2 kernel
+      a.q[m * a.K + k] = static_cast<int8_t>(r);
+    }
+  }
+}
+
+void int8_gemm_scalar(const Int8Args& a, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w = a.w + n * a.K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const int8_t* x = a.x + m * a.x_stride;
+      int32_t acc = 0;
+      for (int64_t k = 0; k < a.K; ++k) acc += int32_t(x[k]) * int32_t(w[k]);
+      float y = float(acc) * a.x_scales[m] * a.w_scales[n];
+      if (a.bias) y = y + a.bias[n];
+      store(a.out, a.out_dtype, m * a.N + n, y);
+    }
+  }
+}
+
+void int4_gemm_scalar(const Int4Args& a, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = a.K / a.group, half = a.group / 2;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = a.w + n * (a.K / 2);
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
+        const uint8_t* b = w + g * half;
+        float dot = 0.f;
+        for (int64_t j = 0; j < half; ++j) {
+          const int64_t k = m * a.K + g * a.group + j;
+          dot += (float(b[j] & 15) - z) * load(a.x, a.x_dtype, k);
+          dot += (float(b[j] >> 4) - z) * load(a.x, a.x_dtype, k + half);
+        }
+        acc += dot * s;
+      }
+      if (a.bias) acc += a.bias[n];
+      store(a.out, a.out_dtype, m * a.N + n, acc);
+    }
+  }
+}
+
+}  // namespace flashlm::gemm

@@ -1,0 +1,135 @@
+"""Quantized linear layers: W8A8 (int8 weights and activations) and W4A16 (int4 weights, float activations).
+
+All compute y = x @ W.T (+ bias) for x [..., K]; the output has x's dtype. Layouts (csrc/include/flashlm/gemm/
+int_gemm.h): int8 weights [N, K] with float32 per-output-channel scales [N]; int4 weights packed uint8 [N, K/2],
+group-wise along K (group 32, 64 or 128): byte j of a group holds element j (low nibble) and element
+j + group/2 (high nibble); float32 scales [N, K/group] and, for asymmetric weights, float32 zero points of the
+same shape (w = (u - z) * s; symmetric: z = 8). Activations: float32/bfloat16 on the CPU, float16/bfloat16 on
+CUDA (also float32 for quantize_per_token and int8_linear).
+"""
+
+from typing import Optional
+
+import torch
+
+from flashlm import _C
+from flashlm.ops._util import cuda_stream
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_x(x: torch.Tensor, allow_cuda_f32: bool) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    allowed = _CPU_DTYPES if x.device.type == "cpu" else _CUDA_DTYPES + ((torch.float32,) if allow_cuda_f32 else ())
+    if x.dtype not in allowed:
+        raise ValueError(f"x: on {x.device.type} the dtype must be one of {allowed}, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least one dimension [..., K]")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] (explicit M: reshape(-1, K) is ambiguous when K == 0)."""
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
+
+
+def _bias_f32(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    if bias.shape != (n,):
+        raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias: on {bias.device}, x on {device}")
+    return bias.to(torch.float32).contiguous()
+
+
+@torch.library.custom_op("flashlm::quantize_per_token", mutates_args=(), device_types=("cpu", "cuda"))
+def _quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _C.quantize_per_token(x, q, scales, cuda_stream(x))
+    return q, scales
+
+
+@_quantize_per_token.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of x [..., K]: returns (q int8 [..., K], scales float32 [...]) with
+    scale = absmax / 127 and q = round_half_even(x * 127 / absmax) in [-127, 127]."""
+    _check_x(x, allow_cuda_f32=True)
+    q, scales = _quantize_per_token(_rows(x))
+    return q.reshape(x.shape), scales.reshape(x.shape[:-1])
+
+
+@torch.library.custom_op("flashlm::int8_gemm", mutates_args=(), device_types=("cpu", "cuda"))
+def _int8_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
+               bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
+    _C.int8_gemm(x_q, x_scales, w, w_scales, bias, out, cuda_stream(x_q))
+    return out
+
+
+@_int8_gemm.register_fake
+def _(x_q, x_scales, w, w_scales, bias, out_dtype):
+    return x_q.new_empty((x_q.shape[0], w.shape[0]), dtype=out_dtype)
+
+
+def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8: quantizes x per token to int8, multiplies with int8 weights [N, K] (per-channel float32 scales
+    [N]) accumulating in int32, and applies the scales and bias in the epilogue."""
+    _check_x(x, allow_cuda_f32=True)
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise ValueError(f"w_int8: expected an int8 [N, K] tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
+    n, k = w_int8.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dimension {x.shape[-1]} differs from w_int8's K = {k}")
+    if w_scales.shape != (n,):
+        raise ValueError(f"w_scales: expected shape ({n},), got {tuple(w_scales.shape)}")
+    x_q, x_scales = _quantize_per_token(_rows(x))
+    y = _int8_gemm(x_q, x_scales, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
+                   _bias_f32(bias, n, x.device), x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("flashlm::int4_gemm", mutates_args=(), device_types=("cpu", "cuda"))
+def _int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    _C.int4_gemm(x, w, scales, zeros, bias, out, group_size, cuda_stream(x))
+    return out
+
+
+@_int4_gemm.register_fake
+def _(x, w, scales, zeros, bias, group_size):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,
+                group_size: int = 128, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A16: x [..., K] times int4 weights (packed uint8 [N, K/2], see the module docstring), dequantized on
+    the fly; zeros=None means symmetric weights (w = (u - 8) * s)."""
+    _check_x(x, allow_cuda_f32=False)
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size: must be 32, 64 or 128, got {group_size}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
+        raise ValueError(f"w_packed: expected a uint8 [N, K/2] tensor, got {w_packed.dtype} {tuple(w_packed.shape)}")
+    n, k = w_packed.shape[0], 2 * w_packed.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dimension {x.shape[-1]} differs from K = {k} (twice w_packed's last dimension)")
+    if k % group_size:
+        raise ValueError(f"group_size: {group_size} does not divide K = {k}")
+    if scales.shape != (n, k // group_size):
+        raise ValueError(f"scales: expected shape ({n}, {k // group_size}), got {tuple(scales.shape)}")
+    if zeros is not None:
+        if zeros.shape != scales.shape:
+            raise ValueError(f"zeros: expected shape {tuple(scales.shape)}, got {tuple(zeros.shape)}")
+        zeros = zeros.to(torch.float32).contiguous()
+    y = _int4_gemm(_rows(x).contiguous(), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
+                   zeros, _bias_f32(bias, n, x.device), group_size)
+    return y.reshape(*x.shape[:-1], n)
