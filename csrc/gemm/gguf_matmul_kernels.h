@@ -1,0 +1,65 @@
+// Internal entry points of the GGUF matmul kernels (gguf_matmul.cpp routes between them) and the 8-bit
+// activation blocks the CPU kernels multiply the weight blocks with.
+//
+// Activations: the 32-element weight types (Q4_0 .. Q8_0) take one ActQ8 per 32 values of x; the K-quants
+// take one block_q8_K per 256 values. Both hold round(x / d) in [-128, 127] with a float scale d, so a
+// weight block's contribution is (integer dot product) * d_w * d_x, plus, for types with an offset, the
+// offset times the activation block's sum (ActQ8::s = d * sum(qs), or the group sums bsums of Q8_K).
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/dtype.h"
+#include "flashlm/gguf/blocks.h"
+
+namespace flashlm::gemm::detail {
+
+// ggml's Q8_1 with float scale and sum (more precise than half and no slower here).
+struct ActQ8 {
+  float d;  // scale: x ~ d * qs
+  float s;  // d * sum(qs)
+  int8_t qs[32];
+};
+static_assert(sizeof(ActQ8) == 40, "ActQ8 size");
+
+// True for Q4_K, Q5_K, Q6_K (activations as block_q8_K), false for the 32-element types (ActQ8).
+bool uses_q8_k(DType weight_type);
+// Bytes of activation blocks per row of K values.
+int64_t act_row_bytes(DType weight_type, int64_t k);
+
+// Quantizes rows [m0, m1) of x [M, K] (f32 or bf16, contiguous) into `acts` (act_row_bytes per row).
+void quantize_activations(DType weight_type, const void* x, DType x_dtype, int64_t k, int64_t m0, int64_t m1,
+                          uint8_t* acts);
+
+// Computes y[m, n] = sum_k x[m, k] * W[n, k] for all m < M and n in [n0, n1), without bias, from the
+// weight blocks (row_bytes bytes per row of W) and the quantized activations. y is float [M, ldy].
+struct RowsArgs {
+  DType type;
+  const uint8_t* w;
+  int64_t row_bytes;
+  const uint8_t* acts;
+  int64_t act_bytes;  // per row of x
+  int64_t m, k;
+  float* y;
+  int64_t ldy;
+};
+void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1);
+// Returns false where there is no AVX2 kernel for the type (the caller falls back to scalar).
+bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1);
+
+// CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
+// (F16, BF16 or F32); bias may be null.
+struct CudaArgs {
+  DType type;
+  const uint8_t* w;
+  const void* x;
+  const void* bias;
+  void* y;
+  DType dtype;
+  int64_t m, n, k;
+  int device;
+  void* stream;
+};
+void gguf_matmul_cuda(const CudaArgs& a);
+
+}  // namespace flashlm::gemm::detail
