@@ -113,7 +113,7 @@ void gguf_matmul(const TensorView& x, const TensorView& weight, DType type, int6
     FLASHLM_CHECK(bias->dtype == x.dtype, "gguf_matmul: bias must have x's dtype");
   }
   if (m == 0 || n == 0) return;
-  FLASHLM_CHECK(x.data && y.data && (k == 0 || weight.data) && (!bias || bias->data), "gguf_matmul: null data pointer");
+  FLASHLM_CHECK((k == 0 || (x.data && weight.data)) && y.data && (!bias || bias->data), "gguf_matmul: null data pointer");
   const auto* w = static_cast<const uint8_t*>(weight.data);
 
   if (device.is_cuda()) {

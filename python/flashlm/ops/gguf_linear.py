@@ -4,6 +4,7 @@ dot products (as ggml does); on CUDA the blocks are dequantized in registers (sm
 matrix for a tensor-core GEMM (large M). See csrc/include/flashlm/gemm/gguf_matmul.h.
 """
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -56,7 +57,7 @@ def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[i
 
 @torch.library.custom_op("flashlm::gguf_linear", mutates_args=(), device_types=("cpu", "cuda"))
 def _gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
