@@ -255,3 +255,64 @@ def test_cuda(ggml_type, dtype, m):
     bound = 2 * eps * (xd.abs() @ w.abs().T + b.double().abs()) + 1e-6
     err = (y - ref).abs()
     assert (err <= bound).all(), f"{ggml_type} {dtype} M={m}: max err {err.max():.3e}"
+
+
+# --- GGUFLinear --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "Q4_0", "Q4_K"])
+def test_gguf_linear_module_from_float(ggml_type):
+    """from_float quantizes the weight; the module then equals ops.gguf_linear on those blocks, and is close
+    to the float layer (weight quantization error included: 4-bit ~10% relative, 8-bit < 2%)."""
+    from flashlm.quant import GGUFLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 40)
+    try:
+        layer = GGUFLinear.from_float(lin, ggml_type=ggml_type)
+    except NotImplementedError:
+        pytest.skip(f"no {ggml_type} quantizer yet")
+    assert layer.raw.dtype == torch.uint8 and layer.raw.shape == (40, gguf_row_bytes(ggml_type, 512))
+    x = torch.randn(2, 5, 512)
+    y = layer(x)
+    assert torch.equal(y, ops.gguf_linear(x, layer.raw, ggml_type, (40, 512), lin.bias.detach()))
+    ref = lin(x).detach()
+    rel = ((y - ref).norm() / (ref - lin.bias.detach()).norm()).item()
+    assert rel < (0.02 if ggml_type == "Q8_0" else 0.15), f"{ggml_type}: relative error {rel:.3e}"
+
+
+def gguf_row_bytes(ggml_type, k):
+    size, nbytes = gguf.GGML_QUANT_SIZES[GQT[ggml_type]]
+    return k // size * nbytes
+
+
+def test_gguf_linear_module_bad_input():
+    from flashlm.quant import GGUFLinear
+
+    with pytest.raises(ValueError, match="ggml_type"):
+        GGUFLinear.from_float(torch.nn.Linear(64, 8), ggml_type="Q3_K")
+    with pytest.raises(ValueError, match="multiple"):
+        GGUFLinear.from_float(torch.nn.Linear(48, 8), ggml_type="Q8_0")
+    with pytest.raises(ValueError, match="raw"):
+        GGUFLinear(torch.zeros(10, dtype=torch.uint8), "Q8_0", (8, 64))
+
+
+def test_gguf_linear_module_from_gguf(tmp_path):
+    """A tensor written by gguf-py's GGUFWriter, read by flashlm.io.gguf, multiplied in its blocks."""
+    from flashlm.io.gguf import GGUFFile
+    from flashlm.quant import GGUFLinear
+
+    n, k = 24, 256
+    raw, w, parts = weights("Q6_K", n, k, seed=4)
+    bias = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "test")
+    writer.add_tensor("w", raw.numpy(), raw_dtype=GQT.Q6_K)  # shape from the bytes: [n, row bytes]
+    writer.add_tensor("b", bias)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with GGUFFile(tmp_path / "t.gguf") as f:
+        layer = GGUFLinear.from_gguf(f, "w", bias="b")
+    assert (layer.out_features, layer.in_features, layer.ggml_type) == (n, k, "Q6_K")
+    x = torch.randn(3, k)
+    check(layer(x), x, "Q6_K", w, parts, bias=torch.from_numpy(bias))

@@ -19,13 +19,17 @@ _X_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, tor
 
 
 def gguf_linear_row_bytes(ggml_type: str, k: int) -> int:
-    """Bytes of one weight row of `k` elements of `ggml_type` (k a multiple of the block size)."""
+    """Bytes of one weight row of `k` elements of `ggml_type`; ValueError unless k is a whole number of blocks."""
+    if ggml_type not in GGUF_LINEAR_TYPES:
+        raise ValueError(f"ggml_type: must be one of {', '.join(GGUF_LINEAR_TYPES)}, got {ggml_type!r}")
     size, nbytes = _BLOCKS[ggml_type]
+    if k < 0 or k % size:
+        raise ValueError(f"shape: K ({k}) must be a multiple of {ggml_type}'s block size {size}")
     return k // size * nbytes
 
 
-def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[int], bias: Optional[torch.Tensor]):
-    """Validates the arguments; returns (type name, n, k)."""
+def check_gguf_weight(raw: torch.Tensor, ggml_type: str, shape: Sequence[int]) -> tuple[str, int, int, int]:
+    """Validates a weight given as blocks; returns (type name, N, K, bytes per row). Raises ValueError."""
     if not isinstance(ggml_type, str) or ggml_type.upper() not in GGUF_LINEAR_TYPES:
         raise ValueError(f"ggml_type: must be one of {', '.join(GGUF_LINEAR_TYPES)}, got {ggml_type!r}")
     ggml_type = ggml_type.upper()
@@ -33,23 +37,28 @@ def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[i
         n, k = (int(s) for s in shape)
     except (TypeError, ValueError):
         raise ValueError(f"shape: expected (N, K), got {shape!r}") from None
-    block = _BLOCKS[ggml_type][0]
-    if n < 0 or k < 0 or k % block:
-        raise ValueError(f"shape: K must be a multiple of {ggml_type}'s block size {block} and N, K >= 0, got {(n, k)}")
-    if not isinstance(x, torch.Tensor) or not isinstance(raw, torch.Tensor):
-        raise TypeError("x and raw must be torch.Tensors")
+    if n < 0:
+        raise ValueError(f"shape: N must be >= 0, got {n}")
+    row_bytes = gguf_linear_row_bytes(ggml_type, k)
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise ValueError(f"raw: expected a uint8 tensor of blocks, got {getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.numel() != n * row_bytes:
+        raise ValueError(f"raw: {n} x {k} of {ggml_type} takes {n * row_bytes} bytes, raw has {raw.numel()}")
+    return ggml_type, n, k, row_bytes
+
+
+def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[int], bias: Optional[torch.Tensor]):
+    """Validates the arguments; returns (type name, n, k)."""
+    ggml_type, n, k, _ = check_gguf_weight(raw, ggml_type, shape)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected [..., {k}], got {tuple(x.shape)}")
     if x.dtype not in _X_DTYPES.get(x.device.type, ()):
         raise ValueError(f"x: {x.dtype} on {x.device.type} is not supported "
                          f"(CPU: float32, bfloat16; CUDA: float32, float16, bfloat16)")
-    if raw.dtype != torch.uint8:
-        raise ValueError(f"raw: expected a uint8 tensor of blocks, got {raw.dtype}")
     if raw.device != x.device:
         raise ValueError(f"raw: must be on x's device {x.device}, got {raw.device}")
-    if raw.numel() != n * gguf_linear_row_bytes(ggml_type, k):
-        raise ValueError(f"raw: {n} x {k} of {ggml_type} takes {n * gguf_linear_row_bytes(ggml_type, k)} bytes, "
-                         f"raw has {raw.numel()}")
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"bias: expected [{n}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
     return ggml_type, n, k

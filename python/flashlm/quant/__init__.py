@@ -1,0 +1,5 @@
+"""Quantized layers and quantizers."""
+
+from flashlm.quant.gguf_linear import GGUFLinear
+
+__all__ = ["GGUFLinear"]
