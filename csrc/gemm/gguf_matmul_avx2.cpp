@@ -100,14 +100,20 @@ struct Legacy {
 
 // ---- K-quants: 256 elements against one block_q8_K per activation row ----------------------------------
 
-// The 6-bit scales and mins of Q4_K/Q5_K's 8 sub-blocks (ggml's get_scale_min_k4).
-FLASHLM_AVX2_INLINE void scales_mins_k4(const uint8_t* q, int* sc, int* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = q[j] & 63;
-    mn[j] = q[j + 4] & 63;
-    sc[j + 4] = (q[j + 8] & 0xF) | ((q[j] >> 6) << 4);
-    mn[j + 4] = (q[j + 8] >> 4) | ((q[j + 4] >> 6) << 4);
-  }
+// The 6-bit scales and mins of Q4_K/Q5_K's 8 sub-blocks (ggml's get_scale_min_k4, four at a time): bytes
+// 0..7 of the result are the scales, bytes 8..15 the mins.
+FLASHLM_AVX2_INLINE __m128i scales_mins_k4(const uint8_t* q) {
+  const uint32_t w0 = ld_u32(q), w1 = ld_u32(q + 4), w2 = ld_u32(q + 8);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, low2 = 0x03030303u;
+  const uint32_t sc_lo = w0 & low6, sc_hi = (w2 & low4) | (((w0 >> 6) & low2) << 4);
+  const uint32_t mn_lo = w1 & low6, mn_hi = ((w2 >> 4) & low4) | (((w1 >> 6) & low2) << 4);
+  return _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo), static_cast<int>(mn_hi));
+}
+
+// Lane i of the result: the int16 lane j of both 128-bit halves of v (a broadcast within each half).
+template <int j>
+FLASHLM_AVX2_INLINE __m256i broadcast_epi16(__m256i v) {
+  return _mm256_shuffle_epi8(v, _mm256_set1_epi16(static_cast<short>(((2 * j + 1) << 8) | (2 * j))));
 }
 
 // value = d * sc[j] * q - dmin * mn[j] in sub-block j of 32; Q5_K adds bit j of qh[l] as the fifth bit.
@@ -116,37 +122,47 @@ struct Q45_K {
   static constexpr int kBlock = QK_K, kActBytes = sizeof(block_q8_K);
   static constexpr int kBytes = kFive ? sizeof(block_q5_K) : sizeof(block_q4_K);
   static constexpr int kQs = kFive ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
+
+  template <int i, int R>
+  FLASHLM_AVX2_INLINE static void pair(const uint8_t* w, __m256i qh, __m256i sc16, const uint8_t* const* x, int64_t off,
+                                       __m256i* isum) {
+    // sub-blocks 2i (low nibbles) and 2i + 1 (high nibbles) of qs[32i..]
+    const __m256i raw = load32B(w + kQs + 32 * i);
+    __m256i lo = nibbles(raw, 0), hi = nibbles(raw, 1);
+    if constexpr (kFive) {
+      lo = _mm256_or_si256(lo, bit_plane(qh, 2 * i, 0x10));
+      hi = _mm256_or_si256(hi, bit_plane(qh, 2 * i + 1, 0x10));
+    }
+    const __m256i s0 = broadcast_epi16<2 * i>(sc16), s1 = broadcast_epi16<2 * i + 1>(sc16);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* y = reinterpret_cast<const uint8_t*>(q8k(x[r] + off)->qs) + 64 * i;
+      const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32B(y)), s0);
+      const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32B(y + 32)), s1);
+      isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p0, p1));
+    }
+  }
+
   template <int R>
-  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float* corr) {
+  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
     const float d = load_f16(w), dmin = load_f16(w + 2);
-    int sc[8], mn[8];
-    scales_mins_k4(w + offsetof(block_q4_K, scales), sc, mn);
+    const __m128i sc_mn = scales_mins_k4(w + offsetof(block_q4_K, scales));
+    const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc_mn));
+    // mins[j] twice each, as 16 int16: multiplied with the 16 group sums of 16, pairs add up per sub-block.
+    const __m128i mins = _mm_unpackhi_epi64(sc_mn, sc_mn);
+    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kFive) qh = load32B(w + offsetof(block_q5_K, qh));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    __m256i qh = _mm256_setzero_si256();
-    if (kFive) qh = load32B(w + offsetof(block_q5_K, qh));
-    for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high nibbles) of qs[32i..]
-      const __m256i raw = load32B(w + kQs + 32 * i);
-      __m256i lo = nibbles(raw, 0), hi = nibbles(raw, 1);
-      if (kFive) {
-        lo = _mm256_or_si256(lo, bit_plane(qh, 2 * i, 0x10));
-        hi = _mm256_or_si256(hi, bit_plane(qh, 2 * i + 1, 0x10));
-      }
-      const __m256i s0 = _mm256_set1_epi16(static_cast<short>(sc[2 * i]));
-      const __m256i s1 = _mm256_set1_epi16(static_cast<short>(sc[2 * i + 1]));
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* y = reinterpret_cast<const uint8_t*>(q8k(x[r] + off)->qs) + 64 * i;
-        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32B(y)), s0);
-        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32B(y + 32)), s1);
-        isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p0, p1));
-      }
-    }
+    pair<0, R>(w, qh, sc16, x, off, isum);
+    pair<1, R>(w, qh, sc16, x, off, isum);
+    pair<2, R>(w, qh, sc16, x, off, isum);
+    pair<3, R>(w, qh, sc16, x, off, isum);
     for (int r = 0; r < R; ++r) {
       const block_q8_K* a = q8k(x[r] + off);
-      int msum = 0;
-      for (int j = 0; j < 8; ++j) msum += mn[j] * (a->bsums[2 * j] + a->bsums[2 * j + 1]);
+      const __m256i msum = _mm256_madd_epi16(load32B(reinterpret_cast<const uint8_t*>(a->bsums)), mins16);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * a->d), acc[r]);
-      corr[r] -= dmin * a->d * static_cast<float>(msum);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(-dmin * a->d), acc[r]);
     }
   }
 };
@@ -155,7 +171,7 @@ struct Q45_K {
 struct Q6_K {
   static constexpr int kBlock = QK_K, kBytes = sizeof(block_q6_K), kActBytes = sizeof(block_q8_K);
   template <int R>
-  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float* corr) {
+  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
     const float d = load_f16(w + offsetof(block_q6_K, d));
     const auto* scales = reinterpret_cast<const int8_t*>(w + offsetof(block_q6_K, scales));
     __m256i isum[R];
@@ -175,12 +191,13 @@ struct Q6_K {
         }
       }
     }
+    // The -32 offset: -32 * d * d_x * sum_g scales[g] * bsums[g].
+    const __m256i sc16 = _mm256_cvtepi8_epi16(load16B(w + offsetof(block_q6_K, scales)));
     for (int r = 0; r < R; ++r) {
       const block_q8_K* a = q8k(x[r] + off);
-      int ssum = 0;
-      for (int g = 0; g < 16; ++g) ssum += scales[g] * a->bsums[g];
+      const __m256i ssum = _mm256_madd_epi16(load32B(reinterpret_cast<const uint8_t*>(a->bsums)), sc16);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * a->d), acc[r]);
-      corr[r] -= 32.0f * d * a->d * static_cast<float>(ssum);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ssum), _mm256_set1_ps(-32.0f * d * a->d), acc[r]);
     }
   }
 };

@@ -63,3 +63,13 @@ struct CudaArgs {
 void gguf_matmul_cuda(const CudaArgs& a);
 
 }  // namespace flashlm::gemm::detail
+
+namespace flashlm::gemm::detail {
+
+// CUDA tensor-core GEMM (gguf_matmul_mma_cuda.cu): c[m, n] = a[m, k] @ b[n, k].T (+ bias[n]), all of
+// `dtype` (F16 or BF16) with float32 accumulation; k a multiple of 32, a and b 16-byte aligned. Queued on
+// `stream` on the current device.
+void gemm_nt_mma_cuda(const void* a, const void* b, const void* bias, void* c, DType dtype, int64_t m, int64_t n,
+                      int64_t k, void* stream);
+
+}  // namespace flashlm::gemm::detail

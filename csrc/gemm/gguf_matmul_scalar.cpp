@@ -33,9 +33,12 @@ float load_x(const void* x, DType dtype, int64_t i) {
   return static_cast<const float*>(x)[i];
 }
 
-// round(v) clamped to [lo, hi]; NaN becomes lo (never an undefined float -> int conversion).
+// round(v) (half to even) clamped to [lo, hi]; NaN becomes lo (never an undefined float -> int conversion).
+// Adding and subtracting 1.5 * 2^23 rounds any |v| < 2^22 to an integer in the current (nearest-even) mode,
+// as nearbyint does, without its library call on x86-64 builds that lack SSE4.1's roundss; callers pass
+// |v| <= 128 (or NaN).
 int8_t round_clamp(float v, float lo, float hi) {
-  float r = std::nearbyint(v);
+  float r = (v + 12582912.0f) - 12582912.0f;
   r = std::max(lo, r);
   r = std::min(hi, r);
   return static_cast<int8_t>(r);
