@@ -50,10 +50,16 @@ FLASHLM_AVX2_INLINE float hsum(__m256 v) {
 }
 
 FLASHLM_AVX2_INLINE const block_q8_K* q8k(const uint8_t* p) { return reinterpret_cast<const block_q8_K*>(p); }
-FLASHLM_AVX2_INLINE const ActQ8* q8(const uint8_t* p) { return reinterpret_cast<const ActQ8*>(p); }
+FLASHLM_AVX2_INLINE const ActQ8x2* q8(const uint8_t* p) { return reinterpret_cast<const ActQ8x2*>(p); }
 
 // ---- 32-element types: a block is 32 quants q, a scale d and an offset per unit of activation sum ----------
-// Each `load` gives q as bytes (unsigned unless kSigned), d, and m with value = d * q + m.
+// Each type gives, with value = d * q + m:
+//   load(b, d, m):  block b's quants as 32 bytes in element order (unsigned unless kSigned);
+//   load2(b, lo, hi, d0, m0, d1, m1): blocks b and b + 1 laid out as an ActQ8x2 pair: lo = the first 16
+//                   quants of each block, hi = the last 16.
+
+FLASHLM_AVX2_INLINE __m256i low_lanes(__m256i a, __m256i b) { return _mm256_permute2x128_si256(a, b, 0x20); }
+FLASHLM_AVX2_INLINE __m256i high_lanes(__m256i a, __m256i b) { return _mm256_permute2x128_si256(a, b, 0x31); }
 
 // Q4_0 (value = d * (q - 8)), Q4_1 (d * q + m), Q5_0 (d * (q - 16)), Q5_1 (d * q + m); for Q5_x bit 4 of
 // element j is bit j of qh.
@@ -61,12 +67,32 @@ template <class Block, bool kMin, bool kFive>
 struct Q4Q5 {
   static constexpr int kBytes = sizeof(Block);
   static constexpr bool kSigned = false;
-  FLASHLM_AVX2_INLINE static __m256i load(const uint8_t* b, float& d, float& m) {
+  FLASHLM_AVX2_INLINE static void scales(const uint8_t* b, float& d, float& m) {
     d = load_f16(b);
     m = kMin ? load_f16(b + 2) : (kFive ? -16.0f : -8.0f) * d;
+  }
+  FLASHLM_AVX2_INLINE static __m256i load(const uint8_t* b, float& d, float& m) {
+    scales(b, d, m);
     const __m256i q = nibbles_lo_hi(b + offsetof(Block, qs));
     if constexpr (kFive) return _mm256_or_si256(q, expand_bits(ld_u32(b + offsetof(Block, qh)), 0x10));
     return q;
+  }
+  FLASHLM_AVX2_INLINE static void load2(const uint8_t* b, __m256i& lo, __m256i& hi, float& d0, float& m0, float& d1,
+                                        float& m1) {
+    const uint8_t* b1 = b + kBytes;
+    scales(b, d0, m0);
+    scales(b1, d1, m1);
+    // [qs of block 0 | qs of block 1]: the low nibbles are both blocks' first 16 quants, the high ones the rest.
+    const __m256i v = _mm256_set_m128i(load16B(b1 + offsetof(Block, qs)), load16B(b + offsetof(Block, qs)));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    lo = _mm256_and_si256(v, mask);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    if constexpr (kFive) {
+      const __m256i e0 = expand_bits(ld_u32(b + offsetof(Block, qh)), 0x10);
+      const __m256i e1 = expand_bits(ld_u32(b1 + offsetof(Block, qh)), 0x10);
+      lo = _mm256_or_si256(lo, low_lanes(e0, e1));
+      hi = _mm256_or_si256(hi, high_lanes(e0, e1));
+    }
   }
 };
 struct Q8_0 {
@@ -77,23 +103,55 @@ struct Q8_0 {
     m = 0.0f;
     return load32B(b + offsetof(gguf::block_q8_0, qs));
   }
+  FLASHLM_AVX2_INLINE static void load2(const uint8_t* b, __m256i& lo, __m256i& hi, float& d0, float& m0, float& d1,
+                                        float& m1) {
+    const __m256i q0 = load(b, d0, m0), q1 = load(b + kBytes, d1, m1);
+    lo = low_lanes(q0, q1);
+    hi = high_lanes(q0, q1);
+  }
 };
 
-// One weight block of a 32-element type against R activation rows (x[r] + offset is its ActQ8).
+// Two weight blocks of a 32-element type against R activation rows (x[r] + off is their ActQ8x2): one
+// unpack, two maddubs, one int -> float conversion and one multiply-add per row for both blocks.
 template <class W>
 struct Legacy {
-  static constexpr int kBlock = 32, kBytes = W::kBytes, kActBytes = sizeof(ActQ8);
+  static constexpr int kBlock = 64, kBytes = 2 * W::kBytes, kActBytes = sizeof(ActQ8x2);
+  static constexpr bool kTail = true;  // a row of an odd number of blocks ends with one block
   template <int R>
   FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float* corr) {
+    __m256i lo, hi;
+    float d0, m0, d1, m1;
+    W::load2(w, lo, hi, d0, m0, d1, m1);
+    const __m256i ulo = W::kSigned ? _mm256_sign_epi8(lo, lo) : lo, uhi = W::kSigned ? _mm256_sign_epi8(hi, hi) : hi;
+    for (int r = 0; r < R; ++r) {
+      const ActQ8x2* a = q8(x[r] + off);
+      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
+      __m256i p;  // int32 lanes 0-3: block 0, lanes 4-7: block 1
+      if constexpr (W::kSigned) {  // two maddubs of up to 2 * 128 * 127 each would overflow an int16 sum
+        p = _mm256_add_epi32(dot_u8s8(ulo, _mm256_sign_epi8(y0, lo)), dot_u8s8(uhi, _mm256_sign_epi8(y1, hi)));
+      } else {  // at most 2 * (2 * 31 * 127) = 15748 per int16 lane
+        p = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(ulo, y0), _mm256_maddubs_epi16(uhi, y1)),
+                              _mm256_set1_epi16(1));
+      }
+      const __m256 scale = _mm256_set_m128(_mm_set1_ps(d1 * a->d[1]), _mm_set1_ps(d0 * a->d[0]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r]);
+      corr[r] += m0 * a->s[0] + m1 * a->s[1];
+    }
+  }
+  // The last block of a row with an odd number of blocks, against block 0 of its pair.
+  template <int R>
+  FLASHLM_AVX2_INLINE static void tail(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float* corr) {
     float d, m;
     const __m256i q = W::load(w, d, m);
     const __m256i u = W::kSigned ? _mm256_sign_epi8(q, q) : q;
     for (int r = 0; r < R; ++r) {
-      const ActQ8* a = q8(x[r] + off);
-      __m256i y = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+      const ActQ8x2* a = q8(x[r] + off);
+      const uint8_t* qs = reinterpret_cast<const uint8_t*>(a->qs);
+      __m256i y = _mm256_set_m128i(load16B(qs + 32), load16B(qs));  // the block's 32 values in order
       if (W::kSigned) y = _mm256_sign_epi8(y, q);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, y)), _mm256_set1_ps(d * a->d), acc[r]);
-      corr[r] += m * a->s;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(u, y)), _mm256_set1_ps(d * a->d[0]), acc[r]);
+      corr[r] += m * a->s[0];
     }
   }
 };
@@ -120,6 +178,7 @@ FLASHLM_AVX2_INLINE __m256i broadcast_epi16(__m256i v) {
 template <bool kFive>
 struct Q45_K {
   static constexpr int kBlock = QK_K, kActBytes = sizeof(block_q8_K);
+  static constexpr bool kTail = false;
   static constexpr int kBytes = kFive ? sizeof(block_q5_K) : sizeof(block_q4_K);
   static constexpr int kQs = kFive ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
 
@@ -170,6 +229,7 @@ struct Q45_K {
 // value = d * scales[g] * (q - 32) in sub-block g of 16; q's layout as in Decoder<Q6_K>.
 struct Q6_K {
   static constexpr int kBlock = QK_K, kBytes = sizeof(block_q6_K), kActBytes = sizeof(block_q8_K);
+  static constexpr bool kTail = false;
   template <int R>
   FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
     const float d = load_f16(w + offsetof(block_q6_K, d));
@@ -218,6 +278,9 @@ FLASHLM_AVX2_INLINE void dot_rows(const RowsArgs& a, int64_t n, int64_t m0) {
   }
   const int64_t nb = a.k / T::kBlock;
   for (int64_t b = 0; b < nb; ++b) T::template block<R>(w + b * T::kBytes, x, b * T::kActBytes, acc, corr);
+  if constexpr (T::kTail) {
+    if (a.k % T::kBlock) T::template tail<R>(w + nb * T::kBytes, x, nb * T::kActBytes, acc, corr);
+  }
   for (int r = 0; r < R; ++r) a.y[(m0 + r) * a.ldy + n] = hsum(acc[r]) + corr[r];
 }
 

@@ -1,10 +1,10 @@
 // Internal entry points of the GGUF matmul kernels (gguf_matmul.cpp routes between them) and the 8-bit
 // activation blocks the CPU kernels multiply the weight blocks with.
 //
-// Activations: the 32-element weight types (Q4_0 .. Q8_0) take one ActQ8 per 32 values of x; the K-quants
-// take one block_q8_K per 256 values. Both hold round(x / d) in [-128, 127] with a float scale d, so a
-// weight block's contribution is (integer dot product) * d_w * d_x, plus, for types with an offset, the
-// offset times the activation block's sum (ActQ8::s = d * sum(qs), or the group sums bsums of Q8_K).
+// Activations: the 32-element weight types (Q4_0 .. Q8_0) take one ActQ8x2 per 64 values of x (two blocks);
+// the K-quants take one block_q8_K per 256 values. Both hold round(x / d) in [-128, 127] with a float scale
+// d per block, so a weight block's contribution is (integer dot product) * d_w * d_x, plus, for types with
+// an offset, the offset times the activation block's sum (s = d * sum(qs), or Q8_K's group sums bsums).
 #pragma once
 
 #include <cstdint>
@@ -14,15 +14,23 @@
 
 namespace flashlm::gemm::detail {
 
-// ggml's Q8_1 with float scale and sum (more precise than half and no slower here).
-struct ActQ8 {
-  float d;  // scale: x ~ d * qs
-  float s;  // d * sum(qs)
-  int8_t qs[32];
+// Two consecutive 32-value blocks of x (ggml's Q8_1 with float scale and sum), block 0 and block 1 of the
+// pair, their quants interleaved by halves: qs = q0[0..16) q1[0..16) q0[16..32) q1[16..32). One 256-bit
+// load then holds the first (or last) 16 values of both blocks, matching one load of two weight blocks'
+// packed nibbles (low nibbles = first 16 values); the AVX2 kernels multiply two weight blocks at once.
+// A row with an odd number of blocks ends with a pair whose block 1 is zero (d = s = 0).
+struct ActQ8x2 {
+  float d[2];  // scales: x ~ d * q
+  float s[2];  // d * sum(q) per block
+  int8_t qs[64];
 };
-static_assert(sizeof(ActQ8) == 40, "ActQ8 size");
+static_assert(sizeof(ActQ8x2) == 80, "ActQ8x2 size");
 
-// True for Q4_K, Q5_K, Q6_K (activations as block_q8_K), false for the 32-element types (ActQ8).
+// Where value j (< 32) of block `half` (0 or 1) of a pair sits in ActQ8x2::qs. (static: the AVX2 file
+// includes this header and must not provide the one copy of an inline function.)
+static inline int act_pair_index(int half, int j) { return (j / 16) * 32 + half * 16 + j % 16; }
+
+// True for Q4_K, Q5_K, Q6_K (activations as block_q8_K), false for the 32-element types (ActQ8x2).
 bool uses_q8_k(DType weight_type);
 // Bytes of activation blocks per row of K values.
 int64_t act_row_bytes(DType weight_type, int64_t k);

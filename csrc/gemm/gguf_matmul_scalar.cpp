@@ -23,7 +23,7 @@ using gguf::detail::ld_u32;
 bool uses_q8_k(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K; }
 
 int64_t act_row_bytes(DType t, int64_t k) {
-  return uses_q8_k(t) ? k / QK_K * int64_t(sizeof(block_q8_K)) : k / 32 * int64_t(sizeof(ActQ8));
+  return uses_q8_k(t) ? k / QK_K * int64_t(sizeof(block_q8_K)) : (k / 32 + 1) / 2 * int64_t(sizeof(ActQ8x2));
 }
 
 namespace {
@@ -52,18 +52,20 @@ float poison(const float* x, int n) {
   return p;
 }
 
-// ggml's quantize_row_q8_1, with float d and s: d = max|x| / 127, qs = round(x / d).
-void quantize_act_q8(const float* x, ActQ8* out) {
+// ggml's quantize_row_q8_1, with float d and s: d = max|x| / 127, qs = round(x / d); into block `half` of
+// a pair.
+void quantize_act_q8(const float* x, ActQ8x2* out, int half) {
   float amax = 0.0f;
   for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
   const float d = amax / 127.0f + poison(x, 32), id = d != 0.0f ? 1.0f / d : 0.0f;
   int sum = 0;
   for (int j = 0; j < 32; ++j) {
-    out->qs[j] = round_clamp(x[j] * id, -127.0f, 127.0f);
-    sum += out->qs[j];
+    const int8_t q = round_clamp(x[j] * id, -127.0f, 127.0f);
+    out->qs[act_pair_index(half, j)] = q;
+    sum += q;
   }
-  out->d = d;
-  out->s = d * static_cast<float>(sum);
+  out->d[half] = d;
+  out->s[half] = d * static_cast<float>(sum);
 }
 
 // ggml's quantize_row_q8_K: the element of largest magnitude maps to -128, the rest round into [-128, 127].
@@ -97,13 +99,14 @@ void quantize_activations(DType t, const void* x, DType x_dtype, int64_t k, int6
   const int64_t block = uses_q8_k(t) ? QK_K : 32, row_bytes = act_row_bytes(t, k);
   float buf[QK_K];
   for (int64_t m = m0; m < m1; ++m) {
+    uint8_t* dst = acts + m * row_bytes;
+    if (!uses_q8_k(t)) std::memset(dst, 0, static_cast<size_t>(row_bytes));  // a lone last block's empty partner
     for (int64_t b = 0; b < k / block; ++b) {
       for (int64_t j = 0; j < block; ++j) buf[j] = load_x(x, x_dtype, m * k + b * block + j);
-      uint8_t* dst = acts + m * row_bytes;
       if (uses_q8_k(t)) {
         quantize_act_q8_k(buf, reinterpret_cast<block_q8_K*>(dst) + b);
       } else {
-        quantize_act_q8(buf, reinterpret_cast<ActQ8*>(dst) + b);
+        quantize_act_q8(buf, reinterpret_cast<ActQ8x2*>(dst) + b / 2, static_cast<int>(b % 2));
       }
     }
   }
@@ -203,28 +206,27 @@ void unpack(DType t, const uint8_t* p, Unpacked& u) {
   }
 }
 
-// Sum over one weight block of value * x, x given as one block_q8_K (K-quants) or block / 32 ActQ8.
-float dot_block(const Unpacked& u, const uint8_t* act, bool q8_k) {
+// Sum over weight block b of a row of value * x, x's row given by its activation blocks.
+float dot_block(const Unpacked& u, const uint8_t* act_row, int64_t b, bool q8_k) {
   float sum = 0.0f;
   const int groups = u.block / u.group;
   for (int g = 0; g < groups; ++g) {
-    const int8_t* y;
     float dy, ysum;  // the activation scale and d_x * sum(qx) over the group
+    int isum = 0;
     if (q8_k) {
-      const auto* a = reinterpret_cast<const block_q8_K*>(act);
-      y = a->qs + g * u.group;
+      const auto* a = reinterpret_cast<const block_q8_K*>(act_row) + b;
       dy = a->d;
       int s = 0;
       for (int i = g * u.group / 16; i < (g + 1) * u.group / 16; ++i) s += a->bsums[i];
       ysum = dy * static_cast<float>(s);
-    } else {
-      const auto* a = reinterpret_cast<const ActQ8*>(act) + g;
-      y = a->qs;
-      dy = a->d;
-      ysum = a->s;
+      for (int j = 0; j < u.group; ++j) isum += u.q[g * u.group + j] * a->qs[g * u.group + j];
+    } else {  // one group of 32: block b is half b % 2 of pair b / 2
+      const auto* a = reinterpret_cast<const ActQ8x2*>(act_row) + b / 2;
+      const int half = static_cast<int>(b % 2);
+      dy = a->d[half];
+      ysum = a->s[half];
+      for (int j = 0; j < 32; ++j) isum += u.q[j] * a->qs[act_pair_index(half, j)];
     }
-    int isum = 0;
-    for (int j = 0; j < u.group; ++j) isum += u.q[g * u.group + j] * y[j];
     sum += u.a[g] * dy * static_cast<float>(isum) + u.b[g] * ysum;
   }
   return sum;
@@ -236,13 +238,12 @@ void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1) {
   const DTypeInfo& info = dtype_info(a.type);
   const int64_t nb = a.k / info.block_size;
   const bool q8_k = uses_q8_k(a.type);
-  const int64_t act_block = q8_k ? sizeof(block_q8_K) : (info.block_size / 32) * sizeof(ActQ8);
   Unpacked u;
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < a.m; ++m) a.y[m * a.ldy + n] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
       unpack(a.type, a.w + n * a.row_bytes + b * info.block_bytes, u);
-      for (int64_t m = 0; m < a.m; ++m) a.y[m * a.ldy + n] += dot_block(u, a.acts + m * a.act_bytes + b * act_block, q8_k);
+      for (int64_t m = 0; m < a.m; ++m) a.y[m * a.ldy + n] += dot_block(u, a.acts + m * a.act_bytes, b, q8_k);
     }
   }
 }
