@@ -264,6 +264,11 @@ struct Q6_K {
 
 // ---- Drivers -----------------------------------------------------------------------------------------------
 
+// Software prefetch distance along a weight row: 1 KiB ahead made cold Q4_0/Q8_0 GEMV 1.1-1.2x faster on 2
+// Zen 3 cores (4096 x 4096, bench_gguf_matmul; K-quants unchanged); 2 and 4 KiB could not be told apart
+// from it on the shared machine.
+constexpr int64_t kPrefetch = 1024;
+
 // y[m0 + r, n] for r < R: one weight row against R activation rows.
 template <class T, int R>
 FLASHLM_AVX2_INLINE void dot_rows(const RowsArgs& a, int64_t n, int64_t m0) {
@@ -277,7 +282,11 @@ FLASHLM_AVX2_INLINE void dot_rows(const RowsArgs& a, int64_t n, int64_t m0) {
     corr[r] = 0.0f;
   }
   const int64_t nb = a.k / T::kBlock;
-  for (int64_t b = 0; b < nb; ++b) T::template block<R>(w + b * T::kBytes, x, b * T::kActBytes, acc, corr);
+  for (int64_t b = 0; b < nb; ++b) {
+    // The weights stream from memory once (GEMV): ask for the bytes kPrefetch ahead of the ones in use.
+    _mm_prefetch(reinterpret_cast<const char*>(w + b * T::kBytes + kPrefetch), _MM_HINT_T0);
+    T::template block<R>(w + b * T::kBytes, x, b * T::kActBytes, acc, corr);
+  }
   if constexpr (T::kTail) {
     if (a.k % T::kBlock) T::template tail<R>(w + nb * T::kBytes, x, nb * T::kActBytes, acc, corr);
   }
