@@ -11,6 +11,7 @@ void bind_core(nb::module_& m);
 void bind_gguf(nb::module_& m);
 void bind_quantize(nb::module_& m);
 void bind_int_gemm(nb::module_& m);
+void bind_gguf_matmul(nb::module_& m);
 }  // namespace flashlm::bindings
 
 NB_MODULE(_C, m) {
@@ -33,4 +34,5 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_gguf(m);
   flashlm::bindings::bind_quantize(m);
   flashlm::bindings::bind_int_gemm(m);
+  flashlm::bindings::bind_gguf_matmul(m);
 }

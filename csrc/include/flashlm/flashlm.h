@@ -10,6 +10,7 @@
 #include "flashlm/core/error.h"
 #include "flashlm/core/tensor.h"
 #include "flashlm/core/thread_pool.h"
+#include "flashlm/gemm/gguf_matmul.h"
 #include "flashlm/gemm/int_gemm.h"
 #include "flashlm/gguf/blocks.h"
 #include "flashlm/gguf/dequantize.h"

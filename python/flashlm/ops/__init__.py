@@ -15,6 +15,7 @@ from flashlm.ops.flash_attn_interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
 from flashlm.ops.int_linear import int4_linear, int8_linear, quantize_per_token
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
 
@@ -54,6 +55,6 @@ __all__ = [
     "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
     "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func", "gguf_quantize", "int4_linear", "int8_linear", "num_threads",
-    "quantize_per_token", "quantize_supported", "set_cpu_isa", "set_num_threads",
+    "flash_attn_varlen_qkvpacked_func", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize", "int4_linear", "int8_linear",
+    "num_threads", "quantize_per_token", "quantize_supported", "set_cpu_isa", "set_num_threads",
 ]

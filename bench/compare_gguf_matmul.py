@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""compare_gguf_matmul: flashlm.ops.gguf_linear GEMV (M = 1) against torch's dense GEMV and a plain copy.
+
+For each GGML type and weight shape N x K (torch order: W is [N, K], y = x @ W.T), random blocks with finite
+scales (flashlm.io.random_blocks) are multiplied with one row of x by
+  flashlm   flashlm.ops.gguf_linear (CPU: x quantized to 8-bit blocks, integer block dot products, AVX2 on
+            flashlm's thread pool; CUDA: the GEMV kernel), the weights never leave their blocks,
+  torch     torch.nn.functional.linear with the same W dequantized to float32 (CPU) or float16 (CUDA),
+and set against a plain copy (`dst.copy_(src)` of 64 MiB on the same device), the memory-bandwidth ceiling.
+Before timing, flashlm's result is checked against float64 x @ W.T (relative error < 2%: the CPU path
+quantizes x to 8 bits, ~0.6% typical; see tests/test_gguf_matmul.py); the script stops if it is off.
+
+Weights are cold, as in decoding a model (every layer's weights are read once per token): each timed call
+uses the next of several copies of W, together larger than the last-level cache (--rotate-mib, default 256).
+
+GB/s: the weight bytes read per second (x and y are negligible); the copy counts its read plus its write.
+"x torch" is torch's median time over flashlm's; "% copy" is flashlm's GB/s as a share of the copy's. The
+runs take turns (bench_util.median_seconds), so background load on a shared machine falls on all alike.
+
+Run (from the repository root, with flashlm installed):
+  python bench/compare_gguf_matmul.py                      # CPU: Q4_0, Q8_0, Q4_K at 4096x4096, 4096x11008
+  python bench/compare_gguf_matmul.py --types Q6_K --shapes 11008x4096 --reps 50
+  python bench/compare_gguf_matmul.py --device cuda        # needs flashlm's CUDA kernels and a GPU
+  python bench/compare_gguf_matmul.py --quick              # seconds: CI smoke
+"""
+
+import argparse
+import platform
+import sys
+
+import numpy as np
+import torch
+
+import flashlm
+import flashlm.ops
+from bench_util import fmt, hardware_line, median_seconds, print_table
+from flashlm.io.random_blocks import random_blocks
+
+
+def parse_shapes(text):
+    shapes = []
+    for item in text.split(","):
+        n, k = (int(v) for v in item.lower().split("x"))
+        shapes.append((n, k))
+    return shapes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K", help="comma-separated GGML types")
+    ap.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated N x K (W is [N, K])")
+    ap.add_argument("--reps", type=int, default=30, help="timed runs per measurement; the median is reported")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rotate-mib", type=int, default=256, help="cycle through copies of W totalling this much")
+    ap.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds")
+    args = ap.parse_args()
+    if args.quick:
+        args.shapes, args.reps, args.warmup, args.rotate_mib = "256x512", 3, 1, 0
+    types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
+    bad = [t for t in types if t not in flashlm.ops.GGUF_LINEAR_TYPES]
+    if bad:
+        ap.error(f"--types: {', '.join(bad)} not supported (known: {', '.join(flashlm.ops.GGUF_LINEAR_TYPES)})")
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError:
+        ap.error(f"--shapes: expected NxK[,NxK...], got {args.shapes!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_gguf_matmul: --device cuda, but torch sees no CUDA device")
+    device = torch.device(args.device)
+    peer_dtype = torch.float16 if args.device == "cuda" else torch.float32
+    x_dtype = torch.float16 if args.device == "cuda" else torch.float32
+
+    copy_src = torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(1)
+    copy_dst = torch.empty_like(copy_src)
+
+    rows = []
+    for n, k in shapes:
+        for name in types:
+            raw_np = random_blocks(name, n * k, 0).reshape(n, -1)
+            raw = torch.from_numpy(raw_np).to(device)
+            w = flashlm.ops.dequantize(raw, name, (n, k), out_dtype=peer_dtype)
+            x = torch.randn(1, k, device=device).to(x_dtype)
+
+            ref = x.double() @ w.double().T
+            got = flashlm.ops.gguf_linear(x, raw, name, (n, k)).double()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            if not rel < 2e-2:
+                sys.exit(f"compare_gguf_matmul: {name} {n}x{k}: relative error {rel:.3e} against float64; not timing "
+                         "a wrong kernel")
+
+            copies = max(1, -(-(args.rotate_mib << 20) // raw.numel()))
+            raws = [raw] + [raw.clone() for _ in range(copies - 1)]
+            w_copies = max(1, -(-(args.rotate_mib << 20) // (w.numel() * w.element_size())))
+            ws = [w] + [w.clone() for _ in range(w_copies - 1)]
+            state = {"i": 0, "j": 0}
+
+            def run_flashlm():
+                state["i"] = (state["i"] + 1) % len(raws)
+                return flashlm.ops.gguf_linear(x, raws[state["i"]], name, (n, k))
+
+            def run_torch():
+                state["j"] = (state["j"] + 1) % len(ws)
+                return torch.nn.functional.linear(x.to(peer_dtype), ws[state["j"]])
+
+            med = median_seconds({"flashlm": (run_flashlm, args.device), "torch": (run_torch, args.device),
+                                  "copy": (lambda: copy_dst.copy_(copy_src), args.device)}, args.reps, args.warmup)
+            t_f, t_t, t_c = med["flashlm"], med["torch"], med["copy"]
+            gbs_f = raw.numel() / t_f / 1e9
+            gbs_c = 2 * copy_src.numel() / t_c / 1e9
+            rows.append([name, f"{n}x{k}", f"{raw.numel() / 2**20:.1f}", f"{rel:.1e}", f"{t_f * 1e3:.3f}",
+                         fmt(gbs_f, ".1f"), f"{t_t * 1e3:.3f}", fmt(w.numel() * w.element_size() / t_t / 1e9, ".1f"),
+                         fmt(t_t / t_f, ".2f"), fmt(gbs_c, ".1f"), fmt(gbs_f / gbs_c * 100, ".0f")])
+            del raws, ws
+
+    peer = "torch f16" if args.device == "cuda" else "torch f32"
+    header = ["type", "N x K", "W MiB", "rel err", "flashlm ms", "flashlm GB/s", f"{peer} ms", f"{peer} GB/s",
+              "x torch", "copy GB/s", "% copy"]
+    print(hardware_line(args.device, flashlm.ops, f"torch {torch.get_num_threads()} threads"))
+    print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
+          f"Python {platform.python_version()}")
+    print(f"GEMV M=1, x {str(x_dtype).replace('torch.', '')}; cold weights (copies cycled, {args.rotate_mib} MiB); "
+          f"median of {args.reps} interleaved runs after {args.warmup} warm-up")
+    print()
+    print_table(header, rows)
+
+
+if __name__ == "__main__":
+    main()

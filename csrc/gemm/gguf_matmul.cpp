@@ -1,0 +1,141 @@
+// GGUF matmul dispatcher: checks every argument, then routes on device and, on the CPU, on the run-time
+// ISA. CPU: quantize the activation rows (gguf_matmul_kernels.h), split the weight rows over the thread
+// pool, and add the bias / convert to the output dtype on each thread's own range of columns.
+#include "flashlm/gemm/gguf_matmul.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../gguf/dequantize_block.h"
+#include "flashlm/core/cpu_features.h"
+#include "flashlm/core/cuda.h"
+#include "flashlm/core/error.h"
+#include "flashlm/core/thread_pool.h"
+#include "gguf_matmul_kernels.h"
+
+namespace flashlm {
+
+namespace {
+
+// A range of weight rows handed to one thread holds about this many multiply-adds: waking a worker costs
+// ~5-10 us, the AVX2 kernels do ~4 G MAC/s per core.
+constexpr int64_t kGrainMacs = 1 << 18;
+
+void check_vector(const TensorView& t, const char* name, int ndim, Device device) {
+  FLASHLM_CHECK(t.ndim == ndim, "gguf_matmul: ", name, " must have ", ndim, " dimensions, got ", t.shape_string());
+  FLASHLM_CHECK(t.is_contiguous(), "gguf_matmul: ", name, " must be contiguous");
+  FLASHLM_CHECK(t.device == device, "gguf_matmul: ", name, " must be on x's device");
+}
+
+void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t n, const TensorView* bias,
+                     const TensorView& y) {
+  using namespace gemm::detail;
+  const int64_t m = x.shape[0], k = x.shape[1];
+  const int64_t act_bytes = act_row_bytes(type, k);
+  std::vector<uint8_t> acts(static_cast<size_t>(m * act_bytes));
+  parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+    quantize_activations(type, x.data, x.dtype, k, m0, m1, acts.data());
+  });
+  // f32 output is accumulated in place; bf16 output goes through a float buffer.
+  std::vector<float> buffer;
+  float* yf = static_cast<float*>(y.data);
+  if (y.dtype != DType::F32) {
+    buffer.resize(static_cast<size_t>(m * n));
+    yf = buffer.data();
+  }
+  const RowsArgs args{type, w, storage_bytes(type, k), acts.data(), act_bytes, m, k, yf, n};
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
+  parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
+    if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = yf + i * n;
+      if (bias) {
+        if (bias->dtype == DType::F32) {
+          for (int64_t j = n0; j < n1; ++j) row[j] += static_cast<const float*>(bias->data)[j];
+        } else {
+          const auto* b = static_cast<const uint16_t*>(bias->data);
+          for (int64_t j = n0; j < n1; ++j) row[j] += gguf::detail::bf16_to_f32(b[j]);
+        }
+      }
+      if (y.dtype == DType::BF16) {
+        auto* out = static_cast<uint16_t*>(y.data) + i * n;
+        for (int64_t j = n0; j < n1; ++j) out[j] = gguf::detail::f32_to_bf16(row[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool gguf_matmul_supported(DType t) {
+  switch (t) {
+    case DType::Q4_0: case DType::Q4_1: case DType::Q5_0: case DType::Q5_1: case DType::Q8_0:
+    case DType::Q4_K: case DType::Q5_K: case DType::Q6_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void gguf_matmul(const TensorView& x, const TensorView& weight, DType type, int64_t n, const TensorView* bias,
+                 const TensorView& y, void* stream) {
+  FLASHLM_CHECK(gguf_matmul_supported(type), "gguf_matmul: weight_type ", dtype_name(type),
+                " is not supported (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K are)");
+  const Device device = x.device;
+  check_vector(x, "x", 2, device);
+  const int64_t m = x.shape[0], k = x.shape[1];
+  const DTypeInfo& info = dtype_info(type);
+  FLASHLM_CHECK(n >= 0, "gguf_matmul: n must be >= 0, got ", n);
+  FLASHLM_CHECK(k % info.block_size == 0, "gguf_matmul: K (x's last dimension, ", k, ") must be a multiple of ",
+                info.name, "'s block size ", info.block_size);
+  if (device.is_cpu()) {
+    FLASHLM_CHECK(x.dtype == DType::F32 || x.dtype == DType::BF16, "gguf_matmul: x must be float32 or bfloat16 on the CPU, got ",
+                  dtype_name(x.dtype));
+  } else {
+    FLASHLM_CHECK(x.dtype == DType::F32 || x.dtype == DType::F16 || x.dtype == DType::BF16,
+                  "gguf_matmul: x must be float32, float16 or bfloat16, got ", dtype_name(x.dtype));
+  }
+  FLASHLM_CHECK(weight.dtype == DType::U8, "gguf_matmul: weight must be uint8 (the blocks' bytes), got ", dtype_name(weight.dtype));
+  FLASHLM_CHECK(weight.is_contiguous(), "gguf_matmul: weight must be contiguous");
+  FLASHLM_CHECK(weight.device == device, "gguf_matmul: weight must be on x's device");
+  FLASHLM_CHECK(k == 0 || n <= std::numeric_limits<int64_t>::max() / k, "gguf_matmul: N * K overflows");
+  const int64_t expected = storage_bytes(type, n * k);
+  FLASHLM_CHECK(weight.numel() == expected, "gguf_matmul: weight has ", weight.numel(), " bytes, but ", n, " x ", k,
+                " of ", info.name, " takes ", expected);
+  check_vector(y, "y", 2, device);
+  FLASHLM_CHECK(y.shape[0] == m && y.shape[1] == n, "gguf_matmul: y must be [", m, ", ", n, "], got ", y.shape_string());
+  FLASHLM_CHECK(y.dtype == x.dtype, "gguf_matmul: y must have x's dtype");
+  if (bias) {
+    check_vector(*bias, "bias", 1, device);
+    FLASHLM_CHECK(bias->shape[0] == n, "gguf_matmul: bias must be [", n, "], got ", bias->shape_string());
+    FLASHLM_CHECK(bias->dtype == x.dtype, "gguf_matmul: bias must have x's dtype");
+  }
+  if (m == 0 || n == 0) return;
+  FLASHLM_CHECK((k == 0 || (x.data && weight.data)) && y.data && (!bias || bias->data), "gguf_matmul: null data pointer");
+  const auto* w = static_cast<const uint8_t*>(weight.data);
+
+  if (device.is_cuda()) {
+    if (!cuda_compiled()) throw NotImplementedError("gguf_matmul: flashlm was built without CUDA");
+    FLASHLM_CHECK(device.index >= 0 && device.index < cuda_device_count(), "gguf_matmul: no CUDA device ", device.index,
+                  " (", cuda_status(), ")");
+    gemm::detail::gguf_matmul_cuda({type, w, x.data, bias ? bias->data : nullptr, y.data, x.dtype, m, n, k,
+                                    device.index, stream});
+    return;
+  }
+  gguf_matmul_cpu(x, w, type, n, bias, y);
+}
+
+}  // namespace flashlm
+
+#ifndef FLASHLM_WITH_CUDA
+namespace flashlm::gemm::detail {
+void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul: flashlm was built without CUDA"); }
+}  // namespace flashlm::gemm::detail
+#endif
+#ifndef FLASHLM_HAVE_AVX2_KERNELS
+namespace flashlm::gemm::detail {
+bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
+}  // namespace flashlm::gemm::detail
+#endif

@@ -1,0 +1,30 @@
+// GGUF-native matrix multiplication: y = x @ W.T (+ bias) with W kept in its GGML blocks.
+//
+// On the CPU, as ggml does: each row of x is quantized to 8-bit blocks (32 values with a float scale for
+// the 32-element types, Q8_K blocks of 256 with group sums for the K-quants), and each output is a sum of
+// integer block dot products, scaled and accumulated in float32. On CUDA: a GEMV kernel that dequantizes
+// the blocks in registers for small M, and dequantize-to-f16/bf16 followed by a tensor-core GEMM for
+// larger M.
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/export.h"
+#include "flashlm/core/tensor.h"
+
+namespace flashlm {
+
+// The weight types gguf_matmul reads: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+FLASHLM_API bool gguf_matmul_supported(DType weight_type);
+
+// x: [M, K] contiguous, f32 or bf16 on the CPU, f16/bf16/f32 on CUDA.
+// weight: uint8, contiguous, N * K / block_size * block_bytes bytes: N rows of K / block_size blocks of
+//         `weight_type` (K a multiple of the type's block size).
+// bias: nullptr, or [N] contiguous with x's dtype.
+// y: [M, N] contiguous with x's dtype, on x's device.
+// CUDA work is queued on `stream` (a cudaStream_t, nullptr for the default stream); CPU work runs on the
+// library's thread pool.
+FLASHLM_API void gguf_matmul(const TensorView& x, const TensorView& weight, DType weight_type, int64_t n,
+                             const TensorView* bias, const TensorView& y, void* stream = nullptr);
+
+}  // namespace flashlm
