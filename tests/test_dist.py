@@ -59,6 +59,12 @@ def test_collectives(world, tmp_path):
     assert shm_segments() - before == set(), "shared-memory segments left behind"
 
 
+def test_slice_schedules(tmp_path):
+    before = shm_segments()
+    run_ranks("schedules", 3, tmp_path / "store")
+    assert shm_segments() - before == set(), "shared-memory segments left behind"
+
+
 def test_killed_peer_raises_within_timeout(tmp_path):
     before = shm_segments()
     results = run_ranks("killed_peer", 3, tmp_path / "store", timeout=60)
@@ -159,6 +165,19 @@ def test_build_reports_nccl():
     elif not status.startswith("NCCL "):
         with pytest.raises(RuntimeError, match="libnccl.so.2"):  # missing NCCL: said when asked for
             comm.nccl_unique_id()
+
+
+def test_nccl_ring_without_gpu_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    info = flashlm.build_info()
+    # Without the NCCL transport in the build, or without a GPU, creating a ring fails before any NCCL call.
+    with pytest.raises(NotImplementedError if not info["nccl"] else ValueError,
+                       match="without the NCCL transport" if not info["nccl"] else "^device: no CUDA device 0"):
+        comm.nccl_ring(bytes(128), 0, 1, 0, timeout=1.0)
+    if info["nccl"]:
+        with pytest.raises(ValueError, match="^unique_id: must be 128 bytes"):
+            comm.nccl_ring(b"short", 0, 1, 0)
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------
