@@ -10,12 +10,14 @@
 //   - step by step (transports that queue work: NCCL): a step moves one chunk per rank, slice by slice, so
 //     that while a rank reduces slice k its left neighbour is already sending slice k+1; what a rank sends
 //     at step s+1 is read back from the buffer it reduced into at step s.
-//   - column by column (transports that relay: shm): slice k of every chunk goes through all 2(N-1) steps
-//     before slice k+1, and what a rank receives at step s is combined straight into the slot it sends at
-//     step s+1 (relay). Each byte is then written once per step instead of being reduced into the buffer
-//     and copied out again, and the buffer itself is read once and written once per allreduce. The ranks
-//     still work at the same time, each on its own chunk of the column; a step waits only for the left
-//     neighbour's previous step, and the transport's queue of slots lets a rank run a little ahead.
+//   - window by window (transports that relay: shm): a window of W slice columns (slice k of every chunk)
+//     goes through all 2(N-1) steps before the next window, and what a rank receives at step s is combined
+//     straight into the slot it sends at step s+1 (relay). Each byte is then written once per step instead
+//     of being reduced into the buffer and copied out again, and the buffer itself is read once and written
+//     once per allreduce. The ranks work at the same time, each on its own chunks; a slice waits only for
+//     the left neighbour's previous step of its column, and the W columns of a step let a rank run up to W
+//     slices ahead (which matters when ranks share cores). The right neighbour takes a slice sent at step s
+//     while it runs step s+1, W slices later, so the transport needs W + 1 slots (relay_window()).
 // Reference: exact integer sums (tests/test_dist.py) and torch.distributed's gloo allreduce.
 #include "flashlm/comm/ring.h"
 
@@ -117,32 +119,43 @@ Columns columns_of(const RingTransport& tr, char* base, int64_t n, int64_t esize
   return Columns{base, n, esize, std::max<int64_t>(1, tr.slice_bytes() / esize), tr.world_size()};
 }
 
-// Reduce-scatter of column k: rank r sends slice k of chunk r-1, then each received partial sum plus its own
-// slice goes straight on, until chunk r's sum arrives. `then_gather`: that sum is also the all-gather's
-// first send (allreduce).
-void reduce_scatter_column(RingTransport& tr, const Columns& cols, int64_t k, ReduceOp op, bool then_gather) {
+// Reduce-scatter of columns [k0, k1), step by step across the window: rank r sends slice k of chunk r-1,
+// then each received partial sum plus its own slice goes straight on, until chunk r's sum arrives.
+// `then_gather`: that sum is also the all-gather's first send (allreduce).
+void reduce_scatter_window(RingTransport& tr, const Columns& cols, int64_t k0, int64_t k1, ReduceOp op,
+                           bool then_gather) {
   const int r = tr.rank(), world = tr.world_size();
   const int first = mod(r - 1, world);
-  if (int64_t m = cols.count(first, k)) tr.exchange(cols.at(first, k), m, nullptr, 0, Combine::Sum, 1.0f);
+  for (int64_t k = k0; k < k1; ++k)
+    if (int64_t m = cols.count(first, k)) tr.exchange(cols.at(first, k), m, nullptr, 0, Combine::Sum, 1.0f);
   for (int s = 0; s < world - 1; ++s) {
     const int c = mod(r - s - 2, world);
-    const int64_t m = cols.count(c, k);
-    if (m == 0) continue;
     const bool last = s == world - 2;
     const Combine combine = last && op == ReduceOp::Avg ? Combine::SumDivide : Combine::Sum;
-    tr.relay(cols.at(c, k), last ? cols.at(c, k) : nullptr, m, combine, float(world), !last || then_gather);
+    for (int64_t k = k0; k < k1; ++k)
+      if (int64_t m = cols.count(c, k))
+        tr.relay(cols.at(c, k), last ? cols.at(c, k) : nullptr, m, combine, float(world), !last || then_gather);
   }
 }
 
-// All-gather of column k: chunk r's slice k has been sent (`sent`) or is sent now; each received slice is
-// copied into the buffer and, but for the last, passed on.
-void all_gather_column(RingTransport& tr, const Columns& cols, int64_t k, bool sent) {
+// All-gather of columns [k0, k1): chunk r's slices have been sent (`sent`) or are sent now; each received
+// slice is copied into the buffer and, but at the last step, passed on.
+void all_gather_window(RingTransport& tr, const Columns& cols, int64_t k0, int64_t k1, bool sent) {
   const int r = tr.rank(), world = tr.world_size();
-  if (int64_t m = cols.count(r, k); m && !sent) tr.exchange(cols.at(r, k), m, nullptr, 0, Combine::Copy, 1.0f);
+  for (int64_t k = k0; k < k1 && !sent; ++k)
+    if (int64_t m = cols.count(r, k)) tr.exchange(cols.at(r, k), m, nullptr, 0, Combine::Copy, 1.0f);
   for (int s = 0; s < world - 1; ++s) {
     const int c = mod(r - s - 1, world);
-    if (int64_t m = cols.count(c, k)) tr.relay(nullptr, cols.at(c, k), m, Combine::Copy, 1.0f, s < world - 2);
+    for (int64_t k = k0; k < k1; ++k)
+      if (int64_t m = cols.count(c, k)) tr.relay(nullptr, cols.at(c, k), m, Combine::Copy, 1.0f, s < world - 2);
   }
+}
+
+// Runs `window(k0, k1)` over every window of the transport's relay_window() columns.
+template <class Window>
+void by_windows(const RingTransport& tr, const Columns& cols, Window window) {
+  const int64_t w = tr.relay_window(), columns = cols.columns();
+  for (int64_t k0 = 0; k0 < columns; k0 += w) window(k0, std::min(columns, k0 + w));
 }
 
 void broadcast_relayed(RingTransport& tr, char* base, int64_t nbytes, int root) {
@@ -209,13 +222,12 @@ void Ring::allreduce(const TensorView& t, ReduceOp op, void* stream) {
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
   run_collective(*transport_, mutex_, CallTag{1, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
-    if (transport_->relays()) {
+    if (transport_->relay_window() > 0) {
       const Columns cols = columns_of(*transport_, base, n, esize);
-      for (int64_t k = 0; k < cols.columns(); ++k) {
-        reduce_scatter_column(*transport_, cols, k, op, true);
-        all_gather_column(*transport_, cols, k, true);
-      }
-      return;
+      return by_windows(*transport_, cols, [&](int64_t k0, int64_t k1) {
+        reduce_scatter_window(*transport_, cols, k0, k1, op, true);
+        all_gather_window(*transport_, cols, k0, k1, true);
+      });
     }
     reduce_scatter_steps(*transport_, base, n, esize, op);
     all_gather_steps(*transport_, base, n, esize);
@@ -227,9 +239,10 @@ void Ring::reduce_scatter(const TensorView& t, ReduceOp op, void* stream) {
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
   run_collective(*transport_, mutex_, CallTag{2, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
-    if (!transport_->relays()) return reduce_scatter_steps(*transport_, base, n, esize, op);
+    if (transport_->relay_window() == 0) return reduce_scatter_steps(*transport_, base, n, esize, op);
     const Columns cols = columns_of(*transport_, base, n, esize);
-    for (int64_t k = 0; k < cols.columns(); ++k) reduce_scatter_column(*transport_, cols, k, op, false);
+    by_windows(*transport_, cols,
+               [&](int64_t k0, int64_t k1) { reduce_scatter_window(*transport_, cols, k0, k1, op, false); });
   });
 }
 
@@ -238,9 +251,9 @@ void Ring::all_gather(const TensorView& t, void* stream) {
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
   run_collective(*transport_, mutex_, CallTag{3, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
-    if (!transport_->relays()) return all_gather_steps(*transport_, base, n, esize);
+    if (transport_->relay_window() == 0) return all_gather_steps(*transport_, base, n, esize);
     const Columns cols = columns_of(*transport_, base, n, esize);
-    for (int64_t k = 0; k < cols.columns(); ++k) all_gather_column(*transport_, cols, k, false);
+    by_windows(*transport_, cols, [&](int64_t k0, int64_t k1) { all_gather_window(*transport_, cols, k0, k1, false); });
   });
 }
 
@@ -250,7 +263,7 @@ void Ring::broadcast(const TensorView& t, int root, void* stream) {
   const int64_t nbytes = t.numel() * element_bytes(t.dtype);
   if (world_size() == 1 || nbytes == 0) return;
   run_collective(*transport_, mutex_, CallTag{4, uint32_t(DType::U8), nbytes}, DType::U8, stream, [&] {
-    if (transport_->relays()) return broadcast_relayed(*transport_, base, nbytes, root);
+    if (transport_->relay_window() > 0) return broadcast_relayed(*transport_, base, nbytes, root);
     broadcast_steps(*transport_, base, nbytes, root);
   });
 }

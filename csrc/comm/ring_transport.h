@@ -46,8 +46,9 @@ class RingTransport {
   // null). The shm transport is done with both pointers when it returns; NCCL only queues the work.
   virtual void exchange(const void* send, int64_t send_count, void* recv, int64_t recv_count, Combine combine,
                         float divisor) = 0;
-  // Whether relay() is available; ring.cpp then runs the collectives slice column by slice column (see there).
-  virtual bool relays() const { return false; }
+  // How many slice columns ring.cpp may run step by step between relays (see there), which needs one more
+  // slot than that on each edge; 0: the transport does not relay.
+  virtual int64_t relay_window() const { return 0; }
   // Takes the next slice (`count` elements) from the left neighbour and computes result := received (Copy)
   // or local + received (Sum; SumDivide: / divisor), written to `out` (if not null; it may be `local`) and,
   // when `forward`, also sent on to the right neighbour as the next slice. A relaying transport writes the

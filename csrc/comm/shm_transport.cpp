@@ -59,10 +59,10 @@ namespace flashlm::comm {
 namespace detail {
 namespace {
 
-// 1 MiB slices, 2 per edge (2 MiB per segment, in the L3). Measured with 64 MiB allreduces of 2-4 ranks on
-// a shared 2-core EPYC, configurations interleaved in one run, relaying: 64-128 KiB slices are clearly
-// slower (more hand-offs), so are 8 MiB per segment (1 MiB x 8, 2 MiB x 4: the slots leave the L3);
-// 256 KiB x 4, 512 KiB x 2-4 and 1 MiB x 2-4 were within the noise of each other, 1 MiB x 2 ahead most often.
+// 1 MiB slices, 2 per edge (2 MiB per segment, in the L3; a relay window of one column). Measured with
+// 64 MiB allreduces of 2-4 ranks on a shared 2-core EPYC, configurations interleaved in one run: 64-128 KiB
+// slices are slower (more hand-offs), so are 8 MiB per segment (the slots leave the L3); 256 KiB x 4-8,
+// 512 KiB x 2-8 and 1 MiB x 2-4 were within the machine's noise of each other, 1 MiB x 2 ahead most often.
 constexpr int64_t kDefaultSliceBytes = 1 << 20;
 constexpr int kDefaultSlots = 2;
 constexpr uint64_t kMagic = 0x676e69726d6c6873ull;  // "shlmring"
@@ -176,10 +176,10 @@ class ShmTransport final : public RingTransport {
     if (recv) take(recv, recv_count, combine, divisor);
   }
 
-  // Relaying needs two slots per edge: a rank combines into its next outbox slot while its reader may
-  // still hold the previous one (with one slot, every rank could wait for its reader to free the slot
-  // while that reader waits for the same, all around the ring).
-  bool relays() const override { return slots_ >= 2; }
+  // A window of slots - 1 columns: a rank combines into its next outbox slot while its reader still holds
+  // the slices of the step before (with one slot, every rank could wait for its reader to free the slot
+  // while that reader waits for the same, all around the ring: one slot runs the step-by-step schedule).
+  int64_t relay_window() const override { return slots_ - 1; }
 
   void relay(const void* local, void* out, int64_t count, Combine combine, float divisor, bool forward) override {
     const int64_t bytes = count * esize_;
