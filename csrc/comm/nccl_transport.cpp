@@ -213,7 +213,15 @@ struct Resources {
     int previous = -1;
     if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
     cudaSetDevice(device);
-    if (comm) healthy ? (void)nccl().CommDestroy(comm) : abort_comm();
+    if (comm) {
+      // Destroy only a communicator with nothing pending and no error, which cannot wait on a peer.
+      ncclResult_t state = ncclInProgress;
+      if (healthy && nccl().CommGetAsyncError(comm, &state) == ncclSuccess && state == ncclSuccess) {
+        nccl().CommDestroy(comm);
+      } else {
+        abort_comm();
+      }
+    }
     for (int b = 0; b < 2; ++b) {
       if (scratch[b]) cudaFree(scratch[b]);
       if (received[b]) cudaEventDestroy(received[b]);
@@ -285,14 +293,16 @@ class NcclTransport final : public RingTransport {
     cudaStream_t comm_stream = res_.comm_stream;
     if (reduce && slice_ >= 2) check(cudaStreamWaitEvent(comm_stream, res_.reduced[b], 0), "cudaStreamWaitEvent");
     check_nccl(api.GroupStart(), "ncclGroupStart");
-    if (send)
-      check_nccl(api.Send(send, size_t(send_count), nccl_type(dtype_), (rank_ + 1) % world_, res_.comm, comm_stream),
-                 "ncclSend");
-    if (recv)
-      check_nccl(api.Recv(reduce ? res_.scratch[b] : recv, size_t(recv_count), nccl_type(dtype_),
-                          (rank_ + world_ - 1) % world_, res_.comm, comm_stream),
-                 "ncclRecv");
+    // The group is closed whatever happens inside it (an open group would swallow this thread's later calls).
+    auto queued = [](ncclResult_t r) { return r == ncclSuccess || r == ncclInProgress; };
+    ncclResult_t sent = ncclSuccess, received = ncclSuccess;
+    if (send) sent = api.Send(send, size_t(send_count), nccl_type(dtype_), (rank_ + 1) % world_, res_.comm, comm_stream);
+    if (recv && queued(sent))
+      received = api.Recv(reduce ? res_.scratch[b] : recv, size_t(recv_count), nccl_type(dtype_),
+                          (rank_ + world_ - 1) % world_, res_.comm, comm_stream);
     const ncclResult_t ended = api.GroupEnd();
+    check_nccl(sent, "ncclSend");
+    check_nccl(received, "ncclRecv");
     check_nccl(ended, "ncclGroupEnd");
     // A non-blocking communicator may still be enqueueing the group; no other NCCL call until it is done.
     if (ended == ncclInProgress) wait_comm_ready("enqueueing a send/receive (ncclGroupEnd)", deadline_);
