@@ -158,9 +158,11 @@ const NcclApi& nccl() {
   return api;
 }
 
+// The loaded NCCL, or an Error saying why it cannot run the ring (not loaded, too old).
 const NcclApi& nccl_or_throw() {
   const NcclApi& a = nccl();
   if (!a.error.empty()) throw Error("NCCL transport: " + a.error);
+  if (std::string why = too_old(a); !why.empty()) throw Error("NCCL transport: " + why);
   return a;
 }
 
@@ -240,7 +242,6 @@ class NcclTransport final : public RingTransport {
       : rank_(rank), world_(world), device_(device), timeout_s_(options.timeout_s) {
     slice_bytes_ = options.slice_bytes > 0 ? (options.slice_bytes + 255) / 256 * 256 : kDefaultSliceBytes;
     const NcclApi& api = nccl_or_throw();
-    if (std::string why = too_old(api); !why.empty()) throw Error("NCCL transport: " + why);
     res_.device = device_;
     CudaDeviceGuard guard(device_);
     ncclUniqueId id;

@@ -98,7 +98,7 @@ void broadcast_steps(RingTransport& tr, char* base, int64_t nbytes, int root) {
   }
 }
 
-// ---- Column by column (relaying transports) ------------------------------------------------------------
+// ---- Window by window (relaying transports) ------------------------------------------------------------
 
 // Slice k of chunk c of an n-element buffer: where it starts and how many elements it has (0: chunk c is
 // too short to have a slice k; only the last column can be partial, as chunk sizes differ by one at most).

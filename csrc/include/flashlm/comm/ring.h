@@ -80,8 +80,8 @@ FLASHLM_API std::unique_ptr<Ring> make_shm_ring(const std::string& job, int rank
 
 // NCCL: a 128-byte ncclUniqueId that rank 0 makes and sends to the others (through torch.distributed's
 // store); every rank then calls make_nccl_ring with it. Both throw flashlm::Error naming the cause when
-// the build has no NCCL transport or libnccl.so.2 cannot be loaded; make_nccl_ring also when the loaded
-// NCCL is older than 2.18, or the communicator is not up within options.timeout_s (it is then aborted).
+// the build has no NCCL transport, libnccl.so.2 cannot be loaded or is older than NCCL 2.18; make_nccl_ring
+// also when the communicator is not up within options.timeout_s (it is then aborted).
 constexpr int kNcclUniqueIdBytes = 128;
 FLASHLM_API std::string nccl_unique_id();
 FLASHLM_API std::unique_ptr<Ring> make_nccl_ring(const std::string& unique_id, int rank, int world_size, int device,
