@@ -60,12 +60,6 @@ def test_collectives(world, tmp_path):
     assert shm_segments() - before == set(), "shared-memory segments left behind"
 
 
-def test_slice_schedules(tmp_path):
-    before = shm_segments()
-    run_ranks("schedules", 3, tmp_path / "store")
-    assert shm_segments() - before == set(), "shared-memory segments left behind"
-
-
 def test_killed_peer_raises_within_timeout(tmp_path):
     before = shm_segments()
     results = run_ranks("killed_peer", 3, tmp_path / "store", timeout=60)
