@@ -45,7 +45,8 @@ def join_group(rank, world, store_file):
 
 
 def collectives(rank, world, store_file):
-    """Every size, dtype and op, exact and against gloo; reduce_scatter, all_gather, broadcast; repeats."""
+    """Every size, dtype and op, exact and against gloo; reduce_scatter, all_gather, broadcast; repeats; with
+    3 ranks also the slice schedules (check_schedules)."""
     join_group(rank, world, store_file)
     fd.init(timeout=20)
     assert fd.cpu_transport() == "shm"
@@ -126,7 +127,46 @@ def collectives(rank, world, store_file):
             raise AssertionError(f"no ValueError for bad {name}")
     fd.all_reduce(torch.ones(3))  # the ring still works after rejected calls
     fd.destroy()
+    if world == 3:  # uneven chunks; in this run to spare the tests a start of three processes
+        check_schedules(rank, world)
     tdist.destroy_process_group()
+
+
+def check_schedules(rank, world):
+    """Raw shm rings with tiny slices (16 floats): many slice columns, partial last columns and chunks without
+    a slice in the last column (n=97: chunks of 32, 32, 33), through the relaying schedule in windows of two
+    columns (3 slots) and the step-by-step one (1 slot). Windows of one column (the default 2 slots) run in
+    `collectives`."""
+    store = tdist.distributed_c10d._get_default_store()
+    for slice_bytes, slots in ((64, 1), (192, 3)):
+        if rank == 0:
+            store.set("schedules/job", f"sched-{os.getpid()}-{slice_bytes}-{slots}")
+        tdist.barrier()
+        ring = comm.shm_ring(store.get("schedules/job").decode(), rank, world, timeout=20, slice_bytes=slice_bytes,
+                             slots=slots)
+        tdist.barrier()  # every rank has read the job name before rank 0 sets the next
+        what = f"slice_bytes={slice_bytes} slots={slots}"
+        for n, dtype in ((1, torch.float32), (7, torch.float32), (97, torch.float32), (1203, torch.float32),
+                         (1203, torch.bfloat16)):
+            total = sum(exact_values(n, r) for r in range(world)).to(torch.float32)
+            for op, want in (("sum", total), ("avg", total / world)):
+                t = exact_values(n, rank).to(dtype)
+                ring.allreduce(t, op)
+                assert_equal(t, want.to(dtype), f"allreduce {op} {what} n={n} {dtype}")
+            b, e = comm.chunk_bounds(n, world, rank)
+            t = exact_values(n, rank).to(dtype)
+            ring.reduce_scatter(t)
+            assert_equal(t[b:e], total[b:e].to(dtype), f"reduce_scatter {what} n={n} {dtype}")
+            t = torch.zeros(n, dtype=dtype)
+            t[b:e] = float(rank + 1)
+            ring.all_gather(t)
+            want = torch.cat([torch.full((comm.chunk_bounds(n, world, r)[1] - comm.chunk_bounds(n, world, r)[0],),
+                                         float(r + 1)) for r in range(world)]).to(dtype)
+            assert_equal(t, want, f"all_gather {what} n={n} {dtype}")
+            src = n % world
+            t = (torch.arange(n) % 251).to(torch.uint8) if rank == src else torch.zeros(n, dtype=torch.uint8)
+            ring.broadcast(t, src)
+            assert_equal(t, (torch.arange(n) % 251).to(torch.uint8), f"broadcast {what} n={n}")
 
 
 def killed_peer(rank, world, store_file):

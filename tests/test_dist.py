@@ -9,6 +9,7 @@ torchrun's environment variables and a TCPStore on 127.0.0.1. Multi-GPU check, w
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -159,6 +160,61 @@ def test_build_reports_nccl():
     elif not status.startswith("NCCL "):
         with pytest.raises(RuntimeError, match="libnccl.so.2"):  # missing NCCL: said when asked for
             comm.nccl_unique_id()
+
+
+FAKE_NCCL = r"""
+/* Just enough of libnccl.so.2 for flashlm's loader: a version, a unique id, and (NEW) the calls of NCCL >= 2.14. */
+typedef struct { char internal[128]; } ncclUniqueId;
+int ncclGetVersion(int* v) { *v = VERSION; return 0; }
+int ncclGetUniqueId(ncclUniqueId* id) { for (int i = 0; i < 128; ++i) id->internal[i] = (char)i; return 0; }
+int ncclCommDestroy(void* c) { (void)c; return 0; }
+int ncclCommAbort(void* c) { (void)c; return 0; }
+int ncclGroupStart(void) { return 0; }
+int ncclGroupEnd(void) { return 0; }
+int ncclSend(void) { return 0; }
+int ncclRecv(void) { return 0; }
+const char* ncclGetErrorString(int r) { (void)r; return "fake"; }
+#ifdef NEW
+int ncclCommInitRankConfig(void) { return 3; }
+int ncclCommGetAsyncError(void* c, int* state) { (void)c; *state = 0; return 0; }
+#endif
+"""
+
+
+@pytest.mark.parametrize("version, new", [(21703, False), (22703, True)])
+def test_nccl_loader_with_a_fake_library(tmp_path, version, new):
+    """The dlopen table: NCCL's version, the optional calls of newer NCCL, and a clear refusal of an old one."""
+    if not flashlm.build_info()["nccl"]:
+        pytest.skip("built without the NCCL transport")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "fake.c").write_text(FAKE_NCCL)
+    lib = tmp_path / "libnccl.so.2"
+    subprocess.run([cc, "-shared", "-fPIC", f"-DVERSION={version}", *(["-DNEW"] if new else []), str(tmp_path / "fake.c"),
+                    "-o", str(lib)], check=True)
+    probe = ("from flashlm.ops import comm\nprint(comm.nccl_status())\n"
+             "try:\n    print(comm.nccl_unique_id() == bytes(range(128)))\nexcept RuntimeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FLASHLM_NCCL_LIBRARY": str(lib)}).stdout.splitlines()
+    if new:
+        assert out == ["NCCL 2.27.3", "True"], out
+    else:
+        assert "NCCL (2.17.3) is too old" in out[0] and "NCCL >= 2.18" in out[0], out
+        assert "too old" in out[1], out
+
+
+def test_nccl_ring_without_gpu_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    info = flashlm.build_info()
+    # Without the NCCL transport in the build, or without a GPU, creating a ring fails before any NCCL call.
+    with pytest.raises(NotImplementedError if not info["nccl"] else ValueError,
+                       match="without the NCCL transport" if not info["nccl"] else "^device: no CUDA device 0"):
+        comm.nccl_ring(bytes(128), 0, 1, 0, timeout=1.0)
+    if info["nccl"]:
+        with pytest.raises(ValueError, match="^unique_id: must be 128 bytes"):
+            comm.nccl_ring(b"short", 0, 1, 0)
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------

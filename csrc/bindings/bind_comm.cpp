@@ -79,12 +79,13 @@ void bind_comm(nb::module_& m) {
       nb::arg("slots") = 0, "Connect a shared-memory ring (collective: every rank calls it with the same job)");
   m.def(
       "nccl_ring",
-      [](nb::bytes unique_id, int rank, int world_size, int device, int64_t slice_bytes) {
+      [](nb::bytes unique_id, int rank, int world_size, int device, double timeout_s, int64_t slice_bytes) {
         std::string id(unique_id.c_str(), unique_id.size());
         nb::gil_scoped_release release;
-        return comm::make_nccl_ring(id, rank, world_size, device, ring_options(60.0, slice_bytes, 0));
+        return comm::make_nccl_ring(id, rank, world_size, device, ring_options(timeout_s, slice_bytes, 0));
       },
-      nb::arg("unique_id"), nb::arg("rank"), nb::arg("world_size"), nb::arg("device"), nb::arg("slice_bytes") = 0,
+      nb::arg("unique_id"), nb::arg("rank"), nb::arg("world_size"), nb::arg("device"), nb::arg("timeout") = 60.0,
+      nb::arg("slice_bytes") = 0,
       "Connect an NCCL ring (collective: every rank calls it with rank 0's unique id)");
   m.def("nccl_unique_id", [] {
     std::string id = comm::nccl_unique_id();

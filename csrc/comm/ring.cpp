@@ -1,13 +1,23 @@
 // The ring algorithm, once for every transport. N ranks, rank r sends to r+1 and receives from r-1 (mod N).
-// The buffer is cut into N chunks (chunk_begin) and each chunk into slices of the transport's slice size;
-// a step moves one chunk per rank, slice by slice, so that while a rank reduces slice k its left neighbour
-// is already sending slice k+1.
+// The buffer is cut into N chunks (chunk_begin) and each chunk into slices of the transport's slice size.
 //   reduce-scatter, step s = 0..N-2: send chunk r-s-1, receive chunk r-s-2 and add it in; after the last
 //     step chunk r holds the sum over all ranks (divided by N there for an average).
 //   all-gather, step s = 0..N-2: send chunk r-s, receive chunk r-s-1 and copy it in.
 //   allreduce: reduce-scatter, then all-gather: 2(N-1) steps, each rank sending 2(N-1)/N of the buffer.
 //   broadcast: a pipelined chain from the root around the ring; each rank forwards slice k-1 while it
 //     receives slice k.
+// Two schedules run these steps:
+//   - step by step (transports that queue work: NCCL): a step moves one chunk per rank, slice by slice, so
+//     that while a rank reduces slice k its left neighbour is already sending slice k+1; what a rank sends
+//     at step s+1 is read back from the buffer it reduced into at step s.
+//   - window by window (transports that relay: shm): a window of W slice columns (slice k of every chunk)
+//     goes through all 2(N-1) steps before the next window, and what a rank receives at step s is combined
+//     straight into the slot it sends at step s+1 (relay). Each byte is then written once per step instead
+//     of being reduced into the buffer and copied out again, and the buffer itself is read once and written
+//     once per allreduce. The ranks work at the same time, each on its own chunks; a slice waits only for
+//     the left neighbour's previous step of its column, and the W columns of a step let a rank run up to W
+//     slices ahead (which matters when ranks share cores). The right neighbour takes a slice sent at step s
+//     while it runs step s+1, W slices later, so the transport needs W + 1 slots (relay_window()).
 // Reference: exact integer sums (tests/test_dist.py) and torch.distributed's gloo allreduce.
 #include "flashlm/comm/ring.h"
 
@@ -88,6 +98,79 @@ void broadcast_steps(RingTransport& tr, char* base, int64_t nbytes, int root) {
   }
 }
 
+// ---- Window by window (relaying transports) ------------------------------------------------------------
+
+// Slice k of chunk c of an n-element buffer: where it starts and how many elements it has (0: chunk c is
+// too short to have a slice k; only the last column can be partial, as chunk sizes differ by one at most).
+struct Columns {
+  char* base;
+  int64_t n, esize, slice;
+  int world;
+
+  int64_t count(int c, int64_t k) const {
+    const int64_t size = chunk_begin(n, world, c + 1) - chunk_begin(n, world, c);
+    return std::clamp<int64_t>(size - k * slice, 0, slice);
+  }
+  char* at(int c, int64_t k) const { return base + (chunk_begin(n, world, c) + k * slice) * esize; }
+  int64_t columns() const { return ((n + world - 1) / world + slice - 1) / slice; }  // the largest chunk's slices
+};
+
+Columns columns_of(const RingTransport& tr, char* base, int64_t n, int64_t esize) {
+  return Columns{base, n, esize, std::max<int64_t>(1, tr.slice_bytes() / esize), tr.world_size()};
+}
+
+// Reduce-scatter of columns [k0, k1), step by step across the window: rank r sends slice k of chunk r-1,
+// then each received partial sum plus its own slice goes straight on, until chunk r's sum arrives.
+// `then_gather`: that sum is also the all-gather's first send (allreduce).
+void reduce_scatter_window(RingTransport& tr, const Columns& cols, int64_t k0, int64_t k1, ReduceOp op,
+                           bool then_gather) {
+  const int r = tr.rank(), world = tr.world_size();
+  const int first = mod(r - 1, world);
+  for (int64_t k = k0; k < k1; ++k)
+    if (int64_t m = cols.count(first, k)) tr.exchange(cols.at(first, k), m, nullptr, 0, Combine::Sum, 1.0f);
+  for (int s = 0; s < world - 1; ++s) {
+    const int c = mod(r - s - 2, world);
+    const bool last = s == world - 2;
+    const Combine combine = last && op == ReduceOp::Avg ? Combine::SumDivide : Combine::Sum;
+    for (int64_t k = k0; k < k1; ++k)
+      if (int64_t m = cols.count(c, k))
+        tr.relay(cols.at(c, k), last ? cols.at(c, k) : nullptr, m, combine, float(world), !last || then_gather);
+  }
+}
+
+// All-gather of columns [k0, k1): chunk r's slices have been sent (`sent`) or are sent now; each received
+// slice is copied into the buffer and, but at the last step, passed on.
+void all_gather_window(RingTransport& tr, const Columns& cols, int64_t k0, int64_t k1, bool sent) {
+  const int r = tr.rank(), world = tr.world_size();
+  for (int64_t k = k0; k < k1 && !sent; ++k)
+    if (int64_t m = cols.count(r, k)) tr.exchange(cols.at(r, k), m, nullptr, 0, Combine::Copy, 1.0f);
+  for (int s = 0; s < world - 1; ++s) {
+    const int c = mod(r - s - 1, world);
+    for (int64_t k = k0; k < k1; ++k)
+      if (int64_t m = cols.count(c, k)) tr.relay(nullptr, cols.at(c, k), m, Combine::Copy, 1.0f, s < world - 2);
+  }
+}
+
+// Runs `window(k0, k1)` over every window of the transport's relay_window() columns.
+template <class Window>
+void by_windows(const RingTransport& tr, const Columns& cols, Window window) {
+  const int64_t w = tr.relay_window(), columns = cols.columns();
+  for (int64_t k0 = 0; k0 < columns; k0 += w) window(k0, std::min(columns, k0 + w));
+}
+
+void broadcast_relayed(RingTransport& tr, char* base, int64_t nbytes, int root) {
+  const int world = tr.world_size(), pos = mod(tr.rank() - root, world);
+  const int64_t slice = std::max<int64_t>(1, tr.slice_bytes());
+  for (int64_t off = 0; off < nbytes; off += slice) {
+    const int64_t len = std::min(slice, nbytes - off);
+    if (pos == 0) {
+      tr.exchange(base + off, len, nullptr, 0, Combine::Copy, 1.0f);
+    } else {
+      tr.relay(nullptr, base + off, len, Combine::Copy, 1.0f, pos < world - 1);
+    }
+  }
+}
+
 bool reducible(DType d) { return d == DType::F32 || d == DType::F16 || d == DType::BF16; }
 
 }  // namespace
@@ -139,6 +222,13 @@ void Ring::allreduce(const TensorView& t, ReduceOp op, void* stream) {
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
   run_collective(*transport_, mutex_, CallTag{1, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
+    if (transport_->relay_window() > 0) {
+      const Columns cols = columns_of(*transport_, base, n, esize);
+      return by_windows(*transport_, cols, [&](int64_t k0, int64_t k1) {
+        reduce_scatter_window(*transport_, cols, k0, k1, op, true);
+        all_gather_window(*transport_, cols, k0, k1, true);
+      });
+    }
     reduce_scatter_steps(*transport_, base, n, esize, op);
     all_gather_steps(*transport_, base, n, esize);
   });
@@ -148,16 +238,23 @@ void Ring::reduce_scatter(const TensorView& t, ReduceOp op, void* stream) {
   char* base = checked_base(*transport_, t, "reduce_scatter", true);
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
-  run_collective(*transport_, mutex_, CallTag{2, uint32_t(t.dtype), n}, t.dtype, stream,
-                 [&] { reduce_scatter_steps(*transport_, base, n, esize, op); });
+  run_collective(*transport_, mutex_, CallTag{2, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
+    if (transport_->relay_window() == 0) return reduce_scatter_steps(*transport_, base, n, esize, op);
+    const Columns cols = columns_of(*transport_, base, n, esize);
+    by_windows(*transport_, cols,
+               [&](int64_t k0, int64_t k1) { reduce_scatter_window(*transport_, cols, k0, k1, op, false); });
+  });
 }
 
 void Ring::all_gather(const TensorView& t, void* stream) {
   char* base = checked_base(*transport_, t, "all_gather", false);
   const int64_t n = t.numel(), esize = element_bytes(t.dtype);
   if (world_size() == 1 || n == 0) return;
-  run_collective(*transport_, mutex_, CallTag{3, uint32_t(t.dtype), n}, t.dtype, stream,
-                 [&] { all_gather_steps(*transport_, base, n, esize); });
+  run_collective(*transport_, mutex_, CallTag{3, uint32_t(t.dtype), n}, t.dtype, stream, [&] {
+    if (transport_->relay_window() == 0) return all_gather_steps(*transport_, base, n, esize);
+    const Columns cols = columns_of(*transport_, base, n, esize);
+    by_windows(*transport_, cols, [&](int64_t k0, int64_t k1) { all_gather_window(*transport_, cols, k0, k1, false); });
+  });
 }
 
 void Ring::broadcast(const TensorView& t, int root, void* stream) {
@@ -165,21 +262,23 @@ void Ring::broadcast(const TensorView& t, int root, void* stream) {
   FLASHLM_CHECK(root >= 0 && root < world_size(), "broadcast: root must be in [0, ", world_size(), "), got ", root);
   const int64_t nbytes = t.numel() * element_bytes(t.dtype);
   if (world_size() == 1 || nbytes == 0) return;
-  run_collective(*transport_, mutex_, CallTag{4, uint32_t(DType::U8), nbytes}, DType::U8, stream,
-                 [&] { broadcast_steps(*transport_, base, nbytes, root); });
+  run_collective(*transport_, mutex_, CallTag{4, uint32_t(DType::U8), nbytes}, DType::U8, stream, [&] {
+    if (transport_->relay_window() > 0) return broadcast_relayed(*transport_, base, nbytes, root);
+    broadcast_steps(*transport_, base, nbytes, root);
+  });
 }
 
 // ---- The reduction ----------------------------------------------------------------------------------
 
 namespace detail {
-void reduce_add_cpu(DType dtype, void* dst, const void* src, int64_t n, float divisor) {
+void reduce_add_cpu(DType dtype, void* dst, const void* a, const void* b, int64_t n, float divisor) {
 #ifdef FLASHLM_HAVE_AVX2_KERNELS
   if (cpu_isa() == CpuIsa::AVX2) {
-    reduce_add_avx2(dtype, dst, src, n, divisor);
+    reduce_add_avx2(dtype, dst, a, b, n, divisor);
     return;
   }
 #endif
-  reduce_add_scalar(dtype, dst, src, n, divisor);
+  reduce_add_scalar(dtype, dst, a, b, n, divisor);
 }
 }  // namespace detail
 
@@ -200,7 +299,7 @@ void reduce_add(const TensorView& dst, const TensorView& src, float divisor, voi
     detail::reduce_add_cuda(dst.dtype, dst.data, src.data, n, divisor, dst.device.index, stream);
     return;
   }
-  detail::reduce_add_cpu(dst.dtype, dst.data, src.data, n, divisor);
+  detail::reduce_add_cpu(dst.dtype, dst.data, dst.data, src.data, n, divisor);
 }
 
 }  // namespace flashlm::comm

@@ -11,6 +11,12 @@
 // numbers never repeat across calls). Each slot starts with a small header (sequence number, bytes, call
 // tag) that the reader checks, which turns ranks calling different collectives into an error.
 //
+// The transport relays (ring.cpp's column schedule): a received slice is combined with the local one
+// straight into the next outbox slot, which then goes on to the right neighbour as it is, so a byte in
+// flight is written once per ring step. A rank copies a result into its own buffer from the slot it just
+// published (reading is safe: the reader only reads a slot, and only its owner rewrites it, after the
+// reader has freed it).
+//
 // Waiting spins briefly, then sleeps on a futex on the counter itself (shared, so across processes); the
 // side that advances a counter wakes the futex only when the other side announced it sleeps (a Dekker
 // pair of seq_cst operations: the waiter increments `waiters` then re-reads the counter, the waker stores
@@ -53,12 +59,12 @@ namespace flashlm::comm {
 namespace detail {
 namespace {
 
-// 256 KiB slices, 4 in flight per edge (1 MiB per segment). Measured with 64 MiB allreduces of 2-4 ranks
-// on a shared 2-core EPYC: 64 KiB slices are clearly slower (1.3-1.5 vs 2-3 GB/s busbw: more hand-offs);
-// 128 KiB-1 MiB and 2-8 slots all fell within the machine's run-to-run noise, and 256 KiB x 4 keeps a
-// slice well inside the L2 between the writer's copy and the reader's reduction.
-constexpr int64_t kDefaultSliceBytes = 256 << 10;
-constexpr int kDefaultSlots = 4;
+// 1 MiB slices, 2 per edge (2 MiB per segment, in the L3; a relay window of one column). Measured with
+// 64 MiB allreduces of 2-4 ranks on a shared 2-core EPYC, configurations interleaved in one run: 64-128 KiB
+// slices are slower (more hand-offs), so are 8 MiB per segment (the slots leave the L3); 256 KiB x 4-8,
+// 512 KiB x 2-8 and 1 MiB x 2-4 were within the machine's noise of each other, 1 MiB x 2 ahead most often.
+constexpr int64_t kDefaultSliceBytes = 1 << 20;
+constexpr int kDefaultSlots = 2;
 constexpr uint64_t kMagic = 0x676e69726d6c6873ull;  // "shlmring"
 constexpr int64_t kSlotHeaderBytes = 64;
 // Spin this many times (~1-2 us in all on Zen 3) before sleeping on the futex.
@@ -109,13 +115,6 @@ inline void cpu_relax() {
 void advance(Line& line, uint32_t value) {
   line.value.store(value, std::memory_order_seq_cst);
   if (line.waiters.load(std::memory_order_seq_cst) != 0) futex(&line.value, FUTEX_WAKE, INT_MAX, nullptr);
-}
-
-std::string seconds(double s) {
-  std::string out = std::to_string(s);
-  while (out.size() > 1 && out.back() == '0') out.pop_back();
-  if (!out.empty() && out.back() == '.') out.pop_back();
-  return out + " s";
 }
 
 // A mapped segment; unmaps (and, if still linked and owned, unlinks) on destruction.
@@ -175,6 +174,26 @@ class ShmTransport final : public RingTransport {
                 float divisor) override {
     if (send) put(send, send_count * esize_);
     if (recv) take(recv, recv_count, combine, divisor);
+  }
+
+  // A window of slots - 1 columns: a rank combines into its next outbox slot while its reader still holds
+  // the slices of the step before (with one slot, every rank could wait for its reader to free the slot
+  // while that reader waits for the same, all around the ring: one slot runs the step-by-step schedule).
+  int64_t relay_window() const override { return slots_ - 1; }
+
+  void relay(const void* local, void* out, int64_t count, Combine combine, float divisor, bool forward) override {
+    const int64_t bytes = count * esize_;
+    const char* received = claim_inbox(bytes);
+    if (!forward) {
+      combine_into(out, local, received, count, combine, divisor);
+      release();
+      return;
+    }
+    char* slot = claim_outbox(bytes);
+    combine_into(slot, local, received, count, combine, divisor);
+    release();
+    publish();
+    if (out) std::memcpy(out, slot, size_t(bytes));  // see the file comment
   }
 
   void abort() noexcept override {
@@ -263,8 +282,9 @@ class ShmTransport final : public RingTransport {
     h->attached.store(1, std::memory_order_release);
   }
 
-  // Writes `bytes` from `src` into the next slot of our outbox.
-  void put(const void* src, int64_t bytes) {
+  // The next slot of our outbox, once the reader has freed it, with its header written for `bytes` of data;
+  // returns where the data goes. publish() hands it to the reader.
+  char* claim_outbox(int64_t bytes) {
     SegmentHeader* h = out_.header();
     const uint32_t seq = sent_;
     wait_until([&] { return seq - h->consumed.value.load(std::memory_order_acquire) < uint32_t(slots_); },
@@ -274,13 +294,16 @@ class ShmTransport final : public RingTransport {
     char* slot = out_.slot(seq % uint32_t(slots_));
     SlotHeader sh{seq, 0, bytes, tag_};
     std::memcpy(slot, &sh, sizeof sh);
-    std::memcpy(slot + kSlotHeaderBytes, src, size_t(bytes));
-    sent_ = seq + 1;
-    advance(h->produced, sent_);
+    return slot + kSlotHeaderBytes;
+  }
+  void publish() {
+    sent_ += 1;
+    advance(out_.header()->produced, sent_);
   }
 
-  // Takes the next slot of the left neighbour's outbox into `dst`.
-  void take(void* dst, int64_t count, Combine combine, float divisor) {
+  // The next slot of the left neighbour's outbox once it is there, checked to hold `bytes` of the same
+  // collective; returns its data. release() gives the slot back.
+  const char* claim_inbox(int64_t bytes) {
     SegmentHeader* h = in_.header();
     const uint32_t seq = received_;
     wait_until([&] { return h->produced.value.load(std::memory_order_acquire) - seq - 1 < 0x80000000u; },
@@ -289,20 +312,36 @@ class ShmTransport final : public RingTransport {
     const char* slot = in_.slot(seq % uint32_t(slots_));
     SlotHeader sh;
     std::memcpy(&sh, slot, sizeof sh);
-    const int64_t bytes = count * esize_;
     if (sh.seq != seq || sh.bytes != bytes || sh.tag != tag_)
       throw Error("shm ring: rank " + std::to_string(left()) + " sent " + std::to_string(sh.bytes) +
                   " bytes where rank " + std::to_string(rank_) + " expected " + std::to_string(bytes) +
                   (sh.tag != tag_ ? " of another collective" : "") +
                   " (every rank must call the same collectives in the same order, with the same size and dtype)");
-    const void* data = slot + kSlotHeaderBytes;
+    return slot + kSlotHeaderBytes;
+  }
+  void release() {
+    received_ += 1;
+    advance(in_.header()->consumed, received_);
+  }
+
+  // dst := received (Copy) or local + received (Sum, SumDivide).
+  void combine_into(void* dst, const void* local, const char* received, int64_t count, Combine combine,
+                    float divisor) const {
     if (combine == Combine::Copy) {
-      std::memcpy(dst, data, size_t(bytes));
+      std::memcpy(dst, received, size_t(count * esize_));
     } else {
-      reduce_add_cpu(dtype_, dst, data, count, combine == Combine::SumDivide ? divisor : 1.0f);
+      reduce_add_cpu(dtype_, dst, local, received, count, combine == Combine::SumDivide ? divisor : 1.0f);
     }
-    received_ = seq + 1;
-    advance(h->consumed, received_);
+  }
+
+  void put(const void* src, int64_t bytes) {
+    std::memcpy(claim_outbox(bytes), src, size_t(bytes));
+    publish();
+  }
+
+  void take(void* dst, int64_t count, Combine combine, float divisor) {
+    combine_into(dst, dst, claim_inbox(count * esize_), count, combine, divisor);
+    release();
   }
 
   std::string abort_message() const {

@@ -225,7 +225,7 @@ def _connect_gpu_ring(state: _State, device: int):
     state.gpu_ring_device = device
     log.info("flashlm.dist: rank %d, CUDA tensors through the NCCL ring on cuda:%d (%s)", state.rank, device,
              comm.nccl_status())
-    return comm.nccl_ring(unique_id, state.rank, state.world_size, device)
+    return comm.nccl_ring(unique_id, state.rank, state.world_size, device, timeout=state.timeout)
 
 
 from flashlm.dist.grad_sync import GradientSync  # noqa: E402  (it calls all_reduce)

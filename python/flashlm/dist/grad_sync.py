@@ -8,7 +8,8 @@ Parameters are grouped into buckets of about `bucket_mb` MB, in reverse order of
 order in which backward produces their gradients). A post-accumulate-grad hook copies each gradient into
 its bucket; when a bucket is complete and every bucket before it has been launched, its allreduce starts
 (on a background thread for CPU tensors, so the ring runs while autograd computes the next gradients; on
-the current CUDA stream for GPU tensors). Buckets are launched strictly in order so every rank runs the
+the current CUDA stream for GPU tensors, each call returning once its allreduce has finished on the GPU so
+that a dead peer raises within the timeout). Buckets are launched strictly in order so every rank runs the
 same sequence of collectives. After wait() each .grad is a view into its bucket, so the next backward
 accumulates straight into it and the copy is skipped. Between backward and wait() the background thread
 owns the ring: run no other flashlm.dist collective on the same device then (the ranks could interleave

@@ -103,10 +103,14 @@ def nccl_unique_id() -> bytes:
     return _C.nccl_unique_id()
 
 
-def nccl_ring(unique_id: bytes, rank: int, world_size: int, device: int, slice_bytes: int = 0) -> Ring:
-    """Connects the NCCL ring of `world_size` GPUs, one per rank (collective)."""
+def nccl_ring(unique_id: bytes, rank: int, world_size: int, device: int, timeout: float = 60.0,
+              slice_bytes: int = 0) -> Ring:
+    """Connects the NCCL ring of `world_size` GPUs, one per rank (collective). Creating the communicator and
+    every collective wait at most `timeout` seconds for the peers: past that, the communicator is aborted
+    and the call raises RuntimeError naming the timeout (a collective returns once it has finished on the
+    GPU)."""
     _point_at_nccl_wheel()
-    return Ring(_C.nccl_ring(unique_id, rank, world_size, device, slice_bytes))
+    return Ring(_C.nccl_ring(unique_id, rank, world_size, device, timeout, slice_bytes))
 
 
 def reduce_add(dst: torch.Tensor, src: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:

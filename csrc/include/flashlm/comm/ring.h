@@ -29,9 +29,12 @@ class RingTransport;
 }
 
 struct RingOptions {
-  // How long one wait for a peer may take before the call fails with "rank R did not ... within T s".
+  // How long one wait for a peer may take before the call fails with "rank R did not ... within T s" (shm),
+  // or creating the communicator or one collective before the communicator is aborted and the call fails
+  // with "rank R timed out after T s ..." (NCCL).
   double timeout_s = 60.0;
-  // Bytes per pipelined slice (0: the transport's default) and, for shm, slices in flight per ring edge.
+  // Bytes per pipelined slice (0: the transport's default) and, for shm, slices in flight per ring edge
+  // (at least 2 to relay, see comm/ring.cpp; 1 runs the step-by-step schedule).
   int64_t slice_bytes = 0;
   int slots = 0;
 };
@@ -48,7 +51,8 @@ class FLASHLM_API Ring {
   Device device() const;
 
   // t := sum (or mean) over ranks of t. `stream` is a cudaStream_t for the NCCL transport (work is queued
-  // on it and the call returns without waiting), ignored for shm (the call returns when t holds the result).
+  // on it after the stream's earlier work, and the call returns once it has finished, waiting at most the
+  // ring's timeout), ignored for shm (the call returns when t holds the result).
   void allreduce(const TensorView& t, ReduceOp op, void* stream = nullptr);
   // Splits t into world_size() chunks (chunk_begin) and leaves the sum (or mean) over ranks of chunk
   // rank() in that chunk of t; the other chunks hold partial sums afterwards.
@@ -76,7 +80,8 @@ FLASHLM_API std::unique_ptr<Ring> make_shm_ring(const std::string& job, int rank
 
 // NCCL: a 128-byte ncclUniqueId that rank 0 makes and sends to the others (through torch.distributed's
 // store); every rank then calls make_nccl_ring with it. Both throw flashlm::Error naming the cause when
-// the build has no NCCL transport or libnccl.so.2 cannot be loaded.
+// the build has no NCCL transport, libnccl.so.2 cannot be loaded or is older than NCCL 2.18; make_nccl_ring
+// also when the communicator is not up within options.timeout_s (it is then aborted).
 constexpr int kNcclUniqueIdBytes = 128;
 FLASHLM_API std::string nccl_unique_id();
 FLASHLM_API std::unique_ptr<Ring> make_nccl_ring(const std::string& unique_id, int rank, int world_size, int device,
