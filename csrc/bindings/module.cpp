@@ -9,6 +9,7 @@ void bind_attention(nb::module_& m);
 void bind_comm(nb::module_& m);
 void bind_core(nb::module_& m);
 void bind_gguf(nb::module_& m);
+void bind_kvcache(nb::module_& m);
 }  // namespace flashlm::bindings
 
 NB_MODULE(_C, m) {
@@ -29,4 +30,5 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_comm(m);
   flashlm::bindings::bind_core(m);
   flashlm::bindings::bind_gguf(m);
+  flashlm::bindings::bind_kvcache(m);
 }
