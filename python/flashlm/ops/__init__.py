@@ -14,7 +14,9 @@ from flashlm.ops.flash_attn_interface import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
+from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
 
 __version__ = _C.__version__
 GGUFError = _C.GGUFError
@@ -52,5 +54,6 @@ __all__ = [
     "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
     "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func", "num_threads", "set_cpu_isa", "set_num_threads",
+    "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "num_threads", "paged_attention",
+    "paged_attention_num_splits", "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]
