@@ -60,41 +60,58 @@ struct DecodeTask {
   float m[kMaxGroup], l[kMaxGroup];
 };
 
-// Chunk rows: pointers to n (<= kChunk) K and V rows of f32 (converted or in place); rows n.. round_up(n, 8)
-// point at a zero row.
-void chunk_rows(DecodeTask& t, int s, int kvh, int64_t j0, int64_t n, const float** kr, const float** vr,
-                const float* zero) {
-  const PagedParams& p = t.p;
+// The cache rows of keys j0 .. j0 + n (n <= kChunk) of sequence s at K/V head kvh, walking the block
+// table once per block rather than dividing per token.
+void raw_rows(const PagedParams& p, int s, int kvh, int64_t j0, int64_t n, const char** k, const char** v) {
+  const int64_t es = cpu::elem_bytes(p.dtype);
+  const int32_t* table = p.block_table + s * p.block_table_stride;
+  int64_t b = j0 / p.block_size, off = j0 % p.block_size;
   for (int64_t j = 0; j < n; ++j) {
-    const char* k = cpu::k_row(p, s, j0 + j, kvh);
-    const char* v = cpu::v_row(p, s, j0 + j, kvh);
+    k[j] = static_cast<const char*>(p.k_cache) +
+           (table[b] * p.kc_block_stride + off * p.kc_row_stride + kvh * p.kc_head_stride) * es;
+    v[j] = static_cast<const char*>(p.v_cache) +
+           (table[b] * p.vc_block_stride + off * p.vc_row_stride + kvh * p.vc_head_stride) * es;
+    if (++off == p.block_size) off = 0, ++b;
+  }
+}
+
+// The next chunk's rows, fetched while this chunk is computed: pages scatter them (a K/V head's row is one
+// piece of each token's kv_heads rows) where the hardware prefetchers, which stop at 4 KiB pages, do not
+// look. Measured on one thread (B=8, context 2048, Hkv=8, D=128): bf16 4.8 GB/s with it, 3.7 without;
+// f32 7.4 either way. K rows are requested 8 at a time between the score FMAs, V rows before the update.
+struct Prefetch {
+  const char* const* rows = nullptr;
+  int64_t n = 0, row_bytes = 0;
+  FLASHLM_AVX2_INLINE void rows_of(int64_t j0, int64_t count) const {
+    for (int64_t j = j0; j < j0 + count && j < n; ++j) prefetch_row(rows[j], row_bytes);
+  }
+};
+
+// f32 rows for the kernels: the cache rows in place, or converted into the chunk buffers; rows
+// n .. round_up(n, 8) point at a zero row.
+void chunk_rows(DecodeTask& t, const char* const* k, const char* const* v, int64_t n, const float** kr,
+                const float** vr, const float* zero) {
+  for (int64_t j = 0; j < n; ++j) {
     if (t.in_place) {
-      kr[j] = reinterpret_cast<const float*>(k), vr[j] = reinterpret_cast<const float*>(v);
+      kr[j] = reinterpret_cast<const float*>(k[j]), vr[j] = reinterpret_cast<const float*>(v[j]);
     } else {
-      load_row_f32(k, p.dtype, p.head_dim, t.dp, t.kbuf + j * t.dp);
-      load_row_f32(v, p.dtype, p.head_dim, t.dp, t.vbuf + j * t.dp);
+      load_row_f32(k[j], t.p.dtype, t.p.head_dim, t.dp, t.kbuf + j * t.dp);
+      load_row_f32(v[j], t.p.dtype, t.p.head_dim, t.dp, t.vbuf + j * t.dp);
       kr[j] = t.kbuf + j * t.dp, vr[j] = t.vbuf + j * t.dp;
     }
   }
   for (int64_t j = n; j < round_up(n, 8); ++j) kr[j] = vr[j] = zero;
 }
 
-void prefetch_chunk(const PagedParams& p, int s, int kvh, int64_t j0, int64_t j1) {
-  const int64_t row_bytes = p.head_dim * cpu::elem_bytes(p.dtype);
-  for (int64_t j = j0; j < j1; ++j) {
-    prefetch_row(cpu::k_row(p, s, j, kvh), row_bytes);
-    prefetch_row(cpu::v_row(p, s, j, kvh), row_bytes);
-  }
-}
-
 // Scores of the chunk's keys for every head of the group, log2 units, -inf past n.
-void chunk_scores(DecodeTask& t, const float* const* kr, int64_t n) {
+void chunk_scores(DecodeTask& t, const float* const* kr, int64_t n, const Prefetch& next) {
   const PagedParams& p = t.p;
   const bool cap = p.softcap > 0.f;
   const __m256 capv = _mm256_set1_ps(p.softcap * kLog2e);
   for (int g = 0; g < t.G; ++g) {
     const float* q = t.q + g * t.dp;
     for (int64_t j = 0; j < n; j += 8) {
+      if (g == 0) next.rows_of(j, 8);
       __m256 a[8];
       for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
       for (int64_t d = 0; d < t.dp; d += 8) {
@@ -116,7 +133,7 @@ void chunk_scores(DecodeTask& t, const float* const* kr, int64_t n) {
 
 // Online softmax of each head's chunk scores (n >= 1 real keys, so the new max is finite), then
 // acc_g = alpha acc_g + P_g . V.
-void chunk_update(DecodeTask& t, const float* const* vr, int64_t n) {
+void chunk_update(DecodeTask& t, const float* const* vr, int64_t n, const Prefetch& next) {
   const int64_t np = round_up(n, 8);
   for (int g = 0; g < t.G; ++g) {
     float* sc = t.sc + g * kChunk;
@@ -136,24 +153,27 @@ void chunk_update(DecodeTask& t, const float* const* vr, int64_t n) {
     }
     t.l[g] = t.l[g] * alpha + hsum(sum);
     t.m[g] = m_new;
+    if (g == 0) next.rows_of(0, kChunk);
     const __m256 av = _mm256_set1_ps(alpha);
     float* acc = t.acc + g * t.dp;
-    for (int64_t d0 = 0; d0 < t.dp; d0 += 64) {
-      const int nv = int(min64(8, (t.dp - d0) / 8));
+    int64_t d0 = 0;
+    for (; d0 + 64 <= t.dp; d0 += 64) {  // 64 floats of acc_g in registers over the chunk
       __m256 o[8];
 #pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u)
-        if (u < nv) o[u] = _mm256_mul_ps(av, _mm256_loadu_ps(acc + d0 + 8 * u));
+      for (int u = 0; u < 8; ++u) o[u] = _mm256_mul_ps(av, _mm256_loadu_ps(acc + d0 + 8 * u));
       for (int64_t j = 0; j < n; ++j) {
         const __m256 pj = _mm256_broadcast_ss(sc + j);
         const float* v = vr[j] + d0;
 #pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u)
-          if (u < nv) o[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), o[u]);
+        for (int u = 0; u < 8; ++u) o[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * u), o[u]);
       }
 #pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u)
-        if (u < nv) _mm256_storeu_ps(acc + d0 + 8 * u, o[u]);
+      for (int u = 0; u < 8; ++u) _mm256_storeu_ps(acc + d0 + 8 * u, o[u]);
+    }
+    for (; d0 < t.dp; d0 += 8) {
+      __m256 o = _mm256_mul_ps(av, _mm256_loadu_ps(acc + d0));
+      for (int64_t j = 0; j < n; ++j) o = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + j), _mm256_loadu_ps(vr[j] + d0), o);
+      _mm256_storeu_ps(acc + d0, o);
     }
   }
 }
@@ -185,13 +205,16 @@ void decode_task(const PagedParams& p, int s, int kvh, int part, const Partials&
   const cpu::KeyRange keys = cpu::split_range(cpu::visible_keys(p, seq, 0), part, p.num_splits);
   const float* kr[kChunk];
   const float* vr[kChunk];
-  prefetch_chunk(p, s, kvh, keys.first, min64(keys.last, keys.first + kChunk));
-  for (int64_t j0 = keys.first; j0 < keys.last; j0 += kChunk) {
-    const int64_t n = min64(kChunk, keys.last - j0);
-    prefetch_chunk(p, s, kvh, j0 + kChunk, min64(keys.last, j0 + 2 * kChunk));
-    chunk_rows(t, s, kvh, j0, n, kr, vr, zero);
-    chunk_scores(t, kr, n);
-    chunk_update(t, vr, n);
+  const char* raw[2][2][kChunk];  // [this / next chunk][K / V][key]
+  const int64_t row_bytes = p.head_dim * cpu::elem_bytes(p.dtype);
+  int cur = 0;
+  raw_rows(p, s, kvh, keys.first, min64(kChunk, keys.last - keys.first), raw[cur][0], raw[cur][1]);
+  for (int64_t j0 = keys.first; j0 < keys.last; j0 += kChunk, cur ^= 1) {
+    const int64_t n = min64(kChunk, keys.last - j0), next = min64(kChunk, keys.last - j0 - kChunk);
+    if (next > 0) raw_rows(p, s, kvh, j0 + kChunk, next, raw[cur ^ 1][0], raw[cur ^ 1][1]);
+    chunk_rows(t, raw[cur][0], raw[cur][1], n, kr, vr, zero);
+    chunk_scores(t, kr, n, Prefetch{raw[cur ^ 1][0], max64(next, 0), row_bytes});
+    chunk_update(t, vr, n, Prefetch{raw[cur ^ 1][1], max64(next, 0), row_bytes});
   }
   for (int g = 0; g < G; ++g) {
     const int h = kvh * G + g;
