@@ -297,16 +297,23 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
 
 }  // namespace flashlm
 
-#ifndef FLASHLM_WITH_CUDA
+// Without CUDA the CUDA entry points throw. In a CUDA build they are weak, so the kernels' own definitions
+// (paged_*_cuda.cu) replace them, and a build that has not got those files still links and says why.
+#ifdef FLASHLM_WITH_CUDA
+#define FLASHLM_PAGED_CUDA_STUB __attribute__((weak))
+#define FLASHLM_PAGED_CUDA_WHY ": this build has no paged-attention CUDA kernels"
+#else
+#define FLASHLM_PAGED_CUDA_STUB
+#define FLASHLM_PAGED_CUDA_WHY ": flashlm was built without CUDA"
+#endif
 namespace flashlm::kvcache {
-void write_kv_cache_cuda(const WriteParams&, int, void*) {
-  throw NotImplementedError("write_kv_cache: flashlm was built without CUDA");
+FLASHLM_PAGED_CUDA_STUB void write_kv_cache_cuda(const WriteParams&, int, void*) {
+  throw NotImplementedError("write_kv_cache" FLASHLM_PAGED_CUDA_WHY);
 }
-void paged_attention_cuda(const PagedParams&, int, void*) {
-  throw NotImplementedError("paged_attention: flashlm was built without CUDA");
+FLASHLM_PAGED_CUDA_STUB void paged_attention_cuda(const PagedParams&, int, void*) {
+  throw NotImplementedError("paged_attention" FLASHLM_PAGED_CUDA_WHY);
 }
 }  // namespace flashlm::kvcache
-#endif
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
 namespace flashlm::kvcache {
 bool paged_attention_avx2(const PagedParams&) { return false; }
