@@ -429,3 +429,17 @@ def test_write_kv_cache_cuda_skips_out_of_range():
     key = torch.ones(3, 2, 64, device="cuda", dtype=torch.bfloat16)
     write_kv_cache(key, key, k_cache, v_cache, torch.tensor([5, -1, 64], device="cuda"))
     assert k_cache.flatten(0, 1)[5].eq(1).all() and k_cache.sum() == 128
+
+
+def test_ops_trace():
+    # Schema, fake implementations (shapes without running) and AOT dispatch of both custom ops.
+    lens = [7, 12]
+    k_cache, v_cache, table = make_cache(lens, 4, 2, 16, torch.float32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    for q, cu_q, max_q in ((torch.randn(2, 4, 16), None, 0), (torch.randn(5, 4, 16), cu, 3)):
+        torch.library.opcheck(torch.ops.flashlm.paged_attention.default,
+                              (q, k_cache, v_cache, table, seq_lens, cu_q, max_q, 0.25, True, -1, -1, 0.0, 0))
+    key = torch.randn(3, 2, 16)
+    torch.library.opcheck(torch.ops.flashlm.write_kv_cache.default,
+                          (key, key, k_cache, v_cache, torch.tensor([0, 5, -1])))
