@@ -30,7 +30,7 @@ namespace {
 
 using namespace attention::avx2;
 
-constexpr int64_t kChunk = 32;     // keys per online-softmax step
+constexpr int64_t kChunk = 16;     // keys per online-softmax step
 constexpr int kMaxGroup = 16;      // query heads per K/V head the decode kernel keeps state for
 
 // The 8 horizontal sums of a[0..8) in one vector, lane u = sum of a[u].
