@@ -178,12 +178,14 @@ void write_kv_cache(const KVCacheWriteParams& a, void* stream) {
 }
 
 // Decode splits. The work of a batch is num_seqs * kv_heads tasks (each takes a whole GQA group); splitting
-// the context multiplies the tasks but adds a merge (a pass over splits x heads x head_dim floats) and
-// lengthens nothing: it pays only when there are too few tasks to keep every worker busy.
-//   CPU: enough tasks for 2 per thread of the pool (the pool's threads finish unevenly on a shared
-//     machine), each split at least 512 tokens (4 KiB of K+V per token and head group at D = 128 f32 is
-//     then 1 MiB, so the merge costs < 1% of it). Measured on the 2-core machine (bench/compare_paged.py,
-//     B=1 H=32 Hkv=8 D=128): with 8 tasks for 2 threads, splitting gained nothing at any context.
+// the context multiplies the tasks but adds a merge (a pass over splits x heads x head_dim floats) and a
+// second parallel pass: it pays only when there are too few tasks to keep every worker busy.
+//   CPU: enough tasks for 2 per thread of the pool (threads finish unevenly on a shared machine), each split
+//     at least 512 tokens (at D = 128 f32 a split then reads >= 512 KiB per K/V head, against a merge of a
+//     few KiB). A batch of 8 K/V heads on 2 threads is never split; MQA (one K/V head) at B = 1 is. On the
+//     2-core development machine, loaded by other jobs, B=1 Hkv=1 context 8192 measured 3-11 ms with 1, 2
+//     or 4 splits alike (bench/compare_paged.py --kv-heads 1 --batches 1 --splits N): the load's noise was
+//     larger than the effect, so the rule is the reasoning above, not a fit.
 //   CUDA: an H100 has 132 SMs; a CTA per (seq, kv_head, split) and aim for ~2 waves (264 CTAs) so the last
 //     wave's tail is short, but never parts shorter than 256 tokens (or 4 blocks), below which the partial
 //     results' write and the merge cost more than the parallelism gains. At most 64 splits.

@@ -31,7 +31,7 @@ namespace {
 using namespace attention::avx2;
 
 constexpr int64_t kChunk = 16;     // keys per online-softmax step
-constexpr int kMaxGroup = 16;      // query heads per K/V head the decode kernel keeps state for
+constexpr int kMaxGroup = 64;      // query heads per K/V head the decode kernel keeps state for
 
 // The 8 horizontal sums of a[0..8) in one vector, lane u = sum of a[u].
 FLASHLM_AVX2_INLINE __m256 reduce8(const __m256* a) {
