@@ -171,7 +171,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     k_cache, v_cache: [batch_cache, seqlen_cache, kv_heads, head_dim], or with block_table (int32
     [batch, max_blocks]) paged caches [num_blocks, block_size, kv_heads, head_dim]. k, v (optional):
     [batch, seqlen_new, kv_heads, head_dim], written at positions cache_seqlens .. cache_seqlens + seqlen_new
-    (cache_seqlens: int or int32 [batch], the tokens already cached; None: the whole contiguous cache).
+    (cache_seqlens: int or int32 [batch], the tokens already cached; None, without k and v: the whole
+    contiguous cache).
     cache_batch_idx (contiguous caches): which cache row each sequence uses. rotary_cos/sin
     [seqlen_ro, rotary_dim / 2]: rotate k at its positions and q at cache_seqlens + i when causal or local,
     else at cache_seqlens. q's rows are the last of each sequence (bottom-right alignment).
@@ -192,10 +193,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     batch, seqlen_q, heads, head_dim = q.shape
     table = _cache_table(q, k_cache, cache_batch_idx, block_table)
     block_size = k_cache.shape[1]
-    if cache_seqlens is None:
-        if block_table is not None:
-            raise ValueError("cache_seqlens: required with a paged cache (block_table)")
-        cache_seqlens = k_cache.shape[1] - (0 if k is None else k.shape[1])
+    if cache_seqlens is None:  # as in flash-attn: the whole contiguous cache, and nothing to append to
+        if block_table is not None or k is not None:
+            raise ValueError("cache_seqlens: required with a paged cache (block_table) or new k, v")
+        cache_seqlens = k_cache.shape[1]
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     cache_seqlens = cache_seqlens.to(torch.int32)
