@@ -444,3 +444,11 @@ def test_ops_trace():
     key = torch.randn(3, 2, 16)
     torch.library.opcheck(torch.ops.flashlm.write_kv_cache.default,
                           (key, key, k_cache, v_cache, torch.tensor([0, 5, -1])))
+
+
+@pytest.mark.cuda
+def test_cu_seqlens_q_on_another_device_is_rejected():
+    k_cache, v_cache, table = make_cache([5], 4, 1, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        paged_attention(torch.randn(5, 1, 16).bfloat16(), k_cache, v_cache, table, torch.tensor([5], dtype=torch.int32),
+                        torch.tensor([0, 5], dtype=torch.int32, device="cuda"), 5)

@@ -84,7 +84,7 @@ void check_index(const TensorView& t, const char* name, DType dtype, int ndim, c
                 t.shape_string());
   FLASHLM_CHECK(t.dtype == dtype, name, ": must be ", dtype == DType::I32 ? "int32" : "int64", ", got ",
                 dtype_name(t.dtype));
-  FLASHLM_CHECK(t.device == device, name, ": on a different device than the cache");
+  FLASHLM_CHECK(t.device == device, name, ": on a different device than the cache and q");
   FLASHLM_CHECK(t.is_contiguous(), name, ": must be contiguous");
 }
 
@@ -117,8 +117,8 @@ void check_values(const PagedParams& p) {
   }
 }
 
-void check_cu_seqlens_q(const TensorView& cu, const PagedParams& p, int64_t max_seqlen_q) {
-  check_index(cu, "cu_seqlens_q", DType::I32, 1, cu.device);
+void check_cu_seqlens_q(const TensorView& cu, const PagedParams& p, int64_t max_seqlen_q, const Device& device) {
+  check_index(cu, "cu_seqlens_q", DType::I32, 1, device);
   FLASHLM_CHECK(cu.shape[0] == int64_t(p.num_seqs) + 1, "cu_seqlens_q: expected ", int64_t(p.num_seqs) + 1,
                 " entries (num_seqs + 1), got ", cu.shape[0]);
   FLASHLM_CHECK(max_seqlen_q >= 0, "max_seqlen_q: must be >= 0, got ", max_seqlen_q);
@@ -241,7 +241,7 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
   p.block_table_stride = a.block_table.shape[1];
   p.max_seq_len = p.max_blocks_per_seq * p.block_size;
   if (a.cu_seqlens_q.data != nullptr) {
-    check_cu_seqlens_q(a.cu_seqlens_q, p, a.max_seqlen_q);
+    check_cu_seqlens_q(a.cu_seqlens_q, p, a.max_seqlen_q, a.q.device);
     p.cu_seqlens_q = static_cast<const int32_t*>(a.cu_seqlens_q.data);
     p.max_seqlen_q = a.max_seqlen_q;
   } else {

@@ -17,6 +17,7 @@
 // over it as a packed batch, with its query blocks, GQA grouping and causal/window block skipping. The
 // copy reads the context once more; against a prefill's q_len x context work it is small.
 #include <climits>
+#include <memory>
 #include <vector>
 
 #include "../attention/attention_avx2.h"
@@ -291,15 +292,17 @@ bool prefill(const PagedParams& p) {
     cu_k[s + 1] = int32_t(total);
   }
   const int64_t es = cpu::elem_bytes(p.dtype), row = int64_t(p.kv_heads) * p.head_dim;
-  std::vector<char> k(size_t(total * row * es)), v(size_t(total * row * es));
+  // Not value-initialised: every byte is written by the gather.
+  const std::unique_ptr<char[]> k(new char[size_t(max64(1, total * row * es))]);
+  const std::unique_ptr<char[]> v(new char[size_t(max64(1, total * row * es))]);
   parallel_for(total, 64, [&](int64_t begin, int64_t end) {
     int s = 0;
     for (int64_t r = begin; r < end; ++r) {
       while (cu_k[s + 1] <= r) ++s;
       const int64_t t = r - cu_k[s];
       for (int h = 0; h < p.kv_heads; ++h) {
-        std::memcpy(k.data() + (r * row + h * p.head_dim) * es, cpu::k_row(p, s, t, h), size_t(p.head_dim * es));
-        std::memcpy(v.data() + (r * row + h * p.head_dim) * es, cpu::v_row(p, s, t, h), size_t(p.head_dim * es));
+        std::memcpy(k.get() + (r * row + h * p.head_dim) * es, cpu::k_row(p, s, t, h), size_t(p.head_dim * es));
+        std::memcpy(v.get() + (r * row + h * p.head_dim) * es, cpu::v_row(p, s, t, h), size_t(p.head_dim * es));
       }
     }
   });
@@ -310,7 +313,7 @@ bool prefill(const PagedParams& p) {
   a.seqlen_q = p.max_seqlen_q, a.seqlen_k = max_len;
   a.cu_seqlens_q = p.cu_seqlens_q, a.cu_seqlens_k = cu_k.data();
   a.total_q = p.num_tokens, a.total_k = total;
-  a.q = p.q, a.k = k.data(), a.v = v.data(), a.out = p.out;
+  a.q = p.q, a.k = k.get(), a.v = v.get(), a.out = p.out;
   a.lse = p.lse ? p.lse : lse_scratch.data();
   a.q_row_stride = p.q_row_stride, a.q_head_stride = p.q_head_stride;
   a.k_row_stride = a.v_row_stride = row, a.k_head_stride = a.v_head_stride = p.head_dim;
