@@ -15,3 +15,4 @@
 #include "flashlm/gguf/blocks.h"
 #include "flashlm/gguf/dequantize.h"
 #include "flashlm/gguf/reader.h"
+#include "flashlm/kvcache/paged_attention.h"

@@ -14,10 +14,12 @@ from flashlm.ops.flash_attn_interface import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
 )
 from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
 from flashlm.ops.int_linear import int4_linear, int8_linear, quantize_per_token
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
+from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
 
 __version__ = _C.__version__
 GGUFError = _C.GGUFError
@@ -55,6 +57,7 @@ __all__ = [
     "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
     "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize", "int4_linear", "int8_linear",
-    "num_threads", "quantize_per_token", "quantize_supported", "set_cpu_isa", "set_num_threads",
+    "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize",
+    "int4_linear", "int8_linear", "num_threads", "paged_attention", "paged_attention_num_splits", "quantize_per_token",
+    "quantize_supported", "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]

@@ -11,7 +11,9 @@
 // q is [num_seqs, heads, head_dim]. Sequence s's q_len queries sit at its last q_len positions
 // (bottom-right alignment, as in flash_attention.h), so a causal prefill chunk sees the cached prefix and
 // itself. Masking, softcap and the lse convention (f32 [heads, num_tokens]; +inf for a row that sees no
-// key, whose out is 0) are those of flash_attention.h.
+// key, whose out is 0) are those of flash_attention.h. Rows of q past cu_seqlens_q[num_seqs] belong to no
+// sequence; their out and lse are not written. On the CPU, seq_lens, the block ids they reach and
+// cu_seqlens_q are checked (ValueError); CUDA kernels clamp them instead.
 #pragma once
 
 #include <cstdint>
@@ -29,6 +31,7 @@ struct KVCacheWriteParams {
 };
 
 // Scatters each token's K and V into its slot. Slots outside the cache raise on the CPU; CUDA kernels skip them.
+// Two tokens given one slot: one of them is written (which is unspecified).
 FLASHLM_API void write_kv_cache(const KVCacheWriteParams& params, void* stream = nullptr);
 
 struct PagedAttentionParams {

@@ -1,0 +1,86 @@
+"""The paged KV cache (vLLM's layout) as torch.library custom ops, with fake implementations so they trace
+under torch.compile.
+
+Per layer, k_cache and v_cache are [num_blocks, block_size, kv_heads, head_dim]. Token t of sequence s lives
+in block block_table[s, t // block_size] (int32 [num_seqs, max_blocks]) at offset t % block_size, and
+seq_lens[s] (int32) counts its tokens, the new ones included. Queries are the new tokens, packed
+[num_tokens, heads, head_dim] with int32 cu_seqlens_q [num_seqs + 1], or one per sequence (decode) without
+it; they sit at the end of their sequence (bottom-right alignment). The lse is float32 [heads, num_tokens].
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from flashlm import _C
+from flashlm.ops._util import cuda_stream
+
+
+def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("flashlm::write_kv_cache", mutates_args=("k_cache", "v_cache"), device_types=("cpu", "cuda"))
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Writes key/value [num_tokens, kv_heads, head_dim] into the caches at slot_mapping (int64 [num_tokens],
+    block * block_size + offset; -1 skips a token). Slots outside the cache raise on the CPU."""
+    _C.write_kv_cache(_contiguous_last(key), _contiguous_last(value), k_cache, v_cache, slot_mapping,
+                      cuda_stream(k_cache))
+
+
+@write_kv_cache.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping):
+    return None
+
+
+def _outputs(q: torch.Tensor, make) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for q: out like q, lse float32 [heads, num_tokens] (+inf where a row is in no sequence)."""
+    lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
+    return make(q.shape, dtype=q.dtype, device=q.device), lse
+
+
+@torch.library.custom_op("flashlm::paged_attention", mutates_args=(), device_types=("cpu", "cuda"))
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int,
+                     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                     num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = _contiguous_last(q)
+    # Rows of q past cu_seqlens_q[-1] belong to no sequence and stay 0.
+    out, lse = _outputs(q, torch.zeros)
+    _C.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out, lse,
+                       softmax_scale, causal, window_left, window_right, softcap, num_splits, cuda_stream(q))
+    return out, lse
+
+
+@_paged_attention.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left,
+      window_right, softcap, num_splits):
+    return _outputs(q, torch.empty)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=None, max_seqlen_q=None,
+                    softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
+                    return_lse=False):
+    """Attention of the new tokens q over the paged caches. Returns out (like q), and lse with return_lse.
+
+    q: [num_tokens, heads, head_dim]; without cu_seqlens_q, one query per sequence (decode). max_seqlen_q
+    defaults to the longest sequence's query count (read from cu_seqlens_q, which syncs on CUDA).
+    num_splits (decode): context parts attended in parallel and merged by lse; 0 lets the library choose.
+    """
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    if cu_seqlens_q is not None and max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
+    out, lse = _paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                int(max_seqlen_q or 0), float(softmax_scale), bool(causal), int(window_size[0]),
+                                int(window_size[1]), float(softcap), int(num_splits))
+    return (out, lse) if return_lse else out
+
+
+def paged_attention_num_splits(device_type: str, num_seqs: int, kv_heads: int, max_seq_len: int,
+                               block_size: int) -> int:
+    """The decode split count the library picks on "cpu" or "cuda"."""
+    return _C.paged_attention_num_splits(1 if device_type == "cuda" else 0, num_seqs, kv_heads, max_seq_len,
+                                         block_size)

@@ -1,0 +1,454 @@
+"""The paged KV cache (flashlm.ops.kvcache, flash_attn_with_kvcache) against plain references.
+
+write_kv_cache is checked against torch indexing. Paged attention (decode and prefill) is checked against
+attention over the same K/V gathered into contiguous tensors, done in float64 and in the input dtype:
+flashlm's error against float64 may be at most twice that of the input-dtype math plus a small floor (the
+rule of test_attention.py). Block tables shuffle the physical blocks; every CPU case runs on the scalar
+reference and on the AVX2 kernels. Failures name the tensor, the max error and where it is.
+"""
+
+import math
+
+import pytest
+import torch
+
+import flashlm.ops as ops
+from conftest import devices
+from flashlm.flash_attn_interface import flash_attn_varlen_func, flash_attn_with_kvcache
+from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
+
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+CPU_ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request):
+    before = ops.cpu_isa()
+    ops.set_cpu_isa(request.param)
+    yield request.param
+    ops.set_cpu_isa(before)
+
+
+def dtypes_for(device):
+    return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16, torch.bfloat16)
+
+
+def make_cache(lens, block_size, kv_heads, head_dim, dtype, device="cpu", spare=3, gen=None):
+    """Random caches holding len tokens per sequence in shuffled blocks, and the block table (int32, one
+    unused column and a few unused blocks)."""
+    need = [(n + block_size - 1) // block_size for n in lens]
+    width = max(need + [1]) + 1
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = torch.full((len(lens), width), -7, dtype=torch.int32)  # unread entries may hold anything
+    used = 0
+    for s, n in enumerate(need):
+        table[s, :n] = perm[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    return k_cache, v_cache, table.to(device)
+
+
+def gather(cache, table, s, n):
+    """Tokens 0 .. n of sequence s: [n, kv_heads, head_dim]."""
+    t = torch.arange(n, device=cache.device)
+    return cache[table[s, t // cache.shape[1]].long(), t % cache.shape[1]]
+
+
+def reference(q, k_cache, v_cache, table, lens, cu, dtype, causal=True, window=(-1, -1), softcap=0.0, scale=None):
+    """Attention over the gathered context in `dtype`: (out [tokens, H, D], lse [H, tokens])."""
+    heads, head_dim = q.shape[1], q.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    left, right = window[0], 0 if causal else window[1]
+    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    lse = torch.full((heads, q.shape[0]), math.inf, dtype=torch.float64, device=q.device)
+    for s, n in enumerate(lens):
+        q0, q1 = (s, s + 1) if cu is None else (int(cu[s]), int(cu[s + 1]))
+        group = heads // k_cache.shape[2]
+        k = gather(k_cache, table, s, n).to(dtype).repeat_interleave(group, 1)
+        v = gather(v_cache, table, s, n).to(dtype).repeat_interleave(group, 1)
+        x = torch.einsum("ihd,jhd->hij", q[q0:q1].to(dtype), k) * scale
+        if softcap > 0:
+            x = softcap * torch.tanh(x / softcap)
+        pos = torch.arange(q1 - q0, device=q.device)[:, None] + n - (q1 - q0)
+        j = torch.arange(n, device=q.device)[None, :]
+        mask = torch.ones(q1 - q0, n, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            mask &= j >= pos - left
+        if right >= 0:
+            mask &= j <= pos + right
+        seen = mask.any(-1)
+        x = x.masked_fill(~mask, -math.inf).masked_fill(~seen[:, None], 0.0)
+        p = torch.softmax(x, -1) * mask
+        out[q0:q1] = torch.einsum("hij,jhd->ihd", p, v)
+        lse[:, q0:q1] = torch.logsumexp(x.double(), -1).masked_fill(~seen, math.inf)
+    return out, lse
+
+
+def assert_close(name, got, exact, low, floor):
+    """|got - exact| <= 2 |low - exact| + floor (relative to exact's scale), with the worst element named."""
+    got, exact, low = got.double(), exact.double(), low.double()
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isfinite(got), finite), f"{name}: infinities differ from the reference"
+    err = (got - exact).abs().masked_fill(~finite, 0)
+    bound = 2 * (low - exact).abs().masked_fill(~finite, 0) + floor * (1 + exact.abs().masked_fill(~finite, 0))
+    excess = err - bound
+    where = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
+    assert excess.max() <= 0, (f"{name}: max error {err.max().item():.3g} (bound there {bound[where].item():.3g}) "
+                               f"at {where}, got {got[where].item()}, expected {exact[where].item()}")
+
+
+def check(q, k_cache, v_cache, table, lens, cu=None, **kw):
+    opts = {k: v for k, v in kw.items() if k in ("causal", "window", "softcap")}
+    out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=q.device),
+                               cu, None, causal=opts.get("causal", True), window_size=opts.get("window", (-1, -1)),
+                               softcap=opts.get("softcap", 0.0), num_splits=kw.get("num_splits", 0), return_lse=True)
+    exact, exact_lse = reference(q, k_cache, v_cache, table, lens, cu, torch.float64, **opts)
+    low, _ = reference(q, k_cache, v_cache, table, lens, cu, q.dtype, **opts)
+    assert_close("out", out, exact, low, FLOOR[q.dtype])
+    assert_close("lse", lse, exact_lse, exact_lse, 1e-5)
+    return out, lse
+
+
+# ---- write_kv_cache --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_write_kv_cache(device, block_size):
+    for dtype in dtypes_for(device):
+        num_blocks, kv_heads, head_dim, tokens = 40 // block_size + 2, 3, 40, 20
+        k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype).to(device)
+        v_cache = torch.randn_like(k_cache)
+        slots = torch.randperm(num_blocks * block_size)[:tokens].to(device)
+        slots[::4] = -1
+        key = torch.randn(tokens, kv_heads, head_dim).to(dtype).to(device)
+        value = torch.randn(tokens, 2 * kv_heads, head_dim).to(dtype).to(device)[:, ::2]  # strided heads
+        expect_k, expect_v = k_cache.clone().flatten(0, 1), v_cache.clone().flatten(0, 1)
+        keep = slots >= 0
+        expect_k[slots[keep]] = key[keep]
+        expect_v[slots[keep]] = value[keep]
+        write_kv_cache(key, value, k_cache, v_cache, slots)
+        assert torch.equal(k_cache.flatten(0, 1), expect_k), f"k_cache differs ({dtype})"
+        assert torch.equal(v_cache.flatten(0, 1), expect_v), f"v_cache differs ({dtype})"
+
+
+def test_write_kv_cache_rejects_bad_input():
+    k_cache = torch.zeros(4, 8, 2, 16)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(key, key, k_cache, v_cache, torch.tensor([0, 32, 1]))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(key, key, k_cache, v_cache, torch.tensor([0, -2, 1]))
+    with pytest.raises(ValueError, match="slot_mapping"):
+        write_kv_cache(key, key, k_cache, v_cache, torch.tensor([0, 1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="key"):
+        write_kv_cache(key.bfloat16(), key, k_cache, v_cache, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="value"):
+        write_kv_cache(key, torch.randn(3, 1, 16), k_cache, v_cache, torch.tensor([0, 1, 2]))
+    assert k_cache.abs().sum() == 0, "a rejected write must not touch the cache"
+
+
+# ---- decode ----------------------------------------------------------------------------------------------
+
+# (lens, block_size, heads, kv_heads, head_dim): 1 token to thousands, every block size, GQA 1/2/4/MQA.
+DECODE_CASES = [
+    ([1, 7, 300, 33], 16, 4, 4, 64),
+    ([2500, 1, 100], 32, 8, 2, 128),
+    ([17, 64, 5], 1, 8, 2, 40),
+    ([700, 256, 257], 256, 8, 1, 80),
+    ([129, 40], 16, 16, 4, 72),
+    ([100, 5], 16, 48, 1, 64),
+    ([3000], 16, 32, 8, 128),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"bs{c[1]}-h{c[2]}/{c[3]}-d{c[4]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode(isa, case, dtype):
+    lens, block_size, heads, kv_heads, head_dim = case
+    gen = torch.Generator().manual_seed(len(lens) * 1000 + head_dim)
+    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, gen=gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    check(q, k_cache, v_cache, table, lens)
+
+
+@pytest.mark.parametrize("opts", [dict(window=(50, -1)), dict(softcap=5.0), dict(causal=False, window=(10, 3))])
+def test_decode_masking(isa, opts):
+    lens = [1, 40, 600]
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
+    q = torch.randn(len(lens), 4, 64)
+    check(q, k_cache, v_cache, table, lens, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_splits_equal_unsplit(isa, dtype):
+    lens = [1, 90, 1000, 1500]
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype)
+    q = torch.randn(len(lens), 8, 64).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    base, base_lse = check(q, k_cache, v_cache, table, lens, num_splits=1)
+    for splits in range(2, 9):
+        out, lse = paged_attention(q, k_cache, v_cache, table, seq_lens, num_splits=splits, return_lse=True,
+                                   softcap=0.0)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert_close(f"out with {splits} splits", out, base, base, tol)
+        assert_close(f"lse with {splits} splits", lse, base_lse, base_lse, 1e-5)
+    check(q, k_cache, v_cache, table, lens, num_splits=5, window=(300, -1))
+
+
+def test_decode_empty_context(isa):
+    k_cache, v_cache, table = make_cache([0, 5], 4, 1, 16, torch.float32)
+    q = torch.randn(2, 2, 16)
+    for splits in (1, 3):
+        out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor([0, 5], dtype=torch.int32),
+                                   num_splits=splits, return_lse=True)
+        assert torch.equal(out[0], torch.zeros_like(out[0])), "a row that sees no key must be 0"
+        assert torch.isinf(lse[:, 0]).all() and (lse[:, 0] > 0).all(), "its lse must be +inf"
+        assert torch.isfinite(lse[:, 1]).all()
+
+
+# ---- prefill ---------------------------------------------------------------------------------------------
+
+# (lens, q_lens, block_size, heads, kv_heads, head_dim): whole prompts and chunks after a cached prefix.
+PREFILL_CASES = [
+    ([70, 1, 300], [70, 1, 45], 16, 4, 2, 64),
+    ([33, 500], [5, 130], 1, 6, 6, 40),
+    ([1200, 9], [64, 9], 256, 8, 1, 80),
+    ([257, 100], [200, 0], 32, 8, 4, 128),
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"bs{c[2]}-h{c[3]}/{c[4]}-d{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill(isa, case, dtype):
+    lens, q_lens, block_size, heads, kv_heads, head_dim = case
+    gen = torch.Generator().manual_seed(sum(lens) + head_dim)
+    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, gen=gen)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu[-1]) + 2, heads, head_dim, generator=gen).to(dtype)  # 2 rows in no sequence
+    out, _ = check(q, k_cache, v_cache, table, lens, cu)
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:])), "rows past cu_seqlens_q[-1] stay 0"
+
+
+@pytest.mark.parametrize("opts", [dict(window=(40, -1)), dict(softcap=3.0), dict(causal=False),
+                                  dict(causal=False, window=(20, 7))])
+def test_prefill_masking(isa, opts):
+    lens, q_lens = [150, 60], [100, 60]
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
+    cu = torch.tensor([0, 100, 160], dtype=torch.int32)
+    check(torch.randn(160, 4, 64), k_cache, v_cache, table, lens, cu, **opts)
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def test_paged_attention_rejects_bad_input():
+    lens = [10, 20]
+    k_cache, v_cache, table = make_cache(lens, 8, 2, 32, torch.float32)
+    q = torch.randn(2, 4, 32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+
+    def run(**kw):
+        args = dict(q=q, k_cache=k_cache, v_cache=v_cache, block_table=table, seq_lens=seq_lens)
+        args.update(kw)
+        return paged_attention(**args)
+
+    bad_table = table.clone()
+    bad_table[1, 2] = k_cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\]"):
+        run(block_table=bad_table)
+    bad_table[1, 2] = -1
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\]"):
+        run(block_table=bad_table)
+    with pytest.raises(ValueError, match=r"seq_lens\[0\]"):
+        run(seq_lens=torch.tensor([table.shape[1] * 8 + 1, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_lens"):
+        run(seq_lens=seq_lens.long())
+    with pytest.raises(ValueError, match="block_table"):
+        run(block_table=table.long())
+    with pytest.raises(ValueError, match="k_cache"):
+        run(k_cache=k_cache.bfloat16())
+    with pytest.raises(ValueError, match="v_cache"):
+        run(v_cache=v_cache[:, :4])
+    with pytest.raises(ValueError, match="q"):
+        run(q=torch.randn(3, 4, 32))
+    with pytest.raises(ValueError, match="k_cache"):
+        run(q=torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        run(q=torch.randn(8, 4, 32), cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\]"):  # fewer context tokens than queries
+        run(q=torch.randn(16, 4, 32), cu_seqlens_q=torch.tensor([0, 11, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="num_splits"):
+        run(num_splits=-1)
+
+
+def test_num_splits_heuristic():
+    # Few (sequence, K/V head) pairs and a long context split; a full batch or a short context does not.
+    assert paged_attention_num_splits("cuda", 1, 8, 32768, 16) >= 16
+    assert paged_attention_num_splits("cuda", 64, 8, 32768, 16) == 1
+    assert paged_attention_num_splits("cuda", 1, 8, 300, 16) == 1
+    assert paged_attention_num_splits("cpu", 32, 8, 8192, 16) == 1
+    for dev in ("cpu", "cuda"):
+        for seqs, heads, length in [(1, 1, 1), (2, 1, 100000), (7, 4, 4096)]:
+            n = paged_attention_num_splits(dev, seqs, heads, length, 16)
+            assert 1 <= n <= 64 and (n == 1 or length // n >= 256), (dev, seqs, heads, length, n)
+
+
+# ---- flash-attn interface --------------------------------------------------------------------------------
+
+def dense_reference(q, k, v, causal, cache_lens):
+    """q [B, Sq, H, D] against k, v [B, Sk, Hkv, D] whose first cache_lens[b] rows count, in float64."""
+    outs = []
+    for b, n in enumerate(cache_lens):
+        table = torch.zeros(1, 1, dtype=torch.int32)
+        out, _ = reference(q[b], k[b:b + 1], v[b:b + 1], table, [n], torch.tensor([0, q.shape[1]]), torch.float64,
+                           causal=causal)
+        outs.append(out)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_flash_attn_with_kvcache_appends_then_attends(paged, seqlen_q):
+    batch, heads, kv_heads, head_dim, capacity, new = 3, 4, 2, 32, 64, seqlen_q
+    cache_lens = torch.tensor([5, 0, 40], dtype=torch.int32)
+    dense_k = torch.randn(batch, capacity, kv_heads, head_dim)
+    dense_v = torch.randn(batch, capacity, kv_heads, head_dim)
+    k, v = torch.randn(batch, new, kv_heads, head_dim), torch.randn(batch, new, kv_heads, head_dim)
+    q = torch.randn(batch, seqlen_q, heads, head_dim)
+    if paged:  # the same contents, in shuffled blocks of 16
+        block_size = 16
+        perm = torch.randperm(batch * capacity // block_size).to(torch.int32)
+        table = perm.view(batch, -1)
+        k_cache = torch.zeros(len(perm), block_size, kv_heads, head_dim)
+        v_cache = torch.zeros_like(k_cache)
+        k_cache[table.long()] = dense_k.view(batch, -1, block_size, kv_heads, head_dim)
+        v_cache[table.long()] = dense_v.view(batch, -1, block_size, kv_heads, head_dim)
+        kw = dict(block_table=table)
+    else:  # cache rows in another order, picked by cache_batch_idx
+        order = torch.tensor([2, 0, 1])
+        k_cache, v_cache = torch.zeros_like(dense_k), torch.zeros_like(dense_v)
+        k_cache[order], v_cache[order] = dense_k, dense_v
+        kw = dict(cache_batch_idx=order.to(torch.int32))
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_lens, causal=True,
+                                       return_softmax_lse=True, **kw)
+    for b in range(batch):
+        n = int(cache_lens[b])
+        dense_k[b, n:n + new], dense_v[b, n:n + new] = k[b], v[b]
+    total = (cache_lens + new).tolist()
+    expect = dense_reference(q, dense_k, dense_v, True, total)
+    assert_close("out", out, expect, expect.float(), 1e-5)
+    assert lse.shape == (batch, heads, seqlen_q)
+    if paged:
+        got_k = k_cache[table.long()].reshape(batch, capacity, kv_heads, head_dim)
+    else:
+        got_k = k_cache[order]
+    assert torch.equal(got_k, dense_k), "the new keys must be written at cache_seqlens"
+
+
+def test_flash_attn_with_kvcache_rotary():
+    batch, heads, head_dim, cache_len = 2, 2, 16, 6
+    k_cache = torch.randn(batch, 10, heads, head_dim)
+    v_cache = torch.randn_like(k_cache)
+    q, k, v = torch.randn(batch, 1, heads, head_dim), torch.randn(batch, 1, heads, head_dim), torch.randn(
+        batch, 1, heads, head_dim)
+    angles = torch.arange(20.0)[:, None] * torch.tensor([1.0, 0.1, 0.01])[None, :]  # rotary_dim 6 < head_dim
+    cos, sin = angles.cos(), angles.sin()
+    for interleaved in (True, False):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_len,
+                                      causal=True, rotary_interleaved=interleaved)
+        # Rotate by hand: pairs (0,1),(2,3),(4,5) or (0,3),(1,4),(2,5), at position cache_len.
+        c, s = cos[cache_len], sin[cache_len]
+
+        def rot(x):
+            x = x.clone()
+            idx = [(0, 1), (2, 3), (4, 5)] if interleaved else [(0, 3), (1, 4), (2, 5)]
+            for f, (a, b) in enumerate(idx):
+                xa, xb = x[..., a].clone(), x[..., b].clone()
+                x[..., a], x[..., b] = xa * c[f] - xb * s[f], xa * s[f] + xb * c[f]
+            return x
+
+        assert torch.allclose(kc[:, cache_len], rot(k)[:, 0], atol=1e-6), "k must be rotated before it is cached"
+        expect = flash_attn_with_kvcache(rot(q), k_cache.clone(), v_cache.clone(), rot(k), v,
+                                         cache_seqlens=cache_len, causal=True)
+        assert torch.allclose(out, expect, atol=1e-6)
+
+
+def test_flash_attn_with_kvcache_rejects_bad_input():
+    k_cache = torch.zeros(2, 8, 1, 16)
+    q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 3, 1, 16)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k, cache_seqlens=6)
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2))
+    with pytest.raises(ValueError, match="k, v"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, None, cache_seqlens=1)
+    assert k_cache.abs().sum() == 0
+
+
+def test_flash_attn_varlen_func_block_table():
+    lens, q_lens = [40, 90], [40, 7]
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 32, torch.float32)
+    cu_q = torch.tensor([0, 40, 47], dtype=torch.int32)
+    cu_k = torch.tensor([0, 40, 130], dtype=torch.int32)
+    q = torch.randn(47, 4, 32)
+    out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 40, 90, causal=True, block_table=table)
+    exact, _ = reference(q, k_cache, v_cache, table, lens, cu_q, torch.float64)
+    assert_close("out", out, exact, exact, 1e-5)
+
+
+# ---- CUDA (run where a GPU is) -----------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4, 0])
+def test_decode_cuda(dtype, splits):
+    lens = [1, 300, 2500, 17]
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 128, dtype, device="cuda")
+    q = torch.randn(len(lens), 8, 128, device="cuda").to(dtype)
+    check(q, k_cache, v_cache, table, lens, num_splits=splits)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_prefill_cuda(dtype, block_size):
+    lens, q_lens = [300, 33, 1000], [300, 1, 64]
+    k_cache, v_cache, table = make_cache(lens, block_size, 4, 64, dtype, device="cuda")
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).cuda()
+    q = torch.randn(int(cu[-1]), 8, 64, device="cuda").to(dtype)
+    check(q, k_cache, v_cache, table, lens, cu, window=(100, -1))
+
+
+@pytest.mark.cuda
+def test_write_kv_cache_cuda_skips_out_of_range():
+    k_cache = torch.zeros(4, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.ones(3, 2, 64, device="cuda", dtype=torch.bfloat16)
+    write_kv_cache(key, key, k_cache, v_cache, torch.tensor([5, -1, 64], device="cuda"))
+    assert k_cache.flatten(0, 1)[5].eq(1).all() and k_cache.sum() == 128
+
+
+def test_ops_trace():
+    # Schema, fake implementations (shapes without running) and AOT dispatch of both custom ops.
+    lens = [7, 12]
+    k_cache, v_cache, table = make_cache(lens, 4, 2, 16, torch.float32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    for q, cu_q, max_q in ((torch.randn(2, 4, 16), None, 0), (torch.randn(5, 4, 16), cu, 3)):
+        torch.library.opcheck(torch.ops.flashlm.paged_attention.default,
+                              (q, k_cache, v_cache, table, seq_lens, cu_q, max_q, 0.25, True, -1, -1, 0.0, 0))
+    key = torch.randn(3, 2, 16)
+    torch.library.opcheck(torch.ops.flashlm.write_kv_cache.default,
+                          (key, key, k_cache, v_cache, torch.tensor([0, 5, -1])))
+
+
+@pytest.mark.cuda
+def test_cu_seqlens_q_on_another_device_is_rejected():
+    k_cache, v_cache, table = make_cache([5], 4, 1, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        paged_attention(torch.randn(5, 1, 16).bfloat16(), k_cache, v_cache, table, torch.tensor([5], dtype=torch.int32),
+                        torch.tensor([0, 5], dtype=torch.int32, device="cuda"), 5)
