@@ -5,7 +5,8 @@
 // Two paths:
 // - M <= 4 (decode): a GEMV that streams each weight row once. The zero point leaves the inner loop:
 //   sum_k (u - z) s x = s (sum_k u x - z sum_k x), and the group sums of x are computed once per call, so
-//   the inner loop is unpack, convert, FMA. It is bound by memory bandwidth (bench/compare_gemm.py).
+//   the inner loop is unpack and FMA, with the nibbles turned into floats by bit placement rather than
+//   int-to-float conversions (unpack_block).
 // - M > 4: a panel of 16 columns x kKc values of K is dequantized into a small f32 buffer, k-major
 //   (buf[k][16]), and every row of x runs over it with a 4 x 16 outer-product micro-kernel (8 f32
 //   accumulators), so the dequantization is paid once per panel, not once per row.
@@ -18,6 +19,7 @@
 #include "int_gemm_kernels.h"
 
 #define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
+#define FLASHLM_AVX2_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace flashlm::gemm {
 namespace {
@@ -47,47 +49,132 @@ FLASHLM_AVX2_INLINE void unpack8(const uint8_t* b, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
-// GEMV for R rows of x: y[r, n] = sum_g s_g (sum_k u x - z_g sum_g x) + bias.
+// GEMV unpacking without int-to-float conversions: a nibble u becomes the float 0.5 + u / 32 by placing
+// it in mantissa bits 19..22 under the exponent of 0.5 (bit pattern 0x3F000000 | u << 19). The offset
+// leaves the loop with the zero point: sum (0.5 + u/32) x = 0.5 S + (sum u x) / 32, so
+// sum (u - z) x = 32 acc - (16 + z) S with S the group's sum of x.
+//
+// A block is 32 weight bytes (64 elements). unpack_block turns it into 8 vectors f[q], q = 4h + v (h = 0
+// low nibbles, 1 high), whose lane i holds block byte t = 16 (i / 4) + 8 (v / 2) + 2 (i % 4) + v % 2: the
+// order that two byte unpacks and a shift or mask per vector leave, with one shuffle per 16 elements.
+// Rather than restore the weights' order, each task reorders x to match (permute_x: M K floats, small next
+// to the N K / 2 weight bytes), so the inner loop is the unpack and one FMA per 8 weights. The terms summed
+// are s (16 + u) x instead of s (u - z) x: a few times the rounding error, well inside the tests' bounds.
+constexpr int64_t kBlockBytes = 32;
+
+// xp [R][blocks * 64]: xp[r][64 b + 8 q + i] = x[r, element of block b's vector q, lane i], 0 past K.
 template <int R>
-void gemv(const Int4Args& a, const float* group_sums, int64_t n_begin, int64_t n_end) {
-  const int64_t groups = a.K / a.group, half = a.group / 2;
+void permute_x(const Int4Args& a, float* xp) {
   const auto* x = static_cast<const float*>(a.x);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* w = a.w + n * (a.K / 2);
-    __m256 total[R];
-    float zero_part[R];
-    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps(), zero_part[r] = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float s = a.scales[n * groups + g], z = a.zeros ? a.zeros[n * groups + g] : 8.f;
-      const uint8_t* b = w + g * half;
-      const float* xg = x + g * a.group;
-      __m256 acc[R][4];
-      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < half; j += 16) {  // half is 16, 32 or 64
-        __m256 lo0, hi0, lo1, hi1;
-        unpack8(b + j, lo0, hi0);
-        unpack8(b + j + 8, lo1, hi1);
-        for (int r = 0; r < R; ++r) {
-          const float* xr = xg + r * a.K + j;
-          acc[r][0] = _mm256_fmadd_ps(lo0, _mm256_loadu_ps(xr), acc[r][0]);
-          acc[r][1] = _mm256_fmadd_ps(hi0, _mm256_loadu_ps(xr + half), acc[r][1]);
-          acc[r][2] = _mm256_fmadd_ps(lo1, _mm256_loadu_ps(xr + 8), acc[r][2]);
-          acc[r][3] = _mm256_fmadd_ps(hi1, _mm256_loadu_ps(xr + half + 8), acc[r][3]);
+  const int64_t bytes = a.K / 2, blocks = (bytes + kBlockBytes - 1) / kBlockBytes, half = a.group / 2;
+  const int half_log2 = __builtin_ctzll(uint64_t(half));  // half is 16, 32 or 64
+  for (int r = 0; r < R; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int q = 0; q < 8; ++q) {
+        const int h = q / 4, v = q % 4;
+        for (int i = 0; i < 8; ++i) {
+          const int64_t t = b * kBlockBytes + 16 * (i / 4) + 8 * (v / 2) + 2 * (i % 4) + v % 2;
+          const int64_t elem = ((t >> half_log2) << (half_log2 + 1)) + (t & (half - 1)) + h * half;
+          xp[(r * blocks + b) * 64 + 8 * q + i] = t < bytes ? x[r * a.K + elem] : 0.f;
         }
       }
-      const __m256 vs = _mm256_set1_ps(s);
-      for (int r = 0; r < R; ++r) {
-        const __m256 dot = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
-        total[r] = _mm256_fmadd_ps(dot, vs, total[r]);
-        zero_part[r] += s * z * group_sums[r * groups + g];
+    }
+  }
+}
+
+FLASHLM_AVX2_INLINE void unpack_block(__m256i v, __m256 (&f)[8]) {
+  const __m256i top = _mm256_set1_epi8(0x3F), high_words = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+  const __m256i bits_3_6 = _mm256_set1_epi8(0x78);
+  // Byte 2 of each float: bit 7 (the exponent's low bit) clear, the nibble in bits 3..6 (bits that the
+  // 16-bit shifts carry across bytes are masked off).
+  const __m256i nib[2] = {_mm256_and_si256(_mm256_slli_epi16(v, 3), bits_3_6),
+                          _mm256_and_si256(_mm256_srli_epi16(v, 1), bits_3_6)};
+  for (int h = 0; h < 2; ++h) {
+    const __m256i w0 = _mm256_unpacklo_epi8(nib[h], top), w1 = _mm256_unpackhi_epi8(nib[h], top);
+    f[4 * h + 0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    f[4 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(w0, high_words));
+    f[4 * h + 2] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    f[4 * h + 3] = _mm256_castsi256_ps(_mm256_and_si256(w1, high_words));
+  }
+}
+
+// total[r] += 32 s acc[r], s a vector of scales (per lane: group 32 puts two groups in a block), and
+// clears the accumulators.
+template <int R>
+FLASHLM_AVX2_INLINE void close_group(__m256 s, __m256 (&acc)[R][2], __m256 (&total)[R]) {
+  const __m256 vs = _mm256_mul_ps(s, _mm256_set1_ps(32.f));
+  for (int r = 0; r < R; ++r) {
+    const __m256 dot = _mm256_add_ps(acc[r][0], acc[r][1]);
+    total[r] = _mm256_fmadd_ps(dot, vs, total[r]);
+    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  }
+}
+
+// GEMV for R rows of x: y[r, n] = sum_g s_g (32 acc_g - (16 + z_g) S_g) + bias, acc_g = sum (0.5 + u/32) x
+// over group g. `xp` is x reordered by permute_x.
+template <int R>
+void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n_begin, int64_t n_end) {
+  constexpr int kAcc = 2;  // two accumulators per row: more only spill registers (measured)
+  const int64_t groups = a.K / a.group, half = a.group / 2, bytes = a.K / 2;
+  const int64_t blocks = (bytes + kBlockBytes - 1) / kBlockBytes, blocks_per_group = half / kBlockBytes;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* w = a.w + n * bytes;
+    const float* scales = a.scales + n * groups;
+    __m256 total[R], acc[R][kAcc], f[8];
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm256_setzero_ps();
+      for (int i = 0; i < kAcc; ++i) acc[r][i] = _mm256_setzero_ps();
+    }
+    // acc += the unpacked block b (32 bytes in v) times xp.
+    auto block = [&](int64_t b, __m256i v) FLASHLM_AVX2_INLINE_LAMBDA {
+      unpack_block(v, f);
+      for (int q = 0; q < 8; ++q) {
+        for (int r = 0; r < R; ++r) {
+          const __m256 xv = _mm256_loadu_ps(xp + (r * blocks + b) * 64 + 8 * q);
+          acc[r][q % kAcc] = _mm256_fmadd_ps(f[q], xv, acc[r][q % kAcc]);
+        }
+      }
+    };
+    if (half == 16) {  // a block is two groups: lanes 0-3 group 2b, lanes 4-7 group 2b + 1
+      int64_t b = 0;
+      for (; 2 * b + 2 <= groups; ++b) {
+        block(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes)));
+        close_group<R>(_mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b])), acc, total);
+      }
+      if (2 * b < groups) {  // an odd last group, 16 bytes: the upper lanes meet zeros in xp
+        block(b, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlockBytes))));
+        close_group<R>(_mm256_set_m128(_mm_setzero_ps(), _mm_set1_ps(scales[2 * b])), acc, total);
+      }
+    } else {
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
+          block(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes)));
+        close_group<R>(_mm256_set1_ps(scales[g]), acc, total);
       }
     }
     for (int r = 0; r < R; ++r) {
-      float y = hsum(total[r]) - zero_part[r];
+      // The zero points' and the offset's share, sum_g s_g (16 + z_g) S_g, 8 groups at a time.
+      const float* sums = group_sums + r * groups;
+      __m256 zv = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 z = a.zeros ? _mm256_loadu_ps(a.zeros + n * groups + g) : _mm256_set1_ps(8.f);
+        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(scales + g), _mm256_add_ps(z, _mm256_set1_ps(16.f)));
+        zv = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sums + g), zv);
+      }
+      float zero_part = hsum(zv);
+      for (; g < groups; ++g) zero_part += scales[g] * ((a.zeros ? a.zeros[n * groups + g] : 8.f) + 16.f) * sums[g];
+      float y = hsum(total[r]) - zero_part;
       if (a.bias) y += a.bias[n];
       store_out(a, r, n, y);
     }
   }
+}
+
+template <int R>
+void gemv_rows(const Int4Args& a, const float* group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
+  permute_x<R>(a, scratch);
+  gemv<R>(a, scratch, group_sums, n_begin, n_end);
 }
 
 // In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 floats.
@@ -195,14 +282,17 @@ void gemm(const Int4Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
 
 }  // namespace
 
-int64_t int4_scratch_floats(int64_t M, int64_t) { return kKc * kCols + M * kCols; }
+int64_t int4_scratch_floats(int64_t M, int64_t K) {
+  const int64_t gemv_floats = kGemvMaxRows * ((K / 2 + kBlockBytes - 1) / kBlockBytes) * 64;  // permute_x
+  return M <= kGemvMaxRows ? gemv_floats : kKc * kCols + M * kCols;
+}
 
 void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
   switch (a.M) {
-    case 1: gemv<1>(a, x_group_sums, n_begin, n_end); return;
-    case 2: gemv<2>(a, x_group_sums, n_begin, n_end); return;
-    case 3: gemv<3>(a, x_group_sums, n_begin, n_end); return;
-    case kGemvMaxRows: gemv<kGemvMaxRows>(a, x_group_sums, n_begin, n_end); return;
+    case 1: gemv_rows<1>(a, x_group_sums, n_begin, n_end, scratch); return;
+    case 2: gemv_rows<2>(a, x_group_sums, n_begin, n_end, scratch); return;
+    case 3: gemv_rows<3>(a, x_group_sums, n_begin, n_end, scratch); return;
+    case kGemvMaxRows: gemv_rows<kGemvMaxRows>(a, x_group_sums, n_begin, n_end, scratch); return;
     default: gemm(a, n_begin, n_end, scratch);
   }
 }
