@@ -13,10 +13,15 @@ import torch
 SETTLE_S = 0.01
 
 
-def median_seconds(fns, reps, warmup):
+def median_seconds(fns, reps, warmup, burst=1):
     """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
     so that on a shared machine every one of them sees the same background load (and their ratios hold).
-    CUDA runs are timed with CUDA events."""
+    CUDA runs are timed with CUDA events.
+
+    burst > 1 runs each function that many times in a row per round and times all but the first, the
+    steady state of back-to-back calls (a model's decode loop). Use it for calls of a few ms: after the
+    pause between turns, the first call pays for waking the thread pools (on a 2-vCPU VM the second vCPU
+    sometimes takes over 1 ms to come out of idle, and torch's OpenMP barrier waits for it)."""
     for fn, _ in fns.values():
         for _ in range(warmup):
             fn()
@@ -24,20 +29,23 @@ def median_seconds(fns, reps, warmup):
     events = None
     for _ in range(reps):
         for label, (fn, device) in fns.items():
-            if device == "cuda":
-                if events is None:
-                    torch.cuda.synchronize()
-                    events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start, stop = events
-                start.record()
-                fn()
-                stop.record()
-                stop.synchronize()
-                times[label].append(start.elapsed_time(stop) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[label].append(time.perf_counter() - t0)
+            for i in range(burst):
+                if device == "cuda":
+                    if events is None:
+                        torch.cuda.synchronize()
+                        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, stop = events
+                    start.record()
+                    fn()
+                    stop.record()
+                    stop.synchronize()
+                    elapsed = start.elapsed_time(stop) * 1e-3
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    elapsed = time.perf_counter() - t0
+                if burst == 1 or i > 0:
+                    times[label].append(elapsed)
             time.sleep(SETTLE_S)
     return {label: statistics.median(t) for label, t in times.items()}
 

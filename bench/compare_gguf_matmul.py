@@ -15,7 +15,8 @@ uses the next of several copies of W, together larger than the last-level cache 
 
 GB/s: the weight bytes read per second (x and y are negligible); the copy counts its read plus its write.
 "x torch" is torch's median time over flashlm's; "% copy" is flashlm's GB/s as a share of the copy's. The
-runs take turns (bench_util.median_seconds), so background load on a shared machine falls on all alike.
+runs take turns (bench_util.median_seconds), so background load on a shared machine falls on all alike;
+each turn is a burst of back-to-back calls (--burst, the first untimed), as a decode loop makes them.
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_gguf_matmul.py                      # CPU: Q4_0, Q8_0, Q4_K at 4096x4096, 4096x11008
@@ -52,6 +53,8 @@ def main():
     ap.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated N x K (W is [N, K])")
     ap.add_argument("--reps", type=int, default=30, help="timed runs per measurement; the median is reported")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--burst", type=int, default=4, help="back-to-back calls per turn, the first untimed "
+                    "(bench_util.median_seconds); 1: one call per turn, after a pause")
     ap.add_argument("--rotate-mib", type=int, default=256, help="cycle through copies of W totalling this much")
     ap.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds")
     args = ap.parse_args()
@@ -104,7 +107,8 @@ def main():
                 return torch.nn.functional.linear(x.to(peer_dtype), ws[state["j"]])
 
             med = median_seconds({"flashlm": (run_flashlm, args.device), "torch": (run_torch, args.device),
-                                  "copy": (lambda: copy_dst.copy_(copy_src), args.device)}, args.reps, args.warmup)
+                                  "copy": (lambda: copy_dst.copy_(copy_src), args.device)}, args.reps, args.warmup,
+                               args.burst)
             t_f, t_t, t_c = med["flashlm"], med["torch"], med["copy"]
             gbs_f = raw.numel() / t_f / 1e9
             gbs_c = 2 * copy_src.numel() / t_c / 1e9
@@ -120,7 +124,7 @@ def main():
     print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"Python {platform.python_version()}")
     print(f"GEMV M=1, x {str(x_dtype).replace('torch.', '')}; cold weights (copies cycled, {args.rotate_mib} MiB); "
-          f"median of {args.reps} interleaved runs after {args.warmup} warm-up")
+          f"median of {args.reps} interleaved turns of {args.burst} back-to-back calls after {args.warmup} warm-up")
     print()
     print_table(header, rows)
 
