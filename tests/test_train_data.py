@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("tokenizers")
 
 from flashlm.train.corpus import clean_text, load_corpus, stdlib_files
-from flashlm.train.data import PackedBatches, prepare_data, split_documents, token_dtype
+from flashlm.train.data import PackedBatches, open_token_data, prepare_data, split_documents, token_dtype
 from flashlm.train.tokenizer import EOS_TOKEN, eos_token_id, load_tokenizer, train_tokenizer
 
 
@@ -155,8 +155,10 @@ def test_split_is_deterministic():
 
 
 def test_prepare_data_reuses_cache(corpus_dir, data, tmp_path):
+    written = (data.path / "train.bin").stat().st_mtime_ns
     again = prepare_data(corpus_dir, data.path.parent, vocab_size=400, val_fraction=0.2, seed=3, progress=False)
     assert again.path == data.path and np.array_equal(again.train, data.train)
+    assert (again.path / "train.bin").stat().st_mtime_ns == written  # opened, not written again
     other = prepare_data(corpus_dir, data.path.parent, vocab_size=400, val_fraction=0.2, seed=4, progress=False)
     assert other.path != data.path
     # reuse of a given tokenizer.json, and a damaged cache folder is rebuilt rather than trusted
@@ -168,6 +170,15 @@ def test_prepare_data_reuses_cache(corpus_dir, data, tmp_path):
     rebuilt = prepare_data(corpus_dir, tmp_path, tokenizer=data.tokenizer_path, val_fraction=0.2, seed=3,
                            progress=False)
     assert np.array_equal(rebuilt.train, data.train)
+    # a token file that holds an id past the vocabulary is refused when opened
+    bad = np.asarray(rebuilt.train).copy()
+    bad[5] = rebuilt.vocab_size
+    bad.tofile(rebuilt.path / "train.bin")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        open_token_data(rebuilt.path)
+    (rebuilt.path / "meta.json").write_text("{}")
+    with pytest.raises(ValueError, match="meta.json"):
+        open_token_data(rebuilt.path)
 
 
 def make_tokens(n, seed=0):

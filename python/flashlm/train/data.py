@@ -98,11 +98,17 @@ def _open_tokens(folder: Path, meta: dict, name: str) -> np.ndarray:
     path = folder / f"{name}.bin"
     dtype = np.dtype(_DTYPES[meta["dtype"]])
     n = int(meta[f"{name}_tokens"])
-    if path.stat().st_size != n * dtype.itemsize:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes, meta.json says {n} {meta['dtype']} tokens")
+    size = path.stat().st_size
+    if size != n * dtype.itemsize:
+        raise ValueError(f"{path}: {size} bytes, meta.json says {n} {meta['dtype']} tokens")
     if n == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    # One pass over the file so that an id past the vocabulary fails here, not inside an embedding lookup.
+    top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, n, 1 << 24))
+    if top >= int(meta["vocab_size"]):
+        raise ValueError(f"{path}: token id {top} is outside the vocabulary of {meta['vocab_size']}")
+    return tokens
 
 
 def open_token_data(folder) -> TokenData:
@@ -114,8 +120,13 @@ def open_token_data(folder) -> TokenData:
         raise ValueError(f"{folder}: no readable meta.json ({e})") from e
     if meta.get("format") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{folder}/meta.json: unknown format {meta.get('format')} or dtype {meta.get('dtype')}")
-    train = _open_tokens(folder, meta, "train")
-    val = _open_tokens(folder, meta, "val")
+    try:
+        train = _open_tokens(folder, meta, "train")
+        val = _open_tokens(folder, meta, "val")
+        if not 0 <= int(meta["eos_id"]) < int(meta["vocab_size"]):
+            raise ValueError(f"{folder}/meta.json: eos_id {meta['eos_id']} is outside the vocabulary")
+    except (OSError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}: incomplete or inconsistent token files ({e!r})") from e
     return TokenData(folder, train, val, meta, folder / "tokenizer.json")
 
 
