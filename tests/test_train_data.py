@@ -108,6 +108,8 @@ def test_tokenizer_round_trip(tmp_path):
         assert ids == tok.encode(text).ids
         assert loaded.decode(ids) == text
     assert len(tok.encode(docs[0]).ids) < len(docs[0].encode("utf-8"))  # merges were learnt
+    # ranks that each train on the same documents must get the same tokenizer (the cache relies on it)
+    assert train_tokenizer(docs, vocab_size=350).to_str() == tok.to_str()
     assert eos_token_id(loaded) == 0
     with pytest.raises(ValueError, match="eos_token"):
         eos_token_id(loaded, "<nope>")
@@ -160,6 +162,8 @@ def test_prepare_data_reuses_cache(corpus_dir, data, tmp_path):
     assert again.path == data.path and np.array_equal(again.train, data.train)
     assert (again.path / "train.bin").stat().st_mtime_ns == written  # opened, not written again
     other = prepare_data(corpus_dir, data.path.parent, vocab_size=400, val_fraction=0.2, seed=4, progress=False)
+    with pytest.raises(ValueError, match="doc_separator"):
+        prepare_data(next(corpus_dir.rglob("*.txt")), tmp_path, vocab_size=300, progress=False)
     assert other.path != data.path
     # reuse of a given tokenizer.json, and a damaged cache folder is rebuilt rather than trusted
     reuse = prepare_data(corpus_dir, tmp_path, tokenizer=data.tokenizer_path, val_fraction=0.2, seed=3,

@@ -139,6 +139,9 @@ def prepare_data(sources=None, cache_dir="flashlm-data", *, tokenizer=None, voca
     docs, stats = load_corpus(sources, suffixes, doc_separator, max_bytes)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if val_fraction > 0 and len(docs) < 2:
+        raise ValueError("val_fraction: the corpus is one document, so none can be held out; pass "
+                         "doc_separator='\\n\\n' to make its paragraphs documents, or val_fraction=0")
     source_hash = hash_documents(docs)
     train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
 
@@ -154,7 +157,7 @@ def prepare_data(sources=None, cache_dir="flashlm-data", *, tokenizer=None, voca
             if progress:
                 print(f"flashlm data: training a {vocab_size}-token byte-level BPE on {len(train_idx)} documents")
             tok = train_tokenizer((docs[i] for i in train_idx), vocab_size, progress=progress)
-            tmp = tok_path.with_suffix(".tmp")
+            tmp = tok_path.with_suffix(f".tmp{os.getpid()}")  # ranks preparing at once each write their own
             tok.save(str(tmp))
             os.replace(tmp, tok_path)
     tok_bytes = tok_path.read_bytes()
