@@ -137,11 +137,11 @@ def prepare_data(sources=None, cache_dir="flashlm-data", *, tokenizer=None, voca
     the result of an earlier identical call. `tokenizer` is a tokenizer.json to reuse; without one a
     byte-level BPE of `vocab_size` is trained on the training documents (cached too)."""
     docs, stats = load_corpus(sources, suffixes, doc_separator, max_bytes)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     if val_fraction > 0 and len(docs) < 2:
         raise ValueError("val_fraction: the corpus is one document, so none can be held out; pass "
                          "doc_separator='\\n\\n' to make its paragraphs documents, or val_fraction=0")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     source_hash = hash_documents(docs)
     train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
 
@@ -176,7 +176,7 @@ def prepare_data(sources=None, cache_dir="flashlm-data", *, tokenizer=None, voca
                 print(f"flashlm data: reusing {folder}")
             return data
         except ValueError:
-            shutil.rmtree(folder)  # a folder we wrote that does not check out: build it again
+            shutil.rmtree(folder, ignore_errors=True)  # a folder that does not check out: build it again
 
     if progress:
         print(f"flashlm data: {stats}")
