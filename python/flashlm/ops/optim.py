@@ -25,6 +25,11 @@ def _check_list(tensors, name: str, n: int) -> None:
             raise ValueError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    # DLPack refuses tensors that require grad; the update is outside autograd anyway.
+    return t.detach() if t.requires_grad else t
+
+
 def adamw_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -64,6 +69,6 @@ def adamw_step_(
         if p.dtype not in allowed:
             raise ValueError(f"params[{i}]: dtype must be one of {allowed} on {p.device.type}, got {p.dtype}")
     _C.adamw_step(
-        [p.detach() for p in params], [g.detach() for g in grads], [m.detach() for m in exp_avgs],
-        [v.detach() for v in exp_avg_sqs], steps, float(lr), float(beta1), float(beta2), float(eps),
+        [_plain(p) for p in params], [_plain(g) for g in grads], [_plain(m) for m in exp_avgs],
+        [_plain(v) for v in exp_avg_sqs], steps, float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), bool(maximize), cuda_stream(params[0]))

@@ -52,8 +52,8 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             if group.get("amsgrad", False):
                 raise ValueError("amsgrad: not supported by flashlm's AdamW")
-            # One kernel call per device in the group.
-            by_device = {}
+            # One kernel call per device in the group; the step counters advance in one foreach call.
+            by_device, step_tensors = {}, []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -62,17 +62,21 @@ class AdamW(torch.optim.Optimizer):
                 if not p.is_contiguous():
                     raise ValueError(f"params: a parameter of shape {tuple(p.shape)} is not contiguous")
                 state = self._state_of(p)
-                state["step"] += 1
                 lists = by_device.setdefault(p.device, ([], [], [], [], []))
                 lists[0].append(p)
-                lists[1].append(p.grad.contiguous())
+                lists[1].append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
                 lists[2].append(state["exp_avg"])
                 lists[3].append(state["exp_avg_sq"])
-                lists[4].append(int(state["step"].item()))
+                lists[4].append(len(step_tensors))
+                step_tensors.append(state["step"])
+            if not step_tensors:
+                continue
+            torch._foreach_add_(step_tensors, 1.0)
+            steps = torch.stack(step_tensors).tolist()
             beta1, beta2 = group["betas"]
-            for params, grads, exp_avgs, exp_avg_sqs, steps in by_device.values():
-                adamw_step_(params, grads, exp_avgs, exp_avg_sqs, steps, float(group["lr"]), beta1, beta2,
-                            group["eps"], group["weight_decay"], group["maximize"])
+            for params, grads, exp_avgs, exp_avg_sqs, indices in by_device.values():
+                adamw_step_(params, grads, exp_avgs, exp_avg_sqs, [int(steps[i]) for i in indices], float(group["lr"]),
+                            beta1, beta2, group["eps"], group["weight_decay"], group["maximize"])
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
