@@ -9,7 +9,7 @@
 #include <algorithm>
 #include <string>
 
-#include "../core/cuda_guard.h"
+#include "../core/cuda_elementwise.cuh"
 #include "ring_transport.h"
 
 namespace flashlm::comm::detail {
@@ -19,26 +19,7 @@ constexpr int kThreads = 256;
 
 void check(cudaError_t err, const char* what) { throw_on_cuda_error(err, std::string("reduce_add: ") + what); }
 
-template <DType T>
-struct Elem;
-template <>
-struct Elem<DType::F32> {
-  using type = float;
-  __device__ static float load(float x) { return x; }
-  __device__ static float store(float x) { return x; }
-};
-template <>
-struct Elem<DType::F16> {
-  using type = __half;
-  __device__ static float load(__half x) { return __half2float(x); }
-  __device__ static __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Elem<DType::BF16> {
-  using type = __nv_bfloat16;
-  __device__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
+using cuda_elementwise::Elem;
 
 template <DType T, bool kDivide>
 __device__ __forceinline__ typename Elem<T>::type combine(typename Elem<T>::type a, typename Elem<T>::type b,
@@ -76,15 +57,7 @@ __global__ void __launch_bounds__(kThreads) reduce_scalar_kernel(typename Elem<T
     dst[i] = combine<T, kDivide>(dst[i], src[i], divisor);
 }
 
-unsigned grid_for(int64_t work, int device) {
-  static thread_local int cached_device = -1, sms = 0;
-  if (cached_device != device) {
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    cached_device = device;
-  }
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(sms) * 8)));
-}
+unsigned grid_for(int64_t work, int device) { return cuda_elementwise::grid_for(work, kThreads, device, "reduce_add"); }
 
 template <DType T, bool kDivide>
 void launch(void* dst, const void* src, int64_t n, float divisor, int device, cudaStream_t stream) {

@@ -16,3 +16,4 @@
 #include "flashlm/gguf/dequantize.h"
 #include "flashlm/gguf/reader.h"
 #include "flashlm/kvcache/paged_attention.h"
+#include "flashlm/optim/adamw.h"

@@ -20,6 +20,7 @@ from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
 from flashlm.ops.int_linear import int4_linear, int8_linear, quantize_per_token
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
+from flashlm.ops.optim import adamw_step_
 
 __version__ = _C.__version__
 GGUFError = _C.GGUFError
@@ -54,7 +55,7 @@ def cmake_prefix_path() -> str:
 
 
 __all__ = [
-    "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
+    "adamw_step_", "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
     "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize",
