@@ -18,6 +18,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../core/cuda_mma.cuh"
 #include "flashlm/core/error.h"
 #include "gguf_matmul_kernels.h"
 
@@ -27,20 +28,7 @@ namespace {
 constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kThreads = 128;
 constexpr int kStride = kTileK + 8;  // padded shared-memory row, in elements
 
-template <bool kBf16>
-__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (kBf16) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#endif
-}
+using cuda_mma::mma_16816;
 
 // A 64 x 32 slice (rows [row0, row0 + 64), columns [k0, k0 + 32)) of a [rows, k] matrix into shared memory;
 // rows at or past `rows` become zeros.
@@ -88,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) gemm_nt_kernel(const T* __restrict__
         const int col = wn + 8 * j + g;
         const uint32_t b0 = ld32(&sb[col][kk + 2 * t]), b1 = ld32(&sb[col][kk + 2 * t + 8]);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) mma16816<kBf16>(acc[i][j], fa[i], b0, b1);
+        for (int i = 0; i < 2; ++i) mma_16816<kBf16>(acc[i][j], fa[i], b0, b1);
       }
     }
     __syncthreads();

@@ -12,6 +12,9 @@
 //     B (16 x 8, col):  b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g]   (= W[n0+g][k ..])
 //     C (16 x 8, f32):  c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
 //   Shared rows are 32 + 8 elements (80 bytes, 20 words apart): fragment loads hit 32 different banks.
+#include <type_traits>
+
+#include "../core/cuda_mma.cuh"
 #include "int_gemm_cuda_common.cuh"
 #include "int_gemm_kernels.h"
 
@@ -92,19 +95,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(Int4Args a) 
 
 // ---- M > 8: tensor cores -----------------------------------------------------------------------------------
 
-template <class T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 template <class T, bool kVec>
 __global__ void __launch_bounds__(kMmaThreads) int4_gemm_mma_kernel(Int4Args a) {
   __shared__ alignas(16) T xs[kTile][kRowElems];
@@ -144,7 +134,7 @@ __global__ void __launch_bounds__(kMmaThreads) int4_gemm_mma_kernel(Int4Args a) 
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kTileK; kk += 16) warp_mma_32x32<kRowElems * 2>(xs, ws, kk * 2, wm, wn, acc, mma_16816<T>);
+    for (int kk = 0; kk < kTileK; kk += 16) warp_mma_32x32<kRowElems * 2>(xs, ws, kk * 2, wm, wn, acc, cuda_mma::mma_16816<std::is_same_v<T, __nv_bfloat16>>);
     __syncthreads();
   }
   T* out = static_cast<T*>(a.out);
