@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../gguf/dequantize_block.h"
 #include "attention_params.h"
 
 namespace flashlm::attention::cpu {
@@ -52,21 +53,9 @@ inline KeyRange visible_keys(const Params& p, const Sequence& s, int64_t i0, int
   return {std::min(a.first, b.first), std::max(a.last, b.last)};
 }
 
-inline float bf16_to_f32(uint16_t b) {
-  uint32_t bits = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// Round to nearest even; NaN stays NaN.
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
+// bf16 <-> f32 (round to nearest even), shared with the dequantization kernels.
+using gguf::detail::bf16_to_f32;
+using gguf::detail::f32_to_bf16;
 
 // n elements of a row of `dtype` (F32 or BF16) to f32, and back.
 inline void load_row(const void* src, DType dtype, int64_t n, float* dst) {
