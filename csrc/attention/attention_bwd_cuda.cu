@@ -343,9 +343,7 @@ void backward_cuda(const Params& p, int device, void* stream) {
   using namespace cuda;
   DeviceGuard guard(device);
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool aligned = vector_ok(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-                       vector_ok(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-                       vector_ok(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
+  const bool aligned = qkv_vector_ok(p) &&
                        vector_ok(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride) &&
                        vector_ok(p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride) &&
                        vector_ok(p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride) &&

@@ -336,6 +336,13 @@ inline bool vector_ok(const void* ptr, int64_t batch_stride, int64_t row_stride,
          head_stride % 8 == 0;
 }
 
+// q, k and v of both passes: all three take 16-byte loads.
+inline bool qkv_vector_ok(const Params& p) {
+  return vector_ok(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         vector_ok(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
+         vector_ok(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+}
+
 // Sets the dynamic shared memory limit of `kernel` when it needs more than the default 48 KiB.
 template <class Kernel>
 void set_smem(Kernel kernel, size_t bytes) {

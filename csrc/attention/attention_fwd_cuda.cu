@@ -66,10 +66,7 @@ void forward_cuda(const Params& p, int device, void* stream) {
   using namespace cuda;
   DeviceGuard guard(device);
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool aligned = vector_ok(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
-                       vector_ok(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride) &&
-                       vector_ok(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride) &&
-                       vector_ok(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+  const bool aligned = qkv_vector_ok(p) && vector_ok(p.out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   if (p.version == 1) {
     forward_v1_cuda(p, aligned, s);
     return;
