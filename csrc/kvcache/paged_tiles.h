@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../attention/attention_tiles.h"  // FLASHLM_HD, tiles::Range, tiles::Band, min64/max64/clamp64/ceil_div
+#include "../attention/attention_tiles.h"  // FLASHLM_TILE_HD, tiles::Range, tiles::Band, min64/max64/clamp64/ceil_div
 
 namespace flashlm::kvcache::tiles {
 
@@ -28,7 +28,7 @@ struct CacheShape {
 
 // The tokens of a sequence the kernels read: seq_lens[s] clamped to [0, max_seq_len] and to what the block
 // table row can address; 0 when the cache holds no block at all.
-FLASHLM_HD int64_t context_len(int64_t seq_len, int64_t max_seq_len, const CacheShape& c) {
+FLASHLM_TILE_HD int64_t context_len(int64_t seq_len, int64_t max_seq_len, const CacheShape& c) {
   if (c.num_blocks <= 0 || c.max_blocks_per_seq <= 0 || c.block_size <= 0) return 0;
   return clamp64(seq_len, 0, min64(max_seq_len, c.max_blocks_per_seq * c.block_size));
 }
@@ -39,14 +39,14 @@ struct Slot {
   int64_t block;
   int offset;
 };
-FLASHLM_HD Slot token_slot(const int32_t* table_row, int64_t pos, const CacheShape& c) {
+FLASHLM_TILE_HD Slot token_slot(const int32_t* table_row, int64_t pos, const CacheShape& c) {
   const int64_t logical = min64(pos / c.block_size, c.max_blocks_per_seq - 1);
   return {clamp64(table_row[logical], 0, c.num_blocks - 1), int(pos - (pos / c.block_size) * c.block_size)};
 }
 
 // A slot of slot_mapping (block * block_size + offset); false for -1 and anything outside the cache, which
 // the CUDA write kernel skips.
-FLASHLM_HD bool slot_from_mapping(int64_t slot, int64_t num_blocks, int block_size, Slot& out) {
+FLASHLM_TILE_HD bool slot_from_mapping(int64_t slot, int64_t num_blocks, int block_size, Slot& out) {
   if (slot < 0 || block_size <= 0 || num_blocks <= 0 || slot / block_size >= num_blocks) return false;
   out = {slot / block_size, int(slot % block_size)};
   return true;
@@ -57,26 +57,26 @@ FLASHLM_HD bool slot_from_mapping(int64_t slot, int64_t num_blocks, int block_si
 struct QueryRows {
   int64_t q0, sq;
 };
-FLASHLM_HD QueryRows query_rows(const int32_t* cu_seqlens_q, int s, int64_t num_tokens, int64_t max_seqlen_q) {
+FLASHLM_TILE_HD QueryRows query_rows(const int32_t* cu_seqlens_q, int s, int64_t num_tokens, int64_t max_seqlen_q) {
   const int64_t q0 = clamp64(cu_seqlens_q[s], 0, num_tokens), q1 = clamp64(cu_seqlens_q[s + 1], q0, num_tokens);
   return {q0, min64(q1 - q0, max64(max_seqlen_q, 0))};
 }
 
 // The keys a decode query sees: it sits at the sequence's last position, so only window_left limits it.
-FLASHLM_HD Range decode_keys(int64_t sk, int64_t window_left) {
+FLASHLM_TILE_HD Range decode_keys(int64_t sk, int64_t window_left) {
   if (sk <= 0) return {0, 0};
   return Band{1, sk, window_left, -1}.keys(0, 1);
 }
 
 // The columns [lo, hi) of a tile of `width` keys starting at key j0 that lie in `keys` (the decode mask,
 // the same for every row since the rows are one query's heads).
-FLASHLM_HD attention::tiles::Cols tile_cols(Range keys, int64_t j0, int width) {
+FLASHLM_TILE_HD attention::tiles::Cols tile_cols(Range keys, int64_t j0, int width) {
   return {int(clamp64(keys.begin - j0, 0, width)), int(clamp64(keys.end - j0, 0, width))};
 }
 
 // Split `split` of `num_splits` of the key tiles [tiles.begin, tiles.end): consecutive runs of equal length
 // (the last ones shorter or empty), so the splits cover every tile exactly once.
-FLASHLM_HD Range split_tiles(Range tiles, int num_splits, int split) {
+FLASHLM_TILE_HD Range split_tiles(Range tiles, int num_splits, int split) {
   const int64_t n = max64(tiles.end - tiles.begin, 0);
   const int64_t per = ceil_div(n, num_splits < 1 ? 1 : num_splits);
   const int64_t b = min64(tiles.begin + split * per, tiles.begin + n);
