@@ -1,0 +1,67 @@
+"""ModelConfig: the shape of a decoder-only transformer, for both families flashlm trains and runs.
+
+    gpt2:  learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied embeddings (GPT-2).
+    llama: rotary positions, RMSNorm, SiLU-gated MLP, no biases, optional GQA (Llama 2/3, SmolLM, TinyLlama).
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+ARCHS = ("gpt2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: n_head (no GQA)
+    d_model: int = 256
+    d_ff: Optional[int] = None  # None: 4 * d_model (gpt2), 8/3 * d_model rounded up to 64 (llama)
+    seq_len: int = 256  # the longest sequence; gpt2's position table has this many rows
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head: must be a positive divisor of n_head={self.n_head}, got {self.n_kv_head!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError(f"n_kv_head: gpt2 has no grouped-query attention (n_kv_head must equal n_head "
+                             f"{self.n_head}), got {self.n_kv_head}")
+        if self.arch == "llama" and self.head_dim % 2:
+            raise ValueError(f"d_model: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
+        if not isinstance(self.d_ff, int) or self.d_ff <= 0:
+            raise ValueError(f"d_ff: must be a positive integer, got {self.d_ff!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
