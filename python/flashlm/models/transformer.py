@@ -1,4 +1,4 @@
-"""Transformer: a decoder-only language model (GPT-2 or Llama family) whose attention is flashlm's flash
+"""Transformer: a decoder-only language model (GPT-2, Llama or Qwen2 family) whose attention is flashlm's flash
 attention, forward and backward (it is an autograd op), and whose other layers are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
@@ -42,11 +42,25 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, device=None):
-    """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * theta^(-2i/hd),
-    repeated over the two halves of the head."""
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
+    wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
+    high_freq_factor) kept, and a smooth blend in between."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])).clamp(0, 1)
+    return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
+    repeated over the two halves of the head."""
+    inv_freq = rope_inv_freq(cfg, device)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -78,12 +92,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str):
         super().__init__()
         bias = cfg.arch == "gpt2"
+        qkv_bias = cfg.arch in ("gpt2", "qwen2")
         hd = cfg.head_dim
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
         self.attn_impl = attn_impl
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=bias)
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
 
     def forward(self, x, rope):
@@ -154,7 +169,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.arch == "llama":
+        if cfg.rotary:
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -189,7 +204,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # [B, T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.rotary else None
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, use_reentrant=False)
