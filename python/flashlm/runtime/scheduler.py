@@ -53,7 +53,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int = 2048, eos_token_id=None):
+                 max_model_len: int = 2048, eos_token_ids=()):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -69,7 +69,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.waiting: deque = deque()
         self.running: list = []  # in arrival order
         self.num_preemptions = 0
@@ -158,7 +158,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int):
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token == self.eos_token_id):
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"
