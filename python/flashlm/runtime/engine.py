@@ -2,6 +2,7 @@
 KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
 
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
+    llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
@@ -23,6 +24,7 @@ from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOut
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
+from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -73,7 +75,8 @@ class LLM:
     def __init__(self, model: Union[str, Transformer], tokenizer=None, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
-                 kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu"):
+                 kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
+                 draft_model=None, num_speculative_tokens: int = 4):
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -101,13 +104,33 @@ class LLM:
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                    max_model_len=self.max_model_len,
                                    eos_token_ids=getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.runner = ModelRunner(model, num_blocks, block_size, kv_cache_dtype, device)
+        total_blocks, self.spec = num_blocks, None
+        if draft_model is not None:
+            draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
+            total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
+        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
+        if draft_model is not None:
+            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
+            self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
         self._requests = {}  # request_id -> _Request, while unfinished
         self._seq_owner = {}  # seq_id -> (request, index)
         self._generators = {}  # seq_id -> generator, for seeded requests
         self._next_request = 0
         self._next_seq = 0
+
+    def _load_draft(self, draft, max_model_len):
+        if not isinstance(draft, Transformer):
+            from flashlm.io import load_model
+
+            draft = load_model(draft, max_model_len=max_model_len).model
+        if draft.cfg.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"draft_model: its vocabulary ({draft.cfg.vocab_size}) must be the target's "
+                             f"({self.model.cfg.vocab_size})")
+        if draft.cfg.seq_len < self.max_model_len:
+            raise ValueError(f"draft_model: its context ({draft.cfg.seq_len}) is shorter than max_model_len "
+                             f"{self.max_model_len}")
+        return draft
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -153,7 +176,11 @@ class LLM:
         batch = self.scheduler.schedule()
         if not len(batch):
             return []
-        tokens = self.runner.run(batch, self.block_manager, self._generators)
+        if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
+            tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
+        else:
+            tokens = self.runner.run(batch, self.block_manager, self._generators,
+                                     mirror=self.spec.draft if self.spec is not None else None)
         now = time.perf_counter()
         sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
         self.scheduler.update(batch, tokens)

@@ -5,6 +5,8 @@ For each step it packs the new tokens of every scheduled sequence into one row, 
 manager asked for, runs Transformer.forward_paged and samples the sequences whose chunk reached their end.
 """
 
+from dataclasses import replace
+
 import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
@@ -63,11 +65,15 @@ class ModelRunner:
         )
         return torch.tensor(tokens, dtype=torch.int64, device=dev), paged
 
-    def run(self, batch, bm: BlockManager, generators) -> list:
+    def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> list:
         """The next token of each sampling sequence of the batch, in batch order. generators: seq_id -> the
-        request's torch.Generator (seeded requests only)."""
+        request's torch.Generator (seeded requests only). mirror: a draft model's runner, whose cache gets the
+        same tokens' K and V (speculative decoding needs the draft's cache to follow the target's)."""
         self.copy_blocks(batch.block_copies)
         tokens, paged = self.prepare(batch, bm)
+        if mirror is not None:
+            mirror.copy_blocks(batch.block_copies)
+            mirror.model.forward_paged(tokens, replace(paged, logits_rows=paged.logits_rows[:0]), mirror.kv_caches)
         logits = self.model.forward_paged(tokens, paged, self.kv_caches)
         inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
                   for seq, s in zip(batch.seqs, batch.sampling) if s]
