@@ -13,6 +13,7 @@ Tokenizer; a HF-style apply_chat_template for chat()).
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
@@ -43,6 +44,22 @@ def parse_bytes(value, name="kv_cache_memory") -> int:
     if n <= 0:
         raise ValueError(f"{name}: must be positive, got {value!r}")
     return n
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started: steps, tokens, and where the time went."""
+    steps: int = 0
+    step_seconds: float = 0.0  # whole steps: schedule, prepare, forward, sample, post-process
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    output_tokens: int = 0  # tokens appended to outputs
+
+    def summary(self, forward_seconds: float) -> dict:
+        host = self.step_seconds - forward_seconds
+        return {"steps": self.steps, "output_tokens": self.output_tokens, "step_seconds": self.step_seconds,
+                "forward_seconds": forward_seconds, "host_seconds": host,
+                "host_ms_per_step": 1e3 * host / max(self.steps, 1),
+                "host_share": host / self.step_seconds if self.step_seconds else 0.0}
 
 
 class _ChatText(str):
@@ -113,6 +130,7 @@ class LLM:
         if draft_model is not None:
             draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
             self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
+        self.stats = EngineStats()
         self._requests = {}  # request_id -> _Request, while unfinished
         self._seq_owner = {}  # seq_id -> (request, index)
         self._generators = {}  # seq_id -> generator, for seeded requests
@@ -173,9 +191,11 @@ class LLM:
 
     def step(self) -> list:
         """Runs one scheduled step; returns the RequestOutputs of the requests that got new tokens."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
             return []
+        before = sum(s.num_output_tokens for s in batch.seqs)
         if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
             tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
         else:
@@ -196,7 +216,20 @@ class LLM:
             if req.finished:
                 req.metrics.finished_time = now
                 self._release(req)
-        return [req.output(self.tokenizer) for req in touched.values()]
+        outputs = [req.output(self.tokenizer) for req in touched.values()]
+        self.stats.steps += 1
+        self.stats.computed_tokens += batch.num_tokens
+        self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
+        self.stats.step_seconds += time.perf_counter() - start
+        return outputs
+
+    def stats_summary(self) -> dict:
+        """Steps, tokens, and the host (Python) time per step beside the model's forward time."""
+        forward = self.runner.forward_seconds + (self.spec.draft.forward_seconds if self.spec is not None else 0.0)
+        out = self.stats.summary(forward)
+        if self.spec is not None:
+            out["spec_acceptance_rate"] = self.spec.acceptance_rate
+        return out
 
     def _detokenize(self, req, i, seq) -> None:
         """With stop strings: the text of sample i so far; a stop string ends it (and is cut from the text)."""

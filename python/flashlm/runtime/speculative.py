@@ -102,7 +102,7 @@ class SpeculativeDecoder:
                 seq_lens=torch.tensor([n + j for n in lens], dtype=torch.int32, device=device),
                 cu_seqlens_q=None, max_seqlen_q=1,
                 logits_rows=torch.arange(B if j < k else 0, device=device))
-            logits = self.draft.model.forward_paged(current, paged, self.draft.kv_caches)
+            logits = self.draft.forward(current, paged)
             if j < k:
                 q = sampler.probs(logits, inputs)
                 current = sampler.sample_from(q, inputs)
@@ -123,7 +123,7 @@ class SpeculativeDecoder:
             cu_seqlens_q=torch.arange(0, B * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
             max_seqlen_q=k + 1,
             logits_rows=torch.arange(B * (k + 1), device=device))
-        logits = target.model.forward_paged(tokens.reshape(-1), paged, target.kv_caches)
+        logits = target.forward(tokens.reshape(-1), paged)
         target_probs = sampler.probs(logits, [x for x in inputs for _ in range(k + 1)]).view(B, k + 1, -1)
         num_accepted, final = rejection_sample(sampler, target_probs, draft_probs, drafts, inputs)
 
