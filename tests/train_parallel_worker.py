@@ -74,7 +74,9 @@ def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM):
         for micro in range(MICRO_STEPS):
             x, y = global_batch(step, micro, world)
             (F.cross_entropy(model(x), y) / MICRO_STEPS).backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        grads = [p.grad for p in model.parameters()]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
+                           else torch.nn.utils.get_total_norm(grads)))
         optimizer.step()
         optimizer.zero_grad()
     return norms

@@ -57,13 +57,17 @@ class DataParallel:
         params = [p for g in groups for p in g["params"]]
         if self.world_size > 1:
             _broadcast_from_rank0(params)
+        in_groups = {id(p) for p in params}
+        # The model's order: backward produces gradients in its reverse, and clip_grad_norm_(model.parameters())
+        # sums the norms in it.
+        ordered = [p for p in model.parameters() if id(p) in in_groups]
         if zero_stage == 0:
-            in_groups = {id(p) for p in params}
-            # In the model's order, so that the clip norm sums as clip_grad_norm_(model.parameters()) does.
-            ordered = [p for p in model.parameters() if id(p) in in_groups]
             self._impl = _Replicated(groups, ordered, make_optimizer, bucket_mb, self.world_size)
         else:
-            raise NotImplementedError("zero_stage: ZeRO stages 1 and 2 are not implemented yet")
+            from flashlm.train.zero import ShardedOptimizer
+
+            self._impl = ShardedOptimizer(groups, ordered, make_optimizer, zero_stage, bucket_mb, self.rank,
+                                          self.world_size)
         # The device that carries the small collectives (the inf flag, the squared norm).
         self._device = params[0].device
 
