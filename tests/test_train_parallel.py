@@ -67,22 +67,26 @@ def assert_close_to_scale(got, want, rtol, what):
     assert err <= rtol * scale, f"{what}: max error {err:.3g} in tensor {where} > {rtol} x scale {scale:.3g}"
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    """Runs 2 ranks training stages 0, 1 and 2; returns each rank's results."""
-    out = tmp_path_factory.mktemp("train_parallel")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, w.__file__, str(r), str(WORLD), str(out), "".join(map(str, STAGES))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(WORLD)]
+def run_ranks(out, world, stages, *extra):
+    """Runs `world` ranks of the worker (training `stages`); returns each rank's results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, w.__file__, str(r), str(world), str(out), "".join(map(str, stages)), *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
     try:
-        outputs = [p.communicate(timeout=120) for p in procs]
+        outputs = [p.communicate(timeout=150) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
         pytest.fail("\n".join(f"--- rank {r} ---\n{p.communicate()[1][-3000:]}" for r, p in enumerate(procs)))
     for r, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {r} failed (exit {p.returncode}):\n{err[-5000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """2 ranks training stages 0, 1 and 2 (the MLP, then the Transformer)."""
+    return run_ranks(tmp_path_factory.mktemp("train_parallel"), WORLD, STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +170,21 @@ def test_resume_continues_identically(ranks, stage):
         assert res["norms_resumed"] == res["norms"][4:], f"stage {stage} rank {r}: {res['norms_resumed']}"
         for i, (a, b) in enumerate(zip(res["params_resumed"], res["params_end"])):
             assert torch.equal(a, b), f"stage {stage} rank {r}: parameter {i} differs after resume"
+
+
+def test_three_ranks_zero(tmp_path):
+    """Uneven padding (868 and 89 parameters over 3 ranks): stages 1 and 2 against one process on 3 ranks'
+    samples, and the state the same on every rank and as stage 1's."""
+    results = run_ranks(tmp_path, 3, (1, 2), "mlp")
+    model = w.make_model(100)
+    optimizer = w.make_optimizer(w.param_groups(model))
+    w.train_reference(model, optimizer, range(STEPS), 3)
+    for stage in (1, 2):
+        for r in range(3):
+            assert_params_close(results[r][stage]["params_end"], w.snapshot(model), STEPS, f"stage {stage} rank {r}")
+            assert w.states_equal(results[r][stage]["state_mid"], results[0][1]["state_mid"]), f"stage {stage} rank {r}"
+            assert results[r][stage]["found_inf_one_rank"] is True
+    assert all(all(ok.values()) for ok in (res["cross_load"] for res in results))
 
 
 def test_state_dict_loads_across_stages(ranks):

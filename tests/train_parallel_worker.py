@@ -1,9 +1,9 @@
 """One rank of the multi-process tests of flashlm.train.parallel (tests/test_train_parallel.py starts N).
 
-    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES      # e.g. 0 2 /tmp/x 012
+    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES [mlp]     # e.g. 0 2 /tmp/x 012
 
 Ranks meet through a FileStore in OUT_DIR. For each ZeRO stage in STAGES the rank trains the small MLP
-below, then a tiny flashlm Transformer, with DataParallel and saves what the test compares (parameters, clip norms, state_dicts, memory) to
+below, then (unless "mlp" is given) a tiny flashlm Transformer, with DataParallel and saves what the test compares (parameters, clip norms, state_dicts, memory) to
 OUT_DIR/rank{RANK}.pt. The test process imports this file for the model, the data and the one-process
 reference loop, so both sides train the same thing.
 """
@@ -209,7 +209,7 @@ def run_transformer(stage, rank, world, steps):
     return {"norms": norms, "params_end": snapshot(model)}
 
 
-def main(rank, world, out_dir, stages):
+def main(rank, world, out_dir, stages, with_transformer=True):
     import torch.distributed as tdist
 
     import flashlm.dist as fd
@@ -219,11 +219,12 @@ def main(rank, world, out_dir, stages):
     fd.init(timeout=30)
     results = {stage: run_stage(stage, rank, world) for stage in stages}
     results["cross_load"] = cross_load({s: results[s] for s in stages}, rank, world)
-    results["transformer"] = {stage: run_transformer(stage, rank, world, TRANSFORMER_STEPS) for stage in stages}
+    if with_transformer:
+        results["transformer"] = {stage: run_transformer(stage, rank, world, TRANSFORMER_STEPS) for stage in stages}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     fd.destroy()
     tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]], sys.argv[5:] != ["mlp"])
