@@ -284,7 +284,21 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match="^param_groups: ZeRO"):
             DataParallel(mixed, w.make_optimizer, zero_stage=stage, param_groups=w.param_groups(mixed))
     DataParallel(mixed, lambda g: torch.optim.SGD(g, lr=0.1), zero_stage=0)  # stage 0 takes any mix
-    dp = DataParallel(model, w.make_optimizer)
-    with pytest.raises(ValueError, match="^state_dict"):
-        dp.load_state_dict({"state": {}})
+    for stage in STAGES:
+        dp = DataParallel(model, w.make_optimizer, zero_stage=stage, param_groups=w.param_groups(model))
+        with pytest.raises(ValueError, match="^state_dict"):
+            dp.load_state_dict({"state": {}})
+        with pytest.raises(ValueError, match="state dict|^state_dict"):  # torch's words for stage 0
+            dp.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
+        dp.close()
+
+
+def test_second_backward_without_finish_raises():
+    """Stage 2 reduces during backward: a second backward before finish_gradients is a usage error."""
+    model = w.make_model(0)
+    dp = DataParallel(model, w.make_optimizer, zero_stage=2, bucket_mb=w.BUCKET_MB)
+    x, y = w.batch(0, 0, 0)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="finish_gradients"):
+        F.cross_entropy(model(x), y).backward()
     dp.close()
