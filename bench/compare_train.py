@@ -17,13 +17,14 @@ Before timing, both sides run one float32 step on the same batch and must give t
 norm (relative 1e-4): the comparison is of the same work.
 
 MFU = model.flops_per_token(T) * tokens/s / peak, the peak being a torch matmul (--peak-n, the fastest of 5)
-measured in the same run in the row's dtype (float32 for f32 rows, bf16 for bf16 rows, fp16 for fp16 rows).
+measured in the same run in the row's dtype (float32 for f32 rows, bf16 for bf16 rows, fp16 for fp16 rows;
+float32 for bf16 rows on a CPU without native bf16 matmuls, where torch's bf16 matmul is no ceiling).
 On a busy machine torch's OpenMP workers, which spin after each parallel op (OMP_WAIT_POLICY unset), take the
 cores from flashlm's pool (whose workers sleep) and stall torch's own barriers; OMP_WAIT_POLICY=PASSIVE or
 --threads 1 give steadier figures there. The policy in force is printed.
 
 --profile prints, per side, the step's time in attention forward and backward, matmuls, the rest of
-forward+backward, clip and optimizer (torch.profiler, after the timed steps).
+forward+backward, clip and optimizer (torch.profiler, after the timed steps, the sides again taking turns).
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_train.py                        # gpt2 d256 L4 T256 and llama d256 L4 GQA 8/2, B 2
@@ -183,13 +184,19 @@ def time_steps(sides, x, y, args):
     return {name: {p: statistics.median(t) for p, t in ts.items()} for name, ts in times.items()}
 
 
-def profile_side(side, x, y, steps):
-    """torch.profiler's per-operator averages over `steps` training steps."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            side.step(x, y)
-    return prof.key_averages()
+def profile_sides(sides, x, y, steps):
+    """{side: [torch.profiler's per-operator averages of one step]}, one profiled step per side in turn (the
+    order swapping each round, as in time_steps) so that the breakdowns see the same background load."""
+    averages = {name: [] for name in sides}
+    for r in range(steps):
+        for name in (SIDES if r % 2 == 0 else SIDES[::-1]):
+            side = sides[name]
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device == "cuda" else [])
+            with profile(activities=activities) as prof:
+                side.step(x, y)
+            averages[name].append(prof.key_averages())
+            time.sleep(SETTLE_S)
+    return averages
 
 
 # Operator families for --profile, by substring of the operator name; the first family that matches wins
@@ -205,14 +212,15 @@ FAMILIES = (
 )
 
 
-def profile_row(label, averages, steps):
+def profile_row(label, step_averages):
     """ms per step: the phases (their wall time on the calling thread) and, inside fwd+bwd, the operator
     families' self time, the rest being norms, activations, embedding, loss and autograd's own work."""
     phase = {p: 0.0 for p in PHASES}
     family = {f: 0.0 for f, _ in FAMILIES}
-    for e in averages:
+    steps = len(step_averages)
+    for e in (e for averages in step_averages for e in averages):
         if e.key in phase:
-            phase[e.key] = e.cpu_time_total / 1e3 / steps
+            phase[e.key] += e.cpu_time_total / 1e3 / steps
             continue
         for f, names in FAMILIES:
             if any(n in e.key for n in names):
@@ -252,8 +260,8 @@ def run_model(name, args, device, peaks):
                          *(fmt(t[side][p] * 1e3, ".1f") for p in PHASES), fmt(t[side]["step"] * 1e3, ".1f"),
                          fmt(flops * tps / peaks[dname] * 100, ".1f")])
         if args.profile:
-            prof_rows += [profile_row(f"{dname} {side}", profile_side(sides[side], x, y, args.profile_steps),
-                                      args.profile_steps) for side in SIDES]
+            averages = profile_sides(sides, x, y, args.profile_steps)
+            prof_rows += [profile_row(f"{dname} {side}", averages[side]) for side in SIDES]
     print_table(["dtype side", "tokens/s", "x torch", *(f"{p} ms" for p in PHASES), "step ms", "MFU %"], rows)
     if prof_rows:
         print(f"\ntorch.profiler, {args.profile_steps} steps a side: where the time goes (self time of each operator "
@@ -303,11 +311,14 @@ def main():
                                      f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"))
     probe = Transformer(ModelConfig(**{**MODELS["gpt2"], **QUICK}))
     print(f"torch.optim.AdamW: {torch_optimizer_name(probe, args.torch_optim, device)}; flashlm AdamW: fused kernel")
-    # Without native bf16 (AVX512-BF16/AMX) torch's CPU bf16 matmul runs far below float32 (0.5 against 29
-    # GFLOP/s at 1024^3 on a 2-vCPU Zen 3): its peak is taken at a smaller size, and bf16 rows are opt-in there.
-    peak_n = {d: args.peak_n if d == "f32" or not slow_bf16 else min(args.peak_n, 512) for d in args.dtypes}
-    peaks = {d: matmul_peak(device, DTYPES[d], peak_n[d]) for d in args.dtypes}
-    print("peak, torch matmul: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s ({peak_n[d]}^3)" for d, p in peaks.items()))
+    # Without native bf16 (AVX512-BF16/AMX) torch's CPU bf16 matmul runs far below float32 (0.1-0.7 against
+    # 30-90 GFLOP/s on a 2-vCPU Zen 3, and below what a bf16 training step's own matmuls reach, which would put
+    # MFU over 100%): there bf16 rows are measured against the float32 peak, the machine's fastest matmul.
+    peak_dtype = {d: "f32" if d == "bf16" and slow_bf16 else d for d in args.dtypes}
+    peaks = {d: matmul_peak(device, DTYPES[d], args.peak_n) for d in sorted(set(peak_dtype.values()))}
+    print(f"peak, torch matmul {args.peak_n}^3: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items())
+          + ("; bf16 rows use the f32 peak" if "bf16" in peak_dtype and slow_bf16 else ""))
+    peaks = {d: peaks[peak_dtype[d]] for d in args.dtypes}
     if slow_bf16:
         print("this CPU has no native bf16 matmul: bf16 autocast rows are dominated by torch's slow bf16 matmuls "
               "(on both sides); they run only when asked for (--dtypes f32 bf16, or --quick)")
