@@ -19,9 +19,9 @@ norm (relative 1e-4): the comparison is of the same work.
 MFU = model.flops_per_token(T) * tokens/s / peak, the peak being a torch matmul (--peak-n, the fastest of 5)
 measured in the same run in the row's dtype (float32 for f32 rows, bf16 for bf16 rows, fp16 for fp16 rows;
 float32 for bf16 rows on a CPU without native bf16 matmuls, where torch's bf16 matmul is no ceiling).
-On a busy machine torch's OpenMP workers, which spin after each parallel op (OMP_WAIT_POLICY unset), take the
-cores from flashlm's pool (whose workers sleep) and stall torch's own barriers; OMP_WAIT_POLICY=PASSIVE or
---threads 1 give steadier figures there. The policy in force is printed.
+On an oversubscribed machine torch's OpenMP workers, which spin after each parallel op (OMP_WAIT_POLICY unset),
+stall every op's barrier (a chain of small torch ops 15 times slower at load 9 on 2 vCPUs, on both sides);
+OMP_WAIT_POLICY=PASSIVE or --threads 1 give steadier figures there. The policy in force is printed.
 
 --profile prints, per side, the step's time in attention forward and backward, matmuls, the rest of
 forward+backward, clip and optimizer (torch.profiler, after the timed steps, the sides again taking turns).
