@@ -212,9 +212,10 @@ FAMILIES = (
 )
 
 
-def profile_row(label, step_averages):
-    """ms per step: the phases (their wall time on the calling thread) and, inside fwd+bwd, the operator
-    families' self time, the rest being norms, activations, embedding, loss and autograd's own work."""
+def profile_row(label, step_averages, device):
+    """ms per step: the phases (their wall time on the calling thread, which synchronizes at each phase's
+    end) and, inside fwd+bwd, the operator families' self time (on CUDA their kernels' time), the rest being
+    norms, activations, embedding, loss and autograd's own work."""
     phase = {p: 0.0 for p in PHASES}
     family = {f: 0.0 for f, _ in FAMILIES}
     steps = len(step_averages)
@@ -224,7 +225,8 @@ def profile_row(label, step_averages):
             continue
         for f, names in FAMILIES:
             if any(n in e.key for n in names):
-                family[f] += e.self_cpu_time_total / 1e3 / steps
+                self_us = e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
+                family[f] += self_us / 1e3 / steps
                 break
     other = phase["fwd+bwd"] - sum(family.values())
     return [label, *(fmt(phase[p], ".1f") for p in PHASES[:1]), *(fmt(v, ".1f") for v in family.values()),
@@ -261,7 +263,7 @@ def run_model(name, args, device, peaks):
                          fmt(flops * tps / peaks[dname] * 100, ".1f")])
         if args.profile:
             averages = profile_sides(sides, x, y, args.profile_steps)
-            prof_rows += [profile_row(f"{dname} {side}", averages[side]) for side in SIDES]
+            prof_rows += [profile_row(f"{dname} {side}", averages[side], device) for side in SIDES]
     print_table(["dtype side", "tokens/s", "x torch", *(f"{p} ms" for p in PHASES), "step ms", "MFU %"], rows)
     if prof_rows:
         print(f"\ntorch.profiler, {args.profile_steps} steps a side: where the time goes (self time of each operator "
@@ -280,7 +282,7 @@ def main():
     ap.add_argument("--torch-optim", default="default", choices=("default", "foreach", "fused"))
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--peak-n", type=int, default=1024, help="matmul size for the peak FLOP/s")
+    ap.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default: CPU 1024, CUDA 8192)")
     ap.add_argument("--profile", action="store_true", help="also profile each side (torch.profiler)")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
@@ -303,6 +305,10 @@ def main():
             args.dtypes = ["f32"] if slow_bf16 and not args.quick else ["f32", "bf16"]
     if device == "cpu" and "fp16" in args.dtypes:
         ap.error("--dtypes fp16: CPU rows are f32 and bf16 (flashlm's CPU kernels take float32 and bfloat16)")
+    if device == "cuda" and "f32" in args.dtypes:
+        ap.error("--dtypes f32: CUDA rows are fp16 and bf16 (flashlm's CUDA attention would cast f32 to bf16)")
+    if args.peak_n is None:
+        args.peak_n = 8192 if device == "cuda" else 1024
     if args.quick:
         args.batch, args.reps, args.warmup, args.peak_n, args.profile_steps = 2, 3, 1, 512, 1
     if args.batch < 1 or args.reps < 1 or args.warmup < 0:
