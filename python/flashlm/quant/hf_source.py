@@ -5,7 +5,8 @@ MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the ten
 convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
 `h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
 the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
-hyperparameters as GGUF metadata. The tokenizer is not converted.
+hyperparameters as GGUF metadata. A byte-level BPE tokenizer.json beside the weights becomes the GGUF's
+tokenizer (flashlm.io.gguf_tokenizer); a tokenizer of another kind is left out with a warning.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import json
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 from gguf import GGUFValueType
+
+from flashlm.io.gguf_tokenizer import tokenizer_metadata
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
@@ -76,7 +80,7 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half row order -> ggml's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -120,7 +124,24 @@ class HFSource:
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
-        self.metadata = self._hparams(os.path.basename(os.path.normpath(path)))
+        self.metadata = self._hparams(os.path.basename(os.path.normpath(path))) + self._tokenizer(path)
+
+    def _tokenizer(self, path: str) -> list:
+        """tokenizer.json as GGUF metadata, or nothing when there is none or llama.cpp cannot use it."""
+        tok_path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            return []
+        rows = [s[0] for n, s, _ in self.tensors if n == "token_embd.weight"]
+        eos = self.config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        with open(tok_path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return tokenizer_metadata(text, vocab_size=rows[0] if rows else None,
+                                      eos_token_id=eos if isinstance(eos, int) else None)
+        except ValueError as e:
+            warnings.warn(f"{tok_path}: not written to the GGUF file: {e}", stacklevel=3)
+            return []
 
     def _hparams(self, name: str) -> list:
         cfg, a = self.config, self.arch
@@ -129,7 +150,7 @@ class HFSource:
             return [("general.name", name, GGUFValueType.STRING, None),
                     ("gpt2.block_count", cfg["n_layer"], u32, None), ("gpt2.context_length", cfg["n_ctx"], u32, None),
                     ("gpt2.embedding_length", cfg["n_embd"], u32, None),
-                    ("gpt2.feed_forward_length", 4 * cfg["n_embd"], u32, None),
+                    ("gpt2.feed_forward_length", cfg.get("n_inner") or 4 * cfg["n_embd"], u32, None),
                     ("gpt2.attention.head_count", self.n_head, u32, None),
                     ("gpt2.attention.layer_norm_epsilon", float(cfg.get("layer_norm_epsilon", 1e-5)), f32, None)]
         meta = [("general.name", name, GGUFValueType.STRING, None),
@@ -158,7 +179,7 @@ class HFSource:
         path, offset, np_dtype, shape, transpose = self._entries[name]
         data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
         if self._permute and name.endswith(("attn_q.weight", "attn_k.weight")):
-            data = _permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
+            data = permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
         if transpose:
             data = np.ascontiguousarray(np.asarray(data).T)
         return data
