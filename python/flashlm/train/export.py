@@ -31,6 +31,7 @@ import torch
 
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.quant.hf_source import permute_rope_rows
+from flashlm.quant.mix import MIXES
 from flashlm.quant.quantize_file import write_quantized
 
 CHECKPOINT_FORMAT = "flashlm-checkpoint-1"
@@ -315,6 +316,8 @@ def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: st
         Q4_K_S/M, Q5_K_S/M, Q6_K. Other arguments as export_hf's; without a tokenizer the file has none
         (llama.cpp will not load it then).
     """
+    if not isinstance(type, str) or type.upper() not in MIXES:
+        raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {type!r}")
     s, state = resolve(model_or_state, model_config)
     metadata = gguf_hparams(s, name)
     if tokenizer_json is None:
