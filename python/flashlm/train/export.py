@@ -115,8 +115,8 @@ def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
         if d_ff is None:  # the config's default rule lives with the model: read it off the weights
             d_ff = state["blocks.0.mlp.fc.weight" if arch == "gpt2" else "blocks.0.mlp.gate.weight"].shape[0]
         tied = bool(cfg.get("tie_embeddings", True))
-        if tied and "lm_head.weight" in state:
-            if not torch.equal(state["lm_head.weight"], state.get("tok_emb.weight")):
+        if tied and "lm_head.weight" in state and "tok_emb.weight" in state:
+            if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
                 raise ValueError("model_or_state: tie_embeddings is set but lm_head.weight differs from tok_emb.weight")
             del state["lm_head.weight"]
         s = _Shape(arch, int(cfg["vocab_size"]), int(cfg["n_layer"]), n_head, int(cfg.get("n_kv_head") or n_head),
