@@ -398,11 +398,12 @@ def q8_0_reference(model):
     return model
 
 
-# Logit tolerances against flashlm's float32 model, measured (max abs error over 23 positions; the logits
-# have a standard deviation near 1): llama F32 ~2e-6; gpt2 F32 ~TBD, since ggml's GELU reads an f16
-# table; Q8_0 ~TBD, since ggml's Q8_0 matmul also rounds the activations to 8 bits (the reference has
-# only the Q8_0 weights).
-LOGIT_TOL = {("llama", "F32"): 1e-4, ("gpt2", "F32"): 1e-2, ("llama", "Q8_0"): 0.1, ("gpt2", "Q8_0"): 0.1}
+# Logit tolerances against flashlm's float32 model (logits of std ~1, max ~4.5), about 2x to 10x the
+# measured max abs error over 19 positions (llama-cpp-python 0.3.36, 2 threads): llama F32 2.6e-6-3.7e-6;
+# gpt2 F32 8.8e-4, since ggml's GELU reads an f16 table (its input rounded to f16); Q8_0 0.05 (gpt2) and
+# 0.08 (llama), since ggml's Q8_0 matmul also rounds the activations to 8-bit blocks (the reference has
+# only the rounded weights; that rounding alone moves the logits by 0.04-0.08).
+LOGIT_TOL = {("llama", "F32"): 3e-5, ("gpt2", "F32"): 3e-3, ("llama", "Q8_0"): 0.15, ("gpt2", "Q8_0"): 0.15}
 
 
 @pytest.mark.parametrize("name,mix", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("llama-gqa", "F32"),
@@ -434,8 +435,13 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
         want_logits = model(torch.tensor([want[:-1]]))[0][0].numpy()
     tol = LOGIT_TOL[cfg.arch, mix]
     err = np.abs(got_logits - want_logits).max()
-    print(f"{name} {mix}: llama.cpp vs flashlm max abs logit error {err:.3g} (tolerance {tol:g})")
+    top2 = np.sort(want_logits, axis=-1)[:, -2:]
+    print(f"{name} {mix}: llama.cpp vs flashlm max abs logit error {err:.3g} (tolerance {tol:g}); logits std "
+          f"{want_logits.std():.3g}, max {np.abs(want_logits).max():.3g}, smallest top-2 gap {(top2[:, 1] - top2[:, 0]).min():.3g}")
     assert_close(got_logits, want_logits, tol, f"{name} {mix}: llama.cpp logits vs flashlm")
+    # Exact for F32 (errors 1e3 below the smallest top-2 gap, 0.011). For Q8_0 the error bound exceeds
+    # that gap (0.015), so equal tokens hold for these weights rather than for any: a failure here with the
+    # logits within tolerance means a near tie, not a wrong export.
     assert got == want, f"{name} {mix}: llama.cpp greedy {got[len(prompt):]} vs flashlm {want[len(prompt):]}"
 
 
@@ -446,4 +452,4 @@ def test_llama_cpp_tokenizer(tokenizer, tmp_path):
     for text in LLAMA_CPP_TEXTS:
         want = tokenizer.encode(text).ids
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, repr(text)
-        assert llm.detokenize(want) == text.encode(), repr(text)
+        assert llm.detokenize(want, special=True) == text.encode(), repr(text)
