@@ -30,7 +30,8 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
 
     def rope(t):  # t [B, T, heads, hd]; element i pairs with i + hd/2 (HF's rotate-half layout)
         half = hd // 2
-        freq = cfg.rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
+        freq = torch.tensor([llama3_scaled(cfg.rope_theta ** (-2 * i / hd), cfg.rope_scaling) for i in range(half)],
+                            dtype=torch.float64)
         phase = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freq)
         z = torch.complex(t[..., :half], t[..., half:]) * phase[None, :, None, :]
         return torch.cat((z.real, z.imag), dim=-1)
@@ -42,7 +43,7 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
         q = linear(h, p + ".attn.q").view(B, T, H, hd)
         k = linear(h, p + ".attn.k").view(B, T, KV, hd)
         v = linear(h, p + ".attn.v").view(B, T, KV, hd)
-        if cfg.arch == "llama":
+        if cfg.arch != "gpt2":
             q, k = rope(q), rope(k)
         k = k.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
@@ -60,11 +61,34 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     return F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
 
 
+def llama3_scaled(freq, rs):
+    """One rotary frequency under Llama 3's rule (as Meta's reference code states it, branch by branch)."""
+    if rs is None:
+        return freq
+    wavelen = 2 * math.pi / freq
+    low_wavelen = rs["original_max_position_embeddings"] / rs["low_freq_factor"]
+    high_wavelen = rs["original_max_position_embeddings"] / rs["high_freq_factor"]
+    if wavelen < high_wavelen:
+        return freq
+    if wavelen > low_wavelen:
+        return freq / rs["factor"]
+    smooth = (rs["original_max_position_embeddings"] / wavelen - rs["low_freq_factor"]) / (
+        rs["high_freq_factor"] - rs["low_freq_factor"])
+    return (1 - smooth) * freq / rs["factor"] + smooth * freq
+
+
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=64)
+
 CONFIGS = [
     dict(arch="gpt2", vocab_size=97, n_layer=2, n_head=4, d_model=64, seq_len=40),
     dict(arch="llama", vocab_size=101, n_layer=2, n_head=4, n_kv_head=4, d_model=64, seq_len=40),
     dict(arch="llama", vocab_size=61, n_layer=3, n_head=6, n_kv_head=2, d_model=96, seq_len=40, tie_embeddings=False),
     dict(arch="llama", vocab_size=50, n_layer=1, n_head=4, n_kv_head=1, d_model=80, seq_len=33, rope_theta=500000.0),
+    dict(arch="qwen2", vocab_size=70, n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=40, rope_theta=1e6),
+    # original_max 64 with head_dim 32: the frequencies span all three of Llama 3's regimes.
+    dict(arch="llama", vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, seq_len=40,
+         rope_scaling=LLAMA3_SCALING),
 ]
 
 
@@ -77,7 +101,8 @@ def _randomize(model, seed):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("cfg_kw", CONFIGS, ids=lambda c: f"{c['arch']}-kv{c.get('n_kv_head', c['n_head'])}-d{c['d_model']}")
+@pytest.mark.parametrize("cfg_kw", CONFIGS, ids=lambda c: f"{c['arch']}-kv{c.get('n_kv_head', c['n_head'])}-d{c['d_model']}"
+                         + ("-llama3" if c.get("rope_scaling") else ""))
 @pytest.mark.parametrize("T", [1, 17, None])
 def test_logits_match_float64_reference(cfg_kw, T):
     cfg = ModelConfig(**cfg_kw)
@@ -179,6 +204,9 @@ def test_param_groups_and_flops():
 @pytest.mark.parametrize("kw, name", [
     (dict(arch="bert"), "arch"), (dict(n_head=3, d_model=64), "d_model"), (dict(n_kv_head=3), "n_kv_head"),
     (dict(arch="gpt2", n_kv_head=2), "n_kv_head"), (dict(vocab_size=0), "vocab_size"), (dict(norm_eps=0.0), "norm_eps"),
+    (dict(arch="llama", rope_scaling={"rope_type": "yarn"}), "rope_scaling"),
+    (dict(arch="llama", rope_scaling=dict(LLAMA3_SCALING, factor=0.5)), "rope_scaling"),
+    (dict(arch="gpt2", rope_scaling=LLAMA3_SCALING), "rope_scaling"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -1,5 +1,5 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
-`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm demo`."""
+`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`."""
 
 from __future__ import annotations
 
@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     export.set_defaults(func=_cmd_export)
 
+    from flashlm.runtime.commands import add_commands as add_runtime_commands
+
+    add_runtime_commands(sub)
+
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (GGUFError, OSError) as e:
+    except (GGUFError, OSError, ValueError) as e:
         if isinstance(e, BrokenPipeError):  # `flashlm gguf inspect x.gguf | head`: the reader left, fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

@@ -1,4 +1,4 @@
-"""Transformer: a decoder-only language model (GPT-2 or Llama family) whose attention is flashlm's flash
+"""Transformer: a decoder-only language model (GPT-2, Llama or Qwen2 family) whose attention is flashlm's flash
 attention, forward and backward (it is an autograd op), and whose other layers are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
@@ -8,9 +8,14 @@ attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the
 and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
 attn.{q,k,v,o}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
+
+Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
+paged cache and attention read back from it (PagedBatch says where), so one call mixes prefill chunks and
+decodes.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
 from flashlm.ops.flash_attn_interface import flash_attn_func
+from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
 ATTN_IMPLS = ("flashlm", "sdpa")
 
@@ -42,18 +48,32 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(cfg: ModelConfig, device=None):
-    """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * theta^(-2i/hd),
-    repeated over the two halves of the head."""
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
+    wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
+    high_freq_factor) kept, and a smooth blend in between."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])).clamp(0, 1)
+    return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
+    repeated over the two halves of the head."""
+    inv_freq = rope_inv_freq(cfg, device)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, hd]; cos, sin [T, hd]."""
+    """x [..., T, heads, hd]; cos, sin [T, hd] (the angles of each of the T positions)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
@@ -78,12 +98,13 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str):
         super().__init__()
         bias = cfg.arch == "gpt2"
+        qkv_bias = cfg.arch in ("gpt2", "qwen2")
         hd = cfg.head_dim
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
         self.attn_impl = attn_impl
-        self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=bias)
-        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=bias)
-        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=bias)
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
 
     def forward(self, x, rope):
@@ -96,6 +117,20 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         y = causal_attention(q, k, v, self.attn_impl)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+    def forward_paged(self, x, rope, batch: "PagedBatch", cache):
+        T = x.shape[0]
+        q = self.q(x).view(T, self.n_head, self.head_dim)
+        k = self.k(x).view(T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_cache, v_cache = cache
+        write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
+        y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,
+                            batch.cu_seqlens_q, batch.max_seqlen_q)
+        return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
 class GeluMLP(nn.Module):
@@ -139,6 +174,23 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
+    def forward_paged(self, x, rope, batch, cache):
+        x = x + self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class PagedBatch:
+    """Where the packed tokens of one serving step belong. T tokens from S sequences, sequence s owning rows
+    [cu_seqlens_q[s], cu_seqlens_q[s + 1]) (without cu_seqlens_q: one token each, a pure decode step)."""
+    positions: torch.Tensor  # int64 [T]: each token's position in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) its K and V go to
+    block_table: torch.Tensor  # int32 [S, max_blocks]
+    seq_lens: torch.Tensor  # int32 [S]: each sequence's length including this step's tokens
+    cu_seqlens_q: Optional[torch.Tensor]  # int32 [S + 1], or None when every sequence has one token
+    max_seqlen_q: int
+    logits_rows: torch.Tensor  # int64 [R]: the rows whose next-token logits are wanted
+
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str = "flashlm"):
@@ -154,7 +206,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.arch == "llama":
+        if cfg.rotary:
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -189,7 +241,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # [B, T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.arch == "llama" else None
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.rotary else None
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, use_reentrant=False)
@@ -201,6 +253,22 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
+        """Logits float32 [len(batch.logits_rows), vocab] for a serving step. tokens: int64 [T];
+        kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
+        if len(kv_caches) != self.cfg.n_layer:
+            raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
+        x = self.tok_emb(tokens)  # [T, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(batch.positions)
+        rope = (self.rope_cos[batch.positions], self.rope_sin[batch.positions]) if self.cfg.rotary else None
+        for block, cache in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, rope, batch, cache)
+        x = self.final_norm(x[batch.logits_rows])
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        return logits.float()
 
     def param_groups(self, weight_decay: float) -> list:
         """Weight decay on matrices (linear weights and embeddings), none on norms and biases."""
