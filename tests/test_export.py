@@ -1,5 +1,6 @@
 """flashlm.train.export: tiny random flashlm models (GPT-2; Llama with GQA; Llama with an untied head; a
-vocabulary of 317, not a multiple of anything, larger than the tokenizer's 300) exported to HF and GGUF.
+vocabulary of 317, not a multiple of anything, larger than the tokenizer's 300; Llama with Llama 3's
+rope scaling; Qwen2 with q/k/v biases and GQA) exported to HF and GGUF.
 
 References: HF `transformers` (the exported directory's logits against flashlm's Transformer in float32,
 the tokenizer through AutoTokenizer); gguf-py (GGUFReader for metadata, names, shapes and values;
@@ -27,8 +28,13 @@ from flashlm.train.tokenizer import train_tokenizer
 from test_gguf_quantize import RMS_BOUNDS
 
 VOCAB, TOK_VOCAB, D_MODEL, N_HEAD, SEQ = 317, 300, 64, 4, 48
+# Llama 3's rope scaling with original_max 32 puts the 8 frequencies of a 16-wide head in all three regimes
+# (kept, blended, slowed down by `factor`) within the 48 positions
+ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 32}
 MODELS = {"gpt2": dict(arch="gpt2"), "llama-gqa": dict(arch="llama", n_kv_head=2, rope_theta=500.0),
-          "llama-untied": dict(arch="llama", tie_embeddings=False)}
+          "llama-untied": dict(arch="llama", tie_embeddings=False), "llama-rope3": dict(arch="llama", rope_scaling=ROPE3),
+          "qwen2": dict(arch="qwen2", n_kv_head=2)}
 SAMPLE = "The quick brown fox's 12345 jumps!\n  Über naïve café -- it's 3.14, isn't it?\t<|endoftext|> Done."
 CORPUS = ["The quick brown fox jumps over the lazy dog, again and again.", "It's 3.14159 or 22/7; isn't it?",
           "Über naïve café déjà vu: ünïcode text.", "Numbers 0123456789 and symbols !@#$%^&*()[]{}",
@@ -84,7 +90,8 @@ def test_hf_logits_match(name, tokenizer, tmp_path):
     cfg, model = make_model(name)
     export_hf(model, cfg, tokenizer.to_str(), tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
-    assert type(hf).__name__ == ("GPT2LMHeadModel" if cfg.arch == "gpt2" else "LlamaForCausalLM")
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                                 "qwen2": "Qwen2ForCausalLM"}[cfg.arch]
     idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, _ = model(idx)
@@ -144,6 +151,23 @@ def test_bad_inputs(tmp_path):
 # ----------------------------------------------------------------------------------------------- GGUF
 
 
+def llama3_rope_factors(cfg):
+    """convert_hf_to_gguf's LlamaModel rope_freqs loop for Llama 3's rope scaling, written out."""
+    rs, hd = cfg.rope_scaling, cfg.head_dim
+    old = rs["original_max_position_embeddings"]
+    factors = []
+    for i in range(0, hd, 2):
+        wavelen = 2 * math.pi * cfg.rope_theta ** (i / hd)
+        if wavelen < old / rs["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / rs["low_freq_factor"]:
+            factors.append(rs["factor"])
+        else:
+            smooth = (old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rs["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def permuted(w, n_head):
     """convert_hf_to_gguf's LlamaModel.permute, written out: rows (head, half, i) -> (head, i, half)."""
     d = w.shape[0] // n_head // 2
@@ -153,7 +177,10 @@ def permuted(w, n_head):
 def expected_gguf(cfg, model):
     """{GGUF name: float32 array in torch order}, in llama.cpp's order, from flashlm's parameters."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["tok_emb.weight"]}
+    out = {}
+    if cfg.rope_scaling:
+        out["rope_freqs.weight"] = llama3_rope_factors(cfg)
+    out["token_embd.weight"] = sd["tok_emb.weight"]
     if cfg.arch == "gpt2":
         out["position_embd.weight"] = sd["pos_emb.weight"]
     for i in range(cfg.n_layer):
@@ -166,10 +193,14 @@ def expected_gguf(cfg, model):
                     out[b + f"{gname}.{kind}"] = (np.concatenate([sd[p + f"attn.{n}.{kind}"] for n in "qkv"])
                                                   if fname is None else sd[p + f"{fname}.{kind}"])
         else:
+            llama = cfg.arch == "llama"  # qwen2's rope in ggml (NEOX) rotates halves as flashlm's: no permutation
             out |= {b + "attn_norm.weight": sd[p + "attn_norm.weight"],
-                    b + "attn_q.weight": permuted(sd[p + "attn.q.weight"], cfg.n_head),
-                    b + "attn_k.weight": permuted(sd[p + "attn.k.weight"], cfg.n_kv_head),
-                    b + "attn_v.weight": sd[p + "attn.v.weight"], b + "attn_output.weight": sd[p + "attn.o.weight"],
+                    b + "attn_q.weight": permuted(sd[p + "attn.q.weight"], cfg.n_head) if llama else sd[p + "attn.q.weight"],
+                    b + "attn_k.weight": permuted(sd[p + "attn.k.weight"], cfg.n_kv_head) if llama else sd[p + "attn.k.weight"],
+                    b + "attn_v.weight": sd[p + "attn.v.weight"]}
+            if cfg.arch == "qwen2":
+                out |= {b + f"attn_{n}.bias": sd[p + f"attn.{n}.bias"] for n in "qkv"}
+            out |= {b + "attn_output.weight": sd[p + "attn.o.weight"],
                     b + "ffn_norm.weight": sd[p + "mlp_norm.weight"], b + "ffn_gate.weight": sd[p + "mlp.gate.weight"],
                     b + "ffn_up.weight": sd[p + "mlp.up.weight"], b + "ffn_down.weight": sd[p + "mlp.down.weight"]}
     out["output_norm.weight"] = sd["final_norm.weight"]
@@ -190,15 +221,18 @@ def test_gguf_f32(name, tokenizer, tmp_path):
     want_meta = {"general.architecture": a, f"{a}.context_length": SEQ, f"{a}.embedding_length": D_MODEL,
                  f"{a}.block_count": 2, f"{a}.feed_forward_length": cfg.d_ff, f"{a}.attention.head_count": N_HEAD,
                  f"{a}.attention.head_count_kv": cfg.n_kv_head, f"{a}.vocab_size": VOCAB, "general.file_type": 0}
-    if a == "llama":
-        want_meta |= {"llama.rope.dimension_count": D_MODEL // N_HEAD}
+    if a != "gpt2":
+        want_meta |= {f"{a}.rope.dimension_count": D_MODEL // N_HEAD}
     for key, value in want_meta.items():
         assert field(reader, key) == value, key
-    eps_key = "gpt2.attention.layer_norm_epsilon" if a == "gpt2" else "llama.attention.layer_norm_rms_epsilon"
+    eps_key = "gpt2.attention.layer_norm_epsilon" if a == "gpt2" else f"{a}.attention.layer_norm_rms_epsilon"
     assert field(reader, eps_key) == pytest.approx(cfg.norm_eps, rel=1e-6)
-    if a == "llama":
-        assert field(reader, "llama.rope.freq_base") == pytest.approx(cfg.rope_theta, rel=1e-6)
+    if a != "gpt2":
+        assert field(reader, f"{a}.rope.freq_base") == pytest.approx(cfg.rope_theta, rel=1e-6)
     want = expected_gguf(cfg, model)
+    if cfg.rope_scaling:  # kept, blended and slowed-down frequencies all occur
+        f = want["rope_freqs.weight"]
+        assert f.min() == 1.0 and f.max() == ROPE3["factor"] and ((f > 1) & (f < ROPE3["factor"])).any()
     assert list(tensors) == list(want)
     for tname, array in want.items():
         ttype, shape, data = tensors[tname]
@@ -403,11 +437,12 @@ def q8_0_reference(model):
 # gpt2 F32 8.8e-4, since ggml's GELU reads an f16 table (its input rounded to f16); Q8_0 0.05 (gpt2) and
 # 0.08 (llama), since ggml's Q8_0 matmul also rounds the activations to 8-bit blocks (the reference has
 # only the rounded weights; that rounding alone moves the logits by 0.04-0.08).
-LOGIT_TOL = {("llama", "F32"): 3e-5, ("gpt2", "F32"): 3e-3, ("llama", "Q8_0"): 0.15, ("gpt2", "Q8_0"): 0.15}
+LOGIT_TOL = {("llama", "F32"): 3e-5, ("qwen2", "F32"): 3e-5, ("gpt2", "F32"): 3e-3, ("llama", "Q8_0"): 0.15,
+             ("gpt2", "Q8_0"): 0.15}
 
 
-@pytest.mark.parametrize("name,mix", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("llama-gqa", "F32"),
-                                      ("llama-gqa", "Q8_0"), ("llama-untied", "F32")])
+@pytest.mark.parametrize("name,mix", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("llama-gqa", "F32"), ("llama-gqa", "Q8_0"),
+                                      ("llama-untied", "F32"), ("llama-rope3", "F32"), ("qwen2", "F32")])
 def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     cfg, model = make_model(name)
     path = tmp_path / "m.gguf"

@@ -1,22 +1,24 @@
 """Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
 
-    export_hf(model, cfg, tokenizer_json, "out/")          # transformers: GPT2LMHeadModel / LlamaForCausalLM
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2 classes)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
     export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs
 
 HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json, with HF's names
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
-columns after the transpose); llama's weights are nn.Linear's [out, in] as flashlm stores them, and its
-RoPE is the same rotate-half convention, so nothing is permuted. HF's GPT-2 has neither grouped KV heads
-nor an output projection apart from the embedding: exporting those raises ValueError.
+columns after the transpose); llama's and qwen2's weights are nn.Linear's [out, in] as flashlm stores
+them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
+permuted. HF's GPT-2 has neither grouped KV heads nor an output projection apart from the embedding:
+exporting those raises ValueError.
 
 GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
-them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout;
-GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 reads grouped KV heads and an untied output
-from it, so GGUF takes both). The tensors go through `flashlm quantize`'s writer: `type` is one of its
-mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give it, norms
-and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference bytes). The
-tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
+them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
+(qwen2's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
+tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 reads grouped KV heads and an untied
+output from it, so GGUF takes both). The tensors go through `flashlm quantize`'s writer: `type` is one
+of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
+it, norms and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference
+bytes). The tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flashlm.quant.mix import MIXES
 from flashlm.quant.quantize_file import write_quantized
 
 CHECKPOINT_FORMAT = "flashlm-checkpoint-1"
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,15 @@ class _Shape:
     rope_theta: float
     norm_eps: float
     tied: bool
+    rope_scaling: dict | None = None  # Llama 3's {"rope_type": "llama3", "factor", ...}
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.arch in ("gpt2", "qwen2")
 
 
 def _config_dict(model_config) -> dict:
@@ -88,10 +96,11 @@ def _expected_shapes(s: _Shape) -> dict:
         shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
                    p + "attn.q.weight": (s.n_head * hd, d), p + "attn.k.weight": (s.n_kv_head * hd, d),
                    p + "attn.v.weight": (s.n_kv_head * hd, d), p + "attn.o.weight": (d, s.n_head * hd)}
+        if s.qkv_bias:
+            shapes |= {p + "attn.q.bias": (s.n_head * hd,), p + "attn.k.bias": (s.n_kv_head * hd,),
+                       p + "attn.v.bias": (s.n_kv_head * hd,)}
         if gpt2:
-            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,),
-                       p + "attn.q.bias": (s.n_head * hd,), p + "attn.k.bias": (s.n_kv_head * hd,),
-                       p + "attn.v.bias": (s.n_kv_head * hd,), p + "attn.o.bias": (d,),
+            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
                        p + "mlp.fc.weight": (s.d_ff, d), p + "mlp.fc.bias": (s.d_ff,),
                        p + "mlp.proj.weight": (d, s.d_ff), p + "mlp.proj.bias": (d,)}
         else:
@@ -107,8 +116,13 @@ def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
     cfg = _config_dict(model_config)
     state = _state_dict(model_or_state)
     arch = cfg.get("arch")
-    if arch not in ("gpt2", "llama"):
-        raise ValueError(f"model_config: arch must be 'gpt2' or 'llama', got {arch!r}")
+    if arch not in ("gpt2", "llama", "qwen2"):
+        raise ValueError(f"model_config: arch must be 'gpt2', 'llama' or 'qwen2', got {arch!r}")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling is not None and (not isinstance(rope_scaling, dict) or rope_scaling.get("rope_type") != "llama3"
+                                     or any(k not in rope_scaling for k in _LLAMA3_ROPE_KEYS)):
+        raise ValueError(f"model_config: rope_scaling must be None or Llama 3's {{'rope_type': 'llama3', "
+                         f"{', '.join(map(repr, _LLAMA3_ROPE_KEYS))}}}, got {rope_scaling!r}")
     try:
         n_head = int(cfg["n_head"])
         d_ff = cfg.get("d_ff")
@@ -121,7 +135,7 @@ def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
             del state["lm_head.weight"]
         s = _Shape(arch, int(cfg["vocab_size"]), int(cfg["n_layer"]), n_head, int(cfg.get("n_kv_head") or n_head),
                    int(cfg["d_model"]), int(d_ff), int(cfg["seq_len"]), float(cfg.get("rope_theta", 10000.0)),
-                   float(cfg.get("norm_eps", 1e-5)), tied)
+                   float(cfg.get("norm_eps", 1e-5)), tied, rope_scaling)
     except KeyError as e:
         raise ValueError(f"model_config: missing {e.args[0]!r} (or model_or_state: no blocks.0 MLP)") from None
     if s.d_model % s.n_head or s.n_head % s.n_kv_head:
@@ -187,6 +201,9 @@ def hf_tensors(s: _Shape, state: dict) -> dict:
                     h + "mlp.down_proj.weight": state[p + "mlp.down.weight"]}
             for n in "qkvo":
                 out[h + f"self_attn.{n}_proj.weight"] = state[p + f"attn.{n}.weight"]
+            if s.qkv_bias:
+                for n in "qkv":
+                    out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
         if not s.tied:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
@@ -201,13 +218,19 @@ def hf_config(s: _Shape, eos_token_id: int | None) -> dict:
                 "n_head": s.n_head, "n_inner": s.d_ff, "activation_function": "gelu_new",
                 "layer_norm_epsilon": s.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32", **special}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": s.vocab_size,
-            "hidden_size": s.d_model, "intermediate_size": s.d_ff, "num_hidden_layers": s.n_layer,
-            "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head, "head_dim": s.head_dim,
-            "max_position_embeddings": s.seq_len, "rms_norm_eps": s.norm_eps, "rope_theta": s.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": s.rope_theta}, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": s.tied, "torch_dtype": "float32",
-            **special}
+    # rope: the older top-level rope_theta / rope_scaling keys and transformers 5's rope_parameters
+    rope = {"rope_type": "default"} if s.rope_scaling is None else dict(s.rope_scaling)
+    config = {"vocab_size": s.vocab_size, "hidden_size": s.d_model, "intermediate_size": s.d_ff,
+              "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head,
+              "head_dim": s.head_dim, "max_position_embeddings": s.seq_len, "rms_norm_eps": s.norm_eps,
+              "rope_theta": s.rope_theta, "rope_scaling": s.rope_scaling and dict(s.rope_scaling),
+              "rope_parameters": rope | {"rope_theta": s.rope_theta}, "hidden_act": "silu",
+              "tie_word_embeddings": s.tied, "torch_dtype": "float32", **special}
+    if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                "max_window_layers": s.n_layer, **config}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
+            **config}
 
 
 def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_id: int | None = None) -> str:
@@ -244,10 +267,27 @@ def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_i
 # ------------------------------------------------------------------------------------------------- GGUF
 
 
+def llama3_rope_factors(s: _Shape) -> np.ndarray:
+    """llama.cpp's rope_freqs for Llama 3's rope scaling: ggml divides frequency i, theta^(-2i/hd), by
+    factor i, which gives flashlm's scaled frequency (long wavelengths slowed by `factor`, short ones kept,
+    a blend between); the values convert_hf_to_gguf.py computes."""
+    rs, hd = s.rope_scaling, s.head_dim
+    inv_freq = s.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = np.clip((rs["original_max_position_embeddings"] / wavelen - rs["low_freq_factor"])
+                     / (rs["high_freq_factor"] - rs["low_freq_factor"]), 0.0, 1.0)
+    return (1.0 / ((1.0 - smooth) / rs["factor"] + smooth)).astype(np.float32)
+
+
 def gguf_tensors(s: _Shape, state: dict) -> list:
     """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
     t = {k: v.numpy() for k, v in state.items()}
-    out = [("token_embd.weight", t["tok_emb.weight"])]
+    out = []
+    if s.rope_scaling is not None:
+        if s.arch != "llama":
+            raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
+        out.append(("rope_freqs.weight", llama3_rope_factors(s)))
+    out.append(("token_embd.weight", t["tok_emb.weight"]))
     if s.arch == "gpt2":
         out.append(("position_embd.weight", t["pos_emb.weight"]))
     for i in range(s.n_layer):
@@ -261,13 +301,18 @@ def gguf_tensors(s: _Shape, state: dict) -> list:
                     (b + "ffn_up.weight", t[p + "mlp.fc.weight"]), (b + "ffn_up.bias", t[p + "mlp.fc.bias"]),
                     (b + "ffn_down.weight", t[p + "mlp.proj.weight"]), (b + "ffn_down.bias", t[p + "mlp.proj.bias"])]
         else:
-            # ggml's rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs; flashlm's (HF's) rotates the halves
-            out += [(b + "attn_norm.weight", t[p + "attn_norm.weight"]),
-                    (b + "attn_q.weight", permute_rope_rows(t[p + "attn.q.weight"], s.n_head)),
-                    (b + "attn_k.weight", permute_rope_rows(t[p + "attn.k.weight"], s.n_kv_head)),
-                    (b + "attn_v.weight", t[p + "attn.v.weight"]), (b + "attn_output.weight", t[p + "attn.o.weight"]),
-                    (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]), (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]),
-                    (b + "ffn_up.weight", t[p + "mlp.up.weight"]), (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
+            q, k = t[p + "attn.q.weight"], t[p + "attn.k.weight"]
+            if s.arch == "llama":
+                # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs, flashlm's (HF's) the two
+                # halves of a head: reorder the rows (qwen2's rope in ggml, NEOX, rotates halves as flashlm's)
+                q, k = permute_rope_rows(q, s.n_head), permute_rope_rows(k, s.n_kv_head)
+            out += [(b + "attn_norm.weight", t[p + "attn_norm.weight"]), (b + "attn_q.weight", q),
+                    (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
+            if s.qkv_bias:
+                out += [(b + f"attn_{n}.bias", t[p + f"attn.{n}.bias"]) for n in "qkv"]
+            out += [(b + "attn_output.weight", t[p + "attn.o.weight"]), (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
+                    (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
+                    (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
     out.append(("output_norm.weight", t["final_norm.weight"]))
     if s.arch == "gpt2":
         out.append(("output_norm.bias", t["final_norm.bias"]))
