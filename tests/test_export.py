@@ -370,7 +370,7 @@ def test_tokenizer_metadata_rejects(tokenizer):
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-rope3", "qwen2"])
 def test_quantize_hf_directory_matches_export(name, tokenizer, tmp_path):
     # `flashlm quantize HF_DIR` of the exported directory: the same tensors and tokenizer as export_gguf
     cfg, model = make_model(name)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
-from flashlm.quant.hf_source import permute_rope_rows
+from flashlm.quant.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.quant.mix import MIXES
 from flashlm.quant.quantize_file import write_quantized
 
@@ -267,18 +267,6 @@ def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_i
 # ------------------------------------------------------------------------------------------------- GGUF
 
 
-def llama3_rope_factors(s: _Shape) -> np.ndarray:
-    """llama.cpp's rope_freqs for Llama 3's rope scaling: ggml divides frequency i, theta^(-2i/hd), by
-    factor i, which gives flashlm's scaled frequency (long wavelengths slowed by `factor`, short ones kept,
-    a blend between); the values convert_hf_to_gguf.py computes."""
-    rs, hd = s.rope_scaling, s.head_dim
-    inv_freq = s.rope_theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
-    wavelen = 2 * np.pi / inv_freq
-    smooth = np.clip((rs["original_max_position_embeddings"] / wavelen - rs["low_freq_factor"])
-                     / (rs["high_freq_factor"] - rs["low_freq_factor"]), 0.0, 1.0)
-    return (1.0 / ((1.0 - smooth) / rs["factor"] + smooth)).astype(np.float32)
-
-
 def gguf_tensors(s: _Shape, state: dict) -> list:
     """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
     t = {k: v.numpy() for k, v in state.items()}
@@ -286,7 +274,7 @@ def gguf_tensors(s: _Shape, state: dict) -> list:
     if s.rope_scaling is not None:
         if s.arch != "llama":
             raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
-        out.append(("rope_freqs.weight", llama3_rope_factors(s)))
+        out.append(("rope_freqs.weight", llama3_rope_factors(s.head_dim, s.rope_theta, s.rope_scaling)))
     out.append(("token_embd.weight", t["tok_emb.weight"]))
     if s.arch == "gpt2":
         out.append(("position_embd.weight", t["pos_emb.weight"]))
