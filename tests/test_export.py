@@ -146,6 +146,11 @@ def test_bad_inputs(tmp_path):
         export_gguf(state, cfg.to_dict() | {"n_kv_head": 4}, None, tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="type"):
         export_gguf(state, cfg, None, tmp_path / "x.gguf", type="Q7_K")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        export_gguf(state, cfg.to_dict() | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, None, tmp_path / "x.gguf")
+    cfg, model = make_model("qwen2")
+    with pytest.raises(ValueError, match="no Llama 3 rope scaling"):
+        export_gguf(model, cfg.to_dict() | {"rope_scaling": ROPE3}, None, tmp_path / "x.gguf")
 
 
 # ----------------------------------------------------------------------------------------------- GGUF

@@ -352,12 +352,13 @@ def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: st
     if not isinstance(type, str) or type.upper() not in MIXES:
         raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {type!r}")
     s, state = resolve(model_or_state, model_config)
+    tensors = gguf_tensors(s, state)
     metadata = gguf_hparams(s, name)
     if tokenizer_json is None:
         warnings.warn("export_gguf: no tokenizer; llama.cpp needs one to load the file", stacklevel=2)
     else:
         metadata += tokenizer_metadata(tokenizer_json, vocab_size=s.vocab_size, eos_token_id=eos_token_id)
-    return write_quantized(ModelSource(s, gguf_tensors(s, state), metadata), str(out_path), type, progress)
+    return write_quantized(ModelSource(s, tensors, metadata), str(out_path), type, progress)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
