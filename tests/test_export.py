@@ -140,6 +140,8 @@ def test_bad_inputs(tmp_path):
     state = model.state_dict()
     with pytest.raises(ValueError, match="arch"):
         export_hf(state, cfg.to_dict() | {"arch": "bert"}, None, tmp_path)
+    with pytest.raises(ValueError, match="positive"):
+        export_hf(state, cfg.to_dict() | {"n_head": 0}, None, tmp_path)
     with pytest.raises(ValueError, match="missing"):
         export_hf({k: v for k, v in state.items() if "blocks.1.attn.q" not in k}, cfg, None, tmp_path)
     with pytest.raises(ValueError, match="shape"):

@@ -138,9 +138,16 @@ def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
                    float(cfg.get("norm_eps", 1e-5)), tied, rope_scaling)
     except KeyError as e:
         raise ValueError(f"model_config: missing {e.args[0]!r} (or model_or_state: no blocks.0 MLP)") from None
+    sizes = {"vocab_size": s.vocab_size, "n_layer": s.n_layer, "n_head": s.n_head, "n_kv_head": s.n_kv_head,
+             "d_model": s.d_model, "d_ff": s.d_ff, "seq_len": s.seq_len}
+    bad = {k: v for k, v in sizes.items() if v <= 0}
+    if bad:
+        raise ValueError(f"model_config: sizes must be positive, got {bad}")
     if s.d_model % s.n_head or s.n_head % s.n_kv_head:
         raise ValueError(f"model_config: d_model {s.d_model}, n_head {s.n_head} and n_kv_head {s.n_kv_head} "
                          "must divide evenly")
+    if arch != "gpt2" and s.head_dim % 2:
+        raise ValueError(f"model_config: rotary embeddings need an even head_dim, got {s.head_dim}")
     expected = _expected_shapes(s)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -165,7 +172,7 @@ def _eos_id(tokenizer_json, eos_token_id) -> int | None:
 
 
 def hf_tensors(s: _Shape, state: dict) -> dict:
-    """The state dict under HF's names and layouts (GPT2LMHeadModel or LlamaForCausalLM)."""
+    """The state dict under HF's names and layouts (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM)."""
     out = {}
     if s.arch == "gpt2":
         if s.n_kv_head != s.n_head:
@@ -250,7 +257,8 @@ def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_i
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config(s, eos), f, indent=2)
     if tokenizer_json is not None:
-        text = tokenizer_json if isinstance(tokenizer_json, str) else json.dumps(tokenizer_json)
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        text = text if isinstance(text, str) else json.dumps(text)
         spec = json.loads(text)
         with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
             f.write(text)
