@@ -1,5 +1,6 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
-`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`."""
+`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`."""
 
 from __future__ import annotations
 
@@ -109,6 +110,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.input):
+        print(f"flashlm: error: input: {_printable(args.input)!r} is not an HF model directory "
+              "(to requantize a GGUF file, use `flashlm quantize`)", file=sys.stderr)
+        return 1
+    return _cmd_quantize(args)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from flashlm.train.export import export_checkpoint
 
@@ -152,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"the mix: {', '.join(MIXES)}")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     quantize.set_defaults(func=_cmd_quantize)
+
+    convert = sub.add_parser("convert", help="convert an HF safetensors model directory to a GGUF file that "
+                                             "llama.cpp loads (tokenizer included)")
+    convert.add_argument("input", help="an HF model directory (llama, mistral, qwen2, gpt2)")
+    convert.add_argument("output", help="the GGUF file to write")
+    convert.add_argument("--type", default="F16", type=str.upper, choices=list(MIXES), metavar="TYPE",
+                         help=f"the mix (default F16): {', '.join(MIXES)}")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    convert.set_defaults(func=_cmd_convert)
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
                                            "model directory (transformers)")
