@@ -20,6 +20,7 @@ from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
 from flashlm.ops.int_linear import int4_linear, int8_linear, quantize_per_token
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
+from flashlm.ops.norm import rms_norm
 from flashlm.ops.optim import adamw_step_
 
 __version__ = _C.__version__
@@ -60,5 +61,5 @@ __all__ = [
     "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize",
     "int4_linear", "int8_linear", "num_threads", "paged_attention", "paged_attention_num_splits", "quantize_per_token",
-    "quantize_supported", "set_cpu_isa", "set_num_threads", "write_kv_cache",
+    "quantize_supported", "rms_norm", "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]

@@ -23,10 +23,10 @@ class EagerOp:
         self.fn = fn
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return self.op(*args)
-        return self.fn(*args)
+            return self.op(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)

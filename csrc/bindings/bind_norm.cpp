@@ -1,0 +1,60 @@
+// Normalisation kernels: RMSNorm, with vLLM's fused residual add. out is allocated by the caller
+// (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an integer.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+
+#include <optional>
+
+#include "convert.h"
+#include "flashlm/norm/rms_norm.h"
+
+namespace nb = nanobind;
+
+namespace flashlm::bindings {
+namespace {
+
+// a [..., d] as the [rows, d] view the kernel takes: the leading dimensions must collapse into one row stride
+// (dimensions of size 1 have any stride). A 1-D array is one row.
+TensorView as_rows(const Array& a, const char* name) {
+  TensorView v = to_view(a, name);
+  if (v.ndim == 2) return v;
+  FLASHLM_CHECK(v.ndim >= 1, name, ": expected shape [..., d], got a 0-dim array");
+  const int last = v.ndim - 1;
+  int64_t rows = 1, row_stride = v.shape[last], expect = -1;
+  bool collapses = true;
+  for (int k = last - 1; k >= 0; --k) {
+    rows *= v.shape[k];
+    if (v.shape[k] == 1) continue;
+    if (expect < 0) row_stride = v.strides[k];
+    else collapses = collapses && v.strides[k] == expect;
+    expect = v.strides[k] * v.shape[k];
+  }
+  FLASHLM_CHECK(collapses || rows == 0, name, ": the leading dimensions of shape ", v.shape_string(),
+                " cannot be seen as one dimension of rows (their strides do not nest)");
+  const int64_t d = v.shape[last], d_stride = v.strides[last];
+  v.ndim = 2;
+  v.shape[0] = rows, v.shape[1] = d;
+  v.strides[0] = row_stride, v.strides[1] = d_stride;
+  return v;
+}
+
+void rms_norm(Array x, Array weight, Array out, std::optional<Array> residual, double eps, uintptr_t stream) {
+  norm::RMSNormParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  p.out = as_rows(out, "out");
+  if (residual) p.residual = as_rows(*residual, "residual");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::rms_norm(p, reinterpret_cast<void*>(stream));
+}
+
+}  // namespace
+
+void bind_norm(nb::module_& m) {
+  m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("out"), nb::arg("residual").none(),
+        nb::arg("eps"), nb::arg("stream") = 0,
+        "out = weight * rmsnorm(x) over x [..., d] (residual += x first when given); see flashlm/norm/rms_norm.h");
+}
+
+}  // namespace flashlm::bindings

@@ -1,0 +1,111 @@
+// AVX2 RMSNorm: the scalar kernel's operations (rms_norm_scalar.cpp) 8 elements per instruction, matching it
+// bit for bit: the sum of squares runs in four 8-wide accumulators (element i in lane i % 32, the scalar
+// kernel's lanes) added in the scalar kernel's order, without FMA; bf16 is widened by a shift and rounded to
+// nearest even (NaN -> 0x7FC0) as the scalar kernel does. A row's ragged tail goes through the same vector
+// code on a zero-padded copy (zeros add nothing to the sums). Compiled with -mavx2 -mfma -mf16c and called
+// only after the run-time CPU check (rms_norm.cpp). Memory-bound: a row is read twice (the second time from
+// L1 at decode sizes) and written once.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "../gguf/dequantize_avx2_common.h"  // bf16_bits, shared with the dequantization kernels
+#include "rms_norm_kernels.h"
+
+namespace flashlm::norm::detail {
+namespace {
+
+using gguf::detail::bf16_bits;
+
+FLASHLM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) {
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+
+FLASHLM_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) {
+  const __m256i b = bf16_bits(v);  // bf16 bits in the low half of each lane -> 8 packed halves
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+// v rounded to T and widened back (the value a store and a load would give).
+FLASHLM_AVX2_INLINE __m256 round8(__m256 v, const float*) { return v; }
+FLASHLM_AVX2_INLINE __m256 round8(__m256 v, const uint16_t*) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
+}
+
+// 32 elements of a row into the four accumulators; with a residual, res = round(res + x) is what is summed.
+template <class T>
+FLASHLM_AVX2_INLINE void square_sum32(const T* x, T* res, __m256* acc) {
+  for (int k = 0; k < 4; ++k) {
+    __m256 h = load8(x + 8 * k);
+    if (res) {
+      h = round8(_mm256_add_ps(load8(res + 8 * k), h), x);
+      store8(res + 8 * k, h);
+    }
+    acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(h, h));
+  }
+}
+
+// The scalar kernel's sum_lanes on the four accumulators.
+FLASHLM_AVX2_INLINE float total(const __m256* acc) {
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));  // l_j + l_(j+4)
+  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));                                  // (t0 + t2), (t1 + t3)
+  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+}
+
+// 8 outputs: out = round(w * round(src * inv)).
+template <class T, class W>
+FLASHLM_AVX2_INLINE void normalize8(const T* src, const W* w, T* out, __m256 inv) {
+  const __m256 y = round8(_mm256_mul_ps(load8(src), inv), src);
+  store8(out, _mm256_mul_ps(load8(w), y));
+}
+
+template <class T, class W>
+void rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
+  const auto* w = static_cast<const W*>(a.weight);
+  const int64_t d = a.d;
+  const int64_t d32 = d - d % 32, d8 = d - d % 8;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * a.x_stride;
+    T* out = static_cast<T*>(a.out) + r * a.out_stride;
+    T* res = a.residual ? static_cast<T*>(a.residual) + r * a.residual_stride : nullptr;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < d32; i += 32) square_sum32(x + i, res ? res + i : nullptr, acc);
+    if (const int64_t n = d - d32; n > 0) {  // the tail, zero-padded to 32
+      T xb[32] = {}, rb[32] = {};
+      std::memcpy(xb, x + d32, size_t(n) * sizeof(T));
+      if (res) std::memcpy(rb, res + d32, size_t(n) * sizeof(T));
+      square_sum32(xb, res ? rb : nullptr, acc);
+      if (res) std::memcpy(res + d32, rb, size_t(n) * sizeof(T));
+    }
+    const float mean = total(acc) / float(d);
+    const float inv = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + a.eps)));
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    const T* src = res ? res : x;  // out may be x: every element of x was read above
+    for (int64_t i = 0; i < d8; i += 8) normalize8(src + i, w + i, out + i, inv8);
+    if (const int64_t n = d - d8; n > 0) {
+      T sb[8] = {}, ob[8] = {};
+      W wb[8] = {};
+      std::memcpy(sb, src + d8, size_t(n) * sizeof(T));
+      std::memcpy(wb, w + d8, size_t(n) * sizeof(W));
+      normalize8(sb, wb, ob, inv8);
+      std::memcpy(out + d8, ob, size_t(n) * sizeof(T));
+    }
+  }
+}
+
+}  // namespace
+
+void rms_norm_avx2(const RMSNormArgs& a, int64_t begin, int64_t end) {
+  // F32 rows take an F32 weight; BF16 rows a BF16 or F32 one (the dispatcher checked).
+  auto* fn = a.dtype == DType::F32 ? rows<float, float>
+             : a.weight_dtype == DType::F32 ? rows<uint16_t, float> : rows<uint16_t, uint16_t>;
+  fn(a, begin, end);
+}
+
+}  // namespace flashlm::norm::detail

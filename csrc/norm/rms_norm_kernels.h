@@ -1,0 +1,36 @@
+// The RMSNorm kernels' shared internals: one struct of pointers and row strides (checked by rms_norm.cpp)
+// and the kernel entry points. The CPU kernels agree bit for bit: each squares and sums a row into 32
+// f32 lanes (element i into lane i % 32) and adds the lanes in one fixed order (sum_lanes), which is what
+// the AVX2 kernel's four 8-wide accumulators do; every other step is element-wise.
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/dtype.h"
+
+namespace flashlm::norm::detail {
+
+struct RMSNormArgs {
+  DType dtype = DType::F32;         // x, out and residual
+  DType weight_dtype = DType::F32;  // dtype or F32
+  const void* x = nullptr;
+  void* out = nullptr;
+  void* residual = nullptr;  // nullptr: no residual
+  const void* weight = nullptr;
+  int64_t x_stride = 0, out_stride = 0, residual_stride = 0;  // row strides, in elements
+  int64_t rows = 0, d = 0;
+  float eps = 1e-6f;
+};
+
+// Lanes of the sum of squares: element i of a row goes to lane i % kSumLanes. The lanes are then added as
+// the AVX2 kernel adds its four 8-wide accumulators: pairwise ((0+1)+(2+3)), then the 8 lanes of the result
+// as ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)).
+constexpr int kSumLanes = 32;
+
+// Rows [begin, end).
+void rms_norm_scalar(const RMSNormArgs& a, int64_t begin, int64_t end);
+void rms_norm_avx2(const RMSNormArgs& a, int64_t begin, int64_t end);
+// All rows, on `device`'s `stream`.
+void rms_norm_cuda(const RMSNormArgs& a, int device, void* stream);
+
+}  // namespace flashlm::norm::detail

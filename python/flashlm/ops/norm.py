@@ -1,0 +1,79 @@
+"""RMSNorm (flashlm/norm/rms_norm.h) as a torch.library custom op, with a fake implementation so it traces
+under torch.compile.
+
+    out = rms_norm(x, weight, eps)                      # HF LlamaRMSNorm: weight * (x / rms(x)).to(x.dtype)
+    out = rms_norm(x, weight, eps, residual=residual)   # vLLM's fused_add_rms_norm: residual += x (in place),
+                                                        # then out = rms_norm(residual)
+
+x is [..., d] (float32 or bfloat16 on the CPU, float16 too on CUDA); weight [d] in x's dtype or float32;
+out has x's shape and dtype. Statistics in float32; for 16-bit x, y = x / rms(x) is rounded to x's dtype
+before the weight multiplies it, as HF's module computes it. No autograd: the model calls it only where no
+gradient is wanted (flashlm.models.transformer.RMSNorm).
+"""
+
+from typing import Optional
+
+import torch
+
+from flashlm import _C
+from flashlm.ops._util import cuda_stream, custom_op
+
+
+def _as_rows(t: torch.Tensor) -> bool:
+    """Whether the native code can see t [..., d] as [rows, d] in place: a contiguous last dimension and leading
+    dimensions that collapse into one row stride (any contiguous tensor; a 2-D one with strided rows)."""
+    if t.is_contiguous():
+        return True
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return False
+    expect = None
+    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
+        if size == 1:
+            continue
+        if expect is not None and stride != expect:
+            return False
+        expect = stride * size
+    return True
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    # DLPack refuses tensors that require grad (a module's weight under no_grad); the op has no autograd.
+    return t.detach() if t.requires_grad else t
+
+
+def _check(x, weight, residual) -> None:
+    """The checks the native code cannot make: it sees [..., d] tensors as [rows, d]."""
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x: expected shape [..., d], got a 0-dim tensor")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
+
+
+@custom_op("flashlm::rms_norm", mutates_args=("residual",))
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """weight * rmsnorm(x) over the last dimension, in x's dtype; with residual: residual += x first (in
+    place, rounded to x's dtype) and the sum is what is normalised."""
+    # Decode-sized calls are dominated by this function's own overhead (the kernel takes ~1 us): no views,
+    # and torch.empty_like, several us cheaper than torch.empty(shape, dtype=, device=).
+    _check(x, weight, residual)
+    if not _as_rows(x):
+        x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    stream = cuda_stream(x) if x.is_cuda else 0
+    if residual is not None and not _as_rows(residual):  # update a copy, then the tensor itself
+        work = residual.detach().contiguous()
+        _C.rms_norm(_plain(x), _plain(weight), out, work, float(eps), stream)
+        residual.copy_(work)
+        return out
+    _C.rms_norm(_plain(x), _plain(weight), out, None if residual is None else _plain(residual), float(eps), stream)
+    return out
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, residual=None):
+    _check(x, weight, residual)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
