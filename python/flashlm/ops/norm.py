@@ -46,6 +46,8 @@ def _check(x, weight, residual) -> None:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t is not None and not (t.is_cpu or t.is_cuda):
+            raise ValueError(f"{name}: only CPU and CUDA tensors are supported, got {t.device}")
     if x.dim() == 0:
         raise ValueError("x: expected shape [..., d], got a 0-dim tensor")
     if residual is not None and residual.shape != x.shape:

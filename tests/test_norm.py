@@ -1,0 +1,372 @@
+"""RMSNorm (flashlm.ops.rms_norm) and its fused residual form.
+
+References: a float64 evaluation of the formula (f32 inputs); HF's LlamaRMSNorm run in torch as a bf16
+model runs it, bit for bit on inputs whose sum of squares is exact in f32 (so no summation order can change
+it) and to one bf16 ulp elsewhere; the scalar kernel bit for bit (AVX2). CUDA cases are marked and skipped
+without a GPU.
+"""
+
+import pytest
+import torch
+
+import flashlm.ops as ops
+from flashlm import _C
+
+from conftest import devices
+
+ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
+EPS = 1e-6
+
+
+@pytest.fixture
+def restore_isa():
+    saved = ops.cpu_isa()
+    yield
+    ops.set_cpu_isa(saved)
+
+
+def reference_f64(x, weight, eps, residual=None):
+    """(out, new residual) in float64; the residual sum is rounded to x's dtype first, as a model adds."""
+    s = x if residual is None else x + residual
+    h = s.double()
+    y = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.double() * y, s
+
+
+def hf_formula(x, weight, eps):
+    """HF's LlamaRMSNorm.forward, in x's dtype, rounded to it (an f32 weight promotes the product to f32)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * h.to(x.dtype)).to(x.dtype)
+
+
+def assert_close(actual, expected, rtol, what):
+    """|actual - expected| <= rtol * (|expected| + 1e-3 * max|expected|), elementwise."""
+    err = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs()
+    bound = rtol * (scale + 1e-3 * scale.max())
+    bad = err > bound
+    if bad.any():
+        where = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} elements out of tolerance, max error {err.max().item():.3g}, "
+                             f"first at {where}: {actual[where].item()} vs {expected[where].item()}")
+
+
+def assert_bits_equal(actual, expected, what):
+    diff = actual != expected
+    if diff.any():
+        where = tuple(int(i) for i in torch.nonzero(diff)[0])
+        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} elements differ, first at {where}: "
+                             f"{actual[where].item()} vs {expected[where].item()}")
+
+
+def exact_sum_inputs(rows, d, gen, dtype=torch.bfloat16):
+    """Multiples of 1/8 in [-15/8, 15/8]: their squares, and every partial sum of them up to d = 4097, are
+    exact in f32, so every summation order gives the same mean."""
+    return (torch.randint(-15, 16, (rows, d), generator=gen) / 8).to(dtype)
+
+
+# ---- CPU against float64 ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("d", [1, 7, 64, 4097])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_f32_against_float64(isa, rows, d, with_residual, restore_isa):
+    ops.set_cpu_isa(isa)
+    gen = torch.Generator().manual_seed(rows * 10000 + d)
+    x = torch.randn(rows, d, generator=gen) * 3
+    w = torch.randn(d, generator=gen)
+    residual = torch.randn(rows, d, generator=gen) if with_residual else None
+    ref, ref_residual = reference_f64(x, w, EPS, residual)
+    out = ops.rms_norm(x, w, EPS, residual=residual)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert_close(out, ref, 1e-5, f"out [{rows}, {d}]")
+    if with_residual:
+        assert_bits_equal(residual, ref_residual, "residual")  # one f32 add, as torch's
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [1, 7, 64, 4097])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_bf16_is_hf_formula_bit_for_bit(isa, d, weight_dtype, with_residual, restore_isa):
+    # y rounded to bf16, then the product rounded again: on exact-sum inputs nothing but those two roundings
+    # can differ, so the result must be HF's to the bit (a single rounding differs in ~7% of elements).
+    ops.set_cpu_isa(isa)
+    gen = torch.Generator().manual_seed(d)
+    rows = 300
+    w = torch.randn(d, generator=gen).to(weight_dtype)
+    if with_residual:
+        x = exact_sum_inputs(rows, d, gen) / 2  # x + residual stays a multiple of 1/16 below 2: exact sums still
+        residual = exact_sum_inputs(rows, d, gen) / 2
+        expected_residual = x + residual
+        expected = hf_formula(expected_residual, w, EPS)
+        out = ops.rms_norm(x, w, EPS, residual=residual)
+        assert_bits_equal(residual, expected_residual, "residual")
+    else:
+        x = exact_sum_inputs(rows, d, gen)
+        expected = hf_formula(x, w, EPS)
+        out = ops.rms_norm(x, w, EPS)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert_bits_equal(out, expected, f"out d={d}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("d", [7, 64, 4097])
+def test_bf16_random_within_one_ulp_of_hf(isa, rows, d, restore_isa):
+    # On general inputs the f32 mean may differ from torch's in its last bit (summation order), which moves a
+    # rare element across a bf16 rounding boundary: one bf16 ulp (2^-7 relative) at most, and rarely.
+    ops.set_cpu_isa(isa)
+    gen = torch.Generator().manual_seed(rows + d)
+    x = (torch.randn(rows, d, generator=gen) * 2).bfloat16()
+    w = torch.randn(d, generator=gen).bfloat16()
+    out = ops.rms_norm(x, w, EPS)
+    expected = hf_formula(x, w, EPS)
+    assert_close(out, expected, 2.0**-7, "out vs HF")
+    assert (out != expected).float().mean().item() < 0.01, "out: more than 1% of elements differ from HF"
+    ref, _ = reference_f64(x, w, EPS)
+    assert_close(out, ref, 2.0**-7 * 1.01, "out vs float64")  # two roundings of 2^-8 each
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows(dtype):
+    gen = torch.Generator().manual_seed(11)
+    d = 67
+    x_buf = torch.randn(5, d + 9, generator=gen).to(dtype)
+    x = x_buf[:, 4:4 + d]  # row stride d + 9, offset 4
+    w = torch.randn(d, generator=gen).to(dtype)
+    r_buf = torch.randn(10, d, generator=gen).to(dtype)
+    r_before = r_buf.clone()
+    residual = r_buf[::2]  # row stride 2d
+    expected_residual = x + residual
+    out = ops.rms_norm(x, w, EPS, residual=residual)
+    assert_bits_equal(out, ops.rms_norm(expected_residual.contiguous(), w, EPS), "out (strided rows)")
+    assert_bits_equal(r_buf[::2], expected_residual, "residual rows")
+    assert_bits_equal(r_buf[1::2], r_before[1::2], "rows between the residual's")
+    # Stride-0 rows (an expanded x) are read, never written.
+    row = torch.randn(1, d, generator=gen).to(dtype)
+    assert_bits_equal(ops.rms_norm(row.expand(4, d), w, EPS), ops.rms_norm(row, w, EPS).expand(4, d), "expanded x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leading_dimensions(dtype):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 5, 40, generator=gen).to(dtype)
+    w = torch.randn(40, generator=gen).to(dtype)
+    flat = ops.rms_norm(x.reshape(30, 40), w, EPS).view(x.shape)
+    assert_bits_equal(ops.rms_norm(x, w, EPS), flat, "4-D x")
+    assert_bits_equal(ops.rms_norm(x[1, 2, 3], w, EPS), flat[1, 2, 3], "1-D x")
+    # Leading dimensions that do not nest (a transpose), a strided last dimension, and a residual of the same
+    # kind: copies on the way in, and the residual written back.
+    xt = x.transpose(0, 2)
+    assert_bits_equal(ops.rms_norm(xt, w, EPS), flat.transpose(0, 2), "transposed x")
+    xs = torch.randn(6, 80, generator=gen).to(dtype)[:, ::2]
+    assert_bits_equal(ops.rms_norm(xs, w, EPS), ops.rms_norm(xs.contiguous(), w, EPS), "x with a strided last dim")
+    r = torch.randn(2, 3, 5, 40, generator=gen).to(dtype).transpose(0, 2)
+    expected_r = xt + r
+    out = ops.rms_norm(xt, w, EPS, residual=r)
+    assert_bits_equal(r, expected_r, "transposed residual")
+    assert_bits_equal(out, ops.rms_norm(expected_r.contiguous(), w, EPS), "out with a transposed residual")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_out_may_be_x(dtype, with_residual):
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(9, 4097, generator=gen).to(dtype)
+    w = torch.randn(4097, generator=gen).to(dtype)
+    r = torch.randn(9, 4097, generator=gen).to(dtype) if with_residual else None
+    r_copy = None if r is None else r.clone()
+    expected = ops.rms_norm(x.clone(), w, EPS, residual=r_copy)
+    _C.rms_norm(x, w, x, r, EPS)
+    assert_bits_equal(x, expected, "out written over x")
+    if with_residual:
+        assert_bits_equal(r, r_copy, "residual")
+
+
+def test_empty_and_tiny():
+    w = torch.randn(5)
+    assert ops.rms_norm(torch.randn(0, 5), w, EPS).shape == (0, 5)
+    assert ops.rms_norm(torch.randn(3, 0), torch.randn(0), EPS).shape == (3, 0)
+    # d = 1: x / |x| * w (+0 stays +0 with eps > 0).
+    x = torch.tensor([[2.0], [-3.0], [0.0]])
+    assert_close(ops.rms_norm(x, torch.tensor([1.5]), 0.0)[:2], torch.tensor([[1.5], [-1.5]]), 1e-7, "d = 1")
+    assert ops.rms_norm(x, torch.tensor([1.5]), EPS)[2].item() == 0.0
+
+
+# ---- AVX2 against scalar --------------------------------------------------------------------------------
+
+@pytest.mark.skipif("avx2" not in ISAS, reason="needs AVX2")
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("d", [1, 7, 8, 31, 32, 33, 64, 100, 4097])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_avx2_matches_scalar_bitwise(dtype, weight_dtype, d, with_residual, restore_isa):
+    gen = torch.Generator().manual_seed(d)
+    x = (torch.randn(5, d, generator=gen) * 4).to(dtype)
+    w = torch.randn(d, generator=gen).to(weight_dtype)
+    r0 = torch.randn(5, d, generator=gen).to(dtype) if with_residual else None
+    results = {}
+    for isa in ("scalar", "avx2"):
+        ops.set_cpu_isa(isa)
+        r = None if r0 is None else r0.clone()
+        results[isa] = (ops.rms_norm(x, w, EPS, residual=r), r)
+    assert_bits_equal(results["avx2"][0], results["scalar"][0], "out: AVX2 vs scalar")
+    if with_residual:
+        assert_bits_equal(results["avx2"][1], results["scalar"][1], "residual: AVX2 vs scalar")
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    x, w = torch.randn(3, 8), torch.randn(8)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    return [
+        ((torch.tensor(1.0), w), {}, "x"),
+        ((x.double(), w.double()), {}, "x"),
+        ((x.half(), w.half()), {}, "x"),  # no f16 on the CPU
+        ((x.to(torch.int32), w), {}, "x"),
+        (([[1.0] * 8], w), {}, "x"),
+        ((x, [1.0] * 8), {}, "weight"),
+        ((x, torch.randn(9)), {}, "weight"),
+        ((x, torch.randn(2, 4)), {}, "weight"),
+        ((x, wb), {}, "weight"),  # f32 x takes an f32 weight only
+        ((xb, w.half()), {}, "weight"),
+        ((x, torch.randn(16)[::2]), {}, "weight"),
+        ((x, w), dict(residual=torch.randn(3, 9)), "residual"),
+        ((x, w), dict(residual=torch.randn(24)), "residual"),
+        ((x, w), dict(residual=xb), "residual"),
+        ((x, w), dict(residual=torch.randn(1, 8).expand(3, 8)), "residual"),  # rows would overlap
+        ((x, w), dict(residual=x), "residual"),  # the residual is written: it may not be x
+        ((x, w, float("nan")), {}, "eps"),
+        ((x, w, -1.0), {}, "eps"),
+        ((x.to("meta"), w), {}, "x"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_names_the_argument(case):
+    args, kwargs, name = _bad_cases()[case]
+    if len(args) == 2:
+        args = args + (EPS,)
+    with pytest.raises(ValueError, match=name):
+        ops.rms_norm(*args, **kwargs)
+
+
+@pytest.mark.parametrize("make_out, name", [
+    (lambda x: torch.empty(3, 9), "out"),
+    (lambda x: torch.empty(3, 8).bfloat16(), "out"),
+    (lambda x: torch.empty(3, 16)[:, ::2], "out"),
+    (lambda x: torch.empty(1, 8).expand(3, 8), "out"),
+    (lambda x: x.view(-1)[1:].as_strided((3, 8), (8, 1)), "out"),  # overlaps x without being x
+])
+def test_bad_out(make_out, name):
+    x = torch.randn(4, 8)[:3]
+    with pytest.raises(ValueError, match=name):
+        _C.rms_norm(x, torch.randn(8), make_out(x), None, EPS)
+
+
+def test_out_overlapping_weight_is_rejected():
+    buf = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="out"):
+        _C.rms_norm(torch.randn(3, 8), buf[2], buf[:3], None, EPS)
+
+
+# ---- torch.library ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(device, dtype):
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 5, 33, generator=gen).to(dtype).to(device)
+    w = torch.randn(33, generator=gen).to(dtype).to(device)
+    op = torch.ops.flashlm.rms_norm.default
+    torch.library.opcheck(op, (x, w, EPS))
+    torch.library.opcheck(op, (x, w, EPS, torch.randn(2, 5, 33, generator=gen).to(dtype).to(device)))
+
+
+def test_compiles():
+    x, w, r = torch.randn(4, 64), torch.randn(64), torch.randn(4, 64)
+    r_eager = r.clone()
+    expected = ops.rms_norm(x, w, EPS, residual=r_eager)
+    # aot_eager: the op's fake and its declared mutation traced, without compiling C++ here.
+    fn = torch.compile(lambda x, w, r: ops.rms_norm(x, w, EPS, residual=r) * 2, fullgraph=True, backend="aot_eager")
+    assert_bits_equal(fn(x, w, r), expected * 2, "compiled out")
+    assert_bits_equal(r, r_eager, "compiled residual")
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("d", [1, 7, 64, 1024, 1032, 4097, 8192])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_cuda_against_float64(dtype, weight_dtype, rows, d, with_residual):
+    gen = torch.Generator().manual_seed(rows * 7 + d)
+    x = (torch.randn(rows, d, generator=gen) * 2).to(dtype).cuda()
+    w = torch.randn(d, generator=gen).to(weight_dtype).cuda()
+    residual = torch.randn(rows, d, generator=gen).to(dtype).cuda() if with_residual else None
+    ref, ref_residual = reference_f64(x, w, EPS, residual)
+    out = ops.rms_norm(x, w, EPS, residual=residual)
+    assert out.dtype == dtype and out.device == x.device
+    rtol = {torch.float32: 1e-5, torch.float16: 2.0**-10 * 1.01, torch.bfloat16: 2.0**-7 * 1.01}[dtype]
+    assert_close(out, ref, rtol, f"out {dtype} [{rows}, {d}]")
+    if with_residual:
+        assert_bits_equal(residual, ref_residual, "residual")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 4097, 8192])
+def test_cuda_is_hf_formula_bit_for_bit(dtype, d):
+    gen = torch.Generator().manual_seed(d)
+    x = exact_sum_inputs(300, d, gen, dtype).cuda()
+    w = torch.randn(d, generator=gen).to(dtype).cuda()
+    assert_bits_equal(ops.rms_norm(x, w, EPS), hf_formula(x, w, EPS), f"out {dtype} d={d}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_unaligned_and_strided(dtype):
+    # Offsets of one element defeat the 16-byte loads: the element-wise path, same results.
+    gen = torch.Generator().manual_seed(15)
+    d = 4096
+    x_buf = torch.randn(6, d + 1, generator=gen).to(dtype).cuda()
+    w = torch.randn(d, generator=gen).to(dtype).cuda()
+    for x in (x_buf[:, 1:], x_buf[:, :d], x_buf.view(-1)[1:1 + 5 * d].view(5, d)):
+        r = torch.randn(x.shape, generator=gen).to(dtype).cuda()
+        r_aligned = r.clone()
+        out = ops.rms_norm(x, w, EPS, residual=r)
+        expected = ops.rms_norm(x.contiguous(), w, EPS, residual=r_aligned)
+        # The sums run in another order on the element-wise path: f32 rounding, then at most one ulp of dtype.
+        assert_close(out, expected, 1e-5 if dtype == torch.float32 else 2.0**-7, "unaligned out")
+        assert_bits_equal(r, r_aligned, "unaligned residual")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 4096])
+def test_cuda_out_may_be_x(d):
+    x = torch.randn(5, d, device="cuda").bfloat16()
+    w = torch.randn(d, device="cuda").bfloat16()
+    r = torch.randn(5, d, device="cuda").bfloat16()
+    r_copy = r.clone()
+    expected = ops.rms_norm(x.clone(), w, EPS, residual=r_copy)
+    _C.rms_norm(x, w, x, r, EPS, torch.cuda.current_stream().cuda_stream)
+    assert_bits_equal(x, expected, "out written over x")
+    assert_bits_equal(r, r_copy, "residual")
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch_is_rejected():
+    with pytest.raises(ValueError, match="weight"):
+        ops.rms_norm(torch.randn(2, 8, device="cuda"), torch.randn(8), EPS)
+    with pytest.raises(ValueError, match="residual"):
+        ops.rms_norm(torch.randn(2, 8, device="cuda"), torch.randn(8, device="cuda"), EPS, residual=torch.randn(2, 8))
+
