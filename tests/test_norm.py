@@ -370,3 +370,66 @@ def test_cuda_device_mismatch_is_rejected():
     with pytest.raises(ValueError, match="residual"):
         ops.rms_norm(torch.randn(2, 8, device="cuda"), torch.randn(8, device="cuda"), EPS, residual=torch.randn(2, 8))
 
+
+
+# ---- the model's inference path -----------------------------------------------------------------------------
+
+def test_module_uses_the_kernel_only_without_grad():
+    from flashlm.models.transformer import RMSNorm
+    gen = torch.Generator().manual_seed(16)
+    norm = RMSNorm(48, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen))
+    x = torch.randn(3, 48, generator=gen)
+    y = norm(x)  # grad enabled, weight requires grad: the torch formula, differentiable
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert norm.weight.grad is not None
+    with torch.no_grad():
+        assert_bits_equal(norm(x), ops.rms_norm(x, norm.weight, 1e-5), "no_grad: the kernel")
+        assert_close(norm(x), y.detach(), 1e-6, "kernel vs torch formula")
+        xb = x.bfloat16()
+        assert norm(xb).dtype == torch.float32  # bf16 x, f32 weight: torch's promotion, kept
+        nb = RMSNorm(48, 1e-5).bfloat16()
+        assert_bits_equal(nb(xb), hf_formula(xb, nb.weight, 1e-5), "bf16 module")
+
+
+def paged_logits(model, tokens):
+    """forward_paged logits for one sequence's prefill of every token."""
+    from flashlm.models.transformer import PagedBatch
+    cfg = model.cfg
+    T = tokens.numel()
+    caches = [(torch.zeros(2, 16, cfg.n_kv_head, cfg.head_dim), torch.zeros(2, 16, cfg.n_kv_head, cfg.head_dim))
+              for _ in range(cfg.n_layer)]
+    batch = PagedBatch(positions=torch.arange(T), slot_mapping=torch.arange(T),
+                       block_table=torch.tensor([[0, 1]], dtype=torch.int32),
+                       seq_lens=torch.tensor([T], dtype=torch.int32),
+                       cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32), max_seqlen_q=T, logits_rows=torch.arange(T))
+    return model.forward_paged(tokens, batch, caches)
+
+
+def test_paged_forward_fused_residual_equals_unfused(monkeypatch):
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.models.transformer import Block, RMSNorm
+    cfg = ModelConfig(arch="llama", vocab_size=53, n_layer=3, n_head=4, n_kv_head=2, d_model=64, seq_len=32)
+    torch.manual_seed(17)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * (1.0 if p.dim() == 1 else 0.2))
+    tokens = torch.randint(0, cfg.vocab_size, (19,))
+    fused = paged_logits(model, tokens)
+
+    def unfused(self, x, rope, batch, cache):
+        x = x + self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+    with monkeypatch.context() as m:
+        m.setattr(Block, "forward_paged", unfused)
+        assert_bits_equal(fused, paged_logits(model, tokens), "fused residual vs x + a, then the norm")
+        m.setattr(RMSNorm, "_native", lambda self, x, *others: False)
+        torch_logits = paged_logits(model, tokens)
+    # The torch formula sums in another order: f32 rounding, carried through three blocks.
+    err = (fused - torch_logits).abs().max().item()
+    scale = torch_logits.abs().max().item()
+    assert err <= 1e-5 * scale, f"kernel vs torch formula: max error {err:.3g} (logits up to {scale:.3g})"
