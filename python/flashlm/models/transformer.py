@@ -49,29 +49,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def _native(self, x, *others) -> bool:
-        """Whether flashlm's kernel computes this call: no gradient wanted, and dtypes the kernel takes on x's
-        device whose result is the torch formula's (a bf16 x times an f32 weight is f32 in torch)."""
-        w = self.weight
+    def _native(self, x, w, *others) -> bool:
+        """Whether flashlm's kernel computes this call (w: self.weight, fetched once by the caller): no gradient
+        wanted, and dtypes the kernel takes on x's device whose result is the torch formula's (a bf16 x times
+        an f32 weight is f32 in torch). A weight on another device: the kernel says so."""
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or any(t.requires_grad for t in others)):
             return False
         dtypes = _NORM_DTYPES_CUDA if x.is_cuda else _NORM_DTYPES_CPU if x.is_cpu else ()
-        return x.dtype in dtypes and w.dtype == x.dtype  # a weight on another device: the kernel says so
+        return x.dtype in dtypes and w.dtype == x.dtype
 
     def forward(self, x):
-        if self._native(x):
-            return rms_norm(x, self.weight, self.eps)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same formula, fewer ops
+        w = self.weight
+        if self._native(x, w):
+            return rms_norm(x, w, self.eps)
+        if x.dtype == torch.float32 and w.dtype == torch.float32:
+            return F.rms_norm(x, w.shape, w, self.eps)  # the same formula, fewer ops
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return w * h.to(x.dtype)
 
     def add_forward(self, x, delta):
         """(x + delta, self(x + delta)) in one kernel call where it can (vLLM's fused_add_rms_norm). delta is
         consumed: the fused path writes the sum into it and returns it, so pass a tensor nothing else holds."""
-        if delta.dtype == x.dtype and delta.shape == x.shape and self._native(x, delta):
-            return delta, rms_norm(x, self.weight, self.eps, residual=delta)
+        w = self.weight
+        if delta.dtype == x.dtype and delta.shape == x.shape and self._native(x, w, delta):
+            return delta, rms_norm(x, w, self.eps, residual=delta)
         x = x + delta
         return x, self(x)
 
