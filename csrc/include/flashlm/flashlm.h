@@ -16,4 +16,5 @@
 #include "flashlm/gguf/dequantize.h"
 #include "flashlm/gguf/reader.h"
 #include "flashlm/kvcache/paged_attention.h"
+#include "flashlm/norm/rms_norm.h"
 #include "flashlm/optim/adamw.h"
