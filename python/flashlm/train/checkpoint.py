@@ -66,7 +66,8 @@ def load_checkpoint(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage, pickled code: all the same to the caller
-        raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"checkpoint: {path} has format {found!r}, expected {FORMAT!r}")

@@ -59,8 +59,9 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     """FLOP/s of a square torch matmul on `device` (best of a few): the ceiling MFU is measured against.
     It is measured rather than looked up because the CPU's depends on its cores, clocks and BLAS."""
     n = 1024 if device.type == "cpu" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream is left untouched
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = math.inf
     for _ in range(4):
         if device.type == "cuda":
