@@ -347,6 +347,8 @@ def test_resume_after_sigkill_is_bit_exact(text_file, data_cache, tmp_path, refe
         leftovers = list(tmp_path.glob(f".ckpt-{at:08d}.pt.tmp*"))
         assert leftovers, "the child was to be killed with its temporary file written"
     assert latest_checkpoint(tmp_path).name == f"ckpt-{resumes_from:08d}.pt"
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(cfg)  # a fresh run would mix its checkpoints with the earlier run's
     trainer = Trainer(cfg, resume=True)
     assert trainer.step == resumes_from
     assert not list(tmp_path.glob(".ckpt-*")), "a resumed run clears a killed save's temporary file"

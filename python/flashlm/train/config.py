@@ -36,9 +36,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     max_bytes: Optional[int] = 8 << 20  # cap on the corpus read (the stdlib is ~30 MB)
     # optimisation
-    batch_size: int = 16  # sequences per micro-batch per rank
+    batch_size: int = 8  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per step; one step sees batch_size * grad_accum * world_size sequences
-    max_steps: int = 1000
+    max_steps: int = 500
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 50
@@ -55,7 +55,7 @@ class TrainConfig:
     # evaluation, checkpoints, logging
     eval_interval: int = 100
     eval_batches: int = 8
-    ckpt_interval: int = 200
+    ckpt_interval: int = 100
     keep_checkpoints: int = 3
     out_dir: str = "runs/flashlm"
     time_limit: float = 0.0  # seconds; when reached, save a checkpoint and stop (0: none)
@@ -123,8 +123,8 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, d_model=64, seq_len=64, vocab_size=384, batch_size=8, max_steps=50,
                  lr=3e-3, min_lr=3e-4, warmup=5, eval_interval=25, eval_batches=4, ckpt_interval=25,
                  max_bytes=1 << 20, sample_tokens=60),
-    "small": dict(n_layer=4, n_head=4, d_model=128, seq_len=128, vocab_size=1024, batch_size=16, max_steps=1000,
-                  lr=3e-3, min_lr=3e-4, warmup=50, eval_interval=100, eval_batches=8, ckpt_interval=200),
+    "small": dict(n_layer=4, n_head=4, d_model=128, seq_len=128, vocab_size=1024, batch_size=8, max_steps=500,
+                  lr=3e-3, min_lr=3e-4, warmup=50, eval_interval=100, eval_batches=8, ckpt_interval=100),
 }
 
 

@@ -63,7 +63,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32)
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = math.inf
-    for _ in range(4):
+    for _ in range(8):  # best of 8: other work on the machine only ever makes a run slower
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -142,6 +142,10 @@ class Trainer:
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.device = self._pick_device(cfg.device)
         self.out_dir = Path(cfg.out_dir)
+        if resume is False and latest_checkpoint(self.out_dir) is not None:
+            # Pruning keeps the highest steps, so a fresh run here would lose its own checkpoints to old ones.
+            raise ValueError(f"out_dir: {self.out_dir} holds checkpoints of an earlier run; continue it with "
+                             f"--resume, or choose another --out-dir")
 
         # Data: rank 0 tokenizes first so the others open its cache instead of repeating the work.
         data_args = dict(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
