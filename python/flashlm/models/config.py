@@ -1,0 +1,91 @@
+"""ModelConfig: the shape of a decoder-only transformer, for both families flashlm trains and runs.
+
+    gpt2:  learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied embeddings (GPT-2).
+    llama: rotary positions, RMSNorm, SiLU-gated MLP, no biases, optional GQA (Llama 2/3, SmolLM, TinyLlama,
+           Mistral without a sliding window); rope_scaling {"rope_type": "llama3", ...} for Llama 3.1+.
+    qwen2: llama with biases on the q, k and v projections.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+ARCHS = ("gpt2", "llama", "qwen2")
+ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt2"
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: n_head (no GQA)
+    d_model: int = 256
+    d_ff: Optional[int] = None  # None: 4 * d_model (gpt2), 8/3 * d_model rounded up to 64 (llama)
+    seq_len: int = 256  # the longest sequence; gpt2's position table has this many rows
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head: must be a positive divisor of n_head={self.n_head}, got {self.n_kv_head!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError(f"n_kv_head: gpt2 has no grouped-query attention (n_kv_head must equal n_head "
+                             f"{self.n_head}), got {self.n_kv_head}")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+        if self.arch != "gpt2" and self.head_dim % 2:
+            raise ValueError(f"d_model: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
+        if not isinstance(self.d_ff, int) or self.d_ff <= 0:
+            raise ValueError(f"d_ff: must be a positive integer, got {self.d_ff!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+
+    def _check_rope_scaling(self):
+        rs = self.rope_scaling
+        if self.arch == "gpt2" or not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
+            raise ValueError(f"rope_scaling: only Llama 3's {{'rope_type': 'llama3', ...}} on a rotary model is "
+                             f"supported, got {rs!r}")
+        missing = [k for k in ROPE_SCALING_KEYS if k not in rs]
+        if missing:
+            raise ValueError(f"rope_scaling: missing {missing}")
+        if not (rs["factor"] >= 1 and rs["high_freq_factor"] > rs["low_freq_factor"] > 0
+                and rs["original_max_position_embeddings"] > 0):
+            raise ValueError(f"rope_scaling: needs factor >= 1, high_freq_factor > low_freq_factor > 0 and "
+                             f"original_max_position_embeddings > 0, got {rs!r}")
+        self.rope_scaling = {k: rs[k] for k in ROPE_SCALING_KEYS}
+
+    @property
+    def rotary(self) -> bool:
+        return self.arch != "gpt2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,322 @@
+"""Transformer: a decoder-only language model (GPT-2, Llama or Qwen2 family) whose attention is flashlm's flash
+attention, forward and backward (it is an autograd op), and whose other layers are torch's.
+
+    model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
+    logits, loss = model(idx, targets)      # idx, targets: int64 [B, T]; logits [B, T, vocab]
+
+attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
+and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
+attn.{q,k,v,o}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
+the exporters map them to HF and GGUF names.
+
+Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
+paged cache and attention read back from it (PagedBatch says where), so one call mixes prefill chunks and
+decodes.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flashlm.models.config import ModelConfig
+from flashlm.ops.flash_attn_interface import flash_attn_func
+from flashlm.ops.kvcache import paged_attention, write_kv_cache
+
+ATTN_IMPLS = ("flashlm", "sdpa")
+
+# The dtypes flashlm's attention kernels take on each device; others are cast for the call and back.
+_KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)}
+_FALLBACK_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and returned in x's dtype (as HF's LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
+    wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
+    high_freq_factor) kept, and a smooth blend in between."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])).clamp(0, 1)
+    return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
+
+
+def rope_tables(cfg: ModelConfig, device=None):
+    """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
+    repeated over the two halves of the head."""
+    inv_freq = rope_inv_freq(cfg, device)
+    angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x [..., T, heads, hd]; cos, sin [T, hd] (the angles of each of the T positions)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+def causal_attention(q, k, v, attn_impl: str):
+    """q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd], causal."""
+    if attn_impl == "sdpa":
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=k.shape[2] != q.shape[2])
+        return y.transpose(1, 2)
+    device = q.device.type
+    dtype = q.dtype
+    if dtype not in _KERNEL_DTYPES.get(device, ()) or k.dtype != dtype or v.dtype != dtype:
+        work = _FALLBACK_DTYPE.get(device, torch.float32)
+        return flash_attn_func(q.to(work), k.to(work), v.to(work), causal=True).to(dtype)
+    return flash_attn_func(q, k, v, causal=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_impl: str):
+        super().__init__()
+        bias = cfg.arch == "gpt2"
+        qkv_bias = cfg.arch in ("gpt2", "qwen2")
+        hd = cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
+        self.attn_impl = attn_impl
+        self.q = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=qkv_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
+        self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
+
+    def forward(self, x, rope):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+        y = causal_attention(q, k, v, self.attn_impl)
+        return self.o(y.reshape(B, T, self.n_head * self.head_dim))
+
+
+    def forward_paged(self, x, rope, batch: "PagedBatch", cache):
+        T = x.shape[0]
+        q = self.q(x).view(T, self.n_head, self.head_dim)
+        k = self.k(x).view(T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_cache, v_cache = cache
+        write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
+        y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,
+                            batch.cu_seqlens_q, batch.max_seqlen_q)
+        return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def _norm(cfg: ModelConfig):
+    if cfg.arch == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, attn_impl: str):
+        super().__init__()
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg, attn_impl)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_paged(self, x, rope, batch, cache):
+        x = x + self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class PagedBatch:
+    """Where the packed tokens of one serving step belong. T tokens from S sequences, sequence s owning rows
+    [cu_seqlens_q[s], cu_seqlens_q[s + 1]) (without cu_seqlens_q: one token each, a pure decode step)."""
+    positions: torch.Tensor  # int64 [T]: each token's position in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) its K and V go to
+    block_table: torch.Tensor  # int32 [S, max_blocks]
+    seq_lens: torch.Tensor  # int32 [S]: each sequence's length including this step's tokens
+    cu_seqlens_q: Optional[torch.Tensor]  # int32 [S + 1], or None when every sequence has one token
+    max_seqlen_q: int
+    logits_rows: torch.Tensor  # int64 [R]: the rows whose next-token logits are wanted
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "flashlm"):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"cfg: must be a ModelConfig, got {type(cfg).__name__}")
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl: must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+        self.cfg = cfg
+        self.checkpointing = False  # recompute each block in backward instead of keeping its activations
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
+        self.final_norm = _norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.rotary:
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2's initialisation: N(0, 0.02) weights, the residual projections scaled by 1/sqrt(2 n_layer)
+        so the residual stream's variance does not grow with depth; zero biases, unit norm weights."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.o.weight, mean=0.0, std=residual_std)
+            out = block.mlp.proj if isinstance(block.mlp, GeluMLP) else block.mlp.down
+            nn.init.normal_(out.weight, mean=0.0, std=residual_std)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        if idx.dtype != torch.int64 or idx.dim() != 2:
+            raise ValueError(f"idx: must be int64 [batch, seq], got {idx.dtype} {tuple(idx.shape)}")
+        B, T = idx.shape
+        if not 0 < T <= self.cfg.seq_len:
+            raise ValueError(f"idx: sequence length must be in [1, seq_len={self.cfg.seq_len}], got {T}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        x = self.tok_emb(idx)  # [B, T, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        rope = (self.rope_cos, self.rope_sin) if self.cfg.rotary else None
+        for block in self.blocks:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        x = self.final_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
+        """Logits float32 [len(batch.logits_rows), vocab] for a serving step. tokens: int64 [T];
+        kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
+        if len(kv_caches) != self.cfg.n_layer:
+            raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
+        x = self.tok_emb(tokens)  # [T, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(batch.positions)
+        rope = (self.rope_cos[batch.positions], self.rope_sin[batch.positions]) if self.cfg.rotary else None
+        for block, cache in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, rope, batch, cache)
+        x = self.final_norm(x[batch.logits_rows])
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        return logits.float()
+
+    def param_groups(self, weight_decay: float) -> list:
+        """Weight decay on matrices (linear weights and embeddings), none on norms and biases."""
+        decay, no_decay = [], []
+        for _, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward, PaLM's accounting): 6 per weight of every matrix
+        multiply (the blocks and the lm head) plus 12 * n_layer * d_model * T for the attention scores."""
+        cfg = self.cfg
+        T = cfg.seq_len if seq_len is None else seq_len
+        return 6.0 * (self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model) \
+            + 12.0 * cfg.n_layer * cfg.d_model * T
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None) -> torch.Tensor:
+        """Appends max_new_tokens sampled tokens to idx [B, T] (recomputing the whole window each step; the
+        runtime's engine is the fast path). temperature 0 is greedy. Stops early when every row has produced
+        eos_token_id."""
+        if temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k: must be positive, got {top_k}")
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.seq_len:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            if eos_token_id is not None:
+                done |= nxt[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+        return idx

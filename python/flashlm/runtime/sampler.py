@@ -1,0 +1,113 @@
+"""Sampler: the next token of every running sequence from one batch of logits, in a handful of tensor ops.
+
+    sampler = Sampler(vocab_size)
+    tokens = sampler(logits, [SamplingInput(params, prompt_ids, output_ids, generator), ...])
+
+Order (vLLM's): penalties -> temperature -> top-k and top-p -> min-p -> sample. Greedy rows take the argmax
+of the penalised logits. Sampling uses the exponential race: token = argmax(p / E) with E ~ Exponential(1)
+per vocabulary entry, which draws from p exactly and lets each seeded request draw its E from its own
+generator, so a seeded request gets the same tokens whatever it is batched with. Only seeded rows cost a
+Python-level call each; the rest share one draw.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from flashlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingInput:
+    params: SamplingParams
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+    generator: Optional[torch.Generator] = None  # the request's own, when params.seed is set
+
+
+def _padded(rows, device) -> torch.Tensor:
+    """int64 [len(rows), max_len] with -1 padding (at least one column)."""
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            out[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.int64)
+    return out.to(device)
+
+
+def token_counts(rows, vocab_size: int, device) -> torch.Tensor:
+    """float32 [len(rows), vocab_size]: how often each token occurs in each row."""
+    ids = _padded(rows, device)
+    counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, torch.where(ids < 0, vocab_size, ids), torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+    """Penalised copy of logits [B, V] (float32)."""
+    B, V = logits.shape
+    device = logits.device
+    rep = torch.tensor([s.params.repetition_penalty for s in inputs], device=device)[:, None]
+    pres = torch.tensor([s.params.presence_penalty for s in inputs], device=device)[:, None]
+    freq = torch.tensor([s.params.frequency_penalty for s in inputs], device=device)[:, None]
+    out_counts = token_counts([s.output_ids for s in inputs], V, device)
+    seen = (out_counts > 0) | (token_counts([s.prompt_ids for s in inputs], V, device) > 0)
+    # HF's rule: a seen token's positive logit is divided by the penalty, a negative one multiplied.
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] with the tokens outside each row's top-k, top-p and min-p sets at -inf. top_k int64 [B]
+    (<= 0: all), top_p and min_p float32 [B]. The most likely token always survives."""
+    B, V = logits.shape
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device).expand(B, V)
+    k = torch.where(top_k <= 0, V, top_k.clamp(max=V))[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    # Keep a token when the probability before it is still short of top_p (so the first always stays).
+    before = probs.cumsum(dim=-1) - probs
+    drop |= before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    filtered = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, filtered)
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, generator: Optional[torch.Generator] = None):
+        self.vocab_size = vocab_size
+        self.generator = generator  # the draw for requests without a seed (None: torch's default)
+
+    def __call__(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+        """int64 [B]: the next token of each row of logits [B, >= vocab_size] (extra padded columns are
+        ignored)."""
+        if logits.dim() != 2 or logits.shape[0] != len(inputs) or logits.shape[1] < self.vocab_size:
+            raise ValueError(f"logits: expected [{len(inputs)}, >= {self.vocab_size}], got {tuple(logits.shape)}")
+        logits = logits[:, :self.vocab_size].float()
+        if any(s.params.has_penalties for s in inputs):
+            logits = apply_penalties(logits, inputs)
+        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
+        tokens = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return tokens
+        device = logits.device
+        temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in inputs], device=device)
+        logits = logits / temperature[:, None]
+        if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in inputs):
+            logits = filter_logits(
+                logits,
+                torch.tensor([s.params.top_k for s in inputs], dtype=torch.int64, device=device),
+                torch.tensor([s.params.top_p for s in inputs], dtype=torch.float32, device=device),
+                torch.tensor([s.params.min_p for s in inputs], dtype=torch.float32, device=device))
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, s in enumerate(inputs):
+            if s.generator is not None and not s.params.greedy:
+                race[i].exponential_(generator=s.generator)
+        race.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of exactly 0 would make p / E = 0 / 0
+        sampled = (probs / race).argmax(dim=-1)
+        return torch.where(greedy, tokens, sampled)

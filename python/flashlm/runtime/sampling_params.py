@@ -1,0 +1,68 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops, with vLLM's names and defaults.
+
+    SamplingParams(temperature=0)                          # greedy
+    SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=64, stop=["\\n\\n"])
+
+Penalties follow vLLM: repetition_penalty (HF's multiplicative rule) counts prompt and output tokens;
+presence_penalty and frequency_penalty (OpenAI's additive rules) count output tokens only.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# Below this temperature a request is greedy (vLLM's threshold): dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches top_p (1: all)
+    top_k: int = 0  # keep the k most likely tokens (0 or -1: all)
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or the output
+    presence_penalty: float = 0.0  # subtracted once from tokens seen in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    max_tokens: Optional[int] = 16  # None: until the model's context is full
+    stop: Optional[Union[str, list]] = None  # strings that end the output (not included in it)
+    stop_token_ids: list = field(default_factory=list)  # tokens that end the output (included in token_ids)
+    ignore_eos: bool = False
+    seed: Optional[int] = None  # a request with a seed samples the same tokens whatever it is batched with
+
+    def __post_init__(self):
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k: must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p: must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens: must be None or an integer >= 1, got {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop: must be non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids: must be token ids >= 0, got {self.stop_token_ids!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be None or an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -1,0 +1,183 @@
+"""Scheduler: which sequences run in the next step and how many of their tokens, under a token budget and
+the KV cache's blocks. Policy only: the BlockManager owns the blocks, the model runner the tensors.
+
+    sched = Scheduler(block_manager, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096)
+    sched.add(Sequence(0, prompt_ids, params))
+    while sched.has_work():
+        batch = sched.schedule()            # [(seq, start, num_new)], block copies, preempted sequences
+        tokens = runner.run(batch)          # the next token of each batch.sampling sequence
+        finished = sched.update(batch, tokens)
+
+One step mixes decodes and prefill chunks, as vLLM's v1 scheduler does: the running sequences come first
+(each decode is one token; a prompt still being prefilled takes what is left of the budget), then waiting
+sequences are admitted in arrival order while the budget, max_num_seqs and the free blocks allow. A prompt
+longer than the budget is prefilled in chunks over several steps.
+
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its
+blocks are freed and it goes back to the front of the waiting queue to be recomputed later (prompt and
+output so far; the prefix cache often makes that cheap). No sequence is admitted in a step that preempted.
+Because max_model_len fits in the cache, a lone sequence always fits, so preemption cannot loop forever.
+
+Prefix caching: a sequence is allocated with its first chunk (the whole prompt when it fits the budget), so
+blocks named in the cache are the ones this step writes (the block manager's timing contract); hits beyond
+a first chunk are not looked for.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list = field(default_factory=list)  # Sequence
+    starts: list = field(default_factory=list)  # each sequence computes tokens [start, start + num_new)
+    num_new: list = field(default_factory=list)
+    block_copies: list = field(default_factory=list)  # (src, dst) blocks to copy before any cache write
+    preempted: list = field(default_factory=list)  # sequences sent back to the waiting queue this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new)
+
+    @property
+    def sampling(self) -> list:
+        """Whether each sequence's chunk ends at its last token, so the step samples its next token."""
+        return [s + n == seq.num_tokens for seq, s, n in zip(self.seqs, self.starts, self.num_new)]
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int = 2048, eos_token_ids=()):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens: must be >= 1, got {max_num_batched_tokens}")
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens: must be >= max_num_seqs={max_num_seqs} so every running "
+                             f"sequence can decode in one step, got {max_num_batched_tokens}")
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if not 1 <= max_model_len <= capacity:
+            raise ValueError(f"max_model_len: must be in [1, {capacity}] (the KV cache holds {block_manager.num_blocks} "
+                             f"blocks of {block_manager.block_size} tokens), got {max_model_len}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.waiting: deque = deque()
+        self.running: list = []  # in arrival order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.status is not Status.WAITING or seq.seq_id in self.bm:
+            raise ValueError(f"seq: sequence {seq.seq_id} is already scheduled")
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError(f"prompt_ids: {seq.num_tokens} tokens leave no room to generate within max_model_len "
+                             f"{self.max_model_len}")
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        scheduled = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            new_tokens = seq.token_ids[self.bm.seq_len(seq.seq_id):seq.num_computed + n]
+            while new_tokens and not self.bm.can_append(seq.seq_id, len(new_tokens)):
+                victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # seq preempted itself; self.running[i] is now the next one
+            if new_tokens:
+                batch.block_copies += self.bm.append(seq.seq_id, new_tokens)
+            self._add_to_batch(batch, seq, n)
+            scheduled.add(seq.seq_id)
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            chunk = seq.token_ids[:min(seq.num_tokens, budget)]
+            if not self.bm.can_allocate(chunk):
+                break  # first come, first served: later arrivals wait too
+            cached = self.bm.allocate(seq.seq_id, chunk)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.num_computed = cached
+            seq.num_cached_prompt_tokens = cached
+            self.running.append(seq)
+            n = len(chunk) - cached
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+        return batch
+
+    def update(self, batch: ScheduledBatch, next_tokens) -> list:
+        """Records a finished step: the computed tokens, then next_tokens[j] for the j-th sampling sequence of
+        the batch. Finishes sequences on max_tokens, max_model_len, EOS (unless ignore_eos) or a stop token id
+        and frees their blocks; returns them. Stop strings are the engine's (it detokenizes) via finish()."""
+        sampling = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
+        next_tokens = [int(t) for t in next_tokens]
+        if len(next_tokens) != len(sampling):
+            raise ValueError(f"next_tokens: expected {len(sampling)} tokens (one per sampling sequence), "
+                             f"got {len(next_tokens)}")
+        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
+            seq.num_computed = start + n
+        finished = []
+        for seq, token in zip(sampling, next_tokens):
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: str = "stop") -> None:
+        """Ends a sequence (waiting or running) and frees its blocks."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.bm.free(seq.seq_id)
+        else:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def _finish_reason(self, seq: Sequence, token: int):
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return "stop"
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
+        batch.seqs.append(seq)
+        batch.starts.append(seq.num_computed)
+        batch.num_new.append(n)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = Status.WAITING
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Ahead of every later arrival, behind earlier preempted ones.
+        pos = 0
+        while pos < len(self.waiting) and self.waiting[pos].arrival < seq.arrival:
+            pos += 1
+        self.waiting.insert(pos, seq)

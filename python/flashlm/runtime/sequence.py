@@ -1,0 +1,61 @@
+"""Sequence: one request's tokens and where it stands (waiting, running, finished).
+
+token_ids is the prompt followed by the output so far. num_computed counts the leading tokens whose K and V
+are in the paged cache; the tokens after it are computed by the next step that schedules the sequence.
+"""
+
+import enum
+import itertools
+from typing import Optional
+
+from flashlm.runtime.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrivals = itertools.count()
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt_ids, params: Optional[SamplingParams] = None):
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError(f"prompt_ids of sequence {seq_id}: must not be empty")
+        self.seq_id = seq_id
+        self.token_ids = prompt_ids
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params if params is not None else SamplingParams()
+        self.status = Status.WAITING
+        self.num_computed = 0
+        self.num_cached_prompt_tokens = 0  # found in the prefix cache at the last admission
+        self.num_preemptions = 0
+        self.finish_reason: Optional[str] = None  # "stop" or "length", as OpenAI's API says
+        self.arrival = next(_arrivals)  # the order of priority: earlier arrivals are scheduled first
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_ids(self) -> list:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self):
+        return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed})")
