@@ -132,7 +132,7 @@ def tiny_model_and_dp(seed=0):
 
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, seq_len=16))
-    dp = DataParallel(model, lambda groups: AdamW(groups, lr=1e-2, weight_decay=0.1))
+    dp = DataParallel(model, lambda groups: AdamW(groups, lr=1e-2), param_groups=model.param_groups(0.1))
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed + 1))
     return model, dp, x
 
@@ -390,7 +390,19 @@ def test_cli_train_and_eval(text_file, data_cache, tmp_path):
     # The held-out loss after 5 steps and the whole file's should agree to within a few tenths of a nat.
     assert abs(math.log(ppl) - metrics[-1]["val_loss"]) < 0.3, (r.stdout, metrics[-1])
 
-    r = run_cli("train", "--preset", "tiny", "--optimizer", "nope")
-    assert r.returncode != 0 and "invalid choice" in r.stderr
-    r = run_cli("eval", tmp_path / "missing.pt", "--data", text_file)
-    assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_cli_rejects_bad_arguments(text_file, tmp_path, capsys):
+    from flashlm.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "tiny", "--optimizer", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--min-lr", "1.0", "--out-dir", str(tmp_path)]) == 1
+    assert "min_lr" in capsys.readouterr().err
+    toml = tmp_path / "bad.toml"
+    toml.write_text("max_step = 3\n")  # a typo: an error, not a silently ignored key
+    assert main(["train", "--config", str(toml), "--out-dir", str(tmp_path)]) == 1
+    assert "unknown keys ['max_step']" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(text_file)]) == 1
+    assert "no such file" in capsys.readouterr().err

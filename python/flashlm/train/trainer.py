@@ -168,7 +168,8 @@ class Trainer:
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
-        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage)
+        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
+                               param_groups=self.model.param_groups(cfg.weight_decay))
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
         self.step = 0
@@ -377,6 +378,7 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
             print("-- sample --")
             print(trainer.sample(cfg.sample_tokens))
     finally:
+        trainer.dp.close()
         if fd.is_initialized():
             fd.destroy()
     return metrics
