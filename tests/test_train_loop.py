@@ -4,6 +4,7 @@ middle of a save) and the `flashlm train` / `flashlm eval` commands. Every run i
 tinyshakespeare (or generated text where the file is absent) on the CPU."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -359,6 +360,16 @@ def test_resume_after_sigkill_is_bit_exact(text_file, data_cache, tmp_path, refe
         for key in ("loss", "val_loss", "grad_norm", "lr"):
             assert got.get(key) == want.get(key), f"step {want['step']} {key}: resumed {got.get(key)!r}, " \
                                                   f"uninterrupted {want.get(key)!r}"
+
+
+def test_time_limit_stops_with_a_checkpoint(text_file, data_cache, tmp_path):
+    cfg = tiny_config(text_file, data_cache, tmp_path, time_limit=1e-6, max_steps=4, eval_interval=100,
+                      ckpt_interval=100)
+    metrics = Trainer(cfg).train()
+    assert [m["step"] for m in metrics] == [1] and "val_loss" in metrics[0]
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000001.pt"
+    trainer = Trainer(dataclasses.replace(cfg, time_limit=0.0), resume=True)
+    assert trainer.step == 1 and len(trainer.train()) == cfg.max_steps
 
 
 @pytest.mark.slow

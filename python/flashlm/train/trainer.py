@@ -157,8 +157,12 @@ class Trainer:
             self.data = prepare_data(cfg.data, cfg.data_cache, progress=False, **data_args)
         self.train_batches = PackedBatches(self.data.train, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
                                            rank=self.rank, world_size=self.world_size)
-        self.val_batches = PackedBatches(self.data.val, cfg.seq_len, cfg.batch_size, shuffle=False,
-                                         rank=self.rank, world_size=self.world_size)
+        try:
+            self.val_batches = PackedBatches(self.data.val, cfg.seq_len, cfg.batch_size, shuffle=False,
+                                             rank=self.rank, world_size=self.world_size)
+        except ValueError as e:
+            raise ValueError(f"val_fraction: the validation split is too small ({e}); raise val_fraction or "
+                             f"give more text") from e
         self.eval_batches = min(cfg.eval_batches, len(self.val_batches))
 
         torch.manual_seed(cfg.seed)
