@@ -1,7 +1,8 @@
 """`flashlm eval CKPT --data FILE`: the perplexity of a checkpoint's model on a text file.
 
-The text is cleaned as the training corpus was (corpus.clean_text), tokenized with the checkpoint's own
-tokenizer and cut into consecutive windows of seq_len + 1 tokens that overlap by one, so every token after
+The text is split into documents and cleaned as the training corpus was (the run's doc_separator,
+corpus.clean_text), tokenized with the checkpoint's own tokenizer, an end-of-document token after each
+document as in training, and cut into consecutive windows of seq_len + 1 tokens that overlap by one, so every token after
 the first is predicted exactly once, from at most seq_len - 1 tokens of context. The loss is the mean
 over all those predictions; the perplexity is its exponential.
 """
@@ -40,8 +41,13 @@ def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> d
     if not state.get("tokenizer"):
         raise ValueError(f"checkpoint: {path} holds no tokenizer, so text cannot be encoded")
     tok = Tokenizer.from_str(state["tokenizer"])
-    text = clean_text(Path(data_file).read_text(encoding="utf-8", errors="replace"))
-    ids = tok.encode(text, add_special_tokens=False).ids
+    text = Path(data_file).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+    sep = (state.get("train_config") or {}).get("doc_separator")
+    docs = [d for d in (clean_text(piece) for piece in (text.split(sep) if sep else [text])) if d]
+    eos = state.get("eos_token_id")
+    ids = []
+    for enc in tok.encode_batch(docs, add_special_tokens=False):
+        ids.extend(enc.ids + ([eos] if eos is not None else []))
     if len(ids) < 2:
         raise ValueError(f"data: {data_file} makes {len(ids)} tokens, at least 2 are needed")
     model = load_model(state, device)

@@ -368,7 +368,15 @@ class Trainer:
         self.model.eval()
         out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
         self.model.train()
-        return tok.decode(out[0, 1:].tolist())
+        # The tokenizer drops the end-of-document token; show it as the blank line that separated documents.
+        ids, pieces, current = out[0, 1:].tolist(), [], []
+        for i in ids + [self.data.eos_id]:
+            if i == self.data.eos_id:
+                pieces.append(tok.decode(current))
+                current = []
+            else:
+                current.append(i)
+        return "\n\n".join(pieces)
 
 
 def run_training(cfg: TrainConfig, resume=False) -> list:
