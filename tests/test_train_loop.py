@@ -437,6 +437,19 @@ def test_cli_train_and_eval(text_file, data_cache, tmp_path):
 
 
 
+def test_config_sources_and_document_separator(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 1e-3\nmin_lr = 1e-4\nn_layer = 3\ndoc_separator = "\\n\\n\\n"\n')
+    cfg = TrainConfig.from_sources("tiny", toml, {"n_layer": 5, "d_model": None})
+    assert (cfg.lr, cfg.n_layer, cfg.d_model, cfg.seq_len) == (1e-3, 5, 64, 64)  # flag > file > preset
+    assert cfg.document_separator() == "\n\n\n"
+    assert TrainConfig().document_separator() is None  # the stdlib: whole files are documents
+    assert TrainConfig(data=["a.txt"]).document_separator() == "\n\n"
+    assert TrainConfig(data=["a.txt"], doc_separator="none").document_separator() is None
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig.from_sources("huge")
+
+
 def test_cli_rejects_bad_arguments(text_file, tmp_path, capsys):
     from flashlm.cli import main
 

@@ -32,7 +32,9 @@ class TrainConfig:
     data: Optional[list] = None
     data_cache: str = "flashlm-data"
     tokenizer: Optional[str] = None  # a tokenizer.json to use instead of training one
-    doc_separator: Optional[str] = "\n\n"  # splits a file into documents, so a single file has a validation part
+    # What splits a file into documents ("" or "none": whole files). "auto": blank lines for --data (so a
+    # single book still has held-out paragraphs), whole files for the standard library (held-out files).
+    doc_separator: Optional[str] = "auto"
     val_fraction: float = 0.05
     max_bytes: Optional[int] = 8 << 20  # cap on the corpus read (the stdlib is ~30 MB)
     # optimisation
@@ -82,6 +84,14 @@ class TrainConfig:
             raise ValueError(f"betas: must be two numbers, got {self.betas}")
         if isinstance(self.data, str):
             self.data = [self.data]
+
+    def document_separator(self) -> Optional[str]:
+        """doc_separator as prepare_data takes it."""
+        if self.doc_separator == "auto":
+            return "\n\n" if self.data else None
+        if self.doc_separator in (None, "", "none"):
+            return None
+        return self.doc_separator.replace("\\n", "\n").replace("\\t", "\t")  # a flag's "\n\n" is two newlines
 
     def model_config(self):
         from flashlm.models import ModelConfig

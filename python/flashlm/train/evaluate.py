@@ -26,6 +26,7 @@ def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> d
     from tokenizers import Tokenizer
 
     from flashlm.train.checkpoint import load_checkpoint
+    from flashlm.train.config import TrainConfig
     from flashlm.train.corpus import clean_text
 
     if batch_size <= 0:
@@ -42,7 +43,8 @@ def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> d
         raise ValueError(f"checkpoint: {path} holds no tokenizer, so text cannot be encoded")
     tok = Tokenizer.from_str(state["tokenizer"])
     text = Path(data_file).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-    sep = (state.get("train_config") or {}).get("doc_separator")
+    saved = state.get("train_config") or {}
+    sep = TrainConfig.from_dict(saved).document_separator() if saved else None
     docs = [d for d in (clean_text(piece) for piece in (text.split(sep) if sep else [text])) if d]
     eos = state.get("eos_token_id")
     ids = []

@@ -149,7 +149,7 @@ class Trainer:
 
         # Data: rank 0 tokenizes first so the others open its cache instead of repeating the work.
         data_args = dict(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
-                         seed=cfg.seed, doc_separator=cfg.doc_separator, max_bytes=cfg.max_bytes)
+                         seed=cfg.seed, doc_separator=cfg.document_separator(), max_bytes=cfg.max_bytes)
         if self.is_main:
             self.data = prepare_data(cfg.data, cfg.data_cache, progress=cfg.progress, **data_args)
         self._barrier()
