@@ -406,6 +406,22 @@ def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_
         assert err <= 1e-5 * max(1.0, want.abs().max().item()), f"{k}: max abs diff {err}"
 
 
+@pytest.mark.parametrize("precision, zero_stage", [("fp16", 0), ("bf16", 1)])
+def test_resume_is_exact_with_autocast_and_zero(text_file, data_cache, tmp_path, precision, zero_stage):
+    """The loss scaler's state and a ZeRO optimizer's state_dict come back exactly too (in process: the
+    SIGKILL tests above cover the process boundary)."""
+    import shutil
+
+    cfg = tiny_config(text_file, data_cache, tmp_path / "a", max_steps=6, ckpt_interval=3, eval_interval=3,
+                      precision=precision, zero_stage=zero_stage)
+    whole = Trainer(cfg).train()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt-00000003.pt", tmp_path / "b")
+    resumed = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), resume=True).train()
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
+    assert [m.get("loss_scale") for m in resumed] == [m.get("loss_scale") for m in whole]
+
+
 # -- command line --------------------------------------------------------------------------------------------
 
 def run_cli(*args):
