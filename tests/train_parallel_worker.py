@@ -1,9 +1,9 @@
 """One rank of the multi-process tests of flashlm.train.parallel (tests/test_train_parallel.py starts N).
 
-    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES      # e.g. 0 2 /tmp/x 012
+    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES [mlp]     # e.g. 0 2 /tmp/x 012
 
-Ranks meet through a FileStore in OUT_DIR. For each ZeRO stage in STAGES the rank trains the small model
-below with DataParallel and saves what the test compares (parameters, clip norms, state_dicts, memory) to
+Ranks meet through a FileStore in OUT_DIR. For each ZeRO stage in STAGES the rank trains the small MLP
+below, then (unless "mlp" is given) a tiny flashlm Transformer, with DataParallel and saves what the test compares (parameters, clip norms, state_dicts, memory) to
 OUT_DIR/rank{RANK}.pt. The test process imports this file for the model, the data and the one-process
 reference loop, so both sides train the same thing.
 """
@@ -20,6 +20,7 @@ MICRO_STEPS = 2  # gradient accumulation micro-steps per optimizer step
 BATCH = 4  # samples per rank per micro-step
 MAX_NORM = 0.3  # below the gradient norms of the first steps, so clipping scales them
 BUCKET_MB = 0.001  # about 1 KB: the model's gradients span several buckets
+TRANSFORMER_STEPS = 3
 
 
 def make_model(seed: int) -> torch.nn.Module:
@@ -29,8 +30,20 @@ def make_model(seed: int) -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(20, 5))
 
 
+def make_transformer(seed: int) -> torch.nn.Module:
+    """A tiny Llama (GQA, tied embeddings, 20 parameter tensors) with gradient checkpointing."""
+    from flashlm.models import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(arch="llama", vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=16))
+    model.checkpointing = True
+    return model
+
+
 def param_groups(model: torch.nn.Module) -> list:
     """Weight decay on the matrices only, as model.param_groups(wd) does."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups(0.1)
     return [{"params": [p for p in model.parameters() if p.dim() == 2], "weight_decay": 0.1},
             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
 
@@ -41,24 +54,31 @@ def make_optimizer(groups):
     return AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
-def batch(step: int, micro: int, rank: int):
+def batch(step: int, micro: int, rank: int, task: str = "mlp"):
+    """(inputs, targets) of one rank's micro-step; task "mlp" or "transformer" (2 sequences of 16 tokens)."""
     g = torch.Generator().manual_seed(10_000 * step + 100 * micro + rank)
+    if task == "transformer":
+        return torch.randint(0, 61, (2, 16), generator=g), torch.randint(0, 61, (2, 16), generator=g)
     return torch.randn(BATCH, 12, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
 
 
-def global_batch(step: int, micro: int, world: int):
-    xs, ys = zip(*(batch(step, micro, r) for r in range(world)))
+def global_batch(step: int, micro: int, world: int, task: str = "mlp"):
+    xs, ys = zip(*(batch(step, micro, r, task) for r in range(world)))
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_dp(dp, model, steps, rank, max_norm=MAX_NORM):
+def loss_of(model, x, y):
+    return model(x, y)[1] if x.dtype == torch.int64 else F.cross_entropy(model(x), y)
+
+
+def train_dp(dp, model, steps, rank, max_norm=MAX_NORM, task="mlp"):
     """Steps `steps` (a range) with DataParallel; returns the clip norm of each step."""
     norms = []
     for step in steps:
         for micro in range(MICRO_STEPS):
-            x, y = batch(step, micro, rank)
+            x, y = batch(step, micro, rank, task)
             with dp.no_sync() if micro < MICRO_STEPS - 1 else contextlib.nullcontext():
-                (F.cross_entropy(model(x), y) / MICRO_STEPS).backward()
+                (loss_of(model, x, y) / MICRO_STEPS).backward()
         dp.finish_gradients()
         norms.append(dp.clip_grad_norm_(max_norm))
         assert not dp.found_inf()
@@ -67,13 +87,13 @@ def train_dp(dp, model, steps, rank, max_norm=MAX_NORM):
     return norms
 
 
-def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM):
+def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM, task="mlp"):
     """The same steps in one process on the global batch (every rank's samples), plain torch."""
     norms = []
     for step in steps:
         for micro in range(MICRO_STEPS):
-            x, y = global_batch(step, micro, world)
-            (F.cross_entropy(model(x), y) / MICRO_STEPS).backward()
+            x, y = global_batch(step, micro, world, task)
+            (loss_of(model, x, y) / MICRO_STEPS).backward()
         grads = [p.grad for p in model.parameters()]
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
                            else torch.nn.utils.get_total_norm(grads)))
@@ -178,7 +198,18 @@ def cross_load(results, rank, world):
     return ok
 
 
-def main(rank, world, out_dir, stages):
+def run_transformer(stage, rank, world, steps):
+    """The tiny Llama trained with DataParallel (buckets of ~4 KB): its parameters and clip norms."""
+    import flashlm.train.parallel as par
+
+    model = make_transformer(100 + rank)
+    dp = par.DataParallel(model, make_optimizer, zero_stage=stage, bucket_mb=0.004, param_groups=param_groups(model))
+    norms = train_dp(dp, model, range(steps), rank, task="transformer")
+    dp.close()
+    return {"norms": norms, "params_end": snapshot(model)}
+
+
+def main(rank, world, out_dir, stages, with_transformer=True):
     import torch.distributed as tdist
 
     import flashlm.dist as fd
@@ -188,10 +219,12 @@ def main(rank, world, out_dir, stages):
     fd.init(timeout=30)
     results = {stage: run_stage(stage, rank, world) for stage in stages}
     results["cross_load"] = cross_load({s: results[s] for s in stages}, rank, world)
+    if with_transformer:
+        results["transformer"] = {stage: run_transformer(stage, rank, world, TRANSFORMER_STEPS) for stage in stages}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     fd.destroy()
     tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]], sys.argv[5:] != ["mlp"])

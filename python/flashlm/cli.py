@@ -1,5 +1,6 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
-`flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`."""
+`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`."""
 
 from __future__ import annotations
 
@@ -140,6 +141,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.input):
+        print(f"flashlm: error: input: {_printable(args.input)!r} is not an HF model directory "
+              "(to requantize a GGUF file, use `flashlm quantize`)", file=sys.stderr)
+        return 1
+    return _cmd_quantize(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flashlm.train.export import export_checkpoint
+
+    try:
+        written = export_checkpoint(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type,
+                                    progress=not args.quiet)
+    except ValueError as e:
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
+        return 1
+    if not args.quiet and "hf" in written:
+        print(f"{_printable(args.hf)}: HF model directory")
+    if not args.quiet and "gguf" in written:
+        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({args.type}), "
+              f"{os.path.getsize(args.gguf) / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"the mix: {', '.join(MIXES)}")
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     quantize.set_defaults(func=_cmd_quantize)
+
+    convert = sub.add_parser("convert", help="convert an HF safetensors model directory to a GGUF file that "
+                                             "llama.cpp loads (tokenizer included)")
+    convert.add_argument("input", help="an HF model directory (llama, mistral, qwen2, gpt2)")
+    convert.add_argument("output", help="the GGUF file to write")
+    convert.add_argument("--type", default="F16", type=str.upper, choices=list(MIXES), metavar="TYPE",
+                         help=f"the mix (default F16): {', '.join(MIXES)}")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    convert.set_defaults(func=_cmd_convert)
+
+    export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
+                                           "model directory (transformers)")
+    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt)")
+    export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write")
+    export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
+                        help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")
+    export.add_argument("--hf", metavar="DIR", help="the HF model directory to write")
+    export.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    export.set_defaults(func=_cmd_export)
+
+    from flashlm.runtime.commands import add_commands as add_runtime_commands
+
+    add_runtime_commands(sub)
 
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")
@@ -201,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (GGUFError, OSError) as e:
+    except (GGUFError, OSError, ValueError) as e:
         if isinstance(e, BrokenPipeError):  # `flashlm gguf inspect x.gguf | head`: the reader left, fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

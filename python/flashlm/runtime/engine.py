@@ -2,6 +2,7 @@
 KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
 
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
+    llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
@@ -12,6 +13,7 @@ Tokenizer; a HF-style apply_chat_template for chat()).
 
 import re
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
@@ -23,6 +25,7 @@ from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOut
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
+from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -41,6 +44,22 @@ def parse_bytes(value, name="kv_cache_memory") -> int:
     if n <= 0:
         raise ValueError(f"{name}: must be positive, got {value!r}")
     return n
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started: steps, tokens, and where the time went."""
+    steps: int = 0
+    step_seconds: float = 0.0  # whole steps: schedule, prepare, forward, sample, post-process
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    output_tokens: int = 0  # tokens appended to outputs
+
+    def summary(self, forward_seconds: float) -> dict:
+        host = self.step_seconds - forward_seconds
+        return {"steps": self.steps, "output_tokens": self.output_tokens, "step_seconds": self.step_seconds,
+                "forward_seconds": forward_seconds, "host_seconds": host,
+                "host_ms_per_step": 1e3 * host / max(self.steps, 1),
+                "host_share": host / self.step_seconds if self.step_seconds else 0.0}
 
 
 class _ChatText(str):
@@ -73,7 +92,8 @@ class LLM:
     def __init__(self, model: Union[str, Transformer], tokenizer=None, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
-                 kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu"):
+                 kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
+                 draft_model=None, num_speculative_tokens: int = 4):
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -101,13 +121,34 @@ class LLM:
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                    max_model_len=self.max_model_len,
                                    eos_token_ids=getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.runner = ModelRunner(model, num_blocks, block_size, kv_cache_dtype, device)
+        total_blocks, self.spec = num_blocks, None
+        if draft_model is not None:
+            draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
+            total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
+        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
+        if draft_model is not None:
+            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
+            self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
+        self.stats = EngineStats()
         self._requests = {}  # request_id -> _Request, while unfinished
         self._seq_owner = {}  # seq_id -> (request, index)
         self._generators = {}  # seq_id -> generator, for seeded requests
         self._next_request = 0
         self._next_seq = 0
+
+    def _load_draft(self, draft, max_model_len):
+        if not isinstance(draft, Transformer):
+            from flashlm.io import load_model
+
+            draft = load_model(draft, max_model_len=max_model_len).model
+        if draft.cfg.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"draft_model: its vocabulary ({draft.cfg.vocab_size}) must be the target's "
+                             f"({self.model.cfg.vocab_size})")
+        if draft.cfg.seq_len < self.max_model_len:
+            raise ValueError(f"draft_model: its context ({draft.cfg.seq_len}) is shorter than max_model_len "
+                             f"{self.max_model_len}")
+        return draft
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -150,10 +191,16 @@ class LLM:
 
     def step(self) -> list:
         """Runs one scheduled step; returns the RequestOutputs of the requests that got new tokens."""
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
             return []
-        tokens = self.runner.run(batch, self.block_manager, self._generators)
+        before = sum(s.num_output_tokens for s in batch.seqs)
+        if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
+            tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
+        else:
+            tokens = self.runner.run(batch, self.block_manager, self._generators,
+                                     mirror=self.spec.draft if self.spec is not None else None)
         now = time.perf_counter()
         sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
         self.scheduler.update(batch, tokens)
@@ -169,7 +216,20 @@ class LLM:
             if req.finished:
                 req.metrics.finished_time = now
                 self._release(req)
-        return [req.output(self.tokenizer) for req in touched.values()]
+        outputs = [req.output(self.tokenizer) for req in touched.values()]
+        self.stats.steps += 1
+        self.stats.computed_tokens += batch.num_tokens
+        self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
+        self.stats.step_seconds += time.perf_counter() - start
+        return outputs
+
+    def stats_summary(self) -> dict:
+        """Steps, tokens, and the host (Python) time per step beside the model's forward time."""
+        forward = self.runner.forward_seconds + (self.spec.draft.forward_seconds if self.spec is not None else 0.0)
+        out = self.stats.summary(forward)
+        if self.spec is not None:
+            out["spec_acceptance_rate"] = self.spec.acceptance_rate
+        return out
 
     def _detokenize(self, req, i, seq) -> None:
         """With stop strings: the text of sample i so far; a stop string ends it (and is cut from the text)."""

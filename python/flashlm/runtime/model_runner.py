@@ -5,6 +5,9 @@ For each step it packs the new tokens of every scheduled sequence into one row, 
 manager asked for, runs Transformer.forward_paged and samples the sequences whose chunk reached their end.
 """
 
+import time
+from dataclasses import replace
+
 import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
@@ -29,6 +32,15 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(cfg.n_layer)]
         self.sampler = Sampler(cfg.vocab_size)
+        self.forward_seconds = 0.0  # time inside the model's forward (the rest of a step is host overhead)
+
+    def forward(self, tokens, paged: PagedBatch) -> torch.Tensor:
+        t = time.perf_counter()
+        logits = self.model.forward_paged(tokens, paged, self.kv_caches)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the sampler reads the logits next anyway
+        self.forward_seconds += time.perf_counter() - t
+        return logits
 
     def copy_blocks(self, copies) -> None:
         if not copies:
@@ -63,12 +75,16 @@ class ModelRunner:
         )
         return torch.tensor(tokens, dtype=torch.int64, device=dev), paged
 
-    def run(self, batch, bm: BlockManager, generators) -> list:
+    def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> list:
         """The next token of each sampling sequence of the batch, in batch order. generators: seq_id -> the
-        request's torch.Generator (seeded requests only)."""
+        request's torch.Generator (seeded requests only). mirror: a draft model's runner, whose cache gets the
+        same tokens' K and V (speculative decoding needs the draft's cache to follow the target's)."""
         self.copy_blocks(batch.block_copies)
         tokens, paged = self.prepare(batch, bm)
-        logits = self.model.forward_paged(tokens, paged, self.kv_caches)
+        if mirror is not None:
+            mirror.copy_blocks(batch.block_copies)
+            mirror.forward(tokens, replace(paged, logits_rows=paged.logits_rows[:0]))
+        logits = self.forward(tokens, paged)
         inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
                   for seq, s in zip(batch.seqs, batch.sampling) if s]
         if not inputs:

@@ -113,13 +113,11 @@ class DataParallel:
         """The L2 norm over all ranks' averaged gradients; when max_norm > 0 the gradients are scaled by
         min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ does."""
         grads = self._impl.grads()
-        if not grads:
-            return 0.0
-        total = torch.nn.utils.get_total_norm(grads)
-        if self._impl.sharded and self.world_size > 1:
+        total = torch.nn.utils.get_total_norm(grads)  # 0 without gradients
+        if self._impl.sharded and self.world_size > 1:  # every rank joins, whatever it holds
             squared = total.square().reshape(1).to(self._device, torch.float32)
             fd.all_reduce(squared, "sum")
-            total = squared.sqrt().reshape(()).to(grads[0].device)
+            total = squared.sqrt().reshape(())
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(self._impl.stepped_params(), max_norm, total)
         return float(total)
