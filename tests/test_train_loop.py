@@ -453,6 +453,29 @@ def test_cli_train_and_eval(text_file, data_cache, tmp_path):
 
 
 
+def test_eval_predicts_every_token_once(text_file, data_cache, tmp_path):
+    """flashlm eval's windows: every token after the first is predicted once, whatever the batching (a short
+    last window is padded with ignored targets), and the loss is the mean over those predictions."""
+    from tokenizers import Tokenizer
+
+    from flashlm.train.evaluate import evaluate_checkpoint
+
+    cfg = tiny_config(text_file, data_cache, tmp_path / "run", max_steps=2, ckpt_interval=2, eval_interval=2)
+    Trainer(cfg).train()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    sample = tmp_path / "sample.txt"
+    sample.write_text(text_file.read_text()[:3000] + "\n\nA last line.\n")
+    results = [evaluate_checkpoint(ckpt, sample, batch_size=b) for b in (1, 3, 64)]
+    state = load_checkpoint(ckpt)
+    tok = Tokenizer.from_str(state["tokenizer"])
+    docs = [d.strip() for d in sample.read_text().split("\n\n") if d.strip()]
+    n_ids = sum(len(tok.encode(d, add_special_tokens=False).ids) + 1 for d in docs)  # + the EOS after each
+    for r in results:
+        assert r["tokens"] == n_ids - 1 and r["step"] == 2
+        assert r["loss"] == pytest.approx(results[0]["loss"], rel=1e-6), [x["loss"] for x in results]
+        assert r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-12)
+
+
 def test_config_sources_and_document_separator(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('lr = 1e-3\nmin_lr = 1e-4\nn_layer = 3\ndoc_separator = "\\n\\n\\n"\n')
