@@ -1,0 +1,79 @@
+"""LoadedModel (what the loaders return) and the pieces the HF and GGUF loaders share: building a
+Transformer without allocating weights that are about to be replaced, and swapping its block linears for
+quantized ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flashlm.models import ModelConfig, Transformer
+from flashlm.models.transformer import rope_tables
+from flashlm.runtime.tokenizer import Tokenizer
+
+BLOCK_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj", "mlp.gate", "mlp.up", "mlp.down")
+_INT4_GROUPS = (128, 64, 32)
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer                   # eval mode, on the CPU
+    config: ModelConfig
+    tokenizer: Optional[Tokenizer]       # None when the source has none
+    eos_token_ids: list = field(default_factory=list)
+    bos_token_id: Optional[int] = None
+    chat_template: Optional[str] = None
+    source: str = ""                     # "hf:<dir>" or "gguf:<file>"
+
+
+def empty_model(cfg: ModelConfig, attn_impl: str = "flashlm") -> Transformer:
+    """A Transformer whose parameters are on the meta device (no memory) and whose rope tables are real: the
+    loader assigns every parameter afterwards (load_state_dict(assign=True) or module replacement)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, attn_impl=attn_impl)
+    if cfg.rotary:
+        model.rope_cos, model.rope_sin = rope_tables(cfg)
+    return model
+
+
+def check_materialized(model: nn.Module) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise ValueError(f"weights: {name} was not loaded")
+
+
+def set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def int4_group_size(in_features: int) -> int:
+    for g in _INT4_GROUPS:
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"quantize: int4 needs in_features divisible by 32, got {in_features}")
+
+
+def quantize_block_linears(model: Transformer, quantize: Optional[str]) -> None:
+    """Replaces every block's nn.Linear by flashlm.quant's Int8Linear (W8A8, per-channel) or Int4Linear (W4A16,
+    symmetric, the largest group of 128/64/32 dividing in_features). Embeddings, norms and the lm head stay."""
+    from flashlm.quant import Int4Linear, Int8Linear
+
+    if quantize is None:
+        return
+    if quantize not in ("int8", "int4"):
+        raise ValueError(f"quantize: must be None, 'int8' or 'int4', got {quantize!r}")
+    for block in model.blocks:
+        for dotted in BLOCK_LINEARS:
+            try:
+                linear = block.get_submodule(dotted)
+            except AttributeError:
+                continue
+            if quantize == "int8":
+                q = Int8Linear.from_float(linear)
+            else:
+                q = Int4Linear.from_float(linear, group_size=int4_group_size(linear.in_features))
+            set_module(block, dotted, q)
