@@ -104,10 +104,10 @@ def _encode(w: np.ndarray, qtype: str) -> tuple[np.ndarray, GGMLQuantizationType
 
 
 def write_gguf(model, arch: str, path: str, qtype: str = "F32", tokenizer_meta=None, context_length=None,
-               skip=(), replace=None) -> dict:
+               skip=(), replace=None, extra=None) -> dict:
     """Writes `model` (a transformers model) to `path`; returns {GGUF name: the float32 array the file holds,
     in torch order and llama.cpp's row order}. `skip` drops tensors, `replace` {name: array} writes another
-    array (as F32) under a name: for malformed-file tests."""
+    array (as F32) under a name, `extra` {name: array} adds F32 tensors: for malformed-file tests."""
     cfg = model.config
     w = GGUFWriter(path, arch)
     if arch == "gpt2":
@@ -136,11 +136,13 @@ def write_gguf(model, arch: str, path: str, qtype: str = "F32", tokenizer_meta=N
     factors = _rope_factors(cfg) if arch == "llama" else None
     if factors is not None:
         tensors.append(("rope_freqs.weight", factors, None, ""))
+    tensors += [(name, arr, None, "") for name, arr in (extra or {}).items()]
     for name, arr, *_ in tensors:
         if name in skip:
             continue
-        if replace and name in replace:
-            data, t = np.ascontiguousarray(replace[name], dtype=np.float32), GGMLQuantizationType.F32
+        if (replace and name in replace) or (extra and name in extra):
+            arr = replace[name] if replace and name in replace else arr
+            data, t = np.ascontiguousarray(arr, dtype=np.float32), GGMLQuantizationType.F32
         else:
             data, t = _encode(arr, qtype)
         w.add_tensor(name, data, raw_dtype=t)

@@ -1,0 +1,450 @@
+"""flashlm.io's loaders: HF directories and GGUF files as flashlm Transformers, and their tokenizers.
+
+References: transformers' own models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)
+for logits; for GGUF, files written with gguf-py in llama.cpp's layout (tests/hf_to_gguf.py) and the same HF
+model holding the file's dequantized weights; the tokenizers library, transformers' apply_chat_template and
+sentencepiece for tokenization; llama.cpp itself where llama_cpp imports.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+from hf_to_gguf import dequantized_state, write_gguf  # noqa: E402
+from tokenizer_sources import (SAMPLES, bpe_gguf_metadata, spm_gguf_metadata, train_bpe,  # noqa: E402
+                               train_spm)
+
+from flashlm.io import load_gguf, load_hf, load_model  # noqa: E402
+from flashlm.quant import GGUFEmbedding, GGUFLinear, Int4Linear, Int8Linear  # noqa: E402
+from flashlm.quant.rtn import dequantize_int4  # noqa: E402
+
+V = 320  # vocabulary of the logit tests' models
+
+
+def _rope_llama3():
+    return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+
+
+def make_hf(kind: str, vocab: int = V):
+    """A tiny random transformers model (eval mode) and its GGUF architecture name."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5}[kind])
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                  max_position_embeddings=128)
+    if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
+        m = LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                         rope_scaling=_rope_llama3(), rope_theta=500000.0, tie_word_embeddings=False))
+    elif kind == "llama_tied":  # MHA, tied
+        m = LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=2, tie_word_embeddings=True))
+    elif kind == "qwen2":  # GQA 4:1, tied, q/k/v biases
+        m = Qwen2ForCausalLM(Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=1,
+                                         tie_word_embeddings=True))
+        with torch.no_grad():  # HF initialises biases to zero: make them count
+            for layer in m.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)
+    elif kind == "mistral":
+        m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=None))
+    else:
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                       bos_token_id=0, eos_token_id=0))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    m.eval()
+    return m, {"llama_tied": "llama", "mistral": "llama"}.get(kind, kind)
+
+
+def _rel_err(out, ref):
+    err = (out - ref).abs()
+    i = int(err.argmax())
+    return float(err.max()) / float(ref.abs().max()), np.unravel_index(i, err.shape)
+
+
+def _logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0] if not hasattr(model, "generation_config") else model(idx).logits
+
+
+# ------------------------------------------------------------------------------------------------ HF
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2", "mistral"])
+def test_hf_logits_match_transformers(tmp_path, kind):
+    hf, _ = make_hf(kind)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_hf(tmp_path)
+    assert not loaded.model.training and loaded.source == f"hf:{tmp_path}"
+    for T in (1, 19):
+        idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
+        ref, out = _logits(hf, idx), _logits(loaded.model, idx)
+        err = (out - ref).abs().max().item()
+        assert err <= 1e-4, f"{kind} T={T}: max abs diff {err} at {_rel_err(out, ref)[1]}"
+
+
+def test_hf_sharded_and_max_model_len(tmp_path):
+    hf, _ = make_hf("gpt2")
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    loaded = load_hf(tmp_path, max_model_len=24)
+    assert loaded.config.seq_len == 24 and loaded.model.pos_emb.weight.shape == (24, 64)
+    idx = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(0))
+    assert (_logits(loaded.model, idx) - _logits(hf, idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_hf_quantized_load(tmp_path, quantize):
+    hf, _ = make_hf("llama")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_hf(tmp_path, quantize=quantize)
+    cls = Int8Linear if quantize == "int8" else Int4Linear
+    assert isinstance(loaded.model.blocks[1].mlp.down, cls) and isinstance(loaded.model.blocks[0].attn.q, cls)
+    # reference: the float model with the quantized weights dequantized back
+    ref_model = load_hf(tmp_path).model
+    for block, qblock in zip(ref_model.blocks, loaded.model.blocks):
+        for name in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"):
+            q = qblock.get_submodule(name)
+            if quantize == "int8":
+                w = q.weight.float() * q.weight_scales[:, None]
+            else:
+                w = dequantize_int4(q.weight, q.scales, q.zeros, q.group_size)
+            block.get_submodule(name).weight.data = w.float()
+    idx = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(1))
+    out, ref, orig = _logits(loaded.model, idx), _logits(ref_model, idx), _logits(hf, idx)
+    err, where = _rel_err(out, ref)
+    # int4 (W4A16): the same weights, float activations -> float rounding only. int8 (W8A8): activations are
+    # rounded per token to 8 bits (relative step 1/127 of the row's max) at each of 7 linears per block.
+    tol = 1e-4 if quantize == "int4" else 3e-2
+    assert err <= tol, f"{quantize}: {err:.3g} relative to the dequantized-weight model at {where}"
+    # and against the original float weights: int8 is about 1%, int4 (group 32..128, 4 bits) a few %
+    err_orig, where = _rel_err(out, orig)
+    assert err_orig <= (5e-2 if quantize == "int8" else 0.25), f"{quantize}: {err_orig:.3g} vs float at {where}"
+
+
+def test_hf_bfloat16(tmp_path):
+    hf, _ = make_hf("qwen2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_hf(tmp_path, dtype=torch.bfloat16)
+    assert loaded.model.tok_emb.weight.dtype == torch.bfloat16
+    idx = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(2))
+    err, where = _rel_err(_logits(loaded.model, idx).float(), _logits(hf, idx))
+    assert err <= 5e-2, f"bf16: {err:.3g} relative at {where}"  # bf16 keeps 8 bits of mantissa
+
+
+def _rewrite_safetensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "model.layers.1.mlp.up_proj.weight|blocks.1.mlp.up.weight"),
+    ("shape", "model.layers.0.self_attn.k_proj.weight"),
+    ("extra", "model.layers.0.self_attn.extra_proj.weight"),
+    ("int", "model.norm.weight"),
+])
+def test_hf_bad_tensors_raise_naming_them(tmp_path, case, match):
+    hf, _ = make_hf("llama")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+
+    def edit(t):
+        if case == "missing":
+            del t["model.layers.1.mlp.up_proj.weight"]
+        elif case == "shape":
+            t["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+        elif case == "extra":
+            t["model.layers.0.self_attn.extra_proj.weight"] = torch.zeros(4)
+        else:
+            t["model.norm.weight"] = torch.zeros(64, dtype=torch.int32)
+    _rewrite_safetensors(tmp_path, edit)
+    with pytest.raises(ValueError, match=match):
+        load_hf(tmp_path)
+
+
+def test_hf_known_buffers_are_skipped(tmp_path):
+    hf, _ = make_hf("gpt2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    _rewrite_safetensors(tmp_path, lambda t: t.update({"transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8),
+                                                       "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)}))
+    idx = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(3))
+    assert (_logits(load_hf(tmp_path).model, idx) - _logits(hf, idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"architectures": ["FalconForCausalLM"]}, "architectures"),
+    ({"head_dim": 16}, "head_dim"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+    ({"num_key_value_heads": 3}, "n_kv_head"),
+])
+def test_hf_bad_config_raises(tmp_path, edit, match):
+    hf, _ = make_hf("llama_tied")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        load_hf(tmp_path)
+
+
+def test_hf_mistral_sliding_window(tmp_path):
+    hf, _ = make_hf("mistral")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["sliding_window"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window"):
+        load_hf(tmp_path)
+    assert load_hf(tmp_path, max_model_len=64).config.seq_len == 64  # within the window: exact
+
+
+def test_hf_pickle_only_directory_raises(tmp_path):
+    cfg = make_hf("llama_tied")[0].config.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickle"):
+        load_hf(tmp_path)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+                 "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}<|{{ m['role'] }}|>\n"
+                 "{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_hf_tokenizer_and_chat_template(tmp_path):
+    tok = train_bpe("gpt-2")
+    hf, _ = make_hf("gpt2", vocab=tok.get_vocab_size())
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5], "bos_token_id": 0}))
+    loaded = load_model(tmp_path)
+    t = loaded.tokenizer
+    assert loaded.eos_token_ids == [0, 5] and loaded.bos_token_id == 0 and loaded.chat_template == CHAT_TEMPLATE
+    for text in SAMPLES:
+        assert t.encode(text) == tok.encode(text).ids, text
+        assert t.decode(t.encode(text)) == text.replace("<|endoftext|>", "")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Über 東京?"},
+                {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Why"}]
+    for gen in (True, False):
+        assert t.apply_chat_template(messages, add_generation_prompt=gen) == \
+            ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    with pytest.raises(ValueError, match="unknown role tool"):
+        t.apply_chat_template([{"role": "tool", "content": "x"}])
+    prompt = t.apply_chat_template(messages)
+    assert t.encode(prompt, add_special_tokens=False) == ref(prompt, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
+def test_gguf_logits(tmp_path, kind, qtype):
+    hf, arch = make_hf(kind)
+    path = str(tmp_path / "m.gguf")
+    held = write_gguf(hf, arch, path, qtype)
+    loaded = load_gguf(path)
+    model = loaded.model
+    assert loaded.config.arch == arch and not model.training
+    if qtype.startswith("Q"):
+        assert isinstance(model.blocks[0].attn.k, GGUFLinear) and isinstance(model.tok_emb, GGUFEmbedding)
+        assert isinstance(model.lm_head, GGUFLinear)  # tied: over token_embd's bytes
+    # reference: transformers' model holding exactly the file's (dequantized) weights
+    ref_model = type(hf)(hf.config).eval()
+    ref_model.load_state_dict(dequantized_state(hf, arch, held))
+    idx = torch.randint(0, V, (2, 21), generator=torch.Generator().manual_seed(7))
+    out, ref = _logits(model, idx), _logits(ref_model, idx)
+    err, where = _rel_err(out, ref)
+    # float files: exact up to float32 rounding. Quantized: GGUFLinear rounds activations to 8-bit blocks of
+    # 32 (as ggml does), a relative step of 1/254 of each block's max, at every linear: measured 0.4-0.8%.
+    if qtype in ("F32", "F16"):
+        assert (out - ref).abs().max().item() <= 1e-4, f"{kind} {qtype}: {err:.3g} relative at {where}"
+    else:
+        assert err <= 2e-2, f"{kind} {qtype}: {err:.3g} relative at {where}"
+
+
+def test_gguf_llama3_rope_scaling_recovered(tmp_path):
+    hf, arch = make_hf("llama")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "F32")
+    cfg = load_gguf(path).config
+    assert cfg.rope_scaling is not None and cfg.rope_scaling["factor"] == 8.0
+    from flashlm.models import ModelConfig
+    from flashlm.models.transformer import rope_inv_freq
+    want = rope_inv_freq(ModelConfig(**{**cfg.to_dict(), "rope_scaling": {
+        k: v for k, v in _rope_llama3().items() if k != "rope_theta"}}))
+    torch.testing.assert_close(rope_inv_freq(cfg), want, rtol=1e-6, atol=0)
+
+
+def test_gguf_max_model_len(tmp_path):
+    hf, arch = make_hf("gpt2")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "Q8_0")
+    loaded = load_gguf(path, max_model_len=16)
+    assert loaded.config.seq_len == 16 and loaded.model.pos_emb.weight.shape == (16, 64)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "blk.1.ffn_up.weight"),
+    ("shape", "blk.0.attn_k.weight"),
+    ("extra", "blk.2.attn_norm.weight"),
+    ("arch", "general.architecture"),
+    ("heads", "head_count"),
+])
+def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
+    hf, arch = make_hf("llama_tied")
+    path = str(tmp_path / "m.gguf")
+    if case == "missing":
+        write_gguf(hf, arch, path, "Q8_0", skip=("blk.1.ffn_up.weight",))
+    elif case == "shape":
+        write_gguf(hf, arch, path, "Q8_0", replace={"blk.0.attn_k.weight": np.zeros((32, 64), np.float32)})
+    elif case == "extra":  # one block more than block_count says
+        write_gguf(hf, arch, path, "F32", extra={"blk.2.attn_norm.weight": np.ones(64, np.float32)})
+    elif case == "arch":
+        write_gguf(hf, "falcon", path, "F32")
+    else:
+        write_gguf(hf, arch, path, "F32")
+        data = bytearray(open(path, "rb").read())
+        key = b"llama.attention.head_count"
+        at = data.index(key) + len(key)
+        assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type UINT32
+        data[at + 4:at + 8] = (0).to_bytes(4, "little")
+        open(path, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=match):
+        load_gguf(path)
+
+
+_RSS_SCRIPT = r"""
+import sys, torch
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+from flashlm.io import load_gguf
+def run(path):
+    loaded = load_gguf(path, tokenizer=False)
+    with torch.no_grad():
+        loaded.model(torch.arange(8)[None])
+    return loaded
+warm = run(sys.argv[1])  # torch's and flashlm's one-time costs (meta-device machinery, thread pool)
+before = rss()
+loaded = run(sys.argv[2])
+print(rss() - before)
+"""
+
+
+def _write_random_q4_0_llama(path, d, ff, layers, vocab):
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(path, "llama")
+    for key, value in (("context_length", 64), ("embedding_length", d), ("block_count", layers),
+                       ("feed_forward_length", ff), ("attention.head_count", 8), ("attention.head_count_kv", 8)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+
+    def q(name, rows, cols):
+        blocks = gguf.quants.quantize(rng.standard_normal((rows, cols), np.float32) * 0.02,
+                                      gguf.GGMLQuantizationType.Q4_0)
+        w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    q("token_embd.weight", vocab, d)
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(layers):
+        for n, (r, c) in {"attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d), "attn_output": (d, d),
+                          "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}.items():
+            q(f"blk.{i}.{n}.weight", r, c)
+        for n in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{n}.weight", np.ones(d, np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+
+def test_gguf_q4_0_memory_is_about_the_file_size(tmp_path):
+    """A Q4_0 model (~18 M parameters, 8.5 MB) loaded and run once: the process grows by about the file size,
+    not by the 72 MB its float32 weights would take."""
+    d, ff, layers, vocab = 512, 1536, 4, 4096
+    small, big = str(tmp_path / "small.gguf"), str(tmp_path / "big.gguf")
+    _write_random_q4_0_llama(small, 64, 64, 1, 256)
+    _write_random_q4_0_llama(big, d, ff, layers, vocab)
+    size = os.path.getsize(big)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    grew = int(subprocess.run([sys.executable, "-c", _RSS_SCRIPT, small, big], capture_output=True, text=True,
+                              env=env, check=True).stdout.split()[-1])
+    float_size = 4 * (vocab * d + layers * (4 * d * d + 3 * ff * d))
+    # the file's pages, the q/k rows copied into rope order (2/7 of a layer's bytes), activations
+    assert grew <= 1.5 * size + 8 * 2**20, f"RSS grew {grew / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB file"
+    assert grew < float_size / 2
+
+
+# ----------------------------------------------------------------------------------------- tokenizers
+
+
+def _tiny_llama_with_vocab(n: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                                        num_attention_heads=2, max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2"])
+def test_gguf_bpe_tokenizer_matches_source(tmp_path, pre):
+    tok = train_bpe(pre)
+    path = str(tmp_path / "m.gguf")
+    write_gguf(_tiny_llama_with_vocab(tok.get_vocab_size()), "llama", path, "F32",
+               tokenizer_meta=bpe_gguf_metadata(tok, pre, chat_template=CHAT_TEMPLATE))
+    loaded = load_gguf(path)
+    t = loaded.tokenizer
+    assert loaded.eos_token_ids == [0] and loaded.chat_template == CHAT_TEMPLATE
+    for text in SAMPLES:
+        assert t.encode(text) == tok.encode(text).ids, (pre, text)
+        assert t.decode(t.encode(text)) == text.replace("<|endoftext|>", "")
+    assert t.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|endoftext|><|user|>\nhi")
+
+
+def test_gguf_spm_tokenizer_matches_sentencepiece(tmp_path):
+    sp = train_spm()
+    n = sp.get_piece_size()
+    path = str(tmp_path / "m.gguf")
+    write_gguf(_tiny_llama_with_vocab(n + 3), "llama", path, "F32", tokenizer_meta=spm_gguf_metadata(sp, n + 3))
+    t = load_gguf(path).tokenizer
+    assert t.bos_token_id == 1 and t.eos_token_ids == [2]
+    for text in SAMPLES:
+        want = [sp.bos_id()] + sp.encode(text)
+        got = t.encode(text)
+        assert got == want, (text, [sp.id_to_piece(i) for i in want], [t.id_to_token(i) for i in got])
+        assert t.decode(got) == sp.decode(want), text
+        assert t.encode(text, add_special_tokens=False) == sp.encode(text)
+
+
+def test_gguf_unknown_pre_tokenizer_raises(tmp_path):
+    tok = train_bpe("gpt-2")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(_tiny_llama_with_vocab(tok.get_vocab_size()), "llama", path, "F32",
+               tokenizer_meta=bpe_gguf_metadata(tok, "mystery-bpe"))
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre 'mystery-bpe'"):
+        load_gguf(path)
+
+
+def test_load_model_dispatch(tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        load_model(tmp_path / "nothing")
