@@ -3,7 +3,8 @@
 References: transformers' own models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)
 for logits; for GGUF, files written with gguf-py in llama.cpp's layout (tests/hf_to_gguf.py) and the same HF
 model holding the file's dequantized weights; the tokenizers library, transformers' apply_chat_template and
-sentencepiece for tokenization; llama.cpp itself where llama_cpp imports.
+sentencepiece for tokenization; llama.cpp itself (logits and tokenization) where llama_cpp imports, e.g.
+    PYTHONPATH=python /path/to/venv-with-llama-cpp-python/bin/python -m pytest tests/test_loaders.py -k llama_cpp
 """
 
 import json
@@ -443,6 +444,50 @@ def test_gguf_unknown_pre_tokenizer_raises(tmp_path):
                tokenizer_meta=bpe_gguf_metadata(tok, "mystery-bpe"))
     with pytest.raises(ValueError, match="tokenizer.ggml.pre 'mystery-bpe'"):
         load_gguf(path)
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
+def test_gguf_logits_match_llama_cpp(tmp_path, kind, qtype):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    hf, arch = make_hf(kind)
+    tok = train_bpe("gpt-2", vocab_size=300)
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, qtype, tokenizer_meta=bpe_gguf_metadata(tok, "gpt-2", pad_to=V))
+    # float32 KV cache (type 0): llama.cpp's default f16 cache alone differs by ~1e-4
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, V, 21)]
+    llm.eval(ids)
+    ref = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+    out = _logits(load_gguf(path).model, torch.tensor([ids]))[0]
+    err, where = _rel_err(out, ref)
+    # F32: float32 rounding in a different order (measured ~3e-7). Q8_0: both round activations to 8-bit
+    # blocks, but not in the same places (measured 0.3-0.9%)
+    assert err <= (1e-4 if qtype == "F32" else 2e-2), f"{kind} {qtype}: {err:.3g} relative to llama.cpp at {where}"
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "spm"])
+def test_gguf_tokenizer_matches_llama_cpp(tmp_path, pre):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if pre == "spm":
+        sp = train_spm()
+        n = sp.get_piece_size() + 3
+        meta = spm_gguf_metadata(sp, n)
+    else:
+        bpe = train_bpe(pre)
+        n = bpe.get_vocab_size()
+        meta = bpe_gguf_metadata(bpe, pre)
+    path = str(tmp_path / "m.gguf")
+    write_gguf(_tiny_llama_with_vocab(n), "llama", path, "F32", tokenizer_meta=meta)
+    t = load_gguf(path).tokenizer
+    vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    for text in SAMPLES + ["<|endoftext|>hello</s>world<s>", "  multiple   spaces  ", "\n\n\n", "a"]:
+        for bos in (True, False):
+            want = vocab.tokenize(text.encode(), add_bos=bos, special=True)
+            assert t.encode(text, add_special_tokens=bos) == want, (pre, text, bos)
 
 
 def test_load_model_dispatch(tmp_path):

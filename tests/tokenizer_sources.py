@@ -56,8 +56,9 @@ def train_bpe(pre: str, vocab_size: int = 600):
     return tok
 
 
-def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None) -> list:
-    """tokenizer.ggml.* for a byte-level BPE (convert_hf_to_gguf.py's _set_vocab_gpt2)."""
+def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None, pad_to: int | None = None) -> list:
+    """tokenizer.ggml.* for a byte-level BPE (convert_hf_to_gguf.py's _set_vocab_gpt2); pad_to adds [PAD<i>]
+    UNUSED tokens up to that many, as the converter does for a padded embedding."""
     import json
 
     spec = json.loads(tok.to_str())
@@ -67,6 +68,9 @@ def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None) -> list:
         tokens[i] = t
     special = {a["id"] for a in spec["added_tokens"] if a["special"]}
     types = [int(TokenType.CONTROL if i in special else TokenType.NORMAL) for i in range(len(tokens))]
+    for i in range(len(tokens), pad_to or 0):
+        tokens.append(f"[PAD{i}]")
+        types.append(int(TokenType.UNUSED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     eos = vocab["<|endoftext|>"]
     meta = [("tokenizer.ggml.model", "gpt2", _STR, None), ("tokenizer.ggml.pre", pre, _STR, None),
