@@ -107,7 +107,7 @@ def write_gguf(model, arch: str, path: str, qtype: str = "F32", tokenizer_meta=N
                skip=(), replace=None, extra=None) -> dict:
     """Writes `model` (a transformers model) to `path`; returns {GGUF name: the float32 array the file holds,
     in torch order and llama.cpp's row order}. `skip` drops tensors, `replace` {name: array} writes another
-    array (as F32) under a name, `extra` {name: array} adds F32 tensors: for malformed-file tests."""
+    array (as F32, or (array, GGML type) as is) under a name, `extra` {name: array} adds F32 tensors: for malformed-file tests."""
     cfg = model.config
     w = GGUFWriter(path, arch)
     if arch == "gpt2":
@@ -142,12 +142,14 @@ def write_gguf(model, arch: str, path: str, qtype: str = "F32", tokenizer_meta=N
             continue
         if (replace and name in replace) or (extra and name in extra):
             arr = replace[name] if replace and name in replace else arr
-            data, t = np.ascontiguousarray(arr, dtype=np.float32), GGMLQuantizationType.F32
+            arr, t = arr if isinstance(arr, tuple) else (arr.astype(np.float32), GGMLQuantizationType.F32)
+            data = np.ascontiguousarray(arr)
         else:
             data, t = _encode(arr, qtype)
         w.add_tensor(name, data, raw_dtype=t)
         held[name] = quants.dequantize(data, t).reshape(data.shape[:-1] + (-1,)).astype(np.float32) \
-            if t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else data.astype(np.float32)
+            if t not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.I32) \
+            else data.astype(np.float32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

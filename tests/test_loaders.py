@@ -17,7 +17,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 
 from hf_to_gguf import dequantized_state, write_gguf  # noqa: E402
 from tokenizer_sources import (SAMPLES, bpe_gguf_metadata, spm_gguf_metadata, train_bpe,  # noqa: E402
@@ -298,6 +298,28 @@ def test_gguf_llama3_rope_scaling_recovered(tmp_path):
     torch.testing.assert_close(rope_inv_freq(cfg), want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("head_dim, factor", [(128, 8.0), (64, 32.0)])  # Llama 3.1 8B, Llama 3.2 1B
+def test_llama3_rope_parameters_from_factors(head_dim, factor):
+    from types import SimpleNamespace
+
+    from hf_to_gguf import _rope_factors
+
+    from flashlm.io.gguf_rope import llama3_scaling_from_factors
+    from flashlm.models import ModelConfig
+    from flashlm.models.transformer import rope_inv_freq
+
+    rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    hf_cfg = SimpleNamespace(hidden_size=4 * head_dim, num_attention_heads=4,
+                             rope_parameters=dict(rs, rope_theta=500000.0))
+    factors = torch.from_numpy(_rope_factors(hf_cfg))
+    inv_freq = rope_inv_freq(ModelConfig(arch="llama", d_model=4 * head_dim, n_head=4, rope_theta=500000.0))
+    assert llama3_scaling_from_factors(factors, inv_freq) == rs
+    assert llama3_scaling_from_factors(torch.ones_like(factors), inv_freq) is None
+    with pytest.raises(ValueError, match="rope_freqs.weight"):
+        llama3_scaling_from_factors(factors.flip(0), inv_freq)  # long wavelengths kept, short ones slowed
+
+
 def test_gguf_max_model_len(tmp_path):
     hf, arch = make_hf("gpt2")
     path = str(tmp_path / "m.gguf")
@@ -312,6 +334,7 @@ def test_gguf_max_model_len(tmp_path):
     ("extra", "blk.2.attn_norm.weight"),
     ("arch", "general.architecture"),
     ("heads", "head_count"),
+    ("type", "blk.0.attn_v.weight"),
 ])
 def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
     hf, arch = make_hf("llama_tied")
@@ -324,6 +347,9 @@ def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
         write_gguf(hf, arch, path, "F32", extra={"blk.2.attn_norm.weight": np.ones(64, np.float32)})
     elif case == "arch":
         write_gguf(hf, "falcon", path, "F32")
+    elif case == "type":  # integers where a matrix belongs
+        write_gguf(hf, arch, path, "Q8_0", replace={"blk.0.attn_v.weight": (np.zeros((64, 64), np.int32),
+                                                                            gguf.GGMLQuantizationType.I32)})
     else:
         write_gguf(hf, arch, path, "F32")
         data = bytearray(open(path, "rb").read())
@@ -488,6 +514,15 @@ def test_gguf_tokenizer_matches_llama_cpp(tmp_path, pre):
         for bos in (True, False):
             want = vocab.tokenize(text.encode(), add_bos=bos, special=True)
             assert t.encode(text, add_special_tokens=bos) == want, (pre, text, bos)
+
+
+def test_gguf_embedding_checks_ids(tmp_path):
+    hf, arch = make_hf("llama_tied")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "Q8_0")
+    model = load_gguf(path).model
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.tensor([[0, V]]))
 
 
 def test_load_model_dispatch(tmp_path):

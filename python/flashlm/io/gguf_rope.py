@@ -65,8 +65,12 @@ def llama3_scaling_from_factors(factors: torch.Tensor, inv_freq: torch.Tensor) -
     high = 1 - 1 / b
     rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
           "original_max_position_embeddings": -a / b}
-    err = ((_factors(inv_freq, rs) - f).abs() / f).max()
-    if float(err) > _REL_TOL:
-        raise ValueError(f"rope_freqs.weight: the factors are not Llama 3's rope scaling (best fit is off by "
-                         f"{float(err):.2e} relative)")
-    return rs
+    # the round numbers a real config has (8192, 4.0) when they give the same factors
+    rounded = dict(rs, factor=round(factor, 4), high_freq_factor=round(high, 4),
+                   original_max_position_embeddings=round(-a / b))
+    for candidate in (rounded, rs):
+        err = float(((_factors(inv_freq, candidate) - f).abs() / f).max())
+        if err <= _REL_TOL:
+            return candidate
+    raise ValueError(f"rope_freqs.weight: the factors are not Llama 3's rope scaling (best fit is off by "
+                     f"{err:.2e} relative)")
