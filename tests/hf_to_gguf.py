@@ -5,7 +5,7 @@ checked against llama.cpp's own conventions rather than against flashlm's export
   attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}; GPT-2: position_embd, attn_qkv (fused), biases;
 - llama's q/k rows permuted into ggml's rope order (LlamaModel.permute); qwen2's not;
 - Llama 3 rope scaling as the rope_freqs tensor (LlamaModel.generate_extra_tensors);
-- 2-D weights in `qtype` (F32, F16, Q8_0, Q4_0), 1-D tensors F32.
+- 2-D weights in `qtype` (F32, F16, BF16, Q8_0, Q4_0), 1-D tensors F32.
 `dequantized_state` gives the HF state dict with every weight replaced by what the file holds, for
 references that isolate the loader from the quantization error.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-QTYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16,
+QTYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16,
           "Q8_0": GGMLQuantizationType.Q8_0, "Q4_0": GGMLQuantizationType.Q4_0}
 
 

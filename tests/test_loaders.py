@@ -259,7 +259,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
 # ---------------------------------------------------------------------------------------------- GGUF
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
 def test_gguf_logits(tmp_path, kind, qtype):
     hf, arch = make_hf(kind)
@@ -279,7 +279,7 @@ def test_gguf_logits(tmp_path, kind, qtype):
     err, where = _rel_err(out, ref)
     # float files: exact up to float32 rounding. Quantized: GGUFLinear rounds activations to 8-bit blocks of
     # 32 (as ggml does), a relative step of 1/254 of each block's max, at every linear: measured 0.4-0.8%.
-    if qtype in ("F32", "F16"):
+    if qtype in ("F32", "F16", "BF16"):
         assert (out - ref).abs().max().item() <= 1e-4, f"{kind} {qtype}: {err:.3g} relative at {where}"
     else:
         assert err <= 2e-2, f"{kind} {qtype}: {err:.3g} relative at {where}"
@@ -335,6 +335,7 @@ def test_gguf_max_model_len(tmp_path):
     ("arch", "general.architecture"),
     ("heads", "head_count"),
     ("type", "blk.0.attn_v.weight"),
+    ("context", "context_length"),
 ])
 def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
     hf, arch = make_hf("llama_tied")
@@ -347,6 +348,9 @@ def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
         write_gguf(hf, arch, path, "F32", extra={"blk.2.attn_norm.weight": np.ones(64, np.float32)})
     elif case == "arch":
         write_gguf(hf, "falcon", path, "F32")
+    elif case == "context":  # 2^31 positions of rope tables unless max_model_len caps them
+        write_gguf(hf, arch, path, "F32", context_length=2**31)
+        assert load_gguf(path, max_model_len=32).config.seq_len == 32
     elif case == "type":  # integers where a matrix belongs
         write_gguf(hf, arch, path, "Q8_0", replace={"blk.0.attn_v.weight": (np.zeros((64, 64), np.int32),
                                                                             gguf.GGMLQuantizationType.I32)})

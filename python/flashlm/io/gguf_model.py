@@ -28,7 +28,7 @@ from torch import nn
 from flashlm import ops
 from flashlm.io.gguf import GGUFFile
 from flashlm.io.gguf_rope import llama3_scaling_from_factors
-from flashlm.io.loaded import LoadedModel, check_materialized, empty_model, set_module
+from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish, set_module
 from flashlm.models import ModelConfig
 from flashlm.models.transformer import rope_inv_freq
 from flashlm.quant.gguf_embedding import GGUFEmbedding
@@ -67,7 +67,7 @@ class _Meta:
         return v
 
 
-def _tensor_shape(f: GGUFFile, name: str, shape: tuple) -> None:
+def _tensor_shape(f: GGUFFile, name: str, shape: tuple):
     try:
         info = f.tensor(name)
     except KeyError:
@@ -86,11 +86,7 @@ def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> 
     n_head = meta.int(f"{arch}.attention.head_count")
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head)
     d = meta.int(f"{arch}.embedding_length")
-    ctx = meta.int(f"{arch}.context_length")
-    if max_model_len is not None:
-        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
-            raise ValueError(f"max_model_len: must be a positive integer, got {max_model_len!r}")
-        ctx = min(ctx, max_model_len)
+    ctx = context_length(meta.int(f"{arch}.context_length"), max_model_len, f"metadata: {arch}.context_length")
     try:
         emb = f.tensor("token_embd.weight")
     except KeyError:
@@ -279,8 +275,7 @@ def load_gguf(path, max_model_len: Optional[int] = None, attn_impl: str = "flash
         extra = sorted({t.name for t in f.tensors} - b.used)
         if extra:
             raise ValueError(f"tensor {extra[0]!r}: not part of a {cfg.arch} model")
-        check_materialized(model)
-        model.eval()
+        finish(model)
         tok = tokenizer_from_gguf(f.metadata, cfg.vocab_size) if tokenizer else None
     finally:
         f.close()  # the tensors' views keep the mapping alive

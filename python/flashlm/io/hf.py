@@ -19,7 +19,7 @@ import torch
 
 from flashlm.io.hf_config import model_config_from_hf
 from flashlm.io.hf_weights import read_hf_state_dict
-from flashlm.io.loaded import LoadedModel, check_materialized, empty_model, quantize_block_linears
+from flashlm.io.loaded import LoadedModel, empty_model, finish, quantize_block_linears
 from flashlm.runtime.tokenizer import Tokenizer
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,8 +122,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32, quantize: Optional[str] = 
         quantize_block_linears(model, quantize)
         for p in model.parameters():  # what stays float (embeddings, norms, lm head); the quantized buffers
             p.data = p.data.to(dtype)   # keep their own dtypes (float32 scales)
-    check_materialized(model)
-    model.eval()
+    finish(model)
     tokenizer = load_hf_tokenizer(path, hf_cfg)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer,
                        eos_token_ids=list(tokenizer.eos_token_ids) if tokenizer else

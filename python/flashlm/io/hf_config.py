@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flashlm.io.loaded import context_length
 from flashlm.models import ModelConfig
 
 # HF architecture -> flashlm arch
@@ -66,11 +67,7 @@ def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
 
 
 def _seq_len(max_positions: int, max_model_len: Optional[int]) -> int:
-    if max_model_len is None:
-        return max_positions
-    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
-        raise ValueError(f"max_model_len: must be a positive integer, got {max_model_len!r}")
-    return min(max_positions, max_model_len)
+    return context_length(max_positions, max_model_len, "config.json")
 
 
 def _gpt2_config(cfg: dict, max_model_len: Optional[int]) -> ModelConfig:

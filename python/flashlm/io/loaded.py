@@ -16,6 +16,21 @@ from flashlm.runtime.tokenizer import Tokenizer
 
 BLOCK_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj", "mlp.gate", "mlp.up", "mlp.down")
 _INT4_GROUPS = (128, 64, 32)
+# The longest context loaded without an explicit max_model_len: the rope tables (or GPT-2's position table)
+# have a row per position, and a file's context length is untrusted.
+MAX_DEFAULT_CONTEXT = 1 << 20
+
+
+def context_length(declared: int, max_model_len, where: str) -> int:
+    """min(declared, max_model_len), checked."""
+    if max_model_len is not None:
+        if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len <= 0:
+            raise ValueError(f"max_model_len: must be a positive integer, got {max_model_len!r}")
+        return min(declared, max_model_len)
+    if declared > MAX_DEFAULT_CONTEXT:
+        raise ValueError(f"{where}: context of {declared} positions; pass max_model_len (at most "
+                         f"{MAX_DEFAULT_CONTEXT} without it)")
+    return declared
 
 
 @dataclass
@@ -39,10 +54,13 @@ def empty_model(cfg: ModelConfig, attn_impl: str = "flashlm") -> Transformer:
     return model
 
 
-def check_materialized(model: nn.Module) -> None:
+def finish(model: nn.Module) -> None:
+    """Checks that every tensor was loaded; eval mode, no gradients (the model is for inference)."""
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
             raise ValueError(f"weights: {name} was not loaded")
+    model.eval()
+    model.requires_grad_(False)
 
 
 def set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
