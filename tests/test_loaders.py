@@ -509,15 +509,16 @@ def test_gguf_tokenizer_matches_llama_cpp(tmp_path, pre):
     else:
         bpe = train_bpe(pre)
         n = bpe.get_vocab_size()
-        meta = bpe_gguf_metadata(bpe, pre)
+        meta = bpe_gguf_metadata(bpe, pre, add_bos=None)  # llama.cpp's default: BOS for llama-bpe only
     path = str(tmp_path / "m.gguf")
     write_gguf(_tiny_llama_with_vocab(n), "llama", path, "F32", tokenizer_meta=meta)
     t = load_gguf(path).tokenizer
     vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     for text in SAMPLES + ["<|endoftext|>hello</s>world<s>", "  multiple   spaces  ", "\n\n\n", "a"]:
-        for bos in (True, False):
-            want = vocab.tokenize(text.encode(), add_bos=bos, special=True)
-            assert t.encode(text, add_special_tokens=bos) == want, (pre, text, bos)
+        for special in (True, False):
+            # add_bos=True: llama.cpp adds BOS when the vocabulary says so, as add_special_tokens does
+            want = vocab.tokenize(text.encode(), add_bos=special, special=True)
+            assert t.encode(text, add_special_tokens=special) == want, (pre, text, special)
 
 
 def test_gguf_embedding_checks_ids(tmp_path):

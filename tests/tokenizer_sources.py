@@ -56,9 +56,11 @@ def train_bpe(pre: str, vocab_size: int = 600):
     return tok
 
 
-def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None, pad_to: int | None = None) -> list:
+def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None, pad_to: int | None = None,
+                      add_bos: bool | None = False) -> list:
     """tokenizer.ggml.* for a byte-level BPE (convert_hf_to_gguf.py's _set_vocab_gpt2); pad_to adds [PAD<i>]
-    UNUSED tokens up to that many, as the converter does for a padded embedding."""
+    UNUSED tokens up to that many, as the converter does for a padded embedding; add_bos None leaves
+    tokenizer.ggml.add_bos_token out (llama.cpp's default for the pre-tokenizer applies)."""
     import json
 
     spec = json.loads(tok.to_str())
@@ -76,7 +78,9 @@ def bpe_gguf_metadata(tok, pre: str, chat_template: str | None = None, pad_to: i
     meta = [("tokenizer.ggml.model", "gpt2", _STR, None), ("tokenizer.ggml.pre", pre, _STR, None),
             ("tokenizer.ggml.tokens", tokens, _ARR, _STR), ("tokenizer.ggml.token_type", types, _ARR, GGUFValueType.INT32),
             ("tokenizer.ggml.merges", merges, _ARR, _STR), ("tokenizer.ggml.bos_token_id", eos, _U32, None),
-            ("tokenizer.ggml.eos_token_id", eos, _U32, None), ("tokenizer.ggml.add_bos_token", False, _BOOL, None)]
+            ("tokenizer.ggml.eos_token_id", eos, _U32, None)]
+    if add_bos is not None:
+        meta.append(("tokenizer.ggml.add_bos_token", add_bos, _BOOL, None))
     if chat_template is not None:
         meta.append(("tokenizer.chat_template", chat_template, _STR, None))
     return meta

@@ -35,10 +35,12 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# pre name -> (regex or None for GPT-2's own ByteLevel regex, ignore_merges as llama.cpp sets it)
-_BPE_PRE = {"gpt-2": (None, False), "gpt2": (None, False), "llama-bpe": (_LLAMA3_REGEX, True),
-            "llama3": (_LLAMA3_REGEX, True), "smaug-bpe": (_LLAMA3_REGEX, False), "qwen2": (_QWEN2_REGEX, False),
-            "deepseek-r1-qwen": (_QWEN2_REGEX, False)}
+# pre name -> (regex or None for GPT-2's own ByteLevel regex, ignore_merges, add_bos when the file does not
+# say), as llama-vocab.cpp sets them for these names (LLAMA_VOCAB_PRE_TYPE_GPT2, _LLAMA3, _QWEN2)
+_LLAMA3 = (_LLAMA3_REGEX, True, True)
+_BPE_PRE = {"gpt-2": (None, False, False), "gpt2": (None, False, False),
+            "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3, "pixtral": _LLAMA3,
+            "qwen2": (_QWEN2_REGEX, False, False), "deepseek-r1-qwen": (_QWEN2_REGEX, False, False)}
 
 
 def _list(meta: dict, key: str, n: Optional[int], kind) -> Optional[list]:
@@ -86,7 +88,7 @@ def _bpe(meta: dict, tokens: list, types: list):
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in _BPE_PRE:
         raise ValueError(f"metadata: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(_BPE_PRE)})")
-    regex, ignore_merges = _BPE_PRE[pre]
+    regex, ignore_merges, add_bos = _BPE_PRE[pre]
     merges_text = _list(meta, "tokenizer.ggml.merges", None, str) or []
     vocab = _vocab(tokens)
     merges = []
@@ -104,7 +106,7 @@ def _bpe(meta: dict, tokens: list, types: list):
             pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    return tok, False
+    return tok, add_bos
 
 
 def _spm(meta: dict, tokens: list, types: list):
@@ -155,15 +157,15 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         raise ValueError(f"metadata: tokenizer.ggml.tokens has {n} tokens, the model's embedding has {vocab_size} rows")
     types = _list(meta, "tokenizer.ggml.token_type", n, int) or [NORMAL] * n
     if model == "gpt2":
-        tok, spm_default = _bpe(meta, tokens, types)
+        tok, add_bos_default = _bpe(meta, tokens, types)
     elif model == "llama":
-        tok, spm_default = _spm(meta, tokens, types)
+        tok, add_bos_default = _spm(meta, tokens, types)
     else:
         raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported (gpt2 or llama)")
     tok.add_tokens(_added_tokens(tokens, types))  # the same ids: they are in the vocabulary already
     bos = _opt_id(meta, "tokenizer.ggml.bos_token_id", n)
     eos = _opt_id(meta, "tokenizer.ggml.eos_token_id", n)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", spm_default)) and bos is not None
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         first = [(tokens[bos], bos)] if add_bos else []
