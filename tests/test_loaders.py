@@ -215,6 +215,19 @@ def test_hf_mistral_sliding_window(tmp_path):
     assert load_hf(tmp_path, max_model_len=64).config.seq_len == 64  # within the window: exact
 
 
+def test_hf_qwen2_sliding_window_only_when_used(tmp_path):
+    hf, _ = make_hf("qwen2")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(sliding_window=32, use_sliding_window=False, layer_types=["full_attention"] * 2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_hf(tmp_path).config.seq_len == 128
+    cfg.update(layer_types=["full_attention", "sliding_attention"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="sliding_window 32"):
+        load_hf(tmp_path)
+
+
 def test_hf_pickle_only_directory_raises(tmp_path):
     cfg = make_hf("llama_tied")[0].config.to_dict()
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"])))
@@ -254,6 +267,8 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
         t.apply_chat_template([{"role": "tool", "content": "x"}])
     prompt = t.apply_chat_template(messages)
     assert t.encode(prompt, add_special_tokens=False) == ref(prompt, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="ids"):
+        t.decode([0, t.vocab_size])
 
 
 # ---------------------------------------------------------------------------------------------- GGUF

@@ -101,7 +101,10 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
                          "flashlm's Transformer needs head_dim = hidden_size / num_attention_heads")
     seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
     window = cfg.get("sliding_window")
-    uses_window = cfg.get("use_sliding_window", True) if arch == "qwen2" else True
+    uses_window = True
+    if arch == "qwen2":  # Qwen2 configs carry a window they do not use unless asked (or a layer says so)
+        layer_types = cfg.get("layer_types") or []
+        uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
     if window is not None and uses_window and window < seq_len:
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
                          f"no sliding-window attention (pass max_model_len <= {window})")
