@@ -300,6 +300,20 @@ def test_gguf_logits(tmp_path, kind, qtype):
         assert err <= 2e-2, f"{kind} {qtype}: {err:.3g} relative at {where}"
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_gguf_model_to_bfloat16(tmp_path, kind):
+    hf, arch = make_hf(kind)
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "Q8_0")
+    model = load_gguf(path).model
+    idx = torch.randint(0, V, (1, 11), generator=torch.Generator().manual_seed(9))
+    ref = _logits(model, idx)
+    out = _logits(model.to(torch.bfloat16), idx)
+    assert out.dtype == torch.bfloat16 and model.tok_emb(idx).dtype == torch.bfloat16
+    err, where = _rel_err(out.float(), ref)
+    assert err <= 5e-2, f"{kind}: bf16 {err:.3g} relative at {where}"  # bf16 keeps 8 bits of mantissa
+
+
 def test_gguf_llama3_rope_scaling_recovered(tmp_path):
     hf, arch = make_hf("llama")
     path = str(tmp_path / "m.gguf")

@@ -38,10 +38,15 @@ class GGUFEmbedding(torch.nn.Module):
             raise ValueError(f"raw: {raw.numel()} bytes are not {n} equal rows")
         self.ggml_type = ggml_type.upper()
         self.num_embeddings, self.embedding_dim = n, d
-        self.dtype = dtype
         self.register_buffer("raw", raw.reshape(n, raw.numel() // n))
+        # empty; its dtype is the output's, so module.to(torch.bfloat16) switches the output as for nn.Embedding
+        self.register_buffer("out_dtype_tag", torch.empty(0, dtype=dtype), persistent=False)
         # a row that does not decode to d values raises here rather than at the first lookup
         ops.dequantize(self.raw[:1], self.ggml_type, (1, d), out_dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out_dtype_tag.dtype
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dtype not in (torch.int64, torch.int32):
