@@ -24,6 +24,7 @@ from tokenizer_sources import (SAMPLES, bpe_gguf_metadata, spm_gguf_metadata, tr
                                train_spm)
 
 from flashlm.io import load_gguf, load_hf, load_model  # noqa: E402
+from flashlm.io.random_model import write_random_llama_gguf  # noqa: E402
 from flashlm.quant import GGUFEmbedding, GGUFLinear, Int4Linear, Int8Linear  # noqa: E402
 from flashlm.quant.rtn import dequantize_int4  # noqa: E402
 
@@ -413,38 +414,13 @@ print(rss() - before)
 """
 
 
-def _write_random_q4_0_llama(path, d, ff, layers, vocab):
-    import gguf
-
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(path, "llama")
-    for key, value in (("context_length", 64), ("embedding_length", d), ("block_count", layers),
-                       ("feed_forward_length", ff), ("attention.head_count", 8), ("attention.head_count_kv", 8)):
-        w.add_uint32(f"llama.{key}", value)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-
-    def q(name, rows, cols):
-        blocks = gguf.quants.quantize(rng.standard_normal((rows, cols), np.float32) * 0.02,
-                                      gguf.GGMLQuantizationType.Q4_0)
-        w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-    q("token_embd.weight", vocab, d)
-    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    for i in range(layers):
-        for n, (r, c) in {"attn_q": (d, d), "attn_k": (d, d), "attn_v": (d, d), "attn_output": (d, d),
-                          "ffn_gate": (ff, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}.items():
-            q(f"blk.{i}.{n}.weight", r, c)
-        for n in ("attn_norm", "ffn_norm"):
-            w.add_tensor(f"blk.{i}.{n}.weight", np.ones(d, np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-
-
 def test_gguf_q4_0_memory_is_about_the_file_size(tmp_path):
-    """A Q4_0 model (~18 M parameters, 8.5 MB) loaded and run once: the process grows by about the file size,
+    """A Q4_0 model (~18 M parameters, 10 MB) loaded and run once: the process grows by about the file size,
     not by the 72 MB its float32 weights would take."""
     d, ff, layers, vocab = 512, 1536, 4, 4096
     small, big = str(tmp_path / "small.gguf"), str(tmp_path / "big.gguf")
-    _write_random_q4_0_llama(small, 64, 64, 1, 256)
-    _write_random_q4_0_llama(big, d, ff, layers, vocab)
+    write_random_llama_gguf(small, 64, 64, 1, 300, tied=True)
+    write_random_llama_gguf(big, d, ff, layers, vocab, tied=True)
     size = os.path.getsize(big)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     grew = int(subprocess.run([sys.executable, "-c", _RSS_SCRIPT, small, big], capture_output=True, text=True,
