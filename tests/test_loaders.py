@@ -268,8 +268,9 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
         t.apply_chat_template([{"role": "tool", "content": "x"}])
     prompt = t.apply_chat_template(messages)
     assert t.encode(prompt, add_special_tokens=False) == ref(prompt, add_special_tokens=False)["input_ids"]
+    assert t.decode(t.encode("hello") + [t.vocab_size + 3]) == "hello"  # a padded embedding row: no text
     with pytest.raises(ValueError, match="ids"):
-        t.decode([0, t.vocab_size])
+        t.decode([0, -1])
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
@@ -464,6 +465,7 @@ def test_gguf_spm_tokenizer_matches_sentencepiece(tmp_path):
     write_gguf(_tiny_llama_with_vocab(n + 3), "llama", path, "F32", tokenizer_meta=spm_gguf_metadata(sp, n + 3))
     t = load_gguf(path).tokenizer
     assert t.bos_token_id == 1 and t.eos_token_ids == [2]
+    assert t.decode(t.encode("hello") + [n + 1]) == "hello"  # an UNUSED [PAD] row decodes to nothing
     for text in SAMPLES:
         want = [sp.bos_id()] + sp.encode(text)
         got = t.encode(text)

@@ -18,7 +18,8 @@ segmentation of highest total score (Viterbi), which is SentencePiece's other mo
 llama.cpp runs, so the BPE form is used here.
 
 Token types: CONTROL and UNKNOWN tokens are special (matched whole in the text, dropped by decode with
-skip_special_tokens); USER_DEFINED tokens are matched whole as well but decoded as text.
+skip_special_tokens); USER_DEFINED tokens are matched whole as well but decoded as text; UNUSED tokens (the
+[PAD<i>] rows of a padded embedding) decode to nothing, as in llama.cpp.
 """
 
 from __future__ import annotations
@@ -181,4 +182,5 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
             eos_ids.append(extra)
     template = meta.get("tokenizer.chat_template")
     return Tokenizer(tok, eos_token_ids=eos_ids, bos_token_id=bos,
-                     chat_template=template if isinstance(template, str) else None)
+                     chat_template=template if isinstance(template, str) else None,
+                     silent_ids=[i for i, ty in enumerate(types) if ty == UNUSED])

@@ -29,11 +29,13 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 class Tokenizer:
     def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), bos_token_id: Optional[int] = None,
                  chat_template: Optional[str] = None, bos_token: Optional[str] = None,
-                 eos_token: Optional[str] = None):
+                 eos_token: Optional[str] = None, silent_ids: Iterable[int] = ()):
         """tokenizer: a tokenizers.Tokenizer (its post-processor adds BOS/EOS where the model wants them).
         eos_token_ids: every id that ends generation. bos_token/eos_token: the strings templates see; by
-        default the tokens of bos_token_id and the first eos id."""
+        default the tokens of bos_token_id and the first eos id. silent_ids: ids that decode to no text
+        (a GGUF vocabulary's UNUSED padding tokens, as llama.cpp prints them)."""
         self._tok = tokenizer
+        self._silent = frozenset(int(i) for i in silent_ids)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
         self.chat_template = chat_template
@@ -68,11 +70,14 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids`. Ids past the tokenizer's vocabulary decode to nothing, as in transformers: a
+        model's embedding is often padded beyond its tokenizer (Qwen2: 151936 rows, 151665 tokens) and
+        sampling can pick a padding row."""
         ids = [int(i) for i in ids]
+        if any(i < 0 for i in ids):
+            raise ValueError(f"ids: negative token ids {[i for i in ids if i < 0][:4]}")
         n = self.vocab_size
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"ids: {bad[:4]} outside the vocabulary [0, {n})")
+        ids = [i for i in ids if i < n and i not in self._silent]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> Optional[int]:
