@@ -553,6 +553,28 @@ def test_gguf_embedding_checks_ids(tmp_path):
         model(torch.tensor([[0, V]]))
 
 
+@pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32")])
+def test_engine_runs_loaded_models(tmp_path, kind, source):
+    """The serving engine given a path: its greedy tokens are the loaded model's own greedy tokens."""
+    engine = pytest.importorskip("flashlm.runtime.engine")
+    from flashlm.runtime.sampling_params import SamplingParams
+
+    tok = train_bpe("gpt-2", vocab_size=300)
+    hf, arch = make_hf(kind)
+    if source == "hf":
+        hf.save_pretrained(tmp_path, safe_serialization=True)
+        tok.save(str(tmp_path / "tokenizer.json"))
+        path = str(tmp_path)
+    else:
+        path = str(tmp_path / "m.gguf")
+        write_gguf(hf, arch, path, source[5:], tokenizer_meta=bpe_gguf_metadata(tok, "gpt-2", pad_to=V))
+    llm = engine.LLM(path, max_model_len=64, kv_cache_memory="8MiB")
+    out = llm.generate(["the quick brown", "hello"], SamplingParams(temperature=0, max_tokens=6))
+    ids = torch.tensor([tok.encode("the quick brown").ids])
+    want = load_model(path).model.generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
+    assert out[0].outputs[0].token_ids == want
+
+
 def test_load_model_dispatch(tmp_path):
     with pytest.raises(ValueError, match="neither"):
         load_model(tmp_path / "nothing")
