@@ -7,7 +7,7 @@ pass over 16 tokens; reported: the load time, that pass's time (medians of --rep
 process's resident memory growth over both, next to the file size: the floor for a loader that keeps the
 weights in the file's mapping. llama.cpp is skipped where llama_cpp does not import.
 
-    PYTHONPATH=python python bench/compare_load.py [--d-model 1024 --layers 8 --reps 3]
+    PYTHONPATH=python python bench/compare_load.py [--d-model 1024 --layers 8 --reps 3] [--quick]
 """
 
 import argparse
@@ -70,7 +70,10 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: a 2-layer d_model 256 model, one process")
     args = ap.parse_args()
+    if args.quick:
+        args.d_model, args.d_ff, args.layers, args.vocab, args.reps = 256, 512, 2, 1024, 1
     with tempfile.TemporaryDirectory() as tmp:
         path, tiny = os.path.join(tmp, "bench-Q4_0.gguf"), os.path.join(tmp, "tiny-Q4_0.gguf")
         write_random_llama_gguf(path, args.d_model, args.d_ff, args.layers, args.vocab, max(1, args.d_model // 64))
