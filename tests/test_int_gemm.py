@@ -351,14 +351,13 @@ def test_int4_cuda(dtype, m, symmetric, group):
 
 def test_custom_ops_register_fake():
     # The torch.library ops (schemas, fake implementations for torch.compile) pass torch's own checks.
-    from flashlm.ops.int_linear import _int4_gemm, _quantize_per_token
     x = torch.randn(5, 256)
     w_q, w_s = quantize_int8_per_channel(torch.randn(24, 256))
     x_q, x_s = ops.quantize_per_token(x)
     packed, scales, zeros = random_int4(24, 256, 64, False)
-    torch.library.opcheck(_quantize_per_token, (x,))
-    torch.library.opcheck(_int8_gemm, (x_q, x_s, w_q, w_s, torch.randn(24), torch.float32))
-    torch.library.opcheck(_int4_gemm, (x, packed, scales, zeros, None, 64))
+    torch.library.opcheck(torch.ops.flashlm.quantize_per_token.default, (x,))
+    torch.library.opcheck(torch.ops.flashlm.int8_gemm.default, (x_q, x_s, w_q, w_s, torch.randn(24), torch.float32))
+    torch.library.opcheck(torch.ops.flashlm.int4_gemm.default, (x, packed, scales, zeros, None, 64))
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ Checked: every tensor's type against llama.cpp's mix rules, worked out by hand b
 ffn_down falls back to a 32-block type); the bytes against quantize_gguf of the same weights; the
 dequantized values against the originals within the per-type error bounds of test_gguf_quantize; the
 metadata copied and general.file_type set. Also: already-quantized inputs, an HF safetensors directory
-(names, q/k rope permutation, hyperparameters), and the command line.
+(names, q/k rope permutation, hyperparameters, its tokenizer.json), and the command line.
 """
 
 import json
@@ -230,6 +230,18 @@ def _write_safetensors(path, arrays):
         f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
+def tiny_tokenizer():
+    """A byte-level BPE of 30 tokens and <|endoftext|> (id 30): fewer ids than the model's 64 rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(letters + ["\u0120", "th", "the", "\u0120the"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("t", "h"), ("th", "e"), ("\u0120", "the")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
 def test_hf_llama_directory(tmp_path):
     rng = np.random.default_rng(11)
     kv = HIDDEN // N_HEAD * N_HEAD_KV
@@ -256,9 +268,18 @@ def test_hf_llama_directory(tmp_path):
         "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": HIDDEN,
         "intermediate_size": FFN, "num_attention_heads": N_HEAD, "num_key_value_heads": N_HEAD_KV,
         "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": VOCAB}))
+    tok = tiny_tokenizer()
+    (model_dir / "tokenizer.json").write_text(tok.to_str())
     out = tmp_path / "hf-q8.gguf"
     quantize_file(str(model_dir), str(out), "Q8_0", progress=False)
     reader, back = read_back(out)
+    # the tokenizer, padded to the embedding's 64 rows
+    tokens = reader.get_field("tokenizer.ggml.tokens").contents()
+    assert tokens == [tok.id_to_token(i) for i in range(31)] + [f"[PAD{i}]" for i in range(31, VOCAB)]
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert reader.get_field("tokenizer.ggml.merges").contents() == ["t h", "th e", "\u0120 the"]
+    assert reader.get_field("tokenizer.ggml.eos_token_id").contents() == 30
+    assert reader.get_field("tokenizer.ggml.token_type").contents()[29:32] == [1, 3, 5]
     assert reader.get_field("general.architecture").contents() == "llama"
     assert reader.get_field("llama.attention.head_count_kv").contents() == N_HEAD_KV
     assert reader.get_field("llama.rope.dimension_count").contents() == HIDDEN // N_HEAD
@@ -301,9 +322,15 @@ def test_hf_gpt2_directory(tmp_path):
     (model_dir / "config.json").write_text(json.dumps({
         "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": e, "n_head": 4, "n_ctx": 32,
         "layer_norm_epsilon": 1e-5}))
+    # a tokenizer llama.cpp's BPE cannot reproduce (WordPiece) is left out, with a warning
+    from tokenizers import Tokenizer, models
+
+    (model_dir / "tokenizer.json").write_text(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")).to_str())
     out = tmp_path / "gpt2.gguf"
-    quantize_file(str(model_dir), str(out), "Q4_K_M", progress=False)
+    with pytest.warns(UserWarning, match="WordPiece"):
+        quantize_file(str(model_dir), str(out), "Q4_K_M", progress=False)
     reader, back = read_back(out)
+    assert reader.get_field("tokenizer.ggml.tokens") is None
     assert reader.get_field("gpt2.feed_forward_length").contents() == 4 * e
     types = {name: t for name, (t, _, _) in back.items()}
     # tied embeddings -> Q6_K; use_more_bits(0, 1) holds -> attn_qkv and ffn_down Q6_K; wpe and 1-D kept

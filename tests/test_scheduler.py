@@ -145,7 +145,7 @@ def test_stop_rules():
     prompt = [3, 1, 4]
     free_run = reference(prompt, 30, 60)
     eos = free_run[4]
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=60, eos_token_id=eos)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=60, eos_token_ids=[eos])
     stop_at_eos = Sequence(0, prompt, SamplingParams(max_tokens=30))
     ignore = Sequence(1, prompt, SamplingParams(max_tokens=30, ignore_eos=True))
     stop_id = Sequence(2, prompt, SamplingParams(max_tokens=30, ignore_eos=True, stop_token_ids=[free_run[2]]))

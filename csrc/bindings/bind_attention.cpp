@@ -13,7 +13,7 @@ namespace nb = nanobind;
 namespace flashlm::bindings {
 namespace {
 
-using OptionalArray = std::optional<nb::ndarray<>>;
+using OptionalArray = std::optional<Array>;
 
 TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
 
@@ -29,7 +29,7 @@ AttentionOptions options(float softmax_scale, bool causal, int64_t window_left, 
   return o;
 }
 
-void forward(nb::ndarray<> q, nb::ndarray<> k, nb::ndarray<> v, nb::ndarray<> out, nb::ndarray<> lse,
+void forward(Array q, Array k, Array v, Array out, Array lse,
              OptionalArray cu_seqlens_q, OptionalArray cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
              float softmax_scale, bool causal, int64_t window_left, int64_t window_right, float softcap, int version,
              uintptr_t stream) {
@@ -44,8 +44,8 @@ void forward(nb::ndarray<> q, nb::ndarray<> k, nb::ndarray<> v, nb::ndarray<> ou
   flash_attention_forward(a, reinterpret_cast<void*>(stream));
 }
 
-void backward(nb::ndarray<> dout, nb::ndarray<> q, nb::ndarray<> k, nb::ndarray<> v, nb::ndarray<> out,
-              nb::ndarray<> lse, nb::ndarray<> dq, nb::ndarray<> dk, nb::ndarray<> dv, nb::ndarray<> delta,
+void backward(Array dout, Array q, Array k, Array v, Array out,
+              Array lse, Array dq, Array dk, Array dv, Array delta,
               OptionalArray cu_seqlens_q, OptionalArray cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
               float softmax_scale, bool causal, int64_t window_left, int64_t window_right, float softcap,
               uintptr_t stream) {

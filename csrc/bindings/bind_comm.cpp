@@ -36,7 +36,7 @@ RingOptions ring_options(double timeout_s, int64_t slice_bytes, int slots) {
 
 // allreduce / reduce_scatter: in place on `tensor`, without the GIL.
 template <void (Ring::*Collective)(const TensorView&, ReduceOp, void*)>
-void reduction(Ring& ring, nb::ndarray<> tensor, const std::string& op, uintptr_t stream) {
+void reduction(Ring& ring, Array tensor, const std::string& op, uintptr_t stream) {
   TensorView v = to_view(tensor, "tensor");
   ReduceOp o = reduce_op(op);
   nb::gil_scoped_release release;
@@ -54,7 +54,7 @@ void bind_comm(nb::module_& m) {
            nb::arg("stream") = 0)
       .def(
           "all_gather",
-          [](Ring& r, nb::ndarray<> t, uintptr_t stream) {
+          [](Ring& r, Array t, uintptr_t stream) {
             TensorView v = to_view(t, "tensor");
             nb::gil_scoped_release release;
             r.all_gather(v, reinterpret_cast<void*>(stream));
@@ -62,7 +62,7 @@ void bind_comm(nb::module_& m) {
           nb::arg("tensor"), nb::arg("stream") = 0)
       .def(
           "broadcast",
-          [](Ring& r, nb::ndarray<> t, int root, uintptr_t stream) {
+          [](Ring& r, Array t, int root, uintptr_t stream) {
             TensorView v = to_view(t, "tensor");
             nb::gil_scoped_release release;
             r.broadcast(v, root, reinterpret_cast<void*>(stream));
@@ -95,7 +95,7 @@ void bind_comm(nb::module_& m) {
   m.def("chunk_begin", &comm::chunk_begin, nb::arg("n"), nb::arg("world_size"), nb::arg("i"));
   m.def(
       "reduce_add",
-      [](nb::ndarray<> dst, nb::ndarray<> src, float divisor, uintptr_t stream) {
+      [](Array dst, Array src, float divisor, uintptr_t stream) {
         TensorView d = to_view(dst, "dst"), s = to_view(src, "src");
         nb::gil_scoped_release release;
         comm::reduce_add(d, s, divisor, reinterpret_cast<void*>(stream));

@@ -65,7 +65,7 @@ DType ggml_dtype(const nb::handle& type) {
   return *d;
 }
 
-void dequantize_binding(nb::ndarray<> raw, nb::handle ggml_type, nb::ndarray<> out, uintptr_t stream) {
+void dequantize_binding(Array raw, nb::handle ggml_type, Array out, uintptr_t stream) {
   DType type = ggml_dtype(ggml_type);
   TensorView raw_view = to_view(raw, "raw");
   TensorView out_view = to_view(out, "out");

@@ -21,8 +21,8 @@ DType weight_type_from_name(const std::string& name) {
   return *t;
 }
 
-void gguf_matmul_binding(nb::ndarray<> x, nb::ndarray<> raw, const std::string& ggml_type, int64_t n,
-                         std::optional<nb::ndarray<>> bias, nb::ndarray<> y, uintptr_t stream) {
+void gguf_matmul_binding(Array x, Array raw, const std::string& ggml_type, int64_t n,
+                         std::optional<Array> bias, Array y, uintptr_t stream) {
   const DType type = weight_type_from_name(ggml_type);
   const TensorView xv = to_view(x, "x"), wv = to_view(raw, "raw"), yv = to_view(y, "y");
   std::optional<TensorView> bv;

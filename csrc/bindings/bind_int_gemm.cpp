@@ -14,19 +14,19 @@ namespace nb = nanobind;
 namespace flashlm::bindings {
 namespace {
 
-using OptionalArray = std::optional<nb::ndarray<>>;
+using OptionalArray = std::optional<Array>;
 
 TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
 
-void quantize(nb::ndarray<> x, nb::ndarray<> q, nb::ndarray<> scales, uintptr_t stream) {
+void quantize(Array x, Array q, Array scales, uintptr_t stream) {
   QuantizePerTokenParams p;
   p.x = to_view(x, "x"), p.q = to_view(q, "q"), p.scales = to_view(scales, "scales");
   nb::gil_scoped_release release;
   quantize_per_token(p, reinterpret_cast<void*>(stream));
 }
 
-void int8(nb::ndarray<> x, nb::ndarray<> x_scales, nb::ndarray<> w, nb::ndarray<> w_scales, OptionalArray bias,
-          nb::ndarray<> out, uintptr_t stream) {
+void int8(Array x, Array x_scales, Array w, Array w_scales, OptionalArray bias,
+          Array out, uintptr_t stream) {
   Int8GemmParams p;
   p.x = to_view(x, "x"), p.x_scales = to_view(x_scales, "x_scales");
   p.w = to_view(w, "w"), p.w_scales = to_view(w_scales, "w_scales");
@@ -35,8 +35,8 @@ void int8(nb::ndarray<> x, nb::ndarray<> x_scales, nb::ndarray<> w, nb::ndarray<
   int8_gemm(p, reinterpret_cast<void*>(stream));
 }
 
-void int4(nb::ndarray<> x, nb::ndarray<> w, nb::ndarray<> scales, OptionalArray zeros, OptionalArray bias,
-          nb::ndarray<> out, int64_t group_size, uintptr_t stream) {
+void int4(Array x, Array w, Array scales, OptionalArray zeros, OptionalArray bias,
+          Array out, int64_t group_size, uintptr_t stream) {
   Int4GemmParams p;
   p.x = to_view(x, "x"), p.w = to_view(w, "w"), p.scales = to_view(scales, "scales");
   p.zeros = optional_view(zeros, "zeros"), p.bias = optional_view(bias, "bias"), p.out = to_view(out, "out");

@@ -14,12 +14,12 @@ namespace nb = nanobind;
 namespace flashlm::bindings {
 namespace {
 
-using OptionalArray = std::optional<nb::ndarray<>>;
+using OptionalArray = std::optional<Array>;
 
 TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
 
-void write(nb::ndarray<> key, nb::ndarray<> value, nb::ndarray<> k_cache, nb::ndarray<> v_cache,
-           nb::ndarray<> slot_mapping, uintptr_t stream) {
+void write(Array key, Array value, Array k_cache, Array v_cache,
+           Array slot_mapping, uintptr_t stream) {
   KVCacheWriteParams a;
   a.key = to_view(key, "key"), a.value = to_view(value, "value");
   a.k_cache = to_view(k_cache, "k_cache"), a.v_cache = to_view(v_cache, "v_cache");
@@ -28,8 +28,8 @@ void write(nb::ndarray<> key, nb::ndarray<> value, nb::ndarray<> k_cache, nb::nd
   write_kv_cache(a, reinterpret_cast<void*>(stream));
 }
 
-void attend(nb::ndarray<> q, nb::ndarray<> k_cache, nb::ndarray<> v_cache, nb::ndarray<> block_table,
-            nb::ndarray<> seq_lens, OptionalArray cu_seqlens_q, int64_t max_seqlen_q, nb::ndarray<> out,
+void attend(Array q, Array k_cache, Array v_cache, Array block_table,
+            Array seq_lens, OptionalArray cu_seqlens_q, int64_t max_seqlen_q, Array out,
             OptionalArray lse, float softmax_scale, bool causal, int64_t window_left, int64_t window_right,
             float softcap, int num_splits, uintptr_t stream) {
   PagedAttentionParams a;

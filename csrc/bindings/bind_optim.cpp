@@ -15,8 +15,8 @@ namespace nb = nanobind;
 namespace flashlm::bindings {
 namespace {
 
-void adamw_step(const std::vector<nb::ndarray<>>& params, const std::vector<nb::ndarray<>>& grads,
-                const std::vector<nb::ndarray<>>& exp_avgs, const std::vector<nb::ndarray<>>& exp_avg_sqs,
+void adamw_step(const std::vector<Array>& params, const std::vector<Array>& grads,
+                const std::vector<Array>& exp_avgs, const std::vector<Array>& exp_avg_sqs,
                 const std::vector<int64_t>& steps, double lr, double beta1, double beta2, double eps,
                 double weight_decay, bool maximize, uintptr_t stream) {
   const size_t n = params.size();

@@ -25,7 +25,7 @@ void bind_quantize(nb::module_& m) {
     return type.has_value() && quantize_supported(*type);
   }, nb::arg("ggml_type"));
   // The source may be read-only (a memory-mapped file's weights).
-  m.def("gguf_quantize", [](nb::ndarray<nb::ro> src, const std::string& ggml_type, nb::ndarray<> out) {
+  m.def("gguf_quantize", [](nb::ndarray<nb::ro> src, const std::string& ggml_type, Array out) {
     const DType type = quant_type(ggml_type);
     const TensorView src_view = to_view(nb::ndarray<>(src), "data"), out_view = to_view(out, "out");
     nb::gil_scoped_release release;

@@ -14,4 +14,16 @@ def cmake_prefix_path() -> str:
     return ops.cmake_prefix_path()
 
 
-__all__ = ["__version__", "build_info", "cmake_prefix_path", "ops"]
+_LAZY = {"LLM": "flashlm.runtime.engine", "SamplingParams": "flashlm.runtime.sampling_params"}
+
+
+def __getattr__(name):
+    # The runtime is imported on first use, so `import flashlm` stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'flashlm' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "__version__", "build_info", "cmake_prefix_path", "ops"]

@@ -1,5 +1,5 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
-`flashlm demo`."""
+`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`."""
 
 from __future__ import annotations
 
@@ -109,6 +109,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flashlm.train.export import export_checkpoint
+
+    try:
+        written = export_checkpoint(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type,
+                                    progress=not args.quiet)
+    except ValueError as e:
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
+        return 1
+    if not args.quiet and "hf" in written:
+        print(f"{_printable(args.hf)}: HF model directory")
+    if not args.quiet and "gguf" in written:
+        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({args.type}), "
+              f"{os.path.getsize(args.gguf) / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     quantize.set_defaults(func=_cmd_quantize)
 
+    export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
+                                           "model directory (transformers)")
+    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt)")
+    export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write")
+    export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
+                        help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")
+    export.add_argument("--hf", metavar="DIR", help="the HF model directory to write")
+    export.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    export.set_defaults(func=_cmd_export)
+
+    from flashlm.runtime.commands import add_commands as add_runtime_commands
+
+    add_runtime_commands(sub)
+
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -151,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (GGUFError, OSError) as e:
+    except (GGUFError, OSError, ValueError) as e:
         if isinstance(e, BrokenPipeError):  # `flashlm gguf inspect x.gguf | head`: the reader left, fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0

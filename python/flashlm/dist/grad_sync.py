@@ -39,7 +39,55 @@ class _Bucket:
         self.launched = False
 
 
-class GradientSync:
+class BucketHooks:
+    """Gradient hooks that launch buckets strictly in one order, each once every parameter in it has its
+    gradient, so that every rank runs the same sequence of collectives. A subclass sets self._order (the
+    buckets, each with .params, .arrived and .launched, in launch order), calls _install_hooks(params) and
+    defines _launch(bucket); _arrive(bucket, p) sees each gradient as it comes."""
+
+    _finish_call = "wait()"  # what the error message asks for
+
+    def _install_hooks(self, params) -> None:
+        self._bucket_of = {p: b for b in self._order for p in b.params}
+        self._next = 0  # the next bucket to launch
+        self._enabled = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate gradients locally; the next one outside synchronizes the sum."""
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._enabled:
+            return
+        b = self._bucket_of[p]
+        if b.launched:
+            raise RuntimeError(f"{type(self).__name__}: a gradient arrived for a bucket already being reduced; call "
+                               f"{self._finish_call} after each backward (or use no_sync() to accumulate)")
+        self._arrive(b, p)
+        b.arrived.add(p)
+        self._launch_ready()
+
+    def _arrive(self, b, p: torch.Tensor) -> None:
+        pass
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._order) and len(self._order[self._next].arrived) == len(self._order[self._next].params):
+            self._launch(self._order[self._next])
+            self._next += 1
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+class GradientSync(BucketHooks):
     """Averages (op="avg") or sums (op="sum") the gradients of `params` (a module or an iterable of
     parameters) over all ranks, bucket by bucket, as backward produces them. Call wait() after backward
     and before the optimizer step."""
@@ -73,42 +121,18 @@ class GradientSync:
             size += nbytes
         if current:
             self._buckets.append(_Bucket(current, current[0].dtype, current[0].device))
-        self._bucket_of = {p: b for b in self._buckets for p in b.params}
-        self._next = 0  # the next bucket to launch
-        self._enabled = True
+        self._order = self._buckets
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlm-grad-sync")
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in unique]
+        self._install_hooks(unique)
 
     @property
     def num_buckets(self) -> int:
         return len(self._buckets)
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Backward passes inside accumulate gradients locally; the next one outside synchronizes the sum."""
-        self._enabled = False
-        try:
-            yield
-        finally:
-            self._enabled = True
-
-    def _on_grad(self, p: torch.Tensor) -> None:
-        if not self._enabled:
-            return
-        b = self._bucket_of[p]
-        if b.launched:
-            raise RuntimeError("GradientSync: a gradient arrived for a bucket already being reduced; call wait() "
-                               "after each backward (or use no_sync() to accumulate)")
+    def _arrive(self, b: _Bucket, p: torch.Tensor) -> None:
         view = b.views[p]
         if p.grad.data_ptr() != view.data_ptr():
             view.copy_(p.grad)
-        b.arrived.add(p)
-        self._launch_ready()
-
-    def _launch_ready(self) -> None:
-        while self._next < len(self._buckets) and len(self._buckets[self._next].arrived) == len(self._buckets[self._next].params):
-            self._launch(self._buckets[self._next])
-            self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
         b.launched = True
@@ -143,7 +167,5 @@ class GradientSync:
 
     def remove(self) -> None:
         """Removes the hooks and stops the background thread."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
         self._executor.shutdown(wait=True)

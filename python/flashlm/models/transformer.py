@@ -8,9 +8,14 @@ attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the
 and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
 attn.{q,k,v,o}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
+
+Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
+paged cache and attention read back from it (PagedBatch says where), so one call mixes prefill chunks and
+decodes.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
 from flashlm.ops.flash_attn_interface import flash_attn_func
+from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
 ATTN_IMPLS = ("flashlm", "sdpa")
 
@@ -67,7 +73,7 @@ def rope_tables(cfg: ModelConfig, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x [B, T, heads, hd]; cos, sin [T, hd]."""
+    """x [..., T, heads, hd]; cos, sin [T, hd] (the angles of each of the T positions)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
@@ -113,6 +119,20 @@ class Attention(nn.Module):
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
 
 
+    def forward_paged(self, x, rope, batch: "PagedBatch", cache):
+        T = x.shape[0]
+        q = self.q(x).view(T, self.n_head, self.head_dim)
+        k = self.k(x).view(T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(T, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_cache, v_cache = cache
+        write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
+        y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,
+                            batch.cu_seqlens_q, batch.max_seqlen_q)
+        return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
+
+
 class GeluMLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -153,6 +173,23 @@ class Block(nn.Module):
     def forward(self, x, rope):
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_paged(self, x, rope, batch, cache):
+        x = x + self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@dataclass
+class PagedBatch:
+    """Where the packed tokens of one serving step belong. T tokens from S sequences, sequence s owning rows
+    [cu_seqlens_q[s], cu_seqlens_q[s + 1]) (without cu_seqlens_q: one token each, a pure decode step)."""
+    positions: torch.Tensor  # int64 [T]: each token's position in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) its K and V go to
+    block_table: torch.Tensor  # int32 [S, max_blocks]
+    seq_lens: torch.Tensor  # int32 [S]: each sequence's length including this step's tokens
+    cu_seqlens_q: Optional[torch.Tensor]  # int32 [S + 1], or None when every sequence has one token
+    max_seqlen_q: int
+    logits_rows: torch.Tensor  # int64 [R]: the rows whose next-token logits are wanted
 
 
 class Transformer(nn.Module):
@@ -216,6 +253,22 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
+        """Logits float32 [len(batch.logits_rows), vocab] for a serving step. tokens: int64 [T];
+        kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
+        if len(kv_caches) != self.cfg.n_layer:
+            raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
+        x = self.tok_emb(tokens)  # [T, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(batch.positions)
+        rope = (self.rope_cos[batch.positions], self.rope_sin[batch.positions]) if self.cfg.rotary else None
+        for block, cache in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, rope, batch, cache)
+        x = self.final_norm(x[batch.logits_rows])
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        return logits.float()
 
     def param_groups(self, weight_decay: float) -> list:
         """Weight decay on matrices (linear weights and embeddings), none on norms and biases."""

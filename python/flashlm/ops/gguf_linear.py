@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._util import cuda_stream
+from flashlm.ops._util import cuda_stream, custom_op
 
 GGUF_LINEAR_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 _BLOCKS = {name: (size, nbytes) for name, _, size, nbytes in _C.dtypes()}
@@ -64,7 +64,7 @@ def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[i
     return ggml_type, n, k
 
 
-@torch.library.custom_op("flashlm::gguf_linear", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("flashlm::gguf_linear", mutates_args=())
 def _gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)

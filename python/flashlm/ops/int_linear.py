@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._util import cuda_stream
+from flashlm.ops._util import cuda_stream, custom_op
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -44,7 +44,7 @@ def _bias_f32(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Opt
     return bias.to(torch.float32).contiguous()
 
 
-@torch.library.custom_op("flashlm::quantize_per_token", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("flashlm::quantize_per_token", mutates_args=())
 def _quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -66,7 +66,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(x.shape), scales.reshape(x.shape[:-1])
 
 
-@torch.library.custom_op("flashlm::int8_gemm", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("flashlm::int8_gemm", mutates_args=())
 def _int8_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
@@ -97,7 +97,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
     return y.reshape(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("flashlm::int4_gemm", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("flashlm::int4_gemm", mutates_args=())
 def _int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
     out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)

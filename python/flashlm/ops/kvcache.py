@@ -14,14 +14,14 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._util import cuda_stream
+from flashlm.ops._util import cuda_stream, custom_op
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("flashlm::write_kv_cache", mutates_args=("k_cache", "v_cache"), device_types=("cpu", "cuda"))
+@custom_op("flashlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Writes key/value [num_tokens, kv_heads, head_dim] into the caches at slot_mapping (int64 [num_tokens],
@@ -41,7 +41,7 @@ def _outputs(q: torch.Tensor, make) -> tuple[torch.Tensor, torch.Tensor]:
     return make(q.shape, dtype=q.dtype, device=q.device), lse
 
 
-@torch.library.custom_op("flashlm::paged_attention", mutates_args=(), device_types=("cpu", "cuda"))
+@custom_op("flashlm::paged_attention", mutates_args=())
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int,
                      softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,

@@ -5,7 +5,9 @@ MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the ten
 convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
 `h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
 the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
-hyperparameters as GGUF metadata. The tokenizer is not converted.
+hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
+tokenizer.json beside the weights becomes the GGUF's tokenizer (flashlm.io.gguf_tokenizer); a tokenizer
+of another kind is left out with a warning.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import json
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 from gguf import GGUFValueType
+
+from flashlm.io.gguf_tokenizer import tokenizer_metadata
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
@@ -76,7 +81,19 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict) -> np.ndarray:
+    """llama.cpp's rope_freqs tensor for Llama 3's rope scaling (convert_hf_to_gguf's LlamaModel): ggml
+    divides frequency i, theta^(-2i/hd), by factor i, which gives the scaled frequency of HF's "llama3"
+    rope: long wavelengths slowed down by `factor`, short ones kept, a smooth blend between."""
+    old = rope_scaling.get("original_max_position_embeddings", 8192)
+    low, high = rope_scaling.get("low_freq_factor", 1.0), rope_scaling.get("high_freq_factor", 4.0)
+    factor = rope_scaling.get("factor", 8.0)
+    wavelen = 2 * np.pi * rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = np.clip((old / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1.0 / ((1.0 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf's LlamaModel.permute: HF's rotate-half row order -> ggml's interleaved pairs."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -120,7 +137,26 @@ class HFSource:
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
-        self.metadata = self._hparams(os.path.basename(os.path.normpath(path)))
+        self._extra = self._rope_freqs()  # tensors computed from the config, not read from a file
+        self.tensors = [(n, a.shape, "F32") for n, a in self._extra.items()] + self.tensors
+        self.metadata = self._hparams(os.path.basename(os.path.normpath(path))) + self._tokenizer(path)
+
+    def _tokenizer(self, path: str) -> list:
+        """tokenizer.json as GGUF metadata, or nothing when there is none or llama.cpp cannot use it."""
+        tok_path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tok_path):
+            return []
+        rows = [s[0] for n, s, _ in self.tensors if n == "token_embd.weight"]
+        eos = self.config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        with open(tok_path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            return tokenizer_metadata(text, vocab_size=rows[0] if rows else None,
+                                      eos_token_id=eos if isinstance(eos, int) else None)
+        except ValueError as e:
+            warnings.warn(f"{tok_path}: not written to the GGUF file: {e}", stacklevel=3)
+            return []
 
     def _hparams(self, name: str) -> list:
         cfg, a = self.config, self.arch
@@ -129,7 +165,7 @@ class HFSource:
             return [("general.name", name, GGUFValueType.STRING, None),
                     ("gpt2.block_count", cfg["n_layer"], u32, None), ("gpt2.context_length", cfg["n_ctx"], u32, None),
                     ("gpt2.embedding_length", cfg["n_embd"], u32, None),
-                    ("gpt2.feed_forward_length", 4 * cfg["n_embd"], u32, None),
+                    ("gpt2.feed_forward_length", cfg.get("n_inner") or 4 * cfg["n_embd"], u32, None),
                     ("gpt2.attention.head_count", self.n_head, u32, None),
                     ("gpt2.attention.layer_norm_epsilon", float(cfg.get("layer_norm_epsilon", 1e-5)), f32, None)]
         meta = [("general.name", name, GGUFValueType.STRING, None),
@@ -148,6 +184,16 @@ class HFSource:
             meta.append((f"{a}.rope.dimension_count", head_dim, u32, None))
         return meta
 
+    def _rope_freqs(self) -> dict:
+        """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
+        cfg = self.config
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if self.arch != "llama" or (rope.get("rope_type") or rope.get("type")) != "llama3":
+            return {}
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_head
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        return {"rope_freqs.weight": llama3_rope_factors(head_dim, float(theta), rope)}
+
     def info(self):
         n_layer = self.config["n_layer"] if self.arch == "gpt2" else self.config["num_hidden_layers"]
         return self.arch, int(n_layer), self.n_head, self.n_head_kv
@@ -155,10 +201,12 @@ class HFSource:
     def load(self, index: int):
         """Tensor `index` as a numpy array in torch order (BF16 as its raw uint16 bits)."""
         name = self.tensors[index][0]
+        if name in self._extra:
+            return self._extra[name]
         path, offset, np_dtype, shape, transpose = self._entries[name]
         data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
         if self._permute and name.endswith(("attn_q.weight", "attn_k.weight")):
-            data = _permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
+            data = permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
         if transpose:
             data = np.ascontiguousarray(np.asarray(data).T)
         return data

@@ -109,12 +109,28 @@ def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True)
 
     Returns [(tensor name, type in, type out)] in file order.
     """
-    mix = mix.upper()
-    if mix not in MIXES:
-        raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise ValueError("output: must not be the input file")
-    source = open_source(src_path)
+    _check_mix(mix)
+    return write_quantized(open_source(src_path), dst_path, mix, progress)
+
+
+def _check_mix(mix: str) -> str:
+    if not isinstance(mix, str) or mix.upper() not in MIXES:
+        raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
+    return mix.upper()
+
+
+def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> list[tuple[str, str, str]]:
+    """Write the tensors and metadata of `source` to the GGUF file `dst_path`, each tensor in the type `mix`
+    gives it.
+
+    source: an object with `arch` (GGUF architecture), `metadata` [(key, value, GGUFValueType, item type)],
+        `tensors` [(GGUF name, shape in torch order, stored type name)] in file order, `info()` ->
+        (arch, n_layer, n_head, n_head_kv) and `load(index)` -> the tensor's data as GGUFSource.load gives
+        it; optionally `alignment`. GGUFSource, HFSource and flashlm.train.export's model source are such.
+    """
+    mix = _check_mix(mix)
     targets = plan(source, mix)
     for (name, _, current), target in zip(source.tensors, targets):
         if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:

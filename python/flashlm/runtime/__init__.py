@@ -1,5 +1,5 @@
-"""The serving runtime: the pieces between a model and its requests (block manager, scheduler, sampling
-parameters and sampler; the engine and model runner to come).
+"""The serving runtime: the pieces between a model and its requests (engine, scheduler, block manager,
+model runner, sampler). `flashlm.LLM` and `flashlm.SamplingParams` are the front door.
 
 Importing this package loads no native code and no torch; each module imports what it needs.
 """

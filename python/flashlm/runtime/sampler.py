@@ -82,18 +82,16 @@ class Sampler:
         self.vocab_size = vocab_size
         self.generator = generator  # the draw for requests without a seed (None: torch's default)
 
-    def __call__(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
-        """int64 [B]: the next token of each row of logits [B, >= vocab_size] (extra padded columns are
-        ignored)."""
+    def _check(self, logits: torch.Tensor, inputs) -> torch.Tensor:
         if logits.dim() != 2 or logits.shape[0] != len(inputs) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits: expected [{len(inputs)}, >= {self.vocab_size}], got {tuple(logits.shape)}")
         logits = logits[:, :self.vocab_size].float()
         if any(s.params.has_penalties for s in inputs):
             logits = apply_penalties(logits, inputs)
-        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
-        tokens = logits.argmax(dim=-1)
-        if bool(greedy.all()):
-            return tokens
+        return logits
+
+    def _processed(self, logits: torch.Tensor, inputs) -> torch.Tensor:
+        """Temperature, then top-k / top-p / min-p (greedy rows keep temperature 1)."""
         device = logits.device
         temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in inputs], device=device)
         logits = logits / temperature[:, None]
@@ -103,11 +101,42 @@ class Sampler:
                 torch.tensor([s.params.top_k for s in inputs], dtype=torch.int64, device=device),
                 torch.tensor([s.params.top_p for s in inputs], dtype=torch.float32, device=device),
                 torch.tensor([s.params.min_p for s in inputs], dtype=torch.float32, device=device))
-        probs = logits.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        return logits
+
+    def probs(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+        """float32 [B, vocab]: the distribution each row samples from; one-hot at the argmax for greedy rows."""
+        logits = self._check(logits, inputs)
+        probs = self._processed(logits, inputs).softmax(dim=-1)
+        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
+        if bool(greedy.any()):
+            onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+            probs = torch.where(greedy[:, None], onehot, probs)
+        return probs
+
+    def random(self, inputs: Sequence[SamplingInput], shape, kind: str = "exponential", device="cpu") -> torch.Tensor:
+        """float32 [B, *shape] of Exponential(1) or Uniform[0, 1) draws on `device` (where the generators live);
+        a seeded request's row comes from its own generator."""
+        out = torch.empty((len(inputs), *shape), dtype=torch.float32, device=device)
+        fill = (lambda t, g: t.exponential_(generator=g)) if kind == "exponential" else (lambda t, g: t.uniform_(generator=g))
+        fill(out, self.generator)
         for i, s in enumerate(inputs):
             if s.generator is not None and not s.params.greedy:
-                race[i].exponential_(generator=s.generator)
-        race.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of exactly 0 would make p / E = 0 / 0
-        sampled = (probs / race).argmax(dim=-1)
+                fill(out[i], s.generator)
+        if kind == "exponential":
+            out.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of exactly 0 would make p / E = 0 / 0
+        return out
+
+    def sample_from(self, probs: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+        """int64 [B]: a draw from each row of probs [B, V] (the exponential race)."""
+        return (probs / self.random(inputs, probs.shape[1:], device=probs.device)).argmax(dim=-1)
+
+    def __call__(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
+        """int64 [B]: the next token of each row of logits [B, >= vocab_size] (extra padded columns are
+        ignored)."""
+        logits = self._check(logits, inputs)
+        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
+        tokens = logits.argmax(dim=-1)
+        if bool(greedy.all()):
+            return tokens
+        sampled = self.sample_from(self._processed(logits, inputs).softmax(dim=-1), inputs)
         return torch.where(greedy, tokens, sampled)

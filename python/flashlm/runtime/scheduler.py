@@ -53,7 +53,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int = 2048, eos_token_id=None):
+                 max_model_len: int = 2048, eos_token_ids=()):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -69,7 +69,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.waiting: deque = deque()
         self.running: list = []  # in arrival order
         self.num_preemptions = 0
@@ -126,22 +126,29 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch, next_tokens) -> list:
         """Records a finished step: the computed tokens, then next_tokens[j] for the j-th sampling sequence of
-        the batch. Finishes sequences on max_tokens, max_model_len, EOS (unless ignore_eos) or a stop token id
-        and frees their blocks; returns them. Stop strings are the engine's (it detokenizes) via finish()."""
+        the batch: one token, or a list of several (speculative decoding: all but the last of them already
+        computed and in the block manager). Finishes sequences on max_tokens, max_model_len, EOS (unless
+        ignore_eos) or a stop token id, dropping any tokens after the one that finished them, and frees their
+        blocks; returns them. Stop strings are the engine's (it detokenizes) via finish()."""
         sampling = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
-        next_tokens = [int(t) for t in next_tokens]
         if len(next_tokens) != len(sampling):
-            raise ValueError(f"next_tokens: expected {len(sampling)} tokens (one per sampling sequence), "
+            raise ValueError(f"next_tokens: expected {len(sampling)} entries (one per sampling sequence), "
                              f"got {len(next_tokens)}")
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
             seq.num_computed = start + n
         finished = []
-        for seq, token in zip(sampling, next_tokens):
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+        for seq, tokens in zip(sampling, next_tokens):
+            tokens = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
+            if not tokens:
+                raise ValueError(f"next_tokens: no token for sequence {seq.seq_id}")
+            seq.num_computed += len(tokens) - 1
+            for token in tokens:
+                seq.token_ids.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    self.finish(seq, reason)
+                    finished.append(seq)
+                    break
         return finished
 
     def finish(self, seq: Sequence, reason: str = "stop") -> None:
@@ -158,7 +165,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token: int):
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token == self.eos_token_id):
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             return "length"

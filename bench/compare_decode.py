@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""compare_decode: flashlm's runtime against llama.cpp (llama-cpp-python) decoding the same GGUF files.
+
+A random-weight Llama-style model (default ~90M parameters: d 768, 12 layers, GQA 12/4, vocab 4096, with a
+byte-level BPE tokenizer trained here) is exported by flashlm to GGUF (F32 / Q8_0 / Q4_0: llama.cpp's tensor
+names, rope permutation and reference quantization bytes), then loaded by both runtimes:
+  flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache, the engine's
+             scheduler and sampler; greedy, batch 1;
+  llama.cpp  llama_cpp.Llama(path, n_threads=T): eval() of the prompt, then one eval() per greedy token.
+Both run with the same thread count (--threads, default: torch's). Before timing, the first 8 greedy tokens
+of both are compared (they match unless two logits nearly tie; a mismatch is printed, not hidden).
+
+Per model: prefill tokens/s (a --prompt-tokens prompt), decode tokens/s (--gen-tokens after it), the ratio
+flashlm / llama.cpp, and the weight bandwidth each decode achieves (model bytes x tokens/s) next to a measured
+copy bandwidth (the ceiling). Then the engine's continuous batching: --concurrency requests at once against
+the same requests one after another (tokens/s). Medians of --reps runs; the two runtimes take turns.
+
+Run (from the repository root, with flashlm and llama-cpp-python installed):
+  python bench/compare_decode.py                   # Q4_0 and Q8_0
+  python bench/compare_decode.py --types Q4_0 F32 --layers 24 --d-model 1024
+  python bench/compare_decode.py --quick           # seconds: CI smoke (flashlm only without llama_cpp)
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import bench_util
+from flashlm.models import ModelConfig, Transformer
+from flashlm.runtime.commands import copy_bandwidth, model_bytes
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.sampling_params import SamplingParams
+from flashlm.train.export import export_gguf
+from flashlm.train.tokenizer import train_tokenizer
+
+
+def make_gguf(folder, args, ggml_type):
+    cfg = ModelConfig(arch="llama", vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+                      n_kv_head=args.kv_heads, d_model=args.d_model, seq_len=args.prompt_tokens + args.gen_tokens + 8,
+                      tie_embeddings=False)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    text = [" ".join(f"word{i % 97} w{i % 13}{i % 7}" for i in range(j, j + 200)) for j in range(200)]
+    tok = train_tokenizer(text, vocab_size=args.vocab)
+    if tok.get_vocab_size() != args.vocab:  # a small corpus may not fill the vocabulary: pad the model instead
+        cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": tok.get_vocab_size()})
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+    path = os.path.join(folder, f"model-{ggml_type}.gguf")
+    export_gguf(model, cfg, tok.to_str(), path, type=ggml_type)
+    return path, model.num_params()
+
+
+def flashlm_runs(path, args):
+    llm = LLM(path, max_num_seqs=max(args.concurrency, 1))
+    g = torch.Generator().manual_seed(1)
+    vocab = llm.model.cfg.vocab_size
+    prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
+    params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
+
+    def run():
+        m = llm.generate(prompt, params)[0]
+        return m.outputs[0].token_ids, m.metrics.time_to_first_token, m.metrics.time_per_output_token
+
+    return llm, prompt, run
+
+
+def llama_cpp_runs(path, prompt, args):
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads,
+                          n_ctx=len(prompt) + args.gen_tokens + 8, n_batch=max(len(prompt), 8), verbose=False)
+
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the context's logits of the last evaluated token (no copy)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
+    def run():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        tok = int(np.argmax(last_logits()))
+        first = time.perf_counter() - t
+        tokens = [tok]
+        t = time.perf_counter()
+        for _ in range(args.gen_tokens - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(last_logits()))
+            tokens.append(tok)
+        return tokens, first, (time.perf_counter() - t) / max(args.gen_tokens - 1, 1)
+
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="a tiny model and few tokens (CI smoke)")
+    args = p.parse_args()
+    if args.quick:
+        args.layers, args.d_model, args.heads, args.kv_heads, args.vocab = 2, 128, 4, 2, 512
+        args.prompt_tokens, args.gen_tokens, args.concurrency, args.reps = 16, 8, 4, 1
+    torch.set_num_threads(args.threads)
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama_cpp = True
+    except ImportError:
+        have_llama_cpp = False
+        print("llama_cpp is not installed: flashlm only (pip install llama-cpp-python for the comparison)")
+    from flashlm import ops
+
+    peer = f"llama.cpp {args.threads} threads" if have_llama_cpp else "no peer"
+    print(bench_util.hardware_line("cpu", ops, peer))
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for ggml_type in args.types:
+            path, n_params = make_gguf(folder, args, ggml_type)
+            llm, prompt, ours = flashlm_runs(path, args)
+            theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
+            ours()  # warm-up
+            if theirs:
+                a, b = ours()[0][:8], theirs()[0][:8]
+                if a != b:
+                    print(f"{ggml_type}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
+            res = {"flashlm": [], "llama.cpp": []}
+            for _ in range(args.reps):
+                res["flashlm"].append(ours()[1:])
+                if theirs:
+                    res["llama.cpp"].append(theirs()[1:])
+            nbytes = model_bytes(llm.model)
+            fsize = os.path.getsize(path)
+
+            def rates(runs):
+                if not runs:
+                    return None, None
+                return (args.prompt_tokens / statistics.median(r[0] for r in runs),
+                        1.0 / statistics.median(r[1] for r in runs))
+
+            (pf, df), (pl, dl) = rates(res["flashlm"]), rates(res["llama.cpp"])
+            rows.append([ggml_type, f"{n_params / 1e6:.0f}M", f"{fsize / 2**20:.0f} MiB",
+                         bench_util.fmt(pf, ".0f"), bench_util.fmt(pl, ".0f"),
+                         bench_util.fmt(df, ".1f"), bench_util.fmt(dl, ".1f"),
+                         bench_util.fmt(df / dl if dl else None, ".2f"),
+                         f"{nbytes * df / 1e9:.2f} ({100 * nbytes * df / bw:.0f}%)",
+                         bench_util.fmt(fsize * dl / 1e9 if dl else None, ".2f")])
+            # Continuous batching: the same requests at once and one at a time.
+            g = torch.Generator().manual_seed(2)
+            prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+                       for _ in range(args.concurrency)]
+            params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
+            t = time.perf_counter()
+            for pr in prompts:
+                llm.generate(pr, params)
+            seq = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+            t = time.perf_counter()
+            llm.generate(prompts, params)
+            conc = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+            host = llm.stats_summary()
+            print(f"{ggml_type}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
+                  f"{seq:.1f} ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
+                  f"({100 * host['host_share']:.0f}% of step time)")
+            del llm
+    bench_util.print_table(["type", "params", "file", "prefill tok/s flashlm", "llama.cpp", "decode tok/s flashlm",
+                            "llama.cpp", "x llama.cpp", "flashlm GB/s (% copy)", "llama.cpp GB/s"], rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""LLM: the serving engine. Requests go in; each step schedules (Scheduler), runs the model over the paged
+KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
+
+    llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
+    llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
+    outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
+    for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
+
+The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_token_ids (the runtime's
+Tokenizer; a HF-style apply_chat_template for chat()).
+"""
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import torch
+
+from flashlm.models.transformer import Transformer
+from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block
+from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from flashlm.runtime.sampling_params import SamplingParams
+from flashlm.runtime.scheduler import Scheduler
+from flashlm.runtime.sequence import Sequence
+from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value, name="kv_cache_memory") -> int:
+    """An int, or a string such as "512MiB" or "2GB"."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"{name}: expected bytes or a size such as '512MiB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper() if m.group(2) else None])
+    if n <= 0:
+        raise ValueError(f"{name}: must be positive, got {value!r}")
+    return n
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine started: steps, tokens, and where the time went."""
+    steps: int = 0
+    step_seconds: float = 0.0  # whole steps: schedule, prepare, forward, sample, post-process
+    computed_tokens: int = 0  # tokens run through the model (prefill chunks and decodes)
+    output_tokens: int = 0  # tokens appended to outputs
+
+    def summary(self, forward_seconds: float) -> dict:
+        host = self.step_seconds - forward_seconds
+        return {"steps": self.steps, "output_tokens": self.output_tokens, "step_seconds": self.step_seconds,
+                "forward_seconds": forward_seconds, "host_seconds": host,
+                "host_ms_per_step": 1e3 * host / max(self.steps, 1),
+                "host_share": host / self.step_seconds if self.step_seconds else 0.0}
+
+
+class _ChatText(str):
+    """A prompt rendered by the chat template: encoded without adding special tokens again."""
+
+
+class _Request:
+    def __init__(self, request_id, prompt, prompt_ids, params, seqs, generators):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs = seqs
+        self.texts = [""] * len(seqs)
+        self.generators = generators
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self, tokenizer) -> RequestOutput:
+        # With stop strings the text is kept up to date each step (it is searched); otherwise decoded here.
+        texts = self.texts if self.params.stop else [tokenizer.decode(s.output_ids) for s in self.seqs]
+        outs = [CompletionOutput(i, texts[i], list(s.output_ids), s.finish_reason) for i, s in enumerate(self.seqs)]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, self.metrics)
+
+
+class LLM:
+    def __init__(self, model: Union[str, Transformer], tokenizer=None, *, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
+                 enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
+                 kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
+                 draft_model=None, num_speculative_tokens: int = 4):
+        if isinstance(model, Transformer):
+            if tokenizer is None:
+                raise ValueError("tokenizer: required when model is a Transformer")
+        else:
+            from flashlm.io import load_model  # the file formats, loaded only when a path is given
+
+            loaded = load_model(model, max_model_len=max_model_len)
+            model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        cfg = model.cfg
+        self.max_model_len = min(cfg.seq_len, max_model_len or cfg.seq_len)
+        if kv_cache_dtype is None:
+            kv_cache_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+        per_block = kv_bytes_per_block(model, block_size, kv_cache_dtype)
+        if kv_cache_memory is None:  # room for every sequence at full length, capped at 1 GiB
+            wanted = -(-self.max_model_len // block_size) * max_num_seqs * per_block
+            kv_cache_memory = max(min(wanted, 2**30), -(-self.max_model_len // block_size) * per_block)
+        num_blocks = parse_bytes(kv_cache_memory) // per_block
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(f"kv_cache_memory: {kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
+                             f"max_model_len {self.max_model_len} ({per_block} bytes per block of {block_size})")
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
+                                   max_model_len=self.max_model_len,
+                                   eos_token_ids=getattr(tokenizer, "eos_token_ids", ()) or ())
+        total_blocks, self.spec = num_blocks, None
+        if draft_model is not None:
+            draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
+            total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
+        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device)
+        self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
+        if draft_model is not None:
+            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
+            self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
+        self.stats = EngineStats()
+        self._requests = {}  # request_id -> _Request, while unfinished
+        self._seq_owner = {}  # seq_id -> (request, index)
+        self._generators = {}  # seq_id -> generator, for seeded requests
+        self._next_request = 0
+        self._next_seq = 0
+
+    def _load_draft(self, draft, max_model_len):
+        if not isinstance(draft, Transformer):
+            from flashlm.io import load_model
+
+            draft = load_model(draft, max_model_len=max_model_len).model
+        if draft.cfg.vocab_size != self.model.cfg.vocab_size:
+            raise ValueError(f"draft_model: its vocabulary ({draft.cfg.vocab_size}) must be the target's "
+                             f"({self.model.cfg.vocab_size})")
+        if draft.cfg.seq_len < self.max_model_len:
+            raise ValueError(f"draft_model: its context ({draft.cfg.seq_len}) is shorter than max_model_len "
+                             f"{self.max_model_len}")
+        return draft
+
+    # ---- requests ---------------------------------------------------------------------------------------
+
+    def add_request(self, prompt, params: Optional[SamplingParams] = None) -> int:
+        """Queues a prompt (text, or a list of token ids); returns its request id."""
+        params = params or SamplingParams()
+        if isinstance(prompt, _ChatText):  # the template already holds the special tokens it wants
+            text, ids = str(prompt), list(self.tokenizer.encode(str(prompt), add_special_tokens=False))
+        elif isinstance(prompt, str):
+            text, ids = prompt, list(self.tokenizer.encode(prompt))
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token ids must be in [0, {self.model.cfg.vocab_size}), got {bad[:5]}")
+        if not ids:
+            raise ValueError("prompt: is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
+                             f"{self.max_model_len}")
+        rid = self._next_request
+        self._next_request += 1
+        seqs, gens = [], {}
+        for i in range(params.n):
+            seq = Sequence(self._next_seq, ids, params)
+            self._next_seq += 1
+            if params.seed is not None:  # sample i of a seeded request draws from seed + i
+                gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(seq)
+        req = _Request(rid, text, ids, params, seqs, gens)
+        self._requests[rid] = req
+        self._generators.update(gens)
+        for i, seq in enumerate(seqs):
+            self._seq_owner[seq.seq_id] = (req, i)
+            self.scheduler.add(seq)
+        return rid
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def step(self) -> list:
+        """Runs one scheduled step; returns the RequestOutputs of the requests that got new tokens."""
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            return []
+        before = sum(s.num_output_tokens for s in batch.seqs)
+        if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
+            tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
+        else:
+            tokens = self.runner.run(batch, self.block_manager, self._generators,
+                                     mirror=self.spec.draft if self.spec is not None else None)
+        now = time.perf_counter()
+        sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
+        self.scheduler.update(batch, tokens)
+        touched = {}
+        for seq in sampled:
+            req, i = self._seq_owner[seq.seq_id]
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            self._detokenize(req, i, seq)
+            touched[req.request_id] = req
+        for req in touched.values():
+            req.metrics.num_output_tokens = max(s.num_output_tokens for s in req.seqs)
+            if req.finished:
+                req.metrics.finished_time = now
+                self._release(req)
+        outputs = [req.output(self.tokenizer) for req in touched.values()]
+        self.stats.steps += 1
+        self.stats.computed_tokens += batch.num_tokens
+        self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
+        self.stats.step_seconds += time.perf_counter() - start
+        return outputs
+
+    def stats_summary(self) -> dict:
+        """Steps, tokens, and the host (Python) time per step beside the model's forward time."""
+        forward = self.runner.forward_seconds + (self.spec.draft.forward_seconds if self.spec is not None else 0.0)
+        out = self.stats.summary(forward)
+        if self.spec is not None:
+            out["spec_acceptance_rate"] = self.spec.acceptance_rate
+        return out
+
+    def _detokenize(self, req, i, seq) -> None:
+        """With stop strings: the text of sample i so far; a stop string ends it (and is cut from the text)."""
+        if not req.params.stop:
+            return
+        text = self.tokenizer.decode(seq.output_ids)
+        for stop in req.params.stop:
+            pos = text.find(stop)
+            if pos >= 0:
+                text = text[:pos]
+                self.scheduler.finish(seq, "stop")
+        req.texts[i] = text
+
+    def _release(self, req) -> None:
+        del self._requests[req.request_id]
+        for seq in req.seqs:
+            self._seq_owner.pop(seq.seq_id, None)
+            self._generators.pop(seq.seq_id, None)
+
+    # ---- front ends -------------------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list:
+        """One RequestOutput per prompt, in order. prompts: a string, a list of token ids, or a list of either;
+        sampling_params: one SamplingParams for all, or one per prompt."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
+            params = list(sampling_params)
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        reqs = [self._requests[i] for i in ids]
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        while any(not r.finished for r in reqs):
+            done_before = sum(r.finished for r in reqs)
+            self.step()
+            if bar is not None:
+                bar.update(sum(r.finished for r in reqs) - done_before)
+        if bar is not None:
+            bar.close()
+        return [r.output(self.tokenizer) for r in reqs]
+
+    def stream(self, prompt, sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Yields the request's output each time it grows, the last one with finished=True. Other queued
+        requests advance on the same steps."""
+        rid = self.add_request(prompt, sampling_params)
+        req = self._requests[rid]
+        while not req.finished:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+
+    def chat(self, messages, sampling_params: Optional[SamplingParams] = None) -> RequestOutput:
+        """One reply to a conversation [{"role": ..., "content": ...}, ...] through the chat template."""
+        prompt = _ChatText(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        rid = self.add_request(prompt, sampling_params)
+        req = self._requests[rid]
+        while not req.finished:
+            self.step()
+        return req.output(self.tokenizer)

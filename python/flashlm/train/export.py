@@ -1,0 +1,404 @@
+"""Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
+
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2 classes)
+    export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
+    export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs
+
+HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json, with HF's names
+and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
+columns after the transpose); llama's and qwen2's weights are nn.Linear's [out, in] as flashlm stores
+them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
+permuted. HF's GPT-2 has neither grouped KV heads nor an output projection apart from the embedding:
+exporting those raises ValueError.
+
+GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
+them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
+(qwen2's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
+tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 reads grouped KV heads and an untied
+output from it, so GGUF takes both). The tensors go through `flashlm quantize`'s writer: `type` is one
+of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
+it, norms and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference
+bytes). The tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
+from flashlm.quant.hf_source import llama3_rope_factors, permute_rope_rows
+from flashlm.quant.mix import MIXES
+from flashlm.quant.quantize_file import write_quantized
+
+CHECKPOINT_FORMAT = "flashlm-checkpoint-1"
+_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The hyperparameters an export needs, checked against the state dict."""
+    arch: str
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    seq_len: int
+    rope_theta: float
+    norm_eps: float
+    tied: bool
+    rope_scaling: dict | None = None  # Llama 3's {"rope_type": "llama3", "factor", ...}
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.arch in ("gpt2", "qwen2")
+
+
+def _config_dict(model_config) -> dict:
+    if hasattr(model_config, "to_dict"):
+        return dict(model_config.to_dict())
+    if isinstance(model_config, dict):
+        return dict(model_config)
+    raise ValueError(f"model_config: expected a ModelConfig or its dict, got {type(model_config).__name__}")
+
+
+def _state_dict(model_or_state) -> dict:
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    if not isinstance(state, dict):
+        raise ValueError(f"model_or_state: expected a Transformer or its state dict, got {type(state).__name__}")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"model_or_state: {key} is not a floating-point tensor")
+        out[key] = value.detach().to("cpu", torch.float32).contiguous()
+    return out
+
+
+def _expected_shapes(s: _Shape) -> dict:
+    """State-dict key -> shape, as flashlm.models.Transformer names them (lm_head only when untied)."""
+    hd, d, gpt2 = s.head_dim, s.d_model, s.arch == "gpt2"
+    shapes = {"tok_emb.weight": (s.vocab_size, d), "final_norm.weight": (d,)}
+    if gpt2:
+        shapes |= {"pos_emb.weight": (s.seq_len, d), "final_norm.bias": (d,)}
+    for i in range(s.n_layer):
+        p = f"blocks.{i}."
+        shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
+                   p + "attn.q.weight": (s.n_head * hd, d), p + "attn.k.weight": (s.n_kv_head * hd, d),
+                   p + "attn.v.weight": (s.n_kv_head * hd, d), p + "attn.o.weight": (d, s.n_head * hd)}
+        if s.qkv_bias:
+            shapes |= {p + "attn.q.bias": (s.n_head * hd,), p + "attn.k.bias": (s.n_kv_head * hd,),
+                       p + "attn.v.bias": (s.n_kv_head * hd,)}
+        if gpt2:
+            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
+                       p + "mlp.fc.weight": (s.d_ff, d), p + "mlp.fc.bias": (s.d_ff,),
+                       p + "mlp.proj.weight": (d, s.d_ff), p + "mlp.proj.bias": (d,)}
+        else:
+            shapes |= {p + "mlp.gate.weight": (s.d_ff, d), p + "mlp.up.weight": (s.d_ff, d),
+                       p + "mlp.down.weight": (d, s.d_ff)}
+    if not s.tied:
+        shapes["lm_head.weight"] = (s.vocab_size, d)
+    return shapes
+
+
+def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
+    """(hyperparameters, float32 CPU state dict), with every key and shape checked against the config."""
+    cfg = _config_dict(model_config)
+    state = _state_dict(model_or_state)
+    arch = cfg.get("arch")
+    if arch not in ("gpt2", "llama", "qwen2"):
+        raise ValueError(f"model_config: arch must be 'gpt2', 'llama' or 'qwen2', got {arch!r}")
+    rope_scaling = cfg.get("rope_scaling")
+    if rope_scaling is not None and (not isinstance(rope_scaling, dict) or rope_scaling.get("rope_type") != "llama3"
+                                     or any(k not in rope_scaling for k in _LLAMA3_ROPE_KEYS)):
+        raise ValueError(f"model_config: rope_scaling must be None or Llama 3's {{'rope_type': 'llama3', "
+                         f"{', '.join(map(repr, _LLAMA3_ROPE_KEYS))}}}, got {rope_scaling!r}")
+    try:
+        n_head = int(cfg["n_head"])
+        d_ff = cfg.get("d_ff")
+        if d_ff is None:  # the config's default rule lives with the model: read it off the weights
+            d_ff = state["blocks.0.mlp.fc.weight" if arch == "gpt2" else "blocks.0.mlp.gate.weight"].shape[0]
+        tied = bool(cfg.get("tie_embeddings", True))
+        if tied and "lm_head.weight" in state and "tok_emb.weight" in state:
+            if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
+                raise ValueError("model_or_state: tie_embeddings is set but lm_head.weight differs from tok_emb.weight")
+            del state["lm_head.weight"]
+        s = _Shape(arch, int(cfg["vocab_size"]), int(cfg["n_layer"]), n_head, int(cfg.get("n_kv_head") or n_head),
+                   int(cfg["d_model"]), int(d_ff), int(cfg["seq_len"]), float(cfg.get("rope_theta", 10000.0)),
+                   float(cfg.get("norm_eps", 1e-5)), tied, rope_scaling)
+    except KeyError as e:
+        raise ValueError(f"model_config: missing {e.args[0]!r} (or model_or_state: no blocks.0 MLP)") from None
+    sizes = {"vocab_size": s.vocab_size, "n_layer": s.n_layer, "n_head": s.n_head, "n_kv_head": s.n_kv_head,
+             "d_model": s.d_model, "d_ff": s.d_ff, "seq_len": s.seq_len}
+    bad = {k: v for k, v in sizes.items() if v <= 0}
+    if bad:
+        raise ValueError(f"model_config: sizes must be positive, got {bad}")
+    if s.d_model % s.n_head or s.n_head % s.n_kv_head:
+        raise ValueError(f"model_config: d_model {s.d_model}, n_head {s.n_head} and n_kv_head {s.n_kv_head} "
+                         "must divide evenly")
+    if arch != "gpt2" and s.head_dim % 2:
+        raise ValueError(f"model_config: rotary embeddings need an even head_dim, got {s.head_dim}")
+    expected = _expected_shapes(s)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"model_or_state: keys do not match model_config (missing {missing[:4]}, "
+                         f"unexpected {extra[:4]})")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"model_or_state: {key} has shape {tuple(state[key].shape)}, model_config says {shape}")
+    return s, state
+
+
+def _eos_id(tokenizer_json, eos_token_id) -> int | None:
+    if eos_token_id is not None or tokenizer_json is None:
+        return eos_token_id
+    spec = json.loads(tokenizer_json) if isinstance(tokenizer_json, (str, bytes)) else tokenizer_json
+    vocab = {a["content"]: a["id"] for a in spec.get("added_tokens") or []} | (spec.get("model") or {}).get("vocab", {})
+    return next((int(vocab[n]) for n in EOS_NAMES if n in vocab), None)
+
+
+# --------------------------------------------------------------------------------------------------- HF
+
+
+def hf_tensors(s: _Shape, state: dict) -> dict:
+    """The state dict under HF's names and layouts (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM)."""
+    out = {}
+    if s.arch == "gpt2":
+        if s.n_kv_head != s.n_head:
+            raise ValueError(f"model_config: HF's GPT-2 has no grouped-query attention (n_kv_head {s.n_kv_head} "
+                             f"!= n_head {s.n_head}); export arch llama, or GGUF")
+        if not s.tied:
+            raise ValueError("model_config: HF's GPT-2 ties its output projection to the embedding "
+                             "(tie_embeddings is False); export arch llama, or GGUF")
+        out |= {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
+                "transformer.ln_f.weight": state["final_norm.weight"], "transformer.ln_f.bias": state["final_norm.bias"]}
+        for i in range(s.n_layer):
+            p, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for kind in ("weight", "bias"):
+                out[h + f"ln_1.{kind}"] = state[p + f"attn_norm.{kind}"]
+                out[h + f"ln_2.{kind}"] = state[p + f"mlp_norm.{kind}"]
+            # Conv1D computes x @ W + b with W [in, out]: the nn.Linear weights transposed
+            out[h + "attn.c_attn.weight"] = torch.cat([state[p + f"attn.{n}.weight"] for n in "qkv"]).T
+            out[h + "attn.c_attn.bias"] = torch.cat([state[p + f"attn.{n}.bias"] for n in "qkv"])
+            out[h + "attn.c_proj.weight"] = state[p + "attn.o.weight"].T
+            out[h + "attn.c_proj.bias"] = state[p + "attn.o.bias"]
+            out[h + "mlp.c_fc.weight"] = state[p + "mlp.fc.weight"].T
+            out[h + "mlp.c_fc.bias"] = state[p + "mlp.fc.bias"]
+            out[h + "mlp.c_proj.weight"] = state[p + "mlp.proj.weight"].T
+            out[h + "mlp.c_proj.bias"] = state[p + "mlp.proj.bias"]
+    else:
+        out |= {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["final_norm.weight"]}
+        for i in range(s.n_layer):
+            p, h = f"blocks.{i}.", f"model.layers.{i}."
+            out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
+                    h + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"],
+                    h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
+                    h + "mlp.up_proj.weight": state[p + "mlp.up.weight"],
+                    h + "mlp.down_proj.weight": state[p + "mlp.down.weight"]}
+            for n in "qkvo":
+                out[h + f"self_attn.{n}_proj.weight"] = state[p + f"attn.{n}.weight"]
+            if s.qkv_bias:
+                for n in "qkv":
+                    out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
+        if not s.tied:
+            out["lm_head.weight"] = state["lm_head.weight"]
+    # safetensors stores each tensor alone: no views sharing storage
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def hf_config(s: _Shape, eos_token_id: int | None) -> dict:
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    if s.arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": s.vocab_size,
+                "n_positions": s.seq_len, "n_ctx": s.seq_len, "n_embd": s.d_model, "n_layer": s.n_layer,
+                "n_head": s.n_head, "n_inner": s.d_ff, "activation_function": "gelu_new",
+                "layer_norm_epsilon": s.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "scale_attn_weights": True, "tie_word_embeddings": True, "torch_dtype": "float32", **special}
+    # rope: the older top-level rope_theta / rope_scaling keys and transformers 5's rope_parameters
+    rope = {"rope_type": "default"} if s.rope_scaling is None else dict(s.rope_scaling)
+    config = {"vocab_size": s.vocab_size, "hidden_size": s.d_model, "intermediate_size": s.d_ff,
+              "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head, "num_key_value_heads": s.n_kv_head,
+              "head_dim": s.head_dim, "max_position_embeddings": s.seq_len, "rms_norm_eps": s.norm_eps,
+              "rope_theta": s.rope_theta, "rope_scaling": s.rope_scaling and dict(s.rope_scaling),
+              "rope_parameters": rope | {"rope_theta": s.rope_theta}, "hidden_act": "silu",
+              "tie_word_embeddings": s.tied, "torch_dtype": "float32", **special}
+    if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
+        return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
+                "max_window_layers": s.n_layer, **config}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
+            **config}
+
+
+def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_id: int | None = None) -> str:
+    """Write an HF `transformers` model directory; returns its path.
+
+    model_or_state: a flashlm Transformer or its state dict. model_config: its ModelConfig (or dict).
+    tokenizer_json: the tokenizer's JSON text (tokenizers' Tokenizer.to_str()), or None for no tokenizer.
+    eos_token_id: the end-of-document id; None: the tokenizer's <|endoftext|> (or another known name).
+    """
+    from safetensors.torch import save_file
+
+    s, state = resolve(model_or_state, model_config)
+    tensors = hf_tensors(s, state)
+    eos = _eos_id(tokenizer_json, eos_token_id)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config(s, eos), f, indent=2)
+    if tokenizer_json is not None:
+        text = tokenizer_json.decode("utf-8") if isinstance(tokenizer_json, bytes) else tokenizer_json
+        text = text if isinstance(text, str) else json.dumps(text)
+        spec = json.loads(text)
+        with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+            f.write(text)
+        names = {a["id"]: a["content"] for a in spec.get("added_tokens") or []}
+        names |= {i: t for t, i in (spec.get("model") or {}).get("vocab", {}).items() if i == eos}
+        eos_name = names.get(eos)
+        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": s.seq_len,
+                      "clean_up_tokenization_spaces": False, "eos_token": eos_name, "bos_token": eos_name}
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(tok_config, f, indent=2)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+
+
+def gguf_tensors(s: _Shape, state: dict) -> list:
+    """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
+    t = {k: v.numpy() for k, v in state.items()}
+    out = []
+    if s.rope_scaling is not None:
+        if s.arch != "llama":
+            raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
+        out.append(("rope_freqs.weight", llama3_rope_factors(s.head_dim, s.rope_theta, s.rope_scaling)))
+    out.append(("token_embd.weight", t["tok_emb.weight"]))
+    if s.arch == "gpt2":
+        out.append(("position_embd.weight", t["pos_emb.weight"]))
+    for i in range(s.n_layer):
+        p, b = f"blocks.{i}.", f"blk.{i}."
+        if s.arch == "gpt2":
+            out += [(b + "attn_norm.weight", t[p + "attn_norm.weight"]), (b + "attn_norm.bias", t[p + "attn_norm.bias"]),
+                    (b + "attn_qkv.weight", np.concatenate([t[p + f"attn.{n}.weight"] for n in "qkv"])),
+                    (b + "attn_qkv.bias", np.concatenate([t[p + f"attn.{n}.bias"] for n in "qkv"])),
+                    (b + "attn_output.weight", t[p + "attn.o.weight"]), (b + "attn_output.bias", t[p + "attn.o.bias"]),
+                    (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]), (b + "ffn_norm.bias", t[p + "mlp_norm.bias"]),
+                    (b + "ffn_up.weight", t[p + "mlp.fc.weight"]), (b + "ffn_up.bias", t[p + "mlp.fc.bias"]),
+                    (b + "ffn_down.weight", t[p + "mlp.proj.weight"]), (b + "ffn_down.bias", t[p + "mlp.proj.bias"])]
+        else:
+            q, k = t[p + "attn.q.weight"], t[p + "attn.k.weight"]
+            if s.arch == "llama":
+                # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs, flashlm's (HF's) the two
+                # halves of a head: reorder the rows (qwen2's rope in ggml, NEOX, rotates halves as flashlm's)
+                q, k = permute_rope_rows(q, s.n_head), permute_rope_rows(k, s.n_kv_head)
+            out += [(b + "attn_norm.weight", t[p + "attn_norm.weight"]), (b + "attn_q.weight", q),
+                    (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
+            if s.qkv_bias:
+                out += [(b + f"attn_{n}.bias", t[p + f"attn.{n}.bias"]) for n in "qkv"]
+            out += [(b + "attn_output.weight", t[p + "attn.o.weight"]), (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
+                    (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
+                    (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
+    out.append(("output_norm.weight", t["final_norm.weight"]))
+    if s.arch == "gpt2":
+        out.append(("output_norm.bias", t["final_norm.bias"]))
+    if not s.tied:
+        out.append(("output.weight", t["lm_head.weight"]))
+    return [(name, np.ascontiguousarray(a, dtype=np.float32)) for name, a in out]
+
+
+def gguf_hparams(s: _Shape, name: str) -> list:
+    """The {arch}.* metadata llama.cpp reads, as convert_hf_to_gguf.py writes it."""
+    from gguf import GGUFValueType
+
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    meta = [("general.name", name, GGUFValueType.STRING), (f"{a}.vocab_size", s.vocab_size, u32),
+            (f"{a}.context_length", s.seq_len, u32), (f"{a}.embedding_length", s.d_model, u32),
+            (f"{a}.block_count", s.n_layer, u32), (f"{a}.feed_forward_length", s.d_ff, u32),
+            (f"{a}.attention.head_count", s.n_head, u32), (f"{a}.attention.head_count_kv", s.n_kv_head, u32)]
+    if a == "gpt2":
+        meta.append((f"{a}.attention.layer_norm_epsilon", s.norm_eps, f32))
+    else:
+        meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
+                 (f"{a}.rope.dimension_count", s.head_dim, u32)]
+    return [(k, v, t, None) for k, v, t in meta]
+
+
+class ModelSource:
+    """A model's GGUF tensors and metadata in the form flashlm.quant.quantize_file.write_quantized reads."""
+
+    def __init__(self, s: _Shape, tensors: list, metadata: list):
+        self.arch, self.metadata, self._shape = s.arch, metadata, s
+        self._data = [a for _, a in tensors]
+        self.tensors = [(n, tuple(a.shape), "F32") for n, a in tensors]
+
+    def info(self):
+        return self.arch, self._shape.n_layer, self._shape.n_head, self._shape.n_kv_head
+
+    def load(self, index: int) -> np.ndarray:
+        return self._data[index]
+
+
+def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: str = "F32",
+                eos_token_id: int | None = None, name: str = "flashlm", progress: bool = False) -> list:
+    """Write a GGUF file llama.cpp loads; returns [(tensor name, "F32", type written)].
+
+    type: a `flashlm quantize` mix: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M,
+        Q4_K_S/M, Q5_K_S/M, Q6_K. Other arguments as export_hf's; without a tokenizer the file has none
+        (llama.cpp will not load it then).
+    """
+    if not isinstance(type, str) or type.upper() not in MIXES:
+        raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {type!r}")
+    s, state = resolve(model_or_state, model_config)
+    tensors = gguf_tensors(s, state)
+    metadata = gguf_hparams(s, name)
+    if tokenizer_json is None:
+        warnings.warn("export_gguf: no tokenizer; llama.cpp needs one to load the file", stacklevel=2)
+    else:
+        metadata += tokenizer_metadata(tokenizer_json, vocab_size=s.vocab_size, eos_token_id=eos_token_id)
+    return write_quantized(ModelSource(s, tensors, metadata), str(out_path), type, progress)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def load_checkpoint(path) -> dict:
+    """A flashlm training checkpoint, read without unpickling code (weights_only)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint: no file at {str(path)!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds (UnpicklingError, RuntimeError) for bad files
+        raise ValueError(f"checkpoint: cannot read {str(path)!r}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"checkpoint: {str(path)!r} is not a {CHECKPOINT_FORMAT} file (format {found!r})")
+    for key in ("model_config", "model"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint: {str(path)!r} has no {key!r}")
+    return ckpt
+
+
+def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", progress: bool = False) -> dict:
+    """Export a checkpoint file to a GGUF file and/or an HF directory; returns what was written."""
+    if gguf_path is None and hf_dir is None:
+        raise ValueError("export: give a GGUF output path, an HF output directory, or both")
+    ckpt = load_checkpoint(path)
+    args = (ckpt["model"], ckpt["model_config"], ckpt.get("tokenizer"))
+    written = {}
+    if hf_dir is not None:
+        written["hf"] = export_hf(*args, hf_dir, eos_token_id=ckpt.get("eos_token_id"))
+    if gguf_path is not None:
+        written["gguf"] = export_gguf(*args, gguf_path, type=type, eos_token_id=ckpt.get("eos_token_id"),
+                                      progress=progress)
+    return written
