@@ -171,7 +171,10 @@ class _Builder:
             raw = raw[rows] if rows is not None else raw   # a view: rows are contiguous bytes
             if row_order is not None:
                 raw = raw[row_order]                      # a copy, in flashlm's row order
-            return GGUFLinear(raw, info.ggml_type, (n, k), b)
+            try:
+                return GGUFLinear(raw, info.ggml_type, (n, k), b)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from e
         if not ops.dequantize_supported(info.ggml_type):
             raise ValueError(f"tensor {name!r}: type {info.ggml_type} is not supported")
         w = self.f.load(name, dtype=torch.float32)
@@ -189,7 +192,10 @@ class _Builder:
             emb = nn.Embedding(shape[0], shape[1], device="meta")
             emb.weight = self.param(name, shape)
             return emb
-        return GGUFEmbedding(self.f.raw(name), info.ggml_type, shape)
+        try:
+            return GGUFEmbedding(self.f.raw(name), info.ggml_type, shape)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from e
 
     def norm(self, module: nn.Module, prefix: str, with_bias: bool) -> None:
         d = self.cfg.d_model
