@@ -15,7 +15,9 @@ the highest-scoring token (leftmost first on ties) and spells what is left that 
 every (left, right) pair of tokens whose concatenation is a token, ranked by that token's score, with
 byte fallback: the same choice at every step. A Unigram model over the scores would instead pick the
 segmentation of highest total score (Viterbi), which is SentencePiece's other model type and not what
-llama.cpp runs, so the BPE form is used here.
+llama.cpp runs, so the BPE form is used here. One difference remains: two different tokens of equal score
+are ranked by id here and by position in llama.cpp; SentencePiece gives each merged piece its own score
+(minus its merge rank), so its vocabularies do not have such ties.
 
 Token types: CONTROL and UNKNOWN tokens are special (matched whole in the text, dropped by decode with
 skip_special_tokens); USER_DEFINED tokens are matched whole as well but decoded as text; UNUSED tokens (the
@@ -39,7 +41,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 # pre name -> (regex or None for GPT-2's own ByteLevel regex, ignore_merges, add_bos when the file does not
 # say), as llama-vocab.cpp sets them for these names (LLAMA_VOCAB_PRE_TYPE_GPT2, _LLAMA3, _QWEN2)
 _LLAMA3 = (_LLAMA3_REGEX, True, True)
-_BPE_PRE = {"gpt-2": (None, False, False), "gpt2": (None, False, False),
+_BPE_PRE = {"gpt-2": (None, False, False),
             "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3, "pixtral": _LLAMA3,
             "qwen2": (_QWEN2_REGEX, False, False), "deepseek-r1-qwen": (_QWEN2_REGEX, False, False)}
 
