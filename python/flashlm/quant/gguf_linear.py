@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from flashlm import ops
-from flashlm.ops.gguf_linear import check_gguf_weight, gguf_linear_row_bytes
+from flashlm.ops.gguf_linear import check_gguf_weight, gguf_linear_checked_weight, gguf_linear_row_bytes
 from flashlm.quant.gguf_quantize import quantize_gguf
 
 
@@ -38,7 +38,7 @@ class GGUFLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.gguf_linear(x, self.raw, self.ggml_type, (self.out_features, self.in_features), self.bias)
+        return gguf_linear_checked_weight(x, self.raw, self.ggml_type, self.out_features, self.in_features, self.bias)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, ggml_type: str = "Q8_0") -> "GGUFLinear":

@@ -1,0 +1,104 @@
+"""The runtime end to end against independent implementations of the same models:
+- HF transformers: logits after a (chunked) prefill and after each of several decode steps through the
+  engine's paged path, for llama (GQA, Llama 3 rope), qwen2 and gpt2 directories;
+- llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
+  model, and flashlm's engine and llama.cpp decode 32 greedy tokens from them; the tokens must agree and
+  the logits stay close.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_loaders import V, make_hf  # noqa: E402
+from tokenizer_sources import train_bpe  # noqa: E402
+
+from flashlm.cli import main as cli_main  # noqa: E402
+from flashlm.runtime.engine import LLM  # noqa: E402
+from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
+
+
+def engine_trace(llm: LLM, prompt, steps: int):
+    """Greedy decoding through the engine's scheduler and paged forward, one request: (tokens, the logits
+    each sampled token was chosen from)."""
+    llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    logits_seen, tokens = [], []
+    while llm.scheduler.has_work():
+        batch = llm.scheduler.schedule()
+        llm.runner.copy_blocks(batch.block_copies)
+        ids, paged = llm.runner.prepare(batch, llm.block_manager)
+        logits = llm.model.forward_paged(ids, paged, llm.runner.kv_caches)
+        nxt = logits.argmax(-1).tolist()
+        if nxt:
+            logits_seen.append(logits[0])
+            tokens.append(nxt[0])
+        llm.scheduler.update(batch, nxt)
+    return tokens, torch.stack(logits_seen)
+
+
+class _NoText:
+    eos_token_ids = ()
+
+    def decode(self, ids):
+        return ""
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_engine_logits_match_transformers(tmp_path, kind):
+    hf, _ = make_hf(kind)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    # block size 4 and an 8-token budget: the 19-token prompt is prefilled in three chunks across blocks
+    llm = LLM(str(tmp_path), tokenizer=_NoText(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, V, 19)]
+    tokens, logits = engine_trace(llm, prompt, 8)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-4, f"{kind}: max abs logit difference {err} over {len(tokens)} steps"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random llama directory (GQA, Llama 3 rope) with a byte-level BPE tokenizer, as `flashlm convert` reads."""
+    folder = tmp_path_factory.mktemp("hf-llama")
+    hf, _ = make_hf("llama")
+    with torch.no_grad():  # sharper distributions: greedy choices with clear margins
+        hf.lm_head.weight.mul_(4.0)
+    hf.save_pretrained(folder, safe_serialization=True)
+    train_bpe("gpt-2", vocab_size=300).save(str(folder / "tokenizer.json"))
+    return folder, hf
+
+
+@pytest.mark.parametrize("qtype, tol", [("F32", 1e-3), ("Q8_0", 0.05), ("Q4_0", 0.05)])
+def test_converted_gguf_decodes_like_llama_cpp(hf_dir, tmp_path, qtype, tol):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    folder, _ = hf_dir
+    path = str(tmp_path / f"m-{qtype}.gguf")
+    assert cli_main(["convert", str(folder), path, "--type", qtype, "--quiet"]) == 0
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, V, 11)]
+    tokens, logits = engine_trace(LLM(path, block_size=4, max_num_seqs=1), prompt, 32)
+
+    # float32 KV cache (type 0): llama.cpp's default f16 cache would add its own rounding
+    ref = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, verbose=False, n_threads=2, type_k=0, type_v=0,
+                          logits_all=True)
+    ref.eval(prompt)
+    ref_tokens, ref_logits = [], []
+    for _ in range(32):
+        row = np.array(ref.scores[ref.n_tokens - 1], dtype=np.float32)
+        ref_logits.append(row)
+        ref_tokens.append(int(row.argmax()))
+        ref.eval([ref_tokens[-1]])
+    ref_logits = torch.from_numpy(np.stack(ref_logits))
+    # Logits: F32 differs by float32 summation order only; Q8_0/Q4_0 both round activations to 8-bit blocks
+    # as ggml does, in different kernels (bounds ~5x the measured differences).
+    scale = ref_logits.abs().max().item()
+    if tokens == ref_tokens:
+        err = (logits - ref_logits).abs().max().item()
+        assert err <= tol * scale, f"{qtype}: max logit difference {err:.3g} (logit scale {scale:.3g})"
+    else:
+        first = next(i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b)
+        top2 = ref_logits[first].topk(2).values
+        pytest.fail(f"{qtype}: greedy tokens differ from step {first} (flashlm {tokens[first]}, llama.cpp "
+                    f"{ref_tokens[first]}; llama.cpp's top-2 margin there {float(top2[0] - top2[1]):.3g})")
