@@ -576,5 +576,5 @@ def test_engine_runs_loaded_models(tmp_path, kind, source):
 
 
 def test_load_model_dispatch(tmp_path):
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="is not a GGUF file, model directory or training checkpoint"):
         load_model(tmp_path / "nothing")

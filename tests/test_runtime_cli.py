@@ -53,3 +53,28 @@ def test_bench_decode_reports(gguf_path, capsys):
 def test_bad_model_path_is_an_error(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 1
     assert "error" in capsys.readouterr().err
+
+
+def test_generate_from_a_training_checkpoint(tmp_path, capsys):
+    """What `flashlm train` writes runs in the runtime: a checkpoint file, or the run's folder (its latest)."""
+    from flashlm.io import load_model
+    from flashlm.runtime.engine import LLM
+    from flashlm.runtime.sampling_params import SamplingParams
+    from flashlm.train.checkpoint import CheckpointManager
+
+    tok = train_tokenizer(["to be or not to be, that is the question " * 30], vocab_size=280)
+    cfg = ModelConfig(arch="gpt2", vocab_size=tok.get_vocab_size(), n_layer=2, n_head=2, d_model=32, seq_len=64)
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    state = {"format": "flashlm-checkpoint-1", "model_config": cfg.to_dict(), "model": model.state_dict(),
+             "tokenizer": tok.to_str(), "eos_token_id": 0, "step": 3}
+    CheckpointManager(tmp_path / "run", keep=2).save(state, 3)
+    loaded = load_model(tmp_path / "run", max_model_len=48)
+    assert loaded.config.seq_len == 48 and loaded.tokenizer.eos_token_ids == [0]
+    prompt = tok.encode("to be").ids
+    want = model.eval().generate(torch.tensor([prompt]), 10, temperature=0, eos_token_id=0)[0, len(prompt):].tolist()
+    got = LLM(str(tmp_path / "run")).generate(prompt, SamplingParams(temperature=0, max_tokens=10))[0]
+    assert got.outputs[0].token_ids == want
+    path = str(next((tmp_path / "run").glob("ckpt-*.pt")))
+    assert cli_main(["generate", "--model", path, "--prompt", "to be", "--max-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() != ""

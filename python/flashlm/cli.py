@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
                                            "model directory (transformers)")
-    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt)")
+    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt), or a run folder (its latest checkpoint)")
     export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write")
     export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
                         help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")

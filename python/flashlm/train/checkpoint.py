@@ -100,6 +100,17 @@ def latest_checkpoint(folder):
     return found[-1][1] if found else None
 
 
+def find_checkpoint(path) -> Path:
+    """A checkpoint file as given, or a run's folder resolved to its latest checkpoint; ValueError if none."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise ValueError(f"checkpoint: no checkpoint in {path}")
+        return found
+    return path
+
+
 class CheckpointManager:
     """Saves numbered checkpoints into `folder`, points `latest` at the newest and keeps the `keep` newest."""
 

@@ -25,19 +25,13 @@ def load_model(state: dict, device="cpu"):
 def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> dict:
     from tokenizers import Tokenizer
 
-    from flashlm.train.checkpoint import load_checkpoint
+    from flashlm.train.checkpoint import find_checkpoint, load_checkpoint
     from flashlm.train.config import TrainConfig
     from flashlm.train.corpus import clean_text
 
     if batch_size <= 0:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
-    if Path(path).is_dir():  # a run's folder: its latest checkpoint
-        from flashlm.train.checkpoint import latest_checkpoint
-
-        found = latest_checkpoint(path)
-        if found is None:
-            raise ValueError(f"checkpoint: no checkpoint in {path}")
-        path = found
+    path = find_checkpoint(path)  # a run's folder: its latest checkpoint
     state = load_checkpoint(path)
     if not state.get("tokenizer"):
         raise ValueError(f"checkpoint: {path} holds no tokenizer, so text cannot be encoded")
