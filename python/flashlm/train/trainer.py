@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,16 @@ def set_rng_state(state: dict):
 
 
 def plot_losses(metrics: list, path):
-    """Training loss per step and validation loss at each evaluation, to a PNG (written atomically)."""
-    import matplotlib
+    """Training loss per step and validation loss at each evaluation, to a PNG (written atomically). Without
+    matplotlib (the `train` extra) it says so once and the run goes on: metrics.jsonl has the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(plot_losses, "warned", False):
+            warnings.warn("matplotlib is not installed (pip install 'flashlm[train]'): no loss.png; the losses "
+                          "are in metrics.jsonl")
+            plot_losses.warned = True
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
