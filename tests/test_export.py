@@ -407,7 +407,7 @@ def test_cli_export(tokenizer, tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     torch.save({"format": "something-else"}, tmp_path / "bad.pt")
     assert cli_main(["export", str(tmp_path / "bad.pt"), "--gguf", str(out)]) == 1
-    assert "not a flashlm-checkpoint-1 file" in capsys.readouterr().err
+    assert "expected 'flashlm-checkpoint-1'" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "ckpt.pt")]) == 1
     assert "GGUF output path" in capsys.readouterr().err
 

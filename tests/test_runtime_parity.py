@@ -3,7 +3,9 @@
   engine's paged path, for llama (GQA, Llama 3 rope), qwen2 and gpt2 directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
   model, and flashlm's engine and llama.cpp decode 32 greedy tokens from them; the tokens must agree and
-  the logits stay close.
+  the logits stay close;
+- the trainer's export: a checkpoint written out as GGUF decodes alike in the engine, in the training model
+  and in llama.cpp.
 """
 
 import numpy as np
@@ -102,3 +104,36 @@ def test_converted_gguf_decodes_like_llama_cpp(hf_dir, tmp_path, qtype, tol):
         top2 = ref_logits[first].topk(2).values
         pytest.fail(f"{qtype}: greedy tokens differ from step {first} (flashlm {tokens[first]}, llama.cpp "
                     f"{ref_tokens[first]}; llama.cpp's top-2 margin there {float(top2[0] - top2[1]):.3g})")
+
+
+def test_exported_checkpoint_runs_alike_in_the_runtime_and_llama_cpp(tmp_path):
+    """The trainer's way out: a checkpoint exported to GGUF gives the same greedy tokens in flashlm's engine,
+    in the training model itself and in llama.cpp (where it is installed)."""
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.train.export import export_checkpoint
+
+    tok = train_bpe("gpt-2", vocab_size=300)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2,
+                      d_model=64, seq_len=64, tie_embeddings=False)
+    torch.manual_seed(11)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # clear greedy margins
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format": "flashlm-checkpoint-1", "model_config": cfg.to_dict(), "model": model.state_dict(),
+                "tokenizer": tok.to_str(), "eos_token_id": 0, "step": 1}, ckpt)
+    path = str(tmp_path / "m.gguf")
+    export_checkpoint(ckpt, gguf_path=path, type="F32")
+    prompt = tok.encode("the quick brown fox").ids
+    want = model.generate(torch.tensor([prompt]), 16, temperature=0)[0, len(prompt):].tolist()
+    engine, _ = engine_trace(LLM(path, block_size=4), prompt, 16)
+    assert engine == want
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    ref = llama_cpp.Llama(model_path=path, n_ctx=64, verbose=False, n_threads=2, type_k=0, type_v=0)
+    ref.eval(prompt)
+    got = []
+    for _ in range(16):
+        logits = np.ctypeslib.as_array(ref._ctx.get_logits(), shape=(ref.n_vocab(),))
+        got.append(int(logits.argmax()))
+        ref.eval([got[-1]])
+    assert got == want

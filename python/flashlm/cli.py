@@ -1,6 +1,6 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`."""
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`."""
 
 from __future__ import annotations
 
@@ -110,6 +110,37 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from flashlm.train.config import TrainConfig, overrides_from_args
+    from flashlm.train.trainer import resume_config, run_training
+
+    overrides = overrides_from_args(args)
+    try:
+        if args.resume:
+            out_dir = overrides.get("out_dir") or TrainConfig.from_sources(args.preset, args.config).out_dir
+            cfg = resume_config(out_dir, args.preset, args.config, overrides)
+        else:
+            cfg = TrainConfig.from_sources(args.preset, args.config, overrides)
+    except ValueError as e:
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
+        return 1
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from flashlm.train.evaluate import evaluate_checkpoint
+
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    except ValueError as e:
+        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
+        return 1
+    print(f"{_printable(args.data)}: {r['tokens']} tokens, loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
+          f"(checkpoint step {r['step']})")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.input):
         print(f"flashlm: error: input: {_printable(args.input)!r} is not an HF model directory "
@@ -173,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
                                            "model directory (transformers)")
-    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt)")
+    export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt), or a run folder (its latest checkpoint)")
     export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write")
     export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
                         help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")
@@ -191,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=1024, help="rows per tensor (default 1024)")
     demo.add_argument("--cols", type=int, default=4096, help="columns per tensor, a multiple of 256 (default 4096)")
     demo.set_defaults(func=_cmd_demo)
+
+    from flashlm.train.config import PRESETS, add_arguments
+
+    train = sub.add_parser("train", help="train a GPT from text (default: the Python standard library's sources)",
+                           description="Every field of flashlm.train.config.TrainConfig is a flag; precedence: "
+                                       "flags, then --config, then --preset.")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="small", help="starting values (default small)")
+    train.add_argument("--config", metavar="FILE.toml", help="a TOML file of TrainConfig fields")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in --out-dir with its saved configuration")
+    add_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a training checkpoint on a text file")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -1,12 +1,14 @@
 """Weight quantization: RTN int8/int4 quantizers, GGUF block quantizers, quantized replacements of
-nn.Linear (int8, int4, GGUF blocks) and the `flashlm quantize` file converter."""
+nn.Linear (int8, int4, GGUF blocks) and of nn.Embedding (GGUF blocks) and the `flashlm quantize` file converter."""
 
+from flashlm.quant.gguf_embedding import GGUFEmbedding
 from flashlm.quant.gguf_linear import GGUFLinear
 from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
 from flashlm.quant.linear import Int4Linear, Int8Linear
 from flashlm.quant.rtn import dequantize_int4, quantize_int4, quantize_int8_per_channel
 
 __all__ = [
+    "GGUFEmbedding",
     "GGUFLinear",
     "GGUF_QUANT_TYPES",
     "Int4Linear",

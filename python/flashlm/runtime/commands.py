@@ -14,6 +14,17 @@ import torch
 from flashlm.runtime.sampling_params import SamplingParams
 
 
+# For models that ship no chat template (flashlm's own trained models): plain "role: content" lines.
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def _ensure_chat_template(llm) -> None:
+    if not getattr(llm.tokenizer, "chat_template", None):
+        print("flashlm: the model has no chat template; using plain 'role: content' lines", file=sys.stderr)
+        llm.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+
+
 def add_engine_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a GGUF file or an HF model directory")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -65,6 +76,7 @@ def cmd_generate(args) -> int:
     prompts = args.prompt or [""]
     if len(prompts) == 1:
         if args.chat:
+            _ensure_chat_template(llm)
             out = llm.chat([{"role": "user", "content": prompts[0]}], params)
             print(out.outputs[0].text)
         else:
@@ -87,6 +99,7 @@ def _bos_prompt(llm):
 
 def cmd_chat(args) -> int:
     llm = _engine(args)
+    _ensure_chat_template(llm)
     params = _params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("flashlm chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2 classes)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
-    export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs
+    export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs (or a run folder)
 
 HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json, with HF's names
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
@@ -36,7 +36,6 @@ from flashlm.quant.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.quant.mix import MIXES
 from flashlm.quant.quantize_file import write_quantized
 
-CHECKPOINT_FORMAT = "flashlm-checkpoint-1"
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -372,17 +371,12 @@ def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: st
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(path) -> dict:
-    """A flashlm training checkpoint, read without unpickling code (weights_only)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint: no file at {str(path)!r}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds (UnpicklingError, RuntimeError) for bad files
-        raise ValueError(f"checkpoint: cannot read {str(path)!r}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"checkpoint: {str(path)!r} is not a {CHECKPOINT_FORMAT} file (format {found!r})")
+def read_checkpoint(path) -> dict:
+    """A training checkpoint (a file, or a run's folder: its latest), with the model it must hold."""
+    from flashlm.train.checkpoint import find_checkpoint, load_checkpoint
+
+    path = find_checkpoint(path)
+    ckpt = load_checkpoint(path)
     for key in ("model_config", "model"):
         if key not in ckpt:
             raise ValueError(f"checkpoint: {str(path)!r} has no {key!r}")
@@ -393,7 +387,7 @@ def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", prog
     """Export a checkpoint file to a GGUF file and/or an HF directory; returns what was written."""
     if gguf_path is None and hf_dir is None:
         raise ValueError("export: give a GGUF output path, an HF output directory, or both")
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     args = (ckpt["model"], ckpt["model_config"], ckpt.get("tokenizer"))
     written = {}
     if hf_dir is not None:

@@ -11,9 +11,9 @@ before training, and a normaliser would break the round trip for text that is no
 
 from pathlib import Path
 
-EOS_TOKEN = "<|endoftext|>"
-# Names other tokenizers use for the end-of-document token, tried in order by eos_token_id.
-_EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+from flashlm.io.gguf_tokenizer import EOS_NAMES as _EOS_CANDIDATES  # the end-of-document names, tried in order
+
+EOS_TOKEN = _EOS_CANDIDATES[0]  # "<|endoftext|>"
 
 
 def train_tokenizer(docs, vocab_size=8192, special_tokens=(EOS_TOKEN,), min_frequency=2, progress=False):

@@ -1,0 +1,290 @@
+"""load_gguf: a GGUF file (llama.cpp's llama, qwen2 and gpt2 architectures) as a flashlm Transformer in eval mode.
+
+    loaded = load_gguf("model-Q4_K_M.gguf", max_model_len=4096)
+
+Weights stay in the file: a quantized matrix becomes a GGUFLinear over a zero-copy view of the memory-mapped
+file, so a Q4_0 model takes about its file size in memory; a quantized token_embd becomes a GGUFEmbedding
+(lookups dequantize only their rows) and, when there is no output.weight, the lm head is a GGUFLinear over
+the same bytes. F32/F16/BF16 tensors (norms, biases, small models) become float32 parameters; quantized types
+that GGUFLinear does not multiply (Q2_K, Q3_K, IQ*) are dequantized to float32.
+
+The llama architecture's attn_q/attn_k rows are in ggml's rope order (convert_hf_to_gguf.py's
+LlamaModel.permute interleaves the two halves of each head); flashlm's rope is HF's rotate-half, so the rows
+are put back (a copy of those two tensors' bytes). qwen2 files are written without that permutation
+(convert_hf_to_gguf.py's Qwen2Model does not permute; llama.cpp runs qwen2 with NEOX rope, which is
+rotate-half). GPT-2's attn_qkv is split into q, k and v by rows (views).
+
+Every metadata value, tensor name, shape and type is checked: ValueError names what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flashlm import ops
+from flashlm.io.gguf import GGUFFile
+from flashlm.io.gguf_rope import llama3_scaling_from_factors
+from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish, set_module
+from flashlm.models import ModelConfig
+from flashlm.models.transformer import rope_inv_freq
+from flashlm.quant.gguf_embedding import GGUFEmbedding
+from flashlm.quant.gguf_linear import GGUFLinear
+
+ARCHS = ("llama", "qwen2", "gpt2")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+class _Meta:
+    """Typed access to GGUF metadata, naming the key in every error."""
+
+    def __init__(self, metadata: dict):
+        self.m = metadata
+
+    def int(self, key: str, default=None, minimum: int = 1) -> int:
+        v = self.m.get(key, default)
+        if v is None:
+            raise ValueError(f"metadata: missing {key!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError(f"metadata: {key} must be an integer >= {minimum}, got {v!r}")
+        return v
+
+    def float(self, key: str, default=None) -> float:
+        v = self.m.get(key, default)
+        if v is None:
+            raise ValueError(f"metadata: missing {key!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ValueError(f"metadata: {key} must be a positive number, got {v!r}")
+        return float(v)
+
+    def str(self, key: str, default=None) -> Optional[str]:
+        v = self.m.get(key, default)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"metadata: {key} must be a string, got {type(v).__name__}")
+        return v
+
+
+def _tensor_shape(f: GGUFFile, name: str, shape: tuple):
+    try:
+        info = f.tensor(name)
+    except KeyError:
+        raise ValueError(f"tensor {name!r}: missing from the file") from None
+    if info.shape != tuple(shape):
+        raise ValueError(f"tensor {name!r}: shape {info.shape}, the metadata implies {tuple(shape)}")
+    return info
+
+
+def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> tuple[ModelConfig, Optional[torch.Tensor]]:
+    """(ModelConfig, rope factors from rope_freqs.weight or None) from a GGUF's metadata and tensor shapes."""
+    meta = _Meta(f.metadata)
+    arch = meta.str("general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"metadata: general.architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    n_head = meta.int(f"{arch}.attention.head_count")
+    n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head)
+    d = meta.int(f"{arch}.embedding_length")
+    ctx = context_length(meta.int(f"{arch}.context_length"), max_model_len, f"metadata: {arch}.context_length")
+    try:
+        emb = f.tensor("token_embd.weight")
+    except KeyError:
+        raise ValueError("tensor 'token_embd.weight': missing from the file") from None
+    if len(emb.shape) != 2 or emb.shape[1] != d or emb.shape[0] <= 0:
+        raise ValueError(f"tensor 'token_embd.weight': shape {emb.shape}, expected [vocab, {d}]")
+    vocab = emb.shape[0]
+    if f"{arch}.vocab_size" in f.metadata and meta.int(f"{arch}.vocab_size") != vocab:
+        raise ValueError(f"metadata: {arch}.vocab_size {meta.int(f'{arch}.vocab_size')} != token_embd.weight's "
+                         f"{vocab} rows")
+    names = {t.name for t in f.tensors}
+    common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count"), n_head=n_head,
+                  n_kv_head=n_kv, d_model=d, d_ff=meta.int(f"{arch}.feed_forward_length"), seq_len=ctx,
+                  tie_embeddings="output.weight" not in names)
+    if arch == "gpt2":
+        return ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5)), None
+    if d % n_head:
+        raise ValueError(f"metadata: {arch}.embedding_length {d} is not a multiple of the head count {n_head}")
+    rope_dims = meta.int(f"{arch}.rope.dimension_count", d // n_head)
+    if rope_dims != d // n_head:
+        raise ValueError(f"metadata: {arch}.rope.dimension_count {rope_dims} != head_dim {d // n_head} "
+                         "(partial rotary embeddings are not supported)")
+    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+        if key in f.metadata and meta.int(key) != d // n_head:
+            raise ValueError(f"metadata: {key} {f.metadata[key]} != embedding_length / head_count {d // n_head}")
+    scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
+                         "scaling, stored as rope_freqs.weight, is)")
+    if f"{arch}.attention.sliding_window" in f.metadata:
+        window = meta.int(f"{arch}.attention.sliding_window")
+        if window < ctx:
+            raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
+                             "(pass max_model_len <= the window)")
+    cfg = ModelConfig(**common, rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
+                      norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+    factors = None
+    if "rope_freqs.weight" in names:
+        _tensor_shape(f, "rope_freqs.weight", (cfg.head_dim // 2,))
+        factors = f.load("rope_freqs.weight", dtype=torch.float32)
+        scaling = llama3_scaling_from_factors(factors, rope_inv_freq(cfg))
+        if scaling is not None:
+            cfg = ModelConfig(**{**cfg.to_dict(), "rope_scaling": scaling})
+    return cfg, factors
+
+
+class _Builder:
+    """Turns the file's tensors into the modules and parameters of a Transformer."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig):
+        self.f, self.cfg = f, cfg
+        self.used = set()
+
+    def info(self, name: str, shape: tuple):
+        self.used.add(name)
+        return _tensor_shape(self.f, name, shape)
+
+    def floats(self, name: str, shape: tuple) -> torch.Tensor:
+        info = self.info(name, shape)
+        if not ops.dequantize_supported(info.ggml_type):
+            raise ValueError(f"tensor {name!r}: type {info.ggml_type} is not supported")
+        return self.f.load(name, dtype=torch.float32)
+
+    def param(self, name: str, shape: tuple) -> nn.Parameter:
+        return nn.Parameter(self.floats(name, shape), requires_grad=False)
+
+    def linear(self, name: str, shape: tuple, bias: Optional[str] = None, rows: Optional[slice] = None,
+               row_order: Optional[torch.Tensor] = None) -> nn.Module:
+        """The matrix `name` (torch shape `shape`), optionally only `rows` of it or its rows reordered, as a
+        GGUFLinear (quantized) or an nn.Linear (float), with the bias tensor `bias` (same rows)."""
+        info = self.info(name, shape)
+        out_rows = range(shape[0])[rows] if rows is not None else range(shape[0])
+        n, k = len(out_rows), shape[1]
+        b = None
+        if bias is not None:
+            b = self.floats(bias, (shape[0],))
+            b = b[rows] if rows is not None else b
+            b = b[row_order] if row_order is not None else b
+            b = b.contiguous()
+        if info.ggml_type in ops.GGUF_LINEAR_TYPES:
+            raw = self.f.raw(name).reshape(shape[0], -1)
+            raw = raw[rows] if rows is not None else raw   # a view: rows are contiguous bytes
+            if row_order is not None:
+                raw = raw[row_order]                      # a copy, in flashlm's row order
+            try:
+                return GGUFLinear(raw, info.ggml_type, (n, k), b)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from e
+        if not ops.dequantize_supported(info.ggml_type):
+            raise ValueError(f"tensor {name!r}: type {info.ggml_type} is not supported")
+        w = self.f.load(name, dtype=torch.float32)
+        w = w[rows] if rows is not None else w
+        w = w[row_order] if row_order is not None else w
+        linear = nn.Linear(k, n, bias=b is not None, device="meta")
+        linear.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+        if b is not None:
+            linear.bias = nn.Parameter(b, requires_grad=False)
+        return linear
+
+    def embedding(self, name: str, shape: tuple) -> nn.Module:
+        info = self.info(name, shape)
+        if info.ggml_type in _FLOAT_TYPES or not ops.dequantize_supported(info.ggml_type):
+            emb = nn.Embedding(shape[0], shape[1], device="meta")
+            emb.weight = self.param(name, shape)
+            return emb
+        try:
+            return GGUFEmbedding(self.f.raw(name), info.ggml_type, shape)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from e
+
+    def norm(self, module: nn.Module, prefix: str, with_bias: bool) -> None:
+        d = self.cfg.d_model
+        module.weight = self.param(f"{prefix}.weight", (d,))
+        if with_bias:
+            module.bias = self.param(f"{prefix}.bias", (d,))
+
+
+def _rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Row indices that undo convert_hf_to_gguf's LlamaModel.permute: flashlm row h*hd + j*hd/2 + i is the
+    file's row h*hd + 2i + j."""
+    return torch.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _build(model, b: _Builder, cfg: ModelConfig) -> None:
+    d, hd, V = cfg.d_model, cfg.head_dim, cfg.vocab_size
+    q_rows, kv_rows = cfg.n_head * hd, cfg.n_kv_head * hd
+    gpt2 = cfg.arch == "gpt2"
+    model.tok_emb = b.embedding("token_embd.weight", (V, d))
+    if gpt2:
+        ctx = b.f.metadata.get("gpt2.context_length")
+        pos = b.param("position_embd.weight", (ctx, d))
+        model.pos_emb = nn.Embedding(cfg.seq_len, d, device="meta")
+        model.pos_emb.weight = nn.Parameter(pos[:cfg.seq_len].contiguous(), requires_grad=False)
+    b.norm(model.final_norm, "output_norm", gpt2)
+    if not cfg.tie_embeddings:
+        model.lm_head = b.linear("output.weight", (V, d))
+    elif isinstance(model.tok_emb, GGUFEmbedding):
+        emb = model.tok_emb
+        if emb.ggml_type in ops.GGUF_LINEAR_TYPES:
+            model.lm_head = GGUFLinear(emb.raw, emb.ggml_type, (V, d))  # the same bytes
+        else:
+            model.lm_head = b.linear("token_embd.weight", (V, d))
+    for i, block in enumerate(model.blocks):
+        p = f"blk.{i}."
+        b.norm(block.attn_norm, p + "attn_norm", gpt2)
+        b.norm(block.mlp_norm, p + "ffn_norm", gpt2)
+        if gpt2:
+            qkv = (3 * d, d)
+            for j, n in enumerate("qkv"):
+                set_module(block, f"attn.{n}", b.linear(p + "attn_qkv.weight", qkv, p + "attn_qkv.bias",
+                                                        rows=slice(j * d, (j + 1) * d)))
+            block.attn.o = b.linear(p + "attn_output.weight", (d, d), p + "attn_output.bias")
+            block.mlp.fc = b.linear(p + "ffn_up.weight", (cfg.d_ff, d), p + "ffn_up.bias")
+            block.mlp.proj = b.linear(p + "ffn_down.weight", (d, cfg.d_ff), p + "ffn_down.bias")
+            continue
+        qkv_bias = cfg.arch == "qwen2"
+        permute = cfg.arch == "llama"
+        for n, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
+            order = _rope_row_order(heads, hd) if permute else None
+            set_module(block, f"attn.{n}", b.linear(p + f"attn_{n}.weight", (heads * hd, d),
+                                                    p + f"attn_{n}.bias" if qkv_bias else None, row_order=order))
+        block.attn.v = b.linear(p + "attn_v.weight", (kv_rows, d), p + "attn_v.bias" if qkv_bias else None)
+        block.attn.o = b.linear(p + "attn_output.weight", (d, q_rows))
+        block.mlp.gate = b.linear(p + "ffn_gate.weight", (cfg.d_ff, d))
+        block.mlp.up = b.linear(p + "ffn_up.weight", (cfg.d_ff, d))
+        block.mlp.down = b.linear(p + "ffn_down.weight", (d, cfg.d_ff))
+
+
+def load_gguf(path, max_model_len: Optional[int] = None, attn_impl: str = "flashlm",
+              tokenizer: bool = True) -> LoadedModel:
+    """Loads a GGUF model file; the tokenizer comes from its tokenizer.ggml.* metadata (tokenizer=False skips
+    it, and a file without one gives tokenizer None)."""
+    from flashlm.io.gguf_vocab import tokenizer_from_gguf
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path: {path!r} is not a file")
+    f = GGUFFile(path)
+    try:
+        cfg, factors = model_config_from_gguf(f, max_model_len)
+        model = empty_model(cfg, attn_impl)
+        b = _Builder(f, cfg)
+        _build(model, b, cfg)
+        if factors is not None:
+            b.used.add("rope_freqs.weight")
+            if cfg.rope_scaling is not None:
+                # the file's own factors, exactly as llama.cpp applies them
+                inv_freq = rope_inv_freq(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None})) / factors.double()
+                angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
+                angles = torch.cat((angles, angles), dim=-1)
+                model.rope_cos, model.rope_sin = angles.cos().float(), angles.sin().float()
+        extra = sorted({t.name for t in f.tensors} - b.used)
+        if extra:
+            raise ValueError(f"tensor {extra[0]!r}: not part of a {cfg.arch} model")
+        finish(model)
+        tok = tokenizer_from_gguf(f.metadata, cfg.vocab_size) if tokenizer else None
+    finally:
+        f.close()  # the tensors' views keep the mapping alive
+    return LoadedModel(model=model, config=cfg, tokenizer=tok, eos_token_ids=list(tok.eos_token_ids) if tok else [],
+                       bos_token_id=tok.bos_token_id if tok else None,
+                       chat_template=tok.chat_template if tok else None, source=f"gguf:{path}")

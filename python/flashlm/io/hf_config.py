@@ -1,0 +1,129 @@
+"""An HF model directory's config.json as a flashlm ModelConfig.
+
+    cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
+
+Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
+Qwen2ForCausalLM and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
+`rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
+compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads,
+rope scaling other than Llama 3's) raises ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from flashlm.io.loaded import context_length
+from flashlm.models import ModelConfig
+
+# HF architecture -> flashlm arch
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                    "GPT2LMHeadModel": "gpt2"}
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation under HF's names
+
+
+def _get(cfg: dict, key: str, kind=int, default=None):
+    value = cfg.get(key, default)
+    if value is None:
+        raise ValueError(f"config.json: missing {key!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
+        value = float(value)
+    return value
+
+
+def hf_arch(cfg: dict) -> str:
+    archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in HF_ARCHITECTURES:
+        raise ValueError(f"config.json: architectures {archs!r} is not supported "
+                         f"(supported: {', '.join(HF_ARCHITECTURES)})")
+    return HF_ARCHITECTURES[archs[0]]
+
+
+def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling or None) from rope_parameters (transformers 5) or rope_theta/rope_scaling."""
+    params = cfg.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"config.json: rope_parameters must be an object, got {params!r}")
+        theta = _get(params, "rope_theta", float, 10000.0)
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = _get(cfg, "rope_theta", float, 10000.0)
+        scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ValueError(f"config.json: rope_scaling must be an object, got {scaling!r}")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "default":
+            return theta, None
+        if kind != "llama3":
+            raise ValueError(f"config.json: rope scaling {kind!r} is not supported (only 'llama3')")
+        scaling = dict(scaling, rope_type="llama3")
+    return theta, scaling or None
+
+
+def _seq_len(max_positions: int, max_model_len: Optional[int]) -> int:
+    return context_length(max_positions, max_model_len, "config.json")
+
+
+def _gpt2_config(cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in _GELU_TANH:
+        raise ValueError(f"config.json: activation_function {act!r} is not supported (GELU tanh: {_GELU_TANH})")
+    for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if cfg.get(key, want) != want:
+            raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (flashlm's GPT-2 has {want})")
+    d = _get(cfg, "n_embd")
+    n_inner = cfg.get("n_inner")
+    return ModelConfig(arch="gpt2", vocab_size=_get(cfg, "vocab_size"), n_layer=_get(cfg, "n_layer"),
+                       n_head=_get(cfg, "n_head"), d_model=d, d_ff=4 * d if n_inner is None else _get(cfg, "n_inner"),
+                       seq_len=_seq_len(_get(cfg, "n_positions"), max_model_len),
+                       norm_eps=_get(cfg, "layer_norm_epsilon", float, 1e-5),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
+    if cfg.get("mlp_bias"):
+        raise ValueError("config.json: mlp_bias=true is not supported")
+    if arch == "llama" and cfg.get("attention_bias"):
+        raise ValueError("config.json: attention_bias=true is not supported for llama")
+    d, heads = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and (d % heads or head_dim != d // heads):
+        raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
+                         "flashlm's Transformer needs head_dim = hidden_size / num_attention_heads")
+    seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
+    window = cfg.get("sliding_window")
+    uses_window = True
+    if arch == "qwen2":  # Qwen2 configs carry a window they do not use unless asked (or a layer says so)
+        layer_types = cfg.get("layer_types") or []
+        uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
+    if window is not None and uses_window and window < seq_len:
+        raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
+                         f"no sliding-window attention (pass max_model_len <= {window})")
+    theta, scaling = _rope(cfg)
+    return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size"), n_layer=_get(cfg, "num_hidden_layers"),
+                       n_head=heads, n_kv_head=_get(cfg, "num_key_value_heads", int, heads), d_model=d,
+                       d_ff=_get(cfg, "intermediate_size"), seq_len=seq_len, rope_theta=theta, rope_scaling=scaling,
+                       norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def model_config_from_hf(cfg: dict, max_model_len: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig of an HF config.json (a dict); seq_len is min(max positions, max_model_len)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config.json: expected an object, got {type(cfg).__name__}")
+    arch = hf_arch(cfg)
+    try:
+        if arch == "gpt2":
+            return _gpt2_config(cfg, max_model_len)
+        return _rotary_config(arch, cfg, max_model_len)
+    except TypeError as e:  # a value of the wrong JSON type in a comparison
+        raise ValueError(f"config.json: malformed value ({e})") from e

@@ -1,0 +1,186 @@
+"""The *.safetensors weights of an HF model directory, renamed to flashlm.models.Transformer's state dict.
+
+    state = read_hf_state_dict("model/", cfg)   # {"blocks.0.attn.q.weight": tensor, ...}
+
+Files are opened with safetensors' safe_open (memory-mapped; never pickle: a directory with only
+pytorch_model.bin raises). A sharded model is read through its model.safetensors.index.json. Every tensor
+the config implies must be present with the shape the config implies, and nothing else may be (apart from
+buffers HF keeps beside the weights: rotary inv_freq, GPT-2's attention-mask bias); otherwise ValueError
+names the tensor. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
+output: they are split and transposed into nn.Linear's [out, in].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from flashlm.models import ModelConfig
+
+_LLAMA_TOP = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.weight",
+              "lm_head.weight": "lm_head.weight"}
+_LLAMA_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "mlp_norm.weight",
+                "self_attn.q_proj.weight": "attn.q.weight", "self_attn.k_proj.weight": "attn.k.weight",
+                "self_attn.v_proj.weight": "attn.v.weight", "self_attn.o_proj.weight": "attn.o.weight",
+                "self_attn.q_proj.bias": "attn.q.bias", "self_attn.k_proj.bias": "attn.k.bias",
+                "self_attn.v_proj.bias": "attn.v.bias",
+                "mlp.gate_proj.weight": "mlp.gate.weight", "mlp.up_proj.weight": "mlp.up.weight",
+                "mlp.down_proj.weight": "mlp.down.weight"}
+_LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+_GPT2_TOP = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.weight",
+             "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
+# c_attn is split into q/k/v below; Conv1D weights ([in, out]) are transposed
+_GPT2_LAYER = {"ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias", "ln_2.weight": "mlp_norm.weight",
+               "ln_2.bias": "mlp_norm.bias", "attn.c_attn.weight": "attn.qkv.weight", "attn.c_attn.bias": "attn.qkv.bias",
+               "attn.c_proj.weight": "attn.o.weight", "attn.c_proj.bias": "attn.o.bias",
+               "mlp.c_fc.weight": "mlp.fc.weight", "mlp.c_fc.bias": "mlp.fc.bias",
+               "mlp.c_proj.weight": "mlp.proj.weight", "mlp.c_proj.bias": "mlp.proj.bias"}
+_GPT2_LAYER_RE = re.compile(r"h\.(\d+)\.(.+)$")
+_GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older transformers saved
+
+
+def flashlm_name(arch: str, hf_name: str) -> str | None:
+    """flashlm's name for an HF tensor (GPT-2's fused "blocks.{i}.attn.qkv.*" before the split), None for a
+    known buffer to skip; ValueError for a tensor the architecture does not have."""
+    if arch == "gpt2":
+        name = hf_name.removeprefix("transformer.")
+        if name.endswith(_GPT2_BUFFERS):
+            return None
+        top, layer_re, layer = _GPT2_TOP, _GPT2_LAYER_RE, _GPT2_LAYER
+    else:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            return None
+        name, top, layer_re, layer = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE, _LLAMA_LAYER
+    if name in top:
+        return top[name]
+    m = layer_re.match(name)
+    if m and m.group(2) in layer:
+        return f"blocks.{int(m.group(1))}.{layer[m.group(2)]}"
+    raise ValueError(f"weights: unexpected tensor {hf_name!r} for a {arch} model")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """flashlm state-dict name -> shape, for every parameter the config implies."""
+    d, hd, V = cfg.d_model, cfg.head_dim, cfg.vocab_size
+    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
+    gpt2 = cfg.arch == "gpt2"
+    shapes = {"tok_emb.weight": (V, d), "final_norm.weight": (d,)}
+    if gpt2:
+        shapes |= {"pos_emb.weight": (cfg.seq_len, d), "final_norm.bias": (d,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, d)
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,), p + "attn.q.weight": (q, d),
+                   p + "attn.k.weight": (kv, d), p + "attn.v.weight": (kv, d), p + "attn.o.weight": (d, q)}
+        if cfg.arch in ("gpt2", "qwen2"):
+            shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
+        if gpt2:
+            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
+                       p + "mlp.fc.weight": (cfg.d_ff, d), p + "mlp.fc.bias": (cfg.d_ff,),
+                       p + "mlp.proj.weight": (d, cfg.d_ff), p + "mlp.proj.bias": (d,)}
+        else:
+            shapes |= {p + "mlp.gate.weight": (cfg.d_ff, d), p + "mlp.up.weight": (cfg.d_ff, d),
+                       p + "mlp.down.weight": (d, cfg.d_ff)}
+    return shapes
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a model directory: the index's shards, or every *.safetensors file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: malformed index ({e})") from e
+        for shard in shards:
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
+                raise ValueError(f"{index}: shard name {shard!r} is not a .safetensors file in the directory")
+            if not os.path.isfile(os.path.join(path, shard)):
+                raise ValueError(f"{index}: shard {shard!r} is missing")
+        return [os.path.join(path, s) for s in shards]
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return [os.path.join(path, f) for f in files]
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
+        raise ValueError(f"{path}: only pickle checkpoints (.bin/.pt), which are never loaded since unpickling "
+                         "runs code from the file; convert them to safetensors")
+    raise ValueError(f"{path}: no *.safetensors weights")
+
+
+def _split_gpt2_qkv(state: dict, cfg: ModelConfig) -> None:
+    """blocks.{i}.attn.qkv.{weight [d, 3d] (Conv1D), bias [3d]} -> q/k/v [d, d] nn.Linear weights and biases."""
+    d = cfg.d_model
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}.attn."
+        for kind, shape in (("weight", (d, 3 * d)), ("bias", (3 * d,))):
+            fused = state.pop(p + f"qkv.{kind}", None)
+            if fused is None:
+                continue  # reported as missing q/k/v below
+            if tuple(fused.shape) != shape:
+                raise ValueError(f"weights: h.{i}.attn.c_attn.{kind} has shape {tuple(fused.shape)}, expected {shape}")
+            for j, n in enumerate("qkv"):
+                part = fused[..., j * d:(j + 1) * d]
+                state[p + f"{n}.{kind}"] = part.t().contiguous() if kind == "weight" else part.contiguous()
+
+
+def _check(state: dict, cfg: ModelConfig, sources: dict) -> None:
+    shapes = expected_shapes(cfg)
+    if cfg.tie_embeddings and "lm_head.weight" in state:
+        # a tied model saved with its (identical) output matrix as well
+        if not torch.equal(state["lm_head.weight"], state.get("tok_emb.weight", torch.empty(0))):
+            raise ValueError("weights: lm_head.weight differs from the embedding but tie_word_embeddings is set")
+        del state["lm_head.weight"]
+    for name, shape in shapes.items():
+        if name not in state:
+            raise ValueError(f"weights: missing tensor {name!r} (flashlm name) for this config")
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"weights: {sources.get(name, name)!r} has shape {tuple(state[name].shape)}, "
+                             f"the config implies {shape}")
+    extra = sorted(set(state) - set(shapes))
+    if extra:
+        raise ValueError(f"weights: unexpected tensor {sources.get(extra[0], extra[0])!r} for this config")
+
+
+def read_hf_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """flashlm's state dict (in `dtype`) from a model directory's safetensors files, checked against cfg."""
+    from safetensors import safe_open
+
+    state, sources = {}, {}
+    for file in safetensors_files(path):
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types on a malformed header
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+        with handle as f:
+            for hf_name in f.keys():
+                name = flashlm_name(cfg.arch, hf_name)
+                if name is None:
+                    continue
+                if name in state:
+                    raise ValueError(f"weights: tensor {hf_name!r} appears twice")
+                if name == "pos_emb.weight":
+                    # the position table may be longer than the context we run with: keep the first rows
+                    sl = f.get_slice(hf_name)
+                    shape = sl.get_shape()
+                    tensor = sl[:cfg.seq_len] if len(shape) == 2 and shape[0] > cfg.seq_len else f.get_tensor(hf_name)
+                else:
+                    tensor = f.get_tensor(hf_name)
+                if not tensor.is_floating_point():
+                    raise ValueError(f"weights: {hf_name!r} has dtype {tensor.dtype}, expected a float tensor")
+                if cfg.arch == "gpt2" and hf_name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) \
+                        and "qkv" not in name:
+                    if tensor.dim() != 2:
+                        raise ValueError(f"weights: {hf_name!r} has shape {tuple(tensor.shape)}, expected 2-D")
+                    tensor = tensor.t()
+                state[name] = tensor.to(dtype).contiguous()
+                sources[name] = hf_name
+    if cfg.arch == "gpt2":
+        _split_gpt2_qkv(state, cfg)
+    _check(state, cfg, sources)
+    return state

@@ -1,0 +1,166 @@
+"""TrainConfig: everything a training run needs, from a preset, a TOML file and command-line flags.
+
+    cfg = TrainConfig.from_sources(preset="small", toml_path="run.toml", overrides={"lr": 1e-3})
+
+Later sources win: the preset's values, then the TOML file's (flat `key = value` lines whose keys are the
+field names below), then the flags. Unknown keys are errors, so a typo never trains the wrong model silently.
+"""
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from typing import Optional
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw-torch", "adam", "sgd", "momentum", "nesterov", "adagrad", "rmsprop")
+
+
+@dataclass
+class TrainConfig:
+    # model (flashlm.models.ModelConfig); vocab_size is also the size of the BPE trained on the data
+    arch: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None
+    d_model: int = 128
+    d_ff: Optional[int] = None
+    seq_len: int = 128
+    vocab_size: int = 1024
+    attn_impl: str = "flashlm"  # or "sdpa", torch's attention
+    checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    # data (flashlm.train.data.prepare_data); no data: the Python standard library's sources
+    data: Optional[list] = None
+    data_cache: str = "flashlm-data"
+    tokenizer: Optional[str] = None  # a tokenizer.json to use instead of training one
+    # What splits a file into documents ("" or "none": whole files). "auto": blank lines for --data (so a
+    # single book still has held-out paragraphs), whole files for the standard library (held-out files).
+    doc_separator: Optional[str] = "auto"
+    val_fraction: float = 0.05
+    max_bytes: Optional[int] = 8 << 20  # cap on the corpus read (the stdlib is ~30 MB)
+    # optimisation
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per step; one step sees batch_size * grad_accum * world_size sequences
+    max_steps: int = 500
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd-family and rmsprop
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
+    precision: str = "fp32"
+    zero_stage: int = 0
+    seed: int = 1337
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when torch sees a GPU, else cpu
+    # evaluation, checkpoints, logging
+    eval_interval: int = 100
+    eval_batches: int = 8
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/flashlm"
+    time_limit: float = 0.0  # seconds; when reached, save a checkpoint and stop (0: none)
+    sample_tokens: int = 200  # printed after training
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "ckpt_interval",
+                     "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0 or self.time_limit < 0:
+            raise ValueError("warmup, grad_clip, weight_decay and time_limit: must be >= 0")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas: must be two numbers, got {self.betas}")
+        if isinstance(self.data, str):
+            self.data = [self.data]
+
+    def document_separator(self) -> Optional[str]:
+        """doc_separator as prepare_data takes it."""
+        if self.doc_separator == "auto":
+            return "\n\n" if self.data else None
+        if self.doc_separator in (None, "", "none"):
+            return None
+        return self.doc_separator.replace("\\n", "\n").replace("\\t", "\t")  # a flag's "\n\n" is two newlines
+
+    def model_config(self):
+        from flashlm.models import ModelConfig
+
+        return ModelConfig(arch=self.arch, vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                           n_kv_head=self.n_kv_head, d_model=self.d_model, d_ff=self.d_ff, seq_len=self.seq_len)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_sources(cls, preset: Optional[str] = None, toml_path=None, overrides: Optional[dict] = None):
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"preset: must be one of {sorted(PRESETS)}, got {preset!r}")
+        values = dict(PRESETS[preset]) if preset is not None else {}
+        if toml_path is not None:
+            with open(toml_path, "rb") as f:
+                try:
+                    values.update(tomllib.load(f))
+                except tomllib.TOMLDecodeError as e:
+                    raise ValueError(f"config: {toml_path} is not valid TOML ({e})") from e
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values)
+
+
+# "tiny" trains in seconds (tests, smoke runs). "small" is the default: on a 2-core CPU it trains for a few
+# minutes and then writes recognisable text (see the README for measured figures).
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, seq_len=64, vocab_size=384, batch_size=8, max_steps=50,
+                 lr=3e-3, min_lr=3e-4, warmup=5, eval_interval=25, eval_batches=4, ckpt_interval=25,
+                 max_bytes=1 << 20, sample_tokens=60),
+    "small": dict(n_layer=4, n_head=4, d_model=128, seq_len=128, vocab_size=1024, batch_size=8, max_steps=500,
+                  lr=3e-3, min_lr=3e-4, warmup=50, eval_interval=100, eval_batches=8, ckpt_interval=100),
+}
+
+
+def add_arguments(parser):
+    """One --flag per TrainConfig field (--no-flag for booleans); unset flags are None, so they override
+    nothing."""
+    import argparse
+
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.name == "betas":
+            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"), help=help_text)
+        elif f.name == "data":
+            parser.add_argument(flag, nargs="+", default=None, metavar="PATH",
+                                help="text files or folders (default: the Python standard library's sources)")
+        else:
+            kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes")
+                                                              else str)
+            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama"),
+                       "attn_impl": ("flashlm", "sdpa")}.get(f.name)
+            parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
+
+
+def overrides_from_args(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}

@@ -1,0 +1,425 @@
+"""The training loop behind `flashlm train`.
+
+    trainer = Trainer(TrainConfig(...))       # data, model, optimizer; resume=True continues from out_dir
+    trainer.train()                           # to max_steps (or time_limit); returns the metrics
+
+Each step takes grad_accum micro-batches of batch_size sequences on every rank (only the last backward
+synchronises gradients), runs under autocast for bf16/fp16 (fp16 with a dynamic loss scaler), clips the
+global gradient norm and steps the optimizer at the learning rate of the schedule. Every eval_interval steps
+it measures the validation loss on the first eval_batches batches of the held-out split; every ckpt_interval
+steps it saves a checkpoint holding everything the next step depends on (weights, optimizer, scaler, RNG
+states, data position, metrics), so a resumed run on the CPU reproduces the uninterrupted one's losses bit for
+bit. Rank 0 alone prints and writes: metrics.jsonl (one JSON object per step), loss.png and the checkpoints,
+all in out_dir.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashlm.train.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
+from flashlm.train.config import TrainConfig
+from flashlm.train.scaler import LossScaler
+from flashlm.train.schedule import learning_rate
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_optimizer(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by cfg.optimizer over `groups` (each group's own weight_decay is kept)."""
+    from flashlm.train.optim import AdamW
+
+    lr = cfg.lr  # replaced every step by the schedule
+    name = cfg.optimizer
+    if name == "adamw":
+        return AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "adamw-torch":
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name in ("sgd", "momentum", "nesterov"):
+        momentum = 0.0 if name == "sgd" else cfg.momentum
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=name == "nesterov",
+                               weight_decay=cfg.weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, eps=cfg.eps, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer: unknown {name!r}")
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square torch matmul on `device` (best of a few): the ceiling MFU is measured against.
+    It is measured rather than looked up because the CPU's depends on its cores, clocks and BLAS."""
+    # 2048 on the CPU: 10% above 1024 and within 4% of 3072 on 2 Zen 3 cores (84 / 77 / 87 GFLOP/s measured).
+    n = 2048 if device.type == "cpu" else 4096
+    gen = torch.Generator().manual_seed(0)  # its own generator: the training RNG stream is left untouched
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    best = math.inf
+    for _ in range(4):  # the best: other work on the machine only ever makes a run slower
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
+def rng_state() -> dict:
+    """Every random generator the loop may touch, in types torch.load(weights_only=True) accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_losses(metrics: list, path):
+    """Training loss per step and validation loss at each evaluation, to a PNG (written atomically). Without
+    matplotlib (the `train` extra) it says so once and the run goes on: metrics.jsonl has the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        if not getattr(plot_losses, "warned", False):
+            warnings.warn("matplotlib is not installed (pip install 'flashlm[train]'): no loss.png; the losses "
+                          "are in metrics.jsonl")
+            plot_losses.warned = True
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), lw=1, label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=4, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume=False, log=print):
+        """resume: False, True (the latest checkpoint in out_dir; none there is fine: a fresh start) or a
+        checkpoint path."""
+        import flashlm.dist as fd
+        from flashlm.models import Transformer
+        from flashlm.train.data import PackedBatches, prepare_data
+        from flashlm.train.parallel import DataParallel
+
+        self.cfg = cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not fd.is_initialized():
+            fd.init()
+        self.distributed = fd.is_initialized()
+        self.rank = fd.get_rank() if self.distributed else 0
+        self.world_size = fd.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        self.device = self._pick_device(cfg.device)
+        self.out_dir = Path(cfg.out_dir)
+        if resume is False and latest_checkpoint(self.out_dir) is not None:
+            # Pruning keeps the highest steps, so a fresh run here would lose its own checkpoints to old ones.
+            raise ValueError(f"out_dir: {self.out_dir} holds checkpoints of an earlier run; continue it with "
+                             f"--resume, or choose another --out-dir")
+
+        # Data: rank 0 tokenizes first so the others open its cache instead of repeating the work.
+        data_args = dict(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
+                         seed=cfg.seed, doc_separator=cfg.document_separator(), max_bytes=cfg.max_bytes)
+        if self.is_main:
+            self.data = prepare_data(cfg.data, cfg.data_cache, progress=cfg.progress, **data_args)
+        self._barrier()
+        if not self.is_main:
+            self.data = prepare_data(cfg.data, cfg.data_cache, progress=False, **data_args)
+        self.train_batches = PackedBatches(self.data.train, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
+                                           rank=self.rank, world_size=self.world_size)
+        try:
+            self.val_batches = PackedBatches(self.data.val, cfg.seq_len, cfg.batch_size, shuffle=False,
+                                             rank=self.rank, world_size=self.world_size)
+        except ValueError as e:
+            raise ValueError(f"val_fraction: the validation split is too small ({e}); raise val_fraction or "
+                             f"give more text") from e
+        self.eval_batches = min(cfg.eval_batches, len(self.val_batches))
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.model_config = cfg.model_config()
+        self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
+        self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
+        self.model.checkpointing = cfg.checkpointing
+        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
+                               param_groups=self.model.param_groups(cfg.weight_decay))
+        self.scaler = LossScaler(enabled=cfg.precision == "fp16")
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
+        self.step = 0
+        self.metrics = []
+        self.peak_flops = None
+        self.checkpoints = CheckpointManager(self.out_dir, cfg.keep_checkpoints) if self.is_main else None
+        path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
+        if path is not None:
+            self.load_state_dict(load_checkpoint(path))
+            self.log(f"flashlm train: resumed from {path} at step {self.step}")
+        if self.is_main:
+            self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
+
+    def _pick_device(self, name: str) -> torch.device:
+        if name != "auto":
+            return torch.device(name)
+        if torch.cuda.is_available():
+            index = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def _barrier(self):
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _average(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over ranks."""
+        if self.distributed:
+            import flashlm.dist as fd
+
+            value = value.detach().float().reshape(1).clone()
+            fd.all_reduce(value, op="avg")
+        return float(value)
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST[self.cfg.precision])
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The checkpoint (collective: dp.state_dict() gathers the optimizer state on every rank)."""
+        tok = self.data.tokenizer()
+        return {"model_config": self.model_config.to_dict(),
+                "model": {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()},
+                "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
+                "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.train_batches.state_dict(),
+                "metrics": list(self.metrics)}
+
+    def load_state_dict(self, state: dict):
+        saved = state["model_config"]
+        if saved != self.model_config.to_dict():
+            raise ValueError(f"checkpoint: its model {saved} differs from this run's {self.model_config.to_dict()}")
+        self.model.load_state_dict(state["model"])
+        self.dp.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        # Every rank stands at the same place of its shard; the saved position is rank 0's.
+        self.train_batches.load_state_dict(dict(state["data"], rank=self.rank))
+        self.step = int(state["step"])
+        self.metrics = list(state["metrics"])
+
+    def save_checkpoint(self):
+        state = self.state_dict()
+        if self.is_main:
+            self.checkpoints.save(state, self.step)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its metrics."""
+        cfg = self.cfg
+        lr = learning_rate(self.step, lr=cfg.lr, min_lr=cfg.min_lr, warmup=cfg.warmup, max_steps=cfg.max_steps)
+        for group in self.dp.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = next(self.train_batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1  # only the last backward averages gradients over ranks
+            with contextlib.nullcontext() if sync else self.dp.no_sync():
+                with self._autocast():
+                    _, loss = self.model(x, y)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        self.dp.finish_gradients()
+        grad_norm = self.scaler.step(self.dp, cfg.grad_clip)
+        self.dp.zero_grad()
+        self.step += 1
+        record = {"step": self.step, "loss": self._average(loss_sum / cfg.grad_accum), "lr": lr,
+                  "grad_norm": grad_norm}
+        if self.scaler.enabled:
+            record["loss_scale"] = self.scaler.loss_scale
+            record["skipped"] = grad_norm is None
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over the first eval_batches batches of the held-out split (every rank its
+        shard, averaged)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.eval_batches):
+            x, y = self.val_batches.batch(0, i)
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            total += loss.float()
+        self.model.train()
+        return self._average(total / self.eval_batches)
+
+    def _append_metrics(self, record: dict):
+        self.metrics.append(record)
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _rewrite_metrics(self):
+        from flashlm.train.checkpoint import atomic_write
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(m) + "\n" for m in self.metrics)
+        atomic_write(self.out_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+    def _out_of_time(self, start: float) -> bool:
+        """Whether time_limit has passed, as rank 0 sees it, so that every rank stops at the same step."""
+        if self.cfg.time_limit <= 0:
+            return False
+        flag = torch.tensor([float(time.time() - start >= self.cfg.time_limit)])
+        if self.distributed:
+            import flashlm.dist as fd
+
+            fd.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def train(self, callback=None) -> list:
+        """Trains to max_steps (or until time_limit) and returns the metrics. callback(trainer, record) runs
+        after every step."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.peak_flops is None:
+            # MFU's ceiling: a float32 matmul on the CPU, a matmul in the autocast dtype on a GPU.
+            dtype = _AUTOCAST.get(cfg.precision, torch.float32) if self.device.type == "cuda" else torch.float32
+            self.peak_flops = measure_peak_flops(self.device, dtype)
+            self.log(f"flashlm train: {self.model.num_params() / 1e6:.2f}M parameters, "
+                     f"{self.model.flops_per_token() / 1e6:.1f} MFLOP/token, {self.tokens_per_step} tokens/step, "
+                     f"{self.world_size} rank(s) on {self.device}; peak {self.peak_flops / 1e9:.1f} GFLOP/s "
+                     f"measured with a {str(dtype).replace('torch.', '')} matmul (MFU's denominator)")
+        flops_per_token = self.model.flops_per_token()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
+                   desc="train", dynamic_ncols=True)
+        start = time.time()
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            record["tokens_per_s"] = self.tokens_per_step / dt
+            record["mfu"] = flops_per_token * record["tokens_per_s"] / (self.peak_flops * self.world_size)
+            last = self.step == cfg.max_steps
+            stop = self._out_of_time(start)
+            if self.step % cfg.eval_interval == 0 or last or stop:
+                record["val_loss"] = self.evaluate()
+                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+            self._append_metrics(record)
+            if self.is_main and "val_loss" in record:
+                plot_losses(self.metrics, self.out_dir / "loss.png")
+                bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.2f}")
+            if self.step % cfg.ckpt_interval == 0 or last or stop:
+                self.save_checkpoint()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mfu=f"{100 * record['mfu']:.1f}%")
+            bar.update(1)
+            if callback is not None:
+                callback(self, record)
+            if stop:
+                self.log(f"flashlm train: time limit of {cfg.time_limit:g} s reached at step {self.step}")
+                break
+        bar.close()
+        return self.metrics
+
+    @torch.no_grad()
+    def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> str:
+        """Text generated from the end-of-document token (a fresh document), with a fixed generator."""
+        tok = self.data.tokenizer()
+        idx = torch.tensor([[self.data.eos_id]], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        self.model.eval()
+        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        self.model.train()
+        # The tokenizer drops the end-of-document token; show it as the blank line that separated documents.
+        ids, pieces, current = out[0, 1:].tolist(), [], []
+        for i in ids + [self.data.eos_id]:
+            if i == self.data.eos_id:
+                pieces.append(tok.decode(current))
+                current = []
+            else:
+                current.append(i)
+        return "\n\n".join(pieces)
+
+
+def run_training(cfg: TrainConfig, resume=False) -> list:
+    """`flashlm train`: train, then print a sample from rank 0."""
+    import flashlm.dist as fd
+
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        metrics = trainer.train()
+        if trainer.is_main and cfg.sample_tokens > 0:
+            print("-- sample --")
+            print(trainer.sample(cfg.sample_tokens))
+    finally:
+        trainer.dp.close()
+        if fd.is_initialized():
+            fd.destroy()
+    return metrics
+
+
+def resume_config(out_dir, preset=None, toml_path=None, overrides=None) -> TrainConfig:
+    """The configuration of the run saved in out_dir's latest checkpoint, with `overrides` (and a TOML file)
+    applied on top: `flashlm train --out-dir X --resume` needs no other flag to continue."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return TrainConfig.from_sources(preset, toml_path, dict(overrides or {}, out_dir=str(out_dir)))
+    saved = load_checkpoint(path).get("train_config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint: {path} holds no train_config")
+    values = dict(saved)
+    if toml_path is not None:
+        import tomllib
+
+        with open(toml_path, "rb") as f:
+            values.update(tomllib.load(f))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig.from_dict(values)
