@@ -220,6 +220,28 @@ def test_avx2_matches_scalar_bitwise(dtype, weight_dtype, d, with_residual, rest
         assert_bits_equal(results["avx2"][1], results["scalar"][1], "residual: AVX2 vs scalar")
 
 
+@pytest.mark.skipif("avx2" not in ISAS, reason="needs AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avx2_matches_scalar_on_nan_and_inf(dtype, restore_isa):
+    # A NaN makes its row NaN; an inf makes its row's rms inf, so the row 0 but NaN where the inf was (as in HF's
+    # formula). bf16 NaNs are stored as 0x7FC0 by both kernels, whatever NaN the arithmetic produced on the way.
+    gen = torch.Generator().manual_seed(18)
+    x = torch.randn(4, 45, generator=gen)
+    x[0, 3], x[1, 40], x[2, 7] = float("nan"), float("inf"), -float("inf")
+    x = x.to(dtype)
+    w = torch.randn(45, generator=gen).to(dtype)
+    bits = {}
+    for isa in ("scalar", "avx2"):
+        ops.set_cpu_isa(isa)
+        r = torch.zeros(4, 45, dtype=dtype)
+        out = ops.rms_norm(x, w, EPS, residual=r)
+        assert_bits_equal(out.isnan(), hf_formula(x, w, EPS).isnan(), f"{isa}: where the NaNs are")
+        bits[isa] = (out.view(torch.int32 if dtype == torch.float32 else torch.int16),
+                     r.view(torch.int32 if dtype == torch.float32 else torch.int16))
+    assert_bits_equal(bits["avx2"][0], bits["scalar"][0], "out bits: AVX2 vs scalar")
+    assert_bits_equal(bits["avx2"][1], bits["scalar"][1], "residual bits: AVX2 vs scalar")
+
+
 # ---- bad input ------------------------------------------------------------------------------------------
 
 def _bad_cases():
