@@ -47,7 +47,11 @@ def one_thread():
 
 
 def child_env():
-    path = os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])
+    # The children import the flashlm this process imported (installed, or the editable source tree), not
+    # whatever the checkout's python/ folder holds (which has no native module when flashlm is installed).
+    import flashlm
+
+    path = os.pathsep.join([str(Path(flashlm.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, **ONE_THREAD)
 
 
