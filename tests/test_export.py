@@ -119,20 +119,25 @@ def test_hf_gpt2_limits(tmp_path):
                       tie_embeddings=False)
     with pytest.raises(ValueError, match="ties its output projection"):
         export_hf(Transformer(cfg), cfg, None, tmp_path)
-    # grouped KV heads: ModelConfig refuses them for gpt2, a state dict can still carry them
+    # grouped KV heads: a gpt2 state dict can carry them, but no flashlm model has them, so both exports
+    # refuse the config (ModelConfig's own check, naming n_kv_head)
     cfg, model = make_model("gpt2")
     state, hd = model.state_dict(), D_MODEL // N_HEAD
     for key in [k for k in state if ".attn.k." in k or ".attn.v." in k]:
         state[key] = state[key][: 2 * hd]
     gqa = cfg.to_dict() | {"n_kv_head": 2}
-    with pytest.raises(ValueError, match="grouped-query"):
+    with pytest.raises(ValueError, match="n_kv_head: gpt2 has no grouped-query"):
         export_hf(state, gqa, None, tmp_path)
-    # llama.cpp's gpt2 takes them: attn_qkv has H + 2 KV heads of rows
-    with pytest.warns(UserWarning, match="no tokenizer"):
+    with pytest.raises(ValueError, match="n_kv_head: gpt2 has no grouped-query"):
         export_gguf(state, gqa, None, tmp_path / "gqa.gguf")
-    reader, tensors = read_gguf(tmp_path / "gqa.gguf")
-    assert field(reader, "gpt2.attention.head_count_kv") == 2
-    assert tensors["blk.0.attn_qkv.weight"][1] == ((N_HEAD + 2 * 2) * hd, D_MODEL)
+    # an untied gpt2 exists in flashlm and llama.cpp reads it: GGUF takes it
+    untied = ModelConfig(arch="gpt2", vocab_size=VOCAB, n_layer=1, n_head=N_HEAD, d_model=D_MODEL, seq_len=SEQ,
+                         tie_embeddings=False)
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        export_gguf(Transformer(untied), untied, None, tmp_path / "untied.gguf")
+    reader, tensors = read_gguf(tmp_path / "untied.gguf")
+    assert field(reader, "gpt2.attention.head_count_kv") == N_HEAD
+    assert tensors["blk.0.attn_qkv.weight"][1] == (3 * N_HEAD * hd, D_MODEL) and "output.weight" in tensors
 
 
 def test_bad_inputs(tmp_path):

@@ -226,3 +226,11 @@ def test_bad_input_names_the_argument():
     assert ModelConfig.from_dict(ModelConfig(arch="llama").to_dict()) == ModelConfig(arch="llama")
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({"arch": "gpt2", "n_layers": 2})
+
+
+@pytest.mark.parametrize("cfg_kw", CONFIGS + [dict(arch="gpt2", vocab_size=50, n_layer=2, n_head=2, d_model=16,
+                                                   seq_len=8, tie_embeddings=False)], ids=lambda c: c["arch"])
+def test_state_shapes_are_the_models(cfg_kw):
+    # What loaders and exporters check a state dict against is exactly what the model holds.
+    cfg = ModelConfig(**cfg_kw)
+    assert cfg.state_shapes() == {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}

@@ -62,32 +62,6 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     raise ValueError(f"weights: unexpected tensor {hf_name!r} for a {arch} model")
 
 
-def expected_shapes(cfg: ModelConfig) -> dict:
-    """flashlm state-dict name -> shape, for every parameter the config implies."""
-    d, hd, V = cfg.d_model, cfg.head_dim, cfg.vocab_size
-    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
-    gpt2 = cfg.arch == "gpt2"
-    shapes = {"tok_emb.weight": (V, d), "final_norm.weight": (d,)}
-    if gpt2:
-        shapes |= {"pos_emb.weight": (cfg.seq_len, d), "final_norm.bias": (d,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, d)
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,), p + "attn.q.weight": (q, d),
-                   p + "attn.k.weight": (kv, d), p + "attn.v.weight": (kv, d), p + "attn.o.weight": (d, q)}
-        if cfg.arch in ("gpt2", "qwen2"):
-            shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
-        if gpt2:
-            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
-                       p + "mlp.fc.weight": (cfg.d_ff, d), p + "mlp.fc.bias": (cfg.d_ff,),
-                       p + "mlp.proj.weight": (d, cfg.d_ff), p + "mlp.proj.bias": (d,)}
-        else:
-            shapes |= {p + "mlp.gate.weight": (cfg.d_ff, d), p + "mlp.up.weight": (cfg.d_ff, d),
-                       p + "mlp.down.weight": (d, cfg.d_ff)}
-    return shapes
-
-
 def safetensors_files(path: str) -> list[str]:
     """The weight files of a model directory: the index's shards, or every *.safetensors file."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -130,7 +104,7 @@ def _split_gpt2_qkv(state: dict, cfg: ModelConfig) -> None:
 
 
 def _check(state: dict, cfg: ModelConfig, sources: dict) -> None:
-    shapes = expected_shapes(cfg)
+    shapes = cfg.state_shapes()
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # a tied model saved with its (identical) output matrix as well
         if not torch.equal(state["lm_head.weight"], state.get("tok_emb.weight", torch.empty(0))):

@@ -72,6 +72,36 @@ class ModelConfig:
         self.rope_scaling = {k: rs[k] for k in ROPE_SCALING_KEYS}
 
     @property
+    def qkv_bias(self) -> bool:
+        return self.arch in ("gpt2", "qwen2")
+
+    def state_shapes(self) -> dict:
+        """Transformer state-dict name -> shape, for every parameter this config implies (what loaders and
+        exporters check a state dict against; tests/test_models.py checks it against a built model)."""
+        d, V = self.d_model, self.vocab_size
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        gpt2 = self.arch == "gpt2"
+        shapes = {"tok_emb.weight": (V, d), "final_norm.weight": (d,)}
+        if gpt2:
+            shapes |= {"pos_emb.weight": (self.seq_len, d), "final_norm.bias": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (V, d)
+        for i in range(self.n_layer):
+            p = f"blocks.{i}."
+            shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,), p + "attn.q.weight": (q, d),
+                       p + "attn.k.weight": (kv, d), p + "attn.v.weight": (kv, d), p + "attn.o.weight": (d, q)}
+            if self.qkv_bias:
+                shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
+            if gpt2:
+                shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
+                           p + "mlp.fc.weight": (self.d_ff, d), p + "mlp.fc.bias": (self.d_ff,),
+                           p + "mlp.proj.weight": (d, self.d_ff), p + "mlp.proj.bias": (d,)}
+            else:
+                shapes |= {p + "mlp.gate.weight": (self.d_ff, d), p + "mlp.up.weight": (self.d_ff, d),
+                           p + "mlp.down.weight": (d, self.d_ff)}
+        return shapes
+
+    @property
     def rotary(self) -> bool:
         return self.arch != "gpt2"
 

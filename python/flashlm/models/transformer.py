@@ -136,7 +136,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str):
         super().__init__()
         bias = cfg.arch == "gpt2"
-        qkv_bias = cfg.arch in ("gpt2", "qwen2")
+        qkv_bias = cfg.qkv_bias
         hd = cfg.head_dim
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
         self.attn_impl = attn_impl

@@ -8,14 +8,15 @@ HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_confi
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
 columns after the transpose); llama's and qwen2's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
-permuted. HF's GPT-2 has neither grouped KV heads nor an output projection apart from the embedding:
-exporting those raises ValueError.
+permuted. HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises
+ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
+keys and shapes are checked against ModelConfig.state_shapes().
 
 GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
 them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
 (qwen2's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
-tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 reads grouped KV heads and an untied
-output from it, so GGUF takes both). The tensors go through `flashlm quantize`'s writer: `type` is one
+tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 also reads an untied output, so GGUF
+takes it). The tensors go through `flashlm quantize`'s writer: `type` is one
 of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
 it, norms and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference
 bytes). The tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
@@ -26,42 +27,17 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
+from flashlm.models import ModelConfig
 from flashlm.quant.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.quant.mix import MIXES
 from flashlm.quant.quantize_file import write_quantized
 
-_LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """The hyperparameters an export needs, checked against the state dict."""
-    arch: str
-    vocab_size: int
-    n_layer: int
-    n_head: int
-    n_kv_head: int
-    d_model: int
-    d_ff: int
-    seq_len: int
-    rope_theta: float
-    norm_eps: float
-    tied: bool
-    rope_scaling: dict | None = None  # Llama 3's {"rope_type": "llama3", "factor", ...}
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def qkv_bias(self) -> bool:
-        return self.arch in ("gpt2", "qwen2")
+_REQUIRED = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "seq_len")
 
 
 def _config_dict(model_config) -> dict:
@@ -84,70 +60,23 @@ def _state_dict(model_or_state) -> dict:
     return out
 
 
-def _expected_shapes(s: _Shape) -> dict:
-    """State-dict key -> shape, as flashlm.models.Transformer names them (lm_head only when untied)."""
-    hd, d, gpt2 = s.head_dim, s.d_model, s.arch == "gpt2"
-    shapes = {"tok_emb.weight": (s.vocab_size, d), "final_norm.weight": (d,)}
-    if gpt2:
-        shapes |= {"pos_emb.weight": (s.seq_len, d), "final_norm.bias": (d,)}
-    for i in range(s.n_layer):
-        p = f"blocks.{i}."
-        shapes |= {p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
-                   p + "attn.q.weight": (s.n_head * hd, d), p + "attn.k.weight": (s.n_kv_head * hd, d),
-                   p + "attn.v.weight": (s.n_kv_head * hd, d), p + "attn.o.weight": (d, s.n_head * hd)}
-        if s.qkv_bias:
-            shapes |= {p + "attn.q.bias": (s.n_head * hd,), p + "attn.k.bias": (s.n_kv_head * hd,),
-                       p + "attn.v.bias": (s.n_kv_head * hd,)}
-        if gpt2:
-            shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
-                       p + "mlp.fc.weight": (s.d_ff, d), p + "mlp.fc.bias": (s.d_ff,),
-                       p + "mlp.proj.weight": (d, s.d_ff), p + "mlp.proj.bias": (d,)}
-        else:
-            shapes |= {p + "mlp.gate.weight": (s.d_ff, d), p + "mlp.up.weight": (s.d_ff, d),
-                       p + "mlp.down.weight": (d, s.d_ff)}
-    if not s.tied:
-        shapes["lm_head.weight"] = (s.vocab_size, d)
-    return shapes
-
-
-def resolve(model_or_state, model_config) -> tuple[_Shape, dict]:
-    """(hyperparameters, float32 CPU state dict), with every key and shape checked against the config."""
+def resolve(model_or_state, model_config) -> tuple[ModelConfig, dict]:
+    """(the config, float32 CPU state dict), with every key and shape checked against the config."""
     cfg = _config_dict(model_config)
     state = _state_dict(model_or_state)
-    arch = cfg.get("arch")
-    if arch not in ("gpt2", "llama", "qwen2"):
-        raise ValueError(f"model_config: arch must be 'gpt2', 'llama' or 'qwen2', got {arch!r}")
-    rope_scaling = cfg.get("rope_scaling")
-    if rope_scaling is not None and (not isinstance(rope_scaling, dict) or rope_scaling.get("rope_type") != "llama3"
-                                     or any(k not in rope_scaling for k in _LLAMA3_ROPE_KEYS)):
-        raise ValueError(f"model_config: rope_scaling must be None or Llama 3's {{'rope_type': 'llama3', "
-                         f"{', '.join(map(repr, _LLAMA3_ROPE_KEYS))}}}, got {rope_scaling!r}")
+    # Sizes that no default may stand in for (a llama's seq_len, say, shows in no tensor's shape).
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"model_config: missing {missing}")
     try:
-        n_head = int(cfg["n_head"])
-        d_ff = cfg.get("d_ff")
-        if d_ff is None:  # the config's default rule lives with the model: read it off the weights
-            d_ff = state["blocks.0.mlp.fc.weight" if arch == "gpt2" else "blocks.0.mlp.gate.weight"].shape[0]
-        tied = bool(cfg.get("tie_embeddings", True))
-        if tied and "lm_head.weight" in state and "tok_emb.weight" in state:
-            if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
-                raise ValueError("model_or_state: tie_embeddings is set but lm_head.weight differs from tok_emb.weight")
-            del state["lm_head.weight"]
-        s = _Shape(arch, int(cfg["vocab_size"]), int(cfg["n_layer"]), n_head, int(cfg.get("n_kv_head") or n_head),
-                   int(cfg["d_model"]), int(d_ff), int(cfg["seq_len"]), float(cfg.get("rope_theta", 10000.0)),
-                   float(cfg.get("norm_eps", 1e-5)), tied, rope_scaling)
-    except KeyError as e:
-        raise ValueError(f"model_config: missing {e.args[0]!r} (or model_or_state: no blocks.0 MLP)") from None
-    sizes = {"vocab_size": s.vocab_size, "n_layer": s.n_layer, "n_head": s.n_head, "n_kv_head": s.n_kv_head,
-             "d_model": s.d_model, "d_ff": s.d_ff, "seq_len": s.seq_len}
-    bad = {k: v for k, v in sizes.items() if v <= 0}
-    if bad:
-        raise ValueError(f"model_config: sizes must be positive, got {bad}")
-    if s.d_model % s.n_head or s.n_head % s.n_kv_head:
-        raise ValueError(f"model_config: d_model {s.d_model}, n_head {s.n_head} and n_kv_head {s.n_kv_head} "
-                         "must divide evenly")
-    if arch != "gpt2" and s.head_dim % 2:
-        raise ValueError(f"model_config: rotary embeddings need an even head_dim, got {s.head_dim}")
-    expected = _expected_shapes(s)
+        s = ModelConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model_config: {e}") from None
+    if s.tie_embeddings and "lm_head.weight" in state and "tok_emb.weight" in state:
+        if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
+            raise ValueError("model_or_state: tie_embeddings is set but lm_head.weight differs from tok_emb.weight")
+        del state["lm_head.weight"]
+    expected = s.state_shapes()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
@@ -170,14 +99,11 @@ def _eos_id(tokenizer_json, eos_token_id) -> int | None:
 # --------------------------------------------------------------------------------------------------- HF
 
 
-def hf_tensors(s: _Shape, state: dict) -> dict:
+def hf_tensors(s: ModelConfig, state: dict) -> dict:
     """The state dict under HF's names and layouts (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM)."""
     out = {}
     if s.arch == "gpt2":
-        if s.n_kv_head != s.n_head:
-            raise ValueError(f"model_config: HF's GPT-2 has no grouped-query attention (n_kv_head {s.n_kv_head} "
-                             f"!= n_head {s.n_head}); export arch llama, or GGUF")
-        if not s.tied:
+        if not s.tie_embeddings:
             raise ValueError("model_config: HF's GPT-2 ties its output projection to the embedding "
                              "(tie_embeddings is False); export arch llama, or GGUF")
         out |= {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"],
@@ -210,13 +136,13 @@ def hf_tensors(s: _Shape, state: dict) -> dict:
             if s.qkv_bias:
                 for n in "qkv":
                     out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
-        if not s.tied:
+        if not s.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def hf_config(s: _Shape, eos_token_id: int | None) -> dict:
+def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
     special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
     if s.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": s.vocab_size,
@@ -231,7 +157,7 @@ def hf_config(s: _Shape, eos_token_id: int | None) -> dict:
               "head_dim": s.head_dim, "max_position_embeddings": s.seq_len, "rms_norm_eps": s.norm_eps,
               "rope_theta": s.rope_theta, "rope_scaling": s.rope_scaling and dict(s.rope_scaling),
               "rope_parameters": rope | {"rope_theta": s.rope_theta}, "hidden_act": "silu",
-              "tie_word_embeddings": s.tied, "torch_dtype": "float32", **special}
+              "tie_word_embeddings": s.tie_embeddings, "torch_dtype": "float32", **special}
     if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                 "max_window_layers": s.n_layer, **config}
@@ -274,7 +200,7 @@ def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_i
 # ------------------------------------------------------------------------------------------------- GGUF
 
 
-def gguf_tensors(s: _Shape, state: dict) -> list:
+def gguf_tensors(s: ModelConfig, state: dict) -> list:
     """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
     t = {k: v.numpy() for k, v in state.items()}
     out = []
@@ -311,12 +237,12 @@ def gguf_tensors(s: _Shape, state: dict) -> list:
     out.append(("output_norm.weight", t["final_norm.weight"]))
     if s.arch == "gpt2":
         out.append(("output_norm.bias", t["final_norm.bias"]))
-    if not s.tied:
+    if not s.tie_embeddings:
         out.append(("output.weight", t["lm_head.weight"]))
     return [(name, np.ascontiguousarray(a, dtype=np.float32)) for name, a in out]
 
 
-def gguf_hparams(s: _Shape, name: str) -> list:
+def gguf_hparams(s: ModelConfig, name: str) -> list:
     """The {arch}.* metadata llama.cpp reads, as convert_hf_to_gguf.py writes it."""
     from gguf import GGUFValueType
 
@@ -336,7 +262,7 @@ def gguf_hparams(s: _Shape, name: str) -> list:
 class ModelSource:
     """A model's GGUF tensors and metadata in the form flashlm.quant.quantize_file.write_quantized reads."""
 
-    def __init__(self, s: _Shape, tensors: list, metadata: list):
+    def __init__(self, s: ModelConfig, tensors: list, metadata: list):
         self.arch, self.metadata, self._shape = s.arch, metadata, s
         self._data = [a for _, a in tensors]
         self.tensors = [(n, tuple(a.shape), "F32") for n, a in tensors]
