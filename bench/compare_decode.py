@@ -32,7 +32,7 @@ import torch
 
 import bench_util
 from flashlm.models import ModelConfig, Transformer
-from flashlm.runtime.commands import copy_bandwidth, model_bytes
+from flashlm.runtime.commands import batching_speedup, copy_bandwidth, model_bytes
 from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.train.export import export_gguf
@@ -167,13 +167,7 @@ def main():
             prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                        for _ in range(args.concurrency)]
             params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
-            t = time.perf_counter()
-            for pr in prompts:
-                llm.generate(pr, params)
-            seq = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
-            t = time.perf_counter()
-            llm.generate(prompts, params)
-            conc = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+            seq, conc = batching_speedup(llm, prompts, params)
             host = llm.stats_summary()
             print(f"{ggml_type}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
                   f"{seq:.1f} ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "

@@ -184,23 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     from flashlm.quant.mix import MIXES
 
-    quantize = sub.add_parser("quantize", help="quantize a GGUF file or an HF safetensors model directory to a GGUF "
-                                               "file, with llama.cpp's type mixes")
-    quantize.add_argument("input", help="a GGUF file, or an HF model directory (llama, mistral, qwen2, gpt2)")
-    quantize.add_argument("output", help="the GGUF file to write")
-    quantize.add_argument("--type", required=True, type=str.upper, choices=list(MIXES), metavar="TYPE",
-                          help=f"the mix: {', '.join(MIXES)}")
-    quantize.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    quantize.set_defaults(func=_cmd_quantize)
+    def gguf_writer(name, help, input_help, default_type, func):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("input", help=input_help)
+        p.add_argument("output", help="the GGUF file to write")
+        p.add_argument("--type", required=default_type is None, default=default_type, type=str.upper,
+                       choices=list(MIXES), metavar="TYPE",
+                       help=f"the mix{f' (default {default_type})' if default_type else ''}: {', '.join(MIXES)}")
+        p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        p.set_defaults(func=func)
 
-    convert = sub.add_parser("convert", help="convert an HF safetensors model directory to a GGUF file that "
-                                             "llama.cpp loads (tokenizer included)")
-    convert.add_argument("input", help="an HF model directory (llama, mistral, qwen2, gpt2)")
-    convert.add_argument("output", help="the GGUF file to write")
-    convert.add_argument("--type", default="F16", type=str.upper, choices=list(MIXES), metavar="TYPE",
-                         help=f"the mix (default F16): {', '.join(MIXES)}")
-    convert.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    convert.set_defaults(func=_cmd_convert)
+    gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, with "
+                "llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, qwen2, gpt2)",
+                None, _cmd_quantize)
+    gguf_writer("convert", "convert an HF safetensors model directory to a GGUF file that llama.cpp loads "
+                "(tokenizer included)", "an HF model directory (llama, mistral, qwen2, gpt2)", "F16", _cmd_convert)
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
                                            "model directory (transformers)")

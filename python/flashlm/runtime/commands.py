@@ -136,6 +136,17 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return 2 * nbytes / statistics.median(times)
 
 
+def batching_speedup(llm, prompts, params) -> tuple:
+    """(one at a time, all at once): tokens/s of the same requests run sequentially and then together."""
+    t = time.perf_counter()
+    for p in prompts:
+        llm.generate(p, params)
+    sequential = len(prompts) * params.max_tokens / (time.perf_counter() - t)
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    return sequential, len(prompts) * params.max_tokens / (time.perf_counter() - t)
+
+
 def cmd_bench_decode(args) -> int:
     llm = _engine(args, max_num_seqs=max(args.concurrency, 1))
     vocab = llm.model.cfg.vocab_size
@@ -152,13 +163,7 @@ def cmd_bench_decode(args) -> int:
         decode.append(1.0 / m.time_per_output_token)
     nbytes = model_bytes(llm.model)
     bw = copy_bandwidth()
-    t = time.perf_counter()
-    for p in prompts:
-        llm.generate(p, params)
-    sequential = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
-    t = time.perf_counter()
-    llm.generate(prompts, params)
-    concurrent = len(prompts) * args.gen_tokens / (time.perf_counter() - t)
+    sequential, concurrent = batching_speedup(llm, prompts, params)
     dec = statistics.median(decode)
     print(f"model: {args.model}, {nbytes / 2**20:.1f} MiB of weights, {torch.get_num_threads()} threads")
     print(f"prefill ({args.prompt_tokens} tokens): {statistics.median(prefill):8.1f} tokens/s")
