@@ -1,14 +1,19 @@
-// The library's thread pool: n - 1 workers sleeping on a condition variable, plus the calling thread.
-// A parallel_for splits [0, n) into at most 4 ranges per thread (enough to absorb a descheduled thread on
-// a shared machine, few enough that each range stays long and contiguous), handed out by an atomic
-// counter. Each job lives on the caller's stack; a worker joins it only under the lock and the caller
-// returns only when every worker that joined has left, so no worker ever touches a finished job.
+// The library's thread pool: n - 1 workers plus the calling thread. A parallel_for splits [0, n) into at
+// most 4 ranges per thread (enough to absorb a descheduled thread on a shared machine, few enough that each
+// range stays long and contiguous), handed out by an atomic counter. Each job lives on the caller's stack;
+// a worker joins it only under the lock and the caller returns only when every worker that joined has left,
+// so no worker ever touches a finished job.
+//
+// Idle workers spin on the job counter for a short while (kSpin) before they sleep on a condition variable:
+// a decode step is a chain of small kernels a few microseconds apart, and waking a sleeping thread costs
+// 5-10 us, as much as a small GEMV itself. The caller likewise spins, then yields, until the workers leave.
 #include "flashlm/core/thread_pool.h"
 
 #include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -18,8 +23,20 @@
 
 #include "flashlm/core/error.h"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FLASHLM_CPU_RELAX() _mm_pause()
+#else
+#define FLASHLM_CPU_RELAX() ((void)0)
+#endif
+
 namespace flashlm {
 namespace {
+
+// How long an idle worker keeps polling for the next job before it sleeps. Long enough to span the gap
+// between two kernels driven from Python (~10-30 us), short enough not to steal a core for long from
+// other work once the library goes quiet.
+constexpr auto kSpin = std::chrono::microseconds(200);
 
 thread_local bool tls_in_parallel = false;
 
@@ -40,7 +57,7 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // guarded by the pool's mutex
-  int workers = 0;           // workers inside run_chunks; guarded by the pool's mutex
+  std::atomic<int> workers{0};  // workers inside run_chunks; joined under the pool's mutex
 };
 
 std::atomic<bool> g_forked{false};
@@ -88,16 +105,25 @@ class Pool {
     job.fn = &fn;
     job.n = n;
     job.chunks = std::min<int64_t>(max_chunks, int64_t(threads) * 4);
+    bool wake;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       current_ = &job;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
+      wake = sleepers_ > 0;
     }
-    wake_.notify_all();
+    if (wake) wake_.notify_all();
     run_chunks(job);
-    std::unique_lock<std::mutex> lock(mutex_);
-    current_ = nullptr;  // no worker joins from now on
-    done_.wait(lock, [&] { return job.workers == 0; });
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = nullptr;  // no worker joins from now on
+    }
+    // The workers that joined are finishing their last ranges: poll, and give the core away if one of
+    // them has been descheduled.
+    for (int spins = 0; job.workers.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4096) FLASHLM_CPU_RELAX();
+      else std::this_thread::yield();
+    }
     if (job.error) std::rethrow_exception(job.error);
   }
 
@@ -119,7 +145,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stopping_ = true;
-      ++generation_;
+      generation_.fetch_add(1);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -127,21 +153,34 @@ class Pool {
     started_ = false;
   }
 
+  // Returns when generation_ differs from `seen`: first polling it for kSpin, then asleep.
+  void wait_for_job(uint64_t seen) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1;; ++i) {
+      if (generation_.load(std::memory_order_acquire) != seen) return;
+      FLASHLM_CPU_RELAX();
+      if (i % 256 == 0 && std::chrono::steady_clock::now() > until) break;
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++sleepers_;
+    wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+    --sleepers_;
+  }
+
   void worker_loop() {
     tls_in_parallel = true;
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
+      wait_for_job(seen);
+      std::unique_lock<std::mutex> lock(mutex_);
+      seen = generation_.load(std::memory_order_relaxed);
       if (stopping_) return;
       Job* job = current_;
       if (!job) continue;
-      ++job->workers;
+      job->workers.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
       run_chunks(*job);
-      lock.lock();
-      if (--job->workers == 0) done_.notify_all();
+      job->workers.fetch_sub(1, std::memory_order_release);  // the last touch of the job
     }
   }
 
@@ -163,12 +202,13 @@ class Pool {
 
   std::mutex config_mutex_;  // size_, workers_, started_
   std::mutex run_mutex_;     // one job at a time
-  std::mutex mutex_;         // current_, generation_, stopping_, Job::workers, Job::error
-  std::condition_variable wake_, done_;
+  std::mutex mutex_;         // current_, stopping_, sleepers_, Job::error; writes of generation_
+  std::condition_variable wake_;
   std::vector<std::thread> workers_;
   int size_ = 1;
   bool started_ = false, stopping_ = false;
-  uint64_t generation_ = 0;
+  int sleepers_ = 0;                    // workers waiting on wake_
+  std::atomic<uint64_t> generation_{0};  // bumped for every job (and to stop); idle workers poll it
   Job* current_ = nullptr;
 };
 

@@ -18,9 +18,9 @@ namespace flashlm {
 
 namespace {
 
-// A range of weight rows handed to one thread holds about this many multiply-adds: waking a worker costs
-// ~5-10 us, the AVX2 kernels do ~4 G MAC/s per core.
-constexpr int64_t kGrainMacs = 1 << 18;
+// A range of weight rows handed to one thread holds about this many multiply-adds (~3 us of the AVX2
+// kernels): handing a range to a polling worker costs well under a microsecond.
+constexpr int64_t kGrainMacs = 1 << 16;
 
 void check_vector(const TensorView& t, const char* name, int ndim, Device device) {
   FLASHLM_CHECK(t.ndim == ndim, "gguf_matmul: ", name, " must have ", ndim, " dimensions, got ", t.shape_string());
@@ -32,42 +32,79 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
                      const TensorView& y) {
   using namespace gemm::detail;
   const int64_t m = x.shape[0], k = x.shape[1];
+  if (x.dtype == DType::F32) {
+    const MatmulPart part{type, w, n, bias ? static_cast<const float*>(bias->data) : nullptr,
+                          static_cast<float*>(y.data)};
+    gguf_matmul_parts_f32(static_cast<const float*>(x.data), m, k, &part, 1);
+    return;
+  }
+  // bf16: the products go through a float buffer, converted (with the bias) on each thread's columns.
   const int64_t act_bytes = act_row_bytes(type, k);
   std::vector<uint8_t> acts(static_cast<size_t>(m * act_bytes));
   parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
     quantize_activations(type, x.data, x.dtype, k, m0, m1, acts.data());
   });
-  // f32 output is accumulated in place; bf16 output goes through a float buffer.
-  std::vector<float> buffer;
-  float* yf = static_cast<float*>(y.data);
-  if (y.dtype != DType::F32) {
-    buffer.resize(static_cast<size_t>(m * n));
-    yf = buffer.data();
-  }
-  const RowsArgs args{type, w, storage_bytes(type, k), acts.data(), act_bytes, m, k, yf, n};
+  std::vector<float> yf(static_cast<size_t>(m * n));
+  const RowsArgs args{type, w, storage_bytes(type, k), acts.data(), act_bytes, m, k, yf.data(), n};
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
   parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
     if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
     for (int64_t i = 0; i < m; ++i) {
-      float* row = yf + i * n;
-      if (bias) {
-        if (bias->dtype == DType::F32) {
-          for (int64_t j = n0; j < n1; ++j) row[j] += static_cast<const float*>(bias->data)[j];
-        } else {
-          const auto* b = static_cast<const uint16_t*>(bias->data);
-          for (int64_t j = n0; j < n1; ++j) row[j] += gguf::detail::bf16_to_f32(b[j]);
-        }
-      }
-      if (y.dtype == DType::BF16) {
-        auto* out = static_cast<uint16_t*>(y.data) + i * n;
-        for (int64_t j = n0; j < n1; ++j) out[j] = gguf::detail::f32_to_bf16(row[j]);
+      const float* row = yf.data() + i * n;
+      auto* out = static_cast<uint16_t*>(y.data) + i * n;
+      const auto* b = bias ? static_cast<const uint16_t*>(bias->data) : nullptr;
+      for (int64_t j = n0; j < n1; ++j) {
+        const float bj = b ? gguf::detail::bf16_to_f32(b[j]) : 0.f;
+        out[j] = gguf::detail::f32_to_bf16(row[j] + bj);
       }
     }
   });
 }
 
 }  // namespace
+
+namespace gemm::detail {
+
+void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
+  // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
+  int64_t act_bytes[2] = {act_row_bytes(DType::Q8_0, k), 0};
+  bool wanted[2] = {false, false};
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) {
+    wanted[uses_q8_k(parts[i].type)] = true;
+    total += parts[i].n;
+  }
+  if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
+  std::vector<uint8_t> acts[2];
+  for (int f = 0; f < 2; ++f) {
+    if (!wanted[f]) continue;
+    acts[f].resize(static_cast<size_t>(m * act_bytes[f]));
+    const DType as = f ? DType::Q4_K : DType::Q8_0;
+    parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+      quantize_activations(as, x, DType::F32, k, m0, m1, acts[f].data());
+    });
+  }
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
+  // Rows [r0, r1) of all parts stacked: each part's share goes to its own kernel call and bias.
+  parallel_for(total, grain, [&](int64_t r0, int64_t r1) {
+    int64_t base = 0;
+    for (int i = 0; i < count && base < r1; base += parts[i].n, ++i) {
+      const MatmulPart& p = parts[i];
+      const int64_t n0 = std::max<int64_t>(r0 - base, 0), n1 = std::min<int64_t>(r1 - base, p.n);
+      if (n0 >= n1) continue;
+      const int f = uses_q8_k(p.type);
+      const RowsArgs args{p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n};
+      if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+      if (p.bias)
+        for (int64_t i2 = 0; i2 < m; ++i2)
+          for (int64_t j = n0; j < n1; ++j) p.y[i2 * p.n + j] += p.bias[j];
+    }
+  });
+}
+
+}  // namespace gemm::detail
 
 bool gguf_matmul_supported(DType t) {
   switch (t) {

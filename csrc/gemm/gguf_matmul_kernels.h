@@ -55,6 +55,19 @@ void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1);
 // Returns false where there is no AVX2 kernel for the type (the caller falls back to scalar).
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1);
 
+// Several products of one f32 input on the CPU, as one job for the thread pool: y_i = x @ W_i.T (+ bias_i)
+// for x [M, K] and each part's W_i [n_i, K] (any gguf_matmul types). x is quantized once per activation
+// format, and the rows of all parts are split over the threads together, so q/k/v (or gate/up) cost one
+// pass instead of three. Arguments are trusted: the callers have checked them.
+struct MatmulPart {
+  DType type;
+  const uint8_t* w;    // n rows of storage_bytes(type, K) bytes
+  int64_t n;
+  const float* bias;   // [n] or null
+  float* y;            // [M, n], contiguous
+};
+void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
+
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.
 struct CudaArgs {
