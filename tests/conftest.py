@@ -11,6 +11,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def restore_isa():
+    """Puts back the CPU kernel ISA a test switches (flashlm.ops.set_cpu_isa)."""
+    from flashlm import ops
+
+    saved = ops.cpu_isa()
+    yield
+    ops.set_cpu_isa(saved)
+
+
 def devices():
     """Parameters for tests that run on every device: CPU always, CUDA marked (skipped without a GPU)."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]

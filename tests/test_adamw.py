@@ -15,13 +15,6 @@ from flashlm.train.optim import AdamW
 ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
 
 
-@pytest.fixture
-def restore_isa():
-    saved = ops.cpu_isa()
-    yield
-    ops.set_cpu_isa(saved)
-
-
 def assert_close_scaled(actual, expected, rtol, what):
     """|actual - expected| <= rtol * max|expected|: relative to the tensor's scale (moments pass near 0)."""
     err = (actual.double() - expected.double()).abs()

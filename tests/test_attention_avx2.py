@@ -19,14 +19,8 @@ from flashlm import _C
 ROOT = Path(__file__).resolve().parent.parent
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
-pytestmark = pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="this CPU has no AVX2/FMA")
-
-
-@pytest.fixture(autouse=True)
-def restore_isa():
-    isa = _C.cpu_isa()
-    yield
-    _C.set_cpu_isa(isa)
+pytestmark = [pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="this CPU has no AVX2/FMA"),
+              pytest.mark.usefixtures("restore_isa")]  # conftest.py: every test may switch the ISA
 
 
 # --- reference ----------------------------------------------------------------------------------------------

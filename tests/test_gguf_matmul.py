@@ -43,11 +43,7 @@ def k_for(ggml_type: str, blocks: int = 2) -> int:
     return 256 * blocks if ggml_type in K_TYPES else 32 * (2 * blocks + 1)  # K-quants: 512; others 160
 
 
-@pytest.fixture(autouse=True)
-def restore_isa():
-    isa = _C.cpu_isa()
-    yield
-    _C.set_cpu_isa(isa)
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: every test may switch the ISA
 
 
 def decode(raw: np.ndarray, ggml_type: str, n: int, k: int) -> np.ndarray:

@@ -24,11 +24,7 @@ EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11
 MS = [1, 3, 16, 128]
 
 
-@pytest.fixture(autouse=True)
-def restore_isa():
-    isa = _C.cpu_isa()
-    yield
-    _C.set_cpu_isa(isa)
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: every test may switch the ISA
 
 
 def assert_within(y, ref, tol, what):

@@ -18,13 +18,6 @@ ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
 EPS = 1e-6
 
 
-@pytest.fixture
-def restore_isa():
-    saved = ops.cpu_isa()
-    yield
-    ops.set_cpu_isa(saved)
-
-
 def reference_f64(x, weight, eps, residual=None):
     """(out, new residual) in float64; the residual sum is rounded to x's dtype first, as a model adds."""
     s = x if residual is None else x + residual
