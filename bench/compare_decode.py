@@ -57,7 +57,9 @@ def make_gguf(folder, args, ggml_type):
 
 
 def flashlm_runs(path, args):
-    llm = LLM(path, max_num_seqs=max(args.concurrency, 1))
+    # No prefix caching: every repetition runs the same prompt, and a cached prefix would time a lookup, not a
+    # prefill (the batching figure likewise reruns the sequential requests).
+    llm = LLM(path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False)
     g = torch.Generator().manual_seed(1)
     vocab = llm.model.cfg.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()

@@ -5,6 +5,7 @@
 namespace nb = nanobind;
 
 namespace flashlm::bindings {
+void bind_activation(nb::module_& m);
 void bind_attention(nb::module_& m);
 void bind_comm(nb::module_& m);
 void bind_core(nb::module_& m);
@@ -15,6 +16,7 @@ void bind_gguf_matmul(nb::module_& m);
 void bind_kvcache(nb::module_& m);
 void bind_norm(nb::module_& m);
 void bind_optim(nb::module_& m);
+void bind_runtime(nb::module_& m);
 }  // namespace flashlm::bindings
 
 NB_MODULE(_C, m) {
@@ -31,6 +33,7 @@ NB_MODULE(_C, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
+  flashlm::bindings::bind_activation(m);
   flashlm::bindings::bind_attention(m);
   flashlm::bindings::bind_comm(m);
   flashlm::bindings::bind_core(m);
@@ -41,4 +44,5 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_kvcache(m);
   flashlm::bindings::bind_norm(m);
   flashlm::bindings::bind_optim(m);
+  flashlm::bindings::bind_runtime(m);
 }

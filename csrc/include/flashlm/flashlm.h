@@ -1,6 +1,7 @@
 // The public C++ API of libflashlm: include this and link flashlm::flashlm.
 #pragma once
 
+#include "flashlm/activation/silu_mul.h"
 #include "flashlm/attention/flash_attention.h"
 #include "flashlm/comm/ring.h"
 #include "flashlm/core/build_info.h"
@@ -18,3 +19,4 @@
 #include "flashlm/kvcache/paged_attention.h"
 #include "flashlm/norm/rms_norm.h"
 #include "flashlm/optim/adamw.h"
+#include "flashlm/runtime/decoder.h"

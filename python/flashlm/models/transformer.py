@@ -11,7 +11,9 @@ the exporters map them to HF and GGUF names.
 
 Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
 paged cache and attention read back from it (PagedBatch says where), so one call mixes prefill chunks and
-decodes.
+decodes. On the CPU, a llama/qwen2 model whose block linears are all GGUF blocks (a loaded GGUF file) runs its
+layers in flashlm's native decoder stack instead (flashlm.ops.NativeDecoder: one call per step, no Python
+between kernels); use_native_decoder = False keeps the module-by-module path.
 """
 
 import math
@@ -24,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
+from flashlm.ops import NativeDecoder, silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 from flashlm.ops.norm import rms_norm
@@ -33,9 +36,19 @@ ATTN_IMPLS = ("flashlm", "sdpa")
 # The dtypes flashlm's attention kernels take on each device; others are cast for the call and back.
 _KERNEL_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)}
 _FALLBACK_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
-# The dtypes flashlm's RMSNorm takes (x and weight alike); others run the torch formula.
+# The dtypes flashlm's RMSNorm and silu_mul take (all inputs alike); others run the torch formula.
 _NORM_DTYPES_CPU = (torch.float32, torch.bfloat16)
 _NORM_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _inference_kernel_applies(*tensors) -> bool:
+    """Whether an inference-only flashlm kernel may compute a call on these tensors: no gradient wanted, one
+    dtype that the kernel takes on the first tensor's device."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    x = tensors[0]
+    dtypes = _NORM_DTYPES_CUDA if x.is_cuda else _NORM_DTYPES_CPU if x.is_cpu else ()
+    return x.dtype in dtypes and all(t.dtype == x.dtype for t in tensors)
 
 
 class RMSNorm(nn.Module):
@@ -53,10 +66,7 @@ class RMSNorm(nn.Module):
         """Whether flashlm's kernel computes this call (w: self.weight, fetched once by the caller): no gradient
         wanted, and dtypes the kernel takes on x's device whose result is the torch formula's (a bf16 x times
         an f32 weight is f32 in torch). A weight on another device: the kernel says so."""
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or any(t.requires_grad for t in others)):
-            return False
-        dtypes = _NORM_DTYPES_CUDA if x.is_cuda else _NORM_DTYPES_CPU if x.is_cpu else ()
-        return x.dtype in dtypes and w.dtype == x.dtype
+        return _inference_kernel_applies(x, w, *others)
 
     def forward(self, x):
         w = self.weight
@@ -188,7 +198,10 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        g, u = self.gate(x), self.up(x)
+        # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike).
+        h = silu_mul(g, u) if _inference_kernel_applies(g, u) else F.silu(g) * u
+        return self.down(h)
 
 
 def _norm(cfg: ModelConfig):
@@ -248,6 +261,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.use_native_decoder = True
+        self._native_decoder = None  # built on first use; False: checked, does not apply
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -296,6 +311,24 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
+    def _apply(self, fn, *args, **kwargs):
+        self._native_decoder = None  # .to(), .float(), ... may have moved the weights it points into
+        return super()._apply(fn, *args, **kwargs)
+
+    def native_decoder(self) -> Optional[NativeDecoder]:
+        """The native decoder stack over this model's weights (built on first use), or None where it does not
+        apply: CPU float32 llama/qwen2 whose block linears are all GGUFLinear of types gguf_matmul reads. It
+        reads the weights' memory as it is when built; after replacing a block's modules, call
+        reset_native_decoder()."""
+        if not self.use_native_decoder:
+            return None
+        if self._native_decoder is None:
+            self._native_decoder = _build_native_decoder(self) or False
+        return self._native_decoder or None
+
+    def reset_native_decoder(self):
+        self._native_decoder = None
+
     @torch.no_grad()
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
         """Logits float32 [len(batch.logits_rows), vocab] for a serving step. tokens: int64 [T];
@@ -305,11 +338,17 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)  # [T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch.positions)
-        rope = None
-        if self.cfg.rotary:
-            rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
-        for block, cache in zip(self.blocks, kv_caches):
-            x = block.forward_paged(x, rope, batch, cache)
+        native = self.native_decoder() if x.is_cpu and x.dtype == torch.float32 else None
+        if native is not None and all(k.dtype == torch.float32 and v.dtype == torch.float32 for k, v in kv_caches):
+            native(x, batch.positions, self.rope_cos, self.rope_sin, [k for k, _ in kv_caches],
+                   [v for _, v in kv_caches], batch.slot_mapping, batch.block_table, batch.seq_lens,
+                   batch.cu_seqlens_q, batch.max_seqlen_q)
+        else:
+            rope = None
+            if self.cfg.rotary:
+                rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
+            for block, cache in zip(self.blocks, kv_caches):
+                x = block.forward_paged(x, rope, batch, cache)
         x = self.final_norm(x[batch.logits_rows])
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         return logits.float()
@@ -364,3 +403,38 @@ class Transformer(nn.Module):
                 if bool(done.all()):
                     break
         return idx
+
+
+def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
+    """NativeDecoder over model's blocks, or None when some part is not what it runs (see native_decoder)."""
+    from flashlm.quant.gguf_linear import GGUFLinear  # flashlm.quant imports this module's package
+    from flashlm.ops import GGUF_LINEAR_TYPES
+
+    cfg = model.cfg
+    if cfg.arch not in ("llama", "qwen2") or not cfg.rotary:
+        return None
+    if not model.rope_cos.is_cpu:
+        return None
+
+    def linear(m):
+        if not isinstance(m, GGUFLinear) or m.ggml_type not in GGUF_LINEAR_TYPES or not m.raw.is_cpu:
+            return None
+        if m.bias is not None and (m.bias.dtype != torch.float32 or not m.bias.is_cpu):
+            return None
+        return (m.raw, m.ggml_type, m.out_features, m.in_features, m.bias)
+
+    def norm(m):
+        ok = isinstance(m, RMSNorm) and m.weight.dtype == torch.float32 and m.weight.is_cpu
+        return m.weight.detach() if ok else None
+
+    layers = []
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        if not isinstance(mlp, GatedMLP):
+            return None
+        parts = (norm(block.attn_norm), linear(attn.q), linear(attn.k), linear(attn.v), linear(attn.o),
+                 norm(block.mlp_norm), linear(mlp.gate), linear(mlp.up), linear(mlp.down))
+        if any(p is None for p in parts):
+            return None
+        layers.append(parts)
+    return NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers)

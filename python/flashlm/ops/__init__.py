@@ -5,7 +5,9 @@ import os
 import torch
 
 from flashlm import _C
+from flashlm.ops.activation import silu_mul
 from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
+from flashlm.ops.decoder import NativeDecoder
 from flashlm.ops.dequant import dequantize, dequantize_supported
 from flashlm.ops.flash_attn_interface import (
     flash_attn_func,

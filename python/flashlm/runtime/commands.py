@@ -148,7 +148,8 @@ def batching_speedup(llm, prompts, params) -> tuple:
 
 
 def cmd_bench_decode(args) -> int:
-    llm = _engine(args, max_num_seqs=max(args.concurrency, 1))
+    # Without prefix caching: the repetitions rerun one prompt, which the cache would turn into a lookup.
+    llm = _engine(args, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False)
     vocab = llm.model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.concurrency)]

@@ -1,0 +1,63 @@
+// The decoder layers of a Llama-family model (llama, qwen2: RMSNorm, rotary attention with grouped KV
+// heads over the paged cache, SwiGLU MLP) run for one serving step on the CPU in a single call, with the
+// linear weights kept in their GGML blocks. It is what Python's per-layer loop does op by op, without the
+// ~10 us of interpreter and binding work around each of the dozen kernels of a layer, which at decode
+// sizes is more than the kernels' own time.
+//
+// Per layer, on the residual stream x [T, d] (f32):
+//   h = rms_norm(x); q, k, v = h @ Wq.T (+ bq), ...; rotate q and k (rotate-half rope, HF's convention)
+//   write k, v into the layer's paged cache; a = paged_attention(q) @ Wo.T (+ bo)
+//   x += a; h = rms_norm(x); x += (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
+// The final norm and the output head are left to the caller.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "flashlm/core/dtype.h"
+#include "flashlm/core/export.h"
+#include "flashlm/core/tensor.h"
+
+namespace flashlm::runtime {
+
+// y = x @ W.T (+ bias): W is n rows of k values in GGML blocks of `type` (a gguf_matmul type).
+struct QuantLinear {
+  TensorView weight;  // uint8, contiguous, n * row bytes
+  DType type = DType::Q4_0;
+  int64_t n = 0, k = 0;
+  TensorView bias;    // optional f32 [n]; absent: null data
+};
+
+struct DecoderLayer {
+  TensorView attn_norm;  // f32 [d]
+  QuantLinear q, k, v, o;
+  TensorView mlp_norm;   // f32 [d]
+  QuantLinear gate, up, down;
+};
+
+struct DecoderConfig {
+  int64_t d_model = 0, n_head = 0, n_kv_head = 0, head_dim = 0, d_ff = 0;
+  double norm_eps = 1e-6;
+};
+
+// One step's tokens and where their K/V go (as flashlm.models.PagedBatch; see paged_attention.h).
+struct DecoderStep {
+  TensorView x;             // f32 [T, d]: embeddings in, the residual stream after the last layer out
+  TensorView positions;     // int64 [T]: rows of the rope tables
+  TensorView rope_cos, rope_sin;  // f32 [max_positions, head_dim]: cos/sin of position * inv_freq, both halves
+  std::vector<TensorView> k_caches, v_caches;  // per layer, f32 [num_blocks, block_size, n_kv_head, head_dim]
+  TensorView slot_mapping;  // int64 [T]
+  TensorView block_table;   // int32 [S, max_blocks]
+  TensorView seq_lens;      // int32 [S]
+  TensorView cu_seqlens_q;  // int32 [S + 1]; absent: one token per sequence
+  int64_t max_seqlen_q = 1;
+};
+
+// Checks the layers' shapes against the config (ValueError naming the layer and tensor).
+FLASHLM_API void check_decoder_layers(const DecoderConfig& config, const std::vector<DecoderLayer>& layers);
+
+// Runs every layer on step.x in place. CPU only; the step's views are checked (ValueError naming them).
+FLASHLM_API void decoder_forward(const DecoderConfig& config, const std::vector<DecoderLayer>& layers,
+                                 const DecoderStep& step);
+
+}  // namespace flashlm::runtime

@@ -1,0 +1,217 @@
+// The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer with the
+// step's scratch allocated once. q/k/v and gate/up each go to the thread pool as one job (one quantization
+// of their shared input); everything else is the public kernels, which check their own arguments. Every
+// step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
+#include "flashlm/runtime/decoder.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../gemm/gguf_matmul_kernels.h"
+#include "flashlm/activation/silu_mul.h"
+#include "flashlm/core/error.h"
+#include "flashlm/core/thread_pool.h"
+#include "flashlm/gemm/gguf_matmul.h"
+#include "flashlm/kvcache/paged_attention.h"
+#include "flashlm/norm/rms_norm.h"
+
+namespace flashlm::runtime {
+
+namespace {
+
+using gemm::detail::MatmulPart;
+
+void check_f32_vector(const TensorView& t, int64_t n, const std::string& name) {
+  FLASHLM_CHECK(t.device.is_cpu(), name, " must be on the CPU");
+  FLASHLM_CHECK(t.dtype == DType::F32, name, " must be float32, got ", dtype_name(t.dtype));
+  FLASHLM_CHECK(t.ndim == 1 && t.shape[0] == n && t.is_contiguous(), name, " must be a contiguous [", n, "], got ",
+                t.shape_string());
+  FLASHLM_CHECK(n == 0 || t.data, name, " has no data");
+}
+
+void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string& name) {
+  FLASHLM_CHECK(gguf_matmul_supported(l.type), name, ": weight type ", dtype_name(l.type),
+                " is not one gguf_matmul reads");
+  FLASHLM_CHECK(l.n == n && l.k == k, name, ": expected ", n, " x ", k, ", got ", l.n, " x ", l.k);
+  FLASHLM_CHECK(k % dtype_info(l.type).block_size == 0, name, ": K = ", k, " is not a whole number of ",
+                dtype_name(l.type), " blocks");
+  const TensorView& w = l.weight;
+  FLASHLM_CHECK(w.device.is_cpu() && w.dtype == DType::U8 && w.is_contiguous(), name,
+                ": weight must be contiguous uint8 on the CPU");
+  FLASHLM_CHECK(w.numel() == storage_bytes(l.type, n * k), name, ": weight has ", w.numel(), " bytes, but ", n,
+                " x ", k, " of ", dtype_name(l.type), " takes ", storage_bytes(l.type, n * k));
+  FLASHLM_CHECK(w.data, name, ": weight has no data");
+  if (l.bias.data || l.bias.ndim) check_f32_vector(l.bias, n, name + ": bias");
+}
+
+MatmulPart part(const QuantLinear& l, float* y) {
+  return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
+          l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y};
+}
+
+TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
+
+// Rotate-half rope on `heads` heads of each row of x [T, heads * hd]: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
+// with c, s the rows positions[t] of the tables. Each output is fma(other half, +-s, x * c), the roundings of
+// torch's addcmul in flashlm.models.apply_rope, so both paths give the same bits.
+void rotate(float* x, int64_t t_count, int64_t heads, int64_t hd, const int64_t* positions, const float* cos,
+            const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float* c = cos + positions[t] * hd;
+    const float* s = sin + positions[t] * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = std::fma(b, -s[i], a * c[i]);
+        v[i + half] = std::fma(a, s[i + half], b * c[i + half]);
+      }
+    }
+  }
+}
+
+void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
+  const TensorView& x = s.x;
+  FLASHLM_CHECK(x.device.is_cpu() && x.dtype == DType::F32 && x.ndim == 2 && x.is_contiguous(),
+                "x must be a contiguous float32 [T, d_model] on the CPU, got ", x.shape_string());
+  FLASHLM_CHECK(x.shape[1] == c.d_model, "x: expected d_model = ", c.d_model, " columns, got ", x.shape[1]);
+  const int64_t t = x.shape[0];
+  FLASHLM_CHECK(t == 0 || x.data, "x has no data");
+  const TensorView& p = s.positions;
+  FLASHLM_CHECK(p.device.is_cpu() && p.dtype == DType::I64 && p.ndim == 1 && p.shape[0] == t && p.is_contiguous(),
+                "positions must be a contiguous int64 [", t, "] on the CPU, got ", p.shape_string());
+  for (const TensorView* table : {&s.rope_cos, &s.rope_sin}) {
+    const char* name = table == &s.rope_cos ? "rope_cos" : "rope_sin";
+    FLASHLM_CHECK(table->device.is_cpu() && table->dtype == DType::F32 && table->ndim == 2 &&
+                  table->shape[1] == c.head_dim && table->is_contiguous() && table->data,
+                  name, " must be a contiguous float32 [positions, head_dim = ", c.head_dim, "], got ",
+                  table->shape_string());
+  }
+  FLASHLM_CHECK(s.rope_sin.shape[0] == s.rope_cos.shape[0], "rope_sin must have rope_cos's rows");
+  const auto* pos = static_cast<const int64_t*>(p.data);
+  for (int64_t i = 0; i < t; ++i)
+    FLASHLM_CHECK(pos[i] >= 0 && pos[i] < s.rope_cos.shape[0], "positions[", i, "] = ", pos[i],
+                  " is outside the rope tables' ", s.rope_cos.shape[0], " rows");
+  FLASHLM_CHECK(s.k_caches.size() == n_layers && s.v_caches.size() == n_layers, "k_caches and v_caches: expected ",
+                n_layers, " layers, got ", s.k_caches.size(), " and ", s.v_caches.size());
+  for (size_t l = 0; l < n_layers; ++l)
+    for (const TensorView* cache : {&s.k_caches[l], &s.v_caches[l]})
+      FLASHLM_CHECK(cache->dtype == DType::F32, "kv cache of layer ", l, " must be float32, got ",
+                    dtype_name(cache->dtype));
+}
+
+}  // namespace
+
+void check_decoder_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
+  FLASHLM_CHECK(c.d_model > 0 && c.n_head > 0 && c.n_kv_head > 0 && c.head_dim > 0 && c.d_ff > 0,
+                "decoder config: sizes must be positive");
+  FLASHLM_CHECK(c.n_head % c.n_kv_head == 0, "decoder config: n_head (", c.n_head, ") must be a multiple of n_kv_head (",
+                c.n_kv_head, ")");
+  FLASHLM_CHECK(c.head_dim % 2 == 0, "decoder config: head_dim must be even for rope, got ", c.head_dim);
+  const int64_t d = c.d_model, qd = c.n_head * c.head_dim, kvd = c.n_kv_head * c.head_dim;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const DecoderLayer& l = layers[i];
+    const std::string at = "layer " + std::to_string(i) + " ";
+    check_f32_vector(l.attn_norm, d, at + "attn_norm");
+    check_f32_vector(l.mlp_norm, d, at + "mlp_norm");
+    check_linear(l.q, qd, d, at + "q");
+    check_linear(l.k, kvd, d, at + "k");
+    check_linear(l.v, kvd, d, at + "v");
+    check_linear(l.o, d, qd, at + "o");
+    check_linear(l.gate, c.d_ff, d, at + "gate");
+    check_linear(l.up, c.d_ff, d, at + "up");
+    check_linear(l.down, d, c.d_ff, at + "down");
+  }
+}
+
+void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& layers, const DecoderStep& s) {
+  check_decoder_layers(c, layers);
+  check_step(c, layers.size(), s);
+  const int64_t t = s.x.shape[0], d = c.d_model, hd = c.head_dim;
+  const int64_t qd = c.n_head * hd, kvd = c.n_kv_head * hd, ff = c.d_ff;
+  if (t == 0 || layers.empty()) return;
+
+  std::vector<float> scratch(static_cast<size_t>(t * (2 * d + 2 * qd + 2 * kvd + 2 * ff)));
+  float* h = scratch.data();    // [T, d]: normed input of attention / MLP, then a sublayer's output
+  float* out = h + t * d;       // [T, d]: a sublayer's output, added to x by the next norm
+  float* q = out + t * d;       // [T, qd]
+  float* att = q + t * qd;      // [T, qd]
+  float* k = att + t * qd;      // [T, kvd]
+  float* v = k + t * kvd;       // [T, kvd]
+  float* gate = v + t * kvd;    // [T, ff]
+  float* up = gate + t * ff;    // [T, ff]
+  auto* x = static_cast<float*>(s.x.data);
+  const auto* positions = static_cast<const int64_t*>(s.positions.data);
+  const auto* cos = static_cast<const float*>(s.rope_cos.data);
+  const auto* sin = static_cast<const float*>(s.rope_sin.data);
+  const TensorView x_rows = rows(x, t, d), h_rows = rows(h, t, d), out_rows = rows(out, t, d);
+
+  // out holds the last sublayer's output, not yet added to x (the norm that follows adds it).
+  bool pending = false;
+  auto norm_into_h = [&](const TensorView& weight) {
+    norm::RMSNormParams p;
+    p.weight = weight;
+    p.eps = c.norm_eps;
+    p.out = h_rows;
+    if (pending) {
+      p.x = out_rows;
+      p.residual = x_rows;  // x += out, then h = norm(x)
+    } else {
+      p.x = x_rows;
+    }
+    norm::rms_norm(p);
+    pending = false;
+  };
+
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const DecoderLayer& l = layers[i];
+    norm_into_h(l.attn_norm);
+    const MatmulPart qkv[3] = {part(l.q, q), part(l.k, k), part(l.v, v)};
+    gemm::detail::gguf_matmul_parts_f32(h, t, d, qkv, 3);
+    rotate(q, t, c.n_head, hd, positions, cos, sin);
+    rotate(k, t, c.n_kv_head, hd, positions, cos, sin);
+
+    KVCacheWriteParams w;
+    w.key = TensorView::contiguous(k, DType::F32, {t, c.n_kv_head, hd});
+    w.value = TensorView::contiguous(v, DType::F32, {t, c.n_kv_head, hd});
+    w.k_cache = s.k_caches[i];
+    w.v_cache = s.v_caches[i];
+    w.slot_mapping = s.slot_mapping;
+    write_kv_cache(w);
+
+    PagedAttentionParams a;
+    a.q = TensorView::contiguous(q, DType::F32, {t, c.n_head, hd});
+    a.out = TensorView::contiguous(att, DType::F32, {t, c.n_head, hd});
+    a.k_cache = s.k_caches[i];
+    a.v_cache = s.v_caches[i];
+    a.block_table = s.block_table;
+    a.seq_lens = s.seq_lens;
+    a.cu_seqlens_q = s.cu_seqlens_q;
+    a.max_seqlen_q = s.max_seqlen_q;
+    a.options.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops
+    a.options.causal = true;
+    paged_attention(a);
+
+    const MatmulPart o = part(l.o, out);
+    gemm::detail::gguf_matmul_parts_f32(att, t, qd, &o, 1);
+    pending = true;
+    norm_into_h(l.mlp_norm);
+
+    const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
+    gemm::detail::gguf_matmul_parts_f32(h, t, d, gate_up, 2);
+    const TensorView gate_rows = rows(gate, t, ff);
+    activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
+    const MatmulPart down = part(l.down, out);
+    gemm::detail::gguf_matmul_parts_f32(gate, t, ff, &down, 1);
+    pending = true;
+  }
+  // The last MLP's output.
+  parallel_for(t * d, 1 << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) x[i] += out[i];
+  });
+}
+
+}  // namespace flashlm::runtime

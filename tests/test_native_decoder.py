@@ -1,0 +1,214 @@
+"""The native CPU decoder stack (flashlm.ops.NativeDecoder), which forward_paged uses for llama/qwen2 models
+whose block linears are GGUF blocks: every serving step's logits against the module-by-module path on the
+same weights and caches (mixed prefill chunks and decodes, GQA and MQA, q/k/v biases, mixed block types),
+greedy generation through the engine, which models it takes, and bad input."""
+
+import pytest
+import torch
+
+from flashlm.models import ModelConfig, Transformer
+from flashlm.ops import NativeDecoder
+from flashlm.quant import GGUFLinear
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.sampling_params import SamplingParams
+
+VOCAB = 64
+
+
+class ByteTokenizer:
+    eos_token_ids = (0,)
+
+    def encode(self, text, add_special_tokens=True):
+        return [1 + (ord(c) % (VOCAB - 1)) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(96 + i % 26) for i in ids)
+
+
+def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_head=4, seed=0, seq_len=128):
+    """A random model whose block linears are GGUFLinear, cycling through `types`."""
+    cfg = ModelConfig(arch=arch, vocab_size=VOCAB, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
+                      d_ff=2 * d_model, seq_len=seq_len, tie_embeddings=False)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0 if p.dim() == 2 else 1.0)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    i = 0
+    for block in model.blocks:
+        for parent, names in ((block.attn, ("q", "k", "v", "o")), (block.mlp, ("gate", "up", "down"))):
+            for name in names:
+                setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), types[i % len(types)]))
+                i += 1
+    return model
+
+
+PROMPTS = ["hello world", "a", "the quick brown fox jumps over the lazy dog. " * 2, "abc abc abc abc",
+           "what is this?", "x" * 40]
+
+
+def step_logits_both_ways(model, **engine_kw):
+    """Drives the engine's scheduler; every step runs the native stack, then the module path on the same
+    caches (which it rewrites), and returns the number of steps. Their logits must be equal: both paths run the
+    same kernels and round alike (rope as torch's addcmul, SiLU through flashlm's silu_mul). Equality matters
+    beyond neatness: the GGUF matmul quantizes its input to 8 bits, so an ulp apart upstream can land on
+    either side of a rounding step and move a logit by a whole quantization step."""
+    assert model.native_decoder() is not None
+    llm = LLM(model, ByteTokenizer(), **engine_kw)
+    tok = ByteTokenizer()
+    for p in PROMPTS:
+        llm.add_request(tok.encode(p), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    steps = 0
+    while llm.scheduler.has_work():
+        batch = llm.scheduler.schedule()
+        llm.runner.copy_blocks(batch.block_copies)
+        tokens, paged = llm.runner.prepare(batch, llm.block_manager)
+        native = model.forward_paged(tokens, paged, llm.runner.kv_caches)
+        model.use_native_decoder = False
+        try:
+            modules = model.forward_paged(tokens, paged, llm.runner.kv_caches)
+        finally:
+            model.use_native_decoder = True
+        assert native.shape == modules.shape
+        assert torch.equal(native, modules), f"step {steps}: {(native - modules).abs().max().item()}"
+        steps += 1
+        llm.scheduler.update(batch, modules.argmax(-1).tolist())
+    return steps
+
+
+@pytest.mark.parametrize("arch,types,n_kv_head", [
+    ("llama", ("Q4_0",), 2),
+    ("llama", ("Q8_0", "Q4_1", "Q5_0", "Q5_1"), 1),
+    ("qwen2", ("Q4_K", "Q6_K", "Q5_K", "Q8_0"), 2),
+    ("qwen2", ("Q4_0",), 4),
+], ids=["llama-q4_0-gqa", "llama-mixed-mqa", "qwen2-kquants", "qwen2-mha"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_native_steps_match_the_module_path(arch, types, n_kv_head, chunked):
+    model = quantized_model(arch, types, n_kv_head)
+    kw = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=16) if chunked else dict(block_size=16)
+    assert step_logits_both_ways(model, **kw) >= 8  # a prefill (several, chunked) and 7 decode steps at least
+
+
+def test_native_greedy_generation_equals_the_module_path():
+    model = quantized_model("llama", ("Q4_0", "Q8_0"))
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 30, 5, 20, 25, 8)]
+    outs = {}
+    for native in (True, False):
+        model.use_native_decoder = native
+        llm = LLM(model, ByteTokenizer(), block_size=4, max_num_seqs=3, max_num_batched_tokens=24)
+        outs[native] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    model.use_native_decoder = True
+    assert outs[True] == outs[False]
+    assert [len(t) for t in outs[True]] == [12, 30, 5, 20, 25, 8]
+
+
+def test_which_models_take_the_native_stack():
+    assert quantized_model("llama").native_decoder() is not None
+    # float weights, gpt2, a switched-off flag: the module path
+    cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64)
+    assert Transformer(cfg).native_decoder() is None
+    gpt2 = Transformer(ModelConfig(arch="gpt2", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64))
+    gpt2.blocks[0].attn.q = GGUFLinear.from_float(gpt2.blocks[0].attn.q, "Q8_0")
+    assert gpt2.native_decoder() is None
+    m = quantized_model("llama")
+    m.use_native_decoder = False
+    assert m.native_decoder() is None
+    # one float linear left: the module path
+    m = quantized_model("llama")
+    m.blocks[1].mlp.up = torch.nn.Linear(m.cfg.d_model, m.cfg.d_ff, bias=False)
+    assert m.native_decoder() is None
+    # moving the model drops the stack built over the old memory
+    m = quantized_model("llama")
+    first = m.native_decoder()
+    m.to(torch.float32)
+    assert m._native_decoder is None and m.native_decoder() is not first
+
+
+def test_bf16_kv_cache_takes_the_module_path():
+    model = quantized_model("llama")
+    llm = LLM(model, ByteTokenizer(), block_size=4, kv_cache_dtype=torch.bfloat16)
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in out] == [6, 6]
+
+
+def _layer_specs(model):
+    return [(b.attn_norm.weight.detach(),
+             *[(m.raw, m.ggml_type, m.out_features, m.in_features, m.bias)
+               for m in (b.attn.q, b.attn.k, b.attn.v, b.attn.o)],
+             b.mlp_norm.weight.detach(),
+             *[(m.raw, m.ggml_type, m.out_features, m.in_features, m.bias) for m in (b.mlp.gate, b.mlp.up, b.mlp.down)])
+            for b in model.blocks]
+
+
+def test_bad_layers_name_the_tensor():
+    model = quantized_model("llama")
+    cfg = model.cfg
+    args = (cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps)
+    specs = _layer_specs(model)
+    NativeDecoder(*args, specs)  # as built by the model
+    bad = [list(s) for s in specs]
+    bad[1][3] = (bad[1][3][0], "Q4_0", cfg.n_kv_head * cfg.head_dim + 32, cfg.d_model, None)
+    with pytest.raises(ValueError, match=r"layer 1 v: expected 128 x 256, got 160 x 256"):
+        NativeDecoder(*args, bad)
+    bad = [list(s) for s in specs]
+    bad[0][2] = (bad[0][2][0][:-1], "Q4_0", cfg.n_kv_head * cfg.head_dim, cfg.d_model, None)
+    with pytest.raises(ValueError, match=r"layer 0 k: weight has \d+ bytes"):
+        NativeDecoder(*args, bad)
+    bad = [list(s) for s in specs]
+    bad[2][5] = torch.ones(cfg.d_model + 1)
+    with pytest.raises(ValueError, match=r"layer 2 mlp_norm must be a contiguous \[256\]"):
+        NativeDecoder(*args, bad)
+    bad = [list(s) for s in specs]
+    bad[0][1] = (bad[0][1][0], "F16", cfg.d_model, cfg.d_model, None)
+    with pytest.raises(ValueError, match=r"layer 0 q: weight type F16"):
+        NativeDecoder(*args, bad)
+    bad = [list(s) for s in specs]
+    bad[0][0] = None
+    with pytest.raises(ValueError, match=r"layers\[0\].attn_norm: expected an array \(a torch tensor\), got NoneType"):
+        NativeDecoder(*args, bad)
+    bad = [list(s) for s in specs]
+    bad[0][6] = (bad[0][6][0], "Q4_0", "many", cfg.d_model, None)
+    with pytest.raises(ValueError, match=r"layers\[0\].gate: n and k must be integers"):
+        NativeDecoder(*args, bad)
+    with pytest.raises(ValueError, match=r"n_head \(4\) must be a multiple of n_kv_head \(3\)"):
+        NativeDecoder(cfg.d_model, cfg.n_head, 3, cfg.head_dim, cfg.d_ff, cfg.norm_eps, specs)
+
+
+def test_bad_step_names_the_argument():
+    model = quantized_model("llama")
+    cfg = model.cfg
+    dec = model.native_decoder()
+    caches = [torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    k, v = caches[:cfg.n_layer], caches[cfg.n_layer:]
+    T = 3
+
+    def step(x=None, positions=None, k=k, v=v, slots=None, seq_lens=None):
+        x = torch.randn(T, cfg.d_model) if x is None else x
+        positions = torch.arange(T) if positions is None else positions
+        slots = torch.arange(T) if slots is None else slots
+        seq_lens = torch.tensor([T], dtype=torch.int32) if seq_lens is None else seq_lens
+        dec(x, positions, model.rope_cos, model.rope_sin, k, v, slots, torch.tensor([[0, 1]], dtype=torch.int32),
+            seq_lens, torch.tensor([0, T], dtype=torch.int32), T)
+
+    step()  # well-formed
+    with pytest.raises(ValueError, match="x: expected d_model = 256 columns, got 255"):
+        step(x=torch.randn(T, cfg.d_model - 1))
+    with pytest.raises(ValueError, match=r"x must be a contiguous float32"):
+        step(x=torch.randn(T, cfg.d_model, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"positions\[2\] = 128 is outside the rope tables' 128 rows"):
+        step(positions=torch.tensor([0, 1, 128]))
+    with pytest.raises(ValueError, match="positions must be a contiguous int64"):
+        step(positions=torch.arange(T, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_caches and v_caches: expected 3 layers, got 2 and 3"):
+        step(k=k[:2])
+    with pytest.raises(ValueError, match="kv cache of layer 0 must be float32"):
+        step(k=[c.bfloat16() for c in k])
+    with pytest.raises(ValueError, match="slot"):  # the cache kernels' own checks
+        step(slots=torch.tensor([0, 1, 99]))
+    with pytest.raises(ValueError, match="seq_lens"):
+        step(seq_lens=torch.tensor([T + 20], dtype=torch.int32))
