@@ -8,7 +8,7 @@ import torch
 
 from flashlm.models import ModelConfig, Transformer
 from flashlm.ops import NativeDecoder
-from flashlm.quant import GGUFLinear
+from flashlm.quant import GGUFEmbedding, GGUFLinear
 from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 
@@ -25,8 +25,10 @@ class ByteTokenizer:
         return "".join(chr(96 + i % 26) for i in ids)
 
 
-def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_head=4, seed=0, seq_len=128):
-    """A random model whose block linears are GGUFLinear, cycling through `types`."""
+def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_head=4, seed=0, seq_len=128,
+                    ends=None):
+    """A random model whose block linears are GGUFLinear, cycling through `types`; with ends (a type name) the
+    embedding table and the head are GGML blocks too (as a loaded GGUF file has them)."""
     cfg = ModelConfig(arch=arch, vocab_size=VOCAB, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
                       d_ff=2 * d_model, seq_len=seq_len, tie_embeddings=False)
     torch.manual_seed(seed)
@@ -45,6 +47,11 @@ def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_h
             for name in names:
                 setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), types[i % len(types)]))
                 i += 1
+    if ends is not None:
+        table = torch.nn.Linear(d_model, VOCAB, bias=False)
+        table.weight.data.copy_(model.tok_emb.weight)
+        model.tok_emb = GGUFEmbedding(GGUFLinear.from_float(table, ends).raw, ends, (VOCAB, d_model))
+        model.lm_head = GGUFLinear.from_float(model.lm_head, ends)
     return model
 
 
@@ -81,21 +88,24 @@ def step_logits_both_ways(model, **engine_kw):
     return steps
 
 
-@pytest.mark.parametrize("arch,types,n_kv_head", [
-    ("llama", ("Q4_0",), 2),
-    ("llama", ("Q8_0", "Q4_1", "Q5_0", "Q5_1"), 1),
-    ("qwen2", ("Q4_K", "Q6_K", "Q5_K", "Q8_0"), 2),
-    ("qwen2", ("Q4_0",), 4),
-], ids=["llama-q4_0-gqa", "llama-mixed-mqa", "qwen2-kquants", "qwen2-mha"])
+@pytest.mark.parametrize("arch,types,n_kv_head,ends", [
+    ("llama", ("Q4_0",), 2, "Q4_0"),
+    ("llama", ("Q8_0", "Q4_1", "Q5_0", "Q5_1"), 1, None),
+    ("qwen2", ("Q4_K", "Q6_K", "Q5_K", "Q8_0"), 2, "Q6_K"),
+    ("qwen2", ("Q4_0",), 4, None),
+], ids=["llama-q4_0-gqa-ends", "llama-mixed-mqa", "qwen2-kquants-ends", "qwen2-mha"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_native_steps_match_the_module_path(arch, types, n_kv_head, chunked):
-    model = quantized_model(arch, types, n_kv_head)
+def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunked):
+    model = quantized_model(arch, types, n_kv_head, ends=ends)
+    native = model.native_decoder()
+    # the whole step in one call: with GGUF ends the head too; with float ends, the embedding and norm only
+    assert native.has_ends and native.has_head == (ends is not None)
     kw = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=16) if chunked else dict(block_size=16)
     assert step_logits_both_ways(model, **kw) >= 8  # a prefill (several, chunked) and 7 decode steps at least
 
 
 def test_native_greedy_generation_equals_the_module_path():
-    model = quantized_model("llama", ("Q4_0", "Q8_0"))
+    model = quantized_model("llama", ("Q4_0", "Q8_0"), ends="Q8_0")
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 30, 5, 20, 25, 8)]
     outs = {}
     for native in (True, False):
@@ -212,3 +222,34 @@ def test_bad_step_names_the_argument():
         step(slots=torch.tensor([0, 1, 99]))
     with pytest.raises(ValueError, match="seq_lens"):
         step(seq_lens=torch.tensor([T + 20], dtype=torch.int32))
+
+
+def test_bad_ends_and_step_tokens_name_the_argument():
+    model = quantized_model("llama", ends="Q4_0")
+    cfg = model.cfg
+    dec = model.native_decoder()
+    head = (model.lm_head.raw, "Q4_0", VOCAB, cfg.d_model, None)
+    with pytest.raises(ValueError, match=r"embedding: 64 rows of 256 Q4_0 values take 9216 bytes, the table has 9152"):
+        dec.set_ends(model.tok_emb.raw[:, :-1].contiguous(), "Q4_0", model.final_norm.weight.detach(), head)
+    with pytest.raises(ValueError, match="final_norm must be a contiguous \\[256\\]"):
+        dec.set_ends(model.tok_emb.raw, "Q4_0", torch.ones(3), head)
+    with pytest.raises(ValueError, match="embedding_type: unknown type 'Q9_9'"):
+        dec.set_ends(model.tok_emb.raw, "Q9_9", model.final_norm.weight.detach(), head)
+    with pytest.raises(ValueError, match=r"embedding: expected F32 \[64, 256\], got F32 \[64, 255\]"):
+        dec.set_ends(torch.zeros(VOCAB, cfg.d_model - 1), "F32", model.final_norm.weight.detach(), None)
+    caches = [torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    k, v = caches[:cfg.n_layer], caches[cfg.n_layer:]
+
+    def step(tokens, rows):
+        T = tokens.shape[0]
+        return dec.logits(tokens, torch.arange(T), model.rope_cos, model.rope_sin, k, v, torch.arange(T),
+                          torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+                          torch.tensor([0, T], dtype=torch.int32), T, rows)
+
+    assert step(torch.tensor([1, 2, 3]), torch.tensor([2])).shape == (1, VOCAB)
+    with pytest.raises(ValueError, match=r"tokens\[1\] = 64 is outside the vocabulary \[0, 64\)"):
+        step(torch.tensor([1, 64, 3]), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"logits_rows\[0\] = 3 is not a row of the 3 tokens"):
+        step(torch.tensor([1, 2, 3]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="tokens must be a contiguous int64"):
+        step(torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([2]))

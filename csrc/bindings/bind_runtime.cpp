@@ -17,6 +17,8 @@ namespace {
 struct Decoder {
   runtime::DecoderConfig config;
   std::vector<runtime::DecoderLayer> layers;
+  runtime::DecoderEnds ends;
+  bool has_ends = false;
   std::vector<nb::object> keep;  // the arrays the layers' views point into
 
   TensorView array(nb::handle h, const std::string& name) {
@@ -69,11 +71,37 @@ struct Decoder {
     runtime::check_decoder_layers(config, layers);
   }
 
-  void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
-               Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
-               int64_t max_seqlen_q) {
+  // (embedding table, its type name, final_norm, head spec or None). The table: uint8 GGML blocks
+  // [vocab, row bytes] of the type, or a float tensor [vocab, d_model] whose dtype the type names.
+  void set_ends(nb::handle table, const std::string& type_name, nb::handle final_norm, nb::handle head) {
+    std::optional<DType> type = dtype_from_name(type_name);
+    FLASHLM_CHECK(type.has_value(), "embedding_type: unknown type '", type_name, "'");
+    TensorView raw = array(table, "embedding");
+    FLASHLM_CHECK(raw.ndim == 2 && raw.is_contiguous(), "embedding: expected a contiguous 2-D table, got ",
+                  raw.shape_string());
+    const int64_t vocab = raw.shape[0], d = config.d_model;
+    FLASHLM_CHECK(vocab > 0, "embedding: the table has no rows");
+    if (raw.dtype == DType::U8) {
+      FLASHLM_CHECK(d % dtype_info(*type).block_size == 0 && raw.numel() == storage_bytes(*type, vocab * d),
+                    "embedding: ", vocab, " rows of ", d, " ", type_name, " values take ", storage_bytes(*type, vocab * d),
+                    " bytes, the table has ", raw.numel());
+    } else {
+      FLASHLM_CHECK(raw.dtype == *type && raw.shape[1] == d, "embedding: expected ", type_name, " [", vocab, ", ", d,
+                    "], got ", dtype_name(raw.dtype), " ", raw.shape_string());
+    }
+    runtime::DecoderEnds e;  // replaces the current ends only once it is checked
+    e.embedding = TensorView::contiguous(raw.data, *type, {vocab, d});
+    e.final_norm = array(final_norm, "final_norm");
+    e.head = head.is_none() ? runtime::QuantLinear{} : linear(head, "head");
+    runtime::check_decoder_ends(config, e);
+    ends = e;
+    has_ends = true;
+  }
+
+  runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+                            Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
+                            int64_t max_seqlen_q) {
     runtime::DecoderStep s;
-    s.x = to_view(x, "x");
     s.positions = to_view(positions, "positions");
     s.rope_cos = to_view(rope_cos, "rope_cos");
     s.rope_sin = to_view(rope_sin, "rope_sin");
@@ -84,6 +112,26 @@ struct Decoder {
     s.seq_lens = to_view(seq_lens, "seq_lens");
     if (cu_seqlens_q) s.cu_seqlens_q = to_view(*cu_seqlens_q, "cu_seqlens_q");
     s.max_seqlen_q = max_seqlen_q;
+    return s;
+  }
+
+  void logits(Array tokens, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+              Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
+              int64_t max_seqlen_q, Array logits_rows, Array out) {
+    FLASHLM_CHECK(has_ends, "logits: this decoder was built without its embedding and final norm (set_ends)");
+    runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
+                                  seq_lens, cu_seqlens_q, max_seqlen_q);
+    const TensorView tv = to_view(tokens, "tokens"), rv = to_view(logits_rows, "logits_rows"), ov = to_view(out, "out");
+    nb::gil_scoped_release release;
+    runtime::decoder_logits(config, ends, layers, tv, rv, s, ov);
+  }
+
+  void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+               Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
+               int64_t max_seqlen_q) {
+    runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
+                                  seq_lens, cu_seqlens_q, max_seqlen_q);
+    s.x = to_view(x, "x");
     nb::gil_scoped_release release;
     runtime::decoder_forward(config, layers, s);
   }
@@ -97,6 +145,14 @@ void bind_runtime(nb::module_& m) {
            nb::arg("n_head"), nb::arg("n_kv_head"), nb::arg("head_dim"), nb::arg("d_ff"), nb::arg("eps"),
            nb::arg("layers"))
       .def_prop_ro("num_layers", [](const Decoder& d) { return d.layers.size(); })
+      .def_prop_ro("has_head", [](const Decoder& d) { return d.has_ends && d.ends.head.weight.data != nullptr; })
+      .def("set_ends", &Decoder::set_ends, nb::arg("embedding"), nb::arg("embedding_type"), nb::arg("final_norm"),
+           nb::arg("head").none(), "The token embedding table, the final norm and the head (None: the caller's)")
+      .def("logits", &Decoder::logits, nb::arg("tokens"), nb::arg("positions"), nb::arg("rope_cos"),
+           nb::arg("rope_sin"), nb::arg("k_caches"), nb::arg("v_caches"), nb::arg("slot_mapping"),
+           nb::arg("block_table"), nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("max_seqlen_q"),
+           nb::arg("logits_rows"), nb::arg("out"),
+           "One step from token ids to the logits of logits_rows (or their normed rows without a head) in out")
       .def("forward", &Decoder::forward, nb::arg("x"), nb::arg("positions"), nb::arg("rope_cos"), nb::arg("rope_sin"),
            nb::arg("k_caches"), nb::arg("v_caches"), nb::arg("slot_mapping"), nb::arg("block_table"),
            nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("max_seqlen_q"),

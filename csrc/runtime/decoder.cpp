@@ -14,6 +14,7 @@
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
 #include "flashlm/gemm/gguf_matmul.h"
+#include "flashlm/gguf/dequantize.h"
 #include "flashlm/kvcache/paged_attention.h"
 #include "flashlm/norm/rms_norm.h"
 
@@ -124,6 +125,71 @@ void check_decoder_layers(const DecoderConfig& c, const std::vector<DecoderLayer
     check_linear(l.gate, c.d_ff, d, at + "gate");
     check_linear(l.up, c.d_ff, d, at + "up");
     check_linear(l.down, d, c.d_ff, at + "down");
+  }
+}
+
+void check_decoder_ends(const DecoderConfig& c, const DecoderEnds& e) {
+  const TensorView& emb = e.embedding;
+  FLASHLM_CHECK(emb.device.is_cpu() && emb.data, "embedding must be on the CPU");
+  FLASHLM_CHECK(dequantize_supported(emb.dtype), "embedding: type ", dtype_name(emb.dtype), " cannot be dequantized");
+  FLASHLM_CHECK(emb.ndim == 2 && emb.shape[0] > 0 && emb.shape[1] == c.d_model && emb.is_contiguous(),
+                "embedding must be a contiguous [vocab, d_model = ", c.d_model, "], got ", emb.shape_string());
+  FLASHLM_CHECK(c.d_model % dtype_info(emb.dtype).block_size == 0, "embedding: d_model = ", c.d_model,
+                " is not a whole number of ", dtype_name(emb.dtype), " blocks");
+  check_f32_vector(e.final_norm, c.d_model, "final_norm");
+  if (e.head.weight.data || e.head.weight.ndim) {
+    FLASHLM_CHECK(e.head.n > 0, "head: expected at least one row, got ", e.head.n);
+    check_linear(e.head, e.head.n, c.d_model, "head");
+  }
+}
+
+void decoder_logits(const DecoderConfig& c, const DecoderEnds& e, const std::vector<DecoderLayer>& layers,
+                    const TensorView& tokens, const TensorView& logits_rows, DecoderStep s, const TensorView& out) {
+  check_decoder_ends(c, e);
+  const int64_t d = c.d_model, vocab = e.embedding.shape[0];
+  FLASHLM_CHECK(tokens.device.is_cpu() && tokens.dtype == DType::I64 && tokens.ndim == 1 && tokens.is_contiguous(),
+                "tokens must be a contiguous int64 [T] on the CPU, got ", tokens.shape_string());
+  const int64_t t = tokens.shape[0];
+  const auto* ids = static_cast<const int64_t*>(tokens.data);
+  for (int64_t i = 0; i < t; ++i)
+    FLASHLM_CHECK(ids[i] >= 0 && ids[i] < vocab, "tokens[", i, "] = ", ids[i], " is outside the vocabulary [0, ", vocab, ")");
+  const TensorView& r = logits_rows;
+  FLASHLM_CHECK(r.device.is_cpu() && r.dtype == DType::I64 && r.ndim == 1 && r.is_contiguous(),
+                "logits_rows must be a contiguous int64 [R] on the CPU, got ", r.shape_string());
+  const int64_t n_rows = r.shape[0];
+  const auto* rows_at = static_cast<const int64_t*>(r.data);
+  for (int64_t i = 0; i < n_rows; ++i)
+    FLASHLM_CHECK(rows_at[i] >= 0 && rows_at[i] < t, "logits_rows[", i, "] = ", rows_at[i], " is not a row of the ", t,
+                  " tokens");
+  const bool head = e.head.weight.data != nullptr;
+  const int64_t width = head ? e.head.n : d;
+  FLASHLM_CHECK(out.device.is_cpu() && out.dtype == DType::F32 && out.ndim == 2 && out.shape[0] == n_rows &&
+                out.shape[1] == width && out.is_contiguous() && (n_rows == 0 || out.data),
+                "out must be a contiguous float32 [", n_rows, ", ", width, "], got ", out.shape_string());
+
+  std::vector<float> x(static_cast<size_t>(t * d));
+  const int64_t row_bytes = storage_bytes(e.embedding.dtype, d);
+  for (int64_t i = 0; i < t; ++i) {
+    const auto* row = static_cast<const uint8_t*>(e.embedding.data) + ids[i] * row_bytes;
+    dequantize(TensorView::contiguous(const_cast<uint8_t*>(row), e.embedding.dtype, {d}),
+               TensorView::contiguous(x.data() + i * d, DType::F32, {d}));
+  }
+  s.x = rows(x.data(), t, d);
+  decoder_forward(c, layers, s);
+  if (n_rows == 0) return;
+
+  std::vector<float> picked(static_cast<size_t>(n_rows * d));
+  for (int64_t i = 0; i < n_rows; ++i)
+    std::copy(x.begin() + rows_at[i] * d, x.begin() + (rows_at[i] + 1) * d, picked.begin() + i * d);
+  norm::RMSNormParams p;
+  p.x = rows(picked.data(), n_rows, d);
+  p.out = head ? p.x : out;
+  p.weight = e.final_norm;
+  p.eps = c.norm_eps;
+  norm::rms_norm(p);
+  if (head) {
+    const MatmulPart h = part(e.head, static_cast<float*>(out.data));
+    gemm::detail::gguf_matmul_parts_f32(picked.data(), n_rows, d, &h, 1);
   }
 }
 

@@ -335,21 +335,29 @@ class Transformer(nn.Module):
         kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
         if len(kv_caches) != self.cfg.n_layer:
             raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
-        x = self.tok_emb(tokens)  # [T, d]
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(batch.positions)
-        native = self.native_decoder() if x.is_cpu and x.dtype == torch.float32 else None
-        if native is not None and all(k.dtype == torch.float32 and v.dtype == torch.float32 for k, v in kv_caches):
-            native(x, batch.positions, self.rope_cos, self.rope_sin, [k for k, _ in kv_caches],
-                   [v for _, v in kv_caches], batch.slot_mapping, batch.block_table, batch.seq_lens,
-                   batch.cu_seqlens_q, batch.max_seqlen_q)
+        native = self.native_decoder() if tokens.is_cpu else None
+        if native is not None and not all(k.dtype == torch.float32 and v.dtype == torch.float32 for k, v in kv_caches):
+            native = None
+        if native is not None:
+            step = (batch.positions, self.rope_cos, self.rope_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
+                    batch.slot_mapping, batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.max_seqlen_q)
+        if native is not None and native.has_ends:  # the whole step in one call
+            x = native.logits(tokens, *step, batch.logits_rows)
+            if native.has_head:
+                return x
         else:
-            rope = None
-            if self.cfg.rotary:
-                rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
-            for block, cache in zip(self.blocks, kv_caches):
-                x = block.forward_paged(x, rope, batch, cache)
-        x = self.final_norm(x[batch.logits_rows])
+            x = self.tok_emb(tokens)  # [T, d]
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(batch.positions)
+            if native is not None and x.dtype == torch.float32:
+                native(x, *step)
+            else:
+                rope = None
+                if self.cfg.rotary:
+                    rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
+                for block, cache in zip(self.blocks, kv_caches):
+                    x = block.forward_paged(x, rope, batch, cache)
+            x = self.final_norm(x[batch.logits_rows])
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         return logits.float()
 
@@ -407,7 +415,8 @@ class Transformer(nn.Module):
 
 def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     """NativeDecoder over model's blocks, or None when some part is not what it runs (see native_decoder)."""
-    from flashlm.quant.gguf_linear import GGUFLinear  # flashlm.quant imports this module's package
+    from flashlm.quant.gguf_embedding import GGUFEmbedding  # flashlm.quant imports this module's package
+    from flashlm.quant.gguf_linear import GGUFLinear
     from flashlm.ops import GGUF_LINEAR_TYPES
 
     cfg = model.cfg
@@ -437,4 +446,14 @@ def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
         if any(p is None for p in parts):
             return None
         layers.append(parts)
-    return NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers)
+    native = NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers)
+    # The ends too where they are what it reads: the embedding lookup, the final norm and a GGUF head.
+    emb, final = model.tok_emb, norm(model.final_norm)
+    table = None
+    if isinstance(emb, GGUFEmbedding) and emb.dtype == torch.float32 and emb.raw.is_cpu:
+        table = (emb.raw, emb.ggml_type)
+    elif isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32 and emb.weight.is_cpu:
+        table = (emb.weight.detach(), "F32")
+    if table is not None and final is not None and model.pos_emb is None:
+        native.set_ends(*table, final, linear(model.lm_head) if model.lm_head is not None else None)
+    return native

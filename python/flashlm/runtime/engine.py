@@ -191,6 +191,11 @@ class LLM:
 
     def step(self) -> list:
         """Runs one scheduled step; returns the RequestOutputs of the requests that got new tokens."""
+        return [req.output(self.tokenizer) for req in self._step()]
+
+    def _step(self) -> list:
+        """step() without building its outputs (each decodes the request's whole text so far): the requests
+        that got new tokens."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
@@ -216,12 +221,11 @@ class LLM:
             if req.finished:
                 req.metrics.finished_time = now
                 self._release(req)
-        outputs = [req.output(self.tokenizer) for req in touched.values()]
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
         self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
         self.stats.step_seconds += time.perf_counter() - start
-        return outputs
+        return list(touched.values())
 
     def stats_summary(self) -> dict:
         """Steps, tokens, and the host (Python) time per step beside the model's forward time."""
@@ -273,7 +277,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generating", unit="req")
         while any(not r.finished for r in reqs):
             done_before = sum(r.finished for r in reqs)
-            self.step()
+            self._step()
             if bar is not None:
                 bar.update(sum(r.finished for r in reqs) - done_before)
         if bar is not None:
@@ -296,5 +300,5 @@ class LLM:
         rid = self.add_request(prompt, sampling_params)
         req = self._requests[rid]
         while not req.finished:
-            self.step()
+            self._step()
         return req.output(self.tokenizer)

@@ -8,7 +8,8 @@
 //   h = rms_norm(x); q, k, v = h @ Wq.T (+ bq), ...; rotate q and k (rotate-half rope, HF's convention)
 //   write k, v into the layer's paged cache; a = paged_attention(q) @ Wo.T (+ bo)
 //   x += a; h = rms_norm(x); x += (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
-// The final norm and the output head are left to the caller.
+// decoder_logits adds both ends: the embedding lookup before the layers, and after them the final norm and
+// the output head on the rows whose next-token logits are wanted.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +36,15 @@ struct DecoderLayer {
   QuantLinear gate, up, down;
 };
 
+// The model's ends: the token embedding table, the final norm and (optionally) the output head.
+struct DecoderEnds {
+  TensorView embedding;  // [vocab, d_model] rows of any type flashlm::dequantize reads (a view of a block type,
+                         // or F32/F16/BF16 values)
+  TensorView final_norm;  // f32 [d]
+  QuantLinear head;       // [vocab', d] in GGML blocks; absent (null weight data): decoder_logits returns the
+                          // normed hidden rows and the caller applies its head
+};
+
 struct DecoderConfig {
   int64_t d_model = 0, n_head = 0, n_kv_head = 0, head_dim = 0, d_ff = 0;
   double norm_eps = 1e-6;
@@ -59,5 +69,15 @@ FLASHLM_API void check_decoder_layers(const DecoderConfig& config, const std::ve
 // Runs every layer on step.x in place. CPU only; the step's views are checked (ValueError naming them).
 FLASHLM_API void decoder_forward(const DecoderConfig& config, const std::vector<DecoderLayer>& layers,
                                  const DecoderStep& step);
+
+// Checks the ends against the config (ValueError naming the tensor).
+FLASHLM_API void check_decoder_ends(const DecoderConfig& config, const DecoderEnds& ends);
+
+// One whole step: the embeddings of `tokens` (int64 [T], each in [0, vocab)) through every layer, then the
+// final norm and the head on rows `logits_rows` (int64 [R], each in [0, T)) into `out`: f32 [R, head rows],
+// or f32 [R, d_model] (the normed rows) without a head. step.x is not read: pass an empty view.
+FLASHLM_API void decoder_logits(const DecoderConfig& config, const DecoderEnds& ends,
+                                const std::vector<DecoderLayer>& layers, const TensorView& tokens,
+                                const TensorView& logits_rows, DecoderStep step, const TensorView& out);
 
 }  // namespace flashlm::runtime
