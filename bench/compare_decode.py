@@ -4,8 +4,9 @@
 A random-weight Llama-style model (default ~90M parameters: d 768, 12 layers, GQA 12/4, vocab 4096, with a
 byte-level BPE tokenizer trained here) is exported by flashlm to GGUF (F32 / Q8_0 / Q4_0: llama.cpp's tensor
 names, rope permutation and reference quantization bytes), then loaded by both runtimes:
-  flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache, the engine's
-             scheduler and sampler; greedy, batch 1;
+  flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache (bf16 by default:
+             llama.cpp's default f16 cache is as many bytes per token), the engine's scheduler and sampler;
+             greedy, batch 1;
   llama.cpp  llama_cpp.Llama(path, n_threads=T): eval() of the prompt, then one eval() per greedy token.
 Both run with the same thread count (--threads, default: torch's). Before timing, the first 8 greedy tokens
 of both are compared (they match unless two logits nearly tie; a mismatch is printed, not hidden).
@@ -59,7 +60,8 @@ def make_gguf(folder, args, ggml_type):
 def flashlm_runs(path, args):
     # No prefix caching: every repetition runs the same prompt, and a cached prefix would time a lookup, not a
     # prefill (the batching figure likewise reruns the sequential requests).
-    llm = LLM(path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False)
+    llm = LLM(path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False,
+              kv_cache_dtype=getattr(torch, args.kv_dtype))
     g = torch.Generator().manual_seed(1)
     vocab = llm.model.cfg.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
@@ -114,6 +116,8 @@ def main():
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--kv-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="flashlm's KV cache (llama.cpp keeps f16 by default: bfloat16 reads as many bytes)")
     p.add_argument("--quick", action="store_true", help="a tiny model and few tokens (CI smoke)")
     args = p.parse_args()
     if args.quick:

@@ -95,12 +95,14 @@ def step_logits_both_ways(model, **engine_kw):
     ("qwen2", ("Q4_0",), 4, None),
 ], ids=["llama-q4_0-gqa-ends", "llama-mixed-mqa", "qwen2-kquants-ends", "qwen2-mha"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunked):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["f32-kv", "bf16-kv"])
+def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunked, kv_dtype):
     model = quantized_model(arch, types, n_kv_head, ends=ends)
     native = model.native_decoder()
     # the whole step in one call: with GGUF ends the head too; with float ends, the embedding and norm only
     assert native.has_ends and native.has_head == (ends is not None)
     kw = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=16) if chunked else dict(block_size=16)
+    kw["kv_cache_dtype"] = kv_dtype
     assert step_logits_both_ways(model, **kw) >= 8  # a prefill (several, chunked) and 7 decode steps at least
 
 
@@ -137,13 +139,6 @@ def test_which_models_take_the_native_stack():
     first = m.native_decoder()
     m.to(torch.float32)
     assert m._native_decoder is None and m.native_decoder() is not first
-
-
-def test_bf16_kv_cache_takes_the_module_path():
-    model = quantized_model("llama")
-    llm = LLM(model, ByteTokenizer(), block_size=4, kv_cache_dtype=torch.bfloat16)
-    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    assert [len(o.outputs[0].token_ids) for o in out] == [6, 6]
 
 
 def _layer_specs(model):
@@ -216,8 +211,10 @@ def test_bad_step_names_the_argument():
         step(positions=torch.arange(T, dtype=torch.int32))
     with pytest.raises(ValueError, match="k_caches and v_caches: expected 3 layers, got 2 and 3"):
         step(k=k[:2])
-    with pytest.raises(ValueError, match="kv cache of layer 0 must be float32"):
-        step(k=[c.bfloat16() for c in k])
+    with pytest.raises(ValueError, match="kv cache of layer 0 must be float32 or bfloat16, as every layer's, got F16"):
+        step(k=[c.half() for c in k], v=[c.half() for c in v])
+    with pytest.raises(ValueError, match="kv cache of layer 1 must be float32 or bfloat16, as every layer's, got BF16"):
+        step(k=[k[0]] + [c.bfloat16() for c in k[1:]])
     with pytest.raises(ValueError, match="slot"):  # the cache kernels' own checks
         step(slots=torch.tensor([0, 1, 99]))
     with pytest.raises(ValueError, match="seq_lens"):

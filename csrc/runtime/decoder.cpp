@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../gemm/gguf_matmul_kernels.h"
+#include "../gguf/dequantize_block.h"  // f32 <-> bf16
 #include "flashlm/activation/silu_mul.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
@@ -53,6 +54,14 @@ MatmulPart part(const QuantLinear& l, float* y) {
 }
 
 TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
+
+// n values to bf16 (round to nearest even, as torch's .to(torch.bfloat16)) and back.
+void to_bf16(const float* x, uint16_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = gguf::detail::f32_to_bf16(x[i]);
+}
+void from_bf16(const uint16_t* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = gguf::detail::bf16_to_f32(x[i]);
+}
 
 // Rotate-half rope on `heads` heads of each row of x [T, heads * hd]: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
 // with c, s the rows positions[t] of the tables. Each output is fma(other half, +-s, x * c), the roundings of
@@ -100,7 +109,8 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
                 n_layers, " layers, got ", s.k_caches.size(), " and ", s.v_caches.size());
   for (size_t l = 0; l < n_layers; ++l)
     for (const TensorView* cache : {&s.k_caches[l], &s.v_caches[l]})
-      FLASHLM_CHECK(cache->dtype == DType::F32, "kv cache of layer ", l, " must be float32, got ",
+      FLASHLM_CHECK(cache->dtype == s.k_caches[0].dtype && (cache->dtype == DType::F32 || cache->dtype == DType::BF16),
+                    "kv cache of layer ", l, " must be float32 or bfloat16, as every layer's, got ",
                     dtype_name(cache->dtype));
 }
 
@@ -209,6 +219,8 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
   float* v = k + t * kvd;       // [T, kvd]
   float* gate = v + t * kvd;    // [T, ff]
   float* up = gate + t * ff;    // [T, ff]
+  const bool bf16 = s.k_caches[0].dtype == DType::BF16;
+  std::vector<uint16_t> half(bf16 ? static_cast<size_t>(t * (2 * kvd + 2 * qd)) : 0);  // K, V, q, attention
   auto* x = static_cast<float*>(s.x.data);
   const auto* positions = static_cast<const int64_t*>(s.positions.data);
   const auto* cos = static_cast<const float*>(s.rope_cos.data);
@@ -240,17 +252,30 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
     rotate(q, t, c.n_head, hd, positions, cos, sin);
     rotate(k, t, c.n_kv_head, hd, positions, cos, sin);
 
+    // A bf16 cache takes bf16 K, V and q, and gives bf16 attention rows back (the module path's .to() calls).
+    void* kq = k;
+    void* vq = v;
+    void* qq = q;
+    void* aq = att;
+    if (bf16) {
+      to_bf16(k, half.data(), t * kvd);
+      to_bf16(v, half.data() + t * kvd, t * kvd);
+      to_bf16(q, half.data() + 2 * t * kvd, t * qd);
+      kq = half.data(), vq = half.data() + t * kvd, qq = half.data() + 2 * t * kvd;
+      aq = half.data() + 2 * t * kvd + t * qd;
+    }
+    const DType kv_dtype = bf16 ? DType::BF16 : DType::F32;
     KVCacheWriteParams w;
-    w.key = TensorView::contiguous(k, DType::F32, {t, c.n_kv_head, hd});
-    w.value = TensorView::contiguous(v, DType::F32, {t, c.n_kv_head, hd});
+    w.key = TensorView::contiguous(kq, kv_dtype, {t, c.n_kv_head, hd});
+    w.value = TensorView::contiguous(vq, kv_dtype, {t, c.n_kv_head, hd});
     w.k_cache = s.k_caches[i];
     w.v_cache = s.v_caches[i];
     w.slot_mapping = s.slot_mapping;
     write_kv_cache(w);
 
     PagedAttentionParams a;
-    a.q = TensorView::contiguous(q, DType::F32, {t, c.n_head, hd});
-    a.out = TensorView::contiguous(att, DType::F32, {t, c.n_head, hd});
+    a.q = TensorView::contiguous(qq, kv_dtype, {t, c.n_head, hd});
+    a.out = TensorView::contiguous(aq, kv_dtype, {t, c.n_head, hd});
     a.k_cache = s.k_caches[i];
     a.v_cache = s.v_caches[i];
     a.block_table = s.block_table;
@@ -260,6 +285,7 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
     a.options.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops
     a.options.causal = true;
     paged_attention(a);
+    if (bf16) from_bf16(static_cast<const uint16_t*>(aq), att, t * qd);
 
     const MatmulPart o = part(l.o, out);
     gemm::detail::gguf_matmul_parts_f32(att, t, qd, &o, 1);

@@ -336,7 +336,9 @@ class Transformer(nn.Module):
         if len(kv_caches) != self.cfg.n_layer:
             raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
         native = self.native_decoder() if tokens.is_cpu else None
-        if native is not None and not all(k.dtype == torch.float32 and v.dtype == torch.float32 for k, v in kv_caches):
+        kv_dtype = kv_caches[0][0].dtype if kv_caches else torch.float32
+        if native is not None and (kv_dtype not in (torch.float32, torch.bfloat16)
+                                   or not all(k.dtype == kv_dtype and v.dtype == kv_dtype for k, v in kv_caches)):
             native = None
         if native is not None:
             step = (batch.positions, self.rope_cos, self.rope_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],

@@ -55,7 +55,8 @@ struct DecoderStep {
   TensorView x;             // f32 [T, d]: embeddings in, the residual stream after the last layer out
   TensorView positions;     // int64 [T]: rows of the rope tables
   TensorView rope_cos, rope_sin;  // f32 [max_positions, head_dim]: cos/sin of position * inv_freq, both halves
-  std::vector<TensorView> k_caches, v_caches;  // per layer, f32 [num_blocks, block_size, n_kv_head, head_dim]
+  std::vector<TensorView> k_caches, v_caches;  // per layer, [num_blocks, block_size, n_kv_head, head_dim], all f32
+                                               // or all bf16 (then K, V and q are rounded to bf16 for attention)
   TensorView slot_mapping;  // int64 [T]
   TensorView block_table;   // int32 [S, max_blocks]
   TensorView seq_lens;      // int32 [S]
