@@ -6,6 +6,7 @@ greedy generation through the engine, which models it takes, and bad input."""
 import pytest
 import torch
 
+import flashlm.ops as ops
 from flashlm.models import ModelConfig, Transformer
 from flashlm.ops import NativeDecoder
 from flashlm.quant import GGUFEmbedding, GGUFLinear
@@ -13,6 +14,7 @@ from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 
 VOCAB = 64
+ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
 
 
 class ByteTokenizer:
@@ -104,6 +106,15 @@ def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunke
     kw = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=16) if chunked else dict(block_size=16)
     kw["kv_cache_dtype"] = kv_dtype
     assert step_logits_both_ways(model, **kw) >= 8  # a prefill (several, chunked) and 7 decode steps at least
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_head_dim_off_the_vector_width(isa, restore_isa):
+    """head_dim 20: rope's pairs (10 per head) end in a ragged tail; on the scalar ISA every kernel is scalar."""
+    ops.set_cpu_isa(isa)
+    model = quantized_model("llama", ("Q8_0", "Q4_0"), n_kv_head=2, d_model=160, n_head=8, ends="Q8_0")
+    assert model.cfg.head_dim == 20
+    assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
 
 
 def test_native_greedy_generation_equals_the_module_path():

@@ -4,6 +4,8 @@
 // step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
 #include "flashlm/runtime/decoder.h"
 
+#include "rope_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -12,6 +14,7 @@
 #include "../gemm/gguf_matmul_kernels.h"
 #include "../gguf/dequantize_block.h"  // f32 <-> bf16
 #include "flashlm/activation/silu_mul.h"
+#include "flashlm/core/cpu_features.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
 #include "flashlm/gemm/gguf_matmul.h"
@@ -63,22 +66,36 @@ void from_bf16(const uint16_t* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = gguf::detail::bf16_to_f32(x[i]);
 }
 
-// Rotate-half rope on `heads` heads of each row of x [T, heads * hd]: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)
-// with c, s the rows positions[t] of the tables. Each output is fma(other half, +-s, x * c), the roundings of
-// torch's addcmul in flashlm.models.apply_rope, so both paths give the same bits.
+}  // namespace
+
+namespace detail {
+void rotate_half_scalar(float* v, int64_t half, const float* c, const float* s, int64_t begin) {
+  for (int64_t i = begin; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = std::fma(b, -s[i], a * c[i]);
+    v[i + half] = std::fma(a, s[i + half], b * c[i + half]);
+  }
+}
+#ifndef FLASHLM_HAVE_AVX2_KERNELS
+void rotate_half_avx2(float* v, int64_t half, const float* c, const float* s) { rotate_half_scalar(v, half, c, s); }
+#endif
+}  // namespace detail
+
+namespace {
+
+// Rotate-half rope on `heads` heads of each row of x [T, heads * hd] (rope_kernels.h), c and s the rows
+// positions[t] of the tables.
 void rotate(float* x, int64_t t_count, int64_t heads, int64_t hd, const int64_t* positions, const float* cos,
             const float* sin) {
   const int64_t half = hd / 2;
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   for (int64_t t = 0; t < t_count; ++t) {
     const float* c = cos + positions[t] * hd;
     const float* s = sin + positions[t] * hd;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (t * heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = std::fma(b, -s[i], a * c[i]);
-        v[i + half] = std::fma(a, s[i + half], b * c[i + half]);
-      }
+      if (avx2) detail::rotate_half_avx2(v, half, c, s);
+      else detail::rotate_half_scalar(v, half, c, s);
     }
   }
 }
