@@ -117,6 +117,20 @@ def test_native_head_dim_off_the_vector_width(isa, restore_isa):
     assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
 
 
+@pytest.mark.parametrize("threads", [3, 5])
+def test_native_regrouped_weights_at_ragged_thread_ranges(threads):
+    """Q4_0/Q8_0 decode multiplies read a copy regrouped by 4 rows; with 3 or 5 threads the pool's ranges start
+    mid-group (320 q/k/v rows in 6 or 10 ranges), and the rows around the edges take the plain kernel: every
+    output must still be the plain GEMV's."""
+    saved = ops.num_threads()
+    ops.set_num_threads(threads)
+    try:
+        model = quantized_model("llama", ("Q4_0", "Q8_0"), n_kv_head=2, d_model=192, n_head=6, ends="Q4_0")
+        assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
+    finally:
+        ops.set_num_threads(saved)
+
+
 def test_native_greedy_generation_equals_the_module_path():
     model = quantized_model("llama", ("Q4_0", "Q8_0"), ends="Q8_0")
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 30, 5, 20, 25, 8)]

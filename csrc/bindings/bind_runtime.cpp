@@ -20,6 +20,7 @@ struct Decoder {
   runtime::DecoderEnds ends;
   bool has_ends = false;
   std::vector<nb::object> keep;  // the arrays the layers' views point into
+  std::vector<std::vector<uint8_t>> packed;  // batch-1 copies of weights (runtime::pack_for_gemv)
 
   TensorView array(nb::handle h, const std::string& name) {
     Array a;
@@ -46,6 +47,13 @@ struct Decoder {
     return l;
   }
 
+  void pack(runtime::QuantLinear& l) {
+    std::vector<uint8_t> p = runtime::pack_for_gemv(l);
+    if (p.empty()) return;
+    packed.push_back(std::move(p));
+    l.packed = packed.back().data();  // the vector's buffer does not move with the outer vector
+  }
+
   // layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down), each linear a `linear` spec.
   Decoder(int64_t d_model, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t d_ff, double eps,
           nb::list specs) {
@@ -69,6 +77,8 @@ struct Decoder {
       layers.push_back(l);
     }
     runtime::check_decoder_layers(config, layers);
+    for (auto& l : layers)
+      for (runtime::QuantLinear* q : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) pack(*q);
   }
 
   // (embedding table, its type name, final_norm, head spec or None). The table: uint8 GGML blocks
@@ -94,6 +104,7 @@ struct Decoder {
     e.final_norm = array(final_norm, "final_norm");
     e.head = head.is_none() ? runtime::QuantLinear{} : linear(head, "head");
     runtime::check_decoder_ends(config, e);
+    if (e.head.weight.data) pack(e.head);
     ends = e;
     has_ends = true;
   }

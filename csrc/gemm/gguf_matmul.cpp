@@ -4,6 +4,7 @@
 #include "flashlm/gemm/gguf_matmul.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -96,12 +97,48 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       if (n0 >= n1) continue;
       const int f = uses_q8_k(p.type);
       const RowsArgs args{p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n};
-      if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+      auto rows = [&](int64_t a, int64_t b) {
+        if (a < b && !(avx2 && gguf_matmul_rows_avx2(args, a, b))) gguf_matmul_rows_scalar(args, a, b);
+      };
+      if (p.packed && m == 1 && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
+        const int64_t g0 = std::min((n0 + 3) / 4 * 4, n1), g1 = std::max(g0, n1 / 4 * 4);
+        rows(n0, g0);
+        if (g0 < g1) gemv_x4_avx2(p.type, p.packed, k, acts[f].data(), p.y, g0, g1);
+        rows(g1, n1);
+      } else {
+        rows(n0, n1);
+      }
       if (p.bias)
         for (int64_t i2 = 0; i2 < m; ++i2)
           for (int64_t j = n0; j < n1; ++j) p.y[i2 * p.n + j] += p.bias[j];
     }
   });
+}
+
+bool repack_x4_supported(DType type, int64_t n, int64_t k) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n > 0 && n % 4 == 0 && k > 0 && k % 64 == 0;
+}
+
+void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed) {
+  const int64_t block = dtype_info(type).block_bytes, quants = block - 2;  // f16 d, then the quants
+  const int64_t row_bytes = k / 32 * block;
+  uint8_t* out = packed;
+  for (int64_t g = 0; g < n / 4; ++g) {
+    for (int64_t p = 0; p < k / 64; ++p) {
+      auto at = [&](int r, int b) { return w + (4 * g + r) * row_bytes + (2 * p + b) * block; };
+      for (int r = 0; r < 4; ++r)
+        for (int b = 0; b < 2; ++b) std::memcpy(out + 2 * (2 * r + b), at(r, b), 2);
+      out += 16;
+      for (int r = 0; r < 4; ++r) {
+        if (type == DType::Q4_0) {
+          for (int b = 0; b < 2; ++b, out += quants) std::memcpy(out, at(r, b) + 2, static_cast<size_t>(quants));
+        } else {  // Q8_0: [b0 0..16 | b1 0..16 | b0 16..32 | b1 16..32]
+          for (int half = 0; half < 2; ++half)
+            for (int b = 0; b < 2; ++b, out += 16) std::memcpy(out, at(r, b) + 2 + 16 * half, 16);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace gemm::detail
@@ -174,5 +211,6 @@ void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul:
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
 namespace flashlm::gemm::detail {
 bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
+void gemv_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, float*, int64_t, int64_t) {}
 }  // namespace flashlm::gemm::detail
 #endif

@@ -409,6 +409,69 @@ void run_rows(const RowsArgs& a, int64_t n0, int64_t n1) {
 
 }  // namespace
 
+namespace {
+
+// The x4 layouts (gguf_matmul_kernels.h): per pair of blocks, 8 f16 scales, then each row's quants as the
+// plain GEMV's load2 would give them.
+struct PackedQ4_0 {
+  using W = Q4Q5<gguf::block_q4_0, false, false>;
+  using L = Legacy<W>;
+  static constexpr int64_t kRowBytes = 32;  // [qs of block 0 | qs of block 1]
+  FLASHLM_AVX2_INLINE static void unpack(const uint8_t* r, __m256i& lo, __m256i& hi) {
+    const __m256i v = load32B(r), mask = _mm256_set1_epi8(0x0F);
+    lo = _mm256_and_si256(v, mask);
+    hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+  }
+};
+struct PackedQ8_0 {
+  using W = Q8_0;
+  using L = Legacy<W>;
+  static constexpr int64_t kRowBytes = 64;  // lo then hi, already in the activation pair's interleaving
+  FLASHLM_AVX2_INLINE static void unpack(const uint8_t* r, __m256i& lo, __m256i& hi) {
+    lo = load32B(r);
+    hi = load32B(r + 32);
+  }
+};
+
+template <class P>
+void gemv_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1) {
+  using L = typename P::L;
+  constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
+  const int64_t pairs = k / 64;
+  for (int64_t n = n0; n < n1; n += 4) {
+    const uint8_t* w = packed + n / 4 * pairs * kPairBytes;
+    __m256 acc[4];
+    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < pairs; ++b, w += kPairBytes) {
+      for (int64_t line = 0; line < kPairBytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line), _MM_HINT_T0);
+      const ActQ8x2* a = q8(acts + b * L::kActBytes);
+      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
+      const __m256i off16 = L::offset16(y0, y1);
+      const __m256 dx = L::act_scales(a);
+      const __m256 scales = _mm256_cvtph_ps(load16B(w));  // [r0 b0, r0 b1, r1 b0, ..., r3 b1]
+      for (int j = 0; j < 4; ++j) {
+        __m256i lo, hi;
+        P::unpack(w + 16 + P::kRowBytes * j, lo, hi);
+        const bool sign = P::W::kSigned;
+        const __m256i ulo = sign ? _mm256_sign_epi8(lo, lo) : lo, uhi = sign ? _mm256_sign_epi8(hi, hi) : hi;
+        const __m256 dw = _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1,
+                                                                             2 * j + 1, 2 * j + 1, 2 * j + 1));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L::dot(lo, hi, ulo, uhi, y0, y1, off16)), _mm256_mul_ps(dw, dx), acc[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) y[n + j] = hsum(acc[j]) + 0.0f;  // + the zero correction, as dot_rows<T, 1>
+  }
+}
+
+}  // namespace
+
+void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1) {
+  if (type == DType::Q4_0) gemv_x4<PackedQ4_0>(packed, k, acts, y, n0, n1);
+  else gemv_x4<PackedQ8_0>(packed, k, acts, y, n0, n1);
+}
+
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) {
   switch (a.type) {
     case DType::Q4_0: run_rows<Legacy<Q4Q5<gguf::block_q4_0, false, false>>>(a, n0, n1); return true;

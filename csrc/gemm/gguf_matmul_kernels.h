@@ -65,8 +65,21 @@ struct MatmulPart {
   int64_t n;
   const float* bias;   // [n] or null
   float* y;            // [M, n], contiguous
+  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), used for M = 1
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
+
+// The x4 layouts: Q4_0 or Q8_0 rows regrouped for GEMV. Rows 4g .. 4g + 3 form group g; per pair of blocks
+// (2p, 2p + 1) a group holds the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1, r3 b0, r3 b1] and then,
+// per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
+// first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
+// many bytes as the 4 rows' 8 blocks; one load gives 8 scales and each row's pair comes in one or two loads,
+// from one stream. Requires N % 4 == 0 and K % 64 == 0. The kernel computes every output exactly as the
+// plain GEMV does.
+bool repack_x4_supported(DType type, int64_t n, int64_t k);
+void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
+// y[0, n] for rows n in [n0, n1) (multiples of 4) from the packed weights and one activation row (ActQ8x2).
+void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1);
 
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.

@@ -53,7 +53,7 @@ void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string&
 
 MatmulPart part(const QuantLinear& l, float* y) {
   return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
-          l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y};
+          l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, l.packed};
 }
 
 TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
@@ -153,6 +153,14 @@ void check_decoder_layers(const DecoderConfig& c, const std::vector<DecoderLayer
     check_linear(l.up, c.d_ff, d, at + "up");
     check_linear(l.down, d, c.d_ff, at + "down");
   }
+}
+
+std::vector<uint8_t> pack_for_gemv(const QuantLinear& l) {
+  if (!gemm::detail::repack_x4_supported(l.type, l.n, l.k)) return {};
+  check_linear(l, l.n, l.k, "pack_for_gemv");
+  std::vector<uint8_t> packed(static_cast<size_t>(storage_bytes(l.type, l.n * l.k)));
+  gemm::detail::repack_x4(l.type, static_cast<const uint8_t*>(l.weight.data), l.n, l.k, packed.data());
+  return packed;
 }
 
 void check_decoder_ends(const DecoderConfig& c, const DecoderEnds& e) {
