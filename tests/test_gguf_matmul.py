@@ -154,6 +154,21 @@ def test_avx2_matches_scalar(ggml_type):
     assert (err <= bound).all(), f"{ggml_type}: AVX2 vs scalar max err {err.max():.3e}"
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("ggml_type", TYPES)
+def test_a_row_does_not_depend_on_the_batch(isa, ggml_type):
+    """Each output row is computed the same way whether x has 1 row (GEMV, four weight rows at a time) or many
+    (GEMM tiles of activation rows): batched serving gives the bits of one-at-a-time serving."""
+    _C.set_cpu_isa(isa)
+    k = k_for(ggml_type, blocks=3)
+    raw, _, _ = weights(ggml_type, 70, k, seed=13)
+    x = torch.randn(7, k, generator=torch.Generator().manual_seed(6))
+    together = ops.gguf_linear(x, raw, ggml_type, (70, k))
+    for i in range(7):
+        alone = ops.gguf_linear(x[i:i + 1], raw, ggml_type, (70, k))
+        assert torch.equal(alone[0], together[i]), f"{ggml_type} row {i}"
+
+
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_py_quantized_weights(ggml_type):
     """Realistic blocks: Gaussian weights quantized by gguf-py."""
