@@ -100,10 +100,11 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       auto rows = [&](int64_t a, int64_t b) {
         if (a < b && !(avx2 && gguf_matmul_rows_avx2(args, a, b))) gguf_matmul_rows_scalar(args, a, b);
       };
-      if (p.packed && m == 1 && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
+      if (p.packed && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
         const int64_t g0 = std::min((n0 + 3) / 4 * 4, n1), g1 = std::max(g0, n1 / 4 * 4);
         rows(n0, g0);
-        if (g0 < g1) gemv_x4_avx2(p.type, p.packed, k, acts[f].data(), p.y, g0, g1);
+        if (g0 < g1 && m == 1) gemv_x4_avx2(p.type, p.packed, k, acts[f].data(), p.y, g0, g1);
+        if (g0 < g1 && m > 1) gemm_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], m, p.y, p.n, g0, g1);
         rows(g1, n1);
       } else {
         rows(n0, n1);
@@ -212,5 +213,6 @@ void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul:
 namespace flashlm::gemm::detail {
 bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
 void gemv_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, float*, int64_t, int64_t) {}
+void gemm_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {}
 }  // namespace flashlm::gemm::detail
 #endif

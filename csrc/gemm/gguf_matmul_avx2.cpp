@@ -465,11 +465,85 @@ void gemv_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, in
   }
 }
 
+// What an activation pair contributes besides its quants, computed once per call instead of once per
+// weight row: the offset term and the scales.
+struct PairExtra {
+  __m256i off16;
+  __m256 dx;
+};
+
+// y[r, n + j] for act rows r0 .. r0 + R and the 4 rows of group n: each weight pair unpacked once for R
+// activation rows, every output computed as dot_rows<T, R> computes it.
+template <class P, int R>
+FLASHLM_AVX2_INLINE void gemm_tile(const uint8_t* w, int64_t pairs, const uint8_t* acts, int64_t act_bytes,
+                                   const PairExtra* extra, int64_t r0, float* y, int64_t ldy, int64_t n) {
+  using L = typename P::L;
+  constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
+  __m256 acc[4][R];
+  for (int j = 0; j < 4; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < pairs; ++b, w += kPairBytes) {
+    const __m256 scales = _mm256_cvtph_ps(load16B(w));
+    for (int j = 0; j < 4; ++j) {
+      __m256i lo, hi;
+      P::unpack(w + 16 + P::kRowBytes * j, lo, hi);
+      const bool sign = P::W::kSigned;
+      const __m256i ulo = sign ? _mm256_sign_epi8(lo, lo) : lo, uhi = sign ? _mm256_sign_epi8(hi, hi) : hi;
+      const __m256 dw = _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1,
+                                                                           2 * j + 1, 2 * j + 1, 2 * j + 1));
+      for (int r = 0; r < R; ++r) {
+        const ActQ8x2* a = q8(acts + (r0 + r) * act_bytes + b * L::kActBytes);
+        const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+        const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
+        const PairExtra& e = extra[(r0 + r) * pairs + b];
+        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L::dot(lo, hi, ulo, uhi, y0, y1, e.off16)),
+                                    _mm256_mul_ps(dw, e.dx), acc[j][r]);
+      }
+    }
+  }
+  for (int j = 0; j < 4; ++j)
+    for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n + j] = hsum(acc[j][r]) + 0.0f;
+}
+
+template <class P>
+void gemm_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m, float* y,
+             int64_t ldy, int64_t n0, int64_t n1) {
+  using L = typename P::L;
+  constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
+  const int64_t pairs = k / 64;
+  PairExtra* extra = new PairExtra[static_cast<size_t>(m * pairs)];
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < pairs; ++b) {
+      const ActQ8x2* a = q8(acts + r * act_bytes + b * L::kActBytes);
+      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
+      extra[r * pairs + b] = {L::offset16(y0, y1), L::act_scales(a)};
+    }
+  // 4 groups (16 weight rows) stay in L1/L2 while every pair of activation rows passes over them.
+  for (int64_t nt = n0; nt < n1; nt += 16) {
+    const int64_t ne = nt + 16 < n1 ? nt + 16 : n1;
+    int64_t r = 0;
+    for (; r + 2 <= m; r += 2)
+      for (int64_t n = nt; n < ne; n += 4)
+        gemm_tile<P, 2>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extra, r, y, ldy, n);
+    if (r < m)
+      for (int64_t n = nt; n < ne; n += 4)
+        gemm_tile<P, 1>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extra, r, y, ldy, n);
+  }
+  delete[] extra;
+}
+
 }  // namespace
 
 void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1) {
   if (type == DType::Q4_0) gemv_x4<PackedQ4_0>(packed, k, acts, y, n0, n1);
   else gemv_x4<PackedQ8_0>(packed, k, acts, y, n0, n1);
+}
+
+void gemm_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
+                  float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (type == DType::Q4_0) gemm_x4<PackedQ4_0>(packed, k, acts, act_bytes, m, y, ldy, n0, n1);
+  else gemm_x4<PackedQ8_0>(packed, k, acts, act_bytes, m, y, ldy, n0, n1);
 }
 
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) {

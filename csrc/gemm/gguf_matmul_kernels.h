@@ -65,7 +65,7 @@ struct MatmulPart {
   int64_t n;
   const float* bias;   // [n] or null
   float* y;            // [M, n], contiguous
-  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), used for M = 1
+  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
 
@@ -80,6 +80,9 @@ bool repack_x4_supported(DType type, int64_t n, int64_t k);
 void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
 // y[0, n] for rows n in [n0, n1) (multiples of 4) from the packed weights and one activation row (ActQ8x2).
 void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1);
+// y[r, n] for all m activation rows (act_bytes apart) and rows n in [n0, n1) (multiples of 4); y is [m, ldy].
+void gemm_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
+                  float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.
