@@ -69,7 +69,7 @@ struct MatmulPart {
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
 
-// The x4 layouts: Q4_0 or Q8_0 rows regrouped for GEMV. Rows 4g .. 4g + 3 form group g; per pair of blocks
+// The x4 layouts: Q4_0 or Q8_0 rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g; per pair of blocks
 // (2p, 2p + 1) a group holds the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1, r3 b0, r3 b1] and then,
 // per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
 // first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
