@@ -144,6 +144,21 @@ def test_native_greedy_generation_equals_the_module_path():
     assert [len(t) for t in outs[True]] == [12, 30, 5, 20, 25, 8]
 
 
+def test_native_speculative_decoding_equals_target_greedy():
+    """A GGUF target and draft both on the native path: the draft mirrors the target's tokens with no logits
+    wanted (logits_rows empty) and the target scores k + 1 positions per sequence; greedy output must be the
+    target's own."""
+    target = quantized_model("llama", ("Q4_0", "Q8_0"), ends="Q8_0")
+    draft = quantized_model("llama", ("Q8_0",), seed=1, ends="Q4_0")
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 20, 7)]
+    plain = LLM(target, ByteTokenizer(), block_size=4, max_num_seqs=3)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS[:3], params)]
+    spec = LLM(target, ByteTokenizer(), block_size=4, max_num_seqs=3, draft_model=draft, num_speculative_tokens=3)
+    got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS[:3], params)]
+    assert got == want
+    assert spec.model.native_decoder() is not None and spec.spec.draft.model.native_decoder() is not None
+
+
 def test_which_models_take_the_native_stack():
     assert quantized_model("llama").native_decoder() is not None
     # float weights, gpt2, a switched-off flag: the module path
