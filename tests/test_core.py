@@ -40,6 +40,19 @@ def test_num_threads_follows_the_environment():
     assert bad.returncode != 0 and "FLASHLM_NUM_THREADS" in bad.stderr
 
 
+def test_spin_time_follows_the_environment():
+    """FLASHLM_SPIN_US: how long idle workers poll before sleeping (0: at once); a bad value is refused."""
+    code = ("import torch, flashlm.ops as ops; x = torch.randn(300, 4096); w = torch.ones(4096)\n"
+            "print(bool(torch.allclose(ops.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) "
+            "+ 1e-6), rtol=1e-5, atol=1e-6)))")
+    env = dict(os.environ, FLASHLM_SPIN_US="0", FLASHLM_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"
+    env["FLASHLM_SPIN_US"] = "-5"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FLASHLM_SPIN_US must be an integer in [0, 1000000], got '-5'" in bad.stderr
+
+
 def test_set_num_threads_round_trip():
     before = ops.num_threads()
     try:

@@ -1,13 +1,14 @@
 // The library's thread pool: n - 1 workers plus the calling thread. A parallel_for splits [0, n) into at
 // most 2 ranges per thread (some slack for a descheduled thread on a shared machine, few enough that each
-// range stays long and contiguous: a decode step's GEMVs stream weights, and each range starts cold; 4 ranges
-// per thread made a 12-layer Q4_0 decode's matmuls 7% slower), handed out by an atomic counter. Each job lives on the caller's stack;
-// a worker joins it only under the lock and the caller returns only when every worker that joined has left,
-// so no worker ever touches a finished job.
+// range stays long and contiguous: a decode step's GEMVs stream weights and each range starts cold; 4
+// ranges per thread made a 12-layer Q4_0 decode's matmuls 7% slower), handed out by an atomic counter.
+// Each job lives on the caller's stack; a worker joins it only under the lock and the caller returns only
+// when every worker that joined has left, so no worker ever touches a finished job.
 //
-// Idle workers spin on the job counter for a short while (kSpin) before they sleep on a condition variable:
-// a decode step is a chain of small kernels a few microseconds apart, and waking a sleeping thread costs
-// 5-10 us, as much as a small GEMV itself. The caller likewise spins, then yields, until the workers leave.
+// Idle workers poll the job counter for a short while (spin_time()) before they sleep on a condition
+// variable: a decode step is a chain of small kernels a few microseconds apart, and waking a sleeping
+// thread costs 5-10 us, as much as a small GEMV itself. The caller likewise polls, then yields, until the
+// workers leave.
 #include "flashlm/core/thread_pool.h"
 
 #include <pthread.h>
@@ -34,10 +35,22 @@
 namespace flashlm {
 namespace {
 
-// How long an idle worker keeps polling for the next job before it sleeps. Long enough to span the gap
-// between two kernels driven from Python (~10-30 us), short enough not to steal a core for long from
-// other work once the library goes quiet.
-constexpr auto kSpin = std::chrono::microseconds(200);
+// How long an idle worker keeps polling for the next job before it sleeps: FLASHLM_SPIN_US, default 200.
+// Long enough to span the gap between two kernels driven from Python (~10-30 us), short enough not to steal
+// a core for long from other work (torch's own threads) once the library goes quiet; 0 sleeps at once.
+std::chrono::microseconds spin_time() {
+  static const std::chrono::microseconds spin = [] {
+    long us = 200;
+    if (const char* env = std::getenv("FLASHLM_SPIN_US"); env && *env) {
+      char* end = nullptr;
+      us = std::strtol(env, &end, 10);
+      FLASHLM_CHECK(*end == '\0' && us >= 0 && us <= 1000000,
+                    "FLASHLM_SPIN_US must be an integer in [0, 1000000], got '", env, "'");
+    }
+    return std::chrono::microseconds(us);
+  }();
+  return spin;
+}
 
 thread_local bool tls_in_parallel = false;
 
@@ -136,6 +149,7 @@ class Pool {
   }
 
   void start_workers(int n) {
+    spin_time();  // a bad FLASHLM_SPIN_US raises here, in the caller, not in a worker
     size_ = n;
     stopping_ = false;
     for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -154,9 +168,9 @@ class Pool {
     started_ = false;
   }
 
-  // Returns when generation_ differs from `seen`: first polling it for kSpin, then asleep.
+  // Returns when generation_ differs from `seen`: first polling it for spin_time(), then asleep.
   void wait_for_job(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
+    const auto until = std::chrono::steady_clock::now() + spin_time();
     for (int i = 1;; ++i) {
       if (generation_.load(std::memory_order_acquire) != seen) return;
       FLASHLM_CPU_RELAX();
