@@ -1,11 +1,13 @@
 // The CPU decoder stack (flashlm/runtime/decoder.h) as a Python object: built once from a model's layer
-// weights (the tensors are kept referenced, so the views stay valid), then called once per serving step.
+// weights (the tensors are kept referenced, so the library's views stay valid), then called once per step.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "convert.h"
@@ -15,12 +17,9 @@ namespace flashlm::bindings {
 namespace {
 
 struct Decoder {
-  runtime::DecoderConfig config;
-  std::vector<runtime::DecoderLayer> layers;
-  runtime::DecoderEnds ends;
-  bool has_ends = false;
-  std::vector<nb::object> keep;  // the arrays the layers' views point into
-  std::vector<std::vector<uint8_t>> packed;  // batch-1 copies of weights (runtime::pack_for_gemv)
+  int64_t d_model = 0;
+  std::vector<nb::object> keep;  // the arrays the library's views point into
+  std::unique_ptr<runtime::Decoder> impl;
 
   TensorView array(nb::handle h, const std::string& name) {
     Array a;
@@ -47,17 +46,11 @@ struct Decoder {
     return l;
   }
 
-  void pack(runtime::QuantLinear& l) {
-    std::vector<uint8_t> p = runtime::pack_for_gemv(l);
-    if (p.empty()) return;
-    packed.push_back(std::move(p));
-    l.packed = packed.back().data();  // the vector's buffer does not move with the outer vector
-  }
-
   // layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down), each linear a `linear` spec.
   Decoder(int64_t d_model, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t d_ff, double eps,
-          nb::list specs) {
-    config = {d_model, n_head, n_kv_head, head_dim, d_ff, eps};
+          nb::list specs)
+      : d_model(d_model) {
+    std::vector<runtime::DecoderLayer> layers;
     for (size_t i = 0; i < specs.size(); ++i) {
       const std::string at = "layers[" + std::to_string(i) + "]";
       FLASHLM_CHECK(nb::isinstance<nb::tuple>(specs[i]), at, ": expected a tuple");
@@ -76,9 +69,8 @@ struct Decoder {
       l.down = linear(s[8], at + ".down");
       layers.push_back(l);
     }
-    runtime::check_decoder_layers(config, layers);
-    for (auto& l : layers)
-      for (runtime::QuantLinear* q : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) pack(*q);
+    impl = std::make_unique<runtime::Decoder>(runtime::DecoderConfig{d_model, n_head, n_kv_head, head_dim, d_ff, eps},
+                                              std::move(layers));
   }
 
   // (embedding table, its type name, final_norm, head spec or None). The table: uint8 GGML blocks
@@ -89,7 +81,7 @@ struct Decoder {
     TensorView raw = array(table, "embedding");
     FLASHLM_CHECK(raw.ndim == 2 && raw.is_contiguous(), "embedding: expected a contiguous 2-D table, got ",
                   raw.shape_string());
-    const int64_t vocab = raw.shape[0], d = config.d_model;
+    const int64_t vocab = raw.shape[0], d = d_model;
     FLASHLM_CHECK(vocab > 0, "embedding: the table has no rows");
     if (raw.dtype == DType::U8) {
       FLASHLM_CHECK(d % dtype_info(*type).block_size == 0 && raw.numel() == storage_bytes(*type, vocab * d),
@@ -99,14 +91,11 @@ struct Decoder {
       FLASHLM_CHECK(raw.dtype == *type && raw.shape[1] == d, "embedding: expected ", type_name, " [", vocab, ", ", d,
                     "], got ", dtype_name(raw.dtype), " ", raw.shape_string());
     }
-    runtime::DecoderEnds e;  // replaces the current ends only once it is checked
+    runtime::DecoderEnds e;
     e.embedding = TensorView::contiguous(raw.data, *type, {vocab, d});
     e.final_norm = array(final_norm, "final_norm");
     e.head = head.is_none() ? runtime::QuantLinear{} : linear(head, "head");
-    runtime::check_decoder_ends(config, e);
-    if (e.head.weight.data) pack(e.head);
-    ends = e;
-    has_ends = true;
+    impl->set_ends(e);
   }
 
   runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
@@ -129,12 +118,11 @@ struct Decoder {
   void logits(Array tokens, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
               Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
               int64_t max_seqlen_q, Array logits_rows, Array out) {
-    FLASHLM_CHECK(has_ends, "logits: this decoder was built without its embedding and final norm (set_ends)");
     runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
                                   seq_lens, cu_seqlens_q, max_seqlen_q);
     const TensorView tv = to_view(tokens, "tokens"), rv = to_view(logits_rows, "logits_rows"), ov = to_view(out, "out");
     nb::gil_scoped_release release;
-    runtime::decoder_logits(config, ends, layers, tv, rv, s, ov);
+    impl->logits(tv, rv, std::move(s), ov);
   }
 
   void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
@@ -144,7 +132,7 @@ struct Decoder {
                                   seq_lens, cu_seqlens_q, max_seqlen_q);
     s.x = to_view(x, "x");
     nb::gil_scoped_release release;
-    runtime::decoder_forward(config, layers, s);
+    impl->forward(s);
   }
 };
 
@@ -155,8 +143,9 @@ void bind_runtime(nb::module_& m) {
       .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, nb::list>(), nb::arg("d_model"),
            nb::arg("n_head"), nb::arg("n_kv_head"), nb::arg("head_dim"), nb::arg("d_ff"), nb::arg("eps"),
            nb::arg("layers"))
-      .def_prop_ro("num_layers", [](const Decoder& d) { return d.layers.size(); })
-      .def_prop_ro("has_head", [](const Decoder& d) { return d.has_ends && d.ends.head.weight.data != nullptr; })
+      .def_prop_ro("num_layers", [](const Decoder& d) { return d.impl->num_layers(); })
+      .def_prop_ro("has_ends", [](const Decoder& d) { return d.impl->has_ends(); })
+      .def_prop_ro("has_head", [](const Decoder& d) { return d.impl->has_head(); })
       .def("set_ends", &Decoder::set_ends, nb::arg("embedding"), nb::arg("embedding_type"), nb::arg("final_norm"),
            nb::arg("head").none(), "The token embedding table, the final norm and the head (None: the caller's)")
       .def("logits", &Decoder::logits, nb::arg("tokens"), nb::arg("positions"), nb::arg("rope_cos"),

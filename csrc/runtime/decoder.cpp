@@ -1,5 +1,5 @@
 // The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer with the
-// step's scratch allocated once. q/k/v and gate/up each go to the thread pool as one job (one quantization
+// step's scratch allocated once; the weights are checked (and regrouped) when the Decoder is built, not per step. q/k/v and gate/up each go to the thread pool as one job (one quantization
 // of their shared input); everything else is the public kernels, which check their own arguments. Every
 // step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
 #include "flashlm/runtime/decoder.h"
@@ -9,10 +9,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "../gemm/gguf_matmul_kernels.h"
-#include "../gguf/dequantize_block.h"  // f32 <-> bf16
 #include "flashlm/activation/silu_mul.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/error.h"
@@ -51,19 +52,16 @@ void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string&
   if (l.bias.data || l.bias.ndim) check_f32_vector(l.bias, n, name + ": bias");
 }
 
-MatmulPart part(const QuantLinear& l, float* y) {
+MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
   return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
-          l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, l.packed};
+          l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, packed};
 }
 
 TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
 
-// n values to bf16 (round to nearest even, as torch's .to(torch.bfloat16)) and back.
-void to_bf16(const float* x, uint16_t* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = gguf::detail::f32_to_bf16(x[i]);
-}
-void from_bf16(const uint16_t* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = gguf::detail::bf16_to_f32(x[i]);
+// n values from one dtype to another (F32 <-> BF16: round to nearest even, as torch's .to() does).
+void convert(const void* src, DType from, void* dst, DType to, int64_t n) {
+  dequantize(TensorView::contiguous(const_cast<void*>(src), from, {n}), TensorView::contiguous(dst, to, {n}));
 }
 
 }  // namespace
@@ -131,9 +129,7 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
                     dtype_name(cache->dtype));
 }
 
-}  // namespace
-
-void check_decoder_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
+void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
   FLASHLM_CHECK(c.d_model > 0 && c.n_head > 0 && c.n_kv_head > 0 && c.head_dim > 0 && c.d_ff > 0,
                 "decoder config: sizes must be positive");
   FLASHLM_CHECK(c.n_head % c.n_kv_head == 0, "decoder config: n_head (", c.n_head, ") must be a multiple of n_kv_head (",
@@ -155,15 +151,7 @@ void check_decoder_layers(const DecoderConfig& c, const std::vector<DecoderLayer
   }
 }
 
-std::vector<uint8_t> pack_for_gemv(const QuantLinear& l) {
-  if (!gemm::detail::repack_x4_supported(l.type, l.n, l.k)) return {};
-  check_linear(l, l.n, l.k, "pack_for_gemv");
-  std::vector<uint8_t> packed(static_cast<size_t>(storage_bytes(l.type, l.n * l.k)));
-  gemm::detail::repack_x4(l.type, static_cast<const uint8_t*>(l.weight.data), l.n, l.k, packed.data());
-  return packed;
-}
-
-void check_decoder_ends(const DecoderConfig& c, const DecoderEnds& e) {
+void check_ends(const DecoderConfig& c, const DecoderEnds& e) {
   const TensorView& emb = e.embedding;
   FLASHLM_CHECK(emb.device.is_cpu() && emb.data, "embedding must be on the CPU");
   FLASHLM_CHECK(dequantize_supported(emb.dtype), "embedding: type ", dtype_name(emb.dtype), " cannot be dequantized");
@@ -178,9 +166,35 @@ void check_decoder_ends(const DecoderConfig& c, const DecoderEnds& e) {
   }
 }
 
-void decoder_logits(const DecoderConfig& c, const DecoderEnds& e, const std::vector<DecoderLayer>& layers,
-                    const TensorView& tokens, const TensorView& logits_rows, DecoderStep s, const TensorView& out) {
-  check_decoder_ends(c, e);
+}  // namespace
+
+struct Decoder::State {
+  DecoderConfig config;
+  std::vector<DecoderLayer> layers;
+  DecoderEnds ends;
+  bool has_ends = false;
+  std::unordered_map<const void*, std::vector<uint8_t>> packed;  // a weight's data -> its regrouped copy
+
+  // Makes l's regrouped copy where its type and shape have one, once per weight.
+  void pack(const QuantLinear& l) {
+    if (!gemm::detail::repack_x4_supported(l.type, l.n, l.k) || packed.count(l.weight.data)) return;
+    std::vector<uint8_t> copy(static_cast<size_t>(storage_bytes(l.type, l.n * l.k)));
+    gemm::detail::repack_x4(l.type, static_cast<const uint8_t*>(l.weight.data), l.n, l.k, copy.data());
+    packed.emplace(l.weight.data, std::move(copy));
+  }
+  MatmulPart part(const QuantLinear& l, float* y) const {
+    const auto it = packed.find(l.weight.data);
+    return runtime::part(l, y, it == packed.end() ? nullptr : it->second.data());
+  }
+
+  void forward(const DecoderStep& s) const;
+  void logits(const TensorView& tokens, const TensorView& logits_rows, DecoderStep s, const TensorView& out) const;
+};
+
+void Decoder::State::logits(const TensorView& tokens, const TensorView& logits_rows, DecoderStep s,
+                            const TensorView& out) const {
+  const DecoderConfig& c = config;
+  const DecoderEnds& e = ends;
   const int64_t d = c.d_model, vocab = e.embedding.shape[0];
   FLASHLM_CHECK(tokens.device.is_cpu() && tokens.dtype == DType::I64 && tokens.ndim == 1 && tokens.is_contiguous(),
                 "tokens must be a contiguous int64 [T] on the CPU, got ", tokens.shape_string());
@@ -210,7 +224,7 @@ void decoder_logits(const DecoderConfig& c, const DecoderEnds& e, const std::vec
                TensorView::contiguous(x.data() + i * d, DType::F32, {d}));
   }
   s.x = rows(x.data(), t, d);
-  decoder_forward(c, layers, s);
+  forward(s);
   if (n_rows == 0) return;
 
   std::vector<float> picked(static_cast<size_t>(n_rows * d));
@@ -228,8 +242,8 @@ void decoder_logits(const DecoderConfig& c, const DecoderEnds& e, const std::vec
   }
 }
 
-void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& layers, const DecoderStep& s) {
-  check_decoder_layers(c, layers);
+void Decoder::State::forward(const DecoderStep& s) const {
+  const DecoderConfig& c = config;
   check_step(c, layers.size(), s);
   const int64_t t = s.x.shape[0], d = c.d_model, hd = c.head_dim;
   const int64_t qd = c.n_head * hd, kvd = c.n_kv_head * hd, ff = c.d_ff;
@@ -244,8 +258,15 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
   float* v = k + t * kvd;       // [T, kvd]
   float* gate = v + t * kvd;    // [T, ff]
   float* up = gate + t * ff;    // [T, ff]
-  const bool bf16 = s.k_caches[0].dtype == DType::BF16;
-  std::vector<uint16_t> half(bf16 ? static_cast<size_t>(t * (2 * kvd + 2 * qd)) : 0);  // K, V, q, attention
+  // With a bf16 cache, K, V and q go to it and attention comes back through bf16 copies, rounded as the module
+  // path's .to() calls round them.
+  const DType kv_dtype = s.k_caches[0].dtype;
+  const bool bf16 = kv_dtype == DType::BF16;
+  std::vector<uint16_t> half(bf16 ? static_cast<size_t>(t * (2 * kvd + 2 * qd)) : 0);
+  void* const kc = bf16 ? static_cast<void*>(half.data()) : k;
+  void* const vc = bf16 ? static_cast<void*>(half.data() + t * kvd) : v;
+  void* const qc = bf16 ? static_cast<void*>(half.data() + 2 * t * kvd) : q;
+  void* const ac = bf16 ? static_cast<void*>(half.data() + 2 * t * kvd + t * qd) : att;
   auto* x = static_cast<float*>(s.x.data);
   const auto* positions = static_cast<const int64_t*>(s.positions.data);
   const auto* cos = static_cast<const float*>(s.rope_cos.data);
@@ -277,30 +298,22 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
     rotate(q, t, c.n_head, hd, positions, cos, sin);
     rotate(k, t, c.n_kv_head, hd, positions, cos, sin);
 
-    // A bf16 cache takes bf16 K, V and q, and gives bf16 attention rows back (the module path's .to() calls).
-    void* kq = k;
-    void* vq = v;
-    void* qq = q;
-    void* aq = att;
     if (bf16) {
-      to_bf16(k, half.data(), t * kvd);
-      to_bf16(v, half.data() + t * kvd, t * kvd);
-      to_bf16(q, half.data() + 2 * t * kvd, t * qd);
-      kq = half.data(), vq = half.data() + t * kvd, qq = half.data() + 2 * t * kvd;
-      aq = half.data() + 2 * t * kvd + t * qd;
+      convert(k, DType::F32, kc, kv_dtype, t * kvd);
+      convert(v, DType::F32, vc, kv_dtype, t * kvd);
+      convert(q, DType::F32, qc, kv_dtype, t * qd);
     }
-    const DType kv_dtype = bf16 ? DType::BF16 : DType::F32;
     KVCacheWriteParams w;
-    w.key = TensorView::contiguous(kq, kv_dtype, {t, c.n_kv_head, hd});
-    w.value = TensorView::contiguous(vq, kv_dtype, {t, c.n_kv_head, hd});
+    w.key = TensorView::contiguous(kc, kv_dtype, {t, c.n_kv_head, hd});
+    w.value = TensorView::contiguous(vc, kv_dtype, {t, c.n_kv_head, hd});
     w.k_cache = s.k_caches[i];
     w.v_cache = s.v_caches[i];
     w.slot_mapping = s.slot_mapping;
     write_kv_cache(w);
 
     PagedAttentionParams a;
-    a.q = TensorView::contiguous(qq, kv_dtype, {t, c.n_head, hd});
-    a.out = TensorView::contiguous(aq, kv_dtype, {t, c.n_head, hd});
+    a.q = TensorView::contiguous(qc, kv_dtype, {t, c.n_head, hd});
+    a.out = TensorView::contiguous(ac, kv_dtype, {t, c.n_head, hd});
     a.k_cache = s.k_caches[i];
     a.v_cache = s.v_caches[i];
     a.block_table = s.block_table;
@@ -310,7 +323,7 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
     a.options.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops
     a.options.causal = true;
     paged_attention(a);
-    if (bf16) from_bf16(static_cast<const uint16_t*>(aq), att, t * qd);
+    if (bf16) convert(ac, kv_dtype, att, DType::F32, t * qd);
 
     const MatmulPart o = part(l.o, out);
     gemm::detail::gguf_matmul_parts_f32(att, t, qd, &o, 1);
@@ -329,6 +342,37 @@ void decoder_forward(const DecoderConfig& c, const std::vector<DecoderLayer>& la
   parallel_for(t * d, 1 << 14, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) x[i] += out[i];
   });
+}
+
+Decoder::Decoder(const DecoderConfig& config, std::vector<DecoderLayer> layers) : state_(std::make_unique<State>()) {
+  check_layers(config, layers);
+  state_->config = config;
+  state_->layers = std::move(layers);
+  for (const DecoderLayer& l : state_->layers)
+    for (const QuantLinear* q : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) state_->pack(*q);
+}
+
+Decoder::~Decoder() = default;
+Decoder::Decoder(Decoder&&) noexcept = default;
+Decoder& Decoder::operator=(Decoder&&) noexcept = default;
+
+void Decoder::set_ends(const DecoderEnds& ends) {
+  check_ends(state_->config, ends);
+  if (ends.head.weight.data) state_->pack(ends.head);
+  state_->ends = ends;
+  state_->has_ends = true;
+}
+
+bool Decoder::has_ends() const { return state_->has_ends; }
+bool Decoder::has_head() const { return state_->has_ends && state_->ends.head.weight.data != nullptr; }
+int64_t Decoder::num_layers() const { return static_cast<int64_t>(state_->layers.size()); }
+
+void Decoder::forward(const DecoderStep& step) const { state_->forward(step); }
+
+void Decoder::logits(const TensorView& tokens, const TensorView& logits_rows, DecoderStep step,
+                     const TensorView& out) const {
+  FLASHLM_CHECK(state_->has_ends, "logits: this decoder has no embedding and final norm yet (set_ends)");
+  state_->logits(tokens, logits_rows, std::move(step), out);
 }
 
 }  // namespace flashlm::runtime

@@ -16,7 +16,7 @@ class NativeDecoder:
         layers = [tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in layer) for layer in layers]
         self._d_model = d_model
         self._impl = _C.Decoder(d_model, n_head, n_kv_head, head_dim, d_ff, float(eps), layers)
-        self._width = None  # columns of logits(): the head's rows, or d_model without a head
+        self._width = d_model  # columns of logits(): the head's rows, or d_model without a head
 
     def set_ends(self, embedding: torch.Tensor, embedding_type: str, final_norm: torch.Tensor, head=None):
         """The embedding table (uint8 GGML blocks [vocab, row bytes] of embedding_type, or a float table whose
@@ -27,7 +27,7 @@ class NativeDecoder:
 
     @property
     def has_ends(self) -> bool:
-        return self._width is not None
+        return self._impl.has_ends
 
     @property
     def has_head(self) -> bool:

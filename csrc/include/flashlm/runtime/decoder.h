@@ -8,11 +8,12 @@
 //   h = rms_norm(x); q, k, v = h @ Wq.T (+ bq), ...; rotate q and k (rotate-half rope, HF's convention)
 //   write k, v into the layer's paged cache; a = paged_attention(q) @ Wo.T (+ bo)
 //   x += a; h = rms_norm(x); x += (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
-// decoder_logits adds both ends: the embedding lookup before the layers, and after them the final norm and
+// Decoder::logits adds both ends: the embedding lookup before the layers, and after them the final norm and
 // the output head on the rows whose next-token logits are wanted.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "flashlm/core/dtype.h"
@@ -27,13 +28,7 @@ struct QuantLinear {
   DType type = DType::Q4_0;
   int64_t n = 0, k = 0;
   TensorView bias;    // optional f32 [n]; absent: null data
-  const uint8_t* packed = nullptr;  // optional: the weight regrouped by pack_for_gemv, read instead of `weight`
 };
-
-// A copy of l's weight regrouped for the CPU matmuls (Q4_0 and Q8_0 with rows % 4 == 0 and K % 64 == 0: four
-// rows' blocks interleaved, their scales side by side; a Q4_0 decode runs ~1.1x faster, a prefill ~1.2x), or
-// an empty vector where no such layout exists. Point QuantLinear::packed at it; the results are the same bits either way.
-FLASHLM_API std::vector<uint8_t> pack_for_gemv(const QuantLinear& l);
 
 struct DecoderLayer {
   TensorView attn_norm;  // f32 [d]
@@ -70,21 +65,34 @@ struct DecoderStep {
   int64_t max_seqlen_q = 1;
 };
 
-// Checks the layers' shapes against the config (ValueError naming the layer and tensor).
-FLASHLM_API void check_decoder_layers(const DecoderConfig& config, const std::vector<DecoderLayer>& layers);
+// The stack itself: built once from views of the weights (their memory must outlive it), which it checks
+// (ValueError naming the layer and tensor) and, for Q4_0 and Q8_0 matrices with rows % 4 == 0 and K % 64 == 0,
+// copies regrouped four rows at a time (their blocks interleaved, the scales side by side): the matmuls read
+// the copies, a second copy of those weights in memory, and give the same bits as from the originals (a Q4_0
+// decode runs ~1.1x faster, a prefill ~1.2x). Calls may run concurrently; each allocates its own scratch.
+class FLASHLM_API Decoder {
+ public:
+  Decoder(const DecoderConfig& config, std::vector<DecoderLayer> layers);
+  ~Decoder();
+  Decoder(Decoder&&) noexcept;
+  Decoder& operator=(Decoder&&) noexcept;
 
-// Runs every layer on step.x in place. CPU only; the step's views are checked (ValueError naming them).
-FLASHLM_API void decoder_forward(const DecoderConfig& config, const std::vector<DecoderLayer>& layers,
-                                 const DecoderStep& step);
+  // Checks `ends` against the config and takes them in place of any before; a failed check changes nothing.
+  void set_ends(const DecoderEnds& ends);
+  bool has_ends() const;
+  bool has_head() const;
+  int64_t num_layers() const;
 
-// Checks the ends against the config (ValueError naming the tensor).
-FLASHLM_API void check_decoder_ends(const DecoderConfig& config, const DecoderEnds& ends);
+  // Runs every layer on step.x in place. The step's views are checked (ValueError naming them).
+  void forward(const DecoderStep& step) const;
+  // One whole step (needs the ends): the embeddings of `tokens` (int64 [T], each in [0, vocab)) through every
+  // layer, then the final norm and the head on rows `logits_rows` (int64 [R], each in [0, T)) into `out`: f32
+  // [R, head rows], or f32 [R, d_model] (the normed rows) without a head. step.x is not read.
+  void logits(const TensorView& tokens, const TensorView& logits_rows, DecoderStep step, const TensorView& out) const;
 
-// One whole step: the embeddings of `tokens` (int64 [T], each in [0, vocab)) through every layer, then the
-// final norm and the head on rows `logits_rows` (int64 [R], each in [0, T)) into `out`: f32 [R, head rows],
-// or f32 [R, d_model] (the normed rows) without a head. step.x is not read: pass an empty view.
-FLASHLM_API void decoder_logits(const DecoderConfig& config, const DecoderEnds& ends,
-                                const std::vector<DecoderLayer>& layers, const TensorView& tokens,
-                                const TensorView& logits_rows, DecoderStep step, const TensorView& out);
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 }  // namespace flashlm::runtime
