@@ -87,6 +87,12 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
     });
   }
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
+  const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) { return p.packed; });
+  if (packed) {
+    extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
+    x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
+  }
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
   // Rows [r0, r1) of all parts stacked: each part's share goes to its own kernel call and bias.
   parallel_for(total, grain, [&](int64_t r0, int64_t r1) {
@@ -103,8 +109,7 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       if (p.packed && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
         const int64_t g0 = std::min((n0 + 3) / 4 * 4, n1), g1 = std::max(g0, n1 / 4 * 4);
         rows(n0, g0);
-        if (g0 < g1 && m == 1) gemv_x4_avx2(p.type, p.packed, k, acts[f].data(), p.y, g0, g1);
-        if (g0 < g1 && m > 1) gemm_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], m, p.y, p.n, g0, g1);
+        if (g0 < g1) matmul_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], extras.data(), m, p.y, p.n, g0, g1);
         rows(g1, n1);
       } else {
         rows(n0, n1);
@@ -212,7 +217,8 @@ void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul:
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
 namespace flashlm::gemm::detail {
 bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
-void gemv_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, float*, int64_t, int64_t) {}
-void gemm_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) {}
+void x4_pair_extras_avx2(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*) {}
+void matmul_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, float*, int64_t,
+                    int64_t, int64_t) {}
 }  // namespace flashlm::gemm::detail
 #endif

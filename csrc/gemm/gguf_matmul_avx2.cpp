@@ -433,57 +433,29 @@ struct PackedQ8_0 {
   }
 };
 
-template <class P>
-void gemv_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1) {
-  using L = typename P::L;
-  constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
-  const int64_t pairs = k / 64;
-  for (int64_t n = n0; n < n1; n += 4) {
-    const uint8_t* w = packed + n / 4 * pairs * kPairBytes;
-    __m256 acc[4];
-    for (int j = 0; j < 4; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < pairs; ++b, w += kPairBytes) {
-      for (int64_t line = 0; line < kPairBytes; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line), _MM_HINT_T0);
-      const ActQ8x2* a = q8(acts + b * L::kActBytes);
-      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
-      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
-      const __m256i off16 = L::offset16(y0, y1);
-      const __m256 dx = L::act_scales(a);
-      const __m256 scales = _mm256_cvtph_ps(load16B(w));  // [r0 b0, r0 b1, r1 b0, ..., r3 b1]
-      for (int j = 0; j < 4; ++j) {
-        __m256i lo, hi;
-        P::unpack(w + 16 + P::kRowBytes * j, lo, hi);
-        const bool sign = P::W::kSigned;
-        const __m256i ulo = sign ? _mm256_sign_epi8(lo, lo) : lo, uhi = sign ? _mm256_sign_epi8(hi, hi) : hi;
-        const __m256 dw = _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(2 * j, 2 * j, 2 * j, 2 * j, 2 * j + 1,
-                                                                             2 * j + 1, 2 * j + 1, 2 * j + 1));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L::dot(lo, hi, ulo, uhi, y0, y1, off16)), _mm256_mul_ps(dw, dx), acc[j]);
-      }
-    }
-    for (int j = 0; j < 4; ++j) y[n + j] = hsum(acc[j]) + 0.0f;  // + the zero correction, as dot_rows<T, 1>
-  }
-}
-
 // What an activation pair contributes besides its quants, computed once per call instead of once per
-// weight row: the offset term and the scales.
+// weight row: the offset term and the scales (x4_pair_extras_avx2; 64 bytes, read unaligned).
 struct PairExtra {
   __m256i off16;
   __m256 dx;
 };
+static_assert(sizeof(PairExtra) == kX4ExtraBytes, "PairExtra size");
 
 // y[r, n + j] for act rows r0 .. r0 + R and the 4 rows of group n: each weight pair unpacked once for R
 // activation rows, every output computed as dot_rows<T, 1> computes it.
 template <class P, int R>
 FLASHLM_AVX2_INLINE void gemm_tile(const uint8_t* w, int64_t pairs, const uint8_t* acts, int64_t act_bytes,
-                                   const PairExtra* extra, int64_t r0, float* y, int64_t ldy, int64_t n) {
+                                   const uint8_t* extras, int64_t r0, float* y, int64_t ldy, int64_t n) {
   using L = typename P::L;
   constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
   __m256 acc[4][R];
   for (int j = 0; j < 4; ++j)
     for (int r = 0; r < R; ++r) acc[j][r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < pairs; ++b, w += kPairBytes) {
-    const __m256 scales = _mm256_cvtph_ps(load16B(w));
+    // The weights stream from memory on the first pass over them (and in a GEMV, the only one).
+    for (int64_t line = 0; line < kPairBytes; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line), _MM_HINT_T0);
+    const __m256 scales = _mm256_cvtph_ps(load16B(w));  // [r0 b0, r0 b1, r1 b0, ..., r3 b1]
     for (int j = 0; j < 4; ++j) {
       __m256i lo, hi;
       P::unpack(w + 16 + P::kRowBytes * j, lo, hi);
@@ -495,56 +467,56 @@ FLASHLM_AVX2_INLINE void gemm_tile(const uint8_t* w, int64_t pairs, const uint8_
         const ActQ8x2* a = q8(acts + (r0 + r) * act_bytes + b * L::kActBytes);
         const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
         const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
-        const PairExtra& e = extra[(r0 + r) * pairs + b];
-        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L::dot(lo, hi, ulo, uhi, y0, y1, e.off16)),
-                                    _mm256_mul_ps(dw, e.dx), acc[j][r]);
+        const uint8_t* e = extras + ((r0 + r) * pairs + b) * int64_t(sizeof(PairExtra));
+        const __m256 dx = _mm256_loadu_ps(reinterpret_cast<const float*>(e + offsetof(PairExtra, dx)));
+        acc[j][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(L::dot(lo, hi, ulo, uhi, y0, y1, load32B(e))),
+                                    _mm256_mul_ps(dw, dx), acc[j][r]);
       }
     }
   }
   for (int j = 0; j < 4; ++j)
-    for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n + j] = hsum(acc[j][r]) + 0.0f;
+    for (int r = 0; r < R; ++r) y[(r0 + r) * ldy + n + j] = hsum(acc[j][r]) + 0.0f;  // + the zero correction
 }
 
 template <class P>
-void gemm_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m, float* y,
-             int64_t ldy, int64_t n0, int64_t n1) {
-  using L = typename P::L;
+void matmul_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
+               int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
   const int64_t pairs = k / 64;
-  PairExtra* extra = new PairExtra[static_cast<size_t>(m * pairs)];
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t b = 0; b < pairs; ++b) {
-      const ActQ8x2* a = q8(acts + r * act_bytes + b * L::kActBytes);
-      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
-      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
-      extra[r * pairs + b] = {L::offset16(y0, y1), L::act_scales(a)};
-    }
   // 4 groups (16 weight rows) stay in L1/L2 while every 3 activation rows pass over them.
   for (int64_t nt = n0; nt < n1; nt += 16) {
     const int64_t ne = nt + 16 < n1 ? nt + 16 : n1;
     int64_t r = 0;
     for (; r + 3 <= m; r += 3)  // 12 accumulators: 4 x 2 was 5% slower, 4 x 4 spills (8% slower)
       for (int64_t n = nt; n < ne; n += 4)
-        gemm_tile<P, 3>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extra, r, y, ldy, n);
+        gemm_tile<P, 3>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extras, r, y, ldy, n);
     for (int64_t n = nt; n < ne && m - r == 2; n += 4)
-      gemm_tile<P, 2>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extra, r, y, ldy, n);
+      gemm_tile<P, 2>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extras, r, y, ldy, n);
     for (int64_t n = nt; n < ne && m - r == 1; n += 4)
-      gemm_tile<P, 1>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extra, r, y, ldy, n);
+      gemm_tile<P, 1>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extras, r, y, ldy, n);
   }
-  delete[] extra;
 }
 
 }  // namespace
 
-void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1) {
-  if (type == DType::Q4_0) gemv_x4<PackedQ4_0>(packed, k, acts, y, n0, n1);
-  else gemv_x4<PackedQ8_0>(packed, k, acts, y, n0, n1);
+void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras) {
+  using L = PackedQ4_0::L;  // the offset term is Q4_0's; Q8_0 ignores it
+  const int64_t pairs = k / 64;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < pairs; ++b) {
+      const ActQ8x2* a = q8(acts + r * act_bytes + b * L::kActBytes);
+      const __m256i y0 = load32B(reinterpret_cast<const uint8_t*>(a->qs));
+      const __m256i y1 = load32B(reinterpret_cast<const uint8_t*>(a->qs) + 32);
+      uint8_t* e = extras + (r * pairs + b) * int64_t(sizeof(PairExtra));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(e), L::offset16(y0, y1));
+      _mm256_storeu_ps(reinterpret_cast<float*>(e + offsetof(PairExtra, dx)), L::act_scales(a));
+    }
 }
 
-void gemm_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
-                  float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  if (type == DType::Q4_0) gemm_x4<PackedQ4_0>(packed, k, acts, act_bytes, m, y, ldy, n0, n1);
-  else gemm_x4<PackedQ8_0>(packed, k, acts, act_bytes, m, y, ldy, n0, n1);
+void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
+                    const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (type == DType::Q4_0) matmul_x4<PackedQ4_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
+  else matmul_x4<PackedQ8_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
 }
 
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) {

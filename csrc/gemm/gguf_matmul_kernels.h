@@ -78,11 +78,14 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
 // plain GEMV does.
 bool repack_x4_supported(DType type, int64_t n, int64_t k);
 void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
-// y[0, n] for rows n in [n0, n1) (multiples of 4) from the packed weights and one activation row (ActQ8x2).
-void gemv_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, float* y, int64_t n0, int64_t n1);
-// y[r, n] for all m activation rows (act_bytes apart) and rows n in [n0, n1) (multiples of 4); y is [m, ldy].
-void gemm_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
-                  float* y, int64_t ldy, int64_t n0, int64_t n1);
+// The per-pair terms the x4 kernel takes from the activations (ActQ8x2 rows, act_bytes apart), once per call:
+// kX4ExtraBytes for each of the m rows' k / 64 pairs.
+constexpr int64_t kX4ExtraBytes = 64;
+void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
+// y[r, n] for all m activation rows and rows n in [n0, n1) (multiples of 4) from the packed weights; y is
+// [m, ldy]. One activation row is the GEMV.
+void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
+                    const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.
