@@ -419,7 +419,6 @@ def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     """NativeDecoder over model's blocks, or None when some part is not what it runs (see native_decoder)."""
     from flashlm.quant.gguf_embedding import GGUFEmbedding  # flashlm.quant imports this module's package
     from flashlm.quant.gguf_linear import GGUFLinear
-    from flashlm.ops import GGUF_LINEAR_TYPES
 
     cfg = model.cfg
     if cfg.arch not in ("llama", "qwen2") or not cfg.rotary:
@@ -428,7 +427,7 @@ def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
         return None
 
     def linear(m):
-        if not isinstance(m, GGUFLinear) or m.ggml_type not in GGUF_LINEAR_TYPES or not m.raw.is_cpu:
+        if not isinstance(m, GGUFLinear) or not m.raw.is_cpu:  # GGUFLinear's types are all gguf_matmul's
             return None
         if m.bias is not None and (m.bias.dtype != torch.float32 or not m.bias.is_cpu):
             return None
