@@ -57,18 +57,17 @@ FLASHLM_AVX2_INLINE void unpack8(const uint8_t* b, __m256& lo, __m256& hi) {
 // A block is 32 weight bytes (64 elements). unpack_block turns it into 8 vectors f[q], q = 4h + v (h = 0
 // low nibbles, 1 high), whose lane i holds block byte t = 16 (i / 4) + 8 (v / 2) + 2 (i % 4) + v % 2: the
 // order that two byte unpacks and a shift or mask per vector leave, with one shuffle per 16 elements.
-// Rather than restore the weights' order, each task reorders x to match (permute_x: M K floats, small next
+// Rather than restore the weights' order, the call reorders x once to match (permute_x: M K floats, small next
 // to the N K / 2 weight bytes), so the inner loop is the unpack and one FMA per 8 weights. The terms summed
 // are s (16 + u) x instead of s (u - z) x: a few times the rounding error, well inside the tests' bounds.
 constexpr int64_t kBlockBytes = 32;
 
-// xp [R][blocks * 64]: xp[r][64 b + 8 q + i] = x[r, element of block b's vector q, lane i], 0 past K.
-template <int R>
+// xp [M][blocks * 64]: xp[r][64 b + 8 q + i] = x[r, element of block b's vector q, lane i], 0 past K.
 void permute_x(const Int4Args& a, float* xp) {
   const auto* x = static_cast<const float*>(a.x);
   const int64_t bytes = a.K / 2, blocks = (bytes + kBlockBytes - 1) / kBlockBytes, half = a.group / 2;
   const int half_log2 = __builtin_ctzll(uint64_t(half));  // half is 16, 32 or 64
-  for (int r = 0; r < R; ++r) {
+  for (int64_t r = 0; r < a.M; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
       for (int q = 0; q < 8; ++q) {
         const int h = q / 4, v = q % 4;
@@ -169,12 +168,6 @@ void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n
       store_out(a, r, n, y);
     }
   }
-}
-
-template <int R>
-void gemv_rows(const Int4Args& a, const float* group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
-  permute_x<R>(a, scratch);
-  gemv<R>(a, scratch, group_sums, n_begin, n_end);
 }
 
 // In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 floats.
@@ -282,17 +275,23 @@ void gemm(const Int4Args& a, int64_t n_begin, int64_t n_end, float* scratch) {
 
 }  // namespace
 
-int64_t int4_scratch_floats(int64_t M, int64_t K) {
-  const int64_t gemv_floats = kGemvMaxRows * ((K / 2 + kBlockBytes - 1) / kBlockBytes) * 64;  // permute_x
-  return M <= kGemvMaxRows ? gemv_floats : kKc * kCols + M * kCols;
+int64_t int4_gemv_x_floats(int64_t M, int64_t K) {
+  return M <= kGemvMaxRows ? M * ((K / 2 + kBlockBytes - 1) / kBlockBytes) * 64 : 0;
 }
 
-void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, int64_t n_begin, int64_t n_end, float* scratch) {
+void int4_prepare_x_avx2(const Int4Args& a, float* xp) {
+  if (a.M <= kGemvMaxRows) permute_x(a, xp);
+}
+
+int64_t int4_scratch_floats(int64_t M, int64_t /*K*/) { return M <= kGemvMaxRows ? 0 : kKc * kCols + M * kCols; }
+
+void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, const float* xp, int64_t n_begin, int64_t n_end,
+                    float* scratch) {
   switch (a.M) {
-    case 1: gemv_rows<1>(a, x_group_sums, n_begin, n_end, scratch); return;
-    case 2: gemv_rows<2>(a, x_group_sums, n_begin, n_end, scratch); return;
-    case 3: gemv_rows<3>(a, x_group_sums, n_begin, n_end, scratch); return;
-    case kGemvMaxRows: gemv_rows<kGemvMaxRows>(a, x_group_sums, n_begin, n_end, scratch); return;
+    case 1: gemv<1>(a, xp, x_group_sums, n_begin, n_end); return;
+    case 2: gemv<2>(a, xp, x_group_sums, n_begin, n_end); return;
+    case 3: gemv<3>(a, xp, x_group_sums, n_begin, n_end); return;
+    case kGemvMaxRows: gemv<kGemvMaxRows>(a, xp, x_group_sums, n_begin, n_end); return;
     default: gemm(a, n_begin, n_end, scratch);
   }
 }
