@@ -29,30 +29,64 @@ constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128;
 
 FLASHLM_AVX2_INLINE int64_t quads(int64_t K) { return (K + 3) / 4; }
 
-// Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`: four bytes of a
-// row at a time, then |w| of each quad with two vector instructions.
-FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel) {
-  const int64_t nq = quads(a.K), full = a.K / 4;
-  for (int64_t c = 0; c < kCols; ++c) {
-    int8_t* dst = panel + (c / 8) * 32 + (c % 8) * 4;
-    if (n0 + c >= a.N) {
-      for (int64_t q = 0; q < nq; ++q) std::memset(dst + q * kQuadBytes, 0, 4);
-      continue;
-    }
-    const int8_t* w = a.w + (n0 + c) * a.K;
-    for (int64_t q = 0; q < full; ++q) std::memcpy(dst + q * kQuadBytes, w + 4 * q, 4);
-    if (full < nq) {
-      int8_t tail[4] = {0, 0, 0, 0};
-      std::memcpy(tail, w + 4 * full, size_t(a.K - 4 * full));
-      std::memcpy(dst + full * kQuadBytes, tail, 4);
-    }
+// In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 elements of 32 bits.
+FLASHLM_AVX2_INLINE void transpose8x32(__m256i (&v)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
+    t[2 * i + 1] = _mm256_unpackhi_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
   }
-  // |-128| = 128 reads back right as the unsigned operand.
-  for (int64_t q = 0; q < nq; ++q) {
-    int8_t* p = panel + q * kQuadBytes;
-    for (int j = 0; j < 2; ++j) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 64 + 32 * j), _mm256_abs_epi8(w));
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+
+// Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`, with |w| of
+// each quad beside it. Eight columns x eight quads at a time go through an 8 x 8 transpose of 32-bit quads
+// (a tenth of this kernel's time had gone to copying quads one by one); a panel's last columns and quads
+// are copied one quad at a time.
+FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel) {
+  const int64_t nq = quads(a.K), full = a.K / 4, full8 = a.K / 32 * 8;
+  for (int64_t cb = 0; cb < kCols; cb += 8) {
+    int8_t* dst = panel + (cb / 8) * 32;
+    if (n0 + cb + 8 <= a.N) {
+      const int8_t* w = a.w + (n0 + cb) * a.K;
+      for (int64_t q = 0; q < full8; q += 8) {
+        __m256i v[8];
+        for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * a.K + 4 * q));
+        transpose8x32(v);
+        for (int j = 0; j < 8; ++j) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes), v[j]);
+          // |-128| = 128 reads back right as the unsigned operand.
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes + 64), _mm256_abs_epi8(v[j]));
+        }
+      }
+    }
+    const int64_t q_begin = n0 + cb + 8 <= a.N ? full8 : 0;  // where the transposed copy stopped
+    for (int64_t c = 0; c < 8; ++c) {
+      int8_t* d = dst + c * 4;
+      if (n0 + cb + c >= a.N) {
+        for (int64_t q = q_begin; q < nq; ++q) std::memset(d + q * kQuadBytes, 0, 4);
+        continue;
+      }
+      const int8_t* w = a.w + (n0 + cb + c) * a.K;
+      for (int64_t q = q_begin; q < full; ++q) std::memcpy(d + q * kQuadBytes, w + 4 * q, 4);
+      if (full < nq) {
+        int8_t tail[4] = {0, 0, 0, 0};
+        std::memcpy(tail, w + 4 * full, size_t(a.K - 4 * full));
+        std::memcpy(d + full * kQuadBytes, tail, 4);
+      }
+    }
+    for (int64_t q = q_begin; q < nq; ++q) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + q * kQuadBytes));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + q * kQuadBytes + 64), _mm256_abs_epi8(w));
     }
   }
 }
