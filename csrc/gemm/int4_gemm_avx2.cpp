@@ -17,6 +17,7 @@
 
 #include "../gguf/dequantize_block.h"
 #include "int_gemm_kernels.h"
+#include "transpose_avx2.h"
 
 #define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
 #define FLASHLM_AVX2_INLINE_LAMBDA __attribute__((always_inline))
@@ -167,25 +168,6 @@ void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n
       if (a.bias) y += a.bias[n];
       store_out(a, r, n, y);
     }
-  }
-}
-
-// In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 floats.
-FLASHLM_AVX2_INLINE void transpose8(__m256 (&v)[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    v[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
 }
 

@@ -19,6 +19,7 @@
 
 #include "../gguf/dequantize_block.h"
 #include "int_gemm_kernels.h"
+#include "transpose_avx2.h"
 
 #define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
 
@@ -28,25 +29,6 @@ namespace {
 constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128;
 
 FLASHLM_AVX2_INLINE int64_t quads(int64_t K) { return (K + 3) / 4; }
-
-// In place: rows of v become its columns (v[i][j] <-> v[j][i]), 8 x 8 elements of 32 bits.
-FLASHLM_AVX2_INLINE void transpose8x32(__m256i (&v)[8]) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
-    t[2 * i + 1] = _mm256_unpackhi_ps(_mm256_castsi256_ps(v[2 * i]), _mm256_castsi256_ps(v[2 * i + 1]));
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-    v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-  }
-}
 
 // Packs columns [n0, n0 + 16) (zeros past N, and past K up to the whole quad) into `panel`, with |w| of
 // each quad beside it. Eight columns x eight quads at a time go through an 8 x 8 transpose of 32-bit quads
@@ -59,13 +41,14 @@ FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel
     if (n0 + cb + 8 <= a.N) {
       const int8_t* w = a.w + (n0 + cb) * a.K;
       for (int64_t q = 0; q < full8; q += 8) {
-        __m256i v[8];
-        for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * a.K + 4 * q));
-        transpose8x32(v);
+        __m256 v[8];  // quads as floats, for the transpose's shuffles
+        for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_ps(reinterpret_cast<const float*>(w + c * a.K + 4 * q));
+        transpose8(v);
         for (int j = 0; j < 8; ++j) {
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes), v[j]);
+          const __m256i quads_j = _mm256_castps_si256(v[j]);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes), quads_j);
           // |-128| = 128 reads back right as the unsigned operand.
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes + 64), _mm256_abs_epi8(v[j]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + (q + j) * kQuadBytes + 64), _mm256_abs_epi8(quads_j));
         }
       }
     }
