@@ -81,7 +81,8 @@ def int8_reference(x_q, x_scales, w, w_scales, bias):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("k,n,with_bias", [(300, 37, True), (64, 16, False), (513, 5, False), (1024, 50, True)])
+@pytest.mark.parametrize("k,n,with_bias", [(300, 37, True), (64, 16, False), (513, 5, False), (1024, 50, True),
+                                           (2309, 19, False)])  # 2309: K in three chunks of the AVX2 kernel
 def test_int8_gemm(isa, m, out_dtype, k, n, with_bias):
     _C.set_cpu_isa(isa)
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8)
@@ -96,10 +97,11 @@ def test_int8_gemm(isa, m, out_dtype, k, n, with_bias):
 
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
 @pytest.mark.parametrize("m", [1, 5, 128])
-def test_int8_avx2_matches_scalar_exactly(m):
+@pytest.mark.parametrize("k", [777, 2309])
+def test_int8_avx2_matches_scalar_exactly(m, k):
     # Exact int32 sums and the same float epilogue: the two kernels agree bit for bit.
-    x = torch.randn(m, 777)
-    w_q, w_s = quantize_int8_per_channel(torch.randn(41, 777))
+    x = torch.randn(m, k)
+    w_q, w_s = quantize_int8_per_channel(torch.randn(41, k))
     bias = torch.randn(41)
     out = {}
     for isa in ("scalar", "avx2"):

@@ -26,7 +26,7 @@
 namespace flashlm::gemm {
 namespace {
 
-constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128;
+constexpr int64_t kCols = 16, kRows = 4, kQuadBytes = 128, kChunkQuads = 256;
 
 FLASHLM_AVX2_INLINE int64_t quads(int64_t K) { return (K + 3) / 4; }
 
@@ -74,12 +74,17 @@ FLASHLM_AVX2_INLINE void pack_panel(const Int8Args& a, int64_t n0, int8_t* panel
   }
 }
 
-// acc[r][j] (columns 8j .. 8j + 7) += sum over the panel's k of x[r, k] * w[col, k], for R <= 4 rows.
+// sums[r][16] (the columns of rows m + r) += sum over quads [q0, q1) of the panel of x[m + r, k] * w[col, k],
+// for R <= 4 rows; the partial sums stay in registers through the chunk.
 template <int R, class Dot>
-FLASHLM_AVX2_INLINE void micro_tile(const int8_t* x, int64_t x_stride, const int8_t* panel, int64_t nq,
-                                    __m256i (&acc)[kRows][2]) {
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t q = 0; q < nq; ++q) {
+FLASHLM_AVX2_INLINE void micro_tile(const int8_t* x, int64_t x_stride, const int8_t* panel, int64_t q0, int64_t q1,
+                                    int32_t* sums) {
+  __m256i acc[kRows][2];
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + r * kCols));
+    acc[r][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + r * kCols + 8));
+  }
+  for (int64_t q = q0; q < q1; ++q) {
     const int8_t* p = panel + q * kQuadBytes;
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
@@ -93,16 +98,21 @@ FLASHLM_AVX2_INLINE void micro_tile(const int8_t* x, int64_t x_stride, const int
       acc[r][1] = Dot::dot(acc[r][1], a1, _mm256_sign_epi8(xb, w1));
     }
   }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + r * kCols), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums + r * kCols + 8), acc[r][1]);
+  }
 }
 
 // y = acc * x_scale * w_scale (+ bias), in the scalar kernel's order of operations, for the columns that
 // exist.
-FLASHLM_AVX2_INLINE void store_tile(const Int8Args& a, int64_t m, int64_t n0, const __m256i (&acc)[2],
-                                    const float* w_scales, const float* bias) {
+FLASHLM_AVX2_INLINE void store_row(const Int8Args& a, int64_t m, int64_t n0, const int32_t* sums,
+                                   const float* w_scales, const float* bias) {
   alignas(32) float y[kCols];
   const __m256 sx = _mm256_set1_ps(a.x_scales[m]);
   for (int j = 0; j < 2; ++j) {
-    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[j]), sx), _mm256_loadu_ps(w_scales + 8 * j));
+    const __m256 acc = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 8 * j)));
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(acc, sx), _mm256_loadu_ps(w_scales + 8 * j));
     if (a.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + 8 * j));
     _mm256_store_ps(y + 8 * j, v);
   }
@@ -116,11 +126,8 @@ FLASHLM_AVX2_INLINE void store_tile(const Int8Args& a, int64_t m, int64_t n0, co
 }
 
 template <int R, class Dot>
-FLASHLM_AVX2_INLINE void rows(const Int8Args& a, int64_t m, int64_t n0, const int8_t* panel, const float* w_scales,
-                              const float* bias) {
-  __m256i acc[kRows][2];
-  micro_tile<R, Dot>(a.x + m * a.x_stride, a.x_stride, panel, quads(a.K), acc);
-  for (int r = 0; r < R; ++r) store_tile(a, m + r, n0, acc[r], w_scales, bias);
+FLASHLM_AVX2_INLINE void tile(const Int8Args& a, int64_t m, const int8_t* panel, int64_t q0, int64_t q1, int32_t* sums) {
+  micro_tile<R, Dot>(a.x + m * a.x_stride, a.x_stride, panel, q0, q1, sums + m * kCols);
 }
 
 // M < 4 (decode): no packing, which would cost as much as the product; each weight row is read once, 32
@@ -164,6 +171,11 @@ void int8_gemm_panels(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t*
     case 3: return int8_gemv<3, Dot>(a, n_begin, n_end);
     default: break;
   }
+  // The panel's K is taken in chunks of kChunkQuads: the chunk (32 KiB) stays in L1 while every row of x
+  // runs over it, the rows' partial sums waiting in `sums` between chunks (measured: 3-5% faster at
+  // M = 128, K = 4096 than streaming the whole 128 KiB panel from L2 for each 4 rows).
+  const int64_t nq = quads(a.K);
+  int32_t* sums = reinterpret_cast<int32_t*>(panel + nq * kQuadBytes);  // [M][16] after the panel
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kCols) {
     pack_panel(a, n0, panel);
     float w_scales[kCols] = {}, bias[kCols] = {};
@@ -171,14 +183,19 @@ void int8_gemm_panels(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t*
       w_scales[c] = a.w_scales[n0 + c];
       if (a.bias) bias[c] = a.bias[n0 + c];
     }
-    int64_t m = 0;
-    for (; m + kRows <= a.M; m += kRows) rows<kRows, Dot>(a, m, n0, panel, w_scales, bias);
-    switch (a.M - m) {
-      case 3: rows<3, Dot>(a, m, n0, panel, w_scales, bias); break;
-      case 2: rows<2, Dot>(a, m, n0, panel, w_scales, bias); break;
-      case 1: rows<1, Dot>(a, m, n0, panel, w_scales, bias); break;
-      default: break;
+    std::memset(sums, 0, size_t(a.M * kCols) * sizeof(int32_t));
+    for (int64_t q0 = 0; q0 < nq; q0 += kChunkQuads) {
+      const int64_t q1 = nq - q0 < kChunkQuads ? nq : q0 + kChunkQuads;
+      int64_t m = 0;
+      for (; m + kRows <= a.M; m += kRows) tile<kRows, Dot>(a, m, panel, q0, q1, sums);
+      switch (a.M - m) {
+        case 3: tile<3, Dot>(a, m, panel, q0, q1, sums); break;
+        case 2: tile<2, Dot>(a, m, panel, q0, q1, sums); break;
+        case 1: tile<1, Dot>(a, m, panel, q0, q1, sums); break;
+        default: break;
+      }
     }
+    for (int64_t m = 0; m < a.M; ++m) store_row(a, m, n0, sums + m * kCols, w_scales, bias);
   }
 }
 

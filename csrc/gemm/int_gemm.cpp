@@ -151,7 +151,7 @@ void int8_gemm(const Int8GemmParams& p, void* stream) {
 #endif
   const int64_t panels = (N + kPanel - 1) / kPanel;
   parallel_for(panels, (grain_cols + kPanel - 1) / kPanel, [&](int64_t begin, int64_t end) {
-    std::vector<int8_t> panel(size_t(gemm::int8_panel_bytes(K)));
+    std::vector<int8_t> panel(size_t(gemm::int8_scratch_bytes(M, K)));
     const int64_t n0 = begin * kPanel, n1 = std::min(N, end * kPanel);
     if (vnni) {
       gemm::int8_gemm_vnni(a, n0, n1, panel.data());
@@ -245,7 +245,7 @@ namespace flashlm::gemm {
 void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
   quantize_per_token_scalar(a, m_begin, m_end);
 }
-int64_t int8_panel_bytes(int64_t) { return 0; }
+int64_t int8_scratch_bytes(int64_t, int64_t) { return 0; }
 void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t*) { int8_gemm_scalar(a, n_begin, n_end); }
 int64_t int4_gemv_x_floats(int64_t, int64_t) { return 0; }
 void int4_prepare_x_avx2(const Int4Args&, float*) {}

@@ -47,13 +47,13 @@ void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m
 void int8_gemm_scalar(const Int8Args& a, int64_t n_begin, int64_t n_end);
 void int4_gemm_scalar(const Int4Args& a, int64_t n_begin, int64_t n_end);
 
-// AVX2 (+FMA). int8: `panel` is scratch of int8_panel_bytes(K) bytes; `vnni` picks the AVX-VNNI dot product
-// (only where cpu_features().avx_vnni). int4: `x_group_sums` is [M, K / group] (sums of x over each group);
+// AVX2 (+FMA). int8: `panel` is scratch of int8_scratch_bytes(M, K) bytes (a packed weight panel and the
+// rows' partial sums); the vnni kernel uses the AVX-VNNI dot product (only where cpu_features().avx_vnni). int4: `x_group_sums` is [M, K / group] (sums of x over each group);
 // `xp` holds int4_gemv_x_floats(M, K) floats, filled once per call by int4_prepare_x_avx2 and read by every
 // range (the GEMV's reordered x; none for the GEMM path); `scratch`, int4_scratch_floats(M, K) floats, is
 // each range's own.
 void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end);
-int64_t int8_panel_bytes(int64_t K);
+int64_t int8_scratch_bytes(int64_t M, int64_t K);
 void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel);
 void int8_gemm_vnni(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel);
 int64_t int4_gemv_x_floats(int64_t M, int64_t K);
