@@ -169,7 +169,7 @@ def test_int4_gemm(isa, m, dtype, symmetric, group):
     assert_within(y, ref, tol, f"int4 {isa} m={m} k={k} group={group} sym={symmetric} {dtype}")
 
 
-@pytest.mark.parametrize("m", [1, 4, 5, 33])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 33])
 def test_int4_paths_agree(m):
     # The GEMV (M <= 4) and GEMM (M > 4) paths and the scalar kernel on larger K (several K chunks).
     k, n, group = 1536, 70, 64
