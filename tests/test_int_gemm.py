@@ -182,6 +182,44 @@ def test_int4_paths_agree(m):
         assert_within(y, ref, 4 * math.sqrt(k) * EPS[torch.float32] * mag, f"int4 {isa} m={m}")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_int4_gemv_with_flush_denormal(threads):
+    # On AMD cores the AVX2 GEMV reads weights as subnormal floats; with denormals-are-zero on (as
+    # torch.set_flush_denormal sets it in the calling thread, which runs ranges too) they must not read as 0.
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    saved = ops.num_threads()
+    try:
+        ops.set_num_threads(threads)
+        for m, group in [(1, 128), (2, 32), (4, 64)]:
+            x = torch.randn(m, 8 * group)
+            packed, scales, zeros = random_int4(45, 8 * group, group, m % 2 == 0)
+            y = ops.int4_linear(x, packed, scales, zeros, group)
+            ref, mag = int4_reference(x, packed, scales, zeros, group, None)
+            assert_within(y, ref, 4 * math.sqrt(x.shape[1]) * EPS[torch.float32] * mag, f"int4 flush m={m}")
+    finally:
+        torch.set_flush_denormal(False)
+        ops.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("big", [2.0**36, 3e30])
+def test_int4_gemv_huge_and_nan_activations(isa, big):
+    # |x| >= 2^36 takes the GEMV's other variant (the subnormal one scales x by up to 2^90); NaN propagates.
+    _C.set_cpu_isa(isa)
+    k, group = 512, 64
+    x = torch.randn(3, k)
+    x[0, 5] = big
+    x[1, 100] = -big / 3
+    packed, scales, zeros = random_int4(21, k, group, False)
+    y = ops.int4_linear(x, packed, scales, zeros, group)
+    ref, mag = int4_reference(x, packed, scales, zeros, group, None)
+    assert_within(y, ref, 4 * math.sqrt(k) * EPS[torch.float32] * mag, f"int4 {isa} |x| = {big}")
+    x[2, 7] = float("nan")
+    y = ops.int4_linear(x, packed, scales, zeros, group)
+    assert y[2].isnan().all() and not y[:2].isnan().any()
+
+
 # --- argument checks ---------------------------------------------------------------------------------------
 
 def test_bad_arguments():

@@ -38,6 +38,7 @@ nb::dict cpu_features_dict() {
   d["avx512bw"] = f.avx512bw;
   d["avx512_vnni"] = f.avx512_vnni;
   d["avx_vnni"] = f.avx_vnni;
+  d["amd"] = f.amd;
   return d;
 }
 

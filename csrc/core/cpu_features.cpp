@@ -26,6 +26,11 @@ CpuFeatures detect() {
   CpuFeatures f;
 #ifdef FLASHLM_X86
   unsigned a, b, c, d;
+  if (__get_cpuid(0, &a, &b, &c, &d)) {
+    // The vendor string is in ebx, edx, ecx: "Auth" "enti" "cAMD" (Hygon: "Hygo" "nGen" "uine").
+    f.amd = (b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u) ||
+            (b == 0x6f677948u && d == 0x6e65476eu && c == 0x656e6975u);
+  }
   if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
   f.sse42 = c & bit_SSE4_2;
   bool osxsave = c & bit_OSXSAVE;

@@ -213,11 +213,12 @@ void int4_gemm(const Int4GemmParams& p, void* stream) {
     group_sums[i] = s;
   }
   std::vector<float> xp(size_t(gemm::int4_gemv_x_floats(M, K)));
-  gemm::int4_prepare_x_avx2(a, xp.data());
+  const bool subnormal = gemm::int4_prepare_x_avx2(a, cpu_features().amd, xp.data());
   const int64_t panels = (N + kPanel - 1) / kPanel;
   parallel_for(panels, (grain_cols + kPanel - 1) / kPanel, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(size_t(gemm::int4_scratch_floats(M, K)));
-    gemm::int4_gemm_avx2(a, group_sums.data(), xp.data(), begin * kPanel, std::min(N, end * kPanel), scratch.data());
+    gemm::int4_gemm_avx2(a, group_sums.data(), xp.data(), subnormal, begin * kPanel, std::min(N, end * kPanel),
+                         scratch.data());
   });
 }
 
@@ -248,9 +249,9 @@ void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_e
 int64_t int8_scratch_bytes(int64_t, int64_t) { return 0; }
 void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t*) { int8_gemm_scalar(a, n_begin, n_end); }
 int64_t int4_gemv_x_floats(int64_t, int64_t) { return 0; }
-void int4_prepare_x_avx2(const Int4Args&, float*) {}
+bool int4_prepare_x_avx2(const Int4Args&, bool, float*) { return false; }
 int64_t int4_scratch_floats(int64_t, int64_t) { return 0; }
-void int4_gemm_avx2(const Int4Args& a, const float*, const float*, int64_t n_begin, int64_t n_end, float*) {
+void int4_gemm_avx2(const Int4Args& a, const float*, const float*, bool, int64_t n_begin, int64_t n_end, float*) {
   int4_gemm_scalar(a, n_begin, n_end);
 }
 }  // namespace flashlm::gemm

@@ -48,19 +48,20 @@ void int8_gemm_scalar(const Int8Args& a, int64_t n_begin, int64_t n_end);
 void int4_gemm_scalar(const Int4Args& a, int64_t n_begin, int64_t n_end);
 
 // AVX2 (+FMA). int8: `panel` is scratch of int8_scratch_bytes(M, K) bytes (a packed weight panel and the
-// rows' partial sums); the vnni kernel uses the AVX-VNNI dot product (only where cpu_features().avx_vnni). int4: `x_group_sums` is [M, K / group] (sums of x over each group);
-// `xp` holds int4_gemv_x_floats(M, K) floats, filled once per call by int4_prepare_x_avx2 and read by every
-// range (the GEMV's reordered x; none for the GEMM path); `scratch`, int4_scratch_floats(M, K) floats, is
-// each range's own.
+// rows' partial sums); the vnni kernel uses the AVX-VNNI dot product (only where cpu_features().avx_vnni).
+// int4: `x_group_sums` is [M, K / group] (sums of x over each group). `xp` holds int4_gemv_x_floats(M, K)
+// floats (the GEMV's reordered x; none for the GEMM path), filled once per call by int4_prepare_x_avx2 and
+// read by every range; it returns whether it chose the GEMV's subnormal variant, which it may only where
+// `subnormal_ok` (cpu_features().amd). `scratch`, int4_scratch_floats(M, K) floats, is each range's own.
 void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end);
 int64_t int8_scratch_bytes(int64_t M, int64_t K);
 void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel);
 void int8_gemm_vnni(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel);
 int64_t int4_gemv_x_floats(int64_t M, int64_t K);
-void int4_prepare_x_avx2(const Int4Args& a, float* xp);
+bool int4_prepare_x_avx2(const Int4Args& a, bool subnormal_ok, float* xp);
 int64_t int4_scratch_floats(int64_t M, int64_t K);
-void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, const float* xp, int64_t n_begin, int64_t n_end,
-                    float* scratch);
+void int4_gemm_avx2(const Int4Args& a, const float* x_group_sums, const float* xp, bool xp_subnormal,
+                    int64_t n_begin, int64_t n_end, float* scratch);
 
 // CUDA on device `device`, queued on `stream`.
 void quantize_per_token_cuda(const QuantizeArgs& a, int device, void* stream);

@@ -10,6 +10,9 @@ namespace flashlm {
 struct CpuFeatures {
   bool sse42 = false, avx = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512_vnni = false, avx_vnni = false;
+  // AMD (or Hygon) cores, whose FMA units take subnormal operands at full speed; Intel's need a microcode
+  // assist for some of them, so kernels that feed the FMA subnormals run only here.
+  bool amd = false;
 };
 
 enum class CpuIsa : int { Scalar = 0, AVX2 = 1 };
