@@ -5,9 +5,8 @@
 // Two paths:
 // - M <= 4 (decode): a GEMV that streams each weight row once. The zero point leaves the inner loop:
 //   sum_k (u - z) s x = s (sum_k u x - z sum_k x), and the group sums of x are computed once per call, so
-//   the inner loop is unpack and FMA, with the nibbles turned into floats without int-to-float
-//   conversions: by bit placement under an exponent (unpack_block), or, on AMD cores, as subnormals by a
-//   single mask (unpack_subnormal).
+//   the inner loop is unpack and FMA: each nibble masked in place and converted to float, or, on AMD
+//   cores, read as a subnormal float by a single mask.
 // - M > 4: a panel of 16 columns x kKc values of K is dequantized into a small f32 buffer, k-major
 //   (buf[k][16]), and every row of x runs over it with a 4 x 16 outer-product micro-kernel (8 f32
 //   accumulators), so the dequantization is paid once per panel, not once per row.
@@ -51,63 +50,58 @@ FLASHLM_AVX2_INLINE void unpack8(const uint8_t* b, __m256& lo, __m256& hi) {
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
 }
 
-// GEMV unpacking without int-to-float conversions: a nibble u becomes the float 0.5 + u / 32 by placing
-// it in mantissa bits 19..22 under the exponent of 0.5 (bit pattern 0x3F000000 | u << 19). The offset
-// leaves the loop with the zero point: sum (0.5 + u/32) x = 0.5 S + (sum u x) / 32, so
-// sum (u - z) x = 32 acc - (16 + z) S with S the group's sum of x.
-//
-// A block is 32 weight bytes (64 elements). unpack_block turns it into 8 vectors f[q], q = 4h + v (h = 0
-// low nibbles, 1 high), whose lane i holds block byte t = 16 (i / 4) + 8 (v / 2) + 2 (i % 4) + v % 2: the
-// order that two byte unpacks and a shift or mask per vector leave, with one shuffle per 16 elements.
-// Rather than restore the weights' order, the call reorders x once to match (permute_x: M K floats, small next
-// to the N K / 2 weight bytes), so the inner loop is the unpack and one FMA per 8 weights. The terms summed
-// are s (16 + u) x instead of s (u - z) x: a few times the rounding error, well inside the tests' bounds.
-//
-// The subnormal variant unpacks with one AND per 8 weights instead of two operations. Lane i of the 32
-// loaded bytes holds block bytes 4i .. 4i + 3, eight nibbles; nibble p masked in place (bits 4p .. 4p + 3,
-// after a 12-bit shift for p >= 5 so that it stays below the exponent) reads as the subnormal float
-// u 2^(4 p' - 149), p' = p for p < 5 and p - 3 above: exactly u times a power of two. permute_x scales x by
-// 2^(90 - 4 p') to match (exact), so every product is u x 2^-59 and the result is scaled back at the end;
-// with no offset, the terms are s (u - z) x in exact arithmetic. It needs |x| < 2^36 (the scaled x stays
-// finite; the dispatcher checks) and subnormal operands read as themselves: the kernel clears the MXCSR's
-// denormals-are-zero bit while it runs. Measured on Zen 3, one core, weights in L2: 12-13 GB/s of weights
-// against 9.7 for bit placement. Intel cores may take a microcode assist on subnormal FMA operands, so
-// only AMD cores use it (CpuFeatures::amd).
+// The GEMV's unpacking. A block is 32 weight bytes (64 elements), loaded as 8 lanes of 32 bits: lane i holds
+// block bytes 4i .. 4i + 3, eight nibbles, nibble p at bits 4p .. 4p + 3 (the low or high nibble of byte
+// 4i + p / 2). Vector f[p] holds nibble p of every lane, as a float equal to u times a power of two of p's
+// own; rather than restore the weights' order, the call reorders x once to match, scaled by the inverse
+// powers (permute_x: M K floats, small next to the N K / 2 weight bytes; powers of two, so exact), and the
+// inner loop is the unpack and one FMA per 8 weights. Two ways to make f[p]:
+// - convert: the nibble masked in place and converted to float (u 2^(4p); nibble 7 shifted down to avoid
+//   the sign bit), two operations per 8 weights;
+// - subnormal: the masked nibble read as it is, as the subnormal float u 2^(4p' - 149) (p' = p for p < 5;
+//   nibbles 5-7 shifted down 12 bits first, p' = p - 3, so they stay below the exponent), one AND per 8
+//   weights. x is scaled by 2^(90 - 4p'), so every product is u x 2^-59 and the result is scaled back at
+//   the end. It needs |x| < 2^36 (the scaled x stays finite: the dispatcher checks) and subnormal operands
+//   that read as themselves (the kernel clears the MXCSR's denormals-are-zero bit while it runs).
+//   Measured on Zen 3, one core, weights in L2: 12-13 GB/s of weights against 9.7 for `convert`. Intel
+//   cores may take a microcode assist on subnormal FMA operands, so only AMD cores use it
+//   (CpuFeatures::amd).
+// Either way each product is exact u times x: the sums carry no offset (s (u x - z x) per term).
 constexpr int64_t kBlockBytes = 32;
 constexpr int kSubnormalXExp = 90, kSubnormalYExp = 59;  // x scaled by 2^(90 - 4 p'), y by 2^59
 constexpr float kSubnormalMaxX = 68719476736.f;           // 2^36
 
-// xp [M][blocks * 64]: xp[r][64 b + 8 q + i] = x[r, element of block b's vector q, lane i] (scaled for the
-// subnormal variant), 0 past K.
+// xp [M][blocks * 64]: xp[r][64 b + 8 p + i] = x[r, element of block b's nibble p in lane i] times the
+// variant's power of two, 0 past K.
 void permute_x(const Int4Args& a, bool subnormal, float* xp) {
   const auto* x = static_cast<const float*>(a.x);
   const int64_t bytes = a.K / 2, blocks = (bytes + kBlockBytes - 1) / kBlockBytes, half = a.group / 2;
   const int half_log2 = __builtin_ctzll(uint64_t(half));  // half is 16, 32 or 64
   float scales[8];
-  for (int q = 0; q < 8; ++q)
-    scales[q] = subnormal ? __builtin_ldexpf(1.f, kSubnormalXExp - 4 * (q < 5 ? q : q - 3)) : 1.f;
+  for (int p = 0; p < 8; ++p) {
+    if (subnormal) {
+      scales[p] = __builtin_ldexpf(1.f, kSubnormalXExp - 4 * (p < 5 ? p : p - 3));
+    } else {
+      scales[p] = p < 7 ? __builtin_ldexpf(1.f, -4 * p) : 1.f;
+    }
+  }
   for (int64_t r = 0; r < a.M; ++r) {
     for (int64_t b = 0; b < blocks; ++b) {
-      for (int q = 0; q < 8; ++q) {
-        const float scale = scales[q];
+      for (int p = 0; p < 8; ++p) {
         for (int i = 0; i < 8; ++i) {
-          // Block byte t of lane i and vector q, and whether vector q holds its high nibbles.
-          int64_t t;
-          int high;
-          if (subnormal) {
-            t = b * kBlockBytes + 4 * i + q / 2;
-            high = q % 2;
-          } else {
-            const int v = q % 4;
-            t = b * kBlockBytes + 16 * (i / 4) + 8 * (v / 2) + 2 * (i % 4) + v % 2;
-            high = q / 4;
-          }
-          const int64_t elem = ((t >> half_log2) << (half_log2 + 1)) + (t & (half - 1)) + high * half;
-          xp[(r * blocks + b) * 64 + 8 * q + i] = t < bytes ? x[r * a.K + elem] * scale : 0.f;
+          // Byte t of the row: element t of its group's first half (low nibble) or second half (high).
+          const int64_t t = b * kBlockBytes + 4 * i + p / 2;
+          const int64_t elem = ((t >> half_log2) << (half_log2 + 1)) + (t & (half - 1)) + (p % 2) * half;
+          xp[(r * blocks + b) * 64 + 8 * p + i] = t < bytes ? x[r * a.K + elem] * scales[p] : 0.f;
         }
       }
     }
   }
+}
+
+FLASHLM_AVX2_INLINE void unpack_convert(__m256i v, __m256 (&f)[8]) {
+  for (int p = 0; p < 7; ++p) f[p] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * p))));
+  f[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
 }
 
 FLASHLM_AVX2_INLINE void unpack_subnormal(__m256i v, __m256 (&f)[8]) {
@@ -117,37 +111,20 @@ FLASHLM_AVX2_INLINE void unpack_subnormal(__m256i v, __m256 (&f)[8]) {
     f[p] = _mm256_castsi256_ps(_mm256_and_si256(upper, _mm256_set1_epi32(15 << (4 * (p - 3)))));
 }
 
-FLASHLM_AVX2_INLINE void unpack_block(__m256i v, __m256 (&f)[8]) {
-  const __m256i top = _mm256_set1_epi8(0x3F), high_words = _mm256_set1_epi32(int32_t(0xFFFF0000u));
-  const __m256i bits_3_6 = _mm256_set1_epi8(0x78);
-  // Byte 2 of each float: bit 7 (the exponent's low bit) clear, the nibble in bits 3..6 (bits that the
-  // 16-bit shifts carry across bytes are masked off).
-  const __m256i nib[2] = {_mm256_and_si256(_mm256_slli_epi16(v, 3), bits_3_6),
-                          _mm256_and_si256(_mm256_srli_epi16(v, 1), bits_3_6)};
-  for (int h = 0; h < 2; ++h) {
-    const __m256i w0 = _mm256_unpacklo_epi8(nib[h], top), w1 = _mm256_unpackhi_epi8(nib[h], top);
-    f[4 * h + 0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-    f[4 * h + 1] = _mm256_castsi256_ps(_mm256_and_si256(w0, high_words));
-    f[4 * h + 2] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-    f[4 * h + 3] = _mm256_castsi256_ps(_mm256_and_si256(w1, high_words));
-  }
-}
-
-// total[r] += 32 s acc[r] (bit placement) or s acc[r] (subnormal), s a vector of scales (per lane: group 32
-// puts two groups in a block), and clears the accumulators.
-template <int R, bool Subnormal>
+// total[r] += s acc[r], s a vector of scales (per lane: group 32 puts two groups in a block), and clears
+// the accumulators.
+template <int R>
 FLASHLM_AVX2_INLINE void close_group(__m256 s, __m256 (&acc)[R][2], __m256 (&total)[R]) {
-  const __m256 vs = Subnormal ? s : _mm256_mul_ps(s, _mm256_set1_ps(32.f));
   for (int r = 0; r < R; ++r) {
     const __m256 dot = _mm256_add_ps(acc[r][0], acc[r][1]);
-    total[r] = _mm256_fmadd_ps(dot, vs, total[r]);
+    total[r] = _mm256_fmadd_ps(dot, s, total[r]);
     acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   }
 }
 
-// GEMV for R rows of x: y[r, n] = sum_g s_g (32 acc_g - (16 + z_g) S_g) + bias, acc_g = sum (0.5 + u/32) x
-// over group g; subnormal: y[r, n] = 2^59 sum_g s_g acc_g - sum_g s_g z_g S_g + bias, acc_g = sum u x 2^-59.
-// `xp` is x reordered by permute_x.
+// GEMV for R rows of x: y[r, n] = c sum_g s_g acc_g - sum_g s_g z_g S_g + bias, acc_g = sum over group g of
+// f x (= u x / c), S_g the group's sum of x (c = 2^59 for the subnormal variant, 1 for convert). `xp` is x
+// reordered by permute_x.
 template <int R, bool Subnormal>
 void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n_begin, int64_t n_end) {
   constexpr int kAcc = 2;  // two accumulators per row: more only spill registers (measured)
@@ -166,7 +143,7 @@ void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n
       if (Subnormal) {
         unpack_subnormal(v, f);
       } else {
-        unpack_block(v, f);
+        unpack_convert(v, f);
       }
       for (int q = 0; q < 8; ++q) {
         for (int r = 0; r < R; ++r) {
@@ -180,32 +157,31 @@ void gemv(const Int4Args& a, const float* xp, const float* group_sums, int64_t n
       for (; 2 * b + 2 <= groups; ++b) {
         block(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes)));
         const __m256 s = _mm256_set_m128(_mm_set1_ps(scales[2 * b + 1]), _mm_set1_ps(scales[2 * b]));
-        close_group<R, Subnormal>(s, acc, total);
+        close_group<R>(s, acc, total);
       }
       if (2 * b < groups) {  // an odd last group, 16 bytes: the upper lanes meet zeros in xp
         block(b, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + b * kBlockBytes))));
-        close_group<R, Subnormal>(_mm256_set_m128(_mm_setzero_ps(), _mm_set1_ps(scales[2 * b])), acc, total);
+        close_group<R>(_mm256_set_m128(_mm_setzero_ps(), _mm_set1_ps(scales[2 * b])), acc, total);
       }
     } else {
       for (int64_t g = 0; g < groups; ++g) {
         for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b)
           block(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlockBytes)));
-        close_group<R, Subnormal>(_mm256_set1_ps(scales[g]), acc, total);
+        close_group<R>(_mm256_set1_ps(scales[g]), acc, total);
       }
     }
     for (int r = 0; r < R; ++r) {
-      // The zero points' (and the offset's) share, sum_g s_g (z_g + offset) S_g, 8 groups at a time.
-      constexpr float offset = Subnormal ? 0.f : 16.f;
+      // The zero points' share, sum_g s_g z_g S_g, 8 groups at a time.
       const float* sums = group_sums + r * groups;
       __m256 zv = _mm256_setzero_ps();
       int64_t g = 0;
       for (; g + 8 <= groups; g += 8) {
         const __m256 z = a.zeros ? _mm256_loadu_ps(a.zeros + n * groups + g) : _mm256_set1_ps(8.f);
-        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(scales + g), _mm256_add_ps(z, _mm256_set1_ps(offset)));
+        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(scales + g), z);
         zv = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sums + g), zv);
       }
       float zero_part = hsum(zv);
-      for (; g < groups; ++g) zero_part += scales[g] * ((a.zeros ? a.zeros[n * groups + g] : 8.f) + offset) * sums[g];
+      for (; g < groups; ++g) zero_part += scales[g] * (a.zeros ? a.zeros[n * groups + g] : 8.f) * sums[g];
       const float dot = Subnormal ? __builtin_ldexpf(hsum(total[r]), kSubnormalYExp) : hsum(total[r]);
       float y = dot - zero_part;
       if (a.bias) y += a.bias[n];
@@ -318,7 +294,8 @@ bool int4_prepare_x_avx2(const Int4Args& a, bool subnormal_ok, float* xp) {
   if (a.M > kGemvMaxRows) return false;
   if (subnormal_ok) {  // the subnormal variant needs |x| < 2^36 (and finite)
     const auto* x = static_cast<const float*>(a.x);
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), limit = _mm256_set1_ps(kSubnormalMaxX);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 limit = _mm256_set1_ps(kSubnormalMaxX);
     __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     int64_t i = 0;
     for (; i + 8 <= a.M * a.K; i += 8)  // NaN compares false, so it fails too
