@@ -109,7 +109,8 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       if (p.packed && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
         const int64_t g0 = std::min((n0 + 3) / 4 * 4, n1), g1 = std::max(g0, n1 / 4 * 4);
         rows(n0, g0);
-        if (g0 < g1) matmul_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], extras.data(), m, p.y, p.n, g0, g1);
+        if (g0 < g1)
+          matmul_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], extras.data(), m, p.y, p.n, g0, g1);
         rows(g1, n1);
       } else {
         rows(n0, n1);

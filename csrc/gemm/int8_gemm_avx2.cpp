@@ -69,7 +69,9 @@ void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_e
   }
 }
 
-int64_t int8_scratch_bytes(int64_t M, int64_t K) { return quads(K) * kQuadBytes + M * kCols * int64_t(sizeof(int32_t)); }
+int64_t int8_scratch_bytes(int64_t M, int64_t K) {
+  return quads(K) * kQuadBytes + M * kCols * int64_t(sizeof(int32_t));  // the panel, then the rows' sums
+}
 
 void int8_gemm_avx2(const Int8Args& a, int64_t n_begin, int64_t n_end, int8_t* panel) {
   int8_gemm_panels<DotMaddubs>(a, n_begin, n_end, panel);

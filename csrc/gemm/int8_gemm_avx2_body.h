@@ -126,7 +126,8 @@ FLASHLM_AVX2_INLINE void store_row(const Int8Args& a, int64_t m, int64_t n0, con
 }
 
 template <int R, class Dot>
-FLASHLM_AVX2_INLINE void tile(const Int8Args& a, int64_t m, const int8_t* panel, int64_t q0, int64_t q1, int32_t* sums) {
+FLASHLM_AVX2_INLINE void tile(const Int8Args& a, int64_t m, const int8_t* panel, int64_t q0, int64_t q1,
+                              int32_t* sums) {
   micro_tile<R, Dot>(a.x + m * a.x_stride, a.x_stride, panel, q0, q1, sums + m * kCols);
 }
 

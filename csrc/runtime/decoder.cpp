@@ -1,7 +1,8 @@
-// The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer with the
-// step's scratch allocated once; the weights are checked (and regrouped) when the Decoder is built, not per step. q/k/v and gate/up each go to the thread pool as one job (one quantization
-// of their shared input); everything else is the public kernels, which check their own arguments. Every
-// step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
+// The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer, with one
+// scratch allocation per step; the weights are checked (and regrouped) when the Decoder is built, not per
+// step. q/k/v and gate/up each go to the thread pool as one job (one quantization of their shared input);
+// everything else is the public kernels, which check their own arguments. Every step rounds as the module
+// path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
 #include "flashlm/runtime/decoder.h"
 
 #include "rope_kernels.h"
@@ -132,8 +133,8 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
 void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
   FLASHLM_CHECK(c.d_model > 0 && c.n_head > 0 && c.n_kv_head > 0 && c.head_dim > 0 && c.d_ff > 0,
                 "decoder config: sizes must be positive");
-  FLASHLM_CHECK(c.n_head % c.n_kv_head == 0, "decoder config: n_head (", c.n_head, ") must be a multiple of n_kv_head (",
-                c.n_kv_head, ")");
+  FLASHLM_CHECK(c.n_head % c.n_kv_head == 0, "decoder config: n_head (", c.n_head,
+                ") must be a multiple of n_kv_head (", c.n_kv_head, ")");
   FLASHLM_CHECK(c.head_dim % 2 == 0, "decoder config: head_dim must be even for rope, got ", c.head_dim);
   const int64_t d = c.d_model, qd = c.n_head * c.head_dim, kvd = c.n_kv_head * c.head_dim;
   for (size_t i = 0; i < layers.size(); ++i) {
@@ -201,7 +202,8 @@ void Decoder::State::logits(const TensorView& tokens, const TensorView& logits_r
   const int64_t t = tokens.shape[0];
   const auto* ids = static_cast<const int64_t*>(tokens.data);
   for (int64_t i = 0; i < t; ++i)
-    FLASHLM_CHECK(ids[i] >= 0 && ids[i] < vocab, "tokens[", i, "] = ", ids[i], " is outside the vocabulary [0, ", vocab, ")");
+    FLASHLM_CHECK(ids[i] >= 0 && ids[i] < vocab, "tokens[", i, "] = ", ids[i], " is outside the vocabulary [0, ",
+                  vocab, ")");
   const TensorView& r = logits_rows;
   FLASHLM_CHECK(r.device.is_cpu() && r.dtype == DType::I64 && r.ndim == 1 && r.is_contiguous(),
                 "logits_rows must be a contiguous int64 [R] on the CPU, got ", r.shape_string());

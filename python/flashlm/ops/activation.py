@@ -27,7 +27,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate = gate if gate.is_contiguous() else gate.contiguous()
     up = up if up.is_contiguous() else up.contiguous()
     out = torch.empty_like(gate)
-    _C.silu_mul(gate.detach(), up.detach(), out, cuda_stream(gate) if gate.is_cuda else 0)
+    _C.silu_mul(gate.detach(), up.detach(), out, cuda_stream(gate))
     return out
 
 

@@ -37,8 +37,8 @@ class NativeDecoder:
                cu_seqlens_q, max_seqlen_q: int, logits_rows) -> torch.Tensor:
         """float32 [len(logits_rows), head rows (or d_model)] for one step from token ids (int64 [T])."""
         out = torch.empty((logits_rows.shape[0], self._width), dtype=torch.float32)
-        self._impl.logits(tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
-                          cu_seqlens_q, int(max_seqlen_q), logits_rows, out)
+        self._impl.logits(tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
+                          seq_lens, cu_seqlens_q, int(max_seqlen_q), logits_rows, out)
         return out
 
     @property

@@ -50,8 +50,8 @@ def _engine(args, **kw):
     from flashlm.runtime.engine import LLM
 
     kv_dtype = getattr(torch, args.kv_cache_dtype) if args.kv_cache_dtype else None
-    return LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=kv_dtype,
-               draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens, **kw)
+    return LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+               kv_cache_dtype=kv_dtype, draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens, **kw)
 
 
 def _params(args, **kw) -> SamplingParams:
