@@ -3,6 +3,8 @@ whose block linears are GGUF blocks: every serving step's logits against the mod
 same weights and caches (mixed prefill chunks and decodes, GQA and MQA, q/k/v biases, mixed block types),
 greedy generation through the engine, which models it takes, and bad input."""
 
+import gc
+
 import pytest
 import torch
 
@@ -290,3 +292,32 @@ def test_bad_ends_and_step_tokens_name_the_argument():
         step(torch.tensor([1, 2, 3]), torch.tensor([3]))
     with pytest.raises(ValueError, match="tokens must be a contiguous int64"):
         step(torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([2]))
+
+
+def test_set_ends_again_replaces_the_ends():
+    # A second set_ends takes over from the first: its tables are kept alive by the decoder (the caller's
+    # references dropped here), the previous ones let go, and the logits are the same for the same values.
+    model = quantized_model("llama", ends="Q4_0")
+    cfg = model.cfg
+    dec = model.native_decoder()
+    caches = [torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    tokens = torch.tensor([5, 17, 3])
+
+    def step():
+        for c in caches:
+            c.zero_()
+        return dec.logits(tokens, torch.arange(3), model.rope_cos, model.rope_sin, caches[:cfg.n_layer],
+                          caches[cfg.n_layer:], torch.arange(3), torch.tensor([[0, 1]], dtype=torch.int32),
+                          torch.tensor([3], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 3,
+                          torch.tensor([0, 2]))
+
+    before = step()
+    emb, norm, raw = model.tok_emb.raw.clone(), model.final_norm.weight.detach().clone(), model.lm_head.raw.clone()
+    dec.set_ends(emb, "Q4_0", norm, (raw, "Q4_0", VOCAB, cfg.d_model, None))
+    del emb, norm, raw
+    gc.collect()
+    assert torch.equal(step(), before)
+    dec.set_ends(model.tok_emb.raw, "Q4_0", model.final_norm.weight.detach(), None)  # no head: the normed rows
+    normed = step()
+    assert normed.shape == (2, cfg.d_model) and not dec.has_head
+    assert torch.equal(model.lm_head(normed), before)  # the same GGUF head kernel, in the module

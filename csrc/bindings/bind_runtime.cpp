@@ -18,10 +18,12 @@ namespace {
 
 struct Decoder {
   int64_t d_model = 0;
-  std::vector<nb::object> keep;  // the arrays the library's views point into
+  // The arrays the library's views point into: the layers' for the object's life, the ends' until the next
+  // set_ends replaces them.
+  std::vector<nb::object> keep_layers, keep_ends;
   std::unique_ptr<runtime::Decoder> impl;
 
-  TensorView array(nb::handle h, const std::string& name) {
+  static TensorView array(nb::handle h, const std::string& name, std::vector<nb::object>& keep) {
     Array a;
     FLASHLM_CHECK(nb::try_cast(h, a), name, ": expected an array (a torch tensor), got ",
                   nb::inst_name(h).c_str());
@@ -30,19 +32,19 @@ struct Decoder {
   }
 
   // spec: (raw uint8 blocks, ggml type name, n, k, bias or None)
-  runtime::QuantLinear linear(nb::handle spec, const std::string& name) {
+  static runtime::QuantLinear linear(nb::handle spec, const std::string& name, std::vector<nb::object>& keep) {
     FLASHLM_CHECK(nb::isinstance<nb::tuple>(spec), name, ": expected a tuple (raw, ggml_type, n, k, bias)");
     auto t = nb::borrow<nb::tuple>(spec);
     FLASHLM_CHECK(t.size() == 5, name, ": expected (raw, ggml_type, n, k, bias), got ", t.size(), " items");
     runtime::QuantLinear l;
-    l.weight = array(t[0], name + ".raw");
+    l.weight = array(t[0], name + ".raw", keep);
     std::string type;
     FLASHLM_CHECK(nb::try_cast(t[1], type), name, ": ggml_type must be a string");
     std::optional<DType> dt = dtype_from_name(type);
     FLASHLM_CHECK(dt.has_value(), name, ": unknown ggml_type '", type, "'");
     l.type = *dt;
     FLASHLM_CHECK(nb::try_cast(t[2], l.n) && nb::try_cast(t[3], l.k), name, ": n and k must be integers");
-    if (!t[4].is_none()) l.bias = array(t[4], name + ".bias");
+    if (!t[4].is_none()) l.bias = array(t[4], name + ".bias", keep);
     return l;
   }
 
@@ -58,15 +60,15 @@ struct Decoder {
       FLASHLM_CHECK(s.size() == 9, at, ": expected 9 items (attn_norm, q, k, v, o, mlp_norm, gate, up, down), got ",
                     s.size());
       runtime::DecoderLayer l;
-      l.attn_norm = array(s[0], at + ".attn_norm");
-      l.q = linear(s[1], at + ".q");
-      l.k = linear(s[2], at + ".k");
-      l.v = linear(s[3], at + ".v");
-      l.o = linear(s[4], at + ".o");
-      l.mlp_norm = array(s[5], at + ".mlp_norm");
-      l.gate = linear(s[6], at + ".gate");
-      l.up = linear(s[7], at + ".up");
-      l.down = linear(s[8], at + ".down");
+      l.attn_norm = array(s[0], at + ".attn_norm", keep_layers);
+      l.q = linear(s[1], at + ".q", keep_layers);
+      l.k = linear(s[2], at + ".k", keep_layers);
+      l.v = linear(s[3], at + ".v", keep_layers);
+      l.o = linear(s[4], at + ".o", keep_layers);
+      l.mlp_norm = array(s[5], at + ".mlp_norm", keep_layers);
+      l.gate = linear(s[6], at + ".gate", keep_layers);
+      l.up = linear(s[7], at + ".up", keep_layers);
+      l.down = linear(s[8], at + ".down", keep_layers);
       layers.push_back(l);
     }
     impl = std::make_unique<runtime::Decoder>(runtime::DecoderConfig{d_model, n_head, n_kv_head, head_dim, d_ff, eps},
@@ -78,24 +80,26 @@ struct Decoder {
   void set_ends(nb::handle table, const std::string& type_name, nb::handle final_norm, nb::handle head) {
     std::optional<DType> type = dtype_from_name(type_name);
     FLASHLM_CHECK(type.has_value(), "embedding_type: unknown type '", type_name, "'");
-    TensorView raw = array(table, "embedding");
+    std::vector<nb::object> keep;
+    TensorView raw = array(table, "embedding", keep);
     FLASHLM_CHECK(raw.ndim == 2 && raw.is_contiguous(), "embedding: expected a contiguous 2-D table, got ",
                   raw.shape_string());
     const int64_t vocab = raw.shape[0], d = d_model;
     FLASHLM_CHECK(vocab > 0, "embedding: the table has no rows");
     if (raw.dtype == DType::U8) {
       FLASHLM_CHECK(d % dtype_info(*type).block_size == 0 && raw.numel() == storage_bytes(*type, vocab * d),
-                    "embedding: ", vocab, " rows of ", d, " ", type_name, " values take ", storage_bytes(*type, vocab * d),
-                    " bytes, the table has ", raw.numel());
+                    "embedding: ", vocab, " rows of ", d, " ", type_name, " values take ",
+                    storage_bytes(*type, vocab * d), " bytes, the table has ", raw.numel());
     } else {
       FLASHLM_CHECK(raw.dtype == *type && raw.shape[1] == d, "embedding: expected ", type_name, " [", vocab, ", ", d,
                     "], got ", dtype_name(raw.dtype), " ", raw.shape_string());
     }
     runtime::DecoderEnds e;
     e.embedding = TensorView::contiguous(raw.data, *type, {vocab, d});
-    e.final_norm = array(final_norm, "final_norm");
-    e.head = head.is_none() ? runtime::QuantLinear{} : linear(head, "head");
+    e.final_norm = array(final_norm, "final_norm", keep);
+    e.head = head.is_none() ? runtime::QuantLinear{} : linear(head, "head", keep);
     impl->set_ends(e);
+    keep_ends = std::move(keep);  // the previous ends' arrays are no longer read
   }
 
   runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,

@@ -8,6 +8,7 @@
 #include "rope_kernels.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <unordered_map>
@@ -56,6 +57,11 @@ void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string&
 MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
   return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
           l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, packed};
+}
+
+// A layer's seven linears.
+std::array<const QuantLinear*, 7> linears(const DecoderLayer& l) {
+  return {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
 }
 
 TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
@@ -351,7 +357,7 @@ Decoder::Decoder(const DecoderConfig& config, std::vector<DecoderLayer> layers) 
   state_->config = config;
   state_->layers = std::move(layers);
   for (const DecoderLayer& l : state_->layers)
-    for (const QuantLinear* q : {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}) state_->pack(*q);
+    for (const QuantLinear* q : linears(l)) state_->pack(*q);
 }
 
 Decoder::~Decoder() = default;
@@ -360,9 +366,19 @@ Decoder& Decoder::operator=(Decoder&&) noexcept = default;
 
 void Decoder::set_ends(const DecoderEnds& ends) {
   check_ends(state_->config, ends);
-  if (ends.head.weight.data) state_->pack(ends.head);
-  state_->ends = ends;
-  state_->has_ends = true;
+  State& s = *state_;
+  // The previous head's regrouped copy goes with it, unless a layer reads the same weight (copies are keyed
+  // by the weight's data).
+  const void* old_head = s.has_ends ? s.ends.head.weight.data : nullptr;
+  if (ends.head.weight.data) s.pack(ends.head);
+  if (old_head && old_head != ends.head.weight.data) {
+    bool shared = false;
+    for (const DecoderLayer& l : s.layers)
+      for (const QuantLinear* q : linears(l)) shared = shared || q->weight.data == old_head;
+    if (!shared) s.packed.erase(old_head);
+  }
+  s.ends = ends;
+  s.has_ends = true;
 }
 
 bool Decoder::has_ends() const { return state_->has_ends; }
