@@ -1,6 +1,6 @@
 // Development bench for the CUDA dequantization kernel, in numbered versions (llm.c's dev/cuda style).
 // Each version dequantizes the same random Q4_0 / Q8_0 / Q4_K / Q6_K blocks to f32; main() first checks
-// every version bit for bit against the CPU decoders (csrc/gguf/dequantize_block.h), then times each one
+// every version bit for bit against the CPU decoders (csrc/gguf/shared_decoders.h), then times each one
 // with CUDA events (median of many runs) next to a device-to-device copy and a fill of the same output.
 //
 //   nvcc -O3 -std=c++17 --fmad=false -gencode=arch=compute_90a,code=sm_90a -I../../csrc/include -I../../csrc/gguf \
@@ -24,7 +24,7 @@
 #include <random>
 #include <vector>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 
 using namespace flashlm;
 using namespace flashlm::gguf::detail;

@@ -5,13 +5,13 @@
 
 #include <cstdint>
 
-#include "../gguf/dequantize_avx2_common.h"  // bf16_bits
+#include "../core/half_avx2.h"
 #include "silu_mul_kernels.h"
 
 namespace flashlm::activation::detail {
 namespace {
 
-using gguf::detail::bf16_bits;
+using core::bf16_bits;
 
 FLASHLM_AVX2_INLINE __m256 exp8(__m256 x) {
   // max/min return their second operand when one is NaN: x goes second, so a NaN stays a NaN. Lanes above

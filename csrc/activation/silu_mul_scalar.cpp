@@ -3,14 +3,14 @@
 #include <cstring>
 #include <limits>
 
-#include "../gguf/dequantize_block.h"  // bf16 <-> f32
+#include "../core/half.h"
 #include "silu_mul_kernels.h"
 
 namespace flashlm::activation::detail {
 namespace {
 
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f32_to_bf16;
+using core::bf16_to_f32;
+using core::f32_to_bf16;
 
 float exp_cephes(float x) {
   if (x != x) return x;

@@ -17,7 +17,7 @@
 //     buffered) and accumulates dQ = dS K in registers; each warp owns 16 query rows.
 // Every output element is written by exactly one thread with a fixed summation order, so results are
 // deterministic; the price is that S and dP are computed twice (once per kernel).
-#include "attention_cuda_common.cuh"
+#include "shared_cuda.cuh"
 #include "attention_kernels.h"
 
 namespace flashlm::attention {

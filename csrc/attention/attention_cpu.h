@@ -1,18 +1,17 @@
 // Helpers shared by the CPU attention kernels (scalar and AVX2): where a sequence's rows are, which keys
-// a query sees, and f32 <-> bf16 element access.
+// a query sees, and the score of a dot product; row access is shared_cpu.h.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#include "../gguf/dequantize_block.h"
 #include "attention_params.h"
+#include "shared_cpu.h"
 
 namespace flashlm::attention::cpu {
 // Internal linkage: the AVX2 kernels include these too, and a copy compiled with AVX2 flags must never be
-// the one that callers on other CPUs get (see attention_avx2.h).
+// the one that callers on other CPUs get (see core/avx2.h).
 namespace {
 
 // One sequence of the batch: its first query and key rows in the (possibly packed) tensors and its lengths.
@@ -51,29 +50,6 @@ inline KeyRange visible_keys(const Params& p, const Sequence& s, int64_t i) {
 inline KeyRange visible_keys(const Params& p, const Sequence& s, int64_t i0, int64_t i1) {
   KeyRange a = visible_keys(p, s, i0), b = visible_keys(p, s, i1 - 1);
   return {std::min(a.first, b.first), std::max(a.last, b.last)};
-}
-
-// bf16 <-> f32 (round to nearest even), shared with the dequantization kernels.
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f32_to_bf16;
-
-// n elements of a row of `dtype` (F32 or BF16) to f32, and back.
-inline void load_row(const void* src, DType dtype, int64_t n, float* dst) {
-  if (dtype == DType::F32) {
-    std::memcpy(dst, src, size_t(n) * 4);
-  } else {
-    const auto* s = static_cast<const uint16_t*>(src);
-    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
-  }
-}
-
-inline void store_row(const float* src, int64_t n, void* dst, DType dtype) {
-  if (dtype == DType::F32) {
-    std::memcpy(dst, src, size_t(n) * 4);
-  } else {
-    auto* t = static_cast<uint16_t*>(dst);
-    for (int64_t d = 0; d < n; ++d) t[d] = f32_to_bf16(src[d]);
-  }
 }
 
 // Address of element (row, head, 0) of a tensor given as (base, batch, strides) and its element size.

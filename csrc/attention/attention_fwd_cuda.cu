@@ -3,14 +3,14 @@
 //
 // Grid: (query tile, head, sequence). A CTA loads its Q tile once and walks the K/V tiles that any of its
 // rows sees (tiles wholly outside the causal/window band are never touched; only tiles that cross the band's
-// edge or the sequence's end are masked); the loop itself is forward_q_tile (attention_fwd_common.cuh).
+// edge or the sequence's end are masked); the loop itself is forward_q_tile (shared_fwd_cuda.cuh).
 // Pipeline, with one K and one V buffer: V(n) is loaded while S = Q K(n)^T is computed, and K(n + 1) while
 // the softmax and O += P V(n) run, so a load is always in flight behind the math (flash-attn's schedule; two
 // buffers per tensor would cost smem that 2 CTAs/SM need).
 // S stays in registers: scaled to the log2 domain, masked, exponentiated against the running max (online
 // softmax), converted to f16/bf16 and fed straight back as the A operand of P V. O is normalised once at the
 // end; lse = m + ln(l), and a row that sees no key gets out = 0 and lse = +inf.
-#include "attention_fwd_common.cuh"
+#include "shared_fwd_cuda.cuh"
 #include "attention_kernels.h"
 
 namespace flashlm::attention {

@@ -12,7 +12,7 @@
 // so it re-reads only what it wrote; m and l are written by lane 0 of each row's quad (l summed over the quad)
 // and re-read by the whole quad after the __syncthreads that separate tile steps; on re-read only lane 0 takes
 // l, so that the quad's partial sums still add up to l.
-#include "attention_fwd_common.cuh"
+#include "shared_fwd_cuda.cuh"
 
 namespace flashlm::attention::cuda {
 namespace {

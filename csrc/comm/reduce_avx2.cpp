@@ -7,14 +7,14 @@
 
 #include <cstdint>
 
-#include "../gguf/dequantize_avx2_common.h"  // pack_f16 / pack_bf16, shared with the dequantization kernels
+#include "../core/half_avx2.h"
 #include "ring_transport.h"
 
 namespace flashlm::comm::detail {
 namespace {
 
-using gguf::detail::pack_bf16;
-using gguf::detail::pack_f16;
+using core::pack_bf16;
+using core::pack_f16;
 
 FLASHLM_AVX2_INLINE __m256 load8_f16(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -2,16 +2,16 @@
 // AVX2 (reduce_avx2.cpp) and CUDA (reduce_cuda.cu) kernels, which must match it bit for bit.
 #include <cstdint>
 
-#include "../gguf/dequantize_block.h"  // f16/bf16 <-> f32, shared with the dequantization kernels
+#include "../core/half.h"
 #include "ring_transport.h"
 
 namespace flashlm::comm::detail {
 namespace {
 
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f16_to_f32;
-using gguf::detail::f32_to_bf16;
-using gguf::detail::f32_to_f16;
+using core::bf16_to_f32;
+using core::f16_to_f32;
+using core::f32_to_bf16;
+using core::f32_to_f16;
 
 template <class Load, class Store, class T>
 void reduce_loop(T* dst, const T* a, const T* b, int64_t n, float divisor, Load load, Store store) {

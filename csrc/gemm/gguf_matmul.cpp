@@ -8,7 +8,7 @@
 #include <limits>
 #include <vector>
 
-#include "../gguf/dequantize_block.h"
+#include "../core/half.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
@@ -56,8 +56,8 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
       auto* out = static_cast<uint16_t*>(y.data) + i * n;
       const auto* b = bias ? static_cast<const uint16_t*>(bias->data) : nullptr;
       for (int64_t j = n0; j < n1; ++j) {
-        const float bj = b ? gguf::detail::bf16_to_f32(b[j]) : 0.f;
-        out[j] = gguf::detail::f32_to_bf16(row[j] + bj);
+        const float bj = b ? core::bf16_to_f32(b[j]) : 0.f;
+        out[j] = core::f32_to_bf16(row[j] + bj);
       }
     }
   });

@@ -12,11 +12,12 @@
 // walked in tiles of 16 so a tile stays in the L1/L2 cache while all activation rows pass over it.
 //
 // Compiled with -mavx2 -mfma -mf16c and called only after a run-time CPU check; see
-// csrc/gguf/dequantize_avx2_common.h for what such a file must not use (no std:: templates).
+// csrc/core/avx2.h for what such a file must not use (no std:: templates).
 #include <cstddef>
 
-#include "../gguf/dequantize_avx2_common.h"
-#include "../gguf/dequantize_block.h"
+#include "../core/half.h"
+#include "../gguf/shared_unpack_avx2.h"
+#include "flashlm/gguf/blocks.h"
 #include "gguf_matmul_kernels.h"
 
 namespace flashlm::gemm::detail {
@@ -27,10 +28,10 @@ using gguf::block_q4_K;
 using gguf::block_q5_K;
 using gguf::block_q6_K;
 using gguf::block_q8_K;
+using core::ld_u32;
 using gguf::detail::bit_plane;
 using gguf::detail::crumbs;
 using gguf::detail::expand_bits;
-using gguf::detail::ld_u32;
 using gguf::detail::load16B;
 using gguf::detail::load32B;
 using gguf::detail::load_f16;

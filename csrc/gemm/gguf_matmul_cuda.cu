@@ -2,7 +2,7 @@
 //   Small M (<= 8 rows of x per launch row): a GEMV kernel, one warp per output column n (a row of W). The
 //   warp walks the row's blocks in 8-element chunks, lane l taking chunks l, l + 32, ...: consecutive lanes
 //   read consecutive bytes of the blocks and consecutive 16-byte pieces of x, so both streams coalesce.
-//   Each chunk is decoded in registers by the decoders shared with the CPU (csrc/gguf/dequantize_block.h)
+//   Each chunk is decoded in registers by the decoders shared with the CPU (csrc/gguf/shared_decoders.h)
 //   and multiplied with up to 8 rows of x; a butterfly of shuffles sums the lanes.
 //   Larger M with f16/bf16 x: the blocks are dequantized into a scratch W (cudaMallocAsync on the stream,
 //   flashlm's CUDA dequantizer) and multiplied by the tensor-core GEMM of gguf_matmul_mma_cuda.cu.
@@ -16,9 +16,9 @@
 #include <string>
 
 #include "../core/cuda_guard.h"
-#include "../gguf/dequantize_block.h"
-#include "../gguf/dequantize_kernels.h"
+#include "../gguf/shared_decoders.h"
 #include "flashlm/core/error.h"
+#include "flashlm/gguf/dequantize.h"
 #include "gguf_matmul_kernels.h"
 
 namespace flashlm::gemm::detail {
@@ -170,11 +170,12 @@ void gguf_matmul_cuda(const CudaArgs& a) {
     return;
   }
   // Dequantize W [n, k] into a scratch of x's dtype, then the tensor-core GEMM.
-  const int64_t n_blocks = a.n * (a.k / dtype_info(a.type).block_size);
   void* scratch = nullptr;
   check_cuda(cudaMallocAsync(&scratch, static_cast<size_t>(a.n * a.k * 2), stream), "cudaMallocAsync");
   try {
-    gguf::detail::dequantize_cuda(a.type, a.w, n_blocks, scratch, a.dtype, a.device, stream);
+    const Device device{DeviceType::CUDA, a.device};
+    dequantize(TensorView::contiguous(const_cast<uint8_t*>(a.w), a.type, {a.n, a.k}, device),
+               TensorView::contiguous(scratch, a.dtype, {a.n, a.k}, device), stream);
     gemm_nt_mma_cuda(a.x, scratch, a.bias, a.y, a.dtype, a.m, a.n, a.k, stream);
   } catch (...) {
     cudaFreeAsync(scratch, stream);

@@ -1,5 +1,6 @@
 // Internal entry points of the GGUF matmul kernels (gguf_matmul.cpp routes between them) and the 8-bit
-// activation blocks the CPU kernels multiply the weight blocks with.
+// activation blocks the CPU kernels multiply the weight blocks with. The part other folders may call is
+// shared_gguf_matmul.h.
 //
 // Activations: the 32-element weight types (Q4_0 .. Q8_0) take one ActQ8x2 per 64 values of x (two blocks);
 // the K-quants take one block_q8_K per 256 values. Both hold round(x / d) in [-128, 127] with a float scale
@@ -11,6 +12,7 @@
 
 #include "flashlm/core/dtype.h"
 #include "flashlm/gguf/blocks.h"
+#include "shared_gguf_matmul.h"
 
 namespace flashlm::gemm::detail {
 
@@ -55,29 +57,6 @@ void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1);
 // Returns false where there is no AVX2 kernel for the type (the caller falls back to scalar).
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1);
 
-// Several products of one f32 input on the CPU, as one job for the thread pool: y_i = x @ W_i.T (+ bias_i)
-// for x [M, K] and each part's W_i [n_i, K] (any gguf_matmul types). x is quantized once per activation
-// format, and the rows of all parts are split over the threads together, so q/k/v (or gate/up) cost one
-// pass instead of three. Arguments are trusted: the callers have checked them.
-struct MatmulPart {
-  DType type;
-  const uint8_t* w;    // n rows of storage_bytes(type, K) bytes
-  int64_t n;
-  const float* bias;   // [n] or null
-  float* y;            // [M, n], contiguous
-  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w
-};
-void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
-
-// The x4 layouts: Q4_0 or Q8_0 rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g; per pair of blocks
-// (2p, 2p + 1) a group holds the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1, r3 b0, r3 b1] and then,
-// per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
-// first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
-// many bytes as the 4 rows' 8 blocks; one load gives 8 scales and each row's pair comes in one or two loads,
-// from one stream. Requires N % 4 == 0 and K % 64 == 0. The kernel computes every output exactly as the
-// plain GEMV does.
-bool repack_x4_supported(DType type, int64_t n, int64_t k);
-void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
 // The per-pair terms the x4 kernel takes from the activations (ActQ8x2 rows, act_bytes apart), once per call:
 // kX4ExtraBytes for each of the m rows' k / 64 pairs.
 constexpr int64_t kX4ExtraBytes = 64;

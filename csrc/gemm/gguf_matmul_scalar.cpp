@@ -3,12 +3,12 @@
 // integer quants q and, per group of 16 or 32 elements, a scale a and offset b with value = a * q + b, so
 // one loop serves every type:
 //   sum over the block of value * x  ~=  sum over groups  a * d_x * sum(q * qx)  +  b * d_x * sum(qx).
-// Bit layouts: csrc/gguf/dequantize_block.h; ggml's generic ggml_vec_dot_*_q8_* compute the same sums.
+// Bit layouts: csrc/gguf/shared_decoders.h; ggml's generic ggml_vec_dot_*_q8_* compute the same sums.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
-#include "../gguf/dequantize_block.h"
+#include "../gguf/shared_decoders.h"
 #include "gguf_matmul_kernels.h"
 
 namespace flashlm::gemm::detail {
@@ -16,9 +16,9 @@ namespace flashlm::gemm::detail {
 using gguf::block_q8_K;
 using gguf::QK_K;
 using namespace gguf;  // block structs
-using gguf::detail::f16_to_f32;
-using gguf::detail::ld_u16;
-using gguf::detail::ld_u32;
+using core::f16_to_f32;
+using core::ld_u16;
+using core::ld_u32;
 
 bool uses_q8_k(DType t) { return t == DType::Q4_K || t == DType::Q5_K || t == DType::Q6_K; }
 
@@ -29,7 +29,7 @@ int64_t act_row_bytes(DType t, int64_t k) {
 namespace {
 
 float load_x(const void* x, DType dtype, int64_t i) {
-  if (dtype == DType::BF16) return gguf::detail::bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  if (dtype == DType::BF16) return core::bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
   return static_cast<const float*>(x)[i];
 }
 

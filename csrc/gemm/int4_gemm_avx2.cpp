@@ -15,11 +15,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../gguf/dequantize_block.h"
+#include "../core/avx2.h"
+#include "../core/half.h"
 #include "int_gemm_kernels.h"
 #include "transpose_avx2.h"
 
-#define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
 #define FLASHLM_AVX2_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace flashlm::gemm {
@@ -39,7 +39,7 @@ FLASHLM_AVX2_INLINE void store_out(const Int4Args& a, int64_t m, int64_t n, floa
   if (a.out_dtype == DType::F32) {
     static_cast<float*>(a.out)[m * a.N + n] = y;
   } else {
-    static_cast<uint16_t*>(a.out)[m * a.N + n] = gguf::detail::f32_to_bf16(y);
+    static_cast<uint16_t*>(a.out)[m * a.N + n] = core::f32_to_bf16(y);
   }
 }
 

@@ -22,7 +22,7 @@ FLASHLM_AVX2_INLINE __m256 load8(const void* x, DType dtype, int64_t i) {
 
 FLASHLM_AVX2_INLINE float load1(const void* x, DType dtype, int64_t i) {
   if (dtype == DType::F32) return static_cast<const float*>(x)[i];
-  return gguf::detail::bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  return core::bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
 }
 
 FLASHLM_AVX2_INLINE __m256i quantize8(__m256 v, __m256 inv) {

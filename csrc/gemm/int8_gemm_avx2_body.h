@@ -1,6 +1,6 @@
 // The W8A8 AVX2 kernel body, shared by int8_gemm_avx2.cpp (maddubs + madd) and int8_gemm_vnni.cpp
 // (AVX-VNNI vpdpbusd), which differ only in the dot product `Dot`. Include only from files compiled with
-// AVX2 flags; everything here has internal linkage (see dequantize_avx2_common.h for why).
+// AVX2 flags; everything here has internal linkage (see core/avx2.h for why).
 //
 // Work: a panel of 16 output columns at a time. The panel's W rows are packed k-quad-major: for each
 // k-quad q (k = 4q .. 4q + 3), 128 bytes: w[col 0..7][4], w[col 8..15][4], then |w| in the same order.
@@ -17,11 +17,10 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../gguf/dequantize_block.h"
+#include "../core/avx2.h"
+#include "../core/half.h"
 #include "int_gemm_kernels.h"
 #include "transpose_avx2.h"
-
-#define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
 
 namespace flashlm::gemm {
 namespace {
@@ -121,7 +120,7 @@ FLASHLM_AVX2_INLINE void store_row(const Int8Args& a, int64_t m, int64_t n0, con
     std::memcpy(static_cast<float*>(a.out) + m * a.N + n0, y, size_t(cols) * 4);
   } else {
     uint16_t* out = static_cast<uint16_t*>(a.out) + m * a.N + n0;
-    for (int64_t c = 0; c < cols; ++c) out[c] = gguf::detail::f32_to_bf16(y[c]);
+    for (int64_t c = 0; c < cols; ++c) out[c] = core::f32_to_bf16(y[c]);
   }
 }
 
@@ -158,7 +157,7 @@ void int8_gemv(const Int8Args& a, int64_t n_begin, int64_t n_end) {
       if (a.out_dtype == DType::F32) {
         static_cast<float*>(a.out)[r * a.N + n] = y;
       } else {
-        static_cast<uint16_t*>(a.out)[r * a.N + n] = gguf::detail::f32_to_bf16(y);
+        static_cast<uint16_t*>(a.out)[r * a.N + n] = core::f32_to_bf16(y);
       }
     }
   }

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../gguf/dequantize_block.h"
+#include "../core/half.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
@@ -200,7 +200,7 @@ void int4_gemm(const Int4GemmParams& p, void* stream) {
   if (a.x_dtype == DType::BF16) {
     x32.resize(size_t(M * K));
     const auto* src = static_cast<const uint16_t*>(a.x);
-    for (int64_t i = 0; i < M * K; ++i) x32[i] = gguf::detail::bf16_to_f32(src[i]);
+    for (int64_t i = 0; i < M * K; ++i) x32[i] = core::bf16_to_f32(src[i]);
     a.x = x32.data();
     a.x_dtype = DType::F32;
   }

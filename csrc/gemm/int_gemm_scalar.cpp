@@ -3,14 +3,14 @@
 // in the same order as the AVX2 kernels, so W8A8 and the quantizer match them bit for bit.
 #include <cmath>
 
-#include "../gguf/dequantize_block.h"
+#include "../core/half.h"
 #include "int_gemm_kernels.h"
 
 namespace flashlm::gemm {
 namespace {
 
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f32_to_bf16;
+using core::bf16_to_f32;
+using core::f32_to_bf16;
 
 float load(const void* p, DType dtype, int64_t i) {
   if (dtype == DType::F32) return static_cast<const float*>(p)[i];

@@ -1,9 +1,9 @@
 // An 8 x 8 transpose of 32-bit elements in AVX2 registers, shared by the GEMM kernels that repack weight
 // panels (int4_gemm_avx2.cpp, int8_gemm_avx2_body.h).
 //
-// Include this only from sources compiled with AVX2 flags; as in gguf/dequantize_avx2_common.h, the
-// function is forced inline and has internal linkage, so no copy compiled with AVX2 can stand in for a
-// caller on a CPU without it.
+// Include this only from sources compiled with AVX2 flags; as core/avx2.h requires, the function is forced
+// inline and has internal linkage, so no copy compiled with AVX2 can stand in for a caller on a CPU
+// without it.
 #pragma once
 
 #include <immintrin.h>

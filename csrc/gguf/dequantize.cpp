@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <string>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "dequantize_kernels.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"

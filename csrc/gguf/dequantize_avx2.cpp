@@ -1,13 +1,13 @@
 // AVX2 dequantization: one decode function per GGML block type, each writing its block 32 values at a time
 // through a Sink (dequantize_avx2_common.h) that stores f32, f16 or bf16. Bit-exact with the scalar
-// kernels (dequantize_scalar.cpp, the oracle; bit layouts in dequantize_block.h): the same float32
+// kernels (dequantize_scalar.cpp, the oracle; bit layouts in shared_decoders.h): the same float32
 // operations in the same order, never a fused multiply-add. Tested by tests/test_dequantize.py (AVX2 vs
 // scalar vs gguf-py). Compiled with -mavx2 -mfma -mf16c and called only after a run-time CPU check; see
 // the header of dequantize_avx2_common.h for what this file must not use.
 #include <cstring>
 
 #include "dequantize_avx2_common.h"
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "dequantize_kernels.h"
 
 namespace flashlm::gguf::detail {

@@ -1,7 +1,7 @@
 // CUDA block dequantization. Each CTA owns a tile of 4096 output elements (128 blocks of 32, or 16 blocks
 // of 256): it stages the tile's blocks into shared memory with 16-byte loads (blocks are 18, 34, 144, ...
 // bytes, so they are not 16-byte aligned in global memory), then each thread decodes 8 consecutive
-// elements at a time with the decoders shared with the CPU (dequantize_block.h).
+// elements at a time with the decoders shared with the CPU (shared_decoders.h).
 //
 // The stores decide the speed. With f32 output a thread's 8 elements are two 16-byte stores, and a warp
 // storing "first halves" then "second halves" touches 32 half-filled sectors per instruction: 67% of copy
@@ -17,7 +17,7 @@
 #include <string>
 
 #include "../core/cuda_guard.h"
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "dequantize_kernels.h"
 #include "flashlm/core/error.h"
 

@@ -1,8 +1,8 @@
-// Scalar dequantization: the per-type decoders of dequantize_block.h, one element at a time. The oracle
+// Scalar dequantization: the per-type decoders of shared_decoders.h, one element at a time. The oracle
 // for the AVX2 and CUDA kernels, and the fallback on CPUs without AVX2.
 #include <cstring>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "dequantize_kernels.h"
 #include "flashlm/core/error.h"
 

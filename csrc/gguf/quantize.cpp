@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
 #include "quantize_rows.h"
@@ -28,8 +28,8 @@ const float* row_as_f32(const uint8_t* src, DType type, int64_t n, std::vector<f
   if (type == DType::F32) return reinterpret_cast<const float*>(src);
   buf.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t bits = gguf::detail::ld_u16(src + 2 * i);
-    buf[i] = type == DType::F16 ? gguf::detail::f16_to_f32(bits) : gguf::detail::bf16_to_f32(bits);
+    const uint32_t bits = core::ld_u16(src + 2 * i);
+    buf[i] = type == DType::F16 ? core::f16_to_f32(bits) : core::bf16_to_f32(bits);
   }
   return buf.data();
 }
@@ -40,7 +40,7 @@ void convert_row(const float* x, int64_t n, DType out_type, uint8_t* out) {
     return;
   }
   for (int64_t i = 0; i < n; ++i) {
-    const uint16_t h = out_type == DType::F16 ? gguf::detail::f32_to_f16(x[i]) : gguf::detail::f32_to_bf16(x[i]);
+    const uint16_t h = out_type == DType::F16 ? core::f32_to_f16(x[i]) : core::f32_to_bf16(x[i]);
     out[2 * i] = static_cast<uint8_t>(h);
     out[2 * i + 1] = static_cast<uint8_t>(h >> 8);
   }

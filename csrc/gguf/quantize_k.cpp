@@ -10,7 +10,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "flashlm/core/cpu_features.h"
 #include "quantize_rows.h"
 

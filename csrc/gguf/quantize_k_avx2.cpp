@@ -5,12 +5,12 @@
 // about 4-6x faster. The inputs are transposed: x8[8 * i + k] is element i of sub-block k.
 //
 // Compiled with -mavx2 -mfma -mf16c and called only after a run-time check; like the dequantization
-// kernels it uses no inline functions or templates with external linkage (see dequantize_avx2_common.h).
+// kernels it uses no inline functions or templates with external linkage (see core/avx2.h).
 #include <immintrin.h>
 
 #include <cstdint>
 
-#define FLASHLM_AVX2_INLINE __attribute__((always_inline)) inline
+#include "../core/avx2.h"
 
 namespace flashlm::gguf::detail {
 

@@ -7,7 +7,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "dequantize_block.h"
+#include "shared_decoders.h"
 #include "quantize_rows.h"
 
 namespace flashlm::gguf::detail {

@@ -10,19 +10,20 @@
 // f32 rows (head_dim a multiple of 8) and bf16 rows (a multiple of 16, as even/odd pairs: bf16_pairs) are
 // read in place; other head dims are converted into an f32 chunk buffer once. Reading bf16 in pairs
 // instead of through the buffer: 12.7 ms against 15.4 of CPU time (one thread, B=8, context 2048, Hkv=8,
-// D=128). The next chunk's rows are prefetched, since pages scatter them where no hardware prefetcher looks. With num_splits > 1 every split writes its normalised
-// output and lse to scratch and a second pass merges them (flash-decoding).
+// D=128). The next chunk's rows are prefetched, since pages scatter them where no hardware prefetcher
+// looks. With num_splits > 1 every split writes its normalised output and lse to scratch and a second pass
+// merges them (flash-decoding).
 //
 // Prefill (cu_seqlens_q given): each sequence's context is gathered into contiguous K/V (one copy of the
-// cache rows, in their dtype) and the FlashAttention-2 forward kernel (attention_avx2_forward.cpp) runs
-// over it as a packed batch, with its query blocks, GQA grouping and causal/window block skipping. The
+// cache rows, in their dtype) and flash attention's forward (flashlm/attention/flash_attention.h, whose AVX2
+// kernel is attention_avx2_forward.cpp) runs over it as a packed batch, with its query blocks, GQA grouping and causal/window block skipping. The
 // copy reads the context once more; against a prefill's q_len x context work it is small.
 #include <climits>
 #include <memory>
 #include <vector>
 
-#include "../attention/attention_avx2.h"
-#include "../attention/attention_kernels.h"
+#include "../attention/shared_avx2.h"
+#include "flashlm/attention/flash_attention.h"
 #include "flashlm/core/thread_pool.h"
 #include "paged_cpu.h"
 #include "paged_kernels.h"
@@ -385,22 +386,27 @@ bool prefill(const PagedParams& p) {
     }
   });
   std::vector<float> lse_scratch(p.lse ? 0 : size_t(p.heads) * p.num_tokens);
-  attention::Params a;
-  a.dtype = p.dtype;
-  a.batch = p.num_seqs, a.heads = p.heads, a.kv_heads = p.kv_heads, a.head_dim = p.head_dim;
-  a.seqlen_q = p.max_seqlen_q, a.seqlen_k = max_len;
-  a.cu_seqlens_q = p.cu_seqlens_q, a.cu_seqlens_k = cu_k.data();
-  a.total_q = p.num_tokens, a.total_k = total;
-  a.q = p.q, a.k = k.get(), a.v = v.get(), a.out = p.out;
-  a.lse = p.lse ? p.lse : lse_scratch.data();
-  a.q_row_stride = p.q_row_stride, a.q_head_stride = p.q_head_stride;
-  a.k_row_stride = a.v_row_stride = row, a.k_head_stride = a.v_head_stride = p.head_dim;
-  a.o_row_stride = p.o_row_stride, a.o_head_stride = p.o_head_stride;
-  a.lse_head_stride = p.num_tokens;
-  a.scale = p.scale, a.softcap = p.softcap;
-  a.window_left = p.window_left, a.window_right = p.window_right, a.causal = p.causal;
-  a.version = 2;
-  return attention::forward_avx2(a);
+  // The packed batch goes through flash attention's public entry point, which checks it and routes it to the
+  // same AVX2 kernel (the ISA that chose this kernel chooses that one).
+  AttentionForwardParams a;
+  const auto rows = [&](const void* data, int64_t n, int heads, int64_t row_stride, int64_t head_stride) {
+    TensorView t = TensorView::contiguous(const_cast<void*>(data), p.dtype, {n, heads, p.head_dim});
+    t.strides[0] = row_stride, t.strides[1] = head_stride;
+    return t;
+  };
+  a.q = rows(p.q, p.num_tokens, p.heads, p.q_row_stride, p.q_head_stride);
+  a.k = TensorView::contiguous(k.get(), p.dtype, {total, p.kv_heads, p.head_dim});
+  a.v = TensorView::contiguous(v.get(), p.dtype, {total, p.kv_heads, p.head_dim});
+  a.out = rows(p.out, p.num_tokens, p.heads, p.o_row_stride, p.o_head_stride);
+  a.lse = TensorView::contiguous(p.lse ? p.lse : lse_scratch.data(), DType::F32, {p.heads, p.num_tokens});
+  a.cu_seqlens_q = TensorView::contiguous(const_cast<int32_t*>(p.cu_seqlens_q), DType::I32, {int64_t(p.num_seqs) + 1});
+  a.cu_seqlens_k = TensorView::contiguous(cu_k.data(), DType::I32, {int64_t(p.num_seqs) + 1});
+  a.max_seqlen_q = p.max_seqlen_q, a.max_seqlen_k = max_len;
+  a.options.softmax_scale = p.scale, a.options.softcap = p.softcap;
+  a.options.causal = p.causal, a.options.window_left = p.window_left, a.options.window_right = p.window_right;
+  a.options.version = 2;
+  flash_attention_forward(a);
+  return true;
 }
 
 }  // namespace

@@ -5,15 +5,15 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../attention/attention_cpu.h"
+#include "../attention/shared_cpu.h"
 #include "paged_params.h"
 
 namespace flashlm::kvcache::cpu {
-// Internal linkage, as in attention_cpu.h: the AVX2 kernels include this too.
+// Internal linkage (see core/avx2.h): the AVX2 kernels include this too.
 namespace {
 
-using attention::cpu::bf16_to_f32;
-using attention::cpu::f32_to_bf16;
+using core::bf16_to_f32;
+using core::f32_to_bf16;
 using attention::cpu::load_row;
 using attention::cpu::store_row;
 

@@ -1,10 +1,10 @@
 // Shared by the CUDA paged-attention kernels (paged_decode_cuda.cu, paged_prefill_cuda.cu): K/V tile loads
 // that gather a run of a sequence's tokens through its block table into padded shared memory, and the two
 // launchers that paged_attention_cuda.cu routes to. Everything else (mma.sync, ldmatrix, cp.async, online
-// softmax, masking) is the flash attention forward's (attention_cuda_common.cuh, attention_fwd_common.cuh).
+// softmax, masking) is the flash attention forward's (shared_cuda.cuh, shared_fwd_cuda.cuh).
 #pragma once
 
-#include "../attention/attention_fwd_common.cuh"
+#include "../attention/shared_fwd_cuda.cuh"
 #include "paged_params.h"
 #include "paged_tiles.h"
 

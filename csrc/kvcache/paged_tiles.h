@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../attention/attention_tiles.h"  // FLASHLM_TILE_HD, tiles::Range, tiles::Band, min64/max64/clamp64/ceil_div
+#include "../attention/shared_tiles.h"  // FLASHLM_TILE_HD, tiles::Range, tiles::Band, min64/max64/clamp64/ceil_div
 
 namespace flashlm::kvcache::tiles {
 

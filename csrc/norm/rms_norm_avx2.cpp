@@ -10,13 +10,13 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../gguf/dequantize_avx2_common.h"  // bf16_bits, shared with the dequantization kernels
+#include "../core/half_avx2.h"
 #include "rms_norm_kernels.h"
 
 namespace flashlm::norm::detail {
 namespace {
 
-using gguf::detail::bf16_bits;
+using core::bf16_bits;
 
 FLASHLM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) {

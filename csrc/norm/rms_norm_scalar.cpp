@@ -6,14 +6,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../gguf/dequantize_block.h"  // bf16 <-> f32
+#include "../core/half.h"
 #include "rms_norm_kernels.h"
 
 namespace flashlm::norm::detail {
 namespace {
 
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f32_to_bf16;
+using core::bf16_to_f32;
+using core::f32_to_bf16;
 
 float load(float v) { return v; }
 float load(uint16_t v) { return bf16_to_f32(v); }

@@ -7,13 +7,13 @@
 
 #include <cstdint>
 
-#include "../gguf/dequantize_avx2_common.h"  // bf16_bits, shared with the dequantization kernels
+#include "../core/half_avx2.h"
 #include "adamw_kernels.h"
 
 namespace flashlm::optim::detail {
 namespace {
 
-using gguf::detail::bf16_bits;
+using core::bf16_bits;
 
 struct Consts {
   __m256 decay, one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, sign;

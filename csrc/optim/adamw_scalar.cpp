@@ -4,14 +4,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../gguf/dequantize_block.h"  // bf16 <-> f32
+#include "../core/half.h"
 #include "adamw_kernels.h"
 
 namespace flashlm::optim::detail {
 namespace {
 
-using gguf::detail::bf16_to_f32;
-using gguf::detail::f32_to_bf16;
+using core::bf16_to_f32;
+using core::f32_to_bf16;
 
 template <class T, class Load, class Store>
 void adamw_loop(T* p, const T* g, float* m, float* v, int64_t n, const AdamWScalars& s, Load load, Store store) {

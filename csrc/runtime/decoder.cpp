@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "../gemm/gguf_matmul_kernels.h"
+#include "../gemm/shared_gguf_matmul.h"
 #include "flashlm/activation/silu_mul.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/error.h"

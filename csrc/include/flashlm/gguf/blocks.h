@@ -7,7 +7,7 @@
 //   Q5_0/Q5_1         as Q4_x for the low 4 bits; bit 4 of element j is bit j of qh.
 //   Q8_0/Q8_K         element j is qs[j].
 //   K-quants          256 elements in sub-blocks of 16 (Q2_K, Q3_K, Q6_K) or 32 (Q4_K, Q5_K) elements,
-//                     each with its own scale; see csrc/gguf/dequantize_block.h for the bit positions.
+//                     each with its own scale; see csrc/gguf/shared_decoders.h for the bit positions.
 #pragma once
 
 #include <cstdint>

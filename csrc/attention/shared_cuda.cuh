@@ -1,5 +1,5 @@
 // Building blocks of the CUDA attention kernels (attention_fwd_cuda.cu, attention_fwd_v1_cuda.cu,
-// attention_bwd_cuda.cu): tensor-core mma.sync, ldmatrix and cp.async wrappers, tile loads into padded shared
+// attention_bwd_cuda.cu), shared with the paged attention kernels (kvcache/): tensor-core mma.sync, ldmatrix and cp.async wrappers, tile loads into padded shared
 // memory, fragment-level helpers, and the host side (device guard, error checks, launch checks).
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"). A warp computes
@@ -41,7 +41,7 @@
 #include <type_traits>
 
 #include "attention_params.h"
-#include "attention_tiles.h"
+#include "shared_tiles.h"
 #include "../core/cuda_mma.cuh"
 #include "flashlm/core/error.h"
 
@@ -297,7 +297,7 @@ __device__ __forceinline__ void store_acc(Elem<kBf16>* dst, int64_t row_stride, 
     }
 }
 
-// The rows of sequence b (cu_seqlens clamped, see attention_tiles.h).
+// The rows of sequence b (cu_seqlens clamped, see shared_tiles.h).
 __device__ __forceinline__ tiles::SeqRows sequence_rows(const Params& p, int b) {
   return tiles::sequence_rows(p.cu_seqlens_q, p.cu_seqlens_k, b, p.total_q, p.total_k, p.seqlen_q, p.seqlen_k);
 }

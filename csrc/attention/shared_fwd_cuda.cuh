@@ -1,9 +1,10 @@
 // The forward pass's per-tile steps, shared by both loop orders (attention_fwd_cuda.cu: FlashAttention-2,
-// Q tiles outer; attention_fwd_v1_cuda.cu: FlashAttention-1, K/V tiles outer): tile configuration, scores
-// in the log2 domain, masking, the online softmax and the final normalisation.
+// Q tiles outer; attention_fwd_v1_cuda.cu: FlashAttention-1, K/V tiles outer) and by the paged attention
+// kernels (kvcache/paged_*_cuda.cu): tile configuration, scores in the log2 domain, masking, the online
+// softmax and the final normalisation.
 #pragma once
 
-#include "attention_cuda_common.cuh"
+#include "shared_cuda.cuh"
 
 namespace flashlm::attention::cuda {
 

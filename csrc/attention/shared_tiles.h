@@ -1,4 +1,4 @@
-// Index arithmetic of the tiled CUDA attention kernels: where a sequence's rows are (with cu_seqlens
+// Index arithmetic of the tiled CUDA attention kernels (shared with the paged kernels of kvcache/): where a sequence's rows are (with cu_seqlens
 // clamped, since on CUDA they live in device memory and cannot be checked on the host), which keys a query
 // sees, which queries see a key, and which tiles need a mask. Plain __host__ __device__ functions so that
 // tests/cpp/attention_tiles_test.cpp checks them against the scalar reference (attention_cpu.h).
@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-// Not gguf/dequantize_block.h's FLASHLM_HD, which is `static` (member functions here cannot be) and may be
+// Not core/half.h's FLASHLM_HD, which is `static` (member functions here cannot be) and may be
 // included beside this header.
 #ifdef __CUDACC__
 #define FLASHLM_TILE_HD __host__ __device__ __forceinline__

@@ -1,0 +1,37 @@
+// The GGUF matmul's interface for the rest of the library's native code (runtime/decoder.cpp): several
+// products of one f32 input as one thread-pool job, and the regrouped weight layout the CPU kernels read
+// fastest. Public callers use flashlm/gemm/gguf_matmul.h; this header skips its argument checks, so its
+// callers check what they pass.
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/dtype.h"
+
+namespace flashlm::gemm::detail {
+
+// Several products of one f32 input on the CPU, as one job for the thread pool: y_i = x @ W_i.T (+ bias_i)
+// for x [M, K] and each part's W_i [n_i, K] (any gguf_matmul types). x is quantized once per activation
+// format, and the rows of all parts are split over the threads together, so q/k/v (or gate/up) cost one
+// pass instead of three. Arguments are trusted: the callers have checked them.
+struct MatmulPart {
+  DType type;
+  const uint8_t* w;    // n rows of storage_bytes(type, K) bytes
+  int64_t n;
+  const float* bias;   // [n] or null
+  float* y;            // [M, n], contiguous
+  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w
+};
+void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
+
+// The x4 layouts: Q4_0 or Q8_0 rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g; per pair
+// of blocks (2p, 2p + 1) a group holds the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1, r3 b0, r3 b1]
+// and then, per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
+// first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
+// many bytes as the 4 rows' 8 blocks; one load gives 8 scales and each row's pair comes in one or two loads,
+// from one stream. Requires N % 4 == 0 and K % 64 == 0. The kernel computes every output exactly as the
+// plain GEMV does.
+bool repack_x4_supported(DType type, int64_t n, int64_t k);
+void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
+
+}  // namespace flashlm::gemm::detail
