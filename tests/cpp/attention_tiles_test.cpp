@@ -1,4 +1,4 @@
-// Checks the tile arithmetic of the CUDA attention kernels (csrc/attention/attention_tiles.h) against the
+// Checks the tile arithmetic of the CUDA attention kernels (csrc/attention/shared_tiles.h) against the
 // scalar reference's visibility rule (visible_keys in attention_cpu.h) by brute force over small shapes,
 // windows and tile sizes. Host-only; built and run by tests/test_attention_tiles.py:
 //   c++ -std=c++17 -I csrc/attention -I csrc/include tests/cpp/attention_tiles_test.cpp && ./a.out
@@ -6,7 +6,7 @@
 #include <cstdlib>
 
 #include "attention_cpu.h"
-#include "attention_tiles.h"
+#include "shared_tiles.h"
 #include "expect.h"
 
 using namespace flashlm::attention;
