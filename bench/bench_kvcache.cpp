@@ -1,5 +1,5 @@
 /*
-bench_paged: Google Benchmark microbenchmarks of flashlm::paged_attention decode on the CPU (f32, bf16) and,
+bench_kvcache: Google Benchmark microbenchmarks of flashlm::paged_attention decode on the CPU (f32, bf16) and,
 in a CUDA build with a GPU present, on the GPU (f16, bf16), reported as K/V bytes read per second.
 
 What is measured
@@ -11,13 +11,13 @@ What is measured
 
 Columns
   KV_bytes   bytes of K and V read per second (decimal): decode is bounded by memory bandwidth, so hold it
-             against the machine's copy bandwidth (bench/compare_paged.py prints one, and torch's figures).
+             against the machine's copy bandwidth (bench/compare_kvcache.py prints one, and torch's figures).
 
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
-  cmake --build build/bench -j2 --target bench_paged
-  build/bench/bench/bench_paged --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-  build/bench/bench/bench_paged --benchmark_min_time=0.01                                   # smoke run
+  cmake --build build/bench -j2 --target bench_kvcache
+  build/bench/bench/bench_kvcache --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  build/bench/bench/bench_kvcache --benchmark_min_time=0.01                                   # smoke run
 Own flags, taken out before Google Benchmark's: --heads=N, --kv-heads=N, --threads=N, --isa=scalar|avx2.
 */
 #include <benchmark/benchmark.h>
@@ -180,7 +180,7 @@ bool parse_int(const std::string& arg, size_t prefix, int* out) {
   char* end = nullptr;
   const long n = std::strtol(arg.c_str() + prefix, &end, 10);
   if (*end != '\0' || n < 1 || n > 1024) {
-    std::fprintf(stderr, "bench_paged: %s must be an integer in [1, 1024]\n", arg.c_str());
+    std::fprintf(stderr, "bench_kvcache: %s must be an integer in [1, 1024]\n", arg.c_str());
     return false;
   }
   *out = int(n);
@@ -195,13 +195,13 @@ bool parse_own_flags(int* argc, char** argv) {
     if (arg.rfind("--heads=", 0) == 0) ok = parse_int(arg, 8, &g_heads);
     else if (arg.rfind("--kv-heads=", 0) == 0) ok = parse_int(arg, 11, &g_kv_heads);
     else if (arg.rfind("--threads=", 0) == 0) ok = parse_int(arg, 10, &threads);
-    else if (arg.rfind("--isa=", 0) == 0) ok = bench::set_isa_flag(arg.substr(6), "bench_paged");
+    else if (arg.rfind("--isa=", 0) == 0) ok = bench::set_isa_flag(arg.substr(6), "bench_kvcache");
     else argv[kept++] = argv[i];
     if (!ok) return false;
   }
   if (threads > 0) flashlm::set_num_threads(threads);
   if (g_heads % g_kv_heads != 0) {
-    std::fprintf(stderr, "bench_paged: --kv-heads must divide --heads\n");
+    std::fprintf(stderr, "bench_kvcache: --kv-heads must divide --heads\n");
     return false;
   }
   *argc = kept;

@@ -1,5 +1,5 @@
 /*
-bench_gemm: Google Benchmark microbenchmarks of flashlm's integer GEMMs (flashlm/gemm/int_gemm.h) on the
+bench_int_gemm: Google Benchmark microbenchmarks of flashlm's integer GEMMs (flashlm/gemm/int_gemm.h) on the
 CPU and, in a CUDA build with a GPU present, on the GPU.
 
 What is measured (y = x @ W.T, W [N, K]; N = K = --size, 4096 by default)
@@ -9,13 +9,13 @@ What is measured (y = x @ W.T, W [N, K]; N = K = --size, 4096 by default)
                       second (packed nibbles + f32 scales), the figure that bounds M = 1.
   *_cuda/M            the same on GPU 0 with f16 x/out, timed with CUDA events.
 Threads: the library's pool (FLASHLM_NUM_THREADS); ISA: --isa=scalar|avx2 (default: the best this CPU has).
-The peer comparison (torch) lives in bench/compare_gemm.py; results in bench/RESULTS.md.
+The peer comparison (torch) lives in bench/compare_int_gemm.py; results in bench/RESULTS.md.
 
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
-  cmake --build build/bench -j --target bench_gemm
-  build/bench/bench/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-  build/bench/bench/bench_gemm --size=512 --benchmark_min_time=0.01   # smoke run, seconds
+  cmake --build build/bench -j --target bench_int_gemm
+  build/bench/bench/bench_int_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  build/bench/bench/bench_int_gemm --size=512 --benchmark_min_time=0.01   # smoke run, seconds
 */
 #include <benchmark/benchmark.h>
 
@@ -208,12 +208,12 @@ bool parse_own_flags(int* argc, char** argv) {
       char* end = nullptr;
       const long long n = std::strtoll(arg.c_str() + 7, &end, 10);
       if (*end != '\0' || n < 128 || n % 128 != 0) {
-        std::fprintf(stderr, "bench_gemm: --size must be a positive multiple of 128, got '%s'\n", arg.c_str() + 7);
+        std::fprintf(stderr, "bench_int_gemm: --size must be a positive multiple of 128, got '%s'\n", arg.c_str() + 7);
         return false;
       }
       g_size = n;
     } else if (arg.rfind("--isa=", 0) == 0) {
-      if (!bench::set_isa_flag(arg.substr(6), "bench_gemm")) return false;
+      if (!bench::set_isa_flag(arg.substr(6), "bench_int_gemm")) return false;
     } else {
       argv[kept++] = argv[i];
     }
