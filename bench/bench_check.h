@@ -47,6 +47,30 @@ inline float load_float(const void* data, DType t, int64_t i) {
   return (h & 0x8000) ? -magnitude : magnitude;
 }
 
+// Stores f as element i of a buffer of F32, BF16 or F16, rounded to nearest even (F16: subnormals and
+// overflow to infinity included; NaN stays NaN).
+inline void store_float(void* data, DType t, int64_t i, float f) {
+  auto* p = static_cast<uint8_t*>(data);
+  if (t == DType::F32) {
+    std::memcpy(p + 4 * i, &f, 4);
+    return;
+  }
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint16_t h;
+  if (t == DType::BF16) {
+    h = (x & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(x >> 16 | 0x40) : uint16_t((x + 0x7FFFu + ((x >> 16) & 1)) >> 16);
+  } else {
+    const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
+    const uint32_t a = x & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) h = sign | 0x7E00;                 // NaN
+    else if (a >= 0x477FF000u) h = sign | 0x7C00;           // >= 65520 rounds to infinity
+    else if (a < 0x38800000u) h = sign | uint16_t(std::nearbyint(std::fabs(f) * 0x1p24f));  // subnormal: exact scaling
+    else h = sign | uint16_t((a - 0x38000000u + 0xFFFu + ((a >> 13) & 1)) >> 13);           // rebias, round 23 -> 10 bits
+  }
+  std::memcpy(p + 2 * i, &h, 2);
+}
+
 inline std::vector<float> to_floats(const std::vector<uint8_t>& bytes, DType t) {
   std::vector<float> out(bytes.size() / size_t(elem_bytes(t)));
   for (size_t i = 0; i < out.size(); ++i) out[i] = load_float(bytes.data(), t, int64_t(i));
@@ -69,21 +93,10 @@ inline Values random_values(int64_t n, DType t, int min_exp, int max_exp, uint64
   const int mantissa_bits = t == DType::F32 ? 23 : t == DType::BF16 ? 7 : 10;
   for (int64_t i = 0; i < n; ++i) {
     const uint64_t r = rng.next();
-    const uint32_t sign = uint32_t(r >> 63);
     const int exponent = min_exp + int((r >> 32) % uint64_t(max_exp - min_exp + 1));
     const uint32_t mantissa = uint32_t(r) & ((1u << mantissa_bits) - 1);
-    if (t == DType::F16) {
-      const uint16_t h = uint16_t(sign << 15 | uint32_t(exponent + 15) << 10 | mantissa);
-      std::memcpy(&v.bytes[size_t(i) * 2], &h, 2);
-    } else {
-      const uint32_t bits = sign << 31 | uint32_t(exponent + 127) << 23 | mantissa << (23 - mantissa_bits);
-      if (t == DType::F32) {
-        std::memcpy(&v.bytes[size_t(i) * 4], &bits, 4);
-      } else {
-        const uint16_t h = uint16_t(bits >> 16);
-        std::memcpy(&v.bytes[size_t(i) * 2], &h, 2);
-      }
-    }
+    const float f = std::ldexp(float((1u << mantissa_bits) + mantissa), exponent - mantissa_bits);
+    store_float(v.bytes.data(), t, i, (r >> 63) ? -f : f);  // exact: no rounding happens
     v.values[size_t(i)] = load_float(v.bytes.data(), t, i);
   }
   return v;
