@@ -41,12 +41,10 @@ Own flags, taken out before Google Benchmark's: --kib=N, --ranks=N, --isa=scalar
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -71,23 +69,6 @@ std::vector<uint8_t> small_integers(int64_t n, DType t, int64_t seed) {
   std::vector<uint8_t> out(size_t(n * bench::elem_bytes(t)));
   for (int64_t i = 0; i < n; ++i) bench::store_float(out.data(), t, i, float((i * 7 + seed * 13) % 65 - 32));
   return out;
-}
-
-// Bytes read + written per second by one thread's memcpy of `bytes` bytes (the median of 11 after 2 warm-ups),
-// measured once per size in this process.
-double one_thread_copy_rate(int64_t bytes) {
-  static std::map<int64_t, double> rates;
-  if (rates.count(bytes)) return rates[bytes];
-  std::vector<uint8_t> src(size_t(bytes), 1), dst(size_t(bytes), 0);
-  std::vector<double> seconds;
-  for (int i = 0; i < 13; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    std::memcpy(dst.data(), src.data(), size_t(bytes));
-    benchmark::DoNotOptimize(dst.data());
-    if (i >= 2) seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::nth_element(seconds.begin(), seconds.begin() + 5, seconds.end());
-  return rates[bytes] = 2.0 * double(bytes) / seconds[5];
 }
 
 // --- reduce_add -------------------------------------------------------------------------------------------
@@ -126,7 +107,7 @@ void BM_reduce_add_cpu(benchmark::State& state, DType dtype, int64_t kib) {
   }
   if (!bench::check_once(state, reduce_name("cpu", dtype, kib), [&] { return c.check(dst); })) return;
   const double seconds = bench::timed_loop(state, run);
-  bench::set_bandwidth(state, c.bytes(), seconds, one_thread_copy_rate(int64_t(c.bytes() / 2)));
+  bench::set_bandwidth(state, c.bytes(), seconds, bench::cpu_copy_rate(int64_t(c.bytes() / 2), true));
 }
 
 #ifdef FLASHLM_WITH_CUDA
@@ -275,7 +256,7 @@ void BM_allreduce_shm(benchmark::State& state, DType dtype, int64_t world, int64
   const double bus_bytes = iters * bytes * 2.0 * double(world - 1) / double(world);
   state.counters["algbw"] = benchmark::Counter(iters * bytes, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
   state.counters["busbw"] = benchmark::Counter(bus_bytes, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
-  state.counters["pct_copy"] = 100.0 * bus_bytes / seconds / (one_thread_copy_rate(int64_t(bytes)) / 2);
+  state.counters["pct_copy"] = 100.0 * bus_bytes / seconds / (bench::cpu_copy_rate(int64_t(bytes), true) / 2);
 }
 
 // --- registration -------------------------------------------------------------------------------------------
