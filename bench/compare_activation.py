@@ -23,14 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import flashlm.ops as ops
-from bench_util import fmt, hardware_line, median_seconds, print_table
-
-
-def repeat(fn, n):
-    def run():
-        for _ in range(n):
-            fn()
-    return run
+from bench_util import fmt, hardware_line, median_seconds, print_table, repeat
 
 
 def check(gate, up):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import flashlm.ops as ops
-from bench_util import fmt, hardware_line, median_seconds, print_table
+from bench_util import fmt, hardware_line, median_seconds, print_table, repeat
 
 EPS = 1e-6
 
@@ -38,13 +38,6 @@ def hf_formula(x, w):
 def torch_norm(x, w):
     """What flashlm.models' RMSNorm computed before it had the kernel."""
     return F.rms_norm(x, w.shape, w, EPS) if x.dtype == torch.float32 else hf_formula(x, w)
-
-
-def repeat(fn, n):
-    def run():
-        for _ in range(n):
-            fn()
-    return run
 
 
 def run_case(device, dtype, rows, d, args):
