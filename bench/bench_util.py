@@ -58,6 +58,11 @@ def repeat(fn, n):
     return run
 
 
+def medians(runs):
+    """[{key: number}, ...] (one dict per run, e.g. per process) -> {key: median over the runs}."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
