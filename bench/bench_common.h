@@ -14,10 +14,8 @@
 #include <cstring>
 #include <exception>
 #include <initializer_list>
-#include <map>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "flashlm/flashlm.h"
@@ -171,24 +169,21 @@ double timed_loop_cuda(benchmark::State& state, CudaTimer& timer, Fn&& fn) {
   return total;
 }
 
-// Bytes read + written per second by a device-to-device cudaMemcpyAsync of `bytes` bytes on GPU 0, median of
-// 11 after 2 warm-ups, measured once per size in this process.
+// Bytes read + written per second by a device-to-device cudaMemcpyAsync of `bytes` bytes on GPU 0, the median
+// of 5 after a warm-up, measured by each benchmark after its own loop.
 inline double cuda_copy_rate(int64_t bytes) {
-  static std::map<int64_t, double> rates;
-  const auto cached = rates.find(bytes);
-  if (cached != rates.end()) return cached->second;
   DeviceBuffer src(static_cast<size_t>(bytes)), dst(static_cast<size_t>(bytes));
   CudaTimer timer;
   std::vector<double> seconds;
-  for (int i = 0; i < 13; ++i) {
+  for (int i = 0; i < 6; ++i) {
     const double t = timer.time([&] {
       BENCH_CUDA_CHECK(cudaMemcpyAsync(dst.ptr, src.ptr, static_cast<size_t>(bytes), cudaMemcpyDeviceToDevice,
                                        timer.stream));
     });
-    if (i >= 2) seconds.push_back(t);
+    if (i >= 1) seconds.push_back(t);
   }
-  std::nth_element(seconds.begin(), seconds.begin() + 5, seconds.end());
-  return rates[bytes] = 2.0 * double(bytes) / seconds[5];
+  std::nth_element(seconds.begin(), seconds.begin() + 2, seconds.end());
+  return 2.0 * double(bytes) / seconds[2];
 }
 #endif  // FLASHLM_WITH_CUDA
 
@@ -228,26 +223,23 @@ double timed_loop(benchmark::State& state, Fn&& fn) {
 
 // Bytes read + written per second by a memcpy of `bytes` bytes split over the library's pool in ranges of at
 // least 64 KiB (bench_dequant's memcpy_cpu), or made by the calling thread alone (one_thread): the ceiling of
-// a kernel that moves as many bytes. The median of 11 copies after 2 warm-ups, measured once per size in this
-// process, with the pool of the run.
+// a kernel that moves as many bytes. The median of 5 copies after a warm-up, measured by each benchmark right
+// after its own loop, so that on a shared machine both see about the same background load.
 inline double cpu_copy_rate(int64_t bytes, bool one_thread = false) {
-  static std::map<std::pair<int64_t, bool>, double> rates;
-  const auto cached = rates.find({bytes, one_thread});
-  if (cached != rates.end()) return cached->second;
   std::vector<uint8_t> src(static_cast<size_t>(bytes), 1), dst(static_cast<size_t>(bytes), 0);
   auto copy = [&](int64_t begin, int64_t end) {
     std::memcpy(dst.data() + begin, src.data() + begin, static_cast<size_t>(end - begin));
   };
   std::vector<double> seconds;
-  for (int i = 0; i < 13; ++i) {
+  for (int i = 0; i < 6; ++i) {
     const auto start = std::chrono::steady_clock::now();
     if (one_thread) copy(0, bytes);
     else flashlm::parallel_for(bytes, 64 << 10, copy);
     benchmark::DoNotOptimize(dst.data());
-    if (i >= 2) seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    if (i >= 1) seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  std::nth_element(seconds.begin(), seconds.begin() + 5, seconds.end());
-  return rates[{bytes, one_thread}] = 2.0 * double(bytes) / seconds[5];
+  std::nth_element(seconds.begin(), seconds.begin() + 2, seconds.end());
+  return 2.0 * double(bytes) / seconds[2];
 }
 
 // The counters of a memory-bound kernel that moved `bytes_per_iter` per iteration in `seconds` in all:
