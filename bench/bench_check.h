@@ -65,8 +65,8 @@ inline void store_float(void* data, DType t, int64_t i, float f) {
     const uint32_t a = x & 0x7FFFFFFFu;
     if (a > 0x7F800000u) h = sign | 0x7E00;                 // NaN
     else if (a >= 0x477FF000u) h = sign | 0x7C00;           // >= 65520 rounds to infinity
-    else if (a < 0x38800000u) h = sign | uint16_t(std::nearbyint(std::fabs(f) * 0x1p24f));  // subnormal: exact scaling
-    else h = sign | uint16_t((a - 0x38000000u + 0xFFFu + ((a >> 13) & 1)) >> 13);           // rebias, round 23 -> 10 bits
+    else if (a < 0x38800000u) h = sign | uint16_t(std::nearbyint(std::fabs(f) * 0x1p24f));  // subnormal, exact
+    else h = sign | uint16_t((a - 0x38000000u + 0xFFFu + ((a >> 13) & 1)) >> 13);  // rebias, round to 10 bits
   }
   std::memcpy(p + 2 * i, &h, 2);
 }

@@ -284,7 +284,8 @@ void register_all() {
 
 bool parse_own_flags(int* argc, char** argv) {
   if (bench::quick()) g_kib = 1024;
-  return bench::take_flags(argc, argv, "bench_comm", {{"kib", &g_kib, 1, int64_t{1} << 24}, {"ranks", &g_ranks, 2, 64}});
+  return bench::take_flags(argc, argv, "bench_comm",
+                           {{"kib", &g_kib, 1, int64_t{1} << 24}, {"ranks", &g_ranks, 2, 64}});
 }
 
 }  // namespace

@@ -93,7 +93,8 @@ inline bool take_flags(int* argc, char** argv, const char* prog, std::initialize
     } else {
       if (arg == "--help") {
         std::printf("%s [--quick] [--isa=scalar|avx2] [--threads=N]", prog);
-        for (const IntFlag& f : flags) std::printf(" [--%s=N (default %lld)]", f.name, static_cast<long long>(*f.value));
+        for (const IntFlag& f : flags)
+          std::printf(" [--%s=N (default %lld)]", f.name, static_cast<long long>(*f.value));
         std::printf(" [Google Benchmark flags]\n");
       }
       argv[kept++] = argv[i];

@@ -111,7 +111,8 @@ struct Model {
     for (int64_t l = 0; l < s.layers; ++l) {
       norms.push_back(norm_weight(s.d, seed++));
       norms.push_back(norm_weight(s.d, seed++));
-      const int64_t dims[7][2] = {{qd, s.d}, {kvd, s.d}, {kvd, s.d}, {s.d, qd}, {s.d_ff, s.d}, {s.d_ff, s.d}, {s.d, s.d_ff}};
+      const int64_t dims[7][2] = {{qd, s.d},     {kvd, s.d},    {kvd, s.d},   {s.d, qd},
+                                  {s.d_ff, s.d}, {s.d_ff, s.d}, {s.d, s.d_ff}};
       for (const auto& nk : dims)  // q, k, v, o, gate, up, down
         linears.push_back({nk[0], nk[1], random_matrix(t, nk[0], nk[1], 1.0 / std::sqrt(double(nk[1])), seed++)});
     }

@@ -30,7 +30,7 @@ Build and run (from the repository root)
 Own flags, taken out before Google Benchmark's: --elements=N (rounded up to whole 256-element blocks),
 --threads=N, --isa=scalar|avx2 (CPU kernels; default: the best this CPU supports), --quick.
 
-The peer comparison (gguf-py, torch copy) lives in bench/compare_dequant.py; results in bench/RESULTS.md.
+The peer comparison (gguf-py, torch copy) lives in bench/compare_dequant.py; figures in bench/results/dequant.md.
 */
 #include <benchmark/benchmark.h>
 

@@ -27,7 +27,7 @@ Build and run (from the repository root)
 Own flags, taken out before Google Benchmark's: --n=N --k=K (default 4096 x 4096; K a multiple of 256),
 --rotate-mib=MiB, --threads=N, --isa=scalar|avx2, --quick.
 
-The comparison with torch's GEMV lives in bench/compare_gguf_matmul.py; results in bench/RESULTS.md.
+The comparison with torch's GEMV lives in bench/compare_gguf_matmul.py; figures in bench/results/gguf_matmul.md.
 */
 #include <benchmark/benchmark.h>
 

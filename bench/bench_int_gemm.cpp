@@ -10,7 +10,7 @@ What is measured (y = x @ W.T, W [N, K]; N = K = --size, 4096 by default)
   *_cuda/M            the same on GPU 0 with f16 x/out, timed with CUDA events.
 Threads: the library's pool (FLASHLM_NUM_THREADS or --threads=); ISA: --isa=scalar|avx2 (default: the best this
 CPU has).
-The peer comparison (torch) lives in bench/compare_int_gemm.py; results in bench/RESULTS.md.
+The peer comparison (torch) lives in bench/compare_int_gemm.py; figures in bench/results/int_gemm.md.
 
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
@@ -205,7 +205,8 @@ bool parse_own_flags(int* argc, char** argv) {
   if (bench::quick()) g_size = 512;
   if (!bench::take_flags(argc, argv, "bench_int_gemm", {{"size", &g_size, 128, 1 << 20}})) return false;
   if (g_size % 128 != 0) {
-    std::fprintf(stderr, "bench_int_gemm: --size must be a multiple of 128, got %lld\n", static_cast<long long>(g_size));
+    std::fprintf(stderr, "bench_int_gemm: --size must be a multiple of 128, got %lld\n",
+                 static_cast<long long>(g_size));
     return false;
   }
   return true;

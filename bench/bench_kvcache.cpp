@@ -178,7 +178,8 @@ void register_all() {
 
 bool parse_own_flags(int* argc, char** argv) {
   if (bench::quick()) g_heads = 4, g_kv_heads = 2;  // and context 512 alone (register_device)
-  if (!bench::take_flags(argc, argv, "bench_kvcache", {{"heads", &g_heads, 1, 1024}, {"kv-heads", &g_kv_heads, 1, 1024}}))
+  if (!bench::take_flags(argc, argv, "bench_kvcache",
+                         {{"heads", &g_heads, 1, 1024}, {"kv-heads", &g_kv_heads, 1, 1024}}))
     return false;
   if (g_heads % g_kv_heads != 0) {
     std::fprintf(stderr, "bench_kvcache: --kv-heads must divide --heads\n");

@@ -159,8 +159,8 @@ void BM_adamw_cuda(benchmark::State& state, DType dtype, int64_t tensors) {
     BENCH_CUDA_CHECK(cudaMemcpy(p_after.data(), p.ptr, p_after.size(), cudaMemcpyDeviceToHost));
     BENCH_CUDA_CHECK(cudaMemcpy(m_after.data(), m.ptr, moment_bytes, cudaMemcpyDeviceToHost));
     BENCH_CUDA_CHECK(cudaMemcpy(v_after.data(), v.ptr, moment_bytes, cudaMemcpyDeviceToHost));
-    if (!bench::check_once(state, case_name("cuda", dtype, tensors), [&] { return pr.check(p_after, m_after, v_after); }))
-      return;
+    auto check = [&] { return pr.check(p_after, m_after, v_after); };
+    if (!bench::check_once(state, case_name("cuda", dtype, tensors), check)) return;
     const double seconds = bench::timed_loop_cuda(state, timer, run);
     bench::set_bandwidth(state, pr.bytes(), seconds, bench::cuda_copy_rate(int64_t(pr.bytes() / 2)));
   } catch (const std::exception& e) {

@@ -150,13 +150,15 @@ void BM_quantize_cpu(benchmark::State& state, DType type) {
 }
 
 void register_all() {
-  for (DType type : kTypes) bench::register_case(case_name(type), false, benchmark::kMillisecond, BM_quantize_cpu, type);
+  for (DType type : kTypes)
+    bench::register_case(case_name(type), false, benchmark::kMillisecond, BM_quantize_cpu, type);
   bench::register_cuda_and_context([] {});  // the context lines; quantization runs on the CPU only
 }
 
 bool parse_own_flags(int* argc, char** argv) {
   if (bench::quick()) g_rows = 64, g_cols = 1024;
-  if (!bench::take_flags(argc, argv, "bench_quantize", {{"rows", &g_rows, 1, 1 << 20}, {"cols", &g_cols, 256, 1 << 24}}))
+  if (!bench::take_flags(argc, argv, "bench_quantize",
+                         {{"rows", &g_rows, 1, 1 << 20}, {"cols", &g_cols, 256, 1 << 24}}))
     return false;
   if (g_cols % 256) {
     std::fprintf(stderr, "bench_quantize: --cols must be a multiple of 256 (the K-quants' block), got %lld\n",
