@@ -22,9 +22,9 @@ Build and run (from the repository root)
   build/bench/bench/bench_attention --threads=2 --benchmark_repetitions=5 \
       --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true   # medians
   build/bench/bench/bench_attention --benchmark_filter='fwd_v2/f32/S2048'                   # a subset
-  build/bench/bench/bench_attention --benchmark_min_time=0.01                               # smoke run
+  build/bench/bench/bench_attention --quick            # smoke run: 2 heads, S = 512, --benchmark_min_time=0.01
   (libbenchmark 1.7 takes --benchmark_min_time in plain seconds, without the "s" suffix of 1.8.)
-Own flags, taken out before Google Benchmark's: --heads=N (default 16), --threads=N, --isa=scalar|avx2.
+Own flags, taken out before Google Benchmark's: --heads=N (default 16), --threads=N, --isa=scalar|avx2, --quick.
 */
 #include <benchmark/benchmark.h>
 
@@ -45,7 +45,7 @@ namespace {
 
 using flashlm::DType;
 
-int g_heads = 16;
+int64_t g_heads = 16;
 constexpr int kBatch = 1;
 
 enum class Pass { FwdV1, FwdV2, Bwd };
@@ -208,7 +208,7 @@ void register_device(const std::string& device, AttentionBench bench, std::initi
                      std::initializer_list<DType> dtypes, bool manual_time) {
   for (Pass pass : passes)
     for (DType dtype : dtypes)
-      for (int64_t s : {512, 2048})
+      for (int64_t s : bench::quick() ? std::vector<int64_t>{512} : std::vector<int64_t>{512, 2048})
         for (int64_t d : {64, 128})
           for (bool causal : {false, true}) {
             const std::string name = "attn_" + device + "/" + pass_name(pass) + "/" + dtype_label(dtype) + "/S" +
@@ -230,38 +230,9 @@ void register_all() {
   benchmark::AddCustomContext("flashlm_shape", "B=1 H=" + std::to_string(g_heads) + " Sq=Sk=S [B, S, H, D]");
 }
 
-bool parse_positive(const std::string& arg, size_t prefix, int* out) {
-  char* end = nullptr;
-  const long n = std::strtol(arg.c_str() + prefix, &end, 10);
-  if (*end != '\0' || n < 1 || n > 4096) {
-    std::fprintf(stderr, "bench_attention: %s must be an integer in [1, 4096]\n", arg.c_str());
-    return false;
-  }
-  *out = int(n);
-  return true;
-}
-
-// This program's own flags, taken out of argv.
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--heads=", 0) == 0) {
-      if (!parse_positive(arg, 8, &g_heads)) return false;
-    } else if (arg.rfind("--threads=", 0) == 0) {
-      int n = 0;
-      if (!parse_positive(arg, 10, &n)) return false;
-      flashlm::set_num_threads(n);
-    } else if (arg.rfind("--isa=", 0) == 0) {
-      if (!bench::set_isa_flag(arg.substr(6), "bench_attention")) return false;
-    } else {
-      if (arg == "--help")
-        std::printf("bench_attention [--heads=N (default 16)] [--threads=N] [--isa=scalar|avx2] [Google Benchmark flags]\n");
-      argv[kept++] = argv[i];
-    }
-  }
-  *argc = kept;
-  return true;
+  if (bench::quick()) g_heads = 2;  // and S = 512 alone (register_device)
+  return bench::take_flags(argc, argv, "bench_attention", {{"heads", &g_heads, 1, 4096}});
 }
 
 }  // namespace

@@ -25,12 +25,12 @@ Build and run (from the repository root)
   build/bench/bench/bench_dequant --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
       --benchmark_report_aggregates_only=true          # medians; interleaving spreads background load
   build/bench/bench/bench_dequant --benchmark_filter='Q4_K|memcpy'              # a subset
-  build/bench/bench/bench_dequant --elements=1048576 --benchmark_min_time=0.01  # smoke run, seconds
+  build/bench/bench/bench_dequant --quick        # smoke run, seconds: 1M elements, --benchmark_min_time=0.01
   (libbenchmark 1.7 takes --benchmark_min_time in plain seconds, without the "s" suffix of 1.8.)
 Own flags, taken out before Google Benchmark's: --elements=N (rounded up to whole 256-element blocks),
---isa=scalar|avx2 (CPU kernels; default: the best this CPU supports).
+--threads=N, --isa=scalar|avx2 (CPU kernels; default: the best this CPU supports), --quick.
 
-The peer comparison (gguf-py, torch copy) lives in bench/compare_dequant.py; results in bench/RESULTS.md.
+The peer comparison (gguf-py, torch copy) lives in bench/compare_dequant.py; figures in bench/results/dequant.md.
 */
 #include <benchmark/benchmark.h>
 
@@ -264,28 +264,10 @@ void register_all() {
   benchmark::AddCustomContext("flashlm_elements", std::to_string(g_elements));
 }
 
-// This program's own flags, taken out of argv.
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--elements=", 0) == 0) {
-      char* end = nullptr;
-      const long long n = std::strtoll(arg.c_str() + 11, &end, 10);
-      if (*end != '\0' || n < 1) {
-        std::fprintf(stderr, "bench_dequant: --elements must be a positive integer, got '%s'\n", arg.c_str() + 11);
-        return false;
-      }
-      g_elements = (n + 255) / 256 * 256;  // whole blocks of every type
-    } else if (arg.rfind("--isa=", 0) == 0) {
-      if (!bench::set_isa_flag(arg.substr(6), "bench_dequant")) return false;
-    } else {
-      if (arg == "--help")
-        std::printf("bench_dequant [--elements=N (default 16777216)] [--isa=scalar|avx2] [Google Benchmark flags]\n");
-      argv[kept++] = argv[i];
-    }
-  }
-  *argc = kept;
+  if (bench::quick()) g_elements = 1 << 20;
+  if (!bench::take_flags(argc, argv, "bench_dequant", {{"elements", &g_elements, 1, int64_t{1} << 40}})) return false;
+  g_elements = (g_elements + 255) / 256 * 256;  // whole blocks of every type
   return true;
 }
 

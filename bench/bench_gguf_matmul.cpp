@@ -23,11 +23,11 @@ Build and run (from the repository root)
   cmake --build build/bench -j --target bench_gguf_matmul bench_dequant
   build/bench/bench/bench_gguf_matmul --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
   build/bench/bench/bench_dequant --benchmark_filter=memcpy_cpu/f32          # the ceiling
-  build/bench/bench/bench_gguf_matmul --n=256 --k=512 --rotate-mib=0 --benchmark_min_time=0.01   # smoke
+  build/bench/bench/bench_gguf_matmul --quick   # smoke: --n=256 --k=512 --rotate-mib=0 --benchmark_min_time=0.01
 Own flags, taken out before Google Benchmark's: --n=N --k=K (default 4096 x 4096; K a multiple of 256),
---rotate-mib=MiB, --isa=scalar|avx2.
+--rotate-mib=MiB, --threads=N, --isa=scalar|avx2, --quick.
 
-The comparison with torch's GEMV lives in bench/compare_gguf_matmul.py; results in bench/RESULTS.md.
+The comparison with torch's GEMV lives in bench/compare_gguf_matmul.py; figures in bench/results/gguf_matmul.md.
 */
 #include <benchmark/benchmark.h>
 
@@ -158,36 +158,11 @@ void register_all() {
   benchmark::AddCustomContext("flashlm_shape", std::to_string(g_n) + " x " + std::to_string(g_k));
 }
 
-bool parse_int_flag(const std::string& arg, const char* prefix, int64_t min, int64_t* out) {
-  const size_t len = std::strlen(prefix);
-  if (arg.rfind(prefix, 0) != 0) return false;
-  char* end = nullptr;
-  const long long v = std::strtoll(arg.c_str() + len, &end, 10);
-  if (*end != '\0' || v < min) {
-    std::fprintf(stderr, "bench_gguf_matmul: %s expects an integer >= %lld, got '%s'\n", prefix, static_cast<long long>(min),
-                 arg.c_str() + len);
-    std::exit(2);
-  }
-  *out = v;
-  return true;
-}
-
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    if (parse_int_flag(arg, "--n=", 1, &g_n) || parse_int_flag(arg, "--k=", 256, &g_k) ||
-        parse_int_flag(arg, "--rotate-mib=", 0, &g_rotate_mib)) {
-      continue;
-    }
-    if (arg.rfind("--isa=", 0) == 0) {
-      if (!bench::set_isa_flag(arg.substr(6), "bench_gguf_matmul")) return false;
-      continue;
-    }
-    if (arg == "--help") std::printf("bench_gguf_matmul [--n=N] [--k=K] [--rotate-mib=MiB] [--isa=scalar|avx2] [Google Benchmark flags]\n");
-    argv[kept++] = argv[i];
-  }
-  *argc = kept;
+  if (bench::quick()) g_n = 256, g_k = 512, g_rotate_mib = 0;
+  if (!bench::take_flags(argc, argv, "bench_gguf_matmul", {{"n", &g_n, 1, 1 << 24}, {"k", &g_k, 256, 1 << 24},
+                                                            {"rotate-mib", &g_rotate_mib, 0, 1 << 20}}))
+    return false;
   if (g_k % 256) {
     std::fprintf(stderr, "bench_gguf_matmul: --k must be a multiple of 256, got %lld\n", static_cast<long long>(g_k));
     return false;

@@ -18,8 +18,8 @@ Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
   cmake --build build/bench -j2 --target bench_norm
   build/bench/bench/bench_norm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-  build/bench/bench/bench_norm --benchmark_min_time=0.01                                    # smoke run
-Own flags, taken out before Google Benchmark's: --d=N, --threads=N, --isa=scalar|avx2.
+  build/bench/bench/bench_norm --quick                          # smoke run: 64 rows, --benchmark_min_time=0.01
+Own flags, taken out before Google Benchmark's: --d=N, --threads=N, --isa=scalar|avx2, --quick.
 */
 #include <benchmark/benchmark.h>
 
@@ -134,7 +134,7 @@ using NormBench = void (*)(benchmark::State&, DType, int64_t, bool);
 void register_device(const std::string& device, NormBench bench, std::initializer_list<DType> dtypes,
                      bool manual_time) {
   for (DType dtype : dtypes)
-    for (int64_t rows : {1, 512})
+    for (int64_t rows : {int64_t{1}, bench::quick() ? int64_t{64} : int64_t{512}})
       for (bool with_residual : {false, true}) {
         const char* label = dtype == DType::F32 ? "f32" : dtype == DType::BF16 ? "bf16" : "f16";
         const std::string name = "rms_norm_" + device + "/" + label + "/rows" + std::to_string(rows) + "/d" +
@@ -155,27 +155,7 @@ void register_all() {
 }
 
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1;
-  long threads = 0;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    bool ok = true;
-    if (arg.rfind("--d=", 0) == 0 || arg.rfind("--threads=", 0) == 0) {
-      char* end = nullptr;
-      const long n = std::strtol(arg.c_str() + arg.find('=') + 1, &end, 10);
-      ok = *end == '\0' && n >= 1 && n <= (1 << 20);
-      if (!ok) std::fprintf(stderr, "bench_norm: %s must be an integer in [1, 1048576]\n", arg.c_str());
-      (arg[2] == 'd' ? g_d : threads) = n;
-    } else if (arg.rfind("--isa=", 0) == 0) {
-      ok = bench::set_isa_flag(arg.substr(6), "bench_norm");
-    } else {
-      argv[kept++] = argv[i];
-    }
-    if (!ok) return false;
-  }
-  if (threads > 0) flashlm::set_num_threads(int(threads));
-  *argc = kept;
-  return true;
+  return bench::take_flags(argc, argv, "bench_norm", {{"d", &g_d, 1, 1 << 20}});
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 """Timing and reporting shared by the bench/compare_*.py scripts (run as scripts, so they import this by name)."""
 
+import argparse
 import os
 import platform
 import statistics
@@ -48,6 +49,35 @@ def median_seconds(fns, reps, warmup, burst=1):
                     times[label].append(elapsed)
             time.sleep(SETTLE_S)
     return {label: statistics.median(t) for label, t in times.items()}
+
+
+def row_sizes_args(doc, d, quick_d, quick_rows):
+    """The command line of a comparison on [rows, --d] tensors at decode (one row) and prefill (--prefill-rows)
+    sizes, parsed; --quick sets d = quick_d, quick_rows prefill rows and few runs: a smoke run of seconds."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=d)
+    ap.add_argument("--prefill-rows", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--inner", type=int, default=200, help="back-to-back calls per timed run at decode size")
+    ap.add_argument("--quick", action="store_true", help="small and short: a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.d, args.prefill_rows, args.reps, args.warmup, args.inner = quick_d, quick_rows, 3, 1, 20
+    return args
+
+
+def repeat(fn, n):
+    """A function that calls fn n times: decode-sized calls timed n at a time, above the timer's resolution."""
+    def run():
+        for _ in range(n):
+            fn()
+    return run
+
+
+def medians(runs):
+    """[{key: number}, ...] (one dict per run, e.g. per process) -> {key: median over the runs}."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def cpu_model():

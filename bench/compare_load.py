@@ -1,4 +1,5 @@
-"""Loading a GGUF model: flashlm.io.load_gguf against llama.cpp (llama-cpp-python), time and memory.
+#!/usr/bin/env python3
+"""compare_load: loading a GGUF model, flashlm.io.load_gguf against llama.cpp (llama-cpp-python), time and memory.
 
 Writes a random Q4_0 llama model (default 91 MiB: d_model 1024, 8 layers, vocab 32000, untied output;
 flashlm's quantizer, a byte-level vocabulary with one merge). Each loader, in a fresh process, first loads
@@ -7,17 +8,20 @@ pass over 16 tokens; reported: the load time, that pass's time (medians of --rep
 process's resident memory growth over both, next to the file size: the floor for a loader that keeps the
 weights in the file's mapping. llama.cpp is skipped where llama_cpp does not import.
 
-    PYTHONPATH=python python bench/compare_load.py [--d-model 1024 --layers 8 --reps 3] [--quick]
+Run (from the repository root, with flashlm installed; llama-cpp-python for the peer):
+  python bench/compare_load.py [--d-model 1024 --layers 8 --reps 3]
+  python bench/compare_load.py --quick      # a 2-layer d_model 256 model, one process: CI smoke
 """
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
+import flashlm.ops as ops
+from bench_util import fmt, hardware_line, medians, print_table
 from flashlm.io.random_model import write_random_llama_gguf
 
 _CHILD = r"""
@@ -58,9 +62,9 @@ def run(which, tiny, path, reps):
     for _ in range(reps):
         out = subprocess.run([sys.executable, "-c", _CHILD, which, tiny, path], capture_output=True, text=True)
         if out.returncode:
-            raise RuntimeError(f"{which}: {out.stderr[-2000:]}")
+            raise RuntimeError(f"{which}: the process exited with status {out.returncode}: {out.stderr[-2000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return medians(runs)
 
 
 def main():
@@ -79,18 +83,21 @@ def main():
         write_random_llama_gguf(path, args.d_model, args.d_ff, args.layers, args.vocab, max(1, args.d_model // 64))
         write_random_llama_gguf(tiny, 64, 64, 1, 512, n_head=1)
         size = os.path.getsize(path)
-        print(f"model: Q4_0 llama, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, "
-              f"file {size / 2**20:.1f} MiB (the memory floor)")
         results = {"flashlm": run("flashlm", tiny, path, args.reps)}
         try:
-            import llama_cpp  # noqa: F401
+            import llama_cpp
             results["llama.cpp"] = run("llama.cpp", tiny, path, args.reps)
+            peer = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
         except ImportError:
-            print("llama.cpp: llama_cpp does not import here, skipped")
-        for name, r in results.items():
-            print(f"{name:10s} load {r['load_s'] * 1e3:8.1f} ms   first 16-token forward {r['forward_s'] * 1e3:8.1f} ms"
-                  f"   RSS +{r['rss_grew'] / 2**20:7.1f} MiB ({r['rss_grew'] / size:.2f}x the file; one-time "
-                  f"+{r['warmup_rss'] / 2**20:.0f} MiB before it)")
+            peer = "llama.cpp: llama_cpp does not import here, skipped"
+    print(hardware_line("cpu", ops, peer))
+    print(f"model: Q4_0 llama, d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, file "
+          f"{size / 2**20:.1f} MiB (the memory floor); medians of {args.reps} processes\n")
+    rows = [[name, fmt(r["load_s"] * 1e3, ".1f"), fmt(r["forward_s"] * 1e3, ".1f"),
+             fmt(r["rss_grew"] / 2**20, ".1f"), fmt(r["rss_grew"] / size, ".2f"), fmt(r["warmup_rss"] / 2**20, ".0f")]
+            for name, r in results.items()]
+    print_table(["loader", "load ms", "first 16-token forward ms", "RSS growth MiB", "x the file",
+                 "one-time RSS MiB (before)"], rows)
 
 
 if __name__ == "__main__":

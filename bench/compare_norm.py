@@ -18,13 +18,11 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_norm.py --quick    # a second or two: CI smoke
 """
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import flashlm.ops as ops
-from bench_util import fmt, hardware_line, median_seconds, print_table
+from bench_util import fmt, hardware_line, median_seconds, print_table, repeat, row_sizes_args
 
 EPS = 1e-6
 
@@ -38,13 +36,6 @@ def hf_formula(x, w):
 def torch_norm(x, w):
     """What flashlm.models' RMSNorm computed before it had the kernel."""
     return F.rms_norm(x, w.shape, w, EPS) if x.dtype == torch.float32 else hf_formula(x, w)
-
-
-def repeat(fn, n):
-    def run():
-        for _ in range(n):
-            fn()
-    return run
 
 
 def run_case(device, dtype, rows, d, args):
@@ -84,16 +75,7 @@ def run_case(device, dtype, rows, d, args):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=4096)
-    ap.add_argument("--prefill-rows", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--inner", type=int, default=200, help="back-to-back calls per timed run at decode size")
-    ap.add_argument("--quick", action="store_true", help="small and short: a smoke run")
-    args = ap.parse_args()
-    if args.quick:
-        args.prefill_rows, args.reps, args.warmup, args.inner = 64, 3, 1, 20
+    args = row_sizes_args(__doc__, d=4096, quick_d=4096, quick_rows=64)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(hardware_line(devices[-1], ops, f"torch {torch.get_num_threads()} threads"))
     for device in devices:

@@ -6,7 +6,7 @@
 //   nvcc -O3 -std=c++17 --fmad=false -gencode=arch=compute_90a,code=sm_90a -I../../csrc/include -I../../csrc/gguf \
 //        dequantize_dev.cu -o dequantize_dev && ./dequantize_dev
 //
-// The version that ships is in csrc/gguf/dequantize_cuda.cu; bench/RESULTS.md records the figures.
+// The version that ships is in csrc/gguf/dequantize_cuda.cu; bench/results/dequant.md records the figures.
 //   v1: stage the tile's blocks in shared memory (16-byte loads); each thread decodes 8 consecutive
 //       elements and writes them with two 16-byte stores (a warp's store covers 32 half-filled sectors).
 //   v2: v1, but the decoded tile goes to shared memory first and leaves with fully coalesced 16-byte

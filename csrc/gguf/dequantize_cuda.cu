@@ -7,7 +7,7 @@
 // storing "first halves" then "second halves" touches 32 half-filled sectors per instruction: 67% of copy
 // bandwidth on an H100 for Q4_0. Exchanging halves between lanes with shuffles first makes every store
 // instruction cover 512 contiguous bytes: 95-96% for Q4_0, Q8_0, Q4_K and Q6_K (bench/cuda/
-// dequantize_dev.cu, versions v1-v5, figures in bench/RESULTS.md). A persistent, cp.async double-buffered
+// dequantize_dev.cu, versions v1-v5, figures in bench/results/dequant.md). A persistent, cp.async double-buffered
 // grid (v5) was slower (87-90%).
 // Reference: the scalar CPU path, bit for bit (the decoders use __fmul_rn/__fadd_rn, never fused FMAs).
 #include <cuda_bf16.h>

@@ -184,7 +184,7 @@ void write_kv_cache(const KVCacheWriteParams& a, void* stream) {
 //     at least 512 tokens (at D = 128 f32 a split then reads >= 512 KiB per K/V head, against a merge of a
 //     few KiB). A batch of 8 K/V heads on 2 threads is never split; MQA (one K/V head) at B = 1 is. On the
 //     2-core development machine, loaded by other jobs, B=1 Hkv=1 context 8192 measured 3-11 ms with 1, 2
-//     or 4 splits alike (bench/compare_paged.py --kv-heads 1 --batches 1 --splits N): the load's noise was
+//     or 4 splits alike (bench/compare_kvcache.py --kv-heads 1 --batches 1 --splits N): the load's noise was
 //     larger than the effect, so the rule is the reasoning above, not a fit.
 //   CUDA: an H100 has 132 SMs; a CTA per (seq, kv_head, split) and aim for ~2 waves (264 CTAs) so the last
 //     wave's tail is short, but never parts shorter than 256 tokens (or 4 blocks), below which the partial

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""compare_allreduce: flashlm's shared-memory ring allreduce against torch.distributed's gloo, one host.
+"""compare_comm: flashlm's shared-memory ring allreduce against torch.distributed's gloo, one host.
 
 Launches N processes (ranks) that meet through a FileStore; each has a gloo process group and flashlm.dist
 (its shared-memory ring). For each size, float32 tensors are summed over the ranks by
@@ -18,9 +18,9 @@ reduction, so busbw near memcpy bandwidth means the ring adds little beyond the 
 ranks than cores the ranks share the cores, and the figure falls accordingly.
 
 Run (from the repository root, with flashlm installed):
-  python bench/compare_allreduce.py                         # 2 processes, 1 KiB ... 256 MiB
-  python bench/compare_allreduce.py --nprocs 2,3,4 --max-size 64M
-  python bench/compare_allreduce.py --quick                 # a few seconds: CI smoke
+  python bench/compare_comm.py                         # 2 processes, 1 KiB ... 256 MiB
+  python bench/compare_comm.py --nprocs 2,3,4 --max-size 64M
+  python bench/compare_comm.py --quick                 # a few seconds: CI smoke
 """
 
 import argparse
@@ -84,7 +84,7 @@ def worker(rank, world, store_file, sizes, reps, warmup):
         x = torch.full((n,), float(rank + 1))
         fd.all_reduce(x)
         if not torch.equal(x, torch.full((n,), float(world * (world + 1) // 2))):
-            sys.exit(f"compare_allreduce: flashlm's allreduce of {n} floats is wrong on rank {rank}; not timing it")
+            sys.exit(f"compare_comm: flashlm's allreduce of {n} floats is wrong on rank {rank}; not timing it")
         fns = {"flashlm": lambda: fd.all_reduce(x), "gloo": lambda: tdist.all_reduce(x)}
         times = {k: [] for k in fns}
         count = reps_for(nbytes, reps)
@@ -123,7 +123,7 @@ def run(world, sizes, reps, warmup):
                  for r in range(world)]
         outs = [p.communicate()[0] for p in procs]
         if any(p.returncode for p in procs):
-            sys.exit(f"compare_allreduce: a rank failed with {world} processes")
+            sys.exit(f"compare_comm: a rank failed with {world} processes")
     line = next(l for l in outs[0].splitlines() if l.startswith("MEDIANS "))
     return {int(k): v for k, v in json.loads(line[8:]).items()}
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""compare_adamw: one AdamW step with flashlm's fused kernel against torch.optim.AdamW.
+"""compare_optim: one AdamW step with flashlm's fused kernel against torch.optim.AdamW.
 
 The parameters (float32, --numel elements split into --tensors tensors of near-equal size) are updated by
   flashlm         flashlm.train.optim.AdamW.step() (the fused kernel, on flashlm's thread pool)
@@ -11,9 +11,9 @@ those bytes over the time. The ceiling is memcpy bandwidth measured in the same 
 buffer as large as the parameters, read + written bytes over time), with the same threads.
 
 Run (from the repository root, with flashlm installed):
-  python bench/compare_adamw.py                  # 10M parameters in 1 tensor, CPU (and CUDA where present)
-  python bench/compare_adamw.py --tensors 100    # the same in 100 tensors
-  python bench/compare_adamw.py --quick          # a second or two: CI smoke
+  python bench/compare_optim.py                  # 10M parameters in 1 tensor, CPU (and CUDA where present)
+  python bench/compare_optim.py --tensors 100    # the same in 100 tensors
+  python bench/compare_optim.py --quick          # a second or two: CI smoke
 """
 
 import argparse

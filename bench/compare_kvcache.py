@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""compare_paged: flashlm's paged-attention decode against torch's scaled_dot_product_attention over
+"""compare_kvcache: flashlm's paged-attention decode against torch's scaled_dot_product_attention over
 contiguous K/V, one table per run.
 
 For each (batch, context) every sequence has `context` cached tokens and one new query per head:
@@ -17,10 +17,10 @@ the same background load; "of copy" is flashlm's KV GB/s over it. "x torch" is t
 flashlm's.
 
 Run (from the repository root, with flashlm installed):
-  python bench/compare_paged.py                        # CPU float32, B 1/8/32 x context 512/2048/8192
-  python bench/compare_paged.py --dtype bf16 --batches 8 --contexts 2048
-  python bench/compare_paged.py --device cuda --dtype bf16   # needs flashlm's CUDA kernels and a GPU
-  python bench/compare_paged.py --quick                # a few seconds: CI smoke
+  python bench/compare_kvcache.py                        # CPU float32, B 1/8/32 x context 512/2048/8192
+  python bench/compare_kvcache.py --dtype bf16 --batches 8 --contexts 2048
+  python bench/compare_kvcache.py --device cuda --dtype bf16   # needs flashlm's CUDA kernels and a GPU
+  python bench/compare_kvcache.py --quick                # a few seconds: CI smoke
 """
 
 import argparse
@@ -67,7 +67,7 @@ def run_case(args, batch, context, dtype):
 
     err = (ours().float() - theirs().squeeze(2).float()).abs().max().item()
     if err > TOLERANCE[dtype]:
-        sys.exit(f"compare_paged: B={batch} context={context}: flashlm differs from torch by {err:.3g} "
+        sys.exit(f"compare_kvcache: B={batch} context={context}: flashlm differs from torch by {err:.3g} "
                  f"(> {TOLERANCE[dtype]}). Not timing a wrong kernel.")
     k_copy, v_copy = torch.empty_like(k_cache), torch.empty_like(v_cache)
 
@@ -98,7 +98,7 @@ def main():
         args.batches, args.contexts, args.reps, args.heads, args.kv_heads = "2", "256", 3, 8, 2
     dtype = DTYPES[args.dtype or ("f32" if args.device == "cpu" else "bf16")]
     if args.device == "cuda" and dtype == torch.float32:
-        sys.exit("compare_paged: flashlm's CUDA kernels take f16 or bf16")
+        sys.exit("compare_kvcache: flashlm's CUDA kernels take f16 or bf16")
 
     print(f"flashlm {flashlm.__version__}, torch {torch.__version__}; "
           f"{hardware_line(args.device, flashlm.ops, f'torch {torch.get_num_threads()} threads')}")

@@ -1,5 +1,5 @@
 /*
-bench_paged: Google Benchmark microbenchmarks of flashlm::paged_attention decode on the CPU (f32, bf16) and,
+bench_kvcache: Google Benchmark microbenchmarks of flashlm::paged_attention decode on the CPU (f32, bf16) and,
 in a CUDA build with a GPU present, on the GPU (f16, bf16), reported as K/V bytes read per second.
 
 What is measured
@@ -11,14 +11,14 @@ What is measured
 
 Columns
   KV_bytes   bytes of K and V read per second (decimal): decode is bounded by memory bandwidth, so hold it
-             against the machine's copy bandwidth (bench/compare_paged.py prints one, and torch's figures).
+             against the machine's copy bandwidth (bench/compare_kvcache.py prints one, and torch's figures).
 
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
-  cmake --build build/bench -j2 --target bench_paged
-  build/bench/bench/bench_paged --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-  build/bench/bench/bench_paged --benchmark_min_time=0.01                                   # smoke run
-Own flags, taken out before Google Benchmark's: --heads=N, --kv-heads=N, --threads=N, --isa=scalar|avx2.
+  cmake --build build/bench -j2 --target bench_kvcache
+  build/bench/bench/bench_kvcache --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  build/bench/bench/bench_kvcache --quick            # smoke run: H=4 Hkv=2, context 512, --benchmark_min_time=0.01
+Own flags, taken out before Google Benchmark's: --heads=N, --kv-heads=N, --threads=N, --isa=scalar|avx2, --quick.
 */
 #include <benchmark/benchmark.h>
 
@@ -40,7 +40,7 @@ namespace {
 using flashlm::DType;
 using flashlm::TensorView;
 
-int g_heads = 32, g_kv_heads = 8;
+int64_t g_heads = 32, g_kv_heads = 8;
 constexpr int64_t kHeadDim = 128, kBlockSize = 16;
 
 int64_t elem_bytes(DType t) { return t == DType::F32 ? 4 : 2; }
@@ -154,7 +154,7 @@ void register_device(const std::string& device, PagedBench bench, std::initializ
                      bool manual_time) {
   for (DType dtype : dtypes)
     for (int64_t batch : {1, 8})
-      for (int64_t context : {512, 2048, 8192})
+      for (int64_t context : bench::quick() ? std::vector<int64_t>{512} : std::vector<int64_t>{512, 2048, 8192})
         for (int splits : {0, 1}) {
           const char* label = dtype == DType::F32 ? "f32" : dtype == DType::BF16 ? "bf16" : "f16";
           const std::string name = "paged_" + device + "/" + label + "/B" + std::to_string(batch) + "/ctx" +
@@ -176,35 +176,15 @@ void register_all() {
                                                    " D=128 block_size=16, decode");
 }
 
-bool parse_int(const std::string& arg, size_t prefix, int* out) {
-  char* end = nullptr;
-  const long n = std::strtol(arg.c_str() + prefix, &end, 10);
-  if (*end != '\0' || n < 1 || n > 1024) {
-    std::fprintf(stderr, "bench_paged: %s must be an integer in [1, 1024]\n", arg.c_str());
-    return false;
-  }
-  *out = int(n);
-  return true;
-}
-
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1, threads = 0;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    bool ok = true;
-    if (arg.rfind("--heads=", 0) == 0) ok = parse_int(arg, 8, &g_heads);
-    else if (arg.rfind("--kv-heads=", 0) == 0) ok = parse_int(arg, 11, &g_kv_heads);
-    else if (arg.rfind("--threads=", 0) == 0) ok = parse_int(arg, 10, &threads);
-    else if (arg.rfind("--isa=", 0) == 0) ok = bench::set_isa_flag(arg.substr(6), "bench_paged");
-    else argv[kept++] = argv[i];
-    if (!ok) return false;
-  }
-  if (threads > 0) flashlm::set_num_threads(threads);
+  if (bench::quick()) g_heads = 4, g_kv_heads = 2;  // and context 512 alone (register_device)
+  if (!bench::take_flags(argc, argv, "bench_kvcache",
+                         {{"heads", &g_heads, 1, 1024}, {"kv-heads", &g_kv_heads, 1, 1024}}))
+    return false;
   if (g_heads % g_kv_heads != 0) {
-    std::fprintf(stderr, "bench_paged: --kv-heads must divide --heads\n");
+    std::fprintf(stderr, "bench_kvcache: --kv-heads must divide --heads\n");
     return false;
   }
-  *argc = kept;
   return true;
 }
 

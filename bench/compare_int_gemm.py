@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""compare_gemm: flashlm's quantized GEMMs against torch's float (or int) matmul, one table per run.
+"""compare_int_gemm: flashlm's quantized GEMMs against torch's float (or int) matmul, one table per run.
 
 Each case is y = x @ W.T for x [M, K], W [N, K] with random data, timed as
   flashlm   the quantized op (int8_linear: per-token quantization of x + W8A8 GEMM; int4_linear: W4A16),
@@ -17,9 +17,9 @@ The case list (CASES) is shared with other quantized formats: a case is a name, 
 a function that builds (flashlm_fn, peer_fn, flashlm_weight_bytes, peer_weight_bytes).
 
 Run (from the repository root, with flashlm installed):
-  python bench/compare_gemm.py                 # CPU cases
-  python bench/compare_gemm.py --device cuda   # needs flashlm's CUDA kernels and a GPU
-  python bench/compare_gemm.py --quick         # a few seconds: CI smoke
+  python bench/compare_int_gemm.py                 # CPU cases
+  python bench/compare_int_gemm.py --device cuda   # needs flashlm's CUDA kernels and a GPU
+  python bench/compare_int_gemm.py --quick         # a few seconds: CI smoke
 """
 
 import argparse
@@ -108,7 +108,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small shapes, few runs (CI smoke)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("compare_gemm: --device cuda needs a CUDA GPU")
+        sys.exit("compare_int_gemm: --device cuda needs a CUDA GPU")
     reps, warmup = (3, 1) if args.quick else (args.reps, 3)
     torch.manual_seed(0)
     print(hardware_line(args.device, ops, f"torch {torch.get_num_threads()} threads"))

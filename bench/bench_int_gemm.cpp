@@ -1,5 +1,5 @@
 /*
-bench_gemm: Google Benchmark microbenchmarks of flashlm's integer GEMMs (flashlm/gemm/int_gemm.h) on the
+bench_int_gemm: Google Benchmark microbenchmarks of flashlm's integer GEMMs (flashlm/gemm/int_gemm.h) on the
 CPU and, in a CUDA build with a GPU present, on the GPU.
 
 What is measured (y = x @ W.T, W [N, K]; N = K = --size, 4096 by default)
@@ -8,14 +8,15 @@ What is measured (y = x @ W.T, W [N, K]; N = K = --size, 4096 by default)
   int4_gemm_cpu/M     flashlm::int4_gemm, f32 x, symmetric int4 W, group 128. "read": weight bytes read per
                       second (packed nibbles + f32 scales), the figure that bounds M = 1.
   *_cuda/M            the same on GPU 0 with f16 x/out, timed with CUDA events.
-Threads: the library's pool (FLASHLM_NUM_THREADS); ISA: --isa=scalar|avx2 (default: the best this CPU has).
-The peer comparison (torch) lives in bench/compare_gemm.py; results in bench/RESULTS.md.
+Threads: the library's pool (FLASHLM_NUM_THREADS or --threads=); ISA: --isa=scalar|avx2 (default: the best this
+CPU has).
+The peer comparison (torch) lives in bench/compare_int_gemm.py; figures in bench/results/int_gemm.md.
 
 Build and run (from the repository root)
   cmake -S . -B build/bench -DFLASHLM_BUILD_BENCH=ON -DFLASHLM_BUILD_PYTHON=OFF -DFLASHLM_CUDA=OFF   # or ON
-  cmake --build build/bench -j --target bench_gemm
-  build/bench/bench/bench_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-  build/bench/bench/bench_gemm --size=512 --benchmark_min_time=0.01   # smoke run, seconds
+  cmake --build build/bench -j --target bench_int_gemm
+  build/bench/bench/bench_int_gemm --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+  build/bench/bench/bench_int_gemm --quick        # smoke run, seconds: --size=512 --benchmark_min_time=0.01
 */
 #include <benchmark/benchmark.h>
 
@@ -201,24 +202,13 @@ void register_all() {
 }
 
 bool parse_own_flags(int* argc, char** argv) {
-  int kept = 1;
-  for (int i = 1; i < *argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg.rfind("--size=", 0) == 0) {
-      char* end = nullptr;
-      const long long n = std::strtoll(arg.c_str() + 7, &end, 10);
-      if (*end != '\0' || n < 128 || n % 128 != 0) {
-        std::fprintf(stderr, "bench_gemm: --size must be a positive multiple of 128, got '%s'\n", arg.c_str() + 7);
-        return false;
-      }
-      g_size = n;
-    } else if (arg.rfind("--isa=", 0) == 0) {
-      if (!bench::set_isa_flag(arg.substr(6), "bench_gemm")) return false;
-    } else {
-      argv[kept++] = argv[i];
-    }
+  if (bench::quick()) g_size = 512;
+  if (!bench::take_flags(argc, argv, "bench_int_gemm", {{"size", &g_size, 128, 1 << 20}})) return false;
+  if (g_size % 128 != 0) {
+    std::fprintf(stderr, "bench_int_gemm: --size must be a multiple of 128, got %lld\n",
+                 static_cast<long long>(g_size));
+    return false;
   }
-  *argc = kept;
   return true;
 }
 
