@@ -21,8 +21,8 @@ from gguf import GGMLQuantizationType as GQT
 
 from flashlm.cli import main as cli_main
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
+from flashlm.io.quantize_file import quantize_file
 from flashlm.models import ModelConfig, Transformer
-from flashlm.quant.quantize_file import quantize_file
 from flashlm.train.export import export_gguf, export_hf
 from flashlm.train.tokenizer import train_tokenizer
 from test_gguf_quantize import RMS_BOUNDS

@@ -7,7 +7,7 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
 
-The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_token_ids (the runtime's
+The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_token_ids (flashlm.io's
 Tokenizer; a HF-style apply_chat_template for chat()).
 """
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashlm.train.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
+from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
+from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate
