@@ -3,6 +3,7 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
 
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
     llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
+    llm = LLM("model.gguf", native_decoder=False)              # every step module by module (see ModelRunner)
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
@@ -93,7 +94,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
-                 draft_model=None, num_speculative_tokens: int = 4):
+                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True):
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -125,10 +126,10 @@ class LLM:
         if draft_model is not None:
             draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
             total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
-        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device)
+        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
         if draft_model is not None:
-            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
+            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
             self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
         self.stats = EngineStats()
         self._requests = {}  # request_id -> _Request, while unfinished

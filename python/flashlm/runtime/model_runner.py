@@ -2,16 +2,21 @@
 
 For each step it packs the new tokens of every scheduled sequence into one row, builds the PagedBatch
 (positions, cache slots, block tables, sequence lengths, cu_seqlens_q), makes the block copies the block
-manager asked for, runs Transformer.forward_paged and samples the sequences whose chunk reached their end.
+manager asked for, runs the model and samples the sequences whose chunk reached their end. The model runs in
+the native decoder stack where it applies (flashlm.runtime.native_decoder), else module by module
+(Transformer.forward_paged); both give the same logits.
 """
 
 import time
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
+from flashlm.ops import NativeDecoder
 from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
 
 
@@ -22,7 +27,7 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype = torch.float32,
-                 device="cpu"):
+                 device="cpu", native_decoder: bool = True):
         cfg = model.cfg
         self.model = model
         self.device = torch.device(device)
@@ -33,10 +38,30 @@ class ModelRunner:
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(cfg.n_layer)]
         self.sampler = Sampler(cfg.vocab_size)
         self.forward_seconds = 0.0  # time inside the model's forward (the rest of a step is host overhead)
+        self.use_native_decoder = native_decoder  # False: every step module by module
+        self._native = None  # built on first use; False: checked, does not apply
+
+    def native_decoder(self) -> Optional[NativeDecoder]:
+        """The native decoder stack the steps run (built over the model's weights on first use), or None: switched
+        off (use_native_decoder), a model it does not apply to (build_native_decoder), or caches it does not read.
+        After replacing or moving the model's modules, call reset_native_decoder()."""
+        if not self.use_native_decoder:
+            return None
+        if self._native is None:
+            applies = self.device.type == "cpu" and native_takes_caches(self.kv_caches)
+            self._native = (applies and build_native_decoder(self.model)) or False
+        return self._native or None
+
+    def reset_native_decoder(self) -> None:
+        self._native = None
 
     def forward(self, tokens, paged: PagedBatch) -> torch.Tensor:
         t = time.perf_counter()
-        logits = self.model.forward_paged(tokens, paged, self.kv_caches)
+        native = self.native_decoder()
+        if native is not None:
+            logits = forward_paged_native(self.model, native, tokens, paged, self.kv_caches)
+        else:
+            logits = self.model.forward_paged(tokens, paged, self.kv_caches)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the sampler reads the logits next anyway
         self.forward_seconds += time.perf_counter() - t
