@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flashlm.models import ModelConfig, Transformer
-from flashlm.runtime.engine import LLM, parse_bytes
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.model_runner import parse_bytes
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.simple_generate import generate
 
