@@ -124,9 +124,10 @@ class SpeculativeDecoder:
             while kept > 0 and not bm.can_append(s.seq_id, kept):
                 kept -= 1
             if kept:
-                if bm.append(s.seq_id, drafts_list[i][:kept]):
+                if bm.append(s.seq_id, s.token_ids + drafts_list[i][:kept]):
                     raise RuntimeError("speculative decoding: an unexpected copy-on-write (a forked sequence)")
-                for pos, real in zip(range(lens[i], lens[i] + kept), bm.slot_mapping(s.seq_id, lens[i], lens[i] + kept)):
+                real_slots = bm.slot_mapping(s.seq_id, lens[i], lens[i] + kept)
+                for pos, real in zip(range(lens[i], lens[i] + kept), real_slots):
                     if slot(i, pos) != real:
                         src.append(slot(i, pos))
                         dst.append(real)
