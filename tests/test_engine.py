@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from flashlm.models import ModelConfig, Transformer
-from flashlm.runtime.engine import LLM, parse_bytes
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.model_runner import parse_bytes
 from flashlm.runtime.sampling_params import SamplingParams
+from flashlm.runtime.simple_generate import generate
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?\n"
 
@@ -38,7 +40,7 @@ def make_model(arch="llama", seed=0, seq_len=96):
 
 
 def greedy_reference(model, prompt_ids, max_tokens, eos=0):
-    out = model.generate(torch.tensor([prompt_ids]), max_tokens, temperature=0, eos_token_id=eos)
+    out = generate(model, torch.tensor([prompt_ids]), max_tokens, temperature=0, eos_token_id=eos)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -21,8 +21,9 @@ from gguf import GGMLQuantizationType as GQT
 
 from flashlm.cli import main as cli_main
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
+from flashlm.io.quantize_file import quantize_file
 from flashlm.models import ModelConfig, Transformer
-from flashlm.quant.quantize_file import quantize_file
+from flashlm.runtime.simple_generate import generate
 from flashlm.train.export import export_gguf, export_hf
 from flashlm.train.tokenizer import train_tokenizer
 from test_gguf_quantize import RMS_BOUNDS
@@ -466,7 +467,7 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
         assert {t for n, _, t in report if ndim[n] == 2 and n != "position_embd.weight"} == {"Q8_0"}
         model = q8_0_reference(model)
     prompt = tokenizer.encode("The quick brown fox").ids
-    want = model.generate(torch.tensor([prompt]), 16, temperature=0)[0].tolist()
+    want = generate(model, torch.tensor([prompt]), 16, temperature=0)[0].tolist()
 
     llm.reset()
     llm.eval(prompt)

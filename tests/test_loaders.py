@@ -27,6 +27,7 @@ from flashlm.io import load_gguf, load_hf, load_model  # noqa: E402
 from flashlm.io.random_model import write_random_llama_gguf  # noqa: E402
 from flashlm.quant import GGUFEmbedding, GGUFLinear, Int4Linear, Int8Linear  # noqa: E402
 from flashlm.quant.rtn import dequantize_int4  # noqa: E402
+from flashlm.runtime.simple_generate import generate  # noqa: E402
 
 V = 320  # vocabulary of the logit tests' models
 
@@ -571,7 +572,7 @@ def test_engine_runs_loaded_models(tmp_path, kind, source):
     llm = engine.LLM(path, max_model_len=64, kv_cache_memory="8MiB")
     out = llm.generate(["the quick brown", "hello"], SamplingParams(temperature=0, max_tokens=6))
     ids = torch.tensor([tok.encode("the quick brown").ids])
-    want = load_model(path).model.generate(ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
+    want = generate(load_model(path).model, ids, 6, temperature=0)[0, ids.shape[1]:].tolist()
     assert out[0].outputs[0].token_ids == want
 
 

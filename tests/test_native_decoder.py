@@ -1,7 +1,8 @@
-"""The native CPU decoder stack (flashlm.ops.NativeDecoder), which forward_paged uses for llama/qwen2 models
-whose block linears are GGUF blocks: every serving step's logits against the module-by-module path on the
-same weights and caches (mixed prefill chunks and decodes, GQA and MQA, q/k/v biases, mixed block types),
-greedy generation through the engine, which models it takes, and bad input."""
+"""The native CPU decoder stack (flashlm.ops.NativeDecoder, built by flashlm.runtime.native_decoder), which the
+model runner uses for llama/qwen2 models whose block linears are GGUF blocks: every serving step's logits
+against the module-by-module path (Transformer.forward_paged) on the same weights and caches (mixed prefill
+chunks and decodes, GQA and MQA, q/k/v biases, mixed block types), greedy generation through the engine, which
+models it takes, and bad input."""
 
 import gc
 
@@ -13,6 +14,8 @@ from flashlm.models import ModelConfig, Transformer
 from flashlm.ops import NativeDecoder
 from flashlm.quant import GGUFEmbedding, GGUFLinear
 from flashlm.runtime.engine import LLM
+from flashlm.runtime.model_runner import ModelRunner
+from flashlm.runtime.native_decoder import build_native_decoder
 from flashlm.runtime.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -64,13 +67,13 @@ PROMPTS = ["hello world", "a", "the quick brown fox jumps over the lazy dog. " *
 
 
 def step_logits_both_ways(model, **engine_kw):
-    """Drives the engine's scheduler; every step runs the native stack, then the module path on the same
-    caches (which it rewrites), and returns the number of steps. Their logits must be equal: both paths run the
-    same kernels and round alike (rope as torch's addcmul, SiLU through flashlm's silu_mul). Equality matters
-    beyond neatness: the GGUF matmul quantizes its input to 8 bits, so an ulp apart upstream can land on
-    either side of a rounding step and move a logit by a whole quantization step."""
-    assert model.native_decoder() is not None
+    """Drives the engine's scheduler; every step runs the runner's forward (the native stack), then the module
+    path on the same caches (which it rewrites), and returns the number of steps. Their logits must be equal:
+    both paths run the same kernels and round alike (rope as torch's addcmul, SiLU through flashlm's silu_mul).
+    Equality matters beyond neatness: the GGUF matmul quantizes its input to 8 bits, so an ulp apart upstream
+    can land on either side of a rounding step and move a logit by a whole quantization step."""
     llm = LLM(model, ByteTokenizer(), **engine_kw)
+    assert llm.runner.native_decoder() is not None
     tok = ByteTokenizer()
     for p in PROMPTS:
         llm.add_request(tok.encode(p), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -79,12 +82,8 @@ def step_logits_both_ways(model, **engine_kw):
         batch = llm.scheduler.schedule()
         llm.runner.copy_blocks(batch.block_copies)
         tokens, paged = llm.runner.prepare(batch, llm.block_manager)
-        native = model.forward_paged(tokens, paged, llm.runner.kv_caches)
-        model.use_native_decoder = False
-        try:
-            modules = model.forward_paged(tokens, paged, llm.runner.kv_caches)
-        finally:
-            model.use_native_decoder = True
+        native = llm.runner.forward(tokens, paged)
+        modules = model.forward_paged(tokens, paged, llm.runner.kv_caches)
         assert native.shape == modules.shape
         assert torch.equal(native, modules), f"step {steps}: {(native - modules).abs().max().item()}"
         steps += 1
@@ -102,7 +101,7 @@ def step_logits_both_ways(model, **engine_kw):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["f32-kv", "bf16-kv"])
 def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunked, kv_dtype):
     model = quantized_model(arch, types, n_kv_head, ends=ends)
-    native = model.native_decoder()
+    native = build_native_decoder(model)
     # the whole step in one call: with GGUF ends the head too; with float ends, the embedding and norm only
     assert native.has_ends and native.has_head == (ends is not None)
     kw = dict(block_size=4, max_num_seqs=4, max_num_batched_tokens=16) if chunked else dict(block_size=16)
@@ -138,10 +137,10 @@ def test_native_greedy_generation_equals_the_module_path():
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 30, 5, 20, 25, 8)]
     outs = {}
     for native in (True, False):
-        model.use_native_decoder = native
-        llm = LLM(model, ByteTokenizer(), block_size=4, max_num_seqs=3, max_num_batched_tokens=24)
+        llm = LLM(model, ByteTokenizer(), block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
+                  native_decoder=native)
+        assert (llm.runner.native_decoder() is not None) == native
         outs[native] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
-    model.use_native_decoder = True
     assert outs[True] == outs[False]
     assert [len(t) for t in outs[True]] == [12, 30, 5, 20, 25, 8]
 
@@ -158,29 +157,45 @@ def test_native_speculative_decoding_equals_target_greedy():
     spec = LLM(target, ByteTokenizer(), block_size=4, max_num_seqs=3, draft_model=draft, num_speculative_tokens=3)
     got = [o.outputs[0].token_ids for o in spec.generate(PROMPTS[:3], params)]
     assert got == want
-    assert spec.model.native_decoder() is not None and spec.spec.draft.model.native_decoder() is not None
+    assert spec.runner.native_decoder() is not None and spec.spec.draft.native_decoder() is not None
+
+
+def runner(model, **kw):
+    return ModelRunner(model, num_blocks=8, block_size=4, **kw)
 
 
 def test_which_models_take_the_native_stack():
-    assert quantized_model("llama").native_decoder() is not None
-    # float weights, gpt2, a switched-off flag: the module path
+    assert build_native_decoder(quantized_model("llama")) is not None
+    assert runner(quantized_model("llama")).native_decoder() is not None
+    # float weights, gpt2, a switched-off flag, caches it does not read: the module path
     cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64)
-    assert Transformer(cfg).native_decoder() is None
+    assert build_native_decoder(Transformer(cfg)) is None
     gpt2 = Transformer(ModelConfig(arch="gpt2", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64))
     gpt2.blocks[0].attn.q = GGUFLinear.from_float(gpt2.blocks[0].attn.q, "Q8_0")
-    assert gpt2.native_decoder() is None
+    assert build_native_decoder(gpt2) is None
     m = quantized_model("llama")
-    m.use_native_decoder = False
-    assert m.native_decoder() is None
+    assert runner(m, native_decoder=False).native_decoder() is None
+    assert runner(m, kv_dtype=torch.float16).native_decoder() is None
+    # a float16 embedding table without GGUF ends: the layers would get float16 rows
+    m = quantized_model("llama")
+    m.tok_emb.half()
+    assert build_native_decoder(m) is None
     # one float linear left: the module path
     m = quantized_model("llama")
     m.blocks[1].mlp.up = torch.nn.Linear(m.cfg.d_model, m.cfg.d_ff, bias=False)
-    assert m.native_decoder() is None
-    # moving the model drops the stack built over the old memory
+    assert build_native_decoder(m) is None
+    # a module replaced after the stack was built: reset_native_decoder builds it again over the model as it is
     m = quantized_model("llama")
-    first = m.native_decoder()
-    m.to(torch.float32)
-    assert m._native_decoder is None and m.native_decoder() is not first
+    r = runner(m)
+    first = r.native_decoder()
+    assert first is not None and r.native_decoder() is first
+    m.blocks[1].mlp.up = torch.nn.Linear(m.cfg.d_model, m.cfg.d_ff, bias=False)
+    r.reset_native_decoder()
+    assert r.native_decoder() is None
+    m.blocks[1].mlp.up = GGUFLinear.from_float(m.blocks[1].mlp.up, "Q4_0")
+    r.reset_native_decoder()
+    second = r.native_decoder()
+    assert second is not None and second is not first
 
 
 def _layer_specs(model):
@@ -229,7 +244,7 @@ def test_bad_layers_name_the_tensor():
 def test_bad_step_names_the_argument():
     model = quantized_model("llama")
     cfg = model.cfg
-    dec = model.native_decoder()
+    dec = build_native_decoder(model)
     caches = [torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     k, v = caches[:cfg.n_layer], caches[cfg.n_layer:]
     T = 3
@@ -266,7 +281,7 @@ def test_bad_step_names_the_argument():
 def test_bad_ends_and_step_tokens_name_the_argument():
     model = quantized_model("llama", ends="Q4_0")
     cfg = model.cfg
-    dec = model.native_decoder()
+    dec = build_native_decoder(model)
     head = (model.lm_head.raw, "Q4_0", VOCAB, cfg.d_model, None)
     with pytest.raises(ValueError, match=r"embedding: 64 rows of 256 Q4_0 values take 9216 bytes, the table has 9152"):
         dec.set_ends(model.tok_emb.raw[:, :-1].contiguous(), "Q4_0", model.final_norm.weight.detach(), head)
@@ -299,7 +314,7 @@ def test_set_ends_again_replaces_the_ends():
     # references dropped here), the previous ones let go, and the logits are the same for the same values.
     model = quantized_model("llama", ends="Q4_0")
     cfg = model.cfg
-    dec = model.native_decoder()
+    dec = build_native_decoder(model)
     caches = [torch.zeros(8, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
     tokens = torch.tensor([5, 17, 3])
 

@@ -1,4 +1,4 @@
-"""`flashlm quantize` (flashlm.quant.quantize_file): a small llama-style model, written with gguf-py, is
+"""`flashlm quantize` (flashlm.io.quantize_file): a small llama-style model, written with gguf-py, is
 quantized with several mixes and read back with gguf-py's GGUFReader.
 
 Checked: every tensor's type against llama.cpp's mix rules, worked out by hand below for this model
@@ -21,7 +21,7 @@ from gguf import GGMLQuantizationType as GQT
 
 from flashlm.cli import main as cli_main
 from flashlm.quant import quantize_gguf
-from flashlm.quant.quantize_file import quantize_file
+from flashlm.io.quantize_file import quantize_file
 from test_gguf_quantize import RMS_BOUNDS
 
 N_LAYER, HIDDEN, FFN, VOCAB, N_HEAD, N_HEAD_KV = 8, 256, 288, 64, 4, 2

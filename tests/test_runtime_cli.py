@@ -7,6 +7,7 @@ import torch
 
 from flashlm.cli import main as cli_main
 from flashlm.models import ModelConfig, Transformer
+from flashlm.runtime.simple_generate import generate
 from flashlm.train.export import export_gguf
 from flashlm.train.tokenizer import train_tokenizer
 
@@ -72,7 +73,7 @@ def test_generate_from_a_training_checkpoint(tmp_path, capsys):
     loaded = load_model(tmp_path / "run", max_model_len=48)
     assert loaded.config.seq_len == 48 and loaded.tokenizer.eos_token_ids == [0]
     prompt = tok.encode("to be").ids
-    want = model.eval().generate(torch.tensor([prompt]), 10, temperature=0, eos_token_id=0)[0, len(prompt):].tolist()
+    want = generate(model.eval(), torch.tensor([prompt]), 10, temperature=0, eos_token_id=0)[0, len(prompt):].tolist()
     got = LLM(str(tmp_path / "run")).generate(prompt, SamplingParams(temperature=0, max_tokens=10))[0]
     assert got.outputs[0].token_ids == want
     path = str(next((tmp_path / "run").glob("ckpt-*.pt")))

@@ -20,6 +20,7 @@ from tokenizer_sources import train_bpe  # noqa: E402
 from flashlm.cli import main as cli_main  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
 from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
+from flashlm.runtime.simple_generate import generate  # noqa: E402
 
 
 def engine_trace(llm: LLM, prompt, steps: int):
@@ -125,7 +126,7 @@ def test_exported_checkpoint_runs_alike_in_the_runtime_and_llama_cpp(tmp_path):
     path = str(tmp_path / "m.gguf")
     export_checkpoint(ckpt, gguf_path=path, type="F32")
     prompt = tok.encode("the quick brown fox").ids
-    want = model.generate(torch.tensor([prompt]), 16, temperature=0)[0, len(prompt):].tolist()
+    want = generate(model, torch.tensor([prompt]), 16, temperature=0)[0, len(prompt):].tolist()
     engine, _ = engine_trace(LLM(path, block_size=4), prompt, 16)
     assert engine == want
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")

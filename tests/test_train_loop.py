@@ -21,8 +21,8 @@ import torch
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
-from flashlm.train.checkpoint import (CheckpointManager, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                      save_checkpoint)
+from flashlm.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from flashlm.train.checkpoint import CheckpointManager, save_checkpoint
 from flashlm.train.config import TrainConfig
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate

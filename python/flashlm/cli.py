@@ -95,7 +95,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from flashlm.quant.quantize_file import quantize_file
+    from flashlm.io.quantize_file import quantize_file
 
     try:
         report = quantize_file(args.input, args.output, args.type, progress=not args.quiet)

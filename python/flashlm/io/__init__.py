@@ -1,4 +1,6 @@
-"""Model and weight file formats: GGUF reading, and loading HF directories and GGUF files as flashlm models.
+"""Model and weight file formats: GGUF reading, and loading HF directories and GGUF files as flashlm models;
+the runtime's Tokenizer (tokenizer), training checkpoints read back (checkpoint), and the converters that write
+GGUF files (quantize_file, from a GGUF file or an HF directory read by hf_source).
 
     loaded = load_model("model.gguf")     # or an HF model directory, or a training checkpoint / run folder
     loaded.model, loaded.tokenizer, loaded.config

@@ -12,8 +12,8 @@ from flashlm.models import ModelConfig
 def load_checkpoint_model(path, max_model_len: Optional[int] = None) -> LoadedModel:
     from tokenizers import Tokenizer as Backend
 
-    from flashlm.runtime.tokenizer import Tokenizer
-    from flashlm.train.export import read_checkpoint
+    from flashlm.io.checkpoint import read_checkpoint
+    from flashlm.io.tokenizer import Tokenizer
 
     ckpt = read_checkpoint(path)
     cfg = ModelConfig.from_dict(dict(ckpt["model_config"]))

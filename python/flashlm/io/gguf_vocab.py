@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from flashlm.runtime.tokenizer import Tokenizer
+from flashlm.io.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -20,7 +20,7 @@ import torch
 from flashlm.io.hf_config import model_config_from_hf
 from flashlm.io.hf_weights import read_hf_state_dict
 from flashlm.io.loaded import LoadedModel, empty_model, finish, quantize_block_linears
-from flashlm.runtime.tokenizer import Tokenizer
+from flashlm.io.tokenizer import Tokenizer
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

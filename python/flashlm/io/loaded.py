@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from flashlm.io.tokenizer import Tokenizer
 from flashlm.models import ModelConfig, Transformer
 from flashlm.models.transformer import rope_tables
-from flashlm.runtime.tokenizer import Tokenizer
 
 BLOCK_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj", "mlp.gate", "mlp.up", "mlp.down")
 _INT4_GROUPS = (128, 64, 32)

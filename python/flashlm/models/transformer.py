@@ -11,9 +11,8 @@ the exporters map them to HF and GGUF names.
 
 Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
 paged cache and attention read back from it (PagedBatch says where), so one call mixes prefill chunks and
-decodes. On the CPU, a llama/qwen2 model whose block linears are all GGUF blocks (a loaded GGUF file) runs its
-layers in flashlm's native decoder stack instead (flashlm.ops.NativeDecoder: one call per step, no Python
-between kernels); use_native_decoder = False keeps the module-by-module path.
+decodes, module by module. (The runtime may run the same step in flashlm's native decoder stack instead:
+flashlm.runtime.native_decoder.)
 """
 
 import math
@@ -26,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
-from flashlm.ops import NativeDecoder, silu_mul
+from flashlm.ops import silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 from flashlm.ops.norm import rms_norm
@@ -261,8 +260,6 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.use_native_decoder = True
-        self._native_decoder = None  # built on first use; False: checked, does not apply
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -304,30 +301,16 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        x = self.final_norm(x)
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        logits = self.logits(self.final_norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
-    def _apply(self, fn, *args, **kwargs):
-        self._native_decoder = None  # .to(), .float(), ... may have moved the weights it points into
-        return super()._apply(fn, *args, **kwargs)
-
-    def native_decoder(self) -> Optional[NativeDecoder]:
-        """The native decoder stack over this model's weights (built on first use), or None where it does not
-        apply: CPU float32 llama/qwen2 whose block linears are all GGUFLinear of types gguf_matmul reads. It
-        reads the weights' memory as it is when built; after replacing a block's modules, call
-        reset_native_decoder()."""
-        if not self.use_native_decoder:
-            return None
-        if self._native_decoder is None:
-            self._native_decoder = _build_native_decoder(self) or False
-        return self._native_decoder or None
-
-    def reset_native_decoder(self):
-        self._native_decoder = None
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
+        embedding table."""
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
 
     @torch.no_grad()
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
@@ -335,33 +318,15 @@ class Transformer(nn.Module):
         kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
         if len(kv_caches) != self.cfg.n_layer:
             raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
-        native = self.native_decoder() if tokens.is_cpu else None
-        kv_dtype = kv_caches[0][0].dtype if kv_caches else torch.float32
-        if native is not None and (kv_dtype not in (torch.float32, torch.bfloat16)
-                                   or not all(k.dtype == kv_dtype and v.dtype == kv_dtype for k, v in kv_caches)):
-            native = None
-        if native is not None:
-            step = (batch.positions, self.rope_cos, self.rope_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
-                    batch.slot_mapping, batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.max_seqlen_q)
-        if native is not None and native.has_ends:  # the whole step in one call
-            x = native.logits(tokens, *step, batch.logits_rows)
-            if native.has_head:
-                return x
-        else:
-            x = self.tok_emb(tokens)  # [T, d]
-            if self.pos_emb is not None:
-                x = x + self.pos_emb(batch.positions)
-            if native is not None and x.dtype == torch.float32:
-                native(x, *step)
-            else:
-                rope = None
-                if self.cfg.rotary:
-                    rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
-                for block, cache in zip(self.blocks, kv_caches):
-                    x = block.forward_paged(x, rope, batch, cache)
-            x = self.final_norm(x[batch.logits_rows])
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
-        return logits.float()
+        x = self.tok_emb(tokens)  # [T, d]
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(batch.positions)
+        rope = None
+        if self.cfg.rotary:
+            rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
+        for block, cache in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, rope, batch, cache)
+        return self.logits(self.final_norm(x[batch.logits_rows])).float()
 
     def param_groups(self, weight_decay: float) -> list:
         """Weight decay on matrices (linear weights and embeddings), none on norms and biases."""
@@ -384,77 +349,3 @@ class Transformer(nn.Module):
         T = cfg.seq_len if seq_len is None else seq_len
         return 6.0 * (self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model) \
             + 12.0 * cfg.n_layer * cfg.d_model * T
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[int] = None) -> torch.Tensor:
-        """Appends max_new_tokens sampled tokens to idx [B, T] (recomputing the whole window each step; the
-        runtime's engine is the fast path). temperature 0 is greedy. Stops early when every row has produced
-        eos_token_id."""
-        if temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k: must be positive, got {top_k}")
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.seq_len:])
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
-            if eos_token_id is not None:
-                done |= nxt[:, 0] == eos_token_id
-                if bool(done.all()):
-                    break
-        return idx
-
-
-def _build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
-    """NativeDecoder over model's blocks, or None when some part is not what it runs (see native_decoder)."""
-    from flashlm.quant.gguf_embedding import GGUFEmbedding  # flashlm.quant imports this module's package
-    from flashlm.quant.gguf_linear import GGUFLinear
-
-    cfg = model.cfg
-    if cfg.arch not in ("llama", "qwen2") or not cfg.rotary:
-        return None
-    if not model.rope_cos.is_cpu:
-        return None
-
-    def linear(m):
-        if not isinstance(m, GGUFLinear) or not m.raw.is_cpu:  # GGUFLinear's types are all gguf_matmul's
-            return None
-        if m.bias is not None and (m.bias.dtype != torch.float32 or not m.bias.is_cpu):
-            return None
-        return (m.raw, m.ggml_type, m.out_features, m.in_features, m.bias)
-
-    def norm(m):
-        ok = isinstance(m, RMSNorm) and m.weight.dtype == torch.float32 and m.weight.is_cpu
-        return m.weight.detach() if ok else None
-
-    layers = []
-    for block in model.blocks:
-        attn, mlp = block.attn, block.mlp
-        if not isinstance(mlp, GatedMLP):
-            return None
-        parts = (norm(block.attn_norm), linear(attn.q), linear(attn.k), linear(attn.v), linear(attn.o),
-                 norm(block.mlp_norm), linear(mlp.gate), linear(mlp.up), linear(mlp.down))
-        if any(p is None for p in parts):
-            return None
-        layers.append(parts)
-    native = NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers)
-    # The ends too where they are what it reads: the embedding lookup, the final norm and a GGUF head.
-    emb, final = model.tok_emb, norm(model.final_norm)
-    table = None
-    if isinstance(emb, GGUFEmbedding) and emb.dtype == torch.float32 and emb.raw.is_cpu:
-        table = (emb.raw, emb.ggml_type)
-    elif isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32 and emb.weight.is_cpu:
-        table = (emb.weight.detach(), "F32")
-    if table is not None and final is not None and model.pos_emb is None:
-        native.set_ends(*table, final, linear(model.lm_head) if model.lm_head is not None else None)
-    return native

@@ -1,5 +1,6 @@
 """Weight quantization: RTN int8/int4 quantizers, GGUF block quantizers, quantized replacements of
-nn.Linear (int8, int4, GGUF blocks) and of nn.Embedding (GGUF blocks) and the `flashlm quantize` file converter."""
+nn.Linear (int8, int4, GGUF blocks) and of nn.Embedding (GGUF blocks), and which tensors of a model get which
+GGUF type (mix). The `flashlm quantize` file converter that uses them is flashlm.io.quantize_file."""
 
 from flashlm.quant.gguf_embedding import GGUFEmbedding
 from flashlm.quant.gguf_linear import GGUFLinear

@@ -8,16 +8,22 @@ scheduler decides whom to admit, defer or preempt by asking `can_allocate` / `ca
     bm = BlockManager(num_blocks=1024, block_size=16)
     cached = bm.allocate(seq_id=0, token_ids=prompt)   # prompt tokens [0, cached) are already in the cache
     slots = bm.slot_mapping(0, cached, len(prompt))    # where the runner writes the others' K and V
-    copies = bm.append(0, next_token)                  # (src, dst) block copies to do before writing
+    tokens = prompt + [next_token]
+    copies = bm.append(0, tokens)                      # (src, dst) block copies to do before writing
     tables = bm.block_tables_tensor([0, 1])            # int32 [2, max_blocks], zero-padded
     bm.free(0)
 
-Timing contract. The tokens given to `allocate` (from the first uncached one) and to `append` are the
-tokens whose K/V the runner writes in its next forward step, at `slot_mapping(...)`. A block is entered in
+The token ids are the caller's (the scheduler's Sequence holds them). Per sequence the manager keeps how many
+tokens it holds, their blocks and the full blocks' hashes, no copy of the ids: `append` is given the
+sequence's token list (the tokens held first, then at least the new ones) and reads the new tokens, and those
+of the partly filled last block to name it when it fills.
+
+Timing contract. The tokens given to `allocate` (from the first uncached one) and the new tokens of `append`
+are the tokens whose K/V the runner writes in its next forward step, at `slot_mapping(...)`. A block is entered in
 the prefix cache as soon as it is full, so another sequence may hit it from then on: the runner must write
 it in that same step, before or while the other sequence reads it (true of one batched forward, where each
 layer writes the cache before attending). A prefill split into chunks is `allocate(first_chunk)` followed
-by `append(next_chunk)` per step; the prefix lookup covers the first chunk.
+by `append` of the next chunk per step; the prefix lookup covers the first chunk.
 
 Prefix caching (as vLLM's). A full block is named by a chained hash, blake2b-256 of (the previous block's
 hash, the block's token ids as little-endian int64), so a name stands for the whole prefix up to the block's
@@ -46,8 +52,6 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
-
-TokenIds = Union[int, Iterable[int]]
 
 _MAX_TOKEN_ID = (1 << 63) - 1
 
@@ -84,10 +88,10 @@ class _Block:
 
 
 class _Sequence:
-    __slots__ = ("token_ids", "block_table", "block_hashes", "num_cached_tokens")
+    __slots__ = ("num_tokens", "block_table", "block_hashes", "num_cached_tokens")
 
-    def __init__(self, token_ids, block_table, block_hashes, num_cached_tokens):
-        self.token_ids = token_ids        # list[int], every token, computed or about to be
+    def __init__(self, num_tokens, block_table, block_hashes, num_cached_tokens):
+        self.num_tokens = num_tokens      # the tokens held: computed, or about to be
         self.block_table = block_table    # list[int], physical block ids
         self.block_hashes = block_hashes  # list[bytes], the chained hash of each full block (with caching)
         self.num_cached_tokens = num_cached_tokens
@@ -112,16 +116,12 @@ def _is_iterable(x) -> bool:
     return hasattr(x, "__iter__") and not isinstance(x, (str, bytes))
 
 
-def _token_list(token_ids: TokenIds, name: str, allow_single: bool) -> list:
-    """The token ids as a list of Python ints, checked; one int is a list of one where allow_single."""
+def _token_list(token_ids: Iterable[int], name: str) -> list:
+    """The token ids as a list of Python ints, checked."""
     try:
-        if allow_single and not _is_iterable(token_ids):
-            tokens = [operator.index(token_ids)]
-        else:
-            tokens = [operator.index(t) for t in token_ids]
+        tokens = [operator.index(t) for t in token_ids]
     except TypeError:
-        single = "an int or " if allow_single else ""
-        raise TypeError(f"{name} must be {single}a sequence of ints, got {type(token_ids).__name__}") from None
+        raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}") from None
     for t in tokens:
         if not 0 <= t <= _MAX_TOKEN_ID:
             raise ValueError(f"{name} holds {t}, outside [0, 2^63)")
@@ -181,10 +181,8 @@ class BlockManager:
         return list(self._seq(seq_id).block_table)
 
     def seq_len(self, seq_id: int) -> int:
-        return len(self._seq(seq_id).token_ids)
-
-    def token_ids(self, seq_id: int) -> list:
-        return list(self._seq(seq_id).token_ids)
+        """How many of the sequence's tokens the manager holds (computed, or written by the next step)."""
+        return self._seq(seq_id).num_tokens
 
     def num_cached_tokens(self, seq_id: int) -> int:
         """The prompt tokens `allocate` found in the prefix cache (the runner skips them); kept by `fork`."""
@@ -215,7 +213,7 @@ class BlockManager:
             if num_tokens < 1:
                 raise ValueError(f"prompt length must be >= 1, got {num_tokens}")
             return self._blocks_for(num_tokens) <= self.num_free_blocks
-        tokens = _token_list(prompt, "prompt", allow_single=False)
+        tokens = _token_list(prompt, "prompt")
         if not tokens:
             raise ValueError("prompt is empty")
         hits, _ = self._lookup(tokens)
@@ -236,7 +234,7 @@ class BlockManager:
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already allocated")
-        tokens = _token_list(token_ids, "token_ids", allow_single=False)
+        tokens = _token_list(token_ids, "token_ids")
         if not tokens:
             raise ValueError(f"token_ids of sequence {seq_id} is empty")
         self._check_table_size(seq_id, self._blocks_for(len(tokens)))
@@ -250,28 +248,45 @@ class BlockManager:
             self._incref(b)
         fresh = self._blocks_for(len(tokens)) - len(hits)
         table = hits + [self._take_free_block() for _ in range(fresh)]
-        seq = _Sequence(tokens, table, hashes[:len(hits)], len(hits) * self.block_size)
+        seq = _Sequence(len(tokens), table, hashes[:len(hits)], len(hits) * self.block_size)
         if self.enable_prefix_caching:
-            for i in range(len(hits), len(tokens) // self.block_size):
-                self._register_full_block(seq, i)
+            bs = self.block_size
+            for i in range(len(hits), len(tokens) // bs):
+                self._register_full_block(seq, i, tuple(tokens[i * bs:(i + 1) * bs]))
         self._seqs[seq_id] = seq
         self.stats.queries += 1
         self.stats.queried_tokens += len(tokens)
         self.stats.hit_tokens += seq.num_cached_tokens
         return seq.num_cached_tokens
 
-    def append(self, seq_id: int, token_ids: TokenIds) -> list:
-        """Grows a sequence by new tokens (one int or several), taking blocks as the last one fills.
-        Returns the block copies [(src, dst), ...] the runner must do before writing the new tokens: at most
-        one, when the partly filled last block is shared with a fork (copy-on-write)."""
+    def append(self, seq_id: int, token_ids: Sequence[int], num_new_tokens: Optional[int] = None) -> list:
+        """Grows a sequence by its next tokens, taking blocks as the last one fills. token_ids: the sequence's
+        tokens as the caller holds them, the seq_len held ones first; the next num_new_tokens of them (default:
+        all the rest) are appended. Returns the block copies [(src, dst), ...] the runner must do before writing
+        the new tokens: at most one, when the partly filled last block is shared with a fork (copy-on-write)."""
         seq = self._seq(seq_id)
-        tokens = _token_list(token_ids, "token_ids", allow_single=True)
-        if not tokens:
-            raise ValueError(f"token_ids appended to sequence {seq_id} is empty")
-        self._check_table_size(seq_id, self._blocks_for(len(seq.token_ids) + len(tokens)))
-        fresh = self._fresh_needed_for_append(seq, len(tokens))
+        bs, n = self.block_size, seq.num_tokens
+        if not hasattr(token_ids, "__len__") or not hasattr(token_ids, "__getitem__"):
+            raise TypeError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+        if num_new_tokens is None:
+            num_new = len(token_ids) - n
+            if num_new < 1:
+                raise ValueError(f"token_ids appended to sequence {seq_id} is empty: no token after the {n} held")
+        else:
+            num_new = operator.index(num_new_tokens)
+            if num_new < 1:
+                raise ValueError(f"num_new_tokens must be >= 1, got {num_new}")
+            if len(token_ids) < n + num_new:
+                raise ValueError(f"token_ids of sequence {seq_id}: {len(token_ids)} tokens, fewer than the {n} "
+                                 f"held and {num_new} new")
+        end = n + num_new
+        # The held tokens of the partly filled last block (to name it when it fills), then the new ones.
+        first = n - n % bs
+        window = _token_list(token_ids[first:end], "token_ids")
+        self._check_table_size(seq_id, self._blocks_for(end))
+        fresh = self._fresh_needed_for_append(seq, num_new)
         if fresh > self.num_free_blocks:
-            raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {len(tokens)} "
+            raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {num_new} "
                                     f"tokens, {self.num_free_blocks} free")
         copies = []
         if self._last_block_is_shared_partial(seq):
@@ -280,13 +295,13 @@ class BlockManager:
             self._blocks[src].ref_count -= 1  # still >= 1: another sequence holds it
             seq.block_table[-1] = dst
             copies.append((src, dst))
-        bs = self.block_size
-        for t in tokens:
-            if len(seq.token_ids) % bs == 0:
+        for pos in range(n, end):
+            if pos % bs == 0:
                 seq.block_table.append(self._take_free_block())
-            seq.token_ids.append(t)
-            if self.enable_prefix_caching and len(seq.token_ids) % bs == 0:
-                self._register_full_block(seq, len(seq.token_ids) // bs - 1)
+            if self.enable_prefix_caching and (pos + 1) % bs == 0:
+                start = pos + 1 - bs
+                self._register_full_block(seq, pos // bs, tuple(window[start - first:pos + 1 - first]))
+        seq.num_tokens = end
         return copies
 
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -298,8 +313,8 @@ class BlockManager:
             raise ValueError(f"sequence {child_id} (fork child) is already allocated")
         for b in parent.block_table:
             self._blocks[b].ref_count += 1
-        self._seqs[child_id] = _Sequence(list(parent.token_ids), list(parent.block_table),
-                                         list(parent.block_hashes), parent.num_cached_tokens)
+        self._seqs[child_id] = _Sequence(parent.num_tokens, list(parent.block_table), list(parent.block_hashes),
+                                         parent.num_cached_tokens)
 
     def free(self, seq_id: int) -> None:
         """Releases a sequence's blocks. Named blocks that no sequence holds any more wait in the LRU pool."""
@@ -336,7 +351,7 @@ class BlockManager:
         """Cache slots (block * block_size + offset) of the sequence's tokens [start, end), end defaulting to
         its length: where the runner writes their K and V (int64 slot_mapping of write_kv_cache)."""
         seq = self._seq(seq_id)
-        n = len(seq.token_ids)
+        n = seq.num_tokens
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"slot range [{start}, {end}) of sequence {seq_id} is outside [0, {n}]")
@@ -364,7 +379,7 @@ class BlockManager:
         """The batch's sequence lengths as int32 [len(seq_ids)] (seq_lens of paged_attention)."""
         import torch
 
-        return torch.tensor([len(self._seq(s).token_ids) for s in seq_ids], dtype=torch.int32)
+        return torch.tensor([self._seq(s).num_tokens for s in seq_ids], dtype=torch.int32)
 
     # ---- internals -----------------------------------------------------------------------------------------
 
@@ -415,12 +430,11 @@ class BlockManager:
         return self._blocks_for(num_tokens) - len(hits) + revived
 
     def _fresh_needed_for_append(self, seq: _Sequence, num_new: int) -> int:
-        n = len(seq.token_ids)
-        grow = self._blocks_for(n + num_new) - len(seq.block_table)
+        grow = self._blocks_for(seq.num_tokens + num_new) - len(seq.block_table)
         return grow + (1 if self._last_block_is_shared_partial(seq) else 0)
 
     def _last_block_is_shared_partial(self, seq: _Sequence) -> bool:
-        return len(seq.token_ids) % self.block_size != 0 and self._blocks[seq.block_table[-1]].ref_count > 1
+        return seq.num_tokens % self.block_size != 0 and self._blocks[seq.block_table[-1]].ref_count > 1
 
     def _incref(self, b: int) -> None:
         block = self._blocks[b]
@@ -441,11 +455,10 @@ class BlockManager:
         self._blocks[b].ref_count = 1
         return b
 
-    def _register_full_block(self, seq: _Sequence, index: int) -> None:
-        """Names the sequence's full block `index` and enters it in the cache unless the name is taken."""
-        bs = self.block_size
+    def _register_full_block(self, seq: _Sequence, index: int, chunk: tuple) -> None:
+        """Names the sequence's full block `index`, holding the tokens `chunk`, and enters it in the cache unless
+        the name is taken."""
         parent = seq.block_hashes[index - 1] if index > 0 else None
-        chunk = tuple(seq.token_ids[index * bs:(index + 1) * bs])
         h = block_hash(parent, chunk)
         seq.block_hashes.append(h)
         if h in self._cache:

@@ -3,15 +3,15 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
 
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
     llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
+    llm = LLM("model.gguf", native_decoder=False)              # every step module by module (see ModelRunner)
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
 
-The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_token_ids (the runtime's
+The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_token_ids (flashlm.io's
 Tokenizer; a HF-style apply_chat_template for chat()).
 """
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -20,30 +20,12 @@ import torch
 
 from flashlm.models.transformer import Transformer
 from flashlm.runtime.block_manager import BlockManager
-from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block
+from flashlm.runtime.model_runner import ModelRunner, kv_cache_blocks
 from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
 from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value, name="kv_cache_memory") -> int:
-    """An int, or a string such as "512MiB" or "2GB"."""
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m:
-            raise ValueError(f"{name}: expected bytes or a size such as '512MiB', got {value!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper() if m.group(2) else None])
-    if n <= 0:
-        raise ValueError(f"{name}: must be positive, got {value!r}")
-    return n
 
 
 @dataclass
@@ -93,7 +75,7 @@ class LLM:
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
-                 draft_model=None, num_speculative_tokens: int = 4):
+                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True):
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -108,14 +90,8 @@ class LLM:
         self.max_model_len = min(cfg.seq_len, max_model_len or cfg.seq_len)
         if kv_cache_dtype is None:
             kv_cache_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-        per_block = kv_bytes_per_block(model, block_size, kv_cache_dtype)
-        if kv_cache_memory is None:  # room for every sequence at full length, capped at 1 GiB
-            wanted = -(-self.max_model_len // block_size) * max_num_seqs * per_block
-            kv_cache_memory = max(min(wanted, 2**30), -(-self.max_model_len // block_size) * per_block)
-        num_blocks = parse_bytes(kv_cache_memory) // per_block
-        if num_blocks * block_size < self.max_model_len:
-            raise ValueError(f"kv_cache_memory: {kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
-                             f"max_model_len {self.max_model_len} ({per_block} bytes per block of {block_size})")
+        num_blocks = kv_cache_blocks(model, block_size, kv_cache_dtype, self.max_model_len, max_num_seqs,
+                                     kv_cache_memory)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
@@ -125,10 +101,10 @@ class LLM:
         if draft_model is not None:
             draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
             total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
-        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device)
+        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
         if draft_model is not None:
-            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device)
+            draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
             self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
         self.stats = EngineStats()
         self._requests = {}  # request_id -> _Request, while unfinished

@@ -2,17 +2,45 @@
 
 For each step it packs the new tokens of every scheduled sequence into one row, builds the PagedBatch
 (positions, cache slots, block tables, sequence lengths, cu_seqlens_q), makes the block copies the block
-manager asked for, runs Transformer.forward_paged and samples the sequences whose chunk reached their end.
+manager asked for, runs the model and samples the sequences whose chunk reached their end. The model runs in
+the native decoder stack where it applies (flashlm.runtime.native_decoder), else module by module
+(Transformer.forward_paged); both give the same logits.
+
+    num_blocks = kv_cache_blocks(model, block_size, torch.float32, max_model_len, max_num_seqs, "512MiB")
+    runner = ModelRunner(model, num_blocks, block_size)
 """
 
+import re
 import time
 from dataclasses import replace
+from itertools import accumulate
+from typing import Optional
 
 import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
+from flashlm.ops import NativeDecoder
 from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value, name="kv_cache_memory") -> int:
+    """An int, or a string such as "512MiB" or "2GB"."""
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"{name}: expected bytes or a size such as '512MiB', got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper() if m.group(2) else None])
+    if n <= 0:
+        raise ValueError(f"{name}: must be positive, got {value!r}")
+    return n
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -20,9 +48,25 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
     return 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def kv_cache_blocks(model: Transformer, block_size: int, dtype: torch.dtype, max_model_len: int, max_num_seqs: int,
+                    kv_cache_memory=None) -> int:
+    """How many KV-cache blocks fit in kv_cache_memory (bytes, or a size such as "1GiB"). By default, room for
+    every sequence at full length, capped at 1 GiB (but never less than one sequence's). ValueError when the
+    blocks cannot hold one sequence of max_model_len tokens."""
+    per_block = kv_bytes_per_block(model, block_size, dtype)
+    blocks_per_seq = -(-max_model_len // block_size)
+    if kv_cache_memory is None:
+        kv_cache_memory = max(min(blocks_per_seq * max_num_seqs * per_block, 2**30), blocks_per_seq * per_block)
+    num_blocks = parse_bytes(kv_cache_memory) // per_block
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(f"kv_cache_memory: {kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
+                         f"max_model_len {max_model_len} ({per_block} bytes per block of {block_size})")
+    return num_blocks
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype = torch.float32,
-                 device="cpu"):
+                 device="cpu", native_decoder: bool = True):
         cfg = model.cfg
         self.model = model
         self.device = torch.device(device)
@@ -33,16 +77,41 @@ class ModelRunner:
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(cfg.n_layer)]
         self.sampler = Sampler(cfg.vocab_size)
         self.forward_seconds = 0.0  # time inside the model's forward (the rest of a step is host overhead)
+        self.use_native_decoder = native_decoder  # False: every step module by module
+        self._native = None  # built on first use; False: checked, does not apply
+
+    # ---- the forward pass -----------------------------------------------------------------------------------
+
+    def native_decoder(self) -> Optional[NativeDecoder]:
+        """The native decoder stack the steps run (built over the model's weights on first use), or None: switched
+        off (use_native_decoder), a model it does not apply to (build_native_decoder), or caches it does not read.
+        After replacing or moving the model's modules, call reset_native_decoder()."""
+        if not self.use_native_decoder:
+            return None
+        if self._native is None:
+            applies = self.device.type == "cpu" and native_takes_caches(self.kv_caches)
+            self._native = (applies and build_native_decoder(self.model)) or False
+        return self._native or None
+
+    def reset_native_decoder(self) -> None:
+        self._native = None
 
     def forward(self, tokens, paged: PagedBatch) -> torch.Tensor:
         t = time.perf_counter()
-        logits = self.model.forward_paged(tokens, paged, self.kv_caches)
+        native = self.native_decoder()
+        if native is not None:
+            logits = forward_paged_native(self.model, native, tokens, paged, self.kv_caches)
+        else:
+            logits = self.model.forward_paged(tokens, paged, self.kv_caches)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the sampler reads the logits next anyway
         self.forward_seconds += time.perf_counter() - t
         return logits
 
+    # ---- the cache --------------------------------------------------------------------------------------------
+
     def copy_blocks(self, copies) -> None:
+        """Copies whole blocks [(src, dst), ...], K and V of every layer (the block manager's copy-on-write)."""
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
@@ -51,29 +120,47 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
+    def move_slots(self, src, dst) -> None:
+        """Copies the K and V rows of cache slots src[i] to slots dst[i] (block * block_size + offset), every
+        layer."""
+        if not src:
+            return
+        src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for cache in (c for pair in self.kv_caches for c in pair):
+            rows = cache.view(-1, *cache.shape[2:])
+            rows[dst_t] = rows[src_t]
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+
+    def paged_batch(self, positions, slots, block_table: torch.Tensor, seq_lens, query_lens, logits_rows) -> PagedBatch:
+        """A PagedBatch on the runner's device: each new token's position and cache slot (sequence after
+        sequence), the block tables int32 [S, max_blocks], each sequence's length after the step and its number
+        of new tokens, and the rows whose logits are wanted."""
+        dev = self.device
+        decode = all(n == 1 for n in query_lens)  # one new token each: no cu_seqlens_q
+        return PagedBatch(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_table=block_table.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=None if decode else torch.tensor([0, *accumulate(query_lens)], dtype=torch.int32, device=dev),
+            max_seqlen_q=max(query_lens),
+            logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
+        )
+
     def prepare(self, batch, bm: BlockManager):
         """(tokens int64 [T], PagedBatch) for a ScheduledBatch."""
-        tokens, positions, slots, seq_lens, cu = [], [], [], [], [0]
-        for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
+        tokens, positions, slots, seq_lens, rows = [], [], [], [], []
+        for seq, start, n, sampling in zip(batch.seqs, batch.starts, batch.num_new, batch.sampling):
             tokens += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             slots += bm.slot_mapping(seq.seq_id, start, start + n)
             seq_lens.append(start + n)
-            cu.append(cu[-1] + n)
-        sampling = batch.sampling
-        rows = [cu[i + 1] - 1 for i, s in enumerate(sampling) if s]
-        decode = cu[-1] == len(batch.seqs)  # every sequence has exactly one new token
-        dev = self.device
-        paged = PagedBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_table=bm.block_tables_tensor([s.seq_id for s in batch.seqs]).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=None if decode else torch.tensor(cu, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(batch.num_new),
-            logits_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
-        )
-        return torch.tensor(tokens, dtype=torch.int64, device=dev), paged
+            if sampling:
+                rows.append(len(tokens) - 1)
+        block_table = bm.block_tables_tensor([s.seq_id for s in batch.seqs])
+        paged = self.paged_batch(positions, slots, block_table, seq_lens, batch.num_new, rows)
+        return torch.tensor(tokens, dtype=torch.int64, device=self.device), paged
 
     def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> list:
         """The next token of each sampling sequence of the batch, in batch order. generators: seq_id -> the

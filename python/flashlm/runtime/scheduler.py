@@ -93,8 +93,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            new_tokens = seq.token_ids[self.bm.seq_len(seq.seq_id):seq.num_computed + n]
-            while new_tokens and not self.bm.can_append(seq.seq_id, len(new_tokens)):
+            num_new = max(0, seq.num_computed + n - self.bm.seq_len(seq.seq_id))  # tokens the manager lacks
+            while num_new and not self.bm.can_append(seq.seq_id, num_new):
                 victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -102,8 +102,8 @@ class Scheduler:
                     break
             if seq.status is not Status.RUNNING:
                 continue  # seq preempted itself; self.running[i] is now the next one
-            if new_tokens:
-                batch.block_copies += self.bm.append(seq.seq_id, new_tokens)
+            if num_new:
+                batch.block_copies += self.bm.append(seq.seq_id, seq.token_ids, num_new)
             self._add_to_batch(batch, seq, n)
             scheduled.add(seq.seq_id)
             budget -= n

@@ -18,7 +18,6 @@ The draft's cache follows the target's: in ordinary steps the draft runs over th
 
 import torch
 
-from flashlm.models.transformer import PagedBatch
 from flashlm.runtime.block_manager import BlockManager
 from flashlm.runtime.model_runner import ModelRunner
 from flashlm.runtime.sampler import SamplingInput
@@ -94,14 +93,9 @@ class SpeculativeDecoder:
         current = torch.tensor([s.token_ids[-1] for s in seqs], dtype=torch.int64, device=device)
         drafts, draft_probs = [], []
         for j in range(k + 1):
-            paged = PagedBatch(
-                positions=torch.tensor([n - 1 + j for n in lens], dtype=torch.int64, device=device),
-                slot_mapping=torch.tensor([slot(i, n - 1 + j) for i, n in enumerate(lens)], dtype=torch.int64,
-                                          device=device),
-                block_table=block_table,
-                seq_lens=torch.tensor([n + j for n in lens], dtype=torch.int32, device=device),
-                cu_seqlens_q=None, max_seqlen_q=1,
-                logits_rows=torch.arange(B if j < k else 0, device=device))
+            positions = [n - 1 + j for n in lens]
+            paged = self.draft.paged_batch(positions, [slot(i, p) for i, p in enumerate(positions)], block_table,
+                                           [n + j for n in lens], [1] * B, range(B if j < k else 0))
             logits = self.draft.forward(current, paged)
             if j < k:
                 q = sampler.probs(logits, inputs)
@@ -114,15 +108,9 @@ class SpeculativeDecoder:
         # Target: the pending token and the k drafts of every sequence in one pass.
         tokens = torch.cat((torch.tensor([s.token_ids[-1] for s in seqs], device=device)[:, None], drafts), dim=1)
         positions = [n - 1 + j for n in lens for j in range(k + 1)]
-        paged = PagedBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=device),
-            slot_mapping=torch.tensor([slot(i, n - 1 + j) for i, n in enumerate(lens) for j in range(k + 1)],
-                                      dtype=torch.int64, device=device),
-            block_table=block_table,
-            seq_lens=torch.tensor([n + k for n in lens], dtype=torch.int32, device=device),
-            cu_seqlens_q=torch.arange(0, B * (k + 1) + 1, k + 1, dtype=torch.int32, device=device),
-            max_seqlen_q=k + 1,
-            logits_rows=torch.arange(B * (k + 1), device=device))
+        slots = [slot(i, n - 1 + j) for i, n in enumerate(lens) for j in range(k + 1)]
+        paged = target.paged_batch(positions, slots, block_table, [n + k for n in lens], [k + 1] * B,
+                                   range(B * (k + 1)))
         logits = target.forward(tokens.reshape(-1), paged)
         target_probs = sampler.probs(logits, [x for x in inputs for _ in range(k + 1)]).view(B, k + 1, -1)
         num_accepted, final = rejection_sample(sampler, target_probs, draft_probs, drafts, inputs)
@@ -136,21 +124,18 @@ class SpeculativeDecoder:
             while kept > 0 and not bm.can_append(s.seq_id, kept):
                 kept -= 1
             if kept:
-                if bm.append(s.seq_id, drafts_list[i][:kept]):
+                if bm.append(s.seq_id, s.token_ids + drafts_list[i][:kept]):
                     raise RuntimeError("speculative decoding: an unexpected copy-on-write (a forked sequence)")
-                for pos, real in zip(range(lens[i], lens[i] + kept), bm.slot_mapping(s.seq_id, lens[i], lens[i] + kept)):
+                real_slots = bm.slot_mapping(s.seq_id, lens[i], lens[i] + kept)
+                for pos, real in zip(range(lens[i], lens[i] + kept), real_slots):
                     if slot(i, pos) != real:
                         src.append(slot(i, pos))
                         dst.append(real)
             out.append(drafts_list[i][:kept] + [final_list[i] if kept == a else drafts_list[i][kept]])
             self.num_proposed += k
             self.num_accepted += a
-        if src:
-            src_t, dst_t = torch.tensor(src, device=device), torch.tensor(dst, device=device)
-            for runner in (target, self.draft):
-                for cache in (c for pair in runner.kv_caches for c in pair):
-                    rows = cache.view(-1, *cache.shape[2:])
-                    rows[dst_t] = rows[src_t]
+        target.move_slots(src, dst)
+        self.draft.move_slots(src, dst)
         return out
 
     @property

@@ -25,7 +25,7 @@ def load_model(state: dict, device="cpu"):
 def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> dict:
     from tokenizers import Tokenizer
 
-    from flashlm.train.checkpoint import find_checkpoint, load_checkpoint
+    from flashlm.io.checkpoint import find_checkpoint, load_checkpoint
     from flashlm.train.config import TrainConfig
     from flashlm.train.corpus import clean_text
 

@@ -31,11 +31,12 @@ import warnings
 import numpy as np
 import torch
 
+from flashlm.io.checkpoint import read_checkpoint
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
+from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
+from flashlm.io.quantize_file import write_quantized
 from flashlm.models import ModelConfig
-from flashlm.quant.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.quant.mix import MIXES
-from flashlm.quant.quantize_file import write_quantized
 
 _REQUIRED = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "seq_len")
 
@@ -260,7 +261,7 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
 
 
 class ModelSource:
-    """A model's GGUF tensors and metadata in the form flashlm.quant.quantize_file.write_quantized reads."""
+    """A model's GGUF tensors and metadata in the form flashlm.io.quantize_file.write_quantized reads."""
 
     def __init__(self, s: ModelConfig, tensors: list, metadata: list):
         self.arch, self.metadata, self._shape = s.arch, metadata, s
@@ -295,18 +296,6 @@ def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: st
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path) -> dict:
-    """A training checkpoint (a file, or a run's folder: its latest), with the model it must hold."""
-    from flashlm.train.checkpoint import find_checkpoint, load_checkpoint
-
-    path = find_checkpoint(path)
-    ckpt = load_checkpoint(path)
-    for key in ("model_config", "model"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint: {str(path)!r} has no {key!r}")
-    return ckpt
 
 
 def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", progress: bool = False) -> dict:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashlm.train.checkpoint import CheckpointManager, latest_checkpoint, load_checkpoint
+from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
+from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate
@@ -372,11 +373,13 @@ class Trainer:
     @torch.no_grad()
     def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> str:
         """Text generated from the end-of-document token (a fresh document), with a fixed generator."""
+        from flashlm.runtime.simple_generate import generate
+
         tok = self.data.tokenizer()
         idx = torch.tensor([[self.data.eos_id]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.model.eval()
-        out = self.model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        out = generate(self.model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
         self.model.train()
         # The tokenizer drops the end-of-document token; show it as the blank line that separated documents.
         ids, pieces, current = out[0, 1:].tolist(), [], []

@@ -7,7 +7,7 @@
 
 The chat template is rendered as transformers renders it: jinja2 in a sandbox, blocks trimmed, with
 raise_exception, strftime_now and a non-ASCII-escaping tojson, and bos_token/eos_token (the tokens'
-strings) in scope. The loaders (flashlm.io) build it from an HF directory or from GGUF metadata.
+strings) in scope. The loaders beside it build it from an HF directory or from GGUF metadata.
 """
 
 from __future__ import annotations

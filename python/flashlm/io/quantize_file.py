@@ -1,6 +1,6 @@
 """`flashlm quantize IN OUT.gguf --type Q4_K_M`: a model to a quantized GGUF file.
 
-IN is a GGUF file or an HF safetensors model directory (flashlm.quant.hf_source). Every tensor gets the
+IN is a GGUF file or an HF safetensors model directory (flashlm.io.hf_source). Every tensor gets the
 type the mix assigns it (flashlm.quant.mix, llama.cpp's rules); F32/F16/BF16 tensors are quantized with
 flashlm's quantizers (the bytes of ggml's reference quantizers); tensors already stored in a quantized type
 are decoded to float32 with flashlm's dequantizer and quantized again (each round loses accuracy: a
@@ -20,8 +20,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from flashlm import ops
+from flashlm.io.hf_source import HFSource
 from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
-from flashlm.quant.hf_source import HFSource
 from flashlm.quant.mix import MIXES, MixPlanner, ModelInfo
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
