@@ -3,7 +3,7 @@
 Each case runs the same inputs through both CPU paths (`_C.set_cpu_isa`). Tolerance (flash-attn's rule):
 the error against the float64 reference may be at most twice the error of the same math done by torch in
 the input dtype, plus a small floor. The exp2/tanh approximations are checked on their own by compiling
-tests/attention_exp_check.cpp.
+tests/cpp/attention_exp_check.cpp.
 """
 
 import math
@@ -233,7 +233,7 @@ def test_exp2_and_tanh_accuracy(tmp_path):
         pytest.skip("no C++ compiler")
     exe = tmp_path / "exp_check"
     subprocess.run([cxx, "-O2", "-mavx2", "-mfma", "-std=c++17", f"-I{ROOT / 'csrc/attention'}",
-                    f"-I{ROOT / 'csrc/include'}", str(ROOT / "tests/attention_exp_check.cpp"), "-o", str(exe)],
+                    f"-I{ROOT / 'csrc/include'}", str(ROOT / "tests/cpp/attention_exp_check.cpp"), "-o", str(exe)],
                    check=True, capture_output=True)
     lines = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], check=True, capture_output=True,
                                                                text=True).stdout.splitlines())
