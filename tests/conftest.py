@@ -1,3 +1,5 @@
+"""Shared pytest setup: CUDA-marked tests skip without a GPU; parameters for tests that run on every device."""
+
 import pytest
 import torch
 
@@ -24,3 +26,18 @@ def restore_isa():
 def devices():
     """Parameters for tests that run on every device: CPU always, CUDA marked (skipped without a GPU)."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _case_id(value):
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, (tuple, list)):
+        return "x".join(_case_id(v) for v in value)
+    return str(value)
+
+
+def per_device(cpu=(), cuda=()):
+    """Parameters (device, *case) for one test whose cases differ per device (dtypes, shapes): each cpu case
+    on "cpu", each cuda case on "cuda", marked (skipped without a GPU). A case is a tuple of values."""
+    return [pytest.param(device, *case, marks=marks, id="-".join(map(_case_id, (device, *case))))
+            for device, cases, marks in (("cpu", cpu, ()), ("cuda", cuda, pytest.mark.cuda)) for case in cases]
