@@ -41,3 +41,16 @@ def per_device(cpu=(), cuda=()):
     on "cpu", each cuda case on "cuda", marked (skipped without a GPU). A case is a tuple of values."""
     return [pytest.param(device, *case, marks=marks, id="-".join(map(_case_id, (device, *case))))
             for device, cases, marks in (("cpu", cpu, ()), ("cuda", cuda, pytest.mark.cuda)) for case in cases]
+
+
+def cpu_isas():
+    """The CPU kernel ISAs this machine runs: "scalar", and "avx2" where the CPU has AVX2/FMA."""
+    from flashlm import ops
+
+    return [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
+
+
+def per_kernel(cpu=(), cuda=()):
+    """per_device parameters (device, isa, *case) for tests of every kernel: each cpu case once per CPU ISA
+    (the test switches to it, with the restore_isa fixture), each cuda case with isa None."""
+    return per_device(cpu=[(isa, *case) for isa in cpu_isas() for case in cpu], cuda=[(None, *case) for case in cuda])
