@@ -54,3 +54,12 @@ def per_kernel(cpu=(), cuda=()):
     """per_device parameters (device, isa, *case) for tests of every kernel: each cpu case once per CPU ISA
     (the test switches to it, with the restore_isa fixture), each cuda case with isa None."""
     return per_device(cpu=[(isa, *case) for isa in cpu_isas() for case in cpu], cuda=[(None, *case) for case in cuda])
+
+
+def use_isa(isa):
+    """Switches the CPU kernels to `isa`, a per_kernel parameter (None, on CUDA, leaves them); the test holds
+    the restore_isa fixture."""
+    if isa is not None:
+        from flashlm import ops
+
+        ops.set_cpu_isa(isa)

@@ -124,8 +124,8 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
         for b in range(batch):
             for j, name in enumerate(("dq", "dk", "dv")):
                 cu = cu_q if name == "dq" else cu_k
-                assert_close_to_reference(split(res[j], cu, b), split(ref_grads[j], cu, b),
-                                          split(base_grads[j], cu, b), floor_grad, name=f"{name}[{b}] ({isa or device})")
+                assert_close_to_reference(split(res[j], cu, b), split(ref_grads[j], cu, b), split(base_grads[j], cu, b),
+                                          floor_grad, name=f"{name}[{b}] ({isa or device})")
         check_delta(device, res[3], dout, out, cu_q, f"delta ({isa or device})")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
-from conftest import cpu_isas, devices, per_kernel
+from conftest import cpu_isas, devices, per_kernel, use_isa
 from flashlm import ops
 from flashlm.flash_attn_interface import flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
@@ -20,11 +20,6 @@ from reference import attention
 from reference import paged_attention as paged_reference
 
 pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: tests switch the ISA
-
-
-def use(isa):
-    if isa is not None:
-        ops.set_cpu_isa(isa)
 
 
 def dtypes_for(device):
@@ -124,7 +119,7 @@ DECODE_CASES = [
     cuda=[(dtype, ([1, 300, 2500, 17], 16, 8, 2, 128), splits) for dtype in (torch.float16, torch.bfloat16)
           for splits in (1, 4, 0)]))
 def test_decode(device, isa, dtype, case, splits):
-    use(isa)
+    use_isa(isa)
     lens, block_size, heads, kv_heads, head_dim = case
     gen = torch.Generator().manual_seed(len(lens) * 1000 + head_dim)
     k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, device, gen=gen)
@@ -135,7 +130,7 @@ def test_decode(device, isa, dtype, case, splits):
 @pytest.mark.parametrize("opts", [dict(window=(50, -1)), dict(softcap=5.0), dict(causal=False, window=(10, 3))])
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_decode_masking(isa, opts):
-    use(isa)
+    use_isa(isa)
     lens = [1, 40, 600]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
     q = torch.randn(len(lens), 4, 64)
@@ -145,7 +140,7 @@ def test_decode_masking(isa, opts):
 @pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_splits_equal_unsplit(isa, dtype):
-    use(isa)
+    use_isa(isa)
     lens = [1, 90, 1000, 1500]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype)
     q = torch.randn(len(lens), 8, 64).to(dtype)
@@ -162,7 +157,7 @@ def test_decode_splits_equal_unsplit(isa, dtype):
 
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_decode_empty_context(isa):
-    use(isa)
+    use_isa(isa)
     k_cache, v_cache, table = make_cache([0, 5], 4, 1, 16, torch.float32)
     q = torch.randn(2, 2, 16)
     for splits in (1, 3):
@@ -189,7 +184,7 @@ PREFILL_CASES = [
     cuda=[(dtype, ([300, 33, 1000], [300, 1, 64], block_size, 8, 4, 64), dict(window=(100, -1)))
           for dtype in (torch.float16, torch.bfloat16) for block_size in (16, 256)]))
 def test_prefill(device, isa, dtype, case, opts):
-    use(isa)
+    use_isa(isa)
     lens, q_lens, block_size, heads, kv_heads, head_dim = case
     gen = torch.Generator().manual_seed(sum(lens) + head_dim)
     k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, device, gen=gen)
@@ -203,7 +198,7 @@ def test_prefill(device, isa, dtype, case, opts):
                                   dict(causal=False, window=(20, 7))])
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_prefill_masking(isa, opts):
-    use(isa)
+    use_isa(isa)
     lens, q_lens = [150, 60], [100, 60]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
     cu = torch.tensor([0, 100, 160], dtype=torch.int32)
