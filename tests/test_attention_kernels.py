@@ -116,11 +116,11 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
         return
     out, lse = run_forward("scalar" if device == "cpu" else None, q, k, v, *args, 2)
     for isa in kernels(device):
-        # The AVX2 backward splits the keys over threads: two runs must still agree bit for bit.
-        runs = [run_backward(isa, dout, q, k, v, out, lse, *args) for _ in range(2 if isa == "avx2" else 1)]
-        for name, first, again in zip(("dq", "dk", "dv", "delta"), runs[0], runs[-1]):
-            assert_equal(again, first, name=f"{name}: second AVX2 run vs first", nan_equal=True)  # NaN: no sequence
-        res = runs[0]
+        res = run_backward(isa, dout, q, k, v, out, lse, *args)
+        if isa == "avx2":  # the AVX2 backward splits the keys over threads: a second run must give the same bits
+            again = run_backward(isa, dout, q, k, v, out, lse, *args)
+            for name, a, b_ in zip(("dq", "dk", "dv", "delta"), res, again):
+                assert_equal(b_, a, name=f"{name}: second AVX2 run vs first", nan_equal=True)  # NaN: no sequence
         for b in range(batch):
             for j, name in enumerate(("dq", "dk", "dv")):
                 cu = cu_q if name == "dq" else cu_k
