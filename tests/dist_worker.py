@@ -16,6 +16,7 @@ import torch
 import torch.distributed as tdist
 
 import flashlm.dist as fd
+from compare import assert_equal
 from flashlm.ops import comm
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,14 +30,6 @@ def exact_values(n, rank, iteration=0):
     """Small integers: every sum over <= 4 ranks is exact in f32, f16 and bf16."""
     i = torch.arange(n, dtype=torch.int64)
     return ((i * 7 + rank * 3 + iteration * 5) % 23 - 11).to(torch.float64)
-
-
-def assert_equal(got, want, what):
-    if not torch.equal(got, want):
-        diff = (got.double() - want.double()).abs()
-        k = int(diff.argmax())
-        raise AssertionError(f"{what}: max error {float(diff.max())} at element {k} (got {float(got.view(-1)[k])}, "
-                             f"want {float(want.view(-1)[k])})")
 
 
 def join_group(rank, world, store_file):
@@ -62,8 +55,8 @@ def collectives(rank, world, store_file):
                     tdist.all_reduce(ref)  # gloo, then the average as torch computes it
                     if op == "avg":
                         ref = (ref.float() / world).to(dtype)
-                    assert_equal(t, want, f"all_reduce n={n} {dtype} {op} iteration {iteration} (exact)")
-                    assert_equal(t, ref, f"all_reduce n={n} {dtype} {op} (vs gloo)")
+                    assert_equal(t, want, name=f"all_reduce n={n} {dtype} {op} iteration {iteration} (exact)")
+                    assert_equal(t, ref, name=f"all_reduce n={n} {dtype} {op} (vs gloo)")
     # Values whose sums round: the ring adds in another order than gloo, so both are held to the error
     # bound of a sum of `world` f32 terms around the float64 sum.
     xs = [torch.randn(1_000_003, generator=torch.Generator().manual_seed(r)) for r in range(world)]
@@ -83,13 +76,14 @@ def collectives(rank, world, store_file):
             total = sum(exact_values(world * rows * 3, r).reshape(world * rows, 3) for r in range(world))
             shard = fd.reduce_scatter(full.to(dtype))
             assert shard.shape == (rows, 3), shard.shape
-            assert_equal(shard, total[rank * rows:(rank + 1) * rows].to(dtype), f"reduce_scatter rows={rows} {dtype}")
+            mine = total[rank * rows:(rank + 1) * rows]
+            assert_equal(shard, mine.to(dtype), name=f"reduce_scatter rows={rows} {dtype}")
             avg = fd.reduce_scatter(full.to(dtype), op="avg")
-            assert_equal(avg, (total[rank * rows:(rank + 1) * rows].float() / world).to(dtype), "reduce_scatter avg")
+            assert_equal(avg, (mine.float() / world).to(dtype), name="reduce_scatter avg")
             gathered = fd.all_gather(torch.full((rows, 2), float(rank + 1), dtype=dtype))
             assert gathered.shape == (world * rows, 2), gathered.shape
             want = torch.arange(1, world + 1, dtype=dtype).repeat_interleave(rows)[:, None].expand(-1, 2)
-            assert_equal(gathered, want, f"all_gather rows={rows} {dtype}")
+            assert_equal(gathered, want, name=f"all_gather rows={rows} {dtype}")
     # The raw ring's reduce_scatter and all_gather on counts that do not divide by the world size.
     ring = fd._require().cpu_ring
     for n in (1, 7, 1_000_003):
@@ -98,19 +92,19 @@ def collectives(rank, world, store_file):
         b, e = comm.chunk_bounds(n, world, rank)
         buf = t.float()
         ring.reduce_scatter(buf)
-        assert_equal(buf[b:e], total[b:e].float(), f"ring reduce_scatter n={n}")
+        assert_equal(buf[b:e], total[b:e].float(), name=f"ring reduce_scatter n={n}")
         buf = torch.zeros(n)
         buf[b:e] = float(rank + 1)
         ring.all_gather(buf)
         want = torch.cat([torch.full((comm.chunk_bounds(n, world, r)[1] - comm.chunk_bounds(n, world, r)[0],), float(r + 1))
                           for r in range(world)])
-        assert_equal(buf, want, f"ring all_gather n={n}")
+        assert_equal(buf, want, name=f"ring all_gather n={n}")
     # broadcast from every rank, any dtype.
     for src in range(world):
         for n, dtype in ((0, torch.float32), (5, torch.int64), (1_000_003, torch.bfloat16), (300_001, torch.uint8)):
             t = torch.full((n,), rank, dtype=dtype) if rank != src else (torch.arange(n) % 100).to(dtype)
             fd.broadcast(t, src=src)
-            assert_equal(t, (torch.arange(n) % 100).to(dtype), f"broadcast src={src} n={n} {dtype}")
+            assert_equal(t, (torch.arange(n) % 100).to(dtype), name=f"broadcast src={src} n={n} {dtype}")
     # Bad input raises ValueError naming the argument, before any communication.
     for call, name in ((lambda: fd.all_reduce(torch.ones(4, dtype=torch.int32)), "tensor"),
                        (lambda: fd.all_reduce(torch.ones(4), op="max"), "op"),
@@ -152,21 +146,21 @@ def check_schedules(rank, world):
             for op, want in (("sum", total), ("avg", total / world)):
                 t = exact_values(n, rank).to(dtype)
                 ring.allreduce(t, op)
-                assert_equal(t, want.to(dtype), f"allreduce {op} {what} n={n} {dtype}")
+                assert_equal(t, want.to(dtype), name=f"allreduce {op} {what} n={n} {dtype}")
             b, e = comm.chunk_bounds(n, world, rank)
             t = exact_values(n, rank).to(dtype)
             ring.reduce_scatter(t)
-            assert_equal(t[b:e], total[b:e].to(dtype), f"reduce_scatter {what} n={n} {dtype}")
+            assert_equal(t[b:e], total[b:e].to(dtype), name=f"reduce_scatter {what} n={n} {dtype}")
             t = torch.zeros(n, dtype=dtype)
             t[b:e] = float(rank + 1)
             ring.all_gather(t)
             want = torch.cat([torch.full((comm.chunk_bounds(n, world, r)[1] - comm.chunk_bounds(n, world, r)[0],),
                                          float(r + 1)) for r in range(world)]).to(dtype)
-            assert_equal(t, want, f"all_gather {what} n={n} {dtype}")
+            assert_equal(t, want, name=f"all_gather {what} n={n} {dtype}")
             src = n % world
             t = (torch.arange(n) % 251).to(torch.uint8) if rank == src else torch.zeros(n, dtype=torch.uint8)
             ring.broadcast(t, src)
-            assert_equal(t, (torch.arange(n) % 251).to(torch.uint8), f"broadcast {what} n={n}")
+            assert_equal(t, (torch.arange(n) % 251).to(torch.uint8), name=f"broadcast {what} n={n}")
 
 
 def killed_peer(rank, world, store_file):
@@ -253,7 +247,7 @@ def env_init(rank, world, port):
     assert fd.get_rank() == rank and fd.get_world_size() == world
     t = torch.full((10,), float(rank))
     fd.all_reduce(t, op="avg")
-    assert_equal(t, torch.full((10,), sum(range(world)) / world), "all_reduce after env init")
+    assert_equal(t, torch.full((10,), sum(range(world)) / world), name="all_reduce after env init")
     fd.destroy()
     assert not tdist.is_initialized()
 
@@ -274,7 +268,7 @@ def cuda_allreduce(rank, world, store_file):
                 if op == "avg":
                     ref = (ref.float() / world).to(dtype)
                 torch.cuda.synchronize()
-                assert_equal(t.cpu(), ref.cpu(), f"cuda all_reduce n={n} {dtype} {op}")
+                assert_equal(t.cpu(), ref.cpu(), name=f"cuda all_reduce n={n} {dtype} {op}")
     fd.destroy()
     tdist.destroy_process_group()
 

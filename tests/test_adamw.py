@@ -1,7 +1,8 @@
 """The fused AdamW kernel (flashlm.ops.adamw_step_) and optimizer (flashlm.train.optim.AdamW).
 
-References: torch.optim.AdamW step for step (f32), a float64 re-implementation of one step (bf16 params),
-and the scalar kernel bit for bit (AVX2, CUDA). Sizes 1, 7 and 1000003 cover the vector tails.
+References: torch.optim.AdamW step for step (f32), a float64 re-implementation of one step (bf16 params on the
+CPU, f16 on CUDA), and the scalar kernel bit for bit (AVX2, CUDA). Sizes 1, 7 and 1000003 cover the vector tails.
+Moments and f32 parameters are held relative to the tensor's scale (they pass near 0; compare.assert_close).
 """
 
 import copy
@@ -10,18 +11,11 @@ import pytest
 import torch
 
 import flashlm.ops as ops
+from compare import assert_close, assert_equal
+from conftest import per_kernel, use_isa
 from flashlm.train.optim import AdamW
 
 ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
-
-
-def assert_close_scaled(actual, expected, rtol, what):
-    """|actual - expected| <= rtol * max|expected|: relative to the tensor's scale (moments pass near 0)."""
-    err = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().item()
-    worst = err.max().item()
-    where = int(err.argmax())
-    assert worst <= rtol * scale, f"{what}: max error {worst:.3g} at {where} > {rtol:g} * scale {scale:.3g}"
 
 
 def make_groups(gen):
@@ -52,9 +46,9 @@ def test_matches_torch_adamw_f32(isa, maximize, restore_isa):
         opt.step()
         ref.step()
     for i, (a, b) in enumerate(zip(flat_ours, flat_theirs)):
-        assert_close_scaled(a.detach(), b.detach(), 1e-6, f"param {i}")
+        assert_close(a.detach(), b.detach(), rtol_of_max=1e-6, name=f"param {i}")
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close_scaled(opt.state[a][key], ref.state[b][key], 1e-6, f"{key} {i}")
+            assert_close(opt.state[a][key], ref.state[b][key], rtol_of_max=1e-6, name=f"{key} {i}")
         assert float(opt.state[a]["step"]) == float(ref.state[b]["step"])
 
 
@@ -76,8 +70,7 @@ def test_avx2_matches_scalar_bitwise(dtype, n, restore_isa):
                             weight_decay=0.05, maximize=step == 2)
         results[isa] = (p, m, v)
     for name, a, b in zip("pmv", results["scalar"], results["avx2"]):
-        diff = (a.float() - b.float()).abs()
-        assert torch.equal(a, b), f"{name}: AVX2 differs from scalar, max {diff.max().item():.3g} at {int(diff.argmax())}"
+        assert_equal(b, a, name=f"{name}: AVX2 vs scalar")
 
 
 def adamw_reference_f64(p, g, m, v, step, lr, beta1, beta2, eps, wd):
@@ -89,27 +82,29 @@ def adamw_reference_f64(p, g, m, v, step, lr, beta1, beta2, eps, wd):
     return p - lr / (1 - beta1**step) * m / denom, m, v
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_bf16_params_against_float64(isa, restore_isa):
-    ops.set_cpu_isa(isa)
+# Half an ulp of each narrow parameter dtype (relative), and of its smallest subnormal (absolute).
+HALF_ULP = {torch.bfloat16: (2.0**-8, 1e-30), torch.float16: (2.0**-11, 2.0**-25)}
+
+
+@pytest.mark.parametrize("device,isa,dtype,steps", per_kernel(cpu=[(torch.bfloat16, 5)], cuda=[(torch.float16, 1)]))
+def test_narrow_params_against_float64(device, isa, dtype, steps, restore_isa):
+    use_isa(isa)
     gen = torch.Generator().manual_seed(7)
     n = 20011
-    p = torch.randn(n, generator=gen).bfloat16()
-    m, v = torch.zeros(n), torch.zeros(n)
+    p = torch.randn(n, generator=gen).to(dtype).to(device)
+    m, v = torch.zeros(n, device=device), torch.zeros(n, device=device)
     hp = dict(lr=5e-2, beta1=0.9, beta2=0.99, eps=1e-8, wd=0.1)
-    for step in range(1, 6):
-        g = torch.randn(n, generator=gen).bfloat16()
+    rel, floor = HALF_ULP[dtype]
+    for step in range(1, steps + 1):
+        g = torch.randn(n, generator=gen).to(dtype).to(device)
         ref_p, ref_m, ref_v = adamw_reference_f64(p, g, m, v, step, **hp)
         ops.adamw_step_([p], [g], [m], [v], step, lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], eps=hp["eps"],
                         weight_decay=hp["wd"])
-        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
-        assert_close_scaled(m, ref_m, 1e-6, f"exp_avg step {step}")
-        assert_close_scaled(v, ref_v, 1e-6, f"exp_avg_sq step {step}")
-        # Within bf16 rounding: half a bf16 ulp is at most 2^-8 of the value (plus the f32 arithmetic's error).
-        err = (p.double() - ref_p).abs()
-        bound = ref_p.abs() * 2.0**-8 * (1 + 1e-4) + 1e-30
-        bad = err > bound
-        assert not bad.any(), f"param step {step}: {int(bad.sum())} beyond bf16 rounding, max {err.max().item():.3g}"
+        assert p.dtype == dtype and m.dtype == torch.float32
+        assert_close(m, ref_m, rtol_of_max=1e-6, name=f"exp_avg step {step}")
+        assert_close(v, ref_v, rtol_of_max=1e-6, name=f"exp_avg_sq step {step}")
+        # Within the dtype's rounding: half an ulp (plus the f32 arithmetic's error).
+        assert_close(p, ref_p, atol=floor, rtol=rel * (1 + 1e-4), name=f"param step {step}")
 
 
 def train(opt, params, gen, steps):
@@ -146,7 +141,7 @@ def test_loads_torch_state_dict_and_torch_loads_ours():
     train(ref, theirs, torch.Generator().manual_seed(6), 4)
     train(opt, ours, torch.Generator().manual_seed(6), 4)
     for a, b in zip(ours, theirs):
-        assert_close_scaled(a.detach(), b.detach(), 1e-6, "param after loading torch's state")
+        assert_close(a.detach(), b.detach(), rtol_of_max=1e-6, name="param after loading torch's state")
         assert float(opt.state[a]["step"]) == 8.0
     back = [p.detach().clone().requires_grad_() for p in ours]
     ref_back = torch.optim.AdamW(back, lr=1e-2, weight_decay=0.05, foreach=False)
@@ -154,7 +149,7 @@ def test_loads_torch_state_dict_and_torch_loads_ours():
     train(ref_back, back, torch.Generator().manual_seed(8), 2)
     train(opt, ours, torch.Generator().manual_seed(8), 2)
     for a, b in zip(ours, back):
-        assert_close_scaled(a.detach(), b.detach(), 1e-6, "param after torch loaded ours")
+        assert_close(a.detach(), b.detach(), rtol_of_max=1e-6, name="param after torch loaded ours")
 
 
 def test_bf16_state_stays_float32_through_state_dict():
@@ -219,16 +214,4 @@ def test_cuda_matches_cpu_scalar_bitwise(dtype, n, restore_isa):
     ops.adamw_step_([p], [g], [m], [v], **hp)
     ops.adamw_step_([dev[0]], [dev[1]], [dev[2]], [dev[3]], **hp)
     for name, a, b in zip("pmv", (p, m, v), dev):
-        assert torch.equal(a, b.cpu()), f"{name}: CUDA differs from the CPU scalar kernel"
-
-
-@pytest.mark.cuda
-def test_cuda_f16_against_float64():
-    gen = torch.Generator().manual_seed(2)
-    n = 4099
-    p, g = torch.randn(n, generator=gen).half().cuda(), torch.randn(n, generator=gen).half().cuda()
-    m, v = torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
-    ref_p, _, _ = adamw_reference_f64(p, g, m, v, 1, 5e-2, 0.9, 0.999, 1e-8, 0.1)
-    ops.adamw_step_([p], [g], [m], [v], 1, lr=5e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-    err = (p.double() - ref_p).abs()
-    assert (err <= ref_p.abs() * 2.0**-11 * (1 + 1e-4) + 2.0**-25).all(), f"max error {err.max().item():.3g}"
+        assert_equal(b.cpu(), a, name=f"{name}: CUDA vs the CPU scalar kernel")

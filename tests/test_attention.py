@@ -1,24 +1,24 @@
-"""Flash attention (flashlm.flash_attn_interface) against a float64 math reference.
+"""Flash attention (flashlm.flash_attn_interface) on every device against the float64 reference (reference.py).
 
-The rule is flash-attn's: flashlm's error against the float64 reference may be at most twice the error of
-the same math done by PyTorch in the input dtype, plus a small floor. Forward output and the gradients of
-q, k and v are all checked; every failure names the tensor, the max error and where it is.
+The rule is flash-attn's (compare.py): flashlm's error against the float64 reference may be at most twice the
+error of the same math done by PyTorch in the input dtype, plus a small floor (relative to the reference's
+magnitude here). Forward output, lse and the gradients of q, k and v are all checked. CUDA cases run in f16
+and bf16 and are skipped without a GPU.
 """
-
-import math
 
 import pytest
 import torch
 
-from conftest import devices
+from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
+from conftest import devices, per_device
 from flashlm.flash_attn_interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
 )
+from reference import attention, attention_with_grads
 
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 CUDA_HEAD_DIMS = (64, 96, 128, 256)
 
 
@@ -26,51 +26,8 @@ def dtypes_for(device):
     return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16, torch.bfloat16)
 
 
-def visible(sq, sk, causal, window, device=None):
-    """[sq, sk] bool: which keys each query sees (bottom-right aligned)."""
-    left, right = window
-    if causal:
-        right = 0
-    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    j = torch.arange(sk, device=device)[None, :]
-    mask = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if left >= 0:
-        mask &= j >= i - left
-    if right >= 0:
-        mask &= j <= i + right
-    return mask
-
-
-def attention_math(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None):
-    """Plain attention in q's dtype: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> (out, lse [B, H, Sq])."""
-    sq, sk, heads, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    group = heads // k.shape[2]
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    scale = d ** -0.5 if scale is None else scale
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    mask = visible(sq, sk, causal, window, q.device)
-    any_key = mask.any(-1, keepdim=True)  # rows that see no key output 0
-    s = s.masked_fill(~mask, float("-inf")).masked_fill(~any_key, 0.0)
-    lse = torch.logsumexp(s.float(), dim=-1).masked_fill(~any_key[:, 0], float("inf"))
-    p = torch.softmax(s, dim=-1) * mask
-    return torch.einsum("bhij,bjhd->bihd", p.to(v.dtype), v), lse
-
-
-def assert_close(name, got, ref, base, floor):
-    """|got - ref| <= 2 |base - ref| + floor, elementwise maxima; ref is float64."""
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-    if ref.numel() == 0:
-        return
-    err = (got.double() - ref).abs()
-    base_err = (base.double() - ref).abs().max().item() if base is not None else 0.0
-    bound = 2 * base_err + floor * max(1.0, ref.abs().max().item())
-    worst = err.max().item()
-    where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    assert not torch.isnan(got).any(), f"{name}: NaN in the result"
-    assert worst <= bound, f"{name}: max error {worst:.3g} at {where} > bound {bound:.3g} (baseline error {base_err:.3g})"
+def check(name, got, ref, base, floor):
+    assert_close_to_reference(got, ref, base, floor, name=name, relative_floor=True)
 
 
 def random_qkv(b, sq, sk, heads, kv_heads, d, dtype, device, seed=0):
@@ -84,28 +41,24 @@ def random_qkv(b, sq, sk, heads, kv_heads, d, dtype, device, seed=0):
 def check_against_reference(q, k, v, causal=False, window=(-1, -1), softcap=0.0, version=2, backward=True):
     """Runs flashlm forward (and backward) and checks out, lse and the gradients with the 2x rule."""
     dtype = q.dtype
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
+    opts = dict(causal=causal, window=window, softcap=softcap)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q) if backward else None
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse, _ = flash_attn_func(*leaves, causal=causal, window_size=window, softcap=softcap,
                                   return_attn_probs=True, version=version)
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out_ref, lse_ref = attention_math(*refs, causal=causal, window=window, softcap=softcap)
-    bases = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out_base, _ = attention_math(*bases, causal=causal, window=window, softcap=softcap)
+    out_ref, lse_ref, grads_ref = attention_with_grads(*(t.double() for t in (q, k, v)),
+                                                       None if dout is None else dout.double(), **opts)
+    out_base, _, grads_base = attention_with_grads(q, k, v, dout, **opts)
 
     assert out.shape == q.shape and out.dtype == dtype
-    assert_close("out", out, out_ref.detach(), out_base, FLOOR[dtype])
-    finite = torch.isfinite(lse_ref)
-    assert torch.equal(torch.isfinite(lse), finite), "lse: +inf exactly on the rows that see no key"
-    assert_close("lse", lse[finite], lse_ref[finite].detach(), None, 1e-5)
+    check("out", out, out_ref, out_base, FLOOR[dtype])
+    check("lse", lse, lse_ref, None, 1e-5)  # +inf exactly on the rows that see no key
     if not backward:
         return
     out.backward(dout)
-    out_ref.backward(dout.double())
-    out_base.backward(dout)
-    for name, leaf, ref, base in zip(("dq", "dk", "dv"), leaves, refs, bases):
+    for name, leaf, ref, base in zip(("dq", "dk", "dv"), leaves, grads_ref, grads_base):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype
-        assert_close(name, leaf.grad, ref.grad, base.grad, FLOOR[dtype])
+        check(name, leaf.grad, ref, base, FLOOR[dtype])
 
 
 # --- padded batches -----------------------------------------------------------------------------------------
@@ -115,25 +68,38 @@ SEQLENS = [(1, 1), (2, 2), (17, 17), (128, 128), (257, 257), (1000, 1000), (17, 
 
 @pytest.mark.parametrize("sq,sk", SEQLENS)
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_seqlens_cpu(sq, sk, causal, dtype):
-    heads = 2 if sq * sk > 100_000 else 4
-    q, k, v = random_qkv(1 if sq * sk > 100_000 else 2, sq, sk, heads, 2, 64, dtype, "cpu")
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_seqlens(device, dtype, sq, sk, causal):
+    if device == "cpu":  # fewer heads for the long cases: the float64 reference is the slow part here
+        big = sq * sk > 100_000
+        q, k, v = random_qkv(1 if big else 2, sq, sk, 2 if big else 4, 2, 64, dtype, device)
+    else:
+        q, k, v = random_qkv(2, sq, sk, 4, 2, 128, dtype, device)
     check_against_reference(q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("d", [1, 8, 32, 40, 64, 80, 96, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_head_dims_cpu(d, causal):
-    q, k, v = random_qkv(2, 77, 91, 2, 1, d, torch.float32, "cpu", seed=d)
-    check_against_reference(q, k, v, causal=causal)
+@pytest.mark.parametrize("device,d,version", per_device(
+    cpu=[(d, 2) for d in (1, 8, 32, 40, 64, 80, 96, 128, 256)],
+    cuda=[(d, version) for d in CUDA_HEAD_DIMS + (32, 40, 80, 200) for version in (1, 2)]))
+def test_head_dims(device, d, version, causal):
+    if device == "cpu":
+        q, k, v = random_qkv(2, 77, 91, 2, 1, d, torch.float32, device, seed=d)
+    else:
+        q, k, v = random_qkv(2, 177, 211, 4, 2, d, torch.bfloat16, device, seed=d)
+    check_against_reference(q, k, v, causal=causal, version=version, backward=version == 2)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(8, 1), (4, 2), (6, 3), (3, 3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gqa_cpu(heads, kv_heads, dtype):
-    q, k, v = random_qkv(2, 50, 70, heads, kv_heads, 32, dtype, "cpu")
-    check_against_reference(q, k, v, causal=True)
+@pytest.mark.parametrize("device,dtype,heads,kv_heads,window,softcap", per_device(
+    cpu=[(dtype, h, kv, (-1, -1), 0.0) for h, kv in [(8, 1), (4, 2), (6, 3), (3, 3)]
+         for dtype in (torch.float32, torch.bfloat16)],
+    cuda=[(torch.float16, h, kv, window, softcap) for h, kv in [(8, 1), (4, 2)]
+          for window in [(-1, -1), (16, 16), (64, 0)] for softcap in (0.0, 20.0)]))
+def test_gqa(device, dtype, heads, kv_heads, window, softcap):
+    sq, sk, d = (50, 70, 32) if device == "cpu" else (300, 333, 64)
+    q, k, v = random_qkv(2, sq, sk, heads, kv_heads, d, dtype, device)
+    check_against_reference(q, k, v, causal=True, window=window, softcap=softcap)
 
 
 @pytest.mark.parametrize("window", [(0, 0), (3, 0), (16, 16), (50, -1), (-1, 5), (200, 7)])
@@ -162,11 +128,11 @@ def test_v1_equals_v2_cpu():
     q, k, v = random_qkv(2, 333, 333, 4, 2, 64, torch.bfloat16, "cpu")
     out1 = flash_attn_func(q, k, v, causal=True, version=1)
     out2 = flash_attn_func(q, k, v, causal=True, version=2)
-    out_ref, _ = attention_math(q.double(), k.double(), v.double(), causal=True)
-    out_base, _ = attention_math(q, k, v, causal=True)
-    assert_close("v1", out1, out_ref, out_base, FLOOR[torch.bfloat16])
-    assert_close("v2", out2, out_ref, out_base, FLOOR[torch.bfloat16])
-    assert (out1.float() - out2.float()).abs().max().item() <= 2 * (out_base.double() - out_ref).abs().max().item()
+    out_ref, _ = attention(q.double(), k.double(), v.double(), causal=True)
+    out_base, _ = attention(q, k, v, causal=True)
+    check("v1", out1, out_ref, out_base, FLOOR[torch.bfloat16])
+    check("v2", out2, out_ref, out_base, FLOOR[torch.bfloat16])
+    assert_close(out1, out2, atol=2 * (out_base.double() - out_ref).abs().max(), name="v1 vs v2")
 
 
 def test_rows_that_see_no_key_cpu():
@@ -187,23 +153,34 @@ def test_strided_inputs_cpu():
     qkv = torch.randn(2, 70, 3, 4, 32, generator=g, requires_grad=True)
     out = flash_attn_qkvpacked_func(qkv, causal=True)
     q, k, v = qkv.detach().unbind(2)
-    out_ref, _ = attention_math(q.double(), k.double(), v.double(), causal=True)
-    assert_close("out", out, out_ref, attention_math(q, k, v, causal=True)[0], FLOOR[torch.float32])
+    out_ref, _ = attention(q.double(), k.double(), v.double(), causal=True)
+    check("out", out, out_ref, attention(q, k, v, causal=True)[0], FLOOR[torch.float32])
     out.sum().backward()
     assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
     kv = torch.stack([k, v], dim=2)
-    assert torch.equal(flash_attn_kvpacked_func(q, kv, causal=True), out.detach())
+    assert_equal(flash_attn_kvpacked_func(q, kv, causal=True), out.detach(), name="kvpacked vs qkvpacked")
 
 
-def test_backward_is_deterministic_cpu():
-    q, k, v = random_qkv(1, 300, 300, 8, 2, 64, torch.float32, "cpu")
+@pytest.mark.parametrize("device,packed", per_device(cpu=[(False,)], cuda=[(True,)]))
+def test_backward_is_deterministic(device, packed):
+    # Two backward passes give the same bits: on the CPU with GQA (dK, dV summed over each group of heads),
+    # on CUDA through one packed qkv tensor (strided q, k and v).
+    if packed:
+        g = torch.Generator().manual_seed(3)
+        inputs = [torch.randn(2, 300, 3, 4, 64, generator=g).to(device, torch.float16)]
+        run = lambda qkv: flash_attn_qkvpacked_func(qkv, causal=True)  # noqa: E731
+    else:
+        inputs = random_qkv(1, 300, 300, 8, 2, 64, torch.float32, device)
+        run = lambda q, k, v: flash_attn_func(q, k, v, causal=True)  # noqa: E731
     grads = []
     for _ in range(2):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        flash_attn_func(*leaves, causal=True).square().sum().backward()
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        run(*leaves).float().square().sum().backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_equal(a, b, name=f"gradient {i}, second run vs first")
+    q, k, v = inputs[0].unbind(2) if packed else inputs
+    check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
 
 
 # --- packed variable-length batches -------------------------------------------------------------------------
@@ -220,29 +197,23 @@ def check_varlen(lens_q, lens_k, heads, kv_heads, d, dtype, device, causal, wind
     assert lse.shape == (heads, sum(lens_q))
     dout = torch.randn(out.shape, generator=g).to(out)
     out.backward(dout)
-    # Each sequence on its own through the padded path's reference.
+    opts = dict(causal=causal, window=window, softcap=softcap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out_ref, lse_ref, grads_ref = attention_with_grads(q.double(), k.double(), v.double(), dout.double(), **opts)
+    out_base, _, grads_base = attention_with_grads(q, k, v, dout, **opts)
+    # Each sequence on its own: its errors against its own baseline's.
     for i in range(len(lens_q)):
         qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-        leaves = [t[s].detach()[None] for t, s in ((q, qs), (k, ks), (v, ks))]
-        refs = [t.double().requires_grad_() for t in leaves]
-        bases = [t.clone().requires_grad_() for t in leaves]
-        out_ref, lse_ref = attention_math(*refs, causal=causal, window=window, softcap=softcap)
-        out_base, _ = attention_math(*bases, causal=causal, window=window, softcap=softcap)
-        assert_close(f"out[seq {i}]", out[qs][None], out_ref.detach(), out_base, FLOOR[dtype])
-        finite = torch.isfinite(lse_ref[0])
-        assert torch.equal(torch.isfinite(lse[:, qs]), finite), f"lse[seq {i}]: +inf exactly where no key is seen"
-        assert_close(f"lse[seq {i}]", lse[:, qs][finite], lse_ref[0][finite].detach(), None, 1e-5)
-        d_seq = dout[qs][None]
-        out_ref.backward(d_seq.double())
-        out_base.backward(d_seq)
-        for name, full, s, ref, base in zip(("dq", "dk", "dv"), (q, k, v), (qs, ks, ks), refs, bases):
-            assert_close(f"{name}[seq {i}]", full.grad[s][None], ref.grad, base.grad, FLOOR[dtype])
+        check(f"out[seq {i}]", out[qs], out_ref[qs], out_base[qs], FLOOR[dtype])
+        check(f"lse[seq {i}]", lse[:, qs], lse_ref[:, qs], None, 1e-5)  # +inf exactly where no key is seen
+        for name, full, s, ref, base in zip(("dq", "dk", "dv"), (q, k, v), (qs, ks, ks), grads_ref, grads_base):
+            check(f"{name}[seq {i}]", full.grad[s], ref[s], base[s], FLOOR[dtype])
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_varlen_cpu(causal, dtype):
-    check_varlen([1, 300, 1, 45, 300], [1, 300, 37, 60, 299], 4, 2, 64, dtype, "cpu", causal)
+@pytest.mark.parametrize("device,dtype,d", per_device(cpu=[(torch.float32, 64), (torch.bfloat16, 64)],
+                                                      cuda=[(torch.bfloat16, d) for d in CUDA_HEAD_DIMS]))
+def test_varlen(device, dtype, d, causal):
+    check_varlen([1, 300, 1, 45, 300], [1, 300, 37, 60, 299], 4, 2, d, dtype, device, causal)
 
 
 def test_varlen_window_softcap_cpu():
@@ -251,56 +222,6 @@ def test_varlen_window_softcap_cpu():
 
 def test_varlen_empty_sequences_cpu():
     check_varlen([0, 7, 0, 3], [4, 7, 0, 0], 2, 2, 16, torch.float32, "cpu", False)
-
-
-# --- CUDA (skipped without a GPU) ---------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("sq,sk", SEQLENS)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_seqlens_cuda(sq, sk, causal, dtype):
-    q, k, v = random_qkv(2, sq, sk, 4, 2, 128, dtype, "cuda")
-    check_against_reference(q, k, v, causal=causal)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("d", CUDA_HEAD_DIMS + (32, 40, 80, 200))
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("version", [1, 2])
-def test_head_dims_cuda(d, causal, version):
-    q, k, v = random_qkv(2, 177, 211, 4, 2, d, torch.bfloat16, "cuda", seed=d)
-    check_against_reference(q, k, v, causal=causal, version=version, backward=version == 2)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("heads,kv_heads", [(8, 1), (4, 2)])
-@pytest.mark.parametrize("window", [(-1, -1), (16, 16), (64, 0)])
-@pytest.mark.parametrize("softcap", [0.0, 20.0])
-def test_gqa_window_softcap_cuda(heads, kv_heads, window, softcap):
-    q, k, v = random_qkv(2, 300, 333, heads, kv_heads, 64, torch.float16, "cuda")
-    check_against_reference(q, k, v, causal=True, window=window, softcap=softcap)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen_cuda(d, causal):
-    check_varlen([1, 300, 1, 45, 300], [1, 300, 37, 60, 299], 4, 2, d, torch.bfloat16, "cuda", causal)
-
-
-@pytest.mark.cuda
-def test_strided_and_deterministic_cuda():
-    g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(2, 300, 3, 4, 64, generator=g).to("cuda", torch.float16).requires_grad_()
-    grads = []
-    for _ in range(2):
-        qkv.grad = None
-        flash_attn_qkvpacked_func(qkv, causal=True).float().square().sum().backward()
-        grads.append(qkv.grad.clone())
-    assert torch.equal(grads[0], grads[1])
-    q, k, v = qkv.detach().unbind(2)
-    check_against_reference(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
 
 
 # --- the op layer: torch.library, torch.compile -------------------------------------------------------------

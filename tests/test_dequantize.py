@@ -4,8 +4,8 @@ References: gguf-py (llama.cpp's own Python package) `gguf.quants.dequantize` fo
 numpy for Q8_K (gguf-py has none) and for F32/F16/BF16 sources, and torch's own float32 -> f16/bf16
 conversion for the narrow outputs. Blocks are fresh random bytes with their fp16 scale fields replaced by
 random finite halves (subnormals included), so every quant bit pattern occurs. No tolerances: results must
-equal the reference bit for bit (any NaN equals any NaN where noted). The AVX2 and scalar CPU paths, thread
-counts, and odd source addresses must give identical bits too.
+equal the reference bit for bit (compare.assert_equal; any NaN equals any NaN where noted). The AVX2 and
+scalar CPU paths, thread counts, and odd source addresses must give identical bits too.
 """
 
 import zlib
@@ -17,6 +17,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GQT
 
+from compare import assert_equal
 from conftest import devices
 from flashlm import ops
 
@@ -35,9 +36,6 @@ HALF_FIELDS = {
 
 # n_blocks -> output shape in units of blocks along the last dimension: (rows, blocks per row).
 SHAPES = {1: (None, 1), 3: (1, 3), 257: (257, 1), 10_000: (40, 250)}
-
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
 
 def block_size(name):
     return gguf.GGML_QUANT_SIZES[GQT[name]][0]
@@ -102,31 +100,6 @@ def expected(ref_f32, out_dtype):
     return torch.from_numpy(ref_f32).to(out_dtype)
 
 
-def assert_bits_equal(actual, want, what, nan_equal=True):
-    """Bitwise equality; with nan_equal any NaN matches any NaN. Failure: count, first index, max error."""
-    assert actual.dtype == want.dtype, f"{what}: dtype {actual.dtype}, expected {want.dtype}"
-    assert actual.shape == want.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(want.shape)}"
-    actual, want = actual.cpu().contiguous(), want.cpu().contiguous()
-    a_bits, w_bits = actual.view(_INT_VIEW[actual.dtype]), want.view(_INT_VIEW[want.dtype])
-    differ = a_bits != w_bits
-    if nan_equal:
-        differ &= ~(torch.isnan(actual) & torch.isnan(want))
-    if not differ.any():
-        return
-    flat = differ.reshape(-1)
-    first = int(flat.nonzero()[0])
-    index = tuple(int(i) for i in np.unravel_index(first, tuple(actual.shape))) if actual.dim() else ()
-    a64, w64 = actual.reshape(-1).double(), want.reshape(-1).double()
-    err = (a64 - w64).abs()[flat]
-    err = err[~torch.isnan(err)]
-    max_err = float(err.max()) if err.numel() else float("nan")
-    mask = 0xFFFFFFFF if actual.dtype == torch.float32 else 0xFFFF
-    pytest.fail(
-        f"{what}: {int(flat.sum())} of {flat.numel()} values differ; max abs error {max_err!r}; first at index "
-        f"{index} (flat {first}): got {float(a64[first])!r} (0x{int(a_bits.reshape(-1)[first]) & mask:x}), "
-        f"expected {float(w64[first])!r} (0x{int(w_bits.reshape(-1)[first]) & mask:x})")
-
-
 @pytest.fixture
 def cpu_isa_restored():
     before = ops.cpu_isa()
@@ -159,7 +132,7 @@ def test_quant_types_match_reference(name, n_blocks, out_dtype, device):
     raw, ref, shape = case(name, n_blocks)
     got = dequantize_on(device, raw, name, shape, out_dtype)
     assert got.device.type == device
-    assert_bits_equal(got, expected(ref, out_dtype), f"{name} x{n_blocks} -> {out_dtype} on {device}")
+    assert_equal(got, expected(ref, out_dtype), name=f"{name} x{n_blocks} -> {out_dtype} on {device}", nan_equal=True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -172,7 +145,7 @@ def test_plain_types_match_numpy(name, out_dtype, device):
     raw = np.random.default_rng(seed_of(name)).integers(0, 256, 1037 * 3 * type_size(name), dtype=np.uint8)
     ref = reference_f32(name, raw).reshape(shape)
     got = dequantize_on(device, raw, name, shape, out_dtype)
-    assert_bits_equal(got, expected(ref, out_dtype), f"{name} -> {out_dtype} on {device}")
+    assert_equal(got, expected(ref, out_dtype), name=f"{name} -> {out_dtype} on {device}", nan_equal=True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -193,7 +166,8 @@ def test_narrow_outputs_round_like_torch(out_dtype, device, cpu_isa_restored):
         if isa:
             ops.set_cpu_isa(isa)
         got = dequantize_on(device, raw, "F32", values.shape, out_dtype)
-        assert_bits_equal(got, expected(values, out_dtype), f"F32 edge values -> {out_dtype} on {device} ({isa})")
+        assert_equal(got, expected(values, out_dtype), name=f"F32 edge values -> {out_dtype} on {device} ({isa})",
+                     nan_equal=True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -209,7 +183,7 @@ def test_f16_output_overflows_to_inf(name, device):
     want = expected(ref, torch.float16)
     assert torch.isinf(want).any() and torch.isfinite(want).any()
     got = dequantize_on(device, raw, name, shape, torch.float16)
-    assert_bits_equal(got, want, f"{name} with scale 65504 -> f16 on {device}")
+    assert_equal(got, want, name=f"{name} with scale 65504 -> f16 on {device}", nan_equal=True)
 
 
 # ---- the CPU paths agree -----------------------------------------------------------------------------------
@@ -229,8 +203,8 @@ def test_avx2_matches_scalar(name, out_dtype, cpu_isa_restored):
         for isa in ("scalar", "avx2"):
             ops.set_cpu_isa(isa)
             results[isa] = ops.dequantize(raw, name, (n,), out_dtype=out_dtype)
-        assert_bits_equal(results["avx2"], results["scalar"], f"{name} -> {out_dtype}, avx2 vs scalar, finite "
-                          f"scales {finite_scales}", nan_equal=not finite_scales and name not in PLAIN_TYPES)
+        assert_equal(results["avx2"], results["scalar"], name=f"{name} -> {out_dtype}, avx2 vs scalar, finite "
+                     f"scales {finite_scales}", nan_equal=not finite_scales and name not in PLAIN_TYPES)
 
 
 @needs_avx2
@@ -244,7 +218,7 @@ def test_large_output_avx2_matches_scalar(name, out_dtype, cpu_isa_restored):
     for isa in ("scalar", "avx2"):
         ops.set_cpu_isa(isa)
         results[isa] = ops.dequantize(raw, name, (n // 4096, 4096), out_dtype=out_dtype)
-    assert_bits_equal(results["avx2"], results["scalar"], f"{name} x{n} -> {out_dtype}, avx2 vs scalar")
+    assert_equal(results["avx2"], results["scalar"], name=f"{name} x{n} -> {out_dtype}, avx2 vs scalar", nan_equal=True)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -260,7 +234,8 @@ def test_unaligned_source(name, device):
     assert big[1:].data_ptr() % 2 == 1
     for out_dtype in OUT_DTYPES:
         got = ops.dequantize(big[1:], name, shape, out_dtype=out_dtype)
-        assert_bits_equal(got, expected(ref, out_dtype), f"{name} at an odd address -> {out_dtype} on {device}")
+        assert_equal(got, expected(ref, out_dtype), name=f"{name} at an odd address -> {out_dtype} on {device}",
+                     nan_equal=True)
 
 
 @pytest.mark.parametrize("name", QUANT_TYPES + PLAIN_TYPES)
@@ -272,7 +247,7 @@ def test_threads_agree(name, num_threads_restored):
     for threads in (1, 3):
         ops.set_num_threads(threads)
         results[threads] = ops.dequantize(raw, name, (n,))
-    assert_bits_equal(results[3], results[1], f"{name}, 3 threads vs 1")
+    assert_equal(results[3], results[1], name=f"{name}, 3 threads vs 1", nan_equal=True)
 
 
 def test_empty_tensor():
@@ -316,5 +291,5 @@ def test_type_ids_and_names_agree():
     raw, ref, shape = case("Q4_K", 3)
     by_name = ops.dequantize(torch.from_numpy(raw), "q4_k", shape)
     by_id = ops.dequantize(torch.from_numpy(raw), int(GQT.Q4_K), shape)
-    assert_bits_equal(by_id, by_name, "Q4_K by id vs by name")
+    assert_equal(by_id, by_name, name="Q4_K by id vs by name", nan_equal=True)
     assert ops.dequantize_supported("Q4_K") and not ops.dequantize_supported("IQ2_XXS")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GQT
 
+from compare import assert_close
 from flashlm.cli import main as cli_main
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.quantize_file import quantize_file
@@ -64,13 +65,6 @@ def make_model(name, seed=0):
     return cfg, model
 
 
-def assert_close(got, want, atol, what):
-    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    err = np.abs(got - want)
-    where = np.unravel_index(err.argmax(), err.shape)
-    assert err.max() <= atol, f"{what}: max abs error {err.max():.3g} at {where} (tolerance {atol:g})"
-
-
 def read_gguf(path):
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), np.asarray(t.data))
@@ -98,7 +92,7 @@ def test_hf_logits_match(name, tokenizer, tmp_path):
         want, _ = model(idx)
         got = hf(idx).logits
     assert want.abs().max() > 1.0  # the logits are not all near zero
-    assert_close(got, want, 1e-4, f"{name}: HF logits vs flashlm")
+    assert_close(got, want, atol=1e-4, name=f"{name}: HF logits vs flashlm")
 
 
 def test_hf_tokenizer_round_trip(tokenizer, tmp_path):
@@ -291,8 +285,8 @@ def test_gguf_rope_permutation_keeps_scores(tmp_path):
     gguf_w = {n: tensors[f"blk.1.attn_{n}.weight"][2].reshape(tensors[f"blk.1.attn_{n}.weight"][1]) for n in "qk"}
     ref = scores(flashlm_rope(w["q"], H), flashlm_rope(w["k"], KV))
     scale = np.abs(ref).max()
-    assert_close(scores(ggml_rope(gguf_w["q"], H), ggml_rope(gguf_w["k"], KV)), ref, 1e-6 * scale,
-                 "attention scores: permuted weights under ggml's rope vs flashlm's")
+    assert_close(scores(ggml_rope(gguf_w["q"], H), ggml_rope(gguf_w["k"], KV)), ref, atol=1e-6 * scale,
+                 name="attention scores: permuted weights under ggml's rope vs flashlm's")
     unpermuted = scores(ggml_rope(w["q"], H), ggml_rope(w["k"], KV))
     assert np.abs(unpermuted - ref).max() > 0.1 * scale  # the permutation is needed
 
@@ -487,7 +481,7 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     top2 = np.sort(want_logits, axis=-1)[:, -2:]
     print(f"{name} {mix}: llama.cpp vs flashlm max abs logit error {err:.3g} (tolerance {tol:g}); logits std "
           f"{want_logits.std():.3g}, max {np.abs(want_logits).max():.3g}, smallest top-2 gap {(top2[:, 1] - top2[:, 0]).min():.3g}")
-    assert_close(got_logits, want_logits, tol, f"{name} {mix}: llama.cpp logits vs flashlm")
+    assert_close(got_logits, want_logits, atol=tol, name=f"{name} {mix}: llama.cpp logits vs flashlm")
     # Exact for F32 (errors 1e3 below the smallest top-2 gap, 0.011). For Q8_0 the error bound exceeds
     # that gap (0.015), so equal tokens hold for these weights rather than for any: a failure here with the
     # logits within tolerance means a near tie, not a wrong export.

@@ -16,7 +16,9 @@ for the 32-element types; 256 per scale with the largest magnitude at -128 for t
              exact check's slack, a rigorous bound. The typical relative (Frobenius) error is about
              step / sqrt(12) / rms(x), ~6e-3 for Gaussian x (measured 4-9e-3, the rigorous bound is ~10x above
              the largest measured error); asserted below 1.5e-2.
-bf16 x is quantized from its bf16 values; a bf16 y adds up to 2^-8 of |y|.
+bf16 x is quantized from its bf16 values; a bf16 y adds up to 2^-8 of |y|. CUDA (f16, bf16, f32; skipped without
+a GPU) dequantizes the weights exactly and does not quantize x: one bound against x @ W.T (see test_matches_reference).
+The bounds are elementwise (compare.assert_close); the references are reference.linear in float64.
 """
 
 import gguf
@@ -25,8 +27,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as GQT
 
+from compare import assert_close
+from conftest import per_kernel, use_isa
 from flashlm import _C, ops
 from flashlm.io.random_blocks import random_blocks
+from reference import linear
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
@@ -92,35 +97,41 @@ def check(y, x, ggml_type, w, parts, bias=None, typical=True):
     x = x.double().reshape(-1, w.shape[1])
     xq, step = quantize_x(x, ggml_type)
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.double()
-    exact_ref = xq @ w.T + b
-    slack = RTOL_EXACT * (xq.abs() @ parts.T + b.abs())
+    exact_ref = linear(xq, w, b)
+    slack = RTOL_EXACT * linear(xq.abs(), parts, b.abs())
     if out_dtype == torch.bfloat16:
         slack = slack + 2.0**-8 * exact_ref.abs()
-    err = (y - exact_ref).abs()
-    bad = err > slack
-    assert not bad.any(), (f"{ggml_type}: vs quantized-x reference max err {err.max():.3e} at "
-                           f"{tuple(torch.nonzero(bad)[0].tolist())}, bound there {slack[bad][0]:.3e}")
-    ref = x @ w.T + b
-    bound = step @ w.abs().T + slack
-    err = (y - ref).abs()
-    bad = err > bound
-    assert not bad.any(), (f"{ggml_type}: vs float64 reference max err {err.max():.3e} at "
-                           f"{tuple(torch.nonzero(bad)[0].tolist())}, bound there {bound[bad][0]:.3e}")
+    assert_close(y, exact_ref, atol=slack, name=f"{ggml_type}: vs quantized-x reference")
+    ref = linear(x, w, b)
+    assert_close(y, ref, atol=linear(step, w.abs()) + slack, name=f"{ggml_type}: vs float64 reference")
     if typical:
         rel = ((y - ref).norm() / ref.norm()).item()
         assert rel < RTOL_TYPICAL, f"{ggml_type}: relative error {rel:.3e} >= {RTOL_TYPICAL}"
-    return err
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [1, 3, 16, 128])
+@pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
+    cpu=[(torch.float32, m) for m in (1, 3, 16, 128)],
+    cuda=[(dtype, m) for dtype in (torch.float16, torch.bfloat16, torch.float32) for m in (1, 3, 8, 16, 128)]))
 @pytest.mark.parametrize("ggml_type", TYPES)
-def test_matches_reference(ggml_type, m, isa):
-    _C.set_cpu_isa(isa)
+def test_matches_reference(ggml_type, device, isa, dtype, m):
+    use_isa(isa)
     k = k_for(ggml_type)
     raw, w, parts = weights(ggml_type, N, k, seed=m)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    check(ops.gguf_linear(x, raw, ggml_type, (N, k)), x, ggml_type, w, parts)
+    gen = torch.Generator().manual_seed(m)
+    if device == "cpu":
+        x = torch.randn(m, k, generator=gen)
+        check(ops.gguf_linear(x, raw, ggml_type, (N, k)), x, ggml_type, w, parts)
+        return
+    # CUDA dequantizes the weights exactly (no activation quantization): the error is the input dtype's rounding
+    # of x (the reference uses the rounded x) plus f32 accumulation of f16/bf16 products (GEMM path) and the
+    # output rounding, and the tensor-core path rounds W to the input dtype: one more rounding of each weight.
+    # Bounded by 2 * 2^-7 (bf16) or 2 * 2^-10 (f16) times sum |x| |w| (+ |bias|).
+    x = (0.25 * torch.randn(m, k, generator=gen)).to(dtype)  # keeps every f16 output far below 65504
+    b = torch.randn(N, generator=gen).to(dtype)
+    y = ops.gguf_linear(x.to(device), raw.to(device), ggml_type, (N, k), bias=b.to(device)).cpu()
+    eps = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-10}[dtype]
+    assert_close(y, linear(x, w, b), atol=2 * eps * linear(x.abs(), w.abs(), b.abs()) + 1e-6,
+                 name=f"{ggml_type} {dtype} M={m}")
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -149,9 +160,8 @@ def test_avx2_matches_scalar(ggml_type):
         _C.set_cpu_isa(isa)
         out[isa] = ops.gguf_linear(x, raw, ggml_type, (70, k)).double()
     xq, _ = quantize_x(x, ggml_type)
-    bound = RTOL_EXACT * (xq.abs() @ parts.T)
-    err = (out["avx2"] - out["scalar"]).abs()
-    assert (err <= bound).all(), f"{ggml_type}: AVX2 vs scalar max err {err.max():.3e}"
+    assert_close(out["avx2"], out["scalar"], atol=RTOL_EXACT * linear(xq.abs(), parts),
+                 name=f"{ggml_type}: AVX2 vs scalar")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -243,29 +253,6 @@ def test_fake_tensor_and_opcheck():
     x = torch.randn(2, 256)
     torch.library.opcheck(torch.ops.flashlm.gguf_linear.default, (x, raw, "Q4_K", 6, None))
     torch.library.opcheck(torch.ops.flashlm.gguf_linear.default, (x, raw, "Q4_K", 6, torch.randn(6)))
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
-@pytest.mark.parametrize("ggml_type", TYPES)
-def test_cuda(ggml_type, dtype, m):
-    """CUDA dequantizes the weights exactly (no activation quantization): the error is the input dtype's
-    rounding of x (the reference uses the rounded x) plus f32 accumulation of f16/bf16 products (GEMM path)
-    and the output rounding: bounded by 2^-7 (bf16) or 2^-10 (f16) times sum |x| |w| (+ |bias|)."""
-    k = k_for(ggml_type)
-    raw, w, _ = weights(ggml_type, N, k, seed=m)
-    gen = torch.Generator().manual_seed(m)
-    x = (0.25 * torch.randn(m, k, generator=gen)).to(dtype)  # keeps every f16 output far below 65504
-    b = torch.randn(N, generator=gen).to(dtype)
-    y = ops.gguf_linear(x.cuda(), raw.cuda(), ggml_type, (N, k), bias=b.cuda()).cpu().double()
-    xd = x.double()
-    ref = xd @ w.T + b.double()
-    eps = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-10}[dtype]
-    # The tensor-core path rounds W to the input dtype: one more rounding of each weight.
-    bound = 2 * eps * (xd.abs() @ w.abs().T + b.double().abs()) + 1e-6
-    err = (y - ref).abs()
-    assert (err <= bound).all(), f"{ggml_type} {dtype} M={m}: max err {err.max():.3e}"
 
 
 # --- GGUFLinear --------------------------------------------------------------------------------------------

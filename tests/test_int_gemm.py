@@ -2,10 +2,11 @@
 
 References: the quantizer against the same formula in torch (exact); W8A8 against the exact integer
 product of the quantized operands with the epilogue in float64; W4A16 against float64 x @ W.T with W the
-dequantized weights. Every CPU kernel runs under both ISAs (scalar, avx2: `_C.set_cpu_isa`). Tolerances:
+dequantized weights (reference.linear). Every CPU kernel runs under both ISAs (scalar, avx2:
+`_C.set_cpu_isa`); CUDA cases of the same tests run in f16 and bf16 (skipped without a GPU). Tolerances:
 W8A8's integer sums are exact, so only the float32 epilogue (three roundings) and the output dtype's
 rounding are allowed; W4A16 accumulates in float32 in an order that differs between kernels, allowed
-4 sqrt(K) float32 ulps of the sum of |terms|, plus the output dtype's rounding.
+4 sqrt(K) float32 ulps of the sum of |terms|, plus the output dtype's rounding (compare.assert_close).
 """
 
 import math
@@ -14,10 +15,13 @@ import pytest
 import torch
 
 import flashlm.ops as ops
+from compare import assert_close
+from conftest import per_kernel, use_isa
 from flashlm import _C
 from flashlm.ops.int_linear import _int8_gemm
 from flashlm.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4, quantize_int8_per_channel
 from flashlm.quant.rtn import unpack_int4
+from reference import linear
 
 ISAS = ["scalar", pytest.param("avx2", marks=pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2"))]
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -25,16 +29,6 @@ MS = [1, 3, 16, 128]
 
 
 pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: every test may switch the ISA
-
-
-def assert_within(y, ref, tol, what):
-    err = (y.double() - ref).abs()
-    excess = err - tol
-    if excess.max() > 0:
-        i = int(excess.argmax())
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), err.shape))
-        raise AssertionError(f"{what}: error {err.flatten()[i].item():.3g} > tolerance {tol.flatten()[i].item():.3g} "
-                             f"at {idx} (max error {err.max().item():.3g}, ref {ref.flatten()[i].item():.4g})")
 
 
 def quantize_reference(x):
@@ -69,7 +63,7 @@ def test_quantize_per_token(isa, dtype, m, k):
 # --- W8A8 ------------------------------------------------------------------------------------------------
 
 def int8_reference(x_q, x_scales, w, w_scales, bias):
-    acc = x_q.double() @ w.double().T  # exact: |acc| < 2^53
+    acc = linear(x_q, w)  # exact: |acc| < 2^53
     y = acc * x_scales.double()[:, None] * w_scales.double()[None, :]
     mag = y.abs()
     if bias is not None:
@@ -92,7 +86,7 @@ def test_int8_gemm(isa, m, out_dtype, k, n, with_bias):
     y = _int8_gemm(x_q, x_scales, w, w_scales, bias, out_dtype)
     ref, mag = int8_reference(x_q, x_scales, w, w_scales, bias)
     tol = 3 * EPS[torch.float32] * mag + (EPS[out_dtype] * ref.abs() if out_dtype != torch.float32 else 0) + 1e-30
-    assert_within(y, ref, tol, f"int8_gemm {isa} m={m} k={k} n={n} {out_dtype}")
+    assert_close(y, ref, atol=tol, name=f"int8_gemm {isa} m={m} k={k} n={n} {out_dtype}")
 
 
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
@@ -110,20 +104,26 @@ def test_int8_avx2_matches_scalar_exactly(m, k):
     assert torch.equal(out["scalar"], out["avx2"]), (out["scalar"] - out["avx2"]).abs().max()
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_end_to_end(isa, dtype):
+@pytest.mark.parametrize("device,isa,dtype,shape", per_kernel(
+    cpu=[(dtype, (2, 3, 200)) for dtype in (torch.float32, torch.bfloat16)],
+    # K % 16 == 0 takes the CUDA kernels' 16-byte loads, other K their byte loads.
+    cuda=[(dtype, (m, 1024 if m % 2 == 0 else 1000)) for dtype in (torch.float16, torch.bfloat16)
+          for m in (1, 2, 3, 16, 128, 300)]))
+def test_int8_linear_end_to_end(device, isa, dtype, shape):
     # int8_linear = quantize_per_token + int8 GEMM; leading dimensions are kept.
-    _C.set_cpu_isa(isa)
-    x = torch.randn(2, 3, 200).to(dtype)
-    w_q, w_s = quantize_int8_per_channel(torch.randn(24, 200))
-    bias = torch.randn(24)
-    y = ops.int8_linear(x, w_q, w_s, bias)
-    assert y.shape == (2, 3, 24) and y.dtype == dtype
-    x_q, x_s = quantize_reference(x.reshape(6, 200))
+    use_isa(isa)
+    k, n = shape[-1], 24 if device == "cpu" else 200
+    x = torch.randn(shape).to(dtype)
+    w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
+    bias = torch.randn(n)
+    x_q, x_s = quantize_reference(x.reshape(-1, k))
+    q, s = ops.quantize_per_token(x.reshape(-1, k).to(device))
+    assert torch.equal(q.cpu(), x_q) and torch.equal(s.cpu(), x_s)
+    y = ops.int8_linear(x.to(device), w_q.to(device), w_s.to(device), bias.to(device)).cpu()
+    assert y.shape == shape[:-1] + (n,) and y.dtype == dtype
     ref, mag = int8_reference(x_q, x_s, w_q, w_s, bias)
     tol = 3 * EPS[torch.float32] * mag + (EPS[dtype] * ref.abs() if dtype != torch.float32 else 0)
-    assert_within(y.reshape(6, 24), ref, tol, f"int8_linear {isa} {dtype}")
+    assert_close(y.reshape(-1, n), ref, atol=tol, name=f"int8_linear {device} {isa} {shape} {dtype}")
 
 
 # --- W4A16 -----------------------------------------------------------------------------------------------
@@ -142,31 +142,31 @@ def int4_reference(x, packed, scales, zeros, group, bias):
     z = 8.0 if zeros is None else zeros.double()[:, :, None]
     # Magnitude of the terms either kernel adds: (u - z) s x directly or s (u x - z x) (the AVX2 GEMV).
     w_mag = ((u + z) * scales.double().abs()[:, :, None]).reshape(w.shape)
-    ref = x.double() @ w.T
-    mag = x.double().abs() @ w_mag.T
-    if bias is not None:
-        ref = ref + bias.double()
-        mag = mag + bias.double().abs()
-    return ref, mag
+    return linear(x, w, bias), linear(x.abs(), w_mag, None if bias is None else bias.abs())
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_gemm(isa, m, dtype, symmetric, group):
-    _C.set_cpu_isa(isa)
-    k, n = 3 * group if m > 3 else 9 * group, 37
-    with_bias = (m + group) % 3 != 0
+@pytest.mark.parametrize("device,isa,dtype,m,symmetric,group", per_kernel(
+    cpu=[(dtype, m, symmetric, group) for dtype in (torch.float32, torch.bfloat16) for m in MS
+         for symmetric in (True, False) for group in (32, 64, 128)],
+    cuda=[(dtype, m, symmetric, group) for dtype in (torch.float16, torch.bfloat16) for m in (1, 3, 8, 16, 128, 300)
+          for symmetric in (True, False) for group in (32, 128)]))
+def test_int4_gemm(device, isa, dtype, m, symmetric, group):
+    use_isa(isa)
+    if device == "cpu":
+        k, n, with_bias = 3 * group if m > 3 else 9 * group, 37, (m + group) % 3 != 0
+    else:
+        k, n, with_bias = 9 * group, 200, True
     x = torch.randn(m, k).to(dtype)
     packed, scales, zeros = random_int4(n, k, group, symmetric)
     bias = torch.randn(n) if with_bias else None
-    y = ops.int4_linear(x, packed, scales, zeros, group, bias)
+    y = ops.int4_linear(*(None if t is None else t.to(device) for t in (x, packed, scales, zeros)), group,
+                        None if bias is None else bias.to(device)).cpu()
     assert y.dtype == dtype and y.shape == (m, n)
     ref, mag = int4_reference(x, packed, scales, zeros, group, bias)
     tol = 4 * math.sqrt(k) * EPS[torch.float32] * mag + (EPS[dtype] * ref.abs() if dtype != torch.float32 else 0)
-    assert_within(y, ref, tol, f"int4 {isa} m={m} k={k} group={group} sym={symmetric} {dtype}")
+    if device == "cuda":  # the tensor-core path rounds the dequantized weights to x's dtype before multiplying
+        tol = tol + 2 * EPS[dtype] * mag
+    assert_close(y, ref, atol=tol, name=f"int4 {device} {isa} m={m} k={k} group={group} sym={symmetric} {dtype}")
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 33])
@@ -179,7 +179,7 @@ def test_int4_paths_agree(m):
     for isa in ("scalar", "avx2") if _C.cpu_isa_supported("avx2") else ("scalar",):
         _C.set_cpu_isa(isa)
         y = ops.int4_linear(x, packed, scales, zeros, group)
-        assert_within(y, ref, 4 * math.sqrt(k) * EPS[torch.float32] * mag, f"int4 {isa} m={m}")
+        assert_close(y, ref, atol=4 * math.sqrt(k) * EPS[torch.float32] * mag, name=f"int4 {isa} m={m}")
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -196,7 +196,7 @@ def test_int4_gemv_with_flush_denormal(threads):
             packed, scales, zeros = random_int4(45, 8 * group, group, m % 2 == 0)
             y = ops.int4_linear(x, packed, scales, zeros, group)
             ref, mag = int4_reference(x, packed, scales, zeros, group, None)
-            assert_within(y, ref, 4 * math.sqrt(x.shape[1]) * EPS[torch.float32] * mag, f"int4 flush m={m}")
+            assert_close(y, ref, atol=4 * math.sqrt(x.shape[1]) * EPS[torch.float32] * mag, name=f"int4 flush m={m}")
     finally:
         torch.set_flush_denormal(False)
         ops.set_num_threads(saved)
@@ -214,7 +214,7 @@ def test_int4_gemv_huge_and_nan_activations(isa, big):
     packed, scales, zeros = random_int4(21, k, group, False)
     y = ops.int4_linear(x, packed, scales, zeros, group)
     ref, mag = int4_reference(x, packed, scales, zeros, group, None)
-    assert_within(y, ref, 4 * math.sqrt(k) * EPS[torch.float32] * mag, f"int4 {isa} |x| = {big}")
+    assert_close(y, ref, atol=4 * math.sqrt(k) * EPS[torch.float32] * mag, name=f"int4 {isa} |x| = {big}")
     x[2, 7] = float("nan")
     y = ops.int4_linear(x, packed, scales, zeros, group)
     assert y[2].isnan().all() and not y[:2].isnan().any()
@@ -346,44 +346,11 @@ def test_int4_linear_module(symmetric, m):
     err = rel_rms(y - linear.bias.detach(), y_ref - linear.bias.detach())
     assert err < 2.0 * w_err, f"relative RMS {err:.4f} vs weight error {w_err:.4f}"
     ref, mag = int4_reference(x, mod.weight, mod.scales, mod.zeros, 64, mod.bias)
-    assert_within(y, ref, 4 * math.sqrt(256) * EPS[torch.float32] * mag, "Int4Linear vs its dequantized weights")
+    assert_close(y, ref, atol=4 * math.sqrt(256) * EPS[torch.float32] * mag,
+                 name="Int4Linear vs its dequantized weights")
 
 
-# --- CUDA ---------------------------------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 3, 16, 128, 300])
-def test_int8_cuda(dtype, m):
-    k, n = (1024 if m % 2 == 0 else 1000), 200  # K % 16 == 0 takes the 16-byte loads, others the byte loads
-    x = torch.randn(m, k).to(dtype)
-    w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
-    bias = torch.randn(n)
-    q, s = ops.quantize_per_token(x.cuda())
-    q_ref, s_ref = quantize_reference(x)
-    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
-    y = ops.int8_linear(x.cuda(), w_q.cuda(), w_s.cuda(), bias.cuda()).cpu()
-    ref, mag = int8_reference(q_ref, s_ref, w_q, w_s, bias)
-    assert_within(y, ref, 3 * EPS[torch.float32] * mag + EPS[dtype] * ref.abs(), f"int8 cuda m={m} {dtype}")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 8, 16, 128, 300])
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group", [32, 128])
-def test_int4_cuda(dtype, m, symmetric, group):
-    k, n = 8 * group + group, 200
-    x = torch.randn(m, k).to(dtype)
-    packed, scales, zeros = random_int4(n, k, group, symmetric)
-    bias = torch.randn(n)
-    y = ops.int4_linear(x.cuda(), packed.cuda(), scales.cuda(), None if zeros is None else zeros.cuda(), group,
-                        bias.cuda()).cpu()
-    ref, mag = int4_reference(x, packed, scales, zeros, group, bias)
-    # The tensor-core path rounds the dequantized weights to x's dtype before multiplying.
-    tol = 4 * math.sqrt(k) * EPS[torch.float32] * mag + 2 * EPS[dtype] * mag + EPS[dtype] * ref.abs()
-    assert_within(y, ref, tol, f"int4 cuda m={m} group={group} sym={symmetric} {dtype}")
-
+# --- registration, CUDA alignment, empty shapes -------------------------------------------------------------
 
 def test_custom_ops_register_fake():
     # The torch.library ops (schemas, fake implementations for torch.compile) pass torch's own checks.
@@ -412,7 +379,7 @@ def test_int4_cuda_unaligned(m):
     y = ops.int4_linear(x_cuda, w, scales.cuda(), zeros.cuda(), group).cpu()
     ref, mag = int4_reference(x, packed, scales, zeros, group, None)
     tol = 4 * math.sqrt(k) * EPS[torch.float32] * mag + 2 * EPS[torch.float16] * mag + EPS[torch.float16] * ref.abs()
-    assert_within(y, ref, tol, f"int4 cuda unaligned m={m}")
+    assert_close(y, ref, atol=tol, name=f"int4 cuda unaligned m={m}")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -1,32 +1,25 @@
-"""The paged KV cache (flashlm.ops.kvcache, flash_attn_with_kvcache) against plain references.
+"""The paged KV cache (flashlm.ops.kvcache, flash_attn_with_kvcache) on every device against plain references.
 
-write_kv_cache is checked against torch indexing. Paged attention (decode and prefill) is checked against
-attention over the same K/V gathered into contiguous tensors, done in float64 and in the input dtype:
-flashlm's error against float64 may be at most twice that of the input-dtype math plus a small floor (the
-rule of test_attention.py). Block tables shuffle the physical blocks; every CPU case runs on the scalar
-reference and on the AVX2 kernels. Failures name the tensor, the max error and where it is.
+write_kv_cache is checked against torch indexing. Paged attention (decode and prefill) is checked against the
+attention reference (reference.py) over the same K/V gathered from the blocks, in float64 and in the input
+dtype: flashlm's error against float64 may be at most twice that of the input-dtype math plus a small floor
+(compare.py), element by element here. Block tables shuffle the physical blocks; every CPU case runs on the
+scalar reference and on the AVX2 kernels, CUDA cases in f16 and bf16. Failures name the tensor, the max error
+and where it is.
 """
-
-import math
 
 import pytest
 import torch
 
-import flashlm.ops as ops
-from conftest import devices
+from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
+from conftest import cpu_isas, devices, per_kernel, use_isa
+from flashlm import ops
 from flashlm.flash_attn_interface import flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
+from reference import attention
+from reference import paged_attention as paged_reference
 
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-CPU_ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
-
-
-@pytest.fixture(params=CPU_ISAS)
-def isa(request):
-    before = ops.cpu_isa()
-    ops.set_cpu_isa(request.param)
-    yield request.param
-    ops.set_cpu_isa(before)
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: tests switch the ISA
 
 
 def dtypes_for(device):
@@ -51,64 +44,20 @@ def make_cache(lens, block_size, kv_heads, head_dim, dtype, device="cpu", spare=
     return k_cache, v_cache, table.to(device)
 
 
-def gather(cache, table, s, n):
-    """Tokens 0 .. n of sequence s: [n, kv_heads, head_dim]."""
-    t = torch.arange(n, device=cache.device)
-    return cache[table[s, t // cache.shape[1]].long(), t % cache.shape[1]]
+def check_close(name, got, exact, low, floor):
+    """The 2x rule element by element, the floor relative to the value's magnitude."""
+    assert_close_to_reference(got, exact, low, floor, name=name, elementwise=True, relative_floor=True)
 
 
-def reference(q, k_cache, v_cache, table, lens, cu, dtype, causal=True, window=(-1, -1), softcap=0.0, scale=None):
-    """Attention over the gathered context in `dtype`: (out [tokens, H, D], lse [H, tokens])."""
-    heads, head_dim = q.shape[1], q.shape[2]
-    scale = head_dim ** -0.5 if scale is None else scale
-    left, right = window[0], 0 if causal else window[1]
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
-    lse = torch.full((heads, q.shape[0]), math.inf, dtype=torch.float64, device=q.device)
-    for s, n in enumerate(lens):
-        q0, q1 = (s, s + 1) if cu is None else (int(cu[s]), int(cu[s + 1]))
-        group = heads // k_cache.shape[2]
-        k = gather(k_cache, table, s, n).to(dtype).repeat_interleave(group, 1)
-        v = gather(v_cache, table, s, n).to(dtype).repeat_interleave(group, 1)
-        x = torch.einsum("ihd,jhd->hij", q[q0:q1].to(dtype), k) * scale
-        if softcap > 0:
-            x = softcap * torch.tanh(x / softcap)
-        pos = torch.arange(q1 - q0, device=q.device)[:, None] + n - (q1 - q0)
-        j = torch.arange(n, device=q.device)[None, :]
-        mask = torch.ones(q1 - q0, n, dtype=torch.bool, device=q.device)
-        if left >= 0:
-            mask &= j >= pos - left
-        if right >= 0:
-            mask &= j <= pos + right
-        seen = mask.any(-1)
-        x = x.masked_fill(~mask, -math.inf).masked_fill(~seen[:, None], 0.0)
-        p = torch.softmax(x, -1) * mask
-        out[q0:q1] = torch.einsum("hij,jhd->ihd", p, v)
-        lse[:, q0:q1] = torch.logsumexp(x.double(), -1).masked_fill(~seen, math.inf)
-    return out, lse
-
-
-def assert_close(name, got, exact, low, floor):
-    """|got - exact| <= 2 |low - exact| + floor (relative to exact's scale), with the worst element named."""
-    got, exact, low = got.double(), exact.double(), low.double()
-    finite = torch.isfinite(exact)
-    assert torch.equal(torch.isfinite(got), finite), f"{name}: infinities differ from the reference"
-    err = (got - exact).abs().masked_fill(~finite, 0)
-    bound = 2 * (low - exact).abs().masked_fill(~finite, 0) + floor * (1 + exact.abs().masked_fill(~finite, 0))
-    excess = err - bound
-    where = tuple(int(i) for i in torch.unravel_index(excess.argmax(), excess.shape))
-    assert excess.max() <= 0, (f"{name}: max error {err.max().item():.3g} (bound there {bound[where].item():.3g}) "
-                               f"at {where}, got {got[where].item()}, expected {exact[where].item()}")
-
-
-def check(q, k_cache, v_cache, table, lens, cu=None, **kw):
-    opts = {k: v for k, v in kw.items() if k in ("causal", "window", "softcap")}
+def check(q, k_cache, v_cache, table, lens, cu=None, num_splits=0, **opts):
     out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=q.device),
                                cu, None, causal=opts.get("causal", True), window_size=opts.get("window", (-1, -1)),
-                               softcap=opts.get("softcap", 0.0), num_splits=kw.get("num_splits", 0), return_lse=True)
-    exact, exact_lse = reference(q, k_cache, v_cache, table, lens, cu, torch.float64, **opts)
-    low, _ = reference(q, k_cache, v_cache, table, lens, cu, q.dtype, **opts)
-    assert_close("out", out, exact, low, FLOOR[q.dtype])
-    assert_close("lse", lse, exact_lse, exact_lse, 1e-5)
+                               softcap=opts.get("softcap", 0.0), num_splits=num_splits, return_lse=True)
+    opts.setdefault("causal", True)
+    exact, exact_lse = paged_reference(q.double(), k_cache, v_cache, table, lens, cu, **opts)
+    low, _ = paged_reference(q, k_cache, v_cache, table, lens, cu, **opts)
+    check_close("out", out, exact, low, FLOOR[q.dtype])
+    check_close("lse", lse, exact_lse, None, 1e-5)
     return out, lse
 
 
@@ -130,8 +79,8 @@ def test_write_kv_cache(device, block_size):
         expect_k[slots[keep]] = key[keep]
         expect_v[slots[keep]] = value[keep]
         write_kv_cache(key, value, k_cache, v_cache, slots)
-        assert torch.equal(k_cache.flatten(0, 1), expect_k), f"k_cache differs ({dtype})"
-        assert torch.equal(v_cache.flatten(0, 1), expect_v), f"v_cache differs ({dtype})"
+        assert_equal(k_cache.flatten(0, 1), expect_k, name=f"k_cache ({dtype})")
+        assert_equal(v_cache.flatten(0, 1), expect_v, name=f"v_cache ({dtype})")
 
 
 def test_write_kv_cache_rejects_bad_input():
@@ -165,26 +114,33 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"bs{c[1]}-h{c[2]}/{c[3]}-d{c[4]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode(isa, case, dtype):
+@pytest.mark.parametrize("device,isa,dtype,case,splits", per_kernel(
+    cpu=[(dtype, case, 0) for dtype in (torch.float32, torch.bfloat16) for case in DECODE_CASES],
+    cuda=[(dtype, ([1, 300, 2500, 17], 16, 8, 2, 128), splits) for dtype in (torch.float16, torch.bfloat16)
+          for splits in (1, 4, 0)]))
+def test_decode(device, isa, dtype, case, splits):
+    use_isa(isa)
     lens, block_size, heads, kv_heads, head_dim = case
     gen = torch.Generator().manual_seed(len(lens) * 1000 + head_dim)
-    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, gen=gen)
-    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
-    check(q, k_cache, v_cache, table, lens)
+    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, device, gen=gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype).to(device)
+    check(q, k_cache, v_cache, table, lens, num_splits=splits)
 
 
 @pytest.mark.parametrize("opts", [dict(window=(50, -1)), dict(softcap=5.0), dict(causal=False, window=(10, 3))])
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_decode_masking(isa, opts):
+    use_isa(isa)
     lens = [1, 40, 600]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
     q = torch.randn(len(lens), 4, 64)
     check(q, k_cache, v_cache, table, lens, **opts)
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_splits_equal_unsplit(isa, dtype):
+    use_isa(isa)
     lens = [1, 90, 1000, 1500]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype)
     q = torch.randn(len(lens), 8, 64).to(dtype)
@@ -194,12 +150,14 @@ def test_decode_splits_equal_unsplit(isa, dtype):
         out, lse = paged_attention(q, k_cache, v_cache, table, seq_lens, num_splits=splits, return_lse=True,
                                    softcap=0.0)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert_close(f"out with {splits} splits", out, base, base, tol)
-        assert_close(f"lse with {splits} splits", lse, base_lse, base_lse, 1e-5)
+        assert_close(out, base, atol=tol, rtol=tol, name=f"out with {splits} splits")
+        assert_close(lse, base_lse, atol=1e-5, rtol=1e-5, name=f"lse with {splits} splits")
     check(q, k_cache, v_cache, table, lens, num_splits=5, window=(300, -1))
 
 
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_decode_empty_context(isa):
+    use_isa(isa)
     k_cache, v_cache, table = make_cache([0, 5], 4, 1, 16, torch.float32)
     q = torch.randn(2, 2, 16)
     for splits in (1, 3):
@@ -221,21 +179,26 @@ PREFILL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"bs{c[2]}-h{c[3]}/{c[4]}-d{c[5]}")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill(isa, case, dtype):
+@pytest.mark.parametrize("device,isa,dtype,case,opts", per_kernel(
+    cpu=[(dtype, case, {}) for dtype in (torch.float32, torch.bfloat16) for case in PREFILL_CASES],
+    cuda=[(dtype, ([300, 33, 1000], [300, 1, 64], block_size, 8, 4, 64), dict(window=(100, -1)))
+          for dtype in (torch.float16, torch.bfloat16) for block_size in (16, 256)]))
+def test_prefill(device, isa, dtype, case, opts):
+    use_isa(isa)
     lens, q_lens, block_size, heads, kv_heads, head_dim = case
     gen = torch.Generator().manual_seed(sum(lens) + head_dim)
-    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, gen=gen)
-    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-    q = torch.randn(int(cu[-1]) + 2, heads, head_dim, generator=gen).to(dtype)  # 2 rows in no sequence
-    out, _ = check(q, k_cache, v_cache, table, lens, cu)
-    assert torch.equal(out[-2:], torch.zeros_like(out[-2:])), "rows past cu_seqlens_q[-1] stay 0"
+    k_cache, v_cache, table = make_cache(lens, block_size, kv_heads, head_dim, dtype, device, gen=gen)
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    q = torch.randn(int(cu[-1]) + 2, heads, head_dim, generator=gen).to(dtype).to(device)  # 2 rows in no sequence
+    out, _ = check(q, k_cache, v_cache, table, lens, cu, **opts)
+    assert_equal(out[-2:], torch.zeros_like(out[-2:]), name="rows past cu_seqlens_q[-1]")
 
 
 @pytest.mark.parametrize("opts", [dict(window=(40, -1)), dict(softcap=3.0), dict(causal=False),
                                   dict(causal=False, window=(20, 7))])
+@pytest.mark.parametrize("isa", cpu_isas())
 def test_prefill_masking(isa, opts):
+    use_isa(isa)
     lens, q_lens = [150, 60], [100, 60]
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
     cu = torch.tensor([0, 100, 160], dtype=torch.int32)
@@ -298,17 +261,6 @@ def test_num_splits_heuristic():
 
 # ---- flash-attn interface --------------------------------------------------------------------------------
 
-def dense_reference(q, k, v, causal, cache_lens):
-    """q [B, Sq, H, D] against k, v [B, Sk, Hkv, D] whose first cache_lens[b] rows count, in float64."""
-    outs = []
-    for b, n in enumerate(cache_lens):
-        table = torch.zeros(1, 1, dtype=torch.int32)
-        out, _ = reference(q[b], k[b:b + 1], v[b:b + 1], table, [n], torch.tensor([0, q.shape[1]]), torch.float64,
-                           causal=causal)
-        outs.append(out)
-    return torch.stack(outs)
-
-
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 def test_flash_attn_with_kvcache_appends_then_attends(paged, seqlen_q):
@@ -338,14 +290,16 @@ def test_flash_attn_with_kvcache_appends_then_attends(paged, seqlen_q):
         n = int(cache_lens[b])
         dense_k[b, n:n + new], dense_v[b, n:n + new] = k[b], v[b]
     total = (cache_lens + new).tolist()
-    expect = dense_reference(q, dense_k, dense_v, True, total)
-    assert_close("out", out, expect, expect.float(), 1e-5)
+    # Each sequence against the first total[b] rows of its dense cache, in float64.
+    expect = torch.cat([attention(q[b:b + 1].double(), dense_k[b:b + 1, :n].double(), dense_v[b:b + 1, :n].double(),
+                                  causal=True)[0] for b, n in enumerate(total)])
+    check_close("out", out, expect, expect.float(), 1e-5)
     assert lse.shape == (batch, heads, seqlen_q)
     if paged:
         got_k = k_cache[table.long()].reshape(batch, capacity, kv_heads, head_dim)
     else:
         got_k = k_cache[order]
-    assert torch.equal(got_k, dense_k), "the new keys must be written at cache_seqlens"
+    assert_equal(got_k, dense_k, name="the cache, the new keys written at cache_seqlens")
 
 
 def test_flash_attn_with_kvcache_rotary():
@@ -371,10 +325,10 @@ def test_flash_attn_with_kvcache_rotary():
                 x[..., a], x[..., b] = xa * c[f] - xb * s[f], xa * s[f] + xb * c[f]
             return x
 
-        assert torch.allclose(kc[:, cache_len], rot(k)[:, 0], atol=1e-6), "k must be rotated before it is cached"
+        assert_close(kc[:, cache_len], rot(k)[:, 0], atol=1e-6, rtol=1e-5, name="k, rotated before it is cached")
         expect = flash_attn_with_kvcache(rot(q), k_cache.clone(), v_cache.clone(), rot(k), v,
                                          cache_seqlens=cache_len, causal=True)
-        assert torch.allclose(out, expect, atol=1e-6)
+        assert_close(out, expect, atol=1e-6, rtol=1e-5, name="out")
 
 
 def test_flash_attn_with_kvcache_rejects_bad_input():
@@ -396,32 +350,11 @@ def test_flash_attn_varlen_func_block_table():
     cu_k = torch.tensor([0, 40, 130], dtype=torch.int32)
     q = torch.randn(47, 4, 32)
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 40, 90, causal=True, block_table=table)
-    exact, _ = reference(q, k_cache, v_cache, table, lens, cu_q, torch.float64)
-    assert_close("out", out, exact, exact, 1e-5)
+    exact, _ = paged_reference(q.double(), k_cache, v_cache, table, lens, cu_q, causal=True)
+    assert_close(out, exact, atol=1e-5, rtol=1e-5, name="out")
 
 
-# ---- CUDA (run where a GPU is) -----------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("splits", [1, 4, 0])
-def test_decode_cuda(dtype, splits):
-    lens = [1, 300, 2500, 17]
-    k_cache, v_cache, table = make_cache(lens, 16, 2, 128, dtype, device="cuda")
-    q = torch.randn(len(lens), 8, 128, device="cuda").to(dtype)
-    check(q, k_cache, v_cache, table, lens, num_splits=splits)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_prefill_cuda(dtype, block_size):
-    lens, q_lens = [300, 33, 1000], [300, 1, 64]
-    k_cache, v_cache, table = make_cache(lens, block_size, 4, 64, dtype, device="cuda")
-    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32).cuda()
-    q = torch.randn(int(cu[-1]), 8, 64, device="cuda").to(dtype)
-    check(q, k_cache, v_cache, table, lens, cu, window=(100, -1))
-
+# ---- CUDA only (run where a GPU is) -----------------------------------------------------------------------------
 
 @pytest.mark.cuda
 def test_write_kv_cache_cuda_skips_out_of_range():

@@ -19,6 +19,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
+from compare import assert_close  # noqa: E402
 from hf_to_gguf import dequantized_state, write_gguf  # noqa: E402
 from tokenizer_sources import (SAMPLES, bpe_gguf_metadata, spm_gguf_metadata, train_bpe,  # noqa: E402
                                train_spm)
@@ -71,12 +72,6 @@ def make_hf(kind: str, vocab: int = V):
     return m, {"llama_tied": "llama", "mistral": "llama"}.get(kind, kind)
 
 
-def _rel_err(out, ref):
-    err = (out - ref).abs()
-    i = int(err.argmax())
-    return float(err.max()) / float(ref.abs().max()), np.unravel_index(i, err.shape)
-
-
 def _logits(model, idx):
     with torch.no_grad():
         return model(idx)[0] if not hasattr(model, "generation_config") else model(idx).logits
@@ -94,8 +89,7 @@ def test_hf_logits_match_transformers(tmp_path, kind):
     for T in (1, 19):
         idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
         ref, out = _logits(hf, idx), _logits(loaded.model, idx)
-        err = (out - ref).abs().max().item()
-        assert err <= 1e-4, f"{kind} T={T}: max abs diff {err} at {_rel_err(out, ref)[1]}"
+        assert_close(out, ref, atol=1e-4, name=f"{kind} T={T}: logits")
 
 
 def test_hf_sharded_and_max_model_len(tmp_path):
@@ -105,7 +99,7 @@ def test_hf_sharded_and_max_model_len(tmp_path):
     loaded = load_hf(tmp_path, max_model_len=24)
     assert loaded.config.seq_len == 24 and loaded.model.pos_emb.weight.shape == (24, 64)
     idx = torch.randint(0, V, (1, 24), generator=torch.Generator().manual_seed(0))
-    assert (_logits(loaded.model, idx) - _logits(hf, idx)).abs().max().item() <= 1e-4
+    assert_close(_logits(loaded.model, idx), _logits(hf, idx), atol=1e-4, name="logits")
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -127,14 +121,13 @@ def test_hf_quantized_load(tmp_path, quantize):
             block.get_submodule(name).weight.data = w.float()
     idx = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(1))
     out, ref, orig = _logits(loaded.model, idx), _logits(ref_model, idx), _logits(hf, idx)
-    err, where = _rel_err(out, ref)
-    # int4 (W4A16): the same weights, float activations -> float rounding only. int8 (W8A8): activations are
-    # rounded per token to 8 bits (relative step 1/127 of the row's max) at each of 7 linears per block.
+    # Errors relative to the largest logit. int4 (W4A16): the same weights, float activations -> float rounding
+    # only. int8 (W8A8): activations are rounded per token to 8 bits (relative step 1/127 of the row's max) at
+    # each of 7 linears per block.
     tol = 1e-4 if quantize == "int4" else 3e-2
-    assert err <= tol, f"{quantize}: {err:.3g} relative to the dequantized-weight model at {where}"
+    assert_close(out, ref, rtol_of_max=tol, name=f"{quantize}: logits vs the dequantized-weight model")
     # and against the original float weights: int8 is about 1%, int4 (group 32..128, 4 bits) a few %
-    err_orig, where = _rel_err(out, orig)
-    assert err_orig <= (5e-2 if quantize == "int8" else 0.25), f"{quantize}: {err_orig:.3g} vs float at {where}"
+    assert_close(out, orig, rtol_of_max=5e-2 if quantize == "int8" else 0.25, name=f"{quantize}: logits vs float")
 
 
 def test_hf_bfloat16(tmp_path):
@@ -143,8 +136,8 @@ def test_hf_bfloat16(tmp_path):
     loaded = load_hf(tmp_path, dtype=torch.bfloat16)
     assert loaded.model.tok_emb.weight.dtype == torch.bfloat16
     idx = torch.randint(0, V, (1, 9), generator=torch.Generator().manual_seed(2))
-    err, where = _rel_err(_logits(loaded.model, idx).float(), _logits(hf, idx))
-    assert err <= 5e-2, f"bf16: {err:.3g} relative at {where}"  # bf16 keeps 8 bits of mantissa
+    # bf16 keeps 8 bits of mantissa: errors relative to the largest logit
+    assert_close(_logits(loaded.model, idx).float(), _logits(hf, idx), rtol_of_max=5e-2, name="bf16 logits")
 
 
 def _rewrite_safetensors(path, edit):
@@ -186,7 +179,7 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     _rewrite_safetensors(tmp_path, lambda t: t.update({"transformer.h.0.attn.bias": torch.ones(1, 1, 8, 8),
                                                        "transformer.h.0.attn.masked_bias": torch.tensor(-1e4)}))
     idx = torch.randint(0, V, (1, 5), generator=torch.Generator().manual_seed(3))
-    assert (_logits(load_hf(tmp_path).model, idx) - _logits(hf, idx)).abs().max().item() <= 1e-4
+    assert_close(_logits(load_hf(tmp_path).model, idx), _logits(hf, idx), atol=1e-4, name="logits")
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -294,13 +287,13 @@ def test_gguf_logits(tmp_path, kind, qtype):
     ref_model.load_state_dict(dequantized_state(hf, arch, held))
     idx = torch.randint(0, V, (2, 21), generator=torch.Generator().manual_seed(7))
     out, ref = _logits(model, idx), _logits(ref_model, idx)
-    err, where = _rel_err(out, ref)
     # float files: exact up to float32 rounding. Quantized: GGUFLinear rounds activations to 8-bit blocks of
-    # 32 (as ggml does), a relative step of 1/254 of each block's max, at every linear: measured 0.4-0.8%.
+    # 32 (as ggml does), a relative step of 1/254 of each block's max, at every linear: measured 0.4-0.8% of the
+    # largest logit.
     if qtype in ("F32", "F16", "BF16"):
-        assert (out - ref).abs().max().item() <= 1e-4, f"{kind} {qtype}: {err:.3g} relative at {where}"
+        assert_close(out, ref, atol=1e-4, name=f"{kind} {qtype}: logits")
     else:
-        assert err <= 2e-2, f"{kind} {qtype}: {err:.3g} relative at {where}"
+        assert_close(out, ref, rtol_of_max=2e-2, name=f"{kind} {qtype}: logits")
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
@@ -313,8 +306,8 @@ def test_gguf_model_to_bfloat16(tmp_path, kind):
     ref = _logits(model, idx)
     out = _logits(model.to(torch.bfloat16), idx)
     assert out.dtype == torch.bfloat16 and model.tok_emb(idx).dtype == torch.bfloat16
-    err, where = _rel_err(out.float(), ref)
-    assert err <= 5e-2, f"{kind}: bf16 {err:.3g} relative at {where}"  # bf16 keeps 8 bits of mantissa
+    # bf16 keeps 8 bits of mantissa: errors relative to the largest logit
+    assert_close(out.float(), ref, rtol_of_max=5e-2, name=f"{kind}: bf16 logits")
 
 
 def test_gguf_llama3_rope_scaling_recovered(tmp_path):
@@ -327,7 +320,9 @@ def test_gguf_llama3_rope_scaling_recovered(tmp_path):
     from flashlm.models.transformer import rope_inv_freq
     want = rope_inv_freq(ModelConfig(**{**cfg.to_dict(), "rope_scaling": {
         k: v for k, v in _rope_llama3().items() if k != "rope_theta"}}))
-    torch.testing.assert_close(rope_inv_freq(cfg), want, rtol=1e-6, atol=0)
+    got = rope_inv_freq(cfg)
+    assert got.dtype == want.dtype
+    assert_close(got, want, rtol=1e-6, name="rope inverse frequencies")
 
 
 @pytest.mark.parametrize("head_dim, factor", [(128, 8.0), (64, 32.0)])  # Llama 3.1 8B, Llama 3.2 1B
@@ -517,10 +512,10 @@ def test_gguf_logits_match_llama_cpp(tmp_path, kind, qtype):
     llm.eval(ids)
     ref = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
     out = _logits(load_gguf(path).model, torch.tensor([ids]))[0]
-    err, where = _rel_err(out, ref)
-    # F32: float32 rounding in a different order (measured ~3e-7; gpt2 5e-5: ggml's GELU is a float16 table).
-    # Q8_0/Q4_0: both round activations to 8-bit blocks, in different kernels (measured 0.3-0.9%)
-    assert err <= (1e-4 if qtype == "F32" else 2e-2), f"{kind} {qtype}: {err:.3g} relative to llama.cpp at {where}"
+    # Relative to the largest logit. F32: float32 rounding in a different order (measured ~3e-7; gpt2 5e-5: ggml's
+    # GELU is a float16 table). Q8_0/Q4_0: both round activations to 8-bit blocks, in different kernels (measured
+    # 0.3-0.9%)
+    assert_close(out, ref, rtol_of_max=1e-4 if qtype == "F32" else 2e-2, name=f"{kind} {qtype}: logits vs llama.cpp")
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "llama-bpe", "qwen2", "spm"])

@@ -2,17 +2,18 @@
 
 References: a float64 evaluation of the formula (f32 inputs); HF's LlamaRMSNorm run in torch as a bf16
 model runs it, bit for bit on inputs whose sum of squares is exact in f32 (so no summation order can change
-it) and to one bf16 ulp elsewhere; the scalar kernel bit for bit (AVX2). CUDA cases are marked and skipped
-without a GPU.
+it) and to one bf16 ulp elsewhere; the scalar kernel bit for bit (AVX2). CUDA cases of the same tests (f32,
+f16, bf16) are marked and skipped without a GPU. Bounds are relative, with a floor at 1e-3 of the tensor's
+largest magnitude (compare.assert_close); bit-for-bit checks are compare.assert_equal.
 """
 
 import pytest
 import torch
 
 import flashlm.ops as ops
+from compare import assert_close, assert_equal
+from conftest import devices, per_device, per_kernel, use_isa
 from flashlm import _C
-
-from conftest import devices
 
 ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
 EPS = 1e-6
@@ -33,24 +34,13 @@ def hf_formula(x, weight, eps):
     return (weight * h.to(x.dtype)).to(x.dtype)
 
 
-def assert_close(actual, expected, rtol, what):
-    """|actual - expected| <= rtol * (|expected| + 1e-3 * max|expected|), elementwise."""
-    err = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs()
-    bound = rtol * (scale + 1e-3 * scale.max())
-    bad = err > bound
-    if bad.any():
-        where = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} elements out of tolerance, max error {err.max().item():.3g}, "
-                             f"first at {where}: {actual[where].item()} vs {expected[where].item()}")
+def rel(rtol):
+    """|actual - expected| <= rtol (|expected| + 1e-3 max|expected|), elementwise."""
+    return dict(rtol=rtol, rtol_of_max=1e-3 * rtol)
 
 
-def assert_bits_equal(actual, expected, what):
-    diff = actual != expected
-    if diff.any():
-        where = tuple(int(i) for i in torch.nonzero(diff)[0])
-        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} elements differ, first at {where}: "
-                             f"{actual[where].item()} vs {expected[where].item()}")
+def stream(device):
+    return torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
 
 
 def exact_sum_inputs(rows, d, gen, dtype=torch.bfloat16):
@@ -59,50 +49,59 @@ def exact_sum_inputs(rows, d, gen, dtype=torch.bfloat16):
     return (torch.randint(-15, 16, (rows, d), generator=gen) / 8).to(dtype)
 
 
-# ---- CPU against float64 ------------------------------------------------------------------------------
+# ---- against float64 and HF's formula ------------------------------------------------------------------
 
-@pytest.mark.parametrize("isa", ISAS)
+RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10 * 1.01, torch.bfloat16: 2.0**-7 * 1.01}  # one ulp, a little
+
+
 @pytest.mark.parametrize("rows", [1, 3, 300])
-@pytest.mark.parametrize("d", [1, 7, 64, 4097])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_f32_against_float64(isa, rows, d, with_residual, restore_isa):
-    ops.set_cpu_isa(isa)
+@pytest.mark.parametrize("device,isa,dtype,weight_dtype,d", per_kernel(
+    cpu=[(torch.float32, torch.float32, d) for d in (1, 7, 64, 4097)],
+    cuda=[(dtype, weight_dtype, d) for dtype, weight_dtype in [
+        (torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32), (torch.float16, torch.float32)] for d in (1, 7, 64, 1024, 1032, 4097, 8192)]))
+def test_against_float64(device, isa, dtype, weight_dtype, rows, d, with_residual, restore_isa):
+    use_isa(isa)
     gen = torch.Generator().manual_seed(rows * 10000 + d)
-    x = torch.randn(rows, d, generator=gen) * 3
-    w = torch.randn(d, generator=gen)
-    residual = torch.randn(rows, d, generator=gen) if with_residual else None
+    x = (torch.randn(rows, d, generator=gen) * 3).to(dtype).to(device)
+    w = torch.randn(d, generator=gen).to(weight_dtype).to(device)
+    residual = torch.randn(rows, d, generator=gen).to(dtype).to(device) if with_residual else None
     ref, ref_residual = reference_f64(x, w, EPS, residual)
     out = ops.rms_norm(x, w, EPS, residual=residual)
-    assert out.shape == x.shape and out.dtype == torch.float32
-    assert_close(out, ref, 1e-5, f"out [{rows}, {d}]")
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    assert_close(out, ref, **rel(RTOL[dtype]), name=f"out {dtype} [{rows}, {d}]")
     if with_residual:
-        assert_bits_equal(residual, ref_residual, "residual")  # one f32 add, as torch's
+        assert_equal(residual, ref_residual, name="residual")  # one add in x's dtype, as torch's
 
 
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("d", [1, 7, 64, 4097])
-@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_bf16_is_hf_formula_bit_for_bit(isa, d, weight_dtype, with_residual, restore_isa):
-    # y rounded to bf16, then the product rounded again: on exact-sum inputs nothing but those two roundings
-    # can differ, so the result must be HF's to the bit (a single rounding differs in ~7% of elements).
-    ops.set_cpu_isa(isa)
+@pytest.mark.parametrize("device,isa,dtype,weight_dtype,d,with_residual", per_kernel(
+    cpu=[(torch.bfloat16, weight_dtype, d, with_residual) for d in (1, 7, 64, 4097)
+         for weight_dtype in (torch.bfloat16, torch.float32) for with_residual in (False, True)],
+    cuda=[(dtype, dtype, d, False) for dtype in (torch.float16, torch.bfloat16) for d in (64, 4097, 8192)]))
+def test_is_hf_formula_bit_for_bit(device, isa, dtype, weight_dtype, d, with_residual, restore_isa):
+    # y rounded to dtype, then the product rounded again: on exact-sum inputs nothing but those two roundings
+    # can differ, so the result must be HF's to the bit (a single rounding differs in ~7% of elements). The
+    # formula runs on the CPU: torch's CUDA rsqrt is approximate, its CPU one is 1 / sqrt rounded twice, as the
+    # kernels compute it.
+    use_isa(isa)
     gen = torch.Generator().manual_seed(d)
     rows = 300
     w = torch.randn(d, generator=gen).to(weight_dtype)
     if with_residual:
-        x = exact_sum_inputs(rows, d, gen) / 2  # x + residual stays a multiple of 1/16 below 2: exact sums still
-        residual = exact_sum_inputs(rows, d, gen) / 2
+        x = exact_sum_inputs(rows, d, gen, dtype) / 2  # x + residual stays a multiple of 1/16 below 2: exact sums
+        residual = exact_sum_inputs(rows, d, gen, dtype) / 2
         expected_residual = x + residual
         expected = hf_formula(expected_residual, w, EPS)
-        out = ops.rms_norm(x, w, EPS, residual=residual)
-        assert_bits_equal(residual, expected_residual, "residual")
+        residual = residual.to(device)
+        out = ops.rms_norm(x.to(device), w.to(device), EPS, residual=residual)
+        assert_equal(residual.cpu(), expected_residual, name="residual")
     else:
-        x = exact_sum_inputs(rows, d, gen)
+        x = exact_sum_inputs(rows, d, gen, dtype)
         expected = hf_formula(x, w, EPS)
-        out = ops.rms_norm(x, w, EPS)
-    assert out.dtype == torch.bfloat16 and out.shape == x.shape
-    assert_bits_equal(out, expected, f"out d={d}")
+        out = ops.rms_norm(x.to(device), w.to(device), EPS)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_equal(out.cpu(), expected, name=f"out {dtype} d={d}")
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -117,10 +116,10 @@ def test_bf16_random_within_one_ulp_of_hf(isa, rows, d, restore_isa):
     w = torch.randn(d, generator=gen).bfloat16()
     out = ops.rms_norm(x, w, EPS)
     expected = hf_formula(x, w, EPS)
-    assert_close(out, expected, 2.0**-7, "out vs HF")
+    assert_close(out, expected, **rel(2.0**-7), name="out vs HF")
     assert (out != expected).float().mean().item() < 0.01, "out: more than 1% of elements differ from HF"
     ref, _ = reference_f64(x, w, EPS)
-    assert_close(out, ref, 2.0**-7 * 1.01, "out vs float64")  # two roundings of 2^-8 each
+    assert_close(out, ref, **rel(2.0**-7 * 1.01), name="out vs float64")  # two roundings of 2^-8 each
 
 
 # ---- layouts ------------------------------------------------------------------------------------------
@@ -137,12 +136,12 @@ def test_strided_rows(dtype):
     residual = r_buf[::2]  # row stride 2d
     expected_residual = x + residual
     out = ops.rms_norm(x, w, EPS, residual=residual)
-    assert_bits_equal(out, ops.rms_norm(expected_residual.contiguous(), w, EPS), "out (strided rows)")
-    assert_bits_equal(r_buf[::2], expected_residual, "residual rows")
-    assert_bits_equal(r_buf[1::2], r_before[1::2], "rows between the residual's")
+    assert_equal(out, ops.rms_norm(expected_residual.contiguous(), w, EPS), name="out (strided rows)")
+    assert_equal(r_buf[::2], expected_residual, name="residual rows")
+    assert_equal(r_buf[1::2], r_before[1::2], name="rows between the residual's")
     # Stride-0 rows (an expanded x) are read, never written.
     row = torch.randn(1, d, generator=gen).to(dtype)
-    assert_bits_equal(ops.rms_norm(row.expand(4, d), w, EPS), ops.rms_norm(row, w, EPS).expand(4, d), "expanded x")
+    assert_equal(ops.rms_norm(row.expand(4, d), w, EPS), ops.rms_norm(row, w, EPS).expand(4, d), name="expanded x")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,34 +150,35 @@ def test_leading_dimensions(dtype):
     x = torch.randn(2, 3, 5, 40, generator=gen).to(dtype)
     w = torch.randn(40, generator=gen).to(dtype)
     flat = ops.rms_norm(x.reshape(30, 40), w, EPS).view(x.shape)
-    assert_bits_equal(ops.rms_norm(x, w, EPS), flat, "4-D x")
-    assert_bits_equal(ops.rms_norm(x[1, 2, 3], w, EPS), flat[1, 2, 3], "1-D x")
+    assert_equal(ops.rms_norm(x, w, EPS), flat, name="4-D x")
+    assert_equal(ops.rms_norm(x[1, 2, 3], w, EPS), flat[1, 2, 3], name="1-D x")
     # Leading dimensions that do not nest (a transpose), a strided last dimension, and a residual of the same
     # kind: copies on the way in, and the residual written back.
     xt = x.transpose(0, 2)
-    assert_bits_equal(ops.rms_norm(xt, w, EPS), flat.transpose(0, 2), "transposed x")
+    assert_equal(ops.rms_norm(xt, w, EPS), flat.transpose(0, 2), name="transposed x")
     xs = torch.randn(6, 80, generator=gen).to(dtype)[:, ::2]
-    assert_bits_equal(ops.rms_norm(xs, w, EPS), ops.rms_norm(xs.contiguous(), w, EPS), "x with a strided last dim")
+    assert_equal(ops.rms_norm(xs, w, EPS), ops.rms_norm(xs.contiguous(), w, EPS), name="x with a strided last dim")
     r = torch.randn(2, 3, 5, 40, generator=gen).to(dtype).transpose(0, 2)
     expected_r = xt + r
     out = ops.rms_norm(xt, w, EPS, residual=r)
-    assert_bits_equal(r, expected_r, "transposed residual")
-    assert_bits_equal(out, ops.rms_norm(expected_r.contiguous(), w, EPS), "out with a transposed residual")
+    assert_equal(r, expected_r, name="transposed residual")
+    assert_equal(out, ops.rms_norm(expected_r.contiguous(), w, EPS), name="out with a transposed residual")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_out_may_be_x(dtype, with_residual):
+@pytest.mark.parametrize("device,dtype,d,with_residual", per_device(
+    cpu=[(dtype, 4097, with_residual) for dtype in (torch.float32, torch.bfloat16) for with_residual in (False, True)],
+    cuda=[(torch.bfloat16, d, True) for d in (64, 4096)]))
+def test_out_may_be_x(device, dtype, d, with_residual):
     gen = torch.Generator().manual_seed(13)
-    x = torch.randn(9, 4097, generator=gen).to(dtype)
-    w = torch.randn(4097, generator=gen).to(dtype)
-    r = torch.randn(9, 4097, generator=gen).to(dtype) if with_residual else None
+    x = torch.randn(9, d, generator=gen).to(dtype).to(device)
+    w = torch.randn(d, generator=gen).to(dtype).to(device)
+    r = torch.randn(9, d, generator=gen).to(dtype).to(device) if with_residual else None
     r_copy = None if r is None else r.clone()
     expected = ops.rms_norm(x.clone(), w, EPS, residual=r_copy)
-    _C.rms_norm(x, w, x, r, EPS)
-    assert_bits_equal(x, expected, "out written over x")
+    _C.rms_norm(x, w, x, r, EPS, stream(device))
+    assert_equal(x, expected, name="out written over x")
     if with_residual:
-        assert_bits_equal(r, r_copy, "residual")
+        assert_equal(r, r_copy, name="residual")
 
 
 def test_empty_and_tiny():
@@ -187,7 +187,8 @@ def test_empty_and_tiny():
     assert ops.rms_norm(torch.randn(3, 0), torch.randn(0), EPS).shape == (3, 0)
     # d = 1: x / |x| * w (+0 stays +0 with eps > 0).
     x = torch.tensor([[2.0], [-3.0], [0.0]])
-    assert_close(ops.rms_norm(x, torch.tensor([1.5]), 0.0)[:2], torch.tensor([[1.5], [-1.5]]), 1e-7, "d = 1")
+    assert_close(ops.rms_norm(x, torch.tensor([1.5]), 0.0)[:2], torch.tensor([[1.5], [-1.5]]), **rel(1e-7),
+                 name="d = 1")
     assert ops.rms_norm(x, torch.tensor([1.5]), EPS)[2].item() == 0.0
 
 
@@ -208,9 +209,9 @@ def test_avx2_matches_scalar_bitwise(dtype, weight_dtype, d, with_residual, rest
         ops.set_cpu_isa(isa)
         r = None if r0 is None else r0.clone()
         results[isa] = (ops.rms_norm(x, w, EPS, residual=r), r)
-    assert_bits_equal(results["avx2"][0], results["scalar"][0], "out: AVX2 vs scalar")
+    assert_equal(results["avx2"][0], results["scalar"][0], name="out: AVX2 vs scalar")
     if with_residual:
-        assert_bits_equal(results["avx2"][1], results["scalar"][1], "residual: AVX2 vs scalar")
+        assert_equal(results["avx2"][1], results["scalar"][1], name="residual: AVX2 vs scalar")
 
 
 @pytest.mark.skipif("avx2" not in ISAS, reason="needs AVX2")
@@ -228,11 +229,11 @@ def test_avx2_matches_scalar_on_nan_and_inf(dtype, restore_isa):
         ops.set_cpu_isa(isa)
         r = torch.zeros(4, 45, dtype=dtype)
         out = ops.rms_norm(x, w, EPS, residual=r)
-        assert_bits_equal(out.isnan(), hf_formula(x, w, EPS).isnan(), f"{isa}: where the NaNs are")
+        assert_equal(out.isnan(), hf_formula(x, w, EPS).isnan(), name=f"{isa}: where the NaNs are")
         bits[isa] = (out.view(torch.int32 if dtype == torch.float32 else torch.int16),
                      r.view(torch.int32 if dtype == torch.float32 else torch.int16))
-    assert_bits_equal(bits["avx2"][0], bits["scalar"][0], "out bits: AVX2 vs scalar")
-    assert_bits_equal(bits["avx2"][1], bits["scalar"][1], "residual bits: AVX2 vs scalar")
+    assert_equal(bits["avx2"][0], bits["scalar"][0], name="out bits: AVX2 vs scalar")
+    assert_equal(bits["avx2"][1], bits["scalar"][1], name="residual bits: AVX2 vs scalar")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
@@ -310,44 +311,11 @@ def test_compiles():
     expected = ops.rms_norm(x, w, EPS, residual=r_eager)
     # aot_eager: the op's fake and its declared mutation traced, without compiling C++ here.
     fn = torch.compile(lambda x, w, r: ops.rms_norm(x, w, EPS, residual=r) * 2, fullgraph=True, backend="aot_eager")
-    assert_bits_equal(fn(x, w, r), expected * 2, "compiled out")
-    assert_bits_equal(r, r_eager, "compiled residual")
+    assert_equal(fn(x, w, r), expected * 2, name="compiled out")
+    assert_equal(r, r_eager, name="compiled residual")
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
-                                                 (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                                 (torch.float16, torch.float32)])
-@pytest.mark.parametrize("rows", [1, 3, 300])
-@pytest.mark.parametrize("d", [1, 7, 64, 1024, 1032, 4097, 8192])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_cuda_against_float64(dtype, weight_dtype, rows, d, with_residual):
-    gen = torch.Generator().manual_seed(rows * 7 + d)
-    x = (torch.randn(rows, d, generator=gen) * 2).to(dtype).cuda()
-    w = torch.randn(d, generator=gen).to(weight_dtype).cuda()
-    residual = torch.randn(rows, d, generator=gen).to(dtype).cuda() if with_residual else None
-    ref, ref_residual = reference_f64(x, w, EPS, residual)
-    out = ops.rms_norm(x, w, EPS, residual=residual)
-    assert out.dtype == dtype and out.device == x.device
-    rtol = {torch.float32: 1e-5, torch.float16: 2.0**-10 * 1.01, torch.bfloat16: 2.0**-7 * 1.01}[dtype]
-    assert_close(out, ref, rtol, f"out {dtype} [{rows}, {d}]")
-    if with_residual:
-        assert_bits_equal(residual, ref_residual, "residual")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("d", [64, 4097, 8192])
-def test_cuda_is_hf_formula_bit_for_bit(dtype, d):
-    gen = torch.Generator().manual_seed(d)
-    # The formula on the CPU: torch's CUDA rsqrt is approximate, its CPU one is 1 / sqrt rounded twice, as the
-    # kernels compute it; with an exact sum nothing else can differ.
-    x = exact_sum_inputs(300, d, gen, dtype)
-    w = torch.randn(d, generator=gen).to(dtype)
-    assert_bits_equal(ops.rms_norm(x.cuda(), w.cuda(), EPS).cpu(), hf_formula(x, w, EPS), f"out {dtype} d={d}")
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -363,21 +331,8 @@ def test_cuda_unaligned_and_strided(dtype):
         out = ops.rms_norm(x, w, EPS, residual=r)
         expected = ops.rms_norm(x.contiguous(), w, EPS, residual=r_aligned)
         # The sums run in another order on the element-wise path: f32 rounding, then at most one ulp of dtype.
-        assert_close(out, expected, 1e-5 if dtype == torch.float32 else 2.0**-7, "unaligned out")
-        assert_bits_equal(r, r_aligned, "unaligned residual")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("d", [64, 4096])
-def test_cuda_out_may_be_x(d):
-    x = torch.randn(5, d, device="cuda").bfloat16()
-    w = torch.randn(d, device="cuda").bfloat16()
-    r = torch.randn(5, d, device="cuda").bfloat16()
-    r_copy = r.clone()
-    expected = ops.rms_norm(x.clone(), w, EPS, residual=r_copy)
-    _C.rms_norm(x, w, x, r, EPS, torch.cuda.current_stream().cuda_stream)
-    assert_bits_equal(x, expected, "out written over x")
-    assert_bits_equal(r, r_copy, "residual")
+        assert_close(out, expected, **rel(1e-5 if dtype == torch.float32 else 2.0**-7), name="unaligned out")
+        assert_equal(r, r_aligned, name="unaligned residual")
 
 
 @pytest.mark.cuda
@@ -403,12 +358,12 @@ def test_module_uses_the_kernel_only_without_grad():
     y.sum().backward()
     assert norm.weight.grad is not None
     with torch.no_grad():
-        assert_bits_equal(norm(x), ops.rms_norm(x, norm.weight, 1e-5), "no_grad: the kernel")
-        assert_close(norm(x), y.detach(), 1e-6, "kernel vs torch formula")
+        assert_equal(norm(x), ops.rms_norm(x, norm.weight, 1e-5), name="no_grad: the kernel")
+        assert_close(norm(x), y.detach(), **rel(1e-6), name="kernel vs torch formula")
         xb = x.bfloat16()
         assert norm(xb).dtype == torch.float32  # bf16 x, f32 weight: torch's promotion, kept
         nb = RMSNorm(48, 1e-5).bfloat16()
-        assert_bits_equal(nb(xb), hf_formula(xb, nb.weight, 1e-5), "bf16 module")
+        assert_equal(nb(xb), hf_formula(xb, nb.weight, 1e-5), name="bf16 module")
 
 
 def paged_logits(model, tokens):
@@ -443,10 +398,8 @@ def test_paged_forward_fused_residual_equals_unfused(monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(Block, "forward_paged", unfused)
-        assert_bits_equal(fused, paged_logits(model, tokens), "fused residual vs x + a, then the norm")
+        assert_equal(fused, paged_logits(model, tokens), name="fused residual vs x + a, then the norm")
         m.setattr(RMSNorm, "_native", lambda self, x, w, *others: False)
         torch_logits = paged_logits(model, tokens)
     # The torch formula sums in another order: f32 rounding, carried through three blocks.
-    err = (fused - torch_logits).abs().max().item()
-    scale = torch_logits.abs().max().item()
-    assert err <= 1e-5 * scale, f"kernel vs torch formula: max error {err:.3g} (logits up to {scale:.3g})"
+    assert_close(fused, torch_logits, rtol_of_max=1e-5, name="kernel vs torch formula")

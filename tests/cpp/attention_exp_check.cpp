@@ -1,6 +1,6 @@
 // Accuracy check of the AVX2 attention kernels' exp2 and tanh (csrc/attention/attention_avx2.h) against
-// the C library in double. Built and run by tests/test_attention_avx2.py:
-//   g++ -O2 -mavx2 -mfma -std=c++17 -Icsrc/attention -Icsrc/include tests/attention_exp_check.cpp && ./a.out
+// the C library in double. Built and run by tests/test_attention_kernels.py:
+//   g++ -O2 -mavx2 -mfma -std=c++17 -Icsrc/attention -Icsrc/include tests/cpp/attention_exp_check.cpp && ./a.out
 // Prints "exp2_max_rel <e> at <x>", "tanh_max_abs <e> at <x>" and "specials ok|bad".
 #include <cmath>
 #include <cstdint>

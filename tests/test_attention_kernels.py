@@ -1,0 +1,265 @@
+"""The attention kernels (flashlm._C.flash_attention_forward/backward) on every device against the float64
+reference (reference.py): on the CPU each ISA it has (scalar, AVX2/FMA) on the same inputs, on CUDA f16 and
+bf16 (skipped without a GPU). Every sequence of a batch is checked on its own.
+
+Tolerance (flash-attn's rule, compare.py): the error against float64 may be at most twice that of a torch
+baseline, plus a floor. The baseline is the same math in the input dtype on the CPU (floors per dtype), and
+float32 math with the probabilities rounded to the input dtype on CUDA, as its kernels keep them (floors 1e-3
+forward, 2e-3 backward). The AVX2 kernels' exp2/tanh approximations are checked on their own by compiling
+tests/cpp/attention_exp_check.cpp.
+"""
+
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
+from conftest import per_device
+from flashlm import _C
+from reference import attention_with_grads
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_ISAS = [isa for isa in ("avx2", "scalar") if _C.cpu_isa_supported(isa)]
+
+pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: every test may switch the ISA
+
+
+# --- running the kernels ------------------------------------------------------------------------------------
+
+def kernels(device):
+    """The kernels of a device: the CPU's ISAs, or CUDA's one (None)."""
+    return CPU_ISAS if device == "cpu" else [None]
+
+
+def launch(isa, fn, *args):
+    if isa is not None:
+        _C.set_cpu_isa(isa)
+    stream = torch.cuda.current_stream().cuda_stream if args[0].is_cuda else 0
+    fn(*args, stream)
+
+
+def run_forward(isa, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, version):
+    out = torch.full(q.shape, math.nan, dtype=q.dtype, device=q.device)  # NaN: a row never written shows
+    lse_shape = (q.shape[1], q.shape[0]) if cu_q is not None else (q.shape[0], q.shape[2], q.shape[1])
+    lse = torch.full(lse_shape, math.nan, device=q.device)
+    launch(isa, _C.flash_attention_forward, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window[0],
+           window[1], softcap, version)
+    return out, lse
+
+
+def run_backward(isa, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap):
+    dq, dk, dv = (torch.full(x.shape, math.nan, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    delta = torch.full(lse.shape, math.nan, device=lse.device)
+    launch(isa, _C.flash_attention_backward, dout, q, k, v, out, lse, dq, dk, dv, delta, cu_q, cu_k, max_q, max_k,
+           scale, causal, window[0], window[1], softcap)
+    return dq, dk, dv, delta
+
+
+# --- what the kernels are held to ---------------------------------------------------------------------------
+
+def floors(device, dtype):
+    """(out, gradients, lse) floors of the 2x rule."""
+    return (FLOOR[dtype], FLOOR[dtype], FLOOR[torch.float32]) if device == "cpu" else (1e-3, 2e-3, 1e-3)
+
+
+def baseline(q, k, v, dout, **opts):
+    """(out, lse, grads) of the low-precision torch computation each device's kernels are compared with."""
+    if not q.is_cuda:
+        return attention_with_grads(q, k, v, dout, **opts)
+    out, lse, grads = attention_with_grads(q.float(), k.float(), v.float(), None if dout is None else dout.float(),
+                                           p_dtype=q.dtype, **opts)
+    return out.to(q.dtype), lse, None if grads is None else tuple(g.to(q.dtype) for g in grads)
+
+
+def split(x, cu, b):
+    """Sequence b of a padded [B, S, ...] (cu is None) or packed [T, ...] tensor."""
+    return x[b] if cu is None else x[int(cu[b]):int(cu[b + 1])]
+
+
+def split_lse(lse, cu, b):
+    return lse[b] if cu is None else lse[:, int(cu[b]):int(cu[b + 1])]
+
+
+def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, window=(-1, -1), softcap=0.0,
+               grads=True, versions=(2, 1), seed=0):
+    """Runs forward (each version) and backward on every kernel of the device and checks them against the
+    reference, one sequence at a time."""
+    dtype = q.dtype
+    packed = cu_q is not None
+    batch = len(cu_q) - 1 if packed else q.shape[0]
+    max_q = int((cu_q[1:] - cu_q[:-1]).max()) if packed and batch else 0
+    max_k = int((cu_k[1:] - cu_k[:-1]).max()) if packed and batch else 0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    floor_out, floor_grad, floor_lse = floors(device, dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
+    opts = dict(scale=scale, causal=causal, window=window, softcap=softcap, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref_out, ref_lse, ref_grads = attention_with_grads(q.double(), k.double(), v.double(),
+                                                       dout.double() if grads else None, **opts)
+    base_out, base_lse, base_grads = baseline(q, k, v, dout if grads else None, **opts)
+    if device != "cpu":
+        base_lse = ref_lse.float()  # CUDA's lse is float32 math: held to the reference's float32 rounding
+    args = (cu_q, cu_k, max_q, max_k, scale, causal, window, softcap)
+    for version in versions:
+        for isa in kernels(device):
+            out, lse = run_forward(isa, q, k, v, *args, version)
+            what = f"({isa or device}, v{version})"
+            for b in range(batch):
+                assert_close_to_reference(split(out, cu_q, b), split(ref_out, cu_q, b), split(base_out, cu_q, b),
+                                          floor_out, name=f"out[{b}] {what}")
+                assert_close_to_reference(split_lse(lse, cu_q, b), split_lse(ref_lse, cu_q, b),
+                                          split_lse(base_lse, cu_q, b), floor_lse, name=f"lse[{b}] {what}")
+    if not grads:
+        return
+    out, lse = run_forward("scalar" if device == "cpu" else None, q, k, v, *args, 2)
+    for isa in kernels(device):
+        res = run_backward(isa, dout, q, k, v, out, lse, *args)
+        if isa == "avx2":  # the AVX2 backward splits the keys over threads: a second run must give the same bits
+            again = run_backward(isa, dout, q, k, v, out, lse, *args)
+            for name, a, b_ in zip(("dq", "dk", "dv", "delta"), res, again):
+                assert_equal(b_, a, name=f"{name}: second AVX2 run vs first", nan_equal=True)  # NaN: no sequence
+        for b in range(batch):
+            for j, name in enumerate(("dq", "dk", "dv")):
+                cu = cu_q if name == "dq" else cu_k
+                assert_close_to_reference(split(res[j], cu, b), split(ref_grads[j], cu, b), split(base_grads[j], cu, b),
+                                          floor_grad, name=f"{name}[{b}] ({isa or device})")
+        check_delta(device, res[3], dout, out, cu_q, f"delta ({isa or device})")
+
+
+def check_delta(device, delta, dout, out, cu_q, name):
+    """delta = rowsum(dout * out), laid out as lse."""
+    exact, low = ((dout.to(t) * out.to(t)).sum(-1) for t in (torch.float64, torch.float32))
+    exact, low = (x.transpose(0, 1) if cu_q is not None else x.transpose(1, 2) for x in (exact, low))
+    if cu_q is not None:  # rows outside every sequence are not written
+        used = slice(int(cu_q[0]), int(cu_q[-1]))
+        delta, exact, low = delta[:, used], exact[:, used], low[:, used]
+    if device == "cpu":
+        assert_close_to_reference(delta, exact, low, FLOOR[torch.float32], name=name)
+    else:
+        assert_close(delta, exact, atol=1e-3, rtol=1e-3, name=name)
+
+
+def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+# --- cases --------------------------------------------------------------------------------------------------
+
+# (dtype, batch, sq, sk, heads, kv_heads, head_dim, causal, window, softcap)
+CPU_CASES = [(dtype, 2, sq, sk, h, hkv, d, causal, (-1, -1), 0.0)
+             for sq, sk, h, hkv, d, causal in [
+                 (1, 1, 1, 1, 1, False),
+                 (2, 2, 2, 1, 8, True),
+                 (17, 17, 4, 4, 32, False),
+                 (128, 128, 8, 1, 64, True),     # GQA 8:1
+                 (257, 257, 4, 2, 40, True),     # GQA 4:2, ragged tiles
+                 (17, 128, 2, 2, 80, True),      # Sq < Sk, causal
+                 (128, 17, 2, 1, 96, True),      # Sq > Sk: the first rows see no key
+                 (257, 100, 2, 2, 128, False),
+                 (33, 65, 2, 1, 256, True)]
+             for dtype in (torch.float32, torch.bfloat16)]
+# One long sequence where a window leaves many key blocks outside the band.
+CPU_CASES += [(torch.float32, 1, s, s, 2, 2, 64, causal, window, softcap)
+              for s, window, causal, softcap in [(300, (16, 3), False, 0.0), (1000, (40, -1), True, 0.0),
+                                                 (300, (-1, 0), False, 0.0), (300, (-1, -1), True, 7.5),
+                                                 (300, (20, 20), False, 2.0)]]
+CUDA_CASES = [(dtype, *case) for case in [
+    (2, 128, 128, 4, 4, 128, False, (-1, -1), 0.0),
+    (1, 257, 257, 2, 1, 64, True, (-1, -1), 0.0),
+    (2, 17, 300, 4, 2, 96, True, (-1, -1), 0.0),
+    (1, 300, 17, 2, 2, 128, True, (-1, -1), 0.0),
+    (1, 1, 65, 8, 1, 256, False, (-1, -1), 0.0),
+    (2, 190, 190, 2, 2, 40, False, (32, 7), 0.0),
+    (1, 129, 129, 2, 2, 192, True, (-1, -1), 30.0),
+    (1, 64, 64, 2, 2, 8, False, (-1, -1), 5.0),
+    (1, 100, 100, 1, 1, 160, False, (0, 0), 0.0),
+] for dtype in (torch.float16, torch.bfloat16)]
+CASES = per_device(cpu=CPU_CASES, cuda=CUDA_CASES)
+CASE_ARGS = "device,dtype,batch,sq,sk,heads,kv_heads,d,causal,window,softcap"
+
+
+def padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d):
+    return (randn(batch, s, n, d, dtype=dtype, seed=i, device=device)
+            for i, (s, n) in enumerate(((sq, heads), (sk, kv_heads), (sk, kv_heads))))
+
+
+@pytest.mark.parametrize("version", [2, 1])
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_forward(device, dtype, batch, sq, sk, heads, kv_heads, d, causal, window, softcap, version):
+    q, k, v = padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d)
+    check_case(device, q, k, v, causal=causal, window=window, softcap=softcap, grads=False, versions=(version,))
+
+
+@pytest.mark.parametrize(CASE_ARGS, CASES)
+def test_backward(device, dtype, batch, sq, sk, heads, kv_heads, d, causal, window, softcap):
+    q, k, v = padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d)
+    check_case(device, q, k, v, causal=causal, window=window, softcap=softcap, versions=(), seed=sq * 1000 + d)
+
+
+# Packed batches: a sequence with no queries and one with no keys; on the CPU rows outside every sequence at
+# both ends; on CUDA head_dim 72 (run by the 96 kernel) in rows of 75, whose odd stride forces element-wise loads.
+PACKED = {"cpu": dict(lens_q=[1, 0, 300, 5, 17], lens_k=[1, 300, 300, 0, 40], first=3, extra=2, heads=8, d=64,
+                      row=64, scale=None, versions=(2, 1), grads=True),
+          "cuda": dict(lens_q=[5, 0, 130, 64], lens_k=[7, 3, 130, 1], first=0, extra=0, heads=4, d=72, row=75,
+                       scale=0.1, versions=(2,), grads=False)}
+
+
+@pytest.mark.parametrize("device,dtype,causal,window", per_device(
+    cpu=[(dtype, causal, window) for dtype in (torch.float32, torch.bfloat16)
+         for causal, window in [(True, (-1, -1)), (False, (8, 8))]],
+    cuda=[(dtype, True, (-1, -1)) for dtype in (torch.float16, torch.bfloat16)]))
+def test_packed_batches_with_empty_sequences(device, dtype, causal, window):
+    p = PACKED[device]
+    cu_q = torch.tensor([p["first"]] + [p["first"] + sum(p["lens_q"][:i + 1]) for i in range(len(p["lens_q"]))],
+                        dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + [sum(p["lens_k"][:i + 1]) for i in range(len(p["lens_k"]))], dtype=torch.int32,
+                        device=device)
+    q = randn(int(cu_q[-1]) + p["extra"], p["heads"], p["row"], dtype=dtype, seed=1, device=device)[..., :p["d"]]
+    k, v = (randn(int(cu_k[-1]), 2, p["d"], dtype=dtype, seed=s, device=device) for s in (2, 3))
+    check_case(device, q, k, v, cu_q=cu_q, cu_k=cu_k, scale=p["scale"], causal=causal, window=window,
+               grads=p["grads"], versions=p["versions"])
+
+
+def test_strided_inputs_from_packed_qkv():
+    qkv = randn(2, 200, 3, 4, 48, seed=5)  # q, k, v are non-contiguous views
+    check_case("cpu", qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=True)
+    big = randn(1, 150, 6, 72, seed=6)[..., :40]  # head_dim 40 inside rows of 72
+    check_case("cpu", big[:, :, :4], big[:, :, 4:5], big[:, :, 5:6], window=(10, -1))
+
+
+def test_mqa_single_head_backward_chunks():
+    # One (batch, K/V head) pair: the backward splits the keys into chunks and sums dQ partials.
+    q, k, v = randn(1, 700, 4, 64, seed=7), randn(1, 700, 1, 64, seed=8), randn(1, 700, 1, 64, seed=9)
+    check_case("cpu", q, k, v, causal=True, versions=(2,))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_fully_masked_rows(isa):
+    q, k, v = randn(1, 50, 2, 16, seed=1), randn(1, 20, 2, 16, seed=2), randn(1, 20, 2, 16, seed=3)
+    out, lse = run_forward(isa, q, k, v, None, None, 0, 0, 0.25, True, (-1, -1), 0.0, 2)
+    assert torch.isinf(lse[:, :, :30]).all() and (lse[:, :, :30] > 0).all(), f"{isa}: lse of rows without keys"
+    assert (out[:, :30] == 0).all(), f"{isa}: out of rows without keys, max {out[:, :30].abs().max():.3e}"
+    dq, dk, dv, _ = run_backward(isa, torch.ones_like(q), q, k, v, out, lse, None, None, 0, 0, 0.25, True,
+                                 (-1, -1), 0.0)
+    assert (dq[:, :30] == 0).all(), f"{isa}: dq of rows without keys, max {dq[:, :30].abs().max():.3e}"
+
+
+@pytest.mark.skipif("avx2" not in CPU_ISAS, reason="this CPU has no AVX2/FMA")
+def test_exp2_and_tanh_accuracy(tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path / "exp_check"
+    subprocess.run([cxx, "-O2", "-mavx2", "-mfma", "-std=c++17", f"-I{ROOT / 'csrc/attention'}",
+                    f"-I{ROOT / 'csrc/include'}", str(ROOT / "tests/cpp/attention_exp_check.cpp"), "-o", str(exe)],
+                   check=True, capture_output=True)
+    lines = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], check=True, capture_output=True,
+                                                               text=True).stdout.splitlines())
+    exp_err = float(lines["exp2_max_rel"].split()[0])
+    tanh_err = float(lines["tanh_max_abs"].split()[0])
+    assert exp_err <= 1.2e-7, f"exp2: max relative error {lines['exp2_max_rel']} (1 ulp is 1.19e-7)"
+    assert tanh_err <= 2.4e-7, f"tanh: max absolute error {lines['tanh_max_abs']}"
+    assert lines["specials"] == "ok", "exp2 of 0, -inf or below -127 is not exact"
