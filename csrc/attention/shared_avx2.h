@@ -30,8 +30,8 @@ FLASHLM_AVX2_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) 
 
 // 2^x for x <= 0 (and -inf): 2^n * p(r) with n = round(x), r = x - n in [-0.5, 0.5] (exact) and p a
 // degree-6 polynomial fitted to 2^r for minimal relative error (fit error 2.0e-9). Measured against
-// double exp2 over every 7th float in [-126, 0] (tests/attention_exp_check.cpp, run by
-// tests/test_attention_avx2.py): max relative error 8.0e-8, about 1 ulp. Results below 2^-126 are
+// double exp2 over every 7th float in [-126, 0] (tests/cpp/attention_exp_check.cpp, run by
+// tests/test_attention_kernels.py): max relative error 8.0e-8, about 1 ulp. Results below 2^-126 are
 // flushed to 0, and so is x = -inf (masked scores). The degree-5 fit saves one FMA per 8 elements but
 // measured 1.7e-7 (up to 3 ulp near 2^-0.5).
 FLASHLM_AVX2_INLINE __m256 exp2_ps(__m256 x) {

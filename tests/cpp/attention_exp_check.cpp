@@ -1,4 +1,4 @@
-// Accuracy check of the AVX2 attention kernels' exp2 and tanh (csrc/attention/attention_avx2.h) against
+// Accuracy check of the AVX2 attention kernels' exp2 and tanh (csrc/attention/shared_avx2.h) against
 // the C library in double. Built and run by tests/test_attention_kernels.py:
 //   g++ -O2 -mavx2 -mfma -std=c++17 -Icsrc/attention -Icsrc/include tests/cpp/attention_exp_check.cpp && ./a.out
 // Prints "exp2_max_rel <e> at <x>", "tanh_max_abs <e> at <x>" and "specials ok|bad".
@@ -7,7 +7,7 @@
 #include <cstdio>
 #include <cstring>
 
-#include "attention_avx2.h"
+#include "shared_avx2.h"
 
 using namespace flashlm::attention::avx2;
 
