@@ -152,11 +152,10 @@ class BlockManager:
         self.block_size = check_block_size(block_size)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.max_blocks_per_seq = None if max_blocks_per_seq is None else int(max_blocks_per_seq)
-        # Nothing per block up front: a block gets its _Block when first handed out and loses it when it is
-        # free and unnamed again. The free blocks are those never handed out, [_next_unused, num_blocks), which
-        # go first, then the returned ones in the order they came back.
-        self._blocks: dict = {}                        # block id -> _Block, for blocks in use or cached
-        self._next_unused = 0
+        # Nothing per block up front: blocks are handed out in id order the first time, so _blocks[b] is the
+        # _Block of every block used so far and ids [len(_blocks), num_blocks) were never used. Free blocks are
+        # those, taken first, then the returned ones in the order they came back.
+        self._blocks: list = []
         self._free = deque()                           # returned: ref 0, no hash
         self._evictable: OrderedDict = OrderedDict()  # ref 0, hashed; oldest first
         self._cache: dict = {}                         # hash -> block id
@@ -168,7 +167,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a new allocation can take: never-named free blocks plus cached blocks no sequence uses."""
-        return self.num_blocks - self._next_unused + len(self._free) + len(self._evictable)
+        return self.num_blocks - len(self._blocks) + len(self._free) + len(self._evictable)
 
     @property
     def usage(self) -> float:
@@ -202,17 +201,17 @@ class BlockManager:
         return self._seq(seq_id).num_cached_tokens
 
     def ref_count(self, block_id: int) -> int:
-        block = self._blocks.get(self._check_block_id(block_id))
-        return 0 if block is None else block.ref_count
+        block_id = self._check_block_id(block_id)
+        return self._blocks[block_id].ref_count if block_id < len(self._blocks) else 0
 
     def is_cached(self, block_id: int) -> bool:
         """Whether the block is named in the prefix cache (a later prompt with its prefix can hit it)."""
-        block = self._blocks.get(self._check_block_id(block_id))
-        return block is not None and block.hash is not None
+        block_id = self._check_block_id(block_id)
+        return block_id < len(self._blocks) and self._blocks[block_id].hash is not None
 
     def free_block_ids(self) -> list:
         """Unused blocks with no name, in the order they will be handed out."""
-        return list(range(self._next_unused, self.num_blocks)) + list(self._free)
+        return list(range(len(self._blocks), self.num_blocks)) + list(self._free)
 
     def evictable_block_ids(self) -> list:
         """Unused cached blocks, the next to be evicted first."""
@@ -345,7 +344,6 @@ class BlockManager:
                 if block.hash is not None:
                     self._evictable[b] = None
                 else:
-                    del self._blocks[b]
                     self._free.append(b)
 
     def reset_prefix_cache(self) -> None:
@@ -355,8 +353,6 @@ class BlockManager:
             block = self._blocks[b]
             block.hash = block.parent_hash = block.token_ids = None
         self._cache.clear()
-        for b in self._evictable:
-            del self._blocks[b]
         self._free.extend(self._evictable)
         self._evictable.clear()
 
@@ -463,19 +459,17 @@ class BlockManager:
     def _take_free_block(self) -> int:
         """A block with ref count 1 and no name: a never-named free one, else the least recently used cached
         one (evicted). Callers have checked num_free_blocks."""
-        if self._next_unused < self.num_blocks:
-            b = self._next_unused
-            self._next_unused += 1
-            self._blocks[b] = block = _Block()
+        if len(self._blocks) < self.num_blocks:
+            b = len(self._blocks)
+            self._blocks.append(_Block())
         elif self._free:
             b = self._free.popleft()
-            self._blocks[b] = block = _Block()
         else:
             b, _ = self._evictable.popitem(last=False)
             block = self._blocks[b]
             del self._cache[block.hash]
             block.hash = block.parent_hash = block.token_ids = None
-        block.ref_count = 1
+        self._blocks[b].ref_count = 1
         return b
 
     def _register_full_block(self, seq: _Sequence, index: int, chunk: tuple) -> None:
