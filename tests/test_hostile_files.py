@@ -241,9 +241,10 @@ def test_commands_on_hostile_files_end_with_one_line(runs, name, want):
     (["demo", "--cols", "100"], "cols: must be a multiple of 256"),
     (["train", "--preset", "tiny", "--data", "{data}.missing", "--out-dir", "{data}.run"],
      ".missing' is neither a file nor a directory"),
+    (["train", "--preset", "tiny", "--device", "cuda:7", "--out-dir", "{data}.run"], "device: 'cuda:7'"),
 ], ids=["eval-no-config", "eval-shapes", "eval-tokenizer", "eval-eos", "eval-cuda", "eval-no-data", "chat-bad-file",
         "generate-eos", "bench-decode-reps", "quantize-bad-file", "convert-a-file", "export-shapes", "inspect-bad-file",
-        "demo-cuda", "demo-cols", "train-no-data"])
+        "demo-cuda", "demo-cols", "train-no-data", "train-cuda"])
 def test_commands_end_bad_input_with_one_line(files, capsys, args, want):
     from flashlm import cli
 
