@@ -380,6 +380,49 @@ def test_hf_directory_the_loader_would_refuse_is_not_written(tmp_path, drop, con
 
 
 @pytest.mark.parametrize("edit, match", [
+    ("offsets", r"data \[\d+, \d+\) lies outside the file's \d+ bytes of data"),
+    ("entry", "malformed safetensors entry"),
+    ("header", "the safetensors header is not JSON"),
+])
+def test_hf_directory_with_a_malformed_safetensors_file(tmp_path, edit, match):
+    model_dir = tmp_path / "gpt2"
+    gpt2_directory(model_dir)
+    file = model_dir / "model.safetensors"
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    entry = header["transformer.h.0.ln_1.weight"]
+    if edit == "offsets":
+        entry["data_offsets"] = [entry["data_offsets"][0] + 2**40, entry["data_offsets"][1] + 2**40]
+    elif edit == "entry":
+        del entry["dtype"]
+    text = json.dumps(header).encode() if edit != "header" else b"{" * n
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match=match):
+        quantize_file(str(model_dir), str(out), "Q8_0", progress=False)
+    assert not out.exists()
+
+
+def test_a_failure_while_writing_leaves_no_file(model, tmp_path, monkeypatch):
+    import flashlm.io.quantize_file as qf
+
+    calls = []
+
+    def failing(rows, target):
+        calls.append(target)
+        if len(calls) == 3:
+            raise MemoryError("no room")
+        return quantize_gguf(rows, target)
+    monkeypatch.setattr(qf, "quantize_gguf", failing)
+    src, _ = model
+    out = tmp_path / "out.gguf"
+    with pytest.raises(MemoryError):
+        quantize_file(str(src), str(out), "Q4_0", progress=False)
+    assert len(calls) == 3 and not out.exists()
+
+
+@pytest.mark.parametrize("edit, match", [
     ("heads-3", "embedding_length 256 is not a multiple of the head count 3"),
     ("no-output-norm", "output_norm.weight' is missing"),
     ("no-weight", "blk.5.ffn_gate.weight' is missing"),

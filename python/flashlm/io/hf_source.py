@@ -80,7 +80,34 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         if n > os.path.getsize(path) - 8 or n > 100 << 20:
             raise ValueError(f"{path}: safetensors header of {n} bytes does not fit the file")
-        return json.loads(f.read(n)), 8 + n
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: the safetensors header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        return header, 8 + n
+
+
+def _entry(meta, where: str, data_bytes: int) -> tuple:
+    """(type name, numpy dtype, shape, data offset) of a safetensors header entry, checked against the file's
+    data_bytes bytes of tensor data."""
+    try:
+        dtype, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, begin, end])
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: malformed safetensors entry {str(meta)[:200]}")
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype} (F32, F16 and BF16 are supported)")
+    type_name, np_dtype = _ST_DTYPES[dtype]
+    shape = tuple(shape)
+    if not begin <= end <= data_bytes:
+        raise ValueError(f"{where}: data [{begin}, {end}) lies outside the file's {data_bytes} bytes of data")
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
+        raise ValueError(f"{where}: data size does not match its shape {shape}")
+    return type_name, np_dtype, shape, begin
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict) -> np.ndarray:
@@ -130,18 +157,13 @@ class HFSource:
                     continue
                 if name in self._entries:
                     raise ValueError(f"{full}: {hf_name}: a second tensor named {name}")
-                if meta["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{full}: {hf_name} has dtype {meta['dtype']} (F32, F16 and BF16 are supported)")
-                begin, end = meta["data_offsets"]
-                type_name, np_dtype = _ST_DTYPES[meta["dtype"]]
-                shape = tuple(int(s) for s in meta["shape"])
-                if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
-                    raise ValueError(f"{full}: {hf_name}: data size does not match its shape {shape}")
+                type_name, np_dtype, shape, begin = _entry(meta, f"{full}: {hf_name}", os.path.getsize(full) - base)
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
         if self.arch == "gpt2":
-            check_block_count(mc.n_layer, (n.removeprefix("transformer.") for n in hf_names), "h.", "config.json: n_layer")
+            names = [n.removeprefix("transformer.") for n in hf_names]
+            check_block_count(mc.n_layer, names, "h.", "config.json: n_layer")
         else:
             check_block_count(mc.n_layer, hf_names, "model.layers.", "config.json: num_hidden_layers")
         self._extra = self._rope_freqs()  # tensors computed from the config, not read from a file

@@ -157,6 +157,16 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
                       stacklevel=2)
 
     writer = GGUFWriter(dst_path, source.arch)
+    try:
+        return _write(writer, source, mix, targets, progress)
+    except BaseException:
+        if writer.fout is not None:  # a half-written file is no GGUF file: leave none behind
+            writer.close()
+            os.remove(dst_path)
+        raise
+
+
+def _write(writer, source, mix: str, targets: list, progress: bool) -> list[tuple[str, str, str]]:
     if getattr(source, "alignment", None):
         writer.add_custom_alignment(source.alignment)
     for key, value, vtype, sub in source.metadata:
