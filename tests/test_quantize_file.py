@@ -302,6 +302,31 @@ def test_hf_llama_directory(tmp_path):
     assert rel_rms(values("blk.0.ffn_up.weight"), bf16.float().numpy()) <= RMS_BOUNDS["Q8_0"]
 
 
+def test_hf_rope_parameters_give_the_rope_base(tmp_path):
+    # transformers 5 writes rope_theta only inside rope_parameters: the GGUF's rope.freq_base is that value
+    # (it was 10000, the default, while the rope factors were computed with the real base)
+    from flashlm.io import load_gguf
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.train.export import export_hf
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=1, n_head=2, d_model=64, seq_len=64,
+                      rope_theta=250000.0, rope_scaling=scaling)
+    model_dir = tmp_path / "hf"
+    export_hf(Transformer(cfg), cfg, None, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["rope_theta"], config["rope_scaling"]
+    assert config["rope_parameters"]["rope_theta"] == 250000.0
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    quantize_file(str(model_dir), str(out), "F32", progress=False)
+    reader, _ = read_back(out)
+    assert reader.get_field("llama.rope.freq_base").contents() == 250000.0
+    loaded = load_gguf(str(out))
+    assert loaded.config.rope_theta == 250000.0 and loaded.config.rope_scaling == scaling
+
+
 def gpt2_directory(path, drop=(), **config):
     """An HF GPT-2 directory (names with the "transformer." prefix some checkpoints have, Conv1D weights stored
     [in, out]) of one block, without the tensors in `drop`, its config.json updated with `config`; and its
