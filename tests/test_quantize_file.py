@@ -47,10 +47,13 @@ def model_tensors(rng):
     return {k: (0.02 * v if v.ndim == 2 else v).astype(np.float32) for k, v in t.items()}
 
 
-def write_model(path, tensors, stored=None, alignment=None, n_head=N_HEAD, n_layer=N_LAYER):
-    """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0)."""
+def write_model(path, tensors, stored=None, alignment=None, n_head=N_HEAD, n_layer=N_LAYER, extra=()):
+    """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0);
+    extra: more metadata, [(key, value, GGUFValueType, item type)]."""
     stored = stored or {}
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value, vtype, sub in extra:
+        w.add_key_value(key, value, vtype, sub_type=sub)
     if alignment:
         w.add_custom_alignment(alignment)
     w.add_name("tiny")
@@ -204,6 +207,27 @@ def test_tied_embeddings_and_stored_types(tmp_path):
         x = tensors[name]
         err = rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(x.shape), x)
         assert err <= RMS_BOUNDS["Q4_K"] * 1.1, (name, err)  # Q8_0's own error (~0.005) adds in quadrature
+
+
+def test_metadata_of_every_type_is_copied(tmp_path):
+    # read by flashlm's reader and written by gguf-py's writer: each value keeps its type
+    from flashlm.gguf import GGUFFile
+
+    VT = gguf.GGUFValueType
+    extra = [(f"x.{t.name.lower()}", v, t, None) for t, v in [
+        (VT.UINT8, 200), (VT.INT8, -100), (VT.UINT16, 60000), (VT.INT16, -30000), (VT.UINT32, 2**32 - 1),
+        (VT.INT32, -2**31), (VT.FLOAT32, 1.5), (VT.BOOL, True), (VT.STRING, "tïny ✓"), (VT.UINT64, 2**64 - 1),
+        (VT.INT64, -2**63), (VT.FLOAT64, 0.1)]]
+    extra += [("x.ints", [1, -2, 3], VT.ARRAY, VT.INT32), ("x.floats", [0.5, -1.0], VT.ARRAY, VT.FLOAT32),
+              ("x.strings", ["a", "b\nc"], VT.ARRAY, VT.STRING)]
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_model(src, model_tensors(np.random.default_rng(1)), extra=extra)
+    quantize_file(str(src), str(out), "Q8_0", progress=False)
+    with GGUFFile(str(src)) as a, GGUFFile(str(out)) as b:
+        for key, _, _, _ in extra:
+            assert (b.metadata[key], b.metadata_types[key]) == (a.metadata[key], a.metadata_types[key]), key
+        kept = set(a.metadata) - {"general.file_type"}
+        assert all(b.metadata[k] == a.metadata[k] for k in kept), kept
 
 
 def test_same_type_is_copied(model, tmp_path):
