@@ -16,6 +16,7 @@ from flashlm.runtime.block_manager import BlockManager, BlockTableOverflowError,
     (dict(num_blocks=0, block_size=4), "num_blocks"),
     (dict(num_blocks=4, block_size=0), "block_size"),
     (dict(num_blocks=4, block_size=4, max_blocks_per_seq=0), "max_blocks_per_seq"),
+    (dict(num_blocks=4, block_size=2**16 + 1), "block_size"),  # (2^31 blocks: tests/test_hostile_files.py)
 ])
 def test_constructor_rejects_bad_sizes(kwargs, name):
     with pytest.raises(ValueError, match=name):

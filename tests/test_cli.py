@@ -159,7 +159,7 @@ def test_inspect_escapes_control_characters(tmp_path, capsys):
 
 def test_malformed_file_is_a_one_line_error(runs, bad_file):
     out = finish(runs["inspect bad"])
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 2 and out.stdout == ""
     assert "Traceback" not in out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1, out.stderr
@@ -174,7 +174,7 @@ def test_malformed_file_is_a_one_line_error(runs, bad_file):
 def test_malformed_file_in_process(tmp_path, capsys, data, match, json_flag):
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
-    assert cli.main(["gguf", "inspect", str(path)] + json_flag) == 1
+    assert cli.main(["gguf", "inspect", str(path)] + json_flag) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith(f"flashlm: error: {path}: ") and captured.err.count("\n") == 1
@@ -184,7 +184,7 @@ def test_malformed_file_in_process(tmp_path, capsys, data, match, json_flag):
 @pytest.mark.parametrize("which", ["missing", "directory"])
 def test_unreadable_path_is_an_error(tmp_path, capsys, which):
     path = tmp_path / "missing.gguf" if which == "missing" else tmp_path
-    assert cli.main(["gguf", "inspect", str(path)]) == 1
+    assert cli.main(["gguf", "inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("flashlm: error: ") and err.count("\n") == 1 and str(path) in err
 

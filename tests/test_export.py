@@ -406,9 +406,9 @@ def test_cli_export(tokenizer, tmp_path, capsys):
     assert tensors["blk.0.attn_q.weight"][0] == "Q8_0" and field(reader, "general.file_type") == 7
     assert (tmp_path / "hf" / "model.safetensors").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     torch.save({"format": "something-else"}, tmp_path / "bad.pt")
-    assert cli_main(["export", str(tmp_path / "bad.pt"), "--gguf", str(out)]) == 1
+    assert cli_main(["export", str(tmp_path / "bad.pt"), "--gguf", str(out)]) == 2
     assert "expected 'flashlm-checkpoint-1'" in capsys.readouterr().err
-    assert cli_main(["export", str(tmp_path / "ckpt.pt")]) == 1
+    assert cli_main(["export", str(tmp_path / "ckpt.pt")]) == 2
     assert "GGUF output path" in capsys.readouterr().err
 
 

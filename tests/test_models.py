@@ -208,10 +208,25 @@ def test_param_groups_and_flops():
     (dict(arch="llama", rope_scaling={"rope_type": "yarn"}), "rope_scaling"),
     (dict(arch="llama", rope_scaling=dict(LLAMA3_SCALING, factor=0.5)), "rope_scaling"),
     (dict(arch="gpt2", rope_scaling=LLAMA3_SCALING), "rope_scaling"),
+    # sizes past any model's: a file's count must not build billions of modules or table rows
+    (dict(n_layer=4097), "n_layer"), (dict(n_layer=2**31), "n_layer"), (dict(n_head=2048, d_model=4096), "n_head"),
+    (dict(d_model=2**18, n_head=256), "d_model"), (dict(d_ff=2**21), "d_ff"), (dict(vocab_size=2**25), "vocab_size"),
+    (dict(seq_len=2**25), "seq_len"), (dict(d_model=2048, n_head=1), "head_dim"), (dict(n_layer=True), "n_layer"),
+    (dict(norm_eps=float("inf")), "norm_eps"), (dict(rope_theta=float("nan")), "rope_theta"),
+    (dict(n_kv_head=2.0), "n_kv_head"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):
         ModelConfig(**kw)
+
+
+def test_config_sizes_at_their_limits_are_accepted():
+    from flashlm.models.config import LIMITS
+
+    cfg = ModelConfig(arch="llama", n_layer=LIMITS["n_layer"], n_head=LIMITS["n_head"], d_model=LIMITS["d_model"],
+                      d_ff=LIMITS["d_ff"], vocab_size=LIMITS["vocab_size"], seq_len=LIMITS["seq_len"])
+    assert cfg.head_dim == 128
+    assert ModelConfig(d_model=LIMITS["head_dim"], n_head=1).head_dim == LIMITS["head_dim"]
 
 
 def test_bad_input_names_the_argument():

@@ -47,19 +47,22 @@ def model_tensors(rng):
     return {k: (0.02 * v if v.ndim == 2 else v).astype(np.float32) for k, v in t.items()}
 
 
-def write_model(path, tensors, stored=None, alignment=None):
-    """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0)."""
+def write_model(path, tensors, stored=None, alignment=None, n_head=N_HEAD, n_layer=N_LAYER, extra=()):
+    """A GGUF file of `tensors`; `stored` maps names to a storage type other than F32 (F16, BF16, Q8_0);
+    extra: more metadata, [(key, value, GGUFValueType, item type)]."""
     stored = stored or {}
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value, vtype, sub in extra:
+        w.add_key_value(key, value, vtype, sub_type=sub)
     if alignment:
         w.add_custom_alignment(alignment)
     w.add_name("tiny")
-    w.add_block_count(N_LAYER)
+    w.add_block_count(n_layer)
     w.add_context_length(128)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(FFN)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD_KV)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(N_HEAD_KV if n_head % N_HEAD_KV == 0 else 1)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
@@ -206,6 +209,27 @@ def test_tied_embeddings_and_stored_types(tmp_path):
         assert err <= RMS_BOUNDS["Q4_K"] * 1.1, (name, err)  # Q8_0's own error (~0.005) adds in quadrature
 
 
+def test_metadata_of_every_type_is_copied(tmp_path):
+    # read by flashlm's reader and written by gguf-py's writer: each value keeps its type
+    from flashlm.gguf import GGUFFile
+
+    VT = gguf.GGUFValueType
+    extra = [(f"x.{t.name.lower()}", v, t, None) for t, v in [
+        (VT.UINT8, 200), (VT.INT8, -100), (VT.UINT16, 60000), (VT.INT16, -30000), (VT.UINT32, 2**32 - 1),
+        (VT.INT32, -2**31), (VT.FLOAT32, 1.5), (VT.BOOL, True), (VT.STRING, "tïny ✓"), (VT.UINT64, 2**64 - 1),
+        (VT.INT64, -2**63), (VT.FLOAT64, 0.1)]]
+    extra += [("x.ints", [1, -2, 3], VT.ARRAY, VT.INT32), ("x.floats", [0.5, -1.0], VT.ARRAY, VT.FLOAT32),
+              ("x.strings", ["a", "b\nc"], VT.ARRAY, VT.STRING)]
+    src, out = tmp_path / "in.gguf", tmp_path / "out.gguf"
+    write_model(src, model_tensors(np.random.default_rng(1)), extra=extra)
+    quantize_file(str(src), str(out), "Q8_0", progress=False)
+    with GGUFFile(str(src)) as a, GGUFFile(str(out)) as b:
+        for key, _, _, _ in extra:
+            assert (b.metadata[key], b.metadata_types[key]) == (a.metadata[key], a.metadata_types[key]), key
+        kept = set(a.metadata) - {"general.file_type"}
+        assert all(b.metadata[k] == a.metadata[k] for k in kept), kept
+
+
 def test_same_type_is_copied(model, tmp_path):
     src, tensors = model
     q8 = tmp_path / "q8.gguf"
@@ -302,8 +326,35 @@ def test_hf_llama_directory(tmp_path):
     assert rel_rms(values("blk.0.ffn_up.weight"), bf16.float().numpy()) <= RMS_BOUNDS["Q8_0"]
 
 
-def test_hf_gpt2_directory(tmp_path):
-    # GPT-2 names (with the "transformer." prefix some checkpoints have), Conv1D weights stored [in, out]
+def test_hf_rope_parameters_give_the_rope_base(tmp_path):
+    # transformers 5 writes rope_theta only inside rope_parameters: the GGUF's rope.freq_base is that value
+    # (it was 10000, the default, while the rope factors were computed with the real base)
+    from flashlm.io import load_gguf
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.train.export import export_hf
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=1, n_head=2, d_model=64, seq_len=64,
+                      rope_theta=250000.0, rope_scaling=scaling)
+    model_dir = tmp_path / "hf"
+    export_hf(Transformer(cfg), cfg, None, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["rope_theta"], config["rope_scaling"]
+    assert config["rope_parameters"]["rope_theta"] == 250000.0
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out.gguf"
+    quantize_file(str(model_dir), str(out), "F32", progress=False)
+    reader, _ = read_back(out)
+    assert reader.get_field("llama.rope.freq_base").contents() == 250000.0
+    loaded = load_gguf(str(out))
+    assert loaded.config.rope_theta == 250000.0 and loaded.config.rope_scaling == scaling
+
+
+def gpt2_directory(path, drop=(), **config):
+    """An HF GPT-2 directory (names with the "transformer." prefix some checkpoints have, Conv1D weights stored
+    [in, out]) of one block, without the tensors in `drop`, its config.json updated with `config`; and its
+    tensors by HF name."""
     rng = np.random.default_rng(12)
     e = HIDDEN
     hf = {"transformer.wte.weight": rng.standard_normal((VOCAB, e)), "transformer.wpe.weight": rng.standard_normal((32, e)),
@@ -312,16 +363,26 @@ def test_hf_gpt2_directory(tmp_path):
           "transformer.h.0.attn.c_attn.weight": rng.standard_normal((e, 3 * e)),
           "transformer.h.0.attn.c_attn.bias": rng.standard_normal(3 * e),
           "transformer.h.0.attn.c_proj.weight": rng.standard_normal((e, e)),
+          "transformer.h.0.attn.c_proj.bias": rng.standard_normal(e),
           "transformer.h.0.attn.bias": np.ones((1, 1, 4, 4)),  # the causal-mask buffer: not a weight
           "transformer.h.0.ln_2.weight": np.ones(e), "transformer.h.0.ln_2.bias": np.zeros(e),
           "transformer.h.0.mlp.c_fc.weight": rng.standard_normal((e, 4 * e)),
-          "transformer.h.0.mlp.c_proj.weight": rng.standard_normal((4 * e, e))}
+          "transformer.h.0.mlp.c_fc.bias": rng.standard_normal(4 * e),
+          "transformer.h.0.mlp.c_proj.weight": rng.standard_normal((4 * e, e)),
+          "transformer.h.0.mlp.c_proj.bias": rng.standard_normal(e)}
+    hf = {k: v for k, v in hf.items() if k not in drop}
+    path.mkdir()
+    _write_safetensors(path / "model.safetensors", {k: ("F32", v.astype(np.float32)) for k, v in hf.items()})
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "vocab_size": VOCAB, "n_layer": 1, "n_embd": e, "n_head": 4, "n_positions": 32,
+        "n_ctx": 32, "layer_norm_epsilon": 1e-5, **config}))
+    return hf
+
+
+def test_hf_gpt2_directory(tmp_path):
     model_dir = tmp_path / "gpt2"
-    model_dir.mkdir()
-    _write_safetensors(model_dir / "model.safetensors", {k: ("F32", v.astype(np.float32)) for k, v in hf.items()})
-    (model_dir / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": e, "n_head": 4, "n_ctx": 32,
-        "layer_norm_epsilon": 1e-5}))
+    hf = gpt2_directory(model_dir)
+    e = HIDDEN
     # a tokenizer llama.cpp's BPE cannot reproduce (WordPiece) is left out, with a warning
     from tokenizers import Tokenizer, models
 
@@ -337,12 +398,118 @@ def test_hf_gpt2_directory(tmp_path):
     assert types == {"position_embd.weight": "F32", "token_embd.weight": "Q6_K", "output_norm.weight": "F32",
                      "output_norm.bias": "F32", "blk.0.attn_norm.weight": "F32", "blk.0.attn_norm.bias": "F32",
                      "blk.0.attn_qkv.weight": "Q6_K", "blk.0.attn_qkv.bias": "F32", "blk.0.attn_output.weight": "Q4_K",
-                     "blk.0.ffn_norm.weight": "F32", "blk.0.ffn_norm.bias": "F32", "blk.0.ffn_up.weight": "Q4_K",
-                     "blk.0.ffn_down.weight": "Q6_K"}, types
+                     "blk.0.attn_output.bias": "F32", "blk.0.ffn_norm.weight": "F32", "blk.0.ffn_norm.bias": "F32",
+                     "blk.0.ffn_up.weight": "Q4_K", "blk.0.ffn_up.bias": "F32", "blk.0.ffn_down.weight": "Q6_K",
+                     "blk.0.ffn_down.bias": "F32"}, types
     t, shape, data = back["blk.0.attn_qkv.weight"]
     assert shape == (3 * e, e)
     want = hf["transformer.h.0.attn.c_attn.weight"].T
     assert rel_rms(gguf.quants.dequantize(data, GQT[t]).reshape(shape), want) <= RMS_BOUNDS["Q6_K"]
+    # what was written, flashlm loads
+    from flashlm.io import load_gguf
+
+    assert load_gguf(str(out)).config.n_layer == 1
+
+
+@pytest.mark.parametrize("drop, config, match", [
+    (("transformer.h.0.mlp.c_proj.bias",), {}, "blk.0.ffn_down.bias' is missing"),
+    (("transformer.ln_f.weight", "transformer.ln_f.bias"), {}, "output_norm.weight' is missing"),
+    ((), {"n_head": 3}, "d_model: must be a multiple of n_head=3"),
+    ((), {"n_head": 0}, "n_head"),
+    ((), {"n_layer": 2**31}, "n_layer"),
+    ((), {"n_layer": 2}, "config.json: n_layer is 2, but the file holds 1 block, h.0 to h.0"),
+], ids=["missing-bias", "missing-output-norm", "heads-3", "heads-0", "layers-2^31", "layers-2"])
+def test_hf_directory_the_loader_would_refuse_is_not_written(tmp_path, drop, config, match):
+    model_dir = tmp_path / "gpt2"
+    gpt2_directory(model_dir, drop, **config)
+    out = tmp_path / "bad.gguf"
+    with pytest.raises(ValueError, match=match):
+        quantize_file(str(model_dir), str(out), "Q8_0", progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("offsets", r"data \[\d+, \d+\) lies outside the file's \d+ bytes of data"),
+    ("entry", "malformed safetensors entry"),
+    ("header", "the safetensors header is not JSON"),
+])
+def test_hf_directory_with_a_malformed_safetensors_file(tmp_path, edit, match):
+    model_dir = tmp_path / "gpt2"
+    gpt2_directory(model_dir)
+    file = model_dir / "model.safetensors"
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    entry = header["transformer.h.0.ln_1.weight"]
+    if edit == "offsets":
+        entry["data_offsets"] = [entry["data_offsets"][0] + 2**40, entry["data_offsets"][1] + 2**40]
+    elif edit == "entry":
+        del entry["dtype"]
+    text = json.dumps(header).encode() if edit != "header" else b"{" * n
+    file.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match=match):
+        quantize_file(str(model_dir), str(out), "Q8_0", progress=False)
+    assert not out.exists()
+
+
+def test_a_failure_while_writing_leaves_no_file(model, tmp_path, monkeypatch):
+    import flashlm.io.quantize_file as qf
+
+    calls = []
+
+    def failing(rows, target):
+        calls.append(target)
+        if len(calls) == 3:
+            raise MemoryError("no room")
+        return quantize_gguf(rows, target)
+    monkeypatch.setattr(qf, "quantize_gguf", failing)
+    src, _ = model
+    out = tmp_path / "out.gguf"
+    with pytest.raises(MemoryError):
+        quantize_file(str(src), str(out), "Q4_0", progress=False)
+    assert len(calls) == 3 and not out.exists()
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("heads-3", "embedding_length 256 is not a multiple of the head count 3"),
+    ("no-output-norm", "output_norm.weight' is missing"),
+    ("no-weight", "blk.5.ffn_gate.weight' is missing"),
+    ("block-count", "block_count is 2147483648, but the file holds 8 blocks, blk.0 to blk.7"),
+], ids=lambda x: x if " " not in x else "")
+def test_gguf_the_loader_would_refuse_is_not_written(tmp_path, edit, match):
+    tensors = model_tensors(np.random.default_rng(5))
+    if edit == "no-output-norm":
+        del tensors["output_norm.weight"]
+    if edit == "no-weight":
+        del tensors["blk.5.ffn_gate.weight"]
+    src = tmp_path / "in.gguf"
+    write_model(src, tensors, n_head=3 if edit == "heads-3" else N_HEAD,
+                n_layer=2**31 if edit == "block-count" else N_LAYER)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match=match):
+        quantize_file(str(src), str(out), "Q4_0", progress=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("truncated", r"lies outside the file \(at byte \d+ of \d+\)"),
+    ("counts", r"cannot fit .* \(at byte 16 of 24\)"),
+    ("magic", "not a GGUF file"),
+])
+def test_malformed_input_is_a_gguf_error(model, tmp_path, case, match):
+    # read by flashlm's reader, which names the byte offset (gguf-py's raised IndexError and the like)
+    from flashlm.gguf import GGUFError
+
+    src, _ = model
+    bad = tmp_path / "bad.gguf"
+    data = src.read_bytes()
+    bad.write_bytes({"truncated": data[:len(data) // 2], "counts": b"GGUF\x03\x00\x00\x00" + b"\xff" * 16,
+                     "magic": b"GGML" + data[4:]}[case])
+    out = tmp_path / "out.gguf"
+    with pytest.raises(GGUFError, match=match):
+        quantize_file(str(bad), str(out), "Q4_0", progress=False)
+    assert not out.exists()
 
 
 def test_cli(model, tmp_path, capsys):
@@ -350,7 +517,7 @@ def test_cli(model, tmp_path, capsys):
     out = tmp_path / "cli.gguf"
     assert cli_main(["quantize", str(src), str(out), "--type", "q4_k_m"]) == 0
     assert f"{len(tensors)} tensors" in capsys.readouterr().out
-    assert cli_main(["quantize", str(tmp_path / "missing.gguf"), str(out), "--type", "Q4_0"]) == 1
+    assert cli_main(["quantize", str(tmp_path / "missing.gguf"), str(out), "--type", "Q4_0"]) == 2
     assert "neither a GGUF file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["quantize", str(src), str(out), "--type", "Q7_K"])

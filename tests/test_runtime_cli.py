@@ -52,7 +52,7 @@ def test_bench_decode_reports(gguf_path, capsys):
 
 
 def test_bad_model_path_is_an_error(tmp_path, capsys):
-    assert cli_main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 1
+    assert cli_main(["generate", "--model", str(tmp_path / "missing.gguf"), "--prompt", "x"]) == 2
     assert "error" in capsys.readouterr().err
 
 

@@ -2,8 +2,8 @@
 - HF transformers: logits after a (chunked) prefill and after each of several decode steps through the
   engine's paged path, for llama (GQA, Llama 3 rope), qwen2 and gpt2 directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
-  model, and flashlm's engine and llama.cpp decode 32 greedy tokens from them; the tokens must agree and
-  the logits stay close;
+  model, flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
+  every step stay close;
 - the trainer's export: a checkpoint written out as GGUF decodes alike in the engine, in the training model
   and in llama.cpp.
 """
@@ -86,25 +86,22 @@ def test_converted_gguf_decodes_like_llama_cpp(hf_dir, tmp_path, qtype, tol):
     # float32 KV cache (type 0): llama.cpp's default f16 cache would add its own rounding
     ref = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, verbose=False, n_threads=2, type_k=0, type_v=0,
                           logits_all=True)
+    # llama.cpp decodes flashlm's greedy tokens, so that the logits of every step are compared: on their own,
+    # the two runtimes part wherever two logits are closer than the kernels' rounding differences (this
+    # random model has top-2 margins of ~0.005 against Q8_0's ~0.02), which says nothing about either.
     ref.eval(prompt)
-    ref_tokens, ref_logits = [], []
-    for _ in range(32):
-        row = np.array(ref.scores[ref.n_tokens - 1], dtype=np.float32)
-        ref_logits.append(row)
-        ref_tokens.append(int(row.argmax()))
-        ref.eval([ref_tokens[-1]])
+    ref_logits = []
+    for token in tokens:
+        ref_logits.append(np.array(ref.scores[ref.n_tokens - 1], dtype=np.float32))
+        ref.eval([token])
     ref_logits = torch.from_numpy(np.stack(ref_logits))
     # Logits: F32 differs by float32 summation order only; Q8_0/Q4_0 both round activations to 8-bit blocks
     # as ggml does, in different kernels (bounds ~5x the measured differences).
     scale = ref_logits.abs().max().item()
-    if tokens == ref_tokens:
-        err = (logits - ref_logits).abs().max().item()
-        assert err <= tol * scale, f"{qtype}: max logit difference {err:.3g} (logit scale {scale:.3g})"
-    else:
-        first = next(i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b)
-        top2 = ref_logits[first].topk(2).values
-        pytest.fail(f"{qtype}: greedy tokens differ from step {first} (flashlm {tokens[first]}, llama.cpp "
-                    f"{ref_tokens[first]}; llama.cpp's top-2 margin there {float(top2[0] - top2[1]):.3g})")
+    diff = (logits - ref_logits).abs()
+    step = int(diff.amax(-1).argmax())
+    assert diff.max().item() <= tol * scale, (f"{qtype}: max logit difference {diff.max().item():.3g} at step {step} "
+                                              f"(logit scale {scale:.3g})")
 
 
 def test_exported_checkpoint_runs_alike_in_the_runtime_and_llama_cpp(tmp_path):

@@ -499,11 +499,11 @@ def test_cli_rejects_bad_arguments(text_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "tiny", "--optimizer", "nope"])
     assert "invalid choice" in capsys.readouterr().err
-    assert main(["train", "--preset", "tiny", "--min-lr", "1.0", "--out-dir", str(tmp_path)]) == 1
+    assert main(["train", "--preset", "tiny", "--min-lr", "1.0", "--out-dir", str(tmp_path)]) == 2
     assert "min_lr" in capsys.readouterr().err
     toml = tmp_path / "bad.toml"
     toml.write_text("max_step = 3\n")  # a typo: an error, not a silently ignored key
-    assert main(["train", "--config", str(toml), "--out-dir", str(tmp_path)]) == 1
+    assert main(["train", "--config", str(toml), "--out-dir", str(tmp_path)]) == 2
     assert "unknown keys ['max_step']" in capsys.readouterr().err
-    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(text_file)]) == 1
+    assert main(["eval", str(tmp_path / "missing.pt"), "--data", str(text_file)]) == 2
     assert "no such file" in capsys.readouterr().err

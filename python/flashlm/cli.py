@@ -97,11 +97,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from flashlm.io.quantize_file import quantize_file
 
-    try:
-        report = quantize_file(args.input, args.output, args.type, progress=not args.quiet)
-    except ValueError as e:
-        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
-        return 1
+    report = quantize_file(args.input, args.output, args.type, progress=not args.quiet)
     if not args.quiet:
         counts = Counter(out for _, _, out in report)
         size = os.path.getsize(args.output)
@@ -115,15 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from flashlm.train.trainer import resume_config, run_training
 
     overrides = overrides_from_args(args)
-    try:
-        if args.resume:
-            out_dir = overrides.get("out_dir") or TrainConfig.from_sources(args.preset, args.config).out_dir
-            cfg = resume_config(out_dir, args.preset, args.config, overrides)
-        else:
-            cfg = TrainConfig.from_sources(args.preset, args.config, overrides)
-    except ValueError as e:
-        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
-        return 1
+    if args.resume:
+        out_dir = overrides.get("out_dir") or TrainConfig.from_sources(args.preset, args.config).out_dir
+        cfg = resume_config(out_dir, args.preset, args.config, overrides)
+    else:
+        cfg = TrainConfig.from_sources(args.preset, args.config, overrides)
     run_training(cfg, resume=args.resume)
     return 0
 
@@ -131,11 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from flashlm.train.evaluate import evaluate_checkpoint
 
-    try:
-        r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
-    except ValueError as e:
-        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
-        return 1
+    r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
     print(f"{_printable(args.data)}: {r['tokens']} tokens, loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
           f"(checkpoint step {r['step']})")
     return 0
@@ -143,21 +131,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.input):
-        print(f"flashlm: error: input: {_printable(args.input)!r} is not an HF model directory "
-              "(to requantize a GGUF file, use `flashlm quantize`)", file=sys.stderr)
-        return 1
+        raise ValueError(f"input: {args.input!r} is not an HF model directory (to requantize a GGUF file, use "
+                         "`flashlm quantize`)")
     return _cmd_quantize(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from flashlm.train.export import export_checkpoint
 
-    try:
-        written = export_checkpoint(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type,
-                                    progress=not args.quiet)
-    except ValueError as e:
-        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
-        return 1
+    written = export_checkpoint(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type,
+                                progress=not args.quiet)
     if not args.quiet and "hf" in written:
         print(f"{_printable(args.hf)}: HF model directory")
     if not args.quiet and "gguf" in written:
@@ -168,6 +151,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="how flashlm was built and what it found on this machine")
@@ -242,18 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What bad input (arguments, files) raises: GGUFError and JSON errors are ValueErrors, a missing or unreadable
+# file an OSError, torch's loading a RuntimeError, an allocation past what the machine has a MemoryError. Each
+# ends the command with one line on stderr and exit status 2 (as argparse's usage errors); anything else is a
+# bug in flashlm and keeps its traceback.
+INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError, NotImplementedError, RuntimeError, MemoryError)
+EXIT_BAD_INPUT = 2
+
+
+def error_message(e: BaseException) -> str:
+    """One printable line for an error: KeyError's text without its quotes, the type where there is no text."""
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    if isinstance(e, MemoryError):
+        text = f"out of memory{f' ({text})' if text else ''}"
+    return _printable(" ".join(text.split()) or type(e).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from flashlm.ops import GGUFError
-
     try:
         return args.func(args)
-    except (GGUFError, OSError, ValueError) as e:
+    except INPUT_ERRORS as e:
         if isinstance(e, BrokenPipeError):  # `flashlm gguf inspect x.gguf | head`: the reader left, fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"flashlm: error: {_printable(str(e))}", file=sys.stderr)
-        return 1
+        if args.debug:
+            raise
+        print(f"flashlm: error: {error_message(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

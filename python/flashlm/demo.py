@@ -24,6 +24,8 @@ from flashlm.io.random_blocks import random_blocks
 _QUANTIZED_BY_GGUF_PY = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # The types gguf-py cannot quantize get random blocks with finite scales.
 _RANDOM_BLOCK_TYPES = ("IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")
+# Each tensor is rows x cols: at most 2^28 elements (1 GiB of float32 per dequantized copy).
+_MAX_ELEMENTS = 1 << 28
 
 
 def _make_tensor(name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,10 +46,14 @@ def _median_seconds(fn, reps: int) -> float:
 
 
 def run_demo(device: str = "cpu", rows: int = 1024, cols: int = 4096, reps: int = 5) -> int:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("flashlm demo: no CUDA device visible to torch; use --device cpu")
-        return 1
+    device = flashlm.ops.check_device(device)
+    for name, value in (("rows", rows), ("cols", cols), ("reps", reps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if cols % 256:
+        raise ValueError(f"cols: must be a multiple of 256 (the K-quants' block), got {cols}")
+    if rows * cols > _MAX_ELEMENTS:
+        raise ValueError(f"rows x cols: at most {_MAX_ELEMENTS} elements per tensor, got {rows} x {cols}")
     info = flashlm.build_info()
     print(f"flashlm {flashlm.__version__}: {info['cpu_isa']} CPU kernels on {info['threads']} threads, "
           f"CUDA {'built' if info['cuda'] else 'not built'} ({info['cuda_status']})")

@@ -84,5 +84,5 @@ def read_checkpoint(path) -> dict:
     ckpt = load_checkpoint(path)
     for key in ("model_config", "model"):
         if key not in ckpt:
-            raise ValueError(f"checkpoint: {str(path)!r} has no {key!r}")
+            raise ValueError(f"checkpoint {path}: no {key}")
     return ckpt

@@ -1,36 +1,85 @@
 """A flashlm training checkpoint (a ckpt-*.pt file, or a run's folder: its latest) as a LoadedModel, so the
-runtime runs what the trainer wrote: `flashlm generate --model runs/flashlm`."""
+runtime runs what the trainer wrote: `flashlm generate --model runs/flashlm`.
+
+A checkpoint is a file from elsewhere: its model_config is checked against the weights it holds (the layer
+count against the blocks first, then every name and shape) before a model is built, and its tokenizer and
+end-of-text id against the model's vocabulary; ValueError names the checkpoint and what is wrong.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish
 from flashlm.models import ModelConfig
+from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
 
 def load_checkpoint_model(path, max_model_len: Optional[int] = None) -> LoadedModel:
+    from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
+
+    path = find_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, max_model_len)
+
+
+def checkpoint_config(ckpt: dict, where: str) -> ModelConfig:
+    """The checkpoint's ModelConfig, checked against its weights (ckpt["model"])."""
+    raw, state = ckpt["model_config"], ckpt["model"]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: model_config is a {type(raw).__name__}, expected a dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: model is a {type(state).__name__}, expected a state dict")
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{where}: weight {name!r} is not a floating-point tensor")
+    check_block_count(raw.get("n_layer"), state, "blocks.", f"{where}: model_config n_layer")
+    try:
+        cfg = ModelConfig.from_dict(dict(raw))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: model_config: {e}") from None
+    check_tensor_shapes(cfg.state_shapes(), {k: tuple(t.shape) for k, t in state.items()}, where)
+    return cfg
+
+
+def checkpoint_tokenizer(ckpt: dict, cfg: ModelConfig, where: str):
+    """(the tokenizers.Tokenizer or None, the end-of-text ids), checked against the model's vocabulary."""
     from tokenizers import Tokenizer as Backend
 
-    from flashlm.io.checkpoint import read_checkpoint
+    eos = ckpt.get("eos_token_id")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < cfg.vocab_size):
+        raise ValueError(f"{where}: eos_token_id {eos!r} is outside the vocabulary [0, {cfg.vocab_size})")
+    text = ckpt.get("tokenizer")
+    if not text:
+        return None, [] if eos is None else [eos]
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: tokenizer is a {type(text).__name__}, expected the tokenizer's JSON text")
+    try:
+        backend = Backend.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"{where}: tokenizer: not a readable tokenizer ({str(e)[:200]})") from None
+    n = backend.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n} tokens, more than the model's vocab_size {cfg.vocab_size}")
+    return backend, [] if eos is None else [eos]
+
+
+def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None) -> LoadedModel:
+    """A read checkpoint (flashlm.io.checkpoint.read_checkpoint) as a LoadedModel on the CPU, in eval mode."""
     from flashlm.io.tokenizer import Tokenizer
 
-    ckpt = read_checkpoint(path)
-    cfg = ModelConfig.from_dict(dict(ckpt["model_config"]))
-    seq_len = context_length(cfg.seq_len, max_model_len, "model_config")
+    where = f"checkpoint {path}"
+    cfg = checkpoint_config(ckpt, where)
+    backend, eos = checkpoint_tokenizer(ckpt, cfg, where)
+    seq_len = context_length(cfg.seq_len, max_model_len, f"{where}: model_config seq_len")
+    state = dict(ckpt["model"])
     if seq_len != cfg.seq_len:  # gpt2's position table is cut to the context actually used
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "seq_len": seq_len})
-    state = dict(ckpt["model"])
-    if cfg.arch == "gpt2" and "pos_emb.weight" in state:
-        state["pos_emb.weight"] = state["pos_emb.weight"][:seq_len]
+        if cfg.arch == "gpt2":
+            state["pos_emb.weight"] = state["pos_emb.weight"][:seq_len]
     model = empty_model(cfg)
-    try:
-        model.load_state_dict(state, assign=True)
-    except RuntimeError as e:  # names the missing, unexpected or mis-shaped tensors
-        raise ValueError(f"checkpoint: its weights do not fit its model_config: {e}") from e
+    model.load_state_dict(state, assign=True)
     finish(model)
-    tokenizer = None
-    eos = [int(ckpt["eos_token_id"])] if ckpt.get("eos_token_id") is not None else []
-    if ckpt.get("tokenizer"):
-        tokenizer = Tokenizer(Backend.from_str(ckpt["tokenizer"]), eos_token_ids=eos)
+    tokenizer = None if backend is None else Tokenizer(backend, eos_token_ids=eos)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos, source=f"checkpoint:{path}")

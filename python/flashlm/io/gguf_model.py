@@ -14,7 +14,8 @@ are put back (a copy of those two tensors' bytes). qwen2 files are written witho
 (convert_hf_to_gguf.py's Qwen2Model does not permute; llama.cpp runs qwen2 with NEOX rope, which is
 rotate-half). GPT-2's attn_qkv is split into q, k and v by rows (views).
 
-Every metadata value, tensor name, shape and type is checked: ValueError names what is wrong.
+Every metadata value, tensor name, shape and type is checked, names and shapes before anything is built
+(flashlm.io.gguf_layout, which the GGUF writers share): ValueError names what is wrong.
 """
 
 from __future__ import annotations
@@ -27,44 +28,15 @@ from torch import nn
 
 from flashlm import ops
 from flashlm.io.gguf import GGUFFile
+from flashlm.io.gguf_layout import gguf_model_config
 from flashlm.io.gguf_rope import llama3_scaling_from_factors
-from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish, set_module
+from flashlm.io.loaded import LoadedModel, empty_model, finish, set_module
 from flashlm.models import ModelConfig
 from flashlm.models.transformer import rope_inv_freq
 from flashlm.quant.gguf_embedding import GGUFEmbedding
 from flashlm.quant.gguf_linear import GGUFLinear
 
-ARCHS = ("llama", "qwen2", "gpt2")
 _FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-class _Meta:
-    """Typed access to GGUF metadata, naming the key in every error."""
-
-    def __init__(self, metadata: dict):
-        self.m = metadata
-
-    def int(self, key: str, default=None, minimum: int = 1) -> int:
-        v = self.m.get(key, default)
-        if v is None:
-            raise ValueError(f"metadata: missing {key!r}")
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            raise ValueError(f"metadata: {key} must be an integer >= {minimum}, got {v!r}")
-        return v
-
-    def float(self, key: str, default=None) -> float:
-        v = self.m.get(key, default)
-        if v is None:
-            raise ValueError(f"metadata: missing {key!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-            raise ValueError(f"metadata: {key} must be a positive number, got {v!r}")
-        return float(v)
-
-    def str(self, key: str, default=None) -> Optional[str]:
-        v = self.m.get(key, default)
-        if v is not None and not isinstance(v, str):
-            raise ValueError(f"metadata: {key} must be a string, got {type(v).__name__}")
-        return v
 
 
 def _tensor_shape(f: GGUFFile, name: str, shape: tuple):
@@ -78,54 +50,12 @@ def _tensor_shape(f: GGUFFile, name: str, shape: tuple):
 
 
 def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> tuple[ModelConfig, Optional[torch.Tensor]]:
-    """(ModelConfig, rope factors from rope_freqs.weight or None) from a GGUF's metadata and tensor shapes."""
-    meta = _Meta(f.metadata)
-    arch = meta.str("general.architecture")
-    if arch not in ARCHS:
-        raise ValueError(f"metadata: general.architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
-    n_head = meta.int(f"{arch}.attention.head_count")
-    n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head)
-    d = meta.int(f"{arch}.embedding_length")
-    ctx = context_length(meta.int(f"{arch}.context_length"), max_model_len, f"metadata: {arch}.context_length")
-    try:
-        emb = f.tensor("token_embd.weight")
-    except KeyError:
-        raise ValueError("tensor 'token_embd.weight': missing from the file") from None
-    if len(emb.shape) != 2 or emb.shape[1] != d or emb.shape[0] <= 0:
-        raise ValueError(f"tensor 'token_embd.weight': shape {emb.shape}, expected [vocab, {d}]")
-    vocab = emb.shape[0]
-    if f"{arch}.vocab_size" in f.metadata and meta.int(f"{arch}.vocab_size") != vocab:
-        raise ValueError(f"metadata: {arch}.vocab_size {meta.int(f'{arch}.vocab_size')} != token_embd.weight's "
-                         f"{vocab} rows")
-    names = {t.name for t in f.tensors}
-    common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count"), n_head=n_head,
-                  n_kv_head=n_kv, d_model=d, d_ff=meta.int(f"{arch}.feed_forward_length"), seq_len=ctx,
-                  tie_embeddings="output.weight" not in names)
-    if arch == "gpt2":
-        return ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5)), None
-    if d % n_head:
-        raise ValueError(f"metadata: {arch}.embedding_length {d} is not a multiple of the head count {n_head}")
-    rope_dims = meta.int(f"{arch}.rope.dimension_count", d // n_head)
-    if rope_dims != d // n_head:
-        raise ValueError(f"metadata: {arch}.rope.dimension_count {rope_dims} != head_dim {d // n_head} "
-                         "(partial rotary embeddings are not supported)")
-    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
-        if key in f.metadata and meta.int(key) != d // n_head:
-            raise ValueError(f"metadata: {key} {f.metadata[key]} != embedding_length / head_count {d // n_head}")
-    scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
-    if scaling_type != "none":
-        raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
-                         "scaling, stored as rope_freqs.weight, is)")
-    if f"{arch}.attention.sliding_window" in f.metadata:
-        window = meta.int(f"{arch}.attention.sliding_window")
-        if window < ctx:
-            raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
-                             "(pass max_model_len <= the window)")
-    cfg = ModelConfig(**common, rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
-                      norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+    """(ModelConfig, rope factors from rope_freqs.weight or None) from a GGUF's metadata and tensor shapes,
+    every tensor checked (flashlm.io.gguf_layout)."""
+    shapes = {t.name: t.shape for t in f.tensors}
+    cfg = gguf_model_config(f.metadata, shapes, max_model_len)
     factors = None
-    if "rope_freqs.weight" in names:
-        _tensor_shape(f, "rope_freqs.weight", (cfg.head_dim // 2,))
+    if "rope_freqs.weight" in shapes:  # (only a rotary model's file may have it)
         factors = f.load("rope_freqs.weight", dtype=torch.float32)
         scaling = llama3_scaling_from_factors(factors, rope_inv_freq(cfg))
         if scaling is not None:

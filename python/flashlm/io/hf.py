@@ -11,33 +11,17 @@ end generation from generation_config.json when it is there, else config.json.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import torch
 
-from flashlm.io.hf_config import model_config_from_hf
+from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.io.hf_weights import read_hf_state_dict
 from flashlm.io.loaded import LoadedModel, empty_model, finish, quantize_block_linears
 from flashlm.io.tokenizer import Tokenizer
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _read_json(path: str, required: bool = False) -> Optional[dict]:
-    if not os.path.isfile(path):
-        if required:
-            raise ValueError(f"{path}: missing")
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return value
 
 
 def _ids(value, where: str) -> list[int]:
@@ -80,8 +64,8 @@ def load_hf_tokenizer(path: str, config: dict) -> Optional[Tokenizer]:
         backend = HFTokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"{file}: cannot load ({e})") from e
-    tok_cfg = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
-    gen_cfg = _read_json(os.path.join(path, "generation_config.json")) or {}
+    tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
+    gen_cfg = read_json(os.path.join(path, "generation_config.json")) or {}
     bos_token, eos_token = _token_content(tok_cfg.get("bos_token")), _token_content(tok_cfg.get("eos_token"))
 
     if "eos_token_id" in gen_cfg:
@@ -111,7 +95,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32, quantize: Optional[str] = 
         raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype}")
     if quantize not in (None, "int8", "int4"):
         raise ValueError(f"quantize: must be None, 'int8' or 'int4', got {quantize!r}")
-    hf_cfg = _read_json(os.path.join(path, "config.json"), required=True)
+    hf_cfg = read_json(os.path.join(path, "config.json"), required=True)
     cfg = model_config_from_hf(hf_cfg, max_model_len)
     # quantize from float32 weights, then cast what stays float
     state = read_hf_state_dict(path, cfg, torch.float32 if quantize else dtype)

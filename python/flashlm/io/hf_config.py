@@ -11,10 +11,13 @@ rope scaling other than Llama 3's) raises ValueError naming the key.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 from flashlm.io.loaded import context_length
 from flashlm.models import ModelConfig
+from flashlm.models.config import LIMITS, check_size
 
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -22,12 +25,29 @@ HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", 
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation under HF's names
 
 
-def _get(cfg: dict, key: str, kind=int, default=None):
+def read_json(path: str, required: bool = False) -> Optional[dict]:
+    """A JSON object file of a model directory (None when it is missing and not required), checked."""
+    if not os.path.isfile(path):
+        if required:
+            raise ValueError(f"{path}: missing")
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return value
+
+
+def _get(cfg: dict, key: str, kind=int, default=None, limit: Optional[str] = None):
+    """cfg[key] (or default) as a positive int (at most LIMITS[limit]) or a positive float."""
     value = cfg.get(key, default)
     if value is None:
         raise ValueError(f"config.json: missing {key!r}")
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
+    if kind is int:
+        check_size(value, f"config.json: {key}", LIMITS[limit] if limit else 1 << 64)
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
@@ -78,10 +98,11 @@ def _gpt2_config(cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
         if cfg.get(key, want) != want:
             raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (flashlm's GPT-2 has {want})")
-    d = _get(cfg, "n_embd")
+    d = _get(cfg, "n_embd", limit="d_model")
     n_inner = cfg.get("n_inner")
-    return ModelConfig(arch="gpt2", vocab_size=_get(cfg, "vocab_size"), n_layer=_get(cfg, "n_layer"),
-                       n_head=_get(cfg, "n_head"), d_model=d, d_ff=4 * d if n_inner is None else _get(cfg, "n_inner"),
+    return ModelConfig(arch="gpt2", vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
+                       n_layer=_get(cfg, "n_layer", limit="n_layer"), n_head=_get(cfg, "n_head", limit="n_head"),
+                       d_model=d, d_ff=4 * d if n_inner is None else _get(cfg, "n_inner", limit="d_ff"),
                        seq_len=_seq_len(_get(cfg, "n_positions"), max_model_len),
                        norm_eps=_get(cfg, "layer_norm_epsilon", float, 1e-5),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
@@ -94,7 +115,7 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
         raise ValueError("config.json: mlp_bias=true is not supported")
     if arch == "llama" and cfg.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported for llama")
-    d, heads = _get(cfg, "hidden_size"), _get(cfg, "num_attention_heads")
+    d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
     head_dim = cfg.get("head_dim")
     if head_dim is not None and (d % heads or head_dim != d // heads):
         raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
@@ -109,10 +130,11 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
                          f"no sliding-window attention (pass max_model_len <= {window})")
     theta, scaling = _rope(cfg)
-    return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size"), n_layer=_get(cfg, "num_hidden_layers"),
-                       n_head=heads, n_kv_head=_get(cfg, "num_key_value_heads", int, heads), d_model=d,
-                       d_ff=_get(cfg, "intermediate_size"), seq_len=seq_len, rope_theta=theta, rope_scaling=scaling,
-                       norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
+    return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
+                       n_layer=_get(cfg, "num_hidden_layers", limit="n_layer"), n_head=heads,
+                       n_kv_head=_get(cfg, "num_key_value_heads", int, heads, limit="n_head"), d_model=d,
+                       d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
+                       rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 

@@ -22,6 +22,8 @@ import numpy as np
 from gguf import GGUFValueType
 
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
+from flashlm.io.hf_config import model_config_from_hf, read_json
+from flashlm.models.shapes import check_block_count
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
@@ -78,7 +80,34 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
         (n,) = struct.unpack("<Q", head)
         if n > os.path.getsize(path) - 8 or n > 100 << 20:
             raise ValueError(f"{path}: safetensors header of {n} bytes does not fit the file")
-        return json.loads(f.read(n)), 8 + n
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: the safetensors header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        return header, 8 + n
+
+
+def _entry(meta, where: str, data_bytes: int) -> tuple:
+    """(type name, numpy dtype, shape, data offset) of a safetensors header entry, checked against the file's
+    data_bytes bytes of tensor data."""
+    try:
+        dtype, shape, (begin, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, begin, end])
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: malformed safetensors entry {str(meta)[:200]}")
+    if dtype not in _ST_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype} (F32, F16 and BF16 are supported)")
+    type_name, np_dtype = _ST_DTYPES[dtype]
+    shape = tuple(shape)
+    if not begin <= end <= data_bytes:
+        raise ValueError(f"{where}: data [{begin}, {end}) lies outside the file's {data_bytes} bytes of data")
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
+        raise ValueError(f"{where}: data size does not match its shape {shape}")
+    return type_name, np_dtype, shape, begin
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict) -> np.ndarray:
@@ -100,20 +129,20 @@ def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 class HFSource:
     def __init__(self, path: str):
-        with open(os.path.join(path, "config.json")) as f:
-            self.config = cfg = json.load(f)
-        archs = cfg.get("architectures") or []
-        if not archs or archs[0] not in ARCHITECTURES:
-            raise ValueError(f"{path}: architecture {archs} is not supported (supported: {', '.join(ARCHITECTURES)})")
-        self.arch, self._permute = ARCHITECTURES[archs[0]]
-        self.n_head = int(cfg["n_head"] if self.arch == "gpt2" else cfg["num_attention_heads"])
-        self.n_head_kv = int(cfg.get("num_key_value_heads", self.n_head))
+        self.config = read_json(os.path.join(path, "config.json"), required=True)
+        # The HF loader's checks of config.json (the context is the loader's max_model_len: any will do here).
+        self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
+        self.arch, self._permute = mc.arch, mc.arch == "llama"  # llama's q/k rows go to ggml's rope order
+        if self.arch == "qwen2" and mc.rope_scaling is not None:
+            raise ValueError("config.json: rope scaling on qwen2 has no GGUF form that llama.cpp reads")
+        self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise ValueError(f"{path}: no .safetensors files")
         self._entries = {}  # gguf name -> (file, data offset, numpy dtype, stored shape, transposed)
         self.tensors = []  # (gguf name, shape in torch order, type name); no output.weight: tied embeddings
+        hf_names = []
         for fname in files:
             full = os.path.join(path, fname)
             header, base = _read_safetensors_header(full)
@@ -122,21 +151,21 @@ class HFSource:
             for hf_name, meta in sorted(header.items()):
                 if hf_name == "__metadata__":
                     continue
+                hf_names.append(hf_name)
                 name = to_gguf(hf_name)
                 if name is None:
                     continue
                 if name in self._entries:
                     raise ValueError(f"{full}: {hf_name}: a second tensor named {name}")
-                if meta["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{full}: {hf_name} has dtype {meta['dtype']} (F32, F16 and BF16 are supported)")
-                begin, end = meta["data_offsets"]
-                type_name, np_dtype = _ST_DTYPES[meta["dtype"]]
-                shape = tuple(int(s) for s in meta["shape"])
-                if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize:
-                    raise ValueError(f"{full}: {hf_name}: data size does not match its shape {shape}")
+                type_name, np_dtype, shape, begin = _entry(meta, f"{full}: {hf_name}", os.path.getsize(full) - base)
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
+        if self.arch == "gpt2":
+            names = [n.removeprefix("transformer.") for n in hf_names]
+            check_block_count(mc.n_layer, names, "h.", "config.json: n_layer")
+        else:
+            check_block_count(mc.n_layer, hf_names, "model.layers.", "config.json: num_hidden_layers")
         self._extra = self._rope_freqs()  # tensors computed from the config, not read from a file
         self.tensors = [(n, a.shape, "F32") for n, a in self._extra.items()] + self.tensors
         self.metadata = self._hparams(os.path.basename(os.path.normpath(path))) + self._tokenizer(path)
@@ -159,44 +188,30 @@ class HFSource:
             return []
 
     def _hparams(self, name: str) -> list:
-        cfg, a = self.config, self.arch
+        """convert_hf_to_gguf's set_gguf_parameters, from the checked config (the context as declared)."""
+        cfg, mc, a = self.config, self.model_config, self.arch
         u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
-        if a == "gpt2":  # convert_hf_to_gguf's GPT2Model.set_gguf_parameters
-            return [("general.name", name, GGUFValueType.STRING, None),
-                    ("gpt2.block_count", cfg["n_layer"], u32, None), ("gpt2.context_length", cfg["n_ctx"], u32, None),
-                    ("gpt2.embedding_length", cfg["n_embd"], u32, None),
-                    ("gpt2.feed_forward_length", cfg.get("n_inner") or 4 * cfg["n_embd"], u32, None),
-                    ("gpt2.attention.head_count", self.n_head, u32, None),
-                    ("gpt2.attention.layer_norm_epsilon", float(cfg.get("layer_norm_epsilon", 1e-5)), f32, None)]
-        meta = [("general.name", name, GGUFValueType.STRING, None),
-                (f"{a}.block_count", cfg["num_hidden_layers"], u32, None),
-                (f"{a}.context_length", cfg.get("max_position_embeddings", 2048), u32, None),
-                (f"{a}.embedding_length", cfg["hidden_size"], u32, None),
-                (f"{a}.feed_forward_length", cfg["intermediate_size"], u32, None),
-                (f"{a}.attention.head_count", self.n_head, u32, None),
-                (f"{a}.attention.head_count_kv", self.n_head_kv, u32, None),
-                (f"{a}.rope.freq_base", float(cfg.get("rope_theta", 10000.0)), f32, None),
-                (f"{a}.attention.layer_norm_rms_epsilon", float(cfg.get("rms_norm_eps", 1e-6)), f32, None)]
+        context = cfg["n_positions"] if a == "gpt2" else cfg["max_position_embeddings"]
+        meta = [("general.name", name, GGUFValueType.STRING, None), (f"{a}.block_count", mc.n_layer, u32, None),
+                (f"{a}.context_length", context, u32, None), (f"{a}.embedding_length", mc.d_model, u32, None),
+                (f"{a}.feed_forward_length", mc.d_ff, u32, None), (f"{a}.attention.head_count", mc.n_head, u32, None)]
+        if a == "gpt2":
+            return meta + [("gpt2.attention.layer_norm_epsilon", mc.norm_eps, f32, None)]
+        meta += [(f"{a}.attention.head_count_kv", mc.n_kv_head, u32, None),
+                 (f"{a}.rope.freq_base", mc.rope_theta, f32, None),
+                 (f"{a}.attention.layer_norm_rms_epsilon", mc.norm_eps, f32, None)]
         if "vocab_size" in cfg:
-            meta.append((f"{a}.vocab_size", cfg["vocab_size"], u32, None))
+            meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
-            head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_head
-            meta.append((f"{a}.rope.dimension_count", head_dim, u32, None))
+            meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
         return meta
 
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
-        cfg = self.config
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        if self.arch != "llama" or (rope.get("rope_type") or rope.get("type")) != "llama3":
+        mc = self.model_config
+        if mc.rope_scaling is None:
             return {}
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // self.n_head
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        return {"rope_freqs.weight": llama3_rope_factors(head_dim, float(theta), rope)}
-
-    def info(self):
-        n_layer = self.config["n_layer"] if self.arch == "gpt2" else self.config["num_hidden_layers"]
-        return self.arch, int(n_layer), self.n_head, self.n_head_kv
+        return {"rope_freqs.weight": llama3_rope_factors(mc.head_dim, mc.rope_theta, mc.rope_scaling)}
 
     def load(self, index: int):
         """Tensor `index` as a numpy array in torch order (BF16 as its raw uint16 bits)."""

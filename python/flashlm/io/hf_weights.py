@@ -19,6 +19,7 @@ import re
 import torch
 
 from flashlm.models import ModelConfig
+from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
 _LLAMA_TOP = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.weight",
               "lm_head.weight": "lm_head.weight"}
@@ -104,21 +105,16 @@ def _split_gpt2_qkv(state: dict, cfg: ModelConfig) -> None:
 
 
 def _check(state: dict, cfg: ModelConfig, sources: dict) -> None:
-    shapes = cfg.state_shapes()
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # a tied model saved with its (identical) output matrix as well
         if not torch.equal(state["lm_head.weight"], state.get("tok_emb.weight", torch.empty(0))):
             raise ValueError("weights: lm_head.weight differs from the embedding but tie_word_embeddings is set")
         del state["lm_head.weight"]
-    for name, shape in shapes.items():
-        if name not in state:
-            raise ValueError(f"weights: missing tensor {name!r} (flashlm name) for this config")
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"weights: {sources.get(name, name)!r} has shape {tuple(state[name].shape)}, "
-                             f"the config implies {shape}")
-    extra = sorted(set(state) - set(shapes))
-    if extra:
-        raise ValueError(f"weights: unexpected tensor {sources.get(extra[0], extra[0])!r} for this config")
+    layers = "n_layer" if cfg.arch == "gpt2" else "num_hidden_layers"
+    hf_name = lambda name: sources.get(name, name)  # noqa: E731
+    check_block_count(cfg.n_layer, state, "blocks.", f"config.json: {layers}", shown=hf_name)
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    check_tensor_shapes(cfg.state_shapes(), shapes, "weights", shown=hf_name)
 
 
 def read_hf_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:

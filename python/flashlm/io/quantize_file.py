@@ -6,7 +6,8 @@ flashlm's quantizers (the bytes of ggml's reference quantizers); tensors already
 are decoded to float32 with flashlm's dequantizer and quantized again (each round loses accuracy: a
 warning says how many), unless their type is already the target, when their bytes are copied. Metadata
 is copied, with general.file_type and general.quantization_version set. The file is written tensor by
-tensor, so memory holds one tensor at a time.
+tensor, so memory holds one tensor at a time. A GGUF input is read with flashlm's own reader, and the model
+is checked as flashlm's loader checks a file before anything is written.
 """
 
 from __future__ import annotations
@@ -17,57 +18,54 @@ import warnings
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from flashlm import ops
+from flashlm.io.gguf import GGUFFile
+from flashlm.io.gguf_layout import gguf_model_config
 from flashlm.io.hf_source import HFSource
+from flashlm.models import ModelConfig
 from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
 from flashlm.quant.mix import MIXES, MixPlanner, ModelInfo
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
+_NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 as its bits
 # Keys the writer sets itself (general.alignment through add_custom_alignment, so that the padding it
 # writes is the one the key announces).
 _SKIP_KEYS = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
 
 
 class GGUFSource:
-    """A GGUF file's metadata and tensors, read with gguf-py."""
+    """A GGUF file's metadata and tensors, read with flashlm's reader (which checks every count, offset and
+    size: a malformed file is a GGUFError naming the byte offset)."""
 
     def __init__(self, path: str):
-        self.reader = GGUFReader(path)
-        arch = self.reader.get_field("general.architecture")
-        if arch is None:
+        self.file = GGUFFile(path)
+        metadata, types = self.file.metadata, self.file.metadata_types
+        self.arch = metadata.get("general.architecture")
+        if not isinstance(self.arch, str):
             raise ValueError(f"{path}: no general.architecture key")
-        self.arch = arch.contents()
-        self.metadata = []
-        for field in self.reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in _SKIP_KEYS:
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
-            self.metadata.append((field.name, field.contents(), vtype, sub))
-        self.tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-                        for t in self.reader.tensors]
-        alignment = self.reader.get_field("general.alignment")
-        self.alignment = int(alignment.contents()) if alignment is not None else None
-
-    def _int(self, key: str, default: int = 0) -> int:
-        field = self.reader.get_field(key)
-        return int(field.contents()) if field is not None else default
-
-    def info(self):
-        n_layer = self._int(f"{self.arch}.block_count")
-        if not n_layer:  # count the blocks instead
-            n_layer = len({n.split(".")[1] for n, _, _ in self.tensors if n.startswith("blk.")})
-        return (self.arch, n_layer, self._int(f"{self.arch}.attention.head_count"),
-                self._int(f"{self.arch}.attention.head_count_kv"))
+        self.metadata = [(key, value, *_value_type(types[key])) for key, value in metadata.items()
+                         if key not in _SKIP_KEYS]
+        self.tensors = [(t.name, t.shape, t.ggml_type) for t in self.file.tensors]
+        self.alignment = self.file.alignment if "general.alignment" in metadata else None
 
     def load(self, index: int) -> np.ndarray:
-        """The tensor's data: floats in torch order (BF16 as uint16 bits), or blocks as uint8 [..., row bytes]."""
-        t = self.reader.tensors[index]
-        if t.tensor_type == GGMLQuantizationType.BF16:
-            return np.asarray(t.data).view(np.uint16).reshape(self.tensors[index][1])
-        return np.asarray(t.data)
+        """The tensor's data: floats in torch order (BF16 as uint16 bits), or its blocks as uint8 bytes."""
+        name, shape, type_name = self.tensors[index]
+        raw = self.file.raw(name).numpy()  # a view of the mapping
+        if type_name in _NUMPY_FLOATS:
+            return raw.view(_NUMPY_FLOATS[type_name]).reshape(shape)
+        return raw
+
+    def close(self) -> None:
+        self.file.close()  # arrays load() returned keep the mapping alive
+
+
+def _value_type(type_name: str) -> tuple:
+    """(GGUFValueType, item type or None) of a type as flashlm's reader names it: "UINT32", "ARRAY[STRING]"."""
+    outer, _, item = type_name.partition("[")
+    return GGUFValueType[outer], GGUFValueType[item.rstrip("]")] if item else None
 
 
 def open_source(path: str):
@@ -96,11 +94,23 @@ def _byte_shape(shape: tuple[int, ...], block: int, block_bytes: int) -> tuple[i
     return (*shape[:-1], shape[-1] // block * block_bytes)
 
 
-def plan(source, mix: str) -> list[str]:
-    """The GGML type of every tensor of `source` under `mix`, in file order."""
-    arch, n_layer, n_head, n_head_kv = source.info()
+def check_model(source) -> ModelConfig:
+    """The model `source` describes, checked as load_gguf checks a file (flashlm.io.gguf_layout): a writer
+    refuses what the loader would refuse, before it writes anything."""
+    metadata = {key: value for key, value, _, _ in source.metadata} | {"general.architecture": source.arch}
+    shapes = {}
+    for name, shape, _ in source.tensors:
+        if name in shapes:
+            raise ValueError(f"tensor {name!r}: appears twice")
+        shapes[name] = tuple(shape)
+    # The context the loader builds is its caller's max_model_len: the checks of the rest hold for any.
+    return gguf_model_config(metadata, shapes, max_model_len=1)
+
+
+def plan(source, cfg: ModelConfig, mix: str) -> list[str]:
+    """The GGML type of every tensor of `source` (a cfg model) under `mix`, in file order."""
     names = [name for name, _, _ in source.tensors]
-    planner = MixPlanner(mix, ModelInfo(arch, n_layer, n_head, n_head_kv), names)
+    planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names)
     return [planner.type_for(name, shape, current) for name, shape, current in source.tensors]
 
 
@@ -112,7 +122,12 @@ def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True)
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise ValueError("output: must not be the input file")
     _check_mix(mix)
-    return write_quantized(open_source(src_path), dst_path, mix, progress)
+    source = open_source(src_path)
+    try:
+        return write_quantized(source, dst_path, mix, progress)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
 
 
 def _check_mix(mix: str) -> str:
@@ -126,12 +141,12 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
     gives it.
 
     source: an object with `arch` (GGUF architecture), `metadata` [(key, value, GGUFValueType, item type)],
-        `tensors` [(GGUF name, shape in torch order, stored type name)] in file order, `info()` ->
-        (arch, n_layer, n_head, n_head_kv) and `load(index)` -> the tensor's data as GGUFSource.load gives
-        it; optionally `alignment`. GGUFSource, HFSource and flashlm.train.export's model source are such.
+        `tensors` [(GGUF name, shape in torch order, stored type name)] in file order and `load(index)` ->
+        the tensor's data as GGUFSource.load gives it; optionally `alignment`. GGUFSource, HFSource and
+        flashlm.train.export's model source are such. The model is checked first (check_model).
     """
     mix = _check_mix(mix)
-    targets = plan(source, mix)
+    targets = plan(source, check_model(source), mix)
     for (name, _, current), target in zip(source.tensors, targets):
         if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:
             raise ValueError(f"{name}: stored as {current}, which flashlm cannot decode to quantize to {target}")
@@ -142,6 +157,16 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
                       stacklevel=2)
 
     writer = GGUFWriter(dst_path, source.arch)
+    try:
+        return _write(writer, source, mix, targets, progress)
+    except BaseException:
+        if writer.fout is not None:  # a half-written file is no GGUF file: leave none behind
+            writer.close()
+            os.remove(dst_path)
+        raise
+
+
+def _write(writer, source, mix: str, targets: list, progress: bool) -> list[tuple[str, str, str]]:
     if getattr(source, "alignment", None):
         writer.add_custom_alignment(source.alignment)
     for key, value, vtype, sub in source.metadata:

@@ -12,6 +12,19 @@ from typing import Optional
 ARCHS = ("gpt2", "llama", "qwen2")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
+# The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
+# d_ff 53248, 128 heads of 128; vocabularies reach 262144, contexts 10M tokens). A size read from a file is
+# untrusted: these keep a bad one from building billions of modules or tables before anything else fails.
+LIMITS = {"vocab_size": 1 << 24, "n_layer": 4096, "n_head": 1024, "d_model": 1 << 17, "d_ff": 1 << 20,
+          "seq_len": 1 << 24, "head_dim": 1024}
+
+
+def check_size(value, name: str, limit: int) -> int:
+    """value, an int in [1, limit]; ValueError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name}: must be a positive integer of at most {limit}, got {value!r}")
+    return value
+
 
 @dataclass
 class ModelConfig:
@@ -32,15 +45,17 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"arch: must be one of {ARCHS}, got {self.arch!r}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            check_size(getattr(self, name), name, LIMITS[name])
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+        if isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 \
+                or self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head: must be a positive divisor of n_head={self.n_head}, got {self.n_kv_head!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
+        if self.head_dim > LIMITS["head_dim"]:
+            raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
+                             f"{LIMITS['head_dim']}")
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"n_kv_head: gpt2 has no grouped-query attention (n_kv_head must equal n_head "
                              f"{self.n_head}), got {self.n_kv_head}")
@@ -50,12 +65,11 @@ class ModelConfig:
             raise ValueError(f"d_model: rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
-        if not isinstance(self.d_ff, int) or self.d_ff <= 0:
-            raise ValueError(f"d_ff: must be a positive integer, got {self.d_ff!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta: must be > 0, got {self.rope_theta}")
+        check_size(self.d_ff, "d_ff", LIMITS["d_ff"])
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
 
     def _check_rope_scaling(self):
         rs = self.rope_scaling

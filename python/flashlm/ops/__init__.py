@@ -8,6 +8,7 @@ from flashlm import _C
 from flashlm.ops.activation import silu_mul
 from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
 from flashlm.ops.decoder import NativeDecoder
+from flashlm.ops.device import check_device
 from flashlm.ops.dequant import dequantize, dequantize_supported
 from flashlm.ops.flash_attn_interface import (
     flash_attn_func,
@@ -58,10 +59,11 @@ def cmake_prefix_path() -> str:
 
 
 __all__ = [
-    "adamw_step_", "GGUFError", "GGUFReader", "build_info", "cmake_prefix_path", "cpu_isa", "cpu_isa_supported", "dequantize",
-    "dequantize_supported", "flash_attn_backward", "flash_attn_forward", "flash_attn_func", "flash_attn_kvpacked_func",
-    "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func",
-    "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize",
-    "int4_linear", "int8_linear", "num_threads", "paged_attention", "paged_attention_num_splits", "quantize_per_token",
-    "quantize_supported", "rms_norm", "set_cpu_isa", "set_num_threads", "write_kv_cache",
+    "adamw_step_", "GGUFError", "GGUFReader", "build_info", "check_device", "cmake_prefix_path", "cpu_isa",
+    "cpu_isa_supported", "dequantize", "dequantize_supported", "flash_attn_backward", "flash_attn_forward",
+    "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
+    "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize", "int4_linear", "int8_linear", "num_threads",
+    "paged_attention", "paged_attention_num_splits", "quantize_per_token", "quantize_supported", "rms_norm",
+    "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]

@@ -54,6 +54,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 _MAX_TOKEN_ID = (1 << 63) - 1
+# Block ids go to the kernels as int32 block tables; a block of more tokens than this is no cache layout
+# anyone uses (vLLM's default is 16, flash-attn's paged kernels take multiples of 256).
+MAX_NUM_BLOCKS = (1 << 31) - 1
+MAX_BLOCK_SIZE = 1 << 16
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -105,6 +109,13 @@ def block_hash(parent_hash: Optional[bytes], token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
+def check_block_size(block_size) -> int:
+    block_size = operator.index(block_size)
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+    return block_size
+
+
 def _check_seq_id(seq_id) -> int:
     try:
         return operator.index(seq_id)
@@ -133,18 +144,19 @@ class BlockManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  max_blocks_per_seq: Optional[int] = None):
-        if operator.index(num_blocks) < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if operator.index(block_size) < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not 1 <= operator.index(num_blocks) <= MAX_NUM_BLOCKS:
+            raise ValueError(f"num_blocks must be in [1, {MAX_NUM_BLOCKS}] (int32 block tables), got {num_blocks}")
         if max_blocks_per_seq is not None and operator.index(max_blocks_per_seq) < 1:
             raise ValueError(f"max_blocks_per_seq must be >= 1 or None, got {max_blocks_per_seq}")
         self.num_blocks = int(num_blocks)
-        self.block_size = int(block_size)
+        self.block_size = check_block_size(block_size)
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.max_blocks_per_seq = None if max_blocks_per_seq is None else int(max_blocks_per_seq)
-        self._blocks = [_Block() for _ in range(self.num_blocks)]
-        self._free = deque(range(self.num_blocks))   # ref 0, no hash
+        # Nothing per block up front: blocks are handed out in id order the first time, so _blocks[b] is the
+        # _Block of every block used so far and ids [len(_blocks), num_blocks) were never used. Free blocks are
+        # those, taken first, then the returned ones in the order they came back.
+        self._blocks: list = []
+        self._free = deque()                           # returned: ref 0, no hash
         self._evictable: OrderedDict = OrderedDict()  # ref 0, hashed; oldest first
         self._cache: dict = {}                         # hash -> block id
         self._seqs: dict = {}
@@ -155,7 +167,7 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks a new allocation can take: never-named free blocks plus cached blocks no sequence uses."""
-        return len(self._free) + len(self._evictable)
+        return self.num_blocks - len(self._blocks) + len(self._free) + len(self._evictable)
 
     @property
     def usage(self) -> float:
@@ -189,15 +201,17 @@ class BlockManager:
         return self._seq(seq_id).num_cached_tokens
 
     def ref_count(self, block_id: int) -> int:
-        return self._blocks[self._check_block_id(block_id)].ref_count
+        block_id = self._check_block_id(block_id)
+        return self._blocks[block_id].ref_count if block_id < len(self._blocks) else 0
 
     def is_cached(self, block_id: int) -> bool:
         """Whether the block is named in the prefix cache (a later prompt with its prefix can hit it)."""
-        return self._blocks[self._check_block_id(block_id)].hash is not None
+        block_id = self._check_block_id(block_id)
+        return block_id < len(self._blocks) and self._blocks[block_id].hash is not None
 
     def free_block_ids(self) -> list:
         """Unused blocks with no name, in the order they will be handed out."""
-        return list(self._free)
+        return list(range(len(self._blocks), self.num_blocks)) + list(self._free)
 
     def evictable_block_ids(self) -> list:
         """Unused cached blocks, the next to be evicted first."""
@@ -445,7 +459,10 @@ class BlockManager:
     def _take_free_block(self) -> int:
         """A block with ref count 1 and no name: a never-named free one, else the least recently used cached
         one (evicted). Callers have checked num_free_blocks."""
-        if self._free:
+        if len(self._blocks) < self.num_blocks:
+            b = len(self._blocks)
+            self._blocks.append(_Block())
+        elif self._free:
             b = self._free.popleft()
         else:
             b, _ = self._evictable.popitem(last=False)

@@ -151,6 +151,9 @@ def batching_speedup(llm, prompts, params) -> tuple:
 
 
 def cmd_bench_decode(args) -> int:
+    for flag in ("prompt_tokens", "gen_tokens", "concurrency", "reps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
     # Without prefix caching: the repetitions rerun one prompt, which the cache would turn into a lookup.
     llm = _engine(args, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False)
     vocab = llm.model.cfg.vocab_size

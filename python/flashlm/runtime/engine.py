@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from flashlm import ops
 from flashlm.models.transformer import Transformer
 from flashlm.runtime.block_manager import BlockManager
 from flashlm.runtime.model_runner import ModelRunner, kv_cache_blocks
@@ -76,6 +77,7 @@ class LLM:
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
                  draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True):
+        device = ops.check_device(device)
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -89,9 +91,9 @@ class LLM:
         cfg = model.cfg
         self.max_model_len = min(cfg.seq_len, max_model_len or cfg.seq_len)
         if kv_cache_dtype is None:
-            kv_cache_dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+            kv_cache_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         num_blocks = kv_cache_blocks(model, block_size, kv_cache_dtype, self.max_model_len, max_num_seqs,
-                                     kv_cache_memory)
+                                     kv_cache_memory, device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),

@@ -10,6 +10,7 @@ the native decoder stack where it applies (flashlm.runtime.native_decoder), else
     runner = ModelRunner(model, num_blocks, block_size)
 """
 
+import os
 import re
 import time
 from dataclasses import replace
@@ -20,7 +21,7 @@ import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
 from flashlm.ops import NativeDecoder
-from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.block_manager import BlockManager, check_block_size
 from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
 
@@ -48,12 +49,44 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
     return 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def available_memory(device) -> Optional[int]:
+    """Bytes a new allocation can still take on the device, or None where it cannot be told: CUDA's free
+    memory; on the CPU the kernel's MemAvailable (sysconf's free pages without /proc), within the cgroup's
+    memory.max when the process runs under one."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
+            limit = f_max.read().strip()
+            if limit != "max":
+                found.append(max(int(limit) - int(f_cur.read()), 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def kv_cache_blocks(model: Transformer, block_size: int, dtype: torch.dtype, max_model_len: int, max_num_seqs: int,
-                    kv_cache_memory=None) -> int:
+                    kv_cache_memory=None, device="cpu") -> int:
     """How many KV-cache blocks fit in kv_cache_memory (bytes, or a size such as "1GiB"). By default, room for
     every sequence at full length, capped at 1 GiB (but never less than one sequence's). ValueError when the
-    blocks cannot hold one sequence of max_model_len tokens."""
-    per_block = kv_bytes_per_block(model, block_size, dtype)
+    blocks cannot hold one sequence of max_model_len tokens, or do not fit in the memory the device has left."""
+    per_block = kv_bytes_per_block(model, check_block_size(block_size), dtype)
     blocks_per_seq = -(-max_model_len // block_size)
     if kv_cache_memory is None:
         kv_cache_memory = max(min(blocks_per_seq * max_num_seqs * per_block, 2**30), blocks_per_seq * per_block)
@@ -61,6 +94,13 @@ def kv_cache_blocks(model: Transformer, block_size: int, dtype: torch.dtype, max
     if num_blocks * block_size < max_model_len:
         raise ValueError(f"kv_cache_memory: {kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
                          f"max_model_len {max_model_len} ({per_block} bytes per block of {block_size})")
+    # Checked before allocating: the cache is zero-filled, so an allocation past what is there would not fail
+    # cleanly but swap, or end the process.
+    needed, available = num_blocks * per_block, available_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(f"kv_cache_memory: {kv_cache_memory} asks for {_gib(needed)} of KV cache ({num_blocks} blocks "
+                         f"of {block_size} tokens), but {torch.device(device)} has {_gib(available)} available; "
+                         f"pass a smaller kv_cache_memory or max_model_len")
     return num_blocks
 
 

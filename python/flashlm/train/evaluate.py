@@ -13,40 +13,36 @@ from pathlib import Path
 import torch
 
 
-def load_model(state: dict, device="cpu"):
-    from flashlm.models import ModelConfig, Transformer
-
-    model = Transformer(ModelConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()
-
-
 @torch.no_grad()
 def evaluate_checkpoint(path, data_file, batch_size: int = 8, device="cpu") -> dict:
-    from tokenizers import Tokenizer
-
-    from flashlm.io.checkpoint import find_checkpoint, load_checkpoint
+    from flashlm import ops
+    from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
+    from flashlm.io.checkpoint_model import model_from_checkpoint
     from flashlm.train.config import TrainConfig
     from flashlm.train.corpus import clean_text
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size: must be positive, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
+    device = ops.check_device(device)
     path = find_checkpoint(path)  # a run's folder: its latest checkpoint
-    state = load_checkpoint(path)
-    if not state.get("tokenizer"):
-        raise ValueError(f"checkpoint: {path} holds no tokenizer, so text cannot be encoded")
-    tok = Tokenizer.from_str(state["tokenizer"])
+    state = read_checkpoint(path)
+    loaded = model_from_checkpoint(state, path)  # the config, weights, tokenizer and eos id checked
+    if loaded.tokenizer is None:
+        raise ValueError(f"checkpoint {path}: holds no tokenizer, so text cannot be encoded")
+    tok = loaded.tokenizer.backend
     text = Path(data_file).read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
     saved = state.get("train_config") or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path}: train_config is a {type(saved).__name__}, expected a dict")
     sep = TrainConfig.from_dict(saved).document_separator() if saved else None
     docs = [d for d in (clean_text(piece) for piece in (text.split(sep) if sep else [text])) if d]
-    eos = state.get("eos_token_id")
+    eos = loaded.eos_token_ids[0] if loaded.eos_token_ids else None
     ids = []
     for enc in tok.encode_batch(docs, add_special_tokens=False):
         ids.extend(enc.ids + ([eos] if eos is not None else []))
     if len(ids) < 2:
         raise ValueError(f"data: {data_file} makes {len(ids)} tokens, at least 2 are needed")
-    model = load_model(state, device)
+    model = loaded.model.to(device)
     L = model.cfg.seq_len
     starts = list(range(0, len(ids) - 1, L))  # window i: tokens [s, s + L], predicting s+1 .. s+L
     total, count = 0.0, 0

@@ -31,11 +31,13 @@ import warnings
 import numpy as np
 import torch
 
-from flashlm.io.checkpoint import read_checkpoint
+from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
+from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
 from flashlm.models import ModelConfig
+from flashlm.models.shapes import check_block_count, check_tensor_shapes
 from flashlm.quant.mix import MIXES
 
 _REQUIRED = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "seq_len")
@@ -69,6 +71,7 @@ def resolve(model_or_state, model_config) -> tuple[ModelConfig, dict]:
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"model_config: missing {missing}")
+    check_block_count(cfg["n_layer"], state, "blocks.", "model_config: n_layer")
     try:
         s = ModelConfig.from_dict(cfg)
     except (TypeError, ValueError) as e:
@@ -77,15 +80,7 @@ def resolve(model_or_state, model_config) -> tuple[ModelConfig, dict]:
         if not torch.equal(state["lm_head.weight"], state["tok_emb.weight"]):
             raise ValueError("model_or_state: tie_embeddings is set but lm_head.weight differs from tok_emb.weight")
         del state["lm_head.weight"]
-    expected = s.state_shapes()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"model_or_state: keys do not match model_config (missing {missing[:4]}, "
-                         f"unexpected {extra[:4]})")
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise ValueError(f"model_or_state: {key} has shape {tuple(state[key].shape)}, model_config says {shape}")
+    check_tensor_shapes(s.state_shapes(), {k: tuple(v.shape) for k, v in state.items()}, "model_or_state")
     return s, state
 
 
@@ -264,12 +259,9 @@ class ModelSource:
     """A model's GGUF tensors and metadata in the form flashlm.io.quantize_file.write_quantized reads."""
 
     def __init__(self, s: ModelConfig, tensors: list, metadata: list):
-        self.arch, self.metadata, self._shape = s.arch, metadata, s
+        self.arch, self.metadata = s.arch, metadata
         self._data = [a for _, a in tensors]
         self.tensors = [(n, tuple(a.shape), "F32") for n, a in tensors]
-
-    def info(self):
-        return self.arch, self._shape.n_layer, self._shape.n_head, self._shape.n_kv_head
 
     def load(self, index: int) -> np.ndarray:
         return self._data[index]
@@ -302,7 +294,10 @@ def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", prog
     """Export a checkpoint file to a GGUF file and/or an HF directory; returns what was written."""
     if gguf_path is None and hf_dir is None:
         raise ValueError("export: give a GGUF output path, an HF output directory, or both")
+    path = find_checkpoint(path)
     ckpt = read_checkpoint(path)
+    where = f"checkpoint {path}"
+    checkpoint_tokenizer(ckpt, checkpoint_config(ckpt, where), where)  # what the loader checks, named by file
     args = (ckpt["model"], ckpt["model_config"], ckpt.get("tokenizer"))
     written = {}
     if hf_dir is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flashlm import ops
 from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
 from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
@@ -200,7 +201,7 @@ class Trainer:
 
     def _pick_device(self, name: str) -> torch.device:
         if name != "auto":
-            return torch.device(name)
+            return ops.check_device(name)
         if torch.cuda.is_available():
             index = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(index)

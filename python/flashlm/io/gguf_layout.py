@@ -1,0 +1,142 @@
+"""What a GGUF model file flashlm loads must hold: its ModelConfig, read from the metadata, and every tensor's
+name and shape, checked against the file's tensors before anything is built.
+
+    cfg = gguf_model_config(f.metadata, {t.name: t.shape for t in f.tensors}, max_model_len=4096)
+
+load_gguf checks a file with it, and the GGUF writers (`flashlm quantize`, `convert`, `export`) check what they
+are about to write with it, so that flashlm never writes a file its own loader refuses. Every error is a
+ValueError naming the metadata key or the tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from flashlm.io.loaded import context_length
+from flashlm.models import ModelConfig
+from flashlm.models.config import LIMITS, check_size
+from flashlm.models.shapes import check_block_count, check_tensor_shapes
+
+ARCHS = ("llama", "qwen2", "gpt2")
+_NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
+
+
+class Meta:
+    """Typed access to GGUF metadata, naming the key in every error."""
+
+    def __init__(self, metadata: Mapping):
+        self.m = metadata
+
+    def int(self, key: str, default=None, limit: int = _NO_LIMIT) -> int:
+        v = self.m.get(key, default)
+        if v is None:
+            raise ValueError(f"metadata: missing {key!r}")
+        return check_size(v, f"metadata: {key}", limit)
+
+    def float(self, key: str, default=None) -> float:
+        v = self.m.get(key, default)
+        if v is None:
+            raise ValueError(f"metadata: missing {key!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+            raise ValueError(f"metadata: {key} must be a positive number, got {v!r}")
+        return float(v)
+
+    def str(self, key: str, default=None) -> Optional[str]:
+        v = self.m.get(key, default)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"metadata: {key} must be a string, got {type(v).__name__}")
+        return v
+
+
+def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
+                      max_model_len: Optional[int] = None) -> ModelConfig:
+    """The ModelConfig of a GGUF model file (metadata: key -> value; shapes: tensor name -> shape in torch
+    order), with every tensor checked against it; seq_len is min(the context, max_model_len). Llama 3's rope
+    scaling, which lives in rope_freqs.weight's values, is the loader's to read."""
+    meta = Meta(metadata)
+    arch = meta.str("general.architecture")
+    if arch not in ARCHS:
+        raise ValueError(f"metadata: general.architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    # First the counts that size what is built, against what the file holds.
+    n_layer = meta.int(f"{arch}.block_count")
+    check_block_count(n_layer, shapes, "blk.", f"metadata: {arch}.block_count")
+    emb = shapes.get("token_embd.weight")
+    if emb is None:
+        raise ValueError("GGUF file: tensor 'token_embd.weight' is missing")
+    d = meta.int(f"{arch}.embedding_length", limit=LIMITS["d_model"])
+    if len(emb) != 2 or emb[1] != d or emb[0] <= 0:
+        raise ValueError(f"GGUF file: tensor 'token_embd.weight' has shape {tuple(emb)}, expected [vocab, {d}] "
+                         f"({arch}.embedding_length)")
+    vocab = emb[0]
+    if f"{arch}.vocab_size" in metadata and meta.int(f"{arch}.vocab_size") != vocab:
+        raise ValueError(f"metadata: {arch}.vocab_size {metadata[f'{arch}.vocab_size']} != token_embd.weight's "
+                         f"{vocab} rows")
+    n_head = meta.int(f"{arch}.attention.head_count", limit=LIMITS["n_head"])
+    n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
+    if n_head % n_kv:
+        raise ValueError(f"metadata: {arch}.attention.head_count_kv {n_kv} does not divide the head count {n_head}")
+    if d % n_head:
+        raise ValueError(f"metadata: {arch}.embedding_length {d} is not a multiple of the head count {n_head}")
+    declared = meta.int(f"{arch}.context_length")
+    ctx = context_length(declared, max_model_len, f"metadata: {arch}.context_length")
+    common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),
+                  n_head=n_head, n_kv_head=n_kv, d_model=d,
+                  d_ff=meta.int(f"{arch}.feed_forward_length", limit=LIMITS["d_ff"]), seq_len=ctx,
+                  tie_embeddings="output.weight" not in shapes)
+    if arch == "gpt2":
+        cfg = ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5))
+    else:
+        cfg = ModelConfig(**common, **_rotary_settings(meta, arch, d // n_head, ctx))
+    check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
+    return cfg
+
+
+def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
+    rope_dims = meta.int(f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ValueError(f"metadata: {arch}.rope.dimension_count {rope_dims} != head_dim {head_dim} "
+                         "(partial rotary embeddings are not supported)")
+    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
+        if key in meta.m and meta.int(key) != head_dim:
+            raise ValueError(f"metadata: {key} {meta.m[key]} != embedding_length / head_count {head_dim}")
+    scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
+                         "scaling, stored as rope_freqs.weight, is)")
+    if f"{arch}.attention.sliding_window" in meta.m:
+        window = meta.int(f"{arch}.attention.sliding_window")
+        if window < ctx:
+            raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
+                             "(pass max_model_len <= the window)")
+    return dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
+                norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+
+
+def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False) -> dict:
+    """GGUF tensor name -> shape (torch order) of every tensor of a cfg model, as llama.cpp names them.
+    context: the file's context length (GPT-2's position table has a row per position); rope_freqs: whether
+    the file carries Llama 3's rope factors."""
+    d, V, ff, hd = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.head_dim
+    q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
+    gpt2 = cfg.arch == "gpt2"
+    shapes = {"token_embd.weight": (V, d), "output_norm.weight": (d,)}
+    if gpt2:
+        shapes |= {"position_embd.weight": (context, d), "output_norm.bias": (d,)}
+    elif rope_freqs:
+        shapes["rope_freqs.weight"] = (hd // 2,)
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (V, d)
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        shapes |= {p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,), p + "ffn_up.weight": (ff, d),
+                   p + "ffn_down.weight": (d, ff)}
+        if gpt2:
+            shapes |= {p + "attn_norm.bias": (d,), p + "ffn_norm.bias": (d,), p + "attn_qkv.weight": (3 * d, d),
+                       p + "attn_qkv.bias": (3 * d,), p + "attn_output.weight": (d, d), p + "attn_output.bias": (d,),
+                       p + "ffn_up.bias": (ff,), p + "ffn_down.bias": (d,)}
+            continue
+        shapes |= {p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d),
+                   p + "attn_output.weight": (d, q), p + "ffn_gate.weight": (ff, d)}
+        if cfg.qkv_bias:
+            shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+    return shapes
