@@ -197,11 +197,12 @@ struct type_caster<flashlm::bindings::Array> {
   NB_TYPE_CASTER(flashlm::bindings::Array, const_name("ndarray"))
 
   bool from_python(handle src, uint8_t flags, cleanup_list* cleanup) noexcept {
-    value = flashlm::bindings::Array();
     if (const auto* api = flashlm::bindings::exchange_api(Py_TYPE(src.ptr()))) {
       nb::dlpack::dltensor t{};
       if (api->dltensor_from_py_object_no_sync(src.ptr(), &t) == 0) {
         flashlm::bindings::from_dltensor(t, value);
+        value.owner = nb::ndarray<>();  // a list's caster converts every element into the same value
+        value.unreadable = nullptr;
         return true;
       }
       PyErr_Clear();  // not exportable this way (e.g. a tensor needing grad): try the protocol below
