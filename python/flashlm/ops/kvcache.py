@@ -79,7 +79,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=Non
     defaults to the longest sequence's query count (read from cu_seqlens_q, which syncs on CUDA).
     num_splits (decode): context parts attended in parallel and merged by lse; 0 lets the library choose.
     """
-    check_tensors("q k_cache v_cache block_table seq_lens", q, k_cache, v_cache, block_table, seq_lens)
+    check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
+    check_tensors("k_cache v_cache block_table seq_lens", k_cache, v_cache, block_table, seq_lens)
     check_optional_tensors("cu_seqlens_q", cu_seqlens_q)
     if max_seqlen_q is not None:
         max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q", 0)
