@@ -64,6 +64,32 @@ def test_set_num_threads_round_trip():
         ops.set_num_threads(before)
 
 
+def test_refused_threads_leave_the_pool_as_it_was():
+    # Thread stacks need address space: under a tight RLIMIT_AS the system refuses the new workers. The
+    # call raises, the pool keeps its threads, and the kernels still run on them.
+    code = """if True:
+        import resource, torch, flashlm.ops as ops
+        ops.set_num_threads(2)
+        x, w = torch.randn(300, 4096), torch.ones(4096)
+        expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        with open("/proc/self/status") as f:
+            size = [int(line.split()[1]) for line in f if line.startswith("VmSize")][0] * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + (64 << 20), resource.RLIM_INFINITY))
+        try:
+            ops.set_num_threads(64)
+        except RuntimeError as e:
+            print(e)
+        print(ops.num_threads(), bool(torch.allclose(ops.rms_norm(x, w, 1e-6), expected, rtol=1e-5, atol=1e-6)))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("num_threads: could not start 64 threads (") and out[0].endswith("the pool is unchanged")
+    assert out[1] == "2 True"
+    env = dict(os.environ, FLASHLM_NUM_THREADS="5000")
+    bad = subprocess.run([sys.executable, "-c", "import flashlm; flashlm.build_info()"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "FLASHLM_NUM_THREADS must be an integer in [1, 1024], got '5000'" in bad.stderr
+
+
 def test_cpu_isa_switch():
     before = ops.cpu_isa()
     try:

@@ -294,6 +294,31 @@ def test_empty_tensor_offset_outside_the_file(tmp_path):
     parse(tmp_path, one_tensor((0, 4), gb.F32, 32, bytes(32)))  # at the very end: fine
 
 
+def two_tensors(offset_b, offset_a=0, dims_b=(4,)):
+    """Tensors a (16 f32, 64 bytes) and b (dims_b f32) at the given offsets, in that order; and where b's offset
+    field is."""
+    infos = [gb.tensor_info("a", (16,), gb.F32, offset_a), gb.tensor_info("b", dims_b, gb.F32, offset_b)]
+    return gb.gguf([], infos, bytes(256)), 24 + len(infos[0]) + len(infos[1]) - 8
+
+
+@pytest.mark.parametrize("offset_b,offset_a,dims_b", [(32, 0, (4,)), (0, 0, (4,)), (0, 64, (4,)), (32, 0, (0,)),
+                                                      (0, 32, (8,))])
+def test_overlapping_or_out_of_order_tensor_data(tmp_path, offset_b, offset_a, dims_b):
+    # ggml lays tensor data out in the order of the infos, one after the other; data that starts before the
+    # previous tensor's end would alias its bytes (here: b inside a, b at a's offset, b before a).
+    data, at = two_tensors(offset_b, offset_a, dims_b)
+    message = expect_error(tmp_path, data, "starts before the end of tensor 'a'", at=at)
+    assert f"tensor 'b' data [{offset_b}, +{4 * dims_b[0]})" in message, message
+    assert f"tensor 'a' data [{offset_a}, +64)" in message, message
+
+
+@pytest.mark.parametrize("offset_b,dims_b", [(64, (4,)), (96, (4,)), (64, (0,))])
+def test_adjacent_or_spaced_tensor_data_loads(tmp_path, offset_b, dims_b):
+    data, _ = two_tensors(offset_b, 0, dims_b)
+    tensors = parse(tmp_path, data)["tensors"]
+    assert [(t.name, t.offset - tensors[0].offset) for t in tensors] == [("a", 0), ("b", offset_b)]
+
+
 @pytest.mark.parametrize("ggml_type", [4, 5, 31, 32, 33, 36, 1000, 2**31, 2**32 - 1])  # 4, 5, 31-33, 36: removed
 def test_unknown_tensor_type(tmp_path, ggml_type):
     data = one_tensor((32,), ggml_type, 0, bytes(256))

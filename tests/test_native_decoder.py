@@ -231,7 +231,7 @@ def test_bad_layers_name_the_tensor():
         NativeDecoder(*args, bad)
     bad = [list(s) for s in specs]
     bad[0][0] = None
-    with pytest.raises(ValueError, match=r"layers\[0\].attn_norm: expected an array \(a torch tensor\), got NoneType"):
+    with pytest.raises(TypeError, match=r"layers\[0\].attn_norm: expected a tensor, got NoneType"):
         NativeDecoder(*args, bad)
     bad = [list(s) for s in specs]
     bad[0][6] = (bad[0][6][0], "Q4_0", "many", cfg.d_model, None)
@@ -239,6 +239,14 @@ def test_bad_layers_name_the_tensor():
         NativeDecoder(*args, bad)
     with pytest.raises(ValueError, match=r"n_head \(4\) must be a multiple of n_kv_head \(3\)"):
         NativeDecoder(cfg.d_model, cfg.n_head, 3, cfg.head_dim, cfg.d_ff, cfg.norm_eps, specs)
+    with pytest.raises(TypeError, match="d_ff: expected an integer, got str"):
+        NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, "512", cfg.norm_eps, specs)
+    with pytest.raises(ValueError, match="d_model: must be in"):
+        NativeDecoder(2**63, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, specs)
+    with pytest.raises(TypeError, match="eps: expected a number, got NoneType"):
+        NativeDecoder(*args[:5], None, specs)
+    with pytest.raises(TypeError, match=r"layers\[1\]: expected a tuple"):
+        NativeDecoder(*args, [specs[0], None])
 
 
 def test_bad_step_names_the_argument():
@@ -276,6 +284,19 @@ def test_bad_step_names_the_argument():
         step(slots=torch.tensor([0, 1, 99]))
     with pytest.raises(ValueError, match="seq_lens"):
         step(seq_lens=torch.tensor([T + 20], dtype=torch.int32))
+    # Not tensors, or not lists of them: a TypeError naming the argument (the cache lists by their element).
+    with pytest.raises(TypeError, match=r"k_caches\[1\]: expected a tensor, got NoneType"):
+        step(k=[k[0], None, k[2]])
+    with pytest.raises(TypeError, match=r"v_caches: expected a list of tensors, got torch.Tensor"):
+        step(v=v[0])
+    with pytest.raises(TypeError, match="positions: expected a tensor, got list"):
+        step(positions=[0, 1, 2])
+    with pytest.raises(ValueError, match="x: only CPU and CUDA tensors are supported, got a torch.Tensor on meta"):
+        step(x=torch.randn(T, cfg.d_model, device="meta"))
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        dec(torch.randn(T, cfg.d_model), torch.arange(T), model.rope_cos, model.rope_sin, k, v, torch.arange(T),
+            torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+            torch.tensor([0, T], dtype=torch.int32), 2**63)
 
 
 def test_bad_ends_and_step_tokens_name_the_argument():

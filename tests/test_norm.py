@@ -239,6 +239,7 @@ def test_avx2_matches_scalar_on_nan_and_inf(dtype, restore_isa):
 # ---- bad input ------------------------------------------------------------------------------------------
 
 def _bad_cases():
+    """(args, kwargs, the argument the error names[, the error: ValueError unless given])."""
     x, w = torch.randn(3, 8), torch.randn(8)
     xb, wb = x.bfloat16(), w.bfloat16()
     return [
@@ -246,8 +247,9 @@ def _bad_cases():
         ((x.double(), w.double()), {}, "x"),
         ((x.half(), w.half()), {}, "x"),  # no f16 on the CPU
         ((x.to(torch.int32), w), {}, "x"),
-        (([[1.0] * 8], w), {}, "x"),
-        ((x, [1.0] * 8), {}, "weight"),
+        (([[1.0] * 8], w), {}, "x", TypeError),  # not a tensor at all
+        ((x, [1.0] * 8), {}, "weight", TypeError),
+        ((x, None), {}, "weight", TypeError),
         ((x, torch.randn(9)), {}, "weight"),
         ((x, torch.randn(2, 4)), {}, "weight"),
         ((x, wb), {}, "weight"),  # f32 x takes an f32 weight only
@@ -266,10 +268,10 @@ def _bad_cases():
 
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_bad_input_names_the_argument(case):
-    args, kwargs, name = _bad_cases()[case]
+    args, kwargs, name, *error = _bad_cases()[case]
     if len(args) == 2:
         args = args + (EPS,)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(error[0] if error else ValueError, match=name):
         ops.rms_norm(*args, **kwargs)
 
 

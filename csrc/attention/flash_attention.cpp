@@ -103,9 +103,9 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
                   dtype_name(q.dtype));
   }
   const int hd = q.ndim - 2;  // index of the heads dimension
-  p.heads = int(q.shape[hd]);
-  p.kv_heads = int(k.shape[hd]);
-  p.head_dim = int(q.shape[hd + 1]);
+  p.heads = count_as_int(q.shape[hd], "q", "heads");
+  p.kv_heads = count_as_int(k.shape[hd], "k", "heads");
+  p.head_dim = count_as_int(q.shape[hd + 1], "q", "head_dim");
   FLASHLM_CHECK(p.heads >= 1, "q: needs at least one head, got ", q.shape_string());
   FLASHLM_CHECK(p.kv_heads >= 1 && p.heads % p.kv_heads == 0, "k: the number of heads (", p.kv_heads,
                 ") must divide q's (", p.heads, ")");
@@ -124,13 +124,13 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
     check_cu_seqlens(cu_k, "cu_seqlens_k", q.device, p.total_k, max_seqlen_k, "max_seqlen_k");
     FLASHLM_CHECK(cu_q.shape[0] == cu_k.shape[0], "cu_seqlens_k: has ", cu_k.shape[0], " entries, cu_seqlens_q ",
                   cu_q.shape[0]);
-    p.batch = int(cu_q.shape[0] - 1);
+    p.batch = count_as_int(cu_q.shape[0] - 1, "cu_seqlens_q", "batch (entries - 1)");
     p.seqlen_q = max_seqlen_q;
     p.seqlen_k = max_seqlen_k;
     p.cu_seqlens_q = static_cast<const int32_t*>(cu_q.data);
     p.cu_seqlens_k = static_cast<const int32_t*>(cu_k.data);
   } else {
-    p.batch = int(q.shape[0]);
+    p.batch = count_as_int(q.shape[0], "q", "batch");
     FLASHLM_CHECK(k.shape[0] == q.shape[0], "k: batch ", k.shape[0], " differs from q's ", q.shape[0]);
     p.seqlen_q = q.shape[1];
     p.seqlen_k = k.shape[1];

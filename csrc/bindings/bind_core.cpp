@@ -94,6 +94,7 @@ void bind_core(nb::module_& m) {
   m.def("cpu_features", &cpu_features_dict, "CPU features detected at run time");
   m.def("num_threads", &num_threads);
   m.def("set_num_threads", &set_num_threads, nb::arg("n"));
+  m.attr("MAX_THREADS") = kMaxThreads;
   m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); });
   m.def("set_cpu_isa", [](const std::string& name) { set_cpu_isa(isa_from_name(name)); }, nb::arg("isa"));
   m.def("cpu_isa_supported", [](const std::string& name) { return cpu_isa_supported(isa_from_name(name)); },

@@ -24,11 +24,19 @@ struct Decoder {
   std::unique_ptr<runtime::Decoder> impl;
 
   static TensorView array(nb::handle h, const std::string& name, std::vector<nb::object>& keep) {
-    Array a;
-    FLASHLM_CHECK(nb::try_cast(h, a), name, ": expected an array (a torch tensor), got ",
-                  nb::inst_name(h).c_str());
+    TensorView v = to_view(nb::cast<Array>(h), name.c_str());
     keep.push_back(nb::borrow(h));
-    return to_view(a, name.c_str());
+    return v;
+  }
+
+  // A list (or tuple) of per-layer arrays, each named name[i] in errors.
+  static std::vector<TensorView> arrays(nb::handle list, const char* name) {
+    if (!nb::isinstance<nb::list>(list) && !nb::isinstance<nb::tuple>(list))
+      throw nb::type_error((std::string(name) + ": expected a list of tensors, got " + nb::inst_name(list).c_str()).c_str());
+    std::vector<TensorView> views;
+    for (size_t i = 0; i < nb::len(list); ++i)
+      views.push_back(to_view(nb::cast<Array>(list[i]), (std::string(name) + "[" + std::to_string(i) + "]").c_str()));
+    return views;
   }
 
   // spec: (raw uint8 blocks, ggml type name, n, k, bias or None)
@@ -102,15 +110,15 @@ struct Decoder {
     keep_ends = std::move(keep);  // the previous ends' arrays are no longer read
   }
 
-  runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+  runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
                             Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
                             int64_t max_seqlen_q) {
     runtime::DecoderStep s;
     s.positions = to_view(positions, "positions");
     s.rope_cos = to_view(rope_cos, "rope_cos");
     s.rope_sin = to_view(rope_sin, "rope_sin");
-    for (nb::handle c : k_caches) s.k_caches.push_back(to_view(nb::cast<Array>(c), "k_caches"));
-    for (nb::handle c : v_caches) s.v_caches.push_back(to_view(nb::cast<Array>(c), "v_caches"));
+    s.k_caches = arrays(k_caches, "k_caches");
+    s.v_caches = arrays(v_caches, "v_caches");
     s.slot_mapping = to_view(slot_mapping, "slot_mapping");
     s.block_table = to_view(block_table, "block_table");
     s.seq_lens = to_view(seq_lens, "seq_lens");
@@ -119,7 +127,7 @@ struct Decoder {
     return s;
   }
 
-  void logits(Array tokens, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+  void logits(Array tokens, Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
               Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
               int64_t max_seqlen_q, Array logits_rows, Array out) {
     runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
@@ -129,7 +137,7 @@ struct Decoder {
     impl->logits(tv, rv, std::move(s), ov);
   }
 
-  void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::list k_caches, nb::list v_caches,
+  void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
                Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
                int64_t max_seqlen_q) {
     runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,

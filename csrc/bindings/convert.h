@@ -43,7 +43,29 @@ struct Array {
   int64_t shape[kMaxDims] = {};
   int64_t strides[kMaxDims] = {};  // in elements
   nb::ndarray<> owner;             // set on the slow path: keeps the exported buffer alive
+  // Set, instead of the fields above, when the argument is not an array the library can read (None, a list,
+  // a meta tensor): to_view reports it under the argument's name. The caller's reference keeps it alive.
+  PyObject* unreadable = nullptr;
 };
+
+// Why `obj` cannot be read as an array, as a Python exception naming the argument: a TypeError for what is
+// no array at all, a ValueError for a tensor on another device or one that requires grad.
+[[noreturn]] inline void raise_unreadable(nb::handle obj, const char* name) {
+  const std::string type = nb::inst_name(obj).c_str();
+  if (nb::hasattr(obj, "__dlpack__") || nb::hasattr(obj, "__array_interface__")) {
+    if (nb::hasattr(obj, "device")) {
+      const nb::object attr = obj.attr("device");
+      const std::string device = nb::str(nb::handle(attr)).c_str();  // str(handle): str(device), not a cast
+      if (device.rfind("cpu", 0) != 0 && device.rfind("cuda", 0) != 0)
+        throw ValueError(std::string(name) + ": only CPU and CUDA tensors are supported, got a " + type + " on " +
+                         device);
+    }
+    if (nb::hasattr(obj, "requires_grad") && nb::cast<bool>(obj.attr("requires_grad")))
+      throw ValueError(std::string(name) + ": a tensor that requires grad cannot be passed to the kernels; detach() it");
+    throw ValueError(std::string(name) + ": this " + type + " cannot be exported to the kernels through DLPack");
+  }
+  throw nb::type_error((std::string(name) + ": expected a tensor, got " + type).c_str());
+}
 
 // Fills `out` from a DLTensor (dimensions beyond a TensorView's are counted, not kept: to_view reports them).
 inline void from_dltensor(const nb::dlpack::dltensor& t, Array& out) {
@@ -125,6 +147,7 @@ inline Device device_of(nb::dlpack::device dev, const char* name) {
 }
 
 inline TensorView to_view(const Array& a, const char* name) {
+  if (a.unreadable) raise_unreadable(a.unreadable, name);
   FLASHLM_CHECK(a.ndim <= kMaxDims, name, ": at most ", kMaxDims, " dimensions, got ", a.ndim);
   TensorView v;
   v.data = a.data;
@@ -167,6 +190,8 @@ namespace nanobind::detail {
 
 namespace nb = nanobind;
 
+// Accepts every object: what cannot be read as an array is kept as `unreadable`, so that to_view raises an
+// error naming the argument instead of nanobind's list of the function's signatures.
 template <>
 struct type_caster<flashlm::bindings::Array> {
   NB_TYPE_CASTER(flashlm::bindings::Array, const_name("ndarray"))
@@ -176,14 +201,19 @@ struct type_caster<flashlm::bindings::Array> {
       nb::dlpack::dltensor t{};
       if (api->dltensor_from_py_object_no_sync(src.ptr(), &t) == 0) {
         flashlm::bindings::from_dltensor(t, value);
-        value.owner = nb::ndarray<>();
+        value.owner = nb::ndarray<>();  // a list's caster converts every element into the same value
+        value.unreadable = nullptr;
         return true;
       }
       PyErr_Clear();  // not exportable this way (e.g. a tensor needing grad): try the protocol below
     }
     make_caster<nb::ndarray<>> slow;
-    if (!slow.from_python(src, flags, cleanup)) return false;
-    value = flashlm::bindings::to_array(slow.value);
+    if (slow.from_python(src, flags, cleanup)) {
+      value = flashlm::bindings::to_array(slow.value);
+    } else {
+      PyErr_Clear();
+      value.unreadable = src.ptr();
+    }
     return true;
   }
 

@@ -1,5 +1,7 @@
 #include "flashlm/core/tensor.h"
 
+#include <limits>
+
 #include "flashlm/core/error.h"
 
 namespace flashlm {
@@ -50,6 +52,13 @@ std::string TensorView::shape_string() const {
   std::string out = "[";
   for (int d = 0; d < ndim; ++d) out += (d ? ", " : "") + std::to_string(shape[d]);
   return out + "]";
+}
+
+int count_as_int(int64_t value, const char* name, const char* what) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  FLASHLM_CHECK(value >= 0 && value <= kMax, name, ": ", what, " = ", value, " is outside the kernels' range [0, ", kMax,
+                "]");
+  return static_cast<int>(value);
 }
 
 }  // namespace flashlm

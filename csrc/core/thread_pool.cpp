@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -58,11 +59,11 @@ int default_num_threads() {
   if (const char* env = std::getenv("FLASHLM_NUM_THREADS"); env && *env) {
     char* end = nullptr;
     long n = std::strtol(env, &end, 10);
-    FLASHLM_CHECK(*end == '\0' && n >= 1 && n <= 4096,
-                  "FLASHLM_NUM_THREADS must be an integer in [1, 4096], got '", env, "'");
+    FLASHLM_CHECK(*end == '\0' && n >= 1 && n <= kMaxThreads, "FLASHLM_NUM_THREADS must be an integer in [1, ",
+                  kMaxThreads, "], got '", env, "'");
     return static_cast<int>(n);
   }
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, unsigned(kMaxThreads)));
 }
 
 struct Job {
@@ -99,10 +100,19 @@ class Pool {
 
   void resize(int n) {
     FLASHLM_CHECK(n >= 1, "num_threads must be >= 1, got ", n);
+    FLASHLM_CHECK(n <= kMaxThreads, "num_threads must be at most ", kMaxThreads, ", got ", n);
     std::lock_guard<std::mutex> run_lock(run_mutex_);  // no job in flight
     std::lock_guard<std::mutex> lock(config_mutex_);
+    const int before = started_ ? size_ : 0;
     stop_workers();
-    start_workers(n);
+    try {
+      start_workers(n);
+    } catch (const std::system_error& e) {
+      // The system refused a thread (a process or memory limit): go back to the size that ran before.
+      stop_workers();
+      if (before > 0) start_workers(before);
+      throw Error(detail::concat("num_threads: could not start ", n, " threads (", e.what(), "); the pool is unchanged"));
+    }
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {

@@ -282,18 +282,32 @@ class Parser {
     }
   }
 
+  // Tensor data in file order: each tensor starts at or after the end of the one before (ggml lays them
+  // out so, and reads a file with overlapping or out-of-order offsets as an error). Offsets are relative to
+  // the data section until here, absolute after.
   void place_tensor_data() {
     uint64_t a = f_.alignment_;
     uint64_t data = pos_ % a ? pos_ + (a - pos_ % a) : pos_;  // pos_ <= size_, so this cannot overflow
     f_.data_offset_ = data;
+    uint64_t previous_end = 0;  // relative, of tensor k - 1
     for (size_t k = 0; k < f_.tensors_.size(); ++k) {
       TensorInfo& t = f_.tensors_[k];
+      const std::string range = "data [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) + ")";
       // Empty tensors too: their offset is reported, and a view of zero bytes must still point into the file.
       uint64_t begin, end;
       if (__builtin_add_overflow(data, t.offset, &begin) || __builtin_add_overflow(begin, t.nbytes, &end) || end > size_)
-        fail("tensor " + quoted(t.name) + " data [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
-                 ") relative to the data section at " + std::to_string(data) + " lies outside the file",
+        fail("tensor " + quoted(t.name) + " " + range + " relative to the data section at " + std::to_string(data) +
+                 " lies outside the file",
              offset_positions_[k]);
+      if (k > 0 && t.offset < previous_end) {
+        const TensorInfo& p = f_.tensors_[k - 1];
+        fail("tensor " + quoted(t.name) + " " + range + " starts before the end of tensor " + quoted(p.name) +
+                 " data [" + std::to_string(p.offset - data) + ", +" + std::to_string(p.nbytes) +
+                 ") (offsets relative to the data section; tensor data must not overlap and must follow the tensor "
+                 "order)",
+             offset_positions_[k]);
+      }
+      previous_end = t.offset + t.nbytes;  // end <= size_: cannot overflow
       t.offset = begin;
     }
   }

@@ -156,9 +156,9 @@ void write_kv_cache(const KVCacheWriteParams& a, void* stream) {
   p.dtype = a.k_cache.dtype;
   p.num_tokens = a.key.shape[0];
   p.num_blocks = cs[0];
-  p.block_size = int(cs[1]);
-  p.kv_heads = int(cs[2]);
-  p.head_dim = int(cs[3]);
+  p.block_size = count_as_int(cs[1], "k_cache", "block_size");
+  p.kv_heads = count_as_int(cs[2], "k_cache", "kv_heads");
+  p.head_dim = count_as_int(cs[3], "k_cache", "head_dim");
   p.key = a.key.data, p.value = a.value.data, p.k_cache = a.k_cache.data, p.v_cache = a.v_cache.data;
   p.slot_mapping = static_cast<const int64_t*>(a.slot_mapping.data);
   p.key_row_stride = a.key.strides[0], p.key_head_stride = a.key.strides[1];
@@ -220,11 +220,11 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
   PagedParams p;
   p.dtype = a.q.dtype;
   p.num_tokens = a.q.shape[0];
-  p.heads = int(a.q.shape[1]);
-  p.head_dim = int(a.q.shape[2]);
+  p.heads = count_as_int(a.q.shape[1], "q", "heads");
+  p.head_dim = count_as_int(a.q.shape[2], "q", "head_dim");
   p.num_blocks = a.k_cache.shape[0];
-  p.block_size = int(a.k_cache.shape[1]);
-  p.kv_heads = int(a.k_cache.shape[2]);
+  p.block_size = count_as_int(a.k_cache.shape[1], "k_cache", "block_size");
+  p.kv_heads = count_as_int(a.k_cache.shape[2], "k_cache", "kv_heads");
   FLASHLM_CHECK(p.heads >= 1, "q: needs at least one head, got ", a.q.shape_string());
   FLASHLM_CHECK(p.heads % p.kv_heads == 0, "k_cache: its ", p.kv_heads, " heads must divide q's ", p.heads);
   FLASHLM_CHECK(a.k_cache.shape[3] == p.head_dim, "k_cache: head_dim ", a.k_cache.shape[3], " differs from q's ",
@@ -234,7 +234,7 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
 
   check_index(a.block_table, "block_table", DType::I32, 2, a.q.device);
   check_index(a.seq_lens, "seq_lens", DType::I32, 1, a.q.device);
-  p.num_seqs = int(a.seq_lens.shape[0]);
+  p.num_seqs = count_as_int(a.seq_lens.shape[0], "seq_lens", "num_seqs");
   FLASHLM_CHECK(a.block_table.shape[0] == p.num_seqs, "block_table: has ", a.block_table.shape[0],
                 " rows, seq_lens ", p.num_seqs, " sequences");
   p.max_blocks_per_seq = a.block_table.shape[1];

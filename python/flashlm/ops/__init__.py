@@ -5,6 +5,7 @@ import os
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import INT32_MAX, INT32_MIN, as_int, as_str
 from flashlm.ops.activation import silu_mul
 from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
 from flashlm.ops.decoder import NativeDecoder
@@ -33,13 +34,25 @@ GGUFReader = _C.GGUFReader
 # Share the machine with torch instead of oversubscribing it: unless FLASHLM_NUM_THREADS says otherwise,
 # flashlm's pool uses as many threads as torch's intra-op pool.
 if not os.environ.get("FLASHLM_NUM_THREADS"):
-    _C.set_num_threads(torch.get_num_threads())
+    _C.set_num_threads(min(torch.get_num_threads(), _C.MAX_THREADS))
 
 num_threads = _C.num_threads
-set_num_threads = _C.set_num_threads
 cpu_isa = _C.cpu_isa
-set_cpu_isa = _C.set_cpu_isa
-cpu_isa_supported = _C.cpu_isa_supported
+
+
+def set_num_threads(n: int) -> None:
+    """Resizes flashlm's CPU thread pool to n threads (1 to 1024)."""
+    _C.set_num_threads(as_int(n, "n", INT32_MIN, INT32_MAX))  # the library checks the pool's own range
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Switches the CPU kernels to "scalar" or "avx2" (where the CPU has it)."""
+    _C.set_cpu_isa(as_str(isa, "isa"))
+
+
+def cpu_isa_supported(isa: str) -> bool:
+    """Whether this CPU runs the kernels of `isa` ("scalar" or "avx2")."""
+    return _C.cpu_isa_supported(as_str(isa, "isa"))
 
 
 def build_info() -> dict:

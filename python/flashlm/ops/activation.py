@@ -9,13 +9,12 @@ calls it only where no gradient is wanted (flashlm.models.transformer.GatedMLP).
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import check_same_device, check_tensors
 from flashlm.ops._util import cuda_stream, custom_op
 
 
 def _check(gate, up) -> None:
-    for name, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    check_tensors("gate up", gate, up)
     if up.shape != gate.shape:
         raise ValueError(f"up: shape {tuple(up.shape)} differs from gate's {tuple(gate.shape)}")
 
@@ -34,4 +33,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @silu_mul.register_fake
 def _(gate, up):
     _check(gate, up)
+    check_same_device(gate=gate, up=up)
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)

@@ -12,11 +12,16 @@ from typing import Optional
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import check_same_device, check_tensor
 from flashlm.ops._util import cuda_stream
 
 
 def _forward_outputs(q: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty (out, lse) for q: out like q, lse float32 [batch, heads, seqlen_q] or, packed, [heads, total_q]."""
+    if packed:
+        check_tensor(q, "q", 3, "[total_q, heads, head_dim]")
+    else:
+        check_tensor(q, "q", 4, "[batch, seqlen_q, heads, head_dim]")
     lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(lse_shape, dtype=torch.float32, device=q.device))
@@ -54,6 +59,7 @@ def flash_attn_forward(
 @flash_attn_forward.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
       window_right, softcap, version):
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return _forward_outputs(q, cu_seqlens_q is not None)
 
 
@@ -90,6 +96,7 @@ def flash_attn_backward(
 @flash_attn_backward.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
       window_left, window_right, softcap):
+    check_same_device(q=q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 

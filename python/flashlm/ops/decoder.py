@@ -4,6 +4,7 @@
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import as_float, as_int, as_str, check_tensor
 
 
 class NativeDecoder:
@@ -13,16 +14,28 @@ class NativeDecoder:
     tensors, each linear a tuple (raw uint8 blocks, ggml type name, out_features, in_features, bias or None)."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, d_ff: int, eps: float, layers):
+        sizes = {name: as_int(v, name, 1) for name, v in (("d_model", d_model), ("n_head", n_head),
+                                                           ("n_kv_head", n_kv_head), ("head_dim", head_dim),
+                                                           ("d_ff", d_ff))}
+        if not isinstance(layers, (list, tuple)):
+            raise TypeError(f"layers: expected a list of per-layer tuples, got {type(layers).__name__}")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, (list, tuple)):
+                raise TypeError(f"layers[{i}]: expected a tuple (attn_norm, q, k, v, o, mlp_norm, gate, up, down), "
+                                f"got {type(layer).__name__}")
         layers = [tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in layer) for layer in layers]
-        self._d_model = d_model
-        self._impl = _C.Decoder(d_model, n_head, n_kv_head, head_dim, d_ff, float(eps), layers)
+        self._d_model = sizes["d_model"]
+        self._impl = _C.Decoder(*sizes.values(), as_float(eps, "eps"), layers)
         self._width = d_model  # columns of logits(): the head's rows, or d_model without a head
 
     def set_ends(self, embedding: torch.Tensor, embedding_type: str, final_norm: torch.Tensor, head=None):
         """The embedding table (uint8 GGML blocks [vocab, row bytes] of embedding_type, or a float table whose
         dtype embedding_type names: "F32", "F16", "BF16"), the final norm's float32 weight and the head: a linear
         spec as in layers, or None to leave the head to the caller (logits() then returns the normed rows)."""
-        self._impl.set_ends(embedding, embedding_type, final_norm, None if head is None else tuple(head))  # or raises
+        if head is not None and not isinstance(head, (list, tuple)):
+            raise TypeError(f"head: expected a tuple (raw, ggml_type, n, k, bias) or None, got {type(head).__name__}")
+        head = None if head is None else tuple(head)
+        self._impl.set_ends(embedding, as_str(embedding_type, "embedding_type"), final_norm, head)  # or raises
         self._width = int(head[2]) if head is not None else self._d_model
 
     @property
@@ -36,9 +49,10 @@ class NativeDecoder:
     def logits(self, tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
                cu_seqlens_q, max_seqlen_q: int, logits_rows) -> torch.Tensor:
         """float32 [len(logits_rows), head rows (or d_model)] for one step from token ids (int64 [T])."""
+        check_tensor(logits_rows, "logits_rows", 1, "[rows]")
         out = torch.empty((logits_rows.shape[0], self._width), dtype=torch.float32)
         self._impl.logits(tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
-                          seq_lens, cu_seqlens_q, int(max_seqlen_q), logits_rows, out)
+                          seq_lens, cu_seqlens_q, as_int(max_seqlen_q, "max_seqlen_q"), logits_rows, out)
         return out
 
     @property
@@ -49,5 +63,5 @@ class NativeDecoder:
                  seq_lens, cu_seqlens_q, max_seqlen_q: int) -> torch.Tensor:
         """Runs every layer on x (float32 [T, d_model], updated in place and returned)."""
         self._impl.forward(x, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
-                           cu_seqlens_q, int(max_seqlen_q))
+                           cu_seqlens_q, as_int(max_seqlen_q, "max_seqlen_q"))
         return x

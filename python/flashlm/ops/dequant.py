@@ -6,14 +6,25 @@ from typing import Optional, Union
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import as_int, check_optional_tensors, check_tensors
 from flashlm.ops._util import cuda_stream
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _ggml_type(ggml_type: Union[str, int]) -> Union[str, int]:
+    """A type name (upper-cased) or a ggml type id (a u32), else TypeError/ValueError naming ggml_type."""
+    if isinstance(ggml_type, str):
+        return ggml_type.upper()
+    if isinstance(ggml_type, bool) or not isinstance(ggml_type, int):
+        raise TypeError(f"ggml_type: expected a type name such as 'Q4_K' or a ggml type id, got "
+                        f"{type(ggml_type).__name__}")
+    return as_int(ggml_type, "ggml_type", 0, 2**32 - 1)
+
+
 def dequantize_supported(ggml_type: Union[str, int]) -> bool:
     """Whether `dequantize` reads this GGML type (a name such as "Q4_K" or a ggml type id)."""
-    return _C.dequantize_supported(ggml_type)
+    return _C.dequantize_supported(_ggml_type(ggml_type))
 
 
 def dequantize(
@@ -32,8 +43,8 @@ def dequantize(
     out_dtype: torch.float32, torch.float16 or torch.bfloat16.
     out: optional contiguous tensor of that shape, dtype and device to write into (and return).
     """
-    if not isinstance(raw, torch.Tensor):
-        raise TypeError(f"raw: expected a torch.Tensor, got {type(raw).__name__}")
+    check_tensors("raw", raw, readable=True)
+    check_optional_tensors("out", out)
     if raw.dtype != torch.uint8:
         raise ValueError(f"raw: expected a uint8 tensor of blocks, got {raw.dtype}")
     if out_dtype not in _OUT_DTYPES:
@@ -44,8 +55,7 @@ def dequantize(
         raise ValueError(f"shape: expected a sequence of ints, got {shape!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: sizes must be >= 0, got {shape}")
-    if isinstance(ggml_type, str):
-        ggml_type = ggml_type.upper()
+    ggml_type = _ggml_type(ggml_type)
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=raw.device)
     elif out.shape != shape or out.dtype != out_dtype or out.device != raw.device or not out.is_contiguous():

@@ -14,6 +14,8 @@ third value is None: flash-attn returns the dropout mask there, and there is no 
 
 import torch
 
+from flashlm.ops._check import (INT32_MAX, as_float, as_int, as_window, check_optional_tensors, check_same_device,
+                                check_tensor, default_scale, index_tensor)
 from flashlm.ops.attention import flash_attn_forward
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
@@ -30,22 +32,31 @@ def _check_unsupported(dropout_p, alibi_slopes):
         raise NotImplementedError("alibi_slopes: ALiBi is not supported by flashlm's attention")
 
 
+_PADDED = "[batch, seqlen, heads, head_dim]"
+_PACKED = "[total, heads, head_dim]"
+
+
 def _options(q, softmax_scale, window_size, version):
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size: expected a pair of ints (left, right), got {window_size!r}") from None
     if version not in (1, 2):
         raise ValueError(f"version: must be 1 or 2, got {version!r}")
-    return float(softmax_scale), left, right
+    left, right = as_window(window_size)
+    return default_scale(q, softmax_scale), left, right
 
 
-def _check_tensors(**tensors):
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+def _unpack(packed, name, ndim, dim, count, layout):
+    """The `count` tensors packed along `dim` of an `ndim`-dimensional tensor laid out as `layout`."""
+    check_tensor(packed, name, ndim, layout)
+    if packed.shape[dim] != count:
+        raise ValueError(f"{name}: expected {layout}, got shape {list(packed.shape)}")
+    return packed.unbind(dim)
+
+
+def _check_pair(a, a_name, b, b_name, layout):
+    """Two tensors of one shape (k and v, rotary_cos and rotary_sin) with the dimensions of `layout`."""
+    for name, t in ((a_name, a), (b_name, b)):
+        check_tensor(t, name, layout.count(",") + 1, layout)
+    if b.shape != a.shape:
+        raise ValueError(f"{b_name}: shape {list(b.shape)} differs from {a_name}'s {list(a.shape)}")
 
 
 def _result(out, lse, return_attn_probs):
@@ -59,10 +70,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Returns out [batch, seqlen_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse, None), softmax_lse
     being float32 [batch, heads, seqlen_q].
     """
-    _check_tensors(q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, 4, _PADDED)
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
-    out, lse = flash_attn_forward(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, float(softcap), version)
+    out, lse = flash_attn_forward(q, k, v, None, None, 0, 0, scale, bool(causal), left, right,
+                                  as_float(softcap, "softcap"), version)
     return _result(out, lse, return_attn_probs)
 
 
@@ -77,18 +90,27 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Returns out [total_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse [heads, total_q], None).
     """
-    _check_tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_tensor(q, "q", 3, _PACKED)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(t, name, 3 if block_table is None else 4, _PACKED if block_table is None else "(paged cache)")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(t, name, 1, "[batch + 1]")
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
+    max_seqlen_q, max_seqlen_k = as_int(max_seqlen_q, "max_seqlen_q", 0), as_int(max_seqlen_k, "max_seqlen_k", 0)
     if block_table is not None:
         # k and v are paged caches [num_blocks, block_size, kv_heads, head_dim]; cu_seqlens_k gives each
         # sequence's context length, whose last queries q holds.
-        seq_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).to(torch.int32)
-        out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, int(max_seqlen_q), scale, causal,
+        check_same_device(q=q, cu_seqlens_k=cu_seqlens_k)
+        cu_k = index_tensor(cu_seqlens_k, "cu_seqlens_k", 1, low=0)  # then the differences cannot wrap
+        seq_lens = cu_k[1:] - cu_k[:-1]
+        if seq_lens.is_cpu and bool((seq_lens < 0).any()):
+            raise ValueError(f"cu_seqlens_k: must be non-decreasing, got {cu_k.tolist()}")
+        out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal,
                                    (left, right), softcap, return_lse=True)
         return _result(out, lse, return_attn_probs)
-    out, lse = flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), scale,
-                                  bool(causal), left, right, float(softcap), version)
+    out, lse = flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
+                                  left, right, as_float(softcap, "softcap"), version)
     return _result(out, lse, return_attn_probs)
 
 
@@ -96,8 +118,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                               version=2):
     """qkv: [batch, seqlen, 3, heads, head_dim]."""
-    _check_tensors(qkv=qkv)
-    q, k, v = qkv.unbind(dim=2)
+    q, k, v = _unpack(qkv, "qkv", 5, 2, 3, "[batch, seqlen, 3, heads, head_dim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, version=version)
 
@@ -106,8 +127,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
                              version=2):
     """q: [batch, seqlen_q, heads, head_dim]; kv: [batch, seqlen_k, 2, kv_heads, head_dim]."""
-    _check_tensors(q=q, kv=kv)
-    k, v = kv.unbind(dim=2)
+    k, v = _unpack(kv, "kv", 5, 2, 2, "[batch, seqlen_k, 2, kv_heads, head_dim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                            deterministic, return_attn_probs, version=version)
 
@@ -116,8 +136,9 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False, *, version=2):
     """qkv: [total, 3, heads, head_dim]; cu_seqlens: int32 [batch + 1]."""
-    _check_tensors(qkv=qkv)
-    q, k, v = qkv.unbind(dim=1)
+    check_tensor(cu_seqlens, "cu_seqlens", 1, "[batch + 1]")
+    max_seqlen = as_int(max_seqlen, "max_seqlen", 0)
+    q, k, v = _unpack(qkv, "qkv", 4, 1, 3, "[total, 3, heads, head_dim]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
                                   version=version)
@@ -127,8 +148,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, version=2):
     """q: [total_q, heads, head_dim]; kv: [total_k, 2, kv_heads, head_dim]."""
-    _check_tensors(q=q, kv=kv)
-    k, v = kv.unbind(dim=1)
+    k, v = _unpack(kv, "kv", 4, 1, 2, "[total_k, 2, kv_heads, head_dim]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, version=version)
@@ -154,12 +174,27 @@ def _cache_table(q, k_cache, cache_batch_idx, block_table):
     if block_table is not None:
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx: not supported with a paged cache (block_table)")
+        check_tensor(block_table, "block_table", 2, "[batch, max_blocks]")
+        if block_table.dtype != torch.int32:  # checked here: k and v are written before the kernel would
+            raise ValueError(f"block_table: must be int32, got {block_table.dtype}")
         return block_table
     if cache_batch_idx is None:
         return torch.arange(batch, dtype=torch.int32, device=q.device).view(batch, 1)
-    if cache_batch_idx.shape != (batch,):
-        raise ValueError(f"cache_batch_idx: expected shape [{batch}], got {list(cache_batch_idx.shape)}")
-    return cache_batch_idx.to(torch.int32).view(batch, 1)
+    rows = index_tensor(cache_batch_idx, "cache_batch_idx", 1, low=0, high=k_cache.shape[0] - 1)
+    if rows.shape != (batch,):
+        raise ValueError(f"cache_batch_idx: expected shape [{batch}], got {list(rows.shape)}")
+    return rows.view(batch, 1)
+
+
+def _cache_lengths(cache_seqlens, batch, device):
+    """cache_seqlens (an int, or an integer tensor [batch]) as int64 [batch]."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        return torch.full((batch,), as_int(cache_seqlens, "cache_seqlens", 0, INT32_MAX), dtype=torch.int64,
+                          device=device)
+    lens = index_tensor(cache_seqlens, "cache_seqlens", 1)  # int32 as flash-attn's; int64 values are checked
+    if lens.shape != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape [{batch}], got {list(lens.shape)}")
+    return lens.long()
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -172,14 +207,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     [batch, max_blocks]) paged caches [num_blocks, block_size, kv_heads, head_dim]. k, v (optional):
     [batch, seqlen_new, kv_heads, head_dim], written at positions cache_seqlens .. cache_seqlens + seqlen_new
     (cache_seqlens: int or int32 [batch], the tokens already cached; None, without k and v: the whole
-    contiguous cache).
+    contiguous cache; int64 is read to check it fits int32, which synchronizes on CUDA).
     cache_batch_idx (contiguous caches): which cache row each sequence uses. rotary_cos/sin
     [seqlen_ro, rotary_dim / 2]: rotate k at its positions and q at cache_seqlens + i when causal or local,
     else at cache_seqlens. q's rows are the last of each sequence (bottom-right alignment).
 
     Returns out [batch, seqlen_q, heads, head_dim]; with return_softmax_lse, (out, lse [batch, heads, seqlen_q]).
     """
-    _check_tensors(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_tensor(q, "q", 4, "[batch, seqlen_q, heads, head_dim]")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(t, name, 4, "[batch_cache or num_blocks, seqlen_cache or block_size, kv_heads, head_dim]")
     _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad: left-padded caches are not supported by flashlm")
@@ -187,40 +224,56 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("k, v: pass both new keys and new values, or neither")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos, rotary_sin: pass both or neither")
-    if q.dim() != 4:
-        raise ValueError(f"q: expected [batch, seqlen_q, heads, head_dim], got {list(q.shape)}")
-    scale, left, right = _options(q, softmax_scale, window_size, 2)
     batch, seqlen_q, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} differs from q's {head_dim}")
+    if k is not None:
+        _check_pair(k, "k", v, "v", "[batch, seqlen_new, kv_heads, head_dim]")
+        if k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k: expected [{batch}, seqlen_new, {kv_heads}, {head_dim}], got {list(k.shape)}")
+    if rotary_cos is not None:
+        _check_pair(rotary_cos, "rotary_cos", rotary_sin, "rotary_sin", "[seqlen_ro, rotary_dim / 2]")
+        if 2 * rotary_cos.shape[1] > head_dim:
+            raise ValueError(f"rotary_cos: rotary_dim = {2 * rotary_cos.shape[1]} is above head_dim = {head_dim}")
+    check_optional_tensors("cache_batch_idx block_table", cache_batch_idx, block_table)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                      cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None,
+                      cache_batch_idx=cache_batch_idx, block_table=block_table)
+    scale, left, right = _options(q, softmax_scale, window_size, 2)
     table = _cache_table(q, k_cache, cache_batch_idx, block_table)
     block_size = k_cache.shape[1]
     if cache_seqlens is None:  # as in flash-attn: the whole contiguous cache, and nothing to append to
         if block_table is not None or k is not None:
             raise ValueError("cache_seqlens: required with a paged cache (block_table) or new k, v")
         cache_seqlens = k_cache.shape[1]
-    if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    cache_seqlens = cache_seqlens.to(torch.int32)
+    lens = _cache_lengths(cache_seqlens, batch, q.device)  # int64: lens + new cannot wrap
     new = 0 if k is None else k.shape[1]
     capacity = table.shape[1] * block_size
-    if q.device.type == "cpu" and bool(((cache_seqlens < 0) | (cache_seqlens + new > capacity)).any()):
+    if q.device.type == "cpu" and bool(((lens < 0) | (lens + new > min(capacity, INT32_MAX))).any()):
         raise ValueError(f"cache_seqlens: cached plus {new} new tokens must fit the cache's {capacity} per sequence, "
-                         f"got {cache_seqlens.tolist()}")
+                         f"got {lens.tolist()}")
     if rotary_cos is not None:
         steps = torch.arange(max(seqlen_q, new), device=q.device)
-        start = cache_seqlens.long()[:, None]
+        start = lens[:, None]
         q_pos = start + steps[:seqlen_q] if (causal or left >= 0 or right >= 0) else start.expand(batch, seqlen_q)
+        k_pos = start + steps[:new]
+        for pos in (q_pos, k_pos):  # on the CPU: reading them on CUDA would synchronize
+            if pos.is_cpu and pos.numel() and int(pos.max()) >= rotary_cos.shape[0]:
+                raise ValueError(f"rotary_cos: has {rotary_cos.shape[0]} positions, position {int(pos.max())} is "
+                                 "needed")
         q = _rotate(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
         if k is not None:
-            k = _rotate(k, rotary_cos, rotary_sin, start + steps[:new], rotary_interleaved)
+            k = _rotate(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
     if k is not None:
-        pos = cache_seqlens.long()[:, None] + torch.arange(new, device=q.device)
-        blocks = table.long().gather(1, (pos // block_size).clamp(max=table.shape[1] - 1))
-        # Past the cache (on CUDA, where it is not checked above) a token is skipped, never written elsewhere.
-        slots = torch.where(pos < capacity, blocks * block_size + pos % block_size, -1)
-        kv_heads = k_cache.shape[2]
+        pos = lens[:, None] + torch.arange(new, device=q.device)
+        blocks = table.long().gather(1, (pos // block_size).clamp(min=0, max=table.shape[1] - 1))
+        # Outside the cache (on CUDA, where it is not checked above) a token is skipped, never written elsewhere.
+        slots = torch.where((pos >= 0) & (pos < capacity), blocks * block_size + pos % block_size, -1)
         write_kv_cache(k.reshape(batch * new, kv_heads, head_dim), v.reshape(batch * new, kv_heads, head_dim),
                        k_cache, v_cache, slots.reshape(-1))
-    seq_lens = (cache_seqlens + new).to(torch.int32)
+    # Within the capacity on the CPU (checked above); on CUDA the kernels clamp to it.
+    seq_lens = (lens + new).clamp(0, INT32_MAX).to(torch.int32)
     rows = q.reshape(batch * seqlen_q, heads, head_dim)
     if seqlen_q == 1:  # decode: one query per sequence, split-K over the context
         out, lse = paged_attention(rows, k_cache, v_cache, table.contiguous(), seq_lens, None, None, scale, causal,

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensor
 from flashlm.ops._util import cuda_stream, custom_op
 
 GGUF_LINEAR_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -40,8 +41,9 @@ def check_gguf_weight(raw: torch.Tensor, ggml_type: str, shape: Sequence[int]) -
     if n < 0:
         raise ValueError(f"shape: N must be >= 0, got {n}")
     row_bytes = gguf_linear_row_bytes(ggml_type, k)
-    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
-        raise ValueError(f"raw: expected a uint8 tensor of blocks, got {getattr(raw, 'dtype', type(raw).__name__)}")
+    check_tensor(raw, "raw")
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"raw: expected a uint8 tensor of blocks, got {raw.dtype}")
     if raw.numel() != n * row_bytes:
         raise ValueError(f"raw: {n} x {k} of {ggml_type} takes {n * row_bytes} bytes, raw has {raw.numel()}")
     return ggml_type, n, k, row_bytes
@@ -50,8 +52,8 @@ def check_gguf_weight(raw: torch.Tensor, ggml_type: str, shape: Sequence[int]) -
 def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[int], bias: Optional[torch.Tensor]):
     """Validates the arguments; returns (type name, n, k)."""
     ggml_type, n, k, _ = check_gguf_weight(raw, ggml_type, shape)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, "x")
+    check_optional_tensors("bias", bias)
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x: expected [..., {k}], got {tuple(x.shape)}")
     if x.dtype not in _X_DTYPES.get(x.device.type, ()):
@@ -79,6 +81,7 @@ def _gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, bia
 
 @_gguf_linear.register_fake
 def _(x, raw, ggml_type, n, bias):
+    check_same_device(x=x, raw=raw, bias=bias)
     return x.new_empty((*x.shape[:-1], n))
 
 

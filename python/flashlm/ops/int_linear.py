@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensors
 from flashlm.ops._util import cuda_stream, custom_op
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -20,8 +21,7 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_x(x: torch.Tensor, allow_cuda_f32: bool) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    check_tensors("x", x, readable=True)
     allowed = _CPU_DTYPES if x.device.type == "cpu" else _CUDA_DTYPES + ((torch.float32,) if allow_cuda_f32 else ())
     if x.dtype not in allowed:
         raise ValueError(f"x: on {x.device.type} the dtype must be one of {allowed}, got {x.dtype}")
@@ -34,13 +34,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[:-1].numel(), x.shape[-1])
 
 
-def _bias_f32(bias: Optional[torch.Tensor], n: int, device: torch.device) -> Optional[torch.Tensor]:
+def _bias_f32(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
     if bias is None:
         return None
     if bias.shape != (n,):
         raise ValueError(f"bias: expected shape ({n},), got {tuple(bias.shape)}")
-    if bias.device != device:
-        raise ValueError(f"bias: on {bias.device}, x on {device}")
     return bias.to(torch.float32).contiguous()
 
 
@@ -76,6 +74,7 @@ def _int8_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, w: torch.Tensor, w_sca
 
 @_int8_gemm.register_fake
 def _(x_q, x_scales, w, w_scales, bias, out_dtype):
+    check_same_device(x_q=x_q, x_scales=x_scales, w=w, w_scales=w_scales, bias=bias)
     return x_q.new_empty((x_q.shape[0], w.shape[0]), dtype=out_dtype)
 
 
@@ -84,6 +83,9 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
     """W8A8: quantizes x per token to int8, multiplies with int8 weights [N, K] (per-channel float32 scales
     [N]) accumulating in int32, and applies the scales and bias in the epilogue."""
     _check_x(x, allow_cuda_f32=True)
+    check_tensors("w_int8 w_scales", w_int8, w_scales)
+    check_optional_tensors("bias", bias)
+    check_same_device(x=x, w_int8=w_int8, w_scales=w_scales, bias=bias)
     if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
         raise ValueError(f"w_int8: expected an int8 [N, K] tensor, got {w_int8.dtype} {tuple(w_int8.shape)}")
     n, k = w_int8.shape
@@ -93,7 +95,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"w_scales: expected shape ({n},), got {tuple(w_scales.shape)}")
     x_q, x_scales = _quantize_per_token(_rows(x))
     y = _int8_gemm(x_q, x_scales, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
-                   _bias_f32(bias, n, x.device), x.dtype)
+                   _bias_f32(bias, n), x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -107,6 +109,7 @@ def _int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Op
 
 @_int4_gemm.register_fake
 def _(x, w, scales, zeros, bias, group_size):
+    check_same_device(x=x, w=w, scales=scales, zeros=zeros, bias=bias)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
@@ -115,6 +118,9 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, z
     """W4A16: x [..., K] times int4 weights (packed uint8 [N, K/2], see the module docstring), dequantized on
     the fly; zeros=None means symmetric weights (w = (u - 8) * s)."""
     _check_x(x, allow_cuda_f32=False)
+    check_tensors("w_packed scales", w_packed, scales)
+    check_optional_tensors("zeros bias", zeros, bias)
+    check_same_device(x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
     if group_size not in (32, 64, 128):
         raise ValueError(f"group_size: must be 32, 64 or 128, got {group_size}")
     if w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
@@ -131,5 +137,5 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, z
             raise ValueError(f"zeros: expected shape {tuple(scales.shape)}, got {tuple(zeros.shape)}")
         zeros = zeros.to(torch.float32).contiguous()
     y = _int4_gemm(_rows(x).contiguous(), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
-                   zeros, _bias_f32(bias, n, x.device), group_size)
+                   zeros, _bias_f32(bias, n), group_size)
     return y.reshape(*x.shape[:-1], n)

@@ -14,11 +14,16 @@ from typing import Optional
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import (INT32_MAX, INT32_MIN, as_float, as_int, as_str, as_window, check_same_device,
+                                check_optional_tensors, check_tensor, check_tensors, default_scale)
 from flashlm.ops._util import cuda_stream, custom_op
 
 
 def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    try:
+        return t if t.stride(-1) == 1 else t.contiguous()
+    except IndexError:  # a 0-dim tensor: the native checks name it
+        return t
 
 
 @custom_op("flashlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
@@ -26,17 +31,20 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
                    slot_mapping: torch.Tensor) -> None:
     """Writes key/value [num_tokens, kv_heads, head_dim] into the caches at slot_mapping (int64 [num_tokens],
     block * block_size + offset; -1 skips a token). Slots outside the cache raise on the CPU."""
+    check_tensors("key value k_cache v_cache slot_mapping", key, value, k_cache, v_cache, slot_mapping)
     _C.write_kv_cache(_contiguous_last(key), _contiguous_last(value), k_cache, v_cache, slot_mapping,
                       cuda_stream(k_cache))
 
 
 @write_kv_cache.register_fake
 def _(key, value, k_cache, v_cache, slot_mapping):
+    check_same_device(k_cache=k_cache, key=key, value=value, v_cache=v_cache, slot_mapping=slot_mapping)
     return None
 
 
 def _outputs(q: torch.Tensor, make) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) for q: out like q, lse float32 [heads, num_tokens] (+inf where a row is in no sequence)."""
+    check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
     lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
     return make(q.shape, dtype=q.dtype, device=q.device), lse
 
@@ -57,6 +65,8 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @_paged_attention.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left,
       window_right, softcap, num_splits):
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
+                      cu_seqlens_q=cu_seqlens_q)
     return _outputs(q, torch.empty)
 
 
@@ -69,18 +79,31 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=Non
     defaults to the longest sequence's query count (read from cu_seqlens_q, which syncs on CUDA).
     num_splits (decode): context parts attended in parallel and merged by lse; 0 lets the library choose.
     """
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    if cu_seqlens_q is not None and max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
-    out, lse = _paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                int(max_seqlen_q or 0), float(softmax_scale), bool(causal), int(window_size[0]),
-                                int(window_size[1]), float(softcap), int(num_splits))
+    check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
+    check_tensors("k_cache v_cache block_table seq_lens", k_cache, v_cache, block_table, seq_lens)
+    check_optional_tensors("cu_seqlens_q", cu_seqlens_q)
+    if max_seqlen_q is not None:
+        max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q", 0)
+    elif cu_seqlens_q is None:
+        max_seqlen_q = 0
+    else:
+        check_tensor(cu_seqlens_q, "cu_seqlens_q", 1, "[num_seqs + 1]")
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    left, right = as_window(window_size)
+    scale, softcap = default_scale(q, softmax_scale), as_float(softcap, "softcap")
+    out, lse = _paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale,
+                                bool(causal), left, right, softcap, as_int(num_splits, "num_splits", 0, INT32_MAX))
     return (out, lse) if return_lse else out
 
 
 def paged_attention_num_splits(device_type: str, num_seqs: int, kv_heads: int, max_seq_len: int,
                                block_size: int) -> int:
     """The decode split count the library picks on "cpu" or "cuda"."""
-    return _C.paged_attention_num_splits(1 if device_type == "cuda" else 0, num_seqs, kv_heads, max_seq_len,
-                                         block_size)
+    if as_str(device_type, "device_type") not in ("cpu", "cuda"):
+        raise ValueError(f"device_type: must be 'cpu' or 'cuda', got {device_type!r}")
+    # Counts the dispatcher holds in 32 bits (their products then fit the heuristic's int64).
+    return _C.paged_attention_num_splits(1 if device_type == "cuda" else 0,
+                                         as_int(num_seqs, "num_seqs", INT32_MIN, INT32_MAX),
+                                         as_int(kv_heads, "kv_heads", INT32_MIN, INT32_MAX),
+                                         as_int(max_seq_len, "max_seq_len"),
+                                         as_int(block_size, "block_size", INT32_MIN, INT32_MAX))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import as_float, check_optional_tensors, check_same_device, check_tensor, check_tensors
 from flashlm.ops._util import cuda_stream, custom_op
 
 
@@ -43,13 +44,10 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 def _check(x, weight, residual) -> None:
     """The checks the native code cannot make: it sees [..., d] tensors as [rows, d]."""
-    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t is not None and not (t.is_cpu or t.is_cuda):
-            raise ValueError(f"{name}: only CPU and CUDA tensors are supported, got {t.device}")
+    check_tensors("x weight", x, weight, readable=True)
+    check_optional_tensors("residual", residual, readable=True)
     if x.dim() == 0:
-        raise ValueError("x: expected shape [..., d], got a 0-dim tensor")
+        check_tensor(x, "x", layout="[..., d]", min_ndim=1)  # raises
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
 
@@ -62,20 +60,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     # Decode-sized calls are dominated by this function's own overhead (the kernel takes ~1 us): no views,
     # and torch.empty_like, several us cheaper than torch.empty(shape, dtype=, device=).
     _check(x, weight, residual)
+    eps = as_float(eps, "eps")
     if not _as_rows(x):
         x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = cuda_stream(x) if x.is_cuda else 0
     if residual is not None and not _as_rows(residual):  # update a copy, then the tensor itself
         work = residual.detach().contiguous()
-        _C.rms_norm(_plain(x), _plain(weight), out, work, float(eps), stream)
+        _C.rms_norm(_plain(x), _plain(weight), out, work, eps, stream)
         residual.copy_(work)
         return out
-    _C.rms_norm(_plain(x), _plain(weight), out, None if residual is None else _plain(residual), float(eps), stream)
+    _C.rms_norm(_plain(x), _plain(weight), out, None if residual is None else _plain(residual), eps, stream)
     return out
 
 
 @rms_norm.register_fake
 def _(x, weight, eps, residual=None):
     _check(x, weight, residual)
+    check_same_device(x=x, weight=weight, residual=residual)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)

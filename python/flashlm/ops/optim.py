@@ -9,20 +9,23 @@ from typing import Sequence, Union
 import torch
 
 from flashlm import _C
+from flashlm.ops._check import as_float, as_int, check_tensor, check_tensors
 from flashlm.ops._util import cuda_stream
 
 PARAM_DTYPES_CPU = (torch.float32, torch.bfloat16)
 PARAM_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_list(tensors, name: str, n: int) -> None:
+def _check_list(tensors, name: str, n: int, device: torch.device) -> None:
+    """A list of n tensors on `device`."""
     if not isinstance(tensors, (list, tuple)):
-        raise ValueError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
+        raise TypeError(f"{name}: expected a list of tensors, got {type(tensors).__name__}")
     if len(tensors) != n:
         raise ValueError(f"{name}: {len(tensors)} tensors for {n} params")
     for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, f"{name}[{i}]")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}]: on {t.device}, params[0] on {device}; one call takes one device")
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -50,25 +53,28 @@ def adamw_step_(
     one for all or one per parameter.
     """
     if not isinstance(params, (list, tuple)):
-        raise ValueError(f"params: expected a list of tensors, got {type(params).__name__}")
+        raise TypeError(f"params: expected a list of tensors, got {type(params).__name__}")
     n = len(params)
-    _check_list(params, "params", n)
-    _check_list(grads, "grads", n)
-    _check_list(exp_avgs, "exp_avgs", n)
-    _check_list(exp_avg_sqs, "exp_avg_sqs", n)
-    steps = [int(step)] * n if isinstance(step, (int, float)) else [int(s) for s in step]
+    device = None
+    if n:
+        check_tensors("params[0]", params[0], readable=True)
+        device = params[0].device
+    for name, tensors in (("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        _check_list(tensors, name, n, device)
+    if isinstance(step, (list, tuple)):
+        steps = [as_int(s, f"step[{i}]") for i, s in enumerate(step)]
+    else:
+        steps = [as_int(step, "step")] * n
     if len(steps) != n:
         raise ValueError(f"step: {len(steps)} values for {n} params")
+    hyper = [as_float(v, name) for name, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
+                                                ("weight_decay", weight_decay))]
     if n == 0:
         return
-    device = params[0].device
+    allowed = PARAM_DTYPES_CUDA if device.type == "cuda" else PARAM_DTYPES_CPU
     for i, p in enumerate(params):
-        if p.device != device:
-            raise ValueError(f"params[{i}]: on {p.device}, params[0] on {device}; one call takes one device")
-        allowed = PARAM_DTYPES_CUDA if p.device.type == "cuda" else PARAM_DTYPES_CPU
         if p.dtype not in allowed:
             raise ValueError(f"params[{i}]: dtype must be one of {allowed} on {p.device.type}, got {p.dtype}")
     _C.adamw_step(
         [_plain(p) for p in params], [_plain(g) for g in grads], [_plain(m) for m in exp_avgs],
-        [_plain(v) for v in exp_avg_sqs], steps, float(lr), float(beta1), float(beta2), float(eps),
-        float(weight_decay), bool(maximize), cuda_stream(params[0]))
+        [_plain(v) for v in exp_avg_sqs], steps, *hyper, bool(maximize), cuda_stream(params[0]))

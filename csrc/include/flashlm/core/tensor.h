@@ -43,4 +43,9 @@ struct FLASHLM_API TensorView {
   std::string shape_string() const;  // "[2, 3, 4]" for error messages
 };
 
+// `value` (a dimension, or a count derived from one) as an int, for the kernels that count heads, head_dim,
+// block size or batch in 32 bits. A plain cast would wrap: a stride-0 view (torch's expand) has dimensions
+// of 2^31 and more without the memory to match. ValueError naming `name` and `what` when it does not fit.
+FLASHLM_API int count_as_int(int64_t value, const char* name, const char* what);
+
 }  // namespace flashlm

@@ -9,8 +9,14 @@
 
 namespace flashlm {
 
+// The most threads the pool takes (FLASHLM_NUM_THREADS, set_num_threads): above the 768 hardware threads of
+// today's largest two-socket x86 servers, below where ordinary process limits refuse threads (5000 failed
+// with EAGAIN on the development machine).
+constexpr int kMaxThreads = 1024;
+
 FLASHLM_API int num_threads();
-// n >= 1; joins the current workers and starts n - 1 new ones (the caller is the n-th).
+// 1 <= n <= kMaxThreads; joins the current workers and starts n - 1 new ones (the caller is the n-th). Where the system
+// refuses a thread, throws flashlm::Error and keeps the threads it had.
 FLASHLM_API void set_num_threads(int n);
 
 // Calls fn(begin, end) on disjoint ranges that cover [0, n), each at least `grain` long (but the last),
