@@ -218,6 +218,13 @@ def serve(module_name: str, ids=None) -> None:
     sys.path.insert(0, _TESTS)
     import importlib
 
+    import torch
+
+    # The children run torch's own ops on one thread (flashlm's pool has FLASHLM_NUM_THREADS), and the server
+    # starts no OpenMP team before forking. torch.library's custom ops import torch._dynamo on their first
+    # call (~2 s): done once here rather than in every child.
+    torch.set_num_threads(1)
+    importlib.import_module("torch._dynamo")
     cases = {c.id: c for c in importlib.import_module(module_name).CASES}
     out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="flashlm-robust-") as tmp:

@@ -37,6 +37,7 @@ class Mutation:
     apply: Callable[[dict], None]
     expect: str = "raise"
     names: tuple = ()
+    rtol_of_max: Optional[float] = None  # a tolerance of its own (16-bit inputs), else the entry's
 
     @property
     def label(self) -> str:
@@ -127,7 +128,7 @@ class Entry:
             if self.compare is not None:
                 self.compare(result, want)
             else:
-                close(result, want, self.rtol_of_max, self.atol)
+                close(result, want, self.rtol_of_max if m.rtol_of_max is None else m.rtol_of_max, self.atol)
 
         return Case(self.name, m.label, call, m.names or (m.arg,), m.expect,
                     check if m.expect != "raise" else None, timeout=self.timeout)
@@ -185,8 +186,15 @@ def poke(t: torch.Tensor, index, value) -> torch.Tensor:
     return t
 
 
+# A result computed in a 16-bit dtype, against float64: a relative step of 2**-8 per rounding, a few roundings.
+LOW_PRECISION_RTOL = 3e-2
+
+
 def dtype_mutations(arg, dtypes=(torch.float64, torch.float16, torch.int32, torch.bool), expect="either"):
-    return [Mutation(arg, f"dtype {str(d).removeprefix('torch.')}", _set(arg, lambda t, d=d: t.to(d)), expect)
+    """The argument converted to each dtype: a correct result (within a 16-bit tolerance for 16-bit dtypes) or
+    an error naming it."""
+    return [Mutation(arg, f"dtype {str(d).removeprefix('torch.')}", _set(arg, lambda t, d=d: t.to(d)), expect,
+                     rtol_of_max=LOW_PRECISION_RTOL if d in (torch.float16, torch.bfloat16) else None)
             for d in dtypes]
 
 
