@@ -225,7 +225,9 @@ def serve(module_name: str, ids=None) -> None:
     # call (~2 s): done once here rather than in every child.
     torch.set_num_threads(1)
     importlib.import_module("torch._dynamo")
-    cases = {c.id: c for c in importlib.import_module(module_name).CASES}
+    module = importlib.import_module(module_name)
+    getattr(module, "warm", lambda: None)()  # what every case shares, built once (a model, a file)
+    cases = {c.id: c for c in module.CASES}
     out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="flashlm-robust-") as tmp:
         log_path = os.path.join(tmp, "case.log")
