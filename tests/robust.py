@@ -144,6 +144,14 @@ def evaluate(case: Case) -> Optional[str]:
 
 # -- the server: one process per module, a fork per case ------------------------------------------------------
 
+_SCRATCH = "FLASHLM_ROBUST_SCRATCH"
+
+
+def scratch() -> str:
+    """A fresh directory for a case's files, inside the server's temporary directory (removed with it)."""
+    return tempfile.mkdtemp(dir=os.environ.get(_SCRATCH))
+
+
 def _child(case: Case, write_fd: int, log_path: str) -> None:
     import resource
 
@@ -230,6 +238,7 @@ def serve(module_name: str, ids=None) -> None:
     cases = {c.id: c for c in module.CASES}
     out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="flashlm-robust-") as tmp:
+        os.environ[_SCRATCH] = tmp  # the children's files (scratch()) go here and go with it
         log_path = os.path.join(tmp, "case.log")
         for case_id in ids if ids is not None else list(cases):
             verdict = run_isolated(cases[case_id], log_path)
