@@ -32,11 +32,12 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 MEMORY_CAP = 4 << 30   # RLIMIT_AS of every child
 TIMEOUT = 10.0         # seconds of wall-clock time per case (a case takes milliseconds; the machine is shared)
+PARALLEL = 2           # children at a time (the machines that run the suite have 2 cores or more)
 ACCEPTED = ("ValueError", "TypeError", "NotImplementedError", "GGUFError")
 EXPECTS = ("raise", "correct", "either")
 _TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -180,45 +181,68 @@ def _log_tail(path: str, limit: int = 400) -> str:
     return f"; its output ended with: {_short(text, limit)}" if text.strip() else ""
 
 
-def run_isolated(case: Case, log_path: str) -> dict:
-    """Runs one case in a forked child under the limits; its verdict: {"ok": bool, "detail": str}."""
-    read_fd, write_fd = os.pipe()
-    start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        _child(case, write_fd, log_path)
-    os.close(write_fd)
-    chunks, deadline, hung = [], start + case.timeout, False
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            hung = True
-            os.kill(pid, signal.SIGKILL)
-            break
-        ready, _, _ = select.select([read_fd], [], [], remaining)
-        if ready:
-            data = os.read(read_fd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-    os.close(read_fd)
-    _, status = os.waitpid(pid, 0)
-    seconds = time.monotonic() - start
-    if hung:
-        return {"ok": False, "detail": f"hang: no answer within {case.timeout:.0f} s{_log_tail(log_path)}",
-                "seconds": seconds}
-    if os.WIFSIGNALED(status):
-        sig = signal.Signals(os.WTERMSIG(status)).name
-        return {"ok": False, "detail": f"crash: killed by {sig}{_log_tail(log_path)}", "seconds": seconds}
-    try:
-        verdict = json.loads(b"".join(chunks))
-    except ValueError:
-        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
-        return {"ok": False, "detail": f"crash: the child exited with status {code} before answering"
-                f"{_log_tail(log_path)}", "seconds": seconds}
-    verdict["seconds"] = seconds
-    return verdict
+class _Child:
+    """A case running in a forked child: its pipe, its deadline and what it has answered so far."""
+
+    def __init__(self, case_id: str, case: Case, log_path: str):
+        self.case_id, self.case, self.log_path = case_id, case, log_path
+        self.read_fd, write_fd = os.pipe()
+        self.start = time.monotonic()
+        self.deadline = self.start + case.timeout
+        self.chunks = []
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.read_fd)
+            _child(case, write_fd, log_path)
+        os.close(write_fd)
+
+    def read(self) -> bool:
+        """Reads what the child wrote; True once it closed its end (answered, or died)."""
+        data = os.read(self.read_fd, 1 << 16)
+        self.chunks.append(data)
+        return not data
+
+    def verdict(self, hung: bool = False) -> dict:
+        """Reaps the child (killed first if hung); its verdict: {"ok": bool, "detail": str, "seconds": float}."""
+        if hung:
+            os.kill(self.pid, signal.SIGKILL)
+        os.close(self.read_fd)
+        _, status = os.waitpid(self.pid, 0)
+        seconds = time.monotonic() - self.start
+        tail = _log_tail(self.log_path)
+        if hung:
+            return {"ok": False, "detail": f"hang: no answer within {self.case.timeout:.0f} s{tail}", "seconds": seconds}
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            return {"ok": False, "detail": f"crash: killed by {sig}{tail}", "seconds": seconds}
+        try:
+            verdict = json.loads(b"".join(self.chunks))
+        except ValueError:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+            return {"ok": False, "detail": f"crash: the child exited with status {code} before answering{tail}",
+                    "seconds": seconds}
+        return dict(verdict, seconds=seconds)
+
+
+def run_all(cases: dict, ids, folder: str, parallel: int = PARALLEL):
+    """Yields (id, verdict) of each case, `parallel` children at a time (so a hang holds up one slot for its
+    timeout, not every case behind it)."""
+    pending, running = list(ids), {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            case_id = pending.pop(0)
+            child = _Child(case_id, cases[case_id], os.path.join(folder, f"case{len(pending)}.log"))
+            running[child.read_fd] = child
+        timeout = max(0.0, min(c.deadline for c in running.values()) - time.monotonic())
+        ready, _, _ = select.select(list(running), [], [], timeout)
+        for fd in ready:
+            if running[fd].read():
+                child = running.pop(fd)
+                yield child.case_id, child.verdict()
+        now = time.monotonic()
+        for fd in [fd for fd, c in running.items() if c.deadline <= now]:
+            child = running.pop(fd)
+            yield child.case_id, child.verdict(hung=True)
 
 
 def serve(module_name: str, ids=None) -> None:
@@ -239,9 +263,7 @@ def serve(module_name: str, ids=None) -> None:
     out = sys.stdout
     with tempfile.TemporaryDirectory(prefix="flashlm-robust-") as tmp:
         os.environ[_SCRATCH] = tmp  # the children's files (scratch()) go here and go with it
-        log_path = os.path.join(tmp, "case.log")
-        for case_id in ids if ids is not None else list(cases):
-            verdict = run_isolated(cases[case_id], log_path)
+        for case_id, verdict in run_all(cases, ids if ids is not None else list(cases), tmp):
             out.write(json.dumps({"id": case_id, **verdict}) + "\n")
             out.flush()
 
@@ -311,6 +333,22 @@ def params(cases):
     import pytest
 
     return [pytest.param(c.id, id=c.id) for c in cases]
+
+
+def tests_of(cases):
+    """A test module's fixture and test, one pytest test per case:
+
+        verdicts, test_hostile_case = robust.tests_of(CASES)
+    """
+    import pytest
+
+    fixture = verdicts_fixture(cases)
+
+    @pytest.mark.parametrize("case_id", params(cases))
+    def test_hostile_case(verdicts, case_id):
+        verdicts.check(case_id)
+
+    return fixture, test_hostile_case
 
 
 if __name__ == "__main__":

@@ -105,14 +105,15 @@ def gguf_model(meta=None, drop=(), tensors=None, offsets=None, n_tensors=None, n
 
 # -- an HF directory -------------------------------------------------------------------------------------------
 
-HF_VOCAB = 64
+VOCAB = 300  # of the HF directory and the checkpoint: a byte-level BPE's 256 bytes, <|endoftext|> and merges
+TEXT = "the quick brown fox jumps over the lazy dog, then the dog sleeps and the fox runs away. " * 20
 
 
 def hf_config() -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D, "intermediate_size": FF,
             "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-            "vocab_size": HF_VOCAB, "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-            "tie_word_embeddings": False, "hidden_act": "silu", "eos_token_id": 1, "bos_token_id": 0}
+            "vocab_size": VOCAB, "max_position_embeddings": CONTEXT, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "hidden_act": "silu", "eos_token_id": 0}
 
 
 def hf_weights() -> dict:
@@ -122,8 +123,8 @@ def hf_weights() -> dict:
         return torch.randn(*shape, generator=g) * 0.1
 
     kv = KV_HEADS * HEAD_DIM
-    state = {"model.embed_tokens.weight": w(HF_VOCAB, D), "model.norm.weight": torch.ones(D),
-             "lm_head.weight": w(HF_VOCAB, D)}
+    state = {"model.embed_tokens.weight": w(VOCAB, D), "model.norm.weight": torch.ones(D),
+             "lm_head.weight": w(VOCAB, D)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         state |= {p + "self_attn.q_proj.weight": w(D, D), p + "self_attn.k_proj.weight": w(kv, D),
@@ -135,12 +136,19 @@ def hf_weights() -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def word_tokenizer_json() -> str:
-    """A word-level tokenizer over HF_VOCAB tokens (<s>, </s>, w2 ... ), as tokenizer.json text."""
+def bpe_tokenizer_json() -> str:
+    """A byte-level BPE of at most VOCAB tokens (<|endoftext|> is id 0) trained on TEXT, as tokenizer.json
+    text: what flashlm's trainer writes, and what its exporters take."""
+    from flashlm.train.tokenizer import train_tokenizer
+
+    return train_tokenizer([TEXT], vocab_size=VOCAB).to_str()
+
+
+def word_tokenizer_json(n: int) -> str:
+    """A word-level tokenizer of n tokens (w0, w1, ...), as tokenizer.json text."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<s>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, HF_VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w2"))
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return tok.to_str()
 
@@ -160,7 +168,7 @@ def hf_dir(path, config=None, drop=(), weights=None, files=None) -> str:
             cfg[key] = value
     state = {k: v for k, v in hf_weights().items() if k not in drop}
     state.update(weights or {})
-    contents = {"config.json": json.dumps(cfg), "tokenizer.json": word_tokenizer_json()}
+    contents = {"config.json": json.dumps(cfg), "tokenizer.json": bpe_tokenizer_json()}
     contents.update(files or {})
     for name, content in contents.items():
         if content is None:
@@ -180,11 +188,11 @@ def _checkpoint_state() -> dict:
     from flashlm.io.checkpoint import FORMAT
     from flashlm.models import ModelConfig, Transformer
 
-    cfg = ModelConfig(arch="llama", vocab_size=HF_VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=KV_HEADS,
+    cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_kv_head=KV_HEADS,
                       d_model=D, d_ff=FF, seq_len=CONTEXT)
     torch.manual_seed(2)
     return {"format": FORMAT, "model_config": cfg.to_dict(), "model": Transformer(cfg).state_dict(),
-            "tokenizer": word_tokenizer_json(), "eos_token_id": 1, "step": 3}
+            "tokenizer": bpe_tokenizer_json(), "eos_token_id": 0, "step": 3}
 
 
 def checkpoint_state() -> dict:

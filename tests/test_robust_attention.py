@@ -10,7 +10,6 @@ probability, and a kernel that skips the masked block rightly does not.)
 
 import math
 
-import pytest
 import torch
 
 import robust
@@ -18,8 +17,7 @@ from flashlm import flash_attn_interface as fa
 from flashlm import ops
 from reference import attention, attention_with_grads
 from robust_args import (WRAP, Entry, Mutation, apply, dtype_mutations, edit, float_mutations, int_mutations,
-                         layout_mutations, poke, special_value_mutations, tensor_mutations, type_mutations,
-                         valid_call, wrapped)
+                         layout_mutations, poke, tensor_mutations, type_mutations, valid_call, wrapped)
 
 B, SQ, SK, H, HKV, D = 2, 5, 7, 4, 2, 32
 RTOL = 2e-5  # float32 attention against float64, relative to the output's largest value
@@ -612,9 +610,4 @@ def packed_cases():
 
 
 CASES = flash_cases() + backward_cases() + varlen_cases() + kvcache_cases() + packed_cases()
-verdicts = robust.verdicts_fixture(CASES)
-
-
-@pytest.mark.parametrize("case_id", robust.params(CASES))
-def test_hostile_call(verdicts, case_id):
-    verdicts.check(case_id)
+verdicts, test_hostile_case = robust.tests_of(CASES)

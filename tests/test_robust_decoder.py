@@ -10,7 +10,6 @@ the sequences that read it, and a NaN it does not read (a block no table names) 
 import functools
 import math
 
-import pytest
 import torch
 
 import robust
@@ -20,8 +19,8 @@ from flashlm.ops import NativeDecoder
 from flashlm.quant import GGUFEmbedding, GGUFLinear
 from flashlm.runtime.native_decoder import build_native_decoder
 from robust import Case
-from robust_args import (WRAP, Entry, Mutation, apply, close, dtype_mutations, edit, int_mutations, layout_mutations,
-                         poke, type_mutations, valid_call, wrapped)
+from robust_args import (WRAP, Entry, Mutation, apply, dtype_mutations, edit, int_mutations, poke, type_mutations,
+                         valid_call, wrapped)
 
 VOCAB, D, HEADS, KV_HEADS, FF, LAYERS, CONTEXT = 64, 64, 4, 2, 128, 2, 32
 HEAD_DIM = D // HEADS
@@ -347,9 +346,4 @@ def ends_cases():
 
 
 CASES = step_cases() + decoder_cases() + ends_cases()
-verdicts = robust.verdicts_fixture(CASES)
-
-
-@pytest.mark.parametrize("case_id", robust.params(CASES))
-def test_hostile_call(verdicts, case_id):
-    verdicts.check(case_id)
+verdicts, test_hostile_case = robust.tests_of(CASES)

@@ -10,7 +10,6 @@ import math
 
 import gguf
 import numpy as np
-import pytest
 import torch
 
 import robust
@@ -853,9 +852,4 @@ def small_function_cases():
 
 
 CASES = norm_cases() + int_linear_cases() + gguf_cases() + adamw_cases() + paged_cases() + small_function_cases()
-verdicts = robust.verdicts_fixture(CASES)
-
-
-@pytest.mark.parametrize("case_id", robust.params(CASES))
-def test_hostile_call(verdicts, case_id):
-    verdicts.check(case_id)
+verdicts, test_hostile_case = robust.tests_of(CASES)
