@@ -44,6 +44,23 @@ class Mutation:
         return f"{self.arg}: {self.what}"
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def t64(x) -> torch.Tensor:
+    return torch.as_tensor(x).double()
+
+
+def attention_options(a: dict) -> dict:
+    """tests/reference.py's attention keywords from a call's arguments (q, softmax_scale, causal, window_size,
+    softcap; absent ones at their defaults)."""
+    q = torch.as_tensor(a["q"])
+    scale = q.shape[-1] ** -0.5 if a.get("softmax_scale") is None else float(a["softmax_scale"])
+    return dict(causal=bool(a.get("causal", False)), window=tuple(int(w) for w in a.get("window_size", (-1, -1))),
+                softcap=float(a.get("softcap", 0.0)), scale=scale)
+
+
 def valid_call() -> Mutation:
     """The unmutated call: must return the reference's result (this also checks the reference)."""
     return Mutation("-", "a valid call", lambda args: None, "correct")
@@ -184,6 +201,11 @@ def poke(t: torch.Tensor, index, value) -> torch.Tensor:
     t = t.clone()
     t[index] = value
     return t
+
+
+def nan_at(arg, index, what, expect="correct"):
+    """args[arg][index] = NaN: the reference decides where it must show."""
+    return Mutation(arg, f"NaN at {index} ({what})", _set(arg, lambda t: poke(t, index, math.nan)), expect)
 
 
 # A result computed in a 16-bit dtype, against float64: a relative step of 2**-8 per rounding, a few roundings.

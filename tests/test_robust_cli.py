@@ -21,7 +21,7 @@ from robust import Case
 
 EXIT_ERROR = 2  # the status of a command that refuses its input
 PROCESS_TIMEOUT = 30.0  # a real process imports torch first
-TRAIN_TIMEOUT = 30.0  # one training step: a tokenizer trained, a model built, a matmul timed, a checkpoint saved
+TRAIN_TIMEOUT = 20.0  # one training step: a tokenizer trained, a model built, a matmul timed, a checkpoint saved
 
 
 def warm():

@@ -18,7 +18,7 @@ from flashlm.models.transformer import PagedBatch
 from flashlm.ops import NativeDecoder
 from flashlm.quant import GGUFEmbedding, GGUFLinear
 from flashlm.runtime.native_decoder import build_native_decoder
-from robust import Case
+from robust import Case, value_case
 from robust_args import (WRAP, Entry, Mutation, apply, dtype_mutations, edit, int_mutations, poke, type_mutations,
                          valid_call, wrapped)
 
@@ -227,8 +227,6 @@ CTOR_ARGS = ("d_model", "n_head", "n_kv_head", "head_dim", "d_ff", "eps", "layer
 
 
 def built(result):
-    if isinstance(result, BaseException):
-        return None
     return None if isinstance(result, NativeDecoder) and result.num_layers == LAYERS else f"returned {result!r}"
 
 
@@ -299,9 +297,7 @@ def decoder_cases():
         if m.expect == "raise":
             cases.append(Case(entry, m.label, call, names))
         else:  # an accepted value: a decoder of the model's layers
-            cases.append(Case(entry, m.label, call, names, "either",
-                              judge=lambda r, names=names: robust.exception_failure(r, names) if isinstance(
-                                  r, BaseException) else built(r)))
+            cases.append(value_case(entry, m.label, call, names, built))
     return cases
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import random
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 import gguf_bytes as gb
 import robust
 import robust_models as rm
-from robust import Case
+from robust import Case, value_case
 
 def warm():
     """Imports and the valid models' state, once in the server."""
@@ -111,6 +112,36 @@ def gguf_reader_cases():
         cases.append(Case(entry, f"path: {what}", lambda path=path: read_everything(path()), ("path", "file"),
                           accept=(OSError,)))
     return cases
+
+
+def load_tensor(name="blk.0.attn_q.weight", **kw):
+    """GGUFFile(valid file).load(name, **kw)."""
+    def call():
+        from flashlm.gguf import GGUFFile
+
+        with GGUFFile(write(rm.gguf_model())) as f:
+            return f.load(name, **kw)
+    return call
+
+
+def tensor_load_cases():
+    entry = "flashlm.gguf.GGUFFile.load"
+    shape = (rm.D, rm.D)
+
+    def has_shape(t):
+        return None if isinstance(t, torch.Tensor) and tuple(t.shape) == shape else f"returned {robust.describe(t)}"
+    return [
+        value_case(entry, "a valid call", load_tensor(), (), has_shape),
+        Case(entry, "dtype: torch.int32", load_tensor(dtype=torch.int32), ("dtype", "out_dtype")),
+        Case(entry, "dtype: 'float32' (a string)", load_tensor(dtype="float32"), ("dtype", "out_dtype")),
+        Case(entry, "device: 'tpu'", load_tensor(device="tpu"), ("device",)),
+        Case(entry, "device: 'cuda' (no GPU here)", load_tensor(device="cuda"), ("device",)),
+        value_case(entry, "device: 'meta'", load_tensor(device="meta"), ("device",), lambda t: (
+            None if isinstance(t, torch.Tensor) and t.is_meta and tuple(t.shape) == shape
+            else f"returned {robust.describe(t)}")),
+        Case(entry, "name: a missing tensor", load_tensor("nope"), ("nope", "name"), accept=(KeyError,)),
+        Case(entry, "name: None", load_tensor(None), ("name",), accept=(KeyError,)),
+    ]
 
 
 def meta(key, vtype, value):
@@ -365,5 +396,50 @@ def _pickled_code() -> str:
     return path
 
 
-CASES = gguf_reader_cases() + gguf_load_cases() + hf_cases() + checkpoint_cases()
+# -- seeded random metadata values -----------------------------------------------------------------------------
+
+INTERESTING = {
+    gb.UINT32: [0, 1, 3, 255, 1 << 31, (1 << 32) - 1],
+    gb.FLOAT32: [math.nan, math.inf, -math.inf, -1.0, 0.0, 1e38],
+    gb.STRING: ["", "x" * 5000, "llama\x00", "qwen2", "gpt2", "\u00e9\u00e9"],
+}
+
+
+def random_value(rng, vtype, value):
+    """A hostile replacement for a metadata value of type `vtype`: an interesting value of the same type,
+    another type (UINT64 past int32, a negative INT32, a string, a float, a bool), or an array cut or grown."""
+    if vtype == gb.ARRAY:
+        elem_type, items = value
+        choice = rng.randrange(4)
+        if choice == 0:
+            return gb.ARRAY, (elem_type, [])
+        if choice == 1:
+            return gb.ARRAY, (elem_type, items[: rng.randrange(len(items))])
+        if choice == 2:
+            return gb.ARRAY, (elem_type, items + items[:3])
+        return gb.ARRAY, (gb.UINT32 if elem_type != gb.UINT32 else gb.STRING,
+                          [0] * len(items) if elem_type != gb.UINT32 else ["0"] * len(items))
+    if rng.random() < 0.5 and vtype in INTERESTING:
+        return vtype, rng.choice(INTERESTING[vtype])
+    return rng.choice([(gb.UINT64, (1 << 32) + 2), (gb.INT32, -1), (gb.STRING, "2"), (gb.FLOAT32, 2.5), (gb.BOOL, True),
+                       (gb.UINT64, 1 << 63)])
+
+
+def random_field_cases(seeds=range(40)):
+    entry = "flashlm.io.load_model (GGUF, a random metadata value)"
+    valid = rm.gguf_metadata()
+    cases = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        key = rng.choice(sorted(valid))
+        vtype, value = random_value(rng, *valid[key])
+        change = {key: (vtype, value)}
+        shown = repr(value[1][:3]) + "..." if vtype == gb.ARRAY else repr(value)[:40]
+        # Any load, or an accepted exception (its wording is not checked: the key may surface as a tensor).
+        cases.append(value_case(entry, f"seed {seed}: {key} = {shown} (type {vtype})",
+                                load(lambda change=change: write(rm.gguf_model(meta=change))), (), lambda r: None))
+    return cases
+
+
+CASES = gguf_reader_cases() + tensor_load_cases() + gguf_load_cases() + hf_cases() + checkpoint_cases() + random_field_cases()
 verdicts, test_hostile_case = robust.tests_of(CASES)

@@ -14,7 +14,7 @@ import torch
 
 import robust
 import robust_models as rm
-from robust import Case
+from robust import Case, value_case
 from robust_args import WRAP
 
 
@@ -29,19 +29,6 @@ def gguf_path(**kw) -> str:
     with open(path, "wb") as f:
         f.write(rm.gguf_model(**kw))
     return path
-
-
-def value_judge(check, names):
-    """A judge: a result `check` accepts (None) or an accepted exception naming one of `names`."""
-    def judge(outcome):
-        if isinstance(outcome, BaseException):
-            return robust.exception_failure(outcome, names)
-        return check(outcome)
-    return judge
-
-
-def either(entry, what, call, names, check, **kw):
-    return Case(entry, what, call, names, "either", judge=value_judge(check, names), **kw)
 
 
 # -- BlockManager ----------------------------------------------------------------------------------------------
@@ -67,7 +54,7 @@ def with_sequence():
 
 def block_manager_cases():
     entry = "BlockManager()"
-    cases = [either(entry, "a valid call (8, 4)", lambda: block_manager(8, 4), (), has_blocks(8))]
+    cases = [value_case(entry, "a valid call (8, 4)", lambda: block_manager(8, 4), (), has_blocks(8))]
     for arg, valid in (("num_blocks", 8), ("block_size", 4), ("max_blocks_per_seq", 2)):
         for label, value, expect in (("0", 0, "raise"), ("-1", -1, "raise"), ("2.5", 2.5, "raise"),
                                      ("'8'", "8", "raise"), ("None", None, "raise" if arg != "max_blocks_per_seq" else None),
@@ -81,7 +68,7 @@ def block_manager_cases():
                 cases.append(Case(entry, f"{arg}: {label}", call, names))
             else:
                 n = value if arg == "num_blocks" else 8
-                cases.append(either(entry, f"{arg}: {label}", call, names, has_blocks(n)))
+                cases.append(value_case(entry, f"{arg}: {label}", call, names, has_blocks(n)))
     calls = "BlockManager"
     seq = ("seq_id", "sequence")
     unknown = dict(accept=(KeyError,))  # an unknown sequence id: KeyError is the lookup's own error
@@ -111,7 +98,7 @@ def block_manager_cases():
              seq + ("seq_ids",), **unknown),
         Case(f"{calls}.block_tables_tensor", "max_blocks: 1 (sequence 0 has 2)",
              lambda: with_sequence().block_tables_tensor([0], 1), ("max_blocks",)),
-        either(f"{calls}.block_tables_tensor", "max_blocks: 2**31",
+        value_case(f"{calls}.block_tables_tensor", "max_blocks: 2**31",
                lambda: with_sequence().block_tables_tensor([0], 1 << 31), ("max_blocks",),
                lambda t: f"returned a table of {t.numel()} entries" if isinstance(t, torch.Tensor) and t.numel() > 1 << 20
                else None),
@@ -131,7 +118,7 @@ def block_manager_cases():
         Case(f"{calls}.fork", "child_id: the parent's", lambda: with_sequence().fork(0, 0), ("child_id", "sequence")),
         Case(f"{calls}.free", "seq_id: unknown", lambda: with_sequence().free(9), seq, **unknown),
         Case(f"{calls}.can_allocate", "prompt: -5", lambda: with_sequence().can_allocate(-5), ("prompt",)),
-        either(f"{calls}.can_allocate", "prompt: 2**63 tokens", lambda: with_sequence().can_allocate(1 << 63),
+        value_case(f"{calls}.can_allocate", "prompt: 2**63 tokens", lambda: with_sequence().can_allocate(1 << 63),
                ("prompt",), lambda r: None if r is False else f"returned {r!r}, expected False"),
         Case(f"{calls}.can_append", "num_new_tokens: 0", lambda: with_sequence().can_append(0, 0), ("num_new_tokens",)),
     ]
@@ -189,7 +176,7 @@ LLM_KWARGS = [
 
 def llm_cases():
     entry = "flashlm.LLM()"
-    cases = [either(entry, "a valid call", lambda: llm(), (), generates)]
+    cases = [value_case(entry, "a valid call", lambda: llm(), (), generates)]
     for arg, label, value, expect in LLM_KWARGS:
         def call(arg=arg, value=value):
             kw = {arg: value}
@@ -201,7 +188,7 @@ def llm_cases():
         if expect == "raise":
             cases.append(Case(entry, f"{arg}: {label}", call, (arg,)))
         else:
-            cases.append(either(entry, f"{arg}: {label}", call, (arg,), generates))
+            cases.append(value_case(entry, f"{arg}: {label}", call, (arg,), generates))
     cases += [
         Case(entry, "model: a missing path", lambda: llm(os.path.join(robust.scratch(), "missing.gguf")), ("path", "model")),
         Case(entry, "model: None", lambda: llm_none(), ("model",)),
@@ -263,7 +250,7 @@ def sampling_cases():
                           (arg,)))
     gen = "flashlm.LLM.generate"
     cases += [
-        either(gen, "a valid call", lambda: generate_with(temperature=0, max_tokens=3), (), within_context),
+        value_case(gen, "a valid call", lambda: generate_with(temperature=0, max_tokens=3), (), within_context),
         Case(gen, f"prompt: an id {rm.GGUF_VOCAB} (the vocabulary has {rm.GGUF_VOCAB})",
              lambda: generate_with((1, rm.GGUF_VOCAB, 2), max_tokens=2), ("prompt",)),
         Case(gen, "prompt: an id -1", lambda: generate_with((1, -1, 2), max_tokens=2), ("prompt",)),
@@ -275,23 +262,23 @@ def sampling_cases():
              lambda: generate_with(tuple([1] * rm.CONTEXT), max_tokens=2), ("prompt", "max_model_len")),
         Case(gen, "prompt: a dict", lambda: generate_with({"a": 1}, max_tokens=2), ("prompt", "prompts")),
         Case(gen, "prompt: None", lambda: generate_with(None, max_tokens=2), ("prompt", "prompts")),
-        either(gen, "max_tokens: 2**31 (the context bounds it)",
+        value_case(gen, "max_tokens: 2**31 (the context bounds it)",
                lambda: generate_with(temperature=0, max_tokens=1 << 31, ignore_eos=True), ("max_tokens",),
                within_context),
-        either(gen, "max_tokens: None (until the context is full)",
+        value_case(gen, "max_tokens: None (until the context is full)",
                lambda: generate_with(temperature=0, max_tokens=None, ignore_eos=True), ("max_tokens",), within_context),
-        either(gen, "seed: 2**64", lambda: generate_with(seed=1 << 64, max_tokens=2), ("seed",), within_context),
-        either(gen, "seed: -1", lambda: generate_with(seed=-1, max_tokens=2), ("seed",), within_context),
-        either(gen, "top_k: 2**63", lambda: generate_with(top_k=1 << 63, max_tokens=2), ("top_k",), within_context),
-        either(gen, "stop_token_ids: [2**64]", lambda: generate_with(stop_token_ids=[1 << 64], max_tokens=2),
+        value_case(gen, "seed: 2**64", lambda: generate_with(seed=1 << 64, max_tokens=2), ("seed",), within_context),
+        value_case(gen, "seed: -1", lambda: generate_with(seed=-1, max_tokens=2), ("seed",), within_context),
+        value_case(gen, "top_k: 2**63", lambda: generate_with(top_k=1 << 63, max_tokens=2), ("top_k",), within_context),
+        value_case(gen, "stop_token_ids: [2**64]", lambda: generate_with(stop_token_ids=[1 << 64], max_tokens=2),
                ("stop_token_ids",), within_context),
-        either(gen, "n: 2**31", lambda: generate_with(n=1 << 31, max_tokens=2), ("n",), within_context),
-        either(gen, "n: 3", lambda: generate_with(n=3, max_tokens=2), ("n",), within_context),
-        either(gen, "temperature: 1e-30 (greedy)", lambda: generate_with(temperature=1e-30, max_tokens=2),
+        value_case(gen, "n: 2**31", lambda: generate_with(n=1 << 31, max_tokens=2), ("n",), within_context),
+        value_case(gen, "n: 3", lambda: generate_with(n=3, max_tokens=2), ("n",), within_context),
+        value_case(gen, "temperature: 1e-30 (greedy)", lambda: generate_with(temperature=1e-30, max_tokens=2),
                ("temperature",), within_context),
-        either(gen, "temperature: 1e30", lambda: generate_with(temperature=1e30, max_tokens=2), ("temperature",),
+        value_case(gen, "temperature: 1e30", lambda: generate_with(temperature=1e30, max_tokens=2), ("temperature",),
                within_context),
-        either(gen, "repetition_penalty: 1e30", lambda: generate_with(repetition_penalty=1e30, max_tokens=2),
+        value_case(gen, "repetition_penalty: 1e30", lambda: generate_with(repetition_penalty=1e30, max_tokens=2),
                ("repetition_penalty",), within_context),
     ]
     return cases
