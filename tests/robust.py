@@ -7,15 +7,18 @@ timeout, and passes when the child
   - returns a result that the case's reference check accepts, or raises ValueError, TypeError,
     NotImplementedError or GGUFError (a ValueError) whose message names the argument: one of the case's
     `names` as a whole word (nanobind's "incompatible function arguments", which lists every parameter,
-    names none of them).
+    names none of them; no `names` leaves the wording unchecked).
 `expect` says which of the two a case allows: "raise" (no correct result exists), "correct" (a correct
-result is the only pass: NaN inputs, valid views) or "either".
+result is the only pass: NaN inputs, valid views) or "either"; a case's `judge` replaces these rules where
+a result is not a tensor (value_case) or an outcome is a command's exit status and output.
 
-Speed: one server process per test module imports torch and flashlm once, then forks a child per case, sets
-the limits in the child and runs the case there (a fork costs ~3 ms; a fresh interpreter ~1.5 s). The server
-never runs a kernel or an OpenMP region itself, so each child starts from a clean state (flashlm's thread pool
-rebuilds itself after a fork). The module's cases run the first time one of its tests asks, and each case is
-one pytest test whose failure names the entry point, the mutation and what happened.
+Speed: one server process per test module imports torch and flashlm once (and runs the module's warm(),
+which builds what its cases share), then forks a child per case, PARALLEL at a time, sets the limits in the
+child and runs the case there (a fork costs ~3 ms; a fresh interpreter ~1.5 s). The server never runs a
+kernel or an OpenMP region itself, so each child starts from a clean state (flashlm's thread pool rebuilds
+itself after a fork). Files a case writes go to scratch(), inside a folder the server removes. A module's
+collected cases run the first time one of its tests asks (tests_of gives each module its fixture and test),
+and each case is one pytest test whose failure names the entry point, the mutation and what happened.
 
     python tests/robust.py test_robust_ops < /dev/null   # runs a module's cases, prints their verdicts (JSON lines)
 """
@@ -83,7 +86,7 @@ def names_one_of(message: str, names) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", message) for n in names)
 
 
-def _short(text: str, limit: int = 600) -> str:
+def short(text: str, limit: int = 600) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -99,7 +102,7 @@ def describe(value) -> str:
         pass
     if isinstance(value, (tuple, list)):
         return "(" + ", ".join(describe(v) for v in value[:4]) + (", ..." if len(value) > 4 else "") + ")"
-    return _short(repr(value), 120)
+    return short(repr(value), 120)
 
 
 def exception_failure(e: BaseException, names, expect: str = "either", accept: tuple = ()) -> Optional[str]:
@@ -108,11 +111,11 @@ def exception_failure(e: BaseException, names, expect: str = "either", accept: t
     message = str(e)
     allowed = any(c.__name__ in ACCEPTED for c in type(e).__mro__) or isinstance(e, accept)
     if not allowed:
-        return f"raised {kind} (not ValueError/TypeError/NotImplementedError/GGUFError): {_short(message)}"
+        return f"raised {kind} (not ValueError/TypeError/NotImplementedError/GGUFError): {short(message)}"
     if expect == "correct":
-        return f"raised {kind} where a correct result exists: {_short(message)}"
+        return f"raised {kind} where a correct result exists: {short(message)}"
     if names and not names_one_of(message, names):
-        return f"raised {kind} whose message names none of {list(names)}: {_short(message)}"
+        return f"raised {kind} whose message names none of {list(names)}: {short(message)}"
     return None
 
 
@@ -147,9 +150,9 @@ def evaluate(case: Case) -> Optional[str]:
     try:
         case.check(result)
     except AssertionError as e:
-        return f"returned a wrong result: {_short(e, 900)}"
+        return f"returned a wrong result: {short(e, 900)}"
     except Exception as e:  # noqa: BLE001 - a reference that cannot be computed: no correct result exists
-        return f"returned {describe(result)} where no correct result exists ({type(e).__name__}: {_short(e)})"
+        return f"returned {describe(result)} where no correct result exists ({type(e).__name__}: {short(e)})"
     return None
 
 
@@ -173,7 +176,7 @@ def _child(case: Case, write_fd: int, log_path: str) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
         verdict = {"ok": True} if (failure := evaluate(case)) is None else {"ok": False, "detail": failure}
     except BaseException:  # noqa: BLE001 - a fault of the harness or the case itself, reported as such
-        verdict = {"ok": False, "detail": "harness error: " + _short(traceback.format_exc(), 1500)}
+        verdict = {"ok": False, "detail": "harness error: " + short(traceback.format_exc(), 1500)}
     data = json.dumps(verdict).encode()
     while data:
         data = data[os.write(write_fd, data):]
@@ -188,7 +191,7 @@ def _log_tail(path: str, limit: int = 400) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return f"; its output ended with: {_short(text, limit)}" if text.strip() else ""
+    return f"; its output ended with: {short(text, limit)}" if text.strip() else ""
 
 
 class _Child:

@@ -75,7 +75,7 @@ def refused(outcome):
     """A judge: the command exited with EXIT_ERROR, no traceback, and its error as a `flashlm: error:` line
     after any notes and progress it printed before it (the last line of stderr)."""
     if isinstance(outcome, BaseException):
-        return f"harness error: {type(outcome).__name__}: {robust._short(outcome)}"
+        return f"harness error: {type(outcome).__name__}: {robust.short(outcome)}"
     status, _, err = outcome
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     problems = []
@@ -86,17 +86,17 @@ def refused(outcome):
     if not lines or not lines[-1].startswith("flashlm: error:"):
         problems.append("stderr does not end with a 'flashlm: error:' line")
     if problems:
-        return f"{', '.join(problems)}; stderr: {robust._short(err[-700:], 700) or '(empty)'}"
+        return f"{', '.join(problems)}; stderr: {robust.short(err[-700:], 700) or '(empty)'}"
     return None
 
 
 def succeeded(outcome):
     """A judge: the command exited 0 without a traceback."""
     if isinstance(outcome, BaseException):
-        return f"harness error: {type(outcome).__name__}: {robust._short(outcome)}"
+        return f"harness error: {type(outcome).__name__}: {robust.short(outcome)}"
     status, _, err = outcome
     if status != 0 or "Traceback" in err:
-        return f"exit status {status} on a valid command; stderr: {robust._short(err[-700:], 700)}"
+        return f"exit status {status} on a valid command; stderr: {robust.short(err[-700:], 700)}"
     return None
 
 

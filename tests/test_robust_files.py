@@ -46,7 +46,7 @@ def loads_model(n_layer, vocab):
     """A judge: the load returned a model of n_layer blocks and vocab rows (or raised as any case may)."""
     def judge(outcome):
         if isinstance(outcome, BaseException):
-            return f"raised {type(outcome).__name__} on a valid file: {robust._short(outcome)}"
+            return f"raised {type(outcome).__name__} on a valid file: {robust.short(outcome)}"
         cfg = outcome.config
         if (cfg.n_layer, cfg.vocab_size) != (n_layer, vocab):
             return f"loaded n_layer {cfg.n_layer}, vocab {cfg.vocab_size}; the file has {n_layer}, {vocab}"

@@ -140,7 +140,7 @@ def generates(llm_or_outcome):
     try:
         out = llm_or_outcome.generate([1, 2, 3], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     except Exception as e:  # noqa: BLE001 - an engine that was built must run
-        return f"built an LLM that cannot generate: {type(e).__name__}: {robust._short(e)}"
+        return f"built an LLM that cannot generate: {type(e).__name__}: {robust.short(e)}"
     ids = out[0].outputs[0].token_ids
     if len(ids) != 2 or not all(0 <= i < rm.GGUF_VOCAB for i in ids):
         return f"generated {ids!r}, expected two ids in [0, {rm.GGUF_VOCAB})"
