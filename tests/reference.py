@@ -6,7 +6,8 @@ softcap), a bottom-right aligned band (query i of Sq sees keys i + Sk - Sq - win
 window_right, a negative side unbounded, causal meaning window_right = 0), and a row that sees no key giving
 out = 0 and lse = +inf. It runs in the dtype of its inputs and is differentiable: float64 inputs give the
 reference (backward tests call autograd on it), the kernel's own dtype gives the low-precision baseline of
-flash-attn's tolerance rule (compare.py).
+flash-attn's tolerance rule (compare.py). NaN and inf propagate as softmax and IEEE arithmetic make them
+(the rule csrc/attention/shared_softmax.h states), and what a query does not see, K or V, never reaches it.
 """
 
 import math
@@ -41,10 +42,13 @@ def _padded(q, k, v, causal, window, softcap, scale, p_dtype):
     # then zeroes their probabilities.
     s = s.masked_fill(~mask, -math.inf).masked_fill(~seen[:, None], 0.0)
     lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
-    p = torch.softmax(s, dim=-1) * mask
+    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
     if p_dtype is not None:  # the kernel rounds P to its input dtype before P @ V
         p = p.to(p_dtype).to(v.dtype)
-    out = torch.einsum("bhij,bjhd->bihd", p, v)
+    if torch.isfinite(v).all():
+        out = torch.einsum("bhij,bjhd->bihd", p, v)
+    else:  # a key the query does not see must not reach it, as 0 * NaN in the product would
+        out = (p[..., None] * v.transpose(1, 2)[:, :, None]).where(mask[..., None], 0.0).sum(-2).transpose(1, 2)
     return out, lse.masked_fill(~seen, math.inf)
 
 

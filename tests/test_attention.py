@@ -6,6 +6,8 @@ magnitude here). Forward output, lse and the gradients of q, k and v are all che
 and bf16 and are skipped without a GPU.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -26,8 +28,8 @@ def dtypes_for(device):
     return (torch.float32, torch.bfloat16) if device == "cpu" else (torch.float16, torch.bfloat16)
 
 
-def check(name, got, ref, base, floor):
-    assert_close_to_reference(got, ref, base, floor, name=name, relative_floor=True)
+def check(name, got, ref, base, floor, equal_nan=False):
+    assert_close_to_reference(got, ref, base, floor, name=name, relative_floor=True, equal_nan=equal_nan)
 
 
 def random_qkv(b, sq, sk, heads, kv_heads, d, dtype, device, seed=0):
@@ -38,8 +40,10 @@ def random_qkv(b, sq, sk, heads, kv_heads, d, dtype, device, seed=0):
     return q, k, v
 
 
-def check_against_reference(q, k, v, causal=False, window=(-1, -1), softcap=0.0, version=2, backward=True):
-    """Runs flashlm forward (and backward) and checks out, lse and the gradients with the 2x rule."""
+def check_against_reference(q, k, v, causal=False, window=(-1, -1), softcap=0.0, version=2, backward=True,
+                            equal_nan=False):
+    """Runs flashlm forward (and backward) and checks out, lse and the gradients with the 2x rule (with
+    equal_nan: NaN exactly where the reference has it)."""
     dtype = q.dtype
     opts = dict(causal=causal, window=window, softcap=softcap)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q) if backward else None
@@ -51,14 +55,14 @@ def check_against_reference(q, k, v, causal=False, window=(-1, -1), softcap=0.0,
     out_base, _, grads_base = attention_with_grads(q, k, v, dout, **opts)
 
     assert out.shape == q.shape and out.dtype == dtype
-    check("out", out, out_ref, out_base, FLOOR[dtype])
-    check("lse", lse, lse_ref, None, 1e-5)  # +inf exactly on the rows that see no key
+    check("out", out, out_ref, out_base, FLOOR[dtype], equal_nan)
+    check("lse", lse, lse_ref, None, 1e-5, equal_nan)  # +inf exactly on the rows that see no key
     if not backward:
         return
     out.backward(dout)
     for name, leaf, ref, base in zip(("dq", "dk", "dv"), leaves, grads_ref, grads_base):
         assert leaf.grad.shape == leaf.shape and leaf.grad.dtype == dtype
-        check(name, leaf.grad, ref, base, FLOOR[dtype])
+        check(name, leaf.grad, ref, base, FLOOR[dtype], equal_nan)
 
 
 # --- padded batches -----------------------------------------------------------------------------------------
@@ -100,6 +104,20 @@ def test_gqa(device, dtype, heads, kv_heads, window, softcap):
     sq, sk, d = (50, 70, 32) if device == "cpu" else (300, 333, 64)
     q, k, v = random_qkv(2, sq, sk, heads, kv_heads, d, dtype, device)
     check_against_reference(q, k, v, causal=True, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_nonfinite_inputs_propagate(device, dtype, value):
+    # NaN and inf go through forward and autograd as through softmax attention: NaN exactly where the float64
+    # reference has it. Placed where autograd on the reference meets no 0 * NaN from masked keys: in q's last
+    # row (it sees every key), in k's first key (every row sees it), anywhere in v.
+    q, k, v = random_qkv(2, 70, 90, 4, 2, 64 if device == "cpu" else 128, dtype, device)
+    q[0, -1, 1, 5] = value
+    k[1, 0, 0] = value
+    v[0, 40, 1, 3] = value
+    check_against_reference(q, k, v, causal=True, equal_nan=True)
 
 
 @pytest.mark.parametrize("window", [(0, 0), (3, 0), (16, 16), (50, -1), (-1, 5), (200, 7)])

@@ -20,7 +20,7 @@ import torch
 from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
 from conftest import per_device
 from flashlm import _C
-from reference import attention_with_grads
+from reference import attention_with_grads, visible
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ISAS = [isa for isa in ("avx2", "scalar") if _C.cpu_isa_supported(isa)]
@@ -85,9 +85,9 @@ def split_lse(lse, cu, b):
 
 
 def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, window=(-1, -1), softcap=0.0,
-               grads=True, versions=(2, 1), seed=0):
+               grads=True, versions=(2, 1), seed=0, equal_nan=False):
     """Runs forward (each version) and backward on every kernel of the device and checks them against the
-    reference, one sequence at a time."""
+    reference, one sequence at a time; with equal_nan, NaN must be where the reference has it, and only there."""
     dtype = q.dtype
     packed = cu_q is not None
     batch = len(cu_q) - 1 if packed else q.shape[0]
@@ -109,9 +109,10 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
             what = f"({isa or device}, v{version})"
             for b in range(batch):
                 assert_close_to_reference(split(out, cu_q, b), split(ref_out, cu_q, b), split(base_out, cu_q, b),
-                                          floor_out, name=f"out[{b}] {what}")
+                                          floor_out, name=f"out[{b}] {what}", equal_nan=equal_nan)
                 assert_close_to_reference(split_lse(lse, cu_q, b), split_lse(ref_lse, cu_q, b),
-                                          split_lse(base_lse, cu_q, b), floor_lse, name=f"lse[{b}] {what}")
+                                          split_lse(base_lse, cu_q, b), floor_lse, name=f"lse[{b}] {what}",
+                                          equal_nan=equal_nan)
     if not grads:
         return
     out, lse = run_forward("scalar" if device == "cpu" else None, q, k, v, *args, 2)
@@ -125,11 +126,11 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
             for j, name in enumerate(("dq", "dk", "dv")):
                 cu = cu_q if name == "dq" else cu_k
                 assert_close_to_reference(split(res[j], cu, b), split(ref_grads[j], cu, b), split(base_grads[j], cu, b),
-                                          floor_grad, name=f"{name}[{b}] ({isa or device})")
-        check_delta(device, res[3], dout, out, cu_q, f"delta ({isa or device})")
+                                          floor_grad, name=f"{name}[{b}] ({isa or device})", equal_nan=equal_nan)
+        check_delta(device, res[3], dout, out, cu_q, f"delta ({isa or device})", equal_nan)
 
 
-def check_delta(device, delta, dout, out, cu_q, name):
+def check_delta(device, delta, dout, out, cu_q, name, equal_nan=False):
     """delta = rowsum(dout * out), laid out as lse."""
     exact, low = ((dout.to(t) * out.to(t)).sum(-1) for t in (torch.float64, torch.float32))
     exact, low = (x.transpose(0, 1) if cu_q is not None else x.transpose(1, 2) for x in (exact, low))
@@ -137,9 +138,9 @@ def check_delta(device, delta, dout, out, cu_q, name):
         used = slice(int(cu_q[0]), int(cu_q[-1]))
         delta, exact, low = delta[:, used], exact[:, used], low[:, used]
     if device == "cpu":
-        assert_close_to_reference(delta, exact, low, FLOOR[torch.float32], name=name)
+        assert_close_to_reference(delta, exact, low, FLOOR[torch.float32], name=name, equal_nan=equal_nan)
     else:
-        assert_close(delta, exact, atol=1e-3, rtol=1e-3, name=name)
+        assert_close(delta, exact, atol=1e-3, rtol=1e-3, name=name, equal_nan=equal_nan)
 
 
 def randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
@@ -247,6 +248,132 @@ def test_fully_masked_rows(isa):
     assert (dq[:, :30] == 0).all(), f"{isa}: dq of rows without keys, max {dq[:, :30].abs().max():.3e}"
 
 
+# --- NaN and inf ---------------------------------------------------------------------------------------------
+# softmax(s) V propagates NaN, and so must the kernels (the rule is csrc/attention/shared_softmax.h's): out,
+# lse and the gradients are NaN (or +-inf) exactly where the float64 reference's are, and held to the 2x rule
+# elsewhere. What a query does not see (keys outside its causal band or window, another sequence's) never
+# reaches it, whatever it holds.
+
+# (dtype, batch, sq, sk, heads, kv_heads, head_dim, causal, window, softcap)
+NONFINITE_CPU = [
+    (torch.float32, 2, 130, 130, 4, 2, 40, True, (-1, -1), 0.0),  # GQA, ragged tiles, causal
+    (torch.bfloat16, 2, 77, 150, 2, 1, 64, False, (16, 3), 0.0),  # keys hidden on both sides of a window
+    (torch.float32, 2, 100, 100, 2, 2, 32, True, (-1, -1), 5.0),  # softcap: an inf score is capped
+    (torch.float32, 2, 90, 40, 2, 1, 32, True, (-1, -1), 0.0),    # Sq > Sk: the first rows see no key
+]
+NONFINITE_CUDA = [
+    (torch.float16, 2, 150, 150, 4, 2, 128, True, (-1, -1), 0.0),
+    (torch.bfloat16, 1, 190, 190, 2, 2, 64, False, (32, 7), 0.0),
+    (torch.float16, 1, 129, 129, 2, 2, 64, True, (-1, -1), 30.0),
+    (torch.bfloat16, 2, 70, 200, 4, 1, 96, True, (-1, -1), 0.0),
+]
+VALUES = [math.nan, math.inf, -math.inf]
+
+
+def placed(x, value, places):
+    """A copy of x with `value` at each index of places."""
+    x = x.clone()
+    for index in places:
+        x[index] = value
+    return x
+
+
+def spread(x, value, where):
+    """Non-finite values in a padded [B, S, H, D] tensor: for q one element of a middle row, the whole last row
+    of the last head (which sees every key) and an element of an early row; for k and v the same in a middle
+    key, the next-to-last key (which most rows of a causal mask do not see) and the first key."""
+    s = x.shape[1]
+    rows = (s // 2, s - 1, 1) if where == "q" else (s // 2, s - 2, 0)
+    return placed(x, value, [(0, rows[0], 0, 3), (x.shape[0] - 1, rows[1], -1, slice(None)), (0, rows[2], -1, 5)])
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize(CASE_ARGS, per_device(cpu=NONFINITE_CPU, cuda=NONFINITE_CUDA))
+def test_nonfinite_forward(device, dtype, batch, sq, sk, heads, kv_heads, d, causal, window, softcap, where, value):
+    qkv = dict(zip("qkv", padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d)))
+    qkv[where] = spread(qkv[where], value, where)
+    check_case(device, *qkv.values(), causal=causal, window=window, softcap=softcap, grads=False, equal_nan=True)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_infinite_scores(device, dtype, sign):
+    # q has +-inf in dim 0 and every key a negative dim 0: every score of those rows is -inf (sign 1) or
+    # +inf (sign -1). All -inf: out NaN (0 / 0), lse -inf; a +inf score: out NaN (inf - inf), lse +inf.
+    q, k, v = padded_inputs(device, dtype, 2, 40, 40, 2, 2, 64)
+    k = k.clone()
+    k[..., 0] = -k[..., 0].abs() - 0.5
+    q = placed(q, sign * math.inf, [(0, 0, 0, 0), (0, 17, 1, 0), (1, 39, 0, 0)])
+    for causal, window in [(True, (-1, -1)), (False, (3, 0)), (False, (-1, -1))]:
+        check_case(device, q, k, v, causal=causal, window=window, grads=False, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_nonfinite_packed(device, dtype, where):
+    # Sequences of 40, 0 and 100 queries over 60, 10 and 100 keys, and 3 rows in none: NaN and inf in one
+    # sequence reach none of the others, nor the rows outside every sequence. Placed as in
+    # test_nonfinite_backward (q in a sequence's last row, k in its first key), so the gradients are checked too.
+    cu_q = torch.tensor([0, 40, 40, 140], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 60, 70, 170], dtype=torch.int32, device=device)
+    qkv = {"q": randn(143, 4, 64, dtype=dtype, seed=1, device=device)}
+    qkv["k"], qkv["v"] = (randn(170, 2, 64, dtype=dtype, seed=s, device=device) for s in (2, 3))
+    rows = {"q": [(39, 0, 3), (139, 3, slice(None))], "k": [(0, 0, slice(None)), (65, 1, 2), (70, 1, 7)],
+            "v": [(59, 0, slice(None)), (65, 1, 2), (169, 1, 7)]}[where]
+    qkv[where] = placed(placed(qkv[where], math.nan, rows[:1]), math.inf, rows[1:])
+    check_case(device, *qkv.values(), cu_q=cu_q, cu_k=cu_k, causal=True, grads=device == "cpu",
+               versions=(2, 1) if device == "cpu" else (2,), equal_nan=True)
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize(CASE_ARGS, per_device(cpu=[c for c in NONFINITE_CPU if c[8] == (-1, -1) and c[2] <= c[3]],
+                                               cuda=[c for c in NONFINITE_CUDA if c[8] == (-1, -1)]))
+def test_nonfinite_backward(device, dtype, batch, sq, sk, heads, kv_heads, d, causal, window, softcap, where, value):
+    # Places where autograd on the reference is free of 0 * NaN from what a query does not see: q in the last
+    # rows (they see every key), k in the first key (every row sees it), v anywhere. There the gradients are
+    # NaN exactly where the reference's are.
+    qkv = dict(zip("qkv", padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d)))
+    s = qkv[where].shape[1]
+    places = {"q": [(0, s - 1, 0, 3), (batch - 1, s - 1, -1, slice(None))],
+              "k": [(0, 0, 0, 3), (batch - 1, 0, -1, slice(None))],
+              "v": [(0, s // 2, 0, 3), (batch - 1, s - 2, -1, slice(None)), (0, 0, -1, 5)]}[where]
+    qkv[where] = placed(qkv[where], value, places)
+    check_case(device, *qkv.values(), causal=causal, softcap=softcap, versions=(), seed=sq, equal_nan=True)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("device,dtype,window", per_device(cpu=[(torch.float32, (20, 5)), (torch.bfloat16, (-1, 0))],
+                                                           cuda=[(torch.float16, (20, 5))]))
+def test_nonfinite_backward_of_poisoned_rows(device, dtype, window, where):
+    # Anywhere else autograd on the reference also gets NaN from 0 * NaN through what a query does not see;
+    # the kernels never do, but a row the forward made NaN must give NaN gradients (dq, and dk and dv of the
+    # keys it sees) wherever the reference's are.
+    q, k, v = padded_inputs(device, dtype, 1, 150, 150, 2, 2, 64)
+    qkv = dict(q=q, k=k, v=v)
+    for value in VALUES:
+        qkv[where] = spread(qkv[where], value, where)
+        dout = randn(*q.shape, dtype=dtype, seed=4, device=device)
+        opts = dict(scale=0.125, causal=False, window=window, softcap=0.0)
+        ref_out, _, ref_grads = attention_with_grads(*(x.double() for x in qkv.values()), dout.double(), **opts)
+        poisoned = torch.isnan(ref_out).any(-1)[0].cpu()  # [S, H]
+        seen = visible(150, 150, False, window)  # [query, key]
+        key_scope = torch.stack([(seen & poisoned[:, h, None]).any(0) for h in range(2)], dim=1)  # [S, H]
+        args = (None, None, 0, 0, 0.125, False, window, 0.0)
+        for isa in kernels(device):
+            out, lse = run_forward(isa, *qkv.values(), *args, 2)
+            for name, got, ref, scope in zip(("dq", "dk", "dv"), run_backward(isa, dout, *qkv.values(), out, lse, *args),
+                                             ref_grads, (poisoned, key_scope, key_scope)):
+                got_nan, ref_nan = torch.isnan(got[0]).cpu(), torch.isnan(ref[0]).cpu()
+                missed = ref_nan & ~got_nan & scope[:, :, None]
+                assert not missed.any(), (f"{name} ({isa or device}, {where} = {value}): finite at "
+                                          f"{missed.nonzero()[0].tolist()} where the reference is NaN")
+                assert not (got_nan & ~ref_nan).any(), f"{name} ({isa or device}, {where} = {value}): NaN beyond the reference's"
+
+
 @pytest.mark.skipif("avx2" not in CPU_ISAS, reason="this CPU has no AVX2/FMA")
 def test_exp2_and_tanh_accuracy(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -262,4 +389,4 @@ def test_exp2_and_tanh_accuracy(tmp_path):
     tanh_err = float(lines["tanh_max_abs"].split()[0])
     assert exp_err <= 1.2e-7, f"exp2: max relative error {lines['exp2_max_rel']} (1 ulp is 1.19e-7)"
     assert tanh_err <= 2.4e-7, f"tanh: max absolute error {lines['tanh_max_abs']}"
-    assert lines["specials"] == "ok", "exp2 of 0, -inf or below -127 is not exact"
+    assert lines["specials"] == "ok", "exp2 of 0, -inf, NaN or below -127, or tanh of +-inf or NaN, is not exact"

@@ -8,6 +8,8 @@ scalar reference and on the AVX2 kernels, CUDA cases in f16 and bf16. Failures n
 and where it is.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -44,20 +46,22 @@ def make_cache(lens, block_size, kv_heads, head_dim, dtype, device="cpu", spare=
     return k_cache, v_cache, table.to(device)
 
 
-def check_close(name, got, exact, low, floor):
-    """The 2x rule element by element, the floor relative to the value's magnitude."""
-    assert_close_to_reference(got, exact, low, floor, name=name, elementwise=True, relative_floor=True)
+def check_close(name, got, exact, low, floor, equal_nan=False):
+    """The 2x rule element by element, the floor relative to the value's magnitude; with equal_nan, NaN exactly
+    where the reference has it."""
+    assert_close_to_reference(got, exact, low, floor, name=name, elementwise=True, relative_floor=True,
+                              equal_nan=equal_nan)
 
 
-def check(q, k_cache, v_cache, table, lens, cu=None, num_splits=0, **opts):
+def check(q, k_cache, v_cache, table, lens, cu=None, num_splits=0, equal_nan=False, **opts):
     out, lse = paged_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32, device=q.device),
                                cu, None, causal=opts.get("causal", True), window_size=opts.get("window", (-1, -1)),
                                softcap=opts.get("softcap", 0.0), num_splits=num_splits, return_lse=True)
     opts.setdefault("causal", True)
     exact, exact_lse = paged_reference(q.double(), k_cache, v_cache, table, lens, cu, **opts)
     low, _ = paged_reference(q, k_cache, v_cache, table, lens, cu, **opts)
-    check_close("out", out, exact, low, FLOOR[q.dtype])
-    check_close("lse", lse, exact_lse, None, 1e-5)
+    check_close("out", out, exact, low, FLOOR[q.dtype], equal_nan)
+    check_close("lse", lse, exact_lse, None, 1e-5, equal_nan)
     return out, lse
 
 
@@ -203,6 +207,111 @@ def test_prefill_masking(isa, opts):
     k_cache, v_cache, table = make_cache(lens, 16, 2, 64, torch.float32)
     cu = torch.tensor([0, 100, 160], dtype=torch.int32)
     check(torch.randn(160, 4, 64), k_cache, v_cache, table, lens, cu, **opts)
+
+
+# ---- NaN and inf -----------------------------------------------------------------------------------------
+# out and lse are NaN (or +-inf) exactly where the float64 reference's are (csrc/attention/shared_softmax.h),
+# the rest within the 2x rule; what a query does not see (slots past its sequence's length, blocks the
+# sequence does not own, keys outside its window) never reaches it, whatever they hold.
+
+VALUES = [math.nan, math.inf, -math.inf]
+
+
+def with_nonfinite(cache, table, lens, value, past):
+    """A copy of a cache with `value` in each sequence's tokens: the whole last token of K/V head 0, an element of
+    a middle token and of the first; with past, in every slot after a sequence's last token in its last block
+    and in every block no sequence owns instead."""
+    cache = cache.clone()
+    bs = cache.shape[1]
+    owned = set()
+    for s, n in enumerate(lens):
+        blocks = [int(b) for b in table[s, :(n + bs - 1) // bs]]
+        owned.update(blocks)
+        if n == 0:
+            continue
+        if past:
+            cache[blocks[-1], (n - 1) % bs + 1:] = value
+        else:
+            cache[blocks[(n - 1) // bs], (n - 1) % bs, 0] = value
+            cache[blocks[n // 2 // bs], n // 2 % bs, -1, 3] = value
+            cache[blocks[0], 0, -1, 5] = value
+    if past:
+        for b in set(range(cache.shape[0])) - owned:
+            cache[b] = value
+    return cache
+
+
+def nonfinite_inputs(q, k_cache, v_cache, table, lens, where, value):
+    """q, k_cache, v_cache with `value` placed by `where`: "q" (an element of one row, the whole of another),
+    "k", "v" (the sequences' tokens) or "k past", "v past" (what no sequence reads)."""
+    if where == "q":
+        q = q.clone()
+        q[1, 0, 5] = value
+        q[-3, -1] = value
+        return q, k_cache, v_cache
+    cache = with_nonfinite(k_cache if where[0] == "k" else v_cache, table, lens, value, where.endswith("past"))
+    return (q, cache, v_cache) if where[0] == "k" else (q, k_cache, cache)
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("where", ["q", "k", "v", "k past", "v past"])
+@pytest.mark.parametrize("device,isa,dtype,splits", per_kernel(
+    cpu=[(torch.float32, 1), (torch.bfloat16, 3)], cuda=[(torch.float16, 1), (torch.bfloat16, 4)]))
+def test_decode_nonfinite(device, isa, dtype, splits, where, value):
+    use_isa(isa)
+    lens = [1, 40, 300, 0, 77]
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype, device, gen=gen)
+    q = torch.randn(len(lens), 4, 64, generator=gen).to(dtype).to(device)
+    q, k_cache, v_cache = nonfinite_inputs(q, k_cache, v_cache, table, lens, where, value)
+    for opts in (dict(), dict(window=(50, -1)), dict(softcap=5.0)):
+        check(q, k_cache, v_cache, table, lens, num_splits=splits, equal_nan=True, **opts)
+
+
+@pytest.mark.parametrize("value", VALUES)
+@pytest.mark.parametrize("where", ["q", "k", "v", "k past", "v past"])
+@pytest.mark.parametrize("device,isa,dtype", per_kernel(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                        cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_prefill_nonfinite(device, isa, dtype, where, value):
+    use_isa(isa)
+    lens, q_lens = [70, 1, 300], [70, 1, 45]
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype, device, gen=gen)
+    cu = torch.tensor([0, 70, 71, 116], dtype=torch.int32, device=device)
+    q = torch.randn(118, 4, 64, generator=gen).to(dtype).to(device)  # 2 rows in no sequence
+    q, k_cache, v_cache = nonfinite_inputs(q, k_cache, v_cache, table, lens, where, value)
+    for opts in (dict(), dict(window=(20, -1)), dict(causal=False, window=(10, 3)), dict(softcap=5.0)):
+        out, _ = check(q, k_cache, v_cache, table, lens, cu, equal_nan=True, **opts)
+        assert_equal(out[-2:], torch.zeros_like(out[-2:]), name="rows past cu_seqlens_q[-1]")
+
+
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+@pytest.mark.parametrize("device", devices())
+def test_flash_attn_with_kvcache_nonfinite(device, seqlen_q):
+    # NaN in the cache past what each sequence holds changes nothing; NaN in a new value reaches the queries that
+    # see it, as in the reference.
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    batch, heads, kv_heads, head_dim, capacity = 3, 4, 2, 64, 64
+    cache_lens = torch.tensor([5, 0, 40], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache, k, v, q = (torch.randn(shape, generator=gen).to(dtype).to(device) for shape in (
+        (batch, capacity, kv_heads, head_dim), (batch, capacity, kv_heads, head_dim), (batch, seqlen_q, kv_heads, head_dim),
+        (batch, seqlen_q, kv_heads, head_dim), (batch, seqlen_q, heads, head_dim)))
+    ends = (cache_lens + seqlen_q).tolist()
+    for b, n in enumerate(ends):
+        k_cache[b, n:] = math.nan
+        v_cache[b, n:] = math.inf
+    v = v.clone()
+    v[2, 0, 1] = math.nan  # the first new token of sequence 2: every query of it sees it
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out, lse = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cache_lens, causal=True, return_softmax_lse=True)
+    for b, n in enumerate(ends):
+        kc_b, vc_b = kc[b:b + 1, :n].double(), vc[b:b + 1, :n].double()
+        exact, exact_lse = attention(q[b:b + 1].double(), kc_b, vc_b, causal=True)
+        low, _ = attention(q[b:b + 1], kc[b:b + 1, :n], vc[b:b + 1, :n], causal=True)
+        check_close(f"out[{b}]", out[b:b + 1], exact, low, FLOOR[dtype], equal_nan=True)
+        check_close(f"lse[{b}]", lse[b:b + 1], exact_lse, None, 1e-5, equal_nan=True)
+    assert torch.isnan(out[2, :, 2:]).all() and torch.isfinite(out[:2]).all()
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -357,3 +357,34 @@ def test_set_ends_again_replaces_the_ends():
     normed = step()
     assert normed.shape == (2, cfg.d_model) and not dec.has_head
     assert torch.equal(model.lm_head(normed), before)  # the same GGUF head kernel, in the module
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_in_the_cache_reaches_only_the_queries_that_read_it(isa, restore_isa):
+    # Slots a step does not read (past seq_lens, blocks it does not own) may hold anything, NaN included: the
+    # logits are those of a zeroed cache. A NaN in the context a query reads makes its logits NaN, as softmax
+    # attention does (csrc/attention/shared_softmax.h).
+    ops.set_cpu_isa(isa)
+    model = quantized_model("llama", ends="Q4_0")
+    cfg = model.cfg
+    dec = build_native_decoder(model)
+
+    def step(caches, tokens, start):
+        T = tokens.shape[0]
+        return dec.logits(tokens, torch.arange(start, start + T), model.rope_cos, model.rope_sin, caches[:cfg.n_layer],
+                          caches[cfg.n_layer:], torch.arange(start, start + T), torch.tensor([[0, 1]], dtype=torch.int32),
+                          torch.tensor([start + T], dtype=torch.int32), torch.tensor([0, T], dtype=torch.int32), T,
+                          torch.arange(T))
+
+    zeroed = [torch.zeros(2, 4, cfg.n_kv_head, cfg.head_dim) for _ in range(2 * cfg.n_layer)]
+    poisoned = [torch.full_like(c, float("nan")) for c in zeroed]
+    prompt = torch.tensor([5, 17, 3])
+    clean = step(zeroed, prompt, 0)
+    assert torch.isfinite(clean).all()
+    assert torch.equal(step(poisoned, prompt, 0), clean), "slots 3 .. 7 are never read"
+    # A decode step at position 3 reads slots 0 .. 3 (the prompt's, written above); with a NaN in the key of slot 1
+    # of layer 0 its logits are NaN.
+    decode = step(zeroed, torch.tensor([9]), 3)
+    assert torch.isfinite(decode).all()
+    zeroed[0][0, 1, 0, 0] = float("nan")
+    assert torch.isnan(step(zeroed, torch.tensor([9]), 3)).all()

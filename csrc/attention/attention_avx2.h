@@ -128,6 +128,15 @@ struct ColumnRanges {
   int32_t* last;
 };
 
+// All-ones in the lanes of columns c .. c + 8 that see key j, zeros elsewhere.
+FLASHLM_AVX2_INLINE __m256 visible(const ColumnRanges& ranges, int64_t c, int64_t j) {
+  const __m256i jv = _mm256_set1_epi32(int32_t(j));
+  const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranges.first + c));
+  const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranges.last + c));
+  // first <= j < last, i.e. !(first > j) && last > j
+  return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(first, jv), _mm256_cmpgt_epi32(last, jv)));
+}
+
 // The epilogue of S^T = K . Q^T: the score in log2 units, s * log2(e) with s = scale x or
 // softcap tanh(scale x / softcap), and -inf where the key is not visible (kMask). With softcap it also
 // keeps t = tanh(.) in `tanh_out` (the backward pass needs 1 - t^2). Rows are keys j0 + m, columns queries.
@@ -149,15 +158,7 @@ struct ScoreEpi {
     } else {
       s = _mm256_mul_ps(acc, mul);
     }
-    if constexpr (kMask) {
-      const __m256i j = _mm256_set1_epi32(j0 + int32_t(m));
-      const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranges.first + n));
-      const __m256i last = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ranges.last + n));
-      // visible: first <= j < last, i.e. !(first > j) && last > j
-      const __m256i hidden = _mm256_or_si256(_mm256_cmpgt_epi32(first, j),
-                                             _mm256_xor_si256(_mm256_cmpgt_epi32(last, j), _mm256_set1_epi32(-1)));
-      s = _mm256_blendv_ps(s, _mm256_set1_ps(-__builtin_inff()), _mm256_castsi256_ps(hidden));
-    }
+    if constexpr (kMask) s = _mm256_blendv_ps(_mm256_set1_ps(-__builtin_inff()), s, visible(ranges, n, j0 + m));
     _mm256_storeu_ps(c + m * ldc + n, s);
   }
 };

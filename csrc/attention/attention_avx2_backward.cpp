@@ -15,6 +15,7 @@
 // with D = rowsum(dO * O) (written to p.delta) and ds/dx = scale (1 - tanh^2 with softcap).
 #include "attention_avx2.h"
 #include "attention_kernels.h"
+#include "shared_softmax.h"
 #include "flashlm/core/thread_pool.h"
 
 namespace flashlm::attention {
@@ -66,7 +67,7 @@ void pack_query_block(const Params& p, int b, const Sequence& s, int h, QueryBlo
       delta = hsum(acc);
       const int64_t stat = b * p.lse_batch_stride + h * p.lse_head_stride + s.q0 + i;
       if (write_delta) p.delta[stat] = delta;
-      lse2 = p.lse[stat] * kLog2e;  // +inf for a row that sees no key
+      lse2 = softmax::backward_lse(p.lse[stat], delta) * kLog2e;  // +inf for a row that sees no key
       const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
       first = int32_t(keys.first);
       last = int32_t(keys.last);
@@ -89,20 +90,28 @@ void pack_query_block(const Params& p, int b, const Sequence& s, int h, QueryBlo
 }
 
 // P^T and dS^T from S^T (log2 units, in s) and dP^T (in dp_): s <- P, dp_ <- dS. t: tanh values (softcap).
-void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_t bn, float* s, float* dp_,
+// kMask (a block some keys of which some rows do not see): both are exactly 0 where the row does not see the
+// key, whatever its lse, delta and V hold (exp2 of -inf - -inf, or 0 times a NaN, would make them NaN).
+template <bool kMask>
+void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_t j0, int64_t bn, float* s, float* dp_,
                                    const float* t) {
   const int64_t cols = qb.cols;
   const __m256 scale = _mm256_set1_ps(p.scale), one = _mm256_set1_ps(1.f);
   for (int64_t j = 0; j < bn; ++j) {
     for (int64_t c = 0; c < cols; c += 8) {
       const int64_t e = j * cols + c;
-      const __m256 pr = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(s + e), _mm256_loadu_ps(qb.lse2 + c)));
+      __m256 pr = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(s + e), _mm256_loadu_ps(qb.lse2 + c)));
       __m256 grad = scale;
       if (t) {
         const __m256 tv = _mm256_loadu_ps(t + e);
         grad = _mm256_mul_ps(scale, _mm256_fnmadd_ps(tv, tv, one));
       }
-      const __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pr, _mm256_sub_ps(_mm256_loadu_ps(dp_ + e), _mm256_loadu_ps(qb.delta + c))), grad);
+      __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pr, _mm256_sub_ps(_mm256_loadu_ps(dp_ + e), _mm256_loadu_ps(qb.delta + c))), grad);
+      if constexpr (kMask) {
+        const __m256 seen = visible(qb.ranges, c, j0 + j);
+        pr = _mm256_and_ps(pr, seen);
+        ds = _mm256_and_ps(ds, seen);
+      }
       _mm256_storeu_ps(s + e, pr);
       _mm256_storeu_ps(dp_ + e, ds);
     }
@@ -172,11 +181,14 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
       for (int64_t qi = 0; qi < nqb; ++qi) {
         const QueryBlock& qb = blocks[qi];
         if (qb.keys_first >= qb.keys_last || qb.keys_last <= j0 || qb.keys_first >= j0 + bn) continue;
-        const bool mask = j0 < qb.first_max || j0 + bn > qb.last_min;
+        // Masked too: a block with padding columns, zero queries whose P would be NaN against a key with an
+        // inf (0 * inf) and reach dK and dV through the sums over columns.
+        const bool mask = j0 < qb.first_max || j0 + bn > qb.last_min || qb.n < qb.cols;
         scores(p, kj, dp, bn, qb.qt, qb.cols, mask, qb.ranges, j0, sbuf, tbuf);
         StoreEpi store_dp{dpbuf, qb.cols};
         gemm(AView<false>{vj, dp}, qb.dot, qb.cols, dp, bn, qb.cols, store_dp);
-        probabilities_and_score_grads(p, qb, bn, sbuf, dpbuf, tbuf);
+        if (mask) probabilities_and_score_grads<true>(p, qb, j0, bn, sbuf, dpbuf, tbuf);
+        else probabilities_and_score_grads<false>(p, qb, j0, bn, sbuf, dpbuf, tbuf);
         AccumulateEpi to_dv{dv + (j0 - ka) * dp, dp}, to_dk{dk + (j0 - ka) * dp, dp}, to_dq{dq + qb.i0 * dp, dp};
         gemm(AView<false>{sbuf, qb.cols}, qb.dout, dp, qb.cols, bn, dp, to_dv);
         gemm(AView<false>{dpbuf, qb.cols}, qb.q, dp, qb.cols, bn, dp, to_dk);

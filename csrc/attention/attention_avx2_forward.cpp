@@ -25,6 +25,7 @@
 // (90-93 GFLOP/s), the online softmax (mostly exp2) 10%, packing 4% (perf, bench_attention).
 #include "attention_avx2.h"
 #include "attention_kernels.h"
+#include "shared_softmax.h"
 #include "flashlm/core/thread_pool.h"
 
 namespace flashlm::attention {
@@ -86,21 +87,38 @@ void init_state(const QueryTile& t, int64_t dp) {
   std::memset(t.o, 0, size_t(t.cols * dp) * 4);
 }
 
+// The columns among c .. c + 8 that hold a NaN score in the block (all-ones lanes).
+__m256 nan_columns(const float* s, int64_t bn, int64_t cols, int64_t c) {
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t j = 0; j < bn; ++j) {
+    const __m256 x = _mm256_loadu_ps(s + j * cols + c);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  return nan;
+}
+
 // The online softmax over one block of scores s[bn x cols] (log2 units): new max, alpha = 2^(m_old - m_new),
 // s <- P = 2^(s - m_new), l <- alpha l + rowsum(P). A column that has seen no visible key yet keeps
-// m = -inf and gets P = 0 (its exponents are taken against 0 instead of -inf).
+// m = -inf and gets P = 0 (its exponents are taken against 0 instead of -inf). NaN follows shared_softmax.h
+// without a test per score: the max skips NaN scores but keeps a NaN max, a NaN score's P is NaN, and a
+// column whose block sum comes out NaN under a max below +inf gets m = NaN. Only under a +inf max, where
+// +inf scores give NaN P too, are the column's scores searched for NaN.
 void online_softmax(const QueryTile& t, float* s, int64_t bn) {
-  const __m256 ninf = _mm256_set1_ps(-__builtin_inff());
+  const __m256 ninf = _mm256_set1_ps(-__builtin_inff()), pinf = _mm256_set1_ps(__builtin_inff());
   for (int64_t c = 0; c < t.cols; c += 8) {
     const __m256 m_old = _mm256_loadu_ps(t.m + c);
     __m256 mx0 = m_old, mx1 = ninf;
     int64_t j = 0;
+    // max_ps returns its second operand when either is NaN: the score goes first.
     for (; j + 2 <= bn; j += 2) {
-      mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(s + j * t.cols + c));
-      mx1 = _mm256_max_ps(mx1, _mm256_loadu_ps(s + (j + 1) * t.cols + c));
+      mx0 = _mm256_max_ps(_mm256_loadu_ps(s + j * t.cols + c), mx0);
+      mx1 = _mm256_max_ps(_mm256_loadu_ps(s + (j + 1) * t.cols + c), mx1);
     }
-    if (j < bn) mx0 = _mm256_max_ps(mx0, _mm256_loadu_ps(s + j * t.cols + c));
-    const __m256 mx = _mm256_max_ps(mx0, mx1);
+    if (j < bn) mx0 = _mm256_max_ps(_mm256_loadu_ps(s + j * t.cols + c), mx0);
+    __m256 mx = _mm256_max_ps(mx1, mx0);
+    const __m256 inf_max = _mm256_cmp_ps(mx, pinf, _CMP_EQ_OQ);
+    if (!_mm256_testz_ps(inf_max, inf_max))  // or-ing all-ones makes a NaN
+      mx = _mm256_or_ps(mx, _mm256_and_ps(inf_max, nan_columns(s, bn, t.cols, c)));
     const __m256 m_use = _mm256_andnot_ps(_mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ), mx);  // -inf -> 0
     const __m256 alpha = exp2_ps(_mm256_sub_ps(m_old, m_use));
     __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
@@ -120,9 +138,38 @@ void online_softmax(const QueryTile& t, float* s, int64_t bn) {
       _mm256_storeu_ps(s0, p0);
       sum0 = _mm256_add_ps(sum0, p0);
     }
-    _mm256_storeu_ps(t.l + c, _mm256_fmadd_ps(_mm256_loadu_ps(t.l + c), alpha, _mm256_add_ps(sum0, sum1)));
+    const __m256 sum = _mm256_add_ps(sum0, sum1);
+    mx = _mm256_or_ps(mx, _mm256_andnot_ps(inf_max, _mm256_cmp_ps(sum, sum, _CMP_UNORD_Q)));  // a NaN score
+    _mm256_storeu_ps(t.l + c, _mm256_fmadd_ps(_mm256_loadu_ps(t.l + c), alpha, sum));
     _mm256_storeu_ps(t.m + c, mx);
     _mm256_storeu_ps(t.alpha + c, alpha);
+  }
+}
+
+// Whether n floats (a multiple of 8) are all finite: x - x is +0 for them and NaN for inf and NaN.
+bool all_finite(const float* x, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_or_ps(acc, _mm256_sub_ps(v, v));
+  }
+  return _mm256_testz_si256(_mm256_castps_si256(acc), _mm256_castps_si256(acc));  // every bit, not only signs
+}
+
+// O = alpha O + P . V for a masked block whose V holds an inf or NaN, column by column over the keys each
+// column sees: the GEMM would multiply a hidden key's P = 0 by it and poison columns that never see it.
+void accumulate_visible(const QueryTile& t, const KvBlock& kv, int64_t dp, const float* s) {
+  for (int64_t c = 0; c < t.cols; ++c) {
+    float* o = t.o + c * dp;
+    const __m256 alpha = _mm256_set1_ps(t.alpha[c]);
+    for (int64_t d = 0; d < dp; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(alpha, _mm256_loadu_ps(o + d)));
+    const int64_t j1 = min64(t.ranges.last[c] - kv.j0, kv.bn);
+    for (int64_t j = max64(t.ranges.first[c] - kv.j0, 0); j < j1; ++j) {
+      const __m256 pj = _mm256_set1_ps(s[j * t.cols + c]);
+      const float* v = kv.v + j * dp;
+      for (int64_t d = 0; d < dp; d += 8)
+        _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+    }
   }
 }
 
@@ -131,23 +178,23 @@ void block_step(const Params& p, const QueryTile& t, const KvBlock& kv, int64_t 
   const bool mask = kv.j0 < t.first_max || kv.j0 + kv.bn > t.last_min;
   scores(p, kv.k, dp, kv.bn, t.qt, t.cols, mask, t.ranges, kv.j0, s, s + kBlockN * t.cols);
   online_softmax(t, s, kv.bn);
+  if (mask && !all_finite(kv.v, kv.bn * dp)) {
+    accumulate_visible(t, kv, dp, s);
+    return;
+  }
   RescaleAccumulateEpi epi{t.o, dp, t.alpha};
   gemm(AView<true>{s, t.cols}, kv.v, dp, kv.bn, t.cols, dp, epi);
 }
 
-// out = o / l and lse = m ln2 + ln l for query column c (row i of head h); 0 and +inf without keys.
+// out = o / l and lse = m ln2 + ln l for query column c (row i of head h), as shared_softmax.h rules; 0 and
+// +inf for a row that sees no key.
 void finish_column(const Params& p, const QueryTile& t, int64_t c, int64_t dp, int b, const Sequence& s, int h,
                    int64_t i) {
   void* out = cpu::row_ptr(p.out, p.dtype, b * p.o_batch_stride, s.q0 + i, p.o_row_stride, h, p.o_head_stride);
   float* lse = p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + s.q0 + i;
-  const float l = t.l[c];
-  if (l > 0.f) {
-    store_row_scaled(t.o + c * dp, 1.f / l, p.head_dim, out, p.dtype);
-    *lse = t.m[c] * kLn2 + __builtin_logf(l);
-  } else {
-    store_row_scaled(t.o + c * dp, 0.f, p.head_dim, out, p.dtype);  // o is 0 here; 0 * 0 keeps it so
-    *lse = __builtin_inff();
-  }
+  const bool seen = t.ranges.first[c] < t.ranges.last[c];  // o is 0 otherwise, and 0 * 0 keeps it so
+  store_row_scaled(t.o + c * dp, softmax::out_scale(seen, t.l[c]), p.head_dim, out, p.dtype);
+  *lse = softmax::row_lse(seen, t.m[c], t.m[c] * kLn2 + __builtin_logf(t.l[c]));
 }
 
 int64_t query_tile_floats(int64_t cols, int64_t dp) { return 2 * round_up(cols * dp, 16) + 5 * round_up(cols, 16); }

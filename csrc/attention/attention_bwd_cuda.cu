@@ -19,6 +19,7 @@
 // deterministic; the price is that S and dP are computed twice (once per kernel).
 #include "shared_cuda.cuh"
 #include "attention_kernels.h"
+#include "shared_softmax.h"
 
 namespace flashlm::attention {
 namespace cuda {
@@ -150,6 +151,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
     } else {
       cp_async_wait<0>();
     }
+    if (threadIdx.x < kBlockM) {  // the thread that copied row threadIdx.x's lse and delta
+      float* lse_r = sLse + stage * kBlockM + threadIdx.x;
+      *lse_r = softmax::backward_lse(*lse_r, sDelta[stage * kBlockM + threadIdx.x]);
+    }
     __syncthreads();  // ... for every thread
 
     const T* sQs = sQ + stage * Cfg::kTileM;
@@ -165,7 +170,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
     mma_abt<kBf16, 1, kQT, kHeadDim, kStride, kStride>(dp, v_warp, smem_addr(sdOs), lane);
     mma_abt<kBf16, 1, kQT, kHeadDim, kStride, kStride>(s, k_warp, smem_addr(sQs), lane);
 
-    // P^T = 2^(t - lse log2 e) where the query sees the key, else 0; dS^T = P^T (dP^T - delta) g.
+    // P^T = 2^(t - lse log2 e) where the query sees the key; dS^T = P^T (dP^T - delta) g there. Both are
+    // exactly 0 where it does not (0 times a NaN delta or dP would not be).
     const bool full = band.tile_full(i0, i0 + kBlockM, j0, j0 + kBlockN);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -176,11 +182,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = nt * 8 + 2 * (lane & 3) + e;
+          const bool seen = col >= c.lo && col < c.hi;
           float g;
           const float t2 = score(s[0][nt][2 * h + e], g);
-          const float pe = col >= c.lo && col < c.hi ? exp2_approx(t2 - lse[col] * kLog2e) : 0.f;
+          const float pe = seen ? exp2_approx(t2 - lse[col] * kLog2e) : 0.f;
           s[0][nt][2 * h + e] = pe;
-          dp[0][nt][2 * h + e] = pe * (dp[0][nt][2 * h + e] - delta[col]) * g;
+          dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[col]) * g : 0.f;
         }
     }
 
@@ -242,8 +249,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const Params p, b
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = row0 + (lane >> 2) + 8 * h;
-    lse2[h] = r < rows ? p.lse[stat0 + r] * kLog2e : INFINITY;
     delta[h] = r < rows ? p.delta[stat0 + r] : 0.f;
+    lse2[h] = r < rows ? softmax::backward_lse(p.lse[stat0 + r], delta[h]) * kLog2e : INFINITY;
   }
 
   auto load_kv = [&](int64_t n, int stage) {
@@ -299,8 +306,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const Params p, b
           const int col = nt * 8 + 2 * (lane & 3) + e;
           float g;
           const float t2 = score(s[0][nt][2 * h + e], g);
-          const float pe = col >= c.lo && col < c.hi ? exp2_approx(t2 - lse2[h]) : 0.f;
-          dp[0][nt][2 * h + e] = pe * (dp[0][nt][2 * h + e] - delta[h]) * g;
+          const bool seen = col >= c.lo && col < c.hi;
+          const float pe = seen ? exp2_approx(t2 - lse2[h]) : 0.f;
+          dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[h]) * g : 0.f;
         }
     }
 

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + seq.k0 * p.k_row_stride + kvh * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + seq.k0 * p.v_row_stride + kvh * p.v_head_stride;
   float* state = scratch + (int64_t(b) * p.heads + head) * p.seqlen_q * (d + 2);  // row i at state + i (d + 2)
-  const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK), v_base = smem_addr(sV);
+  const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK);
   const ScoreMap score_map(p);
 
   for (int64_t j0 = 0; j0 < seq.sk; j0 += kBlockN) {
@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
                                                        static_cast<const T*>(p.q));
       cp_async_commit();
       cp_async_wait<0>();
-      __syncthreads();
+      const bool masked = !band.tile_full(i0, i0 + rows, j0, j0 + kBlockN);
+      const bool v_nonfinite = sync_and_check_v<Cfg, kBf16>(masked, sV);
 
       // The query tile's state: fresh on its first K/V tile, else from scratch.
       const bool first = tiles::tile_range(band.keys(i0, i0 + rows), kBlockN).begin * kBlockN == j0;
@@ -84,12 +85,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
       float s[kMT][kNT][4];
       zero(s);
       mma_abt<kBf16, kMT, kNT, Cfg::kHeadDim, kStride, kStride>(s, q_base, k_base, lane);
-      scores_log2(s, score_map);
-      if (!band.tile_full(i0, i0 + rows, j0, j0 + kBlockN)) mask_rows(s, band, i0 + row0, j0, lane);
-      online_softmax(s, o, m, l);
-      uint32_t pa[kMT][kNT / 2][4];
-      acc_to_a<kBf16>(pa, s);
-      mma_pv<kBf16, kMT, kNT / 2, kDT, kStride>(o, pa, v_base, lane);
+      softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane);
 
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
@@ -111,7 +107,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
   }
   __syncthreads();  // the quads' m and l are visible to all their lanes
 
-  // Normalise: out = o / l, lse = m + ln(l); query tiles that see no key get 0 and +inf.
+  // Normalise: out = o / l, lse = m + ln(l); rows that see no key get 0 and +inf (finish_rows).
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + seq.q0 * p.o_row_stride + head * p.o_head_stride;
   float* lse_base = p.lse + b * p.lse_batch_stride + head * p.lse_head_stride + seq.q0;
   for (int64_t i0 = 0; i0 < seq.sq; i0 += kBlockM) {
@@ -140,7 +136,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
         }
       }
     float inv[kMT][2], lse[kMT][2];
-    finish_rows(m, l, inv, lse);
+    finish_rows(m, l, band, i0 + row0, lane, inv, lse);
     store_acc<kBf16>(out + i0 * p.o_row_stride, p.o_row_stride, o, inv, row0, 0, rows, d, aligned, lane);
     store_lse(lse_base + i0, lse, row0, rows, lane);
   }

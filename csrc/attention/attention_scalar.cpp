@@ -7,6 +7,7 @@
 
 #include "attention_cpu.h"
 #include "attention_kernels.h"
+#include "shared_softmax.h"
 #include "flashlm/core/thread_pool.h"
 
 namespace flashlm::attention {
@@ -30,35 +31,34 @@ struct RowState {
 };
 
 // Folds keys [j0, j1) (all visible to the row) into the row's state. k and v hold the sequence's keys as f32.
+// NaN and inf follow shared_softmax.h: a NaN score makes m NaN, and the exponents are taken against base(m).
 void fold_keys(const Params& p, const float* q, const float* k, const float* v, int64_t j0, int64_t j1,
                RowState& st, float* acc, float* s) {
   const int D = p.head_dim;
   float m_new = st.m;
   for (int64_t j = j0; j < j1; ++j) {
     s[j - j0] = cpu::score(p, dot(q, k + j * D, D));
-    m_new = std::max(m_new, s[j - j0]);
+    m_new = softmax::max_nan(m_new, s[j - j0]);
   }
-  const float alpha = std::exp(st.m - m_new);  // 0 when st.m is -inf
+  const float base = softmax::base(m_new);
+  const float alpha = std::exp(st.m - base);  // 0 when st.m is -inf
   st.l *= alpha;
   for (int d = 0; d < D; ++d) acc[d] *= alpha;
   for (int64_t j = j0; j < j1; ++j) {
-    const float pj = std::exp(s[j - j0] - m_new);
+    const float pj = std::exp(s[j - j0] - base);
     st.l += pj;
     for (int d = 0; d < D; ++d) acc[d] += pj * v[j * D + d];
   }
   st.m = m_new;
 }
 
-// Writes out = acc / l and lse = m + log(l); a row that saw no key gets 0 and +inf.
-void finish_row(const Params& p, const RowState& st, float* acc, void* out, float* lse) {
+// Writes out = acc / l and lse = m + log(l), as shared_softmax.h rules; `seen`: the row sees some key (else
+// out 0 and lse +inf).
+void finish_row(const Params& p, bool seen, const RowState& st, float* acc, void* out, float* lse) {
   const int D = p.head_dim;
-  if (st.l > 0.f) {
-    for (int d = 0; d < D; ++d) acc[d] /= st.l;
-    *lse = st.m + std::log(st.l);
-  } else {
-    for (int d = 0; d < D; ++d) acc[d] = 0.f;
-    *lse = kInf;
-  }
+  const float scale = softmax::out_scale(seen, st.l);
+  for (int d = 0; d < D; ++d) acc[d] = seen ? acc[d] * scale : 0.f;
+  *lse = softmax::row_lse(seen, st.m, st.m + std::log(st.l));
   cpu::store_row(acc, D, out, p.dtype);
 }
 
@@ -95,7 +95,7 @@ void forward_v2_block(const Params& p, int b, int h, int64_t qb) {
     const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
     for (int64_t j0 = keys.first; j0 < keys.last; j0 += kBlockN)
       fold_keys(p, q.data(), k.data(), v.data(), j0, std::min(keys.last, j0 + kBlockN), st, acc.data(), scores.data());
-    finish_row(p, st, acc.data(),
+    finish_row(p, keys.first < keys.last, st, acc.data(),
                cpu::row_ptr(p.out, p.dtype, b * p.o_batch_stride, s.q0 + i, p.o_row_stride, h, p.o_head_stride),
                lse_row(p, p.lse, b, s, h, i));
   }
@@ -123,10 +123,12 @@ void forward_v1_head(const Params& p, int b, int h) {
       }
     }
   }
-  for (int64_t i = 0; i < s.sq; ++i)
-    finish_row(p, state[i], &acc[i * D],
+  for (int64_t i = 0; i < s.sq; ++i) {
+    const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
+    finish_row(p, keys.first < keys.last, state[i], &acc[i * D],
                cpu::row_ptr(p.out, p.dtype, b * p.o_batch_stride, s.q0 + i, p.o_row_stride, h, p.o_head_stride),
                lse_row(p, p.lse, b, s, h, i));
+  }
 }
 
 // One task per (b, K/V head): the gradients of its keys and values sum over the query heads that share it,
@@ -147,7 +149,7 @@ void backward_kv_head(const Params& p, int b, int kvh) {
                     p.dtype, D, out.data());
       const float delta = dot(dout.data(), out.data(), D);  // D_i = rowsum(dO * O)
       *lse_row(p, p.delta, b, s, h, i) = delta;
-      const float lse = *lse_row(p, p.lse, b, s, h, i);
+      const float lse = softmax::backward_lse(*lse_row(p, p.lse, b, s, h, i), delta);
       std::fill(dq.begin(), dq.end(), 0.f);
       const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
       for (int64_t j = keys.first; j < keys.last && lse != kInf; ++j) {

@@ -32,11 +32,11 @@ FLASHLM_AVX2_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) 
 // degree-6 polynomial fitted to 2^r for minimal relative error (fit error 2.0e-9). Measured against
 // double exp2 over every 7th float in [-126, 0] (tests/cpp/attention_exp_check.cpp, run by
 // tests/test_attention_kernels.py): max relative error 8.0e-8, about 1 ulp. Results below 2^-126 are
-// flushed to 0, and so is x = -inf (masked scores). The degree-5 fit saves one FMA per 8 elements but
-// measured 1.7e-7 (up to 3 ulp near 2^-0.5).
+// flushed to 0, and so is x = -inf (masked scores); NaN gives NaN (a NaN score poisons its row, as in
+// softmax). The degree-5 fit saves one FMA per 8 elements but measured 1.7e-7 (up to 3 ulp near 2^-0.5).
 FLASHLM_AVX2_INLINE __m256 exp2_ps(__m256 x) {
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_NLT_UQ);  // x >= -126 or NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // max_ps returns its second operand, so NaN stays NaN
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 r = _mm256_sub_ps(x, n);
   __m256 p = _mm256_set1_ps(1.5353360504377633e-4f);
@@ -55,11 +55,12 @@ FLASHLM_AVX2_INLINE __m256 exp2_ps(__m256 x) {
 // tanh(y) = sign(y) (1 - 2 / (e^{2|y|} + 1)); for |y| < 2^-4 the odd Taylor polynomial to y^7 instead,
 // where the formula would lose relative accuracy to cancellation. Max absolute error 1.1e-7 (the
 // attention scores it feeds are softcap * tanh, so that is a relative error of the softcap, not of the
-// score). |y| > 9 saturates to +-1 (exp2 stays in range).
+// score). |y| >= 10 gives exactly +-1, +-inf included (tanh rounds to 1 from about 9.1 on, and the softcap's
+// gradient 1 - t^2 must then be 0, not an ulp that turns an inf into +-inf instead of NaN); NaN gives NaN.
 FLASHLM_AVX2_INLINE __m256 tanh_ps(__m256 y) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256 a = _mm256_min_ps(_mm256_andnot_ps(sign, y), _mm256_set1_ps(9.f));
-  const __m256 e = exp2_ps(_mm256_mul_ps(a, _mm256_set1_ps(2.f * kLog2e)));  // e^{2|y|} <= e^18
+  const __m256 a = _mm256_min_ps(_mm256_set1_ps(10.f), _mm256_andnot_ps(sign, y));  // NaN stays (second operand)
+  const __m256 e = exp2_ps(_mm256_mul_ps(a, _mm256_set1_ps(2.f * kLog2e)));  // e^{2|y|} <= e^20
   const __m256 big = _mm256_sub_ps(_mm256_set1_ps(1.f),
                                    _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
   const __m256 a2 = _mm256_mul_ps(a, a);

@@ -98,6 +98,14 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// The larger of a and b, NaN if either is (max.NaN, sm_80): one instruction like fmaxf, which drops NaN, so
+// the online softmax's running max turns NaN at a NaN score at no cost (see shared_softmax.h).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 template <bool kBf16>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   uint32_t r;
@@ -117,6 +125,13 @@ __device__ __forceinline__ float to_f32(uint16_t bits) {
   else return __half2float(__ushort_as_half(bits));
 }
 
+// x rounded to the input type and back, as pack2 rounds P for the P V product.
+template <bool kBf16>
+__device__ __forceinline__ float round_to_elem(float x) {
+  if constexpr (kBf16) return __bfloat162float(__float2bfloat16_rn(x));
+  else return __half2float(__float2half_rn(x));
+}
+
 // The A fragment of 16x16 block k from the C fragments of n-blocks 2k, 2k+1 of a 16-row accumulator.
 template <bool kBf16>
 __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
@@ -126,15 +141,15 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = pack2<kBf16>(c1[2], c1[3]);
 }
 
-// Sum / max over the 4 lanes of a quad (the lanes holding one accumulator row).
+// Sum / max over the 4 lanes of a quad (the lanes holding one accumulator row); the max is NaN if any is.
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
   return x;
 }
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
   return x;
 }
 
@@ -259,6 +274,26 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_str
     const bool pred = r < rows && c < d;
     load_chunk(smem + r * (kHeadDim + kPad) + c, pred ? src + r * row_stride + c : fallback, pred, aligned);
   }
+}
+
+// Whether a chunk that load_tile (or kvcache's load_paged_tiles, which deals chunks out the same way) gave
+// this thread to copy into a [kRows][kHeadDim + kPad] tile holds an inf or NaN. Call it once the thread's
+// copies have landed (they are visible to it then, before any barrier).
+template <int kRows, int kHeadDim, int kThreads, bool kBf16>
+__device__ __forceinline__ bool own_chunks_nonfinite(const Elem<kBf16>* smem) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr uint32_t kExp = kBf16 ? 0x7F80u : 0x7C00u;  // the exponent field: all ones for inf and NaN
+  uint32_t bad = 0;
+#pragma unroll 1
+  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + int(threadIdx.x);
+    const uint4 x = *reinterpret_cast<const uint4*>(smem + (idx / kChunks) * (kHeadDim + kPad) + (idx % kChunks) * 8);
+    const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      bad |= uint32_t((words[i] & kExp) == kExp) | uint32_t(((words[i] >> 16) & kExp) == kExp);
+  }
+  return bad != 0;
 }
 
 // Stores columns c, c+1 of a row (c even, c + 1 < d). `aligned` (16-byte aligned base and strides that are

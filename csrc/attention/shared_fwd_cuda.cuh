@@ -5,6 +5,7 @@
 #pragma once
 
 #include "shared_cuda.cuh"
+#include "shared_softmax.h"
 
 namespace flashlm::attention::cuda {
 
@@ -92,9 +93,10 @@ __device__ __forceinline__ void mask_rows(float (&s)[kMT][kNT][4], const tiles::
 
 // One online-softmax step: folds the tile's scores into the running max m (quad-uniform) and this lane's
 // partial sum l, rescales O, and turns s into p = 2^(t - m). A row with no visible key so far keeps m = -inf
-// and contributes nothing (the exponent base is 0 then, never -inf - -inf). Once the running maxima settle,
-// most tiles leave every row's max unchanged; the warp then skips the O rescale (a vote, 2 kDT kMT FMULs
-// saved per lane).
+// and contributes nothing (the exponent base is 0 then, never -inf - -inf). The max is max.NaN: a NaN score
+// makes m NaN for good, and with it every p and O of the row (shared_softmax.h). Once the running maxima
+// settle, most tiles leave every row's max unchanged; the warp then skips the O rescale (a vote, 2 kDT kMT
+// FMULs saved per lane).
 template <int kMT, int kNT, int kDT>
 __device__ __forceinline__ void online_softmax(float (&s)[kMT][kNT][4], float (&o)[kMT][kDT][4], float (&m)[kMT][2],
                                                float (&l)[kMT][2]) {
@@ -106,9 +108,9 @@ __device__ __forceinline__ void online_softmax(float (&s)[kMT][kNT][4], float (&
     for (int h = 0; h < 2; ++h) {
       float mx = m[mt][h];
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+      for (int nt = 0; nt < kNT; ++nt) mx = max_nan(mx, max_nan(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
       mx = quad_max(mx);
-      const float base = mx == -INFINITY ? 0.f : mx;
+      const float base = softmax::base(mx);
       alpha[mt][h] = exp2_approx(m[mt][h] - base);
       rescale |= alpha[mt][h] != 1.f;
       m[mt][h] = mx;
@@ -133,18 +135,58 @@ __device__ __forceinline__ void online_softmax(float (&s)[kMT][kNT][4], float (&
   }
 }
 
-// The end of a row: inv = 1 / rowsum (0 for a row that saw no key) and lse = ln(sum exp(s)) = (m + log2 l)
-// ln 2 (+inf for a row that saw no key). l is per lane on entry.
+// The end of a row (shared_softmax.h): inv = 1 / rowsum and lse = ln(sum exp(s)) = (m + log2 l) ln 2, or 0 and
+// +inf for a row that sees no key: `band` says which, for the rows of the warp from query row0 on. l is per
+// lane on entry.
 template <int kMT>
-__device__ __forceinline__ void finish_rows(const float (&m)[kMT][2], const float (&l)[kMT][2], float (&inv)[kMT][2],
-                                            float (&lse)[kMT][2]) {
+__device__ __forceinline__ void finish_rows(const float (&m)[kMT][2], const float (&l)[kMT][2], const tiles::Band& band,
+                                            int64_t row0, int lane, float (&inv)[kMT][2], float (&lse)[kMT][2]) {
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float sum = quad_sum(l[mt][h]);
-      inv[mt][h] = sum > 0.f ? 1.f / sum : 0.f;
-      lse[mt][h] = sum > 0.f ? (m[mt][h] + log2f(sum)) * kLn2 : INFINITY;
+      const int64_t i = row0 + mt * 16 + (lane >> 2) + 8 * h;
+      const bool seen = i < band.sq && band.first_key(i) < band.end_key(i);
+      inv[mt][h] = softmax::out_scale(seen, sum);
+      lse[mt][h] = softmax::row_lse(seen, m[mt][h], (m[mt][h] + log2f(sum)) * kLn2);
+    }
+}
+
+// O += P V for a masked tile whose V holds an inf or NaN, key by key over the keys each row sees: the MMA
+// would multiply a hidden key's p = 0 by it and poison rows that never see that key. p is rounded to the
+// input type as acc_to_a rounds it for the MMA. Rare (it takes a non-finite V in a masked tile), so plain:
+// each lane fetches every p of its rows from the lane of its quad that holds it. row0: the query index of
+// the warp's first row; j0: the key index of the tile's first column; sV: the V tile in smem.
+template <bool kBf16, int kMT, int kNT, int kDT, int kStride>
+__device__ __forceinline__ void pv_visible(float (&o)[kMT][kDT][4], const float (&p)[kMT][kNT][4],
+                                           const Elem<kBf16>* sV, const tiles::Band& band, int64_t row0, int64_t j0,
+                                           int lane) {
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(sV);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const tiles::Cols c = tiles::key_cols(band, row0 + mt * 16 + (lane >> 2) + 8 * h, j0, kNT * 8);
+#pragma unroll 1
+      for (int j = 0; j < kNT * 8; ++j) {
+        // Column j of the row is element j % 2 of n-block j / 8 in lane (j % 8) / 2 of the quad; the register
+        // is picked with compile-time indices (a run-time index would put p in local memory).
+        float mine = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) mine = nt * 8 + e == (j & ~7) + (j & 1) ? p[mt][nt][2 * h + e] : mine;
+        const float pj = __shfl_sync(0xffffffffu, mine, (lane & ~3) | ((j & 7) >> 1));
+        if (j < c.lo || j >= c.hi) continue;
+        const float pr = round_to_elem<kBf16>(pj);
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          const int d = dt * 8 + 2 * (lane & 3);
+          o[mt][dt][2 * h] += pr * to_f32<kBf16>(v[j * kStride + d]);
+          o[mt][dt][2 * h + 1] += pr * to_f32<kBf16>(v[j * kStride + d + 1]);
+        }
+      }
     }
 }
 
@@ -159,6 +201,39 @@ __device__ __forceinline__ void store_lse(float* lse_row0, const float (&lse)[kM
       const int r = row0 + mt * 16 + (lane >> 2) + 8 * h;
       if (r < rows) lse_row0[r] = lse[mt][h];
     }
+}
+
+// The barrier between a tile's loads and its math (__syncthreads), at which a masked tile also learns whether
+// its V tile holds an inf or NaN (each thread checks the chunks it copied, before the barrier): then only the
+// rows that see a key may get its V row (softmax_pv).
+template <class Cfg, bool kBf16>
+__device__ __forceinline__ bool sync_and_check_v(bool masked, const Elem<kBf16>* sV) {
+  if (!masked) {
+    __syncthreads();
+    return false;
+  }
+  return __syncthreads_or(own_chunks_nonfinite<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kThreads, kBf16>(sV)) != 0;
+}
+
+// The rest of a tile step once S = Q K^T is in s: log2-domain scores, the mask (masked tiles), the online
+// softmax, and O += P V, element-wise for a masked tile whose V holds an inf or NaN (pv_visible). row0: the
+// query index of the warp's first row; j0: the tile's first key; sV: the V tile in smem.
+template <class Cfg, bool kBf16>
+__device__ __forceinline__ void softmax_pv(float (&s)[Cfg::kMT][Cfg::kNT][4], float (&o)[Cfg::kMT][Cfg::kDT][4],
+                                           float (&m)[Cfg::kMT][2], float (&l)[Cfg::kMT][2], const ScoreMap& score_map,
+                                           const tiles::Band& band, bool masked, bool v_nonfinite,
+                                           const Elem<kBf16>* sV, int64_t row0, int64_t j0, int lane) {
+  constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kDT = Cfg::kDT, kStride = Cfg::kStride;
+  scores_log2(s, score_map);
+  if (masked) mask_rows(s, band, row0, j0, lane);
+  online_softmax(s, o, m, l);
+  if (v_nonfinite) {
+    pv_visible<kBf16, kMT, kNT, kDT, kStride>(o, s, sV, band, row0, j0, lane);
+  } else {
+    uint32_t pa[kMT][kNT / 2][4];
+    acc_to_a<kBf16>(pa, s);
+    mma_pv<kBf16, kMT, kNT / 2, kDT, kStride>(o, pa, smem_addr(sV), lane);
+  }
 }
 
 // One query tile of the FlashAttention-2 loop order (attention_fwd_cuda.cu, and the paged prefill of
@@ -191,7 +266,7 @@ __device__ __forceinline__ void forward_q_tile(unsigned char* smem, const Elem<k
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
 
   const int row0 = warp * kMT * 16;  // the warp's first row in the tile
-  const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK), v_base = smem_addr(sV);
+  const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK);
 
   if (n_tiles.begin < n_tiles.end) {
     load_tile<kBlockM, Cfg::kHeadDim, Cfg::kThreads>(sQ, q, q_row_stride, rows, d, aligned, q);
@@ -210,22 +285,18 @@ __device__ __forceinline__ void forward_q_tile(unsigned char* smem, const Elem<k
     mma_abt<kBf16, kMT, kNT, Cfg::kHeadDim, kStride, kStride>(s, q_base, k_base, lane);
 
     cp_async_wait<0>();  // V(n) has landed
-    __syncthreads();     // ... for every thread, and every warp is done with K(n)
+    const bool masked = !band.tile_full(i0, i0 + rows, j0, j0 + kBlockN);
+    const bool v_nonfinite = sync_and_check_v<Cfg, kBf16>(masked, sV);  // ... for every thread, and every warp
+                                                                        // is done with K(n)
     if (n + 1 < n_tiles.end) {
       load_k(sK, j0 + kBlockN);
       cp_async_commit();
     }
-
-    scores_log2(s, score_map);
-    if (!band.tile_full(i0, i0 + rows, j0, j0 + kBlockN)) mask_rows(s, band, i0 + row0, j0, lane);
-    online_softmax(s, o, m, l);
-    uint32_t pa[kMT][kNT / 2][4];
-    acc_to_a<kBf16>(pa, s);
-    mma_pv<kBf16, kMT, kNT / 2, kDT, kStride>(o, pa, v_base, lane);
+    softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane);
   }
 
   float inv[kMT][2], lse[kMT][2];
-  finish_rows(m, l, inv, lse);
+  finish_rows(m, l, band, i0 + row0, lane, inv, lse);
   store_acc<kBf16>(out, o_row_stride, o, inv, row0, 0, rows, d, aligned, lane);
   if (lse_row0 != nullptr) store_lse(lse_row0, lse, row0, rows, lane);
 }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../attention/shared_avx2.h"
+#include "../attention/shared_softmax.h"
 #include "flashlm/attention/flash_attention.h"
 #include "flashlm/core/thread_pool.h"
 #include "paged_cpu.h"
@@ -32,6 +33,7 @@ namespace flashlm::kvcache {
 namespace {
 
 using namespace attention::avx2;
+namespace softmax = attention::softmax;
 
 constexpr int64_t kChunk = 16;     // keys per online-softmax step
 constexpr int kMaxGroup = 64;      // query heads per K/V head the decode kernel keeps state for
@@ -175,28 +177,37 @@ void chunk_scores(DecodeTask& t, const float* const* kr, int64_t n, const Prefet
   }
 }
 
-// Online softmax of each head's chunk scores (n >= 1 real keys, so the new max is finite), then
-// acc_g = alpha acc_g + P_g . V.
+// Online softmax of each head's chunk scores, then acc_g = alpha acc_g + P_g . V. NaN and inf follow
+// shared_softmax.h, checked once per chunk rather than per score: the max skips NaN scores but keeps a NaN
+// running max, a NaN score's P is NaN, and a NaN chunk sum under a max below +inf marks m NaN; under a +inf
+// max (where a +inf score's P is NaN too) the scores are searched for NaN.
 template <bool kPairs>
 void chunk_update(DecodeTask& t, const float* const* vr, int64_t n, const Prefetch& next) {
   const int64_t np = round_up(n, 8);
   for (int g = 0; g < t.G; ++g) {
     float* sc = t.sc + g * kChunk;
     __m256 mx = _mm256_set1_ps(-__builtin_inff());
-    for (int64_t j = 0; j < np; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(sc + j));
+    for (int64_t j = 0; j < np; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(sc + j), mx);  // NaN scores skipped
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    const float m_new = t.m[g] > _mm_cvtss_f32(m4) ? t.m[g] : _mm_cvtss_f32(m4);
-    const float alpha = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(t.m[g] - m_new)));
-    const __m256 mv = _mm256_set1_ps(m_new);
+    const float chunk_max = _mm_cvtss_f32(m4);
+    float m_new = chunk_max > t.m[g] ? chunk_max : t.m[g];  // a NaN m stays
+    if (m_new == __builtin_inff()) {
+      for (int64_t j = 0; j < n; ++j) m_new = sc[j] != sc[j] ? sc[j] : m_new;
+    }
+    const float base = softmax::base(m_new);
+    const float alpha = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(t.m[g] - base)));
+    const __m256 mv = _mm256_set1_ps(base);
     __m256 sum = _mm256_setzero_ps();
     for (int64_t j = 0; j < np; j += 8) {
       const __m256 pr = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mv));
       _mm256_storeu_ps(sc + j, pr);
       sum = _mm256_add_ps(sum, pr);
     }
-    t.l[g] = t.l[g] * alpha + hsum(sum);
+    const float chunk_sum = hsum(sum);
+    if (chunk_sum != chunk_sum && m_new != __builtin_inff()) m_new = chunk_sum;  // a NaN score: m is NaN
+    t.l[g] = t.l[g] * alpha + chunk_sum;
     t.m[g] = m_new;
     if (g == 0) next.rows_of(0, kChunk);
     const __m256 av = _mm256_set1_ps(alpha);
@@ -296,42 +307,45 @@ void decode_task(const PagedParams& p, int s, int kvh, int part, const Partials&
     }
   }
   if (pairs) from_pairs(t.acc, G * dp);
+  const bool seen = keys.first < keys.last;  // the row's keys, with one split
   for (int g = 0; g < G; ++g) {
     const int h = kvh * G + g;
-    const float l = t.l[g];
-    const float lse = l > 0.f ? t.m[g] * kLn2 + __builtin_logf(l) : (parts.o ? -__builtin_inff() : __builtin_inff());
-    const float mul = l > 0.f ? 1.f / l : 0.f;
+    const float l = t.l[g], lse = t.m[g] * kLn2 + __builtin_logf(l);
     if (parts.o) {
+      const float mul = softmax::part_scale(l);
       const int64_t slot = (int64_t(s) * p.heads + h) * p.num_splits + part;
       store_row_scaled(t.acc + g * dp, mul, dp, parts.o + slot * dp, DType::F32);
-      parts.lse[slot] = lse;
+      parts.lse[slot] = softmax::row_lse(true, t.m[g], lse);
     } else {
-      store_row_scaled(t.acc + g * dp, mul, p.head_dim, cpu::out_row(p, seq.q0, h), p.dtype);
-      if (p.lse) p.lse[int64_t(h) * p.num_tokens + seq.q0] = lse;
+      store_row_scaled(t.acc + g * dp, softmax::out_scale(seen, l), p.head_dim, cpu::out_row(p, seq.q0, h), p.dtype);
+      if (p.lse) p.lse[int64_t(h) * p.num_tokens + seq.q0] = softmax::row_lse(seen, t.m[g], lse);
     }
   }
 }
 
-// Merges the splits of (s, h) by their lse into the output row; no split with a key: out 0, lse +inf.
+// Merges the splits of (s, h) by their lse into the output row: the softmax over the splits' lse, with
+// shared_softmax.h's rules (no split skipped: one of weight 0 still passes on the NaN of a V row it saw); a
+// row that sees no key gets out 0 and lse +inf.
 void merge_task(const PagedParams& p, int s, int h, const Partials& parts, float* acc) {
-  const int64_t dp = round_up(p.head_dim, 8), base = (int64_t(s) * p.heads + h) * p.num_splits;
+  const int64_t dp = round_up(p.head_dim, 8), base_slot = (int64_t(s) * p.heads + h) * p.num_splits;
+  const float* lse = parts.lse + base_slot;
   float m = -__builtin_inff();
-  for (int i = 0; i < p.num_splits; ++i) m = parts.lse[base + i] > m ? parts.lse[base + i] : m;
+  for (int i = 0; i < p.num_splits; ++i) m = softmax::max_nan(m, lse[i]);
+  const float base = softmax::base(m);
   std::memset(acc, 0, size_t(dp) * 4);
   float sum = 0.f;
-  if (m != -__builtin_inff()) {
-    for (int i = 0; i < p.num_splits; ++i) {
-      const float w = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps((parts.lse[base + i] - m) * kLog2e)));
-      if (w == 0.f) continue;
-      sum += w;
-      const __m256 wv = _mm256_set1_ps(w);
-      const float* o = parts.o + (base + i) * dp;
-      for (int64_t d = 0; d < dp; d += 8)
-        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(o + d), _mm256_loadu_ps(acc + d)));
-    }
+  for (int i = 0; i < p.num_splits; ++i) {
+    const float w = _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps((lse[i] - base) * kLog2e)));
+    sum += w;
+    const __m256 wv = _mm256_set1_ps(w);
+    const float* o = parts.o + (base_slot + i) * dp;
+    for (int64_t d = 0; d < dp; d += 8)
+      _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(o + d), _mm256_loadu_ps(acc + d)));
   }
-  store_row_scaled(acc, sum > 0.f ? 1.f / sum : 0.f, p.head_dim, cpu::out_row(p, s, h), p.dtype);
-  if (p.lse) p.lse[int64_t(h) * p.num_tokens + s] = sum > 0.f ? m + __builtin_logf(sum) : __builtin_inff();
+  const cpu::KeyRange keys = cpu::visible_keys(p, cpu::sequence(p, s), 0);
+  const bool seen = keys.first < keys.last;  // else every split is empty: acc is 0
+  store_row_scaled(acc, softmax::out_scale(seen, sum), p.head_dim, cpu::out_row(p, s, h), p.dtype);
+  if (p.lse) p.lse[int64_t(h) * p.num_tokens + s] = softmax::row_lse(seen, m, base + __builtin_logf(sum));
 }
 
 void decode(const PagedParams& p) {

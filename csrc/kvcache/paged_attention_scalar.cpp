@@ -6,12 +6,15 @@
 #include <limits>
 #include <vector>
 
+#include "../attention/shared_softmax.h"
 #include "flashlm/core/thread_pool.h"
 #include "paged_cpu.h"
 #include "paged_kernels.h"
 
 namespace flashlm::kvcache {
 namespace {
+
+namespace softmax = attention::softmax;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -22,7 +25,8 @@ float score(const PagedParams& p, const float* q, const float* k) {
 }
 
 // Attention of query q (head h) over context tokens `keys` of sequence s: out = softmax . V (normalised,
-// f32) and returns its lse; no key: out 0 and lse -inf (the merge's identity; the caller maps it to +inf).
+// f32) and returns its lse, NaN and inf as shared_softmax.h rules for a split; no key (or only -inf scores):
+// out 0 (NaN where a V row is) and lse -inf, the merge's identity.
 float attend(const PagedParams& p, int s, int kvh, const float* q, const cpu::KeyRange& keys, float* out,
              std::vector<float>& row) {
   const int D = p.head_dim;
@@ -31,33 +35,35 @@ float attend(const PagedParams& p, int s, int kvh, const float* q, const cpu::Ke
   for (int64_t t = keys.first; t < keys.last; ++t) {
     cpu::load_row(cpu::k_row(p, s, t, kvh), p.dtype, D, row.data());
     const float x = score(p, q, row.data());
-    const float m_new = std::max(m, x);
-    const float alpha = std::exp(m - m_new), pt = std::exp(x - m_new);
+    const float m_new = softmax::max_nan(m, x), base = softmax::base(m_new);
+    const float alpha = std::exp(m - base), pt = std::exp(x - base);
     cpu::load_row(cpu::v_row(p, s, t, kvh), p.dtype, D, row.data());
     for (int d = 0; d < D; ++d) out[d] = out[d] * alpha + pt * row[d];
     l = l * alpha + pt;
     m = m_new;
   }
-  if (l == 0.f) return -kInf;
-  for (int d = 0; d < D; ++d) out[d] /= l;
-  return m + std::log(l);
+  const float scale = softmax::part_scale(l);
+  for (int d = 0; d < D; ++d) out[d] *= scale;
+  return softmax::row_lse(true, m, m + std::log(l));
 }
 
-// Merges `splits` partial outputs (each [D], normalised) by their lse into out; returns the total lse
-// (+inf when no split saw a key, and then out is 0).
-float merge(const float* parts, const float* lse, int splits, int D, float* out) {
+// Merges `splits` partial outputs (each [D], normalised) by their lse into out: the softmax over the splits'
+// lse, with shared_softmax.h's rules for a row that sees any key (`seen`); returns the total lse (+inf when
+// the row sees no key, and then out is 0).
+float merge(const float* parts, const float* lse, int splits, int D, bool seen, float* out) {
   float m = -kInf;
-  for (int i = 0; i < splits; ++i) m = std::max(m, lse[i]);
+  for (int i = 0; i < splits; ++i) m = softmax::max_nan(m, lse[i]);
+  const float base = softmax::base(m);
   for (int d = 0; d < D; ++d) out[d] = 0.f;
-  if (m == -kInf) return kInf;
   float sum = 0.f;
   for (int i = 0; i < splits; ++i) {
-    const float w = std::exp(lse[i] - m);  // 0 for an empty split
+    const float w = std::exp(lse[i] - base);  // 0 for an empty split (whose output is 0)
     sum += w;
     for (int d = 0; d < D; ++d) out[d] += w * parts[i * D + d];
   }
-  for (int d = 0; d < D; ++d) out[d] /= sum;
-  return m + std::log(sum);
+  const float scale = softmax::out_scale(seen, sum);
+  for (int d = 0; d < D; ++d) out[d] = seen ? out[d] * scale : 0.f;
+  return softmax::row_lse(seen, m, base + std::log(sum));
 }
 
 // Every query row of sequence s at head h.
@@ -70,7 +76,7 @@ void sequence_head(const PagedParams& p, int s, int h) {
     const cpu::KeyRange keys = cpu::visible_keys(p, seq, i);
     for (int part = 0; part < splits; ++part)
       lses[part] = attend(p, s, kvh, q.data(), cpu::split_range(keys, part, splits), &parts[size_t(part) * D], row);
-    const float lse = merge(parts.data(), lses.data(), splits, D, out.data());
+    const float lse = merge(parts.data(), lses.data(), splits, D, keys.first < keys.last, out.data());
     cpu::store_row(out.data(), D, cpu::out_row(p, seq.q0 + i, h), p.dtype);
     if (p.lse) p.lse[h * p.num_tokens + seq.q0 + i] = lse;
   }

@@ -26,9 +26,10 @@ __device__ __forceinline__ PagedHead<T> paged_head(const void* cache, int64_t bl
   return {static_cast<const T*>(cache) + kv_head * head_stride, block_stride, row_stride};
 }
 
-// Copies the tokens [j0, j0 + rows) of a sequence (columns [0, d)) of kTensors cache heads (K, or K and V:
-// their rows share the slots) into smem tiles [kRows][kHeadDim + kPad], zero-filling the rest of each
-// kRows x kHeadDim tile, like attention::cuda::load_tile but with each row's address looked up through the
+// Copies the tokens [j0 + first, j0 + rows) of a sequence (columns [0, d)) of kTensors cache heads (K, or K
+// and V: their rows share the slots) into smem tiles [kRows][kHeadDim + kPad], zero-filling the rest of each
+// kRows x kHeadDim tile (rows before `first` too: tokens no query of the tile sees, whose V must not reach
+// the output through 0 * NaN), like attention::cuda::load_tile but with each row's address looked up through the
 // block table (a tile may span any number of blocks). kThreads threads take part, `tid` being this one's
 // index among them. `aligned`: the caches and their strides allow 16-byte cp.async (see load_chunk).
 // kUnroll: how far to unroll the chunk loop (unrolled, the table reads of several rows are in flight at
@@ -36,14 +37,14 @@ __device__ __forceinline__ PagedHead<T> paged_head(const void* cache, int64_t bl
 template <int kRows, int kHeadDim, int kThreads, int kUnroll, int kTensors, class T>
 __device__ __forceinline__ void load_paged_tiles(T* const (&smem)[kTensors], const PagedHead<T> (&heads)[kTensors],
                                                  const int32_t* table, const tiles::CacheShape& shape, int64_t j0,
-                                                 int rows, int d, bool aligned, int tid) {
+                                                 int first, int rows, int d, bool aligned, int tid) {
   constexpr int kChunks = kHeadDim / 8;
   static_assert((kRows * kChunks) % kThreads == 0, "tile chunks must spread evenly over the threads");
 #pragma unroll kUnroll
   for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
     const int idx = it * kThreads + tid;
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    const bool pred = r < rows && c < d;
+    const bool pred = r >= first && r < rows && c < d;
     tiles::Slot slot{0, 0};
     if (pred) slot = tiles::token_slot(table, j0 + r, shape);
 #pragma unroll

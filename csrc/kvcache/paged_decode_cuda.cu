@@ -24,6 +24,7 @@ namespace flashlm::kvcache::cuda {
 namespace {
 
 using namespace attention::cuda;
+namespace softmax = attention::softmax;
 
 template <int kHeadDim_>
 struct DecodeConfig {
@@ -96,10 +97,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_decode_kernel(const Paged
   T* sK = sKV + warp * Cfg::kStages * 2 * Cfg::kTile;
   auto load = [&](int64_t tile, int st) {
     const int64_t j0 = tile * kBlockN;
-    const int rows = int(tiles::min64(sk - j0, kBlockN));
+    const int first = int(tiles::clamp64(keys.begin - j0, 0, kBlockN)), rows = int(tiles::min64(sk - j0, kBlockN));
     T* const dst[2] = {sK + st * 2 * Cfg::kTile, sK + (st * 2 + 1) * Cfg::kTile};
-    load_paged_tiles<kBlockN, kHeadDim, 32, kBlockN * kHeadDim / 8 / 32>(dst, kv, table, shape, j0, rows, d, aligned,
-                                                                         lane);
+    load_paged_tiles<kBlockN, kHeadDim, 32, kBlockN * kHeadDim / 8 / 32>(dst, kv, table, shape, j0, first, rows, d,
+                                                                         aligned, lane);
   };
 
   float o[1][kDT][4];
@@ -149,12 +150,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_decode_kernel(const Paged
   }
   __syncthreads();
 
+  // The end of the row or split follows shared_softmax.h (a warp's NaN max makes the row's NaN; one that saw
+  // only -inf scores adds its O, 0 or NaN where V is, at weight 0).
   const int pairs = d / 2;
+  const bool seen = keys.begin < keys.end;  // the row's keys (a split ends as a part, whatever it saw)
   for (int idx = int(threadIdx.x); idx < nrows * pairs; idx += Cfg::kThreads) {
     const int r = idx / pairs, c = 2 * (idx % pairs);
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, s_max[w][r]);
+    for (int w = 0; w < kWarps; ++w) mx = max_nan(mx, s_max[w][r]);
     float sum = 0.f, o0 = 0.f, o1 = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
@@ -164,23 +168,25 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_decode_kernel(const Paged
       o0 += a * ow.x;
       o1 += a * ow.y;
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const float lse = (mx + log2f(sum)) * kLn2;
     const int64_t h = h0 + r;
     if (p.num_splits == 1) {
+      const float inv = softmax::out_scale(seen, sum);
       T* out = static_cast<T*>(p.out) + s * p.o_row_stride + h * p.o_head_stride + c;
       store_pair<kBf16>(out, o0 * inv, o1 * inv, aligned);
-      if (c == 0 && p.lse != nullptr) p.lse[h * p.num_tokens + s] = sum > 0.f ? lse : INFINITY;
+      if (c == 0 && p.lse != nullptr) p.lse[h * p.num_tokens + s] = softmax::row_lse(seen, mx, lse);
     } else {
+      const float inv = softmax::part_scale(sum);
       const int64_t row = (int64_t(split) * p.num_seqs + s) * p.heads + h;
       *reinterpret_cast<float2*>(scratch.part_o + row * d + c) = make_float2(o0 * inv, o1 * inv);
-      if (c == 0) scratch.part_lse[row] = sum > 0.f ? lse : -INFINITY;
+      if (c == 0) scratch.part_lse[row] = softmax::row_lse(true, mx, lse);
     }
   }
 }
 
 // Merges the splits of (sequence blockIdx.x, head blockIdx.y): out = sum_i exp(lse_i - lse) O_i with
-// lse = log sum_i exp(lse_i); a row no split saw a key of gets out = 0 and lse = +inf.
+// lse = log sum_i exp(lse_i), a softmax over the splits' lse with shared_softmax.h's rules (a split of weight 0
+// still passes on the NaN of a V row it saw); a row that sees no key gets out = 0 and lse = +inf.
 template <bool kBf16>
 __global__ void __launch_bounds__(64) paged_decode_reduce_kernel(const PagedParams p, bool aligned,
                                                                   SplitScratch scratch) {
@@ -188,11 +194,14 @@ __global__ void __launch_bounds__(64) paged_decode_reduce_kernel(const PagedPara
   const int s = blockIdx.x, h = blockIdx.y, d = p.head_dim;
   const int64_t split_stride = int64_t(p.num_seqs) * p.heads, row0 = int64_t(s) * p.heads + h;
   float mx = -INFINITY;
-  for (int i = 0; i < p.num_splits; ++i) mx = fmaxf(mx, scratch.part_lse[i * split_stride + row0]);
-  const float base = mx == -INFINITY ? 0.f : mx;
+  for (int i = 0; i < p.num_splits; ++i) mx = max_nan(mx, scratch.part_lse[i * split_stride + row0]);
+  const float base = softmax::base(mx);
   float sum = 0.f;
   for (int i = 0; i < p.num_splits; ++i) sum += expf(scratch.part_lse[i * split_stride + row0] - base);
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const tiles::Range keys = tiles::decode_keys(tiles::context_len(p.seq_lens[s], p.max_seq_len, cache_shape(p)),
+                                               p.window_left);
+  const bool seen = keys.begin < keys.end;
+  const float inv = softmax::out_scale(seen, sum);
   for (int c = 2 * int(threadIdx.x); c < d; c += 2 * int(blockDim.x)) {
     float o0 = 0.f, o1 = 0.f;
     for (int i = 0; i < p.num_splits; ++i) {
@@ -206,7 +215,7 @@ __global__ void __launch_bounds__(64) paged_decode_reduce_kernel(const PagedPara
     store_pair<kBf16>(out, o0 * inv, o1 * inv, aligned);
   }
   if (threadIdx.x == 0 && p.lse != nullptr)
-    p.lse[int64_t(h) * p.num_tokens + s] = sum > 0.f ? base + logf(sum) : INFINITY;
+    p.lse[int64_t(h) * p.num_tokens + s] = softmax::row_lse(seen, mx, base + logf(sum));
 }
 
 // Frees the split scratch on the stream when the launch is done with it (or has thrown).

@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_prefill_kernel(const Page
     T* const dsts[1] = {dst};
     const PagedHead<T> srcs[1] = {src};
     load_paged_tiles<kBlockN, Cfg::kHeadDim, Cfg::kThreads, kLoadUnroll>(
-        dsts, srcs, table, shape, j0, int(tiles::min64(sk - j0, kBlockN)), d, aligned, int(threadIdx.x));
+        dsts, srcs, table, shape, j0, 0, int(tiles::min64(sk - j0, kBlockN)), d, aligned, int(threadIdx.x));
   };
   const T* q = static_cast<const T*>(p.q) + (qr.q0 + i0) * p.q_row_stride + head * p.q_head_stride;
   T* out = static_cast<T*>(p.out) + (qr.q0 + i0) * p.o_row_stride + head * p.o_head_stride;

@@ -1,7 +1,8 @@
 // Accuracy check of the AVX2 attention kernels' exp2 and tanh (csrc/attention/shared_avx2.h) against
 // the C library in double. Built and run by tests/test_attention_kernels.py:
 //   g++ -O2 -mavx2 -mfma -std=c++17 -Icsrc/attention -Icsrc/include tests/cpp/attention_exp_check.cpp && ./a.out
-// Prints "exp2_max_rel <e> at <x>", "tanh_max_abs <e> at <x>" and "specials ok|bad".
+// Prints "exp2_max_rel <e> at <x>", "tanh_max_abs <e> at <x>" and "specials ok|bad" (exact values at 0, -inf,
+// below -127, +-inf and NaN).
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -48,8 +49,15 @@ int main() {
   x[0] = 0.f, x[1] = -0.f, x[2] = -__builtin_inff(), x[3] = -127.5f, x[4] = -1e30f, x[5] = -126.f, x[6] = -1.f,
   x[7] = -0.5f;
   _mm256_store_ps(y, exp2_ps(_mm256_load_ps(x)));
-  const bool ok = y[0] == 1.f && y[1] == 1.f && y[2] == 0.f && y[3] == 0.f && y[4] == 0.f &&
-                  y[5] == std::ldexp(1.f, -126) && y[6] == 0.5f && std::fabs(y[7] - 0.70710678f) < 1e-7f;
+  bool ok = y[0] == 1.f && y[1] == 1.f && y[2] == 0.f && y[3] == 0.f && y[4] == 0.f &&
+            y[5] == std::ldexp(1.f, -126) && y[6] == 0.5f && std::fabs(y[7] - 0.70710678f) < 1e-7f;
+  // NaN gives NaN from both (a NaN score must poison its row); tanh(+-inf) is exactly +-1 (a softcapped inf
+  // score, whose gradient 1 - t^2 is then 0).
+  x[0] = std::nanf(""), x[1] = -std::nanf(""), x[2] = __builtin_inff(), x[3] = -__builtin_inff();
+  _mm256_store_ps(y, exp2_ps(_mm256_load_ps(x)));
+  ok = ok && std::isnan(y[0]) && std::isnan(y[1]);
+  _mm256_store_ps(y, tanh_ps(_mm256_load_ps(x)));
+  ok = ok && std::isnan(y[0]) && std::isnan(y[1]) && y[2] == 1.f && y[3] == -1.f;
   std::printf("specials %s\n", ok ? "ok" : "bad");
   return 0;
 }

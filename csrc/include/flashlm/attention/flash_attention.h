@@ -13,6 +13,11 @@
 // lse = +inf (its gradients are 0).
 //
 // Scores: s = scale * q.k, or with softcap > 0, s = softcap * tanh(scale * q.k / softcap).
+//
+// NaN and inf propagate as through softmax(s) . V: a NaN score (a NaN in q or in a key the row sees) makes
+// the row's out and lse NaN, a +inf score makes out NaN and lse +inf, only -inf scores give out NaN and lse
+// -inf, and a NaN or inf in a visible V row reaches out in its column. What a row does not see never reaches
+// it. The backward pass gives a row whose out is NaN NaN gradients (dq, and dk and dv of the keys it sees).
 #pragma once
 
 #include <cstdint>

@@ -10,8 +10,10 @@
 // int32 cu_seqlens_q [num_seqs + 1]. Without cu_seqlens_q every sequence has exactly one query (decode):
 // q is [num_seqs, heads, head_dim]. Sequence s's q_len queries sit at its last q_len positions
 // (bottom-right alignment, as in flash_attention.h), so a causal prefill chunk sees the cached prefix and
-// itself. Masking, softcap and the lse convention (f32 [heads, num_tokens]; +inf for a row that sees no
-// key, whose out is 0) are those of flash_attention.h. Rows of q past cu_seqlens_q[num_seqs] belong to no
+// itself. Masking, softcap, the lse convention (f32 [heads, num_tokens]; +inf for a row that sees no
+// key, whose out is 0) and how NaN and inf propagate are those of flash_attention.h; cache slots a query does
+// not read (past seq_lens, blocks of other sequences, keys outside its window) never reach it, whatever
+// they hold. Rows of q past cu_seqlens_q[num_seqs] belong to no
 // sequence; their out and lse are not written. On the CPU, seq_lens, the block ids they reach and
 // cu_seqlens_q are checked (ValueError); CUDA kernels clamp them instead.
 #pragma once
