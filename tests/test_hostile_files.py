@@ -194,7 +194,8 @@ def test_block_manager_costs_nothing_per_block_up_front(runs):
 
 
 def test_kv_cache_is_checked_against_available_memory():
-    from flashlm.runtime.model_runner import available_memory, kv_bytes_per_block, kv_cache_blocks
+    from flashlm.ops.device import available_memory
+    from flashlm.runtime.model_runner import kv_bytes_per_block, kv_cache_blocks
 
     model = Transformer(ModelConfig(arch="llama", vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=32))
     available = available_memory("cpu")

@@ -157,3 +157,30 @@ def default_scale(q: torch.Tensor, softmax_scale, name: str = "q") -> float:
     if head_dim < 1:
         raise ValueError(f"{name}: head_dim (the last dimension) must be >= 1, got shape {list(q.shape)}")
     return head_dim ** -0.5
+
+
+# Below this many bytes an allocation is not checked against the memory the device has left (the check reads
+# /proc/meminfo, tens of microseconds: nothing next to what a gigabyte takes to fill, too much per decode step).
+_CHECKED_ALLOCATION = 1 << 30
+
+
+def check_fits(nbytes: int, name: str, what: str, device) -> None:
+    """ValueError naming the argument when an allocation it implies (a contiguous copy of a view, an output of
+    its size) cannot fit in the memory `device` has left, instead of the allocator's error halfway through.
+    A stride-0 view of 2^32 rows costs nothing to make and a terabyte to copy."""
+    if nbytes < _CHECKED_ALLOCATION:
+        return
+    from flashlm.ops.device import available_memory
+
+    available = available_memory(device)
+    if available is not None and nbytes > available:
+        raise ValueError(f"{name}: {what} needs {nbytes / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+                         f"{torch.device(device)} has available")
+
+
+def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a contiguous tensor, checked first to fit in memory when it is a view that must be copied."""
+    if t.is_contiguous():
+        return t
+    check_fits(t.numel() * t.element_size(), name, f"a contiguous copy of this {list(t.shape)} view", t.device)
+    return t.contiguous()

@@ -10,7 +10,6 @@ the native decoder stack where it applies (flashlm.runtime.native_decoder), else
     runner = ModelRunner(model, num_blocks, block_size)
 """
 
-import os
 import re
 import time
 from dataclasses import replace
@@ -21,6 +20,7 @@ import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
 from flashlm.ops import NativeDecoder
+from flashlm.ops.device import available_memory
 from flashlm.runtime.block_manager import BlockManager, check_block_size
 from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
@@ -47,34 +47,6 @@ def parse_bytes(value, name="kv_cache_memory") -> int:
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
     cfg = model.cfg
     return 2 * cfg.n_layer * block_size * cfg.n_kv_head * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-def available_memory(device) -> Optional[int]:
-    """Bytes a new allocation can still take on the device, or None where it cannot be told: CUDA's free
-    memory; on the CPU the kernel's MemAvailable (sysconf's free pages without /proc), within the cgroup's
-    memory.max when the process runs under one."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    found = []
-    try:
-        with open("/proc/meminfo") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except (OSError, ValueError, IndexError):
-        pass
-    if not found and hasattr(os, "sysconf"):
-        try:
-            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError):
-            pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f_max, open("/sys/fs/cgroup/memory.current") as f_cur:
-            limit = f_max.read().strip()
-            if limit != "max":
-                found.append(max(int(limit) - int(f_cur.read()), 0))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
 
 
 def _gib(n: int) -> str:
