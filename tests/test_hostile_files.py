@@ -189,7 +189,7 @@ def test_block_manager_costs_nothing_per_block_up_front(runs):
     out = finish(runs, "block manager")
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "num_blocks must be in [1, 2147483647]" in lines[0], lines
+    assert "num_blocks: must be in [1, 2147483647]" in lines[0], lines
     assert lines[1] == f"{2**31 - 1} [0, 1, 2] True", lines
 
 
