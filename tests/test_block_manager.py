@@ -23,6 +23,18 @@ def test_constructor_rejects_bad_sizes(kwargs, name):
         BlockManager(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_blocks=2.5, block_size=4), "num_blocks"), (dict(num_blocks="8", block_size=4), "num_blocks"),
+    (dict(num_blocks=None, block_size=4), "num_blocks"), (dict(num_blocks=True, block_size=4), "num_blocks"),
+    (dict(num_blocks=4, block_size=2.0), "block_size"), (dict(num_blocks=4, block_size=4, max_blocks_per_seq="2"),
+                                                         "max_blocks_per_seq"),
+    (dict(num_blocks=4, block_size=4, enable_prefix_caching="no"), "enable_prefix_caching"),
+])
+def test_constructor_rejects_bad_types(kwargs, name):
+    with pytest.raises(TypeError, match=rf"^{name}: expected"):
+        BlockManager(**kwargs)
+
+
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
 def test_allocate_gives_ceil_blocks_and_slots(block_size):
     bm = BlockManager(num_blocks=20, block_size=block_size)
@@ -213,8 +225,12 @@ def test_block_tables_tensor_and_seq_lens():
     assert t[0].tolist() == bm.block_table(1) + [0, 0] and t[1].tolist() == bm.block_table(3)
     assert bm.block_tables_tensor([3], max_blocks=5)[0].tolist() == bm.block_table(3) + [0, 0]
     assert bm.block_tables_tensor([]).shape == (0, 1)
-    with pytest.raises(ValueError, match="max_blocks"):
-        bm.block_tables_tensor([3], max_blocks=2)
+    assert bm.block_tables_tensor([3], max_blocks=16).shape == (1, 16)
+    for bad in (2, 17, 2**31):  # narrower than sequence 3's table; wider than there are blocks
+        with pytest.raises(ValueError, match=rf"^max_blocks: must be in \[3, 16\].*got {bad}"):
+            bm.block_tables_tensor([3], max_blocks=bad)
+    with pytest.raises(TypeError, match="^max_blocks"):
+        bm.block_tables_tensor([3], max_blocks=4.0)
     lens = bm.seq_lens_tensor([3, 1])
     assert lens.dtype == torch.int32 and lens.tolist() == [5, 1]
 

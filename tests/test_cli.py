@@ -135,6 +135,13 @@ def test_inspect_text(model, capsys):
         assert line.index(" F32 " if "embd" in name else " Q8_0 ") == header.index(" type ")
 
 
+def test_inspect_max_items(model, capsys):
+    assert cli.main(["gguf", "inspect", str(model), "--max-items", "0"]) == 0
+    assert "[... (20 items)]" in capsys.readouterr().out
+    assert cli.main(["gguf", "inspect", str(model), "--max-items", "-1"]) == 2
+    assert capsys.readouterr().err == "flashlm: error: --max-items: must be >= 0, got -1\n"
+
+
 def test_inspect_text_short_names_align(tmp_path, capsys):
     path = tmp_path / "short.gguf"
     path.write_bytes(gb.with_tensors([("a", (4,), gb.F32)]))

@@ -168,5 +168,51 @@ def test_bad_requests():
     with pytest.raises(ValueError, match="tokenizer"):
         LLM(model)
     assert parse_bytes("1.5KiB") == 1536 and parse_bytes(10) == 10
+    for prompts, name in ((None, "prompts"), ({"a": 1}, "prompts"), ([[1, 1.5]], r"prompt\[1\]"),
+                          ([[1, True]], r"prompt\[1\]"), (["ab", 3], "prompt"), (3, "prompts")):
+        with pytest.raises(TypeError, match=f"^{name}"):
+            llm.generate(prompts)
+    with pytest.raises(TypeError, match="^sampling_params"):
+        llm.generate("ab", {"temperature": 0})
+    assert llm.generate([]) == []
+
+
+@pytest.mark.parametrize("kw, error, name", [
+    (dict(max_num_seqs="4"), TypeError, "max_num_seqs"), (dict(max_num_seqs=2.5), TypeError, "max_num_seqs"),
+    (dict(max_num_batched_tokens=0), ValueError, "max_num_batched_tokens"),
+    (dict(block_size="16"), TypeError, "block_size"), (dict(max_model_len=0), ValueError, "max_model_len"),
+    (dict(kv_cache_dtype=torch.int8), ValueError, "kv_cache_dtype"),
+    (dict(kv_cache_dtype=torch.float64), ValueError, "kv_cache_dtype"),
+    (dict(kv_cache_dtype="float32"), TypeError, "kv_cache_dtype"),
+    (dict(seed=2**64), ValueError, "seed"), (dict(seed=-1), ValueError, "seed"), (dict(seed="x"), TypeError, "seed"),
+    (dict(enable_prefix_caching="no"), TypeError, "enable_prefix_caching"),
+    (dict(native_decoder=1), TypeError, "native_decoder"),
+    (dict(draft_model=3), TypeError, "draft_model"),
+])
+def test_bad_engine_arguments_name_the_argument(kw, error, name):
+    with pytest.raises(error, match=f"^{name}: "):
+        LLM(make_model("llama", seq_len=32), CharTokenizer(), **kw)
+
+
+@pytest.mark.parametrize("model", [None, 3])
+def test_model_must_be_a_path_or_a_transformer(model):
+    with pytest.raises(TypeError, match="^model: "):
+        LLM(model)
+
+
+def test_bfloat16_kv_cache_generates():
+    model = make_model("llama", seq_len=32)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = LLM(model, CharTokenizer(), kv_cache_dtype=torch.bfloat16).generate("hello", params)[0].outputs[0]
+    assert len(out.token_ids) == 4 and all(0 <= t < VOCAB for t in out.token_ids)
+
+
+def test_largest_seed_wraps_per_sample():
+    """Sample i of a seeded request draws from seed + i mod 2^64: from the largest seed, sample 1 draws as seed 0."""
+    llm = LLM(make_model("llama", seq_len=32), CharTokenizer())
+    params = dict(temperature=1.0, max_tokens=6, ignore_eos=True)
+    pair = llm.generate("ab", SamplingParams(n=2, seed=2**64 - 1, **params))[0].outputs
+    assert pair[1].token_ids == llm.generate("ab", SamplingParams(seed=0, **params))[0].outputs[0].token_ids
+    assert pair[0].token_ids == llm.generate("ab", SamplingParams(seed=2**64 - 1, **params))[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="kv_cache_memory"):
         parse_bytes("lots")

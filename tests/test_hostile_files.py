@@ -189,7 +189,7 @@ def test_block_manager_costs_nothing_per_block_up_front(runs):
     out = finish(runs, "block manager")
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "num_blocks must be in [1, 2147483647]" in lines[0], lines
+    assert "num_blocks: must be in [1, 2147483647]" in lines[0], lines
     assert lines[1] == f"{2**31 - 1} [0, 1, 2] True", lines
 
 
@@ -234,6 +234,9 @@ def test_commands_on_hostile_files_end_with_one_line(runs, name, want):
     (["chat", "--model", "{bad_gguf}"], "cannot fit"),
     (["generate", "--model", "{ckpt_eos}"], "eos_token_id 99999"),
     (["bench-decode", "--model", "{gguf}", "--reps", "0"], "--reps: must be at least 1"),
+    (["bench-decode", "--model", "{gguf}", "--concurrency", "2147483648"], "--concurrency: must be in [1, 65536]"),
+    (["bench-decode", "--model", "{gguf}", "--prompt-tokens", "2147483648"],
+     "--prompt-tokens: 2147483648 tokens leave no room to generate"),
     (["quantize", "{bad_gguf}", "{bad_gguf}.out", "--type", "Q4_0"], "(at byte 16 of 24)"),
     (["convert", "{gguf}", "{gguf}.out"], "is not an HF model directory"),
     (["export", "{ckpt_shape}", "--hf", "{ckpt_shape}.hf"], "has shape (280, 32)"),
@@ -244,7 +247,8 @@ def test_commands_on_hostile_files_end_with_one_line(runs, name, want):
      ".missing' is neither a file nor a directory"),
     (["train", "--preset", "tiny", "--device", "cuda:7", "--out-dir", "{data}.run"], "device: 'cuda:7'"),
 ], ids=["eval-no-config", "eval-shapes", "eval-tokenizer", "eval-eos", "eval-cuda", "eval-no-data", "chat-bad-file",
-        "generate-eos", "bench-decode-reps", "quantize-bad-file", "convert-a-file", "export-shapes", "inspect-bad-file",
+        "generate-eos", "bench-decode-reps", "bench-decode-concurrency", "bench-decode-prompt-tokens",
+        "quantize-bad-file", "convert-a-file", "export-shapes", "inspect-bad-file",
         "demo-cuda", "demo-cols", "train-no-data", "train-cuda"])
 def test_commands_end_bad_input_with_one_line(files, capsys, args, want):
     from flashlm import cli

@@ -131,10 +131,22 @@ def test_seeded_request_ignores_its_batch():
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
     (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(presence_penalty=3), "presence_penalty"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
-    (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(seed="x"), "seed"),
+    (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(seed=2**64), "seed"),
+    (dict(temperature=math.nan), "temperature"), (dict(n=2**31), "n"), (dict(top_k=2**63), "top_k"),
 ])
 def test_bad_params_name_the_field(kw, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(seed="x"), "seed"), (dict(temperature="hot"), "temperature"), (dict(n="2"), "n"), (dict(top_k=2.5), "top_k"),
+    (dict(max_tokens=1.5), "max_tokens"), (dict(ignore_eos="no"), "ignore_eos"), (dict(stop_token_ids="abc"),
+                                                                                  "stop_token_ids"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"),
+])
+def test_params_of_the_wrong_type_name_the_field(kw, name):
+    with pytest.raises(TypeError, match=rf"^{name}\b"):
         SamplingParams(**kw)
 
 

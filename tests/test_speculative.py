@@ -121,3 +121,14 @@ def test_bad_draft():
         LLM(target, CharTokenizer(), draft_model=small)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLM(target, CharTokenizer(), draft_model=target, num_speculative_tokens=0)
+    # No sequence ever has room for max_model_len proposals: refused before their scratch blocks are made.
+    with pytest.raises(ValueError, match="^num_speculative_tokens: must be less than max_model_len 96"):
+        LLM(target, CharTokenizer(), draft_model=target, num_speculative_tokens=96)
+    with pytest.raises(ValueError, match="^num_speculative_tokens: must be less than max_model_len"):
+        LLM(target, CharTokenizer(), draft_model=target, num_speculative_tokens=2**31)
+    with pytest.raises(TypeError, match="^num_speculative_tokens"):
+        LLM(target, CharTokenizer(), draft_model=target, num_speculative_tokens=2.0)
+    # Scratch blocks for 2^40 sequences: both caches checked against the memory there is before either is made.
+    with pytest.raises(ValueError, match=r"^num_speculative_tokens: the KV caches of the target and draft models .* "
+                                         r"needs [\d.]+ GiB, more than the"):
+        LLM(target, CharTokenizer(), draft_model=target, max_num_seqs=2**40)

@@ -491,6 +491,10 @@ def test_config_sources_and_document_separator(tmp_path):
     assert TrainConfig(data=["a.txt"], doc_separator="none").document_separator() is None
     with pytest.raises(ValueError, match="preset"):
         TrainConfig.from_sources("huge")
+    for name in ("warmup", "grad_clip", "weight_decay", "time_limit"):
+        for bad in (-1, math.nan):
+            with pytest.raises(ValueError, match=rf"^{name}: must be >= 0, got"):
+                TrainConfig(**{name: bad})
 
 
 def test_cli_rejects_bad_arguments(text_file, tmp_path, capsys):

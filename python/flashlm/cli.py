@@ -35,9 +35,9 @@ def _printable(text: str) -> str:
 
 def _short(value, max_items: int) -> str:
     if isinstance(value, list):
-        head = ", ".join(_short(v, max_items) for v in value[:max_items])
-        more = f", ... ({len(value)} items)" if len(value) > max_items else ""
-        return f"[{head}{more}]"
+        head = [_short(v, max_items) for v in value[:max_items]]
+        more = [f"... ({len(value)} items)"] if len(value) > max_items else []
+        return f"[{', '.join(head + more)}]"
     if isinstance(value, str):
         text = value if len(value) <= 80 else value[:77] + "..."
         return _printable(json.dumps(text, ensure_ascii=False))
@@ -56,6 +56,8 @@ def _json_safe(value):
 def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
     from flashlm.gguf import GGUFFile
 
+    if args.max_items < 0:
+        raise ValueError(f"--max-items: must be >= 0, got {args.max_items}")
     with GGUFFile(args.file) as f:
         if args.json:
             out = {

@@ -53,7 +53,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
-_MAX_TOKEN_ID = (1 << 63) - 1
+from flashlm.runtime.checks import as_bool, as_count, as_optional_count, as_token_ids
+
 # Block ids go to the kernels as int32 block tables; a block of more tokens than this is no cache layout
 # anyone uses (vLLM's default is 16, flash-attn's paged kernels take multiples of 256).
 MAX_NUM_BLOCKS = (1 << 31) - 1
@@ -110,10 +111,7 @@ def block_hash(parent_hash: Optional[bytes], token_ids: Sequence[int]) -> bytes:
 
 
 def check_block_size(block_size) -> int:
-    block_size = operator.index(block_size)
-    if not 1 <= block_size <= MAX_BLOCK_SIZE:
-        raise ValueError(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
-    return block_size
+    return as_count(block_size, "block_size", 1, MAX_BLOCK_SIZE)
 
 
 def _check_seq_id(seq_id) -> int:
@@ -127,31 +125,15 @@ def _is_iterable(x) -> bool:
     return hasattr(x, "__iter__") and not isinstance(x, (str, bytes))
 
 
-def _token_list(token_ids: Iterable[int], name: str) -> list:
-    """The token ids as a list of Python ints, checked."""
-    try:
-        tokens = [operator.index(t) for t in token_ids]
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of ints, got {type(token_ids).__name__}") from None
-    for t in tokens:
-        if not 0 <= t <= _MAX_TOKEN_ID:
-            raise ValueError(f"{name} holds {t}, outside [0, 2^63)")
-    return tokens
-
-
 class BlockManager:
     """Allocates KV-cache blocks to sequences, with reference counting, copy-on-write and prefix caching."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  max_blocks_per_seq: Optional[int] = None):
-        if not 1 <= operator.index(num_blocks) <= MAX_NUM_BLOCKS:
-            raise ValueError(f"num_blocks must be in [1, {MAX_NUM_BLOCKS}] (int32 block tables), got {num_blocks}")
-        if max_blocks_per_seq is not None and operator.index(max_blocks_per_seq) < 1:
-            raise ValueError(f"max_blocks_per_seq must be >= 1 or None, got {max_blocks_per_seq}")
-        self.num_blocks = int(num_blocks)
+        self.num_blocks = as_count(num_blocks, "num_blocks", 1, MAX_NUM_BLOCKS)  # int32 block tables
         self.block_size = check_block_size(block_size)
-        self.enable_prefix_caching = bool(enable_prefix_caching)
-        self.max_blocks_per_seq = None if max_blocks_per_seq is None else int(max_blocks_per_seq)
+        self.enable_prefix_caching = as_bool(enable_prefix_caching, "enable_prefix_caching")
+        self.max_blocks_per_seq = as_optional_count(max_blocks_per_seq, "max_blocks_per_seq")
         # Nothing per block up front: blocks are handed out in id order the first time, so _blocks[b] is the
         # _Block of every block used so far and ids [len(_blocks), num_blocks) were never used. Free blocks are
         # those, taken first, then the returned ones in the order they came back.
@@ -227,7 +209,7 @@ class BlockManager:
             if num_tokens < 1:
                 raise ValueError(f"prompt length must be >= 1, got {num_tokens}")
             return self._blocks_for(num_tokens) <= self.num_free_blocks
-        tokens = _token_list(prompt, "prompt")
+        tokens = as_token_ids(prompt, "prompt")
         if not tokens:
             raise ValueError("prompt is empty")
         hits, _ = self._lookup(tokens)
@@ -235,8 +217,7 @@ class BlockManager:
 
     def can_append(self, seq_id: int, num_new_tokens: int = 1) -> bool:
         """Whether `append` of num_new_tokens tokens to the sequence would find enough blocks."""
-        if num_new_tokens < 1:
-            raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+        num_new_tokens = as_count(num_new_tokens, "num_new_tokens")
         return self._fresh_needed_for_append(self._seq(seq_id), num_new_tokens) <= self.num_free_blocks
 
     # ---- sequence lifetime ---------------------------------------------------------------------------------
@@ -248,7 +229,7 @@ class BlockManager:
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already allocated")
-        tokens = _token_list(token_ids, "token_ids")
+        tokens = as_token_ids(token_ids, "token_ids")
         if not tokens:
             raise ValueError(f"token_ids of sequence {seq_id} is empty")
         self._check_table_size(seq_id, self._blocks_for(len(tokens)))
@@ -287,16 +268,14 @@ class BlockManager:
             if num_new < 1:
                 raise ValueError(f"token_ids appended to sequence {seq_id} is empty: no token after the {n} held")
         else:
-            num_new = operator.index(num_new_tokens)
-            if num_new < 1:
-                raise ValueError(f"num_new_tokens must be >= 1, got {num_new}")
+            num_new = as_count(num_new_tokens, "num_new_tokens")
             if len(token_ids) < n + num_new:
                 raise ValueError(f"token_ids of sequence {seq_id}: {len(token_ids)} tokens, fewer than the {n} "
                                  f"held and {num_new} new")
         end = n + num_new
         # The held tokens of the partly filled last block (to name it when it fills), then the new ones.
         first = n - n % bs
-        window = _token_list(token_ids[first:end], "token_ids")
+        window = as_token_ids(token_ids[first:end], "token_ids")
         self._check_table_size(seq_id, self._blocks_for(end))
         fresh = self._fresh_needed_for_append(seq, num_new)
         if fresh > self.num_free_blocks:
@@ -382,8 +361,11 @@ class BlockManager:
         longest = max((len(t) for t in tables), default=0)
         if max_blocks is None:
             max_blocks = max(longest, 1)
-        elif max_blocks < longest:
-            raise ValueError(f"max_blocks={max_blocks} is less than the longest block table ({longest} blocks)")
+        elif not longest <= as_count(max_blocks, "max_blocks", 0) <= self.num_blocks:
+            # A table lists distinct blocks, so a row wider than num_blocks is padding alone (and its size is
+            # the caller's to choose: 2^31 would be an 8 GiB tensor of zeros).
+            raise ValueError(f"max_blocks: must be in [{longest}, {self.num_blocks}] (the longest block table of "
+                             f"the batch, the number of blocks), got {max_blocks}")
         if not tables:
             return torch.zeros((0, max_blocks), dtype=torch.int32)
         # One conversion of padded lists: much cheaper than a small tensor per row for large batches.

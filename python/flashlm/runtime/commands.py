@@ -11,7 +11,12 @@ import time
 
 import torch
 
+from flashlm.ops._check import INT64_MAX
+from flashlm.runtime.checks import as_count
 from flashlm.runtime.sampling_params import SamplingParams
+
+# bench-decode makes every request's prompt up front and then runs them all at once.
+MAX_CONCURRENCY = 1 << 16
 
 
 # For models that ship no chat template (flashlm's own trained models): plain "role: content" lines.
@@ -152,10 +157,13 @@ def batching_speedup(llm, prompts, params) -> tuple:
 
 def cmd_bench_decode(args) -> int:
     for flag in ("prompt_tokens", "gen_tokens", "concurrency", "reps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+        as_count(getattr(args, flag), f"--{flag.replace('_', '-')}", 1,
+                 MAX_CONCURRENCY if flag == "concurrency" else INT64_MAX)
     # Without prefix caching: the repetitions rerun one prompt, which the cache would turn into a lookup.
-    llm = _engine(args, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False)
+    llm = _engine(args, max_num_seqs=args.concurrency, enable_prefix_caching=False)
+    if args.prompt_tokens >= llm.max_model_len:  # checked before the prompts are made
+        raise ValueError(f"--prompt-tokens: {args.prompt_tokens} tokens leave no room to generate within the "
+                         f"context of {llm.max_model_len} (--max-model-len)")
     vocab = llm.model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist() for _ in range(args.concurrency)]

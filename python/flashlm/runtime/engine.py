@@ -20,8 +20,11 @@ import torch
 
 from flashlm import ops
 from flashlm.models.transformer import Transformer
-from flashlm.runtime.block_manager import BlockManager
-from flashlm.runtime.model_runner import ModelRunner, kv_cache_blocks
+from flashlm.ops._check import check_fits
+from flashlm.runtime.block_manager import BlockManager, check_block_size
+from flashlm.runtime.checks import (as_bool, as_count, as_model_source, as_optional_count, as_prompts, as_seed,
+                                    as_token_ids, as_kv_cache_dtype)
+from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_blocks
 from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
@@ -71,6 +74,14 @@ class _Request:
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, self.metrics)
 
 
+def _sampling_params(params) -> SamplingParams:
+    if params is None:
+        return SamplingParams()
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling_params: expected a SamplingParams, got {type(params).__name__}")
+    return params
+
+
 class LLM:
     def __init__(self, model: Union[str, Transformer], tokenizer=None, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
@@ -78,6 +89,19 @@ class LLM:
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
                  draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True):
         device = ops.check_device(device)
+        # The cheap checks first, before a model is loaded.
+        as_model_source(model, "model")
+        if draft_model is not None:
+            as_model_source(draft_model, "draft_model")
+        max_num_seqs = as_count(max_num_seqs, "max_num_seqs")
+        max_num_batched_tokens = as_count(max_num_batched_tokens, "max_num_batched_tokens")
+        block_size = check_block_size(block_size)
+        enable_prefix_caching = as_bool(enable_prefix_caching, "enable_prefix_caching")
+        max_model_len = as_optional_count(max_model_len, "max_model_len")
+        kv_cache_dtype = as_kv_cache_dtype(kv_cache_dtype, device)
+        seed = as_seed(seed)
+        num_speculative_tokens = as_count(num_speculative_tokens, "num_speculative_tokens")
+        native_decoder = as_bool(native_decoder, "native_decoder")
         if isinstance(model, Transformer):
             if tokenizer is None:
                 raise ValueError("tokenizer: required when model is a Transformer")
@@ -90,8 +114,6 @@ class LLM:
         self.tokenizer = tokenizer
         cfg = model.cfg
         self.max_model_len = min(cfg.seq_len, max_model_len or cfg.seq_len)
-        if kv_cache_dtype is None:
-            kv_cache_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         num_blocks = kv_cache_blocks(model, block_size, kv_cache_dtype, self.max_model_len, max_num_seqs,
                                      kv_cache_memory, device)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
@@ -101,8 +123,12 @@ class LLM:
                                    eos_token_ids=getattr(tokenizer, "eos_token_ids", ()) or ())
         total_blocks, self.spec = num_blocks, None
         if draft_model is not None:
+            if num_speculative_tokens >= self.max_model_len:
+                raise ValueError(f"num_speculative_tokens: must be less than max_model_len {self.max_model_len} (no "
+                                 f"sequence has room for more proposals), got {num_speculative_tokens}")
             draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
-            total_blocks += max_num_seqs * scratch_blocks_per_seq(num_speculative_tokens, block_size)
+            total_blocks = self._blocks_with_scratch(num_blocks, num_speculative_tokens, block_size, max_num_seqs,
+                                                     kv_cache_dtype, draft_model, device)
         self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
         if draft_model is not None:
@@ -128,20 +154,28 @@ class LLM:
                              f"{self.max_model_len}")
         return draft
 
+    def _blocks_with_scratch(self, num_blocks, k, block_size, max_num_seqs, kv_dtype, draft, device) -> int:
+        """The cache blocks of the target and draft runners with speculative decoding: the block manager's, then
+        each sequence's scratch blocks for k proposals. Checked against the memory the device has left, both
+        caches together, before either is made."""
+        total = num_blocks + max_num_seqs * scratch_blocks_per_seq(k, block_size)
+        per_block = sum(kv_bytes_per_block(m, block_size, kv_dtype) for m in (self.model, draft))
+        check_fits(total * per_block, "num_speculative_tokens", f"the KV caches of the target and draft models "
+                   f"({total} blocks each: {num_blocks} and scratch for {k} proposals of {max_num_seqs} sequences)",
+                   device)
+        return total
+
     # ---- requests ---------------------------------------------------------------------------------------
 
     def add_request(self, prompt, params: Optional[SamplingParams] = None) -> int:
         """Queues a prompt (text, or a list of token ids); returns its request id."""
-        params = params or SamplingParams()
+        params = _sampling_params(params)
         if isinstance(prompt, _ChatText):  # the template already holds the special tokens it wants
             text, ids = str(prompt), list(self.tokenizer.encode(str(prompt), add_special_tokens=False))
         elif isinstance(prompt, str):
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
-            text, ids = None, [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt: token ids must be in [0, {self.model.cfg.vocab_size}), got {bad[:5]}")
+            text, ids = None, as_token_ids(prompt, "prompt", self.model.cfg.vocab_size)
         if not ids:
             raise ValueError("prompt: is empty")
         if len(ids) >= self.max_model_len:
@@ -153,8 +187,8 @@ class LLM:
         for i in range(params.n):
             seq = Sequence(self._next_seq, ids, params)
             self._next_seq += 1
-            if params.seed is not None:  # sample i of a seeded request draws from seed + i
-                gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            if params.seed is not None:  # sample i of a seeded request draws from seed + i (mod 2^64)
+                gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
         req = _Request(rid, text, ids, params, seqs, gens)
         self._requests[rid] = req
@@ -236,16 +270,13 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list:
         """One RequestOutput per prompt, in order. prompts: a string, a list of token ids, or a list of either;
         sampling_params: one SamplingParams for all, or one per prompt."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = as_prompts(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(sampling_params)} given for {len(prompts)} prompts")
-            params = list(sampling_params)
+            params = [_sampling_params(p) for p in sampling_params]
         else:
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [_sampling_params(sampling_params)] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         reqs = [self._requests[i] for i in ids]
         bar = None

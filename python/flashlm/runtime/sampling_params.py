@@ -10,8 +10,12 @@ presence_penalty and frequency_penalty (OpenAI's additive rules) count output to
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from flashlm.runtime.checks import as_bool, as_count, as_float, as_optional_count, as_seed, as_token_ids
+
 # Below this temperature a request is greedy (vLLM's threshold): dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
+# Completions per prompt: each is a sequence of its own from the start (OpenAI's API allows 128).
+MAX_N = 1 << 16
 
 
 @dataclass
@@ -31,14 +35,15 @@ class SamplingParams:
     seed: Optional[int] = None  # a request with a seed samples the same tokens whatever it is batched with
 
     def __post_init__(self):
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n: must be an integer >= 1, got {self.n!r}")
+        self.n = as_count(self.n, "n", 1, MAX_N)
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, as_float(getattr(self, name), name))
+        # Each range reads "not inside", so NaN (which compares false) is refused too.
         if not self.temperature >= 0:
             raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k: must be -1, 0 (all tokens) or a positive integer, got {self.top_k!r}")
+        self.top_k = as_count(self.top_k, "top_k", -1)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p: must be in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
@@ -46,18 +51,16 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens: must be None or an integer >= 1, got {self.max_tokens!r}")
+        self.max_tokens = as_optional_count(self.max_tokens, "max_tokens")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop: must be non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids: must be token ids >= 0, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed: must be None or an integer, got {self.seed!r}")
+        self.stop_token_ids = as_token_ids([] if self.stop_token_ids is None else self.stop_token_ids,
+                                           "stop_token_ids")
+        self.ignore_eos = as_bool(self.ignore_eos, "ignore_eos")
+        self.seed = None if self.seed is None else as_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

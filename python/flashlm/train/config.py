@@ -75,8 +75,9 @@ class TrainConfig:
                      "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
-        if self.warmup < 0 or self.grad_clip < 0 or self.weight_decay < 0 or self.time_limit < 0:
-            raise ValueError("warmup, grad_clip, weight_decay and time_limit: must be >= 0")
+        for name in ("warmup", "grad_clip", "weight_decay", "time_limit"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(float(b) for b in self.betas)
