@@ -474,6 +474,8 @@ def test_flash_attn_with_kvcache_rejects_bad_input():
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2))
     with pytest.raises(ValueError, match="k, v"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, None, cache_seqlens=1)
+    with pytest.raises(ValueError, match="k: dtype torch.bfloat16 differs from k_cache's torch.float32"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k.bfloat16(), k, cache_seqlens=1)
     assert k_cache.abs().sum() == 0
 
 

@@ -232,6 +232,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_pair(k, "k", v, "v", "[batch, seqlen_new, kv_heads, head_dim]")
         if k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k: expected [{batch}, seqlen_new, {kv_heads}, {head_dim}], got {list(k.shape)}")
+        for name, t, cache_name, cache in (("k", k, "k_cache", k_cache), ("v", v, "v_cache", v_cache)):
+            if t.dtype != cache.dtype:  # written into the cache as they are
+                raise ValueError(f"{name}: dtype {t.dtype} differs from {cache_name}'s {cache.dtype}")
     if rotary_cos is not None:
         _check_pair(rotary_cos, "rotary_cos", rotary_sin, "rotary_sin", "[seqlen_ro, rotary_dim / 2]")
         if 2 * rotary_cos.shape[1] > head_dim:
