@@ -28,6 +28,17 @@ def visible(sq, sk, causal=False, window=(-1, -1), device=None):
     return mask
 
 
+def band_edges(sq, sk, causal=False, window=(-1, -1)):
+    """The keys just outside some query's band (the key before its first, the key after its last), sorted: what
+    its neighbours may see and it must not."""
+    edges = set()
+    for row in visible(sq, sk, causal, window):
+        keys = row.nonzero().flatten().tolist()
+        if keys:
+            edges.update(j for j in (keys[0] - 1, keys[-1] + 1) if 0 <= j < sk)
+    return sorted(edges)
+
+
 def _padded(q, k, v, causal, window, softcap, scale, p_dtype):
     """q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]."""
     sq, sk, heads = q.shape[1], k.shape[1], q.shape[2]

@@ -242,6 +242,35 @@ def test_varlen_empty_sequences_cpu():
     check_varlen([0, 7, 0, 3], [4, 7, 0, 0], 2, 2, 16, torch.float32, "cpu", False)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_varlen_rows_outside_every_sequence(device):
+    # Rows before cu_seqlens[0] and from cu_seqlens[-1] on belong to no sequence: out 0 and lse +inf (a row
+    # that sees no key), and gradients 0. The sequences' rows are those of the same call without them.
+    dtype = dtypes_for(device)[1]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(rows, heads, 32, generator=g).to(device=device, dtype=dtype)
+               for rows, heads in ((16, 4), (13, 2), (13, 2)))
+    dout = torch.randn(16, 4, 32, generator=g).to(device=device, dtype=dtype)
+    cu_q, cu_k = ([first, first + 5, first + 11] for first in (2, 1))  # q rows 0, 1, 13-15 and k rows 0, 12 outside
+    results = []
+    for lo_q, lo_k, hi_q, hi_k in ((0, 0, 16, 13), (2, 1, 13, 12)):  # all the rows, then the sequences' alone
+        parts = ((q, lo_q, hi_q), (k, lo_k, hi_k), (v, lo_k, hi_k))
+        leaves = [t[lo:hi].clone().requires_grad_() for t, lo, hi in parts]
+        cu = [torch.tensor([c - lo for c in offsets], dtype=torch.int32, device=device)
+              for offsets, lo in ((cu_q, lo_q), (cu_k, lo_k))]
+        out, lse, _ = flash_attn_varlen_func(*leaves, *cu, 6, 6, causal=True, return_attn_probs=True)
+        out.backward(dout[lo_q:hi_q])
+        results.append((out.detach(), lse, *(t.grad for t in leaves)))
+    (out, lse, dq, dk, dv), inner = results
+    outside_q, outside_k = [0, 1, 13, 14, 15], [0, 12]
+    for name, t in (("out", out[outside_q]), ("dq", dq[outside_q]), ("dk", dk[outside_k]), ("dv", dv[outside_k])):
+        assert_equal(t, torch.zeros_like(t), name=f"{name} outside every sequence")
+    assert_equal(lse[:, outside_q], torch.full_like(lse[:, outside_q], math.inf), name="lse outside every sequence")
+    sequences = (out[2:13], lse[:, 2:13], dq[2:13], dk[1:12], dv[1:12])
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), sequences, inner):
+        assert_equal(got, want, name=f"{name} of the sequences' rows")
+
+
 # --- the op layer: torch.library, torch.compile -------------------------------------------------------------
 
 @pytest.mark.parametrize("device", devices())

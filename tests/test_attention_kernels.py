@@ -20,7 +20,7 @@ import torch
 from compare import FLOOR, assert_close, assert_close_to_reference, assert_equal
 from conftest import per_device
 from flashlm import _C
-from reference import attention_with_grads, visible
+from reference import attention_with_grads, band_edges, visible
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ISAS = [isa for isa in ("avx2", "scalar") if _C.cpu_isa_supported(isa)]
@@ -167,6 +167,9 @@ CPU_CASES += [(torch.float32, 1, s, s, 2, 2, 64, causal, window, softcap)
               for s, window, causal, softcap in [(300, (16, 3), False, 0.0), (1000, (40, -1), True, 0.0),
                                                  (300, (-1, 0), False, 0.0), (300, (-1, -1), True, 7.5),
                                                  (300, (20, 20), False, 2.0)]]
+# Sq > Sk with a right window at least Sk wide but narrower than Sq - 1: the first rows still see only part of
+# the keys (it once counted as no window).
+CPU_CASES += [(dtype, 2, 40, 9, 2, 1, 32, False, (3, 12), 0.0) for dtype in (torch.float32, torch.bfloat16)]
 CUDA_CASES = [(dtype, *case) for case in [
     (2, 128, 128, 4, 4, 128, False, (-1, -1), 0.0),
     (1, 257, 257, 2, 1, 64, True, (-1, -1), 0.0),
@@ -177,6 +180,7 @@ CUDA_CASES = [(dtype, *case) for case in [
     (1, 129, 129, 2, 2, 192, True, (-1, -1), 30.0),
     (1, 64, 64, 2, 2, 8, False, (-1, -1), 5.0),
     (1, 100, 100, 1, 1, 160, False, (0, 0), 0.0),
+    (2, 90, 9, 2, 1, 64, False, (3, 12), 0.0),
 ] for dtype in (torch.float16, torch.bfloat16)]
 CASES = per_device(cpu=CPU_CASES, cuda=CUDA_CASES)
 CASE_ARGS = "device,dtype,batch,sq,sk,heads,kv_heads,d,causal,window,softcap"
@@ -372,6 +376,59 @@ def test_nonfinite_backward_of_poisoned_rows(device, dtype, window, where):
                 assert not missed.any(), (f"{name} ({isa or device}, {where} = {value}): finite at "
                                           f"{missed.nonzero()[0].tolist()} where the reference is NaN")
                 assert not (got_nan & ~ref_nan).any(), f"{name} ({isa or device}, {where} = {value}): NaN beyond the reference's"
+
+
+# A NaN key just outside a row's band (before its window, after its window or its causal diagonal) is seen by
+# the row's neighbours and not by the row: it must reach exactly the rows that see it. Up to 6 of a case's
+# edges, one NaN at a time, on every kernel and in both loop orders.
+# (dtype, batch, sq, sk, heads, kv_heads, head_dim, causal, window)
+EDGES_CPU = [
+    (torch.float32, 2, 6, 2, 4, 4, 16, False, (1, 4)),     # Sq > Sk: a right window wider than the keys
+    (torch.bfloat16, 1, 40, 9, 2, 1, 32, False, (3, 12)),
+    (torch.float32, 1, 9, 40, 2, 2, 32, False, (5, 3)),    # Sq < Sk: both sides
+    (torch.float32, 1, 70, 70, 2, 1, 64, True, (33, -1)),  # causal and a left window, across key blocks
+    (torch.bfloat16, 2, 37, 45, 2, 2, 16, True, (-1, -1)),  # right of the causal diagonal
+]
+EDGES_CUDA = [
+    (torch.float16, 2, 6, 2, 4, 4, 16, False, (1, 4)),
+    (torch.bfloat16, 1, 90, 9, 2, 1, 64, False, (3, 12)),
+    (torch.float16, 1, 70, 130, 2, 2, 64, True, (40, -1)),
+    (torch.bfloat16, 1, 150, 150, 2, 2, 128, False, (64, 3)),
+]
+
+
+def some_edges(sq, sk, causal, window, count=6):
+    edges = band_edges(sq, sk, causal, window)
+    assert edges, "every case has keys outside some row's band"
+    return edges[::max(1, len(edges) // count)]
+
+
+@pytest.mark.parametrize("device,dtype,batch,sq,sk,heads,kv_heads,d,causal,window",
+                         per_device(cpu=EDGES_CPU, cuda=EDGES_CUDA))
+def test_nan_key_just_outside_the_band(device, dtype, batch, sq, sk, heads, kv_heads, d, causal, window):
+    q, k, v = padded_inputs(device, dtype, batch, sq, sk, heads, kv_heads, d)
+    for j in some_edges(sq, sk, causal, window):
+        k_nan = placed(k, math.nan, [(batch - 1, j, kv_heads - 1, 1)])
+        check_case(device, q, k_nan, v, causal=causal, window=window, grads=False, equal_nan=True)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (1, 6)), (True, (3, -1)), (False, (2, 0))])
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_nan_key_just_outside_the_band_packed(device, dtype, causal, window):
+    # Sequences of (queries, keys) (6, 2), (0, 5), (9, 3) and (14, 5), more queries than keys: a right window of
+    # 6 is wider than every sequence's keys, yet the first rows of the last two do not reach their last keys.
+    # The NaN also reaches no other sequence.
+    lens = [(6, 2), (0, 5), (9, 3), (14, 5)]
+    cu_q, cu_k = ([0] + [sum(n[i] for n in lens[:s + 1]) for s in range(len(lens))] for i in (0, 1))
+    q = randn(cu_q[-1], 2, 32, dtype=dtype, seed=1, device=device)
+    k, v = (randn(cu_k[-1], 1, 32, dtype=dtype, seed=seed, device=device) for seed in (2, 3))
+    cu = [torch.tensor(c, dtype=torch.int32, device=device) for c in (cu_q, cu_k)]
+    for s, (sq, sk) in enumerate(lens):
+        edges = band_edges(sq, sk, causal, window)
+        for j in edges[:1] + edges[-1:]:
+            k_nan = placed(k, math.nan, [(cu_k[s] + j, 0, 5)])
+            check_case(device, q, k_nan, v, *cu, causal=causal, window=window, grads=False, equal_nan=True)
 
 
 @pytest.mark.skipif("avx2" not in CPU_ISAS, reason="this CPU has no AVX2/FMA")

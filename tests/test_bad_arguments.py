@@ -300,6 +300,25 @@ def test_flash_attn_backward_mixed_meta_raises(which):
         ops.flash_attn_backward(*args.values(), None, None, 0, 0, 0.25, False, -1, -1, 0.0)
 
 
+def test_flash_attn_ops_check_their_arguments():
+    # The public ops check what the dispatcher's schema would refuse with its own error (or what nanobind
+    # would list its signature for), naming the argument.
+    q = f32(1, 4, 2, 16)
+    forward = [q, q, q, None, None, 0, 0, 0.25, False, -1, -1, 0.0, 2]
+    out, lse = ops.flash_attn_forward(*forward)
+    for at, value, error, name in [(7, None, TypeError, "softmax_scale"), (11, "x", TypeError, "softcap"),
+                                   (12, 2**31, ValueError, "version"), (6, 2**63, ValueError, "max_seqlen_k"),
+                                   (10, 1.5, TypeError, "window_right"), (2, [1.0], TypeError, "v")]:
+        with pytest.raises(error, match=f"^{name}: "):
+            ops.flash_attn_forward(*forward[:at], value, *forward[at + 1:])
+    backward = [q, q, q, q, out, lse, None, None, 0, 0, 0.25, False, -1, -1, 0.0]
+    for at, value, error, name in [(0, None, TypeError, "dout"), (5, np.zeros((1, 2, 4)), TypeError, "lse"),
+                                   (8, "1", TypeError, "max_seqlen_q"), (12, None, TypeError, "window_left"),
+                                   (5, lse[..., :1].expand(1, 2, 4 + 2**32), ValueError, "lse")]:
+        with pytest.raises(error, match=f"^{name}: "):
+            ops.flash_attn_backward(*backward[:at], value, *backward[at + 1:])
+
+
 def test_flash_attn_all_meta_gives_meta_shapes():
     out, lse = ops.flash_attn_forward(*(_meta(f32(1, 4, 2, 16)) for _ in range(3)), None, None, 0, 0, 0.25, False, -1,
                                       -1, 0.0, 2)

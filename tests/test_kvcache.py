@@ -18,7 +18,7 @@ from conftest import cpu_isas, devices, per_kernel, use_isa
 from flashlm import ops
 from flashlm.flash_attn_interface import flash_attn_varlen_func, flash_attn_with_kvcache
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
-from reference import attention
+from reference import attention, band_edges
 from reference import paged_attention as paged_reference
 
 pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: tests switch the ISA
@@ -285,6 +285,31 @@ def test_prefill_nonfinite(device, isa, dtype, where, value):
         assert_equal(out[-2:], torch.zeros_like(out[-2:]), name="rows past cu_seqlens_q[-1]")
 
 
+@pytest.mark.parametrize("device,isa,dtype", per_kernel(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                        cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_nan_slot_just_outside_the_window(device, isa, dtype):
+    # A cached key just outside a query's band (before its window; after a prefill row's window or causal
+    # diagonal, where the next rows look) is NaN, one slot at a time (the first and last such slots of each
+    # sequence): it reaches exactly the rows that see it.
+    use_isa(isa)
+    lens, q_lens = [40, 9, 70], [5, 9, 1]
+    gen = torch.Generator().manual_seed(8)
+    k_cache, v_cache, table = make_cache(lens, 16, 2, 64, dtype, device, gen=gen)
+    cu = torch.tensor([0, 5, 14, 15], dtype=torch.int32, device=device)
+    q = torch.randn(15, 4, 64, generator=gen).to(dtype).to(device)
+    for causal, window in ((True, (7, -1)), (False, (3, 2))):
+        for s in range(len(lens)):
+            for count, rows, splits in ((q_lens[s], cu, 0), (1, None, 3)):  # prefill, then decode (split)
+                edges = band_edges(count, lens[s], causal, window)
+                for j in edges[:1] + edges[-1:]:
+                    block, offset = int(table[s, j // 16]), j % 16
+                    kc = k_cache.clone()
+                    kc[block, offset, 1, 7] = math.nan
+                    queries = q if rows is not None else q[cu[1:] - 1]  # decode: each sequence's last row
+                    check(queries, kc, v_cache, table, lens, rows, num_splits=splits, equal_nan=True, causal=causal,
+                          window=window)
+
+
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("device", devices())
 def test_flash_attn_with_kvcache_nonfinite(device, seqlen_q):
@@ -449,6 +474,8 @@ def test_flash_attn_with_kvcache_rejects_bad_input():
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2))
     with pytest.raises(ValueError, match="k, v"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, None, cache_seqlens=1)
+    with pytest.raises(ValueError, match="k: dtype torch.bfloat16 differs from k_cache's torch.float32"):
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k.bfloat16(), k, cache_seqlens=1)
     assert k_cache.abs().sum() == 0
 
 

@@ -289,8 +289,12 @@ def test_bad_step_names_the_argument():
         step(k=[k[0], None, k[2]])
     with pytest.raises(TypeError, match=r"v_caches: expected a list of tensors, got torch.Tensor"):
         step(v=v[0])
-    with pytest.raises(TypeError, match="positions: expected a tensor, got list"):
+    with pytest.raises(TypeError, match="positions: expected a torch.Tensor, got list"):
         step(positions=[0, 1, 2])
+    with pytest.raises(TypeError, match="positions: expected a torch.Tensor, got NoneType"):
+        dec(torch.randn(T, cfg.d_model), None, model.rope_cos, model.rope_sin, k, v, torch.arange(T),
+            torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([T], dtype=torch.int32),
+            torch.tensor([0, T], dtype=torch.int32), T)
     with pytest.raises(ValueError, match="x: only CPU and CUDA tensors are supported, got a torch.Tensor on meta"):
         step(x=torch.randn(T, cfg.d_model, device="meta"))
     with pytest.raises(ValueError, match="max_seqlen_q"):
@@ -328,6 +332,19 @@ def test_bad_ends_and_step_tokens_name_the_argument():
         step(torch.tensor([1, 2, 3]), torch.tensor([3]))
     with pytest.raises(ValueError, match="tokens must be a contiguous int64"):
         step(torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([2]))
+    with pytest.raises(TypeError, match="embedding: expected a torch.Tensor, got NoneType"):
+        dec.set_ends(None, "Q4_0", model.final_norm.weight.detach(), head)
+
+    def three_tokens(tokens=torch.tensor([1, 2, 3]), cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32)):
+        return dec.logits(tokens, torch.arange(3), model.rope_cos, model.rope_sin, k, v, torch.arange(3),
+                          torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
+                          cu_seqlens_q, 3, torch.tensor([1]))
+
+    with pytest.raises(TypeError, match="tokens: expected a torch.Tensor, got NoneType"):
+        three_tokens(tokens=None)
+    # Every token is a query of some sequence: one left out would be attended as if it saw no key.
+    with pytest.raises(ValueError, match="cu_seqlens_q: must run from 0 to the 3 tokens, got 0 to 2"):
+        three_tokens(cu_seqlens_q=torch.tensor([0, 2], dtype=torch.int32))
 
 
 def test_set_ends_again_replaces_the_ends():

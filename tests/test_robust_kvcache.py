@@ -262,7 +262,8 @@ def paged_cases():
         cache_nan("k_cache", 2, 12, "seen only by the sequence's last query"),
         cache_nan("k_cache", 2, 5, "seen by every query of the sequence"),
         cache_nan("k_cache", 2, 14, "past seq_lens"),
-        Mutation("cu_seqlens_q", "decreasing [0, 3, 2, 6]", apply("cu_seqlens_q", lambda t: poke(t, 1, 3))),
+        # Both entries poked: [0, 2, 3, 6] with only entry 1 set to 3 is [0, 3, 3, 6], which is valid.
+        Mutation("cu_seqlens_q", "decreasing [0, 3, 2, 6]", apply("cu_seqlens_q", lambda t: poke(poke(t, 1, 3), 2, 2))),
         Mutation("cu_seqlens_q", "ending past q's 6 rows", apply("cu_seqlens_q", lambda t: poke(t, 3, 7))),
         Mutation("cu_seqlens_q", "ending before q's last row", apply("cu_seqlens_q", lambda t: poke(t, 3, 5)), "either"),
         Mutation("cu_seqlens_q", "starting at -1", apply("cu_seqlens_q", lambda t: poke(t, 0, -1))),

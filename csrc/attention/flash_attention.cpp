@@ -2,6 +2,7 @@
 // kernels' Params, and routes on device (CPU / CUDA) and, on the CPU, on the run-time ISA (AVX2 / scalar).
 #include "flashlm/attention/flash_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -125,8 +126,9 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
     FLASHLM_CHECK(cu_q.shape[0] == cu_k.shape[0], "cu_seqlens_k: has ", cu_k.shape[0], " entries, cu_seqlens_q ",
                   cu_q.shape[0]);
     p.batch = count_as_int(cu_q.shape[0] - 1, "cu_seqlens_q", "batch (entries - 1)");
-    p.seqlen_q = max_seqlen_q;
-    p.seqlen_k = max_seqlen_k;
+    // No sequence has more rows than the packed tensor: a larger bound would only size CUDA grids for nothing.
+    p.seqlen_q = std::min(max_seqlen_q, p.total_q);
+    p.seqlen_k = std::min(max_seqlen_k, p.total_k);
     p.cu_seqlens_q = static_cast<const int32_t*>(cu_q.data);
     p.cu_seqlens_k = static_cast<const int32_t*>(cu_k.data);
   } else {
@@ -142,9 +144,13 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
   p.causal = o.causal;
   p.window_left = o.window_left;
   p.window_right = o.causal ? 0 : o.window_right;
-  // A window side as wide as the keys is no window (flash-attn does the same).
+  // A window side that reaches past every key of every row is no window. Query i sits at key i + Sk - Sq, so
+  // the left side reaches key 0 from every row once it is >= Sk - 1, and the right side reaches key Sk - 1
+  // from row 0 once it is >= Sq - 1 (flash-attn compares it with Sk, which cuts rows short when Sq > Sk + 1).
+  // The longest sequence's lengths bound every sequence's (CUDA clamps the rows to them). Both sides are then
+  // below the tensors' row counts, so the kernels' index arithmetic cannot overflow.
   if (p.window_left >= p.seqlen_k) p.window_left = -1;
-  if (p.window_right >= p.seqlen_k) p.window_right = -1;
+  if (p.window_right >= p.seqlen_q) p.window_right = -1;
   p.version = o.version;
   return p;
 }

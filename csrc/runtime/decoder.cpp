@@ -123,6 +123,17 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
                   table->shape_string());
   }
   FLASHLM_CHECK(s.rope_sin.shape[0] == s.rope_cos.shape[0], "rope_sin must have rope_cos's rows");
+  // Every token is a query of some sequence: paged attention leaves the rows outside every sequence 0, which
+  // the layers would take for an attention output.
+  const TensorView& cu = s.cu_seqlens_q;
+  if (cu.data != nullptr) {
+    FLASHLM_CHECK(cu.device.is_cpu() && cu.dtype == DType::I32 && cu.ndim == 1 && cu.shape[0] >= 1 && cu.is_contiguous(),
+                  "cu_seqlens_q must be a contiguous int32 [num_seqs + 1] on the CPU, got ", cu.shape_string());
+    const auto* offsets = static_cast<const int32_t*>(cu.data);
+    const int32_t first = offsets[0], last = offsets[cu.shape[0] - 1];
+    FLASHLM_CHECK(first == 0 && last == t, "cu_seqlens_q: must run from 0 to the ", t, " tokens, got ", first, " to ",
+                  last);
+  }
   const auto* pos = static_cast<const int64_t*>(p.data);
   for (int64_t i = 0; i < t; ++i)
     FLASHLM_CHECK(pos[i] >= 0 && pos[i] < s.rope_cos.shape[0], "positions[", i, "] = ", pos[i],

@@ -10,6 +10,7 @@ Decode steps call the wrappers per layer, and each call's own Python work is a g
 size (a paged-attention decode of a short context takes ~20 us): the common case comes first in each check.
 """
 
+import math
 import numbers
 import operator
 from typing import Optional
@@ -184,3 +185,27 @@ def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
         return t
     check_fits(t.numel() * t.element_size(), name, f"a contiguous copy of this {list(t.shape)} view", t.device)
     return t.contiguous()
+
+
+def is_large(t: torch.Tensor) -> bool:
+    """Whether a copy of t, or an output of its size, is one that check_fits checks. The wrappers check the cheap
+    shape relations of such tensors first, so that the error says what is wrong rather than what it would
+    take; for the others the native checks say it, without a cost per call."""
+    return t.numel() * t.element_size() >= _CHECKED_ALLOCATION
+
+
+def contiguous_last(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t with its last dimension contiguous, as the kernels need (they take any other strides): copied only
+    where it is not, the copy checked to fit as by contiguous()."""
+    return t if t.dim() == 0 or t.stride(-1) == 1 else contiguous(t, name)
+
+
+def new_output(shape, dtype: torch.dtype, device, name: str, fill: Optional[float] = None) -> torch.Tensor:
+    """A new tensor of `shape` for a kernel to write, checked first to fit (`name`: the argument whose size it
+    follows); `fill`: its initial value, else uninitialised."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _CHECKED_ALLOCATION:  # here too, not only in check_fits: a call per output costs per step
+        check_fits(nbytes, name, f"an output of shape {list(shape)}", device)
+    if fill is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, fill, dtype=dtype, device=device)

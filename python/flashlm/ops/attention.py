@@ -4,36 +4,81 @@ flashlm.ops.flash_attn_interface, whose signatures are flash-attn 2's.
 
 Layout: q [batch, seqlen_q, heads, head_dim], k/v [batch, seqlen_k, kv_heads, head_dim] (heads % kv_heads == 0),
 or packed [total, heads, head_dim] with int32 cu_seqlens. The row logsumexp is float32 [batch, heads, seqlen_q]
-(packed: [heads, total_q]).
+(packed: [heads, total_q]). Rows of a packed batch outside every sequence (before cu_seqlens[0], from
+cu_seqlens[-1] on) are rows that see no key: out 0, lse +inf, gradients 0.
+
+forward_op and backward_op are the registered ops (torch.ops.flashlm.flash_attn_forward, ...); the public
+flash_attn_forward and flash_attn_backward check their arguments first, so that a wrong type is a TypeError
+naming the argument rather than the dispatcher's schema error (flash_attn_interface checks its own and calls
+forward_op).
 """
 
+import math
 from typing import Optional
 
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import check_same_device, check_tensor
+from flashlm.ops._check import (as_float, as_int, check_optional_tensors, check_same_device, check_tensor,
+                                check_tensors, contiguous, contiguous_last, is_large, new_output)
 from flashlm.ops._util import cuda_stream
+
+MAX_HEAD_DIM = 256  # the kernels' largest head_dim, on the CPU and on CUDA
+
+
+def _lse_shape(q: torch.Tensor, packed: bool) -> tuple:
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
 
 
 def _forward_outputs(q: torch.Tensor, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (out, lse) for q: out like q, lse float32 [batch, heads, seqlen_q] or, packed, [heads, total_q]."""
+    """Empty (out, lse) for q (the fake implementation's)."""
     if packed:
         check_tensor(q, "q", 3, "[total_q, heads, head_dim]")
     else:
         check_tensor(q, "q", 4, "[batch, seqlen_q, heads, head_dim]")
-    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(lse_shape, dtype=torch.float32, device=q.device))
+            torch.empty(_lse_shape(q, packed), dtype=torch.float32, device=q.device))
 
 
-def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any batch/row/head strides but need each head's vector contiguous.
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: bool) -> None:
+    """The shape relations of q, k and v that cost nothing to check, checked before a large copy or output is
+    made for them (a stride-0 view of 2^32 rows costs nothing to make and terabytes to copy). The native
+    checks, which see the tensors only after, check them all."""
+    layout = "[total, heads, head_dim]" if packed else "[batch, seqlen, heads, head_dim]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, 3 if packed else 4, layout)
+    head_dim = q.shape[-1]
+    if head_dim < 1:
+        raise ValueError(f"q: head_dim must be >= 1, got shape {list(q.shape)}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"q: head_dim {head_dim} is above the kernels' {MAX_HEAD_DIM}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: head_dim {k.shape[-1]} differs from q's {head_dim}")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: batch {k.shape[0]} differs from q's {q.shape[0]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {list(k.shape)} (k's), got {list(v.shape)}")
+
+
+def _check_like(t: torch.Tensor, name: str, shape, layout: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {layout} = {list(shape)}, got {list(t.shape)}")
+
+
+def _fill_outside(cu_seqlens: torch.Tensor, *rows) -> None:
+    """For each (t, dim, value) of rows, sets the rows of t along `dim` outside every sequence of cu_seqlens (a CPU
+    tensor the kernels have checked) to `value`."""
+    offsets = cu_seqlens.numpy()  # no copy: two values, where indexing the tensor twice takes microseconds
+    first, last = int(offsets[0]), int(offsets[-1])
+    for t, dim, value in rows:
+        if first > 0:
+            t.narrow(dim, 0, first).fill_(value)
+        if last < t.shape[dim]:
+            t.narrow(dim, last, t.shape[dim] - last).fill_(value)
 
 
 @torch.library.custom_op("flashlm::flash_attn_forward", mutates_args=(), device_types=("cpu", "cuda"))
-def flash_attn_forward(
+def forward_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -48,15 +93,24 @@ def flash_attn_forward(
     softcap: float,
     version: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention forward: returns (out, lse)."""
-    q, k, v = _contiguous_last(q), _contiguous_last(k), _contiguous_last(v)
-    out, lse = _forward_outputs(q, cu_seqlens_q is not None)
+    packed = cu_seqlens_q is not None
+    if is_large(q) or is_large(k) or is_large(v):
+        _check_inputs(q, k, v, packed)
+    q, k, v = contiguous_last(q, "q"), contiguous_last(k, "k"), contiguous_last(v, "v")
+    # Rows outside every sequence: filled first on CUDA (reading cu_seqlens there would synchronize), after the
+    # kernel on the CPU, only those rows.
+    device = q.device
+    fill_first = packed and device.type != "cpu"
+    out = new_output(q.shape, q.dtype, device, "q", 0.0 if fill_first else None)
+    lse = new_output(_lse_shape(q, packed), torch.float32, device, "q", math.inf if fill_first else None)
     _C.flash_attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_left, window_right, softcap, version, cuda_stream(q))
+    if packed and q.is_cpu:
+        _fill_outside(cu_seqlens_q, (out, 0, 0.0), (lse, 1, math.inf))
     return out, lse
 
 
-@flash_attn_forward.register_fake
+@forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
       window_right, softcap, version):
     check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
@@ -64,7 +118,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 
 
 @torch.library.custom_op("flashlm::flash_attn_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def flash_attn_backward(
+def backward_op(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -81,19 +135,29 @@ def flash_attn_backward(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention backward (FlashAttention-2): returns (dq, dk, dv)."""
-    dout, q, k, v, out = (_contiguous_last(t) for t in (dout, q, k, v, out))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty_like(lse)
-    _C.flash_attention_backward(dout, q, k, v, out, lse.contiguous(), dq, dk, dv, delta, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
-                                cuda_stream(q))
+    packed = cu_seqlens_q is not None
+    if any(is_large(t) for t in (dout, q, k, v, out, lse)):
+        _check_inputs(q, k, v, packed)
+        layout = "[total_q, heads, head_dim]" if packed else "[batch, seqlen_q, heads, head_dim]"
+        for name, t in (("dout", dout), ("out", out)):
+            _check_like(t, name, q.shape, f"{layout} (q's)")
+        _check_like(lse, "lse", _lse_shape(q, packed), "[heads, total_q]" if packed else "[batch, heads, seqlen_q]")
+    dout, q, k, v, out = (contiguous_last(t, n) for t, n in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v"),
+                                                              (out, "out")))
+    fill_first = packed and not q.is_cpu  # rows outside every sequence, as in the forward
+    dq, dk, dv = (new_output(t.shape, t.dtype, t.device, name, 0.0 if fill_first else None)
+                  for t, name in ((q, "q"), (k, "k"), (v, "v")))
+    delta = new_output(lse.shape, torch.float32, lse.device, "lse")
+    _C.flash_attention_backward(dout, q, k, v, out, contiguous(lse, "lse"), dq, dk, dv, delta, cu_seqlens_q,
+                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                                window_right, softcap, cuda_stream(q))
+    if packed and q.is_cpu:
+        _fill_outside(cu_seqlens_q, (dq, 0, 0.0))
+        _fill_outside(cu_seqlens_k, (dk, 0, 0.0), (dv, 0, 0.0))
     return dq, dk, dv
 
 
-@flash_attn_backward.register_fake
+@backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
       window_left, window_right, softcap):
     check_same_device(q=q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
@@ -112,8 +176,38 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     # The logsumexp is an auxiliary output (as in flash-attn): gradients flow through `out` only.
-    dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, *ctx.options)
+    dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
     return (dq, dk, dv) + (None,) * 10
 
 
 torch.library.register_autograd("flashlm::flash_attn_forward", _backward, setup_context=_setup_context)
+
+
+# The public names: the ops, their arguments checked first.
+
+def _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> tuple:
+    return (as_int(max_seqlen_q, "max_seqlen_q", 0), as_int(max_seqlen_k, "max_seqlen_k", 0),
+            as_float(softmax_scale, "softmax_scale"), bool(causal), as_int(window_left, "window_left", -1),
+            as_int(window_right, "window_right", -1), as_float(softcap, "softcap"))
+
+
+def flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                       window_left, window_right, softcap, version):
+    """Attention forward: returns (out, lse). cu_seqlens_q/k (int32 [batch + 1]) make q, k, v packed batches;
+    window sides are -1 (unbounded) or more; version 1 or 2 picks the loop order (flash_attn_interface)."""
+    check_tensors("q k v", q, k, v)
+    check_optional_tensors("cu_seqlens_q cu_seqlens_k", cu_seqlens_q, cu_seqlens_k)
+    version = as_int(version, "version")
+    if version not in (1, 2):
+        raise ValueError(f"version: must be 1 or 2, got {version}")
+    options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    return forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *options, version)
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        causal, window_left, window_right, softcap):
+    """Attention backward (FlashAttention-2) from the forward's out and lse: returns (dq, dk, dv)."""
+    check_tensors("dout q k v out lse", dout, q, k, v, out, lse)
+    check_optional_tensors("cu_seqlens_q cu_seqlens_k", cu_seqlens_q, cu_seqlens_k)
+    options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    return backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *options)

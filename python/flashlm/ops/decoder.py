@@ -4,7 +4,7 @@
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import as_float, as_int, as_str, check_tensor
+from flashlm.ops._check import as_float, as_int, as_str, check_optional_tensors, check_tensor, check_tensors, new_output
 
 
 class NativeDecoder:
@@ -35,6 +35,7 @@ class NativeDecoder:
         if head is not None and not isinstance(head, (list, tuple)):
             raise TypeError(f"head: expected a tuple (raw, ggml_type, n, k, bias) or None, got {type(head).__name__}")
         head = None if head is None else tuple(head)
+        check_tensors("embedding final_norm", embedding, final_norm)
         self._impl.set_ends(embedding, as_str(embedding_type, "embedding_type"), final_norm, head)  # or raises
         self._width = int(head[2]) if head is not None else self._d_model
 
@@ -49,8 +50,9 @@ class NativeDecoder:
     def logits(self, tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
                cu_seqlens_q, max_seqlen_q: int, logits_rows) -> torch.Tensor:
         """float32 [len(logits_rows), head rows (or d_model)] for one step from token ids (int64 [T])."""
+        _check_step(tokens, positions, rope_cos, rope_sin, slot_mapping, block_table, seq_lens, cu_seqlens_q, "tokens")
         check_tensor(logits_rows, "logits_rows", 1, "[rows]")
-        out = torch.empty((logits_rows.shape[0], self._width), dtype=torch.float32)
+        out = new_output((logits_rows.shape[0], self._width), torch.float32, "cpu", "logits_rows")
         self._impl.logits(tokens, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
                           seq_lens, cu_seqlens_q, as_int(max_seqlen_q, "max_seqlen_q"), logits_rows, out)
         return out
@@ -62,6 +64,16 @@ class NativeDecoder:
     def __call__(self, x: torch.Tensor, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
                  seq_lens, cu_seqlens_q, max_seqlen_q: int) -> torch.Tensor:
         """Runs every layer on x (float32 [T, d_model], updated in place and returned)."""
+        _check_step(x, positions, rope_cos, rope_sin, slot_mapping, block_table, seq_lens, cu_seqlens_q, "x")
         self._impl.forward(x, positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table, seq_lens,
                            cu_seqlens_q, as_int(max_seqlen_q, "max_seqlen_q"))
         return x
+
+
+def _check_step(first, positions, rope_cos, rope_sin, slot_mapping, block_table, seq_lens, cu_seqlens_q,
+                first_name: str) -> None:
+    """A step's tensors are tensors (the native checks do the rest; given another object, the binding would list
+    its whole signature instead of naming it)."""
+    check_tensors(f"{first_name} positions rope_cos rope_sin slot_mapping block_table seq_lens", first, positions,
+                  rope_cos, rope_sin, slot_mapping, block_table, seq_lens)
+    check_optional_tensors("cu_seqlens_q", cu_seqlens_q)

@@ -16,7 +16,7 @@ import torch
 
 from flashlm.ops._check import (INT32_MAX, as_float, as_int, as_window, check_optional_tensors, check_same_device,
                                 check_tensor, default_scale, index_tensor)
-from flashlm.ops.attention import flash_attn_forward
+from flashlm.ops.attention import forward_op
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
 __all__ = [
@@ -37,7 +37,7 @@ _PACKED = "[total, heads, head_dim]"
 
 
 def _options(q, softmax_scale, window_size, version):
-    if version not in (1, 2):
+    if type(version) is not int or version not in (1, 2):  # 2.0 == 2, but the op's schema takes an int
         raise ValueError(f"version: must be 1 or 2, got {version!r}")
     left, right = as_window(window_size)
     return default_scale(q, softmax_scale), left, right
@@ -74,8 +74,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         check_tensor(t, name, 4, _PADDED)
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
-    out, lse = flash_attn_forward(q, k, v, None, None, 0, 0, scale, bool(causal), left, right,
-                                  as_float(softcap, "softcap"), version)
+    out, lse = forward_op(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, as_float(softcap, "softcap"),
+                          version)
     return _result(out, lse, return_attn_probs)
 
 
@@ -109,8 +109,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal,
                                    (left, right), softcap, return_lse=True)
         return _result(out, lse, return_attn_probs)
-    out, lse = flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                                  left, right, as_float(softcap, "softcap"), version)
+    out, lse = forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), left,
+                          right, as_float(softcap, "softcap"), version)
     return _result(out, lse, return_attn_probs)
 
 
@@ -232,6 +232,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_pair(k, "k", v, "v", "[batch, seqlen_new, kv_heads, head_dim]")
         if k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
             raise ValueError(f"k: expected [{batch}, seqlen_new, {kv_heads}, {head_dim}], got {list(k.shape)}")
+        for name, t, cache_name, cache in (("k", k, "k_cache", k_cache), ("v", v, "v_cache", v_cache)):
+            if t.dtype != cache.dtype:  # written into the cache as they are
+                raise ValueError(f"{name}: dtype {t.dtype} differs from {cache_name}'s {cache.dtype}")
     if rotary_cos is not None:
         _check_pair(rotary_cos, "rotary_cos", rotary_sin, "rotary_sin", "[seqlen_ro, rotary_dim / 2]")
         if 2 * rotary_cos.shape[1] > head_dim:

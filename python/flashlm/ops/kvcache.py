@@ -14,16 +14,22 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import (INT32_MAX, INT32_MIN, as_float, as_int, as_str, as_window, check_same_device,
-                                check_optional_tensors, check_tensor, check_tensors, default_scale)
+from flashlm.ops._check import (INT32_MAX, INT32_MIN, as_float, as_int, as_str, as_window, check_optional_tensors,
+                                check_same_device, check_tensor, check_tensors, contiguous_last, default_scale,
+                                is_large, new_output)
 from flashlm.ops._util import cuda_stream, custom_op
 
 
-def _contiguous_last(t: torch.Tensor) -> torch.Tensor:
-    try:
-        return t if t.stride(-1) == 1 else t.contiguous()
-    except IndexError:  # a 0-dim tensor: the native checks name it
-        return t
+def _check_rows(t: torch.Tensor, name: str, k_cache: torch.Tensor) -> None:
+    """Heads and head_dim of a [tokens, heads, head_dim] tensor against k_cache's, checked before a large copy or
+    output is made for it (the native checks, which see it only after, check them all)."""
+    if t.dim() != 3 or k_cache.dim() != 4:
+        return
+    if name != "q" and t.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"{name}: expected [num_tokens, kv_heads, head_dim] = [{t.shape[0]}, {k_cache.shape[2]}, "
+                         f"{k_cache.shape[3]}] (k_cache's), got {list(t.shape)}")
+    if t.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"{name}: head_dim {t.shape[2]} differs from k_cache's {k_cache.shape[3]}")
 
 
 @custom_op("flashlm::write_kv_cache", mutates_args=("k_cache", "v_cache"))
@@ -32,7 +38,10 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     """Writes key/value [num_tokens, kv_heads, head_dim] into the caches at slot_mapping (int64 [num_tokens],
     block * block_size + offset; -1 skips a token). Slots outside the cache raise on the CPU."""
     check_tensors("key value k_cache v_cache slot_mapping", key, value, k_cache, v_cache, slot_mapping)
-    _C.write_kv_cache(_contiguous_last(key), _contiguous_last(value), k_cache, v_cache, slot_mapping,
+    if is_large(key) or is_large(value):
+        _check_rows(key, "key", k_cache)
+        _check_rows(value, "value", k_cache)
+    _C.write_kv_cache(contiguous_last(key, "key"), contiguous_last(value, "value"), k_cache, v_cache, slot_mapping,
                       cuda_stream(k_cache))
 
 
@@ -42,11 +51,11 @@ def _(key, value, k_cache, v_cache, slot_mapping):
     return None
 
 
-def _outputs(q: torch.Tensor, make) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) for q: out like q, lse float32 [heads, num_tokens] (+inf where a row is in no sequence)."""
+def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for q as the fake implementation makes them: out like q, lse float32 [heads, num_tokens]."""
     check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
-    lse = torch.full((q.shape[1], q.shape[0]), math.inf, dtype=torch.float32, device=q.device)
-    return make(q.shape, dtype=q.dtype, device=q.device), lse
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device))
 
 
 @custom_op("flashlm::paged_attention", mutates_args=())
@@ -54,9 +63,16 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int,
                      softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
                      num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    q = _contiguous_last(q)
-    # Rows of q past cu_seqlens_q[-1] belong to no sequence and stay 0.
-    out, lse = _outputs(q, torch.zeros)
+    check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
+    if is_large(q):
+        _check_rows(q, "q", k_cache)
+        if cu_seqlens_q is None and seq_lens.dim() == 1 and q.shape[0] != seq_lens.shape[0]:
+            raise ValueError(f"q: decode (no cu_seqlens_q) takes one query per sequence: {seq_lens.shape[0]} rows "
+                             f"(seq_lens), got shape {list(q.shape)}")
+    q = contiguous_last(q, "q")
+    # Rows of q past cu_seqlens_q[-1] belong to no sequence: out 0 and lse +inf, as a row that sees no key.
+    out = new_output(q.shape, q.dtype, q.device, "q", 0.0)
+    lse = new_output((q.shape[1], q.shape[0]), torch.float32, q.device, "q", math.inf)
     _C.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out, lse,
                        softmax_scale, causal, window_left, window_right, softcap, num_splits, cuda_stream(q))
     return out, lse
@@ -67,7 +83,7 @@ def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, so
       window_right, softcap, num_splits):
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
                       cu_seqlens_q=cu_seqlens_q)
-    return _outputs(q, torch.empty)
+    return _outputs(q)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=None, max_seqlen_q=None,

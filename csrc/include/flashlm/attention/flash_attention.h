@@ -5,7 +5,9 @@
 // packed variable-length batches have q/out [total_q, H, D] and k/v [total_k, Hkv, D] with int32
 // cu_seqlens_q/k [B + 1] (cumulative lengths, on the tensors' device). H % Hkv == 0 (GQA/MQA). The last
 // dimension must be contiguous; the other strides are free. The row logsumexp `lse` is f32 and contiguous,
-// [B, H, Sq] for padded batches and [H, total_q] for packed ones.
+// [B, H, Sq] for padded batches and [H, total_q] for packed ones. Rows of a packed batch outside every
+// sequence (before cu_seqlens[0], from cu_seqlens[B] on) are not written, nor are their gradients (flashlm.ops
+// sets them as rows that see no key: out 0, lse +inf, gradients 0).
 //
 // Masking: query i of a sequence with Sq queries and Sk keys sits at key position i + Sk - Sq (bottom-right
 // alignment) and sees key j when  i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right, a negative

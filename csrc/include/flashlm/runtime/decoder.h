@@ -61,7 +61,7 @@ struct DecoderStep {
   TensorView slot_mapping;  // int64 [T]
   TensorView block_table;   // int32 [S, max_blocks]
   TensorView seq_lens;      // int32 [S]
-  TensorView cu_seqlens_q;  // int32 [S + 1]; absent: one token per sequence
+  TensorView cu_seqlens_q;  // int32 [S + 1] from 0 to T (every token is a query); absent: one token per sequence
   int64_t max_seqlen_q = 1;
 };
 
