@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import (INT32_MAX, INT32_MIN, as_float, as_int, as_str, as_window, check_same_device,
+from flashlm.ops._check import (INT32_MAX, as_float, as_int, as_str, as_window, check_same_device,
                                 check_optional_tensors, check_tensor, check_tensors, default_scale)
 from flashlm.ops._util import cuda_stream, custom_op
 
@@ -101,9 +101,10 @@ def paged_attention_num_splits(device_type: str, num_seqs: int, kv_heads: int, m
     """The decode split count the library picks on "cpu" or "cuda"."""
     if as_str(device_type, "device_type") not in ("cpu", "cuda"):
         raise ValueError(f"device_type: must be 'cpu' or 'cuda', got {device_type!r}")
-    # Counts the dispatcher holds in 32 bits (their products then fit the heuristic's int64).
+    # Counts the dispatcher holds in 32 bits (their products then fit the heuristic's int64); a batch may be
+    # empty and a context may be empty, a cache has at least one head and one token per block.
     return _C.paged_attention_num_splits(1 if device_type == "cuda" else 0,
-                                         as_int(num_seqs, "num_seqs", INT32_MIN, INT32_MAX),
-                                         as_int(kv_heads, "kv_heads", INT32_MIN, INT32_MAX),
-                                         as_int(max_seq_len, "max_seq_len"),
-                                         as_int(block_size, "block_size", INT32_MIN, INT32_MAX))
+                                         as_int(num_seqs, "num_seqs", 0, INT32_MAX),
+                                         as_int(kv_heads, "kv_heads", 1, INT32_MAX),
+                                         as_int(max_seq_len, "max_seq_len", 0),
+                                         as_int(block_size, "block_size", 1, INT32_MAX))
