@@ -10,6 +10,7 @@ Decode steps call the wrappers per layer, and each call's own Python work is a g
 size (a paged-attention decode of a short context takes ~20 us): the common case comes first in each check.
 """
 
+import math
 import numbers
 import operator
 from typing import Optional
@@ -193,3 +194,11 @@ def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
         return t
     check_fits(t.numel() * t.element_size(), name, f"a contiguous copy of this {list(t.shape)} view", t.device)
     return t.contiguous()
+
+
+def empty(shape, dtype: torch.dtype, device, name: str) -> torch.Tensor:
+    """torch.empty(shape, ...) for an output whose size the argument `name` sets, checked first to fit in memory."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _CHECKED_ALLOCATION:
+        check_fits(nbytes, name, f"an output of shape {list(shape)}", device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import as_float, check_optional_tensors, check_same_device, check_tensor, check_tensors
+from flashlm.ops._check import (as_float, check_fits, check_optional_tensors, check_same_device, check_tensor,
+                                check_tensors, contiguous)
 from flashlm.ops._util import cuda_stream, custom_op
 
 
@@ -62,11 +63,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _check(x, weight, residual)
     eps = as_float(eps, "eps")
     if not _as_rows(x):
-        x = x.contiguous()
+        if weight.shape != x.shape[-1:]:  # before the copy: a stride-0 view of 2^32 columns is a wrong d first
+            raise ValueError(f"x: last dimension {x.shape[-1]} differs from weight's shape {list(weight.shape)} [d]")
+        x = contiguous(x, "x")
+    check_fits(x.numel() * x.element_size(), "x", "an output of x's size", x.device)  # rows may be a stride-0 view
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = cuda_stream(x) if x.is_cuda else 0
     if residual is not None and not _as_rows(residual):  # update a copy, then the tensor itself
-        work = residual.detach().contiguous()
+        work = contiguous(residual.detach(), "residual")
         _C.rms_norm(_plain(x), _plain(weight), out, work, eps, stream)
         residual.copy_(work)
         return out
