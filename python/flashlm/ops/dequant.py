@@ -7,13 +7,15 @@ from typing import Optional, Union
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import INT64_MAX, as_int, check_fits, check_optional_tensors, check_tensors, contiguous
+from flashlm.ops._check import INT64_MAX, as_int, check_optional_tensors, check_tensors, contiguous, empty
 from flashlm.ops._util import cuda_stream
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Every dtype's block layout by name and by ggml id: name -> (name, elements per block, bytes per block).
 BLOCKS = {key: (name, size, nbytes) for name, type_id, size, nbytes in _C.dtypes()
           for key in ((name, type_id) if type_id >= 0 else (name,))}
+_READ_NAMES = {name for name, type_id, _, _ in _C.dtypes() if type_id >= 0 and _C.dequantize_supported(type_id)}
+_READ = {key: layout for key, layout in BLOCKS.items() if layout[0] in _READ_NAMES}  # what dequantize reads
 
 
 def _ggml_type(ggml_type: Union[str, int]) -> Union[str, int]:
@@ -33,6 +35,8 @@ def dequantize_supported(ggml_type: Union[str, int]) -> bool:
 
 def _shape(shape) -> tuple[int, ...]:
     """shape as sizes >= 0 whose product an int64 holds; TypeError/ValueError naming shape."""
+    if type(shape) is tuple and all(type(s) is int and s >= 0 for s in shape) and math.prod(shape) <= INT64_MAX:
+        return shape  # the common case, first: an embedding's lookup dequantizes its rows every decode step
     try:
         if isinstance(shape, (str, bytes)):
             raise TypeError
@@ -69,10 +73,10 @@ def dequantize(
         raise ValueError(f"out_dtype: must be torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
     shape = _shape(shape)
     ggml_type = _ggml_type(ggml_type)
-    if ggml_type not in BLOCKS or not _C.dequantize_supported(ggml_type):
+    if ggml_type not in _READ:
         raise ValueError(f"ggml_type: dequantizing {ggml_type!r} is not supported")
     # The sizes against the blocks before the output is allocated (the native code checks them again).
-    name, block, block_bytes = BLOCKS[ggml_type]
+    name, block, block_bytes = _READ[ggml_type]
     inner = shape[-1] if shape else 1
     if inner % block:
         raise ValueError(f"shape: the innermost dimension ({inner}) must be a multiple of {name}'s block size {block}")
@@ -81,10 +85,10 @@ def dequantize(
         raise ValueError(f"raw: shape {shape} of {name} takes {numel // block * block_bytes} bytes, raw has "
                          f"{raw.numel()}")
     if out is None:
-        check_fits(numel * out_dtype.itemsize, "shape", f"an output of shape {list(shape)}", raw.device)
-        out = torch.empty(shape, dtype=out_dtype, device=raw.device)
+        out = empty(shape, out_dtype, raw.device, "shape")
     elif out.shape != shape or out.dtype != out_dtype or out.device != raw.device or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {out_dtype} tensor of shape {shape} on {raw.device}, got "
                          f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} {tuple(out.shape)} on {out.device}")
-    _C.dequantize(contiguous(raw, "raw").reshape(-1), ggml_type, out, cuda_stream(raw))
+    raw = raw if raw.is_contiguous() else contiguous(raw, "raw")
+    _C.dequantize(raw.reshape(-1), ggml_type, out, cuda_stream(raw))
     return out

@@ -32,7 +32,9 @@ def _check_x(x: torch.Tensor, allow_cuda_f32: bool) -> None:
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as contiguous rows [M, K] (explicit M: reshape(-1, K) is ambiguous when K == 0); a view that
     must be copied is checked to fit in memory first."""
-    return contiguous(x, "x").reshape(x.shape[:-1].numel(), x.shape[-1])
+    if not x.is_contiguous():
+        x = contiguous(x, "x")
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
 
 
 def _bias_f32(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -46,8 +48,8 @@ def _bias_f32(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 @custom_op("flashlm::quantize_per_token", mutates_args=())
 def _quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
-    q = empty(x.shape, torch.int8, x.device, "x")
-    scales = empty((x.shape[0],), torch.float32, x.device, "x")
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # smaller than x, which is in memory
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _C.quantize_per_token(x, q, scales, cuda_stream(x))
     return q, scales
 
