@@ -61,7 +61,8 @@ bool quantize_supported(DType type) { return is_float_type(type) || gguf::detail
 void gguf_quantize(const TensorView& data, DType type, const TensorView& out) {
   FLASHLM_CHECK(quantize_supported(type), "gguf_quantize: type ", dtype_name(type), " is not supported (",
                 supported_names(), " are)");
-  FLASHLM_CHECK(is_float_type(data.dtype), "gguf_quantize: data must be F32, F16 or BF16, got ", dtype_name(data.dtype));
+  FLASHLM_CHECK(is_float_type(data.dtype), "gguf_quantize: data must be F32, F16 or BF16, got ",
+                dtype_name(data.dtype));
   FLASHLM_CHECK(out.dtype == DType::U8, "gguf_quantize: out must be U8, got ", dtype_name(out.dtype));
   FLASHLM_CHECK(data.device.is_cpu() && out.device.is_cpu(), "gguf_quantize: data and out must be CPU tensors");
   FLASHLM_CHECK(data.is_contiguous(), "gguf_quantize: data must be contiguous");
