@@ -215,12 +215,12 @@ def test_bad_arguments(data, ggml_type, message):
 
 
 @pytest.mark.parametrize("data, ggml_type, out, message", [
-    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros(71, np.uint8), "output has 71 bytes, Q4_0 needs 72"),
-    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros(72, np.int8), "output must be U8"),
-    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros((72, 2), np.uint8)[:, 0], "output must be contiguous"),
-    (np.zeros((2, 48), np.float32), "Q4_0", np.zeros(54, np.uint8), r"row length \(48\) must be a multiple"),
-    (np.zeros((64, 2), np.float32).T, "Q4_0", np.zeros(72, np.uint8), "source must be contiguous"),
-    (np.zeros((2, 64), np.int32), "Q4_0", np.zeros(72, np.uint8), "source must be F32, F16 or BF16"),
+    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros(71, np.uint8), "out has 71 bytes, Q4_0 needs 72"),
+    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros(72, np.int8), "out must be U8"),
+    (np.zeros((2, 64), np.float32), "Q4_0", np.zeros((72, 2), np.uint8)[:, 0], "out must be contiguous"),
+    (np.zeros((2, 48), np.float32), "Q4_0", np.zeros(54, np.uint8), r"data's row length \(48\) must be a multiple"),
+    (np.zeros((64, 2), np.float32).T, "Q4_0", np.zeros(72, np.uint8), "data must be contiguous"),
+    (np.zeros((2, 64), np.int32), "Q4_0", np.zeros(72, np.uint8), "data must be F32, F16 or BF16"),
     (np.zeros((2, 64), np.float32), "IQ4_NL", np.zeros(72, np.uint8), "cannot quantize to 'IQ4_NL'"),
 ])
 def test_native_checks(data, ggml_type, out, message):

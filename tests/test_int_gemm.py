@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flashlm.ops as ops
-from compare import assert_close
+from compare import assert_close, assert_equal
 from conftest import per_kernel, use_isa
 from flashlm import _C
 from flashlm.ops.int_linear import _int8_gemm
@@ -124,6 +124,31 @@ def test_int8_linear_end_to_end(device, isa, dtype, shape):
     ref, mag = int8_reference(x_q, x_s, w_q, w_s, bias)
     tol = 3 * EPS[torch.float32] * mag + (EPS[dtype] * ref.abs() if dtype != torch.float32 else 0)
     assert_close(y.reshape(-1, n), ref, atol=tol, name=f"int8_linear {device} {isa} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("device,isa,dtype", per_kernel(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                       cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_nan_activation_rows_propagate(device, isa, dtype):
+    # A NaN anywhere in a row (the AVX2 quantizer's vector part, its tail) makes the row's scale NaN, as
+    # absmax / 127 is in float arithmetic, and so every output of the row; the other rows are untouched.
+    use_isa(isa)
+    m, k, n = 4, 300, 24  # 300: 37 vectors of 8 and a tail of 4
+    x = torch.randn(m, k).to(dtype)
+    x[1, 17] = float("nan")
+    x[2, k - 1] = float("nan")
+    x_q, x_s = quantize_reference(x)
+    q, s = ops.quantize_per_token(x.to(device))
+    assert_equal(s.cpu(), x_s, name=f"scales {device} {isa} {dtype}", nan_equal=True)
+    assert s[1:3].isnan().all()
+    finite = [0, 3]
+    assert torch.equal(q.cpu()[finite], x_q[finite])
+    w_q, w_s = quantize_int8_per_channel(torch.randn(n, k))
+    bias = torch.randn(n)
+    y = ops.int8_linear(x.to(device), w_q.to(device), w_s.to(device), bias.to(device)).cpu()
+    assert y[1:3].isnan().all(), y[1:3]
+    ref, mag = int8_reference(x_q[finite], x_s[finite], w_q, w_s, bias)
+    tol = 3 * EPS[torch.float32] * mag + (EPS[dtype] * ref.abs() if dtype != torch.float32 else 0)
+    assert_close(y[finite], ref, atol=tol, name=f"int8_linear {device} {isa} {dtype}, the rows without NaN")
 
 
 # --- W4A16 -----------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     ({"head_dim": 16}, "head_dim"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-    ({"num_key_value_heads": 3}, "n_kv_head"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),
 ])
 def test_hf_bad_config_raises(tmp_path, edit, match):
     hf, _ = make_hf("llama_tied")

@@ -414,7 +414,7 @@ def test_hf_gpt2_directory(tmp_path):
 @pytest.mark.parametrize("drop, config, match", [
     (("transformer.h.0.mlp.c_proj.bias",), {}, "blk.0.ffn_down.bias' is missing"),
     (("transformer.ln_f.weight", "transformer.ln_f.bias"), {}, "output_norm.weight' is missing"),
-    ((), {"n_head": 3}, "d_model: must be a multiple of n_head=3"),
+    ((), {"n_head": 3}, "n_embd 256 is not a multiple of n_head 3"),
     ((), {"n_head": 0}, "n_head"),
     ((), {"n_layer": 2**31}, "n_layer"),
     ((), {"n_layer": 2}, "config.json: n_layer is 2, but the file holds 1 block, h.0 to h.0"),
@@ -472,7 +472,7 @@ def test_a_failure_while_writing_leaves_no_file(model, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit, match", [
-    ("heads-3", "embedding_length 256 is not a multiple of the head count 3"),
+    ("heads-3", "embedding_length 256 is not a multiple of llama.attention.head_count 3"),
     ("no-output-norm", "output_norm.weight' is missing"),
     ("no-weight", "blk.5.ffn_gate.weight' is missing"),
     ("block-count", "block_count is 2147483648, but the file holds 8 blocks, blk.0 to blk.7"),

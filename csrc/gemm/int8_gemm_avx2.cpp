@@ -2,6 +2,8 @@
 // per-token activation quantizer. Compiled with -mavx2 -mfma -mf16c, called only after a run-time CPU check.
 // The quantizer matches quantize_per_token_scalar bit for bit (the same float operations; cvtps rounds half
 // to even like nearbyint). Tested by tests/test_int_gemm.py against the scalar kernels.
+#include <cstring>
+
 #include "int8_gemm_avx2_body.h"
 
 namespace flashlm::gemm {
@@ -32,21 +34,29 @@ FLASHLM_AVX2_INLINE __m256i quantize8(__m256 v, __m256 inv) {
 
 }  // namespace
 
+// The absolute maximum as the scalar quantizer takes it: the largest |x| bit pattern (an integer max of the
+// floats without their sign bit), so that a NaN in the row is the maximum and its scale NaN.
 void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t m = m_begin; m < m_end; ++m) {
     const int64_t row = m * a.K;
-    __m256 vmax = _mm256_setzero_ps();
+    __m256i vmax = _mm256_setzero_si256();
     int64_t k = 0;
-    for (; k + 8 <= a.K; k += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8(a.x, a.x_dtype, row + k), abs_mask));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float absmax = 0.f;
-    for (float v : lanes) absmax = absmax > v ? absmax : v;
+    for (; k + 8 <= a.K; k += 8)
+      vmax = _mm256_max_epi32(vmax, _mm256_and_si256(_mm256_castps_si256(load8(a.x, a.x_dtype, row + k)), abs_mask));
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+    uint32_t max_bits = 0;
+    for (uint32_t v : lanes) max_bits = max_bits > v ? max_bits : v;
     for (; k < a.K; ++k) {
-      const float v = __builtin_fabsf(load1(a.x, a.x_dtype, row + k));
-      absmax = absmax > v ? absmax : v;
+      const float x = load1(a.x, a.x_dtype, row + k);
+      uint32_t v;
+      std::memcpy(&v, &x, 4);
+      v &= 0x7FFFFFFFu;
+      max_bits = max_bits > v ? max_bits : v;
     }
+    float absmax;
+    std::memcpy(&absmax, &max_bits, 4);
     const float inv_s = absmax > 0.f ? 127.f / absmax : 0.f;
     a.scales[m] = absmax / 127.f;
     const __m256 inv = _mm256_set1_ps(inv_s);

@@ -32,15 +32,19 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
                                                                  float* __restrict__ scales, int64_t K) {
   const int64_t m = blockIdx.x;
   const T* row = x + m * K;
-  float amax = 0.f;
-  for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) amax = fmaxf(amax, fabsf(to_float(row[k])));
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  __shared__ float warp_max[kQuantThreads / 32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  // The largest |x| bit pattern, as the CPU quantizers take it: NaN sorts above infinity, so a row with a NaN
+  // gets a NaN scale (fmaxf would drop the NaN).
+  unsigned max_bits = 0;
+  for (int64_t k = threadIdx.x; k < K; k += kQuantThreads)
+    max_bits = umax(max_bits, __float_as_uint(to_float(row[k])) & 0x7FFFFFFFu);
+  for (int off = 16; off > 0; off /= 2) max_bits = umax(max_bits, __shfl_xor_sync(0xffffffffu, max_bits, off));
+  __shared__ unsigned warp_max[kQuantThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = max_bits;
   __syncthreads();
-  amax = 0.f;
+  max_bits = 0;
 #pragma unroll
-  for (int i = 0; i < kQuantThreads / 32; ++i) amax = fmaxf(amax, warp_max[i]);
+  for (int i = 0; i < kQuantThreads / 32; ++i) max_bits = umax(max_bits, warp_max[i]);
+  const float amax = __uint_as_float(max_bits);
   const float inv = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
   if (threadIdx.x == 0) scales[m] = __fdiv_rn(amax, 127.f);
   for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) {

@@ -1,7 +1,9 @@
 // Scalar references of the integer GEMM kernels (int_gemm_kernels.h): the oracle for the AVX2 and CUDA
 // kernels. Plain loops, float32 (int32 for W8A8) accumulation; the epilogues use the same float operations
 // in the same order as the AVX2 kernels, so W8A8 and the quantizer match them bit for bit.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "../core/half.h"
 #include "int_gemm_kernels.h"
@@ -17,6 +19,12 @@ float load(const void* p, DType dtype, int64_t i) {
   return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
+uint32_t abs_bits(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits & 0x7FFFFFFFu;
+}
+
 void store(void* p, DType dtype, int64_t i, float v) {
   if (dtype == DType::F32) {
     static_cast<float*>(p)[i] = v;
@@ -27,11 +35,17 @@ void store(void* p, DType dtype, int64_t i, float v) {
 
 }  // namespace
 
+// The row's absolute maximum as the largest |x| bit pattern: for floats without their sign bit the integer order
+// is the float order, with NaN above infinity, so a NaN anywhere in the row becomes the maximum (fmax would drop
+// it) and the row's scale is NaN, as absmax / 127 is in float arithmetic; the GEMM epilogues then write NaN
+// for every output of the row. The AVX2 and CUDA quantizers take the same maximum.
 void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
   for (int64_t m = m_begin; m < m_end; ++m) {
-    float absmax = 0.f;
-    for (int64_t k = 0; k < a.K; ++k) absmax = std::fmax(absmax, std::fabs(load(a.x, a.x_dtype, m * a.K + k)));
-    const float inv = absmax > 0.f ? 127.f / absmax : 0.f;
+    uint32_t max_bits = 0;
+    for (int64_t k = 0; k < a.K; ++k) max_bits = std::max(max_bits, abs_bits(load(a.x, a.x_dtype, m * a.K + k)));
+    float absmax;
+    std::memcpy(&absmax, &max_bits, 4);
+    const float inv = absmax > 0.f ? 127.f / absmax : 0.f;  // NaN: 0, the row's q are 0 (-127 at the NaN)
     a.scales[m] = absmax / 127.f;
     for (int64_t k = 0; k < a.K; ++k) {
       float r = std::nearbyint(load(a.x, a.x_dtype, m * a.K + k) * inv);  // round half to even

@@ -57,40 +57,42 @@ std::string supported_names() {
 
 bool quantize_supported(DType type) { return is_float_type(type) || gguf::detail::quantize_row_fn(type) != nullptr; }
 
-void gguf_quantize(const TensorView& src, DType type, const TensorView& dst) {
+// The messages name the arguments as the header (and the Python function) do: data and out.
+void gguf_quantize(const TensorView& data, DType type, const TensorView& out) {
   FLASHLM_CHECK(quantize_supported(type), "gguf_quantize: type ", dtype_name(type), " is not supported (",
                 supported_names(), " are)");
-  FLASHLM_CHECK(is_float_type(src.dtype), "gguf_quantize: source must be F32, F16 or BF16, got ", dtype_name(src.dtype));
-  FLASHLM_CHECK(dst.dtype == DType::U8, "gguf_quantize: output must be U8, got ", dtype_name(dst.dtype));
-  FLASHLM_CHECK(src.device.is_cpu() && dst.device.is_cpu(), "gguf_quantize: source and output must be CPU tensors");
-  FLASHLM_CHECK(src.is_contiguous(), "gguf_quantize: source must be contiguous");
-  FLASHLM_CHECK(dst.is_contiguous(), "gguf_quantize: output must be contiguous");
-  FLASHLM_CHECK(src.ndim >= 1, "gguf_quantize: source must have at least one dimension");
+  FLASHLM_CHECK(is_float_type(data.dtype), "gguf_quantize: data must be F32, F16 or BF16, got ",
+                dtype_name(data.dtype));
+  FLASHLM_CHECK(out.dtype == DType::U8, "gguf_quantize: out must be U8, got ", dtype_name(out.dtype));
+  FLASHLM_CHECK(data.device.is_cpu() && out.device.is_cpu(), "gguf_quantize: data and out must be CPU tensors");
+  FLASHLM_CHECK(data.is_contiguous(), "gguf_quantize: data must be contiguous");
+  FLASHLM_CHECK(out.is_contiguous(), "gguf_quantize: out must be contiguous");
+  FLASHLM_CHECK(data.ndim >= 1, "gguf_quantize: data must have at least one dimension");
   const DTypeInfo& info = dtype_info(type);
-  const int64_t row = src.shape[src.ndim - 1];
-  FLASHLM_CHECK(row % info.block_size == 0, "gguf_quantize: the row length (", row, ") must be a multiple of ",
+  const int64_t row = data.shape[data.ndim - 1];
+  FLASHLM_CHECK(row % info.block_size == 0, "gguf_quantize: data's row length (", row, ") must be a multiple of ",
                 info.name, "'s block size ", info.block_size);
-  const int64_t n = src.numel();
+  const int64_t n = data.numel();
   const int64_t out_bytes = storage_bytes(type, n);
-  FLASHLM_CHECK(dst.numel() == out_bytes, "gguf_quantize: output has ", dst.numel(), " bytes, ", info.name, " needs ",
+  FLASHLM_CHECK(out.numel() == out_bytes, "gguf_quantize: out has ", out.numel(), " bytes, ", info.name, " needs ",
                 out_bytes, " for ", n, " elements");
   if (n == 0) return;
-  FLASHLM_CHECK(src.data && dst.data, "gguf_quantize: null data pointer");
+  FLASHLM_CHECK(data.data && out.data, "gguf_quantize: null data pointer");
 
   const int64_t rows = n / row;
-  const int64_t in_row_bytes = row * (src.dtype == DType::F32 ? 4 : 2);
+  const int64_t in_row_bytes = row * (data.dtype == DType::F32 ? 4 : 2);
   const int64_t out_row_bytes = out_bytes / rows;
-  const auto* in = static_cast<const uint8_t*>(src.data);
-  auto* out = static_cast<uint8_t*>(dst.data);
+  const auto* in = static_cast<const uint8_t*>(data.data);
+  auto* blocks = static_cast<uint8_t*>(out.data);
   const gguf::detail::QuantizeRowFn quantize_row = gguf::detail::quantize_row_fn(type);
   parallel_for(rows, std::max<int64_t>(1, kGrainElements / row), [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t r = begin; r < end; ++r) {
-      const float* x = row_as_f32(in + r * in_row_bytes, src.dtype, row, buf);
+      const float* x = row_as_f32(in + r * in_row_bytes, data.dtype, row, buf);
       if (quantize_row) {
-        quantize_row(x, out + r * out_row_bytes, row);
+        quantize_row(x, blocks + r * out_row_bytes, row);
       } else {
-        convert_row(x, row, type, out + r * out_row_bytes);
+        convert_row(x, row, type, blocks + r * out_row_bytes);
       }
     }
   });

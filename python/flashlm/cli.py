@@ -56,7 +56,7 @@ def _json_safe(value):
 def _cmd_gguf_inspect(args: argparse.Namespace) -> int:
     from flashlm.gguf import GGUFFile
 
-    if args.max_items < 0:
+    if args.max_items < 0:  # a negative slice would show all but the last items, not none
         raise ValueError(f"--max-items: must be >= 0, got {args.max_items}")
     with GGUFFile(args.file) as f:
         if args.json:

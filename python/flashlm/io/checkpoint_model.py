@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish
+from flashlm.io.tokenizer import check_fits_model
 from flashlm.models import ModelConfig
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
@@ -59,9 +60,7 @@ def checkpoint_tokenizer(ckpt: dict, cfg: ModelConfig, where: str):
         backend = Backend.from_str(text)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"{where}: tokenizer: not a readable tokenizer ({str(e)[:200]})") from None
-    n = backend.get_vocab_size(with_added_tokens=True)
-    if n > cfg.vocab_size:
-        raise ValueError(f"{where}: the tokenizer has {n} tokens, more than the model's vocab_size {cfg.vocab_size}")
+    check_fits_model(backend, cfg.vocab_size, where)
     return backend, [] if eos is None else [eos]
 
 

@@ -52,7 +52,10 @@ class GGUFFile:
     """A GGUF file (version 2 or 3), memory-mapped. Use as a context manager or call close()."""
 
     def __init__(self, path: Union[str, os.PathLike]):
-        self.path = os.fspath(path)
+        try:
+            self.path = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}") from None
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"no such file: '{self.path}'")
         self._reader = ops.GGUFReader(self.path)
@@ -92,6 +95,8 @@ class GGUFFile:
 
     # -- tensors -----------------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo:
+        if not isinstance(name, str):
+            raise TypeError(f"name: expected a tensor name (a str), got {type(name).__name__}")
         try:
             return self.tensors[self._index[name]]
         except KeyError:
@@ -104,6 +109,7 @@ class GGUFFile:
 
     def load(self, name: str, dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
         """The tensor dequantized to `dtype` (float32, float16 or bfloat16) in torch order, on `device`."""
+        device = ops.check_device(device)
         info = self.tensor(name)
         raw = self.raw(name)
         if info.ggml_type in _PLAIN_DTYPES:

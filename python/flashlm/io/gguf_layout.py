@@ -14,7 +14,7 @@ from typing import Mapping, Optional
 
 from flashlm.io.loaded import context_length
 from flashlm.models import ModelConfig
-from flashlm.models.config import LIMITS, check_size
+from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
 ARCHS = ("llama", "qwen2", "gpt2")
@@ -73,10 +73,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
                          f"{vocab} rows")
     n_head = meta.int(f"{arch}.attention.head_count", limit=LIMITS["n_head"])
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
-    if n_head % n_kv:
-        raise ValueError(f"metadata: {arch}.attention.head_count_kv {n_kv} does not divide the head count {n_head}")
-    if d % n_head:
-        raise ValueError(f"metadata: {arch}.embedding_length {d} is not a multiple of the head count {n_head}")
+    check_heads(d, n_head, n_kv, (f"{arch}.embedding_length", f"{arch}.attention.head_count",
+                                  f"{arch}.attention.head_count_kv"), "metadata: ")
     declared = meta.int(f"{arch}.context_length")
     ctx = context_length(declared, max_model_len, f"metadata: {arch}.context_length")
     common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),

@@ -19,7 +19,7 @@ import torch
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.io.hf_weights import read_hf_state_dict
 from flashlm.io.loaded import LoadedModel, empty_model, finish, quantize_block_linears
-from flashlm.io.tokenizer import Tokenizer
+from flashlm.io.tokenizer import Tokenizer, check_fits_model
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,8 +53,9 @@ def _chat_template(path: str, tok_cfg: dict) -> Optional[str]:
     return template if isinstance(template, str) else None
 
 
-def load_hf_tokenizer(path: str, config: dict) -> Optional[Tokenizer]:
-    """The directory's tokenizer, or None when it has no tokenizer.json."""
+def load_hf_tokenizer(path: str, config: dict, vocab_size: int) -> Optional[Tokenizer]:
+    """The directory's tokenizer, or None when it has no tokenizer.json; ValueError when it has more tokens than
+    the model's vocab_size (its embedding's rows)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     file = os.path.join(path, "tokenizer.json")
@@ -64,6 +65,7 @@ def load_hf_tokenizer(path: str, config: dict) -> Optional[Tokenizer]:
         backend = HFTokenizer.from_file(file)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise ValueError(f"{file}: cannot load ({e})") from e
+    check_fits_model(backend, vocab_size, file)
     tok_cfg = read_json(os.path.join(path, "tokenizer_config.json")) or {}
     gen_cfg = read_json(os.path.join(path, "generation_config.json")) or {}
     bos_token, eos_token = _token_content(tok_cfg.get("bos_token")), _token_content(tok_cfg.get("eos_token"))
@@ -97,6 +99,7 @@ def load_hf(path, dtype: torch.dtype = torch.float32, quantize: Optional[str] = 
         raise ValueError(f"quantize: must be None, 'int8' or 'int4', got {quantize!r}")
     hf_cfg = read_json(os.path.join(path, "config.json"), required=True)
     cfg = model_config_from_hf(hf_cfg, max_model_len)
+    tokenizer = load_hf_tokenizer(path, hf_cfg, cfg.vocab_size)  # before the weights: it is cheap to refuse
     # quantize from float32 weights, then cast what stays float
     state = read_hf_state_dict(path, cfg, torch.float32 if quantize else dtype)
     model = empty_model(cfg, attn_impl)
@@ -107,7 +110,6 @@ def load_hf(path, dtype: torch.dtype = torch.float32, quantize: Optional[str] = 
         for p in model.parameters():  # what stays float (embeddings, norms, lm head); the quantized buffers
             p.data = p.data.to(dtype)   # keep their own dtypes (float32 scales)
     finish(model)
-    tokenizer = load_hf_tokenizer(path, hf_cfg)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer,
                        eos_token_ids=list(tokenizer.eos_token_ids) if tokenizer else
                        _ids(hf_cfg.get("eos_token_id"), "config.json: eos_token_id"),

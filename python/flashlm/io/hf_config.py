@@ -17,7 +17,7 @@ from typing import Optional
 
 from flashlm.io.loaded import context_length
 from flashlm.models import ModelConfig
-from flashlm.models.config import LIMITS, check_size
+from flashlm.models.config import LIMITS, check_heads, check_size
 
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -98,10 +98,11 @@ def _gpt2_config(cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
         if cfg.get(key, want) != want:
             raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (flashlm's GPT-2 has {want})")
-    d = _get(cfg, "n_embd", limit="d_model")
+    d, heads = _get(cfg, "n_embd", limit="d_model"), _get(cfg, "n_head", limit="n_head")
+    check_heads(d, heads, heads, ("n_embd", "n_head", "n_head"), "config.json: ")
     n_inner = cfg.get("n_inner")
     return ModelConfig(arch="gpt2", vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
-                       n_layer=_get(cfg, "n_layer", limit="n_layer"), n_head=_get(cfg, "n_head", limit="n_head"),
+                       n_layer=_get(cfg, "n_layer", limit="n_layer"), n_head=heads,
                        d_model=d, d_ff=4 * d if n_inner is None else _get(cfg, "n_inner", limit="d_ff"),
                        seq_len=_seq_len(_get(cfg, "n_positions"), max_model_len),
                        norm_eps=_get(cfg, "layer_norm_epsilon", float, 1e-5),
@@ -116,8 +117,10 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch == "llama" and cfg.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported for llama")
     d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
+    kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
+    check_heads(d, heads, kv_heads, ("hidden_size", "num_attention_heads", "num_key_value_heads"), "config.json: ")
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and (d % heads or head_dim != d // heads):
+    if head_dim is not None and head_dim != d // heads:
         raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
                          "flashlm's Transformer needs head_dim = hidden_size / num_attention_heads")
     seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
@@ -132,7 +135,7 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     theta, scaling = _rope(cfg)
     return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
                        n_layer=_get(cfg, "num_hidden_layers", limit="n_layer"), n_head=heads,
-                       n_kv_head=_get(cfg, "num_key_value_heads", int, heads, limit="n_head"), d_model=d,
+                       n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))

@@ -26,6 +26,14 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def check_fits_model(backend, vocab_size: int, where: str) -> None:
+    """ValueError unless every id the tokenizer (a tokenizers.Tokenizer) can produce has a row in the model's
+    embedding of vocab_size rows: an id past it would read outside the table."""
+    n = backend.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")
+
+
 class Tokenizer:
     def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), bos_token_id: Optional[int] = None,
                  chat_template: Optional[str] = None, bos_token: Optional[str] = None,

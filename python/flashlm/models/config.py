@@ -26,6 +26,16 @@ def check_size(value, name: str, limit: int) -> int:
     return value
 
 
+def check_heads(d_model: int, n_head: int, n_kv_head: int, names: tuple, where: str = "") -> None:
+    """ValueError unless the heads split the model width and the K/V heads divide the heads. names: how the
+    file that declared them calls the three sizes (a loader's message names the file's own keys)."""
+    d_name, head_name, kv_name = names
+    if d_model % n_head:
+        raise ValueError(f"{where}{d_name} {d_model} is not a multiple of {head_name} {n_head}")
+    if n_head % n_kv_head:
+        raise ValueError(f"{where}{kv_name} {n_kv_head} does not divide {head_name} {n_head}")
+
+
 @dataclass
 class ModelConfig:
     arch: str = "gpt2"

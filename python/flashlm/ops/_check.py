@@ -107,6 +107,15 @@ def as_float(value, name: str) -> float:
         raise TypeError(f"{name}: expected a number, got a tensor of shape {list(value.shape)}") from None
 
 
+def as_bool(value, name: str) -> bool:
+    """A flag: a bool (or numpy's), not any object that has a truth value ("no" is a non-empty string, true)."""
+    if value is True or value is False:
+        return value
+    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
 def as_str(value, name: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name}: expected a str, got {type(value).__name__}")

@@ -29,7 +29,7 @@ def check_device(device, name: str = "device") -> torch.device:
 def available_memory(device) -> Optional[int]:
     """Bytes a new allocation can still take on the device, or None where it cannot be told: CUDA's free
     memory; on the CPU the kernel's MemAvailable (sysconf's free pages without /proc), within the cgroup's
-    memory.max when the process runs under one."""
+    memory.max and the address-space limit when the process runs under them."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -51,4 +51,21 @@ def available_memory(device) -> Optional[int]:
                 found.append(max(int(limit) - int(f_cur.read()), 0))
     except (OSError, ValueError):
         pass
+    found += _address_space_left()
     return min(found) if found else None
+
+
+def _address_space_left() -> list:
+    """[what the process's address-space limit (RLIMIT_AS, `ulimit -v`) leaves above its mappings], or [] where
+    it has none: past it an allocation fails however much memory the machine has."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return []
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        return [max(limit - size, 0)]
+    except (ImportError, OSError, ValueError, StopIteration):
+        return []

@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensor
+from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensor, contiguous, new_output
 from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops.dequant import BLOCKS
 
 GGUF_LINEAR_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
-_BLOCKS = {name: (size, nbytes) for name, _, size, nbytes in _C.dtypes()}
 _X_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -23,7 +23,7 @@ def gguf_linear_row_bytes(ggml_type: str, k: int) -> int:
     """Bytes of one weight row of `k` elements of `ggml_type`; ValueError unless k is a whole number of blocks."""
     if ggml_type not in GGUF_LINEAR_TYPES:
         raise ValueError(f"ggml_type: must be one of {', '.join(GGUF_LINEAR_TYPES)}, got {ggml_type!r}")
-    size, nbytes = _BLOCKS[ggml_type]
+    _, size, nbytes = BLOCKS[ggml_type]
     if k < 0 or k % size:
         raise ValueError(f"shape: K ({k}) must be a multiple of {ggml_type}'s block size {size}")
     return k // size * nbytes
@@ -69,8 +69,8 @@ def _check(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, shape: Sequence[i
 @custom_op("flashlm::gguf_linear", mutates_args=())
 def _gguf_linear(x: torch.Tensor, raw: torch.Tensor, ggml_type: str, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # The decode path calls this per layer and token: each avoidable tensor op here costs ~1 us.
-    x2 = x if x.dim() == 2 and x.is_contiguous() else x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    x2 = x if x.dim() == 2 and x.is_contiguous() else contiguous(x, "x").reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    y = new_output((x2.shape[0], n), x.dtype, x.device, "x")
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
     raw = raw if raw.dim() == 1 else raw.reshape(-1)

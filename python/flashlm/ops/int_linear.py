@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensors
+from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensors, contiguous, new_output
 from flashlm.ops._util import cuda_stream, custom_op
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -30,7 +30,10 @@ def _check_x(x: torch.Tensor, allow_cuda_f32: bool) -> None:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] as [M, K] (explicit M: reshape(-1, K) is ambiguous when K == 0)."""
+    """x [..., K] as contiguous rows [M, K] (explicit M: reshape(-1, K) is ambiguous when K == 0); a view that
+    must be copied is checked to fit in memory first."""
+    if not x.is_contiguous():
+        x = contiguous(x, "x")
     return x.reshape(x.shape[:-1].numel(), x.shape[-1])
 
 
@@ -45,7 +48,7 @@ def _bias_f32(bias: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
 @custom_op("flashlm::quantize_per_token", mutates_args=())
 def _quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # smaller than x, which is in memory
     scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
     _C.quantize_per_token(x, q, scales, cuda_stream(x))
     return q, scales
@@ -67,7 +70,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @custom_op("flashlm::int8_gemm", mutates_args=())
 def _int8_gemm(x_q: torch.Tensor, x_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty((x_q.shape[0], w.shape[0]), dtype=out_dtype, device=x_q.device)
+    out = new_output((x_q.shape[0], w.shape[0]), out_dtype, x_q.device, "x")
     _C.int8_gemm(x_q, x_scales, w, w_scales, bias, out, cuda_stream(x_q))
     return out
 
@@ -102,7 +105,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
 @custom_op("flashlm::int4_gemm", mutates_args=())
 def _int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
-    out = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
+    out = new_output((x.shape[0], w.shape[0]), x.dtype, x.device, "x")
     _C.int4_gemm(x, w, scales, zeros, bias, out, group_size, cuda_stream(x))
     return out
 
@@ -136,6 +139,6 @@ def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, z
         if zeros.shape != scales.shape:
             raise ValueError(f"zeros: expected shape {tuple(scales.shape)}, got {tuple(zeros.shape)}")
         zeros = zeros.to(torch.float32).contiguous()
-    y = _int4_gemm(_rows(x).contiguous(), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
+    y = _int4_gemm(_rows(x), w_packed.contiguous(), scales.to(torch.float32).contiguous(),
                    zeros, _bias_f32(bias, n), group_size)
     return y.reshape(*x.shape[:-1], n)

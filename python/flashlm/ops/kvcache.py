@@ -117,9 +117,10 @@ def paged_attention_num_splits(device_type: str, num_seqs: int, kv_heads: int, m
     """The decode split count the library picks on "cpu" or "cuda"."""
     if as_str(device_type, "device_type") not in ("cpu", "cuda"):
         raise ValueError(f"device_type: must be 'cpu' or 'cuda', got {device_type!r}")
-    # Counts the dispatcher holds in 32 bits (their products then fit the heuristic's int64).
+    # Counts the dispatcher holds in 32 bits (their products then fit the heuristic's int64); a batch may be
+    # empty and a context may be empty, a cache has at least one head and one token per block.
     return _C.paged_attention_num_splits(1 if device_type == "cuda" else 0,
-                                         as_int(num_seqs, "num_seqs", INT32_MIN, INT32_MAX),
-                                         as_int(kv_heads, "kv_heads", INT32_MIN, INT32_MAX),
-                                         as_int(max_seq_len, "max_seq_len"),
-                                         as_int(block_size, "block_size", INT32_MIN, INT32_MAX))
+                                         as_int(num_seqs, "num_seqs", 0, INT32_MAX),
+                                         as_int(kv_heads, "kv_heads", 1, INT32_MAX),
+                                         as_int(max_seq_len, "max_seq_len", 0),
+                                         as_int(block_size, "block_size", 1, INT32_MAX))

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import as_float, check_optional_tensors, check_same_device, check_tensor, check_tensors
+from flashlm.ops._check import (as_float, check_fits, check_optional_tensors, check_same_device, check_tensor,
+                                check_tensors, contiguous)
 from flashlm.ops._util import cuda_stream, custom_op
 
 
@@ -35,6 +36,17 @@ def _as_rows(t: torch.Tensor) -> bool:
             return False
         expect = stride * size
     return True
+
+
+def _view_as_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A view x the native code can read as rows: itself, or a contiguous copy. Either way the output (and the
+    copy) may be far larger than x's memory (a stride-0 view of 2^32 rows), so they are checked to fit first."""
+    if _as_rows(x):
+        check_fits(x.numel() * x.element_size(), "x", "an output of x's size", x.device)
+        return x
+    if weight.shape != x.shape[-1:]:  # before the copy: a stride-0 view of 2^32 columns is a wrong d first
+        raise ValueError(f"x: last dimension {x.shape[-1]} differs from weight's shape {list(weight.shape)} [d]")
+    return contiguous(x, "x")
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -61,12 +73,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     # and torch.empty_like, several us cheaper than torch.empty(shape, dtype=, device=).
     _check(x, weight, residual)
     eps = as_float(eps, "eps")
-    if not _as_rows(x):
-        x = x.contiguous()
+    if not x.is_contiguous():
+        x = _view_as_rows(x, weight)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     stream = cuda_stream(x) if x.is_cuda else 0
     if residual is not None and not _as_rows(residual):  # update a copy, then the tensor itself
-        work = residual.detach().contiguous()
+        work = contiguous(residual.detach(), "residual")
         _C.rms_norm(_plain(x), _plain(weight), out, work, eps, stream)
         residual.copy_(work)
         return out

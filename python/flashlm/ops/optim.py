@@ -9,7 +9,7 @@ from typing import Sequence, Union
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import as_float, as_int, check_tensor, check_tensors
+from flashlm.ops._check import as_bool, as_float, as_int, check_tensor, check_tensors
 from flashlm.ops._util import cuda_stream
 
 PARAM_DTYPES_CPU = (torch.float32, torch.bfloat16)
@@ -69,6 +69,7 @@ def adamw_step_(
         raise ValueError(f"step: {len(steps)} values for {n} params")
     hyper = [as_float(v, name) for name, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps),
                                                 ("weight_decay", weight_decay))]
+    maximize = as_bool(maximize, "maximize")
     if n == 0:
         return
     allowed = PARAM_DTYPES_CUDA if device.type == "cuda" else PARAM_DTYPES_CPU
@@ -77,4 +78,4 @@ def adamw_step_(
             raise ValueError(f"params[{i}]: dtype must be one of {allowed} on {p.device.type}, got {p.dtype}")
     _C.adamw_step(
         [_plain(p) for p in params], [_plain(g) for g in grads], [_plain(m) for m in exp_avgs],
-        [_plain(v) for v in exp_avg_sqs], steps, *hyper, bool(maximize), cuda_stream(params[0]))
+        [_plain(v) for v in exp_avg_sqs], steps, *hyper, maximize, cuda_stream(params[0]))

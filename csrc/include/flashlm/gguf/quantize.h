@@ -13,9 +13,9 @@ namespace flashlm {
 // plain F32, F16 and BF16 (a conversion, rounding to nearest even).
 FLASHLM_API bool quantize_supported(DType type);
 
-// src: a contiguous CPU tensor of F32, F16 or BF16 whose innermost dimension (a row) holds whole blocks
-// of `type`; dst: a contiguous CPU U8 tensor of exactly storage_bytes(type, src.numel()) bytes, rows
+// data: a contiguous CPU tensor of F32, F16 or BF16 whose innermost dimension (a row) holds whole blocks
+// of `type`; out: a contiguous CPU U8 tensor of exactly storage_bytes(type, data.numel()) bytes, rows
 // packed one after another as in a GGUF file. Rows are split over the library's thread pool.
-FLASHLM_API void gguf_quantize(const TensorView& src, DType type, const TensorView& dst);
+FLASHLM_API void gguf_quantize(const TensorView& data, DType type, const TensorView& out);
 
 }  // namespace flashlm
