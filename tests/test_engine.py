@@ -156,6 +156,27 @@ def test_stream_grows_to_the_generate_result():
     assert chunks[-1].outputs[0].token_ids == llm.generate("streaming", params)[0].outputs[0].token_ids
 
 
+def test_abort_frees_blocks_and_leaves_the_others_exact():
+    model = make_model("llama", seed=5)
+    tok = CharTokenizer()
+    llm = LLM(model, tok, block_size=4, max_num_seqs=2)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    running, kept, waiting = (llm.add_request(p, params) for p in ("abort me", "keep going", "never run"))
+    for _ in range(3):
+        llm.step()
+    assert len(llm.block_manager.seq_ids()) == 2 and len(llm.scheduler.waiting) == 1  # two decoding, one waits
+    assert llm.abort_request(running) and llm.abort_request(waiting)
+    assert not llm.abort_request(running) and not llm.abort_request(10**6)
+    assert running not in llm._requests and len(llm.block_manager.seq_ids()) == 1  # only "keep going" holds blocks
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in llm.step())
+    assert outs[kept].outputs[0].token_ids == greedy_reference(model, tok.encode("keep going"), 20)
+    assert llm.block_manager.seq_ids() == [] and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    with pytest.raises(TypeError, match="request_id"):
+        llm.abort_request("0")
+
+
 def test_bad_requests():
     model = make_model("llama", seq_len=32)
     llm = LLM(model, CharTokenizer())

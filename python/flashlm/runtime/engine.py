@@ -198,6 +198,19 @@ class LLM:
             self.scheduler.add(seq)
         return rid
 
+    def abort_request(self, request_id: int) -> bool:
+        """Ends a request now, waiting or running, and frees its KV blocks at once (its finish_reason becomes
+        "abort"); a server calls it when a client goes away. Returns False for a request that has already
+        finished or never existed."""
+        req = self._requests.get(as_count(request_id, "request_id", 0))
+        if req is None:
+            return False
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+        req.metrics.finished_time = time.perf_counter()
+        self._release(req)
+        return True
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)
 
