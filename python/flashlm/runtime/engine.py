@@ -176,11 +176,7 @@ class LLM:
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
             text, ids = None, as_token_ids(prompt, "prompt", self.model.cfg.vocab_size)
-        if not ids:
-            raise ValueError("prompt: is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
-                             f"{self.max_model_len}")
+        self._check_prompt_fits(ids)
         rid = self._next_request
         self._next_request += 1
         seqs, gens = [], {}
@@ -197,6 +193,19 @@ class LLM:
             self._seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
         return rid
+
+    def _check_prompt_fits(self, ids) -> None:
+        """A prompt the engine can run: not empty, and with room for one token more both within max_model_len
+        and in the whole KV cache (a request that could never fit would wait forever)."""
+        if not ids:
+            raise ValueError("prompt: is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
+                             f"{self.max_model_len}")
+        bm = self.block_manager
+        if len(ids) + 1 > bm.num_blocks * bm.block_size:
+            raise ValueError(f"prompt: {len(ids)} tokens and one more do not fit the whole KV cache ({bm.num_blocks} "
+                             f"blocks of {bm.block_size} tokens)")
 
     def abort_request(self, request_id: int) -> bool:
         """Ends a request now, waiting or running, and frees its KV blocks at once (its finish_reason becomes

@@ -28,7 +28,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or the output
     presence_penalty: float = 0.0  # subtracted once from tokens seen in the output
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-    max_tokens: Optional[int] = 16  # None: until the model's context is full
+    max_tokens: Optional[int] = 16  # None: until the model's context is full; 0: end after the prefill
     stop: Optional[Union[str, list]] = None  # strings that end the output (not included in it)
     stop_token_ids: list = field(default_factory=list)  # tokens that end the output (included in token_ids)
     ignore_eos: bool = False
@@ -51,7 +51,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)}")
-        self.max_tokens = as_optional_count(self.max_tokens, "max_tokens")
+        self.max_tokens = as_optional_count(self.max_tokens, "max_tokens", 0)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

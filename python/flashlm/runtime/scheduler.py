@@ -141,6 +141,10 @@ class Scheduler:
             tokens = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
             if not tokens:
                 raise ValueError(f"next_tokens: no token for sequence {seq.seq_id}")
+            if seq.params.max_tokens == 0:  # the prompt alone was asked for (scored): its prefill is done
+                self.finish(seq, "length")
+                finished.append(seq)
+                continue
             seq.num_computed += len(tokens) - 1
             for token in tokens:
                 seq.token_ids.append(token)
