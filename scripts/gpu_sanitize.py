@@ -251,6 +251,9 @@ def run_sanitizer(cmd, timeout):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.communicate()[0], True
+    except KeyboardInterrupt:  # the phase's own timeout: leave nothing running on the GPU
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
 
 
 def sanitize(tool, names, deadline, log):
