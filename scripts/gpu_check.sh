@@ -44,6 +44,7 @@ jobs=${GPU_CHECK_JOBS:-4}
 mkdir -p "$out" "$work"
 rm -f "$work"/phases.tsv "$out"/bench.log
 exec > >(tee "$out/gpu_check.log") 2>&1
+tee_pid=$!
 
 py=python3
 pyver=$($py -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
@@ -204,3 +205,9 @@ summary_args=(--phases "$work/phases.tsv" --collected "$work/collected.txt" --be
 phase summary 20 -20 $py scripts/gpu_summary.py "${summary_args[@]}"
 echo "gpu_check: $(($(date +%s) - start))s in all; summary: $out/gpu_summary.md"
 cat "$out/gpu_summary.md"
+# Exit status: 1 when a phase failed, ran out of time or was not run.
+failed=$(awk -F'\t' '$2 !~ /^ok/ && $2 != "not run (dry run)"' "$work/phases.tsv" | wc -l)
+echo "gpu_check: $failed phases not ok"
+exec >&- 2>&-
+wait "$tee_pid" 2>/dev/null || sleep 1  # gpu_check.log complete before the results are collected
+[ "$failed" = 0 ]

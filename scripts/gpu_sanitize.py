@@ -245,7 +245,11 @@ def verdicts(output, names, timed_out=False):
 
 def run_sanitizer(cmd, timeout):
     """(output, timed out?) of cmd, its whole process group killed at the timeout (the sanitizer's child too)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Without torch's caching allocator every tensor is its own cudaMalloc, whose exact end memcheck knows; in a
+    # cached segment an access past a tensor lands in the segment and goes unseen.
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env)
     try:
         return proc.communicate(timeout=timeout)[0], False
     except subprocess.TimeoutExpired:
