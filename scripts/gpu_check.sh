@@ -5,8 +5,8 @@
 # Phases, each with its own time limit and printed elapsed time; a phase that fails or runs out of time never
 # stops the later ones, and whatever ran is summarised:
 #   env        the GPU, Python, torch, nvcc, compute-sanitizer
-#   wheels     what the machine lacks (gguf; the build backend at known versions), from build/gpu-wheels
-#              (scripts/gpu_wheels.sh, run here), into a folder on PYTHONPATH
+#   wheels     what the machine lacks (gguf), from build/gpu-wheels (scripts/gpu_wheels.sh, run here), into a
+#              folder on PYTHONPATH
 #   build      flashlm for sm_90a only (CMAKE_CUDA_ARCHITECTURES=90a-real), all cores, the image's own torch
 #              (--no-build-isolation); the module is copied beside python/flashlm as for a CPU build
 #   tests      every CUDA-marked test (pytest -m cuda), no -x, a per-test timeout; junit XML and log to $OUT
@@ -90,6 +90,7 @@ phase() {
 env_info() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
   $py -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+  $py -c 'import nanobind, scikit_build_core; print("nanobind", nanobind.__version__, "scikit-build-core", scikit_build_core.__version__)'
   nvcc --version | tail -1
   command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
   nproc
@@ -115,7 +116,7 @@ wheels() {
   local whl=(build/gpu-wheels/*.whl)
   [ -e "${whl[0]}" ] || { echo "no wheels in build/gpu-wheels: run scripts/gpu_wheels.sh here and carry that folder"; return 1; }
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" "${whl[@]}" || return 1
-  $py -c 'import gguf, nanobind, scikit_build_core, numpy, pytest; print("gguf", gguf.__file__)' || return 1
+  $py -c 'import gguf, numpy, pytest; print("gguf", gguf.__file__)' || return 1
   $py -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no (no per-test timeout)"
   $py -c 'import xdist' 2>/dev/null && echo "pytest-xdist: yes" || echo "pytest-xdist: no (one process)"
 }

@@ -6,8 +6,8 @@
 # What the CUDA-marked tests and bench/compare_*.py import beyond that machine's image (torch, numpy, pytest,
 # pytest-timeout, pytest-xdist, tqdm, pyyaml, requests are there): gguf, llama.cpp's Python package (also a
 # dependency of flashlm itself), pure Python; its own needs (numpy, pyyaml, requests, tqdm) are in the image.
-# And the build backend at the versions flashlm is built with here, so that the build there does not depend
-# on the image's: scikit-build-core (needs packaging and pathspec, in the image) and nanobind. About 0.6 MB.
+# The image's build backend (scikit-build-core, nanobind) builds flashlm there; gpu_check.sh prints their
+# versions. Should one prove too old, bring it too: bash scripts/gpu_wheels.sh gguf==0.19.0 nanobind==3.1.0
 #
 #   bash scripts/gpu_wheels.sh            # the pinned list below
 #   bash scripts/gpu_wheels.sh NAME==VER  # others instead
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=build/gpu-wheels
 wheels=("$@")
-[ ${#wheels[@]} -gt 0 ] || wheels=(gguf==0.19.0 scikit-build-core==1.1.2 nanobind==3.1.0)
+[ ${#wheels[@]} -gt 0 ] || wheels=(gguf==0.19.0)
 mkdir -p "$dest"
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
