@@ -107,7 +107,7 @@ def copy_gbps(device, reps, warmup, quick):
 def bf16_matmul_gflops(reps, warmup, quick):
     """GFLOP/s of a bf16 n^3 torch matmul on CUDA: the tensor-core ceiling of the GEMM cases."""
     n = 1024 if quick else 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     t = median_seconds({"mm": (lambda: torch.mm(a, b), "cuda")}, reps, warmup)["mm"]
     return 2 * n**3 / t / 1e9
 

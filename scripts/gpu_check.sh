@@ -24,8 +24,8 @@
 #                                          # and imports, and writes a summary marking everything "not run"
 # Environment: OUT (default build/gpu-out), GPU_CHECK_SAMPLE=N (run every Nth CUDA test, in collection order:
 # a deterministic sample when the full matrix does not fit), GPU_CHECK_JOBS (pytest-xdist workers, default 4).
-# $OUT receives at most 8 files (what the device tool brings back): gpu_summary.md, gpu_check.log,
-# build.log, gpu_tests.log, gpu_tests.xml, sanitizer.log, sanitizer.json, bench.log.
+# $OUT receives eight files and no folders, few enough to bring back from a remote machine: gpu_summary.md,
+# gpu_check.log, build.log, gpu_tests.log, gpu_tests.xml, sanitizer.log, sanitizer.json, bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -42,14 +42,16 @@ work=${GPU_CHECK_WORK:-/tmp/flashlm-gpu-check}
 sample=${GPU_CHECK_SAMPLE:-1}
 jobs=${GPU_CHECK_JOBS:-4}
 mkdir -p "$out" "$work"
-rm -f "$work"/phases.tsv "$out"/bench.log
+rm -f "$work"/phases.tsv \
+  "$out"/{gpu_summary.md,build.log,gpu_tests.log,gpu_tests.xml,sanitizer.log,sanitizer.json,bench.log}
 exec > >(tee "$out/gpu_check.log") 2>&1
 tee_pid=$!
 
 py=python3
 pyver=$($py -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 start=$(date +%s)
-export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH="$root/python:$work/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+export PYTHONPATH="$root/python:$work/site${PYTHONPATH:+:$PYTHONPATH}"
 
 # Every phase but the summary ends by $deadline (500 s on the GPU; the summary may take 20 s more, and
 # `timeout`'s grace after a signal is 10 s: under 540 s in all; the dry run here builds on 2 cores and has
@@ -89,8 +91,9 @@ phase() {
 
 env_info() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader || true
-  $py -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
-  $py -c 'import nanobind, scikit_build_core; print("nanobind", nanobind.__version__, "scikit-build-core", scikit_build_core.__version__)'
+  $py -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda",
+                                    torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+  $py -c 'import nanobind, scikit_build_core as s; print("nanobind", nanobind.__version__, "scikit-build-core", s.__version__)'
   nvcc --version | tail -1
   command -v compute-sanitizer || echo "compute-sanitizer: not on PATH"
   nproc
@@ -114,10 +117,11 @@ build() {
 
 wheels() {
   local whl=(build/gpu-wheels/*.whl)
-  [ -e "${whl[0]}" ] || { echo "no wheels in build/gpu-wheels: run scripts/gpu_wheels.sh here and carry that folder"; return 1; }
-  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" "${whl[@]}" || return 1
+  [ -e "${whl[0]}" ] || { echo "no wheels in build/gpu-wheels: run scripts/gpu_wheels.sh and bring that folder"; return 1; }
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+    "${whl[@]}" || return 1
   $py -c 'import gguf, numpy, pytest; print("gguf", gguf.__file__)' || return 1
-  $py -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no (no per-test timeout)"
+  $py -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no (no per-test limit)"
   $py -c 'import xdist' 2>/dev/null && echo "pytest-xdist: yes" || echo "pytest-xdist: no (one process)"
 }
 
@@ -139,9 +143,9 @@ tests() {
   else
     ids=(tests)
   fi
-  # Threads per worker: the CPU references of 4 workers share the cores.
-  FLASHLM_NUM_THREADS=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1)) OMP_NUM_THREADS=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1)) \
-    $py -m pytest "${args[@]}" "${ids[@]}" > "$out/gpu_tests.log" 2>&1
+  # Threads per worker: the workers' CPU references share the cores.
+  local threads=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1))
+  FLASHLM_NUM_THREADS=$threads OMP_NUM_THREADS=$threads $py -m pytest "${args[@]}" "${ids[@]}" > "$out/gpu_tests.log" 2>&1
   local rc=$?
   tail -3 "$out/gpu_tests.log"
   return $rc
@@ -152,7 +156,8 @@ sanitizer() {
     $py scripts/gpu_sanitize.py run --device cpu || return 1
     $py scripts/gpu_sanitize.py check --dry-run --json "$out/sanitizer.json"
   else
-    $py scripts/gpu_sanitize.py check --budget $((PHASE_LIMIT - 10)) --json "$out/sanitizer.json" --log "$out/sanitizer.log"
+    $py scripts/gpu_sanitize.py check --budget $((PHASE_LIMIT - 10)) --json "$out/sanitizer.json" \
+      --log "$out/sanitizer.log"
   fi
 }
 
@@ -167,7 +172,8 @@ bench_one() {
   cat "$work/bench_$name.txt" >> "$out/bench.log"
   echo "### end $name: exit $rc" >> "$out/bench.log"
   if [ $dry = 1 ]; then
-    if [ $rc = 1 ] && grep -q -- '--device cuda' "$work/bench_$name.txt" && ! grep -q Traceback "$work/bench_$name.txt"; then
+    local said=$work/bench_$name.txt
+    if [ $rc = 1 ] && grep -q -- '--device cuda' "$said" && ! grep -q Traceback "$said"; then
       echo "bench $name: arguments and imports ok (stops at: $(tail -1 "$work/bench_$name.txt"))"
       return 0
     fi
@@ -195,9 +201,11 @@ else
   printf 'tests\tnot run (dry run)\t0\n' >> "$work/phases.tsv"
 fi
 phase sanitizer          110 100 sanitizer
-phase bench_attention     35  70 bench_one attention --dtype bf16 --seqlens 1024,4096 --head-dims 64,128 --reps 10 --warmup 2
+phase bench_attention     35  70 bench_one attention --dtype bf16 --seqlens 1024,4096 --head-dims 64,128 \
+                                                       --reps 10 --warmup 2
 phase bench_int_gemm      25  50 bench_one int_gemm --reps 10
-phase bench_gguf_matmul   25  30 bench_one gguf_matmul --types Q4_0,Q8_0,Q4_K,Q6_K --shapes 4096x4096,4096x11008 --reps 10 --warmup 2
+phase bench_gguf_matmul   25  30 bench_one gguf_matmul --types Q4_0,Q8_0,Q4_K,Q6_K --shapes 4096x4096,4096x11008 \
+                                                         --reps 10 --warmup 2
 phase bench_kvcache       25  15 bench_one kvcache --dtype bf16 --batches 1,16 --contexts 2048,8192 --reps 10
 phase bench_dequant       30   0 bench_one dequant --elements 4194304 --types Q4_0,Q8_0,Q4_K,Q6_K --reps 5 --warmup 1
 summary_args=(--phases "$work/phases.tsv" --collected "$work/collected.txt" --bench "$out/bench.log"

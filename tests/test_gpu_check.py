@@ -43,7 +43,7 @@ def test_sanitizer_reports_are_laid_at_the_running_kernel():
     assert (cut["d"], cut["e"]) == ("timed out", "not run (time)"), cut
 
 
-def test_summary_reads_tests_sanitizer_and_benches(tmp_path):
+def test_summary_reads_tests_sanitizer_and_benches(tmp_path, monkeypatch):
     ids = ["tests/test_norm.py::test_against_float64[cuda-x]", "tests/test_norm.py::test_opcheck[cuda]",
            "tests/test_int_gemm.py::test_int4_gemm[cuda-y]", "tests/test_adamw.py::test_narrow_params_against_float64"]
     (tmp_path / "collected.txt").write_text("\n".join(ids) + "\n\n4/9 tests collected\n")
@@ -58,9 +58,10 @@ def test_summary_reads_tests_sanitizer_and_benches(tmp_path):
         "| int4 GEMV | 1.50 | 80 |", "| int4 GEMM | 0.50 | 40 |", "| int8 GEMM | 2.00 | 120 |",
         "### end int_gemm: exit 0"]))
     out = tmp_path / "summary.md"
-    sys.argv = ["gpu_summary.py", "--phases", str(tmp_path / "phases.tsv"), "--collected", str(tmp_path / "collected.txt"),
-                "--tests-log", str(tmp_path / "tests.log"), "--sanitizer", str(tmp_path / "sanitizer.json"),
-                "--bench", str(tmp_path / "bench.log"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_summary.py", "--phases", str(tmp_path / "phases.tsv"), "--collected", str(tmp_path / "collected.txt"),
+        "--tests-log", str(tmp_path / "tests.log"), "--sanitizer", str(tmp_path / "sanitizer.json"),
+        "--bench", str(tmp_path / "bench.log"), "--out", str(out)])
     gpu_summary.main()
     text = out.read_text()
     table = text[text.index("| kernel | tests"):].split("\n\n")[0].splitlines()[2:]  # the first table's rows
