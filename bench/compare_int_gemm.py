@@ -5,13 +5,15 @@ Each case is y = x @ W.T for x [M, K], W [N, K] with random data, timed as
   flashlm   the quantized op (int8_linear: per-token quantization of x + W8A8 GEMM; int4_linear: W4A16),
   peer      torch on the same device: f32 matmul on the CPU, f16 matmul on CUDA, torch._int_mm for W8A8 on
             CUDA (int8 x int8 -> int32, without quantizing x or applying scales),
-and, on the CPU, a plain copy (torch `dst.copy_(src)` of 256 MiB of float32) that gives the memory
-bandwidth the GEMV cases are bound by. Each measurement warms up, then takes the median of --reps runs;
+and a plain copy on the same device (torch `dst.copy_(src)` of 256 MiB of float32) that gives the memory
+bandwidth the GEMV cases are bound by; on CUDA also a bf16 torch matmul (8192^3), the tensor-core rate the
+GEMM cases are set against. Each measurement warms up, then takes the median of --reps runs;
 the functions take turns run by run (bench_util.median_seconds). CUDA runs are timed with CUDA events.
 
 Columns: "x peer" is the peer's median time over flashlm's. GEMV rows (M <= 8) report the bandwidth of
-the weight bytes each reads (int4: packed nibbles + f32 scales; f32/f16: the float matrix) and, on the
-CPU, flashlm's as a share of the copy's. GEMM rows report GFLOP/s (2 M N K).
+the weight bytes each reads (int4: packed nibbles + f32 scales; f32/f16: the float matrix) and flashlm's
+as a share of the copy's ("% copy"). GEMM rows report GFLOP/s (2 M N K); on CUDA "% ceiling" is the copy's
+share for GEMV rows and the bf16 matmul's for GEMM rows (int8 tensor cores can pass 100% of it).
 
 The case list (CASES) is shared with other quantized formats: a case is a name, a device, its shapes and
 a function that builds (flashlm_fn, peer_fn, flashlm_weight_bytes, peer_weight_bytes).
@@ -94,11 +96,20 @@ def cuda_cases(quick):
     return cases
 
 
-def copy_gbps(reps, warmup, quick):
+def copy_gbps(device, reps, warmup, quick):
+    """GB/s of a float32 copy on `device`, its read plus its write: the ceiling of the GEMV cases."""
     n = (16 if quick else 256) << 18  # float32 elements: 16 or 256 MiB
-    src, dst = torch.randn(n), torch.empty(n)
-    t = median_seconds({"copy": (lambda: dst.copy_(src), "cpu")}, reps, warmup)["copy"]
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    t = median_seconds({"copy": (lambda: dst.copy_(src), device)}, reps, warmup)["copy"]
     return 2 * 4 * n / t / 1e9
+
+
+def bf16_matmul_gflops(reps, warmup, quick):
+    """GFLOP/s of a bf16 n^3 torch matmul on CUDA: the tensor-core ceiling of the GEMM cases."""
+    n = 1024 if quick else 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t = median_seconds({"mm": (lambda: torch.mm(a, b), "cuda")}, reps, warmup)["mm"]
+    return 2 * n**3 / t / 1e9
 
 
 def main():
@@ -112,9 +123,11 @@ def main():
     reps, warmup = (3, 1) if args.quick else (args.reps, 3)
     torch.manual_seed(0)
     print(hardware_line(args.device, ops, f"torch {torch.get_num_threads()} threads"))
-    copy = copy_gbps(reps, warmup, args.quick) if args.device == "cpu" else None
-    if copy:
-        print(f"memory bandwidth (torch copy, read + write): {copy:.1f} GB/s")
+    copy = copy_gbps(args.device, reps, warmup, args.quick)
+    print(f"memory bandwidth (torch copy, read + write): {copy:.1f} GB/s")
+    mm = bf16_matmul_gflops(reps, warmup, args.quick) if args.device == "cuda" else None
+    if mm:
+        print(f"bf16 matmul (torch): {mm / 1e3:.1f} TFLOP/s")
     rows = []
     for c in cpu_cases(args.quick) if args.device == "cpu" else cuda_cases(args.quick):
         f_fn, p_fn, f_bytes, p_bytes = c.build(c)
@@ -128,8 +141,9 @@ def main():
         rows.append([c.name, f"{c.m}x{c.n}x{c.k}", c.peer, f"{t['flashlm'] * 1e3:.3f}", f"{t['peer'] * 1e3:.3f}",
                      f"{t['peer'] / t['flashlm']:.2f}", f"{f_rate:.1f} {'GB/s' if gemv else 'GFLOP/s'}",
                      f"{p_rate:.1f} {'GB/s' if gemv else 'GFLOP/s'}",
-                     fmt(100 * f_rate / copy if gemv and copy else None, ".0f", "")])
-    print_table(["case", "MxNxK", "peer", "flashlm ms", "peer ms", "x peer", "flashlm", "peer", "% copy"], rows)
+                     fmt(100 * f_rate / (copy if gemv else mm) if gemv or mm else None, ".0f", "")])
+    print_table(["case", "MxNxK", "peer", "flashlm ms", "peer ms", "x peer", "flashlm", "peer",
+                 "% copy" if args.device == "cpu" else "% ceiling"], rows)
 
 
 if __name__ == "__main__":

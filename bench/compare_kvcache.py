@@ -99,6 +99,8 @@ def main():
     dtype = DTYPES[args.dtype or ("f32" if args.device == "cpu" else "bf16")]
     if args.device == "cuda" and dtype == torch.float32:
         sys.exit("compare_kvcache: flashlm's CUDA kernels take f16 or bf16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("compare_kvcache: --device cuda, but torch sees no CUDA device")
 
     print(f"flashlm {flashlm.__version__}, torch {torch.__version__}; "
           f"{hardware_line(args.device, flashlm.ops, f'torch {torch.get_num_threads()} threads')}")
