@@ -15,8 +15,9 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ 
 MODEL_NAME = "tiny-llama"
 
 
-def write_model(path: str, chat_template=CHAT_TEMPLATE, context_length: int = 256) -> str:
-    """A 2-layer llama (hidden 64) with a 600-token BPE vocabulary, as F32 GGUF."""
+def write_model(path: str, chat_template=CHAT_TEMPLATE, context_length: int = 256):
+    """A 2-layer llama (hidden 64) with a 600-token BPE vocabulary, as F32 GGUF; returns the transformers
+    model it wrote (the tests' independent reference for logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = train_bpe("gpt-2")
@@ -27,7 +28,7 @@ def write_model(path: str, chat_template=CHAT_TEMPLATE, context_length: int = 25
     with torch.no_grad():  # larger logits than the default init, so greedy choices are not near-ties
         model.lm_head.weight.mul_(20)
     write_gguf(model, "llama", path, "F32", tokenizer_meta=bpe_gguf_metadata(tok, "gpt-2", chat_template=chat_template))
-    return path
+    return model
 
 
 class RunningServer:

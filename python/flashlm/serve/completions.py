@@ -128,16 +128,22 @@ class _Completion:
         entries += [(c.token_ids[j], c.logprobs[j]) for j in tokens]
         return completion_logprobs(self.tok, entries, offset)
 
-    def _choice(self, i, c, text, logprobs, finish) -> dict:
-        return {"index": i * self.params.n + c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    def _choice(self, i, c, text, logprobs, finish, tokens: range, first: bool) -> dict:
+        choice = {"index": i * self.params.n + c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if self.body.return_token_ids:
+            choice["token_ids"] = [c.token_ids[j] for j in tokens]
+            if first:
+                choice["prompt_token_ids"] = list(self.prompts[i])
+        return choice
 
     def response(self, finals) -> dict:
         choices, completion_tokens = [], 0
         for i, out in enumerate(finals):
             echo = self._echo_text(i) if self.body.echo else ""
             for c in out.outputs:
-                lp = self._logprobs(out, c, range(len(c.token_ids)), self.body.echo, 0)
-                choices.append(self._choice(i, c, echo + c.text, lp, c.finish_reason))
+                tokens = range(len(c.token_ids))
+                lp = self._logprobs(out, c, tokens, self.body.echo, 0)
+                choices.append(self._choice(i, c, echo + c.text, lp, c.finish_reason, tokens, True))
                 completion_tokens += len(c.token_ids)
         return envelope(self.id, "text_completion", self.server.model_name, self.created, choices,
                         usage(sum(len(p) for p in self.prompts), completion_tokens))
@@ -149,7 +155,7 @@ class _Completion:
                 echo = d.first and self.body.echo
                 text = (self._echo_text(d.prompt) if echo else "") + d.text
                 logprobs = self._logprobs(d.out, d.sample, d.tokens, echo, 0)
-                choice = self._choice(d.prompt, d.sample, text, logprobs, d.sample.finish_reason)
+                choice = self._choice(d.prompt, d.sample, text, logprobs, d.sample.finish_reason, d.tokens, d.first)
                 yield sse(envelope(self.id, "text_completion", self.server.model_name, self.created, [choice]))
         except EngineError as e:
             yield _error_event(e)

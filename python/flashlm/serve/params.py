@@ -71,12 +71,15 @@ def _structured(fmt):
     """response_format -> the engine's StructuredOutputsParams (None for plain text)."""
     if fmt is None or fmt.type == "text":
         return None
-    from flashlm.runtime.structured import StructuredOutputsParams
-
-    if fmt.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
     schema = (fmt.json_schema or {}).get("schema")
-    if not isinstance(schema, (dict, str)):
+    if fmt.type == "json_schema" and not isinstance(schema, (dict, str)):
         raise APIError(400, "response_format: json_schema needs a 'schema' (a JSON schema object)",
                        param="response_format")
-    return StructuredOutputsParams(json=schema)
+    from flashlm.runtime.structured import StructuredOutputsParams
+
+    try:
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=schema)
+    except (ValueError, TypeError) as e:
+        raise bad_request_from(e, CHAT_NAMES) from None
