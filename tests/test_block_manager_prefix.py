@@ -148,3 +148,16 @@ def test_hit_rate():
     bm.allocate(1, [1, 2, 3, 4, 6])
     assert bm.stats.hit_tokens == 4 and bm.stats.queried_tokens == 10 and bm.stats.hit_rate == pytest.approx(0.4)
 
+
+
+def test_allocate_without_reusing_the_cache_computes_everything_and_keeps_one_name():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    prompt = [1, 2, 3, 4, 5]
+    assert bm.allocate(0, prompt) == 0 and bm.allocate(1, prompt) == 4
+    assert bm.can_allocate(prompt, reuse_cache=False) and bm.allocate(2, prompt, reuse_cache=False) == 0
+    assert not set(bm.block_table(2)) & set(bm.block_table(0))  # fresh blocks throughout
+    named = bm.num_cached_blocks
+    bm.free(0), bm.free(1), bm.free(2)
+    assert bm.num_cached_blocks == named and bm.allocate(3, prompt) == 4  # the name stayed with the first block
+    with pytest.raises(TypeError, match="^reuse_cache"):
+        bm.allocate(4, prompt, reuse_cache="no")

@@ -237,3 +237,24 @@ def test_largest_seed_wraps_per_sample():
     assert pair[0].token_ids == llm.generate("ab", SamplingParams(seed=2**64 - 1, **params))[0].outputs[0].token_ids
     with pytest.raises(ValueError, match="kv_cache_memory"):
         parse_bytes("lots")
+
+
+def test_max_tokens_zero_ends_after_the_prefill():
+    model = make_model("llama", seed=6)
+    llm = LLM(model, CharTokenizer(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    zero, one = llm.generate(["score this prompt", "and this"], [SamplingParams(max_tokens=0),
+                                                                 SamplingParams(temperature=0, max_tokens=1)])
+    assert zero.finished and zero.outputs[0].token_ids == [] and zero.outputs[0].text == ""
+    assert zero.outputs[0].finish_reason == "length" and zero.metrics.num_output_tokens == 0
+    assert one.outputs[0].token_ids == greedy_reference(model, CharTokenizer().encode("and this"), 1)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_a_prompt_that_cannot_fit_the_kv_cache_is_refused_at_add_request():
+    model = make_model("llama", seq_len=32)
+    from flashlm.runtime.model_runner import kv_bytes_per_block
+    llm = LLM(model, CharTokenizer(), block_size=4, kv_cache_memory=8 * kv_bytes_per_block(model, 4, torch.float32))
+    llm.max_model_len = 64  # as if the context were longer than the cache: the cache's own bound must hold
+    with pytest.raises(ValueError, match=r"^prompt: 32 tokens and one more do not fit the whole KV cache \(8 blocks"):
+        llm.add_request([1] * 32, SamplingParams(max_tokens=1))
+    assert llm.add_request([1] * 31, SamplingParams(max_tokens=1)) == 0 and not llm._requests[0].finished

@@ -242,7 +242,7 @@ def sampling_cases():
     for arg, label, value in (("temperature", "nan", math.nan), ("temperature", "-1", -1.0), ("top_p", "nan", math.nan),
                               ("top_p", "0", 0.0), ("top_k", "-2", -2), ("top_k", "2.5", 2.5), ("min_p", "nan", math.nan),
                               ("repetition_penalty", "nan", math.nan), ("repetition_penalty", "0", 0.0),
-                              ("presence_penalty", "nan", math.nan), ("max_tokens", "0", 0), ("max_tokens", "1.5", 1.5),
+                              ("presence_penalty", "nan", math.nan), ("max_tokens", "-1", -1), ("max_tokens", "1.5", 1.5),
                               ("n", "0", 0), ("n", "'2'", "2"), ("stop", "['']", [""]), ("stop", "[None]", [None]),
                               ("stop_token_ids", "[-1]", [-1]), ("stop_token_ids", "'abc'", "abc"),
                               ("seed", "1.5", 1.5), ("temperature", "'hot'", "hot")):

@@ -130,7 +130,7 @@ def test_seeded_request_ignores_its_batch():
 @pytest.mark.parametrize("kw, name", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
     (dict(min_p=1.5), "min_p"), (dict(repetition_penalty=0), "repetition_penalty"),
-    (dict(presence_penalty=3), "presence_penalty"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n"),
+    (dict(presence_penalty=3), "presence_penalty"), (dict(max_tokens=-1), "max_tokens"), (dict(n=0), "n"),
     (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(seed=2**64), "seed"),
     (dict(temperature=math.nan), "temperature"), (dict(n=2**31), "n"), (dict(top_k=2**63), "top_k"),
 ])

@@ -201,7 +201,7 @@ class BlockManager:
 
     # ---- capacity ------------------------------------------------------------------------------------------
 
-    def can_allocate(self, prompt: Union[int, Iterable[int]]) -> bool:
+    def can_allocate(self, prompt: Union[int, Iterable[int]], reuse_cache: bool = True) -> bool:
         """Whether `allocate` of a prompt would find enough blocks. Given a token count it assumes no prefix
         hit (conservative); given the token ids it counts the hits exactly, as `allocate` would."""
         if not _is_iterable(prompt):
@@ -212,7 +212,7 @@ class BlockManager:
         tokens = as_token_ids(prompt, "prompt")
         if not tokens:
             raise ValueError("prompt is empty")
-        hits, _ = self._lookup(tokens)
+        hits, _ = self._lookup(tokens) if reuse_cache else ([], [])
         return self._free_blocks_needed_for_prompt(len(tokens), hits) <= self.num_free_blocks
 
     def can_append(self, seq_id: int, num_new_tokens: int = 1) -> bool:
@@ -222,10 +222,11 @@ class BlockManager:
 
     # ---- sequence lifetime ---------------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Iterable[int]) -> int:
-        """Gives a new sequence the blocks for its prompt, reusing cached blocks of its longest cached prefix.
-        Returns the number of prompt tokens already in the cache: a whole number of blocks, at most
-        len(token_ids) - 1 so that the last token is computed (its logits are needed)."""
+    def allocate(self, seq_id: int, token_ids: Iterable[int], reuse_cache: bool = True) -> int:
+        """Gives a new sequence the blocks for its prompt, reusing cached blocks of its longest cached prefix
+        unless reuse_cache is False (a sequence that needs every prompt position's logits). Returns the number
+        of prompt tokens already in the cache: a whole number of blocks, at most len(token_ids) - 1 so that the
+        last token is computed (its logits are needed). Its full blocks are named in the cache either way."""
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already allocated")
@@ -233,7 +234,7 @@ class BlockManager:
         if not tokens:
             raise ValueError(f"token_ids of sequence {seq_id} is empty")
         self._check_table_size(seq_id, self._blocks_for(len(tokens)))
-        hits, hashes = self._lookup(tokens)
+        hits, hashes = self._lookup(tokens) if as_bool(reuse_cache, "reuse_cache") else ([], [])
         needed = self._free_blocks_needed_for_prompt(len(tokens), hits)
         if needed > self.num_free_blocks:
             raise NoFreeBlocksError(f"sequence {seq_id} needs {needed} free blocks for {len(tokens)} prompt "

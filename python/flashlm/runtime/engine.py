@@ -25,7 +25,7 @@ from flashlm.runtime.block_manager import BlockManager, check_block_size
 from flashlm.runtime.checks import (as_bool, as_count, as_model_source, as_optional_count, as_prompts, as_seed,
                                     as_token_ids, as_kv_cache_dtype)
 from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_blocks
-from flashlm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from flashlm.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
@@ -62,6 +62,9 @@ class _Request:
         self.texts = [""] * len(seqs)
         self.generators = generators
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+        # The Logprob dicts made so far from each sample's TokenLogprobs (and the prompt's): each made once.
+        self.logprob_dicts = [[] for _ in seqs]
+        self.prompt_logprob_dicts = [None]
 
     @property
     def finished(self) -> bool:
@@ -71,7 +74,26 @@ class _Request:
         # With stop strings the text is kept up to date each step (it is searched); otherwise decoded here.
         texts = self.texts if self.params.stop else [tokenizer.decode(s.output_ids) for s in self.seqs]
         outs = [CompletionOutput(i, texts[i], list(s.output_ids), s.finish_reason) for i, s in enumerate(self.seqs)]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, self.metrics)
+        if self.params.logprobs is not None:
+            for out, seq, dicts in zip(outs, self.seqs, self.logprob_dicts):
+                dicts += [_logprob_dict(e, tokenizer) for e in seq.logprobs[len(dicts):]]
+                out.logprobs, out.cumulative_logprob = list(dicts), sum(e.logprob for e in seq.logprobs)
+        prompt_logprobs = None
+        if self.params.prompt_logprobs is not None:
+            done = self.seqs[0].prompt_logprobs
+            self.prompt_logprob_dicts += [_logprob_dict(e, tokenizer) for e in done[len(self.prompt_logprob_dicts):]]
+            prompt_logprobs = list(self.prompt_logprob_dicts)
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, self.metrics,
+                             prompt_logprobs)
+
+
+def _logprob_dict(entry, tokenizer) -> dict:
+    """{token_id: Logprob} for a TokenLogprobs: the chosen token first, then the top N (rank 1 first)."""
+    out = {entry.token: Logprob(entry.logprob, entry.rank, tokenizer.decode([entry.token]))}
+    for rank, (token, logprob) in enumerate(zip(entry.top_ids, entry.top_logprobs), 1):
+        if token not in out:
+            out[token] = Logprob(logprob, rank, tokenizer.decode([token]))
+    return out
 
 
 def _sampling_params(params) -> SamplingParams:
@@ -176,11 +198,7 @@ class LLM:
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
             text, ids = None, as_token_ids(prompt, "prompt", self.model.cfg.vocab_size)
-        if not ids:
-            raise ValueError("prompt: is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
-                             f"{self.max_model_len}")
+        self._check_prompt_fits(ids)
         rid = self._next_request
         self._next_request += 1
         seqs, gens = [], {}
@@ -190,6 +208,8 @@ class LLM:
             if params.seed is not None:  # sample i of a seeded request draws from seed + i (mod 2^64)
                 gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
+        if params.prompt_logprobs is not None:
+            seqs[0].prompt_logprobs = [None]  # the first sample computes them; the others may use the prefix cache
         req = _Request(rid, text, ids, params, seqs, gens)
         self._requests[rid] = req
         self._generators.update(gens)
@@ -197,6 +217,19 @@ class LLM:
             self._seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
         return rid
+
+    def _check_prompt_fits(self, ids) -> None:
+        """A prompt the engine can run: not empty, and with room for one token more both within max_model_len
+        and in the whole KV cache (a request that could never fit would wait forever)."""
+        if not ids:
+            raise ValueError("prompt: is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
+                             f"{self.max_model_len}")
+        bm = self.block_manager
+        if len(ids) + 1 > bm.num_blocks * bm.block_size:
+            raise ValueError(f"prompt: {len(ids)} tokens and one more do not fit the whole KV cache ({bm.num_blocks} "
+                             f"blocks of {bm.block_size} tokens)")
 
     def abort_request(self, request_id: int) -> bool:
         """Ends a request now, waiting or running, and frees its KV blocks at once (its finish_reason becomes
@@ -226,14 +259,20 @@ class LLM:
         if not len(batch):
             return []
         before = sum(s.num_output_tokens for s in batch.seqs)
+        logprobs = None
         if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
             tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
         else:
-            tokens = self.runner.run(batch, self.block_manager, self._generators,
-                                     mirror=self.spec.draft if self.spec is not None else None)
+            step = self.runner.run(batch, self.block_manager, self._generators,
+                                   mirror=self.spec.draft if self.spec is not None else None)
+            tokens, logprobs = step.tokens, step.logprobs
         now = time.perf_counter()
         sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
+        counts = [seq.num_output_tokens for seq in sampled] if logprobs is not None else ()
         self.scheduler.update(batch, tokens)
+        for seq, count, entry in zip(sampled, counts, logprobs or ()):
+            if entry is not None and seq.num_output_tokens > count:  # the token was kept (max_tokens=0 keeps none)
+                seq.logprobs.append(entry)
         touched = {}
         for seq in sampled:
             req, i = self._seq_owner[seq.seq_id]

@@ -2,7 +2,10 @@
 
 For each step it packs the new tokens of every scheduled sequence into one row, builds the PagedBatch
 (positions, cache slots, block tables, sequence lengths, cu_seqlens_q), makes the block copies the block
-manager asked for, runs the model and samples the sequences whose chunk reached their end. The model runs in
+manager asked for, runs the model and samples the sequences whose chunk reached their end. A sequence that
+wants prompt logprobs gets the logits of every prompt position of its chunk too, turned into log-probabilities
+of the prompt's next tokens (appended to seq.prompt_logprobs, each position once, so a recompute after
+preemption adds nothing). The model runs in
 the native decoder stack where it applies (flashlm.runtime.native_decoder), else module by module
 (Transformer.forward_paged); both give the same logits.
 
@@ -12,7 +15,7 @@ the native decoder stack where it applies (flashlm.runtime.native_decoder), else
 
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Optional
 
@@ -22,6 +25,7 @@ from flashlm.models.transformer import PagedBatch, Transformer
 from flashlm.ops import NativeDecoder
 from flashlm.ops.device import available_memory
 from flashlm.runtime.block_manager import BlockManager, check_block_size
+from flashlm.runtime.logprobs import token_logprobs
 from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
 
@@ -74,6 +78,27 @@ def kv_cache_blocks(model: Transformer, block_size: int, dtype: torch.dtype, max
                          f"of {block_size} tokens), but {torch.device(device)} has {_gib(available)} available; "
                          f"pass a smaller kv_cache_memory or max_model_len")
     return num_blocks
+
+
+@dataclass
+class StepOutput:
+    tokens: list  # the next token of each sampling sequence of the batch, in batch order
+    logprobs: Optional[list] = None  # Sampler.sample's: None, or a TokenLogprobs or None per sampling sequence
+
+
+def prompt_logprob_rows(batch) -> list:
+    """[(seq, first_row, first_target, count)]: the rows of the packed step whose logits give prompt logprobs not
+    computed yet. Position p's logits predict token p + 1; a sequence's chunk [start, start + n) starts at row
+    first_row (its tokens follow those of the sequences before it)."""
+    out, offset = [], 0
+    for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
+        if seq.prompt_logprobs_pending:
+            first = max(start, len(seq.prompt_logprobs) - 1)
+            end = min(start + n, seq.num_prompt_tokens - 1)
+            if end > first:
+                out.append((seq, offset + first - start, first + 1, end - first))
+        offset += n
+    return out
 
 
 class ModelRunner:
@@ -170,14 +195,17 @@ class ModelRunner:
             seq_lens.append(start + n)
             if sampling:
                 rows.append(len(tokens) - 1)
+        for _, first_row, _, count in prompt_logprob_rows(batch):  # after the sampling rows
+            rows += range(first_row, first_row + count)
         block_table = bm.block_tables_tensor([s.seq_id for s in batch.seqs])
         paged = self.paged_batch(positions, slots, block_table, seq_lens, batch.num_new, rows)
         return torch.tensor(tokens, dtype=torch.int64, device=self.device), paged
 
-    def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> list:
-        """The next token of each sampling sequence of the batch, in batch order. generators: seq_id -> the
-        request's torch.Generator (seeded requests only). mirror: a draft model's runner, whose cache gets the
-        same tokens' K and V (speculative decoding needs the draft's cache to follow the target's)."""
+    def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> StepOutput:
+        """The next token of each sampling sequence of the batch, in batch order, with the logprobs asked for.
+        generators: seq_id -> the request's torch.Generator (seeded requests only). mirror: a draft model's
+        runner, whose cache gets the same tokens' K and V (speculative decoding needs the draft's cache to follow
+        the target's)."""
         self.copy_blocks(batch.block_copies)
         tokens, paged = self.prepare(batch, bm)
         if mirror is not None:
@@ -186,6 +214,22 @@ class ModelRunner:
         logits = self.forward(tokens, paged)
         inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
                   for seq, s in zip(batch.seqs, batch.sampling) if s]
+        if len(logits) > len(inputs):
+            self._prompt_logprobs(batch, logits[len(inputs):])
         if not inputs:
-            return []
-        return self.sampler(logits, inputs).tolist()
+            return StepOutput([])
+        tokens, logprobs = self.sampler.sample(logits[:len(inputs)], inputs)
+        return StepOutput(tokens.tolist(), logprobs)
+
+    def _prompt_logprobs(self, batch, logits: torch.Tensor) -> None:
+        """Appends to each sequence's prompt_logprobs from the logits of its prompt rows (the model's own
+        distribution: no penalties, no temperature), packed as prompt_logprob_rows lists them."""
+        plan = prompt_logprob_rows(batch)
+        logprobs = logits[:, :self.sampler.vocab_size].float().log_softmax(dim=-1)
+        targets = [t for seq, _, first, count in plan for t in seq.token_ids[first:first + count]]
+        num_top = [seq.params.prompt_logprobs for seq, _, _, count in plan for _ in range(count)]
+        entries = token_logprobs(logprobs, torch.tensor(targets, device=logits.device), num_top)
+        start = 0
+        for seq, _, _, count in plan:
+            seq.prompt_logprobs += entries[start:start + count]
+            start += count

@@ -5,11 +5,22 @@ from typing import Optional
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability in one position's distribution, and its rank there (1: the most likely)."""
+    logprob: float
+    rank: int
+    decoded_token: Optional[str] = None
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list
     finish_reason: Optional[str] = None  # "stop" (EOS, a stop token or string), "length", or None while running
+    # With SamplingParams.logprobs: per output token, {token_id: Logprob} holding the sampled token and the top N.
+    logprobs: Optional[list] = None
+    cumulative_logprob: Optional[float] = None  # the sum of the sampled tokens' logprobs
 
 
 @dataclass
@@ -40,3 +51,6 @@ class RequestOutput:
     outputs: list = field(default_factory=list)  # CompletionOutput, one per sample
     finished: bool = False
     metrics: Optional[RequestMetrics] = None
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first, then {token_id: Logprob} holding
+    # the prompt's token and the top N.
+    prompt_logprobs: Optional[list] = None

@@ -3,7 +3,9 @@
     sampler = Sampler(vocab_size)
     tokens = sampler(logits, [SamplingInput(params, prompt_ids, output_ids, generator), ...])
 
-Order (vLLM's): penalties -> temperature -> top-k and top-p -> min-p -> sample. Greedy rows take the argmax
+Order (vLLM's): penalties -> temperature -> top-k and top-p -> min-p -> sample. Requests with logprobs get
+them from the distribution after penalties and temperature (temperature 1 for greedy rows), before the
+truncation, for their rows only (Sampler.sample). Greedy rows take the argmax
 of the penalised logits. Sampling uses the exponential race: token = argmax(p / E) with E ~ Exponential(1)
 per vocabulary entry, which draws from p exactly and lets each seeded request draw its E from its own
 generator, so a seeded request gets the same tokens whatever it is batched with. Only seeded rows cost a
@@ -15,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from flashlm.runtime.logprobs import token_logprobs
 from flashlm.runtime.sampling_params import SamplingParams
 
 
@@ -90,11 +93,16 @@ class Sampler:
             logits = apply_penalties(logits, inputs)
         return logits
 
+    @staticmethod
+    def _scaled(logits: torch.Tensor, inputs) -> torch.Tensor:
+        """logits / temperature (greedy rows keep temperature 1)."""
+        temperature = [1.0 if s.params.greedy else s.params.temperature for s in inputs]
+        return logits / torch.tensor(temperature, device=logits.device)[:, None]
+
     def _processed(self, logits: torch.Tensor, inputs) -> torch.Tensor:
-        """Temperature, then top-k / top-p / min-p (greedy rows keep temperature 1)."""
+        """Temperature, then top-k / top-p / min-p."""
         device = logits.device
-        temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in inputs], device=device)
-        logits = logits / temperature[:, None]
+        logits = self._scaled(logits, inputs)
         if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in inputs):
             logits = filter_logits(
                 logits,
@@ -133,10 +141,27 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
         """int64 [B]: the next token of each row of logits [B, >= vocab_size] (extra padded columns are
         ignored)."""
+        return self.sample(logits, inputs)[0]
+
+    def sample(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]):
+        """(tokens int64 [B], logprobs): the next tokens as __call__, and None when no row asks for logprobs,
+        else a list with a TokenLogprobs for each row that does (params.logprobs) and None for the others."""
         logits = self._check(logits, inputs)
         greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
         tokens = logits.argmax(dim=-1)
-        if bool(greedy.all()):
-            return tokens
-        sampled = self.sample_from(self._processed(logits, inputs).softmax(dim=-1), inputs)
-        return torch.where(greedy, tokens, sampled)
+        if not bool(greedy.all()):
+            sampled = self.sample_from(self._processed(logits, inputs).softmax(dim=-1), inputs)
+            tokens = torch.where(greedy, tokens, sampled)
+        return tokens, self._logprobs(logits, inputs, tokens)
+
+    def _logprobs(self, logits: torch.Tensor, inputs, tokens: torch.Tensor):
+        rows = [i for i, s in enumerate(inputs) if s.params.logprobs is not None]
+        if not rows:
+            return None  # the common case costs this one pass over the batch
+        picked = [inputs[i] for i in rows]
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = self._scaled(logits[index], picked).log_softmax(dim=-1)
+        out = [None] * len(inputs)
+        for i, entry in zip(rows, token_logprobs(logprobs, tokens[index], [s.params.logprobs for s in picked])):
+            out[i] = entry
+        return out

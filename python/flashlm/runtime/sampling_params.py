@@ -3,6 +3,10 @@
     SamplingParams(temperature=0)                          # greedy
     SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=64, stop=["\\n\\n"])
 
+    SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=5)  # score a prompt (OpenAI's echo)
+    SamplingParams(logprobs=3, structured_outputs=StructuredOutputsParams(json={"type": "object"}))
+
+logprobs and prompt_logprobs ask for each sampled (or prompt) token's log-probability and the top N (N <= 20).
 Penalties follow vLLM: repetition_penalty (HF's multiplicative rule) counts prompt and output tokens;
 presence_penalty and frequency_penalty (OpenAI's additive rules) count output tokens only.
 """
@@ -14,6 +18,8 @@ from flashlm.runtime.checks import as_bool, as_count, as_float, as_optional_coun
 
 # Below this temperature a request is greedy (vLLM's threshold): dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
+# The most top log-probabilities a request may ask for per token (vLLM's default cap and OpenAI's).
+MAX_LOGPROBS = 20
 # Completions per prompt: each is a sequence of its own from the start (OpenAI's API allows 128).
 MAX_N = 1 << 16
 
@@ -28,11 +34,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens seen in the prompt or the output
     presence_penalty: float = 0.0  # subtracted once from tokens seen in the output
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-    max_tokens: Optional[int] = 16  # None: until the model's context is full
+    max_tokens: Optional[int] = 16  # None: until the model's context is full; 0: end after the prefill
     stop: Optional[Union[str, list]] = None  # strings that end the output (not included in it)
     stop_token_ids: list = field(default_factory=list)  # tokens that end the output (included in token_ids)
     ignore_eos: bool = False
     seed: Optional[int] = None  # a request with a seed samples the same tokens whatever it is batched with
+    logprobs: Optional[int] = None  # 0..20: each output token's logprob and the top N (flashlm.runtime.outputs)
+    prompt_logprobs: Optional[int] = None  # 0..20: each prompt token's logprob and the top N
 
     def __post_init__(self):
         self.n = as_count(self.n, "n", 1, MAX_N)
@@ -51,7 +59,7 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name}: must be in [-2, 2], got {getattr(self, name)}")
-        self.max_tokens = as_optional_count(self.max_tokens, "max_tokens")
+        self.max_tokens = as_optional_count(self.max_tokens, "max_tokens", 0)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -61,10 +69,18 @@ class SamplingParams:
                                            "stop_token_ids")
         self.ignore_eos = as_bool(self.ignore_eos, "ignore_eos")
         self.seed = None if self.seed is None else as_seed(self.seed)
+        self.logprobs = as_optional_count(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
+        self.prompt_logprobs = as_optional_count(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def can_speculate(self) -> bool:
+        """Whether speculative decoding may run this request: not with penalties (they would depend on the drafts)
+        nor with logprobs (taken from plain steps' distributions)."""
+        return not self.has_penalties and self.logprobs is None
 
     @property
     def has_penalties(self) -> bool:

@@ -5,7 +5,7 @@ the KV cache's blocks. Policy only: the BlockManager owns the blocks, the model 
     sched.add(Sequence(0, prompt_ids, params))
     while sched.has_work():
         batch = sched.schedule()            # [(seq, start, num_new)], block copies, preempted sequences
-        tokens = runner.run(batch)          # the next token of each batch.sampling sequence
+        tokens = runner.run(batch).tokens   # the next token of each batch.sampling sequence
         finished = sched.update(batch, tokens)
 
 One step mixes decodes and prefill chunks, as vLLM's v1 scheduler does: the running sequences come first
@@ -20,7 +20,8 @@ Because max_model_len fits in the cache, a lone sequence always fits, so preempt
 
 Prefix caching: a sequence is allocated with its first chunk (the whole prompt when it fits the budget), so
 blocks named in the cache are the ones this step writes (the block manager's timing contract); hits beyond
-a first chunk are not looked for.
+a first chunk are not looked for. A sequence that wants prompt logprobs takes no hits until they are all
+computed (each prompt position's logits are needed).
 """
 
 from collections import deque
@@ -111,9 +112,10 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             chunk = seq.token_ids[:min(seq.num_tokens, budget)]
-            if not self.bm.can_allocate(chunk):
+            reuse = not seq.prompt_logprobs_pending  # prompt logprobs need every position computed
+            if not self.bm.can_allocate(chunk, reuse):
                 break  # first come, first served: later arrivals wait too
-            cached = self.bm.allocate(seq.seq_id, chunk)
+            cached = self.bm.allocate(seq.seq_id, chunk, reuse)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.num_computed = cached
@@ -141,6 +143,10 @@ class Scheduler:
             tokens = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
             if not tokens:
                 raise ValueError(f"next_tokens: no token for sequence {seq.seq_id}")
+            if seq.params.max_tokens == 0:  # the prompt alone was asked for (scored): its prefill is done
+                self.finish(seq, "length")
+                finished.append(seq)
+                continue
             seq.num_computed += len(tokens) - 1
             for token in tokens:
                 seq.token_ids.append(token)

@@ -35,6 +35,16 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: Optional[str] = None  # "stop" or "length", as OpenAI's API says
         self.arrival = next(_arrivals)  # the order of priority: earlier arrivals are scheduled first
+        # runtime.logprobs.TokenLogprobs: per output token when params.logprobs is set; per prompt token after
+        # the first (None) when the engine asks this sequence for prompt_logprobs.
+        self.logprobs: Optional[list] = None if self.params.logprobs is None else []
+        self.prompt_logprobs: Optional[list] = None
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Whether prompt logprobs are wanted and some are not computed yet (its prefill must compute every
+        prompt position, not take them from the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

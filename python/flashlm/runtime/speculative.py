@@ -59,12 +59,12 @@ class SpeculativeDecoder:
         self.num_accepted = 0
 
     def can_speculate(self, batch, bm: BlockManager, max_model_len: int) -> bool:
-        """Only pure decode steps, without penalties (they would depend on the drafts), with room for k more
-        tokens, and with no sequence sharing its last block."""
+        """Only pure decode steps of requests that allow it (SamplingParams.can_speculate: no penalties, no
+        logprobs), with room for k more tokens, and with no sequence sharing its last block."""
         if not len(batch) or len(batch) > self.max_num_seqs or batch.block_copies:
             return False
         for seq, n, sampling in zip(batch.seqs, batch.num_new, batch.sampling):
-            if n != 1 or not sampling or seq.params.has_penalties or seq.num_tokens + self.k > max_model_len:
+            if n != 1 or not sampling or not seq.params.can_speculate or seq.num_tokens + self.k > max_model_len:
                 return False
             if bm.ref_count(bm.block_table(seq.seq_id)[-1]) != 1:
                 return False
