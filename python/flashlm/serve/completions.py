@@ -12,7 +12,7 @@ from flashlm.serve.group import RequestGroup
 from flashlm.serve.params import CHAT_NAMES, COMPLETION_NAMES, chat_params, completion_params
 from flashlm.serve.protocol import APIError, bad_request_from
 from flashlm.serve.responses import (TextCursor, chat_logprobs, completion_logprobs, envelope, new_id, now,
-                                     usage)
+                                     token_namer, usage)
 
 # Choices one HTTP request may ask for (prompts x n): each is a sequence in the engine.
 MAX_CHOICES = 1024
@@ -112,6 +112,7 @@ class _Completion:
     def __init__(self, server, body, params, prompts):
         self.server, self.body, self.params, self.prompts = server, body, params, prompts
         self.tok = server.tokenizer
+        self.name = token_namer(self.tok, body.return_tokens_as_token_ids)
         self.id, self.created = new_id("cmpl"), now()
 
     def _echo_text(self, i: int) -> str:
@@ -126,7 +127,7 @@ class _Completion:
         if with_prompt:
             entries += list(zip(out.prompt_token_ids, out.prompt_logprobs or [None] * len(out.prompt_token_ids)))
         entries += [(c.token_ids[j], c.logprobs[j]) for j in tokens]
-        return completion_logprobs(self.tok, entries, offset)
+        return completion_logprobs(self.name, entries, offset)
 
     def _choice(self, i, c, text, logprobs, finish, tokens: range, first: bool) -> dict:
         choice = {"index": i * self.params.n + c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -180,12 +181,13 @@ class _Chat:
     def __init__(self, server, body, params, prompt):
         self.server, self.body, self.params, self.prompt = server, body, params, prompt
         self.tok = server.tokenizer
+        self.name = token_namer(self.tok, body.return_tokens_as_token_ids)
         self.id, self.created = new_id("chatcmpl"), now()
 
     def _logprobs(self, c, tokens: range):
         if not self.body.logprobs:
             return None
-        return chat_logprobs(self.tok, [(c.token_ids[j], c.logprobs[j]) for j in tokens], self.body.top_logprobs or 0)
+        return chat_logprobs(self.name, [(c.token_ids[j], c.logprobs[j]) for j in tokens], self.body.top_logprobs or 0)
 
     def response(self, finals) -> dict:
         out = finals[0]

@@ -40,6 +40,7 @@ class _Sampling(_Body):
     stop_token_ids: Optional[list[int]] = None
     min_tokens: int = 0  # accepted for clients that send it; only 0 is supported (see params.py)
     return_token_ids: bool = False  # vLLM's: each choice also carries its token ids (and its prompt's)
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>", not by text
 
 
 class CompletionRequest(_Sampling):

@@ -60,18 +60,26 @@ class TextCursor:
         return new
 
 
-def token_string(tokenizer, token_id: int, logprob) -> str:
-    decoded = getattr(logprob, "decoded_token", None)
-    return decoded if decoded is not None else tokenizer.decode([token_id])
+def token_namer(tokenizer, as_ids: bool):
+    """How logprobs name a token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids, for clients
+    that need every token told apart: two tokens can decode to the same text)."""
+    if as_ids:
+        return lambda token_id, logprob: f"token_id:{token_id}"
+
+    def name(token_id, logprob):
+        decoded = getattr(logprob, "decoded_token", None)
+        return decoded if decoded is not None else tokenizer.decode([token_id])
+    return name
 
 
-def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
+def completion_logprobs(name, entries: list, offset: int = 0) -> dict:
     """OpenAI's legacy logprobs object for (token_id, {id: Logprob} or None) pairs: tokens, token_logprobs,
-    top_logprobs (the sampled token and the top N, by their text) and text_offset (from `offset`)."""
+    top_logprobs (the sampled token and the top N, keyed by name(id, logprob)) and text_offset (from
+    `offset`)."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token_id, top in entries:
         chosen = top.get(token_id) if top else None
-        text = token_string(tokenizer, token_id, chosen)
+        text = name(token_id, chosen)
         out["tokens"].append(text)
         out["text_offset"].append(offset)
         offset += len(text)
@@ -81,21 +89,21 @@ def completion_logprobs(tokenizer, entries: list, offset: int = 0) -> dict:
             continue
         out["token_logprobs"].append(_finite(chosen.logprob) if chosen is not None else None)
         ranked = sorted(top.items(), key=lambda kv: kv[1].rank)
-        out["top_logprobs"].append({token_string(tokenizer, i, lp): _finite(lp.logprob) for i, lp in ranked})
+        out["top_logprobs"].append({name(i, lp): _finite(lp.logprob) for i, lp in ranked})
     return out
 
 
-def _chat_entry(tokenizer, token_id, lp) -> dict:
-    text = token_string(tokenizer, token_id, lp)
+def _chat_entry(name, token_id, lp) -> dict:
+    text = name(token_id, lp)
     return {"token": text, "logprob": _finite(lp.logprob), "bytes": list(text.encode("utf-8"))}
 
 
-def chat_logprobs(tokenizer, entries: list, top_n: int) -> dict:
+def chat_logprobs(name, entries: list, top_n: int) -> dict:
     """Chat's logprobs object: per token, its logprob and the top_n most likely tokens."""
     content = []
     for token_id, top in entries:
-        entry = _chat_entry(tokenizer, token_id, top[token_id])
+        entry = _chat_entry(name, token_id, top[token_id])
         ranked = sorted(top.items(), key=lambda kv: kv[1].rank)
-        entry["top_logprobs"] = [_chat_entry(tokenizer, i, lp) for i, lp in ranked if lp.rank <= top_n][:top_n]
+        entry["top_logprobs"] = [_chat_entry(name, i, lp) for i, lp in ranked if lp.rank <= top_n][:top_n]
         content.append(entry)
     return {"content": content, "refusal": None}
