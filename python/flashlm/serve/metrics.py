@@ -24,13 +24,17 @@ class ServerMetrics:
         def gauge(name, doc):
             return Gauge(name, doc, labels, registry=r).labels(model_name)
 
-        self.num_requests_running = gauge("flashlm:num_requests_running", "Requests in the running batch")
-        self.num_requests_waiting = gauge("flashlm:num_requests_waiting", "Requests waiting to be scheduled")
+        self.num_requests_running = gauge("flashlm:num_requests_running", "Sequences in the running batch")
+        self.num_requests_waiting = gauge("flashlm:num_requests_waiting", "Sequences waiting to be scheduled")
         self.kv_cache_usage = gauge("flashlm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1)")
         self.kv_blocks_used = gauge("flashlm:kv_cache_blocks_used", "KV-cache blocks some sequence holds")
         self.prefix_cache_hit_rate = gauge("flashlm:prefix_cache_hit_rate",
                                            "Prompt tokens found in the prefix cache over those looked up (0 to 1)")
         self.num_preemptions = gauge("flashlm:num_preemptions", "Sequences preempted since the server started")
+        # the engine's busy time: beside wall time, what the server (HTTP, detokenize, SSE) leaves to the model
+        self.engine_steps = gauge("flashlm:engine_steps", "Engine steps since the server started")
+        self.engine_step_seconds = gauge("flashlm:engine_step_seconds", "Seconds spent in engine steps since the "
+                                                                         "server started")
         self.requests_total = Counter("flashlm:requests", "Requests admitted to the engine", labels,
                                       registry=r).labels(model_name)
         self.requests_aborted = Counter("flashlm:requests_aborted", "Requests aborted (client gone)", labels,
@@ -52,6 +56,8 @@ class ServerMetrics:
         self.kv_blocks_used.set(bm.num_blocks - bm.num_free_blocks)
         self.prefix_cache_hit_rate.set(bm.stats.hit_rate)
         self.num_preemptions.set(sched.num_preemptions)
+        self.engine_steps.set(llm.stats.steps)
+        self.engine_step_seconds.set(llm.stats.step_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
