@@ -398,3 +398,53 @@ def test_chat_without_template(tmp_path):
             c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}])
         assert e.value.body["param"] == "messages" and "chat template" in e.value.body["message"]
         assert c.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2).choices  # completions still work
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_flashlm_serve_command(model_file):
+    """`flashlm serve MODEL` as a user runs it: it serves the file under its name until stopped."""
+    import subprocess
+    import time
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flashlm", "serve", model_file[0], "--port", str(port),
+                             "--max-num-seqs", "4", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["tiny"]  # the file's name
+        assert c.completions.create(model="tiny", prompt="hello", max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["/no/such/model.gguf"], "no/such"),
+    (["MODEL", "--port", "70000"], "port"),
+    (["MODEL", "--max-num-seqs", "0"], "max_num_seqs"),
+])
+def test_flashlm_serve_bad_arguments(model_file, argv, message):
+    import subprocess
+
+    argv = [model_file[0] if a == "MODEL" else a for a in argv]
+    r = subprocess.run([sys.executable, "-m", "flashlm", "serve", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("flashlm: error:") and message in r.stderr, r.stderr
