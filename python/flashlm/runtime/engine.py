@@ -30,6 +30,7 @@ from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
 from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
+from flashlm.runtime.structured import GrammarCompiler, advance
 
 
 @dataclass
@@ -156,6 +157,7 @@ class LLM:
         if draft_model is not None:
             draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
             self.spec = SpeculativeDecoder(draft_runner, num_speculative_tokens, num_blocks, max_num_seqs)
+        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size)  # structured outputs' matchers
         self.stats = EngineStats()
         self._requests = {}  # request_id -> _Request, while unfinished
         self._seq_owner = {}  # seq_id -> (request, index)
@@ -199,12 +201,16 @@ class LLM:
         else:
             text, ids = None, as_token_ids(prompt, "prompt", self.model.cfg.vocab_size)
         self._check_prompt_fits(ids)
+        # Compiled before anything is queued: a schema the grammar library refuses fails here, never in a step.
+        matcher = None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
         rid = self._next_request
         self._next_request += 1
         seqs, gens = [], {}
         for i in range(params.n):
             seq = Sequence(self._next_seq, ids, params)
             self._next_seq += 1
+            if matcher is not None:  # one grammar state per sample
+                seq.matcher = matcher if i == 0 else matcher.deep_copy()
             if params.seed is not None:  # sample i of a seeded request draws from seed + i (mod 2^64)
                 gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
@@ -268,11 +274,11 @@ class LLM:
             tokens, logprobs = step.tokens, step.logprobs
         now = time.perf_counter()
         sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
-        counts = [seq.num_output_tokens for seq in sampled] if logprobs is not None else ()
+        tracked = logprobs is not None or any(seq.matcher is not None for seq in sampled)
+        counts = [seq.num_output_tokens for seq in sampled] if tracked else None
         self.scheduler.update(batch, tokens)
-        for seq, count, entry in zip(sampled, counts, logprobs or ()):
-            if entry is not None and seq.num_output_tokens > count:  # the token was kept (max_tokens=0 keeps none)
-                seq.logprobs.append(entry)
+        if tracked:
+            self._record_kept(sampled, counts, logprobs)
         touched = {}
         for seq in sampled:
             req, i = self._seq_owner[seq.seq_id]
@@ -290,6 +296,17 @@ class LLM:
         self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
         self.stats.step_seconds += time.perf_counter() - start
         return list(touched.values())
+
+    def _record_kept(self, sampled, counts, logprobs) -> None:
+        """For each sampled sequence that kept its new token (max_tokens=0 keeps none): its logprobs, and its
+        grammar advanced by it, the sequence finishing with "stop" when the grammar is complete."""
+        for j, (seq, count) in enumerate(zip(sampled, counts)):
+            if seq.num_output_tokens == count:
+                continue
+            if logprobs is not None and logprobs[j] is not None:
+                seq.logprobs.append(logprobs[j])
+            if seq.matcher is not None and advance(seq.matcher, seq.token_ids[-1]):
+                self.scheduler.finish(seq, "stop")
 
     def stats_summary(self) -> dict:
         """Steps, tokens, and the host (Python) time per step beside the model's forward time."""

@@ -28,6 +28,7 @@ from flashlm.runtime.block_manager import BlockManager, check_block_size
 from flashlm.runtime.logprobs import token_logprobs
 from flashlm.runtime.native_decoder import build_native_decoder, forward_paged_native, native_takes_caches
 from flashlm.runtime.sampler import Sampler, SamplingInput
+from flashlm.runtime.structured import token_bitmask
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -212,13 +213,15 @@ class ModelRunner:
             mirror.copy_blocks(batch.block_copies)
             mirror.forward(tokens, replace(paged, logits_rows=paged.logits_rows[:0]))
         logits = self.forward(tokens, paged)
+        sampling = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
         inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
-                  for seq, s in zip(batch.seqs, batch.sampling) if s]
+                  for seq in sampling]
         if len(logits) > len(inputs):
             self._prompt_logprobs(batch, logits[len(inputs):])
         if not inputs:
             return StepOutput([])
-        tokens, logprobs = self.sampler.sample(logits[:len(inputs)], inputs)
+        bitmask = token_bitmask([seq.matcher for seq in sampling], self.sampler.vocab_size)
+        tokens, logprobs = self.sampler.sample(logits[:len(inputs)], inputs, bitmask)
         return StepOutput(tokens.tolist(), logprobs)
 
     def _prompt_logprobs(self, batch, logits: torch.Tensor) -> None:

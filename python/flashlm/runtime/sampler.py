@@ -5,7 +5,8 @@
 
 Order (vLLM's): penalties -> temperature -> top-k and top-p -> min-p -> sample. Requests with logprobs get
 them from the distribution after penalties and temperature (temperature 1 for greedy rows), before the
-truncation, for their rows only (Sampler.sample). Greedy rows take the argmax
+truncation, for their rows only (Sampler.sample). A grammar's token bitmask (structured outputs) is applied
+after them, like the truncation: every row draws only tokens its grammar allows. Greedy rows take the argmax
 of the penalised logits. Sampling uses the exponential race: token = argmax(p / E) with E ~ Exponential(1)
 per vocabulary entry, which draws from p exactly and lets each seeded request draw its E from its own
 generator, so a seeded request gets the same tokens whatever it is batched with. Only seeded rows cost a
@@ -19,6 +20,7 @@ import torch
 
 from flashlm.runtime.logprobs import token_logprobs
 from flashlm.runtime.sampling_params import SamplingParams
+from flashlm.runtime.structured import apply_token_bitmask
 
 
 @dataclass
@@ -143,14 +145,17 @@ class Sampler:
         ignored)."""
         return self.sample(logits, inputs)[0]
 
-    def sample(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]):
+    def sample(self, logits: torch.Tensor, inputs: Sequence[SamplingInput], token_bitmask=None):
         """(tokens int64 [B], logprobs): the next tokens as __call__, and None when no row asks for logprobs,
-        else a list with a TokenLogprobs for each row that does (params.logprobs) and None for the others."""
+        else a list with a TokenLogprobs for each row that does (params.logprobs) and None for the others.
+        token_bitmask: None, or int32 [B, ceil(vocab / 32)] with bit t of row r set where row r may take token t
+        (structured.token_bitmask)."""
         logits = self._check(logits, inputs)
+        allowed = logits if token_bitmask is None else apply_token_bitmask(logits, token_bitmask)
         greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
-        tokens = logits.argmax(dim=-1)
+        tokens = allowed.argmax(dim=-1)
         if not bool(greedy.all()):
-            sampled = self.sample_from(self._processed(logits, inputs).softmax(dim=-1), inputs)
+            sampled = self.sample_from(self._processed(allowed, inputs).softmax(dim=-1), inputs)
             tokens = torch.where(greedy, tokens, sampled)
         return tokens, self._logprobs(logits, inputs, tokens)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from flashlm.runtime.checks import as_bool, as_count, as_float, as_optional_count, as_seed, as_token_ids
+from flashlm.runtime.structured import StructuredOutputsParams
 
 # Below this temperature a request is greedy (vLLM's threshold): dividing logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
@@ -41,6 +42,7 @@ class SamplingParams:
     seed: Optional[int] = None  # a request with a seed samples the same tokens whatever it is batched with
     logprobs: Optional[int] = None  # 0..20: each output token's logprob and the top N (flashlm.runtime.outputs)
     prompt_logprobs: Optional[int] = None  # 0..20: each prompt token's logprob and the top N
+    structured_outputs: Optional[StructuredOutputsParams] = None  # a JSON schema the output must follow
 
     def __post_init__(self):
         self.n = as_count(self.n, "n", 1, MAX_N)
@@ -71,6 +73,9 @@ class SamplingParams:
         self.seed = None if self.seed is None else as_seed(self.seed)
         self.logprobs = as_optional_count(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
         self.prompt_logprobs = as_optional_count(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(f"structured_outputs: expected a StructuredOutputsParams, got "
+                            f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -78,9 +83,9 @@ class SamplingParams:
 
     @property
     def can_speculate(self) -> bool:
-        """Whether speculative decoding may run this request: not with penalties (they would depend on the drafts)
-        nor with logprobs (taken from plain steps' distributions)."""
-        return not self.has_penalties and self.logprobs is None
+        """Whether speculative decoding may run this request: not with penalties (they would depend on the drafts),
+        logprobs (taken from plain steps' distributions) or a grammar (its mask would depend on the drafts)."""
+        return not self.has_penalties and self.logprobs is None and self.structured_outputs is None
 
     @property
     def has_penalties(self) -> bool:

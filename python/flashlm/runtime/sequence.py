@@ -39,6 +39,7 @@ class Sequence:
         # the first (None) when the engine asks this sequence for prompt_logprobs.
         self.logprobs: Optional[list] = None if self.params.logprobs is None else []
         self.prompt_logprobs: Optional[list] = None
+        self.matcher = None  # the grammar state of a request with structured_outputs (runtime.structured)
 
     @property
     def prompt_logprobs_pending(self) -> bool:

@@ -60,7 +60,7 @@ class SpeculativeDecoder:
 
     def can_speculate(self, batch, bm: BlockManager, max_model_len: int) -> bool:
         """Only pure decode steps of requests that allow it (SamplingParams.can_speculate: no penalties, no
-        logprobs), with room for k more tokens, and with no sequence sharing its last block."""
+        logprobs, no grammar), with room for k more tokens, and with no sequence sharing its last block."""
         if not len(batch) or len(batch) > self.max_num_seqs or batch.block_copies:
             return False
         for seq, n, sampling in zip(batch.seqs, batch.num_new, batch.sampling):
