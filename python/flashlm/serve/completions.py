@@ -25,12 +25,14 @@ def sse(obj) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def _prompt_ids(server, prompt) -> list:
-    """The prompts of a completion request as token-id lists: text, token ids, or a list of either."""
+def _prompt_ids(server, prompt, n: int) -> list:
+    """The prompts of a completion request as token-id lists: text, token ids, or a list of either. Their count
+    is checked before any is tokenized."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt:
         raise APIError(400, "prompt: is empty", param="prompt")
+    _check_choices(len(prompt), n)
     return [server.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
@@ -43,10 +45,14 @@ def _check_room(server, ids: list, max_tokens) -> None:
                             f"model's context of {limit} tokens", param="max_tokens")
 
 
-async def _submit(server, request, prompts: list, params, rename: dict) -> RequestGroup:
-    if len(prompts) * params.n > MAX_CHOICES:
-        raise APIError(400, f"n: {len(prompts)} prompts x n {params.n} exceed {MAX_CHOICES} choices per request",
+def _check_choices(num_prompts: int, n: int) -> None:
+    if num_prompts * n > MAX_CHOICES:
+        raise APIError(400, f"n: {num_prompts} prompts x n {n} exceed {MAX_CHOICES} choices per request",
                        param="n")
+
+
+async def _submit(server, request, prompts: list, params, rename: dict) -> RequestGroup:
+    _check_choices(len(prompts), params.n)
     for ids in prompts:
         _check_room(server, ids, params.max_tokens)
     group = RequestGroup(server.engine, request)
@@ -172,7 +178,7 @@ class _Completion:
 async def create_completion(server, body, request):
     server.check_model(body.model)
     params = completion_params(body)
-    prompts = _prompt_ids(server, body.prompt)
+    prompts = _prompt_ids(server, body.prompt, params.n)
     group = await _submit(server, request, prompts, params, COMPLETION_NAMES)
     return await _respond(group, _Completion(server, body, params, prompts), body.stream)
 
