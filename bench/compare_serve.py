@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -126,18 +127,18 @@ async def one_request(client, url, body, extra):
     return (None if first is None else first - start), itl, pieces, finish
 
 
-async def run_level(url, prompt, args, concurrency, n_requests, extra):
+async def run_level(url, prompts, args, concurrency, n_requests, extra):
     import httpx
 
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": args.gen_tokens, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "max_tokens": args.gen_tokens, "temperature": 0, "stream": True}
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def bounded():
+        async def bounded(i):
             async with sem:
-                return await one_request(client, url, body, extra)
+                return await one_request(client, url, dict(body, prompt=prompts[i % len(prompts)]), extra)
         start = time.perf_counter()
-        results = await asyncio.gather(*(bounded() for _ in range(n_requests)))
+        results = await asyncio.gather(*(bounded(i) for i in range(n_requests)))
         wall = time.perf_counter() - start
     early = sum(r[3] != "length" for r in results)
     if early:
@@ -163,31 +164,35 @@ def engine_seconds(url) -> float:
     return float("nan")
 
 
-def make_prompt(url, tokens: int) -> str:
-    """A text prompt of exactly `tokens` tokens in the model's tokenizer (counted by flashlm's /tokenize)."""
+def make_prompts(url, tokens: int, count: int) -> list:
+    """`count` different text prompts of exactly `tokens` tokens in the model's tokenizer (counted by flashlm's
+    /tokenize): no request finds another's prompt in a prefix cache."""
     import httpx
 
-    words = " ".join(f"word{i % 97} w{i % 13}{i % 7}" for i in range(tokens * 2))
-    ids = httpx.post(url + "/tokenize", json={"prompt": words, "add_special_tokens": False}).json()["tokens"]
-    return httpx.post(url + "/detokenize", json={"tokens": ids[:tokens]}).json()["prompt"]
+    prompts = []
+    for i in range(count):
+        words = " ".join(f"word{(i + j) % 97} w{(i * 7 + j) % 13}{j % 7}" for j in range(tokens * 2))
+        ids = httpx.post(url + "/tokenize", json={"prompt": words, "add_special_tokens": False}).json()["tokens"]
+        prompts.append(httpx.post(url + "/detokenize", json={"tokens": ids[:tokens]}).json()["prompt"])
+    return prompts
 
 
-def bench_server(server, prompt, args, extra, flashlm_metrics=False) -> dict:
+def bench_server(server, prompts, args, extra, flashlm_metrics=False) -> dict:
     try:
-        return _bench_levels(server, prompt, args, extra, flashlm_metrics)
+        return _bench_levels(server, prompts, args, extra, flashlm_metrics)
     except Exception:
         server.close()  # what the server said before it failed, for the report
         print(f"{server.name} failed; its stderr ends with:\n{server.proc.stderr.read()[-3000:]}", file=sys.stderr)
         raise
 
 
-def _bench_levels(server, prompt, args, extra, flashlm_metrics) -> dict:
+def _bench_levels(server, prompts, args, extra, flashlm_metrics) -> dict:
     out = {}
-    asyncio.run(run_level(server.url, prompt, args, 1, 2, extra))  # warm-up
+    asyncio.run(run_level(server.url, prompts[-2:], args, 1, 2, extra))  # warm-up
     for c in args.concurrency:
         n = max(args.requests, c) if c > 1 else max(args.requests // 4, 2)
         before = engine_seconds(server.url) if flashlm_metrics else None
-        r = asyncio.run(run_level(server.url, prompt, args, c, n, extra))
+        r = asyncio.run(run_level(server.url, prompts[:-2], args, c, n, extra))
         if flashlm_metrics:
             r["busy"] = (engine_seconds(server.url) - before) / r["wall"]
         out[c] = r
@@ -212,6 +217,7 @@ def main():
     p.add_argument("--no-llama-cpp", action="store_true", help="flashlm only")
     p.add_argument("--quick", action="store_true", help="a tiny model and few requests (CI smoke)")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `timeout` still stops the servers (finally)
     if args.quick:
         args.layers, args.d_model, args.heads, args.kv_heads, args.vocab = 2, 128, 4, 2, 512
         args.prompt_tokens, args.gen_tokens, args.concurrency, args.requests = 16, 8, [1, 4], 8
@@ -231,14 +237,14 @@ def main():
         results = {}
         flashlm = start_flashlm(path, args).wait_ready()
         try:
-            prompt = make_prompt(flashlm.url, args.prompt_tokens)
-            results["flashlm"] = bench_server(flashlm, prompt, args, {"ignore_eos": True}, flashlm_metrics=True)
+            prompts = make_prompts(flashlm.url, args.prompt_tokens, max(args.requests, *args.concurrency) + 2)
+            results["flashlm"] = bench_server(flashlm, prompts, args, {"ignore_eos": True}, flashlm_metrics=True)
         finally:
             flashlm.close()
         if have_llama:
             llama = start_llama_cpp(path, args, args.prompt_tokens + args.gen_tokens + CONTEXT_ROOM).wait_ready()
             try:
-                results["llama.cpp"] = bench_server(llama, prompt, args, {})
+                results["llama.cpp"] = bench_server(llama, prompts, args, {})
             finally:
                 llama.close()
     report(results, args)
