@@ -20,7 +20,7 @@ llama_cpp.server serves one request at a time (no batching across requests); fla
 running request into each step.
 
 Run (from the repository root, with flashlm, llama-cpp-python[server] and httpx installed):
-  python bench/compare_serve.py
+  python bench/compare_serve.py --prompt-tokens 16 --gen-tokens 8   # bench/results/serve.md's table
   python bench/compare_serve.py --concurrency 1 16 --requests 32 --type Q4_0
   python bench/compare_serve.py --quick      # seconds: CI smoke (flashlm only without llama_cpp.server)
 """
@@ -43,7 +43,9 @@ import bench_util
 from compare_decode import make_gguf
 
 MODEL = "bench"
-CONTEXT_ROOM = 64
+# The model's context and llama.cpp's n_ctx: well past the measured lengths (llama_cpp.server failed with an
+# n_ctx of prompt + output + 64 here: a ValueError in its scores array once n_past passed it).
+CONTEXT = 512
 
 
 def free_port() -> int:
@@ -229,8 +231,8 @@ def main():
         print("llama_cpp.server not installed (pip install 'llama-cpp-python[server]'): flashlm only")
 
     with tempfile.TemporaryDirectory() as folder:
-        # room past the measured lengths: a server that retokenizes the prompt may count a few more tokens
-        room = argparse.Namespace(**{**vars(args), "gen_tokens": args.gen_tokens + CONTEXT_ROOM})
+        context = max(CONTEXT, args.prompt_tokens + args.gen_tokens + 64)
+        room = argparse.Namespace(**{**vars(args), "gen_tokens": context - 8 - args.prompt_tokens})
         path, n_params = make_gguf(folder, room, args.type)
         print(f"model: {n_params / 1e6:.1f}M parameters, {args.type}, prompt {args.prompt_tokens} tokens, "
               f"output {args.gen_tokens} tokens; {args.threads} threads per server")
@@ -242,7 +244,7 @@ def main():
         finally:
             flashlm.close()
         if have_llama:
-            llama = start_llama_cpp(path, args, args.prompt_tokens + args.gen_tokens + CONTEXT_ROOM).wait_ready()
+            llama = start_llama_cpp(path, args, context).wait_ready()
             try:
                 results["llama.cpp"] = bench_server(llama, prompts, args, {})
             finally:
