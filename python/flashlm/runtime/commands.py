@@ -60,7 +60,8 @@ def _engine(args, **kw):
 
 
 def _params(args, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+    # A command prints what it generates: at least one token (the engine's max_tokens=0 only scores a prompt).
+    return SamplingParams(max_tokens=as_count(args.max_tokens, "max_tokens"), temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           seed=args.seed, **kw)
 
