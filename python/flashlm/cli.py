@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_runtime_commands(sub)
 
+    from flashlm.serve.command import add_commands as add_serve_commands
+
+    add_serve_commands(sub)
+
     demo = sub.add_parser("demo", help="write a GGUF file of every supported block type, read it back, check "
                                        "and time the dequantization against gguf-py")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
