@@ -5,6 +5,7 @@ unconstrained requests, under preemption, with speculative decoding on) parse an
 bad schemas are refused at add_request."""
 
 import json
+import math
 
 import jsonschema
 import pytest
@@ -105,6 +106,22 @@ def test_json_schema_outputs_validate_at_temperature_one(bpe):
     assert unconstrained.token_ids == alone.token_ids  # batch neighbours with grammars leave it untouched
     greedy = constrained[-1]
     assert all(e[t].logprob > float("-inf") for t, e in zip(greedy.token_ids, greedy.logprobs))
+
+
+def test_logprobs_of_a_constrained_request_are_those_of_the_masked_distribution(bpe):
+    # The first token of an object with required properties must open it: a handful of tokens. Their
+    # probabilities, renormalised by the mask, sum to 1; every other token reports -inf.
+    llm = LLM(make_model(bpe.vocab_size), bpe, block_size=8)
+    so = StructuredOutputsParams(json=SCHEMA)
+    out = llm.generate("json please", SamplingParams(temperature=0, max_tokens=200, structured_outputs=so,
+                                                     logprobs=20))[0].outputs[0]
+    first = out.logprobs[0]
+    finite = [e.logprob for e in first.values() if e.logprob > float("-inf")]
+    assert 0 < len(finite) < len(first) - 1
+    assert abs(sum(math.exp(lp) for lp in finite) - 1) < 1e-4
+    assert all(bpe.decode([t]).startswith("{") for t, e in first.items() if e.logprob > float("-inf"))
+    for token, entries in zip(out.token_ids, out.logprobs):  # greedy: the sampled token is the most likely
+        assert entries[token].rank == 1
 
 
 def test_json_object_outputs_are_objects(spm):

@@ -3,14 +3,14 @@
     sampler = Sampler(vocab_size)
     tokens = sampler(logits, [SamplingInput(params, prompt_ids, output_ids, generator), ...])
 
-Order (vLLM's): penalties -> temperature -> top-k and top-p -> min-p -> sample. Requests with logprobs get
-them from the distribution after penalties and temperature (temperature 1 for greedy rows), before the
-truncation, for their rows only (Sampler.sample). A grammar's token bitmask (structured outputs) is applied
-after them, like the truncation: every row draws only tokens its grammar allows. Greedy rows take the argmax
-of the penalised logits. Sampling uses the exponential race: token = argmax(p / E) with E ~ Exponential(1)
-per vocabulary entry, which draws from p exactly and lets each seeded request draw its E from its own
-generator, so a seeded request gets the same tokens whatever it is batched with. Only seeded rows cost a
-Python-level call each; the rest share one draw.
+Order (vLLM's): penalties -> grammar mask -> temperature -> top-k and top-p -> min-p -> sample. A grammar's
+token bitmask (structured outputs) sets the tokens a row's grammar forbids to -inf. Requests with logprobs get
+them from the distribution after penalties, the grammar mask and temperature (temperature 1 for greedy rows),
+before the truncation, for their rows only (Sampler.sample): a token the grammar forbids reports -inf.
+Greedy rows take the argmax of the penalised, masked logits. Sampling uses the exponential race: token =
+argmax(p / E) with E ~ Exponential(1) per vocabulary entry, which draws from p exactly and lets each seeded
+request draw its E from its own generator, so a seeded request gets the same tokens whatever it is batched
+with. Only seeded rows cost a Python-level call each; the rest share one draw.
 """
 
 from dataclasses import dataclass
@@ -157,7 +157,7 @@ class Sampler:
         if not bool(greedy.all()):
             sampled = self.sample_from(self._processed(allowed, inputs).softmax(dim=-1), inputs)
             tokens = torch.where(greedy, tokens, sampled)
-        return tokens, self._logprobs(logits, inputs, tokens)
+        return tokens, self._logprobs(allowed, inputs, tokens)
 
     def _logprobs(self, logits: torch.Tensor, inputs, tokens: torch.Tensor):
         rows = [i for i, s in enumerate(inputs) if s.params.logprobs is not None]
