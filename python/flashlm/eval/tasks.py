@@ -109,7 +109,8 @@ def summarize(records: list, metrics: tuple) -> tuple:
     overall = {"count": len(records)}
     for m in metrics:
         overall[m] = sum(r[m] for r in records) / len(records) if records else math.nan
-        overall[f"{m}_macro"] = (sum(s[m] for s in per_subject.values()) / len(per_subject)) if per_subject else math.nan
+        macro = [s[m] for s in per_subject.values()]
+        overall[f"{m}_macro"] = sum(macro) / len(macro) if macro else math.nan
     return overall, per_subject
 
 
