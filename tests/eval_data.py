@@ -38,6 +38,19 @@ def byte_model(seed=0, seq_len=1024):
     return model
 
 
+def small_gguf(path, texts, seq_len=512) -> str:
+    """A Q8_0 GGUF file of a random llama model with a BPE tokenizer trained on texts."""
+    from flashlm.train.export import export_gguf
+    from flashlm.train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=300)
+    cfg = ModelConfig(arch="llama", vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                      seq_len=seq_len)
+    torch.manual_seed(0)
+    export_gguf(Transformer(cfg), cfg, tok.to_str(), str(path), type="Q8_0")
+    return str(path)
+
+
 def write_csv(path, rows, header=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:

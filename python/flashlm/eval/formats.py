@@ -1,7 +1,7 @@
 """Benchmark files read from local paths (nothing is downloaded): the layouts the benchmarks ship in.
 
     mmlu_items("data/")          # data/test/{subject}_test.csv (+ dev/{subject}_dev.csv): question,A,B,C,D,answer
-    ceval_items("ceval-exam/")   # val/{subject}_val.csv (+ dev/): id,question,A,B,C,D,answer[,explanation] with a header
+    ceval_items("ceval-exam/")   # val/{subject}_val.csv (+ dev/), a header: id,question,A,B,C,D,answer[,explanation]
     gpqa_items("gpqa_main.csv")  # Question, Correct Answer, Incorrect Answer 1..3 (choices shuffled with seed 0)
     hellaswag_items("hellaswag_val.jsonl")   # {"ctx_a", "ctx_b" (or "ctx"), "activity_label", "endings", "label"}
     jsonl_items("my.jsonl")      # {"question", "choices", "answer": index, letter or the choice's text[, "subject"]}
