@@ -1,6 +1,7 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`."""
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`,
+`flashlm eval MODEL --tasks mmlu:DIR,... --shots K`."""
 
 from __future__ import annotations
 
@@ -123,9 +124,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        from flashlm.eval.command import cmd_eval_tasks
+
+        return cmd_eval_tasks(args)
+    if args.data is None:
+        raise ValueError("eval: give --tasks TASK:PATH,... or --data FILE (a training checkpoint's perplexity)")
     from flashlm.train.evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    r = evaluate_checkpoint(args.model, args.data, batch_size=args.batch_size, device=args.device)
     print(f"{_printable(args.data)}: {r['tokens']} tokens, loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
           f"(checkpoint step {r['step']})")
     return 0
@@ -224,9 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser("eval", help="perplexity of a training checkpoint on a text file")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
+    from flashlm.eval.command import add_task_arguments
+
+    evaluate = sub.add_parser("eval", help="benchmark tasks of a model (MMLU, C-Eval, GPQA, HellaSwag, JSONL, "
+                                           "GSM8K), or the perplexity of a training checkpoint on a text file")
+    evaluate.add_argument("model", metavar="MODEL", help="a GGUF file, an HF model directory or a training run "
+                                                         "folder (--data: a training checkpoint)")
+    evaluate.add_argument("--data", default=None, help="a UTF-8 text file")
+    add_task_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(func=_cmd_eval)

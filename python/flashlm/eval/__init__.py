@@ -1,0 +1,5 @@
+"""Evaluation: log-likelihoods of continuations, benchmark tasks (multiple choice and generation), perplexity.
+
+Each module is imported where it is used (`from flashlm.eval.loglikelihood import loglikelihoods`), so that
+importing the package loads nothing heavy.
+"""
