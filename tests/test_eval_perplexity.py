@@ -177,3 +177,44 @@ def test_bad_arguments(hf_model):
     with pytest.raises(ValueError, match="^prefix_token"):
         rolling_loglikelihood(llm, ids, 8, prefix_token=-1)
     assert not llm.has_unfinished_requests()
+
+
+def test_eval_command_prints_the_perplexity(gguf_model, tmp_path, capsys):
+    """`flashlm eval MODEL --perplexity FILE`: the numbers perplexity() gives, in one line."""
+    path, _ = gguf_model
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT)
+    assert cli_main(["eval", path, "--perplexity", str(text_file), "--ctx-size", "16", "--quiet"]) == 0
+    want = perplexity(LLM(path, max_model_len=17, block_size=4), TEXT, 16, progress=False)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{text_file}: PPL = {want.ppl:.4f} +/- {want.stderr:.5f} (nll {want.nll:.6f}, "
+                           f"{want.tokens} tokens scored, llama.cpp method, ctx 16)"), line
+    args = ["eval", path, "--perplexity", str(text_file), "--method", "stride", "--ctx-size", "20", "--quiet"]
+    assert cli_main(args) == 0
+    want = perplexity(LLM(path, max_model_len=21, block_size=4), TEXT, 20, "stride", 10, progress=False)
+    assert f"PPL = {want.ppl:.4f} " in capsys.readouterr().out
+
+
+def test_eval_command_refuses_bad_arguments(gguf_model, tmp_path, capsys):
+    path, _ = gguf_model
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT)
+    bad_utf8 = tmp_path / "b.txt"
+    bad_utf8.write_bytes(b"ok \xff\xfe")
+    short = tmp_path / "s.txt"
+    short.write_text("a few words")
+    ppl = ["eval", path, "--perplexity", str(text_file), "--quiet"]
+    cases = [(["eval", path, "--quiet"], "eval: give one of"),
+             (ppl + ["--data", str(text_file)], "eval: give one of"),
+             (ppl + ["--ctx-size", "0"], "--ctx-size"), (ppl + ["--ctx-size", "128"], "--ctx-size"),
+             (ppl + ["--stride", "4"], "--stride"), (ppl + ["--method", "stride", "--stride", "0"], "--stride"),
+             (ppl + ["--method", "stride", "--ctx-size", "8", "--stride", "9"], "--stride"),
+             (ppl + ["--max-num-seqs", "0"], "--max-num-seqs"),
+             (["eval", path, "--perplexity", str(bad_utf8)], "--perplexity"),
+             (["eval", path, "--perplexity", str(tmp_path / "missing.txt")], "No such file"),
+             (["eval", str(tmp_path / "missing.gguf"), "--perplexity", str(text_file)], "path"),
+             (["eval", path, "--perplexity", str(short), "--ctx-size", "100"], "text_or_ids")]  # not one window
+    for argv, message in cases:
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("flashlm: error: ") and message in err, (argv, err)
