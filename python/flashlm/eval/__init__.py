@@ -1,2 +1,6 @@
-"""Evaluation of any model flashlm loads: perplexity (perplexity.py), and what builds on the engine's
-log-likelihoods. Each module is imported on its own: `from flashlm.eval.perplexity import perplexity`."""
+"""Evaluation: perplexity (perplexity.py), log-likelihoods of continuations, benchmark tasks (multiple choice
+and generation).
+
+Each module is imported where it is used (`from flashlm.eval.perplexity import perplexity`,
+`from flashlm.eval.loglikelihood import loglikelihoods`), so that importing the package loads nothing heavy.
+"""
