@@ -171,7 +171,7 @@ def test_bad_arguments(hf_model):
     folder, _ = hf_model
     llm = LLM(str(folder), max_model_len=33, block_size=4)
     ids = llm.tokenizer.encode(TEXT)[:100]
-    cases = [(dict(method="hf"), "method"), (dict(ctx_size=33), "ctx_size"), (dict(ctx_size=1), "ctx_size"),
+    cases = [(dict(method="hf"), "method"), (dict(ctx_size=33), "ctx_size"), (dict(ctx_size=1), "ctx_size"), (dict(ctx_size=2), "ctx_size"),
              (dict(ctx_size=2.5), "ctx_size"), (dict(stride=4), "stride"),
              (dict(method="stride", stride=0), "stride"), (dict(method="stride", stride=40, ctx_size=32), "stride"),
              (dict(progress="yes"), "progress")]

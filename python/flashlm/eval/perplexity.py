@@ -177,7 +177,7 @@ def perplexity(llm, text_or_ids, ctx_size: Optional[int] = None, method: str = "
     progress = as_bool(progress, "progress")
     if ctx_size is None:
         ctx_size = min(DEFAULT_CTX_SIZE, llm.max_model_len - 1)
-    ctx_size = as_count(ctx_size, "ctx_size", 2)
+    ctx_size = as_count(ctx_size, "ctx_size", 3 if method == "llama.cpp" else 2)  # a half-window to score
     if ctx_size >= llm.max_model_len:
         raise ValueError(f"ctx_size: must be less than the LLM's max_model_len {llm.max_model_len} (a prompt "
                          f"leaves room for one token more), got {ctx_size}")
