@@ -1,7 +1,8 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`,
-`flashlm eval MODEL --tasks mmlu:DIR,... --shots K`."""
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`,
+`flashlm eval MODEL --perplexity FILE`, `flashlm eval MODEL --tasks mmlu:DIR,... --shots K`,
+`flashlm eval CKPT --data FILE`."""
 
 from __future__ import annotations
 
@@ -124,12 +125,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if sum(x is not None for x in (args.tasks, args.perplexity, args.data)) != 1:
+        raise ValueError("eval: give one of --tasks TASK:PATH,... or --perplexity FILE (any model), or --data FILE "
+                         "(a training checkpoint)")
     if args.tasks is not None:
         from flashlm.eval.command import cmd_eval_tasks
 
         return cmd_eval_tasks(args)
-    if args.data is None:
-        raise ValueError("eval: give --tasks TASK:PATH,... or --data FILE (a training checkpoint's perplexity)")
+    if args.perplexity is not None:
+        from flashlm.eval.command import perplexity_of_file
+
+        r, ctx, stride = perplexity_of_file(args)
+        print(f"{_printable(args.perplexity)}: PPL = {r.ppl:.4f} +/- {r.stderr:.5f} (nll {r.nll:.6f}, {r.tokens} "
+              f"tokens scored, {args.method} method, ctx {ctx}{'' if stride is None else f', stride {stride}'})")
+        return 0
     from flashlm.train.evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.model, args.data, batch_size=args.batch_size, device=args.device)
@@ -231,16 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    from flashlm.eval.command import add_task_arguments
+    from flashlm.eval.command import add_arguments as add_eval_arguments
 
-    evaluate = sub.add_parser("eval", help="benchmark tasks of a model (MMLU, C-Eval, GPQA, HellaSwag, JSONL, "
-                                           "GSM8K), or the perplexity of a training checkpoint on a text file")
-    evaluate.add_argument("model", metavar="MODEL", help="a GGUF file, an HF model directory or a training run "
-                                                         "folder (--data: a training checkpoint)")
-    evaluate.add_argument("--data", default=None, help="a UTF-8 text file")
-    add_task_arguments(evaluate)
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate = sub.add_parser("eval", help="evaluate a model: benchmark tasks (MMLU, C-Eval, GPQA, HellaSwag, "
+                                           "JSONL, GSM8K), perplexity on a text file (llama.cpp's or HF's method), "
+                                           "or a training checkpoint's loss by its own recipe (--data)")
+    add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
     return parser
 
