@@ -1,6 +1,7 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm eval CKPT --data FILE`."""
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`,
+`flashlm eval MODEL --perplexity FILE`, `flashlm eval CKPT --data FILE`."""
 
 from __future__ import annotations
 
@@ -123,9 +124,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if (args.perplexity is None) == (args.data is None):
+        raise ValueError("eval: give one of --perplexity FILE (any model) or --data FILE (a training checkpoint)")
+    if args.perplexity is not None:
+        from flashlm.eval.command import perplexity_of_file
+
+        r, ctx, stride = perplexity_of_file(args)
+        print(f"{_printable(args.perplexity)}: PPL = {r.ppl:.4f} +/- {r.stderr:.5f} (nll {r.nll:.6f}, {r.tokens} "
+              f"tokens scored, {args.method} method, ctx {ctx}{'' if stride is None else f', stride {stride}'})")
+        return 0
     from flashlm.train.evaluate import evaluate_checkpoint
 
-    r = evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+    r = evaluate_checkpoint(args.model, args.data, batch_size=args.batch_size, device=args.device)
     print(f"{_printable(args.data)}: {r['tokens']} tokens, loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} "
           f"(checkpoint step {r['step']})")
     return 0
@@ -224,11 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
-    evaluate = sub.add_parser("eval", help="perplexity of a training checkpoint on a text file")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--device", default="cpu")
+    from flashlm.eval.command import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser("eval", help="evaluate a model: perplexity on a text file (llama.cpp's or HF's "
+                                           "method), or a training checkpoint's loss by its own recipe (--data)")
+    add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
     return parser
 

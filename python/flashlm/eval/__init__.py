@@ -1,2 +1,6 @@
-"""Evaluation: perplexity, benchmark tasks scored by log-likelihood or generation, and lm-evaluation-harness
-interop. Each module is imported where it is used (lm_eval_model needs the lm_eval package)."""
+"""Evaluation of any model flashlm loads: log-likelihoods of continuations, benchmark tasks (multiple choice and
+generation), perplexity, and lm-evaluation-harness interop (lm_eval_model.py, which needs the lm_eval package).
+
+Each module is imported where it is used (`from flashlm.eval.perplexity import perplexity`), so that importing
+the package loads nothing heavy.
+"""
