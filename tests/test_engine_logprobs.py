@@ -151,3 +151,34 @@ def test_speculative_decoding_runs_logprob_requests_without_speculation():
 def test_bad_logprobs_name_the_field(kw, error):
     with pytest.raises(error, match=f"^{next(iter(kw))}: "):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(max_num_batched_tokens=512),  # whole prompts in one step
+    dict(max_num_batched_tokens=8),  # chunked prefill
+], ids=["whole", "chunked"])
+def test_prompt_logprobs_from_a_start_reuse_the_cached_prefix(kw):
+    """prompt_logprobs_start=s: entries None before s, the rest equal to the full forward's, and the blocks
+    before position s - 1 taken from the prefix cache (the context of several continuations computed once)."""
+    model = make_model("llama", seed=12)
+    llm = LLM(model, TOK, block_size=4, max_num_seqs=4, **kw)
+    context = TOK.encode("a context shared by every continuation, ")
+    conts = [TOK.encode(c) for c in (" yes", " no", " maybe so", "!")]
+    params = SamplingParams(max_tokens=0, prompt_logprobs=2, prompt_logprobs_start=len(context))
+    outs = llm.generate([context + c for c in conts], params)
+    for out in outs:
+        ids = out.prompt_token_ids
+        ref = full_logprobs(model, ids)
+        assert len(out.prompt_logprobs) == len(ids)
+        assert out.prompt_logprobs[:len(context)] == [None] * len(context)
+        for p in range(len(context), len(ids)):
+            check_entry(out.prompt_logprobs[p], ids[p], ref[p - 1], 2, f"prompt position {p}")
+    # Whole prompts: the whole blocks of the context before position len(context) - 1, for every continuation
+    # after the first. Chunked: some (hits past a sequence's first chunk are not looked for).
+    cacheable = (len(context) - 1) // 4 * 4 if kw["max_num_batched_tokens"] > len(context) + 9 else 1
+    assert llm.block_manager.stats.hit_tokens >= (len(conts) - 1) * cacheable > 0
+    # A start past the prompt: no entries to compute, all None.
+    out = llm.generate([context], SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=100))[0]
+    assert out.prompt_logprobs == [None] * len(context)
+    with pytest.raises(ValueError, match="^prompt_logprobs_start: "):
+        SamplingParams(prompt_logprobs_start=0)

@@ -201,7 +201,8 @@ class BlockManager:
 
     # ---- capacity ------------------------------------------------------------------------------------------
 
-    def can_allocate(self, prompt: Union[int, Iterable[int]], reuse_cache: bool = True) -> bool:
+    def can_allocate(self, prompt: Union[int, Iterable[int]], reuse_cache: bool = True,
+                     max_cached_tokens: Optional[int] = None) -> bool:
         """Whether `allocate` of a prompt would find enough blocks. Given a token count it assumes no prefix
         hit (conservative); given the token ids it counts the hits exactly, as `allocate` would."""
         if not _is_iterable(prompt):
@@ -212,7 +213,7 @@ class BlockManager:
         tokens = as_token_ids(prompt, "prompt")
         if not tokens:
             raise ValueError("prompt is empty")
-        hits, _ = self._lookup(tokens) if reuse_cache else ([], [])
+        hits, _ = self._lookup(tokens, max_cached_tokens) if reuse_cache else ([], [])
         return self._free_blocks_needed_for_prompt(len(tokens), hits) <= self.num_free_blocks
 
     def can_append(self, seq_id: int, num_new_tokens: int = 1) -> bool:
@@ -222,11 +223,13 @@ class BlockManager:
 
     # ---- sequence lifetime ---------------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Iterable[int], reuse_cache: bool = True) -> int:
+    def allocate(self, seq_id: int, token_ids: Iterable[int], reuse_cache: bool = True,
+                 max_cached_tokens: Optional[int] = None) -> int:
         """Gives a new sequence the blocks for its prompt, reusing cached blocks of its longest cached prefix
         unless reuse_cache is False (a sequence that needs every prompt position's logits). Returns the number
         of prompt tokens already in the cache: a whole number of blocks, at most len(token_ids) - 1 so that the
-        last token is computed (its logits are needed). Its full blocks are named in the cache either way."""
+        last token is computed (its logits are needed), and at most max_cached_tokens (a sequence that needs
+        the logits of the positions after it). Its full blocks are named in the cache either way."""
         seq_id = _check_seq_id(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id} is already allocated")
@@ -234,7 +237,7 @@ class BlockManager:
         if not tokens:
             raise ValueError(f"token_ids of sequence {seq_id} is empty")
         self._check_table_size(seq_id, self._blocks_for(len(tokens)))
-        hits, hashes = self._lookup(tokens) if as_bool(reuse_cache, "reuse_cache") else ([], [])
+        hits, hashes = self._lookup(tokens, max_cached_tokens) if as_bool(reuse_cache, "reuse_cache") else ([], [])
         needed = self._free_blocks_needed_for_prompt(len(tokens), hits)
         if needed > self.num_free_blocks:
             raise NoFreeBlocksError(f"sequence {seq_id} needs {needed} free blocks for {len(tokens)} prompt "
@@ -400,14 +403,18 @@ class BlockManager:
     def _blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _lookup(self, tokens: list):
-        """The cached blocks of the prompt's longest cached prefix (at most len - 1 tokens), and the chained
-        hashes computed on the way (those of the hit blocks first). Changes nothing."""
+    def _lookup(self, tokens: list, max_cached_tokens: Optional[int] = None):
+        """The cached blocks of the prompt's longest cached prefix (at most len - 1 tokens, and at most
+        max_cached_tokens), and the chained hashes computed on the way (those of the hit blocks first). Changes
+        nothing."""
         if not self.enable_prefix_caching:
             return [], []
         bs = self.block_size
+        limit = len(tokens) - 1
+        if max_cached_tokens is not None:
+            limit = min(limit, as_count(max_cached_tokens, "max_cached_tokens", 0))
         hits, hashes, parent = [], [], None
-        for i in range((len(tokens) - 1) // bs):
+        for i in range(limit // bs):
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             h = block_hash(parent, chunk)
             b = self._cache.get(h)

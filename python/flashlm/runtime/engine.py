@@ -65,7 +65,7 @@ class _Request:
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
         # The Logprob dicts made so far from each sample's TokenLogprobs (and the prompt's): each made once.
         self.logprob_dicts = [[] for _ in seqs]
-        self.prompt_logprob_dicts = [None]
+        self.prompt_logprob_dicts = [None] * _skipped_prompt_tokens(params, prompt_ids)
 
     @property
     def finished(self) -> bool:
@@ -86,6 +86,12 @@ class _Request:
             prompt_logprobs = list(self.prompt_logprob_dicts)
         return RequestOutput(self.request_id, self.prompt, list(self.prompt_ids), outs, self.finished, self.metrics,
                              prompt_logprobs)
+
+
+def _skipped_prompt_tokens(params, prompt_ids) -> int:
+    """How many leading prompt tokens get no prompt logprob (None): the first, and those before
+    prompt_logprobs_start."""
+    return min(params.prompt_logprobs_start, len(prompt_ids))
 
 
 def _logprob_dict(entry, tokenizer) -> dict:
@@ -215,7 +221,8 @@ class LLM:
                 gens[seq.seq_id] = torch.Generator(device=self.runner.device).manual_seed((params.seed + i) % 2**64)
             seqs.append(seq)
         if params.prompt_logprobs is not None:
-            seqs[0].prompt_logprobs = [None]  # the first sample computes them; the others may use the prefix cache
+            # The first sample computes them; the others may use the prefix cache.
+            seqs[0].prompt_logprobs = [None] * _skipped_prompt_tokens(params, ids)
         req = _Request(rid, text, ids, params, seqs, gens)
         self._requests[rid] = req
         self._generators.update(gens)

@@ -4,9 +4,12 @@
     SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=64, stop=["\\n\\n"])
 
     SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=5)  # score a prompt (OpenAI's echo)
+    SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=12)  # score tokens 12.. of a prompt
     SamplingParams(logprobs=3, structured_outputs=StructuredOutputsParams(json={"type": "object"}))
 
 logprobs and prompt_logprobs ask for each sampled (or prompt) token's log-probability and the top N (N <= 20).
+prompt_logprobs_start skips the prompt tokens before it (their entries are None), so the positions before the
+one that predicts it may come from the prefix cache: how many continuations of one context are scored.
 Penalties follow vLLM: repetition_penalty (HF's multiplicative rule) counts prompt and output tokens;
 presence_penalty and frequency_penalty (OpenAI's additive rules) count output tokens only.
 """
@@ -42,6 +45,7 @@ class SamplingParams:
     seed: Optional[int] = None  # a request with a seed samples the same tokens whatever it is batched with
     logprobs: Optional[int] = None  # 0..20: each output token's logprob and the top N (flashlm.runtime.outputs)
     prompt_logprobs: Optional[int] = None  # 0..20: each prompt token's logprob and the top N
+    prompt_logprobs_start: int = 1  # the first prompt token given a logprob (token 0 has none)
     structured_outputs: Optional[StructuredOutputsParams] = None  # a JSON schema the output must follow
 
     def __post_init__(self):
@@ -73,6 +77,7 @@ class SamplingParams:
         self.seed = None if self.seed is None else as_seed(self.seed)
         self.logprobs = as_optional_count(self.logprobs, "logprobs", 0, MAX_LOGPROBS)
         self.prompt_logprobs = as_optional_count(self.prompt_logprobs, "prompt_logprobs", 0, MAX_LOGPROBS)
+        self.prompt_logprobs_start = as_count(self.prompt_logprobs_start, "prompt_logprobs_start", 1)
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise TypeError(f"structured_outputs: expected a StructuredOutputsParams, got "
                             f"{type(self.structured_outputs).__name__}")

@@ -20,8 +20,8 @@ Because max_model_len fits in the cache, a lone sequence always fits, so preempt
 
 Prefix caching: a sequence is allocated with its first chunk (the whole prompt when it fits the budget), so
 blocks named in the cache are the ones this step writes (the block manager's timing contract); hits beyond
-a first chunk are not looked for. A sequence that wants prompt logprobs takes no hits until they are all
-computed (each prompt position's logits are needed).
+a first chunk are not looked for. A sequence that wants prompt logprobs takes no hits past the position that
+predicts the first one not computed yet (each of those positions' logits is needed).
 """
 
 from collections import deque
@@ -112,10 +112,10 @@ class Scheduler:
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             chunk = seq.token_ids[:min(seq.num_tokens, budget)]
-            reuse = not seq.prompt_logprobs_pending  # prompt logprobs need every position computed
-            if not self.bm.can_allocate(chunk, reuse):
+            limit = seq.max_cached_prompt_tokens  # prompt logprobs need their positions computed
+            if not self.bm.can_allocate(chunk, max_cached_tokens=limit):
                 break  # first come, first served: later arrivals wait too
-            cached = self.bm.allocate(seq.seq_id, chunk, reuse)
+            cached = self.bm.allocate(seq.seq_id, chunk, max_cached_tokens=limit)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             seq.num_computed = cached

@@ -43,9 +43,17 @@ class Sequence:
 
     @property
     def prompt_logprobs_pending(self) -> bool:
-        """Whether prompt logprobs are wanted and some are not computed yet (its prefill must compute every
-        prompt position, not take them from the prefix cache)."""
+        """Whether prompt logprobs are wanted and some are not computed yet (its prefill must compute the
+        positions that give them, not take them from the prefix cache)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def max_cached_prompt_tokens(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last (its logits are sampled),
+        and with prompt logprobs pending, those before the position that predicts the next one wanted."""
+        if self.prompt_logprobs_pending:
+            return len(self.prompt_logprobs) - 1
+        return self.num_tokens - 1
 
     @property
     def num_tokens(self) -> int:
