@@ -109,9 +109,25 @@ def flashlm_model(setup):
     return FlashLM(llm=LLM(str(setup[0]), max_num_seqs=8))
 
 
-def test_flashlm_generate_until_matches_hf(setup, hf_results, flashlm_model):
-    """Greedy generation with a stop string through the engine, batched: hf's texts exactly."""
-    assert_same_results(evaluate(setup, flashlm_model, None, [GEN_TASK]), hf_results, [GEN_TASK])
+def test_flashlm_matches_hf(setup, hf_results, flashlm_model):
+    """The engine in process: choices scored with shared question prefixes, rolling windows, greedy generation
+    with a stop string, each batched."""
+    assert_same_results(evaluate(setup, flashlm_model, None), hf_results)
+
+
+def test_flashlm_by_name_on_lm_eval_command_line(setup, hf_results, tmp_path):
+    """`python -m flashlm.eval.lm_eval_model` is lm_eval's command line with "flashlm" registered."""
+    cmd = [sys.executable, "-m", "flashlm.eval.lm_eval_model", "run", "--model", "flashlm", "--model_args",
+           f"model={setup[0]}", "--tasks", MC_TASK, "--include_path", str(setup[1]), "--output_path",
+           str(tmp_path / "out"), "--log_samples"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **OFFLINE})
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results_*.json")]
+    assert len(results) == 1
+    for metric in ("acc,none", "acc_norm,none"):
+        assert results[0]["results"][MC_TASK][metric] == hf_results["results"][MC_TASK][metric]
 
 
 def test_flashlm_registered_for_lm_eval(setup):

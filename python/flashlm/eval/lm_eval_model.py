@@ -19,6 +19,7 @@ lm_eval's three primitives run on the engine, each batched across all requests o
   do_sample, temperature, top_p, top_k), the context left-truncated to max_length - max_gen_toks as `hf` does.
 """
 
+import logging
 from typing import Optional
 
 from lm_eval.api.model import TemplateLM
@@ -30,6 +31,7 @@ from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm_eval's default for generate_until when a task gives none
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm_eval's command line passes as device when none is given
 # Generation kwargs passed on to SamplingParams as they are (its checks name a bad one).
 SAMPLING_KWARGS = ("top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
@@ -113,7 +115,7 @@ class FlashLM(TemplateLM):
         token, each scoring only tokens no earlier window scored."""
         from flashlm.eval.perplexity import rolling_loglikelihood
 
-        return [rolling_loglikelihood(self.llm, self.tok_encode(string), self.max_length)
+        return [rolling_loglikelihood(self.llm, self.tok_encode(string), self.max_length, self.prefix_token_id)
                 for (string,) in (req.args for req in requests)]
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
@@ -163,12 +165,16 @@ class FlashLM(TemplateLM):
 
 
 def _device(device) -> str:
-    """lm_eval passes device=None unless asked: the GPU where torch sees one, else the CPU."""
-    if device is not None:
-        return device
+    """lm_eval passes device=None from Python unless asked, and "cuda:0" from its command line unless asked
+    (its default): either means the GPU where torch sees one and the CPU otherwise, as for lm_eval's hf backend.
+    Any other device is the engine's to check."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None or (device == LM_EVAL_DEFAULT_DEVICE and not torch.cuda.is_available()):
+        if device is not None:
+            logging.getLogger(__name__).warning("device: %s asked, but torch sees no CUDA device; using cpu", device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 if __name__ == "__main__":  # lm_eval's command line, with "flashlm" registered
