@@ -115,6 +115,17 @@ def test_flashlm_matches_hf(setup, hf_results, flashlm_model):
     assert_same_results(evaluate(setup, flashlm_model, None), hf_results)
 
 
+def test_flashlm_truncates_contexts_as_hf(setup, hf_results):
+    """A max_length shorter than the prompts: contexts cut on the left as the hf backend cuts them."""
+    from flashlm.eval.lm_eval_model import FlashLM
+
+    want = evaluate(setup, "hf", {"pretrained": str(setup[0]), "dtype": "float32", "device": "cpu",
+                                  "max_length": 6}, [MC_TASK])
+    got = evaluate(setup, FlashLM(llm=LLM(str(setup[0]), max_num_seqs=8), max_length=6), None, [MC_TASK])
+    assert_same_results(got, want, [MC_TASK])
+    assert responses(want, MC_TASK) != responses(hf_results, MC_TASK)  # the cut changed the scores: the test sees truncation
+
+
 def test_flashlm_by_name_on_lm_eval_command_line(setup, hf_results, tmp_path):
     """`python -m flashlm.eval.lm_eval_model` is lm_eval's command line with "flashlm" registered."""
     cmd = [sys.executable, "-m", "flashlm.eval.lm_eval_model", "run", "--model", "flashlm", "--model_args",
@@ -158,6 +169,10 @@ def test_flashlm_bad_arguments(setup, flashlm_model):
         FlashLM(llm=llm, max_gen_toks="8")
     with pytest.raises(ValueError, match="^prefix_token_id"):
         FlashLM(llm=llm, prefix_token_id=llm.model.cfg.vocab_size)
+    with pytest.raises(ValueError, match="^continuation: is empty"):
+        flashlm_model._loglikelihood_tokens([(("a", ""), [5], [])], disable_tqdm=True)
+    with pytest.raises(ValueError, match="^continuation: .* do not fit max_length"):
+        flashlm_model._loglikelihood_tokens([(("a", "b"), [5], [6] * (flashlm_model.max_length + 1))])
 
     def generate(gen_kwargs):
         req = Instance("generate_until", {}, ("hello", gen_kwargs), 0)

@@ -48,6 +48,8 @@ class FlashLM(TemplateLM):
         super().__init__()
         if (model is None) == (llm is None):
             raise ValueError("model: give either model (a path) or llm (an LLM), not both or neither")
+        self.max_gen_toks = as_count(max_gen_toks, "max_gen_toks")  # the cheap checks before a model loads
+        max_length = as_optional_count(max_length, "max_length")
         if llm is None:
             llm = LLM(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                       max_model_len=max_model_len, seed=seed, device=_device(device))
@@ -61,11 +63,10 @@ class FlashLM(TemplateLM):
         if longest < 1:
             raise ValueError(f"model: its context ({llm.max_model_len} tokens) is too short to score anything")
         self.max_length = as_count(longest if max_length is None else max_length, "max_length", 1, longest)
-        self.max_gen_toks = as_count(max_gen_toks, "max_gen_toks")
         vocab = llm.model.cfg.vocab_size
         self._prefix_token_id = as_optional_count(prefix_token_id, "prefix_token_id", 0, vocab - 1)
-        if self.eot_token_id is None and self._prefix_token_id is None:
-            raise ValueError("prefix_token_id: the tokenizer has no end-of-text token, so give one")
+        if self.prefix_token_id is None:
+            raise ValueError("prefix_token_id: the tokenizer has no BOS or end-of-text token, so give one")
 
     # ---- tokens -----------------------------------------------------------------------------------------
 
