@@ -157,6 +157,16 @@ def test_batching_and_order_change_nothing(hf_model):
     assert abs(one.ppl - many.ppl) <= 1e-5 * one.ppl
 
 
+def test_progress_bar_shows_the_running_estimate(hf_model, capsys):
+    folder, _ = hf_model
+    llm = LLM(str(folder), max_model_len=33, block_size=4)
+    ids = llm.tokenizer.encode(TEXT)[:200]
+    r = perplexity(llm, ids, 32, progress=True)
+    err = capsys.readouterr().err
+    assert f"ppl {r.ppl:.4f} +/- {r.stderr:.4f}" in err and f"{r.tokens}/{r.tokens}" in err, err
+    assert r == perplexity(llm, ids, 32, progress=False)
+
+
 def test_bad_arguments(hf_model):
     folder, _ = hf_model
     llm = LLM(str(folder), max_model_len=33, block_size=4)

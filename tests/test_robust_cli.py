@@ -296,6 +296,21 @@ def other_commands():
         b"\xff\xfe\xfd" * 10, "b.txt")], succeeded_or_refused))
     cases.append(command("eval", "--batch-size 2**31", lambda: evaluate() + ["--batch-size", 1 << 31],
                          succeeded_or_refused))
+    ppl = lambda: ["eval", model_file(), "--perplexity", text_file(rm.TEXT * 8), "--ctx-size", 8, "--quiet"]  # noqa: E731
+    cases.append(command("eval", "--perplexity, a valid call", ppl, succeeded))
+    for what, argv in (("--perplexity missing", lambda: ["eval", model_file(), "--perplexity", missing()]),
+                       ("--perplexity empty", lambda: ["eval", model_file(), "--perplexity", write("", "e.txt")]),
+                       ("--perplexity invalid UTF-8", lambda: ["eval", model_file(), "--perplexity",
+                                                               write(b"\xff\xfe" * 10, "b.txt")]),
+                       ("--perplexity of a garbage model", lambda: ["eval", garbage(), "--perplexity", text_file()]),
+                       ("--ctx-size 2**31", lambda: ppl() + ["--ctx-size", 1 << 31]),
+                       ("--ctx-size -1", lambda: ppl() + ["--ctx-size", -1]),
+                       ("--stride 2**40", lambda: ppl() + ["--method", "stride", "--stride", 1 << 40]),
+                       ("--max-num-seqs 0", lambda: ppl() + ["--max-num-seqs", 0]),
+                       ("neither --perplexity nor --data", lambda: ["eval", model_file()])):
+        cases.append(command("eval", what, argv))
+    cases.append(command("eval", "--max-num-seqs 2**31", lambda: ppl() + ["--max-num-seqs", 1 << 31],
+                         succeeded_or_refused))
     return cases
 
 

@@ -6,9 +6,10 @@
     r.ppl, r.nll, r.stderr, r.tokens
     rolling_loglikelihood(llm, token_ids, max_length=512)                     # lm-eval's loglikelihood_rolling
 
-Every method cuts the token ids into windows, runs each window as one prompt with prompt logprobs
-(SamplingParams(max_tokens=0, prompt_logprobs=0): the model's own log-softmax at each position, many windows
-batched per step) and sums the negative log-probabilities of the window's scored tokens:
+Every method cuts the token ids into windows, runs each window as one prompt with prompt logprobs from its
+first scored token on (SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=...): the
+model's own log-softmax, logits computed only where a token is scored, many windows batched per step) and
+sums the negative log-probabilities of the window's scored tokens:
 - "llama.cpp" (examples/perplexity/perplexity.cpp, perplexity()): the text is tokenized with the tokenizer's
   BOS rule and cut into len // ctx_size disjoint chunks (a tail shorter than a chunk is dropped); where the
   tokenizer adds a BOS token, each chunk's first token is replaced by it; only the second half of a chunk
@@ -136,11 +137,14 @@ def score_windows(llm, windows: list, on_window=None) -> list:
         if len(w.tokens) >= llm.max_model_len:
             raise ValueError(f"ctx_size: a window of {len(w.tokens)} tokens needs max_model_len > {len(w.tokens)}, "
                              f"the LLM has {llm.max_model_len}")
-    params = SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=0)
+    params = {}  # score_from -> SamplingParams: logits rows only for the scored positions
     index, out = {}, [None] * len(windows)
     try:
         for i, w in enumerate(windows):
-            index[llm.add_request(w.tokens, params)] = i
+            if w.score_from not in params:
+                params[w.score_from] = SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=0,
+                                                      prompt_logprobs_start=w.score_from)
+            index[llm.add_request(w.tokens, params[w.score_from])] = i
         while index:
             for result in llm.step():
                 if not result.finished or result.request_id not in index:
