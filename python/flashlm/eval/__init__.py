@@ -1,6 +1,6 @@
-"""Evaluation: perplexity (perplexity.py), log-likelihoods of continuations, benchmark tasks (multiple choice
-and generation).
+"""Evaluation of any model flashlm loads: log-likelihoods of continuations, benchmark tasks (multiple choice and
+generation), perplexity, and lm-evaluation-harness interop (lm_eval_model.py, which needs the lm_eval package).
 
-Each module is imported where it is used (`from flashlm.eval.perplexity import perplexity`,
-`from flashlm.eval.loglikelihood import loglikelihoods`), so that importing the package loads nothing heavy.
+Each module is imported where it is used (`from flashlm.eval.perplexity import perplexity`), so that importing
+the package loads nothing heavy.
 """
