@@ -48,7 +48,7 @@ def test_eval_tasks_writes_table_json_and_png(gguf_path, tmp_path, capsys):
     (["--tasks", "mmlu:/nowhere"], "--tasks: '/nowhere' does not exist"),
     (["--tasks", "mmlu:.", "--shots", "-1"], "--shots: must be at least 0"),
     (["--tasks", "mmlu:.", "--limit", "0"], "--limit: must be at least 1"),
-    ([], "eval: give --tasks"),
+    ([], "eval: give one of --tasks"),
 ])
 def test_bad_arguments_are_one_line_errors(gguf_path, capsys, argv, message):
     assert cli_main(["eval", gguf_path, *argv]) == 2
