@@ -105,3 +105,13 @@ def test_bad_requests_are_named(requests, error, match):
     llm = LLM(make_model("llama", seed=24), TOK, block_size=4, max_model_len=32)
     with pytest.raises(error, match=match):
         loglikelihoods(llm, requests)
+
+
+def test_waves_submit_every_request_once_shared_prefix_first():
+    from flashlm.eval.loglikelihood import _waves
+
+    contexts = [[1], [1], [1], [2], [2], [3], [4], [4]]
+    waves = _waves(contexts, 2)
+    assert waves[0] == [0] and sorted(j for w in waves for j in w) == list(range(len(contexts)))
+    assert waves[1:] == [[3], [1, 2, 4], [5, 6], [7]]  # per two contexts: their first requests, then the rest
+    assert _waves([[5]], 8) == [[0]]

@@ -10,8 +10,11 @@
 Each (context, continuation) pair becomes one request for context + continuation with max_tokens=0 and prompt
 logprobs from the continuation's first token on (SamplingParams.prompt_logprobs_start), so the engine batches
 them all and the context's whole KV blocks come from the prefix cache for every continuation after the first:
-a question is computed once for its four answers. Requests are submitted grouped by context (the cache keeps
-what the next group needs), and the results come back in the order given.
+a question is computed once for its four answers. The cache only holds what a finished step computed, so the
+requests go in waves (_waves): the first one alone (what every context shares, such as a few-shot prefix, is
+then cached), then one per context, then the other continuations of those contexts, a bounded number of
+contexts at a time so that their blocks are still cached when their continuations come. The results come back
+in the order given.
 
 A pair longer than the engine's max_model_len - 1 tokens loses context tokens from the left (as lm-eval
 truncates to its max_length); the continuation itself must fit.
@@ -52,6 +55,19 @@ def _truncated(context: list, continuation: list, max_tokens: int, index: int) -
     return context[len(context) - keep:] + continuation, keep
 
 
+def _waves(contexts: list, contexts_per_wave: int) -> list:
+    """Positions of `contexts` (sorted, equal ones adjacent) in submission waves: [0] alone, then for each run of
+    up to contexts_per_wave distinct contexts, the first position of each, then the rest of them."""
+    starts = [j for j in range(len(contexts)) if j == 0 or contexts[j] != contexts[j - 1]] + [len(contexts)]
+    waves = [[0]]
+    for g in range(0, len(starts) - 1, contexts_per_wave):
+        group = range(g, min(g + contexts_per_wave, len(starts) - 1))
+        firsts = [starts[k] for k in group if starts[k] != 0]
+        rest = [j for k in group for j in range(starts[k] + 1, starts[k + 1])]
+        waves += [w for w in (firsts, rest) if w]
+    return waves
+
+
 def loglikelihoods(llm, requests, progress: bool = False) -> list:
     """[(logprob, is_greedy)] per (context_ids, continuation_ids) request, in order: the sum of the continuation
     tokens' log-probabilities given the context (float32 log-softmax of the model's logits), and whether each
@@ -66,7 +82,19 @@ def loglikelihoods(llm, requests, progress: bool = False) -> list:
         params.append(SamplingParams(max_tokens=0, prompt_logprobs=0, prompt_logprobs_start=start))
     if not prompts:
         return []
-    outs = llm.generate(prompts, params, use_tqdm=progress)
+    outs = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="scoring", unit="req")
+    for wave in _waves([pairs[i][0] for i in order], llm.scheduler.max_num_seqs):
+        for j, out in zip(wave, llm.generate([prompts[j] for j in wave], [params[j] for j in wave])):
+            outs[j] = out
+        if bar is not None:
+            bar.update(len(wave))
+    if bar is not None:
+        bar.close()
     results = [None] * len(pairs)
     for i, ids, p, out in zip(order, prompts, params, outs):
         entries = [out.prompt_logprobs[j][ids[j]] for j in range(p.prompt_logprobs_start, len(ids))]
