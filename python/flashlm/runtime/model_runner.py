@@ -186,8 +186,9 @@ class ModelRunner:
             logits_rows=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
         )
 
-    def prepare(self, batch, bm: BlockManager):
-        """(tokens int64 [T], PagedBatch) for a ScheduledBatch."""
+    def prepare(self, batch, bm: BlockManager, prompt_rows=()):
+        """(tokens int64 [T], PagedBatch) for a ScheduledBatch; prompt_rows: prompt_logprob_rows(batch), whose
+        rows' logits are wanted after the sampling rows'."""
         tokens, positions, slots, seq_lens, rows = [], [], [], [], []
         for seq, start, n, sampling in zip(batch.seqs, batch.starts, batch.num_new, batch.sampling):
             tokens += seq.token_ids[start:start + n]
@@ -196,7 +197,7 @@ class ModelRunner:
             seq_lens.append(start + n)
             if sampling:
                 rows.append(len(tokens) - 1)
-        for _, first_row, _, count in prompt_logprob_rows(batch):  # after the sampling rows
+        for _, first_row, _, count in prompt_rows:
             rows += range(first_row, first_row + count)
         block_table = bm.block_tables_tensor([s.seq_id for s in batch.seqs])
         paged = self.paged_batch(positions, slots, block_table, seq_lens, batch.num_new, rows)
@@ -208,7 +209,8 @@ class ModelRunner:
         runner, whose cache gets the same tokens' K and V (speculative decoding needs the draft's cache to follow
         the target's)."""
         self.copy_blocks(batch.block_copies)
-        tokens, paged = self.prepare(batch, bm)
+        prompt_rows = prompt_logprob_rows(batch)
+        tokens, paged = self.prepare(batch, bm, prompt_rows)
         if mirror is not None:
             mirror.copy_blocks(batch.block_copies)
             mirror.forward(tokens, replace(paged, logits_rows=paged.logits_rows[:0]))
@@ -217,17 +219,16 @@ class ModelRunner:
         inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
                   for seq in sampling]
         if len(logits) > len(inputs):
-            self._prompt_logprobs(batch, logits[len(inputs):])
+            self._prompt_logprobs(prompt_rows, logits[len(inputs):])
         if not inputs:
             return StepOutput([])
         bitmask = token_bitmask([seq.matcher for seq in sampling], self.sampler.vocab_size)
         tokens, logprobs = self.sampler.sample(logits[:len(inputs)], inputs, bitmask)
         return StepOutput(tokens.tolist(), logprobs)
 
-    def _prompt_logprobs(self, batch, logits: torch.Tensor) -> None:
+    def _prompt_logprobs(self, plan, logits: torch.Tensor) -> None:
         """Appends to each sequence's prompt_logprobs from the logits of its prompt rows (the model's own
-        distribution: no penalties, no temperature), packed as prompt_logprob_rows lists them."""
-        plan = prompt_logprob_rows(batch)
+        distribution: no penalties, no temperature), packed as prompt_logprob_rows (`plan`) lists them."""
         logprobs = logits[:, :self.sampler.vocab_size].float().log_softmax(dim=-1)
         targets = [t for seq, _, first, count in plan for t in seq.token_ids[first:first + count]]
         num_top = [seq.params.prompt_logprobs for seq, _, _, count in plan for _ in range(count)]
