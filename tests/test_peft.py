@@ -407,3 +407,63 @@ def test_malformed_adapter_files(hf_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="adapter_config.json"):
         load_peft(_fl(hf_dir), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_gradient_checkpointing_same_grads(hf_dir, kind):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(4)
+        model = _fl(hf_dir)
+        if kind == "lora":
+            apply_lora(model, r=2, alpha=4, targets="q,k,v,o,gate,up,down")
+            with torch.no_grad():
+                for m in lora_layers(model).values():
+                    m.lora_B.fill_(0.01)
+            tuned = model
+        else:
+            tuned = _wrap(model, kind, 3)
+        model.checkpointing = checkpointing
+        tuned.train()
+        idx, targets = _idx()
+        tuned(idx, targets)[1].backward()
+        grads.append([p.grad for p in trainable_parameters(tuned)])
+    for a, b in zip(*grads):
+        assert_close(b, a, rtol_of_max=1e-6, name="grad with checkpointing")
+
+
+def test_lora_dropout_only_in_training():
+    torch.manual_seed(0)
+    lora = LoRALinear(torch.nn.Linear(32, 16), r=4, alpha=4, dropout=0.5)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        want = lora.base(x) + x @ lora.lora_A.T @ lora.lora_B.T
+        lora.eval()
+        assert_close(lora(x), want, atol=1e-5, name="eval")
+        lora.train()
+        torch.manual_seed(1)
+        dropped = lora(x)
+        torch.manual_seed(1)
+        mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5)  # the same draw as the layer's dropout
+        assert_close(dropped, lora.base(x) + (x * mask) @ lora.lora_A.T @ lora.lora_B.T, atol=1e-5, name="train")
+
+
+def test_bad_virtual_tokens_for_forward(hf_dir):
+    model = _fl(hf_dir)
+    idx, _ = _idx()
+    d, L = model.cfg.d_model, model.cfg.n_layer
+    with pytest.raises(ValueError, match="prompt: must be"):
+        model(idx, prompt=torch.zeros(3, 2, d))
+    with pytest.raises(ValueError, match="prompt: must be"):
+        model(idx, prompt=torch.zeros(1, 2, d + 1))
+    kv = torch.zeros(2, 3, model.cfg.n_kv_head, model.cfg.head_dim)
+    with pytest.raises(ValueError, match="kv_prefix: expected 2 layers"):
+        model(idx, kv_prefix=[(kv, kv)] * (L + 1))
+    with pytest.raises(ValueError, match="kv_prefix: layer 1"):
+        model(idx, kv_prefix=[(kv, kv), (kv, kv[:, :, :1])])
+    with pytest.raises(ValueError, match="prompt: cannot be combined"):
+        model(idx, prompt=torch.zeros(1, 2, d), kv_prefix=[(kv, kv)] * L)
+    with pytest.raises(ValueError, match="less 60 virtual tokens"):
+        model(idx, prompt=torch.zeros(1, 60, d))

@@ -305,8 +305,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         P = self._virtual_tokens(B, prompt, kv_prefix)
         if not 0 < T <= self.cfg.seq_len - P:
-            raise ValueError(f"idx: sequence length must be in [1, seq_len={self.cfg.seq_len} - {P} virtual tokens], "
-                             f"got {T}")
+            room = f"seq_len={self.cfg.seq_len}" + (f" less {P} virtual tokens" if P else "")
+            raise ValueError(f"idx: sequence length must be in [1, {room}], got {T}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         x = self.tok_emb(idx)  # [B, T, d]
