@@ -467,3 +467,26 @@ def test_bad_virtual_tokens_for_forward(hf_dir):
         model(idx, prompt=torch.zeros(1, 2, d), kv_prefix=[(kv, kv)] * L)
     with pytest.raises(ValueError, match="less 60 virtual tokens"):
         model(idx, prompt=torch.zeros(1, 60, d))
+
+
+def test_methods_on_gguf_base(tmp_path):
+    """A GGUF file's model as it loads (GGUFLinear layers, a GGUFEmbedding): the forward of each method. The
+    gradient through GGUFLinear is that layer's own backward."""
+    pytest.importorskip("gguf")
+    from flashlm.io import load_gguf
+    from flashlm.io.random_model import write_random_llama_gguf
+
+    path = str(tmp_path / "m.gguf")
+    write_random_llama_gguf(path, d_model=64, d_ff=96, n_layer=2, vocab_size=320, n_head=4, ggml_type="Q4_0",
+                            context_length=64)
+    model = load_gguf(path, tokenizer=False).model
+    idx, _ = _idx()
+    with torch.no_grad():
+        base = model(idx)[0]
+        tuned = PromptTuning(model, 4, init_token_ids=[3, 5])
+        assert_equal(tuned.prompt_embeddings, model.tok_emb(torch.tensor([3, 5, 3, 5])), name="init")
+        assert tuned(idx)[0].shape == base.shape
+        assert PrefixTuning(model, 2)(idx)[0].shape == base.shape
+        apply_lora(model, r=2, alpha=4, targets="q,k,v,o,gate,up,down")
+        assert all(type(m.base).__name__ == "GGUFLinear" for m in lora_layers(model).values())
+        assert_equal(model(idx)[0], base, name="zero-B logits")

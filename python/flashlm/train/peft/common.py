@@ -33,7 +33,9 @@ def virtual_token_table(model: nn.Module, num_virtual_tokens, width: int) -> nn.
     if P >= model.cfg.seq_len:
         raise ValueError(f"num_virtual_tokens: must leave room for a token in seq_len={model.cfg.seq_len}, got {P}")
     freeze(model)
-    table = model.tok_emb.weight
-    rows = nn.Parameter(torch.empty(P, width, dtype=table.dtype, device=table.device))
+    emb = model.tok_emb  # an nn.Embedding, or a GGUFEmbedding (blocks in a buffer, its dtype a property)
+    dtype = emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+    device = next(iter(list(emb.parameters()) + list(emb.buffers()))).device
+    rows = nn.Parameter(torch.empty(P, width, dtype=dtype, device=device))
     nn.init.normal_(rows)
     return rows

@@ -28,11 +28,10 @@ class PromptTuning(nn.Module):
         self.prompt_embeddings = virtual_token_table(model, num_virtual_tokens, cfg.d_model)
         self.model = model
         P = self.num_virtual_tokens
-        table = model.tok_emb.weight
         if ids is not None:
             ids = (ids * math.ceil(P / len(ids)))[:P]
             with torch.no_grad():
-                self.prompt_embeddings.copy_(table[torch.tensor(ids, device=table.device)])
+                self.prompt_embeddings.copy_(model.tok_emb(torch.tensor(ids, device=self.prompt_embeddings.device)))
 
     @property
     def num_virtual_tokens(self) -> int:
