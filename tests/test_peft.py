@@ -206,6 +206,12 @@ def test_lora_on_int4_model_zero_b_is_base(hf_dir):
         base = model(idx)[0]
         apply_lora(model, r=2, alpha=4, targets="q,k,v,o,gate,up,down")
         assert_equal(model(idx)[0], base, name="zero-B logits")
+        model.blocks[1].attn.q = LoRALinear(torch.nn.Linear(64, 64), 2, 4)  # one float base among int4 ones
+        for fold in (merge_lora, merge_and_unload):
+            with pytest.raises(NotImplementedError, match="merge: needs a float nn.Linear base, got Int4Linear"):
+                fold(model)
+            assert not any(m.merged for m in lora_layers(model).values())  # none merged, all still wrapped
+            assert len(lora_layers(model)) == 14
 
 
 # ------------------------------------------------------------------------------------------------ prompt, prefix

@@ -158,8 +158,16 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _mergeable_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The LoRA layers, each checked to have a float base before any is merged (none or all are)."""
+    layers = lora_layers(model)
+    for m in layers.values():
+        _float_weight(m.base)
+    return layers
+
+
 def merge_lora(model: nn.Module) -> None:
-    for m in lora_layers(model).values():
+    for m in _mergeable_layers(model).values():
         m.merge()
 
 
@@ -170,7 +178,7 @@ def unmerge_lora(model: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base for good and puts the bases back in the LoRALinears' places."""
-    for name, m in lora_layers(model).items():
+    for name, m in _mergeable_layers(model).items():
         m.merge()
         m._unmerged_weight = None  # nothing to go back to
         parent_name, child = name.rsplit(".", 1)
