@@ -128,9 +128,14 @@ def apply_rope(x, cos, signed_sin):
 
 
 def causal_attention(q, k, v, attn_impl: str):
-    """q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd], causal."""
+    """q [B, T, H, hd], k/v [B, S, KV, hd] -> [B, T, H, hd], causal aligned bottom-right (S >= T: the first
+    S - T keys, a prefix, are seen by every query)."""
     if attn_impl == "sdpa":
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+        T, S = q.shape[1], k.shape[1]
+        # sdpa's is_causal aligns top-left; a prefix needs the bottom-right mask spelled out
+        mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=k.shape[2] != q.shape[2])
         return y.transpose(1, 2)
     device = q.device.type
@@ -154,13 +159,18 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, kv_prefix=None):
+        """kv_prefix: None or (k, v) [B, P, KV, hd]: keys and values before x's (as prefix tuning's), seen by
+        every position and taken as they are (no rope)."""
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_prefix is not None:
+            k = torch.cat((kv_prefix[0].to(k.dtype), k), dim=1)
+            v = torch.cat((kv_prefix[1].to(v.dtype), v), dim=1)
         y = causal_attention(q, k, v, self.attn_impl)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
 
@@ -219,8 +229,8 @@ class Block(nn.Module):
         self.mlp_norm = _norm(cfg)
         self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
 
-    def forward(self, x, rope):
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x, rope, kv_prefix=None):
+        x = x + self.attn(self.attn_norm(x), rope, kv_prefix)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_paged(self, x, rope, batch, cache):
@@ -284,28 +294,65 @@ class Transformer(nn.Module):
             out = block.mlp.proj if isinstance(block.mlp, GeluMLP) else block.mlp.down
             nn.init.normal_(out.weight, mean=0.0, std=residual_std)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, prompt=None, kv_prefix=None):
+        """logits [B, T, vocab] of idx's positions, and the loss when targets are given.
+
+        The PEFT methods feed virtual tokens: prompt [B, P, d], embeddings placed before idx's (prompt tuning),
+        or kv_prefix, per layer (k, v) [B, P, n_kv_head, head_dim] that every position attends to (prefix
+        tuning). Either way idx's tokens sit at positions P.. P + T - 1, as in HF's models under PEFT."""
         if idx.dtype != torch.int64 or idx.dim() != 2:
             raise ValueError(f"idx: must be int64 [batch, seq], got {idx.dtype} {tuple(idx.shape)}")
         B, T = idx.shape
-        if not 0 < T <= self.cfg.seq_len:
-            raise ValueError(f"idx: sequence length must be in [1, seq_len={self.cfg.seq_len}], got {T}")
+        P = self._virtual_tokens(B, prompt, kv_prefix)
+        if not 0 < T <= self.cfg.seq_len - P:
+            room = f"seq_len={self.cfg.seq_len}" + (f" less {P} virtual tokens" if P else "")
+            raise ValueError(f"idx: sequence length must be in [1, {room}], got {T}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         x = self.tok_emb(idx)  # [B, T, d]
+        first = P  # the position of idx's first token
+        if prompt is not None:
+            x = torch.cat((prompt.to(x.dtype).expand(B, -1, -1), x), dim=1)
+            first = 0
+        S = x.shape[1]
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = rope_factors(self.rope_cos[:T], self.rope_sin[:T], x.dtype) if self.cfg.rotary else None
-        for block in self.blocks:
+            x = x + self.pos_emb(torch.arange(first, first + S, device=idx.device))
+        rope = None
+        if self.cfg.rotary:
+            rope = rope_factors(self.rope_cos[first:first + S], self.rope_sin[first:first + S], x.dtype)
+        prefixes = kv_prefix if kv_prefix is not None else [None] * len(self.blocks)
+        for block, prefix in zip(self.blocks, prefixes):
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, prefix, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, prefix)
+        if prompt is not None:
+            x = x[:, P:]
         logits = self.logits(self.final_norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
+
+    def _virtual_tokens(self, B: int, prompt, kv_prefix) -> int:
+        """P, the virtual tokens forward's prompt or kv_prefix put before idx's (0 for neither), checked."""
+        if prompt is not None and kv_prefix is not None:
+            raise ValueError("prompt: cannot be combined with kv_prefix")
+        if prompt is not None:
+            if prompt.dim() != 3 or prompt.shape[0] not in (1, B) or prompt.shape[2] != self.cfg.d_model:
+                raise ValueError(f"prompt: must be [1 or {B}, P, {self.cfg.d_model}], got {tuple(prompt.shape)}")
+            return prompt.shape[1]
+        if kv_prefix is None:
+            return 0
+        if len(kv_prefix) != self.cfg.n_layer:
+            raise ValueError(f"kv_prefix: expected {self.cfg.n_layer} layers, got {len(kv_prefix)}")
+        P = kv_prefix[0][0].shape[1]
+        want = (B, P, self.cfg.n_kv_head, self.cfg.head_dim)
+        for i, (k, v) in enumerate(kv_prefix):
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise ValueError(f"kv_prefix: layer {i} must be two {want} tensors, got {tuple(k.shape)}, "
+                                 f"{tuple(v.shape)}")
+        return P
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
