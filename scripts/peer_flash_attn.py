@@ -123,7 +123,6 @@ class Recorder:
         self.results = {}  # nodeid -> {"function", "outcome", "error"?, "message"?, "reason"?}
 
     def pytest_collection_modifyitems(self, session, config, items):
-        import pytest  # noqa: F401  (the plugin only runs inside pytest)
         self.collected = len(items)
         wanted = [item for item in items
                   if wants(getattr(getattr(item, "callspec", None), "params", {}), self.features)]
@@ -235,12 +234,15 @@ def main(argv=None):
     import flashlm
     recorder = Recorder(args.sample, args.seed, features, args.timeout)
     try:
-        pytest.main([suite, "-q", "-c", ini, "--rootdir", workdir, "-p", "no:cacheprovider", "--tb=no",
+        code = pytest.main([suite, "-q", "-c", ini, "--rootdir", workdir, "-p", "no:cacheprovider", "--tb=no",
                      "-o", "addopts=", *args.pytest_args], plugins=[recorder])
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    if not recorder.results:
+        print(f"peer_flash_attn: error: pytest ran no case (exit code {int(code)})", file=sys.stderr)
+        return 2
     print("\nflash-attn's suite as run here (changes to it, and how many places each changed):")
     for (what, _, _), n in zip(patches, counts):
         print(f"- {what}: {n}")

@@ -2,8 +2,10 @@
 test function, the suite's patches change what they say, the table counts right, and the flash_attn shim maps
 flash-attn's names to flashlm's and its padding and rotary helpers match independent references."""
 
+import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -152,3 +154,66 @@ def test_shim_rotary_matches_complex_rotation(shim, interleaved):
     want_rot = rotated.flatten(-2) if interleaved else torch.cat(rotated.unbind(-1), dim=-1)
     want = torch.cat([want_rot, x[..., rotary_dim:]], dim=-1)
     assert_close(got, want, atol=1e-12, name="rotated")
+
+
+MINI_SUITE = '''
+import os
+import time
+
+import pytest
+import torch
+from flash_attn import flash_attn_func
+
+memory = torch.cuda.get_device_properties("cuda").total_memory
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention(causal, dtype):
+    device = "cuda"
+    assert dtype == torch.bfloat16 and memory == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    q = torch.randn(1, 3, 2, 8, device=device, dtype=dtype)
+    assert flash_attn_func(q, q, q, causal=causal).shape == q.shape
+
+
+def test_raises():
+    raise ValueError("bad value 17")
+
+
+def test_skips():
+    pytest.skip("not here")
+
+
+def test_slow():
+    time.sleep(120)
+'''
+
+
+def test_runner_on_a_miniature_suite(tmp_path):
+    suite = tmp_path / "test_mini.py"
+    suite.write_text(MINI_SUITE)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "peer_flash_attn.py"), "--tests", str(suite),
+                           "--sample", "5", "--timeout", "10", "--json", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "out.json").read_text())
+    outcomes = {nodeid.split("::")[-1]: r["outcome"] for nodeid, r in results.items()}
+    assert outcomes == {"test_attention[False-dtype0]": "passed", "test_attention[True-dtype0]": "passed",
+                        "test_raises": "failed", "test_skips": "skipped", "test_slow": "failed"}, proc.stdout
+    assert "| **total** | 5 | 2 | 2 | 1 |" in proc.stdout
+    assert "- 1 x `ValueError: bad value #` (test_raises 1)" in proc.stdout
+    assert "- 1 x `CaseTimeout: the case ran past # s` (test_slow 1)" in proc.stdout
+    assert 'device "cuda" -> "cpu": 1' in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--features", "alibi,bogus"], "--features: unknown"),
+    (["--sample", "0"], "--sample: must be at least 1"),
+    (["--tests", "/nonexistent/test_flash_attn.py"], "No such file"),
+])
+def test_runner_rejects_bad_arguments(tmp_path, args, message):
+    suite = tmp_path / "test_mini.py"
+    suite.write_text("def test_one():\n    pass\n")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "peer_flash_attn.py"), "--tests", str(suite),
+                           *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "peer_flash_attn: error:" in proc.stderr and message in proc.stderr, proc.stderr
