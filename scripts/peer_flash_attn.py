@@ -246,7 +246,10 @@ def main(argv=None):
     print("\nflash-attn's suite as run here (changes to it, and how many places each changed):")
     for (what, _, _), n in zip(patches, counts):
         print(f"- {what}: {n}")
-    print(f"- `flash_attn` is {os.path.dirname(flash_attn.__file__)} (flashlm {os.path.dirname(flashlm.__file__)})")
+    print(f"- `flash_attn` is {os.path.dirname(flash_attn.__file__)}: flashlm's functions "
+          f"({os.path.dirname(flashlm.__file__)}) under flash-attn's names; bert_padding's pad_input/unpad_input "
+          "and layers.rotary's apply_rotary_emb (the suite's references) in plain torch; flash-attn's private "
+          "entry points (_flash_attn_varlen_forward, flash_attn_gpu) absent")
     print(f"- cases: {len(recorder.results)} of {recorder.collected} parametrizations "
           f"(--sample {args.sample} --seed {args.seed}{' --features ' + args.features if features else ''}; "
           f"at least {MIN_PER_FUNCTION} per function), each stopped after {args.timeout:g} s\n")
