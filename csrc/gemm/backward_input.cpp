@@ -26,8 +26,8 @@ using gemm::detail::BackwardWeight;
 using gemm::detail::kRowGroup;
 using gemm::detail::WeightKind;
 
-// Floats of dx one tile holds (all M rows of its columns): 64 KiB stays in the L2 cache with the weight rows'
-// decoded blocks beside it.
+// Floats of one tile: its columns of dx (all M rows) and of the kRowGroup decoded weight rows. 24 KiB stays in
+// the L1 cache (one block's columns at least: a larger M spills to the L2).
 constexpr int64_t kTileFloats = 16 << 10;
 // The least work (multiply-adds) handed to one thread: waking a worker costs ~5-10 us.
 constexpr int64_t kGrainMacs = 1 << 18;
@@ -86,7 +86,7 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
 // Block columns [b0, b1) of dx (f32, [m, k]) from dyt (dy transposed, f32 [n, m]).
 void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t b0, int64_t b1,
                  bool avx2) {
-  const int64_t tile = std::max<int64_t>(1, kTileFloats / (w.block * std::max<int64_t>(m, kRowGroup)));
+  const int64_t tile = std::max<int64_t>(1, kTileFloats / (w.block * (m + kRowGroup)));
   std::vector<float> buf(static_cast<size_t>(kRowGroup * std::min(tile, b1 - b0) * w.block));
   for (int64_t t0 = b0; t0 < b1; t0 += tile) {
     const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
