@@ -26,7 +26,8 @@ class EagerOp:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() or (self.differentiable and _records_grad(args)):
+        if torch.compiler.is_compiling() or (self.differentiable and torch.is_grad_enabled()
+                                             and _requires_grad(args, kwargs)):
             return self.op(*args, **kwargs)
         return self.fn(*args, **kwargs)
 
@@ -38,8 +39,8 @@ class EagerOp:
         self.op.register_autograd(backward, setup_context=setup_context)
 
 
-def _records_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+def _requires_grad(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
 def custom_op(name: str, *, mutates_args, device_types=("cpu", "cuda")):
