@@ -13,6 +13,7 @@ void bind_gguf(nb::module_& m);
 void bind_quantize(nb::module_& m);
 void bind_int_gemm(nb::module_& m);
 void bind_gguf_matmul(nb::module_& m);
+void bind_backward_input(nb::module_& m);
 void bind_kvcache(nb::module_& m);
 void bind_norm(nb::module_& m);
 void bind_optim(nb::module_& m);
@@ -41,6 +42,7 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_quantize(m);
   flashlm::bindings::bind_int_gemm(m);
   flashlm::bindings::bind_gguf_matmul(m);
+  flashlm::bindings::bind_backward_input(m);
   flashlm::bindings::bind_kvcache(m);
   flashlm::bindings::bind_norm(m);
   flashlm::bindings::bind_optim(m);

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "shared_decoders.h"
+#include "shared_dequantize.h"
 #include "dequantize_kernels.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
@@ -79,6 +80,15 @@ void dequantize(const TensorView& src, const TensorView& dst, void* stream) {
     gguf::detail::dequantize_scalar(src.dtype, in, begin, end, dst.data, dst.dtype);
   });
 }
+
+namespace gguf::detail {
+
+void dequantize_blocks_f32(DType type, const uint8_t* src, int64_t count, float* dst, bool avx2) {
+  if (avx2 && dequantize_avx2(type, src, 0, count, dst, DType::F32, false)) return;
+  dequantize_scalar(type, src, 0, count, dst, DType::F32);
+}
+
+}  // namespace gguf::detail
 
 }  // namespace flashlm
 

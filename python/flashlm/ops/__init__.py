@@ -8,6 +8,7 @@ from flashlm import _C
 from flashlm.ops._check import INT32_MAX, INT32_MIN, as_int, as_str
 from flashlm.ops.activation import silu_mul
 from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
+from flashlm.ops.backward_input import int4_linear_backward_input, int8_linear_backward_input
 from flashlm.ops.decoder import NativeDecoder
 from flashlm.ops.device import check_device
 from flashlm.ops.dequant import dequantize, dequantize_supported
@@ -20,7 +21,7 @@ from flashlm.ops.flash_attn_interface import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
+from flashlm.ops.gguf_linear import GGUF_BACKWARD_TYPES, GGUF_LINEAR_TYPES, gguf_linear, gguf_linear_backward_input
 from flashlm.ops.int_linear import int4_linear, int8_linear, quantize_per_token
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
@@ -76,7 +77,8 @@ __all__ = [
     "cpu_isa_supported", "dequantize", "dequantize_supported", "flash_attn_backward", "flash_attn_forward",
     "flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
-    "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_quantize", "int4_linear", "int8_linear", "num_threads",
+    "GGUF_BACKWARD_TYPES", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_linear_backward_input", "gguf_quantize", "int4_linear",
+    "int4_linear_backward_input", "int8_linear", "int8_linear_backward_input", "num_threads",
     "paged_attention", "paged_attention_num_splits", "quantize_per_token", "quantize_supported", "rms_norm",
     "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]

@@ -6,6 +6,10 @@ group-wise along K (group 32, 64 or 128): byte j of a group holds element j (low
 j + group/2 (high nibble); float32 scales [N, K/group] and, for asymmetric weights, float32 zero points of the
 same shape (w = (u - z) * s; symmetric: z = 8). Activations: float32/bfloat16 on the CPU, float16/bfloat16 on
 CUDA (also float32 for quantize_per_token and int8_linear).
+
+int8_linear and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
+stored weights (flashlm.ops.backward_input), nothing of x saved. int8_linear's rounding of x to int8 passes the
+gradient straight through (dx is the gradient of x @ W.T).
 """
 
 from typing import Optional
@@ -15,6 +19,7 @@ import torch
 from flashlm import _C
 from flashlm.ops._check import check_optional_tensors, check_same_device, check_tensors, contiguous, new_output
 from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops.backward_input import _int4_backward, _int8_backward, bias_grad
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
@@ -81,6 +86,31 @@ def _(x_q, x_scales, w, w_scales, bias, out_dtype):
     return x_q.new_empty((x_q.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+@custom_op("flashlm::int8_linear", mutates_args=())
+def _int8_linear(x: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x_q, x_scales = _quantize_per_token(x)
+    return _int8_gemm(x_q, x_scales, w, w_scales, bias, x.dtype)
+
+
+@_int8_linear.register_fake
+def _(x, w, w_scales, bias):
+    check_same_device(x=x, w=w, w_scales=w_scales, bias=bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _int8_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])  # the weights and bias; x is not needed
+
+
+def _int8_backward_formula(ctx, grad):
+    w, w_scales, bias = ctx.saved_tensors
+    dx = _int8_backward.op(grad.contiguous(), w, w_scales) if ctx.needs_input_grad[0] else None
+    return dx, None, None, bias_grad(grad, bias, ctx.needs_input_grad[3])
+
+
+_int8_linear.register_autograd(_int8_backward_formula, setup_context=_int8_setup)
+
+
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8: quantizes x per token to int8, multiplies with int8 weights [N, K] (per-channel float32 scales
@@ -96,9 +126,7 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"x: last dimension {x.shape[-1]} differs from w_int8's K = {k}")
     if w_scales.shape != (n,):
         raise ValueError(f"w_scales: expected shape ({n},), got {tuple(w_scales.shape)}")
-    x_q, x_scales = _quantize_per_token(_rows(x))
-    y = _int8_gemm(x_q, x_scales, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
-                   _bias_f32(bias, n), x.dtype)
+    y = _int8_linear(_rows(x), w_int8.contiguous(), w_scales.to(torch.float32).contiguous(), _bias_f32(bias, n))
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -114,6 +142,20 @@ def _int4_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: Op
 def _(x, w, scales, zeros, bias, group_size):
     check_same_device(x=x, w=w, scales=scales, zeros=zeros, bias=bias)
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _int4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:5])  # w, scales, zeros, bias; x is not needed
+    ctx.group_size = inputs[5]
+
+
+def _int4_backward_formula(ctx, grad):
+    w, scales, zeros, bias = ctx.saved_tensors
+    dx = _int4_backward.op(grad.contiguous(), w, scales, zeros, ctx.group_size) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, bias_grad(grad, bias, ctx.needs_input_grad[4]), None
+
+
+_int4_gemm.register_autograd(_int4_backward_formula, setup_context=_int4_setup)
 
 
 def int4_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor] = None,

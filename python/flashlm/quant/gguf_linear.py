@@ -25,7 +25,8 @@ def _quantize(weight: torch.Tensor, ggml_type: str) -> torch.Tensor:
 
 class GGUFLinear(torch.nn.Module):
     """y = x @ W.T (+ bias) with W [N, K] held as the uint8 bytes of its GGML blocks (buffer `raw`,
-    [N, K / block_size * block_bytes])."""
+    [N, K / block_size * block_bytes]). Differentiable with respect to x: W stays frozen in its blocks and
+    the backward reads them (flashlm.ops.backward_input), saving no activation."""
 
     def __init__(self, raw: torch.Tensor, ggml_type: str, shape: Sequence[int], bias: Optional[torch.Tensor] = None):
         super().__init__()

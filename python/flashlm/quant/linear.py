@@ -1,4 +1,8 @@
-"""nn.Linear replacements that hold quantized weights: Int8Linear (W8A8) and Int4Linear (W4A16)."""
+"""nn.Linear replacements that hold quantized weights: Int8Linear (W8A8) and Int4Linear (W4A16).
+
+Both are differentiable with respect to x, their weights frozen (buffers): the backward reads the stored
+weights (flashlm.ops.backward_input) and saves no activation; Int8Linear's rounding of x passes the gradient
+straight through."""
 
 from typing import Optional
 

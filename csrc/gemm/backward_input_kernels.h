@@ -1,0 +1,42 @@
+// Internal pieces of the quantized linear layers' input gradient (backward_input.cpp routes between them):
+// a weight described once for every storage form, the per-ISA decoders of a few rows' blocks, and the
+// multiply-add of the decoded rows into dx.
+#pragma once
+
+#include <cstdint>
+
+#include "flashlm/core/dtype.h"
+
+namespace flashlm::gemm::detail {
+
+enum class WeightKind { Gguf, Int8, Int4 };
+
+// W [n, k] as the backward kernels read it: `block` consecutive columns of one row are decoded together.
+struct BackwardWeight {
+  WeightKind kind;
+  DType type;             // Gguf: the block type
+  const uint8_t* w;       // row r starts at w + r * row_bytes (Int8: int8 values; Int4: packed nibbles)
+  int64_t row_bytes;
+  int64_t block;          // columns per block: the GGUF block size, the int4 group, 64 for int8
+  int64_t block_bytes;    // bytes of one block within a row
+  const float* scales;    // Int8: [n]; Int4: [n, k / block]
+  const float* zeros;     // Int4: [n, k / block], or null for z = 8
+  int64_t n, k;
+};
+
+// Rows [r0, r0 + rows) of W, block columns [b0, b1), as float32 into out (rows x (b1 - b0) * block,
+// row-major). The AVX2 decoder returns false for a kind it lacks (the caller decodes with the scalar one).
+void decode_rows_scalar(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b1, float* out);
+bool decode_rows_avx2(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b1, float* out);
+
+// dx[i, 0 .. width) += sum_{r < rows} dyt[r * m + i] * wt[r * width + j] for every i < m, dx rows ldx apart
+// (dyt: dy transposed, [rows, m]). rows <= kRowGroup.
+constexpr int kRowGroup = 4;
+void accumulate_scalar(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx);
+void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx);
+
+// CUDA: dx [m, k] = dy [m, n] @ W, dy and dx of `dtype` (F32, F16 or BF16), queued on `stream`.
+void backward_input_cuda(const BackwardWeight& w, const void* dy, void* dx, DType dtype, int64_t m, int device,
+                         void* stream);
+
+}  // namespace flashlm::gemm::detail
