@@ -322,3 +322,23 @@ def test_native_steps_name_bad_arguments():
         L.kl_chunk_(x, torch.zeros(4, 10, dtype=torch.float64), 1.0, False, L._init_state(4, 5, "cpu"))
     with pytest.raises(ValueError, match="^stats"):
         L.kl_chunk_grad_(x, x, 1.0, False, torch.zeros(4, 2), torch.zeros(4), torch.zeros(4, 10), False)
+
+
+def test_train_losses_take_a_linear_head():
+    """flashlm.train.losses on [batch, time, d] hidden states and an nn.Linear head (or its weight alone)."""
+    from flashlm.train.losses import distillation_loss, lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300)
+    hidden = torch.randn(2, 5, 16)
+    targets = torch.randint(0, 300, (2, 5))
+    targets[1, 4] = -100
+    ref = F.cross_entropy(head(hidden).double().reshape(10, 300), targets.reshape(10))
+    assert_close(lm_loss(hidden, head, targets), ref, rtol=1e-5, name="lm_loss")
+    no_bias = F.cross_entropy(F.linear(hidden, head.weight).double().reshape(10, 300), targets.reshape(10))
+    assert_close(lm_loss(hidden, head.weight, targets), no_bias, rtol=1e-5, name="lm_loss, weight alone")
+    teacher = torch.randn(2, 5, 300)
+    # alpha = 0: the hard loss alone, whatever the teacher says.
+    assert_close(distillation_loss(hidden, head, targets, teacher, alpha=0.0), ref, rtol=1e-5, name="alpha 0")
+    with pytest.raises(TypeError, match="^head"):
+        lm_loss(hidden, "lm_head", targets)

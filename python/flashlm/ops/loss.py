@@ -83,11 +83,22 @@ class _Spec:
     chunk: int
 
 
-def _chunk_logits(h, weight, bias, c0, c1):
-    """[rows, c1 - c0] f32 logits of vocabulary entries [c0, c1)."""
-    w = weight[c0:c1]
-    z = torch.mm(h, w.t()) if bias is None else torch.addmm(bias[c0:c1], h, w.t())
-    return z if z.dtype == torch.float32 else z.float()
+class _ChunkLogits:
+    """[rows, c1 - c0] f32 logits of vocabulary entries [c0, c1), written into one buffer reused chunk after chunk
+    (a fresh [rows, chunk] tensor per chunk is a fresh mmap to fault in)."""
+
+    def __init__(self, h, weight, bias, chunk):
+        self.h, self.weight, self.bias = h, weight, bias
+        self.buf = torch.empty(h.shape[0] * min(chunk, weight.shape[0]), dtype=h.dtype, device=h.device)
+
+    def __call__(self, c0, c1):
+        out = self.buf[:self.h.shape[0] * (c1 - c0)].view(self.h.shape[0], c1 - c0)
+        w = self.weight[c0:c1].t()
+        if self.bias is None:
+            torch.mm(self.h, w, out=out)
+        else:
+            torch.addmm(self.bias[c0:c1], self.h, w, out=out)
+        return out if out.dtype == torch.float32 else out.float()
 
 
 def _init_state(rows, width, device):
@@ -117,9 +128,10 @@ def _forward(spec, h, weight, bias, targets, teacher, topk_index, topk_values):
     elif spec.soft == "topk":
         state_s = _init_state(rows, 2, dev)
         picked_s = torch.zeros(topk_index.shape, dtype=torch.float32, device=dev)
+    chunk_logits = _ChunkLogits(h, weight, bias, spec.chunk)
     for c0 in range(0, vocab, spec.chunk):
         c1 = min(vocab, c0 + spec.chunk)
-        z = _chunk_logits(h, weight, bias, c0, c1)
+        z = chunk_logits(c0, c1)
         if spec.hard:
             logsumexp_chunk_(z, c0, 1.0, state_h, tgt, picked)
         if spec.soft == "dense":
@@ -152,8 +164,8 @@ def _backward(spec, saved, g_hard, g_soft, h, weight, bias, teacher, topk_index,
     rows, vocab = h.shape[0], weight.shape[0]
     scale = 1.0 / spec.temperature
     dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs[0] else None
-    dw = torch.empty_like(weight) if needs[1] else None
-    db = torch.empty_like(bias) if needs[2] else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs[1] else None
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if needs[2] else None
     if spec.hard:
         g = torch.where(saved["valid"], g_hard.float(), 0.0)
         coef_h = (g * (1 + 2 * spec.z_loss * saved["lse_h"])).contiguous()
@@ -163,9 +175,10 @@ def _backward(spec, saved, g_hard, g_soft, h, weight, bias, teacher, topk_index,
         if spec.soft == "topk":
             weight_s = (coef_s.unsqueeze(1) * saved["p_t"]).contiguous()
     buf = torch.empty(rows, min(spec.chunk, vocab), dtype=torch.float32, device=h.device)
+    chunk_logits = _ChunkLogits(h, weight, bias, spec.chunk)
     for c0 in range(0, vocab, spec.chunk):
         c1 = min(vocab, c0 + spec.chunk)
-        z = _chunk_logits(h, weight, bias, c0, c1)
+        z = chunk_logits(c0, c1)
         dl = buf[:, :c1 - c0]
         if spec.hard:
             softmax_chunk_grad_(z, c0, 1.0, saved["lse_h"], coef_h, saved["tgt"], weight_h, dl, False)
