@@ -10,7 +10,8 @@ For h [T, d], a projection W [V, d] and targets [T] (float32):
 each followed by .backward() into h and W (the teacher logits [T, V] are an input of both, made beforehand).
 Time: the calls take turns (bench_util.median_seconds), the median over --reps runs. Peak extra memory: each
 call once in a fresh process, the peak resident memory (VmHWM) above what the process held just before the
-call (its inputs made and touched); W's gradient ([V, d], the same for both) is part of it. GFLOP/s counts the
+call (its inputs made and touched); the gradients of h and W ([T, d] + [V, d] f32, the same for both) are part
+of it, and the last column is what each holds beyond them (flashlm / torch). GFLOP/s counts the
 GEMMs torch needs (3 x 2 T V d); flashlm recomputes the logits in the backward (4 GEMMs), the price of never
 holding [T, V] floats.
 
@@ -110,14 +111,16 @@ def main():
             t = median_seconds(fns, args.reps, args.warmup)
             mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
             flop = 3 * 2 * tokens * vocab * d
+            grads = (tokens + vocab) * d * 4
             rows.append([f"{'cross-entropy' if loss == 'ce' else 'KL T=2'} V={vocab} T={tokens} d={d}",
                          fmt(t["flashlm"] * 1e3, ".0f"), fmt(t["torch"] * 1e3, ".0f"),
                          fmt(t["torch"] / t["flashlm"], ".2f"), fmt(flop / t["torch"] / 1e9, ".0f"),
                          fmt(mem["flashlm"] / 2**20, ".0f"), fmt(mem["torch"] / 2**20, ".0f"),
-                         fmt(mem["flashlm"] / mem["torch"], ".2f")])
+                         fmt(mem["flashlm"] / mem["torch"], ".2f"),
+                         fmt((mem["flashlm"] - grads) / (mem["torch"] - grads), ".3f")])
             del data
     print_table(["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "torch GFLOP/s", "flashlm MiB",
-                 "torch MiB", "memory ratio"], rows)
+                 "torch MiB", "memory ratio", "beyond grads"], rows)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from flashlm.ops._check import check_device, check_same_device
 from flashlm.ops._util import cuda_stream, custom_op
 
 # Vocabulary columns per chunk: two [tokens, chunk] f32 buffers live at once (the chunk's logits and its
-# dlogits); 4096 keeps torch's GEMM at full speed on the CPU (see bench/compare_loss.py).
+# dlogits), 16 MiB each at 1024 tokens. Not tuned: at these sizes each chunk GEMM has thousands of columns and
+# the step runs at the GEMM's speed (bench/results/loss.md).
 DEFAULT_CHUNK = 4096
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REDUCTIONS = ("mean", "sum", "none")
