@@ -342,3 +342,51 @@ def test_train_losses_take_a_linear_head():
     assert_close(distillation_loss(hidden, head, targets, teacher, alpha=0.0), ref, rtol=1e-5, name="alpha 0")
     with pytest.raises(TypeError, match="^head"):
         lm_loss(hidden, "lm_head", targets)
+
+
+# Each public function given an argument of the wrong kind (test_bad_arguments' values: None, lists, numpy
+# arrays, 0-dim and meta tensors, wrong dtypes, strings and out-of-range integers) raises naming it.
+def _targets():
+    return torch.randint(0, 20, (3,))
+
+
+BAD_CASES = {
+    "cross_entropy": (L.fused_linear_cross_entropy,
+                      lambda: dict(h=torch.randn(3, 8), weight=torch.randn(20, 8), targets=_targets(),
+                                   bias=torch.randn(20), ignore_index=-100, z_loss=0.0, chunk_size=7),
+                      dict(h="tensor", weight="tensor", targets="tensor", bias="optional", ignore_index="int",
+                           z_loss="float", chunk_size="int")),
+    "kl_div": (L.fused_linear_kl_div,
+               lambda: dict(h=torch.randn(3, 8), weight=torch.randn(20, 8), teacher_logits=torch.randn(3, 20),
+                            temperature=2.0, mask=torch.ones(3, dtype=torch.bool)),
+               dict(teacher_logits="optional", temperature="float", mask="optional")),
+    "topk_kl_div": (L.fused_linear_kl_div,
+                    lambda: dict(h=torch.randn(3, 8), weight=torch.randn(20, 8),
+                                 topk_indices=torch.randint(0, 20, (3, 4)), topk_values=torch.randn(3, 4)),
+                    dict(topk_indices="optional", topk_values="optional")),
+    "distill": (L.fused_linear_distill_loss,
+                lambda: dict(h=torch.randn(3, 8), weight=torch.randn(20, 8), targets=_targets(),
+                             teacher_logits=torch.randn(3, 20), alpha=0.5, temperature=1.0),
+                dict(targets="tensor", teacher_logits="optional", alpha="float", temperature="float")),
+}
+# Valid values among the bad ones: the default chunk size; without top-k values the teacher is missing, and
+# the message names teacher_logits.
+BAD_VALID = {("cross_entropy", "chunk_size", "None")}
+BAD_ALIASES = {"topk_indices": ("teacher_logits",), "topk_values": ("teacher_logits",)}
+
+
+@pytest.mark.parametrize("case,arg", [(case, arg) for case, (_, _, kinds) in BAD_CASES.items() for arg in kinds])
+def test_bad_argument_raises_naming_it(case, arg):
+    from test_bad_arguments import _bad_values, _names_argument
+
+    fn, good, kinds = BAD_CASES[case]
+    fn(**good())
+    names = (arg, *BAD_ALIASES.get(arg, ()))
+    for label, bad in _bad_values(kinds[arg], good()[arg]):
+        if (case, arg, label) in BAD_VALID:
+            continue
+        args = good()
+        args[arg] = bad
+        with pytest.raises((TypeError, ValueError, NotImplementedError)) as info:
+            fn(**args)
+        assert _names_argument(str(info.value), names), f"{case}({arg}={label}): {info.value}"

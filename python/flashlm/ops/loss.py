@@ -245,6 +245,7 @@ def _check_projection(h, weight, bias):
 
 def _check_targets(targets, lead, vocab, ignore_index, name="targets"):
     check_tensor(targets, name)
+    check_device(targets, name)
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"{name}: expected an integer tensor, got {targets.dtype}")
     if tuple(targets.shape) != tuple(lead):
