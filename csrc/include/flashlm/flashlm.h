@@ -17,6 +17,7 @@
 #include "flashlm/gguf/dequantize.h"
 #include "flashlm/gguf/reader.h"
 #include "flashlm/kvcache/paged_attention.h"
+#include "flashlm/loss/chunked_loss.h"
 #include "flashlm/norm/rms_norm.h"
 #include "flashlm/optim/adamw.h"
 #include "flashlm/runtime/decoder.h"

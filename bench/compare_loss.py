@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""compare_loss: the vocabulary-chunked losses (flashlm.ops.loss) against torch eager, forward + backward.
+
+For h [T, d], a projection W [V, d] and targets [T] (float32):
+  cross-entropy  flashlm  fused_linear_cross_entropy(h, W, targets)
+                 torch    F.cross_entropy(F.linear(h, W), targets)
+  KL (T = 2)     flashlm  fused_linear_kl_div(h, W, teacher, temperature=2)
+                 torch    F.kl_div(F.log_softmax(F.linear(h, W) / 2), F.log_softmax(teacher / 2), log_target=True,
+                          reduction="batchmean") * 4
+each followed by .backward() into h and W (the teacher logits [T, V] are an input of both, made beforehand).
+Time: the calls take turns (bench_util.median_seconds), the median over --reps runs. Peak extra memory: each
+call once in a fresh process, the peak resident memory (VmHWM) above what the process held just before the
+call (its inputs made and touched); the gradients of h and W ([T, d] + [V, d] f32, the same for both) are part
+of it, and the last column is what each holds beyond them (flashlm / torch). GFLOP/s counts the
+GEMMs torch needs (3 x 2 T V d); flashlm recomputes the logits in the backward (4 GEMMs), the price of never
+holding [T, V] floats.
+
+Run (from the repository root, with flashlm installed):
+  python bench/compare_loss.py             # vocab 32000 and 151936, T 512 and 2048, d 512 and 1024
+  python bench/compare_loss.py --quick     # seconds: CI smoke
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import flashlm.ops as ops
+from bench_util import fmt, hardware_line, median_seconds, print_table
+from flashlm.ops.loss import fused_linear_cross_entropy, fused_linear_kl_div
+
+CASES = [(32000, 512, 512), (32000, 2048, 1024), (151936, 512, 512), (151936, 2048, 1024)]
+QUICK = [(3000, 64, 64)]
+TEMPERATURE = 2.0
+
+
+def inputs(vocab, tokens, d):
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(tokens, d, generator=g)).requires_grad_()
+    w = (torch.randn(vocab, d, generator=g) * d ** -0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=g)
+    teacher = torch.randn(tokens, vocab, generator=g) * 2
+    return h, w, targets, teacher
+
+
+def step(impl, loss, h, w, targets, teacher):
+    """One forward + backward; the gradients are dropped afterwards."""
+    if loss == "ce":
+        out = (fused_linear_cross_entropy(h, w, targets) if impl == "flashlm"
+               else F.cross_entropy(F.linear(h, w), targets))
+    elif impl == "flashlm":
+        out = fused_linear_kl_div(h, w, teacher, temperature=TEMPERATURE)
+    else:
+        s = F.log_softmax(F.linear(h, w) / TEMPERATURE, -1)
+        t = F.log_softmax(teacher / TEMPERATURE, -1)
+        out = F.kl_div(s, t, log_target=True, reduction="batchmean") * TEMPERATURE ** 2
+    out.backward()
+    h.grad = w.grad = None
+
+
+def vm_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_memory(impl, loss, vocab, tokens, d):
+    """Run in a fresh process: the peak resident memory one step adds, in bytes."""
+    args = inputs(vocab, tokens, d)
+    before = vm_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+        f.write("5")
+    step(impl, loss, *args)
+    return (vm_kib("VmHWM") - before) * 1024
+
+
+def peak_extra(impl, loss, case):
+    cmd = [sys.executable, __file__, "--memory-of", json.dumps([impl, loss, *case])]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--case", action="append", help="V,T,d (repeatable; default: the four cases above)")
+    ap.add_argument("--quick", action="store_true", help="one small case, one run: a smoke run")
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_of:
+        impl, loss, *case = json.loads(args.memory_of)
+        print(measure_memory(impl, loss, *case))
+        return
+    cases = QUICK if args.quick else [tuple(int(v) for v in c.split(",")) for c in args.case] if args.case else CASES
+    if args.quick:
+        args.reps, args.warmup = 1, 0
+    print(hardware_line("cpu", ops, f"torch {torch.get_num_threads()} threads"))
+    rows = []
+    for loss in ("ce", "kl"):
+        for case in cases:
+            vocab, tokens, d = case
+            data = inputs(*case)
+            fns = {impl: ((lambda impl=impl: step(impl, loss, *data)), "cpu") for impl in ("flashlm", "torch")}
+            t = median_seconds(fns, args.reps, args.warmup)
+            mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
+            flop = 3 * 2 * tokens * vocab * d
+            grads = (tokens + vocab) * d * 4
+            rows.append([f"{'cross-entropy' if loss == 'ce' else 'KL T=2'} V={vocab} T={tokens} d={d}",
+                         fmt(t["flashlm"] * 1e3, ".0f"), fmt(t["torch"] * 1e3, ".0f"),
+                         fmt(t["torch"] / t["flashlm"], ".2f"), fmt(flop / t["torch"] / 1e9, ".0f"),
+                         fmt(mem["flashlm"] / 2**20, ".0f"), fmt(mem["torch"] / 2**20, ".0f"),
+                         fmt(mem["flashlm"] / mem["torch"], ".2f"),
+                         fmt((mem["flashlm"] - grads) / (mem["torch"] - grads), ".3f")])
+            del data
+    print_table(["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "torch GFLOP/s", "flashlm MiB",
+                 "torch MiB", "memory ratio", "beyond grads"], rows)
+
+
+if __name__ == "__main__":
+    main()
