@@ -28,23 +28,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flashlm.io.gguf_pretok import build_pre_tokenizer, pre_tokenizer_for
 from flashlm.io.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), as tokenizers' Split patterns
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# pre name -> (regex or None for GPT-2's own ByteLevel regex, ignore_merges, add_bos when the file does not
-# say), as llama-vocab.cpp sets them for these names (LLAMA_VOCAB_PRE_TYPE_GPT2, _LLAMA3, _QWEN2)
-_LLAMA3 = (_LLAMA3_REGEX, True, True)
-_BPE_PRE = {"gpt-2": (None, False, False),
-            "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3, "pixtral": _LLAMA3,
-            "qwen2": (_QWEN2_REGEX, False, False), "deepseek-r1-qwen": (_QWEN2_REGEX, False, False)}
-
 
 def _list(meta: dict, key: str, n: Optional[int], kind) -> Optional[list]:
     v = meta.get(key)
@@ -85,31 +73,38 @@ def _vocab(tokens: list) -> dict:
     return vocab
 
 
-def _bpe(meta: dict, tokens: list, types: list):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _BPE_PRE:
-        raise ValueError(f"metadata: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(_BPE_PRE)})")
-    regex, ignore_merges, add_bos = _BPE_PRE[pre]
-    merges_text = _list(meta, "tokenizer.ggml.merges", None, str) or []
-    vocab = _vocab(tokens)
+def _merges(meta: dict, vocab: dict) -> list:
+    """tokenizer.ggml.merges as (left, right) pairs, cut at the first space after the first character as
+    llama.cpp cuts them (a merge's left part may itself be a space)."""
     merges = []
-    for m in merges_text:
-        left, sep, right = m.partition(" ")
-        if not sep or left not in vocab or right not in vocab or (left + right) not in vocab:
+    for m in _list(meta, "tokenizer.ggml.merges", None, str) or []:
+        cut = m.find(" ", 1)
+        left, right = (m[:cut], m[cut + 1:]) if cut > 0 else (m, "")
+        if left not in vocab or right not in vocab or (left + right) not in vocab:
             raise ValueError(f"metadata: tokenizer.ggml.merges has {m!r}, which is not a merge of two tokens "
                              "into a token")
         merges.append((left, right))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
-    if regex is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return merges
+
+
+def _bpe(meta: dict, tokens: list, types: list, pre_name: str):
+    """llama.cpp's BPE: byte-level (gpt2) or, for gemma4-style pre-tokenizers, over raw UTF-8 with spaces as
+    ▁ and <0xXX> byte tokens for what no token covers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    pre = pre_tokenizer_for(pre_name)
+    vocab = _vocab(tokens)
+    merges = _merges(meta, vocab)
+    if pre.byte_level:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
+        tok.decoder = decoders.ByteLevel()
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok, add_bos
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges,
+                                   byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.pre_tokenizer = build_pre_tokenizer(pre)
+    return tok, pre.add_bos
 
 
 def _spm(meta: dict, tokens: list, types: list):
@@ -160,7 +155,9 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         raise ValueError(f"metadata: tokenizer.ggml.tokens has {n} tokens, the model's embedding has {vocab_size} rows")
     types = _list(meta, "tokenizer.ggml.token_type", n, int) or [NORMAL] * n
     if model == "gpt2":
-        tok, add_bos_default = _bpe(meta, tokens, types)
+        tok, add_bos_default = _bpe(meta, tokens, types, meta.get("tokenizer.ggml.pre") or "default")
+    elif model == "gemma4":
+        tok, add_bos_default = _bpe(meta, tokens, types, "gemma4")
     elif model == "llama":
         tok, add_bos_default = _spm(meta, tokens, types)
     else:
