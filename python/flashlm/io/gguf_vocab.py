@@ -53,15 +53,34 @@ def _opt_id(meta: dict, key: str, n: int) -> Optional[int]:
     return v
 
 
-def _added_tokens(tokens: list, types: list):
+def _stripping(meta: dict, tokens: list, types: list) -> tuple:
+    """(ids whose match also takes the whitespace after it, ids that take the whitespace before it), as
+    llama.cpp sets these attributes by model name: phi-3's special tokens (but <unk>, <s>, <|endoftext|>)
+    strip on the right, jina-v2's and nomic-bert-moe's <mask> and modern-bert's [MASK] on the left."""
+    name = str(meta.get("general.name", "")).lower()
+    pre, arch = str(meta.get("tokenizer.ggml.pre", "")), str(meta.get("general.architecture", ""))
+    ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    if any(k in pre for k in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or \
+            any(k in arch for k in ("nomic-bert-moe", "jina-bert-v3")):
+        return set(), {ids["<mask>"]} if "<mask>" in ids else set()
+    if "phi-3" in name or "phi3" in name:
+        right = {i for i, ty in enumerate(types) if ty in (CONTROL, USER_DEFINED, UNKNOWN)}
+        right |= {ids["</s>"]} if "</s>" in ids else set()
+        return right - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}, set()
+    if "modern-bert" in name:
+        return set(), {ids["[MASK]"]} if "[MASK]" in ids else set()
+    return set(), set()
+
+
+def _added_tokens(meta: dict, tokens: list, types: list):
     from tokenizers import AddedToken
 
+    rstrip, lstrip = _stripping(meta, tokens, types)
     out = []
-    for t, ty in zip(tokens, types):
-        if ty in (CONTROL, UNKNOWN):
-            out.append(AddedToken(t, special=True, normalized=False))
-        elif ty == USER_DEFINED:
-            out.append(AddedToken(t, special=False, normalized=False))
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (CONTROL, UNKNOWN, USER_DEFINED):
+            out.append(AddedToken(t, special=ty != USER_DEFINED, normalized=False, rstrip=i in rstrip,
+                                  lstrip=i in lstrip))
     return out
 
 
@@ -142,10 +161,68 @@ def _spm(meta: dict, tokens: list, types: list):
     return tok, True
 
 
-def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
-    """The tokenizer described by GGUF metadata, or None when the file has no tokenizer.ggml.tokens."""
+def _wordpiece(meta: dict, tokens: list, types: list):
+    """llama.cpp's WPM (BERT): text lowercased and accent-stripped (NFD, marks dropped) unless the file's
+    tokenizer.ggml.normalizer.* keys say otherwise, control characters dropped, split at whitespace and
+    around punctuation, ASCII symbols and CJK characters, then each word greedily into the longest tokens
+    ("▁word" for a word's first piece, "piece" for the rest: the GGUF spelling of BERT's "word", "##piece"),
+    the whole word one [UNK] when any part is not a token. As a tokenizers WordPiece: "▁x" is x, and a
+    continuation "x" is ##x."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {}
+    for i, t in enumerate(tokens):
+        if t.startswith("\u2581"):
+            vocab.setdefault(t[1:], i)
+        elif types[i] in (CONTROL, UNKNOWN) or (t.startswith("[") and t.endswith("]")):
+            vocab.setdefault(t, i)  # [CLS], [unused0]: kept as BERT spells them
+        else:
+            vocab.setdefault("##" + t, i)
+    unk = _opt_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens))
+    if unk is None:
+        raise ValueError("metadata: tokenizer.ggml.unknown_token_id is required for a bert tokenizer")
+    lowercase = bool(meta.get("tokenizer.ggml.normalizer.lowercase", True))
+    strip_accents = bool(meta.get("tokenizer.ggml.normalizer.strip_accents", lowercase))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], continuing_subword_prefix="##",
+                                     max_input_chars_per_word=1 << 30))
+    steps = []
+    if strip_accents:
+        # llama.cpp's NFD keeps one codepoint per character, the first of its decomposition: for a Hangul
+        # syllable its leading consonant (588 syllables per consonant from U+AC00), which NFD alone would
+        # follow with the vowel and final jamo
+        steps = [normalizers.Replace(Regex(f"[{chr(0xAC00 + 588 * k)}-{chr(0xAC00 + 588 * k + 587)}]"), chr(0x1100 + k))
+                 for k in range(19)]
+        steps += [normalizers.NFD(), normalizers.Replace(Regex(r"\p{M}"), "")]
+    steps.append(normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                            lowercase=lowercase))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok, True
+
+
+def _post_processor(meta: dict, tokens: list, bos, eos, add_bos_default: bool, force_bos: bool, add_sep_default: bool):
+    """What llama.cpp adds with add_special: BOS first, EOS then SEP last, each where the file (or the
+    model's default) asks for it; gemma4 always gets BOS (llama.cpp overrides a file saying otherwise)."""
     from tokenizers import processors
 
+    n = len(tokens)
+    sep = _opt_id(meta, "tokenizer.ggml.seperator_token_id", n)
+    add_bos = (bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) or force_bos) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_sep = bool(meta.get("tokenizer.ggml.add_sep_token", add_sep_default)) and sep is not None
+    first = [bos] if add_bos else []
+    last = ([eos] if add_eos else []) + ([sep] if add_sep else [])
+    if not first and not last:
+        return None
+    single = [tokens[i] for i in first] + ["$A"] + [tokens[i] for i in last]
+    pair = single + ["$B"] + [tokens[i] for i in last]
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=sorted({(tokens[i], i) for i in first + last}))
+
+
+def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
+    """The tokenizer described by GGUF metadata, or None when the file has no tokenizer.ggml.tokens."""
     model = meta.get("tokenizer.ggml.model")
     tokens = _list(meta, "tokenizer.ggml.tokens", None, str)
     if tokens is None:
@@ -160,20 +237,19 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         tok, add_bos_default = _bpe(meta, tokens, types, "gemma4")
     elif model == "llama":
         tok, add_bos_default = _spm(meta, tokens, types)
+    elif model == "bert":
+        tok, add_bos_default = _wordpiece(meta, tokens, types)
     else:
-        raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported (gpt2 or llama)")
-    tok.add_tokens(_added_tokens(tokens, types))  # the same ids: they are in the vocabulary already
+        raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported "
+                         "(gpt2, gemma4, llama, bert)")
+    tok.add_tokens(_added_tokens(meta, tokens, types))  # the same ids: they are in the vocabulary already
     bos = _opt_id(meta, "tokenizer.ggml.bos_token_id", n)
+    if bos is None and model == "bert":
+        bos = _opt_id(meta, "tokenizer.ggml.cls_token_id", n)  # BERT's [CLS] is what llama.cpp puts first
     eos = _opt_id(meta, "tokenizer.ggml.eos_token_id", n)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        first = [(tokens[bos], bos)] if add_bos else []
-        last = [(tokens[eos], eos)] if add_eos else []
-        single = [t for t, _ in first] + ["$A"] + [t for t, _ in last]
-        pair = single + ["$B"] + [t for t, _ in last]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                           special_tokens=sorted(set(first + last)))
+    post = _post_processor(meta, tokens, bos, eos, add_bos_default, model == "gemma4", model == "bert")
+    if post is not None:
+        tok.post_processor = post
     eos_ids = [eos] if eos is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         extra = _opt_id(meta, key, n)
