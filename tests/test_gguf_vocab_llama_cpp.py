@@ -129,3 +129,64 @@ def test_random_strings_match_llama_cpp(path):
     finally:
         ref.close()
     assert compared >= 2 * N_RANDOM, f"{name}: only {compared} of {3 * N_RANDOM} strings compared"
+
+
+@lru_cache(maxsize=1)
+def _small_bpe():
+    from tokenizer_sources import train_bpe
+
+    return train_bpe("qwen2")
+
+
+def _byte_level_names():
+    from flashlm.io.gguf_pretok import PRE_TOKENIZERS
+
+    return sorted(name for name, pre in PRE_TOKENIZERS.items() if pre.byte_level)
+
+
+@pytest.mark.parametrize("pre", _byte_level_names())
+def test_every_pre_tokenizer_matches_llama_cpp(tmp_path, pre):
+    """Each tokenizer.ggml.pre flashlm accepts, on a small byte-level vocabulary written under that name:
+    llama.cpp's tokens for random strings (its split regexes, ignore_merges and add_bos for the name)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+    from tokenizer_sources import bpe_gguf_metadata
+
+    path = str(tmp_path / "vocab.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value, vtype, sub in bpe_gguf_metadata(_small_bpe(), pre, add_bos=None):
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tok = tokenizer_from_gguf(GGUFFile(path).metadata)
+    ref = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    try:
+        for seed, (add_special, parse_special) in enumerate(((False, False), (True, True))):
+            for text in _strings(tok, seed, N_RANDOM):
+                want = ref.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+                got = tok.encode(text, add_special_tokens=add_special, parse_special=parse_special)
+                assert got == want, (pre, add_special, parse_special, text)
+    finally:
+        ref.close()
+
+
+@pytest.mark.parametrize("pre", ["kimi-k2", "afmoe", "bloom", "no-such-pre"])
+def test_unsupported_pre_tokenizer_is_named(pre):
+    from tokenizer_sources import bpe_gguf_metadata
+
+    meta = {key: value for key, value, *_ in bpe_gguf_metadata(_small_bpe(), pre)}
+    with pytest.raises(ValueError, match=rf"tokenizer\.ggml\.pre '{pre}' is not supported \(supported: .*qwen35"):
+        tokenizer_from_gguf(meta)
+
+
+def test_parse_special_spells_special_tokens_as_text():
+    """parse_special=False: a special token's text becomes the tokens that spell it, and decodes back to it."""
+    from tokenizer_sources import bpe_gguf_metadata
+
+    tok = tokenizer_from_gguf({key: value for key, value, *_ in bpe_gguf_metadata(_small_bpe(), "qwen2")})
+    eot = tok.token_to_id("<|endoftext|>")
+    assert tok.encode("a<|endoftext|>b") == [tok.token_to_id("a"), eot, tok.token_to_id("b")]
+    plain = tok.encode("a<|endoftext|>b", parse_special=False)
+    assert eot not in plain and tok.decode(plain) == "a<|endoftext|>b"
+    assert tok.encode("a<|endoftext|>b") == [tok.token_to_id("a"), eot, tok.token_to_id("b")]  # unchanged
