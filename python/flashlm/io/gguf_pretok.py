@@ -11,9 +11,9 @@ regex engine sees every non-ASCII codepoint as just its category (letter, number
 forms treat a non-ASCII lowercase letter as both cases, and Oniguruma does the same with them.
 
 Names llama.cpp tokenizes with code of its own rather than a regex (kimi-k2's Han handling, afmoe's and
-tiny_aya's digit grouping), with regexes Oniguruma reads differently (superbpe's empty lookahead match,
-bloom/poro/viking's '(' inside a class) or with their own session (hybriddna, whitespace) are refused, as
-a guess would split text differently.
+tiny_aya's digit grouping), with a regex of empty matches (superbpe), with upper/lowercase letter classes
+its regex engine reads as any letter (youtu), with raw UTF-8 BPE other than gemma4's (sarvam-moe) or with
+their own session (hybriddna, whitespace) are refused, as a guess would split text differently.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ _EXAONE_MOE = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}
 # text to NFC would turn U+1F7D into U+03CE and U+212A into K). llama.cpp replaces non-ASCII whitespace by
 # \v before matching them, so a class never matches whitespace (U+3000 in U+0800-U+4E00): "&&\S" says so.
 _CJK = "[[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]&&\\S]+"
+_JAIS2 = _CONTRACTIONS + (r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                          + "|".join(rf"\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4))
+                          + r"|\s{1,2}(?!\S)|\s{1}")
+_GRANITE_EMB = (rf"[^\r\n\p{{L}}\p{{N}}]?((?=[\p{{L}}\p{{M}}])([^a-z]))*((?=[\p{{L}}\p{{M}}])([^A-Z]))+{_CONTRACTIONS}?|"
+                rf"[^\r\n\p{{L}}\p{{N}}]?((?=[\p{{L}}\p{{M}}])([^a-z]))+((?=[\p{{L}}\p{{M}}])([^A-Z]))*{_CONTRACTIONS}?|"
+                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_MINICPM5 = (r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                                           r"\s+(?!\S)|\s+")
+_UFAKZEKA = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _DEEPSEEK3 = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
               r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+|"
               r" ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -71,6 +80,12 @@ _DEEPSEEK_LLM = (
     _CJK,
     r"\p{N}+",
 )
+_SPARK = (r"\p{N}{1,3}", _DEEPSEEK3[1],
+          r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+|"
+          r"[\r\n]|\s+(?!\S)|\s+", r"\p{N}")
+_BLOOM = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_CHAMELEON = (r"<sentinel:[0-9]+>", r"(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", "([\t\n]|    |  )", r"\p{N}",
+              r"[\p{P}!-/:-@\[-`{-~]", _GPT2)
 _DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")
 _FALCON = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]")
 _DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2)
@@ -101,6 +116,14 @@ for _names, _pre in [
     (("seed-coder",), PreTok((_SEED_CODER,), False, False)),
     (("bailingmoe", "bailingmoe2", "llada-moe"), PreTok((_BAILING,), False, False)),
     (("exaone-moe",), PreTok((_EXAONE_MOE,), False, False)),
+    (("jais-2",), PreTok((_JAIS2,), False, False)),
+    (("granite-embed-multi-97m",), PreTok((_GRANITE_EMB,), True, False)),
+    (("minicpm5",), PreTok(_MINICPM5, True, False)),
+    (("ufakzeka",), PreTok((_UFAKZEKA,), False, False)),
+    (("spark2_5",), PreTok(_SPARK, False, False)),
+    (("bloom", "poro-chat", "gpt3-finnish"), PreTok((_BLOOM,), False, False)),
+    (("viking",), PreTok((_BLOOM, r"\p{N}"), False, False)),
+    (("chameleon",), PreTok(_CHAMELEON, False, True)),
     (("gemma4", "granite-embed-multi-311m"), PreTok(("[^\n]+|[\n]+",), False, True, byte_level=False)),
 ]:
     for _name in _names:
