@@ -28,8 +28,8 @@ N_RANDOM = 60  # random strings per vocabulary and setting
 def _vocab_paths():
     d = llama_cpp_ref.vocab_dir()
     if d is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"llama.cpp's tokenizer test data absent: set "
-                                                                   f"{llama_cpp_ref.ENV_VAR} to a llama-cpp-python sdist"))]
+        reason = f"llama.cpp's tokenizer test data absent: set {llama_cpp_ref.ENV_VAR} to a llama-cpp-python sdist"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
     paths = sorted(glob.glob(os.path.join(d, "ggml-vocab-*.gguf")))
     return [pytest.param(p, id=os.path.basename(p)[len("ggml-vocab-"):-len(".gguf")]) for p in paths]
 
@@ -76,12 +76,14 @@ def test_llama_cpp_tokenizer_data(path):
 
 # pieces the pre-tokenizers split differently: letters of several scripts and cases, digits in runs,
 # contractions, punctuation and symbols (ASCII and not), whitespace kinds and runs, CJK, marks, emoji
-_PIECES = ["a", "b", "Z", "Hello", "WORLD", "camelCase", "é", "É", "ß", "ǅ", "Ω", "ω", "Ж", "ж", "ع", "א", "क्",
-           "ก", "中", "文", "の", "カ", "한", "🦙", "👍🏽", "\u0301", "0", "1", "7", "42", "1234567", "٣", "½",
-           "'s", "'T", "'ll", "'RE", "!", "?", ".", ",", "-", "_", "$", "+", "<", "=", ">", "^", "~", "|", "`",
-           "(", ")", "[", "]", "{", "}", "/", "\\", "@", "#", "%", "&", "*", ":", ";", '"', "«", "»", "“", "”",
-           "…", "—", "·", "€", "©", "！", "，", "。", "、", "　", " ", " ", "  ", "   ", "\t", "\n", "\n\n",
-           "\r\n", " \n ", "\u00a0", "\u2009", "\u200b", "\x00", "\x7f", "\ufffd", "▁", "Ġ", "##", "<0x41>"]
+_PIECES = [
+    "a", "b", "Z", "Hello", "WORLD", "camelCase", "é", "É", "ß", "ǅ", "Ω", "ω", "Ж", "ж", "ع", "א", "क्", "ก", "中",
+    "文", "の", "カ", "한", "🦙", "👍🏽", "\u0301", "0", "1", "7", "42", "1234567", "٣", "½", "'s", "'T", "'ll", "'RE",
+    "!", "?", ".", ",", "-", "_", "$", "+", "<", "=", ">", "^", "~", "|", "`", "(", ")", "[", "]", "{", "}", "/", "\\",
+    "@", "#", "%", "&", "*", ":", ";", '"', "«", "»", "“", "”", "…", "—", "·", "€", "©", "！", "，", "。", "、", "　",
+    " ", " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", " \n ", "\u00a0", "\u2009", "\u200b", "\x0b", "\x0c", "\x85",
+    "\u2028", "\x1c", "\x00", "\x7f", "\ufffd", "\u00ad", "\ufeff", "\n" * 40, " " * 20, "1" * 20, "▁", "Ġ", "##",
+    "<0x41>"]
 
 
 def _strings(tok, seed, n):

@@ -185,13 +185,15 @@ def _wordpiece(meta: dict, tokens: list, types: list):
     strip_accents = bool(meta.get("tokenizer.ggml.normalizer.strip_accents", lowercase))
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], continuing_subword_prefix="##",
                                      max_input_chars_per_word=1 << 30))
-    steps = []
+    # the control characters that are also whitespace separate words in llama.cpp; BertNormalizer drops them
+    steps = [normalizers.Replace(Regex("[\x0b\x0c\x85]"), " ")]
     if strip_accents:
         # llama.cpp's NFD keeps one codepoint per character, the first of its decomposition: for a Hangul
         # syllable its leading consonant (588 syllables per consonant from U+AC00), which NFD alone would
         # follow with the vowel and final jamo
-        steps = [normalizers.Replace(Regex(f"[{chr(0xAC00 + 588 * k)}-{chr(0xAC00 + 588 * k + 587)}]"), chr(0x1100 + k))
-                 for k in range(19)]
+        for k in range(19):
+            first = 0xAC00 + 588 * k
+            steps.append(normalizers.Replace(Regex(f"[{chr(first)}-{chr(first + 587)}]"), chr(0x1100 + k)))
         steps += [normalizers.NFD(), normalizers.Replace(Regex(r"\p{M}"), "")]
     steps.append(normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
                                             lowercase=lowercase))
