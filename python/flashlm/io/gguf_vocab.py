@@ -4,9 +4,10 @@ tokenizes as llama.cpp does.
     tok = tokenizer_from_gguf(gguf_file.metadata, vocab_size)   # flashlm.runtime.Tokenizer, or None
 
 tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen2): the tokens are the byte-level strings
-("Ġthe") and the merges "a b" strings; the split regex is llama.cpp's for tokenizer.ggml.pre (gpt-2,
-llama-bpe, qwen2 and the names llama.cpp gives the same regexes; any other raises, as a guess would split
-text differently).
+("Ġthe") and the merges "a b" strings; the split regexes are llama.cpp's for tokenizer.ggml.pre
+(gguf_pretok.py; a name it does not list raises, as a guess would split text differently).
+tokenizer.ggml.model "gemma4": the same BPE over raw UTF-8, spaces as "▁", <0xXX> tokens for the bytes no
+token covers. tokenizer.ggml.model "bert": WordPiece, see _wordpiece.
 
 tokenizer.ggml.model "llama" (SentencePiece): llama.cpp's llm_tokenizer_spm replaces spaces by "▁", prepends
 one (add_space_prefix) to each run of text, then repeatedly merges the adjacent pair whose concatenation is
