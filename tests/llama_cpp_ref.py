@@ -5,7 +5,8 @@ it (download only, nothing is built with pip) and points FLASHLM_LLAMA_CPP_SRC a
 unpacked tree; without the variable, ~/.cache/flashlm is searched for an sdist. `load()` unpacks what is
 needed, compiles ggml-quants.c with a few stubs for the functions it calls from ggml.c (none on the paths
 used here) into a shared library with -ffp-contract=off (as ggml's reference is meant to round), caches
-it, and returns a `Reference`, or None when no source can be found.
+it, and returns a `Reference`, or None when no source can be found. `vocab_dir()` unpacks the same
+source's tokenizer test data (vendor/llama.cpp/models/ggml-vocab-*).
 """
 
 from __future__ import annotations
@@ -113,6 +114,37 @@ class Reference:
         for r in range(rows):
             self._fns[name](x[r].ctypes.data, out[r].ctypes.data, n)
         return out
+
+
+def vocab_dir() -> str | None:
+    """A directory holding llama.cpp's tokenizer test data (models/ggml-vocab-*.gguf with their .inp/.out
+    strings), unpacked once from the source into the cache; None when no source can be found."""
+    src = find_source()
+    if src is None:
+        return None
+    if os.path.isdir(src):
+        hits = glob.glob(os.path.join(src, "**", "models", "ggml-vocab-*.gguf"), recursive=True)
+        if not hits:
+            raise FileNotFoundError(f"{ENV_VAR}={src}: no models/ggml-vocab-*.gguf below it")
+        return os.path.dirname(hits[0])
+    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src))).encode()).hexdigest()[:16]
+    dest = os.path.join(CACHE_DIR, f"ggml-vocabs-{digest}")
+    if not os.path.isdir(dest):
+        tmp = dest + f".tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        with tarfile.open(src) as tar:
+            for m in tar.getmembers():
+                name = os.path.basename(m.name)
+                if m.isfile() and "/vendor/llama.cpp/models/" in m.name and name.startswith("ggml-vocab-"):
+                    with tar.extractfile(m) as f, open(os.path.join(tmp, name), "wb") as out:
+                        shutil.copyfileobj(f, out)
+        if not glob.glob(os.path.join(tmp, "ggml-vocab-*.gguf")):
+            raise FileNotFoundError(f"{src}: no vendor/llama.cpp/models/ggml-vocab-*.gguf in the sdist")
+        if os.path.isdir(dest):  # unpacked meanwhile by another process
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    return dest
 
 
 def load() -> Reference | None:

@@ -474,7 +474,9 @@ def test_gguf_spm_tokenizer_matches_sentencepiece(tmp_path):
     ({"tokenizer.ggml.merges": ["a zz"]}, "tokenizer.ggml.merges"),
     ({"tokenizer.ggml.token_type": [1, 1]}, "tokenizer.ggml.token_type"),
     ({"tokenizer.ggml.eos_token_id": 10**6}, "tokenizer.ggml.eos_token_id"),
-    ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model"),
+    ({"tokenizer.ggml.model": "t5"}, "tokenizer.ggml.model"),
+    ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.unknown_token_id"),
+    ({"tokenizer.ggml.pre": "kimi-k2"}, "tokenizer.ggml.pre 'kimi-k2' is not supported"),
     ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]}, "tokenizer.ggml.scores"),
     ({"tokenizer.ggml.tokens": ["a", 3]}, "tokenizer.ggml.tokens"),
 ])

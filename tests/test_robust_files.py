@@ -197,7 +197,9 @@ GGUF_META = [
     ("tokenizer.ggml.eos_token_id a string", meta("tokenizer.ggml.eos_token_id", gb.STRING, "0"), ()),
     ("tokenizer.ggml.merges holding 'nonsense'", meta("tokenizer.ggml.merges", gb.ARRAY, (gb.STRING, ["nonsense"])),
      ()),
-    ("tokenizer.ggml.model = 'bert'", meta("tokenizer.ggml.model", gb.STRING, "bert"), ()),
+    ("tokenizer.ggml.model = 'bert' (no tokenizer.ggml.unknown_token_id)",
+     meta("tokenizer.ggml.model", gb.STRING, "bert"), ("tokenizer.ggml.unknown_token_id",)),
+    ("tokenizer.ggml.model = 't5'", meta("tokenizer.ggml.model", gb.STRING, "t5"), ()),
     ("tokenizer.ggml.pre = 'unknown'", meta("tokenizer.ggml.pre", gb.STRING, "unknown"), ()),
 ]
 

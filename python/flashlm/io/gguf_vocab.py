@@ -4,9 +4,10 @@ tokenizes as llama.cpp does.
     tok = tokenizer_from_gguf(gguf_file.metadata, vocab_size)   # flashlm.runtime.Tokenizer, or None
 
 tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen2): the tokens are the byte-level strings
-("Ġthe") and the merges "a b" strings; the split regex is llama.cpp's for tokenizer.ggml.pre (gpt-2,
-llama-bpe, qwen2 and the names llama.cpp gives the same regexes; any other raises, as a guess would split
-text differently).
+("Ġthe") and the merges "a b" strings; the split regexes are llama.cpp's for tokenizer.ggml.pre
+(gguf_pretok.py; a name it does not list raises, as a guess would split text differently).
+tokenizer.ggml.model "gemma4": the same BPE over raw UTF-8, spaces as "▁", <0xXX> tokens for the bytes no
+token covers. tokenizer.ggml.model "bert": WordPiece, see _wordpiece.
 
 tokenizer.ggml.model "llama" (SentencePiece): llama.cpp's llm_tokenizer_spm replaces spaces by "▁", prepends
 one (add_space_prefix) to each run of text, then repeatedly merges the adjacent pair whose concatenation is
@@ -28,23 +29,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from flashlm.io.gguf_pretok import build_pre_tokenizer, pre_tokenizer_for
 from flashlm.io.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), as tokenizers' Split patterns
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-# pre name -> (regex or None for GPT-2's own ByteLevel regex, ignore_merges, add_bos when the file does not
-# say), as llama-vocab.cpp sets them for these names (LLAMA_VOCAB_PRE_TYPE_GPT2, _LLAMA3, _QWEN2)
-_LLAMA3 = (_LLAMA3_REGEX, True, True)
-_BPE_PRE = {"gpt-2": (None, False, False),
-            "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3, "pixtral": _LLAMA3,
-            "qwen2": (_QWEN2_REGEX, False, False), "deepseek-r1-qwen": (_QWEN2_REGEX, False, False)}
-
 
 def _list(meta: dict, key: str, n: Optional[int], kind) -> Optional[list]:
     v = meta.get(key)
@@ -65,15 +54,34 @@ def _opt_id(meta: dict, key: str, n: int) -> Optional[int]:
     return v
 
 
-def _added_tokens(tokens: list, types: list):
+def _stripping(meta: dict, tokens: list, types: list) -> tuple:
+    """(ids whose match also takes the whitespace after it, ids that take the whitespace before it), as
+    llama.cpp sets these attributes by model name: phi-3's special tokens (but <unk>, <s>, <|endoftext|>)
+    strip on the right, jina-v2's and nomic-bert-moe's <mask> and modern-bert's [MASK] on the left."""
+    name = str(meta.get("general.name", "")).lower()
+    pre, arch = str(meta.get("tokenizer.ggml.pre", "")), str(meta.get("general.architecture", ""))
+    ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    if any(k in pre for k in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or \
+            any(k in arch for k in ("nomic-bert-moe", "jina-bert-v3")):
+        return set(), {ids["<mask>"]} if "<mask>" in ids else set()
+    if "phi-3" in name or "phi3" in name:
+        right = {i for i, ty in enumerate(types) if ty in (CONTROL, USER_DEFINED, UNKNOWN)}
+        right |= {ids["</s>"]} if "</s>" in ids else set()
+        return right - {ids[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in ids}, set()
+    if "modern-bert" in name:
+        return set(), {ids["[MASK]"]} if "[MASK]" in ids else set()
+    return set(), set()
+
+
+def _added_tokens(meta: dict, tokens: list, types: list):
     from tokenizers import AddedToken
 
+    rstrip, lstrip = _stripping(meta, tokens, types)
     out = []
-    for t, ty in zip(tokens, types):
-        if ty in (CONTROL, UNKNOWN):
-            out.append(AddedToken(t, special=True, normalized=False))
-        elif ty == USER_DEFINED:
-            out.append(AddedToken(t, special=False, normalized=False))
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty in (CONTROL, UNKNOWN, USER_DEFINED):
+            out.append(AddedToken(t, special=ty != USER_DEFINED, normalized=False, rstrip=i in rstrip,
+                                  lstrip=i in lstrip))
     return out
 
 
@@ -85,31 +93,38 @@ def _vocab(tokens: list) -> dict:
     return vocab
 
 
-def _bpe(meta: dict, tokens: list, types: list):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _BPE_PRE:
-        raise ValueError(f"metadata: tokenizer.ggml.pre {pre!r} is not supported (supported: {', '.join(_BPE_PRE)})")
-    regex, ignore_merges, add_bos = _BPE_PRE[pre]
-    merges_text = _list(meta, "tokenizer.ggml.merges", None, str) or []
-    vocab = _vocab(tokens)
+def _merges(meta: dict, vocab: dict) -> list:
+    """tokenizer.ggml.merges as (left, right) pairs, cut at the first space after the first character as
+    llama.cpp cuts them (a merge's left part may itself be a space)."""
     merges = []
-    for m in merges_text:
-        left, sep, right = m.partition(" ")
-        if not sep or left not in vocab or right not in vocab or (left + right) not in vocab:
+    for m in _list(meta, "tokenizer.ggml.merges", None, str) or []:
+        cut = m.find(" ", 1)
+        left, right = (m[:cut], m[cut + 1:]) if cut > 0 else (m, "")
+        if left not in vocab or right not in vocab or (left + right) not in vocab:
             raise ValueError(f"metadata: tokenizer.ggml.merges has {m!r}, which is not a merge of two tokens "
                              "into a token")
         merges.append((left, right))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
-    if regex is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return merges
+
+
+def _bpe(meta: dict, tokens: list, types: list, pre_name: str):
+    """llama.cpp's BPE: byte-level (gpt2) or, for gemma4-style pre-tokenizers, over raw UTF-8 with spaces as
+    ▁ and <0xXX> byte tokens for what no token covers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    pre = pre_tokenizer_for(pre_name)
+    vocab = _vocab(tokens)
+    merges = _merges(meta, vocab)
+    if pre.byte_level:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges))
+        tok.decoder = decoders.ByteLevel()
     else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok, add_bos
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre.ignore_merges,
+                                   byte_fallback=True))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.pre_tokenizer = build_pre_tokenizer(pre)
+    return tok, pre.add_bos
 
 
 def _spm(meta: dict, tokens: list, types: list):
@@ -147,10 +162,70 @@ def _spm(meta: dict, tokens: list, types: list):
     return tok, True
 
 
-def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
-    """The tokenizer described by GGUF metadata, or None when the file has no tokenizer.ggml.tokens."""
+def _wordpiece(meta: dict, tokens: list, types: list):
+    """llama.cpp's WPM (BERT): text lowercased and accent-stripped (NFD, marks dropped) unless the file's
+    tokenizer.ggml.normalizer.* keys say otherwise, control characters dropped, split at whitespace and
+    around punctuation, ASCII symbols and CJK characters, then each word greedily into the longest tokens
+    ("▁word" for a word's first piece, "piece" for the rest: the GGUF spelling of BERT's "word", "##piece"),
+    the whole word one [UNK] when any part is not a token. As a tokenizers WordPiece: "▁x" is x, and a
+    continuation "x" is ##x."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {}
+    for i, t in enumerate(tokens):
+        if t.startswith("\u2581"):
+            vocab.setdefault(t[1:], i)
+        elif types[i] in (CONTROL, UNKNOWN) or (t.startswith("[") and t.endswith("]")):
+            vocab.setdefault(t, i)  # [CLS], [unused0]: kept as BERT spells them
+        else:
+            vocab.setdefault("##" + t, i)
+    unk = _opt_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens))
+    if unk is None:
+        raise ValueError("metadata: tokenizer.ggml.unknown_token_id is required for a bert tokenizer")
+    lowercase = bool(meta.get("tokenizer.ggml.normalizer.lowercase", True))
+    strip_accents = bool(meta.get("tokenizer.ggml.normalizer.strip_accents", lowercase))
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=tokens[unk], continuing_subword_prefix="##",
+                                     max_input_chars_per_word=1 << 30))
+    # the control characters that are also whitespace separate words in llama.cpp; BertNormalizer drops them
+    steps = [normalizers.Replace(Regex("[\x0b\x0c\x85]"), " ")]
+    if strip_accents:
+        # llama.cpp's NFD keeps one codepoint per character, the first of its decomposition: for a Hangul
+        # syllable its leading consonant (588 syllables per consonant from U+AC00), which NFD alone would
+        # follow with the vowel and final jamo
+        for k in range(19):
+            first = 0xAC00 + 588 * k
+            steps.append(normalizers.Replace(Regex(f"[{chr(first)}-{chr(first + 587)}]"), chr(0x1100 + k)))
+        steps += [normalizers.NFD(), normalizers.Replace(Regex(r"\p{M}"), "")]
+    steps.append(normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                            lowercase=lowercase))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok, True
+
+
+def _post_processor(meta: dict, tokens: list, bos, eos, add_bos_default: bool, force_bos: bool, add_sep_default: bool):
+    """What llama.cpp adds with add_special: BOS first, EOS then SEP last, each where the file (or the
+    model's default) asks for it; gemma4 always gets BOS (llama.cpp overrides a file saying otherwise)."""
     from tokenizers import processors
 
+    n = len(tokens)
+    sep = _opt_id(meta, "tokenizer.ggml.seperator_token_id", n)
+    add_bos = (bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) or force_bos) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_sep = bool(meta.get("tokenizer.ggml.add_sep_token", add_sep_default)) and sep is not None
+    first = [bos] if add_bos else []
+    last = ([eos] if add_eos else []) + ([sep] if add_sep else [])
+    if not first and not last:
+        return None
+    single = [tokens[i] for i in first] + ["$A"] + [tokens[i] for i in last]
+    pair = single + ["$B"] + [tokens[i] for i in last]
+    return processors.TemplateProcessing(single=single, pair=pair,
+                                         special_tokens=sorted({(tokens[i], i) for i in first + last}))
+
+
+def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optional[Tokenizer]:
+    """The tokenizer described by GGUF metadata, or None when the file has no tokenizer.ggml.tokens."""
     model = meta.get("tokenizer.ggml.model")
     tokens = _list(meta, "tokenizer.ggml.tokens", None, str)
     if tokens is None:
@@ -160,23 +235,24 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         raise ValueError(f"metadata: tokenizer.ggml.tokens has {n} tokens, the model's embedding has {vocab_size} rows")
     types = _list(meta, "tokenizer.ggml.token_type", n, int) or [NORMAL] * n
     if model == "gpt2":
-        tok, add_bos_default = _bpe(meta, tokens, types)
+        tok, add_bos_default = _bpe(meta, tokens, types, meta.get("tokenizer.ggml.pre") or "default")
+    elif model == "gemma4":
+        tok, add_bos_default = _bpe(meta, tokens, types, "gemma4")
     elif model == "llama":
         tok, add_bos_default = _spm(meta, tokens, types)
+    elif model == "bert":
+        tok, add_bos_default = _wordpiece(meta, tokens, types)
     else:
-        raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported (gpt2 or llama)")
-    tok.add_tokens(_added_tokens(tokens, types))  # the same ids: they are in the vocabulary already
+        raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported "
+                         "(gpt2, gemma4, llama, bert)")
+    tok.add_tokens(_added_tokens(meta, tokens, types))  # the same ids: they are in the vocabulary already
     bos = _opt_id(meta, "tokenizer.ggml.bos_token_id", n)
+    if bos is None and model == "bert":
+        bos = _opt_id(meta, "tokenizer.ggml.cls_token_id", n)  # BERT's [CLS] is what llama.cpp puts first
     eos = _opt_id(meta, "tokenizer.ggml.eos_token_id", n)
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-        first = [(tokens[bos], bos)] if add_bos else []
-        last = [(tokens[eos], eos)] if add_eos else []
-        single = [t for t, _ in first] + ["$A"] + [t for t, _ in last]
-        pair = single + ["$B"] + [t for t, _ in last]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                           special_tokens=sorted(set(first + last)))
+    post = _post_processor(meta, tokens, bos, eos, add_bos_default, model == "gemma4", model == "bert")
+    if post is not None:
+        tok.post_processor = post
     eos_ids = [eos] if eos is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         extra = _opt_id(meta, key, n)

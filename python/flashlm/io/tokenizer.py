@@ -72,10 +72,22 @@ class Tokenizer:
     def eos_token_id(self) -> Optional[int]:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. add_special_tokens: add the model's own (BOS, ...) around it.
+        parse_special: special tokens' text (`<|im_start|>`) becomes those tokens; with False it is
+        tokenized as ordinary text, as llama.cpp's parse_special=false does (for text a user wrote)."""
         if not isinstance(text, str):
             raise ValueError(f"text: expected a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        tok = self._tok if parse_special else self._plain
+        return tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @cached_property
+    def _plain(self):
+        """A copy of the tokenizer that reads special tokens' text as text (its own setting, so that encodes
+        on other threads are unaffected)."""
+        plain = type(self._tok).from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`. Ids past the tokenizer's vocabulary decode to nothing, as in transformers: a

@@ -123,7 +123,9 @@ class _Vocabulary:
         """Token ids that spell exactly `data`: the tokenizer's own, unless they spell something else (a
         SentencePiece tokenizer prepends a space), then greedy()."""
         data = data if isinstance(data, bytes) else data.encode("utf-8")
-        ids = self._tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False)
+        # text the grammar spells out: a special token's text is spelled, not replaced by that token
+        ids = self._tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False,
+                                     parse_special=False)
         return ids if b"".join(self.tokens[i] for i in ids) == data else self.greedy(data)
 
     def greedy(self, data: bytes) -> list:

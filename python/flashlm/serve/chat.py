@@ -46,6 +46,7 @@ def render_messages(tokenizer, messages, add_generation_prompt: bool = True) -> 
 
 def chat_prompt_ids(tokenizer, messages, add_generation_prompt: bool = True) -> list:
     """The template writes the special tokens it wants (BOS included): encoded without adding them again, as
-    LLM.chat does."""
+    LLM.chat does, and with special-token text parsed, as llama.cpp's server parses the rendered template
+    (the template's own <|im_start|> must be that token; the same text inside a message is parsed too)."""
     text = render_messages(tokenizer, messages, add_generation_prompt)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text, add_special_tokens=False, parse_special=True))
