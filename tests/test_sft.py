@@ -22,14 +22,6 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def records(n=24):
     """A set a tiny model learns in a few steps: the assistant repeats the user's word twice."""
     out = []
@@ -341,3 +333,39 @@ def test_missing_base_says_how_to_make_one(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(["finetune", "--no-progress"]) == 2
     assert "run `flashlm train` first" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def gguf_bases(backend, tmp_path_factory):
+    from flashlm.train.export import export_gguf
+
+    cfg = ModelConfig(arch="llama", vocab_size=backend.get_vocab_size(), n_layer=2, n_head=2, d_model=64,
+                      seq_len=48)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    folder = tmp_path_factory.mktemp("gguf")
+    paths = {}
+    for t in ("F32", "Q8_0"):
+        paths[t] = str(folder / f"{t}.gguf")
+        export_gguf(model, cfg, backend.to_str(), paths[t], type=t)
+    return paths
+
+
+def test_lora_trains_on_a_float_gguf_base(gguf_bases, data_files, tmp_path):
+    t = tuner(gguf_bases["F32"], data_files, tmp_path / "run", "lora", max_steps=2, eval_interval=2,
+              ckpt_interval=2)
+    assert t.train()[-1]["step"] == 2
+    assert set(k.split(".")[-1] for k in t.model.trainable()) == {"lora_A", "lora_B"}
+
+
+def test_qlora_on_a_gguf_base_keeps_its_blocks_and_file(gguf_bases, data_files, tmp_path):
+    from pathlib import Path
+
+    from flashlm.quant import GGUFLinear
+
+    before = Path(gguf_bases["Q8_0"]).read_bytes()
+    t = tuner(gguf_bases["Q8_0"], data_files, tmp_path / "run", "qlora")
+    assert isinstance(t.model.base.blocks[0].attn.q.base, GGUFLinear)
+    assert set(k.split(".")[-1] for k in t.model.trainable()) == {"lora_A", "lora_B"}
+    assert torch.isfinite(torch.tensor(t.evaluate()))
+    assert Path(gguf_bases["Q8_0"]).read_bytes() == before
