@@ -369,3 +369,48 @@ def test_qlora_on_a_gguf_base_keeps_its_blocks_and_file(gguf_bases, data_files, 
     assert set(k.split(".")[-1] for k in t.model.trainable()) == {"lora_A", "lora_B"}
     assert torch.isfinite(torch.tensor(t.evaluate()))
     assert Path(gguf_bases["Q8_0"]).read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def hf_base(backend, tmp_path_factory):
+    import transformers
+
+    path = tmp_path_factory.mktemp("hf")
+    cfg = transformers.LlamaConfig(vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=48, bos_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    backend.save(str(path / "tokenizer.json"))
+    return str(path)
+
+
+def test_hf_base_lora_steps_and_qlora_quantizes_to_int4(hf_base, data_files, tmp_path):
+    from flashlm.quant import Int4Linear
+
+    t = tuner(hf_base, data_files, tmp_path / "lora", "lora", max_steps=2, eval_interval=2, ckpt_interval=2)
+    assert t.train()[-1]["step"] == 2
+    q = tuner(hf_base, data_files, tmp_path / "qlora", "qlora", target="q,v,down")
+    assert isinstance(q.model.base.blocks[1].mlp.down.base, Int4Linear)
+    assert sorted({k.rsplit(".", 1)[0].split(".", 2)[2] for k in q.model.trainable()}) == \
+        ["attn.q", "attn.v", "mlp.down"]
+
+
+def test_the_default_chat_set_pairs_consecutive_corpus_lines(base_run, tmp_path):
+    """Without --data: the base run's corpus (the standard library's sources for this checkpoint, which names
+    none), each record a line and the line after it."""
+    from flashlm.train.corpus import load_corpus
+    from flashlm.train.finetune import default_chat_set
+
+    train, val = default_chat_set(str(base_run), tmp_path)
+    recs, val_recs = read_sft_jsonl(train), read_sft_jsonl(val)
+    assert len(recs) == 512 and len(val_recs) == 32
+    docs, _ = load_corpus(None, max_bytes=1 << 20)
+    lines = {}
+    for doc in docs:
+        stripped = [line.strip() for line in doc.splitlines() if 8 <= len(line.strip()) <= 80]
+        for a, b in zip(stripped, stripped[1:]):
+            lines.setdefault(a, set()).add(b)
+    for r in recs[:50] + val_recs:
+        user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+        assert answer in lines[user]
