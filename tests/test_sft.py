@@ -198,6 +198,16 @@ def test_malformed_lines_are_named(tmp_path, line, match):
         read_sft_jsonl(path)
 
 
+def test_bad_bytes_and_deep_nesting_are_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(ValueError, match="line 2: not UTF-8"):
+        read_sft_jsonl(path)
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n' + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match="line 3: JSON nested too deeply"):
+        read_sft_jsonl(path)
+
+
 def test_an_empty_file_is_an_error(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no records"):

@@ -250,6 +250,8 @@ class FineTuner(Trainer):
         from flashlm.train.sft_data import SFTBatches, encode_records, read_sft_jsonl
 
         ft = self.ft
+        if self.world_size > 1:  # the records are not sharded over ranks: every rank would take the same ones
+            raise NotImplementedError("finetune: runs in one process (no torchrun)")
         self.loaded = load_base(ft.model, ft.method)
         if self.loaded.tokenizer is None:
             raise ValueError(f"model: {ft.model} has no tokenizer to encode the data with")

@@ -87,15 +87,21 @@ def check_record(record, where: str) -> dict:
 def read_sft_jsonl(path) -> list:
     """The checked records of a JSONL file (blank lines skipped); ValueError naming the line of a bad one."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}: line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 (byte {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply") from None
             records.append(check_record(record, where))
     if not records:
         raise ValueError(f"data: {path} holds no records")
