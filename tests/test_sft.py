@@ -424,3 +424,14 @@ def test_the_default_chat_set_pairs_consecutive_corpus_lines(base_run, tmp_path)
     for r in recs[:50] + val_recs:
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
         assert answer in lines[user]
+
+
+def test_a_gguf_base_needs_data_and_its_checkpoints_hold_no_merged_copy(gguf_bases, data_files, tmp_path):
+    from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
+
+    with pytest.raises(ValueError, match="data: needed for this base"):
+        tuner(gguf_bases["F32"], data_files, tmp_path / "none", "lora", data=None, val_data=None)
+    t = tuner(gguf_bases["F32"], data_files, tmp_path / "run", "lora", max_steps=1)
+    t.train()
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert "model" not in ckpt and set(ckpt["adapter"]) == set(t.model.trainable())

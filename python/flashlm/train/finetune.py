@@ -9,8 +9,8 @@ file's blocks as they are, an HF directory or a run folder quantized to int4), p
 full (every weight of a float base). Only the trainable parameters get optimiser state (fused AdamW).
 
 A checkpoint holds the trainable tensors ("adapter"), the optimiser, the data position and the base's path;
-resuming loads the base again and puts them back. For lora and full on a float base it also holds the merged
-weights as "model" with the tokenizer, so `flashlm generate --model RUN` runs the tuned model. The run folder's
+resuming loads the base again and puts them back. For lora and full on a `flashlm train` run it also holds the
+merged weights as "model" with the tokenizer, so `flashlm generate --model RUN` runs the tuned model. The run folder's
 adapter/ holds the adapter in HF PEFT's format where that format can express it (Llama-family LoRA, prompt and
 prefix tuning).
 """
@@ -257,6 +257,9 @@ class FineTuner(Trainer):
             raise ValueError(f"model: {ft.model} has no tokenizer to encode the data with")
         data, val_data = ft.data, ft.val_data
         if data is None:
+            if not self.loaded.source.startswith("checkpoint:"):
+                raise ValueError("data: needed for this base (the built-in chat set comes from a `flashlm "
+                                 "train` run's corpus)")
             if val_data is not None:
                 raise ValueError("val_data: give --data with it")
             data, val_data = default_chat_set(ft.model, self.out_dir)
@@ -298,7 +301,10 @@ class FineTuner(Trainer):
                  "optimizer": self.dp.state_dict(), "scaler": self.scaler.state_dict(),
                  "rng": rng_state(), "data": self.train_batches.state_dict(), "metrics": list(self.metrics)}
         base = self.model.base
-        if self.ft.method in ("lora", "full") and _is_float_model(base):
+        # A training run's base is small and has no other way into the runtime yet; a GGUF or HF base's
+        # merged copy would be its full size in every checkpoint.
+        if self.ft.method in ("lora", "full") and self.loaded.source.startswith("checkpoint:") \
+                and _is_float_model(base):
             tok = self.loaded.tokenizer
             state.update(model=merged_state_dict(base), tokenizer=tok.backend.to_str(),
                          eos_token_id=tok.eos_token_id)
