@@ -1,6 +1,6 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`,
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm finetune`,
 `flashlm eval MODEL --perplexity FILE`, `flashlm eval MODEL --tasks mmlu:DIR,... --shots K`,
 `flashlm eval CKPT --data FILE`."""
 
@@ -124,6 +124,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from flashlm.train.finetune import FinetuneConfig, resume_finetune_config, run_finetune
+
+    overrides = {f: getattr(args, f) for f in FINETUNE_FLAGS}
+    if args.resume:
+        cfg = resume_finetune_config(args.out_dir or FinetuneConfig.out_dir, overrides)
+    else:
+        cfg = FinetuneConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    run_finetune(cfg, resume=args.resume)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.tasks, args.perplexity, args.data)) != 1:
         raise ValueError("eval: give one of --tasks TASK:PATH,... or --perplexity FILE (any model), or --data FILE "
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(func=_cmd_train)
 
+    add_finetune_parser(sub)
+
     from flashlm.eval.command import add_arguments as add_eval_arguments
 
     evaluate = sub.add_parser("eval", help="evaluate a model: benchmark tasks (MMLU, C-Eval, GPQA, HellaSwag, "
@@ -248,6 +262,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
     return parser
+
+
+FINETUNE_FLAGS = ("model", "data", "val_data", "method", "lora_r", "lora_alpha", "lora_dropout", "target",
+                  "num_virtual_tokens", "seq_len", "max_steps", "batch_size", "grad_accum", "lr", "warmup",
+                  "eval_interval", "ckpt_interval", "seed", "device", "out_dir", "progress")
+
+
+def add_finetune_parser(sub) -> None:
+    from flashlm.train.finetune import DEFAULT_BASE, DEFAULT_LR, METHODS, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune a model on chat or prompt/completion JSONL (LoRA, QLoRA, "
+                                        "prompt or prefix tuning, full)",
+                       description="With no --model and --data: the model `flashlm train` wrote to "
+                                   f"{DEFAULT_BASE}, on a chat set made from its corpus.")
+    p.add_argument("--model", help=f"GGUF file, HF model directory or training run folder (default {DEFAULT_BASE})")
+    p.add_argument("--data", metavar="TRAIN.jsonl", help='records {"messages": [...]} or {"prompt", "completion"} '
+                                                         "(default: a chat set made from the base's corpus)")
+    p.add_argument("--val-data", metavar="VAL.jsonl", help="held-out records (default: 5%% of --data)")
+    p.add_argument("--method", choices=METHODS, help=f"(default {d.method})")
+    p.add_argument("--lora-r", type=int, help=f"LoRA rank (default {d.lora_r})")
+    p.add_argument("--lora-alpha", type=float, help=f"LoRA alpha (default {d.lora_alpha:g})")
+    p.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout:g})")
+    p.add_argument("--target", help=f"modules LoRA wraps, e.g. q,k,v,o,gate,up,down (default {d.target})")
+    p.add_argument("--num-virtual-tokens", type=int, help=f"prompt/prefix tuning (default {d.num_virtual_tokens})")
+    p.add_argument("--seq-len", type=int, help="tokens per record, at most the model's context (default: it)")
+    p.add_argument("--max-steps", type=int, help=f"(default {d.max_steps})")
+    p.add_argument("--batch-size", type=int, help=f"records per micro-batch (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, help=f"(default {d.grad_accum})")
+    p.add_argument("--lr", type=float, help="peak learning rate (default by method: "
+                                            + ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+    p.add_argument("--warmup", type=int, help=f"(default {d.warmup})")
+    p.add_argument("--eval-interval", type=int, help=f"(default {d.eval_interval})")
+    p.add_argument("--ckpt-interval", type=int, help=f"(default {d.ckpt_interval})")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--device", help=f"(default {d.device})")
+    p.add_argument("--out-dir", help=f"the run folder (default {d.out_dir})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="(default on)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out-dir with its saved configuration")
+    p.set_defaults(func=_cmd_finetune)
 
 
 # What bad input (arguments, files) raises: GGUFError and JSON errors are ValueErrors, a missing or unreadable

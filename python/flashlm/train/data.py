@@ -198,7 +198,25 @@ def prepare_data(sources=None, cache_dir="flashlm-data", *, tokenizer=None, voca
     return open_token_data(folder)
 
 
-class PackedBatches:
+class EpochBatches:
+    """The endless iterator over epochs that PackedBatches and sft_data.SFTBatches share: subclasses give
+    batch(epoch, index) and batches_per_epoch; epoch and index are the next batch's position."""
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x, y = self.batch(self.epoch, self.index)
+        self.index += 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return x, y
+
+
+class PackedBatches(EpochBatches):
     """Batches (x, y) of int64 [batch_size, seq_len] from a 1-D token array, y being x shifted by one.
 
     Iterating never ends: after the last batch of an epoch comes the first batch of the next, reshuffled.
@@ -229,9 +247,6 @@ class PackedBatches:
         self._order_epoch = None
         self._order = None
 
-    def __len__(self):
-        return self.batches_per_epoch
-
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's sequence numbers for `epoch`, in the order they are served."""
         if self._order_epoch != epoch:
@@ -251,16 +266,6 @@ class PackedBatches:
         rows = np.stack([np.asarray(self.tokens[s * L:s * L + L + 1], dtype=np.int64) for s in seqs])
         rows = torch.from_numpy(rows)  # [batch_size, seq_len + 1]
         return rows[:, :-1], rows[:, 1:]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        x, y = self.batch(self.epoch, self.index)
-        self.index += 1
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return x, y
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "seq_len": self.seq_len,

@@ -140,8 +140,6 @@ class Trainer:
         """resume: False, True (the latest checkpoint in out_dir; none there is fine: a fresh start) or a
         checkpoint path."""
         import flashlm.dist as fd
-        from flashlm.models import Transformer
-        from flashlm.train.data import PackedBatches, prepare_data
         from flashlm.train.parallel import DataParallel
 
         self.cfg = cfg
@@ -159,6 +157,33 @@ class Trainer:
             raise ValueError(f"out_dir: {self.out_dir} holds checkpoints of an earlier run; continue it with "
                              f"--resume, or choose another --out-dir")
 
+        self.setup_data()
+        self.eval_batches = min(cfg.eval_batches, len(self.val_batches))
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.setup_model()
+        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
+                               param_groups=self.model.param_groups(cfg.weight_decay))
+        self.scaler = LossScaler(enabled=cfg.precision == "fp16")
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
+        self.step = 0
+        self.metrics = []
+        self.peak_flops = None
+        self.checkpoints = CheckpointManager(self.out_dir, cfg.keep_checkpoints) if self.is_main else None
+        path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
+        if path is not None:
+            self.load_state_dict(load_checkpoint(path))
+            self.log(f"flashlm train: resumed from {path} at step {self.step}")
+        if self.is_main:
+            self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
+
+    def setup_data(self):
+        """self.train_batches and self.val_batches (and self.data): the corpus, tokenized (subclasses: other data)."""
+        from flashlm.train.data import PackedBatches, prepare_data
+
+        cfg = self.cfg
         # Data: rank 0 tokenizes first so the others open its cache instead of repeating the work.
         data_args = dict(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
                          seed=cfg.seed, doc_separator=cfg.document_separator(), max_bytes=cfg.max_bytes)
@@ -175,29 +200,16 @@ class Trainer:
         except ValueError as e:
             raise ValueError(f"val_fraction: the validation split is too small ({e}); raise val_fraction or "
                              f"give more text") from e
-        self.eval_batches = min(cfg.eval_batches, len(self.val_batches))
 
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+    def setup_model(self):
+        """self.model and self.model_config: a fresh Transformer (subclasses: a loaded model, adapters)."""
+        from flashlm.models import Transformer
+
+        cfg = self.cfg
         self.model_config = cfg.model_config()
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
-        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
-                               param_groups=self.model.param_groups(cfg.weight_decay))
-        self.scaler = LossScaler(enabled=cfg.precision == "fp16")
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
-        self.step = 0
-        self.metrics = []
-        self.peak_flops = None
-        self.checkpoints = CheckpointManager(self.out_dir, cfg.keep_checkpoints) if self.is_main else None
-        path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
-        if path is not None:
-            self.load_state_dict(load_checkpoint(path))
-            self.log(f"flashlm train: resumed from {path} at step {self.step}")
-        if self.is_main:
-            self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
 
     def _pick_device(self, name: str) -> torch.device:
         if name != "auto":
