@@ -155,6 +155,22 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
   return p;
 }
 
+// Checks the optional ALiBi slopes (f32 [heads] or [batch, heads], contiguous, on q's device) and points
+// Params at them. The values are not checked (nor read, on CUDA): any float is a slope.
+void fill_alibi(Params& p, const TensorView& t, const Device& device) {
+  if (t.data == nullptr && t.ndim == 0) return;
+  FLASHLM_CHECK(t.dtype == DType::F32, "alibi_slopes: must be float32, got ", dtype_name(t.dtype));
+  FLASHLM_CHECK(t.device == device, "alibi_slopes: on a different device than q");
+  const bool per_head = t.ndim == 1 && t.shape[0] == p.heads;
+  const bool per_batch = t.ndim == 2 && t.shape[0] == p.batch && t.shape[1] == p.heads;
+  FLASHLM_CHECK(per_head || per_batch, "alibi_slopes: expected shape [heads] = [", p.heads, "] or [batch, heads] = [",
+                p.batch, ", ", p.heads, "], got ", t.shape_string());
+  FLASHLM_CHECK(t.is_contiguous(), "alibi_slopes: must be contiguous");
+  FLASHLM_CHECK(t.data != nullptr || t.numel() == 0, "alibi_slopes: missing tensor");
+  p.alibi_slopes = static_cast<const float*>(t.data);
+  p.alibi_batch_stride = per_batch ? p.heads : 0;
+}
+
 void check_device(const Device& device, const char* op) {
   if (device.is_cpu()) return;
   if (!cuda_compiled()) throw NotImplementedError(std::string(op) + ": flashlm was built without CUDA");
@@ -195,6 +211,7 @@ void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
   Params p = make_params(a.q, a.k, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.options);
   int64_t q_shape[4], kv_shape[4];
   fill_inputs(p, a.q, a.k, a.v, a.out, a.lse, q_shape, kv_shape);
+  fill_alibi(p, a.alibi_slopes, a.q.device);
   check_device(a.q.device, "flash_attention_forward");
   if (p.batch == 0 || p.seqlen_q == 0) return;
   if (a.q.device.is_cuda()) {
@@ -222,6 +239,7 @@ void flash_attention_backward(const AttentionBackwardParams& a, void* stream) {
   p.dk_batch_stride = dks.batch, p.dk_row_stride = dks.row, p.dk_head_stride = dks.head;
   p.dv_batch_stride = dvs.batch, p.dv_row_stride = dvs.row, p.dv_head_stride = dvs.head;
   p.version = 2;
+  fill_alibi(p, a.alibi_slopes, a.q.device);
   check_device(a.q.device, "flash_attention_backward");
   if (p.batch == 0) return;
   // dk and dv of keys that no query reaches (or of a batch with no queries) are zero, so the kernels run
