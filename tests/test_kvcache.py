@@ -470,8 +470,9 @@ def test_flash_attn_with_kvcache_rejects_bad_input():
     q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 3, 1, 16)
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k, cache_seqlens=6)
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):  # with a paged cache, as in flash-attn
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2).int(),
+                                block_table=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="k, v"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, None, cache_seqlens=1)
     with pytest.raises(ValueError, match="k: dtype torch.bfloat16 differs from k_cache's torch.float32"):

@@ -97,19 +97,14 @@ void check_head_dim(int64_t head_dim, const Device& device) {
   }
 }
 
-// The CPU-only value checks: lengths within the cache, queries within the context, and every block id a
-// kernel will read within the cache. CUDA kernels clamp instead (reading device memory here would sync).
+// The CPU-only value checks: lengths within the cache and every block id a kernel will read within the
+// cache (a sequence may have more queries than tokens: those before its first token see none under causal). CUDA kernels clamp instead (reading device memory here would sync).
 void check_values(const PagedParams& p) {
   const int64_t capacity = p.max_blocks_per_seq * p.block_size;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int64_t len = p.seq_lens[s];
     FLASHLM_CHECK(len >= 0 && len <= capacity, "seq_lens[", s, "] = ", len, " is outside [0, ", capacity,
                   "] (block_table holds ", p.max_blocks_per_seq, " blocks of ", p.block_size, " tokens per sequence)");
-    if (!p.decode()) {
-      const int64_t q_len = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
-      FLASHLM_CHECK(len >= q_len, "seq_lens[", s, "] = ", len, " is less than the sequence's ", q_len,
-                    " queries (cu_seqlens_q); the context includes the new tokens");
-    }
     const int32_t* row = p.block_table + s * p.block_table_stride;
     for (int64_t b = 0; b < (len + p.block_size - 1) / p.block_size; ++b)
       FLASHLM_CHECK(row[b] >= 0 && row[b] < p.num_blocks, "block_table[", s, ", ", b, "] = ", row[b],
