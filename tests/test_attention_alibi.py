@@ -123,8 +123,10 @@ def test_bad_slopes_raise(slopes, error, match):
         flash_attn_func(q, k, v, alibi_slopes=slopes)
 
 
-def test_paged_alibi_raises():
+def test_paged_bad_slopes_raise():
     q = torch.randn(1, 1, 2, 16)
     cache = torch.zeros(1, 8, 2, 16)
-    with pytest.raises(NotImplementedError, match="alibi_slopes"):
-        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4, alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match=r"alibi_slopes: expected shape \[heads\] = \[2\] or \[batch, heads\] = \[1, 2\]"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4, alibi_slopes=torch.ones(3))
+    with pytest.raises(ValueError, match="alibi_slopes: must be float32"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=4, alibi_slopes=torch.ones(2).bfloat16())

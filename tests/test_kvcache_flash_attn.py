@@ -1,7 +1,7 @@
-"""flash-attn's paged and KV-cache entry points in the cases flash-attn's own tests run: sequences with more queries
-than keys (bottom-right aligned, as the non-paged varlen path), left-padded caches (cache_leftpad) and the
-exception a cache overflow raises. Against the float64 reference (reference.py) and the non-paged varlen path,
-on every CPU kernel ISA and on CUDA (skipped without a GPU).
+"""flash-attn's paged and KV-cache entry points in the cases flash-attn's own tests run: ALiBi, sequences with
+more queries than keys (bottom-right aligned, as the non-paged varlen path), left-padded caches (cache_leftpad)
+and the exception a cache overflow raises. Against the float64 reference (reference.py) and the non-paged varlen
+path, on every CPU kernel ISA and on CUDA (skipped without a GPU).
 """
 
 import math
@@ -105,6 +105,61 @@ def test_varlen_block_table_more_queries_than_keys(device, isa, dtype, causal):
         rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
         check_sequence(f"sequence {b}", out[rows], lse[:, rows], q[rows].cpu(), dense_k[b, :nk].cpu(),
                        dense_v[b, :nk].cpu(), dtype, causal=causal)
+
+
+# ---- ALiBi over caches -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("layout", ["paged", "contiguous", "leftpad"])
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 1), (1, 3), (6, 0)])
+@pytest.mark.parametrize("device,isa,dtype", KERNELS)
+def test_kvcache_alibi(device, isa, dtype, seqlen_q, num_splits, layout, per_batch, causal):
+    use_isa(isa)
+    gen = torch.Generator().manual_seed(6)
+    batch, heads, kv_heads, d, capacity, new = 3, 4, 2, 32, 48, seqlen_q
+    cache_lens = torch.tensor([0, 9, 40], dtype=torch.int32)
+    pad = torch.tensor([0, 4, 13], dtype=torch.int32) if layout == "leftpad" else torch.zeros(batch, dtype=torch.int32)
+    dense_k, dense_v = (randn(batch, capacity, kv_heads, d, dtype=dtype, device=device, gen=gen) for _ in range(2))
+    k, v = (randn(batch, new, kv_heads, d, dtype=dtype, device=device, gen=gen) for _ in range(2))
+    q = randn(batch, seqlen_q, heads, d, dtype=dtype, device=device, gen=gen)
+    slopes = (torch.rand((batch, heads) if per_batch else (heads,), generator=gen) * 0.3).to(device)
+    if layout == "paged":
+        k_cache, table = paged_copy(dense_k, 16, torch.Generator().manual_seed(7))
+        v_cache, _ = paged_copy(dense_v, 16, torch.Generator().manual_seed(7))
+        kw = dict(block_table=table)
+    else:
+        k_cache, v_cache = dense_k.clone(), dense_v.clone()
+        kw = dict(cache_leftpad=pad.to(device)) if layout == "leftpad" else {}
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_lens.to(device), causal=causal,
+                                       alibi_slopes=slopes, num_splits=num_splits, return_softmax_lse=True, **kw)
+    for b in range(batch):
+        first, n = int(pad[b]), int(cache_lens[b])
+        keys_k = torch.cat([dense_k[b, first:n], k[b]]).cpu()
+        keys_v = torch.cat([dense_v[b, first:n], v[b]]).cpu()
+        check_sequence(f"sequence {b}", out[b], lse[b], q[b].cpu(), keys_k, keys_v, dtype, causal=causal,
+                       alibi_slopes=(slopes[b] if per_batch else slopes).cpu())
+
+
+@pytest.mark.parametrize("device,isa,dtype", KERNELS)
+def test_varlen_block_table_alibi(device, isa, dtype):
+    use_isa(isa)
+    gen = torch.Generator().manual_seed(8)
+    q_lens, k_lens, heads, kv_heads, d, capacity = [9, 70, 1], [3, 80, 20], 4, 2, 64, 80
+    dense_k, dense_v = (randn(len(k_lens), capacity, kv_heads, d, dtype=dtype, device=device, gen=gen)
+                        for _ in range(2))
+    k_cache, table = paged_copy(dense_k, 16, torch.Generator().manual_seed(9))
+    v_cache, _ = paged_copy(dense_v, 16, torch.Generator().manual_seed(9))
+    q = randn(sum(q_lens), heads, d, dtype=dtype, device=device, gen=gen)
+    slopes = (torch.rand(len(q_lens), heads, generator=gen) * 0.3).to(device)
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + torch.tensor(k_lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(q_lens), max(k_lens), causal=True,
+                                         block_table=table, alibi_slopes=slopes, return_attn_probs=True)
+    for b, nk in enumerate(k_lens):
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        check_sequence(f"sequence {b}", out[rows], lse[:, rows], q[rows].cpu(), dense_k[b, :nk].cpu(),
+                       dense_v[b, :nk].cpu(), dtype, causal=True, alibi_slopes=slopes[b].cpu())
 
 
 # ---- cache_leftpad --------------------------------------------------------------------------------------------

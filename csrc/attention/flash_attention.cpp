@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_kernels.h"
+#include "shared_alibi.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
@@ -155,20 +156,12 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
   return p;
 }
 
-// Checks the optional ALiBi slopes (f32 [heads] or [batch, heads], contiguous, on q's device) and points
-// Params at them. The values are not checked (nor read, on CUDA): any float is a slope.
+// Points Params at the optional ALiBi slopes once shared_alibi.h has checked them.
 void fill_alibi(Params& p, const TensorView& t, const Device& device) {
-  if (t.data == nullptr && t.ndim == 0) return;
-  FLASHLM_CHECK(t.dtype == DType::F32, "alibi_slopes: must be float32, got ", dtype_name(t.dtype));
-  FLASHLM_CHECK(t.device == device, "alibi_slopes: on a different device than q");
-  const bool per_head = t.ndim == 1 && t.shape[0] == p.heads;
-  const bool per_batch = t.ndim == 2 && t.shape[0] == p.batch && t.shape[1] == p.heads;
-  FLASHLM_CHECK(per_head || per_batch, "alibi_slopes: expected shape [heads] = [", p.heads, "] or [batch, heads] = [",
-                p.batch, ", ", p.heads, "], got ", t.shape_string());
-  FLASHLM_CHECK(t.is_contiguous(), "alibi_slopes: must be contiguous");
-  FLASHLM_CHECK(t.data != nullptr || t.numel() == 0, "alibi_slopes: missing tensor");
+  const int64_t stride = attention::check_alibi_slopes(t, p.batch, p.heads, device);
+  if (stride < 0) return;
   p.alibi_slopes = static_cast<const float*>(t.data);
-  p.alibi_batch_stride = per_batch ? p.heads : 0;
+  p.alibi_batch_stride = stride;
 }
 
 void check_device(const Device& device, const char* op) {

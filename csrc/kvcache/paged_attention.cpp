@@ -11,6 +11,7 @@
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
+#include "../attention/shared_alibi.h"
 #include "paged_kernels.h"
 
 namespace flashlm {
@@ -265,6 +266,12 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
   const int64_t right = o.causal ? 0 : o.window_right;
   p.window_left = o.window_left >= p.max_seq_len ? -1 : o.window_left;
   p.window_right = right >= p.max_seq_len ? -1 : right;
+
+  const int64_t alibi_stride = attention::check_alibi_slopes(a.alibi_slopes, p.num_seqs, p.heads, a.q.device);
+  if (alibi_stride >= 0) {
+    p.alibi_slopes = static_cast<const float*>(a.alibi_slopes.data);
+    p.alibi_batch_stride = alibi_stride;
+  }
 
   const TensorView& kc = a.k_cache;
   const TensorView& vc = a.v_cache;

@@ -7,9 +7,9 @@ order (FlashAttention-1: K/V blocks outer; FlashAttention-2, the default: Q bloc
 float32/bfloat16 on the CPU and float16/bfloat16 on CUDA. ALiBi (alibi_slopes, float32 [heads] or [batch,
 heads]) adds -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j, causal or not, as
 flash-attn's reference does (under causal flash-attn's kernel drops the per-row constant, which changes its
-lse but not its output); flashlm runs it on the CPU, forward and backward. What flashlm does not implement
-raises instead of being ignored: dropout_p > 0 raises NotImplementedError, and so does alibi_slopes on CUDA
-and with paged caches. flash_attn_varlen_func with a
+lse but not its output), forward and backward, and over paged caches (flash_attn_with_kvcache,
+flash_attn_varlen_func with block_table). What flashlm does not implement raises instead of being ignored:
+dropout_p > 0 raises NotImplementedError. flash_attn_varlen_func with a
 block_table attends over paged caches (forward only), and flash_attn_with_kvcache is the inference entry
 point: append new K/V to a cache (contiguous or paged) in place and attend over it. The backward pass is
 always deterministic, so `deterministic` is accepted and has nothing to switch. With return_attn_probs the
@@ -29,12 +29,10 @@ __all__ = [
 ]
 
 
-def _check_unsupported(dropout_p, alibi_slopes, paged=False):
+def _check_unsupported(dropout_p, alibi_slopes):
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: flashlm's attention has no dropout; pass 0.0 (got {dropout_p})")
     check_optional_tensors("alibi_slopes", alibi_slopes)  # its dtype, shape and device: the native checks
-    if alibi_slopes is not None and paged:
-        raise NotImplementedError("alibi_slopes: ALiBi over paged caches is not supported by flashlm")
 
 
 _PADDED = "[batch, seqlen, heads, head_dim]"
@@ -100,7 +98,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         check_tensor(t, name, 3 if block_table is None else 4, _PACKED if block_table is None else "(paged cache)")
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_tensor(t, name, 1, "[batch + 1]")
-    _check_unsupported(dropout_p, alibi_slopes, paged=block_table is not None)
+    _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
     max_seqlen_q, max_seqlen_k = as_int(max_seqlen_q, "max_seqlen_q", 0), as_int(max_seqlen_k, "max_seqlen_k", 0)
     if block_table is not None:
@@ -112,7 +110,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if seq_lens.is_cpu and bool((seq_lens < 0).any()):
             raise ValueError(f"cu_seqlens_k: must be non-decreasing, got {cu_k.tolist()}")
         out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal,
-                                   (left, right), softcap, return_lse=True)
+                                   (left, right), softcap, return_lse=True, alibi_slopes=alibi_slopes)
         return _result(out, lse, return_attn_probs)
     out, lse = forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), left,
                           right, as_float(softcap, "softcap"), version, alibi_slopes)
@@ -241,7 +239,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     check_tensor(q, "q", 4, "[batch, seqlen_q, heads, head_dim]")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(t, name, 4, "[batch_cache or num_blocks, seqlen_cache or block_size, kv_heads, head_dim]")
-    _check_unsupported(0.0, alibi_slopes, paged=True)
+    _check_unsupported(0.0, alibi_slopes)
     if cache_leftpad is not None and block_table is not None:  # as in flash-attn
         raise NotImplementedError("cache_leftpad: not supported with a paged cache (block_table)")
     if (k is None) != (v is None):
@@ -317,10 +315,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     rows = q.reshape(batch * seqlen_q, heads, head_dim)
     if seqlen_q == 1:  # decode: one query per sequence, split-K over the context
         out, lse = paged_attention(rows, k_cache, v_cache, table.contiguous(), seq_lens, None, None, scale, causal,
-                                   (left, right), softcap, num_splits, return_lse=True)
+                                   (left, right), softcap, num_splits, return_lse=True, alibi_slopes=alibi_slopes)
     else:
         cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
         out, lse = paged_attention(rows, k_cache, v_cache, table.contiguous(), seq_lens, cu_q, seqlen_q, scale,
-                                   causal, (left, right), softcap, num_splits, return_lse=True)
+                                   causal, (left, right), softcap, num_splits, return_lse=True,
+                                   alibi_slopes=alibi_slopes)
     out = out.view(batch, seqlen_q, heads, head_dim)
     return (out, lse.view(heads, batch, seqlen_q).permute(1, 0, 2)) if return_softmax_lse else out

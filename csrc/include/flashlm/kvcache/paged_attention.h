@@ -47,6 +47,7 @@ struct PagedAttentionParams {
   TensorView out;                // output, shaped and typed as q
   TensorView lse;                // optional output, f32 [heads, num_tokens]
   AttentionOptions options;      // version is ignored
+  TensorView alibi_slopes;       // optional f32 [heads] or [num_seqs, heads], as flash_attention.h's
   // Decode only: split each sequence's context into this many parts, attended in parallel and merged by
   // their lse (flash-decoding). 0 lets the library choose (see paged_attention_num_splits).
   int num_splits = 0;
