@@ -2,7 +2,8 @@
 
 `attention` is the contract of csrc/include/flashlm/attention/flash_attention.h written as plain torch:
 GQA/MQA (K/V heads repeated over their query group), scores scale * q.k or softcap * tanh(scale * q.k /
-softcap), a bottom-right aligned band (query i of Sq sees keys i + Sk - Sq - window_left ... i + Sk - Sq +
+softcap) plus, with ALiBi slopes, -slope * |i + Sk - Sq - j| (flash-attn's bias, added in at least float32 as
+its reference does), a bottom-right aligned band (query i of Sq sees keys i + Sk - Sq - window_left ... i + Sk - Sq +
 window_right, a negative side unbounded, causal meaning window_right = 0), and a row that sees no key giving
 out = 0 and lse = +inf. It runs in the dtype of its inputs and is differentiable: float64 inputs give the
 reference (backward tests call autograd on it), the kernel's own dtype gives the low-precision baseline of
@@ -39,7 +40,16 @@ def band_edges(sq, sk, causal=False, window=(-1, -1)):
     return sorted(edges)
 
 
-def _padded(q, k, v, causal, window, softcap, scale, p_dtype):
+def alibi_bias(slopes, sq, sk, dtype=torch.float64):
+    """[B or 1, H, sq, sk]: -slope * |i + sk - sq - j| for slopes [H] or [B, H], in `dtype`."""
+    slopes = slopes.to(dtype)
+    slopes = slopes[None] if slopes.dim() == 1 else slopes
+    i = torch.arange(sq, device=slopes.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=slopes.device)[None, :]
+    return -slopes[:, :, None, None] * (i - j).abs().to(dtype)
+
+
+def _padded(q, k, v, causal, window, softcap, scale, p_dtype, alibi_slopes=None):
     """q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]."""
     sq, sk, heads = q.shape[1], k.shape[1], q.shape[2]
     k = k.repeat_interleave(heads // k.shape[2], dim=2)
@@ -47,13 +57,15 @@ def _padded(q, k, v, causal, window, softcap, scale, p_dtype):
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, sq, sk, torch.promote_types(s.dtype, torch.float32))
     mask = visible(sq, sk, causal, window, q.device)
     seen = mask.any(-1)
     # Rows that see no key get finite scores, so that softmax and its gradient stay free of NaN; the mask
     # then zeroes their probabilities.
     s = s.masked_fill(~mask, -math.inf).masked_fill(~seen[:, None], 0.0)
     lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
-    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0).to(v.dtype)
     if p_dtype is not None:  # the kernel rounds P to its input dtype before P @ V
         p = p.to(p_dtype).to(v.dtype)
     if torch.isfinite(v).all():
@@ -64,23 +76,25 @@ def _padded(q, k, v, causal, window, softcap, scale, p_dtype):
 
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, scale=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, p_dtype=None):
+              cu_seqlens_k=None, p_dtype=None, alibi_slopes=None):
     """Attention in the inputs' dtype (the score rows' logsumexp in at least float32).
 
     Padded: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]. Packed (cu_seqlens_q/k
     given, [B + 1] cumulative lengths): q [Tq, H, D], k/v [Tk, Hkv, D] -> out [Tq, H, D], lse [H, Tq]; rows
     outside every sequence get out 0 and lse +inf. p_dtype rounds the probabilities before P @ V.
+    alibi_slopes: float32 [H] or [B, H] (packed: sequence b takes row b).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     opts = (causal, window, softcap, scale, p_dtype)
     if cu_seqlens_q is None:
-        return _padded(q, k, v, *opts)
+        return _padded(q, k, v, *opts, alibi_slopes)
     cu_q, cu_k = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
     outs = [q.new_zeros((cu_q[0],) + q.shape[1:])]
     lses = [torch.full((q.shape[1], cu_q[0]), math.inf, dtype=torch.float64, device=q.device)]
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        out, lse = _padded(q[None, qs], k[None, ks], v[None, ks], *opts)
+        slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+        out, lse = _padded(q[None, qs], k[None, ks], v[None, ks], *opts, slopes)
         outs.append(out[0])
         lses.append(lse[0].double())
     tail = q.shape[0] - cu_q[-1]

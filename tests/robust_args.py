@@ -54,11 +54,11 @@ def t64(x) -> torch.Tensor:
 
 def attention_options(a: dict) -> dict:
     """tests/reference.py's attention keywords from a call's arguments (q, softmax_scale, causal, window_size,
-    softcap; absent ones at their defaults)."""
+    softcap, alibi_slopes; absent ones at their defaults)."""
     q = torch.as_tensor(a["q"])
     scale = q.shape[-1] ** -0.5 if a.get("softmax_scale") is None else float(a["softmax_scale"])
     return dict(causal=bool(a.get("causal", False)), window=tuple(int(w) for w in a.get("window_size", (-1, -1))),
-                softcap=float(a.get("softcap", 0.0)), scale=scale)
+                softcap=float(a.get("softcap", 0.0)), scale=scale, alibi_slopes=a.get("alibi_slopes"))
 
 
 def valid_call() -> Mutation:

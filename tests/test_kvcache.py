@@ -375,8 +375,8 @@ def test_paged_attention_rejects_bad_input():
         run(q=torch.randn(2, 3, 32))
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         run(q=torch.randn(8, 4, 32), cu_seqlens_q=torch.tensor([0, 5, 3], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"seq_lens\[0\]"):  # fewer context tokens than queries
-        run(q=torch.randn(16, 4, 32), cu_seqlens_q=torch.tensor([0, 11, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"seq_lens\[0\] = -1 is outside"):  # fewer tokens than queries is fine
+        run(seq_lens=torch.tensor([-1, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="num_splits"):
         run(num_splits=-1)
 
@@ -470,8 +470,9 @@ def test_flash_attn_with_kvcache_rejects_bad_input():
     q, k = torch.randn(2, 1, 2, 16), torch.randn(2, 3, 1, 16)
     with pytest.raises(ValueError, match="cache_seqlens"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, k, cache_seqlens=6)
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):  # with a paged cache, as in flash-attn
+        flash_attn_with_kvcache(q, k_cache, k_cache.clone(), cache_seqlens=1, cache_leftpad=torch.zeros(2).int(),
+                                block_table=torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match="k, v"):
         flash_attn_with_kvcache(q, k_cache, k_cache.clone(), k, None, cache_seqlens=1)
     with pytest.raises(ValueError, match="k: dtype torch.bfloat16 differs from k_cache's torch.float32"):

@@ -186,6 +186,34 @@ FLASHLM_AVX2_INLINE void scores(const Params& p, const float* k, int64_t dp, int
   }
 }
 
+// The ALiBi bias of a tile's query columns: column c's query sits at key diag[c] (i + Sk - Sq) and its head
+// has slope slope2[c] (log2 units: slope * log2 e; 0 for padding columns).
+struct ColumnAlibi {
+  float* slope2;
+  float* diag;
+};
+
+// Adds -slope2[c] |diag[c] - j| to S^T[bn x cols] (log2 units; rows keys j0 .., columns queries). A masked
+// score stays -inf. Positions are exact in f32 up to 2^24 keys.
+FLASHLM_AVX2_INLINE void add_alibi(float* s, int64_t bn, int64_t cols, int64_t j0, const ColumnAlibi& alibi) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t j = 0; j < bn; ++j) {
+    const __m256 jv = _mm256_set1_ps(float(j0 + j));
+    float* row = s + j * cols;
+    for (int64_t c = 0; c < cols; c += 8) {
+      const __m256 dist = _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(alibi.diag + c), jv));
+      _mm256_storeu_ps(row + c, _mm256_fnmadd_ps(_mm256_loadu_ps(alibi.slope2 + c), dist, _mm256_loadu_ps(row + c)));
+    }
+  }
+}
+
+// Column c's ALiBi entries for query i of head h of sequence s (i < 0: a padding column, no bias).
+FLASHLM_AVX2_INLINE void set_column_alibi(const Params& p, int b, const cpu::Sequence& s, int h, int64_t i,
+                                          const ColumnAlibi& alibi, int64_t c) {
+  alibi.slope2[c] = i < 0 ? 0.f : cpu::alibi_slope(p, b, h) * kLog2e;
+  alibi.diag[c] = i < 0 ? 0.f : float(i + s.sk - s.sq);
+}
+
 // ---- Packing and storing ---------------------------------------------------------------------------------
 
 // Keys j0 .. j0 + n of K/V head kvh of sequence s as f32 rows of dp floats (zero-padded).

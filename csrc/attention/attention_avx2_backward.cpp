@@ -37,12 +37,13 @@ struct QueryBlock {
   float *qt, *q, *dot, *dout;  // [dp x cols], [cols x dp], [dp x cols], [cols x dp]
   float *lse2, *delta;         // [cols] lse in log2 units, rowsum(dO * O)
   ColumnRanges ranges;         // [cols]
+  ColumnAlibi alibi;           // [cols], when p.alibi_slopes is set
   int64_t i0, n, cols;
   int64_t first_max, last_min;  // as in the forward pass: whether a key block needs the mask
   int64_t keys_first, keys_last;  // the keys any row of the block sees
 };
 
-int64_t query_block_floats(int64_t cols, int64_t dp) { return 4 * round_up(cols * dp, 16) + 4 * round_up(cols, 16); }
+int64_t query_block_floats(int64_t cols, int64_t dp) { return 4 * round_up(cols * dp, 16) + 6 * round_up(cols, 16); }
 
 // Packs rows [i0, i0 + n) of head h and computes their delta (stored to p.delta when write_delta).
 void pack_query_block(const Params& p, int b, const Sequence& s, int h, QueryBlock& qb, int64_t dp, float* orow,
@@ -53,6 +54,7 @@ void pack_query_block(const Params& p, int b, const Sequence& s, int h, QueryBlo
     float* dout = qb.dout + c * dp;
     float lse2 = __builtin_inff(), delta = 0.f;
     int32_t first = 0, last = 0;
+    if (p.alibi_slopes) set_column_alibi(p, b, s, h, c < qb.n ? qb.i0 + c : -1, qb.alibi, c);
     if (c < qb.n) {
       const int64_t i = qb.i0 + c;
       load_row_f32(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i, p.q_row_stride, h, p.q_head_stride),
@@ -166,6 +168,8 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
     qb.delta = c.take(qb.cols);
     qb.ranges.first = reinterpret_cast<int32_t*>(c.take(qb.cols));
     qb.ranges.last = reinterpret_cast<int32_t*>(c.take(qb.cols));
+    qb.alibi.slope2 = c.take(qb.cols);
+    qb.alibi.diag = c.take(qb.cols);
   }
   pack_kv(p, b, s, kvh, ka, nk, dp, k, v);
   std::memset(dk, 0, size_t(nk * dp) * 4);
@@ -185,6 +189,7 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
         // inf (0 * inf) and reach dK and dV through the sums over columns.
         const bool mask = j0 < qb.first_max || j0 + bn > qb.last_min || qb.n < qb.cols;
         scores(p, kj, dp, bn, qb.qt, qb.cols, mask, qb.ranges, j0, sbuf, tbuf);
+        if (p.alibi_slopes) add_alibi(sbuf, bn, qb.cols, j0, qb.alibi);
         StoreEpi store_dp{dpbuf, qb.cols};
         gemm(AView<false>{vj, dp}, qb.dot, qb.cols, dp, bn, qb.cols, store_dp);
         if (mask) probabilities_and_score_grads<true>(p, qb, j0, bn, sbuf, dpbuf, tbuf);

@@ -44,6 +44,7 @@ struct QueryTile {
   const float* qt;  // [dp x cols]
   int64_t cols;
   ColumnRanges ranges;     // [cols]
+  ColumnAlibi alibi;       // [cols], when p.alibi_slopes is set
   int64_t first_max = 0;   // the largest first key of the real columns
   int64_t last_min = 0;    // the smallest end of their key ranges
   float* m;                // [cols] running max, log2 units
@@ -59,12 +60,15 @@ struct KvBlock {
   int64_t j0, bn;
 };
 
-// Queries i0 .. i0 + n of head h as columns c0 .. c0 + round_up(n, 8) of a [dp x ld] tile, with their key
-// ranges; the padding columns are zero queries that see no key. rows: scratch [round_up(n, 8) x dp].
+// Queries i0 .. i0 + n of head h as columns c0 .. c0 + round_up(n, 8) of tile t's [dp x cols] Q^T, with their
+// key ranges (and ALiBi); the padding columns are zero queries that see no key. rows: scratch
+// [round_up(n, 8) x dp].
 void pack_queries(const Params& p, int b, const Sequence& s, int h, int64_t i0, int64_t n, int64_t dp, float* rows,
-                  float* qt, int64_t ld, int64_t c0, const ColumnRanges& ranges) {
+                  const QueryTile& t, int64_t c0) {
   const int64_t np = round_up(n, 8);
+  const ColumnRanges& ranges = t.ranges;
   for (int64_t i = 0; i < np; ++i) {
+    if (p.alibi_slopes) set_column_alibi(p, b, s, h, i < n ? i0 + i : -1, t.alibi, c0 + i);
     if (i < n) {
       load_row_f32(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i0 + i, p.q_row_stride, h, p.q_head_stride),
                    p.dtype, p.head_dim, dp, rows + i * dp);
@@ -76,7 +80,7 @@ void pack_queries(const Params& p, int b, const Sequence& s, int h, int64_t i0, 
       ranges.first[c0 + i] = ranges.last[c0 + i] = 0;
     }
   }
-  transpose_into(rows, np, dp, qt, ld, c0);
+  transpose_into(rows, np, dp, const_cast<float*>(t.qt), t.cols, c0);
 }
 
 void init_state(const QueryTile& t, int64_t dp) {
@@ -177,6 +181,7 @@ void accumulate_visible(const QueryTile& t, const KvBlock& kv, int64_t dp, const
 void block_step(const Params& p, const QueryTile& t, const KvBlock& kv, int64_t dp, float* s) {
   const bool mask = kv.j0 < t.first_max || kv.j0 + kv.bn > t.last_min;
   scores(p, kv.k, dp, kv.bn, t.qt, t.cols, mask, t.ranges, kv.j0, s, s + kBlockN * t.cols);
+  if (p.alibi_slopes) add_alibi(s, kv.bn, t.cols, kv.j0, t.alibi);
   online_softmax(t, s, kv.bn);
   if (mask && !all_finite(kv.v, kv.bn * dp)) {
     accumulate_visible(t, kv, dp, s);
@@ -197,7 +202,7 @@ void finish_column(const Params& p, const QueryTile& t, int64_t c, int64_t dp, i
   *lse = softmax::row_lse(seen, t.m[c], t.m[c] * kLn2 + __builtin_logf(t.l[c]));
 }
 
-int64_t query_tile_floats(int64_t cols, int64_t dp) { return 2 * round_up(cols * dp, 16) + 5 * round_up(cols, 16); }
+int64_t query_tile_floats(int64_t cols, int64_t dp) { return 2 * round_up(cols * dp, 16) + 7 * round_up(cols, 16); }
 
 QueryTile carve_query_tile(Carver& c, int64_t cols, int64_t dp) {
   QueryTile t;
@@ -209,6 +214,8 @@ QueryTile carve_query_tile(Carver& c, int64_t cols, int64_t dp) {
   t.alpha = c.take(cols);
   t.ranges.first = reinterpret_cast<int32_t*>(c.take(cols));
   t.ranges.last = reinterpret_cast<int32_t*>(c.take(cols));
+  t.alibi.slope2 = c.take(cols);
+  t.alibi.diag = c.take(cols);
   return t;
 }
 
@@ -235,7 +242,7 @@ void forward_v2_task(const Params& p, int b, int kvh, int64_t chunk, int64_t nch
     const int64_t i0 = qb * bm, n = min64(s.sq, i0 + bm) - i0, np = round_up(n, 8);
     t.cols = G * np;
     for (int g = 0; g < G; ++g)
-      pack_queries(p, b, s, kvh * G + g, i0, n, dp, rows, const_cast<float*>(t.qt), t.cols, g * np, t.ranges);
+      pack_queries(p, b, s, kvh * G + g, i0, n, dp, rows, t, g * np);
     init_state(t, dp);
     const cpu::KeyRange mine = cpu::visible_keys(p, s, i0, i0 + n);
     t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
@@ -268,7 +275,7 @@ void forward_v1_task(const Params& p, int b, int h, Scratch& scratch) {
     const int64_t i0 = qb * bm, n = min64(s.sq, i0 + bm) - i0;
     QueryTile& t = tiles[qb];
     t = carve_query_tile(c, round_up(n, 8), dp);
-    pack_queries(p, b, s, h, i0, n, dp, rows, const_cast<float*>(t.qt), t.cols, 0, t.ranges);
+    pack_queries(p, b, s, h, i0, n, dp, rows, t, 0);
     init_state(t, dp);
     t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
     t.last_min = cpu::visible_keys(p, s, i0).last;

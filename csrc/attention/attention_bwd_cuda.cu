@@ -162,6 +162,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
     const float* lse = sLse + stage * kBlockM;
     const float* delta = sDelta + stage * kBlockM;
     const int64_t i0 = (m_tiles.begin + t % per_head) * kBlockM;
+    const float alibi2 = alibi_slope2(p, b, kvh * group + int(t / per_head));
 
     // dP^T = V dO^T and S^T = K Q^T for the warp's 16 keys x kBlockM queries.
     float dp[1][kQT][4], s[1][kQT][4];
@@ -184,7 +185,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
           const int col = nt * 8 + 2 * (lane & 3) + e;
           const bool seen = col >= c.lo && col < c.hi;
           float g;
-          const float t2 = score(s[0][nt][2 * h + e], g);
+          float t2 = score(s[0][nt][2 * h + e], g);
+          if (alibi2 != 0.f) t2 += alibi_log2(alibi2, band, i0 + col, j0 + kw * 16 + (lane >> 2) + 8 * h);
           const float pe = seen ? exp2_approx(t2 - lse[col] * kLog2e) : 0.f;
           s[0][nt][2 * h + e] = pe;
           dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[col]) * g : 0.f;
@@ -240,6 +242,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const Params p, b
   const tiles::Band band = band_of(p, seq);
   const tiles::Range n_tiles = tiles::tile_range(band.keys(i0, i0 + rows), kBlockN);
   const int kvh = head / (p.heads / p.kv_heads), d = p.head_dim, row0 = warp * 16;
+  const float alibi2 = alibi_slope2(p, b, head);
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + seq.k0 * p.k_row_stride + kvh * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + seq.k0 * p.v_row_stride + kvh * p.v_head_stride;
 
@@ -305,7 +308,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const Params p, b
         for (int e = 0; e < 2; ++e) {
           const int col = nt * 8 + 2 * (lane & 3) + e;
           float g;
-          const float t2 = score(s[0][nt][2 * h + e], g);
+          float t2 = score(s[0][nt][2 * h + e], g);
+          if (alibi2 != 0.f) t2 += alibi_log2(alibi2, band, i0 + row0 + (lane >> 2) + 8 * h, j0 + col);
           const bool seen = col >= c.lo && col < c.hi;
           const float pe = seen ? exp2_approx(t2 - lse2[h]) : 0.f;
           dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[h]) * g : 0.f;

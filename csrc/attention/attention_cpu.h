@@ -63,6 +63,14 @@ inline void* row_ptr(void* base, DType dtype, int64_t batch_off, int64_t row, in
   return const_cast<void*>(row_ptr(static_cast<const void*>(base), dtype, batch_off, row, row_stride, head, head_stride));
 }
 
+// The ALiBi slope of head h of sequence b (0: no bias), and the bias of query i and key j of sequence s.
+inline float alibi_slope(const Params& p, int b, int h) {
+  return p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f;
+}
+inline float alibi_bias(float slope, const Sequence& s, int64_t i, int64_t j) {
+  return -slope * std::fabs(float(i + s.sk - s.sq - j));
+}
+
 // The score of a raw dot product x = q.k, and ds/dx given the score (for the backward pass).
 inline float score(const Params& p, float x) {
   return p.softcap > 0.f ? p.softcap * std::tanh(x * p.scale / p.softcap) : x * p.scale;

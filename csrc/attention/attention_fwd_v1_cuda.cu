@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + seq.k0 * p.v_row_stride + kvh * p.v_head_stride;
   float* state = scratch + (int64_t(b) * p.heads + head) * p.seqlen_q * (d + 2);  // row i at state + i (d + 2)
   const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK);
-  const ScoreMap score_map(p);
+  ScoreMap score_map(p);
+  score_map.alibi2 = alibi_slope2(p, b, head);
 
   for (int64_t j0 = 0; j0 < seq.sk; j0 += kBlockN) {
     const int keys = int(tiles::min64(seq.sk - j0, kBlockN));

@@ -46,6 +46,10 @@ struct Params {
 
   float scale = 1.f;  // softmax scale
   float softcap = 0.f;
+  // ALiBi: the score of query i and key j (after the softcap) gains -slope * |i + Sk - Sq - j|, slope being
+  // alibi_slopes[b * alibi_batch_stride + h] (f32, on the tensors' device); nullptr: no bias.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;  // 0: one slope row for all sequences
   // Key j is visible to query i when i + (Sk - Sq) - window_left <= j <= i + (Sk - Sq) + window_right,
   // a negative side being unbounded. causal has been folded in as window_right = 0 (and kept as a flag
   // for block skipping).

@@ -30,14 +30,22 @@ struct RowState {
   float m = -kInf, l = 0.f;
 };
 
+// The query row a fold works on: row i of sequence s, its head's ALiBi slope (0: none).
+struct QueryRow {
+  const Sequence& s;
+  int64_t i;
+  float slope;
+};
+
 // Folds keys [j0, j1) (all visible to the row) into the row's state. k and v hold the sequence's keys as f32.
 // NaN and inf follow shared_softmax.h: a NaN score makes m NaN, and the exponents are taken against base(m).
-void fold_keys(const Params& p, const float* q, const float* k, const float* v, int64_t j0, int64_t j1,
-               RowState& st, float* acc, float* s) {
+void fold_keys(const Params& p, const QueryRow& row, const float* q, const float* k, const float* v, int64_t j0,
+               int64_t j1, RowState& st, float* acc, float* s) {
   const int D = p.head_dim;
   float m_new = st.m;
   for (int64_t j = j0; j < j1; ++j) {
     s[j - j0] = cpu::score(p, dot(q, k + j * D, D));
+    if (row.slope != 0.f) s[j - j0] += cpu::alibi_bias(row.slope, row.s, row.i, j);
     m_new = softmax::max_nan(m_new, s[j - j0]);
   }
   const float base = softmax::base(m_new);
@@ -94,7 +102,8 @@ void forward_v2_block(const Params& p, int b, int h, int64_t qb) {
     RowState st;
     const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
     for (int64_t j0 = keys.first; j0 < keys.last; j0 += kBlockN)
-      fold_keys(p, q.data(), k.data(), v.data(), j0, std::min(keys.last, j0 + kBlockN), st, acc.data(), scores.data());
+      fold_keys(p, QueryRow{s, i, cpu::alibi_slope(p, b, h)}, q.data(), k.data(), v.data(), j0,
+                std::min(keys.last, j0 + kBlockN), st, acc.data(), scores.data());
     finish_row(p, keys.first < keys.last, st, acc.data(),
                cpu::row_ptr(p.out, p.dtype, b * p.o_batch_stride, s.q0 + i, p.o_row_stride, h, p.o_head_stride),
                lse_row(p, p.lse, b, s, h, i));
@@ -119,7 +128,8 @@ void forward_v1_head(const Params& p, int b, int h) {
         if (a >= e) continue;
         cpu::load_row(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i, p.q_row_stride, h, p.q_head_stride),
                       p.dtype, D, q.data());
-        fold_keys(p, q.data(), k.data(), v.data(), a, e, state[i], &acc[i * D], scores.data());
+        fold_keys(p, QueryRow{s, i, cpu::alibi_slope(p, b, h)}, q.data(), k.data(), v.data(), a, e, state[i],
+                  &acc[i * D], scores.data());
       }
     }
   }
@@ -140,6 +150,7 @@ void backward_kv_head(const Params& p, int b, int kvh) {
   load_kv(p, b, s, kvh, k, v);
   std::vector<float> dk(size_t(s.sk) * D, 0.f), dv(size_t(s.sk) * D, 0.f);
   for (int h = kvh * p.group(); h < (kvh + 1) * p.group(); ++h) {
+    const float slope = cpu::alibi_slope(p, b, h);
     for (int64_t i = 0; i < s.sq; ++i) {
       cpu::load_row(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i, p.q_row_stride, h, p.q_head_stride),
                     p.dtype, D, q.data());
@@ -154,7 +165,8 @@ void backward_kv_head(const Params& p, int b, int kvh) {
       const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
       for (int64_t j = keys.first; j < keys.last && lse != kInf; ++j) {
         const float sc = cpu::score(p, dot(q.data(), &k[j * D], D));
-        const float pj = std::exp(sc - lse);
+        const float bias = slope != 0.f ? cpu::alibi_bias(slope, s, i, j) : 0.f;  // a constant: no gradient
+        const float pj = std::exp(sc + bias - lse);
         const float dp = dot(dout.data(), &v[j * D], D);
         const float dx = pj * (dp - delta) * cpu::score_grad(p, sc);  // dS, through the softcap and the scale
         for (int d = 0; d < D; ++d) {

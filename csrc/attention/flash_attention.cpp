@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_kernels.h"
+#include "shared_alibi.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
@@ -155,6 +156,14 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
   return p;
 }
 
+// Points Params at the optional ALiBi slopes once shared_alibi.h has checked them.
+void fill_alibi(Params& p, const TensorView& t, const Device& device) {
+  const int64_t stride = attention::check_alibi_slopes(t, p.batch, p.heads, device);
+  if (stride < 0) return;
+  p.alibi_slopes = static_cast<const float*>(t.data);
+  p.alibi_batch_stride = stride;
+}
+
 void check_device(const Device& device, const char* op) {
   if (device.is_cpu()) return;
   if (!cuda_compiled()) throw NotImplementedError(std::string(op) + ": flashlm was built without CUDA");
@@ -195,6 +204,7 @@ void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
   Params p = make_params(a.q, a.k, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.options);
   int64_t q_shape[4], kv_shape[4];
   fill_inputs(p, a.q, a.k, a.v, a.out, a.lse, q_shape, kv_shape);
+  fill_alibi(p, a.alibi_slopes, a.q.device);
   check_device(a.q.device, "flash_attention_forward");
   if (p.batch == 0 || p.seqlen_q == 0) return;
   if (a.q.device.is_cuda()) {
@@ -222,6 +232,7 @@ void flash_attention_backward(const AttentionBackwardParams& a, void* stream) {
   p.dk_batch_stride = dks.batch, p.dk_row_stride = dks.row, p.dk_head_stride = dks.head;
   p.dv_batch_stride = dvs.batch, p.dv_row_stride = dvs.row, p.dv_head_stride = dvs.head;
   p.version = 2;
+  fill_alibi(p, a.alibi_slopes, a.q.device);
   check_device(a.q.device, "flash_attention_backward");
   if (p.batch == 0) return;
   // dk and dv of keys that no query reaches (or of a batch with no queries) are zero, so the kernels run

@@ -340,6 +340,15 @@ __device__ __forceinline__ tiles::Band band_of(const Params& p, const tiles::Seq
   return {s.sq, s.sk, p.window_left, p.window_right};
 }
 
+// ALiBi in the log2 domain: the slope of head h of sequence b times log2(e) (0: no bias), and the bias of
+// query i and key j, -slope2 |i + sk - sq - j| (attention_params.h).
+__device__ __forceinline__ float alibi_slope2(const Params& p, int b, int h) {
+  return p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e : 0.f;
+}
+__device__ __forceinline__ float alibi_log2(float slope2, const tiles::Band& band, int64_t i, int64_t j) {
+  return -slope2 * fabsf(float(band.diag(i) - j));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Host side.
 

@@ -39,10 +39,12 @@ using FwdConfigFor = std::conditional_t<(kHeadDim <= 96), FwdConfig<kHeadDim, 12
                                                            FwdConfig<kHeadDim, 128, 64, 8>>>;
 
 // How raw dot products x become log2-domain scores: t = log2(e) * scale * x, or with the softcap
-// t = log2(e) * softcap * tanh(scale * x / softcap).
+// t = log2(e) * softcap * tanh(scale * x / softcap); then plus the ALiBi bias where alibi2 (the head's slope
+// times log2 e) is not 0.
 struct ScoreMap {
   float scale2, cap2, cap_in;
   bool softcap;
+  float alibi2 = 0.f;
   __device__ __forceinline__ explicit ScoreMap(const Params& p)
       : scale2(p.scale * kLog2e),
         cap2(p.softcap * kLog2e),
@@ -69,6 +71,22 @@ __device__ __forceinline__ void scores_log2(float (&s)[kMT][kNT][4], const Score
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[mt][nt][e] *= sm.scale2;
   }
+}
+
+// Adds the ALiBi bias (log2 domain) to a tile's scores; rows and columns as in mask_rows.
+template <int kMT, int kNT>
+__device__ __forceinline__ void add_alibi(float (&s)[kMT][kNT][4], float alibi2, const tiles::Band& band, int64_t row0,
+                                          int64_t j0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = row0 + mt * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) s[mt][nt][2 * h + e] += alibi_log2(alibi2, band, i, j0 + nt * 8 + 2 * (lane & 3) + e);
+    }
 }
 
 // Sets the scores a query does not see to -inf. row0: the query index of the warp's first row; j0: the key
@@ -225,6 +243,7 @@ __device__ __forceinline__ void softmax_pv(float (&s)[Cfg::kMT][Cfg::kNT][4], fl
                                            const Elem<kBf16>* sV, int64_t row0, int64_t j0, int lane) {
   constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kDT = Cfg::kDT, kStride = Cfg::kStride;
   scores_log2(s, score_map);
+  if (score_map.alibi2 != 0.f) add_alibi(s, score_map.alibi2, band, row0, j0, lane);
   if (masked) mask_rows(s, band, row0, j0, lane);
   online_softmax(s, o, m, l);
   if (v_nonfinite) {

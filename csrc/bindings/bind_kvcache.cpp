@@ -31,7 +31,7 @@ void write(Array key, Array value, Array k_cache, Array v_cache,
 void attend(Array q, Array k_cache, Array v_cache, Array block_table,
             Array seq_lens, OptionalArray cu_seqlens_q, int64_t max_seqlen_q, Array out,
             OptionalArray lse, float softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-            float softcap, int num_splits, uintptr_t stream) {
+            float softcap, int num_splits, uintptr_t stream, OptionalArray alibi_slopes) {
   PagedAttentionParams a;
   a.q = to_view(q, "q"), a.k_cache = to_view(k_cache, "k_cache"), a.v_cache = to_view(v_cache, "v_cache");
   a.block_table = to_view(block_table, "block_table"), a.seq_lens = to_view(seq_lens, "seq_lens");
@@ -45,6 +45,7 @@ void attend(Array q, Array k_cache, Array v_cache, Array block_table,
   a.options.window_right = window_right;
   a.options.softcap = softcap;
   a.num_splits = num_splits;
+  a.alibi_slopes = optional_view(alibi_slopes, "alibi_slopes");
   nb::gil_scoped_release release;
   paged_attention(a, reinterpret_cast<void*>(stream));
 }
@@ -59,6 +60,7 @@ void bind_kvcache(nb::module_& m) {
         nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("max_seqlen_q"), nb::arg("out"),
         nb::arg("lse").none(), nb::arg("softmax_scale"), nb::arg("causal"), nb::arg("window_left"),
         nb::arg("window_right"), nb::arg("softcap"), nb::arg("num_splits"), nb::arg("stream") = 0,
+        nb::arg("alibi_slopes").none() = nb::none(),
         "Attention of q over the paged caches into out (and lse); see paged_attention.h for the layout");
   m.def("paged_attention_num_splits", &paged_attention_num_splits, nb::arg("device_type"), nb::arg("num_seqs"),
         nb::arg("kv_heads"), nb::arg("max_seq_len"), nb::arg("block_size"),

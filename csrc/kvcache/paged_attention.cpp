@@ -11,6 +11,7 @@
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
+#include "../attention/shared_alibi.h"
 #include "paged_kernels.h"
 
 namespace flashlm {
@@ -97,19 +98,14 @@ void check_head_dim(int64_t head_dim, const Device& device) {
   }
 }
 
-// The CPU-only value checks: lengths within the cache, queries within the context, and every block id a
-// kernel will read within the cache. CUDA kernels clamp instead (reading device memory here would sync).
+// The CPU-only value checks: lengths within the cache and every block id a kernel will read within the
+// cache (a sequence may have more queries than tokens: those before its first token see none under causal). CUDA kernels clamp instead (reading device memory here would sync).
 void check_values(const PagedParams& p) {
   const int64_t capacity = p.max_blocks_per_seq * p.block_size;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int64_t len = p.seq_lens[s];
     FLASHLM_CHECK(len >= 0 && len <= capacity, "seq_lens[", s, "] = ", len, " is outside [0, ", capacity,
                   "] (block_table holds ", p.max_blocks_per_seq, " blocks of ", p.block_size, " tokens per sequence)");
-    if (!p.decode()) {
-      const int64_t q_len = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
-      FLASHLM_CHECK(len >= q_len, "seq_lens[", s, "] = ", len, " is less than the sequence's ", q_len,
-                    " queries (cu_seqlens_q); the context includes the new tokens");
-    }
     const int32_t* row = p.block_table + s * p.block_table_stride;
     for (int64_t b = 0; b < (len + p.block_size - 1) / p.block_size; ++b)
       FLASHLM_CHECK(row[b] >= 0 && row[b] < p.num_blocks, "block_table[", s, ", ", b, "] = ", row[b],
@@ -270,6 +266,12 @@ void paged_attention(const PagedAttentionParams& a, void* stream) {
   const int64_t right = o.causal ? 0 : o.window_right;
   p.window_left = o.window_left >= p.max_seq_len ? -1 : o.window_left;
   p.window_right = right >= p.max_seq_len ? -1 : right;
+
+  const int64_t alibi_stride = attention::check_alibi_slopes(a.alibi_slopes, p.num_seqs, p.heads, a.q.device);
+  if (alibi_stride >= 0) {
+    p.alibi_slopes = static_cast<const float*>(a.alibi_slopes.data);
+    p.alibi_batch_stride = alibi_stride;
+  }
 
   const TensorView& kc = a.k_cache;
   const TensorView& vc = a.v_cache;

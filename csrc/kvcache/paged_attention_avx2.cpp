@@ -14,6 +14,8 @@
 // looks. With num_splits > 1 every split writes its normalised output and lse to scratch and a second pass
 // merges them (flash-decoding).
 //
+// ALiBi: prefill passes the slopes to flash attention; decode with ALiBi is left to the scalar kernel.
+//
 // Prefill (cu_seqlens_q given): each sequence's context is gathered into contiguous K/V (one copy of the
 // cache rows, in their dtype) and flash attention's forward (flashlm/attention/flash_attention.h, whose AVX2
 // kernel is attention_avx2_forward.cpp) runs over it as a packed batch, with its query blocks, GQA grouping and causal/window block skipping. The
@@ -419,6 +421,11 @@ bool prefill(const PagedParams& p) {
   a.options.softmax_scale = p.scale, a.options.softcap = p.softcap;
   a.options.causal = p.causal, a.options.window_left = p.window_left, a.options.window_right = p.window_right;
   a.options.version = 2;
+  if (p.alibi_slopes) {  // per sequence (batch) or one row, as flash attention takes them
+    a.alibi_slopes = p.alibi_batch_stride
+                         ? TensorView::contiguous(const_cast<float*>(p.alibi_slopes), DType::F32, {p.num_seqs, p.heads})
+                         : TensorView::contiguous(const_cast<float*>(p.alibi_slopes), DType::F32, {p.heads});
+  }
   flash_attention_forward(a);
   return true;
 }
@@ -427,7 +434,8 @@ bool prefill(const PagedParams& p) {
 
 bool paged_attention_avx2(const PagedParams& p) {
   if (p.decode()) {
-    if (p.group() > kMaxGroup) return false;
+    // ALiBi decode takes the scalar kernel: the bias would need each chunk's key positions here.
+    if (p.group() > kMaxGroup || p.alibi_slopes) return false;
     decode(p);
     return true;
   }

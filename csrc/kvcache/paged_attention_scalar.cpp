@@ -24,17 +24,24 @@ float score(const PagedParams& p, const float* q, const float* k) {
   return p.softcap > 0.f ? p.softcap * std::tanh(x * p.scale / p.softcap) : x * p.scale;
 }
 
+// A query row: its position in the sequence's context and its head's ALiBi slope (0: none).
+struct QueryAt {
+  int64_t pos;
+  float slope;
+};
+
 // Attention of query q (head h) over context tokens `keys` of sequence s: out = softmax . V (normalised,
 // f32) and returns its lse, NaN and inf as shared_softmax.h rules for a split; no key (or only -inf scores):
 // out 0 (NaN where a V row is) and lse -inf, the merge's identity.
-float attend(const PagedParams& p, int s, int kvh, const float* q, const cpu::KeyRange& keys, float* out,
-             std::vector<float>& row) {
+float attend(const PagedParams& p, int s, int kvh, const float* q, const QueryAt& at, const cpu::KeyRange& keys,
+             float* out, std::vector<float>& row) {
   const int D = p.head_dim;
   float m = -kInf, l = 0.f;
   for (int d = 0; d < D; ++d) out[d] = 0.f;
   for (int64_t t = keys.first; t < keys.last; ++t) {
     cpu::load_row(cpu::k_row(p, s, t, kvh), p.dtype, D, row.data());
-    const float x = score(p, q, row.data());
+    float x = score(p, q, row.data());
+    if (at.slope != 0.f) x -= at.slope * std::fabs(float(at.pos - t));
     const float m_new = softmax::max_nan(m, x), base = softmax::base(m_new);
     const float alpha = std::exp(m - base), pt = std::exp(x - base);
     cpu::load_row(cpu::v_row(p, s, t, kvh), p.dtype, D, row.data());
@@ -74,8 +81,10 @@ void sequence_head(const PagedParams& p, int s, int h) {
   for (int64_t i = 0; i < seq.q_len; ++i) {
     cpu::load_row(cpu::q_row(p, seq.q0 + i, h), p.dtype, D, q.data());
     const cpu::KeyRange keys = cpu::visible_keys(p, seq, i);
+    const QueryAt at{seq.len - seq.q_len + i, cpu::alibi_slope(p, s, h)};
     for (int part = 0; part < splits; ++part)
-      lses[part] = attend(p, s, kvh, q.data(), cpu::split_range(keys, part, splits), &parts[size_t(part) * D], row);
+      lses[part] = attend(p, s, kvh, q.data(), at, cpu::split_range(keys, part, splits), &parts[size_t(part) * D],
+                          row);
     const float lse = merge(parts.data(), lses.data(), splits, D, keys.first < keys.last, out.data());
     cpu::store_row(out.data(), D, cpu::out_row(p, seq.q0 + i, h), p.dtype);
     if (p.lse) p.lse[h * p.num_tokens + seq.q0 + i] = lse;

@@ -49,6 +49,11 @@ inline KeyRange visible_keys(const PagedParams& p, const Sequence& s, int64_t i)
   return {first, std::max(first, last)};
 }
 
+// The ALiBi slope of head h of sequence s (0: no bias).
+inline float alibi_slope(const PagedParams& p, int s, int h) {
+  return p.alibi_slopes ? p.alibi_slopes[s * p.alibi_batch_stride + h] : 0.f;
+}
+
 // Split `part` of `splits` of a key range: equal parts of ceil(n / splits) tokens (the last ones may be
 // shorter or empty).
 inline KeyRange split_range(const KeyRange& r, int part, int splits) {

@@ -108,6 +108,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_decode_kernel(const Paged
   zero(o);
   const ScoreMap score_map(p.scale, p.softcap);
   const uint32_t q_base = smem_addr(sQ);
+  // ALiBi (log2 domain) of the lane's two rows, heads h0 + (lane >> 2) and 8 more: the query sits at sk - 1.
+  float alibi2[2] = {0.f, 0.f};
+  if (p.alibi_slopes != nullptr) {
+    for (int r = 0; r < 2; ++r) {
+      const int row = (lane >> 2) + 8 * r;
+      if (row < nrows) alibi2[r] = p.alibi_slopes[s * p.alibi_batch_stride + h0 + row] * kLog2e;
+    }
+  }
 
   int64_t t = mine.begin + warp;
   if (t < mine.end) load(t, 0);
@@ -126,6 +134,13 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_decode_kernel(const Paged
     mma_abt<kBf16, 1, kNT, kHeadDim, kStride, kStride>(sc, q_base, smem_addr(tk), lane);
     scores_log2(sc, score_map);
     const int64_t j0 = t * kBlockN;
+    if (p.alibi_slopes != nullptr) {
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sc[0][nt][e] -= alibi2[e >> 1] * fabsf(float(sk - 1 - (j0 + nt * 8 + 2 * (lane & 3) + (e & 1))));
+    }
     if (j0 < keys.begin || j0 + kBlockN > keys.end) mask_cols(sc, tiles::tile_cols(keys, j0, kBlockN), lane);
     online_softmax(sc, o, m, l);
     uint32_t pa[1][kNT / 2][4];

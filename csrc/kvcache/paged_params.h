@@ -51,6 +51,10 @@ struct PagedParams {
 
   float scale = 1.f;
   float softcap = 0.f;
+  // ALiBi: the score of query i of sequence s and context token t gains -slope * |pos(i) - t| (pos(i) =
+  // seq_len - q_len + i), slope being alibi_slopes[s * alibi_batch_stride + h] (f32); nullptr: no bias.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;  // 0: one slope row for all sequences
   int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
   bool causal = false;
   int num_splits = 1;  // decode: context parts merged by lse (>= 1)

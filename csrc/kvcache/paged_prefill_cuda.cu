@@ -45,9 +45,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) paged_prefill_kernel(const Page
   const T* q = static_cast<const T*>(p.q) + (qr.q0 + i0) * p.q_row_stride + head * p.q_head_stride;
   T* out = static_cast<T*>(p.out) + (qr.q0 + i0) * p.o_row_stride + head * p.o_head_stride;
   float* lse = p.lse != nullptr ? p.lse + head * p.num_tokens + qr.q0 + i0 : nullptr;
+  ScoreMap score_map(p.scale, p.softcap);
+  if (p.alibi_slopes != nullptr) score_map.alibi2 = p.alibi_slopes[s * p.alibi_batch_stride + head] * kLog2e;
   forward_q_tile<Cfg, kBf16>(smem, q, p.q_row_stride, out, p.o_row_stride, lse,
                              tiles::Band{qr.sq, sk, p.window_left, p.window_right}, i0, rows, d,
-                             ScoreMap(p.scale, p.softcap), aligned, [&](T* dst, int64_t j0) { gather(dst, k, j0); },
+                             score_map, aligned, [&](T* dst, int64_t j0) { gather(dst, k, j0); },
                              [&](T* dst, int64_t j0) { gather(dst, v, j0); });
 }
 

@@ -22,6 +22,11 @@ INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 _Tensor = torch.Tensor  # a module global: cheaper to reach than torch's attribute, call after call
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument where flash-attn raises RuntimeError (its TORCH_CHECK): both a ValueError, as flashlm's
+    bad input is, and a RuntimeError, so that code written against flash-attn catches it too."""
+
+
 def check_tensor(t, name: str, ndim: Optional[int] = None, layout: str = "", min_ndim: int = 0) -> None:
     """A torch.Tensor with `ndim` dimensions (or at least `min_ndim`); `layout` names them in the message."""
     if not isinstance(t, _Tensor):

@@ -4,7 +4,8 @@ flashlm.ops.flash_attn_interface, whose signatures are flash-attn 2's.
 
 Layout: q [batch, seqlen_q, heads, head_dim], k/v [batch, seqlen_k, kv_heads, head_dim] (heads % kv_heads == 0),
 or packed [total, heads, head_dim] with int32 cu_seqlens. The row logsumexp is float32 [batch, heads, seqlen_q]
-(packed: [heads, total_q]). Rows of a packed batch outside every sequence (before cu_seqlens[0], from
+(packed: [heads, total_q]). Optional ALiBi slopes (float32 [heads] or [batch, heads], contiguous; CPU only) add
+-slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j. Rows of a packed batch outside every sequence (before cu_seqlens[0], from
 cu_seqlens[-1] on) are rows that see no key: out 0, lse +inf, gradients 0.
 
 forward_op and backward_op are the registered ops (torch.ops.flashlm.flash_attn_forward, ...); the public
@@ -92,6 +93,7 @@ def forward_op(
     window_right: int,
     softcap: float,
     version: int,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     packed = cu_seqlens_q is not None
     if is_large(q) or is_large(k) or is_large(v):
@@ -104,7 +106,8 @@ def forward_op(
     out = new_output(q.shape, q.dtype, device, "q", 0.0 if fill_first else None)
     lse = new_output(_lse_shape(q, packed), torch.float32, device, "q", math.inf if fill_first else None)
     _C.flash_attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale, causal, window_left, window_right, softcap, version, cuda_stream(q))
+                               softmax_scale, causal, window_left, window_right, softcap, version, cuda_stream(q),
+                               alibi_slopes)
     if packed and q.is_cpu:
         _fill_outside(cu_seqlens_q, (out, 0, 0.0), (lse, 1, math.inf))
     return out, lse
@@ -112,8 +115,8 @@ def forward_op(
 
 @forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, version):
-    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+      window_right, softcap, version, alibi_slopes=None):
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return _forward_outputs(q, cu_seqlens_q is not None)
 
 
@@ -134,6 +137,7 @@ def backward_op(
     window_left: int,
     window_right: int,
     softcap: float,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = cu_seqlens_q is not None
     if any(is_large(t) for t in (dout, q, k, v, out, lse)):
@@ -150,7 +154,7 @@ def backward_op(
     delta = new_output(lse.shape, torch.float32, lse.device, "lse")
     _C.flash_attention_backward(dout, q, k, v, out, contiguous(lse, "lse"), dq, dk, dv, delta, cu_seqlens_q,
                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                                window_right, softcap, cuda_stream(q))
+                                window_right, softcap, cuda_stream(q), alibi_slopes)
     if packed and q.is_cpu:
         _fill_outside(cu_seqlens_q, (dq, 0, 0.0))
         _fill_outside(cu_seqlens_k, (dk, 0, 0.0), (dv, 0, 0.0))
@@ -159,8 +163,9 @@ def backward_op(
 
 @backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap):
-    check_same_device(q=q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+      window_left, window_right, softcap, alibi_slopes=None):
+    check_same_device(q=q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                      alibi_slopes=alibi_slopes)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -171,13 +176,14 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.options = inputs[3:12]  # cu_seqlens_q ... softcap (the backward has no `version`)
+    ctx.alibi_slopes = inputs[13] if len(inputs) > 13 else None
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     # The logsumexp is an auxiliary output (as in flash-attn): gradients flow through `out` only.
-    dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
-    return (dq, dk, dv) + (None,) * 10
+    dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options, ctx.alibi_slopes)
+    return (dq, dk, dv) + (None,) * 11  # the slopes are constants: no gradient
 
 
 torch.library.register_autograd("flashlm::flash_attn_forward", _backward, setup_context=_setup_context)
@@ -192,22 +198,22 @@ def _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_l
 
 
 def flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                       window_left, window_right, softcap, version):
+                       window_left, window_right, softcap, version, alibi_slopes=None):
     """Attention forward: returns (out, lse). cu_seqlens_q/k (int32 [batch + 1]) make q, k, v packed batches;
     window sides are -1 (unbounded) or more; version 1 or 2 picks the loop order (flash_attn_interface)."""
     check_tensors("q k v", q, k, v)
-    check_optional_tensors("cu_seqlens_q cu_seqlens_k", cu_seqlens_q, cu_seqlens_k)
+    check_optional_tensors("cu_seqlens_q cu_seqlens_k alibi_slopes", cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     version = as_int(version, "version")
     if version not in (1, 2):
         raise ValueError(f"version: must be 1 or 2, got {version}")
     options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    return forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *options, version)
+    return forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *options, version, alibi_slopes)
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, window_left, window_right, softcap):
+                        causal, window_left, window_right, softcap, alibi_slopes=None):
     """Attention backward (FlashAttention-2) from the forward's out and lse: returns (dq, dk, dv)."""
     check_tensors("dout q k v out lse", dout, q, k, v, out, lse)
-    check_optional_tensors("cu_seqlens_q cu_seqlens_k", cu_seqlens_q, cu_seqlens_k)
+    check_optional_tensors("cu_seqlens_q cu_seqlens_k alibi_slopes", cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    return backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *options)
+    return backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes)

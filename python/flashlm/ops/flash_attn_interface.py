@@ -4,8 +4,12 @@
 
 Same arguments and return values, plus one keyword of flashlm's own: `version=1|2` picks the forward loop
 order (FlashAttention-1: K/V blocks outer; FlashAttention-2, the default: Q blocks outer). Inputs are
-float32/bfloat16 on the CPU and float16/bfloat16 on CUDA. What flashlm does not implement raises instead of
-being ignored: dropout_p > 0 and alibi_slopes raise NotImplementedError. flash_attn_varlen_func with a
+float32/bfloat16 on the CPU and float16/bfloat16 on CUDA. ALiBi (alibi_slopes, float32 [heads] or [batch,
+heads]) adds -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j, causal or not, as
+flash-attn's reference does (under causal flash-attn's kernel drops the per-row constant, which changes its
+lse but not its output), forward and backward, and over paged caches (flash_attn_with_kvcache,
+flash_attn_varlen_func with block_table). What flashlm does not implement raises instead of being ignored:
+dropout_p > 0 raises NotImplementedError. flash_attn_varlen_func with a
 block_table attends over paged caches (forward only), and flash_attn_with_kvcache is the inference entry
 point: append new K/V to a cache (contiguous or paged) in place and attend over it. The backward pass is
 always deterministic, so `deterministic` is accepted and has nothing to switch. With return_attn_probs the
@@ -14,8 +18,8 @@ third value is None: flash-attn returns the dropout mask there, and there is no 
 
 import torch
 
-from flashlm.ops._check import (INT32_MAX, as_float, as_int, as_window, check_optional_tensors, check_same_device,
-                                check_tensor, default_scale, index_tensor)
+from flashlm.ops._check import (INT32_MAX, ArgumentError, as_float, as_int, as_window, check_optional_tensors,
+                                check_same_device, check_tensor, default_scale, index_tensor)
 from flashlm.ops.attention import forward_op
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
@@ -28,8 +32,7 @@ __all__ = [
 def _check_unsupported(dropout_p, alibi_slopes):
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: flashlm's attention has no dropout; pass 0.0 (got {dropout_p})")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported by flashlm's attention")
+    check_optional_tensors("alibi_slopes", alibi_slopes)  # its dtype, shape and device: the native checks
 
 
 _PADDED = "[batch, seqlen, heads, head_dim]"
@@ -75,7 +78,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
     out, lse = forward_op(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, as_float(softcap, "softcap"),
-                          version)
+                          version, alibi_slopes)
     return _result(out, lse, return_attn_probs)
 
 
@@ -107,10 +110,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if seq_lens.is_cpu and bool((seq_lens < 0).any()):
             raise ValueError(f"cu_seqlens_k: must be non-decreasing, got {cu_k.tolist()}")
         out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal,
-                                   (left, right), softcap, return_lse=True)
+                                   (left, right), softcap, return_lse=True, alibi_slopes=alibi_slopes)
         return _result(out, lse, return_attn_probs)
     out, lse = forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), left,
-                          right, as_float(softcap, "softcap"), version)
+                          right, as_float(softcap, "softcap"), version, alibi_slopes)
     return _result(out, lse, return_attn_probs)
 
 
@@ -186,6 +189,20 @@ def _cache_table(q, k_cache, cache_batch_idx, block_table):
     return rows.view(batch, 1)
 
 
+def _leftpad_view(k_cache, v_cache, table, pad):
+    """A contiguous cache [B_cache, S_cache, ...] whose sequence b starts at position pad[b] of its row, as a
+    paged cache of one-token blocks ([B_cache * S_cache, 1, ...], a copy where the rows cannot be merged) and
+    the block table [batch, S_cache] of its sequences: token t of sequence b is position pad[b] + t."""
+    rows, seqlen = k_cache.shape[0], k_cache.shape[1]
+    if rows * seqlen > INT32_MAX:
+        raise ValueError(f"cache_leftpad: needs a cache of at most {INT32_MAX} tokens, got shape {list(k_cache.shape)}")
+    steps = torch.arange(seqlen, device=table.device)
+    tokens = table.long() * seqlen + pad[:, None].long() + steps
+    tokens = tokens.clamp(max=rows * seqlen - 1).to(torch.int32)  # past the sequence: never read
+    flat = [c.reshape(rows * seqlen, 1, *c.shape[2:]) for c in (k_cache, v_cache)]
+    return flat[0], flat[1], tokens
+
+
 def _cache_lengths(cache_seqlens, batch, device):
     """cache_seqlens (an int, or an integer tensor [batch]) as int64 [batch]."""
     if not isinstance(cache_seqlens, torch.Tensor):
@@ -208,9 +225,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     [batch, seqlen_new, kv_heads, head_dim], written at positions cache_seqlens .. cache_seqlens + seqlen_new
     (cache_seqlens: int or int32 [batch], the tokens already cached; None, without k and v: the whole
     contiguous cache; int64 is read to check it fits int32, which synchronizes on CUDA).
-    cache_batch_idx (contiguous caches): which cache row each sequence uses. rotary_cos/sin
-    [seqlen_ro, rotary_dim / 2]: rotate k at its positions and q at cache_seqlens + i when causal or local,
-    else at cache_seqlens. q's rows are the last of each sequence (bottom-right alignment).
+    cache_batch_idx (contiguous caches): which cache row each sequence uses. cache_leftpad (contiguous caches,
+    integer [batch], at most cache_seqlens): sequence b's keys start at position cache_leftpad[b] of its row,
+    those before are not part of it (new k, v still go at cache_seqlens). rotary_cos/sin [seqlen_ro,
+    rotary_dim / 2]: rotate k at its cache positions and q at cache_seqlens + i when causal or local, else at
+    cache_seqlens. q's rows are the last of each sequence (bottom-right alignment); a sequence may have fewer
+    keys than queries (cache_seqlens + seqlen_new < seqlen_q), and then under causal its first queries see no
+    key (out 0, lse +inf). A cache_seqlens plus seqlen_new past the cache raises ArgumentError (a ValueError
+    and a RuntimeError) naming block_table for paged caches, as flash-attn does.
 
     Returns out [batch, seqlen_q, heads, head_dim]; with return_softmax_lse, (out, lse [batch, heads, seqlen_q]).
     """
@@ -218,8 +240,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(t, name, 4, "[batch_cache or num_blocks, seqlen_cache or block_size, kv_heads, head_dim]")
     _check_unsupported(0.0, alibi_slopes)
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad: left-padded caches are not supported by flashlm")
+    if cache_leftpad is not None and block_table is not None:  # as in flash-attn
+        raise NotImplementedError("cache_leftpad: not supported with a paged cache (block_table)")
     if (k is None) != (v is None):
         raise ValueError("k, v: pass both new keys and new values, or neither")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -254,9 +276,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     new = 0 if k is None else k.shape[1]
     capacity = table.shape[1] * block_size
     if q.device.type == "cpu" and bool(((lens < 0) | (lens + new > min(capacity, INT32_MAX))).any()):
-        raise ValueError(f"cache_seqlens: cached plus {new} new tokens must fit the cache's {capacity} per sequence, "
-                         f"got {lens.tolist()}")
-    if rotary_cos is not None:
+        if bool((lens < 0).any()):
+            raise ArgumentError(f"cache_seqlens: must be >= 0, got {lens.tolist()}")
+        # Named as flash-attn names it: a paged cache's capacity is what block_table addresses.
+        name, holds = ("block_table", "addresses") if block_table is not None else ("cache_seqlens", "holds")
+        raise ArgumentError(f"{name}: cache_seqlens plus {new} new tokens must fit the {capacity} tokens per sequence "
+                            f"the cache {holds}, got cache_seqlens = {lens.tolist()}")
+    if cache_leftpad is not None:  # keys before pad[b] are not part of sequence b
+        pad = index_tensor(cache_leftpad, "cache_leftpad", 1, low=0, high=INT32_MAX)
+        if pad.shape != (batch,):
+            raise ValueError(f"cache_leftpad: expected shape [{batch}], got {list(pad.shape)}")
+        if pad.is_cpu and bool((pad > lens).any()):
+            raise ValueError(f"cache_leftpad: must be <= cache_seqlens, got {pad.tolist()} and {lens.tolist()}")
+    if rotary_cos is not None:  # at cache positions, left padding included (flash-attn's)
         steps = torch.arange(max(seqlen_q, new), device=q.device)
         start = lens[:, None]
         q_pos = start + steps[:seqlen_q] if (causal or left >= 0 or right >= 0) else start.expand(batch, seqlen_q)
@@ -277,13 +309,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                        k_cache, v_cache, slots.reshape(-1))
     # Within the capacity on the CPU (checked above); on CUDA the kernels clamp to it.
     seq_lens = (lens + new).clamp(0, INT32_MAX).to(torch.int32)
+    if cache_leftpad is not None:
+        k_cache, v_cache, table = _leftpad_view(k_cache, v_cache, table, pad)
+        seq_lens = (seq_lens - pad).clamp(min=0)
     rows = q.reshape(batch * seqlen_q, heads, head_dim)
     if seqlen_q == 1:  # decode: one query per sequence, split-K over the context
         out, lse = paged_attention(rows, k_cache, v_cache, table.contiguous(), seq_lens, None, None, scale, causal,
-                                   (left, right), softcap, num_splits, return_lse=True)
+                                   (left, right), softcap, num_splits, return_lse=True, alibi_slopes=alibi_slopes)
     else:
         cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=q.device)
         out, lse = paged_attention(rows, k_cache, v_cache, table.contiguous(), seq_lens, cu_q, seqlen_q, scale,
-                                   causal, (left, right), softcap, num_splits, return_lse=True)
+                                   causal, (left, right), softcap, num_splits, return_lse=True,
+                                   alibi_slopes=alibi_slopes)
     out = out.view(batch, seqlen_q, heads, head_dim)
     return (out, lse.view(heads, batch, seqlen_q).permute(1, 0, 2)) if return_softmax_lse else out

@@ -5,7 +5,9 @@ Per layer, k_cache and v_cache are [num_blocks, block_size, kv_heads, head_dim].
 in block block_table[s, t // block_size] (int32 [num_seqs, max_blocks]) at offset t % block_size, and
 seq_lens[s] (int32) counts its tokens, the new ones included. Queries are the new tokens, packed
 [num_tokens, heads, head_dim] with int32 cu_seqlens_q [num_seqs + 1], or one per sequence (decode) without
-it; they sit at the end of their sequence (bottom-right alignment). The lse is float32 [heads, num_tokens].
+it; they sit at the end of their sequence (bottom-right alignment; a sequence may have fewer tokens than queries,
+and then under causal its first queries see none). The lse is float32 [heads, num_tokens]. Optional ALiBi slopes
+(float32 [heads] or [num_seqs, heads]) add -slope * |position of the query - t| to the score of token t.
 """
 
 import math
@@ -62,7 +64,7 @@ def _outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: int,
                      softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-                     num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_splits: int, alibi_slopes: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
     if is_large(q):
         _check_rows(q, "q", k_cache)
@@ -74,21 +76,22 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = new_output(q.shape, q.dtype, q.device, "q", 0.0)
     lse = new_output((q.shape[1], q.shape[0]), torch.float32, q.device, "q", math.inf)
     _C.paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, out, lse,
-                       softmax_scale, causal, window_left, window_right, softcap, num_splits, cuda_stream(q))
+                       softmax_scale, causal, window_left, window_right, softcap, num_splits, cuda_stream(q),
+                       alibi_slopes)
     return out, lse
 
 
 @_paged_attention.register_fake
 def _(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left,
-      window_right, softcap, num_splits):
+      window_right, softcap, num_splits, alibi_slopes=None):
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens,
-                      cu_seqlens_q=cu_seqlens_q)
+                      cu_seqlens_q=cu_seqlens_q, alibi_slopes=alibi_slopes)
     return _outputs(q)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=None, max_seqlen_q=None,
                     softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0, num_splits=0,
-                    return_lse=False):
+                    return_lse=False, alibi_slopes=None):
     """Attention of the new tokens q over the paged caches. Returns out (like q), and lse with return_lse.
 
     q: [num_tokens, heads, head_dim]; without cu_seqlens_q, one query per sequence (decode). max_seqlen_q
@@ -97,7 +100,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=Non
     """
     check_tensor(q, "q", 3, "[num_tokens, heads, head_dim]")
     check_tensors("k_cache v_cache block_table seq_lens", k_cache, v_cache, block_table, seq_lens)
-    check_optional_tensors("cu_seqlens_q", cu_seqlens_q)
+    check_optional_tensors("cu_seqlens_q alibi_slopes", cu_seqlens_q, alibi_slopes)
     if max_seqlen_q is not None:
         max_seqlen_q = as_int(max_seqlen_q, "max_seqlen_q", 0)
     elif cu_seqlens_q is None:
@@ -108,7 +111,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q=Non
     left, right = as_window(window_size)
     scale, softcap = default_scale(q, softmax_scale), as_float(softcap, "softcap")
     out, lse = _paged_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale,
-                                bool(causal), left, right, softcap, as_int(num_splits, "num_splits", 0, INT32_MAX))
+                                bool(causal), left, right, softcap, as_int(num_splits, "num_splits", 0, INT32_MAX),
+                                alibi_slopes)
     return (out, lse) if return_lse else out
 
 

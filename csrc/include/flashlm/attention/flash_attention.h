@@ -14,7 +14,9 @@
 // window side being unbounded. causal is window_right = 0. A row that sees no key gets out = 0 and
 // lse = +inf (its gradients are 0).
 //
-// Scores: s = scale * q.k, or with softcap > 0, s = softcap * tanh(scale * q.k / softcap).
+// Scores: s = scale * q.k, or with softcap > 0, s = softcap * tanh(scale * q.k / softcap). With ALiBi slopes
+// (f32 [heads] or [batch, heads], contiguous, on q's device), query i of a sequence and key
+// j gain -slope[b, h] * |i + Sk - Sq - j| after that, causal or not (flash-attn's bias).
 //
 // NaN and inf propagate as through softmax(s) . V: a NaN score (a NaN in q or in a key the row sees) makes
 // the row's out and lse NaN, a +inf score makes out NaN and lse +inf, only -inf scores give out NaN and lse
@@ -46,6 +48,7 @@ struct AttentionForwardParams {
   TensorView cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // packed batches only: the longest sequence
   AttentionOptions options;
+  TensorView alibi_slopes;  // optional (data == nullptr and ndim == 0: none)
 };
 
 struct AttentionBackwardParams {
@@ -55,6 +58,7 @@ struct AttentionBackwardParams {
   TensorView cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   AttentionOptions options;            // as in the forward pass (version is ignored: the backward is v2)
+  TensorView alibi_slopes;             // as in the forward pass
 };
 
 // CPU work runs on the library's thread pool; CUDA work is queued on `stream` (a cudaStream_t).

@@ -10,7 +10,8 @@
 // int32 cu_seqlens_q [num_seqs + 1]. Without cu_seqlens_q every sequence has exactly one query (decode):
 // q is [num_seqs, heads, head_dim]. Sequence s's q_len queries sit at its last q_len positions
 // (bottom-right alignment, as in flash_attention.h), so a causal prefill chunk sees the cached prefix and
-// itself. Masking, softcap, the lse convention (f32 [heads, num_tokens]; +inf for a row that sees no
+// itself. A sequence may have more queries than tokens (seq_lens[s] < q_len), as in flash attention: query
+// i sits at position seq_lens[s] - q_len + i, and under causal the first q_len - seq_lens[s] see no key. Masking, softcap, the lse convention (f32 [heads, num_tokens]; +inf for a row that sees no
 // key, whose out is 0) and how NaN and inf propagate are those of flash_attention.h; cache slots a query does
 // not read (past seq_lens, blocks of other sequences, keys outside its window) never reach it, whatever
 // they hold. Rows of q past cu_seqlens_q[num_seqs] belong to no
@@ -46,6 +47,7 @@ struct PagedAttentionParams {
   TensorView out;                // output, shaped and typed as q
   TensorView lse;                // optional output, f32 [heads, num_tokens]
   AttentionOptions options;      // version is ignored
+  TensorView alibi_slopes;       // optional f32 [heads] or [num_seqs, heads], as flash_attention.h's
   // Decode only: split each sequence's context into this many parts, attended in parallel and merged by
   // their lse (flash-decoding). 0 lets the library choose (see paged_attention_num_splits).
   int num_splits = 0;
