@@ -103,8 +103,8 @@ void dropout_factors(const Params& p, int b, int h, const QueryBlock& qb, int64_
   }
 }
 
-// z: the dropout factors (dropout_factors), or nullptr.
-template <bool kMask>
+// kDropout: z holds the dropout factors (dropout_factors).
+template <bool kMask, bool kDropout>
 void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_t j0, int64_t bn, float* s, float* dp_,
                                    const float* t, const float* z) {
   const int64_t cols = qb.cols;
@@ -119,7 +119,7 @@ void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_
         grad = _mm256_mul_ps(scale, _mm256_fnmadd_ps(tv, tv, one));
       }
       __m256 dpv = _mm256_loadu_ps(dp_ + e), pr_v = pr;  // pr_v: the P that dV takes
-      if (z) {
+      if constexpr (kDropout) {
         const __m256 zv = _mm256_loadu_ps(z + e);
         dpv = _mm256_mul_ps(dpv, zv);
         pr_v = _mm256_mul_ps(pr, zv);
@@ -206,9 +206,15 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
         scores(p, kj, dp, bn, qb.qt, qb.cols, mask, qb.ranges, j0, sbuf, tbuf);
         StoreEpi store_dp{dpbuf, qb.cols};
         gemm(AView<false>{vj, dp}, qb.dot, qb.cols, dp, bn, qb.cols, store_dp);
-        if (zbuf) dropout_factors(p, b, h, qb, j0, bn, zbuf);
-        if (mask) probabilities_and_score_grads<true>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
-        else probabilities_and_score_grads<false>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
+        if (zbuf) {
+          dropout_factors(p, b, h, qb, j0, bn, zbuf);
+          if (mask) probabilities_and_score_grads<true, true>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
+          else probabilities_and_score_grads<false, true>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
+        } else if (mask) {
+          probabilities_and_score_grads<true, false>(p, qb, j0, bn, sbuf, dpbuf, tbuf, nullptr);
+        } else {
+          probabilities_and_score_grads<false, false>(p, qb, j0, bn, sbuf, dpbuf, tbuf, nullptr);
+        }
         AccumulateEpi to_dv{dv + (j0 - ka) * dp, dp}, to_dk{dk + (j0 - ka) * dp, dp}, to_dq{dq + qb.i0 * dp, dp};
         gemm(AView<false>{sbuf, qb.cols}, qb.dout, dp, qb.cols, bn, dp, to_dv);
         gemm(AView<false>{dpbuf, qb.cols}, qb.q, dp, qb.cols, bn, dp, to_dk);

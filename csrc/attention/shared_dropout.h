@@ -9,7 +9,8 @@
 // keep_below = round((1 - p) * 2^32). Rows and columns are a sequence's own (0 for its first query and key, in
 // packed batches too). A call draws batch * heads consecutive offsets; flashlm.ops advances the generator's
 // offset by that many, as flash-attn advances torch's.
-// Plain __host__ __device__ functions with internal linkage: the AVX2 kernels include them too (core/avx2.h).
+// Plain __host__ __device__ functions with internal linkage: the AVX2 kernels include them too (core/avx2.h);
+// the structs are plain data, at namespace scope so that Params can hold an Rng.
 #pragma once
 
 #include <cmath>
@@ -22,11 +23,20 @@
 #endif
 
 namespace flashlm::attention::dropout {
-namespace {
 
 struct Words {
   uint32_t w[4];
 };
+
+// What one call's mask depends on. keep_below = 2^32 keeps everything (p = 0).
+struct Rng {
+  uint64_t seed = 0, offset = 0;
+  uint64_t keep_below = uint64_t(1) << 32;
+  float scale = 1.f;  // 1 / (1 - p), the factor of a kept probability
+  int heads = 1;
+};
+
+namespace {
 
 // Philox4x32 with 10 rounds: the 128-bit counter c under the 64-bit key (k0, k1).
 FLASHLM_DROPOUT_HD Words philox4x32_10(Words c, uint32_t k0, uint32_t k1) {
@@ -39,14 +49,6 @@ FLASHLM_DROPOUT_HD Words philox4x32_10(Words c, uint32_t k0, uint32_t k1) {
   }
   return c;
 }
-
-// What one call's mask depends on. keep_below = 2^32 keeps everything (p = 0).
-struct Rng {
-  uint64_t seed = 0, offset = 0;
-  uint64_t keep_below = uint64_t(1) << 32;
-  float scale = 1.f;  // 1 / (1 - p), the factor of a kept probability
-  int heads = 1;
-};
 
 // keep_below for a dropout probability p in [0, 1), computed once by the dispatcher in double precision.
 inline uint64_t keep_below(double p) { return uint64_t(std::llround((1.0 - p) * 4294967296.0)); }
