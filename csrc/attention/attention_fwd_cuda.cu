@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v2_kernel(const Param
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + (seq.q0 + i0) * p.o_row_stride + head * p.o_head_stride;
   float* lse = p.lse + b * p.lse_batch_stride + head * p.lse_head_stride + seq.q0 + i0;
   forward_q_tile<Cfg, kBf16>(smem, q, p.q_row_stride, out, p.o_row_stride, lse, band_of(p, seq), i0, rows, d,
-                             ScoreMap(p), aligned, load_k, load_v);
+                             ScoreMap(p), aligned, load_k, load_v, TileDropout{p.dropout_p > 0.f, p.rng, b, head});
 }
 
 template <class Cfg, bool kBf16>
