@@ -49,8 +49,9 @@ def alibi_bias(slopes, sq, sk, dtype=torch.float64):
     return -slopes[:, :, None, None] * (i - j).abs().to(dtype)
 
 
-def _padded(q, k, v, causal, window, softcap, scale, p_dtype, alibi_slopes=None):
-    """q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]."""
+def _padded(q, k, v, causal, window, softcap, scale, p_dtype, alibi_slopes=None, dropout=None):
+    """q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]. dropout: (keep [B, H, >= Sq,
+    >= Sk] bool, p): P's kept elements scaled by 1 / (1 - p), the others 0, before P @ V (lse is P's before)."""
     sq, sk, heads = q.shape[1], k.shape[1], q.shape[2]
     k = k.repeat_interleave(heads // k.shape[2], dim=2)
     v = v.repeat_interleave(heads // v.shape[2], dim=2)
@@ -65,7 +66,11 @@ def _padded(q, k, v, causal, window, softcap, scale, p_dtype, alibi_slopes=None)
     # then zeroes their probabilities.
     s = s.masked_fill(~mask, -math.inf).masked_fill(~seen[:, None], 0.0)
     lse = torch.logsumexp(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
-    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0).to(v.dtype)
+    p = torch.softmax(s, dim=-1).masked_fill(~mask, 0.0)
+    if dropout is not None:
+        keep, rate = dropout
+        p = p.masked_fill(~keep[:, :, :sq, :sk].to(p.device), 0.0) / (1 - rate)
+    p = p.to(v.dtype)  # ALiBi's bias promotes bf16 scores to float32
     if p_dtype is not None:  # the kernel rounds P to its input dtype before P @ V
         p = p.to(p_dtype).to(v.dtype)
     if torch.isfinite(v).all():
@@ -76,25 +81,27 @@ def _padded(q, k, v, causal, window, softcap, scale, p_dtype, alibi_slopes=None)
 
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, scale=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, p_dtype=None, alibi_slopes=None):
+              cu_seqlens_k=None, p_dtype=None, alibi_slopes=None, dropout=None):
     """Attention in the inputs' dtype (the score rows' logsumexp in at least float32).
 
     Padded: q [B, Sq, H, D], k/v [B, Sk, Hkv, D] -> out [B, Sq, H, D], lse [B, H, Sq]. Packed (cu_seqlens_q/k
     given, [B + 1] cumulative lengths): q [Tq, H, D], k/v [Tk, Hkv, D] -> out [Tq, H, D], lse [H, Tq]; rows
     outside every sequence get out 0 and lse +inf. p_dtype rounds the probabilities before P @ V.
-    alibi_slopes: float32 [H] or [B, H] (packed: sequence b takes row b).
+    alibi_slopes: float32 [H] or [B, H] (packed: sequence b takes row b). dropout: (keep [B, H, Sq, Sk] bool,
+    p), keep[b] indexed by sequence b's own rows and columns (see _padded).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     opts = (causal, window, softcap, scale, p_dtype)
     if cu_seqlens_q is None:
-        return _padded(q, k, v, *opts, alibi_slopes)
+        return _padded(q, k, v, *opts, alibi_slopes, dropout)
     cu_q, cu_k = [int(x) for x in cu_seqlens_q], [int(x) for x in cu_seqlens_k]
     outs = [q.new_zeros((cu_q[0],) + q.shape[1:])]
     lses = [torch.full((q.shape[1], cu_q[0]), math.inf, dtype=torch.float64, device=q.device)]
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         slopes = None if alibi_slopes is None else alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
-        out, lse = _padded(q[None, qs], k[None, ks], v[None, ks], *opts, slopes)
+        drop = None if dropout is None else (dropout[0][b:b + 1], dropout[1])
+        out, lse = _padded(q[None, qs], k[None, ks], v[None, ks], *opts, slopes, drop)
         outs.append(out[0])
         lses.append(lse[0].double())
     tail = q.shape[0] - cu_q[-1]

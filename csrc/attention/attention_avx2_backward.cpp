@@ -12,7 +12,8 @@
 // head, packed once per task and head as Q, Q^T, dO, dO^T) that can see it:
 //   S^T = K . Q^T               P^T = exp2(S^T - lse log2 e)        dP^T = V . dO^T
 //   dS^T = P^T (dP^T - D) ds/dx   dV += P^T . dO   dK += dS^T . Q   dQ += dS . K
-// with D = rowsum(dO * O) (written to p.delta) and ds/dx = scale (1 - tanh^2 with softcap).
+// with D = rowsum(dO * O) (written to p.delta) and ds/dx = scale (1 - tanh^2 with softcap). With dropout (factors
+// Z of shared_dropout.h, the forward's draw), dP^T is Z (V . dO^T) and dV += (Z P)^T . dO.
 #include "attention_avx2.h"
 #include "attention_kernels.h"
 #include "shared_softmax.h"
@@ -94,9 +95,20 @@ void pack_query_block(const Params& p, int b, const Sequence& s, int h, QueryBlo
 // P^T and dS^T from S^T (log2 units, in s) and dP^T (in dp_): s <- P, dp_ <- dS. t: tanh values (softcap).
 // kMask (a block some keys of which some rows do not see): both are exactly 0 where the row does not see the
 // key, whatever its lse, delta and V hold (exp2 of -inf - -inf, or 0 times a NaN, would make them NaN).
-template <bool kMask>
+// The dropout factors of the block's rows for keys j0 .. j0 + bn, laid out as S^T ([bn x cols]; 0 in padding
+// columns).
+void dropout_factors(const Params& p, int b, int h, const QueryBlock& qb, int64_t j0, int64_t bn, float* z) {
+  float f[kBlockN];
+  for (int64_t c = 0; c < qb.cols; ++c) {
+    if (c < qb.n) dropout::row_factors(p.rng, b, h, qb.i0 + c, j0, j0 + bn, f);
+    for (int64_t j = 0; j < bn; ++j) z[j * qb.cols + c] = c < qb.n ? f[j] : 0.f;
+  }
+}
+
+// kDropout: z holds the dropout factors (dropout_factors).
+template <bool kMask, bool kDropout>
 void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_t j0, int64_t bn, float* s, float* dp_,
-                                   const float* t) {
+                                   const float* t, const float* z) {
   const int64_t cols = qb.cols;
   const __m256 scale = _mm256_set1_ps(p.scale), one = _mm256_set1_ps(1.f);
   for (int64_t j = 0; j < bn; ++j) {
@@ -108,13 +120,19 @@ void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_
         const __m256 tv = _mm256_loadu_ps(t + e);
         grad = _mm256_mul_ps(scale, _mm256_fnmadd_ps(tv, tv, one));
       }
-      __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pr, _mm256_sub_ps(_mm256_loadu_ps(dp_ + e), _mm256_loadu_ps(qb.delta + c))), grad);
+      __m256 dpv = _mm256_loadu_ps(dp_ + e), pr_v = pr;  // pr_v: the P that dV takes
+      if constexpr (kDropout) {
+        const __m256 zv = _mm256_loadu_ps(z + e);
+        dpv = _mm256_mul_ps(dpv, zv);
+        pr_v = _mm256_mul_ps(pr, zv);
+      }
+      __m256 ds = _mm256_mul_ps(_mm256_mul_ps(pr, _mm256_sub_ps(dpv, _mm256_loadu_ps(qb.delta + c))), grad);
       if constexpr (kMask) {
         const __m256 seen = visible(qb.ranges, c, j0 + j);
-        pr = _mm256_and_ps(pr, seen);
+        pr_v = _mm256_and_ps(pr_v, seen);
         ds = _mm256_and_ps(ds, seen);
       }
-      _mm256_storeu_ps(s + e, pr);
+      _mm256_storeu_ps(s + e, pr_v);
       _mm256_storeu_ps(dp_ + e, ds);
     }
   }
@@ -143,7 +161,7 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
   const int64_t cols_max = round_up(min64(kBlockM, max64(s.sq, 1)), 8);
   const bool cap = p.softcap > 0.f;
   Carver c{scratch.get(4 * round_up(nk * dp, 16) + nqb * (query_block_floats(cols_max, dp) + int64_t(sizeof(QueryBlock) / 4) + 32) +
-                       round_up(nqb * kBlockM * dp, 16) + (cap ? 3 : 2) * round_up(kBlockN * cols_max, 16) +
+                       round_up(nqb * kBlockM * dp, 16) + (2 + cap + p.dropout()) * round_up(kBlockN * cols_max, 16) +
                        2 * round_up(dp, 16) + 64)};
   float* k = c.take(nk * dp);
   float* v = c.take(nk * dp);
@@ -154,6 +172,7 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
   float* sbuf = c.take(kBlockN * cols_max);
   float* dpbuf = c.take(kBlockN * cols_max);
   float* tbuf = cap ? c.take(kBlockN * cols_max) : nullptr;
+  float* zbuf = p.dropout() ? c.take(kBlockN * cols_max) : nullptr;
   float* orow = c.take(dp);
   for (int64_t qi = 0; qi < nqb; ++qi) {
     QueryBlock& qb = blocks[qi];
@@ -192,8 +211,15 @@ void backward_task(const Params& p, int b, int kvh, int chunk, int nchunks, floa
         if (p.alibi_slopes) add_alibi(sbuf, bn, qb.cols, j0, qb.alibi);
         StoreEpi store_dp{dpbuf, qb.cols};
         gemm(AView<false>{vj, dp}, qb.dot, qb.cols, dp, bn, qb.cols, store_dp);
-        if (mask) probabilities_and_score_grads<true>(p, qb, j0, bn, sbuf, dpbuf, tbuf);
-        else probabilities_and_score_grads<false>(p, qb, j0, bn, sbuf, dpbuf, tbuf);
+        if (zbuf) {
+          dropout_factors(p, b, h, qb, j0, bn, zbuf);
+          if (mask) probabilities_and_score_grads<true, true>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
+          else probabilities_and_score_grads<false, true>(p, qb, j0, bn, sbuf, dpbuf, tbuf, zbuf);
+        } else if (mask) {
+          probabilities_and_score_grads<true, false>(p, qb, j0, bn, sbuf, dpbuf, tbuf, nullptr);
+        } else {
+          probabilities_and_score_grads<false, false>(p, qb, j0, bn, sbuf, dpbuf, tbuf, nullptr);
+        }
         AccumulateEpi to_dv{dv + (j0 - ka) * dp, dp}, to_dk{dk + (j0 - ka) * dp, dp}, to_dq{dq + qb.i0 * dp, dp};
         gemm(AView<false>{sbuf, qb.cols}, qb.dout, dp, qb.cols, bn, dp, to_dv);
         gemm(AView<false>{dpbuf, qb.cols}, qb.q, dp, qb.cols, bn, dp, to_dk);

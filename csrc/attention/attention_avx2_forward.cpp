@@ -14,6 +14,7 @@
 // One step of both (block_step) takes a K/V block of up to kBlockN keys against a tile of query columns:
 //   S^T = K . Q^T (log2 units, masked)  ->  m, alpha, P^T = exp2(S^T - m), l  ->  O = alpha O + P . V
 // Tiles are f32 and padded to multiples of 8 in head_dim (zeros); see attention_avx2.h for the layouts.
+// Dropout multiplies P^T by the mask's factors (shared_dropout.h) after l is summed, before P . V.
 //
 // Block sizes: measured on this project's 2-vCPU Zen 3 machine with one thread (CPU time, so that the
 // shared machine's load does not blur the comparison), B=1, H=16, S=2048, f32, not causal; medians of three
@@ -51,6 +52,10 @@ struct QueryTile {
   float* l;                // [cols] running sum
   float* alpha;            // [cols] scratch: the rescale of this step
   float* o;                // [cols x dp] unnormalised output
+  // Which row column c is, for dropout: row i0 + c % np of head h0 + c / np of sequence b (a padding column
+  // when c % np >= n).
+  int b = 0, h0 = 0;
+  int64_t i0 = 0, np = 0, n = 0;
 };
 
 // A packed K/V block: keys j0 .. j0 + bn, rows of dp floats.
@@ -177,12 +182,24 @@ void accumulate_visible(const QueryTile& t, const KvBlock& kv, int64_t dp, const
   }
 }
 
+// P^T[bn x cols] (in s) times the dropout factors of its rows' keys kv.j0 ...: the same draw as the scalar
+// kernel's, one column (query row) at a time.
+void apply_dropout(const Params& p, const QueryTile& t, const KvBlock& kv, float* s) {
+  float f[kBlockN];
+  for (int64_t c = 0; c < t.cols; ++c) {
+    if (c % t.np >= t.n) continue;  // a padding column: P is 0
+    dropout::row_factors(p.rng, t.b, t.h0 + int(c / t.np), t.i0 + c % t.np, kv.j0, kv.j0 + kv.bn, f);
+    for (int64_t j = 0; j < kv.bn; ++j) s[j * t.cols + c] *= f[j];
+  }
+}
+
 // Folds one K/V block into a query tile. s: scratch [kBlockN x cols] (and as much again with softcap).
 void block_step(const Params& p, const QueryTile& t, const KvBlock& kv, int64_t dp, float* s) {
   const bool mask = kv.j0 < t.first_max || kv.j0 + kv.bn > t.last_min;
   scores(p, kv.k, dp, kv.bn, t.qt, t.cols, mask, t.ranges, kv.j0, s, s + kBlockN * t.cols);
   if (p.alibi_slopes) add_alibi(s, kv.bn, t.cols, kv.j0, t.alibi);
   online_softmax(t, s, kv.bn);
+  if (p.dropout()) apply_dropout(p, t, kv, s);
   if (mask && !all_finite(kv.v, kv.bn * dp)) {
     accumulate_visible(t, kv, dp, s);
     return;
@@ -244,6 +261,7 @@ void forward_v2_task(const Params& p, int b, int kvh, int64_t chunk, int64_t nch
     for (int g = 0; g < G; ++g)
       pack_queries(p, b, s, kvh * G + g, i0, n, dp, rows, t, g * np);
     init_state(t, dp);
+    t.b = b, t.h0 = kvh * G, t.i0 = i0, t.np = np, t.n = n;
     const cpu::KeyRange mine = cpu::visible_keys(p, s, i0, i0 + n);
     t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
     t.last_min = cpu::visible_keys(p, s, i0).last;
@@ -277,6 +295,7 @@ void forward_v1_task(const Params& p, int b, int h, Scratch& scratch) {
     t = carve_query_tile(c, round_up(n, 8), dp);
     pack_queries(p, b, s, h, i0, n, dp, rows, t, 0);
     init_state(t, dp);
+    t.b = b, t.h0 = h, t.i0 = i0, t.np = t.cols, t.n = n;
     t.first_max = cpu::visible_keys(p, s, i0 + n - 1).first;
     t.last_min = cpu::visible_keys(p, s, i0).last;
   }

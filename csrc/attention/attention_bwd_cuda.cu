@@ -1,7 +1,8 @@
 // FlashAttention-2 backward on tensor cores, deterministic and free of atomics, and the CUDA backward entry
 // point. Reference: backward_scalar (attention_scalar.cpp): P = exp(s - lse) recomputed from the saved lse,
 // dP = dO V^T, dS = P (dP - delta) ds/dx with delta = rowsum(dO * O), dV = P^T dO, dK = dS^T Q, dQ = dS K,
-// dK and dV summed over the query heads that share a K/V head.
+// dK and dV summed over the query heads that share a K/V head. With dropout (factor z of each element, drawn
+// again as the forward drew it: shared_dropout.h), dP = z dO V^T and dV = (z P)^T dO.
 //
 // Three kernels, in stream order:
 //  1. bwd_delta_kernel: delta = rowsum(dO * O) per query row and head, written to p.delta (lse layout).
@@ -162,7 +163,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
     const float* lse = sLse + stage * kBlockM;
     const float* delta = sDelta + stage * kBlockM;
     const int64_t i0 = (m_tiles.begin + t % per_head) * kBlockM;
-    const float alibi2 = alibi_slope2(p, b, kvh * group + int(t / per_head));
+    const int head = kvh * group + int(t / per_head);  // for ALiBi's slope and dropout's draw
+    const float alibi2 = alibi_slope2(p, b, head);
 
     // dP^T = V dO^T and S^T = K Q^T for the warp's 16 keys x kBlockM queries.
     float dp[1][kQT][4], s[1][kQT][4];
@@ -188,8 +190,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dkdv_kernel(const Params p,
           float t2 = score(s[0][nt][2 * h + e], g);
           if (alibi2 != 0.f) t2 += alibi_log2(alibi2, band, i0 + col, j0 + kw * 16 + (lane >> 2) + 8 * h);
           const float pe = seen ? exp2_approx(t2 - lse[col] * kLog2e) : 0.f;
-          s[0][nt][2 * h + e] = pe;
-          dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[col]) * g : 0.f;
+          const int64_t key = j0 + kw * 16 + (lane >> 2) + 8 * h;
+          const float z = p.dropout_p > 0.f ? dropout::factor(p.rng, b, head, i0 + col, key) : 1.f;
+          s[0][nt][2 * h + e] = pe * z;
+          dp[0][nt][2 * h + e] = seen ? pe * (z * dp[0][nt][2 * h + e] - delta[col]) * g : 0.f;
         }
     }
 
@@ -312,7 +316,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_dq_kernel(const Params p, b
           if (alibi2 != 0.f) t2 += alibi_log2(alibi2, band, i0 + row0 + (lane >> 2) + 8 * h, j0 + col);
           const bool seen = col >= c.lo && col < c.hi;
           const float pe = seen ? exp2_approx(t2 - lse2[h]) : 0.f;
-          dp[0][nt][2 * h + e] = seen ? pe * (dp[0][nt][2 * h + e] - delta[h]) * g : 0.f;
+          const int64_t row = i0 + row0 + (lane >> 2) + 8 * h;
+          const float z = p.dropout_p > 0.f ? dropout::factor(p.rng, b, head, row, j0 + col) : 1.f;
+          dp[0][nt][2 * h + e] = seen ? pe * (z * dp[0][nt][2 * h + e] - delta[h]) * g : 0.f;
         }
     }
 

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v2_kernel(const Param
   ScoreMap score_map(p);
   score_map.alibi2 = alibi_slope2(p, b, head);
   forward_q_tile<Cfg, kBf16>(smem, q, p.q_row_stride, out, p.o_row_stride, lse, band_of(p, seq), i0, rows, d,
-                             score_map, aligned, load_k, load_v);
+                             score_map, aligned, load_k, load_v, TileDropout{p.dropout_p > 0.f, p.rng, b, head});
 }
 
 template <class Cfg, bool kBf16>

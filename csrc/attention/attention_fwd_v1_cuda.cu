@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
   const uint32_t q_base = smem_addr(sQ + row0 * kStride), k_base = smem_addr(sK);
   ScoreMap score_map(p);
   score_map.alibi2 = alibi_slope2(p, b, head);
+  const TileDropout drop{p.dropout_p > 0.f, p.rng, b, head};
 
   for (int64_t j0 = 0; j0 < seq.sk; j0 += kBlockN) {
     const int keys = int(tiles::min64(seq.sk - j0, kBlockN));
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) flash_fwd_v1_kernel(const Param
       float s[kMT][kNT][4];
       zero(s);
       mma_abt<kBf16, kMT, kNT, Cfg::kHeadDim, kStride, kStride>(s, q_base, k_base, lane);
-      softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane);
+      softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane, drop);
 
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "flashlm/core/dtype.h"
+#include "shared_dropout.h"
 
 namespace flashlm::attention {
 
@@ -56,9 +57,16 @@ struct Params {
   int64_t window_left = -1, window_right = -1;
   bool causal = false;
   int version = 2;
+  // Dropout (flash_attn_func and its variants; never paged attention): element (b, h, row, col) of P is kept
+  // with probability 1 - dropout_p and then scaled by 1 / (1 - dropout_p), as shared_dropout.h draws it from
+  // (philox_seed, philox_offset); 0 is off. rng holds what the kernels draw from, filled by the dispatcher.
+  float dropout_p = 0.f;
+  uint64_t philox_seed = 0, philox_offset = 0;
+  dropout::Rng rng;
 
   bool packed() const { return cu_seqlens_q != nullptr; }
   int group() const { return heads / kv_heads; }  // query heads per K/V head
+  bool dropout() const { return dropout_p > 0.f; }
 };
 
 }  // namespace flashlm::attention

@@ -1,6 +1,7 @@
 // Scalar CPU attention: the plain reference the AVX2 and CUDA kernels are checked against, and the path on
 // CPUs without AVX2. Forward in both loop orders (v1: K/V blocks outer; v2: Q blocks outer), backward as in
-// FlashAttention-2 (P recomputed from the saved logsumexp), all in f32.
+// FlashAttention-2 (P recomputed from the saved logsumexp), all in f32. Dropout scales P by the mask's factors
+// (shared_dropout.h) after the sum l is taken and before P . V; the backward draws the same factors again.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -37,10 +38,20 @@ struct QueryRow {
   float slope;
 };
 
-// Folds keys [j0, j1) (all visible to the row) into the row's state. k and v hold the sequence's keys as f32.
-// NaN and inf follow shared_softmax.h: a NaN score makes m NaN, and the exponents are taken against base(m).
+// The dropout factors of keys [j0, j1) of row i of head h (drop[j - j0]), or nullptr without dropout.
+const float* dropout_factors(const Params& p, int b, int h, int64_t i, int64_t j0, int64_t j1,
+                             std::vector<float>& drop) {
+  if (!p.dropout()) return nullptr;
+  drop.resize(size_t(std::max<int64_t>(j1 - j0, 1)));
+  dropout::row_factors(p.rng, b, h, i, j0, j1, drop.data());
+  return drop.data();
+}
+
+// Folds keys [j0, j1) (all visible to the row) into the row's state. k and v hold the sequence's keys as f32;
+// drop: their dropout factors, or nullptr. NaN and inf follow shared_softmax.h: a NaN score makes m NaN, and
+// the exponents are taken against base(m).
 void fold_keys(const Params& p, const QueryRow& row, const float* q, const float* k, const float* v, int64_t j0,
-               int64_t j1, RowState& st, float* acc, float* s) {
+               int64_t j1, RowState& st, float* acc, float* s, const float* drop) {
   const int D = p.head_dim;
   float m_new = st.m;
   for (int64_t j = j0; j < j1; ++j) {
@@ -55,7 +66,8 @@ void fold_keys(const Params& p, const QueryRow& row, const float* q, const float
   for (int64_t j = j0; j < j1; ++j) {
     const float pj = std::exp(s[j - j0] - base);
     st.l += pj;
-    for (int d = 0; d < D; ++d) acc[d] += pj * v[j * D + d];
+    const float pv = drop ? pj * drop[j - j0] : pj;
+    for (int d = 0; d < D; ++d) acc[d] += pv * v[j * D + d];
   }
   st.m = m_new;
 }
@@ -93,7 +105,7 @@ void forward_v2_block(const Params& p, int b, int h, int64_t qb) {
   const int D = p.head_dim;
   const int64_t i0 = qb * kBlockM, i1 = std::min(s.sq, i0 + kBlockM);
   if (i0 >= i1) return;
-  std::vector<float> k, v, q(D), acc(D), scores(kBlockN);
+  std::vector<float> k, v, q(D), acc(D), scores(kBlockN), drop;
   load_kv(p, b, s, h / p.group(), k, v);
   for (int64_t i = i0; i < i1; ++i) {
     cpu::load_row(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i, p.q_row_stride, h, p.q_head_stride),
@@ -101,9 +113,11 @@ void forward_v2_block(const Params& p, int b, int h, int64_t qb) {
     std::fill(acc.begin(), acc.end(), 0.f);
     RowState st;
     const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
-    for (int64_t j0 = keys.first; j0 < keys.last; j0 += kBlockN)
-      fold_keys(p, QueryRow{s, i, cpu::alibi_slope(p, b, h)}, q.data(), k.data(), v.data(), j0,
-                std::min(keys.last, j0 + kBlockN), st, acc.data(), scores.data());
+    for (int64_t j0 = keys.first; j0 < keys.last; j0 += kBlockN) {
+      const int64_t j1 = std::min(keys.last, j0 + kBlockN);
+      fold_keys(p, QueryRow{s, i, cpu::alibi_slope(p, b, h)}, q.data(), k.data(), v.data(), j0, j1, st, acc.data(),
+                scores.data(), dropout_factors(p, b, h, i, j0, j1, drop));
+    }
     finish_row(p, keys.first < keys.last, st, acc.data(),
                cpu::row_ptr(p.out, p.dtype, b * p.o_batch_stride, s.q0 + i, p.o_row_stride, h, p.o_head_stride),
                lse_row(p, p.lse, b, s, h, i));
@@ -115,7 +129,7 @@ void forward_v2_block(const Params& p, int b, int h, int64_t qb) {
 void forward_v1_head(const Params& p, int b, int h) {
   const Sequence s = cpu::sequence(p, b);
   const int D = p.head_dim;
-  std::vector<float> k, v, q(D), scores(kBlockN);
+  std::vector<float> k, v, q(D), scores(kBlockN), drop;
   load_kv(p, b, s, h / p.group(), k, v);
   std::vector<RowState> state(s.sq);
   std::vector<float> acc(size_t(s.sq) * D, 0.f);  // the output, unnormalised, in f32
@@ -129,7 +143,7 @@ void forward_v1_head(const Params& p, int b, int h) {
         cpu::load_row(cpu::row_ptr(p.q, p.dtype, b * p.q_batch_stride, s.q0 + i, p.q_row_stride, h, p.q_head_stride),
                       p.dtype, D, q.data());
         fold_keys(p, QueryRow{s, i, cpu::alibi_slope(p, b, h)}, q.data(), k.data(), v.data(), a, e, state[i],
-                  &acc[i * D], scores.data());
+                  &acc[i * D], scores.data(), dropout_factors(p, b, h, i, a, e, drop));
       }
     }
   }
@@ -146,7 +160,7 @@ void forward_v1_head(const Params& p, int b, int h) {
 void backward_kv_head(const Params& p, int b, int kvh) {
   const Sequence s = cpu::sequence(p, b);
   const int D = p.head_dim;
-  std::vector<float> k, v, q(D), dout(D), out(D), dq(D);
+  std::vector<float> k, v, q(D), dout(D), out(D), dq(D), drop;
   load_kv(p, b, s, kvh, k, v);
   std::vector<float> dk(size_t(s.sk) * D, 0.f), dv(size_t(s.sk) * D, 0.f);
   for (int h = kvh * p.group(); h < (kvh + 1) * p.group(); ++h) {
@@ -163,16 +177,21 @@ void backward_kv_head(const Params& p, int b, int kvh) {
       const float lse = softmax::backward_lse(*lse_row(p, p.lse, b, s, h, i), delta);
       std::fill(dq.begin(), dq.end(), 0.f);
       const cpu::KeyRange keys = cpu::visible_keys(p, s, i);
+      const float* fac = dropout_factors(p, b, h, i, keys.first, keys.last, drop);
       for (int64_t j = keys.first; j < keys.last && lse != kInf; ++j) {
         const float sc = cpu::score(p, dot(q.data(), &k[j * D], D));
         const float bias = slope != 0.f ? cpu::alibi_bias(slope, s, i, j) : 0.f;  // a constant: no gradient
         const float pj = std::exp(sc + bias - lse);
-        const float dp = dot(dout.data(), &v[j * D], D);
+        // With dropout, out = sum_j pj z_j v_j (z: the factor), so dV takes pj z_j and dP is z_j dO . v_j;
+        // delta = rowsum(dO * O) is still sum_j pj dP_j.
+        const float z = fac ? fac[j - keys.first] : 1.f;
+        const float dp = z * dot(dout.data(), &v[j * D], D);
         const float dx = pj * (dp - delta) * cpu::score_grad(p, sc);  // dS, through the softcap and the scale
+        const float pv = pj * z;
         for (int d = 0; d < D; ++d) {
           dq[d] += dx * k[j * D + d];
           dk[j * D + d] += dx * q[d];
-          dv[j * D + d] += pj * dout[d];
+          dv[j * D + d] += pv * dout[d];
         }
       }
       cpu::store_row(dq.data(), D,

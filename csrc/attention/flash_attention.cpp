@@ -5,12 +5,14 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "attention_kernels.h"
 #include "shared_alibi.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
+#include "flashlm/core/thread_pool.h"
 
 namespace flashlm {
 namespace {
@@ -78,6 +80,10 @@ void check_cu_seqlens(const TensorView& cu, const char* name, const Device& devi
                 " rows of the packed tensor");
 }
 
+void check_dropout_p(float p) {
+  FLASHLM_CHECK(p >= 0.f && p < 1.f, "dropout_p: must be in [0, 1), got ", p);  // NaN fails both
+}
+
 void check_options(const AttentionOptions& o) {
   FLASHLM_CHECK(std::isfinite(o.softmax_scale) && o.softmax_scale != 0.f, "softmax_scale: must be finite and non-zero, got ",
                 o.softmax_scale);
@@ -85,6 +91,17 @@ void check_options(const AttentionOptions& o) {
   FLASHLM_CHECK(o.window_left >= -1 && o.window_right >= -1, "window_size: each side must be >= -1 (-1: unbounded), got (",
                 o.window_left, ", ", o.window_right, ")");
   FLASHLM_CHECK(o.version == 1 || o.version == 2, "version: must be 1 or 2, got ", o.version);
+  check_dropout_p(o.dropout_p);
+}
+
+attention::dropout::Rng dropout_rng(float p, uint64_t seed, uint64_t offset, int heads) {
+  attention::dropout::Rng r;
+  r.seed = seed;
+  r.offset = offset;
+  r.keep_below = attention::dropout::keep_below(p);
+  r.scale = float(1.0 / (1.0 - double(p)));
+  r.heads = heads;
+  return r;
 }
 
 // The shape-independent part of Params: geometry from q and k, options, cu_seqlens.
@@ -153,6 +170,10 @@ Params make_params(const TensorView& q, const TensorView& k, const TensorView& c
   if (p.window_left >= p.seqlen_k) p.window_left = -1;
   if (p.window_right >= p.seqlen_q) p.window_right = -1;
   p.version = o.version;
+  p.dropout_p = o.dropout_p;
+  p.philox_seed = o.philox_seed;
+  p.philox_offset = o.philox_offset;
+  p.rng = dropout_rng(o.dropout_p, o.philox_seed, o.philox_offset, p.heads);
   return p;
 }
 
@@ -172,6 +193,29 @@ void check_device(const Device& device, const char* op) {
 }
 
 }  // namespace
+
+void flash_attention_dropout_mask(const TensorView& mask, float dropout_p, uint64_t philox_seed, uint64_t philox_offset) {
+  check_dropout_p(dropout_p);
+  FLASHLM_CHECK(mask.ndim == 4, "mask: expected 4 dimensions [batch, heads, seqlen_q, seqlen_k], got ",
+                mask.shape_string());
+  FLASHLM_CHECK(mask.dtype == DType::U8, "mask: must be uint8, got ", dtype_name(mask.dtype));
+  FLASHLM_CHECK(mask.device.is_cpu(), "mask: must be on the CPU");
+  FLASHLM_CHECK(mask.is_contiguous(), "mask: must be contiguous");
+  FLASHLM_CHECK(mask.data != nullptr || mask.numel() == 0, "mask: missing tensor");
+  const int batch = count_as_int(mask.shape[0], "mask", "batch");
+  const int heads = count_as_int(mask.shape[1], "mask", "heads");
+  const int64_t sq = mask.shape[2], sk = mask.shape[3];
+  const attention::dropout::Rng r = dropout_rng(dropout_p, philox_seed, philox_offset, heads);
+  auto* out = static_cast<uint8_t*>(mask.data);
+  parallel_for(int64_t(batch) * heads * sq, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> factors(size_t(std::max<int64_t>(sk, 1)));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bh = t / std::max<int64_t>(sq, 1);
+      attention::dropout::row_factors(r, int(bh / heads), int(bh % heads), t % sq, 0, sk, factors.data());
+      for (int64_t j = 0; j < sk; ++j) out[t * sk + j] = factors[j] != 0.f;
+    }
+  });
+}
 
 bool flash_attention_cuda_supports_head_dim(int64_t head_dim) { return head_dim >= 8 && head_dim <= 256 && head_dim % 8 == 0; }
 

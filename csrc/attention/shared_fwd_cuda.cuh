@@ -233,19 +233,52 @@ __device__ __forceinline__ bool sync_and_check_v(bool masked, const Elem<kBf16>*
   return __syncthreads_or(own_chunks_nonfinite<Cfg::kBlockN, Cfg::kHeadDim, Cfg::kThreads, kBf16>(sV)) != 0;
 }
 
+// Dropout of a tile step's P (flash attention's forward; paged attention has none): the rows are those of head
+// h of sequence b, drawn as shared_dropout.h says.
+struct TileDropout {
+  bool on = false;
+  dropout::Rng rng;
+  int b = 0, h = 0;
+};
+
+// p *= the dropout factor of each element, after the online softmax has summed it into l and before P V.
+// row0: the query index of the warp's first row; j0: the tile's first key.
+template <int kMT, int kNT>
+__device__ __forceinline__ void apply_dropout(float (&p)[kMT][kNT][4], const TileDropout& drop, int64_t row0,
+                                              int64_t j0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + mt * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        // The lane's two columns of the n-block are one even and the next: words of one Philox call.
+        const int64_t col = j0 + nt * 8 + 2 * (lane & 3);
+        const dropout::Words w = dropout::group_words(drop.rng, drop.b, drop.h, row, col >> 2);
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          if (dropout::word(w, col + e) >= drop.rng.keep_below) p[mt][nt][2 * h + e] = 0.f;
+          else p[mt][nt][2 * h + e] *= drop.rng.scale;
+      }
+    }
+}
+
 // The rest of a tile step once S = Q K^T is in s: log2-domain scores, the mask (masked tiles), the online
-// softmax, and O += P V, element-wise for a masked tile whose V holds an inf or NaN (pv_visible). row0: the
-// query index of the warp's first row; j0: the tile's first key; sV: the V tile in smem.
+// softmax, dropout, and O += P V, element-wise for a masked tile whose V holds an inf or NaN (pv_visible). row0:
+// the query index of the warp's first row; j0: the tile's first key; sV: the V tile in smem.
 template <class Cfg, bool kBf16>
 __device__ __forceinline__ void softmax_pv(float (&s)[Cfg::kMT][Cfg::kNT][4], float (&o)[Cfg::kMT][Cfg::kDT][4],
                                            float (&m)[Cfg::kMT][2], float (&l)[Cfg::kMT][2], const ScoreMap& score_map,
                                            const tiles::Band& band, bool masked, bool v_nonfinite,
-                                           const Elem<kBf16>* sV, int64_t row0, int64_t j0, int lane) {
+                                           const Elem<kBf16>* sV, int64_t row0, int64_t j0, int lane,
+                                           const TileDropout& drop = TileDropout{}) {
   constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kDT = Cfg::kDT, kStride = Cfg::kStride;
   scores_log2(s, score_map);
   if (score_map.alibi2 != 0.f) add_alibi(s, score_map.alibi2, band, row0, j0, lane);
   if (masked) mask_rows(s, band, row0, j0, lane);
   online_softmax(s, o, m, l);
+  if (drop.on) apply_dropout(s, drop, row0, j0, lane);
   if (v_nonfinite) {
     pv_visible<kBf16, kMT, kNT, kDT, kStride>(o, s, sV, band, row0, j0, lane);
   } else {
@@ -262,13 +295,13 @@ __device__ __forceinline__ void softmax_pv(float (&s)[Cfg::kMT][Cfg::kNT][4], fl
 // commit, the cp.async copies of the K or V tile whose first key is j0 into the smem tile dst, zero-filling
 // rows past the sequence's end (load_tile does for a strided tensor). Pipeline, with one K and one V buffer:
 // V(n) is loaded while S = Q K(n)^T is computed, and K(n + 1) while the softmax and O += P V(n) run, so a
-// load is always in flight behind the math.
+// load is always in flight behind the math. drop: the rows' dropout (none by default).
 template <class Cfg, bool kBf16, class LoadK, class LoadV>
 __device__ __forceinline__ void forward_q_tile(unsigned char* smem, const Elem<kBf16>* q, int64_t q_row_stride,
                                                Elem<kBf16>* out, int64_t o_row_stride, float* lse_row0,
                                                const tiles::Band& band, int64_t i0, int rows, int d,
                                                const ScoreMap& score_map, bool aligned, LoadK&& load_k,
-                                               LoadV&& load_v) {
+                                               LoadV&& load_v, const TileDropout& drop = TileDropout{}) {
   using T = Elem<kBf16>;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
   constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kDT = Cfg::kDT;
@@ -311,7 +344,7 @@ __device__ __forceinline__ void forward_q_tile(unsigned char* smem, const Elem<k
       load_k(sK, j0 + kBlockN);
       cp_async_commit();
     }
-    softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane);
+    softmax_pv<Cfg, kBf16>(s, o, m, l, score_map, band, masked, v_nonfinite, sV, i0 + row0, j0, lane, drop);
   }
 
   float inv[kMT][2], lse[kMT][2];

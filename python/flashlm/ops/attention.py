@@ -66,6 +66,11 @@ def _check_like(t: torch.Tensor, name: str, shape, layout: str) -> None:
         raise ValueError(f"{name}: expected shape {layout} = {list(shape)}, got {list(t.shape)}")
 
 
+def _unsigned(seed: int, offset: int) -> tuple[int, int]:
+    """The op schema's int64 seed and offset as the kernels' uint64 (torch's CUDA seeds use all 64 bits)."""
+    return seed & 0xFFFFFFFFFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF
+
+
 def _fill_outside(cu_seqlens: torch.Tensor, *rows) -> None:
     """For each (t, dim, value) of rows, sets the rows of t along `dim` outside every sequence of cu_seqlens (a CPU
     tensor the kernels have checked) to `value`."""
@@ -94,6 +99,9 @@ def forward_op(
     softcap: float,
     version: int,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    philox_seed: int = 0,
+    philox_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     packed = cu_seqlens_q is not None
     if is_large(q) or is_large(k) or is_large(v):
@@ -107,7 +115,7 @@ def forward_op(
     lse = new_output(_lse_shape(q, packed), torch.float32, device, "q", math.inf if fill_first else None)
     _C.flash_attention_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                softmax_scale, causal, window_left, window_right, softcap, version, cuda_stream(q),
-                               alibi_slopes)
+                               alibi_slopes, dropout_p, *_unsigned(philox_seed, philox_offset))
     if packed and q.is_cpu:
         _fill_outside(cu_seqlens_q, (out, 0, 0.0), (lse, 1, math.inf))
     return out, lse
@@ -115,7 +123,7 @@ def forward_op(
 
 @forward_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-      window_right, softcap, version, alibi_slopes=None):
+      window_right, softcap, version, alibi_slopes=None, dropout_p=0.0, philox_seed=0, philox_offset=0):
     check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return _forward_outputs(q, cu_seqlens_q is not None)
 
@@ -138,6 +146,9 @@ def backward_op(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    philox_seed: int = 0,
+    philox_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     packed = cu_seqlens_q is not None
     if any(is_large(t) for t in (dout, q, k, v, out, lse)):
@@ -154,7 +165,8 @@ def backward_op(
     delta = new_output(lse.shape, torch.float32, lse.device, "lse")
     _C.flash_attention_backward(dout, q, k, v, out, contiguous(lse, "lse"), dq, dk, dv, delta, cu_seqlens_q,
                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                                window_right, softcap, cuda_stream(q), alibi_slopes)
+                                window_right, softcap, cuda_stream(q), alibi_slopes, dropout_p,
+                                *_unsigned(philox_seed, philox_offset))
     if packed and q.is_cpu:
         _fill_outside(cu_seqlens_q, (dq, 0, 0.0))
         _fill_outside(cu_seqlens_k, (dk, 0, 0.0), (dv, 0, 0.0))
@@ -163,27 +175,28 @@ def backward_op(
 
 @backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-      window_left, window_right, softcap, alibi_slopes=None):
+      window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, philox_seed=0, philox_offset=0):
     check_same_device(q=q, dout=dout, k=k, v=v, out=out, lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                       alibi_slopes=alibi_slopes)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-# Autograd through the forward op: the backward recomputes P from q, k and the saved logsumexp.
+# Autograd through the forward op: the backward recomputes P from q, k and the saved logsumexp, and the dropout
+# mask from the saved seed and offset.
 
 def _setup_context(ctx, inputs, output):
     q, k, v = inputs[:3]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.options = inputs[3:12]  # cu_seqlens_q ... softcap (the backward has no `version`)
-    ctx.alibi_slopes = inputs[13] if len(inputs) > 13 else None
+    # cu_seqlens_q ... softcap, then alibi_slopes and dropout's (the backward has no `version`)
+    ctx.options = inputs[3:12] + inputs[13:]
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     # The logsumexp is an auxiliary output (as in flash-attn): gradients flow through `out` only.
-    dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options, ctx.alibi_slopes)
-    return (dq, dk, dv) + (None,) * 11  # the slopes are constants: no gradient
+    dq, dk, dv = backward_op(dout, q, k, v, out, lse, *ctx.options)
+    return (dq, dk, dv) + (None,) * 14  # the slopes and the dropout arguments are constants: no gradient
 
 
 torch.library.register_autograd("flashlm::flash_attn_forward", _backward, setup_context=_setup_context)
@@ -197,23 +210,82 @@ def _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_l
             as_int(window_right, "window_right", -1), as_float(softcap, "softcap"))
 
 
+def _checked_dropout(dropout_p, philox_seed, philox_offset) -> tuple:
+    return (check_dropout_p(dropout_p), as_int(philox_seed, "philox_seed"), as_int(philox_offset, "philox_offset"))
+
+
 def flash_attn_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                       window_left, window_right, softcap, version, alibi_slopes=None):
+                       window_left, window_right, softcap, version, alibi_slopes=None, dropout_p=0.0, philox_seed=0,
+                       philox_offset=0):
     """Attention forward: returns (out, lse). cu_seqlens_q/k (int32 [batch + 1]) make q, k, v packed batches;
-    window sides are -1 (unbounded) or more; version 1 or 2 picks the loop order (flash_attn_interface)."""
+    window sides are -1 (unbounded) or more; version 1 or 2 picks the loop order (flash_attn_interface).
+    dropout_p in [0, 1) drops P's elements by the Philox draw of (philox_seed, philox_offset) (dropout_mask)."""
     check_tensors("q k v", q, k, v)
     check_optional_tensors("cu_seqlens_q cu_seqlens_k alibi_slopes", cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     version = as_int(version, "version")
     if version not in (1, 2):
         raise ValueError(f"version: must be 1 or 2, got {version}")
     options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    return forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *options, version, alibi_slopes)
+    return forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, *options, version, alibi_slopes,
+                      *_checked_dropout(dropout_p, philox_seed, philox_offset))
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, window_left, window_right, softcap, alibi_slopes=None):
-    """Attention backward (FlashAttention-2) from the forward's out and lse: returns (dq, dk, dv)."""
+                        causal, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, philox_seed=0,
+                        philox_offset=0):
+    """Attention backward (FlashAttention-2) from the forward's out and lse: returns (dq, dk, dv). The dropout
+    arguments are the forward's: the mask is drawn again, never stored."""
     check_tensors("dout q k v out lse", dout, q, k, v, out, lse)
     check_optional_tensors("cu_seqlens_q cu_seqlens_k alibi_slopes", cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     options = _checked_options(max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    return backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes)
+    return backward_op(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes,
+                       *_checked_dropout(dropout_p, philox_seed, philox_offset))
+
+
+# Dropout: the kernels draw the mask from a Philox4x32-10 counter (csrc/attention/shared_dropout.h), so a seed
+# and an offset are all a forward pass and its backward share.
+
+def check_dropout_p(dropout_p) -> float:
+    """dropout_p as a float in [0, 1)."""
+    p = as_float(dropout_p, "dropout_p")
+    if not 0.0 <= p < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p: must be in [0, 1), got {p}")
+    return p
+
+
+def philox_state(device, draws: int, generator: Optional[torch.Generator] = None) -> tuple[int, int]:
+    """(seed, offset) for a dropout call on `device` that draws `draws` (batch * heads) Philox subsequences,
+    taken from `generator` or the device's default generator, so that torch.manual_seed makes runs repeat.
+    CUDA generators are Philox themselves: their seed, and their offset, advanced past this call's draws as
+    flash-attn advances it. The CPU generator (a Mersenne twister) gives a fresh 63-bit seed per call, offset 0."""
+    device = torch.device(device)
+    if generator is None:
+        if device.type == "cuda":
+            generator = torch.cuda.default_generators[device.index if device.index is not None
+                                                      else torch.cuda.current_device()]
+        else:
+            generator = torch.default_generator
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator: on {generator.device}, the tensors are on {device}")
+    if device.type == "cuda":
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        generator.set_offset(offset + (draws + 3) // 4 * 4)  # torch keeps CUDA offsets multiples of 4
+        return seed - (1 << 64) if seed >= 1 << 63 else seed, offset  # the op schema's int64
+    seed = int(torch.randint(0, 1 << 62, (), generator=generator))
+    return seed, 0
+
+
+def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float, philox_seed: int,
+                 philox_offset: int) -> torch.Tensor:
+    """The keep mask (bool [batch, heads, seqlen_q, seqlen_k], CPU) that a forward pass with these dropout
+    arguments applies: element (b, h, i, j) is row i and column j of sequence b's own (packed batches too).
+    The same on every device and kernel."""
+    shape = tuple(as_int(n, name, 0) for n, name in ((batch, "batch"), (heads, "heads"), (seqlen_q, "seqlen_q"),
+                                                      (seqlen_k, "seqlen_k")))
+    p = check_dropout_p(dropout_p)
+    mask = torch.empty(shape, dtype=torch.uint8)
+    _C.flash_attention_dropout_mask(mask, p, *_unsigned(as_int(philox_seed, "philox_seed"),
+                                                        as_int(philox_offset, "philox_offset")))
+    return mask.bool()

@@ -8,19 +8,32 @@ float32/bfloat16 on the CPU and float16/bfloat16 on CUDA. ALiBi (alibi_slopes, f
 heads]) adds -slope * |i + seqlen_k - seqlen_q - j| to the score of query i and key j, causal or not, as
 flash-attn's reference does (under causal flash-attn's kernel drops the per-row constant, which changes its
 lse but not its output), forward and backward, and over paged caches (flash_attn_with_kvcache,
-flash_attn_varlen_func with block_table). What flashlm does not implement raises instead of being ignored:
-dropout_p > 0 raises NotImplementedError. flash_attn_varlen_func with a
-block_table attends over paged caches (forward only), and flash_attn_with_kvcache is the inference entry
-point: append new K/V to a cache (contiguous or paged) in place and attend over it. The backward pass is
-always deterministic, so `deterministic` is accepted and has nothing to switch. With return_attn_probs the
-third value is None: flash-attn returns the dropout mask there, and there is no dropout.
+flash_attn_varlen_func with block_table). flash_attn_varlen_func with a block_table attends over
+paged caches (forward only, no dropout), and flash_attn_with_kvcache is the inference entry point: append new
+K/V to a cache (contiguous or paged) in place and attend over it. The backward pass is always deterministic, so
+`deterministic` is accepted and has nothing to switch.
+
+Dropout (dropout_p in [0, 1), as flash-attn's: on the attention probabilities, kept ones scaled by
+1 / (1 - dropout_p), lse being that of the probabilities before dropout): the mask is a Philox4x32-10 draw of
+(seed, offset, batch, head, row, column) alone, so the backward pass draws it again instead of storing it, and
+the CPU and CUDA kernels draw the same mask for the same seed and offset. The seed and offset come from torch's
+generator for the tensors' device (flashlm's keyword `generator`, or the default one): on CUDA its seed and
+offset, advanced past the call's batch * heads draws as flash-attn advances it; on the CPU a seed drawn from
+it. torch.manual_seed therefore repeats a run's masks, outputs and gradients. With return_attn_probs and
+dropout_p > 0 the third value is flash-attn's S_dmask: [batch, heads, seqlen_q, seqlen_k], each rounded up to
+a multiple of 128, holding the softmax numerators exp(s - m) (m: the running max over key blocks of
+_get_block_size_n() keys, from the last block back, as flash-attn's tests normalise them), negated where the
+element is dropped; rows and columns are each sequence's own (0 outside it). Without dropout it is None, as
+flash-attn's. flashlm.ops.attention.dropout_mask gives the mask itself.
 """
+
+import math
 
 import torch
 
 from flashlm.ops._check import (INT32_MAX, ArgumentError, as_float, as_int, as_window, check_optional_tensors,
                                 check_same_device, check_tensor, default_scale, index_tensor)
-from flashlm.ops.attention import forward_op
+from flashlm.ops.attention import check_dropout_p, dropout_mask, forward_op, philox_state
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
 
 __all__ = [
@@ -30,8 +43,7 @@ __all__ = [
 
 
 def _check_unsupported(dropout_p, alibi_slopes):
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p: flashlm's attention has no dropout; pass 0.0 (got {dropout_p})")
+    check_dropout_p(dropout_p)
     check_optional_tensors("alibi_slopes", alibi_slopes)  # its dtype, shape and device: the native checks
 
 
@@ -62,36 +74,99 @@ def _check_pair(a, a_name, b, b_name, layout):
         raise ValueError(f"{b_name}: shape {list(b.shape)} differs from {a_name}'s {list(a.shape)}")
 
 
-def _result(out, lse, return_attn_probs):
-    return (out, lse, None) if return_attn_probs else out
+def _result(out, lse, return_attn_probs, attn_probs=None):
+    return (out, lse, attn_probs() if attn_probs else None) if return_attn_probs else out
+
+
+def _get_block_size_n(device=None, head_dim=None, is_dropout=None, is_causal=None):
+    """The key block size of S_dmask's unnormalised values (flash-attn's tests split the scores by it)."""
+    return 64
+
+
+def _dropout(q, batch, heads, dropout_p, generator):
+    """(dropout_p, seed, offset) of a call: dropout_p checked, the seed and offset drawn only when it is > 0."""
+    p = check_dropout_p(dropout_p)
+    return (p, *philox_state(q.device, batch * heads, generator)) if p > 0 else (0.0, 0, 0)
+
+
+def _round128(n):
+    return (n + 127) // 128 * 128
+
+
+def _attn_probs(q, k, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi_slopes, drop):
+    """flash-attn's S_dmask (see the module's docstring), for return_attn_probs with dropout: the numerators of
+    the scores recomputed in float32, signed by the kernels' mask. q, k: [B, S, H, D] or packed with cu_q/cu_k."""
+    batch = q.shape[0] if cu_q is None else cu_q.shape[0] - 1
+    heads = q.shape[-2]
+    sq, sk = (q.shape[1], k.shape[1]) if cu_q is None else (max_q, max_k)
+    keep = dropout_mask(batch, heads, sq, sk, *drop).to(q.device)
+    s_dmask = torch.zeros(batch, heads, _round128(sq), _round128(sk), dtype=q.dtype, device=q.device)
+    n = _get_block_size_n()
+    for b in range(batch):
+        if cu_q is None:
+            qb, kb = q[b], k[b]
+        else:
+            qb, kb = q[int(cu_q[b]):int(cu_q[b + 1])], k[int(cu_k[b]):int(cu_k[b + 1])]
+        lq, lk = qb.shape[0], kb.shape[0]
+        if lq == 0 or lk == 0:
+            continue
+        kb = kb.repeat_interleave(heads // kb.shape[1], dim=1)
+        s = torch.einsum("ihd,jhd->hij", qb.float(), kb.float()) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        j = torch.arange(lk, device=q.device)[None, :]
+        if alibi_slopes is not None:  # the kernels add the bias before the row max, so the numerators hold it
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            s = s - slopes.float()[:, None, None] * (i - j).abs()
+        seen = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            seen &= j >= i - left
+        if right >= 0:
+            seen &= j <= i + right
+        s = s.masked_fill(~seen, -math.inf)
+        blocks = torch.nn.functional.pad(s, (0, -lk % n), value=-math.inf).unflatten(-1, (-1, n))
+        m = blocks.amax(-1).flip(-1).cummax(-1).values.flip(-1)  # flash-attn walks key blocks last to first
+        m = m.masked_fill(m == -math.inf, 0.0)
+        num = torch.exp(blocks - m[..., None]).flatten(-2)[..., :lk]
+        s_dmask[b, :, :lq, :lk] = torch.where(keep[b, :, :lq, :lk], num, -num).to(q.dtype)
+    return s_dmask
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, version=2):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, version=2, generator=None):
     """q: [batch, seqlen_q, heads, head_dim]; k, v: [batch, seqlen_k, kv_heads, head_dim].
 
-    Returns out [batch, seqlen_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse, None), softmax_lse
-    being float32 [batch, heads, seqlen_q].
+    Returns out [batch, seqlen_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse, S_dmask), softmax_lse
+    being float32 [batch, heads, seqlen_q] and S_dmask None without dropout (see the module's docstring).
+    generator: where dropout's seed comes from (default: the device's default generator).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, 4, _PADDED)
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
-    out, lse = forward_op(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, as_float(softcap, "softcap"),
-                          version, alibi_slopes)
-    return _result(out, lse, return_attn_probs)
+    softcap = as_float(softcap, "softcap")
+    drop = _dropout(q, q.shape[0], q.shape[2], dropout_p, generator)
+    out, lse = forward_op(q, k, v, None, None, 0, 0, scale, bool(causal), left, right, softcap, version, alibi_slopes,
+                          *drop)
+    probs = drop[0] > 0 and (lambda: _attn_probs(q, k, None, None, 0, 0, scale, left, 0 if causal else right,
+                                                 softcap, alibi_slopes, drop))
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, version=2):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, version=2,
+                           generator=None):
     """Packed variable-length batch. q: [total_q, heads, head_dim]; k, v: [total_k, kv_heads, head_dim];
     cu_seqlens_q/k: int32 [batch + 1], the cumulative sequence lengths; max_seqlen_q/k: the longest sequence.
 
     With block_table (int32 [batch, max_blocks]), k and v are paged caches [num_blocks, block_size, kv_heads,
-    head_dim] (flashlm.ops.kvcache) and cu_seqlens_k the context lengths; that path has no backward.
+    head_dim] (flashlm.ops.kvcache) and cu_seqlens_k the context lengths; that path has no backward and no
+    dropout.
 
-    Returns out [total_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse [heads, total_q], None).
+    Returns out [total_q, heads, head_dim]; with return_attn_probs, (out, softmax_lse [heads, total_q], S_dmask),
+    S_dmask None without dropout (see the module's docstring).
     """
     check_tensor(q, "q", 3, _PACKED)
     for name, t in (("k", k), ("v", v)):
@@ -101,6 +176,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_unsupported(dropout_p, alibi_slopes)
     scale, left, right = _options(q, softmax_scale, window_size, version)
     max_seqlen_q, max_seqlen_k = as_int(max_seqlen_q, "max_seqlen_q", 0), as_int(max_seqlen_k, "max_seqlen_k", 0)
+    if block_table is not None and check_dropout_p(dropout_p) > 0:
+        raise NotImplementedError("dropout_p: paged attention (block_table) has no dropout, as flash-attn's")
     if block_table is not None:
         # k and v are paged caches [num_blocks, block_size, kv_heads, head_dim]; cu_seqlens_k gives each
         # sequence's context length, whose last queries q holds.
@@ -112,49 +189,55 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out, lse = paged_attention(q, k, v, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal,
                                    (left, right), softcap, return_lse=True, alibi_slopes=alibi_slopes)
         return _result(out, lse, return_attn_probs)
+    softcap = as_float(softcap, "softcap")
+    drop = _dropout(q, cu_seqlens_q.shape[0] - 1, q.shape[1], dropout_p, generator)
     out, lse = forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), left,
-                          right, as_float(softcap, "softcap"), version, alibi_slopes)
-    return _result(out, lse, return_attn_probs)
+                          right, softcap, version, alibi_slopes, *drop)
+    probs = drop[0] > 0 and (lambda: _attn_probs(q, k, cu_seqlens_q.cpu(), cu_seqlens_k.cpu(), max_seqlen_q,
+                                                 max_seqlen_k, scale, left, 0 if causal else right, softcap,
+                                                 alibi_slopes, drop))
+    return _result(out, lse, return_attn_probs, probs)
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                              version=2):
+                              version=2, generator=None):
     """qkv: [batch, seqlen, 3, heads, head_dim]."""
     q, k, v = _unpack(qkv, "qkv", 5, 2, 3, "[batch, seqlen, 3, heads, head_dim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, version=version)
+                           deterministic, return_attn_probs, version=version, generator=generator)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
-                             version=2):
+                             version=2, generator=None):
     """q: [batch, seqlen_q, heads, head_dim]; kv: [batch, seqlen_k, 2, kv_heads, head_dim]."""
     k, v = _unpack(kv, "kv", 5, 2, 2, "[batch, seqlen_k, 2, kv_heads, head_dim]")
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs, version=version)
+                           deterministic, return_attn_probs, version=version, generator=generator)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
-                                     return_attn_probs=False, *, version=2):
+                                     return_attn_probs=False, *, version=2, generator=None):
     """qkv: [total, 3, heads, head_dim]; cu_seqlens: int32 [batch + 1]."""
     check_tensor(cu_seqlens, "cu_seqlens", 1, "[batch + 1]")
     max_seqlen = as_int(max_seqlen, "max_seqlen", 0)
     q, k, v = _unpack(qkv, "qkv", 4, 1, 3, "[total, 3, heads, head_dim]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
                                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-                                  version=version)
+                                  version=version, generator=generator)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, version=2):
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, version=2,
+                                    generator=None):
     """q: [total_q, heads, head_dim]; kv: [total_k, 2, kv_heads, head_dim]."""
     k, v = _unpack(kv, "kv", 4, 1, 2, "[total_k, 2, kv_heads, head_dim]")
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, version=version)
+                                  return_attn_probs, version=version, generator=generator)
 
 
 def _rotate(x, cos, sin, positions, interleaved):

@@ -38,6 +38,13 @@ struct AttentionOptions {
   int64_t window_right = -1;  // -1: unbounded (causal forces 0)
   float softcap = 0.f;        // 0: off
   int version = 2;            // 1: FlashAttention-1 loop order (K/V outer); 2: FlashAttention-2 (Q outer)
+  // Dropout on P (flash-attn's): in [0, 1), 0 is off. Element (b, h, row, col) of P (row and col counted from
+  // each sequence's start) is kept, and scaled by 1 / (1 - dropout_p), by a Philox4x32-10 draw of (philox_seed,
+  // philox_offset + b * heads + h, row, col) alone: every kernel, and the backward pass given the forward's
+  // seed and offset, draws the same mask (flash_attention_dropout_mask writes it). The lse is P's before
+  // dropout, as flash-attn's.
+  float dropout_p = 0.f;
+  uint64_t philox_seed = 0, philox_offset = 0;
 };
 
 struct AttentionForwardParams {
@@ -64,6 +71,13 @@ struct AttentionBackwardParams {
 // CPU work runs on the library's thread pool; CUDA work is queued on `stream` (a cudaStream_t).
 FLASHLM_API void flash_attention_forward(const AttentionForwardParams& params, void* stream = nullptr);
 FLASHLM_API void flash_attention_backward(const AttentionBackwardParams& params, void* stream = nullptr);
+
+// The dropout mask a forward pass with these options keeps: mask (U8 [batch, heads, seqlen_q, seqlen_k], CPU,
+// contiguous) gets 1 where element (b, h, row, col) of P is kept and 0 where it is dropped. Rows and columns
+// are each sequence's own, so it serves padded and packed batches alike (beyond a sequence's lengths it is
+// the draw of positions no query sees).
+FLASHLM_API void flash_attention_dropout_mask(const TensorView& mask, float dropout_p, uint64_t philox_seed,
+                                              uint64_t philox_offset);
 
 // The head dimensions the CUDA kernels take (others raise): every multiple of 8 up to 256.
 FLASHLM_API bool flash_attention_cuda_supports_head_dim(int64_t head_dim);
