@@ -44,6 +44,9 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
         q = linear(h, p + ".attn.q").view(B, T, H, hd)
         k = linear(h, p + ".attn.k").view(B, T, KV, hd)
         v = linear(h, p + ".attn.v").view(B, T, KV, hd)
+        if cfg.arch == "qwen3":  # each head of q and k RMS-normed over its hd values
+            q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.q_norm.weight"]
+            k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.k_norm.weight"]
         if cfg.arch != "gpt2":
             q, k = rope(q), rope(k)
         k = k.repeat_interleave(H // KV, dim=2)
@@ -90,6 +93,9 @@ CONFIGS = [
     # original_max 64 with head_dim 32: the frequencies span all three of Llama 3's regimes.
     dict(arch="llama", vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, seq_len=40,
          rope_scaling=LLAMA3_SCALING),
+    # q is n_head * head_dim = 80 wide, the model 64; untied
+    dict(arch="qwen3", vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=20, seq_len=40,
+         tie_embeddings=False),
 ]
 
 
@@ -119,7 +125,7 @@ def test_logits_match_float64_reference(cfg_kw, T):
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
-@pytest.mark.parametrize("cfg_kw", CONFIGS[:3], ids=["gpt2", "llama", "llama-gqa"])
+@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-1:], ids=["gpt2", "llama", "llama-gqa", "qwen3"])
 def test_gradients_match_sdpa(cfg_kw):
     cfg = ModelConfig(**cfg_kw)
     torch.manual_seed(1)
@@ -140,7 +146,7 @@ def test_gradients_match_sdpa(cfg_kw):
         assert err <= 1e-4 * scale + 1e-7, f"{name}: max grad error {err} (scale {scale})"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 def test_gradient_checkpointing_changes_nothing(arch):
     cfg = ModelConfig(arch=arch, vocab_size=64, n_layer=3, n_head=2, d_model=32, seq_len=24)
     torch.manual_seed(2)
@@ -214,6 +220,9 @@ def test_param_groups_and_flops():
     (dict(seq_len=2**25), "seq_len"), (dict(d_model=2048, n_head=1), "head_dim"), (dict(n_layer=True), "n_layer"),
     (dict(norm_eps=float("inf")), "norm_eps"), (dict(rope_theta=float("nan")), "rope_theta"),
     (dict(n_kv_head=2.0), "n_kv_head"),
+    (dict(arch="llama", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
+    (dict(arch="qwen3", head_dim=2048), "head_dim"), (dict(arch="qwen3", head_dim=15), "head_dim"),
+    (dict(arch="qwen3", head_dim=16.0), "head_dim"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -240,6 +249,10 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="attn_impl"):
         Transformer(ModelConfig(), attn_impl="naive")
     assert ModelConfig.from_dict(ModelConfig(arch="llama").to_dict()) == ModelConfig(arch="llama")
+    # head_dim is written only where it is not d_model / n_head: older configs' dicts stay as they were
+    assert "head_dim" not in ModelConfig(arch="qwen3").to_dict()
+    qwen3 = ModelConfig(arch="qwen3", d_model=64, n_head=4, head_dim=24)
+    assert qwen3.to_dict()["head_dim"] == 24 and ModelConfig.from_dict(qwen3.to_dict()) == qwen3
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({"arch": "gpt2", "n_layers": 2})
 

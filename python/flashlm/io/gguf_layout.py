@@ -17,7 +17,7 @@ from flashlm.models import ModelConfig
 from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
-ARCHS = ("llama", "qwen2", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
 _NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
 
 
@@ -73,8 +73,13 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
                          f"{vocab} rows")
     n_head = meta.int(f"{arch}.attention.head_count", limit=LIMITS["n_head"])
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
-    check_heads(d, n_head, n_kv, (f"{arch}.embedding_length", f"{arch}.attention.head_count",
-                                  f"{arch}.attention.head_count_kv"), "metadata: ")
+    head_dim = None
+    names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
+    if arch == "qwen3":  # its own head_dim (key_length): the heads need not split embedding_length
+        head_dim = meta.int(f"{arch}.attention.key_length", limit=LIMITS["head_dim"])
+        check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
+    else:
+        check_heads(d, n_head, n_kv, names, "metadata: ")
     declared = meta.int(f"{arch}.context_length")
     ctx = context_length(declared, max_model_len, f"metadata: {arch}.context_length")
     common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),
@@ -84,7 +89,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     if arch == "gpt2":
         cfg = ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5))
     else:
-        cfg = ModelConfig(**common, **_rotary_settings(meta, arch, d // n_head, ctx))
+        head_dim = head_dim or d // n_head
+        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx))
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
 
@@ -96,7 +102,7 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
                          "(partial rotary embeddings are not supported)")
     for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
         if key in meta.m and meta.int(key) != head_dim:
-            raise ValueError(f"metadata: {key} {meta.m[key]} != embedding_length / head_count {head_dim}")
+            raise ValueError(f"metadata: {key} {meta.m[key]} != the head dimension {head_dim}")
     scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
     if scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
@@ -137,4 +143,6 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
                    p + "attn_output.weight": (d, q), p + "ffn_gate.weight": (ff, d)}
         if cfg.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+        if cfg.qk_norm:
+            shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
     return shapes

@@ -3,10 +3,10 @@
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
-Qwen2ForCausalLM and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
+Qwen2ForCausalLM, Qwen3ForCausalLM and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
 `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
-compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads,
-rope scaling other than Llama 3's) raises ValueError naming the key.
+compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads
+outside Qwen3, rope scaling other than Llama 3's) raises ValueError naming the key.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from flashlm.models.config import LIMITS, check_heads, check_size
 
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                    "GPT2LMHeadModel": "gpt2"}
+                    "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
+_QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, for a config.json without head_dim
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation under HF's names
 
 
@@ -114,19 +115,25 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
         raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
-    if arch == "llama" and cfg.get("attention_bias"):
-        raise ValueError("config.json: attention_bias=true is not supported for llama")
+    if arch in ("llama", "qwen3") and cfg.get("attention_bias"):
+        raise ValueError(f"config.json: attention_bias=true is not supported for {arch}")
     d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
     kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
-    check_heads(d, heads, kv_heads, ("hidden_size", "num_attention_heads", "num_key_value_heads"), "config.json: ")
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != d // heads:
-        raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
-                         "flashlm's Transformer needs head_dim = hidden_size / num_attention_heads")
+    names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+    if arch == "qwen3":  # its own head_dim: the heads need not split hidden_size
+        head_dim = _get(cfg, "head_dim", int, _QWEN3_HEAD_DIM, limit="head_dim")
+        check_heads(heads * head_dim, heads, kv_heads, names, "config.json: ")
+    else:
+        check_heads(d, heads, kv_heads, names, "config.json: ")
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and head_dim != d // heads:
+            raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
+                             f"flashlm's {arch} needs head_dim = hidden_size / num_attention_heads")
+        head_dim = None
     seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
     window = cfg.get("sliding_window")
     uses_window = True
-    if arch == "qwen2":  # Qwen2 configs carry a window they do not use unless asked (or a layer says so)
+    if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
     if window is not None and uses_window and window < seq_len:
@@ -138,7 +145,7 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
                        n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim)
 
 
 def model_config_from_hf(cfg: dict, max_model_len: Optional[int] = None) -> ModelConfig:

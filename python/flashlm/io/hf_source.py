@@ -1,7 +1,7 @@
 """An HF safetensors model directory as a source of GGUF tensors (llama-style and GPT-2 checkpoints).
 
 Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
-MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
 convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
 `h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
 the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
@@ -27,13 +27,15 @@ from flashlm.models.shapes import check_block_count
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-                 "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
+                 "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
+                 "GPT2LMHeadModel": ("gpt2", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 _PER_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
 _GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
@@ -133,8 +135,8 @@ class HFSource:
         # The HF loader's checks of config.json (the context is the loader's max_model_len: any will do here).
         self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
         self.arch, self._permute = mc.arch, mc.arch == "llama"  # llama's q/k rows go to ggml's rope order
-        if self.arch == "qwen2" and mc.rope_scaling is not None:
-            raise ValueError("config.json: rope scaling on qwen2 has no GGUF form that llama.cpp reads")
+        if self.arch != "llama" and mc.rope_scaling is not None:
+            raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -204,6 +206,9 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
+        if a == "qwen3":  # its head_dim is not embedding_length / head_count
+            meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
+                     (f"{a}.attention.value_length", mc.head_dim, u32, None)]
         return meta
 
     def _rope_freqs(self) -> dict:

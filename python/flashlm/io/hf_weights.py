@@ -27,7 +27,8 @@ _LLAMA_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_la
                 "self_attn.q_proj.weight": "attn.q.weight", "self_attn.k_proj.weight": "attn.k.weight",
                 "self_attn.v_proj.weight": "attn.v.weight", "self_attn.o_proj.weight": "attn.o.weight",
                 "self_attn.q_proj.bias": "attn.q.bias", "self_attn.k_proj.bias": "attn.k.bias",
-                "self_attn.v_proj.bias": "attn.v.bias",
+                "self_attn.v_proj.bias": "attn.v.bias", "self_attn.q_norm.weight": "attn.q_norm.weight",
+                "self_attn.k_norm.weight": "attn.k_norm.weight",
                 "mlp.gate_proj.weight": "mlp.gate.weight", "mlp.up_proj.weight": "mlp.up.weight",
                 "mlp.down_proj.weight": "mlp.down.weight"}
 _LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")

@@ -4,12 +4,16 @@
     llama: rotary positions, RMSNorm, SiLU-gated MLP, no biases, optional GQA (Llama 2/3, SmolLM, TinyLlama,
            Mistral without a sliding window); rope_scaling {"rope_type": "llama3", ...} for Llama 3.1+.
     qwen2: llama with biases on the q, k and v projections.
+    qwen3: llama with an RMSNorm over each head of q and of k before the rotary embedding (Qwen3), and a
+           head_dim of its own (n_head * head_dim need not be d_model).
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+# The architectures whose head_dim may differ from d_model / n_head.
+FREE_HEAD_DIM = ("qwen3",)
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
@@ -50,6 +54,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: Optional[int] = None  # None: d_model / n_head; another value for qwen3 only
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -61,18 +66,14 @@ class ModelConfig:
         if isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 \
                 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head: must be a positive divisor of n_head={self.n_head}, got {self.n_kv_head!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
-        if self.head_dim > LIMITS["head_dim"]:
-            raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
-                             f"{LIMITS['head_dim']}")
+        self._check_head_dim()
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"n_kv_head: gpt2 has no grouped-query attention (n_kv_head must equal n_head "
                              f"{self.n_head}), got {self.n_kv_head}")
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         if self.arch != "gpt2" and self.head_dim % 2:
-            raise ValueError(f"d_model: rotary embeddings need an even head_dim, got {self.head_dim}")
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
         check_size(self.d_ff, "d_ff", LIMITS["d_ff"])
@@ -80,6 +81,20 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+
+    def _check_head_dim(self):
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
+            self.head_dim = self.d_model // self.n_head
+        else:
+            check_size(self.head_dim, "head_dim", LIMITS["head_dim"])
+            if self.arch not in FREE_HEAD_DIM and self.head_dim * self.n_head != self.d_model:
+                raise ValueError(f"head_dim: {self.arch} needs head_dim = d_model / n_head = {self.d_model} / "
+                                 f"{self.n_head}, got {self.head_dim} (only {FREE_HEAD_DIM} may differ)")
+        if self.head_dim > LIMITS["head_dim"]:
+            raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
+                             f"{LIMITS['head_dim']}")
 
     def _check_rope_scaling(self):
         rs = self.rope_scaling
@@ -99,6 +114,11 @@ class ModelConfig:
     def qkv_bias(self) -> bool:
         return self.arch in ("gpt2", "qwen2")
 
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each head of q and k is RMS-normed before the rotary embedding (attn.q_norm, attn.k_norm)."""
+        return self.arch == "qwen3"
+
     def state_shapes(self) -> dict:
         """Transformer state-dict name -> shape, for every parameter this config implies (what loaders and
         exporters check a state dict against; tests/test_models.py checks it against a built model)."""
@@ -116,6 +136,8 @@ class ModelConfig:
                        p + "attn.k.weight": (kv, d), p + "attn.v.weight": (kv, d), p + "attn.o.weight": (d, q)}
             if self.qkv_bias:
                 shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
+            if self.qk_norm:
+                shapes |= {p + "attn.q_norm.weight": (self.head_dim,), p + "attn.k_norm.weight": (self.head_dim,)}
             if gpt2:
                 shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
                            p + "mlp.fc.weight": (self.d_ff, d), p + "mlp.fc.bias": (self.d_ff,),
@@ -129,12 +151,13 @@ class ModelConfig:
     def rotary(self) -> bool:
         return self.arch != "gpt2"
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config's fields; head_dim only where it is not d_model / n_head, so that the dicts of configs
+        without one (checkpoints written before it existed) stay what they were."""
+        d = asdict(self)
+        if self.head_dim * self.n_head == self.d_model:
+            del d["head_dim"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

@@ -1,4 +1,4 @@
-"""Transformer: a decoder-only language model (GPT-2, Llama or Qwen2 family) whose attention is flashlm's flash
+"""Transformer: a decoder-only language model (GPT-2, Llama, Qwen2 or Qwen3 family) whose attention is flashlm's flash
 attention, forward and backward (it is an autograd op), and whose other layers are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
@@ -6,7 +6,7 @@ attention, forward and backward (it is an autograd op), and whose other layers a
 
 attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
 and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
-attn.{q,k,v,o}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
+attn.{q,k,v,o,q_norm,k_norm (qwen3)}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
 
 Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
@@ -153,25 +153,33 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
+        # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def _rotate(self, q, k, rope):
+        """q, k [..., heads, hd] after the per-head norms (qwen3) and the rotary embedding."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
 
     def forward(self, x, rope):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self._rotate(q, k, rope)
         y = causal_attention(q, k, v, self.attn_impl)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
-
 
     def forward_paged(self, x, rope, batch: "PagedBatch", cache):
         T = x.shape[0]
         q = self.q(x).view(T, self.n_head, self.head_dim)
         k = self.k(x).view(T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self._rotate(q, k, rope)
         k_cache, v_cache = cache
         write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
         y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,

@@ -158,7 +158,7 @@ def add_arguments(parser):
         else:
             kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes")
                                                               else str)
-            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama"),
+            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama", "qwen3"),
                        "attn_impl": ("flashlm", "sdpa")}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
 

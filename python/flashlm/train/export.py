@@ -1,12 +1,12 @@
 """Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
 
-    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2 classes)
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2, Qwen3 classes)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
     export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs (or a run folder)
 
 HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json, with HF's names
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
-columns after the transpose); llama's and qwen2's weights are nn.Linear's [out, in] as flashlm stores
+columns after the transpose); llama's, qwen2's and qwen3's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
 permuted. HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises
 ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
@@ -14,7 +14,7 @@ keys and shapes are checked against ModelConfig.state_shapes().
 
 GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
 them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
-(qwen2's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
+(qwen2's and qwen3's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
 tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 also reads an untied output, so GGUF
 takes it). The tensors go through `flashlm quantize`'s writer: `type` is one
 of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
@@ -132,6 +132,9 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             if s.qkv_bias:
                 for n in "qkv":
                     out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
+            if s.qk_norm:
+                for n in "qk":
+                    out[h + f"self_attn.{n}_norm.weight"] = state[p + f"attn.{n}_norm.weight"]
         if not s.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
@@ -157,6 +160,9 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
     if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                 "max_window_layers": s.n_layer, **config}
+    if s.arch == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
             **config}
 
@@ -227,6 +233,8 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
                     (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
             if s.qkv_bias:
                 out += [(b + f"attn_{n}.bias", t[p + f"attn.{n}.bias"]) for n in "qkv"]
+            if s.qk_norm:
+                out += [(b + f"attn_{n}_norm.weight", t[p + f"attn.{n}_norm.weight"]) for n in "kq"]
             out += [(b + "attn_output.weight", t[p + "attn.o.weight"]), (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
                     (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
                     (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
@@ -252,6 +260,8 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
     else:
         meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
+    if a == "qwen3":  # its head_dim is not embedding_length / head_count
+        meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
     return [(k, v, t, None) for k, v, t in meta]
 
 
