@@ -44,7 +44,7 @@ def make_hf(kind: str, vocab: int = V):
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6}[kind])
+    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -66,6 +66,17 @@ def make_hf(kind: str, vocab: int = V):
             for layer in m.model.layers:
                 for p in (layer.self_attn.q_norm, layer.self_attn.k_norm, layer.input_layernorm):
                     p.weight.copy_(1.0 + 0.3 * torch.randn_like(p.weight))
+    elif kind == "gemma2":  # GQA 4:2, tied, head_dim 24, a window of 5 on layers 0 and 2, caps that bite
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        m = Gemma2ForCausalLM(Gemma2Config(**dict(common, num_hidden_layers=3), num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                                           sliding_window=5, attn_logit_softcapping=0.05,
+                                           final_logit_softcapping=0.5))
+        with torch.no_grad():  # HF initialises Gemma's norm weights (w of 1 + w) to zero: make them count
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
@@ -88,7 +99,7 @@ def _logits(model, idx):
 # ------------------------------------------------------------------------------------------------ HF
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gpt2", "mistral"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -202,6 +213,11 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     ("qwen3", {"head_dim": 24.5}, "head_dim"),
     ("qwen3", {"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),
     ("qwen3", {"head_dim": 16}, "weights: tensor 'model.layers.0.self_attn.q_proj.weight' has shape"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation"),
+    ("gemma2", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+    ("gemma2", {"sliding_window": 0}, "sliding_window"),
+    ("gemma2", {"attn_logit_softcapping": -1.0}, "attn_logit_softcapping"),
+    ("gemma2", {"head_dim": 0}, "head_dim"),
 ])
 def test_hf_bad_config_raises(tmp_path, kind, edit, match):
     hf, _ = make_hf(kind)
@@ -596,7 +612,7 @@ def test_gguf_embedding_checks_ids(tmp_path):
 
 
 @pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32"),
-                                          ("qwen3", "hf"), ("qwen3", "gguf-Q8_0")])
+                                          ("qwen3", "hf"), ("qwen3", "gguf-Q8_0"), ("gemma2", "hf")])
 def test_engine_runs_loaded_models(tmp_path, kind, source):
     """The serving engine given a path: its greedy tokens are the loaded model's own greedy tokens."""
     engine = pytest.importorskip("flashlm.runtime.engine")

@@ -17,7 +17,10 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     sd = {k: v.double() for k, v in sd.items()}
     B, T = idx.shape
     H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    gemma = cfg.arch == "gemma2"
     x = sd["tok_emb.weight"][idx]
+    if gemma:
+        x = x * math.sqrt(cfg.d_model)
     if cfg.arch == "gpt2":
         x = x + sd["pos_emb.weight"][:T]
 
@@ -51,18 +54,28 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
             q, k = rope(q), rope(k)
         k = k.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-        a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.query_pre_attn_scalar or hd)
+        keep = mask
+        if gemma:  # soft-capped scores; even layers see the last sliding_window keys only
+            s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
+            if i % 2 == 0:
+                keep = mask & ~torch.ones(T, T, dtype=torch.bool).tril(-cfg.sliding_window)
+        a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
         y = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, T, H * hd)
-        x = x + linear(y, p + ".attn.o")
+        y = linear(y, p + ".attn.o")
+        x = x + (norm(y, p + ".post_attn_norm") if gemma else y)
         h = norm(x, p + ".mlp_norm")
         if cfg.arch == "gpt2":
             h = linear(F.gelu(linear(h, p + ".mlp.fc"), approximate="tanh"), p + ".mlp.proj")
+        elif gemma:
+            h = linear(F.gelu(linear(h, p + ".mlp.gate"), approximate="tanh") * linear(h, p + ".mlp.up"), p + ".mlp.down")
+            h = norm(h, p + ".post_mlp_norm")
         else:
             h = linear(F.silu(linear(h, p + ".mlp.gate")) * linear(h, p + ".mlp.up"), p + ".mlp.down")
         x = x + h
     x = norm(x, "final_norm")
-    return F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
+    logits = F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
+    return cfg.final_softcap * torch.tanh(logits / cfg.final_softcap) if gemma else logits
 
 
 def llama3_scaled(freq, rs):
@@ -96,6 +109,9 @@ CONFIGS = [
     # q is n_head * head_dim = 80 wide, the model 64; untied
     dict(arch="qwen3", vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=20, seq_len=40,
          tie_embeddings=False),
+    # a window of 6 on layers 0 and 2, shorter than most sequences here; caps that bite (scores reach ~3)
+    dict(arch="gemma2", vocab_size=71, n_layer=3, n_head=4, n_kv_head=2, d_model=64, head_dim=24, seq_len=40,
+         sliding_window=6, attn_softcap=2.0, final_softcap=3.0, query_pre_attn_scalar=20),
 ]
 
 
@@ -125,7 +141,7 @@ def test_logits_match_float64_reference(cfg_kw, T):
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
-@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-1:], ids=["gpt2", "llama", "llama-gqa", "qwen3"])
+@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-2:], ids=["gpt2", "llama", "llama-gqa", "qwen3", "gemma2"])
 def test_gradients_match_sdpa(cfg_kw):
     cfg = ModelConfig(**cfg_kw)
     torch.manual_seed(1)
@@ -146,7 +162,7 @@ def test_gradients_match_sdpa(cfg_kw):
         assert err <= 1e-4 * scale + 1e-7, f"{name}: max grad error {err} (scale {scale})"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "gemma2"])
 def test_gradient_checkpointing_changes_nothing(arch):
     cfg = ModelConfig(arch=arch, vocab_size=64, n_layer=3, n_head=2, d_model=32, seq_len=24)
     torch.manual_seed(2)
@@ -223,6 +239,9 @@ def test_param_groups_and_flops():
     (dict(arch="llama", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
     (dict(arch="qwen3", head_dim=2048), "head_dim"), (dict(arch="qwen3", head_dim=15), "head_dim"),
     (dict(arch="qwen3", head_dim=16.0), "head_dim"),
+    (dict(arch="llama", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),
+    (dict(arch="gemma2", attn_softcap=0.0), "attn_softcap"), (dict(arch="gemma2", final_softcap=float("inf")), "final_softcap"),
+    (dict(arch="gemma2", query_pre_attn_scalar=-1), "query_pre_attn_scalar"), (dict(arch="gpt2", attn_softcap=5.0), "attn_softcap"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -17,7 +17,7 @@ from flashlm.models import ModelConfig
 from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
-ARCHS = ("llama", "qwen2", "qwen3", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gpt2")
 _NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
 
 
@@ -75,7 +75,7 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
     head_dim = None
     names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
-    if arch == "qwen3":  # its own head_dim (key_length): the heads need not split embedding_length
+    if arch in ("qwen3", "gemma2"):  # their own head_dim (key_length): the heads need not split embedding_length
         head_dim = meta.int(f"{arch}.attention.key_length", limit=LIMITS["head_dim"])
         check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
     else:
@@ -90,7 +90,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
         cfg = ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5))
     else:
         head_dim = head_dim or d // n_head
-        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx))
+        extra = _gemma2_settings(meta, common) if arch == "gemma2" else {}
+        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra)
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
 
@@ -107,13 +108,41 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
     if scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
                          "scaling, stored as rope_freqs.weight, is)")
-    if f"{arch}.attention.sliding_window" in meta.m:
+    if f"{arch}.attention.sliding_window" in meta.m and arch != "gemma2":  # gemma2's window is its own
         window = meta.int(f"{arch}.attention.sliding_window")
         if window < ctx:
             raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
                              "(pass max_model_len <= the window)")
     return dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
                 norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+
+
+def _gemma2_settings(meta: Meta, common: dict) -> dict:
+    """llama.cpp's gemma2 hyperparameters, with its defaults: a window of 4096 on even layers, soft-caps 50 and
+    30, and scores scaled by head_dim^-1/2 (by (embedding_length / head_count)^-1/2 for the 46-layer 27B)."""
+    if "gemma2.attention.sliding_window_pattern" in meta.m:
+        raise ValueError("metadata: gemma2.attention.sliding_window_pattern is not supported (Gemma 2's "
+                         "alternating layers are)")
+    if common["n_layer"] == 46:
+        scalar = common["d_model"] / common["n_head"]
+    else:
+        scalar = meta.int("gemma2.attention.key_length")
+    return dict(sliding_window=meta.int("gemma2.attention.sliding_window", 4096, limit=LIMITS["seq_len"]),
+                attn_softcap=meta.float("gemma2.attn_logit_softcapping", 50.0),
+                final_softcap=meta.float("gemma2.final_logit_softcapping", 30.0), query_pre_attn_scalar=scalar)
+
+
+def check_llama_cpp_gemma2(s: ModelConfig) -> None:
+    """ValueError unless llama.cpp's gemma2 computes what the config describes: tied embeddings, both soft-caps
+    (it has no off switch), scores scaled as it assumes."""
+    if not s.tie_embeddings:
+        raise ValueError("model_config: llama.cpp's gemma2 ties its output to the embedding (tie_embeddings is False)")
+    if s.attn_softcap is None or s.final_softcap is None:
+        raise ValueError("model_config: llama.cpp's gemma2 always soft-caps (attn_softcap and final_softcap needed)")
+    assumed = s.d_model / s.n_head if s.n_layer == 46 else s.head_dim
+    if (s.query_pre_attn_scalar or s.head_dim) != assumed:
+        raise ValueError(f"model_config: llama.cpp's gemma2 scales scores by {assumed}^-1/2; query_pre_attn_scalar "
+                         f"is {s.query_pre_attn_scalar}")
 
 
 def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False) -> dict:
@@ -145,4 +174,6 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
         if cfg.qk_norm:
             shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
+        if cfg.gemma:
+            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
     return shapes

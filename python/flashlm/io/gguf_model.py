@@ -1,4 +1,4 @@
-"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3 and gpt2 architectures) as a flashlm Transformer in eval mode.
+"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2 and gpt2 architectures) as a flashlm Transformer in eval mode.
 
     loaded = load_gguf("model-Q4_K_M.gguf", max_model_len=4096)
 
@@ -11,8 +11,9 @@ that GGUFLinear does not multiply (Q2_K, Q3_K, IQ*) are dequantized to float32.
 The llama architecture's attn_q/attn_k rows are in ggml's rope order (convert_hf_to_gguf.py's
 LlamaModel.permute interleaves the two halves of each head); flashlm's rope is HF's rotate-half, so the rows
 are put back (a copy of those two tensors' bytes). qwen2 and qwen3 files are written without that permutation
-(convert_hf_to_gguf.py's Qwen2Model and Qwen3Model do not permute; llama.cpp runs them with NEOX rope, which
-is rotate-half). GPT-2's attn_qkv is split into q, k and v by rows (views).
+(convert_hf_to_gguf.py's Qwen2Model, Qwen3Model and Gemma2Model do not permute; llama.cpp runs them with NEOX
+rope, which is rotate-half). gemma2's norm weights are stored as Gemma's (1 + w), the weight flashlm's RMSNorm
+multiplies by. GPT-2's attn_qkv is split into q, k and v by rows (views).
 
 Every metadata value, tensor name, shape and type is checked, names and shapes before anything is built
 (flashlm.io.gguf_layout, which the GGUF writers share): ValueError names what is wrong.
@@ -180,6 +181,9 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
                                                     p + f"attn_{n}.bias" if qkv_bias else None, row_order=order))
         block.attn.v = b.linear(p + "attn_v.weight", (kv_rows, d), p + "attn_v.bias" if qkv_bias else None)
         block.attn.o = b.linear(p + "attn_output.weight", (d, q_rows))
+        if cfg.gemma:
+            b.norm(block.post_attn_norm, p + "post_attention_norm", False)
+            b.norm(block.post_mlp_norm, p + "post_ffw_norm", False)
         if cfg.qk_norm:
             b.norm(block.attn.q_norm, p + "attn_q_norm", False, hd)
             b.norm(block.attn.k_norm, p + "attn_k_norm", False, hd)

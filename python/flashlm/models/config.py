@@ -6,14 +6,20 @@
     qwen2: llama with biases on the q, k and v projections.
     qwen3: llama with an RMSNorm over each head of q and of k before the rotary embedding (Qwen3), and a
            head_dim of its own (n_head * head_dim need not be d_model).
+    gemma2: rotary, RMSNorm before and after both attention and MLP, a GELU(tanh)-gated MLP, embeddings scaled by
+           sqrt(d_model), attention logits soft-capped (attn_softcap * tanh(s / attn_softcap)) and scaled by
+           query_pre_attn_scalar^-1/2, final logits soft-capped, even layers attending to a sliding window and odd
+           ones globally (Gemma 2). Its norm weights are the effective ones: HF's (1 + w).
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2")
 # The architectures whose head_dim may differ from d_model / n_head.
-FREE_HEAD_DIM = ("qwen3",)
+FREE_HEAD_DIM = ("qwen3", "gemma2")
+# Fields only gemma2 uses; None elsewhere, and left out of to_dict() when None.
+GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
@@ -54,7 +60,11 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    head_dim: Optional[int] = None  # None: d_model / n_head; another value for qwen3 only
+    head_dim: Optional[int] = None  # None: d_model / n_head; another value for qwen3 and gemma2 only
+    sliding_window: Optional[int] = None  # gemma2: keys a local (even) layer's query sees, itself included
+    attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
+    final_softcap: Optional[float] = None  # gemma2: the same on the output logits
+    query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -77,6 +87,7 @@ class ModelConfig:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
         check_size(self.d_ff, "d_ff", LIMITS["d_ff"])
+        self._check_gemma_fields()
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -96,6 +107,18 @@ class ModelConfig:
             raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
                              f"{LIMITS['head_dim']}")
 
+    def _check_gemma_fields(self):
+        for name in GEMMA_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.arch != "gemma2":
+                raise ValueError(f"{name}: only gemma2 has it, got {value!r} for {self.arch}")
+            if name == "sliding_window":
+                check_size(value, name, LIMITS["seq_len"])
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+
     def _check_rope_scaling(self):
         rs = self.rope_scaling
         if self.arch == "gpt2" or not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
@@ -113,6 +136,19 @@ class ModelConfig:
     @property
     def qkv_bias(self) -> bool:
         return self.arch in ("gpt2", "qwen2")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's block: post-norms, a GELU(tanh)-gated MLP, embeddings scaled by sqrt(d_model)."""
+        return self.arch == "gemma2"
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of block `layer`, None where it attends globally (gemma2: even layers local)."""
+        return self.sliding_window if self.gemma and layer % 2 == 0 else None
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def qk_norm(self) -> bool:
@@ -138,6 +174,8 @@ class ModelConfig:
                 shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
             if self.qk_norm:
                 shapes |= {p + "attn.q_norm.weight": (self.head_dim,), p + "attn.k_norm.weight": (self.head_dim,)}
+            if self.gemma:
+                shapes |= {p + "post_attn_norm.weight": (d,), p + "post_mlp_norm.weight": (d,)}
             if gpt2:
                 shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
                            p + "mlp.fc.weight": (self.d_ff, d), p + "mlp.fc.bias": (self.d_ff,),
@@ -152,11 +190,15 @@ class ModelConfig:
         return self.arch != "gpt2"
 
     def to_dict(self) -> dict:
-        """The config's fields; head_dim only where it is not d_model / n_head, so that the dicts of configs
-        without one (checkpoints written before it existed) stay what they were."""
+        """The config's fields; head_dim only where it is not d_model / n_head and gemma2's fields only where
+        set, so that the dicts of configs without them (checkpoints written before they existed) stay what
+        they were."""
         d = asdict(self)
         if self.head_dim * self.n_head == self.d_model:
             del d["head_dim"]
+        for name in GEMMA_FIELDS:
+            if d[name] is None:
+                del d[name]
         return d
 
     @classmethod

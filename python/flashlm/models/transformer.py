@@ -1,4 +1,4 @@
-"""Transformer: a decoder-only language model (GPT-2, Llama, Qwen2 or Qwen3 family) whose attention is flashlm's flash
+"""Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
 attention, forward and backward (it is an autograd op), and whose other layers are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
@@ -6,7 +6,7 @@ attention, forward and backward (it is an autograd op), and whose other layers a
 
 attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
 and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
-attn.{q,k,v,o,q_norm,k_norm (qwen3)}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
+attn.{q,k,v,o,q_norm,k_norm (qwen3)}, post_attn_norm (gemma2), mlp_norm, post_mlp_norm (gemma2), mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
 
 Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
@@ -127,22 +127,42 @@ def apply_rope(x, cos, signed_sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def causal_attention(q, k, v, attn_impl: str):
-    """q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd], causal."""
+def causal_attention(q, k, v, attn_impl: str, scale=None, window=None, softcap=None):
+    """q [B, T, H, hd], k/v [B, T, KV, hd] -> [B, T, H, hd], causal. scale: the scores' factor (None:
+    hd^-1/2); window: keys a query sees, itself included (None: all before it); softcap: scores s become
+    softcap * tanh(s / softcap)."""
     if attn_impl == "sdpa":
+        if window is not None or softcap is not None:  # what SDPA cannot express: the formula, spelled out
+            return _masked_attention(q, k, v, scale, window, softcap)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                           enable_gqa=k.shape[2] != q.shape[2])
+                                           enable_gqa=k.shape[2] != q.shape[2], scale=scale)
         return y.transpose(1, 2)
+    options = dict(softmax_scale=scale, window_size=(-1 if window is None else window - 1, 0),
+                   softcap=0.0 if softcap is None else softcap)
     device = q.device.type
     dtype = q.dtype
     if dtype not in _KERNEL_DTYPES.get(device, ()) or k.dtype != dtype or v.dtype != dtype:
         work = _FALLBACK_DTYPE.get(device, torch.float32)
-        return flash_attn_func(q.to(work), k.to(work), v.to(work), causal=True).to(dtype)
-    return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q.to(work), k.to(work), v.to(work), causal=True, **options).to(dtype)
+    return flash_attn_func(q, k, v, causal=True, **options)
+
+
+def _masked_attention(q, k, v, scale, window, softcap):
+    T, H, hd = q.shape[1], q.shape[2], q.shape[3]
+    k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(T, device=q.device)
+    keep = pos[None, :] <= pos[:, None]
+    if window is not None:
+        keep &= pos[:, None] - pos[None, :] < window
+    a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", a, v)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_impl: str):
+    def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
         bias = cfg.arch == "gpt2"
         qkv_bias = cfg.qkv_bias
@@ -156,6 +176,9 @@ class Attention(nn.Module):
         # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        # gemma2: its own score scale, soft-capped scores, and a sliding window on some layers
+        self.scale = cfg.softmax_scale if cfg.query_pre_attn_scalar is not None else None
+        self.window, self.softcap = cfg.layer_window(layer), cfg.attn_softcap
 
     def _rotate(self, q, k, rope):
         """q, k [..., heads, hd] after the per-head norms (qwen3) and the rotary embedding."""
@@ -171,7 +194,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = self._rotate(q, k, rope)
-        y = causal_attention(q, k, v, self.attn_impl)
+        y = causal_attention(q, k, v, self.attn_impl, self.scale, self.window, self.softcap)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
 
     def forward_paged(self, x, rope, batch: "PagedBatch", cache):
@@ -183,7 +206,9 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
         y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,
-                            batch.cu_seqlens_q, batch.max_seqlen_q)
+                            batch.cu_seqlens_q, batch.max_seqlen_q, softmax_scale=self.scale,
+                            window_size=(-1 if self.window is None else self.window - 1, 0),
+                            softcap=0.0 if self.softcap is None else self.softcap)
         return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
@@ -198,14 +223,19 @@ class GeluMLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gelu = cfg.gemma
 
     def forward(self, x):
         g, u = self.gate(x), self.up(x)
+        if self.gelu:
+            return self.down(F.gelu(g, approximate="tanh") * u)
         # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike).
         h = silu_mul(g, u) if _inference_kernel_applies(g, u) else F.silu(g) * u
         return self.down(h)
@@ -218,21 +248,30 @@ def _norm(cfg: ModelConfig):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); gemma2 norms each branch's output too
+    (post_attn_norm, post_mlp_norm) before adding it."""
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str):
+    def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
         self.attn_norm = _norm(cfg)
-        self.attn = Attention(cfg, attn_impl)
+        self.attn = Attention(cfg, attn_impl, layer)
         self.mlp_norm = _norm(cfg)
         self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
+        self.post_attn_norm = _norm(cfg) if cfg.gemma else None
+        self.post_mlp_norm = _norm(cfg) if cfg.gemma else None
 
     def forward(self, x, rope):
+        if self.post_attn_norm is not None:
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), rope)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_paged(self, x, rope, batch, cache):
         a = self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)  # a fresh tensor: add_forward may take it
+        if self.post_attn_norm is not None:
+            x = x + self.post_attn_norm(a)
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         if isinstance(self.mlp_norm, RMSNorm):
             x, h = self.mlp_norm.add_forward(x, a)
         else:
@@ -265,7 +304,7 @@ class Transformer(nn.Module):
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
-        self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.rotary:
@@ -300,7 +339,7 @@ class Transformer(nn.Module):
             raise ValueError(f"idx: sequence length must be in [1, seq_len={self.cfg.seq_len}], got {T}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        x = self.tok_emb(idx)  # [B, T, d]
+        x = self._embed(idx)  # [B, T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
         rope = rope_factors(self.rope_cos[:T], self.rope_sin[:T], x.dtype) if self.cfg.rotary else None
@@ -315,10 +354,18 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx)
+        if self.cfg.gemma:  # scaled by sqrt(d_model) rounded to the embedding's dtype, as Gemma does
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
+        return x
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
-        embedding table."""
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        embedding table; soft-capped where the config says so (gemma2)."""
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     @torch.no_grad()
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
@@ -326,7 +373,7 @@ class Transformer(nn.Module):
         kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
         if len(kv_caches) != self.cfg.n_layer:
             raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
-        x = self.tok_emb(tokens)  # [T, d]
+        x = self._embed(tokens)  # [T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch.positions)
         rope = None
