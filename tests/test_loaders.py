@@ -44,7 +44,8 @@ def make_hf(kind: str, vocab: int = V):
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7}[kind])
+    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7,
+                       "gemma3": 8}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -77,6 +78,18 @@ def make_hf(kind: str, vocab: int = V):
             for name, p in m.named_parameters():
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.3)
+    elif kind == "gemma3":  # 7 layers (6 local: window 5, rope base 100; layer 5 global), q/k norms, head_dim 24
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+        m = Gemma3ForCausalLM(Gemma3TextConfig(**dict(common, num_hidden_layers=7), num_attention_heads=4,
+                                               num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                                               sliding_window=5, rope_parameters=rope))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
@@ -99,7 +112,7 @@ def _logits(model, idx):
 # ------------------------------------------------------------------------------------------------ HF
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -218,6 +231,8 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     ("gemma2", {"sliding_window": 0}, "sliding_window"),
     ("gemma2", {"attn_logit_softcapping": -1.0}, "attn_logit_softcapping"),
     ("gemma2", {"head_dim": 0}, "head_dim"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "full_attention"),
+    ("gemma3", {"layer_types": ["sliding_attention"] * 7}, "layer_types"),
 ])
 def test_hf_bad_config_raises(tmp_path, kind, edit, match):
     hf, _ = make_hf(kind)
@@ -612,7 +627,8 @@ def test_gguf_embedding_checks_ids(tmp_path):
 
 
 @pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32"),
-                                          ("qwen3", "hf"), ("qwen3", "gguf-Q8_0"), ("gemma2", "hf")])
+                                          ("qwen3", "hf"), ("qwen3", "gguf-Q8_0"), ("gemma2", "hf"),
+                                          ("gemma3", "hf")])
 def test_engine_runs_loaded_models(tmp_path, kind, source):
     """The serving engine given a path: its greedy tokens are the loaded model's own greedy tokens."""
     engine = pytest.importorskip("flashlm.runtime.engine")

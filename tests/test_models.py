@@ -17,7 +17,9 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     sd = {k: v.double() for k, v in sd.items()}
     B, T = idx.shape
     H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    gemma = cfg.arch == "gemma2"
+    gemma = cfg.arch in ("gemma2", "gemma3")
+    # the local layers: gemma2's even ones, gemma3's all but every sixth
+    local = [(cfg.arch == "gemma2" and i % 2 == 0) or (cfg.arch == "gemma3" and i % 6 != 5) for i in range(cfg.n_layer)]
     x = sd["tok_emb.weight"][idx]
     if gemma:
         x = x * math.sqrt(cfg.d_model)
@@ -32,9 +34,9 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     def linear(h, prefix):
         return F.linear(h, sd[prefix + ".weight"], sd.get(prefix + ".bias"))
 
-    def rope(t):  # t [B, T, heads, hd]; element i pairs with i + hd/2 (HF's rotate-half layout)
+    def rope(t, theta):  # t [B, T, heads, hd]; element i pairs with i + hd/2 (HF's rotate-half layout)
         half = hd // 2
-        freq = torch.tensor([llama3_scaled(cfg.rope_theta ** (-2 * i / hd), cfg.rope_scaling) for i in range(half)],
+        freq = torch.tensor([llama3_scaled(theta ** (-2 * i / hd), cfg.rope_scaling) for i in range(half)],
                             dtype=torch.float64)
         phase = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freq)
         z = torch.complex(t[..., :half], t[..., half:]) * phase[None, :, None, :]
@@ -47,19 +49,20 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
         q = linear(h, p + ".attn.q").view(B, T, H, hd)
         k = linear(h, p + ".attn.k").view(B, T, KV, hd)
         v = linear(h, p + ".attn.v").view(B, T, KV, hd)
-        if cfg.arch == "qwen3":  # each head of q and k RMS-normed over its hd values
+        if cfg.arch in ("qwen3", "gemma3"):  # each head of q and k RMS-normed over its hd values
             q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.q_norm.weight"]
             k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.k_norm.weight"]
         if cfg.arch != "gpt2":
-            q, k = rope(q), rope(k)
+            theta = cfg.rope_local_theta if local[i] and cfg.rope_local_theta else cfg.rope_theta
+            q, k = rope(q, theta), rope(k, theta)
         k = k.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.query_pre_attn_scalar or hd)
         keep = mask
-        if gemma:  # soft-capped scores; even layers see the last sliding_window keys only
+        if cfg.attn_softcap:
             s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
-            if i % 2 == 0:
-                keep = mask & ~torch.ones(T, T, dtype=torch.bool).tril(-cfg.sliding_window)
+        if local[i] and cfg.sliding_window:  # the last sliding_window keys only
+            keep = mask & ~torch.ones(T, T, dtype=torch.bool).tril(-cfg.sliding_window)
         a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
         y = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, T, H * hd)
         y = linear(y, p + ".attn.o")
@@ -75,7 +78,7 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
         x = x + h
     x = norm(x, "final_norm")
     logits = F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
-    return cfg.final_softcap * torch.tanh(logits / cfg.final_softcap) if gemma else logits
+    return cfg.final_softcap * torch.tanh(logits / cfg.final_softcap) if cfg.final_softcap else logits
 
 
 def llama3_scaled(freq, rs):
@@ -112,6 +115,9 @@ CONFIGS = [
     # a window of 6 on layers 0 and 2, shorter than most sequences here; caps that bite (scores reach ~3)
     dict(arch="gemma2", vocab_size=71, n_layer=3, n_head=4, n_kv_head=2, d_model=64, head_dim=24, seq_len=40,
          sliding_window=6, attn_softcap=2.0, final_softcap=3.0, query_pre_attn_scalar=20),
+    # layers 0-4 and 6 local (window 5, rope base 100), layer 5 global (base 1e4); no soft-caps
+    dict(arch="gemma3", vocab_size=73, n_layer=7, n_head=2, n_kv_head=1, d_model=32, head_dim=16, seq_len=40,
+         sliding_window=5, rope_local_theta=100.0, query_pre_attn_scalar=16),
 ]
 
 
@@ -141,7 +147,8 @@ def test_logits_match_float64_reference(cfg_kw, T):
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
-@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-2:], ids=["gpt2", "llama", "llama-gqa", "qwen3", "gemma2"])
+@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-3:],
+                         ids=["gpt2", "llama", "llama-gqa", "qwen3", "gemma2", "gemma3"])
 def test_gradients_match_sdpa(cfg_kw):
     cfg = ModelConfig(**cfg_kw)
     torch.manual_seed(1)
@@ -242,6 +249,7 @@ def test_param_groups_and_flops():
     (dict(arch="llama", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),
     (dict(arch="gemma2", attn_softcap=0.0), "attn_softcap"), (dict(arch="gemma2", final_softcap=float("inf")), "final_softcap"),
     (dict(arch="gemma2", query_pre_attn_scalar=-1), "query_pre_attn_scalar"), (dict(arch="gpt2", attn_softcap=5.0), "attn_softcap"),
+    (dict(arch="gemma2", rope_local_theta=10.0), "rope_local_theta"), (dict(arch="gemma3", rope_local_theta=0.0), "rope_local_theta"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):

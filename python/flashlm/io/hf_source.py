@@ -4,7 +4,7 @@ Reads config.json and the *.safetensors files (memory-mapped, no extra dependenc
 MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
 convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
 `h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
-the row order of ggml's rope, adds one to Gemma 2's norm weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
+the row order of ggml's rope, adds one to Gemma's norm weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
 hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
 tokenizer.json beside the weights becomes the GGUF's tokenizer (flashlm.io.gguf_tokenizer); a tokenizer
 of another kind is left out with a warning.
@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlm.io.gguf_layout import check_llama_cpp_gemma2
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.shapes import check_block_count
@@ -29,7 +29,7 @@ from flashlm.models.shapes import check_block_count
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
                  "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
-                 "Gemma2ForCausalLM": ("gemma2", False),
+                 "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False),
                  "GPT2LMHeadModel": ("gpt2", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -144,7 +144,7 @@ class HFSource:
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
         if mc.gemma:
-            check_llama_cpp_gemma2(mc)  # what llama.cpp's gemma2 cannot compute is refused before writing
+            check_llama_cpp_gemma(mc)  # what llama.cpp's gemma2 cannot compute is refused before writing
             to_gguf = lambda name: None if name == "lm_head.weight" else gguf_name(name, _GEMMA_PER_LAYER)  # noqa: E731
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
@@ -169,7 +169,7 @@ class HFSource:
                 type_name, np_dtype, shape, begin = _entry(meta, f"{full}: {hf_name}", os.path.getsize(full) - base)
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
-                if self.arch == "gemma2" and name.endswith("norm.weight"):
+                if mc.gemma and name.endswith("norm.weight"):
                     type_name = "F32"  # written as 1 + w, computed in float32
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
         if self.arch == "gpt2":
@@ -215,14 +215,10 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
-        if a in ("qwen3", "gemma2"):  # their head_dim need not be embedding_length / head_count
+        if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
-        if a == "gemma2":
-            meta += [(f"{a}.attention.sliding_window", mc.sliding_window or context, u32, None),
-                     (f"{a}.attn_logit_softcapping", mc.attn_softcap, f32, None),
-                     (f"{a}.final_logit_softcapping", mc.final_softcap, f32, None)]
-        return meta
+        return meta + [(k, v, t, None) for k, v, t in gemma_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
@@ -242,7 +238,7 @@ class HFSource:
             data = permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
         if transpose:
             data = np.ascontiguousarray(np.asarray(data).T)
-        if self.arch == "gemma2" and name.endswith("norm.weight"):  # Gemma's (1 + w), as llama.cpp reads it
+        if self.model_config.gemma and name.endswith("norm.weight"):  # Gemma's (1 + w), as llama.cpp reads it
             data = np.asarray(data)
             if np_dtype == np.uint16:  # BF16 bits
                 data = (data.astype(np.uint32) << 16).view(np.float32)

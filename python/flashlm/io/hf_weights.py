@@ -6,7 +6,7 @@ Files are opened with safetensors' safe_open (memory-mapped; never pickle: a dir
 pytorch_model.bin raises). A sharded model is read through its model.safetensors.index.json. Every tensor
 the config implies must be present with the shape the config implies, and nothing else may be (apart from
 buffers HF keeps beside the weights: rotary inv_freq, GPT-2's attention-mask bias); otherwise ValueError
-names the tensor. Gemma 2's norm weights w act as (1 + w): flashlm's RMSNorm holds the sum, computed in
+names the tensor. Gemma's norm weights w act as (1 + w): flashlm's RMSNorm holds the sum, computed in
 float32 as Gemma does. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
 output: they are split and transposed into nn.Linear's [out, in].
 """
@@ -60,7 +60,7 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     else:
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
-        layer = _GEMMA_LAYER if arch == "gemma2" else _LLAMA_LAYER
+        layer = _GEMMA_LAYER if arch in ("gemma2", "gemma3") else _LLAMA_LAYER
         name, top, layer_re = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE
     if name in top:
         return top[name]

@@ -10,16 +10,19 @@
            sqrt(d_model), attention logits soft-capped (attn_softcap * tanh(s / attn_softcap)) and scaled by
            query_pre_attn_scalar^-1/2, final logits soft-capped, even layers attending to a sliding window and odd
            ones globally (Gemma 2). Its norm weights are the effective ones: HF's (1 + w).
+    gemma3: gemma2's block with qwen3's q/k norms, five local layers to one global (layer i global where
+           i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text).
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3")
 # The architectures whose head_dim may differ from d_model / n_head.
-FREE_HEAD_DIM = ("qwen3", "gemma2")
-# Fields only gemma2 uses; None elsewhere, and left out of to_dict() when None.
-GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar")
+FREE_HEAD_DIM = ("qwen3", "gemma2", "gemma3")
+GEMMA_ARCHS = ("gemma2", "gemma3")
+# Fields only the Gemma architectures use; None elsewhere, and left out of to_dict() when None.
+GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
@@ -65,6 +68,7 @@ class ModelConfig:
     attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits
     query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
+    rope_local_theta: Optional[float] = None  # gemma3: the local layers' rotary base (None: rope_theta)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -112,8 +116,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if self.arch != "gemma2":
-                raise ValueError(f"{name}: only gemma2 has it, got {value!r} for {self.arch}")
+            if self.arch not in GEMMA_ARCHS or (name == "rope_local_theta" and self.arch != "gemma3"):
+                raise ValueError(f"{name}: {self.arch} has no such setting, got {value!r}")
             if name == "sliding_window":
                 check_size(value, name, LIMITS["seq_len"])
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -140,11 +144,15 @@ class ModelConfig:
     @property
     def gemma(self) -> bool:
         """Gemma's block: post-norms, a GELU(tanh)-gated MLP, embeddings scaled by sqrt(d_model)."""
-        return self.arch == "gemma2"
+        return self.arch in GEMMA_ARCHS
+
+    def local_layer(self, layer: int) -> bool:
+        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth)."""
+        return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5)
 
     def layer_window(self, layer: int) -> Optional[int]:
-        """The sliding window of block `layer`, None where it attends globally (gemma2: even layers local)."""
-        return self.sliding_window if self.gemma and layer % 2 == 0 else None
+        """The sliding window of block `layer`, None where it attends globally."""
+        return self.sliding_window if self.local_layer(layer) else None
 
     @property
     def softmax_scale(self) -> float:
@@ -153,7 +161,7 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """Whether each head of q and k is RMS-normed before the rotary embedding (attn.q_norm, attn.k_norm)."""
-        return self.arch == "qwen3"
+        return self.arch in ("qwen3", "gemma3")
 
     def state_shapes(self) -> dict:
         """Transformer state-dict name -> shape, for every parameter this config implies (what loaders and

@@ -87,12 +87,13 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) -> torch.Tensor:
     """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
     wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
     high_freq_factor) kept, and a smooth blend in between."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    theta = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
@@ -102,10 +103,10 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
 
 
-def rope_tables(cfg: ModelConfig, device=None):
+def rope_tables(cfg: ModelConfig, device=None, theta: Optional[float] = None):
     """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
-    repeated over the two halves of the head."""
-    inv_freq = rope_inv_freq(cfg, device)
+    repeated over the two halves of the head. theta: another base than cfg.rope_theta (gemma3's local layers)."""
+    inv_freq = rope_inv_freq(cfg, device, theta)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -311,6 +312,10 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.rope_local_theta is not None:  # gemma3's local layers rotate by another base
+            cos, sin = rope_tables(cfg, theta=cfg.rope_local_theta)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -342,8 +347,8 @@ class Transformer(nn.Module):
         x = self._embed(idx)  # [B, T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = rope_factors(self.rope_cos[:T], self.rope_sin[:T], x.dtype) if self.cfg.rotary else None
-        for block in self.blocks:
+        ropes = self._ropes(torch.arange(T, device=idx.device), x.dtype)
+        for block, rope in zip(self.blocks, ropes):
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
@@ -353,6 +358,17 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
+
+    def _ropes(self, positions: torch.Tensor, dtype) -> list:
+        """Each block's rope factors at `positions` (None without rotary embeddings): gemma3's local layers
+        take the local tables."""
+        if not self.cfg.rotary:
+            return [None] * self.cfg.n_layer
+        rope = rope_factors(self.rope_cos[positions], self.rope_sin[positions], dtype)
+        if self.cfg.rope_local_theta is None:
+            return [rope] * self.cfg.n_layer
+        local = rope_factors(self.rope_local_cos[positions], self.rope_local_sin[positions], dtype)
+        return [local if self.cfg.local_layer(i) else rope for i in range(self.cfg.n_layer)]
 
     def _embed(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)
@@ -376,10 +392,8 @@ class Transformer(nn.Module):
         x = self._embed(tokens)  # [T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch.positions)
-        rope = None
-        if self.cfg.rotary:
-            rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
-        for block, cache in zip(self.blocks, kv_caches):
+        ropes = self._ropes(batch.positions, x.dtype)
+        for block, rope, cache in zip(self.blocks, ropes, kv_caches):
             x = block.forward_paged(x, rope, batch, cache)
         return self.logits(self.final_norm(x[batch.logits_rows])).float()
 

@@ -8,7 +8,8 @@ HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_confi
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
 columns after the transpose); llama's, qwen2's and qwen3's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
-permuted; gemma2's norm weights are written as Gemma's w of (1 + w). HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises
+permuted; gemma2's and gemma3's norm weights are written as Gemma's w of (1 + w). HF's GPT-2 has no output
+projection apart from the embedding: exporting an untied gpt2 raises
 ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
 keys and shapes are checked against ModelConfig.state_shapes().
 
@@ -16,8 +17,8 @@ GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert
 them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
 (qwen2's and qwen3's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
 tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 also reads an untied output, so GGUF
-takes it; llama.cpp's gemma2 does not, so an untied gemma2 raises, as does one whose query_pre_attn_scalar is
-not what llama.cpp assumes). The tensors go through `flashlm quantize`'s writer: `type` is one
+takes it; llama.cpp's gemma2/gemma3 do not, so an untied gemma raises, as does one whose query_pre_attn_scalar
+or soft-caps llama.cpp cannot compute). The tensors go through `flashlm quantize`'s writer: `type` is one
 of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
 it, norms and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference
 bytes). The tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
@@ -34,7 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma2
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -144,7 +145,7 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
                     out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
             if s.qk_norm:
                 for n in "qk":
-                    out[h + f"self_attn.{n}_norm.weight"] = state[p + f"attn.{n}_norm.weight"]
+                    out[h + f"self_attn.{n}_norm.weight"] = norm(p + f"attn.{n}_norm.weight")
         if not s.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
@@ -170,14 +171,21 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
     if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                 "max_window_layers": s.n_layer, **config}
-    if s.arch == "gemma2":
+    if s.gemma:
         del config["hidden_act"]
-        return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
-                "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": s.query_pre_attn_scalar or s.head_dim,
-                "sliding_window": s.sliding_window or s.seq_len, "attn_logit_softcapping": s.attn_softcap,
-                "final_logit_softcapping": s.final_softcap,
-                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.n_layer)],
-                **config}
+        gemma = {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
+                 "query_pre_attn_scalar": s.query_pre_attn_scalar or s.head_dim,
+                 "sliding_window": s.sliding_window or s.seq_len, "attn_logit_softcapping": s.attn_softcap,
+                 "final_logit_softcapping": s.final_softcap,
+                 "layer_types": ["sliding_attention" if s.local_layer(i) else "full_attention" for i in range(s.n_layer)]}
+        if s.arch == "gemma2":
+            return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **gemma, **config}
+        # transformers 5 reads each layer type's rope; older ones rope_theta and rope_local_base_freq
+        local = s.rope_local_theta or s.rope_theta
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": s.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **gemma, **config,
+                "rope_parameters": rope, "rope_local_base_freq": local}
     if s.arch == "qwen3":
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
                 "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
@@ -225,7 +233,7 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     t = {k: v.numpy() for k, v in state.items()}
     out = []
     if s.gemma:
-        check_llama_cpp_gemma2(s)
+        check_llama_cpp_gemma(s)
     if s.rope_scaling is not None:
         if s.arch != "llama":
             raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
@@ -285,12 +293,9 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
     else:
         meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
-    if a in ("qwen3", "gemma2"):  # their head_dim need not be embedding_length / head_count
+    if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
-    if a == "gemma2":  # llama.cpp's defaults (window 4096, caps 50 and 30) stand for what is not written
-        meta.append((f"{a}.attention.sliding_window", s.sliding_window or s.seq_len, u32))
-        meta += [(f"{a}.{key}_logit_softcapping", cap, f32) for key, cap in
-                 (("attn", s.attn_softcap), ("final", s.final_softcap)) if cap is not None]
+    meta += gemma_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
