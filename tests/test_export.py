@@ -1,6 +1,9 @@
 """flashlm.train.export: tiny random flashlm models (GPT-2; Llama with GQA; Llama with an untied head; a
 vocabulary of 317, not a multiple of anything, larger than the tokenizer's 300; Llama with Llama 3's
-rope scaling; Qwen2 with q/k/v biases and GQA) exported to HF and GGUF.
+rope scaling; Qwen2 with q/k/v biases and GQA; Qwen3 with q/k norms, GQA, an untied head and a head_dim of 24,
+so that q is 96 wide in a 64-wide model; Gemma 2 with a sliding window of 8 on layer 0, soft-caps that bite and
+a head_dim of 24; Gemma 3 with q/k norms, a window of 8 and a local rope base on layers 0-4 of 6) exported to HF
+and GGUF.
 
 References: HF `transformers` (the exported directory's logits against flashlm's Transformer in float32,
 the tokenizer through AutoTokenizer); gguf-py (GGUFReader for metadata, names, shapes and values;
@@ -29,14 +32,19 @@ from flashlm.train.export import export_gguf, export_hf
 from flashlm.train.tokenizer import train_tokenizer
 from test_gguf_quantize import RMS_BOUNDS
 
-VOCAB, TOK_VOCAB, D_MODEL, N_HEAD, SEQ = 317, 300, 64, 4, 48
+VOCAB, TOK_VOCAB, D_MODEL, N_HEAD, SEQ = 317, 300, 64, 4, 64
 # Llama 3's rope scaling with original_max 32 puts the 8 frequencies of a 16-wide head in all three regimes
-# (kept, blended, slowed down by `factor`) within the 48 positions
+# (kept, blended, slowed down by `factor`) within the 64 positions
 ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 32}
 MODELS = {"gpt2": dict(arch="gpt2"), "llama-gqa": dict(arch="llama", n_kv_head=2, rope_theta=500.0),
           "llama-untied": dict(arch="llama", tie_embeddings=False), "llama-rope3": dict(arch="llama", rope_scaling=ROPE3),
-          "qwen2": dict(arch="qwen2", n_kv_head=2)}
+          "qwen2": dict(arch="qwen2", n_kv_head=2),
+          "qwen3": dict(arch="qwen3", n_kv_head=2, head_dim=24, tie_embeddings=False),
+          "gemma2": dict(arch="gemma2", n_kv_head=2, head_dim=24, sliding_window=8, attn_softcap=2.0, final_softcap=3.0,
+                         query_pre_attn_scalar=24),
+          "gemma3": dict(arch="gemma3", n_layer=6, n_kv_head=2, head_dim=24, sliding_window=8, rope_local_theta=100.0,
+                         final_softcap=3.0, query_pre_attn_scalar=24)}
 SAMPLE = "The quick brown fox's 12345 jumps!\n  Über naïve café -- it's 3.14, isn't it?\t<|endoftext|> Done."
 CORPUS = ["The quick brown fox jumps over the lazy dog, again and again.", "It's 3.14159 or 22/7; isn't it?",
           "Über naïve café déjà vu: ünïcode text.", "Numbers 0123456789 and symbols !@#$%^&*()[]{}",
@@ -52,7 +60,8 @@ def make_model(name, seed=0):
     """A random model whose weights have unit-scale effects (std 1/sqrt(fan_in)): logits spread by about 1,
     so the greedy token is decided by a clear margin."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, n_layer=2, n_head=N_HEAD, d_model=D_MODEL, seq_len=SEQ, **MODELS[name])
+    cfg = ModelConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": N_HEAD, "d_model": D_MODEL, "seq_len": SEQ,
+                         **MODELS[name]})
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -86,7 +95,8 @@ def test_hf_logits_match(name, tokenizer, tmp_path):
     export_hf(model, cfg, tokenizer.to_str(), tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                 "qwen2": "Qwen2ForCausalLM"}[cfg.arch]
+                                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[cfg.arch]
     idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, _ = model(idx)
@@ -207,9 +217,16 @@ def expected_gguf(cfg, model):
                     b + "attn_v.weight": sd[p + "attn.v.weight"]}
             if cfg.arch == "qwen2":
                 out |= {b + f"attn_{n}.bias": sd[p + f"attn.{n}.bias"] for n in "qkv"}
-            out |= {b + "attn_output.weight": sd[p + "attn.o.weight"],
-                    b + "ffn_norm.weight": sd[p + "mlp_norm.weight"], b + "ffn_gate.weight": sd[p + "mlp.gate.weight"],
+            if cfg.arch in ("qwen3", "gemma3"):  # convert_hf_to_gguf's names for the q_norm and k_norm
+                out |= {b + "attn_k_norm.weight": sd[p + "attn.k_norm.weight"],
+                        b + "attn_q_norm.weight": sd[p + "attn.q_norm.weight"]}
+            out |= {b + "attn_output.weight": sd[p + "attn.o.weight"]}
+            if cfg.arch in ("gemma2", "gemma3"):  # llama.cpp's names for Gemma's output norms
+                out |= {b + "post_attention_norm.weight": sd[p + "post_attn_norm.weight"]}
+            out |= {b + "ffn_norm.weight": sd[p + "mlp_norm.weight"], b + "ffn_gate.weight": sd[p + "mlp.gate.weight"],
                     b + "ffn_up.weight": sd[p + "mlp.up.weight"], b + "ffn_down.weight": sd[p + "mlp.down.weight"]}
+            if cfg.arch in ("gemma2", "gemma3"):
+                out |= {b + "post_ffw_norm.weight": sd[p + "post_mlp_norm.weight"]}
     out["output_norm.weight"] = sd["final_norm.weight"]
     if cfg.arch == "gpt2":
         out["output_norm.bias"] = sd["final_norm.bias"]
@@ -226,10 +243,18 @@ def test_gguf_f32(name, tokenizer, tmp_path):
     reader, tensors = read_gguf(path)
     a = cfg.arch
     want_meta = {"general.architecture": a, f"{a}.context_length": SEQ, f"{a}.embedding_length": D_MODEL,
-                 f"{a}.block_count": 2, f"{a}.feed_forward_length": cfg.d_ff, f"{a}.attention.head_count": N_HEAD,
+                 f"{a}.block_count": cfg.n_layer, f"{a}.feed_forward_length": cfg.d_ff, f"{a}.attention.head_count": N_HEAD,
                  f"{a}.attention.head_count_kv": cfg.n_kv_head, f"{a}.vocab_size": VOCAB, "general.file_type": 0}
     if a != "gpt2":
-        want_meta |= {f"{a}.rope.dimension_count": D_MODEL // N_HEAD}
+        want_meta |= {f"{a}.rope.dimension_count": MODELS[name].get("head_dim", D_MODEL // N_HEAD)}
+    if a in ("qwen3", "gemma2", "gemma3"):  # llama.cpp reads the head dimension from these where it is not embedding / heads
+        want_meta |= {f"{a}.attention.key_length": 24, f"{a}.attention.value_length": 24}
+    if a == "gemma2":
+        want_meta |= {"gemma2.attention.sliding_window": 8}
+        assert field(reader, "gemma2.attn_logit_softcapping") == 2.0 and field(reader, "gemma2.final_logit_softcapping") == 3.0
+    if a == "gemma3":
+        want_meta |= {"gemma3.attention.sliding_window": 8, "gemma3.rope.freq_base_swa": 100.0}
+        assert field(reader, "gemma3.final_logit_softcapping") == 3.0
     for key, value in want_meta.items():
         assert field(reader, key) == value, key
     eps_key = "gpt2.attention.layer_norm_epsilon" if a == "gpt2" else f"{a}.attention.layer_norm_rms_epsilon"
@@ -307,7 +332,7 @@ def expected_types(cfg, want, mix):
 
 
 @pytest.mark.parametrize("mix", ["Q8_0", "Q4_0", "F16", "Q4_K_M"])
-@pytest.mark.parametrize("name", ["gpt2", "llama-untied"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-untied", "qwen3"])
 def test_gguf_quantized(name, mix, tokenizer, tmp_path):
     cfg, model = make_model(name)
     path = tmp_path / "m.gguf"
@@ -378,7 +403,7 @@ def test_tokenizer_metadata_rejects(tokenizer):
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-rope3", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-rope3", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_quantize_hf_directory_matches_export(name, tokenizer, tmp_path):
     # `flashlm quantize HF_DIR` of the exported directory: the same tensors and tokenizer as export_gguf
     cfg, model = make_model(name)
@@ -442,15 +467,21 @@ def q8_0_reference(model):
 
 # Logit tolerances against flashlm's float32 model (logits of std ~1, max ~4.5), about 2x to 10x the
 # measured max abs error over 19 positions (llama-cpp-python 0.3.36, 2 threads): llama F32 2.6e-6-3.7e-6;
-# gpt2 F32 8.8e-4, since ggml's GELU reads an f16 table (its input rounded to f16); Q8_0 0.05 (gpt2) and
-# 0.08 (llama), since ggml's Q8_0 matmul also rounds the activations to 8-bit blocks (the reference has
+# gpt2 F32 8.8e-4, gemma2 F32 1.3e-3 and gemma3 F32 3.0e-3 (6 GeGLU layers; over 48 positions), since ggml's
+# GELU reads an f16 table (its input rounded to f16); Q8_0 0.05 (gpt2) and 0.08 (llama), since ggml's Q8_0 matmul also rounds the activations to 8-bit blocks (the reference has
 # only the rounded weights; that rounding alone moves the logits by 0.04-0.08).
 LOGIT_TOL = {("llama", "F32"): 3e-5, ("qwen2", "F32"): 3e-5, ("gpt2", "F32"): 3e-3, ("llama", "Q8_0"): 0.15,
-             ("gpt2", "Q8_0"): 0.15}
+             ("gpt2", "Q8_0"): 0.15, ("qwen3", "F32"): 3e-5, ("qwen3", "Q8_0"): 0.15, ("gemma2", "F32"): 3e-3,
+             ("gemma2", "Q8_0"): 0.15, ("gemma3", "F32"): 6e-3, ("gemma3", "Q8_0"): 0.15}
+
+
+STEPS = 32  # greedy tokens compared (the prompt and these fit in SEQ)
 
 
 @pytest.mark.parametrize("name,mix", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("llama-gqa", "F32"), ("llama-gqa", "Q8_0"),
-                                      ("llama-untied", "F32"), ("llama-rope3", "F32"), ("qwen2", "F32")])
+                                      ("llama-untied", "F32"), ("llama-rope3", "F32"), ("qwen2", "F32"),
+                                      ("qwen3", "F32"), ("qwen3", "Q8_0"), ("gemma2", "F32"), ("gemma2", "Q8_0"),
+                                      ("gemma3", "F32"), ("gemma3", "Q8_0")])
 def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     cfg, model = make_model(name)
     path = tmp_path / "m.gguf"
@@ -461,12 +492,12 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
         assert {t for n, _, t in report if ndim[n] == 2 and n != "position_embd.weight"} == {"Q8_0"}
         model = q8_0_reference(model)
     prompt = tokenizer.encode("The quick brown fox").ids
-    want = generate(model, torch.tensor([prompt]), 16, temperature=0)[0].tolist()
+    want = generate(model, torch.tensor([prompt]), STEPS, temperature=0)[0].tolist()
 
     llm.reset()
     llm.eval(prompt)
     got = list(prompt)
-    for _ in range(16):
+    for _ in range(STEPS):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         got.append(nxt)
         llm.eval([nxt])
@@ -482,9 +513,10 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     print(f"{name} {mix}: llama.cpp vs flashlm max abs logit error {err:.3g} (tolerance {tol:g}); logits std "
           f"{want_logits.std():.3g}, max {np.abs(want_logits).max():.3g}, smallest top-2 gap {(top2[:, 1] - top2[:, 0]).min():.3g}")
     assert_close(got_logits, want_logits, atol=tol, name=f"{name} {mix}: llama.cpp logits vs flashlm")
-    # Exact for F32 (errors 1e3 below the smallest top-2 gap, 0.011). For Q8_0 the error bound exceeds
-    # that gap (0.015), so equal tokens hold for these weights rather than for any: a failure here with the
-    # logits within tolerance means a near tie, not a wrong export.
+    # Exact for F32 where ggml computes no GELU (errors 1e3 below the smallest top-2 gap, 0.0036). Where it
+    # does (gpt2, gemma) and for Q8_0 the error bound exceeds that gap (0.0008-0.015), so equal tokens hold
+    # for these weights rather than for any: a failure here with the logits within tolerance means a near tie,
+    # not a wrong export.
     assert got == want, f"{name} {mix}: llama.cpp greedy {got[len(prompt):]} vs flashlm {want[len(prompt):]}"
 
 

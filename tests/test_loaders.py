@@ -1,6 +1,7 @@
 """flashlm.io's loaders: HF directories and GGUF files as flashlm Transformers, and their tokenizers.
 
-References: transformers' own models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel)
+References: transformers' own models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
+GPT2LMHeadModel)
 for logits; for GGUF, files written with gguf-py in llama.cpp's layout (tests/hf_to_gguf.py) and the same HF
 model holding the file's dequantized weights; the tokenizers library, transformers' apply_chat_template and
 sentencepiece for tokenization; llama.cpp itself (logits and tokenization) where llama_cpp imports, e.g.
@@ -41,9 +42,10 @@ def _rope_llama3():
 def make_hf(kind: str, vocab: int = V):
     """A tiny random transformers model (eval mode) and its GGUF architecture name."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5}[kind])
+    torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7,
+                       "gemma3": 8}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -58,6 +60,36 @@ def make_hf(kind: str, vocab: int = V):
             for layer in m.model.layers:
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.5)
+    elif kind == "qwen3":  # GQA 4:2, untied, head_dim 24 (q is 96 wide, not 64), q/k norms
+        m = Qwen3ForCausalLM(Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                         tie_word_embeddings=False))
+        with torch.no_grad():  # HF initialises norm weights to one: make them count
+            for layer in m.model.layers:
+                for p in (layer.self_attn.q_norm, layer.self_attn.k_norm, layer.input_layernorm):
+                    p.weight.copy_(1.0 + 0.3 * torch.randn_like(p.weight))
+    elif kind == "gemma2":  # GQA 4:2, tied, head_dim 24, a window of 5 on layers 0 and 2, caps that bite
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        m = Gemma2ForCausalLM(Gemma2Config(**dict(common, num_hidden_layers=3), num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                                           sliding_window=5, attn_logit_softcapping=0.05,
+                                           final_logit_softcapping=0.5))
+        with torch.no_grad():  # HF initialises Gemma's norm weights (w of 1 + w) to zero: make them count
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
+    elif kind == "gemma3":  # 7 layers (6 local: window 5, rope base 100; layer 5 global), q/k norms, head_dim 24
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+        m = Gemma3ForCausalLM(Gemma3TextConfig(**dict(common, num_hidden_layers=7), num_attention_heads=4,
+                                               num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=24,
+                                               sliding_window=5, rope_parameters=rope))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
@@ -80,7 +112,7 @@ def _logits(model, idx):
 # ------------------------------------------------------------------------------------------------ HF
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -182,21 +214,66 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     assert_close(_logits(load_hf(tmp_path).model, idx), _logits(hf, idx), atol=1e-4, name="logits")
 
 
-@pytest.mark.parametrize("edit, match", [
-    ({"architectures": ["FalconForCausalLM"]}, "architectures"),
-    ({"head_dim": 16}, "head_dim"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),
+@pytest.mark.parametrize("kind, edit, match", [
+    ("llama_tied", {"architectures": ["FalconForCausalLM"]}, "architectures"),
+    ("llama_tied", {"head_dim": 16}, "head_dim"),
+    ("llama_tied", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama_tied", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
+    ("llama_tied", {"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),
+    ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ("qwen3", {"head_dim": 0}, "head_dim"),
+    ("qwen3", {"head_dim": 2048}, "head_dim"),
+    ("qwen3", {"head_dim": 24.5}, "head_dim"),
+    ("qwen3", {"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),
+    ("qwen3", {"head_dim": 16}, "weights: tensor 'model.layers.0.self_attn.q_proj.weight' has shape"),
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation"),
+    ("gemma2", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
+    ("gemma2", {"sliding_window": 0}, "sliding_window"),
+    ("gemma2", {"attn_logit_softcapping": -1.0}, "attn_logit_softcapping"),
+    ("gemma2", {"head_dim": 0}, "head_dim"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "full_attention"),
+    ("gemma3", {"layer_types": ["sliding_attention"] * 7}, "layer_types"),
 ])
-def test_hf_bad_config_raises(tmp_path, edit, match):
-    hf, _ = make_hf("llama_tied")
+def test_hf_bad_config_raises(tmp_path, kind, edit, match):
+    hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg.update(edit)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=match):
         load_hf(tmp_path)
+
+
+def test_hf_qwen3_head_dim_defaults_as_transformers(tmp_path):
+    """A Qwen3 config.json without head_dim means transformers' default (128), not hidden_size / heads."""
+    hf, _ = make_hf("qwen3")
+    cfg = hf.config.to_dict()
+    del cfg["head_dim"]
+    want = type(hf.config).from_dict(cfg).head_dim
+    from flashlm.io.hf_config import model_config_from_hf
+    assert model_config_from_hf(dict(cfg, architectures=["Qwen3ForCausalLM"])).head_dim == want == 128
+
+
+def test_gguf_qwen3_head_dim_checked(tmp_path):
+    hf, arch = make_hf("qwen3")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "F32")
+    from flashlm.io.gguf import GGUFFile
+    from flashlm.io.gguf_layout import gguf_model_config
+    f = GGUFFile(path)
+    try:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    finally:
+        f.close()
+    assert gguf_model_config(metadata, shapes).head_dim == 24
+    for key, value, match in (("qwen3.attention.key_length", 16, "dimension_count 24 != head_dim 16"),
+                              ("qwen3.attention.key_length", 0, "key_length"),
+                              ("qwen3.attention.value_length", 16, "value_length 16 != the head dimension 24")):
+        with pytest.raises(ValueError, match=match):
+            gguf_model_config({**metadata, key: value}, shapes)
+    del metadata["qwen3.attention.key_length"]
+    with pytest.raises(ValueError, match="key_length"):
+        gguf_model_config(metadata, shapes)
 
 
 def test_hf_mistral_sliding_window(tmp_path):
@@ -271,7 +348,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gpt2"])
 def test_gguf_logits(tmp_path, kind, qtype):
     hf, arch = make_hf(kind)
     path = str(tmp_path / "m.gguf")
@@ -281,7 +358,7 @@ def test_gguf_logits(tmp_path, kind, qtype):
     assert loaded.config.arch == arch and not model.training
     if qtype.startswith("Q"):
         assert isinstance(model.blocks[0].attn.k, GGUFLinear) and isinstance(model.tok_emb, GGUFEmbedding)
-        assert isinstance(model.lm_head, GGUFLinear)  # tied: over token_embd's bytes
+        assert isinstance(model.lm_head, GGUFLinear)  # tied: over token_embd's bytes (untied: output.weight)
     # reference: transformers' model holding exactly the file's (dequantized) weights
     ref_model = type(hf)(hf.config).eval()
     ref_model.load_state_dict(dequantized_state(hf, arch, held))
@@ -501,7 +578,7 @@ def test_gguf_unknown_pre_tokenizer_raises(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gpt2"])
 def test_gguf_logits_match_llama_cpp(tmp_path, kind, qtype):
     llama_cpp = pytest.importorskip("llama_cpp")
     hf, arch = make_hf(kind)
@@ -551,7 +628,9 @@ def test_gguf_embedding_checks_ids(tmp_path):
         model(torch.tensor([[0, V]]))
 
 
-@pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32")])
+@pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32"),
+                                          ("qwen3", "hf"), ("qwen3", "gguf-Q8_0"), ("gemma2", "hf"),
+                                          ("gemma3", "hf")])
 def test_engine_runs_loaded_models(tmp_path, kind, source):
     """The serving engine given a path: its greedy tokens are the loaded model's own greedy tokens."""
     engine = pytest.importorskip("flashlm.runtime.engine")

@@ -17,7 +17,12 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     sd = {k: v.double() for k, v in sd.items()}
     B, T = idx.shape
     H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    gemma = cfg.arch in ("gemma2", "gemma3")
+    # the local layers: gemma2's even ones, gemma3's all but every sixth
+    local = [(cfg.arch == "gemma2" and i % 2 == 0) or (cfg.arch == "gemma3" and i % 6 != 5) for i in range(cfg.n_layer)]
     x = sd["tok_emb.weight"][idx]
+    if gemma:
+        x = x * math.sqrt(cfg.d_model)
     if cfg.arch == "gpt2":
         x = x + sd["pos_emb.weight"][:T]
 
@@ -29,9 +34,9 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     def linear(h, prefix):
         return F.linear(h, sd[prefix + ".weight"], sd.get(prefix + ".bias"))
 
-    def rope(t):  # t [B, T, heads, hd]; element i pairs with i + hd/2 (HF's rotate-half layout)
+    def rope(t, theta):  # t [B, T, heads, hd]; element i pairs with i + hd/2 (HF's rotate-half layout)
         half = hd // 2
-        freq = torch.tensor([llama3_scaled(cfg.rope_theta ** (-2 * i / hd), cfg.rope_scaling) for i in range(half)],
+        freq = torch.tensor([llama3_scaled(theta ** (-2 * i / hd), cfg.rope_scaling) for i in range(half)],
                             dtype=torch.float64)
         phase = torch.polar(torch.ones(T, half, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * freq)
         z = torch.complex(t[..., :half], t[..., half:]) * phase[None, :, None, :]
@@ -44,22 +49,36 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
         q = linear(h, p + ".attn.q").view(B, T, H, hd)
         k = linear(h, p + ".attn.k").view(B, T, KV, hd)
         v = linear(h, p + ".attn.v").view(B, T, KV, hd)
+        if cfg.arch in ("qwen3", "gemma3"):  # each head of q and k RMS-normed over its hd values
+            q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.q_norm.weight"]
+            k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * sd[p + ".attn.k_norm.weight"]
         if cfg.arch != "gpt2":
-            q, k = rope(q), rope(k)
+            theta = cfg.rope_local_theta if local[i] and cfg.rope_local_theta else cfg.rope_theta
+            q, k = rope(q, theta), rope(k, theta)
         k = k.repeat_interleave(H // KV, dim=2)
         v = v.repeat_interleave(H // KV, dim=2)
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
-        a = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(cfg.query_pre_attn_scalar or hd)
+        keep = mask
+        if cfg.attn_softcap:
+            s = cfg.attn_softcap * torch.tanh(s / cfg.attn_softcap)
+        if local[i] and cfg.sliding_window:  # the last sliding_window keys only
+            keep = mask & ~torch.ones(T, T, dtype=torch.bool).tril(-cfg.sliding_window)
+        a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
         y = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, T, H * hd)
-        x = x + linear(y, p + ".attn.o")
+        y = linear(y, p + ".attn.o")
+        x = x + (norm(y, p + ".post_attn_norm") if gemma else y)
         h = norm(x, p + ".mlp_norm")
         if cfg.arch == "gpt2":
             h = linear(F.gelu(linear(h, p + ".mlp.fc"), approximate="tanh"), p + ".mlp.proj")
+        elif gemma:
+            h = linear(F.gelu(linear(h, p + ".mlp.gate"), approximate="tanh") * linear(h, p + ".mlp.up"), p + ".mlp.down")
+            h = norm(h, p + ".post_mlp_norm")
         else:
             h = linear(F.silu(linear(h, p + ".mlp.gate")) * linear(h, p + ".mlp.up"), p + ".mlp.down")
         x = x + h
     x = norm(x, "final_norm")
-    return F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
+    logits = F.linear(x, sd["lm_head.weight"] if "lm_head.weight" in sd else sd["tok_emb.weight"])
+    return cfg.final_softcap * torch.tanh(logits / cfg.final_softcap) if cfg.final_softcap else logits
 
 
 def llama3_scaled(freq, rs):
@@ -90,6 +109,15 @@ CONFIGS = [
     # original_max 64 with head_dim 32: the frequencies span all three of Llama 3's regimes.
     dict(arch="llama", vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, seq_len=40,
          rope_scaling=LLAMA3_SCALING),
+    # q is n_head * head_dim = 80 wide, the model 64; untied
+    dict(arch="qwen3", vocab_size=67, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=20, seq_len=40,
+         tie_embeddings=False),
+    # a window of 6 on layers 0 and 2, shorter than most sequences here; caps that bite (scores reach ~3)
+    dict(arch="gemma2", vocab_size=71, n_layer=3, n_head=4, n_kv_head=2, d_model=64, head_dim=24, seq_len=40,
+         sliding_window=6, attn_softcap=2.0, final_softcap=3.0, query_pre_attn_scalar=20),
+    # layers 0-4 and 6 local (window 5, rope base 100), layer 5 global (base 1e4); no soft-caps
+    dict(arch="gemma3", vocab_size=73, n_layer=7, n_head=2, n_kv_head=1, d_model=32, head_dim=16, seq_len=40,
+         sliding_window=5, rope_local_theta=100.0, query_pre_attn_scalar=16),
 ]
 
 
@@ -119,7 +147,8 @@ def test_logits_match_float64_reference(cfg_kw, T):
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
-@pytest.mark.parametrize("cfg_kw", CONFIGS[:3], ids=["gpt2", "llama", "llama-gqa"])
+@pytest.mark.parametrize("cfg_kw", CONFIGS[:3] + CONFIGS[-3:],
+                         ids=["gpt2", "llama", "llama-gqa", "qwen3", "gemma2", "gemma3"])
 def test_gradients_match_sdpa(cfg_kw):
     cfg = ModelConfig(**cfg_kw)
     torch.manual_seed(1)
@@ -140,7 +169,7 @@ def test_gradients_match_sdpa(cfg_kw):
         assert err <= 1e-4 * scale + 1e-7, f"{name}: max grad error {err} (scale {scale})"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "gemma2"])
 def test_gradient_checkpointing_changes_nothing(arch):
     cfg = ModelConfig(arch=arch, vocab_size=64, n_layer=3, n_head=2, d_model=32, seq_len=24)
     torch.manual_seed(2)
@@ -214,6 +243,13 @@ def test_param_groups_and_flops():
     (dict(seq_len=2**25), "seq_len"), (dict(d_model=2048, n_head=1), "head_dim"), (dict(n_layer=True), "n_layer"),
     (dict(norm_eps=float("inf")), "norm_eps"), (dict(rope_theta=float("nan")), "rope_theta"),
     (dict(n_kv_head=2.0), "n_kv_head"),
+    (dict(arch="llama", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
+    (dict(arch="qwen3", head_dim=2048), "head_dim"), (dict(arch="qwen3", head_dim=15), "head_dim"),
+    (dict(arch="qwen3", head_dim=16.0), "head_dim"),
+    (dict(arch="llama", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),
+    (dict(arch="gemma2", attn_softcap=0.0), "attn_softcap"), (dict(arch="gemma2", final_softcap=float("inf")), "final_softcap"),
+    (dict(arch="gemma2", query_pre_attn_scalar=-1), "query_pre_attn_scalar"), (dict(arch="gpt2", attn_softcap=5.0), "attn_softcap"),
+    (dict(arch="gemma2", rope_local_theta=10.0), "rope_local_theta"), (dict(arch="gemma3", rope_local_theta=0.0), "rope_local_theta"),
 ])
 def test_bad_config_names_the_field(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -240,6 +276,10 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="attn_impl"):
         Transformer(ModelConfig(), attn_impl="naive")
     assert ModelConfig.from_dict(ModelConfig(arch="llama").to_dict()) == ModelConfig(arch="llama")
+    # head_dim is written only where it is not d_model / n_head: older configs' dicts stay as they were
+    assert "head_dim" not in ModelConfig(arch="qwen3").to_dict()
+    qwen3 = ModelConfig(arch="qwen3", d_model=64, n_head=4, head_dim=24)
+    assert qwen3.to_dict()["head_dim"] == 24 and ModelConfig.from_dict(qwen3.to_dict()) == qwen3
     with pytest.raises(ValueError, match="unknown keys"):
         ModelConfig.from_dict({"arch": "gpt2", "n_layers": 2})
 

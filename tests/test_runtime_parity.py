@@ -1,8 +1,10 @@
 """The runtime end to end against independent implementations of the same models:
 - HF transformers: logits after a (chunked) prefill and after each of several decode steps through the
-  engine's paged path, for llama (GQA, Llama 3 rope), qwen2 and gpt2 directories;
+  engine's paged path, for llama (GQA, Llama 3 rope), qwen2, qwen3 (q/k norms, head_dim 24 in a 64-wide
+  model), gemma2 (a sliding window of 5 on alternate layers, shorter than the 19-token prompt; soft-caps),
+  gemma3 (the same window on six layers of seven, with their own rope base; q/k norms) and gpt2 directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
-  model, flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
+  model (llama, qwen3), flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
   every step stay close;
 - the trainer's export: a checkpoint written out as GGUF decodes alike in the engine, in the training model
   and in llama.cpp.
@@ -48,7 +50,7 @@ class _NoText:
         return ""
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"])
 def test_engine_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -62,11 +64,12 @@ def test_engine_logits_match_transformers(tmp_path, kind):
     assert err <= 1e-4, f"{kind}: max abs logit difference {err} over {len(tokens)} steps"
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A random llama directory (GQA, Llama 3 rope) with a byte-level BPE tokenizer, as `flashlm convert` reads."""
-    folder = tmp_path_factory.mktemp("hf-llama")
-    hf, _ = make_hf("llama")
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def hf_dir(tmp_path_factory, request):
+    """A random llama (GQA, Llama 3 rope) or qwen3 directory with a byte-level BPE tokenizer, as `flashlm convert`
+    reads."""
+    folder = tmp_path_factory.mktemp(f"hf-{request.param}")
+    hf, _ = make_hf(request.param)
     with torch.no_grad():  # sharper distributions: greedy choices with clear margins
         hf.lm_head.weight.mul_(4.0)
     hf.save_pretrained(folder, safe_serialization=True)

@@ -457,6 +457,33 @@ def test_cli_train_and_eval(text_file, data_cache, tmp_path):
 
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma2", "gemma3"])
+def test_train_new_arch_and_run_its_export(text_file, data_cache, tmp_path, arch):
+    """`flashlm train --arch qwen3` (gemma2, gemma3): the run trains every norm too, and its checkpoint exported
+    to GGUF and HF loads with the training model's logits."""
+    from flashlm.cli import main
+    from flashlm.io import load_gguf, load_hf, load_model
+
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--arch", arch, "--max-steps", "4", "--eval-interval", "4",
+                 "--ckpt-interval", "4", "--sample-tokens", "0", "--data", str(text_file), "--data-cache",
+                 str(data_cache), "--out-dir", str(out), "--no-progress"]) == 0
+    state = load_checkpoint(latest_checkpoint(out))
+    assert state["model_config"]["arch"] == arch
+    for name, t in state["model"].items():
+        if name.endswith("norm.weight"):
+            assert not torch.equal(t, torch.ones_like(t)), name  # trained away from its initial ones
+    assert main(["export", str(latest_checkpoint(out)), "--gguf", str(tmp_path / "m.gguf"), "--hf",
+                 str(tmp_path / "hf"), "--quiet"]) == 0
+    trained = load_model(str(latest_checkpoint(out))).model
+    idx = torch.randint(0, state["model_config"]["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = trained(idx)[0]
+        for loaded in (load_gguf(str(tmp_path / "m.gguf")), load_hf(str(tmp_path / "hf"))):
+            assert loaded.config.arch == arch
+            assert (loaded.model(idx)[0] - want).abs().max().item() <= 1e-4, loaded.source
+
+
 def test_eval_predicts_every_token_once(text_file, data_cache, tmp_path):
     """flashlm eval's windows: every token after the first is predicted once, whatever the batching (a short
     last window is padded with ignored targets), and the loss is the mean over those predictions."""

@@ -210,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, with "
-                "llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, qwen2, gpt2)",
+                "llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, qwen2, qwen3, gpt2)",
                 None, _cmd_quantize)
     gguf_writer("convert", "convert an HF safetensors model directory to a GGUF file that llama.cpp loads "
-                "(tokenizer included)", "an HF model directory (llama, mistral, qwen2, gpt2)", "F16", _cmd_convert)
+                "(tokenizer included)", "an HF model directory (llama, mistral, qwen2, qwen3, gpt2)", "F16", _cmd_convert)
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
                                            "model directory (transformers)")

@@ -17,7 +17,7 @@ from flashlm.models import ModelConfig
 from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
-ARCHS = ("llama", "qwen2", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 _NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
 
 
@@ -73,8 +73,13 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
                          f"{vocab} rows")
     n_head = meta.int(f"{arch}.attention.head_count", limit=LIMITS["n_head"])
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
-    check_heads(d, n_head, n_kv, (f"{arch}.embedding_length", f"{arch}.attention.head_count",
-                                  f"{arch}.attention.head_count_kv"), "metadata: ")
+    head_dim = None
+    names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
+    if arch in ("qwen3", "gemma2", "gemma3"):  # their own head_dim (key_length): the heads need not split embedding_length
+        head_dim = meta.int(f"{arch}.attention.key_length", limit=LIMITS["head_dim"])
+        check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
+    else:
+        check_heads(d, n_head, n_kv, names, "metadata: ")
     declared = meta.int(f"{arch}.context_length")
     ctx = context_length(declared, max_model_len, f"metadata: {arch}.context_length")
     common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),
@@ -84,7 +89,9 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     if arch == "gpt2":
         cfg = ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5))
     else:
-        cfg = ModelConfig(**common, **_rotary_settings(meta, arch, d // n_head, ctx))
+        head_dim = head_dim or d // n_head
+        extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else {}
+        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra)
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
 
@@ -96,18 +103,73 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
                          "(partial rotary embeddings are not supported)")
     for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length"):
         if key in meta.m and meta.int(key) != head_dim:
-            raise ValueError(f"metadata: {key} {meta.m[key]} != embedding_length / head_count {head_dim}")
+            raise ValueError(f"metadata: {key} {meta.m[key]} != the head dimension {head_dim}")
     scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
     if scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
                          "scaling, stored as rope_freqs.weight, is)")
-    if f"{arch}.attention.sliding_window" in meta.m:
+    if f"{arch}.attention.sliding_window" in meta.m and not arch.startswith("gemma"):  # Gemma's are its own
         window = meta.int(f"{arch}.attention.sliding_window")
         if window < ctx:
             raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
                              "(pass max_model_len <= the window)")
     return dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
                 norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+
+
+def _gemma_settings(meta: Meta, arch: str, common: dict) -> dict:
+    """llama.cpp's gemma2/gemma3 hyperparameters, with its defaults: gemma2 has a window of 4096 on even layers
+    and soft-caps 50 and 30; gemma3 a window (if any) on five layers of six, its local rope base
+    rope.freq_base_swa (10000) and a final soft-cap if set. Scores are scaled by head_dim^-1/2 (by
+    (embedding_length / head_count)^-1/2 for the 27B models, 46 and 62 layers)."""
+    if f"{arch}.attention.sliding_window_pattern" in meta.m:
+        raise ValueError(f"metadata: {arch}.attention.sliding_window_pattern is not supported ({arch}'s own "
+                         "pattern of layers is)")
+    scalar = meta.int(f"{arch}.attention.key_length")
+    if common["n_layer"] == {"gemma2": 46, "gemma3": 62}[arch]:
+        scalar = common["d_model"] / common["n_head"]
+    if arch == "gemma2":
+        return dict(sliding_window=meta.int("gemma2.attention.sliding_window", 4096, limit=LIMITS["seq_len"]),
+                    attn_softcap=meta.float("gemma2.attn_logit_softcapping", 50.0),
+                    final_softcap=meta.float("gemma2.final_logit_softcapping", 30.0), query_pre_attn_scalar=scalar)
+    window = meta.m.get("gemma3.attention.sliding_window")
+    final = meta.m.get("gemma3.final_logit_softcapping")
+    return dict(sliding_window=None if window in (None, 0) else meta.int("gemma3.attention.sliding_window",
+                                                                        limit=LIMITS["seq_len"]),
+                final_softcap=None if final in (None, 0) else meta.float("gemma3.final_logit_softcapping"),
+                query_pre_attn_scalar=scalar, rope_local_theta=meta.float("gemma3.rope.freq_base_swa", 10000.0))
+
+
+def check_llama_cpp_gemma(s: ModelConfig) -> None:
+    """ValueError unless llama.cpp's gemma2/gemma3 computes what the config describes: tied embeddings, gemma2's
+    two soft-caps (it has no off switch) or gemma3's none on attention, scores scaled as it assumes."""
+    if not s.tie_embeddings:
+        raise ValueError(f"model_config: llama.cpp's {s.arch} ties its output to the embedding (tie_embeddings "
+                         "is False)")
+    if s.arch == "gemma2" and (s.attn_softcap is None or s.final_softcap is None):
+        raise ValueError("model_config: llama.cpp's gemma2 always soft-caps (attn_softcap and final_softcap needed)")
+    if s.arch == "gemma3" and s.attn_softcap is not None:
+        raise ValueError("model_config: llama.cpp's gemma3 has no attention soft-cap (attn_softcap)")
+    assumed = s.d_model / s.n_head if s.n_layer == {"gemma2": 46, "gemma3": 62}[s.arch] else s.head_dim
+    if (s.query_pre_attn_scalar or s.head_dim) != assumed:
+        raise ValueError(f"model_config: llama.cpp's {s.arch} scales scores by {assumed}^-1/2; "
+                         f"query_pre_attn_scalar is {s.query_pre_attn_scalar}")
+
+
+def gemma_metadata(s: ModelConfig, context: int) -> list:
+    """[(key, value, GGUFValueType)] of the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none
+    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
+    from gguf import GGUFValueType
+
+    if not s.gemma:
+        return []
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    meta = [(f"{a}.attention.sliding_window", s.sliding_window or context, u32)]
+    meta += [(f"{a}.{key}_logit_softcapping", cap, f32) for key, cap in
+             (("attn", s.attn_softcap), ("final", s.final_softcap)) if cap is not None]
+    if a == "gemma3":
+        meta.append((f"{a}.rope.freq_base_swa", s.rope_local_theta or s.rope_theta, f32))
+    return meta
 
 
 def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False) -> dict:
@@ -137,4 +199,8 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
                    p + "attn_output.weight": (d, q), p + "ffn_gate.weight": (ff, d)}
         if cfg.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
+        if cfg.qk_norm:
+            shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
+        if cfg.gemma:
+            shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
     return shapes

@@ -1,4 +1,4 @@
-"""load_gguf: a GGUF file (llama.cpp's llama, qwen2 and gpt2 architectures) as a flashlm Transformer in eval mode.
+"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2 and gpt2 architectures) as a flashlm Transformer in eval mode.
 
     loaded = load_gguf("model-Q4_K_M.gguf", max_model_len=4096)
 
@@ -10,9 +10,10 @@ that GGUFLinear does not multiply (Q2_K, Q3_K, IQ*) are dequantized to float32.
 
 The llama architecture's attn_q/attn_k rows are in ggml's rope order (convert_hf_to_gguf.py's
 LlamaModel.permute interleaves the two halves of each head); flashlm's rope is HF's rotate-half, so the rows
-are put back (a copy of those two tensors' bytes). qwen2 files are written without that permutation
-(convert_hf_to_gguf.py's Qwen2Model does not permute; llama.cpp runs qwen2 with NEOX rope, which is
-rotate-half). GPT-2's attn_qkv is split into q, k and v by rows (views).
+are put back (a copy of those two tensors' bytes). qwen2 and qwen3 files are written without that permutation
+(convert_hf_to_gguf.py's Qwen2Model, Qwen3Model and Gemma2Model do not permute; llama.cpp runs them with NEOX
+rope, which is rotate-half). gemma2's norm weights are stored as Gemma's (1 + w), the weight flashlm's RMSNorm
+multiplies by. GPT-2's attn_qkv is split into q, k and v by rows (views).
 
 Every metadata value, tensor name, shape and type is checked, names and shapes before anything is built
 (flashlm.io.gguf_layout, which the GGUF writers share): ValueError names what is wrong.
@@ -127,8 +128,8 @@ class _Builder:
         except ValueError as e:
             raise ValueError(f"tensor {name!r}: {e}") from e
 
-    def norm(self, module: nn.Module, prefix: str, with_bias: bool) -> None:
-        d = self.cfg.d_model
+    def norm(self, module: nn.Module, prefix: str, with_bias: bool, dim: Optional[int] = None) -> None:
+        d = self.cfg.d_model if dim is None else dim
         module.weight = self.param(f"{prefix}.weight", (d,))
         if with_bias:
             module.bias = self.param(f"{prefix}.bias", (d,))
@@ -172,7 +173,7 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
             block.mlp.fc = b.linear(p + "ffn_up.weight", (cfg.d_ff, d), p + "ffn_up.bias")
             block.mlp.proj = b.linear(p + "ffn_down.weight", (d, cfg.d_ff), p + "ffn_down.bias")
             continue
-        qkv_bias = cfg.arch == "qwen2"
+        qkv_bias = cfg.qkv_bias
         permute = cfg.arch == "llama"
         for n, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
             order = _rope_row_order(heads, hd) if permute else None
@@ -180,6 +181,12 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
                                                     p + f"attn_{n}.bias" if qkv_bias else None, row_order=order))
         block.attn.v = b.linear(p + "attn_v.weight", (kv_rows, d), p + "attn_v.bias" if qkv_bias else None)
         block.attn.o = b.linear(p + "attn_output.weight", (d, q_rows))
+        if cfg.gemma:
+            b.norm(block.post_attn_norm, p + "post_attention_norm", False)
+            b.norm(block.post_mlp_norm, p + "post_ffw_norm", False)
+        if cfg.qk_norm:
+            b.norm(block.attn.q_norm, p + "attn_q_norm", False, hd)
+            b.norm(block.attn.k_norm, p + "attn_k_norm", False, hd)
         block.mlp.gate = b.linear(p + "ffn_gate.weight", (cfg.d_ff, d))
         block.mlp.up = b.linear(p + "ffn_up.weight", (cfg.d_ff, d))
         block.mlp.down = b.linear(p + "ffn_down.weight", (d, cfg.d_ff))

@@ -3,10 +3,10 @@
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
-Qwen2ForCausalLM and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
+Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
 `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
-compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads,
-rope scaling other than Llama 3's) raises ValueError naming the key.
+compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads
+outside Qwen3, rope scaling other than Llama 3's) raises ValueError naming the key.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ from flashlm.models.config import LIMITS, check_heads, check_size
 
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                    "GPT2LMHeadModel": "gpt2"}
+                    "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
+                    "Gemma3ForCausalLM": "gemma3", "GPT2LMHeadModel": "gpt2"}
+# transformers' defaults for what a config.json may leave out
+_QWEN3_HEAD_DIM = 128
+_GEMMA_DEFAULTS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                              "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+                   "gemma3": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                              "attn_logit_softcapping": None, "final_logit_softcapping": None}}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation under HF's names
 
 
@@ -114,19 +121,25 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
         raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
-    if arch == "llama" and cfg.get("attention_bias"):
-        raise ValueError("config.json: attention_bias=true is not supported for llama")
+    if arch in ("llama", "qwen3") and cfg.get("attention_bias"):
+        raise ValueError(f"config.json: attention_bias=true is not supported for {arch}")
     d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
     kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
-    check_heads(d, heads, kv_heads, ("hidden_size", "num_attention_heads", "num_key_value_heads"), "config.json: ")
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim != d // heads:
-        raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
-                         "flashlm's Transformer needs head_dim = hidden_size / num_attention_heads")
+    names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+    if arch == "qwen3":  # its own head_dim: the heads need not split hidden_size
+        head_dim = _get(cfg, "head_dim", int, _QWEN3_HEAD_DIM, limit="head_dim")
+        check_heads(heads * head_dim, heads, kv_heads, names, "config.json: ")
+    else:
+        check_heads(d, heads, kv_heads, names, "config.json: ")
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and head_dim != d // heads:
+            raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
+                             f"flashlm's {arch} needs head_dim = hidden_size / num_attention_heads")
+        head_dim = None
     seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
     window = cfg.get("sliding_window")
     uses_window = True
-    if arch == "qwen2":  # Qwen2 configs carry a window they do not use unless asked (or a layer says so)
+    if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
     if window is not None and uses_window and window < seq_len:
@@ -138,7 +151,65 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
                        n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim)
+
+
+def _gemma_rope(arch: str, cfg: dict) -> dict:
+    """rope_theta (and gemma3's rope_local_theta) from rope_parameters, per layer type in transformers 5, or
+    rope_theta / rope_local_base_freq; no scaling."""
+    params = cfg.get("rope_parameters")
+    if arch == "gemma3" and isinstance(params, dict) and "full_attention" in params:
+        full, local = params.get("full_attention"), params.get("sliding_attention", {"rope_theta": 10000.0})
+        thetas = {}
+        for kind, p in (("full_attention", full), ("sliding_attention", local)):
+            if not isinstance(p, dict) or p.get("rope_type", "default") != "default":
+                raise ValueError(f"config.json: rope_parameters.{kind} {p!r} is not supported (default rope only)")
+            thetas[kind] = _get(p, "rope_theta", float, 10000.0)
+        return dict(rope_theta=thetas["full_attention"], rope_local_theta=thetas["sliding_attention"])
+    theta, scaling = _rope(cfg)
+    if scaling is not None:
+        raise ValueError(f"config.json: rope scaling is not supported for {arch}")
+    if arch == "gemma3":
+        return dict(rope_theta=theta, rope_local_theta=_get(cfg, "rope_local_base_freq", float, 10000.0))
+    return dict(rope_theta=theta)
+
+
+def _gemma_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
+    defaults = _GEMMA_DEFAULTS[arch]
+    act = cfg.get("hidden_activation", cfg.get("hidden_act", "gelu_pytorch_tanh"))
+    if act not in _GELU_TANH:
+        raise ValueError(f"config.json: hidden_activation {act!r} is not supported (GELU tanh: {_GELU_TANH})")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if cfg.get(key):
+            raise ValueError(f"config.json: {key}=true is not supported for {arch}")
+    d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
+    kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
+    head_dim = _get(cfg, "head_dim", int, defaults["head_dim"], limit="head_dim")
+    check_heads(heads * head_dim, heads, kv_heads, ("hidden_size", "num_attention_heads", "num_key_value_heads"),
+                "config.json: ")
+    n_layer = _get(cfg, "num_hidden_layers", limit="n_layer")
+    window = cfg.get("sliding_window", defaults["sliding_window"])
+    window = None if window is None else _get(cfg, "sliding_window", limit="seq_len")
+    rope = _gemma_rope(arch, cfg)
+    # the layer pattern flashlm runs (ModelConfig.local_layer) is the one the file must declare
+    probe = ModelConfig(arch=arch, d_model=d, n_head=heads, n_layer=n_layer, head_dim=head_dim)
+    expected = ["sliding_attention" if probe.local_layer(i) else "full_attention" for i in range(n_layer)]
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and layer_types != expected:
+        raise ValueError(f"config.json: layer_types must be {arch}'s pattern of sliding and full attention "
+                         f"({expected[:6]}...), got {str(layer_types)[:200]}")
+    caps = {}
+    for key, name in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "final_softcap")):
+        value = cfg.get(key, defaults[key])
+        caps[name] = None if value is None else _get({key: value}, key, float)
+    return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"), n_layer=n_layer,
+                       n_head=heads, n_kv_head=kv_heads, d_model=d, d_ff=_get(cfg, "intermediate_size", limit="d_ff"),
+                       seq_len=_seq_len(_get(cfg, "max_position_embeddings"), max_model_len),
+                       norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), head_dim=head_dim,
+                       sliding_window=window, query_pre_attn_scalar=_get(cfg, "query_pre_attn_scalar", float,
+                                                                         defaults["query_pre_attn_scalar"]),
+                       **caps, **rope)
 
 
 def model_config_from_hf(cfg: dict, max_model_len: Optional[int] = None) -> ModelConfig:
@@ -149,6 +220,8 @@ def model_config_from_hf(cfg: dict, max_model_len: Optional[int] = None) -> Mode
     try:
         if arch == "gpt2":
             return _gpt2_config(cfg, max_model_len)
+        if arch in ("gemma2", "gemma3"):
+            return _gemma_config(arch, cfg, max_model_len)
         return _rotary_config(arch, cfg, max_model_len)
     except TypeError as e:  # a value of the wrong JSON type in a comparison
         raise ValueError(f"config.json: malformed value ({e})") from e

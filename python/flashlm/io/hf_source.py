@@ -1,10 +1,10 @@
 """An HF safetensors model directory as a source of GGUF tensors (llama-style and GPT-2 checkpoints).
 
 Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
-MistralForCausalLM, Qwen2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
 convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
 `h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
-the row order of ggml's rope, transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
+the row order of ggml's rope, adds one to Gemma's norm weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
 hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
 tokenizer.json beside the weights becomes the GGUF's tokenizer (flashlm.io.gguf_tokenizer); a tokenizer
 of another kind is left out with a warning.
@@ -21,19 +21,25 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.shapes import check_block_count
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
-                 "Qwen2ForCausalLM": ("qwen2", False), "GPT2LMHeadModel": ("gpt2", False)}
+                 "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
+                 "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False),
+                 "GPT2LMHeadModel": ("gpt2", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
 _PER_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+_GEMMA_PER_LAYER = _PER_LAYER | {"post_attention_layernorm": "post_attention_norm",
+                                 "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
 _GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
@@ -60,13 +66,13 @@ def gpt2_gguf_name(hf_name: str) -> str | None:
     raise ValueError(f"{hf_name}: no GGUF name for this GPT-2 tensor")
 
 
-def gguf_name(hf_name: str) -> str | None:
+def gguf_name(hf_name: str, per_layer: dict = _PER_LAYER) -> str | None:
     """The GGUF name of a llama-style HF tensor, or None for tensors llama.cpp does not load (inv_freq)."""
     if hf_name in _TOP_LEVEL:
         return _TOP_LEVEL[hf_name]
     m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _PER_LAYER:
-        return f"blk.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in per_layer:
+        return f"blk.{m.group(1)}.{per_layer[m.group(2)]}.{m.group(3)}"
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     raise ValueError(f"{hf_name}: no GGUF name for this tensor (supported: {', '.join(ARCHITECTURES)})")
@@ -133,10 +139,13 @@ class HFSource:
         # The HF loader's checks of config.json (the context is the loader's max_model_len: any will do here).
         self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
         self.arch, self._permute = mc.arch, mc.arch == "llama"  # llama's q/k rows go to ggml's rope order
-        if self.arch == "qwen2" and mc.rope_scaling is not None:
-            raise ValueError("config.json: rope scaling on qwen2 has no GGUF form that llama.cpp reads")
+        if self.arch != "llama" and mc.rope_scaling is not None:
+            raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
+        if mc.gemma:
+            check_llama_cpp_gemma(mc)  # what llama.cpp's gemma2 cannot compute is refused before writing
+            to_gguf = lambda name: None if name == "lm_head.weight" else gguf_name(name, _GEMMA_PER_LAYER)  # noqa: E731
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise ValueError(f"{path}: no .safetensors files")
@@ -160,6 +169,8 @@ class HFSource:
                 type_name, np_dtype, shape, begin = _entry(meta, f"{full}: {hf_name}", os.path.getsize(full) - base)
                 transpose = self.arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D) and len(shape) == 2
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
+                if mc.gemma and name.endswith("norm.weight"):
+                    type_name = "F32"  # written as 1 + w, computed in float32
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
         if self.arch == "gpt2":
             names = [n.removeprefix("transformer.") for n in hf_names]
@@ -204,7 +215,10 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
-        return meta
+        if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
+            meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
+                     (f"{a}.attention.value_length", mc.head_dim, u32, None)]
+        return meta + [(k, v, t, None) for k, v, t in gemma_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
@@ -224,4 +238,9 @@ class HFSource:
             data = permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
         if transpose:
             data = np.ascontiguousarray(np.asarray(data).T)
+        if self.model_config.gemma and name.endswith("norm.weight"):  # Gemma's (1 + w), as llama.cpp reads it
+            data = np.asarray(data)
+            if np_dtype == np.uint16:  # BF16 bits
+                data = (data.astype(np.uint32) << 16).view(np.float32)
+            data = 1.0 + data.astype(np.float32)
         return data

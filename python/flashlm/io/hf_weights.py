@@ -6,7 +6,8 @@ Files are opened with safetensors' safe_open (memory-mapped; never pickle: a dir
 pytorch_model.bin raises). A sharded model is read through its model.safetensors.index.json. Every tensor
 the config implies must be present with the shape the config implies, and nothing else may be (apart from
 buffers HF keeps beside the weights: rotary inv_freq, GPT-2's attention-mask bias); otherwise ValueError
-names the tensor. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
+names the tensor. Gemma's norm weights w act as (1 + w): flashlm's RMSNorm holds the sum, computed in
+float32 as Gemma does. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
 output: they are split and transposed into nn.Linear's [out, in].
 """
 
@@ -27,9 +28,14 @@ _LLAMA_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_la
                 "self_attn.q_proj.weight": "attn.q.weight", "self_attn.k_proj.weight": "attn.k.weight",
                 "self_attn.v_proj.weight": "attn.v.weight", "self_attn.o_proj.weight": "attn.o.weight",
                 "self_attn.q_proj.bias": "attn.q.bias", "self_attn.k_proj.bias": "attn.k.bias",
-                "self_attn.v_proj.bias": "attn.v.bias",
+                "self_attn.v_proj.bias": "attn.v.bias", "self_attn.q_norm.weight": "attn.q_norm.weight",
+                "self_attn.k_norm.weight": "attn.k_norm.weight",
                 "mlp.gate_proj.weight": "mlp.gate.weight", "mlp.up_proj.weight": "mlp.up.weight",
                 "mlp.down_proj.weight": "mlp.down.weight"}
+# Gemma 2: post_attention_layernorm is the attention output's norm, pre_feedforward_layernorm the MLP's input's
+_GEMMA_LAYER = _LLAMA_LAYER | {"post_attention_layernorm.weight": "post_attn_norm.weight",
+                               "pre_feedforward_layernorm.weight": "mlp_norm.weight",
+                               "post_feedforward_layernorm.weight": "post_mlp_norm.weight"}
 _LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _GPT2_TOP = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.weight",
              "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
@@ -54,7 +60,8 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     else:
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
-        name, top, layer_re, layer = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE, _LLAMA_LAYER
+        layer = _GEMMA_LAYER if arch in ("gemma2", "gemma3") else _LLAMA_LAYER
+        name, top, layer_re = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE
     if name in top:
         return top[name]
     m = layer_re.match(name)
@@ -148,6 +155,8 @@ def read_hf_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.f
                     if tensor.dim() != 2:
                         raise ValueError(f"weights: {hf_name!r} has shape {tuple(tensor.shape)}, expected 2-D")
                     tensor = tensor.t()
+                if cfg.gemma and name.endswith("norm.weight"):
+                    tensor = 1.0 + tensor.float()  # Gemma's norms scale by (1 + w): flashlm keeps the sum
                 state[name] = tensor.to(dtype).contiguous()
                 sources[name] = hf_name
     if cfg.arch == "gpt2":

@@ -69,6 +69,8 @@ def empty_model(cfg: ModelConfig, attn_impl: str = "flashlm") -> Transformer:
         model = Transformer(cfg, attn_impl=attn_impl)
     if cfg.rotary and model.rope_cos.is_meta:
         model.rope_cos, model.rope_sin = rope_tables(cfg)
+    if cfg.rope_local_theta is not None and model.rope_local_cos.is_meta:
+        model.rope_local_cos, model.rope_local_sin = rope_tables(cfg, theta=cfg.rope_local_theta)
     return model
 
 

@@ -4,12 +4,25 @@
     llama: rotary positions, RMSNorm, SiLU-gated MLP, no biases, optional GQA (Llama 2/3, SmolLM, TinyLlama,
            Mistral without a sliding window); rope_scaling {"rope_type": "llama3", ...} for Llama 3.1+.
     qwen2: llama with biases on the q, k and v projections.
+    qwen3: llama with an RMSNorm over each head of q and of k before the rotary embedding (Qwen3), and a
+           head_dim of its own (n_head * head_dim need not be d_model).
+    gemma2: rotary, RMSNorm before and after both attention and MLP, a GELU(tanh)-gated MLP, embeddings scaled by
+           sqrt(d_model), attention logits soft-capped (attn_softcap * tanh(s / attn_softcap)) and scaled by
+           query_pre_attn_scalar^-1/2, final logits soft-capped, even layers attending to a sliding window and odd
+           ones globally (Gemma 2). Its norm weights are the effective ones: HF's (1 + w).
+    gemma3: gemma2's block with qwen3's q/k norms, five local layers to one global (layer i global where
+           i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text).
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3")
+# The architectures whose head_dim may differ from d_model / n_head.
+FREE_HEAD_DIM = ("qwen3", "gemma2", "gemma3")
+GEMMA_ARCHS = ("gemma2", "gemma3")
+# Fields only the Gemma architectures use; None elsewhere, and left out of to_dict() when None.
+GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
@@ -50,6 +63,12 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    head_dim: Optional[int] = None  # None: d_model / n_head; another value for qwen3 and gemma2 only
+    sliding_window: Optional[int] = None  # gemma2: keys a local (even) layer's query sees, itself included
+    attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
+    final_softcap: Optional[float] = None  # gemma2: the same on the output logits
+    query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
+    rope_local_theta: Optional[float] = None  # gemma3: the local layers' rotary base (None: rope_theta)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -61,24 +80,47 @@ class ModelConfig:
         if isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 \
                 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head: must be a positive divisor of n_head={self.n_head}, got {self.n_kv_head!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
-        if self.head_dim > LIMITS["head_dim"]:
-            raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
-                             f"{LIMITS['head_dim']}")
+        self._check_head_dim()
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError(f"n_kv_head: gpt2 has no grouped-query attention (n_kv_head must equal n_head "
                              f"{self.n_head}), got {self.n_kv_head}")
         if self.rope_scaling is not None:
             self._check_rope_scaling()
         if self.arch != "gpt2" and self.head_dim % 2:
-            raise ValueError(f"d_model: rotary embeddings need an even head_dim, got {self.head_dim}")
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
         check_size(self.d_ff, "d_ff", LIMITS["d_ff"])
+        self._check_gemma_fields()
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
+
+    def _check_head_dim(self):
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model: must be a multiple of n_head={self.n_head}, got {self.d_model}")
+            self.head_dim = self.d_model // self.n_head
+        else:
+            check_size(self.head_dim, "head_dim", LIMITS["head_dim"])
+            if self.arch not in FREE_HEAD_DIM and self.head_dim * self.n_head != self.d_model:
+                raise ValueError(f"head_dim: {self.arch} needs head_dim = d_model / n_head = {self.d_model} / "
+                                 f"{self.n_head}, got {self.head_dim} (only {FREE_HEAD_DIM} may differ)")
+        if self.head_dim > LIMITS["head_dim"]:
+            raise ValueError(f"d_model: head_dim d_model / n_head = {self.d_model} / {self.n_head} is more than "
+                             f"{LIMITS['head_dim']}")
+
+    def _check_gemma_fields(self):
+        for name in GEMMA_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.arch not in GEMMA_ARCHS or (name == "rope_local_theta" and self.arch != "gemma3"):
+                raise ValueError(f"{name}: {self.arch} has no such setting, got {value!r}")
+            if name == "sliding_window":
+                check_size(value, name, LIMITS["seq_len"])
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
 
     def _check_rope_scaling(self):
@@ -99,6 +141,28 @@ class ModelConfig:
     def qkv_bias(self) -> bool:
         return self.arch in ("gpt2", "qwen2")
 
+    @property
+    def gemma(self) -> bool:
+        """Gemma's block: post-norms, a GELU(tanh)-gated MLP, embeddings scaled by sqrt(d_model)."""
+        return self.arch in GEMMA_ARCHS
+
+    def local_layer(self, layer: int) -> bool:
+        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth)."""
+        return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5)
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The sliding window of block `layer`, None where it attends globally."""
+        return self.sliding_window if self.local_layer(layer) else None
+
+    @property
+    def softmax_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def qk_norm(self) -> bool:
+        """Whether each head of q and k is RMS-normed before the rotary embedding (attn.q_norm, attn.k_norm)."""
+        return self.arch in ("qwen3", "gemma3")
+
     def state_shapes(self) -> dict:
         """Transformer state-dict name -> shape, for every parameter this config implies (what loaders and
         exporters check a state dict against; tests/test_models.py checks it against a built model)."""
@@ -116,6 +180,10 @@ class ModelConfig:
                        p + "attn.k.weight": (kv, d), p + "attn.v.weight": (kv, d), p + "attn.o.weight": (d, q)}
             if self.qkv_bias:
                 shapes |= {p + "attn.q.bias": (q,), p + "attn.k.bias": (kv,), p + "attn.v.bias": (kv,)}
+            if self.qk_norm:
+                shapes |= {p + "attn.q_norm.weight": (self.head_dim,), p + "attn.k_norm.weight": (self.head_dim,)}
+            if self.gemma:
+                shapes |= {p + "post_attn_norm.weight": (d,), p + "post_mlp_norm.weight": (d,)}
             if gpt2:
                 shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
                            p + "mlp.fc.weight": (self.d_ff, d), p + "mlp.fc.bias": (self.d_ff,),
@@ -129,12 +197,17 @@ class ModelConfig:
     def rotary(self) -> bool:
         return self.arch != "gpt2"
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config's fields; head_dim only where it is not d_model / n_head and gemma2's fields only where
+        set, so that the dicts of configs without them (checkpoints written before they existed) stay what
+        they were."""
+        d = asdict(self)
+        if self.head_dim * self.n_head == self.d_model:
+            del d["head_dim"]
+        for name in GEMMA_FIELDS:
+            if d[name] is None:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

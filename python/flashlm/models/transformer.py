@@ -1,4 +1,4 @@
-"""Transformer: a decoder-only language model (GPT-2, Llama or Qwen2 family) whose attention is flashlm's flash
+"""Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
 attention, forward and backward (it is an autograd op), and whose other layers are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
@@ -6,7 +6,7 @@ attention, forward and backward (it is an autograd op), and whose other layers a
 
 attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
 and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
-attn.{q,k,v,o}, mlp_norm, mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
+attn.{q,k,v,o,q_norm,k_norm (qwen3)}, post_attn_norm (gemma2), mlp_norm, post_mlp_norm (gemma2), mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
 
 Serving uses forward_paged: the new tokens of many sequences packed into one row, K/V written into the
@@ -87,12 +87,13 @@ class RMSNorm(nn.Module):
         return x, self(x)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) -> torch.Tensor:
     """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
     wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
     high_freq_factor) kept, and a smooth blend in between."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
+    theta = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
@@ -102,10 +103,10 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
 
 
-def rope_tables(cfg: ModelConfig, device=None):
+def rope_tables(cfg: ModelConfig, device=None, theta: Optional[float] = None):
     """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
-    repeated over the two halves of the head."""
-    inv_freq = rope_inv_freq(cfg, device)
+    repeated over the two halves of the head. theta: another base than cfg.rope_theta (gemma3's local layers)."""
+    inv_freq = rope_inv_freq(cfg, device, theta)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -127,27 +128,47 @@ def apply_rope(x, cos, signed_sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
-def causal_attention(q, k, v, attn_impl: str):
+def causal_attention(q, k, v, attn_impl: str, scale=None, window=None, softcap=None):
     """q [B, T, H, hd], k/v [B, S, KV, hd] -> [B, T, H, hd], causal aligned bottom-right (S >= T: the first
-    S - T keys, a prefix, are seen by every query)."""
+    S - T keys, a prefix, are seen by every query). scale: the scores' factor (None: hd^-1/2); window: keys a
+    query sees, itself included (None: all before it); softcap: scores s become softcap * tanh(s / softcap)."""
     if attn_impl == "sdpa":
+        if window is not None or softcap is not None:  # what SDPA cannot express: the formula, spelled out
+            return _masked_attention(q, k, v, scale, window, softcap)
         T, S = q.shape[1], k.shape[1]
         # sdpa's is_causal aligns top-left; a prefix needs the bottom-right mask spelled out
         mask = None if S == T else torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=k.shape[2] != q.shape[2])
+                                           enable_gqa=k.shape[2] != q.shape[2], scale=scale)
         return y.transpose(1, 2)
+    options = dict(softmax_scale=scale, window_size=(-1 if window is None else window - 1, 0),
+                   softcap=0.0 if softcap is None else softcap)
     device = q.device.type
     dtype = q.dtype
     if dtype not in _KERNEL_DTYPES.get(device, ()) or k.dtype != dtype or v.dtype != dtype:
         work = _FALLBACK_DTYPE.get(device, torch.float32)
-        return flash_attn_func(q.to(work), k.to(work), v.to(work), causal=True).to(dtype)
-    return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q.to(work), k.to(work), v.to(work), causal=True, **options).to(dtype)
+    return flash_attn_func(q, k, v, causal=True, **options)
+
+
+def _masked_attention(q, k, v, scale, window, softcap):
+    T, S, H, hd = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (hd ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(T, device=q.device)[:, None] + (S - T)  # bottom-right, as causal_attention
+    j = torch.arange(S, device=q.device)[None, :]
+    keep = j <= i
+    if window is not None:
+        keep &= i - j < window
+    a = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.einsum("bhqk,bkhd->bqhd", a, v)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_impl: str):
+    def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
         bias = cfg.arch == "gpt2"
         qkv_bias = cfg.qkv_bias
@@ -158,6 +179,20 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
+        # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        # gemma2: its own score scale, soft-capped scores, and a sliding window on some layers
+        self.scale = cfg.softmax_scale if cfg.query_pre_attn_scalar is not None else None
+        self.window, self.softcap = cfg.layer_window(layer), cfg.attn_softcap
+
+    def _rotate(self, q, k, rope):
+        """q, k [..., heads, hd] after the per-head norms (qwen3) and the rotary embedding."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k
 
     def forward(self, x, rope, kv_prefix=None):
         """kv_prefix: None or (k, v) [B, P, KV, hd]: keys and values before x's (as prefix tuning's), seen by
@@ -166,26 +201,25 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self._rotate(q, k, rope)
         if kv_prefix is not None:
             k = torch.cat((kv_prefix[0].to(k.dtype), k), dim=1)
             v = torch.cat((kv_prefix[1].to(v.dtype), v), dim=1)
-        y = causal_attention(q, k, v, self.attn_impl)
+        y = causal_attention(q, k, v, self.attn_impl, self.scale, self.window, self.softcap)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
-
 
     def forward_paged(self, x, rope, batch: "PagedBatch", cache):
         T = x.shape[0]
         q = self.q(x).view(T, self.n_head, self.head_dim)
         k = self.k(x).view(T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self._rotate(q, k, rope)
         k_cache, v_cache = cache
         write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
         y = paged_attention(q.to(k_cache.dtype), k_cache, v_cache, batch.block_table, batch.seq_lens,
-                            batch.cu_seqlens_q, batch.max_seqlen_q)
+                            batch.cu_seqlens_q, batch.max_seqlen_q, softmax_scale=self.scale,
+                            window_size=(-1 if self.window is None else self.window - 1, 0),
+                            softcap=0.0 if self.softcap is None else self.softcap)
         return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
@@ -200,14 +234,19 @@ class GeluMLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gelu = cfg.gemma
 
     def forward(self, x):
         g, u = self.gate(x), self.up(x)
+        if self.gelu:
+            return self.down(F.gelu(g, approximate="tanh") * u)
         # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike).
         h = silu_mul(g, u) if _inference_kernel_applies(g, u) else F.silu(g) * u
         return self.down(h)
@@ -220,21 +259,30 @@ def _norm(cfg: ModelConfig):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); gemma2 norms each branch's output too
+    (post_attn_norm, post_mlp_norm) before adding it."""
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str):
+    def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
         self.attn_norm = _norm(cfg)
-        self.attn = Attention(cfg, attn_impl)
+        self.attn = Attention(cfg, attn_impl, layer)
         self.mlp_norm = _norm(cfg)
         self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
+        self.post_attn_norm = _norm(cfg) if cfg.gemma else None
+        self.post_mlp_norm = _norm(cfg) if cfg.gemma else None
 
     def forward(self, x, rope, kv_prefix=None):
+        if self.post_attn_norm is not None:
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, kv_prefix))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), rope, kv_prefix)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_paged(self, x, rope, batch, cache):
         a = self.attn.forward_paged(self.attn_norm(x), rope, batch, cache)  # a fresh tensor: add_forward may take it
+        if self.post_attn_norm is not None:
+            x = x + self.post_attn_norm(a)
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         if isinstance(self.mlp_norm, RMSNorm):
             x, h = self.mlp_norm.add_forward(x, a)
         else:
@@ -267,13 +315,17 @@ class Transformer(nn.Module):
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
-        self.blocks = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if cfg.rope_local_theta is not None:  # gemma3's local layers rotate by another base
+            cos, sin = rope_tables(cfg, theta=cfg.rope_local_theta)
+            self.register_buffer("rope_local_cos", cos, persistent=False)
+            self.register_buffer("rope_local_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -314,14 +366,13 @@ class Transformer(nn.Module):
         if prompt is not None:
             x = torch.cat((prompt.to(x.dtype).expand(B, -1, -1), x), dim=1)
             first = 0
-        S = x.shape[1]
+        x = self._scale_embeddings(x)  # prompt tuning's virtual tokens too, as HF's models scale inputs_embeds
+        positions = torch.arange(first, first + x.shape[1], device=idx.device)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(first, first + S, device=idx.device))
-        rope = None
-        if self.cfg.rotary:
-            rope = rope_factors(self.rope_cos[first:first + S], self.rope_sin[first:first + S], x.dtype)
+            x = x + self.pos_emb(positions)
+        ropes = self._ropes(positions, x.dtype)
         prefixes = kv_prefix if kv_prefix is not None else [None] * len(self.blocks)
-        for block, prefix in zip(self.blocks, prefixes):
+        for block, rope, prefix in zip(self.blocks, ropes, prefixes):
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, prefix, use_reentrant=False)
             else:
@@ -353,11 +404,28 @@ class Transformer(nn.Module):
                 raise ValueError(f"kv_prefix: layer {i} must be two {want} tensors, got {tuple(k.shape)}, "
                                  f"{tuple(v.shape)}")
         return P
+    def _ropes(self, positions: torch.Tensor, dtype) -> list:
+        """Each block's rope factors at `positions` (None without rotary embeddings): gemma3's local layers
+        take the local tables."""
+        if not self.cfg.rotary:
+            return [None] * self.cfg.n_layer
+        rope = rope_factors(self.rope_cos[positions], self.rope_sin[positions], dtype)
+        if self.cfg.rope_local_theta is None:
+            return [rope] * self.cfg.n_layer
+        local = rope_factors(self.rope_local_cos[positions], self.rope_local_sin[positions], dtype)
+        return [local if self.cfg.local_layer(i) else rope for i in range(self.cfg.n_layer)]
+
+    def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.gemma:  # scaled by sqrt(d_model) rounded to the embedding's dtype, as Gemma does
+            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
+        return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
-        embedding table."""
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        embedding table; soft-capped where the config says so (gemma2)."""
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        cap = self.cfg.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     @torch.no_grad()
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
@@ -365,13 +433,11 @@ class Transformer(nn.Module):
         kv_caches: per layer (k_cache, v_cache), each [num_blocks, block_size, n_kv_head, head_dim]."""
         if len(kv_caches) != self.cfg.n_layer:
             raise ValueError(f"kv_caches: expected {self.cfg.n_layer} layers, got {len(kv_caches)}")
-        x = self.tok_emb(tokens)  # [T, d]
+        x = self._scale_embeddings(self.tok_emb(tokens))  # [T, d]
         if self.pos_emb is not None:
             x = x + self.pos_emb(batch.positions)
-        rope = None
-        if self.cfg.rotary:
-            rope = rope_factors(self.rope_cos[batch.positions], self.rope_sin[batch.positions], x.dtype)
-        for block, cache in zip(self.blocks, kv_caches):
+        ropes = self._ropes(batch.positions, x.dtype)
+        for block, rope, cache in zip(self.blocks, ropes, kv_caches):
             x = block.forward_paged(x, rope, batch, cache)
         return self.logits(self.final_norm(x[batch.logits_rows])).float()
 

@@ -97,8 +97,10 @@ class TrainConfig:
     def model_config(self):
         from flashlm.models import ModelConfig
 
+        # gemma2 with Gemma 2's soft-caps (llama.cpp's gemma2 always applies them)
+        caps = dict(attn_softcap=50.0, final_softcap=30.0) if self.arch == "gemma2" else {}
         return ModelConfig(arch=self.arch, vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                           n_kv_head=self.n_kv_head, d_model=self.d_model, d_ff=self.d_ff, seq_len=self.seq_len)
+                           n_kv_head=self.n_kv_head, d_model=self.d_model, d_ff=self.d_ff, seq_len=self.seq_len, **caps)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -158,7 +160,7 @@ def add_arguments(parser):
         else:
             kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes")
                                                               else str)
-            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama"),
+            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama", "qwen3", "gemma2", "gemma3"),
                        "attn_impl": ("flashlm", "sdpa")}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
 

@@ -1,22 +1,24 @@
 """Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
 
-    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2 classes)
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2, Qwen3, Gemma 2)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
     export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs (or a run folder)
 
 HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_config.json, with HF's names
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
-columns after the transpose); llama's and qwen2's weights are nn.Linear's [out, in] as flashlm stores
+columns after the transpose); llama's, qwen2's and qwen3's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
-permuted. HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises
+permuted; gemma2's and gemma3's norm weights are written as Gemma's w of (1 + w). HF's GPT-2 has no output
+projection apart from the embedding: exporting an untied gpt2 raises
 ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
 keys and shapes are checked against ModelConfig.state_shapes().
 
 GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
 them); llama's q/k rows are permuted from the rotate-half layout into ggml's interleaved-pair rope layout
-(qwen2's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
+(qwen2's and qwen3's rope in ggml rotates halves: not permuted), and Llama 3's rope scaling becomes the rope_freqs
 tensor; GPT-2 attention is one attn_qkv tensor (llama.cpp's gpt2 also reads an untied output, so GGUF
-takes it). The tensors go through `flashlm quantize`'s writer: `type` is one
+takes it; llama.cpp's gemma2/gemma3 do not, so an untied gemma raises, as does one whose query_pre_attn_scalar
+or soft-caps llama.cpp cannot compute). The tensors go through `flashlm quantize`'s writer: `type` is one
 of its mixes (F32, F16, BF16, Q8_0, Q4_0, ..., Q4_K_M), each tensor gets the type llama.cpp's rules give
 it, norms and biases stay F32, and the quantized bytes are flashlm's quantizers' (ggml's reference
 bytes). The tokenizer is written by flashlm.io.gguf_tokenizer (byte-level BPE only).
@@ -33,6 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -119,12 +122,20 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             out[h + "mlp.c_proj.weight"] = state[p + "mlp.proj.weight"].T
             out[h + "mlp.c_proj.bias"] = state[p + "mlp.proj.bias"]
     else:
-        out |= {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["final_norm.weight"]}
+        # Gemma's norms multiply by (1 + w): its w is flashlm's weight less one
+        norm = (lambda name: state[name] - 1.0) if s.gemma else state.__getitem__  # noqa: E731
+        out |= {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": norm("final_norm.weight")}
         for i in range(s.n_layer):
             p, h = f"blocks.{i}.", f"model.layers.{i}."
-            out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
-                    h + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"],
-                    h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
+            if s.gemma:
+                out |= {h + "input_layernorm.weight": norm(p + "attn_norm.weight"),
+                        h + "post_attention_layernorm.weight": norm(p + "post_attn_norm.weight"),
+                        h + "pre_feedforward_layernorm.weight": norm(p + "mlp_norm.weight"),
+                        h + "post_feedforward_layernorm.weight": norm(p + "post_mlp_norm.weight")}
+            else:
+                out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
+                        h + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"]}
+            out |= {h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
                     h + "mlp.up_proj.weight": state[p + "mlp.up.weight"],
                     h + "mlp.down_proj.weight": state[p + "mlp.down.weight"]}
             for n in "qkvo":
@@ -132,6 +143,9 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             if s.qkv_bias:
                 for n in "qkv":
                     out[h + f"self_attn.{n}_proj.bias"] = state[p + f"attn.{n}.bias"]
+            if s.qk_norm:
+                for n in "qk":
+                    out[h + f"self_attn.{n}_norm.weight"] = norm(p + f"attn.{n}_norm.weight")
         if not s.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
@@ -157,6 +171,24 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
     if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                 "max_window_layers": s.n_layer, **config}
+    if s.gemma:
+        del config["hidden_act"]
+        gemma = {"attention_bias": False, "hidden_activation": "gelu_pytorch_tanh",
+                 "query_pre_attn_scalar": s.query_pre_attn_scalar or s.head_dim,
+                 "sliding_window": s.sliding_window or s.seq_len, "attn_logit_softcapping": s.attn_softcap,
+                 "final_logit_softcapping": s.final_softcap,
+                 "layer_types": ["sliding_attention" if s.local_layer(i) else "full_attention" for i in range(s.n_layer)]}
+        if s.arch == "gemma2":
+            return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **gemma, **config}
+        # transformers 5 reads each layer type's rope; older ones rope_theta and rope_local_base_freq
+        local = s.rope_local_theta or s.rope_theta
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": s.rope_theta},
+                "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+        return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **gemma, **config,
+                "rope_parameters": rope, "rope_local_base_freq": local}
+    if s.arch == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+                "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
             **config}
 
@@ -200,6 +232,8 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
     t = {k: v.numpy() for k, v in state.items()}
     out = []
+    if s.gemma:
+        check_llama_cpp_gemma(s)
     if s.rope_scaling is not None:
         if s.arch != "llama":
             raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
@@ -227,9 +261,16 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
                     (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
             if s.qkv_bias:
                 out += [(b + f"attn_{n}.bias", t[p + f"attn.{n}.bias"]) for n in "qkv"]
-            out += [(b + "attn_output.weight", t[p + "attn.o.weight"]), (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
+            if s.qk_norm:
+                out += [(b + f"attn_{n}_norm.weight", t[p + f"attn.{n}_norm.weight"]) for n in "kq"]
+            out += [(b + "attn_output.weight", t[p + "attn.o.weight"])]
+            if s.gemma:
+                out.append((b + "post_attention_norm.weight", t[p + "post_attn_norm.weight"]))
+            out += [(b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
                     (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
                     (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
+            if s.gemma:
+                out.append((b + "post_ffw_norm.weight", t[p + "post_mlp_norm.weight"]))
     out.append(("output_norm.weight", t["final_norm.weight"]))
     if s.arch == "gpt2":
         out.append(("output_norm.bias", t["final_norm.bias"]))
@@ -252,6 +293,9 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
     else:
         meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
+    if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
+        meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
+    meta += gemma_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
