@@ -18,12 +18,8 @@ import numpy as np
 from torch import nn
 
 from flashlm.io.hf_source import permute_rope_rows
+from flashlm.io.lora_adapter import GGUF_NAMES
 from flashlm.train.peft.lora import lora_layers
-
-# flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
-GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
-              "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
-
 
 def lora_gguf_tensors(model: nn.Module) -> tuple[float, list]:
     """(alpha, [(GGUF tensor name, float32 array in torch order)]) of the LoRA layers in model."""
