@@ -90,7 +90,23 @@ def test_bad_requests_are_one_line_errors(lora_run, base_run, gguf_bases, data_f
     assert "method is prompt" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "prompt"), "--gguf", str(tmp_path / "m.gguf")]) == 2
     assert "a prompt run has no merged form" in capsys.readouterr().err
-    q = tuner(gguf_bases["Q8_0"], data_files, tmp_path / "q", "lora", max_steps=1, ckpt_interval=1, eval_interval=1)
+    q = tuner(base_run, data_files, tmp_path / "q", "qlora", max_steps=1, ckpt_interval=1, eval_interval=1)
     q.train()
     assert cli_main(["export", str(tmp_path / "q"), "--hf", str(tmp_path / "hf")]) == 2
-    assert "is quantized" in capsys.readouterr().err
+    assert "quantized to int4/int8 on load (blocks.0.attn.q" in capsys.readouterr().err
+
+
+def test_merged_export_of_a_quantized_gguf_base_keeps_its_mix(gguf_bases, data_files, tmp_path):
+    """LoRA on a Q8_0 GGUF base: the blocks dequantized, the adapter added, Q8_0 again by default."""
+    from gguf import GGUFReader
+
+    t = tuner(gguf_bases["Q8_0"], data_files, tmp_path / "run", "lora", max_steps=4, eval_interval=4,
+              ckpt_interval=4, lr=0.05)
+    t.train()
+    want = logits(t.model.eval())
+    assert (logits(load_model(gguf_bases["Q8_0"]).model) - want).abs().max() > 0.1
+    assert cli_main(["export", str(tmp_path / "run"), "--gguf", str(tmp_path / "m.gguf"), "--quiet"]) == 0
+    types = {r.name: r.tensor_type.name for r in GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == "Q8_0"
+    # the merged weights rounded to Q8_0 once more: the export tests' Q8_0 bound
+    assert_close(logits(load_model(tmp_path / "m.gguf").model), want, atol=0.15, name="merged Q8_0 base")

@@ -178,7 +178,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if key in written:
             print(f"{_printable(str(getattr(args, key)))}: {what}")
     if "gguf" in written:
-        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({args.type}), "
+        types = sorted({t for _, _, t in written["gguf"]})
+        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({', '.join(types)}), "
               f"{os.path.getsize(args.gguf) / 2**20:.1f} MiB")
     return 0
 
@@ -223,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "model directory (transformers); a fine-tuning run's adapter too")
     export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt), or a run folder (its latest checkpoint)")
     export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write (a fine-tuning run's: merged)")
-    export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
-                        help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")
+    export.add_argument("--type", default=None, type=str.upper, choices=list(MIXES), metavar="TYPE",
+                        help=f"GGUF tensor types, a mix as for quantize (default F32; a fine-tuning run's merged "
+                             f"model: its GGUF base's mix): {', '.join(MIXES)}")
     export.add_argument("--hf", metavar="DIR", help="the HF model directory to write (a fine-tuning run's: merged)")
     export.add_argument("--peft", metavar="DIR", help="a fine-tuning run's adapter as an HF PEFT directory")
     export.add_argument("--lora-gguf", metavar="ADAPTER.gguf", help="a LoRA run's adapter as a llama.cpp GGUF "

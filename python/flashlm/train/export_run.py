@@ -6,8 +6,9 @@
 A fine-tuning run's checkpoint holds the adapter and the base's path, not the base: the base is loaded again
 (as `flashlm finetune` loaded it) and the adapter put on it. Outputs: the adapter in HF PEFT's format (LoRA,
 prompt and prefix tuning on Llama-family models), as a llama.cpp GGUF adapter (LoRA on llama and qwen2), and
-the model with the adapter folded in, as GGUF (the `type` mix) or HF safetensors (LoRA or full fine-tuning
-of a float base). A training run's checkpoint exports as flashlm.train.export.export_checkpoint does.
+the model with the adapter folded in, as GGUF (the `type` mix; by default a GGUF base's own) or HF safetensors
+(LoRA or full fine-tuning of a float or GGUF base; a GGUF base's blocks are dequantized, the adapter added and
+the result quantized again). A training run's checkpoint exports as flashlm.train.export.export_checkpoint does.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def load_finetuned(ckpt: dict, where: str):
     return loaded, model.eval(), ft
 
 
-def export_run(path, gguf_path=None, hf_dir=None, type: str = "F32", peft_dir=None, lora_gguf=None,
+def export_run(path, gguf_path=None, hf_dir=None, type: str | None = None, peft_dir=None, lora_gguf=None,
                progress: bool = False) -> dict:
-    """Export a checkpoint or run folder (see the module's doc); returns what was written, by output."""
+    """Export a checkpoint or run folder (see the module's doc); returns what was written, by output. type: the
+    GGUF mix; None: a fine-tuning run's GGUF base's own (its general.file_type), otherwise F32."""
     if all(p is None for p in (gguf_path, hf_dir, peft_dir, lora_gguf)):
         raise ValueError(f"export: give {_OUTPUTS}")
     path = find_checkpoint(path)
@@ -46,7 +48,7 @@ def export_run(path, gguf_path=None, hf_dir=None, type: str = "F32", peft_dir=No
         if peft_dir is not None or lora_gguf is not None:
             raise ValueError(f"{where}: is a training run's, with no adapter (--peft and --lora-gguf export a "
                              "`flashlm finetune` run's)")
-        return export_checkpoint(path, gguf_path=gguf_path, hf_dir=hf_dir, type=type, progress=progress)
+        return export_checkpoint(path, gguf_path=gguf_path, hf_dir=hf_dir, type=type or "F32", progress=progress)
     loaded, model, ft = load_finetuned(ckpt, where)
     written = {}
     if peft_dir is not None:
@@ -67,15 +69,17 @@ def export_run(path, gguf_path=None, hf_dir=None, type: str = "F32", peft_dir=No
     return written
 
 
-def _export_merged(loaded, ft, where, gguf_path, hf_dir, type, progress) -> dict:
-    from flashlm.train.finetune import is_float_model, merged_state_dict
+def _export_merged(loaded, ft, where, gguf_path, hf_dir, mix, progress) -> dict:
+    from flashlm.train.finetune import merged_state_dict
 
-    if ft.method not in ("lora", "full"):
-        raise ValueError(f"{where}: a {ft.method} run has no merged form (--gguf and --hf need a lora or full run "
-                         f"on a float base)")
-    if not is_float_model(loaded.model):  # LoRA's A and B are float; a quantized base's layers are not
-        raise NotImplementedError(f"{where}: the base {ft.model!r} is quantized; merging into it is not supported "
-                                  "(tune a float base, or export the adapter with --lora-gguf / --peft)")
+    if ft.method not in ("lora", "qlora", "full"):
+        raise ValueError(f"{where}: a {ft.method} run has no merged form (--gguf and --hf need a lora, qlora or full "
+                         f"run)")
+    int_layers = [n for n, m in loaded.model.named_modules() if type(m).__name__ in ("Int4Linear", "Int8Linear")]
+    if int_layers:
+        raise NotImplementedError(f"{where}: the base {ft.model!r} was quantized to int4/int8 on load ({int_layers[0]}"
+                                  f", ...); merging into it is not supported (export the adapter with --lora-gguf "
+                                  f"or --peft, or tune a float or GGUF base)")
     state = merged_state_dict(loaded.model)
     tok = loaded.tokenizer
     tokenizer_json = tok.backend.to_str() if tok is not None else None
@@ -84,7 +88,25 @@ def _export_merged(loaded, ft, where, gguf_path, hf_dir, type, progress) -> dict
     if hf_dir is not None:
         written["hf"] = export_hf(state, loaded.config, tokenizer_json, hf_dir, eos_token_id=eos)
     if gguf_path is not None:
-        written["gguf"] = export_gguf(state, loaded.config, tokenizer_json, gguf_path, type=type, eos_token_id=eos,
+        mix = mix or base_mix(ft.model, where)
+        written["gguf"] = export_gguf(state, loaded.config, tokenizer_json, gguf_path, type=mix, eos_token_id=eos,
                                       progress=progress)
     return written
 
+
+def base_mix(base_path: str, where: str) -> str:
+    """The quantization mix of a GGUF base (its general.file_type), F32 for any other base."""
+    import os
+
+    from flashlm.io.gguf import GGUFFile
+    from flashlm.quant.mix import MIXES
+
+    if not (os.path.isfile(base_path) and base_path.endswith(".gguf")):
+        return "F32"
+    with GGUFFile(base_path) as f:
+        file_type = f.metadata.get("general.file_type")
+    by_file_type = {int(ft): name for name, (_, ft) in MIXES.items()}
+    if file_type not in by_file_type:
+        raise ValueError(f"{where}: the base {base_path!r} has general.file_type {file_type!r}, no mix flashlm "
+                         f"writes; give --type")
+    return by_file_type[file_type]

@@ -179,12 +179,22 @@ def attach_method(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
 
 
 def merged_state_dict(base: nn.Module) -> dict:
-    """The base's weights with every LoRA adapter folded in, under the plain Transformer's names (float32)."""
+    """The base's weights with every LoRA adapter folded in, under the plain Transformer's names (float32; a GGUF
+    base's blocks dequantized)."""
+    from flashlm import ops
+    from flashlm.quant import GGUFEmbedding, GGUFLinear
     from flashlm.train.peft import lora_layers
 
     layers = lora_layers(base)
+    blocks = {n: m for n, m in base.named_modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))}
     state = {}
     for name, t in base.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in blocks and leaf == "raw":
+            m = blocks[module]
+            shape = (m.out_features, m.in_features) if isinstance(m, GGUFLinear) else (m.num_embeddings,
+                                                                                        m.embedding_dim)
+            name, t = f"{module}.weight", ops.dequantize(t.contiguous(), m.ggml_type, shape)
         owner = next((n for n in layers if name.startswith(n + ".")), None)
         if owner is None:
             state[name] = t.detach().float().cpu()
