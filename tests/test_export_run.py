@@ -13,6 +13,8 @@ import torch
 from compare import assert_close
 from flashlm.cli import main as cli_main
 from flashlm.io import load_model
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.simple_generate import generate
 from flashlm.train.peft import load_peft
 from test_export import llama_cpp_greedy
@@ -47,6 +49,10 @@ def test_exports_match_the_tuned_model(lora_run, gguf_bases, tmp_path):
                      "--gguf", str(out / "merged.gguf"), "--hf", str(out / "hf"), "--quiet"]) == 0
     assert_close(logits(load_peft(base, out / "peft")), want, atol=1e-5, name="PEFT directory on the base")
     assert_close(logits(load_model(out / "merged.gguf").model), want, atol=1e-4, name="merged GGUF in flashlm")
+    llm = LLM(str(out / "merged.gguf"), max_num_seqs=2)  # the runtime (native decoder stack) on the merged file
+    greedy = generate(tuned_model, torch.tensor([X]), 16, temperature=0)[0].tolist()[len(X):]
+    got = llm.generate([X], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0].token_ids
+    assert list(got) == greedy
     assert_close(logits(load_model(out / "hf").model), want, atol=1e-4, name="merged HF in flashlm")
 
 

@@ -57,6 +57,15 @@ def test_generate_command_takes_lora(adapters, gguf_bases, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_serve_command_takes_lora(adapters, gguf_bases, monkeypatch):
+    """`flashlm serve --lora`: the served engine's model has the adapter (uvicorn.run replaced: no server)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.setdefault("app", app))
+    assert cli_main(["serve", gguf_bases["F32"], "--lora", adapters["GGUF adapter"], "--port", "0"]) == 0
+    assert type(served["app"].state.server.llm.model.blocks[0].attn.q).__name__ == "LoRALinear"
+
+
 def other_model_adapter(tmp_path, **overrides):
     """A GGUF adapter file written with gguf-py for a llama of other sizes (or other keys)."""
     w = gguf.GGUFWriter(str(tmp_path / "other.gguf"), overrides.pop("arch", "llama"))
