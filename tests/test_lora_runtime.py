@@ -18,7 +18,7 @@ from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.simple_generate import generate
 from test_export_run import X, lora_run, logits  # noqa: F401 (fixture)
-from test_sft import backend, base_run, data_files, gguf_bases  # noqa: F401 (fixtures)
+from test_sft import backend, base_run, data_files, gguf_bases, tuner  # noqa: F401 (fixtures)
 
 STEPS = 32
 
@@ -108,3 +108,18 @@ def test_other_sources_are_refused(gguf_bases, base_run, lora_run, tmp_path):
         load_lora(model, base_run)  # a training run: no adapter/
     with pytest.raises(TypeError, match="lora: expected a path"):
         LLM(gguf_bases["F32"], lora=3)
+
+
+def test_llm_runs_an_adapter_on_gguf_blocks(gguf_bases, data_files, tmp_path):
+    """A LoRA run on the Q8_0 GGUF base: the adapter on the unchanged blocks, as run folder and GGUF adapter."""
+    t = tuner(gguf_bases["Q8_0"], data_files, tmp_path / "run", "lora", max_steps=4, eval_interval=4,
+              ckpt_interval=4, lr=0.05)
+    t.train()
+    tuned = t.model.tuned.eval()
+    want = generate(tuned, torch.tensor([X]), STEPS, temperature=0)[0].tolist()[len(X):]
+    assert cli_main(["export", str(tmp_path / "run"), "--lora-gguf", str(tmp_path / "a.gguf"), "--quiet"]) == 0
+    for lora in (tmp_path / "run", tmp_path / "a.gguf"):
+        llm = LLM(gguf_bases["Q8_0"], lora=str(lora), max_num_seqs=2)
+        assert type(llm.model.blocks[0].attn.q.base).__name__ == "GGUFLinear"
+        out = llm.generate([X], SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))[0]
+        assert list(out.outputs[0].token_ids) == want, lora
