@@ -339,9 +339,9 @@ def test_paged_attention_has_no_dropout():
 def test_opcheck_with_dropout():
     q, k, v = (torch.randn(2, 19, 2, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
     fwd = torch.ops.flashlm.flash_attn_forward.default
-    args = (q, k, v, None, None, 0, 0, 0.125, True, -1, -1, 0.0, 2, 0.3, -5, 8)  # a negative int64 seed is allowed
+    args = (q, k, v, None, None, 0, 0, 0.125, True, -1, -1, 0.0, 2, None, 0.3, -5, 8)  # a negative int64 seed is allowed
     torch.library.opcheck(fwd, args)
     out, lse = fwd(*args)
     bwd = torch.ops.flashlm.flash_attn_backward.default
     torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, None, None, 0, 0, 0.125, True, -1, -1, 0.0,
-                                0.3, -5, 8))
+                                None, 0.3, -5, 8))

@@ -453,6 +453,21 @@ def llama_cpp_model(path, **kwargs):
                            type_k=0, type_v=0, verbose=False, **kwargs)
 
 
+def llama_cpp_greedy(llm, prompt, want):
+    """(llama.cpp's greedy tokens after prompt, as many as flashlm's `want` has; llama.cpp's logits along
+    `want`, all positions in one batch)."""
+    llm.reset()
+    llm.eval(prompt)
+    got = list(prompt)
+    for _ in range(len(want) - len(prompt)):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got.append(nxt)
+        llm.eval([nxt])
+    llm.reset()
+    llm.eval(want[:-1])
+    return got, np.array(llm.scores[: len(want) - 1])
+
+
 def q8_0_reference(model):
     """flashlm's model with the weights the Q8_0 file holds: every matrix but the position table rounded
     through Q8_0 (row blocks, so it commutes with the q/k row permutation and the q|k|v concatenation)."""
@@ -494,17 +509,7 @@ def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     prompt = tokenizer.encode("The quick brown fox").ids
     want = generate(model, torch.tensor([prompt]), STEPS, temperature=0)[0].tolist()
 
-    llm.reset()
-    llm.eval(prompt)
-    got = list(prompt)
-    for _ in range(STEPS):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        got.append(nxt)
-        llm.eval([nxt])
-    # the logits along flashlm's greedy sequence, all positions in one batch
-    llm.reset()
-    llm.eval(want[:-1])
-    got_logits = np.array(llm.scores[: len(want) - 1])
+    got, got_logits = llama_cpp_greedy(llm, prompt, want)
     with torch.no_grad():
         want_logits = model(torch.tensor([want[:-1]]))[0][0].numpy()
     tol = LOGIT_TOL[cfg.arch, mix]

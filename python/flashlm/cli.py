@@ -1,5 +1,5 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
-`flashlm export CKPT --gguf OUT.gguf --hf DIR`, `flashlm convert HF_DIR OUT`,
+`flashlm export RUN --gguf OUT.gguf --hf DIR --peft DIR --lora-gguf A.gguf`, `flashlm convert HF_DIR OUT`,
 `flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm finetune`,
 `flashlm eval MODEL --perplexity FILE`, `flashlm eval MODEL --tasks mmlu:DIR,... --shots K`,
 `flashlm eval CKPT --data FILE`."""
@@ -167,14 +167,19 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from flashlm.train.export import export_checkpoint
+    from flashlm.train.export_run import export_run
 
-    written = export_checkpoint(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type,
-                                progress=not args.quiet)
-    if not args.quiet and "hf" in written:
-        print(f"{_printable(args.hf)}: HF model directory")
-    if not args.quiet and "gguf" in written:
-        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({args.type}), "
+    written = export_run(args.checkpoint, gguf_path=args.gguf, hf_dir=args.hf, type=args.type, peft_dir=args.peft,
+                         lora_gguf=args.lora_gguf, progress=not args.quiet)
+    if args.quiet:
+        return 0
+    for key, what in (("peft", "PEFT adapter directory"), ("lora_gguf", "llama.cpp GGUF LoRA adapter"),
+                      ("hf", "HF model directory")):
+        if key in written:
+            print(f"{_printable(str(getattr(args, key)))}: {what}")
+    if "gguf" in written:
+        types = sorted({t for _, _, t in written["gguf"]})
+        print(f"{_printable(args.gguf)}: {len(written['gguf'])} tensors ({', '.join(types)}), "
               f"{os.path.getsize(args.gguf) / 2**20:.1f} MiB")
     return 0
 
@@ -216,12 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                 "(tokenizer included)", "an HF model directory (llama, mistral, qwen2, qwen3, gpt2)", "F16", _cmd_convert)
 
     export = sub.add_parser("export", help="export a training checkpoint to a GGUF file (llama.cpp) and/or an HF "
-                                           "model directory (transformers)")
+                                           "model directory (transformers); a fine-tuning run's adapter too")
     export.add_argument("checkpoint", help="a flashlm training checkpoint (.pt), or a run folder (its latest checkpoint)")
-    export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write")
-    export.add_argument("--type", default="F32", type=str.upper, choices=list(MIXES), metavar="TYPE",
-                        help=f"GGUF tensor types, a mix as for quantize (default F32): {', '.join(MIXES)}")
-    export.add_argument("--hf", metavar="DIR", help="the HF model directory to write")
+    export.add_argument("--gguf", metavar="OUT.gguf", help="the GGUF file to write (a fine-tuning run's: merged)")
+    export.add_argument("--type", default=None, type=str.upper, choices=list(MIXES), metavar="TYPE",
+                        help=f"GGUF tensor types, a mix as for quantize (default F32; a fine-tuning run's merged "
+                             f"model: its GGUF base's mix): {', '.join(MIXES)}")
+    export.add_argument("--hf", metavar="DIR", help="the HF model directory to write (a fine-tuning run's: merged)")
+    export.add_argument("--peft", metavar="DIR", help="a fine-tuning run's adapter as an HF PEFT directory")
+    export.add_argument("--lora-gguf", metavar="ADAPTER.gguf", help="a LoRA run's adapter as a llama.cpp GGUF "
+                        "adapter (llama-cli --lora)")
     export.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     export.set_defaults(func=_cmd_export)
 

@@ -135,7 +135,7 @@ class _Builder:
             module.bias = self.param(f"{prefix}.bias", (d,))
 
 
-def _rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
+def rope_row_order(n_heads: int, head_dim: int) -> torch.Tensor:
     """Row indices that undo convert_hf_to_gguf's LlamaModel.permute: flashlm row h*hd + j*hd/2 + i is the
     file's row h*hd + 2i + j."""
     return torch.arange(n_heads * head_dim).reshape(n_heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
@@ -176,7 +176,7 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
         qkv_bias = cfg.qkv_bias
         permute = cfg.arch == "llama"
         for n, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
-            order = _rope_row_order(heads, hd) if permute else None
+            order = rope_row_order(heads, hd) if permute else None
             set_module(block, f"attn.{n}", b.linear(p + f"attn_{n}.weight", (heads * hd, d),
                                                     p + f"attn_{n}.bias" if qkv_bias else None, row_order=order))
         block.attn.v = b.linear(p + "attn_v.weight", (kv_rows, d), p + "attn_v.bias" if qkv_bias else None)

@@ -30,9 +30,14 @@ def _ensure_chat_template(llm) -> None:
         llm.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
+LORA_HELP = ("a LoRA adapter run on the base, unmerged: a fine-tuning run folder, a PEFT directory or a GGUF "
+             "adapter")
+
+
 def add_engine_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a GGUF file or an HF model directory")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--lora", default=None, metavar="PATH", help=LORA_HELP)
     p.add_argument("--draft-model", default=None, help="a smaller model of the same vocabulary (speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16"), default=None,
@@ -56,7 +61,8 @@ def _engine(args, **kw):
 
     kv_dtype = getattr(torch, args.kv_cache_dtype) if args.kv_cache_dtype else None
     return LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-               kv_cache_dtype=kv_dtype, draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens, **kw)
+               kv_cache_dtype=kv_dtype, draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
+               lora=args.lora, **kw)
 
 
 def _params(args, **kw) -> SamplingParams:

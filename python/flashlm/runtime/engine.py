@@ -4,6 +4,7 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
     llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
     llm = LLM("model.gguf", native_decoder=False)              # every step module by module (see ModelRunner)
+    llm = LLM("base.gguf", lora="runs/sft")                   # a LoRA adapter on the base, unmerged (run folder, PEFT dir, GGUF adapter)
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
@@ -12,6 +13,7 @@ The tokenizer is anything with encode(text) -> ids, decode(ids) -> text and eos_
 Tokenizer; a HF-style apply_chat_template for chat()).
 """
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -116,10 +118,13 @@ class LLM:
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
-                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True):
+                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True, lora=None):
         device = ops.check_device(device)
         # The cheap checks first, before a model is loaded.
         as_model_source(model, "model")
+        if lora is not None and not isinstance(lora, (str, os.PathLike)):
+            raise TypeError(f"lora: expected a path (a fine-tuning run folder, a PEFT directory or a GGUF adapter), "
+                            f"got {type(lora).__name__}")
         if draft_model is not None:
             as_model_source(draft_model, "draft_model")
         max_num_seqs = as_count(max_num_seqs, "max_num_seqs")
@@ -139,6 +144,10 @@ class LLM:
 
             loaded = load_model(model, max_model_len=max_model_len)
             model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
+        if lora is not None:  # wraps the base's layers in place (the native decoder then steps aside)
+            from flashlm.io.lora_adapter import load_lora
+
+            load_lora(model, lora)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         cfg = model.cfg

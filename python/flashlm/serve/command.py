@@ -6,6 +6,8 @@
 import os
 import sys
 
+from flashlm.runtime.commands import LORA_HELP
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, "
@@ -26,6 +28,7 @@ def add_commands(sub) -> None:
                    help="KV cache dtype (default: float32 on the CPU, bfloat16 on CUDA)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--lora", default=None, metavar="PATH", help=LORA_HELP)
     p.add_argument("--draft-model", default=None, help="a smaller model of the same vocabulary (speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
@@ -57,7 +60,7 @@ def cmd_serve(args) -> int:
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
               kv_cache_dtype=kv_dtype, seed=args.seed, device=args.device, draft_model=args.draft_model,
-              num_speculative_tokens=args.num_speculative_tokens)
+              num_speculative_tokens=args.num_speculative_tokens, lora=args.lora)
     name = args.served_model_name or served_name(args.model)
     app = create_app(llm, name, api_key=args.api_key)
     print(f"flashlm: serving {name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",

@@ -117,7 +117,7 @@ def load_base(path: str, method: str):
     return loaded
 
 
-def _is_float_model(model: nn.Module) -> bool:
+def is_float_model(model: nn.Module) -> bool:
     return all(t.is_floating_point() for t in list(model.parameters()) + list(model.buffers())
                if t.dim() >= 2) and not any(type(m).__name__ in ("GGUFLinear", "GGUFEmbedding", "Int4Linear",
                                                                 "Int8Linear") for m in model.modules())
@@ -172,19 +172,29 @@ def attach_method(base: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         return PromptTuning(base, cfg.num_virtual_tokens)
     if cfg.method == "prefix":
         return PrefixTuning(base, cfg.num_virtual_tokens)
-    if not _is_float_model(base):
+    if not is_float_model(base):
         raise ValueError("method: full fine-tuning needs a float base (this one is quantized); use lora or qlora")
     base.requires_grad_(True)
     return base
 
 
 def merged_state_dict(base: nn.Module) -> dict:
-    """The base's weights with every LoRA adapter folded in, under the plain Transformer's names (float32)."""
+    """The base's weights with every LoRA adapter folded in, under the plain Transformer's names (float32; a GGUF
+    base's blocks dequantized)."""
+    from flashlm import ops
+    from flashlm.quant import GGUFEmbedding, GGUFLinear
     from flashlm.train.peft import lora_layers
 
     layers = lora_layers(base)
+    blocks = {n: m for n, m in base.named_modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))}
     state = {}
     for name, t in base.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if module in blocks and leaf == "raw":
+            m = blocks[module]
+            shape = (m.out_features, m.in_features) if isinstance(m, GGUFLinear) else (m.num_embeddings,
+                                                                                        m.embedding_dim)
+            name, t = f"{module}.weight", ops.dequantize(t.contiguous(), m.ggml_type, shape)
         owner = next((n for n in layers if name.startswith(n + ".")), None)
         if owner is None:
             state[name] = t.detach().float().cpu()
@@ -195,6 +205,19 @@ def merged_state_dict(base: nn.Module) -> dict:
     for name, m in layers.items():
         state[f"{name}.weight"] = state[f"{name}.weight"] + m.delta_weight().cpu()
     return state
+
+
+def load_adapter(model: SFTModel, adapter: dict) -> None:
+    """Copies a checkpoint's "adapter" tensors into model's trainable parameters, every name and shape checked."""
+    mine = model.trainable()
+    if not isinstance(adapter, dict) or set(adapter) != set(mine):
+        raise ValueError("checkpoint: its trainable tensors differ from this run's")
+    with torch.no_grad():
+        for name, p in mine.items():
+            if not isinstance(adapter[name], torch.Tensor) or adapter[name].shape != p.shape:
+                got = tuple(adapter[name].shape) if isinstance(adapter[name], torch.Tensor) else type(adapter[name])
+                raise ValueError(f"checkpoint: {name} is {got}, expected {tuple(p.shape)}")
+            p.copy_(adapter[name])
 
 
 def split_records(records: list, seed: int) -> tuple:
@@ -304,7 +327,7 @@ class FineTuner(Trainer):
         # A training run's base is small and has no other way into the runtime yet; a GGUF or HF base's
         # merged copy would be its full size in every checkpoint.
         if self.ft.method in ("lora", "full") and self.loaded.source.startswith("checkpoint:") \
-                and _is_float_model(base):
+                and is_float_model(base):
             tok = self.loaded.tokenizer
             state.update(model=merged_state_dict(base), tokenizer=tok.backend.to_str(),
                          eos_token_id=tok.eos_token_id)
@@ -317,14 +340,7 @@ class FineTuner(Trainer):
         for key in ("method", "lora_r", "lora_alpha", "target", "num_virtual_tokens"):
             if saved.get(key) != getattr(self.ft, key):
                 raise ValueError(f"checkpoint: {key} is {saved.get(key)!r}, this run's is {getattr(self.ft, key)!r}")
-        adapter, mine = state["adapter"], self.model.trainable()
-        if set(adapter) != set(mine):
-            raise ValueError("checkpoint: its trainable tensors differ from this run's")
-        with torch.no_grad():
-            for name, p in mine.items():
-                if adapter[name].shape != p.shape:
-                    raise ValueError(f"checkpoint: {name} is {tuple(adapter[name].shape)}, expected {tuple(p.shape)}")
-                p.copy_(adapter[name])
+        load_adapter(self.model, state["adapter"])
         self.dp.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])

@@ -6,24 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def freeze(model: nn.Module) -> None:
-    """No parameter of the base gets a gradient (nor, through trainable_parameters, optimiser state)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+from flashlm.models.lora import freeze, positive_int  # noqa: F401 (re-exported)
 
 
 def trainable_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that require grad (after a PEFT method: the adapter's alone), for the optimiser:
     flashlm.train.optim.AdamW(trainable_parameters(model), lr=...)."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def positive_int(value, name: str) -> int:
-    """value as a count > 0; ValueError naming `name` otherwise (bools, floats and strings included)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return value
 
 
 def virtual_token_table(model: nn.Module, num_virtual_tokens, width: int) -> nn.Parameter:

@@ -1,0 +1,125 @@
+"""A LoRA adapter put on a loaded base, unmerged: the runtime's `LLM(base, lora=PATH)` and `--lora PATH`.
+
+    load_lora(model, "runs/sft")          # a `flashlm finetune` run folder (its adapter/, PEFT's format)
+    load_lora(model, "adapter/")          # an HF PEFT directory (adapter_config.json + adapter_model.safetensors)
+    load_lora(model, "adapter.gguf")      # a llama.cpp GGUF LoRA adapter (convert_lora_to_gguf.py's format)
+
+The model's block linears are wrapped in LoRALinear in place (float, int8/int4 or GGUF bases alike). Every name,
+shape and count is checked before the model is touched; a mismatch names the tensor and both shapes. A GGUF
+adapter is read as llama.cpp applies it: scale alpha / r per tensor (1 when alpha is 0), B's rows of llama's
+q and k in ggml's rope order (put back into flashlm's here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from flashlm.io.gguf import GGUFError, GGUFFile
+from flashlm.io.gguf_model import rope_row_order
+from flashlm.io.hf_config import read_json
+from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, load_peft_lora, read_tensors
+from flashlm.models.lora import LoRALinear, freeze, lora_layers
+
+# flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
+GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
+              "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+_MODULES = {v: k for k, v in GGUF_NAMES.items()}
+_GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
+
+
+def load_lora(model: nn.Module, path) -> nn.Module:
+    """Wraps model's layers (a flashlm Transformer) with the adapter at path, in place; returns model."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"lora: expected a path, got {type(path).__name__}") from None
+    if lora_layers(model):
+        raise ValueError("model: already has LoRA layers")
+    if os.path.isfile(path):
+        return _load_gguf(model, path)
+    if not os.path.isdir(path):
+        raise ValueError(f"lora: {path!r} does not exist")
+    folder = path if os.path.isfile(os.path.join(path, CONFIG_FILE)) else os.path.join(path, "adapter")
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise ValueError(f"lora: {path!r} is neither a PEFT adapter directory ({CONFIG_FILE}) nor a fine-tuning run "
+                         f"folder with one in adapter/")
+    where = os.path.join(folder, CONFIG_FILE)
+    config = read_json(where, required=True)
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        got = config.get("peft_type") if isinstance(config, dict) else config
+        raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs LoRA adapters only")
+    model = load_peft_lora(model, config, read_tensors(os.path.join(folder, WEIGHTS_FILE)), where)
+    freeze(model)
+    return model
+
+
+def _load_gguf(model: nn.Module, path: str) -> nn.Module:
+    cfg = model.cfg
+    try:
+        with GGUFFile(path) as f:
+            meta = f.metadata
+            _check_gguf_metadata(meta, cfg.arch, path)
+            alpha = float(meta["adapter.lora.alpha"])
+            pairs = _gguf_pairs(model, [t.name for t in f.tensors], path)
+            weights = {}
+            for module_name, (a_name, b_name) in pairs.items():
+                m = model.get_submodule(module_name)
+                a, b = f.tensor(a_name), f.tensor(b_name)
+                r = a.shape[0] if len(a.shape) == 2 else -1
+                _check_shape(a_name, a.shape, (r, m.in_features), module_name)
+                _check_shape(b_name, b.shape, (m.out_features, r), module_name)
+                weights[module_name] = (f.load(a_name), f.load(b_name))
+    except GGUFError as e:
+        raise ValueError(f"lora: {path}: {e}") from e
+    for module_name, (a, b) in weights.items():
+        if cfg.arch == "llama" and module_name.endswith((".attn.q", ".attn.k")):
+            heads = cfg.n_head if module_name.endswith(".attn.q") else cfg.n_kv_head
+            b = b[rope_row_order(heads, cfg.head_dim)]
+        r = a.shape[0]
+        scaling = alpha / r if alpha else 1.0  # llama.cpp's: alpha / rank, or 1 for alpha 0
+        parent, child = module_name.rsplit(".", 1)
+        layer = LoRALinear(model.get_submodule(module_name), r, scaling * r)
+        with torch.no_grad():
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
+        setattr(model.get_submodule(parent), child, layer)
+    freeze(model)
+    return model
+
+
+def _check_gguf_metadata(meta: dict, arch: str, path: str) -> None:
+    for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", arch)):
+        if meta.get(key) != want:
+            raise ValueError(f"lora: {path}: {key} is {meta.get(key)!r}, expected {want!r} (a LoRA adapter for this "
+                             f"{arch} model)")
+    alpha = meta.get("adapter.lora.alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"lora: {path}: adapter.lora.alpha must be a finite number >= 0, got {alpha!r}")
+
+
+def _gguf_pairs(model: nn.Module, names: list, path: str) -> dict:
+    """{flashlm module name: (lora_a tensor name, lora_b tensor name)}, every name checked."""
+    found = {}
+    for name in names:
+        m = _GGUF_TENSOR_RE.match(name)
+        if m is None or m.group(2) not in _MODULES or int(m.group(1)) >= model.cfg.n_layer:
+            raise ValueError(f"lora: {path}: tensor {name!r} names no block linear of this model "
+                             f"({model.cfg.n_layer} layers; {', '.join(GGUF_NAMES.values())})")
+        module = f"blocks.{int(m.group(1))}.{_MODULES[m.group(2)]}"
+        found.setdefault(module, {})[m.group(3)] = name
+    if not found:
+        raise ValueError(f"lora: {path}: has no lora_a / lora_b tensors")
+    for module, pair in found.items():
+        if set(pair) != {"a", "b"}:
+            raise ValueError(f"lora: {path}: {module} has lora_{next(iter(pair))} without its pair")
+    return {module: (pair["a"], pair["b"]) for module, pair in found.items()}
+
+
+def _check_shape(name: str, shape: tuple, want: tuple, module: str) -> None:
+    if tuple(shape) != tuple(want) or want[0] <= 0 or want[-1] <= 0:
+        raise ValueError(f"adapter: {name} has shape {tuple(shape)}, the model's {module} needs {tuple(want)}")
