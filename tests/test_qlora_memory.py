@@ -12,22 +12,27 @@ import torch
 
 from flashlm.models import ModelConfig, Transformer
 
-# Runs in a fresh interpreter: RSS after the imports (and torch's lazy ones), then the peak (VmHWM) after loading the base as
-# `flashlm finetune --method qlora` does and taking LoRA steps with AdamW on every block linear.
+# Runs in a fresh interpreter: RSS after the imports (and torch's lazy ones), then the peak (VmHWM) after
+# loading the base as `flashlm finetune --method qlora` does and taking LoRA steps with AdamW on every block
+# linear.
 CHILD = r"""
 import json, sys
-import psutil, torch
+import torch
 import flashlm
 from flashlm.train.finetune import load_base
 from flashlm.train.optim import AdamW
 from flashlm.train.peft import apply_lora, trainable_parameters
+
+def status(key):  # bytes, from /proc/self/status (VmRSS: now; VmHWM: the peak since exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 path, r, steps, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 w = torch.zeros(4, requires_grad=True)  # torch imports its optimiser machinery on first use (~70 MiB):
 opt = AdamW([w])                        # the interpreter's, not the base's
 (w * 2).sum().backward()
 opt.step()
-base_rss = psutil.Process().memory_info().rss
+base_rss = status("VmRSS")
 model = load_base(path, "qlora").model
 model.requires_grad_(False)
 apply_lora(model, r=r, alpha=2 * r, targets="q,k,v,o,gate,up,down")
@@ -41,8 +46,7 @@ for _ in range(steps):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-with open("/proc/self/status") as f:  # VmHWM: the peak since exec (ru_maxrss counts the forked parent's too)
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+peak = status("VmHWM")  # not ru_maxrss, which counts the forked parent's pages too
 print(json.dumps({"growth": peak - base_rss, "adapter_numel": sum(p.numel() for p in params),
                   "loss": loss.item()}))
 """
