@@ -134,6 +134,20 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
     FLASHLM_CHECK(first == 0 && last == t, "cu_seqlens_q: must run from 0 to the ", t, " tokens, got ", first, " to ",
                   last);
   }
+  // Each step writes its new tokens into the cache before attending, so a sequence's context holds them all
+  // (paged attention alone accepts fewer keys than queries, as flash-attn does).
+  const TensorView& lens = s.seq_lens;
+  const int64_t num_seqs = cu.data != nullptr ? cu.shape[0] - 1 : t;
+  FLASHLM_CHECK(lens.device.is_cpu() && lens.dtype == DType::I32 && lens.ndim == 1 && lens.shape[0] == num_seqs &&
+                    lens.is_contiguous() && (num_seqs == 0 || lens.data),
+                "seq_lens must be a contiguous int32 [", num_seqs, "] on the CPU, got ", lens.shape_string());
+  const auto* len = static_cast<const int32_t*>(lens.data);
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t fresh = cu.data != nullptr ? static_cast<const int32_t*>(cu.data)[i + 1] -
+                                                   static_cast<const int32_t*>(cu.data)[i] : 1;
+    FLASHLM_CHECK(len[i] >= fresh, "seq_lens[", i, "] = ", len[i], " is less than the sequence's ", fresh,
+                  " new tokens (cu_seqlens_q); the context includes them");
+  }
   const auto* pos = static_cast<const int64_t*>(p.data);
   for (int64_t i = 0; i < t; ++i)
     FLASHLM_CHECK(pos[i] >= 0 && pos[i] < s.rope_cos.shape[0], "positions[", i, "] = ", pos[i],

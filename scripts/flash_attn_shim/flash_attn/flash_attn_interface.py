@@ -11,11 +11,5 @@ from flashlm.flash_attn_interface import *  # noqa: F401,F403
 USE_TRITON_ROCM = False
 
 
-def _get_block_size_n(device, head_dim, is_dropout, is_causal):
-    """The key-block width the suite assumes when it renormalizes the probabilities that return_attn_probs gives
-    (normalize_flash_attn_S): flashlm's own where it declares one; otherwise one block per row, i.e. the
-    probabilities are taken as scaled by the row's final maximum."""
-    own = getattr(_flashlm, "_get_block_size_n", None)
-    if own is not None:
-        return own(device, head_dim, is_dropout, is_causal)
-    return 1 << 30
+# The key-block width of S_dmask's numerators, which the suite's normalize_flash_attn_S reads.
+_get_block_size_n = _flashlm._get_block_size_n
