@@ -27,6 +27,13 @@ QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 _STR, _ARR, _U32, _BOOL = GGUFValueType.STRING, GGUFValueType.ARRAY, GGUFValueType.UINT32, GGUFValueType.BOOL
 
 
+# A chat template in the shape of real ones (roles checked, BOS/EOS around turns), for loaders to carry.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+                 "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}<|{{ m['role'] }}|>\n"
+                 "{{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 def corpus(n: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     docs = []
