@@ -70,8 +70,8 @@ def _assert_within(name, got, want, err, bound, base_err=None):
 
 
 def assert_close_to_reference(actual, reference, baseline=None, floor=None, *, name="result", relative_floor=False,
-                              elementwise=False, equal_nan=False):
-    """|actual - reference| <= 2 |baseline - reference| + floor, flash-attn's rule.
+                              elementwise=False, equal_nan=False, multiple=2.0):
+    """|actual - reference| <= multiple |baseline - reference| + floor, flash-attn's rule (multiple 2).
 
     reference is float64 (or at least more precise than actual); baseline is the same computation in
     actual's precision (None: no baseline, the floor alone). floor defaults to FLOOR[actual.dtype]; with
@@ -100,7 +100,7 @@ def assert_close_to_reference(actual, reference, baseline=None, floor=None, *, n
     magnitude = want.abs().where(finite, 0.0).clamp(min=1.0) if relative_floor else torch.ones_like(want)
     if not elementwise:
         base_err, magnitude = base_err.max(), magnitude.max()
-    _assert_within(name, got, want, err, 2 * base_err + floor * magnitude, base_err)
+    _assert_within(name, got, want, err, multiple * base_err + floor * magnitude, base_err)
 
 
 def assert_close(actual, expected, *, atol=0.0, rtol=0.0, rtol_of_max=0.0, name="result", equal_nan=False):
