@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from compare import assert_close_to_reference, assert_equal
+from conftest import per_device
 from flashlm.flash_attn_interface import flash_attn_func
 from flashlm.parallel.context import (SequenceLayout, _blocks, gather_sequence, ring_attention,
                                       ring_attention_forward, shard_sequence)
@@ -79,13 +80,10 @@ class SimulatedRing:
         return results
 
 
-def random_qkv(seq_len, heads, kv_heads, dtype, batch=2, d=32, seed=0):
+def random_qkv(seq_len, heads, kv_heads, dtype, batch=2, d=32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, seq_len, heads, d, generator=g).to(dtype)
-    k = torch.randn(batch, seq_len, kv_heads, d, generator=g).to(dtype)
-    v = torch.randn(batch, seq_len, kv_heads, d, generator=g).to(dtype)
-    dout = torch.randn(batch, seq_len, heads, d, generator=g).to(dtype)
-    return q, k, v, dout
+    return tuple(torch.randn(batch, seq_len, h, d, generator=g).to(device, dtype)
+                 for h in (heads, kv_heads, kv_heads, heads))  # q, k, v, dout
 
 
 def ring_run(layout, q, k, v, dout, causal):
@@ -127,8 +125,8 @@ def check_against_single_device(name, ring_t, one, ref, base, cp, floor=None):
                               relative_floor=True, multiple=cp + 1)
 
 
-def check_ring(layout, heads, kv_heads, dtype, causal, batch=2):
-    q, k, v, dout = random_qkv(layout.seq_len, heads, kv_heads, dtype, batch)
+def check_ring(layout, heads, kv_heads, dtype, causal, batch=2, device="cpu"):
+    q, k, v, dout = random_qkv(layout.seq_len, heads, kv_heads, dtype, batch, device=device)
     out, lse, grads, forward_calls, calls = ring_run(layout, q, k, v, dout, causal)
     cp = layout.cp
     # K/V move cp - 1 times forward; backward K/V cp - 1 times and dK/dV cp times; then the lse's forward.
@@ -148,9 +146,10 @@ def check_ring(layout, heads, kv_heads, dtype, causal, batch=2):
 
 @pytest.mark.parametrize("cp", [2, 3, 4])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ring_equals_single_device(cp, causal, dtype):
-    check_ring(SequenceLayout(64 * cp, cp), 4, 2, dtype, causal)
+@pytest.mark.parametrize("device,dtype", per_device(cpu=[(torch.float32,), (torch.bfloat16,)],
+                                                    cuda=[(torch.float16,), (torch.bfloat16,)]))
+def test_ring_equals_single_device(device, dtype, cp, causal):
+    check_ring(SequenceLayout(64 * cp, cp), 4, 2, dtype, causal, device=device)
 
 
 @pytest.mark.parametrize("seq_len,cp", [(37, 3), (9, 4), (8, 4), (101, 2), (5, 2)])

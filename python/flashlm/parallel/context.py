@@ -30,7 +30,7 @@ from typing import Optional, Protocol, Sequence
 
 import torch
 
-from flashlm.ops._check import as_int, check_tensor, default_scale
+from flashlm.ops._check import as_bool, as_int, check_tensor, default_scale
 from flashlm.ops.attention import flash_attn_backward, flash_attn_forward
 
 
@@ -62,8 +62,7 @@ class SequenceLayout:
         cp, seq_len = _count(self.cp, "cp"), _count(self.seq_len, "seq_len")
         if cp < 1:
             raise ValueError(f"cp: must be >= 1, got {cp}")
-        if not isinstance(self.zigzag, bool):
-            raise TypeError(f"zigzag: expected a bool, got {type(self.zigzag).__name__}")
+        object.__setattr__(self, "zigzag", as_bool(self.zigzag, "zigzag"))
         chunks = 2 * cp if self.zigzag else cp
         if seq_len < chunks:
             kind = "zig-zag" if self.zigzag else "contiguous"
@@ -144,9 +143,10 @@ def gather_sequence(shards: Sequence[torch.Tensor], layout: SequenceLayout, dim:
 
 # --- ring attention --------------------------------------------------------------------------------------------
 
-def _check_ring(q, k, v, transport, layout: SequenceLayout) -> int:
+def _check_ring(q, k, v, transport, layout: SequenceLayout, causal) -> int:
     """This rank, after the checks that every rank makes before its first message (a rank that fails later
     leaves its neighbours waiting on the transport)."""
+    as_bool(causal, "causal")
     if not isinstance(layout, SequenceLayout):
         raise TypeError(f"layout: expected a SequenceLayout, got {type(layout).__name__}")
     for attr in ("rank", "size", "sendrecv"):
@@ -217,7 +217,7 @@ def ring_attention_forward(q, k, v, transport, layout: SequenceLayout, causal: b
                            softmax_scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [batch, local_len, heads, head_dim] in q's dtype, lse float32 [batch, heads, local_len]) of this
     rank's queries over the whole sequence's keys. Every rank calls it together."""
-    rank = _check_ring(q, k, v, transport, layout)
+    rank = _check_ring(q, k, v, transport, layout, causal)
     scale = default_scale(q, softmax_scale)
     cp = layout.cp
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -239,7 +239,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, transport, layout: Sequence
                             softmax_scale: Optional[float] = None):
     """(dq, dk, dv) of this rank's q, k and v from ring_attention_forward's out and lse and the gradient of out.
     Every rank calls it together."""
-    rank = _check_ring(q, k, v, transport, layout)
+    rank = _check_ring(q, k, v, transport, layout, causal)
     for name, t, shape in (("dout", dout, q.shape), ("out", out, q.shape),
                            ("lse", lse, (q.shape[0], q.shape[2], q.shape[1]))):
         check_tensor(t, name)
@@ -288,6 +288,4 @@ def ring_attention(q, k, v, transport, layout: SequenceLayout, causal: bool = Fa
     """Attention of this rank's queries over the whole sequence, differentiable: q [batch, local_len, heads,
     head_dim], k/v [batch, local_len, kv_heads, head_dim] (heads % kv_heads == 0), this rank's tokens in `layout`
     (shard_sequence's order; causal masks follow the global positions). Every rank calls it together."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     return RingAttention.apply(q, k, v, transport, layout, causal, softmax_scale)
