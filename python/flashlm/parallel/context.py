@@ -191,15 +191,10 @@ def _blocks(layout: SequenceLayout, rank: int, origin: int, causal: bool):
     return [(q_start, sum(q[2] for q in queries), k_start, sum(k[2] for k in keys), False)]
 
 
-def _block_like(kv: torch.Tensor, layout: SequenceLayout, origin: int, dtype=None) -> torch.Tensor:
-    """An empty [2, batch, local_len(origin), kv_heads, head_dim] buffer for origin's block."""
-    shape = (2, kv.shape[1], layout.local_len(origin)) + tuple(kv.shape[3:])
-    return torch.empty(shape, dtype=dtype or kv.dtype, device=kv.device)
-
-
-def _pass_on(transport, send: torch.Tensor, layout: SequenceLayout, from_origin: int, dtype=None) -> torch.Tensor:
-    """Sends this block right and returns the left neighbour's, whose owner is from_origin."""
-    recv = _block_like(send, layout, from_origin, dtype)
+def _pass_on(transport, send: torch.Tensor, layout: SequenceLayout, from_origin: int) -> torch.Tensor:
+    """Sends this block ([2, batch, local_len, kv_heads, head_dim]: K and V, or their gradients) right and returns
+    the left neighbour's, whose owner is from_origin (ragged chunks: its length may differ)."""
+    recv = send.new_empty((2, send.shape[1], layout.local_len(from_origin)) + tuple(send.shape[3:]))
     transport.sendrecv(send, recv)
     return recv
 
