@@ -30,12 +30,13 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "context_worke
 class SimulatedRing:
     """cp ranks of one process, each on its own thread; ring.rank(r) is rank r's transport. sendrecv blocks
     until every rank has called it (a barrier with a timeout, so a rank that stops early fails the others rather
-    than hanging them) and counts each rank's calls."""
+    than hanging them) and counts each rank's calls and the bytes it sends."""
 
     def __init__(self, size, timeout=60):
         self.size = size
         self.slots = [None] * size
         self.calls = [0] * size
+        self.bytes_sent = [0] * size
         self.barrier = threading.Barrier(size, timeout=timeout)
 
     def rank(self, r):
@@ -47,6 +48,7 @@ class SimulatedRing:
             def sendrecv(self, send, recv):
                 ring.slots[r] = send
                 ring.calls[r] += 1
+                ring.bytes_sent[r] += 0 if send is None else send.numel() * send.element_size()
                 ring.barrier.wait()
                 got = ring.slots[(r - 1) % ring.size]
                 if recv is not None:
@@ -104,7 +106,7 @@ def ring_run(layout, q, k, v, dout, causal):
     out = gather_sequence([r[0] for r in results], layout)
     lse = gather_sequence([r[1] for r in results], layout, dim=2)
     grads = [gather_sequence([r[2][i] for r in results], layout) for i in range(3)]
-    return out, lse, grads, [r[3] for r in results], ring.calls
+    return out, lse, grads, [r[3] for r in results], ring.calls, sum(ring.bytes_sent)
 
 
 def single_device(q, k, v, dout, causal):
@@ -127,10 +129,13 @@ def check_against_single_device(name, ring_t, one, ref, base, cp, floor=None):
 
 def check_ring(layout, heads, kv_heads, dtype, causal, batch=2, device="cpu"):
     q, k, v, dout = random_qkv(layout.seq_len, heads, kv_heads, dtype, batch, device=device)
-    out, lse, grads, forward_calls, calls = ring_run(layout, q, k, v, dout, causal)
+    out, lse, grads, forward_calls, calls, bytes_sent = ring_run(layout, q, k, v, dout, causal)
     cp = layout.cp
-    # K/V move cp - 1 times forward; backward K/V cp - 1 times and dK/dV cp times; then the lse's forward.
+    # K/V move cp - 1 times forward; backward K/V cp - 1 times and dK/dV cp times; then the lse's forward. Each
+    # move of every rank's block carries the whole sequence's K and V (dK and dV in float32) once.
     assert forward_calls == [cp - 1] * cp and calls == [(cp - 1) * 3 + cp if cp > 1 else 0] * cp
+    kv_bytes = 2 * k.numel() * k.element_size()
+    assert bytes_sent == (3 * (cp - 1) * kv_bytes + cp * kv_bytes * 4 // k.element_size() if cp > 1 else 0)
 
     one_out, one_lse, one_grads = single_device(q, k, v, dout, causal)
     ref_out, ref_lse, ref_grads = attention_with_grads(*(t.double() for t in (q, k, v)), dout.double(), causal=causal)
