@@ -242,6 +242,15 @@ def test_varlen_empty_sequences_cpu():
     check_varlen([0, 7, 0, 3], [4, 7, 0, 0], 2, 2, 16, torch.float32, "cpu", False)
 
 
+def test_backward_batch_zero_with_expanded_gradient_cpu():
+    # out.sum().backward() hands the kernel an expanded gradient (stride 0); with batch 0 it is empty, which
+    # torch calls contiguous, yet its last dimension still has stride 0.
+    q, k, v = (torch.randn(0, 5, heads, 16, requires_grad=True) for heads in (4, 2, 2))
+    flash_attn_func(q, k, v, causal=True).sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape
+
+
 @pytest.mark.parametrize("device", devices())
 def test_varlen_rows_outside_every_sequence(device):
     # Rows before cu_seqlens[0] and from cu_seqlens[-1] on belong to no sequence: out 0 and lse +inf (a row

@@ -211,7 +211,11 @@ def is_large(t: torch.Tensor) -> bool:
 def contiguous_last(t: torch.Tensor, name: str) -> torch.Tensor:
     """t with its last dimension contiguous, as the kernels need (they take any other strides): copied only
     where it is not, the copy checked to fit as by contiguous()."""
-    return t if t.dim() == 0 or t.stride(-1) == 1 else contiguous(t, name)
+    if t.dim() == 0 or t.stride(-1) == 1:
+        return t
+    if t.numel() == 0:  # torch calls any empty tensor contiguous and keeps its strides (e.g. 0 from expand)
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return contiguous(t, name)
 
 
 def new_output(shape, dtype: torch.dtype, device, name: str, fill: Optional[float] = None) -> torch.Tensor:
