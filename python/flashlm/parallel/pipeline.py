@@ -160,7 +160,9 @@ class PipelineStage(nn.Module):
 
 class Pipeline:
     """Runs a stage's part of each step: the schedule's forwards and backwards, the tied gradients' sum, and
-    clipping by the norm over all stages. `stats` holds the last step's measurements."""
+    clipping by the norm over all stages. `stats` holds the last forward_backward's measurements: its seconds,
+    the bubble (the fraction of them outside forward and backward compute: waiting for and moving messages),
+    the formula's bubble, and the most micro-batches whose activations were kept at once."""
 
     def __init__(self, stage: PipelineStage, links: StageLinks, plan: PipelinePlan):
         if links.stage != stage.stage or links.stages != plan.stages or stage.stages != plan.stages:
@@ -172,7 +174,8 @@ class Pipeline:
         if missing:
             raise ValueError(f"links: stage {stage.stage} needs the rings {missing}")
         self.stage, self.links, self.plan = stage, links, plan
-        self.dtype = next(stage.blocks.parameters()).dtype
+        weight = next(stage.blocks.parameters())
+        self.dtype, self.device = weight.dtype, weight.device  # of the activations and their gradients
         self.stats: dict = {}
 
     # ---- One step ----------------------------------------------------------------------------------------
@@ -188,7 +191,7 @@ class Pipeline:
         self._idx = self._micro_batches(idx, "idx") if st.first else None
         self._targets = self._micro_batches(targets, "targets") if st.last else None
         self._scale = float(loss_scale) / m
-        self._saved, self._peak, self._busy, self._loss = {}, 0, 0.0, 0.0
+        self._saved, self._peak, self._busy, self._loss = {}, 0, 0.0, torch.zeros((), device=self.device)
         start = time.perf_counter()
         if plan.schedule == "gpipe":
             self._gpipe(m)
@@ -197,7 +200,7 @@ class Pipeline:
         total = time.perf_counter() - start
         self.stats = {"seconds": total, "bubble": 1.0 - self._busy / total if total > 0 else 0.0,
                       "bubble_formula": plan.bubble(), "peak_in_flight": self._peak}
-        return self._loss / m if st.last else None
+        return float(self._loss) / m if st.last else None
 
     def _gpipe(self, m):
         for i in range(m):
@@ -241,7 +244,7 @@ class Pipeline:
         if st.last:
             target = self._targets[i]
             loss = F.cross_entropy(y.float().view(target.numel(), -1), target.reshape(-1), ignore_index=-100)
-            self._loss += float(loss.detach())
+            self._loss += loss.detach()
             y = loss * self._scale
         self._saved[i] = (x, y)
         self._peak = max(self._peak, len(self._saved))
@@ -262,7 +265,8 @@ class Pipeline:
 
     def _message(self):
         p = self.plan
-        return torch.empty(p.batch_size // p.micro_batches, p.seq_len, self.stage.cfg.d_model, dtype=self.dtype)
+        return torch.empty(p.batch_size // p.micro_batches, p.seq_len, self.stage.cfg.d_model, dtype=self.dtype,
+                           device=self.device)
 
     def _recv_forward(self):
         return None if self.stage.first else self.links.prev.sendrecv(recv=self._message())
@@ -300,9 +304,9 @@ class Pipeline:
         max_norm > 0 they are scaled by min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_
         does. Call after finish_gradients, on every stage."""
         params = list(self.stage.parameters())
-        counted = [p for p in params if p.grad is not None and not (self.stage.last and p is self.stage.tied_weight()
-                                                                    and not self.stage.first)]
-        total = torch.nn.utils.get_total_norm([p.grad for p in counted]) if counted else torch.zeros(())
+        copy = self.stage.tied_weight() if self.stage.last else None  # counted on the first stage
+        grads = [p.grad for p in params if p.grad is not None and p is not copy]
+        total = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if self.links.group is not None:
             squared = total.square().reshape(1).to(torch.float32)
             self.links.group.allreduce(squared, "sum")
