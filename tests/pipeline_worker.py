@@ -80,7 +80,10 @@ def train_stage(store, stage: int, stages: int, arch: str, schedule: str):
     key = f"job/{arch}/{schedule}"
     if stage == 0:
         store.set(key, f"pp-{os.getpid()}-{arch}-{schedule}")
-    links = shm_stage_links(store.get(key).decode(), stage, plan, model.cfg.tie_embeddings, timeout=30)
+    # 512-byte slices: an activation (2 KiB) is 4 slices, more than the 2 a ring edge holds, so a stage that sent
+    # one waits until its neighbour takes it, and the schedules must order their messages to never both wait.
+    links = shm_stage_links(store.get(key).decode(), stage, plan, model.cfg.tie_embeddings, timeout=30,
+                            slice_bytes=512)
     part = PipelineStage(model, stage, plan)
     pipe = Pipeline(part, links, plan)
     optimizer = make_optimizer(part.parameters())

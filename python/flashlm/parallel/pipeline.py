@@ -87,14 +87,16 @@ class StageLinks:
     tied: Optional[comm.Ring] = None
 
 
-def shm_stage_links(job: str, stage: int, plan: PipelinePlan, tied: bool, timeout: float = 60.0) -> StageLinks:
+def shm_stage_links(job: str, stage: int, plan: PipelinePlan, tied: bool, timeout: float = 60.0,
+                    slice_bytes: int = 0) -> StageLinks:
     """Connects stage `stage`'s rings over shared memory (collective: every stage calls it with the same
-    `job`, new for every pipeline). Each call waits at most `timeout` seconds for a peer."""
+    `job`, new for every pipeline). Each call waits at most `timeout` seconds for a peer; `slice_bytes` as
+    comm.shm_ring's."""
     p = plan.stages
     as_int(stage, "stage", 0, p - 1)
 
     def ring(name, rank, world):
-        return comm.shm_ring(f"{job}-{name}", rank, world, timeout)
+        return comm.shm_ring(f"{job}-{name}", rank, world, timeout, slice_bytes)
 
     # In stage order, so that every stage meets its neighbours in the order they connect.
     links = StageLinks(stage, p)
