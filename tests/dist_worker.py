@@ -197,6 +197,84 @@ def mismatch(rank, world, store_file):
     raise AssertionError("mismatched allreduce did not raise")
 
 
+def shared_ring(rank, world, name, **options):
+    """A raw shm ring whose job name rank 0 makes and hands to the others through the store."""
+    store = tdist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set(f"ring/{name}", f"{name}-{os.getpid()}-{time.monotonic_ns()}")
+    tdist.barrier()
+    ring = comm.shm_ring(store.get(f"ring/{name}").decode(), rank, world, **options)
+    tdist.barrier()  # every rank has read the name
+    return ring
+
+
+def message_of(n, rank, dtype):
+    """What rank `rank` sends: n elements (0 included) that differ by position, rank and call."""
+    i = torch.arange(n, dtype=torch.int64) * 31 + rank * 7
+    if dtype == torch.bool:
+        return i % 3 == 0
+    return (i % 101 - 50).to(dtype)
+
+
+def sendrecv(rank, world, store_file):
+    """A ring shift (each rank sends to rank + 1 and receives from rank - 1) for several dtypes and sizes, 0
+    and past the slice size included, with sizes that differ per rank (so a call sends and receives different
+    sizes); then one-sided calls: rank 0 sends, rank 1 receives, the others stay out."""
+    join_group(rank, world, store_file)
+    left, right = (rank - 1) % world, (rank + 1) % world
+    for options in ({"slice_bytes": 256}, {}):  # tiny slices (many per message), then the default 1 MiB
+        ring = shared_ring(rank, world, f"sr{len(options)}", timeout=20, **options)
+        for n in (0, 1, 63, 1000, 300_007):
+            for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.uint8, torch.bool):
+                send = message_of(n + rank, rank, dtype)
+                recv = torch.empty(n + left, dtype=dtype)
+                assert ring.sendrecv(send, recv) is recv
+                assert_equal(recv, message_of(n + left, left, dtype), name=f"sendrecv {options} n={n} {dtype}")
+                assert_equal(send, message_of(n + rank, rank, dtype), name="sendrecv leaves send alone")
+        for n in (0, 5000):
+            if rank == 0:
+                ring.sendrecv(send=message_of(n, 0, torch.float32).view(10, -1) if n else torch.empty(0))
+            elif rank == 1:
+                recv = ring.sendrecv(recv=torch.empty(n))
+                assert_equal(recv, message_of(n, 0, torch.float32), name=f"one-sided {options} n={n}")
+            ring.sendrecv()  # neither side: nothing moves
+        tdist.barrier()
+    report(rank=rank, ok=True)
+    tdist.destroy_process_group()
+
+
+def sendrecv_mismatch(rank, world, store_file):
+    """Two ranks whose messages differ in size, then in dtype: the receiver raises naming both."""
+    join_group(rank, world, store_file)
+    for name, (send, recv) in (("size", (torch.ones(100), torch.empty(100 if rank == 0 else 50))),
+                               ("dtype", (torch.ones(100), torch.empty(100, dtype=torch.int32 if rank else torch.float32)))):
+        ring = shared_ring(rank, world, f"mis{name}", timeout=5)
+        try:
+            ring.sendrecv(send, recv)
+            ring.sendrecv(send, recv)  # rank 0's first call could succeed; this one fails after rank 1's abort
+        except RuntimeError as e:
+            report(rank=rank, case=name, message=str(e))
+        tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def sendrecv_dead_peer(rank, world, store_file):
+    """Rank 1 of a 2-rank ring exits after one exchange; rank 0's next receive raises within the timeout."""
+    join_group(rank, world, store_file)
+    ring = shared_ring(rank, world, "dead", timeout=3.0)
+    ring.sendrecv(torch.ones(10), torch.empty(10))
+    if rank == 1:
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        ring.sendrecv(torch.ones(10), torch.empty(10))
+        ring.sendrecv(recv=torch.empty(10))
+    except RuntimeError as e:
+        report(rank=rank, seconds=time.monotonic() - t0, message=str(e))
+        os._exit(0)
+    raise AssertionError("sendrecv with a dead peer did not raise")
+
+
 def grad_sync(rank, world, store_file):
     """GradientSync's gradients equal the per-rank gradients averaged by hand (gloo), over several steps."""
     join_group(rank, world, store_file)

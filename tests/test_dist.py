@@ -79,6 +79,42 @@ def test_mismatched_calls_raise(tmp_path):
     assert any("same collectives" in m for m in messages), messages
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sendrecv(world, tmp_path):
+    before = shm_segments()
+    results = run_ranks("sendrecv", world, tmp_path / "store")
+    assert all(records == [{"rank": r, "ok": True}] for r, records in enumerate(results)), results
+    assert shm_segments() - before == set(), "shared-memory segments left behind"
+
+
+def test_sendrecv_mismatch_raises(tmp_path):
+    results = run_ranks("sendrecv_mismatch", 2, tmp_path / "store", timeout=60)
+    by_case = {(r["rank"], r["case"]): r["message"] for records in results for r in records}
+    assert "rank 0 sent 400 bytes of F32 where rank 1 expected 200 bytes of F32" in by_case[1, "size"], by_case
+    assert "rank 0 sent 400 bytes of F32 where rank 1 expected 400 bytes of I32" in by_case[1, "dtype"], by_case
+    assert "aborted after a failure on rank 1" in by_case[0, "size"], by_case
+
+
+def test_sendrecv_dead_peer_raises_within_timeout(tmp_path):
+    results = run_ranks("sendrecv_dead_peer", 2, tmp_path / "store", timeout=60)
+    (failure,) = results[0]
+    assert failure["seconds"] < 3.0 + 2.0, failure
+    assert "rank 1" in failure["message"] and ("exited" in failure["message"] or "within 3 s" in failure["message"]), failure
+
+
+def test_sendrecv_arguments():
+    ring = comm.shm_ring(f"single-sr-{os.getpid()}", 0, 1, timeout=1.0)
+    with pytest.raises(ValueError, match="^sendrecv: a ring of 1 rank has no neighbour"):
+        ring.sendrecv(torch.ones(2), torch.empty(2))
+    with pytest.raises(ValueError, match="^send: expected a torch.Tensor"):
+        ring.sendrecv([1.0])
+    with pytest.raises(ValueError, match="^recv: must be contiguous"):
+        ring.sendrecv(recv=torch.empty(4, 4).t())
+    t = torch.ones(8)
+    with pytest.raises(ValueError, match="^recv: must not overlap send"):
+        ring.sendrecv(t[:5], t[3:])
+
+
 def test_gradient_sync_matches_manual_average(tmp_path):
     run_ranks("grad_sync", 3, tmp_path / "store")
 

@@ -3,9 +3,11 @@
 // background thread while backward goes on).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 
+#include <optional>
 #include <string>
 
 #include "convert.h"
@@ -67,7 +69,17 @@ void bind_comm(nb::module_& m) {
             nb::gil_scoped_release release;
             r.broadcast(v, root, reinterpret_cast<void*>(stream));
           },
-          nb::arg("tensor"), nb::arg("root"), nb::arg("stream") = 0);
+          nb::arg("tensor"), nb::arg("root"), nb::arg("stream") = 0)
+      .def(
+          "sendrecv",
+          [](Ring& r, std::optional<Array> send, std::optional<Array> recv, uintptr_t stream) {
+            std::optional<TensorView> s, v;
+            if (send) s = to_view(*send, "send");
+            if (recv) v = to_view(*recv, "recv");
+            nb::gil_scoped_release release;
+            r.sendrecv(s ? &*s : nullptr, v ? &*v : nullptr, reinterpret_cast<void*>(stream));
+          },
+          nb::arg("send").none(), nb::arg("recv").none(), nb::arg("stream") = 0);
 
   m.def(
       "shm_ring",

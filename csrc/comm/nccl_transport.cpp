@@ -178,7 +178,7 @@ ncclDataType_t nccl_type(DType d) {
     case DType::F32: return ncclFloat32;
     case DType::F16: return ncclFloat16;
     case DType::BF16: return ncclBfloat16;
-    default: return ncclUint8;  // broadcast moves bytes
+    default: return ncclUint8;  // broadcast and sendrecv move bytes
   }
 }
 
@@ -290,6 +290,9 @@ class NcclTransport final : public RingTransport {
                 float divisor) override {
     const NcclApi& api = nccl();
     const int b = int(slice_ % 2);
+    // A slice of 0 elements (sendrecv's empty message) moves nothing: its peer has none to match either.
+    if (send_count == 0) send = nullptr;
+    if (recv_count == 0) recv = nullptr;
     const bool reduce = recv && combine != Combine::Copy;
     cudaStream_t comm_stream = res_.comm_stream;
     if (reduce && slice_ >= 2) check(cudaStreamWaitEvent(comm_stream, res_.reduced[b], 0), "cudaStreamWaitEvent");

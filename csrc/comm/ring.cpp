@@ -6,6 +6,8 @@
 //   allreduce: reduce-scatter, then all-gather: 2(N-1) steps, each rank sending 2(N-1)/N of the buffer.
 //   broadcast: a pipelined chain from the root around the ring; each rank forwards slice k-1 while it
 //     receives slice k.
+//   sendrecv: one message to the right neighbour and one from the left, slice k of each in one exchange
+//     (point to point: no relay, on every transport).
 // Two schedules run these steps:
 //   - step by step (transports that queue work: NCCL): a step moves one chunk per rank, slice by slice, so
 //     that while a rank reduces slice k its left neighbour is already sending slice k+1; what a rank sends
@@ -265,6 +267,34 @@ void Ring::broadcast(const TensorView& t, int root, void* stream) {
   run_collective(*transport_, mutex_, CallTag{4, uint32_t(DType::U8), nbytes}, DType::U8, stream, [&] {
     if (transport_->relay_window() > 0) return broadcast_relayed(*transport_, base, nbytes, root);
     broadcast_steps(*transport_, base, nbytes, root);
+  });
+}
+
+void Ring::sendrecv(const TensorView* send, const TensorView* recv, void* stream) {
+  char* out = send ? checked_base(*transport_, *send, "sendrecv: send", false) : nullptr;
+  char* in = recv ? checked_base(*transport_, *recv, "sendrecv: recv", false) : nullptr;
+  FLASHLM_CHECK(world_size() > 1, "sendrecv: a ring of 1 rank has no neighbour to send to");
+  if (!send && !recv) return;
+  const int64_t out_bytes = send ? send->numel() * element_bytes(send->dtype) : 0;
+  const int64_t in_bytes = recv ? recv->numel() * element_bytes(recv->dtype) : 0;
+  // The tag names the message (kind, dtype, bytes): the receiver checks it against `recv`.
+  const CallTag tag{detail::kSendRecvKind, uint32_t(send ? send->dtype : DType::U8), out_bytes};
+  run_collective(*transport_, mutex_, tag, DType::U8, stream, [&] {
+    if (recv) transport_->expect(CallTag{detail::kSendRecvKind, uint32_t(recv->dtype), in_bytes});
+    // Every message is at least one slice, an empty one for 0 bytes, so that a size mismatch is seen on the
+    // first slice instead of as a receiver waiting for data that never comes.
+    static char empty;
+    const int64_t slice = std::max<int64_t>(1, transport_->slice_bytes());
+    auto slices = [&](int64_t bytes) { return std::max<int64_t>(1, (bytes + slice - 1) / slice); };
+    const int64_t sends = send ? slices(out_bytes) : 0, recvs = recv ? slices(in_bytes) : 0;
+    transport_->step();
+    for (int64_t k = 0; k < std::max(sends, recvs); ++k) {
+      const bool s = k < sends, r = k < recvs;
+      const int64_t s_len = s ? std::min(slice, out_bytes - k * slice) : 0;
+      const int64_t r_len = r ? std::min(slice, in_bytes - k * slice) : 0;
+      transport_->exchange(s ? (out_bytes ? out + k * slice : &empty) : nullptr, s_len,
+                           r ? (in_bytes ? in + k * slice : &empty) : nullptr, r_len, Combine::Copy, 1.0f);
+    }
   });
 }
 

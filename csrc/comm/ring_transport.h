@@ -21,13 +21,17 @@ enum class Combine : int32_t {
 
 // Identifies one collective call, so that a receiver can tell when ranks called different ones.
 struct CallTag {
-  uint32_t kind;  // 1 allreduce, 2 reduce_scatter, 3 all_gather, 4 broadcast
+  uint32_t kind;  // 1 allreduce, 2 reduce_scatter, 3 all_gather, 4 broadcast, 5 sendrecv (count: bytes)
   uint32_t dtype;
   int64_t count;
   uint64_t packed() const {
     return (uint64_t(kind) << 56) ^ (uint64_t(dtype) << 48) ^ (uint64_t(count) & 0xFFFFFFFFFFFFull);
   }
+  static CallTag unpacked(uint64_t p) {
+    return CallTag{uint32_t(p >> 56), uint32_t((p >> 48) & 0xFF), int64_t(p & 0xFFFFFFFFFFFFull)};
+  }
 };
+constexpr uint32_t kSendRecvKind = 5;
 
 class RingTransport {
  public:
@@ -39,6 +43,9 @@ class RingTransport {
 
   // Brackets one collective on `dtype` elements (U8 for broadcast's bytes). `stream`: cudaStream_t or null.
   virtual void begin(const CallTag& tag, DType dtype, void* stream) = 0;
+  // After begin: the tag the left neighbour's slices carry when it differs from ours (sendrecv, where each
+  // side names the message it sends). A transport that checks tags compares what arrives with this one.
+  virtual void expect(const CallTag& tag) { (void)tag; }
   // A new ring step starts: data received in earlier steps may now be sent on.
   virtual void step() = 0;
   // One slice: send `send_count` elements from `send` to the right neighbour (none if send is null) and

@@ -163,10 +163,11 @@ class ShmTransport final : public RingTransport {
 
   void begin(const CallTag& tag, DType dtype, void*) override {
     if (aborted_) throw Error(abort_message());
-    tag_ = tag.packed();
+    tag_ = expected_ = tag.packed();
     esize_ = dtype_info(dtype).block_bytes;
     dtype_ = dtype;
   }
+  void expect(const CallTag& tag) override { expected_ = tag.packed(); }
   void step() override {}
   void end() override {}
 
@@ -312,16 +313,28 @@ class ShmTransport final : public RingTransport {
     const char* slot = in_.slot(seq % uint32_t(slots_));
     SlotHeader sh;
     std::memcpy(&sh, slot, sizeof sh);
-    if (sh.seq != seq || sh.bytes != bytes || sh.tag != tag_)
-      throw Error("shm ring: rank " + std::to_string(left()) + " sent " + std::to_string(sh.bytes) +
-                  " bytes where rank " + std::to_string(rank_) + " expected " + std::to_string(bytes) +
-                  (sh.tag != tag_ ? " of another collective" : "") +
-                  " (every rank must call the same collectives in the same order, with the same size and dtype)");
+    if (sh.seq != seq || sh.bytes != bytes || sh.tag != expected_) throw Error(mismatch(sh, bytes));
     return slot + kSlotHeaderBytes;
   }
   void release() {
     received_ += 1;
     advance(in_.header()->consumed, received_);
+  }
+
+  // Why a slice from the left neighbour is not the one this rank expected.
+  std::string mismatch(const SlotHeader& sh, int64_t bytes) const {
+    const CallTag sent = CallTag::unpacked(sh.tag), wanted = CallTag::unpacked(expected_);
+    const std::string from = "shm ring: rank " + std::to_string(left()), to = " rank " + std::to_string(rank_);
+    if (sent.kind == kSendRecvKind && wanted.kind == kSendRecvKind)
+      return from + " sent " + message(sent) + " where" + to + " expected " + message(wanted) +
+             " (sendrecv: what a rank sends must match what its right neighbour receives)";
+    return from + " sent " + std::to_string(sh.bytes) + " bytes where" + to + " expected " + std::to_string(bytes) +
+           (sh.tag != expected_ ? " of another collective" : "") +
+           " (every rank must call the same collectives in the same order, with the same size and dtype)";
+  }
+  static std::string message(const CallTag& tag) {
+    const bool known = tag.dtype < uint32_t(kNumDTypes);
+    return std::to_string(tag.count) + " bytes of " + (known ? dtype_name(DType(tag.dtype)) : "an unknown dtype");
   }
 
   // dst := received (Copy) or local + received (Sum, SumDivide).
@@ -406,7 +419,7 @@ class ShmTransport final : public RingTransport {
   int slots_ = 0;
   Mapping out_, in_;
   uint32_t sent_ = 0, received_ = 0;
-  uint64_t tag_ = 0;
+  uint64_t tag_ = 0, expected_ = 0;  // the tag of what we send, and of what we take from the left neighbour
   int64_t esize_ = 1;
   DType dtype_ = DType::U8;
   bool aborted_ = false;

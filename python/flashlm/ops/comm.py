@@ -74,9 +74,45 @@ class Ring:
         self._ring.broadcast(_flat(tensor).view(torch.uint8), src, cuda_stream(tensor))
         return tensor
 
+    def sendrecv(self, send: Optional[torch.Tensor] = None, recv: Optional[torch.Tensor] = None):
+        """Point to point: sends `send` to the right neighbour, (rank + 1) % world_size, while receiving the
+        left neighbour's tensor into `recv` in place; either may be None (one side only). Any dtype, as bytes;
+        on a 2-rank ring both neighbours are the one peer. Each call pairs, in order, with the left
+        neighbour's call that sends and the right neighbour's that receives; a size or dtype that differs
+        from what arrives raises RuntimeError (shm transport), as does a peer that does not answer within
+        the ring's timeout. Returns `recv`."""
+        for tensor, name in ((send, "send"), (recv, "recv")):
+            if tensor is not None:
+                check_tensor(tensor, name, reduction=False)
+        if send is not None and recv is not None:
+            if send.device != recv.device:
+                raise ValueError(f"recv: on {recv.device}, but send is on {send.device}")
+            if _overlap(send, recv):
+                raise ValueError("recv: must not overlap send")
+        stream = cuda_stream(send if send is not None else recv) if send is not None or recv is not None else 0
+        self._ring.sendrecv(_wire(send), _wire(recv), stream)
+        return recv
+
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1)
+
+
+# dtypes the native ring knows by name (a sendrecv tag carries it); others travel as their bytes.
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
+                  torch.int32, torch.int64)
+
+
+def _wire(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if tensor is None:
+        return None
+    flat = _flat(tensor)
+    return flat if tensor.dtype in _NATIVE_DTYPES else flat.view(torch.uint8)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a.nbytes > 0 and b.nbytes > 0 and a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def chunk_bounds(n: int, world_size: int, i: int) -> tuple:

@@ -1,1 +1,2 @@
-"""Model parallelism, one file per scheme: context parallelism (ring attention) in context.py."""
+"""Model parallelism, one file per scheme: pipeline stages and schedules in pipeline.py, context parallelism (ring
+attention) in context.py."""

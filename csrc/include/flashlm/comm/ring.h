@@ -3,6 +3,7 @@
 //   - shared memory between CPU processes of one host (POSIX shm, one segment per ring edge);
 //   - NCCL point-to-point (ncclSend/ncclRecv in grouped calls) between GPUs, with flashlm's own CUDA
 //     reduction kernel; libnccl.so.2 is loaded at run time.
+// Ring::sendrecv moves a tensor to the neighbour (pipeline stages).
 // All collectives work in place on one contiguous tensor of f32, f16 or bf16 (broadcast: any dtype) of any
 // element count, 0 and 1 included. f16/bf16 are accumulated in f32 and rounded once per ring step.
 //
@@ -61,6 +62,13 @@ class FLASHLM_API Ring {
   void all_gather(const TensorView& t, void* stream = nullptr);
   // t := root's t (the bytes; any dtype).
   void broadcast(const TensorView& t, int root, void* stream = nullptr);
+  // Point to point: sends `send`'s bytes (any plain dtype) to the right neighbour, (rank + 1) % N, while
+  // receiving the left neighbour's into `recv`; either may be null (one side only; both null: nothing).
+  // On a 2-rank ring both neighbours are the one peer. `send` may be read again and `recv` read once the
+  // call returns (NCCL: once `stream` reaches it, as the collectives). Every call pairs with one of the
+  // left neighbour that sends (and one of the right neighbour that receives), in order; the shm transport
+  // raises when what arrives differs in bytes or dtype from `recv`. A 1-rank ring has no neighbour.
+  void sendrecv(const TensorView* send, const TensorView* recv, void* stream = nullptr);
 
  private:
   std::unique_ptr<detail::RingTransport> transport_;
