@@ -5,8 +5,9 @@ that hands each rank's tensor to its right neighbour at a barrier. The rule is t
 output, lse and gradients (the ranks' shards gathered back into the whole sequence) are compared with the
 float64 reference (reference.py): flash-attn's rule against a torch baseline in the same dtype, as in
 test_attention.py (the single-device kernel is held to it too), and cp + 1 times the error of flashlm's own
-single-device flash attention on the whole sequence, plus the dtype's floor (check_against_single_device says why). A multi-process case does the same over
-torch.distributed's gloo (tests/context_worker.py).
+single-device flash attention on the whole sequence, plus the dtype's floor (check_against_single_device says
+why). Multi-process cases do the same over flashlm's shared-memory ring and over torch.distributed's gloo
+(tests/context_worker.py).
 """
 
 import os
@@ -43,7 +44,7 @@ class SimulatedRing:
         ring = self
 
         class Rank:
-            rank, size = r, ring.size
+            rank, world_size = r, ring.size
 
             def sendrecv(self, send, recv):
                 ring.slots[r] = send
@@ -272,13 +273,13 @@ def test_bad_ring_arguments():
     local = [shard_sequence(t, layout, 0) for t in (q, k, v)]
 
     class Lone:  # a transport that must never be reached: every error comes before the first message
-        rank, size = 0, 2
+        rank, world_size = 0, 2
 
         def sendrecv(self, send, recv):
             raise AssertionError("sendrecv reached")
 
-    with pytest.raises(ValueError, match="transport.size: 3 ranks, the layout is for cp=2"):
-        ring_attention(*local, type("T", (Lone,), {"size": 3})(), layout)
+    with pytest.raises(ValueError, match="transport.world_size: 3 ranks, the layout is for cp=2"):
+        ring_attention(*local, type("T", (Lone,), {"world_size": 3})(), layout)
     with pytest.raises(ValueError, match="transport.rank: must be in"):
         ring_attention(*local, type("T", (Lone,), {"rank": 2})(), layout)
     with pytest.raises(TypeError, match="transport: object has no `rank`"):
@@ -299,12 +300,13 @@ def test_bad_ring_arguments():
         ring_attention(*local, Lone(), layout, causal=1)
 
 
-# --- several processes over gloo ---------------------------------------------------------------------------------
+# --- several processes over flashlm's shared-memory ring and over gloo ----------------------------------------------
 
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
 @pytest.mark.parametrize("world,seq_len,causal", [(2, 50, True), (3, 61, False)])
-def test_gloo_processes(world, seq_len, causal, tmp_path):
+def test_processes(world, seq_len, causal, transport, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
-    args = [str(world), str(tmp_path / "store"), str(seq_len), str(int(causal))]
+    args = [str(world), str(tmp_path / "store"), str(seq_len), str(int(causal)), transport]
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for r in range(world)]
     outputs = []

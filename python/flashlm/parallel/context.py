@@ -13,8 +13,9 @@ rank r holds chunk r. Uneven lengths give ragged chunks rather than padding, so 
 that the model's other layers, its loss and its positions would have to mask; every chunk must have a token
 (seq_len >= n).
 
-The transport is anything with `rank`, `size` and `sendrecv(send, recv)`: send a tensor to the right neighbour
-(rank + 1) and receive the left one's into `recv` in place (either may be None), blocking until both are done.
+The transport is anything with `rank`, `world_size` and `sendrecv(send, recv)`, as flashlm.ops.comm.Ring has:
+send a tensor to the right neighbour (rank + 1) and receive the left one's into `recv` in place (either may be
+None), blocking until both are done.
 
 Forward on rank r, cp steps: at step s it holds the K/V block of rank (r - s) mod cp and attends each of its
 query chunks to each of the block's key chunks with flashlm's flash attention: under a causal mask a key chunk
@@ -149,12 +150,12 @@ def _check_ring(q, k, v, transport, layout: SequenceLayout, causal) -> int:
     as_bool(causal, "causal")
     if not isinstance(layout, SequenceLayout):
         raise TypeError(f"layout: expected a SequenceLayout, got {type(layout).__name__}")
-    for attr in ("rank", "size", "sendrecv"):
+    for attr in ("rank", "world_size", "sendrecv"):
         if not hasattr(transport, attr):
-            raise TypeError(f"transport: {type(transport).__name__} has no `{attr}` (rank, size, sendrecv)")
-    size = as_int(transport.size, "transport.size", 1)
+            raise TypeError(f"transport: {type(transport).__name__} has no `{attr}` (rank, world_size, sendrecv)")
+    size = as_int(transport.world_size, "transport.world_size", 1)
     if size != layout.cp:
-        raise ValueError(f"transport.size: {size} ranks, the layout is for cp={layout.cp}")
+        raise ValueError(f"transport.world_size: {size} ranks, the layout is for cp={layout.cp}")
     rank = as_int(transport.rank, "transport.rank", 0, size - 1)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, 4, "[batch, local_len, heads, head_dim]")
