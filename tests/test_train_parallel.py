@@ -9,7 +9,6 @@ trains everything and the tests below read its results.
 
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_parallel_worker as w  # noqa: E402
 
 from compare import assert_close  # noqa: E402
+from rank_processes import run_processes  # noqa: E402
 from flashlm.train.parallel import DataParallel  # noqa: E402
 
 STAGES = (0, 1, 2)
@@ -64,17 +64,7 @@ def assert_close_to_scale(got, want, rtol, what):
 
 def run_ranks(out, world, stages, *extra):
     """Runs `world` ranks of the worker (training `stages`); returns each rank's results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, w.__file__, str(r), str(world), str(out), "".join(map(str, stages)), *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(world)]
-    try:
-        outputs = [p.communicate(timeout=150) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("\n".join(f"--- rank {r} ---\n{p.communicate()[1][-3000:]}" for r, p in enumerate(procs)))
-    for r, (p, (_, err)) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} failed (exit {p.returncode}):\n{err[-5000:]}"
+    run_processes(w.__file__, world, (world, out, "".join(map(str, stages)), *extra))
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
