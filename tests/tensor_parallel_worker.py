@@ -4,7 +4,7 @@
 
 Ranks meet through a FileStore in OUT_DIR and make a Mesh(dp=DP, tp=TP). The rank computes the
 vocabulary-parallel cross-entropy of its slice of fixed logits, then trains each config of CONFIGS with
-tensor parallelism (and data parallelism over the dp group), and saves what the test compares (the gathered
+tensor parallelism, with and without sequence parallelism (and data parallelism over the dp group), and saves what the test compares (the gathered
 full parameters, clip norms, the shard -> gather round trip, the mesh's errors) to OUT_DIR/rank{RANK}.pt.
 The test process imports this file for the models, the data and the one-process reference loop.
 """
@@ -29,6 +29,8 @@ CONFIGS = {
     "llama_mqa": dict(arch="llama", vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=1, d_model=32, seq_len=16,
                       tie_embeddings=False),
 }
+# Each run: (config, sequence parallel)
+RUNS = {name: (name, False) for name in CONFIGS} | {f"{name}_sp": (name, True) for name in CONFIGS}
 CE_ROWS = 24
 
 
@@ -128,9 +130,9 @@ def main(rank, world, out_dir, dp, tp):
     out["coords"] = dict(mesh.coords)
     out["groups"] = {dim: g.ranks for dim, g in mesh.groups.items()}
     out["ce"] = run_ce(mesh)
-    for name in CONFIGS:
-        full = make_model(name)
-        model = shard_model(full, mesh.tp)
+    for name, (config, sequence_parallel) in RUNS.items():
+        full = make_model(config)
+        model = shard_model(full, mesh.tp, sequence_parallel)
         round_trip = gather_state_dict(model)
         out[name] = {"round_trip_exact": round_trip.keys() == full.state_dict().keys() and all(
             torch.equal(round_trip[k], v) for k, v in full.state_dict().items())}

@@ -17,6 +17,12 @@ so are its gradients. K/V heads are split when n_kv_head divides by tp; with few
 rank holds them all and uses the one its query heads share, its weights behind an f of their own so that
 their gradients sum over the ranks. The embedding and the output layer hold vocab / tp rows each; the
 cross-entropy combines the shards with an all-gather of the row maxima and one all-reduce of the sums.
+
+Sequence parallelism (shard_model(..., sequence_parallel=True)): outside f..g each rank holds T / tp of the
+positions, so f becomes an all-gather of the positions (reduce-scatter backward) and g a reduce-scatter
+(all-gather backward), the same bytes as the all-reduce, and the norms' activations are 1 / tp the size. The
+gradients of the tensors that act on positions (norms, gpt2's positions, row-parallel biases) are then
+each rank's part and are summed over the group in backward. f and g live in regions.py.
 """
 
 import math
@@ -25,10 +31,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
 from flashlm.models.transformer import Block, RMSNorm, Transformer, apply_rope, causal_attention, rope_tables
 from flashlm.parallel.mesh import Group
+from flashlm.parallel.regions import enter, leave
 
 SUPPORTED_ARCHS = ("gpt2", "llama", "qwen2")
 _COLUMN = ("attn.q", "mlp.fc", "mlp.gate", "mlp.up")  # output features split: weight rows and bias
@@ -68,46 +76,13 @@ def shard_dims(cfg: ModelConfig, tp: int) -> dict:
     return dims
 
 
-class _CopyToGroup(torch.autograd.Function):
-    """f: identity forward, the gradient summed over the group backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.group.all_reduce(grad.contiguous()), None
-
-
-class _ReduceFromGroup(torch.autograd.Function):
-    """g: the sum over the group forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return group.all_reduce(x.contiguous())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def copy_to_group(x, group: Group):
-    return x if group.size == 1 else _CopyToGroup.apply(x, group)
-
-
-def reduce_from_group(x, group: Group):
-    return x if group.size == 1 else _ReduceFromGroup.apply(x, group)
-
-
 class ParallelAttention(nn.Module):
     """This rank's n_head / tp query heads and the K/V heads they read; o row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str, tp: Group):
+    def __init__(self, cfg: ModelConfig, attn_impl: str, tp: Group, sequence_parallel: bool):
         super().__init__()
         hd, bias = cfg.head_dim, cfg.qkv_bias
-        self.tp, self.attn_impl, self.head_dim = tp, attn_impl, hd
+        self.tp, self.sp, self.attn_impl, self.head_dim = tp, sequence_parallel, attn_impl, hd
         self.n_head = cfg.n_head // tp.size
         kv_split = cfg.n_kv_head % tp.size == 0
         self.n_kv_head = cfg.n_kv_head // tp.size if kv_split else 1
@@ -123,30 +98,30 @@ class ParallelAttention(nn.Module):
         if self.kv_used is None:
             return linear(x)
         rows = slice(self.kv_used * self.head_dim, (self.kv_used + 1) * self.head_dim)
-        w = copy_to_group(linear.weight, self.tp)[rows]
-        b = None if linear.bias is None else copy_to_group(linear.bias, self.tp)[rows]
+        w = enter(linear.weight, self.tp)[rows]
+        b = None if linear.bias is None else enter(linear.bias, self.tp)[rows]
         return F.linear(x, w, b)
 
     def forward(self, x, rope, kv_prefix=None):
         if kv_prefix is not None:
             raise NotImplementedError("kv_prefix: not supported with tensor parallelism")
+        x = enter(x, self.tp, self.sp)
         B, T, _ = x.shape
-        x = copy_to_group(x, self.tp)
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self._kv(self.k, x).view(B, T, self.n_kv_head, self.head_dim)
         v = self._kv(self.v, x).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = causal_attention(q, k, v, self.attn_impl)
-        return _row_output(self.o, y.reshape(B, T, self.n_head * self.head_dim), self.tp)
+        return _row_output(self.o, y.reshape(B, T, self.n_head * self.head_dim), self.tp, self.sp)
 
 
 class ParallelMLP(nn.Module):
     """gpt2's fc -> gelu -> proj or llama's down(silu(gate) * up), d_ff / tp columns on this rank."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group):
+    def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool):
         super().__init__()
-        self.tp = tp
+        self.tp, self.sp = tp, sequence_parallel
         d, ff = cfg.d_model, cfg.d_ff // tp.size
         self.gated = cfg.arch != "gpt2"
         if self.gated:
@@ -158,15 +133,15 @@ class ParallelMLP(nn.Module):
             self.proj = nn.Linear(ff, d)
 
     def forward(self, x):
-        x = copy_to_group(x, self.tp)
+        x = enter(x, self.tp, self.sp)
         if self.gated:
-            return _row_output(self.down, F.silu(self.gate(x)) * self.up(x), self.tp)
-        return _row_output(self.proj, F.gelu(self.fc(x), approximate="tanh"), self.tp)
+            return _row_output(self.down, F.silu(self.gate(x)) * self.up(x), self.tp, self.sp)
+        return _row_output(self.proj, F.gelu(self.fc(x), approximate="tanh"), self.tp, self.sp)
 
 
-def _row_output(linear: nn.Linear, x, tp: Group):
+def _row_output(linear: nn.Linear, x, tp: Group, sequence_parallel: bool):
     """A row-parallel layer: this rank's partial product, summed over the group (g), then the bias once."""
-    y = reduce_from_group(F.linear(x, linear.weight), tp)
+    y = leave(F.linear(x, linear.weight), tp, sequence_parallel)
     return y if linear.bias is None else y + linear.bias
 
 
@@ -174,9 +149,9 @@ class VocabParallelEmbedding(nn.Module):
     """Rows [rank * V / tp, (rank + 1) * V / tp) of the embedding table; a token of another rank's rows
     contributes zeros here, and the sum over the group (g) is every token's row."""
 
-    def __init__(self, vocab_size: int, dim: int, tp: Group):
+    def __init__(self, vocab_size: int, dim: int, tp: Group, sequence_parallel: bool):
         super().__init__()
-        self.tp = tp
+        self.tp, self.sp = tp, sequence_parallel
         rows = vocab_size // tp.size
         self.start = tp.rank * rows
         self.weight = nn.Parameter(torch.empty(rows, dim))
@@ -185,7 +160,19 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.start
         here = (local >= 0) & (local < self.weight.shape[0])
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * here.unsqueeze(-1)
-        return reduce_from_group(x, self.tp)
+        return leave(x, self.tp, self.sp)
+
+
+class _PositionShard(nn.Embedding):
+    """gpt2's position table, whole on every rank, looked up at this rank's T / tp positions only."""
+
+    def __init__(self, seq_len: int, dim: int, tp: Group):
+        super().__init__(seq_len, dim)
+        self.tp = tp
+
+    def forward(self, positions):
+        n = positions.shape[0] // self.tp.size
+        return super().forward(positions[self.tp.rank * n:(self.tp.rank + 1) * n])
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -237,18 +224,24 @@ class TensorParallelTransformer(Transformer):
     """This tp rank's part of a Transformer: the same parameter names, with the shapes of its slices. Build
     one with shard_model; forward gives vocab-parallel logits and the loss over the whole vocabulary."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group, attn_impl: str = "flashlm"):
+    def __init__(self, cfg: ModelConfig, tp: Group, attn_impl: str = "flashlm", sequence_parallel: bool = False):
         check_tensor_parallel(cfg, tp.size)
+        if not isinstance(sequence_parallel, bool):
+            raise ValueError(f"sequence_parallel: must be a bool, got {sequence_parallel!r}")
         nn.Module.__init__(self)
-        self.cfg, self.tp = cfg, tp
+        self.cfg, self.tp, self.sp = cfg, tp, sequence_parallel
         self.checkpointing = False
         self.tp_dims = shard_dims(cfg, tp.size)
-        self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.tok_emb = VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp, sequence_parallel)
+        self.pos_emb = None
+        if cfg.arch == "gpt2":
+            self.pos_emb = _PositionShard(cfg.seq_len, cfg.d_model, tp) if sequence_parallel else \
+                nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList()
         for i in range(cfg.n_layer):
             block = Block(cfg, attn_impl, i)  # its norms; its attention and MLP swapped for this rank's slices
-            block.attn, block.mlp = ParallelAttention(cfg, attn_impl, tp), ParallelMLP(cfg, tp)
+            block.attn = ParallelAttention(cfg, attn_impl, tp, sequence_parallel)
+            block.mlp = ParallelMLP(cfg, tp, sequence_parallel)
             self.blocks.append(block)
         self.final_norm = nn.LayerNorm(cfg.d_model, cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size // tp.size, bias=False)
@@ -256,15 +249,38 @@ class TensorParallelTransformer(Transformer):
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        if sequence_parallel and tp.size > 1:
+            # Outside the regions each rank sees only its positions: the gradients of what acts there (norms,
+            # positions, row-parallel biases) are this rank's part of the sum, completed in backward.
+            for name, p in self.named_parameters():
+                if self.tp_dims[name] is None and name.rsplit(".", 1)[0].split(".", 2)[-1] not in _KV:
+                    p.register_hook(lambda grad: tp.all_reduce(grad.clone()))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, prompt=None, kv_prefix=None):
         """This rank's logits [B, T, vocab / tp] (columns rank * vocab / tp ...) and, with targets, the
         cross-entropy over the whole vocabulary (the same on every rank)."""
         if prompt is not None or kv_prefix is not None:
             raise NotImplementedError("prompt, kv_prefix: not supported with tensor parallelism")
+        if idx.dtype != torch.int64 or idx.dim() != 2:
+            raise ValueError(f"idx: must be int64 [batch, seq], got {idx.dtype} {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if not 0 < T <= self.cfg.seq_len:
+            raise ValueError(f"idx: sequence length must be in [1, seq_len={self.cfg.seq_len}], got {T}")
+        if self.sp and T % self.tp.size:
+            raise ValueError(f"idx: with sequence parallelism the sequence length must divide by tp "
+                             f"{self.tp.size}, got {T}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        logits, _ = super().forward(idx)
+        positions = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx)  # [B, T, d] (sequence parallel: [B, T / tp, d], this rank's positions)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        for block, rope in zip(self.blocks, self._ropes(positions, x.dtype)):  # attention sees all T positions
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, None, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        logits = self.logits(self.final_norm(x))
         loss = None
         if targets is not None:
             flat = logits.reshape(-1, logits.shape[-1])
@@ -273,7 +289,7 @@ class TensorParallelTransformer(Transformer):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
-        return F.linear(copy_to_group(x, self.tp), weight)
+        return F.linear(enter(x, self.tp, self.sp), weight)
 
     def forward_paged(self, *args, **kwargs):
         raise NotImplementedError("forward_paged: tensor-parallel serving is not built on this class")
@@ -297,13 +313,15 @@ class TensorParallelTransformer(Transformer):
         return norm
 
 
-def shard_model(model: Transformer, tp: Group) -> TensorParallelTransformer:
+def shard_model(model: Transformer, tp: Group, sequence_parallel: bool = False) -> TensorParallelTransformer:
     """A TensorParallelTransformer holding this rank's slices of `model` (copies; `model` is not changed),
-    with its attention implementation and checkpointing. `model` must be the same on every rank of tp."""
+    with its attention implementation and checkpointing. `model` must be the same on every rank of tp.
+    sequence_parallel: between the regions (norms, residual stream) each rank holds T / tp positions, and the
+    regions' all-reduces become an all-gather and a reduce-scatter of the positions."""
     if type(model) is not Transformer:
         raise ValueError(f"model: must be a flashlm Transformer, got {type(model).__name__}")
     attn_impl = model.blocks[0].attn.attn_impl
-    part = TensorParallelTransformer(model.cfg, tp, attn_impl)
+    part = TensorParallelTransformer(model.cfg, tp, attn_impl, sequence_parallel)
     part.checkpointing = model.checkpointing
     full = model.state_dict()
     if set(full) != set(part.tp_dims):
