@@ -1,11 +1,13 @@
 """One rank of the multi-process tests of flashlm.parallel (tests/test_parallel_tensor.py starts N).
 
-    python tensor_parallel_worker.py RANK WORLD_SIZE OUT_DIR DP TP      # e.g. 0 4 /tmp/x 2 2
+    python tensor_parallel_worker.py RANK WORLD_SIZE OUT_DIR DP TP [dead]     # e.g. 0 4 /tmp/x 2 2
 
 Ranks meet through a FileStore in OUT_DIR and make a Mesh(dp=DP, tp=TP). The rank computes the
 vocabulary-parallel cross-entropy of its slice of fixed logits, then trains each config of CONFIGS with
 tensor parallelism, with and without sequence parallelism (and data parallelism over the dp group), and saves what the test compares (the gathered
 full parameters, clip norms, the shard -> gather round trip, the mesh's errors) to OUT_DIR/rank{RANK}.pt.
+With "dead", the last rank of the tp group leaves after the mesh is made and the others record the error of
+their next collective.
 The test process imports this file for the models, the data and the one-process reference loop.
 """
 
@@ -32,6 +34,7 @@ CONFIGS = {
 # Each run: (config, sequence parallel)
 RUNS = {name: (name, False) for name in CONFIGS} | {f"{name}_sp": (name, True) for name in CONFIGS}
 CE_ROWS = 24
+DEAD_TIMEOUT = 3.0  # seconds the mesh's rings wait for a peer in the dead-peer run
 
 
 def make_model(name: str):
@@ -116,7 +119,23 @@ def mesh_errors(world):
     return out
 
 
-def main(rank, world, out_dir, dp, tp):
+def dead_peer(rank, mesh, out_dir):
+    """The last rank of the tp group leaves; the others' collective must fail within the mesh's timeout."""
+    import time
+
+    if mesh.tp.rank == mesh.tp.size - 1:
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        mesh.tp.all_reduce(torch.ones(1024))
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+    torch.save({"error": error, "seconds": time.monotonic() - start}, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # the ring's peer is gone: leave without tearing anything down
+
+
+def main(rank, world, out_dir, dp, tp, mode="train"):
     import torch.distributed as tdist
 
     import flashlm.dist as fd
@@ -125,6 +144,8 @@ def main(rank, world, out_dir, dp, tp):
     tdist.init_process_group("gloo", store=tdist.FileStore(os.path.join(out_dir, "store"), world), rank=rank,
                              world_size=world)
     fd.init(timeout=30)
+    if mode == "dead":
+        dead_peer(rank, Mesh(dp=dp, tp=tp, timeout=DEAD_TIMEOUT), out_dir)
     out = {"mesh_errors": mesh_errors(world)}
     mesh = Mesh(dp=dp, tp=tp, timeout=30)
     out["coords"] = dict(mesh.coords)
@@ -145,4 +166,4 @@ def main(rank, world, out_dir, dp, tp):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), *sys.argv[6:])

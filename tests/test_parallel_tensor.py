@@ -101,6 +101,14 @@ def test_vocab_parallel_cross_entropy_matches_torch(layout):
     assert bool((grad[targets == -100] == 0).all())
 
 
+def test_a_dead_peer_fails_the_group_with_a_timeout(tmp_path):
+    run_processes(w.__file__, 2, (2, tmp_path, 1, 2, "dead"), timeout=60)
+    result = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert result["error"] is not None, "the all-reduce with a dead peer returned"
+    assert "rank 1" in result["error"], result["error"]
+    assert result["seconds"] < w.DEAD_TIMEOUT + 10, result
+
+
 def test_mesh_layout(layout):
     """rank = ((dp_i * pp + pp_i) * cp + cp_i) * tp + tp_i; each group the ranks that differ in its coordinate."""
     what, dp, tp, ranks = layout

@@ -19,9 +19,10 @@ A 2 x 2 x 2 mesh (dp x pp x tp, cp 1) on 8 ranks:
 
 Each group of more than one rank connects its own flashlm ring (shared memory between the processes of this
 host); the job names are made by rank 0 and shared through torch.distributed's store. CUDA tensors (an NCCL
-ring per group) and ranks on several hosts (gloo subgroups) are not supported yet: their collectives raise
-NotImplementedError naming the group. The pipeline's point-to-point links go over the pp group's ring
-(`mesh.pp.ring`): stage i talks to `mesh.pp.prev_rank` and `mesh.pp.next_rank`.
+ring per group: Group._ring_for is where it goes) and ranks on several hosts (gloo subgroups) are not
+supported yet: the collectives of a CUDA tensor, and a mesh over several hosts, raise NotImplementedError.
+The pipeline's point-to-point links go over the pp group's ring (`mesh.pp.ring`): stage i talks to
+`mesh.pp.prev_rank` and `mesh.pp.next_rank`.
 """
 
 import os
@@ -130,9 +131,6 @@ class Group:
         if tensor.device.type != "cpu":
             raise NotImplementedError(f"tensor: the {self.name} group's collectives take CPU tensors (an NCCL "
                                       f"ring per group is not built yet), got {tensor.device}")
-        if self.ring is None:
-            raise NotImplementedError(f"{self.name} group: its ranks span several hosts; collectives across "
-                                      "hosts within a mesh group are not supported yet")
         return self.ring
 
 
@@ -157,10 +155,12 @@ class Mesh:
             stride *= sizes[dim]
         self.coords = {dim: self.rank // strides[dim] % sizes[dim] for dim in DIMS}
 
-        _meshes += 1
         job = None
-        needs_rings = any(sizes[d] > 1 for d in DIMS)
-        if needs_rings and fd.cpu_transport() == "shm":
+        if any(sizes[d] > 1 for d in DIMS):
+            if fd.cpu_transport() != "shm":
+                raise NotImplementedError("Mesh: groups over several hosts (or flashlm.dist's force_gloo) are not "
+                                          "supported yet: the groups' rings are shared-memory rings of one host")
+            _meshes += 1
             store = tdist.distributed_c10d._get_default_store()
             key = f"{_KEY}/{_meshes}/job"
             if self.rank == 0:
@@ -172,7 +172,7 @@ class Mesh:
             first = self.rank - self.coords[dim] * strides[dim]  # the group's lowest rank: its name
             ranks = tuple(first + i * strides[dim] for i in range(sizes[dim]))
             ring = None
-            if sizes[dim] > 1 and job is not None:
+            if sizes[dim] > 1:
                 ring = comm.shm_ring(f"{job}-{dim}{first}", self.coords[dim], sizes[dim], timeout=timeout)
             self.groups[dim] = Group(dim, ranks, self.coords[dim], ring)
 

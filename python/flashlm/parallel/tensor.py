@@ -297,7 +297,10 @@ class TensorParallelTransformer(Transformer):
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scales every gradient by max_norm / (norm + 1e-6) where that is below 1, as torch's
         clip_grad_norm_ on the full model: the norm over all shards (split tensors' squares summed over the
-        group, the replicated ones counted once). Returns the norm. A collective of the tp group."""
+        group, the replicated ones counted once). Returns the norm (not finite: nothing is scaled, and the
+        caller skips the step). A collective of the tp group."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < math.inf:
+            raise ValueError(f"max_norm: must be a positive finite number, got {max_norm!r}")
         split, whole = torch.zeros(1), torch.zeros(1)
         params = dict(self.named_parameters())
         for name, p in params.items():
