@@ -4,10 +4,10 @@
 
 Ranks meet through a FileStore in OUT_DIR and make a Mesh(dp=DP, tp=TP). The rank computes the
 vocabulary-parallel cross-entropy of its slice of fixed logits, then trains each config of CONFIGS with
-tensor parallelism, with and without sequence parallelism (and data parallelism over the dp group), and saves what the test compares (the gathered
-full parameters, clip norms, the shard -> gather round trip, the mesh's errors) to OUT_DIR/rank{RANK}.pt.
-With "dead", the last rank of the tp group leaves after the mesh is made and the others record the error of
-their next collective.
+tensor parallelism, with and without sequence parallelism (and data parallelism over the dp group), and
+saves what the test compares (the gathered full parameters, clip norms, the shard -> gather round trip, the
+mesh's errors) to OUT_DIR/rank{RANK}.pt. With "dead", the last rank of the tp group leaves after the mesh is
+made and the others record the error of their next collective.
 The test process imports this file for the models, the data and the one-process reference loop.
 """
 

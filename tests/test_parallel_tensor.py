@@ -1,9 +1,10 @@
 """flashlm.parallel: the mesh and Megatron tensor parallelism.
 
 TP 2 (2 processes) and DP 2 x TP 2 (4 processes) train a gpt2 and two llama configs (K/V heads split, one
-K/V head replicated), each with and without sequence parallelism, for a few AdamW steps with clipping by the global norm and 2 accumulation micro-steps,
-and reach the parameters of one process on the same global batch; the vocabulary-parallel cross-entropy
-against torch's in float64; shard -> gather exact; the mesh's layout and its errors; argument checks.
+K/V head replicated), each with and without sequence parallelism, for a few AdamW steps with clipping by the
+global norm and 2 accumulation micro-steps, and reach the parameters of one process on the same global batch;
+the vocabulary-parallel cross-entropy against torch's in float64; shard -> gather exact; the mesh's layout
+and its errors; a dead peer; argument checks.
 
 The ranks are processes (tests/tensor_parallel_worker.py) meeting through a FileStore; one run per layout
 computes everything and the tests below read its results.
@@ -215,3 +216,9 @@ def test_sequence_parallel_needs_whole_shares_of_the_sequence():
         part(torch.zeros(1, 15, dtype=torch.int64))  # refused before any collective
     with pytest.raises(ValueError, match="sequence_parallel: must be a bool"):
         shard_model(w.make_model("llama_gqa"), _one_rank(), sequence_parallel=1)
+
+
+def test_token_ids_out_of_the_vocabulary_are_refused():
+    part = shard_model(w.make_model("gpt2"), _one_rank())
+    with pytest.raises(ValueError, match=r"idx: token ids must be in \[0, 64\), got 0..64"):
+        part(torch.tensor([[0, 64]]))

@@ -102,7 +102,7 @@ class Group:
         if self.size == 1:
             return tensor.clone()
         m = tensor.shape[0] // self.size
-        # The ring's chunks are the flat tensor cut in `size` equal parts: here whole rows, rank's own last.
+        # The ring leaves chunk `rank` of the flat tensor reduced (comm.chunk_bounds): equal parts, so whole rows.
         work = self._ring_for(tensor).reduce_scatter(tensor.clone(), op)
         return work[self.rank * m:(self.rank + 1) * m].clone()
 

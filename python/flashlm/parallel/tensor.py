@@ -159,7 +159,7 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, idx):
         local = idx - self.start
         here = (local >= 0) & (local < self.weight.shape[0])
-        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * here.unsqueeze(-1)
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight).masked_fill(~here.unsqueeze(-1), 0.0)
         return leave(x, self.tp, self.sp)
 
 
@@ -185,7 +185,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         shifted = logits - row_max[:, None]
         local = targets - start
         here = (local >= 0) & (local < logits.shape[1])
-        picked = shifted.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1) * here
+        picked = shifted.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1).masked_fill(~here, 0.0)
         exp = shifted.exp()
         sums = group.all_reduce(torch.stack((exp.sum(dim=-1), picked)))  # [2, N]: sum of exp, target's logit
         valid = targets != ignore_index
@@ -243,7 +243,7 @@ class TensorParallelTransformer(Transformer):
             block.attn = ParallelAttention(cfg, attn_impl, tp, sequence_parallel)
             block.mlp = ParallelMLP(cfg, tp, sequence_parallel)
             self.blocks.append(block)
-        self.final_norm = nn.LayerNorm(cfg.d_model, cfg.norm_eps) if cfg.arch == "gpt2" else RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.final_norm = (nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size // tp.size, bias=False)
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
@@ -271,6 +271,9 @@ class TensorParallelTransformer(Transformer):
                              f"{self.tp.size}, got {T}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if bool(((idx < 0) | (idx >= self.cfg.vocab_size)).any()):  # each rank looks up only its own rows
+            raise ValueError(f"idx: token ids must be in [0, {self.cfg.vocab_size}), got {int(idx.min())}.."
+                             f"{int(idx.max())}")
         positions = torch.arange(T, device=idx.device)
         x = self.tok_emb(idx)  # [B, T, d] (sequence parallel: [B, T / tp, d], this rank's positions)
         if self.pos_emb is not None:
