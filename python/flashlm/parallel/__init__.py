@@ -1,2 +1,17 @@
-"""Model parallelism, one file per scheme: pipeline stages and schedules in pipeline.py, context parallelism (ring
-attention) in context.py."""
+"""Model parallelism: the process-group mesh and one file per parallelism.
+
+    mesh.py       Mesh(dp, tp, pp, cp): the world's ranks as groups, one flashlm ring per group
+    tensor.py     Megatron tensor parallelism of flashlm's Transformer (column/row-parallel linears, heads split
+                  across ranks, vocabulary-parallel embedding and cross-entropy), shard and gather
+    pipeline.py   pipeline stages and their schedules (GPipe, 1F1B) over Ring.sendrecv
+    context.py    context parallelism: ring attention over a sequence split across ranks
+"""
+
+from flashlm.parallel.mesh import Group, Mesh, check_sizes
+from flashlm.parallel.tensor import (TensorParallelTransformer, check_tensor_parallel, gather_state_dict,
+                                     shard_model, vocab_parallel_cross_entropy)
+
+__all__ = [
+    "Group", "Mesh", "TensorParallelTransformer", "check_sizes", "check_tensor_parallel", "gather_state_dict",
+    "shard_model", "vocab_parallel_cross_entropy",
+]
