@@ -30,12 +30,32 @@ TYPES = {
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 
-# ggml-quants.c calls these from ggml.c only outside the reference row quantizers.
+# name -> (elements per block, bytes per block) of the types whose quantize_<type>(src, dst, nrow, n_per_row,
+# imatrix) is compared here: what llama.cpp's quantize tool calls, with or without an imatrix.
+IMATRIX_TYPES = {name: TYPES[name] for name in TYPES if name != "Q8_0"} | {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+
+# ggml-quants.c calls these from ggml.c: ggml_row_size from the quantize_<type> functions (for the types
+# of IMATRIX_TYPES, by ggml's type numbers), the rest only outside the quantizers compared here.
 _STUBS = r"""
 #include <stdlib.h>
 #include "ggml.h"
 void ggml_abort(const char * file, int line, const char * fmt, ...) { (void)file; (void)line; (void)fmt; abort(); }
-size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void)type; (void)ne; abort(); }
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: return ne / 32 * 18;
+        case GGML_TYPE_Q4_1: return ne / 32 * 20;
+        case GGML_TYPE_Q5_0: return ne / 32 * 22;
+        case GGML_TYPE_Q5_1: return ne / 32 * 24;
+        case GGML_TYPE_Q2_K: return ne / 256 * 84;
+        case GGML_TYPE_Q3_K: return ne / 256 * 110;
+        case GGML_TYPE_Q4_K: return ne / 256 * 144;
+        case GGML_TYPE_Q5_K: return ne / 256 * 176;
+        case GGML_TYPE_Q6_K: return ne / 256 * 210;
+        case GGML_TYPE_IQ4_NL: return ne / 32 * 18;
+        case GGML_TYPE_IQ4_XS: return ne / 256 * 136;
+        default: abort();
+    }
+}
 size_t ggml_type_size(enum ggml_type type) { (void)type; abort(); }
 const char * ggml_type_name(enum ggml_type type) { (void)type; abort(); }
 """
@@ -71,7 +91,7 @@ def _unpack(src: str, dest: str) -> str:
 
 def _compile(src: str) -> str:
     """Path of the compiled reference library, built once per source file and cached."""
-    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src))).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src)) + _STUBS).encode()).hexdigest()[:16]
     build = os.path.join(CACHE_DIR, f"ggml-ref-{digest}")
     lib = os.path.join(build, "libggmlref.so")
     if os.path.exists(lib):
@@ -93,17 +113,42 @@ def _compile(src: str) -> str:
     return lib
 
 
+def _c_name(name: str) -> str:
+    return name.lower().replace("_k", "_K")
+
+
 class Reference:
-    """ggml's quantize_row_<type>_ref for each name in TYPES."""
+    """ggml's quantize_row_<type>_ref for each name in TYPES, and its quantize_<type> (what llama.cpp's
+    quantize tool calls, taking an imatrix) for each name in IMATRIX_TYPES."""
 
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
-        self._fns = {}
+        self._fns, self._chunk_fns = {}, {}
         for name in TYPES:
-            fn = getattr(self.lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")
+            fn = getattr(self.lib, f"quantize_row_{_c_name(name)}_ref")
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             fn.restype = None
             self._fns[name] = fn
+        for name in IMATRIX_TYPES:
+            fn = getattr(self.lib, f"quantize_{_c_name(name)}")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            fn.restype = ctypes.c_size_t
+            self._chunk_fns[name] = fn
+
+    def quantize_imatrix(self, x: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
+        """Rows of a 2-D float32 array to a uint8 array [rows, bytes_per_row] by one quantize_<type> call,
+        with the importance values `imatrix` (one per column) or None."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        block, block_bytes = IMATRIX_TYPES[name]
+        rows, n = x.shape
+        out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+        qw = None
+        if imatrix is not None:
+            qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+            assert qw.shape == (n,)
+        written = self._chunk_fns[name](x.ctypes.data, out.ctypes.data, rows, n, None if qw is None else qw.ctypes.data)
+        assert written == out.size, (written, out.size)
+        return out
 
     def quantize(self, x: np.ndarray, name: str) -> np.ndarray:
         """Rows of a 2-D float32 array to a uint8 array [rows, bytes_per_row], one reference call per row."""
