@@ -161,6 +161,102 @@ class Reference:
         return out
 
 
+# llama.cpp's imatrix reader (common/imatrix-loader.cpp, what llama-quantize --imatrix calls), built against
+# the installed llama-cpp-python's libggml-base with two small stand-ins for the common/ headers it uses, and
+# a C entry point that dumps what it read as text (floats in hex, so exactly).
+_LOADER_SHIMS = {
+    "common.h": r"""
+#pragma once
+#include <string>
+inline bool string_remove_suffix(std::string & s, const std::string & suffix) {
+    if (s.size() < suffix.size() || s.compare(s.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
+    s.resize(s.size() - suffix.size());
+    return true;
+}
+""",
+    "log.h": "#pragma once\n#include <cstdio>\n#define LOG_ERR(...) fprintf(stderr, __VA_ARGS__)\n",
+    "dump.cpp": r"""
+#include <cstdio>
+#include "imatrix-loader.h"
+extern "C" int imatrix_dump(const char * fname, const char * out) {
+    common_imatrix m;
+    if (!common_imatrix_load(fname, m)) return 1;
+    FILE * f = fopen(out, "w");
+    if (!f) return 2;
+    fprintf(f, "%d %d %d %d %zu %zu\n", (int) m.is_legacy, (int) m.has_metadata, m.chunk_count, m.chunk_size,
+            m.datasets.size(), m.entries.size());
+    for (const auto & d : m.datasets) fprintf(f, "%s\n", d.c_str());
+    for (const auto & [name, e] : m.entries) {
+        fprintf(f, "%s\n%zu", name.c_str(), e.sums.size());
+        for (float v : e.sums) fprintf(f, " %a", (double) v);
+        fprintf(f, "\n%zu", e.counts.size());
+        for (long long c : e.counts) fprintf(f, " %lld", c);
+        fprintf(f, "\n");
+    }
+    return fclose(f) == 0 ? 0 : 3;
+}
+""",
+}
+
+
+def imatrix_loader():
+    """A function path -> dict (is_legacy, has_metadata, chunk_count, chunk_size, datasets, entries {name:
+    (sums, counts)}) that reads an imatrix file with llama.cpp's own loader, or None (no sources, no
+    llama-cpp-python, no C++ compiler). A file the loader refuses gives None from the function."""
+    src = find_source()
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    if src is None or os.path.isdir(src) or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return None
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    key = os.path.abspath(src) + str(os.path.getmtime(src)) + libdir + repr(sorted(_LOADER_SHIMS.items()))
+    build = os.path.join(CACHE_DIR, "imatrix-loader-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    lib = os.path.join(build, "libimatrixloader.so")
+    if not os.path.exists(lib):
+        tmp = build + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with tarfile.open(src) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and (m.name.endswith(("/common/imatrix-loader.cpp", "/common/imatrix-loader.h")) or
+                                   "/vendor/llama.cpp/ggml/include/" in m.name):
+                    with tar.extractfile(m) as f, open(os.path.join(tmp, os.path.basename(m.name)), "wb") as out:
+                        shutil.copyfileobj(f, out)
+        for name, text in _LOADER_SHIMS.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        cmd = [os.environ.get("CXX", "c++"), "-O1", "-std=c++17", "-fPIC", "-shared", f"-I{tmp}",
+               os.path.join(tmp, "imatrix-loader.cpp"), os.path.join(tmp, "dump.cpp"), f"-L{libdir}", "-lggml-base",
+               f"-Wl,-rpath,{libdir}", "-o", os.path.join(tmp, "libimatrixloader.so")]
+        subprocess.run(cmd, check=True, capture_output=True)
+        os.makedirs(build, exist_ok=True)
+        os.replace(os.path.join(tmp, "libimatrixloader.so"), lib)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dump = ctypes.CDLL(lib).imatrix_dump
+    dump.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+
+    def load(path: str):
+        out = path + ".dump"
+        if dump(os.fsencode(path), os.fsencode(out)) != 0:
+            return None
+        with open(out) as f:
+            lines = f.read().split("\n")
+        os.remove(out)
+        legacy, has_meta, chunk_count, chunk_size, n_datasets, n_entries = map(int, lines[0].split())
+        datasets, entries, i = lines[1:1 + n_datasets], {}, 1 + n_datasets
+        for _ in range(n_entries):
+            sums = [float.fromhex(v) for v in lines[i + 1].split()[1:]]
+            counts = [int(v) for v in lines[i + 2].split()[1:]]
+            entries[lines[i]] = (np.array(sums, np.float32), np.array(counts, np.int64))
+            i += 3
+        return dict(is_legacy=bool(legacy), has_metadata=bool(has_meta), chunk_count=chunk_count,
+                    chunk_size=chunk_size, datasets=datasets, entries=entries)
+
+    return load
+
+
 def vocab_dir() -> str | None:
     """A directory holding llama.cpp's tokenizer test data (models/ggml-vocab-*.gguf with their .inp/.out
     strings), unpacked once from the source into the cache; None when no source can be found."""

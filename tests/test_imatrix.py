@@ -5,15 +5,28 @@
   that takes one (Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS), with and without an imatrix; skipped
   only where the sources are absent (`.ci/run` provides them);
 - the AVX2 scale searches under an imatrix against the scalar ones;
-- that an imatrix lowers the activation-weighted error on a layer with skewed input channels.
+- that an imatrix lowers the activation-weighted error on a layer with skewed input channels;
+- the file formats: round trips of both, what llama.cpp's own reader (common/imatrix-loader.cpp, built by
+  llama_cpp_ref.imatrix_loader) reads from them, and malformed files;
+- collection against sums computed directly from the layers' inputs;
+- the commands end to end on a tiny random llama: `flashlm imatrix`, then `flashlm quantize --imatrix`, the
+  result loaded and run, and its tensors byte-identical to llama.cpp's llama_model_quantize given the same
+  imatrix (through llama-cpp-python); an imatrix for another model and unsupported mixes refused.
 """
+
+import struct
 
 import numpy as np
 import pytest
+import torch
 
+import gguf_bytes as gb
 import llama_cpp_ref
 from flashlm import ops
+from flashlm.cli import main as cli_main
 from flashlm.quant import GGUF_QUANT_TYPES, quantize_gguf
+from flashlm.quant.imatrix import (IMatrix, IMatrixEntry, collect_imatrix, gguf_linear_names, read_imatrix,
+                                   write_imatrix)
 from test_gguf_quantize import make_rows, mismatch, rng_for
 
 IMATRIX_TYPES = list(llama_cpp_ref.IMATRIX_TYPES)
@@ -118,3 +131,231 @@ def test_bad_imatrix(imatrix, error, message):
 def test_native_checks(importance_arr, message):
     with pytest.raises(ValueError, match=message):
         ops.gguf_quantize(np.zeros((2, 64), np.float32), "Q4_0", np.zeros(72, np.uint8), importance_arr)
+
+
+# -- files ---------------------------------------------------------------------------------------------------
+
+def sample_imatrix(rng, chunk_size=64) -> IMatrix:
+    """Raw sums and token counts as collection leaves them: one entry per weight, one a 3-D (expert) one
+    with a matrix that saw no tokens."""
+    m = IMatrix(datasets=["calib.txt"], chunk_count=5, chunk_size=chunk_size)
+    for name, n in (("blk.0.attn_q.weight", 64), ("blk.0.ffn_down.weight", 96), ("blk.1.attn_k.weight", 64)):
+        m.entries[name] = IMatrixEntry((rng.random(n) * 300).astype(np.float32), np.array([320], np.int64))
+    m.entries["blk.1.ffn_up_exps.weight"] = IMatrixEntry((rng.random(3 * 32) * 50).astype(np.float32),
+                                                         np.array([100, 0, 37], np.int64))
+    return m
+
+
+def test_gguf_round_trip(tmp_path):
+    m = sample_imatrix(rng_for("gguf-rt"))
+    write_imatrix(m, tmp_path / "a.gguf")
+    back = read_imatrix(tmp_path / "a.gguf")
+    assert not back.legacy and (back.datasets, back.chunk_count, back.chunk_size) == (["calib.txt"], 5, 64)
+    assert sorted(back.entries) == sorted(m.entries)
+    for name, e in m.entries.items():
+        assert np.array_equal(back.entries[name].sums, e.sums) and np.array_equal(back.entries[name].counts, e.counts)
+    write_imatrix(back, tmp_path / "b.gguf")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    # the mean per channel; a matrix that saw no tokens gets 1, as llama.cpp's quantize tool gives it
+    e = m.entries["blk.1.ffn_up_exps.weight"]
+    want = np.concatenate([e.sums[:32] / np.float32(100), np.ones(32, np.float32), e.sums[64:] / np.float32(37)])
+    assert np.array_equal(back.importance("blk.1.ffn_up_exps.weight"), want)
+
+
+def test_dat_round_trip(tmp_path):
+    m = sample_imatrix(rng_for("dat-rt"))
+    write_imatrix(m, tmp_path / "a.dat")
+    back = read_imatrix(tmp_path / "a.dat")
+    assert back.legacy and (back.datasets, back.chunk_count) == (["calib.txt"], 5)
+    # values (sum / count) * ncall with ncall = ceil(max count / chunk size) = 5 (2 for the experts)
+    q = m.entries["blk.0.attn_q.weight"]
+    assert back.entries["blk.0.attn_q.weight"].counts.tolist() == [5]
+    assert np.array_equal(back.entries["blk.0.attn_q.weight"].sums, (q.sums / np.float32(320)) * np.float32(5))
+    for name in m.entries:
+        assert np.allclose(back.importance(name), m.importance(name), rtol=1e-6, atol=0), name
+    write_imatrix(back, tmp_path / "b.dat")
+    assert (tmp_path / "a.dat").read_bytes() == (tmp_path / "b.dat").read_bytes()
+    # the layout, by hand: entry count, then the first entry (names sorted)
+    raw = (tmp_path / "a.dat").read_bytes()
+    name = b"blk.0.attn_q.weight"
+    assert raw[:8 + len(name) + 8] == struct.pack("<ii", 4, len(name)) + name + struct.pack("<ii", 5, 64)
+    assert raw.endswith(struct.pack("<ii", 5, 9) + b"calib.txt")
+
+
+def test_formats_convert_both_ways(tmp_path):
+    m = sample_imatrix(rng_for("convert"))
+    write_imatrix(m, tmp_path / "a.dat")
+    write_imatrix(read_imatrix(tmp_path / "a.dat"), tmp_path / "b.gguf")  # legacy -> GGUF: counts are ncall
+    back = read_imatrix(tmp_path / "b.gguf")
+    for name in m.entries:
+        assert np.allclose(back.importance(name), m.importance(name), rtol=1e-6, atol=0), name
+    write_imatrix(m, tmp_path / "c.bin", fmt="dat")
+    assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.dat").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def llama_loader():
+    load = llama_cpp_ref.imatrix_loader()
+    if load is None:
+        pytest.skip("llama.cpp's sources, llama-cpp-python or a C++ compiler absent")
+    return load
+
+
+@pytest.mark.parametrize("suffix", [".gguf", ".dat"])
+def test_llama_cpp_reads_our_files(llama_loader, tmp_path, suffix):
+    m = sample_imatrix(rng_for("llama-reads", suffix))
+    path = str(tmp_path / f"a{suffix}")
+    write_imatrix(m, path)
+    got = llama_loader(path)
+    assert got is not None, "llama.cpp's loader refused the file"
+    ours = read_imatrix(path)
+    assert got["is_legacy"] == ours.legacy == (suffix == ".dat")
+    assert got["has_metadata"] == (suffix == ".gguf")  # llama-quantize refuses a GGUF imatrix without it
+    assert (got["chunk_count"], got["datasets"]) == (5, ["calib.txt"])
+    assert got["chunk_size"] == (64 if suffix == ".gguf" else 0)
+    assert sorted(got["entries"]) == sorted(ours.entries)
+    for name, (sums, counts) in got["entries"].items():
+        assert np.array_equal(sums, ours.entries[name].sums), name
+        assert np.array_equal(counts, ours.entries[name].counts), name
+
+
+def legacy_file(entries, tail=b""):
+    out = struct.pack("<i", len(entries))
+    for name, ncall, values in entries:
+        out += struct.pack("<i", len(name)) + name + struct.pack("<ii", ncall, len(values))
+        out += np.asarray(values, "<f4").tobytes()
+    return out + tail
+
+
+GOOD = [(b"blk.0.attn_q.weight", 2, [1.0, 2.0])]
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"", "entry count: needs 4 bytes"),
+    (struct.pack("<i", 0), "entry count 0"),
+    (struct.pack("<i", -3), "entry count -3"),
+    (struct.pack("<i", 1 << 30) + bytes(16), "more than the file can hold"),
+    (legacy_file(GOOD)[:-3], "2 values: needs 8 bytes, 5 left"),
+    (legacy_file(GOOD)[:20], "name: needs 19 bytes, 12 left"),
+    (struct.pack("<ii", 1, -1) + bytes(16), "name length -1"),
+    (struct.pack("<ii", 1, 1 << 30) + bytes(16), "name length 1073741824 out of range"),
+    (legacy_file([(b"x", 1, [])]), "value count 0"),
+    (struct.pack("<ii", 1, 1) + b"x" + struct.pack("<ii", 1, 1 << 29), "needs 2147483648 bytes"),
+    (legacy_file([(b"\xff", 1, [1.0])]), "not UTF-8"),
+    (legacy_file(GOOD + GOOD), "appears twice"),
+    (legacy_file([(b"x", 1, [1.0, float("nan")])]), "non-finite"),
+    (legacy_file(GOOD, struct.pack("<ii", 3, 50) + b"short"), "dataset name length 50 out of range"),
+    (legacy_file(GOOD, struct.pack("<ii", 3, 2) + b"abXYZ"), "3 bytes after the dataset name"),
+    (legacy_file(GOOD, b"\x01\x02"), "chunk count: needs 4 bytes"),
+])
+def test_malformed_dat(tmp_path, data, match):
+    path = tmp_path / "bad.dat"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        read_imatrix(path)
+
+
+def gguf_imatrix(tensors, kvs=None):
+    """A GGUF file of F32 tensors [(name, dims, values)] (or (name, dims, values, ggml type))."""
+    infos, data = [], b""
+    for t in tensors:
+        name, dims, values = t[:3]
+        ggml_type = t[3] if len(t) > 3 else gb.F32
+        data += bytes(gb.pad_to(len(data), 32) - len(data))
+        infos.append(gb.tensor_info(name, dims, ggml_type, len(data)))
+        data += np.asarray(values, "<f4" if ggml_type == gb.F32 else "<f2").tobytes()
+    if kvs is None:
+        kvs = [gb.kv("general.type", gb.STRING, "imatrix")]
+    return gb.gguf(kvs, infos, data)
+
+
+SUMS = ("blk.0.attn_q.weight.in_sum2", [4], [1.0, 2.0, 3.0, 4.0])
+COUNTS = ("blk.0.attn_q.weight.counts", [1], [8.0])
+
+
+@pytest.mark.parametrize("data, match", [
+    (gguf_imatrix([SUMS]), "counts' is missing"),
+    (gguf_imatrix([COUNTS]), "in_sum2' is missing"),
+    (gguf_imatrix([SUMS, COUNTS, ("token_embd.weight", [4], [0.0] * 4)]), "'token_embd.weight' is neither"),
+    (gguf_imatrix([]), "no entries"),
+    (gguf_imatrix([("blk.0.attn_q.weight.in_sum2", [4], [1.0] * 4, gb.F16), COUNTS]), "is F16, must be F32"),
+    (gguf_imatrix([SUMS, ("blk.0.attn_q.weight.counts", [1, 3], [1.0] * 3)]), "4 sums do not split into 3"),
+    (gguf_imatrix([SUMS, ("blk.0.attn_q.weight.counts", [1], [-1.0])]), "counts must be finite and non-negative"),
+    (gguf_imatrix([("blk.0.attn_q.weight.in_sum2", [4], [1.0, float("inf"), 3.0, 4.0]), COUNTS]), "non-finite"),
+    (gguf_imatrix([SUMS, COUNTS], [gb.kv("general.type", gb.STRING, "model")]), "general.type is 'model'"),
+    (gguf_imatrix([SUMS, COUNTS], [gb.kv("imatrix.chunk_count", gb.INT32, 3)]), "imatrix.chunk_count is INT32"),
+    (gguf_imatrix([SUMS, COUNTS])[:-4], "GGUF|file|size|bytes"),  # the reader's own checks
+])
+def test_malformed_gguf(tmp_path, data, match):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=match):
+        read_imatrix(path)
+
+
+def test_not_a_file(tmp_path):
+    with pytest.raises(ValueError, match="is not a file"):
+        read_imatrix(tmp_path / "missing.dat")
+    with pytest.raises(TypeError, match="imatrix: expected a path"):
+        read_imatrix(3.5)
+    with pytest.raises(ValueError, match="fmt"):
+        write_imatrix(sample_imatrix(rng_for("fmt")), tmp_path / "x", fmt="json")
+
+
+# -- collection ----------------------------------------------------------------------------------------------
+
+def tiny_transformer(arch="llama"):
+    from flashlm.models import ModelConfig, Transformer
+
+    kw = dict(n_kv_head=2) if arch != "gpt2" else {}
+    cfg = ModelConfig(arch=arch, vocab_size=50, n_layer=2, n_head=4, d_model=32, d_ff=64, seq_len=64, **kw)
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_collection_sums_the_squared_inputs(arch):
+    model = tiny_transformer(arch)
+    names = gguf_linear_names(model, fused_qkv=arch == "gpt2")
+    tokens = torch.randint(0, 50, (3 * 16 + 5,), generator=torch.Generator().manual_seed(1))
+    seen = {}  # the inputs each layer saw, captured independently of the collector
+    hooks = [dict(model.named_modules())[m].register_forward_hook(
+        lambda mod, inp, out, g=g: seen.setdefault(g, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
+        for m, g in names.items()]
+    try:
+        m = collect_imatrix(model, tokens, chunk_size=16, bos_token_id=7, dataset="d.txt", fused_qkv=arch == "gpt2")
+    finally:
+        for h in hooks:
+            h.remove()
+    want = {f"blk.{i}.{p}.weight" for i in range(2) for p in
+            (["attn_qkv"] if arch == "gpt2" else ["attn_q", "attn_k", "attn_v", "ffn_gate"]) +
+            ["attn_output", "ffn_up", "ffn_down"]}
+    assert set(m.entries) == want
+    assert (m.chunk_count, m.chunk_size, m.datasets) == (3, 16, ["d.txt"])  # the 5-token tail is dropped
+    for name, e in m.entries.items():
+        x = torch.cat(seen[name]).double()
+        assert e.counts.tolist() == [48], name
+        ref = (x * x).sum(0).numpy()
+        assert np.allclose(e.sums, ref, rtol=1e-6, atol=0), (name, np.max(np.abs(e.sums - ref) / ref))
+
+
+def test_collection_replaces_each_chunks_first_token_with_bos():
+    model = tiny_transformer()
+    fed = []
+    h = model.register_forward_pre_hook(lambda mod, args: fed.append(args[0].clone()))
+    try:
+        collect_imatrix(model, list(range(10, 42)), chunk_size=16, bos_token_id=1)
+    finally:
+        h.remove()
+    assert [f[0].tolist() for f in fed] == [[1] + list(range(11, 26)), [1] + list(range(27, 42))]
+
+
+@pytest.mark.parametrize("tokens, chunk_size, match", [
+    (list(range(31)), 16, "31 tokens; a chunk size of 16 needs at least 32"),
+    (list(range(40)), 0, "chunk_size: expected a positive int"),
+    (list(range(40)), True, "chunk_size: expected a positive int"),
+    (list(range(200)), 65, "longer than the model's context"),
+])
+def test_collection_refuses(tokens, chunk_size, match):
+    with pytest.raises(ValueError, match=match):
+        collect_imatrix(tiny_transformer(), tokens, chunk_size=chunk_size)
