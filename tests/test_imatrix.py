@@ -359,3 +359,133 @@ def test_collection_replaces_each_chunks_first_token_with_bos():
 def test_collection_refuses(tokens, chunk_size, match):
     with pytest.raises(ValueError, match=match):
         collect_imatrix(tiny_transformer(), tokens, chunk_size=chunk_size)
+
+
+# -- the commands end to end -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random 8-layer llama (F32) with a byte-level vocabulary, calibration text, and its imatrix written by
+    `flashlm imatrix` in both formats."""
+    from flashlm.io.random_model import write_random_llama_gguf
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model = d / "m.gguf"
+    write_random_llama_gguf(str(model), d_model=256, d_ff=512, n_layer=8, vocab_size=300, n_head=4, ggml_type="F32",
+                            context_length=128)
+    rng = np.random.default_rng(3)
+    words = "the of and to in is was for on that with as by at from it an are were which be this".split()
+    (d / "calib.txt").write_text(" ".join(rng.choice(words, 120)))
+    for out in ("im.gguf", "im.dat"):
+        assert cli_main(["imatrix", str(model), "--calib-data", str(d / "calib.txt"), "-o", str(d / out),
+                         "--chunk-size", "64", "--quiet"]) == 0
+    return d
+
+
+def test_imatrix_command(tiny_llama):
+    m, legacy = read_imatrix(tiny_llama / "im.gguf"), read_imatrix(tiny_llama / "im.dat")
+    assert len(m.entries) == 8 * 7 and m.chunk_size == 64 and m.chunk_count >= 2
+    assert m.datasets == [str(tiny_llama / "calib.txt")] == legacy.datasets
+    assert "output.weight" not in m.entries and "token_embd.weight" not in m.entries  # as llama.cpp by default
+    assert m.entries["blk.3.ffn_down.weight"].sums.shape == (512,)
+    assert m.entries["blk.0.attn_q.weight"].counts.tolist() == [64 * m.chunk_count]
+    for name in m.entries:
+        assert np.allclose(legacy.importance(name), m.importance(name), rtol=1e-6, atol=0), name
+
+
+def tensors_of(path):
+    import gguf
+
+    return {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def llama_cpp_quantize(src, dst, mix, m: IMatrix):
+    """llama.cpp's llama_model_quantize of src to dst with mix and the values of imatrix m (what llama-quantize
+    --imatrix hands it after reading the file)."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    names = sorted(m.entries)
+    values = [np.ascontiguousarray(m.importance(n), np.float32) for n in names]
+    table = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+    for i, (name, v) in enumerate(zip(names, values)):
+        table[i].name, table[i].size = name.encode(), len(v)
+        table[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.nthread = 1
+    params.imatrix = ctypes.cast(table, type(params.imatrix))
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("mix, fmt", [("Q4_K_M", "gguf"), ("Q4_0", "dat"), ("IQ4_XS", "gguf"), ("Q3_K_M", "dat"),
+                                      ("Q2_K", "gguf"), ("Q5_K_S", "gguf")])
+def test_quantize_with_imatrix_matches_llama_cpp(tiny_llama, tmp_path, mix, fmt):
+    im = tiny_llama / f"im.{fmt}"
+    ours = tmp_path / "ours.gguf"
+    assert cli_main(["quantize", str(tiny_llama / "m.gguf"), str(ours), "--type", mix, "--imatrix", str(im),
+                     "--quiet"]) == 0
+    llama_cpp_quantize(tiny_llama / "m.gguf", tmp_path / "ref.gguf", mix, read_imatrix(im))
+    got, ref = tensors_of(ours), tensors_of(tmp_path / "ref.gguf")
+    assert sorted(got) == sorted(ref)
+    differ = [(n, got[n][0], ref[n][0]) for n in ref if got[n] != ref[n]]
+    assert not differ, f"tensors that differ from llama.cpp's (name, ours, llama.cpp's): {differ}"
+    if mix == "Q4_0":  # llama.cpp's imatrix rule: the first eighth of ffn_down goes to Q4_1
+        assert got["blk.0.ffn_down.weight"][0] == "Q4_1" and got["blk.1.ffn_down.weight"][0] == "Q4_0"
+
+
+def test_quantized_model_loads_and_generates(tiny_llama, tmp_path):
+    import gguf
+
+    from flashlm import LLM, SamplingParams
+
+    out = tmp_path / "q.gguf"
+    assert cli_main(["quantize", str(tiny_llama / "m.gguf"), str(out), "--type", "Q4_K_M", "--imatrix",
+                     str(tiny_llama / "im.gguf"), "--quiet"]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert reader.get_field("quantize.imatrix.entries_count").contents() == 56
+    assert reader.get_field("quantize.imatrix.file").contents() == str(tiny_llama / "im.gguf")
+    result = LLM(str(out), max_num_seqs=1).generate("the of", SamplingParams(temperature=0, max_tokens=6,
+                                                                              ignore_eos=True))
+    assert len(result[0].outputs[0].token_ids) == 6
+
+
+def shrunk_copy(m: IMatrix, name: str) -> IMatrix:
+    e = m.entries[name]
+    entries = dict(m.entries) | {name: IMatrixEntry(e.sums[:-32], e.counts)}
+    return IMatrix(entries, m.datasets, m.chunk_count, m.chunk_size)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: IMatrix(m.entries | {"blk.9.attn_q.weight": m.entries["blk.0.attn_q.weight"]}, m.datasets,
+                       m.chunk_count, m.chunk_size), "entry 'blk.9.attn_q.weight' is not a tensor of this model"),
+    (lambda m: shrunk_copy(m, "blk.2.ffn_down.weight"), "entry 'blk.2.ffn_down.weight' has 480 values, the tensor"),
+])
+def test_an_imatrix_for_another_model_is_refused(tiny_llama, tmp_path, capsys, edit, match):
+    bad = tmp_path / "bad.gguf"
+    write_imatrix(edit(read_imatrix(tiny_llama / "im.gguf")), bad)
+    out = tmp_path / "q.gguf"
+    assert cli_main(["quantize", str(tiny_llama / "m.gguf"), str(out), "--type", "Q4_K_M", "--imatrix",
+                     str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flashlm: error: imatrix: ") and match in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mix", ["IQ2_XXS", "IQ1_S", "IQ3_XXS"])
+def test_mixes_that_need_unsupported_types_are_refused(tiny_llama, tmp_path, capsys, mix):
+    assert cli_main(["quantize", str(tiny_llama / "m.gguf"), str(tmp_path / "q.gguf"), "--type", mix,
+                     "--imatrix", str(tiny_llama / "im.gguf")]) == 2
+    assert f"flashlm: error: type: {mix} is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--calib-data", "missing.txt"], "--calib-data: 'missing.txt' is not a file"),
+    (["--calib-data", "{d}/empty.txt"], "holds no text"),
+    (["--calib-data", "{d}/calib.txt", "--chunk-size", "4096"], "a chunk size of 4096 needs at least"),
+])
+def test_imatrix_command_refuses(tiny_llama, tmp_path, capsys, args, match):
+    (tiny_llama / "empty.txt").write_text("  \n")
+    args = [a.replace("{d}", str(tiny_llama)) for a in args]
+    assert cli_main(["imatrix", str(tiny_llama / "m.gguf"), "-o", str(tmp_path / "x.gguf"), *args]) == 2
+    assert match in capsys.readouterr().err
