@@ -489,3 +489,19 @@ def test_imatrix_command_refuses(tiny_llama, tmp_path, capsys, args, match):
     args = [a.replace("{d}", str(tiny_llama)) for a in args]
     assert cli_main(["imatrix", str(tiny_llama / "m.gguf"), "-o", str(tmp_path / "x.gguf"), *args]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: setattr(m, "chunk_count", -1), "chunk_count must be an int"),
+    (lambda m: setattr(m, "chunk_size", 2**31), "chunk_size must be an int"),
+    (lambda m: m.entries.__setitem__("x", IMatrixEntry(np.ones(5, np.float32), np.array([1, 2]))), "do not split"),
+    (lambda m: m.entries.__setitem__("x", IMatrixEntry(np.ones(4, np.float32), np.array([-1]))), "counts must be"),
+    (lambda m: m.entries.clear(), "no entries"),
+])
+def test_unwritable_imatrix(tmp_path, edit, match):
+    m = sample_imatrix(rng_for("unwritable"))
+    edit(m)
+    for name in ("a.gguf", "a.dat"):
+        with pytest.raises(ValueError, match=match):
+            write_imatrix(m, tmp_path / name)
+        assert not (tmp_path / name).exists()

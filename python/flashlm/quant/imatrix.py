@@ -167,10 +167,10 @@ def _read_gguf(path: str) -> IMatrix:
     try:
         metadata = {key: (type_name, value) for key, type_name, value in reader.metadata()}
         tensors = {name: (i, type_name, tuple(dims)) for i, (name, _, type_name, dims, _, _) in enumerate(reader.tensors())}
-        m = IMatrix(datasets=_meta(metadata, "imatrix.datasets", "ARRAY[STRING]", []),
-                    chunk_count=_meta(metadata, "imatrix.chunk_count", "UINT32", 0),
-                    chunk_size=_meta(metadata, "imatrix.chunk_size", "UINT32", 0))
-        kind = _meta(metadata, "general.type", "STRING", None)
+        m = IMatrix(datasets=_meta(metadata, "imatrix.datasets", "ARRAY[STRING]", [], path),
+                    chunk_count=_meta(metadata, "imatrix.chunk_count", "UINT32", 0, path),
+                    chunk_size=_meta(metadata, "imatrix.chunk_size", "UINT32", 0, path))
+        kind = _meta(metadata, "general.type", "STRING", None, path)
         if kind not in (None, "imatrix"):
             raise ValueError(f"imatrix: {path}: general.type is {kind!r}, not 'imatrix'")
         names = set()
@@ -190,12 +190,12 @@ def _read_gguf(path: str) -> IMatrix:
     return m
 
 
-def _meta(metadata: dict, key: str, type_name: str, default):
+def _meta(metadata: dict, key: str, type_name: str, default, path: str):
     if key not in metadata:
         return default
     got, value = metadata[key]
     if got != type_name:
-        raise ValueError(f"imatrix: {key} is {got}, expected {type_name}")
+        raise ValueError(f"imatrix: {path}: {key} is {got}, expected {type_name}")
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -229,11 +229,27 @@ def write_imatrix(m: IMatrix, path, fmt: str | None = None) -> None:
     fmt = fmt or ("dat" if path.lower().endswith(".dat") else "gguf")
     if fmt not in ("gguf", "dat"):
         raise ValueError(f"fmt: expected 'gguf' or 'dat', got {fmt!r}")
-    if not m.entries:
-        raise ValueError("imatrix: no entries to write")
+    _check_writable(m)
     data = _gguf_bytes(m) if fmt == "gguf" else _legacy_bytes(m)
     with open(path, "wb") as f:
         f.write(data)
+
+
+def _check_writable(m: IMatrix) -> None:
+    """What the formats can hold: int32 counts and lengths, entries whose sums split evenly over their counts."""
+    if not m.entries:
+        raise ValueError("imatrix: no entries to write")
+    for key in ("chunk_count", "chunk_size"):
+        value = getattr(m, key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**31:
+            raise ValueError(f"imatrix: {key} must be an int in [0, 2^31), got {value!r}")
+    for name, e in m.entries.items():
+        counts, sums = np.asarray(e.counts), np.asarray(e.sums)
+        if (not name or counts.ndim != 1 or sums.ndim != 1 or len(counts) < 1 or len(sums) < 1
+                or len(sums) % len(counts) or len(sums) >= 2**31):
+            raise ValueError(f"imatrix: entry {name!r}: {sums.shape} sums do not split over {counts.shape} counts")
+        if np.any(counts < 0) or np.any(counts >= 2**31) or not np.all(np.isfinite(sums)):
+            raise ValueError(f"imatrix: entry {name!r}: counts must be in [0, 2^31) and sums finite")
 
 
 def _legacy_bytes(m: IMatrix) -> bytes:
