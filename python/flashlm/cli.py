@@ -166,6 +166,9 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
 
     if not os.path.isfile(args.calib_data):
         raise ValueError(f"--calib-data: {args.calib_data!r} is not a file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):  # found out now rather than after the whole run
+        raise ValueError(f"--output: the folder {folder!r} does not exist")
     with open(args.calib_data, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -181,9 +184,11 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     report = None if args.quiet else (lambda i, n: print(f"\rimatrix: chunk {i}/{n}", end="", file=sys.stderr))
     m = collect_imatrix(loaded.model, ids, chunk_size=args.chunk_size, bos_token_id=bos if add_bos else None,
                         dataset=args.calib_data, fused_qkv=loaded.config.arch == "gpt2", progress=report)
+    if not args.quiet:
+        print(file=sys.stderr)  # ends the progress line
     write_imatrix(m, args.output, args.output_format)
     if not args.quiet:
-        print(f"\n{_printable(args.output)}: {len(m.entries)} entries, {m.chunk_count} chunks of {m.chunk_size} tokens")
+        print(f"{_printable(args.output)}: {len(m.entries)} entries, {m.chunk_count} chunks of {m.chunk_size} tokens")
     return 0
 
 
