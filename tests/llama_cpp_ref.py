@@ -30,12 +30,32 @@ TYPES = {
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
 }
 
-# ggml-quants.c calls these from ggml.c only outside the reference row quantizers.
+# name -> (elements per block, bytes per block) of the types whose quantize_<type>(src, dst, nrow, n_per_row,
+# imatrix) is compared here: what llama.cpp's quantize tool calls, with or without an imatrix.
+IMATRIX_TYPES = {name: TYPES[name] for name in TYPES if name != "Q8_0"} | {"IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
+
+# ggml-quants.c calls these from ggml.c: ggml_row_size from the quantize_<type> functions (for the types
+# of IMATRIX_TYPES, by ggml's type numbers), the rest only outside the quantizers compared here.
 _STUBS = r"""
 #include <stdlib.h>
 #include "ggml.h"
 void ggml_abort(const char * file, int line, const char * fmt, ...) { (void)file; (void)line; (void)fmt; abort(); }
-size_t ggml_row_size(enum ggml_type type, int64_t ne) { (void)type; (void)ne; abort(); }
+size_t ggml_row_size(enum ggml_type type, int64_t ne) {
+    switch (type) {
+        case GGML_TYPE_Q4_0: return ne / 32 * 18;
+        case GGML_TYPE_Q4_1: return ne / 32 * 20;
+        case GGML_TYPE_Q5_0: return ne / 32 * 22;
+        case GGML_TYPE_Q5_1: return ne / 32 * 24;
+        case GGML_TYPE_Q2_K: return ne / 256 * 84;
+        case GGML_TYPE_Q3_K: return ne / 256 * 110;
+        case GGML_TYPE_Q4_K: return ne / 256 * 144;
+        case GGML_TYPE_Q5_K: return ne / 256 * 176;
+        case GGML_TYPE_Q6_K: return ne / 256 * 210;
+        case GGML_TYPE_IQ4_NL: return ne / 32 * 18;
+        case GGML_TYPE_IQ4_XS: return ne / 256 * 136;
+        default: abort();
+    }
+}
 size_t ggml_type_size(enum ggml_type type) { (void)type; abort(); }
 const char * ggml_type_name(enum ggml_type type) { (void)type; abort(); }
 """
@@ -71,7 +91,7 @@ def _unpack(src: str, dest: str) -> str:
 
 def _compile(src: str) -> str:
     """Path of the compiled reference library, built once per source file and cached."""
-    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src))).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((os.path.abspath(src) + str(os.path.getmtime(src)) + _STUBS).encode()).hexdigest()[:16]
     build = os.path.join(CACHE_DIR, f"ggml-ref-{digest}")
     lib = os.path.join(build, "libggmlref.so")
     if os.path.exists(lib):
@@ -93,17 +113,42 @@ def _compile(src: str) -> str:
     return lib
 
 
+def _c_name(name: str) -> str:
+    return name.lower().replace("_k", "_K")
+
+
 class Reference:
-    """ggml's quantize_row_<type>_ref for each name in TYPES."""
+    """ggml's quantize_row_<type>_ref for each name in TYPES, and its quantize_<type> (what llama.cpp's
+    quantize tool calls, taking an imatrix) for each name in IMATRIX_TYPES."""
 
     def __init__(self, lib_path: str):
         self.lib = ctypes.CDLL(lib_path)
-        self._fns = {}
+        self._fns, self._chunk_fns = {}, {}
         for name in TYPES:
-            fn = getattr(self.lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")
+            fn = getattr(self.lib, f"quantize_row_{_c_name(name)}_ref")
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
             fn.restype = None
             self._fns[name] = fn
+        for name in IMATRIX_TYPES:
+            fn = getattr(self.lib, f"quantize_{_c_name(name)}")
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            fn.restype = ctypes.c_size_t
+            self._chunk_fns[name] = fn
+
+    def quantize_imatrix(self, x: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
+        """Rows of a 2-D float32 array to a uint8 array [rows, bytes_per_row] by one quantize_<type> call,
+        with the importance values `imatrix` (one per column) or None."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        block, block_bytes = IMATRIX_TYPES[name]
+        rows, n = x.shape
+        out = np.zeros((rows, n // block * block_bytes), dtype=np.uint8)
+        qw = None
+        if imatrix is not None:
+            qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+            assert qw.shape == (n,)
+        written = self._chunk_fns[name](x.ctypes.data, out.ctypes.data, rows, n, None if qw is None else qw.ctypes.data)
+        assert written == out.size, (written, out.size)
+        return out
 
     def quantize(self, x: np.ndarray, name: str) -> np.ndarray:
         """Rows of a 2-D float32 array to a uint8 array [rows, bytes_per_row], one reference call per row."""
@@ -114,6 +159,102 @@ class Reference:
         for r in range(rows):
             self._fns[name](x[r].ctypes.data, out[r].ctypes.data, n)
         return out
+
+
+# llama.cpp's imatrix reader (common/imatrix-loader.cpp, what llama-quantize --imatrix calls), built against
+# the installed llama-cpp-python's libggml-base with two small stand-ins for the common/ headers it uses, and
+# a C entry point that dumps what it read as text (floats in hex, so exactly).
+_LOADER_SHIMS = {
+    "common.h": r"""
+#pragma once
+#include <string>
+inline bool string_remove_suffix(std::string & s, const std::string & suffix) {
+    if (s.size() < suffix.size() || s.compare(s.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
+    s.resize(s.size() - suffix.size());
+    return true;
+}
+""",
+    "log.h": "#pragma once\n#include <cstdio>\n#define LOG_ERR(...) fprintf(stderr, __VA_ARGS__)\n",
+    "dump.cpp": r"""
+#include <cstdio>
+#include "imatrix-loader.h"
+extern "C" int imatrix_dump(const char * fname, const char * out) {
+    common_imatrix m;
+    if (!common_imatrix_load(fname, m)) return 1;
+    FILE * f = fopen(out, "w");
+    if (!f) return 2;
+    fprintf(f, "%d %d %d %d %zu %zu\n", (int) m.is_legacy, (int) m.has_metadata, m.chunk_count, m.chunk_size,
+            m.datasets.size(), m.entries.size());
+    for (const auto & d : m.datasets) fprintf(f, "%s\n", d.c_str());
+    for (const auto & [name, e] : m.entries) {
+        fprintf(f, "%s\n%zu", name.c_str(), e.sums.size());
+        for (float v : e.sums) fprintf(f, " %a", (double) v);
+        fprintf(f, "\n%zu", e.counts.size());
+        for (long long c : e.counts) fprintf(f, " %lld", c);
+        fprintf(f, "\n");
+    }
+    return fclose(f) == 0 ? 0 : 3;
+}
+""",
+}
+
+
+def imatrix_loader():
+    """A function path -> dict (is_legacy, has_metadata, chunk_count, chunk_size, datasets, entries {name:
+    (sums, counts)}) that reads an imatrix file with llama.cpp's own loader, or None (no sources, no
+    llama-cpp-python, no C++ compiler). A file the loader refuses gives None from the function."""
+    src = find_source()
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    if src is None or os.path.isdir(src) or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return None
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    key = os.path.abspath(src) + str(os.path.getmtime(src)) + libdir + repr(sorted(_LOADER_SHIMS.items()))
+    build = os.path.join(CACHE_DIR, "imatrix-loader-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    lib = os.path.join(build, "libimatrixloader.so")
+    if not os.path.exists(lib):
+        tmp = build + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with tarfile.open(src) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and (m.name.endswith(("/common/imatrix-loader.cpp", "/common/imatrix-loader.h")) or
+                                   "/vendor/llama.cpp/ggml/include/" in m.name):
+                    with tar.extractfile(m) as f, open(os.path.join(tmp, os.path.basename(m.name)), "wb") as out:
+                        shutil.copyfileobj(f, out)
+        for name, text in _LOADER_SHIMS.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        cmd = [os.environ.get("CXX", "c++"), "-O1", "-std=c++17", "-fPIC", "-shared", f"-I{tmp}",
+               os.path.join(tmp, "imatrix-loader.cpp"), os.path.join(tmp, "dump.cpp"), f"-L{libdir}", "-lggml-base",
+               f"-Wl,-rpath,{libdir}", "-o", os.path.join(tmp, "libimatrixloader.so")]
+        subprocess.run(cmd, check=True, capture_output=True)
+        os.makedirs(build, exist_ok=True)
+        os.replace(os.path.join(tmp, "libimatrixloader.so"), lib)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dump = ctypes.CDLL(lib).imatrix_dump
+    dump.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+
+    def load(path: str):
+        out = path + ".dump"
+        if dump(os.fsencode(path), os.fsencode(out)) != 0:
+            return None
+        with open(out) as f:
+            lines = f.read().split("\n")
+        os.remove(out)
+        legacy, has_meta, chunk_count, chunk_size, n_datasets, n_entries = map(int, lines[0].split())
+        datasets, entries, i = lines[1:1 + n_datasets], {}, 1 + n_datasets
+        for _ in range(n_entries):
+            sums = [float.fromhex(v) for v in lines[i + 1].split()[1:]]
+            counts = [int(v) for v in lines[i + 2].split()[1:]]
+            entries[lines[i]] = (np.array(sums, np.float32), np.array(counts, np.int64))
+            i += 3
+        return dict(is_legacy=bool(legacy), has_metadata=bool(has_meta), chunk_count=chunk_count,
+                    chunk_size=chunk_size, datasets=datasets, entries=entries)
+
+    return load
 
 
 def vocab_dir() -> str | None:

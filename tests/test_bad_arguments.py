@@ -111,8 +111,9 @@ CASES = {
         dict(x="tensor", raw="tensor", ggml_type="str", bias="optional"), {}),
     "gguf_quantize": (
         ops.gguf_quantize,
-        lambda: dict(data=np.zeros((2, 32), np.float32), ggml_type="Q8_0", out=np.zeros(68, np.uint8)),
-        dict(data="array", ggml_type="str", out="array"), {}),
+        lambda: dict(data=np.zeros((2, 32), np.float32), ggml_type="Q4_0", out=np.zeros(36, np.uint8),
+                     importance=np.ones(32, np.float32)),
+        dict(data="array", ggml_type="str", out="array", importance="array"), {}),
     "quantize_supported": (ops.quantize_supported, lambda: dict(ggml_type="Q8_0"), dict(ggml_type="str"), {}),
     "quantize_per_token": (ops.quantize_per_token, lambda: dict(x=f32(3, 8)), dict(x="tensor"), {}),
     "int8_linear": (
@@ -140,6 +141,7 @@ VALID = {
     ("flash_attn_qkvpacked_func", "qkv", "meta"),  # all of q, k, v on meta: the shapes of the result, on meta
     ("flash_attn_func", "softmax_scale", "None"), ("paged_attention", "softmax_scale", "None"),  # 1 / sqrt(head_dim)
     ("paged_attention", "max_seqlen_q", "None"),  # read from cu_seqlens_q
+    ("gguf_quantize", "importance", "None"),  # no importance matrix
     # Float tensors that the wrappers convert (rotary tables to float32 math; scales, zero points, biases to
     # the dtype the kernels take).
     ("flash_attn_with_kvcache", "rotary_cos", "dtype"), ("flash_attn_with_kvcache", "rotary_sin", "dtype"),

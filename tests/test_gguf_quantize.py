@@ -30,13 +30,13 @@ DISTRIBUTIONS = ["normal", "uniform", "outliers", "zero_blocks", "constant_block
 
 # Relative RMS error ||dequant(quant(x)) - x|| / ||x|| on standard normal rows of 4096. Measured (seeded
 # 256 x 4096): F16 2.1e-4, BF16 1.7e-3, Q4_0 .086, Q4_1 .078, Q5_0 .043, Q5_1 .038, Q8_0 .0054, Q2_K .297,
-# Q3_K .151, Q4_K .071, Q5_K .036, Q6_K .0178. The bounds are those plus ~15-20%: enough for another
+# Q3_K .151, Q4_K .071, Q5_K .036, Q6_K .0178, IQ4_NL .076, IQ4_XS .0765. The bounds are those plus ~15-20%: enough for another
 # seed (the error of 32 x 4096 values varies by well under 5%), tight enough that a scale off by one
 # level, a lost high bit or a wrong sub-block layout (all >= 2x the error) fails. They follow the theory
 # too: a uniform step s has RMS error s / sqrt(12), and each extra bit halves it (Q4_0 -> Q5_0 -> Q8_0).
 RMS_BOUNDS = {
     "F16": 2.5e-4, "BF16": 2.0e-3, "Q4_0": 0.10, "Q4_1": 0.092, "Q5_0": 0.05, "Q5_1": 0.045, "Q8_0": 0.0064,
-    "Q2_K": 0.34, "Q3_K": 0.175, "Q4_K": 0.083, "Q5_K": 0.042, "Q6_K": 0.021,
+    "Q2_K": 0.34, "Q3_K": 0.175, "Q4_K": 0.083, "Q5_K": 0.042, "Q6_K": 0.021, "IQ4_NL": 0.088, "IQ4_XS": 0.088,
 }
 
 
@@ -206,7 +206,7 @@ def test_empty_rows():
     (np.zeros((2, 32), np.float64), "Q8_0", "float32, float16 or bfloat16"),
     (torch.zeros(2, 32, dtype=torch.int32), "Q8_0", "float32, float16 or bfloat16"),
     (np.zeros((2, 32), np.float32), "Q4_K_M", "ggml_type"),
-    (np.zeros((2, 32), np.float32), "IQ4_NL", "ggml_type"),
+    (np.zeros((2, 32), np.float32), "IQ2_XXS", "ggml_type"),
     (np.zeros((2, 32), np.float32), 8, "ggml_type"),
 ])
 def test_bad_arguments(data, ggml_type, message):
@@ -221,7 +221,7 @@ def test_bad_arguments(data, ggml_type, message):
     (np.zeros((2, 48), np.float32), "Q4_0", np.zeros(54, np.uint8), r"data's row length \(48\) must be a multiple"),
     (np.zeros((64, 2), np.float32).T, "Q4_0", np.zeros(72, np.uint8), "data must be contiguous"),
     (np.zeros((2, 64), np.int32), "Q4_0", np.zeros(72, np.uint8), "data must be F32, F16 or BF16"),
-    (np.zeros((2, 64), np.float32), "IQ4_NL", np.zeros(72, np.uint8), "cannot quantize to 'IQ4_NL'"),
+    (np.zeros((2, 64), np.float32), "IQ2_XXS", np.zeros(72, np.uint8), "cannot quantize to 'IQ2_XXS'"),
 ])
 def test_native_checks(data, ggml_type, out, message):
     # the C++ entry point checks its arguments itself (C++ callers have no Python layer in front)

@@ -84,7 +84,7 @@ def write_model(path, tensors, stored=None, alignment=None, n_head=N_HEAD, n_lay
 def expected_types(mix):
     """Hand-derived from llama.cpp's llama_tensor_get_type for this model."""
     base = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q4_K_S": "Q4_K", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K"}.get(mix, mix)
-    fallback = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+    fallback = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
     float_mix = mix in ("F16", "BF16", "F32")
     out = {}
     for name in model_tensors(np.random.default_rng(0)):
@@ -115,6 +115,8 @@ def expected_types(mix):
                 t = "Q4_K"  # layer >= 8 / 16 = 0 and not falcon
             elif mix == "Q2_K":
                 t = "Q3_K"
+            elif mix in ("IQ4_NL", "IQ4_XS") and layer < 1:  # without an imatrix
+                t = "Q5_K"
             if FFN % gguf.GGML_QUANT_SIZES[GQT[t]][0]:
                 t = fallback[t]
         elif name.endswith("attn_output.weight"):
@@ -145,7 +147,8 @@ def model(tmp_path_factory):
     return path, tensors
 
 
-@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0", "Q8_0", "Q6_K", "F16"])
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q5_K_M", "Q4_K_S", "Q3_K_M", "Q2_K", "Q4_0", "Q8_0", "Q6_K", "IQ4_XS",
+                                 "IQ4_NL", "F16"])
 def test_mix_types_bytes_and_values(model, tmp_path, mix):
     src, tensors = model
     out = tmp_path / f"tiny-{mix}.gguf"
@@ -458,11 +461,11 @@ def test_a_failure_while_writing_leaves_no_file(model, tmp_path, monkeypatch):
 
     calls = []
 
-    def failing(rows, target):
+    def failing(rows, target, imatrix=None):
         calls.append(target)
         if len(calls) == 3:
             raise MemoryError("no room")
-        return quantize_gguf(rows, target)
+        return quantize_gguf(rows, target, imatrix=imatrix)
     monkeypatch.setattr(qf, "quantize_gguf", failing)
     src, _ = model
     out = tmp_path / "out.gguf"

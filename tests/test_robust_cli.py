@@ -314,5 +314,48 @@ def other_commands():
     return cases
 
 
-CASES = gguf_commands() + export_commands() + runtime_commands() + other_commands()
+def legacy_imatrix(name=b"blk.0.attn_q.weight", n_entries=1, nval=32):
+    """A legacy imatrix file: n_entries claimed, one entry named `name` that claims nval values (holding at most
+    64 of them, ones)."""
+    import struct
+
+    entry = struct.pack("<i", len(name)) + name + struct.pack("<ii", 1, nval) + b"\0\0\x80\x3f" * min(nval, 64)
+    return write(struct.pack("<i", n_entries) + entry, "i.dat")
+
+
+def imatrix_commands():
+    name = "imatrix"
+
+    def collect(*more):
+        return lambda: [name, model_file(), "--calib-data", text_file(), "-o", out("i.gguf"), "--chunk-size", 16,
+                        "--quiet", *more]
+
+    def quantize_with(imatrix_fn):
+        return lambda: ["quantize", model_file(), out("q.gguf"), "--type", "Q4_0", "--imatrix", imatrix_fn(), "--quiet"]
+
+    cases = [command(name, "a valid call", collect(), succeeded),
+             command("quantize", "--imatrix, a valid call", quantize_with(legacy_imatrix), succeeded)]
+    for what, argv in (("a missing model", lambda: [name, missing(), "--calib-data", text_file(), "-o", out("i.dat")]),
+                       ("a malformed model", lambda: [name, garbage(), "--calib-data", text_file(), "-o", out("i.dat")]),
+                       ("--calib-data missing", lambda: [name, model_file(), "--calib-data", missing(), "-o", out("i")]),
+                       ("--calib-data empty", lambda: [name, model_file(), "--calib-data", write("", "e.txt"), "-o",
+                                                       out("i.gguf")]),
+                       ("--calib-data invalid UTF-8", lambda: [name, model_file(), "--calib-data",
+                                                               write(b"\xff\xfe" * 10, "b.txt"), "-o", out("i.gguf")]),
+                       ("--chunk-size 0", collect("--chunk-size", 0)),
+                       ("--chunk-size -1", collect("--chunk-size", -1)),
+                       ("--chunk-size 2**31", collect("--chunk-size", 1 << 31)),
+                       ("-o in a missing folder", lambda: [name, model_file(), "--calib-data", text_file(), "-o",
+                                                           os.path.join(missing(), "i.gguf"), "--chunk-size", 16])):
+        cases.append(command(name, what, argv))
+    for what, imatrix_fn in (("a missing file", missing), ("a malformed GGUF", garbage),
+                             ("2**31 - 1 entries", lambda: legacy_imatrix(n_entries=(1 << 31) - 1)),
+                             ("a value count of 2**31 - 1", lambda: legacy_imatrix(nval=(1 << 31) - 1)),
+                             ("an entry the model lacks", lambda: legacy_imatrix(name=b"blk.7.attn_q.weight")),
+                             ("an entry of another width", lambda: legacy_imatrix(nval=64))):
+        cases.append(command("quantize", f"--imatrix: {what}", quantize_with(imatrix_fn)))
+    return cases
+
+
+CASES = gguf_commands() + export_commands() + runtime_commands() + other_commands() + imatrix_commands()
 verdicts, test_hostile_case = robust.tests_of(CASES)

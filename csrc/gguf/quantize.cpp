@@ -57,8 +57,10 @@ std::string supported_names() {
 
 bool quantize_supported(DType type) { return is_float_type(type) || gguf::detail::quantize_row_fn(type) != nullptr; }
 
-// The messages name the arguments as the header (and the Python function) do: data and out.
-void gguf_quantize(const TensorView& data, DType type, const TensorView& out) {
+namespace {
+
+// The messages name the arguments as the header (and the Python function) do: data, out, importance.
+void quantize_rows(const TensorView& data, DType type, const TensorView& out, const TensorView* importance) {
   FLASHLM_CHECK(quantize_supported(type), "gguf_quantize: type ", dtype_name(type), " is not supported (",
                 supported_names(), " are)");
   FLASHLM_CHECK(is_float_type(data.dtype), "gguf_quantize: data must be F32, F16 or BF16, got ",
@@ -76,6 +78,17 @@ void gguf_quantize(const TensorView& data, DType type, const TensorView& out) {
   const int64_t out_bytes = storage_bytes(type, n);
   FLASHLM_CHECK(out.numel() == out_bytes, "gguf_quantize: out has ", out.numel(), " bytes, ", info.name, " needs ",
                 out_bytes, " for ", n, " elements");
+  const float* qw = nullptr;
+  if (importance) {
+    FLASHLM_CHECK(importance->dtype == DType::F32, "gguf_quantize: importance must be F32, got ",
+                  dtype_name(importance->dtype));
+    FLASHLM_CHECK(importance->device.is_cpu(), "gguf_quantize: importance must be a CPU tensor");
+    FLASHLM_CHECK(importance->is_contiguous(), "gguf_quantize: importance must be contiguous");
+    FLASHLM_CHECK(importance->numel() == row, "gguf_quantize: importance has ", importance->numel(),
+                  " values, data's rows have ", row);
+    FLASHLM_CHECK(row == 0 || importance->data, "gguf_quantize: null importance pointer");
+    qw = static_cast<const float*>(importance->data);
+  }
   if (n == 0) return;
   FLASHLM_CHECK(data.data && out.data, "gguf_quantize: null data pointer");
 
@@ -90,12 +103,20 @@ void gguf_quantize(const TensorView& data, DType type, const TensorView& out) {
     for (int64_t r = begin; r < end; ++r) {
       const float* x = row_as_f32(in + r * in_row_bytes, data.dtype, row, buf);
       if (quantize_row) {
-        quantize_row(x, blocks + r * out_row_bytes, row);
+        quantize_row(x, blocks + r * out_row_bytes, row, qw);
       } else {
         convert_row(x, row, type, blocks + r * out_row_bytes);
       }
     }
   });
+}
+
+}  // namespace
+
+void gguf_quantize(const TensorView& data, DType type, const TensorView& out) { quantize_rows(data, type, out, nullptr); }
+
+void gguf_quantize(const TensorView& data, DType type, const TensorView& out, const TensorView& importance) {
+  quantize_rows(data, type, out, &importance);
 }
 
 }  // namespace flashlm

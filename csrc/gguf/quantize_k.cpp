@@ -1,11 +1,13 @@
-// Quantizers of the 256-element K-quant super-blocks Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, without an
-// importance matrix: ggml's quantize_row_*_ref and their helpers (make_qx_quants, make_q3_quants,
-// make_qkx2_quants), operation for operation. Each sub-block's scale is found by a small search that
+// Quantizers of the 256-element K-quant super-blocks Q2_K, Q3_K, Q4_K, Q5_K and Q6_K: without an
+// importance matrix ggml's quantize_row_*_ref, with one its quantize_row_*_impl, operation for operation
+// (the scale searches are in quantize_search.cpp). Each sub-block's scale is found by a small search that
 // minimises a weighted squared (or absolute) error; the scales are then quantized to 4, 6 or 8 bits
-// against one f16 super-block scale, and the elements requantized against the stored scales. Float
-// expressions keep ggml's order and the library builds with -ffp-contract=off: a different rounding
-// anywhere can change which candidate wins, and so the bytes. On AVX2 CPUs the searches of Q2_K, Q4_K,
-// Q5_K and Q6_K run 8 sub-blocks at a time in quantize_k_avx2.cpp, with the same bits.
+// against one f16 super-block scale, and the elements requantized against the stored scales. An imatrix
+// changes the weights of the searches (qw[i] * sqrt(sigma2 + x[i]^2)) and how the scales are quantized
+// (another search, make_qp_quants / make_qx_quants, instead of max / levels). Float expressions keep
+// ggml's order and the library builds with -ffp-contract=off: a different rounding anywhere can change
+// which candidate wins, and so the bytes. On AVX2 CPUs the searches of Q2_K, Q4_K, Q5_K and Q6_K (the
+// last without an imatrix) run 8 sub-blocks at a time in quantize_k_avx2.cpp, with the same bits.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -16,162 +18,6 @@
 
 namespace flashlm::gguf::detail {
 namespace {
-
-// A group whose largest magnitude is below this is all zero (ggml's GROUP_MAX_EPS).
-constexpr float kGroupMaxEps = 1e-15f;
-
-int clamp(int v, int lo, int hi) { return std::max(lo, std::min(hi, v)); }
-
-// Symmetric quantization of n values to [-nmax, nmax - 1] (stored as l + nmax in L), with weights x^2
-// (rmse_type 1, the only kind the reference quantizers use): tries 18 scales around nmax / max and
-// keeps the one with the best weighted fit. Returns the scale (negative when max is positive).
-float make_qx_quants(int n, int nmax, const float* x, int8_t* L) {
-  float amax;
-  const float max = signed_absmax(x, n, &amax);
-  if (amax < kGroupMaxEps) {
-    std::memset(L, 0, n);
-    return 0.f;
-  }
-  float iscale = -nmax / max;
-  float sumlx = 0, suml2 = 0;
-  for (int i = 0; i < n; ++i) {
-    const int l = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-    L[i] = static_cast<int8_t>(l + nmax);
-    const float w = x[i] * x[i];
-    sumlx += w * x[i] * l;
-    suml2 += w * l * l;
-  }
-  float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
-  float best = scale * sumlx;
-  for (int is = -9; is <= 9; ++is) {
-    if (is == 0) continue;
-    iscale = -(nmax + 0.1f * is) / max;
-    sumlx = suml2 = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-      const float w = x[i] * x[i];
-      sumlx += w * x[i] * l;
-      suml2 += w * l * l;
-    }
-    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
-      for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(nmax + clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1));
-      scale = sumlx / suml2;
-      best = scale * sumlx;
-    }
-  }
-  return scale;
-}
-
-// Q3_K's sub-block quantizer: symmetric to [-nmax, nmax - 1], then up to 5 passes that move single
-// elements to the level that most improves the x^2-weighted fit. L receives l + nmax.
-float make_q3_quants(int n, int nmax, const float* x, int8_t* L) {
-  float amax;
-  const float max = signed_absmax(x, n, &amax);
-  if (amax < kGroupMaxEps) {
-    std::memset(L, 0, n);
-    return 0.f;
-  }
-  const float iscale = -nmax / max;
-  float sumlx = 0, suml2 = 0;
-  for (int i = 0; i < n; ++i) {
-    const int l = clamp(nearest_int(iscale * x[i]), -nmax, nmax - 1);
-    L[i] = static_cast<int8_t>(l);
-    const float w = x[i] * x[i];
-    sumlx += w * x[i] * l;
-    suml2 += w * l * l;
-  }
-  for (int itry = 0; itry < 5; ++itry) {
-    int n_changed = 0;
-    for (int i = 0; i < n; ++i) {
-      const float w = x[i] * x[i];
-      float slx = sumlx - w * x[i] * L[i];
-      if (slx > 0) {
-        float sl2 = suml2 - w * L[i] * L[i];
-        const int new_l = clamp(nearest_int(x[i] * sl2 / slx), -nmax, nmax - 1);
-        if (new_l != L[i]) {
-          slx += w * x[i] * new_l;
-          sl2 += w * new_l * new_l;
-          if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
-            L[i] = static_cast<int8_t>(new_l);
-            sumlx = slx;
-            suml2 = sl2;
-            ++n_changed;
-          }
-        }
-      }
-    }
-    if (!n_changed) break;
-  }
-  for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(L[i] + nmax);
-  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
-}
-
-// Asymmetric quantization of n values to [0, nmax] as scale * l - the_min: from the min-max fit, tries
-// nstep + 1 scales (rmin + rdelta * is + nmax) / (max - min), each with the least-squares scale and
-// min for its levels, and keeps the one with the smallest weighted error (absolute when use_mad).
-float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min, uint8_t* Laux,
-                       float rmin, float rdelta, int nstep, bool use_mad) {
-  float min = x[0], max = x[0];
-  float sum_w = weights[0];
-  float sum_x = sum_w * x[0];
-  for (int i = 1; i < n; ++i) {
-    if (x[i] < min) min = x[i];
-    if (x[i] > max) max = x[i];
-    const float w = weights[i];
-    sum_w += w;
-    sum_x += w * x[i];
-  }
-  if (min > 0) min = 0;
-  if (max == min) {
-    std::memset(L, 0, n);
-    *the_min = -min;
-    return 0.f;
-  }
-  float iscale = nmax / (max - min);
-  float scale = 1 / iscale;
-  float best_error = 0;
-  for (int i = 0; i < n; ++i) {
-    L[i] = static_cast<uint8_t>(clamp(nearest_int(iscale * (x[i] - min)), 0, nmax));
-    float diff = scale * L[i] + min - x[i];
-    diff = use_mad ? std::fabs(diff) : diff * diff;
-    best_error += weights[i] * diff;
-  }
-  for (int is = 0; is <= nstep; ++is) {
-    iscale = (rmin + rdelta * is + nmax) / (max - min);
-    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
-    for (int i = 0; i < n; ++i) {
-      const int l = clamp(nearest_int(iscale * (x[i] - min)), 0, nmax);
-      Laux[i] = static_cast<uint8_t>(l);
-      const float w = weights[i];
-      sum_l += w * l;
-      sum_l2 += w * l * l;
-      sum_xl += w * l * x[i];
-    }
-    const float D = sum_w * sum_l2 - sum_l * sum_l;
-    if (D > 0) {
-      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-      if (this_min > 0) {
-        this_min = 0;
-        this_scale = sum_xl / sum_l2;
-      }
-      float cur_error = 0;
-      for (int i = 0; i < n; ++i) {
-        float diff = this_scale * Laux[i] + this_min - x[i];
-        diff = use_mad ? std::fabs(diff) : diff * diff;
-        cur_error += weights[i] * diff;
-      }
-      if (cur_error < best_error) {
-        std::memcpy(L, Laux, n);
-        best_error = cur_error;
-        scale = this_scale;
-        min = this_min;
-      }
-    }
-  }
-  *the_min = -min;
-  return scale;
-}
 
 bool use_avx2() {
 #ifdef FLASHLM_HAVE_AVX2_KERNELS
@@ -223,7 +69,7 @@ void make_qx_quants_8(bool avx2, int n, int nmax, const float* x, int8_t* L, flo
   }
 #endif
   (void)avx2;
-  for (int k = 0; k < 8; ++k) scales[k] = make_qx_quants(n, nmax, x + k * n, L + k * n);
+  for (int k = 0; k < 8; ++k) scales[k] = make_qx_quants(n, nmax, x + k * n, L + k * n, nullptr);
 }
 
 // Q2_K/Q3_K pack 2-bit levels four to a byte: byte l of each 32-byte group holds elements l, l + 32,
@@ -258,35 +104,78 @@ void get_scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
   }
 }
 
-// The shared part of Q4_K and Q5_K: per 32-element sub-block an asymmetric fit with weights
-// sqrt(mean x^2) + |x|, scales and mins quantized to 6 bits against max / 63, then every element
-// requantized to [0, nmax] against the stored scale and min. Fills scales, d, dmin and L.
+// The imatrix weights of ggml's quantize_row_*_impl for n values: qw[i] * sqrt(sigma2 + x[i]^2).
+void imatrix_weights(const float* x, const float* qw, float sigma2, int n, float* weights) {
+  for (int l = 0; l < n; ++l) weights[l] = qw[l] * std::sqrt(sigma2 + x[l] * x[l]);
+}
+
+// Sum of x^2 over a super-block, in ggml's order.
+float sum_squares(const float* x) {
+  float sum = 0;
+  for (int l = 0; l < QK_K; ++l) sum += x[l] * x[l];
+  return sum;
+}
+
+// Sums of each group of `group` weights.
+void group_sums(const float* weights, int group, int groups, float* sw) {
+  for (int j = 0; j < groups; ++j) {
+    float sum = 0;
+    for (int l = 0; l < group; ++l) sum += weights[group * j + l];
+    sw[j] = sum;
+  }
+}
+
+// The shared part of Q4_K and Q5_K: per 32-element sub-block an asymmetric fit, scales and mins
+// quantized to 6 bits, then every element requantized to [0, nmax] against the stored scale and min.
+// Without an imatrix (qw null): weights sqrt(mean x^2) + |x|, the search (rmin, rdelta, nstep), and the
+// 6-bit levels against max / 63. With one: weights from qw, ggml's make_qkx3_quants search (-0.9, 0.05,
+// 36), and the levels by make_qp_quants (clamped to 63 where clamp_levels: ggml's Q5_K does, its Q4_K
+// does not). Fills scales, d, dmin and L.
 template <class Block>
-void quantize_scale_min_k4(bool avx2, const float* x, Block& y, uint8_t* L, int nmax, float rmin, float rdelta, int nstep) {
+void quantize_scale_min_k4(bool avx2, const float* x, const float* qw, Block& y, uint8_t* L, int nmax, float rmin,
+                           float rdelta, int nstep, bool clamp_levels) {
   float mins[QK_K / 32], scales[QK_K / 32], weights[QK_K];
-  for (int j = 0; j < QK_K / 32; ++j) {
-    float sum_x2 = 0;
-    for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
-    const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + std::fabs(x[32 * j + l]);
-  }
-  make_qkx2_quants_8(avx2, 32, nmax, x, weights, L, mins, scales, rmin, rdelta, nstep, false);
-  float max_scale = 0, max_min = 0;  // the min is subtracted, so scales are positive
-  for (int j = 0; j < QK_K / 32; ++j) {
-    if (scales[j] > max_scale) max_scale = scales[j];
-    if (mins[j] > max_min) max_min = mins[j];
-  }
-  const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
-  const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
   uint8_t ls[QK_K / 32], lm[QK_K / 32];
-  for (int j = 0; j < QK_K / 32; ++j) {
-    ls[j] = std::min<uint8_t>(63, static_cast<uint8_t>(nearest_int(inv_scale * scales[j])));
-    lm[j] = std::min<uint8_t>(63, static_cast<uint8_t>(nearest_int(inv_min * mins[j])));
+  if (qw) {
+    const float sigma2 = 2 * sum_squares(x) / QK_K;
+    imatrix_weights(x, qw, sigma2, QK_K, weights);
+    float sw[QK_K / 32];
+    group_sums(weights, 32, QK_K / 32, sw);
+    make_qkx2_quants_8(avx2, 32, nmax, x, weights, L, mins, scales, -0.9f, 0.05f, 36, false);
+    const float d_block = make_qp_quants(QK_K / 32, 63, scales, ls, sw);
+    const float m_block = make_qp_quants(QK_K / 32, 63, mins, lm, sw);
+    if (clamp_levels) {
+      for (int j = 0; j < QK_K / 32; ++j) {
+        ls[j] = std::min<uint8_t>(63, ls[j]);
+        lm[j] = std::min<uint8_t>(63, lm[j]);
+      }
+    }
+    y.d = f32_to_f16(d_block);
+    y.dmin = f32_to_f16(m_block);
+  } else {
+    for (int j = 0; j < QK_K / 32; ++j) {
+      float sum_x2 = 0;
+      for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
+      const float av_x = std::sqrt(sum_x2 / 32);
+      for (int l = 0; l < 32; ++l) weights[32 * j + l] = av_x + std::fabs(x[32 * j + l]);
+    }
+    make_qkx2_quants_8(avx2, 32, nmax, x, weights, L, mins, scales, rmin, rdelta, nstep, false);
+    float max_scale = 0, max_min = 0;  // the min is subtracted, so scales are positive
+    for (int j = 0; j < QK_K / 32; ++j) {
+      if (scales[j] > max_scale) max_scale = scales[j];
+      if (mins[j] > max_min) max_min = mins[j];
+    }
+    const float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+    const float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+    for (int j = 0; j < QK_K / 32; ++j) {
+      ls[j] = std::min<uint8_t>(63, static_cast<uint8_t>(nearest_int(inv_scale * scales[j])));
+      lm[j] = std::min<uint8_t>(63, static_cast<uint8_t>(nearest_int(inv_min * mins[j])));
+    }
+    y.d = f32_to_f16(max_scale / 63.f);
+    y.dmin = f32_to_f16(max_min / 63.f);
   }
   std::memset(y.scales, 0, sizeof y.scales);
   pack_scale_min_k4(ls, lm, y.scales);
-  y.d = f32_to_f16(max_scale / 63.f);
-  y.dmin = f32_to_f16(max_min / 63.f);
   for (int j = 0; j < QK_K / 32; ++j) {
     uint8_t sc, m;
     get_scale_min_k4(j, y.scales, &sc, &m);
@@ -297,48 +186,88 @@ void quantize_scale_min_k4(bool avx2, const float* x, Block& y, uint8_t* L, int 
   }
 }
 
+// Calls fn(values, weights, block) per super-block of a row; weights is null without an imatrix.
 template <class Block, class Fn>
-void for_each_superblock(const float* x, void* y, int64_t n, Fn&& fn) {
+void for_each_superblock(const float* x, void* y, int64_t n, const float* qw, Fn&& fn) {
   auto* out = static_cast<uint8_t*>(y);
   for (int64_t b = 0; b < n / QK_K; ++b) {
     Block blk;
     std::memset(&blk, 0, sizeof blk);
-    fn(x + b * QK_K, blk);
+    fn(x + b * QK_K, qw ? qw + b * QK_K : nullptr, blk);
     std::memcpy(out + b * sizeof(Block), &blk, sizeof(Block));
+  }
+}
+
+// Q2_K's 16 scale/min pairs to 4 bits each, without an imatrix: against max / 15 each.
+void q2_k_levels_max(const float* scales, const float* mins, block_q2_K& b) {
+  const float q4scale = 15.f;
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < QK_K / 16; ++j) {
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  if (max_scale > 0) {
+    const float iscale = q4scale / max_scale;
+    for (int j = 0; j < QK_K / 16; ++j) b.scales[j] = static_cast<uint8_t>(nearest_int(iscale * scales[j]));
+    b.d = f32_to_f16(max_scale / q4scale);
+  } else {
+    for (int j = 0; j < QK_K / 16; ++j) b.scales[j] = 0;
+    b.d = f32_to_f16(0.f);
+  }
+  if (max_min > 0) {
+    const float iscale = q4scale / max_min;
+    for (int j = 0; j < QK_K / 16; ++j) b.scales[j] |= static_cast<uint8_t>(nearest_int(iscale * mins[j]) << 4);
+    b.dmin = f32_to_f16(max_min / q4scale);
+  } else {
+    b.dmin = f32_to_f16(0.f);
+  }
+}
+
+// Q3_K's 16 six-bit scales (stored + 32): low nibbles in bytes 0-7, high 2-bit pairs in bytes 8-11.
+void pack_q3_k_scales(const int* levels, uint8_t* scales) {
+  std::memset(scales, 0, 12);
+  for (int j = 0; j < QK_K / 16; ++j) {
+    int l = levels[j];
+    if (j < 8) {
+      scales[j] = static_cast<uint8_t>(l & 0xF);
+    } else {
+      scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
+    }
+    l >>= 4;
+    scales[j % 4 + 8] |= static_cast<uint8_t>(l << (2 * (j / 4)));
   }
 }
 
 }  // namespace
 
-void quantize_row_q2_k(const float* x, void* y, int64_t n) {
+void quantize_row_q2_k(const float* x, void* y, int64_t n, const float* qw) {
   const bool avx2 = use_avx2();
-  for_each_superblock<block_q2_K>(x, y, n, [avx2](const float* v, block_q2_K& b) {
+  for_each_superblock<block_q2_K>(x, y, n, qw, [avx2](const float* v, const float* w, block_q2_K& b) {
     uint8_t L[QK_K];
     float weights[QK_K], mins[QK_K / 16], scales[QK_K / 16];
-    const float q4scale = 15.f;
-    for (int l = 0; l < QK_K; ++l) weights[l] = std::fabs(v[l]);
-    for (int half = 0; half < 2; ++half)
-      make_qkx2_quants_8(avx2, 16, 3, v + 128 * half, weights + 128 * half, L + 128 * half, mins + 8 * half,
-                         scales + 8 * half, -0.5f, 0.1f, 15, true);
-    float max_scale = 0, max_min = 0;
-    for (int j = 0; j < QK_K / 16; ++j) {
-      if (scales[j] > max_scale) max_scale = scales[j];
-      if (mins[j] > max_min) max_min = mins[j];
-    }
-    if (max_scale > 0) {
-      const float iscale = q4scale / max_scale;
-      for (int j = 0; j < QK_K / 16; ++j) b.scales[j] = static_cast<uint8_t>(nearest_int(iscale * scales[j]));
-      b.d = f32_to_f16(max_scale / q4scale);
+    if (w) {
+      imatrix_weights(v, w, sum_squares(v) / QK_K, QK_K, weights);
     } else {
-      for (int j = 0; j < QK_K / 16; ++j) b.scales[j] = 0;
-      b.d = f32_to_f16(0.f);
+      for (int l = 0; l < QK_K; ++l) weights[l] = std::fabs(v[l]);
     }
-    if (max_min > 0) {
-      const float iscale = q4scale / max_min;
-      for (int j = 0; j < QK_K / 16; ++j) b.scales[j] |= static_cast<uint8_t>(nearest_int(iscale * mins[j]) << 4);
-      b.dmin = f32_to_f16(max_min / q4scale);
+    for (int half = 0; half < 2; ++half) {
+      if (w) {
+        make_qkx2_quants_8(avx2, 16, 3, v + 128 * half, weights + 128 * half, L + 128 * half, mins + 8 * half,
+                           scales + 8 * half, -0.9f, 0.05f, 36, false);
+      } else {
+        make_qkx2_quants_8(avx2, 16, 3, v + 128 * half, weights + 128 * half, L + 128 * half, mins + 8 * half,
+                           scales + 8 * half, -0.5f, 0.1f, 15, true);
+      }
+    }
+    if (w) {
+      float sw[QK_K / 16];
+      uint8_t ls[QK_K / 16], lm[QK_K / 16];
+      group_sums(weights, 16, QK_K / 16, sw);
+      b.d = f32_to_f16(make_qp_quants(QK_K / 16, 15, scales, ls, sw));
+      b.dmin = f32_to_f16(make_qp_quants(QK_K / 16, 15, mins, lm, sw));
+      for (int j = 0; j < QK_K / 16; ++j) b.scales[j] = static_cast<uint8_t>(ls[j] | (lm[j] << 4));
     } else {
-      b.dmin = f32_to_f16(0.f);
+      q2_k_levels_max(scales, mins, b);
     }
     for (int j = 0; j < QK_K / 16; ++j) {
       const float d = f16_to_f32(b.d) * (b.scales[j] & 0xF);
@@ -350,31 +279,38 @@ void quantize_row_q2_k(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q3_k(const float* x, void* y, int64_t n) {
-  for_each_superblock<block_q3_K>(x, y, n, [](const float* v, block_q3_K& b) {
+void quantize_row_q3_k(const float* x, void* y, int64_t n, const float* qw) {
+  for_each_superblock<block_q3_K>(x, y, n, qw, [](const float* v, const float* w, block_q3_K& b) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    for (int j = 0; j < QK_K / 16; ++j) scales[j] = make_q3_quants(16, 4, v + 16 * j, L + 16 * j);
-    float amax;
-    const float max_scale = signed_absmax(scales, QK_K / 16, &amax);
-    // 16 six-bit scales (stored + 32): low nibbles in bytes 0-7, high 2-bit pairs in bytes 8-11.
-    std::memset(b.scales, 0, 12);
-    if (max_scale != 0) {
-      const float iscale = -32.f / max_scale;
-      for (int j = 0; j < QK_K / 16; ++j) {
-        int8_t l = static_cast<int8_t>(nearest_int(iscale * scales[j]));
-        l = static_cast<int8_t>(std::max<int>(-32, std::min<int>(31, l)) + 32);
-        if (j < 8) {
-          b.scales[j] = l & 0xF;
-        } else {
-          b.scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
-        }
-        l = static_cast<int8_t>(l >> 4);
-        b.scales[j % 4 + 8] |= static_cast<uint8_t>(l << (2 * (j / 4)));
-      }
-      b.d = f32_to_f16(1 / iscale);
+    int levels[QK_K / 16];  // the stored scale levels, in [0, 63]
+    if (w) {
+      float weights[QK_K], sw[QK_K / 16];
+      imatrix_weights(v, w, 2 * sum_squares(v) / QK_K, QK_K, weights);
+      group_sums(weights, 16, QK_K / 16, sw);
+      for (int j = 0; j < QK_K / 16; ++j) scales[j] = make_qx_quants(16, 4, v + 16 * j, L + 16 * j, weights + 16 * j);
+      int8_t ls[QK_K / 16];
+      const float d_block = make_qx_quants(QK_K / 16, 32, scales, ls, sw);
+      for (int j = 0; j < QK_K / 16; ++j) levels[j] = ls[j];
+      pack_q3_k_scales(levels, b.scales);
+      b.d = f32_to_f16(d_block);
     } else {
-      b.d = f32_to_f16(0.f);
+      for (int j = 0; j < QK_K / 16; ++j) scales[j] = make_q3_quants(16, 4, v + 16 * j, L + 16 * j);
+      float amax;
+      const float max_scale = signed_absmax(scales, QK_K / 16, &amax);
+      if (max_scale != 0) {
+        const float iscale = -32.f / max_scale;
+        for (int j = 0; j < QK_K / 16; ++j) {
+          // ggml keeps the level in an int8 before clamping
+          const int8_t l = static_cast<int8_t>(nearest_int(iscale * scales[j]));
+          levels[j] = std::max<int>(-32, std::min<int>(31, l)) + 32;
+        }
+        pack_q3_k_scales(levels, b.scales);
+        b.d = f32_to_f16(1 / iscale);
+      } else {
+        std::memset(b.scales, 0, 12);
+        b.d = f32_to_f16(0.f);
+      }
     }
     for (int j = 0; j < QK_K / 16; ++j) {
       int8_t sc = static_cast<int8_t>(j < 8 ? b.scales[j] & 0xF : b.scales[j - 8] >> 4);
@@ -398,22 +334,22 @@ void quantize_row_q3_k(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q4_k(const float* x, void* y, int64_t n) {
+void quantize_row_q4_k(const float* x, void* y, int64_t n, const float* qw) {
   const bool avx2 = use_avx2();
-  for_each_superblock<block_q4_K>(x, y, n, [avx2](const float* v, block_q4_K& b) {
+  for_each_superblock<block_q4_K>(x, y, n, qw, [avx2](const float* v, const float* w, block_q4_K& b) {
     uint8_t L[QK_K];
-    quantize_scale_min_k4(avx2, v, b, L, 15, -1.f, 0.1f, 20);
+    quantize_scale_min_k4(avx2, v, w, b, L, 15, -1.f, 0.1f, 20, false);
     // 64 elements per 32 bytes: element l in the low nibble of byte l, element l + 32 in its high nibble.
     for (int j = 0; j < QK_K; j += 64)
       for (int l = 0; l < 32; ++l) b.qs[j / 2 + l] = static_cast<uint8_t>(L[j + l] | (L[j + l + 32] << 4));
   });
 }
 
-void quantize_row_q5_k(const float* x, void* y, int64_t n) {
+void quantize_row_q5_k(const float* x, void* y, int64_t n, const float* qw) {
   const bool avx2 = use_avx2();
-  for_each_superblock<block_q5_K>(x, y, n, [avx2](const float* v, block_q5_K& b) {
+  for_each_superblock<block_q5_K>(x, y, n, qw, [avx2](const float* v, const float* w, block_q5_K& b) {
     uint8_t L[QK_K];
-    quantize_scale_min_k4(avx2, v, b, L, 31, -0.5f, 0.1f, 15);
+    quantize_scale_min_k4(avx2, v, w, b, L, 31, -0.5f, 0.1f, 15, true);
     // As Q4_K for the low 4 bits; bit 4 of elements l and l + 32 of the k-th 64 in bits 2k and 2k + 1
     // of qh[l].
     std::memset(b.qh, 0, QK_K / 8);
@@ -434,12 +370,16 @@ void quantize_row_q5_k(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q6_k(const float* x, void* y, int64_t n) {
+void quantize_row_q6_k(const float* x, void* y, int64_t n, const float* qw) {
   const bool avx2 = use_avx2();
-  for_each_superblock<block_q6_K>(x, y, n, [avx2](const float* v, block_q6_K& b) {
+  for_each_superblock<block_q6_K>(x, y, n, qw, [avx2](const float* v, const float* w, block_q6_K& b) {
     int8_t L[QK_K];
     float scales[QK_K / 16];
-    for (int half = 0; half < 2; ++half) make_qx_quants_8(avx2, 16, 32, v + 128 * half, L + 128 * half, scales + 8 * half);
+    if (w) {  // ggml weighs Q6_K's search with the imatrix values themselves
+      for (int j = 0; j < QK_K / 16; ++j) scales[j] = make_qx_quants(16, 32, v + 16 * j, L + 16 * j, w + 16 * j);
+    } else {
+      for (int half = 0; half < 2; ++half) make_qx_quants_8(avx2, 16, 32, v + 128 * half, L + 128 * half, scales + 8 * half);
+    }
     float max_abs_scale;
     const float max_scale = signed_absmax(scales, QK_K / 16, &max_abs_scale);
     if (max_abs_scale < kGroupMaxEps) return;  // all zero, d = +0

@@ -1,6 +1,8 @@
 // Quantizers of the 32-element block types Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: ggml's quantize_row_*_ref,
 // operation for operation (same float expressions, same truncating conversions), so the bytes match
-// ggml's and gguf-py's. Each block is built in a local struct and copied out: rows in a caller's buffer
+// ggml's and gguf-py's. With an imatrix, ggml's quantize_row_*_impl instead: each block's scale (and
+// min) comes from a weighted search (make_qx_quants, or make_qkx2_quants as ggml's make_qkx3_quants),
+// weights qw[j] * sqrt(sigma2 + x[j]^2) with sigma2 the mean square of the whole row. Each block is built in a local struct and copied out: rows in a caller's buffer
 // need not be aligned.
 #include <algorithm>
 #include <cfloat>
@@ -58,9 +60,54 @@ void for_each_block(const float* x, void* y, int64_t n, int block, Fn&& fn) {
   }
 }
 
+// Q5_x: low nibbles in qs as Q4_x, bit 4 of element j in bit j of the 32-bit qh.
+template <class Block>
+void pack5(const uint8_t* q, Block& b) {
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    b.qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[16 + j] & 0x0F) << 4));
+    qh |= ((q[j] & 0x10u) >> 4) << j;
+    qh |= ((q[16 + j] & 0x10u) >> 4) << (j + 16);
+  }
+  for (int k = 0; k < 4; ++k) b.qh[k] = static_cast<uint8_t>(qh >> (8 * k));  // little-endian, as ggml
+}
+
+// The imatrix path of Q4_0/Q4_1/Q5_0/Q5_1: fn(block values, block weights, block) per block, the weights
+// ggml's qw[j] * sqrt(sigma2 + x[j]^2) with sigma2 the row's mean square.
+template <class Block, class Fn>
+void for_each_weighted_block(const float* x, void* y, int64_t n, const float* qw, Fn&& fn) {
+  float sum_x2 = 0;
+  for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
+  const float sigma2 = sum_x2 / n;
+  for_each_block<Block>(x, y, n, 32, [&, b = int64_t{0}](const float* v, Block& blk) mutable {
+    const float* w = qw + 32 * b++;
+    float weight[32];
+    for (int j = 0; j < 32; ++j) weight[j] = w[j] * std::sqrt(sigma2 + v[j] * v[j]);
+    fn(v, weight, blk);
+  });
+}
+
+// Q4_1/Q5_1 under an imatrix: the asymmetric search to [0, nmax] (ggml's make_qkx3_quants), d and m as f16.
+template <class Block>
+void fit_min_scale(const float* v, const float* weight, int nmax, Block& b, uint8_t* L) {
+  uint8_t Laux[32];
+  float min;
+  const float d = make_qkx2_quants(32, nmax, v, weight, L, &min, Laux, -0.9f, 0.05f, 36, false);
+  b.d = f32_to_f16(d);
+  b.m = f32_to_f16(-min);
+}
+
 }  // namespace
 
-void quantize_row_q4_0(const float* x, void* y, int64_t n) {
+void quantize_row_q4_0(const float* x, void* y, int64_t n, const float* qw) {
+  if (qw) {
+    for_each_weighted_block<block_q4_0>(x, y, n, qw, [](const float* v, const float* weight, block_q4_0& b) {
+      int8_t L[QK4_0];
+      b.d = f32_to_f16(make_qx_quants(QK4_0, 8, v, L, weight));
+      for (int j = 0; j < QK4_0 / 2; ++j) b.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+    });
+    return;
+  }
   for_each_block<block_q4_0>(x, y, n, QK4_0, [](const float* v, block_q4_0& b) {
     const float id = signed_step(v, 8, b);
     for (int j = 0; j < QK4_0 / 2; ++j) {
@@ -73,7 +120,15 @@ void quantize_row_q4_0(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q4_1(const float* x, void* y, int64_t n) {
+void quantize_row_q4_1(const float* x, void* y, int64_t n, const float* qw) {
+  if (qw) {
+    for_each_weighted_block<block_q4_1>(x, y, n, qw, [](const float* v, const float* weight, block_q4_1& b) {
+      uint8_t L[QK4_1];
+      fit_min_scale(v, weight, 15, b, L);
+      for (int j = 0; j < QK4_1 / 2; ++j) b.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+    });
+    return;
+  }
   for_each_block<block_q4_1>(x, y, n, QK4_1, [](const float* v, block_q4_1& b) {
     float min;
     const float id = min_and_step(v, 15, b, &min);
@@ -86,21 +141,16 @@ void quantize_row_q4_1(const float* x, void* y, int64_t n) {
   });
 }
 
-namespace {
-// Q5_x: low nibbles in qs as Q4_x, bit 4 of element j in bit j of the 32-bit qh.
-template <class Block>
-void pack5(const uint8_t* q, Block& b) {
-  uint32_t qh = 0;
-  for (int j = 0; j < 16; ++j) {
-    b.qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[16 + j] & 0x0F) << 4));
-    qh |= ((q[j] & 0x10u) >> 4) << j;
-    qh |= ((q[16 + j] & 0x10u) >> 4) << (j + 16);
-  }
-  for (int k = 0; k < 4; ++k) b.qh[k] = static_cast<uint8_t>(qh >> (8 * k));  // little-endian, as ggml
-}
-}  // namespace
 
-void quantize_row_q5_0(const float* x, void* y, int64_t n) {
+void quantize_row_q5_0(const float* x, void* y, int64_t n, const float* qw) {
+  if (qw) {
+    for_each_weighted_block<block_q5_0>(x, y, n, qw, [](const float* v, const float* weight, block_q5_0& b) {
+      int8_t L[QK5_0];
+      b.d = f32_to_f16(make_qx_quants(QK5_0, 16, v, L, weight));
+      pack5(reinterpret_cast<const uint8_t*>(L), b);
+    });
+    return;
+  }
   for_each_block<block_q5_0>(x, y, n, QK5_0, [](const float* v, block_q5_0& b) {
     const float id = signed_step(v, 16, b);
     uint8_t q[QK5_0];
@@ -109,7 +159,15 @@ void quantize_row_q5_0(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q5_1(const float* x, void* y, int64_t n) {
+void quantize_row_q5_1(const float* x, void* y, int64_t n, const float* qw) {
+  if (qw) {
+    for_each_weighted_block<block_q5_1>(x, y, n, qw, [](const float* v, const float* weight, block_q5_1& b) {
+      uint8_t L[QK5_1];
+      fit_min_scale(v, weight, 31, b, L);
+      pack5(L, b);
+    });
+    return;
+  }
   for_each_block<block_q5_1>(x, y, n, QK5_1, [](const float* v, block_q5_1& b) {
     float min;
     const float id = min_and_step(v, 31, b, &min);
@@ -119,7 +177,7 @@ void quantize_row_q5_1(const float* x, void* y, int64_t n) {
   });
 }
 
-void quantize_row_q8_0(const float* x, void* y, int64_t n) {
+void quantize_row_q8_0(const float* x, void* y, int64_t n, const float*) {  // ggml's Q8_0 ignores an imatrix
   for_each_block<block_q8_0>(x, y, n, QK8_0, [](const float* v, block_q8_0& b) {
     float amax = 0.0f;
     for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(v[j]));
@@ -142,6 +200,8 @@ QuantizeRowFn quantize_row_fn(DType type) {
     case DType::Q4_K: return quantize_row_q4_k;
     case DType::Q5_K: return quantize_row_q5_k;
     case DType::Q6_K: return quantize_row_q6_k;
+    case DType::IQ4_NL: return quantize_row_iq4_nl;
+    case DType::IQ4_XS: return quantize_row_iq4_xs;
     default: return nullptr;
   }
 }

@@ -1,7 +1,11 @@
-// Internal entry points of the quantizers: one function per type that quantizes `n` floats (a whole
-// number of blocks) into consecutive blocks, exactly as ggml's quantize_row_*_ref does.
+// Internal entry points of the quantizers: one function per type that quantizes one row of `n` floats
+// (a whole number of blocks) into consecutive blocks. Without importance weights (qw == nullptr) the
+// bytes are those of ggml's quantize_row_*_ref (IQ4_NL and IQ4_XS: of quantize_iq4_nl / quantize_iq4_xs,
+// which llama.cpp's quantize tool calls); with them (qw[i] weighs column i of the row, an imatrix entry)
+// those of ggml's quantize_<type>(src, dst, 1, n, qw). Q8_0 ignores the weights, as ggml does.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -9,16 +13,35 @@
 
 namespace flashlm::gguf::detail {
 
-void quantize_row_q4_0(const float* x, void* y, int64_t n);
-void quantize_row_q4_1(const float* x, void* y, int64_t n);
-void quantize_row_q5_0(const float* x, void* y, int64_t n);
-void quantize_row_q5_1(const float* x, void* y, int64_t n);
-void quantize_row_q8_0(const float* x, void* y, int64_t n);
-void quantize_row_q2_k(const float* x, void* y, int64_t n);
-void quantize_row_q3_k(const float* x, void* y, int64_t n);
-void quantize_row_q4_k(const float* x, void* y, int64_t n);
-void quantize_row_q5_k(const float* x, void* y, int64_t n);
-void quantize_row_q6_k(const float* x, void* y, int64_t n);
+void quantize_row_q4_0(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q4_1(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q5_0(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q5_1(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q8_0(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q2_k(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q3_k(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q4_k(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q5_k(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_q6_k(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_iq4_nl(const float* x, void* y, int64_t n, const float* qw);
+void quantize_row_iq4_xs(const float* x, void* y, int64_t n, const float* qw);
+
+// A group whose largest magnitude is below this is all zero (ggml's GROUP_MAX_EPS).
+constexpr float kGroupMaxEps = 1e-15f;
+
+inline int clamp(int v, int lo, int hi) { return std::max(lo, std::min(hi, v)); }
+
+// The scale searches (quantize_search.cpp), ggml's helpers of the same names, operation for operation.
+// make_qx_quants: symmetric levels in [-nmax, nmax - 1] (L gets l + nmax) with weights qw, or x^2 where
+// qw is null. make_q3_quants: Q3_K's x^2-weighted search with single-element moves. make_qkx2_quants:
+// asymmetric levels in [0, nmax] as scale * l - the_min (ggml's make_qkx3_quants is the same search).
+// make_qp_quants: non-negative levels in [0, nmax] for the sub-block scales of Q2_K/Q4_K/Q5_K under an
+// imatrix (L is uint8, so a negative level wraps as in ggml).
+float make_qx_quants(int n, int nmax, const float* x, int8_t* L, const float* qw);
+float make_q3_quants(int n, int nmax, const float* x, int8_t* L);
+float make_qkx2_quants(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* the_min, uint8_t* Laux,
+                       float rmin, float rdelta, int nstep, bool use_mad);
+float make_qp_quants(int n, int nmax, const float* x, uint8_t* L, const float* qw);
 
 // make_qkx2_quants (quantize_k.cpp) on 8 sub-blocks of n <= 32 values at once, bit-identical, in AVX2:
 // x8[8 * i + k] and w8[8 * i + k] are value and weight i of sub-block k; writes levels L8[8 * i + k],
@@ -30,7 +53,7 @@ void make_qkx2_quants_x8(int n, int nmax, const float* x8, const float* w8, int3
 // L8[8 * i + k] = level + nmax and scale8[k].
 void make_qx_quants_x8(int n, int nmax, const float* x8, int32_t* L8, float* scale8);
 
-using QuantizeRowFn = void (*)(const float*, void*, int64_t);
+using QuantizeRowFn = void (*)(const float*, void*, int64_t, const float*);
 
 // The row quantizer of a block type, or nullptr where there is none.
 QuantizeRowFn quantize_row_fn(DType type);

@@ -101,7 +101,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from flashlm.io.quantize_file import quantize_file
 
-    report = quantize_file(args.input, args.output, args.type, progress=not args.quiet)
+    report = quantize_file(args.input, args.output, args.type, progress=not args.quiet,
+                           imatrix=getattr(args, "imatrix", None))
     if not args.quiet:
         counts = Counter(out for _, _, out in report)
         size = os.path.getsize(args.output)
@@ -159,6 +160,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_imatrix(args: argparse.Namespace) -> int:
+    from flashlm.io import load_model
+    from flashlm.quant.imatrix import collect_imatrix, write_imatrix
+
+    if not os.path.isfile(args.calib_data):
+        raise ValueError(f"--calib-data: {args.calib_data!r} is not a file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):  # found out now rather than after the whole run
+        raise ValueError(f"--output: the folder {folder!r} does not exist")
+    with open(args.calib_data, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"--calib-data: {args.calib_data!r} holds no text")
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"model: {args.model!r} has no tokenizer to read the calibration text with")
+    bos = tok.bos_token_id
+    # as llama.cpp: the text starts with BOS where the model adds one, and so does every chunk
+    add_bos = bos is not None and tok.encode("a")[:1] == [bos] and tok.encode("a", add_special_tokens=False)[:1] != [bos]
+    ids = tok.encode(text, add_special_tokens=add_bos)
+    report = None if args.quiet else (lambda i, n: print(f"\rimatrix: chunk {i}/{n}", end="", file=sys.stderr))
+    m = collect_imatrix(loaded.model, ids, chunk_size=args.chunk_size, bos_token_id=bos if add_bos else None,
+                        dataset=args.calib_data, fused_qkv=loaded.config.arch == "gpt2", progress=report)
+    if not args.quiet:
+        print(file=sys.stderr)  # ends the progress line
+    write_imatrix(m, args.output, args.output_format)
+    if not args.quiet:
+        print(f"{_printable(args.output)}: {len(m.entries)} entries, {m.chunk_count} chunks of {m.chunk_size} tokens")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.input):
         raise ValueError(f"input: {args.input!r} is not an HF model directory (to requantize a GGUF file, use "
@@ -202,21 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-items", type=int, default=8, help="array items to show (default 8)")
     inspect.set_defaults(func=_cmd_gguf_inspect)
 
-    from flashlm.quant.mix import MIXES
+    from flashlm.quant.mix import MIXES, UNSUPPORTED_MIXES
 
-    def gguf_writer(name, help, input_help, default_type, func):
+    def gguf_writer(name, help, input_help, default_type, func, refused=()):
         p = sub.add_parser(name, help=help)
         p.add_argument("input", help=input_help)
         p.add_argument("output", help="the GGUF file to write")
+        # refused: llama.cpp's mixes flashlm does not write, let through to a message that says why
         p.add_argument("--type", required=default_type is None, default=default_type, type=str.upper,
-                       choices=list(MIXES), metavar="TYPE",
+                       choices=list(MIXES) + list(refused), metavar="TYPE",
                        help=f"the mix{f' (default {default_type})' if default_type else ''}: {', '.join(MIXES)}")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         p.set_defaults(func=func)
+        return p
 
-    gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, with "
-                "llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, qwen2, qwen3, gpt2)",
-                None, _cmd_quantize)
+    quantize = gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, "
+                           "with llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, "
+                           "qwen2, qwen3, gpt2)", None, _cmd_quantize, UNSUPPORTED_MIXES)
+    quantize.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's imatrix file, GGUF or "
+                          ".dat; `flashlm imatrix` writes one) to quantize with")
+    imatrix = sub.add_parser("imatrix", help="collect an importance matrix (llama.cpp's imatrix) for `quantize "
+                             "--imatrix` or llama-quantize, from a model run over calibration text")
+    imatrix.add_argument("model", help="a GGUF file, HF model directory or flashlm checkpoint")
+    imatrix.add_argument("--calib-data", required=True, metavar="FILE", help="the calibration text (UTF-8)")
+    imatrix.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="the imatrix file: GGUF (llama.cpp's default), or the legacy format for a .dat name")
+    imatrix.add_argument("--output-format", choices=("gguf", "dat"), default=None,
+                         help="the format whatever the name (default: by the name, as above)")
+    imatrix.add_argument("--chunk-size", type=int, default=512, metavar="N",
+                         help="tokens per chunk (llama.cpp's -c, default 512); at least 2 chunks of text are needed")
+    imatrix.add_argument("--quiet", action="store_true", help="no progress or summary")
+    imatrix.set_defaults(func=_cmd_imatrix)
     gguf_writer("convert", "convert an HF safetensors model directory to a GGUF file that llama.cpp loads "
                 "(tokenizer included)", "an HF model directory (llama, mistral, qwen2, qwen3, gpt2)", "F16", _cmd_convert)
 

@@ -26,7 +26,8 @@ from flashlm.io.gguf_layout import gguf_model_config
 from flashlm.io.hf_source import HFSource
 from flashlm.models import ModelConfig
 from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
-from flashlm.quant.mix import MIXES, MixPlanner, ModelInfo
+from flashlm.quant.imatrix import IMatrix, read_imatrix
+from flashlm.quant.mix import MIXES, UNSUPPORTED_MIXES, MixPlanner, ModelInfo
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}  # BF16 as its bits
@@ -107,38 +108,46 @@ def check_model(source) -> ModelConfig:
     return gguf_model_config(metadata, shapes, max_model_len=1)
 
 
-def plan(source, cfg: ModelConfig, mix: str) -> list[str]:
+def plan(source, cfg: ModelConfig, mix: str, has_imatrix: bool = False) -> list[str]:
     """The GGML type of every tensor of `source` (a cfg model) under `mix`, in file order."""
     names = [name for name, _, _ in source.tensors]
-    planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names)
+    planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names, has_imatrix)
     return [planner.type_for(name, shape, current) for name, shape, current in source.tensors]
 
 
-def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True) -> list[tuple[str, str, str]]:
-    """Write `src_path` (GGUF file or HF model directory) to `dst_path` quantized with `mix` ("Q4_K_M", ...).
+def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True,
+                  imatrix: str | None = None) -> list[tuple[str, str, str]]:
+    """Write `src_path` (GGUF file or HF model directory) to `dst_path` quantized with `mix` ("Q4_K_M", ...),
+    with the importance matrix file `imatrix` (GGUF or legacy .dat) where given.
 
     Returns [(tensor name, type in, type out)] in file order.
     """
     if os.path.abspath(src_path) == os.path.abspath(dst_path):
         raise ValueError("output: must not be the input file")
     _check_mix(mix)
+    m = None if imatrix is None else read_imatrix(imatrix)
     source = open_source(src_path)
     try:
-        return write_quantized(source, dst_path, mix, progress)
+        return write_quantized(source, dst_path, mix, progress, imatrix=m)
     finally:
         if hasattr(source, "close"):
             source.close()
 
 
 def _check_mix(mix: str) -> str:
+    if isinstance(mix, str) and mix.upper() in UNSUPPORTED_MIXES:
+        raise NotImplementedError(f"type: {mix.upper()} is not supported (its types, which llama.cpp writes only "
+                                  f"with an importance matrix or not at all, have no flashlm quantizer); "
+                                  f"supported: {', '.join(MIXES)}")
     if not isinstance(mix, str) or mix.upper() not in MIXES:
         raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
     return mix.upper()
 
 
-def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> list[tuple[str, str, str]]:
+def write_quantized(source, dst_path: str, mix: str, progress: bool = True,
+                    imatrix: IMatrix | None = None) -> list[tuple[str, str, str]]:
     """Write the tensors and metadata of `source` to the GGUF file `dst_path`, each tensor in the type `mix`
-    gives it.
+    gives it, quantized with its entry of `imatrix` where it has one.
 
     source: an object with `arch` (GGUF architecture), `metadata` [(key, value, GGUFValueType, item type)],
         `tensors` [(GGUF name, shape in torch order, stored type name)] in file order and `load(index)` ->
@@ -146,7 +155,9 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
         flashlm.train.export's model source are such. The model is checked first (check_model).
     """
     mix = _check_mix(mix)
-    targets = plan(source, check_model(source), mix)
+    if imatrix is not None:
+        check_imatrix(imatrix, source)
+    targets = plan(source, check_model(source), mix, has_imatrix=imatrix is not None)
     for (name, _, current), target in zip(source.tensors, targets):
         if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:
             raise ValueError(f"{name}: stored as {current}, which flashlm cannot decode to quantize to {target}")
@@ -158,7 +169,7 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
 
     writer = GGUFWriter(dst_path, source.arch)
     try:
-        return _write(writer, source, mix, targets, progress)
+        return _write(writer, source, mix, targets, progress, imatrix)
     except BaseException:
         if writer.fout is not None:  # a half-written file is no GGUF file: leave none behind
             writer.close()
@@ -166,13 +177,42 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True) -> l
         raise
 
 
-def _write(writer, source, mix: str, targets: list, progress: bool) -> list[tuple[str, str, str]]:
+def check_imatrix(imatrix: IMatrix, source) -> None:
+    """Every entry of `imatrix` must name a 2-D or 3-D weight of `source` and hold one value per column of
+    each of its matrices: anything else is an imatrix for another model."""
+    shapes = {name: tuple(shape) for name, shape, _ in source.tensors}
+    for name in imatrix.entries:
+        if name not in shapes:
+            raise ValueError(f"imatrix: entry {name!r} is not a tensor of this model (an imatrix for another model?)")
+        shape = shapes[name]
+        want = shape[-1] * (shape[0] if len(shape) == 3 else 1)
+        got = len(imatrix.importance(name))
+        if len(shape) < 2 or got != want:
+            raise ValueError(f"imatrix: entry {name!r} has {got} values, the tensor {list(shape)} needs {want} "
+                             f"(an imatrix for another model?)")
+
+
+def _imatrix_metadata(writer, imatrix: IMatrix) -> None:
+    """The keys llama.cpp's quantize tool writes about the imatrix it used."""
+    writer.add_string("quantize.imatrix.file", imatrix.path[:127])
+    if imatrix.datasets:
+        writer.add_string("quantize.imatrix.dataset", imatrix.datasets[0][:127])
+    writer.add_uint32("quantize.imatrix.entries_count", len(imatrix.entries))
+    if imatrix.chunk_count > 0:
+        writer.add_uint32("quantize.imatrix.chunks_count", imatrix.chunk_count)
+
+
+def _write(writer, source, mix: str, targets: list, progress: bool, imatrix: IMatrix | None) -> list[tuple[str, str, str]]:
     if getattr(source, "alignment", None):
         writer.add_custom_alignment(source.alignment)
     for key, value, vtype, sub in source.metadata:
+        if imatrix is not None and key.startswith("quantize.imatrix."):
+            continue  # replaced by this imatrix's
         writer.add_key_value(key, value, vtype, sub_type=sub)
     writer.add_file_type(int(MIXES[mix][1]))
     writer.add_quantization_version(GGML_QUANT_VERSION)
+    if imatrix is not None:
+        _imatrix_metadata(writer, imatrix)
     for (name, shape, _), target in zip(source.tensors, targets):
         qtype = GGMLQuantizationType[target]
         block, block_bytes = GGML_QUANT_SIZES[qtype]
@@ -191,7 +231,10 @@ def _write(writer, source, mix: str, targets: list, progress: bool) -> list[tupl
         if target == current:  # kept as stored
             out = np.ascontiguousarray(data).view(np.uint8)
         else:
-            out = quantize_gguf(_as_rows(data, current, shape), target)
+            weights = imatrix.importance(name) if imatrix is not None and name in imatrix.entries else None
+            if weights is not None and len(shape) == 3:
+                raise NotImplementedError(f"{name}: quantizing 3-D (expert) weights with an imatrix is not supported")
+            out = quantize_gguf(_as_rows(data, current, shape), target, imatrix=weights)
         block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[target]]
         out = out.reshape(_byte_shape(shape, block, block_bytes))
         writer.write_tensor_data(out)

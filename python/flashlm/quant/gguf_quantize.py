@@ -1,13 +1,15 @@
-"""GGUF quantization of float weights, byte-identical to ggml's reference quantizers.
+"""GGUF quantization of float weights, byte-identical to ggml's quantizers.
 
 `quantize_gguf(data, "Q4_K")` returns the rows of `data` as GGML blocks, the bytes llama.cpp's quantize
 tool writes for the same weights without an importance matrix (and gguf-py's `gguf.quants.quantize` for
-the types it implements).
+the types it implements); `quantize_gguf(data, "Q4_K", imatrix=values)` the bytes it writes given that
+imatrix entry (one value per column: the mean squared activation of that input channel).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from flashlm import ops
 
@@ -16,6 +18,7 @@ GGUF_QUANT_TYPES = {
     "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
     "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
     "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
 }
 
 
@@ -36,13 +39,29 @@ def _as_array(data):
     raise TypeError(f"data: expected a numpy array or a torch tensor, got {type(data).__name__}")
 
 
-def quantize_gguf(data, ggml_type: str) -> np.ndarray:
+def _as_importance(imatrix, n: int) -> np.ndarray:
+    """The imatrix values as a contiguous float32 array of n finite, non-negative values."""
+    if isinstance(imatrix, torch.Tensor):
+        imatrix = imatrix.detach().to("cpu").numpy()
+    if not isinstance(imatrix, np.ndarray):
+        raise TypeError(f"imatrix: expected a numpy array or a torch tensor, got {type(imatrix).__name__}")
+    if imatrix.ndim != 1 or imatrix.shape[0] != n:
+        raise ValueError(f"imatrix: expected {n} values (one per column), got shape {tuple(imatrix.shape)}")
+    values = np.ascontiguousarray(imatrix, dtype=np.float32)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("imatrix: values must be finite and non-negative (mean squared activations)")
+    return values
+
+
+def quantize_gguf(data, ggml_type: str, imatrix=None) -> np.ndarray:
     """Quantize a 2-D float array [rows, n] to GGML blocks: a uint8 array [rows, bytes_per_row].
 
     data: numpy float32/float16 or torch float32/float16/bfloat16 (CPU or CUDA; copied to the CPU), 2-D,
-        its last dimension a multiple of the type's block size (32, or 256 for the K-quants).
-    ggml_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
-        "BF16" or "F32".
+        its last dimension a multiple of the type's block size (32, or 256 for the K-quants and IQ4_XS).
+    ggml_type: "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+        "IQ4_XS", "F16", "BF16" or "F32".
+    imatrix: optional importance values, n of them (an entry of flashlm.quant.imatrix), as llama.cpp's
+        quantize tool uses them; the float types and Q8_0 ignore them, as ggml does.
     """
     if not isinstance(ggml_type, str) or ggml_type.upper() not in GGUF_QUANT_TYPES:
         raise ValueError(f"ggml_type: expected one of {', '.join(GGUF_QUANT_TYPES)}, got {ggml_type!r}")
@@ -54,5 +73,6 @@ def quantize_gguf(data, ggml_type: str) -> np.ndarray:
     block, block_bytes = GGUF_QUANT_TYPES[ggml_type]
     if n % block:
         raise ValueError(f"data: the row length {n} is not a multiple of {ggml_type}'s block size {block}")
+    importance = None if imatrix is None else _as_importance(imatrix, n)
     out = np.empty((rows, n // block * block_bytes), dtype=np.uint8)
-    return ops.gguf_quantize(arr, ggml_type, out)
+    return ops.gguf_quantize(arr, ggml_type, out, importance)

@@ -27,13 +27,18 @@ MIXES = {
     "Q4_K_S": ("Q4_K", LlamaFileType.MOSTLY_Q4_K_S), "Q4_K_M": ("Q4_K", LlamaFileType.MOSTLY_Q4_K_M),
     "Q5_K_S": ("Q5_K", LlamaFileType.MOSTLY_Q5_K_S), "Q5_K_M": ("Q5_K", LlamaFileType.MOSTLY_Q5_K_M),
     "Q6_K": ("Q6_K", LlamaFileType.MOSTLY_Q6_K),
+    "IQ4_NL": ("IQ4_NL", LlamaFileType.MOSTLY_IQ4_NL), "IQ4_XS": ("IQ4_XS", LlamaFileType.MOSTLY_IQ4_XS),
 }
 
+# llama.cpp's mixes that flashlm does not write: their types (IQ1, IQ2, IQ3, ternary) have no flashlm quantizer.
+UNSUPPORTED_MIXES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M",
+                     "Q2_K_S", "Q3_K_L", "TQ1_0", "TQ2_0", "MXFP4_MOE")
+
 BLOCK_SIZE = {"F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
-              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_NL": 32, "IQ4_XS": 256}
 
 # A type whose block does not divide a row falls back to one with 32-element blocks.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
 
 # Substrings of weights llama.cpp never quantizes (small, or read at full precision).
 _KEEP = ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d", "attn_rel_b.weight", "altup", "laurel",
@@ -85,12 +90,13 @@ class ModelInfo:
 
 
 class MixPlanner:
-    """Types for the tensors of one model, asked in file order (the attn_v and ffn_down counters depend on it)."""
+    """Types for the tensors of one model, asked in file order (the attn_v and ffn_down counters depend on it).
+    has_imatrix: whether the quantization has an importance matrix (llama.cpp's rules for ffn_down differ)."""
 
-    def __init__(self, mix: str, info: ModelInfo, names: list[str]):
+    def __init__(self, mix: str, info: ModelInfo, names: list[str], has_imatrix: bool = False):
         if mix not in MIXES:
             raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
-        self.mix, self.info = mix, info
+        self.mix, self.info, self.has_imatrix = mix, info, has_imatrix
         self.default = MIXES[mix][0]
         self.n_attn_v = sum(category(n) in ("attn_v", "attn_qkv", "attn_kv_b") for n in names)
         self.tied_embeddings = "output.weight" not in names
@@ -119,6 +125,8 @@ class MixPlanner:
                 new = "Q4_K" if info.n_gqa >= 4 else "Q3_K"
             elif mix == "Q3_K_M":
                 new = "Q5_K" if i < 2 else "Q4_K"
+            elif mix in ("IQ4_NL", "IQ4_XS") and info.n_gqa >= 4:
+                new = "Q5_K"
             elif mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, self.n_attn_v):
                 new = "Q6_K"
             elif mix == "Q4_K_S" and i < 4:
@@ -138,10 +146,15 @@ class MixPlanner:
                     new = "Q6_K" if i < n // 16 else "Q5_K" if use_more_bits(i, n) else "Q4_K"
                 elif use_more_bits(i, n):
                     new = "Q6_K"
+            elif mix in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not self.has_imatrix:
+                new = "Q5_K"
             elif mix == "Q5_K_M" and use_more_bits(i, n):
                 new = "Q6_K"
             elif mix == "Q4_K_S" and info.arch != "falcon" and i < n // 8:
                 new = "Q5_K"
+            elif mix in ("Q4_0", "Q5_0") and self.has_imatrix and i < n // 8:
+                # llama.cpp guards the first ffn_down layers of Q4_0/Q5_0 when it has an imatrix
+                new = "Q4_1" if mix == "Q4_0" else "Q5_1"
             return new
         if cat == "attn_output":
             if info.arch != "falcon":
