@@ -100,5 +100,11 @@ def test_bad_arguments():
         model(torch.zeros(1, 8, dtype=torch.int64), None, layout)
     with pytest.raises(ValueError, match="idx: .*int64"):
         model(idx.int(), None, layout)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match="targets: must be int64"):
         model(idx, idx[:, :4], layout)
+    with pytest.raises(ValueError, match=r"idx: token ids must be in \[0, 32\)"):
+        model(idx - 1, None, layout)
+    with pytest.raises(ValueError, match="targets: must be in"):
+        model(idx, idx + 32, layout)
+    with pytest.raises(ValueError, match="targets: must be int64"):
+        model(idx, idx.float(), layout)

@@ -66,7 +66,7 @@ class ContextParallelTransformer(nn.Module):
         if model.pos_emb is not None:
             x = x + model.pos_emb(positions)
         for block, rope in zip(model.blocks, model._ropes(positions, x.dtype)):
-            if model.checkpointing and self.training and torch.is_grad_enabled():
+            if model.checkpointing and model.training and torch.is_grad_enabled():
                 # recomputed in backward: its ring attention runs again, on every rank in the same order
                 x = checkpoint(self._block, block, x, rope, layout, use_reentrant=False)
             else:
@@ -113,9 +113,18 @@ class ContextParallelTransformer(nn.Module):
             got = f"{idx.dtype} {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
             raise ValueError(f"idx: rank {rank} holds {want} of the {layout.seq_len} tokens: expected int64 "
                              f"[batch, {want}], got {got}")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape):
-            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
-            raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {got}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
+                                    or targets.dtype != torch.int64):
+            got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, torch.Tensor) \
+                else type(targets).__name__
+            raise ValueError(f"targets: must be int64 with idx's shape {tuple(idx.shape)}, got {got}")
+        # Token ids checked here rather than failing inside one rank's forward while the others wait on the ring.
+        vocab = self.model.cfg.vocab_size
+        if idx.numel() and not bool(((idx >= 0) & (idx < vocab)).all()):
+            raise ValueError(f"idx: token ids must be in [0, {vocab})")
+        if targets is not None and targets.numel() and \
+                not bool((((targets >= 0) & (targets < vocab)) | (targets == IGNORE_INDEX)).all()):
+            raise ValueError(f"targets: must be in [0, {vocab}) or {IGNORE_INDEX} (ignored)")
         return rank
 
     def _block(self, block: Block, x, rope, layout: SequenceLayout):
