@@ -5,13 +5,15 @@
                   across ranks, vocabulary-parallel embedding and cross-entropy), shard and gather
     pipeline.py   pipeline stages and their schedules (GPipe, 1F1B) over Ring.sendrecv
     context.py    context parallelism: ring attention over a sequence split across ranks
+    context_model.py  context-parallel training of the Transformer: each rank its part of the sequence
 """
 
+from flashlm.parallel.context_model import ContextParallelTransformer, check_context_parallel
 from flashlm.parallel.mesh import Group, Mesh, check_sizes
 from flashlm.parallel.tensor import (TensorParallelTransformer, check_tensor_parallel, gather_state_dict,
                                      shard_model, vocab_parallel_cross_entropy)
 
 __all__ = [
-    "Group", "Mesh", "TensorParallelTransformer", "check_sizes", "check_tensor_parallel", "gather_state_dict",
-    "shard_model", "vocab_parallel_cross_entropy",
+    "ContextParallelTransformer", "Group", "Mesh", "TensorParallelTransformer", "check_context_parallel",
+    "check_sizes", "check_tensor_parallel", "gather_state_dict", "shard_model", "vocab_parallel_cross_entropy",
 ]
