@@ -52,12 +52,11 @@ def _scale_groups(block: nn.Module) -> list[tuple[nn.Module, list[str]]]:
 class _InputStats:
     """mean|x| per input channel over every row, and every stride-th row of each call (the search sample)."""
 
-    def __init__(self, in_features: int, stride: int):
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
-        self.rows, self.stride, self.sample = 0, stride, []
+    def __init__(self, stride: int):
+        self.abs_sum, self.rows, self.stride, self.sample = 0.0, 0, stride, []
 
     def add(self, x: torch.Tensor) -> None:
-        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
+        self.abs_sum = self.abs_sum + x.abs().sum(dim=0, dtype=torch.float64)
         self.rows += x.shape[0]
         self.sample.append(x[::self.stride].clone())
 
@@ -111,7 +110,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, symmetric: bo
     x_g (w_g - q_g)^T summed over the calibration rows x [T, K]."""
     n, k = w.shape
     xg = x.reshape(x.shape[0], k // group_size, group_size).permute(1, 2, 0)  # [G, group, T]
-    best_ratio = torch.ones(n, k // group_size, 1)
+    best_ratio = torch.ones(n, k // group_size, 1, device=w.device)
     for r0 in range(0, n, rows_per_chunk):
         g = w[r0:r0 + rows_per_chunk].float().reshape(-1, k // group_size, group_size)  # [n', G, group]
         best_err = None
@@ -155,7 +154,7 @@ def awq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symme
     alphas = {}
     for i, block in enumerate(model.blocks):
         linears = dict(block_linears(block))
-        stats = {name: _InputStats(m.in_features, stride) for name, m in linears.items()}
+        stats = {name: _InputStats(stride) for name in linears}
         with linear_input_hooks(block, lambda name, x: stats[name].add(x)):
             ys = run_block(block, xs, ropes[i])
         samples = {name: torch.cat(st.sample) for name, st in stats.items()}

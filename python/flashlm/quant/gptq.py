@@ -39,11 +39,12 @@ class HessianAccumulator:
     """H = 2 X^T X / T over every row of X given so far (a running mean, as GPTQ keeps it)."""
 
     def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float32)
-        self.rows = 0
+        self.in_features, self.h, self.rows = in_features, None, 0
 
     def add(self, x: torch.Tensor) -> None:
-        """x [tokens, in_features]."""
+        """x [tokens, in_features], on the device H is to live on."""
+        if self.h is None:
+            self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         t = x.shape[0]
         self.h *= self.rows / (self.rows + t)
         self.rows += t
@@ -85,15 +86,15 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, group_size: int
     _check_options(group_size, k, damp, block_size)
     dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
     W = w.detach().to(dtype).clone()
-    H = hessian.detach().to(dtype).clone()
+    H = hessian.detach().to(W.device, dtype).clone()
     if not bool(torch.isfinite(H).all()) or not bool(torch.isfinite(W).all()):
         raise ValueError(f"{where}: weights or calibration inputs hold inf or NaN")
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     groups = k // group_size
-    scales = torch.zeros(n, groups, dtype=dtype)
-    zeros = torch.zeros(n, groups, dtype=dtype)
+    scales = torch.zeros(n, groups, dtype=dtype, device=W.device)
+    zeros = torch.zeros(n, groups, dtype=dtype, device=W.device)
     perm = None
     if act_order:
         s, z = int4_group_params(W.reshape(n, groups, group_size), symmetric, 1.0)
@@ -103,11 +104,11 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, group_size: int
         group_of = (perm // group_size).tolist()
     H.diagonal().add_(damp * H.diagonal().mean())
     U = _inverse_cholesky(H, where)
-    codes = torch.zeros(n, k, dtype=dtype)
+    codes = torch.zeros(n, k, dtype=dtype, device=W.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
-        errs = torch.zeros(n, i2 - i1, dtype=dtype)
+        errs = torch.zeros(n, i2 - i1, dtype=dtype, device=W.device)
         for i in range(i2 - i1):
             col = i1 + i
             if act_order:
@@ -154,8 +155,10 @@ def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symm
         with linear_input_hooks(block, lambda name, x: hessians[name].add(x)):
             run_block(block, xs, ropes[i])
         for name, linear in linears:
-            q = gptq_linear(linear, hessians.pop(name).h, group_size, symmetric, damp, act_order,
-                            where=f"blocks.{i}.{name}")
+            h = hessians.pop(name).h
+            if h is None:  # a layer the block's forward never calls
+                raise ValueError(f"calib_tokens: blocks.{i}.{name} received no calibration input")
+            q = gptq_linear(linear, h, group_size, symmetric, damp, act_order, where=f"blocks.{i}.{name}")
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, q)
         xs = run_block(block, xs, ropes[i])  # the quantized block feeds the next
