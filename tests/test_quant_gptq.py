@@ -16,7 +16,7 @@ from compare import assert_close, assert_equal
 from flashlm.models import ModelConfig, Transformer
 from flashlm.quant import Int4Linear, dequantize_int4, quantize_int4
 from flashlm.quant.awq import awq_quantize, search_scales
-from flashlm.quant.calib_inputs import ROWS_PER_CALL, first_block_inputs
+from flashlm.quant.calib_inputs import ROWS_PER_CALL, first_block_inputs, linear_input_hooks
 from flashlm.quant.gptq import HessianAccumulator, gptq_linear, gptq_quantize, gptq_quantize_weight
 from flashlm.quant.rtn import pack_int4
 
@@ -152,6 +152,21 @@ def quantized_with_rtn(model, group_size):
 def logits_error(model, reference, idx) -> float:
     with torch.no_grad():
         return (model(idx)[0].double() - reference(idx)[0].double()).square().sum().item()
+
+
+def test_linear_inputs_collected_once_per_tensor():
+    """q, k and v read one tensor, as gate and up do: it is collected once, under q's (gate's) name, and
+    the collected rows are the linear's inputs."""
+    model = small_model("llama")
+    xs, ropes = first_block_inputs(model, tokens(2, seed=1))
+    block, seen = model.blocks[0], []
+    with torch.no_grad(), linear_input_hooks(block, lambda name, x: seen.append((name, x))) as shared:
+        block(xs, ropes[0])
+    assert [name for name, _ in seen] == ["attn.q", "attn.o", "mlp.gate", "mlp.down"]
+    assert shared == {"attn.q": "attn.q", "attn.k": "attn.q", "attn.v": "attn.q", "attn.o": "attn.o",
+                      "mlp.gate": "mlp.gate", "mlp.up": "mlp.gate", "mlp.down": "mlp.down"}
+    with torch.no_grad():
+        assert_equal(seen[0][1], block.attn_norm(xs).reshape(-1, 128), name="attn.q input")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -155,21 +155,25 @@ def awq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symme
     for i, block in enumerate(model.blocks):
         linears = dict(block_linears(block))
         stats = {name: _InputStats(stride) for name in linears}
-        with linear_input_hooks(block, lambda name, x: stats[name].add(x)):
+        with linear_input_hooks(block, lambda name, x: stats[name].add(x)) as shared:
             ys = run_block(block, xs, ropes[i])
-        samples = {name: torch.cat(st.sample) for name, st in stats.items()}
+        samples = {name: torch.cat(st.sample) for name, st in stats.items() if st.rows}
         for prev, names in _scale_groups(block):
-            s, alpha = search_scales(samples[names[0]], stats[names[0]].mean_abs(),
-                                     [linears[n].weight for n in names], group_size, symmetric, n_grid)
+            key = shared[names[0]]
+            if any(shared[n] != key for n in names):
+                raise ValueError(f"model: blocks.{i}: {', '.join(names)} do not share their input; AWQ cannot "
+                                 "scale them together")
+            s, alpha = search_scales(samples[key], stats[key].mean_abs(), [linears[n].weight for n in names],
+                                     group_size, symmetric, n_grid)
             fold_scales(prev, [linears[n] for n in names], s)
-            for name in names:
-                samples[name] = samples[name] / s  # the linears' inputs from now on
+            samples[key] = samples[key] / s  # the linears' inputs from now on
             alphas[f"blocks.{i}.{names[0]}"] = alpha
         if not fold_only:
             for name, linear in linears.items():
                 ratio = None
                 if clip and name not in NO_CLIP:
-                    ratio = search_clip(linear.weight, _evenly(samples[name], CLIP_ROWS), group_size, symmetric)
+                    ratio = search_clip(linear.weight, _evenly(samples[shared[name]], CLIP_ROWS), group_size,
+                                        symmetric)
                 parent, _, leaf = name.rpartition(".")
                 setattr(block.get_submodule(parent), leaf,
                         int4_linear_with_ratios(linear, ratio, group_size, symmetric))

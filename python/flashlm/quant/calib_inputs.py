@@ -4,7 +4,7 @@ hooks that hand each linear's input (as [tokens, in_features] rows) to a collect
 
     tokens = check_calib_tokens(calib_tokens, model)        # int64 [rows, seq]
     xs, ropes = first_block_inputs(model, tokens)            # [rows, seq, d], one rope per block
-    with linear_input_hooks(block, collect):                 # collect(name, x2d) per linear call
+    with linear_input_hooks(block, collect) as shared:       # collect(name, x2d) per distinct input
         ys = run_block(block, xs, ropes[i])
 """
 
@@ -102,14 +102,25 @@ def check_block_linears(model, group_size: int) -> None:
 
 @contextmanager
 def linear_input_hooks(block: nn.Module, collect: Callable[[str, torch.Tensor], None]):
-    """While open, every call of one of block's nn.Linear modules hands (its dotted name, its input as float32
-    [tokens, in_features]) to collect."""
+    """While open, block's nn.Linear calls hand (a dotted name, the input as float32 [tokens, in_features]) to
+    collect, once per input: linears called one after another on the same tensor (q, k and v; gate and up)
+    share it, and collect sees it under the first one's name. Yields {linear name: the name its input is
+    collected under}, filled as the linears run."""
+    shared, last = {}, [None, None]  # last: the input tensor seen last and the name it was collected under
+
     def hook(name):
-        return lambda module, args: collect(name, args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        def pre(module, args):
+            x = args[0]
+            if x is not last[0]:
+                last[0], last[1] = x, name
+                collect(name, x.detach().reshape(-1, x.shape[-1]).float())
+            shared[name] = last[1]
+        return pre
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in block_linears(block)]
     try:
-        yield
+        yield shared
     finally:
+        last[0] = None
         for h in handles:
             h.remove()

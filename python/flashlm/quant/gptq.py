@@ -152,12 +152,12 @@ def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symm
     for i, block in enumerate(model.blocks):
         linears = block_linears(block)
         hessians = {name: HessianAccumulator(m.in_features) for name, m in linears}
-        with linear_input_hooks(block, lambda name, x: hessians[name].add(x)):
+        with linear_input_hooks(block, lambda name, x: hessians[name].add(x)) as shared:
             run_block(block, xs, ropes[i])
         for name, linear in linears:
-            h = hessians.pop(name).h
-            if h is None:  # a layer the block's forward never calls
+            if name not in shared:  # a layer the block's forward never calls
                 raise ValueError(f"calib_tokens: blocks.{i}.{name} received no calibration input")
+            h = hessians[shared[name]].h
             q = gptq_linear(linear, h, group_size, symmetric, damp, act_order, where=f"blocks.{i}.{name}")
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, q)
