@@ -99,6 +99,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    if getattr(args, "method", None) is not None:
+        if getattr(args, "imatrix", None) is not None:
+            raise ValueError("quantize: --imatrix goes with --type (a GGUF mix), not with --method")
+        return _cmd_quantize_calibrated(args)
+    if args.type is None:
+        raise ValueError("quantize: give --type TYPE (a GGUF mix) or --method gptq|awq --calib-data FILE (int4)")
+
     from flashlm.io.quantize_file import quantize_file
 
     report = quantize_file(args.input, args.output, args.type, progress=not args.quiet,
@@ -108,6 +115,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         size = os.path.getsize(args.output)
         print(f"{_printable(args.output)}: {len(report)} tensors ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), "
               f"{size / 2**20:.1f} MiB")
+    return 0
+
+
+def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
+    from flashlm.io.quantize_calibrated import quantize_calibrated
+
+    if args.type is not None:
+        raise ValueError("--type: not with --method (which writes int4 Int4Linear layers, not a GGUF mix)")
+    if args.calib_data is None:
+        raise ValueError("--calib-data: --method needs calibration text")
+    r = quantize_calibrated(args.input, args.output, args.method, args.calib_data, args.group_size,
+                            symmetric=not args.asym, act_order=args.act_order, rows=args.calib_rows,
+                            seq=args.calib_seq, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{_printable(args.output)}: int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'} by "
+              f"{args.method} on {r['rows']} rows of {r['seq']} tokens in {r['seconds']:.1f} s, "
+              f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
     return 0
 
 
@@ -217,6 +241,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibrated_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("gptq", "awq"), help="int4 with calibration instead of a GGUF mix: GPTQ "
+                   "or AWQ; writes a flashlm checkpoint of Int4Linear layers that --model and load_model read")
+    p.add_argument("--calib-data", metavar="FILE", help="with --method: UTF-8 calibration text")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="with --method: int4 group "
+                   "(default 128)")
+    p.add_argument("--asym", action="store_true", help="with --method: zero points (min-max groups) instead of "
+                   "symmetric groups")
+    p.add_argument("--act-order", action="store_true", help="with --method gptq: round columns by decreasing "
+                   "activation energy")
+    p.add_argument("--calib-rows", type=int, default=128, help="with --method: rows of calibration text (default 128)")
+    p.add_argument("--calib-seq", type=int, default=512, help="with --method: tokens per row, at most the model's "
+                   "context (default 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlm", description="flashlm: LLM kernels, runtime and trainer")
     parser.add_argument("--debug", action="store_true",
@@ -242,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input", help=input_help)
         p.add_argument("output", help="the GGUF file to write")
         # refused: llama.cpp's mixes flashlm does not write, let through to a message that says why
-        p.add_argument("--type", required=default_type is None, default=default_type, type=str.upper,
+        p.add_argument("--type", default=default_type, type=str.upper,
                        choices=list(MIXES) + list(refused), metavar="TYPE",
                        help=f"the mix{f' (default {default_type})' if default_type else ''}: {', '.join(MIXES)}")
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -250,10 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     quantize = gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, "
-                           "with llama.cpp's type mixes", "a GGUF file, or an HF model directory (llama, mistral, "
-                           "qwen2, qwen3, gpt2)", None, _cmd_quantize, UNSUPPORTED_MIXES)
+                           "with llama.cpp's type mixes; or a float model to int4 with calibration (--method)",
+                           "a GGUF file, or an HF model directory (llama, mistral, qwen2, qwen3, gpt2); with --method: "
+                           "an HF model directory or a flashlm checkpoint", None, _cmd_quantize, UNSUPPORTED_MIXES)
     quantize.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's imatrix file, GGUF or "
                           ".dat; `flashlm imatrix` writes one) to quantize with")
+    add_calibrated_quantize_arguments(quantize)
     imatrix = sub.add_parser("imatrix", help="collect an importance matrix (llama.cpp's imatrix) for `quantize "
                              "--imatrix` or llama-quantize, from a model run over calibration text")
     imatrix.add_argument("model", help="a GGUF file, HF model directory or flashlm checkpoint")

@@ -69,6 +69,20 @@ class Int4Linear(nn.Module):
         out.bias = _bias(linear)
         return out
 
+    @classmethod
+    def from_quantized(cls, linear: nn.Linear, packed: torch.Tensor, scales: torch.Tensor,
+                       zeros: Optional[torch.Tensor], group_size: int) -> "Int4Linear":
+        """linear's bias with weights already quantized (quantize_int4's outputs, or GPTQ's and AWQ's)."""
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, zeros is None,
+                  device=linear.weight.device)
+        for name, t in (("weight", packed), ("scales", scales), ("zeros", zeros)):
+            want = getattr(out, name)
+            if want is not None and (t.shape != want.shape or t.dtype != want.dtype):
+                raise ValueError(f"{name}: expected {want.dtype} {tuple(want.shape)}, got {t.dtype} {tuple(t.shape)}")
+        out.weight, out.scales, out.zeros = packed, scales, zeros
+        out.bias = _bias(linear)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.weight, self.scales, self.zeros, self.group_size, self.bias)
 

@@ -30,6 +30,14 @@ def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scales
 
 
+def check_group_size(group_size, k: int) -> None:
+    """An int4 group size flashlm's kernels take, dividing K (the input features)."""
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: must be one of {GROUP_SIZES}, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size: {group_size} does not divide K = {k}")
+
+
 def pack_int4(u: torch.Tensor, group_size: int) -> torch.Tensor:
     """u uint8 [N, K] with values 0..15 -> packed uint8 [N, K/2] (the layout above)."""
     n, k = u.shape
@@ -54,9 +62,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[
     return w.reshape(n, k)
 
 
-def _int4_groups(g: torch.Tensor, symmetric: bool, ratio: torch.Tensor):
-    """Quantizes groups g [..., G] with each group's range scaled by ratio [..., 1]: returns (u, s, z) with
-    u float [..., G] in 0..15, s and z float [..., 1]."""
+def int4_group_params(g: torch.Tensor, symmetric: bool, ratio) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (s, z), each float [..., 1], of groups g [..., G] with each group's range scaled by
+    ratio (a number, or a tensor [..., 1])."""
     if symmetric:
         idx = g.abs().argmax(dim=-1, keepdim=True)
         s = torch.gather(g, -1, idx) * ratio / -8.0
@@ -65,9 +73,20 @@ def _int4_groups(g: torch.Tensor, symmetric: bool, ratio: torch.Tensor):
         lo, hi = g.amin(dim=-1, keepdim=True) * ratio, g.amax(dim=-1, keepdim=True) * ratio
         s = (hi - lo) / 15.0
         z = torch.round(-lo / torch.where(s != 0, s, torch.ones_like(s))).clamp_(0, 15)
+    return s, z
+
+
+def int4_codes(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The codes u (float, 0..15) of weights w under scales s and zero points z (broadcast): w ~ (u - z) * s."""
     safe = torch.where(s != 0, s, torch.ones_like(s))
-    u = (torch.round(g / safe) + z).clamp_(0, 15)
-    return u, s, z
+    return (torch.round(w / safe) + z).clamp_(0, 15)
+
+
+def _int4_groups(g: torch.Tensor, symmetric: bool, ratio: torch.Tensor):
+    """Quantizes groups g [..., G] with each group's range scaled by ratio [..., 1]: returns (u, s, z) with
+    u float [..., G] in 0..15, s and z float [..., 1]."""
+    s, z = int4_group_params(g, symmetric, ratio)
+    return int4_codes(g, s, z), s, z
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True, search_clip: bool = False,
@@ -76,11 +95,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, symmetric: bool = True
     None when symmetric), for flashlm.ops.int4_linear."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w: expected a float [N, K] tensor, got {w.dtype} {tuple(w.shape)}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size: must be one of {GROUP_SIZES}, got {group_size}")
     n, k = w.shape
-    if k % group_size:
-        raise ValueError(f"group_size: {group_size} does not divide K = {k}")
+    check_group_size(group_size, k)
     g = w.detach().float().reshape(n, k // group_size, group_size)
     ratios = list(clip_ratios) if search_clip else [1.0]
     if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
