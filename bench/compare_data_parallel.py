@@ -28,14 +28,11 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
-from bench_util import cpu_model, print_table
+from bench_util import cpu_model, print_table, run_ranks
 
 from flashlm.train.optim import AdamW  # noqa: E402  (after bench_util, as the other scripts)
 
@@ -192,16 +189,7 @@ def main():
         worker(int(rank), args.nprocs, store, args)
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        argv = [a for a in sys.argv[1:] if a != "--quick"] + (["--quick"] if args.quick else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{r} {store}"],
-                                  stdout=subprocess.PIPE, text=True, env=env) for r in range(args.nprocs)]
-        outs = [p.communicate()[0] for p in procs]
-        if any(p.returncode for p in procs):
-            sys.exit(f"compare_data_parallel: a rank failed with {args.nprocs} processes")
-    summary = json.loads(next(line for line in outs[0].splitlines() if line.startswith("SUMMARY "))[8:])
+    summary = run_ranks(__file__, args.nprocs, args.quick)
 
     import flashlm
 
