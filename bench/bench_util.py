@@ -84,10 +84,16 @@ def medians(runs):
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def run_ranks(script, nprocs, quick):
-    """Runs `script` (a multi-process comparison) as `nprocs` processes of one thread each, with this command
-    line and `--worker "RANK STORE"` (a FileStore where they meet); exits if a rank fails. Returns the JSON of
-    rank 0's line "SUMMARY {...}"."""
+def run_ranks(script, args, worker):
+    """A multi-process comparison's main: runs `script` as args.nprocs processes of one thread each, with this
+    command line and `--worker "RANK STORE"` (a FileStore where they meet); exits if a rank fails. Returns the
+    JSON of rank 0's line "SUMMARY {...}". In such a process (args.worker set) it calls
+    worker(rank, nprocs, store, args) instead and returns None."""
+    if args.worker:
+        rank, store = args.worker.split(" ", 1)
+        worker(int(rank), args.nprocs, store, args)
+        return None
+    nprocs, quick = args.nprocs, args.quick
     name = os.path.splitext(os.path.basename(script))[0]
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -99,6 +105,14 @@ def run_ranks(script, nprocs, quick):
         if any(p.returncode for p in procs):
             sys.exit(f"{name}: a rank failed with {nprocs} processes")
     return json.loads(next(line for line in outs[0].splitlines() if line.startswith("SUMMARY "))[8:])
+
+
+def ranks_line(nprocs):
+    """The machine and versions of a multi-process comparison (its processes run one thread each)."""
+    import flashlm
+
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.__version__}, torch "
+            f"{torch.__version__}; {nprocs} processes, one thread each")
 
 
 def cpu_model():

@@ -26,13 +26,12 @@ Run (from the repository root, with flashlm installed):
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import time
 
 import torch
 
-from bench_util import cpu_model, print_table, run_ranks
+from bench_util import print_table, ranks_line, run_ranks
 
 from flashlm.train.optim import AdamW  # noqa: E402  (after bench_util, as the other scripts)
 
@@ -184,18 +183,11 @@ def main():
     if args.quick:
         args.d_model, args.layers, args.vocab, args.seq, args.batch, args.steps, args.warmup = 64, 2, 256, 32, 2, 2, 1
         args.bucket_mb = 0.05
-    if args.worker:
-        rank, store = args.worker.split(" ", 1)
-        worker(int(rank), args.nprocs, store, args)
+    summary = run_ranks(__file__, args, worker)
+    if summary is None:
         return
-
-    summary = run_ranks(__file__, args.nprocs, args.quick)
-
-    import flashlm
-
     n_params = sum(p.numel() for p in make_model(args).parameters())
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.__version__}, torch "
-          f"{torch.__version__}; {args.nprocs} processes, one thread each")
+    print(ranks_line(args.nprocs))
     print(f"model: llama d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, {n_params / 1e6:.2f}M "
           f"parameters ({n_params * 4 / 2**20:.1f} MiB f32); {args.batch} x {args.seq} tokens per rank and micro-step, "
           f"{args.micro} micro-steps; buckets {args.bucket_mb:g} MB; median of {args.steps} steps\n")

@@ -50,7 +50,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from bench_util import cpu_model, print_table, run_ranks
+from bench_util import print_table, ranks_line, run_ranks
 
 import flashlm.dist as fd  # noqa: E402  (after bench_util, as the other scripts)
 
@@ -466,18 +466,11 @@ def main():
         ap.error(f"--d-model: heads of 64 (d_model / 64) and --vocab must divide by --nprocs {args.nprocs}")
     if args.batch % args.micro or args.layers < args.nprocs:
         ap.error("--micro must divide --batch, and --layers be at least --nprocs (one per stage)")
-    if args.worker:
-        rank, store = args.worker.split(" ", 1)
-        worker(int(rank), args.nprocs, store, args)
+    summary = run_ranks(__file__, args, worker)
+    if summary is None:
         return
-
-    summary = run_ranks(__file__, args.nprocs, args.quick)
-
-    import flashlm
-
     n_params = sum(p.numel() for p in make_model(args).parameters())
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.__version__}, torch "
-          f"{torch.__version__}; {args.nprocs} processes, one thread each; device {args.device}")
+    print(f"{ranks_line(args.nprocs)}; device {args.device}")
     print(f"model: llama d_model {args.d_model}, {args.layers} layers, {args.d_model // 64} heads, vocab "
           f"{args.vocab}, untied head, {n_params / 1e6:.2f}M parameters; batch {args.batch} x {args.seq} tokens; "
           f"TP {args.nprocs}; PP {args.nprocs} stages, {args.micro} micro-batches; median of {args.steps} steps\n")
