@@ -37,6 +37,10 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_model_parallel.py                # 2 processes, d_model 256, 4 layers, 4 micro-batches
   python bench/compare_model_parallel.py --micro 8 --d-model 384
   python bench/compare_model_parallel.py --quick        # a tiny model, 2 steps: CI smoke
+  python bench/compare_model_parallel.py --device cuda  # one GPU per rank: torch's configurations (NCCL); flashlm's
+                                                        # are listed as not run, with why (CPU rings only so far)
+A configuration that fails to build or to run its warm-up steps is listed with its error and the others go on
+(--verbose prints the traceback).
 """
 
 import argparse
@@ -229,7 +233,7 @@ class Config:
                 logits = model.logits(model.final_norm(self._blocks(model, x)))
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
                 loss.backward()
-            return float(loss.full_tensor())
+            return float(loss.detach().full_tensor())
 
         self.module, self.run = model, run
 
@@ -285,7 +289,7 @@ class Config:
                 schedule.step(target=y, losses=losses)
             else:
                 schedule.step()
-            return float(torch.stack(losses).mean()) if losses else None  # the micro-batches' mean
+            return float(torch.stack(losses).detach().mean()) if losses else None  # the micro-batches' mean
 
         self.module, self.run = part, run
 
@@ -377,9 +381,10 @@ def tp_formula(args):
 
 
 def pp_formula(args):
-    """Bytes each stage of a 2-stage pipeline sends per step: B*T*d activations (stage 0) or gradients
-    (stage 1); a middle stage of more sends both."""
-    return args.batch * args.seq * args.d_model * F32
+    """Bytes each stage sends per step: the first B*T*d activations, the last B*T*d gradients, a stage between
+    them both."""
+    p, message = args.nprocs, args.batch * args.seq * args.d_model * F32
+    return [message * ((s < p - 1) + (s > 0)) for s in range(p)]
 
 
 def summarize(summary, args):
@@ -410,7 +415,7 @@ def mib_list(values):
 
 def print_report(by_name, skipped, args):
     tp_parts = tp_formula(args)
-    tp, pp = sum(tp_parts.values()), pp_formula(args)
+    tp, pp = [sum(tp_parts.values())] * args.nprocs, pp_formula(args)
     rows = []
     for name, f in by_name.items():
         scheme, family = name.split()[1], name.split()[0]
@@ -419,12 +424,12 @@ def print_report(by_name, skipped, args):
         formula = tp if scheme == "TP" else pp
         counted = family == "flashlm"
         sent = mib_list(f["sent"]) if counted else "n/a"
-        ratio = " / ".join(f"{s / formula:.3f}" for s in f["sent"]) if counted else "n/a"
+        ratio = " / ".join(f"{s / v:.3f}" for s, v in zip(f["sent"], formula)) if counted else "n/a"
         bubble = f"{f['bubble']:.3f} / {f['bubble_formula']:.3f}" if "bubble" in f else "n/a"
-        rows.append([name, f"{f['step'] * 1e3:.1f}", vs_torch, sent, f"{formula / 2**20:.2f}", ratio, bubble,
+        rows.append([name, f"{f['step'] * 1e3:.1f}", vs_torch, sent, mib_list(formula), ratio, bubble,
                      mib_list(f["act"]), mib_list(f["params"]), f"{f['loss']:.6f}"]
                     + ([mib_list(f["peak"])] if "peak" in f else []))
-    header = ["config", "step ms", "x torch", "sent MiB/rank", "formula MiB", "sent/formula",
+    header = ["config", "step ms", "x torch", "sent MiB/rank", "formula MiB/rank", "sent/formula",
               "bubble / formula", "act MiB/rank", "param MiB/rank", "last loss"]
     if any("peak" in f for f in by_name.values()):
         header.append("CUDA peak MiB/rank")
