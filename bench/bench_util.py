@@ -1,9 +1,13 @@
 """Timing and reporting shared by the bench/compare_*.py scripts (run as scripts, so they import this by name)."""
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -78,6 +82,37 @@ def repeat(fn, n):
 def medians(runs):
     """[{key: number}, ...] (one dict per run, e.g. per process) -> {key: median over the runs}."""
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def run_ranks(script, args, worker):
+    """A multi-process comparison's main: runs `script` as args.nprocs processes of one thread each, with this
+    command line and `--worker "RANK STORE"` (a FileStore where they meet); exits if a rank fails. Returns the
+    JSON of rank 0's line "SUMMARY {...}". In such a process (args.worker set) it calls
+    worker(rank, nprocs, store, args) instead and returns None."""
+    if args.worker:
+        rank, store = args.worker.split(" ", 1)
+        worker(int(rank), args.nprocs, store, args)
+        return None
+    nprocs, quick = args.nprocs, args.quick
+    name = os.path.splitext(os.path.basename(script))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        argv = [a for a in sys.argv[1:] if a != "--quick"] + (["--quick"] if quick else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv, "--worker", f"{r} {store}"],
+                                  stdout=subprocess.PIPE, text=True, env=env) for r in range(nprocs)]
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
+            sys.exit(f"{name}: a rank failed with {nprocs} processes")
+    return json.loads(next(line for line in outs[0].splitlines() if line.startswith("SUMMARY "))[8:])
+
+
+def ranks_line(nprocs):
+    """The machine and versions of a multi-process comparison (its processes run one thread each)."""
+    import flashlm
+
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.__version__}, torch "
+            f"{torch.__version__}; {nprocs} processes, one thread each")
 
 
 def cpu_model():

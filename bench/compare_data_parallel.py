@@ -26,16 +26,12 @@ Run (from the repository root, with flashlm installed):
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
-from bench_util import cpu_model, print_table
+from bench_util import print_table, ranks_line, run_ranks
 
 from flashlm.train.optim import AdamW  # noqa: E402  (after bench_util, as the other scripts)
 
@@ -187,27 +183,11 @@ def main():
     if args.quick:
         args.d_model, args.layers, args.vocab, args.seq, args.batch, args.steps, args.warmup = 64, 2, 256, 32, 2, 2, 1
         args.bucket_mb = 0.05
-    if args.worker:
-        rank, store = args.worker.split(" ", 1)
-        worker(int(rank), args.nprocs, store, args)
+    summary = run_ranks(__file__, args, worker)
+    if summary is None:
         return
-
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        argv = [a for a in sys.argv[1:] if a != "--quick"] + (["--quick"] if args.quick else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--worker", f"{r} {store}"],
-                                  stdout=subprocess.PIPE, text=True, env=env) for r in range(args.nprocs)]
-        outs = [p.communicate()[0] for p in procs]
-        if any(p.returncode for p in procs):
-            sys.exit(f"compare_data_parallel: a rank failed with {args.nprocs} processes")
-    summary = json.loads(next(line for line in outs[0].splitlines() if line.startswith("SUMMARY "))[8:])
-
-    import flashlm
-
     n_params = sum(p.numel() for p in make_model(args).parameters())
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads; flashlm {flashlm.__version__}, torch "
-          f"{torch.__version__}; {args.nprocs} processes, one thread each")
+    print(ranks_line(args.nprocs))
     print(f"model: llama d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, {n_params / 1e6:.2f}M "
           f"parameters ({n_params * 4 / 2**20:.1f} MiB f32); {args.batch} x {args.seq} tokens per rank and micro-step, "
           f"{args.micro} micro-steps; buckets {args.bucket_mb:g} MB; median of {args.steps} steps\n")
