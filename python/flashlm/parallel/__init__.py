@@ -1,0 +1,1 @@
+"""Model parallelism: each scheme in its own module."""
