@@ -245,8 +245,9 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint (collective: dp.state_dict() gathers the optimizer state on every rank)."""
         tok = self.data.tokenizer()
-        with self.dp.full_parameters():  # ZeRO-3: gathered from the shards; a checkpoint holds full tensors
-            model = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        # ZeRO-3: gathered from the shards (a checkpoint holds full tensors), copied before they are freed.
+        with self.dp.full_parameters():
+            model = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
         return {"model_config": self.model_config.to_dict(), "model": model,
                 "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
                 "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
