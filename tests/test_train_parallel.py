@@ -305,6 +305,29 @@ def test_one_process_zero_matches_the_plain_optimizer(stage):
     assert_params_close(w.snapshot(a, dp), w.snapshot(b), 3, f"stage {stage} clipped")
 
 
+def test_one_process_zero3_transformer_with_a_frozen_block():
+    """A block without trainable parameters is no unit (its parameters stay whole); the rest trains as the
+    plain optimizer does, to the bit (no clipping: the same arithmetic element by element)."""
+    a, b = w.make_transformer(3, n_layer=3), w.make_transformer(3, n_layer=3)
+    for m in (a, b):
+        m.blocks[1].requires_grad_(False)
+    dp = DataParallel(a, w.make_optimizer, zero_stage=3, param_groups=w.param_groups(a))
+    optimizer = w.make_optimizer(w.param_groups(b))
+    w.train_dp(dp, a, range(2), 0, 0.0, task="transformer")
+    w.train_reference(b, optimizer, range(2), 1, 0.0, task="transformer")
+    assert all(p.numel() for p in a.blocks[1].parameters())
+    for i, (p, q) in enumerate(zip(w.snapshot(a, dp), b.parameters())):
+        assert torch.equal(p, q), f"parameter {i}: max error {float((p - q).abs().max().detach())}"
+    dp.close()
+
+
+def test_zero3_refuses_a_parameter_shared_between_blocks():
+    model = w.make_transformer(0)
+    model.blocks[1].attn_norm.weight = model.blocks[0].attn_norm.weight
+    with pytest.raises(ValueError, match="^model: a parameter .* shared between blocks"):
+        DataParallel(model, w.make_optimizer, zero_stage=3)
+
+
 def test_one_process_unscale_and_found_inf():
     model = w.make_model(0)
     dp = DataParallel(model, w.make_optimizer)

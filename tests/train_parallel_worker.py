@@ -97,7 +97,7 @@ def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM, task="mlp
         for micro in range(MICRO_STEPS):
             x, y = global_batch(step, micro, world, task)
             (loss_of(model, x, y) / MICRO_STEPS).backward()
-        grads = [p.grad for p in model.parameters()]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
                            else torch.nn.utils.get_total_norm(grads)))
         optimizer.step()

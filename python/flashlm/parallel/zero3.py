@@ -58,8 +58,8 @@ class _Segment:
 class _Unit:
     """One block (or the outer parameters): its segments, its full buffer while materialised."""
 
-    def __init__(self, name, segments, dtype, device):
-        self.name, self.segments = name, segments
+    def __init__(self, module, segments, dtype, device):
+        self.module, self.segments = module, segments  # module: the block (None for the outer unit)
         self.params = [p for s in segments for p in s.params]
         self.numel = sum(s.padded for s in segments)
         self.shard_numel = 0
@@ -67,9 +67,8 @@ class _Unit:
             s.shard_start = self.shard_numel
             self.shard_numel += s.slice
         self.full = torch.zeros(self.numel, dtype=dtype, device=device)
-        self.views = [s_full.view_as(p) for s in segments
-                      for p, o in zip(s.params, s.offsets)
-                      for s_full in [self.full[s.start + o:s.start + o + p.numel()]]]
+        self.views = [self.full[s.start + o:s.start + o + p.numel()].view_as(p)
+                      for s in segments for p, o in zip(s.params, s.offsets)]
         self.ready = True  # the full buffer holds the parameters' values
         self.future = None  # a pending all-gather
         self.arrived = set()  # parameters whose gradient came in this backward
@@ -96,11 +95,11 @@ class Zero3:
                     raise ValueError(f"model: a parameter of shape {tuple(p.shape)} is shared between blocks; "
                                      f"ZeRO-3 gathers each block's parameters on their own")
                 claimed.add(id(p))
-            parts.append((f"block {i}", params))
+            parts.append((block, params))
         outer = [p for p in model.parameters() if id(p) in group_of and id(p) not in claimed]
-        parts.append(("outer", outer))
-        self.units = []
-        for name, params in parts:
+        parts.append((None, outer))
+        self.units = []  # the blocks with trainable parameters in model order, then the outer unit
+        for module, params in parts:
             segments, start = [], 0
             for gi in range(len(self.groups)):
                 ps = [p for p in params if group_of[id(p)] == gi]
@@ -108,7 +107,7 @@ class Zero3:
                     segments.append(_Segment(gi, ps, world_size, start))
                     start += segments[-1].padded
             if segments:
-                self.units.append(_Unit(name, segments, dtype, device))
+                self.units.append(_Unit(module, segments, dtype, device))
         self.outer = self.units[-1] if outer else None
         self.blocks = [u for u in self.units if u is not self.outer]
         self._unit_of = {p: u for u in self.units for p in u.params}
@@ -127,9 +126,9 @@ class Zero3:
             self._free(u, count=False)
         self._hooks = [model.register_forward_pre_hook(self._before_model),
                        model.register_forward_hook(self._after_model)]
-        for i, (block, unit) in enumerate(zip(blocks, self.blocks)):
-            self._hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before_block(i)))
-            self._hooks.append(block.register_forward_hook(lambda m, a, out, i=i: self._after_block(i, out)))
+        for i, unit in enumerate(self.blocks):
+            self._hooks.append(unit.module.register_forward_pre_hook(lambda m, a, i=i: self._before_block(i)))
+            self._hooks.append(unit.module.register_forward_hook(lambda m, a, out, i=i: self._after_block(i, out)))
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for u in self.units for p in u.params]
 
         inner = []

@@ -149,8 +149,13 @@ class DataParallel:
 
     @property
     def peak_materialized_bytes(self) -> int:
-        """The most materialized_bytes has been since this DataParallel was made."""
+        """The most materialized_bytes has been since this DataParallel was made (or the last
+        reset_peak_materialized_bytes())."""
         return self._impl.peak_materialized_bytes if self.zero_stage == 3 else self._param_bytes
+
+    def reset_peak_materialized_bytes(self) -> None:
+        if self.zero_stage == 3:
+            self._impl.peak_materialized_bytes = self._impl.materialized_bytes
 
     def zero_grad(self) -> None:
         self._impl.zero_grad()
