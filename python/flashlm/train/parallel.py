@@ -31,8 +31,8 @@ import flashlm.dist as fd
 
 class DataParallel:
     """`make_optimizer(param_groups) -> torch.optim.Optimizer` builds the optimizer: on the model's
-    parameters for stage 0, on flat per-rank shards (one tensor per group) for stages 1 and 2, so it must
-    take any float tensor (flashlm's AdamW and torch's optimizers do). `param_groups`: the groups to
+    parameters for stage 0, on flat per-rank shards (one tensor per group for stages 1 and 2, per block and
+    group for stage 3), so it must take any float tensor (flashlm's AdamW and torch's optimizers do). `param_groups`: the groups to
     optimize, as from model.param_groups(weight_decay) (default: every trainable parameter of `model` in one
     group); parameters that do not require grad are left out. `bucket_mb`: the size of the gradient buckets
     reduced together."""
