@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""compare_data_parallel: a training step of flashlm's DataParallel (ZeRO stage 0, 1, 2) against torch's
+"""compare_data_parallel: a training step of flashlm's DataParallel (ZeRO stage 0 to 3) against torch's
 DistributedDataParallel (gloo) and DDP with torch's ZeroRedundancyOptimizer, N processes on one host (CPU).
 
 Every configuration trains its own copy of the same Llama-style flashlm Transformer on the same batches
@@ -10,11 +10,14 @@ clipping at 1.0) with flashlm's AdamW, so the figures differ only in how gradien
   flashlm 0        DataParallel stage 0: GradientSync (flashlm's shared-memory ring, during backward)
   flashlm 1        stage 1: reduce-scatter after backward, shard update, all-gather of the parameters
   flashlm 2        stage 2: reduce-scatter bucket by bucket during backward, gradients dropped
+  flashlm 3        stage 3: parameters sharded too, all-gathered block by block (prefetched) before use in
+                   forward and backward, gradients reduce-scattered block by block during backward
 The configurations take turns step by step (background load on a shared machine falls on all alike); each
 step starts at a gloo barrier, a step's time is the slowest rank's, the figure the median over --steps
 steps after --warmup. "finish" is the wait after the last backward (communication not hidden behind it;
 DDP waits inside backward). Memory is per rank at the optimizer step: the bytes of gradient storage
-(.grad of the parameters and of the shards) and of optimizer state. Before timing, the parameters of every
+(.grad of the parameters and of the shards) and of optimizer state; "params" is the most parameter bytes a
+rank held at once in the step (stage 3: its shards plus the gathered units at their peak). Before timing, the parameters of every
 configuration after the warm-up steps are compared with DDP's (they match to float32 rounding).
 
 Run (from the repository root, with flashlm installed):
@@ -35,7 +38,7 @@ from bench_util import print_table, ranks_line, run_ranks
 
 from flashlm.train.optim import AdamW  # noqa: E402  (after bench_util, as the other scripts)
 
-CONFIGS = ("DDP", "DDP+ZeRO-1", "flashlm 0", "flashlm 1", "flashlm 2")
+CONFIGS = ("DDP", "DDP+ZeRO-1", "flashlm 0", "flashlm 1", "flashlm 2", "flashlm 3")
 OPTIMIZER_ARGS = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
 
 
@@ -87,6 +90,8 @@ class Trainer:
         times = {}
         runner = self.dp if self.dp is not None else self.ddp
         module = self.ddp if self.ddp is not None else self.model
+        if self.dp is not None:
+            self.dp.reset_peak_materialized_bytes()  # the peak of this step alone
         t0 = time.perf_counter()
         for micro in range(self.args.micro):
             x, y = self.batch(step, micro)
@@ -124,7 +129,16 @@ class Trainer:
                 grads[s.data_ptr()] = s.nbytes()
         opt = self.dp.optimizer if self.dp is not None else getattr(self.optimizer, "optim", self.optimizer)
         state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-        return sum(grads.values()), state
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.dp is not None and self.dp.zero_stage == 3:
+            params = self.dp.peak_materialized_bytes + sum(t.numel() * t.element_size()
+                                                           for g in self.dp.param_groups for t in g["params"])
+        return sum(grads.values()), state, params
+
+    def parameters(self):
+        """Copies of the parameters (gathered under ZeRO-3: collective)."""
+        with self.dp.full_parameters() if self.dp is not None else contextlib.nullcontext():
+            return [p.detach().clone() for p in self.model.parameters()]
 
 
 def worker(rank, world, store_file, args):
@@ -139,9 +153,8 @@ def worker(rank, world, store_file, args):
     for step in range(args.warmup):
         for t in trainers:
             t.step(step)
-    reference = [p.detach() for p in trainers[0].model.parameters()]
-    agree = {t.name: max(float((p.detach() - q).abs().max()) for p, q in zip(t.model.parameters(), reference))
-             for t in trainers}
+    reference = trainers[0].parameters()
+    agree = {t.name: max(float((p - q).abs().max()) for p, q in zip(t.parameters(), reference)) for t in trainers}
     times = {t.name: [] for t in trainers}
     for step in range(args.warmup, args.warmup + args.steps):
         for t in trainers:
@@ -195,12 +208,12 @@ def main():
     rows = []
     for name in CONFIGS:
         s = summary[name]
-        grad, state = s["memory"]
+        grad, state, params = s["memory"]
         rows.append([name, f"{s['total'] * 1e3:.1f}", f"{ddp / s['total']:.2f}x", f"{s['backward'] * 1e3:.1f}",
                      f"{s['finish'] * 1e3:.1f}", f"{s['optimizer'] * 1e3:.1f}", f"{grad / 2**20:.2f}",
-                     f"{state / 2**20:.2f}", f"{s['agree']:.1e}"])
+                     f"{state / 2**20:.2f}", f"{params / 2**20:.2f}", f"{s['agree']:.1e}"])
     print_table(["config", "step ms", "x DDP", "last backward ms", "finish ms", "clip+step ms", "grad MiB/rank",
-                 "state MiB/rank", "max diff vs DDP"], rows)
+                 "state MiB/rank", "params MiB/rank", "max diff vs DDP"], rows)
 
 
 if __name__ == "__main__":

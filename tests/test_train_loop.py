@@ -377,10 +377,12 @@ def test_time_limit_stops_with_a_checkpoint(text_file, data_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_path, zero_stage):
     """Rank r of 2 takes sequences r, r+2, r+4, ... of the shuffled order, so 2 ranks of batch 4 see in each
     step the same 8 sequences as 1 rank of batch 8, and the average of the two ranks' mean gradients is the
-    mean gradient: the runs differ only in float32 summation order (tolerances as for grad_accum)."""
+    mean gradient: the runs differ only in float32 summation order (tolerances as for grad_accum). ZeRO-3
+    also samples at the end (rank 0 alone, on parameters every rank helps gather)."""
     import socket
 
     with socket.socket() as s:
@@ -389,7 +391,7 @@ def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_
     out = tmp_path / "two"
     args = ["train", "--preset", "tiny", "--data", text_file, "--data-cache", data_cache, "--out-dir", out,
             "--max-steps", 3, "--batch-size", 4, "--eval-interval", 3, "--ckpt-interval", 3, "--no-progress",
-            "--sample-tokens", 0]
+            "--sample-tokens", 5 if zero_stage else 0, "--zero-stage", zero_stage]
     procs = [subprocess.Popen([sys.executable, "-m", "flashlm", *map(str, args)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT,
                               env=dict(child_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
@@ -410,7 +412,7 @@ def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_
         assert err <= 1e-5 * max(1.0, want.abs().max().item()), f"{k}: max abs diff {err}"
 
 
-@pytest.mark.parametrize("precision, zero_stage", [("fp16", 0), ("bf16", 1)])
+@pytest.mark.parametrize("precision, zero_stage", [("fp16", 0), ("bf16", 1), ("fp32", 3)])
 def test_resume_is_exact_with_autocast_and_zero(text_file, data_cache, tmp_path, precision, zero_stage):
     """The loss scaler's state and a ZeRO optimizer's state_dict come back exactly too (in process: the
     SIGKILL tests above cover the process boundary)."""
@@ -424,6 +426,22 @@ def test_resume_is_exact_with_autocast_and_zero(text_file, data_cache, tmp_path,
     resumed = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), resume=True).train()
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
     assert [m.get("loss_scale") for m in resumed] == [m.get("loss_scale") for m in whole]
+
+
+@pytest.mark.parametrize("src, dst", [(3, 0), (0, 3)])
+def test_checkpoint_moves_between_zero0_and_zero3(text_file, data_cache, tmp_path, src, dst):
+    """A checkpoint written at one ZeRO stage resumes at the other and continues with the uninterrupted run's
+    losses: equal up to the order of the clip norm's sums (per tensor against per flat shard)."""
+    import shutil
+
+    cfg = tiny_config(text_file, data_cache, tmp_path / "a", max_steps=6, ckpt_interval=3, eval_interval=3,
+                      zero_stage=src)
+    whole = Trainer(cfg).train()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt-00000003.pt", tmp_path / "b")
+    moved = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), zero_stage=dst), resume=True).train()
+    assert [m["step"] for m in moved] == [m["step"] for m in whole]
+    np.testing.assert_allclose([m["loss"] for m in moved], [m["loss"] for m in whole], rtol=1e-5)
 
 
 # -- command line --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""flashlm.train.parallel.DataParallel: 2 ranks with ZeRO stage 0, 1 and 2 against one process on the global
-batch (a small MLP and a tiny flashlm Transformer, AdamW, clipping, 2 accumulation micro-steps), the
-state_dicts of the stages against each other, resume, found_inf and clipping across ranks, the one-process
-path against the plain optimizer, and argument checks.
+"""flashlm.train.parallel.DataParallel: 2 ranks with ZeRO stage 0, 1, 2 and 3 against one process on the
+global batch (a small MLP and tiny flashlm Transformers, AdamW, clipping, 2 accumulation micro-steps), the
+state_dicts of the stages against each other, resume (within a stage and across stages 0 and 3), found_inf
+and clipping across ranks, ZeRO-3's materialised parameter bytes and a dead peer, the one-process path
+against the plain optimizer, and argument checks.
 
 The ranks are processes (tests/train_parallel_worker.py) meeting through a FileStore; one run of 2 ranks
 trains everything and the tests below read its results.
@@ -22,7 +23,8 @@ from compare import assert_close  # noqa: E402
 from processes import run_processes  # noqa: E402
 from flashlm.train.parallel import DataParallel  # noqa: E402
 
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
+SHARDED = (1, 2, 3)
 WORLD = 2
 STEPS = 6
 
@@ -137,7 +139,7 @@ def test_state_dict_is_full_and_the_same_on_every_rank(ranks, reference, stage):
     assert all(float(states[0]["state"][i]["step"]) == 4.0 for i in want["state"])
 
 
-@pytest.mark.parametrize("stage", (1, 2))
+@pytest.mark.parametrize("stage", SHARDED)
 def test_sharded_state_matches_stage0(ranks, stage):
     s0, s = ranks[0][0]["state_mid"], ranks[0][stage]["state_mid"]
     assert s["param_groups"] == s0["param_groups"] and s["state"].keys() == s0["state"].keys()
@@ -158,17 +160,24 @@ def test_resume_continues_identically(ranks, stage):
 
 
 def test_three_ranks_zero(tmp_path):
-    """Uneven padding (868 and 89 parameters over 3 ranks): stages 1 and 2 against one process on 3 ranks'
-    samples, and the state the same on every rank and as stage 1's."""
-    results = run_ranks(tmp_path, 3, (1, 2), "mlp")
+    """Uneven padding (868 and 89 parameters over 3 ranks): stages 1, 2 and 3 against one process on 3 ranks'
+    samples, and the state the same on every rank; stage 2's the same as stage 1's, stage 3's as close as the
+    summation order allows (it averages each micro-step's gradients, then sums them)."""
+    results = run_ranks(tmp_path, 3, SHARDED, "mlp")
     model = w.make_model(100)
     optimizer = w.make_optimizer(w.param_groups(model))
     w.train_reference(model, optimizer, range(STEPS), 3)
-    for stage in (1, 2):
+    for stage in SHARDED:
         for r in range(3):
             assert_params_close(results[r][stage]["params_end"], w.snapshot(model), STEPS, f"stage {stage} rank {r}")
-            assert w.states_equal(results[r][stage]["state_mid"], results[0][1]["state_mid"]), f"stage {stage} rank {r}"
+            assert w.states_equal(results[r][stage]["state_mid"], results[0][stage]["state_mid"]), f"stage {stage} rank {r}"
             assert results[r][stage]["found_inf_one_rank"] is True
+    assert w.states_equal(results[0][2]["state_mid"], results[0][1]["state_mid"])
+    s1, s3 = results[0][1]["state_mid"], results[0][3]["state_mid"]
+    assert s3["param_groups"] == s1["param_groups"] and s3["state"].keys() == s1["state"].keys()
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        got, ref = ([s["state"][i][key] for i in sorted(s1["state"])] for s in (s3, s1))
+        assert_close_to_scale(got, ref, STATE_RTOL, f"3 ranks, stage 3 vs stage 1 {key}")
     assert all(all(ok.values()) for ok in (res["cross_load"] for res in results))
 
 
@@ -193,6 +202,61 @@ def test_memory_per_stage(ranks):
     assert g[0] == full and st[0] >= 2 * full, (g, st)
     assert g[1] >= full and st[1] <= 2 * full / WORLD + 64, (g, st)
     assert g[2] <= full / WORLD + 64 and st[2] <= 2 * full / WORLD + 64, (g, st)
+    assert g[3] <= full / WORLD + 64 and st[3] <= 2 * full / WORLD + 64, (g, st)
+
+
+def test_zero3_materializes_about_two_blocks(ranks):
+    """ZeRO-3 on a 4-layer Llama: while block 2 runs a rank holds the outer parameters (embedding, final
+    norm) and at most blocks 2 and 3 (the prefetch); never more than that in a step; nothing between steps;
+    its shards hold 1/world of the parameters (padding aside)."""
+    for r in range(WORLD):
+        m = ranks[r]["memory"]
+        bound = m["outer"] + 2 * m["block"]
+        assert bound < m["total"]  # the bound says something: 4 blocks do not fit in it
+        # Block 2 runs 8 times: 2 steps of 2 micro-steps, each forward and its recomputation in backward.
+        assert len(m["during"]) == 8 and all(m["outer"] + m["block"] <= b <= bound for b in m["during"]), m
+        assert m["outer"] + m["block"] <= m["peak"] <= bound, m
+        assert m["between"] == 0, m
+        assert m["total"] / WORLD <= m["shards"] <= m["total"] / WORLD + 4 * 2 * 5 * (WORLD - 1), m
+
+
+@pytest.fixture(scope="module")
+def gpt2_reference():
+    model = w.make_transformer(100, "gpt2")
+    optimizer = w.make_optimizer(w.param_groups(model))
+    norms = w.train_reference(model, optimizer, range(w.TRANSFORMER_STEPS), WORLD, task="transformer")
+    return {"norms": norms, "params_end": w.snapshot(model)}
+
+
+def test_zero3_gpt2_matches_one_process(ranks, gpt2_reference):
+    """GPT-2 (learned positions, LayerNorm biases, no activation checkpointing) under ZeRO-3."""
+    for r in range(WORLD):
+        got = ranks[r]["gpt2"]
+        assert_params_close(got["params_end"], gpt2_reference["params_end"], w.TRANSFORMER_STEPS, f"gpt2 rank {r}")
+        err = max(abs(a - b) / b for a, b in zip(got["norms"], gpt2_reference["norms"]))
+        assert err <= NORM_RTOL, f"gpt2 rank {r}: clip norms {got['norms']} vs {gpt2_reference['norms']}"
+
+
+@pytest.mark.parametrize("src, dst", [(3, 0), (0, 3)])
+def test_resume_across_zero0_and_zero3(ranks, src, dst):
+    """A stage's mid-run parameters and optimizer state continued under the other stage end where the
+    uninterrupted run ends (the stages differ in summation order only: the tolerances above)."""
+    for r in range(WORLD):
+        got, want = ranks[r]["cross_resume"][(src, dst)], ranks[r][src]
+        err = max(abs(a - b) / b for a, b in zip(got["norms"], want["norms"][4:]))
+        assert err <= NORM_RTOL, f"{src}->{dst} rank {r}: clip norms {got['norms']} vs {want['norms'][4:]}"
+        assert_params_close(got["params_end"], want["params_end"], STEPS, f"{src}->{dst} rank {r}")
+
+
+def test_zero3_dead_peer_raises_the_ring_timeout(tmp_path):
+    """The last rank dies after a step: the other ranks' next step raises the ring's timeout error."""
+    results = run_ranks(tmp_path, 3, (3,), "dead")[:2]
+    for r, res in enumerate(results):
+        message = res["error"] or ""
+        assert message.startswith("shm ring") and any(s in message for s in ("did not", "exited", "aborted")), \
+            f"rank {r}: {message!r}"
+        assert res["seconds"] < 3.0 + 2.0, f"rank {r} took {res['seconds']:.1f} s to fail"
+    assert "rank 2" in results[0]["error"], results[0]["error"]  # rank 0 waits on the dead rank directly
 
 
 # ---- One process, no flashlm.dist.init() ---------------------------------------------------------------
@@ -218,17 +282,40 @@ def test_one_process_stage0_is_the_plain_optimizer():
     assert dp.param_groups is dp.optimizer.param_groups
 
 
-@pytest.mark.parametrize("stage", (1, 2))
+@pytest.mark.parametrize("stage", SHARDED)
 def test_one_process_zero_matches_the_plain_optimizer(stage):
     # Without clipping the arithmetic is the same element by element: equal bits.
     dp, optimizer, a, b, _, _ = train_both(stage, 0.0)
-    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
+    for i, (p, q) in enumerate(zip(w.snapshot(a, dp), b.parameters())):
         assert torch.equal(p, q), f"stage {stage} parameter {i}: max error {float((p - q).abs().max().detach())}"
     assert w.states_equal(dp.state_dict(), optimizer.state_dict())
     # With clipping the norm is summed over the flat shards instead of per tensor: rounding only.
     dp, optimizer, a, b, got, want = train_both(stage, w.MAX_NORM)
     assert max(abs(x - y) / y for x, y in zip(got, want)) <= NORM_RTOL, (got, want)
-    assert_params_close(w.snapshot(a), w.snapshot(b), 3, f"stage {stage} clipped")
+    assert_params_close(w.snapshot(a, dp), w.snapshot(b), 3, f"stage {stage} clipped")
+
+
+def test_one_process_zero3_transformer_with_a_frozen_block():
+    """A block without trainable parameters is no unit (its parameters stay whole); the rest trains as the
+    plain optimizer does, to the bit (no clipping: the same arithmetic element by element)."""
+    a, b = w.make_transformer(3, n_layer=3), w.make_transformer(3, n_layer=3)
+    for m in (a, b):
+        m.blocks[1].requires_grad_(False)
+    dp = DataParallel(a, w.make_optimizer, zero_stage=3, param_groups=w.param_groups(a))
+    optimizer = w.make_optimizer(w.param_groups(b))
+    w.train_dp(dp, a, range(2), 0, 0.0, task="transformer")
+    w.train_reference(b, optimizer, range(2), 1, 0.0, task="transformer")
+    assert all(p.numel() for p in a.blocks[1].parameters())
+    for i, (p, q) in enumerate(zip(w.snapshot(a, dp), b.parameters())):
+        assert torch.equal(p, q), f"parameter {i}: max error {float((p - q).abs().max().detach())}"
+    dp.close()
+
+
+def test_zero3_refuses_a_parameter_shared_between_blocks():
+    model = w.make_transformer(0)
+    model.blocks[1].attn_norm.weight = model.blocks[0].attn_norm.weight
+    with pytest.raises(ValueError, match="^model: a parameter .* shared between blocks"):
+        DataParallel(model, w.make_optimizer, zero_stage=3)
 
 
 def test_one_process_unscale_and_found_inf():
@@ -247,7 +334,7 @@ def test_one_process_unscale_and_found_inf():
 
 def test_bad_arguments():
     model = w.make_model(0)
-    for stage in (3, -1, True, "1", 1.5):
+    for stage in (4, -1, True, "1", 1.5):
         with pytest.raises(ValueError, match="^zero_stage"):
             DataParallel(model, w.make_optimizer, zero_stage=stage)
     for mb in (0, -1.0, float("nan"), float("inf"), "25"):
@@ -263,7 +350,7 @@ def test_bad_arguments():
         DataParallel(model, w.make_optimizer, param_groups=[{"params": list(model.parameters())}] * 2)
     mixed = w.make_model(0)
     mixed[0].weight.data = mixed[0].weight.data.double()
-    for stage in (1, 2):
+    for stage in SHARDED:
         with pytest.raises(ValueError, match="^model: ZeRO"):
             DataParallel(mixed, w.make_optimizer, zero_stage=stage)
         with pytest.raises(ValueError, match="^param_groups: ZeRO"):

@@ -1,6 +1,6 @@
 """One rank of the multi-process tests of flashlm.train.parallel (tests/test_train_parallel.py starts N).
 
-    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES [mlp]     # e.g. 0 2 /tmp/x 012
+    python train_parallel_worker.py RANK WORLD_SIZE OUT_DIR STAGES [mlp|dead]     # e.g. 0 2 /tmp/x 0123
 
 Ranks meet through a FileStore in OUT_DIR. For each ZeRO stage in STAGES the rank trains the small MLP
 below, then (unless "mlp" is given) a tiny flashlm Transformer, with DataParallel and saves what the test compares (parameters, clip norms, state_dicts, memory) to
@@ -11,6 +11,7 @@ reference loop, so both sides train the same thing.
 import contextlib
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,15 @@ def make_model(seed: int) -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(20, 5))
 
 
-def make_transformer(seed: int) -> torch.nn.Module:
-    """A tiny Llama (GQA, tied embeddings, 20 parameter tensors) with gradient checkpointing."""
+def make_transformer(seed: int, arch: str = "llama", n_layer: int = 2) -> torch.nn.Module:
+    """A tiny Llama (GQA, tied embeddings, 20 parameter tensors at 2 layers) with gradient checkpointing, or a
+    tiny GPT-2 (learned positions, LayerNorms with biases) without."""
     from flashlm.models import ModelConfig, Transformer
 
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(arch="llama", vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=32, seq_len=16))
-    model.checkpointing = True
+    kv = dict(n_kv_head=2) if arch == "llama" else {}
+    model = Transformer(ModelConfig(arch=arch, vocab_size=61, n_layer=n_layer, n_head=4, d_model=32, seq_len=16, **kv))
+    model.checkpointing = arch == "llama"
     return model
 
 
@@ -94,7 +97,7 @@ def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM, task="mlp
         for micro in range(MICRO_STEPS):
             x, y = global_batch(step, micro, world, task)
             (loss_of(model, x, y) / MICRO_STEPS).backward()
-        grads = [p.grad for p in model.parameters()]
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) if max_norm > 0
                            else torch.nn.utils.get_total_norm(grads)))
         optimizer.step()
@@ -102,8 +105,10 @@ def train_reference(model, optimizer, steps, world, max_norm=MAX_NORM, task="mlp
     return norms
 
 
-def snapshot(model):
-    return [p.detach().clone() for p in model.parameters()]
+def snapshot(model, dp=None):
+    """Copies of the parameters (gathered first when dp is ZeRO-3)."""
+    with dp.full_parameters() if dp is not None else contextlib.nullcontext():
+        return [p.detach().clone() for p in model.parameters()]
 
 
 def restore(model, params):
@@ -151,11 +156,11 @@ def run_stage(stage, rank, world):
     model = make_model(100 + rank)  # rank 0's parameters must reach every rank
     dp = par.DataParallel(model, make_optimizer, zero_stage=stage, bucket_mb=BUCKET_MB, param_groups=param_groups(model))
     out = {"norms": train_dp(dp, model, range(4), rank)}
-    out["params_mid"] = snapshot(model)
+    out["params_mid"] = snapshot(model, dp)
     out["state_mid"] = dp.state_dict()
     out["state_mid_again"] = dp.state_dict()  # taking the state changes nothing
     out["norms"] += train_dp(dp, model, range(4, 6), rank)
-    out["params_end"] = snapshot(model)
+    out["params_end"] = snapshot(model, dp)
 
     # Memory at the step: one more accumulation step, measured after finish_gradients.
     for micro in range(MICRO_STEPS):
@@ -178,8 +183,21 @@ def run_stage(stage, rank, world):
     dp2.load_state_dict(out["state_mid"])
     out["loaded_equal"] = states_equal(dp2.state_dict(), out["state_mid"])
     out["norms_resumed"] = train_dp(dp2, model2, range(4, 6), rank)
-    out["params_resumed"] = snapshot(model2)
+    out["params_resumed"] = snapshot(model2, dp2)
     dp2.close()
+    return out
+
+
+def cross_resume(results, rank, src, dst):
+    """Stage src's mid-run parameters and state continued under stage dst: its clip norms and parameters."""
+    import flashlm.train.parallel as par
+
+    model = make_model(7)
+    restore(model, results[src]["params_mid"])
+    dp = par.DataParallel(model, make_optimizer, zero_stage=dst, bucket_mb=BUCKET_MB, param_groups=param_groups(model))
+    dp.load_state_dict(results[src]["state_mid"])
+    out = {"norms": train_dp(dp, model, range(4, 6), rank), "params_end": snapshot(model, dp)}
+    dp.close()
     return out
 
 
@@ -198,15 +216,56 @@ def cross_load(results, rank, world):
     return ok
 
 
-def run_transformer(stage, rank, world, steps):
-    """The tiny Llama trained with DataParallel (buckets of ~4 KB): its parameters and clip norms."""
+def run_transformer(stage, rank, world, steps, arch="llama"):
+    """The tiny Llama (or GPT-2) trained with DataParallel (buckets of ~4 KB): its parameters and clip norms."""
     import flashlm.train.parallel as par
 
-    model = make_transformer(100 + rank)
+    model = make_transformer(100 + rank, arch)
     dp = par.DataParallel(model, make_optimizer, zero_stage=stage, bucket_mb=0.004, param_groups=param_groups(model))
     norms = train_dp(dp, model, range(steps), rank, task="transformer")
+    out = {"norms": norms, "params_end": snapshot(model, dp)}
     dp.close()
-    return {"norms": norms, "params_end": snapshot(model)}
+    return out
+
+
+def zero3_memory(rank, world):
+    """A 4-layer Llama under ZeRO-3: the parameter bytes materialised while block 2 runs and at the peak of a
+    step, those between steps, and the shards' bytes."""
+    import flashlm.train.parallel as par
+
+    model = make_transformer(100 + rank, n_layer=4)
+    sizes = {"total": sum(p.numel() * 4 for p in model.parameters()),
+             "block": max(sum(p.numel() * 4 for p in b.parameters()) for b in model.blocks)}
+    sizes["outer"] = sizes["total"] - sum(p.numel() * 4 for p in model.blocks.parameters())
+    dp = par.DataParallel(model, make_optimizer, zero_stage=3, param_groups=param_groups(model))
+    during = []
+    hook = model.blocks[2].register_forward_pre_hook(lambda m, a: during.append(dp.materialized_bytes))
+    train_dp(dp, model, range(2), rank, task="transformer")
+    hook.remove()
+    out = dict(sizes, during=during, peak=dp.peak_materialized_bytes, between=dp.materialized_bytes,
+               shards=sum(t.numel() * 4 for g in dp.param_groups for t in g["params"]))
+    dp.close()
+    return out
+
+
+def dead_peer(rank, world, out_dir):
+    """ZeRO-3 on the tiny Llama: the last rank leaves after one step; the others' next step must raise the
+    ring's timeout error (saved to OUT_DIR/rank{RANK}.pt), not hang."""
+    import flashlm.train.parallel as par
+
+    model = make_transformer(100)
+    dp = par.DataParallel(model, make_optimizer, zero_stage=3, param_groups=param_groups(model))
+    train_dp(dp, model, range(1), rank, task="transformer")
+    if rank == world - 1:
+        torch.save({"dead": True}, os.path.join(out_dir, f"rank{rank}.pt"))
+        os._exit(0)  # no goodbye: as a crashed process
+    start, error = time.perf_counter(), None
+    try:
+        train_dp(dp, model, range(1, 2), rank, task="transformer")
+    except RuntimeError as e:
+        error = str(e)
+    torch.save({"error": error, "seconds": time.perf_counter() - start}, os.path.join(out_dir, f"rank{rank}.pt"))
+    os._exit(0)  # the background thread may still wait on the ring
 
 
 def main(rank, world, out_dir, stages, with_transformer=True):
@@ -216,15 +275,25 @@ def main(rank, world, out_dir, stages, with_transformer=True):
 
     tdist.init_process_group("gloo", store=tdist.FileStore(os.path.join(out_dir, "store"), world), rank=rank,
                              world_size=world)
+    if with_transformer == "dead":
+        fd.init(timeout=3)
+        dead_peer(rank, world, out_dir)
     fd.init(timeout=30)
     results = {stage: run_stage(stage, rank, world) for stage in stages}
     results["cross_load"] = cross_load({s: results[s] for s in stages}, rank, world)
+    if 0 in stages and 3 in stages:
+        results["cross_resume"] = {(src, dst): cross_resume(results, rank, src, dst) for src, dst in ((3, 0), (0, 3))}
     if with_transformer:
         results["transformer"] = {stage: run_transformer(stage, rank, world, TRANSFORMER_STEPS) for stage in stages}
+    if 3 in stages:
+        results["gpt2"] = run_transformer(3, rank, world, TRANSFORMER_STEPS, arch="gpt2")
+        results["memory"] = zero3_memory(rank, world)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     fd.destroy()
     tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]], sys.argv[5:] != ["mlp"])
+    mode = sys.argv[5] if len(sys.argv) > 5 else None  # "mlp": the MLP alone; "dead": the dead-peer scenario
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], [int(c) for c in sys.argv[4]],
+         "dead" if mode == "dead" else mode != "mlp")

@@ -6,6 +6,8 @@
     pipeline.py   pipeline stages and their schedules (GPipe, 1F1B) over Ring.sendrecv
     context.py    context parallelism: ring attention over a sequence split across ranks
     context_model.py  context-parallel training of the Transformer: each rank its part of the sequence
+    zero3.py      ZeRO-3: parameters sharded over the data-parallel ranks, gathered per block (DataParallel's
+                  zero_stage=3)
 """
 
 from flashlm.parallel.context_model import ContextParallelTransformer, check_context_parallel

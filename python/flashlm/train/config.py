@@ -69,8 +69,8 @@ class TrainConfig:
             raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage: must be 0, 1 or 2, got {self.zero_stage}")
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "ckpt_interval",
                      "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

@@ -1,5 +1,6 @@
 """Data parallelism for the trainer: gradients averaged over ranks (flashlm.dist), optionally with the
-optimizer state (ZeRO-1) or the optimizer state and the gradients (ZeRO-2) sharded over ranks.
+optimizer state (ZeRO-1), the optimizer state and the gradients (ZeRO-2), or those and the parameters
+(ZeRO-3) sharded over ranks.
 
     dp = DataParallel(model, lambda groups: AdamW(groups, lr=3e-4), zero_stage=1,
                       param_groups=model.param_groups(0.1))
@@ -13,8 +14,10 @@ optimizer state (ZeRO-1) or the optimizer state and the gradients (ZeRO-2) shard
 
 Without flashlm.dist.init() (one process) there is no communication: stage 0 is then exactly the plain
 optimizer. Stage 0 keeps a full optimizer on every rank and averages gradients with GradientSync, bucket by
-bucket while backward runs. Stages 1 and 2 are in flashlm.train.zero. Every method that communicates is
-collective: all ranks call it in the same order.
+bucket while backward runs. Stages 1 and 2 are in flashlm.train.zero, stage 3 in flashlm.parallel.zero3:
+there the model's parameters hold values only inside its forward and backward, so read or write them inside
+`with dp.full_parameters():` (a no-op for the other stages). Every method that communicates is collective:
+all ranks call it in the same order.
 """
 
 import contextlib
@@ -28,8 +31,8 @@ import flashlm.dist as fd
 
 class DataParallel:
     """`make_optimizer(param_groups) -> torch.optim.Optimizer` builds the optimizer: on the model's
-    parameters for stage 0, on flat per-rank shards (one tensor per group) for stages 1 and 2, so it must
-    take any float tensor (flashlm's AdamW and torch's optimizers do). `param_groups`: the groups to
+    parameters for stage 0, on flat per-rank shards (one tensor per group for stages 1 and 2, per block and
+    group for stage 3), so it must take any float tensor (flashlm's AdamW and torch's optimizers do). `param_groups`: the groups to
     optimize, as from model.param_groups(weight_decay) (default: every trainable parameter of `model` in one
     group); parameters that do not require grad are left out. `bucket_mb`: the size of the gradient buckets
     reduced together."""
@@ -40,8 +43,8 @@ class DataParallel:
             raise ValueError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_optimizer):
             raise ValueError("make_optimizer: must be callable (param_groups -> torch.optim.Optimizer)")
-        if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage: must be 0, 1 or 2, got {zero_stage!r}")
+        if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage!r}")
         if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not 0 < bucket_mb < math.inf:
             raise ValueError(f"bucket_mb: must be a number > 0, got {bucket_mb!r}")
         groups = _checked_groups(model, param_groups)
@@ -55,6 +58,7 @@ class DataParallel:
         else:
             self.rank, self.world_size = 0, 1
         params = [p for g in groups for p in g["params"]]
+        self._param_bytes = sum(p.numel() * p.element_size() for p in params)
         if self.world_size > 1:
             _broadcast_from_rank0(params)
         in_groups = {id(p) for p in params}
@@ -63,6 +67,10 @@ class DataParallel:
         ordered = [p for p in model.parameters() if id(p) in in_groups]
         if zero_stage == 0:
             self._impl = _Replicated(groups, ordered, make_optimizer, bucket_mb, self.world_size)
+        elif zero_stage == 3:
+            from flashlm.parallel.zero3 import Zero3
+
+            self._impl = Zero3(model, groups, make_optimizer, self.rank, self.world_size)
         else:
             from flashlm.train.zero import ShardedOptimizer
 
@@ -83,7 +91,8 @@ class DataParallel:
 
     def no_sync(self):
         """Backward passes inside accumulate gradients locally, without communication; the next backward
-        outside (and finish_gradients) reduces the accumulated sum."""
+        outside (and finish_gradients) reduces the accumulated sum. (Stage 3 reduces every backward's
+        gradients into its shards instead: no rank holds the full gradients.)"""
         return self._impl.no_sync()
 
     def finish_gradients(self) -> None:
@@ -124,6 +133,29 @@ class DataParallel:
 
     def step(self) -> None:
         self._impl.step()
+
+    def full_parameters(self):
+        """A context in which the model's parameters hold their full values, to read (a checkpoint, an
+        evaluation on one rank) or to write (loading weights: the same values on every rank). Collective
+        for stage 3, which gathers them and afterwards keeps its slice of them; a no-op otherwise."""
+        impl = getattr(self._impl, "full_parameters", None)
+        return impl() if impl is not None else contextlib.nullcontext()
+
+    @property
+    def materialized_bytes(self) -> int:
+        """Bytes of full parameter values this rank holds now: for stage 3 the gathered units (none between
+        steps), for the other stages every parameter's."""
+        return self._impl.materialized_bytes if self.zero_stage == 3 else self._param_bytes
+
+    @property
+    def peak_materialized_bytes(self) -> int:
+        """The most materialized_bytes has been since this DataParallel was made (or the last
+        reset_peak_materialized_bytes())."""
+        return self._impl.peak_materialized_bytes if self.zero_stage == 3 else self._param_bytes
+
+    def reset_peak_materialized_bytes(self) -> None:
+        if self.zero_stage == 3:
+            self._impl.peak_materialized_bytes = self._impl.materialized_bytes
 
     def zero_grad(self) -> None:
         self._impl.zero_grad()

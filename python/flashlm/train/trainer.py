@@ -164,6 +164,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.setup_model()
+        # Counted before ZeRO-3 shards the parameters (then they hold values only inside forward and backward).
+        self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
                                param_groups=self.model.param_groups(cfg.weight_decay))
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
@@ -243,8 +245,10 @@ class Trainer:
     def state_dict(self) -> dict:
         """The checkpoint (collective: dp.state_dict() gathers the optimizer state on every rank)."""
         tok = self.data.tokenizer()
-        return {"model_config": self.model_config.to_dict(),
-                "model": {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()},
+        # ZeRO-3: gathered from the shards (a checkpoint holds full tensors), copied before they are freed.
+        with self.dp.full_parameters():
+            model = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
+        return {"model_config": self.model_config.to_dict(), "model": model,
                 "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
                 "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.train_batches.state_dict(),
@@ -254,7 +258,8 @@ class Trainer:
         saved = state["model_config"]
         if saved != self.model_config.to_dict():
             raise ValueError(f"checkpoint: its model {saved} differs from this run's {self.model_config.to_dict()}")
-        self.model.load_state_dict(state["model"])
+        with self.dp.full_parameters():  # ZeRO-3: every rank then keeps its slice
+            self.model.load_state_dict(state["model"])
         self.dp.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -345,11 +350,11 @@ class Trainer:
             # MFU's ceiling: a float32 matmul on the CPU, a matmul in the autocast dtype on a GPU.
             dtype = _AUTOCAST.get(cfg.precision, torch.float32) if self.device.type == "cuda" else torch.float32
             self.peak_flops = measure_peak_flops(self.device, dtype)
-            self.log(f"flashlm train: {self.model.num_params() / 1e6:.2f}M parameters, "
-                     f"{self.model.flops_per_token() / 1e6:.1f} MFLOP/token, {self.tokens_per_step} tokens/step, "
+            self.log(f"flashlm train: {self.num_params / 1e6:.2f}M parameters, "
+                     f"{self.flops_per_token / 1e6:.1f} MFLOP/token, {self.tokens_per_step} tokens/step, "
                      f"{self.world_size} rank(s) on {self.device}; peak {self.peak_flops / 1e9:.1f} GFLOP/s "
                      f"measured with a {str(dtype).replace('torch.', '')} matmul (MFU's denominator)")
-        flops_per_token = self.model.flops_per_token()
+        flops_per_token = self.flops_per_token
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (self.is_main and cfg.progress),
                    desc="train", dynamic_ncols=True)
         start = time.time()
@@ -412,9 +417,11 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
     trainer = Trainer(cfg, resume=resume)
     try:
         metrics = trainer.train()
-        if trainer.is_main and cfg.sample_tokens > 0:
-            print("-- sample --")
-            print(trainer.sample(cfg.sample_tokens))
+        if cfg.sample_tokens > 0:
+            with trainer.dp.full_parameters():  # every rank joins ZeRO-3's gather; rank 0 alone samples
+                if trainer.is_main:
+                    print("-- sample --")
+                    print(trainer.sample(cfg.sample_tokens))
     finally:
         trainer.dp.close()
         if fd.is_initialized():

@@ -32,6 +32,7 @@ import torch
 
 import flashlm.dist as fd
 from flashlm.dist.grad_sync import BucketHooks
+from flashlm.parallel.zero3 import check_saved_groups
 
 
 class _Bucket:
@@ -227,10 +228,7 @@ class ShardedOptimizer(BucketHooks):
     def load_state_dict(self, state_dict: dict) -> None:
         """Takes a full state (any stage's state_dict): this rank keeps the slices of its shards."""
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.groups) or any(
-                len(g["params"]) != len(params) for g, params in zip(saved_groups, self.groups)):
-            raise ValueError(f"state_dict: its param groups hold {[len(g['params']) for g in saved_groups]} "
-                             f"parameters, these hold {[len(params) for params in self.groups]}")
+        check_saved_groups(saved_groups, self.groups)
         inner_state, inner_groups = {}, []
         for gi, (saved, params) in enumerate(zip(saved_groups, self.groups)):
             inner_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": [gi]})

@@ -1,0 +1,413 @@
+"""ZeRO stage 3: the parameters, their gradients and the optimizer state all sharded over the data-parallel
+ranks. flashlm.train.parallel.DataParallel(model, ..., zero_stage=3) uses it.
+
+Layout. The model is cut into units: each child of model.blocks (a transformer block) is one, and every
+other trainable parameter (embeddings, final norm, lm head; the whole model when it has no .blocks) makes
+one more, the "outer" unit. A unit's parameters, per param group, are laid out in one flat segment padded
+with zeros to a multiple of the world size; rank r keeps slice r of every segment: the master values (one
+tensor per segment, which the inner optimizer steps, so its state covers that slice only) and, after
+backward, the averaged gradient of that slice. A unit's full flat buffer exists only while the unit is in
+use: the module's parameters are views into it, and between uses its storage is resized to 0 and the
+parameters point at an empty tensor (reading one then gives 0 elements, never freed memory).
+
+A step.
+  - Forward: the outer unit is gathered when the model's forward starts and kept until its gradients are
+    reduced (the tied embedding is used first and last). Before block i runs it is gathered (waiting for
+    the prefetch) and block i + 1's all-gather is started on the background thread; after block i it is
+    freed, so at most two blocks are materialised at once.
+  - Backward: a hook on each block's output fires before that block's backward: the block is gathered again
+    and block i - 1's all-gather is prefetched. (Under activation checkpointing the block's forward runs
+    again there, on the gathered parameters.) When every parameter of a unit has its gradient, the unit's
+    gradients are packed, reduce-scattered (averaged) on the background thread into this rank's gradient
+    slice, the parameters' .grad dropped and the unit freed.
+  - Accumulation: every backward reduce-scatters, and the slices of successive micro-steps are summed, so
+    a rank never holds more than its slice of the gradients between micro-steps (no_sync() changes
+    nothing: there is no full local gradient to accumulate into).
+  - Step: the inner optimizer updates the shards; the next forward gathers the new values.
+Every collective runs on one background thread, in the order the hooks submit them: the same on every
+rank, because every rank runs the same graph (every trainable parameter must get a gradient in each
+backward, as a Transformer's do).
+"""
+
+import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import flashlm.dist as fd
+
+
+class _Segment:
+    """The parameters of one param group inside a unit: offsets in the padded segment, this rank's slice."""
+
+    def __init__(self, group, params, world_size, start):
+        self.group, self.params = group, params
+        self.offsets, n = [], 0
+        for p in params:
+            self.offsets.append(n)
+            n += p.numel()
+        self.padded = -(-n // world_size) * world_size
+        self.slice = self.padded // world_size  # elements per rank
+        self.start = start  # in the unit's full buffer
+        self.shard_start = 0  # in the unit's shard (set by _Unit)
+        self.shard = None  # this rank's master values (the tensor the inner optimizer steps)
+        self.grad_sum = None  # this rank's averaged gradient slice, summed over the step's backward passes
+
+
+class _Unit:
+    """One block (or the outer parameters): its segments, its full buffer while materialised."""
+
+    def __init__(self, module, segments, dtype, device):
+        self.module, self.segments = module, segments  # module: the block (None for the outer unit)
+        self.params = [p for s in segments for p in s.params]
+        self.numel = sum(s.padded for s in segments)
+        self.shard_numel = 0
+        for s in segments:
+            s.shard_start = self.shard_numel
+            self.shard_numel += s.slice
+        self.full = torch.zeros(self.numel, dtype=dtype, device=device)
+        self.views = [self.full[s.start + o:s.start + o + p.numel()].view_as(p)
+                      for s in segments for p, o in zip(s.params, s.offsets)]
+        self.ready = True  # the full buffer holds the parameters' values
+        self.future = None  # a pending all-gather
+        self.arrived = set()  # parameters whose gradient came in this backward
+
+
+class Zero3:
+    """The ZeRO-3 side of DataParallel; the same methods as its stage 0..2 counterparts."""
+
+    sharded = True
+
+    def __init__(self, model, groups, make_optimizer, rank, world_size):
+        self.rank, self.world_size = rank, world_size
+        self.groups = [g["params"] for g in groups]
+        group_of = {id(p): gi for gi, params in enumerate(self.groups) for p in params}
+        p0 = self.groups[0][0] if self.groups[0] else next(p for ps in self.groups for p in ps)
+        dtype, device = p0.dtype, p0.device
+        blocks = getattr(model, "blocks", None)
+        blocks = list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
+        claimed, parts = set(), []
+        for i, block in enumerate(blocks):
+            params = [p for p in block.parameters() if id(p) in group_of]
+            for p in params:
+                if id(p) in claimed:
+                    raise ValueError(f"model: a parameter of shape {tuple(p.shape)} is shared between blocks; "
+                                     f"ZeRO-3 gathers each block's parameters on their own")
+                claimed.add(id(p))
+            parts.append((block, params))
+        outer = [p for p in model.parameters() if id(p) in group_of and id(p) not in claimed]
+        parts.append((None, outer))
+        self.units = []  # the blocks with trainable parameters in model order, then the outer unit
+        for module, params in parts:
+            segments, start = [], 0
+            for gi in range(len(self.groups)):
+                ps = [p for p in params if group_of[id(p)] == gi]
+                if ps:
+                    segments.append(_Segment(gi, ps, world_size, start))
+                    start += segments[-1].padded
+            if segments:
+                self.units.append(_Unit(module, segments, dtype, device))
+        self.outer = self.units[-1] if outer else None
+        self.blocks = [u for u in self.units if u is not self.outer]
+        self._unit_of = {p: u for u in self.units for p in u.params}
+        self._shape = {p: p.shape for u in self.units for p in u.params}  # p itself is empty while freed
+        self.segments = [s for u in self.units for s in u.segments]
+        self._shard_from_params()
+
+        self._lock = threading.Lock()
+        self.materialized_bytes = 0
+        self.peak_materialized_bytes = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlm-zero3")
+        self._pending = []  # reduce-scatters not yet waited for
+        self._in_backward = False
+        self._pinned = False  # inside full_parameters(): everything stays materialised
+        for u in self.units:
+            self._free(u, count=False)
+        self._hooks = [model.register_forward_pre_hook(self._before_model),
+                       model.register_forward_hook(self._after_model)]
+        for i, unit in enumerate(self.blocks):
+            self._hooks.append(unit.module.register_forward_pre_hook(lambda m, a, i=i: self._before_block(i)))
+            self._hooks.append(unit.module.register_forward_hook(lambda m, a, out, i=i: self._after_block(i, out)))
+        self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for u in self.units for p in u.params]
+
+        inner = []
+        for gi, g in enumerate(groups):
+            shards = [s.shard for s in self.segments if s.group == gi]
+            inner.append({**{k: v for k, v in g.items() if k != "params"},
+                          "params": shards or [torch.zeros(0, dtype=dtype, device=device)]})
+        self._inner_params = [p for g in inner for p in g["params"]]
+        self.optimizer = make_optimizer(inner)
+
+    # ---- materialising --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _shard_from_params(self) -> None:
+        """Each segment's shard takes this rank's slice of the parameters' current values."""
+        for u in self.units:
+            for s in u.segments:
+                flat = torch.zeros(s.padded, dtype=u.full.dtype, device=u.full.device)
+                for p, o in zip(s.params, s.offsets):
+                    flat[o:o + p.numel()].copy_(p.detach().reshape(-1))
+                s.shard = flat[self.rank * s.slice:(self.rank + 1) * s.slice].clone()
+
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self.materialized_bytes += delta
+            self.peak_materialized_bytes = max(self.peak_materialized_bytes, self.materialized_bytes)
+
+    @torch.no_grad()
+    def _gather_into(self, u: _Unit) -> None:
+        """(Background thread.) Every rank's slices of unit u into its full buffer."""
+        shard = torch.cat([s.shard for s in u.segments])
+        gathered = (shard if self.world_size == 1 else fd.all_gather(shard)).view(self.world_size, -1)
+        u.full.untyped_storage().resize_(u.numel * u.full.element_size())
+        self._count(u.numel * u.full.element_size())
+        for s in u.segments:
+            u.full[s.start:s.start + s.padded].copy_(gathered[:, s.shard_start:s.shard_start + s.slice].reshape(-1))
+
+    def _fetch(self, u: _Unit) -> None:
+        """Starts gathering u unless it is materialised or on its way."""
+        if not u.ready and u.future is None:
+            u.future = self._executor.submit(self._gather_into, u)
+
+    def _wait(self, u: _Unit) -> None:
+        """Unit u materialised, its parameters pointing into its full buffer."""
+        self._fetch(u)
+        if u.future is not None:
+            future, u.future = u.future, None
+            future.result()
+            for p, v in zip(u.params, u.views):
+                p.data = v
+            u.ready = True
+
+    def _free(self, u: _Unit, count: bool = True) -> None:
+        if not u.ready:
+            return
+        for p in u.params:
+            p.data = torch.empty(0, dtype=u.full.dtype, device=u.full.device)
+        u.full.untyped_storage().resize_(0)
+        u.ready = False
+        if count:
+            self._count(-u.numel * u.full.element_size())
+
+    def _sync(self) -> None:
+        """Waits for every collective submitted so far (their errors surface here)."""
+        pending, self._pending = self._pending, []
+        for u in self.units:
+            if u.future is not None:
+                self._wait(u)
+        for f in pending:
+            f.result()
+
+    # ---- hooks ----------------------------------------------------------------------------------------
+
+    def _before_model(self, module, args):
+        if self._pinned:
+            return
+        self._in_backward = False
+        if self.outer is not None:
+            self._wait(self.outer)
+        if self.blocks:
+            self._fetch(self.blocks[0])
+
+    def _after_model(self, module, args, output):
+        if not self._pinned and not torch.is_grad_enabled() and self.outer is not None:
+            self._free(self.outer)  # no backward will need it
+
+    def _before_block(self, i: int):
+        if self._pinned:
+            return
+        self._wait(self.blocks[i])
+        if not self._in_backward and i + 1 < len(self.blocks):
+            self._fetch(self.blocks[i + 1])
+
+    def _after_block(self, i: int, output):
+        if self._pinned or self._in_backward:  # a recomputation for backward: the hooks there free it
+            return
+        if torch.is_tensor(output) and output.requires_grad:
+            output.register_hook(lambda grad, i=i: self._before_block_backward(i))
+        self._free(self.blocks[i])
+
+    def _before_block_backward(self, i: int):
+        self._in_backward = True
+        self._wait(self.blocks[i])
+        if i > 0:
+            self._fetch(self.blocks[i - 1])
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        u = self._unit_of[p]
+        u.arrived.add(p)
+        if len(u.arrived) == len(u.params):
+            self._reduce(u)
+
+    @torch.no_grad()
+    def _reduce(self, u: _Unit) -> None:
+        """Starts the reduce-scatter of unit u's gradients (zeros where none came) and frees the unit."""
+        flat = torch.zeros(self.world_size, u.shard_numel, dtype=u.full.dtype, device=u.full.device)
+        for s in u.segments:
+            padded = torch.zeros(s.padded, dtype=flat.dtype, device=flat.device)
+            for p, o in zip(s.params, s.offsets):
+                if p.grad is not None:
+                    padded[o:o + p.numel()].copy_(p.grad.reshape(-1))
+                    p.grad = None
+            flat[:, s.shard_start:s.shard_start + s.slice].copy_(padded.view(self.world_size, s.slice))
+        u.arrived.clear()
+        self._pending.append(self._executor.submit(self._reduce_into, u, flat.view(-1)))
+        if not self._pinned:
+            self._free(u)
+
+    def _reduce_into(self, u: _Unit, flat: torch.Tensor) -> None:
+        """(Background thread.) This rank's slice of the mean over ranks, added to the segments' sums."""
+        mine = flat if self.world_size == 1 else fd.reduce_scatter(flat, "avg")
+        for s in u.segments:
+            part = mine[s.shard_start:s.shard_start + s.slice]
+            if s.grad_sum is None:
+                s.grad_sum = part.clone()
+            else:
+                s.grad_sum.add_(part)
+
+    # ---- the DataParallel interface ---------------------------------------------------------------------
+
+    def no_sync(self):
+        return contextlib.nullcontext()  # every backward reduces into the sharded sums
+
+    def finish_gradients(self) -> None:
+        for u in self.units:  # units some of whose parameters got no gradient: the rest count as zero
+            if u.arrived:
+                self._reduce(u)
+        self._sync()
+        for s in self.segments:
+            s.shard.grad = s.grad_sum if s.grad_sum is not None else torch.zeros_like(s.shard)
+            s.grad_sum = None
+
+    def grads(self):
+        return [s.shard.grad for s in self.segments if s.shard.grad is not None]
+
+    def stepped_params(self):
+        return [s.shard for s in self.segments]
+
+    def zero_grad(self) -> None:
+        for u in self.units:
+            for p in u.params:
+                p.grad = None
+        for s in self.segments:
+            s.shard.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self._sync()
+        for u in self.units:  # stale once the shards move; the next forward gathers the new values
+            self._free(u)
+        self.optimizer.step()
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """Every unit materialised (collective); on exit the shards take this rank's slices of the values
+        (which the caller may have changed, the same on every rank) and the units are freed."""
+        self._sync()
+        for u in self.units:
+            self._wait(u)
+        self._pinned = True
+        try:
+            yield
+        finally:
+            self._pinned = False
+            with torch.no_grad():
+                for u in self.units:
+                    for s in u.segments:
+                        mine = u.full[s.start + self.rank * s.slice:s.start + (self.rank + 1) * s.slice]
+                        s.shard.copy_(mine)
+                    self._free(u)
+
+    # ---- state ----------------------------------------------------------------------------------------
+
+    def _gathered(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-element tensor laid out as a segment's shard, gathered over ranks: the padded segment
+        (collective)."""
+        return value.clone() if self.world_size == 1 else fd.all_gather(value.contiguous())
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state gathered and split per parameter, numbered as a plain optimizer over
+        the groups numbers them (collective)."""
+        self._sync()
+        inner = self.optimizer.state_dict()
+        index_of = {id(p): i for i, p in enumerate(self._inner_params)}
+        ids = {}
+        for params in self.groups:
+            for p in params:
+                ids[id(p)] = len(ids)
+        state, groups = {}, []
+        for gi, params in enumerate(self.groups):
+            saved = inner["param_groups"][gi]
+            groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                           "params": [ids[id(p)] for p in params]})
+        per_param = {}
+        for s in self.segments:
+            shard_state = inner["state"].get(index_of[id(s.shard)])
+            if not shard_state:
+                continue
+            for key in sorted(shard_state):
+                value = shard_state[key]
+                elementwise = torch.is_tensor(value) and value.shape == s.shard.shape and key != "step"
+                full = self._gathered(value) if elementwise else None
+                for p, o in zip(s.params, s.offsets):
+                    d = per_param.setdefault(id(p), {})
+                    if elementwise:
+                        d[key] = full[o:o + self._shape[p].numel()].view(self._shape[p]).clone()
+                    else:
+                        d[key] = value.clone() if torch.is_tensor(value) else value
+        for params in self.groups:
+            for p in params:
+                if id(p) in per_param:
+                    state[ids[id(p)]] = per_param[id(p)]
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Takes a full state (any stage's state_dict): this rank keeps the slices of its shards."""
+        saved_groups = state_dict["param_groups"]
+        check_saved_groups(saved_groups, self.groups)
+        index_of = {id(p): i for i, p in enumerate(self._inner_params)}
+        states = {id(p): state_dict["state"].get(i)
+                  for saved, params in zip(saved_groups, self.groups) for p, i in zip(params, saved["params"])}
+        inner_state = {}
+        for s in self.segments:
+            present = [(p, o, states[id(p)]) for p, o in zip(s.params, s.offsets) if states[id(p)]]
+            if not present:
+                continue
+            shard_state = {}
+            first_p, _, first = present[0]
+            for key, value in first.items():
+                if not (torch.is_tensor(value) and tuple(value.shape) == tuple(self._shape[first_p])
+                        and key != "step"):
+                    shard_state[key] = value
+                    continue
+                flat = torch.zeros(s.padded, dtype=value.dtype, device=s.shard.device)
+                for p, o, st in present:
+                    shape = tuple(self._shape[p])
+                    if key not in st or not torch.is_tensor(st[key]) or tuple(st[key].shape) != shape:
+                        got = tuple(st[key].shape) if torch.is_tensor(st.get(key)) else None
+                        raise ValueError(f"state_dict: '{key}' of a parameter of shape {shape} has shape {got}")
+                    flat[o:o + st[key].numel()].copy_(st[key].reshape(-1))
+                shard_state[key] = flat[self.rank * s.slice:(self.rank + 1) * s.slice].clone()
+            inner_state[index_of[id(s.shard)]] = shard_state
+        inner_groups = []
+        n = 0
+        for gi, g in enumerate(self.optimizer.param_groups):
+            inner_groups.append({**{k: v for k, v in saved_groups[gi].items() if k != "params"},
+                                 "params": list(range(n, n + len(g["params"])))})
+            n += len(g["params"])
+        self.optimizer.load_state_dict({"state": inner_state, "param_groups": inner_groups})
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._executor.shutdown(wait=True)
+
+
+def check_saved_groups(saved_groups, groups) -> None:
+    """A full optimizer state's param groups must hold as many parameters as `groups` (lists of them)."""
+    if len(saved_groups) != len(groups) or any(len(g["params"]) != len(ps) for g, ps in zip(saved_groups, groups)):
+        raise ValueError(f"state_dict: its param groups hold {[len(g['params']) for g in saved_groups]} "
+                         f"parameters, these hold {[len(ps) for ps in groups]}")
