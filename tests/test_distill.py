@@ -2,6 +2,7 @@
 computations, a student distilled from a GGUF Q8_0 teacher (trained here) against the same student trained on
 labels only, the offline top-k logits file (round trip, hostile files), exact resume, vocabularies that differ."""
 
+import dataclasses
 import random
 import shutil
 
@@ -30,6 +31,16 @@ def paragraphs(n, seed=0):
                      for _ in range(rng.randint(2, 5))) for _ in range(n)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every model here has 32-64 columns: with more threads, torch's matmuls only wait on each other (30x slower
+    on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
@@ -51,6 +62,7 @@ def teacher_gguf(corpus):
                       batch_size=8, lr=3e-3, min_lr=3e-4, warmup=10, eval_interval=150, ckpt_interval=150,
                       out_dir=str(corpus / "teacher"), sample_tokens=0, progress=False)
     trainer = Trainer(cfg, log=lambda *a: None)
+    trainer.peak_flops = 1.0  # MFU's denominator: not looked at
     metrics = trainer.train()
     trainer.dp.close()
     assert metrics[-1]["val_loss"] < 1.5, metrics[-1]  # it learned the grammar (uniform would be ln 320 = 5.8)
@@ -66,6 +78,12 @@ def config(corpus, teacher_path, out_dir, **kw):
                   progress=False)
     values.update(kw)
     return DistillConfig(**values)
+
+
+def distiller_of(dc, resume=False):
+    d = Distiller(dc, resume=resume, log=lambda *a: None)
+    d.peak_flops = 1.0  # MFU's denominator, not looked at here; measuring it takes seconds per run
+    return d
 
 
 # -- losses at the model level, against float64 hand computations --------------------------------------------
@@ -180,20 +198,15 @@ def test_distilled_student_is_closer_to_the_teacher_than_one_trained_on_labels(c
     every seed must have KL_d < KL_l, the geometric mean of KL_d / KL_l must be below 1/2, and the mean log-ratio
     must sit more than 3 standard errors below 0. Measured on the CPU: KL_d 0.012-0.044 against KL_l 0.034-0.173,
     a geometric mean ratio of 0.23 and a mean log-ratio 5.7 standard errors below 0."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices of 32-64 columns: threads only wait on each other
-    try:
-        kls = {}
-        for seed in range(SEEDS):
-            for alpha in (1.0, 0.0):
-                dc = config(corpus, teacher_gguf, tmp_path / f"s{seed}a{alpha}", alpha=alpha, temperature=1.0,
-                            student_layers=2, max_steps=200, warmup=5, seed=seed)
-                distiller = Distiller(dc, log=lambda *a: None)
-                distiller.train()
-                distiller.dp.close()
-                kls[seed, alpha] = kl_to_teacher(distiller)
-    finally:
-        torch.set_num_threads(threads)
+    kls = {}
+    for seed in range(SEEDS):
+        for alpha in (1.0, 0.0):
+            dc = config(corpus, teacher_gguf, tmp_path / f"s{seed}a{alpha}", alpha=alpha, temperature=1.0,
+                        student_layers=2, max_steps=200, warmup=5, seed=seed)
+            distiller = distiller_of(dc)
+            distiller.train()
+            distiller.dp.close()
+            kls[seed, alpha] = kl_to_teacher(distiller)
     distilled = np.array([kls[s, 1.0] for s in range(SEEDS)])
     labels = np.array([kls[s, 0.0] for s in range(SEEDS)])
     log_ratio = np.log(distilled / labels)
@@ -224,19 +237,13 @@ def test_teacher_logits_file_round_trip_and_offline_training(corpus, teacher_ggu
     assert torch.equal(val, logits.gather(1, idx).half().float())  # the stored values are the teacher's logits
     assert torch.equal(val, logits.topk(8, -1).values.half().float())  # and they are its top 8
 
-    online = Distiller(dc, log=lambda *a: None)
-    offline = Distiller(dataclasses_replace(dc, teacher=None, teacher_logits=str(path),
-                                            out_dir=str(tmp_path / "offline")), log=lambda *a: None)
+    online = distiller_of(dc)
+    offline = distiller_of(dataclasses.replace(dc, teacher=None, teacher_logits=str(path),
+                                               out_dir=str(tmp_path / "offline")))
     a, b = online.train_step()["loss"], offline.train_step()["loss"]
     assert abs(a - b) <= 2e-3 * abs(a), (a, b)  # the same batches, the teacher's values rounded to fp16
     for d in (online, offline):
         d.dp.close()
-
-
-def dataclasses_replace(dc, **kw):
-    import dataclasses
-
-    return dataclasses.replace(dc, **kw)
 
 
 def corrupt(path, offset, data):
@@ -301,7 +308,7 @@ def offset_of(path, name) -> int:
 
 def test_resume_reproduces_the_uninterrupted_run(corpus, teacher_gguf, tmp_path):
     kw = dict(max_steps=6, ckpt_interval=3, hidden_layers="1:2", student_layers=1)
-    full = Distiller(config(corpus, teacher_gguf, tmp_path / "full", **kw), log=lambda *a: None)
+    full = distiller_of(config(corpus, teacher_gguf, tmp_path / "full", **kw))
     want = [m["loss"] for m in full.train()]
     full.dp.close()
 
@@ -313,11 +320,11 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, teacher_gguf, tmp_path)
             raise Stop
 
     cut = config(corpus, teacher_gguf, tmp_path / "cut", **kw)
-    first = Distiller(cut, log=lambda *a: None)
+    first = distiller_of(cut)
     with pytest.raises(Stop):
         first.train(callback=stop_at_3)
     first.dp.close()
-    second = Distiller(cut, resume=True, log=lambda *a: None)
+    second = distiller_of(cut, resume=True)
     got = [m["loss"] for m in second.train()]
     second.dp.close()
     assert got == want
@@ -344,7 +351,7 @@ def test_vocabularies_must_match(corpus, teacher_gguf, tmp_path):
     dc = config(corpus, teacher_gguf, tmp_path / "out", student_layers=None, student_dim=None, student_heads=None,
                 student=str(run))
     with pytest.raises(ValueError, match="student: token"):
-        Distiller(dc, log=lambda *a: None)
+        distiller_of(dc)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -364,8 +371,7 @@ def test_bad_configurations_are_refused(corpus, tmp_path, kw, match):
 def test_layers_past_either_model_are_refused(corpus, teacher_gguf, tmp_path):
     for pairs, match in (("2:1", "student layer 2 past its 1"), ("1:3", "teacher layer 3 past its 2")):
         with pytest.raises(ValueError, match=match):
-            Distiller(config(corpus, teacher_gguf, tmp_path / pairs.replace(":", "_"), hidden_layers=pairs),
-                      log=lambda *a: None)
+            distiller_of(config(corpus, teacher_gguf, tmp_path / pairs.replace(":", "_"), hidden_layers=pairs))
 
 
 def test_command_writes_a_run_folder_that_exports(corpus, teacher_gguf, tmp_path, capsys):
