@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -38,11 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashlm.train.config import TrainConfig
+from flashlm.train.student import STUDENT_SIZES, check_same_vocabulary, init_from_teacher, student_config
 from flashlm.train.trainer import Trainer, rng_state
 
 KL_DIRECTIONS = ("forward", "reverse")
-STUDENT_SIZES = {"student_layers": "n_layer", "student_dim": "d_model", "student_heads": "n_head",
-                 "student_kv_heads": "n_kv_head", "student_ff": "d_ff"}
 
 
 @dataclass
@@ -168,86 +166,6 @@ def load_teacher(path: str):
     return loaded
 
 
-def check_same_vocabulary(teacher_tok, student_tok, where: str = "student") -> None:
-    """ValueError naming both sizes, or the first token that differs, unless the tokenizers' vocabularies
-    (tokenizers.Tokenizer, with added tokens) are the same."""
-    a = teacher_tok.get_vocab(with_added_tokens=True)
-    b = student_tok.get_vocab(with_added_tokens=True)
-    if len(a) != len(b):
-        raise ValueError(f"{where}: its vocabulary has {len(b)} tokens, the teacher's {len(a)}")
-    if a != b:
-        by_id_a, by_id_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
-        first = min(i for i in set(by_id_a) | set(by_id_b) if by_id_a.get(i) != by_id_b.get(i))
-        raise ValueError(f"{where}: token {first} is {by_id_b.get(first)!r}, the teacher's is {by_id_a.get(first)!r}")
-
-
-def student_config(dc: DistillConfig, teacher_cfg: dict):
-    """The student's ModelConfig: the teacher's (a dict of ModelConfig fields) with the TOML's fields and the
-    --student-* sizes on top; vocab_size and seq_len stay the teacher's."""
-    from flashlm.models import ModelConfig
-    from flashlm.models.config import FREE_HEAD_DIM
-
-    values = dict(teacher_cfg)
-    changes = {}
-    if dc.student_config is not None:
-        with open(dc.student_config, "rb") as f:
-            try:
-                changes.update(tomllib.load(f))
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"student_config: {dc.student_config} is not valid TOML ({e})") from e
-    changes.update({field: getattr(dc, flag) for flag, field in STUDENT_SIZES.items() if getattr(dc, flag) is not None})
-    unknown = sorted(set(changes) - {f.name for f in fields(ModelConfig)})
-    if unknown:
-        raise ValueError(f"student_config: unknown ModelConfig keys {unknown}")
-    for key in ("vocab_size",):
-        if key in changes and changes[key] != values[key]:
-            raise ValueError(f"student_config: {key} {changes[key]} differs from the teacher's {values[key]} (the "
-                             f"student shares the teacher's vocabulary)")
-    if "n_head" in changes and "n_kv_head" not in changes:
-        values["n_kv_head"] = None  # no GQA unless asked for
-    if ("d_model" in changes or "n_head" in changes) and "head_dim" not in changes:
-        values["head_dim"] = None  # d_model / n_head
-    if "d_model" in changes and "d_ff" not in changes:
-        values["d_ff"] = None  # the architecture's default for the width
-    values.update(changes)
-    if values.get("head_dim") is not None and values["arch"] not in FREE_HEAD_DIM:
-        values["head_dim"] = None
-    cfg = ModelConfig(**values)
-    if cfg.final_softcap is not None:
-        raise NotImplementedError("student_config: a soft-capped lm head (final_softcap) is not supported by the "
-                                  "fused distillation loss; set final_softcap to none")
-    return cfg
-
-
-def init_from_teacher(student: nn.Module, teacher: nn.Module) -> list:
-    """Copies the teacher's weights into the student: student block i from teacher block i * k (k = teacher
-    layers // student layers), every other tensor by name; each truncated to the student's shape. Returns the
-    teacher layers taken. A student wider than the teacher anywhere is an error."""
-    from flashlm.train.finetune import merged_state_dict
-
-    ls, lt = student.cfg.n_layer, teacher.cfg.n_layer
-    if ls > lt:
-        raise ValueError(f"init_from_teacher: the student has {ls} layers, more than the teacher's {lt}")
-    k = lt // ls
-    taken = [i * k for i in range(ls)]
-    source = merged_state_dict(teacher)  # float32, a GGUF teacher's blocks dequantized (once, for the init)
-    own = student.state_dict()
-    with torch.no_grad():
-        for name, t in own.items():
-            src_name = name
-            if name.startswith("blocks."):
-                _, i, rest = name.split(".", 2)
-                src_name = f"blocks.{taken[int(i)]}.{rest}"
-            if src_name not in source:
-                raise ValueError(f"init_from_teacher: the teacher has no {src_name} for the student's {name}")
-            src = source[src_name]
-            if src.dim() != t.dim() or any(a > b for a, b in zip(t.shape, src.shape)):
-                raise ValueError(f"init_from_teacher: the student's {name} {tuple(t.shape)} is wider than the "
-                                 f"teacher's {src_name} {tuple(src.shape)}")
-            t.copy_(src[tuple(slice(0, n) for n in t.shape)])
-    return taken
-
-
 def head_of(model: nn.Module):
     """The output projection the fused loss takes: the lm head, or the tied embedding table."""
     return model.lm_head if model.lm_head is not None else model.tok_emb.weight
@@ -371,27 +289,9 @@ class Distiller(Trainer):
         dc = self.dc
         self.teacher = load_teacher(dc.teacher) if dc.teacher is not None else None
         if dc.teacher_logits is not None:
-            from flashlm.train.teacher_logits import TopKBatches, open_teacher_logits
+            from flashlm.train.teacher_logits import TopKBatches
 
-            from flashlm.models import ModelConfig
-
-            f = open_teacher_logits(dc.teacher_logits)
-            saved, self.tokenizer_json = f.meta.get("model_config"), f.meta.get("tokenizer")
-            self.eos_id = f.meta.get("eos_token_id")
-            if not isinstance(saved, dict) or not isinstance(self.tokenizer_json, str):
-                raise ValueError(f"teacher_logits: {f.path} holds no teacher model config or tokenizer")
-            try:
-                self.teacher_cfg = ModelConfig.from_dict(saved).to_dict()  # checked: the file is untrusted
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"teacher_logits: {f.path}: its teacher model config is invalid ({e})") from e
-            if self.teacher_cfg["vocab_size"] != f.vocab:
-                raise ValueError(f"teacher_logits: {f.path}: vocab {f.vocab} differs from its model config's "
-                                 f"{self.teacher_cfg['vocab_size']}")
-            if self.eos_id is not None and not (isinstance(self.eos_id, int) and 0 <= self.eos_id < f.vocab):
-                raise ValueError(f"teacher_logits: {f.path}: eos_token_id {self.eos_id!r} outside the vocabulary")
-            if self.teacher is not None:
-                check_same_vocabulary(self.teacher.tokenizer.backend, self._backend(self.tokenizer_json),
-                                      "teacher_logits")
+            f = self.open_logits_file()
             self.cfg.seq_len = f.seq_len  # the file's windows are the training sequences
             self.train_batches = TopKBatches(f, self.cfg.batch_size, seed=self.cfg.seed, rank=self.rank,
                                              world_size=self.world_size)
@@ -409,6 +309,33 @@ class Distiller(Trainer):
                                              rank=self.rank, world_size=self.world_size)
         except ValueError as e:
             raise ValueError(f"data: the validation split is too small ({e}); give more text") from e
+
+    def open_logits_file(self):
+        """The offline file, and the teacher's config, tokenizer and end-of-document id it holds, all checked
+        (the file is untrusted)."""
+        from flashlm.models import ModelConfig
+        from flashlm.train.teacher_logits import open_teacher_logits
+
+        f = open_teacher_logits(self.dc.teacher_logits)
+        saved, self.tokenizer_json = f.meta.get("model_config"), f.meta.get("tokenizer")
+        self.eos_id = f.meta.get("eos_token_id")
+        if not isinstance(saved, dict) or not isinstance(self.tokenizer_json, str):
+            raise ValueError(f"teacher_logits: {f.path} holds no teacher model config or tokenizer")
+        try:
+            self.teacher_cfg = ModelConfig.from_dict(saved).to_dict()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"teacher_logits: {f.path}: its teacher model config is invalid ({e})") from e
+        if self.teacher_cfg["vocab_size"] != f.vocab:
+            raise ValueError(f"teacher_logits: {f.path}: vocab {f.vocab} differs from its model config's "
+                             f"{self.teacher_cfg['vocab_size']}")
+        if self.eos_id is not None and not (isinstance(self.eos_id, int) and 0 <= self.eos_id < f.vocab):
+            raise ValueError(f"teacher_logits: {f.path}: eos_token_id {self.eos_id!r} outside the vocabulary")
+        backend = self._backend(self.tokenizer_json)
+        if backend.get_vocab_size(with_added_tokens=True) > f.vocab:
+            raise ValueError(f"teacher_logits: {f.path}: its tokenizer has more tokens than the vocab {f.vocab}")
+        if self.teacher is not None:
+            check_same_vocabulary(self.teacher.tokenizer.backend, backend, "teacher_logits")
+        return f
 
     @staticmethod
     def _backend(tokenizer_json: str):
