@@ -5,8 +5,8 @@ float32 model. Student training tokens/s and peak memory of each.
 
 Cases (the same student, batch, tokens, loss and optimiser on both sides; only the teacher differs):
   gguf-teacher   the teacher loaded from its Q4_0 file as `flashlm distill --teacher FILE` loads it
-  float-teacher  the Q4_0 file's weights dequantized once into a float32 flashlm Transformer (the torch model a
-                 user would otherwise run), frozen, no gradients
+  float-teacher  the Q4_0 file's weights dequantized to float32 (written once, beforehand, as a torch file) in a
+                 flashlm Transformer: the torch float model a user would otherwise run, frozen, no gradients
 Each step: the teacher's forward (no gradient), then the student's forward and backward through the fused
 distillation loss (alpha 0.5, T 2, full vocabulary) and flashlm's AdamW. Both teachers compute the same logits up
 to the Q4_0 kernel's rounding: the first step's loss must agree to 1e-3 (relative), or the report says so.
@@ -54,48 +54,56 @@ def proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"compare_distill: /proc/self/status has no {key} (Linux only)")
 
 
-def write_teacher(cfg_dict: dict, path: str) -> None:
-    """A random-weight teacher as a Q4_0 GGUF file (no tokenizer: the bench feeds token ids)."""
+def write_teachers(cfg_dict: dict, folder: str) -> dict:
+    """A random-weight teacher as a Q4_0 GGUF file (no tokenizer: the bench feeds token ids), and the same file's
+    weights dequantized to float32 in a torch file, the float teacher's: both teachers compute the same function."""
     import warnings
 
+    from flashlm.io import load_model
     from flashlm.models import ModelConfig, Transformer
     from flashlm.train.export import export_gguf
+    from flashlm.train.finetune import merged_state_dict
 
     torch.manual_seed(0)
     cfg = ModelConfig(**cfg_dict)
+    paths = {"gguf": os.path.join(folder, "teacher-q4_0.gguf"), "float": os.path.join(folder, "teacher-f32.pt")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tokenizer": llama.cpp is not the reader here
-        export_gguf(Transformer(cfg).state_dict(), cfg, None, path, type="Q4_0")
+        export_gguf(Transformer(cfg).state_dict(), cfg, None, paths["gguf"], type="Q4_0")
+    loaded = load_model(paths["gguf"], tokenizer=False)
+    own = Transformer(loaded.config).state_dict()
+    state = {k: v for k, v in merged_state_dict(loaded.model).items() if k in own}  # a tied head is the embedding
+    torch.save({"model_config": loaded.config.to_dict(), "model": state}, paths["float"])
+    return paths
 
 
-def load_teacher(case: str, path: str):
-    from flashlm.io import load_model
-
-    loaded = load_model(path, tokenizer=False)
+def load_teacher(case: str, paths: dict):
+    """The GGUF teacher as `flashlm distill` loads it, or the float one memory-mapped into a Transformer (one copy
+    of its weights, as a user's float model would have)."""
     if case == "gguf-teacher":
-        return loaded.model
-    from flashlm.models import Transformer
-    from flashlm.train.finetune import merged_state_dict
+        from flashlm.io import load_model
 
-    model = Transformer(loaded.config)
-    state = merged_state_dict(loaded.model)  # the Q4_0 blocks dequantized, once
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own})  # a tied lm head is the embedding
-    del loaded
+        return load_model(paths["gguf"], tokenizer=False).model
+    from flashlm.io.loaded import empty_model
+    from flashlm.models import ModelConfig
+
+    saved = torch.load(paths["float"], mmap=True, weights_only=True)
+    model = empty_model(ModelConfig.from_dict(saved["model_config"]))
+    model.load_state_dict(saved["model"], assign=True)
     return model.eval().requires_grad_(False)
 
 
-def run_case(case: str, path: str, student_dict: dict, batch: int, seq: int, steps: int, warmup: int) -> dict:
+def run_case(case: str, paths: dict, student_dict: dict, batch: int, seq: int, steps: int, warmup: int) -> dict:
     from flashlm.models import ModelConfig, Transformer
     from flashlm.train.distill import DistillConfig, DistillModel
     from flashlm.train.optim import AdamW
 
     base_rss = proc_status_bytes("VmRSS")
-    teacher = load_teacher(case, path)
+    teacher = load_teacher(case, paths)
     torch.manual_seed(1)
     student = Transformer(ModelConfig(**dict(teacher.cfg.to_dict(), head_dim=None, n_kv_head=None, d_ff=None,
                                              **student_dict)))
-    model = DistillModel(student, teacher, DistillConfig(teacher=path, alpha=0.5, temperature=2.0),
+    model = DistillModel(student, teacher, DistillConfig(teacher=paths["gguf"], alpha=0.5, temperature=2.0),
                          teacher.cfg.to_dict()).train()
     opt = AdamW(student.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(2)
@@ -118,8 +126,8 @@ def run_case(case: str, path: str, student_dict: dict, batch: int, seq: int, ste
             "loss0": first_loss}
 
 
-def spawn(case: str, args, path: str, student: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--path", path, "--student",
+def spawn(case: str, args, paths: dict, student: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--paths", json.dumps(paths), "--student",
            json.dumps(student), "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--warmup", str(args.warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -140,7 +148,7 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke run")
     ap.add_argument("--out", default=None, help="write the table to this Markdown file (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--paths", help=argparse.SUPPRESS)
     ap.add_argument("--student", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -156,7 +164,7 @@ def parse_args():
 def main():
     args = parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.path, json.loads(args.student), args.batch, args.seq, args.steps,
+        print(json.dumps(run_case(args.case, json.loads(args.paths), json.loads(args.student), args.batch, args.seq, args.steps,
                                   args.warmup)))
         return
     teacher, student = (QUICK_TEACHER, QUICK_STUDENT) if args.quick else (TEACHER, STUDENT)
@@ -164,13 +172,12 @@ def main():
         sys.exit(f"compare_distill: error: --seq {args.seq} exceeds the teacher's seq_len {teacher['seq_len']}")
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="compare_distill-") as folder:
-        path = os.path.join(folder, "teacher-q4_0.gguf")
-        write_teacher(teacher, path)
-        size = os.path.getsize(path)
+        paths = write_teachers(teacher, folder)
+        size = os.path.getsize(paths["gguf"])
         runs = {c: [] for c in CASES}
         for rnd in range(args.rounds):
             for case in CASES if rnd % 2 == 0 else CASES[::-1]:  # neither side always runs first
-                runs[case].append(spawn(case, args, path, student))
+                runs[case].append(spawn(case, args, paths, student))
     load1 = os.getloadavg()[0]
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "tok_s", "mem")} for c in CASES}
     loss = {c: runs[c][0]["loss0"] for c in CASES}
