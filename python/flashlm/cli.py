@@ -1,6 +1,6 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export RUN --gguf OUT.gguf --hf DIR --peft DIR --lora-gguf A.gguf`, `flashlm convert HF_DIR OUT`,
-`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm finetune`,
+`flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm finetune`, `flashlm distill`,
 `flashlm eval MODEL --perplexity FILE`, `flashlm eval MODEL --tasks mmlu:DIR,... --shots K`,
 `flashlm eval CKPT --data FILE`."""
 
@@ -352,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     add_finetune_parser(sub)
+
+    from flashlm.train.distill_command import add_distill_parser
+
+    add_distill_parser(sub)
 
     from flashlm.eval.command import add_arguments as add_eval_arguments
 

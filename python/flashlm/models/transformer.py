@@ -352,6 +352,19 @@ class Transformer(nn.Module):
         The PEFT methods feed virtual tokens: prompt [B, P, d], embeddings placed before idx's (prompt tuning),
         or kv_prefix, per layer (k, v) [B, P, n_kv_head, head_dim] that every position attends to (prefix
         tuning). Either way idx's tokens sit at positions P.. P + T - 1, as in HF's models under PEFT."""
+        hidden = self.hidden_states(idx, prompt=prompt, kv_prefix=kv_prefix)  # checks idx first
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        logits = self.logits(hidden)
+        loss = None
+        if targets is not None:
+            B, T = idx.shape
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, *, prompt=None, kv_prefix=None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, d] of idx's positions (forward's logits are self.logits of
+        them): what a loss fused with the lm head takes instead of the logits."""
         if idx.dtype != torch.int64 or idx.dim() != 2:
             raise ValueError(f"idx: must be int64 [batch, seq], got {idx.dtype} {tuple(idx.shape)}")
         B, T = idx.shape
@@ -359,8 +372,6 @@ class Transformer(nn.Module):
         if not 0 < T <= self.cfg.seq_len - P:
             room = f"seq_len={self.cfg.seq_len}" + (f" less {P} virtual tokens" if P else "")
             raise ValueError(f"idx: sequence length must be in [1, {room}], got {T}")
-        if targets is not None and targets.shape != idx.shape:
-            raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
         x = self.tok_emb(idx)  # [B, T, d]
         first = P  # the position of idx's first token
         if prompt is not None:
@@ -379,11 +390,7 @@ class Transformer(nn.Module):
                 x = block(x, rope, prefix)
         if prompt is not None:
             x = x[:, P:]
-        logits = self.logits(self.final_norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
-        return logits, loss
+        return self.final_norm(x)
 
     def _virtual_tokens(self, B: int, prompt, kv_prefix) -> int:
         """P, the virtual tokens forward's prompt or kv_prefix put before idx's (0 for neither), checked."""

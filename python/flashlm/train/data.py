@@ -209,11 +209,11 @@ class EpochBatches:
         return self
 
     def __next__(self):
-        x, y = self.batch(self.epoch, self.index)
+        batch = self.batch(self.epoch, self.index)  # (x, y), or more (a subclass's extra tensors)
         self.index += 1
         if self.index == self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        return x, y
+        return batch
 
 
 class PackedBatches(EpochBatches):

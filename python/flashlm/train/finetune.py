@@ -368,16 +368,9 @@ class FineTuner(Trainer):
 
 def resume_finetune_config(out_dir, overrides: dict) -> FinetuneConfig:
     """The configuration saved in out_dir's latest checkpoint with `overrides` (None values ignored) on top."""
-    from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
+    from flashlm.train.trainer import saved_job_config
 
-    path = latest_checkpoint(out_dir)
-    values = {}
-    if path is not None:
-        values = load_checkpoint(path).get("finetune")
-        if not isinstance(values, dict):
-            raise ValueError(f"checkpoint: {path} is not a fine-tuning run's")
-    values = dict(values, **{k: v for k, v in overrides.items() if v is not None})
-    return FinetuneConfig.from_dict(values)
+    return FinetuneConfig.from_dict(saved_job_config(out_dir, "finetune", "fine-tuning", overrides))
 
 
 def run_finetune(ft: FinetuneConfig, resume=False) -> list:

@@ -260,6 +260,10 @@ class Trainer:
             raise ValueError(f"checkpoint: its model {saved} differs from this run's {self.model_config.to_dict()}")
         with self.dp.full_parameters():  # ZeRO-3: every rank then keeps its slice
             self.model.load_state_dict(state["model"])
+        self.load_loop_state(state)
+
+    def load_loop_state(self, state: dict):
+        """What the loop itself saved: optimizer, scaler, RNG states, data position, step and metrics."""
         self.dp.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
@@ -283,12 +287,12 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x, y = next(self.train_batches)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            # (x, y), or more tensors for a model that takes them (distillation's stored teacher logits)
+            batch = [t.to(self.device, non_blocking=True) for t in next(self.train_batches)]
             sync = micro == cfg.grad_accum - 1  # only the last backward averages gradients over ranks
             with contextlib.nullcontext() if sync else self.dp.no_sync():
                 with self._autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(*batch)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         self.dp.finish_gradients()
@@ -427,6 +431,19 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
         if fd.is_initialized():
             fd.destroy()
     return metrics
+
+
+def saved_job_config(out_dir, key: str, what: str, overrides: dict) -> dict:
+    """The job configuration a subclass's checkpoints save under `key` (fine-tuning, distillation), from
+    out_dir's latest checkpoint (none: empty), with `overrides` (None values ignored) on top. what: the job's
+    name in the error for a checkpoint of another kind."""
+    path = latest_checkpoint(out_dir)
+    values = {}
+    if path is not None:
+        values = load_checkpoint(path).get(key)
+        if not isinstance(values, dict):
+            raise ValueError(f"checkpoint: {path} is not a {what} run's")
+    return dict(values, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def resume_config(out_dir, preset=None, toml_path=None, overrides=None) -> TrainConfig:
