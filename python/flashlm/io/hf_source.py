@@ -215,7 +215,7 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
-        if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
+        if a in ("qwen3", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # a head_dim of its own
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
         return meta + [(k, v, t, None) for k, v, t in gemma_metadata(mc, context)]

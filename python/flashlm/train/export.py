@@ -293,7 +293,7 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
     else:
         meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
-    if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
+    if a in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # a head_dim of its own
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
     meta += gemma_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
