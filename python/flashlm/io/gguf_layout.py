@@ -75,9 +75,10 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
     head_dim = None
     names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
-    own_head_dim = arch in ("qwen3", "gemma2", "gemma3") or (arch != "gpt2" and f"{arch}.attention.key_length" in meta.m)
-    if own_head_dim:  # its own head_dim (key_length): the heads need not split embedding_length
-        head_dim = meta.int(f"{arch}.attention.key_length", limit=LIMITS["head_dim"])
+    # A head_dim of its own (key_length; llama's and qwen2's where given): the heads need not split embedding_length
+    key_length = f"{arch}.attention.key_length"
+    if arch in ("qwen3", "gemma2", "gemma3") or (arch != "gpt2" and key_length in meta.m):
+        head_dim = meta.int(key_length, limit=LIMITS["head_dim"])
         check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
     else:
         check_heads(d, n_head, n_kv, names, "metadata: ")
