@@ -19,6 +19,8 @@ from compare import assert_close
 from flashlm.cli import main as cli_main
 from flashlm.io import load_model
 from flashlm.models import ModelConfig, Transformer
+from flashlm.runtime.engine import LLM
+from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.simple_generate import generate
 from flashlm.train.export import export_gguf, export_hf
 from flashlm.train.prune import (calibration_batches, check_drop_layers, float_model, kept_group_count, plan_pruning,
@@ -187,8 +189,9 @@ def test_taylor_scores_match_autograd():
 
 def test_pruned_gguf_matches_llama_cpp_and_loads_everywhere(tokenizer, tmp_path):
     """A pruned llama (GQA groups, head_dim 8 with d_model 64: llama.cpp's key_length) exported to GGUF F32:
-    llama.cpp's greedy tokens equal flashlm's, flashlm reads the file, the HF directory and the run folder
-    back with the same logits, and transformers computes them too."""
+    llama.cpp's greedy tokens equal flashlm's, and so do those of flashlm's engine serving the file; flashlm
+    reads the file, the HF directory and the run folder back with the same logits, and transformers computes
+    them too."""
     _, model = make_model("llama-gqa")
     small, _ = prune_model(model, 0.5, 0.5, [1])
     assert small.cfg.head_dim * small.cfg.n_head != small.cfg.d_model
@@ -216,6 +219,11 @@ def test_pruned_gguf_matches_llama_cpp_and_loads_everywhere(tokenizer, tmp_path)
         want_logits = small(torch.tensor([greedy[:-1]]))[0][0].numpy()
     assert_close(logits, want_logits, atol=3e-5, name="llama.cpp logits of the pruned model")
     assert got == greedy, f"llama.cpp greedy {got[len(prompt):]} vs flashlm {greedy[len(prompt):]}"
+
+    engine = LLM(str(tmp_path / "m.gguf"), block_size=4)  # the serving runtime: paged cache, native decoder
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert engine.runner.native_decoder is not None
+    assert out.outputs[0].token_ids == greedy[len(prompt):]
 
 
 def test_cli_prunes_a_gguf_file(tokenizer, tmp_path, capsys):
