@@ -262,12 +262,21 @@ def test_cli_prunes_a_gguf_file(tokenizer, tmp_path, capsys):
     (["--drop-layers", "0,1,2"], "leaves no model"),
     (["--drop-layers", "a"], "--drop-layers: expected layer indices"),
     (["--score", "taylor"], "calib_data: the taylor score needs calibration text"),
+    (["--score", "activation", "--calib-data", "missing.txt"], "calib_data: 'missing.txt' is not a file"),
+    (["--calib-samples", "0", "--score", "taylor", "--calib-data", __file__], "calib_samples: must be a positive"),
+    (["--format", "gguf", "--out", "."], "out: '.' is a folder, not a GGUF file"),
 ])
 def test_cli_bad_input(args, match, tokenizer, tmp_path, capsys):
     cfg, model = make_model("llama-gqa")
     save_model(model, str(tmp_path / "src"), "run", tokenizer.to_str())
+    assert cli_main(["prune", str(tmp_path / "src"), "--ffn-keep", "0.5", "--out", str(tmp_path / "src")]) != 0
+    assert "is the model being pruned" in capsys.readouterr().err
+    save_model(model, str(tmp_path / "other"), "run", tokenizer.to_str())
+    assert cli_main(["prune", str(tmp_path / "src"), "--ffn-keep", "0.5", "--out", str(tmp_path / "other")]) != 0
+    assert "holds checkpoints of another run" in capsys.readouterr().err
     ffn = [] if "--ffn-keep" in args else ["--ffn-keep", "0.5"]
-    assert cli_main(["prune", str(tmp_path / "src"), *args, *ffn, "--out", str(tmp_path / "o")]) != 0
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+    assert cli_main(["prune", str(tmp_path / "src"), *args, *ffn, *out]) != 0
     err = capsys.readouterr().err
     assert err.startswith("flashlm: error: ") and "Traceback" not in err
     assert re.search(match, err), err

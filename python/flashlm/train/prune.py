@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashlm.io.loaded import empty_model
 from flashlm.models import ModelConfig, Transformer
 from flashlm.train.prune_scores import activation_scores, magnitude_scores, taylor_scores
 
@@ -167,8 +168,8 @@ def apply_plan(model: Transformer, plan: PrunePlan) -> Transformer:
     new_state = {k: t.clone() for k, t in state.items() if not k.startswith("blocks.")}
     for new, old in enumerate(plan.layers):
         new_state |= _prune_block(cfg, state, f"blocks.{old}.", f"blocks.{new}.", plan.groups[old], plan.channels[old])
-    small = Transformer(pruned_config(cfg, plan), attn_impl=model.blocks[0].attn.attn_impl)
-    small.load_state_dict(new_state)
+    small = empty_model(pruned_config(cfg, plan), attn_impl=model.blocks[0].attn.attn_impl)
+    small.load_state_dict(new_state, assign=True)
     if cfg.rotary:  # the original's tables (a GGUF file's own rope factors, say), not ones computed afresh
         small.rope_cos, small.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()
     return small.eval()
@@ -195,7 +196,8 @@ def calibration_batches(tokenizer, path, n_samples: int = 16, seq_len: int = 128
     if not os.path.isfile(path):
         raise ValueError(f"calib_data: {path!r} is not a file")
     with open(path, encoding="utf-8", errors="replace") as f:
-        ids = tokenizer.encode(f.read(), add_special_tokens=False)
+        # enough text for the windows at any tokenizer's rate (a token spans at most a few dozen characters)
+        ids = tokenizer.encode(f.read(64 * n_samples * (seq_len + 1)), add_special_tokens=False)
     if len(ids) < 2:
         raise ValueError(f"calib_data: {path!r} holds {len(ids)} tokens; at least 2 are needed")
     window = min(seq_len, len(ids) - 1) + 1
@@ -229,8 +231,8 @@ def float_model(loaded) -> Transformer:
     if missing:
         raise NotImplementedError(f"model: cannot read {missing[0]!r} as a float tensor (int8/int4 models are not "
                                   f"pruned)")
-    out = Transformer(cfg)
-    out.load_state_dict({k: state[k].detach().to("cpu", torch.float32) for k in wanted})
+    out = empty_model(cfg)
+    out.load_state_dict({k: state[k].detach().to("cpu", torch.float32) for k in wanted}, assign=True)
     if cfg.rotary:
         out.rope_cos, out.rope_sin = model.rope_cos.clone(), model.rope_sin.clone()
     return out.eval()
@@ -243,6 +245,20 @@ def out_format(out: str, fmt=None) -> str:
     if fmt not in OUT_FORMATS:
         raise ValueError(f"format: must be one of {OUT_FORMATS}, got {fmt!r}")
     return fmt
+
+
+def check_out(model_path, out, fmt: str) -> None:
+    """ValueError where writing OUT would overwrite the model being pruned or mix into another run's checkpoints."""
+    from flashlm.io.checkpoint import list_checkpoints
+
+    if os.path.realpath(out) == os.path.realpath(model_path):
+        raise ValueError(f"out: {out!r} is the model being pruned; write the pruned model elsewhere")
+    if fmt == "run" and list_checkpoints(out):
+        raise ValueError(f"out: {out!r} holds checkpoints of another run; choose another folder")
+    if fmt != "gguf" and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out!r} is a file, not a folder")
+    if fmt == "gguf" and os.path.isdir(out):
+        raise ValueError(f"out: {out!r} is a folder, not a GGUF file")
 
 
 def save_model(model: Transformer, out, fmt: str, tokenizer_json=None, eos_token_id=None, type: str = "F16") -> str:
@@ -271,10 +287,11 @@ def prune_file(model_path, out, heads_keep=1.0, ffn_keep=1.0, drop_layers=(), sc
     from flashlm.io import load_model
 
     fmt = out_format(out, fmt)
+    check_out(model_path, out, fmt)
     loaded = load_model(model_path)
     model = float_model(loaded)
     batches = None
-    if calib_data is not None:
+    if calib_data is not None and score != "magnitude":
         seq_len = min(calib_seq_len, model.cfg.seq_len)
         batches = calibration_batches(loaded.tokenizer, calib_data, calib_samples, seq_len)
     pruned, plan = prune_model(model, heads_keep, ffn_keep, drop_layers, score, batches, p)

@@ -134,7 +134,8 @@ def taylor_scores(model: Transformer, batches) -> dict:
     cross-entropy; batches int64 [B, T + 1])."""
     params = {name: p for name, p in model.named_parameters() if name.startswith("blocks.")}
     wanted = {name: p.requires_grad for name, p in params.items()}
-    acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    # float32 sums of a few nonnegative terms each: the weights' size again, not twice it
+    acc = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     seen = 0
     try:
         for p in params.values():
@@ -143,7 +144,7 @@ def taylor_scores(model: Transformer, batches) -> dict:
             grads = torch.autograd.grad(_next_token_loss(model, batch), list(params.values()), allow_unused=True)
             for (name, p), g in zip(params.items(), grads):
                 if g is not None:
-                    acc[name] += (p.detach().double() * g.double()).abs()
+                    acc[name] += (p.detach().float() * g.float()).abs()
             seen += 1
     finally:
         for name, p in params.items():
