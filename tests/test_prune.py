@@ -188,12 +188,13 @@ def test_taylor_scores_match_autograd():
 
 
 def test_pruned_gguf_matches_llama_cpp_and_loads_everywhere(tokenizer, tmp_path):
-    """A pruned llama (GQA groups, head_dim 8 with d_model 64: llama.cpp's key_length) exported to GGUF F32:
+    """A pruned llama (fewer GQA groups, head_dim 8 with d_model 64: HF's head_dim, llama.cpp's key_length)
+    exported to GGUF F32:
     llama.cpp's greedy tokens equal flashlm's, and so do those of flashlm's engine serving the file; flashlm
     reads the file, the HF directory and the run folder back with the same logits, and transformers computes
     them too."""
     _, model = make_model("llama-gqa")
-    small, _ = prune_model(model, 0.5, 0.5, [1])
+    small, _ = prune_model(model, *PRUNE["llama-gqa"])
     assert small.cfg.head_dim * small.cfg.n_head != small.cfg.d_model
     x = ids(1, 20, seed=7)
     with torch.no_grad():
@@ -224,6 +225,22 @@ def test_pruned_gguf_matches_llama_cpp_and_loads_everywhere(tokenizer, tmp_path)
     out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert engine.runner.native_decoder is not None
     assert out.outputs[0].token_ids == greedy[len(prompt):]
+
+
+def test_pruned_qwen2_goes_to_hf_not_gguf(tokenizer, tmp_path):
+    """llama.cpp's qwen2 has no head_dim of its own: a qwen2 with heads pruned is refused as GGUF, by export and
+    by `flashlm convert` of its HF directory, and transformers computes the HF directory's logits."""
+    _, model = make_model("qwen2")
+    small, _ = prune_model(model, *PRUNE["qwen2"])
+    with pytest.raises(ValueError, match="llama.cpp's qwen2 needs n_head \\* head_dim = d_model"):
+        save_model(small, str(tmp_path / "m.gguf"), "gguf", tokenizer.to_str())
+    save_model(small, str(tmp_path / "hf"), "hf", tokenizer.to_str())
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "c.gguf")]) != 0
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    x = ids(1, 20, seed=7)
+    with torch.no_grad():
+        assert_close(hf(x).logits, small(x)[0], atol=2e-4, name="transformers on the pruned qwen2")
 
 
 def test_cli_prunes_a_gguf_file(tokenizer, tmp_path, capsys):

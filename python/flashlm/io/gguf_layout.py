@@ -158,6 +158,14 @@ def check_llama_cpp_gemma(s: ModelConfig) -> None:
                          f"query_pre_attn_scalar is {s.query_pre_attn_scalar}")
 
 
+def check_llama_cpp_head_dim(s: ModelConfig) -> None:
+    """ValueError for a qwen2 whose heads do not fill the model width: llama.cpp's qwen2 builds attn_q and attn_output
+    as [n_embd, n_embd] (its llama, qwen3 and gemma read key_length)."""
+    if s.arch == "qwen2" and s.n_head * s.head_dim != s.d_model:
+        raise ValueError(f"model_config: llama.cpp's qwen2 needs n_head * head_dim = d_model, got {s.n_head} * "
+                         f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
+
+
 def gemma_metadata(s: ModelConfig, context: int) -> list:
     """[(key, value, GGUFValueType)] of the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none
     of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""

@@ -35,7 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, gemma_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -232,6 +232,7 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     """[(GGUF tensor name, float32 array in torch order)] in llama.cpp's file order."""
     t = {k: v.numpy() for k, v in state.items()}
     out = []
+    check_llama_cpp_head_dim(s)
     if s.gemma:
         check_llama_cpp_gemma(s)
     if s.rope_scaling is not None:

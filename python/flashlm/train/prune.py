@@ -117,6 +117,9 @@ def _top(scores: torch.Tensor, k: int) -> list:
 
 def plan_pruning(model: Transformer, heads_keep=1.0, ffn_keep=1.0, drop_layers=(), score="magnitude",
                  batches=None, p: int = 2) -> PrunePlan:
+    """What to keep: every argument checked, then each layer's best K/V groups and channels by `score`."""
+    if score not in SCORES:
+        raise ValueError(f"score: must be one of {SCORES}, got {score!r}")
     cfg = model.cfg
     groups = kept_group_count(cfg, heads_keep)
     channels = max(1, round(check_keep(ffn_keep, "ffn_keep") * cfg.d_ff))
