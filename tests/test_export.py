@@ -62,7 +62,11 @@ def make_model(name, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"vocab_size": VOCAB, "n_layer": 2, "n_head": N_HEAD, "d_model": D_MODEL, "seq_len": SEQ,
                          **MODELS[name]})
-    model = Transformer(cfg).eval()
+    return cfg, unit_scale(Transformer(cfg).eval())
+
+
+def unit_scale(model):
+    """model with matrices of std 1/sqrt(fan_in), norm weights near 1 and biases of std 0.2, drawn in place."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.dim() == 2:
@@ -71,7 +75,7 @@ def make_model(name, seed=0):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.2)
-    return cfg, model
+    return model
 
 
 def read_gguf(path):

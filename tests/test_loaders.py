@@ -215,7 +215,7 @@ def test_hf_known_buffers_are_skipped(tmp_path):
 
 @pytest.mark.parametrize("kind, edit, match", [
     ("llama_tied", {"architectures": ["FalconForCausalLM"]}, "architectures"),
-    ("llama_tied", {"head_dim": 16}, "head_dim"),
+    ("llama_tied", {"head_dim": 16}, "weights: tensor 'model.layers.0.self_attn.q_proj.weight' has shape"),
     ("llama_tied", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama_tied", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
     ("llama_tied", {"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads"),

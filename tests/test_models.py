@@ -243,7 +243,7 @@ def test_param_groups_and_flops():
     (dict(seq_len=2**25), "seq_len"), (dict(d_model=2048, n_head=1), "head_dim"), (dict(n_layer=True), "n_layer"),
     (dict(norm_eps=float("inf")), "norm_eps"), (dict(rope_theta=float("nan")), "rope_theta"),
     (dict(n_kv_head=2.0), "n_kv_head"),
-    (dict(arch="llama", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
+    (dict(arch="gpt2", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
     (dict(arch="qwen3", head_dim=2048), "head_dim"), (dict(arch="qwen3", head_dim=15), "head_dim"),
     (dict(arch="qwen3", head_dim=16.0), "head_dim"),
     (dict(arch="llama", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),

@@ -1,6 +1,7 @@
 """The `flashlm` command line: `flashlm info`, `flashlm gguf inspect FILE`, `flashlm quantize IN OUT --type T`,
 `flashlm export RUN --gguf OUT.gguf --hf DIR --peft DIR --lora-gguf A.gguf`, `flashlm convert HF_DIR OUT`,
 `flashlm generate|chat|bench-decode --model PATH`, `flashlm demo`, `flashlm train`, `flashlm finetune`, `flashlm distill`,
+`flashlm prune MODEL --heads-keep F --ffn-keep F --drop-layers I,J --score S --out OUT`,
 `flashlm eval MODEL --perplexity FILE`, `flashlm eval MODEL --tasks mmlu:DIR,... --shots K`,
 `flashlm eval CKPT --data FILE`."""
 
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     add_finetune_parser(sub)
+    add_prune_parser(sub)
 
     from flashlm.train.distill_command import add_distill_parser
 
@@ -414,6 +416,44 @@ def add_finetune_parser(sub) -> None:
 # bug in flashlm and keeps its traceback.
 INPUT_ERRORS = (ValueError, TypeError, KeyError, OSError, NotImplementedError, RuntimeError, MemoryError)
 EXIT_BAD_INPUT = 2
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from flashlm.train.prune import describe, parse_layers, prune_file
+
+    summary = prune_file(args.model, args.out, heads_keep=args.heads_keep, ffn_keep=args.ffn_keep,
+                         drop_layers=parse_layers(args.drop_layers), score=args.score, p=args.norm,
+                         calib_data=args.calib_data, calib_samples=args.calib_samples,
+                         calib_seq_len=args.calib_seq_len, fmt=args.format, type=args.type)
+    print(describe(summary))
+    what = {"run": "run folder", "hf": "HF model directory", "gguf": "GGUF file"}[summary["format"]]
+    print(f"{_printable(args.out)}: {what}")
+    return 0
+
+
+def add_prune_parser(sub) -> None:
+    from flashlm.quant.mix import MIXES
+
+    p = sub.add_parser("prune", help="structured pruning: remove attention heads (whole K/V groups), MLP channels "
+                       "and layers, writing a smaller dense model",
+                       description="A GGUF model is dequantized to float32 first. OUT: a GGUF file when it ends in "
+                                   ".gguf, else a run folder (or --format hf for an HF directory).")
+    p.add_argument("model", help="a GGUF file, an HF model directory or a run folder / checkpoint")
+    p.add_argument("--out", required=True, help="where the pruned model goes")
+    p.add_argument("--format", choices=("run", "hf", "gguf"), default=None, help="OUT's form (default: by its name)")
+    p.add_argument("--heads-keep", type=float, default=1.0, metavar="F",
+                   help="fraction of K/V groups kept per layer (their query heads go with them; default 1)")
+    p.add_argument("--ffn-keep", type=float, default=1.0, metavar="F", help="fraction of MLP channels kept (default 1)")
+    p.add_argument("--drop-layers", default="", metavar="I,J", help="layer indices to remove")
+    p.add_argument("--score", choices=("magnitude", "activation", "taylor"), default="magnitude",
+                   help="how heads and channels are ranked (activation and taylor need --calib-data)")
+    p.add_argument("--norm", type=int, choices=(1, 2), default=2, help="the magnitude score's norm (default 2)")
+    p.add_argument("--calib-data", metavar="FILE", help="calibration text (UTF-8)")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration window (default 128)")
+    p.add_argument("--type", default="F16", type=str.upper, choices=list(MIXES), metavar="TYPE",
+                   help="the GGUF mix for a .gguf OUT (default F16)")
+    p.set_defaults(func=_cmd_prune)
 
 
 def error_message(e: BaseException) -> str:

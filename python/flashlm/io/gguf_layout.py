@@ -75,8 +75,10 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     n_kv = meta.int(f"{arch}.attention.head_count_kv", n_head, limit=n_head)
     head_dim = None
     names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
-    if arch in ("qwen3", "gemma2", "gemma3"):  # their own head_dim (key_length): the heads need not split embedding_length
-        head_dim = meta.int(f"{arch}.attention.key_length", limit=LIMITS["head_dim"])
+    # A head_dim of its own (key_length; llama's and qwen2's where given): the heads need not split embedding_length
+    key_length = f"{arch}.attention.key_length"
+    if arch in ("qwen3", "gemma2", "gemma3") or (arch != "gpt2" and key_length in meta.m):
+        head_dim = meta.int(key_length, limit=LIMITS["head_dim"])
         check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
     else:
         check_heads(d, n_head, n_kv, names, "metadata: ")
@@ -154,6 +156,14 @@ def check_llama_cpp_gemma(s: ModelConfig) -> None:
     if (s.query_pre_attn_scalar or s.head_dim) != assumed:
         raise ValueError(f"model_config: llama.cpp's {s.arch} scales scores by {assumed}^-1/2; "
                          f"query_pre_attn_scalar is {s.query_pre_attn_scalar}")
+
+
+def check_llama_cpp_head_dim(s: ModelConfig) -> None:
+    """ValueError for a qwen2 whose heads do not fill the model width: llama.cpp's qwen2 builds attn_q and attn_output
+    as [n_embd, n_embd] (its llama, qwen3 and gemma read key_length)."""
+    if s.arch == "qwen2" and s.n_head * s.head_dim != s.d_model:
+        raise ValueError(f"model_config: llama.cpp's qwen2 needs n_head * head_dim = d_model, got {s.n_head} * "
+                         f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
 
 
 def gemma_metadata(s: ModelConfig, context: int) -> list:

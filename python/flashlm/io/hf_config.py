@@ -5,8 +5,8 @@
 Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
 Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
 `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
-compute differently (another activation, biases it does not have, a head_dim that is not hidden / heads
-outside Qwen3, rope scaling other than Llama 3's) raises ValueError naming the key.
+compute differently (another activation, biases it does not have, rope scaling other than Llama 3's) raises
+ValueError naming the key. A head_dim other than hidden / heads is read for every rotary architecture.
 """
 
 from __future__ import annotations
@@ -129,12 +129,11 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch == "qwen3":  # its own head_dim: the heads need not split hidden_size
         head_dim = _get(cfg, "head_dim", int, _QWEN3_HEAD_DIM, limit="head_dim")
         check_heads(heads * head_dim, heads, kv_heads, names, "config.json: ")
+    elif cfg.get("head_dim") is not None:  # llama and qwen2 may set one too (a model with heads pruned away)
+        head_dim = _get(cfg, "head_dim", int, limit="head_dim")
+        check_heads(heads * head_dim, heads, kv_heads, names, "config.json: ")
     else:
         check_heads(d, heads, kv_heads, names, "config.json: ")
-        head_dim = cfg.get("head_dim")
-        if head_dim is not None and head_dim != d // heads:
-            raise ValueError(f"config.json: head_dim {head_dim} != hidden_size / num_attention_heads = {d} / {heads}; "
-                             f"flashlm's {arch} needs head_dim = hidden_size / num_attention_heads")
         head_dim = None
     seq_len = _seq_len(_get(cfg, "max_position_embeddings"), max_model_len)
     window = cfg.get("sliding_window")

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, gemma_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, gemma_metadata
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.shapes import check_block_count
@@ -142,6 +142,7 @@ class HFSource:
         if self.arch != "llama" and mc.rope_scaling is not None:
             raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
+        check_llama_cpp_head_dim(mc)
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
         if mc.gemma:
             check_llama_cpp_gemma(mc)  # what llama.cpp's gemma2 cannot compute is refused before writing
@@ -215,7 +216,7 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a == "llama":
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
-        if a in ("qwen3", "gemma2", "gemma3"):  # their head_dim need not be embedding_length / head_count
+        if a in ("qwen3", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # a head_dim of its own
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
         return meta + [(k, v, t, None) for k, v, t in gemma_metadata(mc, context)]

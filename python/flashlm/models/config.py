@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3")
-# The architectures whose head_dim may differ from d_model / n_head.
-FREE_HEAD_DIM = ("qwen3", "gemma2", "gemma3")
+# The architectures whose head_dim may differ from d_model / n_head (llama and qwen2 as HF's and llama.cpp's
+# head_dim / key_length let them: what a model with attention heads pruned away needs; GPT-2 has no such setting).
+FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 GEMMA_ARCHS = ("gemma2", "gemma3")
 # Fields only the Gemma architectures use; None elsewhere, and left out of to_dict() when None.
 GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
@@ -63,7 +64,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    head_dim: Optional[int] = None  # None: d_model / n_head; another value for qwen3 and gemma2 only
+    head_dim: Optional[int] = None  # None: d_model / n_head; another value for the FREE_HEAD_DIM archs only
     sliding_window: Optional[int] = None  # gemma2: keys a local (even) layer's query sees, itself included
     attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits

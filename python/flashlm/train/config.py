@@ -49,6 +49,10 @@ class TrainConfig:
     eps: float = 1e-8
     momentum: float = 0.9  # sgd-family and rmsprop
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # pruning-aware training: l1 * sum |p| over the trainable parameters matching l1_params (fnmatch
+    # patterns, comma-separated) added to the loss; 0 disables it
+    l1: float = 0.0
+    l1_params: str = "blocks.*.weight"
     optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
     precision: str = "fp32"
     zero_stage: int = 0
@@ -75,9 +79,11 @@ class TrainConfig:
                      "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "grad_clip", "weight_decay", "time_limit"):
+        for name in ("warmup", "grad_clip", "weight_decay", "time_limit", "l1"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.l1 > 0 and self.zero_stage == 3:  # ZeRO-3's parameters hold values only inside their block's pass
+            raise ValueError("l1: not available with zero_stage 3")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(float(b) for b in self.betas)

@@ -5,7 +5,9 @@
 
 Each step takes grad_accum micro-batches of batch_size sequences on every rank (only the last backward
 synchronises gradients), runs under autocast for bf16/fp16 (fp16 with a dynamic loss scaler), clips the
-global gradient norm and steps the optimizer at the learning rate of the schedule. Every eval_interval steps
+global gradient norm and steps the optimizer at the learning rate of the schedule (with l1 > 0 the gradient
+is that of the loss plus l1 * sum |p| over the l1_params, flashlm.train.sparsity; the loss logged is the data's
+alone). Every eval_interval steps
 it measures the validation loss on the first eval_batches batches of the held-out split; every ckpt_interval
 steps it saves a checkpoint holding everything the next step depends on (weights, optimizer, scaler, RNG
 states, data position, metrics), so a resumed run on the CPU reproduces the uninterrupted one's losses bit for
@@ -31,6 +33,7 @@ from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate
+from flashlm.train.sparsity import l1_penalty, matching_parameters
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -166,6 +169,7 @@ class Trainer:
         self.setup_model()
         # Counted before ZeRO-3 shards the parameters (then they hold values only inside forward and backward).
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
+        self.l1_params = self._l1_params()
         self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
                                param_groups=self.model.param_groups(cfg.weight_decay))
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
@@ -212,6 +216,16 @@ class Trainer:
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
+
+    def _l1_params(self) -> list:
+        """The trainable parameters the L1 penalty covers (none when cfg.l1 is 0)."""
+        if not self.cfg.l1:
+            return []
+        found = matching_parameters(self.model, self.cfg.l1_params)
+        params = [p for p in found.values() if p.requires_grad]
+        if not params:
+            raise ValueError(f"l1_params: {self.cfg.l1_params!r} matches no trainable parameter")
+        return params
 
     def _pick_device(self, name: str) -> torch.device:
         if name != "auto":
@@ -293,7 +307,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.dp.no_sync():
                 with self._autocast():
                     _, loss = self.model(*batch)
-                self.scaler.scale(loss / cfg.grad_accum).backward()
+                objective = loss + l1_penalty(self.l1_params, cfg.l1) if self.l1_params else loss
+                self.scaler.scale(objective / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         self.dp.finish_gradients()
         grad_norm = self.scaler.step(self.dp, cfg.grad_clip)

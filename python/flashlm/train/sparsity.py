@@ -1,0 +1,89 @@
+"""Unstructured and 2:4 semi-structured sparsity kept as masks while a model trains (for study: the weights
+stay dense, no sparse kernel runs), and the L1 penalty of pruning-aware training.
+
+    masks = SparsityMasks.semi_structured(model, "blocks.*.mlp.*")   # 2 of every 4 weights along each row zeroed
+    masks = SparsityMasks.magnitude(model, 0.5, "blocks.*")          # the smallest half of each matrix zeroed
+    masks.attach(optimizer)     # the mask is applied again after every optimiser step
+    loss = loss + l1_penalty(model, weight=1e-5, pattern="blocks.*.mlp.*")   # the trainer's --l1 / --l1-params
+
+Masks are chosen once, by |w|, per matrix (2-D weights whose names match the pattern: fnmatch, several
+patterns separated by commas); a masked weight is zero after attach and after each step.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatch
+
+import torch
+from torch import nn
+
+
+def matching_parameters(model: nn.Module, pattern: str, matrices_only: bool = False) -> dict:
+    """name -> parameter for every parameter whose name matches one of pattern's comma-separated fnmatch
+    patterns; ValueError naming the pattern when none does."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"pattern: expected parameter-name patterns such as 'blocks.*.mlp.*', got {pattern!r}")
+    parts = [p.strip() for p in pattern.split(",") if p.strip()]
+    found = {name: p for name, p in model.named_parameters()
+             if any(fnmatch(name, part) for part in parts) and (p.dim() == 2 or not matrices_only)}
+    if not found:
+        raise ValueError(f"pattern: {pattern!r} matches no {'matrix ' if matrices_only else ''}parameter of the model")
+    return found
+
+
+def semi_structured_mask(w: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """bool mask of w [out, in]: in each run of m consecutive weights along a row, the n largest |w| kept."""
+    if w.dim() != 2 or w.shape[1] % m:
+        raise ValueError(f"w: {n}:{m} sparsity needs a matrix whose rows divide into groups of {m}, got "
+                         f"{tuple(w.shape)}")
+    groups = w.detach().abs().reshape(w.shape[0], -1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.reshape(w.shape)
+
+
+def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """bool mask of w keeping all but the round(sparsity * numel) smallest |w| (ties: the earlier one goes)."""
+    drop = round(sparsity * w.numel())
+    keep = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
+    if drop:
+        keep[w.detach().abs().flatten().argsort(stable=True)[:drop]] = False
+    return keep.reshape(w.shape)
+
+
+class SparsityMasks:
+    """Masks for some of a model's weights, applied in place (`apply`) and after each optimiser step (`attach`)."""
+
+    def __init__(self, masks: dict):
+        self.masks = masks  # parameter -> bool mask
+        self.apply()
+
+    @classmethod
+    def semi_structured(cls, model: nn.Module, pattern: str = "blocks.*") -> "SparsityMasks":
+        return cls({p: semi_structured_mask(p) for p in matching_parameters(model, pattern, True).values()})
+
+    @classmethod
+    def magnitude(cls, model: nn.Module, sparsity: float, pattern: str = "blocks.*") -> "SparsityMasks":
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+            raise ValueError(f"sparsity: must be a fraction in [0, 1), got {sparsity!r}")
+        return cls({p: magnitude_mask(p, sparsity) for p in matching_parameters(model, pattern, True).values()})
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, mask in self.masks.items():
+            p.mul_(mask.to(p.device))
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Re-applies the masks after every optimizer.step(); returns the hook's handle (remove() to stop)."""
+        return optimizer.register_step_post_hook(lambda *_: self.apply())
+
+    def sparsity(self) -> float:
+        """The fraction of the masked weights that are zero now."""
+        total = sum(p.numel() for p in self.masks)
+        return sum(int((p == 0).sum()) for p in self.masks) / total
+
+
+def l1_penalty(params, weight: float) -> torch.Tensor:
+    """weight * sum of |p| over `params` (an iterable of tensors), the L1 term of pruning-aware training."""
+    params = list(params)
+    return weight * sum(p.abs().sum() for p in params) if params else torch.zeros(())
