@@ -53,18 +53,18 @@ class LayerStats:
         x = x.detach().reshape(-1, self.in_features).float()
         if x.shape[0] == 0:
             return
-        if not bool(torch.isfinite(x).all()):
+        lo, hi = (float(v) for v in torch.aminmax(x))  # NaN if any is
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("calibration: a linear layer's input holds inf or NaN; the model or its data is broken")
         self.tokens += x.shape[0]
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
         a = x.abs()
         self.channel_absmax = torch.maximum(self.channel_absmax, a.amax(dim=0).cpu())
-        self.channel_sq_sum += x.double().square().sum(dim=0).cpu()
-        self._add_to_hist(a)
+        # float32 squares (each within 2^-24 of the exact one) summed in float64
+        self.channel_sq_sum += a.square().sum(dim=0, dtype=torch.float64).cpu()
+        self._add_to_hist(a, max(-lo, hi))
 
-    def _add_to_hist(self, a: torch.Tensor) -> None:
-        top = float(a.max())
+    def _add_to_hist(self, a: torch.Tensor, top: float) -> None:
         if top > self.hist_max:
             if self.hist_max == 0.0:  # so far nothing but zeros, all in bin 0, which stays bin 0
                 self.hist_max = top

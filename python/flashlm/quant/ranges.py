@@ -44,37 +44,43 @@ def percentile_threshold(stats: LayerStats, percentile: float = 99.99) -> float:
 
 def kl_divergences(hist: np.ndarray, levels: int = INT8_LEVELS, start: int = INT8_LEVELS) -> np.ndarray:
     """KL(P || Q) of each candidate i = start .. len(hist) (the module docstring), as float64 [len - start + 1];
-    inf where Q misses mass P has."""
+    inf where Q misses mass P has. Candidates are computed CHUNK at a time as rows of [CHUNK, len] arrays
+    (a Python loop over candidates took 0.2 s a layer)."""
     n = hist.size
     if start < levels or start > n:
         raise ValueError(f"start: must lie in [{levels}, {n}], got {start}")
     cumulative = np.concatenate(([0.0], np.cumsum(hist)))
     nonzero = np.concatenate(([0], np.cumsum(hist > 0)))
-    out = np.empty(n - start + 1)
-    for j, i in enumerate(range(start, n + 1)):
-        p = hist[:i].copy()
-        p[-1] += cumulative[n] - cumulative[i]
-        # level of bin b: floor(b * levels / i), the bins of linspace(0, i, levels + 1)
-        edges = -(-np.arange(levels + 1) * i // levels)  # ceil(k * i / levels): the first bin of level k
-        sums = cumulative[edges[1:]] - cumulative[edges[:-1]]
-        counts = nonzero[edges[1:]] - nonzero[edges[:-1]]
-        density = np.divide(sums, counts, out=np.zeros(levels), where=counts > 0)
-        q = np.repeat(density, np.diff(edges)) * (hist[:i] > 0)
-        out[j] = _kl(p, q)
-    return out
+    bins = np.arange(n)
+    out = []
+    for first in range(start, n + 1, _CHUNK):
+        i = np.arange(first, min(first + _CHUNK, n + 1))[:, None]  # [C, 1] candidates
+        inside = bins[None, :] < i  # [C, n]
+        p = np.where(inside, hist[None, :], 0.0)
+        p[np.arange(len(i)), i[:, 0] - 1] += cumulative[n] - cumulative[i[:, 0]]  # the tail into the last bin
+        # level of bin b: floor(b * levels / i); level k's bins start at ceil(k * i / levels)
+        edges = -(-np.arange(levels + 1)[None, :] * i // levels)  # [C, levels + 1]
+        sums = cumulative[edges[:, 1:]] - cumulative[edges[:, :-1]]
+        counts = nonzero[edges[:, 1:]] - nonzero[edges[:, :-1]]
+        density = np.divide(sums, counts, out=np.zeros(sums.shape), where=counts > 0)
+        level = np.minimum(bins[None, :] * levels // i, levels - 1)
+        q = np.where(inside & (hist[None, :] > 0), np.take_along_axis(density, level, axis=1), 0.0)
+        out.append(_kl_rows(p, q))
+    return np.concatenate(out)
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    ps, qs = p.sum(), q.sum()
-    if ps == 0:
-        return 0.0
-    if qs == 0:
-        return np.inf
-    p, q = p / ps, q / qs
-    m = p > 0
-    if np.any(q[m] == 0):
-        return np.inf
-    return float(np.sum(p[m] * np.log(p[m] / q[m])))
+_CHUNK = 128
+
+
+def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL of each row's normalized p against its normalized q: inf where q is 0 and p is not."""
+    ps, qs = p.sum(axis=1, keepdims=True), q.sum(axis=1, keepdims=True)
+    pn = p / np.where(ps > 0, ps, 1.0)
+    qn = q / np.where(qs > 0, qs, 1.0)
+    m = pn > 0
+    ratio = np.divide(pn, qn, out=np.ones_like(pn), where=m & (qn > 0))
+    kl = np.sum(np.where(m, pn * np.log(ratio), 0.0), axis=1)
+    return np.where(np.any(m & (qn == 0), axis=1), np.inf, kl)
 
 
 def kl_threshold(stats: LayerStats, levels: int = INT8_LEVELS) -> float:
