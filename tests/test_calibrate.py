@@ -174,6 +174,7 @@ def test_calibrate_model_against_direct():
     assert s.tokens == 4 * 64
     torch.testing.assert_close(s.channel_absmax.double(), x.abs().amax(dim=0), rtol=1e-6, atol=0)
     torch.testing.assert_close(s.channel_sq_sum, x.square().sum(dim=0), rtol=1e-5, atol=0)  # x: recomputed
+    assert s.hessian is None
     assert all(st.tokens == 4 * 64 for st in stats.values())
     assert stats["blocks.1.mlp.down"].in_features == model.cfg.d_ff
     assert not model.training
@@ -204,3 +205,17 @@ def test_empty_and_bad_calibration_data():
         token_batches([1, 2, 3], 0, 1)
     with pytest.raises(ValueError, match="^layers"):
         calibrate(model, torch.arange(64), seq_len=32, layers=["blocks.0.attn.nope"])
+
+
+def test_hessian_against_direct():
+    model = byte_model(seq_len=32)
+    ids = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(2))
+    stats = calibrate(model, ids, seq_len=32, batch_size=2, hessian=True, layers=["blocks.0.attn.q", "blocks.1.mlp.down"])
+    assert set(stats) == {"blocks.0.attn.q", "blocks.1.mlp.down"}
+    with torch.no_grad():
+        x = model.blocks[0].attn_norm(model.tok_emb(ids.view(2, 32))).reshape(-1, model.cfg.d_model).double()
+    h = stats["blocks.0.attn.q"].hessian
+    torch.testing.assert_close(h, x.T @ x, rtol=1e-5, atol=1e-5 * float((x.T @ x).abs().max()))
+    torch.testing.assert_close(h, h.T, rtol=1e-12, atol=0)
+    torch.testing.assert_close(h.diagonal(), stats["blocks.0.attn.q"].channel_sq_sum, rtol=2.0**-23, atol=0)
+    assert stats["blocks.1.mlp.down"].hessian.shape == (model.cfg.d_ff, model.cfg.d_ff)

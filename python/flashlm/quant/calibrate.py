@@ -10,8 +10,10 @@ Int4Linear, GGUFLinear; any module with `in_features`) collect, per layer, over 
   doubled (as often as needed) and each pair of bins merged into one, as TensorRT's histogram calibrator
   widens its range: the old counts fall exactly into the new bins (no approximation), and hist_max stays
   within twice the true max;
-- per input channel: max |x| (SmoothQuant, AWQ) and the sum of x^2 (llama.cpp's importance matrix, GPTQ's
-  Hessian diagonal), with the token count.
+- per input channel: max |x| (SmoothQuant, AWQ) and the sum of x^2 (llama.cpp's importance matrix), with the
+  token count;
+- with hessian=True, the sum of x^T x [in_features, in_features] in float64 (GPTQ's Hessian, 2 X^T X / n):
+  K^2 numbers a layer, so only when asked for.
 Static activation ranges come from the histogram (flashlm.quant.ranges).
 """
 
@@ -37,6 +39,7 @@ class LayerStats:
     hist_max: float = 0.0  # the histogram's range is [0, hist_max]; bin width hist_max / HIST_BINS
     channel_absmax: torch.Tensor = None  # float32 [in_features]
     channel_sq_sum: torch.Tensor = None  # float64 [in_features]
+    hessian: Optional[torch.Tensor] = None  # float64 [in_features, in_features]: sum of x^T x, where collected
 
     def __post_init__(self):
         if self.channel_absmax is None:
@@ -63,6 +66,9 @@ class LayerStats:
         # float32 squares (each within 2^-24 of the exact one) summed in float64
         self.channel_sq_sum += a.square().sum(dim=0, dtype=torch.float64).cpu()
         self._add_to_hist(a, max(-lo, hi))
+        if self.hessian is not None:
+            xd = x.double()
+            self.hessian += (xd.T @ xd).cpu()
 
     def _add_to_hist(self, a: torch.Tensor, top: float) -> None:
         if top > self.hist_max:
@@ -139,10 +145,11 @@ def _token_ids(data, tokenizer) -> torch.Tensor:
 @torch.no_grad()
 def calibrate(model: nn.Module, data, *, tokenizer=None, seq_len: int = 512, batch_size: int = 1,
               max_batches: Optional[int] = None, layers: Optional[Sequence[str]] = None,
-              progress: bool = False) -> dict:
+              hessian: bool = False, progress: bool = False) -> dict:
     """Run `model` (a flashlm Transformer, float or quantized) over `data` (see token_batches) and return
-    {layer name: LayerStats} for every linear layer (or those named in `layers`). The model runs in eval
-    mode on its own device; its training flag is restored afterwards."""
+    {layer name: LayerStats} for every linear layer (or those named in `layers`), each with the sum of
+    x^T x when `hessian`. The model runs in eval mode on its own device; its training flag is restored
+    afterwards."""
     found = linear_layers(model)
     if layers is not None:
         missing = [n for n in layers if n not in found]
@@ -152,6 +159,9 @@ def calibrate(model: nn.Module, data, *, tokenizer=None, seq_len: int = 512, bat
     seq_len = min(seq_len, model.cfg.seq_len) if hasattr(model, "cfg") else seq_len
     batches = token_batches(data, seq_len, batch_size, tokenizer, max_batches)
     stats = {name: LayerStats(module.in_features) for name, module in found.items()}
+    if hessian:
+        for st in stats.values():
+            st.hessian = torch.zeros(st.in_features, st.in_features, dtype=torch.float64)
     handles = [module.register_forward_pre_hook(_hook(stats[name])) for name, module in found.items()]
     device = next(model.parameters(), next(model.buffers(), torch.zeros(0))).device
     was_training = model.training
