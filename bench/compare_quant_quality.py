@@ -20,7 +20,7 @@ The reference is the float row; goal: every calibrated method at or below its RT
 Timings: the calibration pass against a plain forward over the same batches (the hooks' cost).
 
 Run (from the repository root, with flashlm installed or PYTHONPATH=python):
-  python bench/compare_quant_quality.py             # d_model 256, 4 layers, 600 steps
+  python bench/compare_quant_quality.py             # d_model 128, 4 layers, 300 steps
   python bench/compare_quant_quality.py --quick     # a tiny model, 60 steps: CI smoke, under a minute
 """
 
@@ -120,10 +120,10 @@ def calibration_cost(model, calib_ids, seq) -> tuple[float, float]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant's migration strength")
@@ -131,7 +131,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a tiny model, few steps: a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.d_model, args.layers, args.steps, args.calib_tokens = 64, 2, 60, 4096
+        args.d_model, args.layers, args.steps, args.calib_tokens = 64, 2, 60, 2048
     ids = corpus()
     split = ids.numel() * 9 // 10
     train_ids, held_out = ids[:split], ids[split:]

@@ -148,8 +148,8 @@ def calibrate(model: nn.Module, data, *, tokenizer=None, seq_len: int = 512, bat
               hessian: bool = False, progress: bool = False) -> dict:
     """Run `model` (a flashlm Transformer, float or quantized) over `data` (see token_batches) and return
     {layer name: LayerStats} for every linear layer (or those named in `layers`), each with the sum of
-    x^T x when `hessian`. The model runs in eval mode on its own device; its training flag is restored
-    afterwards."""
+    x^T x when `hessian`. seq_len is capped at the model's context (cfg.seq_len). The model runs in eval mode
+    on its own device; its training flag is restored afterwards."""
     found = linear_layers(model)
     if layers is not None:
         missing = [n for n in layers if n not in found]
