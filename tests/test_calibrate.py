@@ -203,6 +203,12 @@ def test_empty_and_bad_calibration_data():
         token_batches([[0.5, 1.5]], 2, 1)
     with pytest.raises(ValueError, match="^seq_len"):
         token_batches([1, 2, 3], 0, 1)
+    with pytest.raises(ValueError, match="^data: token id 300"):
+        calibrate(model, [1, 2, 300] * 20, seq_len=32)
+    with pytest.raises(ValueError, match="^data: token id -1"):
+        calibrate(model, np.full(64, -1), seq_len=32)
+    assert token_batches(np.arange(8), 4, 1)[1].tolist() == [[4, 5, 6, 7]]
+    assert token_batches([np.arange(3), [3, 4, 5]], 2, 3)[0].tolist() == [[0, 1], [2, 3], [4, 5]]
     with pytest.raises(ValueError, match="^layers"):
         calibrate(model, torch.arange(64), seq_len=32, layers=["blocks.0.attn.nope"])
 

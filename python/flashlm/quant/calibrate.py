@@ -22,10 +22,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 HIST_BINS = 2048
+_DOCUMENT_TYPES = (str, list, tuple, torch.Tensor, np.ndarray)  # a list of these is a list of documents
 
 
 @dataclass
@@ -122,10 +124,10 @@ def token_batches(data, seq_len: int, batch_size: int, tokenizer=None, max_batch
 def _token_ids(data, tokenizer) -> torch.Tensor:
     if isinstance(data, str):
         data = [data]
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, (torch.Tensor, np.ndarray)):
         docs = [data]
     elif isinstance(data, (list, tuple)):
-        docs = list(data) if data and not isinstance(data[0], int) else [data]
+        docs = list(data) if data and isinstance(data[0], _DOCUMENT_TYPES) else [data]
     else:
         raise ValueError(f"data: expected token ids or text, got {type(data).__name__}")
     out = []
@@ -156,8 +158,14 @@ def calibrate(model: nn.Module, data, *, tokenizer=None, seq_len: int = 512, bat
         if missing:
             raise ValueError(f"layers: {missing[0]!r} is not a linear layer of the model")
         found = {n: found[n] for n in layers}
-    seq_len = min(seq_len, model.cfg.seq_len) if hasattr(model, "cfg") else seq_len
+    cfg = getattr(model, "cfg", None)
+    seq_len = min(seq_len, cfg.seq_len) if cfg is not None and isinstance(seq_len, int) else seq_len
     batches = token_batches(data, seq_len, batch_size, tokenizer, max_batches)
+    if cfg is not None:
+        ids = torch.cat([b.flatten() for b in batches])
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= cfg.vocab_size)][0])
+            raise ValueError(f"data: token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
     stats = {name: LayerStats(module.in_features) for name, module in found.items()}
     if hessian:
         for st in stats.values():
