@@ -7,11 +7,15 @@ j + group/2 (high nibble); float32 scales [N, K/group] and, for asymmetric weigh
 same shape (w = (u - z) * s; symmetric: z = 8). Activations: float32/bfloat16 on the CPU, float16/bfloat16 on
 CUDA (also float32 for quantize_per_token and int8_linear).
 
-int8_linear and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
+int8_linear_static is W8A8 with one fixed activation scale (static calibration): x is quantized with torch ops
+(round half to even of x / scale, clamped to +-127) and multiplied by the same int8 GEMM.
+
+int8_linear, int8_linear_static and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
 stored weights (flashlm.ops.backward_input), nothing of x saved. int8_linear's rounding of x to int8 passes the
 gradient straight through (dx is the gradient of x @ W.T).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -178,7 +182,9 @@ def int8_linear_static(x: torch.Tensor, act_scale: torch.Tensor, w_int8: torch.T
     if act_scale.numel() != 1 or not act_scale.is_floating_point():
         raise ValueError(f"act_scale: expected one float, got {act_scale.dtype} {tuple(act_scale.shape)}")
     scale = act_scale.detach().reshape(()).to(torch.float32)
-    if not bool(torch.isfinite(scale)) or not bool(scale > 0):
+    # Its value is checked where reading it costs nothing; on a GPU that would wait for the device every call
+    # (Int8Linear checks its scale when it is set).
+    if scale.device.type == "cpu" and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"act_scale: must be finite and positive, got {float(scale)}")
     y = _int8_linear_static(_rows(x), scale, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
                             _bias_f32(bias, n))
