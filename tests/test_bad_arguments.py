@@ -120,6 +120,11 @@ CASES = {
         ops.int8_linear,
         lambda: dict(x=f32(3, 8), w_int8=torch.ones(4, 8, dtype=torch.int8), w_scales=f32(4), bias=f32(4)),
         dict(x="tensor", w_int8="tensor", w_scales="tensor", bias="optional"), {}),
+    "int8_linear_static": (
+        ops.int8_linear_static,
+        lambda: dict(x=f32(3, 8), act_scale=torch.tensor(0.1), w_int8=torch.ones(4, 8, dtype=torch.int8),
+                     w_scales=f32(4), bias=f32(4)),
+        dict(x="tensor", act_scale="tensor", w_int8="tensor", w_scales="tensor", bias="optional"), {}),
     "int4_linear": (
         ops.int4_linear, lambda: dict(x=f32(3, 64), w_packed=torch.zeros(4, 32, dtype=torch.uint8), scales=f32(4, 2),
                                       zeros=f32(4, 2), group_size=32, bias=f32(4)),
@@ -146,6 +151,8 @@ VALID = {
     # the dtype the kernels take).
     ("flash_attn_with_kvcache", "rotary_cos", "dtype"), ("flash_attn_with_kvcache", "rotary_sin", "dtype"),
     ("int8_linear", "w_scales", "dtype"), ("int8_linear", "bias", "dtype"), ("int4_linear", "scales", "dtype"),
+    ("int8_linear_static", "w_scales", "dtype"), ("int8_linear_static", "bias", "dtype"),
+    ("int8_linear_static", "act_scale", "dtype"), ("int8_linear_static", "act_scale", "0-dim"),  # a positive scale
     ("int4_linear", "zeros", "dtype"), ("int4_linear", "bias", "dtype"), ("gguf_linear", "bias", "dtype"),
 }
 

@@ -14,8 +14,7 @@ from torch.overrides import TorchFunctionMode
 from flashlm.io.tokenizer import Tokenizer
 from flashlm.models import ModelConfig, Transformer
 from flashlm.models.transformer import rope_tables
-
-BLOCK_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj", "mlp.gate", "mlp.up", "mlp.down")
+from flashlm.quant.w8a8 import BLOCK_LINEARS
 _INT4_GROUPS = (128, 64, 32)
 # The longest context loaded without an explicit max_model_len: the rope tables (or GPT-2's position table)
 # have a row per position, and a file's context length is untrusted.

@@ -7,11 +7,15 @@ j + group/2 (high nibble); float32 scales [N, K/group] and, for asymmetric weigh
 same shape (w = (u - z) * s; symmetric: z = 8). Activations: float32/bfloat16 on the CPU, float16/bfloat16 on
 CUDA (also float32 for quantize_per_token and int8_linear).
 
-int8_linear and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
+int8_linear_static is W8A8 with one fixed activation scale (static calibration): x is quantized with torch ops
+(round half to even of x / scale, clamped to +-127) and multiplied by the same int8 GEMM.
+
+int8_linear, int8_linear_static and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
 stored weights (flashlm.ops.backward_input), nothing of x saved. int8_linear's rounding of x to int8 passes the
 gradient straight through (dx is the gradient of x @ W.T).
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -115,6 +119,45 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W8A8: quantizes x per token to int8, multiplies with int8 weights [N, K] (per-channel float32 scales
     [N]) accumulating in int32, and applies the scales and bias in the epilogue."""
+    n = _check_int8_weights(x, w_int8, w_scales, bias)
+    y = _int8_linear(_rows(x), w_int8.contiguous(), w_scales.to(torch.float32).contiguous(), _bias_f32(bias, n))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] to int8 with one fixed scale (a float32 scalar tensor): q = clamp(round_half_even(x / scale),
+    -127, 127); values beyond 127 * scale are clipped."""
+    return torch.round(x.float() / act_scale).clamp_(-127, 127).to(torch.int8)
+
+
+@custom_op("flashlm::int8_linear_static", mutates_args=())
+def _int8_linear_static(x: torch.Tensor, act_scale: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x_q = quantize_static(x, act_scale)
+    return _int8_gemm(x_q, act_scale.expand(x.shape[0]).contiguous(), w, w_scales, bias, x.dtype)
+
+
+@_int8_linear_static.register_fake
+def _(x, act_scale, w, w_scales, bias):
+    check_same_device(x=x, act_scale=act_scale, w=w, w_scales=w_scales, bias=bias)
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _int8_static_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[2:])  # the weights and bias; x and its scale are not needed
+
+
+def _int8_static_backward(ctx, grad):
+    w, w_scales, bias = ctx.saved_tensors  # as the dynamic op: dx from the stored weights, rounding passed through
+    dx = _int8_backward.op(grad.contiguous(), w, w_scales) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, bias_grad(grad, bias, ctx.needs_input_grad[4])
+
+
+_int8_linear_static.register_autograd(_int8_static_backward, setup_context=_int8_static_setup)
+
+
+def _check_int8_weights(x, w_int8, w_scales, bias) -> int:
+    """Checks int8_linear's operands; returns N."""
     _check_x(x, allow_cuda_f32=True)
     check_tensors("w_int8 w_scales", w_int8, w_scales)
     check_optional_tensors("bias", bias)
@@ -126,7 +169,25 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
         raise ValueError(f"x: last dimension {x.shape[-1]} differs from w_int8's K = {k}")
     if w_scales.shape != (n,):
         raise ValueError(f"w_scales: expected shape ({n},), got {tuple(w_scales.shape)}")
-    y = _int8_linear(_rows(x), w_int8.contiguous(), w_scales.to(torch.float32).contiguous(), _bias_f32(bias, n))
+    return n
+
+
+def int8_linear_static(x: torch.Tensor, act_scale: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W8A8 with a static per-tensor activation scale (from calibration, flashlm.quant.ranges): x is quantized
+    as quantize_static(x, act_scale) and multiplied by the same int8 GEMM as int8_linear's."""
+    n = _check_int8_weights(x, w_int8, w_scales, bias)
+    check_tensors("act_scale", act_scale)
+    check_same_device(x=x, act_scale=act_scale)
+    if act_scale.numel() != 1 or not act_scale.is_floating_point():
+        raise ValueError(f"act_scale: expected one float, got {act_scale.dtype} {tuple(act_scale.shape)}")
+    scale = act_scale.detach().reshape(()).to(torch.float32)
+    # Its value is checked where reading it costs nothing; on a GPU that would wait for the device every call
+    # (Int8Linear checks its scale when it is set).
+    if scale.device.type == "cpu" and not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"act_scale: must be finite and positive, got {float(scale)}")
+    y = _int8_linear_static(_rows(x), scale, w_int8.contiguous(), w_scales.to(torch.float32).contiguous(),
+                            _bias_f32(bias, n))
     return y.reshape(*x.shape[:-1], n)
 
 

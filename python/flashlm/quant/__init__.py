@@ -1,6 +1,12 @@
-"""Weight quantization: RTN int8/int4 quantizers, GPTQ and AWQ int4 from calibration data (gptq, awq), GGUF
-block quantizers, quantized replacements of nn.Linear (int8, int4, GGUF blocks) and of nn.Embedding (GGUF
-blocks), and which tensors of a model get which GGUF type (mix). The `flashlm quantize` file converter that uses them is flashlm.io.quantize_file."""
+"""Weight quantization: RTN int8/int4 quantizers, GGUF block quantizers, quantized replacements of
+nn.Linear (int8, int4, GGUF blocks) and of nn.Embedding (GGUF blocks), and which tensors of a model get which
+GGUF type (mix). The `flashlm quantize` file converter that uses them is flashlm.io.quantize_file.
+
+Calibration: flashlm.quant.calibrate (one pass over calibration text, per-layer activation statistics), read by
+flashlm.quant.ranges (static int8 activation thresholds: min-max, percentile, KL), flashlm.quant.smoothquant and
+flashlm.quant.w8a8 (a model's block linears to Int8Linear, dynamic or static activation scales); GPTQ and AWQ
+int4 (gptq, awq; their own block-by-block input capture, calib_inputs); llama.cpp's importance matrices
+(imatrix) for the GGUF quantizers."""
 
 from flashlm.quant.awq import awq_quantize
 from flashlm.quant.gguf_embedding import GGUFEmbedding

@@ -1,15 +1,17 @@
-"""nn.Linear replacements that hold quantized weights: Int8Linear (W8A8) and Int4Linear (W4A16).
+"""nn.Linear replacements that hold quantized weights: Int8Linear (W8A8, dynamic or static activation scales) and
+Int4Linear (W4A16).
 
 Both are differentiable with respect to x, their weights frozen (buffers): the backward reads the stored
 weights (flashlm.ops.backward_input) and saves no activation; Int8Linear's rounding of x passes the gradient
 straight through."""
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from flashlm.ops import int4_linear, int8_linear
+from flashlm.ops import int4_linear, int8_linear, int8_linear_static
 from flashlm.quant.rtn import GROUP_SIZES, quantize_int4, quantize_int8_per_channel
 
 
@@ -18,27 +20,47 @@ def _bias(linear: nn.Linear) -> Optional[torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ W.T + b with int8 weights (per-channel scales) and activations quantized per token at run time."""
+    """y = x @ W.T + b with int8 weights (per-channel scales) and int8 activations: quantized per token at run
+    time, or, with a static `act_scale` (a float32 scalar buffer, from calibration: flashlm.quant.ranges), all
+    with that one scale (clamp(round(x / act_scale), -127, 127))."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 static_act: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scales", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.register_buffer("act_scale", torch.ones((), device=device) if static_act else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
+    def from_float(cls, linear: nn.Linear, act_scale: Optional[float] = None) -> "Int8Linear":
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                  static_act=act_scale is not None)
         out.weight, out.weight_scales = quantize_int8_per_channel(linear.weight)
         out.bias = _bias(linear)
+        if act_scale is not None:
+            out.set_act_scale(act_scale)
         return out
 
+    def set_act_scale(self, act_scale: Optional[float]) -> None:
+        """A static activation scale (finite, > 0), or None for per-token scales at run time."""
+        if act_scale is None:
+            self.act_scale = None
+            return
+        act_scale = float(act_scale)
+        if not math.isfinite(act_scale) or act_scale <= 0:
+            raise ValueError(f"act_scale: must be finite and positive, got {act_scale}")
+        self.act_scale = torch.tensor(act_scale, dtype=torch.float32, device=self.weight.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None:
+            return int8_linear_static(x, self.act_scale, self.weight, self.weight_scales, self.bias)
         return int8_linear(x, self.weight, self.weight_scales, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"act={'static' if self.act_scale is not None else 'per-token'}")
 
 
 class Int4Linear(nn.Module):
