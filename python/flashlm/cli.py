@@ -105,7 +105,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             raise ValueError("quantize: --imatrix goes with --type (a GGUF mix), not with --method")
         return _cmd_quantize_calibrated(args)
     if args.type is None:
-        raise ValueError("quantize: give --type TYPE (a GGUF mix) or --method gptq|awq --calib-data FILE (int4)")
+        raise ValueError("quantize: give --type TYPE (a GGUF mix) or --method gptq|awq|w8a8|smoothquant "
+                         "--calib-data FILE (int4 or W8A8)")
 
     from flashlm.io.quantize_file import quantize_file
 
@@ -123,16 +124,19 @@ def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
     from flashlm.io.quantize_calibrated import quantize_calibrated
 
     if args.type is not None:
-        raise ValueError("--type: not with --method (which writes int4 Int4Linear layers, not a GGUF mix)")
+        raise ValueError("--type: not with --method (which writes Int4Linear or Int8Linear layers, not a GGUF mix)")
     if args.calib_data is None:
         raise ValueError("--calib-data: --method needs calibration text")
     r = quantize_calibrated(args.input, args.output, args.method, args.calib_data, args.group_size,
                             symmetric=not args.asym, act_order=args.act_order, rows=args.calib_rows,
-                            seq=args.calib_seq, progress=not args.quiet)
+                            seq=args.calib_seq, progress=not args.quiet, act_calib=args.act_calib, alpha=args.alpha)
     if not args.quiet:
-        print(f"{_printable(args.output)}: int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'} by "
-              f"{args.method} on {r['rows']} rows of {r['seq']} tokens in {r['seconds']:.1f} s, "
-              f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
+        if "group_size" in r:
+            what = f"int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
+        else:
+            what = f"w8a8 ({r['act_calib'] or 'per-token'} activation scales)"
+        print(f"{_printable(args.output)}: {what} by {args.method} on {r['rows']} rows of {r['seq']} tokens in "
+              f"{r['seconds']:.1f} s, {os.path.getsize(args.output) / 2**20:.1f} MiB")
     return 0
 
 
@@ -243,15 +247,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_calibrated_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=("gptq", "awq"), help="int4 with calibration instead of a GGUF mix: GPTQ "
-                   "or AWQ; writes a flashlm checkpoint of Int4Linear layers that --model and load_model read")
+    p.add_argument("--method", choices=("gptq", "awq", "w8a8", "smoothquant"), help="quantize with calibration "
+                   "instead of to a GGUF mix: int4 by GPTQ or AWQ, or W8A8 (int8 weights and activations), "
+                   "smoothquant smoothing first; writes a flashlm checkpoint that --model and load_model read")
     p.add_argument("--calib-data", metavar="FILE", help="with --method: UTF-8 calibration text")
-    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128), help="with --method: int4 group "
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), help="with --method gptq|awq: int4 group "
                    "(default 128)")
-    p.add_argument("--asym", action="store_true", help="with --method: zero points (min-max groups) instead of "
-                   "symmetric groups")
+    p.add_argument("--asym", action="store_true", help="with --method gptq|awq: zero points (min-max groups) "
+                   "instead of symmetric groups")
     p.add_argument("--act-order", action="store_true", help="with --method gptq: round columns by decreasing "
                    "activation energy")
+    p.add_argument("--act-calib", choices=("minmax", "percentile", "kl"), help="with --method w8a8|smoothquant: "
+                   "one static activation scale per layer from this range (percentile: the 99.99th of |x|; kl: "
+                   "TensorRT's entropy calibration); default: per-token scales at run time")
+    p.add_argument("--alpha", type=float, help="with --method smoothquant: the migration strength in [0, 1] "
+                   "(default 0.5)")
     p.add_argument("--calib-rows", type=int, default=128, help="with --method: rows of calibration text (default 128)")
     p.add_argument("--calib-seq", type=int, default=512, help="with --method: tokens per row, at most the model's "
                    "context (default 512)")
@@ -290,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     quantize = gguf_writer("quantize", "quantize a GGUF file or an HF safetensors model directory to a GGUF file, "
-                           "with llama.cpp's type mixes; or a float model to int4 with calibration (--method)",
+                           "with llama.cpp's type mixes; or a float model to int4 or W8A8 with calibration "
+                           "(--method)",
                            "a GGUF file, or an HF model directory (llama, mistral, qwen2, qwen3, gpt2); with --method: "
                            "an HF model directory or a flashlm checkpoint", None, _cmd_quantize, UNSUPPORTED_MIXES)
     quantize.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's imatrix file, GGUF or "

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from flashlm.io.int4_checkpoint import put_int4_layers, split_int4_state
+from flashlm.io.quantized_checkpoint import put_quantized_layers, split_quantized_state
 from flashlm.io.loaded import LoadedModel, context_length, empty_model, finish
 from flashlm.io.tokenizer import check_fits_model
 from flashlm.models import ModelConfig
@@ -70,7 +70,8 @@ def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None)
     from flashlm.io.tokenizer import Tokenizer
 
     where = f"checkpoint {path}"
-    state, int4 = split_int4_state(ckpt, where)  # int4 layers (`flashlm quantize --method`) checked, set aside
+    # int4/int8 layers (`flashlm quantize --method`): checked, set aside
+    state, int4, int8 = split_quantized_state(ckpt, where)
     cfg = checkpoint_config({**ckpt, "model": state}, where)
     backend, eos = checkpoint_tokenizer(ckpt, cfg, where)
     seq_len = context_length(cfg.seq_len, max_model_len, f"{where}: model_config seq_len")
@@ -80,7 +81,7 @@ def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None)
         if cfg.arch == "gpt2":
             state["pos_emb.weight"] = state["pos_emb.weight"][:seq_len]
     model = empty_model(cfg)
-    put_int4_layers(model, state, int4)
+    put_quantized_layers(model, state, int4, int8)
     model.load_state_dict(state, assign=True)
     finish(model)
     tokenizer = None if backend is None else Tokenizer(backend, eos_token_ids=eos)

@@ -1,7 +1,7 @@
-"""Int4 models on disk: a flashlm checkpoint file (the trainer's format, flashlm.io.checkpoint) whose block
-linears are Int4Linear, as `flashlm quantize --method gptq|awq` writes it; load_model / `--model FILE` read it.
+"""The int4 entry of a quantized checkpoint (flashlm.io.quantized_checkpoint): block linears that are Int4Linear,
+as `flashlm quantize --method gptq|awq` writes them.
 
-Beside the trainer's keys (model_config, model, tokenizer, eos_token_id) the file has
+The file has
     "int4": {"group_size": 32 | 64 | 128, "symmetric": bool, "method": str, "layers": ["blocks.0.attn.q", ...]}
 and, for each listed layer, the model state holds Int4Linear's buffers: <layer>.weight uint8 [N, K/2] (the
 packed layout of flashlm.quant.rtn), <layer>.scales float32 [N, K/group], <layer>.zeros float32 [N, K/group]
@@ -11,16 +11,15 @@ is checked against the model config before a model is built.
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 
+from flashlm.io.quantized_checkpoint import checked_entry, save_quantized_model
 from flashlm.quant.linear import Int4Linear
 from flashlm.quant.rtn import GROUP_SIZES
 
 INT4_KEY = "int4"
-_LAYER = re.compile(r"^blocks\.\d{1,6}\.(attn\.[qkvo]|mlp\.(fc|proj|gate|up|down))$")
 
 
 def int4_layers_of(model) -> list[str]:
@@ -28,21 +27,10 @@ def int4_layers_of(model) -> list[str]:
 
 
 def save_int4_model(loaded, path, method: str) -> None:
-    """Writes a LoadedModel whose block linears are Int4Linear (one group size and symmetry) as above."""
-    from flashlm.io.checkpoint import FORMAT
-
-    model = loaded.model
-    meta = int4_meta(model, method)
-    if meta is None:
+    """Writes a LoadedModel whose block linears are Int4Linear (one group size and symmetry)."""
+    if int4_meta(loaded.model, method) is None:
         raise ValueError("model: no Int4Linear layers to save")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ckpt = {"format": FORMAT, "model_config": loaded.config.to_dict(), "model": state, INT4_KEY: meta}
-    tok = loaded.tokenizer
-    if tok is not None and hasattr(tok.backend, "to_str"):
-        ckpt["tokenizer"] = tok.backend.to_str()
-    if loaded.eos_token_ids:
-        ckpt["eos_token_id"] = int(loaded.eos_token_ids[0])
-    torch.save(ckpt, path)
+    save_quantized_model(loaded, path, method)
 
 
 def _fail(where: str, what: str):
@@ -53,24 +41,16 @@ def split_int4_state(ckpt: dict, where: str) -> tuple[dict, dict]:
     """(the model state with each int4 layer's weight replaced by a meta float tensor of its float shape, so
     that the config's shape check applies; {layer: (packed, scales, zeros, group_size)}). ({...}, {}) for a
     checkpoint without int4 layers."""
-    state, meta = ckpt["model"], ckpt.get(INT4_KEY)
+    meta = checked_entry(ckpt, INT4_KEY, where)
     if meta is None:
-        return state, {}
-    if not isinstance(state, dict):
-        return state, {}  # the checkpoint's own check names it
-    if not isinstance(meta, dict):
-        _fail(where, f"is a {type(meta).__name__}, expected a dict")
-    group, symmetric, layers = meta.get("group_size"), meta.get("symmetric"), meta.get("layers")
+        return ckpt["model"], {}
+    group, symmetric = meta.get("group_size"), meta.get("symmetric")
     if isinstance(group, bool) or group not in GROUP_SIZES:
         _fail(where, f"group_size must be one of {GROUP_SIZES}, got {group!r}")
     if not isinstance(symmetric, bool):
         _fail(where, f"symmetric must be a bool, got {symmetric!r}")
-    if not isinstance(layers, list) or not all(isinstance(n, str) and _LAYER.match(n) for n in layers):
-        _fail(where, "layers must be a list of block linear names (blocks.<i>.attn.q, ...)")
-    if len(set(layers)) != len(layers):
-        _fail(where, "layers lists a layer twice")
-    state, out = dict(state), {}
-    for name in layers:
+    state, out = dict(ckpt["model"]), {}
+    for name in meta["layers"]:
         packed = state.get(f"{name}.weight")
         scales = state.pop(f"{name}.scales", None)
         zeros = state.pop(f"{name}.zeros", None)
