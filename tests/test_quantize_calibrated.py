@@ -90,6 +90,9 @@ def test_quantize_command_bad_input(float_checkpoint, capsys):
         assert main(["quantize", str(path), out] + flags) == 2, flags
         err = capsys.readouterr().err
         assert err.startswith("flashlm: error: ") and re.search(message, err), err
+    nowhere = str(root / "missing" / "out.pt")  # refused before the calibration runs
+    assert main(["quantize", str(path), nowhere, "--method", "w8a8", "--calib-data", str(calib)]) == 2
+    assert re.search("flashlm: error: output: the folder .* does not exist", capsys.readouterr().err)
 
 
 def assert_tampered_files_refused(good: dict, edits: list, path) -> None:

@@ -9,6 +9,7 @@ model's context), the first `rows` of them used (GPTQ's paper: 128 rows of 2048 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Optional
 
@@ -51,6 +52,9 @@ def quantize_calibrated(input_path: str, output_path: str, method: str, calib_da
     from flashlm.io.quantized_checkpoint import save_quantized_model
 
     _check_options(method, rows, seq, group_size, symmetric, act_order, act_calib, alpha)
+    folder = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(folder):  # before minutes of calibration, not after
+        raise ValueError(f"output: the folder {folder!r} does not exist")
     text = read_calib_text(calib_data)
     loaded = load_model(input_path)
     if loaded.tokenizer is None:
