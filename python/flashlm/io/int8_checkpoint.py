@@ -4,7 +4,7 @@
 The file has
     "int8": {"static": bool, "method": str, "layers": ["blocks.0.attn.q", ...]}
 and, for each listed layer, the model state holds Int8Linear's buffers: <layer>.weight int8 [N, K],
-<layer>.weight_scales float32 [N] (per output channel), <layer>.act_scale float32 [] (static activation
+<layer>.weight_scales float32 [N] (per output channel, finite, >= 0), <layer>.act_scale float32 [] (static activation
 scales only: finite and positive) and <layer>.bias where the float layer has one. A SmoothQuant model's
 smoothing lives in its norms' weights, which are ordinary float tensors of the state.
 """
@@ -68,6 +68,8 @@ def split_int8_state(ckpt: dict, where: str) -> tuple[dict, dict]:
         if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8 or weight.dim() != 2:
             _fail(where, f"layer {name}: weight must be an int8 [N, K] tensor")
         _check_tensor(scales, torch.float32, (weight.shape[0],), where, f"layer {name}: weight_scales")
+        if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+            _fail(where, f"layer {name}: weight_scales must be finite and non-negative")
         if static:
             _check_tensor(act, torch.float32, (), where, f"layer {name}: act_scale")
             value = float(act)
