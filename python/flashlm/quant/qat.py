@@ -15,8 +15,8 @@ magnitude when it rounds past code 15 (symmetric) and the ends a rounded zero po
 Scales follow the weights (absmax / min-max), they are not learned.
 
 The state dict of a QATLinear is an nn.Linear's (weight, bias): a QAT checkpoint loads as a float model, and
-quantizing it with the same rule (load_model(..., quantize="int8" | "int4") for the default groups) gives the
-layers convert_qat gives.
+quantizing it by the same rule gives the layers convert_qat gives (flashlm.io.qat_export: `flashlm quantize RUN
+OUT --method qat` writes the int4 checkpoint; load_model(RUN, quantize="int8") for int8).
 """
 
 from typing import Optional
@@ -27,7 +27,7 @@ from torch import nn
 from flashlm.ops import (int4_linear, int4_linear_backward_input, int8_linear, int8_linear_backward_input,
                          quantize_per_token)
 from flashlm.quant.linear import Int4Linear, Int8Linear
-from flashlm.quant.rtn import (check_group_size, dequantize_int4, int4_group_params, int4_group_size,
+from flashlm.quant.rtn import (GROUP_SIZES, check_group_size, dequantize_int4, int4_group_params, int4_group_size,
                                quantize_int4, quantize_int8_per_channel)
 from flashlm.quant.w8a8 import BLOCK_LINEARS
 
@@ -37,6 +37,18 @@ QAT_TYPES = ("int8", "int4", "int4-asym")
 def check_qat_type(qat_type) -> None:
     if qat_type not in QAT_TYPES:
         raise ValueError(f"qat: must be one of {', '.join(QAT_TYPES)}, got {qat_type!r}")
+
+
+def check_qat_setting(qat_type, group_size) -> None:
+    """A training run's qat (None: off) and qat_group_size (int4 only; None: apply_qat's default)."""
+    if qat_type is None:
+        if group_size is not None:
+            raise ValueError("qat_group_size: goes with qat int4 or int4-asym")
+        return
+    check_qat_type(qat_type)
+    if group_size is not None and (qat_type == "int8" or isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"qat_group_size: must be one of {GROUP_SIZES} with qat int4 or int4-asym, got "
+                         f"{group_size!r} with qat {qat_type!r}")
 
 
 class FakeQuantize(torch.autograd.Function):
@@ -223,18 +235,22 @@ def _block_linears(model: nn.Module):
 def apply_qat(model: nn.Module, qat_type: str, group_size: Optional[int] = None) -> list:
     """Replaces every block's float nn.Linear by a QATLinear in place (the same Parameters, so an optimizer
     built before or after sees them); returns their names. Embeddings, norms and the lm head stay float, as
-    the int8/int4 loaders keep them."""
+    the int8/int4 loaders keep them. group_size (int4) None: the largest of 128/64/32 dividing every layer's
+    in_features."""
     check_qat_type(qat_type)
-    names = []
-    for parent, leaf, name in _block_linears(model):
+    found = list(_block_linears(model))
+    if not found:
+        raise ValueError("model: has no block linears to train quantization-aware")
+    for parent, leaf, name in found:
         linear = getattr(parent, leaf)
         if type(linear) is not nn.Linear:
             raise ValueError(f"model: {name} is {type(linear).__name__}, not a float nn.Linear")
-        setattr(parent, leaf, QATLinear.from_linear(linear, qat_type, group_size))
-        names.append(name)
-    if not names:
-        raise ValueError("model: has no block linears to train quantization-aware")
-    return names
+    if qat_type != "int8" and group_size is None:  # one group for all: an int4 checkpoint holds one
+        group_size = min(int4_group_size(getattr(p, leaf).in_features) for p, leaf, _ in found)
+    layers = [QATLinear.from_linear(getattr(p, leaf), qat_type, group_size) for p, leaf, _ in found]
+    for (parent, leaf, _), layer in zip(found, layers):  # all checked before any is replaced
+        setattr(parent, leaf, layer)
+    return [name for _, _, name in found]
 
 
 def convert_qat(model: nn.Module) -> list:
