@@ -257,13 +257,17 @@ def test_short_qat_fine_tune_recovers_most_of_rtn_loss(one_thread):
     qat_loss = val_loss(qat, val)
     convert_qat(qat)
     assert val_loss(qat, val) == qat_loss  # the exported model is the one trained
-    control = fit(copy.deepcopy(base), train, steps=40, lr=1e-3, seed=1)  # same steps in float, then RTN
-    control_gap = val_loss(rtn(control), val) - float_loss
-    qat_gap = qat_loss - float_loss
-    print(f"int4 g64 loss above float {float_loss:.4f}: RTN {rtn_gap:.4f}, float fine-tune + RTN "
-          f"{control_gap:.4f}, QAT {qat_gap:.4f}")
-    # Measured (float 2.4534): RTN +0.6890, float fine-tune + RTN +0.9308, QAT -0.0037 nats.
-    assert qat_gap < 0.25 * rtn_gap and qat_gap < 0.25 * control_gap
+    # The same steps in float, then RTN: the loss QAT saves is what its forward saves, not its extra steps.
+    control = fit(copy.deepcopy(base), train, steps=40, lr=1e-3, seed=1)
+    control_float = val_loss(control, val)
+    control_gap = val_loss(rtn(control), val) - control_float
+    qat_gap = qat_loss - control_float
+    print(f"int4 g64 loss above float: RTN {rtn_gap:.4f} (float {float_loss:.4f}); after 40 more steps, above "
+          f"the float fine-tune's {control_float:.4f}: RTN {control_gap:.4f}, QAT {qat_gap:.4f}")
+    # Measured: RTN +0.689 nats on the base; after the fine-tunes RTN +1.023, QAT +0.088. With other seeds
+    # (base, fine-tune) (1, 2), (2, 5), (3, 7): RTN +0.249, +0.284, +0.369, QAT +0.040, +0.006, +0.019. The bar,
+    # a quarter of RTN's gap, is 3x above the worst of the four.
+    assert qat_gap < 0.25 * control_gap
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
@@ -297,3 +301,90 @@ def test_bad_input():
         fake_quantize(torch.zeros(3, 4), torch.ones(3), 0.0, -8, 7)
     with pytest.raises(ValueError, match="^scale: expected a float tensor"):
         fake_quantize(torch.zeros(3), 0.5, 0.0, -8, 7)
+
+
+# -- flashlm train / finetune --qat, and the export ----------------------------------------------------------
+
+def logits_of(model, idx):
+    with torch.no_grad():
+        return model.eval()(idx)[0]
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """A `flashlm train --qat int4-asym` run of the tiny preset (gpt2: K = 64 and 256, so groups of 64)."""
+    from flashlm.train.config import TrainConfig
+    from flashlm.train.trainer import Trainer
+
+    folder = tmp_path_factory.mktemp("qat")
+    text = folder / "text.txt"
+    text.write_bytes(bytes(corpus_bytes().tolist()))
+    cfg = TrainConfig.from_sources("tiny", overrides=dict(
+        data=[str(text)], data_cache=str(folder / "cache"), out_dir=str(folder / "run"), progress=False,
+        sample_tokens=0, max_steps=4, eval_interval=4, ckpt_interval=4, qat="int4-asym"))
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.dp.close()
+    return trainer
+
+
+def test_train_with_qat_exports_the_model_it_trained(qat_run, tmp_path, capsys):
+    from flashlm.cli import main
+    from flashlm.io import load_model
+
+    layers = [m for m in qat_run.model.modules() if isinstance(m, QATLinear)]
+    assert len(layers) == 2 * 6 and {(m.qat_type, m.group_size) for m in layers} == {("int4-asym", 64)}
+    out = tmp_path / "int4.pt"
+    assert main(["quantize", str(qat_run.out_dir), str(out), "--method", "qat"]) == 0
+    assert "int4 g64 asym as trained with --qat int4-asym" in capsys.readouterr().out
+    exported = load_model(str(out))
+    assert sum(isinstance(m, Int4Linear) for m in exported.model.modules()) == 2 * 6
+    idx = torch.randint(0, exported.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert_equal(logits_of(exported.model, idx), logits_of(qat_run.model, idx), name="exported vs QAT logits")
+
+
+def test_finetune_full_with_qat(qat_run, tmp_path):
+    from flashlm.io.qat_export import export_qat, qat_setting
+    from flashlm.train.finetune import FinetuneConfig, FineTuner
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"say {w}", "completion": f" {w} {w}"} for w in ("red", "green", "blue", "black") * 6]
+    data.write_text("".join(f'{{"prompt": "{r["prompt"]}", "completion": "{r["completion"]}"}}\n' for r in rows))
+    ft = FinetuneConfig(model=str(qat_run.out_dir), data=str(data), method="full", qat="int8", max_steps=2,
+                        batch_size=4, eval_interval=2, ckpt_interval=2, out_dir=str(tmp_path / "ft"), progress=False)
+    tuner = FineTuner(ft)
+    assert all(m.qat_type == "int8" for m in tuner.model.base.modules() if isinstance(m, QATLinear))
+    tuner.train()
+    tuner.dp.close()
+    assert qat_setting(str(tmp_path / "ft")) == ("int8", None)
+    with pytest.raises(ValueError, match="trained for int8, which has no file format"):
+        export_qat(str(tmp_path / "ft"), str(tmp_path / "x.pt"))
+
+
+def test_qat_settings_are_checked(qat_run, tmp_path):
+    from flashlm.io.qat_export import export_qat
+    from flashlm.train.config import TrainConfig
+    from flashlm.train.finetune import FinetuneConfig
+
+    with pytest.raises(ValueError, match="^qat: must be one of"):
+        TrainConfig(qat="int2")
+    with pytest.raises(ValueError, match="^qat_group_size: must be one of"):
+        TrainConfig(qat="int8", qat_group_size=32)
+    with pytest.raises(ValueError, match="^qat_group_size: must be one of"):
+        TrainConfig(qat="int4", qat_group_size=48)
+    with pytest.raises(ValueError, match="^qat_group_size: goes with qat"):
+        TrainConfig(qat_group_size=32)
+    with pytest.raises(ValueError, match="^qat: not available with zero_stage 3"):
+        TrainConfig(qat="int4", zero_stage=3)
+    with pytest.raises(ValueError, match="^qat: only with method full"):
+        FinetuneConfig(method="lora", qat="int4")
+    float_run = tmp_path / "float.pt"
+    state = torch.load(next(qat_run.out_dir.glob("*.pt")), weights_only=False)
+    state["train_config"]["qat"] = None
+    torch.save(state, float_run)
+    with pytest.raises(ValueError, match="was not trained with --qat"):
+        export_qat(str(float_run), str(tmp_path / "y.pt"))
+    state["train_config"]["qat"] = "int4; rm"
+    torch.save(state, float_run)
+    with pytest.raises(ValueError, match="^qat: must be one of"):
+        export_qat(str(float_run), str(tmp_path / "y.pt"))
