@@ -51,6 +51,11 @@ def check_qat_setting(qat_type, group_size) -> None:
                          f"{group_size!r} with qat {qat_type!r}")
 
 
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+    """round(x / scale) + zero before clamping (a zero scale counts as 1), as flashlm.quant.rtn rounds."""
+    return torch.round(x / torch.where(scale != 0, scale, torch.ones_like(scale))) + zero
+
+
 class FakeQuantize(torch.autograd.Function):
     """x -> (clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale (scale and zero broadcast against x;
     a zero scale counts as 1), with the straight-through gradient: dx = dy where the code was not clamped,
@@ -58,7 +63,7 @@ class FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero, qmin: int, qmax: int):
-        codes = torch.round(x / torch.where(scale != 0, scale, torch.ones_like(scale))) + zero
+        codes = _codes(x, scale, zero)
         inside = (codes >= qmin) & (codes <= qmax)
         ctx.save_for_backward(inside)
         return (codes.clamp(qmin, qmax) - zero) * scale
@@ -151,7 +156,7 @@ class _Int4QAT(torch.autograd.Function):
         packed, scales, zeros = quantize_int4(weight, group_size, symmetric)
         # Where rounding pushed a code out of 0..15 (the weights' gradient is zero there).
         g, s, z = _int4_groups(weight, group_size, symmetric)
-        codes = torch.round(g / torch.where(s != 0, s, torch.ones_like(s))) + z
+        codes = _codes(g, s, z)
         inside = ((codes >= 0) & (codes <= 15)).reshape(weight.shape)
         ctx.save_for_backward(x, packed, scales, zeros, inside)
         ctx.group_size, ctx.weight_dtype = group_size, weight.dtype
