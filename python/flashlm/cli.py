@@ -125,6 +125,15 @@ def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
 
     if args.type is not None:
         raise ValueError("--type: not with --method (which writes Int4Linear or Int8Linear layers, not a GGUF mix)")
+    if args.method == "qat":
+        from flashlm.io.qat_export import export_qat
+
+        r = export_qat(args.input, args.output)
+        if not args.quiet:
+            kind = "int8" if r["group_size"] is None else f"int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
+            print(f"{_printable(args.output)}: {kind} as trained with --qat {r['qat']}, "
+                  f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
+        return 0
     if args.calib_data is None:
         raise ValueError("--calib-data: --method needs calibration text")
     r = quantize_calibrated(args.input, args.output, args.method, args.calib_data, args.group_size,
@@ -247,9 +256,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_calibrated_quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=("gptq", "awq", "w8a8", "smoothquant"), help="quantize with calibration "
-                   "instead of to a GGUF mix: int4 by GPTQ or AWQ, or W8A8 (int8 weights and activations), "
-                   "smoothquant smoothing first; writes a flashlm checkpoint that --model and load_model read")
+    p.add_argument("--method", choices=("gptq", "awq", "w8a8", "smoothquant", "qat"), help="quantize with "
+                   "calibration instead of to a GGUF mix: int4 by GPTQ or AWQ, or W8A8 (int8 weights and activations), "
+                   "smoothquant smoothing first; or qat (a run trained with --qat: its layers as trained); writes a "
+                   "flashlm checkpoint that --model and load_model read")
     p.add_argument("--calib-data", metavar="FILE", help="with --method: UTF-8 calibration text")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), help="with --method gptq|awq: int4 group "
                    "(default 128)")
@@ -380,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FINETUNE_FLAGS = ("model", "data", "val_data", "method", "lora_r", "lora_alpha", "lora_dropout", "target",
+FINETUNE_FLAGS = ("model", "data", "val_data", "method", "lora_r", "lora_alpha", "lora_dropout", "target", "qat",
+                  "qat_group_size",
                   "num_virtual_tokens", "seq_len", "max_steps", "batch_size", "grad_accum", "lr", "warmup",
                   "eval_interval", "ckpt_interval", "seed", "device", "out_dir", "progress")
 
@@ -403,6 +414,10 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout:g})")
     p.add_argument("--target", help=f"modules LoRA wraps, e.g. q,k,v,o,gate,up,down (default {d.target})")
     p.add_argument("--num-virtual-tokens", type=int, help=f"prompt/prefix tuning (default {d.num_virtual_tokens})")
+    p.add_argument("--qat", help="with --method full: quantization-aware fine-tuning for int8, int4 or int4-asym "
+                                 "(default off)")
+    p.add_argument("--qat-group-size", type=int, help="with --qat int4: the group (default: the largest "
+                                                      "of 128/64/32 dividing every layer)")
     p.add_argument("--seq-len", type=int, help="tokens per record, at most the model's context (default: it)")
     p.add_argument("--max-steps", type=int, help=f"(default {d.max_steps})")
     p.add_argument("--batch-size", type=int, help=f"records per micro-batch (default {d.batch_size})")

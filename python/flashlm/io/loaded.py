@@ -14,8 +14,9 @@ from torch.overrides import TorchFunctionMode
 from flashlm.io.tokenizer import Tokenizer
 from flashlm.models import ModelConfig, Transformer
 from flashlm.models.transformer import rope_tables
+from flashlm.quant.rtn import int4_group_size
 from flashlm.quant.w8a8 import BLOCK_LINEARS
-_INT4_GROUPS = (128, 64, 32)
+
 # The longest context loaded without an explicit max_model_len: the rope tables (or GPT-2's position table)
 # have a row per position, and a file's context length is untrusted.
 MAX_DEFAULT_CONTEXT = 1 << 20
@@ -85,13 +86,6 @@ def finish(model: nn.Module) -> None:
 def set_module(model: nn.Module, dotted: str, module: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
-def int4_group_size(in_features: int) -> int:
-    for g in _INT4_GROUPS:
-        if in_features % g == 0:
-            return g
-    raise ValueError(f"quantize: int4 needs in_features divisible by 32, got {in_features}")
 
 
 def quantize_block_linears(model: Transformer, quantize: Optional[str]) -> None:

@@ -38,6 +38,15 @@ def check_group_size(group_size, k: int) -> None:
         raise ValueError(f"group_size: {group_size} does not divide K = {k}")
 
 
+def int4_group_size(in_features: int) -> int:
+    """The largest group size (128, 64, 32) dividing in_features: the int4 group a model's linears get when
+    loaded with quantize="int4" (flashlm.io.loaded) or trained with QAT's default (flashlm.quant.qat)."""
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"quantize: int4 needs in_features divisible by 32, got {in_features}")
+
+
 def pack_int4(u: torch.Tensor, group_size: int) -> torch.Tensor:
     """u uint8 [N, K] with values 0..15 -> packed uint8 [N, K/2] (the layout above)."""
     n, k = u.shape

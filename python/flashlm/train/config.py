@@ -53,6 +53,10 @@ class TrainConfig:
     # patterns, comma-separated) added to the loss; 0 disables it
     l1: float = 0.0
     l1_params: str = "blocks.*.weight"
+    # quantization-aware training (flashlm.quant.qat): the block linears' forward is that of int8 (W8A8), int4
+    # (symmetric groups) or int4-asym; qat_group_size None: the largest of 128/64/32 dividing every layer
+    qat: Optional[str] = None
+    qat_group_size: Optional[int] = None
     optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
     precision: str = "fp32"
     zero_stage: int = 0
@@ -84,6 +88,12 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.l1 > 0 and self.zero_stage == 3:  # ZeRO-3's parameters hold values only inside their block's pass
             raise ValueError("l1: not available with zero_stage 3")
+        if self.qat is not None or self.qat_group_size is not None:
+            from flashlm.quant.qat import check_qat_setting
+
+            check_qat_setting(self.qat, self.qat_group_size)
+        if self.qat is not None and self.zero_stage == 3:  # its layers round the full weights every forward
+            raise ValueError("qat: not available with zero_stage 3")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(float(b) for b in self.betas)
@@ -164,7 +174,8 @@ def add_arguments(parser):
             parser.add_argument(flag, nargs="+", default=None, metavar="PATH",
                                 help="text files or folders (default: the Python standard library's sources)")
         else:
-            kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes")
+            kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes",
+                                                                                "qat_group_size")
                                                               else str)
             choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama", "qwen3", "gemma2", "gemma3"),
                        "attn_impl": ("flashlm", "sdpa")}.get(f.name)

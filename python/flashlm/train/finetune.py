@@ -6,7 +6,8 @@ loss curve, checkpoints, exact resume).
 
 Methods: lora (LoRA on the block linears named by target), qlora (LoRA on the base loaded quantized: a GGUF
 file's blocks as they are, an HF directory or a run folder quantized to int4), prompt and prefix (virtual tokens),
-full (every weight of a float base). Only the trainable parameters get optimiser state (fused AdamW).
+full (every weight of a float base; with qat, quantization-aware: flashlm.quant.qat). Only the trainable
+parameters get optimiser state (fused AdamW).
 
 A checkpoint holds the trainable tensors ("adapter"), the optimiser, the data position and the base's path;
 resuming loads the base again and puts them back. For lora and full on a `flashlm train` run it also holds the
@@ -49,6 +50,8 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target: str = "q,k,v,o"
     num_virtual_tokens: int = 16
+    qat: Optional[str] = None              # method full only: quantization-aware (TrainConfig.qat)
+    qat_group_size: Optional[int] = None
     seq_len: Optional[int] = None          # tokens per record (at most the model's context); None: the model's
     max_steps: int = 200
     batch_size: int = 8
@@ -75,6 +78,8 @@ class FinetuneConfig:
             raise ValueError(f"seq_len: must be an integer > 1, got {self.seq_len!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr!r}")
+        if self.qat is not None and self.method != "full":  # an adapter over quantized weights exports inexactly
+            raise ValueError(f"qat: only with method full (every weight trained), got method {self.method!r}")
 
     def train_config(self) -> TrainConfig:
         """The loop's settings (TrainConfig checks them)."""
@@ -85,7 +90,7 @@ class FinetuneConfig:
                            seed=self.seed, device=self.device, eval_interval=self.eval_interval,
                            eval_batches=self.eval_batches, ckpt_interval=self.ckpt_interval,
                            keep_checkpoints=self.keep_checkpoints, out_dir=self.out_dir, sample_tokens=0,
-                           progress=self.progress)
+                           progress=self.progress, qat=self.qat, qat_group_size=self.qat_group_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -313,7 +318,9 @@ class FineTuner(Trainer):
         base.train()
         base.checkpointing = False
         self.model_config = self.loaded.config
-        self.model = SFTModel(base, attach_method(base, self.ft))
+        tuned = attach_method(base, self.ft)
+        self.setup_qat(base)
+        self.model = SFTModel(base, tuned)
 
     # -- state: the trainable tensors and the base's path, not the base --------------------------------------
 
@@ -337,7 +344,7 @@ class FineTuner(Trainer):
         if state.get("model_config") != self.model_config.to_dict():
             raise ValueError("checkpoint: its base model differs from --model's")
         saved = state.get("finetune") or {}
-        for key in ("method", "lora_r", "lora_alpha", "target", "num_virtual_tokens"):
+        for key in ("method", "lora_r", "lora_alpha", "target", "num_virtual_tokens", "qat", "qat_group_size"):
             if saved.get(key) != getattr(self.ft, key):
                 raise ValueError(f"checkpoint: {key} is {saved.get(key)!r}, this run's is {getattr(self.ft, key)!r}")
         load_adapter(self.model, state["adapter"])

@@ -7,8 +7,8 @@ Each step takes grad_accum micro-batches of batch_size sequences on every rank (
 synchronises gradients), runs under autocast for bf16/fp16 (fp16 with a dynamic loss scaler), clips the
 global gradient norm and steps the optimizer at the learning rate of the schedule (with l1 > 0 the gradient
 is that of the loss plus l1 * sum |p| over the l1_params, flashlm.train.sparsity; the loss logged is the data's
-alone). Every eval_interval steps
-it measures the validation loss on the first eval_batches batches of the held-out split; every ckpt_interval
+alone; with qat set the block linears compute their forward quantized, flashlm.quant.qat). Every eval_interval
+steps it measures the validation loss on the first eval_batches batches of the held-out split; every ckpt_interval
 steps it saves a checkpoint holding everything the next step depends on (weights, optimizer, scaler, RNG
 states, data position, metrics), so a resumed run on the CPU reproduces the uninterrupted one's losses bit for
 bit. Rank 0 alone prints and writes: metrics.jsonl (one JSON object per step), loss.png and the checkpoints,
@@ -216,6 +216,15 @@ class Trainer:
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
+        self.setup_qat(self.model)
+
+    def setup_qat(self, model):
+        """With cfg.qat: model's block linears train quantization-aware (flashlm.quant.qat)."""
+        from flashlm.quant.qat import apply_qat
+
+        if self.cfg.qat is not None:
+            layers = apply_qat(model, self.cfg.qat, self.cfg.qat_group_size)
+            self.log(f"qat: {len(layers)} block linears train with their {self.cfg.qat} forward")
 
     def _l1_params(self) -> list:
         """The trainable parameters the L1 penalty covers (none when cfg.l1 is 0)."""

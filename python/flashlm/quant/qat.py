@@ -1,0 +1,271 @@
+"""Quantization-aware training: block linears that train float weights but compute their forward as the
+quantized layer they will become (Int8Linear: W8A8, per-channel weights, per-token activations; Int4Linear:
+group-wise weights, symmetric or asymmetric).
+
+    apply_qat(model, "int4")   # every block's nn.Linear becomes a QATLinear (the same Parameters)
+    ... train ...
+    convert_qat(model)         # each QATLinear becomes the real Int4Linear, with the same forward bit for bit
+
+The forward rounds the weights with flashlm.quant.rtn's quantizers (the ones Int8Linear.from_float and
+Int4Linear.from_float use) and multiplies with the real kernels (flashlm.ops.int8_linear / int4_linear), so the
+QAT forward and the exported layer agree exactly. The backward is the straight-through estimator: the rounding
+counts as the identity, except where a value was clipped to the end of the code range (there the gradient is
+zero). Per-token and per-channel absmax scales clip nothing; int4 groups clip the value opposite the largest
+magnitude when it rounds past code 15 (symmetric) and the ends a rounded zero point pushes out (asymmetric).
+Scales follow the weights (absmax / min-max), they are not learned.
+
+The state dict of a QATLinear is an nn.Linear's (weight, bias): a QAT checkpoint loads as a float model, and
+quantizing it by the same rule gives the layers convert_qat gives (flashlm.io.qat_export: `flashlm quantize RUN
+OUT --method qat` writes the int4 checkpoint; load_model(RUN, quantize="int8") for int8).
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flashlm.ops import (int4_linear, int4_linear_backward_input, int8_linear, int8_linear_backward_input,
+                         quantize_per_token)
+from flashlm.quant.linear import Int4Linear, Int8Linear
+from flashlm.quant.rtn import (GROUP_SIZES, check_group_size, dequantize_int4, int4_group_params, int4_group_size,
+                               quantize_int4, quantize_int8_per_channel)
+from flashlm.quant.w8a8 import BLOCK_LINEARS
+
+QAT_TYPES = ("int8", "int4", "int4-asym")
+
+
+def check_qat_type(qat_type) -> None:
+    if qat_type not in QAT_TYPES:
+        raise ValueError(f"qat: must be one of {', '.join(QAT_TYPES)}, got {qat_type!r}")
+
+
+def check_qat_setting(qat_type, group_size) -> None:
+    """A training run's qat (None: off) and qat_group_size (int4 only; None: apply_qat's default)."""
+    if qat_type is None:
+        if group_size is not None:
+            raise ValueError("qat_group_size: goes with qat int4 or int4-asym")
+        return
+    check_qat_type(qat_type)
+    if group_size is not None and (qat_type == "int8" or isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+        raise ValueError(f"qat_group_size: must be one of {GROUP_SIZES} with qat int4 or int4-asym, got "
+                         f"{group_size!r} with qat {qat_type!r}")
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
+    """round(x / scale) + zero before clamping (a zero scale counts as 1), as flashlm.quant.rtn rounds."""
+    return torch.round(x / torch.where(scale != 0, scale, torch.ones_like(scale))) + zero
+
+
+class FakeQuantize(torch.autograd.Function):
+    """x -> (clamp(round(x / scale) + zero, qmin, qmax) - zero) * scale (scale and zero broadcast against x;
+    a zero scale counts as 1), with the straight-through gradient: dx = dy where the code was not clamped,
+    0 where it was."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, qmin: int, qmax: int):
+        codes = _codes(x, scale, zero)
+        inside = (codes >= qmin) & (codes <= qmax)
+        ctx.save_for_backward(inside)
+        return (codes.clamp(qmin, qmax) - zero) * scale
+
+    @staticmethod
+    def backward(ctx, dy):
+        (inside,) = ctx.saved_tensors
+        return dy * inside, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero, qmin: int, qmax: int) -> torch.Tensor:
+    """FakeQuantize.apply with its arguments checked."""
+    if not x.is_floating_point():
+        raise ValueError(f"x: expected a float tensor, got {x.dtype}")
+    if not torch.is_tensor(scale) or not scale.is_floating_point():
+        raise ValueError(f"scale: expected a float tensor, got {type(scale).__name__}")
+    if not isinstance(qmin, int) or not isinstance(qmax, int) or qmin >= qmax:
+        raise ValueError(f"qmin, qmax: expected integers with qmin < qmax, got {qmin!r}, {qmax!r}")
+    zero = torch.as_tensor(zero, dtype=scale.dtype, device=scale.device)
+    try:
+        torch.broadcast_shapes(x.shape, scale.shape, zero.shape)
+    except RuntimeError:
+        raise ValueError(f"scale, zero: shapes {tuple(scale.shape)} and {tuple(zero.shape)} do not broadcast "
+                         f"against x {tuple(x.shape)}") from None
+    return FakeQuantize.apply(x, scale.detach(), zero.detach(), qmin, qmax)
+
+
+def _int4_groups(w: torch.Tensor, group_size: int, symmetric: bool):
+    """w [N, K] as groups [N, K/group, group] with rtn's scales and zero points [N, K/group, 1]."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    s, z = int4_group_params(g, symmetric, 1.0)
+    return g, s, z
+
+
+def fake_quant_weight(w: torch.Tensor, qat_type: str, group_size: Optional[int] = None) -> torch.Tensor:
+    """w [N, K] quantized as `qat_type`'s layer quantizes it and dequantized (float32), differentiable with the
+    straight-through gradient. group_size (int4): None is int4_group_size(K)."""
+    check_qat_type(qat_type)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"w: expected a float [N, K] tensor, got {w.dtype} {tuple(w.shape)}")
+    if qat_type == "int8":
+        scales = w.detach().float().abs().amax(dim=1, keepdim=True) / 127.0
+        return fake_quantize(w.float(), scales, 0.0, -127, 127)
+    group_size = int4_group_size(w.shape[1]) if group_size is None else group_size
+    check_group_size(group_size, w.shape[1])
+    _, s, z = _int4_groups(w, group_size, qat_type == "int4")
+    n, k = w.shape
+    return fake_quantize(w.float().reshape(n, k // group_size, group_size), s, z, 0, 15).reshape(n, k)
+
+
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] rounded per token as Int8Linear rounds its input (flashlm.ops.quantize_per_token) and
+    dequantized (float32); the gradient passes straight through (absmax scales clip nothing)."""
+    q, scales = quantize_per_token(x.detach())
+    x_dq = q.float() * scales.unsqueeze(-1)
+    return x_dq + (x - x.detach()).float()  # the value of x_dq, the gradient of x
+
+
+def _grad_weight(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy [..., N], x [..., K] -> dy.T @ x [N, K] in float32."""
+    return dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+
+
+class _Int8QAT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        q, scales = quantize_int8_per_channel(weight)
+        ctx.save_for_backward(x, q, scales)
+        ctx.weight_dtype = weight.dtype
+        return int8_linear(x, q, scales, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, q, scales = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = int8_linear_backward_input(dy.contiguous(), q, scales)
+        if ctx.needs_input_grad[1]:  # the weights met x as Int8Linear rounds it
+            q_x, s_x = quantize_per_token(x)
+            dw = _grad_weight(dy, q_x.float() * s_x.unsqueeze(-1)).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).float().sum(0)
+        return dx, dw, db
+
+
+class _Int4QAT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, group_size: int, symmetric: bool):
+        packed, scales, zeros = quantize_int4(weight, group_size, symmetric)
+        # Where rounding pushed a code out of 0..15 (the weights' gradient is zero there).
+        g, s, z = _int4_groups(weight, group_size, symmetric)
+        codes = _codes(g, s, z)
+        inside = ((codes >= 0) & (codes <= 15)).reshape(weight.shape)
+        ctx.save_for_backward(x, packed, scales, zeros, inside)
+        ctx.group_size, ctx.weight_dtype = group_size, weight.dtype
+        # The CUDA kernel takes float16/bfloat16 activations only: float32 ones multiply the dequantized
+        # weights in torch (same weights, torch's accumulation order).
+        ctx.kernel = not (x.is_cuda and x.dtype == torch.float32)
+        if ctx.kernel:
+            return int4_linear(x, packed, scales, zeros, group_size, bias)
+        w = dequantize_int4(packed, scales, zeros, group_size)
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, packed, scales, zeros, inside = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if ctx.kernel:
+                dx = int4_linear_backward_input(dy.contiguous(), packed, scales, zeros, ctx.group_size)
+            else:
+                dx = dy @ dequantize_int4(packed, scales, zeros, ctx.group_size)
+        if ctx.needs_input_grad[1]:
+            dw = (_grad_weight(dy, x) * inside).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).float().sum(0)
+        return dx, dw, db, None, None
+
+
+class QATLinear(nn.Linear):
+    """An nn.Linear (float weight and bias, trained) whose forward is the quantized layer's: Int8Linear's for
+    qat_type "int8", Int4Linear's (group_size; None: int4_group_size(in_features)) for "int4" (symmetric)
+    and "int4-asym" (zero points)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, qat_type: str = "int8",
+                 group_size: Optional[int] = None, device=None, dtype=None):
+        check_qat_type(qat_type)
+        if qat_type != "int8":
+            group_size = int4_group_size(in_features) if group_size is None else group_size
+            check_group_size(group_size, in_features)
+        elif group_size is not None:
+            raise ValueError("group_size: only int4 weights have groups")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.qat_type, self.group_size = qat_type, group_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qat_type: str, group_size: Optional[int] = None) -> "QATLinear":
+        """A QATLinear sharing linear's Parameters (no copy)."""
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, qat_type, group_size,
+                  device="meta")
+        out.weight, out.bias = linear.weight, linear.bias
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qat_type == "int8":
+            return _Int8QAT.apply(x, self.weight, self.bias)
+        return _Int4QAT.apply(x, self.weight, self.bias, self.group_size, self.qat_type == "int4")
+
+    def to_quantized(self) -> nn.Module:
+        """The Int8Linear / Int4Linear this layer trains for (the same forward, bit for bit)."""
+        if self.qat_type == "int8":
+            return Int8Linear.from_float(self)
+        return Int4Linear.from_float(self, self.group_size, symmetric=self.qat_type == "int4")
+
+    def extra_repr(self) -> str:
+        groups = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{super().extra_repr()}, qat_type={self.qat_type}{groups}"
+
+
+def _block_linears(model: nn.Module):
+    """(parent module, attribute, name) of every block linear of a flashlm Transformer."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"model: expected a flashlm Transformer (with .blocks), got {type(model).__name__}")
+    for i, block in enumerate(blocks):
+        for dotted in BLOCK_LINEARS:
+            parent_name, _, leaf = dotted.rpartition(".")
+            parent = getattr(block, parent_name, None)
+            if parent is not None and getattr(parent, leaf, None) is not None:
+                yield parent, leaf, f"blocks.{i}.{dotted}"
+
+
+def apply_qat(model: nn.Module, qat_type: str, group_size: Optional[int] = None) -> list:
+    """Replaces every block's float nn.Linear by a QATLinear in place (the same Parameters, so an optimizer
+    built before or after sees them); returns their names. Embeddings, norms and the lm head stay float, as
+    the int8/int4 loaders keep them. group_size (int4) None: the largest of 128/64/32 dividing every layer's
+    in_features."""
+    check_qat_type(qat_type)
+    found = list(_block_linears(model))
+    if not found:
+        raise ValueError("model: has no block linears to train quantization-aware")
+    for parent, leaf, name in found:
+        linear = getattr(parent, leaf)
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"model: {name} is {type(linear).__name__}, not a float nn.Linear")
+    if qat_type != "int8" and group_size is None:  # one group for all: an int4 checkpoint holds one
+        group_size = min(int4_group_size(getattr(p, leaf).in_features) for p, leaf, _ in found)
+    layers = [QATLinear.from_linear(getattr(p, leaf), qat_type, group_size) for p, leaf, _ in found]
+    for (parent, leaf, _), layer in zip(found, layers):  # all checked before any is replaced
+        setattr(parent, leaf, layer)
+    return [name for _, _, name in found]
+
+
+def convert_qat(model: nn.Module) -> list:
+    """Replaces every QATLinear of model's blocks by its real quantized layer in place; returns their names."""
+    names = []
+    for parent, leaf, name in _block_linears(model):
+        layer = getattr(parent, leaf)
+        if isinstance(layer, QATLinear):
+            setattr(parent, leaf, layer.to_quantized())
+            names.append(name)
+    if not names:
+        raise ValueError("model: has no QATLinear layers to convert (apply_qat first)")
+    return names
