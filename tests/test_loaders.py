@@ -44,7 +44,7 @@ def make_hf(kind: str, vocab: int = V):
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7,
-                       "gemma3": 8}[kind])
+                       "gemma3": 8, "phi3": 9}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -89,6 +89,15 @@ def make_hf(kind: str, vocab: int = V):
             for name, p in m.named_parameters():
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.3)
+    elif kind == "phi3":  # GQA 4:2, untied, fused qkv_proj and gate_up_proj, every layer's window 5
+        from transformers import Phi3Config, Phi3ForCausalLM
+
+        m = Phi3ForCausalLM(Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                                       pad_token_id=0, bos_token_id=0, eos_token_id=0))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p))
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
@@ -111,7 +120,8 @@ def _logits(model, idx):
 # ------------------------------------------------------------------------------------------------ HF
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2",
+                                  "mistral"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)

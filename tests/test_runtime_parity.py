@@ -2,7 +2,8 @@
 - HF transformers: logits after a (chunked) prefill and after each of several decode steps through the
   engine's paged path, for llama (GQA, Llama 3 rope), qwen2, qwen3 (q/k norms, head_dim 24 in a 64-wide
   model), gemma2 (a sliding window of 5 on alternate layers, shorter than the 19-token prompt; soft-caps),
-  gemma3 (the same window on six layers of seven, with their own rope base; q/k norms) and gpt2 directories;
+  gemma3 (the same window on six layers of seven, with their own rope base; q/k norms), phi3 (fused qkv and
+  gate_up, the window of 5 on every layer) and gpt2 directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
   model (llama, qwen3), flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
   every step stay close;
@@ -50,7 +51,7 @@ class _NoText:
         return ""
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"])
 def test_engine_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
