@@ -4,10 +4,11 @@
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
 Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding
-window kept; no partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
-`rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
-compute differently (another activation, biases it does not have, rope scaling other than Llama 3's) raises
-ValueError naming the key. A head_dim other than hidden / heads is read for every rotary architecture.
+window kept; no partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary
+settings are read: `rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5).
+Anything flashlm's Transformer would compute differently (another activation, biases it does not have, rope
+scaling other than Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for
+every rotary architecture but phi3.
 """
 
 from __future__ import annotations

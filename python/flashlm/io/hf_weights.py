@@ -64,7 +64,7 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     else:
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
-        layer = _GEMMA_LAYER if arch in ("gemma2", "gemma3") else _PHI3_LAYER if arch == "phi3" else _LLAMA_LAYER
+        layer = {"gemma2": _GEMMA_LAYER, "gemma3": _GEMMA_LAYER, "phi3": _PHI3_LAYER}.get(arch, _LLAMA_LAYER)
         name, top, layer_re = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE
     if name in top:
         return top[name]

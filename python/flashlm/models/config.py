@@ -22,7 +22,7 @@ from typing import Optional
 ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # The architectures whose head_dim may differ from d_model / n_head (llama and qwen2 as HF's and llama.cpp's
 # head_dim / key_length let them: what a model with attention heads pruned away needs; GPT-2 has no such setting).
-FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # (llama.cpp's phi3 needs d_model / n_head)
 GEMMA_ARCHS = ("gemma2", "gemma3")
 WINDOW_ARCHS = GEMMA_ARCHS + ("phi3",)  # the architectures with a sliding_window setting
 # Fields only the Gemma architectures use (sliding_window phi3 too); None elsewhere, left out of to_dict() when None.
@@ -68,7 +68,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: Optional[int] = None  # None: d_model / n_head; another value for the FREE_HEAD_DIM archs only
-    sliding_window: Optional[int] = None  # gemma2: keys a local (even) layer's query sees, itself included; phi3: every layer's
+    # gemma2: keys a local (even) layer's query sees, itself included; phi3: every layer's
+    sliding_window: Optional[int] = None
     attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits
     query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
