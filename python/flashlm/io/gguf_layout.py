@@ -93,7 +93,7 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     else:
         head_dim = head_dim or d // n_head
         extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else \
-            _phi3_settings(meta, shapes, ctx) if arch == "phi3" else {}
+            _phi3_settings(meta, shapes) if arch == "phi3" else {}
         cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra)
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
@@ -120,18 +120,16 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
                 norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
 
 
-def _phi3_settings(meta: Meta, shapes: Mapping[str, tuple], ctx: int) -> dict:
-    """phi3's sliding window (0 or absent: none; one as long as the context changes nothing), applied on every
-    layer as HF's Phi3 does (llama.cpp reads it but runs phi3 without a window). Long-rope files (Phi-3 128k:
-    rope_factors_long/short) are refused."""
+def _phi3_settings(meta: Meta, shapes: Mapping[str, tuple]) -> dict:
+    """phi3's sliding window (0 or absent: none), applied on every layer as HF's Phi3 does (llama.cpp reads it
+    but runs phi3 without a window). Long-rope files (Phi-3 128k: rope_factors_long/short) are refused."""
     for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
         if name in shapes:
             raise ValueError(f"GGUF file: tensor {name!r}: phi3's long-rope scaling is not supported")
     window = meta.m.get("phi3.attention.sliding_window")
     if window in (None, 0):
         return {}
-    window = meta.int("phi3.attention.sliding_window", limit=LIMITS["seq_len"])
-    return {"sliding_window": window} if window < ctx else {}
+    return {"sliding_window": meta.int("phi3.attention.sliding_window", limit=LIMITS["seq_len"])}
 
 
 def _gemma_settings(meta: Meta, arch: str, common: dict) -> dict:
@@ -181,14 +179,17 @@ def check_llama_cpp_head_dim(s: ModelConfig) -> None:
                          f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
 
 
-def gemma_metadata(s: ModelConfig, context: int) -> list:
+def attention_metadata(s: ModelConfig, context: int) -> list:
     """[(key, value, GGUFValueType)] of the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none
-    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
+    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base; phi3's
+    window (0: none, as convert_hf_to_gguf writes it)."""
     from gguf import GGUFValueType
 
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    if a == "phi3":
+        return [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
     if not s.gemma:
         return []
-    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
     meta = [(f"{a}.attention.sliding_window", s.sliding_window or context, u32)]
     meta += [(f"{a}.{key}_logit_softcapping", cap, f32) for key, cap in
              (("attn", s.attn_softcap), ("final", s.final_softcap)) if cap is not None]

@@ -144,10 +144,9 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
-    if arch == "phi3":  # every layer attends to its window (one as long as the context changes nothing)
+    if arch == "phi3":  # every layer attends to its window
         _check_full_rotary(cfg)
         window = None if window is None else _get(cfg, "sliding_window", limit="seq_len")
-        window = window if window is not None and window < seq_len else None
     elif window is not None and uses_window and window < seq_len:
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
                          f"no sliding-window attention (pass max_model_len <= {window})")

@@ -25,8 +25,10 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     """NativeDecoder over the model's blocks (and its ends where they fit), or None when some part is not what
     it runs. It reads the weights' memory as it is now: build it again after replacing or moving modules."""
     cfg = model.cfg
-    # phi3 is llama's block once its fused tensors are split (on load); its sliding window the stack does not have
-    if cfg.arch not in ("llama", "qwen2", "phi3") or not cfg.rotary or cfg.sliding_window is not None:
+    # phi3 is llama's block once its fused tensors are split (on load); a sliding window shorter than the context
+    # the stack does not have
+    windowed = cfg.sliding_window is not None and cfg.sliding_window < cfg.seq_len
+    if cfg.arch not in ("llama", "qwen2", "phi3") or not cfg.rotary or windowed:
         return None
     if not model.rope_cos.is_cpu:
         return None

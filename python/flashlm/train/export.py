@@ -35,7 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, gemma_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, attention_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -296,7 +296,7 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
     if a in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # a head_dim of its own
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
-    meta += gemma_metadata(s, s.seq_len)
+    meta += attention_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
