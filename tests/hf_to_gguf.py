@@ -1,9 +1,11 @@
-"""Test helper: writes a transformers model (Llama, Qwen2, Qwen3, GPT-2) as a GGUF file the way llama.cpp's
+"""Test helper: writes a transformers model (Llama, Qwen2, Qwen3, Phi-3, GPT-2) as a GGUF file the way llama.cpp's
 convert_hf_to_gguf.py lays it out, with gguf-py's GGUFWriter and gguf-py's quantizers, so the loader is
 checked against llama.cpp's own conventions rather than against flashlm's exporter:
 - names: token_embd, output_norm, output (absent when tied), blk.N.{attn_norm, attn_q, attn_k, attn_v,
   attn_output, ffn_norm, ffn_gate, ffn_up, ffn_down}; GPT-2: position_embd, attn_qkv (fused), biases;
   qwen3's blk.N.{attn_q_norm, attn_k_norm} and attention.key_length / value_length (its head_dim);
+  phi3's fused blk.N.attn_qkv and blk.N.ffn_up (gate|up), attention.sliding_window (0: none) and
+  rope.scaling.original_context_length (Phi3MiniModel);
 - llama's q/k rows permuted into ggml's rope order (LlamaModel.permute); qwen2's and qwen3's not;
 - Llama 3 rope scaling as the rope_freqs tensor (LlamaModel.generate_extra_tensors);
 - 2-D weights in `qtype` (F32, F16, BF16, Q8_0, Q4_0), 1-D tensors F32.
@@ -59,7 +61,8 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, np.ndarray, str, str]]:
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
             for kind in ("weight", "bias"):
@@ -132,6 +135,9 @@ def write_gguf(model, arch: str, path: str, qtype: str = "F32", tokenizer_meta=N
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w.add_rope_dimension_count(head_dim)
+        if arch == "phi3":
+            w.add_sliding_window(cfg.sliding_window or 0)
+            w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         if arch == "qwen3":
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)

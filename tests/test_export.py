@@ -2,8 +2,8 @@
 vocabulary of 317, not a multiple of anything, larger than the tokenizer's 300; Llama with Llama 3's
 rope scaling; Qwen2 with q/k/v biases and GQA; Qwen3 with q/k norms, GQA, an untied head and a head_dim of 24,
 so that q is 96 wide in a 64-wide model; Gemma 2 with a sliding window of 8 on layer 0, soft-caps that bite and
-a head_dim of 24; Gemma 3 with q/k norms, a window of 8 and a local rope base on layers 0-4 of 6) exported to HF
-and GGUF.
+a head_dim of 24; Gemma 3 with q/k norms, a window of 8 and a local rope base on layers 0-4 of 6; Phi-3 with
+GQA, an untied head and a window of 8 on every layer, and without a window) exported to HF and GGUF.
 
 References: HF `transformers` (the exported directory's logits against flashlm's Transformer in float32,
 the tokenizer through AutoTokenizer); gguf-py (GGUFReader for metadata, names, shapes and values;
@@ -44,7 +44,10 @@ MODELS = {"gpt2": dict(arch="gpt2"), "llama-gqa": dict(arch="llama", n_kv_head=2
           "gemma2": dict(arch="gemma2", n_kv_head=2, head_dim=24, sliding_window=8, attn_softcap=2.0, final_softcap=3.0,
                          query_pre_attn_scalar=24),
           "gemma3": dict(arch="gemma3", n_layer=6, n_kv_head=2, head_dim=24, sliding_window=8, rope_local_theta=100.0,
-                         final_softcap=3.0, query_pre_attn_scalar=24)}
+                         final_softcap=3.0, query_pre_attn_scalar=24),
+          "phi3": dict(arch="phi3", n_kv_head=2, sliding_window=8, tie_embeddings=False),
+          # llama.cpp runs phi3 without a window (it reads and ignores attention.sliding_window)
+          "phi3-full": dict(arch="phi3", n_kv_head=2)}
 SAMPLE = "The quick brown fox's 12345 jumps!\n  Über naïve café -- it's 3.14, isn't it?\t<|endoftext|> Done."
 CORPUS = ["The quick brown fox jumps over the lazy dog, again and again.", "It's 3.14159 or 22/7; isn't it?",
           "Über naïve café déjà vu: ünïcode text.", "Numbers 0123456789 and symbols !@#$%^&*()[]{}",
@@ -100,7 +103,8 @@ def test_hf_logits_match(name, tokenizer, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).float().eval()
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[cfg.arch]
+                                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                                 "phi3": "Phi3ForCausalLM"}[cfg.arch]
     idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, _ = model(idx)
@@ -213,6 +217,12 @@ def expected_gguf(cfg, model):
                 for kind in ("weight", "bias"):
                     out[b + f"{gname}.{kind}"] = (np.concatenate([sd[p + f"attn.{n}.{kind}"] for n in "qkv"])
                                                   if fname is None else sd[p + f"{fname}.{kind}"])
+        elif cfg.arch == "phi3":  # llama.cpp's phi3: q|k|v and gate|up fused by rows, no rope permutation
+            out |= {b + "attn_norm.weight": sd[p + "attn_norm.weight"],
+                    b + "attn_qkv.weight": np.concatenate([sd[p + f"attn.{n}.weight"] for n in "qkv"]),
+                    b + "attn_output.weight": sd[p + "attn.o.weight"], b + "ffn_norm.weight": sd[p + "mlp_norm.weight"],
+                    b + "ffn_up.weight": np.concatenate([sd[p + "mlp.gate.weight"], sd[p + "mlp.up.weight"]]),
+                    b + "ffn_down.weight": sd[p + "mlp.down.weight"]}
         else:
             llama = cfg.arch == "llama"  # qwen2's rope in ggml (NEOX) rotates halves as flashlm's: no permutation
             out |= {b + "attn_norm.weight": sd[p + "attn_norm.weight"],
@@ -259,6 +269,8 @@ def test_gguf_f32(name, tokenizer, tmp_path):
     if a == "gemma3":
         want_meta |= {"gemma3.attention.sliding_window": 8, "gemma3.rope.freq_base_swa": 100.0}
         assert field(reader, "gemma3.final_logit_softcapping") == 3.0
+    if a == "phi3":  # 0: none, as convert_hf_to_gguf writes it
+        want_meta |= {"phi3.attention.sliding_window": MODELS[name].get("sliding_window", 0)}
     for key, value in want_meta.items():
         assert field(reader, key) == value, key
     eps_key = "gpt2.attention.layer_norm_epsilon" if a == "gpt2" else f"{a}.attention.layer_norm_rms_epsilon"
@@ -407,7 +419,7 @@ def test_tokenizer_metadata_rejects(tokenizer):
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-rope3", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-rope3", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_quantize_hf_directory_matches_export(name, tokenizer, tmp_path):
     # `flashlm quantize HF_DIR` of the exported directory: the same tensors and tokenizer as export_gguf
     cfg, model = make_model(name)
@@ -491,7 +503,8 @@ def q8_0_reference(model):
 # only the rounded weights; that rounding alone moves the logits by 0.04-0.08).
 LOGIT_TOL = {("llama", "F32"): 3e-5, ("qwen2", "F32"): 3e-5, ("gpt2", "F32"): 3e-3, ("llama", "Q8_0"): 0.15,
              ("gpt2", "Q8_0"): 0.15, ("qwen3", "F32"): 3e-5, ("qwen3", "Q8_0"): 0.15, ("gemma2", "F32"): 3e-3,
-             ("gemma2", "Q8_0"): 0.15, ("gemma3", "F32"): 6e-3, ("gemma3", "Q8_0"): 0.15}
+             ("gemma2", "Q8_0"): 0.15, ("gemma3", "F32"): 6e-3, ("gemma3", "Q8_0"): 0.15, ("phi3", "F32"): 3e-5,
+             ("phi3", "Q8_0"): 0.15}
 
 
 STEPS = 32  # greedy tokens compared (the prompt and these fit in SEQ)
@@ -500,7 +513,8 @@ STEPS = 32  # greedy tokens compared (the prompt and these fit in SEQ)
 @pytest.mark.parametrize("name,mix", [("gpt2", "F32"), ("gpt2", "Q8_0"), ("llama-gqa", "F32"), ("llama-gqa", "Q8_0"),
                                       ("llama-untied", "F32"), ("llama-rope3", "F32"), ("qwen2", "F32"),
                                       ("qwen3", "F32"), ("qwen3", "Q8_0"), ("gemma2", "F32"), ("gemma2", "Q8_0"),
-                                      ("gemma3", "F32"), ("gemma3", "Q8_0")])
+                                      ("gemma3", "F32"), ("gemma3", "Q8_0"), ("phi3-full", "F32"),
+                                      ("phi3-full", "Q8_0")])
 def test_llama_cpp_greedy_and_logits(name, mix, tokenizer, tmp_path):
     cfg, model = make_model(name)
     path = tmp_path / "m.gguf"

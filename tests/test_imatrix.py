@@ -313,22 +313,23 @@ def tiny_transformer(arch="llama"):
     return Transformer(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
 def test_collection_sums_the_squared_inputs(arch):
     model = tiny_transformer(arch)
-    names = gguf_linear_names(model, fused_qkv=arch == "gpt2")
+    fused = dict(fused_qkv=arch in ("gpt2", "phi3"), fused_gate_up=arch == "phi3")  # the file's fused weights
+    names = gguf_linear_names(model, **fused)
     tokens = torch.randint(0, 50, (3 * 16 + 5,), generator=torch.Generator().manual_seed(1))
     seen = {}  # the inputs each layer saw, captured independently of the collector
     hooks = [dict(model.named_modules())[m].register_forward_hook(
         lambda mod, inp, out, g=g: seen.setdefault(g, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
         for m, g in names.items()]
     try:
-        m = collect_imatrix(model, tokens, chunk_size=16, bos_token_id=7, dataset="d.txt", fused_qkv=arch == "gpt2")
+        m = collect_imatrix(model, tokens, chunk_size=16, bos_token_id=7, dataset="d.txt", **fused)
     finally:
         for h in hooks:
             h.remove()
     want = {f"blk.{i}.{p}.weight" for i in range(2) for p in
-            (["attn_qkv"] if arch == "gpt2" else ["attn_q", "attn_k", "attn_v", "ffn_gate"]) +
+            {"gpt2": ["attn_qkv"], "phi3": ["attn_qkv"]}.get(arch, ["attn_q", "attn_k", "attn_v", "ffn_gate"]) +
             ["attn_output", "ffn_up", "ffn_down"]}
     assert set(m.entries) == want
     assert (m.chunk_count, m.chunk_size, m.datasets) == (3, 16, ["d.txt"])  # the 5-token tail is dropped

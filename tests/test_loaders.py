@@ -1,7 +1,7 @@
 """flashlm.io's loaders: HF directories and GGUF files as flashlm Transformers, and their tokenizers.
 
 References: transformers' own models (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM,
-GPT2LMHeadModel)
+Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel)
 for logits; for GGUF, files written with gguf-py in llama.cpp's layout (tests/hf_to_gguf.py) and the same HF
 model holding the file's dequantized weights; the tokenizers library, transformers' apply_chat_template and
 sentencepiece for tokenization; llama.cpp itself (logits and tokenization) where llama_cpp imports, e.g.
@@ -44,7 +44,7 @@ def make_hf(kind: str, vocab: int = V):
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7,
-                       "gemma3": 8}[kind])
+                       "gemma3": 8, "phi3": 9, "phi3_tied": 10}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -89,6 +89,16 @@ def make_hf(kind: str, vocab: int = V):
             for name, p in m.named_parameters():
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.3)
+    elif kind in ("phi3", "phi3_tied"):  # fused qkv_proj and gate_up_proj. phi3: GQA 4:2, untied, every layer's
+        from transformers import Phi3Config, Phi3ForCausalLM  # window 5; phi3_tied: MHA, tied, no window
+
+        shape = dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=5) if kind == "phi3" else \
+            dict(num_attention_heads=2, tie_word_embeddings=True)
+        m = Phi3ForCausalLM(Phi3Config(**common, **shape, pad_token_id=0, bos_token_id=0, eos_token_id=0))
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.3 * torch.randn_like(p))
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
@@ -100,7 +110,7 @@ def make_hf(kind: str, vocab: int = V):
                 if name.endswith("bias"):
                     p.normal_(0, 0.1)
     m.eval()
-    return m, {"llama_tied": "llama", "mistral": "llama"}.get(kind, kind)
+    return m, {"llama_tied": "llama", "mistral": "llama", "phi3_tied": "phi3"}.get(kind, kind)
 
 
 def _logits(model, idx):
@@ -111,7 +121,8 @@ def _logits(model, idx):
 # ------------------------------------------------------------------------------------------------ HF
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_tied",
+                                  "gpt2", "mistral"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -232,6 +243,16 @@ def test_hf_known_buffers_are_skipped(tmp_path):
     ("gemma2", {"head_dim": 0}, "head_dim"),
     ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}}, "full_attention"),
     ("gemma3", {"layer_types": ["sliding_attention"] * 7}, "layer_types"),
+    ("phi3", {"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),
+    ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                  "long_factor": [2.0] * 8}}, "longrope"),
+    ("phi3", {"sliding_window": 0}, "sliding_window"),
+    ("phi3", {"attention_bias": True}, "attention_bias"),
+    ("phi3", {"head_dim": 8}, "head_dim"),
+    ("phi3", {"intermediate_size": 80}, "'model.layers.0.mlp.gate_up_proj.weight' has shape"),
+    ("phi3", {"num_key_value_heads": 4}, "'model.layers.0.self_attn.qkv_proj.weight' has shape"),
 ])
 def test_hf_bad_config_raises(tmp_path, kind, edit, match):
     hf, _ = make_hf(kind)
@@ -342,7 +363,7 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "phi3", "phi3_tied", "gpt2"])
 def test_gguf_logits(tmp_path, kind, qtype):
     hf, arch = make_hf(kind)
     path = str(tmp_path / "m.gguf")
@@ -426,6 +447,15 @@ def test_gguf_max_model_len(tmp_path):
     assert loaded.config.seq_len == 16 and loaded.model.pos_emb.weight.shape == (16, 64)
 
 
+def _set_uint32(path: str, key: str, value: int) -> None:
+    """Overwrites the UINT32 metadata value `key` of the GGUF file at path in place."""
+    data = bytearray(open(path, "rb").read())
+    at = data.index(key.encode()) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type UINT32
+    data[at + 4:at + 8] = value.to_bytes(4, "little")
+    open(path, "wb").write(bytes(data))
+
+
 @pytest.mark.parametrize("case, match", [
     ("missing", "blk.1.ffn_up.weight"),
     ("shape", "blk.0.attn_k.weight"),
@@ -454,12 +484,32 @@ def test_gguf_malformed_raises_naming_it(tmp_path, case, match):
                                                                             gguf.GGMLQuantizationType.I32)})
     else:
         write_gguf(hf, arch, path, "F32")
-        data = bytearray(open(path, "rb").read())
-        key = b"llama.attention.head_count"
-        at = data.index(key) + len(key)
-        assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type UINT32
-        data[at + 4:at + 8] = (0).to_bytes(4, "little")
-        open(path, "wb").write(bytes(data))
+        _set_uint32(path, "llama.attention.head_count", 0)
+    with pytest.raises(ValueError, match=match):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("qkv", "blk.0.attn_qkv.weight"),
+    ("gate_up", "blk.1.ffn_up.weight"),
+    ("long_rope", "rope_factors_long.weight"),
+    ("rope_dims", "partial rotary"),
+    ("window", "sliding_window"),
+])
+def test_gguf_phi3_malformed_raises_naming_it(tmp_path, case, match):
+    hf, arch = make_hf("phi3")
+    path = str(tmp_path / "m.gguf")
+    if case == "qkv":  # q|k|v as if MHA: the K/V heads the metadata declares do not fit
+        write_gguf(hf, arch, path, "F32", replace={"blk.0.attn_qkv.weight": np.zeros((192, 64), np.float32)})
+    elif case == "gate_up":  # gate without up
+        write_gguf(hf, arch, path, "Q8_0", replace={"blk.1.ffn_up.weight": np.zeros((96, 64), np.float32)})
+    elif case == "long_rope":
+        write_gguf(hf, arch, path, "F32", extra={"rope_factors_long.weight": np.ones(8, np.float32),
+                                                 "rope_factors_short.weight": np.ones(8, np.float32)})
+    else:
+        write_gguf(hf, arch, path, "F32")
+        key = {"rope_dims": "phi3.rope.dimension_count", "window": "phi3.attention.sliding_window"}[case]
+        _set_uint32(path, key, 12 if case == "rope_dims" else 2**31)
     with pytest.raises(ValueError, match=match):
         load_gguf(path)
 
@@ -503,7 +553,7 @@ def test_gguf_q4_0_memory_is_about_the_file_size(tmp_path):
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
-@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "phi3_tied", "gpt2"])
 def test_gguf_logits_match_llama_cpp(tmp_path, kind, qtype):
     llama_cpp = pytest.importorskip("llama_cpp")
     hf, arch = make_hf(kind)
@@ -533,7 +583,7 @@ def test_gguf_embedding_checks_ids(tmp_path):
 
 @pytest.mark.parametrize("kind, source", [("llama", "gguf-Q8_0"), ("qwen2", "hf"), ("gpt2", "gguf-F32"),
                                           ("qwen3", "hf"), ("qwen3", "gguf-Q8_0"), ("gemma2", "hf"),
-                                          ("gemma3", "hf")])
+                                          ("gemma3", "hf"), ("phi3", "gguf-Q8_0"), ("phi3_tied", "gguf-Q8_0")])
 def test_engine_runs_loaded_models(tmp_path, kind, source):
     """The serving engine given a path: its greedy tokens are the loaded model's own greedy tokens."""
     engine = pytest.importorskip("flashlm.runtime.engine")

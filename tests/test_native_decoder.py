@@ -33,11 +33,11 @@ class ByteTokenizer:
 
 
 def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_head=4, seed=0, seq_len=128,
-                    ends=None):
+                    ends=None, sliding_window=None):
     """A random model whose block linears are GGUFLinear, cycling through `types`; with ends (a type name) the
     embedding table and the head are GGML blocks too (as a loaded GGUF file has them)."""
     cfg = ModelConfig(arch=arch, vocab_size=VOCAB, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
-                      d_ff=2 * d_model, seq_len=seq_len, tie_embeddings=False)
+                      d_ff=2 * d_model, seq_len=seq_len, tie_embeddings=False, sliding_window=sliding_window)
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -96,7 +96,8 @@ def step_logits_both_ways(model, **engine_kw):
     ("llama", ("Q8_0", "Q4_1", "Q5_0", "Q5_1"), 1, None),
     ("qwen2", ("Q4_K", "Q6_K", "Q5_K", "Q8_0"), 2, "Q6_K"),
     ("qwen2", ("Q4_0",), 4, None),
-], ids=["llama-q4_0-gqa-ends", "llama-mixed-mqa", "qwen2-kquants-ends", "qwen2-mha"])
+    ("phi3", ("Q8_0", "Q4_0"), 2, "Q4_0"),
+], ids=["llama-q4_0-gqa-ends", "llama-mixed-mqa", "qwen2-kquants-ends", "qwen2-mha", "phi3-gqa-ends"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["f32-kv", "bf16-kv"])
 def test_native_steps_match_the_module_path(arch, types, n_kv_head, ends, chunked, kv_dtype):
@@ -173,6 +174,9 @@ def test_which_models_take_the_native_stack():
     gpt2 = Transformer(ModelConfig(arch="gpt2", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64))
     gpt2.blocks[0].attn.q = GGUFLinear.from_float(gpt2.blocks[0].attn.q, "Q8_0")
     assert build_native_decoder(gpt2) is None
+    # phi3 with a sliding window, which the stack has not
+    assert build_native_decoder(quantized_model("phi3")) is not None
+    assert build_native_decoder(quantized_model("phi3", sliding_window=8)) is None
     m = quantized_model("llama")
     assert runner(m, native_decoder=False).native_decoder() is None
     assert runner(m, kv_dtype=torch.float16).native_decoder() is None

@@ -85,6 +85,8 @@ def test_bad_arguments():
         ContextParallelTransformer(torch.nn.Linear(2, 2), FakeRing())
     with pytest.raises(NotImplementedError, match="model: .*gemma2"):
         ContextParallelTransformer(tiny(arch="gemma2", sliding_window=4, head_dim=8), FakeRing())
+    with pytest.raises(NotImplementedError, match="model: .*phi3"):
+        ContextParallelTransformer(tiny(arch="phi3", sliding_window=4), FakeRing())
     with pytest.raises(TypeError, match="ring: .*allreduce"):  # ring attention's transport is not enough
         ContextParallelTransformer(tiny(), SendOnlyRing())
     model = ContextParallelTransformer(tiny(), FakeRing())

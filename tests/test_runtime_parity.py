@@ -2,9 +2,10 @@
 - HF transformers: logits after a (chunked) prefill and after each of several decode steps through the
   engine's paged path, for llama (GQA, Llama 3 rope), qwen2, qwen3 (q/k norms, head_dim 24 in a 64-wide
   model), gemma2 (a sliding window of 5 on alternate layers, shorter than the 19-token prompt; soft-caps),
-  gemma3 (the same window on six layers of seven, with their own rope base; q/k norms) and gpt2 directories;
+  gemma3 (the same window on six layers of seven, with their own rope base; q/k norms), phi3 (fused qkv and
+  gate_up, the window of 5 on every layer) and gpt2 directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
-  model (llama, qwen3), flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
+  model (llama, qwen3, phi3), flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
   every step stay close;
 - the trainer's export: a checkpoint written out as GGUF decodes alike in the engine, in the training model
   and in llama.cpp.
@@ -50,7 +51,7 @@ class _NoText:
         return ""
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"])
 def test_engine_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -64,11 +65,13 @@ def test_engine_logits_match_transformers(tmp_path, kind):
     assert err <= 1e-4, f"{kind}: max abs logit difference {err} over {len(tokens)} steps"
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "phi3_tied"])
 def hf_dir(tmp_path_factory, request):
-    """A random llama (GQA, Llama 3 rope) or qwen3 directory with a byte-level BPE tokenizer, as `flashlm convert`
-    reads."""
-    folder = tmp_path_factory.mktemp(f"hf-{request.param}")
+    """A random llama (GQA, Llama 3 rope), qwen3 or phi3 (fused qkv and gate_up, no window: llama.cpp runs phi3
+    without one) directory with a byte-level BPE tokenizer, as `flashlm convert` reads."""
+    # (the folder's name becomes general.name; llama.cpp gives a model named "*phi3*" the attributes of Phi-3's
+    # special tokens, which fails on a vocabulary without "</s>")
+    folder = tmp_path_factory.mktemp("hf")
     hf, _ = make_hf(request.param)
     with torch.no_grad():  # sharper distributions: greedy choices with clear margins
         hf.lm_head.weight.mul_(4.0)

@@ -221,7 +221,8 @@ def _cmd_imatrix(args: argparse.Namespace) -> int:
     ids = tok.encode(text, add_special_tokens=add_bos)
     report = None if args.quiet else (lambda i, n: print(f"\rimatrix: chunk {i}/{n}", end="", file=sys.stderr))
     m = collect_imatrix(loaded.model, ids, chunk_size=args.chunk_size, bos_token_id=bos if add_bos else None,
-                        dataset=args.calib_data, fused_qkv=loaded.config.arch == "gpt2", progress=report)
+                        dataset=args.calib_data, fused_qkv=loaded.config.arch in ("gpt2", "phi3"),
+                        fused_gate_up=loaded.config.arch == "phi3", progress=report)
     if not args.quiet:
         print(file=sys.stderr)  # ends the progress line
     write_imatrix(m, args.output, args.output_format)

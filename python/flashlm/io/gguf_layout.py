@@ -17,7 +17,7 @@ from flashlm.models import ModelConfig
 from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
 _NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
 
 
@@ -92,7 +92,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
         cfg = ModelConfig(**common, norm_eps=meta.float("gpt2.attention.layer_norm_epsilon", 1e-5))
     else:
         head_dim = head_dim or d // n_head
-        extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else {}
+        extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else \
+            _phi3_settings(meta, shapes) if arch == "phi3" else {}
         cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra)
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
@@ -110,13 +111,25 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
     if scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
                          "scaling, stored as rope_freqs.weight, is)")
-    if f"{arch}.attention.sliding_window" in meta.m and not arch.startswith("gemma"):  # Gemma's are its own
+    if f"{arch}.attention.sliding_window" in meta.m and arch not in ("gemma2", "gemma3", "phi3"):  # theirs are theirs
         window = meta.int(f"{arch}.attention.sliding_window")
         if window < ctx:
             raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
                              "(pass max_model_len <= the window)")
     return dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
                 norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+
+
+def _phi3_settings(meta: Meta, shapes: Mapping[str, tuple]) -> dict:
+    """phi3's sliding window (0 or absent: none), applied on every layer as HF's Phi3 does (llama.cpp reads it
+    but runs phi3 without a window). Long-rope files (Phi-3 128k: rope_factors_long/short) are refused."""
+    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
+        if name in shapes:
+            raise ValueError(f"GGUF file: tensor {name!r}: phi3's long-rope scaling is not supported")
+    window = meta.m.get("phi3.attention.sliding_window")
+    if window in (None, 0):
+        return {}
+    return {"sliding_window": meta.int("phi3.attention.sliding_window", limit=LIMITS["seq_len"])}
 
 
 def _gemma_settings(meta: Meta, arch: str, common: dict) -> dict:
@@ -166,14 +179,17 @@ def check_llama_cpp_head_dim(s: ModelConfig) -> None:
                          f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
 
 
-def gemma_metadata(s: ModelConfig, context: int) -> list:
+def attention_metadata(s: ModelConfig, context: int) -> list:
     """[(key, value, GGUFValueType)] of the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none
-    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
+    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base; phi3's
+    window (0: none, as convert_hf_to_gguf writes it)."""
     from gguf import GGUFValueType
 
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    if a == "phi3":
+        return [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
     if not s.gemma:
         return []
-    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
     meta = [(f"{a}.attention.sliding_window", s.sliding_window or context, u32)]
     meta += [(f"{a}.{key}_logit_softcapping", cap, f32) for key, cap in
              (("attn", s.attn_softcap), ("final", s.final_softcap)) if cap is not None]
@@ -204,6 +220,10 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
             shapes |= {p + "attn_norm.bias": (d,), p + "ffn_norm.bias": (d,), p + "attn_qkv.weight": (3 * d, d),
                        p + "attn_qkv.bias": (3 * d,), p + "attn_output.weight": (d, d), p + "attn_output.bias": (d,),
                        p + "ffn_up.bias": (ff,), p + "ffn_down.bias": (d,)}
+            continue
+        if cfg.arch == "phi3":  # q|k|v and gate|up fused by rows
+            shapes |= {p + "attn_qkv.weight": (q + 2 * kv, d), p + "attn_output.weight": (d, q),
+                       p + "ffn_up.weight": (2 * ff, d)}
             continue
         shapes |= {p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d),
                    p + "attn_output.weight": (d, q), p + "ffn_gate.weight": (ff, d)}

@@ -1,4 +1,4 @@
-"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2 and gpt2 architectures) as a flashlm Transformer in eval mode.
+"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2, gemma3, phi3 and gpt2 architectures) as a flashlm Transformer in eval mode.
 
     loaded = load_gguf("model-Q4_K_M.gguf", max_model_len=4096)
 
@@ -13,7 +13,8 @@ LlamaModel.permute interleaves the two halves of each head); flashlm's rope is H
 are put back (a copy of those two tensors' bytes). qwen2 and qwen3 files are written without that permutation
 (convert_hf_to_gguf.py's Qwen2Model, Qwen3Model and Gemma2Model do not permute; llama.cpp runs them with NEOX
 rope, which is rotate-half). gemma2's norm weights are stored as Gemma's (1 + w), the weight flashlm's RMSNorm
-multiplies by. GPT-2's attn_qkv is split into q, k and v by rows (views).
+multiplies by. GPT-2's and phi3's attn_qkv are split into q, k and v by rows (views), as is phi3's ffn_up
+(gate|up).
 
 Every metadata value, tensor name, shape and type is checked, names and shapes before anything is built
 (flashlm.io.gguf_layout, which the GGUF writers share): ValueError names what is wrong.
@@ -173,6 +174,9 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
             block.mlp.fc = b.linear(p + "ffn_up.weight", (cfg.d_ff, d), p + "ffn_up.bias")
             block.mlp.proj = b.linear(p + "ffn_down.weight", (d, cfg.d_ff), p + "ffn_down.bias")
             continue
+        if cfg.arch == "phi3":
+            _build_phi3_block(block, b, cfg, p)
+            continue
         qkv_bias = cfg.qkv_bias
         permute = cfg.arch == "llama"
         for n, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
@@ -190,6 +194,20 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
         block.mlp.gate = b.linear(p + "ffn_gate.weight", (cfg.d_ff, d))
         block.mlp.up = b.linear(p + "ffn_up.weight", (cfg.d_ff, d))
         block.mlp.down = b.linear(p + "ffn_down.weight", (d, cfg.d_ff))
+
+
+def _build_phi3_block(block, b: _Builder, cfg: ModelConfig, p: str) -> None:
+    """phi3's attn_qkv (rows q|k|v) and ffn_up (rows gate|up, llama.cpp's fused SwiGLU) split by rows: views of
+    the file's bytes, so the runtime runs phi3's blocks as llama's (NEOX rope: no row permutation)."""
+    d, ff = cfg.d_model, cfg.d_ff
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for n, start, rows in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+        fused = b.linear(p + "attn_qkv.weight", (q + 2 * kv, d), rows=slice(start, start + rows))
+        set_module(block, f"attn.{n}", fused)
+    block.attn.o = b.linear(p + "attn_output.weight", (d, q))
+    block.mlp.gate = b.linear(p + "ffn_up.weight", (2 * ff, d), rows=slice(0, ff))
+    block.mlp.up = b.linear(p + "ffn_up.weight", (2 * ff, d), rows=slice(ff, 2 * ff))
+    block.mlp.down = b.linear(p + "ffn_down.weight", (d, ff))
 
 
 def load_gguf(path, max_model_len: Optional[int] = None, attn_impl: str = "flashlm",

@@ -3,10 +3,12 @@
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
-Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
-`rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
-compute differently (another activation, biases it does not have, rope scaling other than Llama 3's) raises
-ValueError naming the key. A head_dim other than hidden / heads is read for every rotary architecture.
+Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding
+window kept; no partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary
+settings are read: `rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5).
+Anything flashlm's Transformer would compute differently (another activation, biases it does not have, rope
+scaling other than Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for
+every rotary architecture but phi3.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from flashlm.models.config import LIMITS, check_heads, check_size
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                     "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
-                    "Gemma3ForCausalLM": "gemma3", "GPT2LMHeadModel": "gpt2"}
+                    "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3", "GPT2LMHeadModel": "gpt2"}
 # transformers' defaults for what a config.json may leave out
 _QWEN3_HEAD_DIM = 128
 _GEMMA_DEFAULTS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
@@ -77,7 +79,8 @@ def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
         if not isinstance(params, dict):
             raise ValueError(f"config.json: rope_parameters must be an object, got {params!r}")
         theta = _get(params, "rope_theta", float, 10000.0)
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        # a partial_rotary_factor of 1 is no scaling (phi3's configs carry one; _check_full_rotary checks others)
+        scaling = {k: v for k, v in params.items() if k != "rope_theta" and (k, v) != ("partial_rotary_factor", 1.0)}
     else:
         theta = _get(cfg, "rope_theta", float, 10000.0)
         scaling = cfg.get("rope_scaling")
@@ -121,7 +124,7 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
         raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
-    if arch in ("llama", "qwen3") and cfg.get("attention_bias"):
+    if arch in ("llama", "qwen3", "phi3") and cfg.get("attention_bias"):
         raise ValueError(f"config.json: attention_bias=true is not supported for {arch}")
     d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
     kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
@@ -141,7 +144,10 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
-    if window is not None and uses_window and window < seq_len:
+    if arch == "phi3":  # every layer attends to its window
+        _check_full_rotary(cfg)
+        window = None if window is None else _get(cfg, "sliding_window", limit="seq_len")
+    elif window is not None and uses_window and window < seq_len:
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
                          f"no sliding-window attention (pass max_model_len <= {window})")
     theta, scaling = _rope(cfg)
@@ -150,7 +156,19 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
                        n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim)
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
+                       **({"sliding_window": window} if arch == "phi3" else {}))
+
+
+def _check_full_rotary(cfg: dict) -> None:
+    """ValueError for a partial_rotary_factor other than 1 (top level, or in rope_parameters in transformers 5):
+    flashlm rotates the whole head."""
+    params = cfg.get("rope_parameters")
+    for where, d in (("", cfg), ("rope_parameters.", params if isinstance(params, dict) else {})):
+        factor = d.get("partial_rotary_factor", 1.0)
+        if factor != 1.0:
+            raise ValueError(f"config.json: {where}partial_rotary_factor {factor!r} is not supported (the rotary "
+                             "embedding covers the whole head)")
 
 
 def _gemma_rope(arch: str, cfg: dict) -> dict:

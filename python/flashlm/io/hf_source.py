@@ -1,11 +1,13 @@
 """An HF safetensors model directory as a source of GGUF tensors (llama-style and GPT-2 checkpoints).
 
 Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
-MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM and GPT2LMHeadModel models, renames the tensors as llama.cpp's
-convert_hf_to_gguf.py does (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`,
-`h.3.attn.c_attn.weight` -> `blk.3.attn_qkv.weight`), permutes the q/k projections of llama models into
-the row order of ggml's rope, adds one to Gemma's norm weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the architecture's
-hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM
+and GPT2LMHeadModel models, renames the tensors as llama.cpp's convert_hf_to_gguf.py does
+(`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`, `h.3.attn.c_attn.weight` ->
+`blk.3.attn_qkv.weight`; Phi-3's fused qkv_proj and gate_up_proj -> `attn_qkv` and `ffn_up`, kept fused),
+permutes the q/k projections of llama models into the row order of ggml's rope, adds one to Gemma's norm
+weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the
+architecture's hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
 tokenizer.json beside the weights becomes the GGUF's tokenizer (flashlm.io.gguf_tokenizer); a tokenizer
 of another kind is left out with a warning.
 """
@@ -21,7 +23,7 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, gemma_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, attention_metadata
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.shapes import check_block_count
@@ -30,7 +32,7 @@ from flashlm.models.shapes import check_block_count
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
                  "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
                  "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False),
-                 "GPT2LMHeadModel": ("gpt2", False)}
+                 "Phi3ForCausalLM": ("phi3", False), "GPT2LMHeadModel": ("gpt2", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
@@ -40,6 +42,8 @@ _PER_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 _GEMMA_PER_LAYER = _PER_LAYER | {"post_attention_layernorm": "post_attention_norm",
                                  "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+# Phi-3's fused q|k|v and gate|up keep their fusion: llama.cpp's phi3 reads attn_qkv and a [2 d_ff] ffn_up
+_PHI3_PER_LAYER = _PER_LAYER | {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
 _GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
@@ -144,6 +148,8 @@ class HFSource:
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         check_llama_cpp_head_dim(mc)
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
+        if self.arch == "phi3":
+            to_gguf = lambda name: gguf_name(name, _PHI3_PER_LAYER)  # noqa: E731
         if mc.gemma:
             check_llama_cpp_gemma(mc)  # what llama.cpp's gemma2 cannot compute is refused before writing
             to_gguf = lambda name: None if name == "lm_head.weight" else gguf_name(name, _GEMMA_PER_LAYER)  # noqa: E731
@@ -214,12 +220,12 @@ class HFSource:
                  (f"{a}.attention.layer_norm_rms_epsilon", mc.norm_eps, f32, None)]
         if "vocab_size" in cfg:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
-        if a == "llama":
+        if a in ("llama", "phi3"):
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
         if a in ("qwen3", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # a head_dim of its own
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
-        return meta + [(k, v, t, None) for k, v, t in gemma_metadata(mc, context)]
+        return meta + [(k, v, t, None) for k, v, t in attention_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""

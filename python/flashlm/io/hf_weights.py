@@ -8,7 +8,8 @@ the config implies must be present with the shape the config implies, and nothin
 buffers HF keeps beside the weights: rotary inv_freq, GPT-2's attention-mask bias); otherwise ValueError
 names the tensor. Gemma's norm weights w act as (1 + w): flashlm's RMSNorm holds the sum, computed in
 float32 as Gemma does. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
-output: they are split and transposed into nn.Linear's [out, in].
+output: they are split and transposed into nn.Linear's [out, in]. Phi-3's qkv_proj (rows q|k|v) and
+gate_up_proj (rows gate|up) are split by rows into flashlm's separate linears.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _LLAMA_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_la
 _GEMMA_LAYER = _LLAMA_LAYER | {"post_attention_layernorm.weight": "post_attn_norm.weight",
                                "pre_feedforward_layernorm.weight": "mlp_norm.weight",
                                "post_feedforward_layernorm.weight": "post_mlp_norm.weight"}
+# Phi-3: llama's names, with q|k|v and gate|up each one fused tensor (split below)
+_PHI3_LAYER = {k: v for k, v in _LLAMA_LAYER.items() if "norm" in k or "o_proj" in k or "down_proj" in k} | {
+    "self_attn.qkv_proj.weight": "attn.qkv.weight", "mlp.gate_up_proj.weight": "mlp.gate_up.weight"}
 _LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
 _GPT2_TOP = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.weight",
              "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
@@ -60,7 +64,7 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     else:
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
-        layer = _GEMMA_LAYER if arch in ("gemma2", "gemma3") else _LLAMA_LAYER
+        layer = {"gemma2": _GEMMA_LAYER, "gemma3": _GEMMA_LAYER, "phi3": _PHI3_LAYER}.get(arch, _LLAMA_LAYER)
         name, top, layer_re = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE
     if name in top:
         return top[name]
@@ -109,6 +113,26 @@ def _split_gpt2_qkv(state: dict, cfg: ModelConfig) -> None:
             for j, n in enumerate("qkv"):
                 part = fused[..., j * d:(j + 1) * d]
                 state[p + f"{n}.{kind}"] = part.t().contiguous() if kind == "weight" else part.contiguous()
+
+
+def _split_phi3(state: dict, sources: dict, cfg: ModelConfig) -> None:
+    """blocks.{i}.attn.qkv.weight [q + 2 kv, d] -> q/k/v, blocks.{i}.mlp.gate_up.weight [2 d_ff, d] -> gate/up
+    (row slices, as HF's Phi3 splits the fused outputs)."""
+    d, q, kv, ff = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        for fused, parts in (("attn.qkv", (("attn.q", q), ("attn.k", kv), ("attn.v", kv))),
+                             ("mlp.gate_up", (("mlp.gate", ff), ("mlp.up", ff)))):
+            w = state.pop(p + fused + ".weight", None)
+            if w is None:
+                continue  # reported as missing parts below
+            source = sources.pop(p + fused + ".weight")
+            shape = (sum(n for _, n in parts), d)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"weights: tensor {source!r} has shape {tuple(w.shape)}, expected {shape}")
+            for name, rows in zip((n for n, _ in parts), w.split([n for _, n in parts])):
+                state[p + name + ".weight"] = rows.contiguous()
+                sources[p + name + ".weight"] = source
 
 
 def _check(state: dict, cfg: ModelConfig, sources: dict) -> None:
@@ -161,5 +185,7 @@ def read_hf_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.f
                 sources[name] = hf_name
     if cfg.arch == "gpt2":
         _split_gpt2_qkv(state, cfg)
+    if cfg.arch == "phi3":
+        _split_phi3(state, sources, cfg)
     _check(state, cfg, sources)
     return state

@@ -12,17 +12,20 @@
            ones globally (Gemma 2). Its norm weights are the effective ones: HF's (1 + w).
     gemma3: gemma2's block with qwen3's q/k norms, five local layers to one global (layer i global where
            i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text).
+    phi3:  llama's block (Phi-3: HF and GGUF files fuse q|k|v and gate|up, split on load), every layer attending
+           to sliding_window keys when one is set.
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # The architectures whose head_dim may differ from d_model / n_head (llama and qwen2 as HF's and llama.cpp's
 # head_dim / key_length let them: what a model with attention heads pruned away needs; GPT-2 has no such setting).
-FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # (llama.cpp's phi3 needs d_model / n_head)
 GEMMA_ARCHS = ("gemma2", "gemma3")
-# Fields only the Gemma architectures use; None elsewhere, and left out of to_dict() when None.
+WINDOW_ARCHS = GEMMA_ARCHS + ("phi3",)  # the architectures with a sliding_window setting
+# Fields only the Gemma architectures use (sliding_window phi3 too); None elsewhere, left out of to_dict() when None.
 GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -65,7 +68,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: Optional[int] = None  # None: d_model / n_head; another value for the FREE_HEAD_DIM archs only
-    sliding_window: Optional[int] = None  # gemma2: keys a local (even) layer's query sees, itself included
+    # gemma2: keys a local (even) layer's query sees, itself included; phi3: every layer's
+    sliding_window: Optional[int] = None
     attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits
     query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
@@ -117,7 +121,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            if self.arch not in GEMMA_ARCHS or (name == "rope_local_theta" and self.arch != "gemma3"):
+            allowed = WINDOW_ARCHS if name == "sliding_window" else ("gemma3",) if name == "rope_local_theta" \
+                else GEMMA_ARCHS
+            if self.arch not in allowed:
                 raise ValueError(f"{name}: {self.arch} has no such setting, got {value!r}")
             if name == "sliding_window":
                 check_size(value, name, LIMITS["seq_len"])
@@ -148,8 +154,9 @@ class ModelConfig:
         return self.arch in GEMMA_ARCHS
 
     def local_layer(self, layer: int) -> bool:
-        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth)."""
-        return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5)
+        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth; phi3: all)."""
+        return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5) \
+            or self.arch == "phi3"
 
     def layer_window(self, layer: int) -> Optional[int]:
         """The sliding window of block `layer`, None where it attends globally."""

@@ -16,7 +16,7 @@ all-reduce of the counts), so the ranks' losses add up to the one-process mean a
 all-reduce sums them. Every rank then holds the same gradients and takes the same optimizer step.
 
 The model's own modules and parameters are used as they are (nothing is copied): the wrapper only replaces
-the sequence-wide parts of the forward pass. gemma's sliding windows and soft-capped scores are not covered
+the sequence-wide parts of the forward pass. gemma's and phi3's sliding windows and soft-capped scores are not covered
 (ring attention has neither); the model's attn_impl is not consulted (ring attention runs flashlm's flash
 attention on every block).
 """
@@ -38,7 +38,7 @@ def check_context_parallel(model: Transformer) -> None:
     """NotImplementedError unless the model's attention is what ring attention computes."""
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected a flashlm Transformer, got {type(model).__name__}")
-    if model.cfg.gemma:
+    if model.cfg.gemma or model.cfg.sliding_window is not None:  # (phi3's window)
         raise NotImplementedError(f"model: context parallelism does not cover {model.cfg.arch}'s sliding windows "
                                   "and soft-capped scores")
 

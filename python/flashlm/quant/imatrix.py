@@ -313,19 +313,21 @@ def _gguf_bytes(m: IMatrix) -> bytes:
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)$")
 
 
-def gguf_linear_names(model: torch.nn.Module, fused_qkv: bool = False) -> dict[str, str]:
+def gguf_linear_names(model: torch.nn.Module, fused_qkv: bool = False, fused_gate_up: bool = False) -> dict[str, str]:
     """module name -> GGUF weight name for the linear layers of a flashlm Transformer's blocks
     (`blocks.3.attn.q` -> `blk.3.attn_q.weight`). fused_qkv: the GGUF file stores one attn_qkv weight,
-    whose input the q projection's stands for (k and v see the same input)."""
+    whose input the q projection's stands for (k and v see the same input); fused_gate_up: one ffn_up weight
+    of gate|up rows (phi3), whose input the gate projection's stands for."""
     names = {}
     for module_name, _ in model.named_modules():
         match = _BLOCK_RE.match(module_name)
         if not match or match.group(2) not in GGUF_LINEAR_NAMES:
             continue
         layer, part = match.groups()
-        if fused_qkv and part in ("attn.k", "attn.v"):
+        if (fused_qkv and part in ("attn.k", "attn.v")) or (fused_gate_up and part == "mlp.up"):
             continue
-        gguf = "attn_qkv" if fused_qkv and part == "attn.q" else GGUF_LINEAR_NAMES[part]
+        gguf = "attn_qkv" if fused_qkv and part == "attn.q" else "ffn_up" if fused_gate_up and part == "mlp.gate" \
+            else GGUF_LINEAR_NAMES[part]
         names[module_name] = f"blk.{layer}.{gguf}.weight"
     return names
 
@@ -386,7 +388,8 @@ class IMatrixCollector:
 
 @torch.no_grad()
 def collect_imatrix(model: torch.nn.Module, tokens, chunk_size: int = 512, bos_token_id: int | None = None,
-                    dataset: str | None = None, fused_qkv: bool = False, progress=None) -> IMatrix:
+                    dataset: str | None = None, fused_qkv: bool = False, fused_gate_up: bool = False,
+                    progress=None) -> IMatrix:
     """Run `model` (a flashlm Transformer) over `tokens` in chunks of `chunk_size` tokens, as llama.cpp's
     imatrix tool does: the tail that does not fill a chunk is dropped, each chunk's first token is the BOS
     token where bos_token_id is given, and at least two chunks are needed. Returns the imatrix of the blocks'
@@ -405,7 +408,7 @@ def collect_imatrix(model: torch.nn.Module, tokens, chunk_size: int = 512, bos_t
     if bos_token_id is not None:
         chunks[:, 0] = bos_token_id
     device = next(model.parameters()).device
-    with IMatrixCollector(model, gguf_linear_names(model, fused_qkv)) as collector:
+    with IMatrixCollector(model, gguf_linear_names(model, fused_qkv, fused_gate_up)) as collector:
         for i in range(n_chunks):
             model(chunks[i:i + 1].to(device))
             if progress is not None:

@@ -1,6 +1,6 @@
 """Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
 
-    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2, Qwen3, Gemma 2)
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2, Qwen3, Gemma, Phi-3)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
     export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs (or a run folder)
 
@@ -8,9 +8,9 @@ HF: config.json, model.safetensors (float32), tokenizer.json and tokenizer_confi
 and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn (rows q|k|v, so its
 columns after the transpose); llama's, qwen2's and qwen3's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
-permuted; gemma2's and gemma3's norm weights are written as Gemma's w of (1 + w). HF's GPT-2 has no output
-projection apart from the embedding: exporting an untied gpt2 raises
-ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
+permuted; gemma2's and gemma3's norm weights are written as Gemma's w of (1 + w); phi3's q|k|v and gate|up
+are fused by rows into qkv_proj and gate_up_proj (GGUF: attn_qkv and a [2 d_ff] ffn_up, as llama.cpp's phi3).
+HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
 keys and shapes are checked against ModelConfig.state_shapes().
 
 GGUF: llama.cpp's architecture names, metadata keys and tensor names (as convert_hf_to_gguf.py writes
@@ -35,7 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, gemma_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, attention_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -135,10 +135,15 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             else:
                 out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
                         h + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"]}
+            out[h + "mlp.down_proj.weight"] = state[p + "mlp.down.weight"]
+            out[h + "self_attn.o_proj.weight"] = state[p + "attn.o.weight"]
+            if s.arch == "phi3":  # Phi-3 fuses q|k|v and gate|up by rows
+                out[h + "self_attn.qkv_proj.weight"] = torch.cat([state[p + f"attn.{n}.weight"] for n in "qkv"])
+                out[h + "mlp.gate_up_proj.weight"] = torch.cat([state[p + f"mlp.{n}.weight"] for n in ("gate", "up")])
+                continue
             out |= {h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
-                    h + "mlp.up_proj.weight": state[p + "mlp.up.weight"],
-                    h + "mlp.down_proj.weight": state[p + "mlp.down.weight"]}
-            for n in "qkvo":
+                    h + "mlp.up_proj.weight": state[p + "mlp.up.weight"]}
+            for n in "qkv":
                 out[h + f"self_attn.{n}_proj.weight"] = state[p + f"attn.{n}.weight"]
             if s.qkv_bias:
                 for n in "qkv":
@@ -186,6 +191,9 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}
         return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **gemma, **config,
                 "rope_parameters": rope, "rope_local_base_freq": local}
+    if s.arch == "phi3":  # (its pad_token_id default, 32000, would be outside a smaller vocabulary)
+        return {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": s.sliding_window,
+                "original_max_position_embeddings": s.seq_len, "pad_token_id": eos_token_id, **config}
     if s.arch == "qwen3":
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
                 "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
@@ -258,8 +266,15 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
                 # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs, flashlm's (HF's) the two
                 # halves of a head: reorder the rows (qwen2's rope in ggml, NEOX, rotates halves as flashlm's)
                 q, k = permute_rope_rows(q, s.n_head), permute_rope_rows(k, s.n_kv_head)
-            out += [(b + "attn_norm.weight", t[p + "attn_norm.weight"]), (b + "attn_q.weight", q),
-                    (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
+            out.append((b + "attn_norm.weight", t[p + "attn_norm.weight"]))
+            if s.arch == "phi3":  # llama.cpp's phi3: q|k|v and gate|up fused by rows, NEOX rope (no permutation)
+                out += [(b + "attn_qkv.weight", np.concatenate([q, k, t[p + "attn.v.weight"]])),
+                        (b + "attn_output.weight", t[p + "attn.o.weight"]),
+                        (b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
+                        (b + "ffn_up.weight", np.concatenate([t[p + "mlp.gate.weight"], t[p + "mlp.up.weight"]])),
+                        (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
+                continue
+            out += [(b + "attn_q.weight", q), (b + "attn_k.weight", k), (b + "attn_v.weight", t[p + "attn.v.weight"])]
             if s.qkv_bias:
                 out += [(b + f"attn_{n}.bias", t[p + f"attn.{n}.bias"]) for n in "qkv"]
             if s.qk_norm:
@@ -296,7 +311,7 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
     if a in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # a head_dim of its own
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
-    meta += gemma_metadata(s, s.seq_len)
+    meta += attention_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
