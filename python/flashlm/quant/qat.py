@@ -16,7 +16,7 @@ Scales follow the weights (absmax / min-max), they are not learned.
 
 The state dict of a QATLinear is an nn.Linear's (weight, bias): a QAT checkpoint loads as a float model, and
 quantizing it by the same rule gives the layers convert_qat gives (flashlm.io.qat_export: `flashlm quantize RUN
-OUT --method qat` writes the int4 checkpoint; load_model(RUN, quantize="int8") for int8).
+OUT --method qat` writes them as a quantized checkpoint).
 """
 
 from typing import Optional
