@@ -2,8 +2,7 @@
 
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
-Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
-Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
+Architectures: LlamaForCausalLM, MistralForCausalLM (its sliding window on every layer), Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text) and GPT2LMHeadModel. Both spellings of the rotary settings are read: `rope_theta` and
 `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's Transformer would
 compute differently (another activation, biases it does not have, rope scaling other than Llama 3's) raises
 ValueError naming the key. A head_dim other than hidden / heads is read for every rotary architecture.
@@ -141,16 +140,21 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
-    if window is not None and uses_window and window < seq_len:
+    if window is not None and uses_window:
+        window = _get(cfg, "sliding_window", limit="seq_len")
+    if window is not None and uses_window and window < seq_len and arch != "llama":
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
-                         f"no sliding-window attention (pass max_model_len <= {window})")
+                         f"no sliding-window attention for {arch} (pass max_model_len <= {window})")
+    # Mistral's window on every layer; one as long as the context changes nothing and is left out
+    window = window if arch == "llama" and uses_window and window is not None and window < seq_len else None
     theta, scaling = _rope(cfg)
     return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
                        n_layer=_get(cfg, "num_hidden_layers", limit="n_layer"), n_head=heads,
                        n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim)
+                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
+                       sliding_window=window)
 
 
 def _gemma_rope(arch: str, cfg: dict) -> dict:

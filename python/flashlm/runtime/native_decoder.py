@@ -4,9 +4,9 @@ layers in one call, no Python between kernels.
     native = build_native_decoder(model)        # None where it does not apply
     logits = forward_paged_native(model, native, tokens, batch, kv_caches)   # model.forward_paged's logits
 
-It applies to a CPU float32 llama/qwen2 model whose block linears are all GGUFLinear (a loaded GGUF file),
-and takes the ends of the step too (the embedding lookup, the final norm, a GGUF head) where they are what it
-reads. The model runner decides per step which path runs; both give the same logits bit for bit
+It applies to a CPU float32 llama/qwen2 model without a sliding window whose block linears are all GGUFLinear
+(a loaded GGUF file), and takes the ends of the step too (the embedding lookup, the final norm, a GGUF head)
+where they are what it reads. The model runner decides per step which path runs; both give the same logits bit for bit
 (tests/test_native_decoder.py): the same kernels, rounding alike.
 """
 
@@ -26,6 +26,8 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     it runs. It reads the weights' memory as it is now: build it again after replacing or moving modules."""
     cfg = model.cfg
     if cfg.arch not in ("llama", "qwen2") or not cfg.rotary:
+        return None
+    if cfg.sliding_window is not None:  # its attention has no window (Mistral's): the module path runs the step
         return None
     if not model.rope_cos.is_cpu:
         return None
