@@ -240,3 +240,21 @@ def test_random_sequences_keep_their_windows(seed):
     for sid in list(seqs):
         bm.free(sid)
     assert held_blocks(bm) == [] and bm.num_free_blocks == bm.num_blocks
+
+
+def test_kv_window_is_every_models_window():
+    """The engine's cache window: Mistral's; none for gemma's mixed local and global layers, for a model with
+    no window, or where a draft model attends further than the target's window."""
+    from types import SimpleNamespace
+
+    from flashlm.models import ModelConfig
+    from flashlm.runtime.model_runner import kv_window
+
+    def model(**kw):
+        return SimpleNamespace(cfg=ModelConfig(n_layer=2, n_head=2, d_model=16, **kw))
+
+    mistral, wide = model(arch="llama", sliding_window=6), model(arch="llama", sliding_window=9)
+    gemma = model(arch="gemma2", sliding_window=6, head_dim=8)
+    assert kv_window(mistral) == 6 and kv_window(mistral, None) == 6 and kv_window(mistral, wide) == 9
+    assert kv_window(gemma) is None and kv_window(model(arch="llama")) is None
+    assert kv_window(mistral, model(arch="llama")) is None and kv_window(mistral, gemma) is None

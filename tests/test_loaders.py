@@ -297,6 +297,32 @@ def test_hf_mistral_sliding_window(tmp_path):
             load_hf(tmp_path)
 
 
+def test_gguf_llama_sliding_window(tmp_path):
+    """llama.attention.sliding_window: a window shorter than the context is kept (Mistral's, every layer), one
+    as long is no window, a bad value names the key."""
+    hf, arch = make_hf("mistral")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "F32")
+    from flashlm.io.gguf import GGUFFile
+    from flashlm.io.gguf_layout import gguf_model_config
+    with GGUFFile(path) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    key = "llama.attention.sliding_window"
+    assert gguf_model_config(metadata, shapes).sliding_window is None
+    cfg = gguf_model_config({**metadata, key: 16}, shapes)
+    assert cfg.sliding_window == cfg.kv_window == 16 and cfg.layer_window(1) == 16
+    assert gguf_model_config({**metadata, key: 16}, shapes, max_model_len=16).sliding_window is None
+    for bad in (0, -1, 2.5, "16", 1 << 40):
+        with pytest.raises(ValueError, match=key):
+            gguf_model_config({**metadata, key: bad}, shapes)
+    hf, arch = make_hf("qwen2")
+    write_gguf(hf, arch, str(tmp_path / "q.gguf"), "F32")
+    with GGUFFile(str(tmp_path / "q.gguf")) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    with pytest.raises(ValueError, match="qwen2.attention.sliding_window 16 is shorter"):  # no window for qwen2
+        gguf_model_config({**metadata, "qwen2.attention.sliding_window": 16}, shapes)
+
+
 def test_hf_qwen2_sliding_window_only_when_used(tmp_path):
     hf, _ = make_hf("qwen2")
     hf.save_pretrained(tmp_path, safe_serialization=True)
