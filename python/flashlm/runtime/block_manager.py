@@ -304,7 +304,8 @@ class BlockManager:
         if fresh > self.num_free_blocks:
             raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {num_new} "
                                     f"tokens, {self.num_free_blocks} free")
-        self._release_outside_window(seq)
+        if self.window is not None:
+            self._release_outside_window(seq)
         copies = []
         if self._last_block_is_shared_partial(seq):
             src = seq.block_table[-1]
@@ -453,15 +454,16 @@ class BlockManager:
     def _fresh_needed_for_append(self, seq: _Sequence, num_new: int) -> int:
         """Free blocks the append takes, less those it releases first (outside the window, held by it alone)."""
         grow = self._blocks_for(seq.num_tokens + num_new) - len(seq.block_table)
-        released = sum(1 for b in seq.block_table[seq.num_released:self._blocks_outside_window(seq)]
-                       if self._blocks[b].ref_count == 1)
-        return grow + (1 if self._last_block_is_shared_partial(seq) else 0) - released
+        needed = grow + (1 if self._last_block_is_shared_partial(seq) else 0)
+        if self.window is not None:  # (checked first: this runs for every sequence every step)
+            outside = self._blocks_outside_window(seq)
+            if outside > seq.num_released:  # a block leaves the window once every block_size tokens
+                needed -= sum(1 for b in seq.block_table[seq.num_released:outside] if self._blocks[b].ref_count == 1)
+        return needed
 
     def _blocks_outside_window(self, seq: _Sequence) -> int:
         """How many leading blocks of the sequence no query from its next position on reads: those wholly
-        before n - window + 1, n its length (its next query's position). 0 without a window."""
-        if self.window is None:
-            return 0
+        before n - window + 1, n its length (its next query's position)."""
         return max(0, seq.num_tokens - self.window + 1) // self.block_size
 
     def _release_outside_window(self, seq: _Sequence) -> None:
