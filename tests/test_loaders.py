@@ -295,6 +295,9 @@ def test_hf_mistral_sliding_window(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(ValueError, match="sliding_window"):
             load_hf(tmp_path)
+    cfg.update(sliding_window=64, architectures=["LlamaForCausalLM"])  # transformers' Llama has no window
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_hf(tmp_path).config.sliding_window is None
 
 
 def test_gguf_llama_sliding_window(tmp_path):

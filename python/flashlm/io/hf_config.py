@@ -140,6 +140,8 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
+    if arch == "llama":  # Mistral's window is on every layer; transformers' Llama has none (ignores the key)
+        uses_window = cfg.get("architectures") == ["MistralForCausalLM"]
     if window is not None and uses_window:
         window = _get(cfg, "sliding_window", limit="seq_len")
     if window is not None and uses_window and window < seq_len and arch != "llama":
