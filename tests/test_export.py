@@ -39,7 +39,7 @@ ROPE3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fre
          "original_max_position_embeddings": 32}
 MODELS = {"gpt2": dict(arch="gpt2"), "llama-gqa": dict(arch="llama", n_kv_head=2, rope_theta=500.0),
           "llama-untied": dict(arch="llama", tie_embeddings=False), "llama-rope3": dict(arch="llama", rope_scaling=ROPE3),
-          "qwen2": dict(arch="qwen2", n_kv_head=2),
+          "qwen2": dict(arch="qwen2", n_kv_head=2), "mistral": dict(arch="llama", n_kv_head=2, sliding_window=5),
           "qwen3": dict(arch="qwen3", n_kv_head=2, head_dim=24, tie_embeddings=False),
           "gemma2": dict(arch="gemma2", n_kv_head=2, head_dim=24, sliding_window=8, attn_softcap=2.0, final_softcap=3.0,
                          query_pre_attn_scalar=24),
@@ -104,7 +104,8 @@ def test_hf_logits_match(name, tokenizer, tmp_path):
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                  "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-                                 "phi3": "Phi3ForCausalLM"}[cfg.arch]
+                                 "phi3": "Phi3ForCausalLM",
+                                 "mistral": "MistralForCausalLM"}["mistral" if name == "mistral" else cfg.arch]
     idx = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, _ = model(idx)
@@ -263,6 +264,8 @@ def test_gguf_f32(name, tokenizer, tmp_path):
         want_meta |= {f"{a}.rope.dimension_count": MODELS[name].get("head_dim", D_MODEL // N_HEAD)}
     if a in ("qwen3", "gemma2", "gemma3"):  # llama.cpp reads the head dimension from these where it is not embedding / heads
         want_meta |= {f"{a}.attention.key_length": 24, f"{a}.attention.value_length": 24}
+    if name == "mistral":  # the window on every layer, as flashlm's reader takes it back
+        want_meta |= {"llama.attention.sliding_window": 5}
     if a == "gemma2":
         want_meta |= {"gemma2.attention.sliding_window": 8}
         assert field(reader, "gemma2.attn_logit_softcapping") == 2.0 and field(reader, "gemma2.final_logit_softcapping") == 3.0

@@ -44,7 +44,7 @@ def make_hf(kind: str, vocab: int = V):
                               MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 1, "llama_tied": 2, "qwen2": 3, "gpt2": 4, "mistral": 5, "qwen3": 6, "gemma2": 7,
-                       "gemma3": 8, "phi3": 9, "phi3_tied": 10}[kind])
+                       "gemma3": 8, "phi3": 9, "phi3_tied": 10, "mistral_swa": 11}[kind])
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
                   max_position_embeddings=128)
     if kind == "llama":  # GQA 4:2, untied, Llama 3 rope scaling
@@ -102,6 +102,9 @@ def make_hf(kind: str, vocab: int = V):
     elif kind == "mistral":
         m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
                                              sliding_window=None))
+    elif kind == "mistral_swa":  # GQA 4:2, a window of 5 on every layer (shorter than the 19-token prompts)
+        m = MistralForCausalLM(MistralConfig(**common, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=5))
     else:
         m = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                        bos_token_id=0, eos_token_id=0))
@@ -110,7 +113,7 @@ def make_hf(kind: str, vocab: int = V):
                 if name.endswith("bias"):
                     p.normal_(0, 0.1)
     m.eval()
-    return m, {"llama_tied": "llama", "mistral": "llama", "phi3_tied": "phi3"}.get(kind, kind)
+    return m, {"llama_tied": "llama", "mistral": "llama", "mistral_swa": "llama", "phi3_tied": "phi3"}.get(kind, kind)
 
 
 def _logits(model, idx):
@@ -122,7 +125,7 @@ def _logits(model, idx):
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3_tied",
-                                  "gpt2", "mistral"])
+                                  "gpt2", "mistral", "mistral_swa"])
 def test_hf_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -302,9 +305,45 @@ def test_hf_mistral_sliding_window(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["sliding_window"] = 64
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="sliding_window"):
-        load_hf(tmp_path)
-    assert load_hf(tmp_path, max_model_len=64).config.seq_len == 64  # within the window: exact
+    loaded = load_hf(tmp_path)  # a window on every layer, shorter than the context 128: kept
+    assert loaded.config.sliding_window == 64 and loaded.config.kv_window == 64
+    assert all(block.attn.window == 64 for block in loaded.model.blocks)
+    short = load_hf(tmp_path, max_model_len=64).config  # the window spans the whole context: no window
+    assert short.seq_len == 64 and short.sliding_window is None
+    for bad in (0, -3, 2.5, "64", True):
+        cfg["sliding_window"] = bad
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match="sliding_window"):
+            load_hf(tmp_path)
+    cfg.update(sliding_window=64, architectures=["LlamaForCausalLM"])  # transformers' Llama has no window
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_hf(tmp_path).config.sliding_window is None
+
+
+def test_gguf_llama_sliding_window(tmp_path):
+    """llama.attention.sliding_window: a window shorter than the context is kept (Mistral's, every layer), one
+    as long is no window, a bad value names the key."""
+    hf, arch = make_hf("mistral")
+    path = str(tmp_path / "m.gguf")
+    write_gguf(hf, arch, path, "F32")
+    from flashlm.io.gguf import GGUFFile
+    from flashlm.io.gguf_layout import gguf_model_config
+    with GGUFFile(path) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    key = "llama.attention.sliding_window"
+    assert gguf_model_config(metadata, shapes).sliding_window is None
+    cfg = gguf_model_config({**metadata, key: 16}, shapes)
+    assert cfg.sliding_window == cfg.kv_window == 16 and cfg.layer_window(1) == 16
+    assert gguf_model_config({**metadata, key: 16}, shapes, max_model_len=16).sliding_window is None
+    for bad in (0, -1, 2.5, "16", 1 << 40):
+        with pytest.raises(ValueError, match=key):
+            gguf_model_config({**metadata, key: bad}, shapes)
+    hf, arch = make_hf("qwen2")
+    write_gguf(hf, arch, str(tmp_path / "q.gguf"), "F32")
+    with GGUFFile(str(tmp_path / "q.gguf")) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    with pytest.raises(ValueError, match="qwen2.attention.sliding_window 16 is shorter"):  # no window for qwen2
+        gguf_model_config({**metadata, "qwen2.attention.sliding_window": 16}, shapes)
 
 
 def test_hf_qwen2_sliding_window_only_when_used(tmp_path):

@@ -18,8 +18,9 @@ def reference_logits(cfg: ModelConfig, sd: dict, idx: torch.Tensor) -> torch.Ten
     B, T = idx.shape
     H, KV, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     gemma = cfg.arch in ("gemma2", "gemma3")
-    # the local layers: gemma2's even ones, gemma3's all but every sixth
-    local = [(cfg.arch == "gemma2" and i % 2 == 0) or (cfg.arch == "gemma3" and i % 6 != 5) for i in range(cfg.n_layer)]
+    # the local layers: gemma2's even ones, gemma3's all but every sixth, all of a llama with a window (Mistral)
+    local = [(cfg.arch == "gemma2" and i % 2 == 0) or (cfg.arch == "gemma3" and i % 6 != 5)
+             or (cfg.arch == "llama" and cfg.sliding_window is not None) for i in range(cfg.n_layer)]
     x = sd["tok_emb.weight"][idx]
     if gemma:
         x = x * math.sqrt(cfg.d_model)
@@ -106,6 +107,8 @@ CONFIGS = [
     dict(arch="llama", vocab_size=61, n_layer=3, n_head=6, n_kv_head=2, d_model=96, seq_len=40, tie_embeddings=False),
     dict(arch="llama", vocab_size=50, n_layer=1, n_head=4, n_kv_head=1, d_model=80, seq_len=33, rope_theta=500000.0),
     dict(arch="qwen2", vocab_size=70, n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=40, rope_theta=1e6),
+    # Mistral: a window of 7 on every layer, shorter than most sequences here
+    dict(arch="llama", vocab_size=59, n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=40, sliding_window=7),
     # original_max 64 with head_dim 32: the frequencies span all three of Llama 3's regimes.
     dict(arch="llama", vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=64, seq_len=40,
          rope_scaling=LLAMA3_SCALING),
@@ -246,7 +249,9 @@ def test_param_groups_and_flops():
     (dict(arch="gpt2", head_dim=32), "head_dim"), (dict(arch="qwen3", head_dim=0), "head_dim"),
     (dict(arch="qwen3", head_dim=2048), "head_dim"), (dict(arch="qwen3", head_dim=15), "head_dim"),
     (dict(arch="qwen3", head_dim=16.0), "head_dim"),
-    (dict(arch="llama", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),
+    (dict(arch="qwen2", sliding_window=8), "sliding_window"), (dict(arch="gemma2", sliding_window=0), "sliding_window"),
+    (dict(arch="gpt2", sliding_window=8), "sliding_window"), (dict(arch="llama", sliding_window=0), "sliding_window"),
+    (dict(arch="llama", sliding_window=8.0), "sliding_window"), (dict(arch="llama", sliding_window=True), "sliding_window"),
     (dict(arch="gemma2", attn_softcap=0.0), "attn_softcap"), (dict(arch="gemma2", final_softcap=float("inf")), "final_softcap"),
     (dict(arch="gemma2", query_pre_attn_scalar=-1), "query_pre_attn_scalar"), (dict(arch="gpt2", attn_softcap=5.0), "attn_softcap"),
     (dict(arch="gemma2", rope_local_theta=10.0), "rope_local_theta"), (dict(arch="gemma3", rope_local_theta=0.0), "rope_local_theta"),

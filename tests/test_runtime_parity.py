@@ -3,7 +3,8 @@
   engine's paged path, for llama (GQA, Llama 3 rope), qwen2, qwen3 (q/k norms, head_dim 24 in a 64-wide
   model), gemma2 (a sliding window of 5 on alternate layers, shorter than the 19-token prompt; soft-caps),
   gemma3 (the same window on six layers of seven, with their own rope base; q/k norms), phi3 (fused qkv and
-  gate_up, the window of 5 on every layer) and gpt2 directories;
+  gate_up, the window of 5 on every layer), gpt2 and mistral (a window of 5 on every layer: the cache releases
+  blocks outside it, held blocks stay bounded) directories;
 - llama.cpp (llama-cpp-python, where it imports): `flashlm convert` writes F32, Q8_0 and Q4_0 files of such a
   model (llama, qwen3, phi3), flashlm's engine decodes 32 greedy tokens from them and llama.cpp the same tokens; the logits of
   every step stay close;
@@ -26,16 +27,22 @@ from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from flashlm.runtime.simple_generate import generate  # noqa: E402
 
 
-def engine_trace(llm: LLM, prompt, steps: int):
+def engine_trace(llm: LLM, prompt, steps: int, blocks_in_use=None, runner_forward=False):
     """Greedy decoding through the engine's scheduler and paged forward, one request: (tokens, the logits
-    each sampled token was chosen from)."""
+    each sampled token was chosen from). blocks_in_use: a list that gets the cache blocks held at each step;
+    runner_forward: the runner's forward (the native decoder where it applies), not the model's."""
     llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
     logits_seen, tokens = [], []
     while llm.scheduler.has_work():
         batch = llm.scheduler.schedule()
         llm.runner.copy_blocks(batch.block_copies)
         ids, paged = llm.runner.prepare(batch, llm.block_manager)
-        logits = llm.model.forward_paged(ids, paged, llm.runner.kv_caches)
+        if blocks_in_use is not None:
+            blocks_in_use.append(llm.block_manager.num_blocks - llm.block_manager.num_free_blocks)
+        if runner_forward:
+            logits = llm.runner.forward(ids, paged)
+        else:
+            logits = llm.model.forward_paged(ids, paged, llm.runner.kv_caches)
         nxt = logits.argmax(-1).tolist()
         if nxt:
             logits_seen.append(logits[0])
@@ -51,7 +58,7 @@ class _NoText:
         return ""
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "mistral_swa"])
 def test_engine_logits_match_transformers(tmp_path, kind):
     hf, _ = make_hf(kind)
     hf.save_pretrained(tmp_path, safe_serialization=True)
@@ -63,6 +70,58 @@ def test_engine_logits_match_transformers(tmp_path, kind):
         ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
     err = (logits - ref).abs().max().item()
     assert err <= 1e-4, f"{kind}: max abs logit difference {err} over {len(tokens)} steps"
+
+
+def _hf_logits(hf, prompt, tokens):
+    with torch.no_grad():
+        return hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+
+
+def test_mistral_window_frees_blocks_and_matches_transformers(tmp_path):
+    """Mistral with a window of 5 (every layer) and blocks of 4: a 19-token prompt and 40 greedy steps hold at
+    most ceil(5 / 4) + 1 blocks at every step (prefill chunks of 8 included) and give HF's logits; a second
+    request with the same prompt hits the prompt blocks the first released, and still gives HF's logits."""
+    hf, _ = make_hf("mistral_swa")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    llm = LLM(str(tmp_path), tokenizer=_NoText(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    assert llm.block_manager.window == 5
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, V, 19)]
+    in_use = []
+    tokens, logits = engine_trace(llm, prompt, 40, in_use)
+    assert max(in_use) <= 3, f"blocks held per step: {in_use}"
+    err = (logits - _hf_logits(hf, prompt, tokens)).abs().max().item()
+    assert err <= 1e-4, f"max abs logit difference {err} over {len(tokens)} steps"
+
+    hits = llm.block_manager.stats.hit_tokens
+    tokens, logits = engine_trace(llm, prompt, 6)
+    # the lookup covers the first chunk (8 tokens, at most 7 cached): its first block, which the first request
+    # released at its second chunk
+    assert llm.block_manager.stats.hit_tokens - hits == 4
+    err = (logits - _hf_logits(hf, prompt, tokens)).abs().max().item()
+    assert err <= 1e-4, f"after a prefix hit: max abs logit difference {err}"
+
+
+def test_mistral_window_gguf_steps_past_the_native_decoder(tmp_path):
+    """A converted Mistral GGUF keeps its window (llama.attention.sliding_window). Its Q8_0 linears are what the
+    native decoder runs, but it has no window: it steps aside, and the engine's paged steps give the logits of
+    the loaded model's own forward over the whole sequence (windowed attention, the same matmuls)."""
+    from flashlm.gguf import GGUFFile
+
+    hf, _ = make_hf("mistral_swa")
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    train_bpe("gpt-2", vocab_size=300).save(str(tmp_path / "hf" / "tokenizer.json"))
+    path = str(tmp_path / "m.gguf")
+    assert cli_main(["convert", str(tmp_path / "hf"), path, "--type", "Q8_0", "--quiet"]) == 0
+    with GGUFFile(path) as f:
+        assert f.metadata["llama.attention.sliding_window"] == 5
+    llm = LLM(path, block_size=4, max_num_seqs=1)
+    assert llm.model.cfg.sliding_window == 5 and llm.runner.native_decoder() is None
+    prompt = [int(t) for t in np.random.default_rng(6).integers(0, V, 19)]
+    tokens, logits = engine_trace(llm, prompt, 12, runner_forward=True)
+    with torch.no_grad():
+        ref = llm.model(torch.tensor([prompt + tokens]))[0][0, len(prompt) - 1:-1]
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-4, f"max abs logit difference {err} over {len(tokens)} steps"
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3", "phi3_tied"])

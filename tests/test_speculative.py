@@ -79,6 +79,30 @@ def test_greedy_speculation_equals_target_greedy(draft_seed, k, kw):
     assert llm.block_manager.seq_ids() == []
 
 
+@pytest.mark.parametrize("draft_window", [6, None], ids=["windowed-draft", "global-draft"])
+def test_greedy_speculation_with_a_sliding_window(draft_window):
+    """A Mistral-style target (a window of 6 on every layer, blocks of 2): the cache releases blocks outside the
+    window (not with a draft that attends globally) while drafts run past it; greedy tokens stay the target's."""
+    def windowed(window, seed):
+        cfg = ModelConfig(arch="llama", vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, d_model=64, seq_len=96,
+                          sliding_window=window)
+        torch.manual_seed(seed)
+        model = Transformer(cfg).eval()
+        with torch.no_grad():  # sharper next-token choices, as test_engine's models
+            for p in model.parameters():
+                p.mul_(4.0 if p.dim() == 2 else 1.0)
+        return model
+
+    target, draft = windowed(6, 0), windowed(draft_window, 7)
+    tok = CharTokenizer()
+    llm = LLM(target, tok, draft_model=draft, num_speculative_tokens=3, max_num_seqs=3, block_size=2)
+    assert llm.block_manager.window == (6 if draft_window else None)
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (12, 30, 5, 20, 25, 8, 30, 17)]
+    for prompt, p, out in zip(PROMPTS, params, llm.generate(PROMPTS, params)):
+        assert out.outputs[0].token_ids == greedy_reference(target, tok.encode(prompt), p.max_tokens), prompt
+    assert llm.spec.num_proposed > 0 and llm.block_manager.seq_ids() == []
+
+
 def test_sampled_speculation_matches_target_probabilities():
     """4,000 two-token samples from one prompt on an 8-token vocabulary: the joint frequency of every (first,
     second) pair within 5 standard errors of the target model's own probability."""

@@ -111,13 +111,16 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
     if scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
                          "scaling, stored as rope_freqs.weight, is)")
+    settings = dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
+                    norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
     if f"{arch}.attention.sliding_window" in meta.m and arch not in ("gemma2", "gemma3", "phi3"):  # theirs are theirs
-        window = meta.int(f"{arch}.attention.sliding_window")
-        if window < ctx:
+        window = meta.int(f"{arch}.attention.sliding_window", limit=LIMITS["seq_len"])
+        if window < ctx and arch != "llama":
             raise ValueError(f"metadata: {arch}.attention.sliding_window {window} is shorter than the context {ctx} "
-                             "(pass max_model_len <= the window)")
-    return dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
-                norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+                             f"(no sliding-window attention for {arch}: pass max_model_len <= the window)")
+        if window < ctx:  # Mistral's, on every layer; one as long as the context changes nothing
+            settings["sliding_window"] = window
+    return settings
 
 
 def _phi3_settings(meta: Meta, shapes: Mapping[str, tuple]) -> dict:
@@ -179,15 +182,18 @@ def check_llama_cpp_head_dim(s: ModelConfig) -> None:
                          f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
 
 
-def attention_metadata(s: ModelConfig, context: int) -> list:
-    """[(key, value, GGUFValueType)] of the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none
-    of them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base; phi3's
-    window (0: none, as convert_hf_to_gguf writes it)."""
+def window_metadata(s: ModelConfig, context: int) -> list:
+    """[(key, value, GGUFValueType)] of the attention settings beyond llama's: a window on every layer (Mistral's,
+    as a llama's {arch}.attention.sliding_window, which the reader takes back; phi3's, 0 for none as
+    convert_hf_to_gguf writes it), and the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none of
+    them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
     from gguf import GGUFValueType
 
     u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
     if a == "phi3":
         return [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
+    if s.kv_window is not None:
+        return [(f"{a}.attention.sliding_window", s.kv_window, u32)]
     if not s.gemma:
         return []
     meta = [(f"{a}.attention.sliding_window", s.sliding_window or context, u32)]

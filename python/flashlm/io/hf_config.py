@@ -2,13 +2,13 @@
 
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
-Architectures: LlamaForCausalLM, MistralForCausalLM (without a sliding window shorter than the context),
-Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding
-window kept; no partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary
-settings are read: `rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5).
-Anything flashlm's Transformer would compute differently (another activation, biases it does not have, rope
-scaling other than Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for
-every rotary architecture but phi3.
+Architectures: LlamaForCausalLM, MistralForCausalLM (its sliding window on every layer), Qwen2ForCausalLM,
+Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding window kept; no
+partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary settings are read:
+`rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's
+Transformer would compute differently (another activation, biases it does not have, rope scaling other than
+Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for every rotary
+architecture but phi3.
 """
 
 from __future__ import annotations
@@ -144,12 +144,20 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
+    if arch == "llama":  # Mistral's window is on every layer; transformers' Llama has none (ignores the key)
+        uses_window = cfg.get("architectures") == ["MistralForCausalLM"]
     if arch == "phi3":  # every layer attends to its window
         _check_full_rotary(cfg)
-        window = None if window is None else _get(cfg, "sliding_window", limit="seq_len")
-    elif window is not None and uses_window and window < seq_len:
+    if window is not None and uses_window:
+        window = _get(cfg, "sliding_window", limit="seq_len")
+    if window is not None and uses_window and window < seq_len and arch not in ("llama", "phi3"):
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
-                         f"no sliding-window attention (pass max_model_len <= {window})")
+                         f"no sliding-window attention for {arch} (pass max_model_len <= {window})")
+    # A window on every layer: phi3's as its config has it; Mistral's, left out when as long as the context
+    if arch == "llama":
+        window = window if uses_window and window is not None and window < seq_len else None
+    elif arch != "phi3":
+        window = None
     theta, scaling = _rope(cfg)
     return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
                        n_layer=_get(cfg, "num_hidden_layers", limit="n_layer"), n_head=heads,
@@ -157,7 +165,7 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
-                       **({"sliding_window": window} if arch == "phi3" else {}))
+                       sliding_window=window)
 
 
 def _check_full_rotary(cfg: dict) -> None:

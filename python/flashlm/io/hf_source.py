@@ -23,9 +23,10 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, attention_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, window_metadata
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
+from flashlm.models.config import LIMITS
 from flashlm.models.shapes import check_block_count
 
 # HF architecture -> GGUF architecture, and whether q/k rows are permuted (llama's rope layout)
@@ -225,7 +226,9 @@ class HFSource:
         if a in ("qwen3", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # a head_dim of its own
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
-        return meta + [(k, v, t, None) for k, v, t in attention_metadata(mc, context)]
+        if a == "llama":  # Mistral's window, read at the declared context (mc's is 1, which no window is under)
+            mc = model_config_from_hf(cfg, max_model_len=min(context, LIMITS["seq_len"]))
+        return meta + [(k, v, t, None) for k, v, t in window_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""

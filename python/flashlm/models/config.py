@@ -2,7 +2,8 @@
 
     gpt2:  learned positions, LayerNorm, GELU (tanh) MLP, biases everywhere, tied embeddings (GPT-2).
     llama: rotary positions, RMSNorm, SiLU-gated MLP, no biases, optional GQA (Llama 2/3, SmolLM, TinyLlama,
-           Mistral without a sliding window); rope_scaling {"rope_type": "llama3", ...} for Llama 3.1+.
+           Mistral); rope_scaling {"rope_type": "llama3", ...} for Llama 3.1+; sliding_window for Mistral's
+           window on every layer.
     qwen2: llama with biases on the q, k and v projections.
     qwen3: llama with an RMSNorm over each head of q and of k before the rotary embedding (Qwen3), and a
            head_dim of its own (n_head * head_dim need not be d_model).
@@ -24,8 +25,10 @@ ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 # head_dim / key_length let them: what a model with attention heads pruned away needs; GPT-2 has no such setting).
 FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # (llama.cpp's phi3 needs d_model / n_head)
 GEMMA_ARCHS = ("gemma2", "gemma3")
-WINDOW_ARCHS = GEMMA_ARCHS + ("phi3",)  # the architectures with a sliding_window setting
-# Fields only the Gemma architectures use (sliding_window phi3 too); None elsewhere, left out of to_dict() when None.
+# Architectures with a sliding_window setting: Gemma's local layers; every layer of phi3 and of llama (Mistral's).
+WINDOW_ARCHS = GEMMA_ARCHS + ("phi3", "llama")
+# Fields only the Gemma architectures use (sliding_window the WINDOW_ARCHS); None elsewhere, left out of to_dict()
+# when None.
 GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -68,7 +71,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: Optional[int] = None  # None: d_model / n_head; another value for the FREE_HEAD_DIM archs only
-    # gemma2: keys a local (even) layer's query sees, itself included; phi3: every layer's
+    # keys a local layer's query sees, itself included (gemma: the local layers; phi3 and llama: every layer)
     sliding_window: Optional[int] = None
     attn_softcap: Optional[float] = None  # gemma2: attention logits capped to (-cap, cap) by a tanh
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits
@@ -154,13 +157,20 @@ class ModelConfig:
         return self.arch in GEMMA_ARCHS
 
     def local_layer(self, layer: int) -> bool:
-        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth; phi3: all)."""
+        """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth; phi3 and llama:
+        every layer when there is a sliding window)."""
         return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5) \
-            or self.arch == "phi3"
+            or (self.arch in ("phi3", "llama") and self.sliding_window is not None)
 
     def layer_window(self, layer: int) -> Optional[int]:
         """The sliding window of block `layer`, None where it attends globally."""
         return self.sliding_window if self.local_layer(layer) else None
+
+    @property
+    def kv_window(self) -> Optional[int]:
+        """The window every layer attends within (Mistral's), or None where some layer attends globally: the
+        KV cache may drop a sequence's keys more than this many positions back only when it is set."""
+        return self.sliding_window if self.arch in ("phi3", "llama") else None
 
     @property
     def softmax_scale(self) -> float:

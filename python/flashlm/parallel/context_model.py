@@ -38,7 +38,7 @@ def check_context_parallel(model: Transformer) -> None:
     """NotImplementedError unless the model's attention is what ring attention computes."""
     if not isinstance(model, Transformer):
         raise TypeError(f"model: expected a flashlm Transformer, got {type(model).__name__}")
-    if model.cfg.gemma or model.cfg.sliding_window is not None:  # (phi3's window)
+    if model.cfg.gemma or model.cfg.sliding_window is not None:
         raise NotImplementedError(f"model: context parallelism does not cover {model.cfg.arch}'s sliding windows "
                                   "and soft-capped scores")
 

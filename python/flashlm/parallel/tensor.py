@@ -53,6 +53,9 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
         raise ValueError(f"--tp: must be an int >= 1, got {tp!r}")
     if cfg.arch not in SUPPORTED_ARCHS:
         raise NotImplementedError(f"cfg.arch: tensor parallelism covers {SUPPORTED_ARCHS}, got {cfg.arch!r}")
+    if cfg.sliding_window is not None:  # its attention is the plain causal one
+        raise NotImplementedError(f"cfg.sliding_window: tensor parallelism has no sliding-window attention, got "
+                                  f"{cfg.sliding_window}")
     for name in ("n_head", "d_ff", "vocab_size"):
         if getattr(cfg, name) % tp:
             raise ValueError(f"--tp: {name} {getattr(cfg, name)} does not divide by tp {tp}")

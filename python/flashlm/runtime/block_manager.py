@@ -41,6 +41,15 @@ shared, partly filled last block needs copying: `append` then moves the sequence
 returns the (src, dst) pair, which the runner must copy (every layer, K and V, the whole block) before it
 writes the new tokens.
 
+Sliding window (Mistral's: every layer attends to the last `window` keys, itself included). A query at
+position p reads keys [p - window + 1, p] only, so once a sequence's next query is at n (its length before an
+`append`), its blocks wholly before n - window + 1 are never read again: `append` releases them before taking
+new ones (and `can_append` counts them as free), keeping about ceil(window / block_size) + 1 blocks per
+sequence. The table keeps a placeholder (block 0, which the kernels skip: they read only the keys in the
+window) so that positions stay where they are. A released block is an ordinary unused block: named, it waits
+in the LRU pool with its contents intact, and a prefix hit on it (which needs the whole chain of names up to
+it) revives it as it would any other. A prompt is allocated whole, for its prefill reads it all.
+
 Every call checks its arguments and either does all of its work or raises and changes nothing.
 """
 
@@ -93,13 +102,17 @@ class _Block:
 
 
 class _Sequence:
-    __slots__ = ("num_tokens", "block_table", "block_hashes", "num_cached_tokens")
+    __slots__ = ("num_tokens", "block_table", "block_hashes", "num_cached_tokens", "num_released")
 
-    def __init__(self, num_tokens, block_table, block_hashes, num_cached_tokens):
+    def __init__(self, num_tokens, block_table, block_hashes, num_cached_tokens, num_released=0):
         self.num_tokens = num_tokens      # the tokens held: computed, or about to be
         self.block_table = block_table    # list[int], physical block ids
         self.block_hashes = block_hashes  # list[bytes], the chained hash of each full block (with caching)
         self.num_cached_tokens = num_cached_tokens
+        self.num_released = num_released  # the table's first entries, released (outside the window): placeholders
+
+    def held_blocks(self) -> list:
+        return self.block_table[self.num_released:]
 
 
 def block_hash(parent_hash: Optional[bytes], token_ids: Sequence[int]) -> bytes:
@@ -129,11 +142,12 @@ class BlockManager:
     """Allocates KV-cache blocks to sequences, with reference counting, copy-on-write and prefix caching."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 max_blocks_per_seq: Optional[int] = None):
+                 max_blocks_per_seq: Optional[int] = None, window: Optional[int] = None):
         self.num_blocks = as_count(num_blocks, "num_blocks", 1, MAX_NUM_BLOCKS)  # int32 block tables
         self.block_size = check_block_size(block_size)
         self.enable_prefix_caching = as_bool(enable_prefix_caching, "enable_prefix_caching")
         self.max_blocks_per_seq = as_optional_count(max_blocks_per_seq, "max_blocks_per_seq")
+        self.window = as_optional_count(window, "window")  # None: every key stays readable
         # Nothing per block up front: blocks are handed out in id order the first time, so _blocks[b] is the
         # _Block of every block used so far and ids [len(_blocks), num_blocks) were never used. Free blocks are
         # those, taken first, then the returned ones in the order they came back.
@@ -172,7 +186,12 @@ class BlockManager:
         return list(self._seqs)
 
     def block_table(self, seq_id: int) -> list:
+        """The sequence's block ids by position; the first num_released_blocks are placeholders (0)."""
         return list(self._seq(seq_id).block_table)
+
+    def num_released_blocks(self, seq_id: int) -> int:
+        """The sequence's leading blocks released as outside the sliding window (0 without one)."""
+        return self._seq(seq_id).num_released
 
     def seq_len(self, seq_id: int) -> int:
         """How many of the sequence's tokens the manager holds (computed, or written by the next step)."""
@@ -285,6 +304,8 @@ class BlockManager:
         if fresh > self.num_free_blocks:
             raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {num_new} "
                                     f"tokens, {self.num_free_blocks} free")
+        if self.window is not None:
+            self._release_outside_window(seq)
         copies = []
         if self._last_block_is_shared_partial(seq):
             src = seq.block_table[-1]
@@ -308,10 +329,10 @@ class BlockManager:
         child_id = _check_seq_id(child_id)
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id} (fork child) is already allocated")
-        for b in parent.block_table:
+        for b in parent.held_blocks():
             self._blocks[b].ref_count += 1
         self._seqs[child_id] = _Sequence(parent.num_tokens, list(parent.block_table), list(parent.block_hashes),
-                                         parent.num_cached_tokens)
+                                         parent.num_cached_tokens, parent.num_released)
 
     def free(self, seq_id: int) -> None:
         """Releases a sequence's blocks. Named blocks that no sequence holds any more wait in the LRU pool."""
@@ -320,14 +341,8 @@ class BlockManager:
         if seq is None:
             raise KeyError(f"cannot free sequence {seq_id}: not allocated (never, or already freed)")
         # Tail first, so that a prefix shared by more prompts is evicted after its continuations.
-        for b in reversed(seq.block_table):
-            block = self._blocks[b]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
+        for b in reversed(seq.held_blocks()):
+            self._decref(b)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached name (e.g. after the weights change). Unused cached blocks become free; blocks
@@ -352,6 +367,9 @@ class BlockManager:
         end = n if end is None else end
         if not 0 <= start <= end <= n:
             raise ValueError(f"slot range [{start}, {end}) of sequence {seq_id} is outside [0, {n}]")
+        if start < end and start < seq.num_released * self.block_size:
+            raise ValueError(f"slot range [{start}, {end}) of sequence {seq_id}: its blocks before position "
+                             f"{seq.num_released * self.block_size} were released (outside the sliding window)")
         bs, table = self.block_size, seq.block_table
         return [table[t // bs] * bs + t % bs for t in range(start, end)]
 
@@ -434,11 +452,39 @@ class BlockManager:
         return self._blocks_for(num_tokens) - len(hits) + revived
 
     def _fresh_needed_for_append(self, seq: _Sequence, num_new: int) -> int:
+        """Free blocks the append takes, less those it releases first (outside the window, held by it alone)."""
         grow = self._blocks_for(seq.num_tokens + num_new) - len(seq.block_table)
-        return grow + (1 if self._last_block_is_shared_partial(seq) else 0)
+        needed = grow + (1 if self._last_block_is_shared_partial(seq) else 0)
+        if self.window is not None:  # (checked first: this runs for every sequence every step)
+            outside = self._blocks_outside_window(seq)
+            if outside > seq.num_released:  # a block leaves the window once every block_size tokens
+                needed -= sum(1 for b in seq.block_table[seq.num_released:outside] if self._blocks[b].ref_count == 1)
+        return needed
+
+    def _blocks_outside_window(self, seq: _Sequence) -> int:
+        """How many leading blocks of the sequence no query from its next position on reads: those wholly
+        before n - window + 1, n its length (its next query's position)."""
+        return max(0, seq.num_tokens - self.window + 1) // self.block_size
+
+    def _release_outside_window(self, seq: _Sequence) -> None:
+        """Releases the blocks no later query reads, leaving placeholders (0) in the table."""
+        for i in range(seq.num_released, self._blocks_outside_window(seq)):
+            self._decref(seq.block_table[i])
+            seq.block_table[i] = 0
+            seq.num_released = i + 1
 
     def _last_block_is_shared_partial(self, seq: _Sequence) -> bool:
         return seq.num_tokens % self.block_size != 0 and self._blocks[seq.block_table[-1]].ref_count > 1
+
+    def _decref(self, b: int) -> None:
+        """Drops one holder of block b; unheld, it waits in the LRU pool if named, else is free."""
+        block = self._blocks[b]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
 
     def _incref(self, b: int) -> None:
         block = self._blocks[b]

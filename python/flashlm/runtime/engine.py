@@ -26,7 +26,7 @@ from flashlm.ops._check import check_fits
 from flashlm.runtime.block_manager import BlockManager, check_block_size
 from flashlm.runtime.checks import (as_bool, as_count, as_model_source, as_optional_count, as_prompts, as_seed,
                                     as_token_ids, as_kv_cache_dtype)
-from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_blocks
+from flashlm.runtime.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_blocks, kv_window
 from flashlm.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
@@ -154,17 +154,19 @@ class LLM:
         self.max_model_len = min(cfg.seq_len, max_model_len or cfg.seq_len)
         num_blocks = kv_cache_blocks(model, block_size, kv_cache_dtype, self.max_model_len, max_num_seqs,
                                      kv_cache_memory, device)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        if draft_model is not None:
+            if num_speculative_tokens >= self.max_model_len:
+                raise ValueError(f"num_speculative_tokens: must be less than max_model_len {self.max_model_len} (no "
+                                 f"sequence has room for more proposals), got {num_speculative_tokens}")
+            draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+                                          window=kv_window(model, draft_model))
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
                                    max_model_len=self.max_model_len,
                                    eos_token_ids=getattr(tokenizer, "eos_token_ids", ()) or ())
         total_blocks, self.spec = num_blocks, None
         if draft_model is not None:
-            if num_speculative_tokens >= self.max_model_len:
-                raise ValueError(f"num_speculative_tokens: must be less than max_model_len {self.max_model_len} (no "
-                                 f"sequence has room for more proposals), got {num_speculative_tokens}")
-            draft_model = self._load_draft(draft_model, max_model_len).to(device).eval()
             total_blocks = self._blocks_with_scratch(num_blocks, num_speculative_tokens, block_size, max_num_seqs,
                                                      kv_cache_dtype, draft_model, device)
         self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)

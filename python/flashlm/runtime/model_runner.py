@@ -81,6 +81,13 @@ def kv_cache_blocks(model: Transformer, block_size: int, dtype: torch.dtype, max
     return num_blocks
 
 
+def kv_window(*models) -> Optional[int]:
+    """The sliding window beyond which the KV cache may drop a sequence's keys: the widest of the models' (the
+    target's and a draft's read the same blocks), None where any attends globally (ModelConfig.kv_window)."""
+    windows = [m.cfg.kv_window for m in models if m is not None]
+    return None if None in windows else max(windows)
+
+
 @dataclass
 class StepOutput:
     tokens: list  # the next token of each sampling sequence of the batch, in batch order

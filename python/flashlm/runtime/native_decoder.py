@@ -4,9 +4,10 @@ layers in one call, no Python between kernels.
     native = build_native_decoder(model)        # None where it does not apply
     logits = forward_paged_native(model, native, tokens, batch, kv_caches)   # model.forward_paged's logits
 
-It applies to a CPU float32 llama/qwen2 model (or phi3 without a sliding window) whose block linears are all GGUFLinear (a loaded GGUF file),
-and takes the ends of the step too (the embedding lookup, the final norm, a GGUF head) where they are what it
-reads. The model runner decides per step which path runs; both give the same logits bit for bit
+It applies to a CPU float32 llama/qwen2/phi3 model without a sliding window shorter than its context whose block
+linears are all GGUFLinear (a loaded GGUF file), and takes the ends of the step too (the embedding lookup, the
+final norm, a GGUF head) where they are what it reads. The model runner decides per step which path runs; both
+give the same logits bit for bit
 (tests/test_native_decoder.py): the same kernels, rounding alike.
 """
 
@@ -25,8 +26,8 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     """NativeDecoder over the model's blocks (and its ends where they fit), or None when some part is not what
     it runs. It reads the weights' memory as it is now: build it again after replacing or moving modules."""
     cfg = model.cfg
-    # phi3 is llama's block once its fused tensors are split (on load); a sliding window shorter than the context
-    # the stack does not have
+    # phi3 is llama's block once its fused tensors are split (on load); the stack's attention has no sliding window
+    # (Mistral's, phi3's): the module path runs those steps
     windowed = cfg.sliding_window is not None and cfg.sliding_window < cfg.seq_len
     if cfg.arch not in ("llama", "qwen2", "phi3") or not cfg.rotary or windowed:
         return None

@@ -35,7 +35,7 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, attention_metadata
+from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, window_metadata
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -197,6 +197,9 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
     if s.arch == "qwen3":
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
                 "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
+    if s.sliding_window is not None:  # a window on every layer: Mistral
+        return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": s.sliding_window,
+                **config}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "mlp_bias": False,
             **config}
 
@@ -311,7 +314,7 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
     if a in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # a head_dim of its own
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
-    meta += attention_metadata(s, s.seq_len)
+    meta += window_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
