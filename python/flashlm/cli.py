@@ -103,6 +103,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(args, "method", None) is not None:
         if getattr(args, "imatrix", None) is not None:
             raise ValueError("quantize: --imatrix goes with --type (a GGUF mix), not with --method")
+        if getattr(args, "keep_float", None) is not None:
+            raise ValueError("quantize: --keep-float goes with --type (a GGUF mix), not with --method")
         return _cmd_quantize_calibrated(args)
     if args.type is None:
         raise ValueError("quantize: give --type TYPE (a GGUF mix) or --method gptq|awq --calib-data FILE (int4)")
@@ -110,7 +112,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from flashlm.io.quantize_file import quantize_file
 
     report = quantize_file(args.input, args.output, args.type, progress=not args.quiet,
-                           imatrix=getattr(args, "imatrix", None))
+                           imatrix=getattr(args, "imatrix", None), keep_float=getattr(args, "keep_float", None) or ())
     if not args.quiet:
         counts = Counter(out for _, _, out in report)
         size = os.path.getsize(args.output)
@@ -295,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "an HF model directory or a flashlm checkpoint", None, _cmd_quantize, UNSUPPORTED_MIXES)
     quantize.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's imatrix file, GGUF or "
                           ".dat; `flashlm imatrix` writes one) to quantize with")
+    quantize.add_argument("--keep-float", metavar="NAMES", help="tensors left F16/F32: tensor categories "
+                          "(attn_v,ffn_down; any of token_embd, output, attn_q/k/v, attn_output, ffn_gate/up/down), "
+                          "layers (blk.3) or one layer's category (blk.3.ffn_down), comma-separated")
     add_calibrated_quantize_arguments(quantize)
     imatrix = sub.add_parser("imatrix", help="collect an importance matrix (llama.cpp's imatrix) for `quantize "
                              "--imatrix` or llama-quantize, from a model run over calibration text")
