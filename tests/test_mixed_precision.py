@@ -91,7 +91,7 @@ def test_keep_float_is_not_for_int4_methods(model, tmp_path, capsys):
     src, _ = model
     assert cli_main(["quantize", str(src), str(tmp_path / "o"), "--method", "gptq", "--calib-data", str(src),
                      "--keep-float", "attn_v"]) == 2
-    assert "--keep-float goes with --type" in capsys.readouterr().err
+    assert "--keep-float and --sensitivity go with --type" in capsys.readouterr().err
 
 
 def test_flashlm_and_llama_cpp_load_the_file(tmp_path):
@@ -193,3 +193,40 @@ def test_scan_by_category_and_fallback():
         sensitivity_scan(model, ids, "Q7_K")
     with pytest.raises(ValueError, match="empty calibration data"):
         sensitivity_scan(model, ids[:10], "Q4_0", seq_len=32)
+
+
+def test_sensitivity_command(tmp_path, capsys):
+    from flashlm.io.random_model import write_random_llama_gguf
+
+    src, out, text = tmp_path / "m.gguf", tmp_path / "q.gguf", tmp_path / "calib.txt"
+    write_random_llama_gguf(str(src), d_model=256, d_ff=512, n_layer=2, vocab_size=300, n_head=4, ggml_type="F32",
+                            context_length=64)
+    text.write_text("the quick brown fox jumps over the lazy dog, " * 20)
+    assert cli_main(["quantize", str(src), str(out), "--type", "Q4_K_M", "--sensitivity", "--calib-data", str(text),
+                     "--calib-rows", "2", "--sensitivity-unit", "tensor", "--keep-top", "2", "--keep-float", "output",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    units = [line.split()[0] for line in printed[2:16]]
+    assert sorted(units) == sorted(f"blk.{i}.{c}" for i in range(2) for c in ("attn_q", "attn_k", "attn_v",
+                                   "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+    assert printed[16] == f"kept float: {units[0]},{units[1]} (--keep-top 2)"
+    _, back = read_back(out)
+    floats = {n for n, (t, _, _) in back.items() if t == "F32" and "norm" not in n}
+    assert floats == {"output.weight", f"{units[0]}.weight", f"{units[1]}.weight"}
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--keep-top", "2"], "--keep-top: goes with --sensitivity"),
+    (["--sensitivity"], "--calib-data: --sensitivity needs calibration text"),
+    (["--sensitivity", "--calib-data", "CALIB", "--keep-top", "-1"], "--keep-top: must be >= 0"),
+    (["--sensitivity", "--calib-data", "MISSING"], "--calib-data: cannot read"),
+])
+def test_sensitivity_command_refuses(model, tmp_path, capsys, argv, match):
+    src, _ = model
+    (tmp_path / "calib.txt").write_text("some text")
+    argv = [str(tmp_path / "calib.txt") if a == "CALIB" else str(tmp_path / "none.txt") if a == "MISSING" else a
+            for a in argv]
+    out = tmp_path / "q.gguf"
+    assert cli_main(["quantize", str(src), str(out), "--type", "Q4_K_M", "--quiet", *argv]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
