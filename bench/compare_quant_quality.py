@@ -30,6 +30,7 @@ Timings: the calibration pass against a plain forward over the same batches (the
 Run (from the repository root, with flashlm installed or PYTHONPATH=python):
   python bench/compare_quant_quality.py             # d_model 256, d_ff 768, 4 layers, 300 steps
   python bench/compare_quant_quality.py --quick     # a tiny model, 60 steps: CI smoke, under a minute
+  python bench/compare_quant_quality.py --steps 0 --layers 2 --calib-tokens 8192   # random weights: minutes
 """
 
 import argparse
@@ -175,7 +176,7 @@ def main():
     plain, calib = calibration_cost(model, calib_ids, args.seq)
 
     print(f"\n{datetime.date.today()}, {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"`python bench/compare_quant_quality.py{' --quick' if args.quick else ''}`")
+          f"`python bench/compare_quant_quality.py{''.join(' ' + a for a in sys.argv[1:])}`")
     print(f"model: byte-level llama d{args.d_model} ff{d_ff} L{args.layers} T{args.seq}, {args.steps} steps on "
           f"{train_ids.numel()} bytes; held out {held_out.numel()} bytes; calibration {calib_ids.numel()} tokens\n")
     print_table(["method", "perplexity", "vs float", "llama.cpp perplexity", "quantize s"],
