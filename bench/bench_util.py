@@ -147,3 +147,18 @@ def print_table(header, rows):
     print("|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
+
+
+def rtn_int4(model, calib, group_size, symmetric):
+    """Every block linear of a flashlm Transformer to an RTN Int4Linear, in place (calib unused: the signature
+    of gptq_quantize and awq_quantize)."""
+    from torch import nn
+
+    from flashlm.quant import Int4Linear
+
+    for block in model.blocks:
+        for name, m in list(block.named_modules()):
+            if isinstance(m, nn.Linear):
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, Int4Linear.from_float(m, group_size, symmetric))
+    return model

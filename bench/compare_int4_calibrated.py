@@ -16,20 +16,11 @@ import math
 import time
 
 import torch
-from torch import nn
 
+from bench_util import rtn_int4
 from flashlm.io import load_model
 from flashlm.models import ModelConfig, Transformer
-from flashlm.quant import Int4Linear, awq_quantize, gptq_quantize
-
-
-def rtn_quantize(model, calib, group_size, symmetric):
-    for block in model.blocks:
-        for name, m in list(block.named_modules()):
-            if isinstance(m, nn.Linear):
-                parent, _, leaf = name.rpartition(".")
-                setattr(block.get_submodule(parent), leaf, Int4Linear.from_float(m, group_size, symmetric))
-    return model
+from flashlm.quant import awq_quantize, gptq_quantize
 
 
 @torch.no_grad()
@@ -68,7 +59,7 @@ def quality(args):
     print("| --- | --- | --- | --- | --- |")
     base, _, reference = evaluate(loaded.model, windows)
     print(f"| float | {base:.3f} | | | |")
-    methods = {"RTN": rtn_quantize, "GPTQ": gptq_quantize,
+    methods = {"RTN": rtn_int4, "GPTQ": gptq_quantize,
                "GPTQ act-order": lambda m, c, g, s: gptq_quantize(m, c, g, s, act_order=True),
                "AWQ": awq_quantize}
     for label, fn in methods.items():

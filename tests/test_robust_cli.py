@@ -172,6 +172,10 @@ def gguf_commands():
         command("quantize", "a valid GGUF file to Q8_0", lambda: ["quantize", model_file(), out("q.gguf"), "--type",
                                                                    "Q8_0", "--quiet"], succeeded),
         command("quantize", "a missing input", lambda: ["quantize", missing(), out("q.gguf"), "--type", "Q8_0"]),
+        command("quantize", "--keep-float of an unknown name", lambda: [
+            "quantize", model_file(), out("q.gguf"), "--type", "Q8_0", "--keep-float", "blk.99999999999999999999"]),
+        command("quantize", "--sensitivity with a malformed input", lambda: [
+            "quantize", garbage(), out("q.gguf"), "--type", "Q4_0", "--sensitivity", "--calib-data", garbage()]),
         command("quantize", "a malformed input", lambda: ["quantize", garbage(), out("q.gguf"), "--type", "Q8_0"]),
         command("quantize", "an output in a missing folder", lambda: [
             "quantize", model_file(), os.path.join(missing(), "q.gguf"), "--type", "Q8_0", "--quiet"]),

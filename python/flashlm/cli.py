@@ -103,6 +103,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if getattr(args, "method", None) is not None:
         if getattr(args, "imatrix", None) is not None:
             raise ValueError("quantize: --imatrix goes with --type (a GGUF mix), not with --method")
+        if getattr(args, "keep_float", None) is not None or getattr(args, "sensitivity", False):
+            raise ValueError("quantize: --keep-float and --sensitivity go with --type (a GGUF mix), not with --method")
         return _cmd_quantize_calibrated(args)
     if args.type is None:
         raise ValueError("quantize: give --type TYPE (a GGUF mix) or --method gptq|awq|w8a8|smoothquant "
@@ -110,14 +112,35 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     from flashlm.io.quantize_file import quantize_file
 
+    keep_float = getattr(args, "keep_float", None) or ""
+    if getattr(args, "sensitivity", False):
+        keep_float = ",".join(filter(None, [keep_float, *_sensitivity_plan(args)]))
+    elif getattr(args, "keep_top", 0):
+        raise ValueError("--keep-top: goes with --sensitivity")
     report = quantize_file(args.input, args.output, args.type, progress=not args.quiet,
-                           imatrix=getattr(args, "imatrix", None))
+                           imatrix=getattr(args, "imatrix", None), keep_float=keep_float)
     if not args.quiet:
         counts = Counter(out for _, _, out in report)
         size = os.path.getsize(args.output)
         print(f"{_printable(args.output)}: {len(report)} tensors ({', '.join(f'{n} {t}' for t, n in sorted(counts.items()))}), "
               f"{size / 2**20:.1f} MiB")
     return 0
+
+
+def _sensitivity_plan(args: argparse.Namespace) -> list[str]:
+    """Runs the sensitivity scan of --sensitivity, prints its table, and returns the --keep-top units."""
+    from flashlm.io.quantize_sensitivity import format_table, scan_file
+
+    if args.calib_data is None:
+        raise ValueError("--calib-data: --sensitivity needs calibration text")
+    if args.keep_top < 0:
+        raise ValueError(f"--keep-top: must be >= 0, got {args.keep_top}")
+    base, rows = scan_file(args.input, args.type, args.calib_data, args.sensitivity_unit, args.calib_rows,
+                           args.calib_seq, progress=not args.quiet)
+    keep = [r.unit for r in rows[:args.keep_top]]
+    print(format_table(base, rows))
+    print(f"kept float: {','.join(keep) if keep else 'none'} (--keep-top {args.keep_top})")
+    return keep
 
 
 def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
@@ -317,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "an HF model directory or a flashlm checkpoint", None, _cmd_quantize, UNSUPPORTED_MIXES)
     quantize.add_argument("--imatrix", metavar="FILE", help="an importance matrix (llama.cpp's imatrix file, GGUF or "
                           ".dat; `flashlm imatrix` writes one) to quantize with")
+    quantize.add_argument("--keep-float", metavar="NAMES", help="tensors left F16/F32: tensor categories "
+                          "(attn_v,ffn_down; any of token_embd, output, attn_q/k/v, attn_output, ffn_gate/up/down), "
+                          "layers (blk.3) or one layer's category (blk.3.ffn_down), comma-separated")
+    quantize.add_argument("--sensitivity", action="store_true", help="first rank the units of the model (a float "
+                          "GGUF or HF model) by the perplexity increase on --calib-data when each alone is quantized "
+                          "to the mix's type, and print the ranking")
+    quantize.add_argument("--sensitivity-unit", choices=("layer", "category", "tensor"), default="layer",
+                          help="with --sensitivity: what is quantized at a time (default layer: blk.N)")
+    quantize.add_argument("--keep-top", type=int, default=0, metavar="N", help="with --sensitivity: keep the N most "
+                          "sensitive units float (added to --keep-float)")
     add_calibrated_quantize_arguments(quantize)
     imatrix = sub.add_parser("imatrix", help="collect an importance matrix (llama.cpp's imatrix) for `quantize "
                              "--imatrix` or llama-quantize, from a model run over calibration text")

@@ -108,17 +108,20 @@ def check_model(source) -> ModelConfig:
     return gguf_model_config(metadata, shapes, max_model_len=1)
 
 
-def plan(source, cfg: ModelConfig, mix: str, has_imatrix: bool = False) -> list[str]:
-    """The GGML type of every tensor of `source` (a cfg model) under `mix`, in file order."""
+def plan(source, cfg: ModelConfig, mix: str, has_imatrix: bool = False, keep_float=()) -> list[str]:
+    """The GGML type of every tensor of `source` (a cfg model) under `mix`, in file order, the tensors that
+    `keep_float` names (flashlm.quant.mix.parse_keep_float) left float."""
     names = [name for name, _, _ in source.tensors]
-    planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names, has_imatrix)
+    planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names, has_imatrix,
+                         keep_float)
     return [planner.type_for(name, shape, current) for name, shape, current in source.tensors]
 
 
 def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True,
-                  imatrix: str | None = None) -> list[tuple[str, str, str]]:
+                  imatrix: str | None = None, keep_float=()) -> list[tuple[str, str, str]]:
     """Write `src_path` (GGUF file or HF model directory) to `dst_path` quantized with `mix` ("Q4_K_M", ...),
-    with the importance matrix file `imatrix` (GGUF or legacy .dat) where given.
+    with the importance matrix file `imatrix` (GGUF or legacy .dat) where given, the tensors `keep_float`
+    names ("attn_v,ffn_down", "blk.0.ffn_down": flashlm.quant.mix.parse_keep_float) left float.
 
     Returns [(tensor name, type in, type out)] in file order.
     """
@@ -128,7 +131,7 @@ def quantize_file(src_path: str, dst_path: str, mix: str, progress: bool = True,
     m = None if imatrix is None else read_imatrix(imatrix)
     source = open_source(src_path)
     try:
-        return write_quantized(source, dst_path, mix, progress, imatrix=m)
+        return write_quantized(source, dst_path, mix, progress, imatrix=m, keep_float=keep_float)
     finally:
         if hasattr(source, "close"):
             source.close()
@@ -145,9 +148,9 @@ def _check_mix(mix: str) -> str:
 
 
 def write_quantized(source, dst_path: str, mix: str, progress: bool = True,
-                    imatrix: IMatrix | None = None) -> list[tuple[str, str, str]]:
+                    imatrix: IMatrix | None = None, keep_float=()) -> list[tuple[str, str, str]]:
     """Write the tensors and metadata of `source` to the GGUF file `dst_path`, each tensor in the type `mix`
-    gives it, quantized with its entry of `imatrix` where it has one.
+    gives it (float for those `keep_float` names), quantized with its entry of `imatrix` where it has one.
 
     source: an object with `arch` (GGUF architecture), `metadata` [(key, value, GGUFValueType, item type)],
         `tensors` [(GGUF name, shape in torch order, stored type name)] in file order and `load(index)` ->
@@ -157,7 +160,7 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True,
     mix = _check_mix(mix)
     if imatrix is not None:
         check_imatrix(imatrix, source)
-    targets = plan(source, check_model(source), mix, has_imatrix=imatrix is not None)
+    targets = plan(source, check_model(source), mix, has_imatrix=imatrix is not None, keep_float=keep_float)
     for (name, _, current), target in zip(source.tensors, targets):
         if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:
             raise ValueError(f"{name}: stored as {current}, which flashlm cannot decode to quantize to {target}")

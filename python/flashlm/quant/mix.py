@@ -69,6 +69,60 @@ def category(name: str) -> str:
     return "other"
 
 
+# The categories `--keep-float` takes (what `category` returns, "other" aside).
+CATEGORIES = ("token_embd", "output", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_kv_b", "attn_output",
+              "ffn_gate", "ffn_up", "ffn_down")
+
+
+def parse_keep_float(spec, names: list[str]) -> tuple[str, ...]:
+    """The entries of a keep-float list ("attn_v,ffn_down" or a list), checked against the tensors `names`.
+
+    An entry is a category (CATEGORIES: every such tensor), a layer ("blk.3": all its weights) or one layer's
+    category ("blk.3.ffn_down"). Every entry must name at least one quantizable tensor of the model."""
+    entries = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise TypeError(f"keep_float: expected names, got {type(entry).__name__}")
+        entry = entry.strip()
+        parts = entry.split(".")
+        if parts[0] == "blk":
+            valid = len(parts) in (2, 3) and parts[1].isdigit() and (len(parts) == 2 or parts[2] in CATEGORIES)
+        else:
+            valid = entry in CATEGORIES
+        if not valid:
+            raise ValueError(f"keep_float: {entry!r} is not a tensor category ({', '.join(CATEGORIES)}), a layer "
+                             f"(blk.N) or a layer's category (blk.N.ffn_down)")
+        if not any(keeps_float(name, (entry,)) for name in names):
+            raise ValueError(f"keep_float: {entry!r} names no weight of this model")
+        out.append(entry)
+    if not out:
+        raise ValueError("keep_float: no names given")
+    return tuple(out)
+
+
+def keeps_float(name: str, keep: tuple[str, ...]) -> bool:
+    """Whether the weight `name` is one that the (checked) keep-float entries `keep` name."""
+    if not allows_quantization(name, 2):
+        return False
+    for entry in keep:
+        if entry.startswith("blk."):
+            _, layer, *cat = entry.split(".")
+            if name.startswith(f"blk.{layer}.") and (not cat or category(name) == cat[0]):
+                return True
+        elif category(name) == entry:
+            return True
+    return False
+
+
+def fallback_type(ncols: int, new: str) -> str:
+    """`new`, or the type llama.cpp falls back to when its blocks do not divide a row of ncols."""
+    if ncols % BLOCK_SIZE[new] == 0:
+        return new
+    new = _FALLBACK.get(new, new)
+    return new if ncols % BLOCK_SIZE[new] == 0 else "F16"
+
+
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
@@ -91,12 +145,15 @@ class ModelInfo:
 
 class MixPlanner:
     """Types for the tensors of one model, asked in file order (the attn_v and ffn_down counters depend on it).
-    has_imatrix: whether the quantization has an importance matrix (llama.cpp's rules for ffn_down differ)."""
+    has_imatrix: whether the quantization has an importance matrix (llama.cpp's rules for ffn_down differ).
+    keep_float: tensors that stay float (parse_keep_float's entries): F32/F16/BF16 as stored, F16 where stored
+    quantized. The others get the types the mix gives them with those tensors quantized (the counters run on)."""
 
-    def __init__(self, mix: str, info: ModelInfo, names: list[str], has_imatrix: bool = False):
+    def __init__(self, mix: str, info: ModelInfo, names: list[str], has_imatrix: bool = False, keep_float=()):
         if mix not in MIXES:
             raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
         self.mix, self.info, self.has_imatrix = mix, info, has_imatrix
+        self.keep_float = parse_keep_float(keep_float, names) if keep_float else ()
         self.default = MIXES[mix][0]
         self.n_attn_v = sum(category(n) in ("attn_v", "attn_qkv", "attn_kv_b") for n in names)
         self.tied_embeddings = "output.weight" not in names
@@ -109,8 +166,10 @@ class MixPlanner:
         new = self.default
         if BLOCK_SIZE[new] == 1:  # F32/F16/BF16 mixes: no rules
             return new
-        new = self._mix_rules(name, shape[-1], new)
-        return self._fallback(shape[-1], new)
+        new = fallback_type(shape[-1], self._mix_rules(name, shape[-1], new))
+        if keeps_float(name, self.keep_float):
+            return current if current in ("F32", "F16", "BF16") else "F16"
+        return new
 
     def _mix_rules(self, name: str, ncols: int, new: str) -> str:
         mix, info, cat = self.mix, self.info, category(name)
@@ -161,10 +220,3 @@ class MixPlanner:
                 new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K"}.get(mix, new)
             return new
         return new
-
-    @staticmethod
-    def _fallback(ncols: int, new: str) -> str:
-        if ncols % BLOCK_SIZE[new] == 0:
-            return new
-        new = _FALLBACK.get(new, new)
-        return new if ncols % BLOCK_SIZE[new] == 0 else "F16"
