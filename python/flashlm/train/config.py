@@ -53,6 +53,10 @@ class TrainConfig:
     # patterns, comma-separated) added to the loss; 0 disables it
     l1: float = 0.0
     l1_params: str = "blocks.*.weight"
+    # masks kept through training (flashlm.train.sparsity): "2:4" semi-structured or a fraction ("0.5") of each
+    # matching matrix zeroed by magnitude, chosen once at the start; "" disables it
+    sparsity: str = ""
+    sparsity_params: str = "blocks.*.weight"
     optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
     precision: str = "fp32"
     zero_stage: int = 0
@@ -84,6 +88,10 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.l1 > 0 and self.zero_stage == 3:  # ZeRO-3's parameters hold values only inside their block's pass
             raise ValueError("l1: not available with zero_stage 3")
+        from flashlm.train.sparsity import parse_sparsity  # here: the module imports torch, this one need not
+
+        if parse_sparsity(self.sparsity) is not None and self.zero_stage == 3:
+            raise ValueError("sparsity: not available with zero_stage 3")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(float(b) for b in self.betas)
