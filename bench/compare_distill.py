@@ -18,9 +18,19 @@ activations, allocator caches.
 
 Goal: the GGUF teacher costs <= 1.2x the float teacher's step time at <= 1/3 of its memory.
 
+The loss half (compare_loss.py's measurement, imported): the distillation loss on a final projection, forward
+and backward, flashlm's vocabulary-chunked kernels against torch eager (F.log_softmax + F.kl_div, and
+F.cross_entropy for the hard term) on the full [T, V] logits, at vocab 32000 and 151936 (T 512, d 512), the
+soft loss alone (KL, T 2) and the whole loss (alpha 0.5). Time: the two take turns, the median of --loss-reps
+runs; memory: the peak resident memory one step adds, each side in a fresh process. The two losses must agree
+to 1e-4 first.
+
+Goal: the fused loss >= 2x torch eager's speed at <= 1/4 of its peak extra memory at vocab 152k.
+
 Run (from the repository root, with flashlm installed):
   python bench/compare_distill.py             # teacher d_model 1024, 8 layers, vocab 8192; student 2 x 256; B 4, T 128
   python bench/compare_distill.py --rounds 3 --steps 5
+  python bench/compare_distill.py --part loss --loss-reps 3    # the fused loss only
   python bench/compare_distill.py --quick     # tiny models, one round: CI smoke, well under a minute
 """
 
@@ -35,6 +45,7 @@ import time
 
 import torch
 
+import compare_loss
 from bench_util import cpu_model, fmt, print_table
 
 TEACHER = dict(arch="llama", vocab_size=8192, n_layer=8, n_head=16, d_model=1024, seq_len=256)
@@ -43,6 +54,7 @@ QUICK_TEACHER = dict(arch="llama", vocab_size=512, n_layer=2, n_head=4, d_model=
 QUICK_STUDENT = dict(n_layer=1, n_head=2, d_model=64)
 CASES = ("gguf-teacher", "float-teacher")
 LOSS_RTOL = 1e-3
+LOSS_CASES = [(32000, 512, 512), (151936, 512, 512)]  # (vocab, tokens, d) of the loss half
 
 
 def proc_status_bytes(key: str) -> int:
@@ -146,6 +158,9 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=2, help="processes per case, the cases taking turns")
     ap.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke run")
+    ap.add_argument("--part", choices=("all", "teacher", "loss"), default="all",
+                    help="the teacher half, the fused-loss half or both (default)")
+    ap.add_argument("--loss-reps", type=int, default=3, help="timed runs of each loss per case")
     ap.add_argument("--out", default=None, help="write the table to this Markdown file (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
@@ -153,20 +168,16 @@ def parse_args():
     args = ap.parse_args()
     if args.quick:
         args.seq, args.steps, args.warmup, args.rounds = 32, 2, 1, 1
-    for name in ("batch", "seq", "steps", "rounds"):
+    for name in ("batch", "seq", "steps", "rounds", "loss_reps"):
         if getattr(args, name) <= 0:
-            ap.error(f"--{name}: must be positive, got {getattr(args, name)}")
+            ap.error(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
         ap.error(f"--warmup: must be >= 0, got {args.warmup}")
     return args
 
 
-def main():
-    args = parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.case, json.loads(args.paths), json.loads(args.student), args.batch, args.seq, args.steps,
-                                  args.warmup)))
-        return
+def teacher_half(args):
+    """The GGUF teacher against the float one: (lines, header, rows, whether the first-step losses agree)."""
     teacher, student = (QUICK_TEACHER, QUICK_STUDENT) if args.quick else (TEACHER, STUDENT)
     if args.seq > teacher["seq_len"]:
         sys.exit(f"compare_distill: error: --seq {args.seq} exceeds the teacher's seq_len {teacher['seq_len']}")
@@ -182,30 +193,58 @@ def main():
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "tok_s", "mem")} for c in CASES}
     loss = {c: runs[c][0]["loss0"] for c in CASES}
     agree = abs(loss["gguf-teacher"] - loss["float-teacher"]) <= LOSS_RTOL * abs(loss["float-teacher"])
+    f, g = med["float-teacher"], med["gguf-teacher"]
     lines = [f"compare_distill: teacher {teacher['n_layer']} layers, d_model {teacher['d_model']}, vocab "
              f"{teacher['vocab_size']} (Q4_0 file {size / 2**20:.1f} MiB); student {student['n_layer']} x "
              f"{student['d_model']}; B {args.batch}, T {args.seq}; {args.rounds} round(s) x {args.steps} steps",
              f"CPU: {cpu_model()}, {torch.get_num_threads()} threads; load average {load0:.1f} -> {load1:.1f}",
              f"first-step loss: gguf {loss['gguf-teacher']:.6f}, float {loss['float-teacher']:.6f} "
-             f"({'agree' if agree else 'DIFFER'} to {LOSS_RTOL:g})"]
+             f"({'agree' if agree else 'DIFFER'} to {LOSS_RTOL:g})",
+             f"goal: GGUF teacher <= 1.2x the float teacher's time ({g['step_s'] / f['step_s']:.2f}x) at <= 1/3 of "
+             f"its memory ({g['mem'] / f['mem']:.2f}x)"]
     header = ["teacher", "step ms", "student tok/s", "peak RSS growth MiB", "vs float: time", "vs float: memory"]
-    f = med["float-teacher"]
     rows = [[c, fmt(m["step_s"] * 1e3, ".1f"), fmt(m["tok_s"], ".0f"), fmt(m["mem"] / 2**20, ".0f"),
              fmt(m["step_s"] / f["step_s"], ".2f") + "x", fmt(m["mem"] / f["mem"], ".2f") + "x"]
             for c, m in med.items()]
-    for line in lines:
-        print(line)
-    print_table(header, rows)
-    g = med["gguf-teacher"]
-    print(f"goal: GGUF teacher <= 1.2x the float teacher's time ({g['step_s'] / f['step_s']:.2f}x) at <= 1/3 of its "
-          f"memory ({g['mem'] / f['mem']:.2f}x)")
+    return lines, header, rows, agree
+
+
+def loss_half(args):
+    """The fused distillation loss against torch eager (compare_loss's rows): (lines, header, rows)."""
+    cases = compare_loss.QUICK if args.quick else LOSS_CASES
+    reps, warmup = (1, 0) if args.quick else (args.loss_reps, 1)
+    load0 = os.getloadavg()[0]
+    rows = [compare_loss.loss_row(loss, case, reps, warmup) for case in cases for loss in ("kl", "distill")]
+    load1 = os.getloadavg()[0]
+    lines = [f"fused loss vs torch eager (f32, forward + backward): medians of {reps} run(s); CPU: {cpu_model()}, "
+             f"{torch.get_num_threads()} threads; load average {load0:.1f} -> {load1:.1f}",
+             "goal: the fused loss >= 2x torch eager's speed at <= 1/4 of its peak extra memory at vocab 152k"]
+    return lines, compare_loss.HEADER, rows
+
+
+def main():
+    args = parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, json.loads(args.paths), json.loads(args.student), args.batch, args.seq,
+                                  args.steps, args.warmup)))
+        return
+    halves, agree = [], True
+    if args.part in ("all", "teacher"):
+        lines, header, rows, agree = teacher_half(args)
+        halves.append((lines, header, rows))
+    if args.part in ("all", "loss"):
+        halves.append(loss_half(args))
+    for lines, header, rows in halves:
+        for line in lines:
+            print(line)
+        print_table(header, rows)
     if args.out:
         with open(args.out, "w") as out:
-            out.write("\n\n".join(lines) + "\n\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
-            out.write("".join("| " + " | ".join(r) + " |\n" for r in rows))
+            for lines, header, rows in halves:
+                out.write("\n\n".join(lines) + "\n\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n")
+                out.write("".join("| " + " | ".join(r) + " |\n" for r in rows) + "\n")
     if not agree:
         sys.exit(1)
-
 
 if __name__ == "__main__":
     main()

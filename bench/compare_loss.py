@@ -7,6 +7,8 @@ For h [T, d], a projection W [V, d] and targets [T] (float32):
   KL (T = 2)     flashlm  fused_linear_kl_div(h, W, teacher, temperature=2)
                  torch    F.kl_div(F.log_softmax(F.linear(h, W) / 2), F.log_softmax(teacher / 2), log_target=True,
                           reduction="batchmean") * 4
+  distillation   flashlm  fused_linear_distill_loss(h, W, targets, teacher, alpha=0.5, temperature=2): both in one pass
+  (alpha 0.5)    torch    0.5 * (the KL above) + 0.5 * F.cross_entropy(the same logits, targets)
 each followed by .backward() into h and W (the teacher logits [T, V] are an input of both, made beforehand).
 Time: the calls take turns (bench_util.median_seconds), the median over --reps runs. Peak extra memory: each
 call once in a fresh process, the peak resident memory (VmHWM) above what the process held just before the
@@ -31,11 +33,15 @@ import torch.nn.functional as F
 
 import flashlm.ops as ops
 from bench_util import fmt, hardware_line, median_seconds, print_table
-from flashlm.ops.loss import fused_linear_cross_entropy, fused_linear_kl_div
+from flashlm.ops.loss import fused_linear_cross_entropy, fused_linear_distill_loss, fused_linear_kl_div
 
 CASES = [(32000, 512, 512), (32000, 2048, 1024), (151936, 512, 512), (151936, 2048, 1024)]
 QUICK = [(3000, 64, 64)]
 TEMPERATURE = 2.0
+ALPHA = 0.5  # the distillation loss's weight on the soft (KL) term
+LOSSES = {"ce": "cross-entropy", "kl": "KL T=2", "distill": "distill a=0.5 T=2"}
+HEADER = ["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "torch GFLOP/s", "flashlm MiB", "torch MiB",
+          "memory ratio", "beyond grads"]
 
 
 def inputs(vocab, tokens, d):
@@ -47,18 +53,26 @@ def inputs(vocab, tokens, d):
     return h, w, targets, teacher
 
 
+def loss_value(impl, loss, h, w, targets, teacher):
+    """The scalar loss, from flashlm's fused kernel or torch eager on the full [T, V] logits."""
+    if impl == "flashlm":
+        if loss == "ce":
+            return fused_linear_cross_entropy(h, w, targets)
+        if loss == "kl":
+            return fused_linear_kl_div(h, w, teacher, temperature=TEMPERATURE)
+        return fused_linear_distill_loss(h, w, targets, teacher, alpha=ALPHA, temperature=TEMPERATURE)
+    logits = F.linear(h, w)
+    if loss == "ce":
+        return F.cross_entropy(logits, targets)
+    s = F.log_softmax(logits / TEMPERATURE, -1)
+    t = F.log_softmax(teacher / TEMPERATURE, -1)
+    soft = F.kl_div(s, t, log_target=True, reduction="batchmean") * TEMPERATURE ** 2
+    return soft if loss == "kl" else ALPHA * soft + (1 - ALPHA) * F.cross_entropy(logits, targets)
+
+
 def step(impl, loss, h, w, targets, teacher):
     """One forward + backward; the gradients are dropped afterwards."""
-    if loss == "ce":
-        out = (fused_linear_cross_entropy(h, w, targets) if impl == "flashlm"
-               else F.cross_entropy(F.linear(h, w), targets))
-    elif impl == "flashlm":
-        out = fused_linear_kl_div(h, w, teacher, temperature=TEMPERATURE)
-    else:
-        s = F.log_softmax(F.linear(h, w) / TEMPERATURE, -1)
-        t = F.log_softmax(teacher / TEMPERATURE, -1)
-        out = F.kl_div(s, t, log_target=True, reduction="batchmean") * TEMPERATURE ** 2
-    out.backward()
+    loss_value(impl, loss, h, w, targets, teacher).backward()
     h.grad = w.grad = None
 
 
@@ -86,6 +100,28 @@ def peak_extra(impl, loss, case):
     return int(out.strip().splitlines()[-1])
 
 
+def loss_row(loss, case, reps, warmup):
+    """One table row: the median time of each side (taking turns), each side's peak extra memory (fresh
+    processes), their ratios. The two sides' loss values must agree to 1e-4 (relative) first."""
+    vocab, tokens, d = case
+    data = inputs(*case)
+    with torch.no_grad():
+        value = {impl: loss_value(impl, loss, *data).item() for impl in ("flashlm", "torch")}
+    if abs(value["flashlm"] - value["torch"]) > 1e-4 * abs(value["torch"]):
+        raise SystemExit(f"compare_loss: {loss} V={vocab}: flashlm's loss {value['flashlm']} differs from "
+                         f"torch's {value['torch']}")
+    fns = {impl: ((lambda impl=impl: step(impl, loss, *data)), "cpu") for impl in ("flashlm", "torch")}
+    t = median_seconds(fns, reps, warmup)
+    del data
+    mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
+    flop = 3 * 2 * tokens * vocab * d
+    grads = (tokens + vocab) * d * 4
+    return [f"{LOSSES[loss]} V={vocab} T={tokens} d={d}", fmt(t["flashlm"] * 1e3, ".0f"), fmt(t["torch"] * 1e3, ".0f"),
+            fmt(t["torch"] / t["flashlm"], ".2f"), fmt(flop / t["torch"] / 1e9, ".0f"),
+            fmt(mem["flashlm"] / 2**20, ".0f"), fmt(mem["torch"] / 2**20, ".0f"),
+            fmt(mem["flashlm"] / mem["torch"], ".2f"), fmt((mem["flashlm"] - grads) / (mem["torch"] - grads), ".3f")]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
@@ -102,25 +138,8 @@ def main():
     if args.quick:
         args.reps, args.warmup = 1, 0
     print(hardware_line("cpu", ops, f"torch {torch.get_num_threads()} threads"))
-    rows = []
-    for loss in ("ce", "kl"):
-        for case in cases:
-            vocab, tokens, d = case
-            data = inputs(*case)
-            fns = {impl: ((lambda impl=impl: step(impl, loss, *data)), "cpu") for impl in ("flashlm", "torch")}
-            t = median_seconds(fns, args.reps, args.warmup)
-            mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
-            flop = 3 * 2 * tokens * vocab * d
-            grads = (tokens + vocab) * d * 4
-            rows.append([f"{'cross-entropy' if loss == 'ce' else 'KL T=2'} V={vocab} T={tokens} d={d}",
-                         fmt(t["flashlm"] * 1e3, ".0f"), fmt(t["torch"] * 1e3, ".0f"),
-                         fmt(t["torch"] / t["flashlm"], ".2f"), fmt(flop / t["torch"] / 1e9, ".0f"),
-                         fmt(mem["flashlm"] / 2**20, ".0f"), fmt(mem["torch"] / 2**20, ".0f"),
-                         fmt(mem["flashlm"] / mem["torch"], ".2f"),
-                         fmt((mem["flashlm"] - grads) / (mem["torch"] - grads), ".3f")])
-            del data
-    print_table(["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "torch GFLOP/s", "flashlm MiB",
-                 "torch MiB", "memory ratio", "beyond grads"], rows)
+    rows = [loss_row(loss, case, args.reps, args.warmup) for loss in ("ce", "kl") for case in cases]
+    print_table(HEADER, rows)
 
 
 if __name__ == "__main__":

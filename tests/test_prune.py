@@ -395,3 +395,73 @@ def test_trainer_l1_option(tmp_path):
                                                           out_dir=str(tmp_path / "bad")))
     with pytest.raises(ValueError, match="l1_params|pattern"):
         Trainer(bad, log=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "0.5"])
+def test_trainer_sparsity_option_survives_steps_and_resume(tmp_path, spec):
+    """--sparsity keeps its masks through every step (AdamW with weight decay would move a masked weight off
+    zero), saves them in the checkpoint, and a run resumed from step 2 takes them back: its losses and
+    weights are the uninterrupted run's, and the masks are the saved ones even where the weights would now
+    pick others."""
+    import dataclasses
+    import shutil
+
+    from flashlm.train.config import TrainConfig
+    from flashlm.train.trainer import Trainer
+    from test_train_loop import generated_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(generated_text(20000))
+    cfg = TrainConfig.from_sources("tiny", overrides=dict(
+        data=[str(text)], data_cache=str(tmp_path / "cache"), progress=False, sample_tokens=0, max_steps=4,
+        ckpt_interval=2, eval_interval=2, vocab_size=300, arch="llama", seq_len=32, batch_size=2, lr=1e-2,
+        weight_decay=0.1, sparsity=spec, sparsity_params="blocks.*.mlp.*", out_dir=str(tmp_path / "a")))
+    quiet = dict(log=lambda *a, **k: None)
+    trainer = Trainer(cfg, **quiet)
+    masked = {name: p for name, p in trainer.model.named_parameters() if name.startswith("blocks.") and ".mlp." in name
+              and p.dim() == 2}
+    assert {id(p) for p in trainer.masks.masks} == {id(p) for p in masked.values()}
+    want = {name: trainer.masks.masks[p].clone() for name, p in masked.items()}
+
+    def check(step_trainer, *_):
+        for name, p in masked.items():
+            mask = want[name]
+            assert int((p.detach()[~mask] != 0).sum()) == 0, f"{name}: a masked weight moved off zero"
+            assert int((p.detach()[mask] == 0).sum()) == 0, f"{name}: a kept weight is zero"
+            if spec == "2:4":
+                groups = (p.detach() == 0).reshape(p.shape[0], -1, 4).sum(-1)
+                assert bool((groups == 2).all()), f"{name}: not 2 zeros in every 4"
+        assert step_trainer.masks.sparsity() == 0.5
+
+    whole = []
+    for _ in range(cfg.max_steps):
+        whole.append(trainer.train_step())
+        check(trainer)
+        if trainer.step == 2:
+            trainer.save_checkpoint()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "ckpt-00000002.pt", tmp_path / "b")
+    resumed = Trainer(dataclasses.replace(cfg, out_dir=str(tmp_path / "b")), resume=True, **quiet)
+    masked = {name: p for name, p in resumed.model.named_parameters() if name in masked}
+    check(resumed)
+    rest = [resumed.train_step() for _ in range(2)]
+    check(resumed)
+    assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
+    for name, p in trainer.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), f"{name}: the resumed run's weights differ"
+    with pytest.raises(ValueError, match="sparsity: expected '2:4' or a fraction"):
+        TrainConfig(sparsity="1:4")
+    with pytest.raises(ValueError, match="sparsity: expected '2:4' or a fraction"):
+        TrainConfig(sparsity="1.5")
+    with pytest.raises(ValueError, match="sparsity: not available with zero_stage 3"):
+        TrainConfig(sparsity="2:4", zero_stage=3)
+    # The masks come from the checkpoint, not from the weights: other saved masks are the ones taken.
+    state = torch.load(tmp_path / "b" / "ckpt-00000002.pt", weights_only=False)
+    state["sparsity_masks"] = {name: ~mask for name, mask in state["sparsity_masks"].items()}
+    resumed.load_state_dict(state)
+    for name, p in masked.items():
+        assert torch.equal(resumed.masks.masks[p], ~want[name]), f"{name}: the checkpoint's mask was not taken"
+        assert int((p.detach()[want[name]] != 0).sum()) == 0, f"{name}: the checkpoint's mask was not applied"
+    del state["sparsity_masks"][next(iter(state["sparsity_masks"]))]
+    with pytest.raises(ValueError, match="checkpoint: its sparsity masks cover"):
+        resumed.load_state_dict(state)

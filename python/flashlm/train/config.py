@@ -57,6 +57,10 @@ class TrainConfig:
     # (symmetric groups) or int4-asym; qat_group_size None: the largest of 128/64/32 dividing every layer
     qat: Optional[str] = None
     qat_group_size: Optional[int] = None
+    # masks kept through training (flashlm.train.sparsity): "2:4" semi-structured or a fraction ("0.5") of each
+    # matching matrix zeroed by magnitude, chosen once at the start; "" disables it
+    sparsity: str = ""
+    sparsity_params: str = "blocks.*.weight"
     optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
     precision: str = "fp32"
     zero_stage: int = 0
@@ -94,6 +98,10 @@ class TrainConfig:
             check_qat_setting(self.qat, self.qat_group_size)
         if self.qat is not None and self.zero_stage == 3:  # its layers round the full weights every forward
             raise ValueError("qat: not available with zero_stage 3")
+        from flashlm.train.sparsity import parse_sparsity  # here: the module imports torch, this one need not
+
+        if parse_sparsity(self.sparsity) is not None and self.zero_stage == 3:
+            raise ValueError("sparsity: not available with zero_stage 3")
         if not 0.0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         self.betas = tuple(float(b) for b in self.betas)

@@ -77,10 +77,50 @@ class SparsityMasks:
         """Re-applies the masks after every optimizer.step(); returns the hook's handle (remove() to stop)."""
         return optimizer.register_step_post_hook(lambda *_: self.apply())
 
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec: str, pattern: str) -> "SparsityMasks":
+        """The trainer's masks: spec "2:4" (semi-structured) or a fraction ("0.5": magnitude), see parse_sparsity."""
+        kind = parse_sparsity(spec)
+        return cls.semi_structured(model, pattern) if kind == "2:4" else cls.magnitude(model, kind, pattern)
+
+    def state_dict(self, model: nn.Module) -> dict:
+        """parameter name -> mask (on the CPU), for a checkpoint."""
+        names = {p: name for name, p in model.named_parameters()}
+        return {names[p]: mask.cpu() for p, mask in self.masks.items()}
+
+    def load_state_dict(self, model: nn.Module, state) -> None:
+        """Takes the masks a checkpoint saved (the same parameters, the same shapes) and applies them."""
+        names = {p: name for name, p in model.named_parameters()}
+        mine = {names[p]: p for p in self.masks}
+        if not isinstance(state, dict) or set(state) != set(mine):
+            saved = sorted(state) if isinstance(state, dict) else state
+            raise ValueError(f"checkpoint: its sparsity masks cover {saved}, this run's {sorted(mine)}")
+        for name, mask in state.items():
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != mine[name].shape:
+                raise ValueError(f"checkpoint: its sparsity mask of {name} is not a bool tensor of shape "
+                                 f"{tuple(mine[name].shape)}")
+        self.masks = {p: state[name].to(p.device) for name, p in mine.items()}
+        self.apply()
+
     def sparsity(self) -> float:
         """The fraction of the masked weights that are zero now."""
         total = sum(p.numel() for p in self.masks)
         return sum(int((p == 0).sum()) for p in self.masks) / total
+
+
+def parse_sparsity(spec):
+    """TrainConfig.sparsity: "" (none: None), "2:4", or a fraction in (0, 1) of each matrix to zero (a float)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"sparsity: expected '2:4' or a fraction such as '0.5', got {spec!r}")
+    if spec in ("", "2:4"):
+        return spec or None
+    try:
+        value = float(spec)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 1:
+        raise ValueError(f"sparsity: expected '2:4' or a fraction in (0, 1) such as '0.5', got {spec!r}")
+    return value
 
 
 def l1_penalty(params, weight: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate
-from flashlm.train.sparsity import l1_penalty, matching_parameters
+from flashlm.train.sparsity import SparsityMasks, l1_penalty, matching_parameters, parse_sparsity
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -170,6 +170,9 @@ class Trainer:
         # Counted before ZeRO-3 shards the parameters (then they hold values only inside forward and backward).
         self.num_params, self.flops_per_token = self.model.num_params(), self.model.flops_per_token()
         self.l1_params = self._l1_params()
+        # Chosen from the weights as they start (a fine-tune's: the loaded ones), kept for the whole run.
+        self.masks = (SparsityMasks.from_spec(self.model, cfg.sparsity, cfg.sparsity_params)
+                      if parse_sparsity(cfg.sparsity) is not None else None)
         self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
                                param_groups=self.model.param_groups(cfg.weight_decay))
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
@@ -275,7 +278,8 @@ class Trainer:
                 "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
                 "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.train_batches.state_dict(),
-                "metrics": list(self.metrics)}
+                "metrics": list(self.metrics),
+                "sparsity_masks": self.masks.state_dict(self.model) if self.masks is not None else None}
 
     def load_state_dict(self, state: dict):
         saved = state["model_config"]
@@ -294,6 +298,8 @@ class Trainer:
         self.train_batches.load_state_dict(dict(state["data"], rank=self.rank))
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
+        if self.masks is not None:
+            self.masks.load_state_dict(self.model, state.get("sparsity_masks"))
 
     def save_checkpoint(self):
         state = self.state_dict()
@@ -321,6 +327,8 @@ class Trainer:
             loss_sum += loss.detach().float()
         self.dp.finish_gradients()
         grad_norm = self.scaler.step(self.dp, cfg.grad_clip)
+        if self.masks is not None:
+            self.masks.apply()  # the step moved masked weights off zero (AdamW's momentum, weight decay)
         self.dp.zero_grad()
         self.step += 1
         record = {"step": self.step, "loss": self._average(loss_sum / cfg.grad_accum), "lr": lr,
