@@ -119,6 +119,7 @@ def test_tampered_int4_checkpoint(float_checkpoint):
         (lambda c: c["int4"].update(layers=["tok_emb"]), "int4 layers must be a list of block linear names"),
         (lambda c: c["int4"].update(layers=[q, q]), "lists a layer twice"),
         (lambda c: c["model"].update({f"{q}.scales": torch.zeros(3, 3)}), f"layer {q}: scales must be a float32"),
+        (lambda c: c["model"][f"{q}.scales"].view(-1)[0].fill_(float("nan")), f"layer {q}: scales must be finite"),
         (lambda c: c["model"].update({f"{q}.weight": torch.zeros(64, 16, dtype=torch.uint8)}),
          rf"layer {q}: scales must be a float32 \(64, 1\)"),
         (lambda c: c["model"].update({f"{q}.weight": torch.zeros(32, 32, dtype=torch.uint8),

@@ -63,6 +63,8 @@ def split_int4_state(ckpt: dict, where: str) -> tuple[dict, dict]:
         for what, t in (("scales", scales),) + (() if symmetric else (("zeros", zeros),)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != want:
                 _fail(where, f"layer {name}: {what} must be a float32 {want} tensor")
+            if not bool(torch.isfinite(t).all()):
+                _fail(where, f"layer {name}: {what} must be finite")
         if symmetric and zeros is not None:
             _fail(where, f"layer {name}: a symmetric layer has no zeros")
         state[f"{name}.weight"] = torch.empty(n, k, device="meta")
