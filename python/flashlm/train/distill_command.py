@@ -59,16 +59,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from flashlm.train.distill import resume_distill_config, run_distill, save_teacher_logits
 
     overrides = {f.name: getattr(args, f.name) for f in fields(DistillConfig)}
+    given = {k: v for k, v in overrides.items() if v is not None}
     if args.save_teacher_logits is not None:
         if args.resume:
             raise ValueError("save_teacher_logits: cannot be combined with --resume")
-        cfg = DistillConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        cfg = DistillConfig.from_dict(given)
         n = save_teacher_logits(cfg, args.save_teacher_logits, progress=cfg.progress)
         print(f"flashlm distill: the teacher's top {cfg.top_k} logits of {n} positions in {args.save_teacher_logits}")
         return 0
     if args.resume:
         cfg = resume_distill_config(args.out_dir or DistillConfig.out_dir, overrides)
     else:
-        cfg = DistillConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+        cfg = DistillConfig.from_dict(given)
     run_distill(cfg, resume=args.resume)
     return 0
