@@ -5,6 +5,7 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
     llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
     llm = LLM("model.gguf", native_decoder=False)              # every step module by module (see ModelRunner)
     llm = LLM("base.gguf", lora="runs/sft")                   # a LoRA adapter on the base, unmerged (run folder, PEFT dir, GGUF adapter)
+    llm = LLM("model.gguf", tensor_parallel_size=2)           # every layer split over 2 processes (runtime/tensor_parallel.py)
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
     for out in llm.stream("Once upon a time", SamplingParams(max_tokens=64)): print(out.outputs[0].text)
@@ -33,6 +34,8 @@ from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
 from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_seq
 from flashlm.runtime.structured import GrammarCompiler, advance
+from flashlm.runtime.tensor_parallel import TensorParallelRunner
+from flashlm.runtime.tp_shard import check_size, check_tensor_parallel_size
 
 
 @dataclass
@@ -105,6 +108,19 @@ def _logprob_dict(entry, tokenizer) -> dict:
     return out
 
 
+def _check_tensor_parallel_options(model, device, draft_model, lora) -> None:
+    """What tensor parallelism does not combine with, refused before a model is loaded."""
+    if isinstance(model, Transformer):
+        raise NotImplementedError("model: with tensor_parallel_size > 1 every worker loads the model itself: pass "
+                                  "its path (a GGUF file, an HF directory or a run folder), not a Transformer")
+    if device.type != "cpu":
+        raise NotImplementedError(f"device: tensor-parallel serving runs on CPU processes (its ring is shared "
+                                  f"memory), got {device}")
+    for value, name in ((draft_model, "draft_model"), (lora, "lora")):
+        if value is not None:
+            raise NotImplementedError(f"{name}: not supported with tensor_parallel_size > 1")
+
+
 def _sampling_params(params) -> SamplingParams:
     if params is None:
         return SamplingParams()
@@ -118,10 +134,15 @@ class LLM:
                  max_num_batched_tokens: int = 2048, kv_cache_memory=None, block_size: int = 16,
                  enable_prefix_caching: bool = True, max_model_len: Optional[int] = None,
                  kv_cache_dtype: Optional[torch.dtype] = None, seed: int = 0, device="cpu",
-                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True, lora=None):
+                 draft_model=None, num_speculative_tokens: int = 4, native_decoder: bool = True, lora=None,
+                 tensor_parallel_size: int = 1):
         device = ops.check_device(device)
         # The cheap checks first, before a model is loaded.
         as_model_source(model, "model")
+        tensor_parallel_size = check_size(tensor_parallel_size)
+        if tensor_parallel_size > 1:
+            _check_tensor_parallel_options(model, device, draft_model, lora)
+        source = None if isinstance(model, Transformer) else os.fspath(model)
         if lora is not None and not isinstance(lora, (str, os.PathLike)):
             raise TypeError(f"lora: expected a path (a fine-tuning run folder, a PEFT directory or a GGUF adapter), "
                             f"got {type(lora).__name__}")
@@ -148,6 +169,8 @@ class LLM:
             from flashlm.io.lora_adapter import load_lora
 
             load_lora(model, lora)
+        if tensor_parallel_size > 1:  # before any worker starts
+            check_tensor_parallel_size(model, tensor_parallel_size)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         cfg = model.cfg
@@ -169,7 +192,11 @@ class LLM:
         if draft_model is not None:
             total_blocks = self._blocks_with_scratch(num_blocks, num_speculative_tokens, block_size, max_num_seqs,
                                                      kv_cache_dtype, draft_model, device)
-        self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
+        if tensor_parallel_size > 1:  # self.model becomes rank 0's slice
+            self.runner = TensorParallelRunner(model, tensor_parallel_size, source, {"max_model_len": max_model_len},
+                                               total_blocks, block_size, kv_cache_dtype, device)
+        else:
+            self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
         if draft_model is not None:
             draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
@@ -181,6 +208,16 @@ class LLM:
         self._generators = {}  # seq_id -> generator, for seeded requests
         self._next_request = 0
         self._next_seq = 0
+
+    def close(self) -> None:
+        """Ends the tensor-parallel workers, if any (also at exit); the engine takes no steps after."""
+        self.runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _load_draft(self, draft, max_model_len):
         if not isinstance(draft, Transformer):

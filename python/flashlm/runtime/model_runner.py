@@ -116,7 +116,9 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
+        # The K/V heads this model computes: all of them, or a tensor-parallel rank's (runtime/tp_shard.py).
+        kv_heads = model.blocks[0].attn.n_kv_head if len(model.blocks) else cfg.n_kv_head
+        shape = (num_blocks, block_size, kv_heads, cfg.head_dim)
         # Zero-filled: a slot is read only after it is written, but zeros keep a bug from reading garbage NaNs.
         self.kv_caches = [(torch.zeros(shape, dtype=kv_dtype, device=self.device),
                            torch.zeros(shape, dtype=kv_dtype, device=self.device)) for _ in range(cfg.n_layer)]
@@ -140,6 +142,9 @@ class ModelRunner:
 
     def reset_native_decoder(self) -> None:
         self._native = None
+
+    def close(self) -> None:
+        """Nothing to end in one process (a tensor-parallel runner ends its workers)."""
 
     def forward(self, tokens, paged: PagedBatch) -> torch.Tensor:
         t = time.perf_counter()
