@@ -34,6 +34,10 @@ LORA_HELP = ("a LoRA adapter run on the base, unmerged: a fine-tuning run folder
              "adapter")
 
 
+TENSOR_PARALLEL_HELP = ("split every layer over N processes of this machine (tensor parallelism; N divides the "
+                        "model's heads; default 1)")
+
+
 def add_engine_arguments(p) -> None:
     p.add_argument("--model", required=True, help="a GGUF file or an HF model directory")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -44,6 +48,7 @@ def add_engine_arguments(p) -> None:
                    help="KV cache dtype (default: float32 on the CPU; bfloat16 halves what decode reads per token)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB (default: room for every "
                                                            "sequence at full length, at most 1 GiB)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TENSOR_PARALLEL_HELP)
 
 
 def add_sampling_arguments(p) -> None:
@@ -62,7 +67,7 @@ def _engine(args, **kw):
     kv_dtype = getattr(torch, args.kv_cache_dtype) if args.kv_cache_dtype else None
     return LLM(args.model, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
                kv_cache_dtype=kv_dtype, draft_model=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
-               lora=args.lora, **kw)
+               lora=args.lora, tensor_parallel_size=args.tensor_parallel_size, **kw)
 
 
 def _params(args, **kw) -> SamplingParams:

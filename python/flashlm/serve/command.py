@@ -6,7 +6,7 @@
 import os
 import sys
 
-from flashlm.runtime.commands import LORA_HELP
+from flashlm.runtime.commands import LORA_HELP, TENSOR_PARALLEL_HELP
 
 
 def add_commands(sub) -> None:
@@ -32,6 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("--draft-model", default=None, help="a smaller model of the same vocabulary (speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="the engine's seed for unseeded requests")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N", help=TENSOR_PARALLEL_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=cmd_serve)
@@ -60,10 +61,12 @@ def cmd_serve(args) -> int:
               kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=args.max_model_len,
               kv_cache_dtype=kv_dtype, seed=args.seed, device=args.device, draft_model=args.draft_model,
-              num_speculative_tokens=args.num_speculative_tokens, lora=args.lora)
-    name = args.served_model_name or served_name(args.model)
-    app = create_app(llm, name, api_key=args.api_key)
-    print(f"flashlm: serving {name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+              num_speculative_tokens=args.num_speculative_tokens, lora=args.lora,
+              tensor_parallel_size=args.tensor_parallel_size)
+    with llm:  # ends the tensor-parallel workers when the server stops
+        name = args.served_model_name or served_name(args.model)
+        app = create_app(llm, name, api_key=args.api_key)
+        print(f"flashlm: serving {name} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)",
+              file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
