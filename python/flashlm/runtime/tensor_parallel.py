@@ -221,6 +221,9 @@ class TensorParallelRunner(ModelRunner):
             return super().forward(tokens, paged)
         except Exception as e:
             raise self.workers.failure(e) from e
+        except BaseException as e:  # Ctrl-C mid-step: the ranks are out of step, so the workers end too
+            self.workers.failure(e)
+            raise
 
     def move_slots(self, src, dst) -> None:
         raise NotImplementedError("move_slots: not supported with tensor parallelism")
