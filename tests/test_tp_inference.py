@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_loaders import V, make_hf  # noqa: E402
 
+from flashlm.cli import main as cli_main  # noqa: E402
 from flashlm.models.transformer import PagedBatch  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
 from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -206,11 +207,30 @@ def test_step_message_round_trip(decode):
 
 # ---- the server ----------------------------------------------------------------------------------------------
 
-def test_serve_flag_runs_a_request_over_two_ranks(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A llama GGUF file (F32) with a BPE tokenizer and a chat template, as the server tests use."""
     from serve_server import write_model
 
-    path = str(tmp_path / "tiny.gguf")
+    path = str(tmp_path_factory.mktemp("tp") / "tiny.gguf")
     write_model(path)
+    return path
+
+
+def test_generate_flag(tiny_gguf, capsys):
+    args = ["generate", "--model", tiny_gguf, "--prompt", "hello", "--prompt", "the sky", "--max-tokens", "6",
+            "--temperature", "0", "--ignore-eos"]
+    assert cli_main(args) == 0
+    want = capsys.readouterr().out
+    assert cli_main(args + ["--tensor-parallel-size", "2"]) == 0
+    assert capsys.readouterr().out == want and want.strip()
+    assert cli_main(args + ["--tensor-parallel-size", "0"]) != 0
+    assert "flashlm: error: tensor_parallel_size: must be >= 1" in capsys.readouterr().err
+    assert _no_children()
+
+
+def test_serve_flag_runs_a_request_over_two_ranks(tiny_gguf):
+    path = tiny_gguf
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

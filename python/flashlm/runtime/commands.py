@@ -90,8 +90,17 @@ def _stream(llm, prompt, params) -> str:
     return shown
 
 
+def _with_engine(run, args, **kw) -> int:
+    """run(llm, args) on the command's engine, closed after (its tensor-parallel workers end then)."""
+    with _engine(args, **kw) as llm:
+        return run(llm, args)
+
+
 def cmd_generate(args) -> int:
-    llm = _engine(args)
+    return _with_engine(_generate, args)
+
+
+def _generate(llm, args) -> int:
     params = _params(args, ignore_eos=args.ignore_eos)
     prompts = args.prompt or [""]
     if len(prompts) == 1:
@@ -118,7 +127,10 @@ def _bos_prompt(llm):
 
 
 def cmd_chat(args) -> int:
-    llm = _engine(args)
+    return _with_engine(_chat, args)
+
+
+def _chat(llm, args) -> int:
     _ensure_chat_template(llm)
     params = _params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -172,7 +184,10 @@ def cmd_bench_decode(args) -> int:
         as_count(getattr(args, flag), f"--{flag.replace('_', '-')}", 1,
                  MAX_CONCURRENCY if flag == "concurrency" else INT64_MAX)
     # Without prefix caching: the repetitions rerun one prompt, which the cache would turn into a lookup.
-    llm = _engine(args, max_num_seqs=args.concurrency, enable_prefix_caching=False)
+    return _with_engine(_bench_decode, args, max_num_seqs=args.concurrency, enable_prefix_caching=False)
+
+
+def _bench_decode(llm, args) -> int:
     if args.prompt_tokens >= llm.max_model_len:  # checked before the prompts are made
         raise ValueError(f"--prompt-tokens: {args.prompt_tokens} tokens leave no room to generate within the "
                          f"context of {llm.max_model_len} (--max-model-len)")

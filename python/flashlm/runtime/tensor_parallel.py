@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import secrets
 import threading
+import weakref
 from multiprocessing.connection import wait
 
 import torch
@@ -79,8 +80,10 @@ class Workers:
 
         ctx = multiprocessing.get_context("spawn")
         job = f"tp-{os.getpid()}-{secrets.token_hex(6)}"
-        self.procs, self.conns, self.error = [], [], None
-        self._reaper = None
+        self.procs, self.conns, self.group, self.error = [], [], None, None
+        self._reapers = []
+        # Ends the workers when this object goes (an engine dropped without close()) or at exit, at the latest.
+        self._end = weakref.finalize(self, _end_processes, self.procs, self.conns, self._reapers)
         try:
             for rank in range(1, size):
                 here, there = ctx.Pipe()
@@ -91,8 +94,9 @@ class Workers:
                 there.close()  # the worker's end: the pipe then closes when the worker exits
                 self.procs.append(p)
                 self.conns.append(here)
-            self._reaper = threading.Thread(target=self._reap, name="flashlm-tp-reaper", daemon=True)
-            self._reaper.start()
+            reaper = threading.Thread(target=_reap, args=(list(self.procs),), name="flashlm-tp-reaper", daemon=True)
+            reaper.start()
+            self._reapers.append(reaper)
             self._wait_ready()
             for conn in self.conns:
                 conn.send(("connect",))
@@ -100,16 +104,6 @@ class Workers:
         except BaseException:
             self.close()
             raise
-
-    def _reap(self) -> None:
-        """Joins each worker as it exits: a dead worker's process id then goes at once, and the ring, which
-        checks whether its peers' processes still exist, fails the driver's collective instead of waiting."""
-        pending = list(self.procs)
-        while pending:
-            done = wait([p.sentinel for p in pending])
-            for p in [p for p in pending if p.sentinel in done]:
-                p.join()
-                pending.remove(p)
 
     def _wait_ready(self) -> None:
         waiting = dict(zip(self.conns, range(1, len(self.conns) + 1)))
@@ -170,27 +164,47 @@ class Workers:
         return RuntimeError(self.error)
 
     def close(self) -> None:
-        """Ends every worker (asked first, then terminated, then killed) and waits for each; idempotent."""
-        for conn in self.conns:
-            try:
-                conn.send(("close",))
-            except (OSError, ValueError):
-                pass
-        for join_timeout, stop in ((10.0, None), (5.0, "terminate"), (5.0, "kill")):
-            if stop is not None:
-                for p in self.procs:
-                    if p.is_alive():
-                        getattr(p, stop)()
-            if self._reaper is not None:
-                self._reaper.join(timeout=join_timeout)
-                if not self._reaper.is_alive():
-                    break
-            else:
-                for p in self.procs:
-                    p.join(timeout=join_timeout)
-        for conn in self.conns:
-            conn.close()
-        self.conns = []
+        """Ends every worker and drops the ring; idempotent. Steps after it raise RuntimeError."""
+        self._end()
+        if self.error is None:
+            self.error = "the engine was closed"
+        if self.group is not None:
+            self.group.ring = None
+
+
+def _reap(procs) -> None:
+    """Joins each worker as it exits: a dead worker's process id then goes at once, and the ring, which checks
+    whether its peers' processes still exist, fails the driver's collective instead of waiting."""
+    pending = list(procs)
+    while pending:
+        done = wait([p.sentinel for p in pending])
+        for p in [p for p in pending if p.sentinel in done]:
+            p.join()
+            pending.remove(p)
+
+
+def _end_processes(procs, conns, reapers) -> None:
+    """Asks each worker to close, then terminates and at last kills those still running, waiting for each."""
+    for conn in conns:
+        try:
+            conn.send(("close",))
+        except (OSError, ValueError):
+            pass
+    for join_timeout, stop in ((10.0, None), (5.0, "terminate"), (5.0, "kill")):
+        if stop is not None:
+            for p in procs:
+                if p.is_alive():
+                    getattr(p, stop)()
+        if reapers:  # the reaper joins them
+            reapers[0].join(timeout=join_timeout)
+            if not reapers[0].is_alive():
+                break
+        else:
+            for p in procs:
+                p.join(timeout=join_timeout)
+    for conn in conns:
+        conn.close()
+    conns.clear()
 
 
 class TensorParallelRunner(ModelRunner):
@@ -214,7 +228,7 @@ class TensorParallelRunner(ModelRunner):
 
     def forward(self, tokens, paged: PagedBatch) -> torch.Tensor:
         if self.workers.error is not None:
-            raise RuntimeError(f"the tensor-parallel workers have stopped: {self.workers.error}")
+            raise RuntimeError(f"the tensor-parallel workers have stopped ({self.workers.error})")
         try:
             self.workers.send_step(tokens, paged, self._copies)
             self._copies = []
