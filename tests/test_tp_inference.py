@@ -142,6 +142,12 @@ def test_bad_sizes_fail_before_any_process_starts(tmp_path):
     gguf = _llama_gguf(tmp_path / "m.gguf", "Q8_0", intermediate=96)
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.down \(Q8_0, K 96\) splits into 2 parts of 48"):
         LLM(gguf, tokenizer=_NoText(), tensor_parallel_size=2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=96, num_hidden_layers=1, num_attention_heads=6,
+                                 num_key_value_heads=3, intermediate_size=96)).save_pretrained(tmp_path / "kv3")
+    with pytest.raises(ValueError, match="n_kv_head 3 must divide by 2 or divide it"):
+        LLM(str(tmp_path / "kv3"), tokenizer=_NoText(), tensor_parallel_size=2)
     model = LLM(path, tokenizer=_NoText()).model
     with pytest.raises(NotImplementedError, match="model: with tensor_parallel_size > 1"):
         LLM(model, tokenizer=_NoText(), tensor_parallel_size=2)
