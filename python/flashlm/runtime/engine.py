@@ -142,7 +142,7 @@ class LLM:
         tensor_parallel_size = check_size(tensor_parallel_size)
         if tensor_parallel_size > 1:
             _check_tensor_parallel_options(model, device, draft_model, lora)
-        source = None if isinstance(model, Transformer) else os.fspath(model)
+        source = None if isinstance(model, Transformer) else os.path.abspath(model)  # what tensor-parallel workers load
         if lora is not None and not isinstance(lora, (str, os.PathLike)):
             raise TypeError(f"lora: expected a path (a fine-tuning run folder, a PEFT directory or a GGUF adapter), "
                             f"got {type(lora).__name__}")

@@ -6,8 +6,8 @@
 Megatron's layout, as parallel/tensor.py has it for training, but over the modules the loaders make (nn.Linear
 and GGUFLinear, whose blocks are sliced without being decoded), so a GGUF model stays in its blocks:
 
-    x -> norm -> q, k, v (rows: this rank's heads)  -> paged attention (its K/V heads) -> o (columns)    -> sum -> + bias
-    x -> norm -> gate, up | fc (rows: d_ff / size)  -> act                             -> down | proj (columns) -> sum -> + bias
+    x -> norm -> q, k, v (rows: this rank's heads) -> paged attention (its K/V heads) -> o (columns) -> sum -> + bias
+    x -> norm -> gate, up | fc (rows: d_ff / size) -> act -> down | proj (columns)                  -> sum -> + bias
 
 so each layer runs one all-reduce after attention's o and one after the MLP's down. K/V heads are split when
 n_kv_head divides by the size; with fewer K/V heads than ranks each rank keeps the one head its query heads read.
@@ -16,7 +16,6 @@ A GGUFLinear's rows are whole blocks, so splitting rows (column-parallel) always
 The embedding, norms and the lm head are replicated: only the driver computes logits (they are not gathered).
 """
 
-import torch
 from torch import nn
 
 from flashlm.ops.dequant import BLOCKS
