@@ -188,7 +188,7 @@ def test_expert_matmul_gguf(device, isa, ggml_type, e, r, pattern):
 def test_expert_matmul_float(device, isa, x_dtype, w_dtype, e, r, pattern, k):
     use_isa(isa)
     gen = torch.Generator().manual_seed(e * r + k)
-    w = torch.randn(e, N, k, generator=gen).to(w_dtype)
+    w = torch.randn(e, 27, k, generator=gen).to(w_dtype)  # 27 outputs: the AVX2 tiles of 2 and 4 leave a ragged end
     x = torch.randn(r, k, generator=gen).to(x_dtype)
     ex = expert_rows(pattern, r, e, seed=r)
     y = moe.expert_matmul(x.to(device), ex.to(device), w.to(device)).cpu()
@@ -260,7 +260,7 @@ def routed(t, e, k, seed, pattern="random"):
 def test_expert_ffn_float(device, isa, dtype, e, k, pattern, t, activation):
     use_isa(isa)
     gen = torch.Generator().manual_seed(e + t + k)
-    d, f = 64, 40
+    d, f = 64, 41
     gate, up = (torch.randn(e, f, d, generator=gen) / 8 for _ in range(2))
     down = torch.randn(e, d, f, generator=gen) / 8
     x = torch.randn(t, d, generator=gen).to(dtype)
