@@ -16,6 +16,7 @@ void bind_gguf_matmul(nb::module_& m);
 void bind_backward_input(nb::module_& m);
 void bind_kvcache(nb::module_& m);
 void bind_loss(nb::module_& m);
+void bind_moe(nb::module_& m);
 void bind_norm(nb::module_& m);
 void bind_optim(nb::module_& m);
 void bind_runtime(nb::module_& m);
@@ -46,6 +47,7 @@ NB_MODULE(_C, m) {
   flashlm::bindings::bind_backward_input(m);
   flashlm::bindings::bind_kvcache(m);
   flashlm::bindings::bind_loss(m);
+  flashlm::bindings::bind_moe(m);
   flashlm::bindings::bind_norm(m);
   flashlm::bindings::bind_optim(m);
   flashlm::bindings::bind_runtime(m);
