@@ -167,7 +167,7 @@ def batched(args, types, shapes):
                 expected = torch.cat([flashlm.ops.gguf_linear(x[i:i + 1], raw, name, (n, k)) for i in range(m)])
                 for label, allow in [("x4 avx2", False), ("x4 vnni", True)][:1 + vnni]:
                     def run(allow=allow, packed=packed):
-                        _C.set_gguf_x4_vnni(allow)
+                        _C.set_gguf_matmul_vnni(allow)
                         _C.gguf_matmul_repacked(x, packed, name, n, None, y)
                     run()
                     if not torch.equal(y, expected):
@@ -176,7 +176,7 @@ def batched(args, types, shapes):
             w = flashlm.ops.dequantize(raw.reshape(n, -1), name, (n, k), out_dtype=torch.float32)
             fns["torch f32"] = (lambda: torch.nn.functional.linear(x, w), "cpu")
             med = median_seconds(fns, args.reps, args.warmup, args.burst)
-            _C.set_gguf_x4_vnni(True)
+            _C.set_gguf_matmul_vnni(True)
             rate = {label: m * n * k / t / 1e9 for label, t in med.items()}
             cells = [fmt(rate[c], ".1f") if c in rate else "-" for c in ("plain", "x4 avx2", "x4 vnni", "torch f32")]
             best = max(rate.get("x4 vnni", 0), rate.get("x4 avx2", 0), rate["plain"])

@@ -4,7 +4,7 @@ decoder runs Q4_0 and Q8_0 weights through) against the plain gguf_matmul.
 The regrouped kernels quantize x as the plain ones do and compute every output with the same integer block
 sums and the same float32 operations in the same order, so each row of a batched product is bit-equal to the
 plain GEMV of that row alone (M = 1), on the same ISA: scalar, AVX2, and AVX2 with the AVX-512 VNNI kernels
-where the CPU has them (set_gguf_x4_vnni). Every result is also held to test_gguf_matmul's float64 bounds,
+where the CPU has them (set_gguf_matmul_vnni). Every result is also held to test_gguf_matmul's float64 bounds,
 and unpacking gives the original bytes back.
 """
 
@@ -29,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("restore_isa")
 
 @pytest.fixture
 def vnni_switch():
-    saved = _C.set_gguf_x4_vnni(True)
-    yield _C.set_gguf_x4_vnni
-    _C.set_gguf_x4_vnni(saved)
+    saved = _C.set_gguf_matmul_vnni(True)
+    yield _C.set_gguf_matmul_vnni
+    _C.set_gguf_matmul_vnni(saved)
 
 
 def repack(raw: torch.Tensor, ggml_type: str, n: int, k: int) -> torch.Tensor:

@@ -68,8 +68,8 @@ void bind_gguf_matmul(nb::module_& m) {
   m.def("gguf_matmul_repacked", &gguf_matmul_repacked_binding, nb::arg("x"), nb::arg("packed"), nb::arg("ggml_type"),
         nb::arg("n"), nb::arg("bias").none(), nb::arg("y"),
         "gguf_matmul (CPU, float32) with the weight regrouped by gguf_repack; equal to it bit for bit");
-  m.def("set_gguf_x4_vnni", &set_gguf_x4_vnni, nb::arg("allowed"),
-        "whether the regrouped GGUF kernels may use AVX-512 VNNI (else AVX2, the same results); returns the previous");
+  m.def("set_gguf_matmul_vnni", &set_gguf_matmul_vnni, nb::arg("allowed"),
+        "whether the GGUF matmul's CPU kernels may use VNNI (else AVX2, the same results); returns the previous");
 }
 
 }  // namespace flashlm::bindings

@@ -47,10 +47,9 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
   });
   std::vector<float> yf(static_cast<size_t>(m * n));
   const RowsArgs args{type, w, storage_bytes(type, k), acts.data(), act_bytes, m, k, yf.data(), n};
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
   parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
-    if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+    gemm::detail::gguf_matmul_rows(args, n0, n1);
     for (int64_t i = 0; i < m; ++i) {
       const float* row = yf.data() + i * n;
       auto* out = static_cast<uint16_t*>(y.data) + i * n;
@@ -66,6 +65,16 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
 }  // namespace
 
 namespace gemm::detail {
+
+void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1) {
+  if (cpu_isa() == CpuIsa::AVX2) {
+#ifdef FLASHLM_HAVE_AVXVNNI_KERNELS
+    if (cpu_features().avx_vnni && vnni_allowed() && gguf_matmul_rows_vnni(a, n0, n1)) return;
+#endif
+    if (gguf_matmul_rows_avx2(a, n0, n1)) return;
+  }
+  gguf_matmul_rows_scalar(a, n0, n1);
+}
 
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
   // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
@@ -110,8 +119,7 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       if (p.packed) {
         x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
       } else {
-        const RowsArgs args{p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n};
-        if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+        gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
       }
       if (p.bias)
         for (int64_t i2 = 0; i2 < m; ++i2)

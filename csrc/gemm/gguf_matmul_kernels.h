@@ -62,6 +62,11 @@ struct RowsArgs {
 void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1);
 // Returns false where there is no AVX2 kernel for the type (the caller falls back to scalar).
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1);
+// The same kernels with AVX-VNNI (the same results); call only where cpu_features().avx_vnni.
+bool gguf_matmul_rows_vnni(const RowsArgs& a, int64_t n0, int64_t n1);
+// The rows through the AVX2 or AVX-VNNI kernels where the run-time ISA is AVX2 (VNNI where the CPU has it and
+// set_gguf_matmul_vnni allows), else scalar.
+void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1);
 
 // The per-pair terms the x4 kernels take from the activations (ActQ8x2 rows, act_bytes apart), once per call:
 // kX4ExtraBytes for each of the m rows' k / 64 pairs, in the format of the kernel family that reads them.
@@ -74,8 +79,11 @@ void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t*
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void matmul_x4_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
-// True where the VNNI kernels are compiled in, the CPU has AVX-512 F/BW/VNNI and set_gguf_x4_vnni allows them.
+// True where the x4 VNNI kernels are compiled in, the CPU has AVX-512 F/BW/VNNI and set_gguf_matmul_vnni
+// allows them.
 bool x4_vnni_available();
+// Whether set_gguf_matmul_vnni allows VNNI kernels.
+bool vnni_allowed();
 // Rows [n0, n1) (n0 a multiple of 4) of a part read from its x4 copy only, without bias: whole groups through
 // matmul_x4_* (vnni / avx2) or, on the scalar path, unpacked group by group; the last n % 4 rows as plain rows.
 void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,

@@ -13,7 +13,7 @@ namespace flashlm {
 
 namespace gemm::detail {
 
-static std::atomic<bool> vnni_allowed{true};  // set_gguf_x4_vnni
+static std::atomic<bool> vnni_switch{true};  // set_gguf_matmul_vnni
 
 namespace {
 
@@ -66,10 +66,12 @@ void unpack_x4(DType type, const uint8_t* packed, int64_t n, int64_t k, uint8_t*
   convert<false>(type, packed, n, k, w);
 }
 
+bool vnni_allowed() { return vnni_switch.load(std::memory_order_relaxed); }
+
 bool x4_vnni_available() {
 #ifdef FLASHLM_HAVE_AVX512VNNI_KERNELS
   const CpuFeatures& f = cpu_features();
-  return f.avx512f && f.avx512bw && f.avx512_vnni && vnni_allowed.load(std::memory_order_relaxed);
+  return f.avx512f && f.avx512bw && f.avx512_vnni && vnni_allowed();
 #else
   return false;
 #endif
@@ -93,14 +95,13 @@ void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_by
   }
   const int64_t t0 = n0 > full ? n0 : full;
   if (t0 < n1) {  // the rows after the last whole group, in the plain layout at their usual place
-    const RowsArgs args{p.type, p.packed, row_bytes, acts, act_bytes, m, k, p.y, p.n};
-    if (!(avx2 && gguf_matmul_rows_avx2(args, t0, n1))) gguf_matmul_rows_scalar(args, t0, n1);
+    gguf_matmul_rows({p.type, p.packed, row_bytes, acts, act_bytes, m, k, p.y, p.n}, t0, n1);
   }
 }
 
 }  // namespace gemm::detail
 
-bool set_gguf_x4_vnni(bool allowed) { return gemm::detail::vnni_allowed.exchange(allowed); }
+bool set_gguf_matmul_vnni(bool allowed) { return gemm::detail::vnni_switch.exchange(allowed); }
 
 bool gguf_repack_supported(DType weight_type, int64_t n, int64_t k) {
   return gemm::detail::repack_x4_supported(weight_type, n, k);

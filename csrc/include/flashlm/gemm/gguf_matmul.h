@@ -39,8 +39,9 @@ FLASHLM_API void gguf_repack(const TensorView& src, const TensorView& dst, DType
 // gguf_matmul's with the plain weight, bit for bit.
 FLASHLM_API void gguf_matmul_repacked(const TensorView& x, const TensorView& packed, DType weight_type, int64_t n,
                                       const TensorView* bias, const TensorView& y);
-// Whether the regrouped layout's kernels may use AVX-512 VNNI where the CPU has it (on by default; off: the
-// AVX2 kernels, which give the same results). Returns the previous setting.
-FLASHLM_API bool set_gguf_x4_vnni(bool allowed);
+// Whether the CPU kernels may use VNNI where the CPU has it: AVX-512 VNNI for the regrouped layout, AVX-VNNI
+// for the plain one (on by default; off: the AVX2 kernels, which give the same results). Returns the
+// previous setting.
+FLASHLM_API bool set_gguf_matmul_vnni(bool allowed);
 
 }  // namespace flashlm
