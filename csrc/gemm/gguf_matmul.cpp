@@ -80,11 +80,7 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
   // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
   int64_t act_bytes[2] = {act_row_bytes(DType::Q8_0, k), 0};
   bool wanted[2] = {false, false};
-  int64_t total = 0;
-  for (int i = 0; i < count; ++i) {
-    wanted[uses_q8_k(parts[i].type)] = true;
-    total += parts[i].n;
-  }
+  for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
   if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
   std::vector<uint8_t> acts[2];
   for (int f = 0; f < 2; ++f) {

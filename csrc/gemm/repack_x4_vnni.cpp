@@ -13,6 +13,10 @@
 // Compiled with -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vnni and called only where
 // x4_vnni_available() (csrc/core/avx2.h's rule holds: nothing here may be the linker's copy of an inline
 // function).
+// GCC 12's AVX-512 headers pass _mm512_undefined_*() placeholders to their builtins (broadcasts, shifts,
+// permutes), which -Wmaybe-uninitialized reports once inlined here; no value of ours is uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <immintrin.h>
 
 #include <cstddef>
