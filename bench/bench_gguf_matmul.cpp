@@ -8,6 +8,8 @@ What is measured
                                 iteration uses the next of several copies of W totalling >= --rotate-mib
                                 (default 256 MiB, beyond the last-level cache), as a decoder reads each
                                 layer's weights once per token.
+  gguf_matmul_repacked_cpu/<type>/M<m>  the same for Q4_0 and Q8_0 with W regrouped (gguf_repack) and
+                                multiplied by gguf_matmul_repacked, as the native decoder does.
   gguf_matmul_cuda/<type>/M<m>  the same with f16 x on GPU 0, timed with CUDA events (one copy of W: an
                                 H100's 50 MiB L2 is smaller than the 4096 x 11008 weights of the default
                                 shapes' larger cases, not the 4096 x 4096 ones; say --n/--k accordingly).
@@ -85,8 +87,16 @@ void set_counters(benchmark::State& state, int64_t weight_bytes, int64_t m) {
   state.counters["macs"] = benchmark::Counter(iters * m * g_n * g_k, benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 
-void BM_gguf_matmul_cpu(benchmark::State& state, DType type, int64_t m) {
-  const std::vector<uint8_t> first = random_weights(type, 0x5EED + static_cast<uint64_t>(type));
+// repacked: the weights regrouped (gguf_repack) and multiplied by gguf_matmul_repacked, as the native decoder
+// keeps and multiplies Q4_0/Q8_0 weights.
+void BM_gguf_matmul_cpu(benchmark::State& state, DType type, int64_t m, bool repacked) {
+  std::vector<uint8_t> first = random_weights(type, 0x5EED + static_cast<uint64_t>(type));
+  if (repacked) {
+    std::vector<uint8_t> plain = first;
+    const int64_t size = static_cast<int64_t>(first.size());
+    flashlm::gguf_repack(TensorView::contiguous(plain.data(), DType::U8, {size}),
+                         TensorView::contiguous(first.data(), DType::U8, {size}), type, g_n, g_k, true);
+  }
   const int64_t bytes = static_cast<int64_t>(first.size());
   const int64_t copies = std::max<int64_t>(1, ((g_rotate_mib << 20) + bytes - 1) / bytes);
   std::vector<std::vector<uint8_t>> ws(static_cast<size_t>(copies), first);
@@ -98,7 +108,8 @@ void BM_gguf_matmul_cpu(benchmark::State& state, DType type, int64_t m) {
   size_t i = 0;
   auto run = [&] {
     const TensorView wv = TensorView::contiguous(ws[i].data(), DType::U8, {bytes});
-    flashlm::gguf_matmul(xv, wv, type, g_n, nullptr, yv);
+    if (repacked) flashlm::gguf_matmul_repacked(xv, wv, type, g_n, nullptr, yv);
+    else flashlm::gguf_matmul(xv, wv, type, g_n, nullptr, yv);
     i = (i + 1) % ws.size();
   };
   bool ok = true;
@@ -142,7 +153,14 @@ void register_all() {
   for (DType type : kTypes) {
     for (int64_t m : kRows) {
       const std::string name = std::string("gguf_matmul_cpu/") + flashlm::dtype_name(type) + "/M" + std::to_string(m);
-      benchmark::RegisterBenchmark(name.c_str(), BM_gguf_matmul_cpu, type, m)->UseRealTime();
+      benchmark::RegisterBenchmark(name.c_str(), BM_gguf_matmul_cpu, type, m, false)->UseRealTime();
+    }
+  }
+  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+    for (int64_t m : kRows) {
+      const std::string name = std::string("gguf_matmul_repacked_cpu/") + flashlm::dtype_name(type) + "/M" +
+                               std::to_string(m);
+      benchmark::RegisterBenchmark(name.c_str(), BM_gguf_matmul_cpu, type, m, true)->UseRealTime();
     }
   }
   bench::register_cuda_and_context([] {

@@ -18,7 +18,7 @@ import torch
 SETTLE_S = 0.01
 
 
-def median_seconds(fns, reps, warmup, burst=1):
+def median_seconds(fns, reps, warmup, burst=1, clock=time.perf_counter):
     """{label: (fn, device)} -> {label: median seconds}. The functions take turns, one run each per round,
     so that on a shared machine every one of them sees the same background load (and their ratios hold).
     CUDA runs are timed with CUDA events.
@@ -26,7 +26,10 @@ def median_seconds(fns, reps, warmup, burst=1):
     burst > 1 runs each function that many times in a row per round and times all but the first, the
     steady state of back-to-back calls (a model's decode loop). Use it for calls of a few ms: after the
     pause between turns, the first call pays for waking the thread pools (on a 2-vCPU VM the second vCPU
-    sometimes takes over 1 ms to come out of idle, and torch's OpenMP barrier waits for it)."""
+    sometimes takes over 1 ms to come out of idle, and torch's OpenMP barrier waits for it).
+
+    clock: what CPU runs are timed with; time.thread_time gives the calling thread's CPU time, what a
+    single-threaded run costs whatever else the machine is doing."""
     for fn, _ in fns.values():
         for _ in range(warmup):
             fn()
@@ -46,9 +49,9 @@ def median_seconds(fns, reps, warmup, burst=1):
                     stop.synchronize()
                     elapsed = start.elapsed_time(stop) * 1e-3
                 else:
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
-                    elapsed = time.perf_counter() - t0
+                    elapsed = clock() - t0
                 if burst == 1 or i > 0:
                     times[label].append(elapsed)
             time.sleep(SETTLE_S)

@@ -23,11 +23,21 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_gguf_matmul.py --types Q6_K --shapes 11008x4096 --reps 50
   python bench/compare_gguf_matmul.py --device cuda        # needs flashlm's CUDA kernels and a GPU
   python bench/compare_gguf_matmul.py --quick              # seconds: CI smoke
+  python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0 --shapes 2048x768,768x2048
+
+--batch M (CPU, M > 1) times a batched product instead, x [M, K] (a decode step of M sequences), in GMAC/s
+(M * N * K multiply-adds per second): flashlm's plain kernels (AVX2, and AVX-VNNI where the CPU has it), the
+regrouped (x4) layout the native decoder
+keeps Q4_0/Q8_0 weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
+has AVX-512 VNNI, its VNNI kernel, and torch's float32 GEMM. Weights are hot (M rows share each weight read);
+each result is first checked bit-equal to the plain kernels' row by row. The int8 ceiling to set these
+against is bench/int8_peak.cpp's.
 """
 
 import argparse
 import platform
 import sys
+import time
 
 import numpy as np
 import torch
@@ -60,9 +70,18 @@ def main():
                     "(bench_util.median_seconds); 1: one call per turn, after a pause")
     ap.add_argument("--rotate-mib", type=int, default=256, help="cycle through copies of W totalling this much")
     ap.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds")
+    ap.add_argument("--batch", type=int, default=1, help="rows of x; > 1: the batched kernels' GMAC/s (CPU)")
+    ap.add_argument("--cpu-time", action="store_true", help="with --batch: one thread each (flashlm and torch), "
+                    "timed by the thread's CPU time (a core's rate on a machine busy with other jobs)")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.reps, args.warmup, args.rotate_mib = "256x512", 3, 1, 0
+    if args.batch < 1:
+        ap.error(f"--batch: must be >= 1, got {args.batch}")
+    if args.batch > 1 and args.device != "cpu":
+        ap.error("--batch: the batched comparison is for the CPU kernels")
+    if args.cpu_time and args.batch == 1:
+        ap.error("--cpu-time: only with --batch M > 1")
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
     bad = [t for t in types if t not in flashlm.ops.GGUF_LINEAR_TYPES]
     if bad:
@@ -77,6 +96,8 @@ def main():
     peer_dtype = torch.float16 if args.device == "cuda" else torch.float32
     x_dtype = torch.float16 if args.device == "cuda" else torch.float32
 
+    if args.batch > 1:
+        return batched(args, types, shapes)
     copy_src = torch.empty(64 << 20, dtype=torch.uint8, device=device).fill_(1)
     copy_dst = torch.empty_like(copy_src)
 
@@ -130,6 +151,61 @@ def main():
           f"median of {args.reps} interleaved turns of {args.burst} back-to-back calls after {args.warmup} warm-up")
     print()
     print_table(header, rows)
+
+
+def batched(args, types, shapes):
+    """The --batch table: GMAC/s of x [M, K] @ W.T, plain against regrouped kernels and torch, hot weights."""
+    from flashlm import _C
+
+    features = _C.cpu_features()
+    vnni = features["avx512f"] and features["avx512bw"] and features["avx512_vnni"]
+    m = args.batch
+    clock = time.perf_counter
+    if args.cpu_time:
+        flashlm.ops.set_num_threads(1)  # the pool's one thread is the caller: its CPU time is the kernel's
+        torch.set_num_threads(1)
+        clock = time.thread_time
+    rows = []
+    for n, k in shapes:
+        for name in types:
+            raw = torch.from_numpy(random_blocks(name, n * k, 0)).reshape(-1)
+            x = torch.randn(m, k)
+            y = torch.empty(m, n)
+            fns = {}
+            for label, allow in [("plain avx2", False), ("plain vnni", True)][:1 + features["avx_vnni"]]:
+                def run_plain(allow=allow):
+                    _C.set_gguf_matmul_vnni(allow)
+                    _C.gguf_matmul(x, raw, name, n, None, y)
+                fns[label] = (run_plain, "cpu")
+            if _C.gguf_repack_supported(name, n, k):
+                packed = torch.empty_like(raw)
+                _C.gguf_repack(raw, packed, name, n, k, True)
+                expected = torch.cat([flashlm.ops.gguf_linear(x[i:i + 1], raw, name, (n, k)) for i in range(m)])
+                for label, allow in [("x4 avx2", False), ("x4 vnni", True)][:1 + vnni]:
+                    def run(allow=allow, packed=packed):
+                        _C.set_gguf_matmul_vnni(allow)
+                        _C.gguf_matmul_repacked(x, packed, name, n, None, y)
+                    run()
+                    if not torch.equal(y, expected):
+                        sys.exit(f"compare_gguf_matmul: {name} {n}x{k} {label}: not equal to the plain GEMV's rows")
+                    fns[label] = (run, "cpu")
+            w = flashlm.ops.dequantize(raw.reshape(n, -1), name, (n, k), out_dtype=torch.float32)
+            fns["torch f32"] = (lambda: torch.nn.functional.linear(x, w), "cpu")
+            med = median_seconds(fns, args.reps, args.warmup, args.burst, clock)
+            _C.set_gguf_matmul_vnni(True)
+            rate = {label: m * n * k / t / 1e9 for label, t in med.items()}
+            columns = ("plain avx2", "plain vnni", "x4 avx2", "x4 vnni", "torch f32")
+            cells = [fmt(rate[c], ".1f") if c in rate else "-" for c in columns]
+            best = max(rate[c] for c in columns[:4] if c in rate)
+            rows.append([name, f"{n}x{k}", str(m), *cells, fmt(best / rate["plain avx2"], ".2f")])
+    print(hardware_line(args.device, flashlm.ops, f"torch {torch.get_num_threads()} threads"))
+    print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    timing = "1 thread, CPU time of the thread" if args.cpu_time else "wall time"
+    print(f"M={m}, x float32, hot weights; GMAC/s = M*N*K / median {timing} of {args.reps} interleaved turns of "
+          f"{args.burst} back-to-back calls")
+    print()
+    print_table(["type", "N x K", "M", "plain avx2 GMAC/s", "plain vnni", "x4 avx2", "x4 vnni", "torch f32",
+                 "best / plain avx2"], rows)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,26 @@ def test_avx2_matches_scalar(ggml_type):
                  name=f"{ggml_type}: AVX2 vs scalar")
 
 
+@pytest.mark.skipif(not (_C.cpu_isa_supported("avx2") and _C.cpu_features()["avx_vnni"]), reason="no AVX-VNNI")
+@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("m", [1, 6])
+def test_vnni_equals_avx2(ggml_type, m):
+    """The AVX-VNNI kernels (vpdpwssd for the K-quants' scaled sums) add the same integers as AVX2's madd and
+    add: bit-equal results. Q6_K and the K-quants' extreme quants and scales come from random blocks."""
+    _C.set_cpu_isa("avx2")
+    k = k_for(ggml_type, blocks=3)
+    raw, _, _ = weights(ggml_type, 70, k, seed=17)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+    out = {}
+    try:
+        for vnni in (False, True):
+            _C.set_gguf_matmul_vnni(vnni)
+            out[vnni] = ops.gguf_linear(x, raw, ggml_type, (70, k))
+    finally:
+        _C.set_gguf_matmul_vnni(True)
+    assert torch.equal(out[True], out[False])
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_a_row_does_not_depend_on_the_batch(isa, ggml_type):

@@ -33,10 +33,11 @@ class ByteTokenizer:
 
 
 def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_head=4, seed=0, seq_len=128,
-                    ends=None, sliding_window=None):
+                    ends=None, sliding_window=None, vocab=VOCAB):
     """A random model whose block linears are GGUFLinear, cycling through `types`; with ends (a type name) the
-    embedding table and the head are GGML blocks too (as a loaded GGUF file has them)."""
-    cfg = ModelConfig(arch=arch, vocab_size=VOCAB, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
+    embedding table and the head are GGML blocks too (as a loaded GGUF file has them). The tokenizer's ids stay
+    below VOCAB whatever `vocab` is."""
+    cfg = ModelConfig(arch=arch, vocab_size=vocab, n_layer=3, n_head=n_head, n_kv_head=n_kv_head, d_model=d_model,
                       d_ff=2 * d_model, seq_len=seq_len, tie_embeddings=False, sliding_window=sliding_window)
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
@@ -55,9 +56,9 @@ def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_h
                 setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), types[i % len(types)]))
                 i += 1
     if ends is not None:
-        table = torch.nn.Linear(d_model, VOCAB, bias=False)
+        table = torch.nn.Linear(d_model, vocab, bias=False)
         table.weight.data.copy_(model.tok_emb.weight)
-        model.tok_emb = GGUFEmbedding(GGUFLinear.from_float(table, ends).raw, ends, (VOCAB, d_model))
+        model.tok_emb = GGUFEmbedding(GGUFLinear.from_float(table, ends).raw, ends, (vocab, d_model))
         model.lm_head = GGUFLinear.from_float(model.lm_head, ends)
     return model
 
@@ -121,9 +122,9 @@ def test_native_head_dim_off_the_vector_width(isa, restore_isa):
 
 @pytest.mark.parametrize("threads", [3, 5])
 def test_native_regrouped_weights_at_ragged_thread_ranges(threads):
-    """Q4_0/Q8_0 decode multiplies read a copy regrouped by 4 rows; with 3 or 5 threads the pool's ranges start
-    mid-group (320 q/k/v rows in 6 or 10 ranges), and the rows around the edges take the plain kernel: every
-    output must still be the plain GEMV's."""
+    """Q4_0/Q8_0 decode multiplies read only a copy regrouped by 4 rows; with 3 or 5 threads the pool splits the
+    320 q/k/v rows into 6 or 10 ranges, which must still fall on whole groups: every output must be the plain
+    GEMV's."""
     saved = ops.num_threads()
     ops.set_num_threads(threads)
     try:
@@ -131,6 +132,15 @@ def test_native_regrouped_weights_at_ragged_thread_ranges(threads):
         assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
     finally:
         ops.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_native_regrouped_head_with_tail_rows(isa, restore_isa):
+    """A vocabulary of 66: the regrouped Q4_0 head holds 16 groups of 4 rows and 2 rows after them, which the
+    decoder reads from the same copy; every step's logits are still the module path's."""
+    ops.set_cpu_isa(isa)
+    model = quantized_model("llama", ("Q8_0", "Q4_0"), ends="Q4_0", vocab=VOCAB + 2)
+    assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
 
 
 def test_native_greedy_generation_equals_the_module_path():

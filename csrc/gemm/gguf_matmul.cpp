@@ -47,10 +47,9 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
   });
   std::vector<float> yf(static_cast<size_t>(m * n));
   const RowsArgs args{type, w, storage_bytes(type, k), acts.data(), act_bytes, m, k, yf.data(), n};
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
   parallel_for(n, grain, [&](int64_t n0, int64_t n1) {
-    if (!(avx2 && gguf_matmul_rows_avx2(args, n0, n1))) gguf_matmul_rows_scalar(args, n0, n1);
+    gemm::detail::gguf_matmul_rows(args, n0, n1);
     for (int64_t i = 0; i < m; ++i) {
       const float* row = yf.data() + i * n;
       auto* out = static_cast<uint16_t*>(y.data) + i * n;
@@ -67,15 +66,21 @@ void gguf_matmul_cpu(const TensorView& x, const uint8_t* w, DType type, int64_t 
 
 namespace gemm::detail {
 
+void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1) {
+  if (cpu_isa() == CpuIsa::AVX2) {
+#ifdef FLASHLM_HAVE_AVXVNNI_KERNELS
+    if (cpu_features().avx_vnni && vnni_allowed() && gguf_matmul_rows_vnni(a, n0, n1)) return;
+#endif
+    if (gguf_matmul_rows_avx2(a, n0, n1)) return;
+  }
+  gguf_matmul_rows_scalar(a, n0, n1);
+}
+
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
   // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
   int64_t act_bytes[2] = {act_row_bytes(DType::Q8_0, k), 0};
   bool wanted[2] = {false, false};
-  int64_t total = 0;
-  for (int i = 0; i < count; ++i) {
-    wanted[uses_q8_k(parts[i].type)] = true;
-    total += parts[i].n;
-  }
+  for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
   if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
   std::vector<uint8_t> acts[2];
   for (int f = 0; f < 2; ++f) {
@@ -87,33 +92,30 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
     });
   }
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const bool vnni = avx2 && x4_vnni_available();
   std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
   const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) { return p.packed; });
   if (packed) {
     extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
-    x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
+    if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
+    else x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
   }
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, m * k));
-  // Rows [r0, r1) of all parts stacked: each part's share goes to its own kernel call and bias.
-  parallel_for(total, grain, [&](int64_t r0, int64_t r1) {
-    int64_t base = 0;
-    for (int i = 0; i < count && base < r1; base += parts[i].n, ++i) {
+  // The rows of all parts are handed out in units of 4 (a regrouped weight's row group), each part's last
+  // unit holding its n % 4 rows; units[i] is where part i's first unit is.
+  std::vector<int64_t> units(static_cast<size_t>(count) + 1, 0);
+  for (int i = 0; i < count; ++i) units[i + 1] = units[i] + (parts[i].n + 3) / 4;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k));
+  parallel_for(units[count], grain, [&](int64_t u0, int64_t u1) {
+    for (int i = 0; i < count; ++i) {
       const MatmulPart& p = parts[i];
-      const int64_t n0 = std::max<int64_t>(r0 - base, 0), n1 = std::min<int64_t>(r1 - base, p.n);
+      const int64_t n0 = std::min(std::max<int64_t>(u0 - units[i], 0) * 4, p.n);
+      const int64_t n1 = std::min(std::max<int64_t>(u1 - units[i], 0) * 4, p.n);
       if (n0 >= n1) continue;
       const int f = uses_q8_k(p.type);
-      const RowsArgs args{p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n};
-      auto rows = [&](int64_t a, int64_t b) {
-        if (a < b && !(avx2 && gguf_matmul_rows_avx2(args, a, b))) gguf_matmul_rows_scalar(args, a, b);
-      };
-      if (p.packed && avx2) {  // whole groups of 4 from the packed copy, the ragged ends as usual
-        const int64_t g0 = std::min((n0 + 3) / 4 * 4, n1), g1 = std::max(g0, n1 / 4 * 4);
-        rows(n0, g0);
-        if (g0 < g1)
-          matmul_x4_avx2(p.type, p.packed, k, acts[f].data(), act_bytes[f], extras.data(), m, p.y, p.n, g0, g1);
-        rows(g1, n1);
+      if (p.packed) {
+        x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
       } else {
-        rows(n0, n1);
+        gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
       }
       if (p.bias)
         for (int64_t i2 = 0; i2 < m; ++i2)
@@ -122,33 +124,19 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
   });
 }
 
-bool repack_x4_supported(DType type, int64_t n, int64_t k) {
-  return (type == DType::Q4_0 || type == DType::Q8_0) && n > 0 && n % 4 == 0 && k > 0 && k % 64 == 0;
-}
-
-void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed) {
-  const int64_t block = dtype_info(type).block_bytes, quants = block - 2;  // f16 d, then the quants
-  const int64_t row_bytes = k / 32 * block;
-  uint8_t* out = packed;
-  for (int64_t g = 0; g < n / 4; ++g) {
-    for (int64_t p = 0; p < k / 64; ++p) {
-      auto at = [&](int r, int b) { return w + (4 * g + r) * row_bytes + (2 * p + b) * block; };
-      for (int r = 0; r < 4; ++r)
-        for (int b = 0; b < 2; ++b) std::memcpy(out + 2 * (2 * r + b), at(r, b), 2);
-      out += 16;
-      for (int r = 0; r < 4; ++r) {
-        if (type == DType::Q4_0) {
-          for (int b = 0; b < 2; ++b, out += quants) std::memcpy(out, at(r, b) + 2, static_cast<size_t>(quants));
-        } else {  // Q8_0: [b0 0..16 | b1 0..16 | b0 16..32 | b1 16..32]
-          for (int half = 0; half < 2; ++half)
-            for (int b = 0; b < 2; ++b, out += 16) std::memcpy(out, at(r, b) + 2 + 16 * half, 16);
-        }
-      }
-    }
-  }
-}
-
 }  // namespace gemm::detail
+
+void gemm::detail::check_weight_bytes(const char* fn, const TensorView& w, const char* name, DType type, int64_t n,
+                                      int64_t k, Device device) {
+  FLASHLM_CHECK(w.dtype == DType::U8, fn, ": ", name, " must be uint8 (the blocks' bytes), got ", dtype_name(w.dtype));
+  FLASHLM_CHECK(w.is_contiguous(), fn, ": ", name, " must be contiguous");
+  FLASHLM_CHECK(w.device == device, fn, ": ", name, " must be on x's device");
+  FLASHLM_CHECK(n >= 0 && k >= 0, fn, ": n and k must be >= 0, got ", n, " and ", k);
+  FLASHLM_CHECK(k == 0 || n <= std::numeric_limits<int64_t>::max() / k, fn, ": N * K overflows");
+  const int64_t expected = storage_bytes(type, n * k);
+  FLASHLM_CHECK(w.numel() == expected, fn, ": ", name, " has ", w.numel(), " bytes, but ", n, " x ", k, " of ",
+                dtype_name(type), " takes ", expected);
+}
 
 bool gguf_matmul_supported(DType t) {
   switch (t) {
@@ -178,13 +166,7 @@ void gguf_matmul(const TensorView& x, const TensorView& weight, DType type, int6
     FLASHLM_CHECK(x.dtype == DType::F32 || x.dtype == DType::F16 || x.dtype == DType::BF16,
                   "gguf_matmul: x must be float32, float16 or bfloat16, got ", dtype_name(x.dtype));
   }
-  FLASHLM_CHECK(weight.dtype == DType::U8, "gguf_matmul: weight must be uint8 (the blocks' bytes), got ", dtype_name(weight.dtype));
-  FLASHLM_CHECK(weight.is_contiguous(), "gguf_matmul: weight must be contiguous");
-  FLASHLM_CHECK(weight.device == device, "gguf_matmul: weight must be on x's device");
-  FLASHLM_CHECK(k == 0 || n <= std::numeric_limits<int64_t>::max() / k, "gguf_matmul: N * K overflows");
-  const int64_t expected = storage_bytes(type, n * k);
-  FLASHLM_CHECK(weight.numel() == expected, "gguf_matmul: weight has ", weight.numel(), " bytes, but ", n, " x ", k,
-                " of ", info.name, " takes ", expected);
+  gemm::detail::check_weight_bytes("gguf_matmul", weight, "weight", type, n, k, device);
   check_vector(y, "y", 2, device);
   FLASHLM_CHECK(y.shape[0] == m && y.shape[1] == n, "gguf_matmul: y must be [", m, ", ", n, "], got ", y.shape_string());
   FLASHLM_CHECK(y.dtype == x.dtype, "gguf_matmul: y must have x's dtype");

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "flashlm/core/dtype.h"
+#include "flashlm/core/tensor.h"
 #include "flashlm/gguf/blocks.h"
 #include "shared_gguf_matmul.h"
 
@@ -31,6 +32,11 @@ static_assert(sizeof(ActQ8x2) == 80, "ActQ8x2 size");
 // Where value j (< 32) of block `half` (0 or 1) of a pair sits in ActQ8x2::qs. (static: the AVX2 file
 // includes this header and must not provide the one copy of an inline function.)
 static inline int act_pair_index(int half, int j) { return (j / 16) * 32 + half * 16 + j % 16; }
+
+// Checks that w (argument `name` of function `fn`) holds the n x k weight of `type` as contiguous uint8 on
+// `device`.
+void check_weight_bytes(const char* fn, const TensorView& w, const char* name, DType type, int64_t n, int64_t k,
+                        Device device);
 
 // True for Q4_K, Q5_K, Q6_K (activations as block_q8_K), false for the 32-element types (ActQ8x2).
 bool uses_q8_k(DType weight_type);
@@ -56,15 +62,32 @@ struct RowsArgs {
 void gguf_matmul_rows_scalar(const RowsArgs& a, int64_t n0, int64_t n1);
 // Returns false where there is no AVX2 kernel for the type (the caller falls back to scalar).
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1);
+// The same kernels with AVX-VNNI (the same results); call only where cpu_features().avx_vnni.
+bool gguf_matmul_rows_vnni(const RowsArgs& a, int64_t n0, int64_t n1);
+// The rows through the AVX2 or AVX-VNNI kernels where the run-time ISA is AVX2 (VNNI where the CPU has it and
+// set_gguf_matmul_vnni allows), else scalar.
+void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1);
 
-// The per-pair terms the x4 kernel takes from the activations (ActQ8x2 rows, act_bytes apart), once per call:
-// kX4ExtraBytes for each of the m rows' k / 64 pairs.
+// The per-pair terms the x4 kernels take from the activations (ActQ8x2 rows, act_bytes apart), once per call:
+// kX4ExtraBytes for each of the m rows' k / 64 pairs, in the format of the kernel family that reads them.
 constexpr int64_t kX4ExtraBytes = 64;
 void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
+void x4_pair_extras_vnni(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
 // y[r, n] for all m activation rows and rows n in [n0, n1) (multiples of 4) from the packed weights; y is
 // [m, ldy]. One activation row is the GEMV.
 void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void matmul_x4_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
+                    const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// True where the x4 VNNI kernels are compiled in, the CPU has AVX-512 F/BW/VNNI and set_gguf_matmul_vnni
+// allows them.
+bool x4_vnni_available();
+// Whether set_gguf_matmul_vnni allows VNNI kernels.
+bool vnni_allowed();
+// Rows [n0, n1) (n0 a multiple of 4) of a part read from its x4 copy only, without bias: whole groups through
+// matmul_x4_* (vnni / avx2) or, on the scalar path, unpacked group by group; the last n % 4 rows as plain rows.
+void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
+             int64_t m, bool avx2, bool vnni, int64_t n0, int64_t n1);
 
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.

@@ -20,7 +20,7 @@ struct MatmulPart {
   int64_t n;
   const float* bias;   // [n] or null
   float* y;            // [M, n], contiguous
-  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w
+  const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w (w may be null)
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
 
@@ -29,9 +29,11 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
 // and then, per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
 // first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
 // many bytes as the 4 rows' 8 blocks; one load gives 8 scales and each row's pair comes in one or two loads,
-// from one stream. Requires N % 4 == 0 and K % 64 == 0. The kernel computes every output exactly as the
-// plain GEMV does.
+// from one stream. The last N % 4 rows follow the groups unchanged, so every row sits where the plain layout
+// has it and the copy replaces the weight (unpack_x4 gives the plain bytes back). Requires K % 64 == 0. The
+// kernels compute every output exactly as the plain GEMV does.
 bool repack_x4_supported(DType type, int64_t n, int64_t k);
 void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
+void unpack_x4(DType type, const uint8_t* packed, int64_t n, int64_t k, uint8_t* w);
 
 }  // namespace flashlm::gemm::detail

@@ -207,7 +207,8 @@ struct Decoder::State {
   bool has_ends = false;
   std::unordered_map<const void*, std::vector<uint8_t>> packed;  // a weight's data -> its regrouped copy
 
-  // Makes l's regrouped copy where its type and shape have one, once per weight.
+  // Makes l's regrouped copy where its type and shape have one, once per weight; the matmuls then read only
+  // the copy (its last n % 4 rows included), never the weight's own bytes.
   void pack(const QuantLinear& l) {
     if (!gemm::detail::repack_x4_supported(l.type, l.n, l.k) || packed.count(l.weight.data)) return;
     std::vector<uint8_t> copy(static_cast<size_t>(storage_bytes(l.type, l.n * l.k)));

@@ -27,4 +27,21 @@ FLASHLM_API bool gguf_matmul_supported(DType weight_type);
 FLASHLM_API void gguf_matmul(const TensorView& x, const TensorView& weight, DType weight_type, int64_t n,
                              const TensorView* bias, const TensorView& y, void* stream = nullptr);
 
+// The regrouped (x4) layout of a Q4_0 or Q8_0 weight with K a multiple of 64 (any N): rows in groups of
+// four, each group's scales and quants interleaved for the CPU kernels, as many bytes as the plain blocks.
+// A weight is regrouped once (at load) and then read only in that form; unpacking gives its blocks back.
+FLASHLM_API bool gguf_repack_supported(DType weight_type, int64_t n, int64_t k);
+// dst = src regrouped (to_x4) or src unpacked back to plain blocks (!to_x4); both uint8 CPU tensors of
+// N x K of `weight_type`. Throws ValueError for a type or shape without the layout.
+FLASHLM_API void gguf_repack(const TensorView& src, const TensorView& dst, DType weight_type, int64_t n, int64_t k,
+                             bool to_x4);
+// gguf_matmul on the CPU with the weight in the x4 layout; x, bias and y are float32. Each output equals
+// gguf_matmul's with the plain weight, bit for bit.
+FLASHLM_API void gguf_matmul_repacked(const TensorView& x, const TensorView& packed, DType weight_type, int64_t n,
+                                      const TensorView* bias, const TensorView& y);
+// Whether the CPU kernels may use VNNI where the CPU has it: AVX-512 VNNI for the regrouped layout, AVX-VNNI
+// for the plain one (on by default; off: the AVX2 kernels, which give the same results). Returns the
+// previous setting.
+FLASHLM_API bool set_gguf_matmul_vnni(bool allowed);
+
 }  // namespace flashlm

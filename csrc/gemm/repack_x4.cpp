@@ -1,0 +1,167 @@
+// The x4 layout of Q4_0 / Q8_0 weights (shared_gguf_matmul.h): regrouping and unpacking, the rows of a
+// regrouped weight routed to its kernels, and the checked public entry points (flashlm/gemm/gguf_matmul.h).
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "flashlm/core/cpu_features.h"
+#include "flashlm/core/error.h"
+#include "flashlm/gemm/gguf_matmul.h"
+#include "gguf_matmul_kernels.h"
+
+namespace flashlm {
+
+namespace gemm::detail {
+
+static std::atomic<bool> vnni_switch{true};  // set_gguf_matmul_vnni
+
+namespace {
+
+// Group g of 4 plain rows (row_bytes apart) <-> its x4 bytes, one pair of blocks after the other.
+template <bool kToX4>
+void convert_group(DType type, const uint8_t* src, int64_t k, uint8_t* dst) {
+  const int64_t block = dtype_info(type).block_bytes, quants = block - 2;  // f16 d, then the quants
+  const int64_t row_bytes = k / 32 * block;
+  uint8_t* plain = kToX4 ? const_cast<uint8_t*>(src) : dst;
+  uint8_t* x4 = kToX4 ? dst : const_cast<uint8_t*>(src);
+  auto move = [](uint8_t* p, uint8_t* q, int64_t bytes) {  // x4 bytes at q, plain at p
+    if (kToX4) std::memcpy(q, p, static_cast<size_t>(bytes));
+    else std::memcpy(p, q, static_cast<size_t>(bytes));
+  };
+  for (int64_t p = 0; p < k / 64; ++p) {
+    auto at = [&](int r, int b) { return plain + r * row_bytes + (2 * p + b) * block; };
+    for (int r = 0; r < 4; ++r)
+      for (int b = 0; b < 2; ++b) move(at(r, b), x4 + 2 * (2 * r + b), 2);
+    x4 += 16;
+    for (int r = 0; r < 4; ++r) {
+      if (type == DType::Q4_0) {
+        for (int b = 0; b < 2; ++b, x4 += quants) move(at(r, b) + 2, x4, quants);
+      } else {  // Q8_0: [b0 0..16 | b1 0..16 | b0 16..32 | b1 16..32]
+        for (int half = 0; half < 2; ++half)
+          for (int b = 0; b < 2; ++b, x4 += 16) move(at(r, b) + 2 + 16 * half, x4, 16);
+      }
+    }
+  }
+}
+
+template <bool kToX4>
+void convert(DType type, const uint8_t* src, int64_t n, int64_t k, uint8_t* dst) {
+  const int64_t group = 4 * storage_bytes(type, k), full = n / 4;
+  for (int64_t g = 0; g < full; ++g) convert_group<kToX4>(type, src + g * group, k, dst + g * group);
+  const int64_t done = full * group;  // the last n % 4 rows are the same in both layouts
+  std::memcpy(dst + done, src + done, static_cast<size_t>(storage_bytes(type, n * k) - done));
+}
+
+}  // namespace
+
+bool repack_x4_supported(DType type, int64_t n, int64_t k) {
+  return (type == DType::Q4_0 || type == DType::Q8_0) && n > 0 && k > 0 && k % 64 == 0;
+}
+
+void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed) {
+  convert<true>(type, w, n, k, packed);
+}
+
+void unpack_x4(DType type, const uint8_t* packed, int64_t n, int64_t k, uint8_t* w) {
+  convert<false>(type, packed, n, k, w);
+}
+
+bool vnni_allowed() { return vnni_switch.load(std::memory_order_relaxed); }
+
+bool x4_vnni_available() {
+#ifdef FLASHLM_HAVE_AVX512VNNI_KERNELS
+  const CpuFeatures& f = cpu_features();
+  return f.avx512f && f.avx512bw && f.avx512_vnni && vnni_allowed();
+#else
+  return false;
+#endif
+}
+
+void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
+             int64_t m, bool avx2, bool vnni, int64_t n0, int64_t n1) {
+  const int64_t row_bytes = storage_bytes(p.type, k), full = p.n / 4 * 4, g1 = n1 < full ? n1 : full;
+  if (n0 < g1) {
+    if (vnni) {
+      matmul_x4_vnni(p.type, p.packed, k, acts, act_bytes, extras, m, p.y, p.n, n0, g1);
+    } else if (avx2) {
+      matmul_x4_avx2(p.type, p.packed, k, acts, act_bytes, extras, m, p.y, p.n, n0, g1);
+    } else {  // the scalar reference reads plain rows: each group unpacked into 4 of them
+      std::vector<uint8_t> plain(static_cast<size_t>(4 * row_bytes));
+      for (int64_t g = n0; g < g1; g += 4) {
+        convert_group<false>(p.type, p.packed + g * row_bytes, k, plain.data());
+        gguf_matmul_rows_scalar({p.type, plain.data(), row_bytes, acts, act_bytes, m, k, p.y + g, p.n}, 0, 4);
+      }
+    }
+  }
+  const int64_t t0 = n0 > full ? n0 : full;
+  if (t0 < n1) {  // the rows after the last whole group, in the plain layout at their usual place
+    gguf_matmul_rows({p.type, p.packed, row_bytes, acts, act_bytes, m, k, p.y, p.n}, t0, n1);
+  }
+}
+
+}  // namespace gemm::detail
+
+bool set_gguf_matmul_vnni(bool allowed) { return gemm::detail::vnni_switch.exchange(allowed); }
+
+bool gguf_repack_supported(DType weight_type, int64_t n, int64_t k) {
+  return gemm::detail::repack_x4_supported(weight_type, n, k);
+}
+
+namespace {
+
+void check_repack(const char* fn, DType type, int64_t n, int64_t k) {
+  FLASHLM_CHECK(type == DType::Q4_0 || type == DType::Q8_0, fn, ": weight_type ", dtype_name(type),
+                " has no regrouped layout (Q4_0 and Q8_0 do)");
+  FLASHLM_CHECK(n > 0 && k > 0 && k % 64 == 0, fn, ": the regrouped layout needs N > 0 and K a positive multiple of 64, got ",
+                n, " x ", k);
+}
+
+}  // namespace
+
+void gguf_repack(const TensorView& src, const TensorView& dst, DType weight_type, int64_t n, int64_t k, bool to_x4) {
+  check_repack("gguf_repack", weight_type, n, k);
+  gemm::detail::check_weight_bytes("gguf_repack", src, "src", weight_type, n, k, Device{});
+  gemm::detail::check_weight_bytes("gguf_repack", dst, "dst", weight_type, n, k, Device{});
+  FLASHLM_CHECK(src.data && dst.data, "gguf_repack: null data pointer");
+  const auto* s = static_cast<const uint8_t*>(src.data);
+  auto* d = static_cast<uint8_t*>(dst.data);
+  const int64_t bytes = src.numel();
+  FLASHLM_CHECK(d + bytes <= s || s + bytes <= d, "gguf_repack: src and dst must not overlap");
+  if (to_x4) gemm::detail::repack_x4(weight_type, s, n, k, d);
+  else gemm::detail::unpack_x4(weight_type, s, n, k, d);
+}
+
+void gguf_matmul_repacked(const TensorView& x, const TensorView& packed, DType weight_type, int64_t n,
+                          const TensorView* bias, const TensorView& y) {
+  const char* fn = "gguf_matmul_repacked";
+  auto check_f32 = [&](const TensorView& t, const char* name, int ndim) {
+    FLASHLM_CHECK(t.device.is_cpu() && t.dtype == DType::F32 && t.ndim == ndim && t.is_contiguous(), fn, ": ", name,
+                  " must be a contiguous float32 CPU tensor of ", ndim, " dimensions, got ", dtype_name(t.dtype), " ",
+                  t.shape_string());
+  };
+  check_f32(x, "x", 2);
+  const int64_t m = x.shape[0], k = x.shape[1];
+  check_repack(fn, weight_type, n, k);
+  gemm::detail::check_weight_bytes(fn, packed, "packed", weight_type, n, k, Device{});
+  check_f32(y, "y", 2);
+  FLASHLM_CHECK(y.shape[0] == m && y.shape[1] == n, fn, ": y must be [", m, ", ", n, "], got ", y.shape_string());
+  if (bias) {
+    check_f32(*bias, "bias", 1);
+    FLASHLM_CHECK(bias->shape[0] == n, fn, ": bias must be [", n, "], got ", bias->shape_string());
+  }
+  if (m == 0) return;
+  FLASHLM_CHECK(x.data && packed.data && y.data && (!bias || bias->data), fn, ": null data pointer");
+  gemm::detail::MatmulPart part{weight_type, nullptr, n, bias ? static_cast<const float*>(bias->data) : nullptr,
+                                static_cast<float*>(y.data), static_cast<const uint8_t*>(packed.data)};
+  gemm::detail::gguf_matmul_parts_f32(static_cast<const float*>(x.data), m, k, &part, 1);
+}
+
+}  // namespace flashlm
+
+#ifndef FLASHLM_HAVE_AVX512VNNI_KERNELS
+namespace flashlm::gemm::detail {
+void x4_pair_extras_vnni(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*) {}
+void matmul_x4_vnni(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, float*, int64_t,
+                    int64_t, int64_t) {}
+}  // namespace flashlm::gemm::detail
+#endif
