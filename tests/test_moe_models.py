@@ -1,0 +1,186 @@
+"""The mixture-of-experts models: mixtral, qwen2_moe and qwen3_moe.
+
+References: transformers' MixtralForCausalLM, Qwen2MoeForCausalLM and Qwen3MoeForCausalLM (random weights) for
+logits after a prefill and after paged decode steps, with one and two experts per token; a float64 per-expert
+loop written here for the routing and expert ops; transformers' load_balancing_loss_func and a hand computation
+for the auxiliary losses; llama.cpp (llama-cpp-python) for GGUF files `flashlm convert` writes (F32, Q8_0, Q4_K).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from compare import assert_close  # noqa: E402
+from test_runtime_parity import _NoText, engine_trace  # noqa: E402
+
+from flashlm.io import load_hf  # noqa: E402
+from flashlm.models import ModelConfig, Transformer  # noqa: E402
+from flashlm.models.moe_ops import expert_ffn, route  # noqa: E402
+from flashlm.runtime.engine import LLM  # noqa: E402
+
+V = 96
+KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+def make_moe_hf(kind: str, top_k: int, n_expert: int = 4):
+    """A tiny random transformers MoE model (eval mode): GQA 4:2, two layers, untied. The router's weights are
+    scaled up so that no token's top-k choice is a near tie (which float rounding could flip either way)."""
+    torch.manual_seed({"mixtral": 21, "qwen2_moe": 22, "qwen3_moe": 23}[kind] + 10 * top_k)
+    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, num_experts_per_tok=top_k, tie_word_embeddings=False)
+    if kind == "mixtral":
+        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, intermediate_size=48,
+                                                                       num_local_experts=n_expert))
+    elif kind == "qwen2_moe":  # a shared expert; norm_topk_prob False (Qwen1.5-MoE's, and llama.cpp's qwen2moe)
+        m = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **common, intermediate_size=80, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+            num_experts=n_expert, norm_topk_prob=False))
+    else:  # a head_dim of its own (q is 96 wide); norm_topk_prob True (Qwen3-MoE's)
+        m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, intermediate_size=80, moe_intermediate_size=40, num_experts=n_expert, head_dim=24,
+            norm_topk_prob=True))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):  # HF initialises norms to one: make them count
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("self_attn.q_proj.bias") or name.endswith("k_proj.bias") or name.endswith("v_proj.bias"):
+                p.normal_(0, 0.3)
+            elif "experts" in name or "shared_expert" in name:
+                p.normal_(0, 0.1)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0, 1.0)
+        m.lm_head.weight.mul_(4.0)  # sharper distributions: greedy choices with clear margins
+    m.eval()
+    return m
+
+
+def _prompt(seed: int, n: int = 19):
+    return [int(t) for t in np.random.default_rng(seed).integers(0, V, n)]
+
+
+# ------------------------------------------------------------------------------------------------ routing ops
+
+
+def _route_reference(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
+    """Token by token in float64: sort the experts by (-score, index), keep k."""
+    weights, experts = [], []
+    for row in logits.double():
+        if softmax_first:
+            p = torch.softmax(row, 0)
+            keep = sorted(range(len(row)), key=lambda e: (-p[e].item(), e))[:k]
+            w = p[keep]
+            w = w / w.sum() if renormalize else w
+        else:
+            keep = sorted(range(len(row)), key=lambda e: (-row[e].item(), e))[:k]
+            w = torch.softmax(row[keep], 0)
+        weights.append(w)
+        experts.append(keep)
+    return torch.stack(weights), torch.tensor(experts)
+
+
+@pytest.mark.parametrize("softmax_first, renormalize", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("E, k", [(4, 1), (8, 2), (64, 6)])
+def test_route_matches_a_per_token_reference(E, k, softmax_first, renormalize):
+    logits = torch.randn(37, E, generator=torch.Generator().manual_seed(E + k))
+    logits[3, :] = 0.5  # a row of ties: the lower expert index first
+    logits[5, 1] = logits[5, 2] = 4.0
+    weights, experts = route(logits, k, softmax_first=softmax_first, renormalize=renormalize)
+    ref_w, ref_e = _route_reference(logits, k, softmax_first, renormalize)
+    assert weights.dtype == torch.float32 and experts.dtype == torch.int32
+    assert torch.equal(experts.long(), ref_e)
+    assert_close(weights, ref_w.float(), atol=1e-6, name="routing weights")
+    w64, e64 = route(logits.double(), k, softmax_first=softmax_first, renormalize=renormalize)
+    assert w64.dtype == torch.float64 and torch.equal(e64.long(), ref_e)
+    assert_close(w64, ref_w, atol=1e-12, name="float64 routing weights")
+
+
+def _expert_ffn_reference(x, weights, experts, gate, up, down):
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(weights.shape[1]):
+            e = int(experts[t, j])
+            h = x[t].double()
+            h = torch.nn.functional.silu(gate[e].double() @ h) * (up[e].double() @ h)
+            out[t] += weights[t, j].double() * (down[e].double() @ h)
+    return out
+
+
+@pytest.mark.parametrize("E, k, T", [(4, 2, 1), (8, 2, 5), (16, 1, 40), (64, 4, 9)])
+def test_expert_ffn_matches_a_per_token_loop(E, k, T):
+    g = torch.Generator().manual_seed(E * T + k)
+    D, Fd = 24, 40
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    gate, up = torch.randn(E, Fd, D, generator=g, dtype=torch.float64), torch.randn(E, Fd, D, generator=g,
+                                                                                    dtype=torch.float64)
+    down = torch.randn(E, D, Fd, generator=g, dtype=torch.float64)
+    weights, experts = route(torch.randn(T, E, generator=g, dtype=torch.float64), k)
+    ref = _expert_ffn_reference(x, weights, experts, gate, up, down)
+    assert_close(expert_ffn(x, weights, experts, gate, up, down), ref, atol=1e-10, name="float64 expert ffn")
+    out32 = expert_ffn(x.float(), weights.float(), experts, gate.float(), up.float(), down.float())
+    assert out32.dtype == torch.float32
+    assert_close(out32, ref.float(), atol=1e-3, rtol=1e-4, name="float32 expert ffn")
+
+
+def test_expert_ffn_is_differentiable_in_x_and_the_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    gate, up, down = (torch.randn(4, 12, 8, generator=g, dtype=torch.float64, requires_grad=True),
+                      torch.randn(4, 12, 8, generator=g, dtype=torch.float64, requires_grad=True),
+                      torch.randn(4, 8, 12, generator=g, dtype=torch.float64, requires_grad=True))
+
+    def f(x, logits, gate, up, down):
+        w, e = route(logits, 2)
+        return expert_ffn(x, w, e, gate, up, down)
+
+    assert torch.autograd.gradcheck(f, (x, logits, gate, up, down))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: route(torch.zeros(3, 4), 5), "top_k"),
+    (lambda: route(torch.zeros(3, 4), 0), "top_k"),
+    (lambda: route(torch.zeros(4), 1), "router_logits"),
+    (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [4]]), torch.zeros(4, 6, 8),
+                        torch.zeros(4, 6, 8), torch.zeros(4, 8, 6)), "experts"),
+    (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [1]]), torch.zeros(4, 6, 8),
+                        torch.zeros(4, 6, 8), torch.zeros(4, 6, 8)), "down"),
+    (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [1]]), torch.zeros(4, 6, 8),
+                        torch.zeros(4, 6, 8), torch.zeros(4, 8, 6), activation="gelu"), "activation"),
+])
+def test_moe_ops_bad_input_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------ HF parity
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_logits_match_transformers(tmp_path, kind, top_k):
+    hf = make_moe_hf(kind, top_k)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_hf(tmp_path)
+    cfg = loaded.config
+    assert (cfg.arch, cfg.n_expert, cfg.n_expert_used) == (kind, 4, top_k)
+    for T in (1, 19):
+        idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            ref, out = hf(idx).logits, loaded.model(idx)[0]
+        assert_close(out, ref, atol=1e-4, name=f"{kind} k={top_k} T={T}: logits")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_paged_decode_matches_transformers(tmp_path, kind, top_k):
+    """Prefill in chunks across blocks of 4, then 8 greedy paged decode steps: every step's logits are HF's."""
+    hf = make_moe_hf(kind, top_k)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    llm = LLM(str(tmp_path), tokenizer=_NoText(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    prompt = _prompt(3)
+    tokens, logits = engine_trace(llm, prompt, 8)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    assert_close(logits, ref, atol=1e-4, name=f"{kind} k={top_k}: logits of {len(tokens)} paged steps")
