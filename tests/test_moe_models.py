@@ -20,26 +20,29 @@ from flashlm.models import ModelConfig, Transformer  # noqa: E402
 from flashlm.models.moe_ops import expert_ffn, route  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
 
-V = 96
+V = 320  # (above the 300 tokens of the byte-level BPE the GGUF tests write)
 KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
-def make_moe_hf(kind: str, top_k: int, n_expert: int = 4):
-    """A tiny random transformers MoE model (eval mode): GQA 4:2, two layers, untied. The router's weights are
-    scaled up so that no token's top-k choice is a near tie (which float rounding could flip either way)."""
+def make_moe_hf(kind: str, top_k: int, n_expert: int = 4, wide: bool = False):
+    """A tiny random transformers MoE model (eval mode): GQA 4:2, two layers, untied. The routers' inputs are
+    dominated by the token embeddings (scaled up), which every runtime reads alike, so that the rounding of the
+    attention's matmuls (Q8_0 in llama.cpp and flashlm, each in its own order) rarely flips a top-k choice.
+    wide: Mixtral with d_model and experts 256 wide, rows that hold whole K-quant blocks."""
     torch.manual_seed({"mixtral": 21, "qwen2_moe": 22, "qwen3_moe": 23}[kind] + 10 * top_k)
-    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, num_experts_per_tok=top_k, tie_word_embeddings=False)
+    common = dict(vocab_size=V, hidden_size=256 if wide else 64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=top_k,
+                  tie_word_embeddings=False)
     if kind == "mixtral":
-        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, intermediate_size=48,
+        m = transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, intermediate_size=256 if wide else 64,
                                                                        num_local_experts=n_expert))
     elif kind == "qwen2_moe":  # a shared expert; norm_topk_prob False (Qwen1.5-MoE's, and llama.cpp's qwen2moe)
         m = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
-            **common, intermediate_size=80, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+            **common, intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=96,
             num_experts=n_expert, norm_topk_prob=False))
     else:  # a head_dim of its own (q is 96 wide); norm_topk_prob True (Qwen3-MoE's)
         m = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
-            **common, intermediate_size=80, moe_intermediate_size=40, num_experts=n_expert, head_dim=24,
+            **common, intermediate_size=80, moe_intermediate_size=32, num_experts=n_expert, head_dim=24,
             norm_topk_prob=True))
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -51,6 +54,7 @@ def make_moe_hf(kind: str, top_k: int, n_expert: int = 4):
                 p.normal_(0, 0.1)
             elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 p.normal_(0, 1.0)
+        m.model.embed_tokens.weight.mul_(8.0)
         m.lm_head.weight.mul_(4.0)  # sharper distributions: greedy choices with clear margins
     m.eval()
     return m
@@ -184,3 +188,57 @@ def test_paged_decode_matches_transformers(tmp_path, kind, top_k):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
     assert_close(logits, ref, atol=1e-4, name=f"{kind} k={top_k}: logits of {len(tokens)} paged steps")
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+
+
+def _convert(folder, path, qtype):
+    from flashlm.cli import main as cli_main
+    from tokenizer_sources import train_bpe
+
+    train_bpe("gpt-2", vocab_size=300).save(str(folder / "tokenizer.json"))
+    assert cli_main(["convert", str(folder), str(path), "--type", qtype, "--quiet"]) == 0
+
+
+def _llama_cpp_logits(llama_cpp, path, prompt, tokens):
+    """llama.cpp's logits for each of `tokens` decoded after `prompt` (float32 KV cache)."""
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, verbose=False, n_threads=2, type_k=0,
+                          type_v=0, logits_all=True)
+    ref.eval(prompt)
+    out = []
+    for token in tokens:
+        out.append(np.array(ref.scores[ref.n_tokens - 1], dtype=np.float32))
+        ref.eval([token])
+    return torch.from_numpy(np.stack(out))
+
+
+@pytest.mark.parametrize("kind, top_k, qtype, tol", [
+    ("mixtral", 2, "F32", 1e-3), ("mixtral", 1, "Q8_0", 0.05), ("qwen2_moe", 2, "F32", 1e-3),
+    ("qwen2_moe", 2, "Q8_0", 0.05), ("qwen3_moe", 2, "F32", 1e-3), ("qwen3_moe", 1, "Q8_0", 0.05),
+    ("mixtral_wide", 2, "Q4_K_S", 0.05)])
+def test_converted_gguf_decodes_like_llama_cpp(tmp_path, kind, top_k, qtype, tol):
+    """`flashlm convert` writes the file; flashlm's engine decodes 32 greedy tokens from it; llama.cpp, given the
+    same tokens, gives every step's logits within the quantization's rounding (F32: summation order only) and,
+    at F32, picks the same greedy tokens itself."""
+    from flashlm.gguf import GGUFFile
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    hf = make_moe_hf(kind.removesuffix("_wide"), top_k, wide=kind.endswith("_wide"))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / f"m-{qtype}.gguf"
+    _convert(tmp_path / "hf", path, qtype)
+    with GGUFFile(str(path)) as f:
+        types = {t.ggml_type for t in f.tensors if "_exps" in t.name}
+    assert types == {qtype.removesuffix("_S")}, f"expert tensors stored as {types}"
+    prompt = _prompt(7, 11)
+    llm = LLM(str(path), block_size=4, max_num_seqs=1)
+    tokens, logits = engine_trace(llm, prompt, 32)
+    ref_logits = _llama_cpp_logits(llama_cpp, path, prompt, tokens)
+    scale = ref_logits.abs().max().item()
+    diff = (logits - ref_logits).abs()
+    step = int(diff.amax(-1).argmax())
+    assert diff.max().item() <= tol * scale, (f"{kind} {qtype}: max logit difference {diff.max().item():.3g} at "
+                                              f"step {step} (logit scale {scale:.3g})")
+    if qtype == "F32":
+        assert ref_logits.argmax(-1).tolist() == tokens

@@ -35,6 +35,15 @@ class MoEMLP(nn.Module):
         self.shared_gate = nn.Linear(d, 1, bias=False) if shared is not None else None
         self.last_router_logits: Optional[torch.Tensor] = None
 
+    def set_experts(self, gate, up, down) -> None:
+        """Puts the stacked expert matrices in place: float tensors (kept as parameters) or GGUF expert blocks (an
+        object with raw [E, rows, row_bytes], ggml_type and shape (E, rows, cols), as a loader builds)."""
+        for name, w in (("experts_gate", gate), ("experts_up", up), ("experts_down", down)):
+            if name in self._parameters:
+                del self._parameters[name]
+            setattr(self, name, w if not isinstance(w, torch.Tensor) or isinstance(w, nn.Parameter)
+                    else nn.Parameter(w, requires_grad=False))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])

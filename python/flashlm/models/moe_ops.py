@@ -5,14 +5,19 @@ against, and what the MoE models run until those replace it (flashlm.models.moe 
     out = expert_ffn(x, weights, experts, gate, up, down)   # [T, D]
 
 Every dtype torch takes works (float64 for a reference). The expert weights may be float tensors [E, F, D] /
-[E, D, F] or GGUF expert tensors (an object with raw uint8 [E, N, row_bytes], ggml_type and shape (E, N, K)):
-those are dequantized one expert at a time, only for the experts some token uses.
+[E, D, F] or GGUF expert tensors (an object with raw uint8 [E, N, row_bytes], ggml_type and shape (E, N, K)),
+read only for the experts some token uses: through the GGUF matmul, which rounds activations as ggml does (so
+a file's experts compute what llama.cpp computes), where it takes the type and x's dtype; otherwise one
+expert dequantized at a time.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from flashlm.ops.dequant import dequantize
+from flashlm.ops.gguf_linear import GGUF_LINEAR_TYPES, gguf_linear
 
 ACTIVATIONS = ("silu",)
 
@@ -43,13 +48,13 @@ def route(router_logits: torch.Tensor, top_k: int, *, softmax_first: bool = True
     return weights.to(torch.float32) if weights.dtype != torch.float64 else weights, order.to(torch.int32)
 
 
-def _expert_matrix(w, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's matrix [N, K] of w (a float [E, N, K] tensor, or GGUF expert blocks dequantized now)."""
+def _expert_matmul(h: torch.Tensor, w, e: int) -> torch.Tensor:
+    """h [T, K] @ expert e's matrix [N, K].T, w a float [E, N, K] tensor or GGUF expert blocks."""
     if isinstance(w, torch.Tensor):
-        return w[e] if w.dtype == dtype else w[e].to(dtype)
-    from flashlm.ops.dequant import dequantize
-
-    return dequantize(w.raw[e], w.ggml_type, tuple(w.shape[1:])).to(dtype)
+        return h @ (w[e] if w.dtype == h.dtype else w[e].to(h.dtype)).t()
+    if w.ggml_type in GGUF_LINEAR_TYPES and h.dtype in (torch.float32, torch.bfloat16):
+        return gguf_linear(h, w.raw[e], w.ggml_type, tuple(w.shape[1:]))
+    return h @ dequantize(w.raw[e], w.ggml_type, tuple(w.shape[1:])).to(h.dtype).t()
 
 
 def _expert_shape(w, name: str) -> tuple:
@@ -92,7 +97,7 @@ def expert_ffn(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ga
         pairs = (flat == e).nonzero().squeeze(1)
         tokens = token_of[pairs]
         h = x.index_select(0, tokens)
-        h = F.silu(h @ _expert_matrix(gate, e, x.dtype).t()) * (h @ _expert_matrix(up, e, x.dtype).t())
-        h = h @ _expert_matrix(down, e, x.dtype).t()
+        h = F.silu(_expert_matmul(h, gate, e)) * _expert_matmul(h, up, e)
+        h = _expert_matmul(h, down, e)
         out = out.index_add(0, tokens, h * flat_weights[pairs].to(x.dtype)[:, None])
     return out
