@@ -242,3 +242,68 @@ def test_converted_gguf_decodes_like_llama_cpp(tmp_path, kind, top_k, qtype, tol
                                               f"step {step} (logit scale {scale:.3g})")
     if qtype == "F32":
         assert ref_logits.argmax(-1).tolist() == tokens
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_load_balancing_loss_matches_transformers_and_a_hand_computation():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from flashlm.train.losses import load_balancing_loss, router_z_loss
+
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(13, 8, generator=g) for _ in range(3)]
+    for k in (1, 2):
+        ref = load_balancing_loss_func(tuple(layers), 8, k)
+        assert_close(load_balancing_loss(layers, k), ref, atol=1e-6, name=f"load balancing k={k}")
+    # By hand: two tokens, two experts, probabilities (1/4, 3/4) each: both pick expert 1 (f = 0, 1), the mean
+    # probabilities P = (1/4, 3/4): 2 * (0 * 1/4 + 1 * 3/4) = 3/2; logsumexp = ln 4 for both tokens.
+    logits = [torch.tensor([[0.0, np.log(3.0)], [0.0, np.log(3.0)]])]
+    assert abs(load_balancing_loss(logits, 1).item() - 1.5) < 1e-6
+    assert abs(router_z_loss(logits).item() - np.log(4.0) ** 2) < 1e-6
+    # Even routing reaches the minimum, k: four tokens, each on its own expert with equal probabilities elsewhere
+    even = [torch.eye(4) * 3.0]
+    assert abs(load_balancing_loss(even, 1).item() - 1.0) < 1e-6
+
+
+def test_aux_losses_reach_the_router_through_the_model():
+    from flashlm.train.losses import moe_aux_losses
+
+    cfg = ModelConfig(arch="mixtral", vocab_size=V, n_layer=2, n_head=2, d_model=32, n_expert=4, n_expert_used=2)
+    model = Transformer(cfg).train()
+    idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    model(idx)
+    penalty, metrics = moe_aux_losses(model, aux_coef=1.0, z_coef=0.0)
+    assert set(metrics) == {"moe_aux", "moe_z"} and metrics["moe_aux"].item() >= 2.0 - 1e-5  # (k = 2 at best)
+    penalty.backward()
+    for block in model.blocks:
+        assert block.mlp.router.weight.grad.abs().sum() > 0
+    dense = Transformer(ModelConfig(arch="llama", vocab_size=V, n_layer=1, n_head=2, d_model=32))
+    assert moe_aux_losses(dense, 1.0, 1.0) == (None, {})
+    model.eval()
+    model(idx)
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_aux_losses(model, 1.0, 1.0)
+
+
+def test_short_mixtral_training_run_lowers_the_loss(tmp_path):
+    from test_train_loop import generated_text
+
+    from flashlm.train.config import TrainConfig
+    from flashlm.train.trainer import Trainer
+
+    text = tmp_path / "text.txt"
+    text.write_text(generated_text(30_000))
+    cfg = TrainConfig.from_sources("tiny", overrides=dict(
+        arch="mixtral", n_expert=4, n_expert_used=2, data=[str(text)], data_cache=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "run"), progress=False, sample_tokens=0, max_steps=20, eval_interval=10,
+        eval_batches=2, ckpt_interval=20, seq_len=32, batch_size=4, router_aux_coef=0.02))
+    trainer = Trainer(cfg)
+    assert trainer.model.cfg.moe and trainer.model.cfg.n_expert == 4
+    metrics = trainer.train()
+    val = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert all("moe_aux" in m and "moe_z" in m for m in metrics)
+    assert abs(metrics[0]["loss"] - np.log(trainer.data.vocab_size)) < 0.2
+    assert val[-1] < metrics[0]["loss"] - 1.0, f"validation losses {val} from {metrics[0]['loss']}"
+    assert all(m["moe_aux"] < 2.5 for m in metrics[-5:]), "routing stayed far from balanced"
