@@ -307,3 +307,47 @@ def test_short_mixtral_training_run_lowers_the_loss(tmp_path):
     assert abs(metrics[0]["loss"] - np.log(trainer.data.vocab_size)) < 0.2
     assert val[-1] < metrics[0]["loss"] - 1.0, f"validation losses {val} from {metrics[0]['loss']}"
     assert all(m["moe_aux"] < 2.5 for m in metrics[-5:]), "routing stayed far from balanced"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _random_moe(kind: str) -> Transformer:
+    extra = {"qwen2_moe": dict(shared_expert_d_ff=64, norm_topk_prob=False), "qwen3_moe": dict(head_dim=24)}
+    cfg = ModelConfig(arch=kind, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=64, seq_len=64,
+                      n_expert=4, n_expert_used=2, moe_d_ff=32 if kind != "mixtral" else None,
+                      tie_embeddings=False, **extra.get(kind, {}))
+    torch.manual_seed(5)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or "shared" in name or name.endswith("bias"):
+                p.normal_(0, 0.1)
+            elif name.endswith("router.weight"):
+                p.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_hf_and_gguf_round_trip(tmp_path, kind):
+    """export_hf's directory runs in transformers, and export_gguf's F32 file loads in flashlm, with the logits
+    of the model exported."""
+    from flashlm.io import load_gguf
+    from flashlm.train.export import export_gguf, export_hf
+    from tokenizer_sources import train_bpe
+
+    model = _random_moe(kind)
+    tok = train_bpe("gpt-2", vocab_size=300).to_str()
+    idx = torch.randint(0, V, (1, 13), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(idx)[0]
+    export_hf(model, model.cfg, tok, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert_close(hf(idx).logits, want, atol=1e-4, name=f"{kind}: transformers on the exported directory")
+    export_gguf(model, model.cfg, tok, tmp_path / "m.gguf")
+    loaded = load_gguf(tmp_path / "m.gguf")
+    expert_fields = ("arch", "n_expert", "n_expert_used", "moe_d_ff", "shared_expert_d_ff", "norm_topk_prob")
+    assert [getattr(loaded.config, f) for f in expert_fields] == [getattr(model.cfg, f) for f in expert_fields]
+    with torch.no_grad():
+        assert_close(loaded.model(idx)[0], want, atol=1e-4, name=f"{kind}: the exported GGUF file")

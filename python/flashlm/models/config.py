@@ -171,6 +171,10 @@ class ModelConfig:
             self.norm_topk_prob = True
         if not isinstance(self.norm_topk_prob, bool):
             raise ValueError(f"norm_topk_prob: must be a bool, got {self.norm_topk_prob!r}")
+        if self.arch == "mixtral" and not self.norm_topk_prob:
+            raise ValueError("norm_topk_prob: Mixtral always renormalises its kept routing weights (True), got False")
+        if self.arch == "qwen2_moe" and self.shared_expert_d_ff is None:
+            raise ValueError("shared_expert_d_ff: qwen2_moe has a shared expert (its width is needed), got None")
 
     def _check_rope_scaling(self):
         rs = self.rope_scaling
