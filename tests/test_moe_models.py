@@ -351,3 +351,106 @@ def test_export_hf_and_gguf_round_trip(tmp_path, kind):
     assert [getattr(loaded.config, f) for f in expert_fields] == [getattr(model.cfg, f) for f in expert_fields]
     with torch.no_grad():
         assert_close(loaded.model(idx)[0], want, atol=1e-4, name=f"{kind}: the exported GGUF file")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _hf_dir(tmp_path, kind="mixtral"):
+    hf = make_moe_hf(kind, 2)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return tmp_path
+
+
+def _edit_json(path, **changes):
+    import json
+
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("used > count", "num_experts_per_tok 5 is more than the 4 experts"),
+    ("missing expert", r"expert 3 of layer 1 \(experts_up\) is missing"),
+    ("expert shape", r"model\.layers\.0\.block_sparse_moe\.experts\.2\.w2\.weight.*shape"),
+    ("extra expert", r"model\.layers\.0\.block_sparse_moe\.experts\.4\.w1\.weight"),
+    ("sparse step", "decoder_sparse_step"),
+])
+def test_hf_bad_moe_input_named(tmp_path, case, match):
+    from safetensors.torch import load_file, save_file
+
+    kind = "qwen2_moe" if case == "sparse step" else "mixtral"
+    folder = _hf_dir(tmp_path, kind)
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    if case == "used > count":
+        _edit_json(folder / "config.json", num_experts_per_tok=5)
+    elif case == "missing expert":
+        del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    elif case == "expert shape":
+        tensors["model.layers.0.block_sparse_moe.experts.2.w2.weight"] = torch.zeros(64, 32)
+    elif case == "extra expert":
+        tensors["model.layers.0.block_sparse_moe.experts.4.w1.weight"] = torch.zeros(64, 64)
+    else:
+        _edit_json(folder / "config.json", decoder_sparse_step=2)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=match):
+        load_hf(folder)
+    if case in ("missing expert", "extra expert"):  # `flashlm convert` reads the same directory
+        from flashlm.io.hf_source import HFSource
+
+        with pytest.raises(ValueError, match=r"expert 3 of blk\.1\.ffn_up_exps|expert 4 beyond the 4"):
+            HFSource(str(folder))
+
+
+def test_gguf_bad_moe_input_named(tmp_path):
+    from test_loaders import _set_uint32
+
+    from flashlm.gguf import GGUFFile
+    from flashlm.io import load_gguf
+    from flashlm.io.gguf_layout import gguf_model_config
+
+    path = tmp_path / "m.gguf"
+    _convert(_hf_dir(tmp_path / "hf", "qwen2_moe"), path, "Q8_0")
+    with GGUFFile(str(path)) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    assert gguf_model_config(metadata, shapes).arch == "qwen2_moe"
+    missing = {k: v for k, v in shapes.items() if k != "blk.1.ffn_up_exps.weight"}
+    with pytest.raises(ValueError, match=r"tensor 'blk\.1\.ffn_up_exps\.weight' is missing"):
+        gguf_model_config(metadata, missing)
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_gate_exps\.weight"):
+        gguf_model_config(metadata, shapes | {"blk.0.ffn_gate_exps.weight": (4, 32, 32)})
+    with pytest.raises(ValueError, match=r"blk\.0\.ffn_gate_inp_shexp\.weight"):
+        gguf_model_config(metadata, {k: v for k, v in shapes.items() if "ffn_gate_inp_shexp" not in k})
+    with pytest.raises(ValueError, match="expert_weights_scale"):
+        gguf_model_config(metadata | {"qwen2moe.expert_weights_scale": 2.5}, shapes)
+    _set_uint32(str(path), "qwen2moe.expert_used_count", 9)
+    with pytest.raises(ValueError, match="qwen2moe.expert_used_count 9 is more than qwen2moe.expert_count 4"):
+        load_gguf(path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(arch="mixtral", n_expert=4, n_expert_used=5), "n_expert_used"),
+    (dict(arch="mixtral", n_expert=4), "n_expert_used"),
+    (dict(arch="mixtral", n_expert=0, n_expert_used=1), "n_expert"),
+    (dict(arch="llama", n_expert=4, n_expert_used=2), "n_expert: llama has no experts"),
+    (dict(arch="mixtral", n_expert=4, n_expert_used=2, norm_topk_prob=False), "norm_topk_prob"),
+    (dict(arch="qwen2_moe", n_expert=4, n_expert_used=2), "shared_expert_d_ff"),
+    (dict(arch="qwen3_moe", n_expert=4, n_expert_used=2, shared_expert_d_ff=32), "shared_expert_d_ff"),
+    (dict(arch="qwen3_moe", n_expert=4, n_expert_used=2, norm_topk_prob=1), "norm_topk_prob"),
+])
+def test_model_config_checks_expert_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(d_model=32, n_head=2, **kwargs)
+
+
+def test_llama_cpp_layouts_refused_before_writing(tmp_path):
+    """What llama.cpp's qwen2moe would compute differently (renormalised weights) is refused by the exporter."""
+    from flashlm.train.export import export_gguf
+
+    model = _random_moe("qwen2_moe")
+    cfg = ModelConfig.from_dict({**model.cfg.to_dict(), "norm_topk_prob": True})
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        export_gguf(model, cfg, None, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
