@@ -454,3 +454,17 @@ def test_llama_cpp_layouts_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="norm_topk_prob"):
         export_gguf(model, cfg, None, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--arch", "llama", "--n-expert", "4"], "n_expert: llama has no experts"),
+    (["--arch", "mixtral", "--n-expert", "4", "--n-expert-used", "6"], "n_expert_used"),
+    (["--arch", "mixtral", "--router-z-coef", "-1"], "router_z_coef"),
+])
+def test_train_command_checks_expert_options_first(tmp_path, capsys, args, match):
+    from flashlm.cli import main as cli_main
+
+    assert cli_main(["train", "--out-dir", str(tmp_path / "run"), *args]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("flashlm: error: ") and match in err, err
+    assert not (tmp_path / "run").exists()

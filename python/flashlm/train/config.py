@@ -118,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"betas: must be two numbers, got {self.betas}")
         if isinstance(self.data, str):
             self.data = [self.data]
+        if self.arch in MOE_TRAIN_ARCHS or self.n_expert is not None or self.n_expert_used is not None:
+            self.model_config()  # the expert settings checked now, not after the data is prepared
 
     def document_separator(self) -> Optional[str]:
         """doc_separator as prepare_data takes it."""
