@@ -65,15 +65,15 @@ def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> 
     return cfg, factors
 
 
-class GGUFExpertBlocks:
+class GGUFExpertBlocks(nn.Module):
     """One quantized ffn_*_exps tensor, kept in the file's blocks: raw uint8 [E, N, row_bytes] (a view of the
-    mapping), ggml_type, shape (E, N, K). The MoE ops dequantize an expert's [N, K] when a token uses it."""
+    mapping; a buffer, so it moves with the model), ggml_type, shape (E, N, K). The MoE ops multiply by an
+    expert's [N, K] when a token uses it."""
 
     def __init__(self, raw: torch.Tensor, ggml_type: str, shape: tuple):
-        self.raw, self.ggml_type, self.shape = raw, ggml_type, tuple(shape)
-
-    def to(self, *args, **kwargs):  # (a module's .to() does not reach a plain attribute; kept on the CPU)
-        return self
+        super().__init__()
+        self.ggml_type, self.shape = ggml_type, tuple(shape)
+        self.register_buffer("raw", raw)
 
 
 class _Builder:
