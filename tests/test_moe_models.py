@@ -468,3 +468,11 @@ def test_train_command_checks_expert_options_first(tmp_path, capsys, args, match
     err = capsys.readouterr().err
     assert err.startswith("flashlm: error: ") and match in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_flops_per_token_count_the_experts_a_token_uses():
+    """Mixtral with one expert of four per token costs a llama of the same widths plus the routers."""
+    dims = dict(vocab_size=V, n_layer=2, n_head=2, d_model=32, d_ff=64, tie_embeddings=False)
+    moe = Transformer(ModelConfig(arch="mixtral", n_expert=4, n_expert_used=1, **dims))
+    dense = Transformer(ModelConfig(arch="llama", **dims))
+    assert moe.flops_per_token(16) == dense.flops_per_token(16) + 6.0 * 2 * 4 * 32

@@ -483,8 +483,12 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward, PaLM's accounting): 6 per weight of every matrix
-        multiply (the blocks and the lm head) plus 12 * n_layer * d_model * T for the attention scores."""
+        multiply (the blocks and the lm head; of a MoE layer, the experts a token uses) plus 12 * n_layer *
+        d_model * T for the attention scores."""
         cfg = self.cfg
         T = cfg.seq_len if seq_len is None else seq_len
-        return 6.0 * (self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model) \
+        weights = self.num_params(non_embedding=True)
+        if cfg.moe:  # a token goes through n_expert_used of the n_expert experts
+            weights -= cfg.n_layer * 3 * (cfg.n_expert - cfg.n_expert_used) * cfg.moe_d_ff * cfg.d_model
+        return 6.0 * (weights + cfg.vocab_size * cfg.d_model) \
             + 12.0 * cfg.n_layer * cfg.d_model * T
