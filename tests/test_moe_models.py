@@ -476,3 +476,20 @@ def test_flops_per_token_count_the_experts_a_token_uses():
     moe = Transformer(ModelConfig(arch="mixtral", n_expert=4, n_expert_used=1, **dims))
     dense = Transformer(ModelConfig(arch="llama", **dims))
     assert moe.flops_per_token(16) == dense.flops_per_token(16) + 6.0 * 2 * 4 * 32
+
+
+def test_aux_losses_under_activation_checkpointing_give_the_same_gradients():
+    from flashlm.train.losses import moe_aux_losses
+
+    cfg = ModelConfig(arch="qwen3_moe", vocab_size=V, n_layer=2, n_head=2, d_model=32, n_expert=4, n_expert_used=2)
+    idx = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg).train()
+        model.checkpointing = checkpointing
+        _, loss = model(idx, idx)
+        penalty, _ = moe_aux_losses(model, 0.5, 0.1)
+        (loss + penalty).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
