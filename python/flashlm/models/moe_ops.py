@@ -23,7 +23,7 @@ ACTIVATIONS = ("silu",)
 
 
 def route(router_logits: torch.Tensor, top_k: int, *, softmax_first: bool = True, renormalize: bool = True):
-    """(weights float32 [T, k], experts int32 [T, k]) of router_logits [T, E].
+    """(weights float32 [T, k] (float64 for float64 logits), experts int32 [T, k]) of router_logits [T, E].
 
     softmax_first: softmax over all E experts, keep the k largest, and with renormalize divide them by their sum
     (Mixtral; Qwen-MoE's norm_topk_prob). Otherwise the k largest logits, softmaxed among themselves. Ties go to
