@@ -17,7 +17,11 @@ from flashlm.models import ModelConfig
 from flashlm.models.config import LIMITS, check_heads, check_size
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "qwen2moe", "qwen3moe")
+# flashlm's MoE architectures under llama.cpp's names (Mixtral is llama.cpp's llama with experts)
+_GGUF_MOE_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+# Whether llama.cpp divides the kept routing weights by their sum (its build_moe_ffn's norm_w, fixed per arch)
+_LLAMA_CPP_NORM_TOPK = {"mixtral": True, "qwen2_moe": False, "qwen3_moe": True}
 _NO_LIMIT = 1 << 64  # GGUF integers are at most 64 bits
 
 
@@ -57,6 +61,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     arch = meta.str("general.architecture")
     if arch not in ARCHS:
         raise ValueError(f"metadata: general.architecture {arch!r} is not supported (supported: {', '.join(ARCHS)})")
+    moe = _moe_settings(meta, arch)
+    flashlm_arch = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, "mixtral" if moe else arch)
     # First the counts that size what is built, against what the file holds.
     n_layer = meta.int(f"{arch}.block_count")
     check_block_count(n_layer, shapes, "blk.", f"metadata: {arch}.block_count")
@@ -77,14 +83,14 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
     names = (f"{arch}.embedding_length", f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv")
     # A head_dim of its own (key_length; llama's and qwen2's where given): the heads need not split embedding_length
     key_length = f"{arch}.attention.key_length"
-    if arch in ("qwen3", "gemma2", "gemma3") or (arch != "gpt2" and key_length in meta.m):
+    if arch in ("qwen3", "qwen3moe", "gemma2", "gemma3") or (arch != "gpt2" and key_length in meta.m):
         head_dim = meta.int(key_length, limit=LIMITS["head_dim"])
         check_heads(n_head * head_dim, n_head, n_kv, names, "metadata: ")
     else:
         check_heads(d, n_head, n_kv, names, "metadata: ")
     declared = meta.int(f"{arch}.context_length")
     ctx = context_length(declared, max_model_len, f"metadata: {arch}.context_length")
-    common = dict(arch=arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),
+    common = dict(arch=flashlm_arch, vocab_size=vocab, n_layer=meta.int(f"{arch}.block_count", limit=LIMITS["n_layer"]),
                   n_head=n_head, n_kv_head=n_kv, d_model=d,
                   d_ff=meta.int(f"{arch}.feed_forward_length", limit=LIMITS["d_ff"]), seq_len=ctx,
                   tie_embeddings="output.weight" not in shapes)
@@ -94,9 +100,74 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
         head_dim = head_dim or d // n_head
         extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else \
             _phi3_settings(meta, shapes) if arch == "phi3" else {}
-        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra)
+        cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra, **moe)
     check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
     return cfg
+
+
+def _moe_settings(meta: Meta, arch: str) -> dict:
+    """The expert settings of a llama (Mixtral), qwen2moe or qwen3moe file, as llama.cpp reads them: expert_count
+    and expert_used_count; the experts' width expert_feed_forward_length (llama: feed_forward_length); qwen2moe's
+    shared expert, expert_shared_feed_forward_length wide (default feed_forward_length); the routing weights
+    renormalised as llama.cpp does for the architecture. Nothing for a dense model."""
+    count = f"{arch}.expert_count"
+    if arch not in ("llama", "qwen2moe", "qwen3moe") or (arch == "llama" and meta.m.get(count, 0) == 0):
+        return {}
+    n_expert = meta.int(count, limit=LIMITS["n_expert"])
+    used = meta.int(f"{arch}.expert_used_count", limit=LIMITS["n_expert"])
+    if used > n_expert:
+        raise ValueError(f"metadata: {arch}.expert_used_count {used} is more than {count} {n_expert}")
+    scale = meta.m.get(f"{arch}.expert_weights_scale", 0.0)
+    if scale not in (0.0, 1.0):
+        raise ValueError(f"metadata: {arch}.expert_weights_scale {scale!r} is not supported (0 or 1: no scaling)")
+    flashlm_arch = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}[arch]
+    settings = dict(n_expert=n_expert, n_expert_used=used, norm_topk_prob=_LLAMA_CPP_NORM_TOPK[flashlm_arch])
+    d_ff = meta.int(f"{arch}.feed_forward_length", limit=LIMITS["d_ff"])
+    if arch != "llama":
+        settings["moe_d_ff"] = meta.int(f"{arch}.expert_feed_forward_length", max(d_ff // used, 1),
+                                        limit=LIMITS["d_ff"])
+    if arch == "qwen2moe":
+        settings["shared_expert_d_ff"] = meta.int(f"{arch}.expert_shared_feed_forward_length", d_ff,
+                                                  limit=LIMITS["d_ff"])
+    return settings
+
+
+def gguf_arch(cfg: ModelConfig) -> str:
+    """The llama.cpp architecture name of a flashlm config (Mixtral: llama; Qwen-MoE: qwen2moe, qwen3moe)."""
+    return _GGUF_MOE_ARCH.get(cfg.arch, cfg.arch)
+
+
+def moe_metadata(s: ModelConfig) -> list:
+    """[(key, value, GGUFValueType)] of a MoE config's expert settings, as convert_hf_to_gguf writes them
+    (nothing for a dense model). Mixtral's expert width is its feed_forward_length."""
+    from gguf import GGUFValueType
+
+    if not s.moe:
+        return []
+    u32, a = GGUFValueType.UINT32, gguf_arch(s)
+    meta = [(f"{a}.expert_count", s.n_expert, u32), (f"{a}.expert_used_count", s.n_expert_used, u32)]
+    if s.arch != "mixtral":
+        meta.append((f"{a}.expert_feed_forward_length", s.moe_d_ff, u32))
+    if s.shared_expert_d_ff is not None:
+        meta.append((f"{a}.expert_shared_feed_forward_length", s.shared_expert_d_ff, u32))
+    return meta
+
+
+def check_llama_cpp_moe(s: ModelConfig) -> None:
+    """ValueError unless llama.cpp computes what a MoE config describes: it renormalises the kept routing
+    weights for llama (Mixtral) and qwen3moe and never for qwen2moe, whose output matrix must be its own;
+    Mixtral's experts are feed_forward_length wide."""
+    if not s.moe:
+        return
+    want = _LLAMA_CPP_NORM_TOPK[s.arch]
+    if s.norm_topk_prob != want:
+        raise ValueError(f"model_config: llama.cpp's {gguf_arch(s)} runs norm_topk_prob={want}, the model has "
+                         f"{s.norm_topk_prob}")
+    if s.arch == "qwen2_moe" and s.tie_embeddings:
+        raise ValueError("model_config: llama.cpp's qwen2moe needs an output matrix of its own (tie_embeddings)")
+    if s.arch == "mixtral" and s.moe_d_ff != s.d_ff:
+        raise ValueError(f"model_config: llama.cpp's Mixtral (llama) has experts of feed_forward_length: moe_d_ff "
+                         f"{s.moe_d_ff} != d_ff {s.d_ff}")
 
 
 def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
@@ -177,8 +248,8 @@ def check_llama_cpp_gemma(s: ModelConfig) -> None:
 def check_llama_cpp_head_dim(s: ModelConfig) -> None:
     """ValueError for a qwen2 whose heads do not fill the model width: llama.cpp's qwen2 builds attn_q and attn_output
     as [n_embd, n_embd] (its llama, qwen3 and gemma read key_length)."""
-    if s.arch == "qwen2" and s.n_head * s.head_dim != s.d_model:
-        raise ValueError(f"model_config: llama.cpp's qwen2 needs n_head * head_dim = d_model, got {s.n_head} * "
+    if s.base_arch == "qwen2" and s.n_head * s.head_dim != s.d_model:
+        raise ValueError(f"model_config: llama.cpp's {gguf_arch(s)} needs n_head * head_dim = d_model, got {s.n_head} * "
                          f"{s.head_dim} != {s.d_model} (heads pruned away: write an HF directory or a run folder)")
 
 
@@ -189,7 +260,7 @@ def window_metadata(s: ModelConfig, context: int) -> list:
     them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
     from gguf import GGUFValueType
 
-    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, gguf_arch(s)
     if a == "phi3":
         return [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
     if s.kv_window is not None:
@@ -220,8 +291,8 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
         shapes["output.weight"] = (V, d)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
-        shapes |= {p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,), p + "ffn_up.weight": (ff, d),
-                   p + "ffn_down.weight": (d, ff)}
+        shapes |= {p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,)}
+        shapes |= _moe_tensor_shapes(cfg, p) if cfg.moe else {p + "ffn_up.weight": (ff, d), p + "ffn_down.weight": (d, ff)}
         if gpt2:
             shapes |= {p + "attn_norm.bias": (d,), p + "ffn_norm.bias": (d,), p + "attn_qkv.weight": (3 * d, d),
                        p + "attn_qkv.bias": (3 * d,), p + "attn_output.weight": (d, d), p + "attn_output.bias": (d,),
@@ -232,11 +303,26 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
                        p + "ffn_up.weight": (2 * ff, d)}
             continue
         shapes |= {p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d), p + "attn_v.weight": (kv, d),
-                   p + "attn_output.weight": (d, q), p + "ffn_gate.weight": (ff, d)}
+                   p + "attn_output.weight": (d, q)}
+        if not cfg.moe:
+            shapes[p + "ffn_gate.weight"] = (ff, d)
         if cfg.qkv_bias:
             shapes |= {p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)}
         if cfg.qk_norm:
             shapes |= {p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,)}
         if cfg.gemma:
             shapes |= {p + "post_attention_norm.weight": (d,), p + "post_ffw_norm.weight": (d,)}
+    return shapes
+
+
+def _moe_tensor_shapes(cfg: ModelConfig, p: str) -> dict:
+    """A MoE block's router (ffn_gate_inp), stacked experts (ffn_*_exps, torch order [experts, rows, cols]) and
+    qwen2moe's shared expert (ffn_*_shexp, its sigmoid gate ffn_gate_inp_shexp a vector)."""
+    d, E, ff = cfg.d_model, cfg.n_expert, cfg.moe_d_ff
+    shapes = {p + "ffn_gate_inp.weight": (E, d), p + "ffn_gate_exps.weight": (E, ff, d),
+              p + "ffn_up_exps.weight": (E, ff, d), p + "ffn_down_exps.weight": (E, d, ff)}
+    if cfg.shared_expert_d_ff is not None:
+        sff = cfg.shared_expert_d_ff
+        shapes |= {p + "ffn_gate_shexp.weight": (sff, d), p + "ffn_up_shexp.weight": (sff, d),
+                   p + "ffn_down_shexp.weight": (d, sff), p + "ffn_gate_inp_shexp.weight": (d,)}
     return shapes

@@ -1,4 +1,4 @@
-"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2, gemma3, phi3 and gpt2 architectures) as a flashlm Transformer in eval mode.
+"""load_gguf: a GGUF file (llama.cpp's llama, qwen2, qwen3, gemma2, gemma3, phi3, gpt2, qwen2moe and qwen3moe architectures) as a flashlm Transformer in eval mode.
 
     loaded = load_gguf("model-Q4_K_M.gguf", max_model_len=4096)
 
@@ -65,6 +65,17 @@ def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> 
     return cfg, factors
 
 
+class GGUFExpertBlocks(nn.Module):
+    """One quantized ffn_*_exps tensor, kept in the file's blocks: raw uint8 [E, N, row_bytes] (a view of the
+    mapping; a buffer, so it moves with the model), ggml_type, shape (E, N, K). The MoE ops multiply by an
+    expert's [N, K] when a token uses it."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: str, shape: tuple):
+        super().__init__()
+        self.ggml_type, self.shape = ggml_type, tuple(shape)
+        self.register_buffer("raw", raw)
+
+
 class _Builder:
     """Turns the file's tensors into the modules and parameters of a Transformer."""
 
@@ -117,6 +128,14 @@ class _Builder:
         if b is not None:
             linear.bias = nn.Parameter(b, requires_grad=False)
         return linear
+
+    def experts(self, name: str, shape: tuple):
+        """The stacked expert matrices `name` [E, N, K]: GGUFExpertBlocks over the file's bytes (quantized),
+        float32 otherwise."""
+        info = self.info(name, shape)
+        if info.ggml_type in _FLOAT_TYPES or not ops.dequantize_supported(info.ggml_type):
+            return self.floats(name, shape)
+        return GGUFExpertBlocks(self.f.raw(name).reshape(shape[0], shape[1], -1), info.ggml_type, shape)
 
     def embedding(self, name: str, shape: tuple) -> nn.Module:
         info = self.info(name, shape)
@@ -178,7 +197,7 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
             _build_phi3_block(block, b, cfg, p)
             continue
         qkv_bias = cfg.qkv_bias
-        permute = cfg.arch == "llama"
+        permute = cfg.base_arch == "llama"  # (Mixtral is llama.cpp's llama)
         for n, heads in (("q", cfg.n_head), ("k", cfg.n_kv_head)):
             order = rope_row_order(heads, hd) if permute else None
             set_module(block, f"attn.{n}", b.linear(p + f"attn_{n}.weight", (heads * hd, d),
@@ -191,9 +210,29 @@ def _build(model, b: _Builder, cfg: ModelConfig) -> None:
         if cfg.qk_norm:
             b.norm(block.attn.q_norm, p + "attn_q_norm", False, hd)
             b.norm(block.attn.k_norm, p + "attn_k_norm", False, hd)
+        if cfg.moe:
+            _build_moe(block.mlp, b, cfg, p)
+            continue
         block.mlp.gate = b.linear(p + "ffn_gate.weight", (cfg.d_ff, d))
         block.mlp.up = b.linear(p + "ffn_up.weight", (cfg.d_ff, d))
         block.mlp.down = b.linear(p + "ffn_down.weight", (d, cfg.d_ff))
+
+
+def _build_moe(mlp, b: _Builder, cfg: ModelConfig, p: str) -> None:
+    """A MoE block's router, experts and (qwen2moe) shared expert with its sigmoid gate (a [d] vector in the
+    file, the [1, d] linear here)."""
+    d, E, ff = cfg.d_model, cfg.n_expert, cfg.moe_d_ff
+    mlp.router = b.linear(p + "ffn_gate_inp.weight", (E, d))
+    mlp.set_experts(b.experts(p + "ffn_gate_exps.weight", (E, ff, d)), b.experts(p + "ffn_up_exps.weight", (E, ff, d)),
+                    b.experts(p + "ffn_down_exps.weight", (E, d, ff)))
+    if mlp.shared is not None:
+        sff = cfg.shared_expert_d_ff
+        mlp.shared.gate = b.linear(p + "ffn_gate_shexp.weight", (sff, d))
+        mlp.shared.up = b.linear(p + "ffn_up_shexp.weight", (sff, d))
+        mlp.shared.down = b.linear(p + "ffn_down_shexp.weight", (d, sff))
+        gate = nn.Linear(d, 1, bias=False, device="meta")
+        gate.weight = nn.Parameter(b.floats(p + "ffn_gate_inp_shexp.weight", (d,)).reshape(1, d), requires_grad=False)
+        mlp.shared_gate = gate
 
 
 def _build_phi3_block(block, b: _Builder, cfg: ModelConfig, p: str) -> None:

@@ -4,7 +4,9 @@
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (its sliding window on every layer), Qwen2ForCausalLM,
 Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding window kept; no
-partial rotary factor, no long-rope scaling) and GPT2LMHeadModel. Both spellings of the rotary settings are read:
+partial rotary factor, no long-rope scaling), GPT2LMHeadModel, and the mixtures of experts MixtralForCausalLM,
+Qwen2MoeForCausalLM and Qwen3MoeForCausalLM (experts on every layer: a decoder_sparse_step other than 1 or
+mlp_only_layers are refused). Both spellings of the rotary settings are read:
 `rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's
 Transformer would compute differently (another activation, biases it does not have, rope scaling other than
 Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for every rotary
@@ -19,12 +21,14 @@ from typing import Optional
 
 from flashlm.io.loaded import context_length
 from flashlm.models import ModelConfig
-from flashlm.models.config import LIMITS, check_heads, check_size
+from flashlm.models.config import LIMITS, MOE_BASE, check_heads, check_size
 
 # HF architecture -> flashlm arch
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                     "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2",
-                    "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3", "GPT2LMHeadModel": "gpt2"}
+                    "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3", "GPT2LMHeadModel": "gpt2",
+                    "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                    "Qwen3MoeForCausalLM": "qwen3_moe"}
 # transformers' defaults for what a config.json may leave out
 _QWEN3_HEAD_DIM = 128
 _GEMMA_DEFAULTS = {"gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
@@ -119,17 +123,45 @@ def _gpt2_config(cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def _moe_settings(arch: str, cfg: dict) -> dict:
+    """The expert settings of a Mixtral / Qwen-MoE config.json, as transformers reads them (its defaults for
+    norm_topk_prob, decoder_sparse_step and mlp_only_layers)."""
+    if arch == "mixtral":
+        n_expert, ff, norm = _get(cfg, "num_local_experts", limit="n_expert"), None, True
+    else:
+        key = "num_experts" if "num_experts" in cfg else "num_local_experts"  # (transformers 5 writes the latter)
+        n_expert = _get(cfg, key, limit="n_expert")
+        ff = _get(cfg, "moe_intermediate_size", limit="d_ff")
+        norm = cfg.get("norm_topk_prob", False)
+        if not isinstance(norm, bool):
+            raise ValueError(f"config.json: norm_topk_prob must be true or false, got {norm!r}")
+        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+            raise ValueError(f"config.json: decoder_sparse_step {cfg.get('decoder_sparse_step')!r} / mlp_only_layers "
+                             f"{cfg.get('mlp_only_layers')!r} are not supported (experts on every layer only)")
+    used = _get(cfg, "num_experts_per_tok", limit="n_expert")
+    if used > n_expert:
+        raise ValueError(f"config.json: num_experts_per_tok {used} is more than the {n_expert} experts")
+    settings = dict(n_expert=n_expert, n_expert_used=used, moe_d_ff=ff, norm_topk_prob=norm)
+    if arch == "qwen2_moe":
+        settings["shared_expert_d_ff"] = _get(cfg, "shared_expert_intermediate_size", limit="d_ff")
+        if cfg.get("qkv_bias", True) is not True:
+            raise ValueError("config.json: qkv_bias=false is not supported for qwen2_moe")
+    return settings
+
+
 def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelConfig:
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (SiLU only)")
     if cfg.get("mlp_bias"):
         raise ValueError("config.json: mlp_bias=true is not supported")
+    moe = _moe_settings(arch, cfg) if arch in MOE_BASE else {}
+    arch, moe_arch = MOE_BASE.get(arch, arch), arch  # the attention is the dense architecture's
     if arch in ("llama", "qwen3", "phi3") and cfg.get("attention_bias"):
-        raise ValueError(f"config.json: attention_bias=true is not supported for {arch}")
+        raise ValueError(f"config.json: attention_bias=true is not supported for {moe_arch}")
     d, heads = _get(cfg, "hidden_size", limit="d_model"), _get(cfg, "num_attention_heads", limit="n_head")
     kv_heads = _get(cfg, "num_key_value_heads", int, heads, limit="n_head")
     names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
-    if arch == "qwen3":  # its own head_dim: the heads need not split hidden_size
+    if moe_arch == "qwen3":  # its own head_dim: the heads need not split hidden_size
         head_dim = _get(cfg, "head_dim", int, _QWEN3_HEAD_DIM, limit="head_dim")
         check_heads(heads * head_dim, heads, kv_heads, names, "config.json: ")
     elif cfg.get("head_dim") is not None:  # llama and qwen2 may set one too (a model with heads pruned away)
@@ -144,28 +176,28 @@ def _rotary_config(arch: str, cfg: dict, max_model_len: Optional[int]) -> ModelC
     if arch in ("qwen2", "qwen3"):  # Qwen configs carry a window they do not use unless asked (or a layer says so)
         layer_types = cfg.get("layer_types") or []
         uses_window = bool(cfg.get("use_sliding_window", False)) or any(t != "full_attention" for t in layer_types)
-    if arch == "llama":  # Mistral's window is on every layer; transformers' Llama has none (ignores the key)
-        uses_window = cfg.get("architectures") == ["MistralForCausalLM"]
+    if arch == "llama":  # Mistral's (and Mixtral's) window is on every layer; transformers' Llama has none
+        uses_window = cfg.get("architectures") in (["MistralForCausalLM"], ["MixtralForCausalLM"])
     if arch == "phi3":  # every layer attends to its window
         _check_full_rotary(cfg)
     if window is not None and uses_window:
         window = _get(cfg, "sliding_window", limit="seq_len")
     if window is not None and uses_window and window < seq_len and arch not in ("llama", "phi3"):
         raise ValueError(f"config.json: sliding_window {window} is shorter than the context {seq_len}; flashlm has "
-                         f"no sliding-window attention for {arch} (pass max_model_len <= {window})")
+                         f"no sliding-window attention for {moe_arch} (pass max_model_len <= {window})")
     # A window on every layer: phi3's as its config has it; Mistral's, left out when as long as the context
     if arch == "llama":
         window = window if uses_window and window is not None and window < seq_len else None
     elif arch != "phi3":
         window = None
     theta, scaling = _rope(cfg)
-    return ModelConfig(arch=arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
+    return ModelConfig(arch=moe_arch, vocab_size=_get(cfg, "vocab_size", limit="vocab_size"),
                        n_layer=_get(cfg, "num_hidden_layers", limit="n_layer"), n_head=heads,
                        n_kv_head=kv_heads, d_model=d,
                        d_ff=_get(cfg, "intermediate_size", limit="d_ff"), seq_len=seq_len, rope_theta=theta,
                        rope_scaling=scaling, norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
                        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
-                       sliding_window=window)
+                       sliding_window=window, **moe)
 
 
 def _check_full_rotary(cfg: dict) -> None:

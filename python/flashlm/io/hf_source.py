@@ -2,11 +2,13 @@
 
 Reads config.json and the *.safetensors files (memory-mapped, no extra dependency) of LlamaForCausalLM,
 MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM
-and GPT2LMHeadModel models, renames the tensors as llama.cpp's convert_hf_to_gguf.py does
+and GPT2LMHeadModel models, and the mixtures of experts MixtralForCausalLM (llama.cpp's llama with experts),
+Qwen2MoeForCausalLM and Qwen3MoeForCausalLM, renames the tensors as llama.cpp's convert_hf_to_gguf.py does
 (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`, `h.3.attn.c_attn.weight` ->
 `blk.3.attn_qkv.weight`; Phi-3's fused qkv_proj and gate_up_proj -> `attn_qkv` and `ffn_up`, kept fused),
 permutes the q/k projections of llama models into the row order of ggml's rope, adds one to Gemma's norm
-weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], and gives the
+weights (llama.cpp stores its (1 + w)), transposes GPT-2's Conv1D weights to [out, in], stacks each layer's
+per-expert matrices into llama.cpp's ffn_gate_exps / ffn_up_exps / ffn_down_exps [experts, rows, cols], and gives the
 architecture's hyperparameters as GGUF metadata (Llama 3's rope scaling as the rope_freqs tensor). A byte-level BPE
 tokenizer.json beside the weights becomes the GGUF's tokenizer (flashlm.io.gguf_tokenizer); a tokenizer
 of another kind is left out with a warning.
@@ -23,7 +25,8 @@ import warnings
 import numpy as np
 from gguf import GGUFValueType
 
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, window_metadata
+from flashlm.io.gguf_layout import (check_llama_cpp_gemma, check_llama_cpp_head_dim, check_llama_cpp_moe, gguf_arch,
+                                    moe_metadata, window_metadata)
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.config import LIMITS
@@ -33,7 +36,9 @@ from flashlm.models.shapes import check_block_count
 ARCHITECTURES = {"LlamaForCausalLM": ("llama", True), "MistralForCausalLM": ("llama", True),
                  "Qwen2ForCausalLM": ("qwen2", False), "Qwen3ForCausalLM": ("qwen3", False),
                  "Gemma2ForCausalLM": ("gemma2", False), "Gemma3ForCausalLM": ("gemma3", False),
-                 "Phi3ForCausalLM": ("phi3", False), "GPT2LMHeadModel": ("gpt2", False)}
+                 "Phi3ForCausalLM": ("phi3", False), "GPT2LMHeadModel": ("gpt2", False),
+                 "MixtralForCausalLM": ("llama", True), "Qwen2MoeForCausalLM": ("qwen2moe", False),
+                 "Qwen3MoeForCausalLM": ("qwen3moe", False)}
 
 _TOP_LEVEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
@@ -45,6 +50,15 @@ _GEMMA_PER_LAYER = _PER_LAYER | {"post_attention_layernorm": "post_attention_nor
                                  "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm"}
 # Phi-3's fused q|k|v and gate|up keep their fusion: llama.cpp's phi3 reads attn_qkv and a [2 d_ff] ffn_up
 _PHI3_PER_LAYER = _PER_LAYER | {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+# Mixture of experts: the router, qwen2moe's shared expert and its gate; the experts are stacked (_EXPERT_RE)
+_MOE_PER_LAYER = {k: v for k, v in _PER_LAYER.items() if not k.startswith("mlp.")} | {
+    "block_sparse_moe.gate": "ffn_gate_inp", "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+_EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                        r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_GGUF = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
+                "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # GPT-2 (names with or without the "transformer." prefix); its Conv1D weights are stored [in, out]
 _GPT2_TOP_LEVEL = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm"}
@@ -143,12 +157,16 @@ class HFSource:
         self.config = read_json(os.path.join(path, "config.json"), required=True)
         # The HF loader's checks of config.json (the context is the loader's max_model_len: any will do here).
         self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
-        self.arch, self._permute = mc.arch, mc.arch == "llama"  # llama's q/k rows go to ggml's rope order
+        # llama's (and Mixtral's) q/k rows go to ggml's rope order
+        self.arch, self._permute = gguf_arch(mc), mc.base_arch == "llama"
         if self.arch != "llama" and mc.rope_scaling is not None:
             raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         check_llama_cpp_head_dim(mc)
+        check_llama_cpp_moe(mc)
         to_gguf = gpt2_gguf_name if self.arch == "gpt2" else gguf_name
+        if mc.moe:
+            to_gguf = lambda name: gguf_name(name, _MOE_PER_LAYER)  # noqa: E731
         if self.arch == "phi3":
             to_gguf = lambda name: gguf_name(name, _PHI3_PER_LAYER)  # noqa: E731
         if mc.gemma:
@@ -158,6 +176,7 @@ class HFSource:
         if not files:
             raise ValueError(f"{path}: no .safetensors files")
         self._entries = {}  # gguf name -> (file, data offset, numpy dtype, stored shape, transposed)
+        self._experts = {}  # ffn_*_exps name -> {expert: its _entries value}, stacked by load()
         self.tensors = []  # (gguf name, shape in torch order, type name); no output.weight: tied embeddings
         hf_names = []
         for fname in files:
@@ -169,6 +188,10 @@ class HFSource:
                 if hf_name == "__metadata__":
                     continue
                 hf_names.append(hf_name)
+                expert = _EXPERT_RE.match(hf_name) if mc.moe else None
+                if expert:
+                    self._add_expert(expert, meta, full, base)
+                    continue
                 name = to_gguf(hf_name)
                 if name is None:
                     continue
@@ -179,7 +202,10 @@ class HFSource:
                 self._entries[name] = (full, base + begin, np_dtype, shape, transpose)
                 if mc.gemma and name.endswith("norm.weight"):
                     type_name = "F32"  # written as 1 + w, computed in float32
+                if name.endswith("ffn_gate_inp_shexp.weight"):
+                    shape = shape[1:] if len(shape) == 2 and shape[0] == 1 else shape  # llama.cpp's is a [d] vector
                 self.tensors.append((name, shape[::-1] if transpose else shape, type_name))
+        self._stack_experts()
         if self.arch == "gpt2":
             names = [n.removeprefix("transformer.") for n in hf_names]
             check_block_count(mc.n_layer, names, "h.", "config.json: n_layer")
@@ -188,6 +214,41 @@ class HFSource:
         self._extra = self._rope_freqs()  # tensors computed from the config, not read from a file
         self.tensors = [(n, a.shape, "F32") for n, a in self._extra.items()] + self.tensors
         self.metadata = self._hparams(os.path.basename(os.path.normpath(path))) + self._tokenizer(path)
+
+    def _add_expert(self, match, meta, path: str, base: int) -> None:
+        """Records one expert's matrix under its layer's ffn_*_exps name (listed once, at its first expert)."""
+        layer, expert, kind = int(match.group(1)), int(match.group(2)), match.group(3)
+        name = f"blk.{layer}.{_EXPERT_GGUF[kind]}.weight"
+        where = f"{path}: {match.group(0)}"
+        if expert >= self.model_config.n_expert:
+            raise ValueError(f"{where}: expert {expert} beyond the {self.model_config.n_expert} of config.json")
+        type_name, np_dtype, shape, begin = _entry(meta, where, os.path.getsize(path) - base)
+        parts = self._experts.setdefault(name, {})
+        if not parts:
+            self.tensors.append((name, None, type_name))
+        if expert in parts:
+            raise ValueError(f"{where}: a second tensor for expert {expert} of {name}")
+        parts[expert] = (path, base + begin, np_dtype, shape, False)
+
+    def _stack_experts(self) -> None:
+        """Gives each ffn_*_exps tensor its shape [experts, rows, cols], every expert present, alike in shape
+        and dtype."""
+        E = self.model_config.n_expert
+        for i, (name, shape, type_name) in enumerate(self.tensors):
+            if shape is not None:
+                continue
+            parts = self._experts[name]
+            missing = [e for e in range(E) if e not in parts]
+            if missing:
+                raise ValueError(f"weights: expert {missing[0]} of {name} is missing (config.json has {E} experts)")
+            first = parts[0]
+            for e, part in parts.items():
+                if part[2] != first[2] or part[3] != first[3]:
+                    raise ValueError(f"weights: expert {e} of {name} has shape {part[3]} ({part[2].__name__}), "
+                                     f"expert 0 {first[3]} ({first[2].__name__})")
+            if len(first[3]) != 2:
+                raise ValueError(f"weights: the experts of {name} have shape {first[3]}, expected 2-D")
+            self.tensors[i] = (name, (E, *first[3]), type_name)
 
     def _tokenizer(self, path: str) -> list:
         """tokenizer.json as GGUF metadata, or nothing when there is none or llama.cpp cannot use it."""
@@ -223,11 +284,12 @@ class HFSource:
             meta.append((f"{a}.vocab_size", mc.vocab_size, u32, None))
         if a in ("llama", "phi3"):
             meta.append((f"{a}.rope.dimension_count", mc.head_dim, u32, None))
-        if a in ("qwen3", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # a head_dim of its own
+        if a in ("qwen3", "qwen3moe", "gemma2", "gemma3") or mc.head_dim * mc.n_head != mc.d_model:  # its own head_dim
             meta += [(f"{a}.attention.key_length", mc.head_dim, u32, None),
                      (f"{a}.attention.value_length", mc.head_dim, u32, None)]
         if a == "llama":  # Mistral's window, read at the declared context (mc's is 1, which no window is under)
             mc = model_config_from_hf(cfg, max_model_len=min(context, LIMITS["seq_len"]))
+        meta += [(k, v, t, None) for k, v, t in moe_metadata(mc)]
         return meta + [(k, v, t, None) for k, v, t in window_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
@@ -242,12 +304,18 @@ class HFSource:
         name = self.tensors[index][0]
         if name in self._extra:
             return self._extra[name]
+        if name in self._experts:
+            parts = self._experts[name]
+            return np.stack([np.memmap(p, dtype=dt, mode="r", offset=off, shape=shape)
+                             for p, off, dt, shape, _ in (parts[e] for e in range(len(parts)))])
         path, offset, np_dtype, shape, transpose = self._entries[name]
         data = np.memmap(path, dtype=np_dtype, mode="r", offset=offset, shape=shape)
         if self._permute and name.endswith(("attn_q.weight", "attn_k.weight")):
             data = permute_rope_rows(np.asarray(data), self.n_head if "attn_q" in name else self.n_head_kv)
         if transpose:
             data = np.ascontiguousarray(np.asarray(data).T)
+        if name.endswith("ffn_gate_inp_shexp.weight"):
+            data = np.asarray(data).reshape(-1)
         if self.model_config.gemma and name.endswith("norm.weight"):  # Gemma's (1 + w), as llama.cpp reads it
             data = np.asarray(data)
             if np_dtype == np.uint16:  # BF16 bits

@@ -9,7 +9,10 @@ buffers HF keeps beside the weights: rotary inv_freq, GPT-2's attention-mask bia
 names the tensor. Gemma's norm weights w act as (1 + w): flashlm's RMSNorm holds the sum, computed in
 float32 as Gemma does. GPT-2's Conv1D weights are [in, out] (x @ W) and its c_attn is q|k|v fused along the
 output: they are split and transposed into nn.Linear's [out, in]. Phi-3's qkv_proj (rows q|k|v) and
-gate_up_proj (rows gate|up) are split by rows into flashlm's separate linears.
+gate_up_proj (rows gate|up) are split by rows into flashlm's separate linears. The experts of Mixtral and
+Qwen-MoE, one tensor per expert and matrix in HF (`block_sparse_moe.experts.3.w1`, `mlp.experts.3.gate_proj`),
+are stacked into flashlm's [n_expert, rows, cols] experts_gate / experts_up / experts_down, every expert
+checked present with its shape.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import torch
 
 from flashlm.models import ModelConfig
+from flashlm.models.config import MOE_BASE
 from flashlm.models.shapes import check_block_count, check_tensor_shapes
 
 _LLAMA_TOP = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.weight",
@@ -41,6 +45,18 @@ _GEMMA_LAYER = _LLAMA_LAYER | {"post_attention_layernorm.weight": "post_attn_nor
 _PHI3_LAYER = {k: v for k, v in _LLAMA_LAYER.items() if "norm" in k or "o_proj" in k or "down_proj" in k} | {
     "self_attn.qkv_proj.weight": "attn.qkv.weight", "mlp.gate_up_proj.weight": "mlp.gate_up.weight"}
 _LLAMA_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+# Mixture of experts: the router, and each expert's matrices ("experts_gate.{e}" until they are stacked)
+_ATTENTION_LAYER = {k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}
+_MIXTRAL_LAYER = _ATTENTION_LAYER | {"block_sparse_moe.gate.weight": "mlp.router.weight"}
+_QWEN_MOE_LAYER = _ATTENTION_LAYER | {
+    "mlp.gate.weight": "mlp.router.weight", "mlp.shared_expert.gate_proj.weight": "mlp.shared.gate.weight",
+    "mlp.shared_expert.up_proj.weight": "mlp.shared.up.weight",
+    "mlp.shared_expert.down_proj.weight": "mlp.shared.down.weight",
+    "mlp.shared_expert_gate.weight": "mlp.shared_gate.weight"}
+_EXPERT_RE = {"mixtral": re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
+              "qwen": re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")}
+_EXPERT_MATRIX = {"w1": "experts_gate", "w3": "experts_up", "w2": "experts_down", "gate_proj": "experts_gate",
+                  "up_proj": "experts_up", "down_proj": "experts_down"}
 _GPT2_TOP = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "final_norm.weight",
              "ln_f.bias": "final_norm.bias", "lm_head.weight": "lm_head.weight"}
 # c_attn is split into q/k/v below; Conv1D weights ([in, out]) are transposed
@@ -64,13 +80,18 @@ def flashlm_name(arch: str, hf_name: str) -> str | None:
     else:
         if hf_name.endswith("rotary_emb.inv_freq"):
             return None
-        layer = {"gemma2": _GEMMA_LAYER, "gemma3": _GEMMA_LAYER, "phi3": _PHI3_LAYER}.get(arch, _LLAMA_LAYER)
+        layer = {"gemma2": _GEMMA_LAYER, "gemma3": _GEMMA_LAYER, "phi3": _PHI3_LAYER, "mixtral": _MIXTRAL_LAYER,
+                 "qwen2_moe": _QWEN_MOE_LAYER, "qwen3_moe": _QWEN_MOE_LAYER}.get(arch, _LLAMA_LAYER)
         name, top, layer_re = hf_name, _LLAMA_TOP, _LLAMA_LAYER_RE
     if name in top:
         return top[name]
     m = layer_re.match(name)
     if m and m.group(2) in layer:
         return f"blocks.{int(m.group(1))}.{layer[m.group(2)]}"
+    expert = _EXPERT_RE["mixtral" if arch == "mixtral" else "qwen"].match(m.group(2)) if m and arch in MOE_BASE \
+        else None
+    if expert:
+        return f"blocks.{int(m.group(1))}.mlp.{_EXPERT_MATRIX[expert.group(2)]}.{int(expert.group(1))}"
     raise ValueError(f"weights: unexpected tensor {hf_name!r} for a {arch} model")
 
 
@@ -135,6 +156,33 @@ def _split_phi3(state: dict, sources: dict, cfg: ModelConfig) -> None:
                 sources[p + name + ".weight"] = source
 
 
+def _stack_experts(state: dict, sources: dict, cfg: ModelConfig) -> None:
+    """blocks.{i}.mlp.experts_gate.{e} (one [rows, cols] tensor per expert) -> blocks.{i}.mlp.experts_gate
+    [n_expert, rows, cols], and the same for up and down; each expert of each layer must be there once, with
+    its shape, and no other."""
+    shapes = cfg.state_shapes()
+    for i in range(cfg.n_layer):
+        for matrix in ("experts_gate", "experts_up", "experts_down"):
+            stem = f"blocks.{i}.mlp.{matrix}"
+            want = shapes[stem][1:]
+            parts = []
+            for e in range(cfg.n_expert):
+                t = state.pop(f"{stem}.{e}", None)
+                if t is None:
+                    raise ValueError(f"weights: expert {e} of layer {i} ({matrix}) is missing (config.json has "
+                                     f"{cfg.n_expert} experts)")
+                source = sources.pop(f"{stem}.{e}")
+                if tuple(t.shape) != want:
+                    raise ValueError(f"weights: tensor {source!r} has shape {tuple(t.shape)}, expected {want}")
+                parts.append(t)
+            state[stem] = torch.stack(parts)
+            sources[stem] = f"model.layers.{i}.(experts).{matrix}"
+    extra = sorted(n for n in state if re.search(r"\.mlp\.experts_(gate|up|down)\.\d+$", n))
+    if extra:
+        raise ValueError(f"weights: unexpected tensor {sources[extra[0]]!r}: config.json has {cfg.n_expert} experts "
+                         f"and {cfg.n_layer} layers")
+
+
 def _check(state: dict, cfg: ModelConfig, sources: dict) -> None:
     if cfg.tie_embeddings and "lm_head.weight" in state:
         # a tied model saved with its (identical) output matrix as well
@@ -187,5 +235,7 @@ def read_hf_state_dict(path: str, cfg: ModelConfig, dtype: torch.dtype = torch.f
         _split_gpt2_qkv(state, cfg)
     if cfg.arch == "phi3":
         _split_phi3(state, sources, cfg)
+    if cfg.moe:
+        _stack_experts(state, sources, cfg)
     _check(state, cfg, sources)
     return state

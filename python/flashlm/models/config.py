@@ -15,28 +15,36 @@
            i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text).
     phi3:  llama's block (Phi-3: HF and GGUF files fuse q|k|v and gate|up, split on load), every layer attending
            to sliding_window keys when one is set.
+    mixtral, qwen2_moe, qwen3_moe: llama's, qwen2's and qwen3's attention with a mixture-of-experts MLP on every
+           layer (flashlm.models.moe): n_expert experts of moe_d_ff, n_expert_used of them per token, picked by a
+           softmax over a router's logits (the kept weights renormalised where norm_topk_prob); qwen2_moe adds a
+           shared expert of shared_expert_d_ff gated by a sigmoid (Mixtral, Qwen1.5/Qwen2-MoE, Qwen3-MoE).
 """
 
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+ARCHS = ("gpt2", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+# Each mixture-of-experts architecture and the dense one whose attention it has.
+MOE_BASE = {"mixtral": "llama", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 # The architectures whose head_dim may differ from d_model / n_head (llama and qwen2 as HF's and llama.cpp's
 # head_dim / key_length let them: what a model with attention heads pruned away needs; GPT-2 has no such setting).
-FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")  # (llama.cpp's phi3 needs d_model / n_head)
+FREE_HEAD_DIM = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", *MOE_BASE)  # (llama.cpp's phi3 needs d_model / n_head)
 GEMMA_ARCHS = ("gemma2", "gemma3")
 # Architectures with a sliding_window setting: Gemma's local layers; every layer of phi3 and of llama (Mistral's).
-WINDOW_ARCHS = GEMMA_ARCHS + ("phi3", "llama")
+WINDOW_ARCHS = GEMMA_ARCHS + ("phi3", "llama", "mixtral")
 # Fields only the Gemma architectures use (sliding_window the WINDOW_ARCHS); None elsewhere, left out of to_dict()
 # when None.
 GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_attn_scalar", "rope_local_theta")
+# Fields only the MoE architectures use (shared_expert_d_ff only qwen2_moe); None elsewhere, left out of to_dict().
+MOE_FIELDS = ("n_expert", "n_expert_used", "moe_d_ff", "shared_expert_d_ff", "norm_topk_prob")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
 # d_ff 53248, 128 heads of 128; vocabularies reach 262144, contexts 10M tokens). A size read from a file is
 # untrusted: these keep a bad one from building billions of modules or tables before anything else fails.
 LIMITS = {"vocab_size": 1 << 24, "n_layer": 4096, "n_head": 1024, "d_model": 1 << 17, "d_ff": 1 << 20,
-          "seq_len": 1 << 24, "head_dim": 1024}
+          "seq_len": 1 << 24, "head_dim": 1024, "n_expert": 1024}
 
 
 def check_size(value, name: str, limit: int) -> int:
@@ -77,6 +85,11 @@ class ModelConfig:
     final_softcap: Optional[float] = None  # gemma2: the same on the output logits
     query_pre_attn_scalar: Optional[float] = None  # gemma2: scores scaled by its -1/2 power (None: head_dim's)
     rope_local_theta: Optional[float] = None  # gemma3: the local layers' rotary base (None: rope_theta)
+    n_expert: Optional[int] = None  # MoE: experts per layer
+    n_expert_used: Optional[int] = None  # MoE: experts each token goes through (top k)
+    moe_d_ff: Optional[int] = None  # MoE: each expert's hidden width (None: d_ff)
+    shared_expert_d_ff: Optional[int] = None  # qwen2_moe: the shared expert's hidden width
+    norm_topk_prob: Optional[bool] = None  # MoE: the kept routing weights divided by their sum (None: True)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -100,6 +113,7 @@ class ModelConfig:
             self.d_ff = 4 * self.d_model if self.arch == "gpt2" else -(-8 * self.d_model // 3 // 64) * 64
         check_size(self.d_ff, "d_ff", LIMITS["d_ff"])
         self._check_gemma_fields()
+        self._check_moe_fields()
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
@@ -133,6 +147,35 @@ class ModelConfig:
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}: must be a positive finite number, got {value!r}")
 
+    def _check_moe_fields(self):
+        if not self.moe:
+            for name in MOE_FIELDS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: {self.arch} has no experts (only {tuple(MOE_BASE)} do), got "
+                                     f"{getattr(self, name)!r}")
+            return
+        if self.n_expert is None or self.n_expert_used is None:
+            raise ValueError(f"n_expert, n_expert_used: {self.arch} needs both, got {self.n_expert!r} and "
+                             f"{self.n_expert_used!r}")
+        check_size(self.n_expert, "n_expert", LIMITS["n_expert"])
+        check_size(self.n_expert_used, "n_expert_used", self.n_expert)
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        check_size(self.moe_d_ff, "moe_d_ff", LIMITS["d_ff"])
+        if self.shared_expert_d_ff is not None:
+            if self.arch != "qwen2_moe":
+                raise ValueError(f"shared_expert_d_ff: only qwen2_moe has a shared expert, got "
+                                 f"{self.shared_expert_d_ff!r} for {self.arch}")
+            check_size(self.shared_expert_d_ff, "shared_expert_d_ff", LIMITS["d_ff"])
+        if self.norm_topk_prob is None:
+            self.norm_topk_prob = True
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"norm_topk_prob: must be a bool, got {self.norm_topk_prob!r}")
+        if self.arch == "mixtral" and not self.norm_topk_prob:
+            raise ValueError("norm_topk_prob: Mixtral always renormalises its kept routing weights (True), got False")
+        if self.arch == "qwen2_moe" and self.shared_expert_d_ff is None:
+            raise ValueError("shared_expert_d_ff: qwen2_moe has a shared expert (its width is needed), got None")
+
     def _check_rope_scaling(self):
         rs = self.rope_scaling
         if self.arch == "gpt2" or not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
@@ -148,8 +191,18 @@ class ModelConfig:
         self.rope_scaling = {k: rs[k] for k in ROPE_SCALING_KEYS}
 
     @property
+    def moe(self) -> bool:
+        """Whether every block's MLP is a mixture of experts (flashlm.models.moe.MoEMLP)."""
+        return self.arch in MOE_BASE
+
+    @property
+    def base_arch(self) -> str:
+        """The dense architecture whose attention this one has (itself where it has no experts)."""
+        return MOE_BASE.get(self.arch, self.arch)
+
+    @property
     def qkv_bias(self) -> bool:
-        return self.arch in ("gpt2", "qwen2")
+        return self.base_arch in ("gpt2", "qwen2")
 
     @property
     def gemma(self) -> bool:
@@ -160,7 +213,7 @@ class ModelConfig:
         """Whether block `layer` is a local one (gemma2: even layers; gemma3: all but every sixth; phi3 and llama:
         every layer when there is a sliding window)."""
         return (self.arch == "gemma2" and layer % 2 == 0) or (self.arch == "gemma3" and layer % 6 != 5) \
-            or (self.arch in ("phi3", "llama") and self.sliding_window is not None)
+            or (self.base_arch in ("phi3", "llama") and self.sliding_window is not None)
 
     def layer_window(self, layer: int) -> Optional[int]:
         """The sliding window of block `layer`, None where it attends globally."""
@@ -170,7 +223,7 @@ class ModelConfig:
     def kv_window(self) -> Optional[int]:
         """The window every layer attends within (Mistral's), or None where some layer attends globally: the
         KV cache may drop a sequence's keys more than this many positions back only when it is set."""
-        return self.sliding_window if self.arch in ("phi3", "llama") else None
+        return self.sliding_window if self.base_arch in ("phi3", "llama") else None
 
     @property
     def softmax_scale(self) -> float:
@@ -179,7 +232,7 @@ class ModelConfig:
     @property
     def qk_norm(self) -> bool:
         """Whether each head of q and k is RMS-normed before the rotary embedding (attn.q_norm, attn.k_norm)."""
-        return self.arch in ("qwen3", "gemma3")
+        return self.base_arch in ("qwen3", "gemma3")
 
     def state_shapes(self) -> dict:
         """Transformer state-dict name -> shape, for every parameter this config implies (what loaders and
@@ -206,9 +259,21 @@ class ModelConfig:
                 shapes |= {p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "attn.o.bias": (d,),
                            p + "mlp.fc.weight": (self.d_ff, d), p + "mlp.fc.bias": (self.d_ff,),
                            p + "mlp.proj.weight": (d, self.d_ff), p + "mlp.proj.bias": (d,)}
+            elif self.moe:
+                shapes |= self._moe_shapes(p + "mlp.")
             else:
                 shapes |= {p + "mlp.gate.weight": (self.d_ff, d), p + "mlp.up.weight": (self.d_ff, d),
                            p + "mlp.down.weight": (d, self.d_ff)}
+        return shapes
+
+    def _moe_shapes(self, p: str) -> dict:
+        d, E, ff = self.d_model, self.n_expert, self.moe_d_ff
+        shapes = {p + "router.weight": (E, d), p + "experts_gate": (E, ff, d), p + "experts_up": (E, ff, d),
+                  p + "experts_down": (E, d, ff)}
+        if self.shared_expert_d_ff is not None:
+            sff = self.shared_expert_d_ff
+            shapes |= {p + "shared.gate.weight": (sff, d), p + "shared.up.weight": (sff, d),
+                       p + "shared.down.weight": (d, sff), p + "shared_gate.weight": (1, d)}
         return shapes
 
     @property
@@ -222,7 +287,7 @@ class ModelConfig:
         d = asdict(self)
         if self.head_dim * self.n_head == self.d_model:
             del d["head_dim"]
-        for name in GEMMA_FIELDS:
+        for name in GEMMA_FIELDS + MOE_FIELDS:
             if d[name] is None:
                 del d[name]
         return d

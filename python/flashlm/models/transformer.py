@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
+from flashlm.models.moe import MoEMLP
 from flashlm.ops import silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
@@ -234,13 +235,15 @@ class GeluMLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU)."""
+    """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU). d_ff: another width
+    than cfg.d_ff (qwen2_moe's shared expert)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, d_ff: Optional[int] = None):
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        d_ff = cfg.d_ff if d_ff is None else d_ff
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
         self.gelu = cfg.gemma
 
     def forward(self, x):
@@ -258,6 +261,15 @@ def _norm(cfg: ModelConfig):
     return RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
+def _mlp(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "gpt2":
+        return GeluMLP(cfg)
+    if cfg.moe:
+        shared = GatedMLP(cfg, cfg.shared_expert_d_ff) if cfg.shared_expert_d_ff is not None else None
+        return MoEMLP(cfg, shared)
+    return GatedMLP(cfg)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); gemma2 norms each branch's output too
     (post_attn_norm, post_mlp_norm) before adding it."""
@@ -267,7 +279,7 @@ class Block(nn.Module):
         self.attn_norm = _norm(cfg)
         self.attn = Attention(cfg, attn_impl, layer)
         self.mlp_norm = _norm(cfg)
-        self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
+        self.mlp = _mlp(cfg)
         self.post_attn_norm = _norm(cfg) if cfg.gemma else None
         self.post_mlp_norm = _norm(cfg) if cfg.gemma else None
 
@@ -343,6 +355,13 @@ class Transformer(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.attn.o.weight, mean=0.0, std=residual_std)
+            if isinstance(block.mlp, MoEMLP):
+                nn.init.normal_(block.mlp.experts_gate, mean=0.0, std=0.02)
+                nn.init.normal_(block.mlp.experts_up, mean=0.0, std=0.02)
+                nn.init.normal_(block.mlp.experts_down, mean=0.0, std=residual_std)
+                if block.mlp.shared is not None:
+                    nn.init.normal_(block.mlp.shared.down.weight, mean=0.0, std=residual_std)
+                continue
             out = block.mlp.proj if isinstance(block.mlp, GeluMLP) else block.mlp.down
             nn.init.normal_(out.weight, mean=0.0, std=residual_std)
 
@@ -464,8 +483,12 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward, PaLM's accounting): 6 per weight of every matrix
-        multiply (the blocks and the lm head) plus 12 * n_layer * d_model * T for the attention scores."""
+        multiply (the blocks and the lm head; of a MoE layer, the experts a token uses) plus 12 * n_layer *
+        d_model * T for the attention scores."""
         cfg = self.cfg
         T = cfg.seq_len if seq_len is None else seq_len
-        return 6.0 * (self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model) \
+        weights = self.num_params(non_embedding=True)
+        if cfg.moe:  # a token goes through n_expert_used of the n_expert experts
+            weights -= cfg.n_layer * 3 * (cfg.n_expert - cfg.n_expert_used) * cfg.moe_d_ff * cfg.d_model
+        return 6.0 * (weights + cfg.vocab_size * cfg.d_model) \
             + 12.0 * cfg.n_layer * cfg.d_model * T

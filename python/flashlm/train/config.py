@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the mixture-of-experts architectures `flashlm train` builds (qwen2_moe's shared expert is not among its flags)
+MOE_TRAIN_ARCHS = ("mixtral", "qwen3_moe")
 OPTIMIZERS = ("adamw", "adamw-torch", "adam", "sgd", "momentum", "nesterov", "adagrad", "rmsprop")
 
 
@@ -26,6 +28,13 @@ class TrainConfig:
     d_ff: Optional[int] = None
     seq_len: int = 128
     vocab_size: int = 1024
+    # mixture of experts (arch mixtral or qwen3_moe): experts per layer, used per token (defaults 8 and 2), their
+    # width (default d_ff); the load-balancing (Switch/Mixtral) and router z-loss (ST-MoE) terms' coefficients
+    n_expert: Optional[int] = None
+    n_expert_used: Optional[int] = None
+    moe_d_ff: Optional[int] = None
+    router_aux_coef: float = 0.01
+    router_z_coef: float = 0.001
     attn_impl: str = "flashlm"  # or "sdpa", torch's attention
     checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     # data (flashlm.train.data.prepare_data); no data: the Python standard library's sources
@@ -87,7 +96,7 @@ class TrainConfig:
                      "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "grad_clip", "weight_decay", "time_limit", "l1"):
+        for name in ("warmup", "grad_clip", "weight_decay", "time_limit", "l1", "router_aux_coef", "router_z_coef"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
         if self.l1 > 0 and self.zero_stage == 3:  # ZeRO-3's parameters hold values only inside their block's pass
@@ -109,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"betas: must be two numbers, got {self.betas}")
         if isinstance(self.data, str):
             self.data = [self.data]
+        if self.arch in MOE_TRAIN_ARCHS or self.n_expert is not None or self.n_expert_used is not None:
+            self.model_config()  # the expert settings checked now, not after the data is prepared
 
     def document_separator(self) -> Optional[str]:
         """doc_separator as prepare_data takes it."""
@@ -123,8 +134,12 @@ class TrainConfig:
 
         # gemma2 with Gemma 2's soft-caps (llama.cpp's gemma2 always applies them)
         caps = dict(attn_softcap=50.0, final_softcap=30.0) if self.arch == "gemma2" else {}
+        experts = dict(n_expert=self.n_expert, n_expert_used=self.n_expert_used, moe_d_ff=self.moe_d_ff)
+        if self.arch in MOE_TRAIN_ARCHS:
+            experts = dict(experts, n_expert=self.n_expert or 8, n_expert_used=self.n_expert_used or 2)
         return ModelConfig(arch=self.arch, vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                           n_kv_head=self.n_kv_head, d_model=self.d_model, d_ff=self.d_ff, seq_len=self.seq_len, **caps)
+                           n_kv_head=self.n_kv_head, d_model=self.d_model, d_ff=self.d_ff, seq_len=self.seq_len,
+                           **caps, **{k: v for k, v in experts.items() if v is not None})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -183,9 +198,11 @@ def add_arguments(parser):
                                 help="text files or folders (default: the Python standard library's sources)")
         else:
             kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes",
-                                                                                "qat_group_size")
+                                                                                "qat_group_size", "n_expert",
+                                                                                "n_expert_used", "moe_d_ff")
                                                               else str)
-            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "arch": ("gpt2", "llama", "qwen3", "gemma2", "gemma3"),
+            choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS,
+                       "arch": ("gpt2", "llama", "qwen3", "gemma2", "gemma3", *MOE_TRAIN_ARCHS),
                        "attn_impl": ("flashlm", "sdpa")}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
 

@@ -1,6 +1,6 @@
 """Export a flashlm Transformer (or its state dict, or a training checkpoint) for other runtimes.
 
-    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2, Qwen3, Gemma, Phi-3)
+    export_hf(model, cfg, tokenizer_json, "out/")          # transformers (GPT-2, Llama, Qwen2/3, Gemma, Phi-3, MoE)
     export_gguf(model, cfg, tokenizer_json, "m.gguf", type="Q8_0")   # llama.cpp
     export_checkpoint("ckpt.pt", gguf_path="m.gguf", hf_dir="out/")  # what `flashlm export` runs (or a run folder)
 
@@ -9,7 +9,9 @@ and layouts: GPT-2's Conv1D weights are [in, out] and its q/k/v one fused c_attn
 columns after the transpose); llama's, qwen2's and qwen3's weights are nn.Linear's [out, in] as flashlm stores
 them, and their RoPE (Llama 3's scaling included) is the same rotate-half convention, so nothing is
 permuted; gemma2's and gemma3's norm weights are written as Gemma's w of (1 + w); phi3's q|k|v and gate|up
-are fused by rows into qkv_proj and gate_up_proj (GGUF: attn_qkv and a [2 d_ff] ffn_up, as llama.cpp's phi3).
+are fused by rows into qkv_proj and gate_up_proj (GGUF: attn_qkv and a [2 d_ff] ffn_up, as llama.cpp's phi3);
+the experts of mixtral, qwen2_moe and qwen3_moe are written one tensor per expert (HF) or stacked (GGUF's
+ffn_*_exps), Mixtral as llama.cpp's llama with experts.
 HF's GPT-2 has no output projection apart from the embedding: exporting an untied gpt2 raises ValueError. The config is a ModelConfig (or its dict), checked by ModelConfig itself, and the state dict's
 keys and shapes are checked against ModelConfig.state_shapes().
 
@@ -35,7 +37,8 @@ import torch
 
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
-from flashlm.io.gguf_layout import check_llama_cpp_gemma, check_llama_cpp_head_dim, window_metadata
+from flashlm.io.gguf_layout import (check_llama_cpp_gemma, check_llama_cpp_head_dim, check_llama_cpp_moe, gguf_arch,
+                                    moe_metadata, window_metadata)
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -135,14 +138,15 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             else:
                 out |= {h + "input_layernorm.weight": state[p + "attn_norm.weight"],
                         h + "post_attention_layernorm.weight": state[p + "mlp_norm.weight"]}
-            out[h + "mlp.down_proj.weight"] = state[p + "mlp.down.weight"]
             out[h + "self_attn.o_proj.weight"] = state[p + "attn.o.weight"]
+            out |= _hf_moe_tensors(s, state, p, h) if s.moe else {h + "mlp.down_proj.weight": state[p + "mlp.down.weight"]}
             if s.arch == "phi3":  # Phi-3 fuses q|k|v and gate|up by rows
                 out[h + "self_attn.qkv_proj.weight"] = torch.cat([state[p + f"attn.{n}.weight"] for n in "qkv"])
                 out[h + "mlp.gate_up_proj.weight"] = torch.cat([state[p + f"mlp.{n}.weight"] for n in ("gate", "up")])
                 continue
-            out |= {h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
-                    h + "mlp.up_proj.weight": state[p + "mlp.up.weight"]}
+            if not s.moe:
+                out |= {h + "mlp.gate_proj.weight": state[p + "mlp.gate.weight"],
+                        h + "mlp.up_proj.weight": state[p + "mlp.up.weight"]}
             for n in "qkv":
                 out[h + f"self_attn.{n}_proj.weight"] = state[p + f"attn.{n}.weight"]
             if s.qkv_bias:
@@ -155,6 +159,39 @@ def hf_tensors(s: ModelConfig, state: dict) -> dict:
             out["lm_head.weight"] = state["lm_head.weight"]
     # safetensors stores each tensor alone: no views sharing storage
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _hf_moe_tensors(s: ModelConfig, state: dict, p: str, h: str) -> dict:
+    """A MoE block's router, experts (one tensor per expert and matrix) and qwen2_moe's shared expert, under
+    HF's names (Mixtral's block_sparse_moe.experts.{e}.w1/w3/w2, Qwen-MoE's mlp.experts.{e}.*_proj)."""
+    m = "block_sparse_moe." if s.arch == "mixtral" else "mlp."
+    names = ("w1", "w3", "w2") if s.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    out = {h + m + "gate.weight": state[p + "mlp.router.weight"]}
+    for kind, name in zip(("gate", "up", "down"), names):
+        for e, w in enumerate(state[p + f"mlp.experts_{kind}"]):
+            out[h + m + f"experts.{e}.{name}.weight"] = w
+    if s.shared_expert_d_ff is not None:
+        out |= {h + f"mlp.shared_expert.{n}_proj.weight": state[p + f"mlp.shared.{n}.weight"]
+                for n in ("gate", "up", "down")}
+        out[h + "mlp.shared_expert_gate.weight"] = state[p + "mlp.shared_gate.weight"]
+    return out
+
+
+def _hf_moe_config(s: ModelConfig, config: dict) -> dict:
+    """config.json of MixtralForCausalLM, Qwen2MoeForCausalLM or Qwen3MoeForCausalLM (experts on every layer)."""
+    experts = {"num_experts_per_tok": s.n_expert_used, "output_router_logits": False}
+    if s.arch == "mixtral":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **config,
+                "intermediate_size": s.moe_d_ff, "num_local_experts": s.n_expert, "sliding_window": s.sliding_window,
+                "router_jitter_noise": 0.0, **experts}
+    experts |= {"num_experts": s.n_expert, "moe_intermediate_size": s.moe_d_ff, "norm_topk_prob": s.norm_topk_prob,
+                "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+                "max_window_layers": s.n_layer}
+    if s.arch == "qwen2_moe":
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "qkv_bias": True, **config,
+                "shared_expert_intermediate_size": s.shared_expert_d_ff, **experts}
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False, **config,
+            **experts}
 
 
 def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
@@ -173,6 +210,8 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
               "rope_theta": s.rope_theta, "rope_scaling": s.rope_scaling and dict(s.rope_scaling),
               "rope_parameters": rope | {"rope_theta": s.rope_theta}, "hidden_act": "silu",
               "tie_word_embeddings": s.tie_embeddings, "torch_dtype": "float32", **special}
+    if s.moe:
+        return _hf_moe_config(s, config)
     if s.arch == "qwen2":  # q/k/v biases are part of Qwen2's definition
         return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False,
                 "max_window_layers": s.n_layer, **config}
@@ -244,11 +283,12 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     t = {k: v.numpy() for k, v in state.items()}
     out = []
     check_llama_cpp_head_dim(s)
+    check_llama_cpp_moe(s)
     if s.gemma:
         check_llama_cpp_gemma(s)
     if s.rope_scaling is not None:
-        if s.arch != "llama":
-            raise ValueError(f"model_config: llama.cpp's {s.arch} has no Llama 3 rope scaling (rope_scaling)")
+        if s.base_arch != "llama":
+            raise ValueError(f"model_config: llama.cpp's {gguf_arch(s)} has no Llama 3 rope scaling (rope_scaling)")
         out.append(("rope_freqs.weight", llama3_rope_factors(s.head_dim, s.rope_theta, s.rope_scaling)))
     out.append(("token_embd.weight", t["tok_emb.weight"]))
     if s.arch == "gpt2":
@@ -265,7 +305,7 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
                     (b + "ffn_down.weight", t[p + "mlp.proj.weight"]), (b + "ffn_down.bias", t[p + "mlp.proj.bias"])]
         else:
             q, k = t[p + "attn.q.weight"], t[p + "attn.k.weight"]
-            if s.arch == "llama":
+            if s.base_arch == "llama":
                 # ggml's llama rope (LLAMA_ROPE_TYPE_NORM) rotates adjacent pairs, flashlm's (HF's) the two
                 # halves of a head: reorder the rows (qwen2's rope in ggml, NEOX, rotates halves as flashlm's)
                 q, k = permute_rope_rows(q, s.n_head), permute_rope_rows(k, s.n_kv_head)
@@ -285,9 +325,12 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
             out += [(b + "attn_output.weight", t[p + "attn.o.weight"])]
             if s.gemma:
                 out.append((b + "post_attention_norm.weight", t[p + "post_attn_norm.weight"]))
-            out += [(b + "ffn_norm.weight", t[p + "mlp_norm.weight"]),
-                    (b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
-                    (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
+            out.append((b + "ffn_norm.weight", t[p + "mlp_norm.weight"]))
+            if s.moe:
+                out += _gguf_moe_tensors(s, t, p, b)
+            else:
+                out += [(b + "ffn_gate.weight", t[p + "mlp.gate.weight"]), (b + "ffn_up.weight", t[p + "mlp.up.weight"]),
+                        (b + "ffn_down.weight", t[p + "mlp.down.weight"])]
             if s.gemma:
                 out.append((b + "post_ffw_norm.weight", t[p + "post_mlp_norm.weight"]))
     out.append(("output_norm.weight", t["final_norm.weight"]))
@@ -298,11 +341,21 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     return [(name, np.ascontiguousarray(a, dtype=np.float32)) for name, a in out]
 
 
+def _gguf_moe_tensors(s: ModelConfig, t: dict, p: str, b: str) -> list:
+    """A MoE block's router, stacked experts and (qwen2moe) shared expert, its gate a [d] vector."""
+    out = [(b + "ffn_gate_inp.weight", t[p + "mlp.router.weight"])]
+    out += [(b + f"ffn_{n}_exps.weight", t[p + f"mlp.experts_{n}"]) for n in ("gate", "up", "down")]
+    if s.shared_expert_d_ff is not None:
+        out += [(b + f"ffn_{n}_shexp.weight", t[p + f"mlp.shared.{n}.weight"]) for n in ("gate", "up", "down")]
+        out.append((b + "ffn_gate_inp_shexp.weight", t[p + "mlp.shared_gate.weight"].reshape(-1)))
+    return out
+
+
 def gguf_hparams(s: ModelConfig, name: str) -> list:
     """The {arch}.* metadata llama.cpp reads, as convert_hf_to_gguf.py writes it."""
     from gguf import GGUFValueType
 
-    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, s.arch
+    u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, gguf_arch(s)
     meta = [("general.name", name, GGUFValueType.STRING), (f"{a}.vocab_size", s.vocab_size, u32),
             (f"{a}.context_length", s.seq_len, u32), (f"{a}.embedding_length", s.d_model, u32),
             (f"{a}.block_count", s.n_layer, u32), (f"{a}.feed_forward_length", s.d_ff, u32),
@@ -312,9 +365,9 @@ def gguf_hparams(s: ModelConfig, name: str) -> list:
     else:
         meta += [(f"{a}.attention.layer_norm_rms_epsilon", s.norm_eps, f32), (f"{a}.rope.freq_base", s.rope_theta, f32),
                  (f"{a}.rope.dimension_count", s.head_dim, u32)]
-    if a in ("qwen3", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # a head_dim of its own
+    if a in ("qwen3", "qwen3moe", "gemma2", "gemma3") or s.head_dim * s.n_head != s.d_model:  # its own head_dim
         meta += [(f"{a}.attention.key_length", s.head_dim, u32), (f"{a}.attention.value_length", s.head_dim, u32)]
-    meta += window_metadata(s, s.seq_len)
+    meta += moe_metadata(s) + window_metadata(s, s.seq_len)
     return [(k, v, t, None) for k, v, t in meta]
 
 
@@ -322,7 +375,7 @@ class ModelSource:
     """A model's GGUF tensors and metadata in the form flashlm.io.quantize_file.write_quantized reads."""
 
     def __init__(self, s: ModelConfig, tensors: list, metadata: list):
-        self.arch, self.metadata = s.arch, metadata
+        self.arch, self.metadata = gguf_arch(s), metadata
         self._data = [a for _, a in tensors]
         self.tensors = [(n, tuple(a.shape), "F32") for n, a in tensors]
 

@@ -121,6 +121,8 @@ def plan_pruning(model: Transformer, heads_keep=1.0, ffn_keep=1.0, drop_layers=(
     if score not in SCORES:
         raise ValueError(f"score: must be one of {SCORES}, got {score!r}")
     cfg = model.cfg
+    if cfg.moe:
+        raise NotImplementedError(f"model: structured pruning covers dense MLPs, not {cfg.arch}'s experts")
     groups = kept_group_count(cfg, heads_keep)
     channels = max(1, round(check_keep(ffn_keep, "ffn_keep") * cfg.d_ff))
     layers = check_drop_layers(cfg, drop_layers)

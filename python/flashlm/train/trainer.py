@@ -7,7 +7,9 @@ Each step takes grad_accum micro-batches of batch_size sequences on every rank (
 synchronises gradients), runs under autocast for bf16/fp16 (fp16 with a dynamic loss scaler), clips the
 global gradient norm and steps the optimizer at the learning rate of the schedule (with l1 > 0 the gradient
 is that of the loss plus l1 * sum |p| over the l1_params, flashlm.train.sparsity; the loss logged is the data's
-alone; with qat set the block linears compute their forward quantized, flashlm.quant.qat). Every eval_interval
+alone; with qat set the block linears compute their forward quantized, flashlm.quant.qat; a mixture-of-experts
+model adds router_aux_coef times its load-balancing loss and router_z_coef times its router z-loss, logged as
+moe_aux and moe_z, flashlm.train.losses). Every eval_interval
 steps it measures the validation loss on the first eval_batches batches of the held-out split; every ckpt_interval
 steps it saves a checkpoint holding everything the next step depends on (weights, optimizer, scaler, RNG
 states, data position, metrics), so a resumed run on the CPU reproduces the uninterrupted one's losses bit for
@@ -31,6 +33,7 @@ from flashlm import ops
 from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
 from flashlm.train.checkpoint import CheckpointManager
 from flashlm.train.config import TrainConfig
+from flashlm.train.losses import moe_aux_losses
 from flashlm.train.scaler import LossScaler
 from flashlm.train.schedule import learning_rate
 from flashlm.train.sparsity import SparsityMasks, l1_penalty, matching_parameters, parse_sparsity
@@ -315,6 +318,7 @@ class Trainer:
         for group in self.dp.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        router_sums = {}  # a MoE model's load-balancing and z-loss terms, summed over the micro-batches
         for micro in range(cfg.grad_accum):
             # (x, y), or more tensors for a model that takes them (distillation's stored teacher logits)
             batch = [t.to(self.device, non_blocking=True) for t in next(self.train_batches)]
@@ -323,8 +327,12 @@ class Trainer:
                 with self._autocast():
                     _, loss = self.model(*batch)
                 objective = loss + l1_penalty(self.l1_params, cfg.l1) if self.l1_params else loss
+                penalty, router = moe_aux_losses(self.model, cfg.router_aux_coef, cfg.router_z_coef)
+                objective = objective + penalty if penalty is not None else objective
                 self.scaler.scale(objective / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
+            for name, value in router.items():
+                router_sums[name] = router_sums.get(name, 0.0) + value
         self.dp.finish_gradients()
         grad_norm = self.scaler.step(self.dp, cfg.grad_clip)
         if self.masks is not None:
@@ -333,6 +341,7 @@ class Trainer:
         self.step += 1
         record = {"step": self.step, "loss": self._average(loss_sum / cfg.grad_accum), "lr": lr,
                   "grad_norm": grad_norm}
+        record |= {name: self._average(total / cfg.grad_accum) for name, total in router_sums.items()}
         if self.scaler.enabled:
             record["loss_scale"] = self.scaler.loss_scale
             record["skipped"] = grad_norm is None

@@ -1,0 +1,56 @@
+"""MoEMLP: the mixture-of-experts MLP of the mixtral, qwen2_moe and qwen3_moe blocks.
+
+    y = sum_j w_j * expert_{e_j}(x)  [+ sigmoid(shared_gate x) * shared(x)   (qwen2_moe)]
+
+A router (a bias-free linear d_model -> n_expert) scores the experts; a softmax over all of them, the top
+n_expert_used kept and, where norm_topk_prob, divided by their sum (what HF's Mixtral / Qwen-MoE and llama.cpp
+compute). Each expert is a SwiGLU MLP of moe_d_ff; their matrices are stacked, experts_gate / experts_up
+[E, moe_d_ff, d] and experts_down [E, d, moe_d_ff] (float parameters, or GGUF expert blocks a loader put there).
+
+While training, each forward keeps its router logits (last_router_logits, [tokens, E]) for the trainer's
+load-balancing and z-loss terms (flashlm.train.losses.moe_aux_losses).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from flashlm.models.config import ModelConfig
+from flashlm.models.moe_ops import expert_ffn, route
+
+
+class MoEMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, shared: Optional[nn.Module] = None):
+        super().__init__()
+        d, E, ff = cfg.d_model, cfg.n_expert, cfg.moe_d_ff
+        self.top_k, self.renormalize = cfg.n_expert_used, cfg.norm_topk_prob
+        self.router = nn.Linear(d, E, bias=False)
+        self.experts_gate = nn.Parameter(torch.empty(E, ff, d))
+        self.experts_up = nn.Parameter(torch.empty(E, ff, d))
+        self.experts_down = nn.Parameter(torch.empty(E, d, ff))
+        self.shared = shared  # qwen2_moe's shared expert (a GatedMLP of shared_expert_d_ff), or None
+        self.shared_gate = nn.Linear(d, 1, bias=False) if shared is not None else None
+        self.last_router_logits: Optional[torch.Tensor] = None
+
+    def set_experts(self, gate, up, down) -> None:
+        """Puts the stacked expert matrices in place: float tensors (kept as parameters) or GGUF expert blocks (an
+        object with raw [E, rows, row_bytes], ggml_type and shape (E, rows, cols), as a loader builds)."""
+        for name, w in (("experts_gate", gate), ("experts_up", up), ("experts_down", down)):
+            if name in self._parameters:
+                del self._parameters[name]
+            setattr(self, name, w if not isinstance(w, torch.Tensor) or isinstance(w, nn.Parameter)
+                    else nn.Parameter(w, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        logits = self.router(h)
+        self.last_router_logits = logits if self.training else None
+        weights, experts = route(logits, self.top_k, renormalize=self.renormalize)
+        y = expert_ffn(h, weights, experts, self.experts_gate, self.experts_up, self.experts_down)
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+        return y.reshape(shape)
