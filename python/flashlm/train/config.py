@@ -132,6 +132,8 @@ class TrainConfig:
             raise ValueError(f"--pp-schedule: must be one of {PP_SCHEDULES}, got {self.pp_schedule!r}")
         if not isinstance(self.sequence_parallel, bool):
             raise ValueError(f"--sequence-parallel: must be a bool, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("--sequence-parallel: needs --tp > 1")
         if not 0 < self.comm_timeout < float("inf"):
             raise ValueError(f"--comm-timeout: must be > 0 seconds, got {self.comm_timeout!r}")
         if self.tp * self.pp * self.cp > 1:

@@ -71,8 +71,6 @@ def check_layout(cfg, model_cfg, sizes: dict) -> None:
         check_tensor_parallel(model_cfg, tp)
         if cfg.sequence_parallel and cfg.seq_len % tp:
             raise ValueError(f"--sequence-parallel: seq_len {cfg.seq_len} does not divide by tp {tp}")
-    elif cfg.sequence_parallel:
-        raise ValueError("--sequence-parallel: needs --tp > 1")
     if pp > 1:
         try:
             PipelinePlan(model_cfg.n_layer, pp, cfg.batch_size, cfg.micro_batches, cfg.seq_len, cfg.pp_schedule)
@@ -97,6 +95,10 @@ class ModelParallel:
 
     def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0):
         check_layout(cfg, model.cfg, sizes)
+        device = next(model.parameters()).device
+        if device.type != "cpu":  # before any group, so every rank says it rather than waiting on another
+            raise NotImplementedError(f"--tp/--pp/--cp: the mesh's groups move CPU tensors only (no NCCL ring per "
+                                      f"group yet); run with --device cpu, got {device}")
         self.full = model
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
         self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
