@@ -31,8 +31,8 @@ from test_train_loop import child_env, data_cache, one_thread, read_metrics, tex
 # a few roundings amplified by Adam: within MAX_TOL x lr x steps each, RMS_TOL x lr x steps over all; moments
 # within STATE_RTOL of their largest; losses and clip norms within NORM_RTOL. Measured here (max parameter
 # error, 3-step runs of these configs): 7e-7 (TP 2), 2e-6 (PP 2), 3e-6 (TP 2 x PP 2) against the bound 1.2e-4; a
-# missing reduction (the replicas' gradients not averaged, the tied embedding's not summed) moves parameters by
-# O(lr) and fails.
+# missing reduction moves parameters by O(lr) and fails: PP 2 without the tied embedding's gradient summed
+# between the stages ends 7e-3 away after 3 steps (measured), its clip norms 6% off.
 from test_train_parallel import MAX_TOL, NORM_RTOL, RMS_TOL, STATE_RTOL, assert_close_to_scale  # noqa: E402
 
 from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
@@ -307,11 +307,12 @@ def test_the_command_says_what_is_wrong(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixed_precision_with_the_loss_scaler(references, text_file, data_cache, tmp_path):
-    """TP 2 x PP 2 under fp16 autocast with the dynamic loss scaler against one fp16 process. The gradients are
-    unscaled before the norm (a missed unscale shows as a norm 2^16 times larger); the runs round float16
-    (unit roundoff u = 2^-11) at different places, so losses and norms agree to a few u, not to float32's
-    bound: within 20 u. Measured: see MIXED_MEASURED."""
+def test_mixed_precision_with_the_loss_scaler(text_file, data_cache, tmp_path):
+    """TP 2 x PP 2 under fp16 autocast with the dynamic loss scaler against one fp16 process: the same scale
+    every step, and the gradients unscaled before the norm (a missed unscale shows as a norm 2^16 times larger).
+    The runs round in float16 (unit roundoff u = 2^-11) at different places; a loss or a norm sums many such
+    roundings of either sign, so the two differ by less than one u: the bound. Measured: 0.004 u (losses),
+    0.09 u (clip norms), 0.01 u (validation)."""
     values = settings(text_file, data_cache, tmp_path / "mp", "llama", precision="fp16")
     launch(4, flags(values) + ["--tp", 2, "--pp", 2, "--micro-batches", 2])
     want = one_process(text_file, data_cache, tmp_path / "one", "llama", precision="fp16").metrics
@@ -320,14 +321,13 @@ def test_mixed_precision_with_the_loss_scaler(references, text_file, data_cache,
     assert not any(m["skipped"] for m in got)
     for key in ("loss", "grad_norm", "val_loss"):
         np.testing.assert_allclose([m[key] for m in got if key in m], [m[key] for m in want if key in m],
-                                   rtol=20 * 2.0 ** -11, err_msg=key)
-    fp32 = references["llama"]["metrics"]
-    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, fp32)) > 0  # autocast did run
+                                   rtol=2.0 ** -11, err_msg=key)
 
 
 @pytest.mark.slow
 def test_export_of_a_model_parallel_run(runs, tmp_path):
-    """The TP 2 run's folder exports as any run's: the GGUF file's model is the checkpoint's full model."""
+    """The TP 2 run's folder exports as any run's: the F32 GGUF file's model is the checkpoint's full model,
+    tensor for tensor, and computes the same logits."""
     from flashlm.io import load_model
     from flashlm.models import ModelConfig, Transformer
     from flashlm.train.export_run import export_run
@@ -338,7 +338,9 @@ def test_export_of_a_model_parallel_run(runs, tmp_path):
     model = Transformer(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     exported = load_model(tmp_path / "model.gguf").model
+    loaded = exported.state_dict()
+    for name, tensor in state["model"].items():
+        assert torch.equal(loaded[name], tensor), name
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = model.eval()(idx)[0], exported(idx)[0]
-    assert_close(got, want, rtol=1e-5, atol=1e-5, name="logits of the exported model")
+        assert torch.equal(exported(idx)[0], model.eval()(idx)[0])
