@@ -5,7 +5,7 @@ environment), one process per rank, on a tiny gpt2 (tied embeddings, biases) or 
 of 2 accumulation micro-steps, clipped (every step's norm is above --grad-clip), a global batch of 4 sequences
 split over the dp replicas. The one-process run of the same global batch is the reference for the losses,
 clip norms, validation losses, final parameters and optimizer moments (the checkpoint holds full tensors).
-Checkpoints then move between layouts (TP 2 -> 1, PP 2 -> DP 2, TP 2 x PP 2 -> DP 4, ZeRO-3 -> ZeRO-0) and
+Checkpoints then move between layouts (TP 2 -> 1, PP 2 -> DP 2, TP 2 x PP 2 -> DP 4, ZeRO-3 -> ZeRO-0 and -> TP 2) and
 resume exactly at the same layout; a rank killed mid-step makes its peer fail with a timeout naming it; bad
 sizes are refused before any process group is made.
 """
@@ -231,16 +231,22 @@ def test_checkpoint_moves_to_data_parallelism(runs, references, text_file, data_
 
 
 @pytest.mark.slow
-def test_checkpoint_moves_from_zero3_to_zero0(references, text_file, data_cache, tmp_path):
-    """ZeRO-3 over 2 ranks to 2 steps, then one process with ZeRO 0 from its checkpoint."""
+@pytest.mark.parametrize("dst", ["zero0", "tp2"])
+def test_checkpoint_moves_from_zero3(references, text_file, data_cache, tmp_path, dst):
+    """ZeRO-3 over 2 ranks to 2 steps, then one process with ZeRO 0 (or TP 2) from its checkpoint."""
     out = tmp_path / "zero3"
     launch(2, flags(settings(text_file, data_cache, out, "gpt2", dp=2, max_steps=2)) + ["--zero-stage", 3])
-    trainer = one_process(text_file, data_cache, out, "gpt2", resume=True)
-    assert trainer.cfg.zero_stage == 0
-    assert_matches(trainer.metrics[2:], load_checkpoint(latest_checkpoint(out)), references["gpt2"], "zero3 -> zero0",
+    if dst == "zero0":
+        metrics = one_process(text_file, data_cache, out, "gpt2", resume=True).metrics
+    else:
+        launch(2, ["--out-dir", out, "--resume", "--max-steps", STEPS, "--batch-size", BATCH, "--zero-stage", 0,
+                   "--tp", 2])
+        metrics = read_metrics(out)
+    assert_matches(metrics[2:], load_checkpoint(latest_checkpoint(out)), references["gpt2"], f"zero3 -> {dst}",
                    first_step=3)
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_step_fails_its_peer_with_a_timeout(text_file, data_cache, tmp_path):
     """Rank 1 of TP 2 is killed while the steps run; rank 0's next collective gives up after --comm-timeout
     seconds with an error naming the peer, instead of hanging."""

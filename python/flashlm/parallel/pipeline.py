@@ -221,7 +221,8 @@ class Pipeline:
         return float(self._loss) / m if st.last else None
 
     @torch.no_grad()
-    def forward_only(self, idx: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> Optional[float]:
+    def forward_only(self, idx: Optional[torch.Tensor] = None,
+                     targets: Optional[torch.Tensor] = None) -> Optional[float]:
         """One batch forward through the pipeline without gradients (evaluation): the mean loss on the last stage,
         None elsewhere. Arguments as forward_backward's."""
         st, m = self.stage, self.plan.micro_batches

@@ -368,7 +368,8 @@ def load_full_state_dict(model: TensorParallelTransformer, full: dict) -> None:
     `model`'s parameters: the inverse of gather_state_dict, without communication."""
     own = model.state_dict()
     if set(full) != set(own):
-        raise ValueError(f"full: its tensors are not the model's (extra or missing: {sorted(set(full) ^ set(own))[:4]})")
+        missing = sorted(set(full) ^ set(own))[:4]
+        raise ValueError(f"full: its tensors are not the model's (extra or missing: {missing})")
     with torch.no_grad():
         for name, p in model.named_parameters():
             part = _slice(full[name], model.tp_dims[name], model.tp)

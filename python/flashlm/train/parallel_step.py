@@ -339,9 +339,19 @@ class ModelParallel:
                 name = self._names[id(p)]
                 entry = state_dict["state"].get(index[name])
                 if entry:
-                    local_state[j] = {k: self._slice(name, v) if torch.is_tensor(v) and v.shape == self.full.get_parameter(
-                        name).shape else v for k, v in entry.items()}
+                    local_state[j] = {k: self._local_state(name, k, v) for k, v in entry.items()}
                 ids.append(j)
                 j += 1
             local_groups.append({**saved, "params": ids})
         self.optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
+
+    def _local_state(self, name: str, key: str, value):
+        """This rank's part of a saved optimizer value of parameter `name`: a tensor shaped as the full
+        parameter is sliced as the parameter is; a scalar (the step) is whole."""
+        if not torch.is_tensor(value) or value.dim() == 0:
+            return value
+        shape = self.full.get_parameter(name).shape
+        if value.shape != shape:
+            raise ValueError(f"state_dict: {key} of {name} has shape {tuple(value.shape)}, the parameter "
+                             f"{tuple(shape)}")
+        return self._slice(name, value)
