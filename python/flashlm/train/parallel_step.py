@@ -26,7 +26,7 @@ with tensor or pipeline parallelism (ring attention runs on whole layers); l1, q
 
 import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -90,8 +90,6 @@ class ModelParallel:
     """This rank's part of `model` (a full Transformer, the same on every rank) on a dp x pp x cp x tp mesh,
     with its optimizer (`make_optimizer(param_groups)`) over the parameters it holds. `model` stays the full
     model: full_parameters() fills it."""
-
-    sharded = True
 
     def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0):
         check_layout(cfg, model.cfg, sizes)
