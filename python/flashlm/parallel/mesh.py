@@ -166,6 +166,7 @@ class Mesh:
             if self.rank == 0:
                 store.set(key, f"mesh-{os.getpid()}-{secrets.token_hex(6)}")
             job = store.get(key).decode()
+        self.job = job  # the rings' name prefix (None for one rank): more rings of this mesh start with it
         # Every rank connects its groups in the order of DIMS; a ring waits only for its own members.
         self.groups = {}
         for dim in DIMS:

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from flashlm.models import Transformer
 from flashlm.ops import comm
 from flashlm.ops._check import as_int
+from flashlm.parallel.tensor import vocab_parallel_cross_entropy
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -124,6 +125,12 @@ class PipelineStage(nn.Module):
         if plan.seq_len > model.cfg.seq_len:
             raise ValueError(f"seq_len: {plan.seq_len} is longer than the model's {model.cfg.seq_len}")
         self.cfg = model.cfg
+        # A tensor-parallel model (parallel/tensor.py) keeps its own head and loss over the vocabulary shards;
+        # with sequence parallelism its stages pass T / tp positions.
+        self.tp = getattr(model, "tp", None)
+        self.seq_shards = self.tp.size if getattr(model, "sp", False) else 1
+        self.sp = self.seq_shards > 1
+        self._logits = type(model).logits
         self.stage, self.stages = stage, plan.stages
         self.first, self.last = stage == 0, stage == plan.stages - 1
         self.layer_ids = plan.layers(stage)
@@ -143,7 +150,8 @@ class PipelineStage(nn.Module):
         returned. Returns hidden states [b, T, d], or on the last stage the logits [b, T, vocab]. The steps are
         Transformer.forward's (its own helpers, on the same buffers and modules), so the stages compose to it."""
         x = Transformer._scale_embeddings(self, self.tok_emb(inputs)) if self.first else inputs
-        positions = torch.arange(x.shape[1], device=x.device)
+        T = inputs.shape[1] if self.first else inputs.shape[1] * self.seq_shards  # attention sees all T
+        positions = torch.arange(T, device=x.device)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         ropes = Transformer._ropes(self, positions, x.dtype)
@@ -152,7 +160,15 @@ class PipelineStage(nn.Module):
                 x = checkpoint(block, x, ropes[i], None, use_reentrant=False)
             else:
                 x = block(x, ropes[i])
-        return Transformer.logits(self, self.final_norm(x)) if self.last else x
+        return self._logits(self, self.final_norm(x)) if self.last else x
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean token cross-entropy of the last stage's logits (over the vocabulary shards under tensor
+        parallelism: no rank holds the full logits)."""
+        flat = logits.float().view(targets.numel(), -1)
+        if self.tp is not None:
+            return vocab_parallel_cross_entropy(flat, targets.reshape(-1), self.tp)
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=-100)
 
     def tied_weight(self) -> Optional[nn.Parameter]:
         """The embedding table when it is tied across the first and last of several stages, else None."""
@@ -204,6 +220,23 @@ class Pipeline:
                       "bubble_formula": plan.bubble(), "peak_in_flight": self._peak}
         return float(self._loss) / m if st.last else None
 
+    @torch.no_grad()
+    def forward_only(self, idx: Optional[torch.Tensor] = None,
+                     targets: Optional[torch.Tensor] = None) -> Optional[float]:
+        """One batch forward through the pipeline without gradients (evaluation): the mean loss on the last stage,
+        None elsewhere. Arguments as forward_backward's."""
+        st, m = self.stage, self.plan.micro_batches
+        self._idx = self._micro_batches(idx, "idx") if st.first else None
+        targets = self._micro_batches(targets, "targets") if st.last else None
+        total = 0.0
+        for i in range(m):
+            y = st(self._idx[i] if st.first else self._recv_forward())
+            if st.last:
+                total += float(st.loss(y, targets[i]))
+            else:
+                self._send_forward(y)
+        return total / m if st.last else None
+
     def _gpipe(self, m):
         for i in range(m):
             self._send_forward(self._forward(i, self._recv_forward()))
@@ -244,8 +277,7 @@ class Pipeline:
             x.requires_grad_(True)
         y = st(self._idx[i] if st.first else x)
         if st.last:
-            target = self._targets[i]
-            loss = F.cross_entropy(y.float().view(target.numel(), -1), target.reshape(-1), ignore_index=-100)
+            loss = st.loss(y, self._targets[i])
             self._loss += loss.detach()
             y = loss * self._scale
         self._saved[i] = (x, y)
@@ -267,28 +299,28 @@ class Pipeline:
 
     def _message(self):
         p = self.plan
-        return torch.empty(p.batch_size // p.micro_batches, p.seq_len, self.stage.cfg.d_model, dtype=self.dtype,
-                           device=self.device)
+        return torch.empty(p.batch_size // p.micro_batches, p.seq_len // self.stage.seq_shards, self.stage.cfg.d_model,
+                           dtype=self.dtype, device=self.device)
 
     def _recv_forward(self):
         return None if self.stage.first else self.links.prev.sendrecv(recv=self._message())
 
     def _send_forward(self, y):
         if not self.stage.last:
-            self.links.next.sendrecv(send=y.contiguous())
+            self.links.next.sendrecv(send=y.to(self.dtype).contiguous())
 
     def _recv_backward(self):
         return None if self.stage.last else self.links.next.sendrecv(recv=self._message())
 
     def _send_backward(self, dx):
         if not self.stage.first:
-            self.links.prev.sendrecv(send=dx.contiguous())
+            self.links.prev.sendrecv(send=dx.to(self.dtype).contiguous())
 
     def _send_forward_recv_backward(self, y):
-        return None if self.stage.last else self.links.next.sendrecv(y.contiguous(), self._message())
+        return None if self.stage.last else self.links.next.sendrecv(y.to(self.dtype).contiguous(), self._message())
 
     def _send_backward_recv_forward(self, dx):
-        return None if self.stage.first else self.links.prev.sendrecv(dx.contiguous(), self._message())
+        return None if self.stage.first else self.links.prev.sendrecv(dx.to(self.dtype).contiguous(), self._message())
 
     # ---- After the batches of a step ---------------------------------------------------------------------
 

@@ -361,3 +361,18 @@ def gather_state_dict(model: TensorParallelTransformer) -> dict:
             shard = p.detach().movedim(dim, 0).contiguous()
             full[name] = model.tp.all_gather(shard).movedim(0, dim).contiguous()
     return full
+
+
+def load_full_state_dict(model: TensorParallelTransformer, full: dict) -> None:
+    """Copies this rank's slices of `full` (a full model's state_dict, as gather_state_dict gives it) into
+    `model`'s parameters: the inverse of gather_state_dict, without communication."""
+    own = model.state_dict()
+    if set(full) != set(own):
+        missing = sorted(set(full) ^ set(own))[:4]
+        raise ValueError(f"full: its tensors are not the model's (extra or missing: {missing})")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = _slice(full[name], model.tp_dims[name], model.tp)
+            if part.shape != p.shape:
+                raise ValueError(f"full: {name} has shape {tuple(full[name].shape)}, not the full model's")
+            p.copy_(part)

@@ -14,6 +14,7 @@ from typing import Optional
 PRECISIONS = ("fp32", "bf16", "fp16")
 # the mixture-of-experts architectures `flashlm train` builds (qwen2_moe's shared expert is not among its flags)
 MOE_TRAIN_ARCHS = ("mixtral", "qwen3_moe")
+PP_SCHEDULES = ("gpipe", "1f1b")
 OPTIMIZERS = ("adamw", "adamw-torch", "adam", "sgd", "momentum", "nesterov", "adagrad", "rmsprop")
 
 
@@ -73,6 +74,16 @@ class TrainConfig:
     optimizer: str = "adamw"  # flashlm's fused AdamW; the others are torch's
     precision: str = "fp32"
     zero_stage: int = 0
+    # model parallelism (flashlm.train.parallel_step): the mesh's sizes, their product the world size (dp None:
+    # the world over tp * pp * cp); pipeline schedule and micro-batches per batch_size; sequence parallelism
+    dp: Optional[int] = None
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    pp_schedule: str = "1f1b"
+    micro_batches: int = 1
+    sequence_parallel: bool = False
+    comm_timeout: float = 60.0  # seconds a rank waits for a peer before its collective fails
     seed: int = 1337
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when torch sees a GPU, else cpu
     # evaluation, checkpoints, logging
@@ -96,6 +107,7 @@ class TrainConfig:
                      "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        self._check_layout()
         for name in ("warmup", "grad_clip", "weight_decay", "time_limit", "l1", "router_aux_coef", "router_z_coef"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
@@ -120,6 +132,27 @@ class TrainConfig:
             self.data = [self.data]
         if self.arch in MOE_TRAIN_ARCHS or self.n_expert is not None or self.n_expert_used is not None:
             self.model_config()  # the expert settings checked now, not after the data is prepared
+
+    def _check_layout(self):
+        """The model-parallel flags on their own (their product against the world: parallel_step.layout_sizes)."""
+        for name in ("tp", "pp", "cp", "micro_batches") + (("dp",) if self.dp is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be an int >= 1, got {value!r}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"--pp-schedule: must be one of {PP_SCHEDULES}, got {self.pp_schedule!r}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise ValueError(f"--sequence-parallel: must be a bool, got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("--sequence-parallel: needs --tp > 1")
+        if not 0 < self.comm_timeout < float("inf"):
+            raise ValueError(f"--comm-timeout: must be > 0 seconds, got {self.comm_timeout!r}")
+        if self.tp * self.pp * self.cp > 1:
+            for name in ("l1", "qat", "sparsity"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: not available with --tp/--pp/--cp (data parallelism alone)")
+            if self.arch in MOE_TRAIN_ARCHS:
+                raise ValueError(f"arch: {self.arch} (mixture of experts) is not available with --tp/--pp/--cp")
 
     def document_separator(self) -> Optional[str]:
         """doc_separator as prepare_data takes it."""
@@ -199,11 +232,11 @@ def add_arguments(parser):
         else:
             kind = type(default) if default is not None else (int if f.name in ("n_kv_head", "d_ff", "max_bytes",
                                                                                 "qat_group_size", "n_expert",
-                                                                                "n_expert_used", "moe_d_ff")
+                                                                                "n_expert_used", "moe_d_ff", "dp")
                                                               else str)
             choices = {"precision": PRECISIONS, "optimizer": OPTIMIZERS,
                        "arch": ("gpt2", "llama", "qwen3", "gemma2", "gemma3", *MOE_TRAIN_ARCHS),
-                       "attn_impl": ("flashlm", "sdpa")}.get(f.name)
+                       "attn_impl": ("flashlm", "sdpa"), "pp_schedule": PP_SCHEDULES}.get(f.name)
             parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
 
 

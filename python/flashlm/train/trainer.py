@@ -147,13 +147,22 @@ class Trainer:
         checkpoint path."""
         import flashlm.dist as fd
         from flashlm.train.parallel import DataParallel
+        from flashlm.train.parallel_step import ModelParallel, check_layout, is_model_parallel, layout_sizes
 
         self.cfg = cfg
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not fd.is_initialized():
-            fd.init()
+        world = fd.get_world_size() if fd.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        self.layout = layout_sizes(cfg, world)  # the mesh's sizes, checked before any process group is made
+        self.model_parallel = is_model_parallel(self.layout)
+        if self.model_parallel:
+            check_layout(cfg, cfg.model_config(), self.layout)
+        if world > 1 and not fd.is_initialized():
+            fd.init(timeout=cfg.comm_timeout)
         self.distributed = fd.is_initialized()
         self.rank = fd.get_rank() if self.distributed else 0
         self.world_size = fd.get_world_size() if self.distributed else 1
+        # The data is split over the dp replicas (dp outermost in the mesh); the ranks of one replica share it.
+        self.data_world = self.layout["dp"]
+        self.data_rank = self.rank // (self.world_size // self.data_world)
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.device = self._pick_device(cfg.device)
@@ -176,10 +185,14 @@ class Trainer:
         # Chosen from the weights as they start (a fine-tune's: the loaded ones), kept for the whole run.
         self.masks = (SparsityMasks.from_spec(self.model, cfg.sparsity, cfg.sparsity_params)
                       if parse_sparsity(cfg.sparsity) is not None else None)
-        self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg), zero_stage=cfg.zero_stage,
-                               param_groups=self.model.param_groups(cfg.weight_decay))
+        if self.model_parallel:  # each rank its part of the model (self.model: the full one, for checkpoints)
+            self.dp = ModelParallel(self.model, cfg, self.layout, lambda groups: build_optimizer(groups, cfg),
+                                    cfg.comm_timeout)
+        else:
+            self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg),
+                                   zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay))
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
-        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.world_size
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.data_world
         self.step = 0
         self.metrics = []
         self.peak_flops = None
@@ -205,10 +218,10 @@ class Trainer:
         if not self.is_main:
             self.data = prepare_data(cfg.data, cfg.data_cache, progress=False, **data_args)
         self.train_batches = PackedBatches(self.data.train, cfg.seq_len, cfg.batch_size, seed=cfg.seed,
-                                           rank=self.rank, world_size=self.world_size)
+                                           rank=self.data_rank, world_size=self.data_world)
         try:
             self.val_batches = PackedBatches(self.data.val, cfg.seq_len, cfg.batch_size, shuffle=False,
-                                             rank=self.rank, world_size=self.world_size)
+                                             rank=self.data_rank, world_size=self.data_world)
         except ValueError as e:
             raise ValueError(f"val_fraction: the validation split is too small ({e}); raise val_fraction or "
                              f"give more text") from e
@@ -298,7 +311,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         # Every rank stands at the same place of its shard; the saved position is rank 0's.
-        self.train_batches.load_state_dict(dict(state["data"], rank=self.rank))
+        self.train_batches.load_state_dict(carried_position(state["data"], self.train_batches))
         self.step = int(state["step"])
         self.metrics = list(state["metrics"])
         if self.masks is not None:
@@ -323,13 +336,17 @@ class Trainer:
             # (x, y), or more tensors for a model that takes them (distillation's stored teacher logits)
             batch = [t.to(self.device, non_blocking=True) for t in next(self.train_batches)]
             sync = micro == cfg.grad_accum - 1  # only the last backward averages gradients over ranks
-            with contextlib.nullcontext() if sync else self.dp.no_sync():
-                with self._autocast():
-                    _, loss = self.model(*batch)
-                objective = loss + l1_penalty(self.l1_params, cfg.l1) if self.l1_params else loss
-                penalty, router = moe_aux_losses(self.model, cfg.router_aux_coef, cfg.router_z_coef)
-                objective = objective + penalty if penalty is not None else objective
-                self.scaler.scale(objective / cfg.grad_accum).backward()
+            router = {}
+            if self.model_parallel:  # (no MoE: TrainConfig refuses experts with --tp/--pp/--cp)
+                loss = self.dp.forward_backward(*batch, self.scaler.loss_scale / cfg.grad_accum, self._autocast)
+            else:
+                with contextlib.nullcontext() if sync else self.dp.no_sync():
+                    with self._autocast():
+                        _, loss = self.model(*batch)
+                    objective = loss + l1_penalty(self.l1_params, cfg.l1) if self.l1_params else loss
+                    penalty, router = moe_aux_losses(self.model, cfg.router_aux_coef, cfg.router_z_coef)
+                    objective = objective + penalty if penalty is not None else objective
+                    self.scaler.scale(objective / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
             for name, value in router.items():
                 router_sums[name] = router_sums.get(name, 0.0) + value
@@ -355,8 +372,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(self.eval_batches):
             x, y = self.val_batches.batch(0, i)
-            with self._autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
+            if self.model_parallel:
+                loss = self.dp.evaluate_loss(x.to(self.device), y.to(self.device), self._autocast)
+            else:
+                with self._autocast():
+                    _, loss = self.model(x.to(self.device), y.to(self.device))
             total += loss.float()
         self.model.train()
         return self._average(total / self.eval_batches)
@@ -455,6 +475,16 @@ class Trainer:
         return "\n\n".join(pieces)
 
 
+def carried_position(saved: dict, batches) -> dict:
+    """The saved data position for `batches` on this rank: a position carries across layouts (the dp size
+    and the batch per replica) that keep the global batch, since rank r of n takes sequences r, r + n, ... of
+    the same shuffled order."""
+    mine = dict(saved, rank=batches.rank)
+    if saved.get("batch_size", 0) * saved.get("world_size", 0) == batches.batch_size * batches.world_size:
+        mine.update(batch_size=batches.batch_size, world_size=batches.world_size)
+    return mine
+
+
 def run_training(cfg: TrainConfig, resume=False) -> list:
     """`flashlm train`: train, then print a sample from rank 0."""
     import flashlm.dist as fd
@@ -496,7 +526,8 @@ def resume_config(out_dir, preset=None, toml_path=None, overrides=None) -> Train
     saved = load_checkpoint(path).get("train_config")
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint: {path} holds no train_config")
-    values = dict(saved)
+    # The layout is the launch's, not the run's: a checkpoint holds full tensors and resumes at any other.
+    values = {k: v for k, v in saved.items() if k not in ("dp", "tp", "pp", "cp", "sequence_parallel")}
     if toml_path is not None:
         import tomllib
 

@@ -1,0 +1,355 @@
+"""Model parallelism in the trainer: `flashlm train --dp --tp --pp --cp` over parallel/'s mesh.
+
+    sizes = layout_sizes(cfg, world_size)       # before any process group: the product is the world size
+    check_layout(cfg, cfg.model_config(), sizes)  # heads, layers, batch and sequence fit the layout
+    mp = ModelParallel(model, cfg, sizes, make_optimizer)     # model: the full Transformer, on every rank
+    loss = mp.forward_backward(idx, targets, loss_scale, autocast)   # per micro-step; adds to the gradients
+    mp.finish_gradients(); scaler.step(mp, grad_clip); mp.zero_grad()
+
+ModelParallel answers what the trainer asks of DataParallel (param_groups, no_sync, finish_gradients,
+unscale_, found_inf, clip_grad_norm_, step, zero_grad, state_dict, full_parameters, close), so the loop, the loss
+scaler and the checkpoints are the trainer's own. Each rank holds its part of the model: tensor parallelism
+slices every layer (parallel/tensor.py, sequence parallelism optional), pipeline parallelism keeps the stage's
+layers (parallel/pipeline.py, GPipe or 1F1B over micro-batches), context parallelism the rank's tokens of each
+sequence (parallel/context_model.py); data parallelism averages the gradients of the replicas over the dp group.
+
+Checkpoints are layout-free: full_parameters() gathers the full model into the Transformer the trainer built
+(tp slices all-gathered, each pipeline stage's tensors broadcast from it) and, on leaving, every rank takes its
+part of it back, so a checkpoint written at one layout loads at any other. The optimizer state travels the same
+way, in the format of a plain optimizer over the full model's param groups (DataParallel's, so ZeRO runs read it).
+Clipping uses the norm over all shards: the squares of split tensors summed over tp, a replicated tensor counted
+once, the stages' sums added, the tied embedding counted on the first stage only.
+
+Not covered (each refused by name before any group is made): ZeRO with tp/pp/cp; context parallelism together
+with tensor or pipeline parallelism (ring attention runs on whole layers); l1, qat and sparsity masks.
+"""
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+
+import flashlm.dist as fd
+from flashlm.models import Transformer
+from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_model
+from flashlm.parallel.context import SequenceLayout, shard_sequence
+from flashlm.parallel.context_model import ContextParallelTransformer
+from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links
+from flashlm.parallel.tensor import load_full_state_dict
+
+
+def layout_sizes(cfg, world_size: int) -> dict:
+    """The mesh sizes {dp, tp, pp, cp} of a run: cfg's, dp None meaning the world over tp * pp * cp ranks.
+    ValueError naming the flags unless their product is the world size."""
+    rest = cfg.tp * cfg.pp * cfg.cp
+    dp = cfg.dp
+    if dp is None:
+        if world_size % rest:
+            raise ValueError(f"--tp/--pp/--cp: --tp {cfg.tp} x --pp {cfg.pp} x --cp {cfg.cp} = {rest} ranks do not "
+                             f"divide the world of {world_size}")
+        dp = world_size // rest
+    return check_sizes(world_size, dp=dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp)
+
+
+def is_model_parallel(sizes: dict) -> bool:
+    return sizes["tp"] * sizes["pp"] * sizes["cp"] > 1
+
+
+def check_layout(cfg, model_cfg, sizes: dict) -> None:
+    """ValueError / NotImplementedError (naming the flag) unless the model and the batches fit the layout."""
+    tp, pp, cp = sizes["tp"], sizes["pp"], sizes["cp"]
+    if not is_model_parallel(sizes):
+        return
+    if cfg.zero_stage:
+        raise NotImplementedError(f"--zero-stage: ZeRO {cfg.zero_stage} runs with data parallelism alone, not with "
+                                  f"--tp/--pp/--cp")
+    if cp > 1 and (tp > 1 or pp > 1):
+        raise NotImplementedError("--cp: context parallelism runs with data parallelism alone (ring attention on "
+                                  "whole layers), not with --tp or --pp")
+    if tp > 1:
+        check_tensor_parallel(model_cfg, tp)
+        if cfg.sequence_parallel and cfg.seq_len % tp:
+            raise ValueError(f"--sequence-parallel: seq_len {cfg.seq_len} does not divide by tp {tp}")
+    if pp > 1:
+        try:
+            PipelinePlan(model_cfg.n_layer, pp, cfg.batch_size, cfg.micro_batches, cfg.seq_len, cfg.pp_schedule)
+        except ValueError as e:  # the plan's names are its own: say which flag
+            raise ValueError(f"--pp: {e}") from e
+    if cp > 1:
+        if model_cfg.gemma or model_cfg.sliding_window is not None:  # check_context_parallel's rule, on the config
+            raise NotImplementedError(f"--cp: context parallelism does not cover {model_cfg.arch}'s sliding windows "
+                                      "and soft-capped scores")
+        try:
+            SequenceLayout(cfg.seq_len, cp)
+        except ValueError as e:
+            raise ValueError(f"--cp: {e}") from e
+
+
+class ModelParallel:
+    """This rank's part of `model` (a full Transformer, the same on every rank) on a dp x pp x cp x tp mesh,
+    with its optimizer (`make_optimizer(param_groups)`) over the parameters it holds. `model` stays the full
+    model: full_parameters() fills it."""
+
+    def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0):
+        check_layout(cfg, model.cfg, sizes)
+        device = next(model.parameters()).device
+        if device.type != "cpu":  # before any group, so every rank says it rather than waiting on another
+            raise NotImplementedError(f"--tp/--pp/--cp: the mesh's groups move CPU tensors only (no NCCL ring per "
+                                      f"group yet); run with --device cpu, got {device}")
+        self.full = model
+        self.mesh = mesh = Mesh(**sizes, timeout=timeout)
+        self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
+        self.stage = self.pipe = self.context = None
+        held = self.part
+        if mesh.pp.size > 1:
+            self.plan = PipelinePlan(model.cfg.n_layer, mesh.pp.size, cfg.batch_size, cfg.micro_batches, cfg.seq_len,
+                                     cfg.pp_schedule)
+            self.stage = held = PipelineStage(self.part, mesh.pp.rank, self.plan)
+            links = shm_stage_links(f"{mesh.job}-pipe{mesh.pp.ranks[0]}", mesh.pp.rank, self.plan,
+                                    tied=model.cfg.tie_embeddings, timeout=timeout)
+            self.pipe = Pipeline(self.stage, links, self.plan)
+        if mesh.cp.size > 1:
+            self.context = ContextParallelTransformer(self.part, mesh.cp.ring)
+            self.layout = SequenceLayout(cfg.seq_len, mesh.cp.size)
+        # The parameters this rank trains, by their full model's names.
+        name_of = {id(p): n for n, p in self.part.named_parameters()}
+        self.params = {name_of[id(p)]: p for p in held.parameters() if p.requires_grad}
+        self._names = {id(p): n for n, p in self.params.items()}
+        tied = self.stage.tied_weight() if self.stage is not None and self.stage.last else None
+        self._tied_copy = None if tied is None or self.stage.first else name_of[id(tied)]  # counted on stage 0
+        self.tp_dims = getattr(self.part, "tp_dims", {n: None for n in name_of.values()})
+        mine = {id(p) for p in self.params.values()}
+        self.groups = [{**g, "params": [p for p in g["params"] if id(p) in mine]}
+                       for g in self.part.param_groups(cfg.weight_decay)]
+        self.optimizer = make_optimizer(self.groups)
+
+    # ---- One step (the trainer's loop) -----------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    def no_sync(self):
+        return contextlib.nullcontext()  # gradients are reduced once, in finish_gradients
+
+    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_scale: float,
+                         autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
+        """One micro-step of this dp rank's batch (int64 [batch_size, seq_len], the same on every rank of its
+        replica): gradients of loss * loss_scale added. Returns the batch's mean loss, on every rank."""
+        mesh = self.mesh
+        if self.pipe is not None:
+            with autocast():
+                loss = self.pipe.forward_backward(idx if self.stage.first else None,
+                                                  targets if self.stage.last else None, loss_scale)
+            return mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]  # the last stage's; 0 elsewhere
+        if self.context is not None:
+            rank = mesh.cp.rank
+            idx, targets = (shard_sequence(t, self.layout, rank) for t in (idx, targets))
+            with autocast():
+                _, loss = self.context(idx, targets, self.layout)  # this rank's share of the mean
+            (loss * loss_scale).backward()
+            return mesh.cp.all_reduce(loss.detach().float().reshape(1))[0]
+        with autocast():
+            _, loss = self.part(idx, targets)
+        (loss * loss_scale).backward()
+        return loss.detach().float()
+
+    @torch.no_grad()
+    def evaluate_loss(self, idx: torch.Tensor, targets: torch.Tensor, autocast: Callable) -> torch.Tensor:
+        """The mean loss of one batch (as forward_backward's), without gradients."""
+        if self.pipe is not None:
+            with autocast():
+                loss = self.pipe.forward_only(idx if self.stage.first else None, targets if self.stage.last else None)
+            return self.mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]
+        if self.context is not None:
+            rank = self.mesh.cp.rank
+            idx, targets = (shard_sequence(t, self.layout, rank) for t in (idx, targets))
+            with autocast():
+                _, loss = self.context(idx, targets, self.layout)
+            return self.mesh.cp.all_reduce(loss.float().reshape(1))[0]
+        with autocast():
+            return self.part(idx, targets)[1].float()
+
+    def finish_gradients(self) -> None:
+        """The step's gradients: the tied embedding's summed between the first and last stage, the sequence
+        shares' summed over cp, the replicas' averaged over dp."""
+        if self.pipe is not None:
+            self.pipe.finish_gradients()
+        if self.context is not None:
+            self.context.all_reduce_gradients()
+        if self.mesh.dp.size > 1:
+            params = list(self.params.values())
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
+                              for p in params])
+            self.mesh.dp.all_reduce(flat, "avg")
+            start = 0
+            for p in params:
+                p.grad = flat[start:start + p.numel()].view_as(p).to(p.dtype).clone()
+                start += p.numel()
+
+    def _grads(self) -> list:
+        return [p.grad for p in self.params.values() if p.grad is not None]
+
+    def unscale_(self, inv_scale: float) -> None:
+        grads = self._grads()
+        if grads:
+            torch._foreach_mul_(grads, float(inv_scale))
+
+    def found_inf(self) -> bool:
+        """True when any rank's gradients hold inf or NaN (the same answer on every rank)."""
+        local = any(not bool(g.isfinite().all()) for g in self._grads())
+        flag = torch.tensor([1.0 if local else 0.0])
+        fd.all_reduce(flag, "sum")
+        return bool(flag.item() > 0)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """The L2 norm of the full model's gradient (every rank's shares; see the module's docstring); when
+        max_norm > 0 the gradients are scaled by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_."""
+        split, whole = torch.zeros(1), torch.zeros(1)
+        for name, p in self.params.items():
+            if p.grad is None or name == self._tied_copy:
+                continue
+            target = split if self.tp_dims[name] is not None else whole
+            target += p.grad.detach().float().square().sum()
+        squared = self.mesh.tp.all_reduce(split) + whole
+        total = self.mesh.pp.all_reduce(squared).sqrt().reshape(())
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), max_norm, total)
+        return float(total)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        pass  # the rings close with the process
+
+    # ---- Full tensors, for checkpoints ---------------------------------------------------------------------
+
+    def _owner(self, name: str) -> int:
+        """The pipeline stage whose copy of a full-model tensor is saved (the tied table: the first stage's)."""
+        if self.stage is None or name.startswith(("tok_emb.", "pos_emb.")):
+            return 0
+        if name.startswith("blocks."):
+            layer = int(name.split(".")[1])
+            return next(s for s in range(self.plan.stages) if layer in self.plan.layers(s))
+        return self.plan.stages - 1
+
+    def _gather(self, local: dict, shapes: dict) -> dict:
+        """Full tensors from every rank's parts. local: name -> this rank's tensor (for the names it holds;
+        float32 or an exact cast of it); shapes: name -> the full tensor's shape, for every name. A tensor
+        shaped as its parameter's slice is all-gathered along the parameter's split dimension; the rest are
+        whole on every tp rank. Collective of the whole mesh (tp then pp)."""
+        full = {}
+        for name, t in local.items():
+            dim = self.tp_dims[name]
+            if dim is not None and t.shape == self.params[name].shape and self.mesh.tp.size > 1:
+                t = self.mesh.tp.all_gather(t.float().movedim(dim, 0).contiguous()).movedim(0, dim)
+            full[name] = t.float().contiguous()
+        if self.stage is None:
+            return full
+        for s in range(self.plan.stages):
+            names = [n for n in shapes if self._owner(n) == s]
+            sizes = [math.prod(shapes[n]) for n in names]
+            if s == self.mesh.pp.rank:
+                flat = torch.cat([full[n].reshape(-1) for n in names])
+            else:
+                flat = torch.empty(sum(sizes))
+            self.mesh.pp.broadcast(flat, src=s)
+            for n, piece in zip(names, flat.split(sizes)):
+                full[n] = piece.view(shapes[n]).clone()
+        return {n: full[n] for n in shapes}
+
+    def _slice(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor shaped as parameter `name` (others: whole)."""
+        dim, tp = self.tp_dims[name], self.mesh.tp
+        if dim is None or full.dim() == 0:
+            return full
+        n = full.shape[dim] // tp.size
+        return full.narrow(dim, tp.rank * n, n)
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """The full model (the Transformer given) holds every parameter's full value inside; on leaving, each
+        rank takes its part back from it (so loading a checkpoint into it loads every rank). Collective."""
+        shapes = {n: tuple(p.shape) for n, p in self.full.named_parameters()}
+        with torch.no_grad():
+            gathered = self._gather({n: p.detach() for n, p in self.params.items()}, shapes)
+            for n, p in self.full.named_parameters():
+                p.copy_(gathered[n])
+        yield
+        with torch.no_grad():
+            if self.part is not self.full:
+                load_full_state_dict(self.part, self.full.state_dict())
+            # else: the stage's modules are the full model's own
+
+    def _full_names(self) -> list:
+        """The full model's trainable parameters' names in the order of its param groups (the numbering of a
+        plain optimizer's state_dict)."""
+        name_of = {id(p): n for n, p in self.full.named_parameters()}
+        return [[name_of[id(p)] for p in g["params"]] for g in self.full.param_groups(0.0)]
+
+    def state_dict(self) -> dict:
+        """The optimizer state as a plain optimizer over the full model's param groups would hold it (full
+        tensors, parameters numbered in group order), on every rank. Collective."""
+        local = self.optimizer.state_dict()
+        by_name = {}
+        for g, saved in zip(self.groups, local["param_groups"]):
+            for p, i in zip(g["params"], saved["params"]):
+                by_name[self._names[id(p)]] = local["state"].get(i, {})
+        full_groups = self._full_names()
+        keys = sorted(next((s for s in by_name.values() if s), {}))
+        state = {n: {} for group in full_groups for n in group}
+        for key in keys:
+            mine = {n: s[key] for n, s in by_name.items() if key in s}
+            # Every rank runs the same optimizer: a key is shaped as its parameter (moments) or not (the step).
+            first = next(iter(mine))
+            param_shaped = mine[first].shape == self.params[first].shape
+            shapes = {n: tuple(self.full.get_parameter(n).shape) if param_shaped else tuple(mine[first].shape)
+                      for n in state}
+            for n, v in self._gather(mine, shapes).items():
+                state[n][key] = v
+        numbered, groups, i = {}, [], 0
+        for names, saved in zip(full_groups, local["param_groups"]):
+            ids = list(range(i, i + len(names)))
+            numbered.update({j: state[n] for j, n in zip(ids, names) if state[n]})
+            groups.append({**saved, "params": ids})
+            i += len(names)
+        return {"state": numbered, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict() of any layout (or DataParallel's, of any ZeRO stage): this rank takes its part."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict: must be a dict with 'state' and 'param_groups'")
+        full_groups = self._full_names()
+        saved_groups = state_dict["param_groups"]
+        if [len(g.get("params", ())) for g in saved_groups] != [len(names) for names in full_groups]:
+            raise ValueError(f"state_dict: its param groups hold {[len(g.get('params', ())) for g in saved_groups]} "
+                             f"parameters, the model's {[len(names) for names in full_groups]}")
+        index = {n: i for names, g in zip(full_groups, saved_groups) for n, i in zip(names, g["params"])}
+        local_state, local_groups, j = {}, [], 0
+        for g, saved in zip(self.groups, saved_groups):
+            ids = []
+            for p in g["params"]:
+                name = self._names[id(p)]
+                entry = state_dict["state"].get(index[name])
+                if entry:
+                    local_state[j] = {k: self._local_state(name, k, v) for k, v in entry.items()}
+                ids.append(j)
+                j += 1
+            local_groups.append({**saved, "params": ids})
+        self.optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
+
+    def _local_state(self, name: str, key: str, value):
+        """This rank's part of a saved optimizer value of parameter `name`: a tensor shaped as the full
+        parameter is sliced as the parameter is; a scalar (the step) is whole."""
+        if not torch.is_tensor(value) or value.dim() == 0:
+            return value
+        shape = self.full.get_parameter(name).shape
+        if value.shape != shape:
+            raise ValueError(f"state_dict: {key} of {name} has shape {tuple(value.shape)}, the parameter "
+                             f"{tuple(shape)}")
+        return self._slice(name, value)
