@@ -7,6 +7,7 @@ pool's contended mode)."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,35 @@ def test_kernels_match_on_more_threads_than_cores(threads):
             torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), expected, rtol=0, atol=0)
     finally:
         ops.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv0, preset, expected", [
+    ("flashlm", None, "PASSIVE"),          # the console script
+    ("/usr/bin/flashlm", "ACTIVE", "ACTIVE"),  # the user's setting wins
+    ("script.py", None, None),             # a program that imports flashlm keeps OpenMP's default
+])
+def test_the_command_sets_openmp_passive(argv0, preset, expected):
+    # OMP_WAIT_POLICY must be in the environment before torch loads libgomp: set by flashlm's import, for the
+    # `flashlm` command alone.
+    code = (f"import sys; sys.argv = [{argv0!r}]\nimport flashlm, os, torch\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(expected)]
+
+
+@pytest.mark.parametrize("orig_argv, argv0, expected", [
+    (["python", "-m", "flashlm", "train"], "-m", True),
+    (["python3", "-X", "importtime", "-m", "flashlm", "info"], "-m", True),
+    (["/usr/bin/flashlm", "train"], "/usr/bin/flashlm", True),
+    (["python", "-m", "pytest", "tests"], "-m", False),
+    (["python", "train.py"], "train.py", False),
+])
+def test_which_processes_are_the_command(monkeypatch, orig_argv, argv0, expected):
+    import flashlm
+
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert flashlm._is_the_command() is expected
