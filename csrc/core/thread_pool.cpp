@@ -176,13 +176,13 @@ class Pool {
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
     grain = std::max<int64_t>(grain, 1);
-    int threads = size();
     const int64_t max_units = n / grain + (n % grain != 0);
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
-    if (threads == 1 || max_units == 1 || tls_in_parallel || !run_lock.try_lock()) {
+    if (size() == 1 || max_units == 1 || tls_in_parallel || !run_lock.try_lock()) {
       fn(0, n);
       return;
     }
+    const int threads = size_;  // read under run_mutex_: no resize until this job is done (slots_ has this many)
     Job job;
     job.fn = &fn;
     job.n = n;
