@@ -98,7 +98,8 @@ def stop_background(procs):
 def run_child(cmd, args):
     t = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=args.child_env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=args.child_env,
+                             cwd=args.workdir)  # what the jobs write (the corpus's cache) stays out of the way
     except subprocess.TimeoutExpired:
         return None, time.perf_counter() - t
     if out.returncode != 0:
@@ -146,6 +147,7 @@ def main():
         write_random_llama_gguf(model, d_model=args.d_model, d_ff=4 * args.d_model, n_layer=args.layers,
                                 vocab_size=2048, ggml_type="Q4_0", context_length=256)
         inputs = {"train": folder, "decode": model}
+        args.workdir = folder
         for rep in range(args.reps):
             loads = args.loads if rep % 2 == 0 else args.loads[::-1]  # each level runs early and late
             for load in loads:
