@@ -1,17 +1,25 @@
-// The library's thread pool: n - 1 workers plus the calling thread. A parallel_for splits [0, n) into at
-// most 2 ranges per thread (some slack for a descheduled thread on a shared machine, few enough that each
-// range stays long and contiguous: a decode step's GEMVs stream weights and each range starts cold; 4
-// ranges per thread made a 12-layer Q4_0 decode's matmuls 7% slower), handed out by an atomic counter.
+// The library's thread pool: n - 1 workers plus the calling thread. A parallel_for splits [0, n) into units
+// (at most kUnitsPerThread per thread, each about `grain` long or more) and gives each thread a contiguous
+// share of them, its slot. A thread runs its own slot's units front to back, then takes units from the other
+// slots: a thread that the system deschedules (on a machine busier than its cores) holds up the job by one
+// unit at most, not by its whole share, and a worker that never wakes in time leaves its slot to the others.
+// Alone, each thread still streams one contiguous range (a decode step's GEMVs read weights front to back;
+// 4 interleaved ranges per thread from one shared counter made a 12-layer Q4_0 decode's matmuls 7% slower).
 // Each job lives on the caller's stack; a worker joins it only under the lock and the caller returns only
 // when every worker that joined has left, so no worker ever touches a finished job.
 //
 // Idle workers poll the job counter for a short while (spin_time()) before they sleep on a condition
 // variable: a decode step is a chain of small kernels a few microseconds apart, and waking a sleeping
-// thread costs 5-10 us, as much as a small GEMV itself. The caller likewise polls, then yields, until the
-// workers leave.
+// thread costs 5-10 us, as much as a small GEMV itself. But polling only pays while the pool has the cores
+// to itself: on a busy machine a polling thread takes a core from a thread with work (the caller, torch's
+// OpenMP threads, other programs). So each thread measures how much of its time awake the system gave it
+// (wall clock against its own CPU time); a worker that lost a scheduler slice marks the pool contended, and
+// for kQuietTime after that no thread polls: idle workers sleep at once and the caller sleeps while it waits
+// for the workers' last units.
 #include "flashlm/core/thread_pool.h"
 
 #include <pthread.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +27,7 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <system_error>
 #include <thread>
@@ -35,6 +44,22 @@
 
 namespace flashlm {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Units per thread: enough that a descheduled thread holds back an eighth of its share at most, few enough
+// that a unit stays long next to the cost of taking it (one atomic add on the slot's own cache line).
+constexpr int64_t kUnitsPerThread = 8;
+// After a thread lost CPU time, how long nobody polls: a few scheduler slices, so that a pool on a loaded
+// machine spins for one spin_time() per kQuietTime at most (0.4% of a core at the 200 us default).
+constexpr std::chrono::milliseconds kQuietTime{50};
+// A stretch of polling or work counts as descheduled when the thread got less than 3/4 of its wall time and
+// lost at least 100 us (one timer interrupt or page fault costs far less; a scheduler slice, far more).
+constexpr std::chrono::microseconds kLostTime{100};
+// How often a worker that never sleeps checks its CPU time (a system call of ~0.3 us).
+constexpr std::chrono::milliseconds kCheckEvery{2};
+// How long the caller polls for the workers' last units before it sleeps (when the pool is not contended).
+constexpr int kCallerSpins = 4096;
 
 // How long an idle worker keeps polling for the next job before it sleeps: FLASHLM_SPIN_US, default 200.
 // Long enough to span the gap between two kernels driven from Python (~10-30 us), short enough not to steal
@@ -66,13 +91,46 @@ int default_num_threads() {
   return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, unsigned(kMaxThreads)));
 }
 
+std::chrono::nanoseconds thread_cpu_time() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+}
+
+// One thread's awake time since mark(): lost() says whether the system took a slice of it from the thread.
+class AwakeTimer {
+ public:
+  void mark() {
+    wall_ = Clock::now();
+    cpu_ = thread_cpu_time();
+  }
+  Clock::duration age() const { return Clock::now() - wall_; }
+  bool lost() const {
+    const auto wall = Clock::now() - wall_;
+    const auto missing = wall - (thread_cpu_time() - cpu_);
+    return missing > kLostTime && 4 * missing > wall;
+  }
+
+ private:
+  Clock::time_point wall_;
+  std::chrono::nanoseconds cpu_{0};
+};
+
+// A thread's share of a job: units [next, end), taken front first by its owner and then by the other threads.
+struct alignas(64) Slot {
+  std::atomic<int64_t> next{0};
+  int64_t end = 0;
+};
+
 struct Job {
   const std::function<void(int64_t, int64_t)>* fn;
-  int64_t n, chunks;
-  std::atomic<int64_t> next{0};
+  int64_t n, units;
+  Slot* slots;
+  int num_slots;
+  int joined = 0;  // workers that took a slot; guarded by the pool's mutex
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // guarded by the pool's mutex
-  std::atomic<int> workers{0};  // workers inside run_chunks; joined under the pool's mutex
+  std::atomic<int> workers{0};  // workers inside run_units; joined under the pool's mutex
 };
 
 std::atomic<bool> g_forked{false};
@@ -118,17 +176,23 @@ class Pool {
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
     grain = std::max<int64_t>(grain, 1);
-    int threads = size();
-    int64_t max_chunks = (n + grain - 1) / grain;
+    const int64_t max_units = n / grain + (n % grain != 0);
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
-    if (threads == 1 || max_chunks == 1 || tls_in_parallel || !run_lock.try_lock()) {
+    if (size() == 1 || max_units == 1 || tls_in_parallel || !run_lock.try_lock()) {
       fn(0, n);
       return;
     }
+    const int threads = size_;  // read under run_mutex_: no resize until this job is done (slots_ has this many)
     Job job;
     job.fn = &fn;
     job.n = n;
-    job.chunks = std::min<int64_t>(max_chunks, int64_t(threads) * 2);
+    job.units = std::min<int64_t>(max_units, threads * kUnitsPerThread);
+    job.num_slots = static_cast<int>(std::min<int64_t>(threads, job.units));
+    job.slots = slots_.get();
+    for (int s = 0; s < job.num_slots; ++s) {
+      job.slots[s].next.store(job.units * s / job.num_slots, std::memory_order_relaxed);
+      job.slots[s].end = job.units * (s + 1) / job.num_slots;
+    }
     bool wake;
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -137,17 +201,12 @@ class Pool {
       wake = sleepers_ > 0;
     }
     if (wake) wake_.notify_all();
-    run_chunks(job);
+    run_units(job, 0);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       current_ = nullptr;  // no worker joins from now on
     }
-    // The workers that joined are finishing their last ranges: poll, and give the core away if one of
-    // them has been descheduled.
-    for (int spins = 0; job.workers.load(std::memory_order_acquire) != 0; ++spins) {
-      if (spins < 4096) FLASHLM_CPU_RELAX();
-      else std::this_thread::yield();
-    }
+    wait_for_workers(job);
     if (job.error) std::rethrow_exception(job.error);
   }
 
@@ -162,6 +221,7 @@ class Pool {
     spin_time();  // a bad FLASHLM_SPIN_US raises here, in the caller, not in a worker
     size_ = n;
     stopping_ = false;
+    slots_.reset(new Slot[n]);
     for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
     started_ = true;
   }
@@ -178,62 +238,120 @@ class Pool {
     started_ = false;
   }
 
-  // Returns when generation_ differs from `seen`: first polling it for spin_time(), then asleep.
-  void wait_for_job(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + spin_time();
-    for (int i = 1;; ++i) {
-      if (generation_.load(std::memory_order_acquire) != seen) return;
-      FLASHLM_CPU_RELAX();
-      if (i % 256 == 0 && std::chrono::steady_clock::now() > until) break;
+  bool contended() const { return Clock::now().time_since_epoch().count() < quiet_until_.load(std::memory_order_relaxed); }
+
+  // Called at the end of a stretch of polling or work: if the system took CPU time from this thread, nobody
+  // polls for a while.
+  void note_lost_time(const AwakeTimer& timer) {
+    if (timer.lost()) quiet_until_.store((Clock::now() + kQuietTime).time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  // The caller, its own units done: the workers that joined are finishing theirs. Poll for a moment, unless
+  // the pool is contended (or FLASHLM_SPIN_US is 0), then sleep until the last one leaves.
+  void wait_for_workers(Job& job) {
+    if (spin_time().count() > 0 && !contended()) {
+      for (int spins = 0; spins < kCallerSpins; ++spins) {
+        if (job.workers.load(std::memory_order_acquire) == 0) return;
+        FLASHLM_CPU_RELAX();
+      }
     }
     std::unique_lock<std::mutex> lock(mutex_);
-    ++sleepers_;
-    wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
-    --sleepers_;
+    caller_sleeping_.store(true);
+    done_.wait(lock, [&] { return job.workers.load() == 0; });
+    caller_sleeping_.store(false);
+  }
+
+  // A worker leaves a job: the last touch of it. If the caller sleeps and this was the last worker, wake it
+  // (under the mutex, so that the wake-up cannot fall between the caller's check and its sleep).
+  void leave(Job& job) {
+    if (job.workers.fetch_sub(1) == 1 && caller_sleeping_.load()) {
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      done_.notify_all();
+    }
+  }
+
+  // Returns when generation_ differs from `seen`: first polling it for spin_time() (not while the pool is
+  // contended), then asleep. `timer` covers the worker's time awake since it last woke, or the last
+  // kCheckEvery of it for a worker that keeps finding jobs while it polls.
+  void wait_for_job(uint64_t seen, AwakeTimer& timer) {
+    if (timer.age() > kCheckEvery) {
+      note_lost_time(timer);
+      timer.mark();
+    }
+    if (!contended()) {
+      const auto until = Clock::now() + spin_time();
+      for (int i = 1;; ++i) {
+        if (generation_.load(std::memory_order_acquire) != seen) return;
+        FLASHLM_CPU_RELAX();
+        if (i % 256 == 0 && Clock::now() > until) break;
+      }
+    }
+    note_lost_time(timer);
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      ++sleepers_;
+      wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+      --sleepers_;
+    }
+    timer.mark();
   }
 
   void worker_loop() {
     tls_in_parallel = true;
     uint64_t seen = 0;
+    AwakeTimer timer;
+    timer.mark();
     for (;;) {
-      wait_for_job(seen);
+      wait_for_job(seen, timer);
       std::unique_lock<std::mutex> lock(mutex_);
       seen = generation_.load(std::memory_order_relaxed);
       if (stopping_) return;
       Job* job = current_;
       if (!job) continue;
+      const int slot = (1 + job->joined++) % job->num_slots;  // past the slots (a small job): take others' units
       job->workers.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
-      run_chunks(*job);
-      job->workers.fetch_sub(1, std::memory_order_release);  // the last touch of the job
+      run_units(*job, slot);
+      leave(*job);
     }
   }
 
-  void run_chunks(Job& job) {
+  // Units from slot `first` on, then from each other slot in turn: every unit runs exactly once, on
+  // whichever thread takes it first.
+  void run_units(Job& job, int first) {
     bool outer = tls_in_parallel;
     tls_in_parallel = true;
-    for (int64_t c; (c = job.next.fetch_add(1)) < job.chunks;) {
-      if (job.failed.load(std::memory_order_relaxed)) continue;
-      try {
-        (*job.fn)(job.n * c / job.chunks, job.n * (c + 1) / job.chunks);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (!job.error) job.error = std::current_exception();
-        job.failed.store(true);
+    const int64_t base = job.n / job.units, extra = job.n % job.units;  // unit u: base (+1 for u < extra)
+    for (int k = 0; k < job.num_slots; ++k) {
+      Slot& slot = job.slots[(first + k) % job.num_slots];
+      for (int64_t u; slot.next.load(std::memory_order_relaxed) < slot.end && (u = slot.next.fetch_add(1)) < slot.end;) {
+        if (job.failed.load(std::memory_order_relaxed)) continue;
+        try {
+          const int64_t begin = u * base + std::min(u, extra);
+          (*job.fn)(begin, begin + base + (u < extra));
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          if (!job.error) job.error = std::current_exception();
+          job.failed.store(true);
+        }
       }
     }
     tls_in_parallel = outer;
   }
 
-  std::mutex config_mutex_;  // size_, workers_, started_
+  std::mutex config_mutex_;  // size_, workers_, slots_, started_
   std::mutex run_mutex_;     // one job at a time
-  std::mutex mutex_;         // current_, stopping_, sleepers_, Job::error; writes of generation_
-  std::condition_variable wake_;
+  std::mutex mutex_;         // current_, stopping_, sleepers_, Job::error, Job::joined; writes of generation_
+  std::condition_variable wake_;  // workers: a new job (or stop)
+  std::condition_variable done_;  // the caller: the last worker left the job
   std::vector<std::thread> workers_;
+  std::unique_ptr<Slot[]> slots_;  // the job's slots, one per thread (jobs run one at a time)
   int size_ = 1;
   bool started_ = false, stopping_ = false;
   int sleepers_ = 0;                    // workers waiting on wake_
   std::atomic<uint64_t> generation_{0};  // bumped for every job (and to stop); idle workers poll it
+  std::atomic<bool> caller_sleeping_{false};  // the caller waits on done_
+  std::atomic<int64_t> quiet_until_{0};  // steady_clock ticks: nobody polls before then (a thread lost CPU time)
   Job* current_ = nullptr;
 };
 
