@@ -19,6 +19,7 @@ from flashlm.io import load_hf  # noqa: E402
 from flashlm.models import ModelConfig, Transformer  # noqa: E402
 from flashlm.ops.moe import expert_ffn, route  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
+from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
 from reference import moe_expert_ffn, moe_route  # noqa: E402
 
 V = 320  # (above the 300 tokens of the byte-level BPE the GGUF tests write)
@@ -218,6 +219,37 @@ def test_converted_gguf_decodes_like_llama_cpp(tmp_path, kind, top_k, qtype, tol
                                               f"step {step} (logit scale {scale:.3g})")
     if qtype == "F32":
         assert ref_logits.argmax(-1).tolist() == tokens
+
+
+def test_engine_decode_runs_one_native_expert_call_per_layer(tmp_path, monkeypatch):
+    """A converted Q8_0 Mixtral keeps its experts in their blocks (GGUFExperts), and each engine step runs every
+    layer's experts as one native call (tokens grouped by expert in C++), never the per-expert torch path."""
+    from flashlm.ops import moe
+    from flashlm.quant.gguf_experts import GGUFExperts
+
+    hf = make_moe_hf("mixtral", 2)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "m.gguf"
+    _convert(tmp_path / "hf", path, "Q8_0")
+    llm = LLM(str(path), block_size=4, max_num_seqs=2)
+    mlps = [block.mlp for block in llm.model.blocks]
+    assert all(isinstance(m.experts_gate, GGUFExperts) and isinstance(m.experts_down, GGUFExperts) for m in mlps)
+    calls, native = [], moe._C
+
+    class Counting:  # the extension module, with its expert feed-forward calls counted
+        def __getattr__(self, name):
+            if name == "moe_expert_ffn":
+                calls.append(name)
+            return getattr(native, name)
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the per-expert torch path ran in an inference step")
+
+    monkeypatch.setattr(moe, "_C", Counting())
+    monkeypatch.setattr(moe, "_ffn_composed", composed)
+    steps = 4
+    llm.generate(_prompt(5, 6), SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    assert len(calls) == steps * len(mlps)  # the prefill, then steps - 1 decode steps: one call per layer each
 
 
 # ------------------------------------------------------------------------------------------------ training
