@@ -1,24 +1,36 @@
 #!/usr/bin/env python3
 """compare_decode: flashlm's runtime against llama.cpp (llama-cpp-python) decoding the same GGUF files.
 
-A random-weight Llama-style model (default ~90M parameters: d 768, 12 layers, GQA 12/4, vocab 4096, with a
-byte-level BPE tokenizer trained here) is exported by flashlm to GGUF (F32 / Q8_0 / Q4_0: llama.cpp's tensor
-names, rope permutation and reference quantization bytes), then loaded by both runtimes:
+Random-weight models of each --arch (default ~90M parameters for llama: d 768, 12 layers, GQA 12/4, vocab 4096,
+with a byte-level BPE tokenizer trained here) are exported by flashlm to GGUF (F32 / Q8_0 / Q4_0: llama.cpp's
+tensor names, rope permutation and reference quantization bytes):
+  llama      the dense Llama model;
+  mixtral    the same attention with a mixture-of-experts MLP: --n-expert experts (8) of --moe-d-ff (d_ff),
+             --n-expert-used (2) per token (the llama shape with 8 experts: ~480M parameters; ~1.1B with
+             --d-model 1024 --layers 16 --moe-d-ff 2816); its experts stay in their GGUF blocks and run the MoE
+             kernels (flashlm.ops.moe);
+  gemma2     the llama shape as Gemma 2: GeGLU, pre- and post-norms, soft-capped attention and logits,
+             alternating sliding-window (--prompt-tokens / 2) and global layers, tied embeddings.
+Each file is loaded by both runtimes:
   flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache (bf16 by default:
              llama.cpp's default f16 cache is as many bytes per token), the engine's scheduler and sampler;
              greedy, batch 1;
   llama.cpp  llama_cpp.Llama(path, n_threads=T): eval() of the prompt, then one eval() per greedy token.
 Both run with the same thread count (--threads, default: torch's). Before timing, the first 8 greedy tokens
 of both are compared (they match unless two logits nearly tie; a mismatch is printed, not hidden).
+--clock cpu times the process's CPU time instead of the wall clock (with --threads 1, what a machine shared
+with other jobs cannot inflate).
 
 Per model: prefill tokens/s (a --prompt-tokens prompt), decode tokens/s (--gen-tokens after it), the ratio
 flashlm / llama.cpp, and the weight bandwidth each decode achieves (model bytes x tokens/s) next to a measured
-copy bandwidth (the ceiling). Then the engine's continuous batching: --concurrency requests at once against
+copy bandwidth (the ceiling; a MoE model's bytes count every expert, of which a token reads
+--n-expert-used). Then the engine's continuous batching: --concurrency requests at once against
 the same requests one after another (tokens/s). Medians of --reps runs; the two runtimes take turns.
 
 Run (from the repository root, with flashlm and llama-cpp-python installed):
   python bench/compare_decode.py                   # Q4_0 and Q8_0
   python bench/compare_decode.py --types Q4_0 F32 --layers 24 --d-model 1024
+  python bench/compare_decode.py --arch mixtral gemma2 --types Q4_0 --threads 1 --clock cpu
   python bench/compare_decode.py --quick           # seconds: CI smoke (flashlm only without llama_cpp)
 """
 
@@ -40,10 +52,22 @@ from flashlm.train.export import export_gguf
 from flashlm.train.tokenizer import train_tokenizer
 
 
-def make_gguf(folder, args, ggml_type):
-    cfg = ModelConfig(arch="llama", vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
+def arch_fields(arch, args):
+    """The ModelConfig fields that make the llama shape `arch`."""
+    if arch == "mixtral":  # (llama.cpp's Mixtral reads the experts' width as feed_forward_length: d_ff)
+        return dict(n_expert=args.n_expert, n_expert_used=args.n_expert_used, d_ff=args.moe_d_ff,
+                    moe_d_ff=args.moe_d_ff, norm_topk_prob=True)
+    if arch == "gemma2":  # llama.cpp's gemma2 ties its head and always soft-caps
+        return dict(tie_embeddings=True, attn_softcap=50.0, final_softcap=30.0,
+                    sliding_window=max(args.prompt_tokens // 2, 1))
+    return {}
+
+
+def make_gguf(folder, args, ggml_type, arch="llama"):
+    fields = {"tie_embeddings": False, **arch_fields(arch, args)}
+    cfg = ModelConfig(arch=arch, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
                       n_kv_head=args.kv_heads, d_model=args.d_model, seq_len=args.prompt_tokens + args.gen_tokens + 8,
-                      tie_embeddings=False)
+                      **fields)
     torch.manual_seed(0)
     model = Transformer(cfg)
     text = [" ".join(f"word{i % 97} w{i % 13}{i % 7}" for i in range(j, j + 200)) for j in range(200)]
@@ -52,12 +76,13 @@ def make_gguf(folder, args, ggml_type):
         cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": tok.get_vocab_size()})
         torch.manual_seed(0)
         model = Transformer(cfg)
-    path = os.path.join(folder, f"model-{ggml_type}.gguf")
+    path = os.path.join(folder, f"{arch}-{ggml_type}.gguf")
     export_gguf(model, cfg, tok.to_str(), path, type=ggml_type)
     return path, model.num_params()
 
 
 def flashlm_runs(path, args):
+    """(llm, prompt, run(clock) -> (greedy token ids, prefill seconds, seconds per decoded token))."""
     # No prefix caching: every repetition runs the same prompt, and a cached prefix would time a lookup, not a
     # prefill (the batching figure likewise reruns the sequential requests).
     llm = LLM(path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False,
@@ -67,14 +92,20 @@ def flashlm_runs(path, args):
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
     params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
 
-    def run():
-        m = llm.generate(prompt, params)[0]
-        return m.outputs[0].token_ids, m.metrics.time_to_first_token, m.metrics.time_per_output_token
+    def run(clock):
+        t = clock()
+        first = out = None
+        for out in llm.stream(prompt, params):  # one output per step: the first after the prefill
+            if first is None:
+                first = clock() - t
+                t = clock()
+        return out.outputs[0].token_ids, first, (clock() - t) / max(args.gen_tokens - 1, 1)
 
     return llm, prompt, run
 
 
 def llama_cpp_runs(path, prompt, args):
+    """run(clock) -> (llama.cpp's greedy token ids, prefill seconds, seconds per decoded token)."""
     import llama_cpp
     import numpy as np
 
@@ -86,36 +117,43 @@ def llama_cpp_runs(path, prompt, args):
     def last_logits():  # the context's logits of the last evaluated token (no copy)
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
-    def run():
+    def run(clock):
         llm.reset()
-        t = time.perf_counter()
+        t = clock()
         llm.eval(prompt)
         tok = int(np.argmax(last_logits()))
-        first = time.perf_counter() - t
+        first = clock() - t
         tokens = [tok]
-        t = time.perf_counter()
+        t = clock()
         for _ in range(args.gen_tokens - 1):
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
             tokens.append(tok)
-        return tokens, first, (time.perf_counter() - t) / max(args.gen_tokens - 1, 1)
+        return tokens, first, (clock() - t) / max(args.gen_tokens - 1, 1)
 
     return run
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "gemma2"),
+                   default=["llama", "mixtral", "gemma2"])
     p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--n-expert", type=int, default=8, help="mixtral: experts per layer")
+    p.add_argument("--n-expert-used", type=int, default=2, help="mixtral: experts per token")
+    p.add_argument("--moe-d-ff", type=int, default=None, help="mixtral: each expert's width (default: d_ff)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the process's CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--kv-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="flashlm's KV cache (llama.cpp keeps f16 by default: bfloat16 reads as many bytes)")
     p.add_argument("--quick", action="store_true", help="a tiny model and few tokens (CI smoke)")
@@ -132,26 +170,29 @@ def main():
         print("llama_cpp is not installed: flashlm only (pip install llama-cpp-python for the comparison)")
     from flashlm import ops
 
+    ops.set_num_threads(args.threads)  # flashlm's pool took torch's count at import
     peer = f"llama.cpp {args.threads} threads" if have_llama_cpp else "no peer"
     print(bench_util.hardware_line("cpu", ops, peer))
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for ggml_type in args.types:
-            path, n_params = make_gguf(folder, args, ggml_type)
+        for arch, ggml_type in [(a, t) for a in args.arch for t in args.types]:
+            name = f"{arch} {ggml_type}"
+            path, n_params = make_gguf(folder, args, ggml_type, arch)
             llm, prompt, ours = flashlm_runs(path, args)
             theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
-            ours()  # warm-up
+            clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            a = ours(clock)[0][:8]  # (also the warm-up)
             if theirs:
-                a, b = ours()[0][:8], theirs()[0][:8]
+                b = theirs(clock)[0][:8]
                 if a != b:
-                    print(f"{ggml_type}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
+                    print(f"{name}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
             res = {"flashlm": [], "llama.cpp": []}
-            for _ in range(args.reps):
-                res["flashlm"].append(ours()[1:])
+            for _ in range(args.reps):  # the two runtimes take turns
+                res["flashlm"].append(ours(clock)[1:])
                 if theirs:
-                    res["llama.cpp"].append(theirs()[1:])
+                    res["llama.cpp"].append(theirs(clock)[1:])
             nbytes = model_bytes(llm.model)
             fsize = os.path.getsize(path)
 
@@ -162,7 +203,7 @@ def main():
                         1.0 / statistics.median(r[1] for r in runs))
 
             (pf, df), (pl, dl) = rates(res["flashlm"]), rates(res["llama.cpp"])
-            rows.append([ggml_type, f"{n_params / 1e6:.0f}M", f"{fsize / 2**20:.0f} MiB",
+            rows.append([name, f"{n_params / 1e6:.0f}M", f"{fsize / 2**20:.0f} MiB",
                          bench_util.fmt(pf, ".0f"), bench_util.fmt(pl, ".0f"),
                          bench_util.fmt(df, ".1f"), bench_util.fmt(dl, ".1f"),
                          bench_util.fmt(df / dl if dl else None, ".2f"),
@@ -175,11 +216,12 @@ def main():
             params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
             seq, conc = batching_speedup(llm, prompts, params)
             host = llm.stats_summary()
-            print(f"{ggml_type}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
+            print(f"{name}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
                   f"{seq:.1f} ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
                   f"({100 * host['host_share']:.0f}% of step time)")
             del llm
-    bench_util.print_table(["type", "params", "file", "prefill tok/s flashlm", "llama.cpp", "decode tok/s flashlm",
+    print(f"clock: {args.clock}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
+    bench_util.print_table(["model", "params", "file", "prefill tok/s flashlm", "llama.cpp", "decode tok/s flashlm",
                             "llama.cpp", "x llama.cpp", "flashlm GB/s (% copy)", "llama.cpp GB/s"], rows)
 
 

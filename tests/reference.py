@@ -1,4 +1,5 @@
-"""Independent torch references for the kernel tests: attention (padded, packed, paged) and linear layers.
+"""Independent torch references for the kernel tests: attention (padded, packed, paged), linear layers and
+mixture-of-experts routing and expert feed-forward (a loop over tokens and their experts).
 
 `attention` is the contract of csrc/include/flashlm/attention/flash_attention.h written as plain torch:
 GQA/MQA (K/V heads repeated over their query group), scores scale * q.k or softcap * tanh(scale * q.k /
@@ -153,3 +154,38 @@ def linear(x, w, bias=None):
     """x @ w.T + bias in float64: x [..., K], w [N, K], bias [N]."""
     y = x.double() @ w.double().T
     return y if bias is None else y + bias.double()
+
+
+# --- mixture of experts --------------------------------------------------------------------------------------
+
+def moe_route(logits, k, softmax_first, renormalize):
+    """(weights float64, experts int64) by a stable descending sort: equal values keep the lower index first."""
+    l64 = logits.double()
+    if softmax_first:
+        p = torch.softmax(l64, -1)
+        vals, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+        vals, idx = vals[:, :k], idx[:, :k]
+        if renormalize:
+            vals = vals / vals.sum(-1, keepdim=True)
+        return vals, idx
+    vals, idx = torch.sort(l64, dim=-1, descending=True, stable=True)
+    return torch.softmax(vals[:, :k], -1), idx[:, :k]
+
+
+def moe_activate(g, activation):
+    """The expert activation: "silu" or "gelu_tanh" (tanh-approximated GELU)."""
+    return torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
+
+
+def moe_expert_ffn(x, weights, experts, gate, up, down, activation="silu", dtype=torch.float64):
+    """The expert feed-forward as a loop over tokens and their experts in `dtype` (autograd flows through)."""
+    out = []
+    for t in range(x.shape[0]):
+        acc = 0
+        for j in range(experts.shape[1]):
+            e = int(experts[t, j])
+            xt = x[t].to(dtype)
+            h = moe_activate(gate[e].to(dtype) @ xt, activation) * (up[e].to(dtype) @ xt)
+            acc = acc + weights[t, j].to(dtype) * (down[e].to(dtype) @ h)
+        out.append(acc)
+    return torch.stack(out)

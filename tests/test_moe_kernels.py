@@ -24,26 +24,13 @@ from conftest import per_device, per_kernel, use_isa
 from flashlm import _C
 from flashlm.ops import moe
 from flashlm.quant.gguf_experts import GGUFExperts
+from reference import moe_activate, moe_expert_ffn, moe_route
 from test_gguf_matmul import RTOL_TYPICAL, TYPES, check, decode, k_for, quantize_x, weights
 
 pytestmark = pytest.mark.usefixtures("restore_isa")
 
 
 # --- references --------------------------------------------------------------------------------------------------
-
-def route_reference(logits, k, softmax_first, renormalize):
-    """(weights float64, experts int64) by a stable descending sort: equal values keep the lower index first."""
-    l64 = logits.double()
-    if softmax_first:
-        p = torch.softmax(l64, -1)
-        vals, idx = torch.sort(p, dim=-1, descending=True, stable=True)
-        vals, idx = vals[:, :k], idx[:, :k]
-        if renormalize:
-            vals = vals / vals.sum(-1, keepdim=True)
-        return vals, idx
-    vals, idx = torch.sort(l64, dim=-1, descending=True, stable=True)
-    return torch.softmax(vals[:, :k], -1), idx[:, :k]
-
 
 def route_formula(logits64, experts, softmax_first, renormalize):
     """The weights as a differentiable float64 function of the logits, for the selection `experts`."""
@@ -52,31 +39,13 @@ def route_formula(logits64, experts, softmax_first, renormalize):
     return torch.softmax(logits64.gather(1, experts), -1)
 
 
-def activate(g, activation):
-    return torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g, approximate="tanh")
-
-
-def ffn_reference(x, weights, experts, gate, up, down, activation="silu", dtype=torch.float64):
-    """The expert feed-forward as a loop over tokens and their experts in `dtype` (autograd flows through)."""
-    out = []
-    for t in range(x.shape[0]):
-        acc = 0
-        for j in range(experts.shape[1]):
-            e = int(experts[t, j])
-            xt = x[t].to(dtype)
-            h = activate(gate[e].to(dtype) @ xt, activation) * (up[e].to(dtype) @ xt)
-            acc = acc + weights[t, j].to(dtype) * (down[e].to(dtype) @ h)
-        out.append(acc)
-    return torch.stack(out)
-
-
 def quantized_pairs(x, experts, gate, up, down, ggml_type, activation="silu"):
     """Each (token, expert) pair's down_e(act(gate_e xq) * up_e xq) with the intermediate quantized too, as the
     GGUF kernels round x and h to 8-bit blocks (test_gguf_matmul.quantize_x), in float64: [T * k, D]."""
     flat = experts.reshape(-1).long()
     gate, up, down = gate.detach(), up.detach(), down.detach()
     xq, _ = quantize_x(x.detach().repeat_interleave(experts.shape[1], 0).double(), ggml_type)
-    h = activate(torch.einsum("rfd,rd->rf", gate[flat], xq), activation) * torch.einsum("rfd,rd->rf", up[flat], xq)
+    h = moe_activate(torch.einsum("rfd,rd->rf", gate[flat], xq), activation) * torch.einsum("rfd,rd->rf", up[flat], xq)
     hq, _ = quantize_x(h.float(), ggml_type)
     return torch.einsum("rdf,rf->rd", down[flat], hq)
 
@@ -111,7 +80,7 @@ def test_route_matches_reference(device, dtype, e, k, t, softmax_first, renormal
     logits = torch.randint(-2, 2, (t, e), generator=gen).float() if ties else 3 * torch.randn(t, e, generator=gen)
     logits = logits.to(dtype)
     w, ex = moe.route(logits.to(device), k, softmax_first=softmax_first, renormalize=renormalize)
-    ref_w, ref_ex = route_reference(logits, k, softmax_first, renormalize)
+    ref_w, ref_ex = moe_route(logits, k, softmax_first, renormalize)
     assert w.dtype == torch.float32 and ex.dtype == torch.int32 and w.shape == ex.shape == (t, k)
     assert torch.equal(ex.cpu().long(), ref_ex), f"experts differ:\n{ex}\n{ref_ex}"
     assert_close(w.cpu(), ref_w, atol=1e-7, rtol=4e-6, name="weights")
@@ -268,8 +237,8 @@ def test_expert_ffn_float(device, isa, dtype, e, k, pattern, t, activation):
     out = moe.expert_ffn(x.to(device), w.to(device), ex.to(device), gate.to(device), up.to(device), down.to(device),
                          activation).cpu()
     assert out.dtype == dtype and out.shape == (t, d)
-    ref = ffn_reference(x, w, ex, gate, up, down, activation)
-    base = ffn_reference(x, w, ex, gate, up, down, activation, dtype=torch.float32).to(dtype)
+    ref = moe_expert_ffn(x, w, ex, gate, up, down, activation)
+    base = moe_expert_ffn(x, w, ex, gate, up, down, activation, dtype=torch.float32).to(dtype)
     assert_close_to_reference(out, ref, base, relative_floor=True, name="out")
 
 
@@ -330,11 +299,11 @@ def test_expert_ffn_gradients(weight_kind, activation):
     x64, l64 = x.detach().double().requires_grad_(), logits.detach().double().requires_grad_()
     p64 = [p.double().requires_grad_() for p in dequantized]
     w64 = route_formula(l64, ex.long(), True, True)
-    (ffn_reference(x64, w64, ex, *p64, activation) * dout.double()).sum().backward()
+    (moe_expert_ffn(x64, w64, ex, *p64, activation) * dout.double()).sum().backward()
     if weight_kind == "f32":
         xf, lf = x.detach().clone().requires_grad_(), logits.detach().clone().requires_grad_()
         pf = [p.detach().clone().requires_grad_() for p in dequantized]
-        (ffn_reference(xf, route_formula(lf, ex.long(), True, True), ex, *pf, activation, dtype=torch.float32)
+        (moe_expert_ffn(xf, route_formula(lf, ex.long(), True, True), ex, *pf, activation, dtype=torch.float32)
          * dout).sum().backward()
         for name, got, ref, base in [("dx", x.grad, x64.grad, xf.grad), ("d logits", logits.grad, l64.grad, lf.grad),
                                      *[(f"d {n}", p.grad, q.grad, b.grad) for n, p, q, b in

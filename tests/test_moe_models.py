@@ -1,8 +1,8 @@
 """The mixture-of-experts models: mixtral, qwen2_moe and qwen3_moe.
 
 References: transformers' MixtralForCausalLM, Qwen2MoeForCausalLM and Qwen3MoeForCausalLM (random weights) for
-logits after a prefill and after paged decode steps, with one and two experts per token; a float64 per-expert
-loop written here for the routing and expert ops; transformers' load_balancing_loss_func and a hand computation
+logits after a prefill and after paged decode steps, with one and two experts per token; for the routing and expert ops
+(flashlm.ops.moe, which the models run), the float64 loop over tokens and their experts of tests/reference.py; transformers' load_balancing_loss_func and a hand computation
 for the auxiliary losses; llama.cpp (llama-cpp-python) for GGUF files `flashlm convert` writes (F32, Q8_0, Q4_K).
 """
 
@@ -17,8 +17,10 @@ from test_runtime_parity import _NoText, engine_trace  # noqa: E402
 
 from flashlm.io import load_hf  # noqa: E402
 from flashlm.models import ModelConfig, Transformer  # noqa: E402
-from flashlm.models.moe_ops import expert_ffn, route  # noqa: E402
+from flashlm.ops.moe import expert_ffn, route  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
+from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
+from reference import moe_expert_ffn, moe_route  # noqa: E402
 
 V = 320  # (above the 300 tokens of the byte-level BPE the GGUF tests write)
 KINDS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -67,23 +69,6 @@ def _prompt(seed: int, n: int = 19):
 # ------------------------------------------------------------------------------------------------ routing ops
 
 
-def _route_reference(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
-    """Token by token in float64: sort the experts by (-score, index), keep k."""
-    weights, experts = [], []
-    for row in logits.double():
-        if softmax_first:
-            p = torch.softmax(row, 0)
-            keep = sorted(range(len(row)), key=lambda e: (-p[e].item(), e))[:k]
-            w = p[keep]
-            w = w / w.sum() if renormalize else w
-        else:
-            keep = sorted(range(len(row)), key=lambda e: (-row[e].item(), e))[:k]
-            w = torch.softmax(row[keep], 0)
-        weights.append(w)
-        experts.append(keep)
-    return torch.stack(weights), torch.tensor(experts)
-
-
 @pytest.mark.parametrize("softmax_first, renormalize", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("E, k", [(4, 1), (8, 2), (64, 6)])
 def test_route_matches_a_per_token_reference(E, k, softmax_first, renormalize):
@@ -91,55 +76,45 @@ def test_route_matches_a_per_token_reference(E, k, softmax_first, renormalize):
     logits[3, :] = 0.5  # a row of ties: the lower expert index first
     logits[5, 1] = logits[5, 2] = 4.0
     weights, experts = route(logits, k, softmax_first=softmax_first, renormalize=renormalize)
-    ref_w, ref_e = _route_reference(logits, k, softmax_first, renormalize)
+    ref_w, ref_e = moe_route(logits, k, softmax_first, renormalize)
     assert weights.dtype == torch.float32 and experts.dtype == torch.int32
     assert torch.equal(experts.long(), ref_e)
     assert_close(weights, ref_w.float(), atol=1e-6, name="routing weights")
-    w64, e64 = route(logits.double(), k, softmax_first=softmax_first, renormalize=renormalize)
-    assert w64.dtype == torch.float64 and torch.equal(e64.long(), ref_e)
-    assert_close(w64, ref_w, atol=1e-12, name="float64 routing weights")
-
-
-def _expert_ffn_reference(x, weights, experts, gate, up, down):
-    out = torch.zeros_like(x, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(weights.shape[1]):
-            e = int(experts[t, j])
-            h = x[t].double()
-            h = torch.nn.functional.silu(gate[e].double() @ h) * (up[e].double() @ h)
-            out[t] += weights[t, j].double() * (down[e].double() @ h)
-    return out
+    with pytest.raises(ValueError, match="router_logits: torch.float64"):  # the kernels take float32 and bfloat16
+        route(logits.double(), k, softmax_first=softmax_first, renormalize=renormalize)
 
 
 @pytest.mark.parametrize("E, k, T", [(4, 2, 1), (8, 2, 5), (16, 1, 40), (64, 4, 9)])
 def test_expert_ffn_matches_a_per_token_loop(E, k, T):
     g = torch.Generator().manual_seed(E * T + k)
     D, Fd = 24, 40
-    x = torch.randn(T, D, generator=g, dtype=torch.float64)
-    gate, up = torch.randn(E, Fd, D, generator=g, dtype=torch.float64), torch.randn(E, Fd, D, generator=g,
-                                                                                    dtype=torch.float64)
-    down = torch.randn(E, D, Fd, generator=g, dtype=torch.float64)
-    weights, experts = route(torch.randn(T, E, generator=g, dtype=torch.float64), k)
-    ref = _expert_ffn_reference(x, weights, experts, gate, up, down)
-    assert_close(expert_ffn(x, weights, experts, gate, up, down), ref, atol=1e-10, name="float64 expert ffn")
-    out32 = expert_ffn(x.float(), weights.float(), experts, gate.float(), up.float(), down.float())
-    assert out32.dtype == torch.float32
-    assert_close(out32, ref.float(), atol=1e-3, rtol=1e-4, name="float32 expert ffn")
+    x = torch.randn(T, D, generator=g)
+    gate, up = torch.randn(E, Fd, D, generator=g), torch.randn(E, Fd, D, generator=g)
+    down = torch.randn(E, D, Fd, generator=g)
+    weights, experts = route(torch.randn(T, E, generator=g), k)
+    ref = moe_expert_ffn(x, weights, experts, gate, up, down)
+    out = expert_ffn(x, weights, experts, gate, up, down)
+    assert out.dtype == torch.float32
+    assert_close(out, ref, atol=1e-3, rtol=1e-4, name="float32 expert ffn vs float64")
 
 
 def test_expert_ffn_is_differentiable_in_x_and_the_weights():
+    """The gradients of route + expert_ffn (float32, the models' training path) in x, the router logits and
+    every expert matrix against float64 autograd through the reference loop, for the same expert choice."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    logits = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    gate, up, down = (torch.randn(4, 12, 8, generator=g, dtype=torch.float64, requires_grad=True),
-                      torch.randn(4, 12, 8, generator=g, dtype=torch.float64, requires_grad=True),
-                      torch.randn(4, 8, 12, generator=g, dtype=torch.float64, requires_grad=True))
-
-    def f(x, logits, gate, up, down):
-        w, e = route(logits, 2)
-        return expert_ffn(x, w, e, gate, up, down)
-
-    assert torch.autograd.gradcheck(f, (x, logits, gate, up, down))
+    x = torch.randn(6, 8, generator=g)
+    logits = torch.randn(6, 4, generator=g)
+    gate, up, down = torch.randn(4, 12, 8, generator=g), torch.randn(4, 12, 8, generator=g), torch.randn(4, 8, 12,
+                                                                                                       generator=g)
+    dout = torch.randn(6, 8, generator=g)
+    ins = [t.clone().requires_grad_() for t in (x, logits, gate, up, down)]
+    w, e = route(ins[1], 2)
+    (expert_ffn(ins[0], w, e, *ins[2:]) * dout).sum().backward()
+    ref = [t.double().requires_grad_() for t in (x, logits, gate, up, down)]
+    ref_w = torch.softmax(ref[1].gather(1, e.long()), -1)  # softmax then top 2, renormalised: a softmax of the two
+    (moe_expert_ffn(ref[0], ref_w, e, *ref[2:]) * dout.double()).sum().backward()
+    for name, a, b in zip(("x", "router_logits", "gate", "up", "down"), ins, ref):
+        assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4, name=f"d{name}")
 
 
 @pytest.mark.parametrize("call, match", [
@@ -148,6 +123,8 @@ def test_expert_ffn_is_differentiable_in_x_and_the_weights():
     (lambda: route(torch.zeros(4), 1), "router_logits"),
     (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [4]]), torch.zeros(4, 6, 8),
                         torch.zeros(4, 6, 8), torch.zeros(4, 8, 6)), "experts"),
+    (lambda: expert_ffn(torch.zeros(2, 8, dtype=torch.float64), torch.ones(2, 1), torch.tensor([[0], [1]]),
+                        torch.zeros(4, 6, 8), torch.zeros(4, 6, 8), torch.zeros(4, 8, 6)), "x: torch.float64"),
     (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [1]]), torch.zeros(4, 6, 8),
                         torch.zeros(4, 6, 8), torch.zeros(4, 6, 8)), "down"),
     (lambda: expert_ffn(torch.zeros(2, 8), torch.ones(2, 1), torch.tensor([[0], [1]]), torch.zeros(4, 6, 8),
@@ -242,6 +219,37 @@ def test_converted_gguf_decodes_like_llama_cpp(tmp_path, kind, top_k, qtype, tol
                                               f"step {step} (logit scale {scale:.3g})")
     if qtype == "F32":
         assert ref_logits.argmax(-1).tolist() == tokens
+
+
+def test_engine_decode_runs_one_native_expert_call_per_layer(tmp_path, monkeypatch):
+    """A converted Q8_0 Mixtral keeps its experts in their blocks (GGUFExperts), and each engine step runs every
+    layer's experts as one native call (tokens grouped by expert in C++), never the per-expert torch path."""
+    from flashlm.ops import moe
+    from flashlm.quant.gguf_experts import GGUFExperts
+
+    hf = make_moe_hf("mixtral", 2)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    path = tmp_path / "m.gguf"
+    _convert(tmp_path / "hf", path, "Q8_0")
+    llm = LLM(str(path), block_size=4, max_num_seqs=2)
+    mlps = [block.mlp for block in llm.model.blocks]
+    assert all(isinstance(m.experts_gate, GGUFExperts) and isinstance(m.experts_down, GGUFExperts) for m in mlps)
+    calls, native = [], moe._C
+
+    class Counting:  # the extension module, with its expert feed-forward calls counted
+        def __getattr__(self, name):
+            if name == "moe_expert_ffn":
+                calls.append(name)
+            return getattr(native, name)
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the per-expert torch path ran in an inference step")
+
+    monkeypatch.setattr(moe, "_C", Counting())
+    monkeypatch.setattr(moe, "_ffn_composed", composed)
+    steps = 4
+    llm.generate(_prompt(5, 6), SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True))
+    assert len(calls) == steps * len(mlps)  # the prefill, then steps - 1 decode steps: one call per layer each
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -36,6 +36,7 @@ from flashlm.io.loaded import LoadedModel, empty_model, finish, set_module
 from flashlm.models import ModelConfig
 from flashlm.models.transformer import rope_inv_freq
 from flashlm.quant.gguf_embedding import GGUFEmbedding
+from flashlm.quant.gguf_experts import GGUFExperts
 from flashlm.quant.gguf_linear import GGUFLinear
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -63,17 +64,6 @@ def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> 
         if scaling is not None:
             cfg = ModelConfig(**{**cfg.to_dict(), "rope_scaling": scaling})
     return cfg, factors
-
-
-class GGUFExpertBlocks(nn.Module):
-    """One quantized ffn_*_exps tensor, kept in the file's blocks: raw uint8 [E, N, row_bytes] (a view of the
-    mapping; a buffer, so it moves with the model), ggml_type, shape (E, N, K). The MoE ops multiply by an
-    expert's [N, K] when a token uses it."""
-
-    def __init__(self, raw: torch.Tensor, ggml_type: str, shape: tuple):
-        super().__init__()
-        self.ggml_type, self.shape = ggml_type, tuple(shape)
-        self.register_buffer("raw", raw)
 
 
 class _Builder:
@@ -130,12 +120,15 @@ class _Builder:
         return linear
 
     def experts(self, name: str, shape: tuple):
-        """The stacked expert matrices `name` [E, N, K]: GGUFExpertBlocks over the file's bytes (quantized),
-        float32 otherwise."""
+        """The stacked expert matrices `name` [E, N, K]: GGUFExperts over the file's bytes where the MoE kernels
+        multiply its type in blocks, float32 otherwise."""
         info = self.info(name, shape)
-        if info.ggml_type in _FLOAT_TYPES or not ops.dequantize_supported(info.ggml_type):
+        if info.ggml_type not in ops.GGUF_LINEAR_TYPES:
             return self.floats(name, shape)
-        return GGUFExpertBlocks(self.f.raw(name).reshape(shape[0], shape[1], -1), info.ggml_type, shape)
+        try:
+            return GGUFExperts(self.f.raw(name).reshape(shape[0], shape[1], -1), info.ggml_type, shape)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from e
 
     def embedding(self, name: str, shape: tuple) -> nn.Module:
         info = self.info(name, shape)

@@ -5,7 +5,9 @@
 A router (a bias-free linear d_model -> n_expert) scores the experts; a softmax over all of them, the top
 n_expert_used kept and, where norm_topk_prob, divided by their sum (what HF's Mixtral / Qwen-MoE and llama.cpp
 compute). Each expert is a SwiGLU MLP of moe_d_ff; their matrices are stacked, experts_gate / experts_up
-[E, moe_d_ff, d] and experts_down [E, d, moe_d_ff] (float parameters, or GGUF expert blocks a loader put there).
+[E, moe_d_ff, d] and experts_down [E, d, moe_d_ff] (float parameters, or flashlm.quant.GGUFExperts a loader put
+there), multiplied by the native MoE kernels (flashlm.ops.moe: tokens grouped by expert, no Python loop over
+experts when no gradient is wanted).
 
 While training, each forward keeps its router logits (last_router_logits, [tokens, E]) for the trainer's
 load-balancing and z-loss terms (flashlm.train.losses.moe_aux_losses).
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from flashlm.models.config import ModelConfig
-from flashlm.models.moe_ops import expert_ffn, route
+from flashlm.ops.moe import expert_ffn, route
 
 
 class MoEMLP(nn.Module):
@@ -36,8 +38,8 @@ class MoEMLP(nn.Module):
         self.last_router_logits: Optional[torch.Tensor] = None
 
     def set_experts(self, gate, up, down) -> None:
-        """Puts the stacked expert matrices in place: float tensors (kept as parameters) or GGUF expert blocks (an
-        object with raw [E, rows, row_bytes], ggml_type and shape (E, rows, cols), as a loader builds)."""
+        """Puts the stacked expert matrices in place: float tensors (kept as parameters) or GGUFExperts (raw
+        [E, rows, row_bytes], ggml_type and shape (E, rows, cols), as a loader builds)."""
         for name, w in (("experts_gate", gate), ("experts_up", up), ("experts_down", down)):
             if name in self._parameters:
                 del self._parameters[name]
