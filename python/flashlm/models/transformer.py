@@ -1,11 +1,13 @@
 """Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
-attention, forward and backward (it is an autograd op), and whose other layers are torch's.
+attention, forward and backward (it is an autograd op), as are its RMSNorms, GELU(tanh) and SwiGLU products
+(flashlm.ops.norm.rms_norm_train, flashlm.ops.activation: native kernels with native backward passes); the
+matmuls, embeddings and LayerNorms are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
     logits, loss = model(idx, targets)      # idx, targets: int64 [B, T]; logits [B, T, vocab]
 
-attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
-and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
+attn_impl="sdpa" swaps in torch's scaled_dot_product_attention and torch's formulas for the norms and
+activations: the plain torch model the trainer is compared with, and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
 attn.{q,k,v,o,q_norm,k_norm (qwen3)}, post_attn_norm (gemma2), mlp_norm, post_mlp_norm (gemma2), mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
 
@@ -25,10 +27,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
-from flashlm.ops import silu_mul
+from flashlm.ops.activation import gelu_tanh, silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
-from flashlm.ops.norm import rms_norm
+from flashlm.ops.norm import rms_norm, rms_norm_train
 
 ATTN_IMPLS = ("flashlm", "sdpa")
 
@@ -40,25 +42,33 @@ _NORM_DTYPES_CPU = (torch.float32, torch.bfloat16)
 _NORM_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _inference_kernel_applies(*tensors) -> bool:
-    """Whether an inference-only flashlm kernel may compute a call on these tensors: no gradient wanted, one
-    dtype that the kernel takes on the first tensor's device."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+def _kernel_takes(*tensors) -> bool:
+    """Whether flashlm's norm and activation kernels take these tensors: one dtype that they take on the first
+    tensor's device."""
     x = tensors[0]
     dtypes = _NORM_DTYPES_CUDA if x.is_cuda else _NORM_DTYPES_CPU if x.is_cpu else ()
     return x.dtype in dtypes and all(t.dtype == x.dtype for t in tensors)
+
+
+def _inference_kernel_applies(*tensors) -> bool:
+    """Whether an inference-only flashlm kernel may compute a call on these tensors: no gradient wanted, and
+    tensors the kernel takes."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _kernel_takes(*tensors)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and returned in x's dtype (as HF's LlamaRMSNorm).
 
     Where no gradient is wanted (inference) flashlm's kernel computes it: one call instead of 5-8 torch ops
-    (~28 us a call at decode size). Training keeps the torch formula and its autograd."""
+    (~28 us a call at decode size). Training runs the kernel with its native backward (rms_norm_train) where
+    train_kernels is set and x and the weight share a dtype the kernel takes; else the torch formula."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, train_kernels: bool = False):
         super().__init__()
         self.eps = eps
+        self.train_kernels = train_kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def _native(self, x, w, *others) -> bool:
@@ -71,6 +81,8 @@ class RMSNorm(nn.Module):
         w = self.weight
         if self._native(x, w):
             return rms_norm(x, w, self.eps)
+        if self.train_kernels and _kernel_takes(x, w):
+            return rms_norm_train(x, w, self.eps)
         if x.dtype == torch.float32 and w.dtype == torch.float32:
             return F.rms_norm(x, w.shape, w, self.eps)  # the same formula, fewer ops
         h = x.float()
@@ -180,8 +192,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
         # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        train_kernels = attn_impl == "flashlm"
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
         # gemma2: its own score scale, soft-capped scores, and a sliding window on some layers
         self.scale = cfg.softmax_scale if cfg.query_pre_attn_scalar is not None else None
         self.window, self.softcap = cfg.layer_window(layer), cfg.attn_softcap
@@ -223,39 +236,48 @@ class Attention(nn.Module):
         return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
+def _gelu(x, train_kernels: bool):
+    """GELU's tanh form: flashlm's kernel (with its backward) where train_kernels is set and it takes x."""
+    return gelu_tanh(x) if train_kernels and _kernel_takes(x) else F.gelu(x, approximate="tanh")
+
+
 class GeluMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, train_kernels: bool = False):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.train_kernels = train_kernels
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(_gelu(self.fc(x), self.train_kernels))
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, train_kernels: bool = False):
         super().__init__()
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.gelu = cfg.gemma
+        self.train_kernels = train_kernels
 
     def forward(self, x):
         g, u = self.gate(x), self.up(x)
         if self.gelu:
-            return self.down(F.gelu(g, approximate="tanh") * u)
-        # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike).
-        h = silu_mul(g, u) if _inference_kernel_applies(g, u) else F.silu(g) * u
+            return self.down(_gelu(g, self.train_kernels) * u)
+        # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike);
+        # training: the same kernel and its backward, where train_kernels is set.
+        native = _inference_kernel_applies(g, u) or (self.train_kernels and _kernel_takes(g, u))
+        h = silu_mul(g, u) if native else F.silu(g) * u
         return self.down(h)
 
 
-def _norm(cfg: ModelConfig):
+def _norm(cfg: ModelConfig, train_kernels: bool = False):
     if cfg.arch == "gpt2":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-    return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, train_kernels)
 
 
 class Block(nn.Module):
@@ -264,12 +286,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
-        self.attn_norm = _norm(cfg)
+        native = attn_impl == "flashlm"  # flashlm's training kernels; "sdpa" is the plain torch model
+        self.attn_norm = _norm(cfg, native)
         self.attn = Attention(cfg, attn_impl, layer)
-        self.mlp_norm = _norm(cfg)
-        self.mlp = GeluMLP(cfg) if cfg.arch == "gpt2" else GatedMLP(cfg)
-        self.post_attn_norm = _norm(cfg) if cfg.gemma else None
-        self.post_mlp_norm = _norm(cfg) if cfg.gemma else None
+        self.mlp_norm = _norm(cfg, native)
+        self.mlp = GeluMLP(cfg, native) if cfg.arch == "gpt2" else GatedMLP(cfg, native)
+        self.post_attn_norm = _norm(cfg, native) if cfg.gemma else None
+        self.post_mlp_norm = _norm(cfg, native) if cfg.gemma else None
 
     def forward(self, x, rope, kv_prefix=None):
         if self.post_attn_norm is not None:
@@ -316,7 +339,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
-        self.final_norm = _norm(cfg)
+        self.final_norm = _norm(cfg, attn_impl == "flashlm")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
