@@ -32,16 +32,8 @@ FLASHLM_AVX2_INLINE __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), _mm256_set1_ps(__builtin_inff()), overflow);
 }
 
-FLASHLM_AVX2_INLINE __m256 load_bf16(const uint16_t* p) {
-  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-}
-
-FLASHLM_AVX2_INLINE void store_bf16(uint16_t* p, __m256 v) {
-  const __m256i b = core::bf16_bits(v);  // 8 bf16 in the low halves of the lanes
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-}
+FLASHLM_AVX2_INLINE __m256 load_bf16(const uint16_t* p) { return core::load_bf16x8(p); }
+FLASHLM_AVX2_INLINE void store_bf16(uint16_t* p, __m256 v) { core::store_bf16x8(p, v); }
 
 // v rounded to bf16 and widened back.
 FLASHLM_AVX2_INLINE __m256 round_bf16(__m256 v) {

@@ -16,20 +16,11 @@
 namespace flashlm::norm::detail {
 namespace {
 
-using core::bf16_bits;
-
 FLASHLM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) {
-  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-}
+FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) { return core::load_bf16x8(p); }
 
 FLASHLM_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) {
-  const __m256i b = bf16_bits(v);  // bf16 bits in the low half of each lane -> 8 packed halves
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-}
+FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) { core::store_bf16x8(p, v); }
 
 // v rounded to T and widened back (the value a store and a load would give), for values that are computed
 // with again, not stored. Without bf16_bits' NaN select (three instructions): every NaN here comes from bf16

@@ -1,7 +1,7 @@
 """Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
-attention, forward and backward (it is an autograd op), as are its RMSNorms, GELU(tanh) and SwiGLU products
-(flashlm.ops.norm.rms_norm_train, flashlm.ops.activation: native kernels with native backward passes); the
-matmuls, embeddings and LayerNorms are torch's.
+attention, forward and backward (it is an autograd op), as are its RMSNorms, GELU(tanh), SwiGLU products and rotary
+embeddings (flashlm.ops.norm.rms_norm_train, flashlm.ops.activation, flashlm.ops.rope: native kernels with native
+backward passes) on the training path; the matmuls, token embeddings and LayerNorms are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
     logits, loss = model(idx, targets)      # idx, targets: int64 [B, T]; logits [B, T, vocab]
@@ -30,7 +30,9 @@ from flashlm.models.config import ModelConfig
 from flashlm.ops.activation import gelu_tanh, silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
+from flashlm.ops.loss import fused_linear_cross_entropy
 from flashlm.ops.norm import rms_norm, rms_norm_train
+from flashlm.ops.rope import rope as rope_rotate
 
 ATTN_IMPLS = ("flashlm", "sdpa")
 
@@ -192,7 +194,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
         # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
-        train_kernels = attn_impl == "flashlm"
+        self.train_kernels = train_kernels = attn_impl == "flashlm"
         self.q_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
         # gemma2: its own score scale, soft-capped scores, and a sliding window on some layers
@@ -203,9 +205,15 @@ class Attention(nn.Module):
         """q, k [..., heads, hd] after the per-head norms (qwen3) and the rotary embedding."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k
+        if rope is None:
+            return q, k
+        cos, signed_sin = rope
+        if self.train_kernels and torch.is_grad_enabled() and q.requires_grad and cos.dim() == 3 \
+                and _kernel_takes(q, k):
+            # Training: flashlm's kernel, one pass forward and one backward (its result is apply_rope's)
+            cos, signed_sin = (t.squeeze(1).to(q.dtype) for t in rope)
+            return rope_rotate(q, cos, signed_sin), rope_rotate(k, cos, signed_sin)
+        return apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
 
     def forward(self, x, rope, kv_prefix=None):
         """kv_prefix: None or (k, v) [B, P, KV, hd]: keys and values before x's (as prefix tuning's), seen by
@@ -336,6 +344,9 @@ class Transformer(nn.Module):
             raise ValueError(f"attn_impl: must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.cfg = cfg
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
+        # forward(idx, targets) returns (None, loss) with the loss from the vocabulary-chunked kernel
+        # (flashlm.ops.loss): no [B, T, vocab] logits, forward or backward (not with gemma2's soft cap)
+        self.fused_loss = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
@@ -378,6 +389,9 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(idx, prompt=prompt, kv_prefix=kv_prefix)  # checks idx first
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if targets is not None and self.fused_loss and self.cfg.final_softcap is None:
+            head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+            return None, fused_linear_cross_entropy(hidden, head, targets, ignore_index=-100)
         logits = self.logits(hidden)
         loss = None
         if targets is not None:
