@@ -9,8 +9,8 @@ One training step (forward, backward, clip by global norm, optimizer step, zero_
              on the CPU torch 2.13 picks its for-loop implementation, on CUDA foreach); --torch-optim
              foreach|fused picks another,
   attn-only  (--attn-only) the flashlm side with its norm, activation and rope kernels switched off
-             (train_kernels=False): flashlm's attention and AdamW, torch's other layers, as the flashlm side
-             was before those kernels; the same run shows what they gain,
+             (train_kernels=False) and the logits' loss: flashlm's attention and AdamW, torch's other layers,
+             as the flashlm side was before those kernels; the same run shows what they gain,
 (--fused-loss: the flashlm sides' loss through the vocabulary-chunked cross-entropy kernel, Transformer.fused_loss,
 instead of the lm head's logits and F.cross_entropy) taking turns step by step (the order swaps every round) so that background load hits both, median over --reps
 steps after --warmup. Rows: float32 and bf16 autocast on the CPU (bf16 only when asked for on a CPU without
@@ -163,8 +163,7 @@ def make_sides(cfg, device, dtype, torch_optim, attn_only=False, fused_loss=Fals
              "torch": Side(base, lambda g: torch_optimizer(g, torch_optim), device, dtype)}
     if attn_only:
         before = without_train_kernels(Transformer(cfg, attn_impl="flashlm"))
-        before.load_state_dict(flash.state_dict())
-        before.fused_loss = fused_loss
+        before.load_state_dict(flash.state_dict())  # and the logits' loss, whatever --fused-loss says
         sides["attn-only"] = Side(before, flash_optim, device, dtype)
     return sides
 

@@ -389,7 +389,9 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(idx, prompt=prompt, kv_prefix=kv_prefix)  # checks idx first
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
-        if targets is not None and self.fused_loss and self.cfg.final_softcap is None:
+        # (a head that is not a plain nn.Linear, an adapter's or a quantized layer's, keeps the logits path)
+        plain_head = self.lm_head is None or type(self.lm_head) is nn.Linear
+        if targets is not None and self.fused_loss and plain_head and self.cfg.final_softcap is None:
             head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
             return None, fused_linear_cross_entropy(hidden, head, targets, ignore_index=-100)
         logits = self.logits(hidden)
