@@ -244,9 +244,16 @@ class Attention(nn.Module):
         return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
-def _gelu(x, train_kernels: bool):
+def gelu(x, train_kernels: bool):
     """GELU's tanh form: flashlm's kernel (with its backward) where train_kernels is set and it takes x."""
     return gelu_tanh(x) if train_kernels and _kernel_takes(x) else F.gelu(x, approximate="tanh")
+
+
+def swiglu(g, u, train_kernels: bool):
+    """silu(g) * u: flashlm's kernel for inference (the one the native decoder stack runs, so both paths round
+    alike) and, where train_kernels is set, for training with its backward; else torch's formula."""
+    native = _inference_kernel_applies(g, u) or (train_kernels and _kernel_takes(g, u))
+    return silu_mul(g, u) if native else F.silu(g) * u
 
 
 class GeluMLP(nn.Module):
@@ -257,7 +264,7 @@ class GeluMLP(nn.Module):
         self.train_kernels = train_kernels
 
     def forward(self, x):
-        return self.proj(_gelu(self.fc(x), self.train_kernels))
+        return self.proj(gelu(self.fc(x), self.train_kernels))
 
 
 class GatedMLP(nn.Module):
@@ -274,12 +281,8 @@ class GatedMLP(nn.Module):
     def forward(self, x):
         g, u = self.gate(x), self.up(x)
         if self.gelu:
-            return self.down(_gelu(g, self.train_kernels) * u)
-        # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike);
-        # training: the same kernel and its backward, where train_kernels is set.
-        native = _inference_kernel_applies(g, u) or (self.train_kernels and _kernel_takes(g, u))
-        h = silu_mul(g, u) if native else F.silu(g) * u
-        return self.down(h)
+            return self.down(gelu(g, self.train_kernels) * u)
+        return self.down(swiglu(g, u, self.train_kernels))
 
 
 def _norm(cfg: ModelConfig, train_kernels: bool = False):
