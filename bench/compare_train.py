@@ -2,11 +2,17 @@
 """compare_train: training throughput of flashlm's stack against plain torch, on the same model and weights.
 
 One training step (forward, backward, clip by global norm, optimizer step, zero_grad) of
-  flashlm    flashlm.models.Transformer(cfg, attn_impl="flashlm") + flashlm.train.optim.AdamW (fused kernel)
-  torch      the same weights with attn_impl="sdpa" (F.scaled_dot_product_attention) + torch.optim.AdamW in
-             its default implementation for the device (printed: on the CPU torch 2.13 picks its for-loop
-             implementation, on CUDA foreach); --torch-optim foreach|fused picks another,
-taking turns step by step (the order swaps every round) so that background load hits both, median over --reps
+  flashlm    flashlm.models.Transformer(cfg, attn_impl="flashlm") + flashlm.train.optim.AdamW (fused kernel):
+             flashlm's attention, RMSNorm, GELU(tanh), SwiGLU and rope kernels, forward and backward
+  torch      the same weights with attn_impl="sdpa" (F.scaled_dot_product_attention, torch's norms,
+             activations and rope) + torch.optim.AdamW in its default implementation for the device (printed:
+             on the CPU torch 2.13 picks its for-loop implementation, on CUDA foreach); --torch-optim
+             foreach|fused picks another,
+  attn-only  (--attn-only) the flashlm side with its norm, activation and rope kernels switched off
+             (train_kernels=False) and the logits' loss: flashlm's attention and AdamW, torch's other layers,
+             as the flashlm side was before those kernels; the same run shows what they gain,
+(--fused-loss: the flashlm sides' loss through the vocabulary-chunked cross-entropy kernel, Transformer.fused_loss,
+instead of the lm head's logits and F.cross_entropy) taking turns step by step (the order swaps every round) so that background load hits both, median over --reps
 steps after --warmup. Rows: float32 and bf16 autocast on the CPU (bf16 only when asked for on a CPU without
 native bf16 matmuls, where torch's bf16 matmul is some 50 times slower than its float32 one); fp16 (with a
 GradScaler) and bf16 autocast on CUDA. Each step is split into forward+backward, clip and optimizer (step +
@@ -32,6 +38,7 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_train.py --profile --reps 5     # and where each step's time goes
   python bench/compare_train.py --threads 1            # one thread on each side
   OMP_WAIT_POLICY=PASSIVE python bench/compare_train.py  # torch's OpenMP workers sleep instead of spinning
+  python bench/compare_train.py --attn-only --seq-len 1024  # also the side without the norm/activation/rope kernels
   python bench/compare_train.py --quick                # well under a minute: CI smoke
 """
 
@@ -56,7 +63,7 @@ MODELS = {
 }
 QUICK = dict(vocab_size=512, n_layer=2, d_model=64, seq_len=64)
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SIDES = ("flashlm", "torch")
+SIDES = ("flashlm", "torch")  # and "attn-only" with --attn-only
 PHASES = ("fwd+bwd", "clip", "optim")
 OPTIM = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
@@ -138,12 +145,27 @@ class Side:
         return loss, norm, dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)))
 
 
-def make_sides(cfg, device, dtype, torch_optim):
+def without_train_kernels(model):
+    """model with flashlm's norm, activation and rope kernels switched off (its attention stays flashlm's)."""
+    for module in model.modules():
+        if hasattr(module, "train_kernels"):
+            module.train_kernels = False
+    return model
+
+
+def make_sides(cfg, device, dtype, torch_optim, attn_only=False, fused_loss=False):
     flash = Transformer(cfg, attn_impl="flashlm")
+    flash.fused_loss = fused_loss
     base = Transformer(cfg, attn_impl="sdpa")
     base.load_state_dict(flash.state_dict())
-    return {"flashlm": Side(flash, lambda g: AdamW(g, weight_decay=WEIGHT_DECAY, **OPTIM), device, dtype),
-            "torch": Side(base, lambda g: torch_optimizer(g, torch_optim), device, dtype)}
+    flash_optim = lambda g: AdamW(g, weight_decay=WEIGHT_DECAY, **OPTIM)  # noqa: E731
+    sides = {"flashlm": Side(flash, flash_optim, device, dtype),
+             "torch": Side(base, lambda g: torch_optimizer(g, torch_optim), device, dtype)}
+    if attn_only:
+        before = without_train_kernels(Transformer(cfg, attn_impl="flashlm"))
+        before.load_state_dict(flash.state_dict())  # and the logits' loss, whatever --fused-loss says
+        sides["attn-only"] = Side(before, flash_optim, device, dtype)
+    return sides
 
 
 def batch(cfg, args, device):
@@ -156,9 +178,9 @@ def check_same_work(cfg, args, device):
     """One float32 step on each side from the same weights and batch: losses and gradient norms must agree.
     On CUDA flashlm's kernels take fp16/bf16, so there the check runs on the CPU (the same model code)."""
     where = "cpu" if device == "cuda" else device
-    sides = make_sides(cfg, where, torch.float32, args.torch_optim)
+    sides = make_sides(cfg, where, torch.float32, args.torch_optim, fused_loss=args.fused_loss)
     x, y = batch(cfg, args, where)
-    (lf, nf, _), (lt, nt, _) = (sides[s].step(x, y) for s in SIDES)
+    (lf, nf, _), (lt, nt, _) = (sides[s].step(x, y) for s in SIDES)  # attn-only is torch's layers: as torch
     lf, lt, nf, nt = (float(t.detach()) for t in (lf, lt, nf, nt))
     for what, a, b in (("loss", lf, lt), ("grad norm", nf, nt)):
         if abs(a - b) > CHECK_RTOL * abs(b):
@@ -174,8 +196,9 @@ def time_steps(sides, x, y, args):
         for side in sides.values():
             side.step(x, y)
     times = {name: {p: [] for p in PHASES + ("step",)} for name in sides}
+    order = tuple(sides)
     for r in range(args.reps):
-        for name in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        for name in (order if r % 2 == 0 else order[::-1]):
             _, _, phases = sides[name].step(x, y)
             for p, t in phases.items():
                 times[name][p].append(t)
@@ -188,8 +211,9 @@ def profile_sides(sides, x, y, steps):
     """{side: [torch.profiler's per-operator averages of one step]}, one profiled step per side in turn (the
     order swapping each round, as in time_steps) so that the breakdowns see the same background load."""
     averages = {name: [] for name in sides}
+    order = tuple(sides)
     for r in range(steps):
-        for name in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        for name in (order if r % 2 == 0 else order[::-1]):
             side = sides[name]
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device == "cuda" else [])
             with profile(activities=activities) as prof:
@@ -252,18 +276,18 @@ def run_model(name, args, device, peaks):
     rows, prof_rows = [], []
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        sides = make_sides(cfg, device, dtype, args.torch_optim)
+        sides = make_sides(cfg, device, dtype, args.torch_optim, args.attn_only, args.fused_loss)
         x, y = batch(cfg, args, device)
         t = time_steps(sides, x, y, args)
         tokens = args.batch * cfg.seq_len
-        for side in SIDES:
+        for side in sides:
             tps = tokens / t[side]["step"]
             rows.append([f"{dname} {side}", fmt(tps, ",.0f"), fmt(t["torch"]["step"] / t[side]["step"], ".2f"),
                          *(fmt(t[side][p] * 1e3, ".1f") for p in PHASES), fmt(t[side]["step"] * 1e3, ".1f"),
                          fmt(flops * tps / peaks[dname] * 100, ".1f")])
         if args.profile:
             averages = profile_sides(sides, x, y, args.profile_steps)
-            prof_rows += [profile_row(f"{dname} {side}", averages[side], device) for side in SIDES]
+            prof_rows += [profile_row(f"{dname} {side}", averages[side], device) for side in sides]
     print_table(["dtype side", "tokens/s", "x torch", *(f"{p} ms" for p in PHASES), "step ms", "MFU %"], rows)
     if prof_rows:
         print(f"\ntorch.profiler, {args.profile_steps} steps a side: where the time goes (self time of each operator "
@@ -287,6 +311,10 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's and flashlm's CPU threads (default: torch's own choice, which flashlm follows)")
+    ap.add_argument("--fused-loss", action="store_true",
+                    help="the flashlm sides' loss through the vocabulary-chunked kernel (Transformer.fused_loss)")
+    ap.add_argument("--attn-only", action="store_true",
+                    help="also time the flashlm side without its norm, activation and rope kernels")
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     args = ap.parse_args()
     if args.threads is not None:

@@ -1,5 +1,6 @@
 // silu_mul dispatcher: checks the views (naming them) and runs the CUDA kernel or the CPU kernel (AVX2 where
-// cpu_isa() allows, else scalar), shared out over the thread pool only for large calls.
+// cpu_isa() allows, else scalar), shared out over the thread pool only for large calls. Its backward runs on
+// the training kernels (train_kernels.h).
 #include "flashlm/activation/silu_mul.h"
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
 #include "silu_mul_kernels.h"
+#include "train_kernels.h"
 
 namespace flashlm::activation {
 namespace {
@@ -16,37 +18,16 @@ namespace {
 // Elements per pool range: a decode step's MLP (a few thousand values, ~1 us with AVX2) stays on the caller.
 constexpr int64_t kGrainElements = 32768;
 
-void check_like(const TensorView& t, const char* name, const TensorView& gate) {
-  FLASHLM_CHECK(t.ndim == gate.ndim, name, ": shape ", t.shape_string(), " differs from gate's ", gate.shape_string());
-  for (int d = 0; d < t.ndim; ++d)
-    FLASHLM_CHECK(t.shape[d] == gate.shape[d], name, ": shape ", t.shape_string(), " differs from gate's ",
-                  gate.shape_string());
-  FLASHLM_CHECK(t.dtype == gate.dtype, name, ": dtype ", dtype_name(t.dtype), " differs from gate's ",
-                dtype_name(gate.dtype));
-  FLASHLM_CHECK(t.device == gate.device, name, ": must be on gate's device");
-  FLASHLM_CHECK(t.is_contiguous(), name, ": must be contiguous");
-  FLASHLM_CHECK(t.numel() == 0 || t.data, name, ": null data");
-}
-
-// out may be gate or up exactly, but not overlap either in part.
-void check_out(const TensorView& out, const TensorView& in, const char* name) {
-  const auto o = reinterpret_cast<uintptr_t>(out.data), i = reinterpret_cast<uintptr_t>(in.data);
-  const auto bytes = static_cast<uintptr_t>(out.nbytes());
-  FLASHLM_CHECK(o == i || o + bytes <= i || i + bytes <= o, "out: overlaps ", name, " (it may be ", name, " itself)");
-}
-
 }  // namespace
 
 void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out, void* stream) {
   const bool cuda = gate.device.is_cuda();
-  const bool dtype_ok = gate.dtype == DType::F32 || gate.dtype == DType::BF16 || (cuda && gate.dtype == DType::F16);
-  FLASHLM_CHECK(dtype_ok, "gate: dtype must be F32 or BF16", cuda ? " or F16" : " on the CPU", ", got ",
-                dtype_name(gate.dtype));
-  check_like(gate, "gate", gate);
-  check_like(up, "up", gate);
-  check_like(out, "out", gate);
-  check_out(out, gate, "gate");
-  check_out(out, up, "up");
+  detail::check_dtype(gate, "gate");
+  detail::check_like(gate, "gate", gate, "gate");
+  detail::check_like(up, "up", gate, "gate");
+  detail::check_like(out, "out", gate, "gate");
+  detail::check_out(out, "out", gate, "gate");
+  detail::check_out(out, "out", up, "up");
   detail::SiluMulArgs a{gate.dtype, gate.data, up.data, out.data, gate.numel()};
   if (a.n == 0) return;
   if (cuda) {
@@ -65,6 +46,35 @@ void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& ou
 #endif
     detail::silu_mul_scalar(a, begin, end);
   });
+}
+
+void silu_mul_backward(const TensorView& gate, const TensorView& up, const TensorView& dout, const TensorView& dgate,
+                       const TensorView& dup, void* stream) {
+  detail::check_dtype(gate, "gate");
+  detail::check_like(gate, "gate", gate, "gate");
+  detail::check_like(up, "up", gate, "gate");
+  detail::check_like(dout, "dout", gate, "gate");
+  detail::check_like(dgate, "dgate", gate, "gate");
+  detail::check_like(dup, "dup", gate, "gate");
+  for (const TensorView* out : {&dgate, &dup}) {
+    const char* name = out == &dgate ? "dgate" : "dup";
+    detail::check_out(*out, name, gate, "gate");
+    detail::check_out(*out, name, up, "up");
+    detail::check_out(*out, name, dout, "dout");
+  }
+  const bool same = dgate.data == dup.data && dgate.numel() > 0;
+  FLASHLM_CHECK(!same, "dup: must not be dgate itself");
+  detail::check_out(dup, "dup", dgate, "dgate");
+  detail::TrainArgs a;
+  a.op = detail::TrainOp::SiluMulBackward;
+  a.dtype = gate.dtype;
+  a.in0 = gate.data;
+  a.in1 = up.data;
+  a.in2 = dout.data;
+  a.out = dgate.data;
+  a.out2 = dup.data;
+  a.n = gate.numel();
+  detail::run(a, gate, "silu_mul_backward", stream);
 }
 
 }  // namespace flashlm::activation

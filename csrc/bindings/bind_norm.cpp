@@ -49,12 +49,27 @@ void rms_norm(Array x, Array weight, Array out, std::optional<Array> residual, d
   norm::rms_norm(p, reinterpret_cast<void*>(stream));
 }
 
+void rms_norm_backward(Array x, Array weight, Array dout, Array dx, Array dweight, double eps, uintptr_t stream) {
+  norm::RMSNormBackwardParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  p.dout = as_rows(dout, "dout");
+  p.dx = as_rows(dx, "dx");
+  p.dweight = to_view(dweight, "dweight");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::rms_norm_backward(p, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 void bind_norm(nb::module_& m) {
   m.def("rms_norm", &rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("out"), nb::arg("residual").none(),
         nb::arg("eps"), nb::arg("stream") = 0,
         "out = weight * rmsnorm(x) over x [..., d] (residual += x first when given); see flashlm/norm/rms_norm.h");
+  m.def("rms_norm_backward", &rms_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("dout"), nb::arg("dx"),
+        nb::arg("dweight"), nb::arg("eps"), nb::arg("stream") = 0,
+        "dx and dweight (f32) of out = weight * rmsnorm(x); see flashlm/norm/rms_norm.h");
 }
 
 }  // namespace flashlm::bindings

@@ -12,6 +12,7 @@
 
 #include "convert.h"
 #include "flashlm/runtime/decoder.h"
+#include "flashlm/runtime/rope.h"
 
 namespace flashlm::bindings {
 namespace {
@@ -148,9 +149,24 @@ struct Decoder {
   }
 };
 
+// The training path's rotary embedding (flashlm/runtime/rope.h); out is allocated by the caller.
+void rope_rotate(Array x, Array cos, Array sin, Array out, bool transpose, uintptr_t stream) {
+  runtime::RopeParams p;
+  p.x = to_view(x, "x");
+  p.cos = to_view(cos, "cos");
+  p.sin = to_view(sin, "sin");
+  p.out = to_view(out, "out");
+  p.transpose = transpose;
+  nb::gil_scoped_release release;
+  runtime::rope_rotate(p, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 void bind_runtime(nb::module_& m) {
+  m.def("rope_rotate", &rope_rotate, nb::arg("x"), nb::arg("cos"), nb::arg("sin"), nb::arg("out"),
+        nb::arg("transpose") = false, nb::arg("stream") = 0,
+        "rotate-half rope of x [..., T, heads, hd] (or its transpose, the gradient); see flashlm/runtime/rope.h");
   nb::class_<Decoder>(m, "Decoder", "A Llama-family model's decoder layers on the CPU; see flashlm/runtime/decoder.h")
       .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, nb::list>(), nb::arg("d_model"),
            nb::arg("n_head"), nb::arg("n_kv_head"), nb::arg("head_dim"), nb::arg("d_ff"), nb::arg("eps"),

@@ -5,6 +5,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 #include "avx2.h"
 
 namespace flashlm::core {
@@ -31,6 +33,19 @@ FLASHLM_AVX2_INLINE __m256i pack_bf16(__m256 a, __m256 b) {
 FLASHLM_AVX2_INLINE __m256i pack_f16(__m256 a, __m256 b) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   return _mm256_set_m128i(_mm256_cvtps_ph(b, kRound), _mm256_cvtps_ph(a, kRound));
+}
+
+// 8 bf16 -> 8 floats (exact: the bits shifted up).
+FLASHLM_AVX2_INLINE __m256 load_bf16x8(const uint16_t* p) {
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+
+// 8 floats -> 8 bf16 in order, rounded as bf16_bits.
+FLASHLM_AVX2_INLINE void store_bf16x8(uint16_t* p, __m256 v) {
+  const __m256i b = bf16_bits(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
 
 }  // namespace

@@ -16,20 +16,11 @@
 namespace flashlm::norm::detail {
 namespace {
 
-using core::bf16_bits;
-
 FLASHLM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) {
-  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-}
+FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) { return core::load_bf16x8(p); }
 
 FLASHLM_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) {
-  const __m256i b = bf16_bits(v);  // bf16 bits in the low half of each lane -> 8 packed halves
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
-}
+FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) { core::store_bf16x8(p, v); }
 
 // v rounded to T and widened back (the value a store and a load would give), for values that are computed
 // with again, not stored. Without bf16_bits' NaN select (three instructions): every NaN here comes from bf16
@@ -105,7 +96,73 @@ void rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// 32 elements of a row: dot += (dout * w) * (x * inv), in the lanes of square_sum32.
+template <class T, class W>
+FLASHLM_AVX2_INLINE void grad_dot32(const T* x, const T* dout, const W* w, __m256 inv, __m256* dot) {
+  for (int k = 0; k < 4; ++k) {
+    const __m256 g = _mm256_mul_ps(load8(dout + 8 * k), load8(w + 8 * k));
+    dot[k] = _mm256_add_ps(dot[k], _mm256_mul_ps(g, _mm256_mul_ps(load8(x + 8 * k), inv)));
+  }
+}
+
+// 8 elements: dweight += dout * round(x * inv); dx = inv * (dout * w - x * inv * c).
+template <class T, class W>
+FLASHLM_AVX2_INLINE void grad8(const T* x, const T* dout, const W* w, T* dx, float* dweight, __m256 inv, __m256 c) {
+  const __m256 dy = load8(dout), xh = _mm256_mul_ps(load8(x), inv);
+  _mm256_storeu_ps(dweight, _mm256_add_ps(_mm256_loadu_ps(dweight), _mm256_mul_ps(dy, round8(xh, x))));
+  store8(dx, _mm256_mul_ps(inv, _mm256_sub_ps(_mm256_mul_ps(dy, load8(w)), _mm256_mul_ps(xh, c))));
+}
+
+template <class T, class W>
+void backward_rows(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight) {
+  const auto* w = static_cast<const W*>(a.weight);
+  const int64_t d = a.d;
+  const int64_t d32 = d - d % 32, d8 = d - d % 8;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * d;
+    const T* dout = static_cast<const T*>(a.dout) + r * d;
+    T* dx = static_cast<T*>(a.dx) + r * d;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 dot[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t i = 0; i < d32; i += 32) square_sum32<T>(x + i, nullptr, acc);
+    T xb[32] = {}, db[32] = {};  // the tail, zero-padded to 32
+    W wb[32] = {};
+    const int64_t n32 = d - d32;
+    if (n32 > 0) {
+      std::memcpy(xb, x + d32, size_t(n32) * sizeof(T));
+      std::memcpy(db, dout + d32, size_t(n32) * sizeof(T));
+      std::memcpy(wb, w + d32, size_t(n32) * sizeof(W));
+      square_sum32<T>(xb, nullptr, acc);
+    }
+    const float mean = total(acc) / float(d);
+    const float inv = 1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + a.eps)));
+    const __m256 inv8 = _mm256_set1_ps(inv);
+    for (int64_t i = 0; i < d32; i += 32) grad_dot32(x + i, dout + i, w + i, inv8, dot);
+    if (n32 > 0) grad_dot32(xb, db, wb, inv8, dot);
+    const __m256 c8 = _mm256_set1_ps(total(dot) / float(d));
+    for (int64_t i = 0; i < d8; i += 8) grad8(x + i, dout + i, w + i, dx + i, dweight + i, inv8, c8);
+    if (const int64_t n = d - d8; n > 0) {
+      T xt[8] = {}, dt[8] = {}, ot[8] = {};
+      W wt[8] = {};
+      float gt[8] = {};
+      std::memcpy(xt, x + d8, size_t(n) * sizeof(T));
+      std::memcpy(dt, dout + d8, size_t(n) * sizeof(T));
+      std::memcpy(wt, w + d8, size_t(n) * sizeof(W));
+      std::memcpy(gt, dweight + d8, size_t(n) * sizeof(float));
+      grad8(xt, dt, wt, ot, gt, inv8, c8);
+      std::memcpy(dx + d8, ot, size_t(n) * sizeof(T));
+      std::memcpy(dweight + d8, gt, size_t(n) * sizeof(float));
+    }
+  }
+}
+
 }  // namespace
+
+void rms_norm_backward_avx2(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight) {
+  auto* fn = a.dtype == DType::F32 ? backward_rows<float, float>
+             : a.weight_dtype == DType::F32 ? backward_rows<uint16_t, float> : backward_rows<uint16_t, uint16_t>;
+  fn(a, begin, end, dweight);
+}
 
 void rms_norm_avx2(const RMSNormArgs& a, int64_t begin, int64_t end) {
   // F32 rows take an F32 weight; BF16 rows a BF16 or F32 one (the dispatcher checked).

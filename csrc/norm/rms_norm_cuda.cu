@@ -142,7 +142,75 @@ void launch(const RMSNormArgs& a, int device, cudaStream_t stream) {
     launch_rows<T, W, 1>(a, device, stream);
 }
 
+// Backward: a block of kThreads per row (grid-stride), one element at a time. The two row sums (x^2, then
+// (dout * w) * y) are block trees; dweight gathers dout * y of every row by atomicAdd (its order varies).
+template <DType T, DType W>
+__global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RMSNormBackwardArgs a, float* dweight) {
+  using E = typename Elem<T>::type;
+  using WE = typename Elem<W>::type;
+  __shared__ float warp_sums[kWarps];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto* w = static_cast<const WE*>(a.weight);
+  auto block_sum = [&](float v) {
+    v = warp_sum(v);
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) sum = __fadd_rn(sum, warp_sums[k]);
+    __syncthreads();
+    return sum;
+  };
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    const E* x = static_cast<const E*>(a.x) + r * a.d;
+    const E* dout = static_cast<const E*>(a.dout) + r * a.d;
+    E* dx = static_cast<E*>(a.dx) + r * a.d;
+    float part = 0.0f;
+    for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
+      const float h = Elem<T>::load(x[i]);
+      part = __fadd_rn(part, __fmul_rn(h, h));
+    }
+    const float inv = inv_rms(block_sum(part), a.d, a.eps);
+    part = 0.0f;
+    for (int64_t i = threadIdx.x; i < a.d; i += kThreads)
+      part += (Elem<T>::load(dout[i]) * Elem<W>::load(w[i])) * (Elem<T>::load(x[i]) * inv);
+    const float c = block_sum(part) / float(a.d);
+    for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
+      const float dy = Elem<T>::load(dout[i]), xh = Elem<T>::load(x[i]) * inv;
+      atomicAdd(dweight + i, dy * Elem<T>::load(Elem<T>::store(xh)));
+      dx[i] = Elem<T>::store(inv * (dy * Elem<W>::load(w[i]) - xh * c));
+    }
+  }
+}
+
+template <DType T, DType W>
+void launch_backward(const RMSNormBackwardArgs& a, float* dweight, int device, cudaStream_t stream) {
+  throw_on_cuda_error(cudaMemsetAsync(dweight, 0, size_t(a.d) * sizeof(float), stream), "rms_norm_backward: memset");
+  if (a.rows == 0) return;
+  const unsigned grid = cuda_elementwise::grid_for(a.rows, 1, device, "rms_norm_backward");
+  rms_norm_backward_kernel<T, W><<<grid, kThreads, 0, stream>>>(a, dweight);
+}
+
 }  // namespace
+
+void rms_norm_backward_cuda(const RMSNormBackwardArgs& a, float* dweight, int device, void* stream) {
+  CudaDeviceGuard guard(device);
+  auto st = static_cast<cudaStream_t>(stream);
+  const bool f32_weight = a.weight_dtype == DType::F32;
+  switch (a.dtype) {
+    case DType::F32: launch_backward<DType::F32, DType::F32>(a, dweight, device, st); break;
+    case DType::F16:
+      f32_weight ? launch_backward<DType::F16, DType::F32>(a, dweight, device, st)
+                 : launch_backward<DType::F16, DType::F16>(a, dweight, device, st);
+      break;
+    case DType::BF16:
+      f32_weight ? launch_backward<DType::BF16, DType::F32>(a, dweight, device, st)
+                 : launch_backward<DType::BF16, DType::BF16>(a, dweight, device, st);
+      break;
+    default: throw ValueError("rms_norm_backward: x dtype must be F32, F16 or BF16");
+  }
+  throw_on_cuda_error(cudaGetLastError(), "rms_norm_backward: kernel launch");
+}
 
 void rms_norm_cuda(const RMSNormArgs& a, int device, void* stream) {
   CudaDeviceGuard guard(device);

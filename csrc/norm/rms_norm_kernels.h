@@ -22,6 +22,17 @@ struct RMSNormArgs {
   float eps = 1e-6f;
 };
 
+struct RMSNormBackwardArgs {
+  DType dtype = DType::F32;         // x, dout, dx
+  DType weight_dtype = DType::F32;  // dtype or F32
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const void* dout = nullptr;
+  void* dx = nullptr;
+  int64_t rows = 0, d = 0;  // contiguous rows
+  float eps = 1e-6f;
+};
+
 // Lanes of the sum of squares: element i of a row goes to lane i % kSumLanes. The lanes are then added as
 // the AVX2 kernel adds its four 8-wide accumulators: pairwise ((0+1)+(2+3)), then the 8 lanes of the result
 // as ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)).
@@ -30,6 +41,12 @@ constexpr int kSumLanes = 32;
 // Rows [begin, end).
 void rms_norm_scalar(const RMSNormArgs& a, int64_t begin, int64_t end);
 void rms_norm_avx2(const RMSNormArgs& a, int64_t begin, int64_t end);
+// Backward of rows [begin, end): dx, and dout * y of each row added to dweight (f32 [d]) row by row in order.
+// The sums over a row (of x^2 and of g * y) take the forward's lanes and order.
+void rms_norm_backward_scalar(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight);
+void rms_norm_backward_avx2(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight);
+// All rows, on `device`'s `stream`; dweight is F32 [d] on the device.
+void rms_norm_backward_cuda(const RMSNormBackwardArgs& a, float* dweight, int device, void* stream);
 // All rows, on `device`'s `stream`.
 void rms_norm_cuda(const RMSNormArgs& a, int device, void* stream);
 

@@ -59,7 +59,38 @@ void rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+template <class T, class W>
+void backward_rows(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight) {
+  const auto* w = static_cast<const W*>(a.weight);
+  const int64_t d = a.d;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = static_cast<const T*>(a.x) + r * d;
+    const T* dout = static_cast<const T*>(a.dout) + r * d;
+    T* dx = static_cast<T*>(a.dx) + r * d;
+    float acc[kSumLanes] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      const float h = load(x[i]);
+      acc[i % kSumLanes] += h * h;
+    }
+    const float inv = 1.0f / std::sqrt(sum_lanes(acc) / float(d) + a.eps);
+    float dot[kSumLanes] = {};
+    for (int64_t i = 0; i < d; ++i) dot[i % kSumLanes] += (load(dout[i]) * load(w[i])) * (load(x[i]) * inv);
+    const float c = sum_lanes(dot) / float(d);
+    for (int64_t i = 0; i < d; ++i) {  // dx may be dout: each element is read before it is written
+      const float dy = load(dout[i]), xh = load(x[i]) * inv;
+      dweight[i] += dy * load(store<T>(xh));
+      dx[i] = store<T>(inv * ((dy * load(w[i])) - xh * c));
+    }
+  }
+}
+
 }  // namespace
+
+void rms_norm_backward_scalar(const RMSNormBackwardArgs& a, int64_t begin, int64_t end, float* dweight) {
+  auto* fn = a.dtype == DType::F32 ? backward_rows<float, float>
+             : a.weight_dtype == DType::F32 ? backward_rows<uint16_t, float> : backward_rows<uint16_t, uint16_t>;
+  fn(a, begin, end, dweight);
+}
 
 void rms_norm_scalar(const RMSNormArgs& a, int64_t begin, int64_t end) {
   // F32 rows take an F32 weight; BF16 rows a BF16 or F32 one (the dispatcher checked).

@@ -1,11 +1,13 @@
 """Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
-attention, forward and backward (it is an autograd op), and whose other layers are torch's.
+attention, forward and backward (it is an autograd op), as are its RMSNorms, GELU(tanh), SwiGLU products and rotary
+embeddings (flashlm.ops.norm.rms_norm_train, flashlm.ops.activation, flashlm.ops.rope: native kernels with native
+backward passes) on the training path; the matmuls, token embeddings and LayerNorms are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
     logits, loss = model(idx, targets)      # idx, targets: int64 [B, T]; logits [B, T, vocab]
 
-attn_impl="sdpa" swaps in torch's scaled_dot_product_attention: the baseline the trainer is compared with,
-and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
+attn_impl="sdpa" swaps in torch's scaled_dot_product_attention and torch's formulas for the norms and
+activations: the plain torch model the trainer is compared with, and an independent reference in the tests. Parameter names: tok_emb, pos_emb (gpt2), blocks.{i}.{attn_norm,
 attn.{q,k,v,o,q_norm,k_norm (qwen3)}, post_attn_norm (gemma2), mlp_norm, post_mlp_norm (gemma2), mlp.{fc,proj} (gpt2) | mlp.{gate,up,down} (llama)}, final_norm, lm_head (untied only);
 the exporters map them to HF and GGUF names.
 
@@ -26,10 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
 from flashlm.models.moe import MoEMLP
-from flashlm.ops import silu_mul
+from flashlm.ops.activation import gelu_tanh, silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
-from flashlm.ops.norm import rms_norm
+from flashlm.ops.loss import fused_linear_cross_entropy
+from flashlm.ops.norm import rms_norm, rms_norm_train
+from flashlm.ops.rope import rope as rope_rotate
 
 ATTN_IMPLS = ("flashlm", "sdpa")
 
@@ -41,25 +45,33 @@ _NORM_DTYPES_CPU = (torch.float32, torch.bfloat16)
 _NORM_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _inference_kernel_applies(*tensors) -> bool:
-    """Whether an inference-only flashlm kernel may compute a call on these tensors: no gradient wanted, one
-    dtype that the kernel takes on the first tensor's device."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+def _kernel_takes(*tensors) -> bool:
+    """Whether flashlm's norm and activation kernels take these tensors: one dtype that they take on the first
+    tensor's device."""
     x = tensors[0]
     dtypes = _NORM_DTYPES_CUDA if x.is_cuda else _NORM_DTYPES_CPU if x.is_cpu else ()
     return x.dtype in dtypes and all(t.dtype == x.dtype for t in tensors)
+
+
+def _inference_kernel_applies(*tensors) -> bool:
+    """Whether an inference-only flashlm kernel may compute a call on these tensors: no gradient wanted, and
+    tensors the kernel takes."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return _kernel_takes(*tensors)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and returned in x's dtype (as HF's LlamaRMSNorm).
 
     Where no gradient is wanted (inference) flashlm's kernel computes it: one call instead of 5-8 torch ops
-    (~28 us a call at decode size). Training keeps the torch formula and its autograd."""
+    (~28 us a call at decode size). Training runs the kernel with its native backward (rms_norm_train) where
+    train_kernels is set and x and the weight share a dtype the kernel takes; else the torch formula."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, train_kernels: bool = False):
         super().__init__()
         self.eps = eps
+        self.train_kernels = train_kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def _native(self, x, w, *others) -> bool:
@@ -72,6 +84,8 @@ class RMSNorm(nn.Module):
         w = self.weight
         if self._native(x, w):
             return rms_norm(x, w, self.eps)
+        if self.train_kernels and _kernel_takes(x, w):
+            return rms_norm_train(x, w, self.eps)
         if x.dtype == torch.float32 and w.dtype == torch.float32:
             return F.rms_norm(x, w.shape, w, self.eps)  # the same formula, fewer ops
         h = x.float()
@@ -181,8 +195,9 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=qkv_bias)
         self.o = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=bias)
         # Qwen3: each head of q and k RMS-normed (one weight per head dimension) before the rotary embedding
-        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.train_kernels = train_kernels = attn_impl == "flashlm"
+        self.q_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps, train_kernels) if cfg.qk_norm else None
         # gemma2: its own score scale, soft-capped scores, and a sliding window on some layers
         self.scale = cfg.softmax_scale if cfg.query_pre_attn_scalar is not None else None
         self.window, self.softcap = cfg.layer_window(layer), cfg.attn_softcap
@@ -191,9 +206,15 @@ class Attention(nn.Module):
         """q, k [..., heads, hd] after the per-head norms (qwen3) and the rotary embedding."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k
+        if rope is None:
+            return q, k
+        cos, signed_sin = rope
+        if self.train_kernels and torch.is_grad_enabled() and q.requires_grad and cos.dim() == 3 \
+                and _kernel_takes(q, k):
+            # Training: flashlm's kernel, one pass forward and one backward (its result is apply_rope's)
+            cos, signed_sin = (t.squeeze(1).to(q.dtype) for t in rope)
+            return rope_rotate(q, cos, signed_sin), rope_rotate(k, cos, signed_sin)
+        return apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
 
     def forward(self, x, rope, kv_prefix=None):
         """kv_prefix: None or (k, v) [B, P, KV, hd]: keys and values before x's (as prefix tuning's), seen by
@@ -224,50 +245,63 @@ class Attention(nn.Module):
         return self.o(y.reshape(T, self.n_head * self.head_dim).to(x.dtype))
 
 
+def gelu(x, train_kernels: bool):
+    """GELU's tanh form: flashlm's kernel (with its backward) where train_kernels is set and it takes x."""
+    return gelu_tanh(x) if train_kernels and _kernel_takes(x) else F.gelu(x, approximate="tanh")
+
+
+def swiglu(g, u, train_kernels: bool):
+    """silu(g) * u: flashlm's kernel for inference (the one the native decoder stack runs, so both paths round
+    alike) and, where train_kernels is set, for training with its backward; else torch's formula."""
+    native = _inference_kernel_applies(g, u) or (train_kernels and _kernel_takes(g, u))
+    return silu_mul(g, u) if native else F.silu(g) * u
+
+
 class GeluMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, train_kernels: bool = False):
         super().__init__()
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.train_kernels = train_kernels
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        return self.proj(gelu(self.fc(x), self.train_kernels))
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SiLU (SwiGLU), or GELU's tanh form for gemma2 (GeGLU). d_ff: another width
     than cfg.d_ff (qwen2_moe's shared expert)."""
 
-    def __init__(self, cfg: ModelConfig, d_ff: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, d_ff: Optional[int] = None, train_kernels: bool = False):
         super().__init__()
         d_ff = cfg.d_ff if d_ff is None else d_ff
         self.gate = nn.Linear(cfg.d_model, d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, d_ff, bias=False)
         self.down = nn.Linear(d_ff, cfg.d_model, bias=False)
         self.gelu = cfg.gemma
+        self.train_kernels = train_kernels
 
     def forward(self, x):
         g, u = self.gate(x), self.up(x)
         if self.gelu:
-            return self.down(F.gelu(g, approximate="tanh") * u)
-        # Inference: one flashlm kernel (the one the native decoder stack runs, so both paths round alike).
-        h = silu_mul(g, u) if _inference_kernel_applies(g, u) else F.silu(g) * u
-        return self.down(h)
+            return self.down(gelu(g, self.train_kernels) * u)
+        return self.down(swiglu(g, u, self.train_kernels))
 
 
-def _norm(cfg: ModelConfig):
+def _norm(cfg: ModelConfig, train_kernels: bool = False):
     if cfg.arch == "gpt2":
         return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-    return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps, train_kernels)
 
 
-def _mlp(cfg: ModelConfig) -> nn.Module:
+def _mlp(cfg: ModelConfig, train_kernels: bool) -> nn.Module:
     if cfg.arch == "gpt2":
-        return GeluMLP(cfg)
+        return GeluMLP(cfg, train_kernels)
     if cfg.moe:
-        shared = GatedMLP(cfg, cfg.shared_expert_d_ff) if cfg.shared_expert_d_ff is not None else None
+        shared = (GatedMLP(cfg, cfg.shared_expert_d_ff, train_kernels) if cfg.shared_expert_d_ff is not None
+                  else None)
         return MoEMLP(cfg, shared)
-    return GatedMLP(cfg)
+    return GatedMLP(cfg, train_kernels=train_kernels)
 
 
 class Block(nn.Module):
@@ -276,12 +310,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, attn_impl: str, layer: int = 0):
         super().__init__()
-        self.attn_norm = _norm(cfg)
+        native = attn_impl == "flashlm"  # flashlm's training kernels; "sdpa" is the plain torch model
+        self.attn_norm = _norm(cfg, native)
         self.attn = Attention(cfg, attn_impl, layer)
-        self.mlp_norm = _norm(cfg)
-        self.mlp = _mlp(cfg)
-        self.post_attn_norm = _norm(cfg) if cfg.gemma else None
-        self.post_mlp_norm = _norm(cfg) if cfg.gemma else None
+        self.mlp_norm = _norm(cfg, native)
+        self.mlp = _mlp(cfg, native)
+        self.post_attn_norm = _norm(cfg, native) if cfg.gemma else None
+        self.post_mlp_norm = _norm(cfg, native) if cfg.gemma else None
 
     def forward(self, x, rope, kv_prefix=None):
         if self.post_attn_norm is not None:
@@ -325,10 +360,13 @@ class Transformer(nn.Module):
             raise ValueError(f"attn_impl: must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.cfg = cfg
         self.checkpointing = False  # recompute each block in backward instead of keeping its activations
+        # forward(idx, targets) returns (None, loss) with the loss from the vocabulary-chunked kernel
+        # (flashlm.ops.loss): no [B, T, vocab] logits, forward or backward (not with gemma2's soft cap)
+        self.fused_loss = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
-        self.final_norm = _norm(cfg)
+        self.final_norm = _norm(cfg, attn_impl == "flashlm")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.rotary:
             cos, sin = rope_tables(cfg)
@@ -374,6 +412,11 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(idx, prompt=prompt, kv_prefix=kv_prefix)  # checks idx first
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets: must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        # (a head that is not a plain nn.Linear, an adapter's or a quantized layer's, keeps the logits path)
+        plain_head = self.lm_head is None or type(self.lm_head) is nn.Linear
+        if targets is not None and self.fused_loss and plain_head and self.cfg.final_softcap is None:
+            head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+            return None, fused_linear_cross_entropy(hidden, head, targets, ignore_index=-100)
         logits = self.logits(hidden)
         loss = None
         if targets is not None:

@@ -7,8 +7,11 @@ under torch.compile.
 
 x is [..., d] (float32 or bfloat16 on the CPU, float16 too on CUDA); weight [d] in x's dtype or float32;
 out has x's shape and dtype. Statistics in float32; for 16-bit x, y = x / rms(x) is rounded to x's dtype
-before the weight multiplies it, as HF's module computes it. No autograd: the model calls it only where no
-gradient is wanted (flashlm.models.transformer.RMSNorm).
+before the weight multiplies it, as HF's module computes it. rms_norm has no autograd (the model calls it where
+no gradient is wanted, and for the fused residual form); the training path calls
+
+    out = rms_norm_train(x, weight, eps)                # the same forward, differentiable: its backward
+                                                        # (rms_norm_backward) is a native kernel too
 """
 
 from typing import Optional
@@ -91,3 +94,54 @@ def _(x, weight, eps, residual=None):
     _check(x, weight, residual)
     check_same_device(x=x, weight=weight, residual=residual)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@custom_op("flashlm::rms_norm_train", mutates_args=())
+def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm(x, weight, eps) as a differentiable op (no residual)."""
+    return rms_norm(_plain(x), _plain(weight), eps)
+
+
+@rms_norm_train.register_fake
+def _(x, weight, eps):
+    _check(x, weight, None)
+    check_same_device(x=x, weight=weight)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@custom_op("flashlm::rms_norm_backward", mutates_args=())
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, dout: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype, dweight in weight's dtype) of out = rms_norm(x, weight, eps) given dout."""
+    _check(x, weight, None)
+    check_tensors("dout", dout)
+    if dout.shape != x.shape:
+        raise ValueError(f"dout: shape {tuple(dout.shape)} differs from x's {tuple(x.shape)}")
+    eps = as_float(eps, "eps")
+    x, dout = contiguous(_plain(x), "x"), contiguous(_plain(dout), "dout")
+    dx = torch.empty_like(x)
+    dweight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    _C.rms_norm_backward(x, _plain(weight), dout, dx, dweight, eps, cuda_stream(x) if x.is_cuda else 0)
+    return dx, dweight.to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _(x, weight, dout, eps):
+    _check(x, weight, None)
+    check_same_device(x=x, weight=weight, dout=dout)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
+
+
+def _train_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _train_grad(ctx, dout):
+    x, weight = ctx.saved_tensors
+    dx, dweight = rms_norm_backward.op(x, weight, dout.to(x.dtype), ctx.eps)  # the registered op: traceable
+    return dx, dweight if ctx.needs_input_grad[1] else None, None
+
+
+rms_norm_train.register_autograd(_train_grad, setup_context=_train_setup)

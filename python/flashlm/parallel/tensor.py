@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
-from flashlm.models.transformer import Block, RMSNorm, Transformer, apply_rope, causal_attention, rope_tables
+from flashlm.models.transformer import (Block, RMSNorm, Transformer, apply_rope, causal_attention, gelu, rope_tables,
+                                       swiglu)
 from flashlm.parallel.mesh import Group
 from flashlm.parallel.regions import enter, leave
 
@@ -122,9 +123,10 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     """gpt2's fc -> gelu -> proj or llama's down(silu(gate) * up), d_ff / tp columns on this rank."""
 
-    def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, tp: Group, sequence_parallel: bool, train_kernels: bool = False):
         super().__init__()
         self.tp, self.sp = tp, sequence_parallel
+        self.train_kernels = train_kernels  # the model's activation kernels (Transformer's training path)
         d, ff = cfg.d_model, cfg.d_ff // tp.size
         self.gated = cfg.arch != "gpt2"
         if self.gated:
@@ -138,8 +140,8 @@ class ParallelMLP(nn.Module):
     def forward(self, x):
         x = enter(x, self.tp, self.sp)
         if self.gated:
-            return _row_output(self.down, F.silu(self.gate(x)) * self.up(x), self.tp, self.sp)
-        return _row_output(self.proj, F.gelu(self.fc(x), approximate="tanh"), self.tp, self.sp)
+            return _row_output(self.down, swiglu(self.gate(x), self.up(x), self.train_kernels), self.tp, self.sp)
+        return _row_output(self.proj, gelu(self.fc(x), self.train_kernels), self.tp, self.sp)
 
 
 def _row_output(linear: nn.Linear, x, tp: Group, sequence_parallel: bool):
@@ -244,9 +246,10 @@ class TensorParallelTransformer(Transformer):
         for i in range(cfg.n_layer):
             block = Block(cfg, attn_impl, i)  # its norms; its attention and MLP swapped for this rank's slices
             block.attn = ParallelAttention(cfg, attn_impl, tp, sequence_parallel)
-            block.mlp = ParallelMLP(cfg, tp, sequence_parallel)
+            block.mlp = ParallelMLP(cfg, tp, sequence_parallel, attn_impl == "flashlm")
             self.blocks.append(block)
-        self.final_norm = (nn.LayerNorm if cfg.arch == "gpt2" else RMSNorm)(cfg.d_model, cfg.norm_eps)
+        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else \
+            RMSNorm(cfg.d_model, cfg.norm_eps, attn_impl == "flashlm")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size // tp.size, bias=False)
         if cfg.rotary:
             cos, sin = rope_tables(cfg)

@@ -16,4 +16,11 @@ namespace flashlm::activation {
 // cudaStream_t for CUDA views. Throws ValueError naming the argument.
 FLASHLM_API void silu_mul(const TensorView& gate, const TensorView& up, const TensorView& out, void* stream = nullptr);
 
+// The gradients of out = silu(gate) * up, with s = sigmoid(gate):
+//   dgate = (dout * up) * s (1 + gate (1 - s)),   dup = dout * silu(gate)
+// f32 math, each result rounded once to the dtype. gate, up, dout, dgate, dup: as silu_mul's views; dgate and
+// dup may each be one of the inputs itself, but not each other.
+FLASHLM_API void silu_mul_backward(const TensorView& gate, const TensorView& up, const TensorView& dout,
+                                   const TensorView& dgate, const TensorView& dup, void* stream = nullptr);
+
 }  // namespace flashlm::activation

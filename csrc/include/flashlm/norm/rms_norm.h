@@ -25,4 +25,19 @@ struct RMSNormParams {
 // thread). Throws ValueError naming the argument for bad shapes, dtypes, devices or overlapping outputs.
 FLASHLM_API void rms_norm(const RMSNormParams& params, void* stream = nullptr);
 
+// The gradients of out = rms_norm(x) (no residual), with inv = 1 / sqrt(mean(x^2) + eps) as the forward takes
+// it, y = x * inv (rounded to x's dtype for the weight's gradient, as the forward rounds it) and g = dout * w:
+//   dx      = inv * (g - y * mean(g * y))
+//   dweight = sum over rows of dout * y          (f32, summed in a fixed order of row blocks: deterministic)
+struct RMSNormBackwardParams {
+  TensorView x;        // [rows, d], contiguous
+  TensorView weight;   // [d], contiguous; x's dtype or F32
+  TensorView dout;     // [rows, d], x's dtype, contiguous
+  TensorView dx;       // [rows, d], x's dtype, contiguous, written; may be dout itself
+  TensorView dweight;  // [d], F32, contiguous, written (not accumulated into)
+  double eps = 1e-6;
+};
+
+FLASHLM_API void rms_norm_backward(const RMSNormBackwardParams& params, void* stream = nullptr);
+
 }  // namespace flashlm::norm
