@@ -7,6 +7,8 @@ Cases (the same student, batch, tokens, loss and optimiser on both sides; only t
   gguf-teacher   the teacher loaded from its Q4_0 file as `flashlm distill --teacher FILE` loads it
   float-teacher  the Q4_0 file's weights dequantized to float32 (written once, beforehand, as a torch file) in a
                  flashlm Transformer: the torch float model a user would otherwise run, frozen, no gradients
+  no-teacher     fixed logits made before the measurement in place of a teacher: the student's own step, whose
+                 memory, taken from each teacher case's, leaves the teacher's own (its weights and its forward)
 Each step: the teacher's forward (no gradient), then the student's forward and backward through the fused
 distillation loss (alpha 0.5, T 2, full vocabulary) and flashlm's AdamW. Both teachers compute the same logits up
 to the Q4_0 kernel's rounding: the first step's loss must agree to 1e-3 (relative), or the report says so.
@@ -14,7 +16,8 @@ to the Q4_0 kernel's rounding: the first step's loss must agree to 1e-3 (relativ
 Each case runs in a fresh Python process, --steps timed steps after --warmup untimed ones, the median step; the
 processes take turns case by case for --rounds rounds and the table holds the medians over rounds. Memory: the
 process's peak RSS (VmHWM) less its RSS after the imports: teacher weights, student, optimiser state,
-activations, allocator caches.
+activations, allocator caches; the teacher's own memory is a case's less the no-teacher case's (the student's
+step and the libraries' first-use buffers are the same in every case).
 
 Goal: the GGUF teacher costs <= 1.2x the float teacher's step time at <= 1/3 of its memory.
 
@@ -52,7 +55,7 @@ TEACHER = dict(arch="llama", vocab_size=8192, n_layer=8, n_head=16, d_model=1024
 STUDENT = dict(n_layer=2, n_head=4, d_model=256)
 QUICK_TEACHER = dict(arch="llama", vocab_size=512, n_layer=2, n_head=4, d_model=128, seq_len=64)
 QUICK_STUDENT = dict(n_layer=1, n_head=2, d_model=64)
-CASES = ("gguf-teacher", "float-teacher")
+CASES = ("gguf-teacher", "float-teacher", "no-teacher")
 LOSS_RTOL = 1e-3
 LOSS_CASES = [(32000, 512, 512), (151936, 512, 512)]  # (vocab, tokens, d) of the loss half
 
@@ -78,7 +81,8 @@ def write_teachers(cfg_dict: dict, folder: str) -> dict:
 
     torch.manual_seed(0)
     cfg = ModelConfig(**cfg_dict)
-    paths = {"gguf": os.path.join(folder, "teacher-q4_0.gguf"), "float": os.path.join(folder, "teacher-f32.pt")}
+    paths = {"gguf": os.path.join(folder, "teacher-q4_0.gguf"), "float": os.path.join(folder, "teacher-f32.pt"),
+             "config": os.path.join(folder, "teacher-config.json")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tokenizer": llama.cpp is not the reader here
         export_gguf(Transformer(cfg).state_dict(), cfg, None, paths["gguf"], type="Q4_0")
@@ -86,7 +90,25 @@ def write_teachers(cfg_dict: dict, folder: str) -> dict:
     own = Transformer(loaded.config).state_dict()
     state = {k: v for k, v in merged_state_dict(loaded.model).items() if k in own}  # a tied head is the embedding
     torch.save({"model_config": loaded.config.to_dict(), "model": state}, paths["float"])
+    with open(paths["config"], "w") as f:
+        json.dump(loaded.config.to_dict(), f)
     return paths
+
+
+class LogitsOnly(torch.nn.Module):
+    """The no-teacher case's stand-in: fixed logits [B, T, V] made before the measurement, what a teacher hands
+    the loss, without the teacher (its weights, its forward)."""
+
+    def __init__(self, cfg, batch: int, seq: int):
+        super().__init__()
+        self.cfg, self.blocks = cfg, []
+        self.fixed = torch.randn(batch, seq, cfg.vocab_size, generator=torch.Generator().manual_seed(3))
+
+    def hidden_states(self, x):
+        return x
+
+    def logits(self, hidden):
+        return self.fixed
 
 
 def load_teacher(case: str, paths: dict):
@@ -110,8 +132,14 @@ def run_case(case: str, paths: dict, student_dict: dict, batch: int, seq: int, s
     from flashlm.train.distill import DistillConfig, DistillModel
     from flashlm.train.optim import AdamW
 
+    if case == "no-teacher":
+        from flashlm.models import ModelConfig
+
+        with open(paths["config"]) as f:
+            teacher = LogitsOnly(ModelConfig.from_dict(json.load(f)), batch, seq)
     base_rss = proc_status_bytes("VmRSS")
-    teacher = load_teacher(case, paths)
+    if case != "no-teacher":
+        teacher = load_teacher(case, paths)
     torch.manual_seed(1)
     student = Transformer(ModelConfig(**dict(teacher.cfg.to_dict(), head_dim=None, n_kv_head=None, d_ff=None,
                                              **student_dict)))
@@ -193,7 +221,8 @@ def teacher_half(args):
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "tok_s", "mem")} for c in CASES}
     loss = {c: runs[c][0]["loss0"] for c in CASES}
     agree = abs(loss["gguf-teacher"] - loss["float-teacher"]) <= LOSS_RTOL * abs(loss["float-teacher"])
-    f, g = med["float-teacher"], med["gguf-teacher"]
+    f, g, base = med["float-teacher"], med["gguf-teacher"], med["no-teacher"]
+    own = {c: m["mem"] - base["mem"] for c, m in med.items()}  # what the teacher adds: weights and forward
     lines = [f"compare_distill: teacher {teacher['n_layer']} layers, d_model {teacher['d_model']}, vocab "
              f"{teacher['vocab_size']} (Q4_0 file {size / 2**20:.1f} MiB); student {student['n_layer']} x "
              f"{student['d_model']}; B {args.batch}, T {args.seq}; {args.rounds} round(s) x {args.steps} steps",
@@ -201,10 +230,13 @@ def teacher_half(args):
              f"first-step loss: gguf {loss['gguf-teacher']:.6f}, float {loss['float-teacher']:.6f} "
              f"({'agree' if agree else 'DIFFER'} to {LOSS_RTOL:g})",
              f"goal: GGUF teacher <= 1.2x the float teacher's time ({g['step_s'] / f['step_s']:.2f}x) at <= 1/3 of "
-             f"its memory ({g['mem'] / f['mem']:.2f}x)"]
-    header = ["teacher", "step ms", "student tok/s", "peak RSS growth MiB", "vs float: time", "vs float: memory"]
+             f"its memory (the teacher's own: {own['gguf-teacher'] / own['float-teacher']:.2f}x; the whole "
+             f"process's: {g['mem'] / f['mem']:.2f}x)"]
+    header = ["teacher", "step ms", "student tok/s", "peak RSS growth MiB", "the teacher's own MiB",
+              "vs float: time", "vs float: memory", "vs float: teacher's memory"]
     rows = [[c, fmt(m["step_s"] * 1e3, ".1f"), fmt(m["tok_s"], ".0f"), fmt(m["mem"] / 2**20, ".0f"),
-             fmt(m["step_s"] / f["step_s"], ".2f") + "x", fmt(m["mem"] / f["mem"], ".2f") + "x"]
+             fmt(own[c] / 2**20, ".0f"), fmt(m["step_s"] / f["step_s"], ".2f") + "x",
+             fmt(m["mem"] / f["mem"], ".2f") + "x", fmt(own[c] / own["float-teacher"], ".2f") + "x"]
             for c, m in med.items()]
     return lines, header, rows, agree
 
