@@ -400,28 +400,15 @@ def test_two_ranks_match_one_rank_of_twice_the_batch(corpus, teacher_gguf, tmp_p
     rank's teacher the same logits, and the average of the ranks' mean gradients is the mean gradient (each rank
     counts as many tokens: none is ignored). The runs differ only in float32 summation order, as for the trainer's
     own data parallelism (tests/test_train_loop.py): the losses and the student's weights to 1e-5."""
-    import socket
-    import subprocess
-    import sys
-
-    from test_train_loop import child_env, read_metrics
+    from test_train_loop import read_metrics, run_two_ranks
     from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     two = tmp_path / "two"
-    args = ["distill", "--teacher", teacher_gguf, "--data", corpus / "corpus.txt", "--data-cache", corpus / "cache",
-            "--student-layers", 1, "--student-dim", 32, "--student-heads", 2, "--seq-len", 32, "--batch-size", 2,
-            "--max-steps", 3, "--lr", 5e-3, "--warmup", 2, "--eval-interval", 1000, "--ckpt-interval", 3,
-            "--temperature", 2, "--alpha", 0.5, "--out-dir", two, "--no-progress"]
-    procs = [subprocess.Popen([sys.executable, "-m", "flashlm", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env=dict(child_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    logs = run_two_ranks(["distill", "--teacher", teacher_gguf, "--data", corpus / "corpus.txt", "--data-cache",
+                          corpus / "cache", "--student-layers", 1, "--student-dim", 32, "--student-heads", 2,
+                          "--seq-len", 32, "--batch-size", 2, "--max-steps", 3, "--lr", 5e-3, "--warmup", 2,
+                          "--eval-interval", 1000, "--ckpt-interval", 3, "--temperature", 2, "--alpha", 0.5,
+                          "--out-dir", two, "--no-progress"], timeout=300)
     assert "2 rank(s)" in logs[0], logs[0]  # the run was data parallel, not two runs side by side
 
     one = distiller_of(config(corpus, teacher_gguf, tmp_path / "one", batch_size=4, max_steps=3, ckpt_interval=3,
