@@ -30,10 +30,15 @@ to 1e-4 first.
 
 Goal: the fused loss >= 2x torch eager's speed at <= 1/4 of its peak extra memory at vocab 152k.
 
+The decode half: a pruned model (half its heads, so head_dim * n_head is half of d_model, and half its MLP
+channels) against its original, GGUF files of F32 weights (float modules) and Q8_0 (the native decoder stack),
+decode tokens/s through the engine.
+
 Run (from the repository root, with flashlm installed):
   python bench/compare_distill.py             # teacher d_model 1024, 8 layers, vocab 8192; student 2 x 256; B 4, T 128
   python bench/compare_distill.py --rounds 3 --steps 5
   python bench/compare_distill.py --part loss --loss-reps 3    # the fused loss only
+  python bench/compare_distill.py --part prune --loss-reps 5   # decode speed of a pruned model and its original
   python bench/compare_distill.py --quick     # tiny models, one round: CI smoke, well under a minute
 """
 
@@ -49,7 +54,7 @@ import time
 import torch
 
 import compare_loss
-from bench_util import cpu_model, fmt, print_table
+from bench_util import cpu_model, fmt, median_seconds, print_table
 
 TEACHER = dict(arch="llama", vocab_size=8192, n_layer=8, n_head=16, d_model=1024, seq_len=256)
 STUDENT = dict(n_layer=2, n_head=4, d_model=256)
@@ -58,6 +63,7 @@ QUICK_STUDENT = dict(n_layer=1, n_head=2, d_model=64)
 CASES = ("gguf-teacher", "float-teacher", "no-teacher")
 LOSS_RTOL = 1e-3
 LOSS_CASES = [(32000, 512, 512), (151936, 512, 512)]  # (vocab, tokens, d) of the loss half
+PRUNE_MODEL = dict(arch="llama", vocab_size=1024, n_layer=4, n_head=4, d_model=128, d_ff=384, seq_len=256)  # README's
 
 
 def proc_status_bytes(key: str) -> int:
@@ -186,9 +192,9 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=2, help="processes per case, the cases taking turns")
     ap.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke run")
-    ap.add_argument("--part", choices=("all", "teacher", "loss"), default="all",
-                    help="the teacher half, the fused-loss half or both (default)")
-    ap.add_argument("--loss-reps", type=int, default=3, help="timed runs of each loss per case")
+    ap.add_argument("--part", choices=("all", "teacher", "loss", "prune"), default="all",
+                    help="the teacher half, the fused-loss half, the pruned model's decode speed, or all (default)")
+    ap.add_argument("--loss-reps", type=int, default=3, help="timed runs of each loss per case (and of each decode)")
     ap.add_argument("--out", default=None, help="write the table to this Markdown file (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
@@ -254,6 +260,61 @@ def loss_half(args):
     return lines, compare_loss.HEADER, rows
 
 
+class _NoTokenizer:
+    """Token ids in, no text out: the decode half's models have no tokenizer (random weights)."""
+    eos_token_id = None
+
+    def decode(self, ids):
+        return ""
+
+
+def prune_half(args):
+    """Decode speed of a pruned model against its original (--heads-keep 0.5 --ffn-keep 0.5: head_dim * n_head
+    becomes half of d_model), each as a GGUF file of F32 weights (float modules) and of Q8_0 (the native decoder
+    stack), through the engine: one sequence, greedy, the engines taking turns, the median of --loss-reps runs.
+    (lines, header, rows)."""
+    import warnings
+
+    from flashlm.io import load_model
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.runtime.engine import LLM
+    from flashlm.runtime.sampling_params import SamplingParams
+    from flashlm.train.export import export_gguf
+    from flashlm.train.prune import apply_plan, plan_pruning
+
+    torch.manual_seed(0)
+    original = Transformer(ModelConfig(**PRUNE_MODEL))
+    pruned = apply_plan(original, plan_pruning(original, heads_keep=0.5, ffn_keep=0.5))
+    engines, native = {}, {}
+    with tempfile.TemporaryDirectory(prefix="compare_distill-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer"
+        for name, model in (("original", original), ("pruned", pruned)):
+            for kind in ("F32", "Q8_0"):
+                path = os.path.join(folder, f"{name}-{kind}.gguf")
+                export_gguf(model.state_dict(), model.cfg, None, path, type=kind)
+                llm = LLM(load_model(path, tokenizer=False).model, _NoTokenizer(), max_num_seqs=1)
+                engines[(name, kind)] = llm
+                native[(name, kind)] = llm.runner.native_decoder() is not None
+    prompt, gen = [list(range(1, 9))], 64
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    fns = {key: ((lambda llm=llm: llm.generate(prompt, params)), "cpu") for key, llm in engines.items()}
+    load0 = os.getloadavg()[0]
+    t = median_seconds(fns, args.loss_reps, 1)
+    load1 = os.getloadavg()[0]
+    cfg = original.cfg
+    lines = [f"decode: a random-weight llama ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads of "
+             f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}) and the same pruned to "
+             f"{pruned.cfg.n_head} heads, d_ff {pruned.cfg.d_ff}; {gen} tokens after 8, greedy, one sequence; "
+             f"medians of {args.loss_reps} runs; torch {torch.get_num_threads()} threads, FLASHLM_NUM_THREADS="
+             f"{os.environ.get('FLASHLM_NUM_THREADS', 'default')}; load average {load0:.1f} -> {load1:.1f}"]
+    header = ["model", "GGUF weights", "parameters", "native decoder", "decode tok/s", "vs original"]
+    params_of = {"original": sum(p.numel() for p in original.parameters()),
+                 "pruned": sum(p.numel() for p in pruned.parameters())}
+    rows = [[name, kind, f"{params_of[name]:,}", "yes" if native[(name, kind)] else "no", fmt(gen / t[(name, kind)], ".0f"),
+             fmt(t[("original", kind)] / t[(name, kind)], ".2f") + "x"] for name, kind in engines]
+    return lines, header, rows
+
+
 def main():
     args = parse_args()
     if args.case:
@@ -266,6 +327,8 @@ def main():
         halves.append((lines, header, rows))
     if args.part in ("all", "loss"):
         halves.append(loss_half(args))
+    if args.part in ("all", "prune"):
+        halves.append(prune_half(args))
     for lines, header, rows in halves:
         for line in lines:
             print(line)
