@@ -310,7 +310,8 @@ def prune_half(args):
     header = ["model", "GGUF weights", "parameters", "native decoder", "decode tok/s", "vs original"]
     params_of = {"original": sum(p.numel() for p in original.parameters()),
                  "pruned": sum(p.numel() for p in pruned.parameters())}
-    rows = [[name, kind, f"{params_of[name]:,}", "yes" if native[(name, kind)] else "no", fmt(gen / t[(name, kind)], ".0f"),
+    rows = [[name, kind, f"{params_of[name]:,}", "yes" if native[(name, kind)] else "no",
+             fmt(gen / t[(name, kind)], ".0f"),
              fmt(t[("original", kind)] / t[(name, kind)], ".2f") + "x"] for name, kind in engines]
     return lines, header, rows
 
