@@ -266,11 +266,41 @@ def _weighted_sum(per_row, w):
     return torch.where(w != 0, w * per_row, 0.0).sum()
 
 
+def _add_grads(dl, c0, hb, weight, dh, dw, db, first_block, low_buf):
+    """Adds what dL/dlogits dl [n, cols] of vocabulary entries [c0, c0 + cols) for the rows hb [n, d] gives:
+    dh (f32 or h's dtype, [n, d]) += dl @ weight[c0:c1] (set at c0 = 0), dw[c0:c1] += dl^T @ hb (set in the first
+    block) and db[c0:c1] += dl.sum(0). The GEMMs run in h's dtype (dl converted through low_buf)."""
+    c1 = c0 + dl.shape[1]
+    if db is not None:
+        db[c0:c1] += dl.sum(0)
+    g = dl if low_buf is None else low_buf[:dl.numel()].view(dl.shape).copy_(dl)
+    if dh is not None:
+        _add_product(dh, g, weight[c0:c1], c0 == 0)
+    if dw is not None:
+        _add_product(dw[c0:c1], g.t(), hb, first_block)
+
+
+def _add_product(out, a, b, first):
+    """out (=)+= a @ b: set when first; through a temporary where out's dtype is not a's (an f32 sum of bf16)."""
+    if out.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(torch.mm(a, b))
+    else:
+        out.add_(torch.mm(a, b))
+
+
 def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, topk_values, w_hard, w_soft, needs):
     """sum over rows of w_hard * hard + w_soft * soft, and its gradients for h, weight and bias (those `needs`
     asks for). Block of rows by block: its logits [n, V] in one GEMM, the losses folded chunk by chunk, then
-    dL/dlogits written over the logits chunk by chunk and turned into dh and dW by two GEMMs: torch's three GEMMs
-    and no recomputation, for one [n, V] f32 buffer (ROW_BLOCK_BYTES)."""
+    dL/dlogits chunk by chunk, turned into dh and dW by two GEMMs: torch's three GEMMs and no recomputation, for
+    one [n, V] f32 buffer (ROW_BLOCK_BYTES). With one term the gradient overwrites the logits and the two GEMMs
+    take the whole block; with two (the hard and the soft loss, both reading the logits) it goes to a
+    [n, chunk] buffer and the GEMMs run chunk by chunk (copying it back into the logits' strided columns cost
+    more than the kernels: 1.5 s a block at 152k with torch's 2 threads on a loaded 2-core machine)."""
     rows, vocab, dev, f32 = h.shape[0], weight.shape[0], h.device, torch.float32
     block = _row_block(rows, vocab)
     several = block < rows
@@ -278,6 +308,7 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
     dw_dtype = f32 if several else weight.dtype  # several blocks add up in f32
     dw = torch.empty(weight.shape, dtype=dw_dtype, device=dev) if needs[1] else None
     db = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
+    dh32 = torch.empty(block, h.shape[1], dtype=f32, device=dev) if needs[0] and h.dtype != f32 else None
     z_buf = torch.empty(block * vocab, dtype=f32, device=dev)
     low_buf = torch.empty(block * vocab, dtype=h.dtype, device=dev) if h.dtype != f32 else None
     two_terms = spec.hard and spec.soft is not None
@@ -299,28 +330,19 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
         wh, ws = w_hard[r0:r1], w_soft[r0:r1]
         total += _weighted_sum(hard, wh) + _weighted_sum(soft, ws)
         coefs = _coefs(spec, saved, wh, ws)
+        dh_b = None if dh is None else dh[r0:r1] if dh32 is None else dh32[:n]
         for c0 in range(0, vocab, spec.chunk):
             zc = z[:, c0:min(vocab, c0 + spec.chunk)]
-            if tmp is None:
+            if tmp is None:  # written over the logits; the GEMMs take the whole block at the end
                 _chunk_grad(spec, saved, coefs, zc, c0, teacher_b, index_b, zc)
-            else:  # both terms read the logits: the sum goes through a chunk-sized buffer
+            else:  # both terms read the logits: their sum goes to a chunk-sized buffer, and on to the GEMMs
                 dl = tmp[:zc.numel()].view(zc.shape)
                 _chunk_grad(spec, saved, coefs, zc, c0, teacher_b, index_b, dl)
-                zc.copy_(dl)
-        if db is not None:
-            db += z.sum(0)
-        dl = z if low is None else low.copy_(z)
-        if dh is not None:
-            torch.mm(dl, weight, out=dh[r0:r1])
-        if dw is not None:
-            if r0 == 0 and dw.dtype == dl.dtype:
-                torch.mm(dl.t(), hb, out=dw)
-            elif r0 == 0:
-                dw.copy_(torch.mm(dl.t(), hb))
-            elif dw.dtype == dl.dtype:
-                dw.addmm_(dl.t(), hb)
-            else:
-                dw.add_(torch.mm(dl.t(), hb))
+                _add_grads(dl, c0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
+        if tmp is None:
+            _add_grads(z, 0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
+        if dh32 is not None:
+            dh[r0:r1].copy_(dh_b)
     return (total, dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
 
