@@ -240,7 +240,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
 # ---- the one-pass path: a reduced loss whose gradients the forward computes ---------------------------------
 
-# Bytes of the one-pass path's one large buffer, a block of rows' logits [rows, V] f32 (overwritten by their
+# Bytes of the one-pass path's large buffer (two with both terms), a block of rows' logits [rows, V] f32 (overwritten by their
 # gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More rows per block make the dW update
 # (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger GEMM; fewer, less memory.
 ROW_BLOCK_BYTES = 64 << 20
@@ -297,10 +297,10 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
     """sum over rows of w_hard * hard + w_soft * soft, and its gradients for h, weight and bias (those `needs`
     asks for). Block of rows by block: its logits [n, V] in one GEMM, the losses folded chunk by chunk, then
     dL/dlogits chunk by chunk, turned into dh and dW by two GEMMs: torch's three GEMMs and no recomputation, for
-    one [n, V] f32 buffer (ROW_BLOCK_BYTES). With one term the gradient overwrites the logits and the two GEMMs
-    take the whole block; with two (the hard and the soft loss, both reading the logits) it goes to a
-    [n, chunk] buffer and the GEMMs run chunk by chunk (copying it back into the logits' strided columns cost
-    more than the kernels: 1.5 s a block at 152k with torch's 2 threads on a loaded 2-core machine)."""
+    one [n, V] f32 buffer (ROW_BLOCK_BYTES), two with both terms (the hard and the soft loss each read the
+    logits). The kernels run over all the chunks before the GEMMs: alternating flashlm's pool and torch's
+    chunk by chunk, or copying a chunk's gradient back into the logits' strided columns with torch, cost
+    seconds a block at 152k on a loaded 2-core machine (each pool waiting for threads the other holds)."""
     rows, vocab, dev, f32 = h.shape[0], weight.shape[0], h.device, torch.float32
     block = _row_block(rows, vocab)
     several = block < rows
@@ -312,7 +312,7 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
     z_buf = torch.empty(block * vocab, dtype=f32, device=dev)
     low_buf = torch.empty(block * vocab, dtype=h.dtype, device=dev) if h.dtype != f32 else None
     two_terms = spec.hard and spec.soft is not None
-    tmp = torch.empty(block * min(spec.chunk, vocab), dtype=f32, device=dev) if two_terms else None
+    tmp = torch.empty(block * vocab, dtype=f32, device=dev) if two_terms else None
     total = torch.zeros((), dtype=f32, device=dev)
     zero_w = torch.zeros(rows, dtype=f32, device=dev)
     w_hard = zero_w if w_hard is None else w_hard
@@ -331,16 +331,12 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
         total += _weighted_sum(hard, wh) + _weighted_sum(soft, ws)
         coefs = _coefs(spec, saved, wh, ws)
         dh_b = None if dh is None else dh[r0:r1] if dh32 is None else dh32[:n]
+        # One term: its gradient overwrites the logits; both (each reads the logits): a second buffer.
+        dl = z if tmp is None else tmp[:n * vocab].view(n, vocab)
         for c0 in range(0, vocab, spec.chunk):
-            zc = z[:, c0:min(vocab, c0 + spec.chunk)]
-            if tmp is None:  # written over the logits; the GEMMs take the whole block at the end
-                _chunk_grad(spec, saved, coefs, zc, c0, teacher_b, index_b, zc)
-            else:  # both terms read the logits: their sum goes to a chunk-sized buffer, and on to the GEMMs
-                dl = tmp[:zc.numel()].view(zc.shape)
-                _chunk_grad(spec, saved, coefs, zc, c0, teacher_b, index_b, dl)
-                _add_grads(dl, c0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
-        if tmp is None:
-            _add_grads(z, 0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
+            c1 = min(vocab, c0 + spec.chunk)
+            _chunk_grad(spec, saved, coefs, z[:, c0:c1], c0, teacher_b, index_b, dl[:, c0:c1])
+        _add_grads(dl, 0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
         if dh32 is not None:
             dh[r0:r1].copy_(dh_b)
     return (total, dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
