@@ -240,8 +240,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
 # ---- the one-pass path: a reduced loss whose gradients the forward computes ---------------------------------
 
-# Bytes of the one-pass path's large buffer (two with both terms), a block of rows' logits [rows, V] f32 (overwritten by their
-# gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More rows per block make the dW update
+# Bytes of the one-pass path's large buffer (two with both terms), a block of rows' logits [rows, V] f32
+# (overwritten by their gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More rows per block make the dW update
 # (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger GEMM; fewer, less memory.
 ROW_BLOCK_BYTES = 64 << 20
 
