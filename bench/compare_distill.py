@@ -7,6 +7,8 @@ Cases (the same student, batch, tokens, loss and optimiser on both sides; only t
   gguf-teacher   the teacher loaded from its Q4_0 file as `flashlm distill --teacher FILE` loads it
   float-teacher  the Q4_0 file's weights dequantized to float32 (written once, beforehand, as a torch file) in a
                  flashlm Transformer: the torch float model a user would otherwise run, frozen, no gradients
+  no-teacher     fixed logits made before the measurement in place of a teacher: the student's own step, whose
+                 memory, taken from each teacher case's, leaves the teacher's own (its weights and its forward)
 Each step: the teacher's forward (no gradient), then the student's forward and backward through the fused
 distillation loss (alpha 0.5, T 2, full vocabulary) and flashlm's AdamW. Both teachers compute the same logits up
 to the Q4_0 kernel's rounding: the first step's loss must agree to 1e-3 (relative), or the report says so.
@@ -14,7 +16,8 @@ to the Q4_0 kernel's rounding: the first step's loss must agree to 1e-3 (relativ
 Each case runs in a fresh Python process, --steps timed steps after --warmup untimed ones, the median step; the
 processes take turns case by case for --rounds rounds and the table holds the medians over rounds. Memory: the
 process's peak RSS (VmHWM) less its RSS after the imports: teacher weights, student, optimiser state,
-activations, allocator caches.
+activations, allocator caches; the teacher's own memory is a case's less the no-teacher case's (the student's
+step and the libraries' first-use buffers are the same in every case).
 
 Goal: the GGUF teacher costs <= 1.2x the float teacher's step time at <= 1/3 of its memory.
 
@@ -27,10 +30,15 @@ to 1e-4 first.
 
 Goal: the fused loss >= 2x torch eager's speed at <= 1/4 of its peak extra memory at vocab 152k.
 
+The decode half: a pruned model (half its heads, so head_dim * n_head is half of d_model, and half its MLP
+channels) against its original, GGUF files of F32 weights (float modules) and Q8_0 (the native decoder stack),
+decode tokens/s through the engine.
+
 Run (from the repository root, with flashlm installed):
   python bench/compare_distill.py             # teacher d_model 1024, 8 layers, vocab 8192; student 2 x 256; B 4, T 128
   python bench/compare_distill.py --rounds 3 --steps 5
   python bench/compare_distill.py --part loss --loss-reps 3    # the fused loss only
+  python bench/compare_distill.py --part prune --loss-reps 5   # decode speed of a pruned model and its original
   python bench/compare_distill.py --quick     # tiny models, one round: CI smoke, well under a minute
 """
 
@@ -46,15 +54,16 @@ import time
 import torch
 
 import compare_loss
-from bench_util import cpu_model, fmt, print_table
+from bench_util import cpu_model, fmt, median_seconds, print_table
 
 TEACHER = dict(arch="llama", vocab_size=8192, n_layer=8, n_head=16, d_model=1024, seq_len=256)
 STUDENT = dict(n_layer=2, n_head=4, d_model=256)
 QUICK_TEACHER = dict(arch="llama", vocab_size=512, n_layer=2, n_head=4, d_model=128, seq_len=64)
 QUICK_STUDENT = dict(n_layer=1, n_head=2, d_model=64)
-CASES = ("gguf-teacher", "float-teacher")
+CASES = ("gguf-teacher", "float-teacher", "no-teacher")
 LOSS_RTOL = 1e-3
 LOSS_CASES = [(32000, 512, 512), (151936, 512, 512)]  # (vocab, tokens, d) of the loss half
+PRUNE_MODEL = dict(arch="llama", vocab_size=1024, n_layer=4, n_head=4, d_model=128, d_ff=384, seq_len=256)  # README's
 
 
 def proc_status_bytes(key: str) -> int:
@@ -78,7 +87,8 @@ def write_teachers(cfg_dict: dict, folder: str) -> dict:
 
     torch.manual_seed(0)
     cfg = ModelConfig(**cfg_dict)
-    paths = {"gguf": os.path.join(folder, "teacher-q4_0.gguf"), "float": os.path.join(folder, "teacher-f32.pt")}
+    paths = {"gguf": os.path.join(folder, "teacher-q4_0.gguf"), "float": os.path.join(folder, "teacher-f32.pt"),
+             "config": os.path.join(folder, "teacher-config.json")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no tokenizer": llama.cpp is not the reader here
         export_gguf(Transformer(cfg).state_dict(), cfg, None, paths["gguf"], type="Q4_0")
@@ -86,7 +96,25 @@ def write_teachers(cfg_dict: dict, folder: str) -> dict:
     own = Transformer(loaded.config).state_dict()
     state = {k: v for k, v in merged_state_dict(loaded.model).items() if k in own}  # a tied head is the embedding
     torch.save({"model_config": loaded.config.to_dict(), "model": state}, paths["float"])
+    with open(paths["config"], "w") as f:
+        json.dump(loaded.config.to_dict(), f)
     return paths
+
+
+class LogitsOnly(torch.nn.Module):
+    """The no-teacher case's stand-in: fixed logits [B, T, V] made before the measurement, what a teacher hands
+    the loss, without the teacher (its weights, its forward)."""
+
+    def __init__(self, cfg, batch: int, seq: int):
+        super().__init__()
+        self.cfg, self.blocks = cfg, []
+        self.fixed = torch.randn(batch, seq, cfg.vocab_size, generator=torch.Generator().manual_seed(3))
+
+    def hidden_states(self, x):
+        return x
+
+    def logits(self, hidden):
+        return self.fixed
 
 
 def load_teacher(case: str, paths: dict):
@@ -110,8 +138,14 @@ def run_case(case: str, paths: dict, student_dict: dict, batch: int, seq: int, s
     from flashlm.train.distill import DistillConfig, DistillModel
     from flashlm.train.optim import AdamW
 
+    if case == "no-teacher":
+        from flashlm.models import ModelConfig
+
+        with open(paths["config"]) as f:
+            teacher = LogitsOnly(ModelConfig.from_dict(json.load(f)), batch, seq)
     base_rss = proc_status_bytes("VmRSS")
-    teacher = load_teacher(case, paths)
+    if case != "no-teacher":
+        teacher = load_teacher(case, paths)
     torch.manual_seed(1)
     student = Transformer(ModelConfig(**dict(teacher.cfg.to_dict(), head_dim=None, n_kv_head=None, d_ff=None,
                                              **student_dict)))
@@ -158,9 +192,9 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=2, help="processes per case, the cases taking turns")
     ap.add_argument("--quick", action="store_true", help="tiny models, one round: a smoke run")
-    ap.add_argument("--part", choices=("all", "teacher", "loss"), default="all",
-                    help="the teacher half, the fused-loss half or both (default)")
-    ap.add_argument("--loss-reps", type=int, default=3, help="timed runs of each loss per case")
+    ap.add_argument("--part", choices=("all", "teacher", "loss", "prune"), default="all",
+                    help="the teacher half, the fused-loss half, the pruned model's decode speed, or all (default)")
+    ap.add_argument("--loss-reps", type=int, default=3, help="timed runs of each loss per case (and of each decode)")
     ap.add_argument("--out", default=None, help="write the table to this Markdown file (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
@@ -193,7 +227,8 @@ def teacher_half(args):
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "tok_s", "mem")} for c in CASES}
     loss = {c: runs[c][0]["loss0"] for c in CASES}
     agree = abs(loss["gguf-teacher"] - loss["float-teacher"]) <= LOSS_RTOL * abs(loss["float-teacher"])
-    f, g = med["float-teacher"], med["gguf-teacher"]
+    f, g, base = med["float-teacher"], med["gguf-teacher"], med["no-teacher"]
+    own = {c: m["mem"] - base["mem"] for c, m in med.items()}  # what the teacher adds: weights and forward
     lines = [f"compare_distill: teacher {teacher['n_layer']} layers, d_model {teacher['d_model']}, vocab "
              f"{teacher['vocab_size']} (Q4_0 file {size / 2**20:.1f} MiB); student {student['n_layer']} x "
              f"{student['d_model']}; B {args.batch}, T {args.seq}; {args.rounds} round(s) x {args.steps} steps",
@@ -201,10 +236,13 @@ def teacher_half(args):
              f"first-step loss: gguf {loss['gguf-teacher']:.6f}, float {loss['float-teacher']:.6f} "
              f"({'agree' if agree else 'DIFFER'} to {LOSS_RTOL:g})",
              f"goal: GGUF teacher <= 1.2x the float teacher's time ({g['step_s'] / f['step_s']:.2f}x) at <= 1/3 of "
-             f"its memory ({g['mem'] / f['mem']:.2f}x)"]
-    header = ["teacher", "step ms", "student tok/s", "peak RSS growth MiB", "vs float: time", "vs float: memory"]
+             f"its memory (the teacher's own: {own['gguf-teacher'] / own['float-teacher']:.2f}x; the whole "
+             f"process's: {g['mem'] / f['mem']:.2f}x)"]
+    header = ["teacher", "step ms", "student tok/s", "peak RSS growth MiB", "the teacher's own MiB",
+              "vs float: time", "vs float: memory", "vs float: teacher's memory"]
     rows = [[c, fmt(m["step_s"] * 1e3, ".1f"), fmt(m["tok_s"], ".0f"), fmt(m["mem"] / 2**20, ".0f"),
-             fmt(m["step_s"] / f["step_s"], ".2f") + "x", fmt(m["mem"] / f["mem"], ".2f") + "x"]
+             fmt(own[c] / 2**20, ".0f"), fmt(m["step_s"] / f["step_s"], ".2f") + "x",
+             fmt(m["mem"] / f["mem"], ".2f") + "x", fmt(own[c] / own["float-teacher"], ".2f") + "x"]
             for c, m in med.items()]
     return lines, header, rows, agree
 
@@ -222,6 +260,62 @@ def loss_half(args):
     return lines, compare_loss.HEADER, rows
 
 
+class _NoTokenizer:
+    """Token ids in, no text out: the decode half's models have no tokenizer (random weights)."""
+    eos_token_id = None
+
+    def decode(self, ids):
+        return ""
+
+
+def prune_half(args):
+    """Decode speed of a pruned model against its original (--heads-keep 0.5 --ffn-keep 0.5: head_dim * n_head
+    becomes half of d_model), each as a GGUF file of F32 weights (float modules) and of Q8_0 (the native decoder
+    stack), through the engine: one sequence, greedy, the engines taking turns, the median of --loss-reps runs.
+    (lines, header, rows)."""
+    import warnings
+
+    from flashlm.io import load_model
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.runtime.engine import LLM
+    from flashlm.runtime.sampling_params import SamplingParams
+    from flashlm.train.export import export_gguf
+    from flashlm.train.prune import apply_plan, plan_pruning
+
+    torch.manual_seed(0)
+    original = Transformer(ModelConfig(**PRUNE_MODEL))
+    pruned = apply_plan(original, plan_pruning(original, heads_keep=0.5, ffn_keep=0.5))
+    engines, native = {}, {}
+    with tempfile.TemporaryDirectory(prefix="compare_distill-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no tokenizer"
+        for name, model in (("original", original), ("pruned", pruned)):
+            for kind in ("F32", "Q8_0"):
+                path = os.path.join(folder, f"{name}-{kind}.gguf")
+                export_gguf(model.state_dict(), model.cfg, None, path, type=kind)
+                llm = LLM(load_model(path, tokenizer=False).model, _NoTokenizer(), max_num_seqs=1)
+                engines[(name, kind)] = llm
+                native[(name, kind)] = llm.runner.native_decoder() is not None
+    prompt, gen = [list(range(1, 9))], 64
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    fns = {key: ((lambda llm=llm: llm.generate(prompt, params)), "cpu") for key, llm in engines.items()}
+    load0 = os.getloadavg()[0]
+    t = median_seconds(fns, args.loss_reps, 1)
+    load1 = os.getloadavg()[0]
+    cfg = original.cfg
+    lines = [f"decode: a random-weight llama ({cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads of "
+             f"{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}) and the same pruned to "
+             f"{pruned.cfg.n_head} heads, d_ff {pruned.cfg.d_ff}; {gen} tokens after 8, greedy, one sequence; "
+             f"medians of {args.loss_reps} runs; torch {torch.get_num_threads()} threads, FLASHLM_NUM_THREADS="
+             f"{os.environ.get('FLASHLM_NUM_THREADS', 'default')}; load average {load0:.1f} -> {load1:.1f}"]
+    header = ["model", "GGUF weights", "parameters", "native decoder", "decode tok/s", "vs original"]
+    params_of = {"original": sum(p.numel() for p in original.parameters()),
+                 "pruned": sum(p.numel() for p in pruned.parameters())}
+    rows = [[name, kind, f"{params_of[name]:,}", "yes" if native[(name, kind)] else "no",
+             fmt(gen / t[(name, kind)], ".0f"),
+             fmt(t[("original", kind)] / t[(name, kind)], ".2f") + "x"] for name, kind in engines]
+    return lines, header, rows
+
+
 def main():
     args = parse_args()
     if args.case:
@@ -234,6 +328,8 @@ def main():
         halves.append((lines, header, rows))
     if args.part in ("all", "loss"):
         halves.append(loss_half(args))
+    if args.part in ("all", "prune"):
+        halves.append(prune_half(args))
     for lines, header, rows in halves:
         for line in lines:
             print(line)

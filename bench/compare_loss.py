@@ -14,8 +14,9 @@ Time: the calls take turns (bench_util.median_seconds), the median over --reps r
 call once in a fresh process, the peak resident memory (VmHWM) above what the process held just before the
 call (its inputs made and touched); the gradients of h and W ([T, d] + [V, d] f32, the same for both) are part
 of it, and the last column is what each holds beyond them (flashlm / torch). GFLOP/s counts the
-GEMMs torch needs (3 x 2 T V d); flashlm recomputes the logits in the backward (4 GEMMs), the price of never
-holding [T, V] floats.
+GEMMs both need (3 x 2 T V d: the logits, dh and dW; flashlm's forward makes the gradients a block of rows at a
+time, so it does the same three). "3 GEMMs ms" times those three torch.mm calls alone, taking turns with the
+two losses: no loss that does them can be faster, so torch ms / 3 GEMMs ms bounds the speedup.
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_loss.py             # vocab 32000 and 151936, T 512 and 2048, d 512 and 1024
@@ -40,8 +41,8 @@ QUICK = [(3000, 64, 64)]
 TEMPERATURE = 2.0
 ALPHA = 0.5  # the distillation loss's weight on the soft (KL) term
 LOSSES = {"ce": "cross-entropy", "kl": "KL T=2", "distill": "distill a=0.5 T=2"}
-HEADER = ["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "torch GFLOP/s", "flashlm MiB", "torch MiB",
-          "memory ratio", "beyond grads"]
+HEADER = ["case (f32, fwd+bwd)", "flashlm ms", "torch ms", "speedup", "3 GEMMs ms", "torch GFLOP/s", "flashlm MiB",
+          "torch MiB", "memory ratio", "beyond grads"]
 
 
 def inputs(vocab, tokens, d):
@@ -74,6 +75,13 @@ def step(impl, loss, h, w, targets, teacher):
     """One forward + backward; the gradients are dropped afterwards."""
     loss_value(impl, loss, h, w, targets, teacher).backward()
     h.grad = w.grad = None
+
+
+def three_gemms(h, w):
+    """The GEMMs of the loss's forward and backward alone: the logits, then dh and dW from [T, V] floats."""
+    z = torch.mm(h, w.t())
+    torch.mm(z, w)
+    torch.mm(z.t(), h)
 
 
 def vm_kib(field):
@@ -111,13 +119,15 @@ def loss_row(loss, case, reps, warmup):
         raise SystemExit(f"compare_loss: {loss} V={vocab}: flashlm's loss {value['flashlm']} differs from "
                          f"torch's {value['torch']}")
     fns = {impl: ((lambda impl=impl: step(impl, loss, *data)), "cpu") for impl in ("flashlm", "torch")}
+    h, w = data[0].detach(), data[1].detach()
+    fns["gemms"] = (lambda: three_gemms(h, w), "cpu")
     t = median_seconds(fns, reps, warmup)
     del data
     mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
     flop = 3 * 2 * tokens * vocab * d
     grads = (tokens + vocab) * d * 4
     return [f"{LOSSES[loss]} V={vocab} T={tokens} d={d}", fmt(t["flashlm"] * 1e3, ".0f"), fmt(t["torch"] * 1e3, ".0f"),
-            fmt(t["torch"] / t["flashlm"], ".2f"), fmt(flop / t["torch"] / 1e9, ".0f"),
+            fmt(t["torch"] / t["flashlm"], ".2f"), fmt(t["gemms"] * 1e3, ".0f"), fmt(flop / t["torch"] / 1e9, ".0f"),
             fmt(mem["flashlm"] / 2**20, ".0f"), fmt(mem["torch"] / 2**20, ".0f"),
             fmt(mem["flashlm"] / mem["torch"], ".2f"), fmt((mem["flashlm"] - grads) / (mem["torch"] - grads), ".3f")]
 

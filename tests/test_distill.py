@@ -391,3 +391,36 @@ def test_command_writes_a_run_folder_that_exports(corpus, teacher_gguf, tmp_path
     assert "flashlm: error: teacher: give" in capsys.readouterr().err
     assert cli_main(["distill", "--teacher", str(tmp_path / "missing.gguf"), "--out-dir", str(tmp_path / "m")]) == 2
     assert "flashlm: error: teacher:" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_of_twice_the_batch(corpus, teacher_gguf, tmp_path):
+    """`flashlm distill` under torchrun's environment, 2 CPU processes of batch 2, against one process of batch 4:
+    rank r takes sequences r, r+2, ... of the shuffled order, so each step both see the same 4 sequences, every
+    rank's teacher the same logits, and the average of the ranks' mean gradients is the mean gradient (each rank
+    counts as many tokens: none is ignored). The runs differ only in float32 summation order, as for the trainer's
+    own data parallelism (tests/test_train_loop.py): the losses and the student's weights to 1e-5."""
+    from test_train_loop import read_metrics, run_two_ranks
+    from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint
+
+    two = tmp_path / "two"
+    logs = run_two_ranks(["distill", "--teacher", teacher_gguf, "--data", corpus / "corpus.txt", "--data-cache",
+                          corpus / "cache", "--student-layers", 1, "--student-dim", 32, "--student-heads", 2,
+                          "--seq-len", 32, "--batch-size", 2, "--max-steps", 3, "--lr", 5e-3, "--warmup", 2,
+                          "--eval-interval", 1000, "--ckpt-interval", 3, "--temperature", 2, "--alpha", 0.5,
+                          "--out-dir", two, "--no-progress"], timeout=300)
+    assert "2 rank(s)" in logs[0], logs[0]  # the run was data parallel, not two runs side by side
+
+    one = distiller_of(config(corpus, teacher_gguf, tmp_path / "one", batch_size=4, max_steps=3, ckpt_interval=3,
+                              temperature=2.0, alpha=0.5))
+    want = one.train()
+    one.dp.close()
+    got = read_metrics(two)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in want], rtol=1e-5)
+    two_params = load_checkpoint(latest_checkpoint(two))["model"]
+    one_params = load_checkpoint(latest_checkpoint(tmp_path / "one"))["model"]
+    assert two_params.keys() == one_params.keys()
+    for k, w in one_params.items():
+        err = (two_params[k] - w).abs().max().item()
+        assert err <= 1e-5 * max(1.0, w.abs().max().item()), f"{k}: max abs diff {err}"

@@ -103,6 +103,24 @@ def tiny_config(text_file, data_cache, out_dir, **overrides):
     return TrainConfig.from_sources("tiny", overrides=values)
 
 
+def run_two_ranks(args, timeout=240) -> list:
+    """`flashlm ARGS` as 2 processes in torchrun's environment (a free local port); their outputs, rank 0's
+    first, once both have exited 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "flashlm", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=dict(child_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return logs
+
+
 def read_metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -383,22 +401,10 @@ def test_two_ranks_match_one_rank_of_twice_the_batch(text_file, data_cache, tmp_
     step the same 8 sequences as 1 rank of batch 8, and the average of the two ranks' mean gradients is the
     mean gradient: the runs differ only in float32 summation order (tolerances as for grad_accum). ZeRO-3
     also samples at the end (rank 0 alone, on parameters every rank helps gather)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "two"
-    args = ["train", "--preset", "tiny", "--data", text_file, "--data-cache", data_cache, "--out-dir", out,
-            "--max-steps", 3, "--batch-size", 4, "--eval-interval", 3, "--ckpt-interval", 3, "--no-progress",
-            "--sample-tokens", 5 if zero_stage else 0, "--zero-stage", zero_stage]
-    procs = [subprocess.Popen([sys.executable, "-m", "flashlm", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              env=dict(child_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
-    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    run_two_ranks(["train", "--preset", "tiny", "--data", text_file, "--data-cache", data_cache, "--out-dir", out,
+                   "--max-steps", 3, "--batch-size", 4, "--eval-interval", 3, "--ckpt-interval", 3, "--no-progress",
+                   "--sample-tokens", 5 if zero_stage else 0, "--zero-stage", zero_stage])
     two = read_metrics(out)
     two_params = load_checkpoint(latest_checkpoint(out))["model"]
 

@@ -6,12 +6,16 @@
     soft = fused_linear_kl_div(h, W, topk_indices=idx, topk_values=vals)   # teacher's top k, renormalised
     loss = fused_linear_distill_loss(h, W, targets, teacher_logits, alpha=0.5, temperature=2.0)
 
-h [..., d] and the projection weight [V, d] (bias [V] optional): float32, bfloat16 or float16, one dtype. Each
-chunk's logits [tokens, chunk] come from torch's matmul (flashlm has no float GEMM of its own) and are
-folded into an online logsumexp by the native kernels; the backward recomputes each chunk's logits, lets the
-kernels write dL/dlogits in place of them and accumulates dh = dlogits @ W and dW[chunk] = dlogits^T @ h.
-That is four GEMMs against torch's three, for memory of two [tokens, chunk] f32 buffers instead of several
-[tokens, V] ones. Teacher logits are constants (no gradient).
+h [..., d] and the projection weight [V, d] (bias [V] optional): float32, bfloat16 or float16, one dtype. The
+logits come from torch's matmul (flashlm has no float GEMM of its own) and are folded, one vocabulary chunk at a
+time, into an online logsumexp by the native kernels. Two paths:
+- a reduced loss ("mean"/"sum") with a gradient wanted: the loss is a scalar at the end of the graph, so the
+  forward computes the gradients too, a block of rows at a time (its [rows, V] f32 logits, ROW_BLOCK_BYTES),
+  the kernels writing dL/dlogits over the logits, two GEMMs making dh and dW from them; the backward only scales
+  them by the incoming gradient (as Liger-Kernel's fused linear cross-entropy). Torch's three GEMMs, no more.
+- per-row losses ("none"), or no gradient wanted (evaluation): the forward keeps no logits, [rows, chunk] at a
+  time; the backward, if any, recomputes each chunk's logits (a fourth GEMM).
+Teacher logits are constants (no gradient).
 """
 
 import math
@@ -114,25 +118,24 @@ def _lse(state):
     return state[:, 0] + state[:, 1].log()
 
 
-def _forward(spec, h, weight, bias, targets, teacher, topk_index, topk_values):
-    """Per-row hard and soft losses (f32 [rows]; zeros for a part not asked for) and what backward needs."""
-    rows, vocab, dev = h.shape[0], weight.shape[0], h.device
+def _forward(spec, logits_of, rows, vocab, device, targets, teacher, topk_index, topk_values):
+    """Per-row hard and soft losses (f32 [rows]; zeros for a part not asked for) and what their gradients need,
+    the logits of vocabulary entries [c0, c1) being logits_of(c0, c1) (f32 [rows, c1 - c0])."""
     scale = 1.0 / spec.temperature
     saved = {}
-    zeros = torch.zeros(rows, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(rows, dtype=torch.float32, device=device)
     if spec.hard:
         valid = targets != spec.ignore_index
         tgt = torch.where(valid, targets, -1).unsqueeze(1).contiguous()
-        state_h, picked = _init_state(rows, 2, dev), torch.zeros(rows, 1, dtype=torch.float32, device=dev)
+        state_h, picked = _init_state(rows, 2, device), torch.zeros(rows, 1, dtype=torch.float32, device=device)
     if spec.soft == "dense":
-        state_s = _init_state(rows, 5, dev)
+        state_s = _init_state(rows, 5, device)
     elif spec.soft == "topk":
-        state_s = _init_state(rows, 2, dev)
-        picked_s = torch.zeros(topk_index.shape, dtype=torch.float32, device=dev)
-    chunk_logits = _ChunkLogits(h, weight, bias, spec.chunk)
+        state_s = _init_state(rows, 2, device)
+        picked_s = torch.zeros(topk_index.shape, dtype=torch.float32, device=device)
     for c0 in range(0, vocab, spec.chunk):
         c1 = min(vocab, c0 + spec.chunk)
-        z = chunk_logits(c0, c1)
+        z = logits_of(c0, c1)
         if spec.hard:
             logsumexp_chunk_(z, c0, 1.0, state_h, tgt, picked)
         if spec.soft == "dense":
@@ -161,32 +164,46 @@ def _forward(spec, h, weight, bias, targets, teacher, topk_index, topk_values):
     return hard, soft, saved
 
 
+def _coefs(spec, saved, g_hard, g_soft):
+    """Per-row factors of the logits' gradient, g_hard and g_soft [rows] being dL/d(each row's hard and soft
+    loss)."""
+    coefs = {}
+    if spec.hard:
+        g = torch.where(saved["valid"], g_hard.float(), 0.0)
+        coefs.update(hard=(g * (1 + 2 * spec.z_loss * saved["lse_h"])).contiguous(), target=g.unsqueeze(1).contiguous())
+    if spec.soft:
+        coefs["soft"] = (g_soft.float() * spec.temperature).contiguous()  # T^2 * d/d(logits / T)
+        if spec.soft == "topk":
+            coefs["topk"] = (coefs["soft"].unsqueeze(1) * saved["p_t"]).contiguous()
+    return coefs
+
+
+def _chunk_grad(spec, saved, coefs, z, c0, teacher, topk_index, dl):
+    """dL/dlogits of vocabulary entries [c0, c0 + cols) into dl; dl may be z itself where one term writes it
+    (the kernels read each element before they write it)."""
+    scale, c1 = 1.0 / spec.temperature, c0 + z.shape[1]
+    if spec.hard:
+        softmax_chunk_grad_(z, c0, 1.0, saved["lse_h"], coefs["hard"], saved["tgt"], coefs["target"], dl, False)
+    if spec.soft == "dense":
+        kl_chunk_grad_(z, teacher[:, c0:c1].float(), scale, spec.reverse, saved["stats"], coefs["soft"], dl,
+                       spec.hard)
+    elif spec.soft == "topk":
+        softmax_chunk_grad_(z, c0, scale, saved["lse_s"], coefs["soft"], topk_index, coefs["topk"], dl, spec.hard)
+
+
 def _backward(spec, saved, g_hard, g_soft, h, weight, bias, teacher, topk_index, needs):
+    """The gradients of per-row losses: each chunk's logits recomputed (the fourth GEMM)."""
     rows, vocab = h.shape[0], weight.shape[0]
-    scale = 1.0 / spec.temperature
     dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if needs[0] else None
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if needs[1] else None
     db = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if needs[2] else None
-    if spec.hard:
-        g = torch.where(saved["valid"], g_hard.float(), 0.0)
-        coef_h = (g * (1 + 2 * spec.z_loss * saved["lse_h"])).contiguous()
-        weight_h = g.unsqueeze(1).contiguous()
-    if spec.soft:
-        coef_s = (g_soft.float() * spec.temperature).contiguous()  # T^2 * d/d(logits / T)
-        if spec.soft == "topk":
-            weight_s = (coef_s.unsqueeze(1) * saved["p_t"]).contiguous()
+    coefs = _coefs(spec, saved, g_hard, g_soft)
     buf = torch.empty(rows, min(spec.chunk, vocab), dtype=torch.float32, device=h.device)
     chunk_logits = _ChunkLogits(h, weight, bias, spec.chunk)
     for c0 in range(0, vocab, spec.chunk):
         c1 = min(vocab, c0 + spec.chunk)
-        z = chunk_logits(c0, c1)
         dl = buf[:, :c1 - c0]
-        if spec.hard:
-            softmax_chunk_grad_(z, c0, 1.0, saved["lse_h"], coef_h, saved["tgt"], weight_h, dl, False)
-        if spec.soft == "dense":
-            kl_chunk_grad_(z, teacher[:, c0:c1].float(), scale, spec.reverse, saved["stats"], coef_s, dl, spec.hard)
-        elif spec.soft == "topk":
-            softmax_chunk_grad_(z, c0, scale, saved["lse_s"], coef_s, topk_index, weight_s, dl, spec.hard)
+        _chunk_grad(spec, saved, coefs, chunk_logits(c0, c1), c0, teacher, topk_index, dl)
         dl = dl if h.dtype == torch.float32 else dl.to(h.dtype)
         if dh is not None:  # accumulated in f32 over the chunks
             if dl.dtype == torch.float32:
@@ -201,9 +218,14 @@ def _backward(spec, saved, g_hard, g_soft, h, weight, bias, teacher, topk_index,
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
+    """Per-row losses (reduction "none", or no gradient wanted): the forward keeps no logits, the backward
+    recomputes them."""
+
     @staticmethod
     def forward(ctx, h, weight, bias, targets, teacher, topk_index, topk_values, spec):
-        hard, soft, saved = _forward(spec, h, weight, bias, targets, teacher, topk_index, topk_values)
+        logits_of = _ChunkLogits(h, weight, bias, spec.chunk)
+        hard, soft, saved = _forward(spec, logits_of, h.shape[0], weight.shape[0], h.device, targets, teacher,
+                                     topk_index, topk_values)
         ctx.spec, ctx.saved = spec, saved
         ctx.save_for_backward(h, weight, bias, teacher, topk_index)
         return hard, soft
@@ -214,6 +236,149 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         dh, dw, db = _backward(ctx.spec, ctx.saved, g_hard, g_soft, h, weight, bias, teacher, topk_index, needs)
         return dh, dw, db, None, None, None, None, None
+
+
+# ---- the one-pass path: a reduced loss whose gradients the forward computes ---------------------------------
+
+# Bytes of the one-pass path's large buffer (two with both terms), a block of rows' logits [rows, V] f32
+# (overwritten by their gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More rows per block make the dW update
+# (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger GEMM; fewer, less memory.
+ROW_BLOCK_BYTES = 64 << 20
+
+
+def _row_block(rows, vocab):
+    return max(1, min(rows, ROW_BLOCK_BYTES // (4 * vocab)))
+
+
+def _project(h, weight, bias, out, low):
+    """out (f32 [rows, V]) = h @ weight.T + bias, through low (h's dtype, same size) when h is not f32."""
+    dst = out if low is None else low
+    if bias is None:
+        torch.mm(h, weight.t(), out=dst)
+    else:
+        torch.addmm(bias, h, weight.t(), out=dst)
+    if low is not None:
+        out.copy_(low)
+
+
+def _weighted_sum(per_row, w):
+    """sum of w * per_row over the rows where w != 0 (a row that does not count adds 0, even a NaN)."""
+    return torch.where(w != 0, w * per_row, 0.0).sum()
+
+
+def _add_grads(dl, c0, hb, weight, dh, dw, db, first_block, low_buf):
+    """Adds what dL/dlogits dl [n, cols] of vocabulary entries [c0, c0 + cols) for the rows hb [n, d] gives:
+    dh (f32 or h's dtype, [n, d]) += dl @ weight[c0:c1] (set at c0 = 0), dw[c0:c1] += dl^T @ hb (set in the first
+    block) and db[c0:c1] += dl.sum(0). The GEMMs run in h's dtype (dl converted through low_buf)."""
+    c1 = c0 + dl.shape[1]
+    if db is not None:
+        db[c0:c1] += dl.sum(0)
+    g = dl if low_buf is None else low_buf[:dl.numel()].view(dl.shape).copy_(dl)
+    if dh is not None:
+        _add_product(dh, g, weight[c0:c1], c0 == 0)
+    if dw is not None:
+        _add_product(dw[c0:c1], g.t(), hb, first_block)
+
+
+def _add_product(out, a, b, first):
+    """out (=)+= a @ b: set when first; through a temporary where out's dtype is not a's (an f32 sum of bf16)."""
+    if out.dtype == a.dtype:
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif first:
+        out.copy_(torch.mm(a, b))
+    else:
+        out.add_(torch.mm(a, b))
+
+
+def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, topk_values, w_hard, w_soft, needs):
+    """sum over rows of w_hard * hard + w_soft * soft, and its gradients for h, weight and bias (those `needs`
+    asks for). Block of rows by block: its logits [n, V] in one GEMM, the losses folded chunk by chunk, then
+    dL/dlogits chunk by chunk, turned into dh and dW by two GEMMs: torch's three GEMMs and no recomputation, for
+    one [n, V] f32 buffer (ROW_BLOCK_BYTES), two with both terms (the hard and the soft loss each read the
+    logits). The kernels run over all the chunks before the GEMMs: alternating flashlm's pool and torch's
+    chunk by chunk, or copying a chunk's gradient back into the logits' strided columns with torch, cost
+    seconds a block at 152k on a loaded 2-core machine (each pool waiting for threads the other holds)."""
+    rows, vocab, dev, f32 = h.shape[0], weight.shape[0], h.device, torch.float32
+    block = _row_block(rows, vocab)
+    several = block < rows
+    dh = torch.empty(h.shape, dtype=h.dtype, device=dev) if needs[0] else None
+    dw_dtype = f32 if several else weight.dtype  # several blocks add up in f32
+    dw = torch.empty(weight.shape, dtype=dw_dtype, device=dev) if needs[1] else None
+    db = torch.zeros(vocab, dtype=f32, device=dev) if needs[2] else None
+    dh32 = torch.empty(block, h.shape[1], dtype=f32, device=dev) if needs[0] and h.dtype != f32 else None
+    z_buf = torch.empty(block * vocab, dtype=f32, device=dev)
+    low_buf = torch.empty(block * vocab, dtype=h.dtype, device=dev) if h.dtype != f32 else None
+    two_terms = spec.hard and spec.soft is not None
+    tmp = torch.empty(block * vocab, dtype=f32, device=dev) if two_terms else None
+    total = torch.zeros((), dtype=f32, device=dev)
+    zero_w = torch.zeros(rows, dtype=f32, device=dev)
+    w_hard = zero_w if w_hard is None else w_hard
+    w_soft = zero_w if w_soft is None else w_soft
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        n, hb = r1 - r0, h[r0:r1]
+        part = lambda t: None if t is None else t[r0:r1]  # noqa: E731
+        z = z_buf[:n * vocab].view(n, vocab)
+        low = None if low_buf is None else low_buf[:n * vocab].view(n, vocab)
+        _project(hb, weight, bias, z, low)
+        teacher_b, index_b = part(teacher), part(topk_index)
+        hard, soft, saved = _forward(spec, lambda c0, c1: z[:, c0:c1], n, vocab, dev, part(targets), teacher_b,
+                                     index_b, part(topk_values))
+        wh, ws = w_hard[r0:r1], w_soft[r0:r1]
+        total += _weighted_sum(hard, wh) + _weighted_sum(soft, ws)
+        coefs = _coefs(spec, saved, wh, ws)
+        dh_b = None if dh is None else dh[r0:r1] if dh32 is None else dh32[:n]
+        # One term: its gradient overwrites the logits; both (each reads the logits): a second buffer.
+        dl = z if tmp is None else tmp[:n * vocab].view(n, vocab)
+        for c0 in range(0, vocab, spec.chunk):
+            c1 = min(vocab, c0 + spec.chunk)
+            _chunk_grad(spec, saved, coefs, z[:, c0:c1], c0, teacher_b, index_b, dl[:, c0:c1])
+        _add_grads(dl, 0, hb, weight, dh_b, dw, db, r0 == 0, low_buf)
+        if dh32 is not None:
+            dh[r0:r1].copy_(dh_b)
+    return (total, dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """sum over rows of w_hard * hard + w_soft * soft (the row weights are constants: a mean's 1/count, alpha,
+    the mask), its gradients made in the forward; the backward only scales them by the incoming gradient, as
+    the loss is a scalar at the end of the graph. The gradients are handed over once (not a graph to run
+    backward through twice)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, teacher, topk_index, topk_values, w_hard, w_soft, spec):
+        needs = ctx.needs_input_grad[:3]
+        total, *ctx.grads = _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, topk_values,
+                                                w_hard, w_soft, needs)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grads, ctx.grads = ctx.grads, None  # released: autograd can take the tensors over without a copy
+        if grads is None:
+            raise RuntimeError("fused linear loss: backward through it runs once (its gradients were made in the "
+                               "forward and are handed over)")
+        if not bool(g == 1):
+            grads = [None if t is None else t.mul_(g.to(t.dtype)) for t in grads]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _row_weights(keep, reduction):
+    """Each row's weight in a "mean" (1 / count where it counts) or a "sum" (1 where it counts)."""
+    w = keep.float()
+    return w / keep.sum().clamp(min=1) if reduction == "mean" else w
+
+
+def _finish(total, keep, reduction):
+    """A mean over no rows is NaN, as torch's."""
+    return torch.where(keep.any(), total, math.nan) if reduction == "mean" else total
 
 
 # ---- argument checks ---------------------------------------------------------------------------------------
@@ -334,6 +499,11 @@ def fused_linear_cross_entropy(h, weight, targets, bias=None, *, ignore_index: i
     targets = _check_targets(targets, h.shape[:-1], weight.shape[0], ignore_index)
     check_same_device(h=h, targets=targets)
     spec = _Spec(True, ignore_index, z_loss, None, 1.0, False, chunk)
+    if reduction != "none" and _wants_grad(h, weight, bias):
+        valid = targets != ignore_index
+        total = _FusedLinearLoss.apply(rows2d, weight, bias, targets, None, None, None,
+                                       _row_weights(valid, reduction), None, spec)
+        return _finish(total, valid, reduction)
     hard, _ = _ChunkedLinearLoss.apply(rows2d, weight, bias, targets, None, None, None, spec)
     hard = hard.reshape(h.shape[:-1])
     return _reduce(hard, (targets != ignore_index).sum(), reduction)
@@ -355,6 +525,11 @@ def fused_linear_kl_div(h, weight, teacher_logits=None, bias=None, *, topk_indic
     check_same_device(h=h, teacher_logits=teacher, topk_indices=index, topk_values=values)
     keep = _check_mask(mask, lead, h.device)
     spec = _Spec(False, 0, 0.0, kind, temperature, reverse, chunk)
+    if reduction != "none" and _wants_grad(h, weight, bias):
+        counted = torch.ones(rows, dtype=torch.bool, device=h.device) if keep is None else keep.reshape(rows)
+        total = _FusedLinearLoss.apply(rows2d, weight, bias, None, teacher, index, values, None,
+                                       _row_weights(counted, reduction), spec)
+        return _finish(total, counted, reduction)
     _, soft = _ChunkedLinearLoss.apply(rows2d, weight, bias, None, teacher, index, values, spec)
     soft = soft.reshape(lead)
     if keep is None:
@@ -383,8 +558,13 @@ def fused_linear_distill_loss(h, weight, targets, teacher_logits=None, bias=None
                                                   reverse)
     check_same_device(h=h, targets=targets, teacher_logits=teacher, topk_indices=index, topk_values=values)
     spec = _Spec(True, ignore_index, z_loss, kind, temperature, reverse, chunk)
-    hard, soft = _ChunkedLinearLoss.apply(rows2d, weight, bias, targets, teacher, index, values, spec)
     valid = targets != ignore_index
+    if reduction != "none" and _wants_grad(h, weight, bias):
+        w = _row_weights(valid, reduction)
+        total = _FusedLinearLoss.apply(rows2d, weight, bias, targets, teacher, index, values, (1.0 - alpha) * w,
+                                       alpha * w, spec)
+        return _finish(total, valid, reduction)
+    hard, soft = _ChunkedLinearLoss.apply(rows2d, weight, bias, targets, teacher, index, values, spec)
     per_row = (alpha * torch.where(valid, soft, 0.0) + (1.0 - alpha) * hard).reshape(lead)
     return _reduce(per_row, valid.sum(), reduction)
 
