@@ -78,7 +78,7 @@ class _Request:
 
     def output(self, tokenizer) -> RequestOutput:
         # With stop strings the text is kept up to date each step (it is searched); otherwise decoded here.
-        texts = self.texts if self.params.stop else [tokenizer.decode(s.output_ids) for s in self.seqs]
+        texts = self.texts if self.params.stop else [_decode(tokenizer, s.output_ids) for s in self.seqs]
         outs = [CompletionOutput(i, texts[i], list(s.output_ids), s.finish_reason) for i, s in enumerate(self.seqs)]
         if self.params.logprobs is not None:
             for out, seq, dicts in zip(outs, self.seqs, self.logprob_dicts):
@@ -93,18 +93,34 @@ class _Request:
                              prompt_logprobs)
 
 
+def _check_without_tokenizer(prompt, params) -> None:
+    """ValueError for what needs text when the model came without a tokenizer."""
+    if isinstance(prompt, str):
+        raise ValueError("prompt: this model has no tokenizer, so a prompt must be a list of token ids, not text")
+    if params.stop:
+        raise ValueError("stop: stop strings need a tokenizer, and this model has none (use stop_token_ids)")
+    if params.structured_outputs is not None:
+        raise ValueError("structured_outputs: needs a tokenizer, and this model has none")
+
+
 def _skipped_prompt_tokens(params, prompt_ids) -> int:
     """How many leading prompt tokens get no prompt logprob (None): the first, and those before
     prompt_logprobs_start."""
     return min(params.prompt_logprobs_start, len(prompt_ids))
 
 
+def _decode(tokenizer, ids) -> str:
+    """The text of token ids; "" for a model without a tokenizer (its prompts are token ids, as vLLM's
+    skip_tokenizer_init has them)."""
+    return "" if tokenizer is None else tokenizer.decode(ids)
+
+
 def _logprob_dict(entry, tokenizer) -> dict:
     """{token_id: Logprob} for a TokenLogprobs: the chosen token first, then the top N (rank 1 first)."""
-    out = {entry.token: Logprob(entry.logprob, entry.rank, tokenizer.decode([entry.token]))}
+    out = {entry.token: Logprob(entry.logprob, entry.rank, _decode(tokenizer, [entry.token]))}
     for rank, (token, logprob) in enumerate(zip(entry.top_ids, entry.top_logprobs), 1):
         if token not in out:
-            out[token] = Logprob(logprob, rank, tokenizer.decode([token]))
+            out[token] = Logprob(logprob, rank, _decode(tokenizer, [token]))
     return out
 
 
@@ -248,6 +264,8 @@ class LLM:
     def add_request(self, prompt, params: Optional[SamplingParams] = None) -> int:
         """Queues a prompt (text, or a list of token ids); returns its request id."""
         params = _sampling_params(params)
+        if self.tokenizer is None:
+            _check_without_tokenizer(prompt, params)
         if isinstance(prompt, _ChatText):  # the template already holds the special tokens it wants
             text, ids = str(prompt), list(self.tokenizer.encode(str(prompt), add_special_tokens=False))
         elif isinstance(prompt, str):
