@@ -195,9 +195,7 @@ bool fused_supported_avx2(const BackwardWeight& w, int64_t m) {
 void accumulate_fused_avx2(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t t0, int64_t t1) {
   switch (m) {
     case 1: walk_rows<1>(w, dyt, dx, t0, t1); break;
-    case 2: walk_rows<2>(w, dyt, dx, t0, t1); break;
-    case 3: walk_rows<3>(w, dyt, dx, t0, t1); break;
-    default: walk_rows<4>(w, dyt, dx, t0, t1); break;
+    default: walk_rows<2>(w, dyt, dx, t0, t1); break;
   }
 }
 
