@@ -5,7 +5,8 @@ copy (M = 1) and against torch's dequantize-then-matmul (M = 64).
 For each weight kind (GGML block types, int8 per channel, int4 per group of 128) and shape N x K (torch order:
 W is [N, K], dx = dy @ W), random weights are multiplied with M rows of dy by
   flashlm   flashlm.ops.gguf_linear_backward_input / int8_ / int4_linear_backward_input: the weights are
-            read in their stored form and decoded a few rows at a time (AVX2 on flashlm's thread pool),
+            read in their stored form (AVX2 on flashlm's thread pool: for M <= 2 and Q4_0, Q8_0, Q4_K, Q6_K,
+            int8, int4 multiplied straight from the quants, otherwise decoded a few rows at a time),
   torch     the same W dequantized to float32 on each call (flashlm.ops.dequantize for GGUF, torch ops for
             int8/int4), then torch.matmul: what a training step does without a native backward,
   dense     torch.matmul with W already dequantized to float32 (4-8x the memory; a ceiling for torch),

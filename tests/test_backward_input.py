@@ -68,10 +68,11 @@ def test_gguf_matches_float64(ggml_type, device, isa, dtype, m):
 
 
 @pytest.mark.parametrize("device,isa,m,n,k", per_kernel(
-    cpu=[(1, 300, 4096), (64, 70, 2048), (5, 1, 1024)], cuda=[(1, 300, 4096), (64, 70, 2048)]))
-@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_K", "Q6_K"])
+    cpu=[(1, 300, 4096), (2, 129, 12288), (64, 70, 2048), (5, 1, 1024)], cuda=[(1, 300, 4096), (64, 70, 2048)]))
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
 def test_gguf_shapes_that_tile_and_split(ggml_type, device, isa, m, n, k):
-    """Several column tiles per thread, all threads busy, a single weight row."""
+    """Several column tiles per thread (M = 2 on the fused AVX2 path: 2,048 columns a tile), all threads busy, a
+    single weight row."""
     use_isa(isa)
     raw, w = gguf_weight(ggml_type, n, k, seed=n)
     dy = torch.randn(2, m, n)  # leading dimensions are flattened
@@ -81,11 +82,12 @@ def test_gguf_shapes_that_tile_and_split(ggml_type, device, isa, m, n, k):
 
 
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
+@pytest.mark.parametrize("m", [1, 2, 7])  # 1 and 2: the fused kernels for the common types; 7: decode and add
 @pytest.mark.parametrize("ggml_type", TYPES)
-def test_avx2_matches_scalar(ggml_type):
+def test_avx2_matches_scalar(ggml_type, m):
     k = k_for(ggml_type, 3)
     raw, w = gguf_weight(ggml_type, N, k, seed=5)
-    dy = torch.randn(7, N)
+    dy = torch.randn(m, N)
     out = {}
     for isa in ("scalar", "avx2"):
         ops.set_cpu_isa(isa)
@@ -122,7 +124,7 @@ def int4_weight(n, k, group, symmetric, seed):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, 3)],
+    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, 3)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("k", [96, 100, 1030])  # blocks of 32 columns, of 4, of 2
 def test_int8_matches_float64(k, device, isa, dtype, m):
@@ -135,7 +137,7 @@ def test_int8_matches_float64(k, device, isa, dtype, m):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, 3)],
+    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, 3)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("group,symmetric", [(32, True), (64, False), (128, True), (128, False)])
 def test_int4_matches_float64(group, symmetric, device, isa, dtype, m):

@@ -2,7 +2,9 @@
 // block columns over the thread pool. A thread owns whole columns of dx, so no two threads write the same
 // element and nothing is reduced afterwards. It walks its columns in tiles that keep the tile of dx (M rows)
 // in the L2 cache, and within a tile every weight row, kRowGroup rows at a time: decode their blocks of the
-// tile into a float buffer, then add dy[m, r] times them into the tile. Each weight byte is read once.
+// tile into a float buffer, then add dy[m, r] times them into the tile. Each weight byte is read once. For a few
+// rows of dy (M <= kFusedRows) and the common types, AVX2 multiplies straight from the quants instead
+// (backward_input_fused_avx2.cpp): the decode buffer's store and reload cost more than the multiply-adds.
 #include "flashlm/gemm/backward_input.h"
 
 #include <algorithm>
@@ -29,6 +31,9 @@ using gemm::detail::WeightKind;
 // Floats of one tile: its columns of dx (all M rows) and of the kRowGroup decoded weight rows. 24 KiB stays in
 // the L1 cache (one block's columns at least: a larger M spills to the L2).
 constexpr int64_t kTileFloats = 16 << 10;
+// The fused path's tile: its columns of dx (M <= kFusedRows rows), 16 KiB, half an L1 cache, the other half
+// for the weight bytes streaming through.
+constexpr int64_t kFusedTileFloats = 4 << 10;
 // The least work (multiply-adds) handed to one thread: waking a worker costs ~5-10 us.
 constexpr int64_t kGrainMacs = 1 << 18;
 // int8 rows are cut into blocks of this many columns, or of the largest power of two that divides K.
@@ -86,6 +91,15 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
 // Block columns [b0, b1) of dx (f32, [m, k]) from dyt (dy transposed, f32 [n, m]).
 void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t b0, int64_t b1,
                  bool avx2) {
+  if (avx2 && gemm::detail::fused_supported_avx2(w, m)) {
+    const int64_t tile = std::max<int64_t>(1, kFusedTileFloats / (w.block * m));
+    for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+      const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
+      for (int64_t i = 0; i < m; ++i) std::fill(dx + i * w.k + t0 * w.block, dx + i * w.k + t0 * w.block + width, 0.f);
+      gemm::detail::accumulate_fused_avx2(w, dyt, m, dx, t0, t1);
+    }
+    return;
+  }
   const int64_t tile = std::max<int64_t>(1, kTileFloats / (w.block * (m + kRowGroup)));
   std::vector<float> buf(static_cast<size_t>(kRowGroup * std::min(tile, b1 - b0) * w.block));
   for (int64_t t0 = b0; t0 < b1; t0 += tile) {
@@ -223,6 +237,8 @@ void backward_input_cuda(const BackwardWeight&, const void*, void*, DType, int64
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
 namespace flashlm::gemm::detail {
 bool decode_rows_avx2(const BackwardWeight&, int64_t, int, int64_t, int64_t, float*) { return false; }
+bool fused_supported_avx2(const BackwardWeight&, int64_t) { return false; }
+void accumulate_fused_avx2(const BackwardWeight&, const float*, int64_t, float*, int64_t, int64_t) {}
 void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx) {
   accumulate_scalar(wt, rows, width, dyt, m, dx, ldx);
 }

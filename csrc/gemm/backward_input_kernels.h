@@ -35,6 +35,15 @@ constexpr int kRowGroup = 4;
 void accumulate_scalar(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx);
 void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx);
 
+// The fused AVX2 path for a few rows of dy (backward_input_fused_avx2.cpp): dx[i, t0 * block .. t1 * block) +=
+// dy[i, :] @ W[:, those columns] for i < m, multiplied straight from the quants (dyt: dy transposed, [n, m]).
+// fused_supported_avx2 says whether it reads this weight at this m (Q4_0, Q8_0, Q4_K, Q6_K, int8, int4).
+// M = 4 fused took 10-30% more CPU time than decoding and adding (bench/results/backward_input.md); M = 2 less.
+constexpr int kFusedRows = 2;
+static_assert(kFusedRows == 2, "accumulate_fused_avx2 instantiates M = 1 and 2");
+bool fused_supported_avx2(const BackwardWeight& w, int64_t m);
+void accumulate_fused_avx2(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t t0, int64_t t1);
+
 // CUDA: dx [m, k] = dy [m, n] @ W, dy and dx of `dtype` (F32, F16 or BF16), queued on `stream`.
 void backward_input_cuda(const BackwardWeight& w, const void* dy, void* dx, DType dtype, int64_t m, int device,
                          void* stream);

@@ -5,7 +5,8 @@
 // CPU: the blocks' columns are split over the library's thread pool (no two threads write the same dx
 // element); each thread decodes a few weight rows' blocks into a small float buffer at a time (the AVX2
 // decoders of dequantize where the ISA is AVX2) and adds dy[m, n] times them into its columns of dx, in
-// float32. CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight rows,
+// float32; for M <= 2 and Q4_0, Q8_0, Q4_K, Q6_K, int8 and int4, AVX2 multiplies straight from the quants
+// with dy folded into the block scales (no buffer). CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight rows,
 // decoding its 8 elements of each in registers.
 #pragma once
 
