@@ -19,8 +19,8 @@ from torch import nn
 from compare import assert_close, assert_equal
 from conftest import per_kernel, use_isa
 from flashlm.models import ModelConfig, Transformer
-from flashlm.quant import Int4Linear, Int8Linear
-from flashlm.quant.qat import QATLinear, apply_qat, convert_qat, fake_quant_weight, fake_quantize
+from flashlm.quant import GGUFLinear, Int4Linear, Int8Linear
+from flashlm.quant.qat import GGUF_QAT_TYPES, QATLinear, apply_qat, convert_qat, fake_quant_weight, fake_quantize
 from reference import linear
 
 EPS = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
@@ -212,7 +212,7 @@ def val_loss(model, data, T=64) -> float:
         return model(data[:n * T].view(n, T), data[1:n * T + 1].view(n, T))[1].item()
 
 
-def rtn(model, qat_type="int4"):
+def rtn(model, qat_type):
     out = copy.deepcopy(model)
     apply_qat(out, qat_type)
     convert_qat(out)
@@ -241,18 +241,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_short_qat_fine_tune_recovers_most_of_rtn_loss(one_thread):
+@pytest.mark.parametrize("qat_type", ["int4", "Q4_0"])
+def test_short_qat_fine_tune_recovers_most_of_rtn_loss(one_thread, qat_type):
     data = corpus_bytes()
     train, val = data[:100_000], data[100_000:]
     base = fit(llama(seed=0), train, steps=150, lr=3e-3, seed=0)
     float_loss = val_loss(base, val)
     fold_outlier_channels(base, 16.0)
     assert abs(val_loss(base, val) - float_loss) < 1e-4
-    rtn_gap = val_loss(rtn(base), val) - float_loss
-    assert rtn_gap > 0.1, f"RTN int4 costs only {rtn_gap:.4f} nats: nothing to recover"
+    rtn_gap = val_loss(rtn(base, qat_type), val) - float_loss
+    assert rtn_gap > 0.1, f"RTN {qat_type} costs only {rtn_gap:.4f} nats: nothing to recover"
 
     qat = copy.deepcopy(base)
-    apply_qat(qat, "int4")
+    apply_qat(qat, qat_type)
     fit(qat, train, steps=40, lr=1e-3, seed=1)
     qat_loss = val_loss(qat, val)
     convert_qat(qat)
@@ -260,14 +261,127 @@ def test_short_qat_fine_tune_recovers_most_of_rtn_loss(one_thread):
     # The same steps in float, then RTN: the loss QAT saves is what its forward saves, not its extra steps.
     control = fit(copy.deepcopy(base), train, steps=40, lr=1e-3, seed=1)
     control_float = val_loss(control, val)
-    control_gap = val_loss(rtn(control), val) - control_float
+    control_gap = val_loss(rtn(control, qat_type), val) - control_float
     qat_gap = qat_loss - control_float
-    print(f"int4 g64 loss above float: RTN {rtn_gap:.4f} (float {float_loss:.4f}); after 40 more steps, above "
+    print(f"{qat_type} loss above float: RTN {rtn_gap:.4f} (float {float_loss:.4f}); after 40 more steps, above "
           f"the float fine-tune's {control_float:.4f}: RTN {control_gap:.4f}, QAT {qat_gap:.4f}")
     # Measured: RTN +0.689 nats on the base; after the fine-tunes RTN +1.023, QAT +0.088. With other seeds
     # (base, fine-tune) (1, 2), (2, 5), (3, 7): RTN +0.249, +0.284, +0.369, QAT +0.040, +0.006, +0.019. The bar,
-    # a quarter of RTN's gap, is 3x above the worst of the four.
+    # a quarter of RTN's gap, is 3x above the worst of the four. Q4_0 (blocks of 32, float16 scales): RTN +0.126
+    # on the base, after the fine-tunes RTN +0.256, QAT +0.036.
     assert qat_gap < 0.25 * control_gap
+
+
+# -- the GGML block types --------------------------------------------------------------------------------------
+
+def fp16(t):
+    return t.to(torch.float16).double()
+
+
+def q8_0_reference(w):
+    """ggml's quantize_row_q8_0 written out: per 32 values d = absmax / 127 (stored as float16),
+    q = round_half_away(w / d); returns (dequantized float64, block bytes)."""
+    n, k = w.shape
+    g = w.double().reshape(n, k // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d.float().double(), torch.zeros_like(d))
+    q = torch.trunc(g * inv + torch.sign(g) * 0.5).clamp(-127, 127)  # roundf: half away from zero
+    raw = torch.cat([d.to(torch.float16).view(torch.uint8).reshape(n, k // 32, 2),
+                     q.to(torch.int8).view(torch.uint8)], -1).reshape(n, -1)
+    return (q * fp16(d)).reshape(n, k), raw
+
+
+def q4_0_reference(w):
+    """ggml's quantize_row_q4_0: the value m of largest magnitude gives d = m / -8 (float16),
+    q = min(15, int(w / d + 8.5)), low nibbles the first 16 values, high nibbles the last 16."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // 32, 32)
+    m = torch.gather(g, -1, g.abs().argmax(-1, keepdim=True))
+    d = m / -8.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.trunc(g * inv + 8.5).clamp(max=15).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    raw = torch.cat([d.to(torch.float16).view(torch.uint8).reshape(n, k // 32, 2), nibbles], -1).reshape(n, -1)
+    return ((q.double() - 8) * fp16(d)).reshape(n, k), raw
+
+
+def q8_activation_reference(x):
+    """The CPU kernel's rounding of x [M, K] (ggml's quantize_row_q8_1): per 32 values d = absmax / 127 in
+    float32 (not float16), q = round(x * (1 / d))."""
+    m, k = x.shape
+    g = x.float().reshape(m, k // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(g * inv).clamp(-127, 127).double() * d.double()).reshape(m, k)
+
+
+GGUF_REFERENCES = {"Q8_0": q8_0_reference, "Q4_0": q4_0_reference}
+GGUF_CASES = [("Q8_0", 64, 9, (3, 5, 64)), ("Q8_0", 96, 17, (40, 96)), ("Q4_0", 96, 40, (3, 5, 96)),
+              ("Q4_0", 256, 8, (1, 256)), ("Q4_K", 256, 12, (2, 3, 256)), ("Q4_K", 512, 5, (33, 512))]
+
+
+@pytest.mark.parametrize("device,isa,dtype,case", per_kernel(
+    cpu=[(dtype, case) for dtype in (torch.float32, torch.bfloat16) for case in GGUF_CASES]))
+def test_gguf_forward_equals_the_gguf_layer_bit_for_bit(device, isa, dtype, case):
+    use_isa(isa)
+    qat_type, k, n, shape = case
+    layer = qat_layer(qat_type, k, n)
+    x = (torch.randn(shape) * 3).to(dtype)
+    y = layer(x)
+    real = layer.to_quantized()
+    assert isinstance(real, GGUFLinear) and real.ggml_type == qat_type
+    assert y.dtype == dtype and y.shape == shape[:-1] + (n,)
+    assert_equal(y, real(x), name=f"QAT {qat_type} vs GGUFLinear, {isa} {dtype} {shape}")
+    if qat_type not in GGUF_REFERENCES:
+        return
+    # The weights: the bytes of ggml's formulas. The product: the CPU kernel rounds x to Q8_0 blocks too.
+    w, b = layer.weight.detach(), layer.bias.detach()
+    w_dq, raw = GGUF_REFERENCES[qat_type](w)
+    assert_equal(real.raw, raw, name=f"{qat_type} weight bytes")
+    rows = x.reshape(-1, k).float()
+    x_dq = q8_activation_reference(rows)
+    ref = linear(x_dq, w_dq, b)
+    # float32 sums of exact block products in the kernel's order; the bias is cast to x's dtype
+    tol = 4 * math.sqrt(k) * EPS[torch.float32] * linear(x_dq.abs(), w_dq.abs()) + b.double().abs() * EPS[dtype]
+    tol = tol + (EPS[dtype] * ref.abs() if dtype != torch.float32 else 0)
+    assert_close(y.reshape(-1, n).double(), ref, atol=tol, name=f"QAT {qat_type} vs float64 reference, {isa} {dtype}")
+
+
+@pytest.mark.parametrize("qat_type", GGUF_QAT_TYPES)
+def test_gguf_gradients_are_the_identity(qat_type):
+    """Every value lies inside its own block's range: nothing is clipped, dW = dy.T @ x and dx = dy @ W_q."""
+    k = 256
+    layer = qat_layer(qat_type, k, 6, seed=5)
+    x = torch.randn(2, 5, k, requires_grad=True)
+    dy = torch.randn(2, 5, 6)
+    layer(x).backward(dy)
+    w_dq = layer.to_quantized()
+    from flashlm.ops import dequantize
+
+    w_dq = dequantize(w_dq.raw.reshape(-1), qat_type, (6, k)).double()
+    d = dy.reshape(-1, 6).double()
+    assert_close(layer.weight.grad, d.T @ x.detach().reshape(-1, k).double(), atol=1e-5, name="dW = dy.T @ x")
+    assert_close(x.grad.reshape(-1, k), d @ w_dq, atol=1e-5 * w_dq.abs().max() * 6, name="dx = dy @ W_q")
+    assert_close(layer.bias.grad, d.sum(0), atol=1e-5, name="dbias")
+    w = layer.weight.detach().clone().requires_grad_()
+    w_fq = fake_quant_weight(w, qat_type)
+    assert_equal(w_fq.detach().double(), w_dq, name="fake_quant_weight")
+    g = torch.randn(w.shape)
+    w_fq.backward(g)
+    assert_equal(w.grad, g, name="fake_quant_weight's gradient")
+
+
+@pytest.mark.parametrize("qat_type", GGUF_QAT_TYPES)
+def test_gguf_converted_model_reproduces_the_qat_model(qat_type):
+    model = llama(d_model=256, d_ff=512)
+    names = apply_qat(model, qat_type)
+    assert len(names) == 2 * 7 and {model.get_submodule(n).group_size for n in names} == {None}
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(idx)[0]
+        assert convert_qat(model) == names
+        assert all(isinstance(model.get_submodule(n), GGUFLinear) for n in names)
+        assert_equal(model(idx)[0], logits, name=f"{qat_type} model after convert_qat")
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
@@ -293,6 +407,12 @@ def test_bad_input():
         QATLinear(64, 8, qat_type="int8", group_size=32)
     with pytest.raises(ValueError, match="^group_size: must be one of"):
         QATLinear(64, 8, qat_type="int4", group_size=16)
+    with pytest.raises(ValueError, match="^in_features: Q4_K needs a multiple of its block size, got 64"):
+        apply_qat(llama(), "Q4_K")
+    with pytest.raises(ValueError, match="^in_features: Q4_0 needs a multiple of its block size, got 48"):
+        fake_quant_weight(torch.zeros(4, 48), "Q4_0")
+    with pytest.raises(ValueError, match="^group_size: only int4"):
+        QATLinear(64, 8, qat_type="Q8_0", group_size=32)
     with pytest.raises(ValueError, match="^w: expected a float"):
         fake_quant_weight(torch.zeros(4, 32, dtype=torch.int32), "int4")
     with pytest.raises(ValueError, match="^qmin, qmax"):
@@ -377,6 +497,8 @@ def test_qat_settings_are_checked(qat_run, tmp_path):
         TrainConfig(qat="int8", qat_group_size=32)
     with pytest.raises(ValueError, match="^qat_group_size: must be one of"):
         TrainConfig(qat="int4", qat_group_size=48)
+    with pytest.raises(ValueError, match="^qat_group_size: must be one of"):
+        TrainConfig(qat="Q4_0", qat_group_size=32)
     with pytest.raises(ValueError, match="^qat_group_size: goes with qat"):
         TrainConfig(qat_group_size=32)
     with pytest.raises(ValueError, match="^qat: not available with zero_stage 3"):
@@ -388,6 +510,10 @@ def test_qat_settings_are_checked(qat_run, tmp_path):
     state["train_config"]["qat"] = None
     torch.save(state, float_run)
     with pytest.raises(ValueError, match="was not trained with --qat"):
+        export_qat(str(float_run), str(tmp_path / "y.pt"))
+    state["train_config"]["qat"] = "Q4_0"
+    torch.save(state, float_run)
+    with pytest.raises(NotImplementedError, match="^qat: a run trained with --qat Q4_0"):
         export_qat(str(float_run), str(tmp_path / "y.pt"))
     state["train_config"]["qat"] = "int4; rm"
     torch.save(state, float_run)

@@ -448,8 +448,8 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--lora-dropout", type=float, help=f"(default {d.lora_dropout:g})")
     p.add_argument("--target", help=f"modules LoRA wraps, e.g. q,k,v,o,gate,up,down (default {d.target})")
     p.add_argument("--num-virtual-tokens", type=int, help=f"prompt/prefix tuning (default {d.num_virtual_tokens})")
-    p.add_argument("--qat", help="with --method full: quantization-aware fine-tuning for int8, int4 or int4-asym "
-                                 "(default off)")
+    p.add_argument("--qat", help="with --method full: quantization-aware fine-tuning for int8, int4, int4-asym "
+                                 "or a GGML block type Q8_0, Q4_0, Q4_K (default off)")
     p.add_argument("--qat-group-size", type=int, help="with --qat int4: the group (default: the largest "
                                                       "of 128/64/32 dividing every layer)")
     p.add_argument("--seq-len", type=int, help="tokens per record, at most the model's context (default: it)")

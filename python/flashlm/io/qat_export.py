@@ -2,6 +2,8 @@
 fine-tuned with `flashlm finetune --method full --qat ...`) written as a quantized checkpoint
 (flashlm.io.quantized_checkpoint) whose Int4Linear or Int8Linear layers compute exactly the forward the run
 trained with: the same quantizer, group size and symmetry (int8: per-channel weights, per-token activations).
+A run trained with a GGML block type (--qat Q8_0|Q4_0|Q4_K) has no quantized checkpoint form: convert_qat gives
+its GGUFLinear layers in memory, and writing it as a GGUF file is not available yet (a clear error says so).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ def export_qat(input_path: str, output_path: str) -> dict:
     from flashlm.io.quantized_checkpoint import save_quantized_model
     from flashlm.quant.qat import apply_qat, convert_qat
 
+    from flashlm.quant.qat import GGUF_QAT_TYPES
+
     qat, group_size = qat_setting(input_path)
+    if qat in GGUF_QAT_TYPES:
+        raise NotImplementedError(f"qat: a run trained with --qat {qat} cannot be written as a quantized checkpoint "
+                                  "(its layers are GGML blocks); a GGUF export is not available yet")
     loaded = load_model(input_path)
     apply_qat(loaded.model, qat, group_size)
     layers = convert_qat(loaded.model)

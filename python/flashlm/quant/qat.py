@@ -1,6 +1,6 @@
 """Quantization-aware training: block linears that train float weights but compute their forward as the
 quantized layer they will become (Int8Linear: W8A8, per-channel weights, per-token activations; Int4Linear:
-group-wise weights, symmetric or asymmetric).
+group-wise weights, symmetric or asymmetric; GGUFLinear: the GGML block types Q8_0, Q4_0 and Q4_K).
 
     apply_qat(model, "int4")   # every block's nn.Linear becomes a QATLinear (the same Parameters)
     ... train ...
@@ -14,6 +14,13 @@ zero). Per-token and per-channel absmax scales clip nothing; int4 groups clip th
 magnitude when it rounds past code 15 (symmetric) and the ends a rounded zero point pushes out (asymmetric).
 Scales follow the weights (absmax / min-max), they are not learned.
 
+The GGML block types quantize the weights with flashlm's quantizer (byte-exact with ggml's) and multiply with
+the real GGUF kernel (flashlm.ops.gguf_linear: on the CPU it rounds x to Q8_0 / Q8_K blocks as ggml does), so
+the forward is GGUFLinear's bit for bit. Their straight-through gradient is the identity everywhere: each
+block's scale (and K-quant sub-block scale and minimum) is chosen from that block's own values, so every
+value lies inside its block's range and none is clipped. The weights' gradient is dy.T @ x with x as given
+(the CUDA kernel does not round x, so the float input is what every device shares).
+
 The state dict of a QATLinear is an nn.Linear's (weight, bias): a QAT checkpoint loads as a float model, and
 quantizing it by the same rule gives the layers convert_qat gives (flashlm.io.qat_export: `flashlm quantize RUN
 OUT --method qat` writes them as a quantized checkpoint).
@@ -24,14 +31,23 @@ from typing import Optional
 import torch
 from torch import nn
 
-from flashlm.ops import (int4_linear, int4_linear_backward_input, int8_linear, int8_linear_backward_input,
+from flashlm.ops import (dequantize, gguf_linear, gguf_linear_backward_input, int4_linear, int4_linear_backward_input, int8_linear, int8_linear_backward_input,
                          quantize_per_token)
+from flashlm.ops.gguf_linear import gguf_linear_row_bytes
+from flashlm.quant.gguf_linear import GGUFLinear
+from flashlm.quant.gguf_quantize import quantize_gguf
 from flashlm.quant.linear import Int4Linear, Int8Linear
 from flashlm.quant.rtn import (GROUP_SIZES, check_group_size, dequantize_int4, int4_group_params, int4_group_size,
                                quantize_int4, quantize_int8_per_channel)
 from flashlm.quant.w8a8 import BLOCK_LINEARS
 
-QAT_TYPES = ("int8", "int4", "int4-asym")
+GGUF_QAT_TYPES = ("Q8_0", "Q4_0", "Q4_K")
+QAT_TYPES = ("int8", "int4", "int4-asym") + GGUF_QAT_TYPES
+
+
+def has_groups(qat_type: str) -> bool:
+    """Whether qat_type's weights come in int4 groups of a chosen size."""
+    return qat_type in ("int4", "int4-asym")
 
 
 def check_qat_type(qat_type) -> None:
@@ -46,9 +62,22 @@ def check_qat_setting(qat_type, group_size) -> None:
             raise ValueError("qat_group_size: goes with qat int4 or int4-asym")
         return
     check_qat_type(qat_type)
-    if group_size is not None and (qat_type == "int8" or isinstance(group_size, bool) or group_size not in GROUP_SIZES):
+    if group_size is not None and (not has_groups(qat_type) or isinstance(group_size, bool) or group_size not in GROUP_SIZES):
         raise ValueError(f"qat_group_size: must be one of {GROUP_SIZES} with qat int4 or int4-asym, got "
                          f"{group_size!r} with qat {qat_type!r}")
+
+
+def check_gguf_in_features(qat_type: str, k: int) -> None:
+    """ValueError unless k input features are a whole number of qat_type's blocks."""
+    try:
+        gguf_linear_row_bytes(qat_type, k)
+    except ValueError:
+        raise ValueError(f"in_features: {qat_type} needs a multiple of its block size, got {k}") from None
+
+
+def gguf_blocks(w: torch.Tensor, qat_type: str) -> torch.Tensor:
+    """uint8 [N, row bytes] on w's device: w [N, K] as GGUFLinear.from_float quantizes it."""
+    return torch.as_tensor(quantize_gguf(w.detach().float().cpu(), qat_type)).to(w.device)
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, zero) -> torch.Tensor:
@@ -72,6 +101,19 @@ class FakeQuantize(torch.autograd.Function):
     def backward(ctx, dy):
         (inside,) = ctx.saved_tensors
         return dy * inside, None, None, None, None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """(x, value) -> value (exactly, signed zeros included), with the gradient passed to x unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.dtype = x.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy.to(ctx.dtype), None
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero, qmin: int, qmax: int) -> torch.Tensor:
@@ -105,6 +147,10 @@ def fake_quant_weight(w: torch.Tensor, qat_type: str, group_size: Optional[int] 
     check_qat_type(qat_type)
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w: expected a float [N, K] tensor, got {w.dtype} {tuple(w.shape)}")
+    if qat_type in GGUF_QAT_TYPES:
+        check_gguf_in_features(qat_type, w.shape[1])
+        w_dq = dequantize(gguf_blocks(w, qat_type).reshape(-1), qat_type, tuple(w.shape))
+        return _StraightThrough.apply(w, w_dq.to(w.device))  # nothing is clipped
     if qat_type == "int8":
         scales = w.detach().float().abs().amax(dim=1, keepdim=True) / 127.0
         return fake_quantize(w.float(), scales, 0.0, -127, 127)
@@ -184,15 +230,39 @@ class _Int4QAT(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class _GGUFQAT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, qat_type: str):
+        raw = gguf_blocks(weight, qat_type)
+        ctx.save_for_backward(x, raw)
+        ctx.qat_type, ctx.weight_dtype = qat_type, weight.dtype
+        return gguf_linear(x, raw, qat_type, tuple(weight.shape), bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, raw = ctx.saved_tensors
+        dx = dw = db = None
+        shape = (dy.shape[-1], x.shape[-1])
+        if ctx.needs_input_grad[0]:
+            dx = gguf_linear_backward_input(dy.contiguous(), raw, ctx.qat_type, shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = _grad_weight(dy, x).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).float().sum(0)
+        return dx, dw, db, None
+
+
 class QATLinear(nn.Linear):
     """An nn.Linear (float weight and bias, trained) whose forward is the quantized layer's: Int8Linear's for
     qat_type "int8", Int4Linear's (group_size; None: int4_group_size(in_features)) for "int4" (symmetric)
-    and "int4-asym" (zero points)."""
+    and "int4-asym" (zero points), GGUFLinear's for the GGML block types (GGUF_QAT_TYPES)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, qat_type: str = "int8",
                  group_size: Optional[int] = None, device=None, dtype=None):
         check_qat_type(qat_type)
-        if qat_type != "int8":
+        if qat_type in GGUF_QAT_TYPES:
+            check_gguf_in_features(qat_type, in_features)
+        if has_groups(qat_type):
             group_size = int4_group_size(in_features) if group_size is None else group_size
             check_group_size(group_size, in_features)
         elif group_size is not None:
@@ -211,12 +281,16 @@ class QATLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qat_type == "int8":
             return _Int8QAT.apply(x, self.weight, self.bias)
+        if self.qat_type in GGUF_QAT_TYPES:
+            return _GGUFQAT.apply(x, self.weight, self.bias, self.qat_type)
         return _Int4QAT.apply(x, self.weight, self.bias, self.group_size, self.qat_type == "int4")
 
     def to_quantized(self) -> nn.Module:
-        """The Int8Linear / Int4Linear this layer trains for (the same forward, bit for bit)."""
+        """The Int8Linear / Int4Linear / GGUFLinear this layer trains for (the same forward, bit for bit)."""
         if self.qat_type == "int8":
             return Int8Linear.from_float(self)
+        if self.qat_type in GGUF_QAT_TYPES:
+            return GGUFLinear.from_float(self, self.qat_type)
         return Int4Linear.from_float(self, self.group_size, symmetric=self.qat_type == "int4")
 
     def extra_repr(self) -> str:
@@ -250,7 +324,7 @@ def apply_qat(model: nn.Module, qat_type: str, group_size: Optional[int] = None)
         linear = getattr(parent, leaf)
         if type(linear) is not nn.Linear:
             raise ValueError(f"model: {name} is {type(linear).__name__}, not a float nn.Linear")
-    if qat_type != "int8" and group_size is None:  # one group for all: an int4 checkpoint holds one
+    if has_groups(qat_type) and group_size is None:  # one group for all: an int4 checkpoint holds one
         group_size = min(int4_group_size(getattr(p, leaf).in_features) for p, leaf, _ in found)
     layers = [QATLinear.from_linear(getattr(p, leaf), qat_type, group_size) for p, leaf, _ in found]
     for (parent, leaf, _), layer in zip(found, layers):  # all checked before any is replaced

@@ -64,7 +64,8 @@ class TrainConfig:
     l1: float = 0.0
     l1_params: str = "blocks.*.weight"
     # quantization-aware training (flashlm.quant.qat): the block linears' forward is that of int8 (W8A8), int4
-    # (symmetric groups) or int4-asym; qat_group_size None: the largest of 128/64/32 dividing every layer
+    # (symmetric groups), int4-asym or a GGML block type (Q8_0, Q4_0, Q4_K: GGUFLinear's); qat_group_size
+    # None: the largest of 128/64/32 dividing every layer
     qat: Optional[str] = None
     qat_group_size: Optional[int] = None
     # masks kept through training (flashlm.train.sparsity): "2:4" semi-structured or a fraction ("0.5") of each
