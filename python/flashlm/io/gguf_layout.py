@@ -179,11 +179,14 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
         if key in meta.m and meta.int(key) != head_dim:
             raise ValueError(f"metadata: {key} {meta.m[key]} != the head dimension {head_dim}")
     scaling_type = meta.str(f"{arch}.rope.scaling.type", "none")
-    if scaling_type != "none":
-        raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
-                         "scaling, stored as rope_freqs.weight, is)")
     settings = dict(rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
                     norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5))
+    if arch == "gemma3" and scaling_type == "linear":
+        # Gemma 3's global layers: llama.cpp divides their frequencies by rope.scaling.factor (ModelConfig checks it)
+        settings["rope_scaling"] = {"rope_type": "linear", "factor": meta.float(f"{arch}.rope.scaling.factor")}
+    elif scaling_type != "none":
+        raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
+                         "scaling, stored as rope_freqs.weight, and gemma3's 'linear' are)")
     if f"{arch}.attention.sliding_window" in meta.m and arch not in ("gemma2", "gemma3", "phi3"):  # theirs are theirs
         window = meta.int(f"{arch}.attention.sliding_window", limit=LIMITS["seq_len"])
         if window < ctx and arch != "llama":
@@ -257,7 +260,8 @@ def window_metadata(s: ModelConfig, context: int) -> list:
     """[(key, value, GGUFValueType)] of the attention settings beyond llama's: a window on every layer (Mistral's,
     as a llama's {arch}.attention.sliding_window, which the reader takes back; phi3's, 0 for none as
     convert_hf_to_gguf writes it), and the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none of
-    them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base."""
+    them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base and its
+    global layers' linear rope scaling."""
     from gguf import GGUFValueType
 
     u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, gguf_arch(s)
@@ -272,6 +276,9 @@ def window_metadata(s: ModelConfig, context: int) -> list:
              (("attn", s.attn_softcap), ("final", s.final_softcap)) if cap is not None]
     if a == "gemma3":
         meta.append((f"{a}.rope.freq_base_swa", s.rope_local_theta or s.rope_theta, f32))
+        if s.rope_scaling is not None:  # linear, on the global layers (as convert_hf_to_gguf writes it)
+            meta += [(f"{a}.rope.scaling.type", "linear", GGUFValueType.STRING),
+                     (f"{a}.rope.scaling.factor", s.rope_scaling["factor"], f32)]
     return meta
 
 

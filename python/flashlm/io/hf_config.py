@@ -3,13 +3,14 @@
     cfg = model_config_from_hf(json.load(open("model/config.json")), max_model_len=4096)
 
 Architectures: LlamaForCausalLM, MistralForCausalLM (its sliding window on every layer), Qwen2ForCausalLM,
-Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text), Phi3ForCausalLM (its sliding window kept; no
-partial rotary factor, no long-rope scaling), GPT2LMHeadModel, and the mixtures of experts MixtralForCausalLM,
+Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM (text; linear rope scaling on its global layers),
+Phi3ForCausalLM (its sliding window kept; no partial rotary factor, no long-rope scaling), GPT2LMHeadModel, and
+the mixtures of experts MixtralForCausalLM,
 Qwen2MoeForCausalLM and Qwen3MoeForCausalLM (experts on every layer: a decoder_sparse_step other than 1 or
 mlp_only_layers are refused). Both spellings of the rotary settings are read:
 `rope_theta` and `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5). Anything flashlm's
 Transformer would compute differently (another activation, biases it does not have, rope scaling other than
-Llama 3's) raises ValueError naming the key. A head_dim other than hidden / heads is read for every rotary
+Llama 3's and Gemma 3's linear) raises ValueError naming the key. A head_dim other than hidden / heads is read for every rotary
 architecture but phi3.
 """
 
@@ -211,18 +212,40 @@ def _check_full_rotary(cfg: dict) -> None:
                              "embedding covers the whole head)")
 
 
+def _linear_scaling(where: str, p: dict) -> Optional[dict]:
+    """None for default rope, {"rope_type": "linear", "factor"} for linear scaling (ModelConfig checks the
+    factor); ValueError naming `where` for any other kind."""
+    kind = p.get("rope_type", p.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "linear":
+        raise ValueError(f"config.json: {where} {p!r} is not supported (default or linear rope only)")
+    return {"rope_type": "linear", "factor": p.get("factor")}
+
+
 def _gemma_rope(arch: str, cfg: dict) -> dict:
-    """rope_theta (and gemma3's rope_local_theta) from rope_parameters, per layer type in transformers 5, or
-    rope_theta / rope_local_base_freq; no scaling."""
+    """rope_theta (and gemma3's rope_local_theta and rope_scaling) from rope_parameters, per layer type in
+    transformers 5, or rope_theta / rope_local_base_freq / rope_scaling. Gemma 3 scales only its global layers'
+    rope, and only linearly; gemma2 has no scaling."""
     params = cfg.get("rope_parameters")
     if arch == "gemma3" and isinstance(params, dict) and "full_attention" in params:
         full, local = params.get("full_attention"), params.get("sliding_attention", {"rope_theta": 10000.0})
-        thetas = {}
         for kind, p in (("full_attention", full), ("sliding_attention", local)):
-            if not isinstance(p, dict) or p.get("rope_type", "default") != "default":
-                raise ValueError(f"config.json: rope_parameters.{kind} {p!r} is not supported (default rope only)")
-            thetas[kind] = _get(p, "rope_theta", float, 10000.0)
-        return dict(rope_theta=thetas["full_attention"], rope_local_theta=thetas["sliding_attention"])
+            if not isinstance(p, dict):
+                raise ValueError(f"config.json: rope_parameters.{kind} must be an object, got {p!r}")
+        if _linear_scaling("rope_parameters.sliding_attention", local) is not None:
+            raise ValueError(f"config.json: rope_parameters.sliding_attention {local!r} is not supported (Gemma 3's "
+                             "local layers use default rope)")
+        return dict(rope_theta=_get(full, "rope_theta", float, 10000.0),
+                    rope_local_theta=_get(local, "rope_theta", float, 10000.0),
+                    rope_scaling=_linear_scaling("rope_parameters.full_attention", full))
+    if arch == "gemma3" and params is None and cfg.get("rope_scaling") is not None:
+        scaling = cfg["rope_scaling"]
+        if not isinstance(scaling, dict):
+            raise ValueError(f"config.json: rope_scaling must be an object, got {scaling!r}")
+        return dict(rope_theta=_get(cfg, "rope_theta", float, 10000.0),
+                    rope_local_theta=_get(cfg, "rope_local_base_freq", float, 10000.0),
+                    rope_scaling=_linear_scaling("rope_scaling", scaling))
     theta, scaling = _rope(cfg)
     if scaling is not None:
         raise ValueError(f"config.json: rope scaling is not supported for {arch}")

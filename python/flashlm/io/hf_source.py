@@ -159,7 +159,7 @@ class HFSource:
         self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
         # llama's (and Mixtral's) q/k rows go to ggml's rope order
         self.arch, self._permute = gguf_arch(mc), mc.base_arch == "llama"
-        if self.arch != "llama" and mc.rope_scaling is not None:
+        if self.arch not in ("llama", "gemma3") and mc.rope_scaling is not None:  # gemma3's is metadata
             raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         check_llama_cpp_head_dim(mc)
@@ -295,7 +295,7 @@ class HFSource:
     def _rope_freqs(self) -> dict:
         """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
         mc = self.model_config
-        if mc.rope_scaling is None:
+        if mc.rope_scaling is None or mc.rope_scaling["rope_type"] != "llama3":
             return {}
         return {"rope_freqs.weight": llama3_rope_factors(mc.head_dim, mc.rope_theta, mc.rope_scaling)}
 

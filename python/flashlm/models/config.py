@@ -12,7 +12,8 @@
            query_pre_attn_scalar^-1/2, final logits soft-capped, even layers attending to a sliding window and odd
            ones globally (Gemma 2). Its norm weights are the effective ones: HF's (1 + w).
     gemma3: gemma2's block with qwen3's q/k norms, five local layers to one global (layer i global where
-           i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text).
+           i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text);
+           rope_scaling {"rope_type": "linear", "factor"} on the global layers (Gemma 3 4B and larger).
     phi3:  llama's block (Phi-3: HF and GGUF files fuse q|k|v and gate|up, split on load), every layer attending
            to sliding_window keys when one is set.
     mixtral, qwen2_moe, qwen3_moe: llama's, qwen2's and qwen3's attention with a mixture-of-experts MLP on every
@@ -21,6 +22,7 @@
            shared expert of shared_expert_d_ff gated by a sigmoid (Mixtral, Qwen1.5/Qwen2-MoE, Qwen3-MoE).
 """
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -75,7 +77,8 @@ class ModelConfig:
     d_ff: Optional[int] = None  # None: 4 * d_model (gpt2), 8/3 * d_model rounded up to 64 (llama)
     seq_len: int = 256  # the longest sequence; gpt2's position table has this many rows
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None  # None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rope_scaling: Optional[dict] = None  # None, Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    # or, for gemma3's global layers, {"rope_type": "linear", "factor"}
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     head_dim: Optional[int] = None  # None: d_model / n_head; another value for the FREE_HEAD_DIM archs only
@@ -178,9 +181,18 @@ class ModelConfig:
 
     def _check_rope_scaling(self):
         rs = self.rope_scaling
-        if self.arch == "gpt2" or not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
-            raise ValueError(f"rope_scaling: only Llama 3's {{'rope_type': 'llama3', ...}} on a rotary model is "
-                             f"supported, got {rs!r}")
+        kind = rs.get("rope_type") if isinstance(rs, dict) else None
+        if self.arch == "gemma3" and kind == "linear":
+            # Gemma 3 (4B and larger): its global layers' frequencies divided by factor
+            factor = rs.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0 \
+                    or not math.isfinite(factor):
+                raise ValueError(f"rope_scaling: linear scaling needs a finite factor > 0, got {factor!r}")
+            self.rope_scaling = {"rope_type": "linear", "factor": float(factor)}
+            return
+        if self.arch == "gpt2" or kind != "llama3":
+            raise ValueError(f"rope_scaling: only Llama 3's {{'rope_type': 'llama3', ...}} on a rotary model, or "
+                             f"{{'rope_type': 'linear', 'factor': ...}} on gemma3, is supported, got {rs!r}")
         missing = [k for k in ROPE_SCALING_KEYS if k not in rs]
         if missing:
             raise ValueError(f"rope_scaling: missing {missing}")

@@ -103,15 +103,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) -> torch.Tensor:
-    """float64 [head_dim / 2]: theta^(-2i/hd), with Llama 3's scaling when the config asks for it: long
-    wavelengths (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
-    high_freq_factor) kept, and a smooth blend in between."""
+    """float64 [head_dim / 2]: theta^(-2i/hd), scaled as cfg.rope_scaling asks: Llama 3's long wavelengths
+    (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
+    high_freq_factor) kept, and a smooth blend in between; or linear scaling, every frequency divided by `factor`.
+    theta: another base than cfg.rope_theta, for gemma3's local layers, which are never scaled (as in HF's Gemma 3,
+    where the scaling belongs to the global layers' rope only)."""
     hd = cfg.head_dim
+    rs = cfg.rope_scaling if theta is None else None
     theta = cfg.rope_theta if theta is None else theta
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd))
-    rs = cfg.rope_scaling
     if rs is None:
         return inv_freq
+    if rs["rope_type"] == "linear":
+        return inv_freq / rs["factor"]
     old = rs["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])).clamp(0, 1)
@@ -120,7 +124,8 @@ def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) 
 
 def rope_tables(cfg: ModelConfig, device=None, theta: Optional[float] = None):
     """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
-    repeated over the two halves of the head. theta: another base than cfg.rope_theta (gemma3's local layers)."""
+    repeated over the two halves of the head. theta: another base than cfg.rope_theta (gemma3's local layers,
+    unscaled)."""
     inv_freq = rope_inv_freq(cfg, device, theta)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)

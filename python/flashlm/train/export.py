@@ -226,7 +226,8 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
             return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", **gemma, **config}
         # transformers 5 reads each layer type's rope; older ones rope_theta and rope_local_base_freq
         local = s.rope_local_theta or s.rope_theta
-        rope = {"full_attention": {"rope_type": "default", "rope_theta": s.rope_theta},
+        full = {"rope_type": "default"} if s.rope_scaling is None else dict(s.rope_scaling)  # linear, global only
+        rope = {"full_attention": full | {"rope_theta": s.rope_theta},
                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}
         return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **gemma, **config,
                 "rope_parameters": rope, "rope_local_base_freq": local}
@@ -286,7 +287,7 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     check_llama_cpp_moe(s)
     if s.gemma:
         check_llama_cpp_gemma(s)
-    if s.rope_scaling is not None:
+    if s.rope_scaling is not None and s.arch != "gemma3":  # gemma3's linear scaling is metadata
         if s.base_arch != "llama":
             raise ValueError(f"model_config: llama.cpp's {gguf_arch(s)} has no Llama 3 rope scaling (rope_scaling)")
         out.append(("rope_freqs.weight", llama3_rope_factors(s.head_dim, s.rope_theta, s.rope_scaling)))

@@ -1,0 +1,180 @@
+"""Rope scaling the newer architectures declare, against HF transformers:
+- Gemma 3's linear scaling ({"rope_type": "linear", "factor": 8}) on its global layers only (the local layers
+  keep their own unscaled base): logits after a chunked prefill and after several paged decode steps, read from
+  transformers 5's rope_parameters and from transformers 4's rope_scaling;
+- bad scaling settings are refused by name.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_loaders import V  # noqa: E402
+from test_runtime_parity import _NoText, _hf_logits, engine_trace  # noqa: E402
+
+from flashlm.io.hf_config import model_config_from_hf  # noqa: E402
+from flashlm.models.config import ModelConfig  # noqa: E402
+from flashlm.runtime.engine import LLM  # noqa: E402
+
+
+def make_gemma3(factor):
+    """A random 7-layer gemma3 (6 local layers: window 5, rope base 100; layer 5 global, base 1e4) with the
+    global layers' rope scaled linearly by `factor` (None: unscaled)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(20)
+    full = {"rope_type": "default", "rope_theta": 1e4} if factor is None else \
+        {"rope_type": "linear", "factor": factor, "rope_theta": 1e4}
+    rope = {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+    m = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=V, hidden_size=64, num_hidden_layers=7, intermediate_size=96,
+                                           max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=24, query_pre_attn_scalar=24, sliding_window=5,
+                                           rope_parameters=rope))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+def _trace(folder, prompt):
+    # block size 4 and an 8-token budget: the 19-token prompt is prefilled in three chunks across blocks
+    llm = LLM(str(folder), tokenizer=_NoText(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2)
+    return llm, engine_trace(llm, prompt, 8)
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_gemma3_linear_scaling_matches_transformers(tmp_path, spelling):
+    hf = make_gemma3(8.0)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    if spelling == "rope_scaling":  # transformers 4's keys for the same model
+        path = tmp_path / "config.json"
+        cfg = json.loads(path.read_text())
+        del cfg["rope_parameters"]
+        cfg.update(rope_theta=1e4, rope_local_base_freq=100.0, rope_scaling={"type": "linear", "factor": 8.0})
+        path.write_text(json.dumps(cfg))
+    prompt = [int(t) for t in np.random.default_rng(20).integers(0, V, 19)]
+    llm, (tokens, logits) = _trace(tmp_path, prompt)
+    assert llm.model.cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    ref = _hf_logits(hf, prompt, tokens)
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-4, f"max abs logit difference {err} over {len(tokens)} steps"
+    # the scaling changes the logits well beyond the tolerance: the comparison sees it
+    unscaled = make_gemma3(None)
+    unscaled.load_state_dict(hf.state_dict())
+    assert (_hf_logits(unscaled, prompt, tokens) - ref).abs().max().item() > 1e-2
+
+
+def _gemma3_hf_config(**rope):
+    return dict(architectures=["Gemma3ForCausalLM"], vocab_size=V, hidden_size=64, num_hidden_layers=7,
+                intermediate_size=96, max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=24, sliding_window=5, **rope)
+
+
+@pytest.mark.parametrize("rope, match", [
+    (dict(rope_scaling={"rope_type": "linear", "factor": 0.0}), "factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), "factor"),
+    (dict(rope_scaling={"rope_type": "linear"}), "factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": "8"}), "factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": float("inf")}), "factor"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "rope_scaling"),
+    (dict(rope_scaling=[8.0]), "rope_scaling"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 0}}), "factor"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0}}), "full_attention"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}), "sliding_attention"),
+    (dict(rope_parameters={"full_attention": "linear"}), "full_attention"),
+])
+def test_gemma3_bad_rope_scaling_is_named(rope, match):
+    with pytest.raises(ValueError, match=match):
+        model_config_from_hf(_gemma3_hf_config(**rope))
+
+
+def test_linear_scaling_only_on_gemma3():
+    for arch in ("llama", "gemma2", "phi3"):
+        with pytest.raises(ValueError, match="rope_scaling"):
+            ModelConfig(arch=arch, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope scaling 'linear'"):
+        model_config_from_hf(dict(_gemma3_hf_config(), architectures=["Gemma2ForCausalLM"],
+                                  rope_scaling={"rope_type": "linear", "factor": 2.0}))
+
+
+def test_gemma3_linear_scaling_converts_to_gguf_as_llama_cpp_reads_it(tmp_path):
+    """`flashlm convert` writes the scaling as convert_hf_to_gguf does (gemma3.rope.scaling.type/factor); the file
+    loads with it and gives HF's logits, and llama.cpp (where it imports) decodes it alike."""
+    from tokenizer_sources import train_bpe
+
+    from flashlm.cli import main as cli_main
+    from flashlm.gguf import GGUFFile
+    from flashlm.io.gguf_layout import gguf_model_config
+
+    hf = make_gemma3(8.0)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    train_bpe("gpt-2", vocab_size=300).save(str(tmp_path / "hf" / "tokenizer.json"))
+    path = str(tmp_path / "m.gguf")
+    assert cli_main(["convert", str(tmp_path / "hf"), path, "--type", "F32", "--quiet"]) == 0
+    with GGUFFile(path) as f:
+        metadata, shapes = dict(f.metadata), {t.name: t.shape for t in f.tensors}
+    assert metadata["gemma3.rope.scaling.type"] == "linear" and metadata["gemma3.rope.scaling.factor"] == 8.0
+    # bad scaling metadata is named
+    for key, value, match in (("gemma3.rope.scaling.factor", 0.0, "scaling.factor"),
+                              ("gemma3.rope.scaling.factor", -8.0, "scaling.factor"),
+                              ("gemma3.rope.scaling.factor", "8", "scaling.factor"),
+                              ("gemma3.rope.scaling.factor", None, "scaling.factor"),
+                              ("gemma3.rope.scaling.type", "yarn", "scaling.type 'yarn'")):
+        bad = {k: v for k, v in {**metadata, key: value}.items() if v is not None}
+        with pytest.raises(ValueError, match=match):
+            gguf_model_config(bad, shapes)
+    llm = LLM(path, block_size=4, max_num_seqs=1)
+    assert llm.model.cfg.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    prompt = [int(t) for t in np.random.default_rng(21).integers(0, V, 11)]
+    tokens, logits = engine_trace(llm, prompt, 16)
+    err = (logits - _hf_logits(hf, prompt, tokens)).abs().max().item()
+    assert err <= 1e-4, f"max abs logit difference {err} over {len(tokens)} steps"
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    ref = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, verbose=False, n_threads=2, type_k=0, type_v=0,
+                          logits_all=True)
+    ref.eval(prompt)
+    ref_logits = []
+    for token in tokens:  # llama.cpp decodes flashlm's tokens: every step's logits are compared
+        ref_logits.append(np.array(ref.scores[ref.n_tokens - 1], dtype=np.float32))
+        ref.eval([token])
+    ref_logits = torch.from_numpy(np.stack(ref_logits))
+    # F32: float32 summation order only (the tolerance of the other converted-file comparisons)
+    scale = ref_logits.abs().max().item()
+    assert (logits - ref_logits).abs().max().item() <= 1e-3 * scale
+
+
+def test_gemma3_linear_scaling_exports(tmp_path):
+    """The trainer's export keeps the scaling: the HF directory (transformers' Gemma 3) and the GGUF file (read
+    back by flashlm's loader) give the training model's logits."""
+    from tokenizer_sources import train_bpe
+
+    from flashlm.models import Transformer
+    from flashlm.train.export import export_gguf, export_hf
+
+    tok = train_bpe("gpt-2", vocab_size=300).to_str()
+    cfg = ModelConfig(arch="gemma3", vocab_size=V, n_layer=6, n_head=4, n_kv_head=2, d_model=64, head_dim=24,
+                      seq_len=64, sliding_window=8, rope_local_theta=100.0, query_pre_attn_scalar=24,
+                      rope_scaling={"rope_type": "linear", "factor": 4.0})
+    torch.manual_seed(22)
+    model = Transformer(cfg).eval()
+    export_hf(model, cfg, tok, tmp_path / "hf")
+    export_gguf(model, cfg, tok, tmp_path / "m.gguf", type="F32")
+    idx = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(22))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    llm = LLM(str(tmp_path / "m.gguf"), block_size=4, max_num_seqs=1)
+    assert llm.model.cfg.rope_scaling == cfg.rope_scaling
+    with torch.no_grad():
+        want = model(idx)[0][0]
+        assert (hf(idx).logits[0] - want).abs().max().item() <= 1e-4
+        assert (llm.model(idx)[0][0] - want).abs().max().item() <= 1e-4
+        # the scaling changes the logits well beyond the tolerance: the comparisons see it
+        unscaled = Transformer(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None})).eval()
+        unscaled.load_state_dict(model.state_dict())
+        assert (unscaled(idx)[0][0] - want).abs().max().item() > 1e-2
