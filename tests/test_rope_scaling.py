@@ -178,3 +178,18 @@ def test_gemma3_linear_scaling_exports(tmp_path):
         unscaled = Transformer(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None})).eval()
         unscaled.load_state_dict(model.state_dict())
         assert (unscaled(idx)[0][0] - want).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("key", ["rope.scaling.factor", "rope.scale_linear"])
+@pytest.mark.parametrize("value, refused", [(4.0, True), (0.5, True), ("4", True), (1.0, False), (0.0, False)])
+def test_a_frequency_factor_without_a_scaling_type_is_refused_not_ignored(key, value, refused):
+    """llama.cpp divides any architecture's rotary frequencies by rope.scaling.factor (or the older
+    rope.scale_linear) whatever rope.scaling.type says; flashlm has no such scaling for llama, so it refuses."""
+    from flashlm.io.gguf_layout import Meta, _rotary_settings
+
+    meta = Meta({"llama.rope.freq_base": 10000.0, f"llama.{key}": value})
+    if refused:
+        with pytest.raises(ValueError, match=rf"llama\.{key.replace('.', '[.]')} .*not supported for llama"):
+            _rotary_settings(meta, "llama", 8, 64)
+    else:
+        assert _rotary_settings(meta, "llama", 8, 64)["rope_theta"] == 10000.0

@@ -187,6 +187,11 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
     elif scaling_type != "none":
         raise ValueError(f"metadata: {arch}.rope.scaling.type {scaling_type!r} is not supported (Llama 3's "
                          "scaling, stored as rope_freqs.weight, and gemma3's 'linear' are)")
+    else:  # llama.cpp divides the frequencies by such a factor whatever the type says: refused, not ignored
+        for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
+            if key in meta.m and meta.m[key] not in (0, 1):  # (0: unset, 1: no scaling, as llama.cpp reads them)
+                raise ValueError(f"metadata: {key} {meta.m[key]!r} scales the rotary frequencies, which is not "
+                                 f"supported for {arch} (rope.scaling.type {scaling_type!r})")
     if f"{arch}.attention.sliding_window" in meta.m and arch not in ("gemma2", "gemma3", "phi3"):  # theirs are theirs
         window = meta.int(f"{arch}.attention.sliding_window", limit=LIMITS["seq_len"])
         if window < ctx and arch != "llama":
