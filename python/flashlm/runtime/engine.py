@@ -426,11 +426,16 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(ids), desc="generating", unit="req")
-        while any(not r.finished for r in reqs):
-            done_before = sum(r.finished for r in reqs)
-            self._step()
+        # Followed by id: a request leaves self._requests when it finishes, so a step costs no pass over them all.
+        pending = {r.request_id for r in reqs if not r.finished}
+        while pending:
+            done = pending.difference(self._requests)
+            if not done:
+                self._step()
+                done = pending.difference(self._requests)
+            pending -= done
             if bar is not None:
-                bar.update(sum(r.finished for r in reqs) - done_before)
+                bar.update(len(done))
         if bar is not None:
             bar.close()
         return [r.output(self.tokenizer) for r in reqs]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Optional
 
+import numpy as np
 import torch
 
 from flashlm.models.transformer import PagedBatch, Transformer
@@ -109,6 +110,19 @@ def prompt_logprob_rows(batch) -> list:
     return out
 
 
+def token_slots(block_table: torch.Tensor, starts, num_new, block_size: int):
+    """(positions, slots) int64 [T] of a packed step: sequence i's tokens [starts[i], starts[i] + num_new[i]),
+    sequence after sequence, and their cache slots block_table[i, p // block_size] * block_size +
+    p % block_size (BlockManager.slot_mapping's, for the whole batch at once). In numpy: a torch op costs
+    several times a numpy one at these sizes, and the point is a fixed cost per step."""
+    counts = np.asarray(num_new, dtype=np.int64)
+    seq_of = np.repeat(np.arange(len(counts)), counts)
+    first_row = np.cumsum(counts) - counts  # each sequence's first row of the packed step
+    positions = np.asarray(starts, dtype=np.int64)[seq_of] + np.arange(len(seq_of)) - first_row[seq_of]
+    blocks = block_table.numpy()[seq_of, positions // block_size].astype(np.int64)
+    return torch.from_numpy(positions), torch.from_numpy(blocks * block_size + positions % block_size)
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype = torch.float32,
                  device="cpu", native_decoder: bool = True):
@@ -189,8 +203,8 @@ class ModelRunner:
         dev = self.device
         decode = all(n == 1 for n in query_lens)  # one new token each: no cu_seqlens_q
         return PagedBatch(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            positions=torch.as_tensor(positions, dtype=torch.int64).to(dev),
+            slot_mapping=torch.as_tensor(slots, dtype=torch.int64).to(dev),
             block_table=block_table.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             cu_seqlens_q=None if decode else torch.tensor([0, *accumulate(query_lens)], dtype=torch.int32, device=dev),
@@ -200,19 +214,19 @@ class ModelRunner:
 
     def prepare(self, batch, bm: BlockManager, prompt_rows=()):
         """(tokens int64 [T], PagedBatch) for a ScheduledBatch; prompt_rows: prompt_logprob_rows(batch), whose
-        rows' logits are wanted after the sampling rows'."""
-        tokens, positions, slots, seq_lens, rows = [], [], [], [], []
+        rows' logits are wanted after the sampling rows'. The positions and cache slots come from the block
+        tables in a few tensor ops, so the per-sequence Python work is one slice of token ids each."""
+        tokens, rows, ends = [], [], []
         for seq, start, n, sampling in zip(batch.seqs, batch.starts, batch.num_new, batch.sampling):
             tokens += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            slots += bm.slot_mapping(seq.seq_id, start, start + n)
-            seq_lens.append(start + n)
+            ends.append(start + n)
             if sampling:
                 rows.append(len(tokens) - 1)
         for _, first_row, _, count in prompt_rows:
             rows += range(first_row, first_row + count)
         block_table = bm.block_tables_tensor([s.seq_id for s in batch.seqs])
-        paged = self.paged_batch(positions, slots, block_table, seq_lens, batch.num_new, rows)
+        positions, slots = token_slots(block_table, batch.starts, batch.num_new, bm.block_size)
+        paged = self.paged_batch(positions, slots, block_table, ends, batch.num_new, rows)
         return torch.tensor(tokens, dtype=torch.int64, device=self.device), paged
 
     def run(self, batch, bm: BlockManager, generators, mirror: "ModelRunner" = None) -> StepOutput:
