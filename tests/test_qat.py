@@ -430,9 +430,8 @@ def logits_of(model, idx):
         return model.eval()(idx)[0]
 
 
-@pytest.fixture(scope="module")
-def qat_run(tmp_path_factory):
-    """A `flashlm train --qat int4-asym` run of the tiny preset (gpt2: K = 64 and 256, so groups of 64)."""
+def train_tiny(tmp_path_factory, qat: str, steps: int):
+    """A `flashlm train --qat QAT` run of the tiny preset (gpt2: K = 64 and 256) for `steps` steps."""
     from flashlm.train.config import TrainConfig
     from flashlm.train.trainer import Trainer
 
@@ -441,11 +440,17 @@ def qat_run(tmp_path_factory):
     text.write_bytes(bytes(corpus_bytes().tolist()))
     cfg = TrainConfig.from_sources("tiny", overrides=dict(
         data=[str(text)], data_cache=str(folder / "cache"), out_dir=str(folder / "run"), progress=False,
-        sample_tokens=0, max_steps=4, eval_interval=4, ckpt_interval=4, qat="int4-asym"))
+        sample_tokens=0, max_steps=steps, eval_interval=steps, ckpt_interval=steps, qat=qat))
     trainer = Trainer(cfg)
     trainer.train()
     trainer.dp.close()
     return trainer
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    """A `flashlm train --qat int4-asym` run (groups of 64)."""
+    return train_tiny(tmp_path_factory, "int4-asym", 4)
 
 
 def test_train_with_qat_exports_the_model_it_trained(qat_run, tmp_path, capsys):
@@ -488,6 +493,7 @@ def test_finetune_full_with_qat(qat_run, tmp_path):
 
 def test_qat_settings_are_checked(qat_run, tmp_path):
     from flashlm.io.qat_export import export_qat
+    from flashlm.train.export import export_qat_run
     from flashlm.train.config import TrainConfig
     from flashlm.train.finetune import FinetuneConfig
 
@@ -513,9 +519,72 @@ def test_qat_settings_are_checked(qat_run, tmp_path):
         export_qat(str(float_run), str(tmp_path / "y.pt"))
     state["train_config"]["qat"] = "Q4_0"
     torch.save(state, float_run)
-    with pytest.raises(NotImplementedError, match="^qat: a run trained with --qat Q4_0"):
+    with pytest.raises(ValueError, match="^qat: a run trained with --qat Q4_0 has no quantized checkpoint form"):
         export_qat(str(float_run), str(tmp_path / "y.pt"))
+    with pytest.raises(ValueError, match="^output: a run trained with --qat Q4_0 is written as a GGUF file: give a"):
+        export_qat_run(str(float_run), str(tmp_path / "y.pt"))
     state["train_config"]["qat"] = "int4; rm"
     torch.save(state, float_run)
     with pytest.raises(ValueError, match="^qat: must be one of"):
         export_qat(str(float_run), str(tmp_path / "y.pt"))
+
+
+@pytest.fixture(scope="module")
+def q4_0_run(tmp_path_factory):
+    """A `flashlm train --qat Q4_0` run (whole Q4_0 blocks)."""
+    return train_tiny(tmp_path_factory, "Q4_0", 3)
+
+
+def test_gguf_qat_run_exports_the_gguf_file_it_trained_for(q4_0_run, tmp_path, capsys):
+    """The GGUF file's block linears hold the QAT quantizer's bytes (gguf_blocks of the trained weights, rows of
+    q|k|v fused as llama.cpp's gpt2 attn_qkv), every other tensor is F32, and flashlm's model loaded from it
+    computes the QAT model's logits bit for bit: the same GGUF kernel on the same bytes, the rest float32 in the
+    same order. llama.cpp loads the file and decodes the same greedy tokens."""
+    from gguf import GGUFReader
+
+    from flashlm.cli import main
+    from flashlm.io import load_model
+    from flashlm.quant.qat import gguf_blocks
+
+    model = q4_0_run.model
+    out = tmp_path / "q4_0.gguf"
+    assert main(["quantize", str(q4_0_run.out_dir), str(out), "--method", "qat"]) == 0
+    assert "Q4_0 as trained with --qat Q4_0" in capsys.readouterr().out
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    quantized = {n for n, t in tensors.items() if t.tensor_type.name != "F32"}
+    assert len(quantized) == 4 * model.cfg.n_layer and {tensors[n].tensor_type.name for n in quantized} == {"Q4_0"}
+    for i, block in enumerate(model.blocks):
+        qkv = torch.cat([block.attn.q.weight, block.attn.k.weight, block.attn.v.weight])
+        for name, w in (("attn_qkv", qkv), ("attn_output", block.attn.o.weight), ("ffn_up", block.mlp.fc.weight),
+                        ("ffn_down", block.mlp.proj.weight)):
+            got = torch.as_tensor(tensors[f"blk.{i}.{name}.weight"].data.copy()).reshape(w.shape[0], -1)
+            assert_equal(got, gguf_blocks(w, "Q4_0"), name=f"blk.{i}.{name} bytes")
+    exported = load_model(str(out))
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert_equal(logits_of(exported.model, idx), logits_of(model, idx), name="GGUF vs Q4_0 QAT logits")
+
+    from flashlm.runtime.simple_generate import generate
+    from test_export import llama_cpp_greedy, llama_cpp_model
+
+    assert exported.tokenizer is not None  # the run's tokenizer went into the file: llama.cpp loads it
+    prompt = [5, 9, 12, 3, 40, 41, 7]
+    want = generate(model.eval(), torch.tensor([prompt]), 16, temperature=0)[0].tolist()
+    got, _ = llama_cpp_greedy(llama_cpp_model(out), prompt, want)
+    assert got == want, "llama.cpp's greedy tokens vs flashlm's"
+
+
+def test_per_tensor_plan_is_checked():
+    from flashlm.quant.mix import MixPlanner, ModelInfo
+
+    names = ["token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight"]
+    info = ModelInfo("llama", 1, 2, 2)
+    planner = MixPlanner("F32", info, names, types={"blk.0.attn_q.weight": "Q4_0"})
+    assert [planner.type_for(n, (64, 64), "F32") for n in names] == ["F32", "F32", "Q4_0"]
+    with pytest.raises(ValueError, match="^types: 'blk.0.attn_norm.weight' is not a quantizable weight"):
+        MixPlanner("F32", info, names, types={"blk.0.attn_norm.weight": "Q4_0"})
+    with pytest.raises(ValueError, match="^types: 'blk.1.attn_q.weight' is not a quantizable weight"):
+        MixPlanner("F32", info, names, types={"blk.1.attn_q.weight": "Q4_0"})
+    with pytest.raises(ValueError, match="^types: 'blk.0.attn_q.weight' has type 'Q4'"):
+        MixPlanner("F32", info, names, types={"blk.0.attn_q.weight": "Q4"})
+    with pytest.raises(ValueError, match="^types: blk.0.attn_q.weight's rows of 64 are not whole Q4_K blocks"):
+        MixPlanner("F32", info, names, types={"blk.0.attn_q.weight": "Q4_K"}).type_for(names[2], (64, 64), "F32")

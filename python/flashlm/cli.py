@@ -149,11 +149,12 @@ def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
     if args.type is not None:
         raise ValueError("--type: not with --method (which writes Int4Linear or Int8Linear layers, not a GGUF mix)")
     if args.method == "qat":
-        from flashlm.io.qat_export import export_qat
+        from flashlm.train.export import export_qat_run
 
-        r = export_qat(args.input, args.output)
+        r = export_qat_run(args.input, args.output)
         if not args.quiet:
-            kind = "int8" if r["group_size"] is None else f"int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
+            sym = "sym" if r["symmetric"] else "asym"
+            kind = r["qat"] if r["group_size"] is None else f"int4 g{r['group_size']} {sym}"
             print(f"{_printable(args.output)}: {kind} as trained with --qat {r['qat']}, "
                   f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
         return 0

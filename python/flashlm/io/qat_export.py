@@ -2,8 +2,10 @@
 fine-tuned with `flashlm finetune --method full --qat ...`) written as a quantized checkpoint
 (flashlm.io.quantized_checkpoint) whose Int4Linear or Int8Linear layers compute exactly the forward the run
 trained with: the same quantizer, group size and symmetry (int8: per-channel weights, per-token activations).
-A run trained with a GGML block type (--qat Q8_0|Q4_0|Q4_K) has no quantized checkpoint form: convert_qat gives
-its GGUFLinear layers in memory, and writing it as a GGUF file is not available yet (a clear error says so).
+A run trained with a GGML block type (--qat Q8_0|Q4_0|Q4_K) has no such form: flashlm.train.export.export_qat_run
+writes it as a GGUF file (OUT must end in .gguf) with block_linear_plan's types:
+its block linears (attn_q/k/v/qkv, attn_output, ffn_gate/up/down; MoE experts are no QAT layers) in that type,
+quantized by the same ggml-exact quantizer as the QAT forward (the same bytes), every other tensor F32.
 """
 
 from __future__ import annotations
@@ -28,14 +30,12 @@ def export_qat(input_path: str, output_path: str) -> dict:
     {"qat", "group_size" (None for int8), "symmetric", "layers"}."""
     from flashlm.io import load_model
     from flashlm.io.quantized_checkpoint import save_quantized_model
-    from flashlm.quant.qat import apply_qat, convert_qat
-
-    from flashlm.quant.qat import GGUF_QAT_TYPES
+    from flashlm.quant.qat import GGUF_QAT_TYPES, apply_qat, convert_qat
 
     qat, group_size = qat_setting(input_path)
     if qat in GGUF_QAT_TYPES:
-        raise NotImplementedError(f"qat: a run trained with --qat {qat} cannot be written as a quantized checkpoint "
-                                  "(its layers are GGML blocks); a GGUF export is not available yet")
+        raise ValueError(f"qat: a run trained with --qat {qat} has no quantized checkpoint form (its layers are GGML "
+                         "blocks): write it as a GGUF file (flashlm.train.export.export_qat_run)")
     loaded = load_model(input_path)
     apply_qat(loaded.model, qat, group_size)
     layers = convert_qat(loaded.model)
@@ -43,3 +43,25 @@ def export_qat(input_path: str, output_path: str) -> dict:
     first = loaded.model.get_submodule(layers[0])
     return {"qat": qat, "group_size": getattr(first, "group_size", None), "symmetric": getattr(first, "symmetric", True),
             "layers": len(layers)}
+
+
+# The GGUF weights a flashlm Transformer's block linears (flashlm.quant.w8a8.BLOCK_LINEARS) become.
+_BLOCK_LINEAR_CATEGORIES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def block_linear_plan(qat: str, output_path: str):
+    """export_gguf's per-tensor plan for a run trained with the GGML block type qat, written to output_path
+    (checked: a .gguf path): GGUF name -> qat for a block linear's weight, None (F32) for the rest, experts
+    and shared experts included (they are no QAT layers)."""
+    from flashlm.quant.mix import allows_quantization, category
+
+    if not str(output_path).lower().endswith(".gguf"):
+        raise ValueError(f"output: a run trained with --qat {qat} is written as a GGUF file: give a .gguf path, "
+                         f"got {output_path!r}")
+
+    def type_of(name: str):
+        linear = (name.startswith("blk.") and allows_quantization(name, 2)
+                  and category(name) in _BLOCK_LINEAR_CATEGORIES and "_exps" not in name and "shexp" not in name)
+        return qat if linear else None
+
+    return type_of

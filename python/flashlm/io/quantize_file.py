@@ -108,12 +108,13 @@ def check_model(source) -> ModelConfig:
     return gguf_model_config(metadata, shapes, max_model_len=1)
 
 
-def plan(source, cfg: ModelConfig, mix: str, has_imatrix: bool = False, keep_float=()) -> list[str]:
+def plan(source, cfg: ModelConfig, mix: str, has_imatrix: bool = False, keep_float=(), types=None) -> list[str]:
     """The GGML type of every tensor of `source` (a cfg model) under `mix`, in file order, the tensors that
-    `keep_float` names (flashlm.quant.mix.parse_keep_float) left float."""
+    `keep_float` names (flashlm.quant.mix.parse_keep_float) left float, those in `types` ({name: type}) in
+    their own type."""
     names = [name for name, _, _ in source.tensors]
     planner = MixPlanner(mix, ModelInfo(cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_kv_head), names, has_imatrix,
-                         keep_float)
+                         keep_float, types)
     return [planner.type_for(name, shape, current) for name, shape, current in source.tensors]
 
 
@@ -148,9 +149,10 @@ def _check_mix(mix: str) -> str:
 
 
 def write_quantized(source, dst_path: str, mix: str, progress: bool = True,
-                    imatrix: IMatrix | None = None, keep_float=()) -> list[tuple[str, str, str]]:
+                    imatrix: IMatrix | None = None, keep_float=(), types=None) -> list[tuple[str, str, str]]:
     """Write the tensors and metadata of `source` to the GGUF file `dst_path`, each tensor in the type `mix`
-    gives it (float for those `keep_float` names), quantized with its entry of `imatrix` where it has one.
+    gives it (float for those `keep_float` names, its own for those in `types`: {name: GGML type}), quantized
+    with its entry of `imatrix` where it has one.
 
     source: an object with `arch` (GGUF architecture), `metadata` [(key, value, GGUFValueType, item type)],
         `tensors` [(GGUF name, shape in torch order, stored type name)] in file order and `load(index)` ->
@@ -160,7 +162,8 @@ def write_quantized(source, dst_path: str, mix: str, progress: bool = True,
     mix = _check_mix(mix)
     if imatrix is not None:
         check_imatrix(imatrix, source)
-    targets = plan(source, check_model(source), mix, has_imatrix=imatrix is not None, keep_float=keep_float)
+    targets = plan(source, check_model(source), mix, has_imatrix=imatrix is not None, keep_float=keep_float,
+                   types=types)
     for (name, _, current), target in zip(source.tensors, targets):
         if target != current and current not in _FLOAT_TYPES and current not in GGUF_QUANT_TYPES:
             raise ValueError(f"{name}: stored as {current}, which flashlm cannot decode to quantize to {target}")

@@ -147,11 +147,20 @@ class MixPlanner:
     """Types for the tensors of one model, asked in file order (the attn_v and ffn_down counters depend on it).
     has_imatrix: whether the quantization has an importance matrix (llama.cpp's rules for ffn_down differ).
     keep_float: tensors that stay float (parse_keep_float's entries): F32/F16/BF16 as stored, F16 where stored
-    quantized. The others get the types the mix gives them with those tensors quantized (the counters run on)."""
+    quantized. The others get the types the mix gives them with those tensors quantized (the counters run on).
+    types: {tensor name: GGML type} that replace the mix's for those weights (a per-tensor plan, such as a
+    quantization-aware run's: its block linears in the type it trained, the rest as the mix gives them)."""
 
-    def __init__(self, mix: str, info: ModelInfo, names: list[str], has_imatrix: bool = False, keep_float=()):
+    def __init__(self, mix: str, info: ModelInfo, names: list[str], has_imatrix: bool = False, keep_float=(),
+                 types=None):
         if mix not in MIXES:
             raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {mix!r}")
+        self.types = dict(types or {})
+        for name, t in self.types.items():
+            if name not in names or not allows_quantization(name, 2):
+                raise ValueError(f"types: {name!r} is not a quantizable weight of this model")
+            if t not in BLOCK_SIZE:
+                raise ValueError(f"types: {name!r} has type {t!r}, expected one of {', '.join(BLOCK_SIZE)}")
         self.mix, self.info, self.has_imatrix = mix, info, has_imatrix
         self.keep_float = parse_keep_float(keep_float, names) if keep_float else ()
         self.default = MIXES[mix][0]
@@ -163,6 +172,10 @@ class MixPlanner:
         """The GGML type of tensor `name` (shape in torch order, rows last), now stored as `current`."""
         if not allows_quantization(name, len(shape)):
             return current
+        if name in self.types:
+            if shape[-1] % BLOCK_SIZE[self.types[name]]:
+                raise ValueError(f"types: {name}'s rows of {shape[-1]} are not whole {self.types[name]} blocks")
+            return self.types[name]
         new = self.default
         if BLOCK_SIZE[new] == 1:  # F32/F16/BF16 mixes: no rules
             return new

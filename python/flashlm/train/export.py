@@ -385,12 +385,13 @@ class ModelSource:
 
 
 def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: str = "F32",
-                eos_token_id: int | None = None, name: str = "flashlm", progress: bool = False) -> list:
+                eos_token_id: int | None = None, name: str = "flashlm", progress: bool = False, types=None) -> list:
     """Write a GGUF file llama.cpp loads; returns [(tensor name, "F32", type written)].
 
     type: a `flashlm quantize` mix: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M,
         Q4_K_S/M, Q5_K_S/M, Q6_K. Other arguments as export_hf's; without a tokenizer the file has none
         (llama.cpp will not load it then).
+    types: a function GGUF tensor name -> GGML type, or None for the mix's type (a per-tensor plan).
     """
     if not isinstance(type, str) or type.upper() not in MIXES:
         raise ValueError(f"type: expected one of {', '.join(MIXES)}, got {type!r}")
@@ -401,14 +402,17 @@ def export_gguf(model_or_state, model_config, tokenizer_json, out_path, type: st
         warnings.warn("export_gguf: no tokenizer; llama.cpp needs one to load the file", stacklevel=2)
     else:
         metadata += tokenizer_metadata(tokenizer_json, vocab_size=s.vocab_size, eos_token_id=eos_token_id)
-    return write_quantized(ModelSource(s, tensors, metadata), str(out_path), type, progress)
+    planned = {} if types is None else {n: t for n, _ in tensors if (t := types(n)) is not None}
+    return write_quantized(ModelSource(s, tensors, metadata), str(out_path), type, progress, types=planned)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", progress: bool = False) -> dict:
-    """Export a checkpoint file to a GGUF file and/or an HF directory; returns what was written."""
+def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", progress: bool = False,
+                      types=None) -> dict:
+    """Export a checkpoint file to a GGUF file and/or an HF directory; returns what was written.
+    types: export_gguf's per-tensor plan."""
     if gguf_path is None and hf_dir is None:
         raise ValueError("export: give a GGUF output path, an HF output directory, or both")
     path = find_checkpoint(path)
@@ -421,5 +425,21 @@ def export_checkpoint(path, gguf_path=None, hf_dir=None, type: str = "F32", prog
         written["hf"] = export_hf(*args, hf_dir, eos_token_id=ckpt.get("eos_token_id"))
     if gguf_path is not None:
         written["gguf"] = export_gguf(*args, gguf_path, type=type, eos_token_id=ckpt.get("eos_token_id"),
-                                      progress=progress)
+                                      progress=progress, types=types)
     return written
+
+
+def export_qat_run(input_path, output_path) -> dict:
+    """`flashlm quantize RUN OUT --method qat`: a run trained with a GGML block type (--qat Q8_0|Q4_0|Q4_K) as a
+    GGUF file (flashlm.io.qat_export.block_linear_plan: its block linears in that type, quantized as the QAT
+    forward quantized them, the rest F32), any other QAT run as flashlm.io.qat_export.export_qat writes it.
+    Returns export_qat's dict ("group_size" None for the GGML types)."""
+    from flashlm.io.qat_export import block_linear_plan, export_qat, qat_setting
+    from flashlm.quant.qat import GGUF_QAT_TYPES
+
+    qat, _ = qat_setting(input_path)
+    if qat not in GGUF_QAT_TYPES:
+        return export_qat(input_path, output_path)
+    plan = block_linear_plan(qat, output_path)
+    written = export_checkpoint(input_path, gguf_path=output_path, types=plan)["gguf"]
+    return {"qat": qat, "group_size": None, "symmetric": True, "layers": sum(t == qat for _, _, t in written)}
