@@ -10,17 +10,8 @@
 namespace flashlm::activation::detail {
 namespace {
 
-using core::bf16_to_f32;
-using core::f32_to_bf16;
-
-float load(float v) { return v; }
-float load(uint16_t v) { return bf16_to_f32(v); }
-template <class T>
-T store(float v);
-template <>
-float store<float>(float v) { return v; }
-template <>
-uint16_t store<uint16_t>(float v) { return f32_to_bf16(v); }
+using core::bf16_or_f32::load;
+using core::bf16_or_f32::store;
 
 // tanh(z) = 1 - 2 / (1 + exp(2z)): +-1 where exp saturates, NaN for NaN.
 float tanh_exp(float z) { return 1.0f - 2.0f / (1.0f + exp_cephes(2.0f * z)); }

@@ -92,4 +92,19 @@ FLASHLM_HD uint16_t f32_to_f16(float f) {
 #endif
 }
 
+// The scalar kernels' element access where a tensor is float32 or bf16 (held as uint16_t; never f16 here):
+// load to float, store from float (bf16: round to nearest even).
+namespace bf16_or_f32 {
+inline float load(float v) { return v; }
+inline float load(uint16_t v) { return bf16_to_f32(v); }
+template <class T>
+T store(float v);
+template <>
+inline float store<float>(float v) { return v; }
+template <>
+inline uint16_t store<uint16_t>(float v) { return f32_to_bf16(v); }
+inline void put(float* p, float v) { *p = v; }
+inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
+}  // namespace bf16_or_f32
+
 }  // namespace flashlm::core

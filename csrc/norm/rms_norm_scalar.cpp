@@ -12,19 +12,8 @@
 namespace flashlm::norm::detail {
 namespace {
 
-using core::bf16_to_f32;
-using core::f32_to_bf16;
-
-float load(float v) { return v; }
-float load(uint16_t v) { return bf16_to_f32(v); }
-
-// f32 -> the element type T (bf16: round to nearest even).
-template <class T>
-T store(float v);
-template <>
-float store<float>(float v) { return v; }
-template <>
-uint16_t store<uint16_t>(float v) { return f32_to_bf16(v); }
+using core::bf16_or_f32::load;
+using core::bf16_or_f32::store;
 
 float sum_lanes(const float* acc) {
   float s[8];

@@ -10,10 +10,8 @@
 namespace flashlm::runtime::detail {
 namespace {
 
-float load(float v) { return v; }
-float load(uint16_t v) { return core::bf16_to_f32(v); }
-void put(float* p, float v) { *p = v; }
-void put(uint16_t* p, float v) { *p = core::f32_to_bf16(v); }
+using core::bf16_or_f32::load;
+using core::bf16_or_f32::put;
 
 template <class T>
 void rows(const RopeArgs& a, int64_t begin, int64_t end) {
