@@ -19,7 +19,7 @@ CHILD = r"""
 import json, sys
 import torch
 import flashlm
-from flashlm.train.finetune import load_base
+from flashlm.train.finetune import load_base, return_freed_blocks
 from flashlm.train.optim import AdamW
 from flashlm.train.peft import apply_lora, trainable_parameters
 
@@ -33,6 +33,7 @@ opt = AdamW([w])                        # the interpreter's, not the base's
 (w * 2).sum().backward()
 opt.step()
 base_rss = status("VmRSS")
+return_freed_blocks()  # as the fine-tune trainer does before it loads the base
 model = load_base(path, "qlora").model
 model.requires_grad_(False)
 apply_lora(model, r=r, alpha=2 * r, targets="q,k,v,o,gate,up,down")

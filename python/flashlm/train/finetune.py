@@ -126,8 +126,7 @@ def return_freed_blocks() -> None:
 
 
 def load_base(path: str, method: str):
-    """The base as a LoadedModel: quantized for qlora (a GGUF file as it is; otherwise int4 on load). Training
-    follows, so freed activation blocks go back to the system from now on (return_freed_blocks)."""
+    """The base as a LoadedModel: quantized for qlora (a GGUF file as it is; otherwise int4 on load)."""
     import os
 
     from flashlm.io import load_model
@@ -136,7 +135,6 @@ def load_base(path: str, method: str):
     if not os.path.exists(path):
         hint = " (run `flashlm train` first, or pass --model)" if path == DEFAULT_BASE else ""
         raise ValueError(f"model: {path!r} does not exist{hint}")
-    return_freed_blocks()
     is_hf = os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
     if method == "qlora" and is_hf:
         return load_model(path, quantize="int4")
@@ -304,6 +302,7 @@ class FineTuner(Trainer):
         ft = self.ft
         if self.world_size > 1:  # the records are not sharded over ranks: every rank would take the same ones
             raise NotImplementedError("finetune: runs in one process (no torchrun)")
+        return_freed_blocks()  # training follows: freed activation blocks go back to the system from now on
         self.loaded = load_base(ft.model, ft.method)
         if self.loaded.tokenizer is None:
             raise ValueError(f"model: {ft.model} has no tokenizer to encode the data with")
