@@ -139,8 +139,6 @@ def run_case(case: str, paths: dict, student_dict: dict, batch: int, seq: int, s
     from flashlm.train.optim import AdamW
 
     if case == "no-teacher":
-        from flashlm.models import ModelConfig
-
         with open(paths["config"]) as f:
             teacher = LogitsOnly(ModelConfig.from_dict(json.load(f)), batch, seq)
     base_rss = proc_status_bytes("VmRSS")

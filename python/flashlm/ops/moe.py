@@ -16,8 +16,6 @@ the backward groups rows by expert with torch index ops and loops over the exper
 calling gguf_linear_backward_input per expert. route is differentiable in router_logits.
 """
 
-from typing import Optional
-
 import torch
 
 from flashlm import _C
