@@ -57,11 +57,18 @@ def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
     if cfg.sliding_window is not None:  # its attention is the plain causal one
         raise NotImplementedError(f"cfg.sliding_window: tensor parallelism has no sliding-window attention, got "
                                   f"{cfg.sliding_window}")
-    for name in ("n_head", "d_ff", "vocab_size"):
-        if getattr(cfg, name) % tp:
-            raise ValueError(f"--tp: {name} {getattr(cfg, name)} does not divide by tp {tp}")
-    if cfg.n_kv_head % tp and tp % cfg.n_kv_head:
-        raise ValueError(f"--tp: n_kv_head {cfg.n_kv_head} must divide by tp {tp} or divide it (K/V heads are "
+    check_splits(cfg, tp, "--tp", ("n_head", "d_ff", "vocab_size"), f"tp {tp}")
+
+
+def check_splits(cfg: ModelConfig, size: int, flag: str, dims: tuple, said: str) -> None:
+    """ValueError naming `flag` (and the size as `said`) unless each of cfg's `dims` divides by `size` and
+    n_kv_head divides by size or size by n_kv_head (K/V heads are split, or replicated when fewer than the
+    ranks): the rule of tensor parallelism in training and in serving."""
+    for name in dims:
+        if getattr(cfg, name) % size:
+            raise ValueError(f"{flag}: {name} {getattr(cfg, name)} does not divide by {said}")
+    if cfg.n_kv_head % size and size % cfg.n_kv_head:
+        raise ValueError(f"{flag}: n_kv_head {cfg.n_kv_head} must divide by {said} or divide it (K/V heads are "
                          "split or replicated)")
 
 

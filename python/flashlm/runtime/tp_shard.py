@@ -20,6 +20,7 @@ from torch import nn
 
 from flashlm.ops.dequant import BLOCKS
 from flashlm.parallel.mesh import Group
+from flashlm.parallel.tensor import check_splits
 from flashlm.quant.gguf_linear import GGUFLinear
 
 _SPLITTABLE = (nn.Linear, GGUFLinear)
@@ -34,13 +35,7 @@ def check_tensor_parallel_size(model, size) -> int:
     if size > cfg.n_head:
         raise ValueError(f"tensor_parallel_size: {size} ranks for {cfg.n_head} attention heads (at most one rank "
                          f"per head)")
-    for name in ("n_head", "d_ff"):
-        if getattr(cfg, name) % size:
-            raise ValueError(f"tensor_parallel_size: the model's {name} {getattr(cfg, name)} does not divide by "
-                             f"{size}")
-    if cfg.n_kv_head % size and size % cfg.n_kv_head:
-        raise ValueError(f"tensor_parallel_size: the model's n_kv_head {cfg.n_kv_head} must divide by {size} or "
-                         f"divide it (K/V heads are split or replicated)")
+    check_splits(cfg, size, "tensor_parallel_size", ("n_head", "d_ff"), str(size))
     for i, block in enumerate(model.blocks):
         for name, module in _column_layers(block):
             _check_layer(module, f"blocks.{i}.{name}")
