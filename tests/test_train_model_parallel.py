@@ -284,7 +284,7 @@ def test_a_rank_killed_mid_step_fails_its_peer_with_a_timeout(text_file, data_ca
     (2, dict(pp_schedule="zigzag"), ValueError, "--pp-schedule: must be one of"),
     (2, dict(sequence_parallel=True), ValueError, "--sequence-parallel: needs --tp > 1"),
     (2, dict(tp=2, seq_len=63, sequence_parallel=True), ValueError, "--sequence-parallel: seq_len 63 does not divide"),
-    (4, dict(cp=2, tp=2), NotImplementedError, "--cp: context parallelism runs with data parallelism alone"),
+    (4, dict(cp=2, tp=2, sequence_parallel=True), NotImplementedError, "--sequence-parallel: not with --cp"),
     (2, dict(tp=2, zero_stage=3), NotImplementedError, "--zero-stage: ZeRO 3 runs with data parallelism alone"),
     (2, dict(cp=2, arch="gemma2"), NotImplementedError, "--cp: context parallelism does not cover gemma2"),
     (2, dict(tp=2, l1=0.1), ValueError, "l1: not available with --tp/--pp/--cp"),

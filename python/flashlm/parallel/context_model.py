@@ -16,9 +16,13 @@ all-reduce of the counts), so the ranks' losses add up to the one-process mean a
 all-reduce sums them. Every rank then holds the same gradients and takes the same optimizer step.
 
 The model's own modules and parameters are used as they are (nothing is copied): the wrapper only replaces
-the sequence-wide parts of the forward pass. gemma's and phi3's sliding windows and soft-capped scores are not covered
-(ring attention has neither); the model's attn_impl is not consulted (ring attention runs flashlm's flash
-attention on every block).
+the sequence-wide parts of the forward pass. Those parts live in ContextShard, which the pipeline's stages use
+too (CP x PP: every stage holds the same cp slice of the sequence). The model may be tensor parallel (CP x TP,
+parallel/tensor.py): each tp rank runs ring attention on its own heads (heads are independent, so the cp ring of
+one tp coordinate carries only those), the row-parallel o-projection sums over tp as usual, and the loss is the
+vocabulary-parallel cross-entropy's sum over the rank's tokens. gemma's and phi3's sliding windows and
+soft-capped scores are not covered (ring attention has neither); the model's attn_impl is not consulted (ring
+attention runs flashlm's flash attention on every block).
 """
 
 from typing import Optional
@@ -28,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from flashlm.models.transformer import Attention, Block, Transformer
+from flashlm.models.transformer import Block, Transformer
 from flashlm.parallel.context import SequenceLayout, ring_attention
+from flashlm.parallel.mesh import Group
+from flashlm.parallel.tensor import ParallelAttention, vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100  # Transformer.forward's
 
@@ -43,6 +49,83 @@ def check_context_parallel(model: Transformer) -> None:
                                   "and soft-capped scores")
 
 
+def _check_ring(ring) -> None:
+    for attr in ("rank", "world_size", "sendrecv", "allreduce"):
+        if not hasattr(ring, attr):
+            raise TypeError(f"ring: {type(ring).__name__} has no `{attr}` (a comm.Ring has them all)")
+
+
+def sum_gradients(params: list, group) -> None:
+    """Each parameter's gradient := its sum over `group` (a mesh Group, or a comm.Ring: anything with
+    all_reduce or allreduce), one all-reduce of them all, flattened. A parameter without a gradient on this rank
+    counts as zeros, so every rank sends the same sizes."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1) for p in params])
+    (group.all_reduce if hasattr(group, "all_reduce") else group.allreduce)(flat)
+    start = 0
+    for p in params:
+        summed = flat[start:start + p.numel()].view_as(p).to(p.dtype)
+        start += p.numel()
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:
+            p.grad.copy_(summed)
+
+
+class ContextShard:
+    """The sequence-wide steps of a model run on this rank's part of each sequence: the positions it holds,
+    a block with ring attention over the cp ring, and its share of the loss. ring: the cp group's comm.Ring
+    (rank, world_size, sendrecv, allreduce); layout: the SequenceLayout of the sequences."""
+
+    def __init__(self, ring, layout: SequenceLayout):
+        _check_ring(ring)
+        if not isinstance(layout, SequenceLayout):
+            raise TypeError(f"layout: expected a SequenceLayout, got {type(layout).__name__}")
+        if ring.world_size != layout.cp:
+            raise ValueError(f"ring: {ring.world_size} ranks, the layout is for cp={layout.cp}")
+        self.ring, self.layout, self.rank = ring, layout, ring.rank
+
+    @property
+    def local_len(self) -> int:
+        return self.layout.local_len(self.rank)
+
+    def positions(self, device=None) -> torch.Tensor:
+        return self.layout.positions(self.rank, device=device)
+
+    def block(self, block: Block, x, rope):
+        """Block.forward with ring attention (the supported archs have no post-norms)."""
+        x = x + self.attention(block.attn, block.attn_norm(x), rope)
+        return x + block.mlp(block.mlp_norm(x))
+
+    def attention(self, attn, x, rope):
+        """Attention.forward over the whole sequence's keys: this rank's q, k and v, the rest from the ring. A
+        tensor-parallel attention (its own heads only) takes ring attention as its `attend`."""
+        if isinstance(attn, ParallelAttention):
+            return attn(x, rope, attend=lambda q, k, v: ring_attention(q, k, v, self.ring, self.layout, True))
+        B, T, _ = x.shape
+        q = attn.q(x).view(B, T, attn.n_head, attn.head_dim)
+        k = attn.k(x).view(B, T, attn.n_kv_head, attn.head_dim)
+        v = attn.v(x).view(B, T, attn.n_kv_head, attn.head_dim)
+        q, k = attn._rotate(q, k, rope)
+        y = ring_attention(q, k, v, self.ring, self.layout, True, attn.scale)
+        return attn.o(y.reshape(B, T, attn.n_head * attn.head_dim))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, tp: Optional[Group] = None) -> torch.Tensor:
+        """This rank's share of the mean token loss over the whole sequences: the sum of its token losses
+        (over the vocabulary shards of `tp` when given) divided by the count of targets over every cp rank (one
+        all-reduce of the counts), so the ranks' shares add up to the mean even when their counts differ."""
+        count = (targets != IGNORE_INDEX).sum().float().reshape(1)
+        self.ring.allreduce(count)  # exact: float32 counts to 2^24
+        flat = logits.float().reshape(targets.numel(), -1)
+        if tp is not None:
+            total = vocab_parallel_cross_entropy(flat, targets.reshape(-1), tp, IGNORE_INDEX, reduction="sum")
+        else:
+            total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / count[0]
+
+
 class ContextParallelTransformer(nn.Module):
     """model (a Transformer, its parameters whole on every rank) run on this rank's part of the sequence;
     `ring` is the cp group's: rank, world_size, sendrecv and allreduce (comm.Ring)."""
@@ -50,9 +133,7 @@ class ContextParallelTransformer(nn.Module):
     def __init__(self, model: Transformer, ring):
         super().__init__()
         check_context_parallel(model)
-        for attr in ("rank", "world_size", "sendrecv", "allreduce"):
-            if not hasattr(ring, attr):
-                raise TypeError(f"ring: {type(ring).__name__} has no `{attr}` (a comm.Ring has them all)")
+        _check_ring(ring)
         self.model = model
         self.ring = ring
 
@@ -61,42 +142,25 @@ class ContextParallelTransformer(nn.Module):
         order). Returns (logits [batch, local_len, vocab], loss: this rank's share of the whole sequence's mean
         loss, or None without targets). Every rank of the ring calls it together."""
         model, rank = self.model, self._check(idx, targets, layout)
-        positions = layout.positions(rank, device=idx.device)
+        shard = ContextShard(self.ring, layout)
+        positions = shard.positions(idx.device)
         x = model._scale_embeddings(model.tok_emb(idx))
         if model.pos_emb is not None:
             x = x + model.pos_emb(positions)
         for block, rope in zip(model.blocks, model._ropes(positions, x.dtype)):
             if model.checkpointing and model.training and torch.is_grad_enabled():
                 # recomputed in backward: its ring attention runs again, on every rank in the same order
-                x = checkpoint(self._block, block, x, rope, layout, use_reentrant=False)
+                x = checkpoint(shard.block, block, x, rope, use_reentrant=False)
             else:
-                x = self._block(block, x, rope, layout)
+                x = shard.block(block, x, rope)
         logits = model.logits(model.final_norm(x))
         if targets is None:
             return logits, None
-        count = (targets != IGNORE_INDEX).sum().float().reshape(1)
-        self.ring.allreduce(count)  # the whole sequence's targets (exact: float32 counts to 2^24)
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
-        return logits, total / count[0]
+        return logits, shard.loss(logits, targets, getattr(model, "tp", None))
 
     def all_reduce_gradients(self) -> None:
-        """Each parameter's gradient := its sum over the cp ranks (one all-reduce of them all, flattened).
-        A parameter without a gradient on this rank counts as zeros, so every rank sends the same sizes."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
-                          for p in params])
-        self.ring.allreduce(flat)
-        start = 0
-        for p in params:
-            summed = flat[start:start + p.numel()].view_as(p).to(p.dtype)
-            start += p.numel()
-            if p.grad is None:
-                p.grad = summed.clone()
-            else:
-                p.grad.copy_(summed)
+        """Each parameter's gradient := its sum over the cp ranks (sum_gradients over the ring)."""
+        sum_gradients(list(self.model.parameters()), self.ring)
 
     def _check(self, idx, targets, layout) -> int:
         """This rank, after the checks every rank makes before its first message."""
@@ -126,18 +190,3 @@ class ContextParallelTransformer(nn.Module):
                 not bool((((targets >= 0) & (targets < vocab)) | (targets == IGNORE_INDEX)).all()):
             raise ValueError(f"targets: must be in [0, {vocab}) or {IGNORE_INDEX} (ignored)")
         return rank
-
-    def _block(self, block: Block, x, rope, layout: SequenceLayout):
-        """Block.forward with ring attention (the supported archs have no post-norms)."""
-        x = x + self._attention(block.attn, block.attn_norm(x), rope, layout)
-        return x + block.mlp(block.mlp_norm(x))
-
-    def _attention(self, attn: Attention, x, rope, layout: SequenceLayout):
-        """Attention.forward over the whole sequence's keys: this rank's q, k and v, the rest from the ring."""
-        B, T, _ = x.shape
-        q = attn.q(x).view(B, T, attn.n_head, attn.head_dim)
-        k = attn.k(x).view(B, T, attn.n_kv_head, attn.head_dim)
-        v = attn.v(x).view(B, T, attn.n_kv_head, attn.head_dim)
-        q, k = attn._rotate(q, k, rope)
-        y = ring_attention(q, k, v, self.ring, layout, True, attn.scale)
-        return attn.o(y.reshape(B, T, attn.n_head * attn.head_dim))

@@ -22,6 +22,12 @@ Schedules, m micro-batches over p stages, as Megatron-LM runs them:
   each other at once never wait on each other, whatever the message size.
 Either way a stage idles at least (p - 1) / (m + p - 1) of a step (the bubble); each step measures its own.
 
+Context parallelism (PipelineStage(..., context=ContextShard(cp_ring, layout)), parallel/context_model.py): every
+stage holds the same cp slice of each sequence (the plan's seq_len is the slice's length), its blocks run ring
+attention over the cp ranks of the stage, rope and gpt2's positions are the slice's global positions, and the
+last stage's loss is its share of the mean over the whole sequences (the cp ranks' shares add up to it). The
+links join the stages of one cp coordinate, so activations never cross the cp dimension.
+
 Tied embeddings: the first stage's embedding table and the last stage's head are copies of one weight; their
 gradients are summed between the two (StageLinks.tied) before clipping, so the copies take the same steps.
 """
@@ -112,11 +118,15 @@ def shm_stage_links(job: str, stage: int, plan: PipelinePlan, tied: bool, timeou
     return links
 
 
+def block_forward(block, x, rope):
+    return block(x, rope)
+
+
 class PipelineStage(nn.Module):
     """A stage's part of `model` (its modules, not copies): the layers plan.layers(stage); the embeddings on the
     first stage, the final norm and head on the last (the embedding table too when tied)."""
 
-    def __init__(self, model: Transformer, stage: int, plan: PipelinePlan):
+    def __init__(self, model: Transformer, stage: int, plan: PipelinePlan, context=None):
         super().__init__()
         if not isinstance(model, Transformer):
             raise ValueError(f"model: must be a flashlm Transformer, got {type(model).__name__}")
@@ -130,6 +140,11 @@ class PipelineStage(nn.Module):
         self.tp = getattr(model, "tp", None)
         self.seq_shards = self.tp.size if getattr(model, "sp", False) else 1
         self.sp = self.seq_shards > 1
+        # A ContextShard: this cp rank's slice of each sequence (see the module's docstring), or None.
+        self.context = context
+        if context is not None and (self.sp or context.local_len != plan.seq_len):
+            raise ValueError(f"context: the plan's seq_len {plan.seq_len} must be the cp slice's "
+                             f"{context.local_len}, without sequence parallelism")
         self._logits = type(model).logits
         self.stage, self.stages = stage, plan.stages
         self.first, self.last = stage == 0, stage == plan.stages - 1
@@ -151,20 +166,23 @@ class PipelineStage(nn.Module):
         Transformer.forward's (its own helpers, on the same buffers and modules), so the stages compose to it."""
         x = Transformer._scale_embeddings(self, self.tok_emb(inputs)) if self.first else inputs
         T = inputs.shape[1] if self.first else inputs.shape[1] * self.seq_shards  # attention sees all T
-        positions = torch.arange(T, device=x.device)
+        positions = torch.arange(T, device=x.device) if self.context is None else self.context.positions(x.device)
+        run = block_forward if self.context is None else self.context.block
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         ropes = Transformer._ropes(self, positions, x.dtype)
         for i, block in zip(self.layer_ids, self.blocks):
             if self.checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, ropes[i], None, use_reentrant=False)
+                x = checkpoint(run, block, x, ropes[i], use_reentrant=False)
             else:
-                x = block(x, ropes[i])
+                x = run(block, x, ropes[i])
         return self._logits(self, self.final_norm(x)) if self.last else x
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean token cross-entropy of the last stage's logits (over the vocabulary shards under tensor
-        parallelism: no rank holds the full logits)."""
+        parallelism: no rank holds the full logits); with context parallelism this cp rank's share of it."""
+        if self.context is not None:
+            return self.context.loss(logits, targets, self.tp)
         flat = logits.float().view(targets.numel(), -1)
         if self.tp is not None:
             return vocab_parallel_cross_entropy(flat, targets.reshape(-1), self.tp)

@@ -113,7 +113,9 @@ class ParallelAttention(nn.Module):
         b = None if linear.bias is None else enter(linear.bias, self.tp)[rows]
         return F.linear(x, w, b)
 
-    def forward(self, x, rope, kv_prefix=None):
+    def forward(self, x, rope, kv_prefix=None, attend=None):
+        """attend: (q, k, v) -> the attention of this rank's heads, in place of the causal attention over x's
+        positions (context parallelism passes its ring attention: parallel/context_model.py)."""
         if kv_prefix is not None:
             raise NotImplementedError("kv_prefix: not supported with tensor parallelism")
         x = enter(x, self.tp, self.sp)
@@ -123,7 +125,7 @@ class ParallelAttention(nn.Module):
         v = self._kv(self.v, x).view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = causal_attention(q, k, v, self.attn_impl)
+        y = causal_attention(q, k, v, self.attn_impl) if attend is None else attend(q, k, v)
         return _row_output(self.o, y.reshape(B, T, self.n_head * self.head_dim), self.tp, self.sp)
 
 
@@ -189,7 +191,7 @@ class _PositionShard(nn.Embedding):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, start, group, ignore_index):
+    def forward(ctx, logits, targets, start, group, ignore_index, mean):
         ctx.dtype = logits.dtype
         logits = logits.float()
         # The max over the whole vocabulary (the ring sums only): every rank's row maxima, gathered.
@@ -201,7 +203,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp()
         sums = group.all_reduce(torch.stack((exp.sum(dim=-1), picked)))  # [2, N]: sum of exp, target's logit
         valid = targets != ignore_index
-        count = valid.sum()
+        count = valid.sum() if mean else torch.ones((), dtype=torch.int64)  # the divisor
         losses = (sums[0].log() - sums[1]) * valid
         ctx.save_for_backward(exp.div_(sums[0][:, None]), local, here & valid, valid, count)
         return losses.sum() / count
@@ -212,14 +214,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         g = softmax * valid[:, None]
         rows = hit.nonzero().squeeze(1)
         g[rows, local[rows]] -= 1.0
-        return (g * (grad / count)).to(ctx.dtype), None, None, None, None
+        return (g * (grad / count)).to(ctx.dtype), None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group: Group,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """torch's F.cross_entropy (mean over the targets that are not ignore_index) of logits split by
-    vocabulary over `group`: logits [N, V / size] hold columns [rank * V / size, ...) of the full [N, V];
-    targets int64 [N], the same on every rank. Computed in float32; a collective."""
+                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """torch's F.cross_entropy (mean over the targets that are not ignore_index, or their sum with
+    reduction="sum") of logits split by vocabulary over `group`: logits [N, V / size] hold columns
+    [rank * V / size, ...) of the full [N, V]; targets int64 [N], the same on every rank. Computed in float32;
+    a collective."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: must be 'mean' or 'sum', got {reduction!r}")
     if logits.dim() != 2 or 0 in logits.shape:
         raise ValueError(f"logits: must be [N, vocab / tp] with N, vocab / tp >= 1, got {tuple(logits.shape)}")
     if targets.dtype != torch.int64 or targets.shape != logits.shape[:1]:
@@ -229,7 +234,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     if bool(bad.any()):
         raise ValueError(f"targets: must be in [0, {vocab}) or ignore_index {ignore_index}, got "
                          f"{int(targets[bad][0])}")
-    return _VocabParallelCrossEntropy.apply(logits, targets, group.rank * logits.shape[1], group, ignore_index)
+    return _VocabParallelCrossEntropy.apply(logits, targets, group.rank * logits.shape[1], group, ignore_index,
+                                            reduction == "mean")
 
 
 class TensorParallelTransformer(Transformer):

@@ -13,6 +13,15 @@ slices every layer (parallel/tensor.py, sequence parallelism optional), pipeline
 layers (parallel/pipeline.py, GPipe or 1F1B over micro-batches), context parallelism the rank's tokens of each
 sequence (parallel/context_model.py); data parallelism averages the gradients of the replicas over the dp group.
 
+Context parallelism composes with the others. With tp, each tp rank runs ring attention on its own heads over
+the cp ranks of its tp coordinate. With pp, every stage holds the same cp slice of each sequence (the pipeline's
+messages are [micro-batch, slice, d_model] and travel between the stages of one (dp, cp, tp) coordinate). The
+loss of each rank is its share of the mean over all the batch's tokens (its token losses' sum over the count of
+every cp rank's targets), so the shares add up to the mean; the gradients of the cp ranks are summed (each
+holds the same parameters: a cp rank's are its tokens' share), then averaged over dp. Every cp rank then holds
+the same gradients, so the clip norm is summed over tp and pp only: each element counted once. Sequence
+parallelism is refused with --cp (its T / tp positions would have to divide each rank's ragged slice).
+
 Checkpoints are layout-free: full_parameters() gathers the full model into the Transformer the trainer built
 (tp slices all-gathered, each pipeline stage's tensors broadcast from it) and, on leaving, every rank takes its
 part of it back, so a checkpoint written at one layout loads at any other. The optimizer state travels the same
@@ -20,8 +29,8 @@ way, in the format of a plain optimizer over the full model's param groups (Data
 Clipping uses the norm over all shards: the squares of split tensors summed over tp, a replicated tensor counted
 once, the stages' sums added, the tied embedding counted on the first stage only.
 
-Not covered (each refused by name before any group is made): ZeRO with tp/pp/cp; context parallelism together
-with tensor or pipeline parallelism (ring attention runs on whole layers); l1, qat and sparsity masks.
+Not covered (each refused by name before any group is made): ZeRO with tp/pp/cp; sequence parallelism with
+context parallelism; l1, qat and sparsity masks.
 """
 
 import contextlib
@@ -34,7 +43,7 @@ import flashlm.dist as fd
 from flashlm.models import Transformer
 from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_model
 from flashlm.parallel.context import SequenceLayout, shard_sequence
-from flashlm.parallel.context_model import ContextParallelTransformer
+from flashlm.parallel.context_model import ContextParallelTransformer, ContextShard, sum_gradients
 from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links
 from flashlm.parallel.tensor import load_full_state_dict
 
@@ -64,9 +73,9 @@ def check_layout(cfg, model_cfg, sizes: dict) -> None:
     if cfg.zero_stage:
         raise NotImplementedError(f"--zero-stage: ZeRO {cfg.zero_stage} runs with data parallelism alone, not with "
                                   f"--tp/--pp/--cp")
-    if cp > 1 and (tp > 1 or pp > 1):
-        raise NotImplementedError("--cp: context parallelism runs with data parallelism alone (ring attention on "
-                                  "whole layers), not with --tp or --pp")
+    if cp > 1 and cfg.sequence_parallel:
+        raise NotImplementedError("--sequence-parallel: not with --cp (the positions of a context-parallel slice "
+                                  "are not split over tp)")
     if tp > 1:
         check_tensor_parallel(model_cfg, tp)
         if cfg.sequence_parallel and cfg.seq_len % tp:
@@ -100,18 +109,23 @@ class ModelParallel:
         self.full = model
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
         self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
-        self.stage = self.pipe = self.context = None
+        self.stage = self.pipe = self.context = self.layout = None
         held = self.part
+        shard, seq_len = None, cfg.seq_len
+        if mesh.cp.size > 1:  # this rank's slice of every sequence
+            self.layout = SequenceLayout(cfg.seq_len, mesh.cp.size)
+            shard = ContextShard(mesh.cp.ring, self.layout)
+            seq_len = shard.local_len
         if mesh.pp.size > 1:
-            self.plan = PipelinePlan(model.cfg.n_layer, mesh.pp.size, cfg.batch_size, cfg.micro_batches, cfg.seq_len,
+            self.plan = PipelinePlan(model.cfg.n_layer, mesh.pp.size, cfg.batch_size, cfg.micro_batches, seq_len,
                                      cfg.pp_schedule)
-            self.stage = held = PipelineStage(self.part, mesh.pp.rank, self.plan)
+            self.stage = held = PipelineStage(self.part, mesh.pp.rank, self.plan, context=shard)
+            # The first rank of the pp group names its links: one pipeline per (dp, cp, tp) coordinate.
             links = shm_stage_links(f"{mesh.job}-pipe{mesh.pp.ranks[0]}", mesh.pp.rank, self.plan,
                                     tied=model.cfg.tie_embeddings, timeout=timeout)
             self.pipe = Pipeline(self.stage, links, self.plan)
-        if mesh.cp.size > 1:
+        elif shard is not None:
             self.context = ContextParallelTransformer(self.part, mesh.cp.ring)
-            self.layout = SequenceLayout(cfg.seq_len, mesh.cp.size)
         # The parameters this rank trains, by their full model's names.
         name_of = {id(p): n for n, p in self.part.named_parameters()}
         self.params = {name_of[id(p)]: p for p in held.parameters() if p.requires_grad}
@@ -138,46 +152,51 @@ class ModelParallel:
         """One micro-step of this dp rank's batch (int64 [batch_size, seq_len], the same on every rank of its
         replica): gradients of loss * loss_scale added. Returns the batch's mean loss, on every rank."""
         mesh = self.mesh
+        if self.layout is not None:
+            idx, targets = (shard_sequence(t, self.layout, mesh.cp.rank) for t in (idx, targets))
         if self.pipe is not None:
             with autocast():
                 loss = self.pipe.forward_backward(idx if self.stage.first else None,
                                                   targets if self.stage.last else None, loss_scale)
-            return mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]  # the last stage's; 0 elsewhere
-        if self.context is not None:
-            rank = mesh.cp.rank
-            idx, targets = (shard_sequence(t, self.layout, rank) for t in (idx, targets))
+            loss = mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]  # the last stage's; 0 elsewhere
+        else:
             with autocast():
-                _, loss = self.context(idx, targets, self.layout)  # this rank's share of the mean
+                if self.context is not None:
+                    _, loss = self.context(idx, targets, self.layout)
+                else:
+                    _, loss = self.part(idx, targets)
             (loss * loss_scale).backward()
-            return mesh.cp.all_reduce(loss.detach().float().reshape(1))[0]
-        with autocast():
-            _, loss = self.part(idx, targets)
-        (loss * loss_scale).backward()
-        return loss.detach().float()
+            loss = loss.detach().float()
+        return self._sum_shares(loss)
+
+    def _sum_shares(self, loss: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss from this cp rank's share of it (the shares' sum over cp)."""
+        if self.layout is None:
+            return loss
+        return self.mesh.cp.all_reduce(loss.float().reshape(1))[0]
 
     @torch.no_grad()
     def evaluate_loss(self, idx: torch.Tensor, targets: torch.Tensor, autocast: Callable) -> torch.Tensor:
         """The mean loss of one batch (as forward_backward's), without gradients."""
-        if self.pipe is not None:
-            with autocast():
-                loss = self.pipe.forward_only(idx if self.stage.first else None, targets if self.stage.last else None)
-            return self.mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]
-        if self.context is not None:
-            rank = self.mesh.cp.rank
-            idx, targets = (shard_sequence(t, self.layout, rank) for t in (idx, targets))
-            with autocast():
-                _, loss = self.context(idx, targets, self.layout)
-            return self.mesh.cp.all_reduce(loss.float().reshape(1))[0]
+        if self.layout is not None:
+            idx, targets = (shard_sequence(t, self.layout, self.mesh.cp.rank) for t in (idx, targets))
         with autocast():
-            return self.part(idx, targets)[1].float()
+            if self.pipe is not None:
+                loss = self.pipe.forward_only(idx if self.stage.first else None, targets if self.stage.last else None)
+                loss = self.mesh.pp.all_reduce(torch.tensor([loss or 0.0]))[0]
+            elif self.context is not None:
+                loss = self.context(idx, targets, self.layout)[1]
+            else:
+                loss = self.part(idx, targets)[1]
+        return self._sum_shares(loss.float())
 
     def finish_gradients(self) -> None:
         """The step's gradients: the tied embedding's summed between the first and last stage, the sequence
         shares' summed over cp, the replicas' averaged over dp."""
         if self.pipe is not None:
             self.pipe.finish_gradients()
-        if self.context is not None:
-            self.context.all_reduce_gradients()
+        if self.layout is not None:  # the stage's parameters only (under pp the others are not held)
+            sum_gradients(list(self.params.values()), self.mesh.cp)
         if self.mesh.dp.size > 1:
             params = list(self.params.values())
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
