@@ -102,7 +102,10 @@ def run_ce(mesh):
     shard = logits[:, mesh.tp.rank * cols:(mesh.tp.rank + 1) * cols].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(shard, targets, mesh.tp)
     loss.backward()
-    return {"loss": loss.detach(), "grad": shard.grad}
+    summed = shard.detach().clone().requires_grad_()  # reduction="sum": context parallelism's shares
+    total = vocab_parallel_cross_entropy(summed, targets, mesh.tp, reduction="sum")
+    total.backward()
+    return {"loss": loss.detach(), "grad": shard.grad, "sum": total.detach(), "sum_grad": summed.grad}
 
 
 def mesh_errors(world):

@@ -84,22 +84,25 @@ def test_shard_then_gather_is_exact(layout, name):
 
 
 def test_vocab_parallel_cross_entropy_matches_torch(layout):
-    """The loss and the logits' gradient of every shard against torch's cross_entropy in float64; the
-    bound is twice torch's own float32 error plus the float32 floor (ignored rows included)."""
+    """The loss (its mean, and its sum: reduction="sum") and the logits' gradient of every shard against
+    torch's cross_entropy in float64; the bound is twice torch's own float32 error plus the float32 floor
+    (ignored rows included)."""
     what, dp, tp, ranks = layout
     logits, targets = w.ce_inputs()
-    ref = logits.double().requires_grad_()
-    F.cross_entropy(ref, targets).backward()
-    base = logits.clone().requires_grad_()
-    F.cross_entropy(base, targets).backward()
-    ref_loss, base_loss = F.cross_entropy(ref.detach(), targets), F.cross_entropy(logits, targets)
-    for d in range(dp):
-        tp_ranks = ranks[d * tp:(d + 1) * tp]
-        for r, res in enumerate(tp_ranks):
-            assert_close_to_reference(res["ce"]["loss"], ref_loss, base_loss, name=f"{what} loss rank {r}")
-        grad = torch.cat([res["ce"]["grad"] for res in tp_ranks], dim=1)
-        assert_close_to_reference(grad, ref.grad, base.grad, name=f"{what} logits' gradient, dp {d}")
-    assert bool((grad[targets == -100] == 0).all())
+    for reduction, loss_key, grad_key in (("mean", "loss", "grad"), ("sum", "sum", "sum_grad")):
+        ref = logits.double().requires_grad_()
+        F.cross_entropy(ref, targets, reduction=reduction).backward()
+        base = logits.clone().requires_grad_()
+        F.cross_entropy(base, targets, reduction=reduction).backward()
+        ref_loss, base_loss = (F.cross_entropy(t, targets, reduction=reduction) for t in (ref.detach(), logits))
+        for d in range(dp):
+            tp_ranks = ranks[d * tp:(d + 1) * tp]
+            for r, res in enumerate(tp_ranks):
+                assert_close_to_reference(res["ce"][loss_key], ref_loss, base_loss,
+                                          name=f"{what} {reduction} loss rank {r}")
+            grad = torch.cat([res["ce"][grad_key] for res in tp_ranks], dim=1)
+            assert_close_to_reference(grad, ref.grad, base.grad, name=f"{what} {reduction}: logits' gradient, dp {d}")
+        assert bool((grad[targets == -100] == 0).all())
 
 
 def test_a_dead_peer_fails_the_group_with_a_timeout(tmp_path):
@@ -198,6 +201,8 @@ def test_vocab_parallel_cross_entropy_checks_its_arguments():
         vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 1], dtype=torch.int32), _one_rank())
     with pytest.raises(ValueError, match="logits: must be"):
         vocab_parallel_cross_entropy(torch.zeros(0, 8), torch.zeros(0, dtype=torch.int64), _one_rank())
+    with pytest.raises(ValueError, match="reduction: must be 'mean' or 'sum', got 'none'"):
+        vocab_parallel_cross_entropy(logits, torch.tensor([0, 1, 1]), _one_rank(), reduction="none")
 
 
 def test_shard_model_refuses_other_models():
