@@ -23,6 +23,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_parallel_context_train import FakeRing  # noqa: E402  (a ring no message may reach)
 from test_train_loop import data_cache, read_metrics, text_file  # noqa: E402,F401
 from test_train_model_parallel import (BATCH, STEPS, assert_matches, copy_checkpoint, flags, launch,  # noqa: E402
                                        one_process, settings, world)
@@ -92,3 +93,25 @@ def test_checkpoint_moves_from_cp2_tp2_to_dp4(runs, references, tmp_path):
     launch(4, ["--out-dir", folder, "--resume", "--batch-size", BATCH // 4])
     assert_matches(read_metrics(folder)[2:], load_checkpoint(latest_checkpoint(folder)),
                    references(model, seq_len), "cp2 x tp2 -> dp 4", first_step=3)
+
+
+def test_bad_context_shards_are_refused():
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.parallel.context import SequenceLayout
+    from flashlm.parallel.context_model import ContextShard
+    from flashlm.parallel.pipeline import PipelinePlan, PipelineStage
+
+    layout = SequenceLayout(31, 2)  # rank 0 holds chunks 0 and 3: 8 + 7 tokens
+    with pytest.raises(TypeError, match="ring: object has no `rank`"):
+        ContextShard(object(), layout)
+    with pytest.raises(TypeError, match="layout: expected a SequenceLayout"):
+        ContextShard(FakeRing(), (31, 2))
+    with pytest.raises(ValueError, match="ring: 2 ranks, the layout is for cp=3"):
+        ContextShard(FakeRing(), SequenceLayout(31, 3))
+    shard = ContextShard(FakeRing(), layout)
+    assert shard.local_len == 15
+    model = Transformer(ModelConfig(arch="llama", vocab_size=32, n_layer=2, n_head=2, d_model=16, seq_len=32))
+    with pytest.raises(ValueError, match="context: the plan's seq_len 31 must be the cp slice's 15"):
+        PipelineStage(model, 0, PipelinePlan(2, 2, 2, 2, 31), context=shard)
+    stage = PipelineStage(model, 0, PipelinePlan(2, 2, 2, 2, 15), context=shard)
+    assert stage.context is shard
