@@ -17,9 +17,9 @@ Context parallelism composes with the others. With tp, each tp rank runs ring at
 the cp ranks of its tp coordinate. With pp, every stage holds the same cp slice of each sequence (the pipeline's
 messages are [micro-batch, slice, d_model] and travel between the stages of one (dp, cp, tp) coordinate). The
 loss of each rank is its share of the mean over all the batch's tokens (its token losses' sum over the count of
-every cp rank's targets), so the shares add up to the mean; the gradients of the cp ranks are summed (each
-holds the same parameters: a cp rank's are its tokens' share), then averaged over dp. Every cp rank then holds
-the same gradients, so the clip norm is summed over tp and pp only: each element counted once. Sequence
+every cp rank's targets), so the shares add up to the mean; the cp ranks' gradients (each its tokens' share of
+the whole) are summed over cp, then averaged over dp. Every cp rank then holds the same gradients, so the clip
+norm is summed over tp and pp only: each element counted once. Sequence
 parallelism is refused with --cp (its T / tp positions would have to divide each rank's ragged slice).
 
 Checkpoints are layout-free: full_parameters() gathers the full model into the Transformer the trainer built
