@@ -34,6 +34,10 @@ namespace {
 
 using gemm::detail::MatmulPart;
 
+bool present(const QuantLinear& l) { return l.weight.data != nullptr; }
+// An optional view was given: it has data or a shape (an empty one is then refused by its check).
+bool given(const TensorView& t) { return t.data != nullptr || t.ndim != 0; }
+
 void check_f32_vector(const TensorView& t, int64_t n, const std::string& name) {
   FLASHLM_CHECK(t.device.is_cpu(), name, " must be on the CPU");
   FLASHLM_CHECK(t.dtype == DType::F32, name, " must be float32, got ", dtype_name(t.dtype));
@@ -54,7 +58,7 @@ void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string&
   FLASHLM_CHECK(w.numel() == storage_bytes(l.type, n * k), name, ": weight has ", w.numel(), " bytes, but ", n,
                 " x ", k, " of ", dtype_name(l.type), " takes ", storage_bytes(l.type, n * k));
   FLASHLM_CHECK(w.data, name, ": weight has no data");
-  if (l.bias.data || l.bias.ndim) check_f32_vector(l.bias, n, name + ": bias");
+  if (given(l.bias)) check_f32_vector(l.bias, n, name + ": bias");
 }
 
 MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
@@ -62,7 +66,6 @@ MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
           l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, packed};
 }
 
-bool present(const QuantLinear& l) { return l.weight.data != nullptr; }
 
 // A layer's linears: attention's four, the MLP's three (absent in a mixture-of-experts layer without a shared
 // expert) and the router.
@@ -218,8 +221,7 @@ void check_moe(const DecoderConfig& c, const DecoderLayer& l, const std::string&
   } catch (const ValueError& err) {
     FLASHLM_CHECK(false, at, "experts: ", err.what());
   }
-  const bool shared = m.shared_gate.data != nullptr || m.shared_gate.ndim != 0;
-  if (!shared) {
+  if (!given(m.shared_gate)) {
     FLASHLM_CHECK(!present(l.gate) && !present(l.up) && !present(l.down), at,
                   "gate, up, down: a mixture-of-experts layer without a shared expert gate has no MLP");
     return;
@@ -248,10 +250,8 @@ void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layer
     check_linear(l.k, kvd, d, at + "k");
     check_linear(l.v, kvd, d, at + "v");
     check_linear(l.o, d, qd, at + "o");
-    const bool q_norm = l.q_norm.data != nullptr || l.q_norm.ndim != 0;
-    const bool k_norm = l.k_norm.data != nullptr || l.k_norm.ndim != 0;
-    FLASHLM_CHECK(q_norm == k_norm, at, "q_norm, k_norm: both or neither");
-    if (q_norm) {
+    FLASHLM_CHECK(given(l.q_norm) == given(l.k_norm), at, "q_norm, k_norm: both or neither");
+    if (given(l.q_norm)) {
       check_f32_vector(l.q_norm, c.head_dim, at + "q_norm");
       check_f32_vector(l.k_norm, c.head_dim, at + "k_norm");
     }
