@@ -9,7 +9,6 @@
 #include "rope_kernels.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <string>
 #include <tuple>
