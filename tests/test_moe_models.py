@@ -222,8 +222,9 @@ def test_converted_gguf_decodes_like_llama_cpp(tmp_path, kind, top_k, qtype, tol
 
 
 def test_engine_decode_runs_one_native_expert_call_per_layer(tmp_path, monkeypatch):
-    """A converted Q8_0 Mixtral keeps its experts in their blocks (GGUFExperts), and each engine step runs every
-    layer's experts as one native call (tokens grouped by expert in C++), never the per-expert torch path."""
+    """A converted Q8_0 Mixtral keeps its experts in their blocks (GGUFExperts), and each engine step on the module
+    path runs every layer's experts as one native call (tokens grouped by expert in C++), never the per-expert
+    torch path. (The native decoder stack, the engine's default here, calls the same C++ function from C++.)"""
     from flashlm.ops import moe
     from flashlm.quant.gguf_experts import GGUFExperts
 
@@ -231,7 +232,7 @@ def test_engine_decode_runs_one_native_expert_call_per_layer(tmp_path, monkeypat
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     path = tmp_path / "m.gguf"
     _convert(tmp_path / "hf", path, "Q8_0")
-    llm = LLM(str(path), block_size=4, max_num_seqs=2)
+    llm = LLM(str(path), block_size=4, max_num_seqs=2, native_decoder=False)
     mlps = [block.mlp for block in llm.model.blocks]
     assert all(isinstance(m.experts_gate, GGUFExperts) and isinstance(m.experts_down, GGUFExperts) for m in mlps)
     calls, native = [], moe._C

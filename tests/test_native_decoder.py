@@ -143,8 +143,8 @@ def test_native_regrouped_head_with_tail_rows(isa, restore_isa):
     assert step_logits_both_ways(model, block_size=4, max_num_seqs=3, max_num_batched_tokens=16) >= 8
 
 
-def test_native_greedy_generation_equals_the_module_path():
-    model = quantized_model("llama", ("Q4_0", "Q8_0"), ends="Q8_0")
+def generate_both_ways(model):
+    """Greedy tokens for PROMPTS through the engine with the native stack and without; both must be equal."""
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 30, 5, 20, 25, 8)]
     outs = {}
     for native in (True, False):
@@ -154,6 +154,10 @@ def test_native_greedy_generation_equals_the_module_path():
         outs[native] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     assert outs[True] == outs[False]
     assert [len(t) for t in outs[True]] == [12, 30, 5, 20, 25, 8]
+
+
+def test_native_greedy_generation_equals_the_module_path():
+    generate_both_ways(quantized_model("llama", ("Q4_0", "Q8_0"), ends="Q8_0"))
 
 
 def test_native_speculative_decoding_equals_target_greedy():
@@ -184,9 +188,9 @@ def test_which_models_take_the_native_stack():
     gpt2 = Transformer(ModelConfig(arch="gpt2", vocab_size=VOCAB, n_layer=1, n_head=4, d_model=64))
     gpt2.blocks[0].attn.q = GGUFLinear.from_float(gpt2.blocks[0].attn.q, "Q8_0")
     assert build_native_decoder(gpt2) is None
-    # phi3 with a sliding window, which the stack has not
+    # phi3, with a sliding window too (the window's steps: test_native_decoder_moe.py)
     assert build_native_decoder(quantized_model("phi3")) is not None
-    assert build_native_decoder(quantized_model("phi3", sliding_window=8)) is None
+    assert build_native_decoder(quantized_model("phi3", sliding_window=8)) is not None
     m = quantized_model("llama")
     assert runner(m, native_decoder=False).native_decoder() is None
     assert runner(m, kv_dtype=torch.float16).native_decoder() is None

@@ -101,10 +101,10 @@ def test_mistral_window_frees_blocks_and_matches_transformers(tmp_path):
     assert err <= 1e-4, f"after a prefix hit: max abs logit difference {err}"
 
 
-def test_mistral_window_gguf_steps_past_the_native_decoder(tmp_path):
-    """A converted Mistral GGUF keeps its window (llama.attention.sliding_window). Its Q8_0 linears are what the
-    native decoder runs, but it has no window: it steps aside, and the engine's paged steps give the logits of
-    the loaded model's own forward over the whole sequence (windowed attention, the same matmuls)."""
+def test_mistral_window_gguf_steps_in_the_native_decoder(tmp_path):
+    """A converted Mistral GGUF keeps its window (llama.attention.sliding_window), which reaches the native
+    decoder's attention: the engine's paged steps there give the logits of the loaded model's own forward over
+    the whole sequence (windowed attention, the same matmuls)."""
     from flashlm.gguf import GGUFFile
 
     hf, _ = make_hf("mistral_swa")
@@ -115,7 +115,7 @@ def test_mistral_window_gguf_steps_past_the_native_decoder(tmp_path):
     with GGUFFile(path) as f:
         assert f.metadata["llama.attention.sliding_window"] == 5
     llm = LLM(path, block_size=4, max_num_seqs=1)
-    assert llm.model.cfg.sliding_window == 5 and llm.runner.native_decoder() is None
+    assert llm.model.cfg.sliding_window == 5 and llm.runner.native_decoder() is not None
     prompt = [int(t) for t in np.random.default_rng(6).integers(0, V, 19)]
     tokens, logits = engine_trace(llm, prompt, 12, runner_forward=True)
     with torch.no_grad():

@@ -40,6 +40,15 @@ struct Decoder {
     return views;
   }
 
+  // The type a spec's item names ("Q4_0", "F32", ...); what: the item, for errors.
+  static DType type_named(nb::handle item, const std::string& what) {
+    std::string type;
+    FLASHLM_CHECK(nb::try_cast(item, type), what, " must be a string");
+    std::optional<DType> dt = dtype_from_name(type);
+    FLASHLM_CHECK(dt.has_value(), what, ": unknown type '", type, "'");
+    return *dt;
+  }
+
   // spec: (raw uint8 blocks, ggml type name, n, k, bias or None)
   static runtime::QuantLinear linear(nb::handle spec, const std::string& name, std::vector<nb::object>& keep) {
     FLASHLM_CHECK(nb::isinstance<nb::tuple>(spec), name, ": expected a tuple (raw, ggml_type, n, k, bias)");
@@ -47,17 +56,53 @@ struct Decoder {
     FLASHLM_CHECK(t.size() == 5, name, ": expected (raw, ggml_type, n, k, bias), got ", t.size(), " items");
     runtime::QuantLinear l;
     l.weight = array(t[0], name + ".raw", keep);
-    std::string type;
-    FLASHLM_CHECK(nb::try_cast(t[1], type), name, ": ggml_type must be a string");
-    std::optional<DType> dt = dtype_from_name(type);
-    FLASHLM_CHECK(dt.has_value(), name, ": unknown ggml_type '", type, "'");
-    l.type = *dt;
+    l.type = type_named(t[1], name + ": ggml_type");
     FLASHLM_CHECK(nb::try_cast(t[2], l.n) && nb::try_cast(t[3], l.k), name, ": n and k must be integers");
     if (!t[4].is_none()) l.bias = array(t[4], name + ".bias", keep);
     return l;
   }
 
-  // layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down), each linear a `linear` spec.
+  // A linear spec, or None for an absent one (a mixture-of-experts layer's MLP without a shared expert).
+  static runtime::QuantLinear optional_linear(nb::handle spec, const std::string& name, std::vector<nb::object>& keep) {
+    return spec.is_none() ? runtime::QuantLinear{} : linear(spec, name, keep);
+  }
+
+  // spec: (data, type name, E, N, K): a float tensor [E, N, K] of that dtype, or uint8 GGML blocks.
+  static ExpertWeights experts(nb::handle spec, const std::string& name, std::vector<nb::object>& keep) {
+    FLASHLM_CHECK(nb::isinstance<nb::tuple>(spec), name, ": expected a tuple (data, type, E, N, K)");
+    auto t = nb::borrow<nb::tuple>(spec);
+    FLASHLM_CHECK(t.size() == 5, name, ": expected (data, type, E, N, K), got ", t.size(), " items");
+    ExpertWeights w;
+    w.data = array(t[0], name + ".data", keep);
+    w.type = type_named(t[1], name + ": type");
+    FLASHLM_CHECK(nb::try_cast(t[2], w.num_experts) && nb::try_cast(t[3], w.n) && nb::try_cast(t[4], w.k), name,
+                  ": E, N and K must be integers");
+    return w;
+  }
+
+  // spec: (router, top_k, renormalize, gate, up, down, shared_gate or None): the router a `linear` spec or a
+  // float32 [E, d] tensor, the experts `experts` specs.
+  static runtime::DecoderMoe moe(nb::handle spec, const std::string& name, std::vector<nb::object>& keep) {
+    FLASHLM_CHECK(nb::isinstance<nb::tuple>(spec), name, ": expected a tuple");
+    auto t = nb::borrow<nb::tuple>(spec);
+    FLASHLM_CHECK(t.size() == 7, name, ": expected 7 items (router, top_k, renormalize, gate, up, down, shared_gate), got ",
+                  t.size());
+    runtime::DecoderMoe m;
+    if (nb::isinstance<nb::tuple>(t[0])) m.router = linear(t[0], name + ".router", keep);
+    else m.router_f32 = array(t[0], name + ".router", keep);
+    FLASHLM_CHECK(nb::try_cast(t[1], m.top_k) && m.top_k >= 1, name, ".top_k: must be an integer >= 1");
+    FLASHLM_CHECK(nb::isinstance<nb::bool_>(t[2]), name, ".renormalize: must be a bool");
+    m.renormalize = nb::cast<bool>(t[2]);
+    m.gate = experts(t[3], name + ".gate", keep);
+    m.up = experts(t[4], name + ".up", keep);
+    m.down = experts(t[5], name + ".down", keep);
+    if (!t[6].is_none()) m.shared_gate = array(t[6], name + ".shared_gate", keep);
+    return m;
+  }
+
+  // layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down), each linear a `linear` spec, and
+  // optionally four more: q_norm and k_norm (or None), the sliding window (0: none) and a `moe` spec (or None;
+  // with one, gate, up and down are its shared expert or None).
   Decoder(int64_t d_model, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t d_ff, double eps,
           nb::list specs)
       : d_model(d_model) {
@@ -66,8 +111,9 @@ struct Decoder {
       const std::string at = "layers[" + std::to_string(i) + "]";
       FLASHLM_CHECK(nb::isinstance<nb::tuple>(specs[i]), at, ": expected a tuple");
       auto s = nb::borrow<nb::tuple>(specs[i]);
-      FLASHLM_CHECK(s.size() == 9, at, ": expected 9 items (attn_norm, q, k, v, o, mlp_norm, gate, up, down), got ",
-                    s.size());
+      FLASHLM_CHECK(s.size() == 9 || s.size() == 13, at,
+                    ": expected 9 items (attn_norm, q, k, v, o, mlp_norm, gate, up, down) or 13 (then q_norm, "
+                    "k_norm, window, moe), got ", s.size());
       runtime::DecoderLayer l;
       l.attn_norm = array(s[0], at + ".attn_norm", keep_layers);
       l.q = linear(s[1], at + ".q", keep_layers);
@@ -75,9 +121,15 @@ struct Decoder {
       l.v = linear(s[3], at + ".v", keep_layers);
       l.o = linear(s[4], at + ".o", keep_layers);
       l.mlp_norm = array(s[5], at + ".mlp_norm", keep_layers);
-      l.gate = linear(s[6], at + ".gate", keep_layers);
-      l.up = linear(s[7], at + ".up", keep_layers);
-      l.down = linear(s[8], at + ".down", keep_layers);
+      l.gate = optional_linear(s[6], at + ".gate", keep_layers);
+      l.up = optional_linear(s[7], at + ".up", keep_layers);
+      l.down = optional_linear(s[8], at + ".down", keep_layers);
+      if (s.size() == 13) {
+        if (!s[9].is_none()) l.q_norm = array(s[9], at + ".q_norm", keep_layers);
+        if (!s[10].is_none()) l.k_norm = array(s[10], at + ".k_norm", keep_layers);
+        FLASHLM_CHECK(nb::try_cast(s[11], l.window), at, ".window: must be an integer");
+        if (!s[12].is_none()) l.moe = moe(s[12], at + ".moe", keep_layers);
+      }
       layers.push_back(l);
     }
     impl = std::make_unique<runtime::Decoder>(runtime::DecoderConfig{d_model, n_head, n_kv_head, head_dim, d_ff, eps},

@@ -1,16 +1,17 @@
 // The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer, with one
 // scratch allocation per step; the weights are checked (and regrouped) when the Decoder is built, not per
 // step. q/k/v and gate/up each go to the thread pool as one job (one quantization of their shared input);
-// everything else is the public kernels, which check their own arguments. Every step rounds as the module
-// path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
+// everything else is the public kernels, which check their own arguments (a mixture-of-experts layer's
+// routing and experts are moe_route and moe_expert_ffn, the module path's calls). Every step rounds as the
+// module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
 #include "flashlm/runtime/decoder.h"
 
 #include "rope_kernels.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "flashlm/gemm/gguf_matmul.h"
 #include "flashlm/gguf/dequantize.h"
 #include "flashlm/kvcache/paged_attention.h"
+#include "flashlm/moe/moe.h"
 #include "flashlm/norm/rms_norm.h"
 
 namespace flashlm::runtime {
@@ -30,6 +32,10 @@ namespace flashlm::runtime {
 namespace {
 
 using gemm::detail::MatmulPart;
+
+bool present(const QuantLinear& l) { return l.weight.data != nullptr; }
+// An optional view was given: it has data or a shape (an empty one is then refused by its check).
+bool given(const TensorView& t) { return t.data != nullptr || t.ndim != 0; }
 
 void check_f32_vector(const TensorView& t, int64_t n, const std::string& name) {
   FLASHLM_CHECK(t.device.is_cpu(), name, " must be on the CPU");
@@ -51,7 +57,7 @@ void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string&
   FLASHLM_CHECK(w.numel() == storage_bytes(l.type, n * k), name, ": weight has ", w.numel(), " bytes, but ", n,
                 " x ", k, " of ", dtype_name(l.type), " takes ", storage_bytes(l.type, n * k));
   FLASHLM_CHECK(w.data, name, ": weight has no data");
-  if (l.bias.data || l.bias.ndim) check_f32_vector(l.bias, n, name + ": bias");
+  if (given(l.bias)) check_f32_vector(l.bias, n, name + ": bias");
 }
 
 MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
@@ -59,12 +65,39 @@ MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
           l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, packed};
 }
 
-// A layer's seven linears.
-std::array<const QuantLinear*, 7> linears(const DecoderLayer& l) {
-  return {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down};
+
+// A layer's linears: attention's four, the MLP's three (absent in a mixture-of-experts layer without a shared
+// expert) and the router.
+std::vector<const QuantLinear*> linears(const DecoderLayer& l) {
+  std::vector<const QuantLinear*> all = {&l.q, &l.k, &l.v, &l.o};
+  for (const QuantLinear* m : {&l.gate, &l.up, &l.down, &l.moe.router})
+    if (present(*m)) all.push_back(m);
+  return all;
+}
+
+// The widest MLP (or shared expert) of the layers: the width of the step's gate/up scratch.
+int64_t widest_mlp(const std::vector<DecoderLayer>& layers) {
+  int64_t ff = 0;
+  for (const DecoderLayer& l : layers) ff = std::max(ff, present(l.gate) ? l.gate.n : 0);
+  return ff;
 }
 
 TensorView rows(float* data, int64_t t, int64_t d) { return TensorView::contiguous(data, DType::F32, {t, d}); }
+
+// y[i, j] = f(sum_c x[i, c] w[j, c]) for x [T, d] and w [n, d]: the products (exact in f64) summed in f64,
+// f applied in f64, rounded to f32 once.
+template <class F>
+void f64_rows(const float* x, int64_t t, int64_t d, const float* w, int64_t n, float* y, F f) {
+  parallel_for(t * n, std::max<int64_t>(1, (1 << 14) / d), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* xr = x + (i / n) * d;
+      const float* wr = w + (i % n) * d;
+      double dot = 0.0;
+      for (int64_t c = 0; c < d; ++c) dot += static_cast<double>(xr[c]) * static_cast<double>(wr[c]);
+      y[i] = static_cast<float>(f(dot));
+    }
+  });
+}
 
 // n values from one dtype to another (F32 <-> BF16: round to nearest even, as torch's .to() does).
 void convert(const void* src, DType from, void* dst, DType to, int64_t n) {
@@ -161,6 +194,45 @@ void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
                     dtype_name(cache->dtype));
 }
 
+// A mixture-of-experts layer's router, experts (checked by moe_expert_ffn itself, on no rows) and shared expert.
+void check_moe(const DecoderConfig& c, const DecoderLayer& l, const std::string& at) {
+  const DecoderMoe& m = l.moe;
+  const int64_t d = c.d_model, e = m.gate.num_experts;
+  FLASHLM_CHECK(e >= 1, at, "experts: expected at least one expert, got ", e);
+  FLASHLM_CHECK(m.top_k <= e, at, "top_k: must be in [1, ", e, "] (the number of experts), got ", m.top_k);
+  if (present(m.router)) {
+    check_linear(m.router, e, d, at + "router");
+  } else {
+    const TensorView& w = m.router_f32;
+    FLASHLM_CHECK(w.device.is_cpu() && w.dtype == DType::F32 && w.ndim == 2 && w.shape[0] == e && w.shape[1] == d &&
+                      w.is_contiguous() && w.data,
+                  at, "router: expected a GGML-block linear or a contiguous float32 [", e, ", ", d,
+                  "] on the CPU, got ", w.shape_string());
+  }
+  for (const ExpertWeights* w : {&m.gate, &m.up, &m.down})
+    FLASHLM_CHECK(w->data.device.is_cpu(), at, "experts must be on the CPU");
+  try {
+    std::vector<float> none;
+    const TensorView x = TensorView::contiguous(none.data(), DType::F32, {0, d});
+    moe_expert_ffn(x, TensorView::contiguous(none.data(), DType::F32, {0, m.top_k}),
+                   TensorView::contiguous(none.data(), DType::I32, {0, m.top_k}), m.gate, m.up, m.down,
+                   MoeActivation::SiLU, x);
+  } catch (const ValueError& err) {
+    FLASHLM_CHECK(false, at, "experts: ", err.what());
+  }
+  if (!given(m.shared_gate)) {
+    FLASHLM_CHECK(!present(l.gate) && !present(l.up) && !present(l.down), at,
+                  "gate, up, down: a mixture-of-experts layer without a shared expert gate has no MLP");
+    return;
+  }
+  check_f32_vector(m.shared_gate, d, at + "shared_gate");
+  const int64_t ff = l.gate.n;
+  FLASHLM_CHECK(present(l.gate) && ff > 0, at, "gate: the shared expert must have at least one row");
+  check_linear(l.gate, ff, d, at + "gate");
+  check_linear(l.up, ff, d, at + "up");
+  check_linear(l.down, d, ff, at + "down");
+}
+
 void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
   FLASHLM_CHECK(c.d_model > 0 && c.n_head > 0 && c.n_kv_head > 0 && c.head_dim > 0 && c.d_ff > 0,
                 "decoder config: sizes must be positive");
@@ -177,6 +249,17 @@ void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layer
     check_linear(l.k, kvd, d, at + "k");
     check_linear(l.v, kvd, d, at + "v");
     check_linear(l.o, d, qd, at + "o");
+    FLASHLM_CHECK(given(l.q_norm) == given(l.k_norm), at, "q_norm, k_norm: both or neither");
+    if (given(l.q_norm)) {
+      check_f32_vector(l.q_norm, c.head_dim, at + "q_norm");
+      check_f32_vector(l.k_norm, c.head_dim, at + "k_norm");
+    }
+    FLASHLM_CHECK(l.window >= 0, at, "window: must be >= 0 (0: none), got ", l.window);
+    FLASHLM_CHECK(l.moe.top_k >= 0, at, "top_k: must be >= 0 (0: a dense MLP), got ", l.moe.top_k);
+    if (l.moe.top_k > 0) {
+      check_moe(c, l, at);
+      continue;
+    }
     check_linear(l.gate, c.d_ff, d, at + "gate");
     check_linear(l.up, c.d_ff, d, at + "up");
     check_linear(l.down, d, c.d_ff, at + "down");
@@ -221,6 +304,10 @@ struct Decoder::State {
   }
 
   void forward(const DecoderStep& s) const;
+  // out = the layer's SwiGLU MLP of h [T, d] (gate, up: [T, l.gate.n] scratch).
+  void mlp(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate, float* up) const;
+  // out = the layer's mixture of experts of h [T, d], its shared expert's gated output added.
+  void experts(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate, float* up) const;
   void logits(const TensorView& tokens, const TensorView& logits_rows, DecoderStep s, const TensorView& out) const;
 };
 
@@ -276,11 +363,57 @@ void Decoder::State::logits(const TensorView& tokens, const TensorView& logits_r
   }
 }
 
+void Decoder::State::mlp(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate,
+                          float* up) const {
+  const int64_t d = config.d_model, ff = l.gate.n;
+  const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
+  gemm::detail::gguf_matmul_parts_f32(h, t, d, gate_up, 2);
+  const TensorView gate_rows = rows(gate, t, ff);
+  activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
+  const MatmulPart down = part(l.down, out);
+  gemm::detail::gguf_matmul_parts_f32(gate, t, ff, &down, 1);
+}
+
+void Decoder::State::experts(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate,
+                             float* up) const {
+  const DecoderMoe& m = l.moe;
+  const int64_t d = config.d_model, e = m.gate.num_experts, k = m.top_k;
+  std::vector<float> logits(static_cast<size_t>(t * e)), weights(static_cast<size_t>(t * k));
+  std::vector<int32_t> chosen(static_cast<size_t>(t * k));
+  if (present(m.router)) {
+    const MatmulPart router = part(m.router, logits.data());
+    gemm::detail::gguf_matmul_parts_f32(h, t, d, &router, 1);
+  } else {
+    f64_rows(h, t, d, static_cast<const float*>(m.router_f32.data), e, logits.data(), [](double z) { return z; });
+  }
+  const TensorView weight_rows = TensorView::contiguous(weights.data(), DType::F32, {t, k});
+  const TensorView expert_rows = TensorView::contiguous(chosen.data(), DType::I32, {t, k});
+  moe_route(rows(logits.data(), t, e), k, /*softmax_first=*/true, m.renormalize, weight_rows, expert_rows);
+  const TensorView h_rows = rows(const_cast<float*>(h), t, d);
+  moe_expert_ffn(h_rows, weight_rows, expert_rows, m.gate, m.up, m.down, MoeActivation::SiLU, rows(out, t, d));
+  if (!m.shared_gate.data) return;
+  // out += sigmoid(h . w) * shared(h), the product and the sum each rounded to f32 as torch's ops round them;
+  // the gate in f64 (its dot product and sigmoid), rounded once, as flashlm.models.moe computes it.
+  std::vector<float> shared(static_cast<size_t>(t * d)), gates(static_cast<size_t>(t));
+  mlp(l, t, h, shared.data(), gate, up);
+  f64_rows(h, t, d, static_cast<const float*>(m.shared_gate.data), 1, gates.data(),
+           [](double z) { return 1.0 / (1.0 + std::exp(-z)); });
+  parallel_for(t, std::max<int64_t>(1, (1 << 14) / d), [&](int64_t t0, int64_t t1) {
+    for (int64_t i = t0; i < t1; ++i) {
+      const float g = gates[i];
+      for (int64_t c = 0; c < d; ++c) {
+        const float gated = g * shared[i * d + c];
+        out[i * d + c] = out[i * d + c] + gated;
+      }
+    }
+  });
+}
+
 void Decoder::State::forward(const DecoderStep& s) const {
   const DecoderConfig& c = config;
   check_step(c, layers.size(), s);
   const int64_t t = s.x.shape[0], d = c.d_model, hd = c.head_dim;
-  const int64_t qd = c.n_head * hd, kvd = c.n_kv_head * hd, ff = c.d_ff;
+  const int64_t qd = c.n_head * hd, kvd = c.n_kv_head * hd, ff = widest_mlp(layers);
   if (t == 0 || layers.empty()) return;
 
   std::vector<float> scratch(static_cast<size_t>(t * (2 * d + 2 * qd + 2 * kvd + 2 * ff)));
@@ -329,6 +462,16 @@ void Decoder::State::forward(const DecoderStep& s) const {
     norm_into_h(l.attn_norm);
     const MatmulPart qkv[3] = {part(l.q, q), part(l.k, k), part(l.v, v)};
     gemm::detail::gguf_matmul_parts_f32(h, t, d, qkv, 3);
+    if (l.q_norm.data) {  // qwen3: each head's row normed in place
+      for (const auto& [qk, heads, weight] :
+           {std::tuple(q, c.n_head, &l.q_norm), std::tuple(k, c.n_kv_head, &l.k_norm)}) {
+        norm::RMSNormParams p;
+        p.x = p.out = rows(qk, t * heads, hd);
+        p.weight = *weight;
+        p.eps = c.norm_eps;
+        norm::rms_norm(p);
+      }
+    }
     rotate(q, t, c.n_head, hd, positions, cos, sin);
     rotate(k, t, c.n_kv_head, hd, positions, cos, sin);
 
@@ -356,6 +499,7 @@ void Decoder::State::forward(const DecoderStep& s) const {
     a.max_seqlen_q = s.max_seqlen_q;
     a.options.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops
     a.options.causal = true;
+    if (l.window > 0) a.options.window_left = l.window - 1;  // the query itself and window - 1 keys before it
     paged_attention(a);
     if (bf16) convert(ac, kv_dtype, att, DType::F32, t * qd);
 
@@ -364,12 +508,8 @@ void Decoder::State::forward(const DecoderStep& s) const {
     pending = true;
     norm_into_h(l.mlp_norm);
 
-    const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
-    gemm::detail::gguf_matmul_parts_f32(h, t, d, gate_up, 2);
-    const TensorView gate_rows = rows(gate, t, ff);
-    activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
-    const MatmulPart down = part(l.down, out);
-    gemm::detail::gguf_matmul_parts_f32(gate, t, ff, &down, 1);
+    if (l.moe.top_k > 0) experts(l, t, h, out, gate, up);
+    else mlp(l, t, h, out, gate, up);
     pending = true;
   }
   // The last MLP's output.

@@ -49,10 +49,25 @@ class MoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        logits = self.router(h)
+        logits = _linear_f64(self.router, h)
+        logits = self.router(h) if logits is None else logits.to(h.dtype)
         self.last_router_logits = logits if self.training else None
         weights, experts = route(logits, self.top_k, renormalize=self.renormalize)
         y = expert_ffn(h, weights, experts, self.experts_gate, self.experts_up, self.experts_down)
         if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(h)) * self.shared(h)
+            gate = _linear_f64(self.shared_gate, h)
+            gate = torch.sigmoid(self.shared_gate(h)) if gate is None else torch.sigmoid(gate).to(h.dtype)
+            y = y + gate * self.shared(h)
         return y.reshape(shape)
+
+
+def _linear_f64(linear: nn.Module, h: torch.Tensor) -> Optional[torch.Tensor]:
+    """linear(h) in float64 where no gradient is wanted and linear is a float32 nn.Linear (the router, the shared
+    expert's gate), else None. The router's logits and the shared gate (its sigmoid too) are computed in float64
+    and rounded once, as the native decoder stack computes them: float32 sums and exp round differently in
+    torch's vectorised and scalar loops and in C++; float64's differences stay far below float32's rounding."""
+    if (torch.is_grad_enabled() or type(linear) is not nn.Linear or linear.weight.dtype != torch.float32
+            or h.dtype != torch.float32):
+        return None
+    bias = None if linear.bias is None else linear.bias.double()
+    return torch.nn.functional.linear(h.double(), linear.weight.double(), bias)

@@ -11,7 +11,12 @@ class NativeDecoder:
     """Built once from per-layer weights; the tensors are kept referenced by the native object.
 
     layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down): the norms float32 [d_model] CPU
-    tensors, each linear a tuple (raw uint8 blocks, ggml type name, out_features, in_features, bias or None)."""
+    tensors, each linear a tuple (raw uint8 blocks, ggml type name, out_features, in_features, bias or None);
+    optionally followed by (q_norm, k_norm, window, moe): qwen3's per-head norms (float32 [head_dim]) or None,
+    the sliding window (keys a query sees, 0: all) and a mixture of experts or None: (router, top_k,
+    renormalize, gate, up, down, shared_gate), the router a linear tuple or a float32 [E, d_model] tensor, each
+    expert family (data, type name, E, N, K) as flashlm.ops.moe reads it, shared_gate qwen2_moe's float32
+    [d_model] or None; in such a layer gate, up and down are the shared expert, or None without one."""
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, head_dim: int, d_ff: int, eps: float, layers):
         sizes = {name: as_int(v, name, 1) for name, v in (("d_model", d_model), ("n_head", n_head),

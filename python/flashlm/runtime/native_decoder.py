@@ -4,9 +4,11 @@ layers in one call, no Python between kernels.
     native = build_native_decoder(model)        # None where it does not apply
     logits = forward_paged_native(model, native, tokens, batch, kv_caches)   # model.forward_paged's logits
 
-It applies to a CPU float32 llama/qwen2/phi3 model without a sliding window shorter than its context whose block
-linears are all GGUFLinear (a loaded GGUF file), and takes the ends of the step too (the embedding lookup, the
-final norm, a GGUF head) where they are what it reads. The model runner decides per step which path runs; both
+It applies to a CPU float32 llama (mistral's sliding window too), qwen2, qwen3, phi3, mixtral, qwen2_moe or
+qwen3_moe model whose block linears (routers included) are all GGUFLinear (a loaded GGUF file) and whose experts
+are GGUFExperts or float tensors on the CPU, and takes the ends of the step too (the embedding lookup, the final
+norm, a GGUF head) where they are what it reads. Gemma's blocks (post-norms, GeGLU, soft-capped scores, scaled
+embeddings, local rope tables) are not the stack's: those models run on the module path. The model runner decides per step which path runs; both
 give the same logits bit for bit
 (tests/test_native_decoder.py): the same kernels, rounding alike.
 """
@@ -16,8 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from flashlm.models.moe import MoEMLP
 from flashlm.models.transformer import GatedMLP, PagedBatch, RMSNorm, Transformer
 from flashlm.ops import NativeDecoder
+from flashlm.ops.moe import is_gguf_experts
 from flashlm.quant.gguf_embedding import GGUFEmbedding
 from flashlm.quant.gguf_linear import GGUFLinear
 
@@ -26,12 +30,11 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     """NativeDecoder over the model's blocks (and its ends where they fit), or None when some part is not what
     it runs. It reads the weights' memory as it is now: build it again after replacing or moving modules."""
     cfg = model.cfg
-    # phi3 is llama's block once its fused tensors are split (on load); the stack's attention has no sliding window
-    # (Mistral's, phi3's): the module path runs those steps
-    windowed = cfg.sliding_window is not None and cfg.sliding_window < cfg.seq_len
-    if cfg.arch not in ("llama", "qwen2", "phi3") or not cfg.rotary or windowed:
+    # phi3 is llama's block once its fused tensors are split (on load); the MoE architectures are their dense
+    # base's attention with experts
+    if cfg.base_arch not in ("llama", "qwen2", "qwen3", "phi3") or not cfg.rotary:
         return None
-    if not model.rope_cos.is_cpu:
+    if not model.rope_cos.is_cpu or cfg.rope_local_theta is not None:
         return None
 
     def linear(m):
@@ -48,13 +51,24 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     layers = []
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        if not isinstance(mlp, GatedMLP):
+        if block.post_attn_norm is not None or attn.scale is not None or attn.softcap is not None:
+            return None  # gemma's
+        dense = mlp.shared if isinstance(mlp, MoEMLP) else mlp
+        parts = [norm(block.attn_norm), linear(attn.q), linear(attn.k), linear(attn.v), linear(attn.o),
+                 norm(block.mlp_norm)]
+        if dense is None:
+            parts += [False, False, False]  # a MoE layer without a shared expert: no MLP (None below)
+        elif isinstance(dense, GatedMLP) and not dense.gelu:
+            parts += [linear(dense.gate), linear(dense.up), linear(dense.down)]
+        else:
             return None
-        parts = (norm(block.attn_norm), linear(attn.q), linear(attn.k), linear(attn.v), linear(attn.o),
-                 norm(block.mlp_norm), linear(mlp.gate), linear(mlp.up), linear(mlp.down))
+        qk = (norm(attn.q_norm), norm(attn.k_norm)) if attn.q_norm is not None else (False, False)
+        experts = _moe(mlp, linear) if isinstance(mlp, MoEMLP) else False
+        parts += [*qk, experts]
         if any(p is None for p in parts):
             return None
-        layers.append(parts)
+        parts = [None if p is False else p for p in parts]
+        layers.append((*parts[:11], attn.window or 0, parts[11]))
     # The ends too where they are what it reads: the embedding lookup, the final norm and a GGUF head.
     emb, final = model.tok_emb, norm(model.final_norm)
     table, emb_dtype = None, None
@@ -73,6 +87,36 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     if has_ends:
         native.set_ends(*table, final, linear(model.lm_head) if model.lm_head is not None else None)
     return native
+
+
+def _moe(mlp: MoEMLP, linear):
+    """The stack's spec of a MoE MLP (router, top_k, renormalize, gate, up, down, shared_gate or None), or None
+    where some part is not what it reads."""
+    def float_vectors(m):  # a float32 nn.Linear's weight: its dot products summed in f64 by both paths
+        ok = type(m) is nn.Linear and m.bias is None and m.weight.dtype == torch.float32 and m.weight.is_cpu
+        return m.weight.detach().contiguous() if ok else None
+
+    router = linear(mlp.router) if isinstance(mlp.router, GGUFLinear) else float_vectors(mlp.router)
+
+    def experts(w):
+        if is_gguf_experts(w):
+            return (w.raw, w.ggml_type, *w.shape) if w.raw.is_cpu else None
+        ok = isinstance(w, torch.Tensor) and w.dim() == 3 and w.is_cpu and w.dtype in _EXPERT_DTYPES
+        return (w.detach().contiguous(), _EXPERT_DTYPES[w.dtype], *w.shape) if ok else None
+
+    gate, up, down = experts(mlp.experts_gate), experts(mlp.experts_up), experts(mlp.experts_down)
+    shared_gate = None
+    if mlp.shared is not None:
+        shared_gate = float_vectors(mlp.shared_gate)
+        if shared_gate is None or shared_gate.shape[0] != 1:
+            return None
+        shared_gate = shared_gate.reshape(-1)
+    if any(p is None for p in (router, gate, up, down)):
+        return None
+    return (router, mlp.top_k, bool(mlp.renormalize), gate, up, down, shared_gate)
+
+
+_EXPERT_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def native_takes_caches(kv_caches) -> bool:

@@ -1,13 +1,17 @@
-// The decoder layers of a Llama-family model (llama, qwen2: RMSNorm, rotary attention with grouped KV
-// heads over the paged cache, SwiGLU MLP) run for one serving step on the CPU in a single call, with the
-// linear weights kept in their GGML blocks. It is what Python's per-layer loop does op by op, without the
+// The decoder layers of a Llama-family model (llama, qwen2, qwen3, mistral, phi3 and the mixture-of-experts
+// mixtral, qwen2_moe, qwen3_moe: RMSNorm, rotary attention with grouped KV heads over the paged cache, a SwiGLU
+// MLP or experts) run for one serving step on the CPU in a single call, with the linear weights kept in their
+// GGML blocks. It is what Python's per-layer loop does op by op, without the
 // ~10 us of interpreter and binding work around each of the dozen kernels of a layer, which at decode
 // sizes is more than the kernels' own time.
 //
 // Per layer, on the residual stream x [T, d] (f32):
-//   h = rms_norm(x); q, k, v = h @ Wq.T (+ bq), ...; rotate q and k (rotate-half rope, HF's convention)
-//   write k, v into the layer's paged cache; a = paged_attention(q) @ Wo.T (+ bo)
+//   h = rms_norm(x); q, k, v = h @ Wq.T (+ bq), ...; (qwen3) each head of q and k rms-normed;
+//   rotate q and k (rotate-half rope, HF's convention); write k, v into the layer's paged cache;
+//   a = paged_attention(q) @ Wo.T (+ bo), each query seeing its layer's window of keys (mistral)
 //   x += a; h = rms_norm(x); x += (silu(h @ Wgate.T) * (h @ Wup.T)) @ Wdown.T
+// or, in a mixture-of-experts layer, x += moe_expert_ffn(h, moe_route(h @ Wrouter.T)) (flashlm/moe/moe.h)
+//   [+ sigmoid(h . w_shared_gate) * shared(h), shared a SwiGLU MLP: qwen2_moe's shared expert]
 // Decoder::logits adds both ends: the embedding lookup before the layers, and after them the final norm and
 // the output head on the rows whose next-token logits are wanted.
 #pragma once
@@ -19,6 +23,7 @@
 #include "flashlm/core/dtype.h"
 #include "flashlm/core/export.h"
 #include "flashlm/core/tensor.h"
+#include "flashlm/moe/moe.h"
 
 namespace flashlm::runtime {
 
@@ -30,11 +35,29 @@ struct QuantLinear {
   TensorView bias;    // optional f32 [n]; absent: null data
 };
 
+// A mixture-of-experts MLP: the router's top_k experts of each token (softmax over all experts first, as
+// mixtral and qwen-moe route; renormalize: the k weights divided by their sum), their SwiGLU outputs summed
+// with those weights.
+struct DecoderMoe {
+  QuantLinear router;            // [E, d] in GGML blocks; absent (null weight data): router_f32 instead
+  TensorView router_f32;         // f32 [E, d]: a float router, its dot products summed in f64 and rounded once
+                                 // (as flashlm.models.moe computes a float32 router, so the logits agree)
+  ExpertWeights gate, up, down;  // [E, F, d], [E, F, d], [E, d, F]: float or GGML blocks, as moe_expert_ffn reads
+  int64_t top_k = 0;             // 0: not a mixture-of-experts layer
+  bool renormalize = true;
+  TensorView shared_gate;        // f32 [d]: the shared expert's gate (qwen2_moe), sigmoid(h . w) in f64 rounded once;
+                                 // absent (null data): no shared expert
+};
+
 struct DecoderLayer {
   TensorView attn_norm;  // f32 [d]
   QuantLinear q, k, v, o;
   TensorView mlp_norm;   // f32 [d]
-  QuantLinear gate, up, down;
+  QuantLinear gate, up, down;  // the MLP; in a mixture-of-experts layer the shared expert (any width), or absent
+                               // (null weight data) without one
+  TensorView q_norm, k_norm;   // f32 [head_dim]: qwen3's per-head norms of q and k; absent: null data
+  int64_t window = 0;          // keys a query sees, itself included (a sliding window); 0: every key before it
+  DecoderMoe moe;
 };
 
 // The model's ends: the token embedding table, the final norm and (optionally) the output head.
