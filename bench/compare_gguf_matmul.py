@@ -28,7 +28,7 @@ Run (from the repository root, with flashlm installed):
 --batch M (CPU, M > 1) times a batched product instead, x [M, K] (a decode step of M sequences), in GMAC/s
 (M * N * K multiply-adds per second): flashlm's plain kernels (AVX2, and AVX-VNNI where the CPU has it), the
 regrouped (x4) layout the native decoder
-keeps Q4_0/Q8_0 weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
+keeps Q4_0/Q8_0/Q4_K/Q6_K weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
 has AVX-512 VNNI, its VNNI kernel, and torch's float32 GEMM. Weights are hot (M rows share each weight read);
 each result is first checked bit-equal to the plain kernels' row by row. The int8 ceiling to set these
 against is bench/int8_peak.cpp's.

@@ -119,6 +119,50 @@ void matmul_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t ac
   }
 }
 
+// The K-quants' x4 layout: row j of a group read in place through X4Q4K / X4Q6K by the plain kernels' block
+// code, so each output is computed as dot_rows<T, 1> computes it from the plain row.
+template <class T, class L, int R>
+FLASHLM_AVX2_INLINE void dot_rows_x4k(const uint8_t* group, int j, int64_t k, const uint8_t* acts, int64_t act_bytes,
+                                      int64_t m0, float* y, int64_t ldy, int64_t n) {
+  const uint8_t* x[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = acts + (m0 + r) * act_bytes;
+    acc[r] = _mm256_setzero_ps();
+  }
+  constexpr int64_t kRun = 4 * T::kBytes;  // one super-block of the group's 4 rows
+  const int64_t nb = k / T::kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = group + b * kRun;
+    for (int64_t line = 0; line < T::kBytes; line += 64)  // about this row's share of the run, kPrefetch ahead
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + j * T::kBytes + line), _MM_HINT_T0);
+    T::template block_at<L, R>(w, j, x, b * T::kActBytes, acc);
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + n] = hsum(acc[r]) + 0.0f;  // + the zero correction
+}
+
+template <class T, class L>
+void matmul_x4k(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t group_bytes = 4 * (k / T::kBlock) * T::kBytes;
+  // As run_rows: tiles of 16 weight rows, up to 4 activation rows per pass.
+  for (int64_t nt = n0; nt < n1; nt += kTileN) {
+    const int64_t ne = nt + kTileN < n1 ? nt + kTileN : n1;
+    for (int64_t r = 0; r < m; r += 4) {
+      for (int64_t n = nt; n < ne; ++n) {
+        const uint8_t* group = packed + n / 4 * group_bytes;
+        const int j = static_cast<int>(n % 4);
+        switch (m - r < 4 ? m - r : 4) {
+          case 4: dot_rows_x4k<T, L, 4>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          case 3: dot_rows_x4k<T, L, 3>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          case 2: dot_rows_x4k<T, L, 2>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          default: dot_rows_x4k<T, L, 1>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras) {
@@ -137,8 +181,12 @@ void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int6
 
 void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  if (type == DType::Q4_0) matmul_x4<PackedQ4_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
-  else matmul_x4<PackedQ8_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
+  switch (type) {
+    case DType::Q4_0: matmul_x4<PackedQ4_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1); break;
+    case DType::Q8_0: matmul_x4<PackedQ8_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1); break;
+    case DType::Q4_K: matmul_x4k<Q45_K<false>, X4Q4K>(packed, k, acts, act_bytes, m, y, ldy, n0, n1); break;
+    default: matmul_x4k<Q6_K, X4Q6K>(packed, k, acts, act_bytes, m, y, ldy, n0, n1); break;  // Q6_K
+  }
 }
 
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) { return rows_all_types(a, n0, n1); }

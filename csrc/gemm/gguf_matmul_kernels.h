@@ -74,11 +74,17 @@ constexpr int64_t kX4ExtraBytes = 64;
 void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
 void x4_pair_extras_vnni(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
 // y[r, n] for all m activation rows and rows n in [n0, n1) (multiples of 4) from the packed weights; y is
-// [m, ldy]. One activation row is the GEMV.
+// [m, ldy]. One activation row is the GEMV. The K-quants (Q4_K, Q6_K) take block_q8_K rows and no extras.
 void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void matmul_x4_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Whether `type` has an x4 layout (Q4_0, Q8_0, Q4_K, Q6_K), and what K must be a multiple of for it (64, 256).
+bool repack_x4_type(DType type);
+int64_t repack_x4_k_multiple(DType type);
+// The K-quants' part of matmul_x4_vnni (repack_x4k_vnni.cpp).
+void matmul_x4k_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
+                     float* y, int64_t ldy, int64_t n0, int64_t n1);
 // True where the x4 VNNI kernels are compiled in, the CPU has AVX-512 F/BW/VNNI and set_gguf_matmul_vnni
 // allows them.
 bool x4_vnni_available();
