@@ -191,4 +191,52 @@ void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t*
 
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) { return rows_all_types(a, n0, n1); }
 
+// quantize_act_q8_k (gguf_matmul_scalar.cpp) eight lanes at a time: the same largest magnitude (a max is
+// exact in any order) and the first element that has it, the same float products iscale * x rounded to
+// nearest-even (cvtps under the default MXCSR, as the scalar code's 1.5 * 2^23 trick rounds) and clamped to
+// [-128, 127] (by the saturating packs), and the same integer group sums.
+bool quantize_block_q8_k_avx2(const float* x, uint8_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 vmax = zero, poison = zero;
+  for (int j = 0; j < QK_K; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));  // NaN where an element is infinite or NaN
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  if (amax == 0.0f) return false;
+  int first = 0;
+  for (int j = 0; j < QK_K; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)),
+                                                     _mm256_set1_ps(amax), _CMP_EQ_OQ));
+    if (hit) {
+      first = j + __builtin_ctz(static_cast<unsigned>(hit));
+      break;
+    }
+  }
+  const float iscale = -128.0f / x[first];
+  if (__builtin_isinf(iscale)) return false;  // a subnormal largest value: the scalar code's clamps of inf * x
+  const __m256 s = _mm256_set1_ps(iscale);
+  auto* blk = reinterpret_cast<block_q8_K*>(out);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), ones8 = _mm256_set1_epi8(1);
+  for (int j = 0; j < QK_K; j += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(s, _mm256_loadu_ps(x + j + 8 * i)));
+    const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    const __m256i q8 = _mm256_permutevar8x32_epi32(q16, order);  // the packs' lane order undone
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk->qs + j), q8);
+    // int32 lanes 0-3: sums of 4 of the first 16 bytes, 4-7: of the last 16; two hadds sum each half
+    __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q8), _mm256_set1_epi16(1));
+    s32 = _mm256_hadd_epi32(s32, s32);
+    s32 = _mm256_hadd_epi32(s32, s32);
+    blk->bsums[j / 16] = static_cast<int16_t>(_mm256_extract_epi32(s32, 0));
+    blk->bsums[j / 16 + 1] = static_cast<int16_t>(_mm256_extract_epi32(s32, 4));
+  }
+  blk->d = 1.0f / iscale;
+  return true;
+}
+
 }  // namespace flashlm::gemm::detail

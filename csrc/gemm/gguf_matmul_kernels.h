@@ -43,9 +43,13 @@ bool uses_q8_k(DType weight_type);
 // Bytes of activation blocks per row of K values.
 int64_t act_row_bytes(DType weight_type, int64_t k);
 
-// Quantizes rows [m0, m1) of x [M, K] (f32 or bf16, contiguous) into `acts` (act_row_bytes per row).
+// Quantizes rows [m0, m1) of x [M, K] (f32 or bf16, contiguous) into `acts` (act_row_bytes per row), with the
+// AVX2 code below where the run-time ISA is AVX2 (the same bits).
 void quantize_activations(DType weight_type, const void* x, DType x_dtype, int64_t k, int64_t m0, int64_t m1,
                           uint8_t* acts);
+// One Q8_K block (256 floats at x) as the scalar quantizer makes it, bit for bit; false (out untouched) for a
+// block it leaves to the scalar code: all zeros or not all finite.
+bool quantize_block_q8_k_avx2(const float* x, uint8_t* out);
 
 // Computes y[m, n] = sum_k x[m, k] * W[n, k] for all m < M and n in [n0, n1), without bias, from the
 // weight blocks (row_bytes bytes per row of W) and the quantized activations. y is float [M, ldy].
