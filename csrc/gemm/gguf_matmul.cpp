@@ -203,6 +203,7 @@ void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul:
 namespace flashlm::gemm::detail {
 bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
 bool quantize_block_q8_k_avx2(const float*, uint8_t*) { return false; }
+bool quantize_block_q8_avx2(const float*, uint8_t*, int) { return false; }
 void x4_pair_extras_avx2(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*) {}
 void matmul_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, float*, int64_t,
                     int64_t, int64_t) {}

@@ -239,4 +239,40 @@ bool quantize_block_q8_k_avx2(const float* x, uint8_t* out) {
   return true;
 }
 
+// quantize_act_q8 (gguf_matmul_scalar.cpp) eight lanes at a time: the same d = max|x| / 127 and 1 / d, the same
+// products x * (1 / d) rounded to nearest-even and clamped to [-127, 127], and the same integer sum.
+bool quantize_block_q8_avx2(const float* x, uint8_t* out, int half) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 v[4], vmax = zero, poison = zero;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v[i], zero));  // NaN where an element is infinite or NaN
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  if (__builtin_isinf(id)) return false;  // a subnormal d: the scalar code's clamps of inf * x
+  const __m256 s = _mm256_set1_ps(id);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s));
+  const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  // clamped to [-127, 127] as the scalar code clamps: the packs saturate at 127 and -128, the max lifts -128
+  // (with a finite 1 / d, |x / d| stays within rounding of 127, but the clamp costs one instruction)
+  const __m256i q8 = _mm256_max_epi8(_mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)),
+                                     _mm256_set1_epi8(-127));
+  auto* a = reinterpret_cast<ActQ8x2*>(out);
+  // values 0..15 of the block at qs[16 half], 16..31 at qs[32 + 16 half] (act_pair_index)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a->qs + 16 * half), _mm256_castsi256_si128(q8));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a->qs + 32 + 16 * half), _mm256_extracti128_si256(q8, 1));
+  __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q8), _mm256_set1_epi16(1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  a->d[half] = d;
+  a->s[half] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+  return true;
+}
+
 }  // namespace flashlm::gemm::detail

@@ -50,6 +50,9 @@ void quantize_activations(DType weight_type, const void* x, DType x_dtype, int64
 // One Q8_K block (256 floats at x) as the scalar quantizer makes it, bit for bit; false (out untouched) for a
 // block it leaves to the scalar code: all zeros or not all finite.
 bool quantize_block_q8_k_avx2(const float* x, uint8_t* out);
+// Block `half` (0 or 1) of the ActQ8x2 pair at out from 32 floats at x, likewise; false for a block that is not
+// all finite.
+bool quantize_block_q8_avx2(const float* x, uint8_t* out, int half);
 
 // Computes y[m, n] = sum_k x[m, k] * W[n, k] for all m < M and n in [n0, n1), without bias, from the
 // weight blocks (row_bytes bytes per row of W) and the quantized activations. y is float [M, ldy].
