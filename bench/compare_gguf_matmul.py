@@ -23,7 +23,7 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_gguf_matmul.py --types Q6_K --shapes 11008x4096 --reps 50
   python bench/compare_gguf_matmul.py --device cuda        # needs flashlm's CUDA kernels and a GPU
   python bench/compare_gguf_matmul.py --quick              # seconds: CI smoke
-  python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0 --shapes 2048x768,768x2048
+  python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0,Q4_K,Q6_K --shapes 2048x768,768x2048
 
 --batch M (CPU, M > 1) times a batched product instead, x [M, K] (a decode step of M sequences), in GMAC/s
 (M * N * K multiply-adds per second): flashlm's plain kernels (AVX2, and AVX-VNNI where the CPU has it), the
