@@ -8,7 +8,7 @@ What is measured
                                 iteration uses the next of several copies of W totalling >= --rotate-mib
                                 (default 256 MiB, beyond the last-level cache), as a decoder reads each
                                 layer's weights once per token.
-  gguf_matmul_repacked_cpu/<type>/M<m>  the same for Q4_0 and Q8_0 with W regrouped (gguf_repack) and
+  gguf_matmul_repacked_cpu/<type>/M<m>  the same for Q4_0, Q8_0, Q4_K, Q6_K with W regrouped (gguf_repack) and
                                 multiplied by gguf_matmul_repacked, as the native decoder does.
   gguf_matmul_cuda/<type>/M<m>  the same with f16 x on GPU 0, timed with CUDA events (one copy of W: an
                                 H100's 50 MiB L2 is smaller than the 4096 x 11008 weights of the default
@@ -88,7 +88,7 @@ void set_counters(benchmark::State& state, int64_t weight_bytes, int64_t m) {
 }
 
 // repacked: the weights regrouped (gguf_repack) and multiplied by gguf_matmul_repacked, as the native decoder
-// keeps and multiplies Q4_0/Q8_0 weights.
+// keeps and multiplies Q4_0/Q8_0/Q4_K/Q6_K weights.
 void BM_gguf_matmul_cpu(benchmark::State& state, DType type, int64_t m, bool repacked) {
   std::vector<uint8_t> first = random_weights(type, 0x5EED + static_cast<uint64_t>(type));
   if (repacked) {
@@ -156,7 +156,7 @@ void register_all() {
       benchmark::RegisterBenchmark(name.c_str(), BM_gguf_matmul_cpu, type, m, false)->UseRealTime();
     }
   }
-  for (DType type : {DType::Q4_0, DType::Q8_0}) {
+  for (DType type : {DType::Q4_0, DType::Q8_0, DType::Q4_K, DType::Q6_K}) {
     for (int64_t m : kRows) {
       const std::string name = std::string("gguf_matmul_repacked_cpu/") + flashlm::dtype_name(type) + "/M" +
                                std::to_string(m);

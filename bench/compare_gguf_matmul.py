@@ -23,12 +23,12 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_gguf_matmul.py --types Q6_K --shapes 11008x4096 --reps 50
   python bench/compare_gguf_matmul.py --device cuda        # needs flashlm's CUDA kernels and a GPU
   python bench/compare_gguf_matmul.py --quick              # seconds: CI smoke
-  python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0 --shapes 2048x768,768x2048
+  python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0,Q4_K,Q6_K --shapes 2048x768,768x2048
 
 --batch M (CPU, M > 1) times a batched product instead, x [M, K] (a decode step of M sequences), in GMAC/s
 (M * N * K multiply-adds per second): flashlm's plain kernels (AVX2, and AVX-VNNI where the CPU has it), the
 regrouped (x4) layout the native decoder
-keeps Q4_0/Q8_0 weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
+keeps Q4_0/Q8_0/Q4_K/Q6_K weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
 has AVX-512 VNNI, its VNNI kernel, and torch's float32 GEMM. Weights are hot (M rows share each weight read);
 each result is first checked bit-equal to the plain kernels' row by row. The int8 ceiling to set these
 against is bench/int8_peak.cpp's.

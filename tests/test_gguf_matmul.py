@@ -216,6 +216,33 @@ def test_gguf_py_quantized_weights(ggml_type):
     check(y, x, ggml_type, torch.from_numpy(w), torch.from_numpy(np.abs(w - b) + np.abs(b)))
 
 
+@pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0", "Q4_1", *K_TYPES])
+def test_avx2_quantizer_on_awkward_rows(ggml_type):
+    """float32 x goes through the AVX2 activation quantizer, bfloat16 x through the scalar one; with x exactly
+    bfloat16 both see the same values and must make the same blocks, so y from float32 x rounded to bfloat16
+    equals y from bfloat16 x, bit for bit. The rows: the largest magnitude twice with either sign first (the
+    first decides the sign of the scale, and which of them clamps from +128 to 127), values that scale to
+    exact halves (rounded to even; Q8_K's scale is 1 there), an all-zero block, a subnormal largest value (left
+    to the scalar code), and values whose 32-block scale max|x| / 127 is subnormal with a finite inverse. The first four rows are also held to the exact bound of the numpy quantization."""
+    _C.set_cpu_isa("avx2")
+    k, n = 512, 70
+    raw, w, parts = weights(ggml_type, n, k, seed=3)
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(6, k, generator=g) * 6 - 3).bfloat16().float()  # |x| < 3
+    x[0, 10], x[0, 200] = -4.0, 4.0
+    x[1, 3], x[1, 300] = 4.0, -4.0
+    x[2, :256] = torch.arange(-128.0, 128.0) + 0.5  # scale 1 after the first value: halves
+    x[2, 0] = -128.0
+    x[3, :256] = 0.0
+    x[4] = (x[4] * 1e-39).bfloat16().float()  # bfloat16 has float32's subnormals (with fewer bits)
+    x[5] = (x[5] * 4e-37).bfloat16().float()  # max|x| / 127 subnormal, its inverse finite
+    y32 = ops.gguf_linear(x, raw, ggml_type, (n, k))
+    y16 = ops.gguf_linear(x.bfloat16(), raw, ggml_type, (n, k))
+    assert torch.equal(y32.bfloat16(), y16)
+    check(y32[:4], x[:4], ggml_type, w, parts, typical=False)
+
+
 def test_non_finite_x_gives_nan_rows():
     raw, _, _ = weights("Q4_0", N, 64, seed=2)
     x = torch.randn(3, 64)

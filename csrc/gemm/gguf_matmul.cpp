@@ -94,7 +94,9 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const bool vnni = avx2 && x4_vnni_available();
   std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
-  const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) { return p.packed; });
+  const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) {
+    return p.packed && !uses_q8_k(p.type);  // the K-quants' kernels read their activation blocks only
+  });
   if (packed) {
     extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
     if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
@@ -200,6 +202,8 @@ void gguf_matmul_cuda(const CudaArgs&) { throw NotImplementedError("gguf_matmul:
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
 namespace flashlm::gemm::detail {
 bool gguf_matmul_rows_avx2(const RowsArgs&, int64_t, int64_t) { return false; }
+bool quantize_block_q8_k_avx2(const float*, uint8_t*) { return false; }
+bool quantize_block_q8_avx2(const float*, uint8_t*, int) { return false; }
 void x4_pair_extras_avx2(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*) {}
 void matmul_x4_avx2(DType, const uint8_t*, int64_t, const uint8_t*, int64_t, const uint8_t*, int64_t, float*, int64_t,
                     int64_t, int64_t) {}

@@ -119,6 +119,50 @@ void matmul_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t ac
   }
 }
 
+// The K-quants' x4 layout: row j of a group read in place through X4Q4K / X4Q6K by the plain kernels' block
+// code, so each output is computed as dot_rows<T, 1> computes it from the plain row.
+template <class T, class L, int R>
+FLASHLM_AVX2_INLINE void dot_rows_x4k(const uint8_t* group, int j, int64_t k, const uint8_t* acts, int64_t act_bytes,
+                                      int64_t m0, float* y, int64_t ldy, int64_t n) {
+  const uint8_t* x[R];
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = acts + (m0 + r) * act_bytes;
+    acc[r] = _mm256_setzero_ps();
+  }
+  constexpr int64_t kRun = 4 * T::kBytes;  // one super-block of the group's 4 rows
+  const int64_t nb = k / T::kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* w = group + b * kRun;
+    for (int64_t line = 0; line < T::kBytes; line += 64)  // about this row's share of the run, kPrefetch ahead
+      _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + j * T::kBytes + line), _MM_HINT_T0);
+    T::template block_at<L, R>(w, j, x, b * T::kActBytes, acc);
+  }
+  for (int r = 0; r < R; ++r) y[(m0 + r) * ldy + n] = hsum(acc[r]) + 0.0f;  // + the zero correction
+}
+
+template <class T, class L>
+void matmul_x4k(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t group_bytes = 4 * (k / T::kBlock) * T::kBytes;
+  // As run_rows: tiles of 16 weight rows, up to 4 activation rows per pass.
+  for (int64_t nt = n0; nt < n1; nt += kTileN) {
+    const int64_t ne = nt + kTileN < n1 ? nt + kTileN : n1;
+    for (int64_t r = 0; r < m; r += 4) {
+      for (int64_t n = nt; n < ne; ++n) {
+        const uint8_t* group = packed + n / 4 * group_bytes;
+        const int j = static_cast<int>(n % 4);
+        switch (m - r < 4 ? m - r : 4) {
+          case 4: dot_rows_x4k<T, L, 4>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          case 3: dot_rows_x4k<T, L, 3>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          case 2: dot_rows_x4k<T, L, 2>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+          default: dot_rows_x4k<T, L, 1>(group, j, k, acts, act_bytes, r, y, ldy, n); break;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras) {
@@ -137,10 +181,98 @@ void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int6
 
 void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  if (type == DType::Q4_0) matmul_x4<PackedQ4_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
-  else matmul_x4<PackedQ8_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
+  switch (type) {
+    case DType::Q4_0: matmul_x4<PackedQ4_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1); break;
+    case DType::Q8_0: matmul_x4<PackedQ8_0>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1); break;
+    case DType::Q4_K: matmul_x4k<Q45_K<false>, X4Q4K>(packed, k, acts, act_bytes, m, y, ldy, n0, n1); break;
+    default: matmul_x4k<Q6_K, X4Q6K>(packed, k, acts, act_bytes, m, y, ldy, n0, n1); break;  // Q6_K
+  }
 }
 
 bool gguf_matmul_rows_avx2(const RowsArgs& a, int64_t n0, int64_t n1) { return rows_all_types(a, n0, n1); }
+
+// quantize_act_q8_k (gguf_matmul_scalar.cpp) eight lanes at a time: the same largest magnitude (a max is
+// exact in any order) and the first element that has it, the same float products iscale * x rounded to
+// nearest-even (cvtps under the default MXCSR, as the scalar code's 1.5 * 2^23 trick rounds) and clamped to
+// [-128, 127] (by the saturating packs), and the same integer group sums.
+bool quantize_block_q8_k_avx2(const float* x, uint8_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 vmax = zero, poison = zero;
+  for (int j = 0; j < QK_K; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));  // NaN where an element is infinite or NaN
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  if (amax == 0.0f) return false;
+  int first = 0;
+  for (int j = 0; j < QK_K; j += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + j)),
+                                                     _mm256_set1_ps(amax), _CMP_EQ_OQ));
+    if (hit) {
+      first = j + __builtin_ctz(static_cast<unsigned>(hit));
+      break;
+    }
+  }
+  const float iscale = -128.0f / x[first];
+  if (__builtin_isinf(iscale)) return false;  // a subnormal largest value: the scalar code's clamps of inf * x
+  const __m256 s = _mm256_set1_ps(iscale);
+  auto* blk = reinterpret_cast<block_q8_K*>(out);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7), ones8 = _mm256_set1_epi8(1);
+  for (int j = 0; j < QK_K; j += 32) {
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(s, _mm256_loadu_ps(x + j + 8 * i)));
+    const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    const __m256i q8 = _mm256_permutevar8x32_epi32(q16, order);  // the packs' lane order undone
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk->qs + j), q8);
+    // int32 lanes 0-3: sums of 4 of the first 16 bytes, 4-7: of the last 16; two hadds sum each half
+    __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q8), _mm256_set1_epi16(1));
+    s32 = _mm256_hadd_epi32(s32, s32);
+    s32 = _mm256_hadd_epi32(s32, s32);
+    blk->bsums[j / 16] = static_cast<int16_t>(_mm256_extract_epi32(s32, 0));
+    blk->bsums[j / 16 + 1] = static_cast<int16_t>(_mm256_extract_epi32(s32, 4));
+  }
+  blk->d = 1.0f / iscale;
+  return true;
+}
+
+// quantize_act_q8 (gguf_matmul_scalar.cpp) eight lanes at a time: the same d = max|x| / 127 and 1 / d, the same
+// products x * (1 / d) rounded to nearest-even and clamped to [-127, 127], and the same integer sum.
+bool quantize_block_q8_avx2(const float* x, uint8_t* out, int half) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  __m256 v[4], vmax = zero, poison = zero;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
+    poison = _mm256_add_ps(poison, _mm256_mul_ps(v[i], zero));  // NaN where an element is infinite or NaN
+  }
+  if (_mm256_movemask_ps(_mm256_cmp_ps(poison, poison, _CMP_UNORD_Q))) return false;
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+  if (__builtin_isinf(id)) return false;  // a subnormal d: the scalar code's clamps of inf * x
+  const __m256 s = _mm256_set1_ps(id);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s));
+  const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  // clamped to [-127, 127] as the scalar code clamps: the packs saturate at 127 and -128, the max lifts -128
+  // (with a finite 1 / d, |x / d| stays within rounding of 127, but the clamp costs one instruction)
+  const __m256i q8 = _mm256_max_epi8(_mm256_permutevar8x32_epi32(q16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)),
+                                     _mm256_set1_epi8(-127));
+  auto* a = reinterpret_cast<ActQ8x2*>(out);
+  // values 0..15 of the block at qs[16 half], 16..31 at qs[32 + 16 half] (act_pair_index)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a->qs + 16 * half), _mm256_castsi256_si128(q8));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(a->qs + 32 + 16 * half), _mm256_extracti128_si256(q8, 1));
+  __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), q8), _mm256_set1_epi16(1));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  a->d[half] = d;
+  a->s[half] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
+  return true;
+}
 
 }  // namespace flashlm::gemm::detail

@@ -12,6 +12,7 @@
 #include "../gguf/shared_unpack_avx2.h"
 #include "flashlm/gguf/blocks.h"
 #include "gguf_matmul_kernels.h"
+#include "kernels_avx2_common.h"
 
 namespace flashlm::gemm::detail {
 namespace {
@@ -34,13 +35,6 @@ using gguf::detail::nibbles_lo_hi;
 // Sum of 32 unsigned-by-signed byte products, as 8 int32 partial sums.
 FLASHLM_AVX2_INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
-
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 FLASHLM_AVX2_INLINE const block_q8_K* q8k(const uint8_t* p) { return reinterpret_cast<const block_q8_K*>(p); }
@@ -210,21 +204,45 @@ struct Legacy {
 
 // ---- K-quants: 256 elements against one block_q8_K per activation row ----------------------------------
 
-// The 6-bit scales and mins of Q4_K/Q5_K's 8 sub-blocks (ggml's get_scale_min_k4, four at a time): bytes
-// 0..7 of the result are the scales, bytes 8..15 the mins.
-FLASHLM_AVX2_INLINE __m128i scales_mins_k4(const uint8_t* q) {
-  const uint32_t w0 = ld_u32(q), w1 = ld_u32(q + 4), w2 = ld_u32(q + 8);
-  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, low2 = 0x03030303u;
-  const uint32_t sc_lo = w0 & low6, sc_hi = (w2 & low4) | (((w0 >> 6) & low2) << 4);
-  const uint32_t mn_lo = w1 & low6, mn_hi = ((w2 >> 4) & low4) | (((w1 >> 6) & low2) << 4);
-  return _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(mn_lo), static_cast<int>(mn_hi));
-}
-
 // Lane i of the result: the int16 lane j of both 128-bit halves of v (a broadcast within each half).
 template <int j>
 FLASHLM_AVX2_INLINE __m256i broadcast_epi16(__m256i v) {
   return _mm256_shuffle_epi8(v, _mm256_set1_epi16(static_cast<short>(((2 * j + 1) << 8) | (2 * j))));
 }
+
+// Where the parts of a K-quant block are: Plain* in a block of the plain layout, X4* in row j of an x4
+// group's super-block (shared_gguf_matmul.h). The kernels read through them, so both layouts run the same
+// instructions on the same bytes.
+struct PlainQ4K {
+  FLASHLM_AVX2_INLINE static const uint8_t* d(const uint8_t* w, int) { return w; }
+  FLASHLM_AVX2_INLINE static const uint8_t* dmin(const uint8_t* w, int) { return w + 2; }
+  FLASHLM_AVX2_INLINE static const uint8_t* scales(const uint8_t* w, int) { return w + offsetof(block_q4_K, scales); }
+  // 32 bytes i of qs (Q5_K's qs are further in)
+  template <int kQs>
+  FLASHLM_AVX2_INLINE static const uint8_t* qs(const uint8_t* w, int, int i) { return w + kQs + 32 * i; }
+};
+struct X4Q4K {
+  FLASHLM_AVX2_INLINE static const uint8_t* d(const uint8_t* w, int j) { return w + 2 * j; }
+  FLASHLM_AVX2_INLINE static const uint8_t* dmin(const uint8_t* w, int j) { return w + 8 + 2 * j; }
+  FLASHLM_AVX2_INLINE static const uint8_t* scales(const uint8_t* w, int j) { return w + 16 + 12 * j; }
+  template <int>
+  FLASHLM_AVX2_INLINE static const uint8_t* qs(const uint8_t* w, int j, int i) { return w + 64 + 128 * i + 32 * j; }
+};
+struct PlainQ6K {
+  FLASHLM_AVX2_INLINE static const uint8_t* d(const uint8_t* w, int) { return w + offsetof(block_q6_K, d); }
+  FLASHLM_AVX2_INLINE static const uint8_t* scales(const uint8_t* w, int) { return w + offsetof(block_q6_K, scales); }
+  // c = 0, 1: ql[64h + 32c ..]; c = 2: qh[32h ..]
+  FLASHLM_AVX2_INLINE static const uint8_t* part(const uint8_t* w, int, int h, int c) {
+    return c < 2 ? w + offsetof(block_q6_K, ql) + 64 * h + 32 * c : w + offsetof(block_q6_K, qh) + 32 * h;
+  }
+};
+struct X4Q6K {
+  FLASHLM_AVX2_INLINE static const uint8_t* d(const uint8_t* w, int j) { return w + 2 * j; }
+  FLASHLM_AVX2_INLINE static const uint8_t* scales(const uint8_t* w, int j) { return w + 8 + 16 * j; }
+  FLASHLM_AVX2_INLINE static const uint8_t* part(const uint8_t* w, int j, int h, int c) {
+    return w + 72 + 384 * h + 128 * c + 32 * j;
+  }
+};
 
 // value = d * sc[j] * q - dmin * mn[j] in sub-block j of 32; Q5_K adds bit j of qh[l] as the fifth bit.
 template <bool kFive>
@@ -234,11 +252,11 @@ struct Q45_K {
   static constexpr int kBytes = kFive ? sizeof(block_q5_K) : sizeof(block_q4_K);
   static constexpr int kQs = kFive ? offsetof(block_q5_K, qs) : offsetof(block_q4_K, qs);
 
-  template <int i, int R>
-  FLASHLM_AVX2_INLINE static void pair(const uint8_t* w, __m256i qh, __m256i sc16, const uint8_t* const* x, int64_t off,
-                                       __m256i* isum) {
+  template <class L, int i, int R>
+  FLASHLM_AVX2_INLINE static void pair(const uint8_t* w, int j, __m256i qh, __m256i sc16, const uint8_t* const* x,
+                                       int64_t off, __m256i* isum) {
     // sub-blocks 2i (low nibbles) and 2i + 1 (high nibbles) of qs[32i..]
-    const __m256i raw = load32B(w + kQs + 32 * i);
+    const __m256i raw = load32B(L::template qs<kQs>(w, j, i));
     __m256i lo = nibbles(raw, 0), hi = nibbles(raw, 1);
     if constexpr (kFive) {
       lo = _mm256_or_si256(lo, bit_plane(qh, 2 * i, 0x10));
@@ -252,10 +270,11 @@ struct Q45_K {
     }
   }
 
-  template <int R>
-  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
-    const float d = load_f16(w), dmin = load_f16(w + 2);
-    const __m128i sc_mn = scales_mins_k4(w + offsetof(block_q4_K, scales));
+  // Row j of the block at w (laid out as L says) against R activation rows.
+  template <class L, int R>
+  FLASHLM_AVX2_INLINE static void block_at(const uint8_t* w, int j, const uint8_t* const* x, int64_t off, __m256* acc) {
+    const float d = load_f16(L::d(w, j)), dmin = load_f16(L::dmin(w, j));
+    const __m128i sc_mn = scales_mins_k4(L::scales(w, j));
     const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sc_mn));
     // mins[j] twice each, as 16 int16: multiplied with the 16 group sums of 16, pairs add up per sub-block.
     const __m128i mins = _mm_unpackhi_epi64(sc_mn, sc_mn);
@@ -264,10 +283,10 @@ struct Q45_K {
     if constexpr (kFive) qh = load32B(w + offsetof(block_q5_K, qh));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    pair<0, R>(w, qh, sc16, x, off, isum);
-    pair<1, R>(w, qh, sc16, x, off, isum);
-    pair<2, R>(w, qh, sc16, x, off, isum);
-    pair<3, R>(w, qh, sc16, x, off, isum);
+    pair<L, 0, R>(w, j, qh, sc16, x, off, isum);
+    pair<L, 1, R>(w, j, qh, sc16, x, off, isum);
+    pair<L, 2, R>(w, j, qh, sc16, x, off, isum);
+    pair<L, 3, R>(w, j, qh, sc16, x, off, isum);
     for (int r = 0; r < R; ++r) {
       const block_q8_K* a = q8k(x[r] + off);
       const __m256i msum = _mm256_madd_epi16(load32B(reinterpret_cast<const uint8_t*>(a->bsums)), mins16);
@@ -275,22 +294,29 @@ struct Q45_K {
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(-dmin * a->d), acc[r]);
     }
   }
+
+  template <int R>
+  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
+    block_at<PlainQ4K, R>(w, 0, x, off, acc);
+  }
 };
 
 // value = d * scales[g] * (q - 32) in sub-block g of 16; q's layout as in Decoder<Q6_K>.
 struct Q6_K {
   static constexpr int kBlock = QK_K, kBytes = sizeof(block_q6_K), kActBytes = sizeof(block_q8_K);
   static constexpr bool kTail = false;
-  template <int R>
-  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
-    const float d = load_f16(w + offsetof(block_q6_K, d));
-    const auto* scales = reinterpret_cast<const int8_t*>(w + offsetof(block_q6_K, scales));
+
+  // Row j of the block at w (laid out as L says) against R activation rows.
+  template <class L, int R>
+  FLASHLM_AVX2_INLINE static void block_at(const uint8_t* w, int j, const uint8_t* const* x, int64_t off, __m256* acc) {
+    const float d = load_f16(L::d(w, j));
+    const auto* scales = reinterpret_cast<const int8_t*>(L::scales(w, j));
     __m256i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {
-      const __m256i ql0 = load32B(w + offsetof(block_q6_K, ql) + 64 * h);
-      const __m256i ql1 = load32B(w + offsetof(block_q6_K, ql) + 64 * h + 32);
-      const __m256i qh = load32B(w + offsetof(block_q6_K, qh) + 32 * h);
+      const __m256i ql0 = load32B(L::part(w, j, h, 0));
+      const __m256i ql1 = load32B(L::part(w, j, h, 1));
+      const __m256i qh = load32B(L::part(w, j, h, 2));
       __m256i q[4] = {nibbles(ql0, 0), nibbles(ql1, 0), nibbles(ql0, 1), nibbles(ql1, 1)};
       for (int t = 0; t < 4; ++t) {  // quarter t: elements 128h + 32t + l, sub-blocks 8h + 2t and 8h + 2t + 1
         q[t] = _mm256_or_si256(q[t], _mm256_slli_epi16(crumbs(qh, t), 4));  // crumbs <= 3: no carry across bytes
@@ -303,13 +329,18 @@ struct Q6_K {
       }
     }
     // The -32 offset: -32 * d * d_x * sum_g scales[g] * bsums[g].
-    const __m256i sc16 = _mm256_cvtepi8_epi16(load16B(w + offsetof(block_q6_K, scales)));
+    const __m256i sc16 = _mm256_cvtepi8_epi16(load16B(L::scales(w, j)));
     for (int r = 0; r < R; ++r) {
       const block_q8_K* a = q8k(x[r] + off);
       const __m256i ssum = _mm256_madd_epi16(load32B(reinterpret_cast<const uint8_t*>(a->bsums)), sc16);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * a->d), acc[r]);
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ssum), _mm256_set1_ps(-32.0f * d * a->d), acc[r]);
     }
+  }
+
+  template <int R>
+  FLASHLM_AVX2_INLINE static void block(const uint8_t* w, const uint8_t* const* x, int64_t off, __m256* acc, float*) {
+    block_at<PlainQ6K, R>(w, 0, x, off, acc);
   }
 };
 

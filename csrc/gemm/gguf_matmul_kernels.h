@@ -43,9 +43,16 @@ bool uses_q8_k(DType weight_type);
 // Bytes of activation blocks per row of K values.
 int64_t act_row_bytes(DType weight_type, int64_t k);
 
-// Quantizes rows [m0, m1) of x [M, K] (f32 or bf16, contiguous) into `acts` (act_row_bytes per row).
+// Quantizes rows [m0, m1) of x [M, K] (f32 or bf16, contiguous) into `acts` (act_row_bytes per row), with the
+// AVX2 code below where the run-time ISA is AVX2 (the same bits).
 void quantize_activations(DType weight_type, const void* x, DType x_dtype, int64_t k, int64_t m0, int64_t m1,
                           uint8_t* acts);
+// One Q8_K block (256 floats at x) as the scalar quantizer makes it, bit for bit; false (out untouched) for a
+// block it leaves to the scalar code: all zeros or not all finite.
+bool quantize_block_q8_k_avx2(const float* x, uint8_t* out);
+// Block `half` (0 or 1) of the ActQ8x2 pair at out from 32 floats at x, likewise; false for a block that is not
+// all finite.
+bool quantize_block_q8_avx2(const float* x, uint8_t* out, int half);
 
 // Computes y[m, n] = sum_k x[m, k] * W[n, k] for all m < M and n in [n0, n1), without bias, from the
 // weight blocks (row_bytes bytes per row of W) and the quantized activations. y is float [M, ldy].
@@ -74,11 +81,17 @@ constexpr int64_t kX4ExtraBytes = 64;
 void x4_pair_extras_avx2(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
 void x4_pair_extras_vnni(const uint8_t* acts, int64_t act_bytes, int64_t m, int64_t k, uint8_t* extras);
 // y[r, n] for all m activation rows and rows n in [n0, n1) (multiples of 4) from the packed weights; y is
-// [m, ldy]. One activation row is the GEMV.
+// [m, ldy]. One activation row is the GEMV. The K-quants (Q4_K, Q6_K) take block_q8_K rows and no extras.
 void matmul_x4_avx2(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void matmul_x4_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Whether `type` has an x4 layout (Q4_0, Q8_0, Q4_K, Q6_K), and what K must be a multiple of for it (64, 256).
+bool repack_x4_type(DType type);
+int64_t repack_x4_k_multiple(DType type);
+// The K-quants' part of matmul_x4_vnni (repack_x4k_vnni.cpp).
+void matmul_x4k_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes, int64_t m,
+                     float* y, int64_t ldy, int64_t n0, int64_t n1);
 // True where the x4 VNNI kernels are compiled in, the CPU has AVX-512 F/BW/VNNI and set_gguf_matmul_vnni
 // allows them.
 bool x4_vnni_available();

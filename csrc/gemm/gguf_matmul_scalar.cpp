@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../gguf/shared_decoders.h"
+#include "flashlm/core/cpu_features.h"
 #include "gguf_matmul_kernels.h"
 
 namespace flashlm::gemm::detail {
@@ -97,10 +98,25 @@ void quantize_act_q8_k(const float* x, block_q8_K* out) {
 
 void quantize_activations(DType t, const void* x, DType x_dtype, int64_t k, int64_t m0, int64_t m1, uint8_t* acts) {
   const int64_t block = uses_q8_k(t) ? QK_K : 32, row_bytes = act_row_bytes(t, k);
+  const bool avx2 = x_dtype == DType::F32 && cpu_isa() == CpuIsa::AVX2;
   float buf[QK_K];
   for (int64_t m = m0; m < m1; ++m) {
     uint8_t* dst = acts + m * row_bytes;
     if (!uses_q8_k(t)) std::memset(dst, 0, static_cast<size_t>(row_bytes));  // a lone last block's empty partner
+    if (avx2) {  // the same blocks, vectorized; the scalar code keeps the blocks the AVX2 code leaves to it
+      for (int64_t b = 0; b < k / block; ++b) {
+        const float* xb = static_cast<const float*>(x) + m * k + b * block;
+        if (uses_q8_k(t)) {
+          auto* out = reinterpret_cast<block_q8_K*>(dst) + b;
+          if (!quantize_block_q8_k_avx2(xb, reinterpret_cast<uint8_t*>(out))) quantize_act_q8_k(xb, out);
+        } else {
+          auto* out = reinterpret_cast<ActQ8x2*>(dst) + b / 2;
+          const int half = static_cast<int>(b % 2);
+          if (!quantize_block_q8_avx2(xb, reinterpret_cast<uint8_t*>(out), half)) quantize_act_q8(xb, out, half);
+        }
+      }
+      continue;
+    }
     for (int64_t b = 0; b < k / block; ++b) {
       for (int64_t j = 0; j < block; ++j) buf[j] = load_x(x, x_dtype, m * k + b * block + j);
       if (uses_q8_k(t)) {

@@ -17,28 +17,49 @@ static std::atomic<bool> vnni_switch{true};  // set_gguf_matmul_vnni
 
 namespace {
 
-// Group g of 4 plain rows (row_bytes apart) <-> its x4 bytes, one pair of blocks after the other.
+// Group g of 4 plain rows (row_bytes apart) <-> its x4 bytes. Each layout is a list of pieces: `bytes` bytes
+// at offset `from` of row r's block, placed at offset `to` of the group's run of blocks (block_bytes * 4 long).
 template <bool kToX4>
 void convert_group(DType type, const uint8_t* src, int64_t k, uint8_t* dst) {
-  const int64_t block = dtype_info(type).block_bytes, quants = block - 2;  // f16 d, then the quants
-  const int64_t row_bytes = k / 32 * block;
+  const DTypeInfo& info = dtype_info(type);
+  const int64_t block = info.block_bytes, row_bytes = k / info.block_size * block;
   uint8_t* plain = kToX4 ? const_cast<uint8_t*>(src) : dst;
   uint8_t* x4 = kToX4 ? dst : const_cast<uint8_t*>(src);
-  auto move = [](uint8_t* p, uint8_t* q, int64_t bytes) {  // x4 bytes at q, plain at p
-    if (kToX4) std::memcpy(q, p, static_cast<size_t>(bytes));
-    else std::memcpy(p, q, static_cast<size_t>(bytes));
-  };
-  for (int64_t p = 0; p < k / 64; ++p) {
-    auto at = [&](int r, int b) { return plain + r * row_bytes + (2 * p + b) * block; };
-    for (int r = 0; r < 4; ++r)
-      for (int b = 0; b < 2; ++b) move(at(r, b), x4 + 2 * (2 * r + b), 2);
-    x4 += 16;
+  // Q4_0 and Q8_0 regroup pairs of blocks (the activation pair), the K-quants single super-blocks.
+  const int64_t per = type == DType::Q4_0 || type == DType::Q8_0 ? 2 : 1, run = per * block;
+  for (int64_t p = 0; p < k / info.block_size / per; ++p, x4 += 4 * run) {
+    uint8_t* base = plain + p * run;
+    auto move = [&](int r, int64_t from, int64_t to, int64_t bytes) {
+      uint8_t* at = base + r * row_bytes + from;
+      if (kToX4) std::memcpy(x4 + to, at, static_cast<size_t>(bytes));
+      else std::memcpy(at, x4 + to, static_cast<size_t>(bytes));
+    };
     for (int r = 0; r < 4; ++r) {
-      if (type == DType::Q4_0) {
-        for (int b = 0; b < 2; ++b, x4 += quants) move(at(r, b) + 2, x4, quants);
-      } else {  // Q8_0: [b0 0..16 | b1 0..16 | b0 16..32 | b1 16..32]
-        for (int half = 0; half < 2; ++half)
-          for (int b = 0; b < 2; ++b, x4 += 16) move(at(r, b) + 2 + 16 * half, x4, 16);
+      switch (type) {
+        case DType::Q4_0:  // scales [r0 b0, r0 b1, r1 b0, ...], then per row the 16 bytes of b0 and of b1
+          for (int b = 0; b < 2; ++b) {
+            move(r, b * block, 2 * (2 * r + b), 2);
+            move(r, b * block + 2, 16 + 32 * r + 16 * b, 16);
+          }
+          break;
+        case DType::Q8_0:  // scales as Q4_0, then per row [b0 0..16 | b1 0..16 | b0 16..32 | b1 16..32]
+          for (int b = 0; b < 2; ++b) {
+            move(r, b * block, 2 * (2 * r + b), 2);
+            for (int half = 0; half < 2; ++half) move(r, b * block + 2 + 16 * half, 16 + 64 * r + 32 * half + 16 * b, 16);
+          }
+          break;
+        case DType::Q4_K:  // d[4], dmin[4], scales[4][12], then per 32 bytes i of qs the 4 rows' 32 bytes
+          move(r, 0, 2 * r, 2);
+          move(r, 2, 8 + 2 * r, 2);
+          move(r, 4, 16 + 12 * r, 12);
+          for (int i = 0; i < 4; ++i) move(r, 16 + 32 * i, 64 + 128 * i + 32 * r, 32);
+          break;
+        default:  // Q6_K: d[4], scales[4][16], then per half h the 4 rows' ql[64h..+32], ql[64h+32..+32], qh[32h..+32]
+          move(r, 208, 2 * r, 2);
+          move(r, 192, 8 + 16 * r, 16);
+          for (int h = 0; h < 2; ++h)
+            for (int c = 0; c < 3; ++c) move(r, c < 2 ? 64 * h + 32 * c : 128 + 32 * h, 72 + 384 * h + 128 * c + 32 * r, 32);
+          break;
       }
     }
   }
@@ -54,8 +75,14 @@ void convert(DType type, const uint8_t* src, int64_t n, int64_t k, uint8_t* dst)
 
 }  // namespace
 
+bool repack_x4_type(DType type) {
+  return type == DType::Q4_0 || type == DType::Q8_0 || type == DType::Q4_K || type == DType::Q6_K;
+}
+
+int64_t repack_x4_k_multiple(DType type) { return type == DType::Q4_0 || type == DType::Q8_0 ? 64 : 256; }
+
 bool repack_x4_supported(DType type, int64_t n, int64_t k) {
-  return (type == DType::Q4_0 || type == DType::Q8_0) && n > 0 && k > 0 && k % 64 == 0;
+  return repack_x4_type(type) && n > 0 && k > 0 && k % repack_x4_k_multiple(type) == 0;
 }
 
 void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed) {
@@ -110,10 +137,11 @@ bool gguf_repack_supported(DType weight_type, int64_t n, int64_t k) {
 namespace {
 
 void check_repack(const char* fn, DType type, int64_t n, int64_t k) {
-  FLASHLM_CHECK(type == DType::Q4_0 || type == DType::Q8_0, fn, ": weight_type ", dtype_name(type),
-                " has no regrouped layout (Q4_0 and Q8_0 do)");
-  FLASHLM_CHECK(n > 0 && k > 0 && k % 64 == 0, fn, ": the regrouped layout needs N > 0 and K a positive multiple of 64, got ",
-                n, " x ", k);
+  using gemm::detail::repack_x4_k_multiple;
+  FLASHLM_CHECK(gemm::detail::repack_x4_type(type), fn, ": weight_type ", dtype_name(type),
+                " has no regrouped layout (Q4_0, Q8_0, Q4_K and Q6_K do)");
+  FLASHLM_CHECK(n > 0 && k > 0 && k % repack_x4_k_multiple(type) == 0, fn, ": the regrouped layout of ", dtype_name(type),
+                " needs N > 0 and K a positive multiple of ", repack_x4_k_multiple(type), ", got ", n, " x ", k);
 }
 
 }  // namespace

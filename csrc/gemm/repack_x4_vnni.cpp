@@ -22,12 +22,14 @@
 #include <cstddef>
 
 #include "../core/avx2.h"
+#include "../gguf/shared_unpack_avx2.h"
 #include "gguf_matmul_kernels.h"
+#include "kernels_avx2_common.h"
 
 namespace flashlm::gemm::detail {
 namespace {
 
-FLASHLM_AVX2_INLINE __m256i load32B(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+using gguf::detail::load32B;
 
 // The activation terms of one pair: -sum of each int32 lane's 4 bytes of y0 and y1, and the scales
 // [dx0 x 4 | dx1 x 4], as the AVX2 kernels' act_scales gives them.
@@ -36,14 +38,6 @@ struct PairExtra {
   float dx[8];
 };
 static_assert(sizeof(PairExtra) == kX4ExtraBytes, "PairExtra size");
-
-// The horizontal sum of a ymm of floats, in the AVX2 kernels' order.
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows 2h and 2h + 1 of a group's pair (x4 bytes at w, after the 16 bytes of scales), as unsigned bytes:
 // lo = the first 16 quants of both blocks of each row, hi = the last 16; row 2h in the low 256 bits.
@@ -167,7 +161,8 @@ void x4_pair_extras_vnni(const uint8_t* acts, int64_t act_bytes, int64_t m, int6
 void matmul_x4_vnni(DType type, const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t act_bytes,
                     const uint8_t* extras, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   if (type == DType::Q4_0) matmul_x4<Q4_0x4>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
-  else matmul_x4<Q8_0x4>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
+  else if (type == DType::Q8_0) matmul_x4<Q8_0x4>(packed, k, acts, act_bytes, extras, m, y, ldy, n0, n1);
+  else matmul_x4k_vnni(type, packed, k, acts, act_bytes, m, y, ldy, n0, n1);  // Q4_K, Q6_K
 }
 
 }  // namespace flashlm::gemm::detail

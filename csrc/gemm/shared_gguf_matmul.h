@@ -24,14 +24,18 @@ struct MatmulPart {
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
 
-// The x4 layouts: Q4_0 or Q8_0 rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g; per pair
-// of blocks (2p, 2p + 1) a group holds the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1, r3 b0, r3 b1]
-// and then, per row, the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32 bytes); Q8_0 the
-// first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's interleaving). As
-// many bytes as the 4 rows' 8 blocks; one load gives 8 scales and each row's pair comes in one or two loads,
-// from one stream. The last N % 4 rows follow the groups unchanged, so every row sits where the plain layout
-// has it and the copy replaces the weight (unpack_x4 gives the plain bytes back). Requires K % 64 == 0. The
-// kernels compute every output exactly as the plain GEMV does.
+// The x4 layouts: Q4_0, Q8_0, Q4_K or Q6_K rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g.
+// Q4_0 and Q8_0, per pair of blocks (2p, 2p + 1): the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1,
+// r3 b0, r3 b1], then per row the pair's quants: Q4_0 the 16 bytes of block 2p then those of block 2p + 1 (32
+// bytes); Q8_0 the first 16 quants of both blocks then the last 16 of both (64 bytes, the activation pair's
+// interleaving). The K-quants, per super-block of 256: Q4_K the 4 f16 d, the 4 f16 dmin, the 4 rows' 12 bytes
+// of 6-bit scales and mins, then for each 32 bytes i of qs (sub-blocks 2i and 2i + 1) the 4 rows' bytes one
+// after the other; Q6_K the 4 f16 d, the 4 rows' 16 int8 scales, then for each half h the 4 rows' ql[64h ..
+// +32], the 4 rows' ql[64h + 32 .. +32] and the 4 rows' qh[32h .. +32]. So a 64-byte load gives two rows' same
+// 32 bytes, and the headers of the 4 rows come first. As many bytes as the 4 rows' blocks. The last N % 4
+// rows follow the groups unchanged, so every row sits where the plain layout has it and the copy replaces the
+// weight (unpack_x4 gives the plain bytes back). Requires K % 64 == 0 (Q4_0, Q8_0) or K % 256 == 0 (the
+// K-quants). The kernels compute every output exactly as the plain GEMV does.
 bool repack_x4_supported(DType type, int64_t n, int64_t k);
 void repack_x4(DType type, const uint8_t* w, int64_t n, int64_t k, uint8_t* packed);  // storage_bytes(type, n * k)
 void unpack_x4(DType type, const uint8_t* packed, int64_t n, int64_t k, uint8_t* w);

@@ -27,8 +27,9 @@ FLASHLM_API bool gguf_matmul_supported(DType weight_type);
 FLASHLM_API void gguf_matmul(const TensorView& x, const TensorView& weight, DType weight_type, int64_t n,
                              const TensorView* bias, const TensorView& y, void* stream = nullptr);
 
-// The regrouped (x4) layout of a Q4_0 or Q8_0 weight with K a multiple of 64 (any N): rows in groups of
-// four, each group's scales and quants interleaved for the CPU kernels, as many bytes as the plain blocks.
+// The regrouped (x4) layout of a Q4_0 or Q8_0 weight with K a multiple of 64, or of a Q4_K or Q6_K weight with
+// K a multiple of 256 (any N): rows in groups of four, each group's scales and quants interleaved for the CPU
+// kernels, as many bytes as the plain blocks.
 // A weight is regrouped once (at load) and then read only in that form; unpacking gives its blocks back.
 FLASHLM_API bool gguf_repack_supported(DType weight_type, int64_t n, int64_t k);
 // dst = src regrouped (to_x4) or src unpacked back to plain blocks (!to_x4); both uint8 CPU tensors of

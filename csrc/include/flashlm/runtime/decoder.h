@@ -89,8 +89,9 @@ struct DecoderStep {
 };
 
 // The stack itself: built once from views of the weights (their memory must outlive it), which it checks
-// (ValueError naming the layer and tensor) and, for Q4_0 and Q8_0 matrices with rows % 4 == 0 and K % 64 == 0,
-// copies regrouped four rows at a time (their blocks interleaved, the scales side by side): the matmuls read
+// (ValueError naming the layer and tensor) and, for Q4_0 and Q8_0 matrices with K % 64 == 0 and Q4_K and Q6_K
+// ones with K % 256 == 0, copies regrouped four rows at a time (their blocks interleaved, the scales side by
+// side): the matmuls read
 // the copies, a second copy of those weights in memory, and give the same bits as from the originals (a Q4_0
 // decode runs ~1.1x faster, a prefill ~1.2x). Calls may run concurrently; each allocates its own scratch.
 class FLASHLM_API Decoder {
