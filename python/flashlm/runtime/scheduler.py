@@ -27,7 +27,7 @@ predicts the first one not computed yet (each of those positions' logits is need
 from collections import deque
 from dataclasses import dataclass, field
 
-from flashlm.runtime.block_manager import BlockManager
+from flashlm.runtime.block_manager import BlockManager, NoFreeBlocksError
 from flashlm.runtime.sequence import Sequence, Status
 
 
@@ -36,6 +36,7 @@ class ScheduledBatch:
     seqs: list = field(default_factory=list)  # Sequence
     starts: list = field(default_factory=list)  # each sequence computes tokens [start, start + num_new)
     num_new: list = field(default_factory=list)
+    sampling: list = field(default_factory=list)  # whether each chunk ends at the sequence's last token: sampled
     block_copies: list = field(default_factory=list)  # (src, dst) blocks to copy before any cache write
     preempted: list = field(default_factory=list)  # sequences sent back to the waiting queue this step
 
@@ -43,10 +44,6 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
-    @property
-    def sampling(self) -> list:
-        """Whether each sequence's chunk ends at its last token, so the step samples its next token."""
-        return [s + n == seq.num_tokens for seq, s, n in zip(self.seqs, self.starts, self.num_new)]
 
     def __len__(self):
         return len(self.seqs)
@@ -88,27 +85,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        scheduled = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            num_new = max(0, seq.num_computed + n - self.bm.seq_len(seq.seq_id))  # tokens the manager lacks
-            while num_new and not self.bm.can_append(seq.seq_id, num_new):
-                victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                continue  # seq preempted itself; self.running[i] is now the next one
-            if num_new:
-                batch.block_copies += self.bm.append(seq.seq_id, seq.token_ids, num_new)
-            self._add_to_batch(batch, seq, n)
-            scheduled.add(seq.seq_id)
-            budget -= n
-            i += 1
+        budget = self._schedule_running(batch)
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             chunk = seq.token_ids[:min(seq.num_tokens, budget)]
@@ -125,6 +102,51 @@ class Scheduler:
             self._add_to_batch(batch, seq, n)
             budget -= n
         return batch
+
+    def _schedule_running(self, batch: ScheduledBatch) -> int:
+        """Schedules the running sequences (their next tokens, under the budget) into the empty batch; returns the
+        budget left. The blocks of all of them are taken in one block-manager call when they fit, the common case;
+        otherwise sequence by sequence, preempting the newest as the cache runs out (the same outcome where they
+        fit: no preemption, the same appends in the same order)."""
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if budget <= 0:
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+        try:
+            batch.block_copies = self.bm.append_batch(
+                [seq.seq_id for seq in batch.seqs], [seq.token_ids for seq in batch.seqs],
+                [start + n for start, n in zip(batch.starts, batch.num_new)])
+        except NoFreeBlocksError:  # nothing was appended: again one at a time, preempting
+            batch.seqs, batch.starts, batch.num_new, batch.sampling = [], [], [], []
+            return self._schedule_one_by_one(batch)
+        return budget
+
+    def _schedule_one_by_one(self, batch: ScheduledBatch) -> int:
+        """_schedule_running when the cache cannot hold every running sequence's next tokens: each takes its
+        blocks in turn, and when they run out the newest running sequence is preempted."""
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = max(0, seq.num_computed + n - self.bm.seq_len(seq.seq_id))  # tokens the manager lacks
+            while num_new and not self.bm.can_append(seq.seq_id, num_new):
+                victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # seq preempted itself; self.running[i] is now the next one
+            if num_new:
+                batch.block_copies += self.bm.append(seq.seq_id, seq.token_ids, num_new)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+            i += 1
+        return budget
 
     def update(self, batch: ScheduledBatch, next_tokens) -> list:
         """Records a finished step: the computed tokens, then next_tokens[j] for the j-th sampling sequence of
@@ -181,6 +203,7 @@ class Scheduler:
         batch.seqs.append(seq)
         batch.starts.append(seq.num_computed)
         batch.num_new.append(n)
+        batch.sampling.append(seq.num_computed + n == len(seq.token_ids))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
