@@ -10,6 +10,7 @@ scheduler decides whom to admit, defer or preempt by asking `can_allocate` / `ca
     slots = bm.slot_mapping(0, cached, len(prompt))    # where the runner writes the others' K and V
     tokens = prompt + [next_token]
     copies = bm.append(0, tokens)                      # (src, dst) block copies to do before writing
+    copies = bm.append_batch([0, 1], [tokens, other], [len(tokens), len(other)])   # a whole step, all or nothing
     tables = bm.block_tables_tensor([0, 1])            # int32 [2, max_blocks], zero-padded
     bm.free(0)
 
@@ -318,11 +319,8 @@ class BlockManager:
             raise ValueError("seq_ids: a sequence appears twice in the batch")
         # The common decode step first: one token into the partly filled last block, held by this sequence alone
         # (no block taken, none filled, none released), checked for the whole batch at once; the others planned.
-        bs, seqs, plain, plain_tokens, plan, needed, free = self.block_size, self._seqs, [], [], [], 0, self.num_free_blocks
-        for seq_id, token_ids, end in zip(seq_ids, token_lists, ends):
-            seq = seqs.get(seq_id) if type(seq_id) is int else None
-            if seq is None:
-                seq = self._seq(seq_id)  # the error naming it, or a numpy integer id
+        bs, plain, plain_tokens, plan, needed, free = self.block_size, [], [], [], 0, self.num_free_blocks
+        for seq_id, seq, token_ids, end in zip(seq_ids, self._seqs_of(seq_ids), token_lists, ends):
             n = seq.num_tokens
             if (type(end) is int and end == n + 1 and n % bs and end % bs and self.window is None
                     and type(token_ids) is list and len(token_ids) >= end
@@ -442,7 +440,7 @@ class BlockManager:
         block, so the padding is never used and could not read out of bounds if it were."""
         import torch
 
-        tables = [self._seq(s).block_table for s in seq_ids]
+        tables = [seq.block_table for seq in self._seqs_of(seq_ids)]
         longest = max((len(t) for t in tables), default=0)
         if max_blocks is None:
             max_blocks = max(longest, 1)
@@ -473,6 +471,16 @@ class BlockManager:
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id} (never allocated, or freed)")
         return seq
+
+    def _seqs_of(self, seq_ids) -> list:
+        """The _Sequences of a batch's ids: one dict lookup each when all are ints (a float equal to an id
+        would find it too, hence the type check), else _seq's checks and errors."""
+        if set(map(type, seq_ids)) <= {int}:
+            try:
+                return [self._seqs[s] for s in seq_ids]
+            except KeyError:
+                pass
+        return [self._seq(s) for s in seq_ids]
 
     def _check_block_id(self, block_id) -> int:
         block_id = operator.index(block_id)

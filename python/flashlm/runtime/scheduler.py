@@ -27,6 +27,8 @@ predicts the first one not computed yet (each of those positions' logits is need
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from flashlm.runtime.block_manager import BlockManager, NoFreeBlocksError
 from flashlm.runtime.sequence import Sequence, Status
 
@@ -47,6 +49,24 @@ class ScheduledBatch:
 
     def __len__(self):
         return len(self.seqs)
+
+
+class _StopRules:
+    """When each sampling sequence of a batch ends, as arrays over the batch: built when the batch's sequences
+    change, not every step."""
+
+    def __init__(self, seqs: list, eos_token_ids, max_model_len: int):
+        self.seqs = seqs
+        params = [seq.params for seq in seqs]
+        # Rows that asked for the prompt alone (max_tokens=0): update() takes its general path for them.
+        self.zero_rows = [i for i, p in enumerate(params) if p.max_tokens == 0] or None
+        self.eos_ids = np.array(sorted(eos_token_ids), dtype=np.int64)[None, :]
+        self.eos_applies = np.array([not p.ignore_eos for p in params], dtype=bool)
+        self.stop_id_rows = [i for i, p in enumerate(params) if p.stop_token_ids]
+        # A sequence ends at max_model_len tokens, or at max_tokens output tokens after its prompt.
+        self.max_lengths = np.array([max_model_len if p.max_tokens is None
+                                     else min(max_model_len, seq.num_prompt_tokens + p.max_tokens)
+                                     for seq, p in zip(seqs, params)], dtype=np.int64)
 
 
 class Scheduler:
@@ -71,6 +91,8 @@ class Scheduler:
         self.waiting: deque = deque()
         self.running: list = []  # in arrival order
         self.num_preemptions = 0
+        self.num_appended = 0  # output tokens update() has appended (the engine's count of tokens produced)
+        self._rules = None  # the last batch's _StopRules
 
     def add(self, seq: Sequence) -> None:
         if seq.status is not Status.WAITING or seq.seq_id in self.bm:
@@ -160,6 +182,10 @@ class Scheduler:
                              f"got {len(next_tokens)}")
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
             seq.num_computed = start + n
+        if all(type(t) is int for t in next_tokens):  # one token each: checked for the whole batch at once
+            rules = self._stop_rules(sampling)
+            if rules.zero_rows is None:
+                return self._update_one_each(sampling, next_tokens, rules)
         finished = []
         for seq, tokens in zip(sampling, next_tokens):
             tokens = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
@@ -172,12 +198,39 @@ class Scheduler:
             seq.num_computed += len(tokens) - 1
             for token in tokens:
                 seq.token_ids.append(token)
+                self.num_appended += 1
                 reason = self._finish_reason(seq, token)
                 if reason is not None:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
         return finished
+
+    def _update_one_each(self, sampling: list, tokens: list, rules: "_StopRules") -> list:
+        """update() of one new token per sampling sequence: the tokens appended, then the stop token ids, EOS,
+        max_tokens and max_model_len checked as arrays over the batch (stop_token_ids row by row only for the
+        sequences that have them)."""
+        for seq, token in zip(sampling, tokens):
+            seq.token_ids.append(token)
+        self.num_appended += len(tokens)
+        toks = np.array(tokens, dtype=np.int64)
+        stop = (toks[:, None] == rules.eos_ids).any(axis=1) & rules.eos_applies
+        for i in rules.stop_id_rows:
+            stop[i] |= tokens[i] in sampling[i].params.stop_token_ids
+        lengths = np.fromiter(map(len, (seq.token_ids for seq in sampling)), dtype=np.int64, count=len(sampling))
+        length = lengths >= rules.max_lengths
+        finished = []
+        for i in np.flatnonzero(stop | length).tolist():
+            self.finish(sampling[i], "stop" if stop[i] else "length")
+            finished.append(sampling[i])
+        return finished
+
+    def _stop_rules(self, sampling: list) -> "_StopRules":
+        """The batch's _StopRules: the last ones while the same sequences sample (compared by identity)."""
+        rules = self._rules
+        if rules is None or rules.seqs != sampling:
+            rules = self._rules = _StopRules(sampling, self.eos_token_ids, self.max_model_len)
+        return rules
 
     def finish(self, seq: Sequence, reason: str = "stop") -> None:
         """Ends a sequence (waiting or running) and frees its blocks."""
