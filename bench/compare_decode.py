@@ -19,7 +19,7 @@ Each file is loaded by both runtimes:
 Both run with the same thread count (--threads, default: torch's). Before timing, the first 8 greedy tokens
 of both are compared (they match unless two logits nearly tie; a mismatch is printed, not hidden).
 --clock cpu times the process's CPU time instead of the wall clock (with --threads 1, what a machine shared
-with other jobs cannot inflate).
+with other jobs cannot inflate), the batching figure's too.
 
 Per model: prefill tokens/s (a --prompt-tokens prompt), decode tokens/s (--gen-tokens after it), the ratio
 flashlm / llama.cpp, and the weight bandwidth each decode achieves (model bytes x tokens/s) next to a measured
@@ -214,7 +214,7 @@ def main():
             prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                        for _ in range(args.concurrency)]
             params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
-            seq, conc = batching_speedup(llm, prompts, params)
+            seq, conc = batching_speedup(llm, prompts, params, clock)
             host = llm.stats_summary()
             print(f"{name}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
                   f"{seq:.1f} ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "

@@ -154,3 +154,27 @@ def test_bad_logits_shape():
     with pytest.raises(ValueError, match="logits"):
         Sampler(10)(torch.zeros(2, 9), [SamplingInput(SamplingParams())] * 2)
     assert SamplingParams(stop="x").stop == ["x"]
+
+
+def test_batch_params_follow_the_rows_requests():
+    """The batch's parameter tensors are kept while its rows hold the same requests and rebuilt when one
+    changes: a sampler that draws from the same batch, then a changed one, answers each as a fresh one would."""
+    V = 40
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(4))
+    greedy, hot = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1)
+    logged = SamplingParams(temperature=0, logprobs=2)
+    sampler = Sampler(V, torch.Generator().manual_seed(5))
+    batches = [[greedy, greedy, greedy], [greedy, greedy, greedy], [greedy, hot, logged], [logged, greedy, hot]]
+    kept = []
+    for params in batches:
+        inputs = [SamplingInput(p) for p in params]
+        tokens, logprobs = sampler.sample(logits, inputs)
+        kept.append(sampler.batch_params(inputs, logits.device))
+        fresh_tokens, fresh_logprobs = Sampler(V, torch.Generator().manual_seed(5)).sample(logits, inputs)
+        assert torch.equal(tokens, fresh_tokens)  # top_k=1 makes the hot row's draw its argmax too
+        assert torch.equal(tokens, logits.argmax(dim=-1))
+        assert (logprobs is None) == (fresh_logprobs is None)
+        if logprobs is not None:
+            assert [e is None for e in logprobs] == [p.logprobs is None for p in params]
+            assert [e.logprob for e in logprobs if e] == [e.logprob for e in fresh_logprobs if e]
+    assert kept[0] is kept[1] and kept[1] is not kept[2] and kept[2] is not kept[3]

@@ -10,6 +10,7 @@ scheduler decides whom to admit, defer or preempt by asking `can_allocate` / `ca
     slots = bm.slot_mapping(0, cached, len(prompt))    # where the runner writes the others' K and V
     tokens = prompt + [next_token]
     copies = bm.append(0, tokens)                      # (src, dst) block copies to do before writing
+    copies = bm.append_batch([0, 1], [tokens, other], [len(tokens), len(other)])   # a whole step, all or nothing
     tables = bm.block_tables_tensor([0, 1])            # int32 [2, max_blocks], zero-padded
     bm.free(0)
 
@@ -60,7 +61,10 @@ import operator
 import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
 
 from flashlm.runtime.checks import as_bool, as_count, as_optional_count, as_token_ids
 
@@ -296,14 +300,71 @@ class BlockManager:
                 raise ValueError(f"token_ids of sequence {seq_id}: {len(token_ids)} tokens, fewer than the {n} "
                                  f"held and {num_new} new")
         end = n + num_new
-        # The held tokens of the partly filled last block (to name it when it fills), then the new ones.
-        first = n - n % bs
-        window = as_token_ids(token_ids[first:end], "token_ids")
-        self._check_table_size(seq_id, self._blocks_for(end))
+        window = self._new_tokens(seq_id, seq, token_ids, end)
         fresh = self._fresh_needed_for_append(seq, num_new)
         if fresh > self.num_free_blocks:
             raise NoFreeBlocksError(f"sequence {seq_id} needs {fresh} new blocks to append {num_new} "
                                     f"tokens, {self.num_free_blocks} free")
+        return self._grow(seq, window, end)
+
+    def append_batch(self, seq_ids: Sequence[int], token_lists: Sequence, ends: Sequence[int]) -> list:
+        """`append` for a whole step's batch in one call: sequence seq_ids[i] grows to hold the first ends[i] of
+        token_lists[i] (nothing where it holds them already), in batch order. All or nothing: raises
+        NoFreeBlocksError, changing nothing, unless the appends in that order each find their blocks (the
+        scheduler then goes sequence by sequence, preempting). Returns the block copies of all of them."""
+        if not len(seq_ids) == len(token_lists) == len(ends):
+            raise ValueError(f"append_batch: seq_ids, token_lists and ends must have one entry per sequence, got "
+                             f"{len(seq_ids)}, {len(token_lists)} and {len(ends)}")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids: a sequence appears twice in the batch")
+        # The common decode step first: one token into the partly filled last block, held by this sequence alone
+        # (no block taken, none filled, none released), checked for the whole batch at once; the others planned.
+        bs, plain, plain_tokens, plan, needed, free = self.block_size, [], [], [], 0, self.num_free_blocks
+        for seq_id, seq, token_ids, end in zip(seq_ids, self._seqs_of(seq_ids), token_lists, ends):
+            n = seq.num_tokens
+            if (type(end) is int and end == n + 1 and n % bs and end % bs and self.window is None
+                    and type(token_ids) is list and len(token_ids) >= end
+                    and self._blocks[seq.block_table[-1]].ref_count == 1):
+                plain.append(seq)
+                plain_tokens.append(token_ids[n])
+                continue
+            end = as_count(end, "ends", 0)
+            if end <= n:
+                continue
+            if not hasattr(token_ids, "__len__") or not hasattr(token_ids, "__getitem__"):
+                raise TypeError(f"token_lists: expected sequences of ints, got {type(token_ids).__name__}")
+            window = self._new_tokens(seq_id, seq, token_ids, end)
+            # An upper bound: an earlier append of the batch can only free blocks that this one counts as taken
+            # (a copy-on-write that leaves a shared block to one holder, a release outside the window).
+            needed += self._fresh_needed_for_append(seq, end - n)
+            if needed > free:
+                raise NoFreeBlocksError(f"sequence {seq_id}: the batch's appends up to it need {needed} new blocks, "
+                                        f"{free} free")
+            plan.append((seq, window, end))
+        as_token_ids(plain_tokens, "token_lists")
+        for seq in plain:
+            seq.num_tokens += 1
+        copies = []
+        for seq, window, end in plan:
+            copies += self._grow(seq, window, end)
+        return copies
+
+    def _new_tokens(self, seq_id, seq: _Sequence, token_ids, end: int) -> list:
+        """The tokens an append to `end` reads, checked: the held ones of the partly filled last block (to name
+        it when it fills), then the new ones."""
+        if len(token_ids) < end:
+            raise ValueError(f"token_ids of sequence {seq_id}: {len(token_ids)} tokens, fewer than the {end} it "
+                             f"is to hold")
+        n = seq.num_tokens
+        window = as_token_ids(token_ids[n - n % self.block_size:end], "token_ids")
+        self._check_table_size(seq_id, self._blocks_for(end))
+        return window
+
+    def _grow(self, seq: _Sequence, window: list, end: int) -> list:
+        """Appends tokens [seq.num_tokens, end) (window: from the start of the last block), the blocks checked
+        free; returns the block copies."""
+        bs, n = self.block_size, seq.num_tokens
+        first = n - n % bs
         if self.window is not None:
             self._release_outside_window(seq)
         copies = []
@@ -379,7 +440,7 @@ class BlockManager:
         block, so the padding is never used and could not read out of bounds if it were."""
         import torch
 
-        tables = [self._seq(s).block_table for s in seq_ids]
+        tables = [seq.block_table for seq in self._seqs_of(seq_ids)]
         longest = max((len(t) for t in tables), default=0)
         if max_blocks is None:
             max_blocks = max(longest, 1)
@@ -390,8 +451,12 @@ class BlockManager:
                              f"the batch, the number of blocks), got {max_blocks}")
         if not tables:
             return torch.zeros((0, max_blocks), dtype=torch.int32)
-        # One conversion of padded lists: much cheaper than a small tensor per row for large batches.
-        return torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+        # The tables' ids laid into a zeroed array in one masked assignment: no list or tensor per row.
+        lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        out = np.zeros((len(tables), max_blocks), dtype=np.int32)
+        out[np.arange(max_blocks) < lengths[:, None]] = np.fromiter(chain.from_iterable(tables), dtype=np.int32,
+                                                                    count=int(lengths.sum()))
+        return torch.from_numpy(out)
 
     def seq_lens_tensor(self, seq_ids: Sequence[int]):
         """The batch's sequence lengths as int32 [len(seq_ids)] (seq_lens of paged_attention)."""
@@ -406,6 +471,16 @@ class BlockManager:
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id} (never allocated, or freed)")
         return seq
+
+    def _seqs_of(self, seq_ids) -> list:
+        """The _Sequences of a batch's ids: one dict lookup each when all are ints (a float equal to an id
+        would find it too, hence the type check), else _seq's checks and errors."""
+        if set(map(type, seq_ids)) <= {int}:
+            try:
+                return [self._seqs[s] for s in seq_ids]
+            except KeyError:
+                pass
+        return [self._seq(s) for s in seq_ids]
 
     def _check_block_id(self, block_id) -> int:
         block_id = operator.index(block_id)

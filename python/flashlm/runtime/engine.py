@@ -77,6 +77,7 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
     def output(self, tokenizer) -> RequestOutput:
+        self.metrics.num_output_tokens = max(s.num_output_tokens for s in self.seqs)
         # With stop strings the text is kept up to date each step (it is searched); otherwise decoded here.
         texts = self.texts if self.params.stop else [_decode(tokenizer, s.output_ids) for s in self.seqs]
         outs = [CompletionOutput(i, texts[i], list(s.output_ids), s.finish_reason) for i, s in enumerate(self.seqs)]
@@ -222,6 +223,9 @@ class LLM:
         self._requests = {}  # request_id -> _Request, while unfinished
         self._seq_owner = {}  # seq_id -> (request, index)
         self._generators = {}  # seq_id -> generator, for seeded requests
+        self._awaiting_first = {}  # seq_id -> request, for the sequences of requests not sampled yet
+        self._num_stop_strings = 0  # unfinished requests with stop strings (detokenized every step)
+        self._num_structured = 0  # unfinished requests with structured outputs (their grammars advance every step)
         self._next_request = 0
         self._next_seq = 0
 
@@ -291,9 +295,12 @@ class LLM:
             seqs[0].prompt_logprobs = [None] * _skipped_prompt_tokens(params, ids)
         req = _Request(rid, text, ids, params, seqs, gens)
         self._requests[rid] = req
+        self._num_stop_strings += bool(params.stop)  # (undone by _release, as the entry above)
+        self._num_structured += params.structured_outputs is not None
         self._generators.update(gens)
         for i, seq in enumerate(seqs):
             self._seq_owner[seq.seq_id] = (req, i)
+            self._awaiting_first[seq.seq_id] = req
             self.scheduler.add(seq)
         return rid
 
@@ -328,16 +335,17 @@ class LLM:
 
     def step(self) -> list:
         """Runs one scheduled step; returns the RequestOutputs of the requests that got new tokens."""
-        return [req.output(self.tokenizer) for req in self._step()]
+        return [req.output(self.tokenizer) for req in self._step(touched=True)]
 
-    def _step(self) -> list:
+    def _step(self, touched: bool = False) -> list:
         """step() without building its outputs (each decodes the request's whole text so far): the requests
-        that got new tokens."""
+        that got new tokens when `touched`, else nothing (generate() needs no list; making it costs a lookup
+        per sequence). The rest of the work per sequence is the scheduler's and the sampler's, over arrays."""
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not len(batch):
             return []
-        before = sum(s.num_output_tokens for s in batch.seqs)
+        appended = self.scheduler.num_appended
         logprobs = None
         if self.spec is not None and self.spec.can_speculate(batch, self.block_manager, self.max_model_len):
             tokens = self.spec.run(batch, self.block_manager, self.runner, self._generators)
@@ -347,32 +355,40 @@ class LLM:
             tokens, logprobs = step.tokens, step.logprobs
         now = time.perf_counter()
         sampled = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
-        tracked = logprobs is not None or any(seq.matcher is not None for seq in sampled)
+        tracked = logprobs is not None or self._num_structured > 0
         counts = [seq.num_output_tokens for seq in sampled] if tracked else None
-        self.scheduler.update(batch, tokens)
+        ended = self.scheduler.update(batch, tokens)
         if tracked:
-            self._record_kept(sampled, counts, logprobs)
-        touched = {}
-        for seq in sampled:
-            req, i = self._seq_owner[seq.seq_id]
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            self._detokenize(req, i, seq)
-            touched[req.request_id] = req
-        for req in touched.values():
-            req.metrics.num_output_tokens = max(s.num_output_tokens for s in req.seqs)
-            if req.finished:
+            ended += self._record_kept(sampled, counts, logprobs)
+        owner = self._seq_owner
+        if self._awaiting_first:  # requests admitted since their first token: timed on their first sample
+            for seq in sampled:
+                req = self._awaiting_first.pop(seq.seq_id, None)
+                if req is not None and req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+        if self._num_stop_strings:  # only the sequences of requests with stop strings are detokenized each step
+            for seq in sampled:
+                req, i = owner[seq.seq_id]
+                if req.params.stop and self._detokenize(req, i, seq):
+                    ended.append(seq)
+        out = list({owner[seq.seq_id][0].request_id: owner[seq.seq_id][0] for seq in sampled}.values()) \
+            if touched else []
+        for seq in ended:
+            req = owner[seq.seq_id][0] if seq.seq_id in owner else None
+            if req is not None and req.finished:
                 req.metrics.finished_time = now
                 self._release(req)
         self.stats.steps += 1
         self.stats.computed_tokens += batch.num_tokens
-        self.stats.output_tokens += sum(s.num_output_tokens for s in batch.seqs) - before
+        self.stats.output_tokens += self.scheduler.num_appended - appended
         self.stats.step_seconds += time.perf_counter() - start
-        return list(touched.values())
+        return out
 
-    def _record_kept(self, sampled, counts, logprobs) -> None:
+    def _record_kept(self, sampled, counts, logprobs) -> list:
         """For each sampled sequence that kept its new token (max_tokens=0 keeps none): its logprobs, and its
-        grammar advanced by it, the sequence finishing with "stop" when the grammar is complete."""
+        grammar advanced by it, the sequence finishing with "stop" when the grammar is complete. Returns the
+        sequences it finished."""
+        ended = []
         for j, (seq, count) in enumerate(zip(sampled, counts)):
             if seq.num_output_tokens == count:
                 continue
@@ -380,6 +396,8 @@ class LLM:
                 seq.logprobs.append(logprobs[j])
             if seq.matcher is not None and advance(seq.matcher, seq.token_ids[-1]):
                 self.scheduler.finish(seq, "stop")
+                ended.append(seq)
+        return ended
 
     def stats_summary(self) -> dict:
         """Steps, tokens, and the host (Python) time per step beside the model's forward time."""
@@ -389,23 +407,29 @@ class LLM:
             out["spec_acceptance_rate"] = self.spec.acceptance_rate
         return out
 
-    def _detokenize(self, req, i, seq) -> None:
-        """With stop strings: the text of sample i so far; a stop string ends it (and is cut from the text)."""
-        if not req.params.stop:
-            return
+    def _detokenize(self, req, i, seq) -> bool:
+        """The text of sample i so far (a request with stop strings); a stop string ends it (and is cut from the
+        text). Whether it ended."""
         text = self.tokenizer.decode(seq.output_ids)
+        ended = False
         for stop in req.params.stop:
             pos = text.find(stop)
             if pos >= 0:
                 text = text[:pos]
                 self.scheduler.finish(seq, "stop")
+                ended = True
         req.texts[i] = text
+        return ended
 
     def _release(self, req) -> None:
         del self._requests[req.request_id]
+        req.metrics.num_output_tokens = max(s.num_output_tokens for s in req.seqs)
         for seq in req.seqs:
             self._seq_owner.pop(seq.seq_id, None)
             self._generators.pop(seq.seq_id, None)
+            self._awaiting_first.pop(seq.seq_id, None)
+        self._num_stop_strings -= bool(req.params.stop)
+        self._num_structured -= req.params.structured_outputs is not None
 
     # ---- front ends -------------------------------------------------------------------------------------
 

@@ -123,6 +123,16 @@ def token_slots(block_table: torch.Tensor, starts, num_new, block_size: int):
     return torch.from_numpy(positions), torch.from_numpy(blocks * block_size + positions % block_size)
 
 
+def sampling_input(seq, generators) -> SamplingInput:
+    """The sequence's SamplingInput: made once and kept on the sequence, except with penalties, which read the
+    tokens so far each step."""
+    if seq.params.has_penalties:
+        return SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
+    if seq.sampling_input is None:
+        seq.sampling_input = SamplingInput(seq.params, (), (), generators.get(seq.seq_id))
+    return seq.sampling_input
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, kv_dtype: torch.dtype = torch.float32,
                  device="cpu", native_decoder: bool = True):
@@ -242,8 +252,7 @@ class ModelRunner:
             mirror.forward(tokens, replace(paged, logits_rows=paged.logits_rows[:0]))
         logits = self.forward(tokens, paged)
         sampling = [seq for seq, s in zip(batch.seqs, batch.sampling) if s]
-        inputs = [SamplingInput(seq.params, seq.prompt_ids, seq.output_ids, generators.get(seq.seq_id))
-                  for seq in sampling]
+        inputs = [sampling_input(seq, generators) for seq in sampling]
         if len(logits) > len(inputs):
             self._prompt_logprobs(prompt_rows, logits[len(inputs):])
         if not inputs:

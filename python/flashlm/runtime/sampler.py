@@ -82,45 +82,66 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return torch.empty_like(logits).scatter_(1, order, filtered)
 
 
+class BatchParams:
+    """The per-row sampling parameters of one batch as tensors, with the flags that let a step skip what no row
+    asks for. Built when the batch's requests change (Sampler keeps the last one), not every step."""
+
+    def __init__(self, params: list, device):
+        self.params = params
+        self.greedy = torch.tensor([p.greedy for p in params], device=device)
+        self.all_greedy = all(p.greedy for p in params)
+        self.has_penalties = any(p.has_penalties for p in params)
+        # Greedy rows keep temperature 1 (their logprobs are the untempered distribution's).
+        self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)[:, None]
+        self.filter = None  # (top_k, top_p, min_p) where a row truncates its distribution
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+            self.filter = (torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+                           torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+                           torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device))
+        self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        self.logprob_index = torch.tensor(self.logprob_rows, dtype=torch.int64, device=device)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, generator: Optional[torch.Generator] = None):
         self.vocab_size = vocab_size
         self.generator = generator  # the draw for requests without a seed (None: torch's default)
+        self._batch: Optional[BatchParams] = None  # the last batch's, reused while its requests stay the same
 
-    def _check(self, logits: torch.Tensor, inputs) -> torch.Tensor:
+    def batch_params(self, inputs: Sequence[SamplingInput], device) -> BatchParams:
+        """The inputs' BatchParams: the last one when the rows hold the same requests' parameters (a comparison
+        of object identities in the common case), else new."""
+        params = [s.params for s in inputs]
+        batch = self._batch
+        if batch is None or batch.params != params or batch.greedy.device != torch.device(device):
+            batch = self._batch = BatchParams(params, device)
+        return batch
+
+    def _check(self, logits: torch.Tensor, inputs):
+        """(the first vocab_size columns of logits as float32, penalised; the inputs' BatchParams)."""
         if logits.dim() != 2 or logits.shape[0] != len(inputs) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits: expected [{len(inputs)}, >= {self.vocab_size}], got {tuple(logits.shape)}")
         logits = logits[:, :self.vocab_size].float()
-        if any(s.params.has_penalties for s in inputs):
+        batch = self.batch_params(inputs, logits.device)
+        if batch.has_penalties:
             logits = apply_penalties(logits, inputs)
-        return logits
+        return logits, batch
 
     @staticmethod
-    def _scaled(logits: torch.Tensor, inputs) -> torch.Tensor:
-        """logits / temperature (greedy rows keep temperature 1)."""
-        temperature = [1.0 if s.params.greedy else s.params.temperature for s in inputs]
-        return logits / torch.tensor(temperature, device=logits.device)[:, None]
-
-    def _processed(self, logits: torch.Tensor, inputs) -> torch.Tensor:
+    def _processed(logits: torch.Tensor, batch: BatchParams) -> torch.Tensor:
         """Temperature, then top-k / top-p / min-p."""
-        device = logits.device
-        logits = self._scaled(logits, inputs)
-        if any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in inputs):
-            logits = filter_logits(
-                logits,
-                torch.tensor([s.params.top_k for s in inputs], dtype=torch.int64, device=device),
-                torch.tensor([s.params.top_p for s in inputs], dtype=torch.float32, device=device),
-                torch.tensor([s.params.min_p for s in inputs], dtype=torch.float32, device=device))
+        logits = logits / batch.temperature
+        if batch.filter is not None:
+            logits = filter_logits(logits, *batch.filter)
         return logits
 
     def probs(self, logits: torch.Tensor, inputs: Sequence[SamplingInput]) -> torch.Tensor:
         """float32 [B, vocab]: the distribution each row samples from; one-hot at the argmax for greedy rows."""
-        logits = self._check(logits, inputs)
-        probs = self._processed(logits, inputs).softmax(dim=-1)
-        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
-        if bool(greedy.any()):
+        logits, batch = self._check(logits, inputs)
+        probs = self._processed(logits, batch).softmax(dim=-1)
+        if bool(batch.greedy.any()):
             onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
-            probs = torch.where(greedy[:, None], onehot, probs)
+            probs = torch.where(batch.greedy[:, None], onehot, probs)
         return probs
 
     def random(self, inputs: Sequence[SamplingInput], shape, kind: str = "exponential", device="cpu") -> torch.Tensor:
@@ -129,9 +150,9 @@ class Sampler:
         out = torch.empty((len(inputs), *shape), dtype=torch.float32, device=device)
         fill = (lambda t, g: t.exponential_(generator=g)) if kind == "exponential" else (lambda t, g: t.uniform_(generator=g))
         fill(out, self.generator)
-        for i, s in enumerate(inputs):
-            if s.generator is not None and not s.params.greedy:
-                fill(out[i], s.generator)
+        for i in [i for i, s in enumerate(inputs) if s.generator is not None]:
+            if not inputs[i].params.greedy:
+                fill(out[i], inputs[i].generator)
         if kind == "exponential":
             out.clamp_(min=torch.finfo(torch.float32).tiny)  # a draw of exactly 0 would make p / E = 0 / 0
         return out
@@ -150,23 +171,22 @@ class Sampler:
         else a list with a TokenLogprobs for each row that does (params.logprobs) and None for the others.
         token_bitmask: None, or int32 [B, ceil(vocab / 32)] with bit t of row r set where row r may take token t
         (structured.token_bitmask)."""
-        logits = self._check(logits, inputs)
+        logits, batch = self._check(logits, inputs)
         allowed = logits if token_bitmask is None else apply_token_bitmask(logits, token_bitmask)
-        greedy = torch.tensor([s.params.greedy for s in inputs], device=logits.device)
         tokens = allowed.argmax(dim=-1)
-        if not bool(greedy.all()):
-            sampled = self.sample_from(self._processed(allowed, inputs).softmax(dim=-1), inputs)
-            tokens = torch.where(greedy, tokens, sampled)
-        return tokens, self._logprobs(allowed, inputs, tokens)
+        if not batch.all_greedy:
+            sampled = self.sample_from(self._processed(allowed, batch).softmax(dim=-1), inputs)
+            tokens = torch.where(batch.greedy, tokens, sampled)
+        return tokens, self._logprobs(allowed, batch, tokens)
 
-    def _logprobs(self, logits: torch.Tensor, inputs, tokens: torch.Tensor):
-        rows = [i for i, s in enumerate(inputs) if s.params.logprobs is not None]
-        if not rows:
-            return None  # the common case costs this one pass over the batch
-        picked = [inputs[i] for i in rows]
-        index = torch.tensor(rows, device=logits.device)
-        logprobs = self._scaled(logits[index], picked).log_softmax(dim=-1)
-        out = [None] * len(inputs)
-        for i, entry in zip(rows, token_logprobs(logprobs, tokens[index], [s.params.logprobs for s in picked])):
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, batch: BatchParams, tokens: torch.Tensor):
+        if not batch.logprob_rows:
+            return None  # the common case costs nothing per row
+        index = batch.logprob_index
+        logprobs = (logits[index] / batch.temperature[index]).log_softmax(dim=-1)
+        out = [None] * len(batch.params)
+        num_top = [batch.params[i].logprobs for i in batch.logprob_rows]
+        for i, entry in zip(batch.logprob_rows, token_logprobs(logprobs, tokens[index], num_top)):
             out[i] = entry
         return out

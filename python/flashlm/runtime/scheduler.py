@@ -27,7 +27,9 @@ predicts the first one not computed yet (each of those positions' logits is need
 from collections import deque
 from dataclasses import dataclass, field
 
-from flashlm.runtime.block_manager import BlockManager
+import numpy as np
+
+from flashlm.runtime.block_manager import BlockManager, NoFreeBlocksError
 from flashlm.runtime.sequence import Sequence, Status
 
 
@@ -36,6 +38,7 @@ class ScheduledBatch:
     seqs: list = field(default_factory=list)  # Sequence
     starts: list = field(default_factory=list)  # each sequence computes tokens [start, start + num_new)
     num_new: list = field(default_factory=list)
+    sampling: list = field(default_factory=list)  # whether each chunk ends at the sequence's last token: sampled
     block_copies: list = field(default_factory=list)  # (src, dst) blocks to copy before any cache write
     preempted: list = field(default_factory=list)  # sequences sent back to the waiting queue this step
 
@@ -43,13 +46,27 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new)
 
-    @property
-    def sampling(self) -> list:
-        """Whether each sequence's chunk ends at its last token, so the step samples its next token."""
-        return [s + n == seq.num_tokens for seq, s, n in zip(self.seqs, self.starts, self.num_new)]
 
     def __len__(self):
         return len(self.seqs)
+
+
+class _StopRules:
+    """When each sampling sequence of a batch ends, as arrays over the batch: built when the batch's sequences
+    change, not every step."""
+
+    def __init__(self, seqs: list, eos_token_ids, max_model_len: int):
+        self.seqs = seqs
+        params = [seq.params for seq in seqs]
+        # Rows that asked for the prompt alone (max_tokens=0): update() takes its general path for them.
+        self.zero_rows = [i for i, p in enumerate(params) if p.max_tokens == 0] or None
+        self.eos_ids = np.array(sorted(eos_token_ids), dtype=np.int64)[None, :]
+        self.eos_applies = np.array([not p.ignore_eos for p in params], dtype=bool)
+        self.stop_id_rows = [i for i, p in enumerate(params) if p.stop_token_ids]
+        # A sequence ends at max_model_len tokens, or at max_tokens output tokens after its prompt.
+        self.max_lengths = np.array([max_model_len if p.max_tokens is None
+                                     else min(max_model_len, seq.num_prompt_tokens + p.max_tokens)
+                                     for seq, p in zip(seqs, params)], dtype=np.int64)
 
 
 class Scheduler:
@@ -74,6 +91,8 @@ class Scheduler:
         self.waiting: deque = deque()
         self.running: list = []  # in arrival order
         self.num_preemptions = 0
+        self.num_appended = 0  # output tokens update() has appended (the engine's count of tokens produced)
+        self._rules = None  # the last batch's _StopRules
 
     def add(self, seq: Sequence) -> None:
         if seq.status is not Status.WAITING or seq.seq_id in self.bm:
@@ -88,27 +107,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_num_batched_tokens
-        scheduled = set()
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            num_new = max(0, seq.num_computed + n - self.bm.seq_len(seq.seq_id))  # tokens the manager lacks
-            while num_new and not self.bm.can_append(seq.seq_id, num_new):
-                victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                continue  # seq preempted itself; self.running[i] is now the next one
-            if num_new:
-                batch.block_copies += self.bm.append(seq.seq_id, seq.token_ids, num_new)
-            self._add_to_batch(batch, seq, n)
-            scheduled.add(seq.seq_id)
-            budget -= n
-            i += 1
+        budget = self._schedule_running(batch)
         while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             chunk = seq.token_ids[:min(seq.num_tokens, budget)]
@@ -126,6 +125,51 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _schedule_running(self, batch: ScheduledBatch) -> int:
+        """Schedules the running sequences (their next tokens, under the budget) into the empty batch; returns the
+        budget left. The blocks of all of them are taken in one block-manager call when they fit, the common case;
+        otherwise sequence by sequence, preempting the newest as the cache runs out (the same outcome where they
+        fit: no preemption, the same appends in the same order)."""
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            if budget <= 0:
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+        try:
+            batch.block_copies = self.bm.append_batch(
+                [seq.seq_id for seq in batch.seqs], [seq.token_ids for seq in batch.seqs],
+                [start + n for start, n in zip(batch.starts, batch.num_new)])
+        except NoFreeBlocksError:  # nothing was appended: again one at a time, preempting
+            batch.seqs, batch.starts, batch.num_new, batch.sampling = [], [], [], []
+            return self._schedule_one_by_one(batch)
+        return budget
+
+    def _schedule_one_by_one(self, batch: ScheduledBatch) -> int:
+        """_schedule_running when the cache cannot hold every running sequence's next tokens: each takes its
+        blocks in turn, and when they run out the newest running sequence is preempted."""
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = max(0, seq.num_computed + n - self.bm.seq_len(seq.seq_id))  # tokens the manager lacks
+            while num_new and not self.bm.can_append(seq.seq_id, num_new):
+                victim = self.running[-1]  # the newest; never one already scheduled, those come before seq
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue  # seq preempted itself; self.running[i] is now the next one
+            if num_new:
+                batch.block_copies += self.bm.append(seq.seq_id, seq.token_ids, num_new)
+            self._add_to_batch(batch, seq, n)
+            budget -= n
+            i += 1
+        return budget
+
     def update(self, batch: ScheduledBatch, next_tokens) -> list:
         """Records a finished step: the computed tokens, then next_tokens[j] for the j-th sampling sequence of
         the batch: one token, or a list of several (speculative decoding: all but the last of them already
@@ -138,6 +182,10 @@ class Scheduler:
                              f"got {len(next_tokens)}")
         for seq, start, n in zip(batch.seqs, batch.starts, batch.num_new):
             seq.num_computed = start + n
+        if all(type(t) is int for t in next_tokens):  # one token each: checked for the whole batch at once
+            rules = self._stop_rules(sampling)
+            if rules.zero_rows is None:
+                return self._update_one_each(sampling, next_tokens, rules)
         finished = []
         for seq, tokens in zip(sampling, next_tokens):
             tokens = [int(tokens)] if isinstance(tokens, int) or getattr(tokens, "ndim", 1) == 0 else [int(t) for t in tokens]
@@ -150,12 +198,39 @@ class Scheduler:
             seq.num_computed += len(tokens) - 1
             for token in tokens:
                 seq.token_ids.append(token)
+                self.num_appended += 1
                 reason = self._finish_reason(seq, token)
                 if reason is not None:
                     self.finish(seq, reason)
                     finished.append(seq)
                     break
         return finished
+
+    def _update_one_each(self, sampling: list, tokens: list, rules: "_StopRules") -> list:
+        """update() of one new token per sampling sequence: the tokens appended, then the stop token ids, EOS,
+        max_tokens and max_model_len checked as arrays over the batch (stop_token_ids row by row only for the
+        sequences that have them)."""
+        for seq, token in zip(sampling, tokens):
+            seq.token_ids.append(token)
+        self.num_appended += len(tokens)
+        toks = np.array(tokens, dtype=np.int64)
+        stop = (toks[:, None] == rules.eos_ids).any(axis=1) & rules.eos_applies
+        for i in rules.stop_id_rows:
+            stop[i] |= tokens[i] in sampling[i].params.stop_token_ids
+        lengths = np.fromiter(map(len, (seq.token_ids for seq in sampling)), dtype=np.int64, count=len(sampling))
+        length = lengths >= rules.max_lengths
+        finished = []
+        for i in np.flatnonzero(stop | length).tolist():
+            self.finish(sampling[i], "stop" if stop[i] else "length")
+            finished.append(sampling[i])
+        return finished
+
+    def _stop_rules(self, sampling: list) -> "_StopRules":
+        """The batch's _StopRules: the last ones while the same sequences sample (compared by identity)."""
+        rules = self._rules
+        if rules is None or rules.seqs != sampling:
+            rules = self._rules = _StopRules(sampling, self.eos_token_ids, self.max_model_len)
+        return rules
 
     def finish(self, seq: Sequence, reason: str = "stop") -> None:
         """Ends a sequence (waiting or running) and frees its blocks."""
@@ -181,6 +256,7 @@ class Scheduler:
         batch.seqs.append(seq)
         batch.starts.append(seq.num_computed)
         batch.num_new.append(n)
+        batch.sampling.append(seq.num_computed + n == len(seq.token_ids))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -40,6 +40,7 @@ class Sequence:
         self.logprobs: Optional[list] = None if self.params.logprobs is None else []
         self.prompt_logprobs: Optional[list] = None
         self.matcher = None  # the grammar state of a request with structured_outputs (runtime.structured)
+        self.sampling_input = None  # the runner's SamplingInput for it, made on its first sampled step
 
     @property
     def prompt_logprobs_pending(self) -> bool:
