@@ -2,6 +2,7 @@
 - Gemma 3's linear scaling ({"rope_type": "linear", "factor": 8}) on its global layers only (the local layers
   keep their own unscaled base): logits after a chunked prefill and after several paged decode steps, read from
   transformers 5's rope_parameters and from transformers 4's rope_scaling;
+- Phi-3's LongRoPE (short factors within the original context, long ones beyond it), from HF and GGUF;
 - bad scaling settings are refused by name.
 """
 
@@ -193,3 +194,72 @@ def test_a_frequency_factor_without_a_scaling_type_is_refused_not_ignored(key, v
             _rotary_settings(meta, "llama", 8, 64)
     else:
         assert _rotary_settings(meta, "llama", 8, 64)["rope_theta"] == 10000.0
+
+
+# Phi-3's LongRoPE on a random tiny model: head_dim 8 (4 rotary frequencies), original context 16, 64 positions
+SHORT, LONG = [1.0, 1.3, 2.1, 3.7], [1.9, 4.2, 9.5, 23.0]
+
+
+def make_phi3_longrope(**rope):
+    """A random 2-layer phi3 with LongRoPE (rope: changes to its rope_scaling)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(23)
+    scaling = {"type": "longrope", "short_factor": SHORT, "long_factor": LONG, **rope}
+    cfg = Phi3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=16,
+                     rope_scaling=scaling, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
+    return Phi3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("context, prompt_len", [(16, 7), (64, 19)], ids=["short", "long"])
+@pytest.mark.parametrize("runner_forward", [False, True], ids=["model", "runner"])
+def test_phi3_longrope_matches_transformers(tmp_path, context, prompt_len, runner_forward):
+    """Within the original 16 positions (a 16-token context: the short factors) and beyond them (64: the long
+    ones, with a 19-token prompt, so transformers uses the long factors for the whole sequence too): HF's
+    logits after a chunked prefill and 8 paged decode steps, through the model and through the runner (the
+    native decoder where it runs), with cos/sin scaled by sqrt(1 + ln 4 / ln 16)."""
+    import math
+
+    hf = make_phi3_longrope()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    llm = LLM(str(tmp_path), tokenizer=_NoText(), block_size=4, max_num_batched_tokens=8, max_num_seqs=2,
+              max_model_len=context)
+    rs = llm.model.cfg.rope_scaling
+    assert rs["rope_type"] == "longrope" and rs["original_max_position_embeddings"] == 16
+    assert rs["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(4) / math.log(16)))
+    prompt = [int(t) for t in np.random.default_rng(23).integers(0, V, prompt_len)]
+    tokens, logits = engine_trace(llm, prompt, 8, runner_forward=runner_forward)
+    ref = _hf_logits(hf, prompt, tokens)
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-4, f"max abs logit difference {err} over {len(tokens)} steps"
+    # the other factors change the logits well beyond the tolerance: the comparison sees which are used
+    other = make_phi3_longrope(short_factor=LONG, long_factor=SHORT)
+    other.load_state_dict(hf.state_dict())
+    assert (_hf_logits(other, prompt, tokens) - ref).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("rope, match", [
+    (dict(short_factor=SHORT[:3]), "short_factor"),
+    (dict(long_factor=[1.0, 2.0, 0.0, 3.0]), "long_factor"),
+    (dict(long_factor=[1.0, 2.0, float("nan"), 3.0]), "long_factor"),
+    (dict(short_factor="1 2 3 4"), "short_factor"),
+    (dict(long_factor=None), "long_factor"),
+    (dict(attention_factor=-1.0), "attention_factor"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
+])
+def test_phi3_bad_longrope_is_named(rope, match):
+    cfg = dict(architectures=["Phi3ForCausalLM"], vocab_size=V, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               original_max_position_embeddings=16,
+               rope_scaling={"type": "longrope", "short_factor": SHORT, "long_factor": LONG, **rope})
+    with pytest.raises(ValueError, match=match):
+        model_config_from_hf(cfg)
+
+
+def test_longrope_only_on_phi3():
+    rs = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "original_max_position_embeddings": 16,
+          "attention_factor": 1.0}
+    assert ModelConfig(arch="phi3", n_head=4, d_model=32, rope_scaling=rs).rope_scaling == rs
+    with pytest.raises(ValueError, match="rope_scaling"):
+        ModelConfig(arch="llama", n_head=4, d_model=32, rope_scaling=rs)
