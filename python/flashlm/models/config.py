@@ -219,7 +219,7 @@ class ModelConfig:
             f = rs[name]
             if not isinstance(f, (list, tuple)) or len(f) != self.head_dim // 2 or not all(
                     isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in f):
-                raise ValueError(f"rope_scaling: {name} must be {self.head_dim // 2} finite numbers > 0 (one per "
+                raise ValueError(f"rope_scaling: longrope's {name} must be {self.head_dim // 2} finite numbers > 0 (one per "
                                  f"rotary frequency of head_dim {self.head_dim})")
             out[name] = [float(x) for x in f]
         orig, attn = rs["original_max_position_embeddings"], rs["attention_factor"]
