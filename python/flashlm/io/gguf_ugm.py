@@ -17,7 +17,11 @@ Segmentation: the highest total score (Viterbi over the normalized text, as toke
 the same tie-breaking and the same unknown-character score, the lowest normal score minus 10); NORMAL, UNUSED
 and USER_DEFINED tokens (scored 0) are the pieces, runs of unknown characters become one unknown token. The
 other tokens (CONTROL, UNKNOWN, BYTE) are never pieces in llama.cpp: their entries in the Unigram model are
-spelled with a trailing ASCII space, which the normalized text never contains. tokenizers takes the lowest
+spelled with a trailing ASCII space, which the normalized text never contains. (The added tokens are added
+while the model still spells every token as the file does, so that tokenizers gives each its own id; the
+backend then counts those tokens twice among its distinct strings, so the flashlm Tokenizer is told the
+vocabulary size.) The normalizer is Python code, which tokenizers cannot serialize: a copy of the tokenizer
+is built anew (the Tokenizer's rebuild), and to_str() raises. tokenizers takes the lowest
 score of all its entries as the unknown-character baseline, llama.cpp that of the NORMAL tokens alone, so an
 UNUSED token scored lower (the [PAD<i>] rows of a padded embedding, scored -10000) must be one that can never
 win: its score is below every other way of covering its characters, and it is left out the same way. Byte
