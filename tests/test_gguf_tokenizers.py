@@ -207,3 +207,18 @@ def test_gguf_unigram_low_scored_tokens():
     padded = tokenizer_from_gguf({**meta, **edit})
     for text in ("helloworld", "hello world \u2604\u2604"):
         assert padded.encode(text) == plain.encode(text), text
+
+
+def test_gguf_unigram_token_bytes_and_plain_copy():
+    """A t5 tokenizer (its normalizer is Python code, which tokenizers cannot serialize) still gives the bytes
+    of each token for structured outputs, and reads special-token text as text from a copy built anew."""
+    from flashlm.io.gguf_vocab import tokenizer_from_gguf
+    from flashlm.runtime.token_bytes import token_bytes
+
+    sp, meta = _ugm_meta()
+    t = tokenizer_from_gguf(meta)
+    pieces = token_bytes(t, t.vocab_size)
+    assert pieces[sp.eos_id()] == b"\xff</s>" and pieces[t.token_to_id("@@")] == b"@@"
+    assert pieces[t.token_to_id("\u2581")] == b" "
+    plain = t.encode("a</s>", parse_special=False)
+    assert sp.eos_id() not in plain[:-1] and plain == sp.encode("a</s>") + [sp.eos_id()]
