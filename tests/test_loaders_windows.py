@@ -81,6 +81,8 @@ def test_hf_qwen2_sliding_window_only_when_used(tmp_path):
     ("qkv", "blk.0.attn_qkv.weight"),
     ("gate_up", "blk.1.ffn_up.weight"),
     ("long_rope", "rope_factors_long.weight"),
+    ("long_rope_shape", "rope_factors_short.weight"),
+    ("long_rope_zero", "long_factor"),
     ("rope_dims", "partial rotary"),
     ("window", "sliding_window"),
 ])
@@ -91,8 +93,13 @@ def test_gguf_phi3_malformed_raises_naming_it(tmp_path, case, match):
         write_gguf(hf, arch, path, "F32", replace={"blk.0.attn_qkv.weight": np.zeros((192, 64), np.float32)})
     elif case == "gate_up":  # gate without up
         write_gguf(hf, arch, path, "Q8_0", replace={"blk.1.ffn_up.weight": np.zeros((96, 64), np.float32)})
-    elif case == "long_rope":
+    elif case == "long_rope":  # LongRoPE's long factors without the short ones
+        write_gguf(hf, arch, path, "F32", extra={"rope_factors_long.weight": np.ones(8, np.float32)})
+    elif case == "long_rope_shape":  # 7 short factors for 8 rotary frequencies
         write_gguf(hf, arch, path, "F32", extra={"rope_factors_long.weight": np.ones(8, np.float32),
+                                                 "rope_factors_short.weight": np.ones(7, np.float32)})
+    elif case == "long_rope_zero":  # a factor of 0 would divide a frequency by zero
+        write_gguf(hf, arch, path, "F32", extra={"rope_factors_long.weight": np.zeros(8, np.float32),
                                                  "rope_factors_short.weight": np.ones(8, np.float32)})
     else:
         write_gguf(hf, arch, path, "F32")

@@ -4,7 +4,9 @@ convert_hf_to_gguf.py writes it (gguf-py's keys and token types), independently 
 - byte-level BPEs trained with the `tokenizers` library: GPT-2's pre-tokenizer (flashlm.train.tokenizer),
   Llama 3's and Qwen2's split regexes (llama.cpp's "llama-bpe" and "qwen2");
 - a SentencePiece BPE model (byte fallback, identity normalization, dummy prefix: Llama 2's settings) trained
-  with the sentencepiece library, whose own encoder is the reference llama.cpp's SPM tokenizer reproduces.
+  with the sentencepiece library, whose own encoder is the reference llama.cpp's SPM tokenizer reproduces;
+- a SentencePiece Unigram model (T5's settings: NFKC rules in a precompiled charsmap, whitespace collapsed,
+  a dummy prefix, user-defined symbols), written as llama.cpp's "t5" tokenizer.
 """
 
 from __future__ import annotations
@@ -106,9 +108,8 @@ def train_spm(vocab_size: int = 600):
     return spm.SentencePieceProcessor(model_proto=buf.getvalue())
 
 
-def spm_gguf_metadata(sp, pad_to: int | None = None) -> list:
-    """tokenizer.ggml.* for a SentencePiece model (convert_hf_to_gguf.py's _create_vocab_sentencepiece);
-    pad_to adds [PAD<i>] UNUSED tokens up to that many, as the converter does for a padded embedding."""
+def _sp_pieces(sp, user_defined=()) -> tuple[list, list, list]:
+    """(tokens, scores, token types) of a SentencePiece model, typed as convert_hf_to_gguf.py types them."""
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
@@ -122,7 +123,28 @@ def spm_gguf_metadata(sp, pad_to: int | None = None) -> list:
             t = TokenType.UNUSED
         elif sp.is_byte(i):
             t = TokenType.BYTE
+        elif tokens[-1] in user_defined:
+            t = TokenType.USER_DEFINED
         types.append(int(t))
+    return tokens, scores, types
+
+
+def write_vocab_gguf(path: str, meta: list) -> None:
+    """A GGUF file holding only the tokenizer metadata `meta` (what llama.cpp's vocab_only loading reads)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value, vtype, sub in meta:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def spm_gguf_metadata(sp, pad_to: int | None = None) -> list:
+    """tokenizer.ggml.* for a SentencePiece model (convert_hf_to_gguf.py's _create_vocab_sentencepiece);
+    pad_to adds [PAD<i>] UNUSED tokens up to that many, as the converter does for a padded embedding."""
+    tokens, scores, types = _sp_pieces(sp)
     for i in range(len(tokens), pad_to or 0):
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
@@ -134,3 +156,72 @@ def spm_gguf_metadata(sp, pad_to: int | None = None) -> list:
             ("tokenizer.ggml.eos_token_id", sp.eos_id(), _U32, None),
             ("tokenizer.ggml.unknown_token_id", sp.unk_id(), _U32, None),
             ("tokenizer.ggml.add_bos_token", True, _BOOL, None), ("tokenizer.ggml.add_eos_token", False, _BOOL, None)]
+
+
+UGM_USER_DEFINED = ["<sep>", "@@", "ab"]
+
+
+def train_ugm(vocab_size: int = 500):
+    """(sentencepiece.SentencePieceProcessor, its serialized model): Unigram, nmt_nfkc normalization, extra
+    whitespace removed, a dummy prefix, <pad>=0, </s>=1, <unk>=2 (T5's ids), UGM_USER_DEFINED."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="unigram", normalization_rule_name="nmt_nfkc",
+                                   remove_extra_whitespaces=True, add_dummy_prefix=True, character_coverage=0.995,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, user_defined_symbols=UGM_USER_DEFINED,
+                                   hard_vocab_limit=False, minloglevel=2)
+    return spm.SentencePieceProcessor(model_proto=buf.getvalue()), buf.getvalue()
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return value, i
+
+
+def _proto_field(buf: bytes, number: int) -> bytes:
+    """The first length-delimited field `number` of a protobuf message (the wire format, without protobuf)."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            if key >> 3 == number:
+                return buf[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+    return b""
+
+
+def precompiled_charsmap(model_proto: bytes) -> bytes:
+    """ModelProto.normalizer_spec (field 3).precompiled_charsmap (field 2), as convert_hf_to_gguf.py copies it."""
+    return _proto_field(_proto_field(model_proto, 3), 2)
+
+
+def ugm_gguf_metadata(sp, model_proto: bytes) -> list:
+    """tokenizer.ggml.* for a SentencePiece Unigram model (convert_hf_to_gguf.py's T5 vocabulary)."""
+    tokens, scores, types = _sp_pieces(sp, UGM_USER_DEFINED)
+    return [("tokenizer.ggml.model", "t5", _STR, None), ("tokenizer.ggml.pre", "default", _STR, None),
+            ("tokenizer.ggml.tokens", tokens, _ARR, _STR),
+            ("tokenizer.ggml.scores", scores, _ARR, GGUFValueType.FLOAT32),
+            ("tokenizer.ggml.token_type", types, _ARR, GGUFValueType.INT32),
+            ("tokenizer.ggml.add_space_prefix", True, _BOOL, None),
+            ("tokenizer.ggml.remove_extra_whitespaces", True, _BOOL, None),
+            ("tokenizer.ggml.precompiled_charsmap", list(precompiled_charsmap(model_proto)), _ARR,
+             GGUFValueType.UINT8),
+            ("tokenizer.ggml.eos_token_id", sp.eos_id(), _U32, None),
+            ("tokenizer.ggml.unknown_token_id", sp.unk_id(), _U32, None),
+            ("tokenizer.ggml.padding_token_id", sp.pad_id(), _U32, None),
+            ("tokenizer.ggml.add_bos_token", False, _BOOL, None), ("tokenizer.ggml.add_eos_token", True, _BOOL, None)]

@@ -56,7 +56,8 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
                       max_model_len: Optional[int] = None) -> ModelConfig:
     """The ModelConfig of a GGUF model file (metadata: key -> value; shapes: tensor name -> shape in torch
     order), with every tensor checked against it; seq_len is min(the context, max_model_len). Llama 3's rope
-    scaling, which lives in rope_freqs.weight's values, is the loader's to read."""
+    scaling and LongRoPE, which live in tensors' values (rope_freqs.weight, LONGROPE_TENSORS), are the
+    loader's to read."""
     meta = Meta(metadata)
     arch = meta.str("general.architecture")
     if arch not in ARCHS:
@@ -101,7 +102,9 @@ def gguf_model_config(metadata: Mapping, shapes: Mapping[str, tuple],
         extra = _gemma_settings(meta, arch, common) if arch in ("gemma2", "gemma3") else \
             _phi3_settings(meta, shapes) if arch == "phi3" else {}
         cfg = ModelConfig(**common, head_dim=head_dim, **_rotary_settings(meta, arch, head_dim, ctx), **extra, **moe)
-    check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes), shapes, "GGUF file")
+    check_tensor_shapes(gguf_tensor_shapes(cfg, declared, "rope_freqs.weight" in shapes,
+                                           arch == "phi3" and all(name in shapes for name in LONGROPE_TENSORS)),
+                        shapes, "GGUF file")
     return cfg
 
 
@@ -202,12 +205,47 @@ def _rotary_settings(meta: Meta, arch: str, head_dim: int, ctx: int) -> dict:
     return settings
 
 
+LONGROPE_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")
+
+
+def longrope_scaling(meta: Mapping, arch: str, short, long, n_ctx_train: int) -> dict:
+    """ModelConfig's LongRoPE rope_scaling from a file's factors (lists) and metadata, as llama.cpp reads them:
+    the original context {arch}.rope.scaling.original_context_length (default: the context_length it was
+    trained with), the cos/sin scale {arch}.rope.scaling.attn_factor (default 1)."""
+    m = Meta(meta)
+    return {"rope_type": "longrope", "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": m.int(f"{arch}.rope.scaling.original_context_length", n_ctx_train,
+                                                      limit=LIMITS["seq_len"]),
+            "attention_factor": m.float(f"{arch}.rope.scaling.attn_factor", 1.0)}
+
+
+def longrope_tensors(s: ModelConfig) -> dict:
+    """{name: float32 array} of a LongRoPE model's factors, as convert_hf_to_gguf writes them; {} for others."""
+    import numpy as np
+
+    rs = s.rope_scaling
+    if rs is None or rs["rope_type"] != "longrope":
+        return {}
+    return {name: np.asarray(rs[key], dtype=np.float32)
+            for name, key in zip(LONGROPE_TENSORS, ("short_factor", "long_factor"))}
+
+
+def longrope_metadata(s: ModelConfig) -> list:
+    """[(key, value, GGUFValueType)] of a LongRoPE model's scaling (its factors are the LONGROPE_TENSORS)."""
+    from gguf import GGUFValueType
+
+    rs, a = s.rope_scaling, gguf_arch(s)
+    return [(f"{a}.rope.scaling.original_context_length", rs["original_max_position_embeddings"],
+             GGUFValueType.UINT32), (f"{a}.rope.scaling.attn_factor", rs["attention_factor"], GGUFValueType.FLOAT32)]
+
+
 def _phi3_settings(meta: Meta, shapes: Mapping[str, tuple]) -> dict:
     """phi3's sliding window (0 or absent: none), applied on every layer as HF's Phi3 does (llama.cpp reads it
-    but runs phi3 without a window). Long-rope files (Phi-3 128k: rope_factors_long/short) are refused."""
-    for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
-        if name in shapes:
-            raise ValueError(f"GGUF file: tensor {name!r}: phi3's long-rope scaling is not supported")
+    but runs phi3 without a window). Long-rope files (Phi-3 128k) carry both LONGROPE_TENSORS, whose values the
+    loader reads."""
+    if sum(name in shapes for name in LONGROPE_TENSORS) == 1:
+        raise ValueError(f"GGUF file: phi3's long-rope scaling needs both tensors {list(LONGROPE_TENSORS)}, "
+                         "the file has one")
     window = meta.m.get("phi3.attention.sliding_window")
     if window in (None, 0):
         return {}
@@ -266,12 +304,13 @@ def window_metadata(s: ModelConfig, context: int) -> list:
     as a llama's {arch}.attention.sliding_window, which the reader takes back; phi3's, 0 for none as
     convert_hf_to_gguf writes it), and the gemma2/gemma3 settings llama.cpp reads (its defaults stand for none of
     them): the window (the whole context when there is none), the soft-caps, gemma3's local rope base and its
-    global layers' linear rope scaling."""
+    global layers' linear rope scaling; phi3's LongRoPE settings."""
     from gguf import GGUFValueType
 
     u32, f32, a = GGUFValueType.UINT32, GGUFValueType.FLOAT32, gguf_arch(s)
     if a == "phi3":
-        return [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
+        window = [("phi3.attention.sliding_window", s.sliding_window or 0, u32)]
+        return window + (longrope_metadata(s) if s.rope_scaling is not None else [])
     if s.kv_window is not None:
         return [(f"{a}.attention.sliding_window", s.kv_window, u32)]
     if not s.gemma:
@@ -287,10 +326,10 @@ def window_metadata(s: ModelConfig, context: int) -> list:
     return meta
 
 
-def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False) -> dict:
+def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False, longrope: bool = False) -> dict:
     """GGUF tensor name -> shape (torch order) of every tensor of a cfg model, as llama.cpp names them.
     context: the file's context length (GPT-2's position table has a row per position); rope_freqs: whether
-    the file carries Llama 3's rope factors."""
+    the file carries Llama 3's rope factors; longrope: whether it carries LongRoPE's (LONGROPE_TENSORS)."""
     d, V, ff, hd = cfg.d_model, cfg.vocab_size, cfg.d_ff, cfg.head_dim
     q, kv = cfg.n_head * hd, cfg.n_kv_head * hd
     gpt2 = cfg.arch == "gpt2"
@@ -299,6 +338,8 @@ def gguf_tensor_shapes(cfg: ModelConfig, context: int, rope_freqs: bool = False)
         shapes |= {"position_embd.weight": (context, d), "output_norm.bias": (d,)}
     elif rope_freqs:
         shapes["rope_freqs.weight"] = (hd // 2,)
+    if longrope:
+        shapes |= {name: (hd // 2,) for name in LONGROPE_TENSORS}
     if not cfg.tie_embeddings:
         shapes["output.weight"] = (V, d)
     for i in range(cfg.n_layer):

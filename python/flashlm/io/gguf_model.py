@@ -30,7 +30,7 @@ from torch import nn
 
 from flashlm import ops
 from flashlm.io.gguf import GGUFFile
-from flashlm.io.gguf_layout import gguf_model_config
+from flashlm.io.gguf_layout import LONGROPE_TENSORS, gguf_model_config, longrope_scaling
 from flashlm.io.gguf_rope import llama3_scaling_from_factors
 from flashlm.io.loaded import LoadedModel, empty_model, finish, set_module
 from flashlm.models import ModelConfig
@@ -58,6 +58,10 @@ def model_config_from_gguf(f: GGUFFile, max_model_len: Optional[int] = None) -> 
     shapes = {t.name: t.shape for t in f.tensors}
     cfg = gguf_model_config(f.metadata, shapes, max_model_len)
     factors = None
+    if cfg.arch == "phi3" and all(name in shapes for name in LONGROPE_TENSORS):
+        short, long = (f.load(name, dtype=torch.float32).tolist() for name in LONGROPE_TENSORS)
+        scaling = longrope_scaling(f.metadata, "phi3", short, long, int(f.metadata["phi3.context_length"]))
+        cfg = ModelConfig(**{**cfg.to_dict(), "rope_scaling": scaling})
     if "rope_freqs.weight" in shapes:  # (only a rotary model's file may have it)
         factors = f.load("rope_freqs.weight", dtype=torch.float32)
         scaling = llama3_scaling_from_factors(factors, rope_inv_freq(cfg))
@@ -265,6 +269,8 @@ def load_gguf(path, max_model_len: Optional[int] = None, attn_impl: str = "flash
                 angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64), inv_freq)
                 angles = torch.cat((angles, angles), dim=-1)
                 model.rope_cos, model.rope_sin = angles.cos().float(), angles.sin().float()
+        if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "longrope":
+            b.used.update(LONGROPE_TENSORS)  # in the rope tables
         extra = sorted({t.name for t in f.tensors} - b.used)
         if extra:
             raise ValueError(f"tensor {extra[0]!r}: not part of a {cfg.arch} model")

@@ -7,7 +7,8 @@ tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen2): the tokens 
 ("Ġthe") and the merges "a b" strings; the split regexes are llama.cpp's for tokenizer.ggml.pre
 (gguf_pretok.py; a name it does not list raises, as a guess would split text differently).
 tokenizer.ggml.model "gemma4": the same BPE over raw UTF-8, spaces as "▁", <0xXX> tokens for the bytes no
-token covers. tokenizer.ggml.model "bert": WordPiece, see _wordpiece.
+token covers. tokenizer.ggml.model "bert": WordPiece, see _wordpiece. tokenizer.ggml.model "t5": SentencePiece's Unigram,
+see gguf_ugm.py.
 
 tokenizer.ggml.model "llama" (SentencePiece): llama.cpp's llm_tokenizer_spm replaces spaces by "▁", prepends
 one (add_space_prefix) to each run of text, then repeatedly merges the adjacent pair whose concatenation is
@@ -30,6 +31,7 @@ from __future__ import annotations
 from typing import Optional
 
 from flashlm.io.gguf_pretok import build_pre_tokenizer, pre_tokenizer_for
+from flashlm.io.gguf_ugm import UnigramVocab
 from flashlm.io.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -204,15 +206,17 @@ def _wordpiece(meta: dict, tokens: list, types: list):
     return tok, True
 
 
-def _post_processor(meta: dict, tokens: list, bos, eos, add_bos_default: bool, force_bos: bool, add_sep_default: bool):
+def _post_processor(meta: dict, tokens: list, bos, eos, add_bos_default: bool, force_bos: bool, add_sep_default: bool,
+                    add_eos_default: bool = False):
     """What llama.cpp adds with add_special: BOS first, EOS then SEP last, each where the file (or the
-    model's default) asks for it; gemma4 always gets BOS (llama.cpp overrides a file saying otherwise)."""
+    model's default) asks for it; gemma4 always gets BOS (llama.cpp overrides a file saying otherwise), t5
+    gets EOS unless the file says otherwise."""
     from tokenizers import processors
 
     n = len(tokens)
     sep = _opt_id(meta, "tokenizer.ggml.seperator_token_id", n)
     add_bos = (bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) or force_bos) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", add_eos_default)) and eos is not None
     add_sep = bool(meta.get("tokenizer.ggml.add_sep_token", add_sep_default)) and sep is not None
     first = [bos] if add_bos else []
     last = ([eos] if add_eos else []) + ([sep] if add_sep else [])
@@ -242,17 +246,31 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         tok, add_bos_default = _spm(meta, tokens, types)
     elif model == "bert":
         tok, add_bos_default = _wordpiece(meta, tokens, types)
+    elif model == "t5":
+        ugm = UnigramVocab(meta, tokens, types)
+        tok, add_bos_default = None, False
     else:
         raise ValueError(f"metadata: tokenizer.ggml.model {model!r} is not supported "
-                         "(gpt2, gemma4, llama, bert)")
-    tok.add_tokens(_added_tokens(meta, tokens, types))  # the same ids: they are in the vocabulary already
+                         "(gpt2, gemma4, llama, bert, t5)")
     bos = _opt_id(meta, "tokenizer.ggml.bos_token_id", n)
     if bos is None and model == "bert":
         bos = _opt_id(meta, "tokenizer.ggml.cls_token_id", n)  # BERT's [CLS] is what llama.cpp puts first
     eos = _opt_id(meta, "tokenizer.ggml.eos_token_id", n)
-    post = _post_processor(meta, tokens, bos, eos, add_bos_default, model == "gemma4", model == "bert")
-    if post is not None:
-        tok.post_processor = post
+    post = _post_processor(meta, tokens, bos, eos, add_bos_default, model == "gemma4", model == "bert",
+                           add_eos_default=model == "t5")
+
+    def finish(tok):
+        tok.add_tokens(_added_tokens(meta, tokens, types))  # the same ids: they are in the vocabulary already
+        if post is not None:
+            tok.post_processor = post
+
+    rebuild = None
+    if model == "t5":
+        # its normalizer is Python code, which tokenizers cannot serialize: copies are built anew
+        tok = ugm.tokenizer(finish)
+        rebuild = lambda: ugm.tokenizer(finish)  # noqa: E731
+    else:
+        finish(tok)
     eos_ids = [eos] if eos is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         extra = _opt_id(meta, key, n)
@@ -261,4 +279,5 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
     template = meta.get("tokenizer.chat_template")
     return Tokenizer(tok, eos_token_ids=eos_ids, bos_token_id=bos,
                      chat_template=template if isinstance(template, str) else None,
-                     silent_ids=[i for i, ty in enumerate(types) if ty == UNUSED])
+                     silent_ids=[i for i, ty in enumerate(types) if ty == UNUSED], rebuild=rebuild,
+                     vocab_size=n if model == "t5" else None)

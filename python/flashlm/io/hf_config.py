@@ -17,6 +17,7 @@ architecture but phi3.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -95,10 +96,28 @@ def _rope(cfg: dict) -> tuple[float, Optional[dict]]:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "default":
             return theta, None
+        if kind in ("longrope", "su"):  # "su": Phi-3's first name for it
+            return theta, _longrope(cfg, scaling)
         if kind != "llama3":
-            raise ValueError(f"config.json: rope scaling {kind!r} is not supported (only 'llama3')")
+            raise ValueError(f"config.json: rope scaling {kind!r} is not supported (only 'llama3', and "
+                             "'longrope' on phi3)")
         scaling = dict(scaling, rope_type="llama3")
     return theta, scaling or None
+
+
+def _longrope(cfg: dict, scaling: dict) -> dict:
+    """Phi-3's LongRoPE as ModelConfig's rope_scaling, as transformers' _compute_longrope_parameters reads it:
+    original_max_position_embeddings from the scaling or the config's top level; attention_factor as given, or
+    sqrt(1 + ln(s) / ln(original)) for s = factor (as given, or max_position_embeddings / original) when s > 1."""
+    orig = _get(scaling, "original_max_position_embeddings", int, cfg.get("original_max_position_embeddings"))
+    factor = scaling.get("factor")
+    factor = _get(scaling, "factor", float) if factor is not None else _get(cfg, "max_position_embeddings") / orig
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 and orig > 1 else 1.0
+    return {"rope_type": "longrope", "short_factor": scaling.get("short_factor"),
+            "long_factor": scaling.get("long_factor"), "original_max_position_embeddings": orig,
+            "attention_factor": _get({"attention_factor": attention}, "attention_factor", float)}
 
 
 def _seq_len(max_positions: int, max_model_len: Optional[int]) -> int:

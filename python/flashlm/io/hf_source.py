@@ -26,7 +26,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from flashlm.io.gguf_layout import (check_llama_cpp_gemma, check_llama_cpp_head_dim, check_llama_cpp_moe, gguf_arch,
-                                    moe_metadata, window_metadata)
+                                    longrope_tensors, moe_metadata, window_metadata)
 from flashlm.io.gguf_tokenizer import tokenizer_metadata
 from flashlm.io.hf_config import model_config_from_hf, read_json
 from flashlm.models.config import LIMITS
@@ -159,7 +159,7 @@ class HFSource:
         self.model_config = mc = model_config_from_hf(self.config, max_model_len=1)
         # llama's (and Mixtral's) q/k rows go to ggml's rope order
         self.arch, self._permute = gguf_arch(mc), mc.base_arch == "llama"
-        if self.arch not in ("llama", "gemma3") and mc.rope_scaling is not None:  # gemma3's is metadata
+        if self.arch not in ("llama", "gemma3", "phi3") and mc.rope_scaling is not None:  # gemma3's is metadata
             raise ValueError(f"config.json: rope scaling on {self.arch} has no GGUF form that llama.cpp reads")
         self.n_head, self.n_head_kv = mc.n_head, mc.n_kv_head
         check_llama_cpp_head_dim(mc)
@@ -293,10 +293,11 @@ class HFSource:
         return meta + [(k, v, t, None) for k, v, t in window_metadata(mc, context)]
 
     def _rope_freqs(self) -> dict:
-        """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, else nothing."""
+        """{"rope_freqs.weight": factors} for a llama with Llama 3's rope scaling, phi3's LongRoPE factors, else
+        nothing."""
         mc = self.model_config
         if mc.rope_scaling is None or mc.rope_scaling["rope_type"] != "llama3":
-            return {}
+            return longrope_tensors(mc)
         return {"rope_freqs.weight": llama3_rope_factors(mc.head_dim, mc.rope_theta, mc.rope_scaling)}
 
     def load(self, index: int):

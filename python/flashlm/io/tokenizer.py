@@ -37,12 +37,17 @@ def check_fits_model(backend, vocab_size: int, where: str) -> None:
 class Tokenizer:
     def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), bos_token_id: Optional[int] = None,
                  chat_template: Optional[str] = None, bos_token: Optional[str] = None,
-                 eos_token: Optional[str] = None, silent_ids: Iterable[int] = ()):
+                 eos_token: Optional[str] = None, silent_ids: Iterable[int] = (), rebuild=None,
+                 vocab_size: Optional[int] = None):
         """tokenizer: a tokenizers.Tokenizer (its post-processor adds BOS/EOS where the model wants them).
         eos_token_ids: every id that ends generation. bos_token/eos_token: the strings templates see; by
         default the tokens of bos_token_id and the first eos id. silent_ids: ids that decode to no text
-        (a GGUF vocabulary's UNUSED padding tokens, as llama.cpp prints them)."""
+        (a GGUF vocabulary's UNUSED padding tokens, as llama.cpp prints them). rebuild: a function returning a
+        new copy of `tokenizer`, for one whose custom (Python) parts tokenizers cannot serialize. vocab_size:
+        how many ids it has, where tokenizers' count of distinct token strings is not that."""
         self._tok = tokenizer
+        self._rebuild = rebuild
+        self._vocab_size = vocab_size
         self._silent = frozenset(int(i) for i in silent_ids)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
         self.bos_token_id = None if bos_token_id is None else int(bos_token_id)
@@ -66,6 +71,8 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        if self._vocab_size is not None:
+            return self._vocab_size
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -85,7 +92,7 @@ class Tokenizer:
     def _plain(self):
         """A copy of the tokenizer that reads special tokens' text as text (its own setting, so that encodes
         on other threads are unaffected)."""
-        plain = type(self._tok).from_str(self._tok.to_str())
+        plain = self._rebuild() if self._rebuild is not None else type(self._tok).from_str(self._tok.to_str())
         plain.encode_special_tokens = True
         return plain
 

@@ -15,7 +15,8 @@
            i % 6 == 5), the local layers' rotary base rope_local_theta, no soft-caps unless set (Gemma 3 text);
            rope_scaling {"rope_type": "linear", "factor"} on the global layers (Gemma 3 4B and larger).
     phi3:  llama's block (Phi-3: HF and GGUF files fuse q|k|v and gate|up, split on load), every layer attending
-           to sliding_window keys when one is set.
+           to sliding_window keys when one is set; rope_scaling {"rope_type": "longrope", "short_factor",
+           "long_factor", "original_max_position_embeddings", "attention_factor"} for the long-context models.
     mixtral, qwen2_moe, qwen3_moe: llama's, qwen2's and qwen3's attention with a mixture-of-experts MLP on every
            layer (flashlm.models.moe): n_expert experts of moe_d_ff, n_expert_used of them per token, picked by a
            softmax over a router's logits (the kept weights renormalised where norm_topk_prob); qwen2_moe adds a
@@ -41,6 +42,7 @@ GEMMA_FIELDS = ("sliding_window", "attn_softcap", "final_softcap", "query_pre_at
 # Fields only the MoE architectures use (shared_expert_d_ff only qwen2_moe); None elsewhere, left out of to_dict().
 MOE_FIELDS = ("n_expert", "n_expert_used", "moe_d_ff", "shared_expert_d_ff", "norm_topk_prob")
 ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LONGROPE_KEYS = ("rope_type", "short_factor", "long_factor", "original_max_position_embeddings", "attention_factor")
 
 # The largest value of each size, far above any published model (Llama 3.1 405B: 126 layers, d_model 16384,
 # d_ff 53248, 128 heads of 128; vocabularies reach 262144, contexts 10M tokens). A size read from a file is
@@ -190,6 +192,9 @@ class ModelConfig:
                 raise ValueError(f"rope_scaling: linear scaling needs a finite factor > 0, got {factor!r}")
             self.rope_scaling = {"rope_type": "linear", "factor": float(factor)}
             return
+        if self.arch == "phi3" and kind == "longrope":
+            self._check_longrope()
+            return
         if self.arch == "gpt2" or kind != "llama3":
             raise ValueError(f"rope_scaling: only Llama 3's {{'rope_type': 'llama3', ...}} on a rotary model, or "
                              f"{{'rope_type': 'linear', 'factor': ...}} on gemma3, is supported, got {rs!r}")
@@ -201,6 +206,29 @@ class ModelConfig:
             raise ValueError(f"rope_scaling: needs factor >= 1, high_freq_factor > low_freq_factor > 0 and "
                              f"original_max_position_embeddings > 0, got {rs!r}")
         self.rope_scaling = {k: rs[k] for k in ROPE_SCALING_KEYS}
+
+    def _check_longrope(self):
+        """Phi-3's LongRoPE: one factor per rotary frequency for contexts up to the original length (short) and
+        beyond it (long), and the cos/sin scale (attention_factor)."""
+        rs = self.rope_scaling
+        missing = [k for k in LONGROPE_KEYS if k not in rs]
+        if missing:
+            raise ValueError(f"rope_scaling: longrope is missing {missing}")
+        out = {"rope_type": "longrope"}
+        for name in ("short_factor", "long_factor"):
+            f = rs[name]
+            if not isinstance(f, (list, tuple)) or len(f) != self.head_dim // 2 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in f):
+                raise ValueError(f"rope_scaling: longrope's {name} must be {self.head_dim // 2} finite numbers > 0 (one per "
+                                 f"rotary frequency of head_dim {self.head_dim})")
+            out[name] = [float(x) for x in f]
+        orig, attn = rs["original_max_position_embeddings"], rs["attention_factor"]
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+            raise ValueError(f"rope_scaling: original_max_position_embeddings must be an int > 0, got {orig!r}")
+        if isinstance(attn, bool) or not isinstance(attn, (int, float)) or not math.isfinite(attn) or attn <= 0:
+            raise ValueError(f"rope_scaling: attention_factor must be a finite number > 0, got {attn!r}")
+        out.update(original_max_position_embeddings=orig, attention_factor=float(attn))
+        self.rope_scaling = out
 
     @property
     def moe(self) -> bool:

@@ -105,7 +105,8 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) -> torch.Tensor:
     """float64 [head_dim / 2]: theta^(-2i/hd), scaled as cfg.rope_scaling asks: Llama 3's long wavelengths
     (beyond original_max / low_freq_factor) slowed down by `factor`, short ones (below original_max /
-    high_freq_factor) kept, and a smooth blend in between; or linear scaling, every frequency divided by `factor`.
+    high_freq_factor) kept, and a smooth blend in between; or linear scaling, every frequency divided by `factor`;
+    or LongRoPE, each frequency divided by its own factor (longrope_factors).
     theta: another base than cfg.rope_theta, for gemma3's local layers, which are never scaled (as in HF's Gemma 3,
     where the scaling belongs to the global layers' rope only)."""
     hd = cfg.head_dim
@@ -116,20 +117,35 @@ def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) 
         return inv_freq
     if rs["rope_type"] == "linear":
         return inv_freq / rs["factor"]
+    if rs["rope_type"] == "longrope":
+        return inv_freq / inv_freq.new_tensor(longrope_factors(cfg))
     old = rs["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"] - rs["low_freq_factor"])).clamp(0, 1)
     return (1 - smooth) * inv_freq / rs["factor"] + smooth * inv_freq
 
 
+def longrope_factors(cfg: ModelConfig) -> list:
+    """The LongRoPE factors cfg's rotary frequencies are divided by: the long ones when the context (seq_len)
+    is longer than original_max_position_embeddings, else the short ones. This is llama.cpp's choice (by its
+    n_ctx); transformers picks by the length of the sequence at hand, switching to the long factors once a
+    sequence grows past the original length. With a KV cache that would leave the keys already cached rotated
+    by the short factors, so one table for the whole context, as llama.cpp has it, is what a cache can hold;
+    it equals transformers' whenever every sequence is on the same side of the original length as seq_len."""
+    rs = cfg.rope_scaling
+    return rs["long_factor"] if cfg.seq_len > rs["original_max_position_embeddings"] else rs["short_factor"]
+
+
 def rope_tables(cfg: ModelConfig, device=None, theta: Optional[float] = None):
     """cos, sin float32 [seq_len, head_dim] for HF's rotate-half convention: angle(t, i) = t * inv_freq[i],
-    repeated over the two halves of the head. theta: another base than cfg.rope_theta (gemma3's local layers,
-    unscaled)."""
+    repeated over the two halves of the head, times LongRoPE's attention_factor where cfg has one. theta:
+    another base than cfg.rope_theta (gemma3's local layers, unscaled)."""
     inv_freq = rope_inv_freq(cfg, device, theta)
     angles = torch.outer(torch.arange(cfg.seq_len, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    rs = cfg.rope_scaling if theta is None else None
+    scale = rs["attention_factor"] if rs is not None and rs["rope_type"] == "longrope" else 1.0
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def rope_factors(cos, sin, dtype):

@@ -46,7 +46,9 @@ def _decoder_types(spec) -> set:
 
 def is_byte_level(backend) -> bool:
     """Whether a tokenizers.Tokenizer spells bytes as GPT-2's byte-level characters."""
-    return "ByteLevel" in _decoder_types(json.loads(backend.to_str()).get("decoder"))
+    # the decoder alone: a tokenizer with a Python normalizer (GGUF t5 vocabularies) cannot be serialized whole
+    decoder = backend.decoder
+    return decoder is not None and "ByteLevel" in _decoder_types(json.loads(decoder.__getstate__()))
 
 
 def token_bytes(tokenizer, vocab_size: int) -> list:

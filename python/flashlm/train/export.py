@@ -38,7 +38,7 @@ import torch
 from flashlm.io.checkpoint import find_checkpoint, read_checkpoint
 from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
 from flashlm.io.gguf_layout import (check_llama_cpp_gemma, check_llama_cpp_head_dim, check_llama_cpp_moe, gguf_arch,
-                                    moe_metadata, window_metadata)
+                                    longrope_tensors, moe_metadata, window_metadata)
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
@@ -232,8 +232,10 @@ def hf_config(s: ModelConfig, eos_token_id: int | None) -> dict:
         return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", **gemma, **config,
                 "rope_parameters": rope, "rope_local_base_freq": local}
     if s.arch == "phi3":  # (its pad_token_id default, 32000, would be outside a smaller vocabulary)
+        # transformers takes LongRoPE's original length from this top-level key where there is one
+        original = s.seq_len if s.rope_scaling is None else s.rope_scaling["original_max_position_embeddings"]
         return {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "sliding_window": s.sliding_window,
-                "original_max_position_embeddings": s.seq_len, "pad_token_id": eos_token_id, **config}
+                "original_max_position_embeddings": original, "pad_token_id": eos_token_id, **config}
     if s.arch == "qwen3":
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
                 "use_sliding_window": False, "max_window_layers": s.n_layer, **config}
@@ -287,7 +289,8 @@ def gguf_tensors(s: ModelConfig, state: dict) -> list:
     check_llama_cpp_moe(s)
     if s.gemma:
         check_llama_cpp_gemma(s)
-    if s.rope_scaling is not None and s.arch != "gemma3":  # gemma3's linear scaling is metadata
+    out += list(longrope_tensors(s).items())
+    if s.rope_scaling is not None and s.arch not in ("gemma3", "phi3"):  # gemma3's linear scaling is metadata
         if s.base_arch != "llama":
             raise ValueError(f"model_config: llama.cpp's {gguf_arch(s)} has no Llama 3 rope scaling (rope_scaling)")
         out.append(("rope_freqs.weight", llama3_rope_factors(s.head_dim, s.rope_theta, s.rope_scaling)))
