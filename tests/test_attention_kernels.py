@@ -1,5 +1,6 @@
 """The attention kernels (flashlm._C.flash_attention_forward/backward) on every device against the float64
-reference (reference.py): on the CPU each ISA it has (scalar, AVX2/FMA) on the same inputs, on CUDA f16 and
+reference (reference.py): on the CPU each ISA it has (scalar, AVX2/FMA, and the AVX2 kernels' AVX-512 build where the CPU
+has AVX-512F) on the same inputs, on CUDA f16 and
 bf16 (skipped without a GPU). Every sequence of a batch is checked on its own.
 
 Tolerance (flash-attn's rule, compare.py): the error against float64 may be at most twice that of a torch
@@ -23,9 +24,18 @@ from flashlm import _C
 from reference import attention_with_grads, band_edges, visible
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_ISAS = [isa for isa in ("avx2", "scalar") if _C.cpu_isa_supported(isa)]
+# "avx512": the AVX2 kernels' AVX-512 build (set_attention_avx512), which the AVX2 ISA uses where it can.
+AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"]
+CPU_ISAS = [isa for isa in ("avx512", "avx2", "scalar") if (AVX512 if isa == "avx512" else _C.cpu_isa_supported(isa))]
 
-pytestmark = pytest.mark.usefixtures("restore_isa")  # conftest.py: every test may switch the ISA
+pytestmark = pytest.mark.usefixtures("restore_isa", "restore_avx512")  # every test may switch the ISA
+
+
+@pytest.fixture
+def restore_avx512():
+    saved = _C.set_attention_avx512(True)
+    yield
+    _C.set_attention_avx512(saved)
 
 
 # --- running the kernels ------------------------------------------------------------------------------------
@@ -35,11 +45,12 @@ def kernels(device):
     return CPU_ISAS if device == "cpu" else [None]
 
 
-def launch(isa, fn, *args):
+def launch(isa, fn, *args, **kwargs):
     if isa is not None:
-        _C.set_cpu_isa(isa)
+        _C.set_cpu_isa("avx2" if isa == "avx512" else isa)
+        _C.set_attention_avx512(isa == "avx512")
     stream = torch.cuda.current_stream().cuda_stream if args[0].is_cuda else 0
-    fn(*args, stream)
+    fn(*args, stream, **kwargs)
 
 
 def run_forward(isa, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, softcap, version):
@@ -104,8 +115,10 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
         base_lse = ref_lse.float()  # CUDA's lse is float32 math: held to the reference's float32 rounding
     args = (cu_q, cu_k, max_q, max_k, scale, causal, window, softcap)
     for version in versions:
+        results = {}
         for isa in kernels(device):
             out, lse = run_forward(isa, q, k, v, *args, version)
+            results[isa] = (out, lse)
             what = f"({isa or device}, v{version})"
             for b in range(batch):
                 assert_close_to_reference(split(out, cu_q, b), split(ref_out, cu_q, b), split(base_out, cu_q, b),
@@ -113,21 +126,32 @@ def check_case(device, q, k, v, cu_q=None, cu_k=None, scale=None, causal=False, 
                 assert_close_to_reference(split_lse(lse, cu_q, b), split_lse(ref_lse, cu_q, b),
                                           split_lse(base_lse, cu_q, b), floor_lse, name=f"lse[{b}] {what}",
                                           equal_nan=equal_nan)
+        same_bits_as_avx2(results, ("out", "lse"), f"v{version}")
     if not grads:
         return
     out, lse = run_forward("scalar" if device == "cpu" else None, q, k, v, *args, 2)
+    results = {}
     for isa in kernels(device):
         res = run_backward(isa, dout, q, k, v, out, lse, *args)
-        if isa == "avx2":  # the AVX2 backward splits the keys over threads: a second run must give the same bits
+        results[isa] = res
+        if isa in ("avx2", "avx512"):  # the backward splits the keys over threads: a second run gives the same bits
             again = run_backward(isa, dout, q, k, v, out, lse, *args)
             for name, a, b_ in zip(("dq", "dk", "dv", "delta"), res, again):
-                assert_equal(b_, a, name=f"{name}: second AVX2 run vs first", nan_equal=True)  # NaN: no sequence
+                assert_equal(b_, a, name=f"{name}: second {isa} run vs first", nan_equal=True)  # NaN: no sequence
         for b in range(batch):
             for j, name in enumerate(("dq", "dk", "dv")):
                 cu = cu_q if name == "dq" else cu_k
                 assert_close_to_reference(split(res[j], cu, b), split(ref_grads[j], cu, b), split(base_grads[j], cu, b),
                                           floor_grad, name=f"{name}[{b}] ({isa or device})", equal_nan=equal_nan)
         check_delta(device, res[3], dout, out, cu_q, f"delta ({isa or device})", equal_nan)
+    same_bits_as_avx2(results, ("dq", "dk", "dv", "delta"), "backward")
+
+
+def same_bits_as_avx2(results, names, what):
+    """The AVX-512 build runs each output's FMAs in the AVX2 kernel's order: it must give the same bits."""
+    if "avx512" in results and "avx2" in results:
+        for name, a, b in zip(names, results["avx512"], results["avx2"]):
+            assert_equal(a, b, name=f"{name} ({what}): AVX-512 build vs AVX2", nan_equal=True)
 
 
 def check_delta(device, delta, dout, out, cu_q, name, equal_nan=False):
@@ -447,3 +471,28 @@ def test_exp2_and_tanh_accuracy(tmp_path):
     assert exp_err <= 1.2e-7, f"exp2: max relative error {lines['exp2_max_rel']} (1 ulp is 1.19e-7)"
     assert tanh_err <= 2.4e-7, f"tanh: max absolute error {lines['tanh_max_abs']}"
     assert lines["specials"] == "ok", "exp2 of 0, -inf, NaN or below -127, or tanh of +-inf or NaN, is not exact"
+
+
+@pytest.mark.skipif(not AVX512, reason="this CPU has no AVX-512F")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", ["alibi", "dropout"])
+def test_avx512_build_equals_avx2_with_alibi_and_dropout(dtype, extra):
+    # check_case holds both builds to the same bits on the plain cases; ALiBi and dropout add their own steps
+    # between the GEMMs (their values are checked against references in test_attention_alibi.py and
+    # test_attention_dropout.py). GQA 4:2, head_dim 72 (a ymm column tile after the zmm ones), ragged tiles.
+    q, k, v = (randn(2, s, n, 72, dtype=dtype, seed=i) for i, (s, n) in enumerate(((190, 4), (190, 2), (190, 2))))
+    dout = randn(2, 190, 4, 72, dtype=dtype, seed=3)
+    kw = (dict(alibi_slopes=torch.rand(2, 4, generator=torch.Generator().manual_seed(4)))
+          if extra == "alibi" else dict(dropout_p=0.3, philox_seed=11, philox_offset=5))
+    args = (None, None, 0, 0, 72 ** -0.5, True, -1, -1, 2.0 if extra == "alibi" else 0.0)
+    results = {}
+    for isa in ("avx512", "avx2"):
+        out = torch.empty_like(q)
+        lse = torch.empty(2, 4, 190)
+        launch(isa, _C.flash_attention_forward, q, k, v, out, lse, *args, 2, **kw)
+        dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+        delta = torch.empty_like(lse)
+        launch(isa, _C.flash_attention_backward, dout, q, k, v, out, lse, dq, dk, dv, delta, *args, **kw)
+        results[isa] = (out, lse, dq, dk, dv, delta)
+    assert results["avx512"][0].abs().max() > 0, "the forward wrote nothing"
+    same_bits_as_avx2(results, ("out", "lse", "dq", "dk", "dv", "delta"), extra)

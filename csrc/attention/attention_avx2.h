@@ -22,6 +22,14 @@
 #include "attention_params.h"
 #include "shared_avx2.h"
 
+// The kernels' entry points: forward_avx2/backward_avx2, or forward_avx512/backward_avx512 in the copy
+// compiled with AVX-512 flags (attention_avx512_forward.cpp, attention_avx512_backward.cpp).
+#ifdef FLASHLM_ATTENTION_AVX512
+#define FLASHLM_ATTENTION_ENTRY(name) name##_avx512
+#else
+#define FLASHLM_ATTENTION_ENTRY(name) name##_avx2
+#endif
+
 namespace flashlm::attention::avx2 {
 namespace {
 
@@ -37,29 +45,58 @@ struct AView {
   }
 };
 
-// acc[MR][NR] = A[m0 .. m0 + MR, 0 .. kdim) . B[0 .. kdim, n0 .. n0 + 8 NR), then epi(m, n, acc) for each
-// ymm of the tile. 6 x 16 (12 accumulators, 2 loads + 6 broadcasts per 12 FMAs) is the main shape: it
-// leaves registers for the loads and keeps the two FMA pipes of Zen 3 busy; 4 x 24 measured the same on
-// D = 64 and needs N to be a multiple of 24.
-template <int MR, int NR, bool kT, class Epi>
+// The vector registers a GEMM tile accumulates in: a ymm of 8 floats, or (the AVX-512 build) a zmm of 16.
+// emit hands the epilogue ymm halves, so the score, softmax and store code is the same in both builds.
+struct Ymm {
+  using V = __m256;
+  static constexpr int kWidth = 8;
+  static FLASHLM_AVX2_INLINE V zero() { return _mm256_setzero_ps(); }
+  static FLASHLM_AVX2_INLINE V load(const float* p) { return _mm256_loadu_ps(p); }
+  static FLASHLM_AVX2_INLINE V broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static FLASHLM_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  template <class Epi>
+  static FLASHLM_AVX2_INLINE void emit(Epi& epi, int64_t m, int64_t n, V acc) { epi(m, n, acc); }
+};
+#ifdef FLASHLM_ATTENTION_AVX512
+struct Zmm {
+  using V = __m512;
+  static constexpr int kWidth = 16;
+  static FLASHLM_AVX2_INLINE V zero() { return _mm512_setzero_ps(); }
+  static FLASHLM_AVX2_INLINE V load(const float* p) { return _mm512_loadu_ps(p); }
+  static FLASHLM_AVX2_INLINE V broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static FLASHLM_AVX2_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  template <class Epi>
+  static FLASHLM_AVX2_INLINE void emit(Epi& epi, int64_t m, int64_t n, V acc) {
+    epi(m, n, _mm512_castps512_ps256(acc));
+    epi(m, n + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  }
+};
+#endif
+
+// acc[MR][NR] = A[m0 .. m0 + MR, 0 .. kdim) . B[0 .. kdim, n0 .. n0 + W::kWidth NR), then epi(m, n, acc) for
+// each ymm of the tile. Each output element is the same chain of FMAs over k, in the same order, whatever
+// the register width, so the AVX2 and AVX-512 builds give the same bits. AVX2: 6 x 16 (12 accumulators, 2
+// loads + 6 broadcasts per 12 FMAs) is the main shape: it leaves registers for the loads and keeps the two
+// FMA pipes of Zen 3 busy; 4 x 24 measured the same on D = 64 and needs N to be a multiple of 24.
+template <class W, int MR, int NR, bool kT, class Epi>
 FLASHLM_AVX2_INLINE void gemm_tile(const AView<kT>& a, const float* b, int64_t ldb, int64_t kdim, int64_t m0,
                                    int64_t n0, Epi& epi) {
-  __m256 acc[MR][NR];
+  typename W::V acc[MR][NR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+    for (int n = 0; n < NR; ++n) acc[m][n] = W::zero();
   const float* a0 = a.at(m0, 0);
   const float* bp = b + n0;
   for (int64_t k = 0; k < kdim; ++k) {
-    __m256 bv[NR];
+    typename W::V bv[NR];
 #pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) bv[n] = _mm256_loadu_ps(bp + 8 * n);
+    for (int n = 0; n < NR; ++n) bv[n] = W::load(bp + W::kWidth * n);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const __m256 av = _mm256_broadcast_ss(kT ? a0 + m : a0 + m * a.lda);
+      const typename W::V av = W::broadcast(kT ? a0 + m : a0 + m * a.lda);
 #pragma GCC unroll 4
-      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(av, bv[n], acc[m][n]);
+      for (int n = 0; n < NR; ++n) acc[m][n] = W::fmadd(av, bv[n], acc[m][n]);
     }
     a0 += kT ? a.lda : 1;
     bp += ldb;
@@ -67,25 +104,42 @@ FLASHLM_AVX2_INLINE void gemm_tile(const AView<kT>& a, const float* b, int64_t l
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int n = 0; n < NR; ++n) epi(m0 + m, n0 + 8 * n, acc[m][n]);
+    for (int n = 0; n < NR; ++n) W::emit(epi, m0 + m, n0 + W::kWidth * n, acc[m][n]);
 }
 
+// Rows of tiles: 16 columns (2 ymm) at a time, or in the AVX-512 build 32 (2 zmm) and then 16, and the last
+// 8 in a ymm. Panels of 6 rows (AVX2) or 8 (AVX-512: 16 accumulators of its 32 registers).
 template <int MR, bool kT, class Epi>
 FLASHLM_AVX2_INLINE void gemm_rows(const AView<kT>& a, const float* b, int64_t ldb, int64_t kdim, int64_t m0,
                                    int64_t n, Epi& epi) {
   int64_t n0 = 0;
-  for (; n0 + 16 <= n; n0 += 16) gemm_tile<MR, 2>(a, b, ldb, kdim, m0, n0, epi);
-  if (n0 < n) gemm_tile<MR, 1>(a, b, ldb, kdim, m0, n0, epi);
+#ifdef FLASHLM_ATTENTION_AVX512
+  for (; n0 + 32 <= n; n0 += 32) gemm_tile<Zmm, MR, 2>(a, b, ldb, kdim, m0, n0, epi);
+  if (n0 + 16 <= n) gemm_tile<Zmm, MR, 1>(a, b, ldb, kdim, m0, n0, epi), n0 += 16;
+#else
+  for (; n0 + 16 <= n; n0 += 16) gemm_tile<Ymm, MR, 2>(a, b, ldb, kdim, m0, n0, epi);
+#endif
+  if (n0 < n) gemm_tile<Ymm, MR, 1>(a, b, ldb, kdim, m0, n0, epi);
 }
 
-// The whole product for m rows and n columns (n a multiple of 8): 6-row panels, then the 1..5 left. Kept
-// out of line: inlined into its callers, the microkernel's loop counters spilled to the stack (the callers
-// hold many values), which cost 5% of the forward pass at D = 64 and 128.
+#ifdef FLASHLM_ATTENTION_AVX512
+constexpr int64_t kPanelRows = 8;
+#else
+constexpr int64_t kPanelRows = 6;
+#endif
+
+// The whole product for m rows and n columns (n a multiple of 8): panels of kPanelRows rows, then the rows
+// left. Kept out of line: inlined into its callers, the microkernel's loop counters spilled to the stack
+// (the callers hold many values), which cost 5% of the forward pass at D = 64 and 128.
 template <bool kT, class Epi>
 __attribute__((noinline)) void gemm(const AView<kT>& a, const float* b, int64_t ldb, int64_t kdim, int64_t m, int64_t n, Epi& epi) {
   int64_t m0 = 0;
-  for (; m0 + 6 <= m; m0 += 6) gemm_rows<6>(a, b, ldb, kdim, m0, n, epi);
+  for (; m0 + kPanelRows <= m; m0 += kPanelRows) gemm_rows<int(kPanelRows)>(a, b, ldb, kdim, m0, n, epi);
   switch (m - m0) {
+#ifdef FLASHLM_ATTENTION_AVX512
+    case 7: gemm_rows<7>(a, b, ldb, kdim, m0, n, epi); break;
+    case 6: gemm_rows<6>(a, b, ldb, kdim, m0, n, epi); break;
+#endif
     case 5: gemm_rows<5>(a, b, ldb, kdim, m0, n, epi); break;
     case 4: gemm_rows<4>(a, b, ldb, kdim, m0, n, epi); break;
     case 3: gemm_rows<3>(a, b, ldb, kdim, m0, n, epi); break;

@@ -269,7 +269,7 @@ void reduce_dq(const Params& p, int nchunks, const float* partial, int64_t rows,
 
 }  // namespace
 
-bool backward_avx2(const Params& p) {
+bool FLASHLM_ATTENTION_ENTRY(backward)(const Params& p) {
   const int64_t dp = round_up(p.head_dim, 8);
   const int nchunks = chunks_per_head(p, dp);
   const int64_t rows = p.packed() ? p.total_q : int64_t(p.batch) * p.seqlen_q;

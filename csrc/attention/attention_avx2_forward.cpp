@@ -318,7 +318,7 @@ void forward_v1_task(const Params& p, int b, int h, Scratch& scratch) {
 
 }  // namespace
 
-bool forward_avx2(const Params& p) {
+bool FLASHLM_ATTENTION_ENTRY(forward)(const Params& p) {
   if (p.version == 1) {
     parallel_for(int64_t(p.batch) * p.heads, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;

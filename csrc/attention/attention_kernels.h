@@ -15,6 +15,12 @@ void backward_scalar(const Params& p);  // also writes p.delta
 bool forward_avx2(const Params& p);
 bool backward_avx2(const Params& p);
 
+// The AVX2 kernels built with AVX-512F flags (wider GEMM tiles, the same results); only where
+// avx512_allowed().
+bool forward_avx512(const Params& p);
+bool backward_avx512(const Params& p);
+bool avx512_allowed();  // the CPU has AVX-512F, the build has the kernels, and set_attention_avx512 allows them
+
 // CUDA (F16 or BF16) on device `device`, queued on `stream`. p.total_q/total_k bound the packed rows.
 void forward_cuda(const Params& p, int device, void* stream);
 void backward_cuda(const Params& p, int device, void* stream);

@@ -1,8 +1,10 @@
 // Attention dispatcher: checks every view against the layout contract in flash_attention.h, fills the
-// kernels' Params, and routes on device (CPU / CUDA) and, on the CPU, on the run-time ISA (AVX2 / scalar).
+// kernels' Params, and routes on device (CPU / CUDA) and, on the CPU, on the run-time ISA (AVX2, with its
+// AVX-512 build where the CPU has AVX-512F / scalar).
 #include "flashlm/attention/flash_attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -18,6 +20,8 @@ namespace flashlm {
 namespace {
 
 using attention::Params;
+
+std::atomic<bool> avx512_switch{true};  // set_attention_avx512
 
 constexpr int64_t kMaxHeadDimCpu = 256;
 
@@ -255,7 +259,10 @@ void flash_attention_forward(const AttentionForwardParams& a, void* stream) {
     attention::forward_cuda(p, a.q.device.index, stream);
     return;
   }
-  if (cpu_isa() == CpuIsa::AVX2 && attention::forward_avx2(p)) return;
+  if (cpu_isa() == CpuIsa::AVX2) {
+    if (attention::avx512_allowed() && attention::forward_avx512(p)) return;
+    if (attention::forward_avx2(p)) return;
+  }
   attention::forward_scalar(p);
 }
 
@@ -285,9 +292,24 @@ void flash_attention_backward(const AttentionBackwardParams& a, void* stream) {
     attention::backward_cuda(p, a.q.device.index, stream);
     return;
   }
-  if (cpu_isa() == CpuIsa::AVX2 && attention::backward_avx2(p)) return;
+  if (cpu_isa() == CpuIsa::AVX2) {
+    if (attention::avx512_allowed() && attention::backward_avx512(p)) return;
+    if (attention::backward_avx2(p)) return;
+  }
   attention::backward_scalar(p);
 }
+
+bool set_attention_avx512(bool allowed) { return avx512_switch.exchange(allowed); }
+
+namespace attention {
+bool avx512_allowed() {
+#ifdef FLASHLM_HAVE_AVX512_ATTENTION
+  return cpu_features().avx512f && avx512_switch.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+}  // namespace attention
 
 }  // namespace flashlm
 
@@ -301,5 +323,11 @@ void backward_cuda(const Params&, int, void*) { throw NotImplementedError("atten
 namespace flashlm::attention {
 bool forward_avx2(const Params&) { return false; }
 bool backward_avx2(const Params&) { return false; }
+}  // namespace flashlm::attention
+#endif
+#ifndef FLASHLM_HAVE_AVX512_ATTENTION
+namespace flashlm::attention {
+bool forward_avx512(const Params&) { return false; }
+bool backward_avx512(const Params&) { return false; }
 }  // namespace flashlm::attention
 #endif

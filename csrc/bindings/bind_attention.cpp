@@ -98,6 +98,9 @@ void bind_attention(nb::module_& m) {
         nb::arg("philox_offset"),
         "The keep mask (uint8 [batch, heads, seqlen_q, seqlen_k], CPU) of a forward pass's dropout");
   m.def("flash_attention_cuda_supports_head_dim", &flash_attention_cuda_supports_head_dim, nb::arg("head_dim"));
+  m.def("set_attention_avx512", &set_attention_avx512, nb::arg("allowed"),
+        "whether the CPU attention kernels may use their AVX-512 build (else AVX2, the same results); returns the "
+        "previous setting");
 }
 
 }  // namespace flashlm::bindings

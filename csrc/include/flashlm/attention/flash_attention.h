@@ -79,6 +79,10 @@ FLASHLM_API void flash_attention_backward(const AttentionBackwardParams& params,
 FLASHLM_API void flash_attention_dropout_mask(const TensorView& mask, float dropout_p, uint64_t philox_seed,
                                               uint64_t philox_offset);
 
+// Whether the CPU kernels may use their AVX-512 build where the CPU has AVX-512F (on by default; off: the AVX2
+// kernels, which give the same bits). Returns the previous setting.
+FLASHLM_API bool set_attention_avx512(bool allowed);
+
 // The head dimensions the CUDA kernels take (others raise): every multiple of 8 up to 256.
 FLASHLM_API bool flash_attention_cuda_supports_head_dim(int64_t head_dim);
 
