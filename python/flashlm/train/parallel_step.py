@@ -141,7 +141,9 @@ class ModelParallel:
         self.zero = None  # ShardedOptimizer or Zero3 over the dp group, holding the optimizer
         if cfg.zero_stage == 3:
             table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
-            self.zero = Zero3(held, self.groups, make_optimizer, mesh.dp, separate=[table] if table is not None else [],
+            # Ring attention runs the blocks' pieces, not the block modules, whose hooks gather them: under cp the
+            # whole part is one unit, gathered for each forward and backward of the context-parallel model.
+            self.zero = Zero3(held if self.context is None else self.context, self.groups, make_optimizer, mesh.dp, separate=[table] if table is not None else [],
                               keep_outer=self.pipe is not None)
         elif cfg.zero_stage:
             ordered = [p for p in held.parameters() if id(p) in mine]
