@@ -202,9 +202,15 @@ def copy_checkpoint(src, step: int, dst):
 def test_resume_at_the_same_layout_is_exact(runs, text_file, data_cache, tmp_path):
     """TP 2 x PP 2 from its step-2 checkpoint: the same losses, bit for bit, and the same parameters."""
     out, _ = runs("tp2_pp2")
-    model, sizes, more = RUNS["tp2_pp2"]
-    again = copy_checkpoint(out, 2, tmp_path / "again")
-    launch(4, ["--out-dir", again, "--resume", *flags(sizes), *more])
+    assert_resumes_exactly(out, RUNS["tp2_pp2"], tmp_path / "again")
+
+
+def assert_resumes_exactly(out, run, again):
+    """The run (config, sizes, more flags) whose folder is `out` resumed from its step-2 checkpoint in `again` at
+    the same layout: the same losses and clip norms, bit for bit, and the same final parameters."""
+    _, sizes, more = run
+    copy_checkpoint(out, 2, again)
+    launch(world(sizes), ["--out-dir", again, "--resume", *flags(sizes), *more])
     whole, resumed = read_metrics(out), read_metrics(again)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]

@@ -1,14 +1,15 @@
-"""ZeRO over the dp group of a mesh: `flashlm train --zero-stage 1|3` with --tp/--pp against one process.
+"""ZeRO over the dp group of a mesh: `flashlm train --zero-stage 1|2|3` with --tp/--pp/--cp against one process.
 
 The runs are those of test_train_model_parallel (4 AdamW steps of 2 accumulation micro-steps, clipped, a global
-batch of 4 sequences split over the dp replicas) with the optimizer state (ZeRO-1) or also the gradients and the
-parameters (ZeRO-3) of each rank's part sharded over its dp group. ZeRO changes only where the dp sum of each
-gradient element is made (a reduce-scatter instead of an all-reduce: the same two addends) and how the clip
-norm's squares are grouped (per dp slice, then summed over dp), so the bounds are the model-parallel tests':
-float32 summation order, amplified by Adam. A slice summed twice or missed in the norm moves the clip norms
-by its share (a tied embedding counted twice: about 30% here), a tied gradient not summed between the stages
-moves the parameters by O(lr): both fail. The checkpoint (full tensors, the one-process optimizer format) then
-moves from ZeRO-3 x TP 2 x PP 2 to DP 4 without ZeRO and continues as the one-process run does.
+batch of 4 sequences split over the dp replicas) with the optimizer state (ZeRO-1), also the gradients (ZeRO-2)
+or also the parameters (ZeRO-3) of each rank's part sharded over its dp group. ZeRO changes only where the dp
+sum of each gradient element is made (a reduce-scatter instead of an all-reduce: the same two addends) and how
+the clip norm's squares are grouped (per dp slice, then summed over dp), so the bounds are the model-parallel
+tests': float32 summation order, amplified by Adam. A missing reduction fails: the tied embedding's gradient
+slices not summed between the pipeline stages fail the losses and clip norms (checked on the DP 2 x PP 2 run),
+and the clip norm's squares left unsummed over dp would give each rank about 1/sqrt(2) of the norm. The
+checkpoint (full tensors, the one-process optimizer format) then moves from ZeRO-3 x TP 2 x PP 2 to DP 4
+without ZeRO and continues as the one-process run does, and ZeRO-3 x PP 2 resumes exactly at its own layout.
 """
 
 import os
@@ -17,9 +18,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train_loop import child_env, data_cache, read_metrics, text_file  # noqa: E402,F401
-from test_train_model_parallel import (BATCH, STEPS, assert_matches, copy_checkpoint, launch,  # noqa: E402
-                                       layout_runs, references)  # noqa: F401
+from test_train_loop import data_cache, read_metrics, text_file  # noqa: E402,F401
+from test_train_model_parallel import (BATCH, STEPS, assert_matches, assert_resumes_exactly,  # noqa: E402
+                                       copy_checkpoint, launch, layout_runs, references)  # noqa: F401
 
 from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 
@@ -60,3 +61,11 @@ def test_checkpoint_moves_from_zero3_tp2_pp2_to_dp4(runs, references, tmp_path):
     launch(4, ["--out-dir", folder, "--resume", "--batch-size", BATCH // 4, "--zero-stage", 0])
     assert_matches(read_metrics(folder)[2:], load_checkpoint(latest_checkpoint(folder)), references["gpt2"],
                    "zero3 tp2 pp2 -> dp 4", first_step=3)
+
+
+@pytest.mark.slow
+def test_zero3_resume_at_the_same_layout_is_exact(runs, tmp_path):
+    """ZeRO-3 x DP 2 x PP 2 from its step-2 checkpoint: the same losses and clip norms, bit for bit, and the same
+    parameters (the shards are cut again from the checkpoint's full tensors, the optimizer state too)."""
+    out, _ = runs("zero3_dp2_pp2_1f1b")
+    assert_resumes_exactly(out, RUNS["zero3_dp2_pp2_1f1b"], tmp_path / "again")

@@ -137,20 +137,23 @@ class ModelParallel:
         # ZeRO-3 empties the parameters between uses (the full model's own too, where a stage holds them)
         self._shapes = {n: p.shape for n, p in self.params.items()}
         self._full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        self._full_group_names = self._full_names()  # param_groups() sorts by dimensions
-        self.zero = None  # ShardedOptimizer or Zero3 over the dp group, holding the optimizer
-        if cfg.zero_stage == 3:
-            table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
-            # Ring attention runs the blocks' pieces, not the block modules, whose hooks gather them: under cp the
-            # whole part is one unit, gathered for each forward and backward of the context-parallel model.
-            self.zero = Zero3(held if self.context is None else self.context, self.groups, make_optimizer, mesh.dp, separate=[table] if table is not None else [],
-                              keep_outer=self.pipe is not None)
-        elif cfg.zero_stage:
-            ordered = [p for p in held.parameters() if id(p) in mine]
-            self.zero = ShardedOptimizer(self.groups, ordered, make_optimizer, cfg.zero_stage, BUCKET_MB, mesh.dp,
-                                         reduce_in_backward=False)
+        self._full_group_names = self._full_names()  # before ZeRO-3 empties them: param_groups() sorts by dimension
+        self.zero = self._sharded(cfg.zero_stage, held, make_optimizer) if cfg.zero_stage else None
         self.optimizer = self.zero.optimizer if self.zero is not None else make_optimizer(self.groups)
         self._stepper = self.zero if self.zero is not None else self.optimizer  # state_dict, load_state_dict
+
+    def _sharded(self, stage: int, held: torch.nn.Module, make_optimizer: Callable):
+        """ZeRO `stage` over the dp group for the parameters this rank holds: ShardedOptimizer or Zero3, holding
+        the optimizer."""
+        if stage < 3:
+            ordered = [p for p in held.parameters() if id(p) in self._names]
+            return ShardedOptimizer(self.groups, ordered, make_optimizer, stage, BUCKET_MB, self.mesh.dp,
+                                    reduce_in_backward=False)
+        table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
+        # Ring attention runs the blocks' pieces, not the block modules, whose hooks gather them: under cp the
+        # whole part is one unit, gathered for each forward and backward of the context-parallel model.
+        return Zero3(held if self.context is None else self.context, self.groups, make_optimizer, self.mesh.dp,
+                     separate=[table] if table is not None else [], keep_outer=self.pipe is not None)
 
     # ---- One step (the trainer's loop) -----------------------------------------------------------------
 
