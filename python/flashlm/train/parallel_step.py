@@ -54,6 +54,7 @@ from flashlm.train.zero import ShardedOptimizer
 
 BUCKET_MB = 25.0  # ZeRO-1/2's gradient buckets: DataParallel's default
 
+
 def layout_sizes(cfg, world_size: int) -> dict:
     """The mesh sizes {dp, tp, pp, cp} of a run: cfg's, dp None meaning the world over tp * pp * cp ranks.
     ValueError naming the flags unless their product is the world size."""
@@ -140,7 +141,7 @@ class ModelParallel:
         self._full_group_names = self._full_names()  # before ZeRO-3 empties them: param_groups() sorts by dimension
         self.zero = self._sharded(cfg.zero_stage, held, make_optimizer) if cfg.zero_stage else None
         self.optimizer = self.zero.optimizer if self.zero is not None else make_optimizer(self.groups)
-        self._stepper = self.zero if self.zero is not None else self.optimizer  # state_dict, load_state_dict
+        self._stepper = self.zero if self.zero is not None else self.optimizer  # step, state_dict, load_state_dict
 
     def _sharded(self, stage: int, held: torch.nn.Module, make_optimizer: Callable):
         """ZeRO `stage` over the dp group for the parameters this rank holds: ShardedOptimizer or Zero3, holding
@@ -204,7 +205,7 @@ class ModelParallel:
 
     def finish_gradients(self) -> None:
         """The step's gradients: the tied embedding's summed between the first and last stage, the sequence
-        shares' summed over cp, the replicas' averaged over dp."""
+        shares' summed over cp, the replicas' averaged over dp (with ZeRO, reduce-scattered: this rank's slices)."""
         if isinstance(self.zero, Zero3):  # the gradients are already this rank's dp slices, summed over micro-steps
             self.zero.finish_gradients()
             if self.pipe is not None and self.stage.tied_weight() is not None:
@@ -268,7 +269,7 @@ class ModelParallel:
         return float(total)
 
     def step(self) -> None:
-        (self.zero or self.optimizer).step()
+        self._stepper.step()
 
     def zero_grad(self) -> None:
         if self.zero is not None:
