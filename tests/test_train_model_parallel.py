@@ -129,20 +129,25 @@ def references(text_file, data_cache, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(text_file, data_cache, tmp_path_factory):
-    """Each layout's run, started when a test first asks for it: (out_dir, logs)."""
+def layout_runs(table: dict, text_file, data_cache, tmp_path_factory):
+    """get(name): the run of table[name] (config, sizes, more flags), started when first asked for: (out_dir, logs)."""
     done = {}
 
     def get(name):
         if name not in done:
-            model, sizes, more = RUNS[name]
+            model, sizes, more = table[name]
             out = tmp_path_factory.mktemp(name)
             values = settings(text_file, data_cache, out, model, sizes.get("dp", 1))
             logs = launch(world(sizes), flags(values) + flags(sizes) + list(more))
             done[name] = out, logs
         return done[name]
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(text_file, data_cache, tmp_path_factory):
+    """Each layout's run, started when a test first asks for it: (out_dir, logs)."""
+    return layout_runs(RUNS, text_file, data_cache, tmp_path_factory)
 
 
 def assert_matches(metrics, state, want, what, first_step=1):
@@ -197,9 +202,15 @@ def copy_checkpoint(src, step: int, dst):
 def test_resume_at_the_same_layout_is_exact(runs, text_file, data_cache, tmp_path):
     """TP 2 x PP 2 from its step-2 checkpoint: the same losses, bit for bit, and the same parameters."""
     out, _ = runs("tp2_pp2")
-    model, sizes, more = RUNS["tp2_pp2"]
-    again = copy_checkpoint(out, 2, tmp_path / "again")
-    launch(4, ["--out-dir", again, "--resume", *flags(sizes), *more])
+    assert_resumes_exactly(out, RUNS["tp2_pp2"], tmp_path / "again")
+
+
+def assert_resumes_exactly(out, run, again):
+    """The run (config, sizes, more flags) whose folder is `out` resumed from its step-2 checkpoint in `again` at
+    the same layout: the same losses and clip norms, bit for bit, and the same final parameters."""
+    _, sizes, more = run
+    copy_checkpoint(out, 2, again)
+    launch(world(sizes), ["--out-dir", again, "--resume", *flags(sizes), *more])
     whole, resumed = read_metrics(out), read_metrics(again)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole]
@@ -285,7 +296,7 @@ def test_a_rank_killed_mid_step_fails_its_peer_with_a_timeout(text_file, data_ca
     (2, dict(sequence_parallel=True), ValueError, "--sequence-parallel: needs --tp > 1"),
     (2, dict(tp=2, seq_len=63, sequence_parallel=True), ValueError, "--sequence-parallel: seq_len 63 does not divide"),
     (4, dict(cp=2, tp=2, sequence_parallel=True), NotImplementedError, "--sequence-parallel: not with --cp"),
-    (2, dict(tp=2, zero_stage=3), NotImplementedError, "--zero-stage: ZeRO 3 runs with data parallelism alone"),
+    (2, dict(tp=2, zero_stage=4), ValueError, "zero_stage: must be 0, 1, 2 or 3, got 4"),
     (2, dict(cp=2, arch="gemma2"), NotImplementedError, "--cp: context parallelism does not cover gemma2"),
     (2, dict(tp=2, l1=0.1), ValueError, "l1: not available with --tp/--pp/--cp"),
 ])

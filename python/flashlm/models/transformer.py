@@ -237,9 +237,12 @@ class Attention(nn.Module):
             return rope_rotate(q, cos, signed_sin), rope_rotate(k, cos, signed_sin)
         return apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
 
-    def forward(self, x, rope, kv_prefix=None):
+    def forward(self, x, rope, kv_prefix=None, attend=None):
         """kv_prefix: None or (k, v) [B, P, KV, hd]: keys and values before x's (as prefix tuning's), seen by
-        every position and taken as they are (no rope)."""
+        every position and taken as they are (no rope). attend: (q, k, v) -> the attention, in place of the
+        causal attention over x's positions (context parallelism passes its ring attention)."""
+        if kv_prefix is not None and attend is not None:
+            raise ValueError("kv_prefix: not with attend")
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -248,7 +251,10 @@ class Attention(nn.Module):
         if kv_prefix is not None:
             k = torch.cat((kv_prefix[0].to(k.dtype), k), dim=1)
             v = torch.cat((kv_prefix[1].to(v.dtype), v), dim=1)
-        y = causal_attention(q, k, v, self.attn_impl, self.scale, self.window, self.softcap)
+        if attend is not None:
+            y = attend(q, k, v)
+        else:
+            y = causal_attention(q, k, v, self.attn_impl, self.scale, self.window, self.softcap)
         return self.o(y.reshape(B, T, self.n_head * self.head_dim))
 
     def forward_paged(self, x, rope, batch: "PagedBatch", cache):
@@ -339,11 +345,11 @@ class Block(nn.Module):
         self.post_attn_norm = _norm(cfg, native) if cfg.gemma else None
         self.post_mlp_norm = _norm(cfg, native) if cfg.gemma else None
 
-    def forward(self, x, rope, kv_prefix=None):
+    def forward(self, x, rope, kv_prefix=None, attend=None):
         if self.post_attn_norm is not None:
-            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, kv_prefix))
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), rope, kv_prefix, attend))
             return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
-        x = x + self.attn(self.attn_norm(x), rope, kv_prefix)
+        x = x + self.attn(self.attn_norm(x), rope, kv_prefix, attend)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_paged(self, x, rope, batch, cache):

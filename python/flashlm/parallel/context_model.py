@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from flashlm.models.transformer import Block, Transformer
 from flashlm.parallel.context import SequenceLayout, ring_attention
 from flashlm.parallel.mesh import Group
-from flashlm.parallel.tensor import ParallelAttention, vocab_parallel_cross_entropy
+from flashlm.parallel.tensor import vocab_parallel_cross_entropy
 
 IGNORE_INDEX = -100  # Transformer.forward's
 
@@ -95,22 +95,11 @@ class ContextShard:
         return self.layout.positions(self.rank, device=device)
 
     def block(self, block: Block, x, rope):
-        """Block.forward with ring attention (the supported archs have no post-norms)."""
-        x = x + self.attention(block.attn, block.attn_norm(x), rope)
-        return x + block.mlp(block.mlp_norm(x))
-
-    def attention(self, attn, x, rope):
-        """Attention.forward over the whole sequence's keys: this rank's q, k and v, the rest from the ring. A
-        tensor-parallel attention (its own heads only) takes ring attention as its `attend`."""
-        if isinstance(attn, ParallelAttention):
-            return attn(x, rope, attend=lambda q, k, v: ring_attention(q, k, v, self.ring, self.layout, True))
-        B, T, _ = x.shape
-        q = attn.q(x).view(B, T, attn.n_head, attn.head_dim)
-        k = attn.k(x).view(B, T, attn.n_kv_head, attn.head_dim)
-        v = attn.v(x).view(B, T, attn.n_kv_head, attn.head_dim)
-        q, k = attn._rotate(q, k, rope)
-        y = ring_attention(q, k, v, self.ring, self.layout, True, attn.scale)
-        return attn.o(y.reshape(B, T, attn.n_head * attn.head_dim))
+        """Block.forward with ring attention over the cp ring (the supported archs have no post-norms), called
+        through the module so that hooks on it run (ZeRO-3 gathers a block's parameters in them). A tensor-
+        parallel attention runs the ring on its own heads."""
+        scale = getattr(block.attn, "scale", None)
+        return block(x, rope, None, lambda q, k, v: ring_attention(q, k, v, self.ring, self.layout, True, scale))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, tp: Optional[Group] = None) -> torch.Tensor:
         """This rank's share of the mean token loss over the whole sequences: the sum of its token losses
@@ -141,7 +130,8 @@ class ContextParallelTransformer(nn.Module):
         """idx, targets int64 [batch, local_len]: this rank's tokens of the sequence in `layout` (shard_sequence's
         order). Returns (logits [batch, local_len, vocab], loss: this rank's share of the whole sequence's mean
         loss, or None without targets). Every rank of the ring calls it together."""
-        model, rank = self.model, self._check(idx, targets, layout)
+        model = self.model
+        self._check(idx, targets, layout)
         shard = ContextShard(self.ring, layout)
         positions = shard.positions(idx.device)
         x = model._scale_embeddings(model.tok_emb(idx))

@@ -1,14 +1,17 @@
 """ZeRO stage 3: the parameters, their gradients and the optimizer state all sharded over the data-parallel
-ranks. flashlm.train.parallel.DataParallel(model, ..., zero_stage=3) uses it.
+ranks: the world (flashlm.train.parallel.DataParallel(model, ..., zero_stage=3)) or a mesh's dp group, over the
+part of the model a rank holds (its tensor-parallel shard, its pipeline stage: flashlm.train.parallel_step).
 
 Layout. The model is cut into units: each child of model.blocks (a transformer block) is one, and every
 other trainable parameter (embeddings, final norm, lm head; the whole model when it has no .blocks) makes
 one more, the "outer" unit. A unit's parameters, per param group, are laid out in one flat segment padded
-with zeros to a multiple of the world size; rank r keeps slice r of every segment: the master values (one
+with zeros to a multiple of the group's size; rank r keeps slice r of every segment: the master values (one
 tensor per segment, which the inner optimizer steps, so its state covers that slice only) and, after
 backward, the averaged gradient of that slice. A unit's full flat buffer exists only while the unit is in
 use: the module's parameters are views into it, and between uses its storage is resized to 0 and the
-parameters point at an empty tensor (reading one then gives 0 elements, never freed memory).
+parameters point at an empty tensor (reading one then gives 0 elements, never freed memory). A parameter named
+in `separate` gets a segment of its own: its slices are then the same elements wherever it is held (a pipeline's
+tied embedding, on the first and last stage, whose gradient slices are summed between the two).
 
 A step.
   - Forward: the outer unit is gathered when the model's forward starts and kept until its gradients are
@@ -27,6 +30,16 @@ A step.
 Every collective runs on one background thread, in the order the hooks submit them: the same on every
 rank, because every rank runs the same graph (every trainable parameter must get a gradient in each
 backward, as a Transformer's do).
+
+Pipeline stages (keep_outer=True). A stage runs one forward and one backward per micro-batch, interleaved under
+1F1B, and every one of them gathers each block as it goes: a block is gathered for micro-batch k's forward, freed,
+gathered again for its backward, and its gradients reduce-scattered after each micro-batch's backward (summed
+into the slices). Gathering once per step instead would keep the stage's every block materialised from the first
+forward to the last backward: no saving over holding the stage whole. The per-micro-batch choice keeps ZeRO-3's
+memory (two blocks at once) at the cost of m times the communication: per step and block 2m all-gathers and m
+reduce-scatters of its parameters, against 2 and 1 without a pipeline (DeepSpeed avoids this by allowing only
+ZeRO-1 with pipelines). The outer unit (embeddings, head) stays materialised from the step's first forward to
+its step: 1F1B runs a micro-batch's forward between another's forward and backward, which still needs it.
 """
 
 import contextlib
@@ -36,6 +49,35 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import flashlm.dist as fd
+
+
+class WorldGroup:
+    """flashlm.dist's world (or one process) as a group: what Zero3 and ShardedOptimizer ask of one (rank,
+    size, all_gather, reduce_scatter), as a mesh's Group (flashlm.parallel.mesh) answers it too."""
+
+    name = "world"
+
+    def __init__(self):
+        initialized = fd.is_initialized()
+        self.rank = fd.get_rank() if initialized else 0
+        self.size = fd.get_world_size() if initialized else 1
+
+    def all_gather(self, shard: torch.Tensor) -> torch.Tensor:
+        return fd.all_gather(shard)
+
+    def reduce_scatter(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return fd.reduce_scatter(tensor, op)
+
+
+def owned_parts(numels, offsets, lo: int, hi: int) -> list:
+    """The parts of parameters flattened at `offsets` (of `numels` elements) that fall in [lo, hi), a rank's
+    slice: (index of the parameter, its first element there, count, position from lo)."""
+    parts = []
+    for i, (n, o) in enumerate(zip(numels, offsets)):
+        a, b = max(o, lo), min(o + n, hi)
+        if a < b:
+            parts.append((i, a - o, b - a, a - lo))
+    return parts
 
 
 class _Segment:
@@ -79,8 +121,11 @@ class Zero3:
 
     sharded = True
 
-    def __init__(self, model, groups, make_optimizer, rank, world_size):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, model, groups, make_optimizer, group, separate=(), keep_outer: bool = False):
+        self.shard_group = group  # the ranks the parameters are sharded over (WorldGroup, or a mesh's dp group)
+        self.rank, self.world_size = group.rank, group.size
+        self.keep_outer = keep_outer  # the outer unit stays from the first forward to the step (pipelines)
+        separate = {id(p) for p in separate}
         self.groups = [g["params"] for g in groups]
         group_of = {id(p): gi for gi, params in enumerate(self.groups) for p in params}
         p0 = self.groups[0][0] if self.groups[0] else next(p for ps in self.groups for p in ps)
@@ -103,9 +148,11 @@ class Zero3:
             segments, start = [], 0
             for gi in range(len(self.groups)):
                 ps = [p for p in params if group_of[id(p)] == gi]
-                if ps:
-                    segments.append(_Segment(gi, ps, world_size, start))
-                    start += segments[-1].padded
+                alone = [[p] for p in ps if id(p) in separate]
+                for chunk in alone + [[p for p in ps if id(p) not in separate]]:
+                    if chunk:
+                        segments.append(_Segment(gi, chunk, self.world_size, start))
+                        start += segments[-1].padded
             if segments:
                 self.units.append(_Unit(module, segments, dtype, device))
         self.outer = self.units[-1] if outer else None
@@ -160,7 +207,7 @@ class Zero3:
     def _gather_into(self, u: _Unit) -> None:
         """(Background thread.) Every rank's slices of unit u into its full buffer."""
         shard = torch.cat([s.shard for s in u.segments])
-        gathered = (shard if self.world_size == 1 else fd.all_gather(shard)).view(self.world_size, -1)
+        gathered = (shard if self.world_size == 1 else self.shard_group.all_gather(shard)).view(self.world_size, -1)
         u.full.untyped_storage().resize_(u.numel * u.full.element_size())
         self._count(u.numel * u.full.element_size())
         for s in u.segments:
@@ -254,12 +301,12 @@ class Zero3:
             flat[:, s.shard_start:s.shard_start + s.slice].copy_(padded.view(self.world_size, s.slice))
         u.arrived.clear()
         self._pending.append(self._executor.submit(self._reduce_into, u, flat.view(-1)))
-        if not self._pinned:
+        if not self._pinned and not (self.keep_outer and u is self.outer):
             self._free(u)
 
     def _reduce_into(self, u: _Unit, flat: torch.Tensor) -> None:
         """(Background thread.) This rank's slice of the mean over ranks, added to the segments' sums."""
-        mine = flat if self.world_size == 1 else fd.reduce_scatter(flat, "avg")
+        mine = flat if self.world_size == 1 else self.shard_group.reduce_scatter(flat, "avg")
         for s in u.segments:
             part = mine[s.shard_start:s.shard_start + s.slice]
             if s.grad_sum is None:
@@ -286,6 +333,21 @@ class Zero3:
 
     def stepped_params(self):
         return [s.shard for s in self.segments]
+
+    def owned_grads(self) -> list:
+        """(parameter, the part of its gradient in this rank's slices, flat) for every part a rank holds: each
+        element on exactly one rank of the group (the padding on none), for norms summed over the group."""
+        out = []
+        for s in self.segments:
+            if s.shard.grad is not None:
+                numels = [self._shape[p].numel() for p in s.params]
+                for i, _, count, pos in owned_parts(numels, s.offsets, self.rank * s.slice, (self.rank + 1) * s.slice):
+                    out.append((s.params[i], s.shard.grad[pos:pos + count]))
+        return out
+
+    def separate_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the gradient of a parameter given in `separate` (after finish_gradients)."""
+        return next(s.shard.grad for s in self.segments if len(s.params) == 1 and s.params[0] is p)
 
     def zero_grad(self) -> None:
         for u in self.units:
@@ -325,7 +387,7 @@ class Zero3:
     def _gathered(self, value: torch.Tensor) -> torch.Tensor:
         """A per-element tensor laid out as a segment's shard, gathered over ranks: the padded segment
         (collective)."""
-        return value.clone() if self.world_size == 1 else fd.all_gather(value.contiguous())
+        return value.clone() if self.world_size == 1 else self.shard_group.all_gather(value.contiguous())
 
     def state_dict(self) -> dict:
         """The inner optimizer's state gathered and split per parameter, numbered as a plain optimizer over

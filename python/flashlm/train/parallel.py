@@ -68,14 +68,14 @@ class DataParallel:
         if zero_stage == 0:
             self._impl = _Replicated(groups, ordered, make_optimizer, bucket_mb, self.world_size)
         elif zero_stage == 3:
-            from flashlm.parallel.zero3 import Zero3
+            from flashlm.parallel.zero3 import WorldGroup, Zero3
 
-            self._impl = Zero3(model, groups, make_optimizer, self.rank, self.world_size)
+            self._impl = Zero3(model, groups, make_optimizer, WorldGroup())
         else:
+            from flashlm.parallel.zero3 import WorldGroup
             from flashlm.train.zero import ShardedOptimizer
 
-            self._impl = ShardedOptimizer(groups, ordered, make_optimizer, zero_stage, bucket_mb, self.rank,
-                                          self.world_size)
+            self._impl = ShardedOptimizer(groups, ordered, make_optimizer, zero_stage, bucket_mb, WorldGroup())
         # The device that carries the small collectives (the inf flag, the squared norm).
         self._device = params[0].device
 

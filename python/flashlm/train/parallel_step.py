@@ -29,8 +29,20 @@ way, in the format of a plain optimizer over the full model's param groups (Data
 Clipping uses the norm over all shards: the squares of split tensors summed over tp, a replicated tensor counted
 once, the stages' sums added, the tied embedding counted on the first stage only.
 
-Not covered (each refused by name before any group is made): ZeRO with tp/pp/cp; sequence parallelism with
-context parallelism; l1, qat and sparsity masks.
+ZeRO (--zero-stage) shards over the mesh's dp group what each rank holds (its tp shard of its stage's layers), with
+the trainer's optimizer inside flashlm.train.zero's ShardedOptimizer (1, 2) or flashlm.parallel.zero3's Zero3 (3):
+  - 1 and 2: the gradients are whole until finish_gradients, which sums the tied embedding's between the stages
+    and the sequence shares' over cp, then reduce-scatters them over dp (stage 2 drops the whole ones as each
+    bucket is packed); the optimizer steps this rank's slices and the new values are all-gathered over dp.
+  - 3: the parameters too; each block is gathered over dp before each micro-batch's forward and backward and its
+    gradients reduce-scattered after each micro-batch's backward (zero3.py says why and what it costs). The tied
+    embedding has its own segment, so the first and last stages' slices are the same elements: their gradient
+    slices are summed between the stages as the whole gradients are without ZeRO.
+  The clip norm sums the squares of the parts each rank owns over dp (each element owned once), then over tp and
+  pp as above. Checkpoints stay layout-free: full_parameters() gathers the dp slices first.
+
+Not covered (each refused by name before any group is made): sequence parallelism with context parallelism;
+l1, qat and sparsity masks.
 """
 
 import contextlib
@@ -46,6 +58,10 @@ from flashlm.parallel.context import SequenceLayout, shard_sequence
 from flashlm.parallel.context_model import ContextParallelTransformer, ContextShard, sum_gradients
 from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links
 from flashlm.parallel.tensor import load_full_state_dict
+from flashlm.parallel.zero3 import Zero3
+from flashlm.train.zero import ShardedOptimizer
+
+BUCKET_MB = 25.0  # ZeRO-1/2's gradient buckets: DataParallel's default
 
 
 def layout_sizes(cfg, world_size: int) -> dict:
@@ -70,9 +86,6 @@ def check_layout(cfg, model_cfg, sizes: dict) -> None:
     tp, pp, cp = sizes["tp"], sizes["pp"], sizes["cp"]
     if not is_model_parallel(sizes):
         return
-    if cfg.zero_stage:
-        raise NotImplementedError(f"--zero-stage: ZeRO {cfg.zero_stage} runs with data parallelism alone, not with "
-                                  f"--tp/--pp/--cp")
     if cp > 1 and cfg.sequence_parallel:
         raise NotImplementedError("--sequence-parallel: not with --cp (the positions of a context-parallel slice "
                                   "are not split over tp)")
@@ -136,7 +149,27 @@ class ModelParallel:
         mine = {id(p) for p in self.params.values()}
         self.groups = [{**g, "params": [p for p in g["params"] if id(p) in mine]}
                        for g in self.part.param_groups(cfg.weight_decay)]
-        self.optimizer = make_optimizer(self.groups)
+        # ZeRO-3 empties the parameters between uses (the full model's own too, where a stage holds them)
+        self._shapes = {n: p.shape for n, p in self.params.items()}
+        self._full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        self._full_group_names = self._full_names()  # before ZeRO-3 empties them: param_groups() sorts by dimension
+        self.zero = self._sharded(cfg.zero_stage, held, make_optimizer) if cfg.zero_stage else None
+        self.optimizer = self.zero.optimizer if self.zero is not None else make_optimizer(self.groups)
+        self._stepper = self.zero if self.zero is not None else self.optimizer  # step, state_dict, load_state_dict
+
+    def _sharded(self, stage: int, held: torch.nn.Module, make_optimizer: Callable):
+        """ZeRO `stage` over the dp group for the parameters this rank holds: ShardedOptimizer or Zero3, holding
+        the optimizer."""
+        if stage < 3:
+            ordered = [p for p in held.parameters() if id(p) in self._names]
+            return ShardedOptimizer(self.groups, ordered, make_optimizer, stage, BUCKET_MB, self.mesh.dp,
+                                    reduce_in_backward=False)
+        table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
+        # Without a pipeline, cp runs the Transformer's pieces through ContextParallelTransformer (the model's own
+        # forward, whose hooks gather the outer unit, never runs): the whole part is one unit there, gathered for
+        # each forward and backward. A pipeline stage calls its block modules under cp too: one unit per block.
+        return Zero3(held if self.context is None else self.context, self.groups, make_optimizer, self.mesh.dp,
+                     separate=[table] if table is not None else [], keep_outer=self.pipe is not None)
 
     # ---- One step (the trainer's loop) -----------------------------------------------------------------
 
@@ -192,12 +225,22 @@ class ModelParallel:
 
     def finish_gradients(self) -> None:
         """The step's gradients: the tied embedding's summed between the first and last stage, the sequence
-        shares' summed over cp, the replicas' averaged over dp."""
+        shares' summed over cp, the replicas' averaged over dp (with ZeRO, reduce-scattered: this rank's slices)."""
+        if isinstance(self.zero, Zero3):  # the gradients are already this rank's dp slices, summed over micro-steps
+            self.zero.finish_gradients()
+            if self.pipe is not None and self.stage.tied_weight() is not None:
+                self.pipe.links.tied.allreduce(self.zero.separate_grad(self.stage.tied_weight()), "sum")
+            if self.mesh.cp.size > 1:  # every cp rank holds the same slices of the same part
+                for g in self.zero.grads():
+                    self.mesh.cp.all_reduce(g)
+            return
         if self.pipe is not None:
             self.pipe.finish_gradients()
         if self.layout is not None:  # the stage's parameters only (under pp the others are not held)
             sum_gradients(list(self.params.values()), self.mesh.cp)
-        if self.mesh.dp.size > 1:
+        if self.zero is not None:
+            self.zero.finish_gradients()
+        elif self.mesh.dp.size > 1:
             params = list(self.params.values())
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
                               for p in params])
@@ -208,6 +251,8 @@ class ModelParallel:
                 start += p.numel()
 
     def _grads(self) -> list:
+        if self.zero is not None:
+            return self.zero.grads()
         return [p.grad for p in self.params.values() if p.grad is not None]
 
     def unscale_(self, inv_scale: float) -> None:
@@ -225,26 +270,36 @@ class ModelParallel:
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The L2 norm of the full model's gradient (every rank's shares; see the module's docstring); when
         max_norm > 0 the gradients are scaled by min(1, max_norm / (norm + 1e-6)) as torch's clip_grad_norm_."""
-        split, whole = torch.zeros(1), torch.zeros(1)
-        for name, p in self.params.items():
-            if p.grad is None or name == self._tied_copy:
-                continue
-            target = split if self.tp_dims[name] is not None else whole
-            target += p.grad.detach().float().square().sum()
+        if self.zero is not None:  # the parts of the gradients this rank owns of its dp group's
+            pieces = [(self._names[id(p)], g) for p, g in self.zero.owned_grads()]
+        else:
+            pieces = [(name, p.grad) for name, p in self.params.items() if p.grad is not None]
+        squares = torch.zeros(2)  # split over tp, whole on every tp rank
+        for name, g in pieces:
+            if name != self._tied_copy:
+                squares[0 if self.tp_dims[name] is not None else 1] += g.detach().float().square().sum()
+        if self.zero is not None:
+            self.mesh.dp.all_reduce(squares)
+        split, whole = squares[:1], squares[1:]
         squared = self.mesh.tp.all_reduce(split) + whole
         total = self.mesh.pp.all_reduce(squared).sqrt().reshape(())
         if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(list(self.params.values()), max_norm, total)
+            stepped = self.zero.stepped_params() if self.zero is not None else list(self.params.values())
+            torch.nn.utils.clip_grads_with_norm_(stepped, max_norm, total)
         return float(total)
 
     def step(self) -> None:
-        self.optimizer.step()
+        self._stepper.step()
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.zero is not None:
+            self.zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
-        pass  # the rings close with the process
+        if self.zero is not None:
+            self.zero.close()  # its hooks and background thread; the rings close with the process
 
     # ---- Full tensors, for checkpoints ---------------------------------------------------------------------
 
@@ -265,7 +320,7 @@ class ModelParallel:
         full = {}
         for name, t in local.items():
             dim = self.tp_dims[name]
-            if dim is not None and t.shape == self.params[name].shape and self.mesh.tp.size > 1:
+            if dim is not None and t.shape == self._shapes[name] and self.mesh.tp.size > 1:
                 t = self.mesh.tp.all_gather(t.float().movedim(dim, 0).contiguous()).movedim(0, dim)
             full[name] = t.float().contiguous()
         if self.stage is None:
@@ -294,7 +349,12 @@ class ModelParallel:
     def full_parameters(self):
         """The full model (the Transformer given) holds every parameter's full value inside; on leaving, each
         rank takes its part back from it (so loading a checkpoint into it loads every rank). Collective."""
-        shapes = {n: tuple(p.shape) for n, p in self.full.named_parameters()}
+        zero3 = self.zero.full_parameters() if isinstance(self.zero, Zero3) else contextlib.nullcontext()
+        with zero3:  # the dp slices gathered first (ZeRO-3), and taken back from the part last
+            yield from self._full_parameters()
+
+    def _full_parameters(self):
+        shapes = self._full_shapes
         with torch.no_grad():
             gathered = self._gather({n: p.detach() for n, p in self.params.items()}, shapes)
             for n, p in self.full.named_parameters():
@@ -314,20 +374,20 @@ class ModelParallel:
     def state_dict(self) -> dict:
         """The optimizer state as a plain optimizer over the full model's param groups would hold it (full
         tensors, parameters numbered in group order), on every rank. Collective."""
-        local = self.optimizer.state_dict()
+        local = self._stepper.state_dict()
         by_name = {}
         for g, saved in zip(self.groups, local["param_groups"]):
             for p, i in zip(g["params"], saved["params"]):
                 by_name[self._names[id(p)]] = local["state"].get(i, {})
-        full_groups = self._full_names()
+        full_groups = self._full_group_names
         keys = sorted(next((s for s in by_name.values() if s), {}))
         state = {n: {} for group in full_groups for n in group}
         for key in keys:
             mine = {n: s[key] for n, s in by_name.items() if key in s}
             # Every rank runs the same optimizer: a key is shaped as its parameter (moments) or not (the step).
             first = next(iter(mine))
-            param_shaped = mine[first].shape == self.params[first].shape
-            shapes = {n: tuple(self.full.get_parameter(n).shape) if param_shaped else tuple(mine[first].shape)
+            param_shaped = mine[first].shape == self._shapes[first]
+            shapes = {n: self._full_shapes[n] if param_shaped else tuple(mine[first].shape)
                       for n in state}
             for n, v in self._gather(mine, shapes).items():
                 state[n][key] = v
@@ -343,7 +403,7 @@ class ModelParallel:
         """Loads a state_dict() of any layout (or DataParallel's, of any ZeRO stage): this rank takes its part."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict: must be a dict with 'state' and 'param_groups'")
-        full_groups = self._full_names()
+        full_groups = self._full_group_names
         saved_groups = state_dict["param_groups"]
         if [len(g.get("params", ())) for g in saved_groups] != [len(names) for names in full_groups]:
             raise ValueError(f"state_dict: its param groups hold {[len(g.get('params', ())) for g in saved_groups]} "
@@ -360,14 +420,14 @@ class ModelParallel:
                 ids.append(j)
                 j += 1
             local_groups.append({**saved, "params": ids})
-        self.optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
+        self._stepper.load_state_dict({"state": local_state, "param_groups": local_groups})
 
     def _local_state(self, name: str, key: str, value):
         """This rank's part of a saved optimizer value of parameter `name`: a tensor shaped as the full
         parameter is sliced as the parameter is; a scalar (the step) is whole."""
         if not torch.is_tensor(value) or value.dim() == 0:
             return value
-        shape = self.full.get_parameter(name).shape
+        shape = self._full_shapes[name]
         if value.shape != shape:
             raise ValueError(f"state_dict: {key} of {name} has shape {tuple(value.shape)}, the parameter "
                              f"{tuple(shape)}")

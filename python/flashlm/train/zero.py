@@ -1,5 +1,6 @@
 """ZeRO stages 1 and 2 for DataParallel (flashlm.train.parallel): the optimizer state, and for stage 2 the
-averaged gradients, sharded over ranks.
+averaged gradients, sharded over ranks: the world's, or a mesh's dp group for the part of the model a rank holds
+(flashlm.train.parallel_step).
 
 Layout. Each param group is flattened, in its order, into buckets of about bucket_mb holding whole
 parameters (cut from the end of the group, since backward produces the last parameters first). Each bucket
@@ -20,7 +21,10 @@ each group's shard writes the new values back into every rank's parameters.
     autograd computes the next gradients; inline on the current stream for CUDA tensors). What is left to
     wait for after backward is the last buckets' reductions. At the step a rank holds 1/world_size of the
     gradients and of the optimizer state. Micro-steps under no_sync() accumulate full local gradients (no
-    communication); the backward after them reduces the sum.
+    communication); the backward after them reduces the sum. With reduce_in_backward=False stage 2 reduces in
+    finish_gradients as stage 1 does, dropping each bucket's full gradients once packed: a pipeline stage runs
+    one backward per micro-batch inside a step, and its gradients are complete only after the tied embedding's
+    sum between stages (flashlm.train.parallel_step).
 Buckets are launched in one fixed order on every rank (the order in which backward completes them), so all
 ranks run the same sequence of collectives.
 """
@@ -30,9 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-import flashlm.dist as fd
 from flashlm.dist.grad_sync import BucketHooks
-from flashlm.parallel.zero3 import check_saved_groups
+from flashlm.parallel.zero3 import check_saved_groups, owned_parts
 
 
 class _Bucket:
@@ -49,12 +52,8 @@ class _Bucket:
         self.slice = self.padded // world_size  # elements per rank
         self.shard_offset = shard_offset  # where this bucket's slice sits in the rank's shard of the group
         # The parts of parameters in this rank's slice: (param, first element, count, position in the shard).
-        self.own = []
-        lo, hi = rank * self.slice, (rank + 1) * self.slice
-        for p, o in zip(params, self.offsets):
-            a, b = max(o, lo), min(o + p.numel(), hi)
-            if a < b:
-                self.own.append((p, a - o, b - a, shard_offset + a - lo))
+        self.own = [(params[i], first, count, shard_offset + pos) for i, first, count, pos in
+                    owned_parts([p.numel() for p in params], self.offsets, rank * self.slice, (rank + 1) * self.slice)]
         self.arrived = set()
         self.launched = False
         self.result = None  # this rank's averaged slice, or a future of it
@@ -82,8 +81,10 @@ class ShardedOptimizer(BucketHooks):
     sharded = True
     _finish_call = "finish_gradients()"
 
-    def __init__(self, groups, ordered, make_optimizer, stage, bucket_mb, rank, world_size):
-        self.stage, self.rank, self.world_size = stage, rank, world_size
+    def __init__(self, groups, ordered, make_optimizer, stage, bucket_mb, group, reduce_in_backward: bool = True):
+        # group: the ranks the state is sharded over (zero3.WorldGroup, or a mesh's dp group)
+        self.stage, self.shard_group = stage, group
+        self.rank, self.world_size = rank, world_size = group.rank, group.size
         self.groups = [g["params"] for g in groups]
         p0 = ordered[0]
         limit = max(1, int(bucket_mb * 1e6) // p0.element_size())  # elements per bucket
@@ -109,7 +110,8 @@ class ShardedOptimizer(BucketHooks):
         # Launch order: the bucket whose first parameter comes latest in the model is completed first.
         self._order = sorted(self.buckets, key=lambda b: -min(position[id(p)] for p in b.params))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlm-zero")
-        self._install_hooks(ordered if stage == 2 else [])  # stage 1: no hooks, the launches in finish_gradients
+        # Stage 1 (and 2 without reduce_in_backward): no hooks, the launches in finish_gradients.
+        self._install_hooks(ordered if stage == 2 and reduce_in_backward else [])
         self.optimizer = make_optimizer([{**{k: v for k, v in g.items() if k != "params"}, "params": [shard]}
                                          for g, shard in zip(groups, self.shards)])
 
@@ -126,9 +128,9 @@ class ShardedOptimizer(BucketHooks):
         if self.world_size == 1:
             b.result = flat
         elif flat.device.type == "cpu":
-            b.result = self._executor.submit(fd.reduce_scatter, flat, "avg")
+            b.result = self._executor.submit(self.shard_group.reduce_scatter, flat, "avg")
         else:
-            b.result = fd.reduce_scatter(flat, "avg")
+            b.result = self.shard_group.reduce_scatter(flat, "avg")
 
     def finish_gradients(self) -> None:
         if not self._enabled:
@@ -156,6 +158,12 @@ class ShardedOptimizer(BucketHooks):
     def stepped_params(self):
         return self.shards
 
+    def owned_grads(self) -> list:
+        """(parameter, the part of its gradient in this rank's shard, flat) for every part this rank owns: each
+        element on exactly one rank of the group, for norms summed over it."""
+        return [(p, s.grad[pos:pos + count]) for b in self.buckets for s in [self.shards[b.group]]
+                if s.grad is not None for p, _, count, pos in b.own]
+
     def zero_grad(self) -> None:
         for params in self.groups:
             for p in params:
@@ -175,7 +183,7 @@ class ShardedOptimizer(BucketHooks):
 
     def _gather(self, gi: int, shard: torch.Tensor) -> torch.Tensor:
         """Every rank's shard of group gi (or a tensor of the same layout), as a [world_size, shard] view."""
-        full = shard if self.world_size == 1 else fd.all_gather(shard.contiguous())
+        full = shard if self.world_size == 1 else self.shard_group.all_gather(shard.contiguous())
         return full.view(self.world_size, -1)
 
     def _bucket_full(self, b: _Bucket, gathered: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""ZeRO over the dp group of a mesh: `flashlm train --zero-stage 1|2|3` with --tp/--pp/--cp against one process.
+
+The runs are those of test_train_model_parallel (4 AdamW steps of 2 accumulation micro-steps, clipped, a global
+batch of 4 sequences split over the dp replicas) with the optimizer state (ZeRO-1), also the gradients (ZeRO-2)
+or also the parameters (ZeRO-3) of each rank's part sharded over its dp group. ZeRO changes only where the dp
+sum of each gradient element is made (a reduce-scatter instead of an all-reduce: the same two addends) and how
+the clip norm's squares are grouped (per dp slice, then summed over dp), so the bounds are the model-parallel
+tests': float32 summation order, amplified by Adam. A missing reduction fails: the tied embedding's gradient
+slices not summed between the pipeline stages fail the losses and clip norms (checked on the DP 2 x PP 2 run),
+and the clip norm's squares left unsummed over dp would give each rank about 1/sqrt(2) of the norm. The
+checkpoint (full tensors, the one-process optimizer format) then moves from ZeRO-3 x TP 2 x PP 2 to DP 4
+without ZeRO and continues as the one-process run does, and ZeRO-3 x PP 2 resumes exactly at its own layout.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train_loop import data_cache, read_metrics, text_file  # noqa: E402,F401
+from test_train_model_parallel import (BATCH, STEPS, assert_matches, assert_resumes_exactly,  # noqa: E402
+                                       copy_checkpoint, launch, layout_runs, references)  # noqa: F401
+
+from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+
+# name: (config, sizes, more flags)
+RUNS = {
+    "zero1_dp2_tp2": ("gpt2", dict(dp=2, tp=2), ["--zero-stage", 1]),
+    "zero3_dp2_tp2": ("llama", dict(dp=2, tp=2), ["--zero-stage", 3]),
+    "zero3_dp2_pp2_1f1b": ("gpt2", dict(dp=2, pp=2), ["--micro-batches", 2, "--pp-schedule", "1f1b",
+                                                      "--zero-stage", 3]),
+    "zero3_dp2_tp2_pp2": ("gpt2", dict(dp=2, tp=2, pp=2), ["--micro-batches", 2, "--pp-schedule", "1f1b",
+                                                           "--zero-stage", 3]),
+    "zero2_dp2_pp2_gpipe": ("llama", dict(dp=2, pp=2), ["--micro-batches", 2, "--pp-schedule", "gpipe",
+                                                        "--zero-stage", 2]),
+    "zero3_dp2_cp2": ("llama", dict(dp=2, cp=2), ["--zero-stage", 3]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(text_file, data_cache, tmp_path_factory):
+    """Each layout's run, started when a test first asks for it: (out_dir, logs)."""
+    return layout_runs(RUNS, text_file, data_cache, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_zero_on_a_mesh_matches_one_process(runs, references, name):
+    out, _ = runs(name)
+    state = load_checkpoint(latest_checkpoint(out))
+    assert state["step"] == STEPS
+    assert_matches(read_metrics(out), state, references[RUNS[name][0]], name)
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_from_zero3_tp2_pp2_to_dp4(runs, references, tmp_path):
+    """The ZeRO-3 x TP 2 x PP 2 run's step-2 checkpoint resumed by 4 data-parallel replicas without ZeRO."""
+    out, _ = runs("zero3_dp2_tp2_pp2")
+    folder = copy_checkpoint(out, 2, tmp_path / "dp4")
+    launch(4, ["--out-dir", folder, "--resume", "--batch-size", BATCH // 4, "--zero-stage", 0])
+    assert_matches(read_metrics(folder)[2:], load_checkpoint(latest_checkpoint(folder)), references["gpt2"],
+                   "zero3 tp2 pp2 -> dp 4", first_step=3)
+
+
+@pytest.mark.slow
+def test_zero3_resume_at_the_same_layout_is_exact(runs, tmp_path):
+    """ZeRO-3 x DP 2 x PP 2 from its step-2 checkpoint: the same losses and clip norms, bit for bit, and the same
+    parameters (the shards are cut again from the checkpoint's full tensors, the optimizer state too)."""
+    out, _ = runs("zero3_dp2_pp2_1f1b")
+    assert_resumes_exactly(out, RUNS["zero3_dp2_pp2_1f1b"], tmp_path / "again")
