@@ -1,4 +1,4 @@
-// Normalisation kernels: RMSNorm, with vLLM's fused residual add. out is allocated by the caller
+// Normalisation kernels: RMSNorm, with vLLM's fused residual add, and LayerNorm (forward and backward). out is allocated by the caller
 // (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an integer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "convert.h"
+#include "flashlm/norm/layer_norm.h"
 #include "flashlm/norm/rms_norm.h"
 
 namespace nb = nanobind;
@@ -61,6 +62,31 @@ void rms_norm_backward(Array x, Array weight, Array dout, Array dx, Array dweigh
   norm::rms_norm_backward(p, reinterpret_cast<void*>(stream));
 }
 
+void layer_norm(Array x, Array weight, std::optional<Array> bias, Array out, double eps, uintptr_t stream) {
+  norm::LayerNormParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  if (bias) p.bias = to_view(*bias, "bias");
+  p.out = as_rows(out, "out");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::layer_norm(p, reinterpret_cast<void*>(stream));
+}
+
+void layer_norm_backward(Array x, Array weight, Array dout, Array dx, Array dweight, std::optional<Array> dbias,
+                         double eps, uintptr_t stream) {
+  norm::LayerNormBackwardParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  p.dout = as_rows(dout, "dout");
+  p.dx = as_rows(dx, "dx");
+  p.dweight = to_view(dweight, "dweight");
+  if (dbias) p.dbias = to_view(*dbias, "dbias");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::layer_norm_backward(p, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 void bind_norm(nb::module_& m) {
@@ -70,6 +96,12 @@ void bind_norm(nb::module_& m) {
   m.def("rms_norm_backward", &rms_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("dout"), nb::arg("dx"),
         nb::arg("dweight"), nb::arg("eps"), nb::arg("stream") = 0,
         "dx and dweight (f32) of out = weight * rmsnorm(x); see flashlm/norm/rms_norm.h");
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("out"),
+        nb::arg("eps"), nb::arg("stream") = 0,
+        "out = layernorm(x) * weight + bias over x [..., d] (contiguous); see flashlm/norm/layer_norm.h");
+  m.def("layer_norm_backward", &layer_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("dout"), nb::arg("dx"),
+        nb::arg("dweight"), nb::arg("dbias").none(), nb::arg("eps"), nb::arg("stream") = 0,
+        "dx, dweight and dbias (f32) of out = layernorm(x) * weight + bias; see flashlm/norm/layer_norm.h");
 }
 
 }  // namespace flashlm::bindings
