@@ -43,9 +43,9 @@ void check_inputs(const TensorView& x, const TensorView& weight, const TensorVie
   FLASHLM_CHECK(x.is_contiguous(), "x: must be contiguous");
   check_param(weight, "weight", x);
   if (bias && has(*bias)) {
-    check_param(*bias, "bias", x);
     FLASHLM_CHECK(bias->dtype == weight.dtype, "bias: dtype must be weight's (", dtype_name(weight.dtype), "), got ",
                   dtype_name(bias->dtype));
+    check_param(*bias, "bias", x);
   }
   check_eps(eps);
 }
