@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import flashlm.ops as ops
 from compare import assert_close, assert_close_to_reference, assert_equal
 from conftest import per_kernel, use_isa
-from flashlm.ops.layer_norm import layer_norm, layer_norm_backward
+from flashlm.ops.layer_norm import layer_norm, layer_norm_backward, layer_norm_with_stats
 
 ISAS = [isa for isa in ("scalar", "avx2") if ops.cpu_isa_supported(isa)]
 EPS = 1e-5
@@ -167,8 +167,14 @@ def test_avx2_equals_scalar_bit_for_bit(dtype, weight_dtype, d, restore_isa):
     outs = {}
     for isa in ("scalar", "avx2"):
         ops.set_cpu_isa(isa)
-        outs[isa] = (layer_norm(x, w, b, EPS), layer_norm(x, w, None, EPS), *layer_norm_backward(x, w, dout, EPS))
-    for name, a, s in zip(("out", "out without bias", "dx", "dweight", "dbias"), outs["avx2"], outs["scalar"]):
+        out, mean, rstd = layer_norm_with_stats(x, w, b, EPS)
+        saved = layer_norm_backward(x, w, dout, EPS, mean, rstd)
+        recomputed = layer_norm_backward(x, w, dout, EPS)
+        for name, a, r in zip(("dx", "dweight", "dbias"), saved, recomputed):
+            assert_equal(a, r, name=f"{isa} {name}: the forward's statistics vs recomputed")
+        outs[isa] = (out, mean, rstd, layer_norm(x, w, None, EPS), *saved)
+    names = ("out", "mean", "rstd", "out without bias", "dx", "dweight", "dbias")
+    for name, a, s in zip(names, outs["avx2"], outs["scalar"]):
         assert_equal(a, s, name=f"{name}: AVX2 vs scalar")
 
 
@@ -210,6 +216,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.flashlm.layer_norm, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), EPS))
     torch.library.opcheck(torch.ops.flashlm.layer_norm, (x.detach(), w.detach(), None, EPS))
     torch.library.opcheck(torch.ops.flashlm.layer_norm_backward, (x.detach(), w.detach(), dout, EPS))
+    _, mean, rstd = layer_norm_with_stats(x.detach(), w.detach(), b.detach(), EPS)
+    torch.library.opcheck(torch.ops.flashlm.layer_norm_backward, (x.detach(), w.detach(), dout, EPS, mean, rstd))
 
 
 def test_bad_input_names_the_argument():
@@ -236,5 +244,12 @@ def test_bad_input_names_the_argument():
         layer_norm(x, w, [0.0] * 8, EPS)
     with pytest.raises(TypeError, match="dout: expected a torch.Tensor"):
         layer_norm_backward(x, w, None, EPS)
+    _, mean, rstd = layer_norm_with_stats(x, w, b, EPS)
+    with pytest.raises(ValueError, match=r"rstd: must be given with mean"):
+        layer_norm_backward(x, w, dout, EPS, mean, None)
+    with pytest.raises(ValueError, match=r"mean: shape \(3,\) differs from x's rows \(4,\)"):
+        layer_norm_backward(x, w, dout, EPS, mean[:3], rstd)
+    with pytest.raises(ValueError, match="rstd: dtype must be F32, got BF16"):
+        layer_norm_backward(x, w, dout, EPS, mean, rstd.bfloat16())
     with pytest.raises(ValueError, match="x: expected at least 1 dimension"):
         layer_norm(torch.tensor(1.0), w, b, EPS)

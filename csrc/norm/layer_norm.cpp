@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/error.h"
@@ -50,6 +52,23 @@ void check_inputs(const TensorView& x, const TensorView& weight, const TensorVie
   check_eps(eps);
 }
 
+// mean and rstd: both or neither, each F32 [rows], contiguous, with data, on x's device, apart from each other
+// and from `others` (the call's other views).
+void check_stats(const TensorView& mean, const TensorView& rstd, const TensorView& x, std::initializer_list<Span> others) {
+  FLASHLM_CHECK(has(mean) == has(rstd), has(mean) ? "rstd" : "mean", ": must be given with ",
+                has(mean) ? "mean" : "rstd");
+  if (!has(mean)) return;
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
+    FLASHLM_CHECK(t->ndim == 1 && t->shape[0] == x.shape[0], name, ": expected shape [rows] = [", x.shape[0],
+                  "], got ", t->shape_string());
+    FLASHLM_CHECK(t->dtype == DType::F32, name, ": dtype must be F32, got ", dtype_name(t->dtype));
+    FLASHLM_CHECK(t->device == x.device, name, ": must be on x's device");
+    FLASHLM_CHECK(t->is_contiguous() && (t->numel() == 0 || t->data), name, ": must be contiguous with data");
+    for (const Span s : others) FLASHLM_CHECK(!overlap(span_of_f32_vector(*t), s), name, ": overlaps another argument");
+  }
+  FLASHLM_CHECK(!overlap(span_of_f32_vector(mean), span_of_f32_vector(rstd)), "rstd: overlaps mean");
+}
+
 void check_params(const LayerNormParams& p) {
   check_inputs(p.x, p.weight, &p.bias, p.eps);
   check_contiguous_rows(p.out, "out", p.x, true);
@@ -57,6 +76,7 @@ void check_params(const LayerNormParams& p) {
   FLASHLM_CHECK(!overlap(os, span_of(p.x)), "out: overlaps x");
   FLASHLM_CHECK(!overlap(os, span_of_weight(p.weight)), "out: overlaps weight");
   FLASHLM_CHECK(!has(p.bias) || !overlap(os, span_of_weight(p.bias)), "out: overlaps bias");
+  check_stats(p.mean, p.rstd, p.x, {span_of(p.x), os, span_of_weight(p.weight), span_of_weight(p.bias)});
 }
 
 void check_backward_params(const LayerNormBackwardParams& p) {
@@ -76,6 +96,7 @@ void check_backward_params(const LayerNormBackwardParams& p) {
     FLASHLM_CHECK(!overlap(dbs, s), "dbias: overlaps another argument");
   }
   FLASHLM_CHECK(!overlap(dws, dbs), "dbias: overlaps dweight");
+  check_stats(p.mean, p.rstd, x, {dxs, dws, dbs});
 }
 
 }  // namespace
@@ -89,6 +110,7 @@ void layer_norm(const LayerNormParams& p, void* stream) {
   a.weight = p.weight.data;
   a.bias = has(p.bias) ? p.bias.data : nullptr;
   a.out = p.out.data;
+  if (has(p.mean)) a.mean = static_cast<float*>(p.mean.data), a.rstd = static_cast<float*>(p.rstd.data);
   a.rows = p.x.shape[0];
   a.d = p.x.shape[1];
   a.eps = float(p.eps);
@@ -118,6 +140,7 @@ void layer_norm_backward(const LayerNormBackwardParams& p, void* stream) {
   a.weight = p.weight.data;
   a.dout = p.dout.data;
   a.dx = p.dx.data;
+  if (has(p.mean)) a.mean = static_cast<float*>(p.mean.data), a.rstd = static_cast<float*>(p.rstd.data);
   a.rows = p.x.shape[0];
   a.d = p.x.shape[1];
   a.eps = float(p.eps);

@@ -82,6 +82,7 @@ void rows(const LayerNormArgs& a, int64_t begin, int64_t end) {
     T t[32] = {};
     std::memcpy(t, x + d32, size_t(d - d32) * sizeof(T));
     const Stats s = stats(x, d, t, tail, a.eps);
+    if (a.mean) a.mean[r] = s.mean, a.rstd[r] = s.rstd;
     const __m256 mean8 = _mm256_set1_ps(s.mean), rstd8 = _mm256_set1_ps(s.rstd);
     for (int64_t i = 0; i < d8; i += 8) normalize8(x + i, w + i, b ? b + i : nullptr, out + i, mean8, rstd8);
     if (const int64_t n = d - d8; n > 0) {
@@ -137,7 +138,7 @@ void backward_rows(const LayerNormArgs& a, int64_t begin, int64_t end, float* dw
     T xb[32] = {}, db[32] = {};
     std::memcpy(xb, x + d32, size_t(n32) * sizeof(T));
     std::memcpy(db, dout + d32, size_t(n32) * sizeof(T));
-    const Stats s = stats(x, d, xb, tail, a.eps);
+    const Stats s = a.mean ? Stats{a.mean[r], a.rstd[r]} : stats(x, d, xb, tail, a.eps);
     const __m256 mean8 = _mm256_set1_ps(s.mean), rstd8 = _mm256_set1_ps(s.rstd);
     __m256 sg[4], sgx[4];
     zero4(sg);

@@ -69,6 +69,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(LayerNormArgs a) {
     const E* x = static_cast<const E*>(a.x) + r * a.d;
     E* out = static_cast<E*>(a.out) + r * a.d;
     const Stats s = row_stats<T>(x, a.d, a.eps, warp_sums);
+    if (a.mean && threadIdx.x == 0) a.mean[r] = s.mean, a.rstd[r] = s.rstd;
     for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
       float y = __fmul_rn(__fmul_rn(__fsub_rn(Elem<T>::load(x[i]), s.mean), s.rstd), Elem<W>::load(w[i]));
       if (b) y = __fadd_rn(y, Elem<W>::load(b[i]));
@@ -87,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
     const E* x = static_cast<const E*>(a.x) + r * a.d;
     const E* dout = static_cast<const E*>(a.dout) + r * a.d;
     E* dx = static_cast<E*>(a.dx) + r * a.d;
-    const Stats s = row_stats<T>(x, a.d, a.eps, warp_sums);
+    const Stats s = a.mean ? Stats{a.mean[r], a.rstd[r]} : row_stats<T>(x, a.d, a.eps, warp_sums);
     float pg = 0.0f, pgx = 0.0f;
     for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
       const float g = __fmul_rn(Elem<T>::load(dout[i]), Elem<W>::load(w[i]));

@@ -19,6 +19,8 @@ struct LayerNormArgs {
   void* out = nullptr;         // forward
   const void* dout = nullptr;  // backward
   void* dx = nullptr;          // backward
+  float* mean = nullptr;       // F32 [rows]: written by the forward, read by the backward; nullptr: none
+  float* rstd = nullptr;       // (forward: not kept; backward: recomputed from x as the forward computes them)
   int64_t rows = 0, d = 0;     // contiguous rows
   float eps = 1e-5f;
 };

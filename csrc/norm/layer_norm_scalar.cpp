@@ -42,6 +42,7 @@ void rows(const LayerNormArgs& a, int64_t begin, int64_t end) {
     const T* x = static_cast<const T*>(a.x) + r * d;
     T* out = static_cast<T*>(a.out) + r * d;
     const Stats s = stats(x, d, a.eps);
+    if (a.mean) a.mean[r] = s.mean, a.rstd[r] = s.rstd;
     for (int64_t i = 0; i < d; ++i) {
       float y = ((load(x[i]) - s.mean) * s.rstd) * load(w[i]);
       if (b) y = y + load(b[i]);
@@ -58,7 +59,7 @@ void backward_rows(const LayerNormArgs& a, int64_t begin, int64_t end, float* dw
     const T* x = static_cast<const T*>(a.x) + r * d;
     const T* dout = static_cast<const T*>(a.dout) + r * d;
     T* dx = static_cast<T*>(a.dx) + r * d;
-    const Stats s = stats(x, d, a.eps);
+    const Stats s = a.mean ? Stats{a.mean[r], a.rstd[r]} : stats(x, d, a.eps);
     float sg[kSumLanes] = {}, sgx[kSumLanes] = {};
     for (int64_t i = 0; i < d; ++i) {
       const float g = load(dout[i]) * load(w[i]), xh = (load(x[i]) - s.mean) * s.rstd;

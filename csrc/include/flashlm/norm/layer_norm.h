@@ -17,6 +17,8 @@ struct LayerNormParams {
   TensorView weight;  // [d], contiguous; x's dtype or F32
   TensorView bias;    // optional [d], contiguous, the weight's dtype; absent: ndim 0 and null data
   TensorView out;     // [rows, d], x's dtype, contiguous, written; must not overlap x
+  TensorView mean;    // optional F32 [rows], written: each row's mean, for the backward (with rstd, or neither)
+  TensorView rstd;    // optional F32 [rows], written: each row's rstd
   double eps = 1e-5;  // applied in f32
 };
 
@@ -25,7 +27,7 @@ struct LayerNormParams {
 // shapes, dtypes, devices or overlapping outputs.
 FLASHLM_API void layer_norm(const LayerNormParams& params, void* stream = nullptr);
 
-// The gradients of out = layer_norm(x), with mean and rstd recomputed as the forward takes them,
+// The gradients of out = layer_norm(x), with mean and rstd the forward's (given, or recomputed alike),
 // xhat = (x - mean) * rstd and g = dout * weight:
 //   dx      = ((g - mean(g)) - xhat * mean(g * xhat)) * rstd
 //   dweight = sum over rows of dout * xhat       (f32; on the CPU summed in a fixed order of row blocks, so
@@ -37,6 +39,8 @@ struct LayerNormBackwardParams {
   TensorView dx;       // [rows, d], x's dtype, contiguous, written; may be dout itself
   TensorView dweight;  // [d], F32, contiguous, written (not accumulated into)
   TensorView dbias;    // optional [d], F32, contiguous, written; absent: ndim 0 and null data
+  TensorView mean;     // optional F32 [rows]: the forward's (with rstd, or neither: recomputed from x)
+  TensorView rstd;     // optional F32 [rows]
   double eps = 1e-5;
 };
 
