@@ -58,8 +58,8 @@ def run_case(device, dtype, rows, d, args):
         for side in ("flashlm", "torch"):
             t = times[f"{side} {what}"]
             gbs = nbytes / t / 1e9
-            rows_out.append([f"{side} {what}", fmt(t * 1e6, ".1f"), fmt(times[f"torch {what}"] / t, ".2f"),
-                             fmt(gbs, ".2f") if what == "fwd" else "", fmt(gbs / copy_gbs * 100, ".0f") if what == "fwd" else ""])
+            bandwidth = [fmt(gbs, ".2f"), fmt(gbs / copy_gbs * 100, ".0f")] if what == "fwd" else ["", ""]
+            rows_out.append([f"{side} {what}", fmt(t * 1e6, ".1f"), fmt(times[f"torch {what}"] / t, ".2f"), *bandwidth])
     name = str(dtype).replace("torch.", "")
     print(f"\n{device} {name} x [{rows}, {d}]: copy_ of x {times['copy'] * 1e6:.1f} us, {copy_gbs:.2f} GB/s")
     print_table(["implementation", "us / call", "x torch", "GB/s", "% copy"], rows_out)

@@ -213,7 +213,8 @@ def test_autograd_is_the_kernels(dtype):
 
 def test_opcheck():
     x, w, b, dout = inputs(6, 40, seed=1)
-    torch.library.opcheck(torch.ops.flashlm.layer_norm, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), EPS))
+    torch.library.opcheck(torch.ops.flashlm.layer_norm,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), EPS))
     torch.library.opcheck(torch.ops.flashlm.layer_norm, (x.detach(), w.detach(), None, EPS))
     torch.library.opcheck(torch.ops.flashlm.layer_norm_backward, (x.detach(), w.detach(), dout, EPS))
     _, mean, rstd = layer_norm_with_stats(x.detach(), w.detach(), b.detach(), EPS)

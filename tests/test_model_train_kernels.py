@@ -25,7 +25,8 @@ CONFIGS = {
 }
 # the native ops each architecture's training step must run (their backward kernels included)
 KERNELS = {
-    "gpt2": ("flashlm::layer_norm", "flashlm::layer_norm_backward", "flashlm::gelu_tanh", "flashlm::gelu_tanh_backward"),
+    "gpt2": ("flashlm::layer_norm", "flashlm::layer_norm_backward", "flashlm::gelu_tanh",
+             "flashlm::gelu_tanh_backward"),
     "llama": ("flashlm::rms_norm_train", "flashlm::rms_norm_backward", "flashlm::silu_mul",
               "flashlm::silu_mul_backward", "flashlm::rope", "flashlm::rope_backward"),
     "qwen3": ("flashlm::rms_norm_backward", "flashlm::silu_mul_backward", "flashlm::rope_backward"),

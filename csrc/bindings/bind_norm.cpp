@@ -1,5 +1,6 @@
-// Normalisation kernels: RMSNorm, with vLLM's fused residual add, and LayerNorm (forward and backward). out is allocated by the caller
-// (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an integer.
+// Normalisation kernels: RMSNorm, with vLLM's fused residual add, and LayerNorm (forward and backward). out is
+// allocated by the caller (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an
+// integer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 

@@ -54,7 +54,8 @@ void check_inputs(const TensorView& x, const TensorView& weight, const TensorVie
 
 // mean and rstd: both or neither, each F32 [rows], contiguous, with data, on x's device, apart from each other
 // and from `others` (the call's other views).
-void check_stats(const TensorView& mean, const TensorView& rstd, const TensorView& x, std::initializer_list<Span> others) {
+void check_stats(const TensorView& mean, const TensorView& rstd, const TensorView& x,
+                 std::initializer_list<Span> others) {
   FLASHLM_CHECK(has(mean) == has(rstd), has(mean) ? "rstd" : "mean", ": must be given with ",
                 has(mean) ? "mean" : "rstd");
   if (!has(mean)) return;
