@@ -39,6 +39,8 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_train.py --threads 1            # one thread on each side
   OMP_WAIT_POLICY=PASSIVE python bench/compare_train.py  # torch's OpenMP workers sleep instead of spinning
   python bench/compare_train.py --attn-only --seq-len 1024  # also the side without the norm/activation/rope kernels
+  python bench/compare_train.py --without LayerNorm     # also the flashlm side on torch's LayerNorm
+  python bench/compare_train.py --fused-loss-side      # also the flashlm side with the fused loss
   python bench/compare_train.py --quick                # well under a minute: CI smoke
 """
 
@@ -145,15 +147,16 @@ class Side:
         return loss, norm, dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)))
 
 
-def without_train_kernels(model):
-    """model with flashlm's norm, activation and rope kernels switched off (its attention stays flashlm's)."""
+def without_train_kernels(model, classes=None):
+    """model with flashlm's norm, activation and rope kernels switched off (its attention stays flashlm's);
+    classes: only in modules of these class names (e.g. LayerNorm, GeluMLP)."""
     for module in model.modules():
-        if hasattr(module, "train_kernels"):
+        if hasattr(module, "train_kernels") and (classes is None or type(module).__name__ in classes):
             module.train_kernels = False
     return model
 
 
-def make_sides(cfg, device, dtype, torch_optim, attn_only=False, fused_loss=False):
+def make_sides(cfg, device, dtype, torch_optim, attn_only=False, fused_loss=False, without=(), fused_side=False):
     flash = Transformer(cfg, attn_impl="flashlm")
     flash.fused_loss = fused_loss
     base = Transformer(cfg, attn_impl="sdpa")
@@ -165,6 +168,16 @@ def make_sides(cfg, device, dtype, torch_optim, attn_only=False, fused_loss=Fals
         before = without_train_kernels(Transformer(cfg, attn_impl="flashlm"))
         before.load_state_dict(flash.state_dict())  # and the logits' loss, whatever --fused-loss says
         sides["attn-only"] = Side(before, flash_optim, device, dtype)
+    for name in without:  # the flashlm side less one module's kernels: what they gain, in the same run
+        less = without_train_kernels(Transformer(cfg, attn_impl="flashlm"), (name,))
+        less.load_state_dict(flash.state_dict())
+        less.fused_loss = fused_loss
+        sides[f"flashlm -{name}"] = Side(less, flash_optim, device, dtype)
+    if fused_side:
+        other = Transformer(cfg, attn_impl="flashlm")
+        other.load_state_dict(flash.state_dict())
+        other.fused_loss = not fused_loss
+        sides["flashlm " + ("-" if fused_loss else "+") + "fused-loss"] = Side(other, flash_optim, device, dtype)
     return sides
 
 
@@ -276,7 +289,8 @@ def run_model(name, args, device, peaks):
     rows, prof_rows = [], []
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        sides = make_sides(cfg, device, dtype, args.torch_optim, args.attn_only, args.fused_loss)
+        sides = make_sides(cfg, device, dtype, args.torch_optim, args.attn_only, args.fused_loss, args.without,
+                           args.fused_loss_side)
         x, y = batch(cfg, args, device)
         t = time_steps(sides, x, y, args)
         tokens = args.batch * cfg.seq_len
@@ -315,6 +329,11 @@ def main():
                     help="the flashlm sides' loss through the vocabulary-chunked kernel (Transformer.fused_loss)")
     ap.add_argument("--attn-only", action="store_true",
                     help="also time the flashlm side without its norm, activation and rope kernels")
+    ap.add_argument("--without", nargs="+", default=(), metavar="CLASS",
+                    help="also a flashlm side with the training kernels of these module classes switched off "
+                         "(LayerNorm, RMSNorm, GeluMLP, GatedMLP, Attention): what each gains, in the same run")
+    ap.add_argument("--fused-loss-side", action="store_true",
+                    help="also a flashlm side with the other loss (the fused one, or with --fused-loss the logits')")
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     args = ap.parse_args()
     if args.threads is not None:

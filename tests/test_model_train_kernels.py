@@ -1,5 +1,5 @@
-"""The flashlm model's training path on its native kernels (RMSNorm, GELU(tanh), SwiGLU and rope, forward and
-backward; optionally the vocabulary-chunked loss), against the same model with those kernels switched off
+"""The flashlm model's training path on its native kernels (RMSNorm, LayerNorm, GELU(tanh), SwiGLU and rope,
+forward and backward; optionally the vocabulary-chunked loss), against the same model with those kernels switched off
 (train_kernels=False: torch's formulas, the reference) and against the plain torch model (attn_impl="sdpa").
 
 The kernels must run (checked in torch.profiler's record), give the reference's loss and gradients to float32
@@ -25,7 +25,8 @@ CONFIGS = {
 }
 # the native ops each architecture's training step must run (their backward kernels included)
 KERNELS = {
-    "gpt2": ("flashlm::gelu_tanh", "flashlm::gelu_tanh_backward"),
+    "gpt2": ("flashlm::layer_norm", "flashlm::layer_norm_backward", "flashlm::gelu_tanh",
+             "flashlm::gelu_tanh_backward"),
     "llama": ("flashlm::rms_norm_train", "flashlm::rms_norm_backward", "flashlm::silu_mul",
               "flashlm::silu_mul_backward", "flashlm::rope", "flashlm::rope_backward"),
     "qwen3": ("flashlm::rms_norm_backward", "flashlm::silu_mul_backward", "flashlm::rope_backward"),
@@ -129,8 +130,9 @@ def test_fused_loss(arch):
     assert logits.shape == (*idx.shape, cfg.vocab_size)
 
 
-def test_inference_and_sdpa_model_keep_torch_layers():
-    cfg = ModelConfig(**CONFIGS["llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_inference_and_sdpa_model_keep_torch_layers(arch):
+    cfg = ModelConfig(**CONFIGS[arch])
     sdpa = Transformer(cfg, attn_impl="sdpa")
     assert not any(getattr(m, "train_kernels", False) for m in sdpa.modules())
     idx, targets = batch(cfg, 7)

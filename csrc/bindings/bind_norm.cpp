@@ -1,11 +1,13 @@
-// Normalisation kernels: RMSNorm, with vLLM's fused residual add. out is allocated by the caller
-// (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an integer.
+// Normalisation kernels: RMSNorm, with vLLM's fused residual add, and LayerNorm (forward and backward). out is
+// allocated by the caller (flashlm.ops) and written in place, as is the residual; the CUDA stream comes as an
+// integer.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 
 #include <optional>
 
 #include "convert.h"
+#include "flashlm/norm/layer_norm.h"
 #include "flashlm/norm/rms_norm.h"
 
 namespace nb = nanobind;
@@ -61,6 +63,36 @@ void rms_norm_backward(Array x, Array weight, Array dout, Array dx, Array dweigh
   norm::rms_norm_backward(p, reinterpret_cast<void*>(stream));
 }
 
+void layer_norm(Array x, Array weight, std::optional<Array> bias, Array out, std::optional<Array> mean,
+                std::optional<Array> rstd, double eps, uintptr_t stream) {
+  norm::LayerNormParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  if (bias) p.bias = to_view(*bias, "bias");
+  p.out = as_rows(out, "out");
+  if (mean) p.mean = to_view(*mean, "mean");
+  if (rstd) p.rstd = to_view(*rstd, "rstd");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::layer_norm(p, reinterpret_cast<void*>(stream));
+}
+
+void layer_norm_backward(Array x, Array weight, Array dout, Array dx, Array dweight, std::optional<Array> dbias,
+                         std::optional<Array> mean, std::optional<Array> rstd, double eps, uintptr_t stream) {
+  norm::LayerNormBackwardParams p;
+  p.x = as_rows(x, "x");
+  p.weight = to_view(weight, "weight");
+  p.dout = as_rows(dout, "dout");
+  p.dx = as_rows(dx, "dx");
+  p.dweight = to_view(dweight, "dweight");
+  if (dbias) p.dbias = to_view(*dbias, "dbias");
+  if (mean) p.mean = to_view(*mean, "mean");
+  if (rstd) p.rstd = to_view(*rstd, "rstd");
+  p.eps = eps;
+  nb::gil_scoped_release release;
+  norm::layer_norm_backward(p, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 void bind_norm(nb::module_& m) {
@@ -70,6 +102,15 @@ void bind_norm(nb::module_& m) {
   m.def("rms_norm_backward", &rms_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("dout"), nb::arg("dx"),
         nb::arg("dweight"), nb::arg("eps"), nb::arg("stream") = 0,
         "dx and dweight (f32) of out = weight * rmsnorm(x); see flashlm/norm/rms_norm.h");
+  m.def("layer_norm", &layer_norm, nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("out"),
+        nb::arg("mean").none(), nb::arg("rstd").none(), nb::arg("eps"), nb::arg("stream") = 0,
+        "out = layernorm(x) * weight + bias over x [..., d] (contiguous), and each row's mean and rstd when given; "
+        "see flashlm/norm/layer_norm.h");
+  m.def("layer_norm_backward", &layer_norm_backward, nb::arg("x"), nb::arg("weight"), nb::arg("dout"), nb::arg("dx"),
+        nb::arg("dweight"), nb::arg("dbias").none(), nb::arg("mean").none(), nb::arg("rstd").none(), nb::arg("eps"),
+        nb::arg("stream") = 0,
+        "dx, dweight and dbias (f32) of out = layernorm(x) * weight + bias (the forward's mean and rstd when given); "
+        "see flashlm/norm/layer_norm.h");
 }
 
 }  // namespace flashlm::bindings

@@ -4,19 +4,30 @@
 #include "flashlm/norm/rms_norm.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/cuda.h"
 #include "flashlm/core/error.h"
 #include "flashlm/core/thread_pool.h"
 #include "rms_norm_kernels.h"
+#include "row_blocks.h"
+#include "views.h"
 
 namespace flashlm::norm {
 namespace {
 
+using detail::check_eps;
+using detail::check_f32_vector;
+using detail::check_param;
+using detail::check_rows;
+using detail::check_x;
+using detail::has;
+using detail::overlap;
+using detail::Span;
+using detail::span_of;
+using detail::span_of_f32_vector;
+using detail::span_of_weight;
 using detail::RMSNormArgs;
 
 // Elements per pool range: calls of fewer than twice this many (up to 15 rows of 4096: every decode step of
@@ -25,61 +36,13 @@ using detail::RMSNormArgs;
 // on a busy 2-core machine the other core is often taken: 8 f32 rows of 4096 took 6 us inline, 13 us split.
 constexpr int64_t kGrainElements = 32768;
 
-bool has(const TensorView& t) { return t.ndim != 0 || t.data != nullptr; }
-
-int64_t element_size(DType t) { return t == DType::F32 ? 4 : 2; }
-
-// [first byte, one past the last byte] of a [rows, d] view with row stride `stride`; empty views span nothing.
-struct Span {
-  uintptr_t begin = 0, end = 0;
-};
-Span span_of(const TensorView& t) {
-  const int64_t rows = t.shape[0], d = t.shape[1];
-  if (rows == 0 || d == 0) return {};
-  const auto begin = reinterpret_cast<uintptr_t>(t.data);
-  return {begin, begin + uintptr_t(((rows - 1) * t.strides[0] + d) * element_size(t.dtype))};
-}
-Span span_of_weight(const TensorView& w) {
-  if (w.ndim != 1 || w.shape[0] == 0) return {};
-  const auto begin = reinterpret_cast<uintptr_t>(w.data);
-  return {begin, begin + uintptr_t(w.shape[0] * element_size(w.dtype))};
-}
-bool overlap(Span a, Span b) { return a.begin < b.end && b.begin < a.end; }
-
-// A [rows, d] view like x: shape, dtype, device, a contiguous last dimension and non-negative row stride;
-// rows that are written must not overlap one another.
-void check_rows(const TensorView& t, const char* name, const TensorView& x, bool written) {
-  FLASHLM_CHECK(t.ndim == 2, name, ": expected 2 dimensions [rows, d], got shape ", t.shape_string());
-  FLASHLM_CHECK(t.shape[0] == x.shape[0] && t.shape[1] == x.shape[1], name, ": shape ", t.shape_string(),
-                " differs from x's ", x.shape_string());
-  FLASHLM_CHECK(t.dtype == x.dtype, name, ": dtype ", dtype_name(t.dtype), " differs from x's ", dtype_name(x.dtype));
-  FLASHLM_CHECK(t.device == x.device, name, ": must be on x's device");
-  FLASHLM_CHECK(t.shape[1] <= 1 || t.strides[1] == 1, name, ": the last dimension must be contiguous, got stride ",
-                t.strides[1]);
-  FLASHLM_CHECK(t.strides[0] >= 0, name, ": row stride must be >= 0, got ", t.strides[0]);
-  FLASHLM_CHECK(!written || t.shape[0] <= 1 || t.strides[0] >= t.shape[1], name, ": rows overlap (row stride ",
-                t.strides[0], " < d = ", t.shape[1], ")");
-  FLASHLM_CHECK(t.numel() == 0 || t.data != nullptr, name, ": null data");
-}
-
 void check_params(const RMSNormParams& p) {
   const TensorView& x = p.x;
-  FLASHLM_CHECK(x.ndim == 2, "x: expected 2 dimensions [rows, d], got shape ", x.shape_string());
-  const bool cuda = x.device.is_cuda();
-  const bool dtype_ok = x.dtype == DType::F32 || x.dtype == DType::BF16 || (cuda && x.dtype == DType::F16);
-  FLASHLM_CHECK(dtype_ok, "x: dtype must be F32 or BF16", cuda ? " or F16" : " on the CPU", ", got ",
-                dtype_name(x.dtype));
-  check_rows(x, "x", x, false);
+  check_x(x);
   check_rows(p.out, "out", x, true);
   const TensorView& w = p.weight;
-  FLASHLM_CHECK(w.ndim == 1 && w.shape[0] == x.shape[1], "weight: expected shape [d] = [", x.shape[1], "], got ",
-                w.shape_string());
-  FLASHLM_CHECK(w.dtype == x.dtype || w.dtype == DType::F32, "weight: dtype must be x's (", dtype_name(x.dtype),
-                ") or F32, got ", dtype_name(w.dtype));
-  FLASHLM_CHECK(w.device == x.device, "weight: must be on x's device");
-  FLASHLM_CHECK(w.shape[0] <= 1 || w.strides[0] == 1, "weight: must be contiguous, got stride ", w.strides[0]);
-  FLASHLM_CHECK(w.numel() == 0 || w.data != nullptr, "weight: null data");
-  FLASHLM_CHECK(std::isfinite(p.eps) && p.eps >= 0.0, "eps: must be finite and >= 0, got ", p.eps);
+  check_param(w, "weight", x);
+  check_eps(p.eps);
 
   // Written views may not overlap what else the call reads or writes; out may be x itself.
   const Span xs = span_of(x), os = span_of(p.out);
@@ -93,11 +56,6 @@ void check_params(const RMSNormParams& p) {
     FLASHLM_CHECK(!overlap(rs, xs), "residual: overlaps x");
     FLASHLM_CHECK(!overlap(rs, os), "residual: overlaps out");
     FLASHLM_CHECK(!overlap(rs, ws), "residual: overlaps weight");
-  }
-  if (cuda) {
-    FLASHLM_CHECK(cuda_compiled(), "x: a CUDA tensor, but flashlm was built without CUDA");
-    FLASHLM_CHECK(x.device.index >= 0 && x.device.index < cuda_device_count(), "x: no CUDA device ", x.device.index,
-                  " (", cuda_status(), ")");
   }
 }
 
@@ -114,15 +72,8 @@ void check_backward_params(const RMSNormBackwardParams& p) {
   FLASHLM_CHECK(p.dout.is_contiguous(), "dout: must be contiguous");
   check_rows(p.dx, "dx", x, true);
   FLASHLM_CHECK(p.dx.is_contiguous(), "dx: must be contiguous");
-  const TensorView& dw = p.dweight;
-  FLASHLM_CHECK(dw.ndim == 1 && dw.shape[0] == x.shape[1], "dweight: expected shape [d] = [", x.shape[1], "], got ",
-                dw.shape_string());
-  FLASHLM_CHECK(dw.dtype == DType::F32, "dweight: dtype must be F32, got ", dtype_name(dw.dtype));
-  FLASHLM_CHECK(dw.device == x.device, "dweight: must be on x's device");
-  FLASHLM_CHECK(dw.is_contiguous() && (dw.numel() == 0 || dw.data), "dweight: must be contiguous with data");
-  const Span xs = span_of(x), ds = span_of(p.dout), dxs = span_of(p.dx);
-  const auto dw0 = reinterpret_cast<uintptr_t>(dw.data);
-  const Span dws = dw.numel() == 0 ? Span{} : Span{dw0, dw0 + uintptr_t(dw.numel() * 4)};
+  check_f32_vector(p.dweight, "dweight", x);
+  const Span xs = span_of(x), ds = span_of(p.dout), dxs = span_of(p.dx), dws = span_of_f32_vector(p.dweight);
   FLASHLM_CHECK(p.dx.data == p.dout.data || !overlap(dxs, ds), "dx: overlaps dout (it may be dout itself)");
   FLASHLM_CHECK(!overlap(dxs, xs), "dx: overlaps x");
   FLASHLM_CHECK(!overlap(dxs, span_of_weight(p.weight)), "dx: overlaps weight");
@@ -186,31 +137,16 @@ void rms_norm_backward(const RMSNormBackwardParams& p, void* stream) {
     detail::rms_norm_backward_cuda(a, dweight, p.x.device.index, stream);
     return;
   }
-  // The weight's gradient: each block of rows sums into its own f32 row, and the blocks are added in order,
-  // so the result does not depend on the thread count. At most kWeightBlocks blocks of at least 16 rows.
-  constexpr int64_t kWeightBlocks = 64, kMinBlockRows = 16;
-  const int64_t block_rows = std::max(kMinBlockRows, (a.rows + kWeightBlocks - 1) / kWeightBlocks);
-  const int64_t blocks = (a.rows + block_rows - 1) / block_rows;
-  std::vector<float> partial(size_t(std::max<int64_t>(blocks, 1) * a.d), 0.0f);
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / (block_rows * a.d));
-  parallel_for(blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r0 = b * block_rows, r1 = std::min(a.rows, r0 + block_rows);
-      float* dw = partial.data() + b * a.d;
+  float* outputs[] = {dweight};
+  detail::sum_row_blocks(a.rows, a.d, outputs, [&](int64_t r0, int64_t r1, float* const* partial) {
 #ifdef FLASHLM_HAVE_AVX2_KERNELS
-      if (cpu_isa() == CpuIsa::AVX2) {
-        detail::rms_norm_backward_avx2(a, r0, r1, dw);
-        continue;
-      }
-#endif
-      detail::rms_norm_backward_scalar(a, r0, r1, dw);
+    if (cpu_isa() == CpuIsa::AVX2) {
+      detail::rms_norm_backward_avx2(a, r0, r1, partial[0]);
+      return;
     }
+#endif
+    detail::rms_norm_backward_scalar(a, r0, r1, partial[0]);
   });
-  for (int64_t i = 0; i < a.d; ++i) {
-    float sum = partial[size_t(i)];
-    for (int64_t b = 1; b < blocks; ++b) sum += partial[size_t(b * a.d + i)];
-    dweight[i] = sum;
-  }
 }
 
 }  // namespace flashlm::norm

@@ -10,29 +10,11 @@
 #include <cstdint>
 #include <cstring>
 
-#include "../core/half_avx2.h"
+#include "lanes_avx2.h"
 #include "rms_norm_kernels.h"
 
 namespace flashlm::norm::detail {
 namespace {
-
-FLASHLM_AVX2_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-FLASHLM_AVX2_INLINE __m256 load8(const uint16_t* p) { return core::load_bf16x8(p); }
-
-FLASHLM_AVX2_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-FLASHLM_AVX2_INLINE void store8(uint16_t* p, __m256 v) { core::store_bf16x8(p, v); }
-
-// v rounded to T and widened back (the value a store and a load would give), for values that are computed
-// with again, not stored. Without bf16_bits' NaN select (three instructions): every NaN here comes from bf16
-// inputs or is the default NaN, so its low 16 bits are zero and the rounding add cannot carry it into a
-// number; it keeps its sign and payload, and the store of the result it leads to makes it 0x7FC0.
-FLASHLM_AVX2_INLINE __m256 round8(__m256 v, const float*) { return v; }
-FLASHLM_AVX2_INLINE __m256 round8(__m256 v, const uint16_t*) {
-  const __m256i x = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(int(0xFFFF0000u))));
-}
 
 // 32 elements of a row into the four accumulators; with a residual, res = round(res + x) is what is summed.
 template <class T>
@@ -45,14 +27,6 @@ FLASHLM_AVX2_INLINE void square_sum32(const T* x, T* res, __m256* acc) {
     }
     acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(h, h));
   }
-}
-
-// The scalar kernel's sum_lanes on the four accumulators.
-FLASHLM_AVX2_INLINE float total(const __m256* acc) {
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));  // l_j + l_(j+4)
-  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));                                  // (t0 + t2), (t1 + t3)
-  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
 }
 
 // 8 outputs: out = round(w * round(src * inv)).

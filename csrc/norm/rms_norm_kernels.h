@@ -1,12 +1,12 @@
 // The RMSNorm kernels' shared internals: one struct of pointers and row strides (checked by rms_norm.cpp)
-// and the kernel entry points. The CPU kernels agree bit for bit: each squares and sums a row into 32
-// f32 lanes (element i into lane i % 32) and adds the lanes in one fixed order (sum_lanes), which is what
-// the AVX2 kernel's four 8-wide accumulators do; every other step is element-wise.
+// and the kernel entry points. The CPU kernels agree bit for bit: each squares and sums a row in the lanes
+// of lanes.h; every other step is element-wise.
 #pragma once
 
 #include <cstdint>
 
 #include "flashlm/core/dtype.h"
+#include "lanes.h"
 
 namespace flashlm::norm::detail {
 
@@ -32,11 +32,6 @@ struct RMSNormBackwardArgs {
   int64_t rows = 0, d = 0;  // contiguous rows
   float eps = 1e-6f;
 };
-
-// Lanes of the sum of squares: element i of a row goes to lane i % kSumLanes. The lanes are then added as
-// the AVX2 kernel adds its four 8-wide accumulators: pairwise ((0+1)+(2+3)), then the 8 lanes of the result
-// as ((l0+l4)+(l2+l6))+((l1+l5)+(l3+l7)).
-constexpr int kSumLanes = 32;
 
 // Rows [begin, end).
 void rms_norm_scalar(const RMSNormArgs& a, int64_t begin, int64_t end);

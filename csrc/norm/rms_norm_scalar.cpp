@@ -15,12 +15,6 @@ namespace {
 using core::bf16_or_f32::load;
 using core::bf16_or_f32::store;
 
-float sum_lanes(const float* acc) {
-  float s[8];
-  for (int j = 0; j < 8; ++j) s[j] = (acc[j] + acc[8 + j]) + (acc[16 + j] + acc[24 + j]);
-  return ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7]));
-}
-
 // T: the row's element type (float or bf16 bits); W: the weight's.
 template <class T, class W>
 void rows(const RMSNormArgs& a, int64_t begin, int64_t end) {

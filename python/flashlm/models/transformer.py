@@ -1,7 +1,8 @@
 """Transformer: a decoder-only language model (GPT-2, Llama, Qwen2, Qwen3 or Gemma 2 family) whose attention is flashlm's flash
-attention, forward and backward (it is an autograd op), as are its RMSNorms, GELU(tanh), SwiGLU products and rotary
-embeddings (flashlm.ops.norm.rms_norm_train, flashlm.ops.activation, flashlm.ops.rope: native kernels with native
-backward passes) on the training path; the matmuls, token embeddings and LayerNorms are torch's.
+attention, forward and backward (it is an autograd op), as are its RMSNorms, LayerNorms, GELU(tanh), SwiGLU products
+and rotary embeddings (flashlm.ops.norm.rms_norm_train, flashlm.ops.layer_norm, flashlm.ops.activation,
+flashlm.ops.rope: native kernels with native backward passes) on the training path; the matmuls and token
+embeddings are torch's.
 
     model = Transformer(ModelConfig(arch="llama", n_layer=4, n_head=8, n_kv_head=2, d_model=256))
     logits, loss = model(idx, targets)      # idx, targets: int64 [B, T]; logits [B, T, vocab]
@@ -31,6 +32,7 @@ from flashlm.models.moe import MoEMLP
 from flashlm.ops.activation import gelu_tanh, silu_mul
 from flashlm.ops.flash_attn_interface import flash_attn_func
 from flashlm.ops.kvcache import paged_attention, write_kv_cache
+from flashlm.ops.layer_norm import layer_norm
 from flashlm.ops.loss import fused_linear_cross_entropy
 from flashlm.ops.norm import rms_norm, rms_norm_train
 from flashlm.ops.rope import rope as rope_rotate
@@ -100,6 +102,22 @@ class RMSNorm(nn.Module):
             return delta, rms_norm(x, w, self.eps, residual=delta)
         x = x + delta
         return x, self(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's nn.LayerNorm (its parameters and state dict), computed by flashlm's kernel, forward and backward
+    (flashlm.ops.layer_norm), where train_kernels is set and x, the weight and the bias share a dtype the kernel
+    takes (under bf16 autocast the residual stream and the norm stay float32, as torch keeps them)."""
+
+    def __init__(self, dim: int, eps: float, train_kernels: bool = False):
+        super().__init__(dim, eps=eps)
+        self.train_kernels = train_kernels
+
+    def forward(self, x):
+        w, b = self.weight, self.bias
+        if self.train_kernels and _kernel_takes(x, w, *(() if b is None else (b,))):
+            return layer_norm(x, w, b, self.eps)
+        return super().forward(x)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None, theta: Optional[float] = None) -> torch.Tensor:
@@ -317,7 +335,7 @@ class GatedMLP(nn.Module):
 
 def _norm(cfg: ModelConfig, train_kernels: bool = False):
     if cfg.arch == "gpt2":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        return LayerNorm(cfg.d_model, cfg.norm_eps, train_kernels)
     return RMSNorm(cfg.d_model, cfg.norm_eps, train_kernels)
 
 

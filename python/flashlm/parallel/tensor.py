@@ -34,8 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashlm.models.config import ModelConfig
-from flashlm.models.transformer import (Block, RMSNorm, Transformer, apply_rope, causal_attention, gelu, rope_tables,
-                                       swiglu)
+from flashlm.models.transformer import (Block, LayerNorm, RMSNorm, Transformer, apply_rope, causal_attention, gelu,
+                                       rope_tables, swiglu)
 from flashlm.parallel.mesh import Group
 from flashlm.parallel.regions import enter, leave
 
@@ -261,7 +261,7 @@ class TensorParallelTransformer(Transformer):
             block.attn = ParallelAttention(cfg, attn_impl, tp, sequence_parallel)
             block.mlp = ParallelMLP(cfg, tp, sequence_parallel, attn_impl == "flashlm")
             self.blocks.append(block)
-        self.final_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.arch == "gpt2" else \
+        self.final_norm = LayerNorm(cfg.d_model, cfg.norm_eps, attn_impl == "flashlm") if cfg.arch == "gpt2" else \
             RMSNorm(cfg.d_model, cfg.norm_eps, attn_impl == "flashlm")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size // tp.size, bias=False)
         if cfg.rotary:
