@@ -35,6 +35,9 @@ RUNS = {
     "zero2_dp2_pp2_gpipe": ("llama", dict(dp=2, pp=2), ["--micro-batches", 2, "--pp-schedule", "gpipe",
                                                         "--zero-stage", 2]),
     "zero3_dp2_cp2": ("llama", dict(dp=2, cp=2), ["--zero-stage", 3]),
+    # every parallelism at once: 16 processes
+    "zero3_dp2_tp2_pp2_cp2": ("gpt2", dict(dp=2, tp=2, pp=2, cp=2), ["--micro-batches", 2, "--pp-schedule", "1f1b",
+                                                                     "--zero-stage", 3]),
 }
 
 
