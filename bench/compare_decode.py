@@ -25,7 +25,10 @@ Per model: prefill tokens/s (a --prompt-tokens prompt), decode tokens/s (--gen-t
 flashlm / llama.cpp, and the weight bandwidth each decode achieves (model bytes x tokens/s) next to a measured
 copy bandwidth (the ceiling; a MoE model's bytes count every expert, of which a token reads
 --n-expert-used). Then the engine's continuous batching: --concurrency requests at once against
-the same requests one after another (tokens/s). Medians of --reps runs; the two runtimes take turns.
+the same requests one after another (tokens/s): decode only (the steps after the prompts', which make every
+token but a request's first) and end to end (the prompts' prefill included: with --prompt-tokens 128 and
+--gen-tokens 64 it is most of the work, and the same work either way, so this ratio says little about
+batching). Medians of --reps runs; the two runtimes take turns.
 
 Run (from the repository root, with flashlm and llama-cpp-python installed):
   python bench/compare_decode.py                   # Q4_0 and Q8_0
@@ -45,7 +48,7 @@ import torch
 
 import bench_util
 from flashlm.models import ModelConfig, Transformer
-from flashlm.runtime.commands import batching_speedup, copy_bandwidth, model_bytes
+from flashlm.runtime.commands import copy_bandwidth, model_bytes
 from flashlm.runtime.engine import LLM
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.train.export import export_gguf
@@ -102,6 +105,60 @@ def flashlm_runs(path, args):
         return out.outputs[0].token_ids, first, (clock() - t) / max(args.gen_tokens - 1, 1)
 
     return llm, prompt, run
+
+
+class StepClock:
+    """Times an engine's steps by `clock` (the step's host work included) and its forward calls, each step filed
+    as decode (one new token per sequence) or prefill (prompt tokens in it, decodes mixed in or not)."""
+
+    def __init__(self, llm, clock):
+        self.steps = []  # (decode, sequences, step seconds, forward seconds)
+        self._forward = None
+        runner, step, forward = llm.runner, llm._step, llm.runner.forward
+
+        def timed_forward(tokens, paged):
+            t = clock()
+            out = forward(tokens, paged)
+            n = int(paged.seq_lens.numel())
+            self._forward = (tokens.numel() == n, n, clock() - t)
+            return out
+
+        def timed_step(*a, **k):
+            self._forward = None
+            t = clock()
+            out = step(*a, **k)
+            if self._forward is not None:  # (a step may schedule nothing)
+                decode, n, f = self._forward
+                self.steps.append((decode, n, clock() - t, f))
+            return out
+
+        runner.forward, llm._step = timed_forward, timed_step
+
+    def seconds(self, decode):
+        """The steps' total time, decode steps or prefill steps."""
+        return sum(s for d, _, s, _ in self.steps if d == decode)
+
+
+def batching(llm, prompts, params, clock):
+    """The same requests one at a time and all at once: (end to end, decode only) each a pair of tokens/s
+    (sequential, concurrent). End to end times the whole generate() calls, prefill included (as
+    flashlm.runtime.commands.batching_speedup); decode only sums the decode steps (host work included), which
+    make all tokens but each request's first."""
+    steps = StepClock(llm, clock)
+    t = clock()
+    for p in prompts:
+        llm.generate(p, params)
+    seq_total, seq_decode = clock() - t, steps.seconds(True)
+    steps.steps.clear()
+    t = clock()
+    llm.generate(prompts, params)
+    conc_total, conc_decode = clock() - t, steps.seconds(True)
+    def rate(tokens, seconds):
+        return tokens / seconds if seconds > 0 else float("nan")  # (no decode steps: one token per request)
+
+    n, gen = len(prompts), params.max_tokens
+    return ((rate(n * gen, seq_total), rate(n * gen, conc_total)),
+            (rate(n * (gen - 1), seq_decode), rate(n * (gen - 1), conc_decode)))
 
 
 def llama_cpp_runs(path, prompt, args):
@@ -214,10 +271,12 @@ def main():
             prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
                        for _ in range(args.concurrency)]
             params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
-            seq, conc = batching_speedup(llm, prompts, params, clock)
+            (seq, conc), (dseq, dconc) = batching(llm, prompts, params, clock)
             host = llm.stats_summary()
-            print(f"{name}: {args.concurrency} concurrent requests {conc:.1f} tokens/s vs one at a time "
-                  f"{seq:.1f} ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
+            print(f"{name}: {args.concurrency} concurrent requests vs one at a time, decode only (the steps after "
+                  f"the prompts) {dconc:.1f} vs {dseq:.1f} tokens/s ({dconc / dseq:.2f}x); end to end (with the "
+                  f"prefill of {args.concurrency} x {args.prompt_tokens} prompt tokens) {conc:.1f} vs {seq:.1f} "
+                  f"tokens/s ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
                   f"({100 * host['host_share']:.0f}% of step time)")
             del llm
     print(f"clock: {args.clock}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")

@@ -66,6 +66,26 @@ MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
 }
 
 
+// y = x W^T for x [T, k] and every part, at most kChunkRows rows of x at a time: the kernel passes all of its
+// rows over each small tile of weight rows, so a prefill's thousands of rows (their quantized copies, megabytes)
+// would stream from memory once per tile; a chunk's stay in L2. Rows are independent: the same results.
+constexpr int64_t kChunkRows = 64;
+constexpr int kMaxParts = 3;
+
+void matmul(const float* x, int64_t t, int64_t k, const MatmulPart* parts, int count) {
+  FLASHLM_CHECK(count >= 1 && count <= kMaxParts, "matmul: 1 to ", kMaxParts, " parts, got ", count);
+  for (int64_t r0 = 0; r0 < t; r0 += kChunkRows) {
+    const int64_t r1 = std::min(t, r0 + kChunkRows);
+    MatmulPart chunk[kMaxParts];
+    for (int i = 0; i < count; ++i) {
+      chunk[i] = parts[i];
+      chunk[i].y = parts[i].y + r0 * parts[i].n;
+    }
+    gemm::detail::gguf_matmul_parts_f32(x + r0 * k, r1 - r0, k, chunk, count);
+  }
+}
+
+
 // A layer's linears: attention's four, the MLP's three (absent in a mixture-of-experts layer without a shared
 // expert) and the router.
 std::vector<const QuantLinear*> linears(const DecoderLayer& l) {
@@ -359,7 +379,7 @@ void Decoder::State::logits(const TensorView& tokens, const TensorView& logits_r
   norm::rms_norm(p);
   if (head) {
     const MatmulPart h = part(e.head, static_cast<float*>(out.data));
-    gemm::detail::gguf_matmul_parts_f32(picked.data(), n_rows, d, &h, 1);
+    matmul(picked.data(), n_rows, d, &h, 1);
   }
 }
 
@@ -367,11 +387,11 @@ void Decoder::State::mlp(const DecoderLayer& l, int64_t t, const float* h, float
                           float* up) const {
   const int64_t d = config.d_model, ff = l.gate.n;
   const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
-  gemm::detail::gguf_matmul_parts_f32(h, t, d, gate_up, 2);
+  matmul(h, t, d, gate_up, 2);
   const TensorView gate_rows = rows(gate, t, ff);
   activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
   const MatmulPart down = part(l.down, out);
-  gemm::detail::gguf_matmul_parts_f32(gate, t, ff, &down, 1);
+  matmul(gate, t, ff, &down, 1);
 }
 
 void Decoder::State::experts(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate,
@@ -382,7 +402,7 @@ void Decoder::State::experts(const DecoderLayer& l, int64_t t, const float* h, f
   std::vector<int32_t> chosen(static_cast<size_t>(t * k));
   if (present(m.router)) {
     const MatmulPart router = part(m.router, logits.data());
-    gemm::detail::gguf_matmul_parts_f32(h, t, d, &router, 1);
+    matmul(h, t, d, &router, 1);
   } else {
     f64_rows(h, t, d, static_cast<const float*>(m.router_f32.data), e, logits.data(), [](double z) { return z; });
   }
@@ -461,7 +481,7 @@ void Decoder::State::forward(const DecoderStep& s) const {
     const DecoderLayer& l = layers[i];
     norm_into_h(l.attn_norm);
     const MatmulPart qkv[3] = {part(l.q, q), part(l.k, k), part(l.v, v)};
-    gemm::detail::gguf_matmul_parts_f32(h, t, d, qkv, 3);
+    matmul(h, t, d, qkv, 3);
     if (l.q_norm.data) {  // qwen3: each head's row normed in place
       for (const auto& [qk, heads, weight] :
            {std::tuple(q, c.n_head, &l.q_norm), std::tuple(k, c.n_kv_head, &l.k_norm)}) {
@@ -504,7 +524,7 @@ void Decoder::State::forward(const DecoderStep& s) const {
     if (bf16) convert(ac, kv_dtype, att, DType::F32, t * qd);
 
     const MatmulPart o = part(l.o, out);
-    gemm::detail::gguf_matmul_parts_f32(att, t, qd, &o, 1);
+    matmul(att, t, qd, &o, 1);
     pending = true;
     norm_into_h(l.mlp_norm);
 
