@@ -85,3 +85,22 @@ def test_virtual_tokens_count_towards_the_context(base_and_adapter):
     assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"  # 5 + 10 + 1 = 16
     with pytest.raises(NotImplementedError, match="prompt_logprobs"):
         llm.generate([[1, 2]], SamplingParams(prompt_logprobs=1))
+
+
+def test_server_completions_answer_with_the_adapter(base_and_adapter):
+    """`/v1/completions` of a server over LLM(base, lora=adapter): PEFT's greedy tokens for token-id prompts."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from serve_server import MODEL_NAME, RunningServer
+
+    base, adapter, pm = base_and_adapter
+    with RunningServer(LLM(str(base), lora=str(adapter))) as server:
+        for prompt in PROMPTS[:2]:
+            r = httpx.post(server.url + "/v1/completions", timeout=60,
+                           json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": STEPS, "temperature": 0,
+                                 "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["token_ids"] == _peft_greedy(pm, prompt)[0]
+            assert r.json()["usage"]["prompt_tokens"] == len(prompt)
