@@ -1,10 +1,13 @@
-"""Prompt-tuning adapters in the runtime (`LLM(base, lora=PEFT_DIR)`): PEFT's prompt embeddings put before every
-request's prompt. Reference: HF `peft`'s PeftModel.generate on the same random HF base (llama with GQA, gpt2)
-and adapter, one prompt at a time; flashlm runs several prompts of different lengths in one batch, with the
-native decoder on and off (the module path runs: the native stack steps aside for the virtual tokens' table).
-Greedy tokens must be equal and each sampled token's log-probability close to PEFT's. PEFT's generate runs
-without its KV cache (use_cache=False): with it (peft 0.21, transformers 5.25) the tokens after the first
-disagree with PeftModel's own forward over the same sequence, which use_cache=False and flashlm both equal.
+"""Prompt- and prefix-tuning adapters in the runtime (`LLM(base, lora=PEFT_DIR)`): PEFT's prompt embeddings, or
+its per-layer keys and values, put before every request's prompt. Reference: HF `peft` on the same random HF
+base (llama with GQA, gpt2) and adapter, one prompt at a time; flashlm runs several prompts of different
+lengths in one batch, with native_decoder on and off (on an HF base the module path runs either way: the
+native stack takes GGUF blocks; the GGUF case is test_prefix_on_gguf_base_runs_native). Greedy tokens must
+be equal and each sampled token's log-probability close to PEFT's. The reference is PeftModel's forward over
+the whole sequence at each step (the model the adapter is trained as). Its generate
+(peft 0.21, transformers 5.25) disagrees with that forward after the first token for prefix tuning (with and
+without its KV cache) and for prompt tuning with its cache; prompt tuning's generate(use_cache=False) is
+checked to give the same tokens too.
 """
 
 import pytest
@@ -18,7 +21,7 @@ from compare import assert_close  # noqa: E402
 from flashlm.runtime.engine import LLM  # noqa: E402
 from flashlm.runtime.sampling_params import SamplingParams  # noqa: E402
 
-V, P, STEPS = 160, 5, 12
+V, P, STEPS = 320, 5, 12  # V: room for test_export's tokenizer (300) in the GGUF base
 PROMPTS = [[5, 17, 33], [90, 4, 4, 61, 150, 2, 77, 8], [120]]
 
 
@@ -35,13 +38,17 @@ def _hf_model(arch):
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=[("llama", "prompt"), ("gpt2", "prompt"), ("llama", "prefix"),
+                                        ("gpt2", "prefix")], ids="-".join)
 def base_and_adapter(request, tmp_path_factory):
-    """(HF base dir, PEFT prompt-tuning adapter dir, the PeftModel) with random prompt embeddings."""
-    root = tmp_path_factory.mktemp(request.param)
-    hf = _hf_model(request.param)
+    """(HF base dir, PEFT prompt- or prefix-tuning adapter dir, the PeftModel) with a random table."""
+    arch, kind = request.param
+    root = tmp_path_factory.mktemp(arch + kind)
+    hf = _hf_model(arch)
     hf.save_pretrained(root / "base", safe_serialization=True)
-    pm = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)).eval()
+    config = (peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=P)
+    pm = peft.get_peft_model(hf, config).eval()
     with torch.no_grad():  # the scale of the model's own embeddings, so the prompt really moves the logits
         weight = pm.prompt_encoder["default"].embedding.weight
         weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)) * 0.5)
@@ -49,18 +56,24 @@ def base_and_adapter(request, tmp_path_factory):
     return root / "base", root / "adapter", pm
 
 
+@torch.no_grad()
 def _peft_greedy(pm, prompt):
-    """PEFT's greedy tokens after prompt, and the log-probability of each."""
-    out = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                      max_new_tokens=STEPS, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0,
-                      output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, -STEPS:].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, tokens)]
-    return tokens, logprobs
+    """PEFT's greedy tokens after prompt (its forward over the whole sequence each step), and the
+    log-probability of each."""
+    seq, logprobs = list(prompt), []
+    for _ in range(STEPS):
+        logits = pm(input_ids=torch.tensor([seq])).logits[0, -1].float()
+        seq.append(int(logits.argmax()))
+        logprobs.append(torch.log_softmax(logits, -1)[seq[-1]].item())
+    if pm.peft_config["default"].peft_type == peft.PeftType.PROMPT_TUNING:
+        out = pm.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=STEPS, do_sample=False, use_cache=False, eos_token_id=None, pad_token_id=0)
+        assert out[0, -STEPS:].tolist() == seq[len(prompt):], "PEFT's generate vs its forward"
+    return seq[len(prompt):], logprobs
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_prompt_tuning_matches_peft(base_and_adapter, native):
+def test_virtual_tokens_match_peft(base_and_adapter, native):
     base, adapter, pm = base_and_adapter
     llm = LLM(str(base), lora=str(adapter), native_decoder=native)
     params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
@@ -104,3 +117,38 @@ def test_server_completions_answer_with_the_adapter(base_and_adapter):
             choice = r.json()["choices"][0]
             assert choice["token_ids"] == _peft_greedy(pm, prompt)[0]
             assert r.json()["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_prefix_on_gguf_base_runs_native(base_and_adapter, tmp_path):
+    """llama's prefix tuning on the base as a Q8_0 GGUF (blocks the native decoder stack runs): the native stack
+    reads the prefix's K/V from the cache and gives the module path's tokens and logprobs."""
+    base, adapter, pm = base_and_adapter
+    if pm.peft_config["default"].peft_type != peft.PeftType.PREFIX_TUNING or pm.config.model_type != "llama":
+        pytest.skip("llama prefix tuning: the native stack runs llama, and prompt tuning's table steps it aside")
+    from flashlm.io import load_hf
+    from flashlm.train.export import export_gguf
+    from test_export import tokenizer as make_tokenizer
+
+    loaded = load_hf(base).model
+    export_gguf(loaded, loaded.cfg, make_tokenizer.__wrapped__().to_str(), tmp_path / "base.gguf", type="Q8_0")
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
+    runs = []
+    for native in (True, False):
+        llm = LLM(str(tmp_path / "base.gguf"), lora=str(adapter), native_decoder=native)
+        runs.append([o.outputs[0] for o in llm.generate(PROMPTS, params)])
+        assert (llm.runner.native_decoder() is not None) == native
+    plain = LLM(str(tmp_path / "base.gguf")).generate(PROMPTS, params)
+    for got, want, base_out in zip(*runs, plain):
+        assert got.token_ids == want.token_ids and got.token_ids != base_out.outputs[0].token_ids
+        assert_close(torch.tensor([e[t].logprob for e, t in zip(got.logprobs, got.token_ids)]),
+                     torch.tensor([e[t].logprob for e, t in zip(want.logprobs, want.token_ids)]), atol=1e-4,
+                     name="native vs module logprobs")
+
+
+def test_chunked_prefill_splits_the_virtual_tokens(base_and_adapter):
+    """A token budget of 3 a step: steps of placeholders alone, and chunks that end or start inside them."""
+    base, adapter, pm = base_and_adapter
+    llm = LLM(str(base), lora=str(adapter), max_num_seqs=2, max_num_batched_tokens=3)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.outputs[0].token_ids == _peft_greedy(pm, prompt)[0]

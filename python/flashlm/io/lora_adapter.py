@@ -9,8 +9,9 @@ shape and count is checked before the model is touched; a mismatch names the ten
 adapter is read as llama.cpp applies it: scale alpha / r per tensor (1 when alpha is 0), B's rows of llama's
 q and k in ggml's rope order (put back into flashlm's here).
 
-    prompt = load_adapter(model, path)    # the above, or a prompt-tuning adapter: its embeddings [P, d] (the
-                                          # runtime puts them before every prompt; the model is left as it is)
+    virtual = load_adapter(model, path)   # the above (None), or prompt or prefix tuning's ("PROMPT_TUNING" or
+                                          # "PREFIX_TUNING", its table [P, width]); the runtime puts those
+                                          # before every prompt, the model is left as it is
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ _GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
 
 def load_lora(model: nn.Module, path) -> nn.Module:
     """Wraps model's layers (a flashlm Transformer) with the LoRA adapter at path, in place; returns model."""
-    load_adapter(model, path, prompt_tuning=False)
+    load_adapter(model, path, virtual_tokens=False)
     return model
 
 
-def load_adapter(model: nn.Module, path, prompt_tuning: bool = True) -> Optional[torch.Tensor]:
-    """A LoRA adapter put on model as load_lora does (None), or a prompt-tuning adapter's embeddings
-    [P, d_model] (the model untouched)."""
+def load_adapter(model: nn.Module, path, virtual_tokens: bool = True) -> Optional[tuple]:
+    """A LoRA adapter put on model as load_lora does (None), or with virtual_tokens a prompt- or prefix-tuning
+    adapter's (peft_type, table [P, width]): prompt tuning's embeddings [P, d_model], prefix tuning's keys and
+    values [P, n_layer * 2 * n_kv_head * head_dim] (the model untouched)."""
     try:
         path = os.fspath(path)
     except TypeError:
@@ -62,27 +64,32 @@ def load_adapter(model: nn.Module, path, prompt_tuning: bool = True) -> Optional
                          f"folder with one in adapter/")
     where = os.path.join(folder, CONFIG_FILE)
     config = read_json(where, required=True)
-    kinds = ("LORA", "PROMPT_TUNING") if prompt_tuning else ("LORA",)
+    kinds = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING") if virtual_tokens else ("LORA",)
     if not isinstance(config, dict) or config.get("peft_type") not in kinds:
         got = config.get("peft_type") if isinstance(config, dict) else config
-        raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs {' and '.join(kinds)} adapters")
+        raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs {', '.join(kinds)} adapters")
     tensors = read_tensors(os.path.join(folder, WEIGHTS_FILE))
-    if config["peft_type"] == "PROMPT_TUNING":
-        return _prompt_embeddings(model.cfg, config, tensors, where)
+    if config["peft_type"] != "LORA":
+        return config["peft_type"], _virtual_token_table(model.cfg, config, tensors, where)
     freeze(load_peft_lora(model, config, tensors, where))
     return None
 
 
-def _prompt_embeddings(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
-    """A PEFT prompt-tuning adapter's prompt_embeddings [P, d_model], its config checked against the model."""
+def _virtual_token_table(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
+    """A PEFT prompt- or prefix-tuning adapter's prompt_embeddings [P, width], its config checked against the
+    model (prefix tuning: every layer's key then value per row, see flashlm.train.peft.prefix_tuning)."""
     if config.get("num_transformer_submodules", 1) != 1:
         raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    if config.get("prefix_projection", False):
+        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
     P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
-    if config.get("token_dim", cfg.d_model) != cfg.d_model:
-        raise ValueError(f"adapter: token_dim={config.get('token_dim')!r} does not match the model's {cfg.d_model}")
+    if config.get("num_layers", cfg.n_layer) != cfg.n_layer:
+        raise ValueError(f"adapter: num_layers={config.get('num_layers')!r} does not match the model's {cfg.n_layer}")
     if set(tensors) != {"prompt_embeddings"}:
         raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
-    check_tensor(tensors["prompt_embeddings"], (P, cfg.d_model), "prompt_embeddings")
+    prompt = config["peft_type"] == "PROMPT_TUNING"
+    width = cfg.d_model if prompt else cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
+    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
     if P >= cfg.seq_len:
         raise ValueError(f"{where}: num_virtual_tokens {P} leaves no room for a prompt within the model's context "
                          f"{cfg.seq_len}")
