@@ -152,3 +152,34 @@ def test_chunked_prefill_splits_the_virtual_tokens(base_and_adapter):
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
         assert out.outputs[0].token_ids == _peft_greedy(pm, prompt)[0]
+
+
+def _edited_adapter(adapter, dst, config=None, table=None):
+    """A copy of the PEFT adapter dir at dst with config fields and/or the table replaced."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, dst)
+    if config:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    if table is not None:
+        tensors = load_file(dst / "adapter_model.safetensors")
+        save_file({k: table(v) for k, v in tensors.items()}, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_bad_virtual_token_adapters(base_and_adapter, tmp_path):
+    base, adapter, _ = base_and_adapter
+    with pytest.raises(ValueError, match="prompt_embeddings has shape"):
+        LLM(str(base), lora=str(_edited_adapter(adapter, tmp_path / "a", table=lambda t: t[:, :-1].contiguous())))
+    with pytest.raises(ValueError, match="num_virtual_tokens: must be a positive integer"):
+        LLM(str(base), lora=str(_edited_adapter(adapter, tmp_path / "b", {"num_virtual_tokens": 0})))
+    with pytest.raises(NotImplementedError, match="prefix_projection"):
+        LLM(str(base), lora=str(_edited_adapter(adapter, tmp_path / "c", {"prefix_projection": True})))
+    with pytest.raises(ValueError, match="num_layers=7"):
+        LLM(str(base), lora=str(_edited_adapter(adapter, tmp_path / "d", {"num_layers": 7})))
+    with pytest.raises(NotImplementedError, match="draft_model: speculative decoding"):
+        LLM(str(base), lora=str(adapter), draft_model=str(base))
