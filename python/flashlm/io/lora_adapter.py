@@ -1,4 +1,4 @@
-"""A LoRA adapter put on a loaded base, unmerged: the runtime's `LLM(base, lora=PATH)` and `--lora PATH`.
+"""An adapter put on a loaded base, unmerged: the runtime's `LLM(base, lora=PATH)` and `--lora PATH`.
 
     load_lora(model, "runs/sft")          # a `flashlm finetune` run folder (its adapter/, PEFT's format)
     load_lora(model, "adapter/")          # an HF PEFT directory (adapter_config.json + adapter_model.safetensors)
@@ -8,6 +8,10 @@ The model's block linears are wrapped in LoRALinear in place (float, int8/int4 o
 shape and count is checked before the model is touched; a mismatch names the tensor and both shapes. A GGUF
 adapter is read as llama.cpp applies it: scale alpha / r per tensor (1 when alpha is 0), B's rows of llama's
 q and k in ggml's rope order (put back into flashlm's here).
+
+    virtual = load_adapter(model, path)   # the above (None), or prompt or prefix tuning's ("PROMPT_TUNING" or
+                                          # "PREFIX_TUNING", its table [P, width]); the runtime puts those
+                                          # before every prompt, the model is left as it is
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,8 +27,8 @@ from torch import nn
 from flashlm.io.gguf import GGUFError, GGUFFile
 from flashlm.io.gguf_model import rope_row_order
 from flashlm.io.hf_config import read_json
-from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, load_peft_lora, read_tensors
-from flashlm.models.lora import LoRALinear, freeze, lora_layers
+from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, check_tensor, load_peft_lora, read_tensors
+from flashlm.models.lora import LoRALinear, freeze, lora_layers, positive_int
 
 # flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
 GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
@@ -33,7 +38,15 @@ _GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
 
 
 def load_lora(model: nn.Module, path) -> nn.Module:
-    """Wraps model's layers (a flashlm Transformer) with the adapter at path, in place; returns model."""
+    """Wraps model's layers (a flashlm Transformer) with the LoRA adapter at path, in place; returns model."""
+    load_adapter(model, path, virtual_tokens=False)
+    return model
+
+
+def load_adapter(model: nn.Module, path, virtual_tokens: bool = True) -> Optional[tuple]:
+    """A LoRA adapter put on model as load_lora does (None), or with virtual_tokens a prompt- or prefix-tuning
+    adapter's (peft_type, table [P, width]): prompt tuning's embeddings [P, d_model], prefix tuning's keys and
+    values [P, n_layer * 2 * n_kv_head * head_dim] (the model untouched)."""
     try:
         path = os.fspath(path)
     except TypeError:
@@ -41,7 +54,8 @@ def load_lora(model: nn.Module, path) -> nn.Module:
     if lora_layers(model):
         raise ValueError("model: already has LoRA layers")
     if os.path.isfile(path):
-        return _load_gguf(model, path)
+        _load_gguf(model, path)
+        return None
     if not os.path.isdir(path):
         raise ValueError(f"lora: {path!r} does not exist")
     folder = path if os.path.isfile(os.path.join(path, CONFIG_FILE)) else os.path.join(path, "adapter")
@@ -50,15 +64,39 @@ def load_lora(model: nn.Module, path) -> nn.Module:
                          f"folder with one in adapter/")
     where = os.path.join(folder, CONFIG_FILE)
     config = read_json(where, required=True)
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    kinds = ("LORA", "PROMPT_TUNING", "PREFIX_TUNING") if virtual_tokens else ("LORA",)
+    if not isinstance(config, dict) or config.get("peft_type") not in kinds:
         got = config.get("peft_type") if isinstance(config, dict) else config
-        raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs LoRA adapters only")
-    model = load_peft_lora(model, config, read_tensors(os.path.join(folder, WEIGHTS_FILE)), where)
-    freeze(model)
-    return model
+        raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs {', '.join(kinds)} adapters")
+    tensors = read_tensors(os.path.join(folder, WEIGHTS_FILE))
+    if config["peft_type"] != "LORA":
+        return config["peft_type"], _virtual_token_table(model.cfg, config, tensors, where)
+    freeze(load_peft_lora(model, config, tensors, where))
+    return None
 
 
-def _load_gguf(model: nn.Module, path: str) -> nn.Module:
+def _virtual_token_table(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
+    """A PEFT prompt- or prefix-tuning adapter's prompt_embeddings [P, width], its config checked against the
+    model (prefix tuning: every layer's key then value per row, see flashlm.train.peft.prefix_tuning)."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    if config.get("prefix_projection", False):
+        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
+    P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
+    if config.get("num_layers", cfg.n_layer) != cfg.n_layer:
+        raise ValueError(f"adapter: num_layers={config.get('num_layers')!r} does not match the model's {cfg.n_layer}")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
+    prompt = config["peft_type"] == "PROMPT_TUNING"
+    width = cfg.d_model if prompt else cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
+    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
+    if P >= cfg.seq_len:
+        raise ValueError(f"{where}: num_virtual_tokens {P} leaves no room for a prompt within the model's context "
+                         f"{cfg.seq_len}")
+    return tensors["prompt_embeddings"].float()
+
+
+def _load_gguf(model: nn.Module, path: str) -> None:
     cfg = model.cfg
     try:
         with GGUFFile(path) as f:
@@ -89,7 +127,6 @@ def _load_gguf(model: nn.Module, path: str) -> nn.Module:
             layer.lora_B.copy_(b)
         setattr(model.get_submodule(parent), child, layer)
     freeze(model)
-    return model
 
 
 def _check_gguf_metadata(meta: dict, arch: str, path: str) -> None:

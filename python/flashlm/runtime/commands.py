@@ -30,8 +30,8 @@ def _ensure_chat_template(llm) -> None:
         llm.tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
 
 
-LORA_HELP = ("a LoRA adapter run on the base, unmerged: a fine-tuning run folder, a PEFT directory or a GGUF "
-             "adapter")
+LORA_HELP = ("an adapter run on the base, unmerged: LoRA, prompt or prefix tuning, as a fine-tuning run folder or a "
+             "PEFT directory, or a LoRA GGUF adapter")
 
 
 TENSOR_PARALLEL_HELP = ("split every layer over N processes of this machine (tensor parallelism; N divides the "

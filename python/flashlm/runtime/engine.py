@@ -4,7 +4,7 @@ KV cache (ModelRunner) and post-processes (stop rules, detokenization, metrics).
     llm = LLM("model.gguf")                                    # or an HF directory, or LLM(model, tokenizer)
     llm = LLM("big.gguf", draft_model="small.gguf", num_speculative_tokens=4)   # speculative decoding
     llm = LLM("model.gguf", native_decoder=False)              # every step module by module (see ModelRunner)
-    llm = LLM("base.gguf", lora="runs/sft")                   # a LoRA adapter on the base, unmerged (run folder, PEFT dir, GGUF adapter)
+    llm = LLM("base.gguf", lora="runs/sft")                   # an adapter on the base, unmerged (LoRA, prompt or prefix tuning)
     llm = LLM("model.gguf", tensor_parallel_size=2)           # every layer split over 2 processes (runtime/tensor_parallel.py)
     outs = llm.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text, outs[0].metrics.time_to_first_token)
@@ -36,6 +36,7 @@ from flashlm.runtime.speculative import SpeculativeDecoder, scratch_blocks_per_s
 from flashlm.runtime.structured import GrammarCompiler, advance
 from flashlm.runtime.tensor_parallel import TensorParallelRunner
 from flashlm.runtime.tp_shard import check_size, check_tensor_parallel_size
+from flashlm.runtime.virtual_tokens import KVPrefix, add_prompt, placeholder_ids
 
 
 @dataclass
@@ -182,10 +183,21 @@ class LLM:
 
             loaded = load_model(model, max_model_len=max_model_len)
             model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
-        if lora is not None:  # wraps the base's layers in place (the native decoder then steps aside)
-            from flashlm.io.lora_adapter import load_lora
+        # a prompt- or prefix-tuning adapter's placeholders, before every prompt (runtime.virtual_tokens)
+        self.virtual_ids, kv_prefix = [], None
+        if lora is not None:  # LoRA wraps the base's layers in place (the native decoder then steps aside)
+            from flashlm.io.lora_adapter import load_adapter
 
-            load_lora(model, lora)
+            virtual = load_adapter(model, lora)
+            if virtual is not None:
+                if draft_model is not None:
+                    raise NotImplementedError("draft_model: speculative decoding with a prompt- or prefix-tuning "
+                                              "adapter")
+                kind, table = virtual
+                if kind == "PROMPT_TUNING":
+                    self.virtual_ids = add_prompt(model, table)
+                else:
+                    kv_prefix, self.virtual_ids = KVPrefix(table, model.cfg), placeholder_ids(model.cfg, len(table))
         if tensor_parallel_size > 1:  # before any worker starts
             check_tensor_parallel_size(model, tensor_parallel_size)
         self.model = model.to(device).eval()
@@ -214,6 +226,7 @@ class LLM:
                                                total_blocks, block_size, kv_cache_dtype, device)
         else:
             self.runner = ModelRunner(model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
+            self.runner.kv_prefix = kv_prefix
         self.runner.sampler.generator = torch.Generator(device=device).manual_seed(seed)
         if draft_model is not None:
             draft_runner = ModelRunner(draft_model, total_blocks, block_size, kv_cache_dtype, device, native_decoder)
@@ -276,14 +289,16 @@ class LLM:
             text, ids = prompt, list(self.tokenizer.encode(prompt))
         else:
             text, ids = None, as_token_ids(prompt, "prompt", self.model.cfg.vocab_size)
-        self._check_prompt_fits(ids)
+        if self.virtual_ids and params.prompt_logprobs is not None:
+            raise NotImplementedError("prompt_logprobs: not computed with a prompt- or prefix-tuning adapter")
+        self._check_prompt_fits(self.virtual_ids + ids)  # the virtual tokens take room in the context too
         # Compiled before anything is queued: a schema the grammar library refuses fails here, never in a step.
         matcher = None if params.structured_outputs is None else self.grammars.matcher(params.structured_outputs)
         rid = self._next_request
         self._next_request += 1
         seqs, gens = [], {}
         for i in range(params.n):
-            seq = Sequence(self._next_seq, ids, params)
+            seq = Sequence(self._next_seq, self.virtual_ids + ids, params, len(self.virtual_ids))
             self._next_seq += 1
             if matcher is not None:  # one grammar state per sample
                 seq.matcher = matcher if i == 0 else matcher.deep_copy()

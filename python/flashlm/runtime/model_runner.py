@@ -149,6 +149,7 @@ class ModelRunner:
         self.sampler = Sampler(cfg.vocab_size)
         self.forward_seconds = 0.0  # time inside the model's forward (the rest of a step is host overhead)
         self.use_native_decoder = native_decoder  # False: every step module by module
+        self.kv_prefix = None  # a prefix-tuning adapter's K/V (runtime.virtual_tokens.KVPrefix)
         self._native = None  # built on first use; False: checked, does not apply
 
     # ---- the forward pass -----------------------------------------------------------------------------------
@@ -245,6 +246,10 @@ class ModelRunner:
         runner, whose cache gets the same tokens' K and V (speculative decoding needs the draft's cache to follow
         the target's)."""
         self.copy_blocks(batch.block_copies)
+        if self.kv_prefix is not None:  # the prefix's slots written here; the forward runs the real tokens
+            batch = self.kv_prefix.write(batch, bm, self.kv_caches)
+            if not batch.seqs:
+                return StepOutput([])
         prompt_rows = prompt_logprob_rows(batch)
         tokens, paged = self.prepare(batch, bm, prompt_rows)
         if mirror is not None:

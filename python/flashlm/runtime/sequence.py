@@ -1,7 +1,9 @@
 """Sequence: one request's tokens and where it stands (waiting, running, finished).
 
 token_ids is the prompt followed by the output so far. num_computed counts the leading tokens whose K and V
-are in the paged cache; the tokens after it are computed by the next step that schedules the sequence.
+are in the paged cache; the tokens after it are computed by the next step that schedules the sequence. With a
+prompt-tuning adapter the prompt starts with num_virtual placeholder ids (runtime.virtual_tokens): they take
+cache slots and count towards the length, while prompt_ids (what the sampler and the outputs see) leaves them out.
 """
 
 import enum
@@ -21,13 +23,14 @@ _arrivals = itertools.count()
 
 
 class Sequence:
-    def __init__(self, seq_id: int, prompt_ids, params: Optional[SamplingParams] = None):
+    def __init__(self, seq_id: int, prompt_ids, params: Optional[SamplingParams] = None, num_virtual: int = 0):
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError(f"prompt_ids of sequence {seq_id}: must not be empty")
         self.seq_id = seq_id
         self.token_ids = prompt_ids
         self.num_prompt_tokens = len(prompt_ids)
+        self.num_virtual = num_virtual
         self.params = params if params is not None else SamplingParams()
         self.status = Status.WAITING
         self.num_computed = 0
@@ -62,7 +65,7 @@ class Sequence:
 
     @property
     def prompt_ids(self) -> list:
-        return self.token_ids[:self.num_prompt_tokens]
+        return self.token_ids[self.num_virtual:self.num_prompt_tokens]
 
     @property
     def output_ids(self) -> list:

@@ -8,6 +8,11 @@ adapter.lora.alpha, and for each adapted weight "blk.N.<name>.weight.lora_a" (A,
 ggml's ne = [in, r]) and ".lora_b" (B, [out, r]), float32. llama.cpp scales B A x by alpha / r with r read from
 B's shape, so alpha is written as scaling * r (rsLoRA's alpha / sqrt(r) included). llama's q and k rows are
 permuted into ggml's rope order by flashlm's GGUF export; B's rows (the output side) follow the same permutation.
+
+GPT-2's q, k and v are one tensor in GGUF (attn_qkv, rows q|k|v), so their three pairs become one adapter on it:
+A stacked [3r, in] and B block-diagonal [3 out, 3r] (a block of zeros where a projection has no LoRA), which
+gives the same q|k|v outputs. llama.cpp scales each tensor by alpha / (its own rank), here 3r, while the other
+tensors get alpha / r: B of attn_qkv is multiplied by 3 so that its effective scale is alpha / r as well.
 """
 
 from __future__ import annotations
@@ -21,16 +26,19 @@ from flashlm.io.hf_source import permute_rope_rows
 from flashlm.io.lora_adapter import GGUF_NAMES
 from flashlm.train.peft.lora import lora_layers
 
+_GPT2_GGUF_NAMES = {"attn.o": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+_GPT2_QKV = ("attn.q", "attn.k", "attn.v")
+
 def lora_gguf_tensors(model: nn.Module) -> tuple[float, list]:
     """(alpha, [(GGUF tensor name, float32 array in torch order)]) of the LoRA layers in model."""
     cfg = model.cfg
-    if cfg.arch not in ("llama", "qwen2"):  # gpt2's q, k, v are one fused tensor in GGUF
-        raise NotImplementedError(f"model: GGUF LoRA adapters are written for llama and qwen2, not {cfg.arch}")
+    if cfg.arch not in ("llama", "qwen2", "gpt2"):
+        raise NotImplementedError(f"model: GGUF LoRA adapters are written for llama, qwen2 and gpt2, not {cfg.arch}")
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model: has no LoRA layers")
     first = next(iter(layers.values()))
-    out = []
+    pairs = {}  # (block, module) -> (A, B) in torch order
     for name, m in layers.items():
         if (m.r, m.scaling) != (first.r, first.scaling):
             raise NotImplementedError(f"model: {name} has another rank or scaling than the other LoRA layers "
@@ -42,13 +50,36 @@ def lora_gguf_tensors(model: nn.Module) -> tuple[float, list]:
         b = m.lora_B.detach().float().cpu().numpy()
         if cfg.arch == "llama" and module in ("attn.q", "attn.k"):
             b = permute_rope_rows(b, cfg.n_head if module == "attn.q" else cfg.n_kv_head)
-        stem = f"blk.{block}.{GGUF_NAMES[module]}.weight"
-        out += [(stem + ".lora_a", np.ascontiguousarray(a)), (stem + ".lora_b", np.ascontiguousarray(b))]
+        pairs[int(block), module] = (a, b)
+    out = []
+    if cfg.arch == "gpt2":
+        for block in sorted({block for block, module in pairs if module in _GPT2_QKV}):
+            a, b = _fused_qkv([pairs.pop((block, module), None) for module in _GPT2_QKV], first.r, cfg.d_model)
+            out += _pair(f"blk.{block}.attn_qkv.weight", a, b)
+    names = _GPT2_GGUF_NAMES if cfg.arch == "gpt2" else GGUF_NAMES
+    for (block, module), (a, b) in pairs.items():
+        out += _pair(f"blk.{block}.{names[module]}.weight", a, b)
     return float(first.scaling * first.r), out
 
 
+def _fused_qkv(qkv: list, r: int, d: int) -> tuple:
+    """gpt2's q, k, v pairs (None where a projection has no LoRA) as one pair on attn_qkv: A [3r, d] stacked,
+    B [3d, 3r] block-diagonal and times 3, as llama.cpp scales this tensor by alpha / 3r, not alpha / r."""
+    a = np.zeros((3 * r, d), np.float32)
+    b = np.zeros((3 * d, 3 * r), np.float32)
+    for i, pair in enumerate(qkv):
+        if pair is not None:
+            a[i * r:(i + 1) * r] = pair[0]
+            b[i * d:(i + 1) * d, i * r:(i + 1) * r] = 3.0 * pair[1]
+    return a, b
+
+
+def _pair(stem: str, a, b) -> list:
+    return [(stem + ".lora_a", np.ascontiguousarray(a)), (stem + ".lora_b", np.ascontiguousarray(b))]
+
+
 def export_lora_gguf(model: nn.Module, path, name: str = "flashlm-lora") -> str:
-    """Writes the LoRA layers of model (a llama or qwen2 Transformer) as a GGUF adapter file; returns its path."""
+    """Writes the LoRA layers of model (a llama, qwen2 or gpt2 Transformer) as a GGUF adapter file; returns its path."""
     import gguf
 
     alpha, tensors = lora_gguf_tensors(model)
