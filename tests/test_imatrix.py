@@ -506,3 +506,34 @@ def test_unwritable_imatrix(tmp_path, edit, match):
         with pytest.raises(ValueError, match=match):
             write_imatrix(m, tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_XS", "Q3_K", "Q4_0"])
+def test_experts_quantize_like_llama_cpp(llama_ref, name):
+    """A 3-D (expert) weight: llama.cpp's quantize tool hands ggml's quantizer each expert's rows with that
+    expert's run of the imatrix values (imatrix + expert * n_per_row); an expert that saw no tokens gets ones."""
+    from flashlm.quant.imatrix import quantize_experts
+
+    rng = rng_for("imatrix-experts", name)
+    n_expert, rows, n = 3, 4, 512
+    x = make_rows("mixed_scales", n_expert * rows, n, GGUF_QUANT_TYPES[name][0], rng)
+    m = IMatrix({"blk.0.ffn_up_exps.weight": IMatrixEntry(
+        np.concatenate([importance("skewed", n, rng) * 40, np.zeros(n, np.float32), importance("zeros", n, rng) * 9]),
+        np.array([40, 0, 9], np.int64))})
+    values = m.importance("blk.0.ffn_up_exps.weight")
+    ours = quantize_experts(x, name, values, n_expert)
+    ref = np.concatenate([llama_ref.quantize_imatrix(x[e * rows:(e + 1) * rows], name, values[e * n:(e + 1) * n])
+                          for e in range(n_expert)])
+    assert not mismatch(ours, ref), mismatch(ours, ref)
+    # each expert's own values matter: the same rows under one shared run quantize differently
+    assert not np.array_equal(ours, quantize_experts(x, name, np.tile(values[:n], n_expert), n_expert))
+
+
+def test_experts_quantize_refuses():
+    from flashlm.quant.imatrix import quantize_experts
+
+    x = np.ones((6, 256), np.float32)
+    with pytest.raises(ValueError, match="n_expert"):
+        quantize_experts(x, "Q4_K", np.ones(4 * 256, np.float32), 4)
+    with pytest.raises(ValueError, match="imatrix"):
+        quantize_experts(x, "Q4_K", np.ones(2 * 256, np.float32), 3)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flashlm import ops
+from flashlm.quant.gguf_quantize import quantize_gguf
 
 GGUF_MAGIC = b"GGUF"
 _ALIGNMENT = 32
@@ -72,6 +73,21 @@ class IMatrix:
             if count > 0:
                 out[j] = per[j] / np.float32(count)
         return out.reshape(-1)
+
+
+def quantize_experts(rows, ggml_type: str, importance: np.ndarray, n_expert: int) -> np.ndarray:
+    """A 3-D (expert) weight as float rows [n_expert * rows_per_expert, n] quantized to ggml_type with its
+    imatrix entry's values (n_expert * n of them, one run of n per expert): each expert's rows with its own
+    run, as llama.cpp's quantize tool hands ggml's quantizer (imatrix + expert * n). Returns uint8
+    [n_expert * rows_per_expert, bytes_per_row]."""
+    total, n = (int(d) for d in rows.shape)
+    if isinstance(n_expert, bool) or not isinstance(n_expert, int) or n_expert < 1 or total % n_expert:
+        raise ValueError(f"n_expert: expected a positive int dividing the {total} rows, got {n_expert!r}")
+    if len(importance) != n_expert * n:
+        raise ValueError(f"imatrix: expected {n_expert * n} values ({n_expert} experts of {n}), got {len(importance)}")
+    per = total // n_expert
+    return np.concatenate([quantize_gguf(rows[e * per:(e + 1) * per], ggml_type, imatrix=importance[e * n:(e + 1) * n])
+                           for e in range(n_expert)])
 
 
 # -- reading ----------------------------------------------------------------------------------------------
