@@ -340,6 +340,49 @@ def test_collection_sums_the_squared_inputs(arch):
         assert np.allclose(e.sums, ref, rtol=1e-6, atol=0), (name, np.max(np.abs(e.sums - ref) / ref))
 
 
+def test_collection_of_experts_per_expert():
+    """MoE MLPs: one matrix per expert (llama.cpp's layout), each over the tokens routed to that expert:
+    against the blocks' MLP inputs captured independently, routed by softmax + top-k written out here."""
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.quant.imatrix import gguf_expert_names
+
+    cfg = ModelConfig(arch="mixtral", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48,
+                      seq_len=64, n_expert=4, n_expert_used=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    assert gguf_expert_names(model) == {"blocks.0.mlp": "blk.0.", "blocks.1.mlp": "blk.1."}
+    tokens = torch.randint(0, 50, (3 * 16,), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    hooks = [model.blocks[i].mlp.register_forward_hook(
+        lambda mod, inp, out, i=i: seen.setdefault(i, []).append(inp[0].detach().reshape(-1, 32))) for i in range(2)]
+    try:
+        m = collect_imatrix(model, tokens, chunk_size=16)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, mlp in enumerate(model.blocks[i].mlp for i in range(2)):
+        x = torch.cat(seen[i]).double()
+        top = torch.topk(torch.softmax(x @ mlp.router.weight.double().T, -1), 2, dim=-1).indices
+        gate, up = mlp.experts_gate.detach().double(), mlp.experts_up.detach().double()
+        counts, sums_in, sums_act = [], [], []
+        for e in range(4):
+            xe = x[(top == e).any(-1)]
+            act = torch.nn.functional.silu(xe @ gate[e].T) * (xe @ up[e].T)
+            counts.append(xe.shape[0])
+            sums_in.append((xe * xe).sum(0))
+            sums_act.append((act * act).sum(0))
+        assert sum(counts) == 48 * 2 and min(counts) > 0
+        for part, sums in (("gate", sums_in), ("up", sums_in), ("down", sums_act)):
+            e = m.entries[f"blk.{i}.ffn_{part}_exps.weight"]
+            assert e.counts.tolist() == counts, part
+            ref = torch.cat(sums).numpy()
+            assert e.sums.shape == ref.shape and np.allclose(e.sums, ref, rtol=1e-5, atol=0), part
+            assert np.array_equal(m.importance(f"blk.{i}.ffn_{part}_exps.weight"),
+                                  np.concatenate([e.sums[j * len(ref) // 4:(j + 1) * len(ref) // 4] / np.float32(c)
+                                                  for j, c in enumerate(counts)]))
+    assert m.entries["blk.0.attn_q.weight"].counts.tolist() == [48] and m.chunk_count == 3
+
+
 def test_collection_replaces_each_chunks_first_token_with_bos():
     model = tiny_transformer()
     fed = []
