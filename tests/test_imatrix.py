@@ -478,6 +478,42 @@ def test_quantize_with_imatrix_matches_llama_cpp(tiny_llama, tmp_path, mix, fmt)
         assert got["blk.0.ffn_down.weight"][0] == "Q4_1" and got["blk.1.ffn_down.weight"][0] == "Q4_0"
 
 
+@pytest.mark.parametrize("mix", ["Q4_K_M", "IQ4_XS"])
+def test_moe_imatrix_quantizes_like_llama_cpp(tmp_path, mix):
+    """A random Mixtral written as GGUF: `flashlm imatrix` collects its experts per expert, and `flashlm quantize
+    --imatrix` gives every tensor, experts included, the bytes of llama.cpp's llama_model_quantize given it."""
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.train.export import export_gguf
+    from tokenizer_sources import train_bpe
+
+    cfg = ModelConfig(arch="mixtral", vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, d_model=256, d_ff=256,
+                      seq_len=128, n_expert=4, n_expert_used=2, tie_embeddings=False)
+    torch.manual_seed(6)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.weight"):
+                p.normal_(0, 1.0)
+    export_gguf(model, cfg, train_bpe("gpt-2", vocab_size=300).to_str(), tmp_path / "m.gguf")
+    words = "the of and to in is was for on that with as by at from it an are were which be this".split()
+    (tmp_path / "calib.txt").write_text(" ".join(np.random.default_rng(4).choice(words, 200)))
+    im = tmp_path / "im.gguf"
+    assert cli_main(["imatrix", str(tmp_path / "m.gguf"), "--calib-data", str(tmp_path / "calib.txt"), "-o", str(im),
+                     "--chunk-size", "64", "--quiet"]) == 0
+    m = read_imatrix(im)
+    assert m.entries["blk.1.ffn_down_exps.weight"].counts.shape == (4,)
+    assert m.entries["blk.1.ffn_down_exps.weight"].sums.shape == (4 * 256,)
+    ours = tmp_path / "ours.gguf"
+    assert cli_main(["quantize", str(tmp_path / "m.gguf"), str(ours), "--type", mix, "--imatrix", str(im),
+                     "--quiet"]) == 0
+    llama_cpp_quantize(tmp_path / "m.gguf", tmp_path / "ref.gguf", mix, m)
+    got, ref = tensors_of(ours), tensors_of(tmp_path / "ref.gguf")
+    assert sorted(got) == sorted(ref)
+    assert any("_exps" in n and got[n][0] != "F32" for n in got)
+    differ = [(n, got[n][0], ref[n][0]) for n in ref if got[n] != ref[n]]
+    assert not differ, f"tensors that differ from llama.cpp's (name, ours, llama.cpp's): {differ}"
+
+
 def test_quantized_model_loads_and_generates(tiny_llama, tmp_path):
     import gguf
 
