@@ -2,7 +2,8 @@
 """compare_int_gemm: flashlm's quantized GEMMs against torch's float (or int) matmul, one table per run.
 
 Each case is y = x @ W.T for x [M, K], W [N, K] with random data, timed as
-  flashlm   the quantized op (int8_linear: per-token quantization of x + W8A8 GEMM; int4_linear: W4A16),
+  flashlm   the quantized op (int8_linear: per-token quantization of x + W8A8 GEMM; int8_linear_static: x
+            quantized with one calibrated scale + the same GEMM; int4_linear: W4A16),
   peer      torch on the same device: f32 matmul on the CPU, f16 matmul on CUDA, torch._int_mm for W8A8 on
             CUDA (int8 x int8 -> int32, without quantizing x or applying scales),
 and a plain copy on the same device (torch `dst.copy_(src)` of 256 MiB of float32) that gives the memory
@@ -55,6 +56,14 @@ def int8_linear_vs_float(c: Case):
     return (lambda: ops.int8_linear(x, w_q, w_s)), (lambda: x @ w.T), w_q.numel() + 4 * c.n, 4 * w.numel()
 
 
+def int8_static_vs_float(c: Case):
+    x = torch.randn(c.m, c.k)
+    w = torch.randn(c.n, c.k)
+    w_q, w_s = quantize_int8_per_channel(w)
+    scale = x.abs().max() / 127
+    return (lambda: ops.int8_linear_static(x, scale, w_q, w_s)), (lambda: x @ w.T), w_q.numel() + 4 * c.n, 4 * w.numel()
+
+
 def int8_gemm_vs_int_mm(c: Case):
     x_q = torch.randint(-127, 128, (c.m, c.k), dtype=torch.int8, device="cuda")
     x_s = torch.rand(c.m, device="cuda")
@@ -77,8 +86,11 @@ def int4_vs_float(c: Case, group=128):
 def cpu_cases(quick):
     if quick:
         return [Case("int8 GEMM", "cpu", 16, 512, 512, "torch f32", int8_linear_vs_float),
+                Case("int8 static GEMM", "cpu", 16, 512, 512, "torch f32", int8_static_vs_float),
                 Case("int4 GEMV", "cpu", 1, 1024, 1024, "torch f32", int4_vs_float)]
     return [Case("int8 GEMM", "cpu", 128, 4096, 4096, "torch f32", int8_linear_vs_float),
+            Case("int8 static GEMM", "cpu", 128, 4096, 4096, "torch f32", int8_static_vs_float),
+            Case("int8 static GEMV", "cpu", 1, 4096, 4096, "torch f32", int8_static_vs_float),
             Case("int4 GEMV", "cpu", 1, 4096, 4096, "torch f32", int4_vs_float),
             Case("int4 GEMV", "cpu", 1, 11008, 4096, "torch f32", int4_vs_float),
             Case("int4 GEMV", "cpu", 1, 4096, 11008, "torch f32", int4_vs_float),

@@ -62,6 +62,54 @@ def test_int8_linear_static(device, isa, dtype, shape):
     assert_close(y.reshape(-1, n), ref, atol=tol, name=f"int8_linear_static {device} {isa} {shape} {dtype}")
 
 
+def static_codes_reference(x, scale):
+    """round_half_even(x / scale) clamped to +-127, in float64 (x / scale rounded once to float32, as above)."""
+    return torch.round((x.double() / scale).float()).clamp(-127, 127).to(torch.int8)
+
+
+@pytest.mark.parametrize("device,isa,dtype,shape", per_kernel(
+    cpu=[(dtype, shape) for dtype in (torch.float32, torch.bfloat16) for shape in ((1, 7), (3, 33), (5, 100), (17, 256))],
+    cuda=[(dtype, (m, 1000)) for dtype in (torch.float16, torch.bfloat16, torch.float32) for m in (1, 40)]))
+def test_quantize_static_is_the_formula_bit_for_bit(device, isa, dtype, shape):
+    """The native static quantizer (scalar, AVX2 with its 32-wide body and tails, CUDA) against the formula,
+    with exact ties (x = (j + 1/2) * scale, rounded to even), values past 127 * scale and signed zeros."""
+    use_isa(isa)
+    scale = torch.tensor(0.0625)
+    x = torch.randn(shape) * 4
+    flat = x.view(-1)
+    ties = (torch.arange(-10, 10, dtype=torch.float32) + 0.5) * scale
+    flat[:min(len(ties), flat.numel())] = ties[:flat.numel()]
+    flat[-1], flat[len(flat) // 2] = 1e6, -1e6
+    if flat.numel() > 25:
+        flat[20], flat[21] = 0.0, -0.0
+    x = x.to(dtype)
+    q = ops.quantize_static(x.to(device), scale.to(device)).cpu()
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    want = static_codes_reference(x.float(), scale.double())
+    assert torch.equal(q, want), f"{(q != want).sum()} codes differ ({device} {isa} {dtype} {shape})"
+    # the op: the int8 GEMM of those codes with the scale for every row, bit for bit
+    w_q, w_s = quantize_int8_per_channel(torch.randn(9, shape[-1]))
+    y = ops.int8_linear_static(x.to(device), scale.to(device), w_q.to(device), w_s.to(device)).cpu()
+    from flashlm.ops.int_linear import _int8_gemm
+
+    y_ref = _int8_gemm(want.to(device), scale.expand(shape[0]).contiguous().to(device), w_q.to(device),
+                       w_s.to(device), None, x.dtype).cpu()
+    assert torch.equal(y.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       y_ref.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+def test_quantize_static_refuses():
+    x = torch.randn(2, 16)
+    for bad, match in ((torch.tensor([0.1, 0.2]), "act_scale"), (torch.tensor(0.1, dtype=torch.float64), "act_scale")):
+        with pytest.raises(ValueError, match=match):
+            ops.quantize_static(x, bad)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            ops.quantize_static(x, torch.tensor(bad))
+    with pytest.raises(ValueError, match="x"):
+        ops.quantize_static(torch.randn(2, 16, dtype=torch.float64), torch.tensor(0.1))
+
+
 def test_int8_linear_static_gradient_passes_rounding_through():
     lin = nn.Linear(40, 12)
     q = Int8Linear.from_float(lin, act_scale=0.03)

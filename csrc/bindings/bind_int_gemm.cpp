@@ -25,6 +25,13 @@ void quantize(Array x, Array q, Array scales, uintptr_t stream) {
   quantize_per_token(p, reinterpret_cast<void*>(stream));
 }
 
+void quantize_static_scale(Array x, Array scale, Array q, Array scales, uintptr_t stream) {
+  QuantizePerTokenParams p;
+  p.x = to_view(x, "x"), p.scale = to_view(scale, "scale"), p.q = to_view(q, "q"), p.scales = to_view(scales, "scales");
+  nb::gil_scoped_release release;
+  quantize_static(p, reinterpret_cast<void*>(stream));
+}
+
 void int8(Array x, Array x_scales, Array w, Array w_scales, OptionalArray bias,
           Array out, uintptr_t stream) {
   Int8GemmParams p;
@@ -50,6 +57,9 @@ void int4(Array x, Array w, Array scales, OptionalArray zeros, OptionalArray bia
 void bind_int_gemm(nb::module_& m) {
   m.def("quantize_per_token", &quantize, nb::arg("x"), nb::arg("q"), nb::arg("scales"), nb::arg("stream") = 0,
         "x [M, K] -> int8 q [M, K] and f32 scales [M] (absmax / 127), written in place");
+  m.def("quantize_static", &quantize_static_scale, nb::arg("x"), nb::arg("scale"), nb::arg("q"), nb::arg("scales"),
+        nb::arg("stream") = 0,
+        "x [M, K] -> int8 q [M, K] = clamp(round_half_even(x / scale), -127, 127) and scales [M] = scale, in place");
   m.def("int8_gemm", &int8, nb::arg("x"), nb::arg("x_scales"), nb::arg("w"), nb::arg("w_scales"),
         nb::arg("bias").none(), nb::arg("out"), nb::arg("stream") = 0,
         "out = (x @ w.T) * x_scales[:, None] * w_scales[None, :] + bias, int32 accumulation");

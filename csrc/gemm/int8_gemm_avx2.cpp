@@ -27,9 +27,35 @@ FLASHLM_AVX2_INLINE float load1(const void* x, DType dtype, int64_t i) {
   return core::bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
 }
 
-FLASHLM_AVX2_INLINE __m256i quantize8(__m256 v, __m256 inv) {
-  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(v, inv));  // NaN -> INT_MIN -> -127 below
+// v * f (kDivide: v / f) rounded half to even and clamped to [-127, 127].
+template <bool kDivide>
+FLASHLM_AVX2_INLINE __m256i quantize8(__m256 v, __m256 f) {
+  const __m256i q = _mm256_cvtps_epi32(kDivide ? _mm256_div_ps(v, f) : _mm256_mul_ps(v, f));  // NaN -> INT_MIN
   return _mm256_min_epi32(_mm256_max_epi32(q, _mm256_set1_epi32(-127)), _mm256_set1_epi32(127));
+}
+
+// Row m of x as int8 codes of x * f (kDivide: x / f), as the scalar quantizers write them.
+template <bool kDivide>
+FLASHLM_AVX2_INLINE void quantize_row(const QuantizeArgs& a, int64_t m, float f) {
+  const int64_t row = m * a.K;
+  const __m256 vf = _mm256_set1_ps(f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int8_t* q = a.q + row;
+  int64_t k = 0;
+  for (; k + 32 <= a.K; k += 32) {
+    const __m256i q0 = quantize8<kDivide>(load8(a.x, a.x_dtype, row + k), vf);
+    const __m256i q1 = quantize8<kDivide>(load8(a.x, a.x_dtype, row + k + 8), vf);
+    const __m256i q2 = quantize8<kDivide>(load8(a.x, a.x_dtype, row + k + 16), vf);
+    const __m256i q3 = quantize8<kDivide>(load8(a.x, a.x_dtype, row + k + 24), vf);
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(packed, order));
+  }
+  for (; k < a.K; ++k) {
+    const float x = load1(a.x, a.x_dtype, row + k);
+    float r = __builtin_nearbyintf(kDivide ? x / f : x * f);
+    r = r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f;
+    q[k] = static_cast<int8_t>(r);
+  }
 }
 
 }  // namespace
@@ -37,6 +63,13 @@ FLASHLM_AVX2_INLINE __m256i quantize8(__m256 v, __m256 inv) {
 // The absolute maximum as the scalar quantizer takes it: the largest |x| bit pattern (an integer max of the
 // floats without their sign bit), so that a NaN in the row is the maximum and its scale NaN.
 void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
+  if (a.static_scale) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      a.scales[m] = *a.static_scale;
+      quantize_row<true>(a, m, *a.static_scale);
+    }
+    return;
+  }
   const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
   for (int64_t m = m_begin; m < m_end; ++m) {
     const int64_t row = m * a.K;
@@ -59,23 +92,7 @@ void quantize_per_token_avx2(const QuantizeArgs& a, int64_t m_begin, int64_t m_e
     std::memcpy(&absmax, &max_bits, 4);
     const float inv_s = absmax > 0.f ? 127.f / absmax : 0.f;
     a.scales[m] = absmax / 127.f;
-    const __m256 inv = _mm256_set1_ps(inv_s);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    int8_t* q = a.q + row;
-    k = 0;
-    for (; k + 32 <= a.K; k += 32) {
-      const __m256i q0 = quantize8(load8(a.x, a.x_dtype, row + k), inv);
-      const __m256i q1 = quantize8(load8(a.x, a.x_dtype, row + k + 8), inv);
-      const __m256i q2 = quantize8(load8(a.x, a.x_dtype, row + k + 16), inv);
-      const __m256i q3 = quantize8(load8(a.x, a.x_dtype, row + k + 24), inv);
-      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(packed, order));
-    }
-    for (; k < a.K; ++k) {
-      float r = __builtin_nearbyintf(load1(a.x, a.x_dtype, row + k) * inv_s);
-      r = r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f;
-      q[k] = static_cast<int8_t>(r);
-    }
+    quantize_row<false>(a, m, inv_s);
   }
 }
 

@@ -54,6 +54,21 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_kernel(const T* __rest
   }
 }
 
+// quantize_static: one given scale (read on the device) for every row, x / scale rounded as above.
+template <class T>
+__global__ void __launch_bounds__(kQuantThreads) quantize_static_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
+                                                                        float* __restrict__ scales,
+                                                                        const float* __restrict__ scale, int64_t K) {
+  const int64_t m = blockIdx.x;
+  const float s = *scale;
+  if (threadIdx.x == 0) scales[m] = s;
+  for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) {
+    float r = rintf(__fdiv_rn(to_float(x[m * K + k]), s));
+    r = r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f;
+    q[m * K + k] = static_cast<int8_t>(r);
+  }
+}
+
 // ---- the epilogue ------------------------------------------------------------------------------------------
 
 template <class Out>
@@ -164,7 +179,12 @@ void quantize_per_token_cuda(const QuantizeArgs& a, int device, void* stream) {
   const unsigned grid = grid_dim(a.M, "quantize_per_token");
   dispatch_float(a.x_dtype, "x", [&](auto t) {
     using T = decltype(t);
-    quantize_kernel<T><<<grid, kQuantThreads, 0, s>>>(static_cast<const T*>(a.x), a.q, a.scales, a.K);
+    if (a.static_scale) {
+      quantize_static_kernel<T><<<grid, kQuantThreads, 0, s>>>(static_cast<const T*>(a.x), a.q, a.scales,
+                                                               a.static_scale, a.K);
+    } else {
+      quantize_kernel<T><<<grid, kQuantThreads, 0, s>>>(static_cast<const T*>(a.x), a.q, a.scales, a.K);
+    }
   });
   throw_on_cuda_error(cudaGetLastError(), "quantize_per_token: kernel launch");
 }

@@ -4,6 +4,7 @@
 #include "flashlm/gemm/int_gemm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -76,7 +77,10 @@ bool use_avx2() { return cpu_isa() == CpuIsa::AVX2; }
 
 }  // namespace
 
-void quantize_per_token(const QuantizePerTokenParams& p, void* stream) {
+namespace {
+
+// Both quantizers: per token, or with static_scale (quantize_static's checked scale) for every row.
+void quantize_rows(const QuantizePerTokenParams& p, const float* static_scale, const char* op, void* stream) {
   FLASHLM_CHECK(p.x.ndim == 2, "x: expected 2 dimensions [M, K], got ", p.x.shape_string());
   const int64_t M = p.x.shape[0], K = p.x.shape[1];
   const Device dev = p.x.device;
@@ -87,9 +91,10 @@ void quantize_per_token(const QuantizePerTokenParams& p, void* stream) {
   check_tensor(p.scales, "scales", {M}, dev);
   check_dtype(p.scales, "scales", DType::F32);
   if (M == 0) return;
-  QuantizeArgs a{p.x.data, p.x.dtype, static_cast<int8_t*>(p.q.data), static_cast<float*>(p.scales.data), M, K};
+  QuantizeArgs a{p.x.data, p.x.dtype, static_cast<int8_t*>(p.q.data), static_cast<float*>(p.scales.data), M, K,
+                 static_scale};
   if (dev.is_cuda()) {
-    check_cuda(dev, "quantize_per_token");
+    check_cuda(dev, op);
     gemm::quantize_per_token_cuda(a, dev.index, stream);
     return;
   }
@@ -101,6 +106,23 @@ void quantize_per_token(const QuantizePerTokenParams& p, void* stream) {
       gemm::quantize_per_token_scalar(a, begin, end);
     }
   });
+}
+
+}  // namespace
+
+void quantize_per_token(const QuantizePerTokenParams& p, void* stream) {
+  quantize_rows(p, nullptr, "quantize_per_token", stream);
+}
+
+void quantize_static(const QuantizePerTokenParams& p, void* stream) {
+  check_tensor(p.scale, "scale", {1}, p.x.device);
+  FLASHLM_CHECK(p.scale.data != nullptr, "scale: missing tensor");
+  check_dtype(p.scale, "scale", DType::F32);
+  const float* scale = static_cast<const float*>(p.scale.data);
+  // On the CPU reading it is free; a CUDA scale is the caller's to check (reading it would wait for the device).
+  FLASHLM_CHECK(p.x.device.is_cuda() || (std::isfinite(*scale) && *scale > 0.f),
+                "scale: must be finite and positive, got ", p.x.device.is_cuda() ? 0.f : *scale);
+  quantize_rows(p, scale, "quantize_static", stream);
 }
 
 void int8_gemm(const Int8GemmParams& p, void* stream) {

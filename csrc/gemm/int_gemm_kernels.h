@@ -16,6 +16,7 @@ struct QuantizeArgs {
   int8_t* q;       // [M, K]
   float* scales;   // [M]
   int64_t M, K;
+  const float* static_scale;  // null: per token (absmax / 127); else one scale for every row (quantize_static)
 };
 
 struct Int8Args {
@@ -42,7 +43,7 @@ struct Int4Args {
   int64_t M, N, K, group;
 };
 
-// Scalar references.
+// Scalar references. The quantizers take a.static_scale into account (per token where it is null).
 void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m_end);
 void int8_gemm_scalar(const Int8Args& a, int64_t n_begin, int64_t n_end);
 void int4_gemm_scalar(const Int4Args& a, int64_t n_begin, int64_t n_end);

@@ -33,6 +33,20 @@ void store(void* p, DType dtype, int64_t i, float v) {
   }
 }
 
+// round_half_even(v) clamped to [-127, 127]; NaN -> -127, as the AVX2 kernel.
+int8_t to_code(float v) {
+  const float r = std::nearbyint(v);
+  return static_cast<int8_t>(r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f);
+}
+
+void quantize_static_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
+  const float s = *a.static_scale;
+  for (int64_t m = m_begin; m < m_end; ++m) {
+    a.scales[m] = s;
+    for (int64_t k = 0; k < a.K; ++k) a.q[m * a.K + k] = to_code(load(a.x, a.x_dtype, m * a.K + k) / s);
+  }
+}
+
 }  // namespace
 
 // The row's absolute maximum as the largest |x| bit pattern: for floats without their sign bit the integer order
@@ -40,6 +54,7 @@ void store(void* p, DType dtype, int64_t i, float v) {
 // it) and the row's scale is NaN, as absmax / 127 is in float arithmetic; the GEMM epilogues then write NaN
 // for every output of the row. The AVX2 and CUDA quantizers take the same maximum.
 void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m_end) {
+  if (a.static_scale) return quantize_static_scalar(a, m_begin, m_end);
   for (int64_t m = m_begin; m < m_end; ++m) {
     uint32_t max_bits = 0;
     for (int64_t k = 0; k < a.K; ++k) max_bits = std::max(max_bits, abs_bits(load(a.x, a.x_dtype, m * a.K + k)));
@@ -47,11 +62,7 @@ void quantize_per_token_scalar(const QuantizeArgs& a, int64_t m_begin, int64_t m
     std::memcpy(&absmax, &max_bits, 4);
     const float inv = absmax > 0.f ? 127.f / absmax : 0.f;  // NaN: 0, the row's q are 0 (-127 at the NaN)
     a.scales[m] = absmax / 127.f;
-    for (int64_t k = 0; k < a.K; ++k) {
-      float r = std::nearbyint(load(a.x, a.x_dtype, m * a.K + k) * inv);  // round half to even
-      r = r >= -127.f ? (r <= 127.f ? r : 127.f) : -127.f;               // NaN -> -127, as the AVX2 kernel
-      a.q[m * a.K + k] = static_cast<int8_t>(r);
-    }
+    for (int64_t k = 0; k < a.K; ++k) a.q[m * a.K + k] = to_code(load(a.x, a.x_dtype, m * a.K + k) * inv);
   }
 }
 

@@ -26,7 +26,7 @@ from flashlm.io.gguf_layout import gguf_model_config
 from flashlm.io.hf_source import HFSource
 from flashlm.models import ModelConfig
 from flashlm.quant.gguf_quantize import GGUF_QUANT_TYPES, quantize_gguf
-from flashlm.quant.imatrix import IMatrix, read_imatrix
+from flashlm.quant.imatrix import IMatrix, quantize_experts, read_imatrix
 from flashlm.quant.mix import MIXES, UNSUPPORTED_MIXES, MixPlanner, ModelInfo
 
 _FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -238,9 +238,10 @@ def _write(writer, source, mix: str, targets: list, progress: bool, imatrix: IMa
             out = np.ascontiguousarray(data).view(np.uint8)
         else:
             weights = imatrix.importance(name) if imatrix is not None and name in imatrix.entries else None
-            if weights is not None and len(shape) == 3:
-                raise NotImplementedError(f"{name}: quantizing 3-D (expert) weights with an imatrix is not supported")
-            out = quantize_gguf(_as_rows(data, current, shape), target, imatrix=weights)
+            if weights is not None and len(shape) == 3:  # experts: one run of the values per expert
+                out = quantize_experts(_as_rows(data, current, shape), target, weights, int(shape[0]))
+            else:
+                out = quantize_gguf(_as_rows(data, current, shape), target, imatrix=weights)
         block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[target]]
         out = out.reshape(_byte_shape(shape, block, block_bytes))
         writer.write_tensor_data(out)

@@ -22,7 +22,7 @@ from flashlm.ops.flash_attn_interface import (
     flash_attn_with_kvcache,
 )
 from flashlm.ops.gguf_linear import GGUF_BACKWARD_TYPES, GGUF_LINEAR_TYPES, gguf_linear, gguf_linear_backward_input
-from flashlm.ops.int_linear import int4_linear, int8_linear, int8_linear_static, quantize_per_token
+from flashlm.ops.int_linear import int4_linear, int8_linear, int8_linear_static, quantize_per_token, quantize_static
 from flashlm.ops.quantize import gguf_quantize, quantize_supported
 from flashlm.ops.kvcache import paged_attention, paged_attention_num_splits, write_kv_cache
 from flashlm.ops.norm import rms_norm
@@ -79,6 +79,6 @@ __all__ = [
     "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_with_kvcache",
     "GGUF_BACKWARD_TYPES", "GGUF_LINEAR_TYPES", "gguf_linear", "gguf_linear_backward_input", "gguf_quantize", "int4_linear",
     "int4_linear_backward_input", "int8_linear", "int8_linear_backward_input", "int8_linear_static", "num_threads",
-    "paged_attention", "paged_attention_num_splits", "quantize_per_token", "quantize_supported", "rms_norm",
+    "paged_attention", "paged_attention_num_splits", "quantize_per_token", "quantize_static", "quantize_supported", "rms_norm",
     "set_cpu_isa", "set_num_threads", "write_kv_cache",
 ]

@@ -7,8 +7,8 @@ j + group/2 (high nibble); float32 scales [N, K/group] and, for asymmetric weigh
 same shape (w = (u - z) * s; symmetric: z = 8). Activations: float32/bfloat16 on the CPU, float16/bfloat16 on
 CUDA (also float32 for quantize_per_token and int8_linear).
 
-int8_linear_static is W8A8 with one fixed activation scale (static calibration): x is quantized with torch ops
-(round half to even of x / scale, clamped to +-127) and multiplied by the same int8 GEMM.
+int8_linear_static is W8A8 with one fixed activation scale (static calibration): x is quantized natively
+(round half to even of x / scale, clamped to +-127: quantize_static) and multiplied by the same int8 GEMM.
 
 int8_linear, int8_linear_static and int4_linear are differentiable with respect to x and bias, the weights frozen: dx = dy @ W from the
 stored weights (flashlm.ops.backward_input), nothing of x saved. int8_linear's rounding of x to int8 passes the
@@ -124,17 +124,30 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scales: torch.Tensor,
     return y.reshape(*x.shape[:-1], n)
 
 
+def _quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [M, K] and a float32 scale of one element -> (q int8 [M, K], scales float32 [M], each the scale)."""
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)  # smaller than x, which is in memory
+    scales = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _C.quantize_static(x, act_scale.reshape(1).contiguous(), q, scales, cuda_stream(x))
+    return q, scales
+
+
 def quantize_static(x: torch.Tensor, act_scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] to int8 with one fixed scale (a float32 scalar tensor): q = clamp(round_half_even(x / scale),
-    -127, 127); values beyond 127 * scale are clipped."""
-    return torch.round(x.float() / act_scale).clamp_(-127, 127).to(torch.int8)
+    """x [..., K] to int8 with one fixed scale (a float32 tensor of one element, finite and > 0): q =
+    clamp(round_half_even(x / scale), -127, 127); values beyond 127 * scale are clipped."""
+    _check_x(x, allow_cuda_f32=True)
+    check_tensors("act_scale", act_scale)
+    check_same_device(x=x, act_scale=act_scale)
+    if act_scale.numel() != 1 or act_scale.dtype != torch.float32:
+        raise ValueError(f"act_scale: expected one float32 value, got {act_scale.dtype} {tuple(act_scale.shape)}")
+    return _quantize_static(_rows(x), act_scale)[0].reshape(x.shape)
 
 
 @custom_op("flashlm::int8_linear_static", mutates_args=())
 def _int8_linear_static(x: torch.Tensor, act_scale: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                         bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x_q = quantize_static(x, act_scale)
-    return _int8_gemm(x_q, act_scale.expand(x.shape[0]).contiguous(), w, w_scales, bias, x.dtype)
+    x_q, x_scales = _quantize_static(x.contiguous(), act_scale)
+    return _int8_gemm(x_q, x_scales, w, w_scales, bias, x.dtype)
 
 
 @_int8_linear_static.register_fake

@@ -16,7 +16,12 @@ Every count and size read from a file is checked against the file before use.
 
 Collection (`collect_imatrix`) hooks the linear layers of flashlm Transformer blocks and adds each call's
 squared inputs, counting tokens as llama.cpp does (one per input row); the output projection is left out,
-as llama.cpp's imatrix tool does by default.
+as llama.cpp's imatrix tool does by default. A mixture-of-experts MLP (flashlm.models.moe.MoEMLP) gives its
+3-D weights ffn_gate_exps / ffn_up_exps / ffn_down_exps one matrix per expert, as llama.cpp's collector does
+for its expert matmuls: expert e's sums and count cover the tokens routed to it (its gate/up input is the
+token's MLP input, its down input the token's silu(gate) * up under that expert, before the routing weight).
+Those activations are recomputed in float32 from the routing the forward made (the kernels' own rounding of
+them is not the collector's to see). qwen2_moe's shared expert is not collected.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from flashlm import ops
+from flashlm.quant.gguf_quantize import quantize_gguf
 
 GGUF_MAGIC = b"GGUF"
 _ALIGNMENT = 32
@@ -72,6 +78,21 @@ class IMatrix:
             if count > 0:
                 out[j] = per[j] / np.float32(count)
         return out.reshape(-1)
+
+
+def quantize_experts(rows, ggml_type: str, importance: np.ndarray, n_expert: int) -> np.ndarray:
+    """A 3-D (expert) weight as float rows [n_expert * rows_per_expert, n] quantized to ggml_type with its
+    imatrix entry's values (n_expert * n of them, one run of n per expert): each expert's rows with its own
+    run, as llama.cpp's quantize tool hands ggml's quantizer (imatrix + expert * n). Returns uint8
+    [n_expert * rows_per_expert, bytes_per_row]."""
+    total, n = (int(d) for d in rows.shape)
+    if isinstance(n_expert, bool) or not isinstance(n_expert, int) or n_expert < 1 or total % n_expert:
+        raise ValueError(f"n_expert: expected a positive int dividing the {total} rows, got {n_expert!r}")
+    if len(importance) != n_expert * n:
+        raise ValueError(f"imatrix: expected {n_expert * n} values ({n_expert} experts of {n}), got {len(importance)}")
+    per = total // n_expert
+    return np.concatenate([quantize_gguf(rows[e * per:(e + 1) * per], ggml_type, imatrix=importance[e * n:(e + 1) * n])
+                           for e in range(n_expert)])
 
 
 # -- reading ----------------------------------------------------------------------------------------------
@@ -332,34 +353,81 @@ def gguf_linear_names(model: torch.nn.Module, fused_qkv: bool = False, fused_gat
     return names
 
 
+def gguf_expert_names(model: torch.nn.Module) -> dict[str, str]:
+    """module name -> GGUF name prefix (`blk.3.`) for the mixture-of-experts MLPs of a flashlm Transformer's
+    blocks (`blocks.3.mlp`), whose ffn_gate_exps / ffn_up_exps / ffn_down_exps the collector fills."""
+    from flashlm.models.moe import MoEMLP
+
+    names = {}
+    for module_name, module in model.named_modules():
+        match = _BLOCK_RE.match(module_name)
+        if match and match.group(2) == "mlp" and isinstance(module, MoEMLP):
+            names[module_name] = f"blk.{match.group(1)}."
+    return names
+
+
+def _float_experts(w) -> torch.Tensor:
+    """Stacked expert matrices [E, rows, cols] as float32 (GGUFExperts dequantized)."""
+    return (w.dequantize() if hasattr(w, "dequantize") else w.detach()).float()
+
+
 class IMatrixCollector:
     """Forward hooks that add the squared inputs of the named modules per channel (float64) and count their
-    rows (tokens). Use as a context manager around forward passes; `imatrix()` gives the result."""
+    rows (tokens); with experts (gguf_expert_names), per expert of each MoE MLP. Use as a context manager
+    around forward passes; `imatrix()` gives the result."""
 
-    def __init__(self, model: torch.nn.Module, names: dict[str, str]):
-        if not names:
+    def __init__(self, model: torch.nn.Module, names: dict[str, str], experts: dict[str, str] | None = None):
+        experts = experts or {}
+        if not names and not experts:
             raise ValueError("names: no linear layers to collect from")
         modules = dict(model.named_modules())
-        missing = [n for n in names if n not in modules]
+        missing = [n for n in (*names, *experts) if n not in modules]
         if missing:
             raise ValueError(f"names: the model has no module {missing[0]!r}")
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._sums: dict[str, torch.Tensor] = {}    # GGUF name -> float64 [matrices, columns]
+        self._counts: dict[str, torch.Tensor] = {}  # GGUF name -> int64 [matrices]
         self._handles = [modules[m].register_forward_hook(self._hook(g)) for m, g in names.items()]
+        self._handles += [modules[m].register_forward_hook(self._expert_hook(p)) for m, p in experts.items()]
+
+    def _add(self, gguf_name: str, sq: torch.Tensor, counts: torch.Tensor) -> None:
+        """Adds sums sq [matrices, columns] and row counts [matrices] to gguf_name's."""
+        if gguf_name in self._sums:
+            if self._sums[gguf_name].shape != sq.shape:
+                raise ValueError(f"{gguf_name}: input width changed from {self._sums[gguf_name].shape[-1]} "
+                                 f"to {sq.shape[-1]}")
+            self._sums[gguf_name] += sq
+            self._counts[gguf_name] += counts
+        else:
+            self._sums[gguf_name], self._counts[gguf_name] = sq, counts
 
     def _hook(self, gguf_name: str):
         def hook(module, inputs, output):
             x = inputs[0].detach()
             x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            sq = (x * x).sum(dim=0).cpu()
-            if gguf_name in self._sums:
-                if self._sums[gguf_name].shape != sq.shape:
-                    raise ValueError(f"{gguf_name}: input width changed from {self._sums[gguf_name].shape[0]} "
-                                     f"to {sq.shape[0]}")
-                self._sums[gguf_name] += sq
-            else:
-                self._sums[gguf_name] = sq
-            self._counts[gguf_name] = self._counts.get(gguf_name, 0) + x.shape[0]
+            self._add(gguf_name, (x * x).sum(dim=0, keepdim=True).cpu(), torch.tensor([x.shape[0]]))
+        return hook
+
+    def _expert_hook(self, prefix: str):
+        def hook(module, inputs, output):
+            from flashlm.ops.moe import route
+
+            h = inputs[0].detach()
+            h = h.reshape(-1, h.shape[-1])
+            _, chosen = route(module.router(h), module.top_k, renormalize=module.renormalize)
+            gate, up = _float_experts(module.experts_gate), _float_experts(module.experts_up)
+            n_expert = gate.shape[0]
+            sq_in = torch.zeros(n_expert, h.shape[1], dtype=torch.float64)
+            sq_act = torch.zeros(n_expert, gate.shape[1], dtype=torch.float64)
+            counts = torch.zeros(n_expert, dtype=torch.int64)
+            for e in range(n_expert):
+                x = h[(chosen == e).any(dim=1)].float()
+                act = torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T)
+                sq_in[e] = (x.double() ** 2).sum(0).cpu()
+                sq_act[e] = (act.double() ** 2).sum(0).cpu()
+                counts[e] = x.shape[0]
+            self._add(prefix + "ffn_gate_exps.weight", sq_in, counts)
+            self._add(prefix + "ffn_up_exps.weight", sq_in.clone(), counts.clone())
+            self._add(prefix + "ffn_down_exps.weight", sq_act, counts.clone())
         return hook
 
     def close(self) -> None:
@@ -376,13 +444,13 @@ class IMatrixCollector:
     def imatrix(self, chunk_size: int, datasets=()) -> IMatrix:
         entries = {}
         for name, sums in self._sums.items():
-            values = sums.numpy().astype(np.float32)
+            values = sums.reshape(-1).numpy().astype(np.float32)
             if not np.all(np.isfinite(values)):
                 raise ValueError(f"{name}: non-finite activations")
-            entries[name] = IMatrixEntry(values, np.array([self._counts[name]], dtype=np.int64))
+            entries[name] = IMatrixEntry(values, self._counts[name].numpy().astype(np.int64))
         if not entries:
             raise ValueError("imatrix: no activations were collected")
-        chunk_count = max(self._counts.values()) // chunk_size
+        chunk_count = max(int(c.max()) for c in self._counts.values()) // chunk_size
         return IMatrix(entries, list(datasets), chunk_count, chunk_size)
 
 
@@ -408,7 +476,8 @@ def collect_imatrix(model: torch.nn.Module, tokens, chunk_size: int = 512, bos_t
     if bos_token_id is not None:
         chunks[:, 0] = bos_token_id
     device = next(model.parameters()).device
-    with IMatrixCollector(model, gguf_linear_names(model, fused_qkv, fused_gate_up)) as collector:
+    with IMatrixCollector(model, gguf_linear_names(model, fused_qkv, fused_gate_up), gguf_expert_names(model)) \
+            as collector:
         for i in range(n_chunks):
             model(chunks[i:i + 1].to(device))
             if progress is not None:

@@ -3,6 +3,8 @@
 // - quantize_per_token: x (f32/bf16 on the CPU, f16/bf16/f32 on CUDA) -> int8 q [M, K] and f32 scales [M],
 //   symmetric: scale = absmax(row) / 127, q = round_half_even(x * (127 / absmax)) in [-127, 127] (never
 //   -128, which the CPU kernels' sign trick cannot take). A row of zeros gets scale 0 and q 0.
+// - quantize_static: the same with one given scale for every row (W8A8 with a calibrated activation
+//   scale): q = clamp(round_half_even(x / scale), -127, 127), scales[m] = scale (NaN -> -127).
 // - int8_gemm (W8A8): int8 activations with per-row scales, int8 weights with per-output-channel f32
 //   scales, exact int32 accumulation, y[m, n] = acc[m, n] * x_scales[m] * w_scales[n] + bias[n].
 //   x_q must lie in [-127, 127] (checked on the CPU); K <= 131072 so that the int32 sums cannot overflow.
@@ -32,6 +34,7 @@ struct QuantizePerTokenParams {
   TensorView x;       // [M, K]
   TensorView q;       // output, int8 [M, K]
   TensorView scales;  // output, f32 [M]
+  TensorView scale;   // quantize_static only: f32, one element (on x's device), finite and > 0
 };
 
 struct Int8GemmParams {
@@ -54,6 +57,7 @@ struct Int4GemmParams {
 };
 
 FLASHLM_API void quantize_per_token(const QuantizePerTokenParams& params, void* stream = nullptr);
+FLASHLM_API void quantize_static(const QuantizePerTokenParams& params, void* stream = nullptr);
 FLASHLM_API void int8_gemm(const Int8GemmParams& params, void* stream = nullptr);
 FLASHLM_API void int4_gemm(const Int4GemmParams& params, void* stream = nullptr);
 
