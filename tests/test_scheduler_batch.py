@@ -12,7 +12,7 @@ from flashlm.runtime.block_manager import BlockManager
 from flashlm.runtime.sampling_params import SamplingParams
 from flashlm.runtime.scheduler import Scheduler
 from flashlm.runtime.sequence import Sequence
-from test_scheduler import VOCAB, FakeRunner, next_token
+from test_scheduler import VOCAB, FakeRunner
 
 
 def workload(seed, max_model_len):

@@ -287,7 +287,7 @@ class BlockManager:
         all the rest) are appended. Returns the block copies [(src, dst), ...] the runner must do before writing
         the new tokens: at most one, when the partly filled last block is shared with a fork (copy-on-write)."""
         seq = self._seq(seq_id)
-        bs, n = self.block_size, seq.num_tokens
+        n = seq.num_tokens
         if not hasattr(token_ids, "__len__") or not hasattr(token_ids, "__getitem__"):
             raise TypeError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
         if num_new_tokens is None:
