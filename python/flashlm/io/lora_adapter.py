@@ -7,7 +7,9 @@
 The model's block linears are wrapped in LoRALinear in place (float, int8/int4 or GGUF bases alike). Every name,
 shape and count is checked before the model is touched; a mismatch names the tensor and both shapes. A GGUF
 adapter is read as llama.cpp applies it: scale alpha / r per tensor (1 when alpha is 0), B's rows of llama's
-q and k in ggml's rope order (put back into flashlm's here).
+q and k in ggml's rope order (put back into flashlm's here). gpt2's q, k and v are one GGUF tensor, attn_qkv
+(rows q|k|v): its adapter (A [R, in], B [3 out, R], any B) becomes three LoRA layers sharing A, each with its
+rows of B and llama.cpp's alpha / R, so q|k|v come out as llama.cpp computes them.
 
     virtual = load_adapter(model, path)   # the above (None), or prompt or prefix tuning's ("PROMPT_TUNING" or
                                           # "PREFIX_TUNING", its table [P, width]); the runtime puts those
@@ -33,7 +35,7 @@ from flashlm.models.lora import LoRALinear, freeze, lora_layers, positive_int
 # flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
 GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
               "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
-_MODULES = {v: k for k, v in GGUF_NAMES.items()}
+GPT2_GGUF_NAMES = {"attn.o": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # and q|k|v: attn_qkv
 _GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
 
 
@@ -98,35 +100,64 @@ def _virtual_token_table(cfg, config: dict, tensors: dict, where: str) -> torch.
 
 def _load_gguf(model: nn.Module, path: str) -> None:
     cfg = model.cfg
+    targets = _gguf_targets(cfg.arch)
     try:
         with GGUFFile(path) as f:
             meta = f.metadata
             _check_gguf_metadata(meta, cfg.arch, path)
             alpha = float(meta["adapter.lora.alpha"])
-            pairs = _gguf_pairs(model, [t.name for t in f.tensors], path)
-            weights = {}
-            for module_name, (a_name, b_name) in pairs.items():
-                m = model.get_submodule(module_name)
+            pairs = _gguf_pairs(model, targets, [t.name for t in f.tensors], path)
+            weights = []  # (module names, A, B, fused)
+            for (block, gguf_name), (a_name, b_name) in pairs.items():
+                modules = [f"blocks.{block}.{m}" for m in targets[gguf_name]]
+                linears = [model.get_submodule(m) for m in modules]
                 a, b = f.tensor(a_name), f.tensor(b_name)
                 r = a.shape[0] if len(a.shape) == 2 else -1
-                _check_shape(a_name, a.shape, (r, m.in_features), module_name)
-                _check_shape(b_name, b.shape, (m.out_features, r), module_name)
-                weights[module_name] = (f.load(a_name), f.load(b_name))
+                what = " + ".join(modules)
+                _check_shape(a_name, a.shape, (r, linears[0].in_features), what)
+                _check_shape(b_name, b.shape, (sum(m.out_features for m in linears), r), what)
+                weights.append((modules, f.load(a_name), f.load(b_name), len(modules) > 1))
     except GGUFError as e:
         raise ValueError(f"lora: {path}: {e}") from e
-    for module_name, (a, b) in weights.items():
-        if cfg.arch == "llama" and module_name.endswith((".attn.q", ".attn.k")):
-            heads = cfg.n_head if module_name.endswith(".attn.q") else cfg.n_kv_head
-            b = b[rope_row_order(heads, cfg.head_dim)]
-        r = a.shape[0]
-        scaling = alpha / r if alpha else 1.0  # llama.cpp's: alpha / rank, or 1 for alpha 0
-        parent, child = module_name.rsplit(".", 1)
-        layer = LoRALinear(model.get_submodule(module_name), r, scaling * r)
-        with torch.no_grad():
-            layer.lora_A.copy_(a)
-            layer.lora_B.copy_(b)
-        setattr(model.get_submodule(parent), child, layer)
+    for modules, a, b, fused in weights:
+        scaling = alpha / a.shape[0] if alpha else 1.0  # llama.cpp's: alpha / the file's rank, or 1 for alpha 0
+        row = 0
+        for module_name in modules:
+            out = model.get_submodule(module_name).out_features
+            part_a, part_b = a, b[row:row + out]
+            row += out
+            if fused:
+                # Each projection keeps only the ranks its rows of B use (flashlm's own export writes B
+                # block-diagonal); columns of zeros add nothing, and a projection with none is left as it is.
+                used = (part_b != 0).any(0)
+                if not used.any():
+                    continue
+                part_a, part_b = part_a[used], part_b[:, used]
+            _wrap(model, module_name, part_a, part_b, scaling)
     freeze(model)
+
+
+def _wrap(model: nn.Module, module_name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """Puts LoRALinear with A [r, in], B [out, r] (llama.cpp's rows) and this scaling on model's module_name."""
+    cfg = model.cfg
+    if cfg.arch == "llama" and module_name.endswith((".attn.q", ".attn.k")):
+        heads = cfg.n_head if module_name.endswith(".attn.q") else cfg.n_kv_head
+        b = b[rope_row_order(heads, cfg.head_dim)]
+    r = a.shape[0]
+    parent, child = module_name.rsplit(".", 1)
+    layer = LoRALinear(model.get_submodule(module_name), r, scaling * r)
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b)
+    setattr(model.get_submodule(parent), child, layer)
+
+
+def _gguf_targets(arch: str) -> dict:
+    """llama.cpp's tensor name (without "blk.N." and ".weight") -> the flashlm block modules it covers, in the
+    order of its rows: one, or gpt2's q, k and v for its fused attn_qkv."""
+    if arch == "gpt2":
+        return {**{v: (k,) for k, v in GPT2_GGUF_NAMES.items()}, "attn_qkv": ("attn.q", "attn.k", "attn.v")}
+    return {v: (k,) for k, v in GGUF_NAMES.items()}
 
 
 def _check_gguf_metadata(meta: dict, arch: str, path: str) -> None:
@@ -139,22 +170,21 @@ def _check_gguf_metadata(meta: dict, arch: str, path: str) -> None:
         raise ValueError(f"lora: {path}: adapter.lora.alpha must be a finite number >= 0, got {alpha!r}")
 
 
-def _gguf_pairs(model: nn.Module, names: list, path: str) -> dict:
-    """{flashlm module name: (lora_a tensor name, lora_b tensor name)}, every name checked."""
+def _gguf_pairs(model: nn.Module, targets: dict, names: list, path: str) -> dict:
+    """{(block, llama.cpp tensor name): (lora_a tensor name, lora_b tensor name)}, every name checked."""
     found = {}
     for name in names:
         m = _GGUF_TENSOR_RE.match(name)
-        if m is None or m.group(2) not in _MODULES or int(m.group(1)) >= model.cfg.n_layer:
+        if m is None or m.group(2) not in targets or int(m.group(1)) >= model.cfg.n_layer:
             raise ValueError(f"lora: {path}: tensor {name!r} names no block linear of this model "
-                             f"({model.cfg.n_layer} layers; {', '.join(GGUF_NAMES.values())})")
-        module = f"blocks.{int(m.group(1))}.{_MODULES[m.group(2)]}"
-        found.setdefault(module, {})[m.group(3)] = name
+                             f"({model.cfg.n_layer} layers; {', '.join(targets)})")
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = name
     if not found:
         raise ValueError(f"lora: {path}: has no lora_a / lora_b tensors")
-    for module, pair in found.items():
+    for (block, gguf_name), pair in found.items():
         if set(pair) != {"a", "b"}:
-            raise ValueError(f"lora: {path}: {module} has lora_{next(iter(pair))} without its pair")
-    return {module: (pair["a"], pair["b"]) for module, pair in found.items()}
+            raise ValueError(f"lora: {path}: blk.{block}.{gguf_name} has lora_{next(iter(pair))} without its pair")
+    return {key: (pair["a"], pair["b"]) for key, pair in found.items()}
 
 
 def _check_shape(name: str, shape: tuple, want: tuple, module: str) -> None:

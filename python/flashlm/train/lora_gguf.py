@@ -23,10 +23,9 @@ import numpy as np
 from torch import nn
 
 from flashlm.io.hf_source import permute_rope_rows
-from flashlm.io.lora_adapter import GGUF_NAMES
+from flashlm.io.lora_adapter import GGUF_NAMES, GPT2_GGUF_NAMES
 from flashlm.train.peft.lora import lora_layers
 
-_GPT2_GGUF_NAMES = {"attn.o": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
 _GPT2_QKV = ("attn.q", "attn.k", "attn.v")
 
 def lora_gguf_tensors(model: nn.Module) -> tuple[float, list]:
@@ -56,7 +55,7 @@ def lora_gguf_tensors(model: nn.Module) -> tuple[float, list]:
         for block in sorted({block for block, module in pairs if module in _GPT2_QKV}):
             a, b = _fused_qkv([pairs.pop((block, module), None) for module in _GPT2_QKV], first.r, cfg.d_model)
             out += _pair(f"blk.{block}.attn_qkv.weight", a, b)
-    names = _GPT2_GGUF_NAMES if cfg.arch == "gpt2" else GGUF_NAMES
+    names = GPT2_GGUF_NAMES if cfg.arch == "gpt2" else GGUF_NAMES
     for (block, module), (a, b) in pairs.items():
         out += _pair(f"blk.{block}.{names[module]}.weight", a, b)
     return float(first.scaling * first.r), out
