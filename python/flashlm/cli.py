@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FINETUNE_FLAGS = ("model", "data", "val_data", "method", "lora_r", "lora_alpha", "lora_dropout", "target", "qat",
-                  "qat_group_size",
+                  "qat_group_size", "qat_lsq",
                   "num_virtual_tokens", "seq_len", "max_steps", "batch_size", "grad_accum", "lr", "warmup",
                   "eval_interval", "ckpt_interval", "seed", "device", "out_dir", "progress")
 
@@ -453,6 +453,8 @@ def add_finetune_parser(sub) -> None:
                                  "or a GGML block type Q8_0, Q4_0, Q4_K (default off)")
     p.add_argument("--qat-group-size", type=int, help="with --qat int4: the group (default: the largest "
                                                       "of 128/64/32 dividing every layer)")
+    p.add_argument("--qat-lsq", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --qat int8 or int4: train the weights' steps too (LSQ; default off)")
     p.add_argument("--seq-len", type=int, help="tokens per record, at most the model's context (default: it)")
     p.add_argument("--max-steps", type=int, help=f"(default {d.max_steps})")
     p.add_argument("--batch-size", type=int, help=f"records per micro-batch (default {d.batch_size})")

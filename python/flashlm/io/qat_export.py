@@ -1,7 +1,8 @@
 """`flashlm quantize RUN OUT --method qat`: a run trained with `flashlm train --qat int8|int4|int4-asym` (or
 fine-tuned with `flashlm finetune --method full --qat ...`) written as a quantized checkpoint
 (flashlm.io.quantized_checkpoint) whose Int4Linear or Int8Linear layers compute exactly the forward the run
-trained with: the same quantizer, group size and symmetry (int8: per-channel weights, per-token activations).
+trained with: the same quantizer, group size and symmetry (int8: per-channel weights, per-token activations);
+a run trained with --qat-lsq, its learned steps as the layers' scales.
 A run trained with a GGML block type (--qat Q8_0|Q4_0|Q4_K) has no such form: flashlm.train.export.export_qat_run
 writes it as a GGUF file (OUT must end in .gguf) with block_linear_plan's types:
 its block linears (attn_q/k/v/qkv, attn_output, ffn_gate/up/down; MoE experts are no QAT layers) in that type,
@@ -13,16 +14,46 @@ from __future__ import annotations
 
 def qat_setting(path: str) -> tuple[str, int | None]:
     """(qat type, group size or None) that the checkpoint at path (a file or run folder) was trained with."""
+    qat, group_size, _, _ = _trained_setting(path)
+    return qat, group_size
+
+
+def _trained_setting(path: str) -> tuple:
+    """(qat type, group size or None, whether its steps were learned (--qat-lsq), the checkpoint)."""
     from flashlm.io.checkpoint import find_checkpoint, load_checkpoint
-    from flashlm.quant.qat import check_qat_setting
+    from flashlm.quant.qat import check_lsq, check_qat_setting
 
     ckpt = load_checkpoint(find_checkpoint(path))
     saved = ckpt.get("train_config") or ckpt.get("finetune") or {}
     if not isinstance(saved, dict) or saved.get("qat") is None:
         raise ValueError(f"input: {path!r} was not trained with --qat")
-    qat, group_size = saved.get("qat"), saved.get("qat_group_size")
+    qat, group_size, lsq = saved.get("qat"), saved.get("qat_group_size"), saved.get("qat_lsq", False)
     check_qat_setting(qat, group_size)  # the file is untrusted
-    return qat, group_size
+    check_lsq(qat, lsq)
+    return qat, group_size, lsq, ckpt
+
+
+def put_learned_steps(model, state, where: str) -> None:
+    """Copies each learned step tensor of state (a run's model state) into model's QATLinear layers made with
+    lsq, every name, shape and value checked."""
+    import torch
+
+    from flashlm.quant.qat import QATLinear
+
+    if not isinstance(state, dict):
+        raise ValueError(f"input: {where}: has no model state")
+    for name, layer in model.named_modules():
+        if not (isinstance(layer, QATLinear) and layer.lsq):
+            continue
+        key, want = f"{name}.weight_step", layer.weight_step
+        step = state.get(key)
+        if not isinstance(step, torch.Tensor) or step.shape != want.shape or not step.is_floating_point():
+            got = tuple(step.shape) if isinstance(step, torch.Tensor) else type(step).__name__
+            raise ValueError(f"input: {where}: {key}: expected float steps of shape {tuple(want.shape)}, got {got}")
+        if not torch.isfinite(step).all():
+            raise ValueError(f"input: {where}: {key}: holds a step that is not finite")
+        with torch.no_grad():
+            want.copy_(step)
 
 
 def export_qat(input_path: str, output_path: str) -> dict:
@@ -32,12 +63,14 @@ def export_qat(input_path: str, output_path: str) -> dict:
     from flashlm.io.quantized_checkpoint import save_quantized_model
     from flashlm.quant.qat import GGUF_QAT_TYPES, apply_qat, convert_qat
 
-    qat, group_size = qat_setting(input_path)
+    qat, group_size, lsq, ckpt = _trained_setting(input_path)
     if qat in GGUF_QAT_TYPES:
         raise ValueError(f"qat: a run trained with --qat {qat} has no quantized checkpoint form (its layers are GGML "
                          "blocks): write it as a GGUF file (flashlm.train.export.export_qat_run)")
     loaded = load_model(input_path)
-    apply_qat(loaded.model, qat, group_size)
+    apply_qat(loaded.model, qat, group_size, lsq=lsq)
+    if lsq:  # the scales it learned, not RTN's of its weights
+        put_learned_steps(loaded.model, ckpt.get("model"), repr(input_path))
     layers = convert_qat(loaded.model)
     save_quantized_model(loaded, output_path, "qat")
     first = loaded.model.get_submodule(layers[0])

@@ -396,6 +396,12 @@ class PagedBatch:
     logits_rows: torch.Tensor  # int64 [R]: the rows whose next-token logits are wanted
 
 
+def takes_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Whether parameter `name` gets weight decay: matrices do; norms, biases and a QAT layer's learned steps
+    (weight_step, 2-D for int4 groups: decay would shrink them toward a step of zero) do not."""
+    return p.dim() >= 2 and not name.endswith("weight_step")
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str = "flashlm"):
         super().__init__()
@@ -556,11 +562,11 @@ class Transformer(nn.Module):
         return self.logits(self.final_norm(x[batch.logits_rows])).float()
 
     def param_groups(self, weight_decay: float) -> list:
-        """Weight decay on matrices (linear weights and embeddings), none on norms and biases."""
+        """Weight decay on matrices (linear weights and embeddings), none on norms, biases and learned steps."""
         decay, no_decay = [], []
-        for _, p in self.named_parameters():
+        for name, p in self.named_parameters():
             if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+                (decay if takes_weight_decay(name, p) else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -68,6 +68,8 @@ class TrainConfig:
     # None: the largest of 128/64/32 dividing every layer
     qat: Optional[str] = None
     qat_group_size: Optional[int] = None
+    # with qat int8 or int4: the weights' steps are trained too (LSQ, flashlm.quant.lsq), with no weight decay
+    qat_lsq: bool = False
     # masks kept through training (flashlm.train.sparsity): "2:4" semi-structured or a fraction ("0.5") of each
     # matching matrix zeroed by magnitude, chosen once at the start; "" disables it
     sparsity: str = ""
@@ -118,6 +120,7 @@ class TrainConfig:
             from flashlm.quant.qat import check_qat_setting
 
             check_qat_setting(self.qat, self.qat_group_size)
+        check_qat_lsq(self.qat, self.qat_lsq)
         if self.qat is not None and self.zero_stage == 3:  # its layers round the full weights every forward
             raise ValueError("qat: not available with zero_stage 3")
         from flashlm.train.sparsity import parse_sparsity  # here: the module imports torch, this one need not
@@ -243,3 +246,13 @@ def add_arguments(parser):
 
 def overrides_from_args(args) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
+def check_qat_lsq(qat, qat_lsq) -> None:
+    """qat_lsq (learned steps) is a bool, True only with qat int8 or int4 (train's and finetune's check)."""
+    from flashlm.quant.qat import check_lsq
+
+    try:
+        check_lsq(qat, qat_lsq)
+    except ValueError as e:
+        raise ValueError(f"qat_lsq: {str(e).removeprefix('lsq: ')}") from None

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from flashlm.train.config import TrainConfig
+from flashlm.train.config import TrainConfig, check_qat_lsq
 from flashlm.train.trainer import Trainer, rng_state, set_rng_state
 
 METHODS = ("lora", "qlora", "prompt", "prefix", "full")
@@ -52,6 +52,7 @@ class FinetuneConfig:
     num_virtual_tokens: int = 16
     qat: Optional[str] = None              # method full only: quantization-aware (TrainConfig.qat)
     qat_group_size: Optional[int] = None
+    qat_lsq: bool = False                  # with qat int8 or int4: learned steps (TrainConfig.qat_lsq)
     seq_len: Optional[int] = None          # tokens per record (at most the model's context); None: the model's
     max_steps: int = 200
     batch_size: int = 8
@@ -80,6 +81,7 @@ class FinetuneConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr!r}")
         if self.qat is not None and self.method != "full":  # an adapter over quantized weights exports inexactly
             raise ValueError(f"qat: only with method full (every weight trained), got method {self.method!r}")
+        check_qat_lsq(self.qat, self.qat_lsq)
 
     def train_config(self) -> TrainConfig:
         """The loop's settings (TrainConfig checks them)."""
@@ -90,7 +92,8 @@ class FinetuneConfig:
                            seed=self.seed, device=self.device, eval_interval=self.eval_interval,
                            eval_batches=self.eval_batches, ckpt_interval=self.ckpt_interval,
                            keep_checkpoints=self.keep_checkpoints, out_dir=self.out_dir, sample_tokens=0,
-                           progress=self.progress, qat=self.qat, qat_group_size=self.qat_group_size)
+                           progress=self.progress, qat=self.qat, qat_group_size=self.qat_group_size,
+                           qat_lsq=self.qat_lsq)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,9 +173,11 @@ class SFTModel(nn.Module):
         return {name: p for name, p in self.tuned.named_parameters() if p.requires_grad}
 
     def param_groups(self, weight_decay: float) -> list:
-        params = list(self.trainable().values())
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        from flashlm.models.transformer import takes_weight_decay
+
+        params = self.trainable().items()
+        groups = [{"params": [p for n, p in params if takes_weight_decay(n, p)], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params if not takes_weight_decay(n, p)], "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
     def num_params(self) -> int:
@@ -367,8 +372,9 @@ class FineTuner(Trainer):
         if state.get("model_config") != self.model_config.to_dict():
             raise ValueError("checkpoint: its base model differs from --model's")
         saved = state.get("finetune") or {}
-        for key in ("method", "lora_r", "lora_alpha", "target", "num_virtual_tokens", "qat", "qat_group_size"):
-            if saved.get(key) != getattr(self.ft, key):
+        for key in ("method", "lora_r", "lora_alpha", "target", "num_virtual_tokens", "qat", "qat_group_size",
+                    "qat_lsq"):
+            if saved.get(key, False if key == "qat_lsq" else None) != getattr(self.ft, key):  # older runs: none
                 raise ValueError(f"checkpoint: {key} is {saved.get(key)!r}, this run's is {getattr(self.ft, key)!r}")
         load_adapter(self.model, state["adapter"])
         self.dp.load_state_dict(state["optimizer"])

@@ -242,8 +242,9 @@ class Trainer:
         from flashlm.quant.qat import apply_qat
 
         if self.cfg.qat is not None:
-            layers = apply_qat(model, self.cfg.qat, self.cfg.qat_group_size)
-            self.log(f"qat: {len(layers)} block linears train with their {self.cfg.qat} forward")
+            layers = apply_qat(model, self.cfg.qat, self.cfg.qat_group_size, lsq=self.cfg.qat_lsq)
+            steps = " and learned steps" if self.cfg.qat_lsq else ""
+            self.log(f"qat: {len(layers)} block linears train with their {self.cfg.qat} forward{steps}")
 
     def _l1_params(self) -> list:
         """The trainable parameters the L1 penalty covers (none when cfg.l1 is 0)."""
