@@ -199,7 +199,7 @@ GGUF_META = [
      ()),
     ("tokenizer.ggml.model = 'bert' (no tokenizer.ggml.unknown_token_id)",
      meta("tokenizer.ggml.model", gb.STRING, "bert"), ("tokenizer.ggml.unknown_token_id",)),
-    ("tokenizer.ggml.model = 't5'", meta("tokenizer.ggml.model", gb.STRING, "t5"), ()),
+    ("tokenizer.ggml.model = 'rwkv'", meta("tokenizer.ggml.model", gb.STRING, "rwkv"), ()),
     ("tokenizer.ggml.pre = 'unknown'", meta("tokenizer.ggml.pre", gb.STRING, "unknown"), ()),
 ]
 

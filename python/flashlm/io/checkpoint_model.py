@@ -74,7 +74,8 @@ def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None)
     state, int4, int8 = split_quantized_state(ckpt, where)
     # A run trained with --qat-lsq holds its learned steps too: loaded as a model, it is the float one (as every
     # QAT run loads); `flashlm quantize RUN OUT --method qat` reads the steps (flashlm.io.qat_export).
-    state = {k: v for k, v in state.items() if not isinstance(k, str) or not k.endswith(".weight_step")}
+    if isinstance(state, dict):  # anything else is refused by checkpoint_config, naming it
+        state = {k: v for k, v in state.items() if not isinstance(k, str) or not k.endswith(".weight_step")}
     cfg = checkpoint_config({**ckpt, "model": state}, where)
     backend, eos = checkpoint_tokenizer(ckpt, cfg, where)
     seq_len = context_length(cfg.seq_len, max_model_len, f"{where}: model_config seq_len")
