@@ -25,9 +25,6 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def make_model(folder):
     import torch
 
@@ -82,7 +79,8 @@ def worker(args) -> None:
 
 
 def run_once(pythonpath, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": pythonpath}
+    """One worker run with flashlm from `pythonpath` (None: the environment's own, the installed package)."""
+    env = dict(os.environ) if pythonpath is None else {**os.environ, "PYTHONPATH": pythonpath}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", args.model,
            "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
            "--clock", args.clock, "--batch", *map(str, args.batch), "--temperature", *map(str, args.temperature)]
@@ -113,8 +111,9 @@ def main():
         args.batch, args.gen_tokens, args.reps = [1, 4], 8, 1
     if args.worker:
         return worker(args)
-    ours = os.path.join(os.path.dirname(HERE), "python")
-    trees = {"this": os.environ.get("PYTHONPATH") or ours}
+    # "this" is the flashlm this interpreter imports (PYTHONPATH as set, else the installed package): a
+    # checkout's python/ folder lacks the native module unless it was installed editable.
+    trees = {"this": None}
     if args.against:
         trees = {"against": os.path.abspath(args.against), **trees}
     with tempfile.TemporaryDirectory() as folder:
@@ -123,8 +122,9 @@ def main():
         for _ in range(args.reps):  # the trees take turns
             for label, tree in trees.items():
                 runs[label].append(run_once(tree, args))
+    where = {k: v or os.environ.get("PYTHONPATH") or "installed" for k, v in trees.items()}
     print(f"host ms per step (median of {args.reps}; prompt {args.prompt_tokens}, {args.gen_tokens} tokens; "
-          f"clock {args.clock}; {', '.join(f'{k}: {v}' for k, v in trees.items())})")
+          f"clock {args.clock}; {', '.join(f'{k}: {v}' for k, v in where.items())})")
     print("| batch | temperature | " + " | ".join(trees) + (" | ratio |" if args.against else ""))
     print("|---|---|" + "---|" * (len(trees) + (1 if args.against else 0)))
     for b in args.batch:
