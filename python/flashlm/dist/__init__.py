@@ -89,7 +89,7 @@ def init(timeout: float = 60.0, *, force_gloo: bool = False) -> None:
     prefix = f"{_KEY}/{_generation}"
 
     hosts = [None] * world_size
-    tdist.all_gather_object(hosts, _host_id())
+    tdist.all_gather_object(hosts, host_id())
     one_host = len(set(hosts)) == 1
     cpu_ring = None
     if one_host and not force_gloo:
@@ -184,7 +184,8 @@ def _require() -> _State:
     return _state
 
 
-def _host_id() -> str:
+def host_id() -> str:
+    """This host, as the ranks compare it (hostname and boot id)."""
     # Processes share /dev/shm only on one host: hostname plus boot id (containers may share a hostname).
     boot = ""
     try:
@@ -210,8 +211,21 @@ def _ring_for(tensor: torch.Tensor):
 
 
 def _connect_gpu_ring(state: _State, device: int):
-    key = f"{_KEY}/{state.generation}/nccl_id"
-    if state.rank == 0:
+    ring = connect_nccl_ring(f"{_KEY}/{state.generation}/nccl_id", state.rank, state.world_size, device)
+    state.gpu_ring_device = device
+    log.info("flashlm.dist: rank %d, CUDA tensors through the NCCL ring on cuda:%d (%s)", state.rank, device,
+             comm.nccl_status())
+    return ring
+
+
+def connect_nccl_ring(key: str, rank: int, world_size: int, device: int, timeout: Optional[float] = None):
+    """Connects an NCCL ring of `world_size` ranks of this job, this one `rank` of it on cuda:`device`
+    (collective over the ring's ranks). Its rank 0 makes the unique id and puts it in torch.distributed's store
+    under `key`, which must be new for every ring; the others read it there (waiting for it). A rank 0 that
+    cannot make one (no NCCL) says why under the key, so that its peers raise instead of waiting. `timeout`:
+    init()'s when None."""
+    state = _require()
+    if rank == 0:
         try:
             unique_id = comm.nccl_unique_id()
         except Exception as e:  # tell the peers instead of leaving them waiting on the store
@@ -221,16 +235,13 @@ def _connect_gpu_ring(state: _State, device: int):
     else:
         unique_id = state.store.get(key)
         if unique_id.startswith(b"error: "):
-            raise RuntimeError(f"flashlm.dist: rank 0 could not start NCCL: {unique_id[7:].decode()}")
-    state.gpu_ring_device = device
-    log.info("flashlm.dist: rank %d, CUDA tensors through the NCCL ring on cuda:%d (%s)", state.rank, device,
-             comm.nccl_status())
-    return comm.nccl_ring(unique_id, state.rank, state.world_size, device, timeout=state.timeout)
+            raise RuntimeError(f"flashlm.dist: the ring's rank 0 could not start NCCL: {unique_id[7:].decode()}")
+    return comm.nccl_ring(unique_id, rank, world_size, device, timeout=state.timeout if timeout is None else timeout)
 
 
 from flashlm.dist.grad_sync import GradientSync  # noqa: E402  (it calls all_reduce)
 
 __all__ = [
-    "GradientSync", "all_gather", "all_reduce", "broadcast", "cpu_transport", "destroy", "get_rank",
-    "get_world_size", "init", "is_initialized", "reduce_scatter",
+    "GradientSync", "all_gather", "all_reduce", "broadcast", "connect_nccl_ring", "cpu_transport", "destroy",
+    "get_rank", "get_world_size", "host_id", "init", "is_initialized", "reduce_scatter",
 ]

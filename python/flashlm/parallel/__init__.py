@@ -1,6 +1,7 @@
 """Model parallelism: the process-group mesh and one file per parallelism.
 
     mesh.py       Mesh(dp, tp, pp, cp): the world's ranks as groups, one flashlm ring per group
+    cuda_mesh.py  CUDA tensors on the mesh: an NCCL ring per group and pipeline link; the ranks' devices checked
     tensor.py     Megatron tensor parallelism of flashlm's Transformer (column/row-parallel linears, heads split
                   across ranks, vocabulary-parallel embedding and cross-entropy), shard and gather
     pipeline.py   pipeline stages and their schedules (GPipe, 1F1B) over Ring.sendrecv

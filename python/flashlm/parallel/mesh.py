@@ -18,15 +18,16 @@ A 2 x 2 x 2 mesh (dp x pp x tp, cp 1) on 8 ranks:
     dp 1   [4 | 5]  -> [6 | 7]      ->: the pipeline, stage 0 to stage 1;  dp groups: {0,4} {1,5} {2,6} {3,7}
 
 Each group of more than one rank connects its own flashlm ring (shared memory between the processes of this
-host); the job names are made by rank 0 and shared through torch.distributed's store. CUDA tensors (an NCCL
-ring per group: Group._ring_for is where it goes) and ranks on several hosts (gloo subgroups) are not
-supported yet: the collectives of a CUDA tensor, and a mesh over several hosts, raise NotImplementedError.
+host); the job names are made by rank 0 and shared through torch.distributed's store. CUDA tensors go
+through the group's own NCCL ring, connected at its first CUDA collective (parallel/cuda_mesh.py). Ranks on
+several hosts (gloo subgroups) are not supported yet: a mesh over several hosts raises NotImplementedError.
 `mesh.pp.prev_rank` / `mesh.pp.next_rank` are a stage's neighbours; the pipeline talks to them over its own
 2-rank rings (parallel/pipeline.py's StageLinks: a ring sends one way only, and gradients go back).
 """
 
 import os
 import secrets
+import threading
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ import torch.distributed as tdist
 
 import flashlm.dist as fd
 from flashlm.ops import comm
+from flashlm.parallel.cuda_mesh import cuda_index, group_nccl_ring
 
 DIMS = ("tp", "cp", "pp", "dp")  # innermost first: the order of the rank layout and of the rings' creation
 _KEY = "flashlm/mesh"
@@ -61,14 +63,20 @@ def check_sizes(world_size: Optional[int] = None, **sizes) -> dict:
 class Group:
     """The ranks of one mesh dimension that this rank shares a group with. rank, size: this rank's place in
     the group; ranks: the global ranks of the group in group order. Collectives as flashlm.dist's, within the
-    group, on CPU tensors; a group of one rank has no ring and its collectives return at once."""
+    group, on CPU tensors (its shared-memory ring) or CUDA tensors (its NCCL ring, on the rank's GPU); a
+    group of one rank has no ring and its collectives return at once. `job`: the mesh's ring name prefix, which
+    names the NCCL ring; `timeout` bounds its waits for a peer."""
 
-    def __init__(self, name: str, ranks: tuple, rank: int, ring: Optional[comm.Ring]):
+    def __init__(self, name: str, ranks: tuple, rank: int, ring: Optional[comm.Ring], job: Optional[str] = None,
+                 timeout: float = 60.0):
         self.name = name
         self.ranks = ranks
         self.rank = rank
         self.size = len(ranks)
-        self.ring = ring  # the comm.Ring of the group (None for one rank); the pipeline's links run on pp's
+        self.ring = ring  # the CPU comm.Ring of the group (None for one rank); the pipeline's links run on pp's
+        self.job, self.timeout = job, timeout
+        self._gpu_ring, self._gpu = None, None  # the NCCL ring and its GPU, from the first CUDA collective
+        self._connecting = threading.Lock()  # ZeRO-3 runs collectives on a thread of its own too
 
     @property
     def prev_rank(self) -> int:
@@ -127,11 +135,28 @@ class Group:
             self._ring_for(tensor).broadcast(tensor, src)
         return tensor
 
+    def ring_on(self, device) -> Optional[comm.Ring]:
+        """The group's ring for tensors on `device`: its shared-memory ring for the CPU, its NCCL ring for this
+        rank's GPU (connected on the first call: collective over the group, whose first rank makes the unique
+        id). None for a group of one rank. A second GPU is refused: one communicator per group, on one GPU."""
+        if self.size == 1:
+            return None
+        index = cuda_index(device)
+        if index is None:
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"tensor: the {self.name} group moves CPU or CUDA tensors, got {device}")
+            return self.ring
+        with self._connecting:
+            if self._gpu_ring is None:
+                self._gpu_ring = group_nccl_ring(self.job, f"{self.name}{self.ranks[0]}", self.rank, self.size,
+                                                 index, self.timeout)
+                self._gpu = index
+        if index != self._gpu:
+            raise ValueError(f"tensor: the {self.name} group's NCCL ring is on cuda:{self._gpu}, got {device}")
+        return self._gpu_ring
+
     def _ring_for(self, tensor: torch.Tensor) -> comm.Ring:
-        if tensor.device.type != "cpu":
-            raise NotImplementedError(f"tensor: the {self.name} group's collectives take CPU tensors (an NCCL "
-                                      f"ring per group is not built yet), got {tensor.device}")
-        return self.ring
+        return self.ring_on(tensor.device)
 
 
 class Mesh:
@@ -175,7 +200,7 @@ class Mesh:
             ring = None
             if sizes[dim] > 1:
                 ring = comm.shm_ring(f"{job}-{dim}{first}", self.coords[dim], sizes[dim], timeout=timeout)
-            self.groups[dim] = Group(dim, ranks, self.coords[dim], ring)
+            self.groups[dim] = Group(dim, ranks, self.coords[dim], ring, job, timeout)
 
     @property
     def tp(self) -> Group:

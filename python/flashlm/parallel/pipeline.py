@@ -99,22 +99,25 @@ def shm_stage_links(job: str, stage: int, plan: PipelinePlan, tied: bool, timeou
     """Connects stage `stage`'s rings over shared memory (collective: every stage calls it with the same
     `job`, new for every pipeline). Each call waits at most `timeout` seconds for a peer; `slice_bytes` as
     comm.shm_ring's."""
+    return stage_links(stage, plan, tied,
+                       lambda name, rank, world: comm.shm_ring(f"{job}-{name}", rank, world, timeout, slice_bytes))
+
+
+def stage_links(stage: int, plan: PipelinePlan, tied: bool, connect) -> StageLinks:
+    """Stage `stage`'s rings, each connected by connect(name, rank, world_size) (collective over the ring's ranks;
+    the name is the same on each: shared memory, or NCCL on GPUs through parallel/cuda_mesh.py's nccl_connect)."""
     p = plan.stages
     as_int(stage, "stage", 0, p - 1)
-
-    def ring(name, rank, world):
-        return comm.shm_ring(f"{job}-{name}", rank, world, timeout, slice_bytes)
-
     # In stage order, so that every stage meets its neighbours in the order they connect.
     links = StageLinks(stage, p)
     if stage > 0:
-        links.prev = ring(f"link{stage - 1}", 1, 2)
+        links.prev = connect(f"link{stage - 1}", 1, 2)
     if stage < p - 1:
-        links.next = ring(f"link{stage}", 0, 2)
+        links.next = connect(f"link{stage}", 0, 2)
     if p > 1:
-        links.group = ring("stages", stage, p)
+        links.group = connect("stages", stage, p)
         if tied and stage in (0, p - 1):
-            links.tied = ring("tied", 0 if stage == 0 else 1, 2)
+            links.tied = connect("tied", 0 if stage == 0 else 1, 2)
     return links
 
 

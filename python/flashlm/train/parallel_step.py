@@ -41,6 +41,11 @@ the trainer's optimizer inside flashlm.train.zero's ShardedOptimizer (1, 2) or f
   The clip norm sums the squares of the parts each rank owns over dp (each element owned once), then over tp and
   pp as above. Checkpoints stay layout-free: full_parameters() gathers the dp slices first.
 
+On GPUs (each rank on cuda:LOCAL_RANK) the groups move CUDA tensors over NCCL rings of their own and the pipeline's
+links are NCCL rings too (parallel/cuda_mesh.py); the ranks' devices are compared before any group is made (all on
+the CPU or all on GPUs of their own, with the NCCL transport at hand), so that a misplaced rank is refused by name
+on every rank rather than left waiting for the others.
+
 Not covered (each refused by name before any group is made): sequence parallelism with context parallelism;
 l1, qat and sparsity masks.
 """
@@ -56,7 +61,8 @@ from flashlm.models import Transformer
 from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_model
 from flashlm.parallel.context import SequenceLayout, shard_sequence
 from flashlm.parallel.context_model import ContextParallelTransformer, ContextShard, sum_gradients
-from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links
+from flashlm.parallel.cuda_mesh import check_nccl, check_placements, cuda_index, gather_placements, nccl_connect
+from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links, stage_links
 from flashlm.parallel.tensor import load_full_state_dict
 from flashlm.parallel.zero3 import Zero3
 from flashlm.train.zero import ShardedOptimizer
@@ -116,9 +122,10 @@ class ModelParallel:
     def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0):
         check_layout(cfg, model.cfg, sizes)
         device = next(model.parameters()).device
-        if device.type != "cpu":  # before any group, so every rank says it rather than waiting on another
-            raise NotImplementedError(f"--tp/--pp/--cp: the mesh's groups move CPU tensors only (no NCCL ring per "
-                                      f"group yet); run with --device cpu, got {device}")
+        # Before any group, on every rank alike, so that every rank says it rather than waiting on another.
+        check_placements(gather_placements(device))
+        if device.type == "cuda":
+            check_nccl()
         self.full = model
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
         self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
@@ -127,18 +134,22 @@ class ModelParallel:
         shard, seq_len = None, cfg.seq_len
         if mesh.cp.size > 1:  # this rank's slice of every sequence
             self.layout = SequenceLayout(cfg.seq_len, mesh.cp.size)
-            shard = ContextShard(mesh.cp.ring, self.layout)
+            shard = ContextShard(mesh.cp.ring_on(device), self.layout)
             seq_len = shard.local_len
         if mesh.pp.size > 1:
             self.plan = PipelinePlan(model.cfg.n_layer, mesh.pp.size, cfg.batch_size, cfg.micro_batches, seq_len,
                                      cfg.pp_schedule)
             self.stage = held = PipelineStage(self.part, mesh.pp.rank, self.plan, context=shard)
             # The first rank of the pp group names its links: one pipeline per (dp, cp, tp) coordinate.
-            links = shm_stage_links(f"{mesh.job}-pipe{mesh.pp.ranks[0]}", mesh.pp.rank, self.plan,
-                                    tied=model.cfg.tie_embeddings, timeout=timeout)
+            job = f"{mesh.job}-pipe{mesh.pp.ranks[0]}"
+            if device.type == "cuda":
+                links = stage_links(mesh.pp.rank, self.plan, model.cfg.tie_embeddings,
+                                    nccl_connect(job, cuda_index(device), timeout))
+            else:
+                links = shm_stage_links(job, mesh.pp.rank, self.plan, tied=model.cfg.tie_embeddings, timeout=timeout)
             self.pipe = Pipeline(self.stage, links, self.plan)
         elif shard is not None:
-            self.context = ContextParallelTransformer(self.part, mesh.cp.ring)
+            self.context = ContextParallelTransformer(self.part, mesh.cp.ring_on(device))
         # The parameters this rank trains, by their full model's names.
         name_of = {id(p): n for n, p in self.part.named_parameters()}
         self.params = {name_of[id(p)]: p for p in held.parameters() if p.requires_grad}

@@ -260,7 +260,9 @@ class Trainer:
         if name != "auto":
             return ops.check_device(name)
         if torch.cuda.is_available():
-            index = int(os.environ.get("LOCAL_RANK", "0"))
+            from flashlm.parallel.cuda_mesh import local_gpu
+
+            index = local_gpu()  # one GPU per rank of the host, refused by name when there are fewer
             torch.cuda.set_device(index)
             return torch.device("cuda", index)
         return torch.device("cpu")
