@@ -9,7 +9,10 @@
 #              folder on PYTHONPATH
 #   build      flashlm for sm_90a only (CMAKE_CUDA_ARCHITECTURES=90a-real), all cores, the image's own torch
 #              (--no-build-isolation); the module is copied beside python/flashlm as for a CPU build
-#   tests      every CUDA-marked test (pytest -m cuda), no -x, a per-test timeout; junit XML and log to $OUT
+#   tests      every CUDA-marked test (pytest -m cuda), no -x, a per-test timeout; junit XML and log to $OUT.
+#              Among them tests/test_mesh_cuda.py's CUDA-mesh steps (flashlm train at TP 2, PP 2, DP 2 ZeRO-3,
+#              CP 2 against the CPU mesh; DP 2 x TP 2 ZeRO-3), one GPU per rank: on a machine with fewer GPUs
+#              than a case's ranks (one GPU: all of them) those cases skip, and the log says so
 #   sanitizer  scripts/gpu_sanitize.py: memcheck over every kernel, racecheck over those with shared memory
 #              or warp shuffles, one verdict per kernel
 #   bench      bench/compare_{attention,int_gemm,gguf_matmul,kvcache,dequant}.py --device cuda, short runs,
@@ -143,6 +146,10 @@ tests() {
   else
     ids=(tests)
   fi
+  local gpus
+  gpus=$($py -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  [ "${gpus:-0}" -lt 2 ] && echo "tests: ${gpus:-0} GPU(s): the multi-GPU cases (tests/test_mesh_cuda.py's CUDA" \
+    "mesh, tests/test_dist.py's NCCL ring) skip; they need one GPU per rank"
   # Threads per worker: the workers' CPU references share the cores.
   local threads=$(($(nproc) / jobs > 0 ? $(nproc) / jobs : 1))
   FLASHLM_NUM_THREADS=$threads OMP_NUM_THREADS=$threads $py -m pytest "${args[@]}" "${ids[@]}" > "$out/gpu_tests.log" 2>&1

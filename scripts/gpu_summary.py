@@ -41,6 +41,7 @@ KERNELS = [
     ("AdamW", r"tests/test_adamw\.py::", ["adamw"], None),
     ("ring reduction (reduce_add)", r"tests/test_dist\.py::\S*reduce_add", ["reduce_add"], None),
     ("NCCL transport", r"tests/test_dist\.py::\S*nccl", [], None),
+    ("NCCL mesh groups (2+ GPUs)", r"tests/test_mesh_cuda\.py::", [], None),
 ]
 OTHER = "other CUDA tests"
 OUTCOMES = ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")
