@@ -323,8 +323,9 @@ class TensorParallelTransformer(Transformer):
         caller skips the step). A collective of the tp group."""
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < math.inf:
             raise ValueError(f"max_norm: must be a positive finite number, got {max_norm!r}")
-        split, whole = torch.zeros(1), torch.zeros(1)
         params = dict(self.named_parameters())
+        device = next(iter(params.values())).device  # the group's ring for the gradients' device
+        split, whole = torch.zeros(1, device=device), torch.zeros(1, device=device)
         for name, p in params.items():
             if p.grad is not None:
                 target = split if self.tp_dims[name] is not None else whole

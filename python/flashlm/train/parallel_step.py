@@ -126,7 +126,7 @@ class ModelParallel:
         check_placements(gather_placements(device))
         if device.type == "cuda":
             check_nccl()
-        self.full = model
+        self.full, self.device = model, device
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
         self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
         self.stage = self.pipe = self.context = self.layout = None
@@ -285,7 +285,7 @@ class ModelParallel:
             pieces = [(self._names[id(p)], g) for p, g in self.zero.owned_grads()]
         else:
             pieces = [(name, p.grad) for name, p in self.params.items() if p.grad is not None]
-        squares = torch.zeros(2)  # split over tp, whole on every tp rank
+        squares = torch.zeros(2, device=self.device)  # split over tp, whole on every tp rank (the grads' device)
         for name, g in pieces:
             if name != self._tied_copy:
                 squares[0 if self.tp_dims[name] is not None else 1] += g.detach().float().square().sum()
@@ -339,10 +339,11 @@ class ModelParallel:
         for s in range(self.plan.stages):
             names = [n for n in shapes if self._owner(n) == s]
             sizes = [math.prod(shapes[n]) for n in names]
+            # On the model's device on every stage: the broadcast goes over that device's ring.
             if s == self.mesh.pp.rank:
-                flat = torch.cat([full[n].reshape(-1) for n in names])
+                flat = torch.cat([full[n].reshape(-1) for n in names]).to(self.device)
             else:
-                flat = torch.empty(sum(sizes))
+                flat = torch.empty(sum(sizes), device=self.device)
             self.mesh.pp.broadcast(flat, src=s)
             for n, piece in zip(names, flat.split(sizes)):
                 full[n] = piece.view(shapes[n]).clone()
