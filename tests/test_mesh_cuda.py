@@ -158,6 +158,25 @@ def test_mixed_devices_and_a_shared_gpu_are_refused(placements, message):
         cuda_mesh.check_placements(placements)
 
 
+@pytest.mark.parametrize("placements, nccl, error, message", [
+    ([("h", "cpu"), ("h", "cuda:1")], True, ValueError, "^--device: every rank of a mesh must train on the same kind"),
+    ([("h", "cuda:0"), ("h", "cuda:0")], True, ValueError, "^--device: ranks 0 and 1 are both on cuda:0 of one host"),
+    ([("h", "cuda:0"), ("h", "cuda:1")], False, NotImplementedError, "^--device cuda: this flashlm was built without"),
+])
+def test_model_parallel_refuses_misplaced_ranks_before_any_group(monkeypatch, placements, nccl, error, message):
+    """No process group exists here: the refusal comes before the Mesh (which would say to call init first)."""
+    from flashlm.models import Transformer
+    from flashlm.train.config import TrainConfig
+    from flashlm.train.parallel_step import ModelParallel
+
+    monkeypatch.setattr(cuda_mesh, "gather_placements", lambda device: placements)
+    monkeypatch.setattr(flashlm, "build_info", lambda: {"cuda": True, "nccl": nccl})
+    cfg = TrainConfig.from_sources("tiny", overrides=dict(tp=2))
+    with pytest.raises(error, match=message):
+        ModelParallel(Transformer(cfg.model_config()), cfg, dict(dp=1, tp=2, pp=1, cp=1), lambda groups: None)
+    assert not flashlm.dist.is_initialized()
+
+
 @pytest.mark.parametrize("placements", [
     [("a", "cpu"), ("a", "cpu"), ("b", "cpu")],  # CPU ranks share the host's cores
     [("a", "cuda:0"), ("a", "cuda:1"), ("b", "cuda:0"), ("b", "cuda:1")],

@@ -1,8 +1,8 @@
 """CUDA tensors on the mesh: an NCCL ring per group and per pipeline link, and the checks made before any.
 
     index = local_gpu()                            # the trainer's cuda:LOCAL_RANK, refused past the host's GPUs
-    check_placements(gather_placements(device))    # collective, before the Mesh: one kind of device, a GPU a rank
-    check_nccl()                                   # on CUDA: the build and the machine have NCCL
+    check_mesh_devices(device)                     # collective, before the Mesh: one kind of device, a GPU a rank,
+                                                   # NCCL in the build and on the machine
     ring = mesh.tp.ring_on(device)                 # the group's NCCL ring (group_nccl_ring), made at first use
     links = stage_links(stage, plan, tied, nccl_connect(f"{mesh.job}-pipe{first}", index, timeout))
 
@@ -15,8 +15,8 @@ same order, so the group's first CUDA collective is the same call on each: the c
 of them at once, and a peer that never comes makes the creation time out like a collective.
 
 A CUDA mesh needs every rank on a GPU of its own (cuda:LOCAL_RANK, the trainer's choice), and the NCCL transport
-in the build and on the machine; check_placements and check_nccl refuse the rest by name, on every rank, before
-any group is made (a rank that went ahead would wait for peers that never connect).
+in the build and on the machine; check_mesh_devices (check_placements, check_nccl) refuses the rest by name, on
+every rank, before any group is made (a rank that went ahead would wait for peers that never connect).
 """
 
 import os
@@ -70,6 +70,15 @@ def check_placements(placements: list) -> None:
                              "needs a GPU per rank (cuda:LOCAL_RANK; start at most as many ranks per host as it has "
                              "GPUs)")
         seen.setdefault(where, rank)
+
+
+def check_mesh_devices(device: torch.device) -> None:
+    """The checks every rank makes before its mesh's groups, this rank's model on `device` (collective over the
+    world): check_placements over every rank's, then check_nccl on GPUs. The same error on every rank."""
+    placements = gather_placements(device)
+    check_placements(placements)
+    if placements[0][1] != "cpu":
+        check_nccl()
 
 
 def group_key(job: str, name: str) -> str:

@@ -61,7 +61,7 @@ from flashlm.models import Transformer
 from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_model
 from flashlm.parallel.context import SequenceLayout, shard_sequence
 from flashlm.parallel.context_model import ContextParallelTransformer, ContextShard, sum_gradients
-from flashlm.parallel.cuda_mesh import check_nccl, check_placements, cuda_index, gather_placements, nccl_connect
+from flashlm.parallel.cuda_mesh import check_mesh_devices, cuda_index, nccl_connect
 from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links, stage_links
 from flashlm.parallel.tensor import load_full_state_dict
 from flashlm.parallel.zero3 import Zero3
@@ -123,9 +123,7 @@ class ModelParallel:
         check_layout(cfg, model.cfg, sizes)
         device = next(model.parameters()).device
         # Before any group, on every rank alike, so that every rank says it rather than waiting on another.
-        check_placements(gather_placements(device))
-        if device.type == "cuda":
-            check_nccl()
+        check_mesh_devices(device)
         self.full, self.device = model, device
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
         self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
