@@ -10,7 +10,8 @@
 The transport follows the tensor: CPU tensors go through flashlm's shared-memory ring when every rank runs
 on this host, and through torch.distributed's gloo backend when the ranks span hosts (said in the log);
 CUDA tensors go through flashlm's NCCL ring (one GPU per rank), created at the first CUDA collective.
-`GradientSync` averages gradients during backward, bucket by bucket.
+`GradientSync` averages gradients during backward, bucket by bucket. `connect_nccl_ring` connects an NCCL ring
+over some of the ranks (a mesh group's: flashlm.parallel), its unique id shared through the store.
 """
 
 import logging
