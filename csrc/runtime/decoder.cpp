@@ -36,7 +36,6 @@ namespace {
 using detail::present;
 using gemm::detail::MatmulPart;
 
-
 MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
   return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
           l.bias.data ? static_cast<const float*>(l.bias.data) : nullptr, y, packed};
