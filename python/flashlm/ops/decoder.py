@@ -4,7 +4,8 @@
 import torch
 
 from flashlm import _C
-from flashlm.ops._check import as_bool, as_float, as_int, as_str, check_optional_tensors, check_tensor, check_tensors, new_output
+from flashlm.ops._check import (as_bool, as_float, as_int, as_str, check_optional_tensors, check_tensor, check_tensors,
+                                new_output)
 
 
 class NativeDecoder:
