@@ -10,7 +10,10 @@ tensor names, rope permutation and reference quantization bytes):
              --d-model 1024 --layers 16 --moe-d-ff 2816); its experts stay in their GGUF blocks and run the MoE
              kernels (flashlm.ops.moe);
   gemma2     the llama shape as Gemma 2: GeGLU, pre- and post-norms, soft-capped attention and logits,
-             alternating sliding-window (--prompt-tokens / 2) and global layers, tied embeddings.
+             alternating sliding-window (--prompt-tokens / 2) and global layers, tied embeddings;
+  gemma3     the same block with q/k norms, five local layers (their own rope base) to one global, no soft-caps.
+--module-path adds a row per model for flashlm with the native decoder stack switched off (every step module by
+module, as gemma ran before the stack took it), timed in turn with the others.
 Each file is loaded by both runtimes:
   flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache (bf16 by default:
              llama.cpp's default f16 cache is as many bytes per token), the engine's scheduler and sampler;
@@ -34,6 +37,7 @@ Run (from the repository root, with flashlm and llama-cpp-python installed):
   python bench/compare_decode.py                   # Q4_0 and Q8_0
   python bench/compare_decode.py --types Q4_0 F32 --layers 24 --d-model 1024
   python bench/compare_decode.py --arch mixtral gemma2 --types Q4_0 --threads 1 --clock cpu
+  python bench/compare_decode.py --arch llama gemma2 gemma3 --types Q4_0 --threads 1 --clock cpu --module-path
   python bench/compare_decode.py --quick           # seconds: CI smoke (flashlm only without llama_cpp)
 """
 
@@ -63,6 +67,8 @@ def arch_fields(arch, args):
     if arch == "gemma2":  # llama.cpp's gemma2 ties its head and always soft-caps
         return dict(tie_embeddings=True, attn_softcap=50.0, final_softcap=30.0,
                     sliding_window=max(args.prompt_tokens // 2, 1))
+    if arch == "gemma3":  # llama.cpp's gemma3 ties its head and has no attention soft-cap
+        return dict(tie_embeddings=True, sliding_window=max(args.prompt_tokens // 2, 1), rope_local_theta=10000.0)
     return {}
 
 
@@ -84,12 +90,13 @@ def make_gguf(folder, args, ggml_type, arch="llama"):
     return path, model.num_params()
 
 
-def flashlm_runs(path, args):
-    """(llm, prompt, run(clock) -> (greedy token ids, prefill seconds, seconds per decoded token))."""
+def flashlm_runs(path, args, native=True):
+    """(llm, prompt, run(clock) -> (greedy token ids, prefill seconds, seconds per decoded token)); native: False
+    switches the native decoder stack off (the module path)."""
     # No prefix caching: every repetition runs the same prompt, and a cached prefix would time a lookup, not a
     # prefill (the batching figure likewise reruns the sequential requests).
     llm = LLM(path, max_num_seqs=max(args.concurrency, 1), enable_prefix_caching=False,
-              kv_cache_dtype=getattr(torch, args.kv_dtype))
+              kv_cache_dtype=getattr(torch, args.kv_dtype), native_decoder=native)
     g = torch.Generator().manual_seed(1)
     vocab = llm.model.cfg.vocab_size
     prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
@@ -193,7 +200,7 @@ def llama_cpp_runs(path, prompt, args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "gemma2"),
+    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "gemma2", "gemma3"),
                    default=["llama", "mixtral", "gemma2"])
     p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
     p.add_argument("--layers", type=int, default=12)
@@ -214,6 +221,8 @@ def main():
     p.add_argument("--kv-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="flashlm's KV cache (llama.cpp keeps f16 by default: bfloat16 reads as many bytes)")
     p.add_argument("--quick", action="store_true", help="a tiny model and few tokens (CI smoke)")
+    p.add_argument("--module-path", action="store_true",
+                   help="also time flashlm with the native decoder stack off (a row per model)")
     args = p.parse_args()
     if args.quick:
         args.layers, args.d_model, args.heads, args.kv_heads, args.vocab = 2, 128, 4, 2, 512
@@ -240,14 +249,19 @@ def main():
             llm, prompt, ours = flashlm_runs(path, args)
             theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
             clock = time.process_time if args.clock == "cpu" else time.perf_counter
+            modules = flashlm_runs(path, args, native=False)[2] if args.module_path else None
             a = ours(clock)[0][:8]  # (also the warm-up)
+            if modules and modules(clock)[0][:8] != a:
+                print(f"{name}: the module path's first greedy tokens differ from the native stack's")
             if theirs:
                 b = theirs(clock)[0][:8]
                 if a != b:
                     print(f"{name}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
-            res = {"flashlm": [], "llama.cpp": []}
-            for _ in range(args.reps):  # the two runtimes take turns
+            res = {"flashlm": [], "llama.cpp": [], "module path": []}
+            for _ in range(args.reps):  # the runtimes take turns
                 res["flashlm"].append(ours(clock)[1:])
+                if modules:
+                    res["module path"].append(modules(clock)[1:])
                 if theirs:
                     res["llama.cpp"].append(theirs(clock)[1:])
             nbytes = model_bytes(llm.model)
@@ -266,6 +280,11 @@ def main():
                          bench_util.fmt(df / dl if dl else None, ".2f"),
                          f"{nbytes * df / 1e9:.2f} ({100 * nbytes * df / bw:.0f}%)",
                          bench_util.fmt(fsize * dl / 1e9 if dl else None, ".2f")])
+            if modules:
+                pm, dm = rates(res["module path"])
+                rows.append([f"{name} (module path)", "", "", bench_util.fmt(pm, ".0f"), bench_util.fmt(pl, ".0f"),
+                             bench_util.fmt(dm, ".1f"), bench_util.fmt(dl, ".1f"),
+                             bench_util.fmt(dm / dl if dl else None, ".2f"), f"{nbytes * dm / 1e9:.2f}", ""])
             # Continuous batching: the same requests at once and one at a time.
             g = torch.Generator().manual_seed(2)
             prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()

@@ -49,18 +49,23 @@ def quantized_model(arch="llama", types=("Q4_0",), n_kv_head=2, d_model=256, n_h
                 p.normal_(0.0, 0.5)
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    i = 0
-    for block in model.blocks:
-        for parent, names in ((block.attn, ("q", "k", "v", "o")), (block.mlp, ("gate", "up", "down"))):
-            for name in names:
-                setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), types[i % len(types)]))
-                i += 1
+    quantize_blocks(model, types)
     if ends is not None:
         table = torch.nn.Linear(d_model, vocab, bias=False)
         table.weight.data.copy_(model.tok_emb.weight)
         model.tok_emb = GGUFEmbedding(GGUFLinear.from_float(table, ends).raw, ends, (vocab, d_model))
         model.lm_head = GGUFLinear.from_float(model.lm_head, ends)
     return model
+
+
+def quantize_blocks(model, types):
+    """Every block linear (attention's four, the MLP's three) as a GGUFLinear, cycling through `types`."""
+    i = 0
+    for block in model.blocks:
+        for parent, names in ((block.attn, ("q", "k", "v", "o")), (block.mlp, ("gate", "up", "down"))):
+            for name in names:
+                setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), types[i % len(types)]))
+                i += 1
 
 
 PROMPTS = ["hello world", "a", "the quick brown fox jumps over the lazy dog. " * 2, "abc abc abc abc",

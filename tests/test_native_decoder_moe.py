@@ -154,7 +154,8 @@ def test_native_gguf_files_match_the_module_path(tmp_path, arch, qtype, window):
 def test_which_new_models_take_the_native_stack():
     for arch in ("qwen3", "mixtral", "qwen2_moe", "qwen3_moe"):
         assert build_native_decoder(make_model(arch)) is not None, arch
-    # gemma's block (post-norms, GeGLU, soft-capped scores, scaled embeddings): the module path
+    # gemma's block (post-norms, GeGLU, soft-capped scores, scaled embeddings): the stack's too (its steps:
+    # test_native_decoder_gemma.py)
     cfg = ModelConfig(arch="gemma2", vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, d_model=128, d_ff=256,
                       sliding_window=8, seq_len=64)
     gemma = Transformer(cfg).eval()
@@ -162,7 +163,7 @@ def test_which_new_models_take_the_native_stack():
         for parent, names in ((block.attn, ("q", "k", "v", "o")), (block.mlp, ("gate", "up", "down"))):
             for name in names:
                 setattr(parent, name, GGUFLinear.from_float(getattr(parent, name), "Q8_0"))
-    assert build_native_decoder(gemma) is None
+    assert build_native_decoder(gemma) is not None
     # experts or a router the stack does not read: float16 experts, a float16 router, a router with a bias
     m = make_model("mixtral", expert_type=None)
     m.blocks[1].mlp.set_experts(*(w.detach().half() for w in (m.blocks[1].mlp.experts_gate,

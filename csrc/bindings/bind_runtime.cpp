@@ -102,18 +102,19 @@ struct Decoder {
 
   // layers: per layer (attn_norm, q, k, v, o, mlp_norm, gate, up, down), each linear a `linear` spec, and
   // optionally four more: q_norm and k_norm (or None), the sliding window (0: none) and a `moe` spec (or None;
-  // with one, gate, up and down are its shared expert or None).
+  // with one, gate, up and down are its shared expert or None); then optionally three more (gemma's):
+  // post_attn_norm and post_mlp_norm (or None) and local_rope (a bool). The factors: as DecoderConfig's.
   Decoder(int64_t d_model, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t d_ff, double eps,
-          nb::list specs)
+          nb::list specs, double softmax_scale, double attn_softcap, double embedding_scale, bool gelu)
       : d_model(d_model) {
     std::vector<runtime::DecoderLayer> layers;
     for (size_t i = 0; i < specs.size(); ++i) {
       const std::string at = "layers[" + std::to_string(i) + "]";
       FLASHLM_CHECK(nb::isinstance<nb::tuple>(specs[i]), at, ": expected a tuple");
       auto s = nb::borrow<nb::tuple>(specs[i]);
-      FLASHLM_CHECK(s.size() == 9 || s.size() == 13, at,
-                    ": expected 9 items (attn_norm, q, k, v, o, mlp_norm, gate, up, down) or 13 (then q_norm, "
-                    "k_norm, window, moe), got ", s.size());
+      FLASHLM_CHECK(s.size() == 9 || s.size() == 13 || s.size() == 16, at,
+                    ": expected 9 items (attn_norm, q, k, v, o, mlp_norm, gate, up, down), 13 (then q_norm, "
+                    "k_norm, window, moe) or 16 (then post_attn_norm, post_mlp_norm, local_rope), got ", s.size());
       runtime::DecoderLayer l;
       l.attn_norm = array(s[0], at + ".attn_norm", keep_layers);
       l.q = linear(s[1], at + ".q", keep_layers);
@@ -124,16 +125,26 @@ struct Decoder {
       l.gate = optional_linear(s[6], at + ".gate", keep_layers);
       l.up = optional_linear(s[7], at + ".up", keep_layers);
       l.down = optional_linear(s[8], at + ".down", keep_layers);
-      if (s.size() == 13) {
+      if (s.size() >= 13) {
         if (!s[9].is_none()) l.q_norm = array(s[9], at + ".q_norm", keep_layers);
         if (!s[10].is_none()) l.k_norm = array(s[10], at + ".k_norm", keep_layers);
         FLASHLM_CHECK(nb::try_cast(s[11], l.window), at, ".window: must be an integer");
         if (!s[12].is_none()) l.moe = moe(s[12], at + ".moe", keep_layers);
       }
+      if (s.size() == 16) {
+        if (!s[13].is_none()) l.post_attn_norm = array(s[13], at + ".post_attn_norm", keep_layers);
+        if (!s[14].is_none()) l.post_mlp_norm = array(s[14], at + ".post_mlp_norm", keep_layers);
+        FLASHLM_CHECK(nb::isinstance<nb::bool_>(s[15]), at, ".local_rope: must be a bool");
+        l.local_rope = nb::cast<bool>(s[15]);
+      }
       layers.push_back(l);
     }
-    impl = std::make_unique<runtime::Decoder>(runtime::DecoderConfig{d_model, n_head, n_kv_head, head_dim, d_ff, eps},
-                                              std::move(layers));
+    runtime::DecoderConfig c{d_model, n_head, n_kv_head, head_dim, d_ff, eps};
+    c.softmax_scale = softmax_scale;
+    c.attn_softcap = attn_softcap;
+    c.embedding_scale = embedding_scale;
+    c.activation = gelu ? runtime::MlpActivation::GeluTanh : runtime::MlpActivation::SiLU;
+    impl = std::make_unique<runtime::Decoder>(c, std::move(layers));
   }
 
   // (embedding table, its type name, final_norm, head spec or None). The table: uint8 GGML blocks
@@ -165,7 +176,8 @@ struct Decoder {
 
   runtime::DecoderStep step(Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
                             Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
-                            int64_t max_seqlen_q) {
+                            int64_t max_seqlen_q, std::optional<Array> rope_local_cos,
+                            std::optional<Array> rope_local_sin) {
     runtime::DecoderStep s;
     s.positions = to_view(positions, "positions");
     s.rope_cos = to_view(rope_cos, "rope_cos");
@@ -177,14 +189,17 @@ struct Decoder {
     s.seq_lens = to_view(seq_lens, "seq_lens");
     if (cu_seqlens_q) s.cu_seqlens_q = to_view(*cu_seqlens_q, "cu_seqlens_q");
     s.max_seqlen_q = max_seqlen_q;
+    if (rope_local_cos) s.rope_local_cos = to_view(*rope_local_cos, "rope_local_cos");
+    if (rope_local_sin) s.rope_local_sin = to_view(*rope_local_sin, "rope_local_sin");
     return s;
   }
 
   void logits(Array tokens, Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
               Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
-              int64_t max_seqlen_q, Array logits_rows, Array out) {
+              int64_t max_seqlen_q, Array logits_rows, Array out, std::optional<Array> rope_local_cos,
+              std::optional<Array> rope_local_sin) {
     runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
-                                  seq_lens, cu_seqlens_q, max_seqlen_q);
+                                  seq_lens, cu_seqlens_q, max_seqlen_q, rope_local_cos, rope_local_sin);
     const TensorView tv = to_view(tokens, "tokens"), rv = to_view(logits_rows, "logits_rows"), ov = to_view(out, "out");
     nb::gil_scoped_release release;
     impl->logits(tv, rv, std::move(s), ov);
@@ -192,9 +207,9 @@ struct Decoder {
 
   void forward(Array x, Array positions, Array rope_cos, Array rope_sin, nb::handle k_caches, nb::handle v_caches,
                Array slot_mapping, Array block_table, Array seq_lens, std::optional<Array> cu_seqlens_q,
-               int64_t max_seqlen_q) {
+               int64_t max_seqlen_q, std::optional<Array> rope_local_cos, std::optional<Array> rope_local_sin) {
     runtime::DecoderStep s = step(positions, rope_cos, rope_sin, k_caches, v_caches, slot_mapping, block_table,
-                                  seq_lens, cu_seqlens_q, max_seqlen_q);
+                                  seq_lens, cu_seqlens_q, max_seqlen_q, rope_local_cos, rope_local_sin);
     s.x = to_view(x, "x");
     nb::gil_scoped_release release;
     impl->forward(s);
@@ -220,9 +235,10 @@ void bind_runtime(nb::module_& m) {
         nb::arg("transpose") = false, nb::arg("stream") = 0,
         "rotate-half rope of x [..., T, heads, hd] (or its transpose, the gradient); see flashlm/runtime/rope.h");
   nb::class_<Decoder>(m, "Decoder", "A Llama-family model's decoder layers on the CPU; see flashlm/runtime/decoder.h")
-      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, nb::list>(), nb::arg("d_model"),
-           nb::arg("n_head"), nb::arg("n_kv_head"), nb::arg("head_dim"), nb::arg("d_ff"), nb::arg("eps"),
-           nb::arg("layers"))
+      .def(nb::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, nb::list, double, double, double, bool>(),
+           nb::arg("d_model"), nb::arg("n_head"), nb::arg("n_kv_head"), nb::arg("head_dim"), nb::arg("d_ff"),
+           nb::arg("eps"), nb::arg("layers"), nb::arg("softmax_scale") = 0.0, nb::arg("attn_softcap") = 0.0,
+           nb::arg("embedding_scale") = 0.0, nb::arg("gelu") = false)
       .def_prop_ro("num_layers", [](const Decoder& d) { return d.impl->num_layers(); })
       .def_prop_ro("has_ends", [](const Decoder& d) { return d.impl->has_ends(); })
       .def_prop_ro("has_head", [](const Decoder& d) { return d.impl->has_head(); })
@@ -231,11 +247,13 @@ void bind_runtime(nb::module_& m) {
       .def("logits", &Decoder::logits, nb::arg("tokens"), nb::arg("positions"), nb::arg("rope_cos"),
            nb::arg("rope_sin"), nb::arg("k_caches"), nb::arg("v_caches"), nb::arg("slot_mapping"),
            nb::arg("block_table"), nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("max_seqlen_q"),
-           nb::arg("logits_rows"), nb::arg("out"),
+           nb::arg("logits_rows"), nb::arg("out"), nb::arg("rope_local_cos").none() = nb::none(),
+           nb::arg("rope_local_sin").none() = nb::none(),
            "One step from token ids to the logits of logits_rows (or their normed rows without a head) in out")
       .def("forward", &Decoder::forward, nb::arg("x"), nb::arg("positions"), nb::arg("rope_cos"), nb::arg("rope_sin"),
            nb::arg("k_caches"), nb::arg("v_caches"), nb::arg("slot_mapping"), nb::arg("block_table"),
            nb::arg("seq_lens"), nb::arg("cu_seqlens_q").none(), nb::arg("max_seqlen_q"),
+           nb::arg("rope_local_cos").none() = nb::none(), nb::arg("rope_local_sin").none() = nb::none(),
            "Runs every layer on x [T, d_model] (float32) in place for one step over the paged caches");
 }
 

@@ -6,6 +6,7 @@
 // module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
 #include "flashlm/runtime/decoder.h"
 
+#include "decoder_checks.h"
 #include "rope_kernels.h"
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "../gemm/shared_gguf_matmul.h"
+#include "flashlm/activation/gelu_tanh.h"
 #include "flashlm/activation/silu_mul.h"
 #include "flashlm/core/cpu_features.h"
 #include "flashlm/core/error.h"
@@ -31,34 +33,8 @@ namespace flashlm::runtime {
 
 namespace {
 
+using detail::present;
 using gemm::detail::MatmulPart;
-
-bool present(const QuantLinear& l) { return l.weight.data != nullptr; }
-// An optional view was given: it has data or a shape (an empty one is then refused by its check).
-bool given(const TensorView& t) { return t.data != nullptr || t.ndim != 0; }
-
-void check_f32_vector(const TensorView& t, int64_t n, const std::string& name) {
-  FLASHLM_CHECK(t.device.is_cpu(), name, " must be on the CPU");
-  FLASHLM_CHECK(t.dtype == DType::F32, name, " must be float32, got ", dtype_name(t.dtype));
-  FLASHLM_CHECK(t.ndim == 1 && t.shape[0] == n && t.is_contiguous(), name, " must be a contiguous [", n, "], got ",
-                t.shape_string());
-  FLASHLM_CHECK(n == 0 || t.data, name, " has no data");
-}
-
-void check_linear(const QuantLinear& l, int64_t n, int64_t k, const std::string& name) {
-  FLASHLM_CHECK(gguf_matmul_supported(l.type), name, ": weight type ", dtype_name(l.type),
-                " is not one gguf_matmul reads");
-  FLASHLM_CHECK(l.n == n && l.k == k, name, ": expected ", n, " x ", k, ", got ", l.n, " x ", l.k);
-  FLASHLM_CHECK(k % dtype_info(l.type).block_size == 0, name, ": K = ", k, " is not a whole number of ",
-                dtype_name(l.type), " blocks");
-  const TensorView& w = l.weight;
-  FLASHLM_CHECK(w.device.is_cpu() && w.dtype == DType::U8 && w.is_contiguous(), name,
-                ": weight must be contiguous uint8 on the CPU");
-  FLASHLM_CHECK(w.numel() == storage_bytes(l.type, n * k), name, ": weight has ", w.numel(), " bytes, but ", n,
-                " x ", k, " of ", dtype_name(l.type), " takes ", storage_bytes(l.type, n * k));
-  FLASHLM_CHECK(w.data, name, ": weight has no data");
-  if (given(l.bias)) check_f32_vector(l.bias, n, name + ": bias");
-}
 
 MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
   return {l.type, static_cast<const uint8_t*>(l.weight.data), l.n,
@@ -158,149 +134,6 @@ void rotate(float* x, int64_t t_count, int64_t heads, int64_t hd, const int64_t*
   }
 }
 
-void check_step(const DecoderConfig& c, size_t n_layers, const DecoderStep& s) {
-  const TensorView& x = s.x;
-  FLASHLM_CHECK(x.device.is_cpu() && x.dtype == DType::F32 && x.ndim == 2 && x.is_contiguous(),
-                "x must be a contiguous float32 [T, d_model] on the CPU, got ", x.shape_string());
-  FLASHLM_CHECK(x.shape[1] == c.d_model, "x: expected d_model = ", c.d_model, " columns, got ", x.shape[1]);
-  const int64_t t = x.shape[0];
-  FLASHLM_CHECK(t == 0 || x.data, "x has no data");
-  const TensorView& p = s.positions;
-  FLASHLM_CHECK(p.device.is_cpu() && p.dtype == DType::I64 && p.ndim == 1 && p.shape[0] == t && p.is_contiguous(),
-                "positions must be a contiguous int64 [", t, "] on the CPU, got ", p.shape_string());
-  for (const TensorView* table : {&s.rope_cos, &s.rope_sin}) {
-    const char* name = table == &s.rope_cos ? "rope_cos" : "rope_sin";
-    FLASHLM_CHECK(table->device.is_cpu() && table->dtype == DType::F32 && table->ndim == 2 &&
-                  table->shape[1] == c.head_dim && table->is_contiguous() && table->data,
-                  name, " must be a contiguous float32 [positions, head_dim = ", c.head_dim, "], got ",
-                  table->shape_string());
-  }
-  FLASHLM_CHECK(s.rope_sin.shape[0] == s.rope_cos.shape[0], "rope_sin must have rope_cos's rows");
-  // Every token is a query of some sequence: paged attention leaves the rows outside every sequence 0, which
-  // the layers would take for an attention output.
-  const TensorView& cu = s.cu_seqlens_q;
-  if (cu.data != nullptr) {
-    FLASHLM_CHECK(cu.device.is_cpu() && cu.dtype == DType::I32 && cu.ndim == 1 && cu.shape[0] >= 1 && cu.is_contiguous(),
-                  "cu_seqlens_q must be a contiguous int32 [num_seqs + 1] on the CPU, got ", cu.shape_string());
-    const auto* offsets = static_cast<const int32_t*>(cu.data);
-    const int32_t first = offsets[0], last = offsets[cu.shape[0] - 1];
-    FLASHLM_CHECK(first == 0 && last == t, "cu_seqlens_q: must run from 0 to the ", t, " tokens, got ", first, " to ",
-                  last);
-  }
-  // Each step writes its new tokens into the cache before attending, so a sequence's context holds them all
-  // (paged attention alone accepts fewer keys than queries, as flash-attn does).
-  const TensorView& lens = s.seq_lens;
-  const int64_t num_seqs = cu.data != nullptr ? cu.shape[0] - 1 : t;
-  FLASHLM_CHECK(lens.device.is_cpu() && lens.dtype == DType::I32 && lens.ndim == 1 && lens.shape[0] == num_seqs &&
-                    lens.is_contiguous() && (num_seqs == 0 || lens.data),
-                "seq_lens must be a contiguous int32 [", num_seqs, "] on the CPU, got ", lens.shape_string());
-  const auto* len = static_cast<const int32_t*>(lens.data);
-  for (int64_t i = 0; i < num_seqs; ++i) {
-    const int64_t fresh = cu.data != nullptr ? static_cast<const int32_t*>(cu.data)[i + 1] -
-                                                   static_cast<const int32_t*>(cu.data)[i] : 1;
-    FLASHLM_CHECK(len[i] >= fresh, "seq_lens[", i, "] = ", len[i], " is less than the sequence's ", fresh,
-                  " new tokens (cu_seqlens_q); the context includes them");
-  }
-  const auto* pos = static_cast<const int64_t*>(p.data);
-  for (int64_t i = 0; i < t; ++i)
-    FLASHLM_CHECK(pos[i] >= 0 && pos[i] < s.rope_cos.shape[0], "positions[", i, "] = ", pos[i],
-                  " is outside the rope tables' ", s.rope_cos.shape[0], " rows");
-  FLASHLM_CHECK(s.k_caches.size() == n_layers && s.v_caches.size() == n_layers, "k_caches and v_caches: expected ",
-                n_layers, " layers, got ", s.k_caches.size(), " and ", s.v_caches.size());
-  for (size_t l = 0; l < n_layers; ++l)
-    for (const TensorView* cache : {&s.k_caches[l], &s.v_caches[l]})
-      FLASHLM_CHECK(cache->dtype == s.k_caches[0].dtype && (cache->dtype == DType::F32 || cache->dtype == DType::BF16),
-                    "kv cache of layer ", l, " must be float32 or bfloat16, as every layer's, got ",
-                    dtype_name(cache->dtype));
-}
-
-// A mixture-of-experts layer's router, experts (checked by moe_expert_ffn itself, on no rows) and shared expert.
-void check_moe(const DecoderConfig& c, const DecoderLayer& l, const std::string& at) {
-  const DecoderMoe& m = l.moe;
-  const int64_t d = c.d_model, e = m.gate.num_experts;
-  FLASHLM_CHECK(e >= 1, at, "experts: expected at least one expert, got ", e);
-  FLASHLM_CHECK(m.top_k <= e, at, "top_k: must be in [1, ", e, "] (the number of experts), got ", m.top_k);
-  if (present(m.router)) {
-    check_linear(m.router, e, d, at + "router");
-  } else {
-    const TensorView& w = m.router_f32;
-    FLASHLM_CHECK(w.device.is_cpu() && w.dtype == DType::F32 && w.ndim == 2 && w.shape[0] == e && w.shape[1] == d &&
-                      w.is_contiguous() && w.data,
-                  at, "router: expected a GGML-block linear or a contiguous float32 [", e, ", ", d,
-                  "] on the CPU, got ", w.shape_string());
-  }
-  for (const ExpertWeights* w : {&m.gate, &m.up, &m.down})
-    FLASHLM_CHECK(w->data.device.is_cpu(), at, "experts must be on the CPU");
-  try {
-    std::vector<float> none;
-    const TensorView x = TensorView::contiguous(none.data(), DType::F32, {0, d});
-    moe_expert_ffn(x, TensorView::contiguous(none.data(), DType::F32, {0, m.top_k}),
-                   TensorView::contiguous(none.data(), DType::I32, {0, m.top_k}), m.gate, m.up, m.down,
-                   MoeActivation::SiLU, x);
-  } catch (const ValueError& err) {
-    FLASHLM_CHECK(false, at, "experts: ", err.what());
-  }
-  if (!given(m.shared_gate)) {
-    FLASHLM_CHECK(!present(l.gate) && !present(l.up) && !present(l.down), at,
-                  "gate, up, down: a mixture-of-experts layer without a shared expert gate has no MLP");
-    return;
-  }
-  check_f32_vector(m.shared_gate, d, at + "shared_gate");
-  const int64_t ff = l.gate.n;
-  FLASHLM_CHECK(present(l.gate) && ff > 0, at, "gate: the shared expert must have at least one row");
-  check_linear(l.gate, ff, d, at + "gate");
-  check_linear(l.up, ff, d, at + "up");
-  check_linear(l.down, d, ff, at + "down");
-}
-
-void check_layers(const DecoderConfig& c, const std::vector<DecoderLayer>& layers) {
-  FLASHLM_CHECK(c.d_model > 0 && c.n_head > 0 && c.n_kv_head > 0 && c.head_dim > 0 && c.d_ff > 0,
-                "decoder config: sizes must be positive");
-  FLASHLM_CHECK(c.n_head % c.n_kv_head == 0, "decoder config: n_head (", c.n_head,
-                ") must be a multiple of n_kv_head (", c.n_kv_head, ")");
-  FLASHLM_CHECK(c.head_dim % 2 == 0, "decoder config: head_dim must be even for rope, got ", c.head_dim);
-  const int64_t d = c.d_model, qd = c.n_head * c.head_dim, kvd = c.n_kv_head * c.head_dim;
-  for (size_t i = 0; i < layers.size(); ++i) {
-    const DecoderLayer& l = layers[i];
-    const std::string at = "layer " + std::to_string(i) + " ";
-    check_f32_vector(l.attn_norm, d, at + "attn_norm");
-    check_f32_vector(l.mlp_norm, d, at + "mlp_norm");
-    check_linear(l.q, qd, d, at + "q");
-    check_linear(l.k, kvd, d, at + "k");
-    check_linear(l.v, kvd, d, at + "v");
-    check_linear(l.o, d, qd, at + "o");
-    FLASHLM_CHECK(given(l.q_norm) == given(l.k_norm), at, "q_norm, k_norm: both or neither");
-    if (given(l.q_norm)) {
-      check_f32_vector(l.q_norm, c.head_dim, at + "q_norm");
-      check_f32_vector(l.k_norm, c.head_dim, at + "k_norm");
-    }
-    FLASHLM_CHECK(l.window >= 0, at, "window: must be >= 0 (0: none), got ", l.window);
-    FLASHLM_CHECK(l.moe.top_k >= 0, at, "top_k: must be >= 0 (0: a dense MLP), got ", l.moe.top_k);
-    if (l.moe.top_k > 0) {
-      check_moe(c, l, at);
-      continue;
-    }
-    check_linear(l.gate, c.d_ff, d, at + "gate");
-    check_linear(l.up, c.d_ff, d, at + "up");
-    check_linear(l.down, d, c.d_ff, at + "down");
-  }
-}
-
-void check_ends(const DecoderConfig& c, const DecoderEnds& e) {
-  const TensorView& emb = e.embedding;
-  FLASHLM_CHECK(emb.device.is_cpu() && emb.data, "embedding must be on the CPU");
-  FLASHLM_CHECK(dequantize_supported(emb.dtype), "embedding: type ", dtype_name(emb.dtype), " cannot be dequantized");
-  FLASHLM_CHECK(emb.ndim == 2 && emb.shape[0] > 0 && emb.shape[1] == c.d_model && emb.is_contiguous(),
-                "embedding must be a contiguous [vocab, d_model = ", c.d_model, "], got ", emb.shape_string());
-  FLASHLM_CHECK(c.d_model % dtype_info(emb.dtype).block_size == 0, "embedding: d_model = ", c.d_model,
-                " is not a whole number of ", dtype_name(emb.dtype), " blocks");
-  check_f32_vector(e.final_norm, c.d_model, "final_norm");
-  if (e.head.weight.data || e.head.weight.ndim) {
-    FLASHLM_CHECK(e.head.n > 0, "head: expected at least one row, got ", e.head.n);
-    check_linear(e.head, e.head.n, c.d_model, "head");
-  }
-}
-
 }  // namespace
 
 struct Decoder::State {
@@ -324,7 +157,7 @@ struct Decoder::State {
   }
 
   void forward(const DecoderStep& s) const;
-  // out = the layer's SwiGLU MLP of h [T, d] (gate, up: [T, l.gate.n] scratch).
+  // out = the layer's gated MLP (SwiGLU or GeGLU) of h [T, d] (gate, up: [T, l.gate.n] scratch).
   void mlp(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate, float* up) const;
   // out = the layer's mixture of experts of h [T, d], its shared expert's gated output added.
   void experts(const DecoderLayer& l, int64_t t, const float* h, float* out, float* gate, float* up) const;
@@ -364,6 +197,12 @@ void Decoder::State::logits(const TensorView& tokens, const TensorView& logits_r
     dequantize(TensorView::contiguous(const_cast<uint8_t*>(row), e.embedding.dtype, {d}),
                TensorView::contiguous(x.data() + i * d, DType::F32, {d}));
   }
+  if (c.embedding_scale > 0.0) {  // gemma: times sqrt(d_model) rounded to f32, as the module path multiplies
+    const float scale = static_cast<float>(c.embedding_scale);
+    parallel_for(t * d, 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) x[i] *= scale;
+    });
+  }
   s.x = rows(x.data(), t, d);
   forward(s);
   if (n_rows == 0) return;
@@ -389,7 +228,15 @@ void Decoder::State::mlp(const DecoderLayer& l, int64_t t, const float* h, float
   const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
   matmul(h, t, d, gate_up, 2);
   const TensorView gate_rows = rows(gate, t, ff);
-  activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
+  if (config.activation == MlpActivation::SiLU) {
+    activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
+  } else {
+    // GeGLU as the module path computes it: the gelu kernel's f32 rows, then one f32 product with up
+    activation::gelu_tanh(gate_rows, gate_rows);
+    parallel_for(t * ff, 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) gate[i] *= up[i];
+    });
+  }
   const MatmulPart down = part(l.down, out);
   matmul(gate, t, ff, &down, 1);
 }
@@ -431,7 +278,7 @@ void Decoder::State::experts(const DecoderLayer& l, int64_t t, const float* h, f
 
 void Decoder::State::forward(const DecoderStep& s) const {
   const DecoderConfig& c = config;
-  check_step(c, layers.size(), s);
+  detail::check_step(c, layers, s);
   const int64_t t = s.x.shape[0], d = c.d_model, hd = c.head_dim;
   const int64_t qd = c.n_head * hd, kvd = c.n_kv_head * hd, ff = widest_mlp(layers);
   if (t == 0 || layers.empty()) return;
@@ -477,6 +324,19 @@ void Decoder::State::forward(const DecoderStep& s) const {
     pending = false;
   };
 
+  // gemma: a sublayer's output normed before it is added (absent weight: nothing)
+  auto norm_in_place = [&](const TensorView& weight) {
+    if (!weight.data) return;
+    norm::RMSNormParams p;
+    p.x = p.out = out_rows;
+    p.weight = weight;
+    p.eps = c.norm_eps;
+    norm::rms_norm(p);
+  };
+  const float softmax_scale = static_cast<float>(
+      c.softmax_scale > 0.0 ? c.softmax_scale : 1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops rounds it
+  const float softcap = static_cast<float>(c.attn_softcap);
+
   for (size_t i = 0; i < layers.size(); ++i) {
     const DecoderLayer& l = layers[i];
     norm_into_h(l.attn_norm);
@@ -492,8 +352,10 @@ void Decoder::State::forward(const DecoderStep& s) const {
         norm::rms_norm(p);
       }
     }
-    rotate(q, t, c.n_head, hd, positions, cos, sin);
-    rotate(k, t, c.n_kv_head, hd, positions, cos, sin);
+    const float* lc = l.local_rope ? static_cast<const float*>(s.rope_local_cos.data) : cos;
+    const float* ls = l.local_rope ? static_cast<const float*>(s.rope_local_sin.data) : sin;
+    rotate(q, t, c.n_head, hd, positions, lc, ls);
+    rotate(k, t, c.n_kv_head, hd, positions, lc, ls);
 
     if (bf16) {
       convert(k, DType::F32, kc, kv_dtype, t * kvd);
@@ -517,7 +379,8 @@ void Decoder::State::forward(const DecoderStep& s) const {
     a.seq_lens = s.seq_lens;
     a.cu_seqlens_q = s.cu_seqlens_q;
     a.max_seqlen_q = s.max_seqlen_q;
-    a.options.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));  // as flashlm.ops
+    a.options.softmax_scale = softmax_scale;
+    a.options.softcap = softcap;
     a.options.causal = true;
     if (l.window > 0) a.options.window_left = l.window - 1;  // the query itself and window - 1 keys before it
     paged_attention(a);
@@ -525,11 +388,13 @@ void Decoder::State::forward(const DecoderStep& s) const {
 
     const MatmulPart o = part(l.o, out);
     matmul(att, t, qd, &o, 1);
+    norm_in_place(l.post_attn_norm);
     pending = true;
     norm_into_h(l.mlp_norm);
 
     if (l.moe.top_k > 0) experts(l, t, h, out, gate, up);
     else mlp(l, t, h, out, gate, up);
+    norm_in_place(l.post_mlp_norm);
     pending = true;
   }
   // The last MLP's output.
@@ -539,7 +404,7 @@ void Decoder::State::forward(const DecoderStep& s) const {
 }
 
 Decoder::Decoder(const DecoderConfig& config, std::vector<DecoderLayer> layers) : state_(std::make_unique<State>()) {
-  check_layers(config, layers);
+  detail::check_layers(config, layers);
   state_->config = config;
   state_->layers = std::move(layers);
   for (const DecoderLayer& l : state_->layers)
@@ -551,7 +416,7 @@ Decoder::Decoder(Decoder&&) noexcept = default;
 Decoder& Decoder::operator=(Decoder&&) noexcept = default;
 
 void Decoder::set_ends(const DecoderEnds& ends) {
-  check_ends(state_->config, ends);
+  detail::check_ends(state_->config, ends);
   State& s = *state_;
   // The previous head's regrouped copy goes with it, unless a layer reads the same weight (copies are keyed
   // by the weight's data).

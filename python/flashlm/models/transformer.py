@@ -291,8 +291,10 @@ class Attention(nn.Module):
 
 
 def gelu(x, train_kernels: bool):
-    """GELU's tanh form: flashlm's kernel (with its backward) where train_kernels is set and it takes x."""
-    return gelu_tanh(x) if train_kernels and _kernel_takes(x) else F.gelu(x, approximate="tanh")
+    """GELU's tanh form: flashlm's kernel for inference (the one the native decoder stack runs for gemma's GeGLU,
+    so both paths round alike) and, where train_kernels is set, for training with its backward."""
+    native = _inference_kernel_applies(x) or (train_kernels and _kernel_takes(x))
+    return gelu_tanh(x) if native else F.gelu(x, approximate="tanh")
 
 
 def swiglu(g, u, train_kernels: bool):
@@ -544,6 +546,10 @@ class Transformer(nn.Module):
         """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
         embedding table; soft-capped where the config says so (gemma2)."""
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        return self.soft_cap(logits)
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) with the config's final cap (gemma2); the logits themselves without one."""
         cap = self.cfg.final_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

@@ -4,13 +4,14 @@ layers in one call, no Python between kernels.
     native = build_native_decoder(model)        # None where it does not apply
     logits = forward_paged_native(model, native, tokens, batch, kv_caches)   # model.forward_paged's logits
 
-It applies to a CPU float32 llama (mistral's sliding window too), qwen2, qwen3, phi3, mixtral, qwen2_moe or
-qwen3_moe model whose block linears (routers included) are all GGUFLinear (a loaded GGUF file) and whose experts
-are GGUFExperts or float tensors on the CPU, and takes the ends of the step too (the embedding lookup, the final
-norm, a GGUF head) where they are what it reads. Gemma's blocks (post-norms, GeGLU, soft-capped scores, scaled
-embeddings, local rope tables) are not the stack's: those models run on the module path. The model runner decides per step which path runs; both
-give the same logits bit for bit
-(tests/test_native_decoder.py): the same kernels, rounding alike.
+It applies to a CPU float32 llama (mistral's sliding window too), qwen2, qwen3, phi3, gemma2, gemma3, mixtral,
+qwen2_moe or qwen3_moe model whose block linears (routers included) are all GGUFLinear (a loaded GGUF file) and
+whose experts are GGUFExperts or float tensors on the CPU, and takes the ends of the step too (the embedding
+lookup, the final norm, a GGUF head) where they are what it reads. Gemma's parts are the stack's options: its
+post-norms, GeGLU, score scale and soft cap, scaled embeddings and gemma3's local rope tables; the final logits'
+soft cap is applied here, as the module path applies it. The model runner decides per step which path runs;
+both give the same logits bit for bit (tests/test_native_decoder.py, test_native_decoder_gemma.py): the same
+kernels, rounding alike.
 """
 
 from typing import Optional
@@ -32,9 +33,10 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     cfg = model.cfg
     # phi3 is llama's block once its fused tensors are split (on load); the MoE architectures are their dense
     # base's attention with experts
-    if cfg.base_arch not in ("llama", "qwen2", "qwen3", "phi3") or not cfg.rotary:
+    if cfg.base_arch not in ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3") or not cfg.rotary:
         return None
-    if not model.rope_cos.is_cpu or cfg.rope_local_theta is not None:
+    local_rope = cfg.rope_local_theta is not None  # gemma3's local layers rotate by their own tables
+    if not model.rope_cos.is_cpu or (local_rope and not model.rope_local_cos.is_cpu):
         return None
 
     def linear(m):
@@ -49,26 +51,28 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
         return m.weight.detach() if ok else None
 
     layers = []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         attn, mlp = block.attn, block.mlp
-        if block.post_attn_norm is not None or attn.scale is not None or attn.softcap is not None:
-            return None  # gemma's
+        if (attn.scale, attn.softcap) != (model.blocks[0].attn.scale, model.blocks[0].attn.softcap):
+            return None  # the stack's score scale and cap are the model's, every layer's alike
         dense = mlp.shared if isinstance(mlp, MoEMLP) else mlp
         parts = [norm(block.attn_norm), linear(attn.q), linear(attn.k), linear(attn.v), linear(attn.o),
                  norm(block.mlp_norm)]
         if dense is None:
             parts += [False, False, False]  # a MoE layer without a shared expert: no MLP (None below)
-        elif isinstance(dense, GatedMLP) and not dense.gelu:
+        elif isinstance(dense, GatedMLP) and dense.gelu == cfg.gemma:
             parts += [linear(dense.gate), linear(dense.up), linear(dense.down)]
         else:
             return None
         qk = (norm(attn.q_norm), norm(attn.k_norm)) if attn.q_norm is not None else (False, False)
         experts = _moe(mlp, linear) if isinstance(mlp, MoEMLP) else False
-        parts += [*qk, experts]
+        post = ((norm(block.post_attn_norm), norm(block.post_mlp_norm)) if block.post_attn_norm is not None
+                else (False, False))  # gemma's norms of each sublayer's output
+        parts += [*qk, experts, *post]
         if any(p is None for p in parts):
             return None
         parts = [None if p is False else p for p in parts]
-        layers.append((*parts[:11], attn.window or 0, parts[11]))
+        layers.append((*parts[:11], attn.window or 0, *parts[11:], local_rope and cfg.local_layer(i)))
     # The ends too where they are what it reads: the embedding lookup, the final norm and a GGUF head.
     emb, final = model.tok_emb, norm(model.final_norm)
     table, emb_dtype = None, None
@@ -83,7 +87,11 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     has_ends = table is not None and final is not None and model.pos_emb is None
     if not has_ends and emb_dtype != torch.float32:
         return None  # the layers alone take float32 rows only: the module path runs the whole step
-    native = NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers)
+    attn = model.blocks[0].attn if model.blocks else None
+    native = NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers,
+                           softmax_scale=None if attn is None else attn.scale,
+                           attn_softcap=None if attn is None else attn.softcap,
+                           embedding_scale=cfg.d_model ** 0.5 if cfg.gemma else None, gelu=cfg.gemma)
     if has_ends:
         native.set_ends(*table, final, linear(model.lm_head) if model.lm_head is not None else None)
     return native
@@ -135,12 +143,13 @@ def forward_paged_native(model: Transformer, native: NativeDecoder, tokens: torc
         raise ValueError(f"kv_caches: expected {model.cfg.n_layer} layers, got {len(kv_caches)}")
     step = (batch.positions, model.rope_cos, model.rope_sin, [k for k, _ in kv_caches], [v for _, v in kv_caches],
             batch.slot_mapping, batch.block_table, batch.seq_lens, batch.cu_seqlens_q, batch.max_seqlen_q)
+    local = (model.rope_local_cos, model.rope_local_sin) if model.cfg.rope_local_theta is not None else None
     if native.has_ends:  # the whole step in one call
-        x = native.logits(tokens, *step, batch.logits_rows)
+        x = native.logits(tokens, *step, batch.logits_rows, rope_local=local)
         if native.has_head:
-            return x
+            return model.soft_cap(x).float()
     else:
-        x = model.tok_emb(tokens)  # [T, d] float32 (build_native_decoder checked)
-        native(x, *step)
+        x = model._scale_embeddings(model.tok_emb(tokens))  # [T, d] float32 (build_native_decoder checked)
+        native(x, *step, rope_local=local)
         x = model.final_norm(x[batch.logits_rows])
     return model.logits(x).float()

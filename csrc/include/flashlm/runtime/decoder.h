@@ -14,6 +14,13 @@
 //   [+ sigmoid(h . w_shared_gate) * shared(h), shared a SwiGLU MLP: qwen2_moe's shared expert]
 // Decoder::logits adds both ends: the embedding lookup before the layers, and after them the final norm and
 // the output head on the rows whose next-token logits are wanted.
+//
+// Gemma 2 and 3 are the same stack with their options (DecoderConfig, DecoderLayer): embeddings scaled by
+// sqrt(d_model), scores scaled by query_pre_attn_scalar^-1/2 and soft-capped (gemma2), a GeGLU MLP
+// (gelu_tanh(h @ Wgate.T) * (h @ Wup.T)), each sublayer's output normed before it is added
+// (x += post_attn_norm(a); x += post_mlp_norm(mlp)), and gemma3's local layers rotating by their own rope tables.
+// Gemma's (1 + w) norm weights are the weights given (the loaders fold the 1 in). The final logits' soft cap is
+// the caller's (a tanh rounded as torch rounds it).
 #pragma once
 
 #include <cstdint>
@@ -58,6 +65,8 @@ struct DecoderLayer {
   TensorView q_norm, k_norm;   // f32 [head_dim]: qwen3's per-head norms of q and k; absent: null data
   int64_t window = 0;          // keys a query sees, itself included (a sliding window); 0: every key before it
   DecoderMoe moe;
+  TensorView post_attn_norm, post_mlp_norm;  // f32 [d]: gemma's norms of each sublayer's output; absent: null data
+  bool local_rope = false;     // rotate by the step's rope_local tables (gemma3's local layers)
 };
 
 // The model's ends: the token embedding table, the final norm and (optionally) the output head.
@@ -69,9 +78,16 @@ struct DecoderEnds {
                           // normed hidden rows and the caller applies its head
 };
 
+// The MLP's activation: SwiGLU (silu(gate) * up) or GeGLU (gelu_tanh(gate) * up, gemma's).
+enum class MlpActivation : int { SiLU = 0, GeluTanh = 1 };
+
 struct DecoderConfig {
   int64_t d_model = 0, n_head = 0, n_kv_head = 0, head_dim = 0, d_ff = 0;
   double norm_eps = 1e-6;
+  double softmax_scale = 0.0;   // the scores' factor, rounded to f32 (as flashlm.ops passes it); 0: 1/sqrt(head_dim)
+  double attn_softcap = 0.0;    // > 0: scores s become cap * tanh(s / cap) (gemma2); 0: off
+  double embedding_scale = 0.0; // > 0: embedding rows times this, rounded to f32 first (gemma: sqrt(d_model)); 0: none
+  MlpActivation activation = MlpActivation::SiLU;  // of the dense MLPs (a mixture of experts is SwiGLU)
 };
 
 // One step's tokens and where their K/V go (as flashlm.models.PagedBatch; see paged_attention.h).
@@ -79,6 +95,7 @@ struct DecoderStep {
   TensorView x;             // f32 [T, d]: embeddings in, the residual stream after the last layer out
   TensorView positions;     // int64 [T]: rows of the rope tables
   TensorView rope_cos, rope_sin;  // f32 [max_positions, head_dim]: cos/sin of position * inv_freq, both halves
+  TensorView rope_local_cos, rope_local_sin;  // the same for layers with local_rope (gemma3); absent: null data
   std::vector<TensorView> k_caches, v_caches;  // per layer, [num_blocks, block_size, n_kv_head, head_dim], all f32
                                                // or all bf16 (then K, V and q are rounded to bf16 for attention)
   TensorView slot_mapping;  // int64 [T]
