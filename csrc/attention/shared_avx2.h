@@ -13,6 +13,7 @@
 #include <new>
 
 #include "../core/avx2.h"
+#include "../core/hsum_avx2.h"
 #include "flashlm/core/dtype.h"
 #include "shared_cpu.h"
 
@@ -72,12 +73,7 @@ FLASHLM_AVX2_INLINE __m256 tanh_ps(__m256 y) {
   return _mm256_or_ps(t, _mm256_and_ps(y, sign));
 }
 
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using core::hsum;
 
 // ---- Rows ------------------------------------------------------------------------------------------------
 

@@ -15,8 +15,6 @@ namespace {
 
 using OptionalArray = std::optional<Array>;
 
-TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
-
 AttentionOptions options(float softmax_scale, bool causal, int64_t window_left, int64_t window_right, float softcap,
                          int version, float dropout_p, uint64_t philox_seed, uint64_t philox_offset) {
   AttentionOptions o;

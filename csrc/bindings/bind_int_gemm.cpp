@@ -16,8 +16,6 @@ namespace {
 
 using OptionalArray = std::optional<Array>;
 
-TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
-
 void quantize(Array x, Array q, Array scales, uintptr_t stream) {
   QuantizePerTokenParams p;
   p.x = to_view(x, "x"), p.q = to_view(q, "q"), p.scales = to_view(scales, "scales");

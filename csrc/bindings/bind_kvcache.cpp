@@ -16,8 +16,6 @@ namespace {
 
 using OptionalArray = std::optional<Array>;
 
-TensorView optional_view(const OptionalArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
-
 void write(Array key, Array value, Array k_cache, Array v_cache,
            Array slot_mapping, uintptr_t stream) {
   KVCacheWriteParams a;

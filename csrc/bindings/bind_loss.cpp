@@ -13,10 +13,6 @@ namespace nb = nanobind;
 namespace flashlm::bindings {
 namespace {
 
-TensorView optional_view(const std::optional<Array>& a, const char* name) {
-  return a ? to_view(*a, name) : TensorView{};
-}
-
 void logsumexp_chunk(Array logits, int64_t start, double scale, Array state, std::optional<Array> index,
                      std::optional<Array> gathered, uintptr_t stream) {
   const TensorView l = to_view(logits, "logits"), s = to_view(state, "state");

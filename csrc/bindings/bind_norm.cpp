@@ -68,10 +68,10 @@ void layer_norm(Array x, Array weight, std::optional<Array> bias, Array out, std
   norm::LayerNormParams p;
   p.x = as_rows(x, "x");
   p.weight = to_view(weight, "weight");
-  if (bias) p.bias = to_view(*bias, "bias");
+  p.bias = optional_view(bias, "bias");
   p.out = as_rows(out, "out");
-  if (mean) p.mean = to_view(*mean, "mean");
-  if (rstd) p.rstd = to_view(*rstd, "rstd");
+  p.mean = optional_view(mean, "mean");
+  p.rstd = optional_view(rstd, "rstd");
   p.eps = eps;
   nb::gil_scoped_release release;
   norm::layer_norm(p, reinterpret_cast<void*>(stream));
@@ -85,9 +85,9 @@ void layer_norm_backward(Array x, Array weight, Array dout, Array dx, Array dwei
   p.dout = as_rows(dout, "dout");
   p.dx = as_rows(dx, "dx");
   p.dweight = to_view(dweight, "dweight");
-  if (dbias) p.dbias = to_view(*dbias, "dbias");
-  if (mean) p.mean = to_view(*mean, "mean");
-  if (rstd) p.rstd = to_view(*rstd, "rstd");
+  p.dbias = optional_view(dbias, "dbias");
+  p.mean = optional_view(mean, "mean");
+  p.rstd = optional_view(rstd, "rstd");
   p.eps = eps;
   nb::gil_scoped_release release;
   norm::layer_norm_backward(p, reinterpret_cast<void*>(stream));

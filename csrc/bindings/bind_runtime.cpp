@@ -187,7 +187,7 @@ struct Decoder {
     s.slot_mapping = to_view(slot_mapping, "slot_mapping");
     s.block_table = to_view(block_table, "block_table");
     s.seq_lens = to_view(seq_lens, "seq_lens");
-    if (cu_seqlens_q) s.cu_seqlens_q = to_view(*cu_seqlens_q, "cu_seqlens_q");
+    s.cu_seqlens_q = optional_view(cu_seqlens_q, "cu_seqlens_q");
     s.max_seqlen_q = max_seqlen_q;
     if (rope_local_cos) s.rope_local_cos = to_view(*rope_local_cos, "rope_local_cos");
     if (rope_local_sin) s.rope_local_sin = to_view(*rope_local_sin, "rope_local_sin");

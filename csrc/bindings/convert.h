@@ -13,6 +13,7 @@
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "flashlm/core/error.h"
@@ -183,6 +184,12 @@ inline Array to_array(const nb::ndarray<>& a) {
 }
 
 inline TensorView to_view(const nb::ndarray<>& a, const char* name) { return to_view(to_array(a), name); }
+
+// An optional argument (None allowed): its view, or the absent view (ndim 0, null data) that the params
+// structs hold for one not given.
+inline TensorView optional_view(const std::optional<Array>& a, const char* name) {
+  return a ? to_view(*a, name) : TensorView{};
+}
 
 }  // namespace flashlm::bindings
 

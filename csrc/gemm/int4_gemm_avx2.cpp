@@ -17,6 +17,7 @@
 
 #include "../core/avx2.h"
 #include "../core/half.h"
+#include "../core/hsum_avx2.h"
 #include "int_gemm_kernels.h"
 #include "transpose_avx2.h"
 
@@ -28,12 +29,7 @@ namespace {
 constexpr int64_t kCols = 16, kRows = 4, kGemvMaxRows = 4;
 constexpr int64_t kKc = 512;  // K per panel chunk: 16 x 512 f32 = 32 KiB, the size of the L1 data cache
 
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using core::hsum;
 
 FLASHLM_AVX2_INLINE void store_out(const Int4Args& a, int64_t m, int64_t n, float y) {
   if (a.out_dtype == DType::F32) {

@@ -9,17 +9,13 @@
 
 #include "../core/avx2.h"
 #include "../core/half.h"
+#include "../core/hsum_avx2.h"
 
 namespace flashlm::gemm::detail {
 namespace {
 
-// The horizontal sum of a ymm of floats.
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+// The horizontal sum of a ymm of floats, in core's one order.
+using core::hsum;
 
 // The 8 sub-blocks' scales and mins (ggml's get_scale_min_k4, four at a time) from the block's 12 bytes at q:
 // bytes 0..7 of the result are the scales, bytes 8..15 the mins.

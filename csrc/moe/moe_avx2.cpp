@@ -4,18 +4,14 @@
 #include <immintrin.h>
 
 #include "../core/avx2.h"
+#include "../core/hsum_avx2.h"
 #include "moe_kernels.h"
 
 namespace flashlm::moe::detail {
 
 namespace {
 
-FLASHLM_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using core::hsum;
 
 template <bool kBf16>
 FLASHLM_AVX2_INLINE __m256 load_w(const void* w, int64_t j) {

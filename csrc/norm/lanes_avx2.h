@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "../core/half_avx2.h"
+#include "../core/hsum_avx2.h"
 
 namespace flashlm::norm::detail {
 
@@ -31,10 +32,8 @@ FLASHLM_AVX2_INLINE __m256 round8(__m256 v, const uint16_t*) {
 
 // lanes.h's sum_lanes on the four accumulators.
 FLASHLM_AVX2_INLINE float total(const __m256* acc) {
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));  // l_j + l_(j+4)
-  const __m128 u = _mm_add_ps(t, _mm_movehl_ps(t, t));                                  // (t0 + t2), (t1 + t3)
-  return _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)));
+  // core::hsum adds the 8 lanes as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), lanes.h's order.
+  return core::hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 }  // namespace flashlm::norm::detail

@@ -100,21 +100,28 @@ void check_backward_params(const LayerNormBackwardParams& p) {
   check_stats(p.mean, p.rstd, x, {dxs, dws, dbs});
 }
 
-}  // namespace
-
-void layer_norm(const LayerNormParams& p, void* stream) {
-  check_params(p);
+// The kernels' arguments that the forward and the backward (Params) take alike, from checked params.
+template <class Params>
+LayerNormArgs shared_args(const Params& p) {
   LayerNormArgs a;
   a.dtype = p.x.dtype;
   a.weight_dtype = p.weight.dtype;
   a.x = p.x.data;
   a.weight = p.weight.data;
-  a.bias = has(p.bias) ? p.bias.data : nullptr;
-  a.out = p.out.data;
   if (has(p.mean)) a.mean = static_cast<float*>(p.mean.data), a.rstd = static_cast<float*>(p.rstd.data);
   a.rows = p.x.shape[0];
   a.d = p.x.shape[1];
   a.eps = float(p.eps);
+  return a;
+}
+
+}  // namespace
+
+void layer_norm(const LayerNormParams& p, void* stream) {
+  check_params(p);
+  LayerNormArgs a = shared_args(p);
+  a.bias = has(p.bias) ? p.bias.data : nullptr;
+  a.out = p.out.data;
   if (a.rows == 0 || a.d == 0) return;
   if (p.x.device.is_cuda()) {
     detail::layer_norm_cuda(a, p.x.device.index, stream);
@@ -134,17 +141,9 @@ void layer_norm(const LayerNormParams& p, void* stream) {
 
 void layer_norm_backward(const LayerNormBackwardParams& p, void* stream) {
   check_backward_params(p);
-  LayerNormArgs a;
-  a.dtype = p.x.dtype;
-  a.weight_dtype = p.weight.dtype;
-  a.x = p.x.data;
-  a.weight = p.weight.data;
+  LayerNormArgs a = shared_args(p);
   a.dout = p.dout.data;
   a.dx = p.dx.data;
-  if (has(p.mean)) a.mean = static_cast<float*>(p.mean.data), a.rstd = static_cast<float*>(p.rstd.data);
-  a.rows = p.x.shape[0];
-  a.d = p.x.shape[1];
-  a.eps = float(p.eps);
   auto* dweight = static_cast<float*>(p.dweight.data);
   auto* dbias = has(p.dbias) ? static_cast<float*>(p.dbias.data) : nullptr;
   if (a.d == 0) return;

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "../core/cuda_elementwise.cuh"
+#include "common_cuda.cuh"
 #include "layer_norm_kernels.h"
 
 namespace flashlm::norm::detail {
@@ -21,25 +22,6 @@ using cuda_elementwise::Elem;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// The sum of v over the block, the same value in every thread (warp_sums: kWarps floats of shared memory).
-__device__ __forceinline__ float block_sum(float v, float* warp_sums) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  float sum = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kWarps; ++k) sum = __fadd_rn(sum, warp_sums[k]);
-  __syncthreads();
-  return sum;
-}
-
 struct Stats {
   float mean, rstd;
 };
@@ -48,13 +30,13 @@ template <DType T>
 __device__ __forceinline__ Stats row_stats(const typename Elem<T>::type* x, int64_t d, float eps, float* warp_sums) {
   float part = 0.0f;
   for (int64_t i = threadIdx.x; i < d; i += kThreads) part = __fadd_rn(part, Elem<T>::load(x[i]));
-  const float mean = __fdiv_rn(block_sum(part, warp_sums), float(d));
+  const float mean = __fdiv_rn(block_sum<kWarps>(part, warp_sums), float(d));
   part = 0.0f;
   for (int64_t i = threadIdx.x; i < d; i += kThreads) {
     const float c = __fsub_rn(Elem<T>::load(x[i]), mean);
     part = __fadd_rn(part, __fmul_rn(c, c));
   }
-  const float var = __fdiv_rn(block_sum(part, warp_sums), float(d));
+  const float var = __fdiv_rn(block_sum<kWarps>(part, warp_sums), float(d));
   return {mean, __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)))};
 }
 
@@ -96,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
       pg = __fadd_rn(pg, g);
       pgx = __fadd_rn(pgx, __fmul_rn(g, xh));
     }
-    const float c1 = __fdiv_rn(block_sum(pg, warp_sums), float(a.d));
-    const float c2 = __fdiv_rn(block_sum(pgx, warp_sums), float(a.d));
+    const float c1 = __fdiv_rn(block_sum<kWarps>(pg, warp_sums), float(a.d));
+    const float c2 = __fdiv_rn(block_sum<kWarps>(pgx, warp_sums), float(a.d));
     for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {  // dx may be dout: each element is read first
       const float dy = Elem<T>::load(dout[i]);
       const float xh = __fmul_rn(__fsub_rn(Elem<T>::load(x[i]), s.mean), s.rstd);
@@ -128,39 +110,19 @@ void launch_backward(const LayerNormArgs& a, float* dweight, float* dbias, int d
 }  // namespace
 
 void layer_norm_cuda(const LayerNormArgs& a, int device, void* stream) {
-  CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
-  const bool f32_weight = a.weight_dtype == DType::F32;
-  switch (a.dtype) {
-    case DType::F32: launch<DType::F32, DType::F32>(a, device, st); break;
-    case DType::F16:
-      f32_weight ? launch<DType::F16, DType::F32>(a, device, st) : launch<DType::F16, DType::F16>(a, device, st);
-      break;
-    case DType::BF16:
-      f32_weight ? launch<DType::BF16, DType::F32>(a, device, st) : launch<DType::BF16, DType::BF16>(a, device, st);
-      break;
-    default: throw ValueError("layer_norm: x dtype must be F32, F16 or BF16");
-  }
-  throw_on_cuda_error(cudaGetLastError(), "layer_norm: kernel launch");
+  launch_norm("layer_norm", a.dtype, a.weight_dtype, device, [&](auto types) {
+    using Types = decltype(types);
+    launch<Types::kX, Types::kWeight>(a, device, st);
+  });
 }
 
 void layer_norm_backward_cuda(const LayerNormArgs& a, float* dweight, float* dbias, int device, void* stream) {
-  CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
-  const bool f32_weight = a.weight_dtype == DType::F32;
-  switch (a.dtype) {
-    case DType::F32: launch_backward<DType::F32, DType::F32>(a, dweight, dbias, device, st); break;
-    case DType::F16:
-      f32_weight ? launch_backward<DType::F16, DType::F32>(a, dweight, dbias, device, st)
-                 : launch_backward<DType::F16, DType::F16>(a, dweight, dbias, device, st);
-      break;
-    case DType::BF16:
-      f32_weight ? launch_backward<DType::BF16, DType::F32>(a, dweight, dbias, device, st)
-                 : launch_backward<DType::BF16, DType::BF16>(a, dweight, dbias, device, st);
-      break;
-    default: throw ValueError("layer_norm_backward: x dtype must be F32, F16 or BF16");
-  }
-  throw_on_cuda_error(cudaGetLastError(), "layer_norm_backward: kernel launch");
+  launch_norm("layer_norm_backward", a.dtype, a.weight_dtype, device, [&](auto types) {
+    using Types = decltype(types);
+    launch_backward<Types::kX, Types::kWeight>(a, dweight, dbias, device, st);
+  });
 }
 
 }  // namespace flashlm::norm::detail

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../core/cuda_elementwise.cuh"
+#include "common_cuda.cuh"
 #include "rms_norm_kernels.h"
 
 namespace flashlm::norm::detail {
@@ -28,12 +29,6 @@ template <class E, int kVec>
 struct alignas(sizeof(E) * kVec) Pack {
   E v[kVec];
 };
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // One row, handled by `lanes` threads numbered `lane`; kVec elements per access (d % kVec == 0 and every
 // pointer aligned to its pack when kVec > 1: the launch checks). Returns this thread's part of the sum of
@@ -101,15 +96,10 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(RMSNormArgs a) {
     const E* x = static_cast<const E*>(a.x) + r * a.x_stride;
     E* out = static_cast<E*>(a.out) + r * a.out_stride;
     E* res = a.residual ? static_cast<E*>(a.residual) + r * a.residual_stride : nullptr;
-    float sum = warp_sum(square_sum<T, W, kVec>(x, res, a.d, row_lane, row_lanes));
-    if (kBlockRow) {
-      if (lane == 0) warp_sums[warp] = sum;
-      __syncthreads();
-      sum = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kWarps; ++k) sum = __fadd_rn(sum, warp_sums[k]);  // one order: every thread agrees
-      __syncthreads();  // warp_sums is rewritten by the next row; x is fully read before out (maybe x) is written
-    }
+    const float part = square_sum<T, W, kVec>(x, res, a.d, row_lane, row_lanes);
+    // A block's sum ends with a barrier: warp_sums is rewritten by the next row, and x is fully read before out
+    // (maybe x) is written.
+    const float sum = kBlockRow ? block_sum<kWarps>(part, warp_sums) : warp_sum(part);
     normalize<T, W, kVec>(res ? res : x, static_cast<const WE*>(a.weight), out, a.d, inv_rms(sum, a.d, a.eps),
                           row_lane, row_lanes);
   }
@@ -149,18 +139,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RMSNormBack
   using E = typename Elem<T>::type;
   using WE = typename Elem<W>::type;
   __shared__ float warp_sums[kWarps];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const auto* w = static_cast<const WE*>(a.weight);
-  auto block_sum = [&](float v) {
-    v = warp_sum(v);
-    if (lane == 0) warp_sums[warp] = v;
-    __syncthreads();
-    float sum = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kWarps; ++k) sum = __fadd_rn(sum, warp_sums[k]);
-    __syncthreads();
-    return sum;
-  };
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     const E* x = static_cast<const E*>(a.x) + r * a.d;
     const E* dout = static_cast<const E*>(a.dout) + r * a.d;
@@ -170,11 +149,11 @@ __global__ void __launch_bounds__(kThreads) rms_norm_backward_kernel(RMSNormBack
       const float h = Elem<T>::load(x[i]);
       part = __fadd_rn(part, __fmul_rn(h, h));
     }
-    const float inv = inv_rms(block_sum(part), a.d, a.eps);
+    const float inv = inv_rms(block_sum<kWarps>(part, warp_sums), a.d, a.eps);
     part = 0.0f;
     for (int64_t i = threadIdx.x; i < a.d; i += kThreads)
       part += (Elem<T>::load(dout[i]) * Elem<W>::load(w[i])) * (Elem<T>::load(x[i]) * inv);
-    const float c = block_sum(part) / float(a.d);
+    const float c = block_sum<kWarps>(part, warp_sums) / float(a.d);
     for (int64_t i = threadIdx.x; i < a.d; i += kThreads) {
       const float dy = Elem<T>::load(dout[i]), xh = Elem<T>::load(x[i]) * inv;
       atomicAdd(dweight + i, dy * Elem<T>::load(Elem<T>::store(xh)));
@@ -194,39 +173,19 @@ void launch_backward(const RMSNormBackwardArgs& a, float* dweight, int device, c
 }  // namespace
 
 void rms_norm_backward_cuda(const RMSNormBackwardArgs& a, float* dweight, int device, void* stream) {
-  CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
-  const bool f32_weight = a.weight_dtype == DType::F32;
-  switch (a.dtype) {
-    case DType::F32: launch_backward<DType::F32, DType::F32>(a, dweight, device, st); break;
-    case DType::F16:
-      f32_weight ? launch_backward<DType::F16, DType::F32>(a, dweight, device, st)
-                 : launch_backward<DType::F16, DType::F16>(a, dweight, device, st);
-      break;
-    case DType::BF16:
-      f32_weight ? launch_backward<DType::BF16, DType::F32>(a, dweight, device, st)
-                 : launch_backward<DType::BF16, DType::BF16>(a, dweight, device, st);
-      break;
-    default: throw ValueError("rms_norm_backward: x dtype must be F32, F16 or BF16");
-  }
-  throw_on_cuda_error(cudaGetLastError(), "rms_norm_backward: kernel launch");
+  launch_norm("rms_norm_backward", a.dtype, a.weight_dtype, device, [&](auto types) {
+    using Types = decltype(types);
+    launch_backward<Types::kX, Types::kWeight>(a, dweight, device, st);
+  });
 }
 
 void rms_norm_cuda(const RMSNormArgs& a, int device, void* stream) {
-  CudaDeviceGuard guard(device);
   auto st = static_cast<cudaStream_t>(stream);
-  const bool f32_weight = a.weight_dtype == DType::F32;
-  switch (a.dtype) {
-    case DType::F32: launch<DType::F32, DType::F32>(a, device, st); break;
-    case DType::F16:
-      f32_weight ? launch<DType::F16, DType::F32>(a, device, st) : launch<DType::F16, DType::F16>(a, device, st);
-      break;
-    case DType::BF16:
-      f32_weight ? launch<DType::BF16, DType::F32>(a, device, st) : launch<DType::BF16, DType::BF16>(a, device, st);
-      break;
-    default: throw ValueError("rms_norm: x dtype must be F32, F16 or BF16");
-  }
-  throw_on_cuda_error(cudaGetLastError(), "rms_norm: kernel launch");
+  launch_norm("rms_norm", a.dtype, a.weight_dtype, device, [&](auto types) {
+    using Types = decltype(types);
+    launch<Types::kX, Types::kWeight>(a, device, st);
+  });
 }
 
 }  // namespace flashlm::norm::detail
