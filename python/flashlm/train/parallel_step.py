@@ -166,8 +166,8 @@ class ModelParallel:
                                     reduce_in_backward=False)
         table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
         # Without a pipeline, cp runs the Transformer's pieces through ContextParallelTransformer (the model's own
-        # forward, whose hooks gather the outer unit, never runs): the whole part is one unit there, gathered for
-        # each forward and backward. A pipeline stage calls its block modules under cp too: one unit per block.
+        # forward never runs): the wrapper's hooks gather the outer unit and its `blocks` are the model's, each a
+        # unit gathered around its own forward and backward, as a pipeline stage's blocks are.
         return Zero3(held if self.context is None else self.context, self.groups, make_optimizer, self.mesh.dp,
                      separate=[table] if table is not None else [], keep_outer=self.pipe is not None)
 
