@@ -33,7 +33,22 @@ from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E4
 from flashlm.train.config import TrainConfig  # noqa: E402
 from flashlm.train.trainer import Trainer  # noqa: E402
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_fp16_mesh_worker.py")
+
+def run_workers(script: str, args: list, n: int, timeout: float = 400) -> None:
+    """tests/`script` *args on n ranks, as torchrun starts them; fails the test unless every rank succeeds."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    env = dict(child_env(), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, path, *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(n)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-5000:]}"
+
 
 # name: (config, sizes, more flags)
 RUNS = {
@@ -118,18 +133,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(text_file, data_
     n = world(sizes)
     values = dict(settings(text_file, data_cache, tmp_path / "mesh", model, sizes.get("dp", 1), precision="fp16",
                            **more), **sizes)
-    port = free_port()
-    env = dict(child_env(), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [subprocess.Popen([sys.executable, WORKER, json.dumps(values), str(n - 1), str(OVERFLOW_STEP)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
-    try:
-        logs = [p.communicate(timeout=400)[0].decode() for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-5000:]}"
+    run_workers("train_fp16_mesh_worker.py", [json.dumps(values), n - 1, OVERFLOW_STEP], n)
     want = fp16_reference(text_file, data_cache, tmp_path / "one", model)
     skipped = [step == OVERFLOW_STEP for step in range(1, STEPS + 1)]
     assert [m["skipped"] for m in want] == skipped
@@ -147,3 +151,25 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(text_file, data_
         assert len(a) == len(b), key
         np.testing.assert_allclose(a, b, rtol=2.0 ** -11, err_msg=f"{name}: {key}")
 
+
+@pytest.mark.slow
+def test_dp_reduction_overlapped_with_backward_is_bit_equal(tmp_path):
+    """DP 2 x TP 2, ZeRO 0, 1 and 2 (tests/mesh_overlap_worker.py): the dp buckets' all-reduces (reduce-scatters)
+    launched from the gradient hooks during backward give the clip norms and parameters of the same reduction
+    after backward bit for bit (the same buckets summed: two addends per element), and some of them are entered
+    before finish_gradients, on several buckets; with overlap=False none is."""
+    n = 4
+    run_workers("mesh_overlap_worker.py", [tmp_path, 2, 2], n)
+    import torch
+
+    for r in range(n):
+        results = torch.load(tmp_path / f"rank{r}.pt")
+        for stage in (0, 1, 2):
+            after, during = results[stage, False], results[stage, True]
+            what = f"rank {r}, ZeRO {stage}"
+            assert during["norms"] == after["norms"], what
+            for name, t in after["params"].items():
+                assert torch.equal(during["params"][name], t), f"{what}: {name}"
+            assert "backward" not in after["entered"], what
+            early = during["entered"].count("backward")
+            assert early >= 3, f"{what}: {early} dp collectives entered during backward in 3 steps"
