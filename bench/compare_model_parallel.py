@@ -12,6 +12,11 @@ the same Llama-style flashlm Transformer, split the same way.
   flashlm PP 1f1b    the same, one forward one backward
   torch PP gpipe     torch.distributed.pipelining's ScheduleGPipe on the same PipelineStage modules (gloo p2p)
   torch PP 1f1b      its Schedule1F1B
+  flashlm DP after   ModelParallel over a Mesh(dp=n): forward, backward, then the gradients' all-reduce over dp in
+                     finish_gradients (overlap=False)
+  flashlm DP overlapped  the same with the buckets' all-reduces launched from the gradient hooks during backward
+                     (the trainer's default; buckets of --bucket-mb)
+  torch DP overlapped    DistributedDataParallel (gloo) on the same model, buckets of --bucket-mb
 
 Figures, per rank unless said otherwise:
   step ms       the slowest rank's time of a step (each starts at a gloo barrier), median of --steps steps
@@ -26,6 +31,7 @@ Figures, per rank unless said otherwise:
                 vocabulary-parallel cross-entropy (an all-gather of the B*T row maxima, an all-reduce of 2*B*T
                 floats); each all-reduce 2(n-1)/n of its bytes. PP: activations [B/m, T, d] per micro-batch
                 per stage boundary forward, and their gradients back: B*T*d elements sent per rank on 2 stages.
+                DP: one all-reduce of every gradient, 2(n-1)/n of the parameters' bytes.
   bubble        the pipeline's measured idle fraction (Pipeline.stats: outside forward/backward compute) of
                 the slowest stage, against (p-1)/(m+p-1)
   act MiB       peak bytes of tensors saved for backward (saved_tensors_hooks; storages counted once, the
@@ -37,6 +43,7 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_model_parallel.py                # 2 processes, d_model 256, 4 layers, 4 micro-batches
   python bench/compare_model_parallel.py --micro 8 --d-model 384
   python bench/compare_model_parallel.py --quick        # a tiny model, 2 steps: CI smoke
+  python bench/compare_model_parallel.py --only DP --bucket-mb 2   # data parallelism alone: overlapped or not
   python bench/compare_model_parallel.py --device cuda  # one GPU per rank: torch's configurations (NCCL); flashlm's
                                                         # are listed as not run, with why (CPU rings only so far)
 A configuration that fails to build or to run its warm-up steps is listed with its error and the others go on
@@ -58,7 +65,8 @@ from bench_util import print_table, ranks_line, run_ranks
 
 import flashlm.dist as fd  # noqa: E402  (after bench_util, as the other scripts)
 
-CONFIGS = ("flashlm TP", "torch TP", "flashlm PP gpipe", "torch PP gpipe", "flashlm PP 1f1b", "torch PP 1f1b")
+CONFIGS = ("flashlm TP", "torch TP", "flashlm PP gpipe", "torch PP gpipe", "flashlm PP 1f1b", "torch PP 1f1b",
+           "flashlm DP after", "flashlm DP overlapped", "torch DP overlapped")
 F32 = 4
 
 
@@ -208,6 +216,40 @@ class Config:
 
         self.run = run
 
+    def _make_flashlm_dp(self, store):
+        from types import SimpleNamespace
+
+        from flashlm.train.parallel_step import ModelParallel
+
+        a = self.args
+        sizes = dict(dp=a.nprocs, tp=1, pp=1, cp=1)
+        cfg = SimpleNamespace(**sizes, sequence_parallel=False, seq_len=a.seq, batch_size=a.batch, micro_batches=1,
+                              pp_schedule="gpipe", zero_stage=0, weight_decay=0.0)
+        model = make_model(a)
+        mp = ModelParallel(model, cfg, sizes, lambda groups: torch.optim.SGD(groups, lr=0.0), timeout=300,
+                           overlap=self.name.endswith("overlapped"), bucket_mb=a.bucket_mb)
+        mp.mesh.dp.ring = CountingRing(mp.mesh.dp.ring, self.counter)
+
+        def run(x, y):
+            loss = mp.forward_backward(x, y, 1.0)
+            mp.finish_gradients()
+            return float(loss)
+
+        self.module, self.run = model, run
+
+    def _make_torch_dp(self, store):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = make_model(self.args, self.device)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=self.args.bucket_mb)
+
+        def run(x, y):
+            loss = ddp(x, y)[1]
+            loss.backward()
+            return float(loss.detach())
+
+        self.module, self.run = model, run
+
     def _make_torch_tp(self, store):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Replicate, Shard
@@ -326,6 +368,11 @@ def flashlm_reason(device):
     return None
 
 
+def selected(args) -> list:
+    """The configurations that --only names (all without it)."""
+    return [n for n in CONFIGS if args.only is None or args.only in n.split()]
+
+
 def worker(rank, world, store_file, args):
     import torch.distributed as tdist
 
@@ -337,7 +384,7 @@ def worker(rank, world, store_file, args):
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world)
     fd.init(timeout=300)
     configs, skipped = [], {}
-    for name in CONFIGS:
+    for name in selected(args):
         reason = flashlm_reason(args.device) if name.startswith("flashlm") else None
         if reason is None:
             try:
@@ -387,6 +434,12 @@ def pp_formula(args):
     return [message * ((s < p - 1) + (s > 0)) for s in range(p)]
 
 
+def dp_formula(args):
+    """Bytes each rank sends per step: a ring all-reduce of every gradient (float32)."""
+    n_params = sum(p.numel() for p in make_model(args).parameters())
+    return [2 * (args.nprocs - 1) / args.nprocs * n_params * F32] * args.nprocs
+
+
 def summarize(summary, args):
     ranks = summary["ranks"]
     by_name = {}
@@ -415,13 +468,13 @@ def mib_list(values):
 
 def print_report(by_name, skipped, args):
     tp_parts = tp_formula(args)
-    tp, pp = [sum(tp_parts.values())] * args.nprocs, pp_formula(args)
+    tp, pp, dp = [sum(tp_parts.values())] * args.nprocs, pp_formula(args), dp_formula(args)
     rows = []
     for name, f in by_name.items():
         scheme, family = name.split()[1], name.split()[0]
         peer = by_name.get(("torch " if family == "flashlm" else "flashlm ") + name.split(" ", 1)[1])
         vs_torch = f"{peer['step'] / f['step']:.2f}x" if family == "flashlm" and peer else ""
-        formula = tp if scheme == "TP" else pp
+        formula = {"TP": tp, "PP": pp, "DP": dp}[scheme]
         counted = family == "flashlm"
         sent = mib_list(f["sent"]) if counted else "n/a"
         ratio = " / ".join(f"{s / v:.3f}" for s, v in zip(f["sent"], formula)) if counted else "n/a"
@@ -458,6 +511,8 @@ def main():
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="the DP configurations' gradient buckets")
+    ap.add_argument("--only", choices=("TP", "PP", "DP"), help="run only this scheme's configurations")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a configuration that fails")
     ap.add_argument("--quick", action="store_true", help="a tiny model, 2 steps: CI smoke")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # "RANK STORE"
@@ -467,6 +522,8 @@ def main():
     for name in ("nprocs", "d_model", "layers", "vocab", "seq", "batch", "micro", "steps", "warmup"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             ap.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if not args.bucket_mb > 0:
+        ap.error(f"--bucket-mb: must be > 0, got {args.bucket_mb}")
     if args.d_model % 64 or (args.d_model // 64) % args.nprocs or args.vocab % args.nprocs:
         ap.error(f"--d-model: heads of 64 (d_model / 64) and --vocab must divide by --nprocs {args.nprocs}")
     if args.batch % args.micro or args.layers < args.nprocs:

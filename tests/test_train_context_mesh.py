@@ -115,3 +115,64 @@ def test_bad_context_shards_are_refused():
         PipelineStage(model, 0, PipelinePlan(2, 2, 2, 2, 31), context=shard)
     stage = PipelineStage(model, 0, PipelinePlan(2, 2, 2, 2, 15), context=shard)
     assert stage.context is shard
+
+
+class OneRankRing:
+    """The cp ring of one rank: ring attention sends nothing, the count's all-reduce is the count."""
+
+    rank, world_size = 0, 1
+
+    def sendrecv(self, send, recv):
+        raise AssertionError("a message was sent")
+
+    def allreduce(self, tensor, op="sum"):
+        return tensor
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_zero3_under_context_parallelism_gathers_block_by_block(checkpointing):
+    """ZeRO-3 on a ContextParallelTransformer makes each block a unit of its own (gathered around its forward and
+    backward through the hooks on the block modules that ContextShard.block calls): the peak of materialised
+    parameters is the outer unit and two blocks, not the whole model; the loss and gradients are the plain
+    wrapper's, bit for bit (one rank: the same values, nothing summed)."""
+    import torch
+
+    from flashlm.models import ModelConfig, Transformer
+    from flashlm.parallel.context import SequenceLayout
+    from flashlm.parallel.context_model import ContextParallelTransformer
+    from flashlm.parallel.zero3 import WorldGroup, Zero3
+
+    def model():
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(arch="llama", vocab_size=32, n_layer=4, n_head=2, n_kv_head=1, d_model=16,
+                                    seq_len=16))
+        m.checkpointing = checkpointing
+        return m
+
+    layout = SequenceLayout(16, 1)
+    gen = torch.Generator().manual_seed(1)
+    idx, targets = (torch.randint(0, 32, (2, 16), generator=gen) for _ in range(2))
+    plain = model()
+    _, want = ContextParallelTransformer(plain, OneRankRing())(idx, targets, layout)
+    want.backward()
+
+    sharded = model()
+    wrapper = ContextParallelTransformer(sharded, OneRankRing())
+    zero = Zero3(wrapper, sharded.param_groups(0.1), lambda groups: torch.optim.SGD(groups, lr=0.1), WorldGroup())
+    try:
+        assert [u.module for u in zero.blocks] == list(sharded.blocks)
+        unit_bytes = [u.numel * 4 for u in zero.blocks]
+        _, loss = wrapper(idx, targets, layout)
+        loss.backward()
+        zero.finish_gradients()
+        assert torch.equal(loss, want)
+        assert zero.peak_materialized_bytes == zero.outer.numel * 4 + 2 * max(unit_bytes) < \
+            zero.outer.numel * 4 + sum(unit_bytes), f"peak {zero.peak_materialized_bytes} bytes"
+        names = {id(p): n for n, p in sharded.named_parameters()}
+        plain_grads = dict((n, p.grad) for n, p in plain.named_parameters())
+        for p, g in zero.owned_grads():
+            n = names[id(p)]
+            assert torch.equal(g, plain_grads[n].reshape(-1)), n
+        assert sum(g.numel() for _, g in zero.owned_grads()) == sum(p.numel() for p in plain.parameters())
+    finally:
+        zero.close()

@@ -10,19 +10,45 @@ slices not summed between the pipeline stages fail the losses and clip norms (ch
 and the clip norm's squares left unsummed over dp would give each rank about 1/sqrt(2) of the norm. The
 checkpoint (full tensors, the one-process optimizer format) then moves from ZeRO-3 x TP 2 x PP 2 to DP 4
 without ZeRO and continues as the one-process run does, and ZeRO-3 x PP 2 resumes exactly at its own layout.
+Under fp16 with the loss scaler, an overflow injected into one rank's gradient slices skips the step on every
+rank of the mesh.
 """
 
+import json
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train_loop import data_cache, read_metrics, text_file  # noqa: E402,F401
+from test_train_loop import child_env, data_cache, read_metrics, text_file  # noqa: E402,F401
 from test_train_model_parallel import (BATCH, STEPS, assert_matches, assert_resumes_exactly,  # noqa: E402
-                                       copy_checkpoint, launch, layout_runs, references)  # noqa: F401
+                                       copy_checkpoint, free_port, launch, layout_runs, references,  # noqa: F401
+                                       settings, world)
+from train_fp16_mesh_worker import inject_overflow  # noqa: E402
 
 from flashlm.io.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
+from flashlm.train.config import TrainConfig  # noqa: E402
+from flashlm.train.trainer import Trainer  # noqa: E402
+
+
+def run_workers(script: str, args: list, n: int, timeout: float = 400) -> None:
+    """tests/`script` *args on n ranks, as torchrun starts them; fails the test unless every rank succeeds."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    env = dict(child_env(), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([sys.executable, path, *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(n)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-5000:]}"
+
 
 # name: (config, sizes, more flags)
 RUNS = {
@@ -72,3 +98,78 @@ def test_zero3_resume_at_the_same_layout_is_exact(runs, tmp_path):
     parameters (the shards are cut again from the checkpoint's full tensors, the optimizer state too)."""
     out, _ = runs("zero3_dp2_pp2_1f1b")
     assert_resumes_exactly(out, RUNS["zero3_dp2_pp2_1f1b"], tmp_path / "again")
+
+
+# name: (config, sizes, more settings); the overflow is injected on the last rank at step 2
+FP16_RUNS = {
+    "zero1_dp2_tp2": ("llama", dict(dp=2, tp=2), dict(zero_stage=1)),
+    "zero2_dp2_pp2": ("gpt2", dict(dp=2, pp=2), dict(zero_stage=2, micro_batches=2, pp_schedule="1f1b")),
+    "zero3_dp2_pp2": ("llama", dict(dp=2, pp=2), dict(zero_stage=3, micro_batches=2, pp_schedule="gpipe")),
+}
+OVERFLOW_STEP = 2
+
+
+def fp16_reference(text_file, data_cache, out, model: str) -> list:
+    """The one-process fp16 run with the same overflow injected: its metrics."""
+    cfg = TrainConfig.from_sources("tiny", overrides=settings(text_file, data_cache, out, model, precision="fp16"))
+    trainer = Trainer(cfg)
+    trainer.peak_flops = 1.0
+    inject_overflow(trainer, OVERFLOW_STEP, lambda t: next(p.grad for p in t.model.parameters() if p.grad is not None))
+    trainer.train()
+    trainer.dp.close()
+    return trainer.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FP16_RUNS))
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(text_file, data_cache, tmp_path, name):
+    """fp16 with the dynamic loss scaler and ZeRO over the dp group of a mesh: an inf put into the last rank's
+    gradient slices after finish_gradients (no collective follows before found_inf: a flag reduced over the dp
+    group alone, or over tp or pp alone, would leave other ranks stepping, and the next gather would mix steps)
+    makes every rank skip that step and halve its scale; the run then goes on as the one-process fp16 run with
+    the same overflow does, within the fp16 bound of test_mixed_precision_with_the_loss_scaler (one unit
+    roundoff 2^-11)."""
+    model, sizes, more = FP16_RUNS[name]
+    n = world(sizes)
+    values = dict(settings(text_file, data_cache, tmp_path / "mesh", model, sizes.get("dp", 1), precision="fp16",
+                           **more), **sizes)
+    run_workers("train_fp16_mesh_worker.py", [json.dumps(values), n - 1, OVERFLOW_STEP], n)
+    want = fp16_reference(text_file, data_cache, tmp_path / "one", model)
+    skipped = [step == OVERFLOW_STEP for step in range(1, STEPS + 1)]
+    assert [m["skipped"] for m in want] == skipped
+    scales = [m["loss_scale"] for m in want]
+    assert scales == [2.0 ** 16, 2.0 ** 15, 2.0 ** 15, 2.0 ** 15]
+    for r in range(n):
+        got = json.loads((tmp_path / "mesh" / f"rank{r}.json").read_text())
+        assert [m["skipped"] for m in got] == skipped, f"rank {r}"
+        assert [m["loss_scale"] for m in got] == scales, f"rank {r}"
+        assert [m["grad_norm"] is None for m in got] == skipped, f"rank {r}"
+    got = read_metrics(tmp_path / "mesh")
+    for key in ("loss", "grad_norm", "val_loss"):
+        a = [m[key] for m in got if m.get(key) is not None]
+        b = [m[key] for m in want if m.get(key) is not None]
+        assert len(a) == len(b), key
+        np.testing.assert_allclose(a, b, rtol=2.0 ** -11, err_msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_dp_reduction_overlapped_with_backward_is_bit_equal(tmp_path):
+    """DP 2 x TP 2, ZeRO 0, 1 and 2 (tests/mesh_overlap_worker.py): the dp buckets' all-reduces (reduce-scatters)
+    launched from the gradient hooks during backward give the clip norms and parameters of the same reduction
+    after backward bit for bit (the same buckets summed: two addends per element), and some of them are entered
+    before finish_gradients, on several buckets; with overlap=False none is."""
+    n = 4
+    run_workers("mesh_overlap_worker.py", [tmp_path, 2, 2], n)
+    import torch
+
+    for r in range(n):
+        results = torch.load(tmp_path / f"rank{r}.pt")
+        for stage in (0, 1, 2):
+            after, during = results[stage, False], results[stage, True]
+            what = f"rank {r}, ZeRO {stage}"
+            assert during["norms"] == after["norms"], what
+            for name, t in after["params"].items():
+                assert torch.equal(during["params"][name], t), f"{what}: {name}"
+            assert "backward" not in after["entered"], what
+            early = during["entered"].count("backward")
+            assert early >= 3, f"{what}: {early} dp collectives entered during backward in 3 steps"

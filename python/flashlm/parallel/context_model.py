@@ -126,6 +126,12 @@ class ContextParallelTransformer(nn.Module):
         self.model = model
         self.ring = ring
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The model's blocks. ZeRO-3 (zero3.py) makes each one a unit of its own, gathered around its forward and
+        backward by hooks on the module (ContextShard.block calls it), so at most two are materialised at once."""
+        return self.model.blocks
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor], layout: SequenceLayout):
         """idx, targets int64 [batch, local_len]: this rank's tokens of the sequence in `layout` (shard_sequence's
         order). Returns (logits [batch, local_len, vocab], loss: this rank's share of the whole sequence's mean

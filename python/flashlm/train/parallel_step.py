@@ -13,6 +13,15 @@ slices every layer (parallel/tensor.py, sequence parallelism optional), pipeline
 layers (parallel/pipeline.py, GPipe or 1F1B over micro-batches), context parallelism the rank's tokens of each
 sequence (parallel/context_model.py); data parallelism averages the gradients of the replicas over the dp group.
 
+Without a pipeline or cp, the dp reduction overlaps backward as DataParallel's does: the gradients are packed into
+buckets of bucket_mb MB (in reverse model order, as backward produces them) and each bucket's all-reduce (ZeRO 1/2:
+reduce-scatter) starts from the gradient hooks on a background thread as soon as backward has completed it, while
+autograd computes the rest; the trainer's accumulation micro-steps before the last run under no_sync(). The sums are
+those of the same buckets reduced after backward: bit-equal for dp 2 (two addends), and for ZeRO the same buckets as
+before. A pipeline stage runs one backward per micro-batch and its tied embedding's gradient is complete only
+after the stages' sum, and cp's shares are summed over cp before dp: there everything is reduced in
+finish_gradients.
+
 Context parallelism composes with the others. With tp, each tp rank runs ring attention on its own heads over
 the cp ranks of its tp coordinate. With pp, every stage holds the same cp slice of each sequence (the pipeline's
 messages are [micro-batch, slice, d_model] and travel between the stages of one (dp, cp, tp) coordinate). The
@@ -31,9 +40,10 @@ once, the stages' sums added, the tied embedding counted on the first stage only
 
 ZeRO (--zero-stage) shards over the mesh's dp group what each rank holds (its tp shard of its stage's layers), with
 the trainer's optimizer inside flashlm.train.zero's ShardedOptimizer (1, 2) or flashlm.parallel.zero3's Zero3 (3):
-  - 1 and 2: the gradients are whole until finish_gradients, which sums the tied embedding's between the stages
-    and the sequence shares' over cp, then reduce-scatters them over dp (stage 2 drops the whole ones as each
-    bucket is packed); the optimizer steps this rank's slices and the new values are all-gathered over dp.
+  - 1 and 2: under pp or cp the gradients are whole until finish_gradients, which sums the tied embedding's
+    between the stages and the sequence shares' over cp, then reduce-scatters them over dp (stage 2 drops the whole
+    ones as each bucket is packed); otherwise each bucket is reduce-scattered from the hooks during backward. The
+    optimizer steps this rank's slices and the new values are all-gathered over dp.
   - 3: the parameters too; each block is gathered over dp before each micro-batch's forward and backward and its
     gradients reduce-scattered after each micro-batch's backward (zero3.py says why and what it costs). The tied
     embedding has its own segment, so the first and last stages' slices are the same elements: their gradient
@@ -57,6 +67,7 @@ from typing import Callable
 import torch
 
 import flashlm.dist as fd
+from flashlm.dist.grad_sync import GradientSync
 from flashlm.models import Transformer
 from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_model
 from flashlm.parallel.context import SequenceLayout, shard_sequence
@@ -67,7 +78,20 @@ from flashlm.parallel.tensor import load_full_state_dict
 from flashlm.parallel.zero3 import Zero3
 from flashlm.train.zero import ShardedOptimizer
 
-BUCKET_MB = 25.0  # ZeRO-1/2's gradient buckets: DataParallel's default
+BUCKET_MB = 25.0  # the dp reduction's gradient buckets: DataParallel's default
+
+
+class GroupGradientSync(GradientSync):
+    """GradientSync (DDP's buckets, all-reduced from the gradient hooks on a background thread) over a mesh's dp
+    group instead of the world."""
+
+    def __init__(self, params: list, group, bucket_mb: float):
+        self.group = group
+        super().__init__(params, bucket_mb, "avg")
+
+    def _launch(self, b) -> None:
+        b.launched = True
+        b.future = self._executor.submit(self.group.all_reduce, b.flat, "avg")  # the mesh's groups are CPU only
 
 
 def layout_sizes(cfg, world_size: int) -> dict:
@@ -119,7 +143,8 @@ class ModelParallel:
     with its optimizer (`make_optimizer(param_groups)`) over the parameters it holds. `model` stays the full
     model: full_parameters() fills it."""
 
-    def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0):
+    def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0,
+                 overlap: bool = True, bucket_mb: float = BUCKET_MB):
         check_layout(cfg, model.cfg, sizes)
         device = next(model.parameters()).device
         # Before any group, on every rank alike, so that every rank says it rather than waiting on another.
@@ -162,7 +187,14 @@ class ModelParallel:
         self._shapes = {n: p.shape for n, p in self.params.items()}
         self._full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         self._full_group_names = self._full_names()  # before ZeRO-3 empties them: param_groups() sorts by dimension
+        # The dp reduction overlapped with backward where a backward is a whole micro-step's and its gradients are
+        # complete when it ends (see the module's docstring): not under a pipeline nor under cp.
+        self.overlap = overlap and mesh.dp.size > 1 and self.pipe is None and self.layout is None
+        self.bucket_mb = bucket_mb
         self.zero = self._sharded(cfg.zero_stage, held, make_optimizer) if cfg.zero_stage else None
+        self.sync = None  # without ZeRO: the buckets' all-reduces over dp, launched from the gradient hooks
+        if self.overlap and self.zero is None:
+            self.sync = GroupGradientSync(list(self.params.values()), mesh.dp, bucket_mb)
         self.optimizer = self.zero.optimizer if self.zero is not None else make_optimizer(self.groups)
         self._stepper = self.zero if self.zero is not None else self.optimizer  # step, state_dict, load_state_dict
 
@@ -171,12 +203,12 @@ class ModelParallel:
         the optimizer."""
         if stage < 3:
             ordered = [p for p in held.parameters() if id(p) in self._names]
-            return ShardedOptimizer(self.groups, ordered, make_optimizer, stage, BUCKET_MB, self.mesh.dp,
-                                    reduce_in_backward=False)
+            return ShardedOptimizer(self.groups, ordered, make_optimizer, stage, self.bucket_mb, self.mesh.dp,
+                                    reduce_in_backward=self.overlap)
         table = self.stage.tied_weight() if self.stage is not None else None  # on the first and last stage
         # Without a pipeline, cp runs the Transformer's pieces through ContextParallelTransformer (the model's own
-        # forward, whose hooks gather the outer unit, never runs): the whole part is one unit there, gathered for
-        # each forward and backward. A pipeline stage calls its block modules under cp too: one unit per block.
+        # forward never runs): the wrapper's hooks gather the outer unit and its `blocks` are the model's, each a
+        # unit gathered around its own forward and backward, as a pipeline stage's blocks are.
         return Zero3(held if self.context is None else self.context, self.groups, make_optimizer, self.mesh.dp,
                      separate=[table] if table is not None else [], keep_outer=self.pipe is not None)
 
@@ -187,7 +219,11 @@ class ModelParallel:
         return self.optimizer.param_groups
 
     def no_sync(self):
-        return contextlib.nullcontext()  # gradients are reduced once, in finish_gradients
+        """Micro-steps inside accumulate gradients locally; the backward after them launches the dp reduction (when
+        it overlaps backward; otherwise everything is reduced in finish_gradients and this changes nothing)."""
+        if self.sync is not None:
+            return self.sync.no_sync()
+        return self.zero.no_sync() if self.zero is not None else contextlib.nullcontext()
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_scale: float,
                          autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
@@ -249,6 +285,8 @@ class ModelParallel:
             sum_gradients(list(self.params.values()), self.mesh.cp)
         if self.zero is not None:
             self.zero.finish_gradients()
+        elif self.sync is not None:
+            self.sync.wait()
         elif self.mesh.dp.size > 1:
             params = list(self.params.values())
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1)
@@ -309,6 +347,8 @@ class ModelParallel:
     def close(self) -> None:
         if self.zero is not None:
             self.zero.close()  # its hooks and background thread; the rings close with the process
+        if self.sync is not None:
+            self.sync.remove()
 
     # ---- Full tensors, for checkpoints ---------------------------------------------------------------------
 

@@ -341,7 +341,8 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1  # only the last backward averages gradients over ranks
             router = {}
             if self.model_parallel:  # (no MoE: TrainConfig refuses experts with --tp/--pp/--cp)
-                loss = self.dp.forward_backward(*batch, self.scaler.loss_scale / cfg.grad_accum, self._autocast)
+                with contextlib.nullcontext() if sync else self.dp.no_sync():
+                    loss = self.dp.forward_backward(*batch, self.scaler.loss_scale / cfg.grad_accum, self._autocast)
             else:
                 with contextlib.nullcontext() if sync else self.dp.no_sync():
                     with self._autocast():

@@ -24,7 +24,9 @@ each group's shard writes the new values back into every rank's parameters.
     communication); the backward after them reduces the sum. With reduce_in_backward=False stage 2 reduces in
     finish_gradients as stage 1 does, dropping each bucket's full gradients once packed: a pipeline stage runs
     one backward per micro-batch inside a step, and its gradients are complete only after the tied embedding's
-    sum between stages (flashlm.train.parallel_step).
+    sum between stages (flashlm.train.parallel_step). With reduce_in_backward=True stage 1 launches from the
+    hooks as stage 2 does, keeping the local gradients (a mesh's dp group without a pipeline or cp: the same
+    buckets reduced, only earlier).
 Buckets are launched in one fixed order on every rank (the order in which backward completes them), so all
 ranks run the same sequence of collectives.
 """
@@ -81,8 +83,10 @@ class ShardedOptimizer(BucketHooks):
     sharded = True
     _finish_call = "finish_gradients()"
 
-    def __init__(self, groups, ordered, make_optimizer, stage, bucket_mb, group, reduce_in_backward: bool = True):
-        # group: the ranks the state is sharded over (zero3.WorldGroup, or a mesh's dp group)
+    def __init__(self, groups, ordered, make_optimizer, stage, bucket_mb, group, reduce_in_backward=None):
+        # group: the ranks the state is sharded over (zero3.WorldGroup, or a mesh's dp group); reduce_in_backward:
+        # the reduce-scatters launched from the gradient hooks (True) or in finish_gradients (False); None: from the
+        # hooks for stage 2 only (DataParallel's)
         self.stage, self.shard_group = stage, group
         self.rank, self.world_size = rank, world_size = group.rank, group.size
         self.groups = [g["params"] for g in groups]
@@ -110,15 +114,16 @@ class ShardedOptimizer(BucketHooks):
         # Launch order: the bucket whose first parameter comes latest in the model is completed first.
         self._order = sorted(self.buckets, key=lambda b: -min(position[id(p)] for p in b.params))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlm-zero")
-        # Stage 1 (and 2 without reduce_in_backward): no hooks, the launches in finish_gradients.
-        self._install_hooks(ordered if stage == 2 and reduce_in_backward else [])
+        # Without hooks the launches are in finish_gradients.
+        in_backward = stage == 2 if reduce_in_backward is None else reduce_in_backward
+        self._install_hooks(ordered if in_backward else [])
         self.optimizer = make_optimizer([{**{k: v for k, v in g.items() if k != "params"}, "params": [shard]}
                                          for g, shard in zip(groups, self.shards)])
 
     # ---- gradients ------------------------------------------------------------------------------------
 
     def no_sync(self):
-        if self.stage == 1:  # stage 1 communicates in finish_gradients only
+        if not self._hooks:  # everything is communicated in finish_gradients
             return contextlib.nullcontext()
         return super().no_sync()
 
