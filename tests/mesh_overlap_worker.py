@@ -6,7 +6,7 @@ during backward against the same reduction after backward, on one mesh layout.
 For ZeRO stages 0, 1 and 2 the rank trains a tiny llama (GQA) twice, with overlap=False then True: 3 AdamW steps of
 2 accumulation micro-steps (the first under no_sync()), clipped, in buckets small enough that the model spans
 several. It records the clip norms, the full parameters at the end, and for every dp collective whether it was
-entered before the step's finish_gradients (that is, during backward), to OUT_DIR/rank{RANK}.pt.
+launched before the step's finish_gradients (from the gradient hooks during backward), to OUT_DIR/rank{RANK}.pt.
 """
 
 import contextlib
@@ -37,13 +37,19 @@ def train(sizes: dict, zero_stage: int, overlap: bool) -> dict:
                                 weight_decay=0.1)
     mp = ModelParallel(model, cfg, sizes, make_optimizer, timeout=60.0, overlap=overlap, bucket_mb=BUCKET_MB)
     phase = {"now": "backward"}
-    entered = []  # the phase in which each dp collective was entered
+    entered = []  # the phase in which each dp collective was launched
     dp = mp.mesh.dp
-    for name in ("all_reduce", "reduce_scatter"):
-        def recorded(*args, _call=getattr(dp, name), **kwargs):
-            entered.append(phase["now"])
-            return _call(*args, **kwargs)
-        setattr(dp, name, recorded)
+
+    # Recorded when the code that runs the collective looks it up (the hook submitting it to the background
+    # thread, or finish_gradients), not when the thread enters it: the thread's timing depends on the machine's
+    # load, the launch does not.
+    class Recorded(type(dp)):
+        def __getattribute__(self, name):
+            if name in ("all_reduce", "reduce_scatter"):
+                entered.append(phase["now"])
+            return super().__getattribute__(name)
+
+    dp.__class__ = Recorded
     norms = []
     for step in range(STEPS):
         for micro in range(MICRO):

@@ -156,7 +156,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(text_file, data_
 def test_dp_reduction_overlapped_with_backward_is_bit_equal(tmp_path):
     """DP 2 x TP 2, ZeRO 0, 1 and 2 (tests/mesh_overlap_worker.py): the dp buckets' all-reduces (reduce-scatters)
     launched from the gradient hooks during backward give the clip norms and parameters of the same reduction
-    after backward bit for bit (the same buckets summed: two addends per element), and some of them are entered
+    after backward bit for bit (the same buckets summed: two addends per element), and some of them are launched
     before finish_gradients, on several buckets; with overlap=False none is."""
     n = 4
     run_workers("mesh_overlap_worker.py", [tmp_path, 2, 2], n)
@@ -172,4 +172,4 @@ def test_dp_reduction_overlapped_with_backward_is_bit_equal(tmp_path):
                 assert torch.equal(during["params"][name], t), f"{what}: {name}"
             assert "backward" not in after["entered"], what
             early = during["entered"].count("backward")
-            assert early >= 3, f"{what}: {early} dp collectives entered during backward in 3 steps"
+            assert early >= 3, f"{what}: {early} dp collectives launched during backward in 3 steps"

@@ -91,7 +91,7 @@ class GroupGradientSync(GradientSync):
 
     def _launch(self, b) -> None:
         b.launched = True
-        b.future = self._executor.submit(self.group.all_reduce, b.flat, "avg")  # the mesh's groups are CPU only
+        b.future = self._executor.submit(self.group.all_reduce, b.flat, "avg")
 
 
 def layout_sizes(cfg, world_size: int) -> dict:
