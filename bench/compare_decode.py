@@ -13,7 +13,8 @@ tensor names, rope permutation and reference quantization bytes):
   gemma2     the llama shape as Gemma 2: GeGLU, pre- and post-norms, soft-capped attention and logits,
              alternating sliding-window (--prompt-tokens / 2) and global layers, tied embeddings.
 The files are cached under build/bench_models/ (keyed by the model's config and type: the random weights come
-from a fixed seed), so a rerun skips the export of a large model. Each file is loaded by both runtimes:
+from a fixed seed), so a rerun skips the export of a large model (remove the folder after changing the
+exporter). Each file is loaded by both runtimes:
   flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache (bf16 by default:
              llama.cpp's default f16 cache is as many bytes per token), the engine's scheduler and sampler;
              greedy, batch 1;

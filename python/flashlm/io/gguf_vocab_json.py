@@ -99,8 +99,9 @@ def vocab_gguf_metadata(meta: dict, vocab_size: int | None = None, eos_token_id:
     if not isinstance(tokens, list) or not tokens:
         raise ValueError("tokenizer_json: the vocabulary has no tokenizer.ggml.tokens")
     if vocab_size is not None and vocab_size != len(tokens):
-        raise ValueError(f"vocab_size: the model has {vocab_size} embedding rows, the {meta.get('tokenizer.ggml.model')}"
-                         f" vocabulary {len(tokens)} tokens (it is written as it is, so they must be equal)")
+        raise ValueError(f"vocab_size: the model has {vocab_size} embedding rows, the "
+                         f"{meta.get('tokenizer.ggml.model')} vocabulary {len(tokens)} tokens (it is written as it "
+                         "is, so they must be equal)")
     meta = dict(meta)
     if eos_token_id is not None:
         if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < len(tokens):
