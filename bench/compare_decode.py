@@ -6,15 +6,18 @@ with a byte-level BPE tokenizer trained here) are exported by flashlm to GGUF (F
 tensor names, rope permutation and reference quantization bytes):
   llama      the dense Llama model;
   mixtral    the same attention with a mixture-of-experts MLP: --n-expert experts (8) of --moe-d-ff (d_ff),
-             --n-expert-used (2) per token (the llama shape with 8 experts: ~480M parameters; ~1.1B with
-             --d-model 1024 --layers 16 --moe-d-ff 2816); its experts stay in their GGUF blocks and run the MoE
-             kernels (flashlm.ops.moe);
+             --n-expert-used (2) per token (the llama shape with 8 experts: ~480M parameters); its experts stay
+             in their GGUF blocks and run the MoE kernels (flashlm.ops.moe);
+  mixtral-1b a ~1.1B-parameter Mixtral whatever the shape options say: d 1024, 16 layers, 16/4 heads, 8
+             experts of width 2816, top-2 (~300M parameters read per token); --quick shrinks it as the others;
   gemma2     the llama shape as Gemma 2: GeGLU, pre- and post-norms, soft-capped attention and logits,
              alternating sliding-window (--prompt-tokens / 2) and global layers, tied embeddings;
   gemma3     the same block with q/k norms, five local layers (their own rope base) to one global, no soft-caps.
 --module-path adds a row per model for flashlm with the native decoder stack switched off (every step module by
 module, as gemma ran before the stack took it), timed in turn with the others.
-Each file is loaded by both runtimes:
+The files are cached under build/bench_models/ (keyed by the model's config and type: the random weights come
+from a fixed seed), so a rerun skips the export of a large model (remove the folder after changing the
+exporter). Each file is loaded by both runtimes:
   flashlm    flashlm.LLM(path): weights stay in their GGUF blocks (GGUFLinear), paged KV cache (bf16 by default:
              llama.cpp's default f16 cache is as many bytes per token), the engine's scheduler and sampler;
              greedy, batch 1;
@@ -31,21 +34,25 @@ copy bandwidth (the ceiling; a MoE model's bytes count every expert, of which a 
 the same requests one after another (tokens/s): decode only (the steps after the prompts', which make every
 token but a request's first) and end to end (the prompts' prefill included: with --prompt-tokens 128 and
 --gen-tokens 64 it is most of the work, and the same work either way, so this ratio says little about
-batching). Medians of --reps runs; the two runtimes take turns.
+batching). The same --concurrency requests also go through llama.cpp at once (one context with a KV sequence
+per request: each prompt prefilled, then one llama_decode of all sequences' tokens per step), and the table
+sets the two decode rates side by side. Medians of --reps runs; the two runtimes take turns.
 
 Run (from the repository root, with flashlm and llama-cpp-python installed):
   python bench/compare_decode.py                   # Q4_0 and Q8_0
   python bench/compare_decode.py --types Q4_0 F32 --layers 24 --d-model 1024
   python bench/compare_decode.py --arch mixtral gemma2 --types Q4_0 --threads 1 --clock cpu
+  python bench/compare_decode.py --arch mixtral-1b --types Q4_0 --threads 1 --clock cpu
   python bench/compare_decode.py --arch llama gemma2 gemma3 --types Q4_0 --threads 1 --clock cpu --module-path
   python bench/compare_decode.py --quick           # seconds: CI smoke (flashlm only without llama_cpp)
 """
 
 import argparse
+import hashlib
+import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -59,8 +66,18 @@ from flashlm.train.export import export_gguf
 from flashlm.train.tokenizer import train_tokenizer
 
 
+# mixtral-1b's shape (ModelConfig fields), unless --quick: 16 x (8 x 3 x 1024 x 2816 expert weights + attention)
+# + embeddings = 1.12B parameters.
+MOE_1B = dict(d_model=1024, n_layer=16, n_head=16, n_kv_head=4, d_ff=2816, moe_d_ff=2816, n_expert=8,
+              n_expert_used=2)
+CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "build", "bench_models")
+
+
 def arch_fields(arch, args):
     """The ModelConfig fields that make the llama shape `arch`."""
+    if arch == "mixtral-1b":
+        fields = arch_fields("mixtral", args)
+        return fields if args.quick else {**fields, **MOE_1B}
     if arch == "mixtral":  # (llama.cpp's Mixtral reads the experts' width as feed_forward_length: d_ff)
         return dict(n_expert=args.n_expert, n_expert_used=args.n_expert_used, d_ff=args.moe_d_ff,
                     moe_d_ff=args.moe_d_ff, norm_topk_prob=True)
@@ -72,11 +89,16 @@ def arch_fields(arch, args):
     return {}
 
 
-def make_gguf(folder, args, ggml_type, arch="llama"):
-    fields = {"tie_embeddings": False, **arch_fields(arch, args)}
-    cfg = ModelConfig(arch=arch, vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads,
-                      n_kv_head=args.kv_heads, d_model=args.d_model, seq_len=args.prompt_tokens + args.gen_tokens + 8,
-                      **fields)
+def make_gguf(args, ggml_type, arch="llama"):
+    """(path, parameters) of the `arch` model's GGUF file of `ggml_type`, exported once into CACHE."""
+    shape = dict(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, n_kv_head=args.kv_heads,
+                 d_model=args.d_model, seq_len=args.prompt_tokens + args.gen_tokens + 8, tie_embeddings=False)
+    cfg = ModelConfig(arch="mixtral" if arch == "mixtral-1b" else arch, **{**shape, **arch_fields(arch, args)})
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), ggml_type], sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(CACHE, f"{arch}-{ggml_type}-{key}.gguf")
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            return path, json.load(f)["params"]
     torch.manual_seed(0)
     model = Transformer(cfg)
     text = [" ".join(f"word{i % 97} w{i % 13}{i % 7}" for i in range(j, j + 200)) for j in range(200)]
@@ -85,8 +107,11 @@ def make_gguf(folder, args, ggml_type, arch="llama"):
         cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": tok.get_vocab_size()})
         torch.manual_seed(0)
         model = Transformer(cfg)
-    path = os.path.join(folder, f"{arch}-{ggml_type}.gguf")
-    export_gguf(model, cfg, tok.to_str(), path, type=ggml_type)
+    os.makedirs(CACHE, exist_ok=True)
+    export_gguf(model, cfg, tok.to_str(), path + ".tmp", type=ggml_type)
+    os.replace(path + ".tmp", path)  # (an interrupted export leaves no file that looks whole)
+    with open(path + ".json", "w") as f:
+        json.dump({"params": model.num_params()}, f)
     return path, model.num_params()
 
 
@@ -198,10 +223,65 @@ def llama_cpp_runs(path, prompt, args):
     return run
 
 
+def llama_cpp_batched(path, prompts, args, clock):
+    """llama.cpp running `prompts` at once, greedy, --gen-tokens each: one context with a KV sequence per request,
+    each prompt prefilled (its last token's logits kept), then one llama_decode per step of every sequence's next
+    token. Returns (end to end tokens/s, decode-only tokens/s) of the median of --reps runs, and the greedy
+    tokens of the first request."""
+    import llama_cpp as lc
+    import numpy as np
+
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
+    cp = lc.llama_context_default_params()
+    cp.n_seq_max, cp.n_ctx = n, n * (longest + args.gen_tokens + 8)
+    cp.n_batch = cp.n_ubatch = max(longest, n)
+    cp.n_threads = cp.n_threads_batch = args.threads
+    ctx = lc.llama_init_from_model(model, cp)
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    batch = lc.llama_batch_init(max(longest, n), 0, 1)
+
+    def decode(entries):  # (token, position, sequence, keep logits) per batch slot
+        batch.n_tokens = len(entries)
+        for i, (tok, pos, seq, keep) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, pos, 1, keep
+            batch.seq_id[i][0] = seq
+        rc = lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def greedy(i):  # the argmax of batch slot i's logits
+        return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,))))
+
+    def run():
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        t = clock()
+        tokens = []
+        for s, p in enumerate(prompts):
+            decode([(tok, j, s, j == len(p) - 1) for j, tok in enumerate(p)])
+            tokens.append([greedy(len(p) - 1)])
+        prefill = clock() - t
+        t = clock()
+        for step in range(args.gen_tokens - 1):
+            decode([(tokens[s][-1], len(p) + step, s, True) for s, p in enumerate(prompts)])
+            for s in range(n):
+                tokens[s].append(greedy(s))
+        steps = clock() - t
+        return n * args.gen_tokens / (prefill + steps), n * (args.gen_tokens - 1) / steps, tokens[0]
+
+    try:
+        runs = [run() for _ in range(args.reps)]
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[0][2]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "gemma2", "gemma3"),
-                   default=["llama", "mixtral", "gemma2"])
+    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "mixtral-1b", "gemma2", "gemma3"),
+                   default=["llama", "mixtral-1b", "gemma2"])
     p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=768)
@@ -242,65 +322,68 @@ def main():
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read + write)")
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        for arch, ggml_type in [(a, t) for a in args.arch for t in args.types]:
-            name = f"{arch} {ggml_type}"
-            path, n_params = make_gguf(folder, args, ggml_type, arch)
-            llm, prompt, ours = flashlm_runs(path, args)
-            theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
-            clock = time.process_time if args.clock == "cpu" else time.perf_counter
-            modules = flashlm_runs(path, args, native=False)[2] if args.module_path else None
-            a = ours(clock)[0][:8]  # (also the warm-up)
-            if modules and modules(clock)[0][:8] != a:
-                print(f"{name}: the module path's first greedy tokens differ from the native stack's")
-            if theirs:
-                b = theirs(clock)[0][:8]
-                if a != b:
-                    print(f"{name}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
-            res = {"flashlm": [], "llama.cpp": [], "module path": []}
-            for _ in range(args.reps):  # the runtimes take turns
-                res["flashlm"].append(ours(clock)[1:])
-                if modules:
-                    res["module path"].append(modules(clock)[1:])
-                if theirs:
-                    res["llama.cpp"].append(theirs(clock)[1:])
-            nbytes = model_bytes(llm.model)
-            fsize = os.path.getsize(path)
-
-            def rates(runs):
-                if not runs:
-                    return None, None
-                return (args.prompt_tokens / statistics.median(r[0] for r in runs),
-                        1.0 / statistics.median(r[1] for r in runs))
-
-            (pf, df), (pl, dl) = rates(res["flashlm"]), rates(res["llama.cpp"])
-            rows.append([name, f"{n_params / 1e6:.0f}M", f"{fsize / 2**20:.0f} MiB",
-                         bench_util.fmt(pf, ".0f"), bench_util.fmt(pl, ".0f"),
-                         bench_util.fmt(df, ".1f"), bench_util.fmt(dl, ".1f"),
-                         bench_util.fmt(df / dl if dl else None, ".2f"),
-                         f"{nbytes * df / 1e9:.2f} ({100 * nbytes * df / bw:.0f}%)",
-                         bench_util.fmt(fsize * dl / 1e9 if dl else None, ".2f")])
+    for arch, ggml_type in [(a, t) for a in args.arch for t in args.types]:
+        name = f"{arch} {ggml_type}"
+        path, n_params = make_gguf(args, ggml_type, arch)
+        llm, prompt, ours = flashlm_runs(path, args)
+        theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        modules = flashlm_runs(path, args, native=False)[2] if args.module_path else None
+        a = ours(clock)[0][:8]  # (also the warm-up)
+        if modules and modules(clock)[0][:8] != a:
+            print(f"{name}: the module path's first greedy tokens differ from the native stack's")
+        if theirs:
+            b = theirs(clock)[0][:8]
+            if a != b:
+                print(f"{name}: first greedy tokens differ (flashlm {a}, llama.cpp {b}): near-tied logits?")
+        res = {"flashlm": [], "llama.cpp": [], "module path": []}
+        for _ in range(args.reps):  # the runtimes take turns
+            res["flashlm"].append(ours(clock)[1:])
             if modules:
-                pm, dm = rates(res["module path"])
-                rows.append([f"{name} (module path)", "", "", bench_util.fmt(pm, ".0f"), bench_util.fmt(pl, ".0f"),
-                             bench_util.fmt(dm, ".1f"), bench_util.fmt(dl, ".1f"),
-                             bench_util.fmt(dm / dl if dl else None, ".2f"), f"{nbytes * dm / 1e9:.2f}", ""])
-            # Continuous batching: the same requests at once and one at a time.
-            g = torch.Generator().manual_seed(2)
-            prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
-                       for _ in range(args.concurrency)]
-            params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
-            (seq, conc), (dseq, dconc) = batching(llm, prompts, params, clock)
-            host = llm.stats_summary()
-            print(f"{name}: {args.concurrency} concurrent requests vs one at a time, decode only (the steps after "
-                  f"the prompts) {dconc:.1f} vs {dseq:.1f} tokens/s ({dconc / dseq:.2f}x); end to end (with the "
-                  f"prefill of {args.concurrency} x {args.prompt_tokens} prompt tokens) {conc:.1f} vs {seq:.1f} "
-                  f"tokens/s ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
-                  f"({100 * host['host_share']:.0f}% of step time)")
-            del llm
+                res["module path"].append(modules(clock)[1:])
+            if theirs:
+                res["llama.cpp"].append(theirs(clock)[1:])
+        nbytes = model_bytes(llm.model)
+        fsize = os.path.getsize(path)
+
+        def rates(runs):
+            if not runs:
+                return None, None
+            return (args.prompt_tokens / statistics.median(r[0] for r in runs),
+                    1.0 / statistics.median(r[1] for r in runs))
+
+        (pf, df), (pl, dl) = rates(res["flashlm"]), rates(res["llama.cpp"])
+        rows.append([name, f"{n_params / 1e6:.0f}M", f"{fsize / 2**20:.0f} MiB",
+                     bench_util.fmt(pf, ".0f"), bench_util.fmt(pl, ".0f"),
+                     bench_util.fmt(df, ".1f"), bench_util.fmt(dl, ".1f"),
+                     bench_util.fmt(df / dl if dl else None, ".2f"),
+                     f"{nbytes * df / 1e9:.2f} ({100 * nbytes * df / bw:.0f}%)",
+                     bench_util.fmt(fsize * dl / 1e9 if dl else None, ".2f")])
+        # Continuous batching: the same requests at once and one at a time.
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, llm.model.cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+                   for _ in range(args.concurrency)]
+        params = SamplingParams(temperature=0, max_tokens=args.gen_tokens, ignore_eos=True)
+        (seq, conc), (dseq, dconc) = batching(llm, prompts, params, clock)
+        host = llm.stats_summary()
+        print(f"{name}: {args.concurrency} concurrent requests vs one at a time, decode only (the steps after "
+              f"the prompts) {dconc:.1f} vs {dseq:.1f} tokens/s ({dconc / dseq:.2f}x); end to end (with the "
+              f"prefill of {args.concurrency} x {args.prompt_tokens} prompt tokens) {conc:.1f} vs {seq:.1f} "
+              f"tokens/s ({conc / seq:.2f}x); engine host overhead {host['host_ms_per_step']:.2f} ms/step "
+              f"({100 * host['host_share']:.0f}% of step time)")
+        del llm
+        bl = llama_cpp_batched(path, prompts, args, clock)[1] if have_llama_cpp else None
+        rows[-1] += [bench_util.fmt(dconc, ".1f"), bench_util.fmt(bl, ".1f"),
+                     bench_util.fmt(dconc / bl if bl else None, ".2f")]
+        if modules:
+            pm, dm = rates(res["module path"])
+            rows.append([f"{name} (module path)", "", "", bench_util.fmt(pm, ".0f"), bench_util.fmt(pl, ".0f"),
+                         bench_util.fmt(dm, ".1f"), bench_util.fmt(dl, ".1f"),
+                         bench_util.fmt(dm / dl if dl else None, ".2f"), f"{nbytes * dm / 1e9:.2f}", "", "", "", ""])
     print(f"clock: {args.clock}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
     bench_util.print_table(["model", "params", "file", "prefill tok/s flashlm", "llama.cpp", "decode tok/s flashlm",
-                            "llama.cpp", "x llama.cpp", "flashlm GB/s (% copy)", "llama.cpp GB/s"], rows)
+                            "llama.cpp", "x llama.cpp", "flashlm GB/s (% copy)", "llama.cpp GB/s",
+                            f"batch {args.concurrency} decode tok/s flashlm", "llama.cpp", "x llama.cpp"], rows)
 
 
 if __name__ == "__main__":

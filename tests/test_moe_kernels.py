@@ -9,7 +9,8 @@ rows per expert from 0 upward (experts left empty, every row on one expert), R =
 expert_ffn: against the float64 loop over dequantized weights (float weights: the baseline rule; GGUF: x and
 the intermediate are each quantized to 8-bit blocks, so a relative (Frobenius) error below RTOL_TYPICAL, as
 test_gguf_matmul asserts for one product, and elementwise within the quantization steps of both products),
-gradients against float64 autograd; bad input named. CUDA cases skip without a GPU.
+gradients against float64 autograd; bad input named. CUDA cases skip without a GPU; CUDA multiplies GGUF
+blocks with x unquantized, so its GGUF cases hold to the baseline rule against the dequantized weights.
 """
 
 import functools
@@ -147,6 +148,35 @@ def test_expert_matmul_gguf(device, isa, ggml_type, e, r, pattern):
         check(y[rows], x[rows], ggml_type, w64[expert], parts[expert], typical=False)
 
 
+def on_device(w, device):
+    """A copy of GGUFExperts `w` on `device` (the cached ones stay on the CPU)."""
+    return GGUFExperts(w.raw.to(device), w.ggml_type, w.shape)
+
+
+@pytest.mark.parametrize("device,x_dtype", per_device(cuda=[(torch.float32,), (torch.float16,), (torch.bfloat16,)]))
+@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("e", [4, 8, 64])
+@pytest.mark.parametrize("r,pattern", [(1, "spread"), (1, "one"), (37, "spread"), (37, "ramp"), (37, "one"),
+                                       (300, "ramp")])
+def test_expert_matmul_gguf_cuda(device, x_dtype, ggml_type, e, r, pattern):
+    """CUDA groups the rows by expert and multiplies each expert's decoded blocks with its rows of x as they are
+    (no 8-bit quantization of x): against the per-expert float64 loop over the dequantized weights, by the
+    baseline rule (the same loop in float32, x's dtype out). "one" puts 37 rows on one expert (several batches
+    of rows sharing a weight row, the last one short); "ramp" leaves experts empty."""
+    k = k_for(ggml_type)
+    w, w64, _ = gguf_experts(ggml_type, e, N, k, seed=e + r)
+    x = (torch.randn(r, k, generator=torch.Generator().manual_seed(r)) / k ** 0.5).to(x_dtype)
+    ex = expert_rows(pattern, r, e, seed=r)
+    y = moe.expert_matmul(x.to(device), ex.to(device), on_device(w, device)).cpu()
+    assert y.shape == (r, N) and y.dtype == x_dtype
+    ref, base = torch.zeros(r, N, dtype=torch.float64), torch.zeros(r, N, dtype=x_dtype)
+    for expert in ex.unique().tolist():
+        rows = (ex == expert).nonzero().squeeze(1)
+        ref[rows] = x[rows].double() @ w64[expert].T
+        base[rows] = (x[rows].float() @ w64[expert].float().T).to(x_dtype)
+    assert_close_to_reference(y, ref, base, relative_floor=True, name=f"{ggml_type}: y")
+
+
 @pytest.mark.parametrize("device,isa,x_dtype,w_dtype", per_kernel(
     cpu=[(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
          (torch.bfloat16, torch.bfloat16)],
@@ -276,6 +306,43 @@ def test_expert_ffn_gguf(device, isa, ggml_type, e, k, t, pattern):
     rel = ((out.double() - ref_q).norm() / ref_q.norm()).item()
     assert rel < RTOL_QUANTIZED, f"{ggml_type}: relative error {rel:.3e} against the quantized reference"
     assert_close(out.double(), ref, atol=bound, name=f"{ggml_type}: out vs float64")
+
+
+@pytest.mark.parametrize("device,dtype", per_device(cuda=[(torch.float32,), (torch.bfloat16,)]))
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("e,k,t", [(4, 1, 1), (8, 2, 37), (64, 2, 37)])
+def test_expert_ffn_gguf_cuda(device, dtype, ggml_type, e, k, t):
+    """The feed-forward over GGUF experts on CUDA (three grouped expert matmuls, x unquantized): against the
+    float64 loop over tokens with the dequantized weights, by the baseline rule (composed_baseline)."""
+    d = f = k_for(ggml_type, blocks=1)
+    gate, g64, _ = gguf_experts(ggml_type, e, f, d, seed=1)
+    up, u64, _ = gguf_experts(ggml_type, e, f, d, seed=2)
+    down, d64, _ = gguf_experts(ggml_type, e, d, f, seed=3)
+    x = (torch.randn(t, d, generator=torch.Generator().manual_seed(t)) / d).to(dtype)
+    w, ex = routed(t, e, k, seed=t + e)
+    out = moe.expert_ffn(x.to(device), w.to(device), ex.to(device), on_device(gate, device), on_device(up, device),
+                         on_device(down, device)).cpu()
+    assert out.dtype == dtype and out.shape == (t, d)
+    ref = moe_expert_ffn(x, w, ex, g64, u64, d64)
+    assert_close_to_reference(out, ref, composed_baseline(x, w, ex, g64, u64, d64), relative_floor=True,
+                              name=f"{ggml_type}: out")
+
+
+def composed_baseline(x, weights, experts, gate, up, down):
+    """The feed-forward in float32 products with x's dtype at the points where CUDA's composition of expert
+    matmuls and torch ops rounds (each product's output, the activation, act(g) * u): every (token, expert)
+    pair a row, [T, D] in x's dtype."""
+    dtype, (t, k) = x.dtype, experts.shape
+    flat = experts.reshape(-1).long()
+    xs = x.repeat_interleave(k, 0).float()
+
+    def product(w, rows):
+        return torch.einsum("rnk,rk->rn", w[flat].float(), rows.float()).to(dtype)
+
+    g, u = product(gate, xs), product(up, xs)
+    h = torch.nn.functional.silu(g.float()).to(dtype) * u
+    y = product(down, h)
+    return (y.float().reshape(t, k, -1) * weights.unsqueeze(-1)).sum(1).to(dtype)
 
 
 @pytest.mark.parametrize("weight_kind", ["f32", "Q8_0", "Q4_K"])

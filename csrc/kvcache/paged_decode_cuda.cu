@@ -233,15 +233,6 @@ __global__ void __launch_bounds__(64) paged_decode_reduce_kernel(const PagedPara
     p.lse[int64_t(h) * p.num_tokens + s] = softmax::row_lse(seen, mx, base + logf(sum));
 }
 
-// Frees the split scratch on the stream when the launch is done with it (or has thrown).
-struct StreamScratch {
-  void* ptr = nullptr;
-  cudaStream_t stream;
-  ~StreamScratch() {
-    if (ptr != nullptr) cudaFreeAsync(ptr, stream);
-  }
-};
-
 template <class Cfg, bool kBf16>
 void launch_decode(const PagedParams& p, bool aligned, cudaStream_t stream) {
   const int head_tiles = int(tiles::ceil_div(p.group(), Cfg::kHeads));

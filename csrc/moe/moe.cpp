@@ -1,4 +1,5 @@
-// MoE dispatcher: checks every argument, then routes on device. On the CPU the rows of a call are
+// MoE dispatcher: checks every argument, then routes on device (CUDA groups rows by expert the same way, on the
+// device: moe_cuda.cu). On the CPU the rows of a call are
 // counting-sorted by expert once, gathered as f32, and each expert's rows go through its weight as one GEMM:
 // GGUF weights through the GGUF matmul's block dot products (gemm/shared_gguf_matmul.h: the rows are
 // quantized once per call and expert), float weights through float_rows_* with all experts' output rows
@@ -228,6 +229,8 @@ void moe_expert_matmul(const TensorView& x, const TensorView& experts, const Exp
     if (!cuda_compiled()) throw NotImplementedError("moe_expert_matmul: flashlm was built without CUDA");
     FLASHLM_CHECK(device.index >= 0 && device.index < cuda_device_count(), fn, ": no CUDA device ", device.index,
                   " (", cuda_status(), ")");
+    FLASHLM_CHECK(r <= std::numeric_limits<int32_t>::max(), fn, ": x's ", r,
+                  " rows do not fit the CUDA grouping's int32 row indices");
     moe::detail::expert_matmul_cuda({x.data, x.dtype, static_cast<const int32_t*>(experts.data),
                                      static_cast<const uint8_t*>(weight.data.data), weight.type, r, weight.n, k,
                                      weight.num_experts, y.data, device.index, stream});

@@ -2,11 +2,14 @@
 //   Routing: one thread per row of logits (E and k are small): the k largest by repeated selection (ties to the
 //   lower index), then the softmax as the scalar kernel computes it. A row with a NaN gets expert -1 (the
 //   caller refuses NaN logits before the launch).
-//   Expert matmul: one warp per output y[r, n], reading row n of W[experts[r]] (float, or GGML blocks decoded
-//   in registers by the decoders shared with the CPU, csrc/gguf/shared_decoders.h) in 8-element chunks, lane l
-//   taking chunks l, l + 32, ...; a butterfly of shuffles sums the lanes. Rows are not grouped by expert here
-//   yet: each row reads its expert's weight on its own.
-// Reference: the scalar CPU kernels and float64 torch references (tests/test_moe_kernels.py, CUDA cases).
+//   Expert matmul, grouped by expert as on the CPU (moe.cpp): one CTA counts the rows per expert, scans the
+//   counts into offsets and writes the permutation `order` (each expert's rows contiguous, in increasing
+//   order) into stream-ordered scratch; then a grouped product whose CTAs take (a tile of kWarps output
+//   columns, an expert). Each warp reads row n of its expert's weight (float, or GGML blocks decoded in
+//   registers by the decoders shared with the CPU, csrc/gguf/shared_decoders.h) once per kRows of that
+//   expert's rows, lane l taking 8-element chunks l, l + 32, ...; a butterfly of shuffles sums the lanes.
+//   x is read and y written through `order`, so nothing is gathered or scattered in memory.
+// Reference: float64 torch loops per expert (tests/test_moe_kernels.py, CUDA cases).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,6 +29,7 @@ namespace {
 using cuda_elementwise::Elem;
 
 constexpr int kWarps = 4;  // warps (outputs) per CTA of the matmul
+constexpr int kRows = 8;   // rows of one expert that share each decoded chunk of a weight row
 constexpr int64_t kMaxGridY = 65535;
 
 template <DType L>
@@ -75,68 +79,112 @@ __global__ void route_kernel(const typename Elem<L>::type* logits, int64_t t, in
     for (int64_t i = 0; i < k; ++i) w[i] /= kept;
 }
 
-// A weight row's dot product with x's row, summed over the warp's lanes (every lane holds the sum).
-// GGML blocks: lane l decodes chunks l, l + 32, ... of 8 values in registers.
-template <DType X, class D>
-__device__ __forceinline__ float dot_blocks(const uint8_t* wrow, const typename Elem<X>::type* xr, int64_t k, int lane) {
-  float acc = 0.f;
-  const int64_t chunks = k / 8;
-  for (int64_t c = lane; c < chunks; c += 32) {
-    float wv[8];
-    D::chunk8(wrow + (c / D::kChunks) * D::kBytes, static_cast<int>(c % D::kChunks), wv);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc += wv[i] * Elem<X>::load(xr[c * 8 + i]);
+// Grouping by expert, as the CPU dispatcher's counting sort (moe.cpp): offsets[ex] .. offsets[ex + 1] are
+// expert ex's places in the sorted order, order[p] the row at place p (rows of one expert in increasing order).
+// One CTA: each thread owns experts threadIdx.x, + blockDim.x, ... and walks all rows twice (count, then
+// place); thread 0 scans the counts in between. Rows whose expert is outside [0, E) get no place.
+__global__ void group_by_expert_kernel(const int32_t* experts, int64_t r, int64_t e, int64_t* offsets,
+                                       int32_t* order) {
+  for (int64_t ex = threadIdx.x; ex < e; ex += blockDim.x) {
+    int64_t count = 0;
+    for (int64_t row = 0; row < r; ++row) count += experts[row] == ex;
+    offsets[ex + 1] = count;
   }
-  return acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    offsets[0] = 0;
+    for (int64_t ex = 0; ex < e; ++ex) offsets[ex + 1] += offsets[ex];
+  }
+  __syncthreads();
+  for (int64_t ex = threadIdx.x; ex < e; ex += blockDim.x) {
+    int64_t place = offsets[ex];
+    for (int64_t row = 0; row < r; ++row)
+      if (experts[row] == ex) order[place++] = static_cast<int32_t>(row);
+  }
 }
+
+// acc[i] += (weight row) . (x row i) over this lane's share of K, for kRows rows of x.
+// GGML blocks: lane l decodes chunks l, l + 32, ... of 8 values in registers, once for all the rows.
+template <DType X, class D>
+struct BlockDot {
+  __device__ void operator()(const uint8_t* wrow, const typename Elem<X>::type* const* xr, int64_t k, int lane,
+                             float* acc) const {
+    for (int64_t c = lane; c < k / 8; c += 32) {
+      float wv[8];
+      D::chunk8(wrow + (c / D::kChunks) * D::kBytes, static_cast<int>(c % D::kChunks), wv);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[i] += wv[q] * Elem<X>::load(xr[i][c * 8 + q]);
+    }
+  }
+};
 
 // Float weights (any K): lane l takes elements l, l + 32, ...
 template <DType X, DType W>
-__device__ __forceinline__ float dot_float(const typename Elem<W>::type* wrow, const typename Elem<X>::type* xr, int64_t k, int lane) {
-  float acc = 0.f;
-  for (int64_t j = lane; j < k; j += 32) acc += Elem<W>::load(wrow[j]) * Elem<X>::load(xr[j]);
-  return acc;
-}
+struct FloatDot {
+  __device__ void operator()(const uint8_t* wbytes, const typename Elem<X>::type* const* xr, int64_t k, int lane,
+                             float* acc) const {
+    const auto* wrow = reinterpret_cast<const typename Elem<W>::type*>(wbytes);
+    for (int64_t j = lane; j < k; j += 32) {
+      const float wv = Elem<W>::load(wrow[j]);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) acc[i] += wv * Elem<X>::load(xr[i][j]);
+    }
+  }
+};
 
-// y[row, col]: col = blockIdx.x * kWarps + warp, rows blockIdx.y, blockIdx.y + gridDim.y, ...
-// `Dot(wrow, xr, k, lane)` is one of the two above; row_bytes is the size of one weight row.
+// The grouped product: y[order[p], col] = W[ex][col] . x[order[p]] for every place p of expert ex.
+// col = blockIdx.x * kWarps + warp; experts blockIdx.y, blockIdx.y + gridDim.y, ...; each warp takes its
+// expert's rows kRows at a time (a short last batch repeats its last row and stores only the real ones).
 template <DType X, class Dot>
-__global__ void expert_matmul_kernel(const typename Elem<X>::type* x, const int32_t* experts, const uint8_t* w, int64_t row_bytes,
-                                     int64_t r, int64_t n, int64_t k, int64_t e, typename Elem<X>::type* y, Dot dot) {
+__global__ void grouped_matmul_kernel(const typename Elem<X>::type* x, const int64_t* offsets, const int32_t* order,
+                                      const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, int64_t e,
+                                      typename Elem<X>::type* y, Dot dot) {
+  using T = typename Elem<X>::type;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t col = blockIdx.x * static_cast<int64_t>(kWarps) + warp;
   if (col >= n) return;
-  for (int64_t row = blockIdx.y; row < r; row += gridDim.y) {
-    const int32_t ex = experts[row];
-    float acc = 0.f;
-    if (ex >= 0 && ex < e) acc = dot(w + (static_cast<int64_t>(ex) * n + col) * row_bytes, x + row * k, k, lane);
+  for (int64_t ex = blockIdx.y; ex < e; ex += gridDim.y) {
+    const uint8_t* wrow = w + (ex * n + col) * row_bytes;
+    const int64_t p1 = offsets[ex + 1];
+    for (int64_t p = offsets[ex]; p < p1; p += kRows) {
+      const int m = static_cast<int>(p1 - p < kRows ? p1 - p : kRows);
+      const T* xr[kRows];
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (lane == 0) y[row * n + col] = Elem<X>::store(acc);
+      for (int i = 0; i < kRows; ++i) xr[i] = x + static_cast<int64_t>(order[p + (i < m ? i : m - 1)]) * k;
+      float acc[kRows] = {};
+      dot(wrow, xr, k, lane, acc);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+      if (lane == 0)
+        for (int i = 0; i < m; ++i) y[static_cast<int64_t>(order[p + i]) * n + col] = Elem<X>::store(acc[i]);
+    }
   }
 }
 
-template <DType X, DType W>
-struct FloatDot {
-  __device__ float operator()(const uint8_t* wrow, const typename Elem<X>::type* xr, int64_t k, int lane) const {
-    return dot_float<X, W>(reinterpret_cast<const typename Elem<W>::type*>(wrow), xr, k, lane);
-  }
-};
-
-template <DType X, class D>
-struct BlockDot {
-  __device__ float operator()(const uint8_t* wrow, const typename Elem<X>::type* xr, int64_t k, int lane) const {
-    return dot_blocks<X, D>(wrow, xr, k, lane);
-  }
-};
-
+// Groups the rows of `a` by expert into scratch, then runs the grouped product; rows with no expert stay zero.
 template <DType X, class Dot>
 void launch_matmul(const CudaMatmulArgs& a, int64_t row_bytes, Dot dot) {
-  const dim3 grid(static_cast<unsigned>((a.n + kWarps - 1) / kWarps),
-                  static_cast<unsigned>(a.r < kMaxGridY ? a.r : kMaxGridY));
+  const auto stream = static_cast<cudaStream_t>(a.stream);
+  StreamScratch scratch{nullptr, stream};
+  const size_t offsets_bytes = static_cast<size_t>(a.e + 1) * sizeof(int64_t);
+  throw_on_cuda_error(cudaMallocAsync(&scratch.ptr, offsets_bytes + static_cast<size_t>(a.r) * sizeof(int32_t), stream),
+                      "moe_expert_matmul: cudaMallocAsync of the grouping");
+  auto* offsets = static_cast<int64_t*>(scratch.ptr);
+  auto* order = reinterpret_cast<int32_t*>(static_cast<char*>(scratch.ptr) + offsets_bytes);
   using T = typename Elem<X>::type;
-  expert_matmul_kernel<X><<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(a.stream)>>>(
-      static_cast<const T*>(a.x), a.experts, a.w, row_bytes, a.r, a.n, a.k, a.e, static_cast<T*>(a.y), dot);
+  throw_on_cuda_error(cudaMemsetAsync(a.y, 0, static_cast<size_t>(a.r * a.n) * sizeof(T), stream),
+                      "moe_expert_matmul: cudaMemsetAsync of y");
+  group_by_expert_kernel<<<1, 256, 0, stream>>>(a.experts, a.r, a.e, offsets, order);
+  throw_on_cuda_error(cudaGetLastError(), "moe_expert_matmul: grouping kernel launch");
+  const dim3 grid(static_cast<unsigned>((a.n + kWarps - 1) / kWarps),
+                  static_cast<unsigned>(a.e < kMaxGridY ? a.e : kMaxGridY));
+  grouped_matmul_kernel<X><<<grid, kWarps * 32, 0, stream>>>(static_cast<const T*>(a.x), offsets, order, a.w,
+                                                            row_bytes, a.n, a.k, a.e, static_cast<T*>(a.y), dot);
+  throw_on_cuda_error(cudaGetLastError(), "moe_expert_matmul: kernel launch");
 }
 
 template <DType X>

@@ -38,7 +38,8 @@ bool float_rows_avx2(const FloatRowsArgs& a, int64_t n0, int64_t n1);
 // act(g) * u in place of g, n values (f32).
 void activation_mul(int activation, float* g, const float* u, int64_t n);
 
-// CUDA: y[r] = W[experts[r]] @ x[r] for r < R; rows whose expert is outside [0, E) are left at zero.
+// CUDA: y[r] = W[experts[r]] @ x[r] for r < R (R < 2^31), the rows grouped by expert on the device; rows
+// whose expert is outside [0, E) are left at zero.
 struct CudaMatmulArgs {
   const void* x;
   DType x_dtype;  // F32, F16 or BF16; y has it too

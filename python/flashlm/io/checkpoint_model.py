@@ -46,8 +46,9 @@ def checkpoint_config(ckpt: dict, where: str) -> ModelConfig:
 
 
 def checkpoint_tokenizer(ckpt: dict, cfg: ModelConfig, where: str):
-    """(the tokenizers.Tokenizer or None, the end-of-text ids), checked against the model's vocabulary."""
-    from tokenizers import Tokenizer as Backend
+    """(the flashlm Tokenizer or None, the end-of-text ids), checked against the model's vocabulary. The
+    checkpoint holds its to_str() text: a tokenizer.json, or a t5 GGUF vocabulary in flashlm's form."""
+    from flashlm.io.gguf_vocab import tokenizer_from_json
 
     eos = ckpt.get("eos_token_id")
     if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < cfg.vocab_size):
@@ -58,17 +59,15 @@ def checkpoint_tokenizer(ckpt: dict, cfg: ModelConfig, where: str):
     if not isinstance(text, str):
         raise ValueError(f"{where}: tokenizer is a {type(text).__name__}, expected the tokenizer's JSON text")
     try:
-        backend = Backend.from_str(text)
-    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-        raise ValueError(f"{where}: tokenizer: not a readable tokenizer ({str(e)[:200]})") from None
-    check_fits_model(backend, cfg.vocab_size, where)
-    return backend, [] if eos is None else [eos]
+        tok = tokenizer_from_json(text, eos)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    check_fits_model(tok, cfg.vocab_size, where)
+    return tok, tok.eos_token_ids
 
 
 def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None) -> LoadedModel:
     """A read checkpoint (flashlm.io.checkpoint.read_checkpoint) as a LoadedModel on the CPU, in eval mode."""
-    from flashlm.io.tokenizer import Tokenizer
-
     where = f"checkpoint {path}"
     # int4/int8 layers (`flashlm quantize --method`): checked, set aside
     state, int4, int8 = split_quantized_state(ckpt, where)
@@ -77,7 +76,7 @@ def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None)
     if isinstance(state, dict):  # anything else is refused by checkpoint_config, naming it
         state = {k: v for k, v in state.items() if not isinstance(k, str) or not k.endswith(".weight_step")}
     cfg = checkpoint_config({**ckpt, "model": state}, where)
-    backend, eos = checkpoint_tokenizer(ckpt, cfg, where)
+    tokenizer, eos = checkpoint_tokenizer(ckpt, cfg, where)
     seq_len = context_length(cfg.seq_len, max_model_len, f"{where}: model_config seq_len")
     if seq_len != cfg.seq_len:  # gpt2's position table is cut to the context actually used
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "seq_len": seq_len})
@@ -87,5 +86,4 @@ def model_from_checkpoint(ckpt: dict, path, max_model_len: Optional[int] = None)
     put_quantized_layers(model, state, int4, int8)
     model.load_state_dict(state, assign=True)
     finish(model)
-    tokenizer = None if backend is None else Tokenizer(backend, eos_token_ids=eos)
     return LoadedModel(model=model, config=cfg, tokenizer=tokenizer, eos_token_ids=eos, source=f"checkpoint:{path}")

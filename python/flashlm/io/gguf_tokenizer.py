@@ -16,6 +16,9 @@ Ids the tokenizer does not use, up to the model's vocab_size (a vocabulary padde
 become "[PAD<id>]" tokens of type UNUSED, as convert_hf_to_gguf.py writes them: llama.cpp requires one
 token per embedding row.
 
+A t5 (Unigram) GGUF vocabulary that flashlm loaded and saved in its own form (gguf_vocab_json: the file's
+tokenizer metadata) is written back as those keys.
+
 Other tokenizers (SentencePiece/Unigram, WordPiece, BPE with byte fallback, normalizers, a prefix
 space, unknown regexes) raise ValueError: llama.cpp would tokenize them differently.
 """
@@ -25,6 +28,8 @@ from __future__ import annotations
 import json
 
 from gguf import GGUFValueType, TokenType
+
+from flashlm.io.gguf_vocab_json import vocab_from_json, vocab_gguf_metadata
 
 # tokenizers' split regex (as in tokenizer.json) -> (llama.cpp's tokenizer.ggml.pre, whether llama.cpp
 # ignores merges for it, as llama-vocab.cpp sets ignore_merges)
@@ -117,13 +122,17 @@ def _bos_from_post_processor(spec: dict, ids: dict) -> int | None:
 
 
 def tokenizer_metadata(tokenizer_json, vocab_size: int | None = None, eos_token_id: int | None = None) -> list:
-    """GGUF metadata [(key, value, GGUFValueType, array item type or None)] for a byte-level BPE tokenizer.
+    """GGUF metadata [(key, value, GGUFValueType, array item type or None)] for a byte-level BPE tokenizer, or
+    for a GGUF vocabulary in flashlm's form (the to_str() of a t5 one).
 
-    tokenizer_json: the tokenizer.json text (or its parsed dict).
+    tokenizer_json: the tokenizer.json text (or its parsed dict), or that form.
     vocab_size: the model's vocabulary (embedding rows), at least the tokenizer's; None: the tokenizer's.
     eos_token_id: the end-of-document id; None: the first of EOS_NAMES the tokenizer has.
     """
     spec = _parse(tokenizer_json)
+    vocab = vocab_from_json(spec)
+    if vocab is not None:  # a GGUF vocabulary flashlm saved in its own form (a t5 one): written back as it is
+        return vocab_gguf_metadata(vocab, vocab_size, eos_token_id)
     model = _check_byte_level_bpe(spec)
     pre, ignore_merges = _pre_tokenizer_name(spec)
     if bool(model.get("ignore_merges", False)) != ignore_merges:

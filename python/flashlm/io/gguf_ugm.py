@@ -21,7 +21,8 @@ spelled with a trailing ASCII space, which the normalized text never contains. (
 while the model still spells every token as the file does, so that tokenizers gives each its own id; the
 backend then counts those tokens twice among its distinct strings, so the flashlm Tokenizer is told the
 vocabulary size.) The normalizer is Python code, which tokenizers cannot serialize: a copy of the tokenizer
-is built anew (the Tokenizer's rebuild), and to_str() raises. tokenizers takes the lowest
+is built anew (the Tokenizer's rebuild), and the flashlm Tokenizer's to_str() saves the vocabulary as its GGUF
+metadata instead (gguf_vocab_json.py), which loads and exports to GGUF as the file does. tokenizers takes the lowest
 score of all its entries as the unknown-character baseline, llama.cpp that of the NORMAL tokens alone, so an
 UNUSED token scored lower (the [PAD<i>] rows of a padded embedding, scored -10000) must be one that can never
 win: its score is below every other way of covering its characters, and it is left out the same way. Byte

@@ -2,6 +2,7 @@
 tokenizes as llama.cpp does.
 
     tok = tokenizer_from_gguf(gguf_file.metadata, vocab_size)   # flashlm.runtime.Tokenizer, or None
+    tok = tokenizer_from_json(tok.to_str())                       # a saved one read back
 
 tokenizer.ggml.model "gpt2" (byte-level BPE: GPT-2, Llama 3, Qwen2): the tokens are the byte-level strings
 ("Ġthe") and the merges "a b" strings; the split regexes are llama.cpp's for tokenizer.ggml.pre
@@ -32,6 +33,7 @@ from typing import Optional
 
 from flashlm.io.gguf_pretok import build_pre_tokenizer, pre_tokenizer_for
 from flashlm.io.gguf_ugm import UnigramVocab
+from flashlm.io.gguf_vocab_json import vocab_from_json, vocab_json
 from flashlm.io.tokenizer import Tokenizer
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
@@ -264,11 +266,13 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
         if post is not None:
             tok.post_processor = post
 
-    rebuild = None
+    rebuild = serialize = None
     if model == "t5":
-        # its normalizer is Python code, which tokenizers cannot serialize: copies are built anew
+        # its normalizer is Python code, which tokenizers cannot serialize: copies are built anew, and it is
+        # saved as its metadata
         tok = ugm.tokenizer(finish)
         rebuild = lambda: ugm.tokenizer(finish)  # noqa: E731
+        serialize = lambda: vocab_json(meta)  # noqa: E731
     else:
         finish(tok)
     eos_ids = [eos] if eos is not None else []
@@ -280,4 +284,22 @@ def tokenizer_from_gguf(meta: dict, vocab_size: Optional[int] = None) -> Optiona
     return Tokenizer(tok, eos_token_ids=eos_ids, bos_token_id=bos,
                      chat_template=template if isinstance(template, str) else None,
                      silent_ids=[i for i, ty in enumerate(types) if ty == UNUSED], rebuild=rebuild,
-                     vocab_size=n if model == "t5" else None)
+                     vocab_size=n if model == "t5" else None, serialize=serialize)
+
+
+def tokenizer_from_json(text, eos_token_id: Optional[int] = None) -> Tokenizer:
+    """The tokenizer a to_str() text describes: a tokenizer.json (tokenizers' form) or flashlm's form of a GGUF
+    vocabulary (gguf_vocab_json). eos_token_id: its end-of-text id (a GGUF vocabulary's own where None).
+    ValueError if unreadable."""
+    meta = vocab_from_json(text)
+    if meta is not None:
+        if eos_token_id is not None:
+            meta["tokenizer.ggml.eos_token_id"] = eos_token_id
+        return tokenizer_from_gguf(meta)
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        backend = Backend.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"tokenizer: not a readable tokenizer ({str(e)[:200]})") from None
+    return Tokenizer(backend, eos_token_ids=[] if eos_token_id is None else [eos_token_id])

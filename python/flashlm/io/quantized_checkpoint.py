@@ -50,8 +50,8 @@ def save_quantized_model(loaded, path, method: str) -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     ckpt = {"format": FORMAT, "model_config": loaded.config.to_dict(), "model": state, **entries}
     tok = loaded.tokenizer
-    if tok is not None and hasattr(tok.backend, "to_str"):
-        ckpt["tokenizer"] = tok.backend.to_str()
+    if tok is not None and hasattr(tok, "to_str"):
+        ckpt["tokenizer"] = tok.to_str()
     if loaded.eos_token_ids:
         ckpt["eos_token_id"] = int(loaded.eos_token_ids[0])
     torch.save(ckpt, path)

@@ -27,9 +27,9 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def check_fits_model(backend, vocab_size: int, where: str) -> None:
-    """ValueError unless every id the tokenizer (a tokenizers.Tokenizer) can produce has a row in the model's
-    embedding of vocab_size rows: an id past it would read outside the table."""
-    n = backend.get_vocab_size(with_added_tokens=True)
+    """ValueError unless every id the tokenizer (a tokenizers.Tokenizer, or a flashlm Tokenizer) can produce has
+    a row in the model's embedding of vocab_size rows: an id past it would read outside the table."""
+    n = backend.vocab_size if isinstance(backend, Tokenizer) else backend.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise ValueError(f"{where}: the tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")
 
@@ -38,15 +38,17 @@ class Tokenizer:
     def __init__(self, tokenizer, eos_token_ids: Iterable[int] = (), bos_token_id: Optional[int] = None,
                  chat_template: Optional[str] = None, bos_token: Optional[str] = None,
                  eos_token: Optional[str] = None, silent_ids: Iterable[int] = (), rebuild=None,
-                 vocab_size: Optional[int] = None):
+                 vocab_size: Optional[int] = None, serialize=None):
         """tokenizer: a tokenizers.Tokenizer (its post-processor adds BOS/EOS where the model wants them).
         eos_token_ids: every id that ends generation. bos_token/eos_token: the strings templates see; by
         default the tokens of bos_token_id and the first eos id. silent_ids: ids that decode to no text
         (a GGUF vocabulary's UNUSED padding tokens, as llama.cpp prints them). rebuild: a function returning a
         new copy of `tokenizer`, for one whose custom (Python) parts tokenizers cannot serialize. vocab_size:
-        how many ids it has, where tokenizers' count of distinct token strings is not that."""
+        how many ids it has, where tokenizers' count of distinct token strings is not that. serialize: a
+        function returning the JSON text to_str() gives, for one tokenizers cannot serialize."""
         self._tok = tokenizer
         self._rebuild = rebuild
+        self._serialize = serialize
         self._vocab_size = vocab_size
         self._silent = frozenset(int(i) for i in silent_ids)
         self.eos_token_ids = [int(i) for i in eos_token_ids]
@@ -68,6 +70,12 @@ class Tokenizer:
     def backend(self):
         """The underlying tokenizers.Tokenizer."""
         return self._tok
+
+    def to_str(self) -> str:
+        """The JSON text a checkpoint, a run or an export stores: tokenizers' tokenizer.json, or for a t5 GGUF
+        vocabulary (whose normalizer tokenizers cannot serialize) flashlm's form of its metadata
+        (flashlm.io.gguf_vocab_json); tokenizer_from_json reads either."""
+        return self._serialize() if self._serialize is not None else self._tok.to_str()
 
     @property
     def vocab_size(self) -> int:

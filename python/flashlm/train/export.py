@@ -40,6 +40,7 @@ from flashlm.io.checkpoint_model import checkpoint_config, checkpoint_tokenizer
 from flashlm.io.gguf_layout import (check_llama_cpp_gemma, check_llama_cpp_head_dim, check_llama_cpp_moe, gguf_arch,
                                     longrope_tensors, moe_metadata, window_metadata)
 from flashlm.io.gguf_tokenizer import EOS_NAMES, tokenizer_metadata
+from flashlm.io.gguf_vocab_json import vocab_from_json
 from flashlm.io.hf_source import llama3_rope_factors, permute_rope_rows
 from flashlm.io.quantize_file import write_quantized
 from flashlm.models import ModelConfig
@@ -255,6 +256,9 @@ def export_hf(model_or_state, model_config, tokenizer_json, out_dir, eos_token_i
     """
     from safetensors.torch import save_file
 
+    if tokenizer_json is not None and vocab_from_json(tokenizer_json) is not None:
+        raise ValueError("tokenizer_json: a t5 (Unigram) GGUF vocabulary has no tokenizer.json form that "
+                         "tokenizes as it does (its charsmap walk); export the model to GGUF instead")
     s, state = resolve(model_or_state, model_config)
     tensors = hf_tensors(s, state)
     eos = _eos_id(tokenizer_json, eos_token_id)

@@ -82,7 +82,7 @@ def _export_merged(loaded, ft, where, gguf_path, hf_dir, mix, progress) -> dict:
                                   f"or --peft, or tune a float or GGUF base)")
     state = merged_state_dict(loaded.model)
     tok = loaded.tokenizer
-    tokenizer_json = tok.backend.to_str() if tok is not None else None
+    tokenizer_json = tok.to_str() if tok is not None else None
     eos = tok.eos_token_id if tok is not None else None
     written = {}
     if hf_dir is not None:

@@ -364,7 +364,7 @@ class FineTuner(Trainer):
         if self.ft.method in ("lora", "full") and self.loaded.source.startswith("checkpoint:") \
                 and is_float_model(base):
             tok = self.loaded.tokenizer
-            state.update(model=merged_state_dict(base), tokenizer=tok.backend.to_str(),
+            state.update(model=merged_state_dict(base), tokenizer=tok.to_str(),
                          eos_token_id=tok.eos_token_id)
         return state
 

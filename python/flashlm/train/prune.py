@@ -300,7 +300,7 @@ def prune_file(model_path, out, heads_keep=1.0, ffn_keep=1.0, drop_layers=(), sc
         seq_len = min(calib_seq_len, model.cfg.seq_len)
         batches = calibration_batches(loaded.tokenizer, calib_data, calib_samples, seq_len)
     pruned, plan = prune_model(model, heads_keep, ffn_keep, drop_layers, score, batches, p)
-    tok = loaded.tokenizer.backend.to_str() if loaded.tokenizer is not None else None
+    tok = loaded.tokenizer.to_str() if loaded.tokenizer is not None else None
     eos = loaded.eos_token_ids[0] if loaded.eos_token_ids else None
     save_model(pruned, out, fmt, tok, eos, type)
     return {"before": model.cfg, "after": pruned.cfg, "params_before": model.num_params(),

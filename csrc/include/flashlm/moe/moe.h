@@ -5,7 +5,9 @@
 // CPU: the rows are counting-sorted by expert once per call; each expert's rows run through its weight as one
 // GEMM (GGUF types: the GGUF matmul's integer block dot products, the activations quantized once per row;
 // float types: f32 accumulation), and the results are scattered back (moe_expert_ffn: weighted by the routing
-// weights). CUDA: one row per expert's weight, the blocks decoded in registers (no grouping yet).
+// weights). CUDA (moe_expert_matmul): the rows are grouped by expert on the device the same way (counts,
+// offsets, a permutation), and each weight row is read once per 8 of its expert's rows, its blocks decoded in
+// registers and multiplied with x unquantized.
 #pragma once
 
 #include <cstdint>
