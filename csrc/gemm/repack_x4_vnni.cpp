@@ -44,7 +44,9 @@ FLASHLM_AVX2_INLINE const uint8_t* unseen(const uint8_t* p) {
 }
 
 // The activation terms of one pair: -8 * the sum of each int32 lane's 4 bytes of y0 and y1, and the scales
-// [dx0 x 4 | dx1 x 4], as the AVX2 kernels' act_scales gives them.
+// [dx0 x 4 | dx1 x 4], as the AVX2 kernels' act_scales gives them. Stored pair by pair, the m rows' terms of
+// a pair side by side: a tile of activation rows reads them through one pointer (row r at r * 64), which
+// keeps the loop's pointers in registers.
 struct PairExtra {
   int32_t neg_sum4x8[8];  // -8 * sum
   float dx[8];
@@ -83,7 +85,7 @@ struct Q8_0x4 {
 // y[r0 + r, n + j] for R activation rows and the 4 rows of group n (x4 bytes at w).
 template <class P, int R>
 FLASHLM_AVX2_INLINE void gemm_tile(const uint8_t* w, int64_t pairs, const uint8_t* acts, int64_t act_bytes,
-                                   const uint8_t* extras, int64_t r0, float* y, int64_t ldy, int64_t n) {
+                                   const uint8_t* extras, int64_t m, int64_t r0, float* y, int64_t ldy, int64_t n) {
   constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes, kPrefetch = 1024;
   const __m512i dw_index[2] = {_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7)};
@@ -104,7 +106,7 @@ FLASHLM_AVX2_INLINE void gemm_tile(const uint8_t* w, int64_t pairs, const uint8_
       const uint8_t* a = acts + (r0 + r) * act_bytes + b * int64_t(sizeof(ActQ8x2));
       const __m512i y0 = _mm512_broadcast_i64x4(load32B(a + offsetof(ActQ8x2, qs)));
       const __m512i y1 = _mm512_broadcast_i64x4(load32B(a + offsetof(ActQ8x2, qs) + 32));
-      const uint8_t* e = extras + ((r0 + r) * pairs + b) * int64_t(sizeof(PairExtra));
+      const uint8_t* e = extras + ((b * m) + r0 + r) * int64_t(sizeof(PairExtra));
       const __m512 dx = _mm512_castpd_ps(
           _mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(e + offsetof(PairExtra, dx)))));
       for (int h = 0; h < 2; ++h) {
@@ -127,10 +129,11 @@ constexpr int kRows = 8;
 
 template <class P, int R>
 FLASHLM_AVX2_INLINE void tiles(const uint8_t* packed, int64_t pairs, const uint8_t* acts, int64_t act_bytes,
-                               const uint8_t* extras, int64_t r0, float* y, int64_t ldy, int64_t nt, int64_t ne) {
+                               const uint8_t* extras, int64_t m, int64_t r0, float* y, int64_t ldy, int64_t nt,
+                               int64_t ne) {
   constexpr int64_t kPairBytes = 16 + 4 * P::kRowBytes;
   for (int64_t n = nt; n < ne; n += 4)
-    gemm_tile<P, R>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extras, r0, y, ldy, n);
+    gemm_tile<P, R>(packed + n / 4 * pairs * kPairBytes, pairs, acts, act_bytes, extras, m, r0, y, ldy, n);
 }
 
 template <class P>
@@ -141,15 +144,15 @@ void matmul_x4(const uint8_t* packed, int64_t k, const uint8_t* acts, int64_t ac
   for (int64_t nt = n0; nt < n1; nt += 16) {
     const int64_t ne = nt + 16 < n1 ? nt + 16 : n1;
     int64_t r = 0;
-    for (; r + kRows <= m; r += kRows) tiles<P, kRows>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne);
+    for (; r + kRows <= m; r += kRows) tiles<P, kRows>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne);
     switch (m - r) {
-      case 7: tiles<P, 7>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 6: tiles<P, 6>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 5: tiles<P, 5>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 4: tiles<P, 4>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 3: tiles<P, 3>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 2: tiles<P, 2>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
-      case 1: tiles<P, 1>(packed, pairs, acts, act_bytes, extras, r, y, ldy, nt, ne); break;
+      case 7: tiles<P, 7>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 6: tiles<P, 6>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 5: tiles<P, 5>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 4: tiles<P, 4>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 3: tiles<P, 3>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 2: tiles<P, 2>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
+      case 1: tiles<P, 1>(packed, pairs, acts, act_bytes, extras, m, r, y, ldy, nt, ne); break;
       default: break;
     }
   }
@@ -168,7 +171,7 @@ void x4_pair_extras_vnni(const uint8_t* acts, int64_t act_bytes, int64_t m, int6
       // byte pairs summed to int16 (|sum| <= 254 each), then to int32 lanes of 4 bytes, y0's and y1's added
       const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(ones8, y0), _mm256_maddubs_epi16(ones8, y1));
       const __m256i s32 = _mm256_madd_epi16(s16, ones16);
-      auto* e = reinterpret_cast<PairExtra*>(extras + (r * pairs + b) * int64_t(sizeof(PairExtra)));
+      auto* e = reinterpret_cast<PairExtra*>(extras + (b * m + r) * int64_t(sizeof(PairExtra)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(e->neg_sum4x8),
                           _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), s32), 3));
       const __m128 d = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a->d)));
