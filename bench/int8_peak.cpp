@@ -16,7 +16,7 @@ against (bench/results/gguf_matmul.md).
           the K-quant kernels' integer step (repack_x4k_vnni.cpp): vpmaddubsw into int16 pair sums, then
           vpdpwssd times the sub-block scale into int32, two instructions per 64 products.
 
-12 independent chains hide the latency. Multiply-adds per second over all threads, by the wall clock and by
+12 independent chains (8 in the GEMV-rounding loop) hide the latency. Multiply-adds per second over all threads, by the wall clock and by
 the threads' own CPU time (the ceiling of the cores when other jobs share them).
 
 Build and run (from the repository root):
