@@ -69,6 +69,7 @@ struct Q4Kx4 {
         _mm256_cvtepu8_epi16(scales_mins_k4(w + 16 + 12 * (2 * h + 1))), 1);
     __m512i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4  // constant permute indices, and no register shuffling of isum between iterations
     for (int i = 0; i < 4; ++i) {  // sub-blocks 2i (low nibbles) and 2i + 1 (high nibbles) of qs[32i..]
       const __m512i v = _mm512_loadu_si512(w + 64 + 128 * i + 64 * h);
       const __m512i lo = nibbles(v, 0), hi = nibbles(v, 1);
@@ -104,10 +105,12 @@ struct Q6Kx4 {
         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 8 + 32 * h + 16))), 1);
     __m512i isum[R];
     for (int r = 0; r < R; ++r) isum[r] = _mm512_setzero_si512();
+#pragma GCC unroll 2  // as Q4Kx4's loop
     for (int half = 0; half < 2; ++half) {
       const uint8_t* p = w + 72 + 384 * half + 64 * h;
       const __m512i ql0 = _mm512_loadu_si512(p), ql1 = _mm512_loadu_si512(p + 128), qh = _mm512_loadu_si512(p + 256);
       const __m512i q[4] = {nibbles(ql0, 0), nibbles(ql1, 0), nibbles(ql0, 1), nibbles(ql1, 1)};
+#pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {  // quarter t: sub-blocks 8 half + 2t (lanes 0-3) and + 1 (lanes 4-7)
         const __m512i crumbs = _mm512_and_si512(_mm512_srli_epi16(qh, static_cast<unsigned>(2 * t)), _mm512_set1_epi8(3));
         const __m512i qt = _mm512_or_si512(q[t], _mm512_slli_epi16(crumbs, 4));  // no carry across bytes
