@@ -102,16 +102,19 @@ struct Q8_0 {
   }
 };
 
-// Q4_K: half a block, sub-blocks 4h .. 4h + 4 (8 sub-blocks of 32, d1 * q - m1 with d1 = d * scale, m1 = dmin *
+// Q4_K: P of a block's 4 pairs of sub-blocks (8 sub-blocks of 32, d1 * q - m1 with d1 = d * scale, m1 = dmin *
 // min); sub-blocks 2p and 2p + 1 are the low and high nibbles of qs[32p .. 32p + 32). The 8 scales and 8 mins
 // are unpacked together (ggml's get_scale_min_k4 in 16 lanes) and multiplied by d and dmin as the scalar
-// decoder does, one rounding each.
+// decoder does, one rounding each. A whole block (P = 4) unpacks them once; for M = 2 its 32 sums would not
+// fit the registers, so half a block.
+template <int P>
 struct Q4_K {
-  static constexpr int kCols = 128;
+  static constexpr int kCols = 64 * P;
   template <int M>
-  FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* p, int64_t, int64_t col, Tile<M, 8>& t) {
-    const int half = static_cast<int>(col % 256) / 128;
-    const uint8_t* b = p - half * sizeof(gguf::block_q4_K) / 2;
+  FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* p, int64_t, int64_t col,
+                                      Tile<M, 4 * P>& t) {
+    const int first = static_cast<int>(col % 256) / 64;  // the chunk's first pair
+    const uint8_t* b = p - first * sizeof(gguf::block_q4_K) / 4;
     // Lane j < 8: scale j; lane 8 + j: min j. Scale/min j < 4: the low 6 bits of byte j / j + 4; j >= 4: the
     // low (scale) or high (min) nibble of byte j + 4, with the top 2 bits of byte j - 4 / j above it.
     const __m512i q = dwords(b + offsetof(gguf::block_q4_K, scales));
@@ -127,8 +130,8 @@ struct Q4_K {
                              _mm512_set1_ps(load_f16(b + offsetof(gguf::block_q4_K, dmin)))));
     alignas(64) float scale_min[16];
     _mm512_store_ps(scale_min, dm);
-    for (int pp = 0; pp < 2; ++pp) {
-      const int p = 2 * half + pp;
+    for (int pp = 0; pp < P; ++pp) {
+      const int p = first + pp;
       const uint8_t* qs = b + offsetof(gguf::block_q4_K, qs) + 32 * p;
       const __m512i x[2] = {dwords(qs), dwords(qs + 16)};
       for (int s = 0; s < 2; ++s) {
@@ -216,9 +219,12 @@ FLASHLM_AVX2_INLINE void rows(const BackwardWeight& w, const float* dyt, float* 
     src[rr] = w.w + (r0 + rr) * w.row_bytes + first;
     ahead[rr] = w.w + (r0 + rr + kAhead < w.n ? r0 + rr + kAhead : w.n - 1) * w.row_bytes + first;
   }
+  const int64_t chunk_bytes = (Kind::kCols * w.block_bytes) >> shift;
   for (int64_t c = c0; c < c1; c += Kind::kCols) {
     const int64_t byte = ((c - c0) * w.block_bytes) >> shift;
-    for (int rr = 0; rr < R; ++rr) _mm_prefetch(reinterpret_cast<const char*>(ahead[rr] + byte), _MM_HINT_T0);
+    for (int rr = 0; rr < R; ++rr)
+      for (int64_t at = byte; at < byte + chunk_bytes; at += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead[rr] + at), _MM_HINT_T0);
     Tile<M, V> t;
     t.load(dx + c, w.k);
     for (int rr = 0; rr < R; ++rr) {
@@ -268,7 +274,11 @@ bool accumulate_fused_avx512(const BackwardWeight& w, const float* dyt, int64_t 
   } else if (w.type == DType::Q8_0) {
     walk_m<Q8_0>(w, dyt, m, dx, c0, c1);
   } else if (w.type == DType::Q4_K) {
-    walk_m<Q4_K>(w, dyt, m, dx, c0, c1);
+    if (m == 1) {
+      walk<Q4_K<4>, 1>(w, dyt, dx, c0, c1);
+    } else {
+      walk<Q4_K<2>, 2>(w, dyt, dx, c0, c1);
+    }
   } else if (w.type == DType::Q6_K) {
     walk_m<Q6_K>(w, dyt, m, dx, c0, c1);
   } else {
