@@ -10,6 +10,8 @@ W is [N, K], dx = dy @ W), random weights are multiplied with M rows of dy by
   torch     the same W dequantized to float32 on each call (flashlm.ops.dequantize for GGUF, torch ops for
             int8/int4), then torch.matmul: what a training step does without a native backward,
   dense     torch.matmul with W already dequantized to float32 (4-8x the memory; a ceiling for torch),
+  flashlm-avx2  where the CPU has AVX-512F: flashlm with its AVX-512 kernels switched off
+            (flashlm._C.set_backward_input_avx512(False)), the AVX2 kernels they replace for M <= 2,
 and set against a plain copy (`dst.copy_(src)` of 64 MiB), the memory-bandwidth ceiling. Before timing,
 flashlm's dx is checked against float64 dy @ W (relative error < 1e-5); the script stops if it is off.
 
@@ -17,18 +19,22 @@ Weights are cold, as in a backward pass over a model (every layer's weights are 
 uses the next of several copies of W, together larger than the last-level cache (--rotate-mib, default 256).
 
 GB/s: the stored weight bytes read per second; the copy counts its read plus its write. "% copy" is
-flashlm's GB/s as a share of the copy's (the goal for M = 1: >= 70%). "x torch" is the dequantize+matmul
+flashlm's GB/s as a share of the copy's (the goal for M = 1: >= 70%). --clock cpu times each call in CPU
+seconds of the process (time.process_time, all threads) instead of wall-clock seconds: on a loaded machine
+the rates per CPU second, where the wall clock measures the scheduler. "x torch" is the dequantize+matmul
 time over flashlm's. The runs take turns (bench_util.median_seconds), so background load falls on all alike.
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_backward_input.py                   # Q4_0 Q8_0 Q4_K Q6_K int8 int4 at 4096x4096
   python bench/compare_backward_input.py --kinds Q5_K,int4 --shapes 11008x4096 --m 1,64
   python bench/compare_backward_input.py --quick           # seconds: CI smoke
+  FLASHLM_NUM_THREADS=1 OMP_NUM_THREADS=1 python bench/compare_backward_input.py --m 1 --clock cpu
 """
 
 import argparse
 import platform
 import sys
+import time
 
 import numpy as np
 import torch
@@ -75,6 +81,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--burst", type=int, default=4, help="back-to-back calls per turn, the first untimed")
     ap.add_argument("--rotate-mib", type=int, default=256, help="cycle through copies of W totalling this much")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time calls by the wall clock or by the process's CPU time")
     ap.add_argument("--quick", action="store_true", help="small shapes and few runs: a smoke test in seconds")
     args = ap.parse_args()
     if args.quick:
@@ -93,6 +101,8 @@ def main():
     except ValueError:
         ap.error(f"--shapes / --m: expected NxK[,NxK...] and positive row counts, got {args.shapes!r}, {args.m!r}")
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    avx512 = flashlm._C.cpu_features()["avx512f"] and flashlm.ops.cpu_isa() == "avx2"
     copy_src = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
     copy_dst = torch.empty_like(copy_src)
     rows = []
@@ -115,27 +125,43 @@ def main():
                     state["i"] = (state["i"] + 1) % len(stores)
                     return flashlm_dx(dy, stores[state["i"]])
 
+                def run_avx2():
+                    state["i"] = (state["i"] + 1) % len(stores)
+                    saved = flashlm._C.set_backward_input_avx512(False)
+                    try:
+                        return flashlm_dx(dy, stores[state["i"]])
+                    finally:
+                        flashlm._C.set_backward_input_avx512(saved)
+
                 def run_torch():
                     state["j"] = (state["j"] + 1) % len(stores)
                     return dy @ dequant(stores[state["j"]])
 
                 fns = {"flashlm": (run_flashlm, "cpu"), "torch": (run_torch, "cpu"),
                        "dense": (lambda: dy @ w, "cpu"), "copy": (lambda: copy_dst.copy_(copy_src), "cpu")}
-                med = median_seconds(fns, args.reps, args.warmup, args.burst)
+                if avx512:
+                    fns["flashlm-avx2"] = (run_avx2, "cpu")
+                med = median_seconds(fns, args.reps, args.warmup, args.burst, clock=clock)
                 t_f, t_t, t_d, t_c = med["flashlm"], med["torch"], med["dense"], med["copy"]
                 gbs_f, gbs_c = nbytes / t_f / 1e9, 2 * copy_src.numel() / t_c / 1e9
-                rows.append([kind, f"{n}x{k}", str(m), f"{nbytes / 2**20:.1f}", f"{rel:.1e}", f"{t_f * 1e3:.3f}",
-                             fmt(gbs_f, ".1f"), fmt(gbs_c, ".1f"), fmt(gbs_f / gbs_c * 100, ".0f"),
-                             f"{t_t * 1e3:.3f}", fmt(t_t / t_f, ".2f"), f"{t_d * 1e3:.3f}"])
+                row = [kind, f"{n}x{k}", str(m), f"{nbytes / 2**20:.1f}", f"{rel:.1e}", f"{t_f * 1e3:.3f}",
+                       fmt(gbs_f, ".1f"), fmt(gbs_c, ".1f"), fmt(gbs_f / gbs_c * 100, ".0f")]
+                if avx512:
+                    t_a = med["flashlm-avx2"]
+                    row += [f"{t_a * 1e3:.3f}", fmt(nbytes / t_a / 1e9 / gbs_c * 100, ".0f")]
+                rows.append(row + [f"{t_t * 1e3:.3f}", fmt(t_t / t_f, ".2f"), f"{t_d * 1e3:.3f}"])
             del stores
 
-    header = ["kind", "N x K", "M", "W MiB", "rel err", "flashlm ms", "flashlm GB/s", "copy GB/s", "% copy",
-              "torch deq+mm ms", "x torch", "dense f32 mm ms"]
+    header = ["kind", "N x K", "M", "W MiB", "rel err", "flashlm ms", "flashlm GB/s", "copy GB/s", "% copy"]
+    if avx512:
+        header += ["AVX2 ms", "AVX2 % copy"]
+    header += ["torch deq+mm ms", "x torch", "dense f32 mm ms"]
     print(hardware_line("cpu", flashlm.ops, f"torch {torch.get_num_threads()} threads"))
     print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"Python {platform.python_version()}")
     print(f"dx = dy @ W, dy float32; cold weights (copies cycled, {args.rotate_mib} MiB); median of {args.reps} "
-          f"interleaved turns of {args.burst} back-to-back calls after {args.warmup} warm-up")
+          f"interleaved turns of {args.burst} back-to-back calls after {args.warmup} warm-up; "
+          f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} seconds")
     print()
     print_table(header, rows)
 

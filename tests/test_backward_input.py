@@ -126,7 +126,7 @@ def int4_weight(n, k, group, symmetric, seed):
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
     cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, 3)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
-@pytest.mark.parametrize("k", [96, 100, 1030])  # blocks of 32 columns, of 4, of 2
+@pytest.mark.parametrize("k", [96, 100, 1030, 320])  # blocks of 32 columns, of 4, of 2, of 64
 def test_int8_matches_float64(k, device, isa, dtype, m):
     use_isa(isa)
     w, s, ref_w = int8_weight(N, k, seed=k)
@@ -149,6 +149,52 @@ def test_int4_matches_float64(group, symmetric, device, isa, dtype, m):
     dx = ops.int4_linear_backward_input(dy.to(device), to(packed), to(scales), to(zeros), group)
     assert dx.dtype == dtype
     check_dx(dx.cpu(), dy, ref_w)
+
+
+AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"]
+
+
+@pytest.fixture
+def restore_avx512():
+    saved = _C.set_backward_input_avx512(True)
+    yield
+    _C.set_backward_input_avx512(saved)
+
+
+def fused_cases():
+    """(kind, k, m) for the few-rows kernels: every kind they read (int8 with K a multiple of 64, and one that
+    the AVX2 kernel takes), int4 in every group size, with and without zeros."""
+    gguf = [(t, k_for(t, 3), m) for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K") for m in (1, 2)]
+    ints = [(kind, k, m) for kind, k in [("int8", 320), ("int8", 96), ("int4/32", 96), ("int4/64", 192),
+                                         ("int4z/128", 384)] for m in (1, 2)]
+    return gguf + ints
+
+
+@pytest.mark.skipif(not AVX512, reason="no AVX-512F")
+@pytest.mark.usefixtures("restore_avx512")
+@pytest.mark.parametrize("kind,k,m", fused_cases())
+@pytest.mark.parametrize("n", [N, 3])  # row groups of 4 and a remainder; fewer rows than the prefetch distance
+def test_avx512_matches_avx2_bits(kind, k, m, n):
+    """The AVX-512 build of the few-rows kernels adds the same products in the same order as the AVX2 one."""
+    ops.set_cpu_isa("avx2")
+    dy = torch.randn(m, n)
+    if kind == "int8":
+        w, s, ref_w = int8_weight(n, k, seed=k)
+        run = lambda: ops.int8_linear_backward_input(dy, w, s)  # noqa: E731
+    elif kind.startswith("int4"):
+        group = int(kind.split("/")[1])
+        packed, scales, zeros, ref_w = int4_weight(n, k, group, not kind.startswith("int4z"), seed=group)
+        run = lambda: ops.int4_linear_backward_input(dy, packed, scales, zeros, group)  # noqa: E731
+    else:
+        raw, ref_w = gguf_weight(kind, n, k, seed=6)
+        run = lambda: ops.gguf_linear_backward_input(dy, raw, kind, (n, k))  # noqa: E731
+    _C.set_backward_input_avx512(False)
+    avx2 = run()
+    _C.set_backward_input_avx512(True)
+    avx512 = run()
+    check_dx(avx512, dy, ref_w)
+    assert_equal(avx512, avx2)
+
 
 
 # --- autograd through the layers -------------------------------------------------------------------------------

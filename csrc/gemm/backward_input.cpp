@@ -5,9 +5,12 @@
 // tile into a float buffer, then add dy[m, r] times them into the tile. Each weight byte is read once. For a few
 // rows of dy (M <= kFusedRows) and the common types, AVX2 multiplies straight from the quants instead
 // (backward_input_fused_avx2.cpp): the decode buffer's store and reload cost more than the multiply-adds.
+// Where the CPU has AVX-512F the same kernels run 16 columns a vector, 4 weight rows at a time into dx held in
+// registers (backward_input_fused_avx512.cpp), giving the same bits.
 #include "flashlm/gemm/backward_input.h"
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -38,6 +41,8 @@ constexpr int64_t kFusedTileFloats = 4 << 10;
 constexpr int64_t kGrainMacs = 1 << 18;
 // int8 rows are cut into blocks of this many columns, or of the largest power of two that divides K.
 constexpr int64_t kInt8Block = 64;
+
+std::atomic<bool> avx512_switch{true};  // set_backward_input_avx512
 
 void check_matrix(const TensorView& t, const char* op, const char* name, Device device) {
   FLASHLM_CHECK(t.ndim == 2, op, ": ", name, " must have 2 dimensions, got ", t.shape_string());
@@ -92,11 +97,13 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
 void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t b0, int64_t b1,
                  bool avx2) {
   if (avx2 && gemm::detail::fused_supported_avx2(w, m)) {
+    const bool avx512 = gemm::detail::avx512_allowed();
     const int64_t tile = std::max<int64_t>(1, kFusedTileFloats / (w.block * m));
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
       const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
       for (int64_t i = 0; i < m; ++i) std::fill(dx + i * w.k + t0 * w.block, dx + i * w.k + t0 * w.block + width, 0.f);
-      gemm::detail::accumulate_fused_avx2(w, dyt, m, dx, t0, t1);
+      if (!(avx512 && gemm::detail::accumulate_fused_avx512(w, dyt, m, dx, t0, t1)))
+        gemm::detail::accumulate_fused_avx2(w, dyt, m, dx, t0, t1);
     }
     return;
   }
@@ -158,6 +165,8 @@ void run(const BackwardWeight& w, const TensorView& dy, const TensorView& dx, vo
 }
 
 }  // namespace
+
+bool set_backward_input_avx512(bool allowed) { return avx512_switch.exchange(allowed); }
 
 bool gguf_backward_input_supported(DType t) {
   return t != DType::F32 && t != DType::F16 && t != DType::BF16 && dequantize_supported(t);
@@ -232,6 +241,20 @@ namespace flashlm::gemm::detail {
 void backward_input_cuda(const BackwardWeight&, const void*, void*, DType, int64_t, int, void*) {
   throw NotImplementedError("backward_input: flashlm was built without CUDA");
 }
+}  // namespace flashlm::gemm::detail
+#endif
+namespace flashlm::gemm::detail {
+bool avx512_allowed() {
+#ifdef FLASHLM_HAVE_AVX512_BACKWARD_INPUT
+  return cpu_features().avx512f && avx512_switch.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+}  // namespace flashlm::gemm::detail
+#ifndef FLASHLM_HAVE_AVX512_BACKWARD_INPUT
+namespace flashlm::gemm::detail {
+bool accumulate_fused_avx512(const BackwardWeight&, const float*, int64_t, float*, int64_t, int64_t) { return false; }
 }  // namespace flashlm::gemm::detail
 #endif
 #ifndef FLASHLM_HAVE_AVX2_KERNELS

@@ -6,7 +6,7 @@
 // element); each thread decodes a few weight rows' blocks into a small float buffer at a time (the AVX2
 // decoders of dequantize where the ISA is AVX2) and adds dy[m, n] times them into its columns of dx, in
 // float32; for M <= 2 and Q4_0, Q8_0, Q4_K, Q6_K, int8 and int4, AVX2 multiplies straight from the quants
-// with dy folded into the block scales (no buffer). CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight rows,
+// with dy folded into the block scales (no buffer), 16 columns a vector where the CPU has AVX-512F. CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight rows,
 // decoding its 8 elements of each in registers.
 #pragma once
 
@@ -36,5 +36,9 @@ FLASHLM_API void int8_linear_backward_input(const TensorView& dy, const TensorVi
 FLASHLM_API void int4_linear_backward_input(const TensorView& dy, const TensorView& w, const TensorView& scales,
                                             const TensorView& zeros, int64_t group_size, const TensorView& dx,
                                             void* stream = nullptr);
+
+// Whether the AVX2 ISA may use the AVX-512 build of the few-rows kernels where the CPU has AVX-512F (on by
+// default; both give the same bits, so this is for tests and benchmarks). Returns the previous setting.
+FLASHLM_API bool set_backward_input_avx512(bool allowed);
 
 }  // namespace flashlm
