@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashlm.io.gguf_vocab import tokenizer_from_json
 from flashlm.train.config import TrainConfig
 from flashlm.train.student import STUDENT_SIZES, check_same_vocabulary, init_from_teacher, student_config
 from flashlm.train.trainer import Trainer, rng_state
@@ -298,7 +299,7 @@ class Distiller(Trainer):
             val = f.val_tokens
         else:
             tok = self.teacher.tokenizer
-            self.teacher_cfg, self.tokenizer_json = self.teacher.config.to_dict(), tok.backend.to_str()
+            self.teacher_cfg, self.tokenizer_json = self.teacher.config.to_dict(), tok.to_str()
             self.eos_id = tok.eos_token_id
             data = self.prepare_tokens()
             self.train_batches = PackedBatches(data.train, self.cfg.seq_len, self.cfg.batch_size, seed=self.cfg.seed,
@@ -330,21 +331,12 @@ class Distiller(Trainer):
                              f"{self.teacher_cfg['vocab_size']}")
         if self.eos_id is not None and not (isinstance(self.eos_id, int) and 0 <= self.eos_id < f.vocab):
             raise ValueError(f"teacher_logits: {f.path}: eos_token_id {self.eos_id!r} outside the vocabulary")
-        backend = self._backend(self.tokenizer_json)
-        if backend.get_vocab_size(with_added_tokens=True) > f.vocab:
+        saved_tok = tokenizer_from_json(self.tokenizer_json)
+        if saved_tok.vocab_size > f.vocab:
             raise ValueError(f"teacher_logits: {f.path}: its tokenizer has more tokens than the vocab {f.vocab}")
         if self.teacher is not None:
-            check_same_vocabulary(self.teacher.tokenizer.backend, backend, "teacher_logits")
+            check_same_vocabulary(self.teacher.tokenizer, saved_tok, "teacher_logits")
         return f
-
-    @staticmethod
-    def _backend(tokenizer_json: str):
-        from tokenizers import Tokenizer
-
-        try:
-            return Tokenizer.from_str(tokenizer_json)
-        except Exception as e:  # the library raises a bare Exception on malformed JSON
-            raise ValueError(f"tokenizer: unreadable ({e})") from e
 
     def prepare_tokens(self):
         """The corpus tokenized with the teacher's tokenizer (rank 0 first; the others open its cache)."""
@@ -367,7 +359,7 @@ class Distiller(Trainer):
             if not is_float_model(loaded.model):
                 raise ValueError(f"student: {dc.student} is quantized; the student trains in float")
             if loaded.tokenizer is not None:
-                check_same_vocabulary(self._backend(self.tokenizer_json), loaded.tokenizer.backend)
+                check_same_vocabulary(tokenizer_from_json(self.tokenizer_json), loaded.tokenizer)
             student = loaded.model
             self.student_source = loaded.source
         else:
@@ -423,7 +415,7 @@ def save_teacher_logits(dc: DistillConfig, out_path: str, progress: bool = True)
     teacher = load_teacher(dc.teacher)
     if dc.seq_len > teacher.config.seq_len:
         raise ValueError(f"seq_len: {dc.seq_len} is longer than the teacher's context {teacher.config.seq_len}")
-    tokenizer_json = teacher.tokenizer.backend.to_str()
+    tokenizer_json = teacher.tokenizer.to_str()
     data = tokenize_corpus(dc.train_config(), tokenizer_json, teacher.tokenizer.eos_token,
                            Path(out_path).resolve().parent / "teacher-tokenizer.json")
     model = teacher.model

@@ -19,17 +19,35 @@ STUDENT_SIZES = {"student_layers": "n_layer", "student_dim": "d_model", "student
                  "student_kv_heads": "n_kv_head", "student_ff": "d_ff"}
 
 
+def _pieces(tok) -> list:
+    """(token, score) by id: a t5 (Unigram) GGUF vocabulary's pieces and scores from its saved form, whose scores
+    decide the segmentation; score None for a tokenizer.json's tokens (tokenizers.Tokenizer, or a flashlm one)."""
+    from flashlm.io.gguf_vocab_json import vocab_from_json
+    from flashlm.io.tokenizer import Tokenizer
+
+    if isinstance(tok, Tokenizer):
+        meta = vocab_from_json(tok.to_str())
+        if meta is not None:
+            tokens, scores = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.scores") or []
+            return [(t, scores[i] if i < len(scores) else None) for i, t in enumerate(tokens)]
+        tok = tok.backend
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    return [(by_id.get(i), None) for i in range(max(by_id, default=-1) + 1)]
+
+
 def check_same_vocabulary(teacher_tok, student_tok, where: str = "student") -> None:
-    """ValueError naming both sizes, or the first token that differs, unless the tokenizers' vocabularies
-    (tokenizers.Tokenizer, with added tokens) are the same."""
-    a = teacher_tok.get_vocab(with_added_tokens=True)
-    b = student_tok.get_vocab(with_added_tokens=True)
+    """ValueError naming both sizes, or the first token that differs, unless the tokenizers' vocabularies (each
+    a tokenizers.Tokenizer, with added tokens, or a flashlm Tokenizer) are the same: the same token at every id,
+    and for a t5 vocabulary the same score too."""
+    a, b = _pieces(teacher_tok), _pieces(student_tok)
     if len(a) != len(b):
         raise ValueError(f"{where}: its vocabulary has {len(b)} tokens, the teacher's {len(a)}")
     if a != b:
-        by_id_a, by_id_b = {i: t for t, i in a.items()}, {i: t for t, i in b.items()}
-        first = min(i for i in set(by_id_a) | set(by_id_b) if by_id_a.get(i) != by_id_b.get(i))
-        raise ValueError(f"{where}: token {first} is {by_id_b.get(first)!r}, the teacher's is {by_id_a.get(first)!r}")
+        first = next(i for i in range(len(a)) if a[i] != b[i])
+        if a[first][0] != b[first][0]:
+            raise ValueError(f"{where}: token {first} is {b[first][0]!r}, the teacher's is {a[first][0]!r}")
+        raise ValueError(f"{where}: token {first} ({a[first][0]!r}) has score {b[first][1]!r}, "
+                         f"the teacher's {a[first][1]!r}")
 
 
 def student_config(dc, teacher_cfg: dict):

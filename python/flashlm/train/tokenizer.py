@@ -35,15 +35,16 @@ def train_tokenizer(docs, vocab_size=8192, special_tokens=(EOS_TOKEN,), min_freq
 
 
 def load_tokenizer(path):
-    """Load a tokenizer.json (one written by train_tokenizer, or a model's)."""
-    from tokenizers import Tokenizer
+    """Load a tokenizers.Tokenizer from a saved tokenizer: a tokenizer.json (one written by train_tokenizer, or a
+    model's) or any text a flashlm Tokenizer's to_str() wrote (a t5 GGUF vocabulary's is flashlm's own form)."""
+    from flashlm.io.gguf_vocab import tokenizer_from_json
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tokenizer: no file at {str(path)!r}")
     try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises a bare Exception on malformed JSON
+        return tokenizer_from_json(path.read_text(encoding="utf-8")).backend
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"tokenizer: cannot load {str(path)!r}: {e}") from e
 
 
