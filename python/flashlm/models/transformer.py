@@ -404,6 +404,11 @@ def takes_weight_decay(name: str, p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not name.endswith("weight_step")
 
 
+def cap_logits(logits: torch.Tensor, cap) -> torch.Tensor:
+    """cap * tanh(logits / cap) (gemma2's final soft-cap); the logits themselves when cap is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str = "flashlm"):
         super().__init__()
@@ -546,12 +551,12 @@ class Transformer(nn.Module):
         """The next-token logits [..., vocab] of final-normed rows x [..., d]: the lm head, or the tied
         embedding table; soft-capped where the config says so (gemma2)."""
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
-        return self.soft_cap(logits)
+        # Through the module function, not self.soft_cap: a pipeline stage runs this method as its own.
+        return cap_logits(logits, self.cfg.final_softcap)
 
     def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
         """cap * tanh(logits / cap) with the config's final cap (gemma2); the logits themselves without one."""
-        cap = self.cfg.final_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return cap_logits(logits, self.cfg.final_softcap)
 
     @torch.no_grad()
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch, kv_caches) -> torch.Tensor:
