@@ -169,27 +169,48 @@ def test_linear_inputs_collected_once_per_tensor():
         assert_equal(seen[0][1], block.attn_norm(xs).reshape(-1, 128), name="attn.q input")
 
 
+@pytest.mark.parametrize("calib_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_gptq_model_is_sequential_and_beats_rtn(arch):
+def test_gptq_model_is_sequential_and_beats_rtn(arch, calib_dtype):
     model = small_model(arch)
     calib, held_out = tokens(16, seed=1), tokens(4, seed=2)
-    q = gptq_quantize(copy.deepcopy(model), calib, group_size=32)
+    q = gptq_quantize(copy.deepcopy(model), calib, group_size=32, calib_dtype=calib_dtype)
     n_linears = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())
     assert sum(isinstance(m, Int4Linear) for m in q.blocks.modules()) == n_linears
     assert not any(isinstance(m, nn.Linear) for m in q.blocks.modules())
-    # Block 1's Hessians come from block 0 already quantized: rebuild its first linear from those inputs.
+    # Block 1's Hessians come from block 0 already quantized: rebuild its first linear from those inputs. In
+    # bfloat16 block 0 runs as a bfloat16 copy whose linears hold the dequantized int4 weights.
+    block0, block1 = q.blocks[0], copy.deepcopy(model.blocks[1]).to(calib_dtype)
+    if calib_dtype != torch.float32:
+        block0 = copy.deepcopy(model.blocks[0]).to(calib_dtype)
+        for name, m in q.blocks[0].named_modules():
+            if isinstance(m, Int4Linear):
+                w = dequantize_int4(m.weight, m.scales, m.zeros, 32)
+                block0.get_submodule(name).weight.data = w.to(calib_dtype)
     xs, ropes = first_block_inputs(model, calib)
+    xs = xs.to(calib_dtype)
     with torch.no_grad():
-        ys = torch.cat([q.blocks[0](xs[r:r + ROWS_PER_CALL], ropes[0]) for r in range(0, 16, ROWS_PER_CALL)])
+        ys = torch.cat([block0(xs[r:r + ROWS_PER_CALL], ropes[0]) for r in range(0, 16, ROWS_PER_CALL)])
         h = HessianAccumulator(128)
         for r in range(0, 16, ROWS_PER_CALL):
-            x = model.blocks[1].attn_norm(ys[r:r + ROWS_PER_CALL])
+            x = block1.attn_norm(ys[r:r + ROWS_PER_CALL])
             h.add(x.reshape(-1, 128))
     want = gptq_linear(model.blocks[1].attn.q, h.h, 32)
     assert_equal(q.blocks[1].attn.q.weight, want.weight, name="blocks.1.attn.q codes")
     rtn = logits_error(quantized_with_rtn(model, 32), model, held_out)
     gptq = logits_error(q, model, held_out)
     assert gptq < rtn, f"GPTQ {gptq:.4g}, RTN {rtn:.4g}"
+
+
+def test_bfloat16_hessian_is_the_float32_one_to_its_rounding():
+    """bfloat16 rows: each call's product rounded to bfloat16 once (relative 2^-9), summed in float32."""
+    x = correlated_inputs(512, 64, seed=5).to(torch.bfloat16)
+    acc = HessianAccumulator(64)
+    for part in (x[:200], x[200:]):
+        acc.add(part)
+    want = 2.0 * x.double().T @ x.double() / x.shape[0]
+    assert acc.h.dtype == torch.float32
+    assert_close(acc.h, want, rtol=2 * 2.0**-8, rtol_of_max=2.0**-8, name="H")
 
 
 def outlier_inputs(rows: int, k: int, seed: int) -> torch.Tensor:
