@@ -34,13 +34,15 @@ STAGES = {"forward (hooked + quantized)": "run_block", "Hessian products": "Hess
           "embedding pass": "first_block_inputs"}
 
 
-def timed(seconds: dict, key: str, fn):
+def timed(seconds: dict, cpu: dict, key: str, fn):
+    """fn, adding its wall seconds to seconds[key] and the process's CPU seconds (all threads) to cpu[key]."""
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             seconds[key] += time.perf_counter() - start
+            cpu[key] += time.process_time() - start_cpu
     return wrapper
 
 
@@ -49,8 +51,9 @@ def quality(args):
     ids = loaded.tokenizer.encode(open(args.text, encoding="utf-8").read())
     split = int(len(ids) * 0.95)
     seq = min(args.calib_seq, loaded.config.seq_len)
-    n = min(args.calib_rows, split // seq)
+    n = min(args.calib_rows, split // seq // 2)
     calib = torch.tensor(ids[:n * seq]).reshape(n, seq)
+    other = torch.tensor(ids[n * seq:2 * n * seq]).reshape(n, seq)  # the noise: another sample of the text
     ctx = loaded.config.seq_len + 1
     held = ids[split:]
     windows = torch.tensor(held[:len(held) // ctx * ctx]).reshape(-1, ctx)
@@ -60,20 +63,22 @@ def quality(args):
     print(f"| calibration forward | PPL | vs float | KL to float (nats/token) | seconds |\n|---|---|---|---|---|\n"
           f"| (float model) | {base:.3f} | | | |")
     codes = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for label, dtype, rows in (("float32", torch.float32, calib), ("bfloat16", torch.bfloat16, calib),
+                               ("float32, the next rows of the text", torch.float32, other)):
         model = copy.deepcopy(loaded.model)
         start = time.perf_counter()
-        gptq.gptq_quantize(model, calib, args.group_size, calib_dtype=dtype)
+        gptq.gptq_quantize(model, rows, args.group_size, calib_dtype=dtype)
         seconds = time.perf_counter() - start
         ppl, kl, _ = evaluate(model, windows, reference)
-        codes[dtype] = [m.weight for m in model.blocks.modules() if isinstance(m, Int4Linear)]
-        print(f"| {str(dtype)[6:]} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {kl:.5f} | {seconds:.1f} |")
-    same = total = 0
-    for a, b in zip(codes[torch.float32], codes[torch.bfloat16]):  # packed bytes: compare the nibbles
-        for shift in (0, 4):
-            same += int(((a >> shift) & 15).eq((b >> shift) & 15).sum())
-            total += a.numel()
-    print(f"int4 codes alike in both: {100 * same / total:.2f}% of {total}")
+        codes[label] = [m.weight for m in model.blocks.modules() if isinstance(m, Int4Linear)]
+        print(f"| {label} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {kl:.5f} | {seconds:.1f} |", flush=True)
+    for label in ("bfloat16", "float32, the next rows of the text"):
+        same = total = 0
+        for a, b in zip(codes["float32"], codes[label]):  # packed bytes: compare the nibbles
+            for shift in (0, 4):
+                same += int(((a >> shift) & 15).eq((b >> shift) & 15).sum())
+                total += a.numel()
+        print(f"int4 codes alike, float32 and {label}: {100 * same / total:.2f}% of {total}")
 
 
 def main():
@@ -97,14 +102,14 @@ def main():
           f"calibration {args.calib_rows} x {args.calib_seq} tokens in {args.calib_dtype}; g{args.group_size}; "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    seconds = defaultdict(float)
+    seconds, cpu = defaultdict(float), defaultdict(float)
     originals = {"run_block": gptq.run_block, "first_block_inputs": gptq.first_block_inputs,
                  "_inverse_cholesky": gptq._inverse_cholesky, "gptq_quantize_weight": gptq.gptq_quantize_weight}
     add = gptq.HessianAccumulator.add
     for name, fn in originals.items():
-        setattr(gptq, name, timed(seconds, name, fn))
-    gptq.HessianAccumulator.add = timed(seconds, "HessianAccumulator.add", add)
-    start = time.perf_counter()
+        setattr(gptq, name, timed(seconds, cpu, name, fn))
+    gptq.HessianAccumulator.add = timed(seconds, cpu, "HessianAccumulator.add", add)
+    start, start_cpu = time.perf_counter(), time.process_time()
     try:
         gptq.gptq_quantize(model, calib, args.group_size, calib_dtype=getattr(torch, args.calib_dtype),
                            progress=lambda i, n: print(f"  block {i}/{n}: {time.perf_counter() - start:.1f} s, "
@@ -113,15 +118,17 @@ def main():
         for name, fn in originals.items():
             setattr(gptq, name, fn)
         gptq.HessianAccumulator.add = add
-    total = time.perf_counter() - start
-    seconds["run_block"] -= seconds["HessianAccumulator.add"]  # the hooks' products run inside the forward
+    seconds["total"], cpu["total"] = time.perf_counter() - start, time.process_time() - start_cpu
+    for d in (seconds, cpu):
+        d["run_block"] -= d["HessianAccumulator.add"]  # the hooks' products run inside the forward
+        d["other"] = d["total"] - sum(d[k] for k in STAGES.values())
+    # CPU seconds: what the process computed, all threads together; on a loaded host the wall time is longer
+    # by the share of the cores other work took.
     n = cfg.n_layer
-    print(f"\n| stage | seconds per block (mean of {n}) | seconds, all blocks |\n|---|---|---|")
-    for label, key in STAGES.items():
-        print(f"| {label} | {seconds[key] / n:.2f} | {seconds[key]:.1f} |")
-    rest = total - sum(seconds[k] for k in STAGES.values())
-    print(f"| other (copies, packing) | {rest / n:.2f} | {rest:.1f} |")
-    print(f"| **total** | **{total / n:.2f}** | **{total:.1f}** |")
+    print(f"\n| stage | wall s per block | CPU s per block | wall s, {n} blocks | CPU s, {n} blocks |\n"
+          "|---|---|---|---|---|")
+    for label, key in list(STAGES.items()) + [("other (block copies, packing)", "other"), ("total", "total")]:
+        print(f"| {label} | {seconds[key] / n:.2f} | {cpu[key] / n:.2f} | {seconds[key]:.1f} | {cpu[key]:.1f} |")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -101,9 +101,9 @@ def check_block_linears(model, group_size: int) -> None:
 
 
 @contextmanager
-def linear_input_hooks(block: nn.Module, collect: Callable[[str, torch.Tensor], None], as_float: bool = True):
-    """While open, block's nn.Linear calls hand (a dotted name, the input as float32 [tokens, in_features], or in
-    its own dtype when not as_float) to collect, once per input: linears called one after another on the same tensor (q, k and v; gate and up)
+def linear_input_hooks(block: nn.Module, collect: Callable[[str, torch.Tensor], None]):
+    """While open, block's nn.Linear calls hand (a dotted name, the input as float32 [tokens, in_features]) to
+    collect, once per input: linears called one after another on the same tensor (q, k and v; gate and up)
     share it, and collect sees it under the first one's name. Yields {linear name: the name its input is
     collected under}, filled as the linears run."""
     shared, last = {}, [None, None]  # last: the input tensor seen last and the name it was collected under
@@ -113,8 +113,7 @@ def linear_input_hooks(block: nn.Module, collect: Callable[[str, torch.Tensor], 
             x = args[0]
             if x is not last[0]:
                 last[0], last[1] = x, name
-                rows = x.detach().reshape(-1, x.shape[-1])
-                collect(name, rows.float() if as_float else rows)
+                collect(name, x.detach().reshape(-1, x.shape[-1]).float())
             shared[name] = last[1]
         return pre
 

@@ -19,11 +19,11 @@ the inverse of the Hessian H = 2 X^T X / T:
 
 gptq_quantize runs a model block by block: each block's Hessians come from the outputs of the blocks before it
 already quantized (as GPTQ does), then its linears become Int4Linear and it is run again to feed the next.
-Those forward passes and the Hessians' products are most of the work at a real model's size, so by default
-they run in bfloat16 (on AMX, ~3x float32's matmul speed on this project's CPU host; GPTQ's own code runs
-them in float16 on GPUs): a bfloat16 copy of the block is run, its linears taking the dequantized int4 weights
-once rounded, and each Hessian is a float32 sum of bfloat16 products. The rounding itself runs in float32 on
-the model's weights. calib_dtype=torch.float32 runs the float32 block and its Int4Linears instead.
+Those forward passes are much of the work at a real model's size, so by default they run in bfloat16 (on AMX,
+~2.5x float32's speed for a TinyLlama block on this project's CPU host; GPTQ's own code runs them in float16
+on GPUs): a bfloat16 copy of the block is run, its linears taking the dequantized int4 weights once rounded.
+Each Hessian is the float32 product of those bfloat16 activations, and the rounding runs in float32 on the
+model's weights. calib_dtype=torch.float32 runs the float32 block and its Int4Linears instead.
 """
 
 import copy
@@ -51,20 +51,16 @@ class HessianAccumulator:
         self.in_features, self.h, self.rows = in_features, None, 0
 
     def add(self, x: torch.Tensor) -> None:
-        """x [tokens, in_features] (float32, float64 or bfloat16), on the device H is to live on."""
+        """x [tokens, in_features], on the device H is to live on; its product is taken in float32 whatever
+        its dtype (a bfloat16 product, rounded to bfloat16 per call, left the damped Hessian of a small model's
+        attention output indefinite)."""
         if self.h is None:
             self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         t = x.shape[0]
         self.h *= self.rows / (self.rows + t)
         self.rows += t
-        if x.dtype in (torch.float32, torch.float64):
-            x = x.float() * (2.0 / self.rows) ** 0.5
-            self.h.addmm_(x.T, x)
-        else:
-            # bfloat16 (or float16) rows: the product on the CPU's matrix units (AMX; 3x float32's speed, measured
-            # on a 4096 x 5632 block), summed in float32 inside and rounded to x's dtype once per call (relative
-            # 2^-9 for bfloat16, below the rows' own sampling noise), then added to the float32 running mean.
-            self.h.add_((x.T @ x).float(), alpha=2.0 / self.rows)
+        x = x.float() * (2.0 / self.rows) ** 0.5
+        self.h.addmm_(x.T, x)
 
 
 def _check_damp(damp) -> None:
@@ -219,9 +215,12 @@ def gptq_linear(linear: nn.Linear, hessian, group_size: int = 128, symmetric: bo
 
 
 def _calib_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The block the calibration inputs run through: the block itself in float32, else a copy in dtype whose
-    linears take the int4 weights (dequantized) once rounded."""
-    return block if dtype == torch.float32 else copy.deepcopy(block).to(dtype)
+    """The block the calibration inputs run through: the block itself (its linears then become Int4Linears)
+    when its weights are in dtype already, else a copy in dtype whose linears take the int4 weights
+    (dequantized) once rounded."""
+    if all(p.dtype == dtype for p in block.parameters()):
+        return block
+    return copy.deepcopy(block).to(dtype)
 
 
 @torch.no_grad()
@@ -244,7 +243,7 @@ def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symm
         work = _calib_copy(block, calib_dtype)
         linears = block_linears(work)
         hessians = {name: HessianAccumulator(m.in_features) for name, m in linears}
-        with linear_input_hooks(work, lambda name, x: hessians[name].add(x), as_float=False) as shared:
+        with linear_input_hooks(work, lambda name, x: hessians[name].add(x)) as shared:
             run_block(work, xs, ropes[i])
         prepared = {}
         for name, linear in block_linears(block):
