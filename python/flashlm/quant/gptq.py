@@ -19,8 +19,14 @@ the inverse of the Hessian H = 2 X^T X / T:
 
 gptq_quantize runs a model block by block: each block's Hessians come from the outputs of the blocks before it
 already quantized (as GPTQ does), then its linears become Int4Linear and it is run again to feed the next.
+Those forward passes are much of the work at a real model's size, so by default they run in bfloat16 (on AMX,
+~2.5x float32's speed for a TinyLlama block on this project's CPU host; GPTQ's own code runs them in float16
+on GPUs): a bfloat16 copy of the block is run, its linears taking the dequantized int4 weights once rounded.
+Each Hessian is the float32 product of those bfloat16 activations, and the rounding runs in float32 on the
+model's weights. calib_dtype=torch.float32 runs the float32 block and its Int4Linears instead.
 """
 
+import copy
 from contextlib import contextmanager
 from typing import Optional
 
@@ -30,10 +36,12 @@ from torch import nn
 from flashlm.quant.calib_inputs import (block_linears, check_block_linears, check_calib_tokens, first_block_inputs,
                                         linear_input_hooks, run_block)
 from flashlm.quant.linear import Int4Linear
-from flashlm.quant.rtn import check_group_size, int4_codes, int4_group_params, pack_int4
+from flashlm.quant.rtn import check_group_size, dequantize_int4, int4_codes, int4_group_params, pack_int4
 
 BLOCK_SIZE = 128
+SUB_BLOCK = 16  # divides every group size (rtn.GROUP_SIZES)
 DEFAULT_DAMP = 0.01
+CALIB_DTYPES = (torch.bfloat16, torch.float32)
 
 
 class HessianAccumulator:
@@ -43,7 +51,9 @@ class HessianAccumulator:
         self.in_features, self.h, self.rows = in_features, None, 0
 
     def add(self, x: torch.Tensor) -> None:
-        """x [tokens, in_features], on the device H is to live on."""
+        """x [tokens, in_features], on the device H is to live on; its product is taken in float32 whatever
+        its dtype (a bfloat16 product, rounded to bfloat16 per call, left the damped Hessian of a small model's
+        attention output indefinite)."""
         if self.h is None:
             self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         t = x.shape[0]
@@ -53,19 +63,25 @@ class HessianAccumulator:
         self.h.addmm_(x.T, x)
 
 
-def _check_options(group_size: int, k: int, damp: float, block_size: int) -> None:
-    check_group_size(group_size, k)
+def _check_damp(damp) -> None:
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 < damp < 1e6:
         raise ValueError(f"damp: must be a positive number, got {damp!r}")
+
+
+def _check_options(group_size: int, k: int, damp: float, block_size: int) -> None:
+    check_group_size(group_size, k)
+    _check_damp(damp)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0 or block_size % group_size:
         raise ValueError(f"block_size: must be a positive multiple of group_size {group_size}, got {block_size!r}")
 
 
 @contextmanager
 def _one_thread(device: torch.device):
-    """One CPU thread for the column loop: its ops are a few thousand elements each, and on a machine with other
-    work the thread pool's hand-offs cost several times the work itself (measured 4.5x on a loaded 2-core host).
-    The block GEMMs outside keep every thread."""
+    """One CPU thread for GPTQ's rounding (the Cholesky factors, the column loop, the block updates): on a host
+    with other work, torch's thread pool waits on a descheduled thread at every step of a blocked factorisation
+    or of a loop of small ops. Measured on the shared 2-core host, load average ~27: a 2048 x 2048 damped
+    inverse's factors 16.3 s with 2 threads, 1.1 s with 1; one 5632 x 256 weight's column loop 2.29 s with 2,
+    0.51 s with 1 (load ~8). The forward passes and the Hessian products (large GEMMs) keep every thread."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -86,102 +102,165 @@ def _inverse_cholesky(h: torch.Tensor, where: str) -> torch.Tensor:
     return chol
 
 
+class PreparedHessian:
+    """What GPTQ needs of one Hessian for every weight that reads its input (q, k and v; gate and up): the dead
+    input columns, the act_order permutation and the upper Cholesky factor U of the damped inverse, computed
+    once."""
+
+    def __init__(self, hessian: torch.Tensor, damp: float = DEFAULT_DAMP, act_order: bool = False,
+                 where: str = "weight"):
+        if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1] or not hessian.is_floating_point():
+            raise ValueError(f"hessian: expected a float [K, K] tensor, got {hessian.dtype} {tuple(hessian.shape)}")
+        _check_damp(damp)
+        self.dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
+        H = hessian.detach().to(self.dtype).clone()
+        if not bool(torch.isfinite(H).all()):
+            raise ValueError(f"{where}: calibration inputs hold inf or NaN")
+        self.k, self.act_order = H.shape[0], act_order
+        self.dead = H.diagonal() == 0
+        H[self.dead, self.dead] = 1.0
+        self.perm = None
+        if act_order:
+            self.perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+            H = H[self.perm][:, self.perm]
+        H.diagonal().add_(damp * H.diagonal().mean())
+        with _one_thread(H.device):
+            self.U = _inverse_cholesky(H, where)
+
+
 @torch.no_grad()
-def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, symmetric: bool = True,
+def gptq_quantize_weight(w: torch.Tensor, hessian, group_size: int = 128, symmetric: bool = True,
                          damp: float = DEFAULT_DAMP, act_order: bool = False, block_size: int = BLOCK_SIZE,
                          where: str = "weight"):
-    """GPTQ of w [N, K] with the Hessian [K, K] of its inputs -> (codes uint8 [N, K] in 0..15, scales [N, K/group],
-    zeros [N, K/group]) with w ~ (codes - zeros) * scales group-wise; zeros are 8 when symmetric. Runs in float64
-    when hessian is float64, else float32; scales and zeros come back as float32."""
+    """GPTQ of w [N, K] with the Hessian [K, K] of its inputs (or a PreparedHessian of it, whose damp and
+    act_order then apply) -> (codes uint8 [N, K] in 0..15, scales [N, K/group], zeros [N, K/group]) with
+    w ~ (codes - zeros) * scales group-wise; zeros are 8 when symmetric. Runs in float64 when hessian is float64,
+    else float32; scales and zeros come back as float32."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"w: expected a float [N, K] tensor, got {w.dtype} {tuple(w.shape)}")
     n, k = w.shape
-    if hessian.shape != (k, k) or not hessian.is_floating_point():
+    if isinstance(hessian, torch.Tensor) and (hessian.shape != (k, k) or not hessian.is_floating_point()):
         raise ValueError(f"hessian: expected a float [{k}, {k}] tensor, got {hessian.dtype} {tuple(hessian.shape)}")
+    if not isinstance(hessian, torch.Tensor) and hessian.k != k:
+        raise ValueError(f"hessian: prepared for K = {hessian.k}, the weights have K = {k}")
     _check_options(group_size, k, damp, block_size)
-    dtype = torch.float64 if hessian.dtype == torch.float64 else torch.float32
-    W = w.detach().to(dtype).clone()
-    H = hessian.detach().to(W.device, dtype).clone()
-    if not bool(torch.isfinite(H).all()) or not bool(torch.isfinite(W).all()):
+    prepared = hessian if isinstance(hessian, PreparedHessian) else PreparedHessian(hessian, damp, act_order, where)
+    dtype, act_order, perm, U = prepared.dtype, prepared.act_order, prepared.perm, prepared.U
+    W = w.detach().to(U.device, dtype).clone()
+    if not bool(torch.isfinite(W).all()):
         raise ValueError(f"{where}: weights or calibration inputs hold inf or NaN")
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, prepared.dead] = 0.0
     groups = k // group_size
     scales = torch.zeros(n, groups, dtype=dtype, device=W.device)
     zeros = torch.zeros(n, groups, dtype=dtype, device=W.device)
-    perm = None
     if act_order:
         s, z = int4_group_params(W.reshape(n, groups, group_size), symmetric, 1.0)
         scales, zeros = s[..., 0], z[..., 0]
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
         group_of = (perm // group_size).tolist()
-    H.diagonal().add_(damp * H.diagonal().mean())
-    U = _inverse_cholesky(H, where)
     # Column-major from here (Wt [K, N]): each column rounded is one contiguous row, and the error feedback
     # within a block updates whole rows; strided column access of [N, K] cost most of the time.
-    Wt = W.T.contiguous()
-    codes = torch.zeros(k, n, dtype=dtype, device=W.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
-        errs = torch.zeros(i2 - i1, n, dtype=dtype, device=W.device)
-        with _one_thread(W.device):
-            for i in range(i2 - i1):
-                col = i1 + i
-                if act_order:
-                    g = group_of[col]
-                else:
-                    g = col // group_size
-                    if col % group_size == 0:  # the group's params from its error-corrected weights
-                        s, z = int4_group_params(W1[i:i + group_size].T, symmetric, 1.0)
-                        scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                s, z = scales[:, g], zeros[:, g]
-                u = int4_codes(W1[i], s, z)
-                codes[col] = u
-                err = (W1[i] - (u - z) * s) / U1[i, i]
-                W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
-                errs[i] = err
-        Wt[i2:] -= U[i1:i2, i2:].T @ errs
+    with _one_thread(W.device):
+        codes = _round_columns(W.T.contiguous(), U, scales, zeros, group_size, symmetric, block_size,
+                               group_of if act_order else None)
     codes = codes.T
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     return codes.to(torch.uint8), scales.float(), zeros.float()
 
 
-def gptq_linear(linear: nn.Linear, hessian: torch.Tensor, group_size: int = 128, symmetric: bool = True,
+def _round_columns(Wt, U, scales, zeros, group_size: int, symmetric: bool, block_size: int, group_of):
+    """GPTQ's loop over the columns of W, given transposed (Wt [K, N], updated in place): the codes [K, N], with
+    scales and zeros [N, K/group] filled as each group starts (or given, with group_of: act_order's static
+    groups, group_of[j] the group of the j-th column rounded)."""
+    k, n = Wt.shape
+    codes = torch.zeros(k, n, dtype=Wt.dtype, device=Wt.device)
+    group = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1, U1 = Wt[i1:i2], U[i1:i2, i1:i2]
+        errs = torch.zeros(i2 - i1, n, dtype=Wt.dtype, device=Wt.device)
+        # Within the block, columns in runs of SUB_BLOCK: the per-column feedback touches the run's rows only,
+        # the rest of the block takes the run's errors in one product. A run starts every group (SUB_BLOCK
+        # divides the group sizes), so a group's params see every earlier column's feedback.
+        for j1 in range(0, i2 - i1, SUB_BLOCK):
+            j2 = min(j1 + SUB_BLOCK, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                g = group_of[col] if group_of is not None else col // group_size
+                if group_of is None and col % group_size == 0:  # the params from the error-corrected weights
+                    s, z = int4_group_params(W1[i:i + group_size].T, symmetric, 1.0)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                if g != group:  # the group's params, contiguous, once per group (the loop's ops are small)
+                    group, s, z = g, scales[:, g].contiguous(), zeros[:, g].contiguous()
+                    safe = torch.where(s != 0, s, torch.ones_like(s))
+                u = codes[col]
+                torch.div(W1[i], safe, out=u).round_().add_(z).clamp_(0, 15)  # rtn.int4_codes, in place
+                err = errs[i]
+                torch.sub(W1[i], (u - z).mul_(s), out=err).div_(U1[i, i])
+                W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
+            W1[j2:] -= U1[j1:j2, j2:].T @ errs[j1:j2]
+        Wt[i2:] -= U[i1:i2, i2:].T @ errs
+    return codes
+
+
+def gptq_linear(linear: nn.Linear, hessian, group_size: int = 128, symmetric: bool = True,
                 damp: float = DEFAULT_DAMP, act_order: bool = False, where: str = "weight") -> Int4Linear:
-    """An Int4Linear of linear's weights rounded by GPTQ against the Hessian of its inputs."""
+    """An Int4Linear of linear's weights rounded by GPTQ against the Hessian of its inputs (or a PreparedHessian
+    of it)."""
     codes, scales, zeros = gptq_quantize_weight(linear.weight, hessian, group_size, symmetric, damp, act_order,
                                                 where=where)
     packed = pack_int4(codes, group_size)
     return Int4Linear.from_quantized(linear, packed, scales, None if symmetric else zeros, group_size)
 
 
+def _calib_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The block the calibration inputs run through: the block itself (its linears then become Int4Linears)
+    when its weights are in dtype already, else a copy in dtype whose linears take the int4 weights
+    (dequantized) once rounded."""
+    if all(p.dtype == dtype for p in block.parameters()):
+        return block
+    return copy.deepcopy(block).to(dtype)
+
+
 @torch.no_grad()
 def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symmetric: bool = True,
-                  damp: float = DEFAULT_DAMP, act_order: bool = False, progress: Optional[callable] = None):
+                  damp: float = DEFAULT_DAMP, act_order: bool = False, progress: Optional[callable] = None,
+                  calib_dtype: torch.dtype = torch.bfloat16):
     """Replaces every block linear of a flashlm Transformer by a GPTQ-rounded Int4Linear, in place, block by block
     over calib_tokens (int64 [rows, seq]); embeddings, norms and the lm head stay float. Returns the model.
-    progress(i, n_blocks), when given, is called after each block."""
+    calib_dtype: the blocks' calibration forward (bfloat16, the default, or float32); the Hessians are summed
+    in float32 and the rounding runs in float32 on the model's own weights either way. progress(i, n_blocks),
+    when given, is called after each block."""
     tokens = check_calib_tokens(calib_tokens, model)
     _check_options(group_size, group_size, damp, BLOCK_SIZE)
+    if calib_dtype not in CALIB_DTYPES:
+        raise ValueError(f"calib_dtype: must be one of {CALIB_DTYPES}, got {calib_dtype!r}")
     check_block_linears(model, group_size)
     xs, ropes = first_block_inputs(model, tokens)
+    xs = xs.to(calib_dtype)
     for i, block in enumerate(model.blocks):
-        linears = block_linears(block)
+        work = _calib_copy(block, calib_dtype)
+        linears = block_linears(work)
         hessians = {name: HessianAccumulator(m.in_features) for name, m in linears}
-        with linear_input_hooks(block, lambda name, x: hessians[name].add(x)) as shared:
-            run_block(block, xs, ropes[i])
-        for name, linear in linears:
+        with linear_input_hooks(work, lambda name, x: hessians[name].add(x)) as shared:
+            run_block(work, xs, ropes[i])
+        prepared = {}
+        for name, linear in block_linears(block):
             if name not in shared:  # a layer the block's forward never calls
                 raise ValueError(f"calib_tokens: blocks.{i}.{name} received no calibration input")
-            h = hessians[shared[name]].h
-            q = gptq_linear(linear, h, group_size, symmetric, damp, act_order, where=f"blocks.{i}.{name}")
+            where = f"blocks.{i}.{name}"
+            if shared[name] not in prepared:  # q, k and v (gate and up) share their input's Hessian
+                prepared[shared[name]] = PreparedHessian(hessians[shared[name]].h, damp, act_order, where)
+            q = gptq_linear(linear, prepared[shared[name]], group_size, symmetric, damp, act_order, where=where)
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, q)
-        xs = run_block(block, xs, ropes[i])  # the quantized block feeds the next
+            if work is not block:
+                w = dequantize_int4(q.weight, q.scales, q.zeros, group_size)
+                work.get_submodule(name).weight.copy_(w)
+        del hessians, prepared
+        if i + 1 < len(model.blocks):
+            xs = run_block(work, xs, ropes[i])  # the quantized block feeds the next
         if progress is not None:
             progress(i + 1, len(model.blocks))
     return model
