@@ -89,13 +89,15 @@ def arch_fields(arch, args):
     return {}
 
 
-def make_gguf(args, ggml_type, arch="llama"):
-    """(path, parameters) of the `arch` model's GGUF file of `ggml_type`, exported once into CACHE."""
+def make_gguf(folder, args, ggml_type, arch="llama"):
+    """(path, parameters) of the `arch` model's GGUF file of `ggml_type`, exported once into `folder` (None: CACHE,
+    kept between runs)."""
+    folder = CACHE if folder is None else folder
     shape = dict(vocab_size=args.vocab, n_layer=args.layers, n_head=args.heads, n_kv_head=args.kv_heads,
                  d_model=args.d_model, seq_len=args.prompt_tokens + args.gen_tokens + 8, tie_embeddings=False)
     cfg = ModelConfig(arch="mixtral" if arch == "mixtral-1b" else arch, **{**shape, **arch_fields(arch, args)})
     key = hashlib.sha256(json.dumps([cfg.to_dict(), ggml_type], sort_keys=True).encode()).hexdigest()[:12]
-    path = os.path.join(CACHE, f"{arch}-{ggml_type}-{key}.gguf")
+    path = os.path.join(folder, f"{arch}-{ggml_type}-{key}.gguf")
     if os.path.exists(path) and os.path.exists(path + ".json"):
         with open(path + ".json") as f:
             return path, json.load(f)["params"]
@@ -107,7 +109,7 @@ def make_gguf(args, ggml_type, arch="llama"):
         cfg = ModelConfig(**{**cfg.to_dict(), "vocab_size": tok.get_vocab_size()})
         torch.manual_seed(0)
         model = Transformer(cfg)
-    os.makedirs(CACHE, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     export_gguf(model, cfg, tok.to_str(), path + ".tmp", type=ggml_type)
     os.replace(path + ".tmp", path)  # (an interrupted export leaves no file that looks whole)
     with open(path + ".json", "w") as f:
@@ -324,7 +326,7 @@ def main():
     rows = []
     for arch, ggml_type in [(a, t) for a in args.arch for t in args.types]:
         name = f"{arch} {ggml_type}"
-        path, n_params = make_gguf(args, ggml_type, arch)
+        path, n_params = make_gguf(None, args, ggml_type, arch)
         llm, prompt, ours = flashlm_runs(path, args)
         theirs = llama_cpp_runs(path, prompt, args) if have_llama_cpp else None
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
