@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from compare_int4_calibrated import evaluate
+from compare_int4_calibrated import evaluate, held_out_windows
 from flashlm.io import load_model
 from flashlm.models import ModelConfig, Transformer
 from flashlm.quant import Int4Linear, gptq
@@ -54,9 +54,7 @@ def quality(args):
     n = min(args.calib_rows, split // seq // 2)
     calib = torch.tensor(ids[:n * seq]).reshape(n, seq)
     other = torch.tensor(ids[n * seq:2 * n * seq]).reshape(n, seq)  # the noise: another sample of the text
-    ctx = loaded.config.seq_len + 1
-    held = ids[split:]
-    windows = torch.tensor(held[:len(held) // ctx * ctx]).reshape(-1, ctx)
+    windows = held_out_windows(ids, split, loaded.config.seq_len + 1)
     print(f"model {args.model}: {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M params; calibration "
           f"{n} x {seq} tokens; held-out {windows.numel()} tokens; g{args.group_size}")
     base, _, reference = evaluate(loaded.model, windows)

@@ -41,6 +41,12 @@ def evaluate(model, windows: torch.Tensor, reference=None):
     return math.exp(total / count), None if reference is None else kl / count, logps
 
 
+def held_out_windows(ids: list, split: int, ctx: int) -> torch.Tensor:
+    """The tokens from `split` on as disjoint windows of `ctx` tokens (the tail that fills no window dropped)."""
+    held = ids[split:]
+    return torch.tensor(held[:len(held) // ctx * ctx]).reshape(-1, ctx)
+
+
 def quality(args):
     loaded = load_model(args.model)
     text = open(args.text, encoding="utf-8").read()
@@ -49,9 +55,7 @@ def quality(args):
     seq = min(args.calib_seq, loaded.config.seq_len)
     n = min(args.calib_rows, split // seq)
     calib = torch.tensor(ids[:n * seq]).reshape(n, seq)
-    ctx = loaded.config.seq_len + 1  # inputs and their next tokens
-    held = ids[split:]
-    windows = torch.tensor(held[:len(held) // ctx * ctx]).reshape(-1, ctx)
+    windows = held_out_windows(ids, split, loaded.config.seq_len + 1)  # inputs and their next tokens
     print(f"model {args.model}: {loaded.config.arch}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M "
           f"params; calibration {n} x {seq} tokens; held-out {windows.numel()} tokens in {windows.shape[0]} windows")
     print(f"| method | g{args.group_size} {'sym' if not args.asym else 'asym'} PPL | vs float | KL to float "
