@@ -542,9 +542,15 @@ class Transformer(nn.Module):
         local = rope_factors(self.rope_local_cos[positions], self.rope_local_sin[positions], dtype)
         return [local if self.cfg.local_layer(i) else rope for i in range(self.cfg.n_layer)]
 
+    @property
+    def embedding_scale(self) -> Optional[float]:
+        """Gemma's factor on the embedded rows, sqrt(d_model); None for the others (rows as looked up)."""
+        return self.cfg.d_model ** 0.5 if self.cfg.gemma else None
+
     def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.gemma:  # scaled by sqrt(d_model) rounded to the embedding's dtype, as Gemma does
-            x = x * torch.tensor(self.cfg.d_model ** 0.5, dtype=x.dtype)
+        scale = self.embedding_scale
+        if scale is not None:  # rounded to the embedding's dtype, as Gemma does
+            x = x * torch.tensor(scale, dtype=x.dtype)
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def build_native_decoder(model: Transformer) -> Optional[NativeDecoder]:
     native = NativeDecoder(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff, cfg.norm_eps, layers,
                            softmax_scale=None if attn is None else attn.scale,
                            attn_softcap=None if attn is None else attn.softcap,
-                           embedding_scale=cfg.d_model ** 0.5 if cfg.gemma else None, gelu=cfg.gemma)
+                           embedding_scale=model.embedding_scale, gelu=cfg.gemma)
     if has_ends:
         native.set_ends(*table, final, linear(model.lm_head) if model.lm_head is not None else None)
     return native
