@@ -409,6 +409,11 @@ def cap_logits(logits: torch.Tensor, cap) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
+def embedding_scale(cfg: ModelConfig) -> Optional[float]:
+    """Gemma's factor on the embedded rows, sqrt(d_model); None for the others (rows as looked up)."""
+    return cfg.d_model ** 0.5 if cfg.gemma else None
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, attn_impl: str = "flashlm"):
         super().__init__()
@@ -544,11 +549,11 @@ class Transformer(nn.Module):
 
     @property
     def embedding_scale(self) -> Optional[float]:
-        """Gemma's factor on the embedded rows, sqrt(d_model); None for the others (rows as looked up)."""
-        return self.cfg.d_model ** 0.5 if self.cfg.gemma else None
+        return embedding_scale(self.cfg)
 
     def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.embedding_scale
+        # Through the module function, not the property: a pipeline stage runs this method as its own.
+        scale = embedding_scale(self.cfg)
         if scale is not None:  # rounded to the embedding's dtype, as Gemma does
             x = x * torch.tensor(scale, dtype=x.dtype)
         return x
