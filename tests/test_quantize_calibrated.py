@@ -40,18 +40,24 @@ def float_checkpoint(tmp_path_factory):
     return root, path, calib
 
 
-@pytest.mark.parametrize("method,asym", [("gptq", False), ("awq", True)])
-def test_quantize_command_writes_what_the_method_computes(float_checkpoint, method, asym):
+@pytest.mark.parametrize("method,asym,calib_dtype", [("gptq", False, None), ("gptq", False, "f32"),
+                                                    ("awq", True, None)])
+def test_quantize_command_writes_what_the_method_computes(float_checkpoint, method, asym, calib_dtype):
     root, path, calib = float_checkpoint
     out = root / f"{method}.pt"
     argv = ["quantize", str(path), str(out), "--method", method, "--calib-data", str(calib), "--group-size", "32",
             "--calib-rows", "6", "--calib-seq", "32", "--quiet"] + (["--asym"] if asym else [])
+    argv += ["--calib-dtype", calib_dtype] if calib_dtype else []
     assert main(argv) == 0
     loaded = load_model(out)
     source = load_model(path)
     rows = calibration_rows(source.tokenizer.encode(TEXT), 6, 32)
     want = copy.deepcopy(source.model)
-    (gptq_quantize if method == "gptq" else awq_quantize)(want, rows, 32, symmetric=not asym)
+    if method == "gptq":  # --calib-dtype f32 is calib_dtype=torch.float32; bfloat16 is the default
+        dtype = torch.float32 if calib_dtype == "f32" else torch.bfloat16
+        gptq_quantize(want, rows, 32, symmetric=not asym, calib_dtype=dtype)
+    else:
+        awq_quantize(want, rows, 32, symmetric=not asym)
     got_state, want_state = loaded.model.state_dict(), want.state_dict()
     assert sorted(got_state) == sorted(want_state)
     for name, t in want_state.items():
@@ -73,6 +79,7 @@ def test_quantize_command_bad_input(float_checkpoint, capsys):
         (["--method", "gptq", "--calib-data", str(short)], "--calib-data: .* fewer than one row"),
         (["--method", "gptq", "--calib-data", str(root / "missing.txt")], "--calib-data: cannot read"),
         (["--method", "awq", "--calib-data", str(calib), "--act-order"], "--act-order: only --method gptq"),
+        (["--method", "awq", "--calib-data", str(calib), "--calib-dtype", "f32"], "--calib-dtype: only --method gptq"),
         (["--method", "gptq", "--calib-data", str(calib), "--type", "Q4_0"], "--type: not with --method"),
         (["--method", "gptq", "--calib-data", str(calib), "--calib-rows", "0"], "--calib-rows: must be a positive"),
         (["--method", "gptq", "--calib-data", str(calib), "--act-calib", "kl"], "--act-calib: not with --method gptq"),

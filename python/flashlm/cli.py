@@ -162,7 +162,8 @@ def _cmd_quantize_calibrated(args: argparse.Namespace) -> int:
         raise ValueError("--calib-data: --method needs calibration text")
     r = quantize_calibrated(args.input, args.output, args.method, args.calib_data, args.group_size,
                             symmetric=not args.asym, act_order=args.act_order, rows=args.calib_rows,
-                            seq=args.calib_seq, progress=not args.quiet, act_calib=args.act_calib, alpha=args.alpha)
+                            seq=args.calib_seq, progress=not args.quiet, act_calib=args.act_calib, alpha=args.alpha,
+                            calib_dtype=args.calib_dtype)
     if not args.quiet:
         if "group_size" in r:
             what = f"int4 g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
@@ -292,6 +293,8 @@ def add_calibrated_quantize_arguments(p: argparse.ArgumentParser) -> None:
                    "instead of symmetric groups")
     p.add_argument("--act-order", action="store_true", help="with --method gptq: round columns by decreasing "
                    "activation energy")
+    p.add_argument("--calib-dtype", choices=("bf16", "f32"), help="with --method gptq: the blocks' calibration "
+                   "forward in bfloat16 (default; the Hessians are summed in float32) or float32")
     p.add_argument("--act-calib", choices=("minmax", "percentile", "kl"), help="with --method w8a8|smoothquant: "
                    "one static activation scale per layer from this range (percentile: the 99.99th of |x|; kl: "
                    "TensorRT's entropy calibration); default: per-token scales at run time")

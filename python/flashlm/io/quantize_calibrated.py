@@ -19,6 +19,7 @@ INT4_METHODS = ("gptq", "awq")
 INT8_METHODS = ("w8a8", "smoothquant")
 METHODS = INT4_METHODS + INT8_METHODS
 CALIB_BATCH = 8  # rows a forward of the W8A8 calibration pass (its histograms' ranges grow batch by batch)
+CALIB_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}  # GPTQ's calibration forward (--calib-dtype)
 
 
 def read_calib_text(path: str) -> str:
@@ -44,14 +45,16 @@ def calibration_rows(ids: list, rows: int, seq: int) -> torch.Tensor:
 def quantize_calibrated(input_path: str, output_path: str, method: str, calib_data: str,
                         group_size: Optional[int] = None, symmetric: bool = True, act_order: bool = False,
                         rows: int = 128, seq: int = 512, progress: bool = True, act_calib: Optional[str] = None,
-                        alpha: Optional[float] = None) -> dict:
+                        alpha: Optional[float] = None, calib_dtype: Optional[str] = None) -> dict:
     """Quantizes input_path's block linears by `method` and writes output_path; returns what it did.
     group_size (default 128), symmetric and act_order are int4's; act_calib (None: per-token activation
-    scales; or one of flashlm.quant.ranges.ACT_CALIBRATIONS) W8A8's; alpha (default 0.5) SmoothQuant's."""
+    scales; or one of flashlm.quant.ranges.ACT_CALIBRATIONS) W8A8's; alpha (default 0.5) SmoothQuant's;
+    calib_dtype GPTQ's: its blocks' calibration forward in "bf16" (the default: several times faster on CPUs
+    with bf16 matmuls; the Hessians are still summed in float32) or "f32"."""
     from flashlm.io import load_model
     from flashlm.io.quantized_checkpoint import save_quantized_model
 
-    _check_options(method, rows, seq, group_size, symmetric, act_order, act_calib, alpha)
+    _check_options(method, rows, seq, group_size, symmetric, act_order, act_calib, alpha, calib_dtype)
     folder = os.path.dirname(os.path.abspath(output_path))
     if not os.path.isdir(folder):  # before minutes of calibration, not after
         raise ValueError(f"output: the folder {folder!r} does not exist")
@@ -69,7 +72,8 @@ def quantize_calibrated(input_path: str, output_path: str, method: str, calib_da
     done = {"rows": tokens.shape[0], "seq": tokens.shape[1]}
     if method in INT4_METHODS:
         done.update(group_size=group_size or 128, symmetric=symmetric)
-        _quantize_int4(loaded.model, tokens, method, done["group_size"], symmetric, act_order, report)
+        _quantize_int4(loaded.model, tokens, method, done["group_size"], symmetric, act_order,
+                       CALIB_DTYPES[calib_dtype or "bf16"], report)
     else:
         done.update(act_calib=act_calib, alpha=alpha)
         _quantize_w8a8(loaded.model, tokens, method == "smoothquant", act_calib, 0.5 if alpha is None else alpha,
@@ -79,7 +83,7 @@ def quantize_calibrated(input_path: str, output_path: str, method: str, calib_da
     return done
 
 
-def _check_options(method, rows, seq, group_size, symmetric, act_order, act_calib, alpha) -> None:
+def _check_options(method, rows, seq, group_size, symmetric, act_order, act_calib, alpha, calib_dtype=None) -> None:
     from flashlm.quant.ranges import ACT_CALIBRATIONS
 
     if method not in METHODS:
@@ -89,6 +93,10 @@ def _check_options(method, rows, seq, group_size, symmetric, act_order, act_cali
             raise ValueError(f"{flag}: must be a positive integer, got {value!r}")
     if act_order and method != "gptq":
         raise ValueError("--act-order: only --method gptq takes it")
+    if calib_dtype is not None and method != "gptq":
+        raise ValueError("--calib-dtype: only --method gptq takes it")
+    if calib_dtype is not None and calib_dtype not in CALIB_DTYPES:
+        raise ValueError(f"--calib-dtype: expected one of {', '.join(CALIB_DTYPES)}, got {calib_dtype!r}")
     int4_only = (("--group-size", group_size is not None), ("--asym", not symmetric))
     int8_only = (("--act-calib", act_calib is not None),)
     for flag, given in int4_only if method in INT8_METHODS else int8_only:
@@ -102,12 +110,13 @@ def _check_options(method, rows, seq, group_size, symmetric, act_order, act_cali
         raise ValueError(f"--act-calib: expected one of {', '.join(ACT_CALIBRATIONS)}, got {act_calib!r}")
 
 
-def _quantize_int4(model, tokens, method, group_size, symmetric, act_order, report) -> None:
+def _quantize_int4(model, tokens, method, group_size, symmetric, act_order, calib_dtype, report) -> None:
     from flashlm.quant.awq import awq_quantize
     from flashlm.quant.gptq import gptq_quantize
 
     if method == "gptq":
-        gptq_quantize(model, tokens, group_size, symmetric, act_order=act_order, progress=report)
+        gptq_quantize(model, tokens, group_size, symmetric, act_order=act_order, progress=report,
+                      calib_dtype=calib_dtype)
     else:
         awq_quantize(model, tokens, group_size, symmetric, progress=report)
 
