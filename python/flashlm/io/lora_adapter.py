@@ -36,6 +36,7 @@ from flashlm.models.lora import LoRALinear, freeze, lora_layers, positive_int
 GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
               "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
 GPT2_GGUF_NAMES = {"attn.o": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # and q|k|v: attn_qkv
+_INT_TYPES = ("I8", "I16", "I32", "I64")
 _GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
 
 
@@ -116,7 +117,7 @@ def _load_gguf(model: nn.Module, path: str) -> None:
                 what = " + ".join(modules)
                 _check_shape(a_name, a.shape, (r, linears[0].in_features), what)
                 _check_shape(b_name, b.shape, (sum(m.out_features for m in linears), r), what)
-                weights.append((modules, f.load(a_name), f.load(b_name), len(modules) > 1))
+                weights.append((modules, _load_weight(f, a_name), _load_weight(f, b_name), len(modules) > 1))
     except GGUFError as e:
         raise ValueError(f"lora: {path}: {e}") from e
     for modules, a, b, fused in weights:
@@ -185,6 +186,18 @@ def _gguf_pairs(model: nn.Module, targets: dict, names: list, path: str) -> dict
         if set(pair) != {"a", "b"}:
             raise ValueError(f"lora: {path}: blk.{block}.{gguf_name} has lora_{next(iter(pair))} without its pair")
     return {key: (pair["a"], pair["b"]) for key, pair in found.items()}
+
+
+def _load_weight(f: GGUFFile, name: str) -> torch.Tensor:
+    """Tensor `name` as float32, refused when its type is an integer one (llama.cpp multiplies by float or
+    quantized weights only) or a value is not finite (it would turn every output of the layer into NaN)."""
+    type_name = f.tensor(name).ggml_type
+    if type_name in _INT_TYPES:
+        raise ValueError(f"adapter: {name} is stored as {type_name}; a LoRA weight is float or quantized")
+    w = f.load(name)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"adapter: {name} holds values that are not finite")
+    return w
 
 
 def _check_shape(name: str, shape: tuple, want: tuple, module: str) -> None:

@@ -106,3 +106,5 @@ def check_tensor(value: torch.Tensor, shape: tuple, key: str) -> None:
         raise ValueError(f"adapter: {key} has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
     if not value.is_floating_point():
         raise ValueError(f"adapter: {key} must be floating point, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):  # one NaN would make every output of its layer NaN
+        raise ValueError(f"adapter: {key} holds values that are not finite")
