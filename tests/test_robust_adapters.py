@@ -121,7 +121,8 @@ def gguf_cases():
         Case(entry, "truncated in the tensor data", load_gguf(lambda: gguf_adapter()[:-100]), ("at byte", "lora")),
         Case(entry, "truncated in the header", load_gguf(lambda: gguf_adapter()[:40]), ("at byte", "lora")),
         Case(entry, "general.architecture qwen2 (an adapter for another base)",
-             load_gguf(lambda: gguf_adapter({"general.architecture": (gb.STRING, "qwen2")})), ("general.architecture",)),
+             load_gguf(lambda: gguf_adapter({"general.architecture": (gb.STRING, "qwen2")})),
+             ("general.architecture",)),
         Case(entry, "adapter.type prompt", load_gguf(lambda: gguf_adapter({"adapter.type": (gb.STRING, "prompt")})),
              ("adapter.type",)),
         Case(entry, "adapter.lora.alpha missing", load_gguf(lambda: gguf_adapter({"adapter.lora.alpha": None})),
@@ -261,7 +262,8 @@ def peft_cases():
             Case(entry, "lora_alpha Infinity", loader(lambda: peft_dir(config_text=json.dumps(
                 {**peft_config(), "lora_alpha": math.inf}))), ("alpha", "lora_alpha")),
             Case(entry, "lora_alpha 0", loader(lambda: peft_dir({"lora_alpha": 0})), ("alpha", "lora_alpha")),
-            Case(entry, "lora_dropout 1.5", loader(lambda: peft_dir({"lora_dropout": 1.5})), ("dropout", "lora_dropout")),
+            Case(entry, "lora_dropout 1.5", loader(lambda: peft_dir({"lora_dropout": 1.5})),
+                 ("dropout", "lora_dropout")),
             Case(entry, "use_rslora a string", loader(lambda: peft_dir({"use_rslora": "yes"})), ("use_rslora",)),
             Case(entry, "use_dora true", loader(lambda: peft_dir({"use_dora": True})), ("use_dora",)),
             Case(entry, "target_modules an unknown name", loader(lambda: peft_dir({"target_modules": ["qq_proj"]})),
@@ -287,8 +289,9 @@ def peft_cases():
             Case(entry, "adapter_model.safetensors whose header claims 2**62 bytes",
                  loader(lambda: peft_dir(weights_bytes=struct.pack("<Q", 1 << 62) + b"{}")),
                  ("adapter_model.safetensors",)),
-            Case(entry, "a tensor whose offsets run past the file", loader(lambda: peft_dir(weights_bytes=safetensors_header(
-                {A0: {"dtype": "F32", "shape": [R, rm.D], "data_offsets": [0, 1 << 40]}}))),
+            Case(entry, "a tensor whose offsets run past the file", loader(lambda: peft_dir(
+                weights_bytes=safetensors_header({A0: {"dtype": "F32", "shape": [R, rm.D],
+                                                       "data_offsets": [0, 1 << 40]}}))),
                  ("adapter_model.safetensors",)),
         ]
     return cases

@@ -171,7 +171,9 @@ def sft_cases():
     entry = "flashlm.train.sft_data.read_sft_jsonl"
     records = lambda n: lambda r: None if len(r) == n else f"read {len(r)} records, the file has {n}"  # noqa: E731
     line2 = ("line 2",)
-    with_msg = lambda **m: {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **m}]}  # noqa: E731
+    def with_msg(**m):
+        return {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", **m}]}
+
     cases = [
         value_case(entry, "a valid file (chat, pair, a blank line)", read_jsonl(lambda: jsonl(CHAT, "", PAIR)), (),
                    records(2)),
@@ -189,7 +191,8 @@ def sft_cases():
         Case(entry, "role robot", read_jsonl(lambda: jsonl(CHAT, with_msg(role="robot"))), ("messages[1].role",)),
         Case(entry, "role missing", read_jsonl(lambda: jsonl(CHAT, {"messages": [{"content": "a"}]})),
              ("messages[0].role",)),
-        Case(entry, "role a list", read_jsonl(lambda: jsonl(CHAT, with_msg(role=["assistant"]))), ("messages[1].role",)),
+        Case(entry, "role a list", read_jsonl(lambda: jsonl(CHAT, with_msg(role=["assistant"]))),
+             ("messages[1].role",)),
         Case(entry, "content a number", read_jsonl(lambda: jsonl(CHAT, with_msg(content=4))), ("messages[1].content",)),
         Case(entry, "content null", read_jsonl(lambda: jsonl(CHAT, with_msg(content=None))), ("messages[1].content",)),
         Case(entry, "no assistant message", read_jsonl(lambda: jsonl(CHAT, {"messages": [
@@ -201,8 +204,8 @@ def sft_cases():
              ("completion",)),
         Case(entry, "messages and prompt", read_jsonl(lambda: jsonl(CHAT, {**CHAT, **PAIR})), line2),
         Case(entry, "neither messages nor prompt", read_jsonl(lambda: jsonl(CHAT, {"text": "hi"})), line2),
-        Case(entry, "a line of 17 MiB", read_jsonl(lambda: jsonl(CHAT, {"prompt": "x" * (17 << 20), "completion": "y"})),
-             line2),
+        Case(entry, "a line of 17 MiB", read_jsonl(lambda: jsonl(CHAT, {"prompt": "x" * (17 << 20),
+                                                                      "completion": "y"})), line2),
         Case(entry, "a 17 MiB file without a newline", read_jsonl(lambda: "x" * (17 << 20)), ("line 1",)),
     ]
     return cases
