@@ -297,5 +297,90 @@ def peft_cases():
     return cases
 
 
-CASES = gguf_cases() + peft_cases()
+# -- prompt and prefix tuning folders ------------------------------------------------------------------------------
+
+P = 3  # virtual tokens
+PREFIX_WIDTH = rm.LAYERS * 2 * KV  # every layer's key and value per virtual token
+
+
+def prompt_dir(kind="PROMPT_TUNING", config=None, table=None) -> str:
+    """A valid prompt- (or prefix-) tuning folder as PEFT writes it, config keys replaced (None: removed) or the
+    table given."""
+    from safetensors.torch import save_file
+
+    prompt = kind == "PROMPT_TUNING"
+    cfg = {"peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": P, "num_transformer_submodules": 1,
+           "num_layers": rm.LAYERS, "token_dim": rm.D if prompt else KV,
+           "num_attention_heads": rm.HEADS if prompt else rm.KV_HEADS}
+    for key, value in (config or {}).items():
+        if value is None:
+            cfg.pop(key)
+        else:
+            cfg[key] = value
+    path = robust.scratch()
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        f.write(json.dumps(cfg))
+    if table is None:
+        table = torch.randn(cfg["num_virtual_tokens"] if isinstance(cfg.get("num_virtual_tokens"), int) else P,
+                            rm.D if prompt else PREFIX_WIDTH, generator=torch.Generator().manual_seed(6))
+    save_file({"prompt_embeddings": table}, os.path.join(path, "adapter_model.safetensors"))
+    return path
+
+
+def runtime_table(folder_fn):
+    def call():
+        from flashlm.io.lora_adapter import load_adapter
+
+        return load_adapter(model(), folder_fn())
+    return call
+
+
+def virtual_tokens(n):
+    def judge(outcome):
+        if isinstance(outcome, BaseException):
+            return f"raised {type(outcome).__name__} on a valid adapter: {robust.short(outcome)}"
+        rows = outcome[1].shape[0] if isinstance(outcome, tuple) else outcome.num_virtual_tokens
+        return None if rows == n else f"{rows} virtual tokens, the adapter has {n}"
+    return judge
+
+
+def prompt_cases():
+    cases = []
+    nan_table = torch.zeros(P, rm.D)
+    nan_table[0, 0] = math.nan
+    for entry, loader in (("flashlm.train.peft.load_peft (prompt tuning)", load_peft),
+                          ("flashlm.io.lora_adapter.load_adapter (prompt tuning)", runtime_table)):
+        cases += [
+            value_case(entry, "a valid prompt-tuning folder", loader(prompt_dir), (), virtual_tokens(P)),
+            value_case(entry, "a valid prefix-tuning folder", loader(lambda: prompt_dir("PREFIX_TUNING")), (),
+                       virtual_tokens(P)),
+            Case(entry, "num_virtual_tokens 0", loader(lambda: prompt_dir(config={"num_virtual_tokens": 0})),
+                 ("num_virtual_tokens",)),
+            Case(entry, "num_virtual_tokens a string", loader(lambda: prompt_dir(config={"num_virtual_tokens": "3"})),
+                 ("num_virtual_tokens",)),
+            Case(entry, "num_virtual_tokens 2**40 (the table 3 rows)", loader(lambda: prompt_dir(
+                config={"num_virtual_tokens": 1 << 40}, table=torch.zeros(P, rm.D))),
+                 ("num_virtual_tokens", "prompt_embeddings")),
+            Case(entry, "num_virtual_tokens the whole context", loader(lambda: prompt_dir(
+                config={"num_virtual_tokens": rm.CONTEXT})), ("num_virtual_tokens",)),
+            Case(entry, "token_dim of another model", loader(lambda: prompt_dir(config={"token_dim": 64})),
+                 ("token_dim", "prompt_embeddings")),
+            Case(entry, "num_layers of another model", loader(lambda: prompt_dir(config={"num_layers": 5})),
+                 ("num_layers",)),
+            Case(entry, "prefix tuning, num_attention_heads of another layout (4 K/V heads of 4)", loader(
+                lambda: prompt_dir("PREFIX_TUNING", config={"num_attention_heads": 4})), ("num_attention_heads",)),
+            Case(entry, "prefix_projection true", loader(lambda: prompt_dir(config={"prefix_projection": True})),
+                 ("prefix_projection",)),
+            Case(entry, "num_transformer_submodules 2", loader(lambda: prompt_dir(
+                config={"num_transformer_submodules": 2})), ("num_transformer_submodules",)),
+            Case(entry, "a table of another width", loader(lambda: prompt_dir(table=torch.zeros(P, 64))),
+                 ("prompt_embeddings",)),
+            Case(entry, "a NaN in the table", loader(lambda: prompt_dir(table=nan_table)), ("prompt_embeddings",)),
+            Case(entry, "an int64 table", loader(lambda: prompt_dir(table=torch.zeros(P, rm.D, dtype=torch.int64))),
+                 ("prompt_embeddings",)),
+        ]
+    return cases
+
+
+CASES = gguf_cases() + peft_cases() + prompt_cases()
 verdicts, test_hostile_case = robust.tests_of(CASES)

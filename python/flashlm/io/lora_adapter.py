@@ -29,8 +29,8 @@ from torch import nn
 from flashlm.io.gguf import GGUFError, GGUFFile
 from flashlm.io.gguf_model import rope_row_order
 from flashlm.io.hf_config import read_json
-from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, check_tensor, load_peft_lora, read_tensors
-from flashlm.models.lora import LoRALinear, freeze, lora_layers, positive_int
+from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, load_peft_lora, read_tensors, read_virtual_tokens
+from flashlm.models.lora import LoRALinear, freeze, lora_layers
 
 # flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
 GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
@@ -73,30 +73,9 @@ def load_adapter(model: nn.Module, path, virtual_tokens: bool = True) -> Optiona
         raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs {', '.join(kinds)} adapters")
     tensors = read_tensors(os.path.join(folder, WEIGHTS_FILE))
     if config["peft_type"] != "LORA":
-        return config["peft_type"], _virtual_token_table(model.cfg, config, tensors, where)
+        return config["peft_type"], read_virtual_tokens(model.cfg, config, tensors, where)
     freeze(load_peft_lora(model, config, tensors, where))
     return None
-
-
-def _virtual_token_table(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
-    """A PEFT prompt- or prefix-tuning adapter's prompt_embeddings [P, width], its config checked against the
-    model (prefix tuning: every layer's key then value per row, see flashlm.train.peft.prefix_tuning)."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
-    if config.get("prefix_projection", False):
-        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
-    P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
-    if config.get("num_layers", cfg.n_layer) != cfg.n_layer:
-        raise ValueError(f"adapter: num_layers={config.get('num_layers')!r} does not match the model's {cfg.n_layer}")
-    if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
-    prompt = config["peft_type"] == "PROMPT_TUNING"
-    width = cfg.d_model if prompt else cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
-    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
-    if P >= cfg.seq_len:
-        raise ValueError(f"{where}: num_virtual_tokens {P} leaves no room for a prompt within the model's context "
-                         f"{cfg.seq_len}")
-    return tensors["prompt_embeddings"].float()
 
 
 def _load_gguf(model: nn.Module, path: str) -> None:
