@@ -92,5 +92,30 @@ def quantize_cases():
     return cases
 
 
-CASES = prune_cases() + quantize_cases()
+def lora_cases():
+    """`generate --lora` with the adapters of tests/test_robust_adapters.py."""
+    import math
+
+    import gguf_bytes as gb
+    from test_robust_adapters import gguf_adapter, peft_dir, prompt_dir
+
+    def generate(adapter_fn):
+        return lambda: ["generate", "--model", model_file(), "--prompt", "t", "--max-tokens", 2, "--temperature", 0,
+                        "--lora", adapter_fn()]
+    gguf = lambda **kw: lambda: write(gguf_adapter(**kw), "a.gguf")  # noqa: E731
+    cases = [command("generate --lora", "a valid GGUF adapter", generate(gguf()), succeeded),
+             command("generate --lora", "a valid PEFT folder", generate(peft_dir), succeeded),
+             command("generate --lora", "a valid prompt-tuning folder", generate(prompt_dir), succeeded)]
+    for what, adapter_fn in (("a missing path", missing), ("a model file", model_file), ("a malformed GGUF", garbage),
+                             ("a GGUF adapter whose alpha is NaN", gguf(meta={"adapter.lora.alpha": (gb.FLOAT32, math.nan)})),
+                             ("a GGUF adapter for qwen2", gguf(meta={"general.architecture": (gb.STRING, "qwen2")})),
+                             ("a PEFT folder whose r is not its tensors'", lambda: peft_dir({"r": 8})),
+                             ("a folder without adapter_config.json", robust.scratch),
+                             ("a prompt-tuning folder of the whole context", lambda: prompt_dir(
+                                 config={"num_virtual_tokens": rm.CONTEXT}))):
+        cases.append(command("generate --lora", what, generate(adapter_fn)))
+    return cases
+
+
+CASES = prune_cases() + quantize_cases() + lora_cases()
 verdicts, test_hostile_case = robust.tests_of(CASES)

@@ -98,6 +98,7 @@ def export_cases():
     name = "export"
     gone = lambda s: s["finetune"].update(model=missing())  # noqa: E731
     wide = lambda s: s["adapter"].update({k: v[:, :1] for k, v in s["adapter"].items() if "lora_A" in k})  # noqa: E731
+    nan = lambda s: s["adapter"].update({k: v * float("nan") for k, v in s["adapter"].items()})  # noqa: E731
     cases = [command(name, "a fine-tuning run's adapter to --lora-gguf and --peft", lambda: [
         name, finetune_run(), "--lora-gguf", out("a.gguf"), "--peft", out("peft"), "--quiet"], succeeded,
         timeout=TWO_COMMANDS_TIMEOUT)]
@@ -107,8 +108,16 @@ def export_cases():
                                                                    out("peft")]),
                        ("a run whose base is gone", lambda: [name, finetune_run(gone), "--peft", out("peft")]),
                        ("a run whose adapter has other shapes", lambda: [name, finetune_run(wide), "--lora-gguf",
-                                                                         out("a.gguf")])):
+                                                                         out("a.gguf")]),
+                       ("a run whose adapter holds a NaN", lambda: [name, finetune_run(nan), "--peft", out("peft")])):
         cases.append(command(name, what, argv, timeout=TWO_COMMANDS_TIMEOUT))
+    # --resume reads the run's checkpoint back
+    run_of = lambda edit: ["finetune", "--out-dir", finetune_run(edit), "--resume", "--max-steps", 2]  # noqa: E731
+    for what, edit in (("an adapter of other shapes", wide), ("an adapter holding a NaN", nan),
+                       ("a finetune config that is a list", lambda s: s.update(finetune=[1])),
+                       ("a finetune config with an unknown key", lambda s: s["finetune"].update(magic=1))):
+        cases.append(command("finetune", f"--resume of a run whose checkpoint has {what}",
+                             lambda edit=edit: run_of(edit), timeout=TWO_COMMANDS_TIMEOUT))
     return cases
 
 
