@@ -48,6 +48,17 @@ def write(data: bytes, name: str) -> str:
     return path
 
 
+def edited(d: dict, changes) -> dict:
+    """d with the keys of `changes` set to their values, or removed where the value is None."""
+    d = dict(d)
+    for key, value in (changes or {}).items():
+        if value is None:
+            d.pop(key)
+        else:
+            d[key] = value
+    return d
+
+
 def lora_layer_count(n):
     """A judge: the load returned a model with n LoRA layers."""
     def judge(outcome):
@@ -82,12 +93,7 @@ def gguf_adapter_tensors() -> dict:
 def gguf_adapter(meta=None, drop=(), tensors=None) -> bytes:
     """The valid adapter's bytes with metadata replaced, added or removed (None), tensors dropped, replaced or
     added (name -> (dims, type, values))."""
-    entries = gguf_adapter_meta()
-    for key, value in (meta or {}).items():
-        if value is None:
-            entries.pop(key)
-        else:
-            entries[key] = value
+    entries = edited(gguf_adapter_meta(), meta)
     layout = {k: v for k, v in gguf_adapter_tensors().items() if k not in drop}
     layout.update(tensors or {})
     infos, data = [], b""
@@ -198,12 +204,7 @@ def peft_dir(config=None, drop=(), tensors=None, config_text=None, weights_bytes
     from safetensors.torch import save_file
 
     path = robust.scratch()
-    cfg = peft_config()
-    for key, value in (config or {}).items():
-        if value is None:
-            cfg.pop(key)
-        else:
-            cfg[key] = value
+    cfg = edited(peft_config(), config)
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         f.write(config_text if config_text is not None else json.dumps(cfg))
     weights = os.path.join(path, "adapter_model.safetensors")
@@ -217,20 +218,20 @@ def peft_dir(config=None, drop=(), tensors=None, config_text=None, weights_bytes
     return path
 
 
-def load_peft(folder_fn):
-    def call():
-        from flashlm.train.peft.peft_format import load_peft as load
+def on_model(module: str, function: str):
+    """A loader: folder_fn -> the call `module.function(model(), folder_fn())`, run in the child."""
+    def loader(folder_fn):
+        def call():
+            import importlib
 
-        return load(model(), folder_fn())
-    return call
+            return getattr(importlib.import_module(module), function)(model(), folder_fn())
+        return call
+    return loader
 
 
-def load_folder(folder_fn):
-    def call():
-        from flashlm.io.lora_adapter import load_lora
-
-        return load_lora(model(), folder_fn())
-    return call
+load_peft = on_model("flashlm.train.peft.peft_format", "load_peft")
+load_folder = on_model("flashlm.io.lora_adapter", "load_lora")
+runtime_table = on_model("flashlm.io.lora_adapter", "load_adapter")
 
 
 def safetensors_header(header: dict, data: bytes = b"") -> bytes:
@@ -312,11 +313,7 @@ def prompt_dir(kind="PROMPT_TUNING", config=None, table=None) -> str:
     cfg = {"peft_type": kind, "task_type": "CAUSAL_LM", "num_virtual_tokens": P, "num_transformer_submodules": 1,
            "num_layers": rm.LAYERS, "token_dim": rm.D if prompt else KV,
            "num_attention_heads": rm.HEADS if prompt else rm.KV_HEADS}
-    for key, value in (config or {}).items():
-        if value is None:
-            cfg.pop(key)
-        else:
-            cfg[key] = value
+    cfg = edited(cfg, config)
     path = robust.scratch()
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         f.write(json.dumps(cfg))
@@ -325,14 +322,6 @@ def prompt_dir(kind="PROMPT_TUNING", config=None, table=None) -> str:
                             rm.D if prompt else PREFIX_WIDTH, generator=torch.Generator().manual_seed(6))
     save_file({"prompt_embeddings": table}, os.path.join(path, "adapter_model.safetensors"))
     return path
-
-
-def runtime_table(folder_fn):
-    def call():
-        from flashlm.io.lora_adapter import load_adapter
-
-        return load_adapter(model(), folder_fn())
-    return call
 
 
 def virtual_tokens(n):
