@@ -224,6 +224,36 @@ def another_model_cases():
     ]
 
 
+# -- importance values far out of scale --------------------------------------------------------------------------
+
+IMATRIX_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+
+
+def scale_cases():
+    """A block's importance values matter relative to each other: the quantizers' weighted fits give the same
+    bytes for the values times a power of two. Values far past any activation's (a file's 1e38) must neither
+    overflow the fits into NaN scales nor change the result."""
+    entry = "flashlm.quant.quantize_gguf (imatrix)"
+
+    def call(ggml_type, power):
+        def run():
+            from flashlm.quant.gguf_quantize import quantize_gguf
+
+            rng = np.random.default_rng(7)
+            w = (rng.standard_normal((4, 512)) * rng.uniform(0.01, 3, (1, 512))).astype(np.float32)
+            importance = (rng.standard_normal(512) ** 2 * rng.uniform(0.1, 10, 512)).astype(np.float32)
+            scaled = importance * np.float32(2.0 ** power)
+            scaled[:256] = importance[:256]  # one block as given, the others scaled
+            return quantize_gguf(w, ggml_type, imatrix=importance), quantize_gguf(w, ggml_type, imatrix=scaled)
+        return run
+
+    def same(pair):
+        differ = int((pair[0] != pair[1]).sum())
+        return None if differ == 0 else f"{differ} bytes differ from the quantization with the values as given"
+    return [value_case(entry, f"{t}: values times 2**{p}", call(t, p), ("imatrix",), same)
+            for t in IMATRIX_TYPES for p in (24, 120)]
+
+
 # -- calibration text -------------------------------------------------------------------------------------------
 
 def calibration_cases():
@@ -266,5 +296,5 @@ def calibration_cases():
     ]
 
 
-CASES = legacy_cases() + gguf_cases() + another_model_cases() + calibration_cases()
+CASES = legacy_cases() + gguf_cases() + another_model_cases() + scale_cases() + calibration_cases()
 verdicts, test_hostile_case = robust.tests_of(CASES)
