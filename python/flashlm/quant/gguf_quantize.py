@@ -40,9 +40,10 @@ def _as_array(data):
 
 
 # A block of importance values above this is scaled down under it (see _as_importance). Measured on random
-# weights and imatrices times 2^k: every type's bytes are the same for block maxima up to ~2^26; past that Q4_K and
-# Q5_K change (from ~2^31), then every type's fits overflow float32 into NaN scales (from ~2^60). Under 2^16 the
-# scaling changes no byte, and mean squared activations of working models (massive activations ~1e3) stay near it.
+# weights and imatrices times 2^k (tests/test_robust_quant_files.py): every type gives the same bytes for block
+# maxima up to ~2^26; past that Q4_K and Q5_K drift (from ~2^31), then every type's fits overflow float32 into NaN
+# scales (from ~2^60). A working model's blocks (massive activations of ~1e3 square to ~2^20) stay where the
+# scaling changes no byte.
 _IMPORTANCE_CEILING = 2.0 ** 16
 
 
