@@ -29,13 +29,14 @@ from torch import nn
 from flashlm.io.gguf import GGUFError, GGUFFile
 from flashlm.io.gguf_model import rope_row_order
 from flashlm.io.hf_config import read_json
-from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, check_tensor, load_peft_lora, read_tensors
-from flashlm.models.lora import LoRALinear, freeze, lora_layers, positive_int
+from flashlm.io.peft_lora import CONFIG_FILE, WEIGHTS_FILE, load_peft_lora, read_tensors, read_virtual_tokens
+from flashlm.models.lora import LoRALinear, freeze, lora_layers
 
 # flashlm's block module -> llama.cpp's tensor name (without "blk.N." and ".weight")
 GGUF_NAMES = {"attn.q": "attn_q", "attn.k": "attn_k", "attn.v": "attn_v", "attn.o": "attn_output",
               "mlp.gate": "ffn_gate", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
 GPT2_GGUF_NAMES = {"attn.o": "attn_output", "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}  # and q|k|v: attn_qkv
+_INT_TYPES = ("I8", "I16", "I32", "I64")
 _GGUF_TENSOR_RE = re.compile(r"blk\.(\d{1,9})\.([a-z_]+)\.weight\.lora_(a|b)$")
 
 
@@ -72,30 +73,9 @@ def load_adapter(model: nn.Module, path, virtual_tokens: bool = True) -> Optiona
         raise NotImplementedError(f"{where}: peft_type {got!r}; the runtime runs {', '.join(kinds)} adapters")
     tensors = read_tensors(os.path.join(folder, WEIGHTS_FILE))
     if config["peft_type"] != "LORA":
-        return config["peft_type"], _virtual_token_table(model.cfg, config, tensors, where)
+        return config["peft_type"], read_virtual_tokens(model.cfg, config, tensors, where)
     freeze(load_peft_lora(model, config, tensors, where))
     return None
-
-
-def _virtual_token_table(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
-    """A PEFT prompt- or prefix-tuning adapter's prompt_embeddings [P, width], its config checked against the
-    model (prefix tuning: every layer's key then value per row, see flashlm.train.peft.prefix_tuning)."""
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
-    if config.get("prefix_projection", False):
-        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
-    P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
-    if config.get("num_layers", cfg.n_layer) != cfg.n_layer:
-        raise ValueError(f"adapter: num_layers={config.get('num_layers')!r} does not match the model's {cfg.n_layer}")
-    if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
-    prompt = config["peft_type"] == "PROMPT_TUNING"
-    width = cfg.d_model if prompt else cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
-    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
-    if P >= cfg.seq_len:
-        raise ValueError(f"{where}: num_virtual_tokens {P} leaves no room for a prompt within the model's context "
-                         f"{cfg.seq_len}")
-    return tensors["prompt_embeddings"].float()
 
 
 def _load_gguf(model: nn.Module, path: str) -> None:
@@ -116,7 +96,7 @@ def _load_gguf(model: nn.Module, path: str) -> None:
                 what = " + ".join(modules)
                 _check_shape(a_name, a.shape, (r, linears[0].in_features), what)
                 _check_shape(b_name, b.shape, (sum(m.out_features for m in linears), r), what)
-                weights.append((modules, f.load(a_name), f.load(b_name), len(modules) > 1))
+                weights.append((modules, _load_weight(f, a_name), _load_weight(f, b_name), len(modules) > 1))
     except GGUFError as e:
         raise ValueError(f"lora: {path}: {e}") from e
     for modules, a, b, fused in weights:
@@ -185,6 +165,18 @@ def _gguf_pairs(model: nn.Module, targets: dict, names: list, path: str) -> dict
         if set(pair) != {"a", "b"}:
             raise ValueError(f"lora: {path}: blk.{block}.{gguf_name} has lora_{next(iter(pair))} without its pair")
     return {key: (pair["a"], pair["b"]) for key, pair in found.items()}
+
+
+def _load_weight(f: GGUFFile, name: str) -> torch.Tensor:
+    """Tensor `name` as float32, refused when its type is an integer one (llama.cpp multiplies by float or
+    quantized weights only) or a value is not finite (it would turn every output of the layer into NaN)."""
+    type_name = f.tensor(name).ggml_type
+    if type_name in _INT_TYPES:
+        raise ValueError(f"adapter: {name} is stored as {type_name}; a LoRA weight is float or quantized")
+    w = f.load(name)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"adapter: {name} holds values that are not finite")
+    return w
 
 
 def _check_shape(name: str, shape: tuple, want: tuple, module: str) -> None:

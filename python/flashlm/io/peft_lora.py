@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from flashlm.models.lora import apply_lora, check_lora_arguments, lora_layers, target_modules
+from flashlm.models.lora import apply_lora, check_lora_arguments, lora_layers, positive_int, target_modules
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 HF_MODULE = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
@@ -101,8 +101,42 @@ def load_peft_lora(model: nn.Module, config: dict, tensors: dict, where: str) ->
     return model
 
 
+def virtual_token_layout(peft_type: str, cfg) -> dict:
+    """The sizes PEFT writes in the config of prompt tuning (a virtual token is an embedding, d_model wide) or prefix
+    tuning (a virtual token is every layer's key and value, PEFT sizing them for GQA by the K/V heads) on a model
+    of ModelConfig cfg."""
+    if peft_type == "PROMPT_TUNING":
+        return {"token_dim": cfg.d_model, "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer}
+    return {"token_dim": cfg.n_kv_head * cfg.head_dim, "num_attention_heads": cfg.n_kv_head, "num_layers": cfg.n_layer}
+
+
+def read_virtual_tokens(cfg, config: dict, tensors: dict, where: str) -> torch.Tensor:
+    """A prompt- or prefix-tuning adapter's table prompt_embeddings [P, width] (prompt tuning: d_model; prefix
+    tuning: n_layer * 2 * n_kv_head * head_dim), its config checked against the model of ModelConfig cfg: the sizes
+    must be the model's (a prefix's width alone could match another layout of heads) and leave room for a prompt."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
+    if config.get("prefix_projection", False):
+        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
+    P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
+    for key, value in virtual_token_layout(config["peft_type"], cfg).items():
+        if config.get(key, value) != value:
+            raise ValueError(f"adapter: {key}={config.get(key)!r} does not match the model's {value}")
+    prompt = config["peft_type"] == "PROMPT_TUNING"
+    width = cfg.d_model if prompt else cfg.n_layer * 2 * cfg.n_kv_head * cfg.head_dim
+    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
+    if P >= cfg.seq_len:
+        raise ValueError(f"{where}: num_virtual_tokens {P} leaves no room for a prompt within the model's context "
+                         f"{cfg.seq_len}")
+    return tensors["prompt_embeddings"].float()
+
+
 def check_tensor(value: torch.Tensor, shape: tuple, key: str) -> None:
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"adapter: {key} has shape {tuple(value.shape)}, the model needs {tuple(shape)}")
     if not value.is_floating_point():
         raise ValueError(f"adapter: {key} must be floating point, got {value.dtype}")
+    if not bool(torch.isfinite(value).all()):  # one NaN would make every output of its layer NaN
+        raise ValueError(f"adapter: {key} holds values that are not finite")

@@ -191,11 +191,16 @@ def check_imatrix(imatrix: IMatrix, source) -> None:
         if name not in shapes:
             raise ValueError(f"imatrix: entry {name!r} is not a tensor of this model (an imatrix for another model?)")
         shape = shapes[name]
-        want = shape[-1] * (shape[0] if len(shape) == 3 else 1)
+        matrices = shape[0] if len(shape) == 3 else 1
+        want = shape[-1] * matrices
         got = len(imatrix.importance(name))
         if len(shape) < 2 or got != want:
             raise ValueError(f"imatrix: entry {name!r} has {got} values, the tensor {list(shape)} needs {want} "
                              f"(an imatrix for another model?)")
+        counted = len(imatrix.entries[name].counts)
+        if not imatrix.legacy and counted != matrices:  # a legacy entry holds one ncall, whatever its matrices
+            raise ValueError(f"imatrix: entry {name!r} has {counted} matrices of {got // counted} values, the tensor "
+                             f"{list(shape)} is {matrices} of {shape[-1]} (an imatrix for another model?)")
 
 
 def _imatrix_metadata(writer, imatrix: IMatrix) -> None:

@@ -39,8 +39,19 @@ def _as_array(data):
     raise TypeError(f"data: expected a numpy array or a torch tensor, got {type(data).__name__}")
 
 
-def _as_importance(imatrix, n: int) -> np.ndarray:
-    """The imatrix values as a contiguous float32 array of n finite, non-negative values."""
+# A block of importance values above this is scaled down under it (see _as_importance). Measured on random
+# weights and imatrices times 2^k (tests/test_robust_quant_files.py): every type gives the same bytes for block
+# maxima up to ~2^26; past that Q4_K and Q5_K drift (from ~2^31), then every type's fits overflow float32 into NaN
+# scales (from ~2^60). A working model's blocks (massive activations of ~1e3 square to ~2^20) stay where the
+# scaling changes no byte.
+_IMPORTANCE_CEILING = 2.0 ** 16
+
+
+def _as_importance(imatrix, n: int, block: int) -> np.ndarray:
+    """The imatrix values as a contiguous float32 array of n finite, non-negative values. A block whose largest
+    value passes _IMPORTANCE_CEILING is multiplied by a power of two that brings it under: ggml's weighted fits
+    give the same bytes for a block's values times a common factor, and a power of two rounds nothing, so the
+    result is that of the values as given, where the fits' sums would otherwise overflow into NaN scales."""
     if isinstance(imatrix, torch.Tensor):
         imatrix = imatrix.detach().to("cpu").numpy()
     if not isinstance(imatrix, np.ndarray):
@@ -50,6 +61,13 @@ def _as_importance(imatrix, n: int) -> np.ndarray:
     values = np.ascontiguousarray(imatrix, dtype=np.float32)
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError("imatrix: values must be finite and non-negative (mean squared activations)")
+    top = values.reshape(-1, block).max(axis=1)
+    big = top > _IMPORTANCE_CEILING
+    if big.any():
+        values = values.copy()
+        blocks = values.reshape(-1, block)
+        _, exponent = np.frexp(top[big])  # top = m * 2^exponent, m in [0.5, 1)
+        blocks[big] *= np.ldexp(np.float32(1), 16 - exponent).astype(np.float32)[:, None]
     return values
 
 
@@ -73,6 +91,6 @@ def quantize_gguf(data, ggml_type: str, imatrix=None) -> np.ndarray:
     block, block_bytes = GGUF_QUANT_TYPES[ggml_type]
     if n % block:
         raise ValueError(f"data: the row length {n} is not a multiple of {ggml_type}'s block size {block}")
-    importance = None if imatrix is None else _as_importance(imatrix, n)
+    importance = None if imatrix is None else _as_importance(imatrix, n, block)
     out = np.empty((rows, n // block * block_bytes), dtype=np.uint8)
     return ops.gguf_quantize(arr, ggml_type, out, importance)

@@ -159,6 +159,8 @@ def _read_legacy(path: str) -> IMatrix:
             c.fail(f"entry {i}: name length {length} out of range [1, {_MAX_NAME}]")
         name = c.text(length, f"entry {i}: name")
         ncall, nval = c.i32(f"entry {name!r}: ncall"), c.i32(f"entry {name!r}: value count")
+        if ncall < 0:
+            c.fail(f"entry {name!r}: ncall {ncall} must be at least 0")
         if nval < 1:
             c.fail(f"entry {name!r}: value count {nval} must be at least 1")
         if name in m.entries:
@@ -179,8 +181,12 @@ def _read_legacy(path: str) -> IMatrix:
 
 
 def _check_finite(values: np.ndarray, path: str, name: str) -> None:
+    """Sums of squares (or their means) are finite and never negative: the quantizers weigh each column's
+    rounding error by them, and a negative weight would reward error."""
     if not np.all(np.isfinite(values)):
         raise ValueError(f"imatrix: {path}: entry {name!r} holds non-finite values")
+    if np.any(values < 0):
+        raise ValueError(f"imatrix: {path}: entry {name!r} holds negative values (sums of squares are not)")
 
 
 def _read_gguf(path: str) -> IMatrix:
@@ -231,7 +237,10 @@ def _gguf_entry(reader, tensors: dict, name: str, path: str) -> IMatrixEntry:
         parts.append((np.array(reader.raw(index)).view("<f4").astype(np.float32), dims))
     (sums, sum_dims), (counts, count_dims) = parts
     nmat = len(counts)
-    if nmat < 1 or len(sums) < 1 or len(sums) % nmat or (len(count_dims) > 1 and count_dims[0] != 1):
+    # as llama.cpp writes them (trailing dimensions of 1 left out): in_sum2 [ne0, nmat], counts [1, nmat]
+    sums_ok = len(sum_dims) <= 2 and tuple(sum_dims[1:]) in ((), (1,), (nmat,)) and (nmat == 1 or len(sum_dims) == 2)
+    counts_ok = len(count_dims) <= 2 and (len(count_dims) == 1 or count_dims[0] == 1) and count_dims[-1] == nmat
+    if nmat < 1 or len(sums) < 1 or len(sums) % nmat or not sums_ok or not counts_ok:
         raise ValueError(f"imatrix: {path}: {name!r}: {len(sums)} sums do not split into {nmat} matrices "
                          f"(in_sum2 {list(sum_dims)}, counts {list(count_dims)})")
     _check_finite(sums, path, name)

@@ -240,7 +240,8 @@ def merged_state_dict(base: nn.Module) -> dict:
 
 
 def load_adapter(model: SFTModel, adapter: dict) -> None:
-    """Copies a checkpoint's "adapter" tensors into model's trainable parameters, every name and shape checked."""
+    """Copies a checkpoint's "adapter" tensors into model's trainable parameters, every name, shape and value
+    checked (a NaN would flow into every output of its layer and into an exported adapter)."""
     mine = model.trainable()
     if not isinstance(adapter, dict) or set(adapter) != set(mine):
         raise ValueError("checkpoint: its trainable tensors differ from this run's")
@@ -249,6 +250,8 @@ def load_adapter(model: SFTModel, adapter: dict) -> None:
             if not isinstance(adapter[name], torch.Tensor) or adapter[name].shape != p.shape:
                 got = tuple(adapter[name].shape) if isinstance(adapter[name], torch.Tensor) else type(adapter[name])
                 raise ValueError(f"checkpoint: {name} is {got}, expected {tuple(p.shape)}")
+            if not adapter[name].is_floating_point() or not bool(torch.isfinite(adapter[name]).all()):
+                raise ValueError(f"checkpoint: {name} must hold finite floating-point values")
             p.copy_(adapter[name])
 
 

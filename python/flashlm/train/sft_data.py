@@ -34,6 +34,9 @@ import torch
 from flashlm.train.data import EpochBatches
 
 IGNORE = -100  # the label cross_entropy skips
+# A record is cut to seq_len + 1 tokens; 16 MiB of text is ~4M tokens, 30 times a 128k context. A longer line
+# (or a file without newlines) is refused before it is read whole, parsed and tokenized.
+MAX_LINE_BYTES = 16 << 20
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
                          "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -88,8 +91,10 @@ def read_sft_jsonl(path) -> list:
     """The checked records of a JSONL file (blank lines skipped); ValueError naming the line of a bad one."""
     records = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
             where = f"{path}: line {number}"
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise ValueError(f"{where}: longer than {MAX_LINE_BYTES} bytes")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

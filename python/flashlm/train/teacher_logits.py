@@ -132,8 +132,10 @@ def write_teacher_logits(path, teacher_logits_fn, tokens, val_tokens, *, vocab: 
 def open_teacher_logits(path) -> TeacherLogitsFile:
     """The file at path, memory-mapped and checked (sizes, tokens, meta); ValueError naming it otherwise."""
     path = Path(path)
-    size = path.stat().st_size
     where = f"teacher_logits: {path}"
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{where}: not a file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(_HEADER.size)
         if len(head) < _HEADER.size:

@@ -22,10 +22,10 @@ from torch import nn
 
 from flashlm.io.hf_config import read_json
 from flashlm.io.peft_lora import (CONFIG_FILE, HF_MODULE, LORA_NAME_RE, LORA_WRITTEN, WEIGHTS_FILE,
-                                  check_llama_family, check_tensor, hf_lora_prefix, load_peft_lora, read_tensors)
+                                  check_llama_family, hf_lora_prefix, load_peft_lora, read_tensors,
+                                  read_virtual_tokens, virtual_token_layout)
 from flashlm.models.lora import lora_layers
-from flashlm.train.peft.common import positive_int
-from flashlm.train.peft.prefix_tuning import PrefixTuning, prefix_width
+from flashlm.train.peft.prefix_tuning import PrefixTuning
 from flashlm.train.peft.prompt_tuning import PromptTuning
 
 
@@ -77,14 +77,12 @@ def _lora_config_and_tensors(model: nn.Module):
 
 def _prompt_config(peft_type: str, num_virtual_tokens: int, cfg) -> dict:
     """PEFT's config of prompt or prefix tuning with num_virtual_tokens on a model of ModelConfig cfg."""
+    layout = virtual_token_layout(peft_type, cfg)
     if peft_type == "PROMPT_TUNING":
-        return {"peft_type": peft_type, "num_virtual_tokens": num_virtual_tokens, "token_dim": cfg.d_model,
-                "num_transformer_submodules": 1, "num_attention_heads": cfg.n_head, "num_layers": cfg.n_layer,
-                "prompt_tuning_init": "RANDOM"}
-    token_dim = cfg.n_kv_head * cfg.head_dim  # PEFT's width of one layer's keys (as it sizes them for GQA)
-    return {"peft_type": peft_type, "num_virtual_tokens": num_virtual_tokens, "token_dim": token_dim,
-            "num_transformer_submodules": 1, "num_attention_heads": cfg.n_kv_head, "num_layers": cfg.n_layer,
-            "encoder_hidden_size": token_dim, "prefix_projection": False}
+        return {"peft_type": peft_type, "num_virtual_tokens": num_virtual_tokens, **layout,
+                "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+    return {"peft_type": peft_type, "num_virtual_tokens": num_virtual_tokens, **layout,
+            "num_transformer_submodules": 1, "encoder_hidden_size": layout["token_dim"], "prefix_projection": False}
 
 
 def load_peft(model: nn.Module, path) -> nn.Module:
@@ -107,20 +105,8 @@ def load_peft(model: nn.Module, path) -> nn.Module:
 
 
 def _load_prompt(model: nn.Module, config: dict, tensors: dict, where: str) -> nn.Module:
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise NotImplementedError(f"{where}: num_transformer_submodules must be 1 (a decoder-only model)")
-    if config.get("prefix_projection", False):
-        raise NotImplementedError(f"{where}: prefix_projection=true is not supported")
-    P = positive_int(config.get("num_virtual_tokens"), f"{where}: num_virtual_tokens")
-    if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"adapter: expected the one tensor prompt_embeddings, got {sorted(tensors)[:3]}")
-    # the model's sizes must be the adapter's (a prefix's width alone could match another layout)
-    for key, value in _prompt_config(config["peft_type"], P, model.cfg).items():
-        if key in ("token_dim", "num_layers", "num_attention_heads") and config.get(key, value) != value:
-            raise ValueError(f"adapter: {key}={config.get(key)!r} does not match the model's {value}")
-    width = model.cfg.d_model if config["peft_type"] == "PROMPT_TUNING" else prefix_width(model.cfg)
-    check_tensor(tensors["prompt_embeddings"], (P, width), "prompt_embeddings")
-    tuned = (PromptTuning if config["peft_type"] == "PROMPT_TUNING" else PrefixTuning)(model, P)
+    table = read_virtual_tokens(model.cfg, config, tensors, where)
+    tuned = (PromptTuning if config["peft_type"] == "PROMPT_TUNING" else PrefixTuning)(model, table.shape[0])
     with torch.no_grad():
-        tuned.prompt_embeddings.copy_(tensors["prompt_embeddings"])
+        tuned.prompt_embeddings.copy_(table)
     return tuned
