@@ -163,8 +163,10 @@ def restore_avx512():
 
 def fused_cases():
     """(kind, k, m) for the few-rows kernels: every kind they read (int8 with K a multiple of 64, and one that
-    the AVX2 kernel takes), int4 in every group size, with and without zeros."""
+    the AVX2 kernel takes), int4 in every group size, with and without zeros; Q4_0 and Q8_0 also with more
+    blocks than the 16 whose scales are read together, and a remainder."""
     gguf = [(t, k_for(t, 3), m) for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K") for m in (1, 2)]
+    gguf += [(t, 32 * 37, m) for t in ("Q4_0", "Q8_0") for m in (1, 2)]
     ints = [(kind, k, m) for kind, k in [("int8", 320), ("int8", 96), ("int4/32", 96), ("int4/64", 192),
                                          ("int4z/128", 384)] for m in (1, 2)]
     return gguf + ints
