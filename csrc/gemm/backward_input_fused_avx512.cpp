@@ -73,7 +73,8 @@ FLASHLM_AVX2_INLINE __m512 centred_values() {
   return _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 
-// Each kind reads a chunk of kCols columns (kCols / 16 vectors) of weight row r at column col into a tile.
+// Each kind reads a chunk of kCols columns (kCols / 16 vectors, kChunkBytes bytes) of weight row r at column col
+// into a tile.
 
 // Q4_0 and Q8_0 blocks begin with their scale d (f16). A row's d of kRun consecutive blocks are gathered,
 // converted and multiplied by dy's values together (factors), so a block's own work is its quants' lookups or
@@ -93,7 +94,7 @@ struct ScaleFirst {
 
 // Q4_0: a block, 32 elements d * (q - 8); element j < 16 the low nibble of qs[j], j + 16 its high nibble.
 struct Q4_0 : ScaleFirst {
-  static constexpr int kCols = 32;
+  static constexpr int kCols = 32, kChunkBytes = sizeof(gguf::block_q4_0);
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* b, int64_t, int64_t, Tile<M, 2>& t,
                                       const float (*f)[16], int l) {
@@ -106,7 +107,7 @@ struct Q4_0 : ScaleFirst {
 
 // Q8_0: a block, 32 elements d * q.
 struct Q8_0 : ScaleFirst {
-  static constexpr int kCols = 32;
+  static constexpr int kCols = 32, kChunkBytes = sizeof(gguf::block_q8_0);
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* b, int64_t, int64_t, Tile<M, 2>& t,
                                       const float (*f)[16], int l) {
@@ -130,7 +131,7 @@ struct ScaleWithin {
 // fit the registers, so half a block.
 template <int P>
 struct Q4_K : ScaleWithin {
-  static constexpr int kCols = 64 * P;
+  static constexpr int kCols = 64 * P, kChunkBytes = P * sizeof(gguf::block_q4_K) / 4;
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* p, int64_t, int64_t col,
                                       Tile<M, 4 * P>& t, const float (*)[16], int) {
@@ -172,7 +173,7 @@ struct Q4_K : ScaleWithin {
 // then the high nibbles with crumbs 2 and 3, 9 instructions for 128 values where 32-byte vectors took 24. The
 // bytes go through a buffer on the stack to be widened to 16 dwords straight from memory (no extract).
 struct Q6_K : ScaleWithin {
-  static constexpr int kCols = 128;
+  static constexpr int kCols = 128, kChunkBytes = sizeof(gguf::block_q6_K) / 2;
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight&, const uint8_t* p, int64_t, int64_t col, Tile<M, 8>& t,
                                       const float (*)[16], int) {
@@ -204,7 +205,7 @@ struct Q6_K : ScaleWithin {
 
 // int8: 64 columns of a row, s * q.
 struct Int8 : ScaleWithin {
-  static constexpr int kCols = 64;
+  static constexpr int kCols = 64, kChunkBytes = 64;
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight& w, const uint8_t* q, int64_t r, int64_t, Tile<M, 4>& t,
                                       const float (*)[16], int) {
@@ -216,7 +217,7 @@ struct Int8 : ScaleWithin {
 // s * (u - 8) where zeros are absent.
 template <int G>
 struct Int4 : ScaleWithin {
-  static constexpr int kCols = G;
+  static constexpr int kCols = G, kChunkBytes = G / 2;
   template <int M>
   FLASHLM_AVX2_INLINE static void add(const BackwardWeight& w, const uint8_t* q, int64_t r, int64_t col,
                                       Tile<M, G / 16>& t, const float (*)[16], int) {
@@ -238,7 +239,10 @@ struct Int4 : ScaleWithin {
 // rows stream side by side. Every element still gets its rows' products in row order.
 constexpr int kRows = 4;
 // A thread reads only its columns of each row, a run too short for the hardware prefetcher to follow, so the
-// rows kAhead rows ahead are prefetched, chunk by chunk.
+// rows kAhead rows ahead are prefetched, chunk by chunk: a prefetch every 64 bytes from the chunk's first, a
+// count known at compile time. Prefetches are cheap, a loop around them is not: with the chunk's size a run-time
+// value, the loop and its tests were 40 of the ~80 instructions of a Q4_0 chunk (4 rows of 32 columns), and
+// on a core shared by two threads the instructions issued, not the vector ports, bound these kernels.
 constexpr int kAhead = 8;
 // Chunks whose factors (ScaleFirst) are computed together: one vector of them.
 constexpr int kRun = 16;
@@ -254,7 +258,7 @@ FLASHLM_AVX2_INLINE void rows(const BackwardWeight& w, const float* dyt, float* 
     src[rr] = w.w + (r0 + rr) * w.row_bytes + first;
     ahead[rr] = w.w + (r0 + rr + kAhead < w.n ? r0 + rr + kAhead : w.n - 1) * w.row_bytes + first;
   }
-  const int64_t chunk_bytes = (Kind::kCols * w.block_bytes) >> shift;
+  constexpr int64_t chunk_bytes = Kind::kChunkBytes;
   float a[R][M];
   for (int rr = 0; rr < R; ++rr)
     for (int i = 0; i < M; ++i) a[rr][i] = dyt[(r0 + rr) * M + i];
@@ -269,8 +273,8 @@ FLASHLM_AVX2_INLINE void rows(const BackwardWeight& w, const float* dyt, float* 
     for (int l = 0; l < count; ++l) {
       const int64_t c = run + l * Kind::kCols, byte = run_byte + l * chunk_bytes;
       for (int rr = 0; rr < R; ++rr)
-        for (int64_t pf = byte; pf < byte + chunk_bytes; pf += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead[rr] + pf), _MM_HINT_T0);
+        for (int at = 0; at < chunk_bytes; at += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead[rr] + byte + at), _MM_HINT_T0);
       Tile<M, V> t;
       t.load(dx + c, w.k);
       for (int rr = 0; rr < R; ++rr) {
