@@ -151,7 +151,7 @@ def test_int4_matches_float64(group, symmetric, device, isa, dtype, m):
     check_dx(dx.cpu(), dy, ref_w)
 
 
-AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"]
+AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"] and _C.cpu_features()["avx512bw"]
 
 
 @pytest.fixture
@@ -172,7 +172,7 @@ def fused_cases():
     return gguf + ints
 
 
-@pytest.mark.skipif(not AVX512, reason="no AVX-512F")
+@pytest.mark.skipif(not AVX512, reason="no AVX-512F and BW")
 @pytest.mark.usefixtures("restore_avx512")
 @pytest.mark.parametrize("kind,k,m", fused_cases())
 @pytest.mark.parametrize("n", [N, 3])  # row groups of 4 and a remainder; fewer rows than the prefetch distance
