@@ -10,7 +10,7 @@ W is [N, K], dx = dy @ W), random weights are multiplied with M rows of dy by
   torch     the same W dequantized to float32 on each call (flashlm.ops.dequantize for GGUF, torch ops for
             int8/int4), then torch.matmul: what a training step does without a native backward,
   dense     torch.matmul with W already dequantized to float32 (4-8x the memory; a ceiling for torch),
-  flashlm-avx2  where the CPU has AVX-512F: flashlm with its AVX-512 kernels switched off
+  flashlm-avx2  where the CPU has AVX-512F and BW: flashlm with its AVX-512 kernels switched off
             (flashlm._C.set_backward_input_avx512(False)), the AVX2 kernels they replace for M <= 2,
 and set against a plain copy (`dst.copy_(src)` of 64 MiB), the memory-bandwidth ceiling. Before timing,
 flashlm's dx is checked against float64 dy @ W (relative error < 1e-5); the script stops if it is off.
@@ -102,7 +102,8 @@ def main():
         ap.error(f"--shapes / --m: expected NxK[,NxK...] and positive row counts, got {args.shapes!r}, {args.m!r}")
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    avx512 = flashlm._C.cpu_features()["avx512f"] and flashlm.ops.cpu_isa() == "avx2"
+    features = flashlm._C.cpu_features()
+    avx512 = features["avx512f"] and features["avx512bw"] and flashlm.ops.cpu_isa() == "avx2"
     copy_src = torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
     copy_dst = torch.empty_like(copy_src)
     rows = []

@@ -151,7 +151,7 @@ def test_int4_matches_float64(group, symmetric, device, isa, dtype, m):
     check_dx(dx.cpu(), dy, ref_w)
 
 
-AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"]
+AVX512 = _C.cpu_isa_supported("avx2") and _C.cpu_features()["avx512f"] and _C.cpu_features()["avx512bw"]
 
 
 @pytest.fixture
@@ -163,14 +163,16 @@ def restore_avx512():
 
 def fused_cases():
     """(kind, k, m) for the few-rows kernels: every kind they read (int8 with K a multiple of 64, and one that
-    the AVX2 kernel takes), int4 in every group size, with and without zeros."""
+    the AVX2 kernel takes), int4 in every group size, with and without zeros; Q4_0 and Q8_0 also with more
+    blocks than the 16 whose scales are read together, and a remainder."""
     gguf = [(t, k_for(t, 3), m) for t in ("Q4_0", "Q8_0", "Q4_K", "Q6_K") for m in (1, 2)]
+    gguf += [(t, 32 * 37, m) for t in ("Q4_0", "Q8_0") for m in (1, 2)]
     ints = [(kind, k, m) for kind, k in [("int8", 320), ("int8", 96), ("int4/32", 96), ("int4/64", 192),
                                          ("int4z/128", 384)] for m in (1, 2)]
     return gguf + ints
 
 
-@pytest.mark.skipif(not AVX512, reason="no AVX-512F")
+@pytest.mark.skipif(not AVX512, reason="no AVX-512F and BW")
 @pytest.mark.usefixtures("restore_avx512")
 @pytest.mark.parametrize("kind,k,m", fused_cases())
 @pytest.mark.parametrize("n", [N, 3])  # row groups of 4 and a remainder; fewer rows than the prefetch distance

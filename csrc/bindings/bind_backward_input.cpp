@@ -44,7 +44,8 @@ void int4(Array dy, Array w, Array scales, std::optional<Array> zeros, int64_t g
 
 void bind_backward_input(nb::module_& m) {
   m.def("set_backward_input_avx512", &set_backward_input_avx512, nb::arg("allowed"),
-        "let the AVX2 ISA use the AVX-512 few-rows kernels where the CPU has AVX-512F; returns the previous setting");
+        "let the AVX2 ISA use the AVX-512 few-rows kernels where the CPU has AVX-512F and BW; returns the previous "
+        "setting");
   m.def("gguf_backward_input_supported", [](const std::string& name) {
     const std::optional<DType> t = dtype_from_name(name);
     return t && gguf_backward_input_supported(*t);

@@ -5,7 +5,7 @@
 // tile into a float buffer, then add dy[m, r] times them into the tile. Each weight byte is read once. For a few
 // rows of dy (M <= kFusedRows) and the common types, AVX2 multiplies straight from the quants instead
 // (backward_input_fused_avx2.cpp): the decode buffer's store and reload cost more than the multiply-adds.
-// Where the CPU has AVX-512F the same kernels run 16 columns a vector, 4 weight rows at a time into dx held in
+// Where the CPU has AVX-512F and BW the same kernels run 16 columns a vector, 4 weight rows at a time into dx held in
 // registers (backward_input_fused_avx512.cpp), giving the same bits.
 #include "flashlm/gemm/backward_input.h"
 
@@ -246,7 +246,7 @@ void backward_input_cuda(const BackwardWeight&, const void*, void*, DType, int64
 namespace flashlm::gemm::detail {
 bool avx512_allowed() {
 #ifdef FLASHLM_HAVE_AVX512_BACKWARD_INPUT
-  return cpu_features().avx512f && avx512_switch.load(std::memory_order_relaxed);
+  return cpu_features().avx512f && cpu_features().avx512bw && avx512_switch.load(std::memory_order_relaxed);
 #else
   return false;
 #endif

@@ -43,7 +43,7 @@ constexpr int kFusedRows = 2;
 static_assert(kFusedRows == 2, "accumulate_fused_avx2 instantiates M = 1 and 2");
 bool fused_supported_avx2(const BackwardWeight& w, int64_t m);
 void accumulate_fused_avx2(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t t0, int64_t t1);
-// The same kernels with AVX-512F (backward_input_fused_avx512.cpp), giving the same bits; only where
+// The same kernels with AVX-512F and BW (backward_input_fused_avx512.cpp), giving the same bits; only where
 // avx512_allowed() says so, and for what fused_supported_avx2 accepts. Returns false for a weight it does not
 // read (int8 with K not a multiple of 64, int4 with another group), which the AVX2 kernel then takes.
 bool avx512_allowed();
