@@ -7,12 +7,12 @@ loaded by flashlm.LLM. Then:
          timed (compare_decode.StepClock) and filed as decode (one new token per sequence) or prefill (prompt
          tokens in it): of the run of median total time, the prefill seconds and the decode step's median, split
          into the forward (the native decoder stack: embedding, layers, final norm, head) and the engine's host
-         work (scheduler, sampler, Python); the prefill and the decode steps each as tokens, seconds and GMAC/s of the linears
-         (the layers' and the head's multiply-adds; attention's are not counted);
+         work (scheduler, sampler, Python); the prefill and the decode steps each as tokens, seconds and GMAC/s
+         of the linears (the layers' and the head's multiply-adds; attention's are not counted);
   bound  Amdahl's bound on the end-to-end ratio (--concurrency at once against one at a time): the prompts'
          prefill is the same arithmetic either way, so the ratio is at most a request's whole time over its
-         prefill, even if the batched decode cost nothing; and what the prefill, or the batched decode step, would have to
-         take for --goal (4x) at the other's measured time;
+         prefill, even if the batched decode cost nothing; and what the prefill, or the batched decode steps,
+         would have to take for --goal (4x) at the other's measured time;
   parts  the stack's kernels alone at a decode step's shapes, M = 1 and M = --concurrency rows: the 12 layers'
          GEMMs (regrouped weights, activation quantization included) by kind, the head, and the paged attention
          over the sequences' bf16 contexts (--prompt-tokens + 1 to --prompt-tokens + --gen-tokens tokens, spread);
@@ -175,8 +175,8 @@ def main():
                 runs[m].append((total, steps.seconds(False), statistics.median(s for s, _ in dec),
                                 statistics.median(f for _, f in dec), steps.seconds(True), len(dec)))
         print(f"llama {args.type}: {n_params / 1e6:.0f}M params, {args.threads} thread(s), clock {args.clock}, "
-              f"{args.prompt_tokens} prompt + {args.gen_tokens} generated tokens per request, medians of {args.reps};"
-              f" load {os.getloadavg()[0]:.1f}")
+              f"{args.prompt_tokens} prompt + {args.gen_tokens} generated tokens per request, the median of "
+              f"{args.reps} runs; load {os.getloadavg()[0]:.1f}")
         # Each batch size's run of median total time, whole: its parts add up (medians taken part by part do not).
         med = {m: sorted(runs[m])[(len(runs[m]) - 1) // 2] for m in runs}
         print(f"{'batch':>6} {'total s':>8} {'prefill s':>9} {'decode step ms':>14} {'forward ms':>10} {'host ms':>8}")
