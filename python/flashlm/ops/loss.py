@@ -257,7 +257,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 # Bytes of the one-pass path's large buffer (two for cross-entropy with a top-k teacher), a block of rows'
 # logits [rows, V] f32 (overwritten by their gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More
 # rows per block make the dW update (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger
-# GEMM: 128 MiB measured 6% less CPU time at 152k (bench/results/loss.md), but takes the memory at 152k to the
+# GEMM: 128 MiB measured 6-9% less CPU time at 152k (bench/results/loss.md), but takes the memory at 152k to the
 # edge of 1/4 of torch eager's peak; fewer rows, less memory.
 ROW_BLOCK_BYTES = 64 << 20
 
