@@ -16,10 +16,13 @@ call (its inputs made and touched); the gradients of h and W ([T, d] + [V, d] f3
 of it, and the last column is what each holds beyond them (flashlm / torch). GFLOP/s counts the
 GEMMs both need (3 x 2 T V d: the logits, dh and dW; flashlm's forward makes the gradients a block of rows at a
 time, so it does the same three). "3 GEMMs ms" times those three torch.mm calls alone, taking turns with the
-two losses: no loss that does them can be faster, so torch ms / 3 GEMMs ms bounds the speedup.
+two losses: no loss that does them can be faster, so torch ms / 3 GEMMs ms bounds the speedup. --clock cpu times
+the runs by the process's CPU time (time.process_time, all threads) instead of the wall clock: on a loaded machine
+the wall clock mostly measures the other jobs.
 
 Run (from the repository root, with flashlm installed):
   python bench/compare_loss.py             # vocab 32000 and 151936, T 512 and 2048, d 512 and 1024
+  python bench/compare_loss.py --case 151936,512,512 --loss ce,kl,distill --clock cpu
   python bench/compare_loss.py --quick     # seconds: CI smoke
 """
 
@@ -28,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +112,7 @@ def peak_extra(impl, loss, case):
     return int(out.strip().splitlines()[-1])
 
 
-def loss_row(loss, case, reps, warmup):
+def loss_row(loss, case, reps, warmup, clock=time.perf_counter):
     """One table row: the median time of each side (taking turns), each side's peak extra memory (fresh
     processes), their ratios. The two sides' loss values must agree to 1e-4 (relative) first."""
     vocab, tokens, d = case
@@ -121,7 +125,7 @@ def loss_row(loss, case, reps, warmup):
     fns = {impl: ((lambda impl=impl: step(impl, loss, *data)), "cpu") for impl in ("flashlm", "torch")}
     h, w = data[0].detach(), data[1].detach()
     fns["gemms"] = (lambda: three_gemms(h, w), "cpu")
-    t = median_seconds(fns, reps, warmup)
+    t = median_seconds(fns, reps, warmup, clock=clock)
     del data
     mem = {impl: peak_extra(impl, loss, case) for impl in ("flashlm", "torch")}
     flop = 3 * 2 * tokens * vocab * d
@@ -137,6 +141,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--case", action="append", help="V,T,d (repeatable; default: the four cases above)")
+    ap.add_argument("--loss", default="ce,kl", help=f"comma-separated, of {', '.join(LOSSES)} (default ce,kl)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time the runs by the wall clock or by the process's CPU time")
     ap.add_argument("--quick", action="store_true", help="one small case, one run: a smoke run")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,9 +154,16 @@ def main():
     cases = QUICK if args.quick else [tuple(int(v) for v in c.split(",")) for c in args.case] if args.case else CASES
     if args.quick:
         args.reps, args.warmup = 1, 0
+    losses = [v.strip() for v in args.loss.split(",") if v.strip()]
+    bad = [v for v in losses if v not in LOSSES]
+    if bad or not losses:
+        ap.error(f"--loss: expected some of {', '.join(LOSSES)}, got {args.loss!r}")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(hardware_line("cpu", ops, f"torch {torch.get_num_threads()} threads"))
-    rows = [loss_row(loss, case, args.reps, args.warmup) for loss in ("ce", "kl") for case in cases]
+    print(f"clock: {args.clock}; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the start")
+    rows = [loss_row(loss, case, args.reps, args.warmup, clock) for loss in losses for case in cases]
     print_table(HEADER, rows)
+    print(f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

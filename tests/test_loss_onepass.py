@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from compare import assert_close, assert_close_to_reference
-from conftest import devices
+from conftest import cpu_isas, devices
+from flashlm import ops
 from flashlm.ops import loss as L
 import test_loss
-from test_loss import check, grads, leaves, make, torch_ce, torch_kl
+from test_loss import _steps, check, grads, leaves, make, torch_ce, torch_kl
 
 
 @pytest.fixture
@@ -47,7 +48,8 @@ def test_kl_over_row_blocks(device, reverse, small_blocks):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("topk", [False, True])
 def test_distill_over_row_blocks(device, topk, small_blocks):
-    """Both terms: the gradient of each chunk goes through the chunk-sized buffer before it overwrites the logits."""
+    """Both terms: with the dense teacher one kernel writes both terms' gradient over the logits; with the top k
+    the gradient goes through a second buffer."""
     h, w, b, targets, teacher = make(1000, 11, 16, device)
     targets[4] = -100
     values, index = teacher.topk(30 if topk else 1000, dim=-1)
@@ -125,3 +127,71 @@ def test_no_gradient_wanted_takes_the_per_row_path(monkeypatch):
     got = L.fused_linear_distill_loss(frozen[0], frozen[1], targets, teacher.float(), frozen[2])
     assert not got.requires_grad
     assert_close(got, torch.tensor(want), rtol=1e-6, atol=0, name="frozen inputs loss")
+
+
+# ---- the distillation step: both terms' gradient in one pass ------------------------------------------------
+
+def _two_steps_and_one(x, t, index, reverse, in_place):
+    """softmax_chunk_grad_ (scale 1) then kl_chunk_grad_ accumulated, and distill_chunk_grad_ (over x itself when
+    in_place): the same dL/dlogits."""
+    rows, cols = x.shape
+    st, kl = L._init_state(rows, 2, "cpu"), L._init_state(rows, 5, "cpu")
+    L.logsumexp_chunk_(x, 3, 1.0, st, None, None)
+    L.kl_chunk_(x, t, 0.7, reverse, kl)
+    lse = L._lse(st)
+    stats = torch.stack([L._lse(kl), L._lse(kl[:, 2:4]), kl[:, 4] / kl[:, 1 if reverse else 3]], 1).contiguous()
+    g = torch.Generator().manual_seed(2)
+    hard, soft = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+    weight = torch.rand(rows, 3, generator=g)
+    hard[1] = 0.0  # an ignored row: no hard term
+    two = torch.empty(rows, cols)
+    L.softmax_chunk_grad_(x, 3, 1.0, lse, hard, index, weight, two, False)
+    L.kl_chunk_grad_(x, t, 0.7, reverse, stats, soft, two, True)
+    one = x.clone() if in_place else torch.full((rows, cols), float("nan"))
+    L.distill_chunk_grad_(one if in_place else x, t, 3, 0.7, reverse, stats, soft, lse, hard, index, weight, one)
+    return two, one
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("cols", [1, 7, 8, 33, 4099])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_distill_step_is_the_two_steps(isa, cols, reverse, restore_isa):
+    ops.set_cpu_isa(isa)
+    x, t, index = _steps(6, cols)
+    for in_place in (False, True):
+        two, one = _two_steps_and_one(x.contiguous() if in_place else x, t, index, reverse, in_place)
+        assert_close(one, two, rtol=2e-6, atol=1e-6, name=f"{isa} distill step (in place: {in_place})")
+
+
+@pytest.mark.skipif("avx2" not in cpu_isas(), reason="the CPU lacks AVX2")
+def test_distill_step_avx2_matches_scalar(restore_isa):
+    x, t, index = _steps(5, 4099, seed=3)
+    outs = []
+    for isa in ("scalar", "avx2"):
+        ops.set_cpu_isa(isa)
+        outs.append(_two_steps_and_one(x, t, index, False, False)[1])
+    assert_close(outs[1], outs[0], rtol=2e-6, atol=1e-6, name="AVX2 vs scalar distill step")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_distill_step_opcheck(device):
+    x, t, index = (v.to(device) for v in _steps(5, 40))
+    rows = x.shape[0]
+    r = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    torch.library.opcheck(torch.ops.flashlm.distill_chunk_grad_.default,
+                          (x.contiguous(), t, 3, 0.5, False, r(rows, 3), r(rows), r(rows), r(rows), index,
+                           torch.rand(rows, 3, device=device), torch.zeros(rows, 40, device=device)))
+
+
+def test_distill_step_names_bad_arguments():
+    x = torch.randn(4, 10)
+    z, stats = torch.zeros(4), torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="^hard_coef"):
+        L.distill_chunk_grad_(x, x, 0, 1.0, False, stats, z, z, torch.zeros(3), None, None, torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="^lse"):
+        L.distill_chunk_grad_(x, x, 0, 1.0, False, stats, z, z.double(), z, None, None, torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="^weight"):
+        L.distill_chunk_grad_(x, x, 0, 1.0, False, stats, z, z, z, torch.zeros(4, 2, dtype=torch.int64),
+                              torch.zeros(4, 3), torch.zeros(4, 10))
+    with pytest.raises(ValueError, match="^teacher"):
+        L.distill_chunk_grad_(x, x[:, :9], 0, 1.0, False, stats, z, z, z, None, None, torch.zeros(4, 10))

@@ -45,6 +45,17 @@ void kl_chunk_grad(Array logits, Array teacher, double scale, bool reverse, Arra
   loss::kl_chunk_grad(l, t, scale, reverse, s, c, d, accumulate, reinterpret_cast<void*>(stream));
 }
 
+void distill_chunk_grad(Array logits, Array teacher, int64_t start, double scale, bool reverse, Array stats,
+                        Array coef, Array lse, Array hard_coef, std::optional<Array> index,
+                        std::optional<Array> weight, Array dlogits, uintptr_t stream) {
+  const TensorView l = to_view(logits, "logits"), t = to_view(teacher, "teacher");
+  const TensorView s = to_view(stats, "stats"), c = to_view(coef, "coef"), ls = to_view(lse, "lse");
+  const TensorView hc = to_view(hard_coef, "hard_coef"), d = to_view(dlogits, "dlogits");
+  const TensorView i = optional_view(index, "index"), w = optional_view(weight, "weight");
+  nb::gil_scoped_release release;
+  loss::distill_chunk_grad(l, t, start, scale, reverse, s, c, ls, hc, i, w, d, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 void bind_loss(nb::module_& m) {
@@ -60,6 +71,10 @@ void bind_loss(nb::module_& m) {
   m.def("kl_chunk_grad", &kl_chunk_grad, nb::arg("logits"), nb::arg("teacher"), nb::arg("scale"),
         nb::arg("reverse"), nb::arg("stats"), nb::arg("coef"), nb::arg("dlogits"), nb::arg("accumulate"),
         nb::arg("stream") = 0, "dlogits of a chunk for the KL; see flashlm/loss/chunked_loss.h");
+  m.def("distill_chunk_grad", &distill_chunk_grad, nb::arg("logits"), nb::arg("teacher"), nb::arg("start"),
+        nb::arg("scale"), nb::arg("reverse"), nb::arg("stats"), nb::arg("coef"), nb::arg("lse"),
+        nb::arg("hard_coef"), nb::arg("index").none(), nb::arg("weight").none(), nb::arg("dlogits"),
+        nb::arg("stream") = 0, "dlogits of a chunk for cross-entropy plus the KL; see flashlm/loss/chunked_loss.h");
 }
 
 }  // namespace flashlm::bindings

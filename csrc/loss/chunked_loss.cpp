@@ -110,6 +110,14 @@ void run_rows(const ChunkArgs& a, Kernel scalar, Kernel vector) {
 // The column of vocabulary entry `v` in this chunk, or -1.
 int64_t column(const ChunkArgs& a, int64_t v) { return v >= a.start && v - a.start < a.cols ? v - a.start : -1; }
 
+// dlogits -= weight at each indexed column inside the chunk (the gradient's sparse part, on the CPU).
+void subtract_at_index(const ChunkArgs& a) {
+  for (int64_t i = 0; i < a.rows * a.k; ++i) {
+    const int64_t c = column(a, a.index[i]);
+    if (c >= 0) a.dlogits[(i / a.k) * a.dlogits_stride + c] -= a.weight[i];
+  }
+}
+
 }  // namespace
 
 void logsumexp_chunk(const TensorView& logits, int64_t start, double scale, const TensorView& state,
@@ -142,10 +150,7 @@ void softmax_chunk_grad(const TensorView& logits, int64_t start, double scale, c
   if (a.rows == 0 || a.cols == 0) return;
   if (logits.device.is_cuda()) return detail::softmax_grad_cuda(a, logits.device.index, stream);
   run_rows(a, detail::softmax_grad_scalar, detail::softmax_grad_avx2);
-  for (int64_t i = 0; i < a.rows * a.k; ++i) {
-    const int64_t c = column(a, a.index[i]);
-    if (c >= 0) a.dlogits[(i / a.k) * a.dlogits_stride + c] -= a.weight[i];
-  }
+  subtract_at_index(a);
 }
 
 void kl_chunk(const TensorView& logits, const TensorView& teacher, double scale, bool reverse,
@@ -178,6 +183,32 @@ void kl_chunk_grad(const TensorView& logits, const TensorView& teacher, double s
   if (a.rows == 0 || a.cols == 0) return;
   if (logits.device.is_cuda()) return detail::kl_grad_cuda(a, logits.device.index, stream);
   run_rows(a, detail::kl_grad_scalar, detail::kl_grad_avx2);
+}
+
+void distill_chunk_grad(const TensorView& logits, const TensorView& teacher, int64_t start, double scale,
+                        bool reverse, const TensorView& stats, const TensorView& coef, const TensorView& lse,
+                        const TensorView& hard_coef, const TensorView& index, const TensorView& weight,
+                        const TensorView& dlogits, void* stream) {
+  ChunkArgs a = logits_args(logits, start, scale);
+  check_rows(teacher, "teacher", a.rows, a.cols, DType::F32, logits);
+  check_per_row(stats, "stats", a.rows, detail::kKLStats, logits);
+  check_per_row(coef, "coef", a.rows, 0, logits);
+  check_per_row(lse, "lse", a.rows, 0, logits);
+  check_per_row(hard_coef, "hard_coef", a.rows, 0, logits);
+  a.teacher = static_cast<const float*>(teacher.data);
+  a.teacher_stride = teacher.strides[0];
+  a.stats = static_cast<const float*>(stats.data);
+  a.coef = static_cast<const float*>(coef.data);
+  a.hard_lse = static_cast<const float*>(lse.data);
+  a.hard_coef = static_cast<const float*>(hard_coef.data);
+  a.reverse = reverse;
+  set_index(a, logits, index, weight, "weight");
+  a.weight = static_cast<const float*>(weight.data);
+  set_dlogits(a, logits, dlogits, false);
+  if (a.rows == 0 || a.cols == 0) return;
+  if (logits.device.is_cuda()) return detail::kl_grad_cuda(a, logits.device.index, stream);
+  run_rows(a, detail::kl_grad_scalar, detail::kl_grad_avx2);
+  subtract_at_index(a);
 }
 
 }  // namespace flashlm::loss

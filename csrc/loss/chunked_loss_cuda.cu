@@ -101,7 +101,15 @@ __global__ void kl_grad_kernel(ChunkArgs a) {
   const float* st = a.stats + r * kKLStats;
   const float c = a.coef[r];
   for (int64_t j = threadIdx.x; j < a.cols; j += kThreads)
-    put(g, j, kl_grad_element(a.scale * x[j], a.scale * t[j], st, c, a.reverse), a.accumulate);
+    put(g, j, distill_grad_element(x[j], a.scale, t[j], st, c, a.reverse, a.hard_lse, a.hard_coef, r),
+        a.accumulate);
+  if (a.k == 0) return;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int64_t i = r * a.k; i < (r + 1) * a.k; ++i) {
+    const int64_t v = a.index[i];
+    if (v >= a.start && v - a.start < a.cols) g[v - a.start] -= a.weight[i];
+  }
 }
 
 template <class Kernel>
@@ -122,7 +130,7 @@ void softmax_grad_cuda(const ChunkArgs& a, int device, void* stream) {
 }
 void kl_cuda(const ChunkArgs& a, int device, void* stream) { launch(kl_kernel, a, device, stream, "kl_chunk"); }
 void kl_grad_cuda(const ChunkArgs& a, int device, void* stream) {
-  launch(kl_grad_kernel, a, device, stream, "kl_chunk_grad");
+  launch(kl_grad_kernel, a, device, stream, a.hard_coef == nullptr ? "kl_chunk_grad" : "distill_chunk_grad");
 }
 
 }  // namespace flashlm::loss::detail

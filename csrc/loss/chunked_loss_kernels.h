@@ -32,6 +32,9 @@ struct ChunkArgs {
   const int64_t* index = nullptr;  // [rows, k], optional
   float* gathered = nullptr;       // [rows, k], logsumexp_chunk with index
   const float* weight = nullptr;   // [rows, k], softmax_chunk_grad with index
+  // distill_chunk_grad: the hard term's logsumexp and coefficient [rows] (null for the KL alone)
+  const float* hard_lse = nullptr;
+  const float* hard_coef = nullptr;
   int64_t rows = 0, cols = 0, start = 0, k = 0;
   float scale = 1.0f;
   bool reverse = false, accumulate = false;
@@ -83,6 +86,14 @@ FLASHLM_LOSS_HD inline float kl_grad_element(float s, float u, const float* stat
   const float ps = exp_from(s, stats[0]);
   if (reverse) return ps == 0.0f ? 0.0f : c * ps * ((s - u) - stats[2]);
   return c * (ps - exp_from(u, stats[1]));
+}
+
+// kl_grad_element plus the hard term's dense part (scale 1 on the raw logit x), when the step has one.
+FLASHLM_LOSS_HD inline float distill_grad_element(float x, float scale, float t, const float* stats, float c,
+                                                  bool reverse, const float* hard_lse, const float* hard_coef,
+                                                  int64_t r) {
+  const float v = kl_grad_element(scale * x, scale * t, stats, c, reverse);
+  return hard_coef == nullptr ? v : v + softmax_grad_element(x, 1.0f, hard_lse[r], hard_coef[r]);
 }
 
 // Folds a chunk's (max m, sum s of exp(x - m)) into a running (max, sum); an all -inf chunk changes nothing.

@@ -67,7 +67,7 @@ void kl_grad_scalar(const ChunkArgs& a, int64_t begin, int64_t end) {
     const float* st = a.stats + r * kKLStats;
     const float c = a.coef[r];
     for (int64_t j = 0; j < a.cols; ++j) {
-      const float v = kl_grad_element(a.scale * x[j], a.scale * t[j], st, c, a.reverse);
+      const float v = distill_grad_element(x[j], a.scale, t[j], st, c, a.reverse, a.hard_lse, a.hard_coef, r);
       g[j] = a.accumulate ? g[j] + v : v;
     }
   }

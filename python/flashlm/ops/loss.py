@@ -19,7 +19,7 @@ Teacher logits are constants (no gradient).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -67,11 +67,21 @@ def kl_chunk_grad_(logits: torch.Tensor, teacher: torch.Tensor, scale: float, re
     _C.kl_chunk_grad(logits, teacher, scale, reverse, stats, coef, dlogits, accumulate, cuda_stream(logits))
 
 
+@custom_op("flashlm::distill_chunk_grad_", mutates_args=("dlogits",))
+def distill_chunk_grad_(logits: torch.Tensor, teacher: torch.Tensor, start: int, scale: float, reverse: bool,
+                        stats: torch.Tensor, coef: torch.Tensor, lse: torch.Tensor, hard_coef: torch.Tensor,
+                        index: Optional[torch.Tensor], weight: Optional[torch.Tensor], dlogits: torch.Tensor) -> None:
+    """dlogits = coef * dKL/d(scaled logits) + hard_coef * softmax(logits) - weight at index: both terms' gradient
+    in one pass (dlogits may be logits)."""
+    _C.distill_chunk_grad(logits, teacher, start, scale, reverse, stats, coef, lse, hard_coef, index, weight, dlogits,
+                          cuda_stream(logits))
+
+
 def _fake_step(logits, *tensors):
     check_same_device(logits=logits, **{f"arg{i}": t for i, t in enumerate(tensors)})
 
 
-for _op in (logsumexp_chunk_, softmax_chunk_grad_, kl_chunk_, kl_chunk_grad_):
+for _op in (logsumexp_chunk_, softmax_chunk_grad_, kl_chunk_, kl_chunk_grad_, distill_chunk_grad_):
     _op.register_fake(lambda logits, *args: _fake_step(logits, *(a for a in args if isinstance(a, torch.Tensor))))
 
 
@@ -182,6 +192,10 @@ def _chunk_grad(spec, saved, coefs, z, c0, teacher, topk_index, dl):
     """dL/dlogits of vocabulary entries [c0, c0 + cols) into dl; dl may be z itself where one term writes it
     (the kernels read each element before they write it)."""
     scale, c1 = 1.0 / spec.temperature, c0 + z.shape[1]
+    if spec.hard and spec.soft == "dense":  # one pass for both terms
+        distill_chunk_grad_(z, teacher[:, c0:c1].float(), c0, scale, spec.reverse, saved["stats"], coefs["soft"],
+                            saved["lse_h"], coefs["hard"], saved["tgt"], coefs["target"], dl)
+        return
     if spec.hard:
         softmax_chunk_grad_(z, c0, 1.0, saved["lse_h"], coefs["hard"], saved["tgt"], coefs["target"], dl, False)
     if spec.soft == "dense":
@@ -240,9 +254,11 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
 # ---- the one-pass path: a reduced loss whose gradients the forward computes ---------------------------------
 
-# Bytes of the one-pass path's large buffer (two with both terms), a block of rows' logits [rows, V] f32
-# (overwritten by their gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More rows per block make the dW update
-# (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger GEMM; fewer, less memory.
+# Bytes of the one-pass path's large buffer (two for cross-entropy with a top-k teacher), a block of rows'
+# logits [rows, V] f32 (overwritten by their gradient): 64 MiB is 110 rows at vocab 151936, 512 at 32000. More
+# rows per block make the dW update (dW += dlogits^T @ h_block, which reads and writes all of dW [V, d]) a bigger
+# GEMM: 128 MiB measured 6-9% less CPU time at 152k (bench/results/loss.md), but takes the memory at 152k to the
+# edge of 1/4 of torch eager's peak; fewer rows, less memory.
 ROW_BLOCK_BYTES = 64 << 20
 
 
@@ -295,12 +311,14 @@ def _add_product(out, a, b, first):
 
 def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, topk_values, w_hard, w_soft, needs):
     """sum over rows of w_hard * hard + w_soft * soft, and its gradients for h, weight and bias (those `needs`
-    asks for). Block of rows by block: its logits [n, V] in one GEMM, the losses folded chunk by chunk, then
-    dL/dlogits chunk by chunk, turned into dh and dW by two GEMMs: torch's three GEMMs and no recomputation, for
-    one [n, V] f32 buffer (ROW_BLOCK_BYTES), two with both terms (the hard and the soft loss each read the
-    logits). The kernels run over all the chunks before the GEMMs: alternating flashlm's pool and torch's
-    chunk by chunk, or copying a chunk's gradient back into the logits' strided columns with torch, cost
-    seconds a block at 152k on a loaded 2-core machine (each pool waiting for threads the other holds)."""
+    asks for). Block of rows by block: its logits [n, V] in one GEMM, the losses folded over whole rows, then
+    dL/dlogits written over the logits (both terms by one kernel with a dense teacher), turned into dh and dW by
+    two GEMMs: torch's three GEMMs and no recomputation, for one [n, V] f32 buffer (ROW_BLOCK_BYTES), two for
+    cross-entropy with a top-k teacher (its two kernels each read the logits). A low-precision teacher goes
+    chunk by chunk (each chunk converted to f32). The kernels cover the whole block before the GEMMs:
+    alternating flashlm's pool and torch's chunk by chunk, or copying a chunk's gradient back into the logits'
+    strided columns with torch, cost seconds a block at 152k on a loaded 2-core machine (each pool waiting for
+    threads the other holds)."""
     rows, vocab, dev, f32 = h.shape[0], weight.shape[0], h.device, torch.float32
     block = _row_block(rows, vocab)
     several = block < rows
@@ -311,8 +329,15 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
     dh32 = torch.empty(block, h.shape[1], dtype=f32, device=dev) if needs[0] and h.dtype != f32 else None
     z_buf = torch.empty(block * vocab, dtype=f32, device=dev)
     low_buf = torch.empty(block * vocab, dtype=h.dtype, device=dev) if h.dtype != f32 else None
-    two_terms = spec.hard and spec.soft is not None
-    tmp = torch.empty(block * vocab, dtype=f32, device=dev) if two_terms else None
+    # Cross-entropy with top-k KL: two kernels each read the logits, so the gradient goes to a second buffer;
+    # with the dense KL one kernel writes both terms' gradient over the logits.
+    two_passes = spec.hard and spec.soft == "topk"
+    tmp = torch.empty(block * vocab, dtype=f32, device=dev) if two_passes else None
+    if teacher is None or teacher.dtype == f32:
+        # The logits exist whole: each kernel takes a block's full rows in one call (38 calls a block fewer at
+        # 152k, each a hand-off between torch's threads and flashlm's pool); a low-precision teacher still goes
+        # chunk by chunk, each chunk converted to f32.
+        spec = replace(spec, chunk=vocab)
     total = torch.zeros((), dtype=f32, device=dev)
     zero_w = torch.zeros(rows, dtype=f32, device=dev)
     w_hard = zero_w if w_hard is None else w_hard
@@ -331,7 +356,7 @@ def _forward_with_grads(spec, h, weight, bias, targets, teacher, topk_index, top
         total += _weighted_sum(hard, wh) + _weighted_sum(soft, ws)
         coefs = _coefs(spec, saved, wh, ws)
         dh_b = None if dh is None else dh[r0:r1] if dh32 is None else dh32[:n]
-        # One term: its gradient overwrites the logits; both (each reads the logits): a second buffer.
+        # The gradient overwrites the logits (each element is read before it is written), or goes to tmp.
         dl = z if tmp is None else tmp[:n * vocab].view(n, vocab)
         for c0 in range(0, vocab, spec.chunk):
             c1 = min(vocab, c0 + spec.chunk)

@@ -44,4 +44,13 @@ FLASHLM_API void kl_chunk_grad(const TensorView& logits, const TensorView& teach
                                const TensorView& stats, const TensorView& coef, const TensorView& dlogits,
                                bool accumulate, void* stream = nullptr);
 
+// Cross-entropy and the KL together, one pass over the chunk (a distillation loss's two terms):
+// dlogits = kl_chunk_grad's term (teacher, scale, reverse, stats, coef) + softmax_chunk_grad's term at scale 1
+// (lse, hard_coef, index, weight; index and weight optional together, `start` the chunk's first column).
+// dlogits may be the logits themselves: each element is read before it is written.
+FLASHLM_API void distill_chunk_grad(const TensorView& logits, const TensorView& teacher, int64_t start,
+                                    double scale, bool reverse, const TensorView& stats, const TensorView& coef,
+                                    const TensorView& lse, const TensorView& hard_coef, const TensorView& index,
+                                    const TensorView& weight, const TensorView& dlogits, void* stream = nullptr);
+
 }  // namespace flashlm::loss
