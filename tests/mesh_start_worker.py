@@ -38,9 +38,13 @@ def main():
                                 pp_schedule="1f1b", zero_stage=zero, weight_decay=0.1)
     torch.manual_seed(7)
     model, init = deferred_init(lambda: Transformer(mcfg))
-    mp = ModelParallel(model, cfg, sizes, lambda groups: torch.optim.AdamW(groups, lr=1e-3), init=init)
+    make_optimizer = lambda groups: torch.optim.AdamW(groups, lr=1e-3)  # noqa: E731
+    if tp * pp * cp == 1:  # ZeRO-3 over data parallelism alone: the trainer's DataParallel
+        model.make_buffers()
+        return check_data_parallel(out, mcfg, model, init, make_optimizer)
+    mp = ModelParallel(model, cfg, sizes, make_optimizer, init=init)
     rng_after = torch.get_rng_state()
-    held_bytes = tensor_bytes(mp.part)  # before ZeRO-3's sharding: what start-up made (ZeRO-3: its units are empty)
+    held_bytes = tensor_bytes(mp.part)  # (ZeRO-3: its units are empty between uses)
 
     torch.manual_seed(7)  # the usual start-up: the full model on every rank, then its tp part
     ref = Transformer(mcfg)
@@ -65,6 +69,31 @@ def main():
     else:
         result["full_state_equal"] = gathered == {} and again == {}
     mp.close()
+    torch.save(result, os.path.join(out, f"rank{fd.get_rank()}.pt"))
+    fd.destroy()
+
+
+def check_data_parallel(out, mcfg, model, init, make_optimizer):
+    """DataParallel(zero_stage=3, init=...): its shards and then full_parameters() against the usual model."""
+    import flashlm.dist as fd
+    from flashlm.models import Transformer
+    from flashlm.train.parallel import DataParallel
+
+    dp = DataParallel(model, make_optimizer, zero_stage=3, param_groups=model.param_groups(0.1), init=init)
+    rng_after = torch.get_rng_state()
+    held_bytes = sum(p.numel() * p.element_size() for g in dp.param_groups for p in g["params"])
+    torch.manual_seed(7)
+    ref = Transformer(mcfg)
+    full = ref.state_dict()
+    # between uses the model's parameters are empty: the shards are all a rank holds
+    result = {"rng_equal": torch.equal(torch.get_rng_state(), rng_after),
+              "full_on_meta": all(p.numel() == 0 for p in model.parameters()),
+              "held_bytes": held_bytes, "full_bytes": sum(t.numel() * 4 for t in full.values()), "equal": {}}
+    with dp.full_parameters():
+        for name, p in model.named_parameters():
+            result["equal"][name] = torch.equal(p.detach(), full[name])
+    result["full_state_equal"] = True
+    dp.close()
     torch.save(result, os.path.join(out, f"rank{fd.get_rank()}.pt"))
     fd.destroy()
 

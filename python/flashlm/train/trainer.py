@@ -190,7 +190,8 @@ class Trainer:
                                     cfg.comm_timeout, init=getattr(self, "model_init", None), device=self.device)
         else:
             self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg),
-                                   zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay))
+                                   zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay),
+                                   init=getattr(self, "model_init", None), device=self.device)
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.data_world
         self.step = 0
@@ -229,7 +230,8 @@ class Trainer:
     def setup_model(self):
         """self.model and self.model_config: a fresh Transformer (subclasses: a loaded model, adapters). Under
         model parallelism it is built on the meta device (no rank holds it) and self.model_init records its
-        initialisation, which each rank replays for the parameters it holds (flashlm.parallel.materialize)."""
+        initialisation, which each rank replays for the parameters it holds (flashlm.parallel.materialize); so
+        under ZeRO-3 over several ranks, each making its shards."""
         from flashlm.models import Transformer
         from flashlm.parallel.materialize import deferred_init
 
@@ -237,8 +239,12 @@ class Trainer:
         self.model_config = cfg.model_config()
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model_init = None
-        if self.model_parallel:
+        # ZeRO-3 over data parallelism shards the parameters too (not with QAT's or sparsity's module changes).
+        zero3 = cfg.zero_stage == 3 and self.world_size > 1 and cfg.qat is None and not cfg.sparsity
+        if self.model_parallel or zero3:
             self.model, self.model_init = deferred_init(lambda: Transformer(self.model_config, attn_impl=cfg.attn_impl))
+            if not self.model_parallel:  # (ModelParallel makes the tables of the part it keeps)
+                self.model.make_buffers(self.device)
         else:
             self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
