@@ -48,6 +48,7 @@ class _Op:
 
     def __init__(self, func, target, args, kwargs):
         self.func, self.target, self.args, self.kwargs = func, target, args, kwargs
+        self.inplace = target is not None
         self.shape = tuple(target.shape) if target is not None else None
         self.dtype = target.dtype if target is not None else None
         name = _inplace_name(func)
@@ -55,7 +56,7 @@ class _Op:
 
     def run(self, value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The op on the CPU: on `value` (a fresh tensor when the op starts one), or the factory call."""
-        if self.target is None:
+        if not self.inplace:
             kwargs = {**self.kwargs, "device": torch.device("cpu")} if "device" in self.kwargs else self.kwargs
             self.func(*self.args, **kwargs)
             return None
@@ -95,6 +96,7 @@ class InitRecord:
             if op.target is not None and id(op.target) not in names and not _is_random(op.func):
                 continue
             self._ops.append((op, names.get(id(op.target)) if op.target is not None else None))
+            op.target = None  # identified by its name now: the record holds no tensor
         self.names = list(names.values())
         written = {n for _, n in self._ops if n is not None}
         missing = [n for n in self.names if n not in written]
@@ -203,25 +205,25 @@ def materialize_part(part: nn.Module, init: InitRecord, names, part_init: Option
     sliced as the part's tp dimensions say; then part_init's draws replay. A tp part has its own storage and
     copies them in, its other parameters released to the meta device; a meta part gets tensors on `device`."""
     dims, tp = getattr(part, "tp_dims", None), getattr(part, "tp", None)
-    kept = {}
+    params = dict(part.named_parameters())
+    kept = {}  # a meta part's values (a tp part's are copied into its parameters as they come)
 
     def take(name, value):
-        if name in names:
-            dim = dims[name] if dims is not None else None
-            if dim is None:
-                kept[name] = value
-            else:
-                n = value.shape[dim] // tp.size
-                kept[name] = value.narrow(dim, tp.rank * n, n).clone()
+        if name not in names:
+            return
+        if dims is None:
+            kept[name] = value
+            return
+        dim = dims[name]
+        if dim is not None:
+            n = value.shape[dim] // tp.size
+            value = value.narrow(dim, tp.rank * n, n)
+        params[name].copy_(value)
 
     init.replay(take)
     if part_init is not None:
         part_init.replay()
     if dims is None:
         materialize(part, kept, device)
-        return
-    params = dict(part.named_parameters())
-    with torch.no_grad():
-        for name, value in kept.items():
-            params[name].copy_(value)
-    release(part, names)
+    else:
+        release(part, names)

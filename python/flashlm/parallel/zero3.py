@@ -108,7 +108,9 @@ class _Unit:
         for s in segments:
             s.shard_start = self.shard_numel
             self.shard_numel += s.slice
-        self.full = torch.zeros(self.numel, dtype=dtype, device=device)
+        # empty, not zeros: its pages are first written by a gather, so building every unit's buffer (freed at
+        # once) costs no resident memory, where zeros would hold the whole model for a moment
+        self.full = torch.empty(self.numel, dtype=dtype, device=device)
         self.views = [self.full[s.start + o:s.start + o + p.numel()].view_as(p)
                       for s in segments for p, o in zip(s.params, s.offsets)]
         self.ready = True  # the full buffer holds the parameters' values

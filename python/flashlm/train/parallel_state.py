@@ -117,8 +117,9 @@ class FullState:
             yield
             with torch.no_grad():
                 if self.part is not self.full:
+                    values = self.full.state_dict()
                     for name, p in self.params.items():
-                        p.copy_(self._slice(name, self.full.state_dict()[name]))
+                        p.copy_(self._slice(name, values[name]))
                 # else: the stage's modules are the full model's own
 
     def _full_names(self) -> list:

@@ -200,7 +200,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir, cfg.keep_checkpoints) if self.is_main else None
         path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
         if path is not None:
-            self.load_state_dict(load_checkpoint(path))
+            # A rank that holds a part of the model maps the file and reads the slices it takes.
+            self.load_state_dict(load_checkpoint(path, mmap=getattr(self, "model_init", None) is not None))
             self.log(f"flashlm train: resumed from {path} at step {self.step}")
         if self.is_main:
             self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
