@@ -57,14 +57,44 @@ def test_deferred_init_replays_the_constructor(arch):
         assert torch.equal(dict(model.named_buffers())[name], b), name
 
 
+def test_deferred_init_replays_ops_that_read_the_value():
+    """A draw followed by ops that read it (uniform_, erfinv_, mul_, add_, clamp_: the inverse-CDF truncated normal)
+    between two plain draws: the reading ops run on the tensor they follow, and the values are the
+    constructor's."""
+    class Chained(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(7, 5)
+            self.b = torch.nn.Parameter(torch.empty(6, 3))
+            with torch.no_grad():
+                self.b.uniform_(-0.6, 0.6).erfinv_().mul_(0.5 * 2 ** 0.5).add_(0.1).clamp_(min=-0.4, max=0.4)
+            torch.nn.init.normal_(self.a.weight)
+
+    torch.manual_seed(3)
+    ref = Chained()
+    torch.manual_seed(3)
+    _, init = deferred_init(Chained)
+    got = {}
+    init.replay(lambda name, value: got.__setitem__(name, value.clone()))
+    for name, p in ref.named_parameters():
+        assert torch.equal(got[name], p), name
+
+
 def test_deferred_init_refuses_what_it_cannot_replay():
     class Plain(torch.nn.Module):  # a parameter made by a factory and never set in place
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.ones(3))
 
-    with pytest.raises(ValueError, match="no in-place op sets"):
-        deferred_init(Plain)
+    class Rejection(torch.nn.Module):  # torch's trunc_normal_ draws until the values fall inside: not replayable
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4, 4))
+            torch.nn.init.trunc_normal_(self.w)
+
+    for module in (Plain, Rejection):
+        with pytest.raises(ValueError, match="no in-place op sets"):
+            deferred_init(module)
 
 
 @pytest.mark.slow

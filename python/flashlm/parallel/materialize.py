@@ -13,12 +13,14 @@ value is made whole (a random draw needs the full tensor to consume the generato
 handed to `take` (which keeps the slice this rank holds) and dropped before the next. A draw whose value a
 later op overwrites (nn.Linear's own kaiming init, redrawn by Transformer.reset_parameters) is made and
 dropped too, for the generator's sake. At most one full tensor exists at a time besides what `take` keeps
-(an op that reads a value, such as trunc_normal_'s mul_ after uniform_, keeps its tensor until that op).
+(a value that a later op reads, a uniform_ followed by erfinv_ and mul_, is kept until that op).
 
 Random ops are told apart by torch's own tag (nondeterministic_seeded); ops that write a whole tensor whatever
 it held (fill_, zero_ and the random in-place draws) start a value; any other in-place op on a parameter
 updates the value it follows. A parameter whose value no in-place op set (a factory's torch.ones wrapped in a
-Parameter, never reset) cannot be replayed and is refused by name, as is an op that reads another tensor.
+Parameter, never reset) cannot be replayed and is refused by name, as is an op that reads another tensor
+(torch's trunc_normal_, which draws until its values fall inside the bounds, runs nothing on the meta device and
+is refused the same way).
 """
 
 from typing import Callable, Optional
