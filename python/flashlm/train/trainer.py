@@ -302,7 +302,8 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The checkpoint (collective: dp.state_dict() gathers the optimizer state on every rank)."""
+        """The checkpoint (collective: the parameters and dp.state_dict()'s optimizer state are gathered; under
+        model parallelism onto rank 0 alone, whose checkpoint is the one saved)."""
         tok = self.data.tokenizer()
         model = self.full_state_dict()
         return {"model_config": self.model_config.to_dict(), "model": model,
