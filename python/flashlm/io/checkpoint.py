@@ -24,14 +24,15 @@ def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:08d}.pt"
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, mmap: bool = False) -> dict:
     """Reads a checkpoint on the CPU; ValueError for a file that is missing, truncated, not a checkpoint or
-    of another format."""
+    of another format. mmap: the tensors map the file and are read as they are touched (a model-parallel rank
+    copies out its slices without reading the whole model into its memory)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint: no such file {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, garbage, pickled code: all the same to the caller
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: {first_line})") from e

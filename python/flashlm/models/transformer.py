@@ -431,15 +431,21 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attn_impl, i) for i in range(cfg.n_layer))
         self.final_norm = _norm(cfg, attn_impl == "flashlm")
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.make_buffers()
+        self.reset_parameters()
+
+    def make_buffers(self, device=None):
+        """The rotary tables (non-persistent buffers), computed from the config; again after a build on the
+        meta device (flashlm.parallel.materialize), where they were made without values."""
+        cfg = self.cfg
         if cfg.rotary:
-            cos, sin = rope_tables(cfg)
+            cos, sin = rope_tables(cfg, device)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if cfg.rope_local_theta is not None:  # gemma3's local layers rotate by another base
-            cos, sin = rope_tables(cfg, theta=cfg.rope_local_theta)
+            cos, sin = rope_tables(cfg, device, theta=cfg.rope_local_theta)
             self.register_buffer("rope_local_cos", cos, persistent=False)
             self.register_buffer("rope_local_sin", sin, persistent=False)
-        self.reset_parameters()
 
     def reset_parameters(self):
         """GPT-2's initialisation: N(0, 0.02) weights, the residual projections scaled by 1/sqrt(2 n_layer)

@@ -108,7 +108,9 @@ class _Unit:
         for s in segments:
             s.shard_start = self.shard_numel
             self.shard_numel += s.slice
-        self.full = torch.zeros(self.numel, dtype=dtype, device=device)
+        # empty, not zeros: its pages are first written by a gather, so building every unit's buffer (freed at
+        # once) costs no resident memory, where zeros would hold the whole model for a moment
+        self.full = torch.empty(self.numel, dtype=dtype, device=device)
         self.views = [self.full[s.start + o:s.start + o + p.numel()].view_as(p)
                       for s in segments for p, o in zip(s.params, s.offsets)]
         self.ready = True  # the full buffer holds the parameters' values
@@ -121,7 +123,11 @@ class Zero3:
 
     sharded = True
 
-    def __init__(self, model, groups, make_optimizer, group, separate=(), keep_outer: bool = False):
+    def __init__(self, model, groups, make_optimizer, group, separate=(), keep_outer: bool = False, init=None,
+                 device=None):
+        """init: the InitRecord of a model built on the meta device (flashlm.parallel.materialize), whose replay
+        fills this rank's slices one full tensor at a time (no rank holds the model); device: then where the
+        shards go (default: the CPU)."""
         self.shard_group = group  # the ranks the parameters are sharded over (WorldGroup, or a mesh's dp group)
         self.rank, self.world_size = group.rank, group.size
         self.keep_outer = keep_outer  # the outer unit stays from the first forward to the step (pipelines)
@@ -129,7 +135,7 @@ class Zero3:
         self.groups = [g["params"] for g in groups]
         group_of = {id(p): gi for gi, params in enumerate(self.groups) for p in params}
         p0 = self.groups[0][0] if self.groups[0] else next(p for ps in self.groups for p in ps)
-        dtype, device = p0.dtype, p0.device
+        dtype, device = p0.dtype, (p0.device if init is None else torch.device(device or "cpu"))
         blocks = getattr(model, "blocks", None)
         blocks = list(blocks) if isinstance(blocks, torch.nn.ModuleList) else []
         claimed, parts = set(), []
@@ -160,7 +166,10 @@ class Zero3:
         self._unit_of = {p: u for u in self.units for p in u.params}
         self._shape = {p: p.shape for u in self.units for p in u.params}  # p itself is empty while freed
         self.segments = [s for u in self.units for s in u.segments]
-        self._shard_from_params()
+        if init is None:
+            self._shard_from_params()
+        else:
+            self._shard_from_init(model, init)
 
         self._lock = threading.Lock()
         self.materialized_bytes = 0
@@ -187,6 +196,31 @@ class Zero3:
         self.optimizer = make_optimizer(inner)
 
     # ---- materialising --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _shard_from_init(self, model, init) -> None:
+        """Each segment's shard takes this rank's slice of the initial values that init's replay makes one
+        parameter at a time; the meta parameters become empty tensors of the shards' device (as _free leaves
+        them)."""
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        where = {name_of[id(p)]: (s, o) for s in self.segments for p, o in zip(s.params, s.offsets)}
+        u0 = self.units[0].full
+        for s in self.segments:
+            s.shard = torch.zeros(s.slice, dtype=u0.dtype, device=u0.device)
+
+        def take(name, value):
+            if name in where:
+                s, o = where[name]
+                lo = self.rank * s.slice
+                for _, first, count, pos in owned_parts([value.numel()], [o], lo, lo + s.slice):
+                    s.shard[pos:pos + count].copy_(value.reshape(-1)[first:first + count])
+
+        init.replay(take)
+        for u in self.units:
+            for p in u.params:
+                if p.is_meta:
+                    torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty(0, dtype=u0.dtype, device=u0.device),
+                                                                   requires_grad=p.requires_grad))
 
     @torch.no_grad()
     def _shard_from_params(self) -> None:

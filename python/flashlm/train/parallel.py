@@ -35,10 +35,12 @@ class DataParallel:
     group for stage 3), so it must take any float tensor (flashlm's AdamW and torch's optimizers do). `param_groups`: the groups to
     optimize, as from model.param_groups(weight_decay) (default: every trainable parameter of `model` in one
     group); parameters that do not require grad are left out. `bucket_mb`: the size of the gradient buckets
-    reduced together."""
+    reduced together. `init` (ZeRO-3 only): the InitRecord of a model built on the meta device
+    (flashlm.parallel.materialize.deferred_init); each rank then makes only its shards of the initial values, on
+    `device`, and no rank holds the whole model until full_parameters()."""
 
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable, zero_stage: int = 0,
-                 bucket_mb: float = 25.0, *, param_groups: Optional[list] = None):
+                 bucket_mb: float = 25.0, *, param_groups: Optional[list] = None, init=None, device=None):
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"model: must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(make_optimizer):
@@ -57,9 +59,12 @@ class DataParallel:
             self.rank, self.world_size = fd.get_rank(), fd.get_world_size()
         else:
             self.rank, self.world_size = 0, 1
+        if init is not None and zero_stage != 3:
+            raise ValueError(f"init: a model built on the meta device starts under ZeRO-3 only, got zero_stage "
+                             f"{zero_stage}")
         params = [p for g in groups for p in g["params"]]
         self._param_bytes = sum(p.numel() * p.element_size() for p in params)
-        if self.world_size > 1:
+        if self.world_size > 1 and init is None:  # (a replay makes the same values on every rank)
             _broadcast_from_rank0(params)
         in_groups = {id(p) for p in params}
         # The model's order: backward produces gradients in its reverse, and clip_grad_norm_(model.parameters())
@@ -70,14 +75,14 @@ class DataParallel:
         elif zero_stage == 3:
             from flashlm.parallel.zero3 import WorldGroup, Zero3
 
-            self._impl = Zero3(model, groups, make_optimizer, WorldGroup())
+            self._impl = Zero3(model, groups, make_optimizer, WorldGroup(), init=init, device=device)
         else:
             from flashlm.parallel.zero3 import WorldGroup
             from flashlm.train.zero import ShardedOptimizer
 
             self._impl = ShardedOptimizer(groups, ordered, make_optimizer, zero_stage, bucket_mb, WorldGroup())
         # The device that carries the small collectives (the inf flag, the squared norm).
-        self._device = params[0].device
+        self._device = params[0].device if init is None else torch.device(device or "cpu")
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:

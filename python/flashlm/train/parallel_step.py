@@ -2,7 +2,8 @@
 
     sizes = layout_sizes(cfg, world_size)       # before any process group: the product is the world size
     check_layout(cfg, cfg.model_config(), sizes)  # heads, layers, batch and sequence fit the layout
-    mp = ModelParallel(model, cfg, sizes, make_optimizer)     # model: the full Transformer, on every rank
+    model, init = deferred_init(lambda: Transformer(model_cfg))  # on the meta device: no storage
+    mp = ModelParallel(model, cfg, sizes, make_optimizer, init=init)  # this rank's part, with its values
     loss = mp.forward_backward(idx, targets, loss_scale, autocast)   # per micro-step; adds to the gradients
     mp.finish_gradients(); scaler.step(mp, grad_clip); mp.zero_grad()
 
@@ -31,10 +32,14 @@ the whole) are summed over cp, then averaged over dp. Every cp rank then holds t
 norm is summed over tp and pp only: each element counted once. Sequence
 parallelism is refused with --cp (its T / tp positions would have to divide each rank's ragged slice).
 
-Checkpoints are layout-free: full_parameters() gathers the full model into the Transformer the trainer built
-(tp slices all-gathered, each pipeline stage's tensors broadcast from it) and, on leaving, every rank takes its
-part of it back, so a checkpoint written at one layout loads at any other. The optimizer state travels the same
-way, in the format of a plain optimizer over the full model's param groups (DataParallel's, so ZeRO runs read it).
+Start-up and checkpoints hold no full model. The trainer builds the Transformer on the meta device
+(flashlm.parallel.materialize.deferred_init) and each rank makes the initial values of the parameters it holds
+only, replaying the initialisation's draws one full tensor at a time: the values of the full model built with
+the same seed, to the bit. Checkpoints are layout-free: full_state_dict() gathers the full tensors one at a time
+onto rank 0 (tp slices all-gathered, each pipeline stage's broadcast from it) and load_full_state_dict() has
+every rank take its part of them, so a checkpoint written at one layout loads at any other
+(parallel_state.py). The optimizer state travels the same way, in the format of a plain optimizer over the full
+model's param groups (DataParallel's, so ZeRO runs read it).
 Clipping uses the norm over all shards: the squares of split tensors summed over tp, a replicated tensor counted
 once, the stages' sums added, the tied embedding counted on the first stage only.
 
@@ -73,9 +78,10 @@ from flashlm.parallel import Mesh, check_sizes, check_tensor_parallel, shard_mod
 from flashlm.parallel.context import SequenceLayout, shard_sequence
 from flashlm.parallel.context_model import ContextParallelTransformer, ContextShard, sum_gradients
 from flashlm.parallel.cuda_mesh import check_mesh_devices, cuda_index, nccl_connect
+from flashlm.parallel.materialize import InitRecord, materialize_part, start_part
 from flashlm.parallel.pipeline import Pipeline, PipelinePlan, PipelineStage, shm_stage_links, stage_links
-from flashlm.parallel.tensor import load_full_state_dict
 from flashlm.parallel.zero3 import Zero3
+from flashlm.train.parallel_state import FullState
 from flashlm.train.zero import ShardedOptimizer
 
 BUCKET_MB = 25.0  # the dp reduction's gradient buckets: DataParallel's default
@@ -138,20 +144,32 @@ def check_layout(cfg, model_cfg, sizes: dict) -> None:
             raise ValueError(f"--cp: {e}") from e
 
 
-class ModelParallel:
+class ModelParallel(FullState):
     """This rank's part of `model` (a full Transformer, the same on every rank) on a dp x pp x cp x tp mesh,
-    with its optimizer (`make_optimizer(param_groups)`) over the parameters it holds. `model` stays the full
-    model: full_parameters() fills it."""
+    with its optimizer (`make_optimizer(param_groups)`) over the parameters it holds.
+
+    `model` built on the meta device (flashlm.parallel.materialize.deferred_init, `init` its record): no rank
+    holds it; each makes the values of the parameters it holds, those of the model with the same seed, to the
+    bit (start_part), and checkpoints go through full_state_dict / load_full_state_dict (parallel_state.py).
+    `device`: where the part goes (default: the model's, the CPU for a meta one). A `model` with its values (init
+    None) stays the full model: full_parameters() fills it."""
 
     def __init__(self, model: Transformer, cfg, sizes: dict, make_optimizer: Callable, timeout: float = 60.0,
-                 overlap: bool = True, bucket_mb: float = BUCKET_MB):
+                 overlap: bool = True, bucket_mb: float = BUCKET_MB, init: InitRecord = None, device=None):
         check_layout(cfg, model.cfg, sizes)
-        device = next(model.parameters()).device
+        self.deferred = init is not None
+        if device is None:
+            device = torch.device("cpu") if self.deferred else next(model.parameters()).device
+        device = torch.device(device)
         # Before any group, on every rank alike, so that every rank says it rather than waiting on another.
         check_mesh_devices(device)
         self.full, self.device = model, device
         self.mesh = mesh = Mesh(**sizes, timeout=timeout)
-        self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
+        part_init = None
+        if self.deferred:  # the tp part (its own draws recorded) or the meta model with its tables
+            self.part, part_init = start_part(model, mesh.tp, cfg.sequence_parallel, device)
+        else:
+            self.part = shard_model(model, mesh.tp, cfg.sequence_parallel) if mesh.tp.size > 1 else model
         self.stage = self.pipe = self.context = self.layout = None
         held = self.part
         shard, seq_len = None, cfg.seq_len
@@ -163,6 +181,8 @@ class ModelParallel:
             self.plan = PipelinePlan(model.cfg.n_layer, mesh.pp.size, cfg.batch_size, cfg.micro_batches, seq_len,
                                      cfg.pp_schedule)
             self.stage = held = PipelineStage(self.part, mesh.pp.rank, self.plan, context=shard)
+            if self.deferred:  # the stage's values, before the pipeline reads their device
+                self._start_values(held, init, part_init)
             # The first rank of the pp group names its links: one pipeline per (dp, cp, tp) coordinate.
             job = f"{mesh.job}-pipe{mesh.pp.ranks[0]}"
             if device.type == "cuda":
@@ -173,6 +193,8 @@ class ModelParallel:
             self.pipe = Pipeline(self.stage, links, self.plan)
         elif shard is not None:
             self.context = ContextParallelTransformer(self.part, mesh.cp.ring_on(device))
+        if self.deferred and self.stage is None:  # the values of what this rank holds, before anything hooks on
+            self._start_values(held, init, part_init)
         # The parameters this rank trains, by their full model's names.
         name_of = {id(p): n for n, p in self.part.named_parameters()}
         self.params = {name_of[id(p)]: p for p in held.parameters() if p.requires_grad}
@@ -197,6 +219,12 @@ class ModelParallel:
             self.sync = GroupGradientSync(list(self.params.values()), mesh.dp, bucket_mb)
         self.optimizer = self.zero.optimizer if self.zero is not None else make_optimizer(self.groups)
         self._stepper = self.zero if self.zero is not None else self.optimizer  # step, state_dict, load_state_dict
+
+    def _start_values(self, held: torch.nn.Module, init: InitRecord, part_init) -> None:
+        """The parameters of `held` take their initial values (materialize_part); the rest of the model stays
+        without storage."""
+        name_of = {id(p): n for n, p in self.part.named_parameters()}
+        materialize_part(self.part, init, {name_of[id(p)] for p in held.parameters()}, part_init, self.device)
 
     def _sharded(self, stage: int, held: torch.nn.Module, make_optimizer: Callable):
         """ZeRO `stage` over the dp group for the parameters this rank holds: ShardedOptimizer or Zero3, holding
@@ -349,136 +377,3 @@ class ModelParallel:
             self.zero.close()  # its hooks and background thread; the rings close with the process
         if self.sync is not None:
             self.sync.remove()
-
-    # ---- Full tensors, for checkpoints ---------------------------------------------------------------------
-
-    def _owner(self, name: str) -> int:
-        """The pipeline stage whose copy of a full-model tensor is saved (the tied table: the first stage's)."""
-        if self.stage is None or name.startswith(("tok_emb.", "pos_emb.")):
-            return 0
-        if name.startswith("blocks."):
-            layer = int(name.split(".")[1])
-            return next(s for s in range(self.plan.stages) if layer in self.plan.layers(s))
-        return self.plan.stages - 1
-
-    def _gather(self, local: dict, shapes: dict) -> dict:
-        """Full tensors from every rank's parts. local: name -> this rank's tensor (for the names it holds;
-        float32 or an exact cast of it); shapes: name -> the full tensor's shape, for every name. A tensor
-        shaped as its parameter's slice is all-gathered along the parameter's split dimension; the rest are
-        whole on every tp rank. Collective of the whole mesh (tp then pp)."""
-        full = {}
-        for name, t in local.items():
-            dim = self.tp_dims[name]
-            if dim is not None and t.shape == self._shapes[name] and self.mesh.tp.size > 1:
-                t = self.mesh.tp.all_gather(t.float().movedim(dim, 0).contiguous()).movedim(0, dim)
-            full[name] = t.float().contiguous()
-        if self.stage is None:
-            return full
-        for s in range(self.plan.stages):
-            names = [n for n in shapes if self._owner(n) == s]
-            sizes = [math.prod(shapes[n]) for n in names]
-            # On the model's device on every stage: the broadcast goes over that device's ring.
-            if s == self.mesh.pp.rank:
-                flat = torch.cat([full[n].reshape(-1) for n in names]).to(self.device)
-            else:
-                flat = torch.empty(sum(sizes), device=self.device)
-            self.mesh.pp.broadcast(flat, src=s)
-            for n, piece in zip(names, flat.split(sizes)):
-                full[n] = piece.view(shapes[n]).clone()
-        return {n: full[n] for n in shapes}
-
-    def _slice(self, name: str, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full tensor shaped as parameter `name` (others: whole)."""
-        dim, tp = self.tp_dims[name], self.mesh.tp
-        if dim is None or full.dim() == 0:
-            return full
-        n = full.shape[dim] // tp.size
-        return full.narrow(dim, tp.rank * n, n)
-
-    @contextlib.contextmanager
-    def full_parameters(self):
-        """The full model (the Transformer given) holds every parameter's full value inside; on leaving, each
-        rank takes its part back from it (so loading a checkpoint into it loads every rank). Collective."""
-        zero3 = self.zero.full_parameters() if isinstance(self.zero, Zero3) else contextlib.nullcontext()
-        with zero3:  # the dp slices gathered first (ZeRO-3), and taken back from the part last
-            yield from self._full_parameters()
-
-    def _full_parameters(self):
-        shapes = self._full_shapes
-        with torch.no_grad():
-            gathered = self._gather({n: p.detach() for n, p in self.params.items()}, shapes)
-            for n, p in self.full.named_parameters():
-                p.copy_(gathered[n])
-        yield
-        with torch.no_grad():
-            if self.part is not self.full:
-                load_full_state_dict(self.part, self.full.state_dict())
-            # else: the stage's modules are the full model's own
-
-    def _full_names(self) -> list:
-        """The full model's trainable parameters' names in the order of its param groups (the numbering of a
-        plain optimizer's state_dict)."""
-        name_of = {id(p): n for n, p in self.full.named_parameters()}
-        return [[name_of[id(p)] for p in g["params"]] for g in self.full.param_groups(0.0)]
-
-    def state_dict(self) -> dict:
-        """The optimizer state as a plain optimizer over the full model's param groups would hold it (full
-        tensors, parameters numbered in group order), on every rank. Collective."""
-        local = self._stepper.state_dict()
-        by_name = {}
-        for g, saved in zip(self.groups, local["param_groups"]):
-            for p, i in zip(g["params"], saved["params"]):
-                by_name[self._names[id(p)]] = local["state"].get(i, {})
-        full_groups = self._full_group_names
-        keys = sorted(next((s for s in by_name.values() if s), {}))
-        state = {n: {} for group in full_groups for n in group}
-        for key in keys:
-            mine = {n: s[key] for n, s in by_name.items() if key in s}
-            # Every rank runs the same optimizer: a key is shaped as its parameter (moments) or not (the step).
-            first = next(iter(mine))
-            param_shaped = mine[first].shape == self._shapes[first]
-            shapes = {n: self._full_shapes[n] if param_shaped else tuple(mine[first].shape)
-                      for n in state}
-            for n, v in self._gather(mine, shapes).items():
-                state[n][key] = v
-        numbered, groups, i = {}, [], 0
-        for names, saved in zip(full_groups, local["param_groups"]):
-            ids = list(range(i, i + len(names)))
-            numbered.update({j: state[n] for j, n in zip(ids, names) if state[n]})
-            groups.append({**saved, "params": ids})
-            i += len(names)
-        return {"state": numbered, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Loads a state_dict() of any layout (or DataParallel's, of any ZeRO stage): this rank takes its part."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("state_dict: must be a dict with 'state' and 'param_groups'")
-        full_groups = self._full_group_names
-        saved_groups = state_dict["param_groups"]
-        if [len(g.get("params", ())) for g in saved_groups] != [len(names) for names in full_groups]:
-            raise ValueError(f"state_dict: its param groups hold {[len(g.get('params', ())) for g in saved_groups]} "
-                             f"parameters, the model's {[len(names) for names in full_groups]}")
-        index = {n: i for names, g in zip(full_groups, saved_groups) for n, i in zip(names, g["params"])}
-        local_state, local_groups, j = {}, [], 0
-        for g, saved in zip(self.groups, saved_groups):
-            ids = []
-            for p in g["params"]:
-                name = self._names[id(p)]
-                entry = state_dict["state"].get(index[name])
-                if entry:
-                    local_state[j] = {k: self._local_state(name, k, v) for k, v in entry.items()}
-                ids.append(j)
-                j += 1
-            local_groups.append({**saved, "params": ids})
-        self._stepper.load_state_dict({"state": local_state, "param_groups": local_groups})
-
-    def _local_state(self, name: str, key: str, value):
-        """This rank's part of a saved optimizer value of parameter `name`: a tensor shaped as the full
-        parameter is sliced as the parameter is; a scalar (the step) is whole."""
-        if not torch.is_tensor(value) or value.dim() == 0:
-            return value
-        shape = self._full_shapes[name]
-        if value.shape != shape:
-            raise ValueError(f"state_dict: {key} of {name} has shape {tuple(value.shape)}, the parameter "
-                             f"{tuple(shape)}")
-        return self._slice(name, value)

@@ -185,12 +185,13 @@ class Trainer:
         # Chosen from the weights as they start (a fine-tune's: the loaded ones), kept for the whole run.
         self.masks = (SparsityMasks.from_spec(self.model, cfg.sparsity, cfg.sparsity_params)
                       if parse_sparsity(cfg.sparsity) is not None else None)
-        if self.model_parallel:  # each rank its part of the model (self.model: the full one, for checkpoints)
+        if self.model_parallel:  # each rank its part of the model (self.model: the full one, on the meta device)
             self.dp = ModelParallel(self.model, cfg, self.layout, lambda groups: build_optimizer(groups, cfg),
-                                    cfg.comm_timeout)
+                                    cfg.comm_timeout, init=getattr(self, "model_init", None), device=self.device)
         else:
             self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg),
-                                   zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay))
+                                   zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay),
+                                   init=getattr(self, "model_init", None), device=self.device)
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.data_world
         self.step = 0
@@ -199,7 +200,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir, cfg.keep_checkpoints) if self.is_main else None
         path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
         if path is not None:
-            self.load_state_dict(load_checkpoint(path))
+            # A rank that holds a part of the model maps the file and reads the slices it takes.
+            self.load_state_dict(load_checkpoint(path, mmap=getattr(self, "model_init", None) is not None))
             self.log(f"flashlm train: resumed from {path} at step {self.step}")
         if self.is_main:
             self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
@@ -227,13 +229,25 @@ class Trainer:
                              f"give more text") from e
 
     def setup_model(self):
-        """self.model and self.model_config: a fresh Transformer (subclasses: a loaded model, adapters)."""
+        """self.model and self.model_config: a fresh Transformer (subclasses: a loaded model, adapters). Under
+        model parallelism it is built on the meta device (no rank holds it) and self.model_init records its
+        initialisation, which each rank replays for the parameters it holds (flashlm.parallel.materialize); so
+        under ZeRO-3 over several ranks, each making its shards."""
         from flashlm.models import Transformer
+        from flashlm.parallel.materialize import deferred_init
 
         cfg = self.cfg
         self.model_config = cfg.model_config()
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
-        self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
+        self.model_init = None
+        # ZeRO-3 over data parallelism shards the parameters too (not with QAT's or sparsity's module changes).
+        zero3 = cfg.zero_stage == 3 and self.world_size > 1 and cfg.qat is None and not cfg.sparsity
+        if self.model_parallel or zero3:
+            self.model, self.model_init = deferred_init(lambda: Transformer(self.model_config, attn_impl=cfg.attn_impl))
+            if not self.model_parallel:  # (ModelParallel makes the tables of the part it keeps)
+                self.model.make_buffers(self.device)
+        else:
+            self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
         self.setup_qat(self.model)
 
@@ -288,11 +302,10 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The checkpoint (collective: dp.state_dict() gathers the optimizer state on every rank)."""
+        """The checkpoint (collective: the parameters and dp.state_dict()'s optimizer state are gathered; under
+        model parallelism onto rank 0 alone, whose checkpoint is the one saved)."""
         tok = self.data.tokenizer()
-        # ZeRO-3: gathered from the shards (a checkpoint holds full tensors), copied before they are freed.
-        with self.dp.full_parameters():
-            model = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
+        model = self.full_state_dict()
         return {"model_config": self.model_config.to_dict(), "model": model,
                 "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
                 "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
@@ -304,9 +317,37 @@ class Trainer:
         saved = state["model_config"]
         if saved != self.model_config.to_dict():
             raise ValueError(f"checkpoint: its model {saved} differs from this run's {self.model_config.to_dict()}")
-        with self.dp.full_parameters():  # ZeRO-3: every rank then keeps its slice
-            self.model.load_state_dict(state["model"])
+        if self.model_parallel:  # every rank copies its part out of the full tensors
+            self.dp.load_full_state_dict(state["model"])
+        else:
+            with self.dp.full_parameters():  # ZeRO-3: every rank then keeps its slice
+                self.model.load_state_dict(state["model"])
         self.load_loop_state(state)
+
+    def full_state_dict(self) -> dict:
+        """The model's full tensors, float32 on the CPU (collective). Under model parallelism they are gathered
+        one at a time and rank 0 alone holds them (the other ranks get {})."""
+        if self.model_parallel:
+            return self.dp.full_state_dict()
+        # ZeRO-3: gathered from the shards (a checkpoint holds full tensors), copied before they are freed.
+        with self.dp.full_parameters():
+            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
+
+    def full_model(self):
+        """The full model with its current values (collective): self.model, or under model parallelism (where no
+        rank holds it) a Transformer built on rank 0 from the gathered tensors; None on the other ranks."""
+        from flashlm.models import Transformer
+
+        if not self.model_parallel:
+            return self.model
+        state = self.dp.full_state_dict()
+        if not self.is_main:
+            return None
+        with torch.device("meta"):
+            model = Transformer(self.model_config, attn_impl=self.cfg.attn_impl)
+        model.load_state_dict(state, assign=True)
+        model.make_buffers()
+        return model.to(self.device)
 
     def load_loop_state(self, state: dict):
         """What the loop itself saved: optimizer, scaler, RNG states, data position, step and metrics."""
@@ -458,16 +499,18 @@ class Trainer:
         return self.metrics
 
     @torch.no_grad()
-    def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> str:
-        """Text generated from the end-of-document token (a fresh document), with a fixed generator."""
+    def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40, model=None) -> str:
+        """Text generated from the end-of-document token (a fresh document), with a fixed generator, by
+        `model` (default: self.model)."""
         from flashlm.runtime.simple_generate import generate
 
         tok = self.data.tokenizer()
         idx = torch.tensor([[self.data.eos_id]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        self.model.eval()
-        out = generate(self.model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
-        self.model.train()
+        model = self.model if model is None else model
+        model.eval()
+        out = generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=gen)
+        model.train()
         # The tokenizer drops the end-of-document token; show it as the blank line that separated documents.
         ids, pieces, current = out[0, 1:].tolist(), [], []
         for i in ids + [self.data.eos_id]:
@@ -497,10 +540,16 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
     try:
         metrics = trainer.train()
         if cfg.sample_tokens > 0:
-            with trainer.dp.full_parameters():  # every rank joins ZeRO-3's gather; rank 0 alone samples
+            if trainer.model_parallel:  # every rank joins the gather; rank 0 alone builds the model and samples
+                model = trainer.full_model()
                 if trainer.is_main:
                     print("-- sample --")
-                    print(trainer.sample(cfg.sample_tokens))
+                    print(trainer.sample(cfg.sample_tokens, model=model))
+            else:
+                with trainer.dp.full_parameters():  # every rank joins ZeRO-3's gather; rank 0 alone samples
+                    if trainer.is_main:
+                        print("-- sample --")
+                        print(trainer.sample(cfg.sample_tokens))
     finally:
         trainer.dp.close()
         if fd.is_initialized():

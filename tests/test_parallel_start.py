@@ -1,0 +1,116 @@
+"""Model-parallel start-up without the full model (flashlm.parallel.materialize, ModelParallel's init=): each rank
+builds the model on the meta device and makes only the values of the parameters it holds, replaying the
+initialisation's draws in their order, and gathers full tensors one at a time for checkpoints.
+
+tests/mesh_start_worker.py on each layout checks, on every rank: the parameters it holds equal the slice of a
+model built the usual way with the same seed, bit for bit; the generator ends where the usual start-up leaves
+it; the full model holds no storage; the rank holds less than the model (tp, pp: about 1 / (tp * pp) of it); and
+full_state_dict() gives the usual model's state dict on rank 0 (nothing elsewhere), load_full_state_dict of it
+changing nothing.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train_zero_mesh import run_workers  # noqa: E402
+
+from flashlm.models import ModelConfig, Transformer  # noqa: E402
+from flashlm.parallel.materialize import deferred_init  # noqa: E402
+
+# name: (arch, dp, tp, pp, cp, zero stage)
+LAYOUTS = {
+    "tp2": ("gpt2", 1, 2, 1, 1, 0),
+    "pp2": ("llama", 1, 1, 2, 1, 0),
+    "tp2_pp2": ("llama", 1, 2, 2, 1, 0),
+    "cp2": ("llama", 1, 1, 1, 2, 0),
+    "zero3_dp2_pp2": ("gpt2", 2, 1, 2, 1, 3),
+    "zero3_dp2_tp2": ("llama", 2, 2, 1, 1, 3),
+    "zero3_dp2": ("llama", 2, 1, 1, 1, 3),  # DataParallel's ZeRO-3: each rank makes its shards
+}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_deferred_init_replays_the_constructor(arch):
+    """One process: the replayed values are Transformer(cfg)'s with the same seed, bit for bit, taken once each in
+    the constructor's order of final values, and the generator ends where the constructor leaves it."""
+    heads = dict(n_head=2) if arch == "gpt2" else dict(n_head=4, n_kv_head=2)
+    cfg = ModelConfig(arch=arch, vocab_size=96, n_layer=3, d_model=32, seq_len=16, **heads)
+    torch.manual_seed(11)
+    ref = Transformer(cfg)
+    ref_after = torch.rand(4)
+    torch.manual_seed(11)
+    model, init = deferred_init(lambda: Transformer(cfg))
+    assert all(p.is_meta for p in model.parameters())
+    got = []
+    init.replay(lambda name, value: got.append((name, value.clone())))
+    assert torch.equal(torch.rand(4), ref_after)
+    want = dict(ref.named_parameters())
+    assert sorted(n for n, _ in got) == sorted(want)
+    for name, value in got:
+        assert torch.equal(value, want[name]), name
+    model.make_buffers()
+    for name, b in ref.named_buffers():
+        assert torch.equal(dict(model.named_buffers())[name], b), name
+
+
+def test_deferred_init_replays_ops_that_read_the_value():
+    """A draw followed by ops that read it (uniform_, erfinv_, mul_, add_, clamp_: the inverse-CDF truncated normal)
+    between two plain draws: the reading ops run on the tensor they follow, and the values are the
+    constructor's."""
+    class Chained(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(7, 5)
+            self.b = torch.nn.Parameter(torch.empty(6, 3))
+            with torch.no_grad():
+                self.b.uniform_(-0.6, 0.6).erfinv_().mul_(0.5 * 2 ** 0.5).add_(0.1).clamp_(min=-0.4, max=0.4)
+            torch.nn.init.normal_(self.a.weight)
+
+    torch.manual_seed(3)
+    ref = Chained()
+    torch.manual_seed(3)
+    _, init = deferred_init(Chained)
+    got = {}
+    init.replay(lambda name, value: got.__setitem__(name, value.clone()))
+    for name, p in ref.named_parameters():
+        assert torch.equal(got[name], p), name
+
+
+def test_deferred_init_refuses_what_it_cannot_replay():
+    class Plain(torch.nn.Module):  # a parameter made by a factory and never set in place
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+    class Rejection(torch.nn.Module):  # torch's trunc_normal_ draws until the values fall inside: not replayable
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4, 4))
+            torch.nn.init.trunc_normal_(self.w)
+
+    for module in (Plain, Rejection):
+        with pytest.raises(ValueError, match="no in-place op sets"):
+            deferred_init(module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_model_parallel_start_is_bit_equal_without_the_full_model(name, tmp_path):
+    arch, dp, tp, pp, cp, zero = LAYOUTS[name]
+    n = dp * tp * pp * cp
+    run_workers("mesh_start_worker.py", [tmp_path, arch, dp, tp, pp, cp, zero], n)
+    for r in range(n):
+        res = torch.load(tmp_path / f"rank{r}.pt")
+        what = f"{name}, rank {r}"
+        assert res["equal"] and all(res["equal"].values()), f"{what}: {res['equal']}"
+        assert res["rng_equal"], what
+        assert res["full_on_meta"], what
+        assert res["full_state_equal"], what
+        if tp * pp > 1 or zero == 3:  # the tp shard of the stage (about 1 / (tp * pp)), or the ZeRO-3 shards
+            assert res["held_bytes"] < res["full_bytes"] * 0.75, f"{what}: {res['held_bytes']} of {res['full_bytes']}"
+        else:  # cp alone: every rank holds the whole model
+            assert res["held_bytes"] == res["full_bytes"], what
