@@ -235,6 +235,8 @@ class Trainer:
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
         self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
+        # (the model-parallel parts compute their loss from their own layers: the vocabulary-sharded head's)
+        self.model.fused_loss = cfg.fused_loss and not self.model_parallel
         self.setup_qat(self.model)
 
     def setup_qat(self, model):
