@@ -24,7 +24,8 @@ norm (relative 1e-4): the comparison is of the same work.
 
 MFU = model.flops_per_token(T) * tokens/s / peak, the peak being a torch matmul (--peak-n, the fastest of 5)
 measured in the same run in the row's dtype (float32 for f32 rows, bf16 for bf16 rows, fp16 for fp16 rows;
-float32 for bf16 rows on a CPU without native bf16 matmuls, where torch's bf16 matmul is no ceiling).
+for CPU bf16 rows the faster of the bf16 and float32 peaks: without native bf16 matmuls torch's bf16 matmul is no
+ceiling). --clock cpu times the peak by CPU time too (FLOP per CPU-second).
 On an oversubscribed machine torch's OpenMP workers, which spin after each parallel op (OMP_WAIT_POLICY unset),
 stall every op's barrier (a chain of small torch ops 15 times slower at load 9 on 2 vCPUs, on both sides);
 OMP_WAIT_POLICY=PASSIVE or --threads 1 give steadier figures there. The policy in force is printed.
@@ -404,13 +405,16 @@ def main():
     probe = Transformer(ModelConfig(**{**MODELS["gpt2"], **QUICK}))
     print(f"torch.optim.AdamW: {torch_optimizer_name(probe, args.torch_optim, device)}; flashlm AdamW: fused kernel")
     # Without native bf16 (AVX512-BF16/AMX) torch's CPU bf16 matmul runs far below float32 (0.1-0.7 against
-    # 30-90 GFLOP/s on a 2-vCPU Zen 3, and below what a bf16 training step's own matmuls reach, which would put
-    # MFU over 100%): there bf16 rows are measured against the float32 peak, the machine's fastest matmul.
-    peak_dtype = {d: "f32" if d == "bf16" and slow_bf16 else d for d in args.dtypes}
-    peaks = {d: matmul_peak(device, DTYPES[d], args.peak_n) for d in sorted(set(peak_dtype.values()))}
+    # 30-90 GFLOP/s on a 2-vCPU Zen 3; 23-30 against 70-130 on a 2-vCPU AVX-512 Xeon without AVX512-BF16, where
+    # mkldnn still reports bf16 support), below what a bf16 training step's own matmuls reach, which would put
+    # MFU over 100%: bf16 rows on the CPU are measured against the faster of the bf16 and float32 peaks.
+    cpu_bf16 = device == "cpu" and "bf16" in args.dtypes
+    measured = sorted(set(args.dtypes) | ({"f32"} if cpu_bf16 else set()))
+    peaks = {d: matmul_peak(device, DTYPES[d], args.peak_n) for d in measured}
+    bf16_on_f32 = cpu_bf16 and peaks["f32"] > peaks["bf16"]
     print(f"peak, torch matmul {args.peak_n}^3: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items())
-          + ("; bf16 rows use the f32 peak" if "bf16" in peak_dtype and slow_bf16 else ""))
-    peaks = {d: peaks[peak_dtype[d]] for d in args.dtypes}
+          + ("; bf16 rows use the f32 peak" if bf16_on_f32 else ""))
+    peaks = {d: peaks["f32" if d == "bf16" and bf16_on_f32 else d] for d in args.dtypes}
     if slow_bf16:
         print("this CPU has no native bf16 matmul: bf16 autocast rows are dominated by torch's slow bf16 matmuls "
               "(on both sides); they run only when asked for (--dtypes f32 bf16, or --quick)")
