@@ -39,8 +39,8 @@ class TrainConfig:
     attn_impl: str = "flashlm"  # or "sdpa", torch's attention
     checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     # the loss fused with the lm head, a vocabulary chunk at a time (Transformer.fused_loss: no [tokens, vocab]
-    # logits, their log-softmax nor their zeroed gradient): 1.08-1.20x the logits path's step in float32 and
-    # 1.35-1.40x under bf16 autocast (gpt2/llama d256 V8192 T256, bench/results/train.md); model-parallel
+    # logits, their log-softmax nor their zeroed gradient): 1.30-1.46x the logits path's step under bf16 autocast,
+    # 0.98-1.16x in float32 (gpt2/llama d256 V8192, T 256 and 1024, CPU; bench/results/train.md); model-parallel
     # layouts keep the logits path
     fused_loss: bool = True
     # data (flashlm.train.data.prepare_data); no data: the Python standard library's sources
