@@ -24,7 +24,8 @@ norm (relative 1e-4): the comparison is of the same work.
 
 MFU = model.flops_per_token(T) * tokens/s / peak, the peak being a torch matmul (--peak-n, the fastest of 5)
 measured in the same run in the row's dtype (float32 for f32 rows, bf16 for bf16 rows, fp16 for fp16 rows;
-float32 for bf16 rows on a CPU without native bf16 matmuls, where torch's bf16 matmul is no ceiling).
+for CPU bf16 rows the faster of the bf16 and float32 peaks: without native bf16 matmuls torch's bf16 matmul is no
+ceiling). --clock cpu times the peak by CPU time too (FLOP per CPU-second).
 On an oversubscribed machine torch's OpenMP workers, which spin after each parallel op (OMP_WAIT_POLICY unset),
 stall every op's barrier (a chain of small torch ops 15 times slower at load 9 on 2 vCPUs, on both sides);
 OMP_WAIT_POLICY=PASSIVE or --threads 1 give steadier figures there. The policy in force is printed.
@@ -36,11 +37,13 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_train.py                        # gpt2 d256 L4 T256 and llama d256 L4 GQA 8/2, B 2
   python bench/compare_train.py --models llama --dtypes f32 --batch 8
   python bench/compare_train.py --profile --reps 5     # and where each step's time goes
+  python bench/compare_train.py --profile --profile-top 15  # and each side's top operators by self CPU time
   python bench/compare_train.py --threads 1            # one thread on each side
   OMP_WAIT_POLICY=PASSIVE python bench/compare_train.py  # torch's OpenMP workers sleep instead of spinning
   python bench/compare_train.py --attn-only --seq-len 1024  # also the side without the norm/activation/rope kernels
   python bench/compare_train.py --without LayerNorm     # also the flashlm side on torch's LayerNorm
   python bench/compare_train.py --fused-loss-side      # also the flashlm side with the fused loss
+  python bench/compare_train.py --clock cpu            # steps timed in process CPU-seconds (a busy machine)
   python bench/compare_train.py --quick                # well under a minute: CI smoke
 """
 
@@ -71,6 +74,10 @@ OPTIM = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 WEIGHT_DECAY = 0.1
 CLIP = 1.0
 CHECK_RTOL = 1e-4  # float32 loss and gradient norm, flashlm against torch
+# --clock: wall time, or the process's CPU time (all its threads: torch's OpenMP workers, flashlm's pool), which a
+# busy machine's other jobs do not inflate: a step's cost in CPU-seconds (tokens per CPU-second).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 
 
 def sync(device):
@@ -79,18 +86,18 @@ def sync(device):
 
 
 def matmul_peak(device, dtype, n, reps=5):
-    """FLOP/s of an n x n x n torch matmul in dtype, the fastest of reps runs (on a shared machine the others
+    """FLOP/s (by --clock: per CPU-second with cpu) of an n x n x n torch matmul in dtype, the fastest of reps runs (on a shared machine the others
     are the machine's load): the ceiling for MFU."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for i in range(reps + 1):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b)
         sync(device)
         if i:
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
     return 2 * n**3 / best
 
 
@@ -122,19 +129,19 @@ class Side:
         """One training step; returns (loss, grad norm, {phase: seconds}). The phases are also named for
         torch.profiler (--profile)."""
         sync(self.device)
-        t0 = time.perf_counter()
+        t0 = clock()
         with record_function("fwd+bwd"):
             with self.autocast:
                 _, loss = self.model(x, y)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             sync(self.device)
-        t1 = time.perf_counter()
+        t1 = clock()
         with record_function("clip"):
             if self.scaler:
                 self.scaler.unscale_(self.opt)
             norm = torch.nn.utils.clip_grad_norm_(self.params, CLIP)
             sync(self.device)
-        t2 = time.perf_counter()
+        t2 = clock()
         with record_function("optim"):
             if self.scaler:
                 self.scaler.step(self.opt)
@@ -143,7 +150,7 @@ class Side:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             sync(self.device)
-        t3 = time.perf_counter()
+        t3 = clock()
         return loss, norm, dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)))
 
 
@@ -270,6 +277,25 @@ def profile_row(label, step_averages, device):
             fmt(other, ".1f"), *(fmt(phase[p], ".1f") for p in PHASES[1:])]
 
 
+def top_operators(step_averages, n):
+    """[(operator, self ms per step)]: the n operators with the most self time (CPU) over the profiled steps,
+    the step's phase records left out."""
+    total = {}
+    for e in (e for averages in step_averages for e in averages):
+        if e.key not in PHASES:
+            total[e.key] = total.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / len(step_averages)
+    return sorted(total.items(), key=lambda kv: -kv[1])[:n]
+
+
+def print_top_operators(label, step_averages, n):
+    ops_ms = top_operators(step_averages, n)
+    step = sum(e.self_cpu_time_total for averages in step_averages for e in averages
+               if e.key not in PHASES) / 1e3 / len(step_averages)
+    print(f"\n{label}: top {n} operators by self CPU time (ms per step; % of the step's self CPU time "
+          f"{step:.1f} ms)")
+    print_table(["operator", "self ms", "%"], [[k, fmt(v, ".1f"), fmt(100 * v / step, ".1f")] for k, v in ops_ms])
+
+
 PROFILE_HEADER = ["side (ms/step)", "fwd+bwd", *(f for f, _ in FAMILIES), "other", *PHASES[1:]]
 
 
@@ -286,7 +312,7 @@ def run_model(name, args, device, peaks):
     print(f"\n{device} {name}: d={cfg.d_model} L={cfg.n_layer} H={cfg.n_head}{gqa} hd={cfg.head_dim} "
           f"d_ff={cfg.d_ff} V={cfg.vocab_size} T={cfg.seq_len} B={args.batch}; {flops / 1e6:.1f} MFLOP/token; "
           f"first-step f32 loss flashlm {lf:.6f} torch {lt:.6f}")
-    rows, prof_rows = [], []
+    rows, prof_rows, top_tables = [], [], []
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         sides = make_sides(cfg, device, dtype, args.torch_optim, args.attn_only, args.fused_loss, args.without,
@@ -302,11 +328,15 @@ def run_model(name, args, device, peaks):
         if args.profile:
             averages = profile_sides(sides, x, y, args.profile_steps)
             prof_rows += [profile_row(f"{dname} {side}", averages[side], device) for side in sides]
-    print_table(["dtype side", "tokens/s", "x torch", *(f"{p} ms" for p in PHASES), "step ms", "MFU %"], rows)
+            if args.profile_top:
+                top_tables += [(f"{name} {dname} {side}", averages[side]) for side in sides]
+    print_table(["dtype side", "tokens/s" if clock is time.perf_counter else "tokens/CPU-s", "x torch", *(f"{p} ms" for p in PHASES), "step ms", "MFU %"], rows)
     if prof_rows:
         print(f"\ntorch.profiler, {args.profile_steps} steps a side: where the time goes (self time of each operator "
               f"family inside fwd+bwd; 'other' is the rest of fwd+bwd)")
         print_table(PROFILE_HEADER, prof_rows)
+    for label, averages in top_tables:
+        print_top_operators(label, averages, args.profile_top)
 
 
 def main():
@@ -323,6 +353,8 @@ def main():
     ap.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default: CPU 1024, CUDA 8192)")
     ap.add_argument("--profile", action="store_true", help="also profile each side (torch.profiler)")
     ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="with --profile: also each side's N operators with the most self CPU time")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch's and flashlm's CPU threads (default: torch's own choice, which flashlm follows)")
     ap.add_argument("--fused-loss", action="store_true",
@@ -334,6 +366,9 @@ def main():
                          "(LayerNorm, RMSNorm, GeluMLP, GatedMLP, Attention): what each gains, in the same run")
     ap.add_argument("--fused-loss-side", action="store_true",
                     help="also a flashlm side with the other loss (the fused one, or with --fused-loss the logits')")
+    ap.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                    help="time steps by wall time, or by the process's CPU time (all threads; CPU only): on a "
+                         "busy machine, what a step costs whatever else runs")
     ap.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run")
     args = ap.parse_args()
     if args.threads is not None:
@@ -350,6 +385,10 @@ def main():
             args.dtypes = ["fp16", "bf16"]
         else:
             args.dtypes = ["f32"] if slow_bf16 and not args.quick else ["f32", "bf16"]
+    if device == "cuda" and args.clock == "cpu":
+        ap.error("--clock cpu: CPU runs only (a GPU's work is not the process's CPU time)")
+    global clock
+    clock = CLOCKS[args.clock]
     if device == "cpu" and "fp16" in args.dtypes:
         ap.error("--dtypes fp16: CPU rows are f32 and bf16 (flashlm's CPU kernels take float32 and bfloat16)")
     if device == "cuda" and "f32" in args.dtypes:
@@ -361,17 +400,21 @@ def main():
     if args.batch < 1 or args.reps < 1 or args.warmup < 0:
         ap.error("--batch and --reps must be >= 1, --warmup >= 0")
     print(hardware_line(device, ops, f"torch {torch.get_num_threads()} threads, "
-                                     f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"))
+                                     f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+                                     f"clock {args.clock}"))
     probe = Transformer(ModelConfig(**{**MODELS["gpt2"], **QUICK}))
     print(f"torch.optim.AdamW: {torch_optimizer_name(probe, args.torch_optim, device)}; flashlm AdamW: fused kernel")
     # Without native bf16 (AVX512-BF16/AMX) torch's CPU bf16 matmul runs far below float32 (0.1-0.7 against
-    # 30-90 GFLOP/s on a 2-vCPU Zen 3, and below what a bf16 training step's own matmuls reach, which would put
-    # MFU over 100%): there bf16 rows are measured against the float32 peak, the machine's fastest matmul.
-    peak_dtype = {d: "f32" if d == "bf16" and slow_bf16 else d for d in args.dtypes}
-    peaks = {d: matmul_peak(device, DTYPES[d], args.peak_n) for d in sorted(set(peak_dtype.values()))}
+    # 30-90 GFLOP/s on a 2-vCPU Zen 3; 23-30 against 70-130 on a 2-vCPU AVX-512 Xeon without AVX512-BF16, where
+    # mkldnn still reports bf16 support), below what a bf16 training step's own matmuls reach, which would put
+    # MFU over 100%: bf16 rows on the CPU are measured against the faster of the bf16 and float32 peaks.
+    cpu_bf16 = device == "cpu" and "bf16" in args.dtypes
+    measured = sorted(set(args.dtypes) | ({"f32"} if cpu_bf16 else set()))
+    peaks = {d: matmul_peak(device, DTYPES[d], args.peak_n) for d in measured}
+    bf16_on_f32 = cpu_bf16 and peaks["f32"] > peaks["bf16"]
     print(f"peak, torch matmul {args.peak_n}^3: " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items())
-          + ("; bf16 rows use the f32 peak" if "bf16" in peak_dtype and slow_bf16 else ""))
-    peaks = {d: peaks[peak_dtype[d]] for d in args.dtypes}
+          + ("; bf16 rows use the f32 peak" if bf16_on_f32 else ""))
+    peaks = {d: peaks["f32" if d == "bf16" and bf16_on_f32 else d] for d in args.dtypes}
     if slow_bf16:
         print("this CPU has no native bf16 matmul: bf16 autocast rows are dominated by torch's slow bf16 matmuls "
               "(on both sides); they run only when asked for (--dtypes f32 bf16, or --quick)")

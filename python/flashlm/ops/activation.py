@@ -13,7 +13,7 @@ import torch
 
 from flashlm import _C
 from flashlm.ops._check import check_same_device, check_tensors
-from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops._util import backward_call, cuda_stream, custom_op
 
 
 def _check(names: str, first, *others) -> None:
@@ -68,10 +68,10 @@ def _silu_mul_setup(ctx, inputs, output):
 
 def _silu_mul_grad(ctx, dout):
     gate, up = ctx.saved_tensors
-    return silu_mul_backward.op(gate, up, dout.to(gate.dtype))  # the registered op: traceable
+    return backward_call(ctx, silu_mul_backward, gate, up, dout.to(gate.dtype))
 
 
-silu_mul.register_autograd(_silu_mul_grad, setup_context=_silu_mul_setup)
+silu_mul.register_autograd(_silu_mul_grad, setup_context=_silu_mul_setup, eager=True)
 
 
 @custom_op("flashlm::gelu_tanh", mutates_args=())
@@ -113,7 +113,7 @@ def _gelu_setup(ctx, inputs, output):
 
 def _gelu_grad(ctx, dout):
     (x,) = ctx.saved_tensors
-    return gelu_tanh_backward.op(x, dout.to(x.dtype))
+    return backward_call(ctx, gelu_tanh_backward, x, dout.to(x.dtype))
 
 
-gelu_tanh.register_autograd(_gelu_grad, setup_context=_gelu_setup)
+gelu_tanh.register_autograd(_gelu_grad, setup_context=_gelu_setup, eager=True)

@@ -11,16 +11,14 @@ statistics (two passes over x fewer than recomputing them; the same bits): the w
 are summed over rows in a fixed order of row blocks on the CPU (the same bits for any thread count).
 """
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
-from torch.profiler import record_function
 
 from flashlm import _C
 from flashlm.ops._check import (as_float, check_optional_tensors, check_same_device, check_tensor, check_tensors,
                                 contiguous)
-from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops._util import backward_call, cuda_stream, custom_op
 
 
 def _check(x, weight, bias) -> None:
@@ -67,11 +65,9 @@ def _(x, weight, bias, eps):
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     """layernorm(x) * weight + bias over the last dimension, in x's dtype (differentiable). Eager training calls
-    take _LayerNormFunction, the registered ops' own functions without the dispatcher; torch.compile traces the
-    registered op."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, bias)):
-        return _LayerNormFunction.apply(x, weight, bias, eps)
+    run the registered op's function and backward without the dispatcher (register_autograd's eager=True: a
+    LayerNorm of gpt2's [512, 256] took ~100 us more per forward + backward through it, as much as the kernels);
+    torch.compile traces the registered op."""
     return layer_norm_with_stats(x, weight, bias, eps)[0]
 
 
@@ -117,37 +113,9 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, dout, dmean, drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = layer_norm_backward.op(x, weight, dout.to(x.dtype), ctx.eps, mean, rstd)  # the registered op
+    dx, dweight, dbias = backward_call(ctx, layer_norm_backward, x, weight, dout.to(x.dtype), ctx.eps, mean, rstd)
     wants = ctx.needs_input_grad
     return dx, dweight if wants[1] else None, dbias if wants[2] else None, None
 
 
-layer_norm_with_stats.register_autograd(_grad, setup_context=_setup)
-
-
-def _named(name: str):
-    """A profiler record of `name` while torch.profiler records (record_function costs ~15 us a call even when
-    nothing records)."""
-    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
-
-
-class _LayerNormFunction(torch.autograd.Function):
-    """The registered op's forward and backward for eager training. Through the dispatcher (custom op autograd,
-    then the backward op) a LayerNorm of gpt2's [512, 256] took ~100 us more per forward+backward than these
-    direct calls, as much as the kernels themselves; the profiler still names both steps as the ops."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        with _named("flashlm::layer_norm"):
-            out, mean, rstd = layer_norm_with_stats.fn(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, mean, rstd = ctx.saved_tensors
-        with _named("flashlm::layer_norm_backward"):
-            dx, dweight, dbias = layer_norm_backward.fn(x, weight, dout.to(x.dtype), ctx.eps, mean, rstd)
-        wants = ctx.needs_input_grad
-        return dx, dweight if wants[1] else None, dbias if wants[2] else None, None
+layer_norm_with_stats.register_autograd(_grad, setup_context=_setup, eager=True)

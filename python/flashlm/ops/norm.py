@@ -21,7 +21,7 @@ import torch
 from flashlm import _C
 from flashlm.ops._check import (as_float, check_fits, check_optional_tensors, check_same_device, check_tensor,
                                 check_tensors, contiguous)
-from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops._util import backward_call, cuda_stream, custom_op
 
 
 def _as_rows(t: torch.Tensor) -> bool:
@@ -140,8 +140,8 @@ def _train_setup(ctx, inputs, output):
 
 def _train_grad(ctx, dout):
     x, weight = ctx.saved_tensors
-    dx, dweight = rms_norm_backward.op(x, weight, dout.to(x.dtype), ctx.eps)  # the registered op: traceable
+    dx, dweight = backward_call(ctx, rms_norm_backward, x, weight, dout.to(x.dtype), ctx.eps)
     return dx, dweight if ctx.needs_input_grad[1] else None, None
 
 
-rms_norm_train.register_autograd(_train_grad, setup_context=_train_setup)
+rms_norm_train.register_autograd(_train_grad, setup_context=_train_setup, eager=True)

@@ -11,7 +11,7 @@ import torch
 
 from flashlm import _C
 from flashlm.ops._check import check_same_device, check_tensor, check_tensors, contiguous
-from flashlm.ops._util import cuda_stream, custom_op
+from flashlm.ops._util import backward_call, cuda_stream, custom_op
 
 
 def _check(x, cos, sin, name="x") -> None:
@@ -64,7 +64,7 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, dout):
     cos, sin = ctx.saved_tensors
-    return rope_backward.op(dout.to(cos.dtype), cos, sin), None, None  # the registered op: traceable
+    return backward_call(ctx, rope_backward, dout.to(cos.dtype), cos, sin), None, None
 
 
-rope.register_autograd(_grad, setup_context=_setup)
+rope.register_autograd(_grad, setup_context=_setup, eager=True)

@@ -38,6 +38,11 @@ class TrainConfig:
     router_z_coef: float = 0.001
     attn_impl: str = "flashlm"  # or "sdpa", torch's attention
     checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    # the loss fused with the lm head, a vocabulary chunk at a time (Transformer.fused_loss: no [tokens, vocab]
+    # logits, their log-softmax nor their zeroed gradient): 1.30-1.46x the logits path's step under bf16 autocast,
+    # 0.98-1.16x in float32 (gpt2/llama d256 V8192, T 256 and 1024, CPU; bench/results/train.md); model-parallel
+    # layouts keep the logits path
+    fused_loss: bool = True
     # data (flashlm.train.data.prepare_data); no data: the Python standard library's sources
     data: Optional[list] = None
     data_cache: str = "flashlm-data"

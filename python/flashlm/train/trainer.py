@@ -249,6 +249,8 @@ class Trainer:
         else:
             self.model = Transformer(self.model_config, attn_impl=cfg.attn_impl).to(self.device)
         self.model.checkpointing = cfg.checkpointing
+        # (the model-parallel parts compute their loss from their own layers: the vocabulary-sharded head's)
+        self.model.fused_loss = cfg.fused_loss and not self.model_parallel
         self.setup_qat(self.model)
 
     def setup_qat(self, model):
