@@ -17,7 +17,6 @@ the stages take the parameters they hold, by name).
 """
 
 import contextlib
-import math
 
 import torch
 

@@ -66,7 +66,6 @@ l1, qat and sparsity masks.
 """
 
 import contextlib
-import math
 from typing import Callable
 
 import torch
