@@ -142,6 +142,10 @@ def plot_losses(metrics: list, path):
 
 
 class Trainer:
+    # The initialisation record of a model built on the meta device (setup_model; a subclass that loads its
+    # model leaves it None): each rank replays it for the parameters it holds.
+    model_init = None
+
     def __init__(self, cfg: TrainConfig, *, resume=False, log=print):
         """resume: False, True (the latest checkpoint in out_dir; none there is fine: a fresh start) or a
         checkpoint path."""
@@ -187,11 +191,11 @@ class Trainer:
                       if parse_sparsity(cfg.sparsity) is not None else None)
         if self.model_parallel:  # each rank its part of the model (self.model: the full one, on the meta device)
             self.dp = ModelParallel(self.model, cfg, self.layout, lambda groups: build_optimizer(groups, cfg),
-                                    cfg.comm_timeout, init=getattr(self, "model_init", None), device=self.device)
+                                    cfg.comm_timeout, init=self.model_init, device=self.device)
         else:
             self.dp = DataParallel(self.model, lambda groups: build_optimizer(groups, cfg),
                                    zero_stage=cfg.zero_stage, param_groups=self.model.param_groups(cfg.weight_decay),
-                                   init=getattr(self, "model_init", None), device=self.device)
+                                   init=self.model_init, device=self.device)
         self.scaler = LossScaler(enabled=cfg.precision == "fp16")
         self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * self.data_world
         self.step = 0
@@ -201,7 +205,7 @@ class Trainer:
         path = latest_checkpoint(self.out_dir) if resume is True else (resume or None)
         if path is not None:
             # A rank that holds a part of the model maps the file and reads the slices it takes.
-            self.load_state_dict(load_checkpoint(path, mmap=getattr(self, "model_init", None) is not None))
+            self.load_state_dict(load_checkpoint(path, mmap=self.model_init is not None))
             self.log(f"flashlm train: resumed from {path} at step {self.step}")
         if self.is_main:
             self._rewrite_metrics()  # after a resume: drop lines logged past the checkpoint
@@ -239,7 +243,6 @@ class Trainer:
         cfg = self.cfg
         self.model_config = cfg.model_config()
         self.model_config.vocab_size = self.data.vocab_size  # a given tokenizer.json decides the vocabulary
-        self.model_init = None
         # ZeRO-3 over data parallelism shards the parameters too (not with QAT's or sparsity's module changes).
         zero3 = cfg.zero_stage == 3 and self.world_size > 1 and cfg.qat is None and not cfg.sparsity
         if self.model_parallel or zero3:
@@ -542,16 +545,13 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
     try:
         metrics = trainer.train()
         if cfg.sample_tokens > 0:
-            if trainer.model_parallel:  # every rank joins the gather; rank 0 alone builds the model and samples
+            # Every rank joins the gather (ZeRO-3's, or full_model's under model parallelism); rank 0 alone samples.
+            gather = contextlib.nullcontext() if trainer.model_parallel else trainer.dp.full_parameters()
+            with gather:
                 model = trainer.full_model()
                 if trainer.is_main:
                     print("-- sample --")
                     print(trainer.sample(cfg.sample_tokens, model=model))
-            else:
-                with trainer.dp.full_parameters():  # every rank joins ZeRO-3's gather; rank 0 alone samples
-                    if trainer.is_main:
-                        print("-- sample --")
-                        print(trainer.sample(cfg.sample_tokens))
     finally:
         trainer.dp.close()
         if fd.is_initialized():
