@@ -25,7 +25,7 @@ constexpr int64_t kGrainMacs = 1 << 16;
 // From this many rows of x on, weights in the plain layout go through the x4 VNNI kernels, regrouped a panel at
 // a time (x4_rows_regrouped); below it the plain kernels run. Per CPU-second of one thread (Q4_0, Q8_0, Q4_K,
 // Q6_K at 1024x1024 and 2752x1024, bench/results/gguf_matmul.md): regrouped 1.08-1.67x the plain AVX2 kernels at
-// M = 8, 1.4-1.7x at 16, but 0.6-1.3x at 4 (Q8_0, whose regrouping moves the most pieces, loses there).
+// M = 8, 1.4-1.75x at 16, but 0.6-1.3x at 4 (Q8_0, whose regrouping moves the most pieces, loses there).
 constexpr int64_t kRegroupMinRows = 8;
 
 void check_vector(const TensorView& t, const char* name, int ndim, Device device) {
