@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "flashlm/core/error.h"
+#include "pool_profile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -131,6 +132,7 @@ struct Job {
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // guarded by the pool's mutex
   std::atomic<int> workers{0};  // workers inside run_units; joined under the pool's mutex
+  detail::JobTimes* times = nullptr;  // FLASHLM_POOL_PROFILE only
 };
 
 std::atomic<bool> g_forked{false};
@@ -173,17 +175,29 @@ class Pool {
     }
   }
 
-  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, const void* site) {
     if (n <= 0) return;
     grain = std::max<int64_t>(grain, 1);
     const int64_t max_units = n / grain + (n % grain != 0);
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
     if (size() == 1 || max_units == 1 || tls_in_parallel || !run_lock.try_lock()) {
+      if (!detail::pool_profile_on() || tls_in_parallel) return fn(0, n);
+      detail::JobTimes times;  // a serial job: its own share is all of it
+      times.start = detail::pool_profile_ticks();
+      times.n = n;
       fn(0, n);
+      times.own = times.end = detail::pool_profile_ticks();
+      detail::pool_profile_record(site, times);
       return;
     }
     const int threads = size_;  // read under run_mutex_: no resize until this job is done (slots_ has this many)
     Job job;
+    detail::JobTimes times;
+    if (detail::pool_profile_on()) {
+      job.times = &times;
+      times.start = detail::pool_profile_ticks();
+      times.n = n;
+    }
     job.fn = &fn;
     job.n = n;
     job.units = std::min<int64_t>(max_units, threads * kUnitsPerThread);
@@ -202,11 +216,17 @@ class Pool {
     }
     if (wake) wake_.notify_all();
     run_units(job, 0);
+    if (job.times) times.own = detail::pool_profile_ticks();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       current_ = nullptr;  // no worker joins from now on
     }
     wait_for_workers(job);
+    if (job.times) {
+      times.end = detail::pool_profile_ticks();
+      times.threads = 1 + job.joined;
+      detail::pool_profile_record(site, times);
+    }
     if (job.error) std::rethrow_exception(job.error);
   }
 
@@ -308,6 +328,7 @@ class Pool {
       if (stopping_) return;
       Job* job = current_;
       if (!job) continue;
+      if (job->times && job->joined == 0) job->times->joined = detail::pool_profile_ticks();
       const int slot = (1 + job->joined++) % job->num_slots;  // past the slots (a small job): take others' units
       job->workers.fetch_add(1, std::memory_order_relaxed);
       lock.unlock();
@@ -360,7 +381,7 @@ class Pool {
 int num_threads() { return Pool::get().size(); }
 void set_num_threads(int n) { Pool::get().resize(n); }
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  Pool::get().run(n, grain, fn);
+  Pool::get().run(n, grain, fn, __builtin_return_address(0));
 }
 
 }  // namespace flashlm
