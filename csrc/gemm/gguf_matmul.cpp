@@ -76,32 +76,63 @@ void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1) {
   gguf_matmul_rows_scalar(a, n0, n1);
 }
 
-void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
-  // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
-  int64_t act_bytes[2] = {act_row_bytes(DType::Q8_0, k), 0};
-  bool wanted[2] = {false, false};
-  for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
-  if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
+namespace {
+
+// x quantized once per activation format the parts read (and the regrouped kernels' extra terms): what every
+// thread's rows of every part need.
+struct QuantizedInput {
+  const MatmulPart* parts;
+  int count;
+  int64_t m, k;
+  int64_t act_bytes[2] = {0, 0};  // ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants
   std::vector<uint8_t> acts[2];
-  for (int f = 0; f < 2; ++f) {
-    if (!wanted[f]) continue;
-    acts[f].resize(static_cast<size_t>(m * act_bytes[f]));
-    const DType as = f ? DType::Q4_K : DType::Q8_0;
-    parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
-      quantize_activations(as, x, DType::F32, k, m0, m1, acts[f].data());
-    });
-  }
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
-  const bool vnni = avx2 && x4_vnni_available();
   std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
-  const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) {
-    return p.packed && !uses_q8_k(p.type);  // the K-quants' kernels read their activation blocks only
-  });
-  if (packed) {
-    extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
-    if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
-    else x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
+  bool avx2 = false, vnni = false;
+
+  QuantizedInput(const float* x, int64_t m_, int64_t k_, const MatmulPart* parts_, int count_)
+      : parts(parts_), count(count_), m(m_), k(k_) {
+    act_bytes[0] = act_row_bytes(DType::Q8_0, k);
+    bool wanted[2] = {false, false};
+    for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
+    if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
+    for (int f = 0; f < 2; ++f) {
+      if (!wanted[f]) continue;
+      acts[f].resize(static_cast<size_t>(m * act_bytes[f]));
+      const DType as = f ? DType::Q4_K : DType::Q8_0;
+      parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+        quantize_activations(as, x, DType::F32, k, m0, m1, acts[f].data());
+      });
+    }
+    avx2 = cpu_isa() == CpuIsa::AVX2;
+    vnni = avx2 && x4_vnni_available();
+    const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) {
+      return p.packed && !uses_q8_k(p.type);  // the K-quants' kernels read their activation blocks only
+    });
+    if (packed) {
+      extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
+      if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
+      else x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
+    }
   }
+
+  // Rows [n0, n1) of part p (n0 a multiple of 4), bias added.
+  void rows(const MatmulPart& p, int64_t n0, int64_t n1) const {
+    const int f = uses_q8_k(p.type);
+    if (p.packed) {
+      x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
+    } else {
+      gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
+    }
+    if (p.bias)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = n0; j < n1; ++j) p.y[i * p.n + j] += p.bias[j];
+  }
+};
+
+}  // namespace
+
+void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
+  const QuantizedInput in(x, m, k, parts, count);
   // The rows of all parts are handed out in units of 4 (a regrouped weight's row group), each part's last
   // unit holding its n % 4 rows; units[i] is where part i's first unit is.
   std::vector<int64_t> units(static_cast<size_t>(count) + 1, 0);
@@ -109,20 +140,22 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k));
   parallel_for(units[count], grain, [&](int64_t u0, int64_t u1) {
     for (int i = 0; i < count; ++i) {
-      const MatmulPart& p = parts[i];
-      const int64_t n0 = std::min(std::max<int64_t>(u0 - units[i], 0) * 4, p.n);
-      const int64_t n1 = std::min(std::max<int64_t>(u1 - units[i], 0) * 4, p.n);
-      if (n0 >= n1) continue;
-      const int f = uses_q8_k(p.type);
-      if (p.packed) {
-        x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
-      } else {
-        gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
-      }
-      if (p.bias)
-        for (int64_t i2 = 0; i2 < m; ++i2)
-          for (int64_t j = n0; j < n1; ++j) p.y[i2 * p.n + j] += p.bias[j];
+      const int64_t n0 = std::min(std::max<int64_t>(u0 - units[i], 0) * 4, parts[i].n);
+      const int64_t n1 = std::min(std::max<int64_t>(u1 - units[i], 0) * 4, parts[i].n);
+      if (n0 < n1) in.rows(parts[i], n0, n1);
     }
+  });
+}
+
+void gguf_matmul_aligned_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count,
+                             int64_t multiple, const std::function<void(int64_t, int64_t)>& after) {
+  const QuantizedInput in(x, m, k, parts, count);
+  const int64_t n = parts[0].n, units = (n + multiple - 1) / multiple;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, count * multiple * m * k));
+  parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t n0 = u0 * multiple, n1 = std::min(u1 * multiple, n);
+    for (int i = 0; i < count; ++i) in.rows(parts[i], n0, n1);
+    after(n0, n1);
   });
 }
 
