@@ -133,15 +133,24 @@ struct QuantizedInput {
 
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
   const QuantizedInput in(x, m, k, parts, count);
-  // The rows of all parts are handed out in units of 4 (a regrouped weight's row group), each part's last
-  // unit holding its n % 4 rows; units[i] is where part i's first unit is.
-  std::vector<int64_t> units(static_cast<size_t>(count) + 1, 0);
-  for (int i = 0; i < count; ++i) units[i + 1] = units[i] + (parts[i].n + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k));
-  parallel_for(units[count], grain, [&](int64_t u0, int64_t u1) {
+  // The rows of all parts are handed out in groups of 4 (a regrouped weight's row group; a part's last group
+  // holds its n % 4 rows), each group weighted by its weight bytes: a range [c0, c1) of the job's [0, total)
+  // takes the groups that start in it. So equal ranges read equal bytes where the parts' types differ (a
+  // K-quant mix's Q6_K v beside Q4_K q and k), and a thread's share is the same rows at every step.
+  std::vector<int64_t> start(static_cast<size_t>(count) + 1, 0), cost(static_cast<size_t>(count));
+  int64_t cheapest = 0;
+  for (int i = 0; i < count; ++i) {
+    cost[i] = std::max<int64_t>(1, storage_bytes(parts[i].type, 4 * k));
+    cheapest = i ? std::min(cheapest, cost[i]) : cost[i];
+    start[i + 1] = start[i] + (parts[i].n + 3) / 4 * cost[i];
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k)) * cheapest;
+  parallel_for(start[count], grain, [&](int64_t c0, int64_t c1) {
     for (int i = 0; i < count; ++i) {
-      const int64_t n0 = std::min(std::max<int64_t>(u0 - units[i], 0) * 4, parts[i].n);
-      const int64_t n1 = std::min(std::max<int64_t>(u1 - units[i], 0) * 4, parts[i].n);
+      const auto first_group = [&](int64_t c) {  // the first group of part i that starts at or after c
+        return (std::max<int64_t>(c - start[i], 0) + cost[i] - 1) / cost[i];
+      };
+      const int64_t n0 = std::min(first_group(c0) * 4, parts[i].n), n1 = std::min(first_group(c1) * 4, parts[i].n);
       if (n0 < n1) in.rows(parts[i], n0, n1);
     }
   });
