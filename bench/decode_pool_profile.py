@@ -20,16 +20,15 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_decode  # noqa: E402  (this process runs no kernels: the child, whose environment sets the profile, does)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--type", default="Q4_0")
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
+    compare_decode.shape_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
@@ -65,8 +64,6 @@ def resolve(line, symbols):
 def child(args):
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import compare_decode
     from flashlm import ops
     from flashlm.runtime.engine import LLM
     from flashlm.runtime.sampling_params import SamplingParams
