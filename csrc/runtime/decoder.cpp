@@ -1,9 +1,10 @@
 // The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer, with one
 // scratch allocation per step; the weights are checked (and regrouped) when the Decoder is built, not per
-// step. q/k/v and gate/up each go to the thread pool as one job (one quantization of their shared input);
-// everything else is the public kernels, which check their own arguments (a mixture-of-experts layer's
-// routing and experts are moe_route and moe_expert_ffn, the module path's calls). Every step rounds as the
-// module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
+// step. q/k/v and gate/up (with the MLP's activation) each go to the thread pool as one job (one quantization of
+// their shared input); everything else is the public kernels, which check their own arguments (a
+// mixture-of-experts layer's routing and experts are moe_route and moe_expert_ffn, the module path's calls).
+// Every step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same
+// logits.
 #include "flashlm/runtime/decoder.h"
 
 #include "decoder_checks.h"
