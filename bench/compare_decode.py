@@ -280,16 +280,21 @@ def llama_cpp_batched(path, prompts, args, clock):
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[0][2]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "mixtral-1b", "gemma2", "gemma3"),
-                   default=["llama", "mixtral-1b", "gemma2"])
-    p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
+def shape_arguments(p):
+    """The model's shape options (the ~90M llama by default), shared by the scripts that build it."""
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", choices=("llama", "mixtral", "mixtral-1b", "gemma2", "gemma3"),
+                   default=["llama", "mixtral-1b", "gemma2"])
+    p.add_argument("--types", nargs="+", default=["Q4_0", "Q8_0"])
+    shape_arguments(p)
     p.add_argument("--n-expert", type=int, default=8, help="mixtral: experts per layer")
     p.add_argument("--n-expert-used", type=int, default=2, help="mixtral: experts per token")
     p.add_argument("--moe-d-ff", type=int, default=None, help="mixtral: each expert's width (default: d_ff)")

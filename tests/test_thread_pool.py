@@ -26,7 +26,8 @@ def pool_test(tmp_path_factory):
     exe = tmp_path_factory.mktemp("pool") / "thread_pool_test"
     subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread", f"-I{ROOT / 'csrc' / 'include'}",
                     str(ROOT / "tests" / "cpp" / "thread_pool_test.cpp"), str(ROOT / "csrc" / "core" / "thread_pool.cpp"),
-                    str(ROOT / "csrc" / "core" / "error.cpp"), "-o", str(exe)], check=True)
+                    str(ROOT / "csrc" / "core" / "pool_profile.cpp"), str(ROOT / "csrc" / "core" / "error.cpp"), "-o",
+                    str(exe), "-ldl"], check=True)
     return exe
 
 
@@ -90,3 +91,14 @@ def test_which_processes_are_the_command(monkeypatch, orig_argv, argv0, expected
     monkeypatch.setattr(sys, "orig_argv", orig_argv)
     monkeypatch.setattr(sys, "argv", [argv0])
     assert flashlm._is_the_command() is expected
+
+
+def test_pool_profile_counts_each_call_sites_jobs(tmp_path):
+    # FLASHLM_POOL_PROFILE=<file>: at exit, one row per call site and job size with the number of jobs.
+    out = tmp_path / "profile.txt"
+    code = ("import torch\nfrom flashlm import ops\nops.set_num_threads(2)\nx, w = torch.randn(64, 4096), torch.ones(4096)\n"
+            "for _ in range(7):\n    ops.rms_norm(x, w, 1e-6)\n")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "FLASHLM_POOL_PROFILE": str(out)}, check=True,
+                   timeout=300)
+    rows = [line.split() for line in out.read_text().splitlines() if not line.startswith(("#", "jobs"))]
+    assert [r[:2] for r in rows if "rms_norm" in r[-1]] == [["7", "64"]], out.read_text()

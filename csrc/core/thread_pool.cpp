@@ -5,8 +5,9 @@
 // unit at most, not by its whole share, and a worker that never wakes in time leaves its slot to the others.
 // Alone, each thread still streams one contiguous range (a decode step's GEMVs read weights front to back;
 // 4 interleaved ranges per thread from one shared counter made a 12-layer Q4_0 decode's matmuls 7% slower).
-// Each job lives on the caller's stack; a worker joins it only under the lock and the caller returns only
-// when every worker that joined has left, so no worker ever touches a finished job.
+// Each job lives on the caller's stack; a worker counts itself busy before it reads the job, and the caller
+// clears the job and returns only when no worker is busy, so no worker ever touches a finished job. No mutex
+// on this path: a job's hand-off is a few atomic operations when the workers are polling.
 //
 // Idle workers poll the job counter for a short while (spin_time()) before they sleep on a condition
 // variable: a decode step is a chain of small kernels a few microseconds apart, and waking a sleeping
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "flashlm/core/error.h"
+#include "pool_profile.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -127,10 +129,11 @@ struct Job {
   int64_t n, units;
   Slot* slots;
   int num_slots;
-  int joined = 0;  // workers that took a slot; guarded by the pool's mutex
+  uint64_t generation = 0;       // the pool's generation_ that published this job
+  std::atomic<int> joined{0};    // workers that took a slot
   std::atomic<bool> failed{false};
   std::exception_ptr error;  // guarded by the pool's mutex
-  std::atomic<int> workers{0};  // workers inside run_units; joined under the pool's mutex
+  detail::JobTimes* times = nullptr;  // FLASHLM_POOL_PROFILE only
 };
 
 std::atomic<bool> g_forked{false};
@@ -173,17 +176,29 @@ class Pool {
     }
   }
 
-  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn, const void* site) {
     if (n <= 0) return;
     grain = std::max<int64_t>(grain, 1);
     const int64_t max_units = n / grain + (n % grain != 0);
     std::unique_lock<std::mutex> run_lock(run_mutex_, std::defer_lock);
     if (size() == 1 || max_units == 1 || tls_in_parallel || !run_lock.try_lock()) {
+      if (!detail::pool_profile_on() || tls_in_parallel) return fn(0, n);
+      detail::JobTimes times;  // a serial job: its own share is all of it
+      times.start = detail::pool_profile_ticks();
+      times.n = n;
       fn(0, n);
+      times.own = times.end = detail::pool_profile_ticks();
+      detail::pool_profile_record(site, times);
       return;
     }
     const int threads = size_;  // read under run_mutex_: no resize until this job is done (slots_ has this many)
     Job job;
+    detail::JobTimes times;
+    if (detail::pool_profile_on()) {
+      job.times = &times;
+      times.start = detail::pool_profile_ticks();
+      times.n = n;
+    }
     job.fn = &fn;
     job.n = n;
     job.units = std::min<int64_t>(max_units, threads * kUnitsPerThread);
@@ -193,20 +208,25 @@ class Pool {
       job.slots[s].next.store(job.units * s / job.num_slots, std::memory_order_relaxed);
       job.slots[s].end = job.units * (s + 1) / job.num_slots;
     }
-    bool wake;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      current_ = &job;
-      generation_.fetch_add(1, std::memory_order_release);
-      wake = sleepers_ > 0;
+    // Publish without the mutex: a polling worker sees the new generation and joins through busy_ (see
+    // worker_loop); the mutex only for sleepers, which the bump must not slip past (they test generation_
+    // under it after counting themselves in sleepers_; both sides sequentially consistent).
+    job.generation = generation_.load(std::memory_order_relaxed) + 1;
+    current_.store(&job);
+    generation_.store(job.generation);
+    if (sleepers_.load() > 0) {
+      { std::lock_guard<std::mutex> lock(mutex_); }
+      wake_.notify_all();
     }
-    if (wake) wake_.notify_all();
     run_units(job, 0);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      current_ = nullptr;  // no worker joins from now on
+    if (job.times) times.own = detail::pool_profile_ticks();
+    current_.store(nullptr);  // no worker joins from now on
+    wait_for_workers();
+    if (job.times) {
+      times.end = detail::pool_profile_ticks();
+      times.threads = 1 + job.joined.load();
+      detail::pool_profile_record(site, times);
     }
-    wait_for_workers(job);
     if (job.error) std::rethrow_exception(job.error);
   }
 
@@ -220,7 +240,7 @@ class Pool {
   void start_workers(int n) {
     spin_time();  // a bad FLASHLM_SPIN_US raises here, in the caller, not in a worker
     size_ = n;
-    stopping_ = false;
+    stopping_.store(false);
     slots_.reset(new Slot[n]);
     for (int i = 1; i < n; ++i) workers_.emplace_back([this] { worker_loop(); });
     started_ = true;
@@ -229,7 +249,7 @@ class Pool {
   void stop_workers() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
+      stopping_.store(true);
       generation_.fetch_add(1);
     }
     wake_.notify_all();
@@ -246,25 +266,26 @@ class Pool {
     if (timer.lost()) quiet_until_.store((Clock::now() + kQuietTime).time_since_epoch().count(), std::memory_order_relaxed);
   }
 
-  // The caller, its own units done: the workers that joined are finishing theirs. Poll for a moment, unless
-  // the pool is contended (or FLASHLM_SPIN_US is 0), then sleep until the last one leaves.
-  void wait_for_workers(Job& job) {
+  // The caller, its own units done and current_ cleared: the workers that joined are finishing theirs. Poll
+  // for a moment, unless the pool is contended (or FLASHLM_SPIN_US is 0), then sleep until the last one leaves.
+  void wait_for_workers() {
     if (spin_time().count() > 0 && !contended()) {
       for (int spins = 0; spins < kCallerSpins; ++spins) {
-        if (job.workers.load(std::memory_order_acquire) == 0) return;
+        if (busy_.load(std::memory_order_acquire) == 0) return;
         FLASHLM_CPU_RELAX();
       }
     }
     std::unique_lock<std::mutex> lock(mutex_);
     caller_sleeping_.store(true);
-    done_.wait(lock, [&] { return job.workers.load() == 0; });
+    done_.wait(lock, [&] { return busy_.load() == 0; });
     caller_sleeping_.store(false);
   }
 
-  // A worker leaves a job: the last touch of it. If the caller sleeps and this was the last worker, wake it
-  // (under the mutex, so that the wake-up cannot fall between the caller's check and its sleep).
-  void leave(Job& job) {
-    if (job.workers.fetch_sub(1) == 1 && caller_sleeping_.load()) {
+  // A worker is done with current_'s job (or found none): the last touch of it. If the caller sleeps and this
+  // was the last busy worker, wake it (under the mutex, so that the wake-up cannot fall between the caller's
+  // check and its sleep).
+  void leave() {
+    if (busy_.fetch_sub(1) == 1 && caller_sleeping_.load()) {
       { std::lock_guard<std::mutex> lock(mutex_); }
       done_.notify_all();
     }
@@ -289,9 +310,9 @@ class Pool {
     note_lost_time(timer);
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      ++sleepers_;
-      wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
-      --sleepers_;
+      sleepers_.fetch_add(1);
+      wake_.wait(lock, [&] { return generation_.load() != seen; });
+      sleepers_.fetch_sub(1);
     }
     timer.mark();
   }
@@ -303,16 +324,19 @@ class Pool {
     timer.mark();
     for (;;) {
       wait_for_job(seen, timer);
-      std::unique_lock<std::mutex> lock(mutex_);
-      seen = generation_.load(std::memory_order_relaxed);
-      if (stopping_) return;
-      Job* job = current_;
-      if (!job) continue;
-      const int slot = (1 + job->joined++) % job->num_slots;  // past the slots (a small job): take others' units
-      job->workers.fetch_add(1, std::memory_order_relaxed);
-      lock.unlock();
-      run_units(*job, slot);
-      leave(*job);
+      seen = generation_.load();
+      if (stopping_.load()) return;
+      // Count in busy_ before reading current_: the caller clears current_ and then waits for busy_ to drop to
+      // 0, so a worker that read the job keeps it alive until it leaves (all four operations sequentially
+      // consistent). A job of a later generation than `seen` waits for the next turn of the loop.
+      busy_.fetch_add(1);
+      Job* job = current_.load();
+      if (job && job->generation == seen) {
+        const int joined = job->joined.fetch_add(1);
+        if (job->times && joined == 0) job->times->joined = detail::pool_profile_ticks();
+        run_units(*job, (1 + joined) % job->num_slots);  // past the slots (a small job): take others' units
+      }
+      leave();
     }
   }
 
@@ -341,18 +365,20 @@ class Pool {
 
   std::mutex config_mutex_;  // size_, workers_, slots_, started_
   std::mutex run_mutex_;     // one job at a time
-  std::mutex mutex_;         // current_, stopping_, sleepers_, Job::error, Job::joined; writes of generation_
+  std::mutex mutex_;         // Job::error; the sleepers' and the sleeping caller's condition variables
   std::condition_variable wake_;  // workers: a new job (or stop)
   std::condition_variable done_;  // the caller: the last worker left the job
   std::vector<std::thread> workers_;
   std::unique_ptr<Slot[]> slots_;  // the job's slots, one per thread (jobs run one at a time)
   int size_ = 1;
-  bool started_ = false, stopping_ = false;
-  int sleepers_ = 0;                    // workers waiting on wake_
+  bool started_ = false;
+  std::atomic<bool> stopping_{false};
+  std::atomic<int> sleepers_{0};         // workers waiting on wake_ (changed under mutex_)
+  std::atomic<int> busy_{0};             // workers that may be reading current_'s job
   std::atomic<uint64_t> generation_{0};  // bumped for every job (and to stop); idle workers poll it
   std::atomic<bool> caller_sleeping_{false};  // the caller waits on done_
   std::atomic<int64_t> quiet_until_{0};  // steady_clock ticks: nobody polls before then (a thread lost CPU time)
-  Job* current_ = nullptr;
+  std::atomic<Job*> current_{nullptr};  // the job in flight, while the caller hands out its units
 };
 
 }  // namespace
@@ -360,7 +386,7 @@ class Pool {
 int num_threads() { return Pool::get().size(); }
 void set_num_threads(int n) { Pool::get().resize(n); }
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  Pool::get().run(n, grain, fn);
+  Pool::get().run(n, grain, fn, __builtin_return_address(0));
 }
 
 }  // namespace flashlm

@@ -81,58 +81,102 @@ void gguf_matmul_rows(const RowsArgs& a, int64_t n0, int64_t n1) {
   gguf_matmul_rows_scalar(a, n0, n1);
 }
 
-void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
-  // The two activation formats: ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants.
-  int64_t act_bytes[2] = {act_row_bytes(DType::Q8_0, k), 0};
-  bool wanted[2] = {false, false};
-  for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
-  if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
+namespace {
+
+// x quantized once per activation format the parts read (and the regrouped kernels' extra terms): what every
+// thread's rows of every part need.
+struct QuantizedInput {
+  const MatmulPart* parts;
+  int count;
+  int64_t m, k;
+  int64_t act_bytes[2] = {0, 0};  // ActQ8x2 rows for the 32-element types, Q8_K rows for the K-quants
   std::vector<uint8_t> acts[2];
-  for (int f = 0; f < 2; ++f) {
-    if (!wanted[f]) continue;
-    acts[f].resize(static_cast<size_t>(m * act_bytes[f]));
-    const DType as = f ? DType::Q4_K : DType::Q8_0;
-    parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
-      quantize_activations(as, x, DType::F32, k, m0, m1, acts[f].data());
-    });
-  }
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
-  const bool vnni = avx2 && x4_vnni_available();
-  // Which plain parts are regrouped on the fly: a batch of rows large enough to pay for the regrouping.
-  std::vector<char> regroup(static_cast<size_t>(count), 0);
-  for (int i = 0; i < count; ++i)
-    regroup[i] = vnni && m >= kRegroupMinRows && !parts[i].packed && repack_x4_supported(parts[i].type, parts[i].n, k);
   std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
-  bool packed = false;  // the K-quants' kernels read their activation blocks only
-  for (int i = 0; i < count; ++i) packed |= avx2 && (parts[i].packed || regroup[i]) && !uses_q8_k(parts[i].type);
-  if (packed) {
-    extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
-    if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
-    else x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
-  }
-  // The rows of all parts are handed out in units of 4 (a regrouped weight's row group), each part's last
-  // unit holding its n % 4 rows; units[i] is where part i's first unit is.
-  std::vector<int64_t> units(static_cast<size_t>(count) + 1, 0);
-  for (int i = 0; i < count; ++i) units[i + 1] = units[i] + (parts[i].n + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k));
-  parallel_for(units[count], grain, [&](int64_t u0, int64_t u1) {
-    for (int i = 0; i < count; ++i) {
-      const MatmulPart& p = parts[i];
-      const int64_t n0 = std::min(std::max<int64_t>(u0 - units[i], 0) * 4, p.n);
-      const int64_t n1 = std::min(std::max<int64_t>(u1 - units[i], 0) * 4, p.n);
-      if (n0 >= n1) continue;
-      const int f = uses_q8_k(p.type);
-      if (p.packed) {
-        x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
-      } else if (regroup[i]) {
-        x4_rows_regrouped(p, k, acts[f].data(), act_bytes[f], extras.data(), m, n0, n1);
-      } else {
-        gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
-      }
-      if (p.bias)
-        for (int64_t i2 = 0; i2 < m; ++i2)
-          for (int64_t j = n0; j < n1; ++j) p.y[i2 * p.n + j] += p.bias[j];
+  std::vector<char> regroup;     // per part: plain weights regrouped on the fly (x4_rows_regrouped)
+  bool avx2 = false, vnni = false;
+
+  QuantizedInput(const float* x, int64_t m_, int64_t k_, const MatmulPart* parts_, int count_)
+      : parts(parts_), count(count_), m(m_), k(k_) {
+    act_bytes[0] = act_row_bytes(DType::Q8_0, k);
+    bool wanted[2] = {false, false};
+    for (int i = 0; i < count; ++i) wanted[uses_q8_k(parts[i].type)] = true;
+    if (wanted[1]) act_bytes[1] = act_row_bytes(DType::Q4_K, k);
+    for (int f = 0; f < 2; ++f) {
+      if (!wanted[f]) continue;
+      acts[f].resize(static_cast<size_t>(m * act_bytes[f]));
+      const DType as = f ? DType::Q4_K : DType::Q8_0;
+      parallel_for(m, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(k, 1)), [&](int64_t m0, int64_t m1) {
+        quantize_activations(as, x, DType::F32, k, m0, m1, acts[f].data());
+      });
     }
+    avx2 = cpu_isa() == CpuIsa::AVX2;
+    vnni = avx2 && x4_vnni_available();
+    // Which plain parts are regrouped on the fly: a batch of rows large enough to pay for the regrouping.
+    regroup.assign(static_cast<size_t>(count), 0);
+    for (int i = 0; i < count; ++i)
+      regroup[i] = vnni && m >= kRegroupMinRows && !parts[i].packed && repack_x4_supported(parts[i].type, parts[i].n, k);
+    bool packed = false;  // the K-quants' kernels read their activation blocks only
+    for (int i = 0; i < count; ++i) packed |= avx2 && (parts[i].packed || regroup[i]) && !uses_q8_k(parts[i].type);
+    if (packed) {
+      extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
+      if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
+      else x4_pair_extras_avx2(acts[0].data(), act_bytes[0], m, k, extras.data());
+    }
+  }
+
+  // Rows [n0, n1) of part i (n0 a multiple of 4), bias added.
+  void rows(int i, int64_t n0, int64_t n1) const {
+    const MatmulPart& p = parts[i];
+    const int f = uses_q8_k(p.type);
+    if (p.packed) {
+      x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
+    } else if (regroup[i]) {
+      x4_rows_regrouped(p, k, acts[f].data(), act_bytes[f], extras.data(), m, n0, n1);
+    } else {
+      gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
+    }
+    if (p.bias)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = n0; j < n1; ++j) p.y[i * p.n + j] += p.bias[j];
+  }
+};
+
+}  // namespace
+
+void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count) {
+  const QuantizedInput in(x, m, k, parts, count);
+  // The rows of all parts are handed out in groups of 4 (a regrouped weight's row group; a part's last group
+  // holds its n % 4 rows), each group weighted by its weight bytes: a range [c0, c1) of the job's [0, total)
+  // takes the groups that start in it. So equal ranges read equal bytes where the parts' types differ (a
+  // K-quant mix's Q6_K v beside Q4_K q and k), and a thread's share is the same rows at every step.
+  std::vector<int64_t> start(static_cast<size_t>(count) + 1, 0), cost(static_cast<size_t>(count));
+  int64_t cheapest = 0;
+  for (int i = 0; i < count; ++i) {
+    cost[i] = std::max<int64_t>(1, storage_bytes(parts[i].type, 4 * k));
+    cheapest = i ? std::min(cheapest, cost[i]) : cost[i];
+    start[i + 1] = start[i] + (parts[i].n + 3) / 4 * cost[i];
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, 4 * m * k)) * cheapest;
+  parallel_for(start[count], grain, [&](int64_t c0, int64_t c1) {
+    for (int i = 0; i < count; ++i) {
+      const auto first_group = [&](int64_t c) {  // the first group of part i that starts at or after c
+        return (std::max<int64_t>(c - start[i], 0) + cost[i] - 1) / cost[i];
+      };
+      const int64_t n0 = std::min(first_group(c0) * 4, parts[i].n), n1 = std::min(first_group(c1) * 4, parts[i].n);
+      if (n0 < n1) in.rows(i, n0, n1);
+    }
+  });
+}
+
+void gguf_matmul_aligned_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count,
+                             int64_t multiple, const std::function<void(int64_t, int64_t)>& after) {
+  const QuantizedInput in(x, m, k, parts, count);
+  const int64_t n = parts[0].n, units = (n + multiple - 1) / multiple;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, count * multiple * m * k));
+  parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t n0 = u0 * multiple, n1 = std::min(u1 * multiple, n);
+    for (int i = 0; i < count; ++i) in.rows(i, n0, n1);
+    after(n0, n1);
   });
 }
 

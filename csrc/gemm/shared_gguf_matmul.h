@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "flashlm/core/dtype.h"
 
@@ -23,6 +24,13 @@ struct MatmulPart {
   const uint8_t* packed = nullptr;  // optional: w in the x4 layout (repack_x4), read instead of w (w may be null)
 };
 void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count);
+
+// The same for parts of one width n, handed out row range by row range across all of them: a thread computes
+// rows [n0, n1) of every part, then calls after(n0, n1) on them, inside the same job. So an elementwise step that
+// pairs the parts row by row (a gated MLP's activation of gate and up) needs no job of its own. n0 is a multiple
+// of `multiple` (itself a multiple of 4), n1 too or n.
+void gguf_matmul_aligned_f32(const float* x, int64_t m, int64_t k, const MatmulPart* parts, int count,
+                             int64_t multiple, const std::function<void(int64_t, int64_t)>& after);
 
 // The x4 layouts: Q4_0, Q8_0, Q4_K or Q6_K rows regrouped for the CPU kernels. Rows 4g .. 4g + 3 form group g.
 // Q4_0 and Q8_0, per pair of blocks (2p, 2p + 1): the 8 f16 scales [r0 b0, r0 b1, r1 b0, r1 b1, r2 b0, r2 b1,

@@ -1,9 +1,10 @@
 // The CPU decoder stack (flashlm/runtime/decoder.h): the library's kernels chained layer by layer, with one
 // scratch allocation per step; the weights are checked (and regrouped) when the Decoder is built, not per
-// step. q/k/v and gate/up each go to the thread pool as one job (one quantization of their shared input);
-// everything else is the public kernels, which check their own arguments (a mixture-of-experts layer's
-// routing and experts are moe_route and moe_expert_ffn, the module path's calls). Every step rounds as the
-// module path (flashlm.models.Transformer.forward_paged) does, so both give the same logits.
+// step. q/k/v and gate/up (with the MLP's activation) each go to the thread pool as one job (one quantization of
+// their shared input); everything else is the public kernels, which check their own arguments (a
+// mixture-of-experts layer's routing and experts are moe_route and moe_expert_ffn, the module path's calls).
+// Every step rounds as the module path (flashlm.models.Transformer.forward_paged) does, so both give the same
+// logits.
 #include "flashlm/runtime/decoder.h"
 
 #include "decoder_checks.h"
@@ -47,6 +48,10 @@ MatmulPart part(const QuantLinear& l, float* y, const uint8_t* packed) {
 // would stream from memory once per tile; a chunk's stay in L2. Rows are independent: the same results.
 constexpr int64_t kChunkRows = 64;
 constexpr int kMaxParts = 3;
+// The gated MLP's activation runs on ranges of a row that start at multiples of this: the activation kernels'
+// widest vector (AVX-512's 16 floats), so a range splits into the same vectors as the whole row does and the
+// results are the same bits (a row whose width is not a multiple goes the unfused way).
+constexpr int64_t kActivationRows = 16;
 
 void matmul(const float* x, int64_t t, int64_t k, const MatmulPart* parts, int count) {
   FLASHLM_CHECK(count >= 1 && count <= kMaxParts, "matmul: 1 to ", kMaxParts, " parts, got ", count);
@@ -226,16 +231,31 @@ void Decoder::State::mlp(const DecoderLayer& l, int64_t t, const float* h, float
                           float* up) const {
   const int64_t d = config.d_model, ff = l.gate.n;
   const MatmulPart gate_up[2] = {part(l.gate, gate), part(l.up, up)};
-  matmul(h, t, d, gate_up, 2);
-  const TensorView gate_rows = rows(gate, t, ff);
-  if (config.activation == MlpActivation::SiLU) {
-    activation::silu_mul(gate_rows, rows(up, t, ff), gate_rows);
+  // gate = act(gate) * up on `count` values of a row (the module path's rounding: SwiGLU is silu_mul's; GeGLU the
+  // gelu kernel's f32 values, then one f32 product with up).
+  const auto activate = [&](float* g, const float* u, int64_t count) {
+    const TensorView g_row = rows(g, 1, count), u_row = rows(const_cast<float*>(u), 1, count);
+    if (config.activation == MlpActivation::SiLU) {
+      activation::silu_mul(g_row, u_row, g_row);
+    } else {
+      activation::gelu_tanh(g_row, g_row);
+      for (int64_t i = 0; i < count; ++i) g[i] *= u[i];
+    }
+  };
+  if (ff % kActivationRows == 0) {
+    // gate, up and the activation as one job: each thread activates the rows it has just computed, so the
+    // activation takes no hand-off of its own (and runs on both threads, not on the caller alone).
+    for (int64_t r0 = 0; r0 < t; r0 += kChunkRows) {
+      const int64_t r1 = std::min(t, r0 + kChunkRows);
+      MatmulPart chunk[2] = {gate_up[0], gate_up[1]};
+      for (MatmulPart& p : chunk) p.y += r0 * ff;
+      gemm::detail::gguf_matmul_aligned_f32(h + r0 * d, r1 - r0, d, chunk, 2, kActivationRows, [&](int64_t n0, int64_t n1) {
+        for (int64_t i = r0; i < r1; ++i) activate(gate + i * ff + n0, up + i * ff + n0, n1 - n0);
+      });
+    }
   } else {
-    // GeGLU as the module path computes it: the gelu kernel's f32 rows, then one f32 product with up
-    activation::gelu_tanh(gate_rows, gate_rows);
-    parallel_for(t * ff, 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) gate[i] *= up[i];
-    });
+    matmul(h, t, d, gate_up, 2);
+    activate(gate, up, t * ff);
   }
   const MatmulPart down = part(l.down, out);
   matmul(gate, t, ff, &down, 1);
