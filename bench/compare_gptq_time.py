@@ -141,9 +141,9 @@ def main():
         print(f"| {label} | {seconds[key] / n:.2f} | {cpu[key] / n:.2f} | {seconds[key]:.1f} | {cpu[key]:.1f} |")
     if n < FULL_LAYERS:  # the embedding pass runs once; every block costs the same at these shapes
         for label, d in (("wall", seconds), ("CPU", cpu)):
-            per_block = (d["total"] - d["first_block_inputs"]) / n
-            print(f"extrapolated to {FULL_LAYERS} blocks ({label}): {FULL_LAYERS} x {per_block:.1f} s + embedding pass "
-                  f"{d['first_block_inputs']:.1f} s = {(FULL_LAYERS * per_block + d['first_block_inputs']) / 60:.1f} min")
+            per_block, embed = (d["total"] - d["first_block_inputs"]) / n, d["first_block_inputs"]
+            print(f"extrapolated to {FULL_LAYERS} blocks ({label}): {FULL_LAYERS} x {per_block:.1f} s + embedding "
+                  f"pass {embed:.1f} s = {(FULL_LAYERS * per_block + embed) / 60:.1f} min")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

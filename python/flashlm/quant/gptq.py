@@ -252,7 +252,7 @@ def default_calib_dtype(device) -> torch.dtype:
     float32's multiply-adds per instruction.)"""
     if torch.device(device).type != "cpu":
         return torch.bfloat16
-    # torch's own reading of cpuid (a private helper: without it, float32, never the slow choice by much)
+    # torch's own reading of cpuid, a private helper: a torch without it gets float32 (~3x slower on AMX)
     features = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
     return torch.bfloat16 if features.get("amx_bf16") or features.get("avx512_bf16") else torch.float32
 
@@ -264,8 +264,8 @@ def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symm
     """Replaces every block linear of a flashlm Transformer by a GPTQ-rounded Int4Linear, in place, block by block
     over calib_tokens (int64 [rows, seq]); embeddings, norms and the lm head stay float. Returns the model.
     calib_dtype: the blocks' calibration forward, bfloat16 or float32 (None: default_calib_dtype of the model's
-    device); the Hessians are summed in float32 and the rounding runs in float32 on the model's own weights either way. progress(i, n_blocks),
-    when given, is called after each block."""
+    device); the Hessians are summed in float32 and the rounding runs in float32 on the model's own weights
+    either way. progress(i, n_blocks), when given, is called after each block."""
     tokens = check_calib_tokens(calib_tokens, model)
     _check_options(group_size, group_size, damp, BLOCK_SIZE)
     if calib_dtype is None:
