@@ -2,7 +2,7 @@
 d_ff 5632, 22 layers, 32 query / 4 KV heads, vocab 32000), with the time of each stage.
 
     python bench/compare_gptq_time.py                          # the 1.1B model, 128 x 512 calibration tokens
-    python bench/compare_gptq_time.py --n-layer 1 --calib-rows 8 --calib-dtype float32   # one block
+    python bench/compare_gptq_time.py --n-layer 2 --calib-rows 16   # two blocks, extrapolated to 22 (labelled)
     python bench/compare_gptq_time.py --model CKPT --text FILE   # quality: bfloat16 vs float32 calibration
 
 The stages are timed by wrapping flashlm.quant.gptq's functions for the run: the block forward passes (the
@@ -29,7 +29,9 @@ from flashlm.io import load_model
 from flashlm.models import ModelConfig, Transformer
 from flashlm.quant import Int4Linear, gptq
 
-STAGES = {"forward (hooked + quantized)": "run_block", "Hessian products": "HessianAccumulator.add",
+FULL_LAYERS = 22  # TinyLlama's
+STAGES = {"calibration forward (hooked)": "calib_forward", "quantized forward (the next block's inputs)":
+          "quant_forward", "Hessian products": "HessianAccumulator.add",
           "Cholesky factors": "_inverse_cholesky", "column loop + block updates": "gptq_quantize_weight",
           "embedding pass": "first_block_inputs"}
 
@@ -83,10 +85,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="with --text: a trained flashlm checkpoint for the precision check")
     p.add_argument("--text", help="UTF-8 text: calibration from its start, held-out windows from its last 5%%")
-    p.add_argument("--n-layer", type=int, default=22)
+    p.add_argument("--n-layer", type=int, default=FULL_LAYERS)
     p.add_argument("--calib-rows", type=int, default=128, help="the CLI's default")
     p.add_argument("--calib-seq", type=int, default=512, help="the CLI's default")
-    p.add_argument("--calib-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--calib-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="auto: gptq.default_calib_dtype (float32 on CPUs without bf16 matmul instructions)")
     p.add_argument("--group-size", type=int, default=128)
     args = p.parse_args()
     if args.model:
@@ -96,6 +99,8 @@ def main():
     torch.manual_seed(0)
     model = Transformer(cfg).eval().requires_grad_(False)
     calib = torch.randint(0, cfg.vocab_size, (args.calib_rows, args.calib_seq))
+    calib_dtype = None if args.calib_dtype == "auto" else getattr(torch, args.calib_dtype)
+    args.calib_dtype = str(calib_dtype or gptq.default_calib_dtype("cpu")).replace("torch.", "")
     print(f"random llama: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {cfg.n_layer} layers; "
           f"calibration {args.calib_rows} x {args.calib_seq} tokens in {args.calib_dtype}; g{args.group_size}; "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -106,10 +111,17 @@ def main():
     add = gptq.HessianAccumulator.add
     for name, fn in originals.items():
         setattr(gptq, name, timed(seconds, cpu, name, fn))
+    calls = [0]
+
+    def run_block(*a):  # each block: the hooked pass, then (but for the last block) the quantized one
+        calls[0] += 1
+        key = "calib_forward" if calls[0] % 2 else "quant_forward"
+        return timed(seconds, cpu, key, originals["run_block"])(*a)
+    gptq.run_block = run_block
     gptq.HessianAccumulator.add = timed(seconds, cpu, "HessianAccumulator.add", add)
     start, start_cpu = time.perf_counter(), time.process_time()
     try:
-        gptq.gptq_quantize(model, calib, args.group_size, calib_dtype=getattr(torch, args.calib_dtype),
+        gptq.gptq_quantize(model, calib, args.group_size, calib_dtype=calib_dtype,
                            progress=lambda i, n: print(f"  block {i}/{n}: {time.perf_counter() - start:.1f} s, "
                                                        f"load average {os.getloadavg()[0]:.1f}", flush=True))
     finally:
@@ -118,7 +130,7 @@ def main():
         gptq.HessianAccumulator.add = add
     seconds["total"], cpu["total"] = time.perf_counter() - start, time.process_time() - start_cpu
     for d in (seconds, cpu):
-        d["run_block"] -= d["HessianAccumulator.add"]  # the hooks' products run inside the forward
+        d["calib_forward"] -= d["HessianAccumulator.add"]  # the hooks' products run inside the forward
         d["other"] = d["total"] - sum(d[k] for k in STAGES.values())
     # CPU seconds: what the process computed, all threads together; on a loaded host the wall time is longer
     # by the share of the cores other work took.
@@ -127,6 +139,11 @@ def main():
           "|---|---|---|---|---|")
     for label, key in list(STAGES.items()) + [("other (block copies, packing)", "other"), ("total", "total")]:
         print(f"| {label} | {seconds[key] / n:.2f} | {cpu[key] / n:.2f} | {seconds[key]:.1f} | {cpu[key]:.1f} |")
+    if n < FULL_LAYERS:  # the embedding pass runs once; every block costs the same at these shapes
+        for label, d in (("wall", seconds), ("CPU", cpu)):
+            per_block, embed = (d["total"] - d["first_block_inputs"]) / n, d["first_block_inputs"]
+            print(f"extrapolated to {FULL_LAYERS} blocks ({label}): {FULL_LAYERS} x {per_block:.1f} s + embedding "
+                  f"pass {embed:.1f} s = {(FULL_LAYERS * per_block + embed) / 60:.1f} min")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -17,8 +17,8 @@ from flashlm.models import ModelConfig, Transformer
 from flashlm.quant import Int4Linear, dequantize_int4, quantize_int4
 from flashlm.quant.awq import awq_quantize, search_scales
 from flashlm.quant.calib_inputs import ROWS_PER_CALL, first_block_inputs, linear_input_hooks
-from flashlm.quant.gptq import (HessianAccumulator, PreparedHessian, gptq_linear, gptq_quantize,
-                                gptq_quantize_weight)
+from flashlm.quant.gptq import (HESSIAN_STRIP, HessianAccumulator, PreparedHessian, default_calib_dtype, gptq_linear,
+                                gptq_quantize, gptq_quantize_weight)
 from flashlm.quant.rtn import pack_int4
 
 EVERY_GROUPING = pytest.mark.parametrize("group_size,symmetric",
@@ -79,13 +79,45 @@ def reference_gptq(w, h, group_size, symmetric, act_order, damp=0.01):
     return codes.to(torch.uint8)
 
 
-def test_hessian_accumulator_is_the_mean_over_all_rows():
-    x = correlated_inputs(300, 48, seed=1)
-    acc = HessianAccumulator(48)
+@pytest.mark.parametrize("k", [48, 2 * HESSIAN_STRIP + 76])
+def test_hessian_accumulator_is_the_mean_over_all_rows(k):
+    """Only the strips on and above the diagonal are summed (k = 1100: two whole strips and a part one); H comes
+    back whole and exactly symmetric."""
+    x = correlated_inputs(300, k, seed=1)
+    acc = HessianAccumulator(k)
     for part in (x[:7], x[7:128], x[128:]):
         acc.add(part)
     want = 2.0 * x.double().T @ x.double() / x.shape[0]
     assert_close(acc.h, want, rtol=1e-5, rtol_of_max=1e-6, name="H")
+    assert_equal(acc.h, acc.h.T, name="H^T")
+
+
+@pytest.mark.parametrize("k", [1, 7, 256, 257, 700])
+def test_inverse_cholesky_factor_against_float64(k):
+    """U, upper with a positive diagonal and U^T U = H^-1, is the factor of torch's float64 inverse (one flipped
+    Cholesky factor and a triangular inverse by halves: 257 and 700 split unevenly, down to solves of <= 256).
+    Bound: a Cholesky factor's relative forward error is at most ~ k cond(H) eps in the matrix's dtype."""
+    x = correlated_inputs(2 * k + 3, k, seed=k).double()
+    h = 2.0 * x.T @ x / x.shape[0]
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    want = torch.linalg.cholesky(torch.linalg.inv(h)).T
+    for dtype in (torch.float64, torch.float32):
+        got = PreparedHessian(h.to(dtype), damp=1e-300 if dtype == torch.float64 else 1e-30).U
+        assert got.dtype == dtype and bool((got.diagonal() > 0).all())
+        assert_equal(got.tril(-1), torch.zeros_like(got).tril(-1), name="U below the diagonal")
+        bound = k * torch.linalg.cond(h).item() * torch.finfo(dtype).eps
+        err = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert err <= bound, f"{dtype}: relative error {err:.3g} > {bound:.3g}"
+
+
+def test_default_calib_dtype_follows_bf16_matmul_instructions(monkeypatch):
+    assert default_calib_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    for features, want in (({"amx_bf16": True}, torch.bfloat16), ({"avx512_bf16": True}, torch.bfloat16),
+                           ({"avx512_bw": True, "avx2": True}, torch.float32)):
+        monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda f=features: f)
+        assert default_calib_dtype("cpu") == want, features
+    monkeypatch.delattr(torch._C._cpu, "_get_cpu_capability")  # a torch without the helper: float32
+    assert default_calib_dtype("cpu") == torch.float32
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -182,15 +214,13 @@ def test_gptq_model_is_sequential_and_beats_rtn(arch, calib_dtype):
     n_linears = sum(isinstance(m, nn.Linear) for m in model.blocks.modules())
     assert sum(isinstance(m, Int4Linear) for m in q.blocks.modules()) == n_linears
     assert not any(isinstance(m, nn.Linear) for m in q.blocks.modules())
-    # Block 1's Hessians come from block 0 already quantized: rebuild its first linear from those inputs. In
-    # bfloat16 block 0 runs as a bfloat16 copy whose linears hold the dequantized int4 weights.
-    block0, block1 = q.blocks[0], copy.deepcopy(model.blocks[1]).to(calib_dtype)
-    if calib_dtype != torch.float32:
-        block0 = copy.deepcopy(model.blocks[0]).to(calib_dtype)
-        for name, m in q.blocks[0].named_modules():
-            if isinstance(m, Int4Linear):
-                w = dequantize_int4(m.weight, m.scales, m.zeros, 32)
-                block0.get_submodule(name).weight.data = w.to(calib_dtype)
+    # Block 1's Hessians come from block 0 already quantized: rebuild its first linear from those inputs. Block 0
+    # runs as a dense copy in calib_dtype whose linears hold the dequantized int4 weights.
+    block0, block1 = copy.deepcopy(model.blocks[0]).to(calib_dtype), copy.deepcopy(model.blocks[1]).to(calib_dtype)
+    for name, m in q.blocks[0].named_modules():
+        if isinstance(m, Int4Linear):
+            w = dequantize_int4(m.weight, m.scales, m.zeros, 32)
+            block0.get_submodule(name).weight.data = w.to(calib_dtype)
     xs, ropes = first_block_inputs(model, calib)
     xs = xs.to(calib_dtype)
     with torch.no_grad():

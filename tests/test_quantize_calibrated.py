@@ -41,7 +41,7 @@ def float_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,asym,calib_dtype", [("gptq", False, None), ("gptq", False, "f32"),
-                                                    ("awq", True, None)])
+                                                    ("gptq", False, "bf16"), ("awq", True, None)])
 def test_quantize_command_writes_what_the_method_computes(float_checkpoint, method, asym, calib_dtype):
     root, path, calib = float_checkpoint
     out = root / f"{method}.pt"
@@ -53,8 +53,8 @@ def test_quantize_command_writes_what_the_method_computes(float_checkpoint, meth
     source = load_model(path)
     rows = calibration_rows(source.tokenizer.encode(TEXT), 6, 32)
     want = copy.deepcopy(source.model)
-    if method == "gptq":  # --calib-dtype f32 is calib_dtype=torch.float32; bfloat16 is the default
-        dtype = torch.float32 if calib_dtype == "f32" else torch.bfloat16
+    if method == "gptq":  # --calib-dtype f32 is calib_dtype=torch.float32; without it, gptq_quantize's default
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16, None: None}[calib_dtype]
         gptq_quantize(want, rows, 32, symmetric=not asym, calib_dtype=dtype)
     else:
         awq_quantize(want, rows, 32, symmetric=not asym)

@@ -294,7 +294,8 @@ def add_calibrated_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-order", action="store_true", help="with --method gptq: round columns by decreasing "
                    "activation energy")
     p.add_argument("--calib-dtype", choices=("bf16", "f32"), help="with --method gptq: the blocks' calibration "
-                   "forward in bfloat16 (default; the Hessians are summed in float32) or float32")
+                   "forward in bfloat16 or float32 (default: bf16 where the CPU has bf16 matmul instructions (AMX, "
+                   "AVX512-BF16) or on CUDA, else f32; the Hessians are summed in float32)")
     p.add_argument("--act-calib", choices=("minmax", "percentile", "kl"), help="with --method w8a8|smoothquant: "
                    "one static activation scale per layer from this range (percentile: the 99.99th of |x|; kl: "
                    "TensorRT's entropy calibration); default: per-token scales at run time")

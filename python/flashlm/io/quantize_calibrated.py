@@ -49,8 +49,9 @@ def quantize_calibrated(input_path: str, output_path: str, method: str, calib_da
     """Quantizes input_path's block linears by `method` and writes output_path; returns what it did.
     group_size (default 128), symmetric and act_order are int4's; act_calib (None: per-token activation
     scales; or one of flashlm.quant.ranges.ACT_CALIBRATIONS) W8A8's; alpha (default 0.5) SmoothQuant's;
-    calib_dtype GPTQ's: its blocks' calibration forward in "bf16" (the default: several times faster on CPUs
-    with bf16 matmuls; the Hessians are still summed in float32) or "f32"."""
+    calib_dtype GPTQ's: its blocks' calibration forward in "bf16" or "f32" (default: bf16 on CUDA and on CPUs
+    with bf16 matmul instructions, where it is several times faster, else f32; the Hessians are summed in
+    float32 either way)."""
     from flashlm.io import load_model
     from flashlm.io.quantized_checkpoint import save_quantized_model
 
@@ -73,7 +74,7 @@ def quantize_calibrated(input_path: str, output_path: str, method: str, calib_da
     if method in INT4_METHODS:
         done.update(group_size=group_size or 128, symmetric=symmetric)
         _quantize_int4(loaded.model, tokens, method, done["group_size"], symmetric, act_order,
-                       CALIB_DTYPES[calib_dtype or "bf16"], report)
+                       CALIB_DTYPES.get(calib_dtype), report)
     else:
         done.update(act_calib=act_calib, alpha=alpha)
         _quantize_w8a8(loaded.model, tokens, method == "smoothquant", act_calib, 0.5 if alpha is None else alpha,

@@ -19,11 +19,12 @@ the inverse of the Hessian H = 2 X^T X / T:
 
 gptq_quantize runs a model block by block: each block's Hessians come from the outputs of the blocks before it
 already quantized (as GPTQ does), then its linears become Int4Linear and it is run again to feed the next.
-Those forward passes are much of the work at a real model's size, so by default they run in bfloat16 (on AMX,
-~2.5x float32's speed for a TinyLlama block on this project's CPU host; GPTQ's own code runs them in float16
-on GPUs): a bfloat16 copy of the block is run, its linears taking the dequantized int4 weights once rounded.
-Each Hessian is the float32 product of those bfloat16 activations, and the rounding runs in float32 on the
-model's weights. calib_dtype=torch.float32 runs the float32 block and its Int4Linears instead.
+Those forward passes run on a dense copy of the block in calib_dtype whose linears take the dequantized int4
+weights once rounded: through Int4Linear's kernel one TinyLlama block over 4096 tokens took 7.7-8.4 CPU s,
+the float32 dense block 3.0-3.2 (load ~10). calib_dtype defaults to bfloat16 where bfloat16 matmuls are fast
+(CUDA, GPTQ's own choice there being float16; CPUs with AMX or AVX512-BF16) and float32 elsewhere: see
+default_calib_dtype. Each Hessian is a float32 product of those activations, and the rounding runs in float32
+on the model's weights.
 """
 
 import copy
@@ -41,6 +42,7 @@ from flashlm.quant.rtn import check_group_size, dequantize_int4, int4_codes, int
 BLOCK_SIZE = 128
 SUB_BLOCK = 16  # divides every group size (rtn.GROUP_SIZES)
 DEFAULT_DAMP = 0.01
+HESSIAN_STRIP = 512
 CALIB_DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -48,19 +50,31 @@ class HessianAccumulator:
     """H = 2 X^T X / T over every row of X given so far (a running mean, as GPTQ keeps it)."""
 
     def __init__(self, in_features: int):
-        self.in_features, self.h, self.rows = in_features, None, 0
+        self.in_features, self.upper, self.rows, self._h = in_features, None, 0, None
 
     def add(self, x: torch.Tensor) -> None:
         """x [tokens, in_features], on the device H is to live on; its product is taken in float32 whatever
         its dtype (a bfloat16 product, rounded to bfloat16 per call, left the damped Hessian of a small model's
         attention output indefinite)."""
-        if self.h is None:
-            self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
+        if self.upper is None:
+            self.upper = torch.zeros(self.in_features, self.in_features, dtype=torch.float32, device=x.device)
         t = x.shape[0]
-        self.h *= self.rows / (self.rows + t)
+        self.upper *= self.rows / (self.rows + t)
         self.rows += t
         x = x.float() * (2.0 / self.rows) ** 0.5
-        self.h.addmm_(x.T, x)
+        # X^T X is symmetric: only the blocks on and above the diagonal are computed, in strips of
+        # HESSIAN_STRIP rows (torch has no syrk). Measured for 4096 rows, 2 threads, load ~11: 5632 inputs
+        # 1.70 -> 1.13 CPU s a call (a full addmm against strips of 512), 2048 inputs 0.24 -> 0.19.
+        for i in range(0, self.in_features, HESSIAN_STRIP):
+            self.upper[i:i + HESSIAN_STRIP, i:].addmm_(x[:, i:i + HESSIAN_STRIP].T, x[:, i:])
+        self._h = None
+
+    @property
+    def h(self) -> Optional[torch.Tensor]:
+        """The full symmetric H (None before any rows)."""
+        if self._h is None and self.upper is not None:
+            self._h = self.upper.triu() + self.upper.triu(1).T
+        return self._h
 
 
 def _check_damp(damp) -> None:
@@ -92,14 +106,29 @@ def _one_thread(device: torch.device):
 
 
 def _inverse_cholesky(h: torch.Tensor, where: str) -> torch.Tensor:
-    """The upper Cholesky factor U of h^-1 (h^-1 = U^T U)."""
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    """The upper Cholesky factor U of h^-1 (h^-1 = U^T U). With J the reversal of rows and columns, J h J = L L^T
+    gives h = R R^T with R = J L J upper triangular, so h^-1 = R^-T R^-1 and U = R^-1: one Cholesky factor and
+    one triangular inverse, where factor, inverse and factor again did ~1.7x the work (one thread, 5632 inputs:
+    3.3 s against 1.9 s)."""
+    chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info) != 0:
         raise ValueError(f"damp: the damped Hessian of {where} is not positive definite; raise damp or give more "
                          "calibration data")
-    return chol
+    return _upper_triangular_inverse(chol.flip(0, 1))
+
+
+def _upper_triangular_inverse(r: torch.Tensor) -> torch.Tensor:
+    """r^-1 for an upper triangular r, by halves: [[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]. A
+    triangular solve against the identity does not skip the zeros (one thread, 5632: 1.67 s, by halves 1.0 s)."""
+    n = r.shape[0]
+    if n <= 256:
+        return torch.linalg.solve_triangular(r, torch.eye(n, dtype=r.dtype, device=r.device), upper=True)
+    m = n // 2
+    a, c = _upper_triangular_inverse(r[:m, :m]), _upper_triangular_inverse(r[m:, m:])
+    out = torch.zeros_like(r)
+    out[:m, :m], out[m:, m:] = a, c
+    out[:m, m:] = -(a @ r[:m, m:]) @ c
+    return out
 
 
 class PreparedHessian:
@@ -214,33 +243,40 @@ def gptq_linear(linear: nn.Linear, hessian, group_size: int = 128, symmetric: bo
     return Int4Linear.from_quantized(linear, packed, scales, None if symmetric else zeros, group_size)
 
 
-def _calib_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The block the calibration inputs run through: the block itself (its linears then become Int4Linears)
-    when its weights are in dtype already, else a copy in dtype whose linears take the int4 weights
-    (dequantized) once rounded."""
-    if all(p.dtype == dtype for p in block.parameters()):
-        return block
-    return copy.deepcopy(block).to(dtype)
+def default_calib_dtype(device) -> torch.dtype:
+    """The calibration forward's dtype when none is given: bfloat16 on CUDA and on CPUs with bfloat16 matmul
+    instructions (AMX, AVX512-BF16), float32 on other CPUs, where torch emulates bfloat16 matmuls. Measured, a
+    4096 x 2048 x 5632 GEMM: on AMX (load 0.6) 488 GFLOP/s bfloat16, 170 float32; on AVX-512 without BF16 (load
+    ~4) 33 GFLOP/s per CPU second bfloat16, 140 float32, and a TinyLlama block over 4096 tokens 11.4 CPU s
+    bfloat16, 3.1 float32. (AVX512-BF16 without AMX was not measured; its dot-product instruction doubles
+    float32's multiply-adds per instruction.)"""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    # torch's own reading of cpuid, a private helper: a torch without it gets float32 (~3x slower on AMX)
+    features = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    return torch.bfloat16 if features.get("amx_bf16") or features.get("avx512_bf16") else torch.float32
 
 
 @torch.no_grad()
 def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symmetric: bool = True,
                   damp: float = DEFAULT_DAMP, act_order: bool = False, progress: Optional[callable] = None,
-                  calib_dtype: torch.dtype = torch.bfloat16):
+                  calib_dtype: Optional[torch.dtype] = None):
     """Replaces every block linear of a flashlm Transformer by a GPTQ-rounded Int4Linear, in place, block by block
     over calib_tokens (int64 [rows, seq]); embeddings, norms and the lm head stay float. Returns the model.
-    calib_dtype: the blocks' calibration forward (bfloat16, the default, or float32); the Hessians are summed
-    in float32 and the rounding runs in float32 on the model's own weights either way. progress(i, n_blocks),
-    when given, is called after each block."""
+    calib_dtype: the blocks' calibration forward, bfloat16 or float32 (None: default_calib_dtype of the model's
+    device); the Hessians are summed in float32 and the rounding runs in float32 on the model's own weights
+    either way. progress(i, n_blocks), when given, is called after each block."""
     tokens = check_calib_tokens(calib_tokens, model)
     _check_options(group_size, group_size, damp, BLOCK_SIZE)
+    if calib_dtype is None:
+        calib_dtype = default_calib_dtype(next(model.parameters()).device)
     if calib_dtype not in CALIB_DTYPES:
         raise ValueError(f"calib_dtype: must be one of {CALIB_DTYPES}, got {calib_dtype!r}")
     check_block_linears(model, group_size)
     xs, ropes = first_block_inputs(model, tokens)
     xs = xs.to(calib_dtype)
     for i, block in enumerate(model.blocks):
-        work = _calib_copy(block, calib_dtype)
+        work = copy.deepcopy(block).to(calib_dtype)  # its linears take the int4 weights, dequantized
         linears = block_linears(work)
         hessians = {name: HessianAccumulator(m.in_features) for name, m in linears}
         with linear_input_hooks(work, lambda name, x: hessians[name].add(x)) as shared:
@@ -255,9 +291,8 @@ def gptq_quantize(model, calib_tokens: torch.Tensor, group_size: int = 128, symm
             q = gptq_linear(linear, prepared[shared[name]], group_size, symmetric, damp, act_order, where=where)
             parent, _, leaf = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, q)
-            if work is not block:
-                w = dequantize_int4(q.weight, q.scales, q.zeros, group_size)
-                work.get_submodule(name).weight.copy_(w)
+            w = dequantize_int4(q.weight, q.scales, q.zeros, group_size)
+            work.get_submodule(name).weight.copy_(w)
         del hessians, prepared
         if i + 1 < len(model.blocks):
             xs = run_block(work, xs, ropes[i])  # the quantized block feeds the next
