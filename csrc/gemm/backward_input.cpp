@@ -37,6 +37,13 @@ constexpr int64_t kTileFloats = 16 << 10;
 // The fused path's tile: its columns of dx (M <= kFusedRows rows), 16 KiB, half an L1 cache, the other half
 // for the weight bytes streaming through.
 constexpr int64_t kFusedTileFloats = 4 << 10;
+// The GEMM path (M >= kGemmRows, AVX2): tiles of kGemmCols columns of dx (or one block, if larger), panels of
+// kGemmDepth weight rows: 128 x 256 floats, 128 KiB, in the L2 cache; a kernel tile's columns of it (16-32 KiB)
+// in the L1.
+constexpr int64_t kGemmRows = 3;
+constexpr int64_t kGemmCols = 256;
+constexpr int64_t kGemmDepth = 128;
+std::atomic<bool> gemm_switch{true};  // set_backward_input_gemm
 // The least work (multiply-adds) handed to one thread: waking a worker costs ~5-10 us.
 constexpr int64_t kGrainMacs = 1 << 18;
 // int8 rows are cut into blocks of this many columns, or of the largest power of two that divides K.
@@ -93,6 +100,28 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
     gemm::detail::decode_rows_scalar(w, r0, rows, b0, b1, out);
 }
 
+// Block columns [b0, b1) of dx (f32, [m, k]) from dy (f32, [m, n]) for M >= kGemmRows: a tile of about kGemmCols
+// columns at a time, and within it kGemmDepth weight rows at a time decoded once into floats (the panel, in the
+// L2 cache) and multiplied into all M rows of the tile by the register-blocked kernel. Decoding costs O(N K)
+// whatever M, so it is amortised over the M rows; the row-by-row add above reloaded dx for every 4 weight rows.
+void columns_gemm(const BackwardWeight& w, const float* dy, int64_t m, float* dx, int64_t b0, int64_t b1) {
+  const int64_t tile = std::max<int64_t>(1, kGemmCols / w.block);
+  const int64_t ldb = std::min(tile, b1 - b0) * w.block + gemm::detail::kGemmPad;
+  std::vector<float> panel(static_cast<size_t>(std::min(kGemmDepth, w.n) * ldb));
+  const bool avx512 = gemm::detail::avx512_allowed();
+  for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+    const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
+    float* out = dx + t0 * w.block;
+    for (int64_t i = 0; i < m; ++i) std::fill(out + i * w.k, out + i * w.k + width, 0.f);
+    for (int64_t n0 = 0; n0 < w.n; n0 += kGemmDepth) {
+      const int64_t kc = std::min(kGemmDepth, w.n - n0);
+      for (int64_t r = 0; r < kc; ++r) decode(w, n0 + r, 1, t0, t1, panel.data() + r * ldb, true);
+      const gemm::detail::GemmPanel p{dy + n0, w.n, panel.data(), ldb, kc, m, width, out, w.k};
+      if (!(avx512 && gemm::detail::gemm_panel_avx512(p))) gemm::detail::gemm_panel_avx2(p);
+    }
+  }
+}
+
 // Block columns [b0, b1) of dx (f32, [m, k]) from dyt (dy transposed, f32 [n, m]).
 void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t b0, int64_t b1,
                  bool avx2) {
@@ -127,23 +156,35 @@ void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx
 
 void backward_input_cpu(const BackwardWeight& w, const TensorView& dy, const TensorView& dx) {
   const int64_t m = dy.shape[0], n = w.n, k = w.k;
-  // dy transposed to f32 [n, m]: the kernels take the m values of one weight row together.
-  std::vector<float> dyt(static_cast<size_t>(n * m));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t r = 0; r < n; ++r)
-      dyt[r * m + i] = dy.dtype == DType::F32 ? static_cast<const float*>(dy.data)[i * n + r]
-                                              : core::bf16_to_f32(static_cast<const uint16_t*>(dy.data)[i * n + r]);
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const bool gemm = avx2 && m >= kGemmRows && gemm_switch.load(std::memory_order_relaxed);
+  // The row path takes dy transposed to f32 [n, m] (the m values of one weight row together); the GEMM takes
+  // dy's rows as they are, widened to f32 if bf16.
+  std::vector<float> a_buf;
+  const float* a = static_cast<const float*>(dy.data);
+  if (!gemm || dy.dtype != DType::F32) {
+    a_buf.resize(static_cast<size_t>(n * m));
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t r = 0; r < n; ++r)
+        a_buf[gemm ? i * n + r : r * m + i] =
+            dy.dtype == DType::F32 ? static_cast<const float*>(dy.data)[i * n + r]
+                                   : core::bf16_to_f32(static_cast<const uint16_t*>(dy.data)[i * n + r]);
+    a = a_buf.data();
+  }
   std::vector<float> scratch;  // bf16 dx: float32 sums, rounded per thread's columns at the end
   float* out = static_cast<float*>(dx.data);
   if (dx.dtype != DType::F32) {
     scratch.resize(static_cast<size_t>(m * k));
     out = scratch.data();
   }
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const int64_t blocks = k / w.block;
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, n * w.block * m));
   parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
-    columns_cpu(w, dyt.data(), m, out, b0, b1, avx2);
+    if (gemm) {
+      columns_gemm(w, a, m, out, b0, b1);
+    } else {
+      columns_cpu(w, a, m, out, b0, b1, avx2);
+    }
     if (dx.dtype == DType::F32) return;
     auto* y = static_cast<uint16_t*>(dx.data);
     for (int64_t i = 0; i < m; ++i)
@@ -167,6 +208,8 @@ void run(const BackwardWeight& w, const TensorView& dy, const TensorView& dx, vo
 }  // namespace
 
 bool set_backward_input_avx512(bool allowed) { return avx512_switch.exchange(allowed); }
+
+bool set_backward_input_gemm(bool allowed) { return gemm_switch.exchange(allowed); }
 
 bool gguf_backward_input_supported(DType t) {
   return t != DType::F32 && t != DType::F16 && t != DType::BF16 && dequantize_supported(t);
@@ -255,6 +298,7 @@ bool avx512_allowed() {
 #ifndef FLASHLM_HAVE_AVX512_BACKWARD_INPUT
 namespace flashlm::gemm::detail {
 bool accumulate_fused_avx512(const BackwardWeight&, const float*, int64_t, float*, int64_t, int64_t) { return false; }
+bool gemm_panel_avx512(const GemmPanel&) { return false; }
 }  // namespace flashlm::gemm::detail
 #endif
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
@@ -265,5 +309,6 @@ void accumulate_fused_avx2(const BackwardWeight&, const float*, int64_t, float*,
 void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx) {
   accumulate_scalar(wt, rows, width, dyt, m, dx, ldx);
 }
+void gemm_panel_avx2(const GemmPanel& p) { gemm_panel_scalar(p); }
 }  // namespace flashlm::gemm::detail
 #endif
