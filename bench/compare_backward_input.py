@@ -6,14 +6,15 @@ For each weight kind (GGML block types, int8 per channel, int4 per group of 128)
 W is [N, K], dx = dy @ W), random weights are multiplied with M rows of dy by
   flashlm   flashlm.ops.gguf_linear_backward_input / int8_ / int4_linear_backward_input: the weights are
             read in their stored form (AVX2 on flashlm's thread pool: for M <= 2 and Q4_0, Q8_0, Q4_K, Q6_K,
-            int8, int4 multiplied straight from the quants; for M >= 3 a GEMM over panels of W decoded once),
+            int8, int4 multiplied straight from the quants; for M >= 8 a GEMM over panels of W decoded once;
+            in between, a few weight rows decoded at a time and added into every row of dx),
   torch     the same W dequantized to float32 on each call (flashlm.ops.dequantize for GGUF, torch ops for
             int8/int4), then torch.matmul: what a training step does without a native backward,
   dense     torch.matmul with W already dequantized to float32 (4-8x the memory; a ceiling for torch),
   flashlm-avx2  where the CPU has AVX-512F and BW: flashlm with its AVX-512 kernels switched off
             (flashlm._C.set_backward_input_avx512(False)), the AVX2 kernels,
   flashlm-rows  for M >= 3: flashlm with its GEMM switched off (flashlm._C.set_backward_input_gemm(False)),
-            the earlier path that decodes 4 weight rows at a time and adds them into every row of dx,
+            the path that decodes 4 weight rows at a time and adds them into every row of dx (what M < 8 runs),
 and set against a plain copy (`dst.copy_(src)` of 64 MiB), the memory-bandwidth ceiling. Before timing,
 flashlm's dx is checked against float64 dy @ W (relative error < 1e-5); the script stops if it is off.
 

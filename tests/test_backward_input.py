@@ -54,7 +54,7 @@ def check_dx(dx, dy, w):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, m) for m in (1, 3)],
+    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, m) for m in (1, 3, 64)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_gguf_matches_float64(ggml_type, device, isa, dtype, m):
@@ -82,7 +82,8 @@ def test_gguf_shapes_that_tile_and_split(ggml_type, device, isa, m, n, k):
 
 
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
-@pytest.mark.parametrize("m", [1, 2, 7])  # 1 and 2: the fused kernels for the common types; 7: decode and add
+# 1 and 2: the fused kernels for the common types; 7: decode and add; 9: the GEMM over decoded panels
+@pytest.mark.parametrize("m", [1, 2, 7, 9])
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_avx2_matches_scalar(ggml_type, m):
     k = k_for(ggml_type, 3)
@@ -124,7 +125,7 @@ def int4_weight(n, k, group, symmetric, seed):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, 3)],
+    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, m) for m in (3, 64)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("k", [96, 100, 1030, 320])  # blocks of 32 columns, of 4, of 2, of 64
 def test_int8_matches_float64(k, device, isa, dtype, m):
@@ -394,11 +395,12 @@ GEMM_CASES = [("Q4_0", 32 * 37), ("Q8_0", 96), ("Q5_1", 160), ("Q4_K", 768), ("Q
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
 @pytest.mark.usefixtures("restore_avx512", "restore_gemm")
 @pytest.mark.parametrize("kind,k", GEMM_CASES)
-# M: fewer rows than a register tile, remainders of 6 and 8 rows; N: one panel, several and a partial one.
-@pytest.mark.parametrize("m,n", [(3, N), (13, 300), (70, 129)])
+# M: the fewest rows the GEMM takes, remainders of a 6-row strip; N: part of a 128-row panel, several panels and
+# a partial one.
+@pytest.mark.parametrize("m,n", [(8, N), (13, 300), (70, 129)])
 @pytest.mark.parametrize("avx512", [False, True] if AVX512 else [False])
 def test_gemm_matches_row_path_bits(kind, k, m, n, avx512):
-    """M >= 3: the GEMM over decoded panels adds each element's N products in weight-row order with fused
+    """M >= 8: the GEMM over decoded panels adds each element's N products in weight-row order with fused
     multiply-adds, as the row-by-row path does, so the two give the same bits (AVX2 and AVX-512 alike); both
     are within the float64 bound."""
     ops.set_cpu_isa("avx2")

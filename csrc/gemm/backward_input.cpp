@@ -6,7 +6,10 @@
 // rows of dy (M <= kFusedRows) and the common types, AVX2 multiplies straight from the quants instead
 // (backward_input_fused_avx2.cpp): the decode buffer's store and reload cost more than the multiply-adds.
 // Where the CPU has AVX-512F and BW the same kernels run 16 columns a vector, 4 weight rows at a time into dx held in
-// registers (backward_input_fused_avx512.cpp), giving the same bits.
+// registers (backward_input_fused_avx512.cpp), giving the same bits. For many rows of dy (M >= kGemmRows) AVX2
+// and AVX-512 run a GEMM instead (columns_gemm): W decoded once a panel at a time, multiplied into all M rows by a
+// register-blocked kernel. Every path adds each element's N products in weight-row order with fused
+// multiply-adds, so the AVX2 and AVX-512 paths give the same bits for any M.
 #include "flashlm/gemm/backward_input.h"
 
 #include <algorithm>
@@ -38,9 +41,13 @@ constexpr int64_t kTileFloats = 16 << 10;
 // for the weight bytes streaming through.
 constexpr int64_t kFusedTileFloats = 4 << 10;
 // The GEMM path (M >= kGemmRows, AVX2): tiles of kGemmCols columns of dx (or one block, if larger), panels of
-// kGemmDepth weight rows: 128 x 256 floats, 128 KiB, in the L2 cache; a kernel tile's columns of it (16-32 KiB)
-// in the L1.
-constexpr int64_t kGemmRows = 3;
+// kGemmDepth weight rows: 128 x 256 floats, 128 KiB, in the L2 cache, a kernel tile's 64 columns of it (32 KiB) in
+// the L1. Measured (one thread, CPU time, Q4_K and Q4_0 at 2816 x 1024 and 1024 x 2816): at M = 128 these sizes
+// took 3-15% less time than 256 x 64, 256 x 256, 512 x 64, 512 x 128 and 1024 x 32 (columns x rows). Below
+// M = kGemmRows the panel's round trip through the L2 cache costs more than the row path's reloads of dx: at
+// M = 4 the GEMM took 25-35% longer, at M = 6-8 the two were within the load's noise, at M = 12 the GEMM was
+// 10-50% faster.
+constexpr int64_t kGemmRows = 8;
 constexpr int64_t kGemmCols = 256;
 constexpr int64_t kGemmDepth = 128;
 std::atomic<bool> gemm_switch{true};  // set_backward_input_gemm
@@ -100,15 +107,15 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
     gemm::detail::decode_rows_scalar(w, r0, rows, b0, b1, out);
 }
 
-// Block columns [b0, b1) of dx (f32, [m, k]) from dy (f32, [m, n]) for M >= kGemmRows: a tile of about kGemmCols
-// columns at a time, and within it kGemmDepth weight rows at a time decoded once into floats (the panel, in the
-// L2 cache) and multiplied into all M rows of the tile by the register-blocked kernel. Decoding costs O(N K)
-// whatever M, so it is amortised over the M rows; the row-by-row add above reloaded dx for every 4 weight rows.
-void columns_gemm(const BackwardWeight& w, const float* dy, int64_t m, float* dx, int64_t b0, int64_t b1) {
+// Block columns [b0, b1) of dx (f32, [m, k]) from dy (packed in strips, GemmPanel) for M >= kGemmRows: a tile of
+// about kGemmCols columns at a time, and within it kGemmDepth weight rows at a time decoded once into floats (the
+// panel, in the L2 cache) and multiplied into all M rows of the tile by the register-blocked kernel. Decoding
+// costs O(N K) whatever M, so it is amortised over the M rows; the row path reloads dx for every 4 weight rows.
+void columns_gemm(const BackwardWeight& w, const float* strips, int64_t m, float* dx, int64_t b0, int64_t b1,
+                  bool avx512) {
   const int64_t tile = std::max<int64_t>(1, kGemmCols / w.block);
   const int64_t ldb = std::min(tile, b1 - b0) * w.block + gemm::detail::kGemmPad;
   std::vector<float> panel(static_cast<size_t>(std::min(kGemmDepth, w.n) * ldb));
-  const bool avx512 = gemm::detail::avx512_allowed();
   for (int64_t t0 = b0; t0 < b1; t0 += tile) {
     const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
     float* out = dx + t0 * w.block;
@@ -116,7 +123,7 @@ void columns_gemm(const BackwardWeight& w, const float* dy, int64_t m, float* dx
     for (int64_t n0 = 0; n0 < w.n; n0 += kGemmDepth) {
       const int64_t kc = std::min(kGemmDepth, w.n - n0);
       for (int64_t r = 0; r < kc; ++r) decode(w, n0 + r, 1, t0, t1, panel.data() + r * ldb, true);
-      const gemm::detail::GemmPanel p{dy + n0, w.n, panel.data(), ldb, kc, m, width, out, w.k};
+      const gemm::detail::GemmPanel p{strips, w.n, n0, panel.data(), ldb, kc, m, width, out, w.k};
       if (!(avx512 && gemm::detail::gemm_panel_avx512(p))) gemm::detail::gemm_panel_avx2(p);
     }
   }
@@ -158,18 +165,18 @@ void backward_input_cpu(const BackwardWeight& w, const TensorView& dy, const Ten
   const int64_t m = dy.shape[0], n = w.n, k = w.k;
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const bool gemm = avx2 && m >= kGemmRows && gemm_switch.load(std::memory_order_relaxed);
-  // The row path takes dy transposed to f32 [n, m] (the m values of one weight row together); the GEMM takes
-  // dy's rows as they are, widened to f32 if bf16.
-  std::vector<float> a_buf;
-  const float* a = static_cast<const float*>(dy.data);
-  if (!gemm || dy.dtype != DType::F32) {
-    a_buf.resize(static_cast<size_t>(n * m));
-    for (int64_t i = 0; i < m; ++i)
+  // The row path takes dy transposed to f32 [n, m] (the m values of one weight row together); the GEMM takes it
+  // in strips of its kernel's rows (GemmPanel).
+  const bool avx512 = gemm && gemm::detail::avx512_allowed();
+  constexpr int64_t strip = gemm::detail::kGemmStrip;
+  std::vector<float> a(static_cast<size_t>(n * m));
+  for (int64_t i0 = 0; i0 < m; i0 += strip) {
+    const int64_t rows = std::min(strip, m - i0);
+    for (int64_t i = i0; i < i0 + rows; ++i)
       for (int64_t r = 0; r < n; ++r)
-        a_buf[gemm ? i * n + r : r * m + i] =
+        a[gemm ? i0 * n + r * rows + (i - i0) : r * m + i] =
             dy.dtype == DType::F32 ? static_cast<const float*>(dy.data)[i * n + r]
                                    : core::bf16_to_f32(static_cast<const uint16_t*>(dy.data)[i * n + r]);
-    a = a_buf.data();
   }
   std::vector<float> scratch;  // bf16 dx: float32 sums, rounded per thread's columns at the end
   float* out = static_cast<float*>(dx.data);
@@ -181,9 +188,9 @@ void backward_input_cpu(const BackwardWeight& w, const TensorView& dy, const Ten
   const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, n * w.block * m));
   parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
     if (gemm) {
-      columns_gemm(w, a, m, out, b0, b1);
+      columns_gemm(w, a.data(), m, out, b0, b1, avx512);
     } else {
-      columns_cpu(w, a, m, out, b0, b1, avx2);
+      columns_cpu(w, a.data(), m, out, b0, b1, avx2);
     }
     if (dx.dtype == DType::F32) return;
     auto* y = static_cast<uint16_t*>(dx.data);
@@ -309,6 +316,6 @@ void accumulate_fused_avx2(const BackwardWeight&, const float*, int64_t, float*,
 void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx) {
   accumulate_scalar(wt, rows, width, dyt, m, dx, ldx);
 }
-void gemm_panel_avx2(const GemmPanel& p) { gemm_panel_scalar(p); }
+void gemm_panel_avx2(const GemmPanel&) {}
 }  // namespace flashlm::gemm::detail
 #endif

@@ -14,7 +14,7 @@
 namespace flashlm::gemm::detail {
 namespace {
 
-constexpr int kMr = 6, kV = 2;
+constexpr int kMr = kGemmStrip, kV = 2;
 
 // Lanes [0, count) of a vector: maskload/maskstore's mask.
 FLASHLM_AVX2_INLINE __m256i lanes(int64_t count) {
@@ -24,17 +24,17 @@ FLASHLM_AVX2_INLINE __m256i lanes(int64_t count) {
 // Rows [0, MR) x vectors [0, V) of C; `last` masks the final vector's columns (the panel's edge), B's rows are
 // padded so reading past it stays inside the buffer.
 template <int MR, int V>
-FLASHLM_AVX2_INLINE void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+FLASHLM_AVX2_INLINE void tile(const float* a, const float* b, int64_t ldb, int64_t kc, float* c,
                               int64_t ldc, __m256i last) {
   const __m256i all = _mm256_set1_epi32(-1);
   __m256 acc[MR][V];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < V; ++v) acc[i][v] = _mm256_maskload_ps(c + i * ldc + 8 * v, v == V - 1 ? last : all);
-  for (int64_t n = 0; n < kc; ++n, b += ldb) {
+  for (int64_t n = 0; n < kc; ++n, a += MR, b += ldb) {
     __m256 bv[V];
     for (int v = 0; v < V; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
     for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_broadcast_ss(a + i * lda + n);
+      const __m256 av = _mm256_broadcast_ss(a + i);
       for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
@@ -45,12 +45,12 @@ FLASHLM_AVX2_INLINE void tile(const float* a, int64_t lda, const float* b, int64
 // Rows [i0, i0 + MR) of C, columns [j0, j0 + 8 v), v <= kV.
 template <int MR>
 FLASHLM_AVX2_INLINE void rows(const GemmPanel& p, int64_t i0, int v, int64_t j0, __m256i last) {
-  const float* a = p.a + i0 * p.lda;
+  const float* a = p.a + i0 * p.n + p.n0 * MR;  // the strip of rows i0 .. i0 + MR
   float* c = p.c + i0 * p.ldc + j0;
   if (v == 2) {
-    tile<MR, 2>(a, p.lda, p.b + j0, p.ldb, p.kc, c, p.ldc, last);
+    tile<MR, 2>(a, p.b + j0, p.ldb, p.kc, c, p.ldc, last);
   } else {
-    tile<MR, 1>(a, p.lda, p.b + j0, p.ldb, p.kc, c, p.ldc, last);
+    tile<MR, 1>(a, p.b + j0, p.ldb, p.kc, c, p.ldc, last);
   }
 }
 

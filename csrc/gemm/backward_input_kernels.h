@@ -50,19 +50,22 @@ bool avx512_allowed();
 bool accumulate_fused_avx512(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t t0, int64_t t1);
 
 // Many rows of dy (M >= kGemmRows, backward_input.cpp): a panel of W decoded once into floats and multiplied as a
-// GEMM, C[m, width] += A[m, kc] @ B[kc, width], all row-major; B's rows hold at least 16 floats past width
-// (the kernels read whole vectors and mask what they store). The scalar kernel is the contract's plain loop.
+// GEMM, C[m, width] += A[m, kc] @ B[kc, width]. A is dy packed in strips of the kernels' kGemmStrip rows: the
+// strip of rows [i0, i0 + r), r = min(kGemmStrip, m - i0), starts at a + i0 * n and holds column j's r values at
+// j * r, so a register tile's broadcasts read one contiguous run rather than r rows N floats apart. B and C are
+// row-major; B's rows hold at least kGemmPad floats past width (the kernels read whole vectors and mask what they
+// store).
+constexpr int kGemmStrip = 6;
+constexpr int64_t kGemmPad = 16;
 struct GemmPanel {
-  const float* a;  // dy's rows, columns n0 .. n0 + kc
-  int64_t lda;
+  const float* a;  // dy in strips, [m, n]
+  int64_t n, n0;   // dy's columns; the panel's first
   const float* b;  // the decoded weight rows n0 .. n0 + kc, a tile's columns
   int64_t ldb;
   int64_t kc, m, width;
   float* c;        // dx's rows, the tile's columns
   int64_t ldc;
 };
-constexpr int64_t kGemmPad = 16;
-void gemm_panel_scalar(const GemmPanel& p);
 void gemm_panel_avx2(const GemmPanel& p);
 // Returns false where it was not built (no AVX-512 compiler flag).
 bool gemm_panel_avx512(const GemmPanel& p);

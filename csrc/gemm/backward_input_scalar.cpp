@@ -41,14 +41,4 @@ void accumulate_scalar(const float* wt, int rows, int64_t width, const float* dy
   }
 }
 
-void gemm_panel_scalar(const GemmPanel& p) {
-  for (int64_t i = 0; i < p.m; ++i)
-    for (int64_t n = 0; n < p.kc; ++n) {
-      const float a = p.a[i * p.lda + n];
-      const float* b = p.b + n * p.ldb;
-      float* c = p.c + i * p.ldc;
-      for (int64_t j = 0; j < p.width; ++j) c[j] += a * b[j];
-    }
-}
-
 }  // namespace flashlm::gemm::detail

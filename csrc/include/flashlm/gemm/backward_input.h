@@ -41,9 +41,8 @@ FLASHLM_API void int4_linear_backward_input(const TensorView& dy, const TensorVi
 // default; both give the same bits, so this is for tests and benchmarks). Returns the previous setting.
 FLASHLM_API bool set_backward_input_avx512(bool allowed);
 
-// Whether the AVX2 ISA multiplies M >= 3 rows of dy as a GEMM over decoded panels of W (on by default) or
-// row by row as before (for tests and benchmarks: the sums are ordered differently, so the bits differ).
-// Returns the previous setting.
+// Whether the AVX2 ISA multiplies 8 or more rows of dy as a GEMM over decoded panels of W (on by default) or
+// row by row (for tests and benchmarks: both give the same bits). Returns the previous setting.
 FLASHLM_API bool set_backward_input_gemm(bool allowed);
 
 }  // namespace flashlm
