@@ -161,23 +161,39 @@ void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx
   }
 }
 
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) { return core::bf16_to_f32(x); }
+
+// Strips [s0, s1) of dy [m, n] (f32 or bf16) as f32 in GemmPanel's layout: strip s holds rows [s * strip,
+// s * strip + r), r = min(strip, m - s * strip), column j's r values together.
+template <class T>
+void pack_strips(const T* dy, int64_t m, int64_t n, int64_t strip, int64_t s0, int64_t s1, float* out) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t i0 = s * strip, rows = std::min(strip, m - i0);
+    const T* src = dy + i0 * n;
+    float* dst = out + i0 * n;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = to_f32(src[i * n + j]);
+  }
+}
+
 void backward_input_cpu(const BackwardWeight& w, const TensorView& dy, const TensorView& dx) {
   const int64_t m = dy.shape[0], n = w.n, k = w.k;
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const bool gemm = avx2 && m >= kGemmRows && gemm_switch.load(std::memory_order_relaxed);
-  // The row path takes dy transposed to f32 [n, m] (the m values of one weight row together); the GEMM takes it
-  // in strips of its kernel's rows (GemmPanel).
+  // The GEMM takes dy in strips of its kernels' rows (GemmPanel); the row path takes it as one strip of all m rows,
+  // dy transposed to f32 [n, m] (the m values of one weight row together).
   const bool avx512 = gemm && gemm::detail::avx512_allowed();
-  constexpr int64_t strip = gemm::detail::kGemmStrip;
+  const int64_t strip = gemm ? gemm::detail::kGemmStrip : m, strips = (m + strip - 1) / strip;
   std::vector<float> a(static_cast<size_t>(n * m));
-  for (int64_t i0 = 0; i0 < m; i0 += strip) {
-    const int64_t rows = std::min(strip, m - i0);
-    for (int64_t i = i0; i < i0 + rows; ++i)
-      for (int64_t r = 0; r < n; ++r)
-        a[gemm ? i0 * n + r * rows + (i - i0) : r * m + i] =
-            dy.dtype == DType::F32 ? static_cast<const float*>(dy.data)[i * n + r]
-                                   : core::bf16_to_f32(static_cast<const uint16_t*>(dy.data)[i * n + r]);
-  }
+  const int64_t strip_grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, strip * n));
+  parallel_for(strips, strip_grain, [&](int64_t s0, int64_t s1) {
+    if (dy.dtype == DType::F32) {
+      pack_strips(static_cast<const float*>(dy.data), m, n, strip, s0, s1, a.data());
+    } else {
+      pack_strips(static_cast<const uint16_t*>(dy.data), m, n, strip, s0, s1, a.data());
+    }
+  });
   std::vector<float> scratch;  // bf16 dx: float32 sums, rounded per thread's columns at the end
   float* out = static_cast<float*>(dx.data);
   if (dx.dtype != DType::F32) {
