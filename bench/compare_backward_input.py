@@ -129,25 +129,15 @@ def main():
                              "float64; not timing a wrong kernel")
                 state = {"i": 0, "j": 0}
 
-                def run_flashlm():
+                def run_flashlm(switch=None):
+                    """The next copy of W; `switch` (a flashlm._C.set_backward_input_* function) off for the call."""
                     state["i"] = (state["i"] + 1) % len(stores)
-                    return flashlm_dx(dy, stores[state["i"]])
-
-                def run_avx2():
-                    state["i"] = (state["i"] + 1) % len(stores)
-                    saved = flashlm._C.set_backward_input_avx512(False)
+                    saved = switch(False) if switch else None
                     try:
                         return flashlm_dx(dy, stores[state["i"]])
                     finally:
-                        flashlm._C.set_backward_input_avx512(saved)
-
-                def run_rows():
-                    state["i"] = (state["i"] + 1) % len(stores)
-                    saved = flashlm._C.set_backward_input_gemm(False)
-                    try:
-                        return flashlm_dx(dy, stores[state["i"]])
-                    finally:
-                        flashlm._C.set_backward_input_gemm(saved)
+                        if switch:
+                            switch(saved)
 
                 def run_torch():
                     state["j"] = (state["j"] + 1) % len(stores)
@@ -156,9 +146,9 @@ def main():
                 fns = {"flashlm": (run_flashlm, "cpu"), "torch": (run_torch, "cpu"),
                        "dense": (lambda: dy @ w, "cpu"), "copy": (lambda: copy_dst.copy_(copy_src), "cpu")}
                 if avx512:
-                    fns["flashlm-avx2"] = (run_avx2, "cpu")
+                    fns["flashlm-avx2"] = (lambda: run_flashlm(flashlm._C.set_backward_input_avx512), "cpu")
                 if m >= 3:
-                    fns["flashlm-rows"] = (run_rows, "cpu")
+                    fns["flashlm-rows"] = (lambda: run_flashlm(flashlm._C.set_backward_input_gemm), "cpu")
                 med = median_seconds(fns, args.reps, args.warmup, args.burst, clock=clock)
                 t_f, t_t, t_d, t_c = med["flashlm"], med["torch"], med["dense"], med["copy"]
                 gbs_f, gbs_c = nbytes / t_f / 1e9, 2 * copy_src.numel() / t_c / 1e9

@@ -187,21 +187,27 @@ def weight_and_run(kind, n, k, dy):
     return ref_w, lambda: ops.gguf_linear_backward_input(dy, raw, kind, (n, k))
 
 
+def check_same_bits(switch, kind, n, k, m):
+    """dy @ W on the AVX2 ISA with a kernel switch (_C.set_backward_input_*) off, then on: within the float64
+    bound, and the same bits."""
+    ops.set_cpu_isa("avx2")
+    dy = torch.randn(m, n)
+    ref_w, run = weight_and_run(kind, n, k, dy)
+    switch(False)
+    off = run()
+    switch(True)
+    on = run()
+    check_dx(on, dy, ref_w)
+    assert_equal(on, off)
+
+
 @pytest.mark.skipif(not AVX512, reason="no AVX-512F and BW")
 @pytest.mark.usefixtures("restore_avx512")
 @pytest.mark.parametrize("kind,k,m", fused_cases())
 @pytest.mark.parametrize("n", [N, 3])  # row groups of 4 and a remainder; fewer rows than the prefetch distance
 def test_avx512_matches_avx2_bits(kind, k, m, n):
     """The AVX-512 build of the few-rows kernels adds the same products in the same order as the AVX2 one."""
-    ops.set_cpu_isa("avx2")
-    dy = torch.randn(m, n)
-    ref_w, run = weight_and_run(kind, n, k, dy)
-    _C.set_backward_input_avx512(False)
-    avx2 = run()
-    _C.set_backward_input_avx512(True)
-    avx512 = run()
-    check_dx(avx512, dy, ref_w)
-    assert_equal(avx512, avx2)
+    check_same_bits(_C.set_backward_input_avx512, kind, n, k, m)
 
 
 
@@ -403,13 +409,5 @@ def test_gemm_matches_row_path_bits(kind, k, m, n, avx512):
     """M >= 8: the GEMM over decoded panels adds each element's N products in weight-row order with fused
     multiply-adds, as the row-by-row path does, so the two give the same bits (AVX2 and AVX-512 alike); both
     are within the float64 bound."""
-    ops.set_cpu_isa("avx2")
     _C.set_backward_input_avx512(avx512)
-    dy = torch.randn(m, n)
-    ref_w, run = weight_and_run(kind, n, k, dy)
-    _C.set_backward_input_gemm(False)
-    rows = run()
-    _C.set_backward_input_gemm(True)
-    gemm = run()
-    check_dx(gemm, dy, ref_w)
-    assert_equal(gemm, rows)
+    check_same_bits(_C.set_backward_input_gemm, kind, n, k, m)
