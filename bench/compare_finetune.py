@@ -14,14 +14,17 @@ The loss is on the same T next tokens on both sides (HF's shift_labels), and the
 LoRA's B starts at zero) must agree between flashlm and its peer on the same weights; the report says whether.
 Each case runs in a fresh Python process (cases share no allocator state), --steps timed steps after --warmup
 untimed ones, the median step; the processes take turns case by case for --rounds rounds and the table holds
-the medians over rounds. Memory: the process's peak RSS (VmHWM) less its RSS after the imports, before the
-model is loaded: weights (a GGUF's bytes), adapters, optimiser state, activations and allocator caches.
+the medians over rounds. "CPU ms/step": the process's CPU time of a step (all its threads: torch's OpenMP
+workers, flashlm's pool), which other jobs on a busy machine do not inflate. Memory: the process's peak RSS
+(VmHWM) less its RSS after the imports, before the model is loaded: weights (a GGUF's bytes), adapters,
+optimiser state, activations and allocator caches.
 
 Goals: QLoRA on the Q4_K GGUF at >= 1.0x torch+peft's speed on the float base with <= 40% of its memory.
 
 Run (from the repository root, with flashlm, transformers and peft installed; bitsandbytes optional):
   python bench/compare_finetune.py             # d_model 1024, 8 layers, vocab 8192 (118M), B 1, T 128, r 16
   python bench/compare_finetune.py --rounds 3 --steps 5
+  python bench/compare_finetune.py --cases flashlm-qlora,peft-lora --threads 1 --profile-top 25  # busy machine
   python bench/compare_finetune.py --quick     # a tiny model, one round: CI smoke, well under a minute
 """
 
@@ -159,8 +162,31 @@ def warm_up_torch() -> None:
     opt.step()
 
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def profile_step(model_step, opt, x, y, top: int) -> dict:
+    """One more step under torch.profiler: each phase's time on the calling thread, the time in no operator
+    (Python, autograd's own work), and the `top` operators by self CPU time, in ms."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("forward"):
+            loss = model_step(x, y)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    averages = prof.key_averages()
+    phases = {e.key: e.cpu_time_total / 1e3 for e in averages if e.key in PHASES}
+    ops_ms = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in averages if e.key not in PHASES),
+                    key=lambda kv: -kv[1])
+    return {"phases": phases, "outside_ops": sum(phases.values()) - sum(v for _, v in ops_ms), "top": ops_ms[:top]}
+
+
 def run_case(case: str, paths: dict, batch: int, seq: int, r: int, alpha: float, steps: int, warmup: int,
-             vocab: int) -> dict:
+             vocab: int, profile_top: int = 0) -> dict:
     import flashlm  # noqa: F401  (the case's imports come before the baseline: their memory is not the case's)
     if not case.startswith("flashlm"):
         import peft  # noqa: F401
@@ -170,33 +196,41 @@ def run_case(case: str, paths: dict, batch: int, seq: int, r: int, alpha: float,
     warm_up_torch()
     base_rss = proc_status_bytes("VmRSS")
     torch.manual_seed(1)
-    data = torch.randint(0, vocab, (steps + warmup, batch, seq + 1))
+    data = torch.randint(0, vocab, (steps + warmup + 1, batch, seq + 1))
     model, opt, step = build_case(case, paths, r, alpha)
-    times, first_loss = [], None
-    for i in range(steps + warmup):
+    times, cpu_times, first_loss = [], [], None
+    for i in range(steps + warmup):  # the last batch is the profiled step's
         x, y = data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         if not torch.isfinite(loss):
             raise RuntimeError(f"{case}: loss {loss.item()} at step {i}")
         first_loss = loss.item() if first_loss is None else first_loss
         if i >= warmup:
             times.append(elapsed)
+            cpu_times.append(cpu)
     step_s = statistics.median(times)
-    return {"step_s": step_s, "tok_s": batch * seq / step_s, "mem": proc_status_bytes("VmHWM") - base_rss,
-            "loss0": first_loss}
+    res = {"step_s": step_s, "tok_s": batch * seq / step_s, "cpu_s": statistics.median(cpu_times),
+           "mem": proc_status_bytes("VmHWM") - base_rss, "loss0": first_loss}
+    if profile_top:  # after the memory figure: the profiler's own records are not the case's
+        res["profile"] = profile_step(step, opt, data[-1, :, :-1].contiguous(), data[-1, :, 1:].contiguous(), profile_top)
+    return res
 
 
 def spawn(case: str, args, paths: dict, vocab: int) -> dict:
     """One case in a fresh interpreter; {"error": text} when it cannot run (bitsandbytes on a CPU)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--paths", json.dumps(paths),
            "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--alpha", str(args.alpha),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(vocab)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(vocab),
+           "--profile-top", str(args.profile_top)]
+    env = dict(os.environ)
+    if args.threads:  # torch's OpenMP pool and flashlm's pool alike
+        env.update(OMP_NUM_THREADS=str(args.threads), FLASHLM_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -218,6 +252,11 @@ def parse_args():
     ap.add_argument("--rounds", type=int, default=2, help="processes per case, the cases taking turns")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--quick", action="store_true", help="a tiny model, one round: a smoke run")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads of each case's process (torch and flashlm); 0: torch's default. 1 on a busy "
+                         "machine: CPU time free of the threads' waits for each other")
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="profile one more step per process (torch.profiler): its phases and N top operators")
     ap.add_argument("--out", default=None, help="write the table to this Markdown file (default: none)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--paths", help=argparse.SUPPRESS)
@@ -225,6 +264,8 @@ def parse_args():
     args = ap.parse_args()
     if args.quick:
         args.seq, args.steps, args.warmup, args.rounds = 32, 2, 1, 1
+    if args.threads < 0:
+        ap.error(f"--threads: must be >= 0, got {args.threads}")
     for name in ("batch", "seq", "r", "steps", "rounds"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name}: must be positive, got {getattr(args, name)}")
@@ -246,7 +287,7 @@ def main():
     args = parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, json.loads(args.paths), args.batch, args.seq, args.r, args.alpha,
-                                  args.steps, args.warmup, args.vocab)))
+                                  args.steps, args.warmup, args.vocab, args.profile_top)))
         return
     cfg = dict(QUICK if args.quick else MODEL)
     if args.seq > cfg["seq_len"]:
@@ -268,11 +309,14 @@ def main():
                 else:
                     runs[case].append(res)
     load1 = os.getloadavg()[0]
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items() if rs}
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "profile"} for c, rs in runs.items() if rs}
     for c, m in med.items():  # tokens/s of the median step (the median of two runs' tokens/s is another mean)
         m["tok_s"] = args.batch * args.seq / m["step_s"]
         m["runs"] = " ".join(f"{r['step_s'] * 1e3:.0f}" for r in runs[c])
-    if not report(args, cfg, sizes, med, errors, (load0, load1)):
+    same = report(args, cfg, sizes, med, errors, (load0, load1))
+    if args.profile_top:
+        print_profiles(runs, args.profile_top)
+    if not same:
         sys.exit(1)  # not the same work: the figures compare nothing
 
 
@@ -284,17 +328,19 @@ def report(args, cfg, sizes, med, errors, loads):
              f"{args.alpha:g} on {','.join(TARGETS)}, AdamW lr {OPTIM['lr']}; median of {args.steps} steps after "
              f"{args.warmup} warm-up, median over {args.rounds} process(es) per case, cases interleaved",
              f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads, torch {torch.__version__} "
-             f"{torch.get_num_threads()} threads; load average {loads[0]:.1f} before, {loads[1]:.1f} after"]
+             f"{args.threads or torch.get_num_threads()} threads a process; load average {loads[0]:.1f} before, {loads[1]:.1f} after"]
     ref = med.get("peft-lora")
-    header = ["case", "ms/step", "each process", "tokens/s", "x peft-lora speed", "peak RSS growth MiB", "% of peft-lora memory"]
+    header = ["case", "ms/step", "each process", "tokens/s", "x peft-lora speed", "CPU ms/step", "x peft-lora per CPU-s",
+              "peak RSS growth MiB", "% of peft-lora memory"]
     rows = []
     for case in args.cases:
         if case in errors:
-            rows.append([case, "-", "-", "-", "-", "-", f"did not run: {errors[case]}"])
+            rows.append([case, "-", "-", "-", "-", "-", "-", "-", f"did not run: {errors[case]}"])
             continue
         m = med[case]
         rows.append([case, f"{m['step_s'] * 1e3:.0f}", m["runs"], f"{m['tok_s']:.0f}",
-                     fmt(ref and m["tok_s"] / ref["tok_s"], ".2f"), f"{mib(m['mem']):.0f}",
+                     fmt(ref and m["tok_s"] / ref["tok_s"], ".2f"), f"{m['cpu_s'] * 1e3:.0f}",
+                     fmt(ref and ref["cpu_s"] / m["cpu_s"], ".2f"), f"{mib(m['mem']):.0f}",
                      fmt(ref and 100 * m["mem"] / ref["mem"], ".0f")])
     # The same work on both sides: the first step's loss (B is zero, so the base's) must agree.
     same = True
@@ -313,7 +359,7 @@ def report(args, cfg, sizes, med, errors, loads):
     goal = None
     if q and ref:
         goal = (f"Goal (QLoRA on the {GGUF_TYPE} GGUF against torch+peft on the float base): speed "
-                f"{q['tok_s'] / ref['tok_s']:.2f}x (goal >= 1.0x), memory {100 * q['mem'] / ref['mem']:.0f}% "
+                f"{q['tok_s'] / ref['tok_s']:.2f}x (goal >= 1.0x; per CPU-second {ref['cpu_s'] / q['cpu_s']:.2f}x), memory {100 * q['mem'] / ref['mem']:.0f}% "
                 f"(goal <= 40%)")
         if dq:
             goal += (f"; against peft on the dequantized base: {q['tok_s'] / dq['tok_s']:.2f}x, "
@@ -322,6 +368,24 @@ def report(args, cfg, sizes, med, errors, loads):
     if args.out:
         write_markdown(args, lines, header, rows, goal)
     return same
+
+
+def print_profiles(runs, top):
+    """Each case's profiled steps: the phases and the top operators by self CPU time, ms (median over the
+    case's processes; an operator missing from a process's top list counts 0 there)."""
+    for case, rs in runs.items():
+        profs = [r["profile"] for r in rs if "profile" in r]
+        if not profs:
+            continue
+        phases = {p: statistics.median(pr["phases"].get(p, 0.0) for pr in profs) for p in PHASES}
+        outside = statistics.median(pr["outside_ops"] for pr in profs)
+        print(f"\n{case}, torch.profiler, one step per process (ms on the calling thread, median of {len(profs)}): "
+              + ", ".join(f"{p} {v:.0f}" for p, v in phases.items()) + f"; in no operator {outside:.0f}")
+        names = {name for pr in profs for name, _ in pr["top"]}
+        ops_ms = {n: statistics.median(dict(pr["top"]).get(n, 0.0) for pr in profs) for n in names}
+        total = sum(phases.values())
+        print_table(["operator", "self ms", "% of step"],
+                    [[n, f"{v:.1f}", f"{100 * v / total:.1f}"] for n, v in sorted(ops_ms.items(), key=lambda kv: -kv[1])[:top]])
 
 
 def write_markdown(args, lines, header, rows, goal):

@@ -26,8 +26,9 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_gguf_matmul.py --batch 16 --types Q4_0,Q8_0,Q4_K,Q6_K --shapes 2048x768,768x2048
 
 --batch M (CPU, M > 1) times a batched product instead, x [M, K] (a decode step of M sequences), in GMAC/s
-(M * N * K multiply-adds per second): flashlm's plain kernels (AVX2, and AVX-VNNI where the CPU has it), the
-regrouped (x4) layout the native decoder
+(M * N * K multiply-adds per second): flashlm's gguf_matmul on the plain blocks with VNNI kept off (AVX2) and
+allowed ("plain vnni": AVX-VNNI's plain kernels, or, from M = 16 where the CPU has AVX-512 VNNI, the x4 VNNI kernels
+on panels regrouped on the fly), the regrouped (x4) layout the native decoder
 keeps Q4_0/Q8_0/Q4_K/Q6_K weights in (_C.gguf_repack, _C.gguf_matmul_repacked) with its AVX2 kernel and, where the CPU
 has AVX-512 VNNI, its VNNI kernel, and torch's float32 GEMM. Weights are hot (M rows share each weight read);
 each result is first checked bit-equal to the plain kernels' row by row. The int8 ceiling to set these
@@ -172,15 +173,18 @@ def batched(args, types, shapes):
             x = torch.randn(m, k)
             y = torch.empty(m, n)
             fns = {}
-            for label, allow in [("plain avx2", False), ("plain vnni", True)][:1 + features["avx_vnni"]]:
+            expected = torch.cat([flashlm.ops.gguf_linear(x[i:i + 1], raw, name, (n, k)) for i in range(m)])
+            for label, allow in [("plain avx2", False), ("plain vnni", True)][:1 + (features["avx_vnni"] or vnni)]:
                 def run_plain(allow=allow):
                     _C.set_gguf_matmul_vnni(allow)
                     _C.gguf_matmul(x, raw, name, n, None, y)
+                run_plain()
+                if allow and not torch.equal(y, expected):
+                    sys.exit(f"compare_gguf_matmul: {name} {n}x{k} {label}: not equal to the plain GEMV's rows")
                 fns[label] = (run_plain, "cpu")
             if _C.gguf_repack_supported(name, n, k):
                 packed = torch.empty_like(raw)
                 _C.gguf_repack(raw, packed, name, n, k, True)
-                expected = torch.cat([flashlm.ops.gguf_linear(x[i:i + 1], raw, name, (n, k)) for i in range(m)])
                 for label, allow in [("x4 avx2", False), ("x4 vnni", True)][:1 + vnni]:
                     def run(allow=allow, packed=packed):
                         _C.set_gguf_matmul_vnni(allow)

@@ -4,7 +4,8 @@ decoder runs Q4_0, Q8_0, Q4_K and Q6_K weights through) against the plain gguf_m
 The regrouped kernels quantize x as the plain ones do and compute every output with the same integer block
 sums and the same float32 operations in the same order, so each row of a batched product is bit-equal to the
 plain GEMV of that row alone (M = 1), on the same ISA: scalar, AVX2, and AVX2 with the AVX-512 VNNI kernels
-where the CPU has them (set_gguf_matmul_vnni). Every result is also held to test_gguf_matmul's float64 bounds,
+where the CPU has them (set_gguf_matmul_vnni). The same holds for gguf_matmul on the plain blocks at a batch of
+8 rows or more, where the VNNI kernels run on panels regrouped on the fly. Every result is also held to test_gguf_matmul's float64 bounds,
 and unpacking gives the original bytes back.
 """
 
@@ -73,6 +74,26 @@ def test_rows_equal_plain_gemv(isa, vnni, ggml_type, m, n, vnni_switch):
     # The typical (Frobenius) error is a statistic over the outputs: with the K-quants' coarser 256-value
     # activation blocks, a handful of outputs can stray above it (2 x 3 of Q4_K: 1.8e-2); the elementwise
     # bounds hold for every case.
+    check(y, x, ggml_type, w, parts, bias, typical=ggml_type not in K_QUANTS or m * n >= 16)
+
+
+@pytest.mark.parametrize("isa,vnni", KERNELS)
+@pytest.mark.parametrize("ggml_type", TYPES)
+@pytest.mark.parametrize("m", [7, 8, 33, 130])  # below and from the batch that regroups plain weights on the fly
+@pytest.mark.parametrize("n,k_blocks", [(3, 1), (37, 1), (68, 2)])  # K: BATCH_K, or twice it (the panel buffer grows)
+def test_plain_batch_equals_plain_gemv(isa, vnni, ggml_type, m, n, k_blocks, vnni_switch):
+    """gguf_matmul on the plain blocks at a batch of rows: from 8 rows on, with the AVX-512 VNNI kernels, each
+    panel of 16 weight rows is regrouped into a per-thread buffer and multiplied by the x4 kernels; every row
+    still equals the plain GEMV of that row alone."""
+    _C.set_cpu_isa(isa)
+    vnni_switch(vnni)
+    k = BATCH_K[ggml_type] * k_blocks
+    raw, w, parts = weights(ggml_type, n, k, seed=m * 100 + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n + k))
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(m))
+    y = plain(x, raw, ggml_type, n, bias)
+    for i in range(m):
+        assert torch.equal(y[i], plain(x[i:i + 1], raw, ggml_type, n, bias)[0]), f"row {i}"
     check(y, x, ggml_type, w, parts, bias, typical=ggml_type not in K_QUANTS or m * n >= 16)
 
 

@@ -22,6 +22,11 @@ namespace {
 // A range of weight rows handed to one thread holds about this many multiply-adds (~3 us of the AVX2
 // kernels): handing a range to a polling worker costs well under a microsecond.
 constexpr int64_t kGrainMacs = 1 << 16;
+// From this many rows of x on, weights in the plain layout go through the x4 VNNI kernels, regrouped a panel at
+// a time (x4_rows_regrouped); below it the plain kernels run. Per CPU-second of one thread (Q4_0, Q8_0, Q4_K,
+// Q6_K at 1024x1024 and 2752x1024, bench/results/gguf_matmul.md): regrouped 1.08-1.67x the plain AVX2 kernels at
+// M = 8, 1.4-1.75x at 16, but 0.6-1.3x at 4 (Q8_0, whose regrouping moves the most pieces, loses there).
+constexpr int64_t kRegroupMinRows = 8;
 
 void check_vector(const TensorView& t, const char* name, int ndim, Device device) {
   FLASHLM_CHECK(t.ndim == ndim, "gguf_matmul: ", name, " must have ", ndim, " dimensions, got ", t.shape_string());
@@ -93,10 +98,13 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
   }
   const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const bool vnni = avx2 && x4_vnni_available();
+  // Which plain parts are regrouped on the fly: a batch of rows large enough to pay for the regrouping.
+  std::vector<char> regroup(static_cast<size_t>(count), 0);
+  for (int i = 0; i < count; ++i)
+    regroup[i] = vnni && m >= kRegroupMinRows && !parts[i].packed && repack_x4_supported(parts[i].type, parts[i].n, k);
   std::vector<uint8_t> extras;  // the regrouped kernel's activation terms, once for all threads
-  const bool packed = avx2 && std::any_of(parts, parts + count, [](const MatmulPart& p) {
-    return p.packed && !uses_q8_k(p.type);  // the K-quants' kernels read their activation blocks only
-  });
+  bool packed = false;  // the K-quants' kernels read their activation blocks only
+  for (int i = 0; i < count; ++i) packed |= avx2 && (parts[i].packed || regroup[i]) && !uses_q8_k(parts[i].type);
   if (packed) {
     extras.resize(static_cast<size_t>(m * (k / 64) * kX4ExtraBytes));
     if (vnni) x4_pair_extras_vnni(acts[0].data(), act_bytes[0], m, k, extras.data());
@@ -116,6 +124,8 @@ void gguf_matmul_parts_f32(const float* x, int64_t m, int64_t k, const MatmulPar
       const int f = uses_q8_k(p.type);
       if (p.packed) {
         x4_rows(p, k, acts[f].data(), act_bytes[f], extras.data(), m, avx2, vnni, n0, n1);
+      } else if (regroup[i]) {
+        x4_rows_regrouped(p, k, acts[f].data(), act_bytes[f], extras.data(), m, n0, n1);
       } else {
         gguf_matmul_rows({p.type, p.w, storage_bytes(p.type, k), acts[f].data(), act_bytes[f], m, k, p.y, p.n}, n0, n1);
       }

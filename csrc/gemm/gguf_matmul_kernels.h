@@ -102,6 +102,13 @@ bool vnni_allowed();
 void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
              int64_t m, bool avx2, bool vnni, int64_t n0, int64_t n1);
 
+// Rows [n0, n1) (n0 a multiple of 4) of a part in the plain layout through the x4 VNNI kernels: each panel of
+// 16 rows regrouped into a per-thread buffer, then multiplied with all m activation rows; the last n % 4 rows
+// as plain rows. Bit-equal to gguf_matmul_rows. Call only where x4_vnni_available() and
+// repack_x4_supported(p.type, p.n, k); extras as for x4_rows.
+void x4_rows_regrouped(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
+                       int64_t m, int64_t n0, int64_t n1);
+
 // CUDA: y = x @ W.T (+ bias) on device `device`, queued on `stream`. x, bias, y have dtype `dtype`
 // (F16, BF16 or F32); bias may be null.
 struct CudaArgs {

@@ -1,5 +1,6 @@
-// The x4 layout of Q4_0 / Q8_0 weights (shared_gguf_matmul.h): regrouping and unpacking, the rows of a
-// regrouped weight routed to its kernels, and the checked public entry points (flashlm/gemm/gguf_matmul.h).
+// The x4 layout of Q4_0 / Q8_0 / Q4_K / Q6_K weights (shared_gguf_matmul.h): regrouping and unpacking, the rows
+// of a regrouped weight routed to its kernels, plain rows regrouped panel by panel for a batched product, and
+// the checked public entry points (flashlm/gemm/gguf_matmul.h).
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -124,6 +125,25 @@ void x4_rows(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_by
   if (t0 < n1) {  // the rows after the last whole group, in the plain layout at their usual place
     gguf_matmul_rows({p.type, p.packed, row_bytes, acts, act_bytes, m, k, p.y, p.n}, t0, n1);
   }
+}
+
+void x4_rows_regrouped(const MatmulPart& p, int64_t k, const uint8_t* acts, int64_t act_bytes, const uint8_t* extras,
+                       int64_t m, int64_t n0, int64_t n1) {
+  // 16 rows: the tile the x4 VNNI kernels keep in L1/L2 while every activation row passes over it. Regrouping
+  // it copies 16 rows' bytes once for 16 * m * k multiply-adds, so the weight is read from its own (mapped)
+  // blocks at the regrouped kernels' speed and no regrouped copy outlives the call.
+  constexpr int64_t kPanelRows = 16;
+  const int64_t row_bytes = storage_bytes(p.type, k), full = p.n / 4 * 4, g1 = n1 < full ? n1 : full;
+  thread_local std::vector<uint8_t> panel;  // per pool thread, kept for the next call (16 rows' bytes)
+  if (panel.size() < static_cast<size_t>(kPanelRows * row_bytes)) panel.resize(static_cast<size_t>(kPanelRows * row_bytes));
+  for (int64_t g = n0; g < g1; g += kPanelRows) {
+    const int64_t rows = g1 - g < kPanelRows ? g1 - g : kPanelRows;
+    for (int64_t r = 0; r < rows; r += 4)
+      convert_group<true>(p.type, p.w + (g + r) * row_bytes, k, panel.data() + r * row_bytes);
+    matmul_x4_vnni(p.type, panel.data(), k, acts, act_bytes, extras, m, p.y + g, p.n, 0, rows);
+  }
+  const int64_t t0 = n0 > full ? n0 : full;
+  if (t0 < n1) gguf_matmul_rows({p.type, p.w, row_bytes, acts, act_bytes, m, k, p.y, p.n}, t0, n1);
 }
 
 }  // namespace gemm::detail

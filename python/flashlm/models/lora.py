@@ -77,7 +77,14 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         h = self.dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+        # The scaling on A's r columns and B's product added to y inside the GEMM (addmm): PEFT's
+        # B(A(x)) * scaling scales and adds [tokens, out] tensors, two more passes over them forward and
+        # backward and two more activation-sized buffers a layer (the same result up to rounding).
+        a = F.linear(h, self.lora_A) * self.scaling
+        if y.dtype != a.dtype:
+            return y + F.linear(a, self.lora_B).to(y.dtype)
+        out = torch.addmm(y.reshape(-1, self.out_features), a.reshape(-1, self.r), self.lora_B.t())
+        return out.reshape(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """B A * scaling [out, in], float32 (what merge adds to the base's weight)."""
