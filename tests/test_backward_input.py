@@ -54,7 +54,7 @@ def check_dx(dx, dy, w):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, m) for m in (1, 3)],
+    cpu=[(torch.float32, m) for m in (1, 3, 64)] + [(torch.bfloat16, m) for m in (1, 3, 64)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_gguf_matches_float64(ggml_type, device, isa, dtype, m):
@@ -82,7 +82,8 @@ def test_gguf_shapes_that_tile_and_split(ggml_type, device, isa, m, n, k):
 
 
 @pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
-@pytest.mark.parametrize("m", [1, 2, 7])  # 1 and 2: the fused kernels for the common types; 7: decode and add
+# 1 and 2: the fused kernels for the common types; 7: decode and add; 9: the GEMM over decoded panels
+@pytest.mark.parametrize("m", [1, 2, 7, 9])
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_avx2_matches_scalar(ggml_type, m):
     k = k_for(ggml_type, 3)
@@ -124,7 +125,7 @@ def int4_weight(n, k, group, symmetric, seed):
 
 
 @pytest.mark.parametrize("device,isa,dtype,m", per_kernel(
-    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, 3)],
+    cpu=[(torch.float32, m) for m in (1, 2, 3, 64)] + [(torch.bfloat16, m) for m in (3, 64)],
     cuda=[(d, m) for d in CUDA_DTYPES for m in (1, 3, 64)]))
 @pytest.mark.parametrize("k", [96, 100, 1030, 320])  # blocks of 32 columns, of 4, of 2, of 64
 def test_int8_matches_float64(k, device, isa, dtype, m):
@@ -172,30 +173,41 @@ def fused_cases():
     return gguf + ints
 
 
+def weight_and_run(kind, n, k, dy):
+    """(W float64 [n, k], a function computing dy @ W natively) for kind: a GGML type, "int8", "int4/G"
+    (symmetric, group G) or "int4z/G" (with zeros)."""
+    if kind == "int8":
+        w, s, ref_w = int8_weight(n, k, seed=k)
+        return ref_w, lambda: ops.int8_linear_backward_input(dy, w, s)
+    if kind.startswith("int4"):
+        group = int(kind.split("/")[1])
+        packed, scales, zeros, ref_w = int4_weight(n, k, group, not kind.startswith("int4z"), seed=group)
+        return ref_w, lambda: ops.int4_linear_backward_input(dy, packed, scales, zeros, group)
+    raw, ref_w = gguf_weight(kind, n, k, seed=6)
+    return ref_w, lambda: ops.gguf_linear_backward_input(dy, raw, kind, (n, k))
+
+
+def check_same_bits(switch, kind, n, k, m):
+    """dy @ W on the AVX2 ISA with a kernel switch (_C.set_backward_input_*) off, then on: within the float64
+    bound, and the same bits."""
+    ops.set_cpu_isa("avx2")
+    dy = torch.randn(m, n)
+    ref_w, run = weight_and_run(kind, n, k, dy)
+    switch(False)
+    off = run()
+    switch(True)
+    on = run()
+    check_dx(on, dy, ref_w)
+    assert_equal(on, off)
+
+
 @pytest.mark.skipif(not AVX512, reason="no AVX-512F and BW")
 @pytest.mark.usefixtures("restore_avx512")
 @pytest.mark.parametrize("kind,k,m", fused_cases())
 @pytest.mark.parametrize("n", [N, 3])  # row groups of 4 and a remainder; fewer rows than the prefetch distance
 def test_avx512_matches_avx2_bits(kind, k, m, n):
     """The AVX-512 build of the few-rows kernels adds the same products in the same order as the AVX2 one."""
-    ops.set_cpu_isa("avx2")
-    dy = torch.randn(m, n)
-    if kind == "int8":
-        w, s, ref_w = int8_weight(n, k, seed=k)
-        run = lambda: ops.int8_linear_backward_input(dy, w, s)  # noqa: E731
-    elif kind.startswith("int4"):
-        group = int(kind.split("/")[1])
-        packed, scales, zeros, ref_w = int4_weight(n, k, group, not kind.startswith("int4z"), seed=group)
-        run = lambda: ops.int4_linear_backward_input(dy, packed, scales, zeros, group)  # noqa: E731
-    else:
-        raw, ref_w = gguf_weight(kind, n, k, seed=6)
-        run = lambda: ops.gguf_linear_backward_input(dy, raw, kind, (n, k))  # noqa: E731
-    _C.set_backward_input_avx512(False)
-    avx2 = run()
-    _C.set_backward_input_avx512(True)
-    avx512 = run()
-    check_dx(avx512, dy, ref_w)
-    assert_equal(avx512, avx2)
+    check_same_bits(_C.set_backward_input_avx512, kind, n, k, m)
 
 
 
@@ -371,3 +383,31 @@ def test_native_checks_name_the_argument():
         _C.int4_linear_backward_input(dy, packed, scales, None, 16, torch.empty(2, 64))
     with pytest.raises(ValueError, match="scales must be"):
         _C.int4_linear_backward_input(dy, packed, scales, None, 64, torch.empty(2, 64))
+
+
+@pytest.fixture
+def restore_gemm():
+    saved = _C.set_backward_input_gemm(True)
+    yield
+    _C.set_backward_input_gemm(saved)
+
+
+# (kind, K): every storage form the GEMM decodes, with columns that end a panel inside a vector (int8 blocks of
+# 4 and 2 columns: K = 100, 1030) and several tiles of 256 columns (Q4_0 K = 1184, Q4_K K = 768).
+GEMM_CASES = [("Q4_0", 32 * 37), ("Q8_0", 96), ("Q5_1", 160), ("Q4_K", 768), ("Q6_K", 512), ("Q2_K", 256),
+              ("IQ4_XS", 256), ("int8", 320), ("int8", 100), ("int8", 1030), ("int4/32", 96), ("int4z/128", 384)]
+
+
+@pytest.mark.skipif(not _C.cpu_isa_supported("avx2"), reason="no AVX2")
+@pytest.mark.usefixtures("restore_avx512", "restore_gemm")
+@pytest.mark.parametrize("kind,k", GEMM_CASES)
+# M: the fewest rows the GEMM takes, remainders of a 6-row strip; N: part of a 128-row panel, several panels and
+# a partial one.
+@pytest.mark.parametrize("m,n", [(8, N), (13, 300), (70, 129)])
+@pytest.mark.parametrize("avx512", [False, True] if AVX512 else [False])
+def test_gemm_matches_row_path_bits(kind, k, m, n, avx512):
+    """M >= 8: the GEMM over decoded panels adds each element's N products in weight-row order with fused
+    multiply-adds, as the row-by-row path does, so the two give the same bits (AVX2 and AVX-512 alike); both
+    are within the float64 bound."""
+    _C.set_backward_input_avx512(avx512)
+    check_same_bits(_C.set_backward_input_gemm, kind, n, k, m)

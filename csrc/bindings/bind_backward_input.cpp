@@ -46,6 +46,9 @@ void bind_backward_input(nb::module_& m) {
   m.def("set_backward_input_avx512", &set_backward_input_avx512, nb::arg("allowed"),
         "let the AVX2 ISA use the AVX-512 few-rows kernels where the CPU has AVX-512F and BW; returns the previous "
         "setting");
+  m.def("set_backward_input_gemm", &set_backward_input_gemm, nb::arg("allowed"),
+        "let the AVX2 ISA multiply 8 or more rows of dy as a GEMM over decoded panels of W rather than row by row; "
+        "returns the previous setting");
   m.def("gguf_backward_input_supported", [](const std::string& name) {
     const std::optional<DType> t = dtype_from_name(name);
     return t && gguf_backward_input_supported(*t);

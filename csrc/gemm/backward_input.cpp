@@ -6,7 +6,10 @@
 // rows of dy (M <= kFusedRows) and the common types, AVX2 multiplies straight from the quants instead
 // (backward_input_fused_avx2.cpp): the decode buffer's store and reload cost more than the multiply-adds.
 // Where the CPU has AVX-512F and BW the same kernels run 16 columns a vector, 4 weight rows at a time into dx held in
-// registers (backward_input_fused_avx512.cpp), giving the same bits.
+// registers (backward_input_fused_avx512.cpp), giving the same bits. For many rows of dy (M >= kGemmRows) AVX2
+// and AVX-512 run a GEMM instead (columns_gemm): W decoded once a panel at a time, multiplied into all M rows by a
+// register-blocked kernel. Every path adds each element's N products in weight-row order with fused
+// multiply-adds, so the AVX2 and AVX-512 paths give the same bits for any M.
 #include "flashlm/gemm/backward_input.h"
 
 #include <algorithm>
@@ -37,6 +40,17 @@ constexpr int64_t kTileFloats = 16 << 10;
 // The fused path's tile: its columns of dx (M <= kFusedRows rows), 16 KiB, half an L1 cache, the other half
 // for the weight bytes streaming through.
 constexpr int64_t kFusedTileFloats = 4 << 10;
+// The GEMM path (M >= kGemmRows, AVX2): tiles of kGemmCols columns of dx (or one block, if larger), panels of
+// kGemmDepth weight rows: 128 x 256 floats, 128 KiB, in the L2 cache, a kernel tile's 64 columns of it (32 KiB) in
+// the L1. Measured (one thread, CPU time, Q4_K and Q4_0 at 2816 x 1024 and 1024 x 2816): at M = 128 these sizes
+// took 3-15% less time than 256 x 64, 256 x 256, 512 x 64, 512 x 128 and 1024 x 32 (columns x rows). Below
+// M = kGemmRows the panel's round trip through the L2 cache costs more than the row path's reloads of dx: at
+// M = 4 the GEMM took 25-35% longer, at M = 6-8 the two were within the load's noise, at M = 12 the GEMM was
+// 10-50% faster.
+constexpr int64_t kGemmRows = 8;
+constexpr int64_t kGemmCols = 256;
+constexpr int64_t kGemmDepth = 128;
+std::atomic<bool> gemm_switch{true};  // set_backward_input_gemm
 // The least work (multiply-adds) handed to one thread: waking a worker costs ~5-10 us.
 constexpr int64_t kGrainMacs = 1 << 18;
 // int8 rows are cut into blocks of this many columns, or of the largest power of two that divides K.
@@ -93,6 +107,28 @@ void decode(const BackwardWeight& w, int64_t r0, int rows, int64_t b0, int64_t b
     gemm::detail::decode_rows_scalar(w, r0, rows, b0, b1, out);
 }
 
+// Block columns [b0, b1) of dx (f32, [m, k]) from dy (packed in strips, GemmPanel) for M >= kGemmRows: a tile of
+// about kGemmCols columns at a time, and within it kGemmDepth weight rows at a time decoded once into floats (the
+// panel, in the L2 cache) and multiplied into all M rows of the tile by the register-blocked kernel. Decoding
+// costs O(N K) whatever M, so it is amortised over the M rows; the row path reloads dx for every 4 weight rows.
+void columns_gemm(const BackwardWeight& w, const float* strips, int64_t m, float* dx, int64_t b0, int64_t b1,
+                  bool avx512) {
+  const int64_t tile = std::max<int64_t>(1, kGemmCols / w.block);
+  const int64_t ldb = std::min(tile, b1 - b0) * w.block + gemm::detail::kGemmPad;
+  std::vector<float> panel(static_cast<size_t>(std::min(kGemmDepth, w.n) * ldb));
+  for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+    const int64_t t1 = std::min(b1, t0 + tile), width = (t1 - t0) * w.block;
+    float* out = dx + t0 * w.block;
+    for (int64_t i = 0; i < m; ++i) std::fill(out + i * w.k, out + i * w.k + width, 0.f);
+    for (int64_t n0 = 0; n0 < w.n; n0 += kGemmDepth) {
+      const int64_t kc = std::min(kGemmDepth, w.n - n0);
+      for (int64_t r = 0; r < kc; ++r) decode(w, n0 + r, 1, t0, t1, panel.data() + r * ldb, true);
+      const gemm::detail::GemmPanel p{strips, w.n, n0, panel.data(), ldb, kc, m, width, out, w.k};
+      if (!(avx512 && gemm::detail::gemm_panel_avx512(p))) gemm::detail::gemm_panel_avx2(p);
+    }
+  }
+}
+
 // Block columns [b0, b1) of dx (f32, [m, k]) from dyt (dy transposed, f32 [n, m]).
 void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t b0, int64_t b1,
                  bool avx2) {
@@ -125,25 +161,56 @@ void columns_cpu(const BackwardWeight& w, const float* dyt, int64_t m, float* dx
   }
 }
 
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) { return core::bf16_to_f32(x); }
+
+// Strips [s0, s1) of dy [m, n] (f32 or bf16) as f32 in GemmPanel's layout: strip s holds rows [s * strip,
+// s * strip + r), r = min(strip, m - s * strip), column j's r values together.
+template <class T>
+void pack_strips(const T* dy, int64_t m, int64_t n, int64_t strip, int64_t s0, int64_t s1, float* out) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t i0 = s * strip, rows = std::min(strip, m - i0);
+    const T* src = dy + i0 * n;
+    float* dst = out + i0 * n;
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = to_f32(src[i * n + j]);
+  }
+}
+
 void backward_input_cpu(const BackwardWeight& w, const TensorView& dy, const TensorView& dx) {
   const int64_t m = dy.shape[0], n = w.n, k = w.k;
-  // dy transposed to f32 [n, m]: the kernels take the m values of one weight row together.
-  std::vector<float> dyt(static_cast<size_t>(n * m));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t r = 0; r < n; ++r)
-      dyt[r * m + i] = dy.dtype == DType::F32 ? static_cast<const float*>(dy.data)[i * n + r]
-                                              : core::bf16_to_f32(static_cast<const uint16_t*>(dy.data)[i * n + r]);
+  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
+  const bool gemm = avx2 && m >= kGemmRows && gemm_switch.load(std::memory_order_relaxed);
+  // The GEMM takes dy in strips of its kernels' rows (GemmPanel); the row path takes it as one strip of all m rows,
+  // dy transposed to f32 [n, m] (the m values of one weight row together).
+  const bool avx512 = gemm && gemm::detail::avx512_allowed();
+  const int64_t strip = gemm ? gemm::detail::kGemmStrip : m, strips = (m + strip - 1) / strip;
+  std::vector<float> a(static_cast<size_t>(n * m));
+  const int64_t strip_grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, strip * n));
+  parallel_for(strips, strip_grain, [&](int64_t s0, int64_t s1) {
+    if (dy.dtype == DType::F32) {
+      pack_strips(static_cast<const float*>(dy.data), m, n, strip, s0, s1, a.data());
+    } else {
+      pack_strips(static_cast<const uint16_t*>(dy.data), m, n, strip, s0, s1, a.data());
+    }
+  });
   std::vector<float> scratch;  // bf16 dx: float32 sums, rounded per thread's columns at the end
   float* out = static_cast<float*>(dx.data);
   if (dx.dtype != DType::F32) {
     scratch.resize(static_cast<size_t>(m * k));
     out = scratch.data();
   }
-  const bool avx2 = cpu_isa() == CpuIsa::AVX2;
   const int64_t blocks = k / w.block;
-  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, n * w.block * m));
+  int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, n * w.block * m));
+  // A GEMM share of at least half a tile: with 64 columns a share (Q4_0 and Q8_0 at K = 1024, 16 shares) the
+  // calls took 5-10% more CPU time than with 128 or 256 (M = 128, N = 2816, 2 threads); other shapes the same.
+  if (gemm) grain = std::max(grain, kGemmCols / 2 / w.block);
   parallel_for(blocks, grain, [&](int64_t b0, int64_t b1) {
-    columns_cpu(w, dyt.data(), m, out, b0, b1, avx2);
+    if (gemm) {
+      columns_gemm(w, a.data(), m, out, b0, b1, avx512);
+    } else {
+      columns_cpu(w, a.data(), m, out, b0, b1, avx2);
+    }
     if (dx.dtype == DType::F32) return;
     auto* y = static_cast<uint16_t*>(dx.data);
     for (int64_t i = 0; i < m; ++i)
@@ -167,6 +234,8 @@ void run(const BackwardWeight& w, const TensorView& dy, const TensorView& dx, vo
 }  // namespace
 
 bool set_backward_input_avx512(bool allowed) { return avx512_switch.exchange(allowed); }
+
+bool set_backward_input_gemm(bool allowed) { return gemm_switch.exchange(allowed); }
 
 bool gguf_backward_input_supported(DType t) {
   return t != DType::F32 && t != DType::F16 && t != DType::BF16 && dequantize_supported(t);
@@ -255,6 +324,7 @@ bool avx512_allowed() {
 #ifndef FLASHLM_HAVE_AVX512_BACKWARD_INPUT
 namespace flashlm::gemm::detail {
 bool accumulate_fused_avx512(const BackwardWeight&, const float*, int64_t, float*, int64_t, int64_t) { return false; }
+bool gemm_panel_avx512(const GemmPanel&) { return false; }
 }  // namespace flashlm::gemm::detail
 #endif
 #ifndef FLASHLM_HAVE_AVX2_KERNELS
@@ -265,5 +335,6 @@ void accumulate_fused_avx2(const BackwardWeight&, const float*, int64_t, float*,
 void accumulate_avx2(const float* wt, int rows, int64_t width, const float* dyt, int64_t m, float* dx, int64_t ldx) {
   accumulate_scalar(wt, rows, width, dyt, m, dx, ldx);
 }
+void gemm_panel_avx2(const GemmPanel&) {}
 }  // namespace flashlm::gemm::detail
 #endif

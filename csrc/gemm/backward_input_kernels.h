@@ -49,6 +49,27 @@ void accumulate_fused_avx2(const BackwardWeight& w, const float* dyt, int64_t m,
 bool avx512_allowed();
 bool accumulate_fused_avx512(const BackwardWeight& w, const float* dyt, int64_t m, float* dx, int64_t t0, int64_t t1);
 
+// Many rows of dy (M >= kGemmRows, backward_input.cpp): a panel of W decoded once into floats and multiplied as a
+// GEMM, C[m, width] += A[m, kc] @ B[kc, width]. A is dy packed in strips of the kernels' kGemmStrip rows: the
+// strip of rows [i0, i0 + r), r = min(kGemmStrip, m - i0), starts at a + i0 * n and holds column j's r values at
+// j * r, so a register tile's broadcasts read one contiguous run rather than r rows N floats apart. B and C are
+// row-major; B's rows hold at least kGemmPad floats past width (the kernels read whole vectors and mask what they
+// store).
+constexpr int kGemmStrip = 6;
+constexpr int64_t kGemmPad = 16;
+struct GemmPanel {
+  const float* a;  // dy in strips, [m, n]
+  int64_t n, n0;   // dy's columns; the panel's first
+  const float* b;  // the decoded weight rows n0 .. n0 + kc, a tile's columns
+  int64_t ldb;
+  int64_t kc, m, width;
+  float* c;        // dx's rows, the tile's columns
+  int64_t ldc;
+};
+void gemm_panel_avx2(const GemmPanel& p);
+// Returns false where it was not built (no AVX-512 compiler flag).
+bool gemm_panel_avx512(const GemmPanel& p);
+
 // CUDA: dx [m, k] = dy [m, n] @ W, dy and dx of `dtype` (F32, F16 or BF16), queued on `stream`.
 void backward_input_cuda(const BackwardWeight& w, const void* dy, void* dx, DType dtype, int64_t m, int device,
                          void* stream);

@@ -6,8 +6,10 @@
 // element); each thread decodes a few weight rows' blocks into a small float buffer at a time (the AVX2
 // decoders of dequantize where the ISA is AVX2) and adds dy[m, n] times them into its columns of dx, in
 // float32; for M <= 2 and Q4_0, Q8_0, Q4_K, Q6_K, int8 and int4, AVX2 multiplies straight from the quants
-// with dy folded into the block scales (no buffer), 16 columns a vector where the CPU has AVX-512F. CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight rows,
-// decoding its 8 elements of each in registers.
+// with dy folded into the block scales (no buffer), 16 columns a vector where the CPU has AVX-512F; for M >= 8
+// AVX2 and AVX-512 decode W a panel at a time (128 rows x 256 columns) and multiply it into all M rows as a
+// register-blocked GEMM. CUDA: each thread owns 8 columns of dx for up to 4 rows of dy and walks the N weight
+// rows, decoding its 8 elements of each in registers.
 #pragma once
 
 #include <cstdint>
@@ -40,5 +42,9 @@ FLASHLM_API void int4_linear_backward_input(const TensorView& dy, const TensorVi
 // Whether the AVX2 ISA may use the AVX-512 build of the few-rows kernels where the CPU has AVX-512F (on by
 // default; both give the same bits, so this is for tests and benchmarks). Returns the previous setting.
 FLASHLM_API bool set_backward_input_avx512(bool allowed);
+
+// Whether the AVX2 ISA multiplies 8 or more rows of dy as a GEMM over decoded panels of W (on by default) or
+// row by row (for tests and benchmarks: both give the same bits). Returns the previous setting.
+FLASHLM_API bool set_backward_input_gemm(bool allowed);
 
 }  // namespace flashlm
