@@ -11,6 +11,7 @@ changing nothing.
 
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_train_zero_mesh import run_workers  # noqa: E402
 
 from flashlm.models import ModelConfig, Transformer  # noqa: E402
-from flashlm.parallel.materialize import deferred_init  # noqa: E402
+from flashlm.parallel import shard_model  # noqa: E402
+from flashlm.parallel.materialize import deferred_init, materialize_part, start_part  # noqa: E402
+from flashlm.train.parallel_state import tensor_bytes  # noqa: E402
 
 # name: (arch, dp, tp, pp, cp, zero stage)
 LAYOUTS = {
@@ -95,6 +98,42 @@ def test_deferred_init_refuses_what_it_cannot_replay():
     for module in (Plain, Rejection):
         with pytest.raises(ValueError, match="no in-place op sets"):
             deferred_init(module)
+
+
+@pytest.mark.parametrize("arch, tp_rank, stage", [("llama", 1, 0), ("gpt2", 0, 1), ("llama", 0, 2)])
+def test_tensor_parallel_stage_makes_only_its_layers(arch, tp_rank, stage):
+    """One process, a tp 2 rank's part of a 3-stage pipeline: start_part makes no parameter (the part is on the meta
+    device), materialize_part makes the stage's alone, each the tp slice of Transformer(cfg)'s value with the same
+    seed (shard_model's), bit for bit; the generator ends where that start-up leaves it; and the rank holds the
+    bytes the layout says: the stage's layers and its ends, split tensors at 1 / tp."""
+    heads = dict(n_head=2) if arch == "gpt2" else dict(n_head=4, n_kv_head=2)
+    cfg = ModelConfig(arch=arch, vocab_size=96, n_layer=5, d_model=32, seq_len=16, tie_embeddings=False, **heads)
+    tp = types.SimpleNamespace(rank=tp_rank, size=2)  # (no collective runs before forward)
+    layers = [[0, 1], [2, 3], [4]][stage]
+    torch.manual_seed(5)
+    model, init = deferred_init(lambda: Transformer(cfg))
+    part, part_init = start_part(model, tp, False, "cpu")
+    assert all(p.is_meta for p in part.parameters())
+    ends = ("tok_emb.", "pos_emb.") if stage == 0 else ("final_norm.", "lm_head.") if stage == 2 else ()
+    names = {n for n, _ in part.named_parameters()
+             if n.startswith(ends) or (n.startswith("blocks.") and int(n.split(".")[1]) in layers)}
+    materialize_part(part, init, names, part_init, "cpu")
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(5)
+    ref = shard_model(Transformer(cfg), tp)
+    assert torch.equal(torch.get_rng_state(), rng_after)
+    want = dict(ref.named_parameters())
+    for name, p in part.named_parameters():
+        if name in names:
+            assert torch.equal(p, want[name]), name
+        else:
+            assert p.is_meta, name
+    # the layout's figure from the full model's shapes: each held tensor whole, or 1 / tp of it where it is split
+    with torch.device("meta"):
+        full = dict(Transformer(cfg).named_parameters())
+    expected = sum(full[n].numel() * 4 // (tp.size if part.tp_dims[n] is not None else 1) for n in names)
+    assert tensor_bytes(part) == expected
+    assert expected < sum(p.numel() * 4 for p in full.values()) * (len(layers) + 1) / cfg.n_layer / tp.size
 
 
 @pytest.mark.slow
