@@ -6,7 +6,10 @@ tests/mesh_start_worker.py on each layout checks, on every rank: the parameters 
 model built the usual way with the same seed, bit for bit; the generator ends where the usual start-up leaves
 it; the full model holds no storage; the rank holds less than the model (tp, pp: about 1 / (tp * pp) of it); and
 full_state_dict() gives the usual model's state dict on rank 0 (nothing elsewhere), load_full_state_dict of it
-changing nothing.
+changing nothing. Under DataParallel's ZeRO-3 (2 and 3 ranks) the checkpoint is made tensor by tensor onto rank 0
+(bit-equal to the one every rank made from the whole model gathered, no block gathered for it) and a fresh start
+resumed from it (memory-mapped, each rank copying its slices) continues with the losses of the run that went on.
+test_tensor_parallel_stage_makes_only_its_layers: a tp x pp rank makes its stage's layers alone.
 """
 
 import os
@@ -33,6 +36,7 @@ LAYOUTS = {
     "zero3_dp2_pp2": ("gpt2", 2, 1, 2, 1, 3),
     "zero3_dp2_tp2": ("llama", 2, 2, 1, 1, 3),
     "zero3_dp2": ("llama", 2, 1, 1, 1, 3),  # DataParallel's ZeRO-3: each rank makes its shards
+    "zero3_dp3": ("gpt2", 3, 1, 1, 1, 3),  # slices that cut parameters at uneven places
 }
 
 
@@ -149,6 +153,10 @@ def test_model_parallel_start_is_bit_equal_without_the_full_model(name, tmp_path
         assert res["rng_equal"], what
         assert res["full_on_meta"], what
         assert res["full_state_equal"], what
+        if tp * pp * cp == 1:  # DataParallel's ZeRO-3: its checkpoint and resume without the whole model
+            assert res["save_equal"], f"{what}: the checkpoint differs from the one the whole model gave"
+            assert res["save_gathers_no_unit"] and res["resume_gathers_no_unit"], what
+            assert res["resume_equal"], f"{what}: the resumed run differs from the one that went on"
         if tp * pp > 1 or zero == 3:  # the tp shard of the stage (about 1 / (tp * pp)), or the ZeRO-3 shards
             assert res["held_bytes"] < res["full_bytes"] * 0.75, f"{what}: {res['held_bytes']} of {res['full_bytes']}"
         else:  # cp alone: every rank holds the whole model
