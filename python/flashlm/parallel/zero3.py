@@ -40,6 +40,10 @@ memory (two blocks at once) at the cost of m times the communication: per step a
 reduce-scatters of its parameters, against 2 and 1 without a pipeline (DeepSpeed avoids this by allowing only
 ZeRO-1 with pipelines). The outer unit (embeddings, head) stays materialised from the step's first forward to
 its step: 1F1B runs a micro-batch's forward between another's forward and backward, which still needs it.
+
+State (zero3_state.py). A checkpoint holds full tensors: full_state_dict() and state_dict(rank0_only=True) make
+them one parameter at a time onto rank 0 (no block is gathered for it); load_full_state_dict() and
+load_state_dict() copy this rank's slices out of full tensors (a memory-mapped checkpoint is read only there).
 """
 
 import contextlib
