@@ -16,7 +16,8 @@ start them. Per rank:
                /proc/self/clear_refs): what start-up needed
   step MiB     the peak over one step (forward, backward, the gradients' reduction, AdamW)
   save MiB     the peak while the checkpoint (full model and optimizer state, rank 0 writing it) is made and written
-  resume MiB   the peak while every rank loads it from the memory-mapped file
+  resume MiB   in fresh processes started the same way: the peak while every rank loads that checkpoint from the
+               memory-mapped file (its pages a rank reads count as resident memory too)
   held MiB     the parameters this rank holds after start-up (ZeRO-3: its shards)
 The peaks also hold what the allocator kept of tensors freed earlier in the process.
 
@@ -164,32 +165,44 @@ def worker(args):
     # what the optimizer steps: the parameters this rank holds (ZeRO-3: its shards of them)
     held = sum(p.numel() * p.element_size() for g in dp.param_groups for p in g["params"])
     start = rss_peak()
-    reset_peak()
-    g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
-    step(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
-    dp.finish_gradients()
-    dp.step()
-    dp.zero_grad()
-    stepped = rss_peak()
-    reset_peak()
     path = os.path.join(args.ckpt_dir, "checkpoint.pt")
-    state = save()
-    if fd.get_rank() == 0:
-        torch.save(state, path)
-    del state
-    fd.all_reduce(torch.zeros(1))  # the file is written
-    saved = rss_peak()
-    reset_peak()
-    load(torch.load(path, mmap=True))
-    resumed = rss_peak()
-    print("RESULT " + json.dumps({"rank": fd.get_rank(), "base": base, "start": start, "step": stepped,
-                                  "save": saved, "resume": resumed, "held": held / MIB}), flush=True)
+    if args.resume:  # a fresh start-up loading the checkpoint the first processes saved, as a resumed run does
+        reset_peak()
+        load(torch.load(path, mmap=True))
+        result = {"resume": rss_peak()}
+    else:
+        reset_peak()
+        g = torch.Generator().manual_seed(1)
+        idx = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
+        step(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+        dp.finish_gradients()
+        dp.step()
+        dp.zero_grad()
+        stepped = rss_peak()
+        reset_peak()
+        state = save()
+        if fd.get_rank() == 0:
+            torch.save(state, path)
+        del state
+        fd.all_reduce(torch.zeros(1))  # the file is written
+        result = {"base": base, "start": start, "step": stepped, "save": rss_peak(), "held": held / MIB}
+    print("RESULT " + json.dumps({"rank": fd.get_rank(), **result}), flush=True)
     dp.close()
     fd.destroy()
 
 
 def launch(args, layout: str, startup: str) -> list:
+    """Each rank's figures: start-up, step and save in fresh processes, then the resume in fresh ones again."""
+    ckpt_dir = tempfile.mkdtemp(prefix="flashlm-mp-memory-")
+    try:
+        first = run_ranks(args, layout, startup, ["--ckpt-dir", ckpt_dir])
+        resumed = run_ranks(args, layout, startup, ["--ckpt-dir", ckpt_dir, "--resume"])
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return [{**a, **b} for a, b in zip(first, resumed)]
+
+
+def run_ranks(args, layout: str, startup: str, more: list) -> list:
     sizes, _ = LAYOUTS[layout]
     n = sizes["dp"] * sizes["tp"] * sizes["pp"] * sizes["cp"]
     with socket.socket() as s:
@@ -197,14 +210,12 @@ def launch(args, layout: str, startup: str) -> list:
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASHLM_NUM_THREADS": "1", "WORLD_SIZE": str(n),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    ckpt_dir = tempfile.mkdtemp(prefix="flashlm-mp-memory-")
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--layout", layout, "--startup", startup,
             "--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab", str(args.vocab),
-            "--seq", str(args.seq), "--batch", str(args.batch), "--ckpt-dir", ckpt_dir]
+            "--seq", str(args.seq), "--batch", str(args.batch), *more]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
     outs = [p.communicate()[0] for p in procs]
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
     if any(p.returncode for p in procs):
         sys.exit(f"{layout} ({startup}): a rank failed:\n" + "\n".join(o[-3000:] for o in outs))
     return [json.loads(next(line for line in o.splitlines() if line.startswith("RESULT "))[7:]) for o in outs]
@@ -223,6 +234,7 @@ def main():
     ap.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
     ap.add_argument("--startup", choices=("full", "before", "meta"), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
