@@ -161,3 +161,33 @@ def test_model_parallel_start_is_bit_equal_without_the_full_model(name, tmp_path
             assert res["held_bytes"] < res["full_bytes"] * 0.75, f"{what}: {res['held_bytes']} of {res['full_bytes']}"
         else:  # cp alone: every rank holds the whole model
             assert res["held_bytes"] == res["full_bytes"], what
+
+
+def test_zero3_full_state_dict_round_trip_and_bad_input():
+    """One process: ZeRO-3's full_state_dict is the model's state_dict (the same names, order and values, after a
+    step); load_full_state_dict of another model's values makes the shards those; a missing tensor or a tensor of
+    another shape is refused naming it."""
+    from flashlm.train.parallel import DataParallel
+
+    cfg = ModelConfig(arch="llama", vocab_size=96, n_layer=2, d_model=32, seq_len=16, n_head=4, n_kv_head=2)
+    torch.manual_seed(3)
+    model, other = Transformer(cfg), Transformer(cfg)
+    want = {k: v.clone() for k, v in other.state_dict().items()}
+    dp = DataParallel(model, lambda groups: torch.optim.AdamW(groups, lr=1e-2), zero_stage=3,
+                      param_groups=model.param_groups(0.1))
+    idx = torch.randint(0, 96, (2, 17))
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    dp.finish_gradients()
+    dp.step()
+    with dp.full_parameters():
+        stepped = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = dp.full_state_dict()
+    assert list(full) == list(stepped) and all(torch.equal(full[k], v) for k, v in stepped.items())
+    dp.load_full_state_dict(want)
+    with dp.full_parameters():
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="^full: .*'final_norm.weight'"):
+        dp.load_full_state_dict({k: v for k, v in want.items() if k != "final_norm.weight"})
+    with pytest.raises(ValueError, match="^full: tok_emb.weight has shape"):
+        dp.load_full_state_dict({**want, "tok_emb.weight": torch.zeros(95, 32)})
+    dp.close()
