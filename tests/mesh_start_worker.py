@@ -9,7 +9,9 @@ reference's slice bit for bit; whether the generator stands where the usual star
 full model is still on the meta device (but
 for the modules a stage holds as its own, without tp); the bytes of the parameters this rank holds against the full
 model's; and on rank 0 whether full_state_dict() equals the reference's state dict bit for bit (after
-load_full_state_dict of it, which must change nothing).
+load_full_state_dict of it, which must change nothing). Under DataParallel's ZeRO-3 (dp alone) also: the
+checkpoint made tensor by tensor onto rank 0 against the one the whole model gave, and a resume from it
+(save_and_resume).
 """
 
 import os
@@ -92,10 +94,77 @@ def check_data_parallel(out, mcfg, model, init, make_optimizer):
     with dp.full_parameters():
         for name, p in model.named_parameters():
             result["equal"][name] = torch.equal(p.detach(), full[name])
-    result["full_state_equal"] = True
+    gathered = dp.full_state_dict()
+    if fd.get_rank() == 0:
+        result["full_state_equal"] = list(gathered) == list(full) and all(torch.equal(gathered[n], full[n])
+                                                                          for n in full)
+    else:
+        result["full_state_equal"] = gathered == {}
+    save_and_resume(out, mcfg, model, dp, make_optimizer, result)
     dp.close()
     torch.save(result, os.path.join(out, f"rank{fd.get_rank()}.pt"))
     fd.destroy()
+
+
+def save_and_resume(out, mcfg, model, dp, make_optimizer, result):
+    """ZeRO-3 over data parallelism, after a step: the checkpoint made tensor by tensor onto rank 0 (full_state_dict,
+    state_dict(rank0_only=True)) against the one every rank made with the whole model gathered (full_parameters,
+    state_dict()), bit for bit, with no unit gathered for it; then a fresh start (another seed) resumed from it,
+    memory-mapped, with no unit gathered, steps with the losses and values of the run that went on."""
+    import flashlm.dist as fd
+    from flashlm.models import Transformer
+    from flashlm.parallel.materialize import deferred_init
+    from flashlm.train.parallel import DataParallel
+    from train_parallel_worker import states_equal
+
+    rank = fd.get_rank()
+
+    def train(dp, model, steps):
+        losses = []
+        for step in steps:
+            g = torch.Generator().manual_seed(100 * step + rank)  # this rank's share of the step's batch
+            idx = torch.randint(0, mcfg.vocab_size, (2, mcfg.seq_len + 1), generator=g)
+            _, loss = model(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+            loss.backward()
+            dp.finish_gradients()
+            dp.clip_grad_norm_(1.0)
+            dp.step()
+            dp.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    train(dp, model, [0])
+    with dp.full_parameters():  # the old checkpoint: the whole model gathered on every rank
+        old_model = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in model.state_dict().items()}
+    old_optimizer = dp.state_dict()
+    dp.reset_peak_materialized_bytes()
+    saved = {"model": dp.full_state_dict(), "optimizer": dp.state_dict(rank0_only=True)}
+    result["save_gathers_no_unit"] = dp.peak_materialized_bytes == 0
+    path = os.path.join(out, "checkpoint.pt")
+    if rank == 0:
+        result["save_equal"] = (list(saved["model"]) == list(old_model)
+                                and all(torch.equal(saved["model"][n], v) for n, v in old_model.items())
+                                and states_equal(saved["optimizer"], old_optimizer))
+        torch.save(saved, path)
+    else:
+        result["save_equal"] = saved["model"] == {} and saved["optimizer"]["state"] == {}
+    fd.all_reduce(torch.zeros(1))  # the file is written
+    want = train(dp, model, [1, 2])
+    want_final = dp.full_state_dict()
+
+    torch.manual_seed(99)
+    model2, init2 = deferred_init(lambda: Transformer(mcfg))
+    model2.make_buffers()
+    dp2 = DataParallel(model2, make_optimizer, zero_stage=3, param_groups=model2.param_groups(0.1), init=init2)
+    state = torch.load(path, mmap=True)
+    dp2.load_full_state_dict(state["model"])
+    dp2.load_state_dict(state["optimizer"])
+    result["resume_gathers_no_unit"] = dp2.peak_materialized_bytes == 0
+    got = train(dp2, model2, [1, 2])
+    final = dp2.full_state_dict()
+    result["resume_equal"] = got == want and list(final) == list(want_final) and all(
+        torch.equal(final[n], want_final[n]) for n in want_final)
+    dp2.close()
 
 
 if __name__ == "__main__":

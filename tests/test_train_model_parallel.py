@@ -258,6 +258,23 @@ def test_checkpoint_moves_from_zero3(references, text_file, data_cache, tmp_path
 
 
 @pytest.mark.slow
+def test_zero3_resumes_exactly_and_from_tp2(runs, references, text_file, data_cache, tmp_path):
+    """ZeRO-3 over 2 ranks, where no rank holds the model: resumed from its own step-2 checkpoint (each rank copying
+    its slices out of the memory-mapped file) with the same losses bit for bit, rank 0 alone sampling after
+    training; and TP 2's checkpoint resumed at ZeRO-3 over 2 ranks continues as the one-process run."""
+    zero3 = ("gpt2", dict(dp=2), ["--zero-stage", 3])
+    out = tmp_path / "zero3"
+    launch(2, flags(settings(text_file, data_cache, out, "gpt2", dp=2)) + zero3[2])
+    assert_resumes_exactly(out, (*zero3[:2], zero3[2] + ["--sample-tokens", 8]), tmp_path / "again")
+    folder = copy_checkpoint(runs("tp2")[0], 2, tmp_path / "from_tp2")
+    logs = launch(2, ["--out-dir", folder, "--resume", "--batch-size", BATCH // 2, *flags(zero3[1]), *zero3[2],
+                      "--sample-tokens", 8])
+    assert "-- sample --" in logs[0] and "-- sample --" not in logs[1]
+    assert_matches(read_metrics(folder)[2:], load_checkpoint(latest_checkpoint(folder)), references["gpt2"],
+                   "tp2 -> zero3 dp 2", first_step=3)
+
+
+@pytest.mark.slow
 def test_a_rank_killed_mid_step_fails_its_peer_with_a_timeout(text_file, data_cache, tmp_path):
     """Rank 1 of TP 2 is killed while the steps run; rank 0's next collective gives up after --comm-timeout
     seconds with an error naming the peer, instead of hanging."""

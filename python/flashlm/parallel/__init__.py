@@ -9,6 +9,7 @@
     context_model.py  context-parallel training of the Transformer: each rank its part of the sequence
     zero3.py      ZeRO-3: parameters sharded over the data-parallel ranks, gathered per block (DataParallel's
                   zero_stage=3)
+    zero3_state.py  its checkpoints: full tensors made one at a time onto rank 0, each rank loading its slices
 """
 
 from flashlm.parallel.context_model import ContextParallelTransformer, check_context_parallel

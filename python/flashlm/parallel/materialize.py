@@ -139,22 +139,15 @@ class InitRecord:
                 values[name] = value
 
 
-def deferred_init(build: Callable[[], nn.Module]):
+def deferred_init(build: Callable[[], nn.Module], check: bool = True):
     """(module, InitRecord): build() run on the meta device, its parameters without storage, and the record
-    of the ops that set their values. Buffers are meta too: the caller makes them (Transformer.make_buffers)."""
+    of the ops that set their values. Buffers are meta too: the caller makes them (Transformer.make_buffers).
+    check False: the record is for its draws only (replay() without take), and a value it cannot replay is no
+    error."""
     recorder = _Recorder()
     with torch.device("meta"), recorder:
         module = build()
-    return module, InitRecord(recorder.ops, module)
-
-
-def record_init(build: Callable[[], nn.Module]):
-    """(module, InitRecord) of a constructor run as usual (real tensors, the generator consumed): the record
-    replays its draws (take None) where the generator must advance as if it had run at that point."""
-    recorder = _Recorder()
-    with recorder:
-        module = build()
-    return module, InitRecord(recorder.ops, module, check=False)
+    return module, InitRecord(recorder.ops, module, check=check)
 
 
 def is_deferred(module: nn.Module) -> bool:
@@ -177,55 +170,41 @@ def materialize(module: nn.Module, values: dict, device=None) -> None:
         torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
 
 
-def release(module: nn.Module, keep) -> None:
-    """The parameters of `module` whose names are not in `keep` go to the meta device (their memory freed)."""
-    for name, p in module.named_parameters():
-        if name not in keep and not p.is_meta:
-            torch.utils.swap_tensors(p, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                     requires_grad=p.requires_grad))
-
-
 def start_part(model: nn.Module, tp, sequence_parallel: bool, device) -> tuple:
-    """(part, its InitRecord or None) for a Transformer built by deferred_init: over tp > 1 ranks a
-    TensorParallelTransformer of this rank's shapes (shard_model's, its constructor's draws recorded and the
-    generator set back, so that materialize_part draws them after the full model's, as shard_model's order
-    had them); else the meta model itself with its buffers made on `device`."""
+    """(part, its InitRecord or None) for a Transformer built by deferred_init, its buffers made on `device`:
+    over tp > 1 ranks a TensorParallelTransformer of this rank's shapes (shard_model's), itself on the meta device
+    with its constructor's draws recorded, so that materialize_part draws them after the full model's, as
+    shard_model's order had them; else the meta model itself. Either way no parameter has storage yet: a
+    pipeline stage then makes only its own layers (at most 1 / (tp * pp) of the model, and the ends it holds)."""
     if tp.size == 1:
         model.make_buffers(device)
         return model, None
-    state = torch.get_rng_state()
     attn_impl = model.blocks[0].attn.attn_impl
-    part, init = record_init(lambda: TensorParallelTransformer(model.cfg, tp, attn_impl, sequence_parallel))
-    torch.set_rng_state(state)
+    part, init = deferred_init(lambda: TensorParallelTransformer(model.cfg, tp, attn_impl, sequence_parallel),
+                               check=False)
+    part.make_buffers(device)
     part.checkpointing = model.checkpointing
     return part, init
 
 
 def materialize_part(part: nn.Module, init: InitRecord, names, part_init: Optional[InitRecord] = None,
                      device=None) -> None:
-    """The parameters `names` of `part` (start_part's) take their values: the full model's (init replayed),
-    sliced as the part's tp dimensions say; then part_init's draws replay. A tp part has its own storage and
-    copies them in, its other parameters released to the meta device; a meta part gets tensors on `device`."""
+    """The parameters `names` of `part` (start_part's, on the meta device) take their values on `device`: the full
+    model's (init replayed), sliced as the part's tp dimensions say (a copy: the full value is dropped); then
+    part_init's draws replay. The others stay on the meta device."""
     dims, tp = getattr(part, "tp_dims", None), getattr(part, "tp", None)
-    params = dict(part.named_parameters())
-    kept = {}  # a meta part's values (a tp part's are copied into its parameters as they come)
+    kept = {}
 
     def take(name, value):
         if name not in names:
             return
-        if dims is None:
-            kept[name] = value
-            return
-        dim = dims[name]
+        dim = dims[name] if dims is not None else None
         if dim is not None:
             n = value.shape[dim] // tp.size
-            value = value.narrow(dim, tp.rank * n, n)
-        params[name].copy_(value)
+            value = value.narrow(dim, tp.rank * n, n).clone()
+        kept[name] = value
 
     init.replay(take)
     if part_init is not None:
         part_init.replay()
-    if dims is None:
-        materialize(part, kept, device)
-    else:
-        release(part, names)
+    materialize(part, kept, device)

@@ -40,6 +40,10 @@ memory (two blocks at once) at the cost of m times the communication: per step a
 reduce-scatters of its parameters, against 2 and 1 without a pipeline (DeepSpeed avoids this by allowing only
 ZeRO-1 with pipelines). The outer unit (embeddings, head) stays materialised from the step's first forward to
 its step: 1F1B runs a micro-batch's forward between another's forward and backward, which still needs it.
+
+State (zero3_state.py). A checkpoint holds full tensors: full_state_dict() and state_dict(rank0_only=True) make
+them one parameter at a time onto rank 0 (no block is gathered for it); load_full_state_dict() and
+load_state_dict() copy this rank's slices out of full tensors (a memory-mapped checkpoint is read only there).
 """
 
 import contextlib
@@ -49,11 +53,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import flashlm.dist as fd
+from flashlm.parallel.zero3_state import Zero3State, owned_parts
 
 
 class WorldGroup:
     """flashlm.dist's world (or one process) as a group: what Zero3 and ShardedOptimizer ask of one (rank,
-    size, all_gather, reduce_scatter), as a mesh's Group (flashlm.parallel.mesh) answers it too."""
+    size, all_gather, reduce_scatter, broadcast), as a mesh's Group (flashlm.parallel.mesh) answers it too."""
 
     name = "world"
 
@@ -65,19 +70,11 @@ class WorldGroup:
     def all_gather(self, shard: torch.Tensor) -> torch.Tensor:
         return fd.all_gather(shard)
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return fd.broadcast(tensor, src)
+
     def reduce_scatter(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return fd.reduce_scatter(tensor, op)
-
-
-def owned_parts(numels, offsets, lo: int, hi: int) -> list:
-    """The parts of parameters flattened at `offsets` (of `numels` elements) that fall in [lo, hi), a rank's
-    slice: (index of the parameter, its first element there, count, position from lo)."""
-    parts = []
-    for i, (n, o) in enumerate(zip(numels, offsets)):
-        a, b = max(o, lo), min(o + n, hi)
-        if a < b:
-            parts.append((i, a - o, b - a, a - lo))
-    return parts
 
 
 class _Segment:
@@ -118,7 +115,7 @@ class _Unit:
         self.arrived = set()  # parameters whose gradient came in this backward
 
 
-class Zero3:
+class Zero3(Zero3State):
     """The ZeRO-3 side of DataParallel; the same methods as its stage 0..2 counterparts."""
 
     sharded = True
@@ -416,94 +413,8 @@ class Zero3:
                         s.shard.copy_(mine)
                     self._free(u)
 
-    # ---- state ----------------------------------------------------------------------------------------
-
-    def _gathered(self, value: torch.Tensor) -> torch.Tensor:
-        """A per-element tensor laid out as a segment's shard, gathered over ranks: the padded segment
-        (collective)."""
-        return value.clone() if self.world_size == 1 else self.shard_group.all_gather(value.contiguous())
-
-    def state_dict(self) -> dict:
-        """The inner optimizer's state gathered and split per parameter, numbered as a plain optimizer over
-        the groups numbers them (collective)."""
-        self._sync()
-        inner = self.optimizer.state_dict()
-        index_of = {id(p): i for i, p in enumerate(self._inner_params)}
-        ids = {}
-        for params in self.groups:
-            for p in params:
-                ids[id(p)] = len(ids)
-        state, groups = {}, []
-        for gi, params in enumerate(self.groups):
-            saved = inner["param_groups"][gi]
-            groups.append({**{k: v for k, v in saved.items() if k != "params"},
-                           "params": [ids[id(p)] for p in params]})
-        per_param = {}
-        for s in self.segments:
-            shard_state = inner["state"].get(index_of[id(s.shard)])
-            if not shard_state:
-                continue
-            for key in sorted(shard_state):
-                value = shard_state[key]
-                elementwise = torch.is_tensor(value) and value.shape == s.shard.shape and key != "step"
-                full = self._gathered(value) if elementwise else None
-                for p, o in zip(s.params, s.offsets):
-                    d = per_param.setdefault(id(p), {})
-                    if elementwise:
-                        d[key] = full[o:o + self._shape[p].numel()].view(self._shape[p]).clone()
-                    else:
-                        d[key] = value.clone() if torch.is_tensor(value) else value
-        for params in self.groups:
-            for p in params:
-                if id(p) in per_param:
-                    state[ids[id(p)]] = per_param[id(p)]
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Takes a full state (any stage's state_dict): this rank keeps the slices of its shards."""
-        saved_groups = state_dict["param_groups"]
-        check_saved_groups(saved_groups, self.groups)
-        index_of = {id(p): i for i, p in enumerate(self._inner_params)}
-        states = {id(p): state_dict["state"].get(i)
-                  for saved, params in zip(saved_groups, self.groups) for p, i in zip(params, saved["params"])}
-        inner_state = {}
-        for s in self.segments:
-            present = [(p, o, states[id(p)]) for p, o in zip(s.params, s.offsets) if states[id(p)]]
-            if not present:
-                continue
-            shard_state = {}
-            first_p, _, first = present[0]
-            for key, value in first.items():
-                if not (torch.is_tensor(value) and tuple(value.shape) == tuple(self._shape[first_p])
-                        and key != "step"):
-                    shard_state[key] = value
-                    continue
-                flat = torch.zeros(s.padded, dtype=value.dtype, device=s.shard.device)
-                for p, o, st in present:
-                    shape = tuple(self._shape[p])
-                    if key not in st or not torch.is_tensor(st[key]) or tuple(st[key].shape) != shape:
-                        got = tuple(st[key].shape) if torch.is_tensor(st.get(key)) else None
-                        raise ValueError(f"state_dict: '{key}' of a parameter of shape {shape} has shape {got}")
-                    flat[o:o + st[key].numel()].copy_(st[key].reshape(-1))
-                shard_state[key] = flat[self.rank * s.slice:(self.rank + 1) * s.slice].clone()
-            inner_state[index_of[id(s.shard)]] = shard_state
-        inner_groups = []
-        n = 0
-        for gi, g in enumerate(self.optimizer.param_groups):
-            inner_groups.append({**{k: v for k, v in saved_groups[gi].items() if k != "params"},
-                                 "params": list(range(n, n + len(g["params"])))})
-            n += len(g["params"])
-        self.optimizer.load_state_dict({"state": inner_state, "param_groups": inner_groups})
-
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._executor.shutdown(wait=True)
-
-
-def check_saved_groups(saved_groups, groups) -> None:
-    """A full optimizer state's param groups must hold as many parameters as `groups` (lists of them)."""
-    if len(saved_groups) != len(groups) or any(len(g["params"]) != len(ps) for g, ps in zip(saved_groups, groups)):
-        raise ValueError(f"state_dict: its param groups hold {[len(g['params']) for g in saved_groups]} "
-                         f"parameters, these hold {[len(ps) for ps in groups]}")

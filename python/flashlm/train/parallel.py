@@ -55,6 +55,7 @@ class DataParallel:
             raise ValueError(f"{'model' if param_groups is None else 'param_groups'}: ZeRO needs every parameter on "
                              f"one device with one dtype, got {sorted(str(k) for k in kinds)}")
         self.zero_stage = zero_stage
+        self._model = model
         if fd.is_initialized():
             self.rank, self.world_size = fd.get_rank(), fd.get_world_size()
         else:
@@ -165,11 +166,33 @@ class DataParallel:
     def zero_grad(self) -> None:
         self._impl.zero_grad()
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rank0_only: bool = False) -> dict:
         """The full optimizer state in the format of a plain optimizer over the given param groups (as
         torch's Optimizer.state_dict: parameters numbered in group order), the same on every rank. A copy:
-        later steps do not change it."""
-        return self._impl.state_dict()
+        later steps do not change it. rank0_only: only rank 0 gets the state (the others: the param groups
+        and no state); under stage 3 no other rank then holds more than one full tensor of it at a time."""
+        if self.zero_stage == 3:
+            return self._impl.state_dict(rank0_only=rank0_only)
+        state = self._impl.state_dict()
+        return state if not rank0_only or self.rank == 0 else {**state, "state": {}}
+
+    def full_state_dict(self) -> dict:
+        """The model's state_dict, float32 on the CPU, on rank 0 ({} on the other ranks). Under stage 3 made
+        whole one tensor at a time from the shards: no rank holds the model (collective)."""
+        if self.zero_stage == 3:
+            return self._impl.full_state_dict(self._model)
+        if self.rank != 0:
+            return {}
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self._model.state_dict().items()}
+
+    def load_full_state_dict(self, full: dict) -> None:
+        """The model takes `full` (a state_dict, as full_state_dict gives it; the same on every rank). Under stage
+        3 each rank copies only its slices out of it (from a memory-mapped checkpoint, only their pages are
+        read)."""
+        if self.zero_stage == 3:
+            self._impl.load_full_state_dict(self._model, full)
+        else:
+            self._model.load_state_dict(full)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict() of any stage (or of a plain optimizer over the same groups)."""

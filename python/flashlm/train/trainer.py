@@ -307,13 +307,16 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The checkpoint (collective: the parameters and dp.state_dict()'s optimizer state are gathered; under
-        model parallelism onto rank 0 alone, whose checkpoint is the one saved)."""
+        """The checkpoint (collective: the parameters and dp.state_dict()'s optimizer state are gathered; where no
+        rank holds the model, tensor by tensor onto rank 0 alone, whose checkpoint is the one saved)."""
         tok = self.data.tokenizer()
         model = self.full_state_dict()
+        # (ModelParallel's state_dict gives rank 0 alone the state already)
+        optimizer = self.dp.state_dict() if self.model_parallel else \
+            self.dp.state_dict(rank0_only=self.model_init is not None)
         return {"model_config": self.model_config.to_dict(), "model": model,
                 "tokenizer": tok.to_str(), "eos_token_id": self.data.eos_id, "step": self.step,
-                "train_config": self.cfg.to_dict(), "optimizer": self.dp.state_dict(),
+                "train_config": self.cfg.to_dict(), "optimizer": optimizer,
                 "scaler": self.scaler.state_dict(), "rng": rng_state(), "data": self.train_batches.state_dict(),
                 "metrics": list(self.metrics),
                 "sparsity_masks": self.masks.state_dict(self.model) if self.masks is not None else None}
@@ -322,29 +325,31 @@ class Trainer:
         saved = state["model_config"]
         if saved != self.model_config.to_dict():
             raise ValueError(f"checkpoint: its model {saved} differs from this run's {self.model_config.to_dict()}")
-        if self.model_parallel:  # every rank copies its part out of the full tensors
+        if self.model_init is not None:  # every rank copies its part (its tp slices, its ZeRO-3 shards) out
             self.dp.load_full_state_dict(state["model"])
         else:
-            with self.dp.full_parameters():  # ZeRO-3: every rank then keeps its slice
+            with self.dp.full_parameters():  # ZeRO-3 (QAT's model): every rank then keeps its slice
                 self.model.load_state_dict(state["model"])
         self.load_loop_state(state)
 
     def full_state_dict(self) -> dict:
-        """The model's full tensors, float32 on the CPU (collective). Under model parallelism they are gathered
-        one at a time and rank 0 alone holds them (the other ranks get {})."""
-        if self.model_parallel:
+        """The model's full tensors, float32 on the CPU (collective). Where no rank holds the model (model
+        parallelism, ZeRO-3 started on the meta device) they are gathered one at a time and rank 0 alone holds
+        them (the other ranks get {})."""
+        if self.model_init is not None:
             return self.dp.full_state_dict()
-        # ZeRO-3: gathered from the shards (a checkpoint holds full tensors), copied before they are freed.
+        # ZeRO-3 of QAT's model: gathered from the shards (a checkpoint holds full tensors), copied before freed.
         with self.dp.full_parameters():
             return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in self.model.state_dict().items()}
 
     def full_model(self):
-        """The full model with its current values (collective): self.model, or under model parallelism (where no
-        rank holds it) a Transformer built on rank 0 from the gathered tensors; None on the other ranks."""
+        """The full model with its current values (collective): self.model, or where no rank holds it (model
+        parallelism, ZeRO-3 started on the meta device) a Transformer built on rank 0 from the tensors gathered
+        one at a time; None on the other ranks."""
         from flashlm.models import Transformer
 
-        if not self.model_parallel:
-            return self.model
+        if self.model_init is None:
+            return self.model  # (ZeRO-3 of QAT's model: inside dp.full_parameters())
         state = self.dp.full_state_dict()
         if not self.is_main:
             return None
@@ -545,8 +550,9 @@ def run_training(cfg: TrainConfig, resume=False) -> list:
     try:
         metrics = trainer.train()
         if cfg.sample_tokens > 0:
-            # Every rank joins the gather (ZeRO-3's, or full_model's under model parallelism); rank 0 alone samples.
-            gather = contextlib.nullcontext() if trainer.model_parallel else trainer.dp.full_parameters()
+            # Every rank joins the gather (full_model's tensor by tensor, or ZeRO-3's of QAT's model); rank 0 alone
+            # samples.
+            gather = contextlib.nullcontext() if trainer.model_init is not None else trainer.dp.full_parameters()
             with gather:
                 model = trainer.full_model()
                 if trainer.is_main:

@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from flashlm.dist.grad_sync import BucketHooks
-from flashlm.parallel.zero3 import check_saved_groups, owned_parts
+from flashlm.parallel.zero3_state import check_saved_groups, owned_parts
 
 
 class _Bucket:
