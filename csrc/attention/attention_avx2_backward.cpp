@@ -116,7 +116,9 @@ void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_
 #ifdef FLASHLM_ATTENTION_AVX512
     // 16 columns a step without softcap: the same operations per lane as the ymm loop below, so the same bits.
     // (perf, one thread, causal D = 64, T = 256, f32: backward_task's own code, where this loop is inlined, took
-    // 14% of a forward + backward's samples, all the GEMMs of both passes 34%.)
+    // 14% of a forward + backward's samples, all the GEMMs of both passes 34%.) The backward alone, same shape,
+    // CPU time at load 9-13: 5.19 ms a call before, 4.93 after (means of three alternating runs of 500 calls),
+    // a gain within that load's noise.
     if (!t) {
       const __m512 scale16 = _mm512_set1_ps(p.scale);
       for (; c + 16 <= cols; c += 16) {
