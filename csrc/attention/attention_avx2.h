@@ -173,28 +173,6 @@ struct RescaleAccumulateEpi {  // C = alpha[m] C + acc (the online softmax's out
   }
 };
 
-#ifdef FLASHLM_ATTENTION_AVX512
-// ---- 16 lanes (the AVX-512 build) ------------------------------------------------------------------------
-
-// exp2_ps (shared_avx2.h) on a zmm: the same operations lane by lane, so the same bits as the ymm version.
-FLASHLM_AVX2_INLINE __m512 exp2_ps16(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ);  // x >= -126 or NaN
-  x = _mm512_max_ps(_mm512_set1_ps(-127.f), x);  // max_ps returns its second operand, so NaN stays NaN
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5353360504377633e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3398875016719103e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.61843691766262e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5503323674201965e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022647738456726e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931471824645996e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-  const __m512 y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-  return _mm512_maskz_mov_ps(keep, y);
-}
-#endif
-
 // ---- Scores ----------------------------------------------------------------------------------------------
 
 // Which keys each query column of a tile sees: first[c] <= key < last[c] (key indices of the sequence).
@@ -212,16 +190,6 @@ FLASHLM_AVX2_INLINE __m256 visible(const ColumnRanges& ranges, int64_t c, int64_
   // first <= j < last, i.e. !(first > j) && last > j
   return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(first, jv), _mm256_cmpgt_epi32(last, jv)));
 }
-
-#ifdef FLASHLM_ATTENTION_AVX512
-// The lanes of columns c .. c + 16 that see key j (visible's mask).
-FLASHLM_AVX2_INLINE __mmask16 visible16(const ColumnRanges& ranges, int64_t c, int64_t j) {
-  const __m512i jv = _mm512_set1_epi32(int32_t(j));
-  const __mmask16 after = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(ranges.first + c), jv);
-  const __mmask16 before = _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(ranges.last + c), jv);
-  return __mmask16(~after & before);
-}
-#endif
 
 // The epilogue of S^T = K . Q^T: the score in log2 units, s * log2(e) with s = scale x or
 // softcap tanh(scale x / softcap), and -inf where the key is not visible (kMask). With softcap it also

@@ -112,36 +112,7 @@ void probabilities_and_score_grads(const Params& p, const QueryBlock& qb, int64_
   const int64_t cols = qb.cols;
   const __m256 scale = _mm256_set1_ps(p.scale), one = _mm256_set1_ps(1.f);
   for (int64_t j = 0; j < bn; ++j) {
-    int64_t c = 0;
-#ifdef FLASHLM_ATTENTION_AVX512
-    // 16 columns a step without softcap: the same operations per lane as the ymm loop below, so the same bits.
-    // (perf, one thread, causal D = 64, T = 256, f32: backward_task's own code, where this loop is inlined, took
-    // 14% of a forward + backward's samples, all the GEMMs of both passes 34%.) The backward alone, same shape,
-    // CPU time at load 9-13: 5.19 ms a call before, 4.93 after (means of three alternating runs of 500 calls),
-    // a gain within that load's noise.
-    if (!t) {
-      const __m512 scale16 = _mm512_set1_ps(p.scale);
-      for (; c + 16 <= cols; c += 16) {
-        const int64_t e = j * cols + c;
-        const __m512 pr = exp2_ps16(_mm512_sub_ps(_mm512_loadu_ps(s + e), _mm512_loadu_ps(qb.lse2 + c)));
-        __m512 dpv = _mm512_loadu_ps(dp_ + e), pr_v = pr;
-        if constexpr (kDropout) {
-          const __m512 zv = _mm512_loadu_ps(z + e);
-          dpv = _mm512_mul_ps(dpv, zv);
-          pr_v = _mm512_mul_ps(pr, zv);
-        }
-        __m512 ds = _mm512_mul_ps(_mm512_mul_ps(pr, _mm512_sub_ps(dpv, _mm512_loadu_ps(qb.delta + c))), scale16);
-        if constexpr (kMask) {
-          const __mmask16 seen = visible16(qb.ranges, c, j0 + j);
-          pr_v = _mm512_maskz_mov_ps(seen, pr_v);
-          ds = _mm512_maskz_mov_ps(seen, ds);
-        }
-        _mm512_storeu_ps(s + e, pr_v);
-        _mm512_storeu_ps(dp_ + e, ds);
-      }
-    }
-#endif
-    for (; c < cols; c += 8) {
+    for (int64_t c = 0; c < cols; c += 8) {
       const int64_t e = j * cols + c;
       __m256 pr = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(s + e), _mm256_loadu_ps(qb.lse2 + c)));
       __m256 grad = scale;
