@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """compare_attention: flashlm's flash attention against torch's scaled_dot_product_attention, one table per run.
 
-For each (seqlen, head_dim, causal) at --batch 1 and --heads 16 (S = Sq = Sk), random q, k, v go through
+For each (seqlen, head_dim, causal) at --batch 1 and --heads 16 (S = Sq = Sk; --kv-heads: grouped K/V heads, as
+Llama's GQA), random q, k, v go through
   flashlm   flashlm.flash_attn_interface.flash_attn_func, layout [B, S, H, D], v2 tiling (and v1, forward only;
             and, where the CPU has AVX-512F, once more with the kernels' AVX-512 build switched off: "AVX2 ms"),
   torch     torch.nn.functional.scaled_dot_product_attention, layout [B, H, S, D] (its own; on CUDA forced to
@@ -22,6 +23,8 @@ Run (from the repository root, with flashlm installed):
   python bench/compare_attention.py --device cuda --dtype bf16  # needs flashlm's CUDA kernels and a GPU
   python bench/compare_attention.py --quick                    # a few seconds: CI smoke
   python bench/compare_attention.py --seqlens 1024 --causal yes --batch 2 --heads 8 --cpu-time  # training shapes
+  python bench/compare_attention.py --seqlens 256 --head-dims 32 --causal yes --batch 2 --heads 8 --kv-heads 2 \
+      --cpu-time --dtype bf16          # compare_train's llama layer (gpt2's: --head-dims 64 --heads 4)
 """
 
 import argparse
@@ -64,9 +67,10 @@ def torch_sdpa_context(device):
 
 def run_case(args, s, d, causal, dtype):
     """Times one configuration; returns {label: seconds}."""
-    b, h, device = args.batch, args.heads, args.device
+    b, h, kvh, device = args.batch, args.heads, args.kv_heads, args.device
     g = torch.Generator().manual_seed(s * 1000 + d)
-    q, k, v, dout = (torch.randn(b, s, h, d, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    q, k, v, dout = (torch.randn(b, s, n, d, generator=g).to(device=device, dtype=dtype) for n in (h, kvh, kvh, h))
+    gqa = dict(enable_gqa=True) if kvh != h else {}
     # torch's own layout, [B, H, S, D], contiguous.
     qt, kt, vt, doutt = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
@@ -74,7 +78,7 @@ def run_case(args, s, d, causal, dtype):
 
     with torch_sdpa_context(device):
         ours = flash_attn_func(q, k, v, causal=causal)
-        theirs = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+        theirs = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa).transpose(1, 2)
         err = (ours.float() - theirs.float()).abs().max().item()
         if err > TOLERANCE[dtype]:
             sys.exit(f"compare_attention: S={s} D={d} causal={causal}: flashlm differs from torch by {err:.3g} "
@@ -94,12 +98,12 @@ def run_case(args, s, d, causal, dtype):
         def fwd_bwd_torch():
             for t in (qtl, ktl, vtl):
                 t.grad = None
-            F.scaled_dot_product_attention(qtl, ktl, vtl, is_causal=causal).backward(doutt)
+            F.scaled_dot_product_attention(qtl, ktl, vtl, is_causal=causal, **gqa).backward(doutt)
 
         fwd_flashlm = lambda: flash_attn_func(q, k, v, causal=causal)  # noqa: E731
         fns = {
             "flashlm fwd": (with_avx512(True, fwd_flashlm), device),
-            "torch fwd": (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), device),
+            "torch fwd": (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa), device),
             "flashlm fwd+bwd": (with_avx512(True, fwd_bwd_flashlm), device),
             "torch fwd+bwd": (fwd_bwd_torch, device),
         }
@@ -127,6 +131,7 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default: --heads); must divide --heads")
     ap.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     ap.add_argument("--no-v1", dest="v1", action="store_false", help="skip the v1 (FlashAttention-1 order) forward")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default: 5 CPU, 20 CUDA)")
@@ -152,6 +157,9 @@ def main():
         seqlens, head_dims, args.reps, args.warmup, args.heads = [128], [64], 3, 1, 2
     if args.reps < 1 or args.warmup < 0 or args.batch < 1 or args.heads < 1:
         ap.error("--reps, --batch and --heads must be >= 1 and --warmup >= 0")
+    args.kv_heads = args.heads if args.kv_heads is None or args.quick else args.kv_heads
+    if args.kv_heads < 1 or args.heads % args.kv_heads:
+        ap.error(f"--kv-heads: must divide --heads ({args.heads}), got {args.kv_heads}")
 
     peak = matmul_peak(args.device, dtype, args.clock, n=512 if args.quick else 4096)
     unit, scale = ("TFLOP/s", 1e12) if args.device == "cuda" else ("GFLOP/s", 1e9)
@@ -178,7 +186,7 @@ def main():
     print(hardware_line(args.device, flashlm.ops, f"torch {torch.get_num_threads()} threads"))
     print(f"flashlm {flashlm.__version__}, torch {torch.__version__}, Python {platform.python_version()}")
     clock = "CPU time (all threads)" if args.cpu_time else "wall clock"
-    print(f"B={args.batch}, H={args.heads}, Sq=Sk=S, {str(dtype).replace('torch.', '')}; median of {args.reps} "
+    print(f"B={args.batch}, H={args.heads}, KV heads {args.kv_heads}, Sq=Sk=S, {str(dtype).replace('torch.', '')}; median of {args.reps} "
           f"interleaved runs after {args.warmup} warm-up, {clock}; ceiling: torch matmul {peak / scale:.1f} {unit}")
     print()
     print_table(["S", "D", "causal", "pass", "flashlm ms", f"flashlm {unit}", "torch ms", f"torch {unit}",

@@ -38,6 +38,8 @@ class EagerOp:
         if self.differentiable and torch.is_grad_enabled() and _requires_grad(args, kwargs):
             if self.function is None:
                 return self.op(*args, **kwargs)
+            if not kwargs and self.required <= len(args) <= self.required + len(self.defaults):
+                return self.function.apply(*args, *self.defaults[len(args) - self.required:])
             bound = self.signature.bind(*args, **kwargs)  # apply() takes the op's arguments in order
             bound.apply_defaults()
             return self.function.apply(*bound.args)
@@ -57,6 +59,12 @@ class EagerOp:
         self.op.register_autograd(backward, setup_context=setup_context)
         if eager:
             self.signature = inspect.signature(self.fn)
+            # Positional calls skip signature.bind (28 us of CPU for attention's 17 arguments): the defaults
+            # of the trailing parameters are appended as they are.
+            params = list(self.signature.parameters.values())
+            positional = all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params)
+            self.defaults = tuple(p.default for p in params if p.default is not p.empty) if positional else ()
+            self.required = len(params) - len(self.defaults) if positional else len(params) + 1  # else: bind
             self.function = _eager_function(self.name, self.fn, backward, setup_context)
 
 
