@@ -52,6 +52,30 @@ class Zero3State:
                 self.shard_group.broadcast(part, src=r)
         return full.view(shape)
 
+    def full_value(self, p: torch.Tensor) -> torch.Tensor:
+        """Parameter p (one this Zero3 shards) whole on every rank of the group, from the shards. Collective of the
+        group: every rank asks for the same parameters in the same order."""
+        self._sync()
+        s, i = next((s, i) for s in self.segments for i, q in enumerate(s.params) if q is p)
+        return self._full_value(s, i, s.shard)
+
+    def shards(self, p: torch.Tensor) -> bool:
+        """Whether this Zero3 shards parameter p."""
+        return any(q is p for s in self.segments for q in s.params)
+
+    @torch.no_grad()
+    def load_values(self, value_of) -> None:
+        """Every shard takes this rank's slices of its parameters' values: value_of(p) -> parameter p's full value
+        (its shape; a memory-mapped one is read only there), asked once per parameter this rank's slices hold."""
+        self._sync()
+        for u in self.units:  # stale once the shards change: the next use gathers the new values
+            self._free(u)
+        for s in self.segments:
+            lo = self.rank * s.slice
+            numels = [self._shape[p].numel() for p in s.params]
+            for i, first, count, pos in owned_parts(numels, s.offsets, lo, lo + s.slice):
+                s.shard[pos:pos + count].copy_(value_of(s.params[i]).reshape(-1)[first:first + count])
+
     def _where(self, model: torch.nn.Module) -> dict:
         """name -> (segment, index in it) for every parameter of `model` that this Zero3 shards."""
         index = {id(p): (s, i) for s in self.segments for i, p in enumerate(s.params)}
@@ -89,15 +113,8 @@ class Zero3State:
             shape = tuple(self._shape[where[name][0].params[where[name][1]]]) if name in where else tuple(value.shape)
             if tuple(full[name].shape) != shape:
                 raise ValueError(f"full: {name} has shape {tuple(full[name].shape)}, the model's {shape}")
-        self._sync()
-        for u in self.units:  # stale once the shards change: the next use gathers the new values
-            self._free(u)
-        name_of = {(id(s), i): n for n, (s, i) in where.items()}
-        for s in self.segments:
-            lo = self.rank * s.slice
-            numels = [self._shape[p].numel() for p in s.params]
-            for i, first, count, pos in owned_parts(numels, s.offsets, lo, lo + s.slice):
-                s.shard[pos:pos + count].copy_(full[name_of[id(s), i]].reshape(-1)[first:first + count])
+        name_of = {id(s.params[i]): n for n, (s, i) in where.items()}
+        self.load_values(lambda p: full[name_of[id(p)]])
         for name, value in own.items():
             if name not in where:  # a buffer, a parameter left out of the groups: whole on every rank
                 value.copy_(full[name])
