@@ -5,7 +5,8 @@ load_full_state_dict under ZeRO-3 on a mesh against the rank's whole part gather
 
 The rank trains a tiny gpt2 (tied embeddings: across the stages under pp) for 2 AdamW steps, so that the shards
 differ from the initial values, then records to OUT_DIR/rank{RANK}.pt: the full state dict (rank 0's), the full
-parameters as full_parameters() gathers them, the bytes of parameters ZeRO-3 materialised while saving and while
+parameters as full_parameters() gathers them, the optimizer state (rank 0's) and the rank's part of it made whole
+at once by Zero3, the bytes of parameters ZeRO-3 materialised while saving and while
 loading, and after loading a random full state dict (the same on every rank) the full state dict and parameters
 again.
 """
@@ -58,6 +59,11 @@ def run(sizes: dict) -> dict:
         mp.zero_grad()
     out = {}
     out["saved"], out["save_bytes"] = materialised(mp, mp.full_state_dict)
+    out["opt"] = mp.state_dict()
+    out["opt_names"] = [n for names in mp._full_group_names for n in names]
+    own = mp.zero.state_dict()  # this rank's part's optimizer state made whole at once (every dp rank)
+    names = [mp._names[id(p)] for g in mp.groups for p in g["params"]]
+    out["own_opt"] = {names[i]: values for i, values in own["state"].items()}
     out["gathered"] = full_parameters(mp, model)
     g = torch.Generator().manual_seed(7)
     new = {n: torch.randn(shape, generator=g) for n, shape in shapes.items()}

@@ -143,26 +143,43 @@ class FullState:
     def state_dict(self) -> dict:
         """The optimizer state as a plain optimizer over the full model's param groups would hold it (full
         tensors, parameters numbered in group order) on rank 0; the other ranks' hold the param groups and no
-        state. Collective."""
-        local = self._stepper.state_dict()
-        by_name = {}
-        for g, saved in zip(self.groups, local["param_groups"]):
-            for p, i in zip(g["params"], saved["params"]):
-                by_name[self._names[id(p)]] = local["state"].get(i, {})
+        state. Collective. Under ZeRO-3 each value is made whole from its dp slices when gathered, one at a time."""
+        if isinstance(self.zero, Zero3):
+            inner = self.zero.inner_state()  # (references to the shards' state: no copies)
+            saved_groups = inner["param_groups"]  # one per group of self.groups, as Zero3 makes them
+            first = next(iter(self.params))
+            keys = self.zero.state_keys(self.params[first], inner)
+
+            def shape(key):  # a parameter holding `key`, and the shape of its value
+                return first, self.zero.state_shape(self.params[first], key, inner)
+
+            def value(name, key):  # (collective of the dp group)
+                return self.zero.state_value(self.params[name], key, inner)
+        else:
+            local = self._stepper.state_dict()
+            saved_groups, by_name = local["param_groups"], {}
+            for g, saved in zip(self.groups, saved_groups):
+                for p, i in zip(g["params"], saved["params"]):
+                    by_name[self._names[id(p)]] = local["state"].get(i, {})
+            keys = sorted(next((s for s in by_name.values() if s), {}))
+
+            def shape(key):
+                name = next(n for n, s in by_name.items() if key in s)
+                return name, tuple(by_name[name][key].shape)
+
+            def value(name, key):
+                return by_name[name][key]
         full_groups = self._full_group_names
-        keys = sorted(next((s for s in by_name.values() if s), {}))
         state = {n: {} for group in full_groups for n in group}
         for key in keys:
-            mine = {n: s[key] for n, s in by_name.items() if key in s}
             # Every rank runs the same optimizer: a key is shaped as its parameter (moments) or not (the step).
-            first = next(iter(mine))
-            param_shaped = mine[first].shape == self._shapes[first]
-            shapes = {n: self._full_shapes[n] if param_shaped else tuple(mine[first].shape)
-                      for n in state}
-            for n, v in self._gather(mine.__getitem__, shapes).items():
+            name, got = shape(key)
+            param_shaped = got == tuple(self._shapes[name])
+            shapes = {n: self._full_shapes[n] if param_shaped else got for n in state}
+            for n, v in self._gather(lambda n: value(n, key), shapes).items():
                 state[n][key] = v
         numbered, groups, i = {}, [], 0
-        for names, saved in zip(full_groups, local["param_groups"]):
+        for names, saved in zip(full_groups, saved_groups):
             ids = list(range(i, i + len(names)))
             numbered.update({j: state[n] for j, n in zip(ids, names) if state[n]})
             groups.append({**saved, "params": ids})
