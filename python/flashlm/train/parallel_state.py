@@ -45,9 +45,9 @@ class FullState:
     def _gather(self, value_of, shapes: dict, everywhere: bool = False) -> dict:
         """Full tensors from every rank's parts, one at a time: {name: full float32 CPU tensor} on rank 0, {}
         elsewhere (everywhere: on every rank, on its device). value_of(name) -> this rank's tensor (asked for the
-        names it holds, in the order of shapes; float32 or an exact cast of it); shapes: name -> the full tensor's shape, for every name. A tensor
-        shaped as its parameter's slice is all-gathered along the parameter's split dimension; the rest are whole
-        on every tp rank. Collective of the whole mesh (tp then pp)."""
+        names it holds, in the order of shapes; float32 or an exact cast of it); shapes: name -> the full tensor's
+        shape, for every name. A tensor shaped as its parameter's slice is all-gathered along the parameter's split
+        dimension; the rest are whole on every tp rank. Collective of the whole mesh (tp then pp)."""
         keep, pp = everywhere or self.keeps_full, self.mesh.pp
         full = {}
         for name, shape in shapes.items():
