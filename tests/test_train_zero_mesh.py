@@ -173,3 +173,39 @@ def test_dp_reduction_overlapped_with_backward_is_bit_equal(tmp_path):
             assert "backward" not in after["entered"], what
             early = during["entered"].count("backward")
             assert early >= 3, f"{what}: {early} dp collectives launched during backward in 3 steps"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp,pp,cp", [(2, 2, 1), (2, 1, 2)])
+def test_zero3_checkpoint_gathers_one_tensor_at_a_time(tmp_path, dp, pp, cp):
+    """ZeRO-3 x PP 2 and ZeRO-3 x CP 2 (tests/mesh_zero3_state_worker.py): full_state_dict builds each tensor from
+    its dp slices in turn, bit for bit what the rank's whole part gathered (full_parameters) holds, and
+    load_full_state_dict copies the rank's slices out of the full tensors; neither materialises any of the
+    rank's parameters (at tp = pp = 1 with cp, the whole model). The optimizer state, gathered the same way, holds
+    every rank's part as Zero3 makes it whole (its moments and steps), bit for bit."""
+    n = dp * pp * cp
+    run_workers("mesh_zero3_state_worker.py", [tmp_path, dp, pp, cp], n)
+    import torch
+
+    first = torch.load(tmp_path / "rank0.pt")
+    opt = {name: first["opt"]["state"][i] for i, name in enumerate(first["opt_names"])}
+    for r in range(n):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["own_opt"], f"rank {r}: no optimizer state"
+        for name, values in got["own_opt"].items():
+            assert sorted(values) == sorted(opt[name]), f"rank {r}: {name}"
+            for key, v in values.items():
+                assert torch.equal(v.float(), opt[name][key]), f"rank {r}: {key} of {name}"
+        assert got["save_bytes"] == 0 and got["load_bytes"] == 0, f"rank {r}: {got['save_bytes']}, {got['load_bytes']}"
+        for name, t in got["gathered_after_load"].items():
+            assert torch.equal(t, got["loaded"][name]), f"rank {r}: {name} after loading"
+        if r == 0:
+            assert list(got["saved"]) == list(got["gathered"])
+            for name, t in got["gathered"].items():
+                assert torch.equal(got["saved"][name], t), name
+                assert not torch.equal(t, got["loaded"][name]), name  # (the load below changes every tensor)
+            assert list(got["saved_after_load"]) == list(got["loaded"])
+            for name, t in got["loaded"].items():
+                assert torch.equal(got["saved_after_load"][name], t), f"{name} after loading"
+        else:
+            assert got["saved"] == {} and got["saved_after_load"] == {}

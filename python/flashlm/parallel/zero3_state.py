@@ -52,6 +52,68 @@ class Zero3State:
                 self.shard_group.broadcast(part, src=r)
         return full.view(shape)
 
+    def _locate(self, p: torch.Tensor) -> tuple:
+        """(segment, index in it) of parameter p."""
+        return next((s, i) for s in self.segments for i, q in enumerate(s.params) if q is p)
+
+    def full_value(self, p: torch.Tensor) -> torch.Tensor:
+        """Parameter p (one this Zero3 shards) whole on every rank of the group, from the shards. Collective of the
+        group: every rank asks for the same parameters in the same order."""
+        self._sync()
+        s, i = self._locate(p)
+        return self._full_value(s, i, s.shard)
+
+    def _shard_state(self, s, inner: dict) -> dict:
+        """Segment s's shard's entry of inner (the inner optimizer's state_dict): {} before its first step."""
+        return inner["state"].get(next(j for j, q in enumerate(self._inner_params) if q is s.shard)) or {}
+
+    @staticmethod
+    def _elementwise(s, key: str, value) -> bool:
+        """Whether optimizer value `key` of segment s is laid out as its shard (a moment; the step is not)."""
+        return torch.is_tensor(value) and value.shape == s.shard.shape and key != "step"
+
+    def inner_state(self) -> dict:
+        """The inner optimizer's state_dict (references to the shards' state), once every collective is done."""
+        self._sync()
+        return self.optimizer.state_dict()
+
+    def state_keys(self, p: torch.Tensor, inner: dict) -> list:
+        """The names of parameter p's optimizer values in inner (inner_state()), sorted; [] before the first step."""
+        return sorted(self._shard_state(self._locate(p)[0], inner))
+
+    def state_shape(self, p: torch.Tensor, key: str, inner: dict) -> tuple:
+        """The shape state_value(p, key, inner) has: p's for an elementwise value, the value's own for the rest."""
+        s, i = self._locate(p)
+        value = self._shard_state(s, inner)[key]
+        return tuple(self._shape[p]) if self._elementwise(s, key, value) else tuple(value.shape)
+
+    def state_value(self, p: torch.Tensor, key: str, inner: dict):
+        """Inner optimizer value `key` of parameter p as a plain optimizer holds it, on every rank of the group: an
+        elementwise one made whole from the slices (p's shape; collective of the group), another (the step) as it
+        is. inner: inner_state()."""
+        s, i = self._locate(p)
+        value = self._shard_state(s, inner)[key]
+        if self._elementwise(s, key, value):
+            return self._full_value(s, i, value)
+        return value.clone() if torch.is_tensor(value) else value
+
+    def shards(self, p: torch.Tensor) -> bool:
+        """Whether this Zero3 shards parameter p."""
+        return any(q is p for s in self.segments for q in s.params)
+
+    @torch.no_grad()
+    def load_values(self, value_of) -> None:
+        """Every shard takes this rank's slices of its parameters' values: value_of(p) -> parameter p's full value
+        (its shape; a memory-mapped one is read only there), asked once per parameter this rank's slices hold."""
+        self._sync()
+        for u in self.units:  # stale once the shards change: the next use gathers the new values
+            self._free(u)
+        for s in self.segments:
+            lo = self.rank * s.slice
+            numels = [self._shape[p].numel() for p in s.params]
+            for i, first, count, pos in owned_parts(numels, s.offsets, lo, lo + s.slice):
+                s.shard[pos:pos + count].copy_(value_of(s.params[i]).reshape(-1)[first:first + count])
+
     def _where(self, model: torch.nn.Module) -> dict:
         """name -> (segment, index in it) for every parameter of `model` that this Zero3 shards."""
         index = {id(p): (s, i) for s in self.segments for i, p in enumerate(s.params)}
@@ -89,15 +151,8 @@ class Zero3State:
             shape = tuple(self._shape[where[name][0].params[where[name][1]]]) if name in where else tuple(value.shape)
             if tuple(full[name].shape) != shape:
                 raise ValueError(f"full: {name} has shape {tuple(full[name].shape)}, the model's {shape}")
-        self._sync()
-        for u in self.units:  # stale once the shards change: the next use gathers the new values
-            self._free(u)
-        name_of = {(id(s), i): n for n, (s, i) in where.items()}
-        for s in self.segments:
-            lo = self.rank * s.slice
-            numels = [self._shape[p].numel() for p in s.params]
-            for i, first, count, pos in owned_parts(numels, s.offsets, lo, lo + s.slice):
-                s.shard[pos:pos + count].copy_(full[name_of[id(s), i]].reshape(-1)[first:first + count])
+        name_of = {id(s.params[i]): n for n, (s, i) in where.items()}
+        self.load_values(lambda p: full[name_of[id(p)]])
         for name, value in own.items():
             if name not in where:  # a buffer, a parameter left out of the groups: whole on every rank
                 value.copy_(full[name])
@@ -106,10 +161,8 @@ class Zero3State:
         """The inner optimizer's state made whole and split per parameter, numbered as a plain optimizer over
         the groups numbers them, on every rank (rank0_only: on rank 0 of the group; the other ranks get the param
         groups and no state). Collective."""
-        self._sync()
         keep = not rank0_only or self.rank == 0
-        inner = self.optimizer.state_dict()
-        index_of = {id(p): i for i, p in enumerate(self._inner_params)}
+        inner = self.inner_state()
         ids = {}
         for params in self.groups:
             for p in params:
@@ -121,17 +174,9 @@ class Zero3State:
                            "params": [ids[id(p)] for p in params]})
         per_param = {}
         for s in self.segments:
-            shard_state = inner["state"].get(index_of[id(s.shard)])
-            if not shard_state:
-                continue
-            for key in sorted(shard_state):
-                value = shard_state[key]
-                elementwise = torch.is_tensor(value) and value.shape == s.shard.shape and key != "step"
-                for i, p in enumerate(s.params):
-                    if elementwise:
-                        full = self._full_value(s, i, value)  # (collective: on every rank)
-                    else:
-                        full = value.clone() if torch.is_tensor(value) else value
+            for key in sorted(self._shard_state(s, inner)):
+                for p in s.params:
+                    full = self.state_value(p, key, inner)  # (collective: on every rank)
                     if keep:
                         per_param.setdefault(id(p), {})[key] = full
                     del full

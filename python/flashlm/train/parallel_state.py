@@ -8,9 +8,11 @@ and export, without a full model resident on any rank but the one that writes th
 As torch FSDP's full state dict with rank0_only and offload_to_cpu: the tensors are gathered one at a time, in
 the full model's order. A tensor split over tp is all-gathered by the tp ranks of the stage that holds it (the
 tied embedding: the first stage's copy), then broadcast over pp from that stage, and rank 0 (the first rank of
-every group) keeps it on the CPU; every other rank holds at most that one full tensor at a time. Under ZeRO-3 the
-rank's part is materialised for the gather (its tp shard of its stage, not the model). Every dp replica runs the
-same collectives, so the gathers are collective of the whole mesh.
+every group) keeps it on the CPU; every other rank holds at most that one full tensor at a time. Under ZeRO-3 each
+tensor's tp shard is first made whole from its dp slices (flashlm.parallel.zero3_state: broadcast by the dp ranks
+that hold them), one tensor at a time too, and loading copies only the rank's dp slices of its tp shard out of
+the full tensors: no rank materialises its part (its tp shard of its stage, the whole model at tp = pp = 1). Every
+dp replica runs the same collectives, so the gathers are collective of the whole mesh.
 
 A checkpoint of any layout loads at any other: a full tensor is sliced as the parameter is (its tp dimension;
 the stages take the parameters they hold, by name).
@@ -40,19 +42,19 @@ class FullState:
         """Whether this rank keeps the gathered tensors: rank 0, the first of every group."""
         return all(c == 0 for c in self.mesh.coords.values())
 
-    def _gather(self, local: dict, shapes: dict, everywhere: bool = False) -> dict:
+    def _gather(self, value_of, shapes: dict, everywhere: bool = False) -> dict:
         """Full tensors from every rank's parts, one at a time: {name: full float32 CPU tensor} on rank 0, {}
-        elsewhere (everywhere: on every rank, on its device). local: name -> this rank's tensor (for the names it
-        holds; float32 or an exact cast of it); shapes: name -> the full tensor's shape, for every name. A tensor
-        shaped as its parameter's slice is all-gathered along the parameter's split dimension; the rest are whole
-        on every tp rank. Collective of the whole mesh (tp then pp)."""
+        elsewhere (everywhere: on every rank, on its device). value_of(name) -> this rank's tensor (asked for the
+        names it holds, in the order of shapes; float32 or an exact cast of it); shapes: name -> the full tensor's
+        shape, for every name. A tensor shaped as its parameter's slice is all-gathered along the parameter's split
+        dimension; the rest are whole on every tp rank. Collective of the whole mesh (tp then pp)."""
         keep, pp = everywhere or self.keeps_full, self.mesh.pp
         full = {}
         for name, shape in shapes.items():
             owner = self._owner(name)
             t = None
             if self.stage is None or owner == pp.rank:
-                t = local[name]
+                t = value_of(name)
                 dim = self.tp_dims[name]
                 if dim is not None and t.shape == self._shapes[name] and self.mesh.tp.size > 1:
                     t = self.mesh.tp.all_gather(t.float().movedim(dim, 0).contiguous()).movedim(0, dim)
@@ -74,6 +76,14 @@ class FullState:
         n = full.shape[dim] // tp.size
         return full.narrow(dim, tp.rank * n, n)
 
+    def _value_of(self, name: str) -> torch.Tensor:
+        """This rank's value of parameter `name`: under ZeRO-3 made whole from the dp slices when asked
+        (collective of the dp group: its ranks hold the same names and ask in the same order)."""
+        p = self.params[name]
+        if isinstance(self.zero, Zero3) and self.zero.shards(p):
+            return self.zero.full_value(p)
+        return p.detach()
+
     def _zero3_gathered(self):
         """Under ZeRO-3, this rank's parameters materialised inside (its dp slices gathered), re-sharded from their
         values on leaving; else nothing."""
@@ -82,8 +92,8 @@ class FullState:
     def full_state_dict(self) -> dict:
         """The full model's parameters: {name: float32 CPU tensor} in the full model's order on rank 0, {} on the
         other ranks. Collective."""
-        with self._zero3_gathered(), torch.no_grad():
-            return self._gather({n: p.detach() for n, p in self.params.items()}, self._full_shapes)
+        with torch.no_grad():
+            return self._gather(self._value_of, self._full_shapes)
 
     def load_full_state_dict(self, full: dict) -> None:
         """Every parameter this rank holds takes its part of `full` (a full model's state_dict, as
@@ -94,9 +104,13 @@ class FullState:
         for name, shape in self._full_shapes.items():
             if tuple(full[name].shape) != shape:
                 raise ValueError(f"full: {name} has shape {tuple(full[name].shape)}, the model's {shape}")
-        with self._zero3_gathered(), torch.no_grad():  # ZeRO-3: the shards take the new values on leaving
+        zero3 = self.zero if isinstance(self.zero, Zero3) else None
+        with torch.no_grad():
+            if zero3 is not None:  # the shards take their dp slices of the tp shards, one tensor at a time
+                zero3.load_values(lambda p: self._slice(self._names[id(p)], full[self._names[id(p)]]))
             for name, p in self.params.items():
-                p.copy_(self._slice(name, full[name]))
+                if zero3 is None or not zero3.shards(p):
+                    p.copy_(self._slice(name, full[name]))
 
     @contextlib.contextmanager
     def full_parameters(self):
@@ -109,8 +123,7 @@ class FullState:
                                "full_state_dict() and load_full_state_dict()")
         with self._zero3_gathered():  # the dp slices gathered first (ZeRO-3), and taken back from the part last
             with torch.no_grad():
-                gathered = self._gather({n: p.detach() for n, p in self.params.items()}, self._full_shapes,
-                                        everywhere=True)
+                gathered = self._gather(lambda n: self.params[n].detach(), self._full_shapes, everywhere=True)
                 for n, p in self.full.named_parameters():
                     p.copy_(gathered[n])
             yield
@@ -130,26 +143,43 @@ class FullState:
     def state_dict(self) -> dict:
         """The optimizer state as a plain optimizer over the full model's param groups would hold it (full
         tensors, parameters numbered in group order) on rank 0; the other ranks' hold the param groups and no
-        state. Collective."""
-        local = self._stepper.state_dict()
-        by_name = {}
-        for g, saved in zip(self.groups, local["param_groups"]):
-            for p, i in zip(g["params"], saved["params"]):
-                by_name[self._names[id(p)]] = local["state"].get(i, {})
+        state. Collective. Under ZeRO-3 each value is made whole from its dp slices when gathered, one at a time."""
+        if isinstance(self.zero, Zero3):
+            inner = self.zero.inner_state()  # (references to the shards' state: no copies)
+            saved_groups = inner["param_groups"]  # one per group of self.groups, as Zero3 makes them
+            first = next(iter(self.params))
+            keys = self.zero.state_keys(self.params[first], inner)
+
+            def shape(key):  # a parameter holding `key`, and the shape of its value
+                return first, self.zero.state_shape(self.params[first], key, inner)
+
+            def value(name, key):  # (collective of the dp group)
+                return self.zero.state_value(self.params[name], key, inner)
+        else:
+            local = self._stepper.state_dict()
+            saved_groups, by_name = local["param_groups"], {}
+            for g, saved in zip(self.groups, saved_groups):
+                for p, i in zip(g["params"], saved["params"]):
+                    by_name[self._names[id(p)]] = local["state"].get(i, {})
+            keys = sorted(next((s for s in by_name.values() if s), {}))
+
+            def shape(key):
+                name = next(n for n, s in by_name.items() if key in s)
+                return name, tuple(by_name[name][key].shape)
+
+            def value(name, key):
+                return by_name[name][key]
         full_groups = self._full_group_names
-        keys = sorted(next((s for s in by_name.values() if s), {}))
         state = {n: {} for group in full_groups for n in group}
         for key in keys:
-            mine = {n: s[key] for n, s in by_name.items() if key in s}
             # Every rank runs the same optimizer: a key is shaped as its parameter (moments) or not (the step).
-            first = next(iter(mine))
-            param_shaped = mine[first].shape == self._shapes[first]
-            shapes = {n: self._full_shapes[n] if param_shaped else tuple(mine[first].shape)
-                      for n in state}
-            for n, v in self._gather(mine, shapes).items():
+            name, got = shape(key)
+            param_shaped = got == tuple(self._shapes[name])
+            shapes = {n: self._full_shapes[n] if param_shaped else got for n in state}
+            for n, v in self._gather(lambda n: value(n, key), shapes).items():
                 state[n][key] = v
         numbered, groups, i = {}, [], 0
-        for names, saved in zip(full_groups, local["param_groups"]):
+        for names, saved in zip(full_groups, saved_groups):
             ids = list(range(i, i + len(names)))
             numbered.update({j: state[n] for j, n in zip(ids, names) if state[n]})
             groups.append({**saved, "params": ids})
