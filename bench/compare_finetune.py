@@ -228,6 +228,12 @@ def spawn(case: str, args, paths: dict, vocab: int) -> dict:
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab", str(vocab),
            "--profile-top", str(args.profile_top)]
     env = dict(os.environ)
+    if case.startswith("flashlm"):
+        # As `flashlm finetune` runs (flashlm/__init__.py): torch's OpenMP workers sleep between torch's ops
+        # instead of polling the cores flashlm's pool needs next (idle machine, 2 threads: 861 ms a QLoRA step
+        # with the polling, 500 without). The peers keep torch's default; an OMP_WAIT_POLICY set by the caller
+        # holds for every case.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:  # torch's OpenMP pool and flashlm's pool alike
         env.update(OMP_NUM_THREADS=str(args.threads), FLASHLM_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -328,7 +334,9 @@ def report(args, cfg, sizes, med, errors, loads):
              f"{args.alpha:g} on {','.join(TARGETS)}, AdamW lr {OPTIM['lr']}; median of {args.steps} steps after "
              f"{args.warmup} warm-up, median over {args.rounds} process(es) per case, cases interleaved",
              f"CPU: {cpu_model()}, {os.cpu_count()} hardware threads, torch {torch.__version__} "
-             f"{args.threads or torch.get_num_threads()} threads a process; load average {loads[0]:.1f} before, {loads[1]:.1f} after"]
+             f"{args.threads or torch.get_num_threads()} threads a process; load average {loads[0]:.1f} before, {loads[1]:.1f} after",
+             f"OMP_WAIT_POLICY: flashlm's cases {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (as the flashlm command sets it)')}, "
+             f"the peers' {os.environ.get('OMP_WAIT_POLICY', '(unset: torch default)')}"]
     ref = med.get("peft-lora")
     header = ["case", "ms/step", "each process", "tokens/s", "x peft-lora speed", "CPU ms/step", "x peft-lora per CPU-s",
               "peak RSS growth MiB", "% of peft-lora memory"]
