@@ -33,8 +33,8 @@ class EagerOp:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return self.op(*args, **kwargs)
+        if torch.compiler.is_compiling() or _any_meta(args, kwargs):
+            return self.op(*args, **kwargs)  # meta tensors: the fake implementation, and its device checks
         if self.differentiable and torch.is_grad_enabled() and _requires_grad(args, kwargs):
             if self.function is None:
                 return self.op(*args, **kwargs)
@@ -98,6 +98,10 @@ def backward_call(ctx, op: EagerOp, *args):
         return op.op(*args)
     with named(op.name):  # the profiler names it as it names the registered op
         return op.fn(*args)
+
+
+def _any_meta(args, kwargs) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_meta for a in (*args, *kwargs.values()))
 
 
 def _requires_grad(args, kwargs) -> bool:
