@@ -24,7 +24,7 @@ from test_train_zero_mesh import run_workers  # noqa: E402
 
 from flashlm.models import ModelConfig, Transformer  # noqa: E402
 from flashlm.parallel import shard_model  # noqa: E402
-from flashlm.parallel.materialize import deferred_init, materialize_part, start_part  # noqa: E402
+from flashlm.parallel.materialize import deferred_init, materialize, materialize_part, start_part  # noqa: E402
 from flashlm.train.parallel_state import tensor_bytes  # noqa: E402
 
 # name: (arch, dp, tp, pp, cp, zero stage)
@@ -191,3 +191,18 @@ def test_zero3_full_state_dict_round_trip_and_bad_input():
     with pytest.raises(ValueError, match="^full: tok_emb.weight has shape"):
         dp.load_full_state_dict({**want, "tok_emb.weight": torch.zeros(95, 32)})
     dp.close()
+
+
+def test_materialize_keeps_gradient_hooks():
+    """A hook registered on a meta parameter (sequence parallelism's all-reduce of a norm's gradient, registered by
+    the tp part's constructor) still runs once the parameter has its value."""
+    with torch.device("meta"):
+        lin = torch.nn.Linear(3, 2)
+    lin.weight.register_hook(lambda g: g * 2)
+    w, b = torch.randn(2, 3), torch.randn(2)
+    materialize(lin, {"weight": w, "bias": b})
+    x = torch.randn(4, 3)
+    lin(x).sum().backward()
+    assert torch.equal(lin.weight.grad, 2 * torch.ones(4, 2).T @ x)
+    assert torch.equal(lin.bias.grad, torch.full((2,), 4.0))
+    assert torch.equal(lin.weight.detach(), w)

@@ -157,8 +157,8 @@ def is_deferred(module: nn.Module) -> bool:
 
 def materialize(module: nn.Module, values: dict, device=None) -> None:
     """Each parameter named in `values` (name -> tensor of its shape) takes that tensor in place
-    (torch.utils.swap_tensors: the Parameter object stays, so modules sharing it see the value; hooks on it
-    are lost, so register them after). The others are left as they are."""
+    (torch.utils.swap_tensors: the Parameter object stays, so modules sharing it see the value, and so do its
+    gradient hooks, such as sequence parallelism's all-reduce). The others are left as they are."""
     params = dict(module.named_parameters())
     for name, value in values.items():
         p = params.get(name)
@@ -167,7 +167,10 @@ def materialize(module: nn.Module, values: dict, device=None) -> None:
         if tuple(value.shape) != tuple(p.shape):
             raise ValueError(f"values: {name} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
         value = value.to(device if device is not None else value.device, p.dtype)
+        hooks = p._backward_hooks  # the Python object keeps them, the autograd state swapped out loses them
         torch.utils.swap_tensors(p, nn.Parameter(value, requires_grad=p.requires_grad))
+        if hooks:
+            p._backward_hooks = hooks  # registers them on the new tensor's autograd state
 
 
 def start_part(model: nn.Module, tp, sequence_parallel: bool, device) -> tuple:
